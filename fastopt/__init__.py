@@ -1,0 +1,35 @@
+"""fastopt: fused, in-place optimizer-update kernels for NumPy and CuPy arrays.
+
+    fastopt.adam_step(p, g, m, v, step=t, lr=1e-3)
+
+updates p, m and v in place in one pass over memory, on the CPU (compiled Cython kernels) or the GPU
+(CuPy RawKernels, Numba CUDA), chosen by the arrays' type. Every optimizer is described once in
+fastopt.specs.REGISTRY; see README.md.
+"""
+from fastopt.backends.dispatch import use_backend
+from fastopt.clip import clip_by_global_norm, clip_by_norm, clip_by_value, global_norm
+from fastopt.functional import (adabelief_step, adagrad_step, adam_step, adamw_step, init_state, lamb_step,
+                                lion_step, nadam_step, radam_step, rmsprop_step, sgd_step)
+from fastopt.specs import REGISTRY
+
+__version__ = "0.1.0"
+
+
+def set_num_threads(n: int) -> None:
+    """Threads of the CPU kernels (default: OMP_NUM_THREADS, else all cores)."""
+    from fastopt.backends import cython_backend
+    if cython_backend.AVAILABLE:
+        cython_backend._cpu_fast.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    from fastopt.backends import cython_backend
+    return cython_backend._cpu_fast.get_num_threads() if cython_backend.AVAILABLE else 1
+
+
+__all__ = [
+    "sgd_step", "adagrad_step", "rmsprop_step", "adam_step", "adamw_step", "nadam_step", "radam_step",
+    "adabelief_step", "lamb_step", "lion_step", "init_state",
+    "clip_by_value", "clip_by_norm", "global_norm", "clip_by_global_norm",
+    "use_backend", "set_num_threads", "get_num_threads", "REGISTRY",
+]

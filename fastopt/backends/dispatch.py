@@ -1,0 +1,141 @@
+"""Which backend updates a given set of arrays.
+
+- numpy.ndarray, and any object exposing its memory through the buffer protocol,
+  __array_interface__ or CPU DLPack (e.g. a torch CPU tensor)  -> "cython" (or "numpy")
+- cupy.ndarray, and any object exposing __cuda_array_interface__ (e.g. a torch CUDA tensor) -> "cupy"
+- Numba CUDA device arrays -> "numba"
+
+The choice can be forced per call (backend=), per block (use_backend) or by FASTOPT_BACKEND. A block or
+environment choice applies to the arrays it can handle (a GPU backend name leaves host arrays on the
+CPU default, and the other way round); a per-call backend= that cannot handle the arrays is an error.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import warnings
+
+import numpy as np
+
+HOST_BACKENDS = ("cython", "numpy")
+DEVICE_BACKENDS = ("cupy", "numba")
+BACKENDS = HOST_BACKENDS + DEVICE_BACKENDS
+
+_forced: contextvars.ContextVar = contextvars.ContextVar("fastopt_backend", default=None)
+_loaded: dict = {}
+_warned_fallback = False
+
+
+def _check_name(name):
+    if name not in BACKENDS:
+        raise ValueError(f"Invalid backend: {name!r} (choose from {', '.join(BACKENDS)})")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Within the block, update arrays with backend `name` where it can handle them."""
+    token = _forced.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _module(name):
+    mod = _loaded.get(name)
+    if mod is None:
+        mod = importlib.import_module(f"fastopt.backends.{name}_backend")
+        _loaded[name] = mod
+    return mod
+
+
+def cython_available() -> bool:
+    return _module("cython").AVAILABLE
+
+
+def array_device(x) -> str:
+    """'host' or 'device' for one array-like; TypeError for anything that is not an array."""
+    if isinstance(x, np.ndarray):
+        return "host"
+    t = type(x)
+    mod = t.__module__
+    if mod.startswith("cupy") or hasattr(x, "__cuda_array_interface__"):
+        return "device"
+    if hasattr(x, "__array_interface__") or hasattr(x, "__dlpack__"):
+        return "host"
+    try:
+        memoryview(x)
+    except TypeError:
+        raise TypeError(f"expected an array (NumPy, CuPy, Numba device array or an object exposing its memory), "
+                        f"got {t.__name__}") from None
+    return "host"
+
+
+def _first_array(params):
+    if isinstance(params, (list, tuple)):
+        return params[0] if len(params) else None
+    return params
+
+
+def backend_for(params, backend=None):
+    """The backend module for `params` (one array or a list); None for an empty list."""
+    first = _first_array(params)
+    if first is None:
+        return None
+    device = array_device(first)
+    if backend is not None:
+        _check_name(backend)
+        if (backend in HOST_BACKENDS) != (device == "host"):
+            raise ValueError(f"backend {backend!r} cannot update {type(first).__module__}.{type(first).__name__} "
+                             f"arrays ({device} memory)")
+        name = backend
+    else:
+        name = _forced.get() or os.environ.get("FASTOPT_BACKEND") or None
+        if name is not None:
+            _check_name(name)
+            if (name in HOST_BACKENDS) != (device == "host"):
+                name = None
+        if name is None:
+            if device == "host":
+                name = "cython"
+            else:
+                name = "numba" if type(first).__module__.startswith("numba") else "cupy"
+    if name == "cython" and not cython_available():
+        _warn_fallback()
+        name = "numpy"
+    return _module(name)
+
+
+def _warn_fallback():
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn("fastopt: the compiled CPU extension is not available (build it with `pip install .`); "
+                      "using the much slower NumPy reference", RuntimeWarning, stacklevel=4)
+
+
+def as_numpy(obj, name="array"):
+    """A NumPy view of `obj` sharing its memory (so in-place updates land in the caller's memory);
+    TypeError when the object does not expose its memory."""
+    if isinstance(obj, np.ndarray):
+        return obj
+    if hasattr(obj, "__array_interface__"):
+        arr = np.asarray(obj)
+        if arr.__array_interface__["data"][0] != obj.__array_interface__["data"][0]:
+            raise TypeError(f"{name}: converting {type(obj).__name__} to NumPy made a copy")
+        return arr
+    if hasattr(obj, "__dlpack__") and not hasattr(obj, "__cuda_array_interface__"):
+        try:
+            arr = np.from_dlpack(obj)
+        except (BufferError, TypeError, RuntimeError) as e:
+            raise TypeError(f"{name}: cannot view {type(obj).__name__} as a NumPy array: {e}") from None
+        # torch CPU tensors come back writable; DLPack producers that mark memory read-only do not
+        return arr
+    try:
+        return np.asarray(memoryview(obj))
+    except TypeError:
+        raise TypeError(f"{name} must be an array (NumPy, CuPy, or an object exposing its memory), "
+                        f"got {type(obj).__name__}") from None

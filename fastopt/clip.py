@@ -1,0 +1,93 @@
+"""Gradient clipping, in place, with PyTorch's semantics. Norms are deterministic (fixed-order sums in
+float64 on the CPU) and on the GPU come back as 0-d device arrays (no host synchronisation).
+
+    clip_by_value(grads, c):           g = clip(g, -c, c)
+    clip_by_norm(grads, max_norm):     per array: g = g * min(1, max_norm / (||g|| + 1e-6)); returns ||g||
+    global_norm(grads):                sqrt(sum over arrays of ||g||^2)
+    clip_by_global_norm(grads, max_norm): g = g * min(1, max_norm / (total + 1e-6)) for every array;
+                                       returns total (torch.nn.utils.clip_grad_norm_)
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from fastopt.backends.dispatch import backend_for
+
+__all__ = ["clip_by_value", "clip_by_norm", "global_norm", "clip_by_global_norm", "clip_coefficient"]
+
+
+def _check_bound(name, value):
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"Invalid {name}: {value}")
+    return float(value)
+
+
+def clip_coefficient(total_norm, max_norm):
+    """min(1, max_norm / (total_norm + 1e-6)); a NaN norm gives NaN (torch.clamp(max=1) semantics)."""
+    coef = max_norm / (total_norm + 1e-6)
+    return 1.0 if coef >= 1.0 else coef
+
+
+def clip_by_value(grads, clip_value, *, backend=None):
+    """g = clip(g, -clip_value, clip_value), in place, for one array or a list."""
+    clip_value = _check_bound("clip_value", clip_value)
+    be = backend_for(grads, backend)
+    if be is not None:
+        be.clamp_(grads, clip_value)
+
+
+def _norms(grads, backend):
+    be = backend_for(grads, backend)
+    if be is None:
+        return None, np.zeros(0)
+    return be, be.sumsq_per_tensor(grads)
+
+
+def global_norm(grads, *, backend=None):
+    """L2 norm over all arrays: sqrt(sum of squares), accumulated in float64 in a fixed order."""
+    be, sq = _norms(grads, backend)
+    if be is None:
+        return np.float64(0.0)
+    if hasattr(be, "global_norm"):
+        return be.global_norm(sq)
+    return np.float64(math.sqrt(sum(sq.tolist())))
+
+
+def clip_by_norm(grads, max_norm, *, backend=None):
+    """Per array: g = g * min(1, max_norm / (||g|| + 1e-6)), in place. Returns the norm of each array
+    (a list for a list, a float64 scalar for one array)."""
+    max_norm = _check_bound("max_norm", max_norm)
+    be, sq = _norms(grads, backend)
+    if be is None:
+        return []
+    if hasattr(be, "clip_by_norm"):
+        return be.clip_by_norm(grads, sq, max_norm)
+    norms = [math.sqrt(s) for s in sq.tolist()]
+    arrays = grads if isinstance(grads, (list, tuple)) else [grads]
+    for g, norm in zip(arrays, norms):
+        coef = clip_coefficient(norm, max_norm)
+        if coef != 1.0:
+            be.scale_(g, coef)
+    out = [np.float64(n) for n in norms]
+    return out if isinstance(grads, (list, tuple)) else out[0]
+
+
+def clip_by_global_norm(grads, max_norm, *, backend=None):
+    """Scale every array by min(1, max_norm / (total + 1e-6)), in place; returns the total norm
+    (torch.nn.utils.clip_grad_norm_ semantics: a non-finite norm propagates into the grads)."""
+    max_norm = _check_bound("max_norm", max_norm)
+    be, sq = _norms(grads, backend)
+    if be is None:
+        return np.float64(0.0)
+    if hasattr(be, "clip_by_global_norm"):
+        return be.clip_by_global_norm(grads, sq, max_norm)
+    total = math.sqrt(sum(sq.tolist()))
+    coef = clip_coefficient(total, max_norm)
+    if coef != 1.0:
+        be.scale_(grads, coef)
+    return np.float64(total)

@@ -1,0 +1,112 @@
+"""The functional API: one `<name>_step` per registry entry, generated from fastopt/specs.py.
+
+Each function validates the hyperparameters (spec.validate), picks the backend from the arrays' type
+(backends/dispatch.py) and hands over; the backend validates the arrays and updates them in place.
+Nothing is written before every check has passed.
+"""
+from __future__ import annotations
+
+from fastopt.backends.dispatch import backend_for
+from fastopt.specs import REGISTRY, REQUIRED, OptimizerSpec
+
+__all__ = [spec.function_name for spec in REGISTRY.values()] + ["init_state", "apply_update"]
+
+
+def apply_update(spec: OptimizerSpec, params, grads, states: tuple, hp: dict, step=1, grad_scale=None,
+                 backend=None):
+    """Validate, dispatch and run one update. `states` holds one entry per spec.states slot."""
+    spec.validate(hp, step)
+    active = spec.active_states(hp)
+    arrays = [params, grads]
+    for name, used, value in zip(spec.states, active, states):
+        if used:
+            if value is None:
+                raise ValueError(f"{spec.function_name}: this configuration needs the state {name!r} "
+                                 f"(see fastopt.init_state({spec.name!r}, params, ...))")
+            arrays.append(value)
+        else:
+            arrays.append(None)
+    while len(arrays) > 2 and arrays[-1] is None:
+        arrays.pop()
+    be = backend_for(params, backend)
+    if be is None:  # empty list of params
+        return None
+    be.step(spec, tuple(arrays), ("params", "grads") + spec.states[:len(arrays) - 2], hp, step, grad_scale)
+    return None
+
+
+def _generate(spec: OptimizerSpec):
+    """Build `<name>_step` with its real signature (introspection and IDEs see every argument)."""
+    array_args = ["params", "grads"] + [s if s not in spec.optional_states else f"{s}=None" for s in spec.states]
+    kw_args, defaults = [], {}
+    if spec.uses_step:
+        kw_args.append("step" if spec.step_default is None else f"step={spec.step_default}")
+    for h in spec.hypers:
+        if h.default is REQUIRED:
+            kw_args.append(h.name)
+        else:
+            kw_args.append(f"{h.name}=_d_{h.name}")
+            defaults[f"_d_{h.name}"] = h.default
+    kw_args += ["grad_scale=None", "backend=None"]
+    hp = ", ".join(f"{h.name!r}: {h.name}" for h in spec.hypers)
+    states = ", ".join(spec.states) + ","
+    step = "step" if spec.uses_step else "1"
+    src = (f"def {spec.function_name}({', '.join(array_args)}, *, {', '.join(kw_args)}):\n"
+           f"    return _apply(_spec, params, grads, ({states}), {{{hp}}}, {step}, grad_scale, backend)\n")
+    namespace = {"_apply": apply_update, "_spec": spec, **defaults}
+    exec(compile(src, f"<fastopt.functional.{spec.function_name}>", "exec"), namespace)
+    fn = namespace[spec.function_name]
+    fn.__doc__ = spec.docstring()
+    fn.__module__ = __name__
+    fn.__qualname__ = spec.function_name
+    return fn
+
+
+for _spec in REGISTRY.values():
+    globals()[_spec.function_name] = _generate(_spec)
+del _spec
+
+
+def _array_module(x):
+    if type(x).__module__.startswith("cupy"):
+        import cupy
+        return cupy
+    return None
+
+
+def init_state(name: str, params, **options) -> dict:
+    """Zero-filled state arrays for optimizer `name`, shaped like `params` (one array or a list), on the
+    params' device, keyed by the state names of `<name>_step`. `options` are that optimizer's
+    hyperparameters where they decide which states exist (amsgrad, momentum, centered); defaults
+    otherwise. Example: ``fastopt.adam_step(p, g, **fastopt.init_state("adam", p), step=1)``."""
+    from fastopt.specs import get_spec
+    from fastopt.backends.dispatch import array_device, as_numpy
+    import numpy as np
+
+    spec = get_spec(name)
+    unknown = set(options) - set(spec.defaults)
+    if unknown:
+        raise TypeError(f"init_state({name!r}): unknown option(s) {', '.join(sorted(unknown))}")
+    hp = dict(spec.defaults, **options)
+    if "lr" in hp and hp["lr"] is REQUIRED:
+        hp["lr"] = 0.0
+    for h in spec.hypers:
+        if h.name in options:
+            h.validate(hp[h.name])
+    if spec.extra_check is not None:
+        spec.extra_check(hp)
+
+    def zeros(p):
+        xp = _array_module(p)
+        if xp is not None:
+            return xp.zeros_like(p)
+        if array_device(p) == "device":
+            import cupy
+            return cupy.zeros_like(cupy.asarray(p))
+        return np.zeros_like(as_numpy(p, "params"))
+
+    out = {}
+    for state, used in zip(spec.states, spec.active_states(hp)):
+        if used:
+            out[state] = [zeros(p) for p in params] if isinstance(params, (list, tuple)) else zeros(params)
+    return out

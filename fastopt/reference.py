@@ -1,0 +1,223 @@
+"""Plain-NumPy reference of every update: the test oracle, and the fallback backend.
+
+Written from the published algorithms (torch.optim's "Algorithm" boxes; Zhuang et al. 2020 for
+AdaBelief, You et al. 2019 for LAMB, Chen et al. 2023 for Lion), one array at a time, in place, in the
+arrays' own dtype: pass float64 copies to get a float64 oracle for float32 data. Bias corrections and
+schedules are computed here from the hyperparameters, independently of fastopt/specs.py.
+
+Every scalar is a Python float, so NumPy keeps the arrays' dtype (a float32 array times a Python float
+stays float32), and the operation order follows the kernels: on float64 data the compiled kernels
+agree with this module bit for bit.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _grad(g, grad_scale, maximize):
+    scale = 1.0 if grad_scale is None else float(grad_scale)
+    if maximize:
+        scale = -scale
+    return g * scale
+
+
+def _store(dst, value):
+    dst[...] = value
+
+
+def sgd_step(p, g, momentum_buffer=None, *, lr, step=1, momentum=0.0, dampening=0.0, nesterov=False,
+             weight_decay=0.0, maximize=False, grad_scale=None):
+    g = _grad(g, grad_scale, maximize)
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    if momentum != 0:
+        if step == 1:
+            buf = g.copy()
+        else:
+            buf = momentum * momentum_buffer + (1.0 - dampening) * g
+        _store(momentum_buffer, buf)
+        g = g + momentum * buf if nesterov else buf
+    _store(p, p - lr * g)
+
+
+def adagrad_step(p, g, state_sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False,
+                 grad_scale=None):
+    g = _grad(g, grad_scale, maximize)
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    clr = lr / (1.0 + (step - 1) * lr_decay)
+    _store(state_sum, state_sum + g * g)
+    std = np.sqrt(state_sum) + eps
+    _store(p, p - clr * (g / std))
+
+
+def rmsprop_step(p, g, square_avg, grad_avg=None, momentum_buffer=None, *, lr=1e-2, alpha=0.99, eps=1e-8,
+                 weight_decay=0.0, momentum=0.0, centered=False, maximize=False, grad_scale=None):
+    g = _grad(g, grad_scale, maximize)
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    _store(square_avg, alpha * square_avg + (1.0 - alpha) * (g * g))
+    if centered:
+        _store(grad_avg, alpha * grad_avg + (1.0 - alpha) * g)
+        avg = np.sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        avg = np.sqrt(square_avg) + eps
+    if momentum > 0:
+        _store(momentum_buffer, momentum * momentum_buffer + g / avg)
+        _store(p, p - lr * momentum_buffer)
+    else:
+        _store(p, p - lr * (g / avg))
+
+
+def _adam(p, g, m, v, vmax, *, step, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale,
+          decoupled):
+    g = _grad(g, grad_scale, maximize)
+    if decoupled:
+        _store(p, p * (1.0 - lr * weight_decay))
+    elif weight_decay != 0:
+        g = g + weight_decay * p
+    _store(m, beta1 * m + (1.0 - beta1) * g)
+    _store(v, beta2 * v + (1.0 - beta2) * (g * g))
+    if amsgrad:
+        _store(vmax, np.maximum(vmax, v))  # NaN propagates, like torch.maximum
+        second = vmax
+    else:
+        second = v
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2 = 1.0 - beta2 ** step
+    denom = np.sqrt(second) / bias_correction2 ** 0.5 + eps
+    _store(p, p - (lr / bias_correction1) * (m / denom))
+
+
+def adam_step(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
+              eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, grad_scale=None):
+    _adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+          weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, decoupled=False)
+
+
+def adamw_step(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
+               eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False, grad_scale=None):
+    _adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+          weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, decoupled=True)
+
+
+def _weight_decay(p, g, lr, weight_decay, decoupled):
+    if decoupled:
+        _store(p, p * (1.0 - lr * weight_decay))
+        return g
+    return g + weight_decay * p if weight_decay != 0 else g
+
+
+def nadam_step(p, g, exp_avg, exp_avg_sq, *, step, lr=2e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+               momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False, grad_scale=None):
+    g = _grad(g, grad_scale, maximize)
+    g = _weight_decay(p, g, lr, weight_decay, decoupled_weight_decay)
+    mus = [beta1 * (1.0 - 0.5 * 0.96 ** (i * momentum_decay)) for i in range(1, step + 2)]
+    mu, mu_next = mus[step - 1], mus[step]
+    mu_product = 1.0
+    for x in mus[:step]:
+        mu_product *= x
+    mu_product_next = mu_product * mu_next
+    _store(exp_avg, beta1 * exp_avg + (1.0 - beta1) * g)
+    _store(exp_avg_sq, beta2 * exp_avg_sq + (1.0 - beta2) * (g * g))
+    denom = np.sqrt(exp_avg_sq / (1.0 - beta2 ** step)) + eps
+    _store(p, p - (lr * (1.0 - mu) / (1.0 - mu_product)) * (g / denom))
+    _store(p, p - (lr * mu_next / (1.0 - mu_product_next)) * (exp_avg / denom))
+
+
+def radam_step(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+               decoupled_weight_decay=False, maximize=False, grad_scale=None):
+    g = _grad(g, grad_scale, maximize)
+    g = _weight_decay(p, g, lr, weight_decay, decoupled_weight_decay)
+    _store(exp_avg, beta1 * exp_avg + (1.0 - beta1) * g)
+    _store(exp_avg_sq, beta2 * exp_avg_sq + (1.0 - beta2) * (g * g))
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2 = 1.0 - beta2 ** step
+    update = (exp_avg / bias_correction1) * lr
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * step * (beta2 ** step) / bias_correction2
+    if rho_t > 5.0:
+        rect = math.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
+        update = update * (bias_correction2 ** 0.5 / (np.sqrt(exp_avg_sq) + eps))
+        update = update * rect
+    _store(p, p - update)
+
+
+def adabelief_step(p, g, exp_avg, exp_avg_var, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-16,
+                   weight_decay=0.0, decoupled_weight_decay=True, maximize=False, grad_scale=None):
+    g = _grad(g, grad_scale, maximize)
+    g = _weight_decay(p, g, lr, weight_decay, decoupled_weight_decay)
+    _store(exp_avg, beta1 * exp_avg + (1.0 - beta1) * g)
+    residual = g - exp_avg
+    _store(exp_avg_var, beta2 * exp_avg_var + (1.0 - beta2) * (residual * residual))
+    _store(exp_avg_var, exp_avg_var + eps)
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2 = 1.0 - beta2 ** step
+    denom = np.sqrt(exp_avg_var) / bias_correction2 ** 0.5 + eps
+    _store(p, p - (lr / bias_correction1) * (exp_avg / denom))
+
+
+def lamb_step(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0,
+              bias_correction=True, maximize=False, grad_scale=None):
+    g = _grad(g, grad_scale, maximize)
+    _store(exp_avg, beta1 * exp_avg + (1.0 - beta1) * g)
+    _store(exp_avg_sq, beta2 * exp_avg_sq + (1.0 - beta2) * (g * g))
+    bc1, bc2 = (1.0 - beta1 ** step, 1.0 - beta2 ** step) if bias_correction else (1.0, 1.0)
+    update = (exp_avg / bc1) / (np.sqrt(exp_avg_sq / bc2) + eps) + weight_decay * p
+    param_norm = math.sqrt(sumsq(p))
+    update_norm = math.sqrt(sumsq(update))
+    trust = param_norm / update_norm if param_norm > 0 and update_norm > 0 else 1.0
+    _store(p, p - p.dtype.type(lr * trust) * update)
+
+
+def lion_step(p, g, exp_avg, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False,
+              grad_scale=None):
+    g = _grad(g, grad_scale, maximize)
+    _store(p, p * (1.0 - lr * weight_decay))
+    c = beta1 * exp_avg + (1.0 - beta1) * g
+    _store(p, p - lr * np.sign(c))
+    _store(exp_avg, beta2 * exp_avg + (1.0 - beta2) * g)
+
+
+STEPS = {
+    "sgd": sgd_step, "adagrad": adagrad_step, "rmsprop": rmsprop_step, "adam": adam_step, "adamw": adamw_step,
+    "nadam": nadam_step, "radam": radam_step, "adabelief": adabelief_step, "lamb": lamb_step,
+    "lion": lion_step,
+}
+
+
+# ---- clipping ----
+
+def sumsq(x) -> float:
+    """Sum of squares in float64."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    return float(np.dot(x, x))
+
+
+def global_norm(grads) -> float:
+    return math.sqrt(sum(sumsq(g) for g in grads))
+
+
+def clip_coefficient(total_norm, max_norm) -> float:
+    """min(1, max_norm / (total_norm + 1e-6)); NaN stays NaN (torch.clamp semantics)."""
+    coef = max_norm / (total_norm + 1e-6)
+    return 1.0 if coef >= 1.0 else coef
+
+
+def scale_(g, coef):
+    _store(g, g * g.dtype.type(coef))
+
+
+def clamp_(g, clip_value):
+    np.clip(g, -clip_value, clip_value, out=g)
+
+
+def clip_by_global_norm(grads, max_norm) -> float:
+    total = global_norm(grads)
+    coef = clip_coefficient(total, max_norm)
+    if coef != 1.0:
+        for g in grads:
+            scale_(g, coef)
+    return total

@@ -1,0 +1,527 @@
+"""The optimizer registry: one OptimizerSpec per optimizer, and everything else is generated from it.
+
+A spec says which hyperparameters an optimizer takes (defaults, validation), which state arrays it
+keeps (named like torch.optim's state), which of them a given configuration uses, and how the
+hyperparameters and the step number fold into the few float64 scalars its kernel reads (bias
+corrections, the NAdam momentum product, the RAdam rectifier: computed once per call, on the host).
+The functional API (functional.py), the classes, the reference dispatch, the tests and the benchmarks
+all loop over REGISTRY.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+
+REQUIRED = object()  # default of a hyperparameter that must be given (SGD's lr)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hyperparameters
+# ---------------------------------------------------------------------------------------------------
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One hyperparameter: `check(value)` is the valid range of a float one; `label` goes into the
+    error message, torch-style: "Invalid learning rate: -0.1"."""
+
+    name: str
+    default: object
+    doc: str
+    kind: str = "float"  # "float" or "bool"
+    check: Callable[[float], bool] | None = None
+    label: str = ""
+
+    def validate(self, value):
+        if self.kind == "bool":
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{self.name} must be a bool, got {value!r}")
+            return
+        if not _is_real(value):
+            raise TypeError(f"{self.name} must be a real number, got {value!r}")
+        # every float hyperparameter must be finite: inf or nan would corrupt every parameter
+        if not math.isfinite(value) or (self.check is not None and not self.check(value)):
+            raise ValueError(f"Invalid {self.label or self.name}: {value}")
+
+
+def _nonneg(x):
+    return x >= 0.0
+
+
+def _unit(x):
+    return 0.0 <= x < 1.0
+
+
+def lr(default):
+    return Hyper("lr", default, "learning rate (>= 0)", check=_nonneg, label="learning rate")
+
+
+def beta1(default=0.9):
+    return Hyper("beta1", default, "decay of the first moment, in [0, 1)", check=_unit, label="beta1 value")
+
+
+def beta2(default=0.999):
+    return Hyper("beta2", default, "decay of the second moment, in [0, 1)", check=_unit, label="beta2 value")
+
+
+def eps(default):
+    return Hyper("eps", default, "added to the denominator (>= 0)", check=_nonneg, label="epsilon value")
+
+
+def weight_decay(default=0.0, doc="L2 penalty added to the gradient (>= 0)"):
+    return Hyper("weight_decay", default, doc, check=_nonneg, label="weight_decay value")
+
+
+def flag(name, default, doc):
+    return Hyper(name, default, doc, kind="bool")
+
+
+MAXIMIZE = flag("maximize", False, "maximize the objective (the gradient's sign is flipped)")
+
+
+def momentum(default=0.0):
+    return Hyper("momentum", default, "momentum factor (>= 0)", check=_nonneg, label="momentum value")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The spec
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Everything about one optimizer except its per-element math (kernels/cuda/<family>.cuh).
+
+    states:          state names in kernel slot order (slot 0, 1, 2 after params and grads)
+    optional_states: the states a configuration may not use -> predicate(hp) telling when it does
+    uses_step:       whether `step` is an argument (1-based number of the step being taken);
+                     step_default is its default (None: required)
+    scalars:         (hp, step, grad_scale) -> the kernel's float64 scalars, in the field order of
+                     its *Params struct (scalar_names)
+    variant:         (hp, step) -> int selecting the kernel's compiled variant
+    """
+
+    name: str
+    class_name: str
+    kernel: str
+    summary: str
+    rule: str
+    hypers: tuple[Hyper, ...]
+    states: tuple[str, ...]
+    scalar_names: tuple[str, ...]
+    scalars: Callable[[Mapping, int, float], tuple]
+    variant: Callable[[Mapping, int], int] = lambda hp, step: 0
+    optional_states: Mapping[str, Callable[[Mapping], bool]] = field(default_factory=dict)
+    uses_step: bool = True
+    step_default: int | None = None
+    torch_class: str | None = None
+    extra_check: Callable[[Mapping], None] | None = None
+    two_phase: bool = False  # LAMB: a per-tensor reduction between the moments and the step
+
+    @property
+    def function_name(self) -> str:
+        return f"{self.name}_step"
+
+    @property
+    def defaults(self) -> dict:
+        return {h.name: h.default for h in self.hypers}
+
+    def validate(self, hp: Mapping, step) -> None:
+        """Raise TypeError / ValueError naming the argument; called before any array is touched."""
+        for h in self.hypers:
+            h.validate(hp[h.name])
+        if self.uses_step:
+            if not isinstance(step, (numbers.Integral,)) or isinstance(step, (bool, np.bool_)):
+                raise TypeError(f"step must be an integer (the 1-based number of this step), got {step!r}")
+            if step < 1:
+                raise ValueError(f"Invalid step: {step} (the first step is 1)")
+        if self.extra_check is not None:
+            self.extra_check(hp)
+
+    def active_states(self, hp: Mapping) -> tuple[bool, ...]:
+        """For each state slot: does this configuration read and write it?"""
+        return tuple(self.optional_states.get(s, lambda hp: True)(hp) for s in self.states)
+
+    def bytes_per_element(self, hp: Mapping, itemsize: int = 4) -> int:
+        """Bytes an update must move per parameter: each array read once, each written array written
+        once (LAMB: two passes, see lamb.cuh)."""
+        nstates = sum(self.active_states(hp))
+        if self.two_phase:
+            return itemsize * ((2 + nstates + nstates) + (1 + nstates + 1))
+        return itemsize * ((2 + nstates) + (1 + nstates))
+
+    def signature_text(self) -> str:
+        arrays = ["params", "grads"] + [s if s not in self.optional_states else f"{s}=None" for s in self.states]
+        kws = []
+        if self.uses_step:
+            kws.append("step" if self.step_default is None else f"step={self.step_default}")
+        for h in self.hypers:
+            kws.append(h.name if h.default is REQUIRED else f"{h.name}={h.default!r}")
+        kws += ["grad_scale=None", "backend=None"]
+        return f"{self.function_name}({', '.join(arrays)}, *, {', '.join(kws)})"
+
+    def docstring(self) -> str:
+        lines = [self.summary, "", "Update, per element, in place (one fused pass over memory):", ""]
+        lines += ["    " + line for line in self.rule.strip("\n").splitlines()]
+        lines += ["", "Arrays (one array each, or lists of equal length for one multi-tensor call):",
+                  "    params: updated in place.  grads: read only."]
+        for s in self.states:
+            when = " (only used when this configuration needs it)" if s in self.optional_states else ""
+            lines.append(f"    {s}: optimizer state, updated in place{when}.")
+        lines += ["", "Hyperparameters:"]
+        if self.uses_step:
+            lines.append("    step: the 1-based number of the step being taken.")
+        for h in self.hypers:
+            default = "required" if h.default is REQUIRED else f"default {h.default!r}"
+            lines.append(f"    {h.name}: {h.doc} ({default}).")
+        lines += [
+            "    grad_scale: multiplies the gradient inside the kernel (float, or a 0-d array on the",
+            "        params' device): fuses clipping or loss-scale unscaling into the update.",
+            "    backend: force a backend ('cython', 'numpy', 'cupy', 'numba').",
+            "",
+            "Raises TypeError / ValueError naming the bad argument, before any array is modified.",
+        ]
+        if self.torch_class:
+            lines.append(f"Matches torch.optim.{self.torch_class}.")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host-side scalars
+# ---------------------------------------------------------------------------------------------------
+
+def _gs(hp, grad_scale):
+    """The gradient multiplier: grad_scale, negated for maximize."""
+    return -grad_scale if hp["maximize"] else grad_scale
+
+
+def _sgd_scalars(hp, step, grad_scale):
+    return (_gs(hp, grad_scale), hp["lr"], hp["momentum"], 1.0 - hp["dampening"], hp["weight_decay"])
+
+
+SGD_MOMENTUM, SGD_NESTEROV, SGD_FIRST_STEP = 1, 2, 4
+
+
+def _sgd_variant(hp, step):
+    if hp["momentum"] == 0.0:
+        return 0
+    v = SGD_MOMENTUM
+    if hp["nesterov"]:
+        v |= SGD_NESTEROV
+    if step == 1:
+        v |= SGD_FIRST_STEP
+    return v
+
+
+def _sgd_check(hp):
+    if hp["nesterov"] and (hp["momentum"] <= 0.0 or hp["dampening"] != 0.0):
+        raise ValueError(
+            f"Nesterov momentum requires a momentum and zero dampening (momentum={hp['momentum']}, "
+            f"dampening={hp['dampening']})")
+
+
+def _adagrad_scalars(hp, step, grad_scale):
+    clr = hp["lr"] / (1.0 + (step - 1) * hp["lr_decay"])
+    return (_gs(hp, grad_scale), clr, hp["eps"], hp["weight_decay"])
+
+
+RMSPROP_CENTERED, RMSPROP_MOMENTUM = 1, 2
+
+
+def _rmsprop_scalars(hp, step, grad_scale):
+    return (_gs(hp, grad_scale), hp["lr"], hp["alpha"], 1.0 - hp["alpha"], hp["eps"], hp["weight_decay"],
+            hp["momentum"])
+
+
+def _rmsprop_variant(hp, step):
+    return (RMSPROP_CENTERED if hp["centered"] else 0) | (RMSPROP_MOMENTUM if hp["momentum"] > 0.0 else 0)
+
+
+def _moments(hp):
+    return (hp["beta1"], 1.0 - hp["beta1"], hp["beta2"], 1.0 - hp["beta2"])
+
+
+def _weight_decay_split(hp, decoupled):
+    """(l2, decay): L2 weight decay adds l2 * p to the gradient; decoupled decay multiplies p by decay."""
+    if decoupled:
+        return 0.0, 1.0 - hp["lr"] * hp["weight_decay"]
+    return hp["weight_decay"], 1.0
+
+
+def _adam_like_scalars(decoupled):
+    def scalars(hp, step, grad_scale):
+        bias_correction1 = 1.0 - hp["beta1"] ** step
+        bias_correction2 = 1.0 - hp["beta2"] ** step
+        l2, decay = _weight_decay_split(hp, decoupled(hp))
+        return (_gs(hp, grad_scale), *_moments(hp), hp["eps"], l2, decay, hp["lr"] / bias_correction1,
+                bias_correction2 ** 0.5)
+    return scalars
+
+
+def _nadam_mu(beta1, momentum_decay, t):
+    return beta1 * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
+
+
+_MU_PRODUCTS: dict = {}
+
+
+def nadam_mu_product(beta1, momentum_decay, t):
+    """prod_{i=1..t} mu_i, multiplied in step order like torch's running product; cached per
+    (beta1, momentum_decay) so a call costs O(1) amortised, not O(t)."""
+    key = (beta1, momentum_decay)
+    products = _MU_PRODUCTS.setdefault(key, [1.0])
+    while len(products) <= t:
+        products.append(products[-1] * _nadam_mu(beta1, momentum_decay, len(products)))
+    return products[t]
+
+
+def _nadam_scalars(hp, step, grad_scale):
+    b1, md, lr = hp["beta1"], hp["momentum_decay"], hp["lr"]
+    mu = _nadam_mu(b1, md, step)
+    mu_next = _nadam_mu(b1, md, step + 1)
+    mu_product = nadam_mu_product(b1, md, step)
+    mu_product_next = mu_product * mu_next
+    l2, decay = _weight_decay_split(hp, hp["decoupled_weight_decay"])
+    return (_gs(hp, grad_scale), *_moments(hp), hp["eps"], l2, decay, 1.0 - hp["beta2"] ** step,
+            lr * (1.0 - mu) / (1.0 - mu_product), lr * mu_next / (1.0 - mu_product_next))
+
+
+def radam_rectification(beta2, step):
+    """(rectified?, rect): RAdam's variance rectification term; rectified when rho_t > 5."""
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    bias_correction2 = 1.0 - beta2 ** step
+    rho_t = rho_inf - 2.0 * step * (beta2 ** step) / bias_correction2
+    if rho_t <= 5.0:
+        return False, 0.0
+    rect = ((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)) ** 0.5
+    return True, rect
+
+
+def _radam_scalars(hp, step, grad_scale):
+    l2, decay = _weight_decay_split(hp, hp["decoupled_weight_decay"])
+    _, rect = radam_rectification(hp["beta2"], step)
+    return (_gs(hp, grad_scale), *_moments(hp), hp["eps"], l2, decay, hp["lr"], 1.0 - hp["beta1"] ** step,
+            (1.0 - hp["beta2"] ** step) ** 0.5, rect)
+
+
+def _radam_variant(hp, step):
+    return 1 if radam_rectification(hp["beta2"], step)[0] else 0
+
+
+def _lamb_scalars(hp, step, grad_scale):
+    if hp["bias_correction"]:
+        bc1, bc2 = 1.0 - hp["beta1"] ** step, 1.0 - hp["beta2"] ** step
+    else:
+        bc1 = bc2 = 1.0
+    return (_gs(hp, grad_scale), *_moments(hp), hp["eps"], hp["weight_decay"], bc1, bc2)
+
+
+def _lion_scalars(hp, step, grad_scale):
+    return (_gs(hp, grad_scale), hp["lr"], *_moments(hp), 1.0 - hp["lr"] * hp["weight_decay"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------------------------------
+
+_ADAM_SCALARS = ("grad_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2", "decay",
+                 "step_size", "bias_correction2_sqrt")
+_ADAM_RULE = """\
+g = grad_scale * g  (negated if maximize){l2}
+m = beta1 * m + (1 - beta1) * g
+v = beta2 * v + (1 - beta2) * g^2
+if amsgrad: max_exp_avg_sq = max(max_exp_avg_sq, v); use it in place of v
+p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+"""
+
+
+def _adam_spec(name, class_name, summary, wd_default, decoupled):
+    return OptimizerSpec(
+        name=name, class_name=class_name, kernel="adam", summary=summary,
+        rule=_ADAM_RULE.format(l2=("\np = p * (1 - lr * weight_decay)      (decoupled, first)" if decoupled
+                                   else " + weight_decay * p")),
+        hypers=(lr(1e-3), beta1(), beta2(), eps(1e-8),
+                weight_decay(wd_default, "decoupled weight decay (>= 0)" if decoupled else
+                             "L2 penalty added to the gradient (>= 0)"),
+                flag("amsgrad", False, "use the AMSGrad variant (max of the second moments)"), MAXIMIZE),
+        states=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+        optional_states={"max_exp_avg_sq": lambda hp: hp["amsgrad"]},
+        scalar_names=_ADAM_SCALARS,
+        scalars=_adam_like_scalars(lambda hp: decoupled),
+        variant=lambda hp, step: 1 if hp["amsgrad"] else 0,
+        torch_class=class_name,
+    )
+
+
+REGISTRY: dict[str, OptimizerSpec] = {}
+
+
+def _register(spec: OptimizerSpec) -> OptimizerSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+SGD = _register(OptimizerSpec(
+    name="sgd", class_name="SGD", kernel="sgd",
+    summary="Stochastic gradient descent with optional (Nesterov) momentum, in place.",
+    rule="""\
+g = grad_scale * g (negated if maximize) + weight_decay * p
+if momentum != 0:
+    buf = g                                              on step 1
+    buf = momentum * buf + (1 - dampening) * g           afterwards
+    g = g + momentum * buf if nesterov else buf
+p = p - lr * g
+(step defaults to 1, which (re)initialises the momentum buffer: pass step=t with momentum)
+""",
+    hypers=(lr(REQUIRED), momentum(),
+            Hyper("dampening", 0.0, "dampening of the momentum (finite)", label="dampening value"),
+            flag("nesterov", False, "use Nesterov momentum"), weight_decay(), MAXIMIZE),
+    states=("momentum_buffer",),
+    optional_states={"momentum_buffer": lambda hp: hp["momentum"] != 0.0},
+    scalar_names=("grad_scale", "lr", "momentum", "one_minus_dampening", "weight_decay"),
+    scalars=_sgd_scalars, variant=_sgd_variant, step_default=1, torch_class="SGD", extra_check=_sgd_check,
+))
+
+ADAGRAD = _register(OptimizerSpec(
+    name="adagrad", class_name="Adagrad", kernel="adagrad",
+    summary="Adagrad: per-coordinate learning rates from the sum of squared gradients, in place.",
+    rule="""\
+g = grad_scale * g (negated if maximize) + weight_decay * p
+clr = lr / (1 + (t - 1) * lr_decay)
+state_sum = state_sum + g^2
+p = p - clr * g / (sqrt(state_sum) + eps)
+""",
+    hypers=(lr(1e-2), Hyper("lr_decay", 0.0, "learning-rate decay (>= 0)", check=_nonneg, label="lr_decay value"),
+            weight_decay(), eps(1e-10), MAXIMIZE),
+    states=("state_sum",),
+    scalar_names=("grad_scale", "clr", "eps", "weight_decay"),
+    scalars=_adagrad_scalars, torch_class="Adagrad",
+))
+
+RMSPROP = _register(OptimizerSpec(
+    name="rmsprop", class_name="RMSprop", kernel="rmsprop",
+    summary="RMSprop, plain or centered, with optional momentum, in place.",
+    rule="""\
+g = grad_scale * g (negated if maximize) + weight_decay * p
+square_avg = alpha * square_avg + (1 - alpha) * g^2
+if centered: grad_avg = alpha * grad_avg + (1 - alpha) * g
+             avg = sqrt(square_avg - grad_avg^2) + eps
+else:        avg = sqrt(square_avg) + eps
+if momentum > 0: momentum_buffer = momentum * momentum_buffer + g / avg;  p = p - lr * momentum_buffer
+else:            p = p - lr * g / avg
+""",
+    hypers=(lr(1e-2), Hyper("alpha", 0.99, "smoothing constant (>= 0)", check=_nonneg, label="alpha value"),
+            eps(1e-8), weight_decay(), momentum(), flag("centered", False, "normalise by the gradient's variance"),
+            MAXIMIZE),
+    states=("square_avg", "grad_avg", "momentum_buffer"),
+    optional_states={"grad_avg": lambda hp: hp["centered"], "momentum_buffer": lambda hp: hp["momentum"] > 0.0},
+    scalar_names=("grad_scale", "lr", "alpha", "one_minus_alpha", "eps", "weight_decay", "momentum"),
+    scalars=_rmsprop_scalars, variant=_rmsprop_variant, uses_step=False, torch_class="RMSprop",
+))
+
+ADAM = _register(_adam_spec("adam", "Adam", "Adam (optionally AMSGrad) with L2 weight decay, in place.", 0.0, False))
+ADAMW = _register(_adam_spec("adamw", "AdamW", "AdamW: Adam with decoupled weight decay, in place.", 1e-2, True))
+
+NADAM = _register(OptimizerSpec(
+    name="nadam", class_name="NAdam", kernel="nadam",
+    summary="NAdam: Adam with Nesterov momentum and a momentum schedule, in place.",
+    rule="""\
+g = grad_scale * g (negated if maximize); g = g + weight_decay * p, or p = p * (1 - lr * weight_decay)
+        when decoupled_weight_decay
+mu_t = beta1 * (1 - 0.5 * 0.96^(t * momentum_decay));  P_t = mu_1 * ... * mu_t
+m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g^2
+denom = sqrt(v / (1 - beta2^t)) + eps
+p = p - lr * (1 - mu_t) / (1 - P_t) * g / denom - lr * mu_{t+1} / (1 - P_{t+1}) * m / denom
+""",
+    hypers=(lr(2e-3), beta1(), beta2(), eps(1e-8), weight_decay(),
+            Hyper("momentum_decay", 4e-3, "momentum schedule decay (>= 0)", check=_nonneg,
+                  label="momentum_decay value"),
+            flag("decoupled_weight_decay", False, "AdamW-style weight decay"), MAXIMIZE),
+    states=("exp_avg", "exp_avg_sq"),
+    scalar_names=("grad_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2", "decay",
+                  "bias_correction2", "grad_coef", "exp_avg_coef"),
+    scalars=_nadam_scalars, torch_class="NAdam",
+))
+
+RADAM = _register(OptimizerSpec(
+    name="radam", class_name="RAdam", kernel="radam",
+    summary="RAdam: Adam with a rectified adaptive learning rate, in place.",
+    rule="""\
+g = grad_scale * g (negated if maximize); g = g + weight_decay * p, or p = p * (1 - lr * weight_decay)
+        when decoupled_weight_decay
+m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g^2
+rho_inf = 2 / (1 - beta2) - 1;   rho_t = rho_inf - 2 t beta2^t / (1 - beta2^t)
+if rho_t > 5: r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
+              p = p - lr * m / (1 - beta1^t) * sqrt(1 - beta2^t) / (sqrt(v) + eps) * r_t
+else:         p = p - lr * m / (1 - beta1^t)
+""",
+    hypers=(lr(1e-3), beta1(), beta2(), eps(1e-8), weight_decay(),
+            flag("decoupled_weight_decay", False, "AdamW-style weight decay"), MAXIMIZE),
+    states=("exp_avg", "exp_avg_sq"),
+    scalar_names=("grad_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2", "decay",
+                  "lr", "bias_correction1", "bias_correction2_sqrt", "rect"),
+    scalars=_radam_scalars, variant=_radam_variant, torch_class="RAdam",
+))
+
+ADABELIEF = _register(OptimizerSpec(
+    name="adabelief", class_name="AdaBelief", kernel="adabelief",
+    summary="AdaBelief (Zhuang et al. 2020): Adam whose step adapts to the belief in the gradient, in place.",
+    rule="""\
+g = grad_scale * g (negated if maximize); p = p * (1 - lr * weight_decay) when decoupled_weight_decay,
+        else g = g + weight_decay * p
+m = beta1 * m + (1 - beta1) * g
+s = beta2 * s + (1 - beta2) * (g - m)^2 + eps
+p = p - lr / (1 - beta1^t) * m / (sqrt(s) / sqrt(1 - beta2^t) + eps)
+""",
+    hypers=(lr(1e-3), beta1(), beta2(), eps(1e-16), weight_decay(),
+            flag("decoupled_weight_decay", True, "AdamW-style weight decay"), MAXIMIZE),
+    states=("exp_avg", "exp_avg_var"),
+    scalar_names=_ADAM_SCALARS,
+    scalars=_adam_like_scalars(lambda hp: hp["decoupled_weight_decay"]),
+))
+
+LAMB = _register(OptimizerSpec(
+    name="lamb", class_name="LAMB", kernel="lamb",
+    summary="LAMB (You et al. 2019): Adam direction scaled per tensor by a trust ratio, in place.",
+    rule="""\
+g = grad_scale * g (negated if maximize)
+m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g^2
+u = (m / bc1) / (sqrt(v / bc2) + eps) + weight_decay * p     (bc = 1 - beta^t; 1 without bias_correction)
+trust = ||p|| / ||u|| per tensor (1 when either is 0)
+p = p - lr * trust * u
+""",
+    hypers=(lr(1e-3), beta1(), beta2(), eps(1e-6), weight_decay(),
+            flag("bias_correction", True, "bias-correct the moments"), MAXIMIZE),
+    states=("exp_avg", "exp_avg_sq"),
+    scalar_names=("grad_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight_decay",
+                  "bias_correction1", "bias_correction2"),
+    scalars=_lamb_scalars, two_phase=True,
+))
+
+LION = _register(OptimizerSpec(
+    name="lion", class_name="Lion", kernel="lion",
+    summary="Lion (Chen et al. 2023): sign of an interpolated momentum, in place.",
+    rule="""\
+g = grad_scale * g (negated if maximize)
+p = p * (1 - lr * weight_decay)
+p = p - lr * sign(beta1 * m + (1 - beta1) * g)
+m = beta2 * m + (1 - beta2) * g
+""",
+    hypers=(lr(1e-4), beta1(0.9), beta2(0.99), weight_decay(0.0, "decoupled weight decay (>= 0)"), MAXIMIZE),
+    states=("exp_avg",),
+    scalar_names=("grad_scale", "lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay"),
+    scalars=_lion_scalars, uses_step=False,
+))
+
+
+def get_spec(name: str) -> OptimizerSpec:
+    try:
+        return REGISTRY[name.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(f"Unknown optimizer {name!r}; known: {', '.join(REGISTRY)}") from None

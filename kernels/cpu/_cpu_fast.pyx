@@ -1,0 +1,428 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# distutils: language = c++
+"""Compiled CPU backend: validation of the arrays, and one parallel region per call over all chunks of
+all tensors. The per-element math is in kernels/cuda/*.cuh, the element loops in cpu_loops.hpp.
+
+Every check happens before the first write, so an error leaves all arrays unchanged.
+"""
+from libc.stdint cimport int64_t, uintptr_t
+from libc.stdlib cimport malloc, free, qsort
+from libc.math cimport sqrt
+from cython.parallel cimport prange
+cimport openmp
+cimport numpy as cnp
+
+import numpy as np
+
+cnp.import_array()
+
+cdef extern from "cpu_loops.hpp" namespace "fastopt::cpu" nogil:
+    int run_chunk(int dtype, int kind, int variant, void* const* ptrs, int64_t n, const double* s,
+                  double coef, double* acc)
+    double sumsq(int dtype, const void* x, int64_t n)
+    void scale(int dtype, void* x, int64_t n, double c)
+    void clamp(int dtype, void* x, int64_t n, double c)
+    cdef enum:
+        KIND_SGD, KIND_ADAGRAD, KIND_RMSPROP, KIND_ADAM, KIND_NADAM, KIND_RADAM, KIND_ADABELIEF,
+        KIND_LAMB_MOMENTS, KIND_LAMB_APPLY, KIND_LION, KIND_TOUCH, KIND_TOUCH_APPLY
+    cdef enum:
+        DTYPE_F32, DTYPE_F64
+
+cdef extern from "cpu_loops.hpp" namespace "fastopt" nogil:
+    M lamb_trust_ratio[M](M param_norm, M update_norm)
+    M clip_coefficient[M](M total_norm, M max_norm)
+
+KINDS = {
+    "sgd": KIND_SGD, "adagrad": KIND_ADAGRAD, "rmsprop": KIND_RMSPROP, "adam": KIND_ADAM,
+    "nadam": KIND_NADAM, "radam": KIND_RADAM, "adabelief": KIND_ADABELIEF, "lamb": KIND_LAMB_MOMENTS,
+    "lion": KIND_LION, "touch": KIND_TOUCH, "touch_apply": KIND_TOUCH_APPLY,
+}
+
+# Work is split into chunks of CHUNK elements (fixed, so reductions sum in the same order whatever the
+# thread count); below PARALLEL_MIN elements in total the call stays on one thread, where waking the
+# OpenMP team costs more than it saves.
+DEF CHUNK = 1 << 15
+DEF PARALLEL_MIN = 1 << 16
+DEF MAX_SCALARS = 16
+DEF SLOTS = 5          # p, g, state0, state1, state2
+
+cdef int _num_threads = openmp.omp_get_max_threads()
+
+
+def set_num_threads(int n):
+    """Threads used by the CPU kernels (default: OpenMP's, i.e. OMP_NUM_THREADS or the core count)."""
+    global _num_threads
+    if n < 1:
+        raise ValueError(f"Invalid num_threads: {n}")
+    _num_threads = n
+
+
+def get_num_threads():
+    return _num_threads
+
+
+cdef struct Chunk:
+    int tensor
+    int64_t start
+    int64_t n
+
+cdef struct Span:
+    uintptr_t start
+    uintptr_t end
+    int slot       # which argument: 0 params, 1 grads, 2.. states
+    int index      # which tensor of the list
+    int written
+
+
+cdef int _cmp_span(const void* a, const void* b) noexcept nogil:
+    cdef uintptr_t x = (<const Span*> a).start, y = (<const Span*> b).start
+    return -1 if x < y else (1 if x > y else 0)
+
+
+cdef object _as_ndarray(object obj, str name):
+    """Zero-copy NumPy view of an array-like that exposes its memory (buffer protocol,
+    __array_interface__, DLPack), so that in-place updates land in the caller's memory."""
+    from fastopt.backends.dispatch import as_numpy
+    return as_numpy(obj, name)
+
+
+cdef str _label(tuple names, int slot, int index, bint is_list):
+    return f"{names[slot]}[{index}]" if is_list else names[slot]
+
+
+cdef int _dtype_code(cnp.ndarray a):
+    cdef int t = cnp.PyArray_TYPE(a)
+    if t == cnp.NPY_FLOAT32:
+        return DTYPE_F32
+    if t == cnp.NPY_FLOAT64:
+        return DTYPE_F64
+    return -1
+
+
+cdef class _Batch:
+    """The validated arrays of one call: kept alive, their pointers, and the chunk table."""
+    cdef list keep
+    cdef int ntensors
+    cdef int nslots
+    cdef int dtype
+    cdef void** ptrs          # ntensors * SLOTS
+    cdef int64_t* sizes       # ntensors
+    cdef Chunk* chunks
+    cdef int nchunks
+    cdef int64_t total
+
+    def __dealloc__(self):
+        free(self.ptrs)
+        free(self.sizes)
+        free(self.chunks)
+
+
+cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot):
+    """Validate arrays = (params, grads, state0, ...) and build the batch. Each entry is one array or
+    a list of arrays (all entries the same form), or None for an unused state slot. names[k] names
+    entry k in error messages. Entry read_only_slot is only read (-1: every entry is written)."""
+    cdef int nslots = len(arrays)
+    if nslots > SLOTS:
+        raise ValueError("too many arrays per tensor")
+    cdef object first = arrays[0]
+    cdef bint is_list = isinstance(first, (list, tuple))
+    cdef int n, i, k, code, ref_code = -1, ndim
+    cdef list lists = []
+    cdef object entry, obj
+    cdef cnp.ndarray a, p
+    cdef _Batch b = _Batch()
+    cdef Span* spans
+    cdef int nspans = 0
+    cdef uintptr_t max_end_any, max_end_written
+    cdef int64_t size, c, nch
+
+    for k in range(nslots):
+        entry = arrays[k]
+        if entry is None:           # a state slot this variant does not use
+            lists.append(None)
+            continue
+        if isinstance(entry, (list, tuple)) != is_list:
+            raise TypeError(
+                f"{names[k]} must be {'a list of arrays' if is_list else 'one array'}, like {names[0]}; "
+                f"got {type(entry).__name__}")
+        if is_list:
+            if len(entry) != len(first):
+                raise ValueError(f"{names[k]} has {len(entry)} arrays but {names[0]} has {len(first)}")
+            lists.append(entry)
+        else:
+            lists.append((entry,))
+    n = len(lists[0])
+
+    b.keep = []
+    b.nslots = nslots
+    b.ntensors = n
+    b.ptrs = <void**> malloc(max(n, 1) * SLOTS * sizeof(void*))
+    b.sizes = <int64_t*> malloc(max(n, 1) * sizeof(int64_t))
+    if b.ptrs == NULL or b.sizes == NULL:
+        raise MemoryError()
+    for i in range(n * SLOTS):
+        b.ptrs[i] = NULL
+
+    b.total = 0
+    nch = 0
+    for i in range(n):
+        for k in range(nslots):
+            if lists[k] is None:
+                b.keep.append(None)
+                continue
+            obj = lists[k][i]
+            if not cnp.PyArray_Check(obj):
+                obj = _as_ndarray(obj, _label(names, k, i, is_list))
+            a = <cnp.ndarray> obj
+            b.keep.append(a)
+            code = _dtype_code(a)
+            if k == 0:
+                p = a
+                if code < 0:
+                    raise TypeError(
+                        f"{_label(names, k, i, is_list)} has dtype {a.dtype}; fastopt updates float32 or "
+                        f"float64 arrays on the CPU")
+                if ref_code < 0:
+                    ref_code = code
+                elif code != ref_code:
+                    raise TypeError(
+                        f"{_label(names, k, i, is_list)} has dtype {a.dtype} but {names[0]}[0] has "
+                        f"{np.dtype(np.float32 if ref_code == DTYPE_F32 else np.float64)}: one call "
+                        f"updates one dtype (group the arrays by dtype)")
+            else:
+                if code != ref_code:
+                    raise TypeError(
+                        f"{_label(names, k, i, is_list)} has dtype {a.dtype}, expected {p.dtype} "
+                        f"(the dtype of {_label(names, 0, i, is_list)})")
+                ndim = cnp.PyArray_NDIM(a)
+                if ndim != cnp.PyArray_NDIM(p) or not cnp.PyArray_CompareLists(
+                        cnp.PyArray_DIMS(a), cnp.PyArray_DIMS(p), ndim):
+                    raise ValueError(
+                        f"{_label(names, k, i, is_list)} has shape {(<object> a).shape}, expected {(<object> p).shape} "
+                        f"(the shape of {_label(names, 0, i, is_list)})")
+            if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+                raise ValueError(f"{_label(names, k, i, is_list)} is not C-contiguous")
+            if k != read_only_slot and not cnp.PyArray_ISWRITEABLE(a):
+                raise ValueError(f"{_label(names, k, i, is_list)} is read-only")
+            b.ptrs[i * SLOTS + k] = cnp.PyArray_DATA(a)
+        size = cnp.PyArray_SIZE(p)
+        b.sizes[i] = size
+        b.total += size
+        nch += (size + CHUNK - 1) // CHUNK
+    b.dtype = ref_code
+
+    # No array may share memory with an array that is written (grads may share with each other).
+    spans = <Span*> malloc(max(n * nslots, 1) * sizeof(Span))
+    if spans == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            if b.sizes[i] == 0:
+                continue
+            for k in range(nslots):
+                if b.keep[i * nslots + k] is None:
+                    continue
+                a = <cnp.ndarray> b.keep[i * nslots + k]
+                spans[nspans].start = <uintptr_t> cnp.PyArray_DATA(a)
+                spans[nspans].end = spans[nspans].start + <uintptr_t> cnp.PyArray_NBYTES(a)
+                spans[nspans].slot = k
+                spans[nspans].index = i
+                spans[nspans].written = 0 if k == read_only_slot else 1
+                nspans += 1
+        qsort(spans, nspans, sizeof(Span), _cmp_span)
+        max_end_any = 0
+        max_end_written = 0
+        for i in range(nspans):
+            if (spans[i].start < max_end_written) or (spans[i].written and spans[i].start < max_end_any):
+                for k in range(i):  # name the culprit pair (error path only)
+                    if spans[k].end > spans[i].start and (spans[k].written or spans[i].written):
+                        raise ValueError(
+                            f"{_label(names, spans[i].slot, spans[i].index, is_list)} shares memory with "
+                            f"{_label(names, spans[k].slot, spans[k].index, is_list)}")
+            if spans[i].end > max_end_any:
+                max_end_any = spans[i].end
+            if spans[i].written and spans[i].end > max_end_written:
+                max_end_written = spans[i].end
+    finally:
+        free(spans)
+
+    b.chunks = <Chunk*> malloc(max(nch, 1) * sizeof(Chunk))
+    if b.chunks == NULL:
+        raise MemoryError()
+    b.nchunks = 0
+    for i in range(n):
+        c = 0
+        while c < b.sizes[i]:
+            b.chunks[b.nchunks].tensor = i
+            b.chunks[b.nchunks].start = c
+            b.chunks[b.nchunks].n = min(<int64_t> CHUNK, b.sizes[i] - c)
+            b.nchunks += 1
+            c += CHUNK
+    return b
+
+
+cdef inline int _threads_for(int64_t total) noexcept nogil:
+    return _num_threads if total >= PARALLEL_MIN else 1
+
+
+cdef inline int _chunk(int dtype, int kind, int variant, void** base, const Chunk* ch,
+                       const int* slot_map, const double* s, double coef, double* acc) noexcept nogil:
+    """Run one chunk: base = the tensor's SLOTS pointers; slot_map[j] = which of them is kernel slot j."""
+    cdef void* ptrs[SLOTS]
+    cdef int j, k
+    cdef int64_t offset = ch.start * (4 if dtype == DTYPE_F32 else 8)
+    for j in range(SLOTS):
+        k = slot_map[j]
+        ptrs[j] = NULL if (k < 0 or base[k] == NULL) else <void*> (<char*> base[k] + offset)
+    return run_chunk(dtype, kind, variant, ptrs, ch.n, s, coef, acc)
+
+
+cdef int _run(_Batch b, int kind, int variant, const double* s, const int* slot_map,
+              const double* coef_per_tensor, double* partials) except -1:
+    cdef int c, bad = 0
+    cdef int nthreads = _threads_for(b.total)
+    cdef Chunk* chunks = b.chunks
+    cdef void** base = b.ptrs
+    cdef int dtype = b.dtype
+    with nogil:
+        for c in prange(b.nchunks, schedule='static', num_threads=nthreads):
+            bad += _chunk(dtype, kind, variant, &base[chunks[c].tensor * SLOTS], &chunks[c], slot_map, s,
+                          coef_per_tensor[chunks[c].tensor] if coef_per_tensor != NULL else 0.0,
+                          &partials[2 * c] if partials != NULL else NULL) != 0
+    if bad:
+        raise ValueError(f"no CPU kernel for kind {kind} variant {variant}")
+    return 0
+
+
+cdef int[SLOTS] _IDENTITY_SLOTS = [0, 1, 2, 3, 4]
+cdef int[SLOTS] _APPLY_SLOTS = [0, -1, 2, 3, -1]
+
+
+cdef void _load_scalars(tuple scalars, double* out) except *:
+    cdef int i
+    if len(scalars) > MAX_SCALARS:
+        raise ValueError("too many kernel scalars")
+    for i in range(len(scalars)):
+        out[i] = scalars[i]
+
+
+def update(str kernel, int variant, tuple arrays, tuple names, tuple scalars, double lamb_lr=0.0):
+    """Validate arrays = (params, grads, *states) and apply kernel `kernel` in place.
+
+    scalars: the kernel's hyperparameters in the order of its *Params struct (specs.py computes them).
+    LAMB (kernel "lamb") runs its two phases here with per-tensor trust ratios and lamb_lr.
+    """
+    cdef double s[MAX_SCALARS]
+    cdef _Batch b
+    cdef int kind = KINDS[kernel]
+    cdef double* partials = NULL
+    cdef double* coefs = NULL
+    cdef int i, c
+    cdef double pn, un
+    _load_scalars(scalars, s)
+    b = _collect(arrays, names, 1)
+    if b.nchunks == 0:
+        return
+    if kind != KIND_LAMB_MOMENTS:
+        _run(b, kind, variant, s, _IDENTITY_SLOTS, NULL, NULL)
+        return
+    partials = <double*> malloc(2 * b.nchunks * sizeof(double))
+    coefs = <double*> malloc(2 * b.ntensors * sizeof(double))
+    if partials == NULL or coefs == NULL:
+        free(partials); free(coefs)
+        raise MemoryError()
+    try:
+        _run(b, KIND_LAMB_MOMENTS, 0, s, _IDENTITY_SLOTS, NULL, partials)
+        # per-tensor norms: chunk partials summed in chunk order (deterministic)
+        for i in range(b.ntensors):
+            coefs[2 * i] = 0.0
+            coefs[2 * i + 1] = 0.0
+        for c in range(b.nchunks):
+            i = b.chunks[c].tensor
+            coefs[2 * i] += partials[2 * c]
+            coefs[2 * i + 1] += partials[2 * c + 1]
+        for i in range(b.ntensors):
+            pn = sqrt(coefs[2 * i])
+            un = sqrt(coefs[2 * i + 1])
+            coefs[i] = lamb_lr * lamb_trust_ratio[double](pn, un)
+        _run(b, KIND_LAMB_APPLY, 0, s, _APPLY_SLOTS, coefs, NULL)
+    finally:
+        free(partials)
+        free(coefs)
+
+
+def touch(tuple arrays, int apply_phase=0):
+    """Bandwidth ceiling: the memory traffic of an update with trivial math. arrays = (p, g, *states):
+    p and the states are read and written, g read. apply_phase=1: p read+written, states read (LAMB)."""
+    cdef double s[1]
+    cdef tuple names = ("params", "grads", "state0", "state1", "state2")[:len(arrays)]
+    cdef _Batch b = _collect(arrays, names, 1)
+    if b.nchunks == 0:
+        return
+    if apply_phase:
+        _run(b, KIND_TOUCH_APPLY, 0, s, _APPLY_SLOTS, NULL, NULL)
+    else:
+        _run(b, KIND_TOUCH, len(arrays) - 2, s, _IDENTITY_SLOTS, NULL, NULL)
+
+
+cdef _Batch _collect_grads(object grads, bint written):
+    # grads alone: the general collector with grads in the first slot
+    return _collect((grads,), ("grads",), -1 if written else 0)
+
+
+def sumsq_per_tensor(grads):
+    """Sum of squares of each array (float64), deterministic: fixed chunks summed in order."""
+    cdef _Batch b = _collect_grads(grads, False)
+    cdef double* partials = <double*> malloc(max(b.nchunks, 1) * sizeof(double))
+    cdef int c
+    cdef int nthreads = _threads_for(b.total)
+    cdef double[::1] out = np.zeros(b.ntensors, dtype=np.float64)
+    cdef Chunk* ch
+    if partials == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            for c in prange(b.nchunks, schedule='static', num_threads=nthreads):
+                ch = &b.chunks[c]
+                partials[c] = sumsq(b.dtype, <char*> b.ptrs[ch.tensor * SLOTS] +
+                                    ch.start * (4 if b.dtype == DTYPE_F32 else 8), ch.n)
+        for c in range(b.nchunks):
+            out[b.chunks[c].tensor] += partials[c]
+    finally:
+        free(partials)
+    return np.asarray(out)
+
+
+cdef _elementwise(object grads, int op, double value):
+    cdef _Batch b = _collect_grads(grads, True)
+    cdef int c
+    cdef int nthreads = _threads_for(b.total)
+    cdef Chunk* ch
+    cdef void* x
+    with nogil:
+        for c in prange(b.nchunks, schedule='static', num_threads=nthreads):
+            ch = &b.chunks[c]
+            x = <char*> b.ptrs[ch.tensor * SLOTS] + ch.start * (4 if b.dtype == DTYPE_F32 else 8)
+            if op == 0:
+                scale(b.dtype, x, ch.n, value)
+            else:
+                clamp(b.dtype, x, ch.n, value)
+
+
+def scale_(grads, double coef):
+    """grads <- grads * coef, in place."""
+    _elementwise(grads, 0, coef)
+
+
+def clamp_(grads, double clip_value):
+    """grads <- clip(grads, -clip_value, clip_value), in place."""
+    _elementwise(grads, 1, clip_value)
+
+
+def validate_grads(grads, bint written):
+    """Run the checks alone (the clipping ops validate before computing a norm)."""
+    _collect_grads(grads, written)
+
+
+def coefficient(double total_norm, double max_norm):
+    return clip_coefficient[double](total_norm, max_norm)

@@ -1,0 +1,30 @@
+// AdaBelief (Zhuang et al. 2020, Algorithm 2), with L2 or decoupled weight decay.
+//   g <- g * grad_scale + l2 * p;   p <- p * decay
+//   m <- beta1 * m + (1 - beta1) * g
+//   s <- beta2 * s + (1 - beta2) * (g - m)^2 + eps
+//   p <- p - step_size * m / (sqrt(s) / sqrt(1 - beta2^t) + eps),   step_size = lr / (1 - beta1^t)
+#pragma once
+#include "common.cuh"
+
+namespace fastopt {
+
+template <typename M>
+struct AdabeliefParams {
+    M grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay, step_size,
+        bias_correction2_sqrt;
+};
+
+template <typename M>
+FASTOPT_HD void adabelief_math(M& p, M g, M& m, M& s, const AdabeliefParams<M>& h) {
+    g = g * h.grad_scale;
+    g = g + h.l2 * p;
+    p = p * h.decay;
+    m = h.beta1 * m + h.one_minus_beta1 * g;
+    M r = g - m;
+    s = h.beta2 * s + h.one_minus_beta2 * (r * r);
+    s = s + h.eps;
+    M denom = fo_sqrt(s) / h.bias_correction2_sqrt + h.eps;
+    p = p - h.step_size * (m / denom);
+}
+
+}  // namespace fastopt

@@ -1,0 +1,35 @@
+// RAdam (torch.optim.RAdam), with L2 or decoupled weight decay.
+//   g <- g * grad_scale + l2 * p;   p <- p * decay
+//   m <- beta1 * m + (1 - beta1) * g;   v <- beta2 * v + (1 - beta2) * g * g
+//   rectified (rho_t > 5, decided on the host):
+//       p <- p - (m / (1 - beta1^t)) * lr * (sqrt(1 - beta2^t) / (sqrt(v) + eps)) * rect_t
+//   otherwise:
+//       p <- p - (m / (1 - beta1^t)) * lr
+#pragma once
+#include "common.cuh"
+
+namespace fastopt {
+
+template <typename M>
+struct RadamParams {
+    M grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay, lr, bias_correction1,
+        bias_correction2_sqrt, rect;
+};
+
+// variant bits: 1 rectified
+template <typename M>
+FASTOPT_HD void radam_math(M& p, M g, M& m, M& v, const RadamParams<M>& h, bool rectified) {
+    g = g * h.grad_scale;
+    g = g + h.l2 * p;
+    p = p * h.decay;
+    m = h.beta1 * m + h.one_minus_beta1 * g;
+    v = h.beta2 * v + h.one_minus_beta2 * (g * g);
+    M upd = (m / h.bias_correction1) * h.lr;
+    if (rectified) {
+        upd = upd * (h.bias_correction2_sqrt / (fo_sqrt(v) + h.eps));
+        upd = upd * h.rect;
+    }
+    p = p - upd;
+}
+
+}  // namespace fastopt
