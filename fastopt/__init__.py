@@ -11,6 +11,8 @@ from fastopt.clip import clip_by_global_norm, clip_by_norm, clip_by_value, globa
 from fastopt.functional import (adabelief_step, adagrad_step, adam_step, adamw_step, init_state, lamb_step,
                                 lion_step, nadam_step, radam_step, rmsprop_step, sgd_step)
 from fastopt.specs import REGISTRY
+from fastopt.optim import SGD, Adagrad, RMSprop, Adam, AdamW, NAdam, RAdam, AdaBelief, LAMB, Lion, Optimizer
+from fastopt import schedules
 
 __version__ = "0.1.0"
 
@@ -32,4 +34,6 @@ __all__ = [
     "adabelief_step", "lamb_step", "lion_step", "init_state",
     "clip_by_value", "clip_by_norm", "global_norm", "clip_by_global_norm",
     "use_backend", "set_num_threads", "get_num_threads", "REGISTRY",
+    "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "RAdam", "AdaBelief", "LAMB", "Lion", "Optimizer",
+    "schedules",
 ]

@@ -1,0 +1,495 @@
+"""Stateful optimizers in the style of torch.optim, generated from the registry (fastopt/specs.py).
+
+    opt = fastopt.Adam(params, lr=fastopt.schedules.cosine(1e-3, 10_000), clip_grad_norm=1.0,
+                       skip_nonfinite=True)
+    for batch in data:
+        grads = compute_grads(params, batch)     # a list of arrays, in the order of the params
+        opt.step(grads)
+
+One generic class, `Optimizer`, holds the machinery; `SGD`, `Adam`, ... are generated subclasses that
+only differ in their spec and in their constructor's signature (torch.optim's argument names, with
+`betas=(beta1, beta2)`). Validation lives in the registry (spec.validate), shared with the functional
+API.
+
+Param groups. `params` is a list of arrays (one group) or a list of dicts {"params": [...], "lr": ...}
+with per-group hyperparameters (torch semantics: missing keys take the constructor's values).
+`opt.param_groups` is a list of dicts that may be edited between steps (like torch).
+
+One call per group and dtype. At construction each group's arrays are split by dtype into buckets;
+`step(grads)` makes one multi-tensor kernel call per bucket, never one per array.
+
+Steps and schedules. Each group counts the updates it has applied (`opt.param_groups[i]["step"]`
+is not stored in the group; see `opt.steps(i)`). Step t (1-based) feeds bias corrections. A group's
+`lr` may be a schedule, i.e. any callable count -> lr; it is called with the number of updates
+already applied to the group (0 for the first step), like optax.
+
+Fused clipping and non-finite skipping. `clip_grad_norm=max_norm` computes the global L2 norm of all
+gradients once (one read of the gradients) and hands min(1, max_norm / (norm + 1e-6)) to the update
+kernels as `grad_scale`: the gradients are never rewritten. `skip_nonfinite=True` reuses the same norm
+(any NaN/Inf gradient makes the sum of squares non-finite): the whole step is skipped, params and
+state byte-for-byte unchanged, the step counters do not advance, and `opt.skipped_steps` counts.
+Both options together still read the gradients once before the update.
+A float64 gradient whose squares overflow (|g| > ~1e154) also counts as non-finite: its update would
+overflow the second moments anyway.
+
+On the GPU (CuPy arrays) the norm is a 0-d device array and the clip coefficient is computed on the
+device (xp.minimum, never a Python comparison), so clipping does not synchronise. Skipping without
+a synchronisation needs the backend to accept a device-side flag (`found_inf=`, a 0-d device array:
+the kernels return without writing when it is non-zero); a backend that advertises
+`SUPPORTS_FOUND_INF = True` gets it, and then: the skip count is a device counter (reading
+`skipped_steps` synchronises, which is the caller's choice) and, as the host cannot know whether a
+step was skipped, the host step counter advances on skipped steps (bias corrections and schedules see
+attempted steps). Without that backend support the GPU path reads the flag on the host (one
+synchronisation per step) and behaves exactly like the CPU.
+
+Errors. A bad hyperparameter, a wrong number of gradients, or a gradient whose shape, dtype or kind
+does not match its parameter raises before any array is written (every group is checked before the
+first update).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from fastopt.backends.dispatch import array_device, backend_for
+from fastopt.clip import _check_bound, clip_coefficient, global_norm
+from fastopt.functional import init_state
+from fastopt.specs import REGISTRY, REQUIRED, OptimizerSpec
+
+__all__ = ["Optimizer"] + [spec.class_name for spec in REGISTRY.values()]
+
+_OPTIONS = ("clip_grad_norm", "skip_nonfinite", "backend")
+
+
+def _array_module(x):
+    """numpy or cupy, from the array's type (never imports cupy for NumPy arrays)."""
+    if type(x).__module__.startswith("cupy"):
+        import cupy
+        return cupy
+    return np
+
+
+def _is_callable_lr(value):
+    return callable(value) and not isinstance(value, numbers.Real)
+
+
+class _Bucket:
+    """The arrays of one group with one dtype: one multi-tensor kernel call per step."""
+
+    __slots__ = ("params", "indices", "states", "dtype", "is_device", "contiguous_range")
+
+    def __init__(self, params, indices, states, dtype, is_device):
+        self.params = params            # list of arrays
+        self.indices = indices          # positions of these params in the optimizer's flat order
+        self.states = states            # state name -> list of arrays (missing: not allocated yet)
+        self.dtype = dtype
+        self.is_device = is_device
+        # when the bucket is a contiguous slice of the flat order, grads are sliced, not gathered
+        self.contiguous_range = (indices[0], indices[-1] + 1) if indices == list(
+            range(indices[0], indices[-1] + 1)) else None
+
+
+class Optimizer:
+    """Base class: `spec` (an OptimizerSpec) is set by each generated subclass.
+
+    Attributes: param_groups (list of dicts, editable between steps), skipped_steps (int),
+    clip_grad_norm, skip_nonfinite, backend (None: chosen from the arrays' type).
+    """
+
+    spec: OptimizerSpec = None  # set by the generated subclasses
+
+    # ---- construction -------------------------------------------------------------------------
+
+    def __init__(self, params, defaults: dict, *, clip_grad_norm=None, skip_nonfinite=False, backend=None):
+        spec = self.spec
+        if spec is None:
+            raise TypeError("Optimizer is the base class; use fastopt.SGD, fastopt.Adam, ...")
+        if clip_grad_norm is not None:
+            clip_grad_norm = _check_bound("clip_grad_norm", clip_grad_norm)
+        if not isinstance(skip_nonfinite, (bool, np.bool_)):
+            raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
+        self.clip_grad_norm = clip_grad_norm
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.backend = backend
+        self.defaults = self._normalise_group(dict(defaults), "defaults", require_all=True)
+        self._skipped_host = 0
+        self._skipped_device = None  # a 0-d device counter when skipping runs on the GPU without sync
+        self.param_groups: list[dict] = []
+        self._group_steps: list[int] = []
+        self._buckets: list[list[_Bucket]] = []
+        self._params: list = []          # every param, in group order: the order of step(grads)
+        self._hp_cache: list = []
+        self._last_lr: list = []
+        groups = self._as_groups(params)
+        for group in groups:
+            self.add_param_group(group)
+
+    @staticmethod
+    def _as_groups(params):
+        if isinstance(params, dict):
+            return [params]
+        if not isinstance(params, (list, tuple)):
+            if hasattr(params, "shape"):
+                return [{"params": [params]}]
+            try:
+                params = list(params)
+            except TypeError:
+                raise TypeError(f"params must be a list of arrays or of param-group dicts, got "
+                                f"{type(params).__name__}") from None
+        if len(params) == 0:
+            raise ValueError("optimizer got an empty parameter list")
+        if all(isinstance(p, dict) for p in params):
+            return list(params)
+        if any(isinstance(p, dict) for p in params):
+            raise TypeError("params must be a list of arrays or a list of param-group dicts, not a mix")
+        return [{"params": list(params)}]
+
+    def _hyper_keys(self):
+        """Constructor / group keys in torch style: beta1 and beta2 appear as `betas`."""
+        keys = []
+        for h in self.spec.hypers:
+            if h.name == "beta1":
+                keys.append("betas")
+            elif h.name != "beta2":
+                keys.append(h.name)
+        return keys
+
+    def _normalise_group(self, group: dict, where: str, require_all=False) -> dict:
+        """Check the keys of a group (or of the defaults); turn betas into a tuple of two."""
+        keys = set(self._hyper_keys())
+        unknown = set(group) - keys - {"params"}
+        if unknown:
+            raise TypeError(f"{self.spec.class_name}: unknown hyperparameter(s) {', '.join(sorted(unknown))} "
+                            f"in {where} (valid: {', '.join(self._hyper_keys())})")
+        if "betas" in group:
+            betas = group["betas"]
+            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+            group["betas"] = (betas[0], betas[1])
+        if require_all:
+            for k in self._hyper_keys():
+                if group.get(k, None) is REQUIRED:
+                    raise TypeError(f"{self.spec.class_name}: missing required argument {k!r}")
+        return group
+
+    def add_param_group(self, group: dict) -> None:
+        """Add a group {"params": [...], hyperparameter: value, ...}; missing keys take the defaults.
+        Its state is allocated now, on the params' device; its step counter starts at 0."""
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError("a param group must be a dict with a 'params' key")
+        group = self._normalise_group(dict(group), f"param group {len(self.param_groups)}")
+        params = group["params"]
+        if hasattr(params, "shape"):
+            params = [params]
+        params = list(params)
+        if not params:
+            raise ValueError(f"param group {len(self.param_groups)} has no params")
+        known = {id(p) for p in self._params}
+        for i, p in enumerate(params):
+            array_device(p)  # TypeError for non-arrays
+            if id(p) in known:
+                raise ValueError(f"param group {len(self.param_groups)}: params[{i}] appears in more than one "
+                                 f"place (each array may be optimised once)")
+            known.add(id(p))
+        full = dict(self.defaults)
+        full.update(group)
+        full["params"] = params
+        hp = self._resolve_hp(full, 0)  # validates (a schedule is evaluated at count 0)
+        self.spec.validate(hp, 1)
+        # bucket by dtype, in order of first appearance
+        start = len(self._params)
+        by_dtype: dict = {}
+        for i, p in enumerate(params):
+            by_dtype.setdefault(p.dtype, []).append(i)  # numpy, cupy or torch dtype
+        buckets = []
+        for dtype, local in by_dtype.items():
+            bucket_params = [params[i] for i in local]
+            states = init_state(self.spec.name, bucket_params, **self._state_options(hp))
+            is_device = array_device(bucket_params[0]) == "device"
+            buckets.append(_Bucket(bucket_params, [start + i for i in local], states, dtype, is_device))
+        self.param_groups.append(full)
+        self._group_steps.append(0)
+        self._buckets.append(buckets)
+        self._params.extend(params)
+        self._hp_cache.append(None)
+        self._last_lr.append(hp["lr"])
+
+    def _state_options(self, hp):
+        return {name: hp[name] for name in ("amsgrad", "momentum", "centered") if name in hp}
+
+    # ---- hyperparameters ----------------------------------------------------------------------
+
+    def _resolve_hp(self, group: dict, count: int) -> dict:
+        """The registry-named hyperparameters of a group for the update after `count` updates."""
+        hp = {}
+        for h in self.spec.hypers:
+            if h.name == "beta1":
+                hp["beta1"] = group["betas"][0]
+            elif h.name == "beta2":
+                hp["beta2"] = group["betas"][1]
+            else:
+                hp[h.name] = group[h.name]
+        lr = hp["lr"]
+        if _is_callable_lr(lr):
+            hp["lr"] = lr(count)
+        return hp
+
+    def _hyperparameters(self, gi: int) -> dict:
+        """Validated hyperparameters of group gi for its next step. Validation of everything but the
+        learning rate is cached while the group's values do not change (the per-step cost is a tuple
+        comparison); the learning rate, which schedules change every step, is checked every step."""
+        group = self.param_groups[gi]
+        spec = self.spec
+        key = tuple(group[k] for k in self._hyper_keys() if k != "lr")
+        cached = self._hp_cache[gi]
+        lr = group["lr"]
+        if _is_callable_lr(lr):
+            lr = lr(self._group_steps[gi])
+        if cached is not None and cached[0] == key:
+            hp = cached[1]
+            spec.hypers[0].validate(lr)  # hypers[0] is lr for every optimizer
+            hp["lr"] = lr
+            return hp
+        self._normalise_group(group, f"param group {gi}")
+        hp = self._resolve_hp(group, self._group_steps[gi])
+        hp["lr"] = lr
+        spec.validate(hp, self._group_steps[gi] + 1)
+        self._hp_cache[gi] = (key, hp)
+        return hp
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient was NaN/Inf (reading it synchronises when counted on the GPU)."""
+        if self._skipped_device is not None:
+            return self._skipped_host + int(self._skipped_device)
+        return self._skipped_host
+
+    def steps(self, group: int = 0) -> int:
+        """Number of updates applied to param group `group`."""
+        return self._group_steps[group]
+
+    @property
+    def params(self) -> list:
+        """Every parameter, in the order `step(grads)` expects the gradients."""
+        return list(self._params)
+
+    def _grad_list(self, grads):
+        if hasattr(grads, "shape"):
+            grads = [grads]
+        elif not isinstance(grads, (list, tuple)):
+            raise TypeError(f"grads must be a list of arrays (one per param, in the order of opt.params), "
+                            f"got {type(grads).__name__}")
+        if len(grads) != len(self._params):
+            raise ValueError(f"grads has {len(grads)} arrays but the optimizer has {len(self._params)} params")
+        return grads
+
+    def _check_grads(self, grads):
+        """Shape, dtype and kind of every gradient against its param, before any group is updated (the
+        kernels check their own call, but with several calls an error in the second must not come
+        after the first has written)."""
+        for i, (p, g) in enumerate(zip(self._params, grads)):
+            if type(g) is not type(p):
+                if array_device(g) != array_device(p):
+                    raise TypeError(f"grads[{i}] is a {type(g).__module__}.{type(g).__name__} but params[{i}] is a "
+                                    f"{type(p).__module__}.{type(p).__name__} (different devices)")
+            if g.dtype != p.dtype:
+                raise TypeError(f"grads[{i}] has dtype {g.dtype}, expected {p.dtype} (the dtype of params[{i}])")
+            if tuple(g.shape) != tuple(p.shape):
+                raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}, expected {tuple(p.shape)} "
+                                 f"(the shape of params[{i}])")
+            flags = getattr(g, "flags", None)
+            if flags is not None and not flags.c_contiguous:
+                raise ValueError(f"grads[{i}] is not C-contiguous")
+
+    @staticmethod
+    def _bucket_grads(bucket, grads):
+        r = bucket.contiguous_range
+        if r is not None:
+            if r[0] == 0 and r[1] == len(grads):
+                return grads
+            return grads[r[0]:r[1]]
+        return [grads[i] for i in bucket.indices]
+
+    def _gradient_scale(self, per_bucket_grads, buckets):
+        """(grad_scale, found_inf, skip_now): one norm pass over the gradients serves both clipping and
+        the non-finite check."""
+        norms = [global_norm(g, backend=self.backend) for g in per_bucket_grads]
+        device = any(b.is_device for b in buckets)
+        if not device:
+            total = math.sqrt(sum(float(n) ** 2 for n in norms)) if len(norms) > 1 else float(norms[0])
+            if self.skip_nonfinite and not math.isfinite(total):
+                return None, None, True
+            scale = clip_coefficient(total, self.clip_grad_norm) if self.clip_grad_norm is not None else None
+            return scale, None, False
+        xp = _array_module(per_bucket_grads[0][0])
+        total = norms[0] if len(norms) == 1 else xp.sqrt(sum(xp.asarray(n) ** 2 for n in norms))
+        scale = None
+        if self.clip_grad_norm is not None:
+            scale = xp.minimum(1.0, self.clip_grad_norm / (total + 1e-6))  # on the device: no sync
+        if not self.skip_nonfinite:
+            return scale, None, False
+        found_inf = ~xp.isfinite(total)
+        if all(getattr(backend_for(b.params, self.backend), "SUPPORTS_FOUND_INF", False) for b in buckets):
+            self._skipped_device = found_inf.astype(xp.int64) if self._skipped_device is None else \
+                self._skipped_device + found_inf
+            return scale, found_inf, False
+        # no device-side skip in this backend: read the flag (one synchronisation)
+        return scale, None, bool(found_inf)
+
+    def step(self, grads) -> bool:
+        """Apply one update with `grads` (a list of arrays in the order of `opt.params`; one array when
+        there is a single param). Returns False when the step was skipped (skip_nonfinite and a
+        NaN/Inf gradient), else True."""
+        grads = self._grad_list(grads)
+        ngroups = len(self.param_groups)
+        hps = [self._hyperparameters(gi) for gi in range(ngroups)]
+        nbuckets = sum(len(b) for b in self._buckets)
+        if nbuckets > 1:
+            self._check_grads(grads)
+        plan = []
+        for gi in range(ngroups):
+            for bucket in self._buckets[gi]:
+                self._ensure_states(bucket, hps[gi])
+                plan.append((gi, bucket, self._bucket_grads(bucket, grads)))
+        grad_scale, found_inf = None, None
+        if self.clip_grad_norm is not None or self.skip_nonfinite:
+            grad_scale, found_inf, skip = self._gradient_scale([g for _, _, g in plan], [b for _, b, _ in plan])
+            if skip:
+                self._skipped_host += 1
+                return False
+        spec = self.spec
+        for gi, bucket, g in plan:
+            hp = hps[gi]
+            arrays, names = self._arrays(bucket, g, hp)
+            be = backend_for(bucket.params, self.backend)
+            if found_inf is not None:
+                be.step(spec, arrays, names, hp, self._group_steps[gi] + 1, grad_scale, found_inf=found_inf)
+            else:
+                be.step(spec, arrays, names, hp, self._group_steps[gi] + 1, grad_scale)
+        for gi in range(ngroups):
+            self._group_steps[gi] += 1
+            self._last_lr[gi] = hps[gi]["lr"]
+        return True
+
+    def _ensure_states(self, bucket, hp):
+        """Allocate a state slot that a changed hyperparameter now needs (e.g. momentum set later)."""
+        for name, used in zip(self.spec.states, self.spec.active_states(hp)):
+            if used and name not in bucket.states:
+                bucket.states[name] = init_state(self.spec.name, bucket.params,
+                                                 **self._state_options(hp))[name]
+
+    def _arrays(self, bucket, grads, hp):
+        spec = self.spec
+        arrays = [bucket.params, grads]
+        for name, used in zip(spec.states, spec.active_states(hp)):
+            arrays.append(bucket.states[name] if used else None)
+        while len(arrays) > 2 and arrays[-1] is None:
+            arrays.pop()
+        return tuple(arrays), ("params", "grads") + spec.states[:len(arrays) - 2]
+
+    def zero_grad(self):  # torch users reach for it; gradients here are arguments, not attributes
+        """No-op: fastopt takes the gradients as an argument of step()."""
+
+    # ---- introspection ------------------------------------------------------------------------
+
+    @property
+    def last_lr(self) -> list:
+        """The learning rate each group used in its last step (its initial value before any step)."""
+        return list(self._last_lr)
+
+    def state_arrays(self, index: int) -> dict:
+        """State arrays of the param at flat position `index` (name -> array; views, not copies)."""
+        for buckets in self._buckets:
+            for bucket in buckets:
+                if index in bucket.indices:
+                    j = bucket.indices.index(index)
+                    return {name: arrays[j] for name, arrays in bucket.states.items()}
+        raise IndexError(f"no param at index {index}")
+
+    def __repr__(self):
+        lines = [f"{self.spec.class_name} ("]
+        for i, g in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            for k in self._hyper_keys():
+                lines.append(f"    {k}: {g[k]}")
+        lines.append(")")
+        return "\n".join(lines)
+
+    # state_dict / load_state_dict / torch conversion live with the checkpoints (fastopt/checkpoint.py)
+    def state_dict(self) -> dict:
+        from fastopt.checkpoint import state_dict
+        return state_dict(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        from fastopt.checkpoint import load_state_dict
+        load_state_dict(self, state_dict)
+
+    def torch_state_dict(self) -> dict:
+        """This optimizer's state as a torch.optim state dict (tensors on the CPU), ready for
+        `torch.optim.<Class>(params).load_state_dict(...)`."""
+        from fastopt.checkpoint import to_torch_state_dict
+        return to_torch_state_dict(self)
+
+    def load_torch_state_dict(self, state_dict: dict) -> None:
+        """Load the state dict of the matching torch.optim optimizer (same params in the same order)."""
+        from fastopt.checkpoint import from_torch_state_dict
+        from_torch_state_dict(self, state_dict)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The generated classes
+# ---------------------------------------------------------------------------------------------------
+
+def _make_class(spec: OptimizerSpec):
+    """A subclass of Optimizer with torch.optim's constructor signature for this optimizer: params and
+    lr positional, everything else keyword-only (torch's positional orders differ between classes;
+    keywords cannot be silently misassigned)."""
+    args, defaults, pairs = [], {}, []
+    for h in spec.hypers:
+        if h.name == "beta2":
+            continue
+        if h.name == "beta1":
+            beta2 = next(x for x in spec.hypers if x.name == "beta2")
+            defaults["_d_betas"] = (h.default, beta2.default)
+            args.append("betas=_d_betas")
+            pairs.append("'betas': betas")
+            continue
+        if h.default is REQUIRED:
+            args.append(f"{h.name}=_REQUIRED")
+        else:
+            defaults[f"_d_{h.name}"] = h.default
+            args.append(f"{h.name}=_d_{h.name}")
+        pairs.append(f"{h.name!r}: {h.name}")
+    lr_arg, rest = args[0], args[1:]
+    src = (f"def __init__(self, params, {lr_arg}, *, {', '.join(rest)}, clip_grad_norm=None, "
+           f"skip_nonfinite=False, backend=None):\n"
+           f"    _Optimizer.__init__(self, params, {{{', '.join(pairs)}}}, clip_grad_norm=clip_grad_norm, "
+           f"skip_nonfinite=skip_nonfinite, backend=backend)\n")
+    namespace = {"_Optimizer": Optimizer, "_REQUIRED": REQUIRED, **defaults}
+    exec(compile(src, f"<fastopt.optim.{spec.class_name}>", "exec"), namespace)
+    init = namespace["__init__"]
+    init.__qualname__ = f"{spec.class_name}.__init__"
+    doc = [spec.summary, "",
+           f"Stateful form of fastopt.{spec.function_name}; see fastopt.optim for param groups, schedules,",
+           "clip_grad_norm=, skip_nonfinite=, state_dict().", "", "Hyperparameters (per group):"]
+    for h in spec.hypers:
+        default = "required" if h.default is REQUIRED else f"default {h.default!r}"
+        name = {"beta1": "betas[0]", "beta2": "betas[1]"}.get(h.name, h.name)
+        doc.append(f"    {name}: {h.doc} ({default}).")
+    doc += ["    lr may be a schedule: a callable (number of updates applied so far) -> lr.",
+            "Options: clip_grad_norm (max global L2 norm, fused into the update), skip_nonfinite (skip",
+            "    steps with a NaN/Inf gradient, counted in skipped_steps), backend (force one)."]
+    if spec.torch_class:
+        doc.append(f"Matches torch.optim.{spec.torch_class}.")
+    cls = type(spec.class_name, (Optimizer,), {"spec": spec, "__init__": init, "__doc__": "\n".join(doc),
+                                                "__module__": __name__})
+    return cls
+
+
+for _spec in REGISTRY.values():
+    globals()[_spec.class_name] = _make_class(_spec)
+del _spec

@@ -1,0 +1,286 @@
+"""The optimizer classes: several param groups, mixed dtypes, schedules, 50 steps, against the functional
+API (bit for bit) and the NumPy reference; constructor and step errors leave every array unchanged."""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import reference, schedules
+from fastopt.specs import REGISTRY
+
+# Per optimizer: the hyperparameters of groups 1 and 2 (group 0 takes the constructor's defaults);
+# together they exercise every optional state and most flags.
+GROUP_OPTIONS = {
+    "sgd": [{"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}, {"momentum": 0.5, "dampening": 0.1,
+                                                                        "maximize": True}],
+    "adagrad": [{"lr_decay": 0.01, "weight_decay": 0.01}, {"eps": 1e-6, "maximize": True}],
+    "rmsprop": [{"centered": True, "momentum": 0.9}, {"momentum": 0.5, "weight_decay": 0.01}],
+    "adam": [{"amsgrad": True, "weight_decay": 0.01}, {"betas": (0.8, 0.99), "maximize": True}],
+    "adamw": [{"amsgrad": True}, {"betas": (0.85, 0.995), "weight_decay": 0.1}],
+    "nadam": [{"decoupled_weight_decay": True, "weight_decay": 0.01}, {"momentum_decay": 1e-2}],
+    "radam": [{"decoupled_weight_decay": True, "weight_decay": 0.01}, {"betas": (0.9, 0.9)}],
+    "adabelief": [{"decoupled_weight_decay": False, "weight_decay": 0.01}, {"eps": 1e-12}],
+    "lamb": [{"bias_correction": False, "weight_decay": 0.01}, {"maximize": True}],
+    "lion": [{"weight_decay": 0.1}, {"betas": (0.95, 0.98)}],
+}
+BASE_LR = {"sgd": 0.02, "adagrad": 0.05, "rmsprop": 0.005, "lion": 1e-3}
+
+SPECS = list(REGISTRY.values())
+
+
+def make_groups(rng, name):
+    """Three groups: float32 arrays; a float64 + float32 mix (two kernel calls); float64 with a schedule."""
+    shapes = [(7,), (33, 5), (2, 3, 4), (1,), (129,), (4, 4)]
+    arrays = []
+    for i, shape in enumerate(shapes):
+        dtype = [np.float32, np.float32, np.float64, np.float32, np.float64, np.float64][i]
+        arrays.append(rng.standard_normal(shape).astype(dtype))
+    lr = BASE_LR.get(name, 1e-2)
+    groups = [{"params": arrays[0:2]},
+              {"params": arrays[2:4], "lr": lr / 2, **GROUP_OPTIONS[name][0]},
+              {"params": arrays[4:6], "lr": schedules.warmup(schedules.cosine(lr, 40), 5), **GROUP_OPTIONS[name][1]}]
+    return groups, lr
+
+
+def functional_hp(spec, defaults, group, count):
+    """Registry-named hyperparameters of a class group, for the functional API / the reference."""
+    merged = dict(defaults, **{k: v for k, v in group.items() if k != "params"})
+    hp = {}
+    for h in spec.hypers:
+        if h.name == "beta1":
+            hp["beta1"] = merged["betas"][0] if "betas" in merged else h.default
+        elif h.name == "beta2":
+            hp["beta2"] = merged["betas"][1] if "betas" in merged else h.default
+        else:
+            hp[h.name] = merged.get(h.name, h.default)
+    if callable(hp["lr"]):
+        hp["lr"] = hp["lr"](count)
+    return hp
+
+
+def run_functional(spec, groups, lr, grads_per_step, *, use_reference=False):
+    """Apply the same steps with one functional (or reference) call per array."""
+    params = [[p.copy() for p in g["params"]] for g in groups]
+    options = [functional_hp(spec, {"lr": lr}, g, 0) for g in groups]
+    states = [[fastopt.init_state(spec.name, p, **{k: hp[k] for k in ("amsgrad", "momentum", "centered")
+                                                    if k in hp}) for p in ps]
+              for ps, hp in zip(params, options)]
+    fn = reference.STEPS[spec.name] if use_reference else getattr(fastopt, spec.function_name)
+    for t, grads in enumerate(grads_per_step, start=1):
+        k = 0
+        for gi, group in enumerate(groups):
+            hp = functional_hp(spec, {"lr": lr}, group, t - 1)
+            if spec.uses_step:
+                hp["step"] = t
+            for p, st in zip(params[gi], states[gi]):
+                fn(p, grads[k], **st, **hp)
+                k += 1
+    return [p for ps in params for p in ps], states
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_class_matches_functional_and_reference_over_50_steps(spec, rng):
+    rng = rng
+    groups, lr = make_groups(rng, spec.name)
+    cls = getattr(fastopt, spec.class_name)
+    opt = cls([dict(g, params=[p.copy() for p in g["params"]]) for g in groups], lr=lr)
+    all_params = [p for g in groups for p in g["params"]]
+    steps = [[rng.standard_normal(p.shape).astype(p.dtype) for p in all_params] for _ in range(50)]
+    for grads in steps:
+        assert opt.step(grads) is True
+    expected, states = run_functional(spec, groups, lr, steps)
+    for got, want in zip(opt.params, expected):
+        np.testing.assert_array_equal(got, want)
+    # the state arrays too (the class keeps them by flat param index)
+    flat_states = [s for ss in states for s in ss]
+    for i, want in enumerate(flat_states):
+        got = opt.state_arrays(i)
+        assert set(got) == set(want)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+    # and the independent NumPy reference (LAMB float64 may differ in the last ulp per step)
+    ref, _ = run_functional(spec, groups, lr, steps, use_reference=True)
+    for got, want in zip(opt.params, ref):
+        tol = 1e-5 if got.dtype == np.float32 else 1e-10
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    assert [opt.steps(i) for i in range(3)] == [50, 50, 50]
+    assert opt.last_lr[2] == pytest.approx(groups[2]["lr"](49))
+
+
+def test_signatures_follow_torch_names():
+    sig = inspect.signature(fastopt.Adam)
+    assert sig.parameters["betas"].default == (0.9, 0.999)
+    assert sig.parameters["lr"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert sig.parameters["eps"].kind is inspect.Parameter.KEYWORD_ONLY
+    for spec in SPECS:
+        params = inspect.signature(getattr(fastopt, spec.class_name)).parameters
+        names = {h.name for h in spec.hypers}
+        if "beta1" in names:
+            assert "betas" in params and "beta1" not in params
+        for opt_name in ("clip_grad_norm", "skip_nonfinite", "backend"):
+            assert opt_name in params
+        assert getattr(fastopt, spec.class_name).__doc__.startswith(spec.summary)
+
+
+def test_one_kernel_call_per_group_and_dtype(monkeypatch, rng):
+    from fastopt.backends import dispatch
+    calls = []
+    real = dispatch.backend_for
+
+    class Spy:
+        def __init__(self, be):
+            self.be = be
+
+        def step(self, spec, arrays, names, hp, step, grad_scale):
+            calls.append(len(arrays[0]))
+            return self.be.step(spec, arrays, names, hp, step, grad_scale)
+
+    monkeypatch.setattr(fastopt.optim, "backend_for", lambda p, b=None: Spy(real(p, b)))
+    groups, lr = make_groups(rng, "adam")
+    opt = fastopt.Adam(groups, lr=lr)
+    opt.step([np.ones_like(p) for p in opt.params])
+    # group 0: 2 float32; group 1: 1 float64 + 1 float32; group 2: 2 float64
+    assert sorted(calls) == sorted([2, 1, 1, 2])
+
+
+def snapshot(opt):
+    out = [p.copy() for p in opt.params]
+    for i in range(len(opt.params)):
+        out += [s.copy() for s in opt.state_arrays(i).values()]
+    return out
+
+
+def assert_unchanged(opt, before):
+    after = snapshot(opt)
+    assert len(after) == len(before)
+    for a, b in zip(after, before):
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    ("grad_count", ValueError, "grads has 5 arrays"),
+    ("grad_shape", ValueError, r"grads\[4\] has shape"),
+    ("grad_dtype", TypeError, r"grads\[5\] has dtype float32"),
+    ("grad_noncontig", ValueError, r"grads\[4\] is not C-contiguous"),
+    ("lr_group2", ValueError, "Invalid learning rate: -0.5"),
+    ("beta_group1", ValueError, "Invalid beta2 value: 1.5"),
+    ("schedule_nan", ValueError, "Invalid learning rate: nan"),
+])
+def test_step_errors_name_the_argument_and_change_nothing(bad, error, match, rng):
+    groups, lr = make_groups(rng, "adam")
+    opt = fastopt.Adam(groups, lr=lr)
+    good = [rng.standard_normal(p.shape).astype(p.dtype) for p in opt.params]
+    opt.step(good)  # state is non-zero from here on
+    grads = list(good)
+    if bad == "grad_count":
+        grads = grads[:5]
+    elif bad == "grad_shape":
+        grads[4] = np.zeros(130, grads[4].dtype)
+    elif bad == "grad_dtype":
+        grads[5] = grads[5].astype(np.float32)
+    elif bad == "grad_noncontig":
+        grads[4] = np.zeros(258, grads[4].dtype)[::2]
+    elif bad == "lr_group2":
+        opt.param_groups[2]["lr"] = -0.5
+    elif bad == "beta_group1":
+        opt.param_groups[1]["betas"] = (0.9, 1.5)
+    elif bad == "schedule_nan":
+        opt.param_groups[2]["lr"] = lambda count: float("nan")
+    before = snapshot(opt)
+    with pytest.raises(error, match=match):
+        opt.step(grads)
+    assert_unchanged(opt, before)
+    assert opt.steps(0) == 1
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"lr": -1.0}, ValueError, "Invalid learning rate: -1.0"),
+    ({"betas": (0.9,)}, TypeError, "betas must be a pair"),
+    ({"betas": (1.0, 0.999)}, ValueError, "Invalid beta1 value: 1.0"),
+    ({"eps": float("inf")}, ValueError, "Invalid epsilon value: inf"),
+    ({"amsgrad": 1}, TypeError, "amsgrad must be a bool"),
+    ({"clip_grad_norm": -1.0}, ValueError, "Invalid clip_grad_norm: -1.0"),
+    ({"skip_nonfinite": "yes"}, TypeError, "skip_nonfinite must be a bool"),
+])
+def test_constructor_errors(kwargs, error, match, rng):
+    p = rng.standard_normal(10)
+    before = p.copy()
+    with pytest.raises(error, match=match):
+        fastopt.Adam([p], **kwargs)
+    assert p.tobytes() == before.tobytes()
+
+
+def test_constructor_errors_misc(rng):
+    p = rng.standard_normal(10).astype(np.float32)
+    with pytest.raises(TypeError, match="missing required argument 'lr'"):
+        fastopt.SGD([p])
+    with pytest.raises(ValueError, match="Nesterov momentum requires a momentum"):
+        fastopt.SGD([p], lr=0.1, nesterov=True)
+    with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) beta1 in param group 0"):
+        fastopt.Adam([{"params": [p], "beta1": 0.5}])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'momentum'"):
+        fastopt.Adam([p], momentum=0.9)
+    with pytest.raises(ValueError, match="appears in more than one place"):
+        fastopt.Adam([{"params": [p]}, {"params": [p]}])
+    with pytest.raises(ValueError, match="empty parameter list"):
+        fastopt.Adam([])
+    with pytest.raises(TypeError, match="expected an array"):
+        fastopt.Adam(["not an array"])
+    with pytest.raises(TypeError, match="base class"):
+        fastopt.Optimizer([p], {})
+
+
+def test_single_array_and_defaults_from_constructor(rng):
+    p = rng.standard_normal((5, 3))
+    g = rng.standard_normal((5, 3))
+    q, m, v = p.copy(), np.zeros_like(p), np.zeros_like(p)
+    opt = fastopt.AdamW(p, lr=0.01, betas=(0.8, 0.9), weight_decay=0.2)
+    opt.step(g)
+    fastopt.adamw_step(q, g, m, v, step=1, lr=0.01, beta1=0.8, beta2=0.9, weight_decay=0.2)
+    np.testing.assert_array_equal(p, q)  # updated in the caller's memory
+    assert opt.param_groups[0]["betas"] == (0.8, 0.9) and opt.param_groups[0]["weight_decay"] == 0.2
+
+
+def test_editing_a_group_between_steps_takes_effect(rng):
+    """Hyperparameter validation is cached; an edit must invalidate it and allocate new state."""
+    p = rng.standard_normal(20)
+    g = rng.standard_normal(20)
+    opt = fastopt.SGD([p.copy()], lr=0.1)
+    opt.step(g)
+    assert opt.state_arrays(0) == {}
+    opt.param_groups[0]["momentum"] = 0.9
+    opt.param_groups[0]["lr"] = 0.05
+    opt.step(g)
+    want = p.copy()
+    buf = np.zeros_like(p)
+    fastopt.sgd_step(want, g, lr=0.1)
+    fastopt.sgd_step(want, g, buf, lr=0.05, momentum=0.9, step=2)
+    np.testing.assert_array_equal(opt.params[0], want)
+    np.testing.assert_array_equal(opt.state_arrays(0)["momentum_buffer"], buf)
+
+
+def test_add_param_group_starts_its_own_count(rng):
+    a = rng.standard_normal(8)
+    b = rng.standard_normal(8)
+    opt = fastopt.Adam([a.copy()], lr=0.1)
+    opt.step([np.ones(8)])
+    opt.add_param_group({"params": [b.copy()], "lr": 0.2})
+    opt.step([np.ones(8), np.ones(8)])
+    assert (opt.steps(0), opt.steps(1)) == (2, 1)
+    want = b.copy()
+    fastopt.adam_step(want, np.ones(8), np.zeros(8), np.zeros(8), step=1, lr=0.2)
+    np.testing.assert_array_equal(opt.params[1], want)
+
+
+def test_torch_cpu_tensors_update_in_place(rng):
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(rng.standard_normal(16).astype(np.float32))
+    g = torch.from_numpy(rng.standard_normal(16).astype(np.float32))
+    want = t.numpy().copy()
+    opt = fastopt.Adam([t], lr=0.1)
+    opt.step([g])
+    fastopt.adam_step(want, g.numpy(), np.zeros(16, np.float32), np.zeros(16, np.float32), step=1, lr=0.1)
+    np.testing.assert_array_equal(t.numpy(), want)
