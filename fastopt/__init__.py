@@ -13,6 +13,8 @@ from fastopt.functional import (adabelief_step, adagrad_step, adam_step, adamw_s
 from fastopt.specs import REGISTRY
 from fastopt.optim import SGD, Adagrad, RMSprop, Adam, AdamW, NAdam, RAdam, AdaBelief, LAMB, Lion, Optimizer
 from fastopt import schedules
+from fastopt.flat import FlatParams, flatten
+from fastopt.checkpoint import CheckpointError, load, save
 
 __version__ = "0.1.0"
 
@@ -35,5 +37,5 @@ __all__ = [
     "clip_by_value", "clip_by_norm", "global_norm", "clip_by_global_norm",
     "use_backend", "set_num_threads", "get_num_threads", "REGISTRY",
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "RAdam", "AdaBelief", "LAMB", "Lion", "Optimizer",
-    "schedules",
+    "schedules", "flatten", "FlatParams", "save", "load", "CheckpointError",
 ]
