@@ -122,6 +122,9 @@ def as_numpy(obj, name="array"):
     TypeError when the object does not expose its memory."""
     if isinstance(obj, np.ndarray):
         return obj
+    if type(obj).__module__.startswith(("cupy", "numba")) or hasattr(obj, "__cuda_array_interface__"):
+        raise TypeError(f"{name} is a GPU array ({type(obj).__module__}.{type(obj).__name__}) but the arrays "
+                        f"of this call are on the host: one call updates arrays of one kind")
     if hasattr(obj, "__array_interface__"):
         arr = np.asarray(obj)
         if arr.__array_interface__["data"][0] != obj.__array_interface__["data"][0]:

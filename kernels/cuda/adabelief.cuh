@@ -17,7 +17,7 @@ struct AdabeliefParams {
 template <typename M>
 FASTOPT_HD void adabelief_math(M& p, M g, M& m, M& s, const AdabeliefParams<M>& h) {
     g = g * h.grad_scale;
-    g = g + h.l2 * p;
+    g = fo_add_scaled(g, h.l2, p);
     p = p * h.decay;
     m = h.beta1 * m + h.one_minus_beta1 * g;
     M r = g - m;

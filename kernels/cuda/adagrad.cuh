@@ -15,7 +15,7 @@ struct AdagradParams {
 template <typename M>
 FASTOPT_HD void adagrad_math(M& p, M g, M& sum, const AdagradParams<M>& h) {
     g = g * h.grad_scale;
-    g = g + h.weight_decay * p;
+    g = fo_add_scaled(g, h.weight_decay, p);
     sum = sum + g * g;
     M std = fo_sqrt(sum) + h.eps;
     p = p - h.clr * (g / std);

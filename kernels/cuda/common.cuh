@@ -22,6 +22,11 @@ FASTOPT_HD M fo_max_nan(M a, M b) { return (a != a || a > b) ? a : b; }
 template <typename M>
 FASTOPT_HD M fo_sign(M x) { return x > M(0) ? M(1) : (x < M(0) ? M(-1) : x * M(0)); }
 
+// g + c * p, but exactly g when c == 0: a zero weight decay must not turn an inf/NaN parameter into a
+// NaN gradient (torch skips the term entirely when weight_decay == 0).
+template <typename M>
+FASTOPT_HD M fo_add_scaled(M g, M c, M p) { return c != M(0) ? g + c * p : g; }
+
 // Kernel hyperparameters arrive from the host as an array of float64 (computed once per call in
 // fastopt/specs.py) and are narrowed to the math type M here. Every *Params struct below holds only
 // M fields, in the order its spec lists them in `scalars`; tests/test_specs.py checks that order.

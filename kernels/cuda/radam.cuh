@@ -20,7 +20,7 @@ struct RadamParams {
 template <typename M>
 FASTOPT_HD void radam_math(M& p, M g, M& m, M& v, const RadamParams<M>& h, bool rectified) {
     g = g * h.grad_scale;
-    g = g + h.l2 * p;
+    g = fo_add_scaled(g, h.l2, p);
     p = p * h.decay;
     m = h.beta1 * m + h.one_minus_beta1 * g;
     v = h.beta2 * v + h.one_minus_beta2 * (g * g);

@@ -20,7 +20,7 @@ template <typename M>
 FASTOPT_HD void rmsprop_math(M& p, M g, M& sq, M& ga, M& buf, const RmspropParams<M>& h, bool centered,
                              bool momentum) {
     g = g * h.grad_scale;
-    g = g + h.weight_decay * p;
+    g = fo_add_scaled(g, h.weight_decay, p);
     sq = h.alpha * sq + h.one_minus_alpha * (g * g);
     M avg;
     if (centered) {

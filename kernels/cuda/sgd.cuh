@@ -17,7 +17,7 @@ struct SgdParams {
 template <typename M>
 FASTOPT_HD void sgd_math(M& p, M g, M& buf, const SgdParams<M>& h, bool momentum, bool nesterov, bool first) {
     g = g * h.grad_scale;
-    g = g + h.weight_decay * p;
+    g = fo_add_scaled(g, h.weight_decay, p);
     if (momentum) {
         buf = first ? g : h.momentum * buf + h.one_minus_dampening * g;
         g = nesterov ? g + h.momentum * buf : buf;

@@ -1,0 +1,140 @@
+// Device-side plumbing shared by the CUDA entry points (update.cu, reduce.cu); never included by the
+// CPU build. Holds: the dtype configuration of one compiled module, float16 conversions, 16-byte
+// vector loads, the multi-tensor table layout, the grad_scale read and a deterministic block sum.
+//
+// One RawModule is compiled per device and dtype, selected with -DFASTOPT_DTYPE:
+//   0 float32 data, float32 state, float32 math
+//   1 float64 data, float64 state, float64 math
+//   2 float16 params and grads, float32 state, float32 math (fp16 moments would underflow)
+// FASTOPT_BLOCK (threads per block) and FASTOPT_CHUNK (elements per block of a multi-tensor launch)
+// come from the launcher (fastopt/backends/cupy_backend.py) so both sides agree.
+#pragma once
+#include "common.cuh"
+
+#ifndef FASTOPT_DTYPE
+#define FASTOPT_DTYPE 0
+#endif
+#ifndef FASTOPT_BLOCK
+#define FASTOPT_BLOCK 256
+#endif
+#ifndef FASTOPT_CHUNK
+#define FASTOPT_CHUNK 65536
+#endif
+
+namespace fastopt {
+namespace dev {
+
+typedef long long i64;
+
+// float16 without cuda_fp16.h: NVRTC has no CUDA headers on its search path unless a toolkit is
+// installed, so the two conversions are written in PTX (round to nearest even, like torch's .half()).
+struct half_t {
+    unsigned short bits;
+};
+__device__ __forceinline__ float half_to_float(half_t h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
+    return f;
+}
+__device__ __forceinline__ half_t float_to_half(float f) {
+    half_t h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
+    return h;
+}
+
+#if FASTOPT_DTYPE == 0
+typedef float T;  // params and grads
+typedef float S;  // optimizer state
+typedef float M;  // math
+#elif FASTOPT_DTYPE == 1
+typedef double T;
+typedef double S;
+typedef double M;
+#elif FASTOPT_DTYPE == 2
+typedef half_t T;
+typedef float S;
+typedef float M;
+#else
+#error "FASTOPT_DTYPE must be 0 (float32), 1 (float64) or 2 (float16)"
+#endif
+
+__device__ __forceinline__ M load(float x) { return M(x); }
+__device__ __forceinline__ M load(double x) { return M(x); }
+__device__ __forceinline__ M load(half_t x) { return M(half_to_float(x)); }
+template <typename X> __device__ __forceinline__ X store(M x);
+template <> __device__ __forceinline__ float store<float>(M x) { return float(x); }
+template <> __device__ __forceinline__ double store<double>(M x) { return double(x); }
+template <> __device__ __forceinline__ half_t store<half_t>(M x) { return float_to_half(float(x)); }
+
+// Elements per 16-byte load of the params; state arrays move the same number of elements per step
+// (two 16-byte loads for float32 state of float16 params).
+enum { VEC = 16 / sizeof(T) };
+
+template <typename X, int N>
+struct __align__(16) Vec {
+    X v[N];
+};
+
+template <typename X>
+__device__ __forceinline__ Vec<X, VEC> load_vec(const X* base, i64 j) {
+    return reinterpret_cast<const Vec<X, VEC>*>(base)[j];
+}
+template <typename X>
+__device__ __forceinline__ void store_vec(X* base, i64 j, const Vec<X, VEC>& x) {
+    reinterpret_cast<Vec<X, VEC>*>(base)[j] = x;
+}
+
+// The kernels' float64 hyperparameters (fastopt/specs.py scalars), passed by value: no host-to-device
+// copy per call. Field count = the largest *Params struct.
+struct Scalars {
+    double v[16];
+};
+
+// grad_scale may live on the device (a 0-d array: a clipping coefficient, a loss scale) so that
+// "clip then update" needs no host synchronisation. kind: 0 none, 1 float16, 2 float32, 3 float64.
+__device__ __forceinline__ M device_scale(const void* gs, int kind) {
+    if (kind == 1) return M(half_to_float(*static_cast<const half_t*>(gs)));
+    if (kind == 2) return M(*static_cast<const float*>(gs));
+    if (kind == 3) return M(*static_cast<const double*>(gs));
+    return M(1);
+}
+
+// Multi-tensor table (one int64 buffer, cached by the launcher while the pointers repeat):
+//   tensors: TENSOR_FIELDS int64 per tensor: p, g, s0, s1, s2 (0 when unused), n, vec (all pointers
+//            16-byte aligned), first chunk index
+//   chunks:  one int64 per block: tensor index << 32 | chunk index within the tensor
+enum { TENSOR_FIELDS = 8, F_P = 0, F_G = 1, F_S0 = 2, F_S1 = 3, F_S2 = 4, F_N = 5, F_VEC = 6, F_FIRST = 7 };
+
+struct ChunkRange {
+    const i64* rec;  // the tensor's record
+    int tensor;
+    i64 begin, end;  // element range of this block
+};
+
+__device__ __forceinline__ ChunkRange chunk_range(const i64* tensors, const i64* chunks) {
+    ChunkRange r;
+    i64 c = chunks[blockIdx.x];
+    r.tensor = int(c >> 32);
+    r.rec = tensors + i64(TENSOR_FIELDS) * r.tensor;
+    r.begin = (c & 0xffffffffLL) * i64(FASTOPT_CHUNK);
+    i64 end = r.begin + FASTOPT_CHUNK;
+    r.end = end < r.rec[F_N] ? end : r.rec[F_N];
+    return r;
+}
+
+// Sum of one double per thread over the block, in a fixed tree order (deterministic run to run).
+// Every thread of the block must call it; the result is valid in thread 0.
+__device__ __forceinline__ double block_sum(double x, double* shared) {
+    shared[threadIdx.x] = x;
+    __syncthreads();
+    for (int s = FASTOPT_BLOCK / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
+        __syncthreads();
+    }
+    double total = shared[0];
+    __syncthreads();  // shared may be reused right after
+    return total;
+}
+
+}  // namespace dev
+}  // namespace fastopt
