@@ -1,0 +1,335 @@
+"""The CuPy backend: launches the RawKernels of kernels/cuda/{update,reduce}.cu (source assembled by
+cuda_source.py) on CuPy arrays and on anything exposing __cuda_array_interface__ (torch CUDA tensors),
+zero-copy and in place.
+
+- One cupy.RawModule per (device, dtype), compiled on first use and cached (CuPy also caches the
+  binary on disk). float16 params run float32 math on float32 state.
+- One array: a grid-stride kernel with 16-byte vector loads when every pointer is 16-byte aligned.
+  A list: ONE launch per call (a table of tensor pointers and sizes, one block per chunk of
+  cuda_source.CHUNK elements); the table lives on the device and is reused while the same pointers
+  come back (an optimizer stepping the same parameters), so a steady-state step copies nothing to the
+  device: the hyperparameters travel by value in the launch.
+- Norms are two-stage deterministic reductions in float64 and stay on the device (0-d arrays);
+  grad_scale may be such a 0-d array: clip-then-update never synchronises with the host.
+Kernels run on CuPy's current stream of the arrays' device.
+"""
+from __future__ import annotations
+
+import collections
+import importlib.util
+import numbers
+
+import numpy as np
+
+from fastopt.backends import cuda_source
+from fastopt.backends.device_arrays import F16, F32, F64, DeviceArray, from_interface, validate_device_arrays
+
+NAME = "cupy"
+AVAILABLE = importlib.util.find_spec("cupy") is not None
+
+BLOCK = cuda_source.BLOCK
+CHUNK = cuda_source.CHUNK
+DTYPES = (F32, F64, F16)
+_BLOCKS_PER_SM = 8            # grid cap of the grid-stride kernels: full occupancy, no more
+_TABLE_CACHE_SIZE = 64
+_SCALARS = np.dtype([("v", np.float64, (16,))])  # device.cuh `Scalars`, passed by value
+_GS_KIND = {F16: 1, F32: 2, F64: 3}
+
+_modules: dict = {}
+_functions: dict = {}
+_sm_counts: dict = {}
+_tables: collections.OrderedDict = collections.OrderedDict()
+
+
+def _cupy():
+    import cupy
+    return cupy
+
+
+# ---------------------------------------------------------------------------------------------------
+# Arrays
+# ---------------------------------------------------------------------------------------------------
+
+def _describe(obj, name):
+    cp = _cupy()
+    if isinstance(obj, cp.ndarray):
+        return DeviceArray(obj, obj.data.ptr, obj.shape, obj.dtype, obj.flags.c_contiguous, True)
+    return from_interface(obj, name)
+
+
+def _device_of(a: DeviceArray) -> int:
+    cp = _cupy()
+    if isinstance(a.obj, cp.ndarray):
+        return a.obj.device.id
+    if a.ptr:
+        return cp.cuda.runtime.pointerGetAttributes(a.ptr).device
+    return cp.cuda.runtime.getDevice()
+
+
+def _validate(arrays, names, read_only_slot=1):
+    return validate_device_arrays(arrays, names, _describe, DTYPES, "on the GPU", read_only_slot)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modules and tables
+# ---------------------------------------------------------------------------------------------------
+
+def _function(device, dtype, name):
+    key = (device, dtype, name)
+    fn = _functions.get(key)
+    if fn is None:
+        cp = _cupy()
+        mod = _modules.get((device, dtype))
+        if mod is None:
+            with cp.cuda.Device(device):
+                mod = cp.RawModule(code=cuda_source.kernel_source(), options=cuda_source.compile_options(dtype))
+            _modules[(device, dtype)] = mod
+        with cp.cuda.Device(device):
+            fn = mod.get_function(name)
+        _functions[key] = fn
+    return fn
+
+
+def _max_blocks(device):
+    n = _sm_counts.get(device)
+    if n is None:
+        cp = _cupy()
+        n = _sm_counts[device] = cp.cuda.Device(device).attributes["MultiProcessorCount"] * _BLOCKS_PER_SM
+    return n
+
+
+def _aligned(*arrays):
+    return all(a is None or a.ptr % 16 == 0 for a in arrays)
+
+
+def table_layout(lists):
+    """The host image of the multi-tensor table of device.cuh: (int64 array, ntensors, nchunks, byte
+    offset of the chunk list). lists: per slot (params, grads, states; None unused) a list of arrays
+    with .ptr and .size."""
+    n = len(lists[0])
+    fields = np.zeros((n, 8), dtype=np.int64)
+    for k in range(min(len(lists), 5)):
+        if lists[k] is not None:
+            fields[:, k] = [a.ptr for a in lists[k]]
+    sizes = np.array([a.size for a in lists[0]], dtype=np.int64)
+    counts = (sizes + CHUNK - 1) // CHUNK
+    first = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+    fields[:, 5] = sizes
+    fields[:, 6] = [_aligned(*(lst[i] for lst in lists if lst is not None)) for i in range(n)]
+    fields[:, 7] = first
+    nchunks = int(counts.sum())
+    owner = np.repeat(np.arange(n, dtype=np.int64), counts)
+    index = np.arange(nchunks, dtype=np.int64) - np.repeat(first, counts)
+    return np.concatenate((fields.ravel(), (owner << 32) | index)), n, nchunks, fields.nbytes
+
+
+class _Table:
+    """Device copy of the multi-tensor table of one set of tensors."""
+
+    __slots__ = ("buffer", "tensors", "chunks", "ntensors", "nchunks")
+
+    def __init__(self, lists, device):
+        cp = _cupy()
+        host, self.ntensors, self.nchunks, offset = table_layout(lists)
+        with cp.cuda.Device(device):
+            self.buffer = cp.asarray(host)
+        self.tensors = self.buffer.data.ptr
+        self.chunks = self.tensors + offset
+
+
+def _table(lists, device):
+    """The table of these tensors, from the cache when the same pointers and sizes come back."""
+    key = (device, tuple(None if lst is None else tuple((a.ptr, a.size) for a in lst) for lst in lists))
+    table = _tables.get(key)
+    if table is None:
+        table = _tables[key] = _Table(lists, device)
+        if len(_tables) > _TABLE_CACHE_SIZE:
+            _tables.popitem(last=False)
+    else:
+        _tables.move_to_end(key)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch arguments
+# ---------------------------------------------------------------------------------------------------
+
+def _ptr(a):
+    return np.uint64(0 if a is None else a.ptr)
+
+
+def _pack(scalars):
+    packed = np.zeros((), dtype=_SCALARS)
+    packed["v"][:len(scalars)] = scalars
+    return packed[()]
+
+
+def _grad_scale(grad_scale):
+    """(host factor, device pointer, kind) of grad_scale: a real number, or a 0-d float array on the GPU
+    read by the kernel (no synchronisation)."""
+    if grad_scale is None:
+        return 1.0, np.uint64(0), np.int32(0)
+    if isinstance(grad_scale, numbers.Real) and not isinstance(grad_scale, (bool, np.bool_)):
+        return float(grad_scale), np.uint64(0), np.int32(0)
+    if isinstance(grad_scale, np.ndarray):
+        from fastopt.backends.validate import host_scale
+        return host_scale(grad_scale), np.uint64(0), np.int32(0)
+    a = _describe(grad_scale, "grad_scale")
+    if a.dtype not in _GS_KIND:
+        raise TypeError(f"grad_scale must be a real number or a 0-d float array, got dtype {a.dtype}")
+    if a.shape != ():
+        raise ValueError(f"grad_scale must be a scalar or a 0-d array, got shape {a.shape}")
+    return 1.0, np.uint64(a.ptr), np.int32(_GS_KIND[a.dtype])
+
+
+def _blocks(n, per_thread):
+    return max(1, -(-n // (BLOCK * per_thread)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backend interface
+# ---------------------------------------------------------------------------------------------------
+
+def step(spec, arrays, names, hp, step, grad_scale):
+    lists, _ = _validate(arrays, names)
+    params = lists[0]
+    if not any(a.size for a in params):
+        return
+    dtype = params[0].dtype
+    device = _device_of(params[0])
+    host_scale, gs_ptr, gs_kind = _grad_scale(grad_scale)
+    scalars = _pack(spec.scalars(hp, step, host_scale))
+    cp = _cupy()
+    with cp.cuda.Device(device):
+        if spec.two_phase:
+            _lamb(lists, dtype, device, scalars, gs_ptr, gs_kind, hp["lr"])
+            return
+        variant = spec.variant(hp, step)
+        if len(params) == 1:
+            slots = [lst[0] if lst is not None else None for lst in lists] + [None] * (5 - len(lists))
+            n = params[0].size
+            vec = np.int32(_aligned(*slots))
+            grid = min(_blocks(n, 16 // dtype.itemsize), _max_blocks(device))
+            fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, False))
+            fn((grid,), (BLOCK,), (*(_ptr(a) for a in slots), np.int64(n), scalars, gs_ptr, gs_kind, vec))
+        else:
+            table = _table(lists, device)
+            if table.nchunks:
+                fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, True))
+                fn((table.nchunks,), (BLOCK,),
+                   (np.uint64(table.tensors), np.uint64(table.chunks), scalars, gs_ptr, gs_kind))
+
+
+def _lamb(lists, dtype, device, scalars, gs_ptr, gs_kind, lr):
+    cp = _cupy()
+    table = _table(lists, device)
+    if not table.nchunks:
+        return
+    partials = cp.empty(2 * table.nchunks, dtype=cp.float64)
+    scaled_lr = cp.empty(table.ntensors, dtype=cp.float64)
+    tensors, chunks = np.uint64(table.tensors), np.uint64(table.chunks)
+    _function(device, dtype, "fo_lamb_moments_multi")(
+        (table.nchunks,), (BLOCK,), (tensors, chunks, scalars, gs_ptr, gs_kind, partials))
+    _function(device, dtype, "fo_lamb_trust")(
+        (table.ntensors,), (BLOCK,), (tensors, partials, np.float64(lr), scaled_lr))
+    _function(device, dtype, "fo_lamb_apply_multi")((table.nchunks,), (BLOCK,), (tensors, chunks, scalars, scaled_lr))
+
+
+def _grads_table(grads, written):
+    lists, is_list = _validate((grads,), ("grads",), -1 if written else 0)
+    arrays = lists[0]
+    device = _device_of(arrays[0])
+    return arrays, is_list, device, _table(lists, device)
+
+
+def sumsq_per_tensor(grads):
+    """Sum of squares of each array: a float64 device array of shape (len,), deterministic."""
+    cp = _cupy()
+    arrays, _, device, table = _grads_table(grads, False)
+    dtype = arrays[0].dtype
+    with cp.cuda.Device(device):
+        out = cp.zeros(table.ntensors, dtype=cp.float64)
+        if table.nchunks:
+            partials = cp.empty(table.nchunks, dtype=cp.float64)
+            tensors = np.uint64(table.tensors)
+            _function(device, dtype, "fo_sumsq_chunks")(
+                (table.nchunks,), (BLOCK,), (tensors, np.uint64(table.chunks), partials))
+            _function(device, dtype, "fo_sumsq_tensors")((table.ntensors,), (BLOCK,), (tensors, partials, out))
+    return out
+
+
+def _global_norm(sq, max_norm=None):
+    cp = _cupy()
+    with cp.cuda.Device(sq.device.id):
+        norm = cp.empty((), dtype=cp.float64)
+        coef = cp.empty((), dtype=cp.float64) if max_norm is not None else None
+        # any compiled module has the dtype-independent reduction; float64's is the natural one
+        _function(sq.device.id, F64, "fo_global_norm")(
+            (1,), (BLOCK,), (sq, np.int64(sq.size), norm, np.float64(max_norm or 0.0),
+                             coef if coef is not None else np.uint64(0)))
+    return norm, coef
+
+
+def global_norm(sq):
+    """sqrt(sum(sq)) as a 0-d float64 device array (no host synchronisation)."""
+    return _global_norm(sq)[0]
+
+
+def _scale_launch(grads, mode, host_coef, coef_ptr, max_norm):
+    cp = _cupy()
+    arrays, _, device, table = _grads_table(grads, True)
+    if table.nchunks:
+        with cp.cuda.Device(device):
+            _function(device, arrays[0].dtype, "fo_scale_multi")(
+                (table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks), np.int32(mode),
+                                             np.float64(host_coef), coef_ptr, np.float64(max_norm)))
+
+
+def clip_by_global_norm(grads, sq, max_norm):
+    """Scale every array by min(1, max_norm / (total + 1e-6)) on the device; returns the 0-d total norm."""
+    norm, coef = _global_norm(sq, max_norm)
+    _scale_launch(grads, 1, 1.0, np.uint64(coef.data.ptr), 0.0)
+    return norm
+
+
+def clip_by_norm(grads, sq, max_norm):
+    """Per array: scale by min(1, max_norm / (||g|| + 1e-6)); returns the 0-d norms (a list for a list)."""
+    _scale_launch(grads, 2, 1.0, np.uint64(sq.data.ptr), max_norm)
+    norms = _cupy().sqrt(sq)
+    out = [norms[i] for i in range(norms.size)]
+    return out if isinstance(grads, (list, tuple)) else out[0]
+
+
+def scale_(grads, coef):
+    """g *= coef in place; coef a float or a 0-d device array (read by the kernel)."""
+    if isinstance(coef, numbers.Real) and not isinstance(coef, (bool, np.bool_)):
+        _scale_launch(grads, 0, float(coef), np.uint64(0), 0.0)
+        return
+    cp = _cupy()
+    coef = cp.asarray(coef, dtype=cp.float64)
+    if coef.shape != ():
+        raise ValueError(f"coef must be a scalar or a 0-d array, got shape {coef.shape}")
+    _scale_launch(grads, 1, 1.0, np.uint64(coef.data.ptr), 0.0)
+
+
+def clamp_(grads, clip_value):
+    cp = _cupy()
+    arrays, _, device, table = _grads_table(grads, True)
+    if table.nchunks:
+        with cp.cuda.Device(device):
+            _function(device, arrays[0].dtype, "fo_clamp_multi")(
+                (table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks),
+                                             np.float64(clip_value)))
+
+
+def touch(arrays):
+    """Bandwidth ceiling for the benchmark: one array each of p, g, states; the traffic of an update with
+    trivial math (p and states read and written, g read)."""
+    cp = _cupy()
+    lists, _ = _validate(tuple(arrays), ("params", "grads", "state0", "state1", "state2")[:len(arrays)])
+    slots = [lst[0] for lst in lists] + [None] * (5 - len(lists))
+    n, dtype, device = slots[0].size, slots[0].dtype, _device_of(slots[0])
+    with cp.cuda.Device(device):
+        _function(device, dtype, "fo_touch")(
+            (min(_blocks(n, 1), _max_blocks(device)),), (BLOCK,),
+            (*(_ptr(a) for a in slots), np.int64(n), np.int32(len(lists) - 2)))

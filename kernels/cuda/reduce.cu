@@ -1,0 +1,97 @@
+// Norms and clipping for CuPy RawModule (fastopt/backends/cupy_backend.py), over the same multi-tensor
+// table as update.cu (the `p` slot holds the gradient). Reductions are two-stage and deterministic:
+// a fixed chunking (FASTOPT_CHUNK elements per block) and fixed-order tree sums in float64, so the
+// same arrays give the same bits on every run. Results stay on the device: the total norm and the
+// clipping coefficient are 0-d device arrays that the scale kernel and the update kernels read
+// (grad_scale), so "clip then update" never waits for the host.
+#include "clip.cuh"
+#include "device.cuh"
+
+// Stage 1: partials[block] = sum of squares of this block's chunk.
+extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
+    fo_sumsq_chunks(const long long* tensors, const long long* chunks, double* partials) {
+    using namespace fastopt::dev;
+    __shared__ double shared[FASTOPT_BLOCK];
+    const ChunkRange r = chunk_range(tensors, chunks);
+    const T* x = reinterpret_cast<const T*>(r.rec[F_P]);
+    double acc = 0.0;
+    for (i64 i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
+        const double xi = double(load(x[i]));
+        acc += xi * xi;
+    }
+    acc = block_sum(acc, shared);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+// Stage 2, one block per tensor: out[t] = sum of its chunks' partials (sum of squares of tensor t).
+extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
+    fo_sumsq_tensors(const long long* tensors, const double* partials, double* out) {
+    using namespace fastopt::dev;
+    __shared__ double shared[FASTOPT_BLOCK];
+    const i64* rec = tensors + i64(TENSOR_FIELDS) * blockIdx.x;
+    const i64 first = rec[F_FIRST];
+    const i64 nchunks = (rec[F_N] + FASTOPT_CHUNK - 1) / FASTOPT_CHUNK;
+    double acc = 0.0;
+    for (i64 c = threadIdx.x; c < nchunks; c += blockDim.x) acc += partials[first + c];
+    acc = block_sum(acc, shared);
+    if (threadIdx.x == 0) out[blockIdx.x] = acc;
+}
+
+// One block: norm[0] = sqrt(sum of sq[0..n)); with coef != NULL also the clipping coefficient
+// min(1, max_norm / (norm + 1e-6)) (clip.cuh, NaN propagates like torch).
+extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
+    fo_global_norm(const double* sq, long long n, double* norm, double max_norm, double* coef) {
+    using namespace fastopt::dev;
+    __shared__ double shared[FASTOPT_BLOCK];
+    double acc = 0.0;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) acc += sq[i];
+    acc = block_sum(acc, shared);
+    if (threadIdx.x == 0) {
+        const double total = sqrt(acc);
+        norm[0] = total;
+        if (coef != nullptr) coef[0] = fastopt::clip_coefficient<double>(total, max_norm);
+    }
+}
+
+// g *= coef in place. mode 0: coef = host_coef; 1: coef = coef_ptr[0] (device, one for all);
+// 2: per tensor, coef = clip_coefficient(sqrt(coef_ptr[t]), max_norm) from its sum of squares
+// (clip_by_norm). A coefficient of exactly 1 skips the block: no memory traffic when nothing clips.
+extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
+    fo_scale_multi(const long long* tensors, const long long* chunks, int mode, double host_coef,
+                   const double* coef_ptr, double max_norm) {
+    using namespace fastopt::dev;
+    const ChunkRange r = chunk_range(tensors, chunks);
+    double c = host_coef;
+    if (mode == 1) c = coef_ptr[0];
+    if (mode == 2) c = fastopt::clip_coefficient<double>(sqrt(coef_ptr[r.tensor]), max_norm);
+    if (c == 1.0) return;
+    const M coef = M(c);
+    T* x = reinterpret_cast<T*>(r.rec[F_P]);
+    for (i64 i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) x[i] = store<T>(load(x[i]) * coef);
+}
+
+// g = clamp(g, -c, c) in place (clip.cuh: NaN stays NaN).
+extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
+    fo_clamp_multi(const long long* tensors, const long long* chunks, double clip_value) {
+    using namespace fastopt::dev;
+    const ChunkRange r = chunk_range(tensors, chunks);
+    const M c = M(clip_value);
+    T* x = reinterpret_cast<T*>(r.rec[F_P]);
+    for (i64 i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) x[i] = store<T>(fastopt::clamp_math<M>(load(x[i]), c));
+}
+
+// Bandwidth ceiling for the benchmark: the memory traffic of an update with NS states and trivial
+// math (p and states read and written, g read), one array, grid-stride, same vector width.
+extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
+    fo_touch(fastopt::dev::T* p, const fastopt::dev::T* g, fastopt::dev::S* s0, fastopt::dev::S* s1,
+             fastopt::dev::S* s2, long long n, int ns) {
+    using namespace fastopt::dev;
+    const i64 nt = i64(gridDim.x) * blockDim.x;
+    for (i64 i = i64(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += nt) {
+        const M gi = load(g[i]);
+        p[i] = store<T>(load(p[i]) + gi);
+        if (ns > 0) s0[i] = store<S>(load(s0[i]) + gi);
+        if (ns > 1) s1[i] = store<S>(load(s1[i]) + gi);
+        if (ns > 2) s2[i] = store<S>(load(s2[i]) + gi);
+    }
+}

@@ -1,0 +1,289 @@
+// Optimizer-update entry points for CuPy RawModule (fastopt/backends/cupy_backend.py). The
+// per-element math is the shared kernels/cuda/<family>.cuh (the CPU loops run the same code); this file
+// only moves memory: 16-byte vector loads when every pointer of a tensor is aligned, one launch for a
+// single array (grid-stride) or for a whole list (a table of tensors, one block per chunk, like
+// torch's multi_tensor_apply). Entry names: fo_<family>_v<variant> and fo_<family>_v<variant>_multi;
+// the variant bits are those of fastopt/specs.py (`variant`), baked in as template arguments.
+#include "adabelief.cuh"
+#include "adagrad.cuh"
+#include "adam.cuh"
+#include "device.cuh"
+#include "lamb.cuh"
+#include "lion.cuh"
+#include "nadam.cuh"
+#include "radam.cuh"
+#include "rmsprop.cuh"
+#include "sgd.cuh"
+
+namespace fastopt {
+namespace dev {
+
+// One functor per family: the Params struct it reads, which state slots it uses (bit k: state k), and
+// the call into the shared math with the variant's flags as constants.
+template <int V>
+struct SgdOp {
+    typedef SgdParams<M> P;
+    enum { USED = (V & 1) ? 1 : 0 };
+    P h;
+    __device__ __forceinline__ void operator()(M& p, M g, M& a, M&, M&) const {
+        sgd_math<M>(p, g, a, h, V & 1, V & 2, V & 4);
+    }
+};
+
+template <int V>
+struct AdagradOp {
+    typedef AdagradParams<M> P;
+    enum { USED = 1 };
+    P h;
+    __device__ __forceinline__ void operator()(M& p, M g, M& a, M&, M&) const { adagrad_math<M>(p, g, a, h); }
+};
+
+template <int V>
+struct RmspropOp {
+    typedef RmspropParams<M> P;
+    enum { USED = 1 | ((V & 1) ? 2 : 0) | ((V & 2) ? 4 : 0) };
+    P h;
+    __device__ __forceinline__ void operator()(M& p, M g, M& a, M& b, M& c) const {
+        rmsprop_math<M>(p, g, a, b, c, h, V & 1, V & 2);
+    }
+};
+
+template <int V>
+struct AdamOp {
+    typedef AdamParams<M> P;
+    enum { USED = 3 | ((V & 1) ? 4 : 0) };
+    P h;
+    __device__ __forceinline__ void operator()(M& p, M g, M& a, M& b, M& c) const {
+        adam_math<M>(p, g, a, b, c, h, V & 1);
+    }
+};
+
+template <int V>
+struct NadamOp {
+    typedef NadamParams<M> P;
+    enum { USED = 3 };
+    P h;
+    __device__ __forceinline__ void operator()(M& p, M g, M& a, M& b, M&) const { nadam_math<M>(p, g, a, b, h); }
+};
+
+template <int V>
+struct RadamOp {
+    typedef RadamParams<M> P;
+    enum { USED = 3 };
+    P h;
+    __device__ __forceinline__ void operator()(M& p, M g, M& a, M& b, M&) const {
+        radam_math<M>(p, g, a, b, h, V & 1);
+    }
+};
+
+template <int V>
+struct AdabeliefOp {
+    typedef AdabeliefParams<M> P;
+    enum { USED = 3 };
+    P h;
+    __device__ __forceinline__ void operator()(M& p, M g, M& a, M& b, M&) const {
+        adabelief_math<M>(p, g, a, b, h);
+    }
+};
+
+template <int V>
+struct LionOp {
+    typedef LionParams<M> P;
+    enum { USED = 1 };
+    P h;
+    __device__ __forceinline__ void operator()(M& p, M g, M& a, M&, M&) const { lion_math<M>(p, g, a, h); }
+};
+
+template <class Op>
+__device__ __forceinline__ Op make_op(const Scalars& sc, const void* gs, int gs_kind) {
+    Op op;
+    op.h = load_params<typename Op::P, M>(sc.v);
+    if (gs_kind != 0) op.h.grad_scale = op.h.grad_scale * device_scale(gs, gs_kind);
+    return op;
+}
+
+struct Ptrs {
+    T* __restrict__ p;
+    const T* __restrict__ g;
+    S* __restrict__ s0;
+    S* __restrict__ s1;
+    S* __restrict__ s2;
+};
+
+template <class Op>
+__device__ __forceinline__ void update_one(const Op& op, const Ptrs& a, i64 i) {
+    M p = load(a.p[i]), x0 = M(0), x1 = M(0), x2 = M(0);
+    if (Op::USED & 1) x0 = load(a.s0[i]);
+    if (Op::USED & 2) x1 = load(a.s1[i]);
+    if (Op::USED & 4) x2 = load(a.s2[i]);
+    op(p, load(a.g[i]), x0, x1, x2);
+    a.p[i] = store<T>(p);
+    if (Op::USED & 1) a.s0[i] = store<S>(x0);
+    if (Op::USED & 2) a.s1[i] = store<S>(x1);
+    if (Op::USED & 4) a.s2[i] = store<S>(x2);
+}
+
+// Elements [VEC*j, VEC*j + VEC) with 16-byte loads and stores.
+template <class Op>
+__device__ __forceinline__ void update_vec(const Op& op, const Ptrs& a, i64 j) {
+    Vec<T, VEC> pv = load_vec(a.p, j);
+    const Vec<T, VEC> gv = load_vec(a.g, j);
+    Vec<S, VEC> v0, v1, v2;
+    if (Op::USED & 1) v0 = load_vec(a.s0, j);
+    if (Op::USED & 2) v1 = load_vec(a.s1, j);
+    if (Op::USED & 4) v2 = load_vec(a.s2, j);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        M p = load(pv.v[k]), x0 = M(0), x1 = M(0), x2 = M(0);
+        if (Op::USED & 1) x0 = load(v0.v[k]);
+        if (Op::USED & 2) x1 = load(v1.v[k]);
+        if (Op::USED & 4) x2 = load(v2.v[k]);
+        op(p, load(gv.v[k]), x0, x1, x2);
+        pv.v[k] = store<T>(p);
+        if (Op::USED & 1) v0.v[k] = store<S>(x0);
+        if (Op::USED & 2) v1.v[k] = store<S>(x1);
+        if (Op::USED & 4) v2.v[k] = store<S>(x2);
+    }
+    store_vec(a.p, j, pv);
+    if (Op::USED & 1) store_vec(a.s0, j, v0);
+    if (Op::USED & 2) store_vec(a.s1, j, v1);
+    if (Op::USED & 4) store_vec(a.s2, j, v2);
+}
+
+// Elements [begin, end), thread t of nt. vec requires begin % VEC == 0 and aligned pointers.
+template <class Op>
+__device__ __forceinline__ void update_range(const Op& op, const Ptrs& a, i64 begin, i64 end, i64 t, i64 nt,
+                                             bool vec) {
+    if (vec) {
+        const i64 vend = end / VEC;
+        for (i64 j = begin / VEC + t; j < vend; j += nt) update_vec(op, a, j);
+        begin = vend * VEC;
+    }
+    for (i64 i = begin + t; i < end; i += nt) update_one(op, a, i);
+}
+
+__device__ __forceinline__ Ptrs table_ptrs(const i64* rec) {
+    Ptrs a = {reinterpret_cast<T*>(rec[F_P]), reinterpret_cast<const T*>(rec[F_G]),
+              reinterpret_cast<S*>(rec[F_S0]), reinterpret_cast<S*>(rec[F_S1]), reinterpret_cast<S*>(rec[F_S2])};
+    return a;
+}
+
+template <class Op>
+__device__ __forceinline__ void single_kernel(T* p, const T* g, S* s0, S* s1, S* s2, i64 n, const Scalars& sc,
+                                              const void* gs, int gs_kind, int vec) {
+    const Op op = make_op<Op>(sc, gs, gs_kind);
+    const Ptrs a = {p, g, s0, s1, s2};
+    update_range(op, a, 0, n, i64(blockIdx.x) * blockDim.x + threadIdx.x, i64(gridDim.x) * blockDim.x, vec != 0);
+}
+
+template <class Op>
+__device__ __forceinline__ void multi_kernel(const i64* tensors, const i64* chunks, const Scalars& sc,
+                                             const void* gs, int gs_kind) {
+    const Op op = make_op<Op>(sc, gs, gs_kind);
+    const ChunkRange r = chunk_range(tensors, chunks);
+    update_range(op, table_ptrs(r.rec), r.begin, r.end, threadIdx.x, blockDim.x, r.rec[F_VEC] != 0);
+}
+
+}  // namespace dev
+}  // namespace fastopt
+
+#define FO_UPDATE_ENTRIES(FAMILY, OP, V)                                                                    \
+    extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                             \
+        fo_##FAMILY##_v##V(fastopt::dev::T* p, const fastopt::dev::T* g, fastopt::dev::S* s0,               \
+                           fastopt::dev::S* s1, fastopt::dev::S* s2, long long n, fastopt::dev::Scalars sc, \
+                           const void* gs, int gs_kind, int vec) {                                          \
+        fastopt::dev::single_kernel<fastopt::dev::OP<V> >(p, g, s0, s1, s2, n, sc, gs, gs_kind, vec);       \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                             \
+        fo_##FAMILY##_v##V##_multi(const long long* tensors, const long long* chunks,                       \
+                                   fastopt::dev::Scalars sc, const void* gs, int gs_kind) {                 \
+        fastopt::dev::multi_kernel<fastopt::dev::OP<V> >(tensors, chunks, sc, gs, gs_kind);                 \
+    }
+
+// The variants each family has (fastopt/specs.py `variant`; sgd: 1 momentum, 2 nesterov, 4 first step).
+FO_UPDATE_ENTRIES(sgd, SgdOp, 0)
+FO_UPDATE_ENTRIES(sgd, SgdOp, 1)
+FO_UPDATE_ENTRIES(sgd, SgdOp, 3)
+FO_UPDATE_ENTRIES(sgd, SgdOp, 5)
+FO_UPDATE_ENTRIES(sgd, SgdOp, 7)
+FO_UPDATE_ENTRIES(adagrad, AdagradOp, 0)
+FO_UPDATE_ENTRIES(rmsprop, RmspropOp, 0)
+FO_UPDATE_ENTRIES(rmsprop, RmspropOp, 1)
+FO_UPDATE_ENTRIES(rmsprop, RmspropOp, 2)
+FO_UPDATE_ENTRIES(rmsprop, RmspropOp, 3)
+FO_UPDATE_ENTRIES(adam, AdamOp, 0)
+FO_UPDATE_ENTRIES(adam, AdamOp, 1)
+FO_UPDATE_ENTRIES(nadam, NadamOp, 0)
+FO_UPDATE_ENTRIES(radam, RadamOp, 0)
+FO_UPDATE_ENTRIES(radam, RadamOp, 1)
+FO_UPDATE_ENTRIES(adabelief, AdabeliefOp, 0)
+FO_UPDATE_ENTRIES(lion, LionOp, 0)
+
+// ---- LAMB: two phases around a per-tensor reduction, all on the device (no host round trip) ----
+//   fo_lamb_moments_multi: new m, v; per block: sum of p^2 and u^2 (float64) -> partials[2 * block]
+//   fo_lamb_trust:         per tensor (one block each): sum its blocks' partials in order,
+//                          scaled_lr[t] = lr * trust ratio (float64, as the CPU loop)
+//   fo_lamb_apply_multi:   p -= scaled_lr[t] * u, u recomputed from the new m, v (same bits)
+// A single array goes through the same table path (one tensor).
+
+extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
+    fo_lamb_moments_multi(const long long* tensors, const long long* chunks, fastopt::dev::Scalars sc,
+                          const void* gs, int gs_kind, double* partials) {
+    using namespace fastopt;
+    using namespace fastopt::dev;
+    __shared__ double shared[FASTOPT_BLOCK];
+    LambParams<M> h = load_params<LambParams<M>, M>(sc.v);
+    if (gs_kind != 0) h.grad_scale = h.grad_scale * device_scale(gs, gs_kind);
+    const ChunkRange r = chunk_range(tensors, chunks);
+    const Ptrs a = table_ptrs(r.rec);
+    double pp = 0.0, uu = 0.0;
+    for (i64 i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
+        const M p = load(a.p[i]);
+        M m = load(a.s0[i]), v = load(a.s1[i]);
+        const double u = double(lamb_moments_math<M>(p, load(a.g[i]), m, v, h));
+        a.s0[i] = store<S>(m);
+        a.s1[i] = store<S>(v);
+        pp += double(p) * double(p);
+        uu += u * u;
+    }
+    pp = block_sum(pp, shared);
+    uu = block_sum(uu, shared);
+    if (threadIdx.x == 0) {
+        partials[2 * i64(blockIdx.x)] = pp;
+        partials[2 * i64(blockIdx.x) + 1] = uu;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
+    fo_lamb_trust(const long long* tensors, const double* partials, double lr, double* scaled_lr) {
+    using namespace fastopt;
+    using namespace fastopt::dev;
+    __shared__ double shared[FASTOPT_BLOCK];
+    const i64* rec = tensors + i64(TENSOR_FIELDS) * blockIdx.x;
+    const i64 first = rec[F_FIRST];
+    const i64 nchunks = (rec[F_N] + FASTOPT_CHUNK - 1) / FASTOPT_CHUNK;
+    double pp = 0.0, uu = 0.0;
+    for (i64 c = threadIdx.x; c < nchunks; c += blockDim.x) {
+        pp += partials[2 * (first + c)];
+        uu += partials[2 * (first + c) + 1];
+    }
+    pp = block_sum(pp, shared);
+    uu = block_sum(uu, shared);
+    if (threadIdx.x == 0) scaled_lr[blockIdx.x] = lr * lamb_trust_ratio<double>(sqrt(pp), sqrt(uu));
+}
+
+extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
+    fo_lamb_apply_multi(const long long* tensors, const long long* chunks, fastopt::dev::Scalars sc,
+                        const double* scaled_lr) {
+    using namespace fastopt;
+    using namespace fastopt::dev;
+    const LambParams<M> h = load_params<LambParams<M>, M>(sc.v);  // grad_scale unused in phase 2
+    const ChunkRange r = chunk_range(tensors, chunks);
+    const Ptrs a = table_ptrs(r.rec);
+    const M lr = M(scaled_lr[r.tensor]);
+    for (i64 i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
+        M p = load(a.p[i]);
+        lamb_apply_math<M>(p, load(a.s0[i]), load(a.s1[i]), h, lr);
+        a.p[i] = store<T>(p);
+    }
+}
