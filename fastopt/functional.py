@@ -38,16 +38,18 @@ def apply_update(spec: OptimizerSpec, params, grads, states: tuple, hp: dict, st
 def _generate(spec: OptimizerSpec):
     """Build `<name>_step` with its real signature (introspection and IDEs see every argument)."""
     array_args = ["params", "grads"] + [s if s not in spec.optional_states else f"{s}=None" for s in spec.states]
-    kw_args, defaults = [], {}
+    # required keywords first (as DESIGN.md writes them: `*, lr, step=1, ...` but `*, step, lr=1e-2, ...`)
+    required, optional, defaults = [], [], {}
     if spec.uses_step:
-        kw_args.append("step" if spec.step_default is None else f"step={spec.step_default}")
+        (required if spec.step_default is None else optional).append(
+            "step" if spec.step_default is None else f"step={spec.step_default}")
     for h in spec.hypers:
         if h.default is REQUIRED:
-            kw_args.append(h.name)
+            required.append(h.name)
         else:
-            kw_args.append(f"{h.name}=_d_{h.name}")
+            optional.append(f"{h.name}=_d_{h.name}")
             defaults[f"_d_{h.name}"] = h.default
-    kw_args += ["grad_scale=None", "backend=None"]
+    kw_args = required + optional + ["grad_scale=None", "backend=None"]
     hp = ", ".join(f"{h.name!r}: {h.name}" for h in spec.hypers)
     states = ", ".join(spec.states) + ","
     step = "step" if spec.uses_step else "1"

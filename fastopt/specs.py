@@ -121,6 +121,7 @@ class OptimizerSpec:
     uses_step: bool = True
     step_default: int | None = None
     torch_class: str | None = None
+    torch_state_names: Mapping[str, str] = field(default_factory=dict)  # ours -> torch's, where they differ
     extra_check: Callable[[Mapping], None] | None = None
     two_phase: bool = False  # LAMB: a per-tensor reduction between the moments and the step
 
@@ -157,14 +158,11 @@ class OptimizerSpec:
         return itemsize * ((2 + nstates) + (1 + nstates))
 
     def signature_text(self) -> str:
-        arrays = ["params", "grads"] + [s if s not in self.optional_states else f"{s}=None" for s in self.states]
-        kws = []
-        if self.uses_step:
-            kws.append("step" if self.step_default is None else f"step={self.step_default}")
-        for h in self.hypers:
-            kws.append(h.name if h.default is REQUIRED else f"{h.name}={h.default!r}")
-        kws += ["grad_scale=None", "backend=None"]
-        return f"{self.function_name}({', '.join(arrays)}, *, {', '.join(kws)})"
+        """The generated function's signature, e.g. for the README table."""
+        import inspect
+        from fastopt import functional
+        sig = inspect.signature(getattr(functional, self.function_name))
+        return f"{self.function_name}{sig}"
 
     def docstring(self) -> str:
         lines = [self.summary, "", "Update, per element, in place (one fused pass over memory):", ""]
@@ -401,7 +399,7 @@ p = p - clr * g / (sqrt(state_sum) + eps)
             weight_decay(), eps(1e-10), MAXIMIZE),
     states=("state_sum",),
     scalar_names=("grad_scale", "clr", "eps", "weight_decay"),
-    scalars=_adagrad_scalars, torch_class="Adagrad",
+    scalars=_adagrad_scalars, torch_class="Adagrad", torch_state_names={"state_sum": "sum"},
 ))
 
 RMSPROP = _register(OptimizerSpec(

@@ -1,0 +1,103 @@
+"""The registry agrees with the kernels and with DESIGN.md's public signatures."""
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+import fastopt
+from fastopt.specs import REGISTRY, REQUIRED
+
+CUDA_DIR = Path(__file__).resolve().parent.parent / "kernels" / "cuda"
+
+# DESIGN.md's signatures (the public contract), keyword defaults included
+CONTRACT = {
+    "sgd": "params, grads, momentum_buffer=None, *, lr, step=1, momentum=0.0, dampening=0.0, nesterov=False, "
+           "weight_decay=0.0, maximize=False, grad_scale=None",
+    "adagrad": "params, grads, state_sum, *, step, lr=0.01, lr_decay=0.0, weight_decay=0.0, eps=1e-10, "
+               "maximize=False, grad_scale=None",
+    "rmsprop": "params, grads, square_avg, grad_avg=None, momentum_buffer=None, *, lr=0.01, alpha=0.99, eps=1e-08, "
+               "weight_decay=0.0, momentum=0.0, centered=False, maximize=False, grad_scale=None",
+    "adam": "params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=0.001, beta1=0.9, beta2=0.999, "
+            "eps=1e-08, weight_decay=0.0, amsgrad=False, maximize=False, grad_scale=None",
+    "adamw": "params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=0.001, beta1=0.9, beta2=0.999, "
+             "eps=1e-08, weight_decay=0.01, amsgrad=False, maximize=False, grad_scale=None",
+    "nadam": "params, grads, exp_avg, exp_avg_sq, *, step, lr=0.002, beta1=0.9, beta2=0.999, eps=1e-08, "
+             "weight_decay=0.0, momentum_decay=0.004, decoupled_weight_decay=False, maximize=False, grad_scale=None",
+    "radam": "params, grads, exp_avg, exp_avg_sq, *, step, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-08, "
+             "weight_decay=0.0, decoupled_weight_decay=False, maximize=False, grad_scale=None",
+    "adabelief": "params, grads, exp_avg, exp_avg_var, *, step, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-16, "
+                 "weight_decay=0.0, decoupled_weight_decay=True, maximize=False, grad_scale=None",
+    "lamb": "params, grads, exp_avg, exp_avg_sq, *, step, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-06, "
+            "weight_decay=0.0, bias_correction=True, maximize=False, grad_scale=None",
+    "lion": "params, grads, exp_avg, *, lr=0.0001, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False, "
+            "grad_scale=None",
+}
+
+
+@pytest.mark.parametrize("name", list(CONTRACT))
+def test_signature_matches_design(name):
+    sig = inspect.signature(getattr(fastopt, f"{name}_step"))
+    params = [p for p in sig.parameters.values() if p.name != "backend"]  # backend=: fastopt's addition
+    sig = sig.replace(parameters=params)
+    assert str(sig)[1:-1] == CONTRACT[name]
+
+
+def _struct_fields(family):
+    src = (CUDA_DIR / f"{family}.cuh").read_text()
+    match = re.search(r"struct \w+Params \{\s*M ([^;]+);", src)
+    assert match, f"no Params struct in {family}.cuh"
+    return tuple(f.strip() for f in match.group(1).replace("\n", " ").split(","))
+
+
+@pytest.mark.parametrize("spec", list(REGISTRY.values()), ids=lambda s: s.name)
+def test_scalar_order_matches_kernel_struct(spec):
+    """specs.scalars() fills the kernel's *Params struct by position: names and count must agree."""
+    assert _struct_fields(spec.kernel) == spec.scalar_names
+    hp = {k: (0.1 if v is REQUIRED else v) for k, v in spec.defaults.items()}
+    assert len(spec.scalars(hp, 3, 1.0)) == len(spec.scalar_names)
+    assert all(isinstance(x, float) for x in spec.scalars(hp, 3, 1.0))
+
+
+def test_every_family_has_one_header_and_every_header_compiles_standalone(tmp_path):
+    import shutil
+    import subprocess
+    kernels = {s.kernel for s in REGISTRY.values()}
+    assert kernels <= {p.stem for p in CUDA_DIR.glob("*.cuh")}
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    for family in sorted(kernels) + ["clip"]:
+        src = tmp_path / f"{family}.cpp"
+        src.write_text(f'#include "{family}.cuh"\nint main() {{ return 0; }}\n')
+        out = subprocess.run([cxx, "-std=c++17", "-Wall", "-Werror", "-I", str(CUDA_DIR), "-c", str(src), "-o",
+                              str(tmp_path / f"{family}.o")], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+
+
+def test_bytes_per_element():
+    hp = dict(REGISTRY["adam"].defaults)
+    assert REGISTRY["adam"].bytes_per_element(hp) == 28
+    assert REGISTRY["adam"].bytes_per_element(dict(hp, amsgrad=True)) == 36
+    assert REGISTRY["sgd"].bytes_per_element(dict(REGISTRY["sgd"].defaults, lr=1.0)) == 12
+    assert REGISTRY["lamb"].bytes_per_element(REGISTRY["lamb"].defaults) == 40
+
+
+def test_nadam_mu_product_cache_matches_direct_product():
+    from fastopt.specs import _nadam_mu, nadam_mu_product
+    for t in (1, 2, 17, 300, 5):
+        direct = 1.0
+        for i in range(1, t + 1):
+            direct *= _nadam_mu(0.9, 4e-3, i)
+        assert nadam_mu_product(0.9, 4e-3, t) == direct
+
+
+def test_radam_rectification_threshold():
+    from fastopt.specs import radam_rectification
+    assert radam_rectification(0.999, 1) == (False, 0.0)
+    assert radam_rectification(0.999, 5)[0] is False
+    rectified, rect = radam_rectification(0.999, 6)
+    assert rectified and 0 < rect < 1
+    assert radam_rectification(0.0, 100) == (False, 0.0)
