@@ -1,0 +1,193 @@
+"""The training loop: shuffled minibatches, any fastopt optimizer by name, a learning-rate schedule,
+fused gradient clipping, early stopping that restores the best weights, a per-epoch history.
+
+    result = fit(model, data, TrainConfig(optimizer="adam", lr=1e-3, epochs=20, batch_size=32))
+    result.history["val_loss"], result.metrics["test"]["accuracy"]
+
+The model keeps parameters and gradients in one flat buffer each, so every optimizer step is one
+fused kernel call (with clipping folded into it as a gradient scale). Everything random (shuffling
+here, initial weights and dropout in the model) derives from `seed`: the same seed gives the same
+history, bit for bit, on the same machine.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+import fastopt
+from fastopt import schedules
+from fastopt.specs import REQUIRED, get_spec
+from fastopt.train.arrays import array_module
+from fastopt.train.metrics import evaluate, headline_metric
+
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential", "step", "plateau")
+SGD_DEFAULT_LR = 0.01  # torch's SGD has no default learning rate; the trainer needs one
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "adam"
+    lr: float | None = None  # None: the optimizer's default (SGD: SGD_DEFAULT_LR)
+    # other hyperparameters under the registry's names (momentum, beta1, beta2, weight_decay, eps, ...)
+    optimizer_options: dict = field(default_factory=dict)
+    epochs: int = 20
+    batch_size: int = 32
+    schedule: str = "constant"
+    schedule_options: dict = field(default_factory=dict)
+    clip_grad_norm: float | None = None
+    patience: int | None = None  # early stopping on the validation loss; None: off
+    min_delta: float = 0.0  # an improvement must lower the validation loss by more than this
+    # with early stopping (patience set): end on the weights of the best validation epoch. Without it the
+    # last weights are kept: a convex model should end at its optimum, not at a noisy validation minimum.
+    restore_best: bool = True
+    seed: int = 0
+    progress: bool = True
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return float(self.lr)
+        default = get_spec(self.optimizer).defaults["lr"]
+        return SGD_DEFAULT_LR if default is REQUIRED else float(default)
+
+
+@dataclass
+class TrainResult:
+    history: dict  # per epoch: epoch, train_loss, val_loss, val_<metric>, lr, seconds
+    metrics: dict  # "train", "val", "test" -> metrics of the final (restored) model
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    diverged: bool
+    train_seconds: float  # the epochs themselves, without data loading or final evaluation
+    config: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_optimizer(params, config: TrainConfig, steps_per_epoch: int):
+    """fastopt.<Class>(params, lr=<schedule or float>, ...) from the registry name in config."""
+    spec = get_spec(config.optimizer)
+    options = dict(config.optimizer_options)
+    known = set(spec.defaults)
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(f"{config.optimizer} has no hyperparameter(s) {', '.join(sorted(unknown))}; "
+                         f"it takes {', '.join(h for h in spec.defaults if h != 'lr')}")
+    if "beta1" in options or "beta2" in options:  # the classes take torch's betas=(beta1, beta2)
+        options["betas"] = (options.pop("beta1", spec.defaults["beta1"]),
+                            options.pop("beta2", spec.defaults["beta2"]))
+    lr = build_schedule(config, steps_per_epoch)
+    cls = getattr(fastopt, spec.class_name)
+    return cls(params, lr=lr, clip_grad_norm=config.clip_grad_norm, **options), lr
+
+
+def build_schedule(config: TrainConfig, steps_per_epoch: int):
+    """The learning rate as a float or a fastopt.schedules object counting optimizer steps.
+    Epoch-based options (step_epochs, warmup_epochs) are converted to steps here."""
+    lr = config.resolved_lr()
+    name, opts = config.schedule, dict(config.schedule_options)
+    total = config.epochs * steps_per_epoch
+    if name == "constant":
+        return lr
+    if name == "cosine":
+        return schedules.cosine(lr, total, end_value=opts.get("end_value", 0.0))
+    if name == "warmup_cosine":
+        warm = max(1, int(round(opts.get("warmup_epochs", 1) * steps_per_epoch)))
+        return schedules.warmup(schedules.cosine(lr, max(1, total - warm), end_value=opts.get("end_value", 0.0)),
+                                warm)
+    if name == "exponential":  # gamma per epoch
+        return schedules.exponential_decay(lr, opts.get("gamma", 0.9), transition_steps=steps_per_epoch)
+    if name == "step":
+        step_epochs = opts.get("step_epochs", max(1, config.epochs // 3))
+        return schedules.step_decay(lr, int(step_epochs * steps_per_epoch), gamma=opts.get("gamma", 0.1))
+    if name == "plateau":  # driven by the validation loss, once per epoch
+        return schedules.ReduceLROnPlateau(lr, factor=opts.get("gamma", 0.5), patience=int(opts.get("patience", 2)))
+    raise ValueError(f"Unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}")
+
+
+def _progress_bar(config, description):
+    if not config.progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the bar is a convenience: train without it
+        return None
+    return tqdm(total=config.epochs, desc=description, unit="epoch", leave=False)
+
+
+def fit(model, data, config: TrainConfig, description: str = "train") -> TrainResult:
+    """Train `model` on `data` (arrays already in the model's dtype and on its device)."""
+    if config.epochs < 1 or config.batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1 (got {config.epochs}, {config.batch_size})")
+    if config.patience is not None and config.patience < 0:
+        raise ValueError(f"Invalid patience: {config.patience}")
+    xp = array_module(model.params)
+    X, y = data.X_train, data.y_train
+    n = X.shape[0]
+    batch_size = min(config.batch_size, n)
+    steps_per_epoch = math.ceil(n / batch_size)
+    optimizer, lr = build_optimizer([model.params], config, steps_per_epoch)
+    grads = [model.grads]
+    shuffle_rng = np.random.default_rng(np.random.SeedSequence([config.seed, 3]))
+    metric_name, _ = headline_metric(data.task)
+
+    history = {"epoch": [], "train_loss": [], "val_loss": [], f"val_{metric_name}": [], "lr": [], "seconds": []}
+    best_loss, best_epoch, best_params, bad_epochs = math.inf, 0, None, 0
+    stopped_early = diverged = False
+    bar = _progress_bar(config, description)
+    train_seconds = 0.0
+    try:
+        for epoch in range(1, config.epochs + 1):
+            start = time.perf_counter()
+            # one gather per epoch; the minibatches are then contiguous slices (views, no copies)
+            order = shuffle_rng.permutation(n)
+            if xp is not np:
+                order = xp.asarray(order)
+            Xs, ys = X[order], y[order]
+            total = 0.0
+            for lo in range(0, n, batch_size):
+                xb, yb = Xs[lo:lo + batch_size], ys[lo:lo + batch_size]
+                total = total + model.loss_and_grad(xb, yb) * xb.shape[0]
+                optimizer.step(grads)
+            train_loss = float(total) / n
+            val = evaluate(model, data, data.X_val, data.y_val)
+            seconds = time.perf_counter() - start
+            train_seconds += seconds
+            history["epoch"].append(epoch)
+            history["train_loss"].append(train_loss)
+            history["val_loss"].append(val["loss"])
+            history[f"val_{metric_name}"].append(val[metric_name])
+            history["lr"].append(float(optimizer.last_lr[0]))
+            history["seconds"].append(seconds)
+            if isinstance(lr, schedules.ReduceLROnPlateau):
+                lr.update(val["loss"])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{train_loss:.4f}", val_loss=f"{val['loss']:.4f}",
+                                **{f"val_{metric_name}": f"{val[metric_name]:.4f}"})
+            if not (math.isfinite(train_loss) and math.isfinite(val["loss"])):
+                diverged = True  # NaN/Inf: nothing later can recover, and the best weights are kept
+                break
+            if val["loss"] < best_loss - config.min_delta:
+                best_loss, best_epoch, bad_epochs = val["loss"], epoch, 0
+                if config.restore_best and config.patience is not None:
+                    best_params = model.snapshot()
+            else:
+                bad_epochs += 1
+                if config.patience is not None and bad_epochs > config.patience:
+                    stopped_early = True
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+    if config.restore_best and best_params is not None:
+        model.restore(best_params)
+    metrics = {split: evaluate(model, data, getattr(data, f"X_{split}"), getattr(data, f"y_{split}"))
+               for split in ("train", "val", "test")}
+    return TrainResult(history=history, metrics=metrics, best_epoch=best_epoch, epochs_run=len(history["epoch"]),
+                       stopped_early=stopped_early, diverged=diverged, train_seconds=train_seconds,
+                       config=asdict(config))

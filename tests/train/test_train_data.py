@@ -1,0 +1,90 @@
+"""Data sets: bundled files, splits, standardisation on the training split only, MNIST IDX files."""
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from fastopt.train.data import load_dataset, read_idx
+
+
+@pytest.mark.parametrize("name, task, n_classes, n_features", [
+    ("linear", "regression", 0, 1), ("diabetes", "regression", 0, 10), ("breast_cancer", "binary", 2, 30),
+    ("wine", "multiclass", 3, 13), ("digits", "multiclass", 10, 64),
+])
+def test_datasets_load_and_split(name, task, n_classes, n_features):
+    d = load_dataset(name, seed=0)
+    assert d.task == task and d.n_classes == n_classes and d.n_features == n_features
+    n = len(d.y_train) + len(d.y_val) + len(d.y_test)
+    assert len(d.y_test) == pytest.approx(0.2 * n, abs=n_classes + 1)
+    assert len(d.y_val) == pytest.approx(0.1 * n, abs=n_classes + 1)
+
+
+def test_standardisation_uses_training_statistics_only():
+    d = load_dataset("breast_cancer", seed=0)
+    np.testing.assert_allclose(d.X_train.mean(axis=0), 0.0, atol=1e-10)
+    np.testing.assert_allclose(d.X_train.std(axis=0), 1.0, atol=1e-10)
+    assert np.abs(d.X_test.mean(axis=0)).max() > 1e-3  # test data is not re-centred on itself
+
+
+def test_image_sets_share_one_scale_across_pixels():
+    d = load_dataset("digits", seed=0)
+    assert np.ptp(d.feature_std) == 0 and d.X_train.mean() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_split_is_seeded_and_stratified():
+    a, b, c = load_dataset("wine", seed=3), load_dataset("wine", seed=3), load_dataset("wine", seed=4)
+    np.testing.assert_array_equal(a.X_test, b.X_test)
+    assert not np.array_equal(a.X_test, c.X_test)
+    counts_train = np.bincount(a.y_train) / len(a.y_train)
+    counts_test = np.bincount(a.y_test) / len(a.y_test)
+    np.testing.assert_allclose(counts_train, counts_test, atol=0.05)
+
+
+def test_linear_target_round_trip():
+    d = load_dataset("linear", seed=0, noise=0.0)
+    # with no noise the least-squares fit on standardised data maps back to exactly y = 2x + 1
+    A = np.c_[d.X_train, np.ones(len(d.X_train))]
+    w_s, b_s = np.linalg.lstsq(A, d.y_train, rcond=None)[0]
+    w, b = d.original_linear_coefficients([w_s], b_s)
+    assert w[0] == pytest.approx(2.0) and b == pytest.approx(1.0)
+
+
+def test_unknown_dataset_and_bad_split():
+    with pytest.raises(ValueError, match="Unknown data set"):
+        load_dataset("imagenet")
+    with pytest.raises(ValueError, match="split"):
+        load_dataset("wine", val_fraction=0.5, test_fraction=0.6)
+
+
+def _write_idx(path, array, gz=False):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(payload)
+
+
+def test_mnist_from_local_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (50, 28, 28)), gz=True)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(50) % 10)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (20, 28, 28)))
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(20) % 10)
+    d = load_dataset("mnist", path=str(tmp_path), seed=0)
+    assert d.n_features == 784 and d.n_classes == 10
+    assert len(d.y_test) == 20 and len(d.y_train) + len(d.y_val) == 50
+    assert read_idx(str(tmp_path / "t10k-labels-idx1-ubyte")).tolist() == (np.arange(20) % 10).tolist()
+
+
+def test_mnist_missing_files_error_names_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
+        load_dataset("mnist", path=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="local IDX files"):
+        load_dataset("mnist")
+
+
+def test_idx_rejects_garbage(tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\x12\x34\x08\x01\x00\x00\x00\x01\x00")
+    with pytest.raises(ValueError, match="magic"):
+        read_idx(str(bad))
