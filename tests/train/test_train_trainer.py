@@ -1,0 +1,157 @@
+"""The training loop: each model learns its data set, determinism, early stopping, schedules, clipping."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fastopt.specs import REGISTRY
+from fastopt.train.data import load_dataset
+from fastopt.train.experiment import Experiment, recommended_config
+from fastopt.train.models import MLP
+from fastopt.train.trainer import SCHEDULES, TrainConfig, build_schedule, fit
+
+
+def run(dataset, **overrides):
+    overrides.setdefault("progress", False)
+    model_fields = {f.name for f in dataclasses.fields(Experiment)} - {"train"}
+    own = {k: overrides.pop(k) for k in list(overrides) if k in model_fields}
+    return Experiment(dataset=dataset, train=recommended_config(dataset, **overrides), **own).run()
+
+
+def test_mlp_learns_digits():
+    result, model, _ = run("digits")
+    assert result.metrics["test"]["accuracy"] >= 0.95
+    assert result.history["train_loss"][-1] < result.history["train_loss"][0] / 5
+
+
+def test_logistic_regression_learns_breast_cancer():
+    result, _, _ = run("breast_cancer")
+    assert result.metrics["test"]["accuracy"] >= 0.95
+
+
+def test_multinomial_logistic_learns_wine():
+    result, _, _ = run("wine")
+    assert result.metrics["test"]["accuracy"] >= 0.9
+
+
+def test_linear_regression_matches_least_squares_on_diabetes():
+    result, _, _ = run("diabetes")
+    d = load_dataset("diabetes", seed=0)
+    A = np.c_[d.X_train, np.ones(len(d.X_train))]
+    coef = np.linalg.lstsq(A, d.y_train, rcond=None)[0]
+    pred = d.to_target_units(np.c_[d.X_test, np.ones(len(d.X_test))] @ coef)
+    closed_form = np.mean((pred - d.to_target_units(d.y_test)) ** 2)
+    assert result.metrics["test"]["mse"] == pytest.approx(closed_form, rel=0.02)
+
+
+def test_linear_recovers_slope_and_intercept():
+    result, _, _ = run("linear")
+    coefficients = result.metrics["coefficients"]
+    assert coefficients["w"][0] == pytest.approx(2.0, abs=0.05)
+    assert coefficients["b"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_mlp_regression_on_diabetes_beats_the_mean():
+    result, _, _ = run("diabetes", model="mlp", hidden_sizes=(16,), epochs=30, lr=0.01)
+    assert result.metrics["test"]["r2"] > 0.3
+
+
+def test_same_seed_same_history_other_seed_differs():
+    a, _, _ = run("digits", epochs=3, dropout=0.2, seed=5)
+    b, _, _ = run("digits", epochs=3, dropout=0.2, seed=5)
+    c, _, _ = run("digits", epochs=3, dropout=0.2, seed=6)
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        assert a.history[key] == b.history[key]
+    assert a.history["train_loss"] != c.history["train_loss"]
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_optimizer_trains(name):
+    # conservative learning rates: the point is that each class plugs in and lowers the loss
+    lr = {"sgd": 0.05, "lion": 1e-3, "lamb": 1e-2, "adagrad": 0.05}.get(name, 3e-3)
+    result, _, _ = run("wine", model="mlp", hidden_sizes=(8,), optimizer=name, lr=lr, epochs=4,
+                       schedule="constant")
+    assert result.history["train_loss"][-1] < result.history["train_loss"][0]
+    assert not result.diverged
+
+
+def test_optimizer_options_reach_the_class():
+    result, _, _ = run("wine", optimizer="sgd", lr=0.05, epochs=3,
+                       optimizer_options={"momentum": 0.9, "nesterov": True})
+    assert result.config["optimizer_options"] == {"momentum": 0.9, "nesterov": True}
+    result, _, _ = run("wine", optimizer="adam", epochs=2, optimizer_options={"beta1": 0.8, "beta2": 0.99})
+    assert result.epochs_run == 2
+    with pytest.raises(ValueError, match="no hyperparameter"):
+        run("wine", optimizer="sgd", lr=0.1, epochs=1, optimizer_options={"beta1": 0.9})
+
+
+def _noisy_overfitting_setup():
+    data = load_dataset("wine", seed=0).astype(np.float32)
+    model = MLP(data.n_features, (256,), data.n_classes, seed=0)
+    return model, data
+
+
+def test_early_stopping_stops_and_restores_the_best_weights():
+    model, data = _noisy_overfitting_setup()
+    config = TrainConfig(lr=0.05, epochs=60, batch_size=16, patience=3, progress=False)
+    result = fit(model, data, config)
+    assert result.stopped_early and result.epochs_run < 60
+    assert result.epochs_run == result.best_epoch + config.patience + 1
+    best_val = min(result.history["val_loss"])
+    assert result.metrics["val"]["loss"] == pytest.approx(best_val, rel=1e-6)
+
+
+def test_without_restore_the_last_weights_stay():
+    model, data = _noisy_overfitting_setup()
+    result = fit(model, data, TrainConfig(lr=0.05, epochs=60, batch_size=16, patience=3, restore_best=False,
+                                          progress=False))
+    assert result.metrics["val"]["loss"] == pytest.approx(result.history["val_loss"][-1], rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_divergence_is_reported_not_raised():
+    model, data = _noisy_overfitting_setup()
+    data.X_train = data.X_train * np.float32(1e30)  # overflows to inf in the first forward pass
+    result = fit(model, data, TrainConfig(optimizer="sgd", lr=10.0, epochs=5, progress=False))
+    assert result.diverged and result.epochs_run == 1
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedules_drive_the_learning_rate(schedule):
+    result, _, _ = run("wine", epochs=6, lr=0.01, schedule=schedule)
+    lrs = result.history["lr"]
+    if schedule == "constant":
+        assert lrs == [0.01] * 6
+    elif schedule == "plateau":
+        assert max(lrs) <= 0.01
+    else:
+        assert lrs[-1] < lrs[0] or (schedule == "warmup_cosine" and lrs[0] < max(lrs))
+
+
+def test_cosine_schedule_reaches_zero_at_the_last_step():
+    config = TrainConfig(lr=0.1, epochs=4, schedule="cosine")
+    schedule = build_schedule(config, steps_per_epoch=10)
+    assert schedule(0) == pytest.approx(0.1) and schedule(40) == pytest.approx(0.0)
+
+
+def test_clipping_is_passed_to_the_optimizer():
+    clipped, _, _ = run("wine", epochs=2, optimizer="sgd", lr=0.5, clip_grad_norm=1e-4)
+    free, _, _ = run("wine", epochs=2, optimizer="sgd", lr=0.5)
+    # a tiny max norm shrinks every step: the loss barely moves
+    assert clipped.history["train_loss"][-1] > free.history["train_loss"][-1]
+    assert clipped.config["clip_grad_norm"] == 1e-4
+
+
+def test_progress_bar_can_be_turned_on_and_off(capsys):
+    run("wine", epochs=2, progress=True)
+    assert "epoch" in capsys.readouterr().err
+    run("wine", epochs=2, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_invalid_config():
+    model, data = _noisy_overfitting_setup()
+    with pytest.raises(ValueError, match="epochs"):
+        fit(model, data, TrainConfig(epochs=0, progress=False))
+    with pytest.raises(ValueError, match="Unknown schedule"):
+        fit(model, data, TrainConfig(schedule="sawtooth", progress=False))
