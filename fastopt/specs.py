@@ -40,11 +40,12 @@ class Hyper:
     label: str = ""
 
     def validate(self, value):
+        t = type(value)  # exact-type fast paths first: this runs on every step
         if self.kind == "bool":
-            if not isinstance(value, (bool, np.bool_)):
+            if t is not bool and t is not np.bool_:
                 raise TypeError(f"{self.name} must be a bool, got {value!r}")
             return
-        if not _is_real(value):
+        if t is not float and t is not int and not _is_real(value):
             raise TypeError(f"{self.name} must be a real number, got {value!r}")
         # every float hyperparameter must be finite: inf or nan would corrupt every parameter
         if not math.isfinite(value) or (self.check is not None and not self.check(value)):
@@ -138,7 +139,7 @@ class OptimizerSpec:
         for h in self.hypers:
             h.validate(hp[h.name])
         if self.uses_step:
-            if not isinstance(step, (numbers.Integral,)) or isinstance(step, (bool, np.bool_)):
+            if type(step) is not int and (not isinstance(step, numbers.Integral) or isinstance(step, (bool, np.bool_))):
                 raise TypeError(f"step must be an integer (the 1-based number of this step), got {step!r}")
             if step < 1:
                 raise ValueError(f"Invalid step: {step} (the first step is 1)")

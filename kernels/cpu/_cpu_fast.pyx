@@ -351,16 +351,20 @@ def update(str kernel, int variant, tuple arrays, tuple names, tuple scalars, do
         free(coefs)
 
 
-def touch(tuple arrays, int apply_phase=0):
-    """Bandwidth ceiling: the memory traffic of an update with trivial math. arrays = (p, g, *states):
-    p and the states are read and written, g read. apply_phase=1: p read+written, states read (LAMB)."""
+def touch(tuple arrays, int phase=0):
+    """Bandwidth ceiling: the memory traffic of an update with trivial math. arrays = (p, g, *states).
+    phase 0: p and the states read and written, g read (every single-pass optimizer).
+    LAMB's two passes: phase 1: p and g read, the two states read and written;
+    phase 2: p read and written, the two states read."""
     cdef double s[1]
     cdef tuple names = ("params", "grads", "state0", "state1", "state2")[:len(arrays)]
     cdef _Batch b = _collect(arrays, names, 1)
     if b.nchunks == 0:
         return
-    if apply_phase:
+    if phase == 2:
         _run(b, KIND_TOUCH_APPLY, 0, s, _APPLY_SLOTS, NULL, NULL)
+    elif phase == 1:
+        _run(b, KIND_TOUCH, 4 + len(arrays) - 2, s, _IDENTITY_SLOTS, NULL, NULL)
     else:
         _run(b, KIND_TOUCH, len(arrays) - 2, s, _IDENTITY_SLOTS, NULL, NULL)
 

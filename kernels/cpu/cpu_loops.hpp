@@ -241,8 +241,9 @@ FASTOPT_INLINE void lion_loop(Ptrs<T> a, int64_t n, const double* s) {
     }
 }
 
-// Same memory traffic as an optimizer with NS states, trivial math: the bandwidth ceiling.
-template <typename T, int NS>
+// Same memory traffic as an optimizer with NS states, trivial math: the bandwidth ceiling. p is read
+// and written, or only read when P_READ_ONLY (LAMB's first phase).
+template <typename T, int NS, bool P_READ_ONLY>
 FASTOPT_INLINE void touch_loop(Ptrs<T> a, int64_t n) {
     T* __restrict p = a.p;
     const T* __restrict g = a.g;
@@ -250,8 +251,8 @@ FASTOPT_INLINE void touch_loop(Ptrs<T> a, int64_t n) {
     T* __restrict s1 = a.s1;
     T* __restrict s2 = a.s2;
     for (int64_t i = 0; i < n; ++i) {
-        T gi = g[i];
-        p[i] = p[i] + gi;
+        T gi = P_READ_ONLY ? g[i] + p[i] : g[i];
+        if (!P_READ_ONLY) p[i] = p[i] + gi;
         if (NS > 0) s0[i] = s0[i] + gi;
         if (NS > 1) s1[i] = s1[i] + gi;
         if (NS > 2) s2[i] = s2[i] + gi;
@@ -308,11 +309,12 @@ FASTOPT_INLINE int run_chunk_typed(int kind, int variant, void* const* ptrs, int
         case KIND_LAMB_APPLY: lamb_apply_loop<T>(a, n, s, coef); return 0;
         case KIND_LION: lion_loop<T>(a, n, s); return 0;
         case KIND_TOUCH:
-            switch (variant) {
-                case 0: touch_loop<T, 0>(a, n); return 0;
-                case 1: touch_loop<T, 1>(a, n); return 0;
-                case 2: touch_loop<T, 2>(a, n); return 0;
-                case 3: touch_loop<T, 3>(a, n); return 0;
+            switch (variant) {  // number of states, + 4 when p is only read
+                case 0: touch_loop<T, 0, false>(a, n); return 0;
+                case 1: touch_loop<T, 1, false>(a, n); return 0;
+                case 2: touch_loop<T, 2, false>(a, n); return 0;
+                case 3: touch_loop<T, 3, false>(a, n); return 0;
+                case 6: touch_loop<T, 2, true>(a, n); return 0;
             }
             return -1;
         case KIND_TOUCH_APPLY: touch_apply_loop<T>(a, n); return 0;

@@ -1,0 +1,240 @@
+"""CPU benchmark of the update kernels (`fastopt bench`, bench/bench_cpu.py).
+
+For each optimizer and size N (float32), in one run and interleaved (round-robin over the variants, so
+that drift of the machine hits them alike), median time of one step for:
+  fastopt          one array of N elements
+  fastopt-list100  a list of 100 arrays of N/100 elements (one multi-tensor call)
+  numpy            fastopt.reference on one array (what the update costs written in plain NumPy)
+  torch-fused      torch.optim.<X>(fused=True).step(), where torch has a fused CPU kernel
+  torch-foreach    torch.optim.<X>(foreach=True).step()
+  ceiling          a compiled loop with the optimizer's exact read/write pattern and trivial math,
+                   run through the same chunking and threads (the same-pattern bandwidth ceiling)
+GB/s counts the bytes the optimizer must move (spec.bytes_per_element: every array read once, every
+written array written once); "of ceiling" = ceiling time / variant time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import fastopt
+from fastopt import reference
+from fastopt.specs import REGISTRY, REQUIRED
+
+LIST_LEN = 100
+TORCH_FUSED_CPU = {"Adam", "AdamW", "SGD", "Adagrad"}  # torch 2.x has fused CPU kernels for these
+
+
+def bench_hyperparameters(spec):
+    hp = {k: (0.01 if v is REQUIRED else v) for k, v in spec.defaults.items()}
+    if spec.name == "sgd":
+        hp["momentum"] = 0.9  # the common configuration: one state array
+    return hp
+
+
+def machine_info():
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "threads": fastopt.get_num_threads(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "fastopt": fastopt.__version__,
+        "platform": platform.platform(),
+    }
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+class Case:
+    """The arrays and callables of one (optimizer, N) benchmark."""
+
+    def __init__(self, spec, n, rng, with_torch):
+        from fastopt.kernels.cpu import _cpu_fast
+
+        self.spec, self.n = spec, n
+        self.hp = hp = bench_hyperparameters(spec)
+        self.kw = dict(hp, **({"step": 10} if spec.uses_step else {}))
+        fn = getattr(fastopt, spec.function_name)
+        ref = reference.STEPS[spec.name]
+
+        def arrays(size):
+            p = rng.standard_normal(size, dtype=np.float32)
+            g = rng.standard_normal(size, dtype=np.float32)
+            state = fastopt.init_state(spec.name, p, **{k: v for k, v in hp.items() if k != "lr"})
+            for a in state.values():
+                a[...] = np.abs(rng.standard_normal(size, dtype=np.float32))
+            return p, g, state
+
+        p, g, state = arrays(n)
+        sizes = [n // LIST_LEN + (1 if i < n % LIST_LEN else 0) for i in range(LIST_LEN)]
+        lists = [arrays(s) for s in sizes]
+        lp = [x[0] for x in lists]
+        lg = [x[1] for x in lists]
+        lstate = {k: [x[2][k] for x in lists] for k in state}
+        kw = self.kw
+        states_in_order = [state[s] for s in spec.states if s in state]
+
+        self.variants = {
+            "fastopt": lambda: fn(p, g, **state, **kw),
+            "fastopt-list100": lambda: fn(lp, lg, **lstate, **kw),
+            "numpy": lambda: ref(p, g, **state, **kw),
+        }
+        if spec.two_phase:
+            def ceiling():
+                _cpu_fast.touch((p, g, *states_in_order), 1)
+                _cpu_fast.touch((p, g, *states_in_order), 2)
+        else:
+            def ceiling():
+                _cpu_fast.touch((p, g, *states_in_order), 0)
+        self.variants["ceiling"] = ceiling
+        if with_torch and spec.torch_class:
+            self._add_torch(spec, n, rng)
+
+    def _add_torch(self, spec, n, rng):
+        import torch
+        hp = dict(self.hp)
+        kw = {k: v for k, v in hp.items() if k not in ("beta1", "beta2")}
+        if "beta1" in hp:
+            kw["betas"] = (hp["beta1"], hp["beta2"])
+        cls = getattr(torch.optim, spec.torch_class)
+        modes = [("torch-foreach", {"foreach": True})]
+        if spec.torch_class in TORCH_FUSED_CPU:
+            modes.insert(0, ("torch-fused", {"fused": True}))
+        for label, mode in modes:
+            param = torch.nn.Parameter(torch.from_numpy(rng.standard_normal(n, dtype=np.float32)))
+            param.grad = torch.from_numpy(rng.standard_normal(n, dtype=np.float32))
+            opt = cls([param], **kw, **mode)
+            opt.step()  # allocate the state
+            self.variants[label] = opt.step
+
+    def bytes(self):
+        return self.spec.bytes_per_element(self.hp, 4) * self.n
+
+
+def run_case(case, repeats, numpy_repeats):
+    times = {k: [] for k in case.variants}
+    for fn in case.variants.values():  # warm up (first-touch page faults, torch state, caches)
+        fn()
+        fn()
+    for r in range(repeats):
+        for name, fn in case.variants.items():
+            if name == "numpy" and r >= numpy_repeats:
+                continue
+            t0 = time.perf_counter_ns()
+            fn()
+            times[name].append(time.perf_counter_ns() - t0)
+    nbytes = case.bytes()
+    ceiling = statistics.median(times["ceiling"])
+    out = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[name] = {
+            "ms": med / 1e6,
+            "gbps": nbytes / med,
+            "of_ceiling": ceiling / med,
+            "runs": len(ts),
+        }
+    return out
+
+
+def run(optimizers=None, sizes=(10**5, 10**6, 10**7), repeats=None, threads=None, with_torch=True,
+        progress=True):
+    if threads:
+        fastopt.set_num_threads(threads)
+    try:
+        import torch
+        torch.set_num_threads(fastopt.get_num_threads())
+    except ImportError:
+        with_torch = False
+    names = optimizers or list(REGISTRY)
+    rng = np.random.default_rng(0)
+    results = []
+    for n in sizes:
+        reps = repeats or (200 if n <= 10**5 else 50 if n <= 10**6 else 15)
+        for name in names:
+            spec = REGISTRY[name]
+            case = Case(spec, n, rng, with_torch)
+            timing = run_case(case, reps, max(3, reps // 5))
+            row = {"optimizer": name, "n": n, "bytes_per_element": spec.bytes_per_element(case.hp, 4),
+                   "variants": timing}
+            single, listed = timing["fastopt"]["ms"], timing["fastopt-list100"]["ms"]
+            row["per_extra_array_us"] = (listed - single) * 1e3 / (LIST_LEN - 1)
+            row["speedup_vs_numpy"] = timing["numpy"]["ms"] / single
+            for t in ("torch-fused", "torch-foreach"):
+                if t in timing:
+                    row[f"speedup_vs_{t}"] = timing[t]["ms"] / single
+            results.append(row)
+            if progress:
+                print(format_row(row), file=sys.stderr, flush=True)
+            del case
+    return {"machine": machine_info(), "dtype": "float32", "list_len": LIST_LEN, "results": results}
+
+
+def format_row(row):
+    v = row["variants"]
+    parts = [f"{row['optimizer']:>9} N={row['n']:>9.0e}",
+             f"fastopt {v['fastopt']['ms']:8.3f} ms {v['fastopt']['gbps']:6.1f} GB/s "
+             f"({v['fastopt']['of_ceiling']:.2f} of ceiling)",
+             f"list100 +{row['per_extra_array_us']:.2f} us/array",
+             f"numpy x{row['speedup_vs_numpy']:.1f}"]
+    for t in ("torch-fused", "torch-foreach"):
+        if f"speedup_vs_{t}" in row:
+            parts.append(f"{t} x{row[f'speedup_vs_{t}']:.2f}")
+    return " | ".join(parts)
+
+
+def markdown_table(report):
+    lines = ["| optimizer | N | fastopt ms | GB/s | of ceiling | list of 100: µs/extra array | vs NumPy "
+             "| vs torch fused | vs torch foreach |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in report["results"]:
+        v = row["variants"]["fastopt"]
+
+        def ratio(key):
+            return f"{row[key]:.2f}x" if key in row else "–"
+        lines.append(f"| {row['optimizer']} | {row['n']:.0e} | {v['ms']:.3f} | {v['gbps']:.1f} | {v['of_ceiling']:.2f} "
+                     f"| {row['per_extra_array_us']:.2f} | {row['speedup_vs_numpy']:.1f}x | {ratio('speedup_vs_torch-fused')} "
+                     f"| {ratio('speedup_vs_torch-foreach')} |")
+    m = report["machine"]
+    lines.append("")
+    lines.append(f"{m['cpu']}, {m['threads']} threads, numpy {m['numpy']}, torch {m.get('torch')}; float32; "
+                 f"median of interleaved runs. Ratios > 1: fastopt is faster.")
+    return "\n".join(lines)
+
+
+def main(args):
+    sizes = [int(float(s)) for s in args.sizes.split(",")] if args.sizes else None
+    optimizers = args.optimizers.split(",") if args.optimizers else None
+    if args.quick:
+        sizes = sizes or [10**5, 10**6]
+        optimizers = optimizers or ["sgd", "adam", "lion"]
+    report = run(optimizers=optimizers, sizes=sizes or (10**5, 10**6, 10**7), repeats=args.repeats or
+                 (20 if args.quick else None), threads=args.threads, progress=not args.json)
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, args.out)
+    print(json.dumps(report, indent=1) if args.json else markdown_table(report))
+    return 0
