@@ -425,6 +425,12 @@ def read(path) -> dict:
     """The state dict stored in a checkpoint file (NumPy arrays on the host)."""
     path = os.fspath(path)
     try:
+        # every member's CRC-32 first: np.load alone does not always read a member to its end, where
+        # zipfile checks it, so a flipped bit inside an array could otherwise load silently
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+        if bad is not None:
+            raise zipfile.BadZipFile(f"bad CRC-32 for {bad}")
         with np.load(path, allow_pickle=False) as npz:
             if "meta" not in npz.files:
                 _fail(f"{path} is not a fastopt checkpoint (no 'meta' entry)")

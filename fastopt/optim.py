@@ -434,10 +434,12 @@ class Optimizer:
         from fastopt.checkpoint import to_torch_state_dict
         return to_torch_state_dict(self)
 
-    def load_torch_state_dict(self, state_dict: dict) -> None:
-        """Load the state dict of the matching torch.optim optimizer (same params in the same order)."""
+    def load_torch_state_dict(self, state_dict: dict, step=None) -> None:
+        """Load the state dict of the matching torch.optim optimizer (same params in the same order).
+        `step`: the update count of SGD, whose torch state has none (default: 1 with momentum buffers,
+        else 0); the other optimizers take torch's."""
         from fastopt.checkpoint import from_torch_state_dict
-        from_torch_state_dict(self, state_dict)
+        from_torch_state_dict(self, state_dict, step)
 
 
 # ---------------------------------------------------------------------------------------------------

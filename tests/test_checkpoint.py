@@ -1,0 +1,345 @@
+"""state_dict / load_state_dict, fastopt.save / fastopt.load, and torch.optim state dict conversion."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import schedules
+from fastopt.checkpoint import CheckpointError
+from fastopt.specs import REGISTRY
+
+SPECS = list(REGISTRY.values())
+TORCH_SPECS = [s for s in SPECS if s.torch_class]
+LR = {"sgd": 0.05, "adagrad": 0.05, "rmsprop": 0.005, "lion": 1e-3}
+OPTIONS = {"sgd": {"momentum": 0.9}, "rmsprop": {"centered": True, "momentum": 0.5}, "adam": {"amsgrad": True},
+           "adamw": {"amsgrad": True}, "nadam": {"decoupled_weight_decay": True, "weight_decay": 0.01},
+           "radam": {"weight_decay": 0.01}, "adagrad": {"lr_decay": 0.01}}
+
+
+def make_params(rng):
+    shapes = [(13,), (4, 6), (3, 2, 2), (50,)]
+    dtypes = [np.float32, np.float64, np.float32, np.float64]
+    return [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
+
+
+def make_opt(spec, params, **kw):
+    cls = getattr(fastopt, spec.class_name)
+    lr = LR.get(spec.name, 1e-2)
+    groups = [{"params": params[:2], **OPTIONS.get(spec.name, {})},
+              {"params": params[2:], "lr": schedules.warmup(schedules.cosine(lr, 30), 3)}]
+    return cls(groups, lr=lr, **kw)
+
+
+def all_arrays(opt):
+    out = [p for p in opt.params]
+    for i in range(len(opt.params)):
+        st = opt.state_arrays(i)
+        out += [st[k] for k in sorted(st)]
+    return out
+
+
+def snapshot(opt):
+    return [a.copy() for a in all_arrays(opt)], [opt.steps(i) for i in range(len(opt.param_groups))]
+
+
+def assert_same(opt, snap):
+    arrays, steps = snap
+    now = all_arrays(opt)
+    assert len(now) == len(arrays)
+    for a, b in zip(now, arrays):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    assert [opt.steps(i) for i in range(len(opt.param_groups))] == steps
+
+
+def grad_stream(rng, params, n, bad_at=()):
+    out = []
+    for t in range(n):
+        grads = [rng.standard_normal(p.shape).astype(p.dtype) for p in params]
+        if t in bad_at:
+            grads[1].flat[0] = np.nan
+        out.append(grads)
+    return out
+
+
+@pytest.mark.parametrize("via", ["file", "state_dict"])
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_resume_is_bit_identical(spec, via, tmp_path, rng):
+    params = make_params(rng)
+    stream = grad_stream(rng, params, 14, bad_at=(3,))
+    k = int(rng.integers(4, 10))
+    whole = make_opt(spec, [p.copy() for p in params], clip_grad_norm=2.0, skip_nonfinite=True)
+    for g in stream:
+        whole.step(g)
+    first = make_opt(spec, [p.copy() for p in params], clip_grad_norm=2.0, skip_nonfinite=True)
+    for g in stream[:k]:
+        first.step(g)
+    if via == "file":
+        fastopt.save(tmp_path / "opt.npz", first)
+        saved = None
+    else:
+        saved = first.state_dict()
+    saved_params = [p.copy() for p in first.params]  # the caller saves the params themselves
+    for g in stream[k:k + 2]:  # the first run goes on: a state dict must not alias its state
+        first.step(g)
+    second = make_opt(spec, saved_params, clip_grad_norm=2.0, skip_nonfinite=True)
+    if via == "file":
+        fastopt.load(tmp_path / "opt.npz", second)
+    else:
+        second.load_state_dict(saved)
+    for g in stream[k:]:
+        second.step(g)
+    assert_same(second, snapshot(whole))
+    assert second.skipped_steps == whole.skipped_steps == 1
+
+
+def test_state_dict_layout_is_torch_like_with_plain_values(rng):
+    params = make_params(rng)
+    opt = make_opt(REGISTRY["adam"], params)
+    opt.step([np.ones_like(p) for p in params])
+    sd = opt.state_dict()
+    assert sorted(sd["state"]) == [0, 1, 2, 3]
+    assert sd["state"][0]["step"] == 1 and type(sd["state"][0]["step"]) is int
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert set(sd["state"][2]) == {"step", "exp_avg", "exp_avg_sq"}  # group 1 has no amsgrad
+    assert isinstance(sd["state"][1]["exp_avg"], np.ndarray) and sd["state"][1]["exp_avg"].dtype == np.float64
+    g0, g1 = sd["param_groups"]
+    assert g0["params"] == [0, 1] and g1["params"] == [2, 3]
+    assert g0["betas"] == (0.9, 0.999) and g0["amsgrad"] is True
+    assert type(g1["lr"]) is float and g1["lr"] == pytest.approx(opt.param_groups[1]["lr"](1))
+    assert sd["fastopt"]["optimizer"] == "adam"
+    assert sd["fastopt"]["param_dtypes"] == ["float32", "float64", "float32", "float64"]
+
+
+def test_loading_keeps_the_state_arrays_of_the_optimizer(tmp_path, rng):
+    params = make_params(rng)
+    opt = make_opt(REGISTRY["adamw"], [p.copy() for p in params])
+    opt.step([np.ones_like(p) for p in params])
+    fastopt.save(tmp_path / "c.npz", opt)
+    fresh = make_opt(REGISTRY["adamw"], [p.copy() for p in params])
+    ids = [id(a) for a in all_arrays(fresh)]
+    fastopt.load(tmp_path / "c.npz", fresh)
+    assert [id(a) for a in all_arrays(fresh)] == ids  # copied into, on the params' device
+    np.testing.assert_array_equal(fresh.state_arrays(1)["exp_avg"], opt.state_arrays(1)["exp_avg"])
+
+
+def test_save_is_atomic(tmp_path, rng, monkeypatch):
+    params = make_params(rng)
+    opt = make_opt(REGISTRY["adam"], [p.copy() for p in params])
+    path = tmp_path / "ckpt.npz"
+    fastopt.save(path, opt)
+    good = path.read_bytes()
+    opt.step([np.ones_like(p) for p in params])
+
+    def crash(f, **arrays):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        fastopt.save(path, opt)
+    assert path.read_bytes() == good  # the old checkpoint is intact
+    assert os.listdir(tmp_path) == ["ckpt.npz"]  # and no temporary file is left behind
+    monkeypatch.undo()
+    fastopt.save(path, opt)
+    assert path.read_bytes() != good
+
+
+def corrupt_truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def corrupt_flip(path):
+    import zipfile
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("state/3/exp_avg.npy")  # 50 float64
+    data = bytearray(path.read_bytes())
+    name_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    at = info.header_offset + 30 + name_len + extra_len + 128 + 200  # inside the array's values
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def corrupt_garbage(path):
+    path.write_bytes(os.urandom(300))
+
+
+def corrupt_not_fastopt(path):
+    with open(path, "wb") as f:
+        np.savez(f, weights=np.zeros(3))
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (corrupt_truncate, "corrupted or not a fastopt checkpoint"),
+    (corrupt_flip, "corrupted or not a fastopt checkpoint"),
+    (corrupt_garbage, "corrupted or not a fastopt checkpoint"),
+    (corrupt_not_fastopt, "not a fastopt checkpoint"),
+])
+def test_corrupted_checkpoints_raise_and_change_nothing(corrupt, match, tmp_path, rng):
+    params = make_params(rng)
+    opt = make_opt(REGISTRY["adam"], [p.copy() for p in params])
+    for g in grad_stream(rng, params, 3):
+        opt.step(g)
+    path = tmp_path / "c.npz"
+    fastopt.save(path, opt)
+    corrupt(path)
+    target = make_opt(REGISTRY["adam"], [p.copy() for p in params])
+    target.step(grad_stream(rng, params, 1)[0])
+    before = snapshot(target)
+    with pytest.raises(CheckpointError, match=match):
+        fastopt.load(path, target)
+    assert_same(target, before)
+
+
+def test_missing_file_is_file_not_found(tmp_path, rng):
+    opt = make_opt(REGISTRY["adam"], make_params(rng))
+    with pytest.raises(FileNotFoundError):
+        fastopt.load(tmp_path / "nope.npz", opt)
+
+
+def _mismatches(rng):
+    p = make_params(rng)
+    return [
+        ("other optimizer", lambda: make_opt(REGISTRY["sgd"], [q.copy() for q in p]),
+         "the state dict is for 'adam', this optimizer is 'sgd'"),
+        ("fewer params", lambda: fastopt.Adam([q.copy() for q in p[:3]]), "has 4 params but the optimizer has 3"),
+        ("other shape", lambda: make_opt(REGISTRY["adam"], [q.copy() for q in p[:3]] + [np.zeros(51)]),
+         r"param 3 is float64\[50\] in the state dict but float64\[51\]"),
+        ("other dtype", lambda: make_opt(REGISTRY["adam"], [p[0].astype(np.float64)] + [q.copy() for q in p[1:]]),
+         r"param 0 is float32\[13\] in the state dict but float64\[13\]"),
+        ("other groups", lambda: fastopt.Adam([q.copy() for q in p]), "has 2 param groups but the optimizer has 1"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_mismatched_checkpoints_name_the_mismatch_and_change_nothing(case, tmp_path, rng):
+    params = make_params(rng)
+    opt = make_opt(REGISTRY["adam"], [p.copy() for p in params])
+    opt.step([np.ones_like(p) for p in params])
+    fastopt.save(tmp_path / "c.npz", opt)
+    _, make_target, match = _mismatches(rng)[case]
+    target = make_target()
+    target.step([np.full(p.shape, 0.5, p.dtype) for p in target.params])
+    before = snapshot(target)
+    with pytest.raises(CheckpointError, match=match):
+        fastopt.load(tmp_path / "c.npz", target)
+    assert_same(target, before)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda sd: sd["state"][1].__setitem__("exp_avg", np.zeros(5)), r"exp_avg has shape \(5,\), expected \(4, 6\)"),
+    (lambda sd: sd["state"][0].__setitem__("exp_avg", sd["state"][0]["exp_avg"].astype(np.float64)),
+     "exp_avg has dtype float64, expected float32"),
+    (lambda sd: sd["state"][2].pop("exp_avg_sq"), "state of param 2 is missing exp_avg_sq"),
+    (lambda sd: sd["state"][2].__setitem__("momentum_buffer", np.zeros(12)), "momentum_buffer, which Adam does not"),
+    (lambda sd: sd["state"][3].__setitem__("step", 7), "different step counts"),
+    (lambda sd: sd["param_groups"][0].__setitem__("lr", -1.0), "param group 0: Invalid learning rate: -1.0"),
+    (lambda sd: sd["param_groups"][1].pop("eps"), "param group 1 does not fit Adam: missing eps"),
+    (lambda sd: sd["param_groups"][1].__setitem__("momentum", 0.9), "unknown momentum"),
+    (lambda sd: sd["state"].__setitem__(9, {}), "state for param 9"),
+    (lambda sd: sd.pop("state"), "not an optimizer state dict"),
+])
+def test_bad_state_dicts_name_the_problem_and_change_nothing(edit, match, rng):
+    params = make_params(rng)
+    opt = make_opt(REGISTRY["adam"], [p.copy() for p in params])
+    opt.step([np.ones_like(p) for p in params])
+    sd = opt.state_dict()
+    edit(sd)
+    target = make_opt(REGISTRY["adam"], [p.copy() for p in params])
+    target.step([np.full(p.shape, 0.5, p.dtype) for p in params])
+    before = snapshot(target)
+    with pytest.raises(CheckpointError, match=match):
+        target.load_state_dict(sd)
+    assert_same(target, before)
+
+
+def test_schedule_state_is_checkpointed(tmp_path, rng):
+    p = rng.standard_normal(5)
+    plateau = schedules.ReduceLROnPlateau(0.1, patience=0)
+    opt = fastopt.Adam([p.copy()], lr=schedules.warmup(plateau, 2))
+    opt.step(np.ones(5))
+    plateau.update(1.0)
+    plateau.update(2.0)  # lr drops to 0.01
+    fastopt.save(tmp_path / "c.npz", opt)
+    fresh_plateau = schedules.ReduceLROnPlateau(0.1, patience=0)
+    fresh = fastopt.Adam([p.copy()], lr=schedules.warmup(fresh_plateau, 2))
+    fastopt.load(tmp_path / "c.npz", fresh)
+    assert fresh_plateau.lr == pytest.approx(0.01) and fresh_plateau.best == 1.0
+    assert fresh.steps() == 1
+
+
+# ---- torch.optim conversion ----------------------------------------------------------------------
+
+def torch_kwargs(spec):
+    kw = dict(OPTIONS.get(spec.name, {}))
+    kw["lr"] = LR.get(spec.name, 1e-2)
+    return kw
+
+
+@pytest.mark.parametrize("spec", TORCH_SPECS, ids=[s.name for s in TORCH_SPECS])
+def test_torch_state_dict_round_trip(spec, rng):
+    torch = pytest.importorskip("torch")
+    params = [rng.standard_normal(s) for s in [(13,), (4, 6), (3, 2, 2)]]
+    cls = getattr(fastopt, spec.class_name)
+    ours = cls([p.copy() for p in params], **torch_kwargs(spec))
+    stream = grad_stream(rng, params, 8)
+    for g in stream[:5]:
+        ours.step(g)
+    # fastopt -> torch -> fastopt: the state comes back bit for bit
+    tparams = [torch.from_numpy(p.copy()) for p in ours.params]
+    theirs = getattr(torch.optim, spec.torch_class)(tparams, **torch_kwargs(spec))
+    theirs.load_state_dict(ours.torch_state_dict())
+    back = cls([p.copy() for p in ours.params], **torch_kwargs(spec))
+    back.load_torch_state_dict(theirs.state_dict(), **({"step": 5} if spec.name == "sgd" else {}))
+    assert_same(back, snapshot(ours))
+    # and torch continues from the converted state like fastopt does (float64: close to rounding)
+    for g in stream[5:]:
+        ours.step(g)
+        for tp, gi in zip(tparams, g):
+            tp.grad = torch.from_numpy(gi.copy())
+        theirs.step()
+    for a, t in zip(ours.params, tparams):
+        np.testing.assert_allclose(a, t.numpy(), rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("spec", TORCH_SPECS, ids=[s.name for s in TORCH_SPECS])
+def test_switching_from_torch_keeps_the_state(spec, rng):
+    torch = pytest.importorskip("torch")
+    params = [rng.standard_normal(s) for s in [(9,), (5, 3)]]
+    tparams = [torch.from_numpy(p.copy()) for p in params]
+    theirs = getattr(torch.optim, spec.torch_class)(tparams, **torch_kwargs(spec))
+    stream = grad_stream(rng, params, 7)
+    for g in stream[:4]:
+        for tp, gi in zip(tparams, g):
+            tp.grad = torch.from_numpy(gi.copy())
+        theirs.step()
+    ours = getattr(fastopt, spec.class_name)([tp.numpy().copy() for tp in tparams], **torch_kwargs(spec))
+    ours.load_torch_state_dict(theirs.state_dict(), **({"step": 4} if spec.name == "sgd" else {}))
+    assert ours.steps() == 4
+    for g in stream[4:]:
+        ours.step(g)
+        for tp, gi in zip(tparams, g):
+            tp.grad = torch.from_numpy(gi.copy())
+        theirs.step()
+    for a, t in zip(ours.params, tparams):
+        np.testing.assert_allclose(a, t.numpy(), rtol=1e-7, atol=1e-10)
+
+
+def test_torch_conversion_errors(rng):
+    torch = pytest.importorskip("torch")
+    p = rng.standard_normal(4)
+    with pytest.raises(ValueError, match="torch.optim has no Lion"):
+        fastopt.Lion([p]).torch_state_dict()
+    tp = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    adamw = torch.optim.AdamW([tp])
+    with pytest.raises(CheckpointError, match="load it into fastopt.AdamW"):
+        fastopt.Adam([p]).load_torch_state_dict(adamw.state_dict())
+    sgd = torch.optim.SGD([tp], lr=0.1, momentum=0.9)
+    sd = sgd.state_dict()
+    sd["param_groups"][0]["lookahead"] = 5
+    with pytest.raises(CheckpointError, match="torch key 'lookahead'"):
+        fastopt.SGD([p], lr=0.1, momentum=0.9).load_torch_state_dict(sd)

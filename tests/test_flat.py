@@ -1,0 +1,77 @@
+"""fastopt.flatten: one buffer, views into it, and a step on the buffer equal to the list path."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt.specs import REGISTRY
+
+SHAPES = [(7,), (33, 5), (2, 3, 4), (1,), (0,), (1037,)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_views_share_the_buffer_and_copy_the_values(dtype, rng):
+    arrays = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    originals = [a.copy() for a in arrays]
+    flat = fastopt.flatten(arrays)
+    assert flat.params.ndim == 1 and flat.params.size == sum(a.size for a in arrays)
+    assert flat.params.dtype == dtype and flat.grad.dtype == dtype
+    assert not flat.grad.any()
+    for a, o, v, gv in zip(arrays, originals, flat.views, flat.grad_views):
+        assert v.shape == a.shape and gv.shape == a.shape
+        np.testing.assert_array_equal(v, o)
+        assert np.shares_memory(v, flat.params) or v.size == 0
+        assert np.shares_memory(gv, flat.grad) or gv.size == 0
+        assert not np.shares_memory(v, a)
+    flat.params[...] += 1.0  # writes through to every view
+    for v, o in zip(flat.views, originals):
+        np.testing.assert_array_equal(v, o + 1.0)
+    for a, o in zip(arrays, originals):  # the inputs were copied, not modified
+        np.testing.assert_array_equal(a, o)
+
+
+# LAMB's trust ratio is per array, so it is excluded from "flat equals list"
+ELEMENTWISE = [s for s in REGISTRY.values() if s.name != "lamb"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("spec", ELEMENTWISE, ids=[s.name for s in ELEMENTWISE])
+def test_flat_step_equals_list_step(spec, dtype, rng):
+    arrays = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    flat = fastopt.flatten(arrays)
+    cls = getattr(fastopt, spec.class_name)
+    lr = 0.05 if spec.name == "sgd" else 1e-2
+    flat_opt = cls([flat.params], lr=lr)
+    list_opt = cls([a.copy() for a in arrays], lr=lr)
+    for _ in range(5):
+        grads = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+        flat.set_grads(grads)
+        flat_opt.step([flat.grad])
+        list_opt.step(grads)
+    for v, p in zip(flat.views, list_opt.params):
+        np.testing.assert_array_equal(v, p)
+
+
+def test_grads_written_into_grad_views(rng):
+    arrays = [rng.standard_normal(s) for s in SHAPES]
+    flat = fastopt.flatten(arrays)
+    for gv in flat.grad_views:
+        gv[...] = 2.0
+    np.testing.assert_array_equal(flat.grad, np.full(flat.grad.size, 2.0))
+
+
+def test_flatten_errors(rng):
+    a = rng.standard_normal(4)
+    with pytest.raises(ValueError, match="non-empty list"):
+        fastopt.flatten([])
+    with pytest.raises(TypeError, match=r"arrays\[1\] has dtype float32 but arrays\[0\] has float64"):
+        fastopt.flatten([a, a.astype(np.float32)])
+    with pytest.raises(TypeError, match="floating-point"):
+        fastopt.flatten([np.arange(3)])
+    with pytest.raises(TypeError, match="NumPy or CuPy arrays"):
+        fastopt.flatten([[1.0, 2.0]])
+    flat = fastopt.flatten([a])
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape \(5,\), expected \(4,\)"):
+        flat.set_grads([np.zeros(5)])
+    assert not flat.grad.any()

@@ -1,0 +1,159 @@
+"""Schedules: values at their boundaries, agreement with torch.optim.lr_scheduler, argument errors,
+and a schedule as an optimizer's lr."""
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import schedules as S
+
+
+def test_constant():
+    s = S.constant(0.3)
+    assert [s(0), s(1), s(10 ** 9)] == [0.3, 0.3, 0.3]
+
+
+def test_exponential_decay_smooth_and_staircase():
+    s = S.exponential_decay(1.0, 0.5, transition_steps=10)
+    assert s(0) == 1.0 and s(10) == 0.5 and s(20) == 0.25
+    assert s(5) == pytest.approx(0.5 ** 0.5)
+    st = S.exponential_decay(1.0, 0.5, transition_steps=10, staircase=True)
+    assert [st(0), st(9), st(10), st(19), st(20)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+
+
+def test_step_decay_boundaries():
+    s = S.step_decay(0.1, step_size=3, gamma=0.5)
+    assert [s(0), s(2), s(3), s(5), s(6)] == [0.1, 0.1, 0.05, 0.05, 0.025]
+
+
+def test_multi_step_boundaries():
+    s = S.multi_step(1.0, milestones=[2, 5], gamma=0.1)
+    assert [s(0), s(1), s(2), s(4)] == [1.0, 1.0, pytest.approx(0.1), pytest.approx(0.1)]
+    assert s(5) == pytest.approx(0.01) and s(100) == pytest.approx(0.01)
+
+
+def test_linear_and_polynomial_boundaries():
+    s = S.linear(1.0, 0.0, 4)
+    assert [s(0), s(1), s(2), s(4), s(5)] == [1.0, 0.75, 0.5, 0.0, 0.0]
+    p = S.polynomial(1.0, 0.1, 10, power=2.0)
+    assert p(0) == 1.0 and p(10) == 0.1 and p(11) == 0.1
+    assert p(5) == pytest.approx(0.1 + 0.9 * 0.25)
+    up = S.linear(0.0, 2.0, 4)  # increasing works too
+    assert up(2) == 1.0 and up(4) == 2.0
+
+
+def test_cosine_boundaries():
+    s = S.cosine(1.0, 100, end_value=0.1)
+    assert s(0) == 1.0
+    assert s(50) == pytest.approx(0.55)
+    assert s(100) == 0.1 and s(1000) == 0.1
+    assert s(99) > 0.1
+
+
+def test_warmup_wraps_any_schedule():
+    w = S.warmup(S.cosine(1.0, 10), warmup_steps=4)
+    assert [w(0), w(1), w(2), w(3)] == [0.0, 0.25, 0.5, 0.75]
+    assert w(4) == 1.0 and w(9) == pytest.approx(S.cosine(1.0, 10)(5)) and w(14) == 0.0
+    w2 = S.warmup(0.3, warmup_steps=2, init_value=0.1)  # a number is a constant schedule
+    assert [w2(0), w2(1), w2(2), w2(50)] == [0.1, pytest.approx(0.2), 0.3, 0.3]
+    w3 = S.warmup(S.step_decay(1.0, 2), warmup_steps=0)
+    assert w3(0) == 1.0 and w3(2) == pytest.approx(0.1)
+
+
+def test_reduce_on_plateau_follows_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng()
+    metrics = list(np.cumsum(rng.choice([-1.0, 0.0, 0.5], size=60)) + 100)
+    ours = S.ReduceLROnPlateau(0.1, factor=0.5, patience=2, cooldown=1, min_lr=1e-3)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    theirs = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2, cooldown=1, min_lr=1e-3)
+    seen = set()
+    for m in metrics:
+        theirs.step(m)
+        assert ours.update(m) == pytest.approx(opt.param_groups[0]["lr"])
+        assert ours(123) == ours.lr
+        seen.add(ours.lr)
+    assert len(seen) > 1
+
+
+def test_reduce_on_plateau_max_mode_and_state():
+    r = S.ReduceLROnPlateau(1.0, mode="max", factor=0.1, patience=0, threshold=0.0, threshold_mode="abs")
+    assert r.update(1.0) == 1.0
+    assert r.update(1.0) == pytest.approx(0.1)  # no improvement, patience 0
+    saved = r.state_dict()
+    r2 = S.ReduceLROnPlateau(1.0, mode="max", factor=0.1, patience=0, threshold=0.0, threshold_mode="abs")
+    r2.load_state_dict(saved)
+    assert r2(0) == pytest.approx(0.1) and r2.best == 1.0
+
+
+@pytest.mark.parametrize("torch_name, ours, kwargs", [
+    ("StepLR", lambda: S.step_decay(0.1, 3, 0.5), {"step_size": 3, "gamma": 0.5}),
+    ("MultiStepLR", lambda: S.multi_step(0.1, [2, 7], 0.3), {"milestones": [2, 7], "gamma": 0.3}),
+    ("ExponentialLR", lambda: S.exponential_decay(0.1, 0.9), {"gamma": 0.9}),
+    ("CosineAnnealingLR", lambda: S.cosine(0.1, 10, 0.01), {"T_max": 10, "eta_min": 0.01}),
+    ("PolynomialLR", lambda: S.polynomial(0.1, 0.0, 8, 2.0), {"total_iters": 8, "power": 2.0}),
+])
+def test_matches_torch_schedulers(torch_name, ours, kwargs):
+    torch = pytest.importorskip("torch")
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = getattr(torch.optim.lr_scheduler, torch_name)(opt, **kwargs)
+    s = ours()
+    for count in range(11):  # torch's cosine restarts after T_max; ours stays at end_value (optax)
+        assert s(count) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-12), count
+        opt.step()
+        sched.step()
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: S.constant(-1.0), ValueError, "Invalid value: -1.0"),
+    (lambda: S.exponential_decay(1.0, 0.0), ValueError, "Invalid decay_rate: 0.0"),
+    (lambda: S.exponential_decay(1.0, 0.5, transition_steps=0), ValueError, "Invalid transition_steps: 0"),
+    (lambda: S.step_decay(1.0, 2.5), TypeError, "step_size must be an integer"),
+    (lambda: S.multi_step(1.0, [5, 2]), ValueError, "Invalid milestones"),
+    (lambda: S.cosine(float("nan"), 10), ValueError, "Invalid init_value: nan"),
+    (lambda: S.warmup("fast", 10), TypeError, "schedule must be a schedule"),
+    (lambda: S.ReduceLROnPlateau(1.0, factor=1.5), ValueError, "Invalid factor: 1.5"),
+    (lambda: S.ReduceLROnPlateau(1.0, mode="up"), ValueError, "Invalid mode: 'up'"),
+    (lambda: S.cosine(1.0, 10)(-1), ValueError, "Invalid count: -1"),
+])
+def test_argument_errors(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_schedules_pickle_and_repr():
+    s = S.warmup(S.cosine(0.1, 100), 10)
+    assert pickle.loads(pickle.dumps(s))(37) == s(37)
+    assert repr(s).startswith("warmup(schedule=cosine(init_value=0.1")
+
+
+def test_optimizer_with_schedule_uses_count_of_applied_updates(rng):
+    p = rng.standard_normal(9)
+    grads = [rng.standard_normal(9) for _ in range(6)]
+    sched = S.step_decay(0.1, 2, 0.5)
+    opt = fastopt.SGD([p.copy()], lr=sched)
+    want = p.copy()
+    for t, g in enumerate(grads):
+        opt.step(g)
+        fastopt.sgd_step(want, g, lr=sched(t))
+        assert opt.last_lr == [sched(t)]
+    np.testing.assert_array_equal(opt.params[0], want)
+
+
+def test_reduce_on_plateau_drives_an_optimizer(rng):
+    p = rng.standard_normal(4)
+    plateau = S.ReduceLROnPlateau(0.1, patience=0)
+    opt = fastopt.SGD([p], lr=plateau)
+    opt.step(np.ones(4))
+    assert opt.last_lr == [0.1]
+    plateau.update(1.0)
+    plateau.update(1.0)  # no improvement: lr drops
+    opt.step(np.ones(4))
+    assert opt.last_lr == [pytest.approx(0.01)]
+    assert math.isclose(opt.state_dict()["param_groups"][0]["lr"], 0.01)
