@@ -1,0 +1,236 @@
+"""The Numba CUDA backend: kernels/numba (math as @cuda.jit(device=True) functions, compiled lazily on
+first use per dtype), on Numba device arrays and on anything exposing __cuda_array_interface__ (CuPy
+arrays, torch CUDA tensors), zero-copy and in place. float32 and float64.
+
+Numba kernels cannot take a list of arrays (nor walk a table of raw pointers), so a list is updated by
+one asynchronous launch per array from an already-compiled kernel, with no synchronisation and no
+per-array allocation; the CuPy backend is the one-launch-per-list path. Norms and clipping are the same
+deterministic two-stage float64 reductions as on CuPy and stay on the device; a 0-d device grad_scale is
+read by the kernels. Under NUMBA_ENABLE_CUDASIM=1 the same code runs on the CPU simulator (tiny blocks).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import numbers
+
+import numpy as np
+
+from fastopt.backends.device_arrays import F32, F64, DeviceArray, from_interface, validate_device_arrays
+
+NAME = "numba"
+AVAILABLE = importlib.util.find_spec("numba") is not None
+DTYPES = (F32, F64)
+
+
+def _cuda():
+    from numba import cuda
+    return cuda
+
+
+def simulating() -> bool:
+    from numba import config
+    return bool(config.ENABLE_CUDASIM)
+
+
+@functools.lru_cache(maxsize=None)
+def launch_config():
+    """(threads per block, most blocks per array). The simulator runs each thread as a Python thread:
+    keep it tiny there. The block cap is a constant so that reductions sum in the same order on any GPU."""
+    return (32, 4) if simulating() else (256, 1024)
+
+
+def _kernels(dtype):
+    from fastopt.kernels.numba import kernels
+    return kernels.build(np.dtype(dtype), launch_config()[0])
+
+
+def _grid(n):
+    block, most = launch_config()
+    return max(1, min(-(-n // block), most))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Arrays
+# ---------------------------------------------------------------------------------------------------
+
+def _describe(obj, name):
+    if simulating() and type(obj).__name__ == "FakeCUDAArray":  # the simulator's device array
+        ai = obj.__array_interface__
+        return DeviceArray(obj, ai["data"][0], obj.shape, obj.dtype, obj.flags.c_contiguous, obj.flags.writeable)
+    return from_interface(obj, name)
+
+
+def _flat(a: DeviceArray):
+    """1-d Numba view of a validated array (zero copy)."""
+    obj = a.obj
+    if not simulating() and not hasattr(obj, "copy_to_host"):  # CuPy / torch: view through the interface
+        obj = _cuda().as_cuda_array(obj)
+    return obj.reshape(a.size)
+
+
+def _validate(arrays, names, read_only_slot=1):
+    return validate_device_arrays(arrays, names, _describe, DTYPES, "on the GPU with the numba backend",
+                                  read_only_slot)
+
+
+@functools.lru_cache(maxsize=None)
+def _ones(dtype):
+    return _cuda().to_device(np.ones(1, dtype=dtype))
+
+
+def _device_scale(grad_scale, dtype):
+    """(host factor, 1-element device array of the math dtype the kernels read)."""
+    if grad_scale is None:
+        return 1.0, _ones(dtype)
+    if isinstance(grad_scale, numbers.Real) and not isinstance(grad_scale, (bool, np.bool_)):
+        return float(grad_scale), _ones(dtype)
+    if isinstance(grad_scale, np.ndarray):
+        from fastopt.backends.validate import host_scale
+        return host_scale(grad_scale), _ones(dtype)
+    a = _describe(grad_scale, "grad_scale")
+    if a.dtype.kind != "f":
+        raise TypeError(f"grad_scale must be a real number or a 0-d float array, got dtype {a.dtype}")
+    if a.shape != ():
+        raise ValueError(f"grad_scale must be a scalar or a 0-d array, got shape {a.shape}")
+    src = _flat(a)
+    if a.dtype == dtype:
+        return 1.0, src
+    dst = _cuda().device_array(1, dtype=dtype)
+    _kernels(dtype)["cast_scalar"][1, 1](src, dst)
+    return 1.0, dst
+
+
+@functools.lru_cache(maxsize=256)
+def _offsets(sizes):
+    """Device int64 offsets of each tensor's blocks in a partials buffer (cached per set of sizes)."""
+    counts = [_grid(n) if n else 0 for n in sizes]
+    host = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    return _cuda().to_device(host), int(host[-1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backend interface
+# ---------------------------------------------------------------------------------------------------
+
+def step(spec, arrays, names, hp, step, grad_scale):
+    lists, _ = _validate(arrays, names)
+    if not any(a.size for a in lists[0]):
+        return
+    dtype = lists[0][0].dtype
+    host_scale, gs = _device_scale(grad_scale, dtype)
+    h = tuple(dtype.type(x) for x in spec.scalars(hp, step, host_scale))
+    block = launch_config()[0]
+    k = _kernels(dtype)
+    if spec.two_phase:
+        _lamb(k, lists, h, gs, hp["lr"], dtype)
+        return
+    kernel = k["update"][spec.kernel]
+    variant = spec.variant(hp, step)
+    used = sum(1 << j for j, lst in enumerate(lists[2:]) if lst is not None)
+    for i, p in enumerate(lists[0]):
+        if not p.size:
+            continue
+        fp = _flat(p)
+        states = [_flat(lst[i]) if lst is not None else fp for lst in lists[2:]]
+        states += [fp] * (3 - len(states))  # unused slots: never read nor written
+        kernel[_grid(p.size), block](fp, _flat(lists[1][i]), *states, h, gs, used, variant)
+
+
+def _lamb(k, lists, h, gs, lr, dtype):
+    cuda = _cuda()
+    block = launch_config()[0]
+    sizes = tuple(a.size for a in lists[0])
+    offsets, total = _offsets(sizes)
+    partials = cuda.device_array(2 * total, dtype=np.float64)
+    scaled_lr = cuda.device_array(len(sizes), dtype=dtype)
+    flats = [[_flat(a) if a.size else None for a in lst] for lst in lists[:4]]
+    host_offsets = _host_offsets(sizes)
+    for i, n in enumerate(sizes):
+        if n:
+            k["lamb_moments"][_grid(n), block](flats[0][i], flats[1][i], flats[2][i], flats[3][i], h, gs, partials,
+                                               host_offsets[i])
+    k["lamb_trust"][len(sizes), block](partials, offsets, np.float64(lr), scaled_lr)
+    for i, n in enumerate(sizes):
+        if n:
+            k["lamb_apply"][_grid(n), block](flats[0][i], flats[2][i], flats[3][i], h, scaled_lr, i)
+
+
+@functools.lru_cache(maxsize=256)
+def _host_offsets(sizes):
+    counts = [_grid(n) if n else 0 for n in sizes]
+    return tuple(int(x) for x in np.concatenate(([0], np.cumsum(counts))))
+
+
+def sumsq_per_tensor(grads):
+    """Sum of squares of each array: float64 device array of shape (len,), deterministic."""
+    cuda = _cuda()
+    lists, _ = _validate((grads,), ("grads",), 0)
+    arrays = lists[0]
+    block = launch_config()[0]
+    sizes = tuple(a.size for a in arrays)
+    offsets, total = _offsets(sizes)
+    host_offsets = _host_offsets(sizes)
+    k = _kernels(arrays[0].dtype)
+    partials = cuda.device_array(max(total, 1), dtype=np.float64)
+    for i, a in enumerate(arrays):
+        if a.size:
+            k["sumsq_partials"][_grid(a.size), block](_flat(a), partials, host_offsets[i])
+    out = cuda.device_array(len(arrays), dtype=np.float64)
+    k["sum_segments"][len(arrays), block](partials, offsets, out)
+    return out
+
+
+def _global_norm(sq, max_norm=None):
+    cuda = _cuda()
+    norm = cuda.device_array(1, dtype=np.float64)
+    coef = cuda.device_array(1, dtype=np.float64)
+    _kernels(F64)["global_norm"][1, launch_config()[0]](sq, norm, np.float64(max_norm or 0.0), coef,
+                                                        max_norm is not None)
+    return norm, coef
+
+
+def global_norm(sq):
+    """sqrt(sum(sq)) as a 0-d float64 device array (no host synchronisation)."""
+    return _global_norm(sq)[0].reshape(())
+
+
+def _scale_each(grads, mode, host_coef, coef, max_norm):
+    lists, _ = _validate((grads,), ("grads",), -1)
+    block = launch_config()[0]
+    k = _kernels(lists[0][0].dtype)
+    for t, a in enumerate(lists[0]):
+        if a.size:
+            k["scale"][_grid(a.size), block](_flat(a), mode, np.float64(host_coef), coef, t, np.float64(max_norm))
+
+
+def clip_by_global_norm(grads, sq, max_norm):
+    norm, coef = _global_norm(sq, max_norm)
+    _scale_each(grads, 1, 1.0, coef, 0.0)
+    return norm.reshape(())
+
+
+def clip_by_norm(grads, sq, max_norm):
+    _scale_each(grads, 2, 1.0, sq, max_norm)
+    norms = _cuda().device_array(sq.size, dtype=np.float64)
+    _kernels(F64)["sqrt_all"][_grid(sq.size), launch_config()[0]](sq, norms)
+    out = [norms[i:i + 1].reshape(()) for i in range(sq.size)]
+    return out if isinstance(grads, (list, tuple)) else out[0]
+
+
+def scale_(grads, coef):
+    if isinstance(coef, numbers.Real) and not isinstance(coef, (bool, np.bool_)):
+        _scale_each(grads, 0, float(coef), _ones(F64), 0.0)
+        return
+    _, dev = _device_scale(coef, F64)
+    _scale_each(grads, 1, 1.0, dev, 0.0)
+
+
+def clamp_(grads, clip_value):
+    lists, _ = _validate((grads,), ("grads",), -1)
+    dtype = lists[0][0].dtype
+    block = launch_config()[0]
+    k = _kernels(dtype)
+    for a in lists[0]:
+        if a.size:
+            k["clamp"][_grid(a.size), block](_flat(a), dtype.type(clip_value))

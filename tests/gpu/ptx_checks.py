@@ -1,0 +1,78 @@
+"""Compiles every Numba kernel to PTX for sm_80 and sm_90 (numba.cuda.compile_ptx, NVVM from the
+nvidia-cuda-nvcc wheel; no GPU needed) and checks that the float32 kernels whose math is float32 carry no
+`.f64` instruction. Run as a script in its own process by test_numba_ptx.py, because without a driver it
+has to give numba-cuda a stand-in for "the current device": numba-cuda asks the driver for the compute
+capability when it compiles a device function called from a kernel, even inside compile_ptx.
+Prints `PTX CHECKS: <n> passed, <m> failed`; exits 1 on a failure."""
+from __future__ import annotations
+
+import re
+import sys
+
+import numpy as np
+from numba import cuda, float32, float64, int64, types
+
+import numba.cuda.dispatcher as _dispatcher
+
+if not cuda.is_available():
+    class _StandIn:  # only the compute capability is read
+        compute_capability = (8, 0)
+
+    _dispatcher.get_current_device = lambda: _StandIn()
+
+from fastopt import specs  # noqa: E402
+from fastopt.kernels.numba import kernels as nk  # noqa: E402
+
+BLOCK = 256
+F64_OP = re.compile(r"^\s*[a-z][a-z0-9.]*\.f64\b", re.M)
+
+passed, failed = 0, []
+
+
+def arr(t):
+    return t[::1]
+
+
+def signatures(dt):
+    """kernel name -> argument types, for math dtype dt (float32 / float64)."""
+    a = arr(dt)
+    sig = {}
+    for family in nk.FAMILIES:
+        nscal = max(len(s.scalar_names) for s in specs.REGISTRY.values() if s.kernel == family)
+        sig[f"update[{family}]"] = (a, a, a, a, a, types.UniTuple(dt, nscal), a, int64, int64)
+    lamb = types.UniTuple(dt, len(specs.LAMB.scalar_names))
+    sig["lamb_moments"] = (a, a, a, a, lamb, a, arr(float64), int64)
+    sig["lamb_trust"] = (arr(float64), arr(int64), float64, a)
+    sig["lamb_apply"] = (a, a, a, lamb, a, int64)
+    sig["sumsq_partials"] = (a, arr(float64), int64)
+    sig["sum_segments"] = (arr(float64), arr(int64), arr(float64))
+    sig["global_norm"] = (arr(float64), arr(float64), float64, arr(float64), types.boolean)
+    sig["scale"] = (a, int64, float64, arr(float64), int64, float64)
+    sig["clamp"] = (a, dt)
+    sig["cast_scalar"] = (arr(float64), a)
+    sig["sqrt_all"] = (arr(float64), arr(float64))
+    return sig
+
+
+# float32 kernels whose math is float32 end to end: the updates, LAMB's second phase, clamp
+F32_PURE = {f"update[{f}]" for f in nk.FAMILIES} | {"lamb_apply", "clamp"}
+
+for dt in (float32, float64):
+    ks = nk.build(np.dtype(str(dt)), BLOCK)
+    for name, argtypes in signatures(dt).items():
+        kernel = ks["update"][name[7:-1]] if name.startswith("update[") else ks[name]
+        for cc in ((8, 0), (9, 0)):
+            label = f"{name} {dt} sm_{cc[0]}{cc[1]}"
+            try:
+                ptx, _ = cuda.compile_ptx(kernel.py_func, argtypes, cc=cc)
+                assert f".target sm_{cc[0]}{cc[1]}" in ptx, "wrong target"
+                if dt == float32 and name in F32_PURE:
+                    bad = F64_OP.findall(ptx)
+                    assert not bad, f"float64 instructions in a float32 kernel: {sorted(set(bad))[:5]}"
+                passed += 1
+            except Exception as e:  # report every kernel, not just the first
+                failed.append(label)
+                print(f"FAIL {label}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+
+print(f"PTX CHECKS: {passed} passed, {len(failed)} failed", flush=True)
+sys.exit(1 if failed else 0)

@@ -1,0 +1,202 @@
+"""Runs every Numba kernel on the CUDA simulator against fastopt.reference. Executed as a script in its
+own process by test_numba_sim.py: NUMBA_ENABLE_CUDASIM must be set before numba is first imported.
+Prints one line per failure and `SIM CHECKS: <n> passed, <m> failed` at the end; exits 1 on a failure."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+import numpy as np  # noqa: E402
+from numba import cuda  # noqa: E402
+
+from fastopt import reference, specs  # noqa: E402
+from fastopt.backends import numba_backend as nb  # noqa: E402
+
+assert nb.simulating()
+
+# (optimizer, hyperparameters, steps): every variant of every kernel family
+CONFIGS = [
+    ("sgd", dict(lr=0.1), 2),
+    ("sgd", dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01), 3),
+    ("sgd", dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True), 3),
+    ("adagrad", dict(lr_decay=0.01, weight_decay=0.1), 3),
+    ("rmsprop", dict(), 3),
+    ("rmsprop", dict(centered=True, momentum=0.9, weight_decay=0.01), 3),
+    ("rmsprop", dict(momentum=0.5), 2),
+    ("adam", dict(weight_decay=0.1), 3),
+    ("adam", dict(amsgrad=True, maximize=True), 3),
+    ("adamw", dict(), 3),
+    ("nadam", dict(decoupled_weight_decay=True, weight_decay=0.1), 3),
+    ("radam", dict(beta2=0.9, weight_decay=0.1), 7),  # rectified from step 6 on
+    ("adabelief", dict(), 3),
+    ("lamb", dict(weight_decay=0.01), 3),
+    ("lion", dict(weight_decay=0.1), 3),
+]
+SINGLE_SHAPES = [(0,), (1,), (37,), (3, 5)]
+LIST_SHAPES = [(5,), (0,), (70,), (2, 3)]
+TOL = {np.float32: dict(rtol=3e-5, atol=3e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
+
+passed, failed = 0, []
+
+
+def check(label, fn):
+    global passed
+    try:
+        fn()
+        passed += 1
+    except Exception:
+        failed.append(label)
+        print(f"FAIL {label}\n{traceback.format_exc()}", flush=True)
+
+
+def host(x):
+    return x.copy_to_host() if hasattr(x, "copy_to_host") else np.asarray(x)
+
+
+def run_update(name, options, steps, dtype, shapes, as_list, grad_scale=None):
+    spec = specs.get_spec(name)
+    hp = dict(spec.defaults, **options)
+    active = spec.active_states(hp)
+    rng = np.random.default_rng(len(shapes) + steps)
+    n_used = max([k + 1 for k, a in enumerate(active) if a], default=0)
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads_per_step = [[rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(steps)]
+    states = [[np.zeros(s, dtype) if active[k] else None for s in shapes] for k in range(n_used)]
+    ref_p = [p.astype(np.float64) for p in params]
+    ref_s = [[None if x is None else x.astype(np.float64) for x in st] for st in states]
+    d_p = [cuda.to_device(p) for p in params]
+    d_s = [[None if x is None else cuda.to_device(x) for x in st] for st in states]
+    for t in range(1, steps + 1):
+        d_g = [cuda.to_device(g) for g in grads_per_step[t - 1]]
+        slot = (lambda xs: xs) if as_list else (lambda xs: xs[0])
+        arrays = (slot(d_p), slot(d_g)) + tuple(None if st[0] is None else slot(st) for st in d_s)
+        scale = grad_scale
+        if isinstance(grad_scale, np.ndarray):  # a 0-d array on the (simulated) device
+            scale = cuda.to_device(grad_scale)
+        nb.step(spec, arrays, ("params", "grads") + spec.states[:len(d_s)], hp, t, scale)
+        kw = {h.name: hp[h.name] for h in spec.hypers}
+        if spec.uses_step:
+            kw["step"] = t
+        if grad_scale is not None:
+            kw["grad_scale"] = float(grad_scale)
+        for i in range(len(shapes)):
+            reference.STEPS[name](ref_p[i], grads_per_step[t - 1][i].astype(np.float64),
+                                  *[st[i] for st in ref_s], **kw)
+    for i in range(len(shapes)):
+        np.testing.assert_allclose(host(d_p[i]), ref_p[i], **TOL[dtype], err_msg=f"params[{i}]")
+        for k, st in enumerate(d_s):
+            if st[i] is not None:
+                np.testing.assert_allclose(host(st[i]), ref_s[k][i], **TOL[dtype], err_msg=f"state{k}[{i}]")
+
+
+for dtype in (np.float32, np.float64):
+    for name, options, steps in CONFIGS:
+        for shape in SINGLE_SHAPES:
+            check(f"{name} {options} {dtype.__name__} single {shape}",
+                  lambda: run_update(name, options, steps, dtype, [shape], False))
+        check(f"{name} {options} {dtype.__name__} list",
+              lambda: run_update(name, options, steps, dtype, LIST_SHAPES, True))
+    # grad_scale as a float and as a 0-d device array (read by the kernel)
+    for gs in (0.5, np.array(0.25, dtype=dtype), np.array(0.25, dtype=np.float64)):
+        check(f"adam grad_scale={gs!r} {dtype.__name__}",
+              lambda: run_update("adam", {}, 2, dtype, LIST_SHAPES, True, grad_scale=gs))
+        check(f"lamb grad_scale={gs!r} {dtype.__name__}",
+              lambda: run_update("lamb", {}, 2, dtype, [(37,)], False, grad_scale=gs))
+
+
+def clip_checks(dtype):
+    rng = np.random.default_rng(1)
+    grads = [rng.standard_normal(s).astype(dtype) * 3 for s in LIST_SHAPES]
+    tol = TOL[dtype]
+
+    d = [cuda.to_device(g) for g in grads]
+    sq = nb.sumsq_per_tensor(d)
+    np.testing.assert_allclose(host(sq), [reference.sumsq(g) for g in grads], rtol=1e-12)
+    norm = nb.global_norm(sq)
+    assert np.shape(host(norm)) == (), np.shape(host(norm))
+    np.testing.assert_allclose(host(norm), reference.global_norm(grads), rtol=1e-12)
+
+    for max_norm in (1.0, 1e6):  # clips / does not clip
+        d = [cuda.to_device(g) for g in grads]
+        total = nb.clip_by_global_norm(d, nb.sumsq_per_tensor(d), max_norm)
+        ref_total = reference.global_norm(grads)
+        coef = min(1.0, max_norm / (ref_total + 1e-6))
+        np.testing.assert_allclose(host(total), ref_total, rtol=1e-12)
+        for g, x in zip(grads, d):
+            np.testing.assert_allclose(host(x), g * dtype(coef), **tol)
+
+    d = [cuda.to_device(g) for g in grads]
+    norms = nb.clip_by_norm(d, nb.sumsq_per_tensor(d), 2.0)
+    for g, x, n in zip(grads, d, norms):
+        ref = np.sqrt(reference.sumsq(g))
+        np.testing.assert_allclose(host(n), ref, rtol=1e-12)
+        np.testing.assert_allclose(host(x), g * dtype(min(1.0, 2.0 / (ref + 1e-6))), **tol)
+
+    d = [cuda.to_device(g) for g in grads]
+    nb.clamp_(d, 0.5)
+    for g, x in zip(grads, d):
+        np.testing.assert_array_equal(host(x), np.clip(g, -0.5, 0.5))
+
+    d = [cuda.to_device(g) for g in grads]
+    nb.scale_(d, 0.3)
+    for g, x in zip(grads, d):
+        np.testing.assert_allclose(host(x), g * dtype(0.3), **tol)
+
+    # clip then update, the coefficient never leaving the device
+    spec = specs.get_spec("adam")
+    hp = dict(spec.defaults)
+    p = rng.standard_normal(37).astype(dtype)
+    g = rng.standard_normal(37).astype(dtype) * 10
+    dp, dg = cuda.to_device(p), cuda.to_device(g)
+    m, v = cuda.to_device(np.zeros_like(p)), cuda.to_device(np.zeros_like(p))
+    total = nb.global_norm(nb.sumsq_per_tensor(dg))
+    coef_host = min(1.0, 1.0 / (np.sqrt(reference.sumsq(g)) + 1e-6))
+    coef_dev = cuda.to_device(np.array(coef_host))
+    nb.step(spec, (dp, dg, m, v), ("params", "grads", "exp_avg", "exp_avg_sq"), hp, 1, coef_dev)
+    rp, rm, rv = p.astype(np.float64), np.zeros(37), np.zeros(37)
+    reference.adam_step(rp, g.astype(np.float64), rm, rv, step=1, grad_scale=coef_host)
+    np.testing.assert_allclose(host(dp), rp, **tol)
+    np.testing.assert_allclose(host(total), np.sqrt(reference.sumsq(g)), rtol=1e-12)
+
+
+for dtype in (np.float32, np.float64):
+    check(f"clipping {dtype.__name__}", lambda: clip_checks(dtype))
+
+
+def errors_leave_arrays_unchanged():
+    spec = specs.get_spec("adam")
+    hp = dict(spec.defaults)
+    p = cuda.to_device(np.ones(8, np.float32))
+    g = cuda.to_device(np.ones(8, np.float32))
+    m = cuda.to_device(np.zeros(8, np.float32))
+    bad_v = cuda.to_device(np.zeros(7, np.float32))
+    try:
+        nb.step(spec, ([p], [g], [m], [bad_v]), ("params", "grads", "exp_avg", "exp_avg_sq"), hp, 1, None)
+    except ValueError as e:
+        assert "exp_avg_sq[0] has shape (7,), expected (8,)" in str(e), e
+    else:
+        raise AssertionError("no error for a shape mismatch")
+    assert (host(p) == 1).all() and (host(m) == 0).all()
+    try:
+        nb.step(spec, (p, g, m, cuda.to_device(np.zeros(8, np.float64))),
+                ("params", "grads", "exp_avg", "exp_avg_sq"), hp, 1, None)
+    except TypeError as e:
+        assert "expected float32" in str(e), e
+    else:
+        raise AssertionError("no error for a dtype mismatch")
+    try:
+        nb.step(spec, (p, g, m, p), ("params", "grads", "exp_avg", "exp_avg_sq"), hp, 1, None)
+    except ValueError as e:
+        assert "shares memory" in str(e), e
+    else:
+        raise AssertionError("no error for aliasing")
+    assert (host(p) == 1).all()
+
+
+check("errors leave arrays unchanged", errors_leave_arrays_unchanged)
+
+print(f"SIM CHECKS: {passed} passed, {len(failed)} failed", flush=True)
+sys.exit(1 if failed else 0)
