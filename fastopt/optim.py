@@ -53,6 +53,7 @@ import numbers
 
 import numpy as np
 
+from fastopt.backends import dispatch
 from fastopt.backends.dispatch import array_device, backend_for
 from fastopt.clip import _check_bound, clip_coefficient, global_norm
 from fastopt.functional import init_state
@@ -60,7 +61,7 @@ from fastopt.specs import REGISTRY, REQUIRED, OptimizerSpec
 
 __all__ = ["Optimizer"] + [spec.class_name for spec in REGISTRY.values()]
 
-_OPTIONS = ("clip_grad_norm", "skip_nonfinite", "backend")
+_UNSET = object()
 
 
 def _array_module(x):
@@ -78,7 +79,8 @@ def _is_callable_lr(value):
 class _Bucket:
     """The arrays of one group with one dtype: one multi-tensor kernel call per step."""
 
-    __slots__ = ("params", "indices", "states", "dtype", "is_device", "contiguous_range")
+    __slots__ = ("params", "indices", "states", "dtype", "is_device", "contiguous_range", "tail", "names",
+                 "backend", "backend_key")
 
     def __init__(self, params, indices, states, dtype, is_device):
         self.params = params            # list of arrays
@@ -89,6 +91,10 @@ class _Bucket:
         # when the bucket is a contiguous slice of the flat order, grads are sliced, not gathered
         self.contiguous_range = (indices[0], indices[-1] + 1) if indices == list(
             range(indices[0], indices[-1] + 1)) else None
+        self.tail = None        # the state lists of the kernel call (set when the group's hp change)
+        self.names = None       # ("params", "grads", state names...) for the kernel's error messages
+        self.backend = None     # the backend module, resolved once per use_backend context
+        self.backend_key = _UNSET
 
 
 class Optimizer:
@@ -146,14 +152,14 @@ class Optimizer:
             raise TypeError("params must be a list of arrays or a list of param-group dicts, not a mix")
         return [{"params": list(params)}]
 
-    def _hyper_keys(self):
+    @classmethod
+    def _hyper_keys(cls) -> tuple:
         """Constructor / group keys in torch style: beta1 and beta2 appear as `betas`."""
-        keys = []
-        for h in self.spec.hypers:
-            if h.name == "beta1":
-                keys.append("betas")
-            elif h.name != "beta2":
-                keys.append(h.name)
+        keys = cls.__dict__.get("_keys")
+        if keys is None:
+            keys = tuple("betas" if h.name == "beta1" else h.name for h in cls.spec.hypers if h.name != "beta2")
+            cls._keys = keys
+            cls._keys_but_lr = tuple(k for k in keys if k != "lr")
         return keys
 
     def _normalise_group(self, group: dict, where: str, require_all=False) -> dict:
@@ -239,10 +245,12 @@ class Optimizer:
     def _hyperparameters(self, gi: int) -> dict:
         """Validated hyperparameters of group gi for its next step. Validation of everything but the
         learning rate is cached while the group's values do not change (the per-step cost is a tuple
-        comparison); the learning rate, which schedules change every step, is checked every step."""
+        comparison); the learning rate, which schedules change every step, is checked every step.
+        On a change the group's kernel arguments are rebuilt (a new state may be needed)."""
         group = self.param_groups[gi]
         spec = self.spec
-        key = tuple(group[k] for k in self._hyper_keys() if k != "lr")
+        self._hyper_keys()
+        key = tuple([group[k] for k in self._keys_but_lr])
         cached = self._hp_cache[gi]
         lr = group["lr"]
         if _is_callable_lr(lr):
@@ -256,6 +264,9 @@ class Optimizer:
         hp = self._resolve_hp(group, self._group_steps[gi])
         hp["lr"] = lr
         spec.validate(hp, self._group_steps[gi] + 1)
+        for bucket in self._buckets[gi]:
+            self._ensure_states(bucket, hp)
+            self._plan(bucket, hp)
         self._hp_cache[gi] = (key, hp)
         return hp
 
@@ -314,62 +325,72 @@ class Optimizer:
             return grads[r[0]:r[1]]
         return [grads[i] for i in bucket.indices]
 
-    def _gradient_scale(self, per_bucket_grads, buckets):
-        """(grad_scale, found_inf, skip_now): one norm pass over the gradients serves both clipping and
-        the non-finite check."""
-        norms = [global_norm(g, backend=self.backend) for g in per_bucket_grads]
-        device = any(b.is_device for b in buckets)
-        if not device:
-            total = math.sqrt(sum(float(n) ** 2 for n in norms)) if len(norms) > 1 else float(norms[0])
+    def _gradient_scale(self, grads):
+        """(grad_scale, found_inf, skip_now) from one sum-of-squares pass over the gradients, which
+        serves both clipping and the non-finite check."""
+        buckets = [b for bs in self._buckets for b in bs]
+        if not any(b.is_device for b in buckets):
+            # host: the per-array sums of squares, added in order like clip_by_global_norm does
+            sq = []
+            for b in buckets:
+                sq += self._backend(b).sumsq_per_tensor(self._bucket_grads(b, grads)).tolist()
+            total = math.sqrt(sum(sq))
             if self.skip_nonfinite and not math.isfinite(total):
                 return None, None, True
             scale = clip_coefficient(total, self.clip_grad_norm) if self.clip_grad_norm is not None else None
             return scale, None, False
-        xp = _array_module(per_bucket_grads[0][0])
+        # device: 0-d device arrays throughout, no host round trip
+        norms = [global_norm(self._bucket_grads(b, grads), backend=self.backend) for b in buckets]
+        xp = _array_module(norms[0])
         total = norms[0] if len(norms) == 1 else xp.sqrt(sum(xp.asarray(n) ** 2 for n in norms))
         scale = None
         if self.clip_grad_norm is not None:
-            scale = xp.minimum(1.0, self.clip_grad_norm / (total + 1e-6))  # on the device: no sync
+            scale = xp.minimum(1.0, self.clip_grad_norm / (total + 1e-6))
         if not self.skip_nonfinite:
             return scale, None, False
         found_inf = ~xp.isfinite(total)
-        if all(getattr(backend_for(b.params, self.backend), "SUPPORTS_FOUND_INF", False) for b in buckets):
-            self._skipped_device = found_inf.astype(xp.int64) if self._skipped_device is None else \
-                self._skipped_device + found_inf
+        if all(getattr(self._backend(b), "SUPPORTS_FOUND_INF", False) for b in buckets):
+            counted = found_inf.astype(xp.int64)
+            self._skipped_device = counted if self._skipped_device is None else self._skipped_device + counted
             return scale, found_inf, False
-        # no device-side skip in this backend: read the flag (one synchronisation)
+        # this backend cannot skip on the device: read the flag (one synchronisation)
         return scale, None, bool(found_inf)
+
+    def _backend(self, bucket):
+        """The bucket's backend module, resolved again only when a use_backend block changes it (the
+        FASTOPT_BACKEND variable is read when it is resolved)."""
+        key = dispatch._forced.get()
+        if bucket.backend_key is not key:
+            bucket.backend = backend_for(bucket.params, self.backend)
+            bucket.backend_key = key
+        return bucket.backend
 
     def step(self, grads) -> bool:
         """Apply one update with `grads` (a list of arrays in the order of `opt.params`; one array when
         there is a single param). Returns False when the step was skipped (skip_nonfinite and a
         NaN/Inf gradient), else True."""
         grads = self._grad_list(grads)
-        ngroups = len(self.param_groups)
+        buckets = self._buckets
+        ngroups = len(buckets)
         hps = [self._hyperparameters(gi) for gi in range(ngroups)]
-        nbuckets = sum(len(b) for b in self._buckets)
-        if nbuckets > 1:
+        if ngroups > 1 or len(buckets[0]) > 1:
             self._check_grads(grads)
-        plan = []
-        for gi in range(ngroups):
-            for bucket in self._buckets[gi]:
-                self._ensure_states(bucket, hps[gi])
-                plan.append((gi, bucket, self._bucket_grads(bucket, grads)))
-        grad_scale, found_inf = None, None
+        grad_scale = found_inf = None
         if self.clip_grad_norm is not None or self.skip_nonfinite:
-            grad_scale, found_inf, skip = self._gradient_scale([g for _, _, g in plan], [b for _, b, _ in plan])
+            grad_scale, found_inf, skip = self._gradient_scale(grads)
             if skip:
                 self._skipped_host += 1
                 return False
         spec = self.spec
-        for gi, bucket, g in plan:
-            hp = hps[gi]
-            arrays, names = self._arrays(bucket, g, hp)
-            be = backend_for(bucket.params, self.backend)
-            if found_inf is not None:
-                be.step(spec, arrays, names, hp, self._group_steps[gi] + 1, grad_scale, found_inf=found_inf)
-            else:
-                be.step(spec, arrays, names, hp, self._group_steps[gi] + 1, grad_scale)
+        for gi in range(ngroups):
+            hp, t = hps[gi], self._group_steps[gi] + 1
+            for bucket in buckets[gi]:
+                arrays = (bucket.params, self._bucket_grads(bucket, grads)) + bucket.tail
+                be = self._backend(bucket)
+                if found_inf is None:
+                    be.step(spec, arrays, bucket.names, hp, t, grad_scale)
+                else:
+                    be.step(spec, arrays, bucket.names, hp, t, grad_scale, found_inf=found_inf)
         for gi in range(ngroups):
             self._group_steps[gi] += 1
             self._last_lr[gi] = hps[gi]["lr"]
@@ -382,14 +403,14 @@ class Optimizer:
                 bucket.states[name] = init_state(self.spec.name, bucket.params,
                                                  **self._state_options(hp))[name]
 
-    def _arrays(self, bucket, grads, hp):
+    def _plan(self, bucket, hp):
+        """The state lists and argument names of the bucket's kernel call for these hyperparameters."""
         spec = self.spec
-        arrays = [bucket.params, grads]
-        for name, used in zip(spec.states, spec.active_states(hp)):
-            arrays.append(bucket.states[name] if used else None)
-        while len(arrays) > 2 and arrays[-1] is None:
-            arrays.pop()
-        return tuple(arrays), ("params", "grads") + spec.states[:len(arrays) - 2]
+        tail = [bucket.states[name] if used else None for name, used in zip(spec.states, spec.active_states(hp))]
+        while tail and tail[-1] is None:
+            tail.pop()
+        bucket.tail = tuple(tail)
+        bucket.names = ("params", "grads") + spec.states[:len(tail)]
 
     def zero_grad(self):  # torch users reach for it; gradients here are arguments, not attributes
         """No-op: fastopt takes the gradients as an argument of step()."""
