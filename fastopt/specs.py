@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Mapping
 
 import numpy as np
@@ -146,9 +147,13 @@ class OptimizerSpec:
         if self.extra_check is not None:
             self.extra_check(hp)
 
+    @cached_property
+    def _state_predicates(self):
+        return tuple(self.optional_states.get(s) for s in self.states)
+
     def active_states(self, hp: Mapping) -> tuple[bool, ...]:
         """For each state slot: does this configuration read and write it?"""
-        return tuple(self.optional_states.get(s, lambda hp: True)(hp) for s in self.states)
+        return tuple(True if pred is None else bool(pred(hp)) for pred in self._state_predicates)
 
     def bytes_per_element(self, hp: Mapping, itemsize: int = 4) -> int:
         """Bytes an update must move per parameter: each array read once, each written array written

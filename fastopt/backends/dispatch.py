@@ -56,6 +56,7 @@ def cython_available() -> bool:
     return _module("cython").AVAILABLE
 
 
+
 def array_device(x) -> str:
     """'host' or 'device' for one array-like; TypeError for anything that is not an array."""
     if isinstance(x, np.ndarray):
@@ -85,6 +86,9 @@ def backend_for(params, backend=None):
     first = _first_array(params)
     if first is None:
         return None
+    if backend is None and type(first) is np.ndarray and _forced.get() is None and \
+            "FASTOPT_BACKEND" not in os.environ and _cython.AVAILABLE:
+        return _cython  # the common case, without the general resolution below (it runs every step)
     device = array_device(first)
     if backend is not None:
         _check_name(backend)
@@ -142,3 +146,6 @@ def as_numpy(obj, name="array"):
     except TypeError:
         raise TypeError(f"{name} must be an array (NumPy, CuPy, or an object exposing its memory), "
                         f"got {type(obj).__name__}") from None
+
+
+_cython = _module("cython")  # loaded last: its helpers import as_numpy from this module
