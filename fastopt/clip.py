@@ -28,7 +28,12 @@ def _check_bound(name, value):
 
 
 def clip_coefficient(total_norm, max_norm):
-    """min(1, max_norm / (total_norm + 1e-6)); a NaN norm gives NaN (torch.clamp(max=1) semantics)."""
+    """min(1, max_norm / (total_norm + 1e-6)); a NaN norm gives NaN (torch.clamp(max=1) semantics).
+    A norm on the GPU (a 0-d device array from a GPU backend) gives a 0-d device array, computed there
+    without reading the norm back: pass it on as `grad_scale=` to fuse clipping into the update."""
+    if hasattr(total_norm, "__cuda_array_interface__"):
+        import cupy
+        return cupy.minimum(max_norm / (cupy.asarray(total_norm) + 1e-6), 1.0)
     coef = max_norm / (total_norm + 1e-6)
     return 1.0 if coef >= 1.0 else coef
 
