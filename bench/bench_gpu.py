@@ -1,0 +1,8 @@
+"""GPU benchmark script: `python bench/bench_gpu.py [--quick] [--out bench/results/gpu-<device>.json]`.
+The same as `fastopt bench --device gpu`; see fastopt/benchmark_gpu.py."""
+import sys
+
+from fastopt.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", "--device", "gpu", *sys.argv[1:]]))
