@@ -471,6 +471,8 @@ def _make_class(spec: OptimizerSpec):
     """A subclass of Optimizer with torch.optim's constructor signature for this optimizer: params and
     lr positional, everything else keyword-only (torch's positional orders differ between classes;
     keywords cannot be silently misassigned)."""
+    if spec.hypers[0].name != "lr":  # Optimizer._hyperparameters checks the lr as hypers[0]
+        raise TypeError(f"{spec.name}: the first hyperparameter of a spec must be lr")
     args, defaults, pairs = [], {}, []
     for h in spec.hypers:
         if h.name == "beta2":
