@@ -1,6 +1,6 @@
 """Optimizer-class benchmark (CPU): writes bench/results/optim-cpu.json with machine info.
 
-    .venv/bin/python bench/bench_optim.py [--quick]
+    .venv/bin/python bench/bench_optim.py [--quick] [--threads 1,2]
 
 1. Class step overhead: fastopt.Adam(...).step(grads) against the bare functional call
    fastopt.adam_step(params, grads, exp_avg, exp_avg_sq, step=t) on the same list of tiny arrays
@@ -76,13 +76,17 @@ def overhead(quick):
             fastopt.adam_step(fparams, grads, state["exp_avg"], state["exp_avg_sq"], step=t[0], lr=1e-3)
 
         calls = (2000 if not quick else 300) // max(1, n // 10)
-        res = interleaved({"functional": functional, "class": lambda: opt.step(grads),
-                           "class_schedule": lambda: opt_sched.step(grads)}, calls, 15 if not quick else 5)
+        res, best = interleaved({"functional": functional, "class": lambda: opt.step(grads),
+                                 "class_schedule": lambda: opt_sched.step(grads)}, calls, 15 if not quick else 5,
+                                with_min=True)
         us = {k: v * 1e6 for k, v in res.items()}
+        us_min = {k: v * 1e6 for k, v in best.items()}
         rows.append({"arrays": n, "functional_us": us["functional"], "class_us": us["class"],
                      "class_with_schedule_us": us["class_schedule"],
                      "overhead_us": us["class"] - us["functional"],
                      "overhead_with_schedule_us": us["class_schedule"] - us["functional"],
+                     "overhead_min_us": us_min["class"] - us_min["functional"],
+                     "functional_min_us": us_min["functional"], "class_min_us": us_min["class"],
                      "target_us": 5.0 + 1.0 * n})
         print(f"overhead  {n:4d} arrays: functional {us['functional']:8.2f} us  class {us['class']:8.2f} us  "
               f"(+schedule {us['class_schedule']:8.2f})  overhead {us['class'] - us['functional']:+7.2f} us  "
@@ -173,14 +177,28 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few repeats (a smoke run, not for the record)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "optim-cpu.json"))
+    ap.add_argument("--threads", default="1,2",
+                    help="comma-separated thread counts (fastopt and torch alike), one run each")
     args = ap.parse_args(argv)
-    report = {"machine": machine_info(), "overhead": overhead(args.quick)}
-    try:
-        import torch  # noqa: F401
-        report["small_arrays"] = small_arrays(args.quick)
-    except ImportError:
-        print("torch not installed: skipping the torch comparison")
-    report["clip_skip"] = clip_skip(args.quick)
+    # the machine may be shared: the load average says how much the numbers can be trusted
+    report = {"machine": machine_info(), "timing": "median of interleaved rounds (and minimum where noted)",
+              "runs": {}}
+    for threads in [int(t) for t in args.threads.split(",")]:
+        fastopt.set_num_threads(threads)
+        try:
+            import torch
+            torch.set_num_threads(threads)
+        except ImportError:
+            torch = None
+        print(f"--- {threads} thread(s)")
+        run = {"threads": threads, "load_average_at_start": os.getloadavg(), "overhead": overhead(args.quick)}
+        if torch is not None:
+            run["small_arrays"] = small_arrays(args.quick)
+        else:
+            print("torch not installed: skipping the torch comparison")
+        run["clip_skip"] = clip_skip(args.quick)
+        run["load_average_at_end"] = os.getloadavg()
+        report["runs"][str(threads)] = run
     if not args.quick:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as f:

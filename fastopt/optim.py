@@ -18,10 +18,10 @@ with per-group hyperparameters (torch semantics: missing keys take the construct
 One call per group and dtype. At construction each group's arrays are split by dtype into buckets;
 `step(grads)` makes one multi-tensor kernel call per bucket, never one per array.
 
-Steps and schedules. Each group counts the updates it has applied (`opt.param_groups[i]["step"]`
-is not stored in the group; see `opt.steps(i)`). Step t (1-based) feeds bias corrections. A group's
-`lr` may be a schedule, i.e. any callable count -> lr; it is called with the number of updates
-already applied to the group (0 for the first step), like optax.
+Steps and schedules. Each group counts the updates it has applied (`opt.steps(i)`); the update
+being taken is step t = count + 1, which feeds the bias corrections. A group's `lr` may be a
+schedule, i.e. any callable count -> lr; it is called with the number of updates already applied to
+the group (0 for the first step), like optax. Skipped steps do not count.
 
 Fused clipping and non-finite skipping. `clip_grad_norm=max_norm` computes the global L2 norm of all
 gradients once (one read of the gradients) and hands min(1, max_norm / (norm + 1e-6)) to the update
