@@ -69,13 +69,6 @@ for _spec in REGISTRY.values():
 del _spec
 
 
-def _array_module(x):
-    if type(x).__module__.startswith("cupy"):
-        import cupy
-        return cupy
-    return None
-
-
 def init_state(name: str, params, **options) -> dict:
     """Zero-filled state arrays for optimizer `name`, shaped like `params` (one array or a list), on the
     params' device, keyed by the state names of `<name>_step`. `options` are that optimizer's
@@ -99,12 +92,11 @@ def init_state(name: str, params, **options) -> dict:
         spec.extra_check(hp)
 
     def zeros(p):
-        xp = _array_module(p)
-        if xp is not None:
-            return xp.zeros_like(p)
         if array_device(p) == "device":
             import cupy
-            return cupy.zeros_like(cupy.asarray(p))
+            p = cupy.asarray(p)
+            # float16 params keep float32 state (float16 moments underflow; the kernels do float32 math)
+            return cupy.zeros(p.shape, cupy.float32 if p.dtype == cupy.float16 else p.dtype)
         return np.zeros_like(as_numpy(p, "params"))
 
     out = {}

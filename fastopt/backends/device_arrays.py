@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastopt.backends.validate import _check_disjoint, _label
+from fastopt.backends.validate import validate_arrays
 
 F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 
@@ -70,61 +70,22 @@ def from_interface(obj, name):
                        not readonly)
 
 
+class _DeviceApi:
+    """The members validate_arrays needs, for DeviceArray views."""
+
+    def __init__(self, describe, dtypes, where):
+        self.convert, self.dtypes, self.where = describe, dtypes, where
+
+    pointer = staticmethod(lambda a: a.ptr)
+    c_contiguous = staticmethod(lambda a: a.c_contiguous)
+    writeable = staticmethod(lambda a: a.writeable)
+    state_dtype = staticmethod(state_dtype)
+
+
 def validate_device_arrays(arrays, names, describe, dtypes, where, read_only_slot=1):
     """arrays = (params, grads, state0, ...), each one array or a list (None: unused state slot).
     describe(obj, label) -> DeviceArray. Returns (lists, is_list): every entry as a list of DeviceArray
-    (None kept). Entry read_only_slot is only read (grads of an update: 1); -1 when all are written."""
-    first = arrays[0]
-    is_list = isinstance(first, (list, tuple))
-    lists = []
-    for k, entry in enumerate(arrays):
-        if entry is None:
-            lists.append(None)
-            continue
-        if isinstance(entry, (list, tuple)) != is_list:
-            raise TypeError(f"{names[k]} must be {'a list of arrays' if is_list else 'one array'}, like {names[0]}; "
-                            f"got {type(entry).__name__}")
-        if is_list:
-            if len(entry) != len(first):
-                raise ValueError(f"{names[k]} has {len(entry)} arrays but {names[0]} has {len(first)}")
-            lists.append(list(entry))
-        else:
-            lists.append([entry])
-    ref_dtype = None
-    spans = []
-    for i in range(len(lists[0])):
-        p = None
-        for k, lst in enumerate(lists):
-            if lst is None:
-                continue
-            label = _label(names, k, i, is_list)
-            a = describe(lst[i], label)
-            lst[i] = a
-            if k == 0:
-                p = a
-                if a.dtype not in dtypes:
-                    raise TypeError(f"{label} has dtype {a.dtype}; fastopt updates "
-                                    f"{' or '.join(str(d) for d in dtypes)} arrays {where}")
-                if ref_dtype is None:
-                    ref_dtype = a.dtype
-                elif a.dtype != ref_dtype:
-                    raise TypeError(f"{label} has dtype {a.dtype} but {names[0]}[0] has {ref_dtype}: one call "
-                                    f"updates one dtype (group the arrays by dtype)")
-            else:
-                expected = p.dtype if k <= 1 else state_dtype(p.dtype)
-                if a.dtype != expected:
-                    why = (f"the dtype of {_label(names, 0, i, is_list)}" if expected == p.dtype else
-                           f"float16 params keep float32 state; see fastopt.init_state")
-                    raise TypeError(f"{label} has dtype {a.dtype}, expected {expected} ({why})")
-                if a.shape != p.shape:
-                    raise ValueError(f"{label} has shape {a.shape}, expected {p.shape} "
-                                     f"(the shape of {_label(names, 0, i, is_list)})")
-            if not a.c_contiguous:
-                raise ValueError(f"{label} is not C-contiguous")
-            written = k != read_only_slot
-            if written and not a.writeable:
-                raise ValueError(f"{label} is read-only")
-            if a.size:
-                spans.append((a.ptr, a.ptr + a.nbytes, written, k, i))
-    _check_disjoint(spans, names, is_list)
-    return tuple(lists), is_list
+    (None kept). Entry read_only_slot is only read (grads of an update: 1); -1 when all are written.
+    The checks and messages are the host ones (validate.validate_arrays)."""
+    lists = validate_arrays(arrays, names, _DeviceApi(describe, dtypes, where), read_only_slot)
+    return lists, isinstance(arrays[0], (list, tuple))

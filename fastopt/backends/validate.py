@@ -13,7 +13,8 @@ HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class HostArrays:
-    """How to look at host arrays: convert to NumPy (zero copy), data pointer, accepted dtypes."""
+    """How the checks look at host arrays: converted to NumPy (zero copy); the GPU backends pass their
+    own class with the same members (fastopt/backends/device_arrays.py)."""
 
     dtypes = HOST_DTYPES
     where = "on the CPU"
@@ -25,6 +26,19 @@ class HostArrays:
     @staticmethod
     def pointer(a):
         return a.__array_interface__["data"][0]
+
+    @staticmethod
+    def c_contiguous(a):
+        return a.flags.c_contiguous
+
+    @staticmethod
+    def writeable(a):
+        return a.flags.writeable
+
+    @staticmethod
+    def state_dtype(param_dtype):
+        """The dtype a state array of a `param_dtype` param must have."""
+        return param_dtype
 
 
 def _label(names, k, i, is_list):
@@ -73,16 +87,18 @@ def validate_arrays(arrays, names, api=HostArrays, read_only_slot=1):
                     raise TypeError(f"{label} has dtype {a.dtype} but {names[0]}[0] has {ref_dtype}: one call "
                                     f"updates one dtype (group the arrays by dtype)")
             else:
-                if a.dtype != p.dtype:
-                    raise TypeError(f"{label} has dtype {a.dtype}, expected {p.dtype} "
-                                    f"(the dtype of {_label(names, 0, i, is_list)})")
+                expected = p.dtype if k == 1 else api.state_dtype(p.dtype)
+                if a.dtype != expected:
+                    why = (f"the dtype of {_label(names, 0, i, is_list)}" if expected == p.dtype else
+                           f"{p.dtype} params keep {expected} state; see fastopt.init_state")
+                    raise TypeError(f"{label} has dtype {a.dtype}, expected {expected} ({why})")
                 if tuple(a.shape) != tuple(p.shape):
                     raise ValueError(f"{label} has shape {tuple(a.shape)}, expected {tuple(p.shape)} "
                                      f"(the shape of {_label(names, 0, i, is_list)})")
-            if not a.flags.c_contiguous:
+            if not api.c_contiguous(a):
                 raise ValueError(f"{label} is not C-contiguous")
             written = k != read_only_slot
-            if written and not a.flags.writeable:
+            if written and not api.writeable(a):
                 raise ValueError(f"{label} is read-only")
             if a.size:
                 start = api.pointer(a)
