@@ -195,7 +195,7 @@ def _check_state(opt, state, new_groups):
         active = [name for name, used in zip(opt.spec.states, opt.spec.active_states(hp)) if used]
         group_step = None
         for bucket in buckets:
-            for i, p in zip(bucket.indices, bucket.params):
+            for j, (i, p) in enumerate(zip(bucket.indices, bucket.params)):
                 entry = state.get(i, {})
                 step = entry.get("step", 0)
                 if not isinstance(step, numbers.Integral) or isinstance(step, (bool, np.bool_)) or step < 0:
@@ -224,9 +224,12 @@ def _check_state(opt, state, new_groups):
                     if tuple(a.shape) != tuple(p.shape):
                         _fail(f"state of param {i}: {name} has shape {tuple(a.shape)}, expected {tuple(p.shape)} "
                               f"(the shape of the param)")
-                    if _dtype_name(a.dtype) != _dtype_name(p.dtype):
-                        _fail(f"state of param {i}: {name} has dtype {_dtype_name(a.dtype)}, expected "
-                              f"{_dtype_name(p.dtype)} (the dtype of the param)")
+                    # the dtype of the optimizer's own state array (float16 device params keep float32
+                    # state), else the param's
+                    live = bucket.states.get(name)
+                    want = _dtype_name(live[j].dtype if live is not None else p.dtype)
+                    if _dtype_name(a.dtype) != want:
+                        _fail(f"state of param {i}: {name} has dtype {_dtype_name(a.dtype)}, expected {want}")
                     arrays[name] = a
                 checked[i] = arrays
         steps.append(group_step or 0)

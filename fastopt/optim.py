@@ -423,7 +423,7 @@ class Optimizer:
         return list(self._last_lr)
 
     def state_arrays(self, index: int) -> dict:
-        """State arrays of the param at flat position `index` (name -> array; views, not copies)."""
+        """State arrays of the param at flat position `index` (name -> the live array, not a copy)."""
         for buckets in self._buckets:
             for bucket in buckets:
                 if index in bucket.indices:
