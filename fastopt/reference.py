@@ -87,7 +87,7 @@ def _adam(p, g, m, v, vmax, *, step, lr, beta1, beta2, eps, weight_decay, amsgra
         second = v
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2 = 1.0 - beta2 ** step
-    denom = np.sqrt(second) / bias_correction2 ** 0.5 + eps
+    denom = np.sqrt(second) * (1.0 / bias_correction2 ** 0.5) + eps
     _store(p, p - (lr / bias_correction1) * (m / denom))
 
 
@@ -122,9 +122,10 @@ def nadam_step(p, g, exp_avg, exp_avg_sq, *, step, lr=2e-3, beta1=0.9, beta2=0.9
     mu_product_next = mu_product * mu_next
     _store(exp_avg, beta1 * exp_avg + (1.0 - beta1) * g)
     _store(exp_avg_sq, beta2 * exp_avg_sq + (1.0 - beta2) * (g * g))
-    denom = np.sqrt(exp_avg_sq / (1.0 - beta2 ** step)) + eps
-    _store(p, p - (lr * (1.0 - mu) / (1.0 - mu_product)) * (g / denom))
-    _store(p, p - (lr * mu_next / (1.0 - mu_product_next)) * (exp_avg / denom))
+    denom = np.sqrt(exp_avg_sq * (1.0 / (1.0 - beta2 ** step))) + eps
+    grad_coef = lr * (1.0 - mu) / (1.0 - mu_product)
+    exp_avg_coef = lr * mu_next / (1.0 - mu_product_next)
+    _store(p, p - (grad_coef * g + exp_avg_coef * exp_avg) / denom)
 
 
 def radam_step(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
@@ -135,14 +136,14 @@ def radam_step(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.9
     _store(exp_avg_sq, beta2 * exp_avg_sq + (1.0 - beta2) * (g * g))
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2 = 1.0 - beta2 ** step
-    update = (exp_avg / bias_correction1) * lr
+    step_size = lr / bias_correction1
     rho_inf = 2.0 / (1.0 - beta2) - 1.0
     rho_t = rho_inf - 2.0 * step * (beta2 ** step) / bias_correction2
-    if rho_t > 5.0:
-        rect = math.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
-        update = update * (bias_correction2 ** 0.5 / (np.sqrt(exp_avg_sq) + eps))
-        update = update * rect
-    _store(p, p - update)
+    if rho_t > 5.0:  # variance rectification; the adaptive step lr * sqrt(bc2) / (sqrt(v) + eps) * rect
+        rect = ((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)) ** 0.5
+        _store(p, p - (step_size * bias_correction2 ** 0.5 * rect) * (exp_avg / (np.sqrt(exp_avg_sq) + eps)))
+    else:
+        _store(p, p - step_size * exp_avg)
 
 
 def adabelief_step(p, g, exp_avg, exp_avg_var, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-16,
@@ -155,7 +156,7 @@ def adabelief_step(p, g, exp_avg, exp_avg_var, *, step, lr=1e-3, beta1=0.9, beta
     _store(exp_avg_var, exp_avg_var + eps)
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2 = 1.0 - beta2 ** step
-    denom = np.sqrt(exp_avg_var) / bias_correction2 ** 0.5 + eps
+    denom = np.sqrt(exp_avg_var) * (1.0 / bias_correction2 ** 0.5) + eps
     _store(p, p - (lr / bias_correction1) * (exp_avg / denom))
 
 
@@ -165,7 +166,7 @@ def lamb_step(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.99
     _store(exp_avg, beta1 * exp_avg + (1.0 - beta1) * g)
     _store(exp_avg_sq, beta2 * exp_avg_sq + (1.0 - beta2) * (g * g))
     bc1, bc2 = (1.0 - beta1 ** step, 1.0 - beta2 ** step) if bias_correction else (1.0, 1.0)
-    update = (exp_avg / bc1) / (np.sqrt(exp_avg_sq / bc2) + eps) + weight_decay * p
+    update = (exp_avg * (1.0 / bc1)) / (np.sqrt(exp_avg_sq * (1.0 / bc2)) + eps) + weight_decay * p
     param_norm = math.sqrt(sumsq(p))
     update_norm = math.sqrt(sumsq(update))
     trust = param_norm / update_norm if param_norm > 0 and update_norm > 0 else 1.0

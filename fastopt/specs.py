@@ -264,7 +264,7 @@ def _adam_like_scalars(decoupled):
         bias_correction2 = 1.0 - hp["beta2"] ** step
         l2, decay = _weight_decay_split(hp, decoupled(hp))
         return (_gs(hp, grad_scale), *_moments(hp), hp["eps"], l2, decay, hp["lr"] / bias_correction1,
-                bias_correction2 ** 0.5)
+                1.0 / bias_correction2 ** 0.5)
     return scalars
 
 
@@ -292,7 +292,7 @@ def _nadam_scalars(hp, step, grad_scale):
     mu_product = nadam_mu_product(b1, md, step)
     mu_product_next = mu_product * mu_next
     l2, decay = _weight_decay_split(hp, hp["decoupled_weight_decay"])
-    return (_gs(hp, grad_scale), *_moments(hp), hp["eps"], l2, decay, 1.0 - hp["beta2"] ** step,
+    return (_gs(hp, grad_scale), *_moments(hp), hp["eps"], l2, decay, 1.0 / (1.0 - hp["beta2"] ** step),
             lr * (1.0 - mu) / (1.0 - mu_product), lr * mu_next / (1.0 - mu_product_next))
 
 
@@ -310,8 +310,9 @@ def radam_rectification(beta2, step):
 def _radam_scalars(hp, step, grad_scale):
     l2, decay = _weight_decay_split(hp, hp["decoupled_weight_decay"])
     _, rect = radam_rectification(hp["beta2"], step)
-    return (_gs(hp, grad_scale), *_moments(hp), hp["eps"], l2, decay, hp["lr"], 1.0 - hp["beta1"] ** step,
-            (1.0 - hp["beta2"] ** step) ** 0.5, rect)
+    step_size = hp["lr"] / (1.0 - hp["beta1"] ** step)
+    return (_gs(hp, grad_scale), *_moments(hp), hp["eps"], l2, decay, step_size,
+            step_size * (1.0 - hp["beta2"] ** step) ** 0.5 * rect)
 
 
 def _radam_variant(hp, step):
@@ -323,7 +324,7 @@ def _lamb_scalars(hp, step, grad_scale):
         bc1, bc2 = 1.0 - hp["beta1"] ** step, 1.0 - hp["beta2"] ** step
     else:
         bc1 = bc2 = 1.0
-    return (_gs(hp, grad_scale), *_moments(hp), hp["eps"], hp["weight_decay"], bc1, bc2)
+    return (_gs(hp, grad_scale), *_moments(hp), hp["eps"], hp["weight_decay"], 1.0 / bc1, 1.0 / bc2)
 
 
 def _lion_scalars(hp, step, grad_scale):
@@ -335,7 +336,7 @@ def _lion_scalars(hp, step, grad_scale):
 # ---------------------------------------------------------------------------------------------------
 
 _ADAM_SCALARS = ("grad_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2", "decay",
-                 "step_size", "bias_correction2_sqrt")
+                 "step_size", "inv_bias_correction2_sqrt")
 _ADAM_RULE = """\
 g = grad_scale * g  (negated if maximize){l2}
 m = beta1 * m + (1 - beta1) * g
@@ -449,7 +450,7 @@ p = p - lr * (1 - mu_t) / (1 - P_t) * g / denom - lr * mu_{t+1} / (1 - P_{t+1}) 
             flag("decoupled_weight_decay", False, "AdamW-style weight decay"), MAXIMIZE),
     states=("exp_avg", "exp_avg_sq"),
     scalar_names=("grad_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2", "decay",
-                  "bias_correction2", "grad_coef", "exp_avg_coef"),
+                  "inv_bias_correction2", "grad_coef", "exp_avg_coef"),
     scalars=_nadam_scalars, torch_class="NAdam",
 ))
 
@@ -469,7 +470,7 @@ else:         p = p - lr * m / (1 - beta1^t)
             flag("decoupled_weight_decay", False, "AdamW-style weight decay"), MAXIMIZE),
     states=("exp_avg", "exp_avg_sq"),
     scalar_names=("grad_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2", "decay",
-                  "lr", "bias_correction1", "bias_correction2_sqrt", "rect"),
+                  "step_size", "rect_step_size"),
     scalars=_radam_scalars, variant=_radam_variant, torch_class="RAdam",
 ))
 
@@ -504,7 +505,7 @@ p = p - lr * trust * u
             flag("bias_correction", True, "bias-correct the moments"), MAXIMIZE),
     states=("exp_avg", "exp_avg_sq"),
     scalar_names=("grad_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight_decay",
-                  "bias_correction1", "bias_correction2"),
+                  "inv_bias_correction1", "inv_bias_correction2"),
     scalars=_lamb_scalars, two_phase=True,
 ))
 

@@ -2,7 +2,7 @@
 //   g <- g * grad_scale + l2 * p;   p <- p * decay
 //   m <- beta1 * m + (1 - beta1) * g
 //   s <- beta2 * s + (1 - beta2) * (g - m)^2 + eps
-//   p <- p - step_size * m / (sqrt(s) / sqrt(1 - beta2^t) + eps),   step_size = lr / (1 - beta1^t)
+//   p <- p - step_size * m / (sqrt(s) * (1 / sqrt(1 - beta2^t)) + eps),   step_size = lr / (1 - beta1^t)
 #pragma once
 #include "common.cuh"
 
@@ -11,7 +11,7 @@ namespace fastopt {
 template <typename M>
 struct AdabeliefParams {
     M grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay, step_size,
-        bias_correction2_sqrt;
+        inv_bias_correction2_sqrt;
 };
 
 template <typename M>
@@ -23,7 +23,7 @@ FASTOPT_HD void adabelief_math(M& p, M g, M& m, M& s, const AdabeliefParams<M>& 
     M r = g - m;
     s = h.beta2 * s + h.one_minus_beta2 * (r * r);
     s = s + h.eps;
-    M denom = fo_sqrt(s) / h.bias_correction2_sqrt + h.eps;
+    M denom = fo_sqrt(s) * h.inv_bias_correction2_sqrt + h.eps;
     p = p - h.step_size * (m / denom);
 }
 

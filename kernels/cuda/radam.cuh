@@ -2,9 +2,10 @@
 //   g <- g * grad_scale + l2 * p;   p <- p * decay
 //   m <- beta1 * m + (1 - beta1) * g;   v <- beta2 * v + (1 - beta2) * g * g
 //   rectified (rho_t > 5, decided on the host):
-//       p <- p - (m / (1 - beta1^t)) * lr * (sqrt(1 - beta2^t) / (sqrt(v) + eps)) * rect_t
+//       p <- p - rect_step_size * m / (sqrt(v) + eps),  rect_step_size = lr / (1 - beta1^t) * sqrt(1 - beta2^t) * rect_t
 //   otherwise:
-//       p <- p - (m / (1 - beta1^t)) * lr
+//       p <- p - step_size * m,                         step_size = lr / (1 - beta1^t)
+// (the host folds the per-step factors: one division per element)
 #pragma once
 #include "common.cuh"
 
@@ -12,8 +13,7 @@ namespace fastopt {
 
 template <typename M>
 struct RadamParams {
-    M grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay, lr, bias_correction1,
-        bias_correction2_sqrt, rect;
+    M grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay, step_size, rect_step_size;
 };
 
 // variant bits: 1 rectified
@@ -24,12 +24,10 @@ FASTOPT_HD void radam_math(M& p, M g, M& m, M& v, const RadamParams<M>& h, bool 
     p = p * h.decay;
     m = h.beta1 * m + h.one_minus_beta1 * g;
     v = h.beta2 * v + h.one_minus_beta2 * (g * g);
-    M upd = (m / h.bias_correction1) * h.lr;
-    if (rectified) {
-        upd = upd * (h.bias_correction2_sqrt / (fo_sqrt(v) + h.eps));
-        upd = upd * h.rect;
-    }
-    p = p - upd;
+    if (rectified)
+        p = p - h.rect_step_size * (m / (fo_sqrt(v) + h.eps));
+    else
+        p = p - h.step_size * m;
 }
 
 }  // namespace fastopt

@@ -89,7 +89,7 @@ def build(dtype):
 
     @cuda.jit(device=True)
     def adam(p, g, a, b, c, h, s, variant):
-        # h: grad_scale, beta1, 1-beta1, beta2, 1-beta2, eps, l2, decay, step_size, sqrt(bc2); variant 1 amsgrad
+        # h: grad_scale, beta1, 1-beta1, beta2, 1-beta2, eps, l2, decay, step_size, 1/sqrt(bc2); variant 1 amsgrad
         g = g * (h[0] * s)
         g = add_scaled(g, h[6], p)
         p = p * h[7]
@@ -99,36 +99,35 @@ def build(dtype):
         if variant & 1:
             c = max_nan(c, b)
             vv = c
-        denom = math.sqrt(vv) / h[9] + h[5]
+        denom = math.sqrt(vv) * h[9] + h[5]
         p = p - h[8] * (a / denom)
         return p, a, b, c
 
     @cuda.jit(device=True)
     def nadam(p, g, a, b, c, h, s, variant):
-        # h: grad_scale, beta1, 1-beta1, beta2, 1-beta2, eps, l2, decay, bc2, grad_coef, exp_avg_coef
+        # h: grad_scale, beta1, 1-beta1, beta2, 1-beta2, eps, l2, decay, 1/bc2, grad_coef, exp_avg_coef
         g = g * (h[0] * s)
         g = add_scaled(g, h[6], p)
         p = p * h[7]
         a = h[1] * a + h[2] * g
         b = h[3] * b + h[4] * (g * g)
-        denom = math.sqrt(b / h[8]) + h[5]
-        p = p - h[9] * (g / denom)
-        p = p - h[10] * (a / denom)
+        denom = math.sqrt(b * h[8]) + h[5]
+        p = p - (h[9] * g + h[10] * a) / denom
         return p, a, b, c
 
     @cuda.jit(device=True)
     def radam(p, g, a, b, c, h, s, variant):
-        # h: grad_scale, beta1, 1-beta1, beta2, 1-beta2, eps, l2, decay, lr, bc1, sqrt(bc2), rect; variant 1 rectified
+        # h: grad_scale, beta1, 1-beta1, beta2, 1-beta2, eps, l2, decay, step_size, rect_step_size;
+        # variant 1 rectified
         g = g * (h[0] * s)
         g = add_scaled(g, h[6], p)
         p = p * h[7]
         a = h[1] * a + h[2] * g
         b = h[3] * b + h[4] * (g * g)
-        upd = (a / h[9]) * h[8]
         if variant & 1:
-            upd = upd * (h[10] / (math.sqrt(b) + h[5]))
-            upd = upd * h[11]
-        p = p - upd
+            p = p - h[9] * (a / (math.sqrt(b) + h[5]))
+        else:
+            p = p - h[8] * a
         return p, a, b, c
 
     @cuda.jit(device=True)
@@ -141,7 +140,7 @@ def build(dtype):
         r = g - a
         b = h[3] * b + h[4] * (r * r)
         b = b + h[5]
-        denom = math.sqrt(b) / h[9] + h[5]
+        denom = math.sqrt(b) * h[9] + h[5]
         p = p - h[8] * (a / denom)
         return p, a, b, c
 
@@ -157,9 +156,9 @@ def build(dtype):
 
     @cuda.jit(device=True)
     def lamb_direction(p, m, v, h):
-        # h: grad_scale, beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay, bc1, bc2 (lamb.cuh)
-        denom = math.sqrt(v / h[8]) + h[5]
-        return (m / h[7]) / denom + h[6] * p
+        # h: grad_scale, beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay, 1/bc1, 1/bc2 (lamb.cuh)
+        denom = math.sqrt(v * h[8]) + h[5]
+        return (m * h[7]) / denom + h[6] * p
 
     @cuda.jit(device=True)
     def lamb_moments(p, g, m, v, h, s):
