@@ -101,3 +101,10 @@ def test_radam_rectification_threshold():
     rectified, rect = radam_rectification(0.999, 6)
     assert rectified and 0 < rect < 1
     assert radam_rectification(0.0, 100) == (False, 0.0)
+
+
+def test_readme_table_lists_every_optimizer():
+    readme = (CUDA_DIR.parent.parent / "README.md").read_text()
+    for spec in REGISTRY.values():
+        assert f"`{spec.function_name}`" in readme, spec.name
+    assert "make test" in readme and "make test" in (CUDA_DIR.parent.parent / ".ci" / "run").read_text()
