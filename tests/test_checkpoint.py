@@ -297,11 +297,21 @@ def test_torch_state_dict_round_trip(spec, rng):
     back.load_torch_state_dict(theirs.state_dict(), **({"step": 5} if spec.name == "sgd" else {}))
     assert_same(back, snapshot(ours))
     # and torch continues from the converted state like fastopt does (float64: close to rounding)
-    for g in stream[5:]:
+    _continue_both(ours, theirs, tparams, stream[5:])
+
+
+def _torch_step(theirs, tparams, grads):
+    import torch
+    for tp, g in zip(tparams, grads):
+        tp.grad = torch.from_numpy(g.copy())
+    theirs.step()
+
+
+def _continue_both(ours, theirs, tparams, stream):
+    """Step fastopt and torch on the same gradients; they must stay together (float64: near rounding)."""
+    for g in stream:
         ours.step(g)
-        for tp, gi in zip(tparams, g):
-            tp.grad = torch.from_numpy(gi.copy())
-        theirs.step()
+        _torch_step(theirs, tparams, g)
     for a, t in zip(ours.params, tparams):
         np.testing.assert_allclose(a, t.numpy(), rtol=1e-7, atol=1e-10)
 
@@ -314,19 +324,11 @@ def test_switching_from_torch_keeps_the_state(spec, rng):
     theirs = getattr(torch.optim, spec.torch_class)(tparams, **torch_kwargs(spec))
     stream = grad_stream(rng, params, 7)
     for g in stream[:4]:
-        for tp, gi in zip(tparams, g):
-            tp.grad = torch.from_numpy(gi.copy())
-        theirs.step()
+        _torch_step(theirs, tparams, g)
     ours = getattr(fastopt, spec.class_name)([tp.numpy().copy() for tp in tparams], **torch_kwargs(spec))
     ours.load_torch_state_dict(theirs.state_dict(), **({"step": 4} if spec.name == "sgd" else {}))
     assert ours.steps() == 4
-    for g in stream[4:]:
-        ours.step(g)
-        for tp, gi in zip(tparams, g):
-            tp.grad = torch.from_numpy(gi.copy())
-        theirs.step()
-    for a, t in zip(ours.params, tparams):
-        np.testing.assert_allclose(a, t.numpy(), rtol=1e-7, atol=1e-10)
+    _continue_both(ours, theirs, tparams, stream[4:])
 
 
 def test_torch_conversion_errors(rng):

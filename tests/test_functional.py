@@ -163,16 +163,20 @@ def test_amsgrad_max_propagates_nan():
 
 
 def test_lamb_trust_ratio_is_per_tensor(rng):
-    """Two tensors in one call get their own trust ratios: same result as two separate calls."""
+    """Two tensors in one call get their own trust ratios: the same result as two separate calls, and not
+    the result of one ratio over the concatenation."""
     ps = [rng.standard_normal(50), 100 * rng.standard_normal(70)]
     gs = [rng.standard_normal(50), rng.standard_normal(70)]
-    st = fastopt.init_state("lamb", ps)
-    fastopt.lamb_step(ps, gs, **st, step=1, lr=0.1, weight_decay=0.01)
-    for i in range(2):
-        q = [ps[i].copy()]
-    qs = [rng.standard_normal(50), 100 * rng.standard_normal(70)]
-    assert len(qs) == 2
-    p1, p2 = ps[0].copy(), ps[1].copy()
+    kw = dict(step=1, lr=0.1, weight_decay=0.01)
+    together = [p.copy() for p in ps]
+    fastopt.lamb_step(together, gs, **fastopt.init_state("lamb", together), **kw)
+    for p, g, want in zip(ps, gs, together):
+        alone = p.copy()
+        fastopt.lamb_step(alone, g, **fastopt.init_state("lamb", alone), **kw)
+        np.testing.assert_array_equal(alone, want)
+    flat = np.concatenate(ps)
+    fastopt.lamb_step(flat, np.concatenate(gs), **fastopt.init_state("lamb", flat), **kw)
+    assert not np.allclose(flat, np.concatenate(together), rtol=1e-6)
     # zero params: trust ratio 1 (the update is applied unscaled)
     z = np.zeros(8)
     fastopt.lamb_step(z, np.ones(8), np.zeros(8), np.zeros(8), step=1, lr=0.5)

@@ -30,7 +30,6 @@ cdef extern from "cpu_loops.hpp" namespace "fastopt::cpu" nogil:
 
 cdef extern from "cpu_loops.hpp" namespace "fastopt" nogil:
     M lamb_trust_ratio[M](M param_norm, M update_norm)
-    M clip_coefficient[M](M total_norm, M max_norm)
 
 KINDS = {
     "sgd": KIND_SGD, "adagrad": KIND_ADAGRAD, "rmsprop": KIND_RMSPROP, "adam": KIND_ADAM,
@@ -421,12 +420,3 @@ def scale_(grads, double coef):
 def clamp_(grads, double clip_value):
     """grads <- clip(grads, -clip_value, clip_value), in place."""
     _elementwise(grads, 1, clip_value)
-
-
-def validate_grads(grads, bint written):
-    """Run the checks alone (the clipping ops validate before computing a norm)."""
-    _collect_grads(grads, written)
-
-
-def coefficient(double total_norm, double max_norm):
-    return clip_coefficient[double](total_norm, max_norm)
