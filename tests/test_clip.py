@@ -38,8 +38,10 @@ def test_clip_by_global_norm(dtype, backend, max_norm, rng):
     total = fastopt.clip_by_global_norm(gs, max_norm, backend=backend)
     ref_total = reference.clip_by_global_norm(ref, max_norm)
     assert total == pytest.approx(ref_total, rel=1e-13)
+    # the norm is summed in another order than the reference's, so the coefficient can differ in its
+    # last bits; with the rounding of g * coef the scaled gradients can differ by a few ulp (2 was flaky)
     for a, b in zip(gs, ref):
-        np.testing.assert_allclose(a, b, rtol=2 * np.finfo(dtype).eps, atol=0)
+        np.testing.assert_allclose(a, b, rtol=4 * np.finfo(dtype).eps, atol=0)
     if max_norm > 1e6:  # nothing to clip: untouched
         assert all(np.array_equal(a, b) for a, b in zip(gs, ref))
     else:

@@ -40,7 +40,8 @@ def test_fused_clipping_equals_clip_then_step(spec, rng):
     plain = make_opt(spec, [p.copy() for p in params])
     clipped_steps = 0
     for t in range(12):
-        grads = grads_like(rng, params, scale=float(rng.choice([0.01, 1.0, 5.0])))
+        # every scale comes up (a random choice left all 12 steps clipped in ~1% of runs)
+        grads = grads_like(rng, params, scale=(0.01, 1.0, 5.0)[t % 3])
         norm = total_norm(grads)
         clipped_steps += norm > 1.0
         fused.step(grads)
