@@ -46,9 +46,11 @@ class CheckpointError(ValueError):
 
 
 def _to_host(a):
-    """A NumPy copy of a state array (CuPy arrays come back from the device)."""
+    """A NumPy copy of a state array (CuPy and Numba device arrays come back from the device)."""
     if type(a).__module__.startswith("cupy"):
         return a.get()
+    if hasattr(a, "copy_to_host"):  # Numba device array
+        return a.copy_to_host()
     from fastopt.backends.dispatch import as_numpy
     return np.array(as_numpy(a, "state"), copy=True)
 
@@ -61,6 +63,9 @@ def _copy_into(dst, src):
         return
     if type(src).__module__.startswith("cupy"):
         src = src.get()
+    if hasattr(dst, "copy_to_device"):  # Numba device array
+        dst.copy_to_device(np.ascontiguousarray(np.asarray(src), dtype=dst.dtype))
+        return
     from fastopt.backends.dispatch import as_numpy
     np.copyto(as_numpy(dst, "state"), np.asarray(src), casting="no")
 

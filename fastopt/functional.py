@@ -92,6 +92,9 @@ def init_state(name: str, params, **options) -> dict:
         spec.extra_check(hp)
 
     def zeros(p):
+        if type(p).__module__.startswith("numba"):  # Numba device arrays keep Numba state
+            from numba import cuda
+            return cuda.to_device(np.zeros(p.shape, np.float32 if p.dtype == np.float16 else p.dtype))
         if array_device(p) == "device":
             import cupy
             p = cupy.asarray(p)

@@ -32,15 +32,14 @@ Both options together still read the gradients once before the update.
 A float64 gradient whose squares overflow (|g| > ~1e154) also counts as non-finite: its update would
 overflow the second moments anyway.
 
-On the GPU (CuPy arrays) the norm is a 0-d device array and the clip coefficient is computed on the
-device (xp.minimum, never a Python comparison), so clipping does not synchronise. Skipping without
-a synchronisation needs the backend to accept a device-side flag (`found_inf=`, a 0-d device array:
-the kernels return without writing when it is non-zero); a backend that advertises
-`SUPPORTS_FOUND_INF = True` gets it, and then: the skip count is a device counter (reading
-`skipped_steps` synchronises, which is the caller's choice) and, as the host cannot know whether a
-step was skipped, the host step counter advances on skipped steps (bias corrections and schedules see
-attempted steps). Without that backend support the GPU path reads the flag on the host (one
-synchronisation per step) and behaves exactly like the CPU.
+On the GPU (CuPy arrays, Numba device arrays, torch CUDA tensors) `step` never synchronises with the
+host. The per-tensor sums of squares go into one device buffer and ONE guard kernel (backend
+`step_guard`) turns them into the clip coefficient and a device skip flag (`found_inf`), and counts
+skipped steps in a device counter; the update kernels read the coefficient as `grad_scale` and return
+without writing when the flag is set. As the host cannot know whether a GPU step was skipped without
+waiting for it, there (and only there) the group step counters, and with them bias corrections and
+schedules, count attempted steps: a skipped step advances them (like torch's LR schedulers under a
+GradScaler). Reading `skipped_steps` synchronises, which is the caller's choice.
 
 Errors. A bad hyperparameter, a wrong number of gradients, or a gradient whose shape, dtype or kind
 does not match its parameter raises before any array is written (every group is checked before the
@@ -55,21 +54,13 @@ import numpy as np
 
 from fastopt.backends import dispatch
 from fastopt.backends.dispatch import array_device, backend_for
-from fastopt.clip import _check_bound, clip_coefficient, global_norm
+from fastopt.clip import _check_bound, clip_coefficient
 from fastopt.functional import init_state
 from fastopt.specs import REGISTRY, REQUIRED, OptimizerSpec
 
 __all__ = ["Optimizer"] + [spec.class_name for spec in REGISTRY.values()]
 
 _UNSET = object()
-
-
-def _array_module(x):
-    """numpy or cupy, from the array's type (never imports cupy for NumPy arrays)."""
-    if type(x).__module__.startswith("cupy"):
-        import cupy
-        return cupy
-    return np
 
 
 def _is_callable_lr(value):
@@ -122,6 +113,7 @@ class Optimizer:
         self.defaults = self._normalise_group(dict(defaults), "defaults", require_all=True)
         self._skipped_host = 0
         self._skipped_device = None  # a 0-d device counter when skipping runs on the GPU without sync
+        self._sq_buffer = None       # device: the per-tensor sums of squares of every gradient
         self.param_groups: list[dict] = []
         self._group_steps: list[int] = []
         self._buckets: list[list[_Bucket]] = []
@@ -192,6 +184,10 @@ class Optimizer:
         params = list(params)
         if not params:
             raise ValueError(f"param group {len(self.param_groups)} has no params")
+        devices = {array_device(p) for p in params + self._params}
+        if len(devices) > 1:
+            raise TypeError("params: one optimizer updates arrays of one kind, all on the host or all on the GPU "
+                            f"(got {', '.join(sorted(devices))} arrays)")
         known = {id(p) for p in self._params}
         for i, p in enumerate(params):
             array_device(p)  # TypeError for non-arrays
@@ -276,7 +272,10 @@ class Optimizer:
     def skipped_steps(self) -> int:
         """Steps skipped because a gradient was NaN/Inf (reading it synchronises when counted on the GPU)."""
         if self._skipped_device is not None:
-            return self._skipped_host + int(self._skipped_device)
+            counted = self._skipped_device
+            if hasattr(counted, "copy_to_host"):  # Numba device array
+                counted = counted.copy_to_host()
+            return self._skipped_host + int(counted)
         return self._skipped_host
 
     def steps(self, group: int = 0) -> int:
@@ -339,22 +338,23 @@ class Optimizer:
                 return None, None, True
             scale = clip_coefficient(total, self.clip_grad_norm) if self.clip_grad_norm is not None else None
             return scale, None, False
-        # device: 0-d device arrays throughout, no host round trip
-        norms = [global_norm(self._bucket_grads(b, grads), backend=self.backend) for b in buckets]
-        xp = _array_module(norms[0])
-        total = norms[0] if len(norms) == 1 else xp.sqrt(sum(xp.asarray(n) ** 2 for n in norms))
-        scale = None
-        if self.clip_grad_norm is not None:
-            scale = xp.minimum(1.0, self.clip_grad_norm / (total + 1e-6))
-        if not self.skip_nonfinite:
-            return scale, None, False
-        found_inf = ~xp.isfinite(total)
-        if all(getattr(self._backend(b), "SUPPORTS_FOUND_INF", False) for b in buckets):
-            counted = found_inf.astype(xp.int64)
-            self._skipped_device = counted if self._skipped_device is None else self._skipped_device + counted
-            return scale, found_inf, False
-        # this backend cannot skip on the device: read the flag (one synchronisation)
-        return scale, None, bool(found_inf)
+        # device: one guard launch on the per-tensor sums of squares, no host round trip
+        be = self._backend(buckets[0])
+        sq = self._sq_buffer
+        if sq is None:
+            sq = self._sq_buffer = be.device_zeros(len(self._params), np.float64, buckets[0].params[0])
+        start = 0
+        for b in buckets:
+            n = len(b.params)
+            self._backend(b).sumsq_per_tensor(self._bucket_grads(b, grads), out=sq[start:start + n])
+            start += n
+        counter = None
+        if self.skip_nonfinite:
+            if self._skipped_device is None:
+                self._skipped_device = be.device_zeros(1, np.int64, buckets[0].params[0]).reshape(())
+            counter = self._skipped_device
+        scale, found_inf = be.step_guard(sq, self.clip_grad_norm, self.skip_nonfinite, counter)
+        return scale, found_inf, False
 
     def _backend(self, bucket):
         """The bucket's backend module, resolved again only when a use_backend block changes it (the
@@ -389,7 +389,7 @@ class Optimizer:
                 be = self._backend(bucket)
                 if found_inf is None:
                     be.step(spec, arrays, bucket.names, hp, t, grad_scale)
-                else:
+                else:  # the kernels read the device flag and return at once on a skipped step
                     be.step(spec, arrays, bucket.names, hp, t, grad_scale, found_inf=found_inf)
         for gi in range(ngroups):
             self._group_steps[gi] += 1

@@ -34,7 +34,7 @@ UPDATE_VARIANTS = {
     "radam": (0, 1), "adabelief": (0,), "lion": (0,),
 }
 OTHER_KERNELS = ("fo_lamb_moments_multi", "fo_lamb_trust", "fo_lamb_apply_multi", "fo_sumsq_chunks",
-                 "fo_sumsq_tensors", "fo_global_norm", "fo_scale_multi", "fo_clamp_multi", "fo_touch")
+                 "fo_sumsq_tensors", "fo_global_norm", "fo_step_guard", "fo_scale_multi", "fo_clamp_multi", "fo_touch")
 
 
 def _kernel_dir():

@@ -26,6 +26,7 @@ from fastopt.backends.device_arrays import F16, F32, F64, DeviceArray, from_inte
 
 NAME = "cupy"
 AVAILABLE = importlib.util.find_spec("cupy") is not None
+SUPPORTS_FOUND_INF = True  # step(found_inf=): the kernels read a device skip flag (fastopt.optim)
 
 BLOCK = cuda_source.BLOCK
 CHUNK = cuda_source.CHUNK
@@ -34,6 +35,7 @@ _BLOCKS_PER_SM = 8            # grid cap of the grid-stride kernels: full occupa
 _TABLE_CACHE_SIZE = 64
 _SCALARS = np.dtype([("v", np.float64, (16,))])  # device.cuh `Scalars`, passed by value
 _GS_KIND = {F16: 1, F32: 2, F64: 3}
+_FLAG_DTYPES = (np.dtype(np.bool_), np.dtype(np.uint8))
 
 _modules: dict = {}
 _functions: dict = {}
@@ -182,6 +184,19 @@ def _grad_scale(grad_scale):
     return 1.0, np.uint64(a.ptr), np.int32(_GS_KIND[a.dtype])
 
 
+def _skip_flag(found_inf):
+    """Device pointer of the skip flag (0: never skip): a one-element bool/uint8 device array, read by
+    the kernels, which return without writing when it is set."""
+    if found_inf is None:
+        return np.uint64(0)
+    a = _describe(found_inf, "found_inf")
+    if a.dtype not in _FLAG_DTYPES:
+        raise TypeError(f"found_inf must be a bool device array, got dtype {a.dtype}")
+    if a.size != 1:
+        raise ValueError(f"found_inf must hold one value, got shape {a.shape}")
+    return np.uint64(a.ptr)
+
+
 def _blocks(n, per_thread):
     return max(1, -(-n // (BLOCK * per_thread)))
 
@@ -190,9 +205,10 @@ def _blocks(n, per_thread):
 # Backend interface
 # ---------------------------------------------------------------------------------------------------
 
-def step(spec, arrays, names, hp, step, grad_scale):
+def step(spec, arrays, names, hp, step, grad_scale, found_inf=None):
     lists, _ = _validate(arrays, names)
     params = lists[0]
+    skip = _skip_flag(found_inf)
     if not any(a.size for a in params):
         return
     dtype = params[0].dtype
@@ -202,7 +218,7 @@ def step(spec, arrays, names, hp, step, grad_scale):
     cp = _cupy()
     with cp.cuda.Device(device):
         if spec.two_phase:
-            _lamb(lists, dtype, device, scalars, gs_ptr, gs_kind, hp["lr"])
+            _lamb(lists, dtype, device, scalars, gs_ptr, gs_kind, hp["lr"], skip)
             return
         variant = spec.variant(hp, step)
         if len(params) == 1:
@@ -211,16 +227,16 @@ def step(spec, arrays, names, hp, step, grad_scale):
             vec = np.int32(_aligned(*slots))
             grid = min(_blocks(n, 16 // dtype.itemsize), _max_blocks(device))
             fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, False))
-            fn((grid,), (BLOCK,), (*(_ptr(a) for a in slots), np.int64(n), scalars, gs_ptr, gs_kind, vec))
+            fn((grid,), (BLOCK,), (*(_ptr(a) for a in slots), np.int64(n), scalars, gs_ptr, gs_kind, vec, skip))
         else:
             table = _table(lists, device)
             if table.nchunks:
                 fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, True))
                 fn((table.nchunks,), (BLOCK,),
-                   (np.uint64(table.tensors), np.uint64(table.chunks), scalars, gs_ptr, gs_kind))
+                   (np.uint64(table.tensors), np.uint64(table.chunks), scalars, gs_ptr, gs_kind, skip))
 
 
-def _lamb(lists, dtype, device, scalars, gs_ptr, gs_kind, lr):
+def _lamb(lists, dtype, device, scalars, gs_ptr, gs_kind, lr, skip):
     cp = _cupy()
     table = _table(lists, device)
     if not table.nchunks:
@@ -229,10 +245,11 @@ def _lamb(lists, dtype, device, scalars, gs_ptr, gs_kind, lr):
     scaled_lr = cp.empty(table.ntensors, dtype=cp.float64)
     tensors, chunks = np.uint64(table.tensors), np.uint64(table.chunks)
     _function(device, dtype, "fo_lamb_moments_multi")(
-        (table.nchunks,), (BLOCK,), (tensors, chunks, scalars, gs_ptr, gs_kind, partials))
+        (table.nchunks,), (BLOCK,), (tensors, chunks, scalars, gs_ptr, gs_kind, partials, skip))
     _function(device, dtype, "fo_lamb_trust")(
         (table.ntensors,), (BLOCK,), (tensors, partials, np.float64(lr), scaled_lr))
-    _function(device, dtype, "fo_lamb_apply_multi")((table.nchunks,), (BLOCK,), (tensors, chunks, scalars, scaled_lr))
+    _function(device, dtype, "fo_lamb_apply_multi")(
+        (table.nchunks,), (BLOCK,), (tensors, chunks, scalars, scaled_lr, skip))
 
 
 def _grads_table(grads, written):
@@ -242,13 +259,18 @@ def _grads_table(grads, written):
     return arrays, is_list, device, _table(lists, device)
 
 
-def sumsq_per_tensor(grads):
-    """Sum of squares of each array: a float64 device array of shape (len,), deterministic."""
+def sumsq_per_tensor(grads, out=None):
+    """Sum of squares of each array: a float64 device array of shape (len,), deterministic. `out`: a
+    float64 device array of that shape to write instead (the optimizer gathers several buckets' sums
+    into one buffer)."""
     cp = _cupy()
     arrays, _, device, table = _grads_table(grads, False)
     dtype = arrays[0].dtype
     with cp.cuda.Device(device):
-        out = cp.zeros(table.ntensors, dtype=cp.float64)
+        if out is None:
+            out = cp.zeros(table.ntensors, dtype=cp.float64)
+        elif not table.nchunks:
+            out.fill(0)
         if table.nchunks:
             partials = cp.empty(table.nchunks, dtype=cp.float64)
             tensors = np.uint64(table.tensors)
@@ -268,6 +290,30 @@ def _global_norm(sq, max_norm=None):
             (1,), (BLOCK,), (sq, np.int64(sq.size), norm, np.float64(max_norm or 0.0),
                              coef if coef is not None else np.uint64(0)))
     return norm, coef
+
+
+def device_zeros(n, dtype, like):
+    """A device array of n zeros of `dtype` on the device of `like` (the optimizer's guard buffers)."""
+    cp = _cupy()
+    with cp.cuda.Device(_device_of(_describe(like, "like"))):
+        return cp.zeros(n, dtype=dtype)
+
+
+def step_guard(sq, max_norm=None, skip_nonfinite=False, skipped=None):
+    """The optimizer's per-step guard in ONE launch, no host synchronisation (reduce.cu fo_step_guard):
+    from the per-tensor sums of squares `sq`, the clip coefficient (0-d float64, or None without
+    max_norm) and the skip flag (0-d bool, or None without skip_nonfinite); `skipped` (a 0-d int64
+    device counter) is incremented when the step is skipped. Returns (coef, found_inf)."""
+    cp = _cupy()
+    device = sq.device.id
+    null = np.uint64(0)
+    with cp.cuda.Device(device):
+        coef = cp.empty((), dtype=cp.float64) if max_norm is not None else None
+        flag = cp.empty((), dtype=cp.bool_) if skip_nonfinite else None
+        _function(device, F64, "fo_step_guard")(
+            (1,), (BLOCK,), (sq, np.int64(sq.size), np.float64(max_norm or 0.0), null if coef is None else coef,
+                             null if flag is None else flag, null if skipped is None else skipped, null))
+    return coef, flag
 
 
 def global_norm(sq):

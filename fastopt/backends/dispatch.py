@@ -63,7 +63,8 @@ def array_device(x) -> str:
         return "host"
     t = type(x)
     mod = t.__module__
-    if mod.startswith("cupy") or hasattr(x, "__cuda_array_interface__"):
+    if mod.startswith(("cupy", "numba.cuda")) or hasattr(x, "__cuda_array_interface__"):
+        # numba.cuda: also the CUDA simulator's arrays, which live in host memory but stand for the GPU
         return "device"
     if hasattr(x, "__array_interface__") or hasattr(x, "__dlpack__"):
         return "host"

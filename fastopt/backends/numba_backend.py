@@ -20,6 +20,7 @@ from fastopt.backends.device_arrays import F32, F64, DeviceArray, from_interface
 
 NAME = "numba"
 AVAILABLE = importlib.util.find_spec("numba") is not None
+SUPPORTS_FOUND_INF = True  # step(found_inf=): the kernels read a device skip flag (fastopt.optim)
 DTYPES = (F32, F64)
 
 
@@ -101,6 +102,26 @@ def _device_scale(grad_scale, dtype):
     return 1.0, dst
 
 
+@functools.lru_cache(maxsize=None)
+def _never():
+    return _cuda().to_device(np.zeros(1, dtype=np.uint8))
+
+
+_FLAG_DTYPES = (np.dtype(np.bool_), np.dtype(np.uint8))
+
+
+def _skip_flag(found_inf):
+    """One-element device array the kernels read: when set they return without writing."""
+    if found_inf is None:
+        return _never()
+    a = _describe(found_inf, "found_inf")
+    if a.dtype not in _FLAG_DTYPES:
+        raise TypeError(f"found_inf must be a bool device array, got dtype {a.dtype}")
+    if a.size != 1:
+        raise ValueError(f"found_inf must hold one value, got shape {a.shape}")
+    return _flat(a)
+
+
 @functools.lru_cache(maxsize=256)
 def _offsets(sizes):
     """Device int64 offsets of each tensor's blocks in a partials buffer (cached per set of sizes)."""
@@ -113,8 +134,9 @@ def _offsets(sizes):
 # Backend interface
 # ---------------------------------------------------------------------------------------------------
 
-def step(spec, arrays, names, hp, step, grad_scale):
+def step(spec, arrays, names, hp, step, grad_scale, found_inf=None):
     lists, _ = _validate(arrays, names)
+    skip = _skip_flag(found_inf)
     if not any(a.size for a in lists[0]):
         return
     dtype = lists[0][0].dtype
@@ -123,7 +145,7 @@ def step(spec, arrays, names, hp, step, grad_scale):
     block = launch_config()[0]
     k = _kernels(dtype)
     if spec.two_phase:
-        _lamb(k, lists, h, gs, hp["lr"], dtype)
+        _lamb(k, lists, h, gs, hp["lr"], dtype, skip)
         return
     kernel = k["update"][spec.kernel]
     variant = spec.variant(hp, step)
@@ -134,10 +156,10 @@ def step(spec, arrays, names, hp, step, grad_scale):
         fp = _flat(p)
         states = [_flat(lst[i]) if lst is not None else fp for lst in lists[2:]]
         states += [fp] * (3 - len(states))  # unused slots: never read nor written
-        kernel[_grid(p.size), block](fp, _flat(lists[1][i]), *states, h, gs, used, variant)
+        kernel[_grid(p.size), block](fp, _flat(lists[1][i]), *states, h, gs, used, variant, skip)
 
 
-def _lamb(k, lists, h, gs, lr, dtype):
+def _lamb(k, lists, h, gs, lr, dtype, skip):
     cuda = _cuda()
     block = launch_config()[0]
     sizes = tuple(a.size for a in lists[0])
@@ -149,11 +171,11 @@ def _lamb(k, lists, h, gs, lr, dtype):
     for i, n in enumerate(sizes):
         if n:
             k["lamb_moments"][_grid(n), block](flats[0][i], flats[1][i], flats[2][i], flats[3][i], h, gs, partials,
-                                               host_offsets[i])
+                                               host_offsets[i], skip)
     k["lamb_trust"][len(sizes), block](partials, offsets, np.float64(lr), scaled_lr)
     for i, n in enumerate(sizes):
         if n:
-            k["lamb_apply"][_grid(n), block](flats[0][i], flats[2][i], flats[3][i], h, scaled_lr, i)
+            k["lamb_apply"][_grid(n), block](flats[0][i], flats[2][i], flats[3][i], h, scaled_lr, i, skip)
 
 
 @functools.lru_cache(maxsize=256)
@@ -162,8 +184,9 @@ def _host_offsets(sizes):
     return tuple(int(x) for x in np.concatenate(([0], np.cumsum(counts))))
 
 
-def sumsq_per_tensor(grads):
-    """Sum of squares of each array: float64 device array of shape (len,), deterministic."""
+def sumsq_per_tensor(grads, out=None):
+    """Sum of squares of each array: float64 device array of shape (len,), deterministic. `out`: a
+    float64 device array of that shape to write instead."""
     cuda = _cuda()
     lists, _ = _validate((grads,), ("grads",), 0)
     arrays = lists[0]
@@ -176,7 +199,8 @@ def sumsq_per_tensor(grads):
     for i, a in enumerate(arrays):
         if a.size:
             k["sumsq_partials"][_grid(a.size), block](_flat(a), partials, host_offsets[i])
-    out = cuda.device_array(len(arrays), dtype=np.float64)
+    if out is None:
+        out = cuda.device_array(len(arrays), dtype=np.float64)
     k["sum_segments"][len(arrays), block](partials, offsets, out)
     return out
 
@@ -188,6 +212,26 @@ def _global_norm(sq, max_norm=None):
     _kernels(F64)["global_norm"][1, launch_config()[0]](sq, norm, np.float64(max_norm or 0.0), coef,
                                                         max_norm is not None)
     return norm, coef
+
+
+def device_zeros(n, dtype, like):
+    """A device array of n zeros of `dtype` (the optimizer's guard buffers)."""
+    return _cuda().to_device(np.zeros(n, dtype=dtype))
+
+
+def step_guard(sq, max_norm=None, skip_nonfinite=False, skipped=None):
+    """The optimizer's per-step guard in ONE launch, no host synchronisation: from the per-tensor sums of
+    squares `sq`, the clip coefficient (0-d float64, None without max_norm) and the skip flag (0-d
+    uint8, None without skip_nonfinite); `skipped` (a 0-d int64 device counter) is incremented when
+    the step is skipped. Returns (coef, found_inf)."""
+    cuda = _cuda()
+    coef = cuda.device_array(1, dtype=np.float64)
+    flag = cuda.device_array(1, dtype=np.uint8)
+    counter = _flat(_describe(skipped, "skipped")) if skipped is not None else cuda.device_array(1, dtype=np.int64)
+    mode = (1 if max_norm is not None else 0) | (2 if skip_nonfinite else 0)
+    _kernels(F64)["step_guard"][1, launch_config()[0]](sq, np.float64(max_norm or 0.0), coef, flag, counter, mode)
+    return (coef.reshape(()) if max_norm is not None else None,
+            flag.reshape(()) if skip_nonfinite else None)
 
 
 def global_norm(sq):

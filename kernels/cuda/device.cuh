@@ -99,6 +99,11 @@ __device__ __forceinline__ M device_scale(const void* gs, int kind) {
     return M(1);
 }
 
+// skip_nonfinite on the device: a flag (a 0-d bool array written by fo_step_guard) that makes every
+// update kernel return before touching memory, so a step with a NaN/Inf gradient is skipped without a
+// host round trip. NULL: never skip.
+__device__ __forceinline__ bool skipped(const unsigned char* skip) { return skip != nullptr && *skip != 0; }
+
 // Multi-tensor table (one int64 buffer, cached by the launcher while the pointers repeat):
 //   tensors: TENSOR_FIELDS int64 per tensor: p, g, s0, s1, s2 (0 when unused), n, vec (all pointers
 //            16-byte aligned), first chunk index

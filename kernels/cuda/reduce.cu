@@ -53,6 +53,31 @@ extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
     }
 }
 
+// The optimizer's per-step guard (fastopt.optim, clip_grad_norm and skip_nonfinite on the GPU), one
+// block, everything on the device:
+//   total = sqrt(sum of sq[0..n))      the global gradient norm, summed in the order of fo_global_norm
+//   found_inf[0] = !isfinite(total)    when found_inf != NULL (skip_nonfinite); the update kernels read it
+//   skipped[0] += found_inf[0]         when skipped != NULL: the optimizer's skip counter
+//   coef[0] = clip coefficient         when coef != NULL (clip_grad_norm); 1 on a skipped step
+//   norm[0] = total                    when norm != NULL
+extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
+    fo_step_guard(const double* sq, long long n, double max_norm, double* coef, unsigned char* found_inf,
+                  long long* skipped, double* norm) {
+    using namespace fastopt::dev;
+    __shared__ double shared[FASTOPT_BLOCK];
+    double acc = 0.0;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) acc += sq[i];
+    acc = block_sum(acc, shared);
+    if (threadIdx.x == 0) {
+        const double total = sqrt(acc);
+        const bool bad = found_inf != nullptr && !isfinite(total);
+        if (found_inf != nullptr) found_inf[0] = bad ? 1 : 0;
+        if (skipped != nullptr && bad) skipped[0] += 1;
+        if (coef != nullptr) coef[0] = bad ? 1.0 : fastopt::clip_coefficient<double>(total, max_norm);
+        if (norm != nullptr) norm[0] = total;
+    }
+}
+
 // g *= coef in place. mode 0: coef = host_coef; 1: coef = coef_ptr[0] (device, one for all);
 // 2: per tensor, coef = clip_coefficient(sqrt(coef_ptr[t]), max_norm) from its sum of squares
 // (clip_by_norm). A coefficient of exactly 1 skips the block: no memory traffic when nothing clips.

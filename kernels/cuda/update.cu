@@ -170,7 +170,8 @@ __device__ __forceinline__ Ptrs table_ptrs(const i64* rec) {
 
 template <class Op>
 __device__ __forceinline__ void single_kernel(T* p, const T* g, S* s0, S* s1, S* s2, i64 n, const Scalars& sc,
-                                              const void* gs, int gs_kind, int vec) {
+                                              const void* gs, int gs_kind, int vec, const unsigned char* skip) {
+    if (skipped(skip)) return;
     const Op op = make_op<Op>(sc, gs, gs_kind);
     const Ptrs a = {p, g, s0, s1, s2};
     update_range(op, a, 0, n, i64(blockIdx.x) * blockDim.x + threadIdx.x, i64(gridDim.x) * blockDim.x, vec != 0);
@@ -178,7 +179,8 @@ __device__ __forceinline__ void single_kernel(T* p, const T* g, S* s0, S* s1, S*
 
 template <class Op>
 __device__ __forceinline__ void multi_kernel(const i64* tensors, const i64* chunks, const Scalars& sc,
-                                             const void* gs, int gs_kind) {
+                                             const void* gs, int gs_kind, const unsigned char* skip) {
+    if (skipped(skip)) return;
     const Op op = make_op<Op>(sc, gs, gs_kind);
     const ChunkRange r = chunk_range(tensors, chunks);
     update_range(op, table_ptrs(r.rec), r.begin, r.end, threadIdx.x, blockDim.x, r.rec[F_VEC] != 0);
@@ -191,13 +193,14 @@ __device__ __forceinline__ void multi_kernel(const i64* tensors, const i64* chun
     extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                             \
         fo_##FAMILY##_v##V(fastopt::dev::T* p, const fastopt::dev::T* g, fastopt::dev::S* s0,               \
                            fastopt::dev::S* s1, fastopt::dev::S* s2, long long n, fastopt::dev::Scalars sc, \
-                           const void* gs, int gs_kind, int vec) {                                          \
-        fastopt::dev::single_kernel<fastopt::dev::OP<V> >(p, g, s0, s1, s2, n, sc, gs, gs_kind, vec);       \
+                           const void* gs, int gs_kind, int vec, const unsigned char* skip) {               \
+        fastopt::dev::single_kernel<fastopt::dev::OP<V> >(p, g, s0, s1, s2, n, sc, gs, gs_kind, vec, skip); \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                             \
         fo_##FAMILY##_v##V##_multi(const long long* tensors, const long long* chunks,                       \
-                                   fastopt::dev::Scalars sc, const void* gs, int gs_kind) {                 \
-        fastopt::dev::multi_kernel<fastopt::dev::OP<V> >(tensors, chunks, sc, gs, gs_kind);                 \
+                                   fastopt::dev::Scalars sc, const void* gs, int gs_kind,                   \
+                                   const unsigned char* skip) {                                             \
+        fastopt::dev::multi_kernel<fastopt::dev::OP<V> >(tensors, chunks, sc, gs, gs_kind, skip);           \
     }
 
 // The variants each family has (fastopt/specs.py `variant`; sgd: 1 momentum, 2 nesterov, 4 first step).
@@ -224,14 +227,16 @@ FO_UPDATE_ENTRIES(lion, LionOp, 0)
 //   fo_lamb_trust:         per tensor (one block each): sum its blocks' partials in order,
 //                          scaled_lr[t] = lr * trust ratio (float64, as the CPU loop)
 //   fo_lamb_apply_multi:   p -= scaled_lr[t] * u, u recomputed from the new m, v (same bits)
-// A single array goes through the same table path (one tensor).
+// A single array goes through the same table path (one tensor). With a set skip flag the first and
+// last kernels return at once: params and moments keep their bytes.
 
 extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
     fo_lamb_moments_multi(const long long* tensors, const long long* chunks, fastopt::dev::Scalars sc,
-                          const void* gs, int gs_kind, double* partials) {
+                          const void* gs, int gs_kind, double* partials, const unsigned char* skip) {
     using namespace fastopt;
     using namespace fastopt::dev;
     __shared__ double shared[FASTOPT_BLOCK];
+    if (skipped(skip)) return;  // the whole block: block_sum's barriers stay uniform
     LambParams<M> h = load_params<LambParams<M>, M>(sc.v);
     if (gs_kind != 0) h.grad_scale = h.grad_scale * device_scale(gs, gs_kind);
     const ChunkRange r = chunk_range(tensors, chunks);
@@ -274,9 +279,10 @@ extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
 
 extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
     fo_lamb_apply_multi(const long long* tensors, const long long* chunks, fastopt::dev::Scalars sc,
-                        const double* scaled_lr) {
+                        const double* scaled_lr, const unsigned char* skip) {
     using namespace fastopt;
     using namespace fastopt::dev;
+    if (skipped(skip)) return;  // fo_lamb_trust ran on stale partials: its output is not used
     const LambParams<M> h = load_params<LambParams<M>, M>(sc.v);  // grad_scale unused in phase 2
     const ChunkRange r = chunk_range(tensors, chunks);
     const Ptrs a = table_ptrs(r.rec);

@@ -4,10 +4,13 @@ first launch (or an explicit numba.cuda.compile_ptx). Importing this module need
 fastopt imports it only when the numba backend is first used.
 
 Kernels (one array each; the launcher, fastopt/backends/numba_backend.py, loops over a list):
-  update[family](p, g, s0, s1, s2, h, gs, used, variant)   grid-stride; `used` bit k: state k is live
-  lamb_moments(p, g, m, v, h, gs, partials, offset)        new m, v; per block sum of p^2, u^2 (float64)
+  update[family](p, g, s0, s1, s2, h, gs, used, variant, skip)  grid-stride; `used` bit k: state k is live
+  lamb_moments(p, g, m, v, h, gs, partials, offset, skip) new m, v; per block sum of p^2, u^2 (float64)
   lamb_trust(partials, offsets, lr, scaled_lr)             one block per tensor: lr * trust ratio
-  lamb_apply(p, m, v, h, scaled_lr, t)                     p -= scaled_lr[t] * u
+  lamb_apply(p, m, v, h, scaled_lr, t, skip)               p -= scaled_lr[t] * u
+  step_guard(sq, max_norm, coef, flag, skipped, mode)      the optimizer's clip coefficient / skip flag
+`skip` is a one-element array (the optimizer's device-side skip flag): when set, the kernel returns
+before touching memory, so a step with a NaN/Inf gradient is skipped without a host round trip.
   sumsq_partials(x, partials, offset), sum_segments(partials, offsets, out),
   global_norm(sq, norm, max_norm, coef, want_coef), scale(x, mode, host_coef, coef, t, max_norm),
   clamp(x, c), cast_scalar(src, dst), sqrt_all(sq, out)
@@ -17,6 +20,7 @@ sum runs in a fixed order (per thread, then a tree in shared memory, then the bl
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 from numba import cuda, float64  # at module level: the simulator swaps the module's `cuda` while it runs
@@ -56,7 +60,9 @@ def build(dtype, block):
 
     def make_update(math_fn):
         @cuda.jit
-        def update(p, g, s0, s1, s2, h, gs, used, variant):
+        def update(p, g, s0, s1, s2, h, gs, used, variant, skip):
+            if skip[0]:
+                return
             s = gs[0]
             start, stride = cuda.grid(1), cuda.gridsize(1)
             for i in range(start, p.size, stride):
@@ -82,8 +88,10 @@ def build(dtype, block):
     kernels = {"update": {f: make_update(m[f]) for f in FAMILIES}}
 
     @cuda.jit
-    def lamb_moments(p, g, mo, v, h, gs, partials, offset):
+    def lamb_moments(p, g, mo, v, h, gs, partials, offset, skip):
         shared = cuda.shared.array(BLOCK, float64)
+        if skip[0]:  # the whole block returns: block_sum's barriers stay uniform
+            return
         s = gs[0]
         pp = 0.0
         uu = 0.0
@@ -116,7 +124,9 @@ def build(dtype, block):
             scaled_lr[t] = lr * lamb_trust_ratio(pp ** 0.5, uu ** 0.5)  # stored in the math dtype
 
     @cuda.jit
-    def lamb_apply(p, mo, v, h, scaled_lr, t):
+    def lamb_apply(p, mo, v, h, scaled_lr, t, skip):
+        if skip[0]:  # lamb_trust ran on stale partials: its output is not used
+            return
         lr = scaled_lr[t]
         start, stride = cuda.grid(1), cuda.gridsize(1)
         for i in range(start, p.size, stride):
@@ -160,6 +170,25 @@ def build(dtype, block):
                 coef[0] = clip_coefficient(total, max_norm)
 
     @cuda.jit
+    def step_guard(sq, max_norm, coef, flag, skipped, mode):
+        # one block; mode bit 0: write the clip coefficient, bit 1: the skip flag and counter
+        # (kernels/cuda/reduce.cu fo_step_guard, same summation order as global_norm)
+        shared = cuda.shared.array(BLOCK, float64)
+        acc = 0.0
+        for i in range(cuda.threadIdx.x, sq.size, BLOCK):
+            acc += sq[i]
+        acc = block_sum(acc, shared)
+        if cuda.threadIdx.x == 0:
+            total = acc ** 0.5
+            bad = (mode & 2) != 0 and (math.isnan(total) or math.isinf(total))
+            if mode & 2:
+                flag[0] = 1 if bad else 0
+                if bad:
+                    skipped[0] += 1
+            if mode & 1:
+                coef[0] = 1.0 if bad else clip_coefficient(total, max_norm)
+
+    @cuda.jit
     def scale(x, mode, host_coef, coef, t, max_norm):
         # mode 0: host_coef; 1: coef[0]; 2: clip coefficient of tensor t from its sum of squares coef[t]
         c = host_coef
@@ -191,6 +220,6 @@ def build(dtype, block):
             out[i] = sq[i] ** 0.5
 
     kernels.update(lamb_moments=lamb_moments, lamb_trust=lamb_trust, lamb_apply=lamb_apply,
-                   sumsq_partials=sumsq_partials, sum_segments=sum_segments, global_norm=global_norm,
+                   sumsq_partials=sumsq_partials, sum_segments=sum_segments, global_norm=global_norm, step_guard=step_guard,
                    scale=scale, clamp=clamp, cast_scalar=cast_scalar, sqrt_all=sqrt_all)
     return kernels

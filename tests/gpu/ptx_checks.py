@@ -10,7 +10,7 @@ import re
 import sys
 
 import numpy as np
-from numba import cuda, float32, float64, int64, types
+from numba import cuda, float32, float64, int64, types, uint8
 
 import numba.cuda.dispatcher as _dispatcher
 
@@ -39,11 +39,12 @@ def signatures(dt):
     sig = {}
     for family in nk.FAMILIES:
         nscal = max(len(s.scalar_names) for s in specs.REGISTRY.values() if s.kernel == family)
-        sig[f"update[{family}]"] = (a, a, a, a, a, types.UniTuple(dt, nscal), a, int64, int64)
+        sig[f"update[{family}]"] = (a, a, a, a, a, types.UniTuple(dt, nscal), a, int64, int64, arr(uint8))
     lamb = types.UniTuple(dt, len(specs.LAMB.scalar_names))
-    sig["lamb_moments"] = (a, a, a, a, lamb, a, arr(float64), int64)
+    sig["lamb_moments"] = (a, a, a, a, lamb, a, arr(float64), int64, arr(uint8))
     sig["lamb_trust"] = (arr(float64), arr(int64), float64, a)
-    sig["lamb_apply"] = (a, a, a, lamb, a, int64)
+    sig["lamb_apply"] = (a, a, a, lamb, a, int64, arr(uint8))
+    sig["step_guard"] = (arr(float64), float64, arr(float64), arr(uint8), arr(int64), int64)
     sig["sumsq_partials"] = (a, arr(float64), int64)
     sig["sum_segments"] = (arr(float64), arr(int64), arr(float64))
     sig["global_norm"] = (arr(float64), arr(float64), float64, arr(float64), types.boolean)

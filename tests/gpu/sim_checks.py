@@ -198,5 +198,159 @@ def errors_leave_arrays_unchanged():
 
 check("errors leave arrays unchanged", errors_leave_arrays_unchanged)
 
+
+# ---- device-side skipping: the skip flag read by every kernel, the guard, the optimizer classes ----
+
+def skip_flag_leaves_arrays_unchanged(name, options, as_list):
+    """One real step, then one with found_inf: set, params and state keep their bytes; clear, the same
+    result as without a flag."""
+    spec = specs.get_spec(name)
+    hp = dict(spec.defaults, **options)
+    active = spec.active_states(hp)
+    n_used = max([k + 1 for k, a in enumerate(active) if a], default=0)
+    shapes = LIST_SHAPES if as_list else [(37,)]
+    rng = np.random.default_rng(7)
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(2)]
+    names = ("params", "grads") + spec.states[:n_used]
+    slot = (lambda xs: xs) if as_list else (lambda xs: xs[0])
+    results, first = {}, None
+    for flag in (None, 0, 1):
+        d_p = [cuda.to_device(p) for p in params]
+        d_s = [[cuda.to_device(np.zeros(s, np.float32)) if active[k] else None for s in shapes]
+               for k in range(n_used)]
+        states = tuple(None if st[0] is None else slot(st) for st in d_s)
+        live = d_p + [x for st in d_s for x in st if x is not None]
+        nb.step(spec, (slot(d_p), slot([cuda.to_device(g) for g in grads[0]])) + states, names, hp, 1, None)
+        first = [host(x) for x in live]
+        found_inf = None if flag is None else cuda.to_device(np.array([flag], np.uint8)).reshape(())
+        nb.step(spec, (slot(d_p), slot([cuda.to_device(g) for g in grads[1]])) + states, names, hp, 2, None,
+                found_inf=found_inf)
+        results[flag] = [host(x) for x in live]
+    for a, b in zip(results[1], first):
+        assert a.tobytes() == b.tobytes(), "a skipped step wrote"
+    for a, b in zip(results[0], results[None]):
+        assert a.tobytes() == b.tobytes(), "a clear flag changed the result"
+    assert any(a.tobytes() != b.tobytes() for a, b in zip(results[None], first)), "nothing was updated"
+
+
+for name, options, _ in CONFIGS:
+    for as_list in (False, True):
+        check(f"skip flag {name} {options} list={as_list}",
+              lambda: skip_flag_leaves_arrays_unchanged(name, options, as_list))
+
+
+def guard_checks():
+    from fastopt.clip import clip_coefficient
+    rng = np.random.default_rng(3)
+    sq_host = rng.random(5) * 10
+    for max_norm in (None, 0.5, 1e9):
+        for bad in (None, np.inf, np.nan):
+            sq = sq_host.copy()
+            if bad is not None:
+                sq[2] = bad
+            counter = nb.device_zeros(1, np.int64, None).reshape(())
+            for skip in (False, True):
+                coef, flag = nb.step_guard(cuda.to_device(sq), max_norm, skip, counter if skip else None)
+                total = float(np.sqrt(np.sum(sq)))
+                if skip:
+                    assert int(host(flag)) == (bad is not None), (max_norm, bad)
+                else:
+                    assert flag is None
+                if max_norm is None:
+                    assert coef is None
+                elif skip and bad is not None:
+                    assert float(host(coef)) == 1.0
+                else:
+                    expected = clip_coefficient(total, max_norm)
+                    got = float(host(coef))
+                    assert (np.isnan(got) and np.isnan(expected)) or abs(got - expected) <= 1e-15 * abs(expected)
+            assert int(host(counter)) == (bad is not None)
+
+
+check("step guard", guard_checks)
+
+
+def optimizer_class_on_the_device(name, dtype2):
+    """The class path on device arrays: two groups (the second with two dtypes), clip_grad_norm and
+    skip_nonfinite, NaN/Inf gradients on some steps, a schedule; no host synchronisation inside step;
+    against the functional reference (steps counted as attempted, the documented device semantics)."""
+    import fastopt
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+    from fastopt.clip import clip_coefficient
+
+    rng = np.random.default_rng(11)
+    shapes = [(5,), (1,), (3, 4), (0,), (9,)]
+    dtypes = [np.float32, np.float32, dtype2, np.float32, dtype2]
+    params = [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
+    d_params = [cuda.to_device(p) for p in params]
+    cls = getattr(fastopt, specs.get_spec(name).class_name)
+    spec = specs.get_spec(name)
+    lr0 = 0.05
+    schedule = fastopt.schedules.exponential_decay(lr0, 0.9)
+    opt = cls([{"params": d_params[:2]}, {"params": d_params[2:], "lr": lr0 / 2}], lr=schedule,
+              clip_grad_norm=1.0, skip_nonfinite=True)
+    assert all(type(x).__name__ == "FakeCUDAArray" for i in range(5) for x in opt.state_arrays(i).values())
+    hp = dict(spec.defaults)
+    hp.pop("lr", None)
+    ref_p = [p.astype(np.float64) for p in params]
+    ref_s = [[np.zeros(s) for s in shapes] for _ in spec.states]
+    active = spec.active_states(dict(spec.defaults, lr=lr0))
+    skipped = 0
+    for t in range(1, 9):
+        grads = [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
+        if t in (3, 6):  # a NaN in the second group's float64 bucket, an Inf in the first float32 one
+            grads[4 if t == 3 else 2].flat[0] = np.nan if t == 3 else np.inf
+        before = [p.copy_to_host() for p in d_params] + [x.copy_to_host() for i in range(5)
+                                                         for x in opt.state_arrays(i).values()]
+        d_grads = [cuda.to_device(g) for g in grads]
+        real_copy, real_array = FakeCUDAArray.copy_to_host, getattr(FakeCUDAArray, "__array__", None)
+
+        def forbidden(*a, **k):
+            raise AssertionError("step() read device memory on the host (a synchronisation)")
+        FakeCUDAArray.copy_to_host = forbidden
+        try:
+            opt.step(d_grads)
+        finally:
+            FakeCUDAArray.copy_to_host = real_copy
+        after = [p.copy_to_host() for p in d_params] + [x.copy_to_host() for i in range(5)
+                                                        for x in opt.state_arrays(i).values()]
+        finite = all(np.isfinite(g).all() for g in grads)
+        if not finite:
+            skipped += 1
+            assert all(a.tobytes() == b.tobytes() for a, b in zip(after, before)), f"step {t} skipped but wrote"
+            continue
+        total = float(np.sqrt(sum(reference.sumsq(g) for g in grads)))
+        coef = clip_coefficient(total, 1.0)
+        for i in range(5):
+            group_lr = schedule(t - 1) if i < 2 else lr0 / 2
+            kw = {h.name: dict(hp, lr=group_lr)[h.name] for h in spec.hypers}
+            kw["grad_scale"] = coef
+            if spec.uses_step:
+                kw["step"] = t
+            st = [ref_s[k][i] for k, a in enumerate(active) if a]
+            reference.STEPS[name](ref_p[i], grads[i].astype(np.float64), *st, **kw)
+    assert opt.skipped_steps == skipped == 2, opt.skipped_steps
+    assert opt.steps(0) == 8  # device semantics: attempted steps
+    for i in range(5):
+        tol = TOL[np.float32] if dtypes[i] == np.float32 else TOL[np.float64]
+        np.testing.assert_allclose(host(d_params[i]), ref_p[i], **tol, err_msg=f"params[{i}]")
+    # checkpoint round trip on device arrays: state comes back as NumPy, goes back onto the device
+    sd = opt.state_dict()
+    fresh_params = [cuda.to_device(host(p)) for p in d_params]
+    fresh = cls([{"params": fresh_params[:2]}, {"params": fresh_params[2:], "lr": lr0 / 2}], lr=schedule,
+                clip_grad_norm=1.0, skip_nonfinite=True)
+    fresh.load_state_dict(sd)
+    assert fresh.skipped_steps == 2 and fresh.steps(1) == 8
+    grads = [cuda.to_device(rng.standard_normal(s).astype(d)) for s, d in zip(shapes, dtypes)]
+    opt.step(grads)
+    fresh.step(grads)
+    for a, b in zip(d_params, fresh_params):
+        assert host(a).tobytes() == host(b).tobytes(), "resumed run differs"
+
+
+for name in ("adam", "sgd", "lamb", "radam"):
+    check(f"optimizer class on device arrays {name}", lambda: optimizer_class_on_the_device(name, np.float64))
+
 print(f"SIM CHECKS: {passed} passed, {len(failed)} failed", flush=True)
 sys.exit(1 if failed else 0)
