@@ -365,10 +365,11 @@ class Optimizer:
             bucket.backend_key = key
         return bucket.backend
 
-    def step(self, grads) -> bool:
+    def step(self, grads):
         """Apply one update with `grads` (a list of arrays in the order of `opt.params`; one array when
         there is a single param). Returns False when the step was skipped (skip_nonfinite and a
-        NaN/Inf gradient), else True."""
+        NaN/Inf gradient), else True; on GPU arrays, where the skip is decided on the device without a
+        host synchronisation, it returns None (read `skipped_steps`, which synchronises, to know)."""
         grads = self._grad_list(grads)
         buckets = self._buckets
         ngroups = len(buckets)
@@ -394,7 +395,7 @@ class Optimizer:
         for gi in range(ngroups):
             self._group_steps[gi] += 1
             self._last_lr[gi] = hps[gi]["lr"]
-        return True
+        return None if found_inf is not None else True
 
     def _ensure_states(self, bucket, hp):
         """Allocate a state slot that a changed hyperparameter now needs (e.g. momentum set later)."""

@@ -341,7 +341,9 @@ def clip_by_global_norm(grads, sq, max_norm):
 def clip_by_norm(grads, sq, max_norm):
     """Per array: scale by min(1, max_norm / (||g|| + 1e-6)); returns the 0-d norms (a list for a list)."""
     _scale_launch(grads, 2, 1.0, np.uint64(sq.data.ptr), max_norm)
-    norms = _cupy().sqrt(sq)
+    cp = _cupy()
+    with cp.cuda.Device(sq.device.id):  # the norms stay on the grads' device
+        norms = cp.sqrt(sq)
     out = [norms[i] for i in range(norms.size)]
     return out if isinstance(grads, (list, tuple)) else out[0]
 
@@ -352,7 +354,8 @@ def scale_(grads, coef):
         _scale_launch(grads, 0, float(coef), np.uint64(0), 0.0)
         return
     cp = _cupy()
-    coef = cp.asarray(coef, dtype=cp.float64)
+    with cp.cuda.Device(_grads_table(grads, True)[2]):  # the float64 copy on the grads' device: the kernel reads it
+        coef = cp.asarray(coef, dtype=cp.float64)
     if coef.shape != ():
         raise ValueError(f"coef must be a scalar or a 0-d array, got shape {coef.shape}")
     _scale_launch(grads, 1, 1.0, np.uint64(coef.data.ptr), 0.0)

@@ -63,11 +63,36 @@ def _describe(obj, name):
 
 
 def _flat(a: DeviceArray):
-    """1-d Numba view of a validated array (zero copy)."""
+    """1-d Numba view of a validated array (zero copy). A foreign array (CuPy, torch) is imported with
+    sync=False: Numba would otherwise synchronise the producer's stream with the host on every import;
+    the kernels are launched on that stream instead (`_stream`), which orders them after its work."""
     obj = a.obj
     if not simulating() and not hasattr(obj, "copy_to_host"):  # CuPy / torch: view through the interface
-        obj = _cuda().as_cuda_array(obj)
+        obj = _cuda().as_cuda_array(obj, sync=False)
     return obj.reshape(a.size)
+
+
+_LEGACY, _PER_THREAD = 1, 2  # __cuda_array_interface__ v3 names of the default streams
+
+
+def _stream(a: DeviceArray):
+    """The stream to launch on: the one a foreign array's producer exported in __cuda_array_interface__
+    (CuPy's current stream, torch's current stream), so the update runs after the work that made the
+    gradients, with no host synchronisation; Numba's default stream for Numba arrays."""
+    obj = a.obj
+    if simulating() or hasattr(obj, "copy_to_host"):
+        return 0
+    ptr = getattr(obj, "__cuda_array_interface__", {}).get("stream")
+    if ptr is None or ptr == _LEGACY:
+        return _cuda().legacy_default_stream()
+    if ptr == _PER_THREAD:
+        return _cuda().per_thread_default_stream()
+    return _external_stream(ptr)
+
+
+@functools.lru_cache(maxsize=64)
+def _external_stream(ptr):
+    return _cuda().external_stream(ptr)
 
 
 def _validate(arrays, names, read_only_slot=1):
@@ -80,7 +105,7 @@ def _ones(dtype):
     return _cuda().to_device(np.ones(1, dtype=dtype))
 
 
-def _device_scale(grad_scale, dtype):
+def _device_scale(grad_scale, dtype, stream=0):
     """(host factor, 1-element device array of the math dtype the kernels read)."""
     if grad_scale is None:
         return 1.0, _ones(dtype)
@@ -98,7 +123,7 @@ def _device_scale(grad_scale, dtype):
     if a.dtype == dtype:
         return 1.0, src
     dst = _cuda().device_array(1, dtype=dtype)
-    _kernels(dtype)["cast_scalar"][1, 1](src, dst)
+    _kernels(dtype)["cast_scalar"][1, 1, stream](src, dst)
     return 1.0, dst
 
 
@@ -140,12 +165,13 @@ def step(spec, arrays, names, hp, step, grad_scale, found_inf=None):
     if not any(a.size for a in lists[0]):
         return
     dtype = lists[0][0].dtype
-    host_scale, gs = _device_scale(grad_scale, dtype)
+    stream = _stream(lists[0][0])
+    host_scale, gs = _device_scale(grad_scale, dtype, stream)
     h = tuple(dtype.type(x) for x in spec.scalars(hp, step, host_scale))
     block = launch_config()[0]
     k = _kernels(dtype)
     if spec.two_phase:
-        _lamb(k, lists, h, gs, hp["lr"], dtype, skip)
+        _lamb(k, lists, h, gs, hp["lr"], dtype, skip, stream)
         return
     kernel = k["update"][spec.kernel]
     variant = spec.variant(hp, step)
@@ -156,10 +182,10 @@ def step(spec, arrays, names, hp, step, grad_scale, found_inf=None):
         fp = _flat(p)
         states = [_flat(lst[i]) if lst is not None else fp for lst in lists[2:]]
         states += [fp] * (3 - len(states))  # unused slots: never read nor written
-        kernel[_grid(p.size), block](fp, _flat(lists[1][i]), *states, h, gs, used, variant, skip)
+        kernel[_grid(p.size), block, stream](fp, _flat(lists[1][i]), *states, h, gs, used, variant, skip)
 
 
-def _lamb(k, lists, h, gs, lr, dtype, skip):
+def _lamb(k, lists, h, gs, lr, dtype, skip, stream):
     cuda = _cuda()
     block = launch_config()[0]
     sizes = tuple(a.size for a in lists[0])
@@ -170,12 +196,12 @@ def _lamb(k, lists, h, gs, lr, dtype, skip):
     host_offsets = _host_offsets(sizes)
     for i, n in enumerate(sizes):
         if n:
-            k["lamb_moments"][_grid(n), block](flats[0][i], flats[1][i], flats[2][i], flats[3][i], h, gs, partials,
+            k["lamb_moments"][_grid(n), block, stream](flats[0][i], flats[1][i], flats[2][i], flats[3][i], h, gs, partials,
                                                host_offsets[i], skip)
-    k["lamb_trust"][len(sizes), block](partials, offsets, np.float64(lr), scaled_lr)
+    k["lamb_trust"][len(sizes), block, stream](partials, offsets, np.float64(lr), scaled_lr)
     for i, n in enumerate(sizes):
         if n:
-            k["lamb_apply"][_grid(n), block](flats[0][i], flats[2][i], flats[3][i], h, scaled_lr, i, skip)
+            k["lamb_apply"][_grid(n), block, stream](flats[0][i], flats[2][i], flats[3][i], h, scaled_lr, i, skip)
 
 
 @functools.lru_cache(maxsize=256)
@@ -195,28 +221,36 @@ def sumsq_per_tensor(grads, out=None):
     offsets, total = _offsets(sizes)
     host_offsets = _host_offsets(sizes)
     k = _kernels(arrays[0].dtype)
+    stream = _stream(arrays[0])
     partials = cuda.device_array(max(total, 1), dtype=np.float64)
     for i, a in enumerate(arrays):
         if a.size:
-            k["sumsq_partials"][_grid(a.size), block](_flat(a), partials, host_offsets[i])
-    if out is None:
-        out = cuda.device_array(len(arrays), dtype=np.float64)
-    k["sum_segments"][len(arrays), block](partials, offsets, out)
+            k["sumsq_partials"][_grid(a.size), block, stream](_flat(a), partials, host_offsets[i])
+    if out is None:  # created on the stream of the grads: the norm kernels that read it launch there too
+        out = cuda.device_array(len(arrays), dtype=np.float64, stream=stream)
+    k["sum_segments"][len(arrays), block, stream](partials, offsets, out)
     return out
+
+
+def _sq_stream(sq):
+    """The stream sums of squares were made on (sumsq_per_tensor and device_zeros tag their arrays)."""
+    return getattr(sq, "stream", 0)
 
 
 def _global_norm(sq, max_norm=None):
     cuda = _cuda()
-    norm = cuda.device_array(1, dtype=np.float64)
-    coef = cuda.device_array(1, dtype=np.float64)
-    _kernels(F64)["global_norm"][1, launch_config()[0]](sq, norm, np.float64(max_norm or 0.0), coef,
+    stream = _sq_stream(sq)
+    norm = cuda.device_array(1, dtype=np.float64, stream=stream)
+    coef = cuda.device_array(1, dtype=np.float64, stream=stream)
+    _kernels(F64)["global_norm"][1, launch_config()[0], stream](sq, norm, np.float64(max_norm or 0.0), coef,
                                                         max_norm is not None)
     return norm, coef
 
 
 def device_zeros(n, dtype, like):
-    """A device array of n zeros of `dtype` (the optimizer's guard buffers)."""
-    return _cuda().to_device(np.zeros(n, dtype=dtype))
+    """A device array of n zeros of `dtype` (the optimizer's guard buffers), tagged with the stream of
+    `like` so that the kernels reading it launch there."""
+    return _cuda().to_device(np.zeros(n, dtype=dtype), stream=_stream(_describe(like, "like")))
 
 
 def step_guard(sq, max_norm=None, skip_nonfinite=False, skipped=None):
@@ -225,11 +259,13 @@ def step_guard(sq, max_norm=None, skip_nonfinite=False, skipped=None):
     uint8, None without skip_nonfinite); `skipped` (a 0-d int64 device counter) is incremented when
     the step is skipped. Returns (coef, found_inf)."""
     cuda = _cuda()
-    coef = cuda.device_array(1, dtype=np.float64)
-    flag = cuda.device_array(1, dtype=np.uint8)
-    counter = _flat(_describe(skipped, "skipped")) if skipped is not None else cuda.device_array(1, dtype=np.int64)
+    stream = _sq_stream(sq)
+    coef = cuda.device_array(1, dtype=np.float64, stream=stream)
+    flag = cuda.device_array(1, dtype=np.uint8, stream=stream)
+    counter = _flat(_describe(skipped, "skipped")) if skipped is not None else \
+        cuda.device_array(1, dtype=np.int64, stream=stream)
     mode = (1 if max_norm is not None else 0) | (2 if skip_nonfinite else 0)
-    _kernels(F64)["step_guard"][1, launch_config()[0]](sq, np.float64(max_norm or 0.0), coef, flag, counter, mode)
+    _kernels(F64)["step_guard"][1, launch_config()[0], stream](sq, np.float64(max_norm or 0.0), coef, flag, counter, mode)
     return (coef.reshape(()) if max_norm is not None else None,
             flag.reshape(()) if skip_nonfinite else None)
 
@@ -243,9 +279,10 @@ def _scale_each(grads, mode, host_coef, coef, max_norm):
     lists, _ = _validate((grads,), ("grads",), -1)
     block = launch_config()[0]
     k = _kernels(lists[0][0].dtype)
+    stream = _stream(lists[0][0])
     for t, a in enumerate(lists[0]):
         if a.size:
-            k["scale"][_grid(a.size), block](_flat(a), mode, np.float64(host_coef), coef, t, np.float64(max_norm))
+            k["scale"][_grid(a.size), block, stream](_flat(a), mode, np.float64(host_coef), coef, t, np.float64(max_norm))
 
 
 def clip_by_global_norm(grads, sq, max_norm):
@@ -256,8 +293,9 @@ def clip_by_global_norm(grads, sq, max_norm):
 
 def clip_by_norm(grads, sq, max_norm):
     _scale_each(grads, 2, 1.0, sq, max_norm)
-    norms = _cuda().device_array(sq.size, dtype=np.float64)
-    _kernels(F64)["sqrt_all"][_grid(sq.size), launch_config()[0]](sq, norms)
+    stream = _sq_stream(sq)
+    norms = _cuda().device_array(sq.size, dtype=np.float64, stream=stream)
+    _kernels(F64)["sqrt_all"][_grid(sq.size), launch_config()[0], stream](sq, norms)
     out = [norms[i:i + 1].reshape(()) for i in range(sq.size)]
     return out if isinstance(grads, (list, tuple)) else out[0]
 
@@ -266,7 +304,8 @@ def scale_(grads, coef):
     if isinstance(coef, numbers.Real) and not isinstance(coef, (bool, np.bool_)):
         _scale_each(grads, 0, float(coef), _ones(F64), 0.0)
         return
-    _, dev = _device_scale(coef, F64)
+    lists, _ = _validate((grads,), ("grads",), -1)
+    _, dev = _device_scale(coef, F64, _stream(lists[0][0]))
     _scale_each(grads, 1, 1.0, dev, 0.0)
 
 
@@ -275,6 +314,7 @@ def clamp_(grads, clip_value):
     dtype = lists[0][0].dtype
     block = launch_config()[0]
     k = _kernels(dtype)
+    stream = _stream(lists[0][0])
     for a in lists[0]:
         if a.size:
-            k["clamp"][_grid(a.size), block](_flat(a), dtype.type(clip_value))
+            k["clamp"][_grid(a.size), block, stream](_flat(a), dtype.type(clip_value))

@@ -3,6 +3,7 @@ own process by test_numba_sim.py: NUMBA_ENABLE_CUDASIM must be set before numba 
 Prints one line per failure and `SIM CHECKS: <n> passed, <m> failed` at the end; exits 1 on a failure."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -14,6 +15,8 @@ from numba import cuda  # noqa: E402
 
 from fastopt import reference, specs  # noqa: E402
 from fastopt.backends import numba_backend as nb  # noqa: E402
+
+import device_class_check  # noqa: E402  (tests/gpu, next to this script)
 
 assert nb.simulating()
 
@@ -249,9 +252,10 @@ def guard_checks():
             sq = sq_host.copy()
             if bad is not None:
                 sq[2] = bad
-            counter = nb.device_zeros(1, np.int64, None).reshape(())
+            d_sq = cuda.to_device(sq)
+            counter = nb.device_zeros(1, np.int64, d_sq).reshape(())
             for skip in (False, True):
-                coef, flag = nb.step_guard(cuda.to_device(sq), max_norm, skip, counter if skip else None)
+                coef, flag = nb.step_guard(d_sq, max_norm, skip, counter if skip else None)
                 total = float(np.sqrt(np.sum(sq)))
                 if skip:
                     assert int(host(flag)) == (bad is not None), (max_norm, bad)
@@ -271,86 +275,26 @@ def guard_checks():
 check("step guard", guard_checks)
 
 
-def optimizer_class_on_the_device(name, dtype2):
-    """The class path on device arrays: two groups (the second with two dtypes), clip_grad_norm and
-    skip_nonfinite, NaN/Inf gradients on some steps, a schedule; no host synchronisation inside step;
-    against the functional reference (steps counted as attempted, the documented device semantics)."""
-    import fastopt
+def optimizer_class_on_numba_arrays(name):
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-    from fastopt.clip import clip_coefficient
 
-    rng = np.random.default_rng(11)
-    shapes = [(5,), (1,), (3, 4), (0,), (9,)]
-    dtypes = [np.float32, np.float32, dtype2, np.float32, dtype2]
-    params = [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
-    d_params = [cuda.to_device(p) for p in params]
-    cls = getattr(fastopt, specs.get_spec(name).class_name)
-    spec = specs.get_spec(name)
-    lr0 = 0.05
-    schedule = fastopt.schedules.exponential_decay(lr0, 0.9)
-    opt = cls([{"params": d_params[:2]}, {"params": d_params[2:], "lr": lr0 / 2}], lr=schedule,
-              clip_grad_norm=1.0, skip_nonfinite=True)
-    assert all(type(x).__name__ == "FakeCUDAArray" for i in range(5) for x in opt.state_arrays(i).values())
-    hp = dict(spec.defaults)
-    hp.pop("lr", None)
-    ref_p = [p.astype(np.float64) for p in params]
-    ref_s = [[np.zeros(s) for s in shapes] for _ in spec.states]
-    active = spec.active_states(dict(spec.defaults, lr=lr0))
-    skipped = 0
-    for t in range(1, 9):
-        grads = [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
-        if t in (3, 6):  # a NaN in the second group's float64 bucket, an Inf in the first float32 one
-            grads[4 if t == 3 else 2].flat[0] = np.nan if t == 3 else np.inf
-        before = [p.copy_to_host() for p in d_params] + [x.copy_to_host() for i in range(5)
-                                                         for x in opt.state_arrays(i).values()]
-        d_grads = [cuda.to_device(g) for g in grads]
-        real_copy, real_array = FakeCUDAArray.copy_to_host, getattr(FakeCUDAArray, "__array__", None)
+    @contextlib.contextmanager
+    def forbid_sync(message):
+        real = FakeCUDAArray.copy_to_host
 
         def forbidden(*a, **k):
-            raise AssertionError("step() read device memory on the host (a synchronisation)")
+            raise AssertionError(message)
         FakeCUDAArray.copy_to_host = forbidden
         try:
-            opt.step(d_grads)
+            yield
         finally:
-            FakeCUDAArray.copy_to_host = real_copy
-        after = [p.copy_to_host() for p in d_params] + [x.copy_to_host() for i in range(5)
-                                                        for x in opt.state_arrays(i).values()]
-        finite = all(np.isfinite(g).all() for g in grads)
-        if not finite:
-            skipped += 1
-            assert all(a.tobytes() == b.tobytes() for a, b in zip(after, before)), f"step {t} skipped but wrote"
-            continue
-        total = float(np.sqrt(sum(reference.sumsq(g) for g in grads)))
-        coef = clip_coefficient(total, 1.0)
-        for i in range(5):
-            group_lr = schedule(t - 1) if i < 2 else lr0 / 2
-            kw = {h.name: dict(hp, lr=group_lr)[h.name] for h in spec.hypers}
-            kw["grad_scale"] = coef
-            if spec.uses_step:
-                kw["step"] = t
-            st = [ref_s[k][i] for k, a in enumerate(active) if a]
-            reference.STEPS[name](ref_p[i], grads[i].astype(np.float64), *st, **kw)
-    assert opt.skipped_steps == skipped == 2, opt.skipped_steps
-    assert opt.steps(0) == 8  # device semantics: attempted steps
-    for i in range(5):
-        tol = TOL[np.float32] if dtypes[i] == np.float32 else TOL[np.float64]
-        np.testing.assert_allclose(host(d_params[i]), ref_p[i], **tol, err_msg=f"params[{i}]")
-    # checkpoint round trip on device arrays: state comes back as NumPy, goes back onto the device
-    sd = opt.state_dict()
-    fresh_params = [cuda.to_device(host(p)) for p in d_params]
-    fresh = cls([{"params": fresh_params[:2]}, {"params": fresh_params[2:], "lr": lr0 / 2}], lr=schedule,
-                clip_grad_norm=1.0, skip_nonfinite=True)
-    fresh.load_state_dict(sd)
-    assert fresh.skipped_steps == 2 and fresh.steps(1) == 8
-    grads = [cuda.to_device(rng.standard_normal(s).astype(d)) for s, d in zip(shapes, dtypes)]
-    opt.step(grads)
-    fresh.step(grads)
-    for a, b in zip(d_params, fresh_params):
-        assert host(a).tobytes() == host(b).tobytes(), "resumed run differs"
+            FakeCUDAArray.copy_to_host = real
+
+    device_class_check.run(name, cuda.to_device, host, forbid_sync, np.float64, TOL)
 
 
-for name in ("adam", "sgd", "lamb", "radam"):
-    check(f"optimizer class on device arrays {name}", lambda: optimizer_class_on_the_device(name, np.float64))
+for name in device_class_check.OPTIMIZERS:
+    check(f"optimizer class on device arrays {name}", lambda: optimizer_class_on_numba_arrays(name))
 
 print(f"SIM CHECKS: {passed} passed, {len(failed)} failed", flush=True)
 sys.exit(1 if failed else 0)

@@ -150,3 +150,32 @@ def test_clipping_on_the_device(backend):
                                                                                 backend=backend)))  # deterministic
     fastopt.clip_by_value(d, 1e-3, backend=backend)
     assert float(cp.abs(cp.concatenate([x.ravel() for x in d])).max()) <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cupy", "numba"])
+@pytest.mark.parametrize("name", __import__("device_class_check").OPTIMIZERS)
+def test_optimizer_class_clips_and_skips_on_the_device_without_sync(monkeypatch, name, backend):
+    """tests/gpu/device_class_check.py on CuPy arrays: groups, dtypes, schedule, clip_grad_norm and
+    skip_nonfinite with NaN/Inf gradients, no device-to-host read inside step(), checkpoint resume."""
+    import contextlib
+
+    import device_class_check
+    cp = _gpu()
+    if backend == "numba":
+        pytest.importorskip("numba")
+
+    @contextlib.contextmanager
+    def forbid_sync(message):
+        def forbidden(*a, **k):
+            raise AssertionError(message)
+        with monkeypatch.context() as mp:
+            for attr in ("get", "item", "__float__", "__int__", "__bool__", "tolist"):
+                mp.setattr(cp.ndarray, attr, forbidden)
+            mp.setattr(cp, "asnumpy", forbidden)
+            mp.setattr(cp.cuda.Stream, "synchronize", forbidden)
+            mp.setattr(cp.cuda.Device, "synchronize", forbidden)
+            yield
+
+    tolerances = {np.float32: dict(rtol=1e-4, atol=1e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}
+    device_class_check.run(name, cp.asarray, cp.asnumpy, forbid_sync, np.float64, tolerances, backend=backend)

@@ -1,0 +1,690 @@
+"""The CuPy launcher against the CUDA source, without a GPU: every RawKernel launch that
+fastopt/backends/cupy_backend.py makes passes arguments that fit the C signature of the
+`extern "C" __global__` entry point it launches.
+
+CuPy passes each launch argument by its Python type and nothing checks it against the kernel: a
+Python int goes in as 8 bytes and a Python float as a double whatever the parameter is, None is not a
+null pointer in every CuPy version, and a missing argument is read from beyond the argument buffer. A
+mismatch only shows on a GPU, as wrong numbers or an illegal address. Here `cupy_backend._cupy`
+returns a fake CuPy module whose arrays are distinct address ranges without memory and whose kernels
+record their launches; every launch site is driven (every optimizer and kernel variant, single array
+and list, each grad_scale and found_inf form, the norms, clipping, step_guard and touch,
+float32/float64/float16, on two devices) and each recorded launch is checked against the signatures
+parsed from cuda_source.kernel_source() (the FO_UPDATE_ENTRIES macro is expanded from its own body,
+no signature is copied here).
+
+The rules are those of CuPy's RawKernel (cupy/cuda/function.pyx `_pointer`):
+    any pointer                  numpy.uint64, or a cupy.ndarray (its device pointer)
+    long long                    numpy.int64
+    int                          numpy.int32
+    double                       numpy.float64
+    fastopt::dev::Scalars        a numpy.void of the struct's size (double v[16]: 128 bytes)
+and a pointer must be null only where the kernel checks for null, point into a live allocation of the
+pointee's dtype, on the device the kernel runs on; grid and block are tuples of positive ints, block
+(cuda_source.BLOCK,).
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import itertools
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from fastopt.backends import cuda_source, cupy_backend
+from fastopt.backends.device_arrays import state_dtype
+from fastopt.specs import REGISTRY, REQUIRED
+
+F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+I64, U8, BOOL = np.dtype(np.int64), np.dtype(np.uint8), np.dtype(np.bool_)
+DTYPES = (F32, F64, F16)
+CHUNK = cuda_source.CHUNK
+
+# Entry points of kernel_names() that no cupy_backend call can launch, with the reason. Empty: every
+# entry point is reachable (test_every_entry_point_is_launched fails on a stale entry too).
+UNREACHABLE: dict = {}
+
+# Pointer parameters the kernels test against null (reduce.cu / update.cu / device.cuh); any other
+# pointer must be non-null. "kernel.param" for a parameter nullable in that kernel only.
+NULLABLE = {"s0", "s1", "s2", "gs", "skip", "coef", "found_inf", "skipped", "coef_ptr", "fo_step_guard.norm"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The C signatures, parsed from the assembled source
+# ---------------------------------------------------------------------------------------------------
+
+_ENTRY = re.compile(r'extern\s+"C"\s+__global__\s+void\s+__launch_bounds__\s*\(\s*\w+\s*\)\s*(\w+)\s*\(([^)]*)\)')
+_MACRO = re.compile(r"^[ \t]*#[ \t]*define[ \t]+FO_UPDATE_ENTRIES\(([^)]*)\)((?:[^\n]*\\\n)*[^\n]*)", re.M)
+_MACRO_CALL = re.compile(r"^[ \t]*FO_UPDATE_ENTRIES\(([^)]*)\)", re.M)
+
+
+def _strip_comments(src):
+    return re.sub(r"//[^\n]*", "", re.sub(r"/\*.*?\*/", "", src, flags=re.S))
+
+
+def expand_update_entries(src):
+    """src with the FO_UPDATE_ENTRIES definition removed and each invocation replaced by its body:
+    the formal parameters substituted as whole tokens, then `##` pasted."""
+    m = _MACRO.search(src)
+    assert m, "FO_UPDATE_ENTRIES is not defined in the CUDA source"
+    formals = [f.strip() for f in m.group(1).split(",")]
+    body = m.group(2).replace("\\\n", "\n")
+    rest = src[:m.start()] + src[m.end():]
+
+    def expand(call):
+        actuals = [a.strip() for a in call.group(1).split(",")]
+        assert len(actuals) == len(formals), call.group(0)
+        text = body
+        for formal, actual in zip(formals, actuals):
+            text = re.sub(rf"\b{formal}\b", actual, text)
+        return re.sub(r"\s*##\s*", "", text)
+
+    return _MACRO_CALL.sub(expand, rest)
+
+
+def parse_signatures(src):
+    """{entry point: ((C type, parameter name), ...)} of every extern "C" __global__ function."""
+    out = {}
+    for name, params in _ENTRY.findall(expand_update_entries(_strip_comments(src))):
+        assert name not in out, f"{name} defined twice"
+        decls = [" ".join(p.split()) for p in params.split(",") if p.strip()]
+        parsed = []
+        for d in decls:
+            m = re.fullmatch(r"(.*?)\s*\b(\w+)", d)
+            assert m and m.group(1), f"{name}: cannot parse parameter {d!r}"
+            parsed.append((m.group(1), m.group(2)))
+        out[name] = tuple(parsed)
+    return out
+
+
+SOURCE = cuda_source.kernel_source()
+SIGNATURES = parse_signatures(SOURCE)
+SCALARS_BYTES = 8 * int(re.search(r"struct\s+Scalars\s*\{\s*double\s+v\[(\d+)\];\s*\}", SOURCE).group(1))
+
+
+def c_kind(ctype):
+    """("pointer", pointee) or (scalar kind, None) of a C parameter type."""
+    t = " ".join(re.sub(r"\b(const|__restrict__)\b", " ", ctype).split())
+    if t.endswith("*"):
+        return "pointer", t[:-1].strip()
+    kind = {"long long": "int64", "int": "int32", "double": "float64", "fastopt::dev::Scalars": "scalars"}.get(t)
+    assert kind, f"unknown C parameter type {ctype!r}: teach c_kind how CuPy must pass it"
+    return kind, None
+
+
+# what CuPy's RawKernel needs for each scalar parameter kind (exact types: np.float64 is a float
+# subclass, np.int64 is not an int, and a Python int/float/bool must not pass)
+SCALAR_OK = {
+    "int64": lambda a: type(a) is np.int64,
+    "int32": lambda a: type(a) is np.int32,
+    "float64": lambda a: type(a) is np.float64,
+    "scalars": lambda a: type(a) is np.void and a.dtype.itemsize == SCALARS_BYTES,
+}
+
+
+def pointee_dtypes(pointee, module_dtype):
+    """The dtypes a pointer parameter may point to in the module compiled for module_dtype (None: any)."""
+    return {
+        "fastopt::dev::T": {module_dtype},
+        "fastopt::dev::S": {cuda_source.DTYPES[module_dtype][1]},
+        "double": {F64},
+        "long long": {I64},
+        "unsigned char": {BOOL, U8},
+        "void": None,
+    }[pointee]
+
+
+# ---------------------------------------------------------------------------------------------------
+# A fake CuPy: arrays are address ranges, kernels record their launches
+# ---------------------------------------------------------------------------------------------------
+
+Launch = collections.namedtuple("Launch", "name grid block args kwargs options code device")
+Allocation = collections.namedtuple("Allocation", "start end dtype device")
+
+
+class FakeArray:
+    """What cupy_backend uses of a cupy.ndarray. No memory: data.ptr is a distinct fake address."""
+
+    def __init__(self, fake, shape, dtype, ptr, device, host=None):
+        self._fake, self.shape, self.dtype = fake, tuple(shape), np.dtype(dtype)
+        self.size = int(np.prod(self.shape, dtype=np.int64))
+        self.ndim, self.nbytes = len(self.shape), self.size * self.dtype.itemsize
+        self.data = SimpleNamespace(ptr=ptr)
+        self.device = SimpleNamespace(id=device)
+        self.flags = SimpleNamespace(c_contiguous=True)
+        self.host = host          # the values, for arrays made from host data (the multi-tensor table)
+        self.filled = None
+
+    def _view(self, shape, first):
+        return FakeArray(self._fake, shape, self.dtype, self.data.ptr + first * self.dtype.itemsize, self.device.id)
+
+    def reshape(self, *shape):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        assert int(np.prod(shape, dtype=np.int64)) == self.size
+        return self._view(shape, 0)
+
+    def __getitem__(self, key):
+        assert self.ndim == 1, "the fake indexes 1-d arrays only"
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.size)
+            assert step == 1
+            return self._view((max(0, stop - start),), start)
+        return self._view((), range(self.size)[key])
+
+    def fill(self, value):
+        self.filled = value
+
+    def __repr__(self):
+        return f"FakeArray(shape={self.shape}, dtype={self.dtype}, ptr={self.data.ptr:#x}, device={self.device.id})"
+
+
+class ForeignArray:
+    """A device array that is not a CuPy array, seen through __cuda_array_interface__ only (a torch
+    CUDA tensor): its memory is a FakeArray's."""
+
+    def __init__(self, backing):
+        self.backing = backing
+        self.__cuda_array_interface__ = {"shape": backing.shape, "typestr": backing.dtype.str,
+                                         "data": (backing.data.ptr, False), "strides": None, "version": 3}
+
+
+class FakeKernel:
+    def __init__(self, module, name):
+        self.module, self.name = module, name
+
+    def __call__(self, grid, block, args, **kwargs):
+        fake = self.module.fake
+        fake.launches.append(Launch(self.name, grid, block, args, kwargs, self.module.options, self.module.code,
+                                    fake.current_device))
+
+
+class FakeModule:
+    def __init__(self, fake, code, options):
+        self.fake, self.code, self.options = fake, code, tuple(options)
+
+    def get_function(self, name):
+        return FakeKernel(self, name)
+
+
+class FakeCupy:
+    """The members of the cupy module that cupy_backend uses."""
+
+    float16, float32, float64, int64, bool_ = np.float16, np.float32, np.float64, np.int64, np.bool_
+    ndarray = FakeArray
+    SM_COUNT = 132
+
+    def __init__(self):
+        self.launches: list = []
+        self.allocations: list = []
+        self._starts: list = []
+        self._next = 1 << 40
+        self._devices = [0]
+        fake = self
+
+        class Device:
+            def __init__(self, device):
+                assert type(device) is int and device >= 0, f"cupy.cuda.Device({device!r})"
+                self.id = device
+                self.attributes = {"MultiProcessorCount": fake.SM_COUNT}
+
+            def __enter__(self):
+                fake._devices.append(self.id)
+                return self
+
+            def __exit__(self, *exc):
+                fake._devices.pop()
+
+        runtime = SimpleNamespace(getDevice=lambda: self.current_device,
+                                  pointerGetAttributes=lambda ptr: SimpleNamespace(device=self.allocation(ptr).device))
+        self.cuda = SimpleNamespace(Device=Device, runtime=runtime)
+
+    @property
+    def current_device(self):
+        return self._devices[-1]
+
+    # memory
+    def alloc(self, shape, dtype, device=None, misalign=0, host=None):
+        """A new array: a 256-byte aligned address range (plus `misalign` bytes) of its own."""
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        dtype = np.dtype(dtype)
+        device = self.current_device if device is None else device
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        ptr = 0
+        if nbytes:  # CuPy: an empty array has a null pointer
+            ptr = self._next + misalign
+            self._next += -(-(nbytes + misalign) // 256) * 256 + 256
+            self.allocations.append(Allocation(ptr, ptr + nbytes, dtype, device))
+            self._starts.append(ptr)
+        return FakeArray(self, shape, dtype, ptr, device, host)
+
+    def allocation(self, ptr):
+        """The allocation holding address ptr, or None (allocations are made at increasing addresses)."""
+        i = bisect.bisect_right(self._starts, ptr) - 1
+        return self.allocations[i] if i >= 0 and ptr < self.allocations[i].end else None
+
+    def empty(self, shape, dtype):
+        return self.alloc(shape, dtype)
+
+    zeros = empty
+
+    def asarray(self, obj, dtype=None):
+        """Like CuPy: the same array when it is on the current device with that dtype, else a copy on
+        the current device."""
+        if isinstance(obj, FakeArray):
+            if (dtype is None or np.dtype(dtype) == obj.dtype) and obj.device.id == self.current_device:
+                return obj
+            return self.alloc(obj.shape, obj.dtype if dtype is None else dtype)
+        host = np.array(obj, dtype=dtype)
+        return self.alloc(host.shape, host.dtype, host=host)
+
+    def sqrt(self, x):
+        return self.alloc(x.shape, x.dtype)
+
+    def RawModule(self, code, options):
+        return FakeModule(self, code, options)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """The fake CuPy in place of the real one, with empty module caches (restored afterwards)."""
+    cp = FakeCupy()
+    monkeypatch.setattr(cupy_backend, "_cupy", lambda: cp)
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+    monkeypatch.setattr(cupy_backend, "_functions", {})
+    monkeypatch.setattr(cupy_backend, "_sm_counts", {})
+    monkeypatch.setattr(cupy_backend, "_tables", collections.OrderedDict())
+    return cp
+
+
+# ---------------------------------------------------------------------------------------------------
+# The check of one launch
+# ---------------------------------------------------------------------------------------------------
+
+_DTYPE_OF_CODE = {code: dtype for dtype, (code, _) in cuda_source.DTYPES.items()}
+
+
+def module_dtype(options):
+    codes = [int(o.split("=")[1]) for o in options if o.startswith("-DFASTOPT_DTYPE=")]
+    assert len(codes) == 1, options
+    return _DTYPE_OF_CODE[codes[0]]
+
+
+def _pointer_problem(fake, launch, label, pname, pointee, arg):
+    if isinstance(arg, FakeArray):
+        ptr = arg.data.ptr
+    elif type(arg) is np.uint64:
+        ptr = int(arg)
+    else:
+        return f"{label}: a pointer must be numpy.uint64 or a cupy.ndarray, got {type(arg).__name__} {arg!r}"
+    if ptr == 0:
+        if pname in NULLABLE or f"{launch.name}.{pname}" in NULLABLE:
+            return None
+        return f"{label}: null, and {launch.name} does not check it"
+    where = fake.allocation(ptr)
+    if where is None:
+        return f"{label}: {ptr:#x} is not in any allocation"
+    allowed = pointee_dtypes(pointee, module_dtype(launch.options))
+    if allowed is not None and where.dtype not in allowed:
+        return f"{label}: points to {where.dtype} memory, expected {' or '.join(map(str, allowed))}"
+    if where.device != launch.device:
+        return f"{label}: memory of device {where.device}, launched on device {launch.device}"
+    return None
+
+
+def launch_problems(fake, launch):
+    """Everything wrong with one recorded launch (an empty list when it fits the C signature)."""
+    name = launch.name
+    if name not in cuda_source.kernel_names():
+        return [f"{name}: not an entry point of cuda_source.kernel_names()"]
+    params = SIGNATURES[name]
+    problems = []
+    if launch.code != SOURCE or launch.options != cuda_source.compile_options(module_dtype(launch.options)):
+        problems.append(f"{name}: module not built from kernel_source() with compile_options()")
+    for what, dims in (("grid", launch.grid), ("block", launch.block)):
+        if not (type(dims) is tuple and 1 <= len(dims) <= 3
+                and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and 0 < d < 2 ** 31
+                        for d in dims)):
+            problems.append(f"{name}: {what} {dims!r} is not a tuple of 1 to 3 positive ints")
+    if launch.block != (cuda_source.BLOCK,):
+        problems.append(f"{name}: block {launch.block!r}, the kernels are built for ({cuda_source.BLOCK},)")
+    if set(launch.kwargs) - {"shared_mem", "stream"}:
+        problems.append(f"{name}: unknown launch options {sorted(launch.kwargs)}")
+    args = launch.args
+    if type(args) is not tuple:
+        return problems + [f"{name}: the arguments must be a tuple, got {type(args).__name__}"]
+    if len(args) != len(params):
+        return problems + [f"{name}: {len(args)} arguments for the {len(params)} parameters "
+                           f"({', '.join(f'{t} {n}' for t, n in params)})"]
+    for i, ((ctype, pname), arg) in enumerate(zip(params, args)):
+        label = f"{name} argument {i} `{ctype} {pname}`"
+        kind, pointee = c_kind(ctype)
+        if kind == "pointer":
+            problem = _pointer_problem(fake, launch, label, pname, pointee, arg)
+        elif not SCALAR_OK[kind](arg):
+            problem = f"{label}: got {type(arg).__name__} {arg!r}"
+        else:
+            problem = None
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def assert_launches_fit(fake, context="", device=None):
+    assert fake.launches, f"no kernel launched {context}"
+    problems = [p for launch in fake.launches for p in launch_problems(fake, launch)]
+    if device is not None:
+        problems += [f"{launch.name}: launched on device {launch.device}, the arrays are on device {device}"
+                     for launch in fake.launches if launch.device != device]
+    assert not problems, f"{context}:\n  " + "\n  ".join(problems)
+
+
+def args_by_name(launch):
+    return {pname: arg for (_, pname), arg in zip(SIGNATURES[launch.name], launch.args)}
+
+
+def ptr(arg):
+    return arg.data.ptr if isinstance(arg, FakeArray) else int(arg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Driving every launch site
+# ---------------------------------------------------------------------------------------------------
+
+SINGLE_SHAPE = (1 << 22,)                          # past the grid cap of the grid-stride kernels
+LIST_SHAPES = [(7,), (0,), (33, 5), (3 * CHUNK + 5,)]  # an empty tensor, a multi-chunk one
+STEPS = (1, 10)   # SGD's first-step variant, RAdam unrectified (step 1) and rectified (step 10)
+
+
+def option_sets(spec):
+    """hp for every combination of the options that select a kernel variant or a state slot: the bool
+    flags (but maximize, a sign in the scalars) and momentum off / on; the invalid ones left out."""
+    axes = [(h.name, (False, True)) for h in spec.hypers if h.kind == "bool" and h.name != "maximize"]
+    if "momentum" in spec.defaults:
+        axes.append(("momentum", (0.0, 0.9)))
+    out = []
+    for values in itertools.product(*(v for _, v in axes)):
+        hp = dict(spec.defaults, **dict(zip((n for n, _ in axes), values)))
+        if hp["lr"] is REQUIRED:
+            hp["lr"] = 0.1
+        try:
+            spec.validate(hp, 1)
+        except ValueError:
+            continue
+        out.append(hp)
+    return out
+
+
+def new_arrays(fake, shapes, dtype, device, as_list, wrap=lambda a: a):
+    arrays = [wrap(fake.alloc(s, dtype, device)) for s in shapes]
+    return arrays if as_list else arrays[0]
+
+
+def update_arrays(fake, spec, hp, dtype, device, as_list, wrap=lambda a: a):
+    """(arrays, names) as fastopt.functional.apply_update hands them to the backend: None for an
+    unused state slot, trailing ones dropped."""
+    shapes = LIST_SHAPES if as_list else [SINGLE_SHAPE]
+    arrays = [new_arrays(fake, shapes, dtype, device, as_list, wrap) for _ in range(2)]
+    arrays += [new_arrays(fake, shapes, state_dtype(dtype), device, as_list, wrap) if used else None
+               for used in spec.active_states(hp)]
+    while len(arrays) > 2 and arrays[-1] is None:
+        arrays.pop()
+    return tuple(arrays), ("params", "grads") + spec.states[:len(arrays) - 2]
+
+
+def grad_scales(fake, dtype, device, wrap=lambda a: a):
+    """Every form of grad_scale: none, a float, a host 0-d array, a device 0-d array (of the params'
+    dtype: gs_kind 1, 2, 3 over the dtypes)."""
+    return [None, 0.5, np.array(0.25, np.float32), wrap(fake.alloc((), dtype, device))]
+
+
+def check_update_values(spec, hp, step, arrays, grad_scale, found_inf, launch):
+    """The update launch passes the right arrays in the right slots (pointer types alone would not
+    catch a swapped pair)."""
+    a = args_by_name(launch)
+    device_gs = grad_scale is not None and not isinstance(grad_scale, (float, np.ndarray))
+    host_scale = 1.0 if grad_scale is None or device_gs else float(grad_scale)
+    sc = a["sc"]["v"]
+    expected = spec.scalars(hp, step, host_scale)
+    assert sc[:len(expected)].tolist() == list(expected) and not sc[len(expected):].any(), launch.name
+    if "gs" not in a:
+        pass  # fo_lamb_apply_multi: grad_scale was applied in phase 1
+    elif device_gs:
+        gs = getattr(grad_scale, "backing", grad_scale)
+        assert ptr(a["gs"]) == gs.data.ptr and int(a["gs_kind"]) == {F16: 1, F32: 2, F64: 3}[gs.dtype], launch.name
+    else:
+        assert ptr(a["gs"]) == 0 and int(a["gs_kind"]) == 0, launch.name
+    flag = getattr(found_inf, "backing", found_inf)
+    assert ptr(a["skip"]) == (0 if flag is None else flag.data.ptr), launch.name
+    if "p" in a:  # the single-array kernel: its arrays slot by slot
+        unwrap = [getattr(x, "backing", x) for x in arrays] + [None] * (5 - len(arrays))
+        for slot, x in zip(("p", "g", "s0", "s1", "s2"), unwrap):
+            assert ptr(a[slot]) == (0 if x is None else x.data.ptr), f"{launch.name} {slot}"
+        assert int(a["n"]) == unwrap[0].size and int(a["vec"]) == 1, launch.name
+
+
+def run_updates(fake, spec, dtype, device, wrap=lambda a: a):
+    """cupy_backend.step over every option set, step, single array / list, grad_scale and found_inf
+    form, each call's launches checked; returns the names launched."""
+    launched = set()
+    for hp, step, as_list in itertools.product(option_sets(spec), STEPS, (False, True)):
+        arrays, names = update_arrays(fake, spec, hp, dtype, device, as_list, wrap)
+        for grad_scale, found_inf in itertools.product(grad_scales(fake, dtype, device, wrap),
+                                                       (None, wrap(fake.alloc((), np.bool_, device)))):
+            fake.launches.clear()
+            cupy_backend.step(spec, arrays, names, hp, step, grad_scale, found_inf)
+            context = (f"{spec.name} {dtype} device {device} hp={hp} step={step} list={as_list} "
+                       f"grad_scale={grad_scale!r} found_inf={found_inf!r}")
+            assert_launches_fit(fake, context, device)
+            kernels = [launch.name for launch in fake.launches]
+            if spec.two_phase:
+                assert kernels == ["fo_lamb_moments_multi", "fo_lamb_trust", "fo_lamb_apply_multi"], context
+            else:
+                variant = spec.variant(hp, step)
+                assert kernels == [cuda_source.update_kernel_name(spec.kernel, variant, as_list)], context
+            for launch in fake.launches:
+                assert module_dtype(launch.options) == dtype, context
+                if launch.name != "fo_lamb_trust":
+                    check_update_values(spec, hp, step, arrays, grad_scale, found_inf, launch)
+            launched.update(kernels)
+    return launched
+
+
+def run_reductions(fake, dtype, device):
+    """The norms, clipping, step_guard, scale_, clamp_ and touch in each form, each call's launches
+    checked; returns the names launched."""
+    launched = set()
+
+    def check(what, call):
+        fake.launches.clear()
+        result = call()
+        assert_launches_fit(fake, f"{what} {dtype} device {device}", device)
+        launched.update(launch.name for launch in fake.launches)
+        return result
+
+    for as_list in (False, True):
+        shapes = LIST_SHAPES if as_list else [SINGLE_SHAPE]
+        grads = new_arrays(fake, shapes, dtype, device, as_list)
+        sq = check("sumsq_per_tensor", lambda: cupy_backend.sumsq_per_tensor(grads))
+        assert sq.shape == (len(shapes),) and sq.dtype == F64
+        buffer = fake.alloc(len(shapes) + 3, np.float64, device)
+        check("sumsq_per_tensor(out=)", lambda: cupy_backend.sumsq_per_tensor(grads, out=buffer[2:2 + len(shapes)]))
+        assert ptr(args_by_name(fake.launches[-1])["out"]) == buffer.data.ptr + 16
+        check("global_norm", lambda: cupy_backend.global_norm(sq))
+        check("clip_by_global_norm", lambda: cupy_backend.clip_by_global_norm(grads, sq, 1.0))
+        check("clip_by_norm", lambda: cupy_backend.clip_by_norm(grads, sq, 1.0))
+        check("scale_(float)", lambda: cupy_backend.scale_(grads, 0.5))
+        check("scale_(host 0-d)", lambda: cupy_backend.scale_(grads, np.array(0.5)))
+        for coef_dtype in (np.float32, np.float64):
+            coef = fake.alloc((), coef_dtype, device)
+            check(f"scale_({np.dtype(coef_dtype)} device 0-d)", lambda: cupy_backend.scale_(grads, coef))
+        check("clamp_", lambda: cupy_backend.clamp_(grads, 0.1))
+    for max_norm, skip_nonfinite, counted in itertools.product((None, 1.0), (False, True), (False, True)):
+        sq = fake.alloc(4, np.float64, device)
+        skipped = fake.alloc(1, np.int64, device).reshape(()) if counted else None
+        coef, flag = check(f"step_guard({max_norm}, {skip_nonfinite}, {counted})",
+                           lambda: cupy_backend.step_guard(sq, max_norm, skip_nonfinite, skipped))
+        assert (coef is None) == (max_norm is None) and (flag is None) == (not skip_nonfinite)
+        a = args_by_name(fake.launches[0])
+        assert ptr(a["skipped"]) == (skipped.data.ptr if counted else 0)
+        assert ptr(a["coef"]) == (0 if coef is None else coef.data.ptr)
+        assert ptr(a["found_inf"]) == (0 if flag is None else flag.data.ptr)
+    for n in range(2, 6):
+        arrays = [fake.alloc(SINGLE_SHAPE, dtype if k < 2 else state_dtype(dtype), device) for k in range(n)]
+        check(f"touch({n} arrays)", lambda: cupy_backend.touch(arrays))
+        assert int(args_by_name(fake.launches[0])["ns"]) == n - 2
+    return launched
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------------
+
+def test_signatures_parsed_for_exactly_the_entry_points():
+    assert set(SIGNATURES) == set(cuda_source.kernel_names())
+    macro_made = [cuda_source.update_kernel_name(f, v, m) for f, vs in cuda_source.UPDATE_VARIANTS.items()
+                  for v in vs for m in (False, True)]
+    assert all(SIGNATURES[n][-1] == ("const unsigned char*", "skip") for n in macro_made)
+    assert [p for _, p in SIGNATURES["fo_adam_v1"]] == ["p", "g", "s0", "s1", "s2", "n", "sc", "gs", "gs_kind",
+                                                         "vec", "skip"]
+    assert SCALARS_BYTES == 128 == cupy_backend._SCALARS.itemsize
+    for name, params in SIGNATURES.items():
+        for ctype, _ in params:
+            c_kind(ctype)  # every parameter type has a CuPy rule
+
+
+@pytest.mark.parametrize("device", [0, 1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", REGISTRY.values(), ids=lambda s: s.name)
+def test_update_launches_fit_the_kernels(fake, spec, dtype, device):
+    launched = run_updates(fake, spec, dtype, device)
+    variants = {spec.variant(hp, step) for hp in option_sets(spec) for step in STEPS}
+    if not spec.two_phase:
+        assert variants == set(cuda_source.UPDATE_VARIANTS[spec.kernel])
+        assert launched == {cuda_source.update_kernel_name(spec.kernel, v, m) for v in variants for m in (False, True)}
+
+
+@pytest.mark.parametrize("spec", REGISTRY.values(), ids=lambda s: s.name)
+def test_update_launches_fit_with_foreign_device_arrays(fake, spec):
+    # torch-like arrays (only __cuda_array_interface__), device from cudaPointerGetAttributes
+    assert run_updates(fake, spec, F32, 1, wrap=ForeignArray)
+
+
+@pytest.mark.parametrize("device", [0, 1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reduction_clip_and_touch_launches_fit_the_kernels(fake, dtype, device):
+    launched = run_reductions(fake, dtype, device)
+    assert launched == set(cuda_source.OTHER_KERNELS) - {"fo_lamb_moments_multi", "fo_lamb_trust",
+                                                         "fo_lamb_apply_multi"}
+
+
+def test_vector_flag_follows_alignment(fake):
+    spec = REGISTRY["adam"]
+    hp = dict(spec.defaults)
+    for misalign, vec in ((0, 1), (4, 0)):
+        p, m, v = (fake.alloc((1000,), np.float32) for _ in range(3))
+        g = fake.alloc((1000,), np.float32, misalign=misalign)
+        fake.launches.clear()
+        cupy_backend.step(spec, (p, g, m, v), ("params", "grads", "exp_avg", "exp_avg_sq"), hp, 1, None)
+        assert_launches_fit(fake, f"misalign {misalign}")
+        assert type(args_by_name(fake.launches[0])["vec"]) is np.int32
+        assert int(args_by_name(fake.launches[0])["vec"]) == vec
+    # a list: the flag is per tensor, in the device table
+    ps, ms, vs = ([fake.alloc((100,), np.float32) for _ in range(2)] for _ in range(3))
+    gs = [fake.alloc((100,), np.float32), fake.alloc((100,), np.float32, misalign=8)]
+    fake.launches.clear()
+    cupy_backend.step(spec, (ps, gs, ms, vs), ("params", "grads", "exp_avg", "exp_avg_sq"), hp, 1, None)
+    assert_launches_fit(fake, "misaligned list")
+    tensors = ptr(args_by_name(fake.launches[0])["tensors"])
+    table = next(t for t in cupy_backend._tables.values() if t.tensors == tensors)
+    assert table.buffer.host[:16].reshape(2, 8)[:, 6].tolist() == [1, 0]
+
+
+def test_no_launch_for_empty_arrays(fake):
+    spec = REGISTRY["adam"]
+    empty = [fake.alloc((0,), np.float32) for _ in range(4)]
+    cupy_backend.step(spec, tuple(empty), ("params", "grads", "exp_avg", "exp_avg_sq"), spec.defaults, 1, None)
+    out = fake.alloc(2, np.float64)
+    cupy_backend.sumsq_per_tensor(empty[:2], out=out)
+    assert fake.launches == [] and out.filled == 0
+
+
+def test_every_entry_point_is_launched(fake):
+    assert set(UNREACHABLE) <= set(cuda_source.kernel_names())
+    launched = set()
+    for dtype in DTYPES:
+        for spec in REGISTRY.values():
+            launched.update(run_updates(fake, spec, dtype, 0))
+        launched.update(run_reductions(fake, dtype, 0))
+    assert launched <= set(cuda_source.kernel_names())
+    assert not launched & set(UNREACHABLE), "listed as unreachable but launched"
+    missing = set(cuda_source.kernel_names()) - set(UNREACHABLE) - launched
+    assert not missing, f"never launched: {sorted(missing)}"
+
+
+# The checker itself: each defect of a launch is reported (so a passing run means something).
+
+def _good_launch(fake):
+    spec = REGISTRY["adam"]
+    arrays, names = update_arrays(fake, spec, dict(spec.defaults), F32, 0, False)
+    cupy_backend.step(spec, arrays, names, dict(spec.defaults), 1, fake.alloc((), np.float32),
+                      fake.alloc((), np.bool_))
+    (launch,) = fake.launches
+    assert launch_problems(fake, launch) == []
+    return launch
+
+
+def _arg(launch, name):
+    return args_by_name(launch)[name]
+
+
+def _with_arg(launch, name, value):
+    names = [p for _, p in SIGNATURES[launch.name]]
+    args = list(launch.args)
+    args[names.index(name)] = value
+    return launch._replace(args=tuple(args))
+
+
+BAD_LAUNCHES = {
+    "dropped skip": lambda fake, lc: lc._replace(args=lc.args[:-1]),
+    "extra argument": lambda fake, lc: lc._replace(args=lc.args + (np.uint64(0),)),
+    "args as a list": lambda fake, lc: lc._replace(args=list(lc.args)),
+    "python int for long long": lambda fake, lc: _with_arg(lc, "n", int(_arg(lc, "n"))),
+    "int32 for long long": lambda fake, lc: _with_arg(lc, "n", np.int32(_arg(lc, "n"))),
+    "python int for int": lambda fake, lc: _with_arg(lc, "gs_kind", 2),
+    "python bool for int": lambda fake, lc: _with_arg(lc, "vec", True),
+    "int64 for int": lambda fake, lc: _with_arg(lc, "vec", np.int64(1)),
+    "None for a pointer": lambda fake, lc: _with_arg(lc, "s2", None),
+    "python int for a pointer": lambda fake, lc: _with_arg(lc, "gs", ptr(_arg(lc, "gs"))),
+    "int64 for a pointer": lambda fake, lc: _with_arg(lc, "gs", np.int64(ptr(_arg(lc, "gs")))),
+    "null for a required pointer": lambda fake, lc: _with_arg(lc, "p", np.uint64(0)),
+    "wild pointer": lambda fake, lc: _with_arg(lc, "p", np.uint64(12345)),
+    "state pointer for params": lambda fake, lc: _with_arg(lc, "p", np.uint64(fake.alloc(8, np.float64).data.ptr)),
+    "pointer on another device": lambda fake, lc: _with_arg(lc, "g", np.uint64(fake.alloc(8, np.float32, 1).data.ptr)),
+    "short Scalars": lambda fake, lc: _with_arg(lc, "sc", np.zeros((), [("v", np.float64, (8,))])[()]),
+    "tuple for Scalars": lambda fake, lc: _with_arg(lc, "sc", tuple(_arg(lc, "sc")["v"])),
+    "float32 array for Scalars": lambda fake, lc: _with_arg(lc, "sc", np.zeros(32, np.float32)),
+    "python float for int": lambda fake, lc: _with_arg(lc, "vec", 1.0),
+    "unknown kernel": lambda fake, lc: lc._replace(name="fo_adam_v2"),
+    "block of 128": lambda fake, lc: lc._replace(block=(128,)),
+    "block as int": lambda fake, lc: lc._replace(block=cuda_source.BLOCK),
+    "empty grid": lambda fake, lc: lc._replace(grid=(0,)),
+    "grid as list": lambda fake, lc: lc._replace(grid=[1]),
+    "other dtype's options": lambda fake, lc: lc._replace(options=cuda_source.compile_options(F64)),
+}
+
+
+@pytest.mark.parametrize("defect", BAD_LAUNCHES)
+def test_checker_reports(fake, defect):
+    launch = BAD_LAUNCHES[defect](fake, _good_launch(fake))
+    assert launch_problems(fake, launch), f"{defect} not reported"
+
+
+def test_checker_reports_python_float_for_double(fake):
+    cupy_backend.global_norm(fake.alloc(3, np.float64))
+    (launch,) = fake.launches
+    assert launch_problems(fake, launch) == []
+    assert launch_problems(fake, _with_arg(launch, "max_norm", 1.0))
+    assert launch_problems(fake, _with_arg(launch, "n", np.uint64(3)))
