@@ -37,17 +37,20 @@ extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
     if (threadIdx.x == 0) out[blockIdx.x] = acc;
 }
 
+// sqrt(sum of sq[0..n)) over one block in a fixed order; valid in thread 0.
+__device__ __forceinline__ double total_norm(const double* sq, long long n, double* shared) {
+    double acc = 0.0;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) acc += sq[i];
+    return sqrt(fastopt::dev::block_sum(acc, shared));
+}
+
 // One block: norm[0] = sqrt(sum of sq[0..n)); with coef != NULL also the clipping coefficient
 // min(1, max_norm / (norm + 1e-6)) (clip.cuh, NaN propagates like torch).
 extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
     fo_global_norm(const double* sq, long long n, double* norm, double max_norm, double* coef) {
-    using namespace fastopt::dev;
     __shared__ double shared[FASTOPT_BLOCK];
-    double acc = 0.0;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) acc += sq[i];
-    acc = block_sum(acc, shared);
+    const double total = total_norm(sq, n, shared);
     if (threadIdx.x == 0) {
-        const double total = sqrt(acc);
         norm[0] = total;
         if (coef != nullptr) coef[0] = fastopt::clip_coefficient<double>(total, max_norm);
     }
@@ -63,13 +66,9 @@ extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
 extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
     fo_step_guard(const double* sq, long long n, double max_norm, double* coef, unsigned char* found_inf,
                   long long* skipped, double* norm) {
-    using namespace fastopt::dev;
     __shared__ double shared[FASTOPT_BLOCK];
-    double acc = 0.0;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) acc += sq[i];
-    acc = block_sum(acc, shared);
+    const double total = total_norm(sq, n, shared);
     if (threadIdx.x == 0) {
-        const double total = sqrt(acc);
         const bool bad = found_inf != nullptr && !isfinite(total);
         if (found_inf != nullptr) found_inf[0] = bad ? 1 : 0;
         if (skipped != nullptr && bad) skipped[0] += 1;

@@ -156,15 +156,19 @@ def build(dtype, block):
         if cuda.threadIdx.x == 0:
             out[t] = acc
 
-    @cuda.jit
-    def global_norm(sq, norm, max_norm, coef, want_coef):
-        shared = cuda.shared.array(BLOCK, float64)
+    @cuda.jit(device=True)
+    def total_norm(sq, shared):
+        """sqrt(sum(sq)) over the block in a fixed order (every thread calls it)."""
         acc = 0.0
         for i in range(cuda.threadIdx.x, sq.size, BLOCK):
             acc += sq[i]
-        acc = block_sum(acc, shared)
+        return block_sum(acc, shared) ** 0.5
+
+    @cuda.jit
+    def global_norm(sq, norm, max_norm, coef, want_coef):
+        shared = cuda.shared.array(BLOCK, float64)
+        total = total_norm(sq, shared)
         if cuda.threadIdx.x == 0:
-            total = acc ** 0.5
             norm[0] = total
             if want_coef:
                 coef[0] = clip_coefficient(total, max_norm)
@@ -174,12 +178,8 @@ def build(dtype, block):
         # one block; mode bit 0: write the clip coefficient, bit 1: the skip flag and counter
         # (kernels/cuda/reduce.cu fo_step_guard, same summation order as global_norm)
         shared = cuda.shared.array(BLOCK, float64)
-        acc = 0.0
-        for i in range(cuda.threadIdx.x, sq.size, BLOCK):
-            acc += sq[i]
-        acc = block_sum(acc, shared)
+        total = total_norm(sq, shared)
         if cuda.threadIdx.x == 0:
-            total = acc ** 0.5
             bad = (mode & 2) != 0 and (math.isnan(total) or math.isinf(total))
             if mode & 2:
                 flag[0] = 1 if bad else 0

@@ -45,8 +45,13 @@ TOL = {np.float32: dict(rtol=3e-5, atol=3e-6), np.float64: dict(rtol=1e-12, atol
 passed, failed = 0, []
 
 
+ONLY = os.environ.get("SIM_CHECKS_ONLY")  # run only the checks whose label contains it (development)
+
+
 def check(label, fn):
     global passed
+    if ONLY and ONLY not in label:
+        return
     try:
         fn()
         passed += 1
