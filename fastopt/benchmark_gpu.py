@@ -84,6 +84,34 @@ def _case(cp, name, shapes, repeats, backends):
     return row
 
 
+def _class_case(cp, shapes, repeats, backend):
+    """fastopt.Adam.step on a list: plain, and with clip_grad_norm + skip_nonfinite (target: at most one
+    extra read of the gradients, i.e. <= (bytes + grad bytes) / bytes of the plain step). GPU time by
+    CUDA events; host time = wall time of the step() call alone (launch and Python overhead: with no
+    host synchronisation inside step it does not wait for the GPU)."""
+    import time
+
+    import fastopt
+    ps = [cp.random.standard_normal(s, dtype=cp.float32) for s in shapes]
+    gs = [cp.random.standard_normal(s, dtype=cp.float32) for s in shapes]
+    n = sum(int(np.prod(s)) for s in shapes)
+    nbytes = n * REGISTRY["adam"].bytes_per_element(dict(REGISTRY["adam"].defaults), 4)
+    row = {"case": "Adam class step", "backend": backend, "elements": n, "arrays": len(shapes), "bytes": nbytes,
+           "model_ratio_clip_skip": (nbytes + 4 * n) / nbytes}
+    for label, options in (("plain", {}), ("clip_skip", dict(clip_grad_norm=1.0, skip_nonfinite=True))):
+        opt = fastopt.Adam(ps, lr=1e-3, backend=backend, **options)
+        row[f"{label}_s"] = _time(cp, lambda: opt.step(gs), repeats)
+        host = []
+        for _ in range(repeats):
+            cp.cuda.Device().synchronize()
+            t0 = time.perf_counter()
+            opt.step(gs)
+            host.append(time.perf_counter() - t0)
+        row[f"{label}_host_us"] = statistics.median(host) * 1e6
+    row["ratio_clip_skip"] = row["clip_skip_s"] / row["plain_s"]
+    return row
+
+
 def main(args):
     import cupy as cp
     sizes = [int(float(s)) for s in args.sizes.split(",")] if args.sizes else \
@@ -103,7 +131,16 @@ def main(args):
         for n in sizes:
             rows.append(_case(cp, name, [(n,)], repeats, backends))
         rows.append(_case(cp, name, transformer_shapes(20 if args.quick else 200), repeats, backends))
-    result = {"device": device, "python": platform.python_version(), "cupy": cp.__version__, "results": rows}
+    classes = []
+    for backend in backends:
+        for shapes in ([(1 << 24,)], transformer_shapes(20 if args.quick else 200)):
+            try:
+                classes.append(_class_case(cp, shapes, repeats, backend))
+            except Exception as e:  # one failing case must not lose the rest of a scarce GPU run
+                classes.append({"case": "Adam class step", "backend": backend, "arrays": len(shapes),
+                                "error": f"{type(e).__name__}: {e}"})
+    result = {"device": device, "python": platform.python_version(), "cupy": cp.__version__, "results": rows,
+              "optimizer_classes": classes}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
@@ -114,4 +151,6 @@ def main(args):
         for r in rows:
             cells = [f"{k}={v:.3g}" for k, v in r.items() if isinstance(v, float)]
             print(f"{r['optimizer']:>10} n={r['elements']:>10} arrays={r['arrays']:>3} " + " ".join(cells))
+        for r in classes:
+            print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     return 0

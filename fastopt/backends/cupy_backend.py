@@ -26,7 +26,6 @@ from fastopt.backends.device_arrays import F16, F32, F64, DeviceArray, from_inte
 
 NAME = "cupy"
 AVAILABLE = importlib.util.find_spec("cupy") is not None
-SUPPORTS_FOUND_INF = True  # step(found_inf=): the kernels read a device skip flag (fastopt.optim)
 
 BLOCK = cuda_source.BLOCK
 CHUNK = cuda_source.CHUNK

@@ -20,7 +20,6 @@ from fastopt.backends.device_arrays import F32, F64, DeviceArray, from_interface
 
 NAME = "numba"
 AVAILABLE = importlib.util.find_spec("numba") is not None
-SUPPORTS_FOUND_INF = True  # step(found_inf=): the kernels read a device skip flag (fastopt.optim)
 DTYPES = (F32, F64)
 
 
