@@ -184,13 +184,14 @@ class Optimizer:
         params = list(params)
         if not params:
             raise ValueError(f"param group {len(self.param_groups)} has no params")
-        devices = {array_device(p) for p in params + self._params}
+        devices = {array_device(p) for p in params}  # TypeError for non-arrays
+        if self._buckets:
+            devices.add("device" if self._buckets[0][0].is_device else "host")
         if len(devices) > 1:
             raise TypeError("params: one optimizer updates arrays of one kind, all on the host or all on the GPU "
                             f"(got {', '.join(sorted(devices))} arrays)")
         known = {id(p) for p in self._params}
         for i, p in enumerate(params):
-            array_device(p)  # TypeError for non-arrays
             if id(p) in known:
                 raise ValueError(f"param group {len(self.param_groups)}: params[{i}] appears in more than one "
                                  f"place (each array may be optimised once)")
@@ -217,6 +218,7 @@ class Optimizer:
         self._params.extend(params)
         self._hp_cache.append(None)
         self._last_lr.append(hp["lr"])
+        self._sq_buffer = None  # one slot per param: reallocated for the new count at the next step
 
     def _state_options(self, hp):
         return {name: hp[name] for name in ("amsgrad", "momentum", "centered") if name in hp}

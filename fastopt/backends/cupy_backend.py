@@ -22,7 +22,8 @@ import numbers
 import numpy as np
 
 from fastopt.backends import cuda_source
-from fastopt.backends.device_arrays import F16, F32, F64, DeviceArray, from_interface, validate_device_arrays
+from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, check_skip_flag, from_interface,
+                                             validate_device_arrays)
 
 NAME = "cupy"
 AVAILABLE = importlib.util.find_spec("cupy") is not None
@@ -34,8 +35,6 @@ _BLOCKS_PER_SM = 8            # grid cap of the grid-stride kernels: full occupa
 _TABLE_CACHE_SIZE = 64
 _SCALARS = np.dtype([("v", np.float64, (16,))])  # device.cuh `Scalars`, passed by value
 _GS_KIND = {F16: 1, F32: 2, F64: 3}
-_FLAG_DTYPES = (np.dtype(np.bool_), np.dtype(np.uint8))
-
 _modules: dict = {}
 _functions: dict = {}
 _sm_counts: dict = {}
@@ -188,11 +187,7 @@ def _skip_flag(found_inf):
     the kernels, which return without writing when it is set."""
     if found_inf is None:
         return np.uint64(0)
-    a = _describe(found_inf, "found_inf")
-    if a.dtype not in _FLAG_DTYPES:
-        raise TypeError(f"found_inf must be a bool device array, got dtype {a.dtype}")
-    if a.size != 1:
-        raise ValueError(f"found_inf must hold one value, got shape {a.shape}")
+    a = check_skip_flag(_describe(found_inf, "found_inf"))
     return np.uint64(a.ptr)
 
 

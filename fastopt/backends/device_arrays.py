@@ -89,3 +89,15 @@ def validate_device_arrays(arrays, names, describe, dtypes, where, read_only_slo
     The checks and messages are the host ones (validate.validate_arrays)."""
     lists = validate_arrays(arrays, names, _DeviceApi(describe, dtypes, where), read_only_slot)
     return lists, isinstance(arrays[0], (list, tuple))
+
+
+FLAG_DTYPES = (np.dtype(np.bool_), np.dtype(np.uint8))
+
+
+def check_skip_flag(a: DeviceArray) -> DeviceArray:
+    """found_inf of a backend's step (the optimizer's device skip flag): one bool/uint8 value."""
+    if a.dtype not in FLAG_DTYPES:
+        raise TypeError(f"found_inf must be a bool device array, got dtype {a.dtype}")
+    if a.size != 1:
+        raise ValueError(f"found_inf must hold one value, got shape {a.shape}")
+    return a

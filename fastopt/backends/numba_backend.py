@@ -16,7 +16,8 @@ import numbers
 
 import numpy as np
 
-from fastopt.backends.device_arrays import F32, F64, DeviceArray, from_interface, validate_device_arrays
+from fastopt.backends.device_arrays import (F32, F64, DeviceArray, check_skip_flag, from_interface,
+                                             validate_device_arrays)
 
 NAME = "numba"
 AVAILABLE = importlib.util.find_spec("numba") is not None
@@ -131,18 +132,12 @@ def _never():
     return _cuda().to_device(np.zeros(1, dtype=np.uint8))
 
 
-_FLAG_DTYPES = (np.dtype(np.bool_), np.dtype(np.uint8))
-
 
 def _skip_flag(found_inf):
     """One-element device array the kernels read: when set they return without writing."""
     if found_inf is None:
         return _never()
-    a = _describe(found_inf, "found_inf")
-    if a.dtype not in _FLAG_DTYPES:
-        raise TypeError(f"found_inf must be a bool device array, got dtype {a.dtype}")
-    if a.size != 1:
-        raise ValueError(f"found_inf must hold one value, got shape {a.shape}")
+    a = check_skip_flag(_describe(found_inf, "found_inf"))
     return _flat(a)
 
 

@@ -87,3 +87,18 @@ def run(name, to_device, to_host, forbid_sync, dtype2, tolerances, backend=None)
         fresh.step(grads)
     for a, b in zip(d_params, fresh_params):
         assert to_host(a).tobytes() == to_host(b).tobytes(), "the resumed run differs"
+    # a group added after steps: the guard's per-param buffer grows with it (a stale buffer would be
+    # written past its end), and the new params are clipped with the norm of every gradient
+    extra = to_device(np.ones(3, np.float32))
+    opt.add_param_group({"params": [extra], "lr": LR})
+    grads = [rng.standard_normal(s).astype(d) for s, d in zip(SHAPES, dtypes)] + [np.full(3, 1e3, np.float32)]
+    opt.step([to_device(g) for g in grads])
+    coef = clip_coefficient(float(np.sqrt(sum(reference.sumsq(g) for g in grads))), 1.0)
+    expected = np.ones(3)
+    states = [np.zeros(3) for k, used in enumerate(active) if used]
+    kw = {h.name: dict(defaults, lr=LR)[h.name] for h in spec.hypers}
+    kw["grad_scale"] = coef
+    if spec.uses_step:
+        kw["step"] = 1
+    reference.STEPS[name](expected, grads[-1].astype(np.float64), *states, **kw)
+    np.testing.assert_allclose(to_host(extra), expected, **tolerances[np.float32], err_msg="added group")
