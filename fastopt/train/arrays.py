@@ -33,12 +33,16 @@ def device_module(device: str):
         import cupy
     except ImportError as e:
         raise GPUUnavailableError(
-            "--device gpu needs CuPy (pip install 'fastopt[gpu]', i.e. cupy-cuda12x) and a CUDA GPU; "
-            f"CuPy is not importable here ({e})") from None
+            f"--device gpu: CuPy is not installed ({e}); it needs an NVIDIA GPU with a CUDA 12 driver and "
+            "pip install 'fastopt[gpu]' (cupy-cuda12x), or use --device cpu") from None
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # no driver, no device
-        raise GPUUnavailableError(f"--device gpu: no usable CUDA device ({str(e).splitlines()[0]})") from None
+        raise GPUUnavailableError(
+            f"--device gpu: no CUDA device found ({str(e).splitlines()[0]}); CuPy is installed but needs an "
+            "NVIDIA GPU and its driver (nvidia-smi must list the GPU; a driver for CUDA 12 with cupy-cuda12x), "
+            "or use --device cpu") from None
     if count < 1:
-        raise GPUUnavailableError("--device gpu: CuPy found no CUDA device")
+        raise GPUUnavailableError("--device gpu: no CUDA device found (CuPy sees 0 devices); it needs an NVIDIA "
+                                  "GPU and its driver, or use --device cpu")
     return cupy

@@ -4,41 +4,43 @@
     fastopt train --dataset breast_cancer      # logistic regression; diabetes/linear: linear regression
     fastopt compare --optimizers sgd,adam,lion --epochs 10
     fastopt search --method random --trials 20 --jobs 2
+
+Everything a user gives is checked before data is loaded or a model trained (exit code 2, one line
+naming the option and the value); a run whose loss becomes NaN/Inf stops there and exits with 1.
 """
 from __future__ import annotations
 
-import json
+import argparse
 import sys
 
+from fastopt.cli import (RunError, UsageError, check_output_path, dumps, fmt, integer, listing, optimizer_names,
+                         real, write_json)
 from fastopt.specs import REGISTRY
 from fastopt.train.arrays import GPUUnavailableError, device_module
 from fastopt.train.data import DATASETS
-from fastopt.train.experiment import DTYPES, MODELS, Experiment, recommended_config
+from fastopt.train.experiment import DTYPES, MODELS, RECOMMENDED, Experiment, recommended_config
 from fastopt.train.metrics import headline_metric
 from fastopt.train.models import ACTIVATIONS, INITS
-from fastopt.train.trainer import SCHEDULES
+from fastopt.train.trainer import SCHEDULES, describe_divergence
 
 DEFAULT_COMPARE = "sgd,rmsprop,adam,adamw,lion"
+TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+# CLI option -> the registry's hyperparameter name (the rest come through --opt KEY=VALUE)
+OPTION_OF = {"momentum": "--momentum", "weight_decay": "--weight-decay", "beta1": "--betas", "beta2": "--betas"}
 
 
 # ------------------------------------------------------------------------------------------ options
 
-def _floats(text):
-    return tuple(float(v) for v in text.split(",") if v.strip())
-
-
-def _ints(text):
-    return tuple(int(v) for v in text.split(",") if v.strip())
-
-
-def _value(text):
-    """KEY=VALUE values: bools, then numbers, else the string."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return float(text)
-    except ValueError:
-        return text
+def _opt_item(text):
+    """--opt KEY=VALUE: split only; the value is converted per hyperparameter (bool or number) later."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    key, value = key.strip(), value.strip()
+    if not key or not value:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
 
 
 def _add_common(p, *, optimizer=True):
@@ -47,92 +49,160 @@ def _add_common(p, *, optimizer=True):
     data.add_argument("--data-path", default=None, help="mnist: directory with the four IDX files (or .gz)")
     data.add_argument("--model", "-m", choices=MODELS, default="auto",
                       help="auto: linear for linear/diabetes, logistic for breast_cancer/wine, mlp for images")
-    data.add_argument("--hidden", type=_ints, default=(128,), help="MLP hidden sizes, comma-separated (128)")
+    data.add_argument("--hidden", type=listing(integer("hidden size", low=1), "hidden sizes"), default=(128,),
+                      help="MLP hidden sizes, comma-separated (128)")
     data.add_argument("--activation", choices=ACTIVATIONS, default="relu")
-    data.add_argument("--dropout", type=float, default=0.0)
+    data.add_argument("--dropout", type=real("dropout", low=0.0, high=1.0, high_open=True), default=0.0,
+                      help="dropout probability in [0, 1)")
     data.add_argument("--init", choices=INITS, default="auto", help="auto: He for relu, Xavier otherwise")
-    data.add_argument("--l1", type=float, default=0.0, help="L1 penalty on the weights")
-    data.add_argument("--l2", type=float, default=0.0, help="L2 penalty on the weights")
+    data.add_argument("--l1", type=real("L1 penalty", low=0.0), default=0.0, help="L1 penalty on the weights")
+    data.add_argument("--l2", type=real("L2 penalty", low=0.0), default=0.0, help="L2 penalty on the weights")
     data.add_argument("--dtype", choices=list(DTYPES), default="float32")
     data.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: CuPy arrays on a CUDA GPU")
     t = p.add_argument_group("training (unset: the data set's recommended values)")
     if optimizer:
         t.add_argument("--optimizer", "-o", choices=list(REGISTRY), default=None)
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--momentum", type=float, default=None)
-    t.add_argument("--weight-decay", type=float, default=None)
-    t.add_argument("--betas", type=_floats, default=None, help="beta1,beta2")
-    t.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+    t.add_argument("--lr", type=real("learning rate", low=0.0), default=None,
+                   help="learning rate (default: the data set's tuned rate, scaled per optimizer)")
+    t.add_argument("--momentum", type=real("momentum", low=0.0), default=None)
+    t.add_argument("--weight-decay", type=real("weight decay", low=0.0), default=None)
+    t.add_argument("--betas", type=listing(real("beta", low=0.0, high=1.0, high_open=True), "betas", length=2),
+                   default=None, help="beta1,beta2, each in [0, 1)")
+    t.add_argument("--opt", type=_opt_item, action="append", default=[], metavar="KEY=VALUE",
                    help="any other optimizer hyperparameter (repeatable), e.g. --opt nesterov=true")
-    t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--epochs", type=integer("number of epochs", low=1), default=None)
+    t.add_argument("--batch-size", type=integer("batch size", low=1), default=None)
     t.add_argument("--schedule", choices=SCHEDULES, default=None)
-    t.add_argument("--clip-grad-norm", type=float, default=None)
-    t.add_argument("--patience", type=int, default=None, help="early stopping after this many epochs without "
-                                                              "a lower validation loss")
+    t.add_argument("--clip-grad-norm", type=real("clip_grad_norm", low=0.0, low_open=True), default=None,
+                   help="clip the gradient's global norm to this (> 0)")
+    t.add_argument("--patience", type=integer("patience", low=0), default=None,
+                   help="early stopping after this many epochs without a lower validation loss")
     t.add_argument("--no-restore-best", action="store_true", help="keep the last weights after early stopping")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=integer("seed", low=0), default=0)
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print JSON instead of tables")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
-    out.add_argument("--out", default=None, help="also write the JSON result to this file")
+    out.add_argument("--out", default=None, help="also write the JSON result to this file (its directory must exist)")
 
 
-def _optimizer_options(args):
-    options = {}
-    for item in args.opt:
-        if "=" not in item:
-            raise SystemExit(f"fastopt: --opt expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        options[key.strip()] = _value(value.strip())
+def _convert(spec, key, text, source):
+    """The value of one hyperparameter from command-line text, checked by the registry (UsageError)."""
+    hyper = next(h for h in spec.hypers if h.name == key)
+    if hyper.kind == "bool":
+        if text.lower() not in TRUE + FALSE:
+            raise UsageError(f"{source}: {key} takes true or false, got {text!r}")
+        return text.lower() in TRUE
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"{source}: {key} takes a number, got {text!r}") from None
+
+
+def _requested_options(args):
+    """[(registry name, value or text, source option)] from --opt, --momentum, --weight-decay, --betas."""
+    items = [(key, value, f"--opt {key}={value}") for key, value in args.opt]
     if args.momentum is not None:
-        options["momentum"] = args.momentum
+        items.append(("momentum", args.momentum, "--momentum"))
     if args.weight_decay is not None:
-        options["weight_decay"] = args.weight_decay
+        items.append(("weight_decay", args.weight_decay, "--weight-decay"))
     if args.betas is not None:
-        if len(args.betas) != 2:
-            raise SystemExit("fastopt: --betas expects two numbers: beta1,beta2")
-        options["beta1"], options["beta2"] = args.betas
+        items += [("beta1", args.betas[0], "--betas"), ("beta2", args.betas[1], "--betas")]
+    return items
+
+
+def _optimizer_options(args, name, *, only_known=False):
+    """The options for optimizer `name`, each checked by the registry and reported with its option.
+    only_known (compare): leave out options `name` does not take instead of failing."""
+    spec = REGISTRY[name]
+    options = {}
+    for key, value, source in _requested_options(args):
+        if key not in spec.defaults or key == "lr":
+            if only_known and key != "lr":
+                continue
+            hint = "use --lr" if key == "lr" else f"it takes {', '.join(h for h in spec.defaults if h != 'lr')}"
+            raise UsageError(f"{source}: {name} has no hyperparameter {key!r}; {hint}")
+        if isinstance(value, str):
+            value = _convert(spec, key, value, source)
+        hyper = next(h for h in spec.hypers if h.name == key)
+        try:
+            hyper.validate(value)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"{source}: {e}") from None
+        options[key] = value
     return options
 
 
-def _experiment(args, optimizer=None):
-    optimizer = optimizer or getattr(args, "optimizer", None)
+def _experiment(args, optimizer=None, options=None):
+    optimizer = optimizer or getattr(args, "optimizer", None) or RECOMMENDED.get(args.dataset, {}).get("optimizer", "adam")
     config = recommended_config(
         args.dataset, optimizer=optimizer, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
         schedule=args.schedule, clip_grad_norm=args.clip_grad_norm, patience=args.patience, seed=args.seed,
-        optimizer_options=_optimizer_options(args), restore_best=not args.no_restore_best,
-        progress=not (args.no_progress or args.json))
-    return Experiment(dataset=args.dataset, data_path=args.data_path, model=args.model, hidden_sizes=args.hidden,
-                      activation=args.activation, dropout=args.dropout, init=args.init, l1=args.l1, l2=args.l2,
-                      dtype=args.dtype, device=args.device, train=config)
+        optimizer_options=options if options is not None else _optimizer_options(args, optimizer),
+        restore_best=not args.no_restore_best, progress=not (args.no_progress or args.json))
+    experiment = Experiment(dataset=args.dataset, data_path=args.data_path, model=args.model,
+                            hidden_sizes=args.hidden, activation=args.activation, dropout=args.dropout,
+                            init=args.init, l1=args.l1, l2=args.l2, dtype=args.dtype, device=args.device,
+                            train=config)
+    _check_experiment(experiment, [source for key, _, source in _requested_options(args)
+                                   if key in config.optimizer_options])
+    return experiment
 
 
-def _check_device(args):
-    device_module(args.device)  # GPUUnavailableError before any data is loaded
+def _check_experiment(experiment, sources=()):
+    """Everything the run would reject, as a usage error, before data is loaded. `sources`: the options
+    that set optimizer hyperparameters (named when their combination is invalid)."""
+    c = experiment.train
+    try:
+        c.check()
+    except (TypeError, ValueError) as e:
+        given = f" with {', '.join(dict.fromkeys(sources))}" if sources else ""
+        raise UsageError(f"-o {c.optimizer}{given}: {e}") from None
+    try:
+        experiment.check()
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
 
 
-def _write_json(path, payload):
-    if path:
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2, default=float)
-
-
-def _fail(message):
-    print(f"fastopt: error: {message}", file=sys.stderr)
-    return 2
-
-
-def _guarded(command):
-    """Turn the errors a user can cause (no GPU, missing files, bad values) into one line and exit code 2."""
-    def run(args):
+def _check_inputs(args, *, plot=None):
+    """Up front: the GPU, the data path, the output files (nothing is created)."""
+    try:
+        device_module(args.device)  # GPUUnavailableError before any data is loaded
+    except GPUUnavailableError as e:
+        raise UsageError(str(e)) from None
+    if args.data_path is not None and args.dataset != "mnist":
+        raise UsageError(f"--data-path is only read for -d mnist (the data set is {args.dataset})")
+    if args.dataset == "mnist":
+        from fastopt.train.data import _mnist_files
         try:
-            return command(args)
-        except GPUUnavailableError as e:
-            return _fail(str(e))
-        except (FileNotFoundError, ValueError, ImportError) as e:
-            return _fail(str(e))
-    return run
+            _mnist_files(args.data_path)
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
+    if args.out:
+        check_output_path("--out", args.out)
+    if plot is not None:
+        check_output_path("--plot", plot)
+        from fastopt.train.plots import check_plot_path
+        try:
+            check_plot_path(plot)
+        except (ValueError, ImportError) as e:
+            raise UsageError(f"--plot {e}") from None
+
+
+def _load(experiment):
+    try:
+        return experiment.load_data()
+    except (FileNotFoundError, ValueError, ImportError) as e:  # a damaged IDX file, scikit-learn missing
+        raise UsageError(str(e)) from None
+
+
+def _divergence_message(name, lr, divergence):
+    return (f"training diverged: {describe_divergence(divergence)} ({name}, lr={lr:g}); "
+            f"lower --lr (e.g. --lr {lr / 10:g}) or set --clip-grad-norm 1")
+
+
+def _write_out(path, payload):
+    if path:
+        write_json(path, payload)
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -140,34 +210,41 @@ def _guarded(command):
 def _metrics_table(metrics, task):
     keys = ["loss", "mse", "r2"] if task == "regression" else ["loss", "accuracy", "precision_macro",
                                                                "recall_macro", "f1_macro"]
-    lines = [f"{'':>16}" + "".join(f"{split:>10}" for split in ("train", "val", "test"))]
+    lines = [f"{'':>16}" + "".join(f"{split:>12}" for split in ("train", "val", "test"))]
     for k in keys:
-        lines.append(f"{k:>16}" + "".join(f"{metrics[s][k]:>10.4f}" for s in ("train", "val", "test")))
+        lines.append(f"{k:>16}" + "".join(f"{fmt(metrics[s][k]):>12}" for s in ("train", "val", "test")))
     return "\n".join(lines)
 
 
 def _cmd_train(args):
-    _check_device(args)
+    plot = None if args.no_plot else args.plot
+    _check_inputs(args, plot=plot)
     experiment = _experiment(args)
-    result, model, data = experiment.run()
+    data = _load(experiment)
+    result, model, data = experiment.run(data=data)
+    c = experiment.train
     plot_path = None
-    if not args.no_plot:
+    if plot and not result.diverged:
         from fastopt.train.plots import plot_histories
         metric, _ = headline_metric(data.task)
-        plot_path = plot_histories({experiment.train.optimizer: result.history}, args.plot, metric=metric,
+        plot_path = plot_histories({c.optimizer: result.history}, plot, metric=metric,
                                    title=f"{model.describe()} on {data.name}")
-    payload = {"experiment": experiment.to_dict(), "model": model.describe(), "data": data.summary(),
-               "result": result.to_dict(), "plot": plot_path}
-    _write_json(args.out, payload)
+    payload = {"status": "diverged" if result.diverged else "ok", "experiment": experiment.to_dict(),
+               "model": model.describe(), "data": data.summary(), "result": result.to_dict(), "plot": plot_path}
+    _write_out(args.out, payload)
+    failure = _divergence_message(c.optimizer, c.resolved_lr(), result.divergence) if result.diverged else None
     if args.json:
-        print(json.dumps(payload, indent=2, default=float))
+        print(dumps(payload))
+    else:
+        print(data.summary())
+        print(f"model: {model.describe()}   device: {experiment.device}   dtype: {experiment.dtype}")
+        print(f"optimizer: {c.optimizer} lr={c.resolved_lr():g} {c.optimizer_options or ''}  schedule: {c.schedule}  "
+              f"batch: {c.batch_size}  clip: {c.clip_grad_norm}")
+    if failure:
+        raise RunError(failure)
+    if args.json:
         return 0
-    c = experiment.train
-    print(data.summary())
-    print(f"model: {model.describe()}   device: {experiment.device}   dtype: {experiment.dtype}")
-    print(f"optimizer: {c.optimizer} lr={c.resolved_lr():g} {c.optimizer_options or ''}  schedule: {c.schedule}  "
-          f"batch: {c.batch_size}  clip: {c.clip_grad_norm}")
-    stop = " (early stop)" if result.stopped_early else " (diverged)" if result.diverged else ""
+    stop = " (early stop)" if result.stopped_early else ""
     print(f"epochs: {result.epochs_run}{stop}  best epoch: {result.best_epoch}  "
           f"training time: {result.train_seconds:.2f} s ({result.train_seconds / result.epochs_run * 1e3:.1f} ms/epoch)")
     print(_metrics_table(result.metrics, data.task))
@@ -177,8 +254,8 @@ def _cmd_train(args):
             print("   " + " ".join(f"{v:4d}" for v in row))
     if "coefficients" in result.metrics:
         co = result.metrics["coefficients"]
-        w = ", ".join(f"{v:.4f}" for v in co["w"])
-        print(f"coefficients on the raw data: w = [{w}], b = {co['b']:.4f}")
+        w = ", ".join(fmt(v) for v in co["w"])
+        print(f"coefficients on the raw data: w = [{w}], b = {fmt(co['b'])}")
     if plot_path:
         print(f"plot: {plot_path}")
     return 0
@@ -187,78 +264,107 @@ def _cmd_train(args):
 # ------------------------------------------------------------------------------------------ compare
 
 def _cmd_compare(args):
-    _check_device(args)
-    names = [n.strip().lower() for n in args.optimizers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in REGISTRY]
-    if unknown:
-        return _fail(f"unknown optimizer(s) {', '.join(unknown)}; known: {', '.join(REGISTRY)}")
-    base = _experiment(args, optimizer=names[0])
-    data = base.load_data()  # loaded once: every optimizer sees the same split and the same initial weights
-    runs, histories = {}, {}
-    for name in names:
-        # each optimizer at its own default learning rate unless --lr is given; options only where they apply
-        own_options = {k: v for k, v in base.train.optimizer_options.items() if k in REGISTRY[name].defaults}
-        experiment = base.replace(optimizer=name, lr=args.lr, optimizer_options=own_options)
+    plot = None if args.no_plot else args.plot
+    _check_inputs(args, plot=plot)
+    names = args.optimizers
+    # each optimizer gets the options that apply to it; an option that applies to none is an error
+    options = {name: _optimizer_options(args, name, only_known=True) for name in names}
+    for key, _, source in _requested_options(args):
+        if not any(key in REGISTRY[name].defaults for name in names):
+            raise UsageError(f"{source}: none of {', '.join(names)} has a hyperparameter {key!r}")
+    experiments = {}
+    for name in names:  # every combination checked before the first run
+        experiments[name] = _experiment(args, optimizer=name, options=options[name])
+    base = experiments[names[0]]
+    data = _load(base)  # loaded once: every optimizer sees the same split and the same initial weights
+    runs, histories, failures = {}, {}, []
+    for name, experiment in experiments.items():
+        # each optimizer at its own recommended learning rate unless --lr is given (recommended_config)
         result, model, _ = experiment.run(data=data, description=name)
-        runs[name] = {"lr": experiment.train.resolved_lr(), "options": own_options, "result": result.to_dict()}
+        lr = experiment.train.resolved_lr()
+        runs[name] = {"status": "diverged" if result.diverged else "ok", "lr": lr, "options": options[name],
+                      "result": result.to_dict()}
         histories[name] = result.history
+        if result.diverged:
+            failures.append(f"{name}: {describe_divergence(result.divergence)} (lr={lr:g})")
     metric, _ = headline_metric(data.task)
     plot_path = None
-    if not args.no_plot:
+    if plot and any(h["epoch"] for h in histories.values()):
         from fastopt.train.plots import plot_histories
-        plot_path = plot_histories(histories, args.plot, metric=metric,
+        plot_path = plot_histories(histories, plot, metric=metric,
                                    title=f"{model.describe()} on {data.name}, seed {args.seed}")
-    payload = {"experiment": base.to_dict(), "data": data.summary(), "runs": runs, "plot": plot_path}
-    _write_json(args.out, payload)
+    payload = {"status": "diverged" if failures else "ok", "experiment": base.to_dict(), "data": data.summary(),
+               "runs": runs, "plot": plot_path}
+    _write_out(args.out, payload)
     if args.json:
-        print(json.dumps(payload, indent=2, default=float))
-        return 0
-    print(data.summary())
-    print(f"model: {model.describe()}   epochs: {base.train.epochs}   batch: {base.train.batch_size}   "
-          f"seed: {args.seed}")
-    header = f"{'optimizer':>10} {'lr':>9} {'train_loss':>11} {'val_loss':>9} {'val_' + metric:>13} " \
-             f"{'test_' + metric:>14} {'best_epoch':>10} {'ms/epoch':>9}"
-    print(header)
-    for name, run in runs.items():
-        r = run["result"]
-        h = r["history"]
-        print(f"{name:>10} {run['lr']:>9.3g} {h['train_loss'][-1]:>11.4f} {r['metrics']['val']['loss']:>9.4f} "
-              f"{r['metrics']['val'][metric]:>13.4f} {r['metrics']['test'][metric]:>14.4f} {r['best_epoch']:>10d} "
-              f"{r['train_seconds'] / r['epochs_run'] * 1e3:>9.1f}")
-    if plot_path:
-        print(f"plot: {plot_path}")
+        print(dumps(payload))
+    else:
+        print(data.summary())
+        print(f"model: {model.describe()}   epochs: {base.train.epochs}   batch: {base.train.batch_size}   "
+              f"seed: {args.seed}")
+        header = f"{'optimizer':>10} {'lr':>9} {'train_loss':>11} {'val_loss':>11} {'val_' + metric:>13} " \
+                 f"{'test_' + metric:>14} {'best_epoch':>10} {'ms/epoch':>9}"
+        print(header)
+        for name, run in runs.items():
+            r = run["result"]
+            h = r["history"]
+            ms = r["train_seconds"] / max(r["epochs_run"], 1) * 1e3
+            if r["diverged"]:
+                print(f"{name:>10} {run['lr']:>9.3g}   diverged: {describe_divergence(r['divergence'])}")
+                continue
+            print(f"{name:>10} {run['lr']:>9.3g} {fmt(h['train_loss'][-1]):>11} {fmt(r['metrics']['val']['loss']):>11} "
+                  f"{fmt(r['metrics']['val'][metric]):>13} {fmt(r['metrics']['test'][metric]):>14} "
+                  f"{r['best_epoch']:>10d} {ms:>9.1f}")
+        if plot_path:
+            print(f"plot: {plot_path}")
+    if failures:
+        raise RunError("training diverged for " + "; ".join(failures) + "; lower --lr or set --clip-grad-norm 1")
     return 0
 
 
 # ------------------------------------------------------------------------------------------ search
 
 def _cmd_search(args):
-    _check_device(args)
+    for option, value, instead in (("--lr", args.lr, "--lr-range"), ("--batch-size", args.batch_size, "--batch-sizes"),
+                                   ("--weight-decay", args.weight_decay, "--weight-decays")):
+        if value is not None:
+            raise UsageError(f"{option} {value:g}: search samples this from {instead}; give {instead} instead")
+    out = args.out or "fastopt-search.json"
+    _check_inputs(args)
+    check_output_path("--out", out)
     from fastopt.train import search as hp
-    space = {"lr": hp.LogUniform(*args.lr_range), "batch_size": hp.Choice(args.batch_sizes),
+    low, high = args.lr_range
+    if not low < high:
+        raise UsageError(f"--lr-range {low:g},{high:g}: needs low < high")
+    space = {"lr": hp.LogUniform(low, high), "batch_size": hp.Choice(args.batch_sizes),
              "weight_decay": hp.Choice(args.weight_decays)}
-    if len(args.lr_range) != 2:
-        return _fail("--lr-range expects two numbers: low,high")
     base = _experiment(args)
+    if "weight_decay" not in REGISTRY[base.train.optimizer].defaults:
+        del space["weight_decay"]
+    if args.method == "tpe" and not hp.optuna_available():
+        raise UsageError("--method tpe needs Optuna: pip install 'fastopt[search]' (or use --method random)")
 
     def report(trial):
         if not args.json and not args.no_progress:
-            value = f"{trial['objective']:.4g}"
+            value = fmt(trial["objective"]) if trial["status"] == "ok" else trial["status"]
             print(f"trial {trial['number']:>3}: val_loss {value}  {trial['params']}", file=sys.stderr)
     result = hp.search(base, space, method=args.method, n_trials=args.trials, n_jobs=args.jobs, seed=args.seed,
                        grid_points=args.grid_points, on_trial=report)
-    out = args.out or "fastopt-search.json"
-    _write_json(out, result)
+    result["status"] = "ok" if result["best"] is not None else "failed"
+    write_json(out, result)
     if args.json:
-        print(json.dumps(result, indent=2, default=float))
-        return 0
-    print(f"{args.method} search, {len(result['trials'])} trials on {args.jobs} process(es), "
-          f"{result['seconds']:.1f} s; ranked by {result['objective']}")
-    print(hp.format_table(result, args.top))
-    best = result["best"]
-    if best is not None:
-        print(f"best: {best['params']}")
-    print(f"results: {out}")
+        print(dumps(result))
+    else:
+        print(f"{args.method} search, {len(result['trials'])} trials on {result['n_jobs']} process(es), "
+              f"{result['seconds']:.1f} s; ranked by {result['objective']}")
+        print(hp.format_table(result, args.top))
+        best = result["best"]
+        if best is not None:
+            print(f"best: {best['params']}")
+        print(f"results: {out}")
+    if result["best"] is None:
+        raise RunError(f"no trial finished: every one of the {len(result['trials'])} trials diverged or failed "
+                       "(see the table); lower --lr-range")
     return 0
 
 
@@ -268,26 +374,36 @@ def add_commands(sub) -> None:
     """Add train, compare and search to fastopt's subcommand parser."""
     train = sub.add_parser("train", help="train a model (default: MLP 64-128-10 on digits with Adam)")
     _add_common(train)
-    train.add_argument("--plot", default="fastopt-train.png", help="PNG of the training curves")
+    train.add_argument("--plot", default="fastopt-train.png",
+                       help="image of the training curves (.png, .pdf, .svg; the directory must exist)")
     train.add_argument("--no-plot", action="store_true")
-    train.set_defaults(func=_guarded(_cmd_train))
+    train.set_defaults(func=_cmd_train, _parser=train)
 
     compare = sub.add_parser("compare", help="several optimizers on the same data, seed and initial weights")
     _add_common(compare, optimizer=False)
-    compare.add_argument("--optimizers", default=DEFAULT_COMPARE, help=f"comma-separated ({DEFAULT_COMPARE})")
-    compare.add_argument("--plot", default="fastopt-compare.png", help="PNG of loss and metric curves")
+    compare.add_argument("--optimizers", type=optimizer_names, default=optimizer_names(DEFAULT_COMPARE),
+                         help=f"comma-separated ({DEFAULT_COMPARE})")
+    compare.add_argument("--plot", default="fastopt-compare.png",
+                         help="image of loss and metric curves (the directory must exist)")
     compare.add_argument("--no-plot", action="store_true")
-    compare.set_defaults(func=_guarded(_cmd_compare))
+    compare.set_defaults(func=_cmd_compare, _parser=compare)
 
     search = sub.add_parser("search", help="hyperparameter search (grid, random, Optuna TPE)")
     _add_common(search)
     search.add_argument("--method", choices=["grid", "random", "tpe"], default="random",
                         help="tpe needs Optuna")
-    search.add_argument("--trials", type=int, default=20, help="random / tpe: number of trials")
-    search.add_argument("--jobs", type=int, default=1, help="trials run in this many processes")
-    search.add_argument("--lr-range", type=_floats, default=(1e-4, 1e-1), help="log-uniform low,high")
-    search.add_argument("--batch-sizes", type=_ints, default=(16, 32, 64, 128))
-    search.add_argument("--weight-decays", type=_floats, default=(0.0, 1e-4, 1e-3))
-    search.add_argument("--grid-points", type=int, default=3, help="grid: points along the lr range")
-    search.add_argument("--top", type=int, default=10, help="rows of the table")
-    search.set_defaults(func=_guarded(_cmd_search))
+    search.add_argument("--trials", type=integer("number of trials", low=1), default=20,
+                        help="random / tpe: number of trials (>= 1)")
+    search.add_argument("--jobs", type=integer("number of jobs", low=1), default=1,
+                        help="trials run in this many processes")
+    search.add_argument("--lr-range", type=listing(real("learning rate", low=0.0, low_open=True), "lr range",
+                                                   length=2),
+                        default=(1e-4, 1e-1), help="log-uniform low,high (0 < low < high)")
+    search.add_argument("--batch-sizes", type=listing(integer("batch size", low=1), "batch sizes"),
+                        default=(16, 32, 64, 128))
+    search.add_argument("--weight-decays", type=listing(real("weight decay", low=0.0), "weight decays"),
+                        default=(0.0, 1e-4, 1e-3))
+    search.add_argument("--grid-points", type=integer("number of grid points", low=1), default=3,
+                        help="grid: points along the lr range")
+    search.add_argument("--top", type=integer("number of rows", low=1), default=10, help="rows of the table")
+    search.set_defaults(func=_cmd_search, _parser=search)

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DATASETS = ("linear", "diabetes", "breast_cancer", "wine", "digits", "mnist")
+# the task of each data set, known without loading it (checked against the loaded data in the tests)
+DATASET_TASKS = {"linear": "regression", "diabetes": "regression", "breast_cancer": "binary", "wine": "multiclass",
+                 "digits": "multiclass", "mnist": "multiclass"}
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
     "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",

@@ -1,4 +1,4 @@
-"""Training curves as a PNG: loss (train solid, validation dashed) and the validation metric per epoch,
+"""Training curves as an image (PNG, or any format matplotlib writes): loss (train solid, validation dashed) and the validation metric per epoch,
 one colour per run. Uses matplotlib's Agg backend, so it works without a display."""
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import os
 
 
 def plot_histories(histories: dict, path: str, *, metric: str = "accuracy", title: str = "") -> str:
-    """histories: label -> TrainResult.history. Writes `path` (directories created) and returns it."""
+    """histories: label -> TrainResult.history (runs without a finished epoch are left out). Writes `path`
+    and returns it; the directory must exist (it is not created: a mistyped path is an error)."""
+    histories = {label: h for label, h in histories.items() if h["epoch"]}
+    if not histories:
+        raise ValueError("nothing to plot: no run finished an epoch")
     try:
         import matplotlib
     except ImportError:
@@ -31,8 +35,27 @@ def plot_histories(histories: dict, path: str, *, metric: str = "accuracy", titl
     ax_metric.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
+
+
+def supported_formats() -> dict:
+    """File extensions matplotlib can write (without the dot) -> description."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'fastopt[train]'") from None
+    return FigureCanvasAgg.get_supported_filetypes()
+
+
+def check_plot_path(path: str) -> None:
+    """ValueError unless `path` ends in an extension matplotlib writes (.png, .pdf, .svg, ...); ImportError
+    without matplotlib. Call it before training, so that a bad name does not waste a run."""
+    extension = os.path.splitext(path)[1].lower().lstrip(".")
+    formats = supported_formats()
+    if extension not in formats:
+        what = f"unsupported file type .{extension}" if extension else "no file extension"
+        raise ValueError(f"{path}: {what}; use one of {', '.join('.' + f for f in sorted(formats))}")

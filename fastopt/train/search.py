@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import numbers
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -90,23 +91,30 @@ def apply_params(base: Experiment, params: dict) -> Experiment:
 
 
 def _run_trial(base: Experiment, params: dict, number: int) -> dict:
-    """One trial (runs in a worker process): train, return plain numbers."""
+    """One trial (runs in a worker process): train, return plain numbers. "status" is "ok", "diverged"
+    (the loss became NaN/Inf: objective inf, metrics None, "divergence" says where) or "error" (an
+    invalid combination: objective inf, "error" says why)."""
+    from fastopt.train.trainer import describe_divergence
     experiment = apply_params(base, params)
     start = time.perf_counter()
     try:
         result, _, data = experiment.run()
-    except (ValueError, FloatingPointError) as e:  # e.g. an invalid combination: report, don't abort
-        return {"number": number, "params": params, "objective": math.inf, "error": str(e)}
+    except (ValueError, TypeError) as e:  # e.g. an invalid combination: report, don't abort the search
+        return {"number": number, "params": params, "status": "error", "objective": math.inf, "error": str(e),
+                "seconds": time.perf_counter() - start}
     metric, _ = headline_metric(data.task)
+    trial = {"number": number, "params": params, "status": "diverged" if result.diverged else "ok",
+             "objective": math.inf, "val_loss": None, f"val_{metric}": None, f"test_{metric}": None,
+             "test_loss": None, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+             "diverged": result.diverged, "seconds": time.perf_counter() - start}
+    if result.diverged:
+        trial["divergence"] = result.divergence
+        trial["error"] = "diverged: " + describe_divergence(result.divergence)
+        return trial
     val_loss = result.metrics["val"]["loss"]
-    return {
-        "number": number, "params": params,
-        "objective": val_loss if math.isfinite(val_loss) and not result.diverged else math.inf,
-        "val_loss": val_loss, f"val_{metric}": result.metrics["val"][metric],
-        f"test_{metric}": result.metrics["test"][metric], "test_loss": result.metrics["test"]["loss"],
-        "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "diverged": result.diverged,
-        "seconds": time.perf_counter() - start,
-    }
+    trial.update({"objective": val_loss, "val_loss": val_loss, f"val_{metric}": result.metrics["val"][metric],
+                  f"test_{metric}": result.metrics["test"][metric], "test_loss": result.metrics["test"]["loss"]})
+    return trial
 
 
 def _limit_threads_in_worker():
@@ -197,17 +205,26 @@ def search(base: Experiment, space=None, *, method="random", n_trials=20, n_jobs
     space = default_space() if space is None else space
     if method not in METHODS:
         raise ValueError(f"Unknown search method {method!r}; use one of {', '.join(METHODS)}")
+    for name, value, low in (("n_trials", n_trials, 1), ("n_jobs", n_jobs, 1), ("grid_points", grid_points, 1)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+            raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= {low})")
+    if not space:
+        raise ValueError("the search space is empty")
+    base.check()
     if method == "tpe" and not optuna_available():
         raise ImportError("method 'tpe' needs Optuna: pip install optuna (or use --method random)")
     base = base.replace(progress=False)
     on_trial = on_trial or (lambda trial: None)
     start = time.perf_counter()
-    runner = _Runner(n_jobs)
+    candidates = None
+    if method != "tpe":
+        candidates = grid_trials(space, grid_points) if method == "grid" else random_trials(space, n_trials, seed)
+    # no more processes than trials
+    runner = _Runner(min(n_jobs, n_trials if candidates is None else max(1, len(candidates))))
     try:
         if method == "tpe":
             trials = _tpe(base, space, n_trials, seed, runner, on_trial)
         else:
-            candidates = grid_trials(space, grid_points) if method == "grid" else random_trials(space, n_trials, seed)
             trials = []
             jobs = list(enumerate(candidates))
             for i in range(0, len(jobs), runner.n_jobs):
@@ -217,11 +234,12 @@ def search(base: Experiment, space=None, *, method="random", n_trials=20, n_jobs
     finally:
         runner.close()
     ranked = sorted(trials, key=lambda t: (t["objective"], t["number"]))
+    finished = [t for t in ranked if t["status"] == "ok"]
     return {
         "method": method, "n_jobs": runner.n_jobs, "seed": seed,
         "space": {name: dataclasses.asdict(dist) | {"kind": type(dist).__name__} for name, dist in space.items()},
         "base": base.to_dict(), "objective": "validation loss (lower is better)",
-        "trials": ranked, "best": ranked[0] if ranked else None, "seconds": time.perf_counter() - start,
+        "trials": ranked, "best": finished[0] if finished else None, "seconds": time.perf_counter() - start,
     }
 
 
@@ -231,14 +249,15 @@ def format_table(result: dict, limit: int | None = None) -> str:
     if not trials:
         return "(no trials)"
     names = list(result["space"])
-    metric_keys = [k for k in trials[0] if k.startswith(("val_", "test_")) and k not in ("val_loss", "test_loss")]
+    keyed = [t for t in trials if t.get("status", "ok") == "ok"] or trials
+    metric_keys = [k for k in keyed[0] if k.startswith(("val_", "test_")) and k not in ("val_loss", "test_loss")]
     header = ["#", *names, "val_loss", *metric_keys, "epochs", "seconds"]
     rows = []
     for t in trials:
         p = t["params"]
         cells = [str(t["number"])] + [_fmt(p[n]) for n in names]
-        if "error" in t:
-            cells += ["error: " + t["error"][:40]] + [""] * (len(header) - len(cells) - 1)
+        if t.get("status", "ok") != "ok" or "error" in t:
+            cells += [t["error"][:60]] + [""] * (len(header) - len(cells) - 1)
         else:
             cells += [_fmt(t["val_loss"])] + [_fmt(t[k]) for k in metric_keys] + [str(t["epochs_run"]),
                                                                                  f"{t['seconds']:.2f}"]
@@ -250,6 +269,8 @@ def format_table(result: dict, limit: int | None = None) -> str:
 
 
 def _fmt(value):
+    if value is None:
+        return "n/a"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

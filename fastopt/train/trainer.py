@@ -12,6 +12,7 @@ history, bit for bit, on the same machine.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -52,17 +53,57 @@ class TrainConfig:
         default = get_spec(self.optimizer).defaults["lr"]
         return SGD_DEFAULT_LR if default is REQUIRED else float(default)
 
+    def check(self) -> None:
+        """Raise ValueError / TypeError naming the field and its value for anything fit() would reject,
+        without touching data: the optimizer and its hyperparameters, the schedule, the counts."""
+        spec = get_spec(self.optimizer)  # ValueError for an unknown name
+        for name, low in (("epochs", 1), ("batch_size", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+            if value < low:
+                raise ValueError(f"Invalid {name}: {value} (must be >= {low})")
+        if self.patience is not None:
+            if not _is_int(self.patience):
+                raise TypeError(f"patience must be an integer, got {self.patience!r}")
+            if self.patience < 0:
+                raise ValueError(f"Invalid patience: {self.patience} (must be >= 0)")
+        if self.clip_grad_norm is not None and not (_is_finite(self.clip_grad_norm) and self.clip_grad_norm > 0):
+            raise ValueError(f"Invalid clip_grad_norm: {self.clip_grad_norm} (must be a finite number > 0)")
+        if not (_is_finite(self.min_delta) and self.min_delta >= 0):
+            raise ValueError(f"Invalid min_delta: {self.min_delta} (must be a finite number >= 0)")
+        if self.lr is not None and not (_is_finite(self.lr) and self.lr >= 0):
+            raise ValueError(f"Invalid learning rate: {self.lr} (must be a finite number >= 0)")
+        unknown = set(self.optimizer_options) - set(spec.defaults)
+        if unknown:
+            raise ValueError(f"{self.optimizer} has no hyperparameter(s) {', '.join(sorted(unknown))}; "
+                             f"it takes {', '.join(h for h in spec.defaults if h != 'lr')}")
+        spec.validate({**spec.defaults, **self.optimizer_options, "lr": self.resolved_lr()}, 1)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        build_schedule(self, steps_per_epoch=1)  # the schedule's own checks (its options)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+
 
 @dataclass
 class TrainResult:
     history: dict  # per epoch: epoch, train_loss, val_loss, val_<metric>, lr, seconds
-    metrics: dict  # "train", "val", "test" -> metrics of the final (restored) model
+    metrics: dict | None  # "train", "val", "test" -> metrics of the final (restored) model; None if diverged
     best_epoch: int
     epochs_run: int
     stopped_early: bool
     diverged: bool
     train_seconds: float  # the epochs themselves, without data loading or final evaluation
     config: dict
+    # where training diverged (see fit), else None; metrics is None then
+    divergence: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,12 +160,22 @@ def _progress_bar(config, description):
     return tqdm(total=config.epochs, desc=description, unit="epoch", leave=False)
 
 
+def _nonfinite_word(value) -> str:
+    return "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+
+
 def fit(model, data, config: TrainConfig, description: str = "train") -> TrainResult:
-    """Train `model` on `data` (arrays already in the model's dtype and on its device)."""
-    if config.epochs < 1 or config.batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1 (got {config.epochs}, {config.batch_size})")
-    if config.patience is not None and config.patience < 0:
-        raise ValueError(f"Invalid patience: {config.patience}")
+    """Train `model` on `data` (arrays already in the model's dtype and on its device).
+
+    Divergence: training stops at the first non-finite training loss (NaN or Inf) or, at the end of an
+    epoch, a non-finite validation loss. The result then has diverged=True, `divergence` says where
+    ({"epoch", "step" (1-based within the epoch), "global_step", "loss", "value"}), the history holds
+    the epochs completed before it, and `metrics` is None: the weights are no longer meaningful.
+    NumPy's floating-point warnings (overflow, invalid) are silenced during training and evaluation:
+    the loss is checked explicitly instead of flooding the terminal. On the CPU the loss is checked
+    after every step; on the GPU once per epoch (a per-step check would synchronise every step), and
+    the first non-finite step of that epoch is then reported."""
+    config.check()
     xp = array_module(model.params)
     X, y = data.X_train, data.y_train
     n = X.shape[0]
@@ -134,60 +185,101 @@ def fit(model, data, config: TrainConfig, description: str = "train") -> TrainRe
     grads = [model.grads]
     shuffle_rng = np.random.default_rng(np.random.SeedSequence([config.seed, 3]))
     metric_name, _ = headline_metric(data.task)
+    on_host = xp is np
 
     history = {"epoch": [], "train_loss": [], "val_loss": [], f"val_{metric_name}": [], "lr": [], "seconds": []}
     best_loss, best_epoch, best_params, bad_epochs = math.inf, 0, None, 0
-    stopped_early = diverged = False
+    stopped_early = False
+    divergence = None
+    epochs_run = 0
     bar = _progress_bar(config, description)
     train_seconds = 0.0
     try:
-        for epoch in range(1, config.epochs + 1):
-            start = time.perf_counter()
-            # one gather per epoch; the minibatches are then contiguous slices (views, no copies)
-            order = shuffle_rng.permutation(n)
-            if xp is not np:
-                order = xp.asarray(order)
-            Xs, ys = X[order], y[order]
-            total = 0.0
-            for lo in range(0, n, batch_size):
-                xb, yb = Xs[lo:lo + batch_size], ys[lo:lo + batch_size]
-                total = total + model.loss_and_grad(xb, yb) * xb.shape[0]
-                optimizer.step(grads)
-            train_loss = float(total) / n
-            val = evaluate(model, data, data.X_val, data.y_val)
-            seconds = time.perf_counter() - start
-            train_seconds += seconds
-            history["epoch"].append(epoch)
-            history["train_loss"].append(train_loss)
-            history["val_loss"].append(val["loss"])
-            history[f"val_{metric_name}"].append(val[metric_name])
-            history["lr"].append(float(optimizer.last_lr[0]))
-            history["seconds"].append(seconds)
-            if isinstance(lr, schedules.ReduceLROnPlateau):
-                lr.update(val["loss"])
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{train_loss:.4f}", val_loss=f"{val['loss']:.4f}",
-                                **{f"val_{metric_name}": f"{val[metric_name]:.4f}"})
-            if not (math.isfinite(train_loss) and math.isfinite(val["loss"])):
-                diverged = True  # NaN/Inf: nothing later can recover, and the best weights are kept
-                break
-            if val["loss"] < best_loss - config.min_delta:
-                best_loss, best_epoch, bad_epochs = val["loss"], epoch, 0
-                if config.restore_best and config.patience is not None:
-                    best_params = model.snapshot()
-            else:
-                bad_epochs += 1
-                if config.patience is not None and bad_epochs > config.patience:
-                    stopped_early = True
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            for epoch in range(1, config.epochs + 1):
+                epochs_run = epoch
+                start = time.perf_counter()
+                # one gather per epoch; the minibatches are then contiguous slices (views, no copies)
+                order = shuffle_rng.permutation(n)
+                if not on_host:
+                    order = xp.asarray(order)
+                Xs, ys = X[order], y[order]
+                total = 0.0
+                step_losses = []
+                for step, lo in enumerate(range(0, n, batch_size), start=1):
+                    xb, yb = Xs[lo:lo + batch_size], ys[lo:lo + batch_size]
+                    loss = model.loss_and_grad(xb, yb)
+                    if on_host:
+                        value = float(loss)
+                        if not math.isfinite(value):
+                            divergence = _divergence(epoch, step, steps_per_epoch, "training", value)
+                            break
+                        total += value * xb.shape[0]
+                    else:
+                        step_losses.append(loss)
+                        total = total + loss * xb.shape[0]
+                    optimizer.step(grads)
+                if divergence is None and not on_host and step_losses:
+                    finite = xp.isfinite(xp.stack(step_losses))
+                    if not bool(finite.all()):
+                        first = int(xp.argmin(finite))  # the first False
+                        divergence = _divergence(epoch, first + 1, steps_per_epoch, "training",
+                                                 float(step_losses[first]))
+                if divergence is not None:
+                    train_seconds += time.perf_counter() - start
                     break
+                train_loss = float(total) / n
+                val = evaluate(model, data, data.X_val, data.y_val)
+                if not math.isfinite(val["loss"]):
+                    divergence = _divergence(epoch, None, steps_per_epoch, "validation", val["loss"])
+                    train_seconds += time.perf_counter() - start
+                    break
+                seconds = time.perf_counter() - start
+                train_seconds += seconds
+                history["epoch"].append(epoch)
+                history["train_loss"].append(train_loss)
+                history["val_loss"].append(val["loss"])
+                history[f"val_{metric_name}"].append(val[metric_name])
+                history["lr"].append(float(optimizer.last_lr[0]))
+                history["seconds"].append(seconds)
+                if isinstance(lr, schedules.ReduceLROnPlateau):
+                    lr.update(val["loss"])
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{train_loss:.4g}", val_loss=f"{val['loss']:.4g}",
+                                    **{f"val_{metric_name}": f"{val[metric_name]:.4f}"})
+                if val["loss"] < best_loss - config.min_delta:
+                    best_loss, best_epoch, bad_epochs = val["loss"], epoch, 0
+                    if config.restore_best and config.patience is not None:
+                        best_params = model.snapshot()
+                else:
+                    bad_epochs += 1
+                    if config.patience is not None and bad_epochs > config.patience:
+                        stopped_early = True
+                        break
+            metrics = None
+            if divergence is None:
+                if config.restore_best and best_params is not None:
+                    model.restore(best_params)
+                metrics = {split: evaluate(model, data, getattr(data, f"X_{split}"), getattr(data, f"y_{split}"))
+                           for split in ("train", "val", "test")}
     finally:
         if bar is not None:
             bar.close()
-    if config.restore_best and best_params is not None:
-        model.restore(best_params)
-    metrics = {split: evaluate(model, data, getattr(data, f"X_{split}"), getattr(data, f"y_{split}"))
-               for split in ("train", "val", "test")}
-    return TrainResult(history=history, metrics=metrics, best_epoch=best_epoch, epochs_run=len(history["epoch"]),
-                       stopped_early=stopped_early, diverged=diverged, train_seconds=train_seconds,
-                       config=asdict(config))
+    return TrainResult(history=history, metrics=metrics, best_epoch=best_epoch, epochs_run=epochs_run,
+                       stopped_early=stopped_early, diverged=divergence is not None, train_seconds=train_seconds,
+                       config=asdict(config), divergence=divergence)
+
+
+def _divergence(epoch, step, steps_per_epoch, which, value) -> dict:
+    return {"epoch": epoch, "step": step, "steps_per_epoch": steps_per_epoch,
+            "global_step": None if step is None else (epoch - 1) * steps_per_epoch + step,
+            "loss": which, "value": _nonfinite_word(value)}
+
+
+def describe_divergence(divergence: dict) -> str:
+    """'the training loss became inf at epoch 1, step 4 of 9' (for messages)."""
+    if divergence["step"] is None:
+        return f"the {divergence['loss']} loss became {divergence['value']} after epoch {divergence['epoch']}"
+    return (f"the {divergence['loss']} loss became {divergence['value']} at epoch {divergence['epoch']}, "
+            f"step {divergence['step']} of {divergence['steps_per_epoch']}")
