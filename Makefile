@@ -1,32 +1,65 @@
-# The two set-up commands of the README. Each creates what it needs (a virtual environment in .venv,
-# the package built from this clone, the test/train extras, torch for the comparisons) and runs.
-#   make demo   the main job: train the MLP on digits (metrics, plot), a demo of the functional API,
-#               then the short CPU benchmark
-#   make test   the test suite (what CI runs, through .ci/run)
+# The two set-up commands of the README. Each creates a virtual environment in .venv, builds the package
+# from this clone (editable) with what its job needs, and runs:
+#   make demo   the main job: train the MLP on digits (metrics, plot), a demo of the functional API, then the
+#               short CPU benchmark. Installs the package with [train] only: no GPU wheels, no torch.
+#   make test   the test suite (what CI runs, through .ci/run). Installs [test,train,search,gpu] (the GPU
+#               compile checks need the NVRTC/NVCC wheels), torch (CPU) for the torch.optim comparisons, and
+#               the compilers of the build matrix (clang, aarch64 cross g++) through apt-get on Debian as root.
+# Each install is done once (a stamp in .venv, redone when pyproject.toml or setup.py change); the extension
+# is rebuilt in place before every run when its sources changed.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+# incremental: recompiles only when kernels/ changed since the last build
+BUILD_EXT := $(BIN)/python setup.py -q build_ext --inplace
+BUILD_REQS := "setuptools>=77" wheel "Cython>=3.0" "numpy>=1.25"
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench build-tools clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(PIP) install -q --upgrade pip
 
-install: $(BIN)/python
-	$(BIN)/pip install -q "setuptools>=64" wheel "Cython>=3.0" "numpy>=1.25"
-	$(BIN)/pip install -q --no-build-isolation -e ".[test,train,search,gpu]"
+$(VENV)/.deps-demo: pyproject.toml setup.py | $(BIN)/python
+	$(PIP) install -q $(BUILD_REQS)
+	$(PIP) install -q --no-build-isolation -e ".[train]"
+	touch $@
+
+$(VENV)/.deps-test: pyproject.toml setup.py | $(BIN)/python
+	$(PIP) install -q $(BUILD_REQS)
+	$(PIP) install -q --no-build-isolation -e ".[test,train,search,gpu]"
 	# torch (CPU build) only for the comparisons with torch.optim; tests skip them without it
-	$(BIN)/pip install -q torch==2.13.0 || echo "torch not installed: torch comparisons will be skipped"
+	$(PIP) install -q torch==2.13.0 || echo "torch not installed: torch comparisons will be skipped"
+	touch $@
 
-demo: install
+# clang (the serial clang build) and the aarch64 cross compiler, for tests/test_build.py. Where they cannot
+# be installed the build-matrix tests skip and say why (under CI, where the variable CI is set, they fail).
+build-tools: | $(BIN)/python
+	@missing=""; \
+	command -v clang++ >/dev/null 2>&1 || missing="$$missing clang"; \
+	command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || missing="$$missing g++-aarch64-linux-gnu"; \
+	if [ -n "$$missing" ]; then \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			echo "installing$$missing (apt-get, log in $(VENV)/apt.log)"; \
+			{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; } \
+				>$(VENV)/apt.log 2>&1 || echo "could not install$$missing (see $(VENV)/apt.log)"; \
+		else \
+			echo "missing$$missing (installed by apt-get when make runs as root on Debian)"; \
+		fi; \
+	fi
+
+demo: $(VENV)/.deps-demo
+	$(BUILD_EXT)
 	$(BIN)/fastopt train
 	$(BIN)/python -m fastopt.demo
 
-test: install
+test: $(VENV)/.deps-test build-tools
+	$(BUILD_EXT)
 	$(BIN)/python -m pytest -q
 
-bench: install
+bench: $(VENV)/.deps-test
+	$(BUILD_EXT)
 	$(BIN)/python bench/bench_cpu.py
 
 clean:

@@ -16,7 +16,7 @@ from fastopt import schedules
 from fastopt.flat import FlatParams, flatten
 from fastopt.checkpoint import CheckpointError, load, save
 
-__version__ = "0.1.0"
+from fastopt._version import __version__
 
 
 def set_num_threads(n: int) -> None:

@@ -14,17 +14,18 @@ import numbers
 
 import numpy as np
 
-from fastopt.backends.dispatch import backend_for
+from fastopt.backends.dispatch import backend_for, check_empty_call
+from fastopt.specs import as_float
 
 __all__ = ["clip_by_value", "clip_by_norm", "global_norm", "clip_by_global_norm", "clip_coefficient"]
 
 
-def _check_bound(name, value):
-    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
+def _check_bound(name, value) -> float:
+    """A clipping bound as a Python float: finite and >= 0."""
+    value = as_float(name, value)
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"Invalid {name}: {value}")
-    return float(value)
+    return value
 
 
 def clip_coefficient(total_norm, max_norm):
@@ -41,23 +42,25 @@ def clip_coefficient(total_norm, max_norm):
 def clip_by_value(grads, clip_value, *, backend=None):
     """g = clip(g, -clip_value, clip_value), in place, for one array or a list."""
     clip_value = _check_bound("clip_value", clip_value)
-    be = backend_for(grads, backend)
+    be = _backend(grads, backend)
     if be is not None:
         be.clamp_(grads, clip_value)
 
 
-def _norms(grads, backend):
-    be = backend_for(grads, backend)
+def _backend(grads, backend):
+    """The backend of `grads` (one array or a list); None for an empty list."""
+    be = backend_for(grads, backend, "grads")
     if be is None:
-        return None, np.zeros(0)
-    return be, be.sumsq_per_tensor(grads)
+        check_empty_call((grads,), ("grads",))
+    return be
 
 
 def global_norm(grads, *, backend=None):
     """L2 norm over all arrays: sqrt(sum of squares), accumulated in float64 in a fixed order."""
-    be, sq = _norms(grads, backend)
+    be = _backend(grads, backend)
     if be is None:
         return np.float64(0.0)
+    sq = be.sumsq_per_tensor(grads)
     if hasattr(be, "global_norm"):
         return be.global_norm(sq)
     return np.float64(math.sqrt(sum(sq.tolist())))
@@ -67,17 +70,16 @@ def clip_by_norm(grads, max_norm, *, backend=None):
     """Per array: g = g * min(1, max_norm / (||g|| + 1e-6)), in place. Returns the norm of each array
     (a list for a list, a float64 scalar for one array)."""
     max_norm = _check_bound("max_norm", max_norm)
-    be, sq = _norms(grads, backend)
+    be = _backend(grads, backend)
     if be is None:
         return []
-    if hasattr(be, "clip_by_norm"):
-        return be.clip_by_norm(grads, sq, max_norm)
-    norms = [math.sqrt(s) for s in sq.tolist()]
-    arrays = grads if isinstance(grads, (list, tuple)) else [grads]
-    for g, norm in zip(arrays, norms):
-        coef = clip_coefficient(norm, max_norm)
-        if coef != 1.0:
-            be.scale_(g, coef)
+    if hasattr(be, "clip_by_norm"):  # GPU: the norms and the scaling stay on the device
+        return be.clip_by_norm(grads, be.sumsq_per_tensor(grads), max_norm)
+    checked = be.prepare_grads(grads)  # every array checked as written before the first write
+    norms = [math.sqrt(s) for s in be.sumsq_per_tensor(checked).tolist()]
+    coefs = [clip_coefficient(norm, max_norm) for norm in norms]
+    if any(coef != 1.0 for coef in coefs):
+        be.scale_each_(checked, coefs)
     out = [np.float64(n) for n in norms]
     return out if isinstance(grads, (list, tuple)) else out[0]
 
@@ -86,13 +88,14 @@ def clip_by_global_norm(grads, max_norm, *, backend=None):
     """Scale every array by min(1, max_norm / (total + 1e-6)), in place; returns the total norm
     (torch.nn.utils.clip_grad_norm_ semantics: a non-finite norm propagates into the grads)."""
     max_norm = _check_bound("max_norm", max_norm)
-    be, sq = _norms(grads, backend)
+    be = _backend(grads, backend)
     if be is None:
         return np.float64(0.0)
     if hasattr(be, "clip_by_global_norm"):
-        return be.clip_by_global_norm(grads, sq, max_norm)
-    total = math.sqrt(sum(sq.tolist()))
+        return be.clip_by_global_norm(grads, be.sumsq_per_tensor(grads), max_norm)
+    checked = be.prepare_grads(grads)  # checked as written even when no scaling turns out needed
+    total = math.sqrt(sum(be.sumsq_per_tensor(checked).tolist()))
     coef = clip_coefficient(total, max_norm)
     if coef != 1.0:
-        be.scale_(grads, coef)
+        be.scale_(checked, coef)
     return np.float64(total)

@@ -6,7 +6,7 @@ Nothing is written before every check has passed.
 """
 from __future__ import annotations
 
-from fastopt.backends.dispatch import backend_for
+from fastopt.backends.dispatch import backend_for, check_empty_call
 from fastopt.specs import REGISTRY, REQUIRED, OptimizerSpec
 
 __all__ = [spec.function_name for spec in REGISTRY.values()] + ["init_state", "apply_update"]
@@ -15,7 +15,7 @@ __all__ = [spec.function_name for spec in REGISTRY.values()] + ["init_state", "a
 def apply_update(spec: OptimizerSpec, params, grads, states: tuple, hp: dict, step=1, grad_scale=None,
                  backend=None):
     """Validate, dispatch and run one update. `states` holds one entry per spec.states slot."""
-    spec.validate(hp, step)
+    hp, step = spec.validate(hp, step)
     active = spec.active_states(hp)
     arrays = [params, grads]
     for name, used, value in zip(spec.states, active, states):
@@ -28,10 +28,12 @@ def apply_update(spec: OptimizerSpec, params, grads, states: tuple, hp: dict, st
             arrays.append(None)
     while len(arrays) > 2 and arrays[-1] is None:
         arrays.pop()
+    names = ("params", "grads") + spec.states[:len(arrays) - 2]
     be = backend_for(params, backend)
-    if be is None:  # empty list of params
+    if be is None:  # empty list of params: nothing to update, but the call must still be well formed
+        check_empty_call(arrays, names)
         return None
-    be.step(spec, tuple(arrays), ("params", "grads") + spec.states[:len(arrays) - 2], hp, step, grad_scale)
+    be.step(spec, tuple(arrays), names, hp, step, grad_scale)
     return None
 
 
@@ -87,7 +89,7 @@ def init_state(name: str, params, **options) -> dict:
         hp["lr"] = 0.0
     for h in spec.hypers:
         if h.name in options:
-            h.validate(hp[h.name])
+            hp[h.name] = h.validate(hp[h.name])
     if spec.extra_check is not None:
         spec.extra_check(hp)
 

@@ -67,6 +67,12 @@ def _is_callable_lr(value):
     return callable(value) and not isinstance(value, numbers.Real)
 
 
+def _same(a: tuple, b: tuple) -> bool:
+    """Cached hyperparameters still apply: equal values of the same types (0.9 == np.float32(0.9)
+    is False anyway; 1 == 1.0 == True would hide a change of type that validation must see)."""
+    return a == b and all(type(x) is type(y) for x, y in zip(a, b))
+
+
 class _Bucket:
     """The arrays of one group with one dtype: one multi-tensor kernel call per step."""
 
@@ -103,12 +109,10 @@ class Optimizer:
         spec = self.spec
         if spec is None:
             raise TypeError("Optimizer is the base class; use fastopt.SGD, fastopt.Adam, ...")
-        if clip_grad_norm is not None:
-            clip_grad_norm = _check_bound("clip_grad_norm", clip_grad_norm)
-        if not isinstance(skip_nonfinite, (bool, np.bool_)):
-            raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
         self.clip_grad_norm = clip_grad_norm
-        self.skip_nonfinite = bool(skip_nonfinite)
+        self.skip_nonfinite = skip_nonfinite
+        if backend is not None:
+            dispatch.check_backend_name(backend)
         self.backend = backend
         self.defaults = self._normalise_group(dict(defaults), "defaults", require_all=True)
         self._skipped_host = 0
@@ -123,6 +127,26 @@ class Optimizer:
         groups = self._as_groups(params)
         for group in groups:
             self.add_param_group(group)
+
+    @property
+    def clip_grad_norm(self):
+        """Max global L2 norm of the gradients (None: no clipping); checked when set."""
+        return self._clip_grad_norm
+
+    @clip_grad_norm.setter
+    def clip_grad_norm(self, value):
+        self._clip_grad_norm = None if value is None else _check_bound("clip_grad_norm", value)
+
+    @property
+    def skip_nonfinite(self) -> bool:
+        """Skip (and count) steps with a NaN/Inf gradient; checked when set."""
+        return self._skip_nonfinite
+
+    @skip_nonfinite.setter
+    def skip_nonfinite(self, value):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"skip_nonfinite must be a bool, got {value!r}")
+        self._skip_nonfinite = bool(value)
 
     @staticmethod
     def _as_groups(params):
@@ -184,7 +208,8 @@ class Optimizer:
         params = list(params)
         if not params:
             raise ValueError(f"param group {len(self.param_groups)} has no params")
-        devices = {array_device(p) for p in params}  # TypeError for non-arrays
+        start = len(self._params)
+        devices = {array_device(p, f"params[{start + i}]") for i, p in enumerate(params)}
         if self._buckets:
             devices.add("device" if self._buckets[0][0].is_device else "host")
         if len(devices) > 1:
@@ -193,25 +218,25 @@ class Optimizer:
         known = {id(p) for p in self._params}
         for i, p in enumerate(params):
             if id(p) in known:
-                raise ValueError(f"param group {len(self.param_groups)}: params[{i}] appears in more than one "
-                                 f"place (each array may be optimised once)")
+                raise ValueError(f"param group {len(self.param_groups)}: params[{start + i}] appears in more than "
+                                 f"one place (each array may be optimised once)")
             known.add(id(p))
         full = dict(self.defaults)
         full.update(group)
         full["params"] = params
         hp = self._resolve_hp(full, 0)  # validates (a schedule is evaluated at count 0)
-        self.spec.validate(hp, 1)
+        hp, _ = self.spec.validate(hp, 1)
         # bucket by dtype, in order of first appearance
-        start = len(self._params)
         by_dtype: dict = {}
         for i, p in enumerate(params):
             by_dtype.setdefault(p.dtype, []).append(i)  # numpy, cupy or torch dtype
+        new_params = [([params[i] for i in local], [start + i for i in local]) for local in by_dtype.values()]
+        self._check_params([(b.params, b.indices) for bs in self._buckets for b in bs] + new_params)
         buckets = []
-        for dtype, local in by_dtype.items():
-            bucket_params = [params[i] for i in local]
+        for (bucket_params, indices), dtype in zip(new_params, by_dtype):
             states = init_state(self.spec.name, bucket_params, **self._state_options(hp))
             is_device = array_device(bucket_params[0]) == "device"
-            buckets.append(_Bucket(bucket_params, [start + i for i in local], states, dtype, is_device))
+            buckets.append(_Bucket(bucket_params, indices, states, dtype, is_device))
         self.param_groups.append(full)
         self._group_steps.append(0)
         self._buckets.append(buckets)
@@ -219,6 +244,16 @@ class Optimizer:
         self._hp_cache.append(None)
         self._last_lr.append(hp["lr"])
         self._sq_buffer = None  # one slot per param: reallocated for the new count at the next step
+
+    def _check_params(self, buckets):
+        """Every param updatable in place (dtype, byte order, layout, writable) and no two sharing
+        memory, across all buckets: buckets = [(params, indices), ...]."""
+        checked = []
+        for params, indices in buckets:
+            be = backend_for(params, self.backend)
+            checked.append(be.prepare_grads(params, "params", indices))
+        if len(checked) > 1:
+            be.check_disjoint(checked)
 
     def _state_options(self, hp):
         return {name: hp[name] for name in ("amsgrad", "momentum", "centered") if name in hp}
@@ -240,33 +275,47 @@ class Optimizer:
             hp["lr"] = lr(count)
         return hp
 
-    def _hyperparameters(self, gi: int) -> dict:
-        """Validated hyperparameters of group gi for its next step. Validation of everything but the
-        learning rate is cached while the group's values do not change (the per-step cost is a tuple
-        comparison); the learning rate, which schedules change every step, is checked every step.
-        On a change the group's kernel arguments are rebuilt (a new state may be needed)."""
+    def _hyperparameters(self, gi: int):
+        """(hp, changed): validated hyperparameters of group gi for its next step, as Python floats.
+        Validation of everything but the learning rate is cached while the group's values do not
+        change (the per-step cost is a tuple comparison); the learning rate, which schedules change
+        every step, is checked every step. `changed`: (key, hp) to commit with _commit_hp once the
+        whole step is known to be valid (the group's kernel arguments are then rebuilt), else None."""
         group = self.param_groups[gi]
         spec = self.spec
         self._hyper_keys()
-        key = tuple([group[k] for k in self._keys_but_lr])
-        cached = self._hp_cache[gi]
-        lr = group["lr"]
+        try:
+            key = tuple([group[k] for k in self._keys_but_lr])
+            lr = group["lr"]
+        except KeyError as e:
+            raise ValueError(f"param group {gi} has no {e.args[0]!r}") from None
         if _is_callable_lr(lr):
             lr = lr(self._group_steps[gi])
-        if cached is not None and cached[0] == key:
-            hp = cached[1]
-            spec.hypers[0].validate(lr)  # hypers[0] is lr for every optimizer
-            hp["lr"] = lr
-            return hp
-        self._normalise_group(group, f"param group {gi}")
+        cached = self._hp_cache[gi]
+        if cached is not None and _same(cached[0], key):
+            hp = dict(cached[1])
+            hp["lr"] = spec.hypers[0].validate(lr)  # hypers[0] is lr for every optimizer
+            return hp, None
+        self._normalise_group(dict(group), f"param group {gi}")
         hp = self._resolve_hp(group, self._group_steps[gi])
         hp["lr"] = lr
-        spec.validate(hp, self._group_steps[gi] + 1)
-        for bucket in self._buckets[gi]:
-            self._ensure_states(bucket, hp)
-            self._plan(bucket, hp)
-        self._hp_cache[gi] = (key, hp)
-        return hp
+        hp, _ = spec.validate(hp, self._group_steps[gi] + 1)
+        return hp, (key, hp)
+
+    def _commit_hp(self, gi, changed):
+        """Adopt a group's changed hyperparameters (the step that checked them goes ahead)."""
+        group = self.param_groups[gi]
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+        self._hp_cache[gi] = changed
+
+    @staticmethod
+    def _adopt_call(bucket, tail, names):
+        """Keep a kernel call planned for changed hyperparameters, with any state it allocated."""
+        for name, arrays in zip(names[2:], tail):
+            if arrays is not None:
+                bucket.states.setdefault(name, arrays)
+        bucket.tail, bucket.names = tail, names
 
     # ---- the step -----------------------------------------------------------------------------
 
@@ -290,32 +339,14 @@ class Optimizer:
         return list(self._params)
 
     def _grad_list(self, grads):
-        if hasattr(grads, "shape"):
+        if not isinstance(grads, (list, tuple)):
+            if grads is None or isinstance(grads, (str, bytes, dict, numbers.Number)) or len(self._params) != 1:
+                raise TypeError(f"grads must be a list of arrays (one per param, in the order of opt.params), "
+                                f"got {type(grads).__name__}")
             grads = [grads]
-        elif not isinstance(grads, (list, tuple)):
-            raise TypeError(f"grads must be a list of arrays (one per param, in the order of opt.params), "
-                            f"got {type(grads).__name__}")
         if len(grads) != len(self._params):
             raise ValueError(f"grads has {len(grads)} arrays but the optimizer has {len(self._params)} params")
         return grads
-
-    def _check_grads(self, grads):
-        """Shape, dtype and kind of every gradient against its param, before any group is updated (the
-        kernels check their own call, but with several calls an error in the second must not come
-        after the first has written)."""
-        for i, (p, g) in enumerate(zip(self._params, grads)):
-            if type(g) is not type(p):
-                if array_device(g) != array_device(p):
-                    raise TypeError(f"grads[{i}] is a {type(g).__module__}.{type(g).__name__} but params[{i}] is a "
-                                    f"{type(p).__module__}.{type(p).__name__} (different devices)")
-            if g.dtype != p.dtype:
-                raise TypeError(f"grads[{i}] has dtype {g.dtype}, expected {p.dtype} (the dtype of params[{i}])")
-            if tuple(g.shape) != tuple(p.shape):
-                raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}, expected {tuple(p.shape)} "
-                                 f"(the shape of params[{i}])")
-            flags = getattr(g, "flags", None)
-            if flags is not None and not flags.c_contiguous:
-                raise ValueError(f"grads[{i}] is not C-contiguous")
 
     @staticmethod
     def _bucket_grads(bucket, grads):
@@ -371,13 +402,34 @@ class Optimizer:
         """Apply one update with `grads` (a list of arrays in the order of `opt.params`; one array when
         there is a single param). Returns False when the step was skipped (skip_nonfinite and a
         NaN/Inf gradient), else True; on GPU arrays, where the skip is decided on the device without a
-        host synchronisation, it returns None (read `skipped_steps`, which synchronises, to know)."""
+        host synchronisation, it returns None (read `skipped_steps`, which synchronises, to know).
+
+        One validation phase comes first: every group's hyperparameters, every kernel call's arrays
+        (params, grads, states: kind, dtype, byte order, shape, layout, writable) and the memory of all
+        calls against each other; only then is anything written."""
         grads = self._grad_list(grads)
         buckets = self._buckets
         ngroups = len(buckets)
-        hps = [self._hyperparameters(gi) for gi in range(ngroups)]
-        if ngroups > 1 or len(buckets[0]) > 1:
-            self._check_grads(grads)
+        hps, changes = zip(*[self._hyperparameters(gi) for gi in range(ngroups)])
+        calls = []
+        for gi in range(ngroups):
+            for bucket in buckets[gi]:
+                if changes[gi] is None:
+                    tail, names = bucket.tail, bucket.names
+                else:
+                    tail, names = self._call_states(bucket, changes[gi][1])
+                be = self._backend(bucket)
+                calls.append((gi, bucket, be, tail, names, be.prepare(
+                    (bucket.params, self._bucket_grads(bucket, grads)) + tail, names, bucket.indices)))
+        if len(calls) > 1:
+            calls[0][2].check_disjoint([call[5] for call in calls])
+        # valid: from here on the step goes ahead (or is skipped as a whole)
+        for gi, bucket, _, tail, names, _ in calls:
+            if changes[gi] is not None:
+                self._adopt_call(bucket, tail, names)
+        for gi in range(ngroups):
+            if changes[gi] is not None:
+                self._commit_hp(gi, changes[gi])
         grad_scale = found_inf = None
         if self.clip_grad_norm is not None or self.skip_nonfinite:
             grad_scale, found_inf, skip = self._gradient_scale(grads)
@@ -385,15 +437,12 @@ class Optimizer:
                 self._skipped_host += 1
                 return False
         spec = self.spec
-        for gi in range(ngroups):
+        for gi, bucket, be, _, _, prepared in calls:
             hp, t = hps[gi], self._group_steps[gi] + 1
-            for bucket in buckets[gi]:
-                arrays = (bucket.params, self._bucket_grads(bucket, grads)) + bucket.tail
-                be = self._backend(bucket)
-                if found_inf is None:
-                    be.step(spec, arrays, bucket.names, hp, t, grad_scale)
-                else:  # the kernels read the device flag and return at once on a skipped step
-                    be.step(spec, arrays, bucket.names, hp, t, grad_scale, found_inf=found_inf)
+            if found_inf is None:
+                be.run(prepared, spec, hp, t, grad_scale)
+            else:  # the kernels read the device flag and return at once on a skipped step
+                be.run(prepared, spec, hp, t, grad_scale, found_inf=found_inf)
         for gi in range(ngroups):
             self._group_steps[gi] += 1
             self._last_lr[gi] = hps[gi]["lr"]
@@ -406,14 +455,25 @@ class Optimizer:
                 bucket.states[name] = init_state(self.spec.name, bucket.params,
                                                  **self._state_options(hp))[name]
 
-    def _plan(self, bucket, hp):
-        """The state lists and argument names of the bucket's kernel call for these hyperparameters."""
+    def _call_states(self, bucket, hp):
+        """(state lists, argument names) of the bucket's kernel call for these hyperparameters; a state
+        not allocated yet is a new zero array here (kept by _ensure_states when the step goes ahead)."""
         spec = self.spec
-        tail = [bucket.states[name] if used else None for name, used in zip(spec.states, spec.active_states(hp))]
+        tail = []
+        for name, used in zip(spec.states, spec.active_states(hp)):
+            if not used:
+                tail.append(None)
+            elif name in bucket.states:
+                tail.append(bucket.states[name])
+            else:
+                tail.append(init_state(spec.name, bucket.params, **self._state_options(hp))[name])
         while tail and tail[-1] is None:
             tail.pop()
-        bucket.tail = tuple(tail)
-        bucket.names = ("params", "grads") + spec.states[:len(tail)]
+        return tuple(tail), ("params", "grads") + spec.states[:len(tail)]
+
+    def _plan(self, bucket, hp):
+        """Fix the state lists and argument names of the bucket's kernel call for these hyperparameters."""
+        bucket.tail, bucket.names = self._call_states(bucket, hp)
 
     def zero_grad(self):  # torch users reach for it; gradients here are arguments, not attributes
         """No-op: fastopt takes the gradients as an argument of step()."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Mapping
@@ -24,8 +25,43 @@ REQUIRED = object()  # default of a hyperparameter that must be given (SGD's lr)
 # Hyperparameters
 # ---------------------------------------------------------------------------------------------------
 
+MAX_STEP = 2 ** 53  # steps are counted exactly in float64 arithmetic up to here
+
+
 def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def shown(value, limit=40) -> str:
+    """A value for an error message, cut short (10**400 has 401 digits)."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def as_float(name: str, value, label: str = "") -> float:
+    """A real number (int, float, NumPy scalar; not bool) as a Python float, so host-side arithmetic
+    is float64 whatever type the caller passed. TypeError for anything else, ValueError when it does
+    not fit a float (10**400). Finiteness and ranges are the caller's check."""
+    if type(value) is float:
+        return value
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a real number, got {shown(value)!s} ({type(value).__name__})")
+    try:
+        return float(value)
+    except (OverflowError, ValueError):
+        raise ValueError(f"Invalid {label or name}: {shown(value)} (too large for a float)") from None
+
+
+def as_step(step, name="step") -> int:
+    """A step number (1-based) as a Python int in [1, MAX_STEP]."""
+    if type(step) is not int:
+        if not isinstance(step, numbers.Integral) or isinstance(step, (bool, np.bool_)):
+            raise TypeError(f"{name} must be an integer (the 1-based number of this step), got {shown(step)} "
+                            f"({type(step).__name__})")
+        step = int(step)
+    if not 1 <= step <= MAX_STEP:
+        raise ValueError(f"Invalid {name}: {shown(step)} (the first step is 1; at most 2**53)")
+    return step
 
 
 @dataclass(frozen=True)
@@ -41,16 +77,20 @@ class Hyper:
     label: str = ""
 
     def validate(self, value):
+        """The value as a Python float (or bool); TypeError / ValueError naming it when invalid."""
         t = type(value)  # exact-type fast paths first: this runs on every step
         if self.kind == "bool":
-            if t is not bool and t is not np.bool_:
-                raise TypeError(f"{self.name} must be a bool, got {value!r}")
-            return
-        if t is not float and t is not int and not _is_real(value):
-            raise TypeError(f"{self.name} must be a real number, got {value!r}")
+            if t is bool:
+                return value
+            if t is np.bool_:
+                return bool(value)
+            raise TypeError(f"{self.name} must be a bool, got {shown(value)} ({t.__name__})")
+        if t is not float:
+            value = as_float(self.name, value, self.label)
         # every float hyperparameter must be finite: inf or nan would corrupt every parameter
         if not math.isfinite(value) or (self.check is not None and not self.check(value)):
             raise ValueError(f"Invalid {self.label or self.name}: {value}")
+        return value
 
 
 def _nonneg(x):
@@ -135,17 +175,14 @@ class OptimizerSpec:
     def defaults(self) -> dict:
         return {h.name: h.default for h in self.hypers}
 
-    def validate(self, hp: Mapping, step) -> None:
-        """Raise TypeError / ValueError naming the argument; called before any array is touched."""
-        for h in self.hypers:
-            h.validate(hp[h.name])
-        if self.uses_step:
-            if type(step) is not int and (not isinstance(step, numbers.Integral) or isinstance(step, (bool, np.bool_))):
-                raise TypeError(f"step must be an integer (the 1-based number of this step), got {step!r}")
-            if step < 1:
-                raise ValueError(f"Invalid step: {step} (the first step is 1)")
+    def validate(self, hp: Mapping, step) -> tuple[dict, int]:
+        """(hp, step) checked and converted to Python floats, bools and an int; TypeError / ValueError
+        naming the argument otherwise. Called before any array is touched."""
+        hp = {h.name: h.validate(hp[h.name]) for h in self.hypers}
+        step = as_step(step) if self.uses_step else 1
         if self.extra_check is not None:
             self.extra_check(hp)
+        return hp, step
 
     @cached_property
     def _state_predicates(self):
@@ -272,17 +309,48 @@ def _nadam_mu(beta1, momentum_decay, t):
     return beta1 * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
 
 
+_MU_EXACT_STEPS = 4096   # running products kept per (beta1, momentum_decay) key
+_MU_KEYS = 16            # keys kept (least recently used dropped)
 _MU_PRODUCTS: dict = {}
+_MU_LOCK = threading.Lock()
 
 
 def nadam_mu_product(beta1, momentum_decay, t):
-    """prod_{i=1..t} mu_i, multiplied in step order like torch's running product; cached per
-    (beta1, momentum_decay) so a call costs O(1) amortised, not O(t)."""
+    """prod_{i=1..t} mu_i. Up to _MU_EXACT_STEPS it is multiplied in step order like torch's running
+    product (cached per key, so a call is O(1) amortised); beyond, it continues from there in closed
+    form (_mu_product_tail), so a huge step costs O(1) time and memory."""
     key = (beta1, momentum_decay)
-    products = _MU_PRODUCTS.setdefault(key, [1.0])
-    while len(products) <= t:
-        products.append(products[-1] * _nadam_mu(beta1, momentum_decay, len(products)))
-    return products[t]
+    with _MU_LOCK:
+        products = _MU_PRODUCTS.pop(key, None) or [1.0]
+        _MU_PRODUCTS[key] = products  # most recently used last
+        while len(_MU_PRODUCTS) > _MU_KEYS:
+            del _MU_PRODUCTS[next(iter(_MU_PRODUCTS))]
+        target = min(t, _MU_EXACT_STEPS)
+        while len(products) <= target:
+            products.append(products[-1] * _nadam_mu(beta1, momentum_decay, len(products)))
+        exact = products[target]
+    if t <= _MU_EXACT_STEPS or exact == 0.0:
+        return exact
+    return exact * _mu_product_tail(beta1, momentum_decay, _MU_EXACT_STEPS, t)
+
+
+def _mu_product_tail(beta1, momentum_decay, k, t):
+    """prod_{i=k+1..t} mu_i = beta1^(t-k) * prod (1 - x_i), x_i = 0.5 r^i, r = 0.96^momentum_decay,
+    through log(1 - x) = -sum_j x^j / j summed over i as geometric series (x_i <= 0.5: 60 terms reach
+    double precision)."""
+    if beta1 == 0.0:
+        return 0.0
+    n = t - k
+    log_sum = n * math.log(beta1)
+    r = 0.96 ** momentum_decay
+    if r == 1.0:
+        log_sum += n * math.log1p(-0.5)
+    else:
+        for j in range(1, 61):
+            rj = r ** j
+            # sum_{i=k+1..t} (0.5 r^i)^j = 0.5^j r^(j(k+1)) (1 - r^(j n)) / (1 - r^j)
+            log_sum -= (0.5 ** j) * rj ** (k + 1) * -math.expm1(j * n * math.log(r)) / (1.0 - rj) / j
+    return math.exp(log_sum)
 
 
 def _nadam_scalars(hp, step, grad_scale):

@@ -23,7 +23,8 @@ import numpy as np
 
 from fastopt.backends import cuda_source
 from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, check_skip_flag, from_interface,
-                                             validate_device_arrays)
+                                             prepare_device, validate_device_arrays)
+from fastopt.backends.validate import check_prepared_disjoint
 
 NAME = "cupy"
 AVAILABLE = importlib.util.find_spec("cupy") is not None
@@ -66,8 +67,11 @@ def _device_of(a: DeviceArray) -> int:
     return cp.cuda.runtime.getDevice()
 
 
+_WHERE = "on the GPU"
+
+
 def _validate(arrays, names, read_only_slot=1):
-    return validate_device_arrays(arrays, names, _describe, DTYPES, "on the GPU", read_only_slot)
+    return validate_device_arrays(arrays, names, _describe, DTYPES, _WHERE, read_only_slot)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,8 +203,25 @@ def _blocks(n, per_thread):
 # Backend interface
 # ---------------------------------------------------------------------------------------------------
 
+def prepare(arrays, names, indices=None):
+    """Check the arrays of one update (nothing is written or launched); run() launches it."""
+    return prepare_device(arrays, names, _describe, DTYPES, _WHERE, 1, indices)
+
+
+def prepare_grads(arrays, name="grads", indices=None):
+    """Check arrays for an in-place operation (nothing written): how an optimizer checks its params."""
+    return prepare_device((arrays,), (name,), _describe, DTYPES, _WHERE, -1, indices)
+
+
+check_disjoint = check_prepared_disjoint  # across the prepared calls of one optimizer step
+
+
 def step(spec, arrays, names, hp, step, grad_scale, found_inf=None):
-    lists, _ = _validate(arrays, names)
+    run(prepare(arrays, names), spec, hp, step, grad_scale, found_inf)
+
+
+def run(prepared, spec, hp, step, grad_scale, found_inf=None):
+    lists = prepared.lists
     params = lists[0]
     skip = _skip_flag(found_inf)
     if not any(a.size for a in params):

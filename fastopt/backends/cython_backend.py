@@ -6,11 +6,30 @@ from fastopt.backends.validate import host_scale
 
 NAME = "cython"
 
+# Why the extension did not load (not built, built for another Python, a missing symbol...): dispatch falls
+# back to the numpy backend and its one warning quotes this text.
+IMPORT_ERROR: str | None = None
 try:
     from fastopt.kernels.cpu import _cpu_fast
-except ImportError:  # not built: dispatch falls back to the numpy backend with one warning
+except ImportError as e:
     _cpu_fast = None
+    IMPORT_ERROR = f"{type(e).__name__}: {e}"
 AVAILABLE = _cpu_fast is not None
+
+
+def prepare(arrays, names, indices=None):
+    """Check the arrays of one update (nothing is written); run() applies it."""
+    return _cpu_fast.prepare(arrays, names, indices)
+
+
+def check_disjoint(prepared):
+    """ValueError when the prepared calls of one optimizer step share memory that one of them writes."""
+    _cpu_fast.check_disjoint(list(prepared))
+
+
+def run(prepared, spec, hp, step, grad_scale):
+    scalars = spec.scalars(hp, step, host_scale(grad_scale))
+    _cpu_fast.run(prepared, spec.kernel, spec.variant(hp, step), scalars, hp["lr"])
 
 
 def step(spec, arrays, names, hp, step, grad_scale):
@@ -22,8 +41,17 @@ def sumsq_per_tensor(grads):
     return _cpu_fast.sumsq_per_tensor(grads)
 
 
+def prepare_grads(grads, name="grads", indices=None):
+    """Check arrays for an in-place operation (nothing written); the functions below take the result."""
+    return _cpu_fast.prepare_grads(grads, name, indices)
+
+
 def scale_(grads, coef):
     _cpu_fast.scale_(grads, coef)
+
+
+def scale_each_(grads, coefs):
+    _cpu_fast.scale_each_(grads, coefs)
 
 
 def clamp_(grads, clip_value):

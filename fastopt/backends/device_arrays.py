@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastopt.backends.validate import validate_arrays
+from fastopt.backends.validate import Checked, prepare, validate_arrays
 
 F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 
@@ -89,6 +89,12 @@ def validate_device_arrays(arrays, names, describe, dtypes, where, read_only_slo
     The checks and messages are the host ones (validate.validate_arrays)."""
     lists = validate_arrays(arrays, names, _DeviceApi(describe, dtypes, where), read_only_slot)
     return lists, isinstance(arrays[0], (list, tuple))
+
+
+def prepare_device(arrays, names, describe, dtypes, where, read_only_slot=1, indices=None) -> Checked:
+    """The checks of validate_device_arrays, as a Checked for a backend's run() and for
+    check_prepared_disjoint across the calls of one optimizer step."""
+    return prepare(arrays, names, _DeviceApi(describe, dtypes, where), read_only_slot, indices)
 
 
 FLAG_DTYPES = (np.dtype(np.bool_), np.dtype(np.uint8))

@@ -28,7 +28,8 @@ _loaded: dict = {}
 _warned_fallback = False
 
 
-def _check_name(name):
+def check_backend_name(name):
+    """The name of a backend, or ValueError listing the valid ones."""
     if name not in BACKENDS:
         raise ValueError(f"Invalid backend: {name!r} (choose from {', '.join(BACKENDS)})")
     return name
@@ -37,7 +38,7 @@ def _check_name(name):
 @contextlib.contextmanager
 def use_backend(name: str):
     """Within the block, update arrays with backend `name` where it can handle them."""
-    token = _forced.set(_check_name(name))
+    token = _forced.set(check_backend_name(name))
     try:
         yield
     finally:
@@ -57,8 +58,8 @@ def cython_available() -> bool:
 
 
 
-def array_device(x) -> str:
-    """'host' or 'device' for one array-like; TypeError for anything that is not an array."""
+def array_device(x, name="array") -> str:
+    """'host' or 'device' for one array-like; TypeError naming it (`name`) for anything else."""
     if isinstance(x, np.ndarray):
         return "host"
     t = type(x)
@@ -71,28 +72,46 @@ def array_device(x) -> str:
     try:
         memoryview(x)
     except TypeError:
-        raise TypeError(f"expected an array (NumPy, CuPy, Numba device array or an object exposing its memory), "
-                        f"got {t.__name__}") from None
+        raise TypeError(f"{name} must be an array (NumPy, CuPy, Numba device array or an object exposing its "
+                        f"memory), got {t.__name__}") from None
     return "host"
 
 
-def _first_array(params):
+def _first_array(params, name="params"):
     if isinstance(params, (list, tuple)):
         return params[0] if len(params) else None
+    if params is None:
+        raise TypeError(f"{name} must be an array or a list of arrays, got None")
     return params
 
 
-def backend_for(params, backend=None):
-    """The backend module for `params` (one array or a list); None for an empty list."""
-    first = _first_array(params)
+def check_empty_call(arrays, names):
+    """A call with an empty list of params updates nothing; every other argument must be an empty
+    list too (an array, None or a longer list there is a mistake worth reporting)."""
+    for k in range(1, len(arrays)):
+        entry = arrays[k]
+        if entry is None and k >= 2:  # an unused state slot
+            continue
+        if not isinstance(entry, (list, tuple)):
+            raise TypeError(f"{names[k]} must be a list of arrays, like {names[0]}; got {type(entry).__name__}")
+        if len(entry):
+            raise ValueError(f"{names[k]} has {len(entry)} arrays but {names[0]} has 0")
+
+
+def backend_for(params, backend=None, name="params"):
+    """The backend module for `params` (one array or a list); None for an empty list (after checking
+    a forced backend's name)."""
+    first = _first_array(params, name)
     if first is None:
+        if backend is not None:
+            check_backend_name(backend)
         return None
     if backend is None and type(first) is np.ndarray and _forced.get() is None and \
             "FASTOPT_BACKEND" not in os.environ and _cython.AVAILABLE:
         return _cython  # the common case, without the general resolution below (it runs every step)
-    device = array_device(first)
+    device = array_device(first, f"{name}[0]" if isinstance(params, (list, tuple)) else name)
     if backend is not None:
-        _check_name(backend)
+        check_backend_name(backend)
         if (backend in HOST_BACKENDS) != (device == "host"):
             raise ValueError(f"backend {backend!r} cannot update {type(first).__module__}.{type(first).__name__} "
                              f"arrays ({device} memory)")
@@ -100,7 +119,7 @@ def backend_for(params, backend=None):
     else:
         name = _forced.get() or os.environ.get("FASTOPT_BACKEND") or None
         if name is not None:
-            _check_name(name)
+            check_backend_name(name)
             if (name in HOST_BACKENDS) != (device == "host"):
                 name = None
         if name is None:
@@ -118,8 +137,13 @@ def _warn_fallback():
     global _warned_fallback
     if not _warned_fallback:
         _warned_fallback = True
-        warnings.warn("fastopt: the compiled CPU extension is not available (build it with `pip install .`); "
-                      "using the much slower NumPy reference", RuntimeWarning, stacklevel=4)
+        reason = getattr(_module("cython"), "IMPORT_ERROR", None)
+        if reason is None:  # no import failed (AVAILABLE was switched off): no reason to give
+            warnings.warn("fastopt: the compiled CPU extension is not available (build it with `pip install .`); "
+                          "using the much slower NumPy reference", RuntimeWarning, stacklevel=4)
+        else:
+            warnings.warn(f"fastopt: the compiled CPU extension failed to load ({reason}); using the much slower "
+                          "NumPy reference (rebuild it with `pip install .`)", RuntimeWarning, stacklevel=4)
 
 
 def as_numpy(obj, name="array"):

@@ -17,7 +17,8 @@ import numbers
 import numpy as np
 
 from fastopt.backends.device_arrays import (F32, F64, DeviceArray, check_skip_flag, from_interface,
-                                             validate_device_arrays)
+                                             prepare_device, validate_device_arrays)
+from fastopt.backends.validate import check_prepared_disjoint
 
 NAME = "numba"
 AVAILABLE = importlib.util.find_spec("numba") is not None
@@ -95,9 +96,11 @@ def _external_stream(ptr):
     return _cuda().external_stream(ptr)
 
 
+_WHERE = "on the GPU with the numba backend"
+
+
 def _validate(arrays, names, read_only_slot=1):
-    return validate_device_arrays(arrays, names, _describe, DTYPES, "on the GPU with the numba backend",
-                                  read_only_slot)
+    return validate_device_arrays(arrays, names, _describe, DTYPES, _WHERE, read_only_slot)
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,8 +156,25 @@ def _offsets(sizes):
 # Backend interface
 # ---------------------------------------------------------------------------------------------------
 
+def prepare(arrays, names, indices=None):
+    """Check the arrays of one update (nothing is written or launched); run() launches it."""
+    return prepare_device(arrays, names, _describe, DTYPES, _WHERE, 1, indices)
+
+
+def prepare_grads(arrays, name="grads", indices=None):
+    """Check arrays for an in-place operation (nothing written): how an optimizer checks its params."""
+    return prepare_device((arrays,), (name,), _describe, DTYPES, _WHERE, -1, indices)
+
+
+check_disjoint = check_prepared_disjoint  # across the prepared calls of one optimizer step
+
+
 def step(spec, arrays, names, hp, step, grad_scale, found_inf=None):
-    lists, _ = _validate(arrays, names)
+    run(prepare(arrays, names), spec, hp, step, grad_scale, found_inf)
+
+
+def run(prepared, spec, hp, step, grad_scale, found_inf=None):
+    lists = prepared.lists
     skip = _skip_flag(found_inf)
     if not any(a.size for a in lists[0]):
         return

@@ -5,15 +5,28 @@ from __future__ import annotations
 import numpy as np
 
 from fastopt import reference
-from fastopt.backends.validate import host_scale, validate_arrays
+from fastopt.backends import validate
+from fastopt.backends.validate import Checked, check_prepared_disjoint, host_scale
 
 NAME = "numpy"
 AVAILABLE = True
 
 
+def prepare(arrays, names, indices=None) -> Checked:
+    """Check the arrays of one update (nothing is written); run() applies it."""
+    return validate.prepare(arrays, names, indices=indices)
+
+
+check_disjoint = check_prepared_disjoint  # across the prepared calls of one optimizer step
+
+
 def step(spec, arrays, names, hp, step, grad_scale):
+    run(prepare(arrays, names), spec, hp, step, grad_scale)
+
+
+def run(prepared, spec, hp, step, grad_scale):
     gs = host_scale(grad_scale)
-    params, grads, *states = validate_arrays(arrays, names)
+    params, grads, *states = prepared.lists
     fn = reference.STEPS[spec.name]
     kwargs = dict(hp, grad_scale=gs)
     if spec.uses_step:
@@ -22,16 +35,36 @@ def step(spec, arrays, names, hp, step, grad_scale):
         fn(params[i], grads[i], *[s[i] if s is not None else None for s in states], **kwargs)
 
 
+def prepare_grads(grads, name="grads", indices=None) -> Checked:
+    """Check arrays for an in-place operation (nothing written); the functions below take the result."""
+    if isinstance(grads, Checked):
+        return grads
+    return validate.prepare((grads,), (name,), read_only_slot=-1, indices=indices)
+
+
+def _read(grads):
+    if isinstance(grads, Checked):
+        return grads.lists[0]
+    return validate.validate_arrays((grads,), ("grads",), read_only_slot=0)[0]
+
+
 def sumsq_per_tensor(grads):
-    (grads,) = validate_arrays((grads,), ("grads",), read_only_slot=0)
-    return np.array([reference.sumsq(g) for g in grads], dtype=np.float64)
+    return np.array([reference.sumsq(g) for g in _read(grads)], dtype=np.float64)
 
 
 def scale_(grads, coef):
-    for g in validate_arrays((grads,), ("grads",), read_only_slot=-1)[0]:
+    for g in prepare_grads(grads).lists[0]:
+        reference.scale_(g, coef)
+
+
+def scale_each_(grads, coefs):
+    grads = prepare_grads(grads).lists[0]
+    if len(coefs) != len(grads):
+        raise ValueError(f"{len(coefs)} coefficients for {len(grads)} arrays")
+    for g, coef in zip(grads, coefs):
         reference.scale_(g, coef)
 
 
 def clamp_(grads, clip_value):
-    for g in validate_arrays((grads,), ("grads",), read_only_slot=-1)[0]:
+    for g in prepare_grads(grads).lists[0]:
         reference.clamp_(g, clip_value)

@@ -9,12 +9,18 @@ from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport malloc, free, qsort
 from libc.math cimport sqrt
 from cython.parallel cimport prange
-cimport openmp
 cimport numpy as cnp
 
 import numpy as np
 
 cnp.import_array()
+
+# OpenMP through a shim rather than `cimport openmp`: a serial build (FASTOPT_OPENMP=0, or a compiler without
+# OpenMP) must not reference omp_* symbols, or the module fails to import.
+cdef extern from "platform.hpp" nogil:
+    int fastopt_omp_max_threads()
+    int FASTOPT_OPENMP
+    const char* FASTOPT_ISA_DISPATCH
 
 cdef extern from "cpu_loops.hpp" namespace "fastopt::cpu" nogil:
     int run_chunk(int dtype, int kind, int variant, void* const* ptrs, int64_t n, const double* s,
@@ -45,15 +51,20 @@ DEF PARALLEL_MIN = 1 << 16
 DEF MAX_SCALARS = 16
 DEF SLOTS = 5          # p, g, state0, state1, state2
 
-cdef int _num_threads = openmp.omp_get_max_threads()
+# How this module was built: OpenMP or serial, and the runtime ISA dispatch (platform.hpp).
+OPENMP = bool(FASTOPT_OPENMP)
+ISA_DISPATCH = FASTOPT_ISA_DISPATCH.decode()
+
+cdef int _num_threads = fastopt_omp_max_threads()
 
 
 def set_num_threads(int n):
-    """Threads used by the CPU kernels (default: OpenMP's, i.e. OMP_NUM_THREADS or the core count)."""
+    """Threads used by the CPU kernels (default: OpenMP's, i.e. OMP_NUM_THREADS or the core count). A
+    serial build accepts any n >= 1 and keeps running on one thread (get_num_threads() says 1)."""
     global _num_threads
     if n < 1:
         raise ValueError(f"Invalid num_threads: {n}")
-    _num_threads = n
+    _num_threads = n if FASTOPT_OPENMP else 1
 
 
 def get_num_threads():
@@ -68,6 +79,7 @@ cdef struct Chunk:
 cdef struct Span:
     uintptr_t start
     uintptr_t end
+    int batch      # which batch of check_disjoint
     int slot       # which argument: 0 params, 1 grads, 2.. states
     int index      # which tensor of the list
     int written
@@ -80,17 +92,29 @@ cdef int _cmp_span(const void* a, const void* b) noexcept nogil:
 
 cdef object _as_ndarray(object obj, str name):
     """Zero-copy NumPy view of an array-like that exposes its memory (buffer protocol,
-    __array_interface__, DLPack), so that in-place updates land in the caller's memory."""
+    __array_interface__, DLPack), so that in-place updates land in the caller's memory. ndarray
+    subclasses (memmap) are used as they are, except masked arrays, whose mask the kernels would ignore."""
+    if isinstance(obj, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array; pass its data (np.ma.getdata) or fill it")
+    if cnp.PyArray_Check(obj):
+        return obj
     from fastopt.backends.dispatch import as_numpy
     return as_numpy(obj, name)
 
 
-cdef str _label(tuple names, int slot, int index, bint is_list):
-    return f"{names[slot]}[{index}]" if is_list else names[slot]
+cdef str _label(tuple names, int slot, int index, bint is_list, object indices=None):
+    """How a message names an array: names[slot], with its position in the caller's list (indices:
+    the caller's numbering of the list, e.g. an optimizer's param order)."""
+    if not is_list:
+        return names[slot]
+    return f"{names[slot]}[{index if indices is None else indices[index]}]"
 
 
 cdef int _dtype_code(cnp.ndarray a):
+    """The kernel dtype of `a`; -1 for anything else, including non-native byte order."""
     cdef int t = cnp.PyArray_TYPE(a)
+    if not cnp.PyArray_ISNOTSWAPPED(a):
+        return -1
     if t == cnp.NPY_FLOAT32:
         return DTYPE_F32
     if t == cnp.NPY_FLOAT64:
@@ -99,8 +123,13 @@ cdef int _dtype_code(cnp.ndarray a):
 
 
 cdef class _Batch:
-    """The validated arrays of one call: kept alive, their pointers, and the chunk table."""
+    """The validated arrays of one call: kept alive, their pointers, and the chunk table. prepare()
+    returns one; run() applies a kernel to it; check_disjoint() compares several."""
     cdef list keep
+    cdef tuple names
+    cdef object indices
+    cdef bint is_list
+    cdef int read_only_slot
     cdef int ntensors
     cdef int nslots
     cdef int dtype
@@ -110,16 +139,21 @@ cdef class _Batch:
     cdef int nchunks
     cdef int64_t total
 
+    def __len__(self):
+        """The number of arrays in each list of the call."""
+        return self.ntensors
+
     def __dealloc__(self):
         free(self.ptrs)
         free(self.sizes)
         free(self.chunks)
 
 
-cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot):
+cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot, object indices=None):
     """Validate arrays = (params, grads, state0, ...) and build the batch. Each entry is one array or
-    a list of arrays (all entries the same form), or None for an unused state slot. names[k] names
-    entry k in error messages. Entry read_only_slot is only read (-1: every entry is written)."""
+    a list of arrays (all entries the same form), or None for an unused state slot (entries 2 and up
+    only). names[k] names entry k in error messages, indices[i] numbers array i of the lists there.
+    Entry read_only_slot is only read (-1: every entry is written)."""
     cdef int nslots = len(arrays)
     if nslots > SLOTS:
         raise ValueError("too many arrays per tensor")
@@ -130,14 +164,13 @@ cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot):
     cdef object entry, obj
     cdef cnp.ndarray a, p
     cdef _Batch b = _Batch()
-    cdef Span* spans
-    cdef int nspans = 0
-    cdef uintptr_t max_end_any, max_end_written
     cdef int64_t size, c, nch
 
     for k in range(nslots):
         entry = arrays[k]
         if entry is None:           # a state slot this variant does not use
+            if k < 2:               # params and grads never are: a NULL pointer would reach the kernel
+                raise TypeError(f"{names[k]} must be {'a list of arrays' if is_list else 'an array'}, got None")
             lists.append(None)
             continue
         if isinstance(entry, (list, tuple)) != is_list:
@@ -151,7 +184,13 @@ cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot):
         else:
             lists.append((entry,))
     n = len(lists[0])
+    if indices is not None and len(indices) != n:
+        raise ValueError("indices must number every array")
 
+    b.names = names
+    b.indices = indices
+    b.is_list = is_list
+    b.read_only_slot = read_only_slot
     b.keep = []
     b.nslots = nslots
     b.ntensors = n
@@ -170,8 +209,8 @@ cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot):
                 b.keep.append(None)
                 continue
             obj = lists[k][i]
-            if not cnp.PyArray_Check(obj):
-                obj = _as_ndarray(obj, _label(names, k, i, is_list))
+            if not cnp.PyArray_CheckExact(obj):
+                obj = _as_ndarray(obj, _label(names, k, i, is_list, indices))
             a = <cnp.ndarray> obj
             b.keep.append(a)
             code = _dtype_code(a)
@@ -179,30 +218,31 @@ cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot):
                 p = a
                 if code < 0:
                     raise TypeError(
-                        f"{_label(names, k, i, is_list)} has dtype {a.dtype}; fastopt updates float32 or "
-                        f"float64 arrays on the CPU")
+                        f"{_label(names, k, i, is_list, indices)} has dtype {_dtype_text(a)}; fastopt updates "
+                        f"float32 or float64 arrays (native byte order) on the CPU")
                 if ref_code < 0:
                     ref_code = code
                 elif code != ref_code:
                     raise TypeError(
-                        f"{_label(names, k, i, is_list)} has dtype {a.dtype} but {names[0]}[0] has "
+                        f"{_label(names, k, i, is_list, indices)} has dtype {a.dtype} but "
+                        f"{_label(names, 0, 0, is_list, indices)} has "
                         f"{np.dtype(np.float32 if ref_code == DTYPE_F32 else np.float64)}: one call "
                         f"updates one dtype (group the arrays by dtype)")
             else:
                 if code != ref_code:
                     raise TypeError(
-                        f"{_label(names, k, i, is_list)} has dtype {a.dtype}, expected {p.dtype} "
-                        f"(the dtype of {_label(names, 0, i, is_list)})")
+                        f"{_label(names, k, i, is_list, indices)} has dtype {_dtype_text(a)}, expected {p.dtype} "
+                        f"(the dtype of {_label(names, 0, i, is_list, indices)})")
                 ndim = cnp.PyArray_NDIM(a)
                 if ndim != cnp.PyArray_NDIM(p) or not cnp.PyArray_CompareLists(
                         cnp.PyArray_DIMS(a), cnp.PyArray_DIMS(p), ndim):
                     raise ValueError(
-                        f"{_label(names, k, i, is_list)} has shape {(<object> a).shape}, expected {(<object> p).shape} "
-                        f"(the shape of {_label(names, 0, i, is_list)})")
+                        f"{_label(names, k, i, is_list, indices)} has shape {(<object> a).shape}, expected {(<object> p).shape} "
+                        f"(the shape of {_label(names, 0, i, is_list, indices)})")
             if not cnp.PyArray_IS_C_CONTIGUOUS(a):
-                raise ValueError(f"{_label(names, k, i, is_list)} is not C-contiguous")
+                raise ValueError(f"{_label(names, k, i, is_list, indices)} is not C-contiguous")
             if k != read_only_slot and not cnp.PyArray_ISWRITEABLE(a):
-                raise ValueError(f"{_label(names, k, i, is_list)} is read-only")
+                raise ValueError(f"{_label(names, k, i, is_list, indices)} is read-only")
             b.ptrs[i * SLOTS + k] = cnp.PyArray_DATA(a)
         size = cnp.PyArray_SIZE(p)
         b.sizes[i] = size
@@ -210,40 +250,7 @@ cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot):
         nch += (size + CHUNK - 1) // CHUNK
     b.dtype = ref_code
 
-    # No array may share memory with an array that is written (grads may share with each other).
-    spans = <Span*> malloc(max(n * nslots, 1) * sizeof(Span))
-    if spans == NULL:
-        raise MemoryError()
-    try:
-        for i in range(n):
-            if b.sizes[i] == 0:
-                continue
-            for k in range(nslots):
-                if b.keep[i * nslots + k] is None:
-                    continue
-                a = <cnp.ndarray> b.keep[i * nslots + k]
-                spans[nspans].start = <uintptr_t> cnp.PyArray_DATA(a)
-                spans[nspans].end = spans[nspans].start + <uintptr_t> cnp.PyArray_NBYTES(a)
-                spans[nspans].slot = k
-                spans[nspans].index = i
-                spans[nspans].written = 0 if k == read_only_slot else 1
-                nspans += 1
-        qsort(spans, nspans, sizeof(Span), _cmp_span)
-        max_end_any = 0
-        max_end_written = 0
-        for i in range(nspans):
-            if (spans[i].start < max_end_written) or (spans[i].written and spans[i].start < max_end_any):
-                for k in range(i):  # name the culprit pair (error path only)
-                    if spans[k].end > spans[i].start and (spans[k].written or spans[i].written):
-                        raise ValueError(
-                            f"{_label(names, spans[i].slot, spans[i].index, is_list)} shares memory with "
-                            f"{_label(names, spans[k].slot, spans[k].index, is_list)}")
-            if spans[i].end > max_end_any:
-                max_end_any = spans[i].end
-            if spans[i].written and spans[i].end > max_end_written:
-                max_end_written = spans[i].end
-    finally:
-        free(spans)
+    _check_disjoint([b])
 
     b.chunks = <Chunk*> malloc(max(nch, 1) * sizeof(Chunk))
     if b.chunks == NULL:
@@ -258,6 +265,73 @@ cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot):
             b.nchunks += 1
             c += CHUNK
     return b
+
+
+cdef str _dtype_text(cnp.ndarray a):
+    """float32, or >f4 where the byte order is what is wrong."""
+    return str(a.dtype) if cnp.PyArray_ISNOTSWAPPED(a) else a.dtype.str
+
+
+cdef _check_disjoint(list batches):
+    """No array of the batches may share memory with an array that is written (arrays only read, like
+    the grads, may share with each other)."""
+    cdef _Batch b
+    cdef cnp.ndarray a
+    cdef Span* spans
+    cdef int nspans = 0, total = 0, i, k, j, bi
+    cdef uintptr_t max_end_any = 0, max_end_written = 0
+    for b in batches:
+        total += b.ntensors * b.nslots
+    spans = <Span*> malloc(max(total, 1) * sizeof(Span))
+    if spans == NULL:
+        raise MemoryError()
+    try:
+        for bi in range(len(batches)):
+            b = <_Batch> batches[bi]
+            for i in range(b.ntensors):
+                if b.sizes[i] == 0:
+                    continue
+                for k in range(b.nslots):
+                    if b.keep[i * b.nslots + k] is None:
+                        continue
+                    a = <cnp.ndarray> b.keep[i * b.nslots + k]
+                    spans[nspans].start = <uintptr_t> cnp.PyArray_DATA(a)
+                    spans[nspans].end = spans[nspans].start + <uintptr_t> cnp.PyArray_NBYTES(a)
+                    spans[nspans].slot = k
+                    spans[nspans].index = i
+                    spans[nspans].batch = bi
+                    spans[nspans].written = 0 if k == b.read_only_slot else 1
+                    nspans += 1
+        qsort(spans, nspans, sizeof(Span), _cmp_span)
+        for i in range(nspans):
+            if (spans[i].start < max_end_written) or (spans[i].written and spans[i].start < max_end_any):
+                for j in range(i):  # name the culprit pair (error path only)
+                    if spans[j].end > spans[i].start and (spans[j].written or spans[i].written):
+                        raise ValueError(f"{_span_label(batches, &spans[i])} shares memory with "
+                                         f"{_span_label(batches, &spans[j])}")
+            if spans[i].end > max_end_any:
+                max_end_any = spans[i].end
+            if spans[i].written and spans[i].end > max_end_written:
+                max_end_written = spans[i].end
+    finally:
+        free(spans)
+
+
+cdef str _span_label(list batches, Span* sp):
+    cdef _Batch b = <_Batch> batches[sp.batch]
+    return _label(b.names, sp.slot, sp.index, b.is_list, b.indices)
+
+
+def prepare(tuple arrays, tuple names, indices=None, int read_only_slot=1):
+    """Check arrays = (params, grads, *states) for one kernel call (see _collect) and return the batch
+    for run(); nothing is written. indices: the callers' numbering of the lists in messages."""
+    return _collect(arrays, names, read_only_slot, indices)
+
+
+def check_disjoint(list batches):
+    """ValueError when an array of one prepared batch shares memory with an array another one writes
+    (an optimizer checks all its calls of a step before the first runs)."""
+    _check_disjoint(batches)
 
 
 cdef inline int _threads_for(int64_t total) noexcept nogil:
@@ -306,20 +380,25 @@ cdef void _load_scalars(tuple scalars, double* out) except *:
 
 
 def update(str kernel, int variant, tuple arrays, tuple names, tuple scalars, double lamb_lr=0.0):
-    """Validate arrays = (params, grads, *states) and apply kernel `kernel` in place.
+    """Validate arrays = (params, grads, *states) and apply kernel `kernel` in place."""
+    run(_collect(arrays, names, 1), kernel, variant, scalars, lamb_lr)
+
+
+def run(_Batch b, str kernel, int variant, tuple scalars, double lamb_lr=0.0):
+    """Apply kernel `kernel` in place to a prepared batch (params, grads, *states).
 
     scalars: the kernel's hyperparameters in the order of its *Params struct (specs.py computes them).
     LAMB (kernel "lamb") runs its two phases here with per-tensor trust ratios and lamb_lr.
     """
     cdef double s[MAX_SCALARS]
-    cdef _Batch b
     cdef int kind = KINDS[kernel]
     cdef double* partials = NULL
     cdef double* coefs = NULL
     cdef int i, c
     cdef double pn, un
+    if b.read_only_slot != 1:
+        raise ValueError("run: the batch was not prepared for an update (grads read-only)")
     _load_scalars(scalars, s)
-    b = _collect(arrays, names, 1)
     if b.nchunks == 0:
         return
     if kind != KIND_LAMB_MOMENTS:
@@ -369,8 +448,24 @@ def touch(tuple arrays, int phase=0):
 
 
 cdef _Batch _collect_grads(object grads, bint written):
-    # grads alone: the general collector with grads in the first slot
+    # grads alone: the general collector with grads in the first slot; a batch from prepare_grads
+    # (checked as written, which covers reading) is used as it is
+    cdef _Batch b
+    if isinstance(grads, _Batch):
+        b = <_Batch> grads
+        if b.nslots != 1 or (written and b.read_only_slot == 0):
+            raise ValueError("grads: the batch was not prepared by prepare_grads")
+        return b
     return _collect((grads,), ("grads",), -1 if written else 0)
+
+
+def prepare_grads(grads, str name="grads", indices=None):
+    """Check arrays (one or a list) for an in-place operation, nothing written: the clip functions
+    check every array before the first write, then pass the batch to the functions below; an
+    optimizer checks its params this way."""
+    if isinstance(grads, _Batch):
+        return _collect_grads(grads, True)
+    return _collect((grads,), (name,), -1, indices)
 
 
 def sumsq_per_tensor(grads):
@@ -396,18 +491,25 @@ def sumsq_per_tensor(grads):
     return np.asarray(out)
 
 
-cdef _elementwise(object grads, int op, double value):
+cdef _elementwise(object grads, int op, double value, object per_tensor=None):
+    """op 0: scale by value (or by per_tensor[i] for tensor i); op 1: clamp to [-value, value]."""
     cdef _Batch b = _collect_grads(grads, True)
     cdef int c
     cdef int nthreads = _threads_for(b.total)
     cdef Chunk* ch
     cdef void* x
+    cdef double[::1] coefs
+    cdef bint each = per_tensor is not None
+    if each:
+        coefs = np.ascontiguousarray(per_tensor, dtype=np.float64)
+        if coefs.shape[0] != b.ntensors:
+            raise ValueError(f"{coefs.shape[0]} coefficients for {b.ntensors} arrays")
     with nogil:
         for c in prange(b.nchunks, schedule='static', num_threads=nthreads):
             ch = &b.chunks[c]
             x = <char*> b.ptrs[ch.tensor * SLOTS] + ch.start * (4 if b.dtype == DTYPE_F32 else 8)
             if op == 0:
-                scale(b.dtype, x, ch.n, value)
+                scale(b.dtype, x, ch.n, coefs[ch.tensor] if each else value)
             else:
                 clamp(b.dtype, x, ch.n, value)
 
@@ -415,6 +517,11 @@ cdef _elementwise(object grads, int op, double value):
 def scale_(grads, double coef):
     """grads <- grads * coef, in place."""
     _elementwise(grads, 0, coef)
+
+
+def scale_each_(grads, coefs):
+    """grads[i] <- grads[i] * coefs[i], in place, in one parallel region."""
+    _elementwise(grads, 0, 0.0, coefs)
 
 
 def clamp_(grads, double clip_value):

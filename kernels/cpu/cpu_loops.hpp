@@ -1,9 +1,12 @@
 // CPU element loops over one contiguous chunk. The per-element math comes from kernels/cuda/*.cuh
-// (the same code the CUDA kernels run); these loops add restrict pointers so gcc vectorizes them, and
+// (the same code the CUDA kernels run); these loops add restrict pointers so compilers vectorize them, and
 // runtime ISA dispatch (target_clones: AVX-512, AVX2, baseline) so a portable build still uses the
-// wide units. The parallel loop over chunks lives in _cpu_fast.pyx.
+// wide units; where target_clones is unavailable (see platform.hpp) the loops are plain, portable C++.
+// The parallel loop over chunks lives in _cpu_fast.pyx.
 #pragma once
 #include <stdint.h>
+
+#include "platform.hpp"  // FASTOPT_CLONES, FASTOPT_INLINE: compiler/arch checks
 
 #include "../cuda/adabelief.cuh"
 #include "../cuda/adagrad.cuh"
@@ -15,14 +18,6 @@
 #include "../cuda/radam.cuh"
 #include "../cuda/rmsprop.cuh"
 #include "../cuda/sgd.cuh"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    !defined(FASTOPT_NO_CLONES)
-#define FASTOPT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTOPT_CLONES
-#endif
-#define FASTOPT_INLINE static inline __attribute__((always_inline))
 
 namespace fastopt {
 namespace cpu {
