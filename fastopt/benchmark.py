@@ -14,7 +14,6 @@ written array written once); "of ceiling" = ceiling time / variant time.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -238,17 +237,16 @@ def markdown_table(report):
 
 
 def main(args):
-    sizes = [int(float(s)) for s in args.sizes.split(",")] if args.sizes else None
-    optimizers = args.optimizers.split(",") if args.optimizers else None
+    """`fastopt bench` on the CPU; args as parsed by fastopt.cli (sizes and optimizers already checked lists)."""
+    from fastopt.cli import dumps, write_json
+    sizes = list(args.sizes) if args.sizes else None
+    optimizers = list(args.optimizers) if args.optimizers else None
     if args.quick:
         sizes = sizes or [10**5, 10**6]
         optimizers = optimizers or ["sgd", "adam", "lion"]
     report = run(optimizers=optimizers, sizes=sizes or (10**5, 10**6, 10**7), repeats=args.repeats or
                  (20 if args.quick else None), threads=args.threads, progress=not args.json)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, args.out)
-    print(json.dumps(report, indent=1) if args.json else markdown_table(report))
+        write_json(args.out, report, indent=1)
+    print(dumps(report, indent=1) if args.json else markdown_table(report))
     return 0

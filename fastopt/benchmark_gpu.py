@@ -5,7 +5,6 @@ math (cupy_backend.touch). CUDA events, warm-up, median of the repeats. Writes J
 Needs a CUDA GPU with CuPy (torch and numba optional)."""
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 
@@ -114,9 +113,10 @@ def _class_case(cp, shapes, repeats, backend):
 
 def main(args):
     import cupy as cp
-    sizes = [int(float(s)) for s in args.sizes.split(",")] if args.sizes else \
+    # args as parsed by fastopt.cli: sizes and optimizers are checked lists; the GPU was checked there too
+    sizes = list(args.sizes) if args.sizes else \
         ([1 << 20, 1 << 24] if args.quick else [1 << 20, 1 << 22, 1 << 24, 1 << 26, 1 << 28])
-    names = args.optimizers.split(",") if args.optimizers else list(REGISTRY)
+    names = list(args.optimizers) if args.optimizers else list(REGISTRY)
     repeats = args.repeats or (5 if args.quick else 50)
     backends = ["cupy"]
     try:
@@ -141,11 +141,11 @@ def main(args):
                                 "error": f"{type(e).__name__}: {e}"})
     result = {"device": device, "python": platform.python_version(), "cupy": cp.__version__, "results": rows,
               "optimizer_classes": classes}
+    from fastopt.cli import dumps, write_json
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.out, result)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(dumps(result))
     else:
         print(f"device: {device}")
         for r in rows:

@@ -346,8 +346,8 @@ def _cmd_search(args):
 
     def report(trial):
         if not args.json and not args.no_progress:
-            value = fmt(trial["objective"]) if trial["status"] == "ok" else trial["status"]
-            print(f"trial {trial['number']:>3}: val_loss {value}  {trial['params']}", file=sys.stderr)
+            outcome = f"val_loss {fmt(trial['objective'])}" if trial["status"] == "ok" else trial["error"]
+            print(f"trial {trial['number']:>3}: {outcome}  {trial['params']}", file=sys.stderr)
     result = hp.search(base, space, method=args.method, n_trials=args.trials, n_jobs=args.jobs, seed=args.seed,
                        grid_points=args.grid_points, on_trial=report)
     result["status"] = "ok" if result["best"] is not None else "failed"

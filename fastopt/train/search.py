@@ -257,7 +257,7 @@ def format_table(result: dict, limit: int | None = None) -> str:
         p = t["params"]
         cells = [str(t["number"])] + [_fmt(p[n]) for n in names]
         if t.get("status", "ok") != "ok" or "error" in t:
-            cells += [t["error"][:60]] + [""] * (len(header) - len(cells) - 1)
+            cells += [_failure(t)] + [""] * (len(header) - len(cells) - 1)
         else:
             cells += [_fmt(t["val_loss"])] + [_fmt(t[k]) for k in metric_keys] + [str(t["epochs_run"]),
                                                                                  f"{t['seconds']:.2f}"]
@@ -266,6 +266,14 @@ def format_table(result: dict, limit: int | None = None) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(header, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
+
+
+def _failure(trial) -> str:
+    d = trial.get("divergence")
+    if d is not None:
+        return f"diverged (epoch {d['epoch']}" + (f", step {d['step']})" if d["step"] is not None else ")")
+    text = "error: " + trial.get("error", "")
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _fmt(value):

@@ -21,7 +21,7 @@ import numpy as np
 import fastopt
 from fastopt import schedules
 from fastopt.specs import REQUIRED, get_spec
-from fastopt.train.arrays import array_module
+from fastopt.train.arrays import array_module, to_numpy
 from fastopt.train.metrics import evaluate, headline_metric
 
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential", "step", "plateau")
@@ -220,9 +220,9 @@ def fit(model, data, config: TrainConfig, description: str = "train") -> TrainRe
                         total = total + loss * xb.shape[0]
                     optimizer.step(grads)
                 if divergence is None and not on_host and step_losses:
-                    finite = xp.isfinite(xp.stack(step_losses))
-                    if not bool(finite.all()):
-                        first = int(xp.argmin(finite))  # the first False
+                    finite = to_numpy(xp.isfinite(xp.stack(step_losses)))  # one synchronisation per epoch
+                    if not finite.all():
+                        first = int(np.argmin(finite))  # the first False
                         divergence = _divergence(epoch, first + 1, steps_per_epoch, "training",
                                                  float(step_losses[first]))
                 if divergence is not None:

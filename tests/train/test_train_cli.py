@@ -92,3 +92,238 @@ def test_user_errors_are_one_line(capsys, tmp_path):
     assert code == 2 and "regression" in err
     code, _, err = run_cli(capsys, "train", "-d", "wine", "-o", "sgd", "--opt", "beta1=0.9", "--no-plot")
     assert code == 2 and "no hyperparameter" in err
+
+
+# ------------------------------------------------------------------------------------------ hardening (issue 9)
+
+import os  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+from fastopt.specs import REGISTRY  # noqa: E402
+from fastopt.train.experiment import RECOMMENDED, recommended_lr  # noqa: E402
+
+
+def strict_loads(text):
+    def reject(constant):
+        raise AssertionError(f"non-strict JSON: {constant}")
+    return json.loads(text, parse_constant=reject)
+
+
+def assert_usage_error(code, out, err, *fragments):
+    assert code == 2, err
+    assert "Traceback" not in err and out == ""  # nothing ran
+    assert len(err.strip().splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def test_negative_lr_names_the_option_not_the_schedule(capsys):
+    code, out, err = run_cli(capsys, "train", "--lr", "-0.1", "--no-plot")
+    assert_usage_error(code, out, err, "--lr: Invalid learning rate: -0.1")
+    assert "init_value" not in err
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--lr", "nan"], ["--lr", "nan"]),
+    (["--lr", "inf"], ["--lr", "inf"]),
+    (["--lr", "fast"], ["--lr", "'fast'"]),
+    (["--epochs", "0"], ["--epochs", "Invalid number of epochs: 0"]),
+    (["--epochs", "-5"], ["--epochs", "-5"]),
+    (["--epochs", "2.5"], ["--epochs", "'2.5'"]),
+    (["--batch-size", "0"], ["--batch-size", "Invalid batch size: 0"]),
+    (["--momentum", "-1", "-o", "sgd"], ["--momentum", "-1"]),
+    (["--weight-decay", "-0.01"], ["--weight-decay", "-0.01"]),
+    (["--betas", "0.9"], ["--betas", "'0.9'"]),
+    (["--betas", "0.9,1.0"], ["--betas", "Invalid beta: 1.0"]),
+    (["--clip-grad-norm", "0"], ["--clip-grad-norm", "0"]),
+    (["--patience", "-1"], ["--patience", "-1"]),
+    (["--seed", "-1"], ["--seed", "-1"]),
+    (["--hidden", "64,0"], ["--hidden", "Invalid hidden size: 0"]),
+    (["--hidden", ""], ["--hidden"]),
+    (["--dropout", "1"], ["--dropout", "Invalid dropout: 1"]),
+    (["--l2", "-1"], ["--l2", "-1"]),
+    (["--l1", "nan"], ["--l1", "nan"]),
+    (["--opt", "eps"], ["--opt", "KEY=VALUE", "'eps'"]),
+    (["--opt", "eps=-1"], ["--opt eps=-1", "Invalid epsilon value: -1.0"]),
+    (["--opt", "eps=abc"], ["--opt eps=abc", "'abc'"]),
+    (["--opt", "amsgrad=maybe"], ["--opt amsgrad=maybe", "true or false"]),
+    (["--opt", "lr=0.1"], ["--opt lr=0.1", "use --lr"]),
+    (["-o", "adam", "--momentum", "0.9"], ["--momentum", "adam has no hyperparameter 'momentum'"]),
+    (["-o", "sgd", "--opt", "nesterov=true"], ["-o sgd with --opt nesterov=true", "Nesterov"]),
+    (["-d", "iris"], ["--dataset", "'iris'"]),
+    (["-m", "cnn"], ["--model", "'cnn'"]),
+    (["-o", "adamax2"], ["--optimizer", "'adamax2'"]),
+    (["--schedule", "sawtooth"], ["--schedule", "'sawtooth'"]),
+    (["--activation", "gelu"], ["--activation", "'gelu'"]),
+    (["--dtype", "float16"], ["--dtype", "'float16'"]),
+    (["-d", "wine", "-m", "linear"], ["linear model is for regression", "wine"]),
+    (["-d", "diabetes", "-m", "logistic"], ["logistic regression is for classification"]),
+    (["--data-path", "/tmp"], ["--data-path", "mnist"]),
+    (["--plot", "curves.bmpx"], ["--plot", "unsupported file type .bmpx"]),
+    (["--plot", "curves"], ["--plot", "no file extension"]),
+])
+def test_train_bad_options_are_usage_errors(capsys, tmp_path, monkeypatch, argv, fragments):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "train", "--no-progress", *argv)
+    assert_usage_error(code, out, err, *fragments)
+    assert os.listdir(tmp_path) == []  # no plot, no JSON, no directory
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--trials", "0"], ["--trials", "Invalid number of trials: 0"]),
+    (["--trials", "-2"], ["--trials", "-2"]),
+    (["--jobs", "0"], ["--jobs", "0"]),
+    (["--lr-range", "0,0.1"], ["--lr-range", "Invalid learning rate: 0"]),
+    (["--lr-range", "0.1,0.01"], ["--lr-range", "low < high"]),
+    (["--lr-range", "0.1"], ["--lr-range", "'0.1'"]),
+    (["--batch-sizes", "16,0"], ["--batch-sizes", "Invalid batch size: 0"]),
+    (["--weight-decays", "-1"], ["--weight-decays", "-1"]),
+    (["--grid-points", "0"], ["--grid-points", "0"]),
+    (["--top", "0"], ["--top", "0"]),
+    (["--method", "bayes"], ["--method", "'bayes'"]),
+    (["--lr", "0.1"], ["--lr", "--lr-range"]),
+    (["--batch-size", "8"], ["--batch-size", "--batch-sizes"]),
+])
+def test_search_bad_options_are_usage_errors(capsys, tmp_path, monkeypatch, argv, fragments):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "search", "-d", "wine", "--epochs", "1", *argv)
+    assert_usage_error(code, out, err, *fragments)
+    assert os.listdir(tmp_path) == []  # no (empty) result file
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--optimizers", "sgd,foo"], ["--optimizers", "'foo'"]),
+    (["--optimizers", ""], ["--optimizers"]),
+    (["--optimizers", "adam,lion", "--opt", "nesterov=true"], ["--opt nesterov=true", "none of adam, lion"]),
+    (["--optimizers", "adam,sgd", "--opt", "nesterov=true"], ["-o sgd with --opt nesterov=true"]),
+])
+def test_compare_bad_options_are_usage_errors(capsys, tmp_path, monkeypatch, argv, fragments):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "compare", "-d", "wine", "--epochs", "1", *argv)
+    assert_usage_error(code, out, err, *fragments)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_plot_in_a_missing_directory_fails_up_front_and_creates_nothing(capsys, tmp_path, command):
+    plot = tmp_path / "missing" / "x.png"
+    code, out, err = run_cli(capsys, command, "-d", "wine", "--epochs", "1", "--no-progress", "--plot", str(plot))
+    assert_usage_error(code, out, err, "--plot", str(tmp_path / "missing"), "does not exist")
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "search"])
+def test_out_in_a_missing_directory_fails_up_front(capsys, tmp_path, command):
+    target = tmp_path / "missing" / "run.json"
+    code, out, err = run_cli(capsys, command, "-d", "wine", "--epochs", "1", "--no-progress", "--no-plot"
+                             if command != "search" else "--trials=1", "--out", str(target))
+    assert_usage_error(code, out, err, "--out", "does not exist")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_search_default_result_file_is_checked_before_running(capsys, tmp_path, monkeypatch):
+    (tmp_path / "fastopt-search.json").mkdir()  # the default --out is a directory: cannot be written
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "search", "-d", "wine", "--epochs", "1", "--trials", "1")
+    assert_usage_error(code, out, err, "--out fastopt-search.json", "is a directory")
+
+
+def test_diverging_training_stops_with_a_clear_message(capsys, tmp_path):
+    out_file = tmp_path / "run.json"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = run_cli(capsys, "train", "-d", "diabetes", "-o", "sgd", "--lr", "100", "--no-progress",
+                                 "--plot", str(tmp_path / "x.png"), "--out", str(out_file))
+    assert code == 1
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]  # no overflow warning flood
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert re.search(r"training diverged: the training loss became (inf|nan) at epoch 1, step \d+ of \d+", err), err
+    assert "sgd, lr=100" in err and "lower --lr" in err
+    assert not re.search(r"\d{12,}", out + err)  # no 60-digit numbers
+    payload = strict_loads(out_file.read_text())
+    assert payload["status"] == "diverged" and payload["plot"] is None
+    result = payload["result"]
+    assert result["diverged"] and result["metrics"] is None and result["divergence"]["epoch"] == 1
+    assert not (tmp_path / "x.png").exists()  # no plot of a diverged run
+
+
+def test_diverging_training_json_is_strict(capsys):
+    code, out, err = run_cli(capsys, "train", "-d", "diabetes", "-o", "sgd", "--lr", "100", "--json", "--no-plot")
+    assert code == 1 and "diverged" in err
+    payload = strict_loads(out)
+    assert payload["status"] == "diverged" and payload["result"]["divergence"]["loss"] == "training"
+
+
+def test_diverging_training_as_a_subprocess_prints_no_warnings(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fastopt", "train", "-d", "diabetes", "-o", "sgd", "--lr", "100",
+                             "--no-plot", "--no-progress"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 1
+    assert "Warning" not in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "diverged" in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_compare_reports_a_diverged_optimizer_and_fails(capsys, tmp_path):
+    out_file = tmp_path / "cmp.json"
+    code, out, err = run_cli(capsys, "compare", "-d", "diabetes", "--optimizers", "sgd,adam", "--lr", "100",
+                             "--epochs", "2", "--no-progress", "--plot", str(tmp_path / "c.png"),
+                             "--out", str(out_file))
+    assert code == 1 and "Traceback" not in err
+    assert "sgd: the training loss became" in err
+    assert re.search(r"\n\s+sgd\s+100\s+diverged", out)
+    payload = strict_loads(out_file.read_text())
+    assert payload["status"] == "diverged" and payload["runs"]["sgd"]["status"] == "diverged"
+
+
+def test_search_with_diverging_trials_writes_strict_json(capsys, tmp_path):
+    out_file = tmp_path / "search.json"
+    code, out, err = run_cli(capsys, "search", "-d", "diabetes", "-o", "sgd", "--epochs", "2", "--trials", "2",
+                             "--lr-range", "50,100", "--no-progress", "--out", str(out_file))
+    assert code == 1 and "no trial finished" in err and "Traceback" not in err
+    assert "diverged (epoch" in out
+    result = strict_loads(out_file.read_text())
+    assert result["best"] is None and result["status"] == "failed"
+    assert all(t["status"] == "diverged" and t["objective"] is None for t in result["trials"])
+
+
+def test_search_trials_must_be_positive_and_results_are_strict_json(capsys, tmp_path):
+    out_file = tmp_path / "search.json"
+    code, out, err = run_cli(capsys, "search", "-d", "wine", "--epochs", "1", "--trials", "2", "--json",
+                             "--out", str(out_file))
+    assert code == 0
+    assert strict_loads(out) == strict_loads(out_file.read_text())
+    assert len(strict_loads(out)["trials"]) == 2
+
+
+def test_lion_gets_a_smaller_default_lr_than_adam(capsys):
+    code, out, _ = run_cli(capsys, "train", "-d", "wine", "-o", "lion", "--epochs", "2", "--json", "--no-plot")
+    lion_lr = strict_loads(out)["experiment"]["train"]["lr"]
+    code, out, _ = run_cli(capsys, "train", "-d", "wine", "-o", "adam", "--epochs", "2", "--json", "--no-plot")
+    adam_lr = strict_loads(out)["experiment"]["train"]["lr"]
+    assert adam_lr / 10 <= lion_lr <= adam_lr / 3
+    for dataset in RECOMMENDED:  # the Lion paper: 3-10x smaller than AdamW's
+        assert recommended_lr(dataset, "adam") / 10 <= recommended_lr(dataset, "lion") <= recommended_lr(dataset, "adam") / 3
+
+
+def test_compare_uses_each_optimizers_recommended_lr(capsys):
+    code, out, _ = run_cli(capsys, "compare", "-d", "wine", "--optimizers", "adam,lion,sgd", "--epochs", "1",
+                           "--json", "--no-plot")
+    runs = strict_loads(out)["runs"]
+    assert code == 0
+    assert {name: run["lr"] for name, run in runs.items()} == {n: recommended_lr("wine", n) for n in runs}
+
+
+def test_every_registry_optimizer_has_a_positive_default_lr():
+    for dataset in RECOMMENDED:
+        for name in REGISTRY:
+            lr = recommended_lr(dataset, name)
+            assert lr is not None and 0 < lr < 1, (dataset, name, lr)
+
+
+def test_train_prints_numbers_with_sensible_precision(capsys):
+    code, out, _ = run_cli(capsys, "train", "-d", "diabetes", "--epochs", "3", "--no-progress", "--no-plot")
+    assert code == 0 and "mse" in out
+    assert not re.search(r"\d{12,}", out)

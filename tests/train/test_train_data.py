@@ -88,3 +88,11 @@ def test_idx_rejects_garbage(tmp_path):
     bad.write_bytes(b"\x12\x34\x08\x01\x00\x00\x00\x01\x00")
     with pytest.raises(ValueError, match="magic"):
         read_idx(str(bad))
+
+
+def test_dataset_tasks_table_matches_the_data():
+    from fastopt.train.data import DATASET_TASKS, DATASETS
+    assert set(DATASET_TASKS) == set(DATASETS)
+    for name in DATASETS:
+        if name != "mnist":  # needs local files
+            assert load_dataset(name, seed=0).task == DATASET_TASKS[name], name

@@ -6,9 +6,9 @@ import pytest
 
 from fastopt.specs import REGISTRY
 from fastopt.train.data import load_dataset
-from fastopt.train.experiment import Experiment, recommended_config
+from fastopt.train.experiment import Experiment, recommended_config, recommended_lr
 from fastopt.train.models import MLP
-from fastopt.train.trainer import SCHEDULES, TrainConfig, build_schedule, fit
+from fastopt.train.trainer import SCHEDULES, TrainConfig, build_schedule, describe_divergence, fit
 
 
 def run(dataset, **overrides):
@@ -108,12 +108,43 @@ def test_without_restore_the_last_weights_stay():
     assert result.metrics["val"]["loss"] == pytest.approx(result.history["val_loss"][-1], rel=1e-6)
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # NumPy's overflow warnings are silenced inside fit
 def test_divergence_is_reported_not_raised():
     model, data = _noisy_overfitting_setup()
     data.X_train = data.X_train * np.float32(1e30)  # overflows to inf in the first forward pass
     result = fit(model, data, TrainConfig(optimizer="sgd", lr=10.0, epochs=5, progress=False))
     assert result.diverged and result.epochs_run == 1
+    d = result.divergence  # the first step's loss is huge but finite; the update then overflows
+    assert (d["epoch"], d["steps_per_epoch"], d["loss"]) == (1, 4, "training") and d["step"] in (1, 2)
+    assert d["global_step"] == d["step"] and d["value"] in ("nan", "inf")
+    assert result.metrics is None and result.history["epoch"] == []
+    assert describe_divergence(result.divergence).startswith("the training loss became")
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_divergence_mid_training_names_the_epoch_and_step():
+    result, _, _ = run("diabetes", optimizer="sgd", lr=100.0, epochs=5, schedule="constant")
+    d = result.divergence
+    assert result.diverged and d["epoch"] == 1 and 1 < d["step"] <= d["steps_per_epoch"]
+    assert d["global_step"] == d["step"] and result.metrics is None
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_optimizer_learns_at_its_recommended_lr(name):
+    # no lr given: the data set's tuned Adam rate scaled for the optimizer (experiment.recommended_lr)
+    result, _, _ = run("wine", model="mlp", hidden_sizes=(16,), optimizer=name)  # 50 epochs of 4 steps
+    assert not result.diverged
+    assert result.config["lr"] == recommended_lr("wine", name)
+    assert result.history["train_loss"][-1] < result.history["train_loss"][0] / 2
+    assert result.metrics["test"]["accuracy"] >= 0.9
+    result, _, _ = run("diabetes", optimizer=name, epochs=40)
+    assert not result.diverged and result.metrics["test"]["r2"] > 0.4
+
+
+@pytest.mark.parametrize("name", ["sgd", "lion", "rmsprop"])
+def test_the_tuned_factors_learn_digits(name):
+    result, _, _ = run("digits", optimizer=name)
+    assert not result.diverged and result.metrics["test"]["accuracy"] >= 0.93
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -155,3 +186,63 @@ def test_invalid_config():
         fit(model, data, TrainConfig(epochs=0, progress=False))
     with pytest.raises(ValueError, match="Unknown schedule"):
         fit(model, data, TrainConfig(schedule="sawtooth", progress=False))
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    (dict(optimizer="adamax2"), ValueError, "Unknown optimizer"),
+    (dict(lr=-0.1), ValueError, "Invalid learning rate: -0.1"),
+    (dict(lr=float("nan")), ValueError, "Invalid learning rate: nan"),
+    (dict(epochs=0), ValueError, "Invalid epochs: 0"),
+    (dict(epochs=2.0), TypeError, "epochs must be an integer"),
+    (dict(batch_size=-1), ValueError, "Invalid batch_size: -1"),
+    (dict(seed=-1), ValueError, "Invalid seed: -1"),
+    (dict(patience=-1), ValueError, "Invalid patience: -1"),
+    (dict(clip_grad_norm=0.0), ValueError, "Invalid clip_grad_norm: 0.0"),
+    (dict(min_delta=float("inf")), ValueError, "Invalid min_delta"),
+    (dict(optimizer_options={"eps": -1.0}), ValueError, "Invalid epsilon value: -1.0"),
+    (dict(optimizer_options={"amsgrad": 1}), TypeError, "amsgrad must be a bool"),
+    (dict(optimizer_options={"momentum": 0.9}), ValueError, "adam has no hyperparameter"),
+    (dict(optimizer="sgd", optimizer_options={"nesterov": True}), ValueError, "Nesterov"),
+    (dict(schedule="sawtooth"), ValueError, "Unknown schedule"),
+    (dict(schedule="exponential", schedule_options={"gamma": -1.0}), ValueError, "decay_rate"),
+])
+def test_config_check_names_the_field(changes, error, match):
+    with pytest.raises(error, match=match):
+        TrainConfig(**changes).check()
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(dataset="iris"), "Unknown data set"),
+    (dict(model="cnn"), "Unknown model"),
+    (dict(dataset="wine", model="linear"), "linear model is for regression"),
+    (dict(dataset="diabetes", model="logistic"), "logistic regression is for classification"),
+    (dict(model="mlp", hidden_sizes=(8, 0)), "Invalid hidden_sizes"),
+    (dict(model="mlp", dropout=1.0), "Invalid dropout"),
+    (dict(l2=-1.0), "Invalid l2"),
+    (dict(dtype="float16"), "Unknown dtype"),
+    (dict(device="tpu"), "Unknown device"),
+])
+def test_experiment_check_before_loading_data(changes, match):
+    with pytest.raises(ValueError, match=match):
+        Experiment(**changes).check()
+
+
+class _DeviceLikeModule:
+    """Stands in for CuPy in fit(): any array module that is not NumPy takes the device path (losses
+    checked once per epoch, no per-step synchronisation)."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_divergence_on_the_device_path_reports_the_first_bad_step(monkeypatch):
+    import fastopt.train.trainer as trainer
+    monkeypatch.setattr(trainer, "array_module", lambda _: _DeviceLikeModule())
+    result, _, _ = run("diabetes", optimizer="sgd", lr=100.0, epochs=5, schedule="constant")
+    monkeypatch.undo()
+    reference, _, _ = run("diabetes", optimizer="sgd", lr=100.0, epochs=5, schedule="constant")
+    assert result.diverged and result.divergence == reference.divergence and result.metrics is None
+    monkeypatch.setattr(trainer, "array_module", lambda _: _DeviceLikeModule())
+    fine, _, _ = run("wine", epochs=3)
+    assert not fine.diverged and len(fine.history["train_loss"]) == 3
