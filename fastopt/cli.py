@@ -44,7 +44,8 @@ def _check_range(value, text, label, low, high, low_open, high_open):
     bad = (low is not None and (value <= low if low_open else value < low)) or \
           (high is not None and (value >= high if high_open else value > high))
     if bad:
-        raise argparse.ArgumentTypeError(f"Invalid {label}: {text} (must be {_range_text(low, high, low_open, high_open)})")
+        limits = _range_text(low, high, low_open, high_open)
+        raise argparse.ArgumentTypeError(f"Invalid {label}: {text} (must be {limits})")
 
 
 def _parse_float(text, label):
@@ -279,8 +280,9 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmark the update kernels")
     bench.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    bench.add_argument("--sizes", type=listing(integer("size", low=1, allow_exponent=True), "sizes"), default=None,
-                       help="comma-separated element counts (default 1e5,1e6,1e7)")
+    # >= 100: the list variant splits N elements into 100 arrays
+    bench.add_argument("--sizes", type=listing(integer("size", low=100, allow_exponent=True), "sizes"), default=None,
+                       help="comma-separated element counts, each >= 100 (default 1e5,1e6,1e7)")
     bench.add_argument("--optimizers", type=optimizer_names, default=None, help="comma-separated names (default: all)")
     bench.add_argument("--repeats", type=integer("number of repeats", low=1), default=None,
                        help="timed repetitions per variant")

@@ -87,6 +87,7 @@ def test_python_m_bad_input_is_one_line_without_traceback():
     (["--optimizers", "adam,Foo,bar"], ["--optimizers", "'foo'", "'bar'"]),
     (["--optimizers", ","], ["--optimizers", "','"]),
     (["--sizes", "0"], ["--sizes", "Invalid size: 0"]),
+    (["--sizes", "99"], ["--sizes", "Invalid size: 99 (must be >= 100)"]),
     (["--sizes", "1e5,abc"], ["--sizes", "'abc'"]),
     (["--sizes", "1.5"], ["--sizes", "'1.5'"]),
     (["--sizes", "inf"], ["--sizes", "'inf'"]),

@@ -133,7 +133,8 @@ def _optimizer_options(args, name, *, only_known=False):
 
 
 def _experiment(args, optimizer=None, options=None):
-    optimizer = optimizer or getattr(args, "optimizer", None) or RECOMMENDED.get(args.dataset, {}).get("optimizer", "adam")
+    optimizer = (optimizer or getattr(args, "optimizer", None)
+                 or RECOMMENDED.get(args.dataset, {}).get("optimizer", "adam"))
     config = recommended_config(
         args.dataset, optimizer=optimizer, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
         schedule=args.schedule, clip_grad_norm=args.clip_grad_norm, patience=args.patience, seed=args.seed,

@@ -1,5 +1,6 @@
-"""Training curves as an image (PNG, or any format matplotlib writes): loss (train solid, validation dashed) and the validation metric per epoch,
-one colour per run. Uses matplotlib's Agg backend, so it works without a display."""
+"""Training curves as an image (PNG, or any format matplotlib writes): loss (train solid, validation
+dashed) and the validation metric per epoch, one colour per run. Uses matplotlib's Agg backend, so it
+works without a display."""
 from __future__ import annotations
 
 import os
