@@ -271,12 +271,12 @@ def _check_meta(opt, meta):
     for i, p in enumerate(opt._params):
         shape = shapes[i] if shapes is not None else None
         dtype = dtypes[i] if dtypes is not None else None
-        if shape is not None:
+        if shapes is not None:
             if not isinstance(shape, (list, tuple)) or any(
                     isinstance(d, (bool, np.bool_)) or not isinstance(d, numbers.Integral) for d in shape):
                 _fail(f"state dict: param_shapes[{i}] is not a shape: {_shown(shape)}")
             shape = [int(d) for d in shape]
-        if dtype is not None and not isinstance(dtype, str):
+        if dtypes is not None and not isinstance(dtype, str):
             _fail(f"state dict: param_dtypes[{i}] is not a dtype name: {_shown(dtype)}")
         live_shape, live_dtype = [int(d) for d in p.shape], _dtype_name(p.dtype)
         if (shape is not None and shape != live_shape) or (dtype is not None and dtype != live_dtype):
