@@ -696,6 +696,12 @@ def from_torch_state_dict(opt, sd: dict, step=None) -> None:
 # Checkpoint files: writing
 # ---------------------------------------------------------------------------------------------------
 
+def _require_optimizer(opt):
+    from fastopt.optim import Optimizer
+    if not isinstance(opt, Optimizer):
+        raise TypeError(f"expected a fastopt optimizer (fastopt.Adam, ...), got {type(opt).__name__}")
+
+
 def _temp_stem(target_name: str) -> str:
     return ".fastopt-" + hashlib.sha256(os.fsencode(target_name)).hexdigest()[:16] + "-"
 
@@ -805,6 +811,7 @@ def save(path, opt, *, params=True) -> None:
     in the same directory, fsynced, os.replace'd over `path`. Stale temporary files of earlier saves of
     the same target (a process killed mid-save) are removed first. The new file gets the permissions
     of a plain open() (0666 minus the umask), or the existing target's permission bits."""
+    _require_optimizer(opt)
     if not isinstance(params, (bool, np.bool_)):
         raise TypeError(f"params must be True or False, got {_shown(params)}")
     path = os.fspath(path)
@@ -828,7 +835,8 @@ def save(path, opt, *, params=True) -> None:
     stem = _temp_stem(os.path.basename(path))
     _remove_stale_temps(directory, stem)
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        st = os.stat(path)
+        mode = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
     except OSError:
         mode = None
     fd, tmp = _create_temp(directory, stem)
@@ -1006,6 +1014,7 @@ def load(path, opt, *, params=None) -> None:
     optimizer's own arrays, on their device) when the file has them. params=True requires them,
     params=False leaves the params alone. Everything is checked before anything is written:
     CheckpointError (a ValueError) naming what is wrong, and the optimizer and params unchanged."""
+    _require_optimizer(opt)
     if params is not None and not isinstance(params, (bool, np.bool_)):
         raise TypeError(f"params must be None, True or False, got {_shown(params)}")
     sd, saved = _read(path)

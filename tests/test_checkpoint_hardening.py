@@ -57,12 +57,15 @@ def richest_options(spec):
     return kw
 
 
-def make_opt(spec, dtype, rng, params=None):
-    """Two groups: rich options on group 0, a warmup(ReduceLROnPlateau) schedule on group 1."""
+def make_opt(spec, dtype, rng, params=None, rich=True):
+    """Two groups: rich options on group 0 (rich=False: the defaults), a warmup(ReduceLROnPlateau)
+    schedule on group 1."""
     if params is None:
         params = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
     kw = richest_options(spec)
     lr = kw.pop("lr")
+    if not rich:
+        kw = {}
     plateau = schedules.ReduceLROnPlateau(lr, patience=0)
     groups = [{"params": params[:2], **kw}, {"params": params[2:], "lr": schedules.warmup(plateau, 2)}]
     opt = getattr(fastopt, spec.class_name)(groups, lr=lr)
@@ -730,6 +733,11 @@ def test_special_paths(case, tmp_path):
         fastopt.load(tmp_path / "missing.npz", target)
     with pytest.raises(TypeError):
         fastopt.load(5.5, target)
+    with pytest.raises(TypeError, match="fastopt optimizer"):
+        fastopt.load(path, target.state_dict())
+    with pytest.raises(TypeError, match="fastopt optimizer"):
+        fastopt.save(tmp_path / "x.npz", [np.zeros(3)])
+    assert not (tmp_path / "x.npz").exists()
 
 
 # ---- params in the file ------------------------------------------------------------------------------
@@ -755,6 +763,24 @@ def test_resume_from_the_file_alone_is_bit_identical(spec, dtype, tmp_path, rng)
     assert param_bytes(fresh) == param_bytes(first)
     assert state_bytes(fresh) == state_bytes(first)
     assert [fresh.steps(g) for g in range(2)] == [first.steps(g) for g in range(2)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_loading_options_that_need_more_state(spec, tmp_path, rng):
+    """The file's options need state slots the target has not allocated (momentum, amsgrad, centered):
+    they are allocated during the checks and the run continues exactly like the saved one."""
+    dtype = DTYPES[int(rng.integers(2))]
+    source = trained(spec, dtype, rng)
+    fastopt.save(tmp_path / "c.npz", source)
+    target = make_opt(spec, dtype, rng, rich=False)
+    target.step(grads(rng, target))
+    fastopt.load(tmp_path / "c.npz", target)
+    assert state_bytes(target) == state_bytes(source)
+    for _ in range(3):
+        g = grads(rng, source)
+        source.step(g)
+        target.step(g)
+    assert param_bytes(target) == param_bytes(source) and state_bytes(target) == state_bytes(source)
 
 
 def test_params_false(case, tmp_path, rng):
