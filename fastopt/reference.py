@@ -110,15 +110,21 @@ def _weight_decay(p, g, lr, weight_decay, decoupled):
     return g + weight_decay * p if weight_decay != 0 else g
 
 
+_MU_LOOP_STEPS = 4096
+
+
 def nadam_step(p, g, exp_avg, exp_avg_sq, *, step, lr=2e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False, grad_scale=None):
     g = _grad(g, grad_scale, maximize)
     g = _weight_decay(p, g, lr, weight_decay, decoupled_weight_decay)
-    mus = [beta1 * (1.0 - 0.5 * 0.96 ** (i * momentum_decay)) for i in range(1, step + 2)]
-    mu, mu_next = mus[step - 1], mus[step]
-    mu_product = 1.0
-    for x in mus[:step]:
-        mu_product *= x
+    mu, mu_next = (beta1 * (1.0 - 0.5 * 0.96 ** (i * momentum_decay)) for i in (step, step + 1))
+    if step <= _MU_LOOP_STEPS:  # torch's running product, multiplied in step order
+        mu_product = 1.0
+        for i in range(1, step + 1):
+            mu_product *= beta1 * (1.0 - 0.5 * 0.96 ** (i * momentum_decay))
+    else:  # a loop of 2**40 steps would hang: the registry's closed-form continuation (tested against the loop)
+        from fastopt.specs import nadam_mu_product
+        mu_product = nadam_mu_product(beta1, momentum_decay, step)
     mu_product_next = mu_product * mu_next
     _store(exp_avg, beta1 * exp_avg + (1.0 - beta1) * g)
     _store(exp_avg_sq, beta2 * exp_avg_sq + (1.0 - beta2) * (g * g))
