@@ -22,14 +22,13 @@ import math
 import os
 import shutil
 import tempfile
-import zipfile
 
 import numpy as np
 
 import fastopt
 from fastopt.specs import REGISTRY, REQUIRED
 
-from .harness import ALLOWED, Case, to_plain
+from .harness import Case, to_plain
 from .values import (BAD_BACKENDS, BAD_BOOL_VALUES, BAD_GRAD_SCALE, BAD_STEP_VALUES, ELEMENT_DIMS, F4, F8,
                      HUGE_INT, OK_GRAD_SCALE, OK_STEP_VALUES, bad_real_values, ok_real_values)
 
