@@ -14,6 +14,7 @@ import numbers
 
 import numpy as np
 
+from fastopt.array_types import Arrays, Scalar
 from fastopt.backends.dispatch import backend_for, check_empty_call
 from fastopt.specs import as_float
 
@@ -28,7 +29,7 @@ def _check_bound(name, value) -> float:
     return value
 
 
-def clip_coefficient(total_norm, max_norm):
+def clip_coefficient(total_norm: Scalar, max_norm: float) -> Scalar:
     """min(1, max_norm / (total_norm + 1e-6)); a NaN norm gives NaN (torch.clamp(max=1) semantics).
     A norm on the GPU (a 0-d device array from a GPU backend) gives a 0-d device array, computed there
     without reading the norm back: pass it on as `grad_scale=` to fuse clipping into the update."""
@@ -39,7 +40,7 @@ def clip_coefficient(total_norm, max_norm):
     return 1.0 if coef >= 1.0 else coef
 
 
-def clip_by_value(grads, clip_value, *, backend=None):
+def clip_by_value(grads: Arrays, clip_value: float, *, backend: str | None = None) -> None:
     """g = clip(g, -clip_value, clip_value), in place, for one array or a list."""
     clip_value = _check_bound("clip_value", clip_value)
     be = _backend(grads, backend)
@@ -55,7 +56,7 @@ def _backend(grads, backend):
     return be
 
 
-def global_norm(grads, *, backend=None):
+def global_norm(grads: Arrays, *, backend: str | None = None) -> Scalar:
     """L2 norm over all arrays: sqrt(sum of squares), accumulated in float64 in a fixed order."""
     be = _backend(grads, backend)
     if be is None:
@@ -66,7 +67,7 @@ def global_norm(grads, *, backend=None):
     return np.float64(math.sqrt(sum(sq.tolist())))
 
 
-def clip_by_norm(grads, max_norm, *, backend=None):
+def clip_by_norm(grads: Arrays, max_norm: float, *, backend: str | None = None) -> Scalar | list:
     """Per array: g = g * min(1, max_norm / (||g|| + 1e-6)), in place. Returns the norm of each array
     (a list for a list, a float64 scalar for one array)."""
     max_norm = _check_bound("max_norm", max_norm)
@@ -84,7 +85,7 @@ def clip_by_norm(grads, max_norm, *, backend=None):
     return out if isinstance(grads, (list, tuple)) else out[0]
 
 
-def clip_by_global_norm(grads, max_norm, *, backend=None):
+def clip_by_global_norm(grads: Arrays, max_norm: float, *, backend: str | None = None) -> Scalar:
     """Scale every array by min(1, max_norm / (total + 1e-6)), in place; returns the total norm
     (torch.nn.utils.clip_grad_norm_ semantics: a non-finite norm propagates into the grads)."""
     max_norm = _check_bound("max_norm", max_norm)

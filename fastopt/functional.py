@@ -6,6 +6,7 @@ Nothing is written before every check has passed.
 """
 from __future__ import annotations
 
+from fastopt.array_types import Arrays, Scalar
 from fastopt.backends.dispatch import backend_for, check_empty_call
 from fastopt.specs import REGISTRY, REQUIRED, OptimizerSpec
 
@@ -37,6 +38,17 @@ def apply_update(spec: OptimizerSpec, params, grads, states: tuple, hp: dict, st
     return None
 
 
+def _annotations(spec: OptimizerSpec) -> dict:
+    """The generated function's annotations (strings, as under `from __future__ import annotations`)."""
+    out = {"params": "Arrays", "grads": "Arrays"}
+    out.update({s: "Arrays | None" if s in spec.optional_states else "Arrays" for s in spec.states})
+    if spec.uses_step:
+        out["step"] = "int"
+    out.update({h.name: "bool" if h.kind == "bool" else "float" for h in spec.hypers})
+    out.update({"grad_scale": "Scalar | None", "backend": "str | None", "return": "None"})
+    return out
+
+
 def _generate(spec: OptimizerSpec):
     """Build `<name>_step` with its real signature (introspection and IDEs see every argument)."""
     array_args = ["params", "grads"] + [s if s not in spec.optional_states else f"{s}=None" for s in spec.states]
@@ -57,9 +69,10 @@ def _generate(spec: OptimizerSpec):
     step = "step" if spec.uses_step else "1"
     src = (f"def {spec.function_name}({', '.join(array_args)}, *, {', '.join(kw_args)}):\n"
            f"    return _apply(_spec, params, grads, ({states}), {{{hp}}}, {step}, grad_scale, backend)\n")
-    namespace = {"_apply": apply_update, "_spec": spec, **defaults}
+    namespace = {"_apply": apply_update, "_spec": spec, "Arrays": Arrays, "Scalar": Scalar, **defaults}
     exec(compile(src, f"<fastopt.functional.{spec.function_name}>", "exec"), namespace)
     fn = namespace[spec.function_name]
+    fn.__annotations__ = _annotations(spec)
     fn.__doc__ = spec.docstring()
     fn.__module__ = __name__
     fn.__qualname__ = spec.function_name
@@ -71,7 +84,7 @@ for _spec in REGISTRY.values():
 del _spec
 
 
-def init_state(name: str, params, **options) -> dict:
+def init_state(name: str, params: Arrays, **options) -> dict:
     """Zero-filled state arrays for optimizer `name`, shaped like `params` (one array or a list), on the
     params' device, keyed by the state names of `<name>_step`. `options` are that optimizer's
     hyperparameters where they decide which states exist (amsgrad, momentum, centered); defaults
@@ -93,19 +106,27 @@ def init_state(name: str, params, **options) -> dict:
     if spec.extra_check is not None:
         spec.extra_check(hp)
 
-    def zeros(p):
+    def zeros(p, label):
         if type(p).__module__.startswith("numba"):  # Numba device arrays keep Numba state
             from numba import cuda
             return cuda.to_device(np.zeros(p.shape, np.float32 if p.dtype == np.float16 else p.dtype))
-        if array_device(p) == "device":
+        if array_device(p, label) == "device":
             import cupy
             p = cupy.asarray(p)
             # float16 params keep float32 state (float16 moments underflow; the kernels do float32 math)
             return cupy.zeros(p.shape, cupy.float32 if p.dtype == cupy.float16 else p.dtype)
-        return np.zeros_like(as_numpy(p, "params"))
+        p = as_numpy(p, label)
+        if p.dtype.kind != "f":
+            raise TypeError(f"{label} has dtype {p.dtype}; optimizer state is for floating-point params")
+        return np.zeros(p.shape, p.dtype.newbyteorder("="))  # C order and native, as the kernels take it
 
+    is_list = isinstance(params, (list, tuple))
+    if params is None:
+        raise TypeError("params must be an array or a list of arrays, got None")
+    labelled = [(p, f"params[{i}]") for i, p in enumerate(params)] if is_list else [(params, "params")]
     out = {}
     for state, used in zip(spec.states, spec.active_states(hp)):
         if used:
-            out[state] = [zeros(p) for p in params] if isinstance(params, (list, tuple)) else zeros(params)
+            arrays = [zeros(p, label) for p, label in labelled]
+            out[state] = arrays if is_list else arrays[0]
     return out

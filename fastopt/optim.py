@@ -49,11 +49,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Iterable
 
 import numpy as np
 
+from fastopt.array_types import Arrays, Schedule
 from fastopt.backends import dispatch
-from fastopt.backends.dispatch import array_device, backend_for
+from fastopt.backends.dispatch import array_device, as_numpy, backend_for
 from fastopt.clip import _check_bound, clip_coefficient
 from fastopt.functional import init_state
 from fastopt.specs import REGISTRY, REQUIRED, OptimizerSpec
@@ -105,14 +107,14 @@ class Optimizer:
 
     # ---- construction -------------------------------------------------------------------------
 
-    def __init__(self, params, defaults: dict, *, clip_grad_norm=None, skip_nonfinite=False, backend=None):
+    def __init__(self, params: Iterable, defaults: dict, *, clip_grad_norm: float | None = None,
+                 skip_nonfinite: bool = False, backend: str | None = None):
         spec = self.spec
         if spec is None:
             raise TypeError("Optimizer is the base class; use fastopt.SGD, fastopt.Adam, ...")
         self.clip_grad_norm = clip_grad_norm
         self.skip_nonfinite = skip_nonfinite
-        if backend is not None:
-            dispatch.check_backend_name(backend)
+        self._backend_name = None
         self.backend = backend
         self.defaults = self._normalise_group(dict(defaults), "defaults", require_all=True)
         self._skipped_host = 0
@@ -129,13 +131,27 @@ class Optimizer:
             self.add_param_group(group)
 
     @property
-    def clip_grad_norm(self):
+    def clip_grad_norm(self) -> float | None:
         """Max global L2 norm of the gradients (None: no clipping); checked when set."""
         return self._clip_grad_norm
 
     @clip_grad_norm.setter
     def clip_grad_norm(self, value):
         self._clip_grad_norm = None if value is None else _check_bound("clip_grad_norm", value)
+
+    @property
+    def backend(self) -> str | None:
+        """The backend forced for every call (None: chosen from the arrays' type); checked when set."""
+        return self._backend_name
+
+    @backend.setter
+    def backend(self, value):
+        if value is not None:
+            dispatch.check_backend_name(value)
+        self._backend_name = value
+        for buckets in getattr(self, "_buckets", ()):
+            for bucket in buckets:
+                bucket.backend_key = _UNSET  # resolved again at the next step
 
     @property
     def skip_nonfinite(self) -> bool:
@@ -205,11 +221,19 @@ class Optimizer:
         params = group["params"]
         if hasattr(params, "shape"):
             params = [params]
+        elif not isinstance(params, (list, tuple)):
+            try:
+                params = list(params)
+            except TypeError:
+                raise TypeError(f"param group {len(self.param_groups)}: params must be a list of arrays, got "
+                                f"{type(params).__name__}") from None
         params = list(params)
         if not params:
             raise ValueError(f"param group {len(self.param_groups)} has no params")
         start = len(self._params)
         devices = {array_device(p, f"params[{start + i}]") for i, p in enumerate(params)}
+        # buffer objects without a dtype (memoryview, array.array) are kept as NumPy views of their memory
+        params = [p if hasattr(p, "dtype") else as_numpy(p, f"params[{start + i}]") for i, p in enumerate(params)]
         if self._buckets:
             devices.add("device" if self._buckets[0][0].is_device else "host")
         if len(devices) > 1:
@@ -398,7 +422,7 @@ class Optimizer:
             bucket.backend_key = key
         return bucket.backend
 
-    def step(self, grads):
+    def step(self, grads: Arrays) -> bool | None:
         """Apply one update with `grads` (a list of arrays in the order of `opt.params`; one array when
         there is a single param). Returns False when the step was skipped (skip_nonfinite and a
         NaN/Inf gradient), else True; on GPU arrays, where the skip is decided on the device without a
@@ -475,7 +499,7 @@ class Optimizer:
         """Fix the state lists and argument names of the bucket's kernel call for these hyperparameters."""
         bucket.tail, bucket.names = self._call_states(bucket, hp)
 
-    def zero_grad(self):  # torch users reach for it; gradients here are arguments, not attributes
+    def zero_grad(self) -> None:  # torch users reach for it; gradients here are arguments, not attributes
         """No-op: fastopt takes the gradients as an argument of step()."""
 
     # ---- introspection ------------------------------------------------------------------------
@@ -557,10 +581,16 @@ def _make_class(spec: OptimizerSpec):
            f"skip_nonfinite=False, backend=None):\n"
            f"    _Optimizer.__init__(self, params, {{{', '.join(pairs)}}}, clip_grad_norm=clip_grad_norm, "
            f"skip_nonfinite=skip_nonfinite, backend=backend)\n")
-    namespace = {"_Optimizer": Optimizer, "_REQUIRED": REQUIRED, **defaults}
+    namespace = {"_Optimizer": Optimizer, "_REQUIRED": REQUIRED, "Iterable": Iterable, "Schedule": Schedule, **defaults}
     exec(compile(src, f"<fastopt.optim.{spec.class_name}>", "exec"), namespace)
     init = namespace["__init__"]
     init.__qualname__ = f"{spec.class_name}.__init__"
+    init.__annotations__ = {"params": "Iterable", "lr": "float | Schedule",
+                            **{h.name: "bool" if h.kind == "bool" else "float" for h in spec.hypers[1:]},
+                            "clip_grad_norm": "float | None", "skip_nonfinite": "bool", "backend": "str | None"}
+    if "beta1" in init.__annotations__:
+        del init.__annotations__["beta1"], init.__annotations__["beta2"]
+        init.__annotations__["betas"] = "tuple[float, float]"
     doc = [spec.summary, "",
            f"Stateful form of fastopt.{spec.function_name}; see fastopt.optim for param groups, schedules,",
            "clip_grad_norm=, skip_nonfinite=, state_dict().", "", "Hyperparameters (per group):"]

@@ -79,7 +79,11 @@ def array_device(x, name="array") -> str:
 
 def _first_array(params, name="params"):
     if isinstance(params, (list, tuple)):
-        return params[0] if len(params) else None
+        if not len(params):
+            return None
+        if params[0] is None:
+            raise TypeError(f"{name}[0] must be an array, got None")
+        return params[0]
     if params is None:
         raise TypeError(f"{name} must be an array or a list of arrays, got None")
     return params
