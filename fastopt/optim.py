@@ -69,10 +69,14 @@ def _is_callable_lr(value):
     return callable(value) and not isinstance(value, numbers.Real)
 
 
-def _same(a: tuple, b: tuple) -> bool:
-    """Cached hyperparameters still apply: equal values of the same types (0.9 == np.float32(0.9)
-    is False anyway; 1 == 1.0 == True would hide a change of type that validation must see)."""
-    return a == b and all(type(x) is type(y) for x, y in zip(a, b))
+def _same(a, b) -> bool:
+    """Cached hyperparameters still apply: equal values of the same types, also inside betas (NumPy 2
+    has np.float32(0.9) == 0.9, and 1 == 1.0 == True: a change of type that validation must see)."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is tuple or type(a) is list:
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 class _Bucket:
