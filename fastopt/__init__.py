@@ -37,5 +37,5 @@ __all__ = [
     "clip_by_value", "clip_by_norm", "global_norm", "clip_by_global_norm",
     "use_backend", "set_num_threads", "get_num_threads", "REGISTRY",
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "RAdam", "AdaBelief", "LAMB", "Lion", "Optimizer",
-    "schedules", "flatten", "FlatParams", "save", "load", "CheckpointError",
+    "schedules", "flatten", "FlatParams", "save", "load", "CheckpointError", "__version__",
 ]

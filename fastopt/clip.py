@@ -10,7 +10,6 @@ float64 on the CPU) and on the GPU come back as 0-d device arrays (no host synch
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 

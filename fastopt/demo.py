@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 import fastopt
-from fastopt.specs import REGISTRY, REQUIRED
+from fastopt.specs import REGISTRY
 
 LEARNING_RATES = {"sgd": 0.05, "adagrad": 0.5, "rmsprop": 0.01, "adam": 0.05, "adamw": 0.05, "nadam": 0.05,
                   "radam": 0.1, "adabelief": 0.05, "lamb": 0.1, "lion": 0.02}

@@ -6,7 +6,13 @@
 #define FASTOPT_HD __host__ __device__ __forceinline__
 #else
 #include <math.h>
+#if defined(_MSC_VER) && !defined(__clang__)  // the CPU build's compilers; same guard as kernels/cpu/platform.hpp
+#define FASTOPT_HD static __forceinline
+#elif defined(__GNUC__) || defined(__clang__)
 #define FASTOPT_HD static inline __attribute__((always_inline))
+#else
+#define FASTOPT_HD static inline
+#endif
 #endif
 
 namespace fastopt {
