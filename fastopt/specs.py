@@ -147,6 +147,9 @@ class OptimizerSpec:
     scalars:         (hp, step, grad_scale) -> the kernel's float64 scalars, in the field order of
                      its *Params struct (scalar_names)
     variant:         (hp, step) -> int selecting the kernel's compiled variant
+    variants:        every value `variant` can return: the variants compiled for the kernel family (the
+                     C++ family table kernels/cuda/families.cuh, the CPU kinds and the CUDA entry names
+                     are generated from it; the bits are the family's flags, e.g. SGD_MOMENTUM)
     """
 
     name: str
@@ -159,6 +162,7 @@ class OptimizerSpec:
     scalar_names: tuple[str, ...]
     scalars: Callable[[Mapping, int, float], tuple]
     variant: Callable[[Mapping, int], int] = lambda hp, step: 0
+    variants: tuple[int, ...] = (0,)
     optional_states: Mapping[str, Callable[[Mapping], bool]] = field(default_factory=dict)
     uses_step: bool = True
     step_default: int | None = None
@@ -247,6 +251,9 @@ def _sgd_scalars(hp, step, grad_scale):
 
 
 SGD_MOMENTUM, SGD_NESTEROV, SGD_FIRST_STEP = 1, 2, 4
+# nesterov needs momentum; the first step only matters with momentum
+_SGD_VARIANTS = (0, SGD_MOMENTUM, SGD_MOMENTUM | SGD_NESTEROV, SGD_MOMENTUM | SGD_FIRST_STEP,
+                 SGD_MOMENTUM | SGD_NESTEROV | SGD_FIRST_STEP)
 
 
 def _sgd_variant(hp, step):
@@ -427,7 +434,7 @@ def _adam_spec(name, class_name, summary, wd_default, decoupled):
         optional_states={"max_exp_avg_sq": lambda hp: hp["amsgrad"]},
         scalar_names=_ADAM_SCALARS,
         scalars=_adam_like_scalars(lambda hp: decoupled),
-        variant=lambda hp, step: 1 if hp["amsgrad"] else 0,
+        variant=lambda hp, step: 1 if hp["amsgrad"] else 0, variants=(0, 1),
         torch_class=class_name,
     )
 
@@ -458,7 +465,7 @@ p = p - lr * g
     states=("momentum_buffer",),
     optional_states={"momentum_buffer": lambda hp: hp["momentum"] != 0.0},
     scalar_names=("grad_scale", "lr", "momentum", "one_minus_dampening", "weight_decay"),
-    scalars=_sgd_scalars, variant=_sgd_variant, step_default=1, torch_class="SGD", extra_check=_sgd_check,
+    scalars=_sgd_scalars, variant=_sgd_variant, variants=_SGD_VARIANTS, step_default=1, torch_class="SGD", extra_check=_sgd_check,
 ))
 
 ADAGRAD = _register(OptimizerSpec(
@@ -495,7 +502,7 @@ else:            p = p - lr * g / avg
     states=("square_avg", "grad_avg", "momentum_buffer"),
     optional_states={"grad_avg": lambda hp: hp["centered"], "momentum_buffer": lambda hp: hp["momentum"] > 0.0},
     scalar_names=("grad_scale", "lr", "alpha", "one_minus_alpha", "eps", "weight_decay", "momentum"),
-    scalars=_rmsprop_scalars, variant=_rmsprop_variant, uses_step=False, torch_class="RMSprop",
+    scalars=_rmsprop_scalars, variant=_rmsprop_variant, variants=(0, 1, 2, 3), uses_step=False, torch_class="RMSprop",
 ))
 
 ADAM = _register(_adam_spec("adam", "Adam", "Adam (optionally AMSGrad) with L2 weight decay, in place.", 0.0, False))
@@ -539,7 +546,7 @@ else:         p = p - lr * m / (1 - beta1^t)
     states=("exp_avg", "exp_avg_sq"),
     scalar_names=("grad_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2", "decay",
                   "step_size", "rect_step_size"),
-    scalars=_radam_scalars, variant=_radam_variant, torch_class="RAdam",
+    scalars=_radam_scalars, variant=_radam_variant, variants=(0, 1), torch_class="RAdam",
 ))
 
 ADABELIEF = _register(OptimizerSpec(
