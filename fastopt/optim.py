@@ -53,20 +53,23 @@ from typing import Iterable
 
 import numpy as np
 
+from fastopt import statedict
 from fastopt.array_types import Arrays, Schedule
+from fastopt.arrays import copy_into, writable_view, zero_fill
 from fastopt.backends import dispatch
 from fastopt.backends.dispatch import array_device, as_numpy, backend_for
 from fastopt.clip import _check_bound, clip_coefficient
 from fastopt.functional import init_state
+from fastopt.schedules import is_schedule
 from fastopt.specs import REGISTRY, REQUIRED, OptimizerSpec
+from fastopt.statedict import OptimizerState, check_array
 
-__all__ = ["Optimizer"] + [spec.class_name for spec in REGISTRY.values()]
+__all__ = ["Optimizer", "OptimizerState", "StatePlan"] + [spec.class_name for spec in REGISTRY.values()]
 
 _UNSET = object()
 
 
-def _is_callable_lr(value):
-    return callable(value) and not isinstance(value, numbers.Real)
+_is_callable_lr = is_schedule  # the rule lives with the schedules
 
 
 def _same(a, b) -> bool:
@@ -284,7 +287,8 @@ class Optimizer:
             be.check_disjoint(checked)
 
     def _state_options(self, hp):
-        return {name: hp[name] for name in ("amsgrad", "momentum", "centered") if name in hp}
+        """The hyperparameters that decide which states exist (the spec knows which)."""
+        return {name: hp[name] for name in self.spec.state_options}
 
     # ---- hyperparameters ----------------------------------------------------------------------
 
@@ -531,27 +535,146 @@ class Optimizer:
         lines.append(")")
         return "\n".join(lines)
 
-    # state_dict / load_state_dict / torch conversion live with the checkpoints (fastopt/checkpoint.py)
+    # ---- state: the public export / import that state dicts and checkpoints are built on ---------
+
+    @classmethod
+    def hyper_keys(cls) -> tuple:
+        """The group / constructor keys, torch style (beta1 and beta2 appear as `betas`)."""
+        return cls._hyper_keys()
+
+    def export_state(self) -> OptimizerState:
+        """The optimizer's state in registry terms (see OptimizerState): the live state arrays, not
+        copies (state_dict() copies them to the host)."""
+        spec = self.spec
+        hps, lrs = [], []
+        for gi, group in enumerate(self.param_groups):
+            hp = {}
+            for h in spec.hypers:
+                if h.name in ("beta1", "beta2"):
+                    hp[h.name] = group["betas"][h.name == "beta2"]
+                else:
+                    hp[h.name] = group[h.name]
+            hps.append(hp)
+            lr = group["lr"]
+            lrs.append(lr(self._group_steps[gi]) if is_schedule(lr) else lr)
+        states = {}
+        for buckets in self._buckets:
+            for bucket in buckets:
+                for j, i in enumerate(bucket.indices):
+                    states[i] = {name: bucket.states[name][j] for name in spec.states if name in bucket.states}
+        return OptimizerState(optimizer=spec.name, hyperparameters=hps, steps=list(self._group_steps), lrs=lrs,
+                              states=dict(sorted(states.items())), skipped_steps=self.skipped_steps)
+
+    def check_state(self, state: OptimizerState, params=None) -> "StatePlan":
+        """Phase 1 of an import: check `state` (hyperparameters already validated by the spec, one step
+        count per group, arrays per param) against this optimizer's arrays, and `params` (a list of arrays
+        to restore, or None) against its params; allocate the state slots the new hyperparameters need.
+        Writes nothing; CheckpointError (a ValueError) for arrays that do not fit. Returns the plan that
+        apply_state writes."""
+        spec = self.spec
+        if state.optimizer != spec.name:
+            raise statedict.CheckpointError(f"the state is for {state.optimizer!r}, this optimizer is {spec.name!r}")
+        if len(state.hyperparameters) != len(self.param_groups) or len(state.steps) != len(self.param_groups):
+            raise statedict.CheckpointError(f"the state has {len(state.hyperparameters)} param groups but the "
+                                            f"optimizer has {len(self.param_groups)}")
+        buckets = []
+        for gi, group_buckets in enumerate(self._buckets):
+            hp = state.hyperparameters[gi]
+            active = [name for name, used in zip(spec.states, spec.active_states(hp)) if used]
+            group_plans = []
+            for bucket in group_buckets:
+                # slots these hyperparameters need that the optimizer has not allocated (momentum set later)
+                needed = [name for name in active if name not in bucket.states]
+                new_slots = {}
+                if needed:
+                    fresh = init_state(spec.name, bucket.params, **self._state_options(hp))
+                    new_slots = {name: fresh[name] for name in needed}
+                slots = dict(bucket.states, **new_slots)
+                sources = []
+                for j, (i, p) in enumerate(zip(bucket.indices, bucket.params)):
+                    arrays = {}
+                    for name, a in state.states.get(i, {}).items():
+                        # the dtype of the optimizer's own state array (float16 device params keep float32
+                        # state); a slot the optimizer does not have is not loaded: checked against the param
+                        target = slots.get(name)
+                        dtype = np.dtype(target[j].dtype) if target is not None else None
+                        check_array(f"state of param {i}: {name}", a, p.shape, dtype)
+                        if target is not None:
+                            arrays[name] = a
+                    sources.append(arrays)
+                group_plans.append((bucket, new_slots, sources))
+            buckets.append(group_plans)
+        pairs = []
+        if params is not None:
+            if not isinstance(params, (list, tuple)):
+                raise statedict.CheckpointError(f"params must be a list of arrays, got {type(params).__name__}")
+            if len(params) != len(self._params):
+                raise statedict.CheckpointError(f"the checkpoint has {len(params)} params but the optimizer has "
+                                                f"{len(self._params)}")
+            for i, (a, p) in enumerate(zip(params, self._params)):
+                target = writable_view(p, f"param {i}")
+                check_array(f"param {i}", a, p.shape, target.dtype)
+                if isinstance(target, np.ndarray) and not target.flags.writeable:
+                    raise ValueError(f"param {i} is read-only: cannot restore it from the checkpoint")
+                pairs.append((target, a))
+        return StatePlan(self, state, buckets, pairs)
+
+    def apply_state(self, plan: "StatePlan") -> None:
+        """Phase 2 of an import: write a plan made by check_state (copies into the optimizer's own arrays,
+        on the params' device). Cannot fail on the data."""
+        if not isinstance(plan, StatePlan) or plan.optimizer is not self:
+            raise ValueError("apply_state takes the plan this optimizer's check_state returned")
+        state = plan.state
+        keys = self._hyper_keys()
+        for gi, live in enumerate(self.param_groups):
+            hp = state.hyperparameters[gi]
+            live.update({k: ((hp["beta1"], hp["beta2"]) if k == "betas" else hp[k]) for k in keys})
+            self._hp_cache[gi] = None  # re-validated and re-planned at the next step
+            self._group_steps[gi] = state.steps[gi]
+            lr = state.lrs[gi] if gi < len(state.lrs) else None
+            if lr is None:  # a schedule that could not be tried on a copy
+                lr = float(live["lr"](state.steps[gi]))
+            self._last_lr[gi] = lr
+            for bucket, new_slots, sources in plan.buckets[gi]:
+                bucket.states.update(new_slots)
+                for name, targets in bucket.states.items():
+                    for j, arrays in enumerate(sources):
+                        if name in arrays:
+                            copy_into(targets[j], arrays[name])
+                        elif name not in new_slots:  # not saved (step 0, or unused): zeros
+                            zero_fill(targets[j])
+        for target, a in plan.params:
+            copy_into(target, a)
+        if state.skipped_steps is not None:
+            self._skipped_host = state.skipped_steps
+            self._skipped_device = None
+
+    # state_dict / load_state_dict / torch conversion: the layout lives in fastopt/statedict.py
     def state_dict(self) -> dict:
-        from fastopt.checkpoint import state_dict
-        return state_dict(self)
+        return statedict.state_dict(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        from fastopt.checkpoint import load_state_dict
-        load_state_dict(self, state_dict)
+        statedict.load_state_dict(self, state_dict)
 
     def torch_state_dict(self) -> dict:
         """This optimizer's state as a torch.optim state dict (tensors on the CPU), ready for
         `torch.optim.<Class>(params).load_state_dict(...)`."""
-        from fastopt.checkpoint import to_torch_state_dict
-        return to_torch_state_dict(self)
+        return statedict.to_torch_state_dict(self)
 
     def load_torch_state_dict(self, state_dict: dict, step=None) -> None:
         """Load the state dict of the matching torch.optim optimizer (same params in the same order).
         `step`: the update count of SGD, whose torch state has none (default: 1 with momentum buffers,
         else 0); the other optimizers take torch's."""
-        from fastopt.checkpoint import from_torch_state_dict
-        from_torch_state_dict(self, state_dict, step)
+        statedict.from_torch_state_dict(self, state_dict, step)
+
+
+class StatePlan:
+    """What Optimizer.apply_state will write (made by Optimizer.check_state; opaque to callers)."""
+
+    __slots__ = ("optimizer", "state", "buckets", "params")
+
+    def __init__(self, optimizer, state, buckets, params):
+        self.optimizer, self.state, self.buckets, self.params = optimizer, state, buckets, params
 
 
 # ---------------------------------------------------------------------------------------------------

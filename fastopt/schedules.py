@@ -36,6 +36,11 @@ __all__ = ["Schedule", "constant", "exponential_decay", "step_decay", "multi_ste
            "cosine", "warmup", "ReduceLROnPlateau"]
 
 
+def is_schedule(value) -> bool:
+    """Whether an lr value is a schedule (a callable count -> lr) rather than a number."""
+    return callable(value) and not isinstance(value, numbers.Real)
+
+
 def _real(name, value, *, positive=False, nonneg=False):
     if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a real number, got {value!r}")

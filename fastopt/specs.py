@@ -168,6 +168,15 @@ class OptimizerSpec:
     step_default: int | None = None
     torch_class: str | None = None
     torch_state_names: Mapping[str, str] = field(default_factory=dict)  # ours -> torch's, where they differ
+    # torch.optim conversion hooks (fastopt/statedict.py), where torch keeps its state differently:
+    # torch_step: torch keeps a per-param float32 "step" tensor (SGD keeps none; loading then counts 1 step
+    #     for a param that has state arrays, else 0). torch_extra_state: torch-only state, a function of the
+    #     registry hyperparameters and the step count (NAdam's mu_product): written as float32 tensors,
+    #     recomputed (ignored) on loading. torch_group_flags: torch group keys whose value is fixed for this
+    #     class (Adam/AdamW: decoupled_weight_decay); a torch dict with another value belongs to another class.
+    torch_step: bool = True
+    torch_extra_state: Mapping[str, Callable[[Mapping, int], float]] = field(default_factory=dict)
+    torch_group_flags: Mapping[str, object] = field(default_factory=dict)
     extra_check: Callable[[Mapping], None] | None = None
     two_phase: bool = False  # LAMB: a per-tensor reduction between the moments and the step
 
@@ -192,6 +201,29 @@ class OptimizerSpec:
     def _state_predicates(self):
         return tuple(self.optional_states.get(s) for s in self.states)
 
+    @cached_property
+    def state_options(self) -> tuple[str, ...]:
+        """The hyperparameters that decide which states exist: the ones the optional_states predicates
+        read (init_state's options; found by running each predicate on the defaults and on every bool
+        flipped, recording the keys it reads)."""
+        read: list[str] = []
+
+        class _Recorder(dict):
+            def __getitem__(self, key):
+                if key not in read:
+                    read.append(key)
+                return dict.__getitem__(self, key)
+
+            def get(self, key, default=None):
+                return self[key] if key in self else default
+
+        base = {h.name: (0.0 if h.default is REQUIRED else h.default) for h in self.hypers}
+        trials = [base] + [dict(base, **{h.name: not h.default}) for h in self.hypers if h.kind == "bool"]
+        for pred in self.optional_states.values():
+            for hp in trials:
+                pred(_Recorder(hp))
+        return tuple(h.name for h in self.hypers if h.name in read)
+
     def active_states(self, hp: Mapping) -> tuple[bool, ...]:
         """For each state slot: does this configuration read and write it?"""
         return tuple(True if pred is None else bool(pred(hp)) for pred in self._state_predicates)
@@ -206,10 +238,14 @@ class OptimizerSpec:
 
     def signature_text(self) -> str:
         """The generated function's signature, e.g. for the README table."""
-        import inspect
-        from fastopt import functional
-        sig = inspect.signature(getattr(functional, self.function_name))
-        return f"{self.function_name}{sig}"
+        # built from the spec, as fastopt.functional builds the function (which imports this module)
+        args = ["params", "grads"] + [f"{s}=None" if s in self.optional_states else s for s in self.states]
+        kw = []
+        if self.uses_step:
+            kw.append("step" if self.step_default is None else f"step={self.step_default}")
+        kw += [h.name for h in self.hypers if h.default is REQUIRED]
+        kw += [f"{h.name}={h.default!r}" for h in self.hypers if h.default is not REQUIRED]
+        return f"{self.function_name}({', '.join(args)}, *, {', '.join(kw + ['grad_scale=None', 'backend=None'])})"
 
     def docstring(self) -> str:
         lines = [self.summary, "", "Update, per element, in place (one fused pass over memory):", ""]
@@ -436,6 +472,7 @@ def _adam_spec(name, class_name, summary, wd_default, decoupled):
         scalars=_adam_like_scalars(lambda hp: decoupled),
         variant=lambda hp, step: 1 if hp["amsgrad"] else 0, variants=(0, 1),
         torch_class=class_name,
+        torch_group_flags={"decoupled_weight_decay": decoupled},
     )
 
 
@@ -466,6 +503,7 @@ p = p - lr * g
     optional_states={"momentum_buffer": lambda hp: hp["momentum"] != 0.0},
     scalar_names=("grad_scale", "lr", "momentum", "one_minus_dampening", "weight_decay"),
     scalars=_sgd_scalars, variant=_sgd_variant, variants=_SGD_VARIANTS, step_default=1, torch_class="SGD", extra_check=_sgd_check,
+    torch_step=False,
 ))
 
 ADAGRAD = _register(OptimizerSpec(
@@ -527,6 +565,7 @@ p = p - lr * (1 - mu_t) / (1 - P_t) * g / denom - lr * mu_{t+1} / (1 - P_{t+1}) 
     scalar_names=("grad_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2", "decay",
                   "inv_bias_correction2", "grad_coef", "exp_avg_coef"),
     scalars=_nadam_scalars, torch_class="NAdam",
+    torch_extra_state={"mu_product": lambda hp, t: nadam_mu_product(hp["beta1"], hp["momentum_decay"], t)},
 ))
 
 RADAM = _register(OptimizerSpec(

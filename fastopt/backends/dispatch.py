@@ -19,6 +19,8 @@ import warnings
 
 import numpy as np
 
+from fastopt.arrays import array_device, as_numpy  # re-exported: the leaf module holds them
+
 HOST_BACKENDS = ("cython", "numpy")
 DEVICE_BACKENDS = ("cupy", "numba")
 BACKENDS = HOST_BACKENDS + DEVICE_BACKENDS
@@ -56,25 +58,6 @@ def _module(name):
 def cython_available() -> bool:
     return _module("cython").AVAILABLE
 
-
-
-def array_device(x, name="array") -> str:
-    """'host' or 'device' for one array-like; TypeError naming it (`name`) for anything else."""
-    if isinstance(x, np.ndarray):
-        return "host"
-    t = type(x)
-    mod = t.__module__
-    if mod.startswith(("cupy", "numba.cuda")) or hasattr(x, "__cuda_array_interface__"):
-        # numba.cuda: also the CUDA simulator's arrays, which live in host memory but stand for the GPU
-        return "device"
-    if hasattr(x, "__array_interface__") or hasattr(x, "__dlpack__"):
-        return "host"
-    try:
-        memoryview(x)
-    except TypeError:
-        raise TypeError(f"{name} must be an array (NumPy, CuPy, Numba device array or an object exposing its "
-                        f"memory), got {t.__name__}") from None
-    return "host"
 
 
 def _first_array(params, name="params"):
@@ -150,31 +133,4 @@ def _warn_fallback():
                           "NumPy reference (rebuild it with `pip install .`)", RuntimeWarning, stacklevel=4)
 
 
-def as_numpy(obj, name="array"):
-    """A NumPy view of `obj` sharing its memory (so in-place updates land in the caller's memory);
-    TypeError when the object does not expose its memory."""
-    if isinstance(obj, np.ndarray):
-        return obj
-    if type(obj).__module__.startswith(("cupy", "numba")) or hasattr(obj, "__cuda_array_interface__"):
-        raise TypeError(f"{name} is a GPU array ({type(obj).__module__}.{type(obj).__name__}) but the arrays "
-                        f"of this call are on the host: one call updates arrays of one kind")
-    if hasattr(obj, "__array_interface__"):
-        arr = np.asarray(obj)
-        if arr.__array_interface__["data"][0] != obj.__array_interface__["data"][0]:
-            raise TypeError(f"{name}: converting {type(obj).__name__} to NumPy made a copy")
-        return arr
-    if hasattr(obj, "__dlpack__") and not hasattr(obj, "__cuda_array_interface__"):
-        try:
-            arr = np.from_dlpack(obj)
-        except (BufferError, TypeError, RuntimeError) as e:
-            raise TypeError(f"{name}: cannot view {type(obj).__name__} as a NumPy array: {e}") from None
-        # torch CPU tensors come back writable; DLPack producers that mark memory read-only do not
-        return arr
-    try:
-        return np.asarray(memoryview(obj))
-    except TypeError:
-        raise TypeError(f"{name} must be an array (NumPy, CuPy, or an object exposing its memory), "
-                        f"got {type(obj).__name__}") from None
-
-
-_cython = _module("cython")  # loaded last: its helpers import as_numpy from this module
+_cython = _module("cython")

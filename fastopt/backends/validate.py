@@ -12,7 +12,7 @@ import numbers
 
 import numpy as np
 
-from fastopt.backends.dispatch import as_numpy
+from fastopt.arrays import as_numpy
 from fastopt.specs import as_float
 
 HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))

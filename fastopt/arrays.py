@@ -1,0 +1,102 @@
+"""Array helpers with no fastopt dependencies: which memory an array lives in, NumPy views of host
+objects, host copies, and copying / zeroing across devices.
+
+A leaf module (it imports nothing from fastopt) so that every layer may use it, the compiled kernels
+included. CuPy and Numba are imported lazily, only for their own arrays.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["array_device", "as_numpy", "to_host", "writable_view", "copy_into", "zero_fill"]
+
+
+def array_device(x, name="array") -> str:
+    """'host' or 'device' for one array-like; TypeError naming it (`name`) for anything else."""
+    if isinstance(x, np.ndarray):
+        return "host"
+    t = type(x)
+    mod = t.__module__
+    if mod.startswith(("cupy", "numba.cuda")) or hasattr(x, "__cuda_array_interface__"):
+        # numba.cuda: also the CUDA simulator's arrays, which live in host memory but stand for the GPU
+        return "device"
+    if hasattr(x, "__array_interface__") or hasattr(x, "__dlpack__"):
+        return "host"
+    try:
+        memoryview(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an array (NumPy, CuPy, Numba device array or an object exposing its "
+                        f"memory), got {t.__name__}") from None
+    return "host"
+
+
+def as_numpy(obj, name="array"):
+    """A NumPy view of `obj` sharing its memory (so in-place updates land in the caller's memory);
+    TypeError when the object does not expose its memory."""
+    if isinstance(obj, np.ndarray):
+        return obj
+    if type(obj).__module__.startswith(("cupy", "numba")) or hasattr(obj, "__cuda_array_interface__"):
+        raise TypeError(f"{name} is a GPU array ({type(obj).__module__}.{type(obj).__name__}) but the arrays "
+                        f"of this call are on the host: one call updates arrays of one kind")
+    if hasattr(obj, "__array_interface__"):
+        arr = np.asarray(obj)
+        if arr.__array_interface__["data"][0] != obj.__array_interface__["data"][0]:
+            raise TypeError(f"{name}: converting {type(obj).__name__} to NumPy made a copy")
+        return arr
+    if hasattr(obj, "__dlpack__") and not hasattr(obj, "__cuda_array_interface__"):
+        try:
+            arr = np.from_dlpack(obj)
+        except (BufferError, TypeError, RuntimeError) as e:
+            raise TypeError(f"{name}: cannot view {type(obj).__name__} as a NumPy array: {e}") from None
+        # torch CPU tensors come back writable; DLPack producers that mark memory read-only do not
+        return arr
+    try:
+        return np.asarray(memoryview(obj))
+    except TypeError:
+        raise TypeError(f"{name} must be an array (NumPy, CuPy, or an object exposing its memory), "
+                        f"got {type(obj).__name__}") from None
+
+
+def to_host(a):
+    """A NumPy copy of an array (CuPy and Numba device arrays come back from the device)."""
+    if type(a).__module__.startswith("cupy"):
+        return a.get()
+    if hasattr(a, "copy_to_host"):  # Numba device array
+        return a.copy_to_host()
+    return np.array(as_numpy(a, "state"), copy=True)
+
+
+def writable_view(p, what):
+    """The array to copy into for a param: NumPy view of a host object, CuPy view of a device one."""
+    if array_device(p, what) == "device":
+        if type(p).__module__.startswith(("cupy", "numba")):
+            return p
+        import cupy
+        return cupy.asarray(p)
+    return as_numpy(p, what)
+
+
+def copy_into(dst, src):
+    """dst[...] = src, across devices (dst keeps its identity and device). src is checked already."""
+    if type(dst).__module__.startswith("cupy"):
+        import cupy
+        dst[...] = cupy.asarray(src)
+        return
+    if type(src).__module__.startswith("cupy"):
+        src = src.get()
+    elif hasattr(src, "copy_to_host"):
+        src = src.copy_to_host()
+    if hasattr(dst, "copy_to_device"):  # Numba device array
+        dst.copy_to_device(np.ascontiguousarray(np.asarray(src), dtype=dst.dtype))
+        return
+    np.copyto(as_numpy(dst, "state"), np.asarray(src), casting="no")
+
+
+def zero_fill(dst):
+    """dst[...] = 0 on its own device."""
+    if hasattr(dst, "copy_to_device"):
+        dst.copy_to_device(np.zeros(tuple(dst.shape), dst.dtype))
+    elif type(dst).__module__.startswith("cupy"):
+        dst.fill(0)
+    else:
+        as_numpy(dst, "state")[...] = 0

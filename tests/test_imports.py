@@ -1,0 +1,179 @@
+"""The import structure of fastopt: every module imports alone, the static import graph (module-level
+and function-level imports) has no cycles, the kernel layer never imports the Python layers above it,
+and no module outside optim.py touches the private members of an Optimizer."""
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PKG = ROOT / "fastopt"
+# what the kernel layer may use: the leaf modules below it (they import nothing from fastopt): the array
+# helpers, and the registry (the bottom of the stack: the Numba kernels read scalar names from the specs)
+KERNEL_MAY_IMPORT = {"fastopt.arrays", "fastopt.specs"}
+
+
+def _module_name(path: pathlib.Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _sources():
+    """fastopt's own modules, and the kernels (installed as fastopt.kernels)."""
+    out = {}
+    for path in sorted(PKG.rglob("*.py")):
+        out[_module_name(path)] = path
+    for path in sorted((ROOT / "kernels").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.pyx")):
+        rel = path.relative_to(ROOT / "kernels").with_suffix("")
+        parts = [p for p in rel.parts if p != "__init__"]
+        out[".".join(["fastopt", "kernels"] + parts)] = path
+    return out
+
+
+SOURCES = _sources()
+
+
+def _imports(name: str, path: pathlib.Path) -> set[str]:
+    """Every fastopt module that `path` imports, anywhere in the file (module level and inside functions)."""
+    text = path.read_text()
+    found = set()
+    if path.suffix == ".pyx":  # Cython: the Python import statements, line by line
+        for line in text.splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] in ("import", "from") and words[1].startswith("fastopt"):
+                found.add(words[1].rstrip(","))
+                if words[0] == "from" and len(words) >= 4:
+                    found |= {f"{words[1]}.{w.strip(',()')}" for w in words[3:] if w.strip(",()")}
+        return {m for m in found if m in SOURCES or m.startswith("fastopt.kernels")}
+    tree = ast.parse(text)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[:len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}  # `from fastopt import functional`
+    return {m for m in found if m in SOURCES}
+
+
+GRAPH = {name: _imports(name, path) - {name} for name, path in SOURCES.items()}
+
+
+def _parents(name):
+    """A module import also runs its packages' __init__ (kept out of the graph: fastopt/__init__.py
+    imports everything by design, so the edges are module -> module only)."""
+    return name
+
+
+@pytest.mark.parametrize("name", sorted(n for n, p in SOURCES.items() if p.suffix == ".py"
+                                        and not n.startswith("fastopt.kernels")))
+def test_module_imports_alone(name):
+    r = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, f"import {name} failed alone:\n{r.stderr[-2000:]}"
+
+
+def test_import_graph_is_acyclic():
+    graph = {n: {m for m in deps if m != "fastopt"} for n, deps in GRAPH.items() if n != "fastopt"}
+    state, stack, cycles = {}, [], []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph.get(m_ := n, ())):
+            if state.get(m) == 1:
+                cycles.append(stack[stack.index(m):] + [m])
+            elif m not in state:
+                visit(m)
+        stack.pop()
+        state[n] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n)
+    # known, in the top layers owned elsewhere (issue 10): the cli <-> benchmark / train.cli lazy imports and
+    # train/__init__ <-> train.models; everything below them (core, backends, kernels) must stay acyclic
+    top = ("fastopt.cli", "fastopt.benchmark", "fastopt.benchmark_gpu", "fastopt.train")
+    core = [c for c in cycles if not all(m == t or m.startswith(t + ".") for m in c for t in top
+                                         if m == t or m.startswith(t + "."))
+            or any(not any(m == t or m.startswith(t + ".") for t in top) for m in c)]
+    assert not core, "import cycles: " + "; ".join(" -> ".join(c) for c in core)
+
+
+def test_package_init_is_only_imported_by_nothing_inside():
+    """No fastopt module imports the package's own __init__ for names (it would make every module
+    depend on every other); `from fastopt import x` of a submodule is fine."""
+    offenders = []
+    for name, path in SOURCES.items():
+        if path.suffix != ".py" or name == "fastopt":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "fastopt" and not node.level:
+                bad = [a.name for a in node.names if f"fastopt.{a.name}" not in SOURCES]
+                if bad:
+                    offenders.append(f"{name}: from fastopt import {', '.join(bad)}")
+    # existing uses in the top layers (cli, train, benchmarks) read the flat public API
+    offenders = [o for o in offenders if not o.startswith(("fastopt.cli", "fastopt.train", "fastopt.benchmark",
+                                                            "fastopt.demo", "fastopt.__main__"))]
+    assert not offenders, offenders
+
+
+def test_kernels_do_not_import_upward():
+    bad = {n: sorted(m for m in deps if not m.startswith("fastopt.kernels") and m not in KERNEL_MAY_IMPORT)
+           for n, deps in GRAPH.items() if n.startswith("fastopt.kernels")}
+    bad = {n: d for n, d in bad.items() if d}
+    assert not bad, f"the kernel layer imports Python layers above it: {bad}"
+
+
+def test_leaf_modules_import_nothing_from_fastopt():
+    for leaf in KERNEL_MAY_IMPORT:
+        assert GRAPH[leaf] == set(), (leaf, GRAPH[leaf])
+
+
+def test_no_private_optimizer_access_outside_optim():
+    """Outside optim.py, no `<optimizer>._name` access (attribute names that only Optimizer defines)."""
+    tree = ast.parse((PKG / "optim.py").read_text())
+    private = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name in ("Optimizer", "_Bucket"):
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id in (
+                        "self", "cls") and sub.attr.startswith("_") and not sub.attr.startswith("__"):
+                    private.add(sub.attr)
+                if isinstance(sub, (ast.FunctionDef,)) and sub.name.startswith("_") and not sub.name.startswith("__"):
+                    private.add(sub.name)
+            for sub in node.body:
+                if isinstance(sub, ast.Assign):
+                    for t in sub.targets:
+                        if isinstance(t, ast.Name) and t.id == "__slots__":
+                            pass
+    private |= {"states", "indices"}  # bucket internals are private to optim.py too (reached as .states)
+    assert {"_buckets", "_group_steps", "_params", "_hp_cache", "_state_options"} <= private
+    offenders = []
+    for name, path in SOURCES.items():
+        if path.suffix != ".py" or name == "fastopt.optim" or name.startswith("fastopt.kernels"):
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in private - {"states", "indices"} and not (
+                    isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                offenders.append(f"{name}:{node.lineno}: .{node.attr}")
+    assert not offenders, "private Optimizer members used outside optim.py: " + ", ".join(offenders)
+    for mod in ("checkpoint.py", "statedict.py"):
+        tree = ast.parse((PKG / mod).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "opt":
+                assert not node.attr.startswith("_"), f"{mod}:{node.lineno}: opt.{node.attr}"
