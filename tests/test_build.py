@@ -135,7 +135,6 @@ CHECK = textwrap.dedent(r'''
         ("adabelief", dict(lr=0.01)),
         ("lion", dict(lr=1e-3, weight_decay=0.1)),
     ]
-    OPTIONS = ("amsgrad", "momentum", "centered")  # the hyperparameters that decide which states exist
     rng = np.random.default_rng(0)
     checked = 0
     for name, hp in CASES:
@@ -144,7 +143,7 @@ CHECK = textwrap.dedent(r'''
         for dtype in (np.float32, np.float64):
             # 70_001 elements: above the parallel threshold, several chunks and a ragged tail
             params = [rng.standard_normal(n).astype(dtype) for n in (70_001, 33, 1)]
-            state = fastopt.init_state(name, params, **{k: v for k, v in hp.items() if k in OPTIONS})
+            state = fastopt.init_state(name, params, **{k: v for k, v in hp.items() if k in spec.state_options})
             ref_p = [p.copy() for p in params]
             ref_s = {k: [a.copy() for a in v] for k, v in state.items()}
             for t in range(1, 4):

@@ -28,6 +28,21 @@ GROUP_OPTIONS = {
 }
 BASE_LR = {"sgd": 0.02, "adagrad": 0.05, "rmsprop": 0.005, "lion": 1e-3}
 
+
+def group_options(spec):
+    """GROUP_OPTIONS for a spec, generated where the table has no row (a new optimizer): group 1 turns
+    every flag on and adds weight decay, group 2 maximizes with other betas."""
+    if spec.name in GROUP_OPTIONS:
+        return GROUP_OPTIONS[spec.name]
+    names = {h.name for h in spec.hypers}
+    first = {h.name: not h.default for h in spec.hypers if h.kind == "bool" and h.name != "maximize"}
+    if "weight_decay" in names:
+        first["weight_decay"] = 0.01
+    second = {"maximize": True} if "maximize" in names else {}
+    if "beta1" in names:
+        second["betas"] = (0.85, 0.99)
+    return [first, second]
+
 SPECS = list(REGISTRY.values())
 
 
@@ -40,8 +55,8 @@ def make_groups(rng, name):
         arrays.append(rng.standard_normal(shape).astype(dtype))
     lr = BASE_LR.get(name, 1e-2)
     groups = [{"params": arrays[0:2]},
-              {"params": arrays[2:4], "lr": lr / 2, **GROUP_OPTIONS[name][0]},
-              {"params": arrays[4:6], "lr": schedules.warmup(schedules.cosine(lr, 40), 5), **GROUP_OPTIONS[name][1]}]
+              {"params": arrays[2:4], "lr": lr / 2, **group_options(REGISTRY[name])[0]},
+              {"params": arrays[4:6], "lr": schedules.warmup(schedules.cosine(lr, 40), 5), **group_options(REGISTRY[name])[1]}]
     return groups, lr
 
 
@@ -65,8 +80,7 @@ def run_functional(spec, groups, lr, grads_per_step, *, use_reference=False):
     """Apply the same steps with one functional (or reference) call per array."""
     params = [[p.copy() for p in g["params"]] for g in groups]
     options = [functional_hp(spec, {"lr": lr}, g, 0) for g in groups]
-    states = [[fastopt.init_state(spec.name, p, **{k: hp[k] for k in ("amsgrad", "momentum", "centered")
-                                                    if k in hp}) for p in ps]
+    states = [[fastopt.init_state(spec.name, p, **{k: hp[k] for k in spec.state_options}) for p in ps]
               for ps, hp in zip(params, options)]
     fn = reference.STEPS[spec.name] if use_reference else getattr(fastopt, spec.function_name)
     for t, grads in enumerate(grads_per_step, start=1):

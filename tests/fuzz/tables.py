@@ -414,7 +414,7 @@ def table_init_state(backend):
 def full_opts(spec):
     """The init_state options that switch every optional state on."""
     full = full_hp(spec)
-    return {k: v for k, v in full.items() if k in ("amsgrad", "momentum", "centered")}
+    return {k: v for k, v in full.items() if k in spec.state_options}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def _run(cp, name, options, dtype, as_list, backend, steps=7):
     ps = [rng.standard_normal(s).astype(dtype) for s in shapes]
     ref_p = [p.astype(np.float64) for p in ps]
     d_p = [cp.asarray(p) for p in ps]
-    state = fastopt.init_state(name, d_p, **{k: v for k, v in options.items() if k in ("amsgrad", "momentum", "centered")})
+    state = fastopt.init_state(name, d_p, **{k: v for k, v in options.items() if k in spec.state_options})
     ref_state = {k: [np.zeros(p.shape) for p in ps] for k in state}
     fn = getattr(fastopt, spec.function_name)
     for t in range(1, steps + 1):
