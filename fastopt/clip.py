@@ -6,14 +6,21 @@ float64 on the CPU) and on the GPU come back as 0-d device arrays (no host synch
     global_norm(grads):                sqrt(sum over arrays of ||g||^2)
     clip_by_global_norm(grads, max_norm): g = g * min(1, max_norm / (total + 1e-6)) for every array;
                                        returns total (torch.nn.utils.clip_grad_norm_)
+
+Each function finds the backend of the arrays and calls its part of the backend interface
+(fastopt/backends/interface.py): one sums-of-squares pass (sumsq_per_tensor), then the backend's
+global_norm / clip_by_norm / clip_by_global_norm / clamp_ on those sums; host backends share
+fastopt/backends/host_clip.py, GPU backends keep the norms and coefficients on the device.
 """
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
 from fastopt.array_types import Arrays, Scalar
+from fastopt.backends import host_clip
 from fastopt.backends.dispatch import backend_for, check_empty_call
 from fastopt.specs import as_float
 
@@ -30,13 +37,12 @@ def _check_bound(name, value) -> float:
 
 def clip_coefficient(total_norm: Scalar, max_norm: float) -> Scalar:
     """min(1, max_norm / (total_norm + 1e-6)); a NaN norm gives NaN (torch.clamp(max=1) semantics).
-    A norm on the GPU (a 0-d device array from a GPU backend) gives a 0-d device array, computed there
-    without reading the norm back: pass it on as `grad_scale=` to fuse clipping into the update."""
-    if hasattr(total_norm, "__cuda_array_interface__"):
-        import cupy
-        return cupy.minimum(max_norm / (cupy.asarray(total_norm) + 1e-6), 1.0)
-    coef = max_norm / (total_norm + 1e-6)
-    return 1.0 if coef >= 1.0 else coef
+    A norm on the GPU (a 0-d device array from a GPU backend) gives a 0-d device array, computed there by
+    the backend that owns it, without reading the norm back: pass it on as `grad_scale=` to fuse
+    clipping into the update."""
+    if isinstance(total_norm, (numbers.Real, np.ndarray)):
+        return host_clip.clip_coefficient(total_norm, max_norm)
+    return backend_for(total_norm, None, "total_norm").clip_coefficient(total_norm, max_norm)
 
 
 def clip_by_value(grads: Arrays, clip_value: float, *, backend: str | None = None) -> None:
@@ -60,28 +66,17 @@ def global_norm(grads: Arrays, *, backend: str | None = None) -> Scalar:
     be = _backend(grads, backend)
     if be is None:
         return np.float64(0.0)
-    sq = be.sumsq_per_tensor(grads)
-    if hasattr(be, "global_norm"):
-        return be.global_norm(sq)
-    return np.float64(math.sqrt(sum(sq.tolist())))
+    return be.global_norm(be.sumsq_per_tensor(grads))
 
 
 def clip_by_norm(grads: Arrays, max_norm: float, *, backend: str | None = None) -> Scalar | list:
     """Per array: g = g * min(1, max_norm / (||g|| + 1e-6)), in place. Returns the norm of each array
-    (a list for a list, a float64 scalar for one array)."""
+    (a list for a list, one scalar for one array; 0-d device arrays on a GPU)."""
     max_norm = _check_bound("max_norm", max_norm)
     be = _backend(grads, backend)
     if be is None:
         return []
-    if hasattr(be, "clip_by_norm"):  # GPU: the norms and the scaling stay on the device
-        return be.clip_by_norm(grads, be.sumsq_per_tensor(grads), max_norm)
-    checked = be.prepare_grads(grads)  # every array checked as written before the first write
-    norms = [math.sqrt(s) for s in be.sumsq_per_tensor(checked).tolist()]
-    coefs = [clip_coefficient(norm, max_norm) for norm in norms]
-    if any(coef != 1.0 for coef in coefs):
-        be.scale_each_(checked, coefs)
-    out = [np.float64(n) for n in norms]
-    return out if isinstance(grads, (list, tuple)) else out[0]
+    return be.clip_by_norm(grads, be.sumsq_per_tensor(grads), max_norm)
 
 
 def clip_by_global_norm(grads: Arrays, max_norm: float, *, backend: str | None = None) -> Scalar:
@@ -91,11 +86,4 @@ def clip_by_global_norm(grads: Arrays, max_norm: float, *, backend: str | None =
     be = _backend(grads, backend)
     if be is None:
         return np.float64(0.0)
-    if hasattr(be, "clip_by_global_norm"):
-        return be.clip_by_global_norm(grads, be.sumsq_per_tensor(grads), max_norm)
-    checked = be.prepare_grads(grads)  # checked as written even when no scaling turns out needed
-    total = math.sqrt(sum(be.sumsq_per_tensor(checked).tolist()))
-    coef = clip_coefficient(total, max_norm)
-    if coef != 1.0:
-        be.scale_(checked, coef)
-    return np.float64(total)
+    return be.clip_by_global_norm(grads, be.sumsq_per_tensor(grads), max_norm)

@@ -208,9 +208,9 @@ def prepare(arrays, names, indices=None):
     return prepare_device(arrays, names, _describe, DTYPES, _WHERE, 1, indices)
 
 
-def prepare_grads(arrays, name="grads", indices=None):
+def prepare_grads(grads, name="grads", indices=None):
     """Check arrays for an in-place operation (nothing written): how an optimizer checks its params."""
-    return prepare_device((arrays,), (name,), _describe, DTYPES, _WHERE, -1, indices)
+    return prepare_device((grads,), (name,), _describe, DTYPES, _WHERE, -1, indices)
 
 
 check_disjoint = check_prepared_disjoint  # across the prepared calls of one optimizer step
@@ -334,6 +334,13 @@ def step_guard(sq, max_norm=None, skip_nonfinite=False, skipped=None):
 def global_norm(sq):
     """sqrt(sum(sq)) as a 0-d float64 device array (no host synchronisation)."""
     return _global_norm(sq)[0]
+
+
+def clip_coefficient(total_norm, max_norm):
+    """min(1, max_norm / (total_norm + 1e-6)) of a norm on the device (NaN for a NaN norm), as a 0-d
+    device array computed there without reading the norm back: pass it on as grad_scale=."""
+    cp = _cupy()
+    return cp.minimum(max_norm / (cp.asarray(total_norm) + 1e-6), 1.0)
 
 
 def _scale_launch(grads, mode, host_coef, coef_ptr, max_norm):

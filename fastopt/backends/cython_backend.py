@@ -2,6 +2,9 @@
 and runs one parallel region over all chunks of all arrays."""
 from __future__ import annotations
 
+import sys
+
+from fastopt.backends import host_clip
 from fastopt.backends.validate import host_scale
 
 NAME = "cython"
@@ -56,3 +59,18 @@ def scale_each_(grads, coefs):
 
 def clamp_(grads, clip_value):
     _cpu_fast.clamp_(grads, clip_value)
+
+
+# Norms and clipping from the sums of squares: written once for both host backends (host_clip.py)
+global_norm = host_clip.global_norm
+clip_coefficient = host_clip.clip_coefficient
+
+
+def clip_by_norm(grads, sq, max_norm):
+    """Per array: g *= min(1, max_norm / (||g|| + 1e-6)) in place; the norms (a list for a list)."""
+    return host_clip.clip_by_norm(sys.modules[__name__], grads, sq, max_norm)
+
+
+def clip_by_global_norm(grads, sq, max_norm):
+    """Every array: g *= min(1, max_norm / (total + 1e-6)) in place; the total norm."""
+    return host_clip.clip_by_global_norm(sys.modules[__name__], grads, sq, max_norm)

@@ -161,9 +161,9 @@ def prepare(arrays, names, indices=None):
     return prepare_device(arrays, names, _describe, DTYPES, _WHERE, 1, indices)
 
 
-def prepare_grads(arrays, name="grads", indices=None):
+def prepare_grads(grads, name="grads", indices=None):
     """Check arrays for an in-place operation (nothing written): how an optimizer checks its params."""
-    return prepare_device((arrays,), (name,), _describe, DTYPES, _WHERE, -1, indices)
+    return prepare_device((grads,), (name,), _describe, DTYPES, _WHERE, -1, indices)
 
 
 check_disjoint = check_prepared_disjoint  # across the prepared calls of one optimizer step
@@ -287,6 +287,38 @@ def step_guard(sq, max_norm=None, skip_nonfinite=False, skipped=None):
 def global_norm(sq):
     """sqrt(sum(sq)) as a 0-d float64 device array (no host synchronisation)."""
     return _global_norm(sq)[0].reshape(())
+
+
+@functools.lru_cache(maxsize=None)
+def _coefficient_kernel():
+    """One thread: out[0] = clip coefficient of norm[0], with the kernels' own clip_coefficient (float64)."""
+    cuda = _cuda()
+    from fastopt.kernels.numba import math as fmath
+    coefficient = fmath.build(F64)["clip_coefficient"]
+
+    @cuda.jit
+    def clip_coefficient_kernel(norm, max_norm, out):
+        out[0] = coefficient(norm[0], max_norm)
+
+    return clip_coefficient_kernel
+
+
+def clip_coefficient(total_norm, max_norm):
+    """min(1, max_norm / (total_norm + 1e-6)) of a norm on the device (NaN for a NaN norm), as a 0-d
+    float64 device array computed there without reading the norm back: pass it on as grad_scale=."""
+    cuda = _cuda()
+    a = _describe(total_norm, "total_norm")
+    if a.size != 1:
+        raise ValueError(f"total_norm must be a scalar or a 0-d array, got shape {a.shape}")
+    stream = _stream(a)
+    norm = _flat(a)
+    if a.dtype != F64:
+        norm64 = cuda.device_array(1, dtype=np.float64, stream=stream)
+        _kernels(F64)["cast_scalar"][1, 1, stream](norm, norm64)
+        norm = norm64
+    out = cuda.device_array(1, dtype=np.float64, stream=stream)
+    _coefficient_kernel()[1, 1, stream](norm, np.float64(max_norm), out)
+    return out.reshape(())
 
 
 def _scale_each(grads, mode, host_coef, coef, max_norm):

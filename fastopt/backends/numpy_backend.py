@@ -2,9 +2,12 @@
 compiled backend. Used when the Cython extension is missing, or on request (backend="numpy")."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from fastopt import reference
+from fastopt.backends import host_clip
 from fastopt.backends import validate
 from fastopt.backends.validate import Checked, check_prepared_disjoint, host_scale
 
@@ -68,3 +71,18 @@ def scale_each_(grads, coefs):
 def clamp_(grads, clip_value):
     for g in prepare_grads(grads).lists[0]:
         reference.clamp_(g, clip_value)
+
+
+# Norms and clipping from the sums of squares: written once for both host backends (host_clip.py)
+global_norm = host_clip.global_norm
+clip_coefficient = host_clip.clip_coefficient
+
+
+def clip_by_norm(grads, sq, max_norm):
+    """Per array: g *= min(1, max_norm / (||g|| + 1e-6)) in place; the norms (a list for a list)."""
+    return host_clip.clip_by_norm(sys.modules[__name__], grads, sq, max_norm)
+
+
+def clip_by_global_norm(grads, sq, max_norm):
+    """Every array: g *= min(1, max_norm / (total + 1e-6)) in place; the total norm."""
+    return host_clip.clip_by_global_norm(sys.modules[__name__], grads, sq, max_norm)

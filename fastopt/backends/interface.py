@@ -1,0 +1,127 @@
+"""The backend interface: what every module fastopt/backends/<name>_backend.py provides.
+
+A backend is a module (not a class): dispatch.backend_for() returns the module, and the layers above it
+(functional.py, clip.py, optim.py) call only the names declared here. `Backend` is what every backend
+provides; `HostBackend` and `DeviceBackend` add what only one side has. tests/test_backend_interface.py
+checks every backend module against these Protocols (names and parameters, through inspect), the GPU
+modules included (they import without a GPU).
+
+Conventions shared by every backend (docs/design.md, "The backend interface"):
+- prepare() checks everything and writes nothing; run() writes. An optimizer prepares all its calls,
+  checks them against each other with check_disjoint(), then runs them.
+- grad_scale is None, a real number, or a 0-d float array (on the device of the arrays for a GPU
+  backend: the kernels read it, no host synchronisation). Device backends also take found_inf, a
+  one-element bool/uint8 device flag: when set, the kernels return without writing.
+- Norms and clipping work on the per-tensor sums of squares `sq` that sumsq_per_tensor() returns (a
+  float64 NumPy array on the host, a float64 device array on a GPU): the caller reduces once and passes
+  `sq` on, so one reduction serves clipping and the non-finite check. Norms come back as np.float64 on
+  the host and as 0-d float64 device arrays on a GPU (never read back).
+- The clip coefficient is min(1, max_norm / (norm + 1e-6)), NaN for a NaN norm: on the host in
+  host_clip.clip_coefficient (the one Python copy), on a GPU inside the kernels.
+A Protocol can declare a parameter a backend's function has in addition (with a default); the test
+accepts extra trailing parameters with defaults (e.g. `out=` of a device sumsq_per_tensor).
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+Prepared = Any  # what prepare()/prepare_grads() return (validate.Checked); opaque to the callers
+Arrays = Any    # one array or a list of arrays of this backend's kind
+Scalar = Any    # np.float64 on the host, a 0-d float64 device array on a GPU
+
+__all__ = ["Backend", "HostBackend", "DeviceBackend", "BACKEND_FUNCTIONS", "HOST_FUNCTIONS", "DEVICE_FUNCTIONS"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every backend module provides."""
+
+    NAME: str
+    AVAILABLE: bool
+
+    # --- updates ----------------------------------------------------------------------------------
+    def prepare(self, arrays: Sequence[Any], names: Sequence[str], indices: Any = None) -> Prepared:
+        """Check the arrays (params, grads, states...) of one update; nothing is written."""
+
+    def check_disjoint(self, prepared: Sequence[Prepared]) -> None:
+        """ValueError when prepared calls of one optimizer step share memory one of them writes."""
+
+    def run(self, prepared: Prepared, spec: Any, hp: dict, step: int, grad_scale: Any) -> None:
+        """Apply the update of `spec` with hyperparameters `hp` at step `step` to prepared arrays."""
+
+    def step(self, spec: Any, arrays: Sequence[Any], names: Sequence[str], hp: dict, step: int,
+             grad_scale: Any) -> None:
+        """prepare() then run()."""
+
+    # --- in-place operations on gradients ---------------------------------------------------------
+    def prepare_grads(self, grads: Arrays, name: str = "grads", indices: Any = None) -> Prepared:
+        """Check arrays for an in-place operation (every one writable); nothing written."""
+
+    def sumsq_per_tensor(self, grads: Arrays) -> Any:
+        """Per-array sums of squares, float64, in a fixed order (deterministic)."""
+
+    def scale_(self, grads: Arrays, coef: Any) -> None:
+        """g *= coef in place (coef a float; on a GPU also a 0-d device array)."""
+
+    def clamp_(self, grads: Arrays, clip_value: float) -> None:
+        """g = clip(g, -clip_value, clip_value) in place (clip_by_value)."""
+
+    # --- norms and clipping, from the sums of squares ---------------------------------------------
+    def global_norm(self, sq: Any) -> Scalar:
+        """sqrt(sum(sq))."""
+
+    def clip_coefficient(self, total_norm: Scalar, max_norm: float) -> Scalar:
+        """min(1, max_norm / (total_norm + 1e-6)) where the norm lives."""
+
+    def clip_by_norm(self, grads: Arrays, sq: Any, max_norm: float) -> Any:
+        """Per array, scale by its clip coefficient, in place; the norms (a list for a list)."""
+
+    def clip_by_global_norm(self, grads: Arrays, sq: Any, max_norm: float) -> Scalar:
+        """Scale every array by the clip coefficient of the total norm, in place; the total norm."""
+
+
+@runtime_checkable
+class HostBackend(Backend, Protocol):
+    """CPU backends (cython, numpy)."""
+
+    def scale_each_(self, grads: Arrays, coefs: Sequence[float]) -> None:
+        """grads[i] *= coefs[i] in place."""
+
+
+@runtime_checkable
+class DeviceBackend(Backend, Protocol):
+    """GPU backends (cupy, numba): a device skip flag for updates, and the optimizer's guard."""
+
+    def run(self, prepared: Prepared, spec: Any, hp: dict, step: int, grad_scale: Any,
+            found_inf: Any = None) -> None:
+        """As Backend.run; the kernels return without writing while the device flag found_inf is set."""
+
+    def step(self, spec: Any, arrays: Sequence[Any], names: Sequence[str], hp: dict, step: int,
+             grad_scale: Any, found_inf: Any = None) -> None:
+        """prepare() then run()."""
+
+    def sumsq_per_tensor(self, grads: Arrays, out: Any = None) -> Any:
+        """As Backend.sumsq_per_tensor, written into `out` (a float64 device array) when given."""
+
+    def device_zeros(self, n: int, dtype: Any, like: Any) -> Any:
+        """n zeros of `dtype` on the device (and stream) of `like`."""
+
+    def step_guard(self, sq: Any, max_norm: float | None = None, skip_nonfinite: bool = False,
+                   skipped: Any = None) -> tuple:
+        """(clip coefficient or None, skip flag or None) in one launch; `skipped` counts skipped steps."""
+
+
+def _members(protocol) -> tuple:
+    names = []
+    for klass in reversed(protocol.__mro__):
+        if klass not in (Backend, HostBackend, DeviceBackend):
+            continue
+        for name, value in vars(klass).items():
+            if callable(value) and not name.startswith("_") and name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+BACKEND_FUNCTIONS = _members(Backend)
+HOST_FUNCTIONS = _members(HostBackend)
+DEVICE_FUNCTIONS = _members(DeviceBackend)

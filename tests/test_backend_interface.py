@@ -1,0 +1,149 @@
+"""Every backend module conforms to the declared interface (fastopt/backends/interface.py): the names,
+and each function's parameters (names, order, kinds, defaults) through inspect. The GPU modules are
+checked too: they import without a GPU. And clip.py goes through that interface only."""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt.backends import interface
+from fastopt.backends.dispatch import BACKENDS, DEVICE_BACKENDS, HOST_BACKENDS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _protocol_for(name):
+    return interface.HostBackend if name in HOST_BACKENDS else interface.DeviceBackend
+
+
+def _declared(protocol, fn_name):
+    """The declared signature, without `self`."""
+    for klass in protocol.__mro__:
+        if fn_name in vars(klass):
+            sig = inspect.signature(vars(klass)[fn_name])
+            return sig.replace(parameters=list(sig.parameters.values())[1:])
+    raise KeyError(fn_name)
+
+
+def _conforms(declared, actual):
+    """The declared parameters, in order, with the same kind and default; extra ones only after them
+    and with a default (so every call written against the Protocol works)."""
+    want, have = list(declared.parameters.values()), list(actual.parameters.values())
+    if len(have) < len(want):
+        return f"missing parameters {[p.name for p in want[len(have):]]}"
+    for w, h in zip(want, have):
+        if (w.name, w.kind, w.default) != (h.name, h.kind, h.default):
+            return f"parameter {h.name!r} ({h.kind}, default {h.default!r}) where {w} is declared"
+    for h in have[len(want):]:
+        if h.default is inspect.Parameter.empty and h.kind not in (h.VAR_POSITIONAL, h.VAR_KEYWORD):
+            return f"extra parameter {h.name!r} without a default"
+    return None
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_backend_module_conforms(name):
+    mod = importlib.import_module(f"fastopt.backends.{name}_backend")
+    protocol = _protocol_for(name)
+    assert isinstance(mod, protocol), f"{name}: not a {protocol.__name__}"
+    assert mod.NAME == name and isinstance(mod.AVAILABLE, bool)
+    functions = interface.HOST_FUNCTIONS if name in HOST_BACKENDS else interface.DEVICE_FUNCTIONS
+    problems = []
+    for fn_name in functions:
+        fn = getattr(mod, fn_name, None)
+        if not callable(fn):
+            problems.append(f"{fn_name}: missing")
+            continue
+        why = _conforms(_declared(protocol, fn_name), inspect.signature(fn))
+        if why:
+            problems.append(f"{fn_name}: {why}")
+    assert not problems, f"{name}_backend does not conform:\n" + "\n".join(problems)
+
+
+def test_interface_lists_the_shared_operations():
+    for fn in ("prepare", "check_disjoint", "run", "step", "prepare_grads", "sumsq_per_tensor", "scale_",
+               "clamp_", "global_norm", "clip_coefficient", "clip_by_norm", "clip_by_global_norm"):
+        assert fn in interface.BACKEND_FUNCTIONS
+    assert set(interface.HOST_FUNCTIONS) - set(interface.BACKEND_FUNCTIONS) == {"scale_each_"}
+    assert set(interface.DEVICE_FUNCTIONS) - set(interface.BACKEND_FUNCTIONS) == {"step_guard", "device_zeros"}
+
+
+def test_checker_reports_a_bad_module():
+    import types
+
+    bad = types.SimpleNamespace(NAME="x", AVAILABLE=True)
+    bad.clip_by_norm = lambda grads, max_norm: None
+    assert _conforms(_declared(interface.Backend, "clip_by_norm"), inspect.signature(bad.clip_by_norm))
+    assert not isinstance(bad, interface.Backend)
+
+
+def test_clip_module_does_not_probe_backends_nor_import_cupy():
+    src = open(os.path.join(ROOT, "fastopt", "clip.py")).read()
+    assert "hasattr" not in src and "import cupy" not in src
+
+
+def test_host_clip_coefficient_one_formula():
+    from fastopt.backends import cython_backend, host_clip, numpy_backend
+
+    assert cython_backend.clip_coefficient is host_clip.clip_coefficient
+    assert numpy_backend.clip_coefficient is host_clip.clip_coefficient
+    assert fastopt.clip.clip_coefficient(0.5, 1.0) == 1.0
+    assert fastopt.clip.clip_coefficient(np.float64(4.0), 1.0) == 1.0 / (4.0 + 1e-6)
+    assert np.isnan(fastopt.clip.clip_coefficient(float("nan"), 1.0))
+
+
+@pytest.mark.parametrize("name", HOST_BACKENDS)
+def test_host_backends_clip_through_the_interface(name, rng=np.random.default_rng(0)):
+    if name == "cython" and not importlib.import_module("fastopt.backends.cython_backend").AVAILABLE:
+        pytest.skip("extension not built")
+    g = [rng.standard_normal(n) for n in (3, 100, 7)]
+    want = [x.copy() for x in g]
+    total = fastopt.clip_by_global_norm(g, 1.0, backend=name)
+    ref = np.sqrt(sum(float(np.sum(x * x)) for x in want))
+    np.testing.assert_allclose(total, ref, rtol=1e-12)
+    coef = min(1.0, 1.0 / (ref + 1e-6))
+    for a, b in zip(g, want):
+        np.testing.assert_allclose(a, b * coef, rtol=1e-12)
+
+
+SIM_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    from numba import cuda
+    import fastopt
+    from fastopt.backends import numba_backend as nb
+    from fastopt.clip import clip_coefficient
+    g = [np.arange(1, 5, dtype=np.float64), np.full(3, 2.0)]
+    total = np.sqrt(sum(float(np.sum(x * x)) for x in g))
+    d = [cuda.to_device(x) for x in g]
+    norm = fastopt.global_norm(d)
+    assert abs(float(norm.copy_to_host()) - total) < 1e-12 * total
+    coef = clip_coefficient(norm, 1.0)
+    assert coef.shape == (), coef.shape
+    assert float(coef.copy_to_host()) == min(1.0, 1.0 / (float(norm.copy_to_host()) + 1e-6))
+    assert float(clip_coefficient(norm, 1e9).copy_to_host()) == 1.0
+    nan = cuda.to_device(np.array([np.nan])).reshape(())
+    assert np.isnan(float(clip_coefficient(nan, 1.0).copy_to_host()))
+    f32 = cuda.to_device(np.array([3.0], dtype=np.float32)).reshape(())
+    assert float(clip_coefficient(f32, 1.0).copy_to_host()) == 1.0 / (3.0 + 1e-6)
+    total_clip = fastopt.clip_by_global_norm(d, 1.0)
+    assert abs(float(total_clip.copy_to_host()) - total) < 1e-12 * total
+    fastopt.adam_step(d[0], cuda.to_device(g[0]), cuda.to_device(np.zeros(4)), cuda.to_device(np.zeros(4)),
+                      step=1, grad_scale=coef)
+    print("INTERFACE SIM OK")
+""")
+
+
+def test_numba_clip_coefficient_on_the_simulator():
+    """A Numba norm's clip coefficient is computed by the Numba backend (no CuPy), on the device."""
+    pytest.importorskip("numba")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", SIM_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0 and "INTERFACE SIM OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
