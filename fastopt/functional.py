@@ -52,7 +52,7 @@ def _annotations(spec: OptimizerSpec) -> dict:
 def _generate(spec: OptimizerSpec):
     """Build `<name>_step` with its real signature (introspection and IDEs see every argument)."""
     array_args = ["params", "grads"] + [s if s not in spec.optional_states else f"{s}=None" for s in spec.states]
-    # required keywords first (as DESIGN.md writes them: `*, lr, step=1, ...` but `*, step, lr=1e-2, ...`)
+    # required keywords first (docs/design.md, Public API: `*, lr, step=1, ...` but `*, step, lr=1e-2, ...`)
     required, optional, defaults = [], [], {}
     if spec.uses_step:
         (required if spec.step_default is None else optional).append(

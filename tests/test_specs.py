@@ -1,4 +1,4 @@
-"""The registry agrees with the kernels and with DESIGN.md's public signatures."""
+"""The registry agrees with the kernels and with the public signatures of docs/design.md."""
 from __future__ import annotations
 
 import inspect
@@ -12,7 +12,7 @@ from fastopt.specs import REGISTRY, REQUIRED
 
 CUDA_DIR = Path(__file__).resolve().parent.parent / "kernels" / "cuda"
 
-# DESIGN.md's signatures (the public contract), keyword defaults included
+# the public signatures of docs/design.md (the contract), keyword defaults included
 CONTRACT = {
     "sgd": "params, grads, momentum_buffer=None, *, lr, step=1, momentum=0.0, dampening=0.0, nesterov=False, "
            "weight_decay=0.0, maximize=False, grad_scale=None",
@@ -40,7 +40,7 @@ CONTRACT = {
 @pytest.mark.parametrize("name", list(CONTRACT))
 def test_signature_matches_design(name):
     sig = inspect.signature(getattr(fastopt, f"{name}_step"))
-    # backend=: fastopt's addition; annotations are compared separately (DESIGN.md writes none)
+    # backend=: fastopt's addition; annotations are compared separately (docs/design.md writes none)
     params = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values() if p.name != "backend"]
     assert str(sig.replace(parameters=params, return_annotation=inspect.Signature.empty))[1:-1] == CONTRACT[name]
 

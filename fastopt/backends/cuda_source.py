@@ -3,7 +3,7 @@ local headers inlined, and the compile options of one (dtype, architecture).
 
 Inlining the headers (instead of passing -I) makes the source string the whole input, so CuPy's
 on-disk kernel cache, which hashes the source and options only, is invalidated by a header edit too.
-Needs neither CuPy nor a GPU: the NVRTC compile check of CI (tests/gpu/test_cuda_compile.py) uses the
+Needs neither CuPy nor a GPU: the NVRTC compile check of CI (tests/gpu/test_gpu_compile.py) uses the
 same functions as the launcher.
 """
 from __future__ import annotations
