@@ -1,5 +1,5 @@
 """CPU benchmark: every optimizer x N in {1e5, 1e6, 1e7}, float32; writes bench/results/cpu-<host>.json
-and prints the README table. Same as `fastopt bench --out ...`. See fastopt/benchmark.py."""
+and prints the README table. An entry point: the same as `fastopt bench --out ...` (fastopt/benchmark.py)."""
 import os
 import platform
 import sys

@@ -1,5 +1,5 @@
 """GPU benchmark script: `python bench/bench_gpu.py [--quick] [--out bench/results/gpu-<device>.json]`.
-The same as `fastopt bench --device gpu`; see fastopt/benchmark_gpu.py."""
+An entry point: the same as `fastopt bench --device gpu` (fastopt/benchmark_gpu.py)."""
 import sys
 
 from fastopt.cli import main

@@ -1,153 +1,21 @@
-"""Per-epoch training time: fastopt's trainer against scikit-learn's MLPClassifier, same architecture,
-batch size, epochs, optimizer (Adam, same learning rate and betas), dtype (float32) and data.
+"""Per-epoch training time, fastopt's trainer against scikit-learn's MLPClassifier: writes
+bench/results/train-cpu.json.
 
-    .venv/bin/python bench/bench_train.py [--repeats 3] [--out bench/results/train-cpu.json]
+    .venv/bin/python bench/bench_train.py [--repeats 3] [--quick] [--threads N|default] [--out FILE]
 
-Cases: digits (MLP 64-128-10, the README's default run) and a larger synthetic problem
-(784-256-10, 8192 samples, MNIST-shaped) where the matrix products dominate. sklearn's epoch covers
-its minibatch loop only; ours also evaluates the validation split every epoch (a handicap we keep
-because it is what `fastopt train` does). Reported: median over repeats of seconds per epoch, and the
-ratio sklearn / fastopt (> 1: fastopt is faster).
-"""
-from __future__ import annotations
-
-import argparse
-import json
+An entry point: the benchmark is fastopt/benchmark_train.py (cases and method described there)."""
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
-import warnings
 
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-if __name__ == "__main__" and "--threads" in sys.argv and sys.argv[sys.argv.index("--threads") + 1] != "default":
-    # BLAS and OpenMP read these once, when NumPy and fastopt load: set them before the imports below
-    os.environ.update({k: sys.argv[sys.argv.index("--threads") + 1] for k in THREAD_VARIABLES})
+if "--threads" in sys.argv[:-1] and sys.argv[sys.argv.index("--threads") + 1] != "default":
+    # BLAS and OpenMP read these once, when NumPy and fastopt load: set them before importing either
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = sys.argv[sys.argv.index("--threads") + 1]
 
-import numpy as np  # noqa: E402
-
-import fastopt  # noqa: E402
-from fastopt.train.data import Dataset, load_dataset  # noqa: E402
-from fastopt.train.models import MLP  # noqa: E402
-from fastopt.train.trainer import TrainConfig, fit  # noqa: E402
-
-
-def synthetic(n=8192, features=784, classes=10, seed=0):
-    """A linearly separable-ish MNIST-shaped problem: the timings, not the accuracy, matter here."""
-    rng = np.random.default_rng(seed)
-    X = rng.normal(size=(n + 1024, features))
-    y = (X @ rng.normal(size=(features, classes))).argmax(axis=1)
-    return Dataset("synthetic", "multiclass", X[:n], y[:n], X[n:n + 512], y[n:n + 512], X[n + 512:], y[n + 512:],
-                   n_classes=classes)
-
-
-def time_fastopt(data, hidden, epochs, batch_size, lr, seed):
-    data32 = data.astype(np.float32)
-    model = MLP(data32.n_features, (hidden,), data32.n_classes, seed=seed)
-    result = fit(model, data32, TrainConfig(optimizer="adam", lr=lr, epochs=epochs, batch_size=batch_size,
-                                            seed=seed, progress=False))
-    return result.train_seconds / result.epochs_run, result.metrics["test"]["accuracy"]
-
-
-def time_sklearn(data, hidden, epochs, batch_size, lr, seed):
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.neural_network import MLPClassifier
-    clf = MLPClassifier(hidden_layer_sizes=(hidden,), activation="relu", solver="adam", alpha=0.0,
-                        batch_size=batch_size, learning_rate_init=lr, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
-                        max_iter=epochs, shuffle=True, random_state=seed, tol=0.0, n_iter_no_change=10 ** 6,
-                        early_stopping=False)
-    X, y = data.X_train.astype(np.float32), data.y_train
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        start = time.perf_counter()
-        clf.fit(X, y)
-        seconds = time.perf_counter() - start
-    accuracy = float((clf.predict(data.X_test.astype(np.float32)) == data.y_test).mean())
-    return seconds / clf.n_iter_, accuracy
-
-
-def machine():
-    import sklearn
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-            "scikit-learn": sklearn.__version__, "fastopt": fastopt.__version__,
-            "fastopt_threads": fastopt.get_num_threads(), "platform": platform.platform()}
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train-cpu.json"))
-    parser.add_argument("--quick", action="store_true", help="digits only, 1 repeat")
-    parser.add_argument("--threads", default=None,
-                        help="BLAS and OpenMP threads for both libraries, or 'default' (unset: run once "
-                             "with the machine's defaults and once with 1 thread, each in its own process)")
-    args = parser.parse_args(argv)
-    if args.threads is None:
-        return _both_thread_settings(args)
-    cases = [("digits", lambda: load_dataset("digits", seed=0), 128, 20, 32, 5e-3)]
-    if not args.quick:
-        cases.append(("synthetic-784-256-10", synthetic, 256, 3, 64, 1e-3))
-    repeats = 1 if args.quick else args.repeats
-    rows = []
-    for name, load, hidden, epochs, batch_size, lr in cases:
-        data = load()
-        ours, theirs = [], []
-        for r in range(repeats):  # interleaved, so drifting machine load hits both alike
-            ours.append(time_fastopt(data, hidden, epochs, batch_size, lr, seed=r))
-            theirs.append(time_sklearn(data, hidden, epochs, batch_size, lr, seed=r))
-        f_epoch = statistics.median(t for t, _ in ours)
-        s_epoch = statistics.median(t for t, _ in theirs)
-        row = {"case": name, "architecture": f"{data.n_features}-{hidden}-{data.n_classes}",
-               "train_samples": int(len(data.y_train)), "epochs": epochs, "batch_size": batch_size, "lr": lr,
-               "dtype": "float32", "repeats": repeats,
-               "fastopt_s_per_epoch": f_epoch, "sklearn_s_per_epoch": s_epoch, "speedup_vs_sklearn": s_epoch / f_epoch,
-               "fastopt_test_accuracy": [a for _, a in ours], "sklearn_test_accuracy": [a for _, a in theirs]}
-        rows.append(row)
-        print(f"{name:>22} {row['architecture']:>11}  fastopt {f_epoch * 1e3:8.2f} ms/epoch   "
-              f"sklearn {s_epoch * 1e3:8.2f} ms/epoch   sklearn/fastopt = {row['speedup_vs_sklearn']:.2f}x   "
-              f"test acc {np.mean(row['fastopt_test_accuracy']):.4f} vs {np.mean(row['sklearn_test_accuracy']):.4f}")
-    payload = {"benchmark": "per-epoch training time, fastopt trainer vs sklearn MLPClassifier",
-               "threads": args.threads, "machine": machine(), "results": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(payload, f, indent=2)
-    print(f"wrote {args.out}")
-    return 0
-
-
-def _both_thread_settings(args):
-    """Small matrices and a shared machine make thread counts decisive (idle spinning threads of one
-    library slow the other): record the default and the single-threaded setting side by side."""
-    runs = {}
-    for threads in ("default", "1"):
-        out = args.out + f".{threads}.tmp"
-        cmd = [sys.executable, os.path.abspath(__file__), "--repeats", str(args.repeats), "--out", out]
-        cmd += ["--quick"] if args.quick else []
-        cmd += ["--threads", threads]  # given, so the child measures instead of recursing
-        env = dict(os.environ)
-        if threads == "default":
-            for k in THREAD_VARIABLES:
-                env.pop(k, None)
-        print(f"-- threads: {threads}")
-        subprocess.run(cmd, check=True, env=env)
-        with open(out) as f:
-            runs[threads] = json.load(f)
-        os.remove(out)
-    payload = {"benchmark": runs["1"]["benchmark"], "machine": runs["1"]["machine"],
-               "by_threads": {k: v["results"] for k, v in runs.items()}}
-    with open(args.out, "w") as f:
-        json.dump(payload, f, indent=2)
-    print(f"wrote {args.out}")
-    return 0
-
+from fastopt.benchmark_train import main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    argv = sys.argv[1:]
+    if "--out" not in argv:
+        argv += ["--out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train-cpu.json")]
+    sys.exit(main(argv))

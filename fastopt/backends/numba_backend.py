@@ -182,40 +182,41 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None):
     stream = _stream(lists[0][0])
     host_scale, gs = _device_scale(grad_scale, dtype, stream)
     h = tuple(dtype.type(x) for x in spec.scalars(hp, step, host_scale))
+    variant = spec.variant(hp, step)
+    used = sum(1 << j for j, lst in enumerate(lists[2:]) if lst is not None)  # live state slots
     block = launch_config()[0]
     k = _kernels(dtype)
-    if spec.two_phase:
-        _lamb(k, lists, h, gs, hp["lr"], dtype, skip, stream)
-        return
-    kernel = k["update"][spec.kernel]
-    variant = spec.variant(hp, step)
-    used = sum(1 << j for j, lst in enumerate(lists[2:]) if lst is not None)
-    for i, p in enumerate(lists[0]):
-        if not p.size:
-            continue
-        fp = _flat(p)
-        states = [_flat(lst[i]) if lst is not None else fp for lst in lists[2:]]
-        states += [fp] * (3 - len(states))  # unused slots: never read nor written
-        kernel[_grid(p.size), block, stream](fp, _flat(lists[1][i]), *states, h, gs, used, variant, skip)
-
-
-def _lamb(k, lists, h, gs, lr, dtype, skip, stream):
-    cuda = _cuda()
-    block = launch_config()[0]
     sizes = tuple(a.size for a in lists[0])
+    params = [_flat(p) if n else None for p, n in zip(lists[0], sizes)]
+    grads = [_flat(g) if n else None for g, n in zip(lists[1], sizes)]
+    # the state slots of each tensor; a dead slot gets the param (never read nor written: `used`)
+    slots = [[(_flat(lst[i]) if lst is not None else params[i]) for lst in lists[2:]] +
+             [params[i]] * (_SLOTS - len(lists) + 2) if n else None for i, n in enumerate(sizes)]
+    if not spec.two_phase:
+        kernel = k["update"][spec.kernel]
+        for i, n in enumerate(sizes):
+            if n:
+                kernel[_grid(n), block, stream](params[i], grads[i], *slots[i], h, gs, used, variant, skip)
+        return
+    # two phases (LAMB): the states and the per-block norms of p and u; lr * trust ratio per tensor from
+    # them (on the device: no host round trip); the step
+    cuda = _cuda()
     offsets, total = _offsets(sizes)
+    host_offsets = _host_offsets(sizes)
     partials = cuda.device_array(2 * total, dtype=np.float64)
     scaled_lr = cuda.device_array(len(sizes), dtype=dtype)
-    flats = [[_flat(a) if a.size else None for a in lst] for lst in lists[:4]]
-    host_offsets = _host_offsets(sizes)
+    moments, apply = k["moments"][spec.kernel], k["apply"][spec.kernel]
     for i, n in enumerate(sizes):
         if n:
-            k["lamb_moments"][_grid(n), block, stream](flats[0][i], flats[1][i], flats[2][i], flats[3][i], h, gs, partials,
-                                               host_offsets[i], skip)
-    k["lamb_trust"][len(sizes), block, stream](partials, offsets, np.float64(lr), scaled_lr)
+            moments[_grid(n), block, stream](params[i], grads[i], *slots[i], h, gs, used, variant, partials,
+                                             host_offsets[i], skip)
+    k["trust"][len(sizes), block, stream](partials, offsets, np.float64(hp["lr"]), scaled_lr)
     for i, n in enumerate(sizes):
         if n:
-            k["lamb_apply"][_grid(n), block, stream](flats[0][i], flats[2][i], flats[3][i], h, scaled_lr, i, skip)
+            apply[_grid(n), block, stream](params[i], *slots[i], h, scaled_lr, i, used, variant, skip)
+
+
+_SLOTS = 3  # state slots of every kernel (kernels/numba/kernels.py SLOTS)
 
 
 @functools.lru_cache(maxsize=256)

@@ -3,11 +3,17 @@ kernels/numba/math.py. Built lazily per (dtype, block size) by `build()`; nothin
 first launch (or an explicit numba.cuda.compile_ptx). Importing this module needs numba but no GPU;
 fastopt imports it only when the numba backend is first used.
 
-Kernels (one array each; the launcher, fastopt/backends/numba_backend.py, loops over a list):
-  update[family](p, g, s0, s1, s2, h, gs, used, variant, skip)  grid-stride; `used` bit k: state k is live
-  lamb_moments(p, g, m, v, h, gs, partials, offset, skip) new m, v; per block sum of p^2, u^2 (float64)
-  lamb_trust(partials, offsets, lr, scaled_lr)             one block per tensor: lr * trust ratio
-  lamb_apply(p, m, v, h, scaled_lr, t, skip)               p -= scaled_lr[t] * u
+Kernels (one array each; the launcher, fastopt/backends/numba_backend.py, loops over a list). The
+per-family kernels are generated from the registry (spec.kernel) and the family's math functions, found
+by name in kernels/numba/math.py; no family is listed here:
+  update[family](p, g, s0, s1, s2, h, gs, used, variant, skip)  elementwise, from <family>_math;
+                                                   grid-stride; `used` bit k: state slot k is live
+  moments[family](p, g, s0, s1, s2, h, gs, used, variant, partials, offset, skip)   two-phase (LAMB),
+                                                   from <family>_moments_math: new states; per block
+                                                   the float64 sums of p^2 and u^2
+  trust(partials, offsets, lr, scaled_lr)          one block per tensor: lr * trust ratio
+  apply[family](p, s0, s1, s2, h, scaled_lr, t, used, variant, skip)  from <family>_direction_math:
+                                                   p -= scaled_lr[t] * u
   step_guard(sq, max_norm, coef, flag, skipped, mode)      the optimizer's clip coefficient / skip flag
 `skip` is a one-element array (the optimizer's device-side skip flag): when set, the kernel returns
 before touching memory, so a step with a NaN/Inf gradient is skipped without a host round trip.
@@ -26,21 +32,54 @@ import numpy as np
 from numba import cuda, float64  # at module level: the simulator swaps the module's `cuda` while it runs
 
 from fastopt.kernels.numba import math as fmath
+from fastopt.specs import REGISTRY
 
-FAMILIES = ("sgd", "adagrad", "rmsprop", "adam", "nadam", "radam", "adabelief", "lion")
+
+def families(two_phase=False):
+    """The kernel families of the registry (spec.kernel), elementwise or two-phase, in registry order."""
+    return tuple(dict.fromkeys(s.kernel for s in REGISTRY.values() if bool(s.two_phase) == two_phase))
+
+
+FAMILIES = families()                    # elementwise: one `update` kernel each
+TWO_PHASE_FAMILIES = families(True)      # LAMB: `moments`, `trust`, `apply`
+SLOTS = 3                                # state slots of every kernel (s0, s1, s2)
+assert all(len(s.states) <= SLOTS for s in REGISTRY.values()), "a family needs more than 3 state slots"
+
+
+def math_function(m, name):
+    """The device function `name` from kernels/numba/math.py, or a clear error naming what to write."""
+    try:
+        return m[name]
+    except KeyError:
+        raise NotImplementedError(f"no Numba math {name!r}: write it in kernels/numba/math.py "
+                                  f"(decorated with @family)") from None
+
+
+class _Lazy(dict):
+    """family -> kernel, generated on first use (a family without Numba math fails only when used)."""
+
+    def __init__(self, families, make):
+        super().__init__()
+        self._families, self._make = families, make
+
+    def __missing__(self, family):
+        if family not in self._families:
+            raise KeyError(family)
+        self[family] = kernel = self._make(family)
+        return kernel
 
 
 @functools.lru_cache(maxsize=None)
 def build(dtype, block):
     """dict of kernels for math dtype `dtype` (float32 / float64) and `block` threads per block (a power
-    of two: the tree sums halve it)."""
+    of two: the tree sums halve it). k["update"][family], k["moments"][family], k["apply"][family] are
+    generated from the family's math functions (kernels/numba/math.py) on first use."""
     dtype = np.dtype(dtype)
     m = fmath.build(dtype)
     ZERO = m["zero"]
     CAST = dtype.type
     BLOCK = block
-    lamb_moments_math, lamb_direction = m["lamb_moments"], m["lamb_direction"]
-    lamb_trust_ratio, clip_coefficient, clamp_math = m["lamb_trust_ratio"], m["clip_coefficient"], m["clamp"]
+    trust_ratio, clip_coefficient, clamp_math = m["trust_ratio"], m["clip_coefficient"], m["clamp"]
 
     @cuda.jit(device=True)
     def block_sum(x, shared):
@@ -58,7 +97,12 @@ def build(dtype, block):
         cuda.syncthreads()
         return total
 
-    def make_update(math_fn):
+    # ---- the generic kernels, one per family: the memory side around the family's math ----------------
+    # `used` bit k: state slot k is live (read and written); a dead slot is neither read nor written.
+
+    def make_update(family):
+        math_fn = math_function(m, f"{family}_math")
+
         @cuda.jit
         def update(p, g, s0, s1, s2, h, gs, used, variant, skip):
             if skip[0]:
@@ -85,32 +129,77 @@ def build(dtype, block):
                     s2[i] = c
         return update
 
-    kernels = {"update": {f: make_update(m[f]) for f in FAMILIES}}
+    # Two-phase families (LAMB), in one place: phase 1 `moments` updates the states and writes per block
+    # the float64 sums of p^2 and u^2 (u: the family's direction); `trust` reduces each tensor's blocks
+    # into lr * trust_ratio; phase 2 `apply` recomputes u from the new states and steps p.
+
+    def make_moments(family):
+        moments_math = math_function(m, f"{family}_moments_math")
+
+        @cuda.jit
+        def moments(p, g, s0, s1, s2, h, gs, used, variant, partials, offset, skip):
+            shared = cuda.shared.array(BLOCK, float64)
+            if skip[0]:  # the whole block returns: block_sum's barriers stay uniform
+                return
+            s = gs[0]
+            pp = 0.0
+            uu = 0.0
+            start, stride = cuda.grid(1), cuda.gridsize(1)
+            for i in range(start, p.size, stride):
+                a = ZERO
+                b = ZERO
+                c = ZERO
+                if used & 1:
+                    a = s0[i]
+                if used & 2:
+                    b = s1[i]
+                if used & 4:
+                    c = s2[i]
+                pi = p[i]
+                a, b, c, u = moments_math(pi, g[i], a, b, c, h, s, variant)
+                if used & 1:
+                    s0[i] = a
+                if used & 2:
+                    s1[i] = b
+                if used & 4:
+                    s2[i] = c
+                pp += float64(pi) * float64(pi)
+                uu += float64(u) * float64(u)
+            pp = block_sum(pp, shared)
+            uu = block_sum(uu, shared)
+            if cuda.threadIdx.x == 0:
+                partials[2 * (offset + cuda.blockIdx.x)] = pp
+                partials[2 * (offset + cuda.blockIdx.x) + 1] = uu
+        return moments
+
+    def make_apply(family):
+        direction_math = math_function(m, f"{family}_direction_math")
+
+        @cuda.jit
+        def apply(p, s0, s1, s2, h, scaled_lr, t, used, variant, skip):
+            if skip[0]:  # trust ran on stale partials: its output is not used
+                return
+            lr = scaled_lr[t]
+            start, stride = cuda.grid(1), cuda.gridsize(1)
+            for i in range(start, p.size, stride):
+                a = ZERO
+                b = ZERO
+                c = ZERO
+                if used & 1:
+                    a = s0[i]
+                if used & 2:
+                    b = s1[i]
+                if used & 4:
+                    c = s2[i]
+                pi = p[i]
+                p[i] = pi - lr * direction_math(pi, a, b, c, h, variant)
+        return apply
+
+    kernels = {"update": _Lazy(FAMILIES, make_update), "moments": _Lazy(TWO_PHASE_FAMILIES, make_moments),
+               "apply": _Lazy(TWO_PHASE_FAMILIES, make_apply)}
 
     @cuda.jit
-    def lamb_moments(p, g, mo, v, h, gs, partials, offset, skip):
-        shared = cuda.shared.array(BLOCK, float64)
-        if skip[0]:  # the whole block returns: block_sum's barriers stay uniform
-            return
-        s = gs[0]
-        pp = 0.0
-        uu = 0.0
-        start, stride = cuda.grid(1), cuda.gridsize(1)
-        for i in range(start, p.size, stride):
-            pi = p[i]
-            mi, vi, u = lamb_moments_math(pi, g[i], mo[i], v[i], h, s)
-            mo[i] = mi
-            v[i] = vi
-            pp += float64(pi) * float64(pi)
-            uu += float64(u) * float64(u)
-        pp = block_sum(pp, shared)
-        uu = block_sum(uu, shared)
-        if cuda.threadIdx.x == 0:
-            partials[2 * (offset + cuda.blockIdx.x)] = pp
-            partials[2 * (offset + cuda.blockIdx.x) + 1] = uu
-
-    @cuda.jit
-    def lamb_trust(partials, offsets, lr, scaled_lr):
+    def trust(partials, offsets, lr, scaled_lr):
         shared = cuda.shared.array(BLOCK, float64)
         t = cuda.blockIdx.x
         pp = 0.0
@@ -121,17 +210,7 @@ def build(dtype, block):
         pp = block_sum(pp, shared)
         uu = block_sum(uu, shared)
         if cuda.threadIdx.x == 0:
-            scaled_lr[t] = lr * lamb_trust_ratio(pp ** 0.5, uu ** 0.5)  # stored in the math dtype
-
-    @cuda.jit
-    def lamb_apply(p, mo, v, h, scaled_lr, t, skip):
-        if skip[0]:  # lamb_trust ran on stale partials: its output is not used
-            return
-        lr = scaled_lr[t]
-        start, stride = cuda.grid(1), cuda.gridsize(1)
-        for i in range(start, p.size, stride):
-            pi = p[i]
-            p[i] = pi - lr * lamb_direction(pi, mo[i], v[i], h)
+            scaled_lr[t] = lr * trust_ratio(pp ** 0.5, uu ** 0.5)  # stored in the math dtype
 
     @cuda.jit
     def sumsq_partials(x, partials, offset):
@@ -215,11 +294,10 @@ def build(dtype, block):
 
     @cuda.jit
     def sqrt_all(sq, out):
-        i = cuda.grid(1)
-        if i < sq.size:
+        start, stride = cuda.grid(1), cuda.gridsize(1)
+        for i in range(start, sq.size, stride):  # grid-stride: the launcher caps the grid
             out[i] = sq[i] ** 0.5
 
-    kernels.update(lamb_moments=lamb_moments, lamb_trust=lamb_trust, lamb_apply=lamb_apply,
-                   sumsq_partials=sumsq_partials, sum_segments=sum_segments, global_norm=global_norm, step_guard=step_guard,
-                   scale=scale, clamp=clamp, cast_scalar=cast_scalar, sqrt_all=sqrt_all)
+    kernels.update(trust=trust, sumsq_partials=sumsq_partials, sum_segments=sum_segments, global_norm=global_norm,
+                   step_guard=step_guard, scale=scale, clamp=clamp, cast_scalar=cast_scalar, sqrt_all=sqrt_all)
     return kernels

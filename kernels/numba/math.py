@@ -1,10 +1,22 @@
 """Per-element update math for the Numba CUDA backend: the same expressions, in the same order, as
 kernels/cuda/<family>.cuh (read those for the formulas), as @cuda.jit(device=True) functions.
 
-Numba passes no references, so each function takes (p, g, a, b, c, h, s, variant) -- the param, the
-gradient, the three state slots, the hyperparameters `h` (a tuple of the math type, in the field order
-of the family's *Params struct, i.e. fastopt/specs.py `scalar_names`) and the variant bits -- and
-returns the new (p, a, b, c). Unused slots pass through.
+One function per kernel family (`spec.kernel` in fastopt/specs.py), found BY NAME by kernels.py, which
+generates the launch kernels from the registry:
+
+  <kernel>_math(p, g, a, b, c, h, s, variant) -> (p, a, b, c)       elementwise families
+  <kernel>_moments_math(p, g, a, b, c, h, s, variant) -> (a, b, c, u)   two-phase families (LAMB):
+  <kernel>_direction_math(p, a, b, c, h, variant) -> u                  phase 1 and phase 2
+
+Numba passes no references: each function takes the param, the gradient, the three state slots (in
+`spec.states` order; unused slots pass through), the scalars `h` (a tuple of the math type in
+`spec.scalar_names` order), the device grad_scale `s` and the variant bits, and returns the new values.
+Scalars are read by name: `h[H.adam.step_size]`. `H` is built at import from the registry (one
+namespace per kernel family, one int per scalar name); Numba folds `H.<family>.<name>` into a
+compile-time constant, so reading by name costs nothing.
+
+Adding an elementwise optimizer on the Numba side: write `<kernel>_math` below (decorated with
+`@family`). Nothing else in kernels/numba or the backend lists the families.
 
 Everything is built per math dtype by `build(dtype)`: the constants (0, 1, -1) are captured as scalars
 of that dtype, so float32 kernels never promote to float64 (CI checks their PTX for `.f64`). Nothing
@@ -14,17 +26,55 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 
 import numpy as np
 from numba import cuda  # module level: the simulator swaps it while a kernel runs
 
+from fastopt.specs import REGISTRY, RMSPROP_CENTERED, RMSPROP_MOMENTUM, SGD_FIRST_STEP, SGD_MOMENTUM, SGD_NESTEROV
+
+ADAM_AMSGRAD = 1     # specs._adam_spec: variant 1 when amsgrad
+RADAM_RECTIFIED = 1  # specs._radam_variant: variant 1 when rho_t > 5
+
+
+def _scalar_namespaces():
+    """H.<kernel>.<scalar name> -> index of that scalar in the family's `h` tuple, from
+    spec.scalar_names (every spec sharing a kernel must list the same scalars). Modules, because Numba
+    reads a module attribute as a compile-time constant."""
+    h = types.ModuleType(__name__ + ".H")
+    names = {}
+    for spec in REGISTRY.values():
+        if spec.kernel in names:
+            if names[spec.kernel] != tuple(spec.scalar_names):
+                raise RuntimeError(f"specs sharing kernel {spec.kernel!r} list different scalar_names: "
+                                   f"{names[spec.kernel]} and {spec.name}'s {spec.scalar_names}")
+            continue
+        names[spec.kernel] = tuple(spec.scalar_names)
+        ns = types.ModuleType(f"{h.__name__}.{spec.kernel}")
+        for i, name in enumerate(spec.scalar_names):
+            setattr(ns, name, i)
+        setattr(h, spec.kernel, ns)
+    return h, names
+
+
+H, SCALAR_NAMES = _scalar_namespaces()  # SCALAR_NAMES: kernel -> its scalar names, in index order
+
 
 @functools.lru_cache(maxsize=None)
 def build(dtype):
-    """{family: device function} for math dtype `dtype` (float32 or float64)."""
+    """{name: device function} for math dtype `dtype` (float32 or float64): every `<kernel>_math`,
+    `<kernel>_moments_math`, `<kernel>_direction_math`, and the helpers (trust_ratio, clamp,
+    clip_coefficient), plus "zero" (the dtype's 0)."""
     dtype = np.dtype(dtype)
     ZERO, ONE = dtype.type(0), dtype.type(1)
     MINUS_ONE = dtype.type(-1)
+    found = {"zero": ZERO}
+
+    def family(fn):
+        """Compile lazily as a device function and register under its own name."""
+        dev = cuda.jit(device=True)(fn)
+        found[fn.__name__] = dev
+        return dev
 
     @cuda.jit(device=True)
     def add_scaled(g, c, p):  # common.cuh fo_add_scaled: exactly g when c == 0
@@ -42,148 +92,139 @@ def build(dtype):
             return MINUS_ONE
         return x * ZERO
 
-    @cuda.jit(device=True)
-    def sgd(p, g, a, b, c, h, s, variant):
-        # h: grad_scale, lr, momentum, one_minus_dampening, weight_decay
-        g = g * (h[0] * s)
-        g = add_scaled(g, h[4], p)
-        if variant & 1:
-            if variant & 4:
+    # ---- elementwise families ----------------------------------------------------------------------
+
+    @family
+    def sgd_math(p, g, a, b, c, h, s, variant):  # a: momentum_buffer
+        g = g * (h[H.sgd.grad_scale] * s)
+        g = add_scaled(g, h[H.sgd.weight_decay], p)
+        if variant & SGD_MOMENTUM:
+            if variant & SGD_FIRST_STEP:
                 a = g
             else:
-                a = h[2] * a + h[3] * g
-            if variant & 2:
-                g = g + h[2] * a
+                a = h[H.sgd.momentum] * a + h[H.sgd.one_minus_dampening] * g
+            if variant & SGD_NESTEROV:
+                g = g + h[H.sgd.momentum] * a
             else:
                 g = a
-        p = p - h[1] * g
+        p = p - h[H.sgd.lr] * g
         return p, a, b, c
 
-    @cuda.jit(device=True)
-    def adagrad(p, g, a, b, c, h, s, variant):
-        # h: grad_scale, clr, eps, weight_decay
-        g = g * (h[0] * s)
-        g = add_scaled(g, h[3], p)
+    @family
+    def adagrad_math(p, g, a, b, c, h, s, variant):  # a: state_sum
+        g = g * (h[H.adagrad.grad_scale] * s)
+        g = add_scaled(g, h[H.adagrad.weight_decay], p)
         a = a + g * g
-        std = math.sqrt(a) + h[2]
-        p = p - h[1] * (g / std)
+        std = math.sqrt(a) + h[H.adagrad.eps]
+        p = p - h[H.adagrad.clr] * (g / std)
         return p, a, b, c
 
-    @cuda.jit(device=True)
-    def rmsprop(p, g, a, b, c, h, s, variant):
-        # h: grad_scale, lr, alpha, one_minus_alpha, eps, weight_decay, momentum; variant 1 centered, 2 momentum
-        g = g * (h[0] * s)
-        g = add_scaled(g, h[5], p)
-        a = h[2] * a + h[3] * (g * g)
-        if variant & 1:
-            b = h[2] * b + h[3] * g
-            avg = math.sqrt(a - b * b) + h[4]
+    @family
+    def rmsprop_math(p, g, a, b, c, h, s, variant):  # a: square_avg, b: grad_avg, c: momentum_buffer
+        g = g * (h[H.rmsprop.grad_scale] * s)
+        g = add_scaled(g, h[H.rmsprop.weight_decay], p)
+        a = h[H.rmsprop.alpha] * a + h[H.rmsprop.one_minus_alpha] * (g * g)
+        if variant & RMSPROP_CENTERED:
+            b = h[H.rmsprop.alpha] * b + h[H.rmsprop.one_minus_alpha] * g
+            avg = math.sqrt(a - b * b) + h[H.rmsprop.eps]
         else:
-            avg = math.sqrt(a) + h[4]
-        if variant & 2:
-            c = h[6] * c + g / avg
-            p = p - h[1] * c
+            avg = math.sqrt(a) + h[H.rmsprop.eps]
+        if variant & RMSPROP_MOMENTUM:
+            c = h[H.rmsprop.momentum] * c + g / avg
+            p = p - h[H.rmsprop.lr] * c
         else:
-            p = p - h[1] * (g / avg)
+            p = p - h[H.rmsprop.lr] * (g / avg)
         return p, a, b, c
 
-    @cuda.jit(device=True)
-    def adam(p, g, a, b, c, h, s, variant):
-        # h: grad_scale, beta1, 1-beta1, beta2, 1-beta2, eps, l2, decay, step_size, 1/sqrt(bc2); variant 1 amsgrad
-        g = g * (h[0] * s)
-        g = add_scaled(g, h[6], p)
-        p = p * h[7]
-        a = h[1] * a + h[2] * g
-        b = h[3] * b + h[4] * (g * g)
+    @family
+    def adam_math(p, g, a, b, c, h, s, variant):  # a: exp_avg, b: exp_avg_sq, c: max_exp_avg_sq
+        g = g * (h[H.adam.grad_scale] * s)
+        g = add_scaled(g, h[H.adam.l2], p)
+        p = p * h[H.adam.decay]
+        a = h[H.adam.beta1] * a + h[H.adam.one_minus_beta1] * g
+        b = h[H.adam.beta2] * b + h[H.adam.one_minus_beta2] * (g * g)
         vv = b
-        if variant & 1:
+        if variant & ADAM_AMSGRAD:
             c = max_nan(c, b)
             vv = c
-        denom = math.sqrt(vv) * h[9] + h[5]
-        p = p - h[8] * (a / denom)
+        denom = math.sqrt(vv) * h[H.adam.inv_bias_correction2_sqrt] + h[H.adam.eps]
+        p = p - h[H.adam.step_size] * (a / denom)
         return p, a, b, c
 
-    @cuda.jit(device=True)
-    def nadam(p, g, a, b, c, h, s, variant):
-        # h: grad_scale, beta1, 1-beta1, beta2, 1-beta2, eps, l2, decay, 1/bc2, grad_coef, exp_avg_coef
-        g = g * (h[0] * s)
-        g = add_scaled(g, h[6], p)
-        p = p * h[7]
-        a = h[1] * a + h[2] * g
-        b = h[3] * b + h[4] * (g * g)
-        denom = math.sqrt(b * h[8]) + h[5]
-        p = p - (h[9] * g + h[10] * a) / denom
+    @family
+    def nadam_math(p, g, a, b, c, h, s, variant):  # a: exp_avg, b: exp_avg_sq
+        g = g * (h[H.nadam.grad_scale] * s)
+        g = add_scaled(g, h[H.nadam.l2], p)
+        p = p * h[H.nadam.decay]
+        a = h[H.nadam.beta1] * a + h[H.nadam.one_minus_beta1] * g
+        b = h[H.nadam.beta2] * b + h[H.nadam.one_minus_beta2] * (g * g)
+        denom = math.sqrt(b * h[H.nadam.inv_bias_correction2]) + h[H.nadam.eps]
+        p = p - (h[H.nadam.grad_coef] * g + h[H.nadam.exp_avg_coef] * a) / denom
         return p, a, b, c
 
-    @cuda.jit(device=True)
-    def radam(p, g, a, b, c, h, s, variant):
-        # h: grad_scale, beta1, 1-beta1, beta2, 1-beta2, eps, l2, decay, step_size, rect_step_size;
-        # variant 1 rectified
-        g = g * (h[0] * s)
-        g = add_scaled(g, h[6], p)
-        p = p * h[7]
-        a = h[1] * a + h[2] * g
-        b = h[3] * b + h[4] * (g * g)
-        if variant & 1:
-            p = p - h[9] * (a / (math.sqrt(b) + h[5]))
+    @family
+    def radam_math(p, g, a, b, c, h, s, variant):  # a: exp_avg, b: exp_avg_sq
+        g = g * (h[H.radam.grad_scale] * s)
+        g = add_scaled(g, h[H.radam.l2], p)
+        p = p * h[H.radam.decay]
+        a = h[H.radam.beta1] * a + h[H.radam.one_minus_beta1] * g
+        b = h[H.radam.beta2] * b + h[H.radam.one_minus_beta2] * (g * g)
+        if variant & RADAM_RECTIFIED:
+            p = p - h[H.radam.rect_step_size] * (a / (math.sqrt(b) + h[H.radam.eps]))
         else:
-            p = p - h[8] * a
+            p = p - h[H.radam.step_size] * a
         return p, a, b, c
 
-    @cuda.jit(device=True)
-    def adabelief(p, g, a, b, c, h, s, variant):
-        # h: as adam
-        g = g * (h[0] * s)
-        g = add_scaled(g, h[6], p)
-        p = p * h[7]
-        a = h[1] * a + h[2] * g
+    @family
+    def adabelief_math(p, g, a, b, c, h, s, variant):  # a: exp_avg, b: exp_avg_var
+        g = g * (h[H.adabelief.grad_scale] * s)
+        g = add_scaled(g, h[H.adabelief.l2], p)
+        p = p * h[H.adabelief.decay]
+        a = h[H.adabelief.beta1] * a + h[H.adabelief.one_minus_beta1] * g
         r = g - a
-        b = h[3] * b + h[4] * (r * r)
-        b = b + h[5]
-        denom = math.sqrt(b) * h[9] + h[5]
-        p = p - h[8] * (a / denom)
+        b = h[H.adabelief.beta2] * b + h[H.adabelief.one_minus_beta2] * (r * r)
+        b = b + h[H.adabelief.eps]
+        denom = math.sqrt(b) * h[H.adabelief.inv_bias_correction2_sqrt] + h[H.adabelief.eps]
+        p = p - h[H.adabelief.step_size] * (a / denom)
         return p, a, b, c
 
-    @cuda.jit(device=True)
-    def lion(p, g, a, b, c, h, s, variant):
-        # h: grad_scale, lr, beta1, 1-beta1, beta2, 1-beta2, decay
-        g = g * (h[0] * s)
-        p = p * h[6]
-        x = h[2] * a + h[3] * g
-        p = p - h[1] * sign(x)
-        a = h[4] * a + h[5] * g
+    @family
+    def lion_math(p, g, a, b, c, h, s, variant):  # a: exp_avg
+        g = g * (h[H.lion.grad_scale] * s)
+        p = p * h[H.lion.decay]
+        x = h[H.lion.beta1] * a + h[H.lion.one_minus_beta1] * g
+        p = p - h[H.lion.lr] * sign(x)
+        a = h[H.lion.beta2] * a + h[H.lion.one_minus_beta2] * g
         return p, a, b, c
 
-    @cuda.jit(device=True)
-    def lamb_direction(p, m, v, h):
-        # h: grad_scale, beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay, 1/bc1, 1/bc2 (lamb.cuh)
-        denom = math.sqrt(v * h[8]) + h[5]
-        return (m * h[7]) / denom + h[6] * p
+    # ---- two-phase families (spec.two_phase): moments + per-tensor norms, then the scaled step ---------
 
-    @cuda.jit(device=True)
-    def lamb_moments(p, g, m, v, h, s):
-        g = g * (h[0] * s)
-        m = h[1] * m + h[2] * g
-        v = h[3] * v + h[4] * (g * g)
-        return m, v, lamb_direction(p, m, v, h)
+    @family
+    def lamb_direction_math(p, a, b, c, h, variant):  # a: exp_avg, b: exp_avg_sq (lamb.cuh)
+        denom = math.sqrt(b * h[H.lamb.inv_bias_correction2]) + h[H.lamb.eps]
+        return (a * h[H.lamb.inv_bias_correction1]) / denom + h[H.lamb.weight_decay] * p
 
-    @cuda.jit(device=True)
-    def lamb_trust_ratio(param_norm, update_norm):  # float64 on both sides, like the CPU loop
+    @family
+    def lamb_moments_math(p, g, a, b, c, h, s, variant):
+        g = g * (h[H.lamb.grad_scale] * s)
+        a = h[H.lamb.beta1] * a + h[H.lamb.one_minus_beta1] * g
+        b = h[H.lamb.beta2] * b + h[H.lamb.one_minus_beta2] * (g * g)
+        return a, b, c, lamb_direction_math(p, a, b, c, h, variant)
+
+    # ---- helpers shared by every family ----------------------------------------------------------------
+
+    @family
+    def trust_ratio(param_norm, update_norm):  # float64 on both sides, like the CPU loop
         return param_norm / update_norm if (param_norm > 0.0 and update_norm > 0.0) else 1.0
 
-    @cuda.jit(device=True)
+    @family
     def clamp(g, c):  # clip.cuh clamp_math
         lo = -c
         return lo if g < lo else (c if g > c else g)
 
-    @cuda.jit(device=True)
+    @family
     def clip_coefficient(total_norm, max_norm):  # clip.cuh, float64
         coef = max_norm / (total_norm + 1e-6)
         return 1.0 if coef >= 1.0 else coef
 
-    return {
-        "sgd": sgd, "adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "nadam": nadam, "radam": radam,
-        "adabelief": adabelief, "lion": lion, "lamb_moments": lamb_moments, "lamb_direction": lamb_direction,
-        "lamb_trust_ratio": lamb_trust_ratio, "clamp": clamp, "clip_coefficient": clip_coefficient,
-        "zero": ZERO,
-    }
+    return found

@@ -1,6 +1,6 @@
 """Compiles every Numba kernel to PTX for sm_80 and sm_90 (numba.cuda.compile_ptx, NVVM from the
 nvidia-cuda-nvcc wheel; no GPU needed) and checks that the float32 kernels whose math is float32 carry no
-`.f64` instruction. Run as a script in its own process by test_numba_ptx.py, because without a driver it
+`.f64` instruction. Run as a script in its own process by test_gpu_compile.py, because without a driver it
 has to give numba-cuda a stand-in for "the current device": numba-cuda asks the driver for the compute
 capability when it compiles a device function called from a kernel, even inside compile_ptx.
 Prints `PTX CHECKS: <n> passed, <m> failed`; exits 1 on a failure."""
@@ -20,8 +20,8 @@ if not cuda.is_available():
 
     _dispatcher.get_current_device = lambda: _StandIn()
 
-from fastopt import specs  # noqa: E402
 from fastopt.kernels.numba import kernels as nk  # noqa: E402
+from fastopt.kernels.numba import math as fmath  # noqa: E402
 
 BLOCK = 256
 F64_OP = re.compile(r"^\s*[a-z][a-z0-9.]*\.f64\b", re.M)
@@ -33,17 +33,22 @@ def arr(t):
     return t[::1]
 
 
+def nscalars(family):
+    return len(fmath.SCALAR_NAMES[family])
+
+
 def signatures(dt):
-    """kernel name -> argument types, for math dtype dt (float32 / float64)."""
+    """kernel name -> argument types, for math dtype dt (float32 / float64). Per-family kernels are
+    named `update[family]`, `moments[family]`, `apply[family]`: every family of the registry."""
     a = arr(dt)
     sig = {}
     for family in nk.FAMILIES:
-        nscal = max(len(s.scalar_names) for s in specs.REGISTRY.values() if s.kernel == family)
-        sig[f"update[{family}]"] = (a, a, a, a, a, types.UniTuple(dt, nscal), a, int64, int64, arr(uint8))
-    lamb = types.UniTuple(dt, len(specs.LAMB.scalar_names))
-    sig["lamb_moments"] = (a, a, a, a, lamb, a, arr(float64), int64, arr(uint8))
-    sig["lamb_trust"] = (arr(float64), arr(int64), float64, a)
-    sig["lamb_apply"] = (a, a, a, lamb, a, int64, arr(uint8))
+        sig[f"update[{family}]"] = (a, a, a, a, a, types.UniTuple(dt, nscalars(family)), a, int64, int64, arr(uint8))
+    for family in nk.TWO_PHASE_FAMILIES:
+        h = types.UniTuple(dt, nscalars(family))
+        sig[f"moments[{family}]"] = (a, a, a, a, a, h, a, int64, int64, arr(float64), int64, arr(uint8))
+        sig[f"apply[{family}]"] = (a, a, a, a, h, a, int64, int64, int64, arr(uint8))
+    sig["trust"] = (arr(float64), arr(int64), float64, a)
     sig["step_guard"] = (arr(float64), float64, arr(float64), arr(uint8), arr(int64), int64)
     sig["sumsq_partials"] = (a, arr(float64), int64)
     sig["sum_segments"] = (arr(float64), arr(int64), arr(float64))
@@ -55,13 +60,22 @@ def signatures(dt):
     return sig
 
 
-# float32 kernels whose math is float32 end to end: the updates, LAMB's second phase, clamp
-F32_PURE = {f"update[{f}]" for f in nk.FAMILIES} | {"lamb_apply", "clamp"}
+# float32 kernels whose math is float32 end to end: the updates, the two-phase step (phase 2), clamp
+F32_PURE = ({f"update[{f}]" for f in nk.FAMILIES} | {f"apply[{f}]" for f in nk.TWO_PHASE_FAMILIES}
+            | {"clamp"})
+
+
+def kernel_of(ks, name):
+    if "[" in name:
+        kind, family = name[:-1].split("[")
+        return ks[kind][family]
+    return ks[name]
+
 
 for dt in (float32, float64):
     ks = nk.build(np.dtype(str(dt)), BLOCK)
     for name, argtypes in signatures(dt).items():
-        kernel = ks["update"][name[7:-1]] if name.startswith("update[") else ks[name]
+        kernel = kernel_of(ks, name)
         for cc in ((8, 0), (9, 0)):
             label = f"{name} {dt} sm_{cc[0]}{cc[1]}"
             try:

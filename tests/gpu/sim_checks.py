@@ -1,5 +1,5 @@
 """Runs every Numba kernel on the CUDA simulator against fastopt.reference. Executed as a script in its
-own process by test_numba_sim.py: NUMBA_ENABLE_CUDASIM must be set before numba is first imported.
+own process by test_gpu_compile.py: NUMBA_ENABLE_CUDASIM must be set before numba is first imported.
 Prints one line per failure and `SIM CHECKS: <n> passed, <m> failed` at the end; exits 1 on a failure."""
 from __future__ import annotations
 
@@ -38,6 +38,9 @@ CONFIGS = [
     ("lamb", dict(weight_decay=0.01), 3),
     ("lion", dict(weight_decay=0.1), 3),
 ]
+# every registry optimizer runs at least with its defaults (a new one needs no row here to be checked)
+CONFIGS += [(name, {h.name: 0.01 for h in spec.hypers if h.default is specs.REQUIRED}, 3)
+            for name, spec in specs.REGISTRY.items() if name not in {c[0] for c in CONFIGS}]
 SINGLE_SHAPES = [(0,), (1,), (37,), (3, 5)]
 LIST_SHAPES = [(5,), (0,), (70,), (2, 3)]
 TOL = {np.float32: dict(rtol=3e-5, atol=3e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
@@ -205,6 +208,19 @@ def errors_leave_arrays_unchanged():
 
 
 check("errors leave arrays unchanged", errors_leave_arrays_unchanged)
+
+
+def sqrt_all_covers_more_than_the_grid():
+    """sqrt_all is grid-stride: launched with fewer threads than norms (the launcher caps the grid at
+    1024 blocks, 262,144 threads on a GPU), every norm is still written."""
+    n = 5 * 32 + 3  # one block of 32 threads
+    sq = np.arange(n, dtype=np.float64)
+    out = cuda.to_device(np.full(n, -1.0))
+    nb._kernels(np.float64)["sqrt_all"][1, 32](cuda.to_device(sq), out)
+    np.testing.assert_array_equal(host(out), np.sqrt(sq))
+
+
+check("sqrt_all grid-stride", sqrt_all_covers_more_than_the_grid)
 
 
 # ---- device-side skipping: the skip flag read by every kernel, the guard, the optimizer classes ----
