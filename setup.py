@@ -12,6 +12,7 @@ Environment:
                   object and flags as the real build, so its answer holds for the extension.
 """
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -61,6 +62,19 @@ def openmp_mode():
     return {"": "auto", "0": "off", "1": "on"}[value]
 
 
+def regenerate_family_table():
+    """kernels/cuda/families.cuh (the kernel families and variants the CPU loops and the CUDA entry points
+    compile) from the registry, fastopt/specs.py. In a child process: importing fastopt here would load the
+    extension this build replaces. When the registry cannot be imported (a build environment without the
+    runtime dependencies) the header in the source tree is used as it is."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    proc = subprocess.run([sys.executable, "-m", "fastopt.backends.cuda_source", "--write"], cwd=HERE, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        print("fastopt: could not regenerate kernels/cuda/families.cuh from the registry; using the file as it is\n"
+              + proc.stderr.strip()[-2000:], file=sys.stderr)
+
+
 class BuildExt(build_ext):
     """Chooses the flags with the compiler setuptools actually uses (CC/CXX, sysconfig's CXX, MSVC)."""
 
@@ -82,6 +96,7 @@ class BuildExt(build_ext):
         return True
 
     def build_extensions(self):
+        regenerate_family_table()
         msvc = self.compiler.compiler_type == "msvc"
         args = list(MSVC_ARGS if msvc else UNIX_ARGS)
         if os.environ.get("FASTOPT_NATIVE") == "1" and not msvc:
@@ -130,7 +145,7 @@ setup(
     ],
     package_dir={"fastopt.kernels": "kernels"},
     package_data={
-        "fastopt": ["py.typed"],
+        "fastopt": ["py.typed", "*.pyi"],
         "fastopt.kernels.cuda": ["*.cuh", "*.cu"],
         "fastopt.kernels.cpu": ["*.pyx", "*.hpp"],
     },
