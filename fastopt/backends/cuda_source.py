@@ -5,6 +5,12 @@ Inlining the headers (instead of passing -I) makes the source string the whole i
 on-disk kernel cache, which hashes the source and options only, is invalidated by a header edit too.
 Needs neither CuPy nor a GPU: the NVRTC compile check of CI (tests/gpu/test_gpu_compile.py) uses the
 same functions as the launcher.
+
+The family table: which elementwise kernel families exist and which variants each compiles is the
+registry (fastopt/specs.py: `kernel`, `variants`). family_header() writes it as C++ (kernels/cuda/
+families.cuh, included by update.cu and by the CPU loops in kernels/cpu/cpu_loops.hpp); the NVRTC
+source always carries the header generated from the live registry, and setup.py regenerates the file
+on every build (`python -m fastopt.backends.cuda_source --write`; `--check` exits 1 when it is stale).
 """
 from __future__ import annotations
 
@@ -28,13 +34,92 @@ DTYPES = {
     np.dtype(np.float16): (2, np.dtype(np.float32)),
 }
 
-# update entry points: family (OptimizerSpec.kernel) -> the variants compiled (fastopt/specs.py `variant`)
-UPDATE_VARIANTS = {
-    "sgd": (0, 1, 3, 5, 7), "adagrad": (0,), "rmsprop": (0, 1, 2, 3), "adam": (0, 1), "nadam": (0,),
-    "radam": (0, 1), "adabelief": (0,), "lion": (0,),
-}
 OTHER_KERNELS = ("fo_lamb_moments_multi", "fo_lamb_trust", "fo_lamb_apply_multi", "fo_sumsq_chunks",
                  "fo_sumsq_tensors", "fo_global_norm", "fo_step_guard", "fo_scale_multi", "fo_clamp_multi", "fo_touch")
+
+
+FAMILY_HEADER = "families.cuh"
+MAX_VARIANT = 255  # the CPU dispatch packs kind * 256 + variant (cpu_loops.hpp)
+
+
+def family_table() -> tuple:
+    """((family, functor, variants), ...) of the elementwise kernels, in registry order: the family is
+    the specs' `kernel` (shared by e.g. adam and adamw), its math and functor live in
+    kernels/cuda/<family>.cuh as <Family>Op (ops.cuh), and a family's position here is its CPU kind.
+    Two-phase kernels (LAMB) are written by hand around their reduction and are not in the table."""
+    from fastopt.specs import REGISTRY  # on use: the table follows specs registered after this import
+    table: dict = {}
+    for spec in REGISTRY.values():
+        if spec.two_phase:
+            continue
+        variants = tuple(sorted(set(spec.variants)))
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", spec.kernel):
+            raise ValueError(f"{spec.name}: kernel {spec.kernel!r} is not a C identifier in lower case")
+        if not variants or not all(isinstance(v, int) and 0 <= v <= MAX_VARIANT for v in variants):
+            raise ValueError(f"{spec.name}: variants {spec.variants!r} must be ints in [0, {MAX_VARIANT}]")
+        if table.setdefault(spec.kernel, variants) != variants:
+            raise ValueError(f"{spec.name}: kernel {spec.kernel!r} is shared with different variants "
+                             f"({table[spec.kernel]} vs {variants})")
+    return tuple((family, family.capitalize() + "Op", variants) for family, variants in table.items())
+
+
+def _update_variants() -> dict:
+    return {family: variants for family, _, variants in family_table()}
+
+
+def __getattr__(name):
+    # UPDATE_VARIANTS: family -> its compiled variants, from the registry (computed on use: no import cycle)
+    if name == "UPDATE_VARIANTS":
+        return _update_variants()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def family_header() -> str:
+    """The text of kernels/cuda/families.cuh, generated from the registry."""
+    table = family_table()
+    rows = [(kind, family, op, v) for kind, (family, op, variants) in enumerate(table) for v in variants]
+    lines = [
+        "// GENERATED from the registry (fastopt/specs.py: `kernel`, `variants`) by",
+        "// fastopt/backends/cuda_source.py family_header(); do not edit. setup.py regenerates it on every build",
+        "// (python -m fastopt.backends.cuda_source --write); tests/test_family_table.py checks it is current.",
+        "//",
+        "// The elementwise kernel families: each has its math and its functor <Family>Op<M, V> (ops.cuh) in",
+        "// <family>.cuh. A family's kind (the CPU kernel index) is its position in this table.",
+        "#pragma once",
+        *[f'#include "{family}.cuh"' for family, _, _ in table],
+        "",
+        f"#define FASTOPT_FAMILY_COUNT {len(table)}",
+        "",
+        "// X(kind, family, functor, variant): one row per compiled variant (kernels/cpu/cpu_loops.hpp)",
+        "#define FASTOPT_UPDATE_VARIANTS(X) \\",
+        *[f"    X({k}, {f}, {op}, {v}) \\" for k, f, op, v in rows],
+        "",
+        "",
+        "// The CUDA entry points fo_<family>_v<variant>[_multi]: update.cu defines FO_UPDATE_ENTRIES and then",
+        "// includes this file (the same rows as above).",
+        "#ifdef FO_UPDATE_ENTRIES",
+        *[f"FO_UPDATE_ENTRIES({k}, {f}, {op}, {v})" for k, f, op, v in rows],
+        "#endif",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_family_header(check_only=False) -> bool:
+    """Write kernels/cuda/families.cuh when it differs from the registry; True when it was current."""
+    path = os.path.join(KERNEL_DIR, FAMILY_HEADER)
+    text = family_header()
+    try:
+        with open(path) as f:
+            current = f.read() == text
+    except FileNotFoundError:
+        current = False
+    if not current and not check_only:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return current
 
 
 def _kernel_dir():
@@ -49,12 +134,17 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 
 
 def _inline(name, directory, seen):
-    """The text of `name` with its local includes inlined once each (they all use #pragma once)."""
+    """The text of `name` with its local includes inlined once each (they all use #pragma once). The
+    family table is generated from the live registry, not read from disk."""
     if name in seen:
         return ""
     seen.add(name)
-    with open(os.path.join(directory, name)) as f:
-        text = f.read().replace("#pragma once", "")
+    if name == FAMILY_HEADER:
+        text = family_header()
+    else:
+        with open(os.path.join(directory, name)) as f:
+            text = f.read()
+    text = text.replace("#pragma once", "")
     return _INCLUDE.sub(lambda m: _inline(m.group(1), directory, seen), text)
 
 
@@ -76,5 +166,17 @@ def update_kernel_name(family, variant, multi):
 
 def kernel_names() -> list:
     """Every entry point a compiled module must export."""
-    names = [update_kernel_name(f, v, m) for f, vs in UPDATE_VARIANTS.items() for v in vs for m in (False, True)]
+    names = [update_kernel_name(f, v, m) for f, _, vs in family_table() for v in vs for m in (False, True)]
     return names + list(OTHER_KERNELS)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--write"]:
+        print(f"{FAMILY_HEADER}: {'up to date' if write_family_header() else 'regenerated from the registry'}")
+    elif sys.argv[1:] == ["--check"]:
+        sys.exit(0 if write_family_header(check_only=True) else f"{FAMILY_HEADER} is stale: run "
+                 "python -m fastopt.backends.cuda_source --write")
+    else:
+        sys.exit("usage: python -m fastopt.backends.cuda_source --write | --check")

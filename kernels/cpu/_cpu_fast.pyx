@@ -29,19 +29,35 @@ cdef extern from "cpu_loops.hpp" namespace "fastopt::cpu" nogil:
     void scale(int dtype, void* x, int64_t n, double c)
     void clamp(int dtype, void* x, int64_t n, double c)
     cdef enum:
-        KIND_SGD, KIND_ADAGRAD, KIND_RMSPROP, KIND_ADAM, KIND_NADAM, KIND_RADAM, KIND_ADABELIEF,
-        KIND_LAMB_MOMENTS, KIND_LAMB_APPLY, KIND_LION, KIND_TOUCH, KIND_TOUCH_APPLY
+        KIND_LAMB_MOMENTS, KIND_LAMB_APPLY, KIND_TOUCH, KIND_TOUCH_APPLY
+    ctypedef struct FamilyVariant:
+        int kind
+        const char* family
+        int variant
+    const FamilyVariant* FAMILY_VARIANTS "fastopt::cpu::FAMILY_VARIANTS"
+    const int FAMILY_VARIANT_COUNT "fastopt::cpu::FAMILY_VARIANT_COUNT"
     cdef enum:
         DTYPE_F32, DTYPE_F64
 
 cdef extern from "cpu_loops.hpp" namespace "fastopt" nogil:
     M lamb_trust_ratio[M](M param_norm, M update_norm)
 
-KINDS = {
-    "sgd": KIND_SGD, "adagrad": KIND_ADAGRAD, "rmsprop": KIND_RMSPROP, "adam": KIND_ADAM,
-    "nadam": KIND_NADAM, "radam": KIND_RADAM, "adabelief": KIND_ADABELIEF, "lamb": KIND_LAMB_MOMENTS,
-    "lion": KIND_LION, "touch": KIND_TOUCH, "touch_apply": KIND_TOUCH_APPLY,
-}
+
+def _family_table():
+    # the generated family table compiled into cpu_loops.hpp (kernels/cuda/families.cuh, from the registry)
+    cdef int i
+    out = {}
+    for i in range(FAMILY_VARIANT_COUNT):
+        out.setdefault(FAMILY_VARIANTS[i].family.decode(), (FAMILY_VARIANTS[i].kind, []))[1].append(
+            FAMILY_VARIANTS[i].variant)
+    return {name: (kind, tuple(variants)) for name, (kind, variants) in out.items()}
+
+
+# family (OptimizerSpec.kernel) -> the variants compiled for it: the registry's, as of the build
+FAMILY_VARIANTS_BUILT = {name: variants for name, (kind, variants) in _family_table().items()}
+# kernel name -> kind: the elementwise families from the generated table, then the hand-written kernels
+KINDS = {name: kind for name, (kind, variants) in _family_table().items()}
+KINDS.update({"lamb": KIND_LAMB_MOMENTS, "touch": KIND_TOUCH, "touch_apply": KIND_TOUCH_APPLY})
 
 # Work is split into chunks of CHUNK elements (fixed, so reductions sum in the same order whatever the
 # thread count); below PARALLEL_MIN elements in total the call stays on one thread, where waking the

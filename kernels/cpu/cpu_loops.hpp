@@ -1,5 +1,6 @@
 // CPU element loops over one contiguous chunk. The per-element math comes from kernels/cuda/*.cuh
-// (the same code the CUDA kernels run); these loops add restrict pointers so compilers vectorize them, and
+// (the same functors the CUDA kernels run: one generic cpu_loop for every elementwise family of the
+// generated table kernels/cuda/families.cuh); the loops add restrict pointers so compilers vectorize them, and
 // runtime ISA dispatch (target_clones: AVX-512, AVX2, baseline) so a portable build still uses the
 // wide units; where target_clones is unavailable (see platform.hpp) the loops are plain, portable C++.
 // The parallel loop over chunks lives in _cpu_fast.pyx.
@@ -8,34 +9,21 @@
 
 #include "platform.hpp"  // FASTOPT_CLONES, FASTOPT_INLINE: compiler/arch checks
 
-#include "../cuda/adabelief.cuh"
-#include "../cuda/adagrad.cuh"
-#include "../cuda/adam.cuh"
 #include "../cuda/clip.cuh"
+#include "../cuda/families.cuh"  // generated from the registry: every elementwise family and its variants
 #include "../cuda/lamb.cuh"
-#include "../cuda/lion.cuh"
-#include "../cuda/nadam.cuh"
-#include "../cuda/radam.cuh"
-#include "../cuda/rmsprop.cuh"
-#include "../cuda/sgd.cuh"
 
 namespace fastopt {
 namespace cpu {
 
-// Kernel kinds; the Cython module exposes them by name (fastopt/specs.py `kernel=`).
+// Kernel kinds. The elementwise families are 0 .. FASTOPT_FAMILY_COUNT - 1, their positions in the
+// generated table (families.cuh, from fastopt/specs.py); the kernels written by hand around a reduction
+// or for the bandwidth ceiling follow. The Cython module reads the table (FAMILY_VARIANTS) for its names.
 enum Kind {
-    KIND_SGD = 0,
-    KIND_ADAGRAD = 1,
-    KIND_RMSPROP = 2,
-    KIND_ADAM = 3,
-    KIND_NADAM = 4,
-    KIND_RADAM = 5,
-    KIND_ADABELIEF = 6,
-    KIND_LAMB_MOMENTS = 7,
-    KIND_LAMB_APPLY = 8,
-    KIND_LION = 9,
-    KIND_TOUCH = 10,        // bandwidth ceiling: p, s0.. read+written, g read (variant = number of states)
-    KIND_TOUCH_APPLY = 11,  // bandwidth ceiling of LAMB's phase 2: p read+written, s0, s1 read
+    KIND_LAMB_MOMENTS = FASTOPT_FAMILY_COUNT,
+    KIND_LAMB_APPLY,
+    KIND_TOUCH,        // bandwidth ceiling: p, s0.. read+written, g read (variant = number of states)
+    KIND_TOUCH_APPLY,  // bandwidth ceiling of LAMB's phase 2: p read+written, s0, s1 read
 };
 
 enum { DTYPE_F32 = 0, DTYPE_F64 = 1 };
@@ -43,6 +31,17 @@ enum { DTYPE_F32 = 0, DTYPE_F64 = 1 };
 // Number of independent accumulators of the reductions: fixed, so the summation order (and the result)
 // is the same for every ISA clone and thread count.
 enum { LANES = 16 };
+
+// The family table as data, for the Cython module: one row per compiled (kind, family, variant).
+struct FamilyVariant {
+    int kind;
+    const char* family;
+    int variant;
+};
+#define FASTOPT_FAMILY_ROW(K, FAMILY, OP, V) {K, #FAMILY, V},
+static const FamilyVariant FAMILY_VARIANTS[] = {FASTOPT_UPDATE_VARIANTS(FASTOPT_FAMILY_ROW)};
+#undef FASTOPT_FAMILY_ROW
+static const int FAMILY_VARIANT_COUNT = int(sizeof(FAMILY_VARIANTS) / sizeof(FAMILY_VARIANTS[0]));
 
 template <typename T>
 struct Ptrs {
@@ -53,119 +52,26 @@ struct Ptrs {
     T* __restrict s2;
 };
 
-template <typename T, int V>
-FASTOPT_INLINE void sgd_loop(Ptrs<T> a, int64_t n, const double* s) {
-    const SgdParams<T> h = load_params<SgdParams<T>, T>(s);
+// Every elementwise family: the functor the CUDA kernels run (kernels/cuda/<family>.cuh, ops.cuh) with
+// math type T, over one contiguous chunk. Unused state slots (Op::USED) are neither read nor written.
+template <typename T, class Op>
+FASTOPT_INLINE void cpu_loop(Ptrs<T> a, int64_t n, const double* s) {
+    const Op op = {load_params<typename Op::P, T>(s)};  // a const aggregate: the scalars stay in registers
     T* __restrict p = a.p;
     const T* __restrict g = a.g;
-    T* __restrict buf = a.s0;
+    T* __restrict s0 = a.s0;
+    T* __restrict s1 = a.s1;
+    T* __restrict s2 = a.s2;
     for (int64_t i = 0; i < n; ++i) {
-        T pi = p[i], b = T(0);
-        if (V & 1) b = buf[i];
-        sgd_math<T>(pi, g[i], b, h, V & 1, V & 2, V & 4);
+        T pi = p[i], x0 = T(0), x1 = T(0), x2 = T(0);
+        if (Op::USED & 1) x0 = s0[i];
+        if (Op::USED & 2) x1 = s1[i];
+        if (Op::USED & 4) x2 = s2[i];
+        op(pi, g[i], x0, x1, x2);
         p[i] = pi;
-        if (V & 1) buf[i] = b;
-    }
-}
-
-template <typename T>
-FASTOPT_INLINE void adagrad_loop(Ptrs<T> a, int64_t n, const double* s) {
-    const AdagradParams<T> h = load_params<AdagradParams<T>, T>(s);
-    T* __restrict p = a.p;
-    const T* __restrict g = a.g;
-    T* __restrict sum = a.s0;
-    for (int64_t i = 0; i < n; ++i) {
-        T pi = p[i], si = sum[i];
-        adagrad_math<T>(pi, g[i], si, h);
-        p[i] = pi;
-        sum[i] = si;
-    }
-}
-
-template <typename T, int V>
-FASTOPT_INLINE void rmsprop_loop(Ptrs<T> a, int64_t n, const double* s) {
-    const RmspropParams<T> h = load_params<RmspropParams<T>, T>(s);
-    T* __restrict p = a.p;
-    const T* __restrict g = a.g;
-    T* __restrict sq = a.s0;
-    T* __restrict ga = a.s1;
-    T* __restrict buf = a.s2;
-    for (int64_t i = 0; i < n; ++i) {
-        T pi = p[i], sqi = sq[i], gai = T(0), bi = T(0);
-        if (V & 1) gai = ga[i];
-        if (V & 2) bi = buf[i];
-        rmsprop_math<T>(pi, g[i], sqi, gai, bi, h, V & 1, V & 2);
-        p[i] = pi;
-        sq[i] = sqi;
-        if (V & 1) ga[i] = gai;
-        if (V & 2) buf[i] = bi;
-    }
-}
-
-template <typename T, int V>
-FASTOPT_INLINE void adam_loop(Ptrs<T> a, int64_t n, const double* s) {
-    const AdamParams<T> h = load_params<AdamParams<T>, T>(s);
-    T* __restrict p = a.p;
-    const T* __restrict g = a.g;
-    T* __restrict m = a.s0;
-    T* __restrict v = a.s1;
-    T* __restrict vmax = a.s2;
-    for (int64_t i = 0; i < n; ++i) {
-        T pi = p[i], mi = m[i], vi = v[i], xi = T(0);
-        if (V & 1) xi = vmax[i];
-        adam_math<T>(pi, g[i], mi, vi, xi, h, V & 1);
-        p[i] = pi;
-        m[i] = mi;
-        v[i] = vi;
-        if (V & 1) vmax[i] = xi;
-    }
-}
-
-template <typename T>
-FASTOPT_INLINE void nadam_loop(Ptrs<T> a, int64_t n, const double* s) {
-    const NadamParams<T> h = load_params<NadamParams<T>, T>(s);
-    T* __restrict p = a.p;
-    const T* __restrict g = a.g;
-    T* __restrict m = a.s0;
-    T* __restrict v = a.s1;
-    for (int64_t i = 0; i < n; ++i) {
-        T pi = p[i], mi = m[i], vi = v[i];
-        nadam_math<T>(pi, g[i], mi, vi, h);
-        p[i] = pi;
-        m[i] = mi;
-        v[i] = vi;
-    }
-}
-
-template <typename T, int V>
-FASTOPT_INLINE void radam_loop(Ptrs<T> a, int64_t n, const double* s) {
-    const RadamParams<T> h = load_params<RadamParams<T>, T>(s);
-    T* __restrict p = a.p;
-    const T* __restrict g = a.g;
-    T* __restrict m = a.s0;
-    T* __restrict v = a.s1;
-    for (int64_t i = 0; i < n; ++i) {
-        T pi = p[i], mi = m[i], vi = v[i];
-        radam_math<T>(pi, g[i], mi, vi, h, V & 1);
-        p[i] = pi;
-        m[i] = mi;
-        v[i] = vi;
-    }
-}
-
-template <typename T>
-FASTOPT_INLINE void adabelief_loop(Ptrs<T> a, int64_t n, const double* s) {
-    const AdabeliefParams<T> h = load_params<AdabeliefParams<T>, T>(s);
-    T* __restrict p = a.p;
-    const T* __restrict g = a.g;
-    T* __restrict m = a.s0;
-    T* __restrict sv = a.s1;
-    for (int64_t i = 0; i < n; ++i) {
-        T pi = p[i], mi = m[i], si = sv[i];
-        adabelief_math<T>(pi, g[i], mi, si, h);
-        p[i] = pi;
-        m[i] = mi;
-        sv[i] = si;
+        if (Op::USED & 1) s0[i] = x0;
+        if (Op::USED & 2) s1[i] = x1;
+        if (Op::USED & 4) s2[i] = x2;
     }
 }
 
@@ -222,20 +128,6 @@ FASTOPT_INLINE void lamb_apply_loop(Ptrs<T> a, int64_t n, const double* s, doubl
     }
 }
 
-template <typename T>
-FASTOPT_INLINE void lion_loop(Ptrs<T> a, int64_t n, const double* s) {
-    const LionParams<T> h = load_params<LionParams<T>, T>(s);
-    T* __restrict p = a.p;
-    const T* __restrict g = a.g;
-    T* __restrict m = a.s0;
-    for (int64_t i = 0; i < n; ++i) {
-        T pi = p[i], mi = m[i];
-        lion_math<T>(pi, g[i], mi, h);
-        p[i] = pi;
-        m[i] = mi;
-    }
-}
-
 // Same memory traffic as an optimizer with NS states, trivial math: the bandwidth ceiling. p is read
 // and written, or only read when P_READ_ONLY (LAMB's first phase).
 template <typename T, int NS, bool P_READ_ONLY>
@@ -268,41 +160,8 @@ FASTOPT_INLINE int run_chunk_typed(int kind, int variant, void* const* ptrs, int
     Ptrs<T> a = {static_cast<T*>(ptrs[0]), static_cast<const T*>(ptrs[1]), static_cast<T*>(ptrs[2]),
                  static_cast<T*>(ptrs[3]), static_cast<T*>(ptrs[4])};
     switch (kind) {
-        case KIND_SGD:
-            switch (variant) {
-                case 0: sgd_loop<T, 0>(a, n, s); return 0;
-                case 1: sgd_loop<T, 1>(a, n, s); return 0;
-                case 3: sgd_loop<T, 3>(a, n, s); return 0;
-                case 5: sgd_loop<T, 5>(a, n, s); return 0;
-                case 7: sgd_loop<T, 7>(a, n, s); return 0;
-            }
-            return -1;
-        case KIND_ADAGRAD: adagrad_loop<T>(a, n, s); return 0;
-        case KIND_RMSPROP:
-            switch (variant) {
-                case 0: rmsprop_loop<T, 0>(a, n, s); return 0;
-                case 1: rmsprop_loop<T, 1>(a, n, s); return 0;
-                case 2: rmsprop_loop<T, 2>(a, n, s); return 0;
-                case 3: rmsprop_loop<T, 3>(a, n, s); return 0;
-            }
-            return -1;
-        case KIND_ADAM:
-            switch (variant) {
-                case 0: adam_loop<T, 0>(a, n, s); return 0;
-                case 1: adam_loop<T, 1>(a, n, s); return 0;
-            }
-            return -1;
-        case KIND_NADAM: nadam_loop<T>(a, n, s); return 0;
-        case KIND_RADAM:
-            switch (variant) {
-                case 0: radam_loop<T, 0>(a, n, s); return 0;
-                case 1: radam_loop<T, 1>(a, n, s); return 0;
-            }
-            return -1;
-        case KIND_ADABELIEF: adabelief_loop<T>(a, n, s); return 0;
         case KIND_LAMB_MOMENTS: lamb_moments_loop<T>(a, n, s, acc); return 0;
         case KIND_LAMB_APPLY: lamb_apply_loop<T>(a, n, s, coef); return 0;
-        case KIND_LION: lion_loop<T>(a, n, s); return 0;
         case KIND_TOUCH:
             switch (variant) {  // number of states, + 4 when p is only read
                 case 0: touch_loop<T, 0, false>(a, n); return 0;
@@ -313,6 +172,13 @@ FASTOPT_INLINE int run_chunk_typed(int kind, int variant, void* const* ptrs, int
             }
             return -1;
         case KIND_TOUCH_APPLY: touch_apply_loop<T>(a, n); return 0;
+    }
+    if (kind < 0 || kind >= FASTOPT_FAMILY_COUNT || variant < 0 || variant > 255) return -1;
+    switch (kind * 256 + variant) {  // every (family, variant) of the generated table
+#define FASTOPT_CPU_CASE(K, FAMILY, OP, V) \
+    case (K) * 256 + (V): cpu_loop<T, OP<T, V> >(a, n, s); return 0;
+        FASTOPT_UPDATE_VARIANTS(FASTOPT_CPU_CASE)
+#undef FASTOPT_CPU_CASE
     }
     return -1;
 }

@@ -5,6 +5,7 @@
 //   p <- p - step_size * m / (sqrt(s) * (1 / sqrt(1 - beta2^t)) + eps),   step_size = lr / (1 - beta1^t)
 #pragma once
 #include "common.cuh"
+#include "ops.cuh"
 
 namespace fastopt {
 
@@ -26,5 +27,14 @@ FASTOPT_HD void adabelief_math(M& p, M g, M& m, M& s, const AdabeliefParams<M>& 
     M denom = fo_sqrt(s) * h.inv_bias_correction2_sqrt + h.eps;
     p = p - h.step_size * (m / denom);
 }
+
+// the functor of update.cu and cpu_loops.hpp (ops.cuh); V: the variant bits above
+template <typename M, int V>
+struct AdabeliefOp {
+    typedef AdabeliefParams<M> P;
+    enum { USED = 3 };
+    P h;
+    FASTOPT_OP void operator()(M& p, M g, M& a, M& b, M&) const { adabelief_math<M>(p, g, a, b, h); }
+};
 
 }  // namespace fastopt

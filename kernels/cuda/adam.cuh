@@ -9,6 +9,7 @@
 // the three divider operations per element, which bound the loop when the data sits in cache)
 #pragma once
 #include "common.cuh"
+#include "ops.cuh"
 
 namespace fastopt {
 
@@ -34,5 +35,14 @@ FASTOPT_HD void adam_math(M& p, M g, M& m, M& v, M& vmax, const AdamParams<M>& h
     M denom = fo_sqrt(vv) * h.inv_bias_correction2_sqrt + h.eps;
     p = p - h.step_size * (m / denom);
 }
+
+// the functor of update.cu and cpu_loops.hpp (ops.cuh); V: the variant bits above
+template <typename M, int V>
+struct AdamOp {
+    typedef AdamParams<M> P;
+    enum { USED = 3 | ((V & 1) ? 4 : 0) };
+    P h;
+    FASTOPT_OP void operator()(M& p, M g, M& a, M& b, M& c) const { adam_math<M>(p, g, a, b, c, h, V & 1); }
+};
 
 }  // namespace fastopt

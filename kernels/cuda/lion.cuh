@@ -5,6 +5,7 @@
 //   m <- beta2 * m + (1 - beta2) * g
 #pragma once
 #include "common.cuh"
+#include "ops.cuh"
 
 namespace fastopt {
 
@@ -21,5 +22,14 @@ FASTOPT_HD void lion_math(M& p, M g, M& m, const LionParams<M>& h) {
     p = p - h.lr * fo_sign(c);
     m = h.beta2 * m + h.one_minus_beta2 * g;
 }
+
+// the functor of update.cu and cpu_loops.hpp (ops.cuh); V: the variant bits above
+template <typename M, int V>
+struct LionOp {
+    typedef LionParams<M> P;
+    enum { USED = 1 };
+    P h;
+    FASTOPT_OP void operator()(M& p, M g, M& a, M&, M&) const { lion_math<M>(p, g, a, h); }
+};
 
 }  // namespace fastopt

@@ -10,6 +10,7 @@
 //   exp_avg_coef = lr * mu_{t+1} / (1 - prod_{i<=t+1} mu_i)
 #pragma once
 #include "common.cuh"
+#include "ops.cuh"
 
 namespace fastopt {
 
@@ -29,5 +30,14 @@ FASTOPT_HD void nadam_math(M& p, M g, M& m, M& v, const NadamParams<M>& h) {
     M denom = fo_sqrt(v * h.inv_bias_correction2) + h.eps;
     p = p - (h.grad_coef * g + h.exp_avg_coef * m) / denom;
 }
+
+// the functor of update.cu and cpu_loops.hpp (ops.cuh); V: the variant bits above
+template <typename M, int V>
+struct NadamOp {
+    typedef NadamParams<M> P;
+    enum { USED = 3 };
+    P h;
+    FASTOPT_OP void operator()(M& p, M g, M& a, M& b, M&) const { nadam_math<M>(p, g, a, b, h); }
+};
 
 }  // namespace fastopt

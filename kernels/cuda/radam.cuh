@@ -8,6 +8,7 @@
 // (the host folds the per-step factors: one division per element)
 #pragma once
 #include "common.cuh"
+#include "ops.cuh"
 
 namespace fastopt {
 
@@ -29,5 +30,14 @@ FASTOPT_HD void radam_math(M& p, M g, M& m, M& v, const RadamParams<M>& h, bool 
     else
         p = p - h.step_size * m;
 }
+
+// the functor of update.cu and cpu_loops.hpp (ops.cuh); V: the variant bits above
+template <typename M, int V>
+struct RadamOp {
+    typedef RadamParams<M> P;
+    enum { USED = 3 };
+    P h;
+    FASTOPT_OP void operator()(M& p, M g, M& a, M& b, M&) const { radam_math<M>(p, g, a, b, h, V & 1); }
+};
 
 }  // namespace fastopt

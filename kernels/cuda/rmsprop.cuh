@@ -7,6 +7,7 @@
 //   else:     p <- p - lr * g / avg
 #pragma once
 #include "common.cuh"
+#include "ops.cuh"
 
 namespace fastopt {
 
@@ -36,5 +37,14 @@ FASTOPT_HD void rmsprop_math(M& p, M g, M& sq, M& ga, M& buf, const RmspropParam
         p = p - h.lr * (g / avg);
     }
 }
+
+// the functor of update.cu and cpu_loops.hpp (ops.cuh); V: the variant bits above
+template <typename M, int V>
+struct RmspropOp {
+    typedef RmspropParams<M> P;
+    enum { USED = 1 | ((V & 1) ? 2 : 0) | ((V & 2) ? 4 : 0) };
+    P h;
+    FASTOPT_OP void operator()(M& p, M g, M& a, M& b, M& c) const { rmsprop_math<M>(p, g, a, b, c, h, V & 1, V & 2); }
+};
 
 }  // namespace fastopt

@@ -5,6 +5,7 @@
 //   p <- p - lr * g
 #pragma once
 #include "common.cuh"
+#include "ops.cuh"
 
 namespace fastopt {
 
@@ -24,5 +25,14 @@ FASTOPT_HD void sgd_math(M& p, M g, M& buf, const SgdParams<M>& h, bool momentum
     }
     p = p - h.lr * g;
 }
+
+// the functor of update.cu and cpu_loops.hpp (ops.cuh); V: the variant bits above
+template <typename M, int V>
+struct SgdOp {
+    typedef SgdParams<M> P;
+    enum { USED = (V & 1) ? 1 : 0 };
+    P h;
+    FASTOPT_OP void operator()(M& p, M g, M& a, M&, M&) const { sgd_math<M>(p, g, a, h, V & 1, V & 2, V & 4); }
+};
 
 }  // namespace fastopt

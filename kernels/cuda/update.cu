@@ -3,97 +3,18 @@
 // only moves memory: 16-byte vector loads when every pointer of a tensor is aligned, one launch for a
 // single array (grid-stride) or for a whole list (a table of tensors, one block per chunk, like
 // torch's multi_tensor_apply). Entry names: fo_<family>_v<variant> and fo_<family>_v<variant>_multi;
-// the variant bits are those of fastopt/specs.py (`variant`), baked in as template arguments.
-#include "adabelief.cuh"
-#include "adagrad.cuh"
-#include "adam.cuh"
+// the variant bits are those of fastopt/specs.py (`variant`), baked in as template arguments. The list
+// of families and variants is generated from the registry (families.cuh, included at the end).
 #include "device.cuh"
 #include "lamb.cuh"
-#include "lion.cuh"
-#include "nadam.cuh"
-#include "radam.cuh"
-#include "rmsprop.cuh"
-#include "sgd.cuh"
+#include "ops.cuh"
 
 namespace fastopt {
 namespace dev {
 
-// One functor per family: the Params struct it reads, which state slots it uses (bit k: state k), and
-// the call into the shared math with the variant's flags as constants.
-template <int V>
-struct SgdOp {
-    typedef SgdParams<M> P;
-    enum { USED = (V & 1) ? 1 : 0 };
-    P h;
-    __device__ __forceinline__ void operator()(M& p, M g, M& a, M&, M&) const {
-        sgd_math<M>(p, g, a, h, V & 1, V & 2, V & 4);
-    }
-};
-
-template <int V>
-struct AdagradOp {
-    typedef AdagradParams<M> P;
-    enum { USED = 1 };
-    P h;
-    __device__ __forceinline__ void operator()(M& p, M g, M& a, M&, M&) const { adagrad_math<M>(p, g, a, h); }
-};
-
-template <int V>
-struct RmspropOp {
-    typedef RmspropParams<M> P;
-    enum { USED = 1 | ((V & 1) ? 2 : 0) | ((V & 2) ? 4 : 0) };
-    P h;
-    __device__ __forceinline__ void operator()(M& p, M g, M& a, M& b, M& c) const {
-        rmsprop_math<M>(p, g, a, b, c, h, V & 1, V & 2);
-    }
-};
-
-template <int V>
-struct AdamOp {
-    typedef AdamParams<M> P;
-    enum { USED = 3 | ((V & 1) ? 4 : 0) };
-    P h;
-    __device__ __forceinline__ void operator()(M& p, M g, M& a, M& b, M& c) const {
-        adam_math<M>(p, g, a, b, c, h, V & 1);
-    }
-};
-
-template <int V>
-struct NadamOp {
-    typedef NadamParams<M> P;
-    enum { USED = 3 };
-    P h;
-    __device__ __forceinline__ void operator()(M& p, M g, M& a, M& b, M&) const { nadam_math<M>(p, g, a, b, h); }
-};
-
-template <int V>
-struct RadamOp {
-    typedef RadamParams<M> P;
-    enum { USED = 3 };
-    P h;
-    __device__ __forceinline__ void operator()(M& p, M g, M& a, M& b, M&) const {
-        radam_math<M>(p, g, a, b, h, V & 1);
-    }
-};
-
-template <int V>
-struct AdabeliefOp {
-    typedef AdabeliefParams<M> P;
-    enum { USED = 3 };
-    P h;
-    __device__ __forceinline__ void operator()(M& p, M g, M& a, M& b, M&) const {
-        adabelief_math<M>(p, g, a, b, h);
-    }
-};
-
-template <int V>
-struct LionOp {
-    typedef LionParams<M> P;
-    enum { USED = 1 };
-    P h;
-    __device__ __forceinline__ void operator()(M& p, M g, M& a, M&, M&) const { lion_math<M>(p, g, a, h); }
-};
-
+// The functors (one per family, in its <family>.cuh: the Params struct it reads, which state slots it
+// uses, the call into the shared math with the variant's flags as constants) are instantiated with the
+// module's math type M by the entry points at the end of this file.
 template <class Op>
 __device__ __forceinline__ Op make_op(const Scalars& sc, const void* gs, int gs_kind) {
     Op op;
@@ -189,38 +110,25 @@ __device__ __forceinline__ void multi_kernel(const i64* tensors, const i64* chun
 }  // namespace dev
 }  // namespace fastopt
 
-#define FO_UPDATE_ENTRIES(FAMILY, OP, V)                                                                    \
+// KIND (the CPU kind) is unused here: the rows of families.cuh are shared with the CPU loops.
+#define FO_UPDATE_ENTRIES(KIND, FAMILY, OP, V)                                                              \
     extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                             \
         fo_##FAMILY##_v##V(fastopt::dev::T* p, const fastopt::dev::T* g, fastopt::dev::S* s0,               \
                            fastopt::dev::S* s1, fastopt::dev::S* s2, long long n, fastopt::dev::Scalars sc, \
                            const void* gs, int gs_kind, int vec, const unsigned char* skip) {               \
-        fastopt::dev::single_kernel<fastopt::dev::OP<V> >(p, g, s0, s1, s2, n, sc, gs, gs_kind, vec, skip); \
+        fastopt::dev::single_kernel<fastopt::OP<fastopt::dev::M, V> >(p, g, s0, s1, s2, n, sc, gs, gs_kind, \
+                                                                      vec, skip);                          \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                             \
         fo_##FAMILY##_v##V##_multi(const long long* tensors, const long long* chunks,                       \
                                    fastopt::dev::Scalars sc, const void* gs, int gs_kind,                   \
                                    const unsigned char* skip) {                                             \
-        fastopt::dev::multi_kernel<fastopt::dev::OP<V> >(tensors, chunks, sc, gs, gs_kind, skip);           \
+        fastopt::dev::multi_kernel<fastopt::OP<fastopt::dev::M, V> >(tensors, chunks, sc, gs, gs_kind, skip); \
     }
 
-// The variants each family has (fastopt/specs.py `variant`; sgd: 1 momentum, 2 nesterov, 4 first step).
-FO_UPDATE_ENTRIES(sgd, SgdOp, 0)
-FO_UPDATE_ENTRIES(sgd, SgdOp, 1)
-FO_UPDATE_ENTRIES(sgd, SgdOp, 3)
-FO_UPDATE_ENTRIES(sgd, SgdOp, 5)
-FO_UPDATE_ENTRIES(sgd, SgdOp, 7)
-FO_UPDATE_ENTRIES(adagrad, AdagradOp, 0)
-FO_UPDATE_ENTRIES(rmsprop, RmspropOp, 0)
-FO_UPDATE_ENTRIES(rmsprop, RmspropOp, 1)
-FO_UPDATE_ENTRIES(rmsprop, RmspropOp, 2)
-FO_UPDATE_ENTRIES(rmsprop, RmspropOp, 3)
-FO_UPDATE_ENTRIES(adam, AdamOp, 0)
-FO_UPDATE_ENTRIES(adam, AdamOp, 1)
-FO_UPDATE_ENTRIES(nadam, NadamOp, 0)
-FO_UPDATE_ENTRIES(radam, RadamOp, 0)
-FO_UPDATE_ENTRIES(radam, RadamOp, 1)
-FO_UPDATE_ENTRIES(adabelief, AdabeliefOp, 0)
-FO_UPDATE_ENTRIES(lion, LionOp, 0)
+// Every family and variant of the registry (fastopt/specs.py `kernel`, `variants`): the generated table
+// families.cuh includes each <family>.cuh and invokes FO_UPDATE_ENTRIES once per variant.
+#include "families.cuh"
 
 // ---- LAMB: two phases around a per-tensor reduction, all on the device (no host round trip) ----
 //   fo_lamb_moments_multi: new m, v; per block: sum of p^2 and u^2 (float64) -> partials[2 * block]

@@ -1,0 +1,60 @@
+// GENERATED from the registry (fastopt/specs.py: `kernel`, `variants`) by
+// fastopt/backends/cuda_source.py family_header(); do not edit. setup.py regenerates it on every build
+// (python -m fastopt.backends.cuda_source --write); tests/test_family_table.py checks it is current.
+//
+// The elementwise kernel families: each has its math and its functor <Family>Op<M, V> (ops.cuh) in
+// <family>.cuh. A family's kind (the CPU kernel index) is its position in this table.
+#pragma once
+#include "sgd.cuh"
+#include "adagrad.cuh"
+#include "rmsprop.cuh"
+#include "adam.cuh"
+#include "nadam.cuh"
+#include "radam.cuh"
+#include "adabelief.cuh"
+#include "lion.cuh"
+
+#define FASTOPT_FAMILY_COUNT 8
+
+// X(kind, family, functor, variant): one row per compiled variant (kernels/cpu/cpu_loops.hpp)
+#define FASTOPT_UPDATE_VARIANTS(X) \
+    X(0, sgd, SgdOp, 0) \
+    X(0, sgd, SgdOp, 1) \
+    X(0, sgd, SgdOp, 3) \
+    X(0, sgd, SgdOp, 5) \
+    X(0, sgd, SgdOp, 7) \
+    X(1, adagrad, AdagradOp, 0) \
+    X(2, rmsprop, RmspropOp, 0) \
+    X(2, rmsprop, RmspropOp, 1) \
+    X(2, rmsprop, RmspropOp, 2) \
+    X(2, rmsprop, RmspropOp, 3) \
+    X(3, adam, AdamOp, 0) \
+    X(3, adam, AdamOp, 1) \
+    X(4, nadam, NadamOp, 0) \
+    X(5, radam, RadamOp, 0) \
+    X(5, radam, RadamOp, 1) \
+    X(6, adabelief, AdabeliefOp, 0) \
+    X(7, lion, LionOp, 0) \
+
+
+// The CUDA entry points fo_<family>_v<variant>[_multi]: update.cu defines FO_UPDATE_ENTRIES and then
+// includes this file (the same rows as above).
+#ifdef FO_UPDATE_ENTRIES
+FO_UPDATE_ENTRIES(0, sgd, SgdOp, 0)
+FO_UPDATE_ENTRIES(0, sgd, SgdOp, 1)
+FO_UPDATE_ENTRIES(0, sgd, SgdOp, 3)
+FO_UPDATE_ENTRIES(0, sgd, SgdOp, 5)
+FO_UPDATE_ENTRIES(0, sgd, SgdOp, 7)
+FO_UPDATE_ENTRIES(1, adagrad, AdagradOp, 0)
+FO_UPDATE_ENTRIES(2, rmsprop, RmspropOp, 0)
+FO_UPDATE_ENTRIES(2, rmsprop, RmspropOp, 1)
+FO_UPDATE_ENTRIES(2, rmsprop, RmspropOp, 2)
+FO_UPDATE_ENTRIES(2, rmsprop, RmspropOp, 3)
+FO_UPDATE_ENTRIES(3, adam, AdamOp, 0)
+FO_UPDATE_ENTRIES(3, adam, AdamOp, 1)
+FO_UPDATE_ENTRIES(4, nadam, NadamOp, 0)
+FO_UPDATE_ENTRIES(5, radam, RadamOp, 0)
+FO_UPDATE_ENTRIES(5, radam, RadamOp, 1)
+FO_UPDATE_ENTRIES(6, adabelief, AdabeliefOp, 0)
+FO_UPDATE_ENTRIES(7, lion, LionOp, 0)
+#endif
