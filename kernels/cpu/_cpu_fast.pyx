@@ -114,7 +114,7 @@ cdef object _as_ndarray(object obj, str name):
         raise TypeError(f"{name} is a masked array; pass its data (np.ma.getdata) or fill it")
     if cnp.PyArray_Check(obj):
         return obj
-    from fastopt.backends.dispatch import as_numpy
+    from fastopt.arrays import as_numpy
     return as_numpy(obj, name)
 
 
