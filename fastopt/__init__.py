@@ -6,12 +6,12 @@ updates p, m and v in place in one pass over memory, on the CPU (compiled Cython
 (CuPy RawKernels, Numba CUDA), chosen by the arrays' type. Every optimizer is described once in
 fastopt.specs.REGISTRY; see README.md.
 """
+from fastopt import functional as _functional, optim as _optim
 from fastopt.backends.dispatch import use_backend
 from fastopt.clip import clip_by_global_norm, clip_by_norm, clip_by_value, global_norm
-from fastopt.functional import (adabelief_step, adagrad_step, adam_step, adamw_step, init_state, lamb_step,
-                                lion_step, nadam_step, radam_step, rmsprop_step, sgd_step)
+from fastopt.functional import init_state
 from fastopt.specs import REGISTRY
-from fastopt.optim import SGD, Adagrad, RMSprop, Adam, AdamW, NAdam, RAdam, AdaBelief, LAMB, Lion, Optimizer
+from fastopt.optim import Optimizer
 from fastopt import schedules
 from fastopt.flat import FlatParams, flatten
 from fastopt.checkpoint import CheckpointError, load, save
@@ -31,11 +31,16 @@ def get_num_threads() -> int:
     return cython_backend._cpu_fast.get_num_threads() if cython_backend.AVAILABLE else 1
 
 
+# one <name>_step function and one class per registry entry (fastopt/__init__.pyi shows them to type checkers)
+for _spec in REGISTRY.values():
+    globals()[_spec.function_name] = getattr(_functional, _spec.function_name)
+    globals()[_spec.class_name] = getattr(_optim, _spec.class_name)
+del _spec
+
 __all__ = [
-    "sgd_step", "adagrad_step", "rmsprop_step", "adam_step", "adamw_step", "nadam_step", "radam_step",
-    "adabelief_step", "lamb_step", "lion_step", "init_state",
+    *(spec.function_name for spec in REGISTRY.values()), "init_state",
     "clip_by_value", "clip_by_norm", "global_norm", "clip_by_global_norm",
     "use_backend", "set_num_threads", "get_num_threads", "REGISTRY",
-    "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "RAdam", "AdaBelief", "LAMB", "Lion", "Optimizer",
+    *(spec.class_name for spec in REGISTRY.values()), "Optimizer",
     "schedules", "flatten", "FlatParams", "save", "load", "CheckpointError", "__version__",
 ]

@@ -188,11 +188,20 @@ def lion_step(p, g, exp_avg, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0
     _store(exp_avg, beta2 * exp_avg + (1.0 - beta2) * g)
 
 
-STEPS = {
-    "sgd": sgd_step, "adagrad": adagrad_step, "rmsprop": rmsprop_step, "adam": adam_step, "adamw": adamw_step,
-    "nadam": nadam_step, "radam": radam_step, "adabelief": adabelief_step, "lamb": lamb_step,
-    "lion": lion_step,
-}
+def adamax_step(p, g, exp_avg, exp_inf, *, step, lr=2e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                maximize=False, grad_scale=None):
+    g = _grad(g, grad_scale, maximize)
+    if weight_decay != 0.0:
+        g = g + weight_decay * p
+    _store(exp_avg, beta1 * exp_avg + (1.0 - beta1) * g)
+    _store(exp_inf, np.maximum(beta2 * exp_inf, np.abs(g) + eps))  # np.maximum propagates NaN
+    step_size = lr / (1.0 - beta1 ** step)
+    _store(p, p - step_size * (exp_avg / exp_inf))
+
+
+# registry name -> reference function: every `<name>_step` defined above (no list to keep in sync)
+STEPS = {name[:-len("_step")]: fn for name, fn in list(globals().items())
+         if name.endswith("_step") and callable(fn) and not name.startswith("_")}
 
 
 # ---- clipping ----

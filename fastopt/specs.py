@@ -639,6 +639,27 @@ m = beta2 * m + (1 - beta2) * g
 ))
 
 
+def _adamax_scalars(hp, step, grad_scale):
+    return (_gs(hp, grad_scale), hp["beta1"], 1.0 - hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"],
+            hp["lr"] / (1.0 - hp["beta1"] ** step))
+
+
+ADAMAX = _register(OptimizerSpec(
+    name="adamax", class_name="Adamax", kernel="adamax",
+    summary="Adamax: Adam with the infinity norm of the gradients in place of the second moment, in place.",
+    rule="""\
+g = grad_scale * g (negated if maximize) + weight_decay * p
+m = beta1 * m + (1 - beta1) * g
+u = max(beta2 * u, |g| + eps)
+p = p - lr / (1 - beta1^t) * m / u
+""",
+    hypers=(lr(2e-3), beta1(), beta2(), eps(1e-8), weight_decay(), MAXIMIZE),
+    states=("exp_avg", "exp_inf"),
+    scalar_names=("grad_scale", "beta1", "one_minus_beta1", "beta2", "eps", "weight_decay", "step_size"),
+    scalars=_adamax_scalars, torch_class="Adamax",
+))
+
+
 def get_spec(name: str) -> OptimizerSpec:
     try:
         return REGISTRY[name.lower()]

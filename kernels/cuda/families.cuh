@@ -13,8 +13,9 @@
 #include "radam.cuh"
 #include "adabelief.cuh"
 #include "lion.cuh"
+#include "adamax.cuh"
 
-#define FASTOPT_FAMILY_COUNT 8
+#define FASTOPT_FAMILY_COUNT 9
 
 // X(kind, family, functor, variant): one row per compiled variant (kernels/cpu/cpu_loops.hpp)
 #define FASTOPT_UPDATE_VARIANTS(X) \
@@ -35,6 +36,7 @@
     X(5, radam, RadamOp, 1) \
     X(6, adabelief, AdabeliefOp, 0) \
     X(7, lion, LionOp, 0) \
+    X(8, adamax, AdamaxOp, 0) \
 
 
 // The CUDA entry points fo_<family>_v<variant>[_multi]: update.cu defines FO_UPDATE_ENTRIES and then
@@ -57,4 +59,5 @@ FO_UPDATE_ENTRIES(5, radam, RadamOp, 0)
 FO_UPDATE_ENTRIES(5, radam, RadamOp, 1)
 FO_UPDATE_ENTRIES(6, adabelief, AdabeliefOp, 0)
 FO_UPDATE_ENTRIES(7, lion, LionOp, 0)
+FO_UPDATE_ENTRIES(8, adamax, AdamaxOp, 0)
 #endif

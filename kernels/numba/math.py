@@ -197,6 +197,16 @@ def build(dtype):
         a = h[H.lion.beta2] * a + h[H.lion.one_minus_beta2] * g
         return p, a, b, c
 
+    @family
+    def adamax_math(p, g, a, b, c, h, s, variant):  # a: exp_avg, b: exp_inf
+        g = g * (h[H.adamax.grad_scale] * s)
+        g = add_scaled(g, h[H.adamax.weight_decay], p)
+        a = h[H.adamax.beta1] * a + h[H.adamax.one_minus_beta1] * g
+        u = -g if g < ZERO else g  # |g|, as adamax.cuh
+        b = max_nan(h[H.adamax.beta2] * b, u + h[H.adamax.eps])
+        p = p - h[H.adamax.step_size] * (a / b)
+        return p, a, b, c
+
     # ---- two-phase families (spec.two_phase): moments + per-tensor norms, then the scaled step ---------
 
     @family
