@@ -238,7 +238,7 @@ def markdown_table(report):
 
 def main(args):
     """`fastopt bench` on the CPU; args as parsed by fastopt.cli (sizes and optimizers already checked lists)."""
-    from fastopt.cli import dumps, write_json
+    from fastopt.cli_args import dumps, write_json
     sizes = list(args.sizes) if args.sizes else None
     optimizers = list(args.optimizers) if args.optimizers else None
     if args.quick:

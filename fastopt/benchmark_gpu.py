@@ -141,7 +141,7 @@ def main(args):
                                 "error": f"{type(e).__name__}: {e}"})
     result = {"device": device, "python": platform.python_version(), "cupy": cp.__version__, "results": rows,
               "optimizer_classes": classes}
-    from fastopt.cli import dumps, write_json
+    from fastopt.cli_args import dumps, write_json
     if args.out:
         write_json(args.out, result)
     if args.json:

@@ -103,13 +103,7 @@ def test_import_graph_is_acyclic():
     for n in sorted(graph):
         if n not in state:
             visit(n)
-    # known, in the top layers owned elsewhere (issue 10): the cli <-> benchmark / train.cli lazy imports and
-    # train/__init__ <-> train.models; everything below them (core, backends, kernels) must stay acyclic
-    top = ("fastopt.cli", "fastopt.benchmark", "fastopt.benchmark_gpu", "fastopt.train")
-    core = [c for c in cycles if not all(m == t or m.startswith(t + ".") for m in c for t in top
-                                         if m == t or m.startswith(t + "."))
-            or any(not any(m == t or m.startswith(t + ".") for t in top) for m in c)]
-    assert not core, "import cycles: " + "; ".join(" -> ".join(c) for c in core)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
 def test_package_init_is_only_imported_by_nothing_inside():

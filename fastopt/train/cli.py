@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastopt.cli import (RunError, UsageError, check_output_path, dumps, fmt, integer, listing, optimizer_names,
+from fastopt.cli_args import (RunError, UsageError, check_output_path, dumps, fmt, integer, listing, optimizer_names,
                          real, write_json)
 from fastopt.specs import REGISTRY
 from fastopt.train.arrays import GPUUnavailableError, device_module
@@ -333,7 +333,7 @@ def _cmd_search(args):
     out = args.out or "fastopt-search.json"
     _check_inputs(args)
     check_output_path("--out", out)
-    from fastopt.train import search as hp
+    import fastopt.train.search as hp
     low, high = args.lr_range
     if not low < high:
         raise UsageError(f"--lr-range {low:g},{high:g}: needs low < high")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastopt.train import losses
+import fastopt.train.losses as losses  # the module itself, not the package (whose __init__ imports this one)
 from fastopt.train.arrays import array_module
 
 TASKS = ("regression", "binary", "multiclass")
