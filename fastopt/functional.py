@@ -17,24 +17,21 @@ def apply_update(spec: OptimizerSpec, params, grads, states: tuple, hp: dict, st
                  backend=None):
     """Validate, dispatch and run one update. `states` holds one entry per spec.states slot."""
     hp, step = spec.validate(hp, step)
-    active = spec.active_states(hp)
-    arrays = [params, grads]
-    for name, used, value in zip(spec.states, active, states):
-        if used:
-            if value is None:
-                raise ValueError(f"{spec.function_name}: this configuration needs the state {name!r} "
-                                 f"(see fastopt.init_state({spec.name!r}, params, ...))")
-            arrays.append(value)
-        else:
-            arrays.append(None)
-    while len(arrays) > 2 and arrays[-1] is None:
-        arrays.pop()
-    names = ("params", "grads") + spec.states[:len(arrays) - 2]
+    given = dict(zip(spec.states, states))
+
+    def state_for(name):
+        if given[name] is None:
+            raise ValueError(f"{spec.function_name}: this configuration needs the state {name!r} "
+                             f"(see fastopt.init_state({spec.name!r}, params, ...))")
+        return given[name]
+
+    tail, names = spec.plan_call(hp, state_for)
+    arrays = (params, grads) + tail
     be = backend_for(params, backend)
     if be is None:  # empty list of params: nothing to update, but the call must still be well formed
         check_empty_call(arrays, names)
         return None
-    be.step(spec, tuple(arrays), names, hp, step, grad_scale)
+    be.step(spec, arrays, names, hp, step, grad_scale)
     return None
 
 

@@ -490,18 +490,12 @@ class Optimizer:
     def _call_states(self, bucket, hp):
         """(state lists, argument names) of the bucket's kernel call for these hyperparameters; a state
         not allocated yet is a new zero array here (kept by _ensure_states when the step goes ahead)."""
-        spec = self.spec
-        tail = []
-        for name, used in zip(spec.states, spec.active_states(hp)):
-            if not used:
-                tail.append(None)
-            elif name in bucket.states:
-                tail.append(bucket.states[name])
-            else:
-                tail.append(init_state(spec.name, bucket.params, **self._state_options(hp))[name])
-        while tail and tail[-1] is None:
-            tail.pop()
-        return tuple(tail), ("params", "grads") + spec.states[:len(tail)]
+        def state_for(name):
+            if name in bucket.states:
+                return bucket.states[name]
+            return init_state(self.spec.name, bucket.params, **self._state_options(hp))[name]
+
+        return self.spec.plan_call(hp, state_for)
 
     def _plan(self, bucket, hp):
         """Fix the state lists and argument names of the bucket's kernel call for these hyperparameters."""

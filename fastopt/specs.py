@@ -224,6 +224,16 @@ class OptimizerSpec:
                 pred(_Recorder(hp))
         return tuple(h.name for h in self.hypers if h.name in read)
 
+    def plan_call(self, hp: Mapping, state_for: Callable[[str], object]) -> tuple[tuple, tuple[str, ...]]:
+        """(state arguments, argument names) of one kernel call for these hyperparameters: the array(s)
+        state_for(name) gives for each state the configuration uses, None for an unused slot, trailing
+        unused slots dropped; names start with ("params", "grads"). The one planning helper of the
+        functional API and the classes."""
+        tail = [state_for(name) if used else None for name, used in zip(self.states, self.active_states(hp))]
+        while tail and tail[-1] is None:
+            tail.pop()
+        return tuple(tail), ("params", "grads") + self.states[:len(tail)]
+
     def active_states(self, hp: Mapping) -> tuple[bool, ...]:
         """For each state slot: does this configuration read and write it?"""
         return tuple(True if pred is None else bool(pred(hp)) for pred in self._state_predicates)
