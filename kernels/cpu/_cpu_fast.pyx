@@ -225,6 +225,8 @@ cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot, object indic
                 b.keep.append(None)
                 continue
             obj = lists[k][i]
+            if obj is None:  # the message of the Python checks (validate.check_arrays)
+                raise TypeError(f"{_label(names, k, i, is_list, indices)} must be an array, got None")
             if not cnp.PyArray_CheckExact(obj):
                 obj = _as_ndarray(obj, _label(names, k, i, is_list, indices))
             a = <cnp.ndarray> obj
