@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-__all__ = ["clip_coefficient", "global_norm", "clip_by_norm", "clip_by_global_norm"]
+__all__ = ["clip_coefficient", "global_norm", "clip_by_norm", "clip_by_global_norm", "clip_functions"]
 
 
 def clip_coefficient(total_norm, max_norm):
@@ -46,3 +46,17 @@ def clip_by_global_norm(backend, grads, sq, max_norm):
     if coef != 1.0:
         backend.scale_(checked, coef)
     return total
+
+
+def clip_functions(backend):
+    """(clip_by_norm, clip_by_global_norm) of the backend interface for a host backend module: the two
+    functions above with the backend bound."""
+    def backend_clip_by_norm(grads, sq, max_norm):
+        """Per array: g *= min(1, max_norm / (||g|| + 1e-6)) in place; the norms (a list for a list)."""
+        return clip_by_norm(backend, grads, sq, max_norm)
+
+    def backend_clip_by_global_norm(grads, sq, max_norm):
+        """Every array: g *= min(1, max_norm / (total + 1e-6)) in place; the total norm."""
+        return clip_by_global_norm(backend, grads, sq, max_norm)
+
+    return backend_clip_by_norm, backend_clip_by_global_norm

@@ -74,15 +74,5 @@ def clamp_(grads, clip_value):
 
 
 # Norms and clipping from the sums of squares: written once for both host backends (host_clip.py)
-global_norm = host_clip.global_norm
-clip_coefficient = host_clip.clip_coefficient
-
-
-def clip_by_norm(grads, sq, max_norm):
-    """Per array: g *= min(1, max_norm / (||g|| + 1e-6)) in place; the norms (a list for a list)."""
-    return host_clip.clip_by_norm(sys.modules[__name__], grads, sq, max_norm)
-
-
-def clip_by_global_norm(grads, sq, max_norm):
-    """Every array: g *= min(1, max_norm / (total + 1e-6)) in place; the total norm."""
-    return host_clip.clip_by_global_norm(sys.modules[__name__], grads, sq, max_norm)
+global_norm, clip_coefficient = host_clip.global_norm, host_clip.clip_coefficient
+clip_by_norm, clip_by_global_norm = host_clip.clip_functions(sys.modules[__name__])

@@ -100,6 +100,30 @@ def build(dtype, block):
     # ---- the generic kernels, one per family: the memory side around the family's math ----------------
     # `used` bit k: state slot k is live (read and written); a dead slot is neither read nor written.
 
+    @cuda.jit(device=True)
+    def load_states(s0, s1, s2, i, used):
+        """Element i of the live state slots (ZERO for a dead one, which is never read)."""
+        a = ZERO
+        b = ZERO
+        c = ZERO
+        if used & 1:
+            a = s0[i]
+        if used & 2:
+            b = s1[i]
+        if used & 4:
+            c = s2[i]
+        return a, b, c
+
+    @cuda.jit(device=True)
+    def store_states(s0, s1, s2, i, used, a, b, c):
+        """Write element i of the live state slots back (a dead slot is never written)."""
+        if used & 1:
+            s0[i] = a
+        if used & 2:
+            s1[i] = b
+        if used & 4:
+            s2[i] = c
+
     def make_update(family):
         math_fn = math_function(m, f"{family}_math")
 
@@ -110,23 +134,10 @@ def build(dtype, block):
             s = gs[0]
             start, stride = cuda.grid(1), cuda.gridsize(1)
             for i in range(start, p.size, stride):
-                a = ZERO
-                b = ZERO
-                c = ZERO
-                if used & 1:
-                    a = s0[i]
-                if used & 2:
-                    b = s1[i]
-                if used & 4:
-                    c = s2[i]
+                a, b, c = load_states(s0, s1, s2, i, used)
                 pi, a, b, c = math_fn(p[i], g[i], a, b, c, h, s, variant)
                 p[i] = pi
-                if used & 1:
-                    s0[i] = a
-                if used & 2:
-                    s1[i] = b
-                if used & 4:
-                    s2[i] = c
+                store_states(s0, s1, s2, i, used, a, b, c)
         return update
 
     # Two-phase families (LAMB), in one place: phase 1 `moments` updates the states and writes per block
@@ -146,23 +157,10 @@ def build(dtype, block):
             uu = 0.0
             start, stride = cuda.grid(1), cuda.gridsize(1)
             for i in range(start, p.size, stride):
-                a = ZERO
-                b = ZERO
-                c = ZERO
-                if used & 1:
-                    a = s0[i]
-                if used & 2:
-                    b = s1[i]
-                if used & 4:
-                    c = s2[i]
+                a, b, c = load_states(s0, s1, s2, i, used)
                 pi = p[i]
                 a, b, c, u = moments_math(pi, g[i], a, b, c, h, s, variant)
-                if used & 1:
-                    s0[i] = a
-                if used & 2:
-                    s1[i] = b
-                if used & 4:
-                    s2[i] = c
+                store_states(s0, s1, s2, i, used, a, b, c)
                 pp += float64(pi) * float64(pi)
                 uu += float64(u) * float64(u)
             pp = block_sum(pp, shared)
@@ -182,15 +180,7 @@ def build(dtype, block):
             lr = scaled_lr[t]
             start, stride = cuda.grid(1), cuda.gridsize(1)
             for i in range(start, p.size, stride):
-                a = ZERO
-                b = ZERO
-                c = ZERO
-                if used & 1:
-                    a = s0[i]
-                if used & 2:
-                    b = s1[i]
-                if used & 4:
-                    c = s2[i]
+                a, b, c = load_states(s0, s1, s2, i, used)
                 pi = p[i]
                 p[i] = pi - lr * direction_math(pi, a, b, c, h, variant)
         return apply
