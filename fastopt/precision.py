@@ -1,0 +1,206 @@
+"""Low-precision storage, in plain NumPy: the reference of kernels/cuda/precision.cuh.
+
+Every function here computes, element for element, the same bits as its C counterpart (the CPU
+loops and the CUDA kernels include that header), and tests/test_precision.py checks it:
+
+- 16-bit conversions: `to_bf16` / `from_bf16` (bfloat16 as its uint16 bit pattern, so nothing here
+  needs ml_dtypes), `to_fp16` / `from_fp16` (NumPy's float16 rounding, which is IEEE's);
+- stochastic rounding: `to_bf16_sr` / `to_fp16_sr`, rounding up with probability equal to the
+  distance from the lower neighbour, with bits from `random_bits(random_key(seed, step), index)`,
+  a pure function of seed, step and element index;
+- `kahan_store`: a Kahan-compensated 16-bit parameter update (optimi's scheme);
+- block-wise 8-bit state (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"):
+  `dynamic_map`, `quantize_blockwise`, `dequantize_blockwise`.
+
+All arithmetic is float32 (as in the kernels' math for 16-bit data) and uint32.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+QUANT_BLOCK = 256  # elements per absmax block (FO_QUANT_BLOCK)
+
+_U32 = np.uint32
+
+
+def _bits(x) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+
+
+def _float(bits) -> np.ndarray:
+    return np.ascontiguousarray(bits, dtype=np.uint32).view(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 16-bit conversions
+# ---------------------------------------------------------------------------------------------------
+
+def from_bf16(h) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32."""
+    return _float(np.asarray(h, dtype=np.uint16).astype(np.uint32) << _U32(16))
+
+
+def to_bf16(x) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, round to nearest even; NaN stays (quiet) NaN."""
+    u = _bits(x)
+    nan = (u & _U32(0x7FFFFFFF)) > _U32(0x7F800000)
+    rounded = (u + _U32(0x7FFF) + ((u >> _U32(16)) & _U32(1))) >> _U32(16)
+    return np.where(nan, (u >> _U32(16)) | _U32(0x40), rounded).astype(np.uint16)
+
+
+def to_bf16_sr(x, random) -> np.ndarray:
+    """float32 -> bfloat16 bits, rounded stochastically with 16 of the given random bits."""
+    u = _bits(x)
+    special = (u & _U32(0x7FFFFFFF)) >= _U32(0x7F800000)
+    rounded = (u + (np.asarray(random, dtype=np.uint32) & _U32(0xFFFF))) >> _U32(16)
+    return np.where(special, to_bf16(x), rounded).astype(np.uint16)
+
+
+def from_fp16(h) -> np.ndarray:
+    """float16 bit patterns (uint16) -> float32."""
+    return np.asarray(h, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def to_fp16(x) -> np.ndarray:
+    """float32 -> float16 bit patterns, round to nearest even (IEEE, NumPy's own cast); NaN quiet."""
+    x = np.asarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        h = x.astype(np.float16).view(np.uint16)
+    # one NaN pattern per sign (0x7e00), as the C code writes it
+    return np.where(np.isnan(x), (h & np.uint16(0x8000)) | np.uint16(0x7E00), h).astype(np.uint16)
+
+
+def to_fp16_sr(x, random) -> np.ndarray:
+    """float32 -> float16 bits, rounded stochastically: 13 random bits in the normal range, a
+    comparison of the exact fraction with 24 random bits in the subnormal range (grid 2^-24)."""
+    u = _bits(x)
+    r = np.asarray(random, dtype=np.uint32)
+    sign = (u >> _U32(16)) & _U32(0x8000)
+    a = u & _U32(0x7FFFFFFF)
+    b = a + (r & _U32(0x1FFF))
+    with np.errstate(over="ignore", invalid="ignore"):
+        normal = np.where(b >= _U32(0x47800000), _U32(0x7C00), (b - _U32(0x38000000)) >> _U32(13))
+        q = _float(a) * np.float32(16777216.0)
+        whole = np.where(a < _U32(0x38800000), q, 0).astype(np.uint32)
+    fraction = q - whole.astype(np.float32)
+    up = (r >> _U32(8)).astype(np.float32) * np.float32(5.9604644775390625e-08) < fraction
+    sub = whole + up.astype(np.uint32)
+    out = sign | np.where(a >= _U32(0x38800000), normal, sub)
+    return np.where(a >= _U32(0x7F800000), to_fp16(x), out).astype(np.uint16)
+
+
+FORMATS = {
+    "bfloat16": (from_bf16, to_bf16, to_bf16_sr),
+    "float16": (from_fp16, to_fp16, to_fp16_sr),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Counter-based random bits
+# ---------------------------------------------------------------------------------------------------
+
+def _mix32(x):
+    x = np.asarray(x, dtype=np.uint32)
+    x = x ^ (x >> _U32(16))
+    x = x * _U32(0x21F0AAAD)
+    x = x ^ (x >> _U32(15))
+    x = x * _U32(0x735A2D97)
+    return x ^ (x >> _U32(15))
+
+
+def random_key(seed: int, step: int) -> int:
+    """The per-call key of fo_random_key: seed (uint64) and step folded into 32 bits."""
+    seed, step = int(seed) % 2 ** 64, int(step) % 2 ** 64
+    with np.errstate(over="ignore"):
+        h = _mix32(_U32(seed & 0xFFFFFFFF) ^ _U32(0x9E3779B9))
+        h = _mix32(h ^ _U32(seed >> 32))
+        h = _mix32(h ^ _U32(step & 0xFFFFFFFF))
+        return int(_mix32(h ^ _U32(step >> 32)))
+
+
+def random_bits(key: int, index) -> np.ndarray:
+    """32 random bits per element index (uint64 indices), as fo_random_bits."""
+    index = np.asarray(index, dtype=np.uint64)
+    lo = (index & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    hi = (index >> np.uint64(32)).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        h = _mix32(_U32(key) ^ lo)
+        return _mix32(h ^ hi ^ _U32(0x85EBCA6B))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kahan-compensated 16-bit update
+# ---------------------------------------------------------------------------------------------------
+
+def kahan_store(p_bits, c_bits, p_new, dtype: str = "bfloat16"):
+    """(new p bits, new compensation bits): the stored param p and compensation c (16-bit patterns)
+    after the optimizer computed p_new (float32) from p."""
+    load, store, _ = FORMATS[dtype]
+    p, c = load(p_bits), load(c_bits)
+    total = c + (np.asarray(p_new, dtype=np.float32) - p)
+    p_out = store(p + total)
+    c_out = store(total + (p - load(p_out)))
+    return p_out, c_out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Block-wise 8-bit quantization
+# ---------------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def _maps(signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    # Dynamic tree quantization: a code spends its leading zero bits on a decimal exponent E (the
+    # value's order of magnitude, 10^-E) and the bits after the first one on a linear fraction of
+    # (0.1, 1] at that order, so small values keep relative precision (second moments span many
+    # decades). Signed: 7 bits per sign, E = 0..6; unsigned: 8 bits, E = 0..7.
+    bits = 7 if signed else 8
+    mags = []
+    for e in range(bits):
+        f = bits - 1 - e  # fraction bits at this exponent
+        steps = np.arange(1, 2 ** f + 1, dtype=np.float64) / 2 ** f
+        mags.append(10.0 ** -e * (0.1 + 0.9 * steps))
+    mags = np.concatenate(mags)
+    # signed: 127 magnitudes per sign and zero twice (the "negative zero" code), 256 codes in all
+    values = np.concatenate([-mags, [0.0, 0.0], mags]) if signed else np.concatenate([[0.0], mags])
+    values = np.sort(values).astype(np.float32)
+    assert values.size == 256
+    mid = ((values[:-1].astype(np.float64) + values[1:]) / 2).astype(np.float32)
+    values.setflags(write=False)
+    mid.setflags(write=False)
+    return values, mid
+
+
+def dynamic_map(signed: bool) -> np.ndarray:
+    """The 256 values (float32, ascending) an 8-bit code stands for, times the block's absmax."""
+    return _maps(bool(signed))[0]
+
+
+def dynamic_midpoints(signed: bool) -> np.ndarray:
+    """The 255 midpoints between consecutive map values (float32): what the quantizer compares with."""
+    return _maps(bool(signed))[1]
+
+
+def quantize_blockwise(x, signed: bool, block: int = QUANT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """(codes uint8, absmax float32 per block) of a float32 array's flattened values."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    nblocks = -(-x.size // block)
+    padded = np.zeros(nblocks * block, np.float32)
+    padded[:x.size] = x
+    blocks = padded.reshape(nblocks, block)
+    # fmax-style but NaN-propagating, like fo_max_nan: a NaN anywhere makes the absmax NaN
+    absmax = np.abs(blocks).max(axis=1) if nblocks else np.zeros(0, np.float32)
+    scale = np.where(absmax > 0, absmax, np.float32(1.0)).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        normalized = blocks / scale[:, None]
+    codes = np.searchsorted(dynamic_midpoints(signed), normalized, side="left")
+    codes[np.isnan(normalized)] = 0  # the C binary search sends NaN to code 0
+    return codes.reshape(-1)[:x.size].astype(np.uint8), absmax.astype(np.float32)
+
+
+def dequantize_blockwise(codes, absmax, signed: bool, block: int = QUANT_BLOCK) -> np.ndarray:
+    """float32 values of quantized state (the inverse of quantize_blockwise up to the map's spacing)."""
+    codes = np.asarray(codes, dtype=np.uint8).reshape(-1)
+    scale = np.repeat(np.asarray(absmax, dtype=np.float32), block)[:codes.size]
+    return dynamic_map(signed)[codes] * scale

@@ -1,0 +1,224 @@
+// Low-precision storage, shared by the CUDA kernels and the CPU loops: 16-bit conversions, stochastic
+// rounding, Kahan-compensated updates and block-wise 8-bit state quantization (docs/design.md,
+// "Precision"; the NumPy reference of every function here is fastopt/precision.py, and
+// tests/test_precision.py checks the two agree bit for bit).
+//
+// Everything is integer and float32 arithmetic written out in software, never a compiler or device
+// intrinsic, so the CPU and the GPU produce the same bits: __float2bfloat16_rn and gcc's __bf16 agree
+// on round-to-nearest-even, but nothing guarantees that their NaN payloads, stochastic rounding or
+// subnormal handling do, and these bits end up in checkpoints.
+#pragma once
+
+#include "common.cuh"
+
+#if !defined(__CUDACC_RTC__) && !defined(__CUDA_ARCH__)
+#include <string.h>
+#endif
+
+namespace fastopt {
+
+typedef unsigned short fo_u16;
+typedef unsigned int fo_u32;
+typedef unsigned long long fo_u64;
+
+// ------------------------------------------------------------------------------------------------
+// Bit casts
+// ------------------------------------------------------------------------------------------------
+
+FASTOPT_HD fo_u32 fo_float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+    return __float_as_uint(x);
+#else
+    fo_u32 u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+#endif
+}
+
+FASTOPT_HD float fo_bits_float(fo_u32 u) {
+#if defined(__CUDA_ARCH__)
+    return __uint_as_float(u);
+#else
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------
+// bfloat16: the top half of a float32
+// ------------------------------------------------------------------------------------------------
+
+FASTOPT_HD float fo_bf16_to_float(fo_u16 h) { return fo_bits_float(static_cast<fo_u32>(h) << 16); }
+
+// Round to nearest, ties to even. NaN stays NaN (quiet bit set, sign kept).
+FASTOPT_HD fo_u16 fo_float_to_bf16(float x) {
+    fo_u32 u = fo_float_bits(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<fo_u16>((u >> 16) | 0x0040u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return static_cast<fo_u16>(u >> 16);
+}
+
+// Round to one of the two neighbouring bfloat16 values, up (away from zero) with probability equal to
+// the distance from the lower one: adding 16 random bits to the magnitude and truncating does exactly
+// that (a carry into the exponent is the correct next value, Inf included). Inf and NaN are not rounded.
+FASTOPT_HD fo_u16 fo_float_to_bf16_sr(float x, fo_u32 random) {
+    fo_u32 u = fo_float_bits(x);
+    if ((u & 0x7fffffffu) >= 0x7f800000u) return fo_float_to_bf16(x);
+    u += random & 0xffffu;  // the sign bit is never reached: the magnitude is below 0x7f800000
+    return static_cast<fo_u16>(u >> 16);
+}
+
+// ------------------------------------------------------------------------------------------------
+// float16 (IEEE binary16)
+// ------------------------------------------------------------------------------------------------
+
+FASTOPT_HD float fo_fp16_to_float(fo_u16 h) {
+    const fo_u32 sign = static_cast<fo_u32>(h & 0x8000u) << 16;
+    const fo_u32 e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0x1fu) return fo_bits_float(sign | 0x7f800000u | (m << 13));
+    if (e == 0) {  // zero or subnormal: m * 2^-24, exact in float32
+        const float v = static_cast<float>(m) * 5.9604644775390625e-08f;
+        return sign ? -v : v;
+    }
+    return fo_bits_float(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+// Round to nearest, ties to even, with fp16's subnormals; beyond 65520 (half-way past the largest
+// finite value) the result is Inf. NaN stays NaN (quiet).
+FASTOPT_HD fo_u16 fo_float_to_fp16(float x) {
+    const fo_u32 u = fo_float_bits(x);
+    const fo_u32 sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return static_cast<fo_u16>(sign | (a > 0x7f800000u ? 0x7e00u : 0x7c00u));
+    if (a >= 0x477ff000u) return static_cast<fo_u16>(sign | 0x7c00u);
+    if (a < 0x38800000u) {  // below 2^-14: an fp16 subnormal, round(|x| * 2^24)
+        const fo_u32 e = a >> 23;
+        if (e < 102u) return static_cast<fo_u16>(sign);  // below 2^-25: rounds to zero
+        const fo_u32 m = (a & 0x7fffffu) | 0x800000u, s = 126u - e;  // |x| = m * 2^(e - 150)
+        fo_u32 r = m >> s;
+        const fo_u32 rest = m & ((1u << s) - 1u), half = 1u << (s - 1u);
+        if (rest > half || (rest == half && (r & 1u))) ++r;
+        return static_cast<fo_u16>(sign | r);
+    }
+    fo_u32 r = (a - 0x38000000u) >> 13;  // rebias the exponent (127 -> 15), drop 13 mantissa bits
+    const fo_u32 rest = a & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (r & 1u))) ++r;
+    return static_cast<fo_u16>(sign | r);
+}
+
+// Stochastic rounding to float16 (see fo_float_to_bf16_sr). In the normal range the 13 dropped bits
+// get 13 random bits added; in the subnormal range (grid 2^-24) |x| * 2^24 is split exactly into an
+// integer and a fraction, and the fraction is compared with 24 random bits.
+FASTOPT_HD fo_u16 fo_float_to_fp16_sr(float x, fo_u32 random) {
+    const fo_u32 u = fo_float_bits(x);
+    const fo_u32 sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return fo_float_to_fp16(x);
+    if (a >= 0x38800000u) {
+        const fo_u32 b = a + (random & 0x1fffu);
+        if (b >= 0x47800000u) return static_cast<fo_u16>(sign | 0x7c00u);  // 65536 and beyond: Inf
+        return static_cast<fo_u16>(sign | ((b - 0x38000000u) >> 13));
+    }
+    const float q = fo_bits_float(a) * 16777216.0f;  // exact: a power-of-two scale into the normal range
+    fo_u32 whole = static_cast<fo_u32>(q);
+    const float fraction = q - static_cast<float>(whole);  // exact
+    if (static_cast<float>(random >> 8) * 5.9604644775390625e-08f < fraction) ++whole;
+    return static_cast<fo_u16>(sign | whole);
+}
+
+// The two 16-bit formats behind one interface, for templates over the parameter's storage type.
+struct Bf16Format {
+    FASTOPT_HD float load(fo_u16 h) { return fo_bf16_to_float(h); }
+    FASTOPT_HD fo_u16 store(float x) { return fo_float_to_bf16(x); }
+    FASTOPT_HD fo_u16 store_sr(float x, fo_u32 random) { return fo_float_to_bf16_sr(x, random); }
+};
+
+struct Fp16Format {
+    FASTOPT_HD float load(fo_u16 h) { return fo_fp16_to_float(h); }
+    FASTOPT_HD fo_u16 store(float x) { return fo_float_to_fp16(x); }
+    FASTOPT_HD fo_u16 store_sr(float x, fo_u32 random) { return fo_float_to_fp16_sr(x, random); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Counter-based random bits: a pure function of (seed, step, element index), so the same element
+// gets the same bits on the CPU and the GPU, for any thread count and any split into tensors/shards
+// (the index is the element's position in its tensor). The mixer is a 32-bit integer hash (xor-shift /
+// multiply rounds with low-bias constants); each round is a bijection, so for one key no two indices
+// below 2^32 share their bits.
+// ------------------------------------------------------------------------------------------------
+
+FASTOPT_HD fo_u32 fo_mix32(fo_u32 x) {
+    x ^= x >> 16;
+    x *= 0x21f0aaadu;
+    x ^= x >> 15;
+    x *= 0x735a2d97u;
+    x ^= x >> 15;
+    return x;
+}
+
+// The per-call key, computed once on the host: seed and step folded in.
+FASTOPT_HD fo_u32 fo_random_key(fo_u64 seed, fo_u64 step) {
+    fo_u32 h = fo_mix32(static_cast<fo_u32>(seed) ^ 0x9e3779b9u);
+    h = fo_mix32(h ^ static_cast<fo_u32>(seed >> 32));
+    h = fo_mix32(h ^ static_cast<fo_u32>(step));
+    return fo_mix32(h ^ static_cast<fo_u32>(step >> 32));
+}
+
+FASTOPT_HD fo_u32 fo_random_bits(fo_u32 key, fo_u64 index) {
+    const fo_u32 h = fo_mix32(key ^ static_cast<fo_u32>(index));
+    return fo_mix32(h ^ static_cast<fo_u32>(index >> 32) ^ 0x85ebca6bu);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kahan-compensated update of a 16-bit parameter (optimi's scheme): the compensation buffer c holds
+// what rounding the parameter lost so far, and is added back before the next rounding, so updates far
+// below half an ulp still accumulate. `p` and `c` are the stored values (widened), `p_new` the
+// optimizer's float32 result computed from p.
+// ------------------------------------------------------------------------------------------------
+
+template <typename Format>
+FASTOPT_HD void fo_kahan_store(float p, float c, float p_new, fo_u16& p_out, fo_u16& c_out) {
+    Format f;
+    const float total = c + (p_new - p);  // this step's update plus what earlier steps lost
+    p_out = f.store(p + total);
+    c_out = f.store(total + (p - f.load(p_out)));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Block-wise 8-bit state (Dettmers et al. 2022): each block of FO_QUANT_BLOCK consecutive elements of
+// a tensor keeps one float32 absmax; an element is stored as the index of the nearest value of a
+// 256-entry map of [-1, 1] (signed, first moments) or [0, 1] (unsigned, second moments). The maps
+// and their 255 midpoints are built by fastopt/precision.py and handed to the kernels.
+// ------------------------------------------------------------------------------------------------
+
+#define FO_QUANT_BLOCK 256
+
+// |x| by clearing the sign bit: -0.0 becomes +0.0 (x < 0 ? -x : x keeps -0.0, and the absmax bits
+// would then differ from NumPy's abs).
+FASTOPT_HD float fo_abs_bits(float x) { return fo_bits_float(fo_float_bits(x) & 0x7fffffffu); }
+
+// The code of x / absmax: the number of midpoints below it (the nearest map value; a value exactly
+// on a midpoint takes the lower code). `mid` is sorted ascending, 255 entries.
+FASTOPT_HD unsigned char fo_quantize(float normalized, const float* mid) {
+    unsigned lo = 0, hi = 255;
+    while (lo < hi) {
+        const unsigned m = (lo + hi) >> 1;
+        if (mid[m] < normalized) lo = m + 1; else hi = m;
+    }
+    return static_cast<unsigned char>(lo);
+}
+
+FASTOPT_HD float fo_dequantize(unsigned char code, float absmax, const float* map) {
+    return map[code] * absmax;
+}
+
+// Quantizes one block of n <= FO_QUANT_BLOCK float32 values (host loops; the CUDA kernels reduce the
+// absmax across a block of threads and then call fo_quantize per element the same way).
+FASTOPT_HD float fo_quantize_block(const float* x, unsigned n, const float* mid, unsigned char* codes) {
+    float absmax = 0.0f;
+    for (unsigned i = 0; i < n; ++i) absmax = fo_max_nan(absmax, fo_abs_bits(x[i]));
+    const float scale = absmax > 0.0f ? absmax : 1.0f;  // an all-zero block: every code is zero's
+    for (unsigned i = 0; i < n; ++i) codes[i] = fo_quantize(x[i] / scale, mid);
+    return absmax;
+}
+
+}  // namespace fastopt
