@@ -34,27 +34,43 @@ DTYPES = {
     np.dtype(np.float16): (2, np.dtype(np.float32)),
 }
 
-OTHER_KERNELS = ("fo_lamb_moments_multi", "fo_lamb_trust", "fo_lamb_apply_multi", "fo_sumsq_chunks",
-                 "fo_sumsq_tensors", "fo_global_norm", "fo_step_guard", "fo_scale_multi", "fo_clamp_multi", "fo_touch")
+# the entry points of reduce.cu (norms, clipping, the optimizer's guard, the benchmark's ceiling)
+REDUCTION_KERNELS = ("fo_sumsq_chunks", "fo_sumsq_tensors", "fo_global_norm", "fo_step_guard", "fo_scale_multi",
+                     "fo_clamp_multi", "fo_touch")
+# a two-phase family's entry points (update.cu FO_TWO_PHASE_ENTRIES), in launch order
+TWO_PHASE_SUFFIXES = ("moments_multi", "trust", "apply_multi")
 
 
 FAMILY_HEADER = "families.cuh"
 MAX_VARIANT = 255  # the CPU dispatch packs kind * 256 + variant (cpu_loops.hpp)
 
 
+def _checked_family(spec):
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", spec.kernel):
+        raise ValueError(f"{spec.name}: kernel {spec.kernel!r} is not a C identifier in lower case")
+    return spec.kernel
+
+
+def two_phase_families() -> tuple:
+    """The two-phase kernel families of the registry (spec.two_phase: LAMB), in registry order. Each has
+    its math in kernels/cuda/<family>.cuh: <Family>Params<M>, <family>_moments_math, <family>_apply_math
+    and <family>_trust_ratio, which update.cu's FO_TWO_PHASE_ENTRIES wraps into the three kernels."""
+    from fastopt.specs import REGISTRY
+    return tuple(dict.fromkeys(_checked_family(s) for s in REGISTRY.values() if s.two_phase))
+
+
 def family_table() -> tuple:
     """((family, functor, variants), ...) of the elementwise kernels, in registry order: the family is
     the specs' `kernel` (shared by e.g. adam and adamw), its math and functor live in
     kernels/cuda/<family>.cuh as <Family>Op (ops.cuh), and a family's position here is its CPU kind.
-    Two-phase kernels (LAMB) are written by hand around their reduction and are not in the table."""
+    Two-phase families (LAMB) are not in it: see two_phase_families()."""
     from fastopt.specs import REGISTRY  # on use: the table follows specs registered after this import
     table: dict = {}
     for spec in REGISTRY.values():
         if spec.two_phase:
             continue
         variants = tuple(sorted(set(spec.variants)))
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", spec.kernel):
-            raise ValueError(f"{spec.name}: kernel {spec.kernel!r} is not a C identifier in lower case")
+        _checked_family(spec)
         if not variants or not all(isinstance(v, int) and 0 <= v <= MAX_VARIANT for v in variants):
             raise ValueError(f"{spec.name}: variants {spec.variants!r} must be ints in [0, {MAX_VARIANT}]")
         if table.setdefault(spec.kernel, variants) != variants:
@@ -68,15 +84,19 @@ def _update_variants() -> dict:
 
 
 def __getattr__(name):
-    # UPDATE_VARIANTS: family -> its compiled variants, from the registry (computed on use: no import cycle)
+    # computed on use from the registry (no import cycle): UPDATE_VARIANTS, family -> its compiled
+    # variants; OTHER_KERNELS, the entry points outside the elementwise table (two-phase, reductions)
     if name == "UPDATE_VARIANTS":
         return _update_variants()
+    if name == "OTHER_KERNELS":
+        return tuple(n for f in two_phase_families() for n in two_phase_kernel_names(f)) + REDUCTION_KERNELS
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def family_header() -> str:
     """The text of kernels/cuda/families.cuh, generated from the registry."""
     table = family_table()
+    two_phase = two_phase_families()
     rows = [(kind, family, op, v) for kind, (family, op, variants) in enumerate(table) for v in variants]
     lines = [
         "// GENERATED from the registry (fastopt/specs.py: `kernel`, `variants`) by",
@@ -99,6 +119,13 @@ def family_header() -> str:
         "// includes this file (the same rows as above).",
         "#ifdef FO_UPDATE_ENTRIES",
         *[f"FO_UPDATE_ENTRIES({k}, {f}, {op}, {v})" for k, f, op, v in rows],
+        "#endif",
+        "",
+        "// The two-phase families (spec.two_phase): fo_<family>_moments_multi, _trust, _apply_multi around a",
+        "// per-tensor reduction. update.cu defines FO_TWO_PHASE_ENTRIES(family, params struct) and includes this.",
+        "#ifdef FO_TWO_PHASE_ENTRIES",
+        *[f'#include "{f}.cuh"' for f in two_phase],
+        *[f"FO_TWO_PHASE_ENTRIES({f}, {f.capitalize()}Params)" for f in two_phase],
         "#endif",
         "",
     ]
@@ -160,14 +187,24 @@ def compile_options(dtype) -> tuple:
     return ("-std=c++17", f"-DFASTOPT_DTYPE={code}", f"-DFASTOPT_BLOCK={BLOCK}", f"-DFASTOPT_CHUNK={CHUNK}")
 
 
+def entry_name(family, suffix):
+    """The CUDA entry point of a kernel family: fo_<family>_<suffix> (update.cu pastes the same)."""
+    return f"fo_{family}_{suffix}"
+
+
 def update_kernel_name(family, variant, multi):
-    return f"fo_{family}_v{variant}" + ("_multi" if multi else "")
+    return entry_name(family, f"v{variant}" + ("_multi" if multi else ""))
+
+
+def two_phase_kernel_names(family) -> tuple:
+    """(moments, trust, apply) entry points of a two-phase family, in launch order."""
+    return tuple(entry_name(family, suffix) for suffix in TWO_PHASE_SUFFIXES)
 
 
 def kernel_names() -> list:
     """Every entry point a compiled module must export."""
     names = [update_kernel_name(f, v, m) for f, _, vs in family_table() for v in vs for m in (False, True)]
-    return names + list(OTHER_KERNELS)
+    return names + list(__getattr__("OTHER_KERNELS"))
 
 
 if __name__ == "__main__":

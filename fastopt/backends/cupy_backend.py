@@ -11,19 +11,27 @@ zero-copy and in place.
   device: the hyperparameters travel by value in the launch.
 - Norms are two-stage deterministic reductions in float64 and stay on the device (0-d arrays);
   grad_scale may be such a 0-d array: clip-then-update never synchronises with the host.
-Kernels run on CuPy's current stream of the arrays' device.
+Streams: every launch, and every scratch allocation (CuPy's memory pool is stream-ordered), happens on
+the device of the arrays and on the stream that orders the work producing them: CuPy's current stream
+for CuPy arrays, torch.cuda.current_stream(device) for torch CUDA tensors, the exported
+__cuda_array_interface__ v3 stream for other arrays (device_arrays.producer_stream; the first array of
+the call decides). Arrays this backend returns (sums of squares, norms, coefficients, flags) remember
+their stream, so the kernels that read them later run after their producer, whatever stream is
+current by then.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib.util
 import numbers
 
 import numpy as np
 
 from fastopt.backends import cuda_source
-from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, check_skip_flag, from_interface,
-                                             prepare_device, validate_device_arrays)
+from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_skip_flag, device_index,
+                                             from_interface, prepare_device, producer_stream,
+                                             validate_device_arrays)
 from fastopt.backends.validate import check_prepared_disjoint
 
 NAME = "cupy"
@@ -40,6 +48,8 @@ _modules: dict = {}
 _functions: dict = {}
 _sm_counts: dict = {}
 _tables: collections.OrderedDict = collections.OrderedDict()
+_external_streams: dict = {}  # (cudaStream_t, device) -> cupy Stream
+_result_streams = StreamMemo()  # arrays this backend returned -> the stream that wrote them
 
 
 def _cupy():
@@ -62,9 +72,77 @@ def _device_of(a: DeviceArray) -> int:
     cp = _cupy()
     if isinstance(a.obj, cp.ndarray):
         return a.obj.device.id
+    device = device_index(a.obj)  # torch: tensor.device
+    if device is not None:
+        return device
     if a.ptr:
         return cp.cuda.runtime.pointerGetAttributes(a.ptr).device
     return cp.cuda.runtime.getDevice()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streams
+# ---------------------------------------------------------------------------------------------------
+
+class _StreamHandle:
+    """A raw cudaStream_t in the CUDA stream protocol, which cupy.cuda.Stream.from_external takes."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
+def _external_stream(handle, device):
+    """The CuPy stream of a raw handle (0/1 legacy default, 2 per-thread default, else a cudaStream_t)."""
+    key = (handle, device)
+    stream = _external_streams.get(key)
+    if stream is None:
+        cp = _cupy()
+        if len(_external_streams) >= 64:
+            _external_streams.pop(next(iter(_external_streams)))
+        if hasattr(cp.cuda.Stream, "from_external"):  # CuPy >= 14 (ExternalStream is deprecated there)
+            stream = cp.cuda.Stream.from_external(_StreamHandle(handle))
+        else:
+            stream = cp.cuda.ExternalStream(handle, device)
+        _external_streams[key] = stream
+    return stream
+
+
+def _stream_of(a: DeviceArray, device):
+    """The stream that orders the work producing `a`: CuPy's current stream for a CuPy array, torch's
+    current stream for a torch tensor, the exported one for other arrays (CuPy's current stream when an
+    array exports none)."""
+    cp = _cupy()
+    if not isinstance(a.obj, cp.ndarray):
+        handle = producer_stream(a.obj)
+        if handle is not None:
+            return _external_stream(handle, device)
+    return cp.cuda.get_current_stream(device)
+
+
+@contextlib.contextmanager
+def _on(device, stream):
+    """`device` and `stream` current: launches, allocations and copies inside go there."""
+    cp = _cupy()
+    with cp.cuda.Device(device), stream:
+        yield
+
+
+def _returned(array, stream):
+    """Remember the stream that writes `array` (returned to the caller): see _stream_of_result."""
+    _result_streams.note(array.data.ptr, stream)
+    return array
+
+
+def _stream_of_result(array):
+    """The stream that wrote an array this backend returned (sums of squares, norms...), else CuPy's
+    current stream: the kernels that read it are launched there, after its producer."""
+    cp = _cupy()
+    return _result_streams.get(array.data.ptr) or cp.cuda.get_current_stream(array.device.id)
 
 
 _WHERE = "on the GPU"
@@ -92,6 +170,16 @@ def _function(device, dtype, name):
             fn = mod.get_function(name)
         _functions[key] = fn
     return fn
+
+
+def _reduction_function(device, name):
+    """A dtype-independent kernel (the float64 reductions over sums of squares: fo_global_norm,
+    fo_step_guard), the same code in every module: taken from a module already compiled for the device,
+    so that float32 users never compile the float64 module for it (seconds on a first call)."""
+    for dtype in (F32, F16, F64):
+        if (device, dtype) in _modules:
+            return _function(device, dtype, name)
+    return _function(device, F32, name)
 
 
 def _max_blocks(device):
@@ -141,9 +229,11 @@ class _Table:
         self.chunks = self.tensors + offset
 
 
-def _table(lists, device):
-    """The table of these tensors, from the cache when the same pointers and sizes come back."""
-    key = (device, tuple(None if lst is None else tuple((a.ptr, a.size) for a in lst) for lst in lists))
+def _table(lists, device, stream):
+    """The table of these tensors, from the cache when the same pointers and sizes come back on the same
+    stream (its host-to-device copy is ordered on the stream it was made on; call inside _on())."""
+    key = (device, stream.ptr,
+           tuple(None if lst is None else tuple((a.ptr, a.size) for a in lst) for lst in lists))
     table = _tables.get(key)
     if table is None:
         table = _tables[key] = _Table(lists, device)
@@ -228,12 +318,12 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None):
         return
     dtype = params[0].dtype
     device = _device_of(params[0])
+    stream = _stream_of(params[0], device)
     host_scale, gs_ptr, gs_kind = _grad_scale(grad_scale)
     scalars = _pack(spec.scalars(hp, step, host_scale))
-    cp = _cupy()
-    with cp.cuda.Device(device):
+    with _on(device, stream):
         if spec.two_phase:
-            _lamb(lists, dtype, device, scalars, gs_ptr, gs_kind, hp["lr"], skip)
+            _two_phase(spec.kernel, lists, dtype, device, stream, scalars, gs_ptr, gs_kind, hp["lr"], skip)
             return
         variant = spec.variant(hp, step)
         if len(params) == 1:
@@ -244,44 +334,47 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None):
             fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, False))
             fn((grid,), (BLOCK,), (*(_ptr(a) for a in slots), np.int64(n), scalars, gs_ptr, gs_kind, vec, skip))
         else:
-            table = _table(lists, device)
+            table = _table(lists, device, stream)
             if table.nchunks:
                 fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, True))
                 fn((table.nchunks,), (BLOCK,),
                    (np.uint64(table.tensors), np.uint64(table.chunks), scalars, gs_ptr, gs_kind, skip))
 
 
-def _lamb(lists, dtype, device, scalars, gs_ptr, gs_kind, lr, skip):
+def _two_phase(family, lists, dtype, device, stream, scalars, gs_ptr, gs_kind, lr, skip):
+    """A two-phase family (LAMB): its moments kernel (new states; per chunk the float64 sums of p^2 and
+    u^2), its trust kernel (per tensor, lr * trust ratio from its chunks' sums) and its apply kernel
+    (the step), named from the family by cuda_source.two_phase_kernel_names. Inside _on()."""
     cp = _cupy()
-    table = _table(lists, device)
+    table = _table(lists, device, stream)
     if not table.nchunks:
         return
-    partials = cp.empty(2 * table.nchunks, dtype=cp.float64)
+    moments, trust, apply = (_function(device, dtype, name) for name in cuda_source.two_phase_kernel_names(family))
+    partials = cp.empty(2 * table.nchunks, dtype=cp.float64)  # from the pool, ordered on `stream`
     scaled_lr = cp.empty(table.ntensors, dtype=cp.float64)
     tensors, chunks = np.uint64(table.tensors), np.uint64(table.chunks)
-    _function(device, dtype, "fo_lamb_moments_multi")(
-        (table.nchunks,), (BLOCK,), (tensors, chunks, scalars, gs_ptr, gs_kind, partials, skip))
-    _function(device, dtype, "fo_lamb_trust")(
-        (table.ntensors,), (BLOCK,), (tensors, partials, np.float64(lr), scaled_lr))
-    _function(device, dtype, "fo_lamb_apply_multi")(
-        (table.nchunks,), (BLOCK,), (tensors, chunks, scalars, scaled_lr, skip))
+    moments((table.nchunks,), (BLOCK,), (tensors, chunks, scalars, gs_ptr, gs_kind, partials, skip))
+    trust((table.ntensors,), (BLOCK,), (tensors, partials, np.float64(lr), scaled_lr))
+    apply((table.nchunks,), (BLOCK,), (tensors, chunks, scalars, scaled_lr, skip))
 
 
-def _grads_table(grads, written):
-    lists, is_list = _validate((grads,), ("grads",), -1 if written else 0)
+def _grads_call(grads, written):
+    """(arrays, device, stream) of a call on gradients, checked."""
+    lists, _ = _validate((grads,), ("grads",), -1 if written else 0)
     arrays = lists[0]
     device = _device_of(arrays[0])
-    return arrays, is_list, device, _table(lists, device)
+    return lists, device, _stream_of(arrays[0], device)
 
 
 def sumsq_per_tensor(grads, out=None):
     """Sum of squares of each array: a float64 device array of shape (len,), deterministic. `out`: a
     float64 device array of that shape to write instead (the optimizer gathers several buckets' sums
-    into one buffer)."""
+    into one buffer). Runs on the grads' stream, which the result remembers."""
     cp = _cupy()
-    arrays, _, device, table = _grads_table(grads, False)
-    dtype = arrays[0].dtype
-    with cp.cuda.Device(device):
+    lists, device, stream = _grads_call(grads, False)
+    dtype = lists[0][0].dtype
+    with _on(device, stream):
+        table = _table(lists, device, stream)
         if out is None:
             out = cp.zeros(table.ntensors, dtype=cp.float64)
         elif not table.nchunks:
@@ -292,43 +385,51 @@ def sumsq_per_tensor(grads, out=None):
             _function(device, dtype, "fo_sumsq_chunks")(
                 (table.nchunks,), (BLOCK,), (tensors, np.uint64(table.chunks), partials))
             _function(device, dtype, "fo_sumsq_tensors")((table.ntensors,), (BLOCK,), (tensors, partials, out))
-    return out
+    base = getattr(out, "base", None)
+    if base is not None:  # a slice of the optimizer's buffer: the guard reads the whole buffer
+        _returned(base, stream)
+    return _returned(out, stream)
 
 
 def _global_norm(sq, max_norm=None):
     cp = _cupy()
-    with cp.cuda.Device(sq.device.id):
+    device, stream = sq.device.id, _stream_of_result(sq)
+    with _on(device, stream):
         norm = cp.empty((), dtype=cp.float64)
         coef = cp.empty((), dtype=cp.float64) if max_norm is not None else None
-        # any compiled module has the dtype-independent reduction; float64's is the natural one
-        _function(sq.device.id, F64, "fo_global_norm")(
+        _reduction_function(device, "fo_global_norm")(
             (1,), (BLOCK,), (sq, np.int64(sq.size), norm, np.float64(max_norm or 0.0),
                              coef if coef is not None else np.uint64(0)))
-    return norm, coef
+    return _returned(norm, stream), coef if coef is None else _returned(coef, stream)
 
 
 def device_zeros(n, dtype, like):
-    """A device array of n zeros of `dtype` on the device of `like` (the optimizer's guard buffers)."""
+    """A device array of n zeros of `dtype` on the device of `like`, made on its stream (the optimizer's
+    guard buffers)."""
     cp = _cupy()
-    with cp.cuda.Device(_device_of(_describe(like, "like"))):
-        return cp.zeros(n, dtype=dtype)
+    a = _describe(like, "like")
+    device = _device_of(a)
+    stream = _stream_of(a, device)
+    with _on(device, stream):
+        return _returned(cp.zeros(n, dtype=dtype), stream)
 
 
 def step_guard(sq, max_norm=None, skip_nonfinite=False, skipped=None):
     """The optimizer's per-step guard in ONE launch, no host synchronisation (reduce.cu fo_step_guard):
     from the per-tensor sums of squares `sq`, the clip coefficient (0-d float64, or None without
     max_norm) and the skip flag (0-d bool, or None without skip_nonfinite); `skipped` (a 0-d int64
-    device counter) is incremented when the step is skipped. Returns (coef, found_inf)."""
+    device counter) is incremented when the step is skipped. Returns (coef, found_inf). Runs on the
+    stream that wrote `sq`."""
     cp = _cupy()
-    device = sq.device.id
+    device, stream = sq.device.id, _stream_of_result(sq)
     null = np.uint64(0)
-    with cp.cuda.Device(device):
+    with _on(device, stream):
         coef = cp.empty((), dtype=cp.float64) if max_norm is not None else None
         flag = cp.empty((), dtype=cp.bool_) if skip_nonfinite else None
-        _function(device, F64, "fo_step_guard")(
+        _reduction_function(device, "fo_step_guard")(
             (1,), (BLOCK,), (sq, np.int64(sq.size), np.float64(max_norm or 0.0), null if coef is None else coef,
                              null if flag is None else flag, null if skipped is None else skipped, null))
-    return coef, flag
+    return (coef if coef is None else _returned(coef, stream)), (flag if flag is None else _returned(flag, stream))
 
 
 def global_norm(sq):
@@ -340,55 +441,65 @@ def clip_coefficient(total_norm, max_norm):
     """min(1, max_norm / (total_norm + 1e-6)) of a norm on the device (NaN for a NaN norm), as a 0-d
     device array computed there without reading the norm back: pass it on as grad_scale=."""
     cp = _cupy()
-    return cp.minimum(max_norm / (cp.asarray(total_norm) + 1e-6), 1.0)
+    if isinstance(total_norm, cp.ndarray):
+        device, stream = total_norm.device.id, _stream_of_result(total_norm)
+    else:
+        a = _describe(total_norm, "total_norm")
+        device = _device_of(a)
+        stream = _stream_of(a, device)
+    with _on(device, stream):
+        return _returned(cp.minimum(max_norm / (cp.asarray(total_norm) + 1e-6), 1.0), stream)
 
 
-def _scale_launch(grads, mode, host_coef, coef_ptr, max_norm):
-    cp = _cupy()
-    arrays, _, device, table = _grads_table(grads, True)
+def _scale_launch(lists, device, stream, mode, host_coef, coef_ptr, max_norm):
+    """fo_scale_multi over the checked gradients (inside _on(device, stream))."""
+    table = _table(lists, device, stream)
     if table.nchunks:
-        with cp.cuda.Device(device):
-            _function(device, arrays[0].dtype, "fo_scale_multi")(
-                (table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks), np.int32(mode),
-                                             np.float64(host_coef), coef_ptr, np.float64(max_norm)))
+        _function(device, lists[0][0].dtype, "fo_scale_multi")(
+            (table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks), np.int32(mode),
+                                         np.float64(host_coef), coef_ptr, np.float64(max_norm)))
 
 
 def clip_by_global_norm(grads, sq, max_norm):
     """Scale every array by min(1, max_norm / (total + 1e-6)) on the device; returns the 0-d total norm."""
     norm, coef = _global_norm(sq, max_norm)
-    _scale_launch(grads, 1, 1.0, np.uint64(coef.data.ptr), 0.0)
+    lists, device, stream = _grads_call(grads, True)
+    with _on(device, stream):
+        _scale_launch(lists, device, stream, 1, 1.0, np.uint64(coef.data.ptr), 0.0)
     return norm
 
 
 def clip_by_norm(grads, sq, max_norm):
     """Per array: scale by min(1, max_norm / (||g|| + 1e-6)); returns the 0-d norms (a list for a list)."""
-    _scale_launch(grads, 2, 1.0, np.uint64(sq.data.ptr), max_norm)
     cp = _cupy()
-    with cp.cuda.Device(sq.device.id):  # the norms stay on the grads' device
+    lists, device, stream = _grads_call(grads, True)
+    with _on(device, stream):  # the norms stay on the grads' device, made on their stream
+        _scale_launch(lists, device, stream, 2, 1.0, np.uint64(sq.data.ptr), max_norm)
         norms = cp.sqrt(sq)
-    out = [norms[i] for i in range(norms.size)]
+    out = [_returned(norms[i], stream) for i in range(norms.size)]
     return out if isinstance(grads, (list, tuple)) else out[0]
 
 
 def scale_(grads, coef):
     """g *= coef in place; coef a float or a 0-d device array (read by the kernel)."""
-    if isinstance(coef, numbers.Real) and not isinstance(coef, (bool, np.bool_)):
-        _scale_launch(grads, 0, float(coef), np.uint64(0), 0.0)
-        return
     cp = _cupy()
-    with cp.cuda.Device(_grads_table(grads, True)[2]):  # the float64 copy on the grads' device: the kernel reads it
-        coef = cp.asarray(coef, dtype=cp.float64)
-    if coef.shape != ():
-        raise ValueError(f"coef must be a scalar or a 0-d array, got shape {coef.shape}")
-    _scale_launch(grads, 1, 1.0, np.uint64(coef.data.ptr), 0.0)
+    lists, device, stream = _grads_call(grads, True)
+    with _on(device, stream):
+        if isinstance(coef, numbers.Real) and not isinstance(coef, (bool, np.bool_)):
+            _scale_launch(lists, device, stream, 0, float(coef), np.uint64(0), 0.0)
+            return
+        coef = cp.asarray(coef, dtype=cp.float64)  # the float64 copy on the grads' device: the kernel reads it
+        if coef.shape != ():
+            raise ValueError(f"coef must be a scalar or a 0-d array, got shape {coef.shape}")
+        _scale_launch(lists, device, stream, 1, 1.0, np.uint64(coef.data.ptr), 0.0)
 
 
 def clamp_(grads, clip_value):
-    cp = _cupy()
-    arrays, _, device, table = _grads_table(grads, True)
-    if table.nchunks:
-        with cp.cuda.Device(device):
-            _function(device, arrays[0].dtype, "fo_clamp_multi")(
+    lists, device, stream = _grads_call(grads, True)
+    with _on(device, stream):
+        table = _table(lists, device, stream)
+        if table.nchunks:
+            _function(device, lists[0][0].dtype, "fo_clamp_multi")(
                 (table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks),
                                              np.float64(clip_value)))
 
@@ -396,11 +507,10 @@ def clamp_(grads, clip_value):
 def touch(arrays):
     """Bandwidth ceiling for the benchmark: one array each of p, g, states; the traffic of an update with
     trivial math (p and states read and written, g read)."""
-    cp = _cupy()
     lists, _ = _validate(tuple(arrays), ("params", "grads", "state0", "state1", "state2")[:len(arrays)])
     slots = [lst[0] for lst in lists] + [None] * (5 - len(lists))
     n, dtype, device = slots[0].size, slots[0].dtype, _device_of(slots[0])
-    with cp.cuda.Device(device):
+    with _on(device, _stream_of(slots[0], device)):
         _function(device, dtype, "fo_touch")(
             (min(_blocks(n, 1), _max_blocks(device)),), (BLOCK,),
             (*(_ptr(a) for a in slots), np.int64(n), np.int32(len(lists) - 2)))

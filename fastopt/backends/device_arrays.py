@@ -13,6 +13,9 @@ the param's own dtype otherwise.
 """
 from __future__ import annotations
 
+import collections
+import sys
+
 import numpy as np
 
 from fastopt.backends.validate import Checked, prepare, validate_arrays
@@ -107,3 +110,69 @@ def check_skip_flag(a: DeviceArray) -> DeviceArray:
     if a.size != 1:
         raise ValueError(f"found_inf must hold one value, got shape {a.shape}")
     return a
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streams: every launch is ordered after the work that produced its inputs
+# ---------------------------------------------------------------------------------------------------
+
+LEGACY_STREAM, PER_THREAD_STREAM = 1, 2  # __cuda_array_interface__ v3 names of the two default streams
+
+
+def _torch_tensor(obj):
+    """torch, when obj is a torch tensor (torch is then imported already: fastopt never imports it)."""
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and isinstance(obj, torch.Tensor) else None
+
+
+def producer_stream(obj):
+    """The CUDA stream (a cudaStream_t as an int; 0 or 1 the legacy default stream, 2 the per-thread
+    default stream) on which work on `obj` is ordered, or None when the array names none:
+      - a torch CUDA tensor: torch.cuda.current_stream(tensor.device) (torch exports
+        __cuda_array_interface__ v2, without a stream, so torch itself is asked);
+      - any other object: the `stream` of its __cuda_array_interface__ v3 (CuPy exports its current
+        stream there, Numba a device array's stream).
+    None: the caller uses its own library's stream (CuPy's current stream, a Numba array's stream)."""
+    torch = _torch_tensor(obj)
+    if torch is not None:
+        return int(torch.cuda.current_stream(obj.device).cuda_stream)
+    try:
+        stream = obj.__cuda_array_interface__.get("stream")
+    except (AttributeError, RuntimeError):
+        return None
+    return None if stream is None else int(stream)
+
+
+def device_index(obj):
+    """The CUDA device ordinal of a torch tensor or a CuPy array; None for other objects (the backend
+    asks the driver about the pointer)."""
+    torch = _torch_tensor(obj)
+    if torch is not None:
+        return obj.device.index
+    device = getattr(obj, "device", None)
+    if type(obj).__module__.startswith("cupy") and device is not None:
+        return device.id
+    return None
+
+
+class StreamMemo:
+    """The stream each device array a backend returned was written on, by device address (bounded): the
+    kernels that read such an array later (the norm from sums of squares, the optimizer's guard) are
+    launched on that stream, hence after its producer, whatever stream is current by then. Keyed by
+    address because CuPy arrays take no attributes nor weak references."""
+
+    def __init__(self, size=256):
+        self._streams: collections.OrderedDict = collections.OrderedDict()
+        self._size = size
+
+    def note(self, ptr, stream):
+        self._streams[int(ptr)] = stream
+        self._streams.move_to_end(int(ptr))
+        if len(self._streams) > self._size:
+            self._streams.popitem(last=False)
+
+    def get(self, ptr, default=None):
+        return self._streams.get(int(ptr), default)
+
+    def clear(self):
+        self._streams.clear()

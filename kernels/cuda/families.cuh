@@ -61,3 +61,10 @@ FO_UPDATE_ENTRIES(6, adabelief, AdabeliefOp, 0)
 FO_UPDATE_ENTRIES(7, lion, LionOp, 0)
 FO_UPDATE_ENTRIES(8, adamax, AdamaxOp, 0)
 #endif
+
+// The two-phase families (spec.two_phase): fo_<family>_moments_multi, _trust, _apply_multi around a
+// per-tensor reduction. update.cu defines FO_TWO_PHASE_ENTRIES(family, params struct) and includes this.
+#ifdef FO_TWO_PHASE_ENTRIES
+#include "lamb.cuh"
+FO_TWO_PHASE_ENTRIES(lamb, LambParams)
+#endif

@@ -2,11 +2,11 @@
 // per-element math is the shared kernels/cuda/<family>.cuh (the CPU loops run the same code); this file
 // only moves memory: 16-byte vector loads when every pointer of a tensor is aligned, one launch for a
 // single array (grid-stride) or for a whole list (a table of tensors, one block per chunk, like
-// torch's multi_tensor_apply). Entry names: fo_<family>_v<variant> and fo_<family>_v<variant>_multi;
+// torch's multi_tensor_apply). Entry names: fo_<family>_v<variant> and fo_<family>_v<variant>_multi
+// (two-phase families: fo_<family>_moments_multi, _trust, _apply_multi);
 // the variant bits are those of fastopt/specs.py (`variant`), baked in as template arguments. The list
 // of families and variants is generated from the registry (families.cuh, included at the end).
 #include "device.cuh"
-#include "lamb.cuh"
 #include "ops.cuh"
 
 namespace fastopt {
@@ -126,78 +126,87 @@ __device__ __forceinline__ void multi_kernel(const i64* tensors, const i64* chun
         fastopt::dev::multi_kernel<fastopt::OP<fastopt::dev::M, V> >(tensors, chunks, sc, gs, gs_kind, skip); \
     }
 
-// Every family and variant of the registry (fastopt/specs.py `kernel`, `variants`): the generated table
-// families.cuh includes each <family>.cuh and invokes FO_UPDATE_ENTRIES once per variant.
+// ---- Two-phase families (spec.two_phase: LAMB), around a per-tensor reduction, all on the device ----
+//   fo_<family>_moments_multi: new states; per block: sum of p^2 and u^2 (float64) -> partials[2 * block]
+//   fo_<family>_trust:         per tensor (one block each): sum its blocks' partials in order,
+//                              scaled_lr[t] = lr * trust ratio (float64, as the CPU loop)
+//   fo_<family>_apply_multi:   p -= scaled_lr[t] * u, u recomputed from the new states (same bits)
+// The family's <family>.cuh provides PARAMS<M>, <family>_moments_math (returns u), <family>_apply_math and
+// <family>_trust_ratio. With a set skip flag the moments kernel writes zero partials (so the trust kernel
+// reads only written memory) and touches nothing else; the apply kernel returns at once: params and
+// states keep their bytes.
+#define FO_TWO_PHASE_ENTRIES(FAMILY, PARAMS)                                                                 \
+    extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                              \
+        fo_##FAMILY##_moments_multi(const long long* tensors, const long long* chunks,                       \
+                                    fastopt::dev::Scalars sc, const void* gs, int gs_kind, double* partials, \
+                                    const unsigned char* skip) {                                             \
+        using namespace fastopt;                                                                             \
+        using namespace fastopt::dev;                                                                        \
+        __shared__ double shared[FASTOPT_BLOCK];                                                             \
+        if (skipped(skip)) { /* the whole block: block_sum's barriers stay uniform */                        \
+            if (threadIdx.x == 0) {                                                                          \
+                partials[2 * i64(blockIdx.x)] = 0.0;                                                         \
+                partials[2 * i64(blockIdx.x) + 1] = 0.0;                                                     \
+            }                                                                                                \
+            return;                                                                                          \
+        }                                                                                                    \
+        PARAMS<M> h = load_params<PARAMS<M>, M>(sc.v);                                                       \
+        if (gs_kind != 0) h.grad_scale = h.grad_scale * device_scale(gs, gs_kind);                           \
+        const ChunkRange r = chunk_range(tensors, chunks);                                                   \
+        const Ptrs a = table_ptrs(r.rec);                                                                    \
+        double pp = 0.0, uu = 0.0;                                                                           \
+        for (i64 i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {                                    \
+            const M p = load(a.p[i]);                                                                        \
+            M s0 = load(a.s0[i]), s1 = load(a.s1[i]);                                                        \
+            const double u = double(FAMILY##_moments_math<M>(p, load(a.g[i]), s0, s1, h));                   \
+            a.s0[i] = store<S>(s0);                                                                          \
+            a.s1[i] = store<S>(s1);                                                                          \
+            pp += double(p) * double(p);                                                                     \
+            uu += u * u;                                                                                     \
+        }                                                                                                    \
+        pp = block_sum(pp, shared);                                                                          \
+        uu = block_sum(uu, shared);                                                                          \
+        if (threadIdx.x == 0) {                                                                              \
+            partials[2 * i64(blockIdx.x)] = pp;                                                              \
+            partials[2 * i64(blockIdx.x) + 1] = uu;                                                          \
+        }                                                                                                    \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                              \
+        fo_##FAMILY##_trust(const long long* tensors, const double* partials, double lr, double* scaled_lr) { \
+        using namespace fastopt;                                                                             \
+        using namespace fastopt::dev;                                                                        \
+        __shared__ double shared[FASTOPT_BLOCK];                                                             \
+        const i64* rec = tensors + i64(TENSOR_FIELDS) * blockIdx.x;                                          \
+        const i64 first = rec[F_FIRST];                                                                      \
+        const i64 nchunks = (rec[F_N] + FASTOPT_CHUNK - 1) / FASTOPT_CHUNK;                                  \
+        double pp = 0.0, uu = 0.0;                                                                           \
+        for (i64 c = threadIdx.x; c < nchunks; c += blockDim.x) {                                            \
+            pp += partials[2 * (first + c)];                                                                 \
+            uu += partials[2 * (first + c) + 1];                                                             \
+        }                                                                                                    \
+        pp = block_sum(pp, shared);                                                                          \
+        uu = block_sum(uu, shared);                                                                          \
+        if (threadIdx.x == 0) scaled_lr[blockIdx.x] = lr * FAMILY##_trust_ratio<double>(sqrt(pp), sqrt(uu)); \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                              \
+        fo_##FAMILY##_apply_multi(const long long* tensors, const long long* chunks,                         \
+                                  fastopt::dev::Scalars sc, const double* scaled_lr,                         \
+                                  const unsigned char* skip) {                                               \
+        using namespace fastopt;                                                                             \
+        using namespace fastopt::dev;                                                                        \
+        if (skipped(skip)) return; /* the trust kernel ran on zero partials: its output is not used */       \
+        const PARAMS<M> h = load_params<PARAMS<M>, M>(sc.v); /* grad_scale unused in phase 2 */              \
+        const ChunkRange r = chunk_range(tensors, chunks);                                                   \
+        const Ptrs a = table_ptrs(r.rec);                                                                    \
+        const M lr = M(scaled_lr[r.tensor]);                                                                 \
+        for (i64 i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {                                    \
+            M p = load(a.p[i]);                                                                              \
+            FAMILY##_apply_math<M>(p, load(a.s0[i]), load(a.s1[i]), h, lr);                                  \
+            a.p[i] = store<T>(p);                                                                            \
+        }                                                                                                    \
+    }
+
+// Every family and variant of the registry (fastopt/specs.py `kernel`, `variants`, `two_phase`): the
+// generated table families.cuh includes each <family>.cuh and invokes FO_UPDATE_ENTRIES once per variant
+// and FO_TWO_PHASE_ENTRIES once per two-phase family.
 #include "families.cuh"
-
-// ---- LAMB: two phases around a per-tensor reduction, all on the device (no host round trip) ----
-//   fo_lamb_moments_multi: new m, v; per block: sum of p^2 and u^2 (float64) -> partials[2 * block]
-//   fo_lamb_trust:         per tensor (one block each): sum its blocks' partials in order,
-//                          scaled_lr[t] = lr * trust ratio (float64, as the CPU loop)
-//   fo_lamb_apply_multi:   p -= scaled_lr[t] * u, u recomputed from the new m, v (same bits)
-// A single array goes through the same table path (one tensor). With a set skip flag the first and
-// last kernels return at once: params and moments keep their bytes.
-
-extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
-    fo_lamb_moments_multi(const long long* tensors, const long long* chunks, fastopt::dev::Scalars sc,
-                          const void* gs, int gs_kind, double* partials, const unsigned char* skip) {
-    using namespace fastopt;
-    using namespace fastopt::dev;
-    __shared__ double shared[FASTOPT_BLOCK];
-    if (skipped(skip)) return;  // the whole block: block_sum's barriers stay uniform
-    LambParams<M> h = load_params<LambParams<M>, M>(sc.v);
-    if (gs_kind != 0) h.grad_scale = h.grad_scale * device_scale(gs, gs_kind);
-    const ChunkRange r = chunk_range(tensors, chunks);
-    const Ptrs a = table_ptrs(r.rec);
-    double pp = 0.0, uu = 0.0;
-    for (i64 i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
-        const M p = load(a.p[i]);
-        M m = load(a.s0[i]), v = load(a.s1[i]);
-        const double u = double(lamb_moments_math<M>(p, load(a.g[i]), m, v, h));
-        a.s0[i] = store<S>(m);
-        a.s1[i] = store<S>(v);
-        pp += double(p) * double(p);
-        uu += u * u;
-    }
-    pp = block_sum(pp, shared);
-    uu = block_sum(uu, shared);
-    if (threadIdx.x == 0) {
-        partials[2 * i64(blockIdx.x)] = pp;
-        partials[2 * i64(blockIdx.x) + 1] = uu;
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
-    fo_lamb_trust(const long long* tensors, const double* partials, double lr, double* scaled_lr) {
-    using namespace fastopt;
-    using namespace fastopt::dev;
-    __shared__ double shared[FASTOPT_BLOCK];
-    const i64* rec = tensors + i64(TENSOR_FIELDS) * blockIdx.x;
-    const i64 first = rec[F_FIRST];
-    const i64 nchunks = (rec[F_N] + FASTOPT_CHUNK - 1) / FASTOPT_CHUNK;
-    double pp = 0.0, uu = 0.0;
-    for (i64 c = threadIdx.x; c < nchunks; c += blockDim.x) {
-        pp += partials[2 * (first + c)];
-        uu += partials[2 * (first + c) + 1];
-    }
-    pp = block_sum(pp, shared);
-    uu = block_sum(uu, shared);
-    if (threadIdx.x == 0) scaled_lr[blockIdx.x] = lr * lamb_trust_ratio<double>(sqrt(pp), sqrt(uu));
-}
-
-extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
-    fo_lamb_apply_multi(const long long* tensors, const long long* chunks, fastopt::dev::Scalars sc,
-                        const double* scaled_lr, const unsigned char* skip) {
-    using namespace fastopt;
-    using namespace fastopt::dev;
-    if (skipped(skip)) return;  // fo_lamb_trust ran on stale partials: its output is not used
-    const LambParams<M> h = load_params<LambParams<M>, M>(sc.v);  // grad_scale unused in phase 2
-    const ChunkRange r = chunk_range(tensors, chunks);
-    const Ptrs a = table_ptrs(r.rec);
-    const M lr = M(scaled_lr[r.tensor]);
-    for (i64 i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
-        M p = load(a.p[i]);
-        lamb_apply_math<M>(p, load(a.s0[i]), load(a.s1[i]), h, lr);
-        a.p[i] = store<T>(p);
-    }
-}

@@ -57,8 +57,15 @@ NULLABLE = {"s0", "s1", "s2", "gs", "skip", "coef", "found_inf", "skipped", "coe
 # ---------------------------------------------------------------------------------------------------
 
 _ENTRY = re.compile(r'extern\s+"C"\s+__global__\s+void\s+__launch_bounds__\s*\(\s*\w+\s*\)\s*(\w+)\s*\(([^)]*)\)')
-_MACRO = re.compile(r"^[ \t]*#[ \t]*define[ \t]+FO_UPDATE_ENTRIES\(([^)]*)\)((?:[^\n]*\\\n)*[^\n]*)", re.M)
-_MACRO_CALL = re.compile(r"^[ \t]*FO_UPDATE_ENTRIES\(([^)]*)\)", re.M)
+ENTRY_MACROS = ("FO_UPDATE_ENTRIES", "FO_TWO_PHASE_ENTRIES")  # update.cu: entry points made per table row
+
+
+def _macro(name):
+    return re.compile(rf"^[ \t]*#[ \t]*define[ \t]+{name}\(([^)]*)\)((?:[^\n]*\\\n)*[^\n]*)", re.M)
+
+
+def _macro_call(name):
+    return re.compile(rf"^[ \t]*{name}\(([^)]*)\)", re.M)
 
 
 def _strip_comments(src):
@@ -66,10 +73,16 @@ def _strip_comments(src):
 
 
 def expand_update_entries(src):
-    """src with the FO_UPDATE_ENTRIES definition removed and each invocation replaced by its body:
-    the formal parameters substituted as whole tokens, then `##` pasted."""
-    m = _MACRO.search(src)
-    assert m, "FO_UPDATE_ENTRIES is not defined in the CUDA source"
+    """src with each entry macro (ENTRY_MACROS) expanded: its definition removed and each invocation
+    replaced by its body, the formal parameters substituted as whole tokens, then `##` pasted."""
+    for name in ENTRY_MACROS:
+        src = _expand(src, name)
+    return src
+
+
+def _expand(src, name):
+    m = _macro(name).search(src)
+    assert m, f"{name} is not defined in the CUDA source"
     formals = [f.strip() for f in m.group(1).split(",")]
     body = m.group(2).replace("\\\n", "\n")
     rest = src[:m.start()] + src[m.end():]
@@ -82,7 +95,7 @@ def expand_update_entries(src):
             text = re.sub(rf"\b{formal}\b", actual, text)
         return re.sub(r"\s*##\s*", "", text)
 
-    return _MACRO_CALL.sub(expand, rest)
+    return _macro_call(name).sub(expand, rest)
 
 
 def parse_signatures(src):
@@ -141,8 +154,8 @@ def pointee_dtypes(pointee, module_dtype):
 # A fake CuPy: arrays are address ranges, kernels record their launches
 # ---------------------------------------------------------------------------------------------------
 
-Launch = collections.namedtuple("Launch", "name grid block args kwargs options code device")
-Allocation = collections.namedtuple("Allocation", "start end dtype device")
+Launch = collections.namedtuple("Launch", "name grid block args kwargs options code device stream")
+Allocation = collections.namedtuple("Allocation", "start end dtype device stream")
 
 
 class FakeArray:
@@ -157,6 +170,11 @@ class FakeArray:
         self.flags = SimpleNamespace(c_contiguous=True)
         self.host = host          # the values, for arrays made from host data (the multi-tensor table)
         self.filled = None
+
+    @property
+    def __cuda_array_interface__(self):  # as CuPy's: the dispatcher sends such arrays to the GPU backends
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.data.ptr, False), "strides": None,
+                "version": 3, "stream": self._fake.current_stream(self.device.id).ptr}
 
     def _view(self, shape, first):
         return FakeArray(self._fake, shape, self.dtype, self.data.ptr + first * self.dtype.itemsize, self.device.id)
@@ -198,7 +216,7 @@ class FakeKernel:
     def __call__(self, grid, block, args, **kwargs):
         fake = self.module.fake
         fake.launches.append(Launch(self.name, grid, block, args, kwargs, self.module.options, self.module.code,
-                                    fake.current_device))
+                                    fake.current_device, fake.current_stream(fake.current_device).ptr))
 
 
 class FakeModule:
@@ -207,6 +225,23 @@ class FakeModule:
 
     def get_function(self, name):
         return FakeKernel(self, name)
+
+
+class FakeStream:
+    """A CuPy stream: `with stream:` makes it current on the current device (a stack per device)."""
+
+    def __init__(self, fake, ptr, device_id=-1):
+        self._fake, self.ptr, self.device_id = fake, ptr, device_id
+
+    def __enter__(self):
+        self._fake._streams.setdefault(self._fake.current_device, []).append(self)
+        return self
+
+    def __exit__(self, *exc):
+        self._fake._streams[self._fake.current_device].pop()
+
+    def __repr__(self):
+        return f"FakeStream({self.ptr:#x})"
 
 
 class FakeCupy:
@@ -222,6 +257,7 @@ class FakeCupy:
         self._starts: list = []
         self._next = 1 << 40
         self._devices = [0]
+        self._streams: dict = {}   # device -> stack of current streams (none: the null stream)
         fake = self
 
         class Device:
@@ -239,11 +275,30 @@ class FakeCupy:
 
         runtime = SimpleNamespace(getDevice=lambda: self.current_device,
                                   pointerGetAttributes=lambda ptr: SimpleNamespace(device=self.allocation(ptr).device))
-        self.cuda = SimpleNamespace(Device=Device, runtime=runtime)
+
+        class Stream(FakeStream):
+            null = FakeStream(self, 0)
+            ptds = FakeStream(self, 2)
+
+            def __init__(self, ptr=None):
+                fake._next_stream += 0x100
+                super().__init__(fake, fake._next_stream if ptr is None else ptr)
+
+            @staticmethod
+            def from_external(obj):
+                return FakeStream(fake, obj.__cuda_stream__()[1])
+
+        self._next_stream = 0x5000
+        self.cuda = SimpleNamespace(Device=Device, runtime=runtime, Stream=Stream,
+                                    get_current_stream=self.current_stream)
 
     @property
     def current_device(self):
         return self._devices[-1]
+
+    def current_stream(self, device_id=-1):
+        stack = self._streams.get(self.current_device if device_id == -1 else device_id)
+        return stack[-1] if stack else self.cuda.Stream.null
 
     # memory
     def alloc(self, shape, dtype, device=None, misalign=0, host=None):
@@ -256,7 +311,7 @@ class FakeCupy:
         if nbytes:  # CuPy: an empty array has a null pointer
             ptr = self._next + misalign
             self._next += -(-(nbytes + misalign) // 256) * 256 + 256
-            self.allocations.append(Allocation(ptr, ptr + nbytes, dtype, device))
+            self.allocations.append(Allocation(ptr, ptr + nbytes, dtype, device, self.current_stream(device).ptr))
             self._starts.append(ptr)
         return FakeArray(self, shape, dtype, ptr, device, host)
 
@@ -273,6 +328,8 @@ class FakeCupy:
     def asarray(self, obj, dtype=None):
         """Like CuPy: the same array when it is on the current device with that dtype, else a copy on
         the current device."""
+        if isinstance(obj, ForeignArray):  # a view of its memory, as CuPy makes of a __cuda_array_interface__
+            obj = obj.backing
         if isinstance(obj, FakeArray):
             if (dtype is None or np.dtype(dtype) == obj.dtype) and obj.device.id == self.current_device:
                 return obj
@@ -282,6 +339,9 @@ class FakeCupy:
 
     def sqrt(self, x):
         return self.alloc(x.shape, x.dtype)
+
+    def minimum(self, x, y):
+        return self.alloc(np.shape(x), np.float64)
 
     def RawModule(self, code, options):
         return FakeModule(self, code, options)
@@ -296,6 +356,8 @@ def fake(monkeypatch):
     monkeypatch.setattr(cupy_backend, "_functions", {})
     monkeypatch.setattr(cupy_backend, "_sm_counts", {})
     monkeypatch.setattr(cupy_backend, "_tables", collections.OrderedDict())
+    monkeypatch.setattr(cupy_backend, "_external_streams", {})
+    monkeypatch.setattr(cupy_backend, "_result_streams", cupy_backend.StreamMemo())
     return cp
 
 
@@ -450,7 +512,7 @@ def check_update_values(spec, hp, step, arrays, grad_scale, found_inf, launch):
     expected = spec.scalars(hp, step, host_scale)
     assert sc[:len(expected)].tolist() == list(expected) and not sc[len(expected):].any(), launch.name
     if "gs" not in a:
-        pass  # fo_lamb_apply_multi: grad_scale was applied in phase 1
+        pass  # a two-phase apply kernel: grad_scale was applied in phase 1
     elif device_gs:
         gs = getattr(grad_scale, "backing", grad_scale)
         assert ptr(a["gs"]) == gs.data.ptr and int(a["gs_kind"]) == {F16: 1, F32: 2, F64: 3}[gs.dtype], launch.name
@@ -480,13 +542,13 @@ def run_updates(fake, spec, dtype, device, wrap=lambda a: a):
             assert_launches_fit(fake, context, device)
             kernels = [launch.name for launch in fake.launches]
             if spec.two_phase:
-                assert kernels == ["fo_lamb_moments_multi", "fo_lamb_trust", "fo_lamb_apply_multi"], context
+                assert kernels == list(cuda_source.two_phase_kernel_names(spec.kernel)), context
             else:
                 variant = spec.variant(hp, step)
                 assert kernels == [cuda_source.update_kernel_name(spec.kernel, variant, as_list)], context
             for launch in fake.launches:
                 assert module_dtype(launch.options) == dtype, context
-                if launch.name != "fo_lamb_trust":
+                if not launch.name.endswith("_trust"):  # the two-phase trust kernel reads no update args
                     check_update_values(spec, hp, step, arrays, grad_scale, found_inf, launch)
             launched.update(kernels)
     return launched
@@ -576,8 +638,7 @@ def test_update_launches_fit_with_foreign_device_arrays(fake, spec):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_reduction_clip_and_touch_launches_fit_the_kernels(fake, dtype, device):
     launched = run_reductions(fake, dtype, device)
-    assert launched == set(cuda_source.OTHER_KERNELS) - {"fo_lamb_moments_multi", "fo_lamb_trust",
-                                                         "fo_lamb_apply_multi"}
+    assert launched == set(cuda_source.REDUCTION_KERNELS)
 
 
 def test_vector_flag_follows_alignment(fake):
