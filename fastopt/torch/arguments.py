@@ -1,0 +1,128 @@
+"""Constructor arguments and param-group hyperparameters of the fastopt.torch classes.
+
+Everything comes from the registry (fastopt/specs.py) and, where torch has the optimizer, from
+torch.optim's own class: the group keys and the defaults of torch's own flags (foreach, fused,
+capturable, differentiable, ...) are read from an instance of the torch class, so param_groups and
+state dicts have exactly torch's layout. `betas` stands for the registry's beta1/beta2.
+"""
+from __future__ import annotations
+
+import inspect
+import numbers
+
+import torch
+
+from fastopt.specs import REQUIRED, OptimizerSpec, shown
+
+# torch flags the fastopt kernels have no use for (accepted, stored, ignored) or cannot honour (rejected)
+IGNORED_FLAGS = {"foreach": None, "fused": None}
+REJECTED_FLAGS = {"capturable": "CUDA-graph capture", "differentiable": "autograd through the optimizer step"}
+# fastopt's own options, keyword-only, per optimizer (not per group)
+EXTRAS = {"clip_grad_norm": None, "skip_nonfinite": False}
+
+
+def beta_names(spec: OptimizerSpec) -> tuple[str, ...]:
+    """The registry hyperparameters that torch passes together as `betas`, in order."""
+    return tuple(h.name for h in spec.hypers if h.name.startswith("beta") and h.name[4:].isdigit())
+
+
+def torch_class(spec: OptimizerSpec):
+    return None if spec.torch_class is None else getattr(torch.optim, spec.torch_class)
+
+
+def group_defaults(spec: OptimizerSpec) -> dict:
+    """The keys of a param group (without "params") and their defaults, in torch's order where torch has
+    the optimizer: registry hyperparameters (betas as a tuple), then torch's own flags."""
+    ours: dict = {}
+    betas = beta_names(spec)
+    for h in spec.hypers:
+        if h.name in betas:
+            if "betas" not in ours:
+                ours["betas"] = tuple(b.default for b in spec.hypers if b.name in betas)
+            continue
+        ours[h.name] = h.default
+    klass = torch_class(spec)
+    if klass is None:
+        return ours
+    probe = klass([torch.zeros(1, requires_grad=True)])  # torch's defaults: its exact group layout
+    out = {}
+    for key, value in probe.defaults.items():
+        out[key] = ours.pop(key, value)
+    out.update(ours)  # registry options torch lacks (none today)
+    return out
+
+
+def positional_names(spec: OptimizerSpec) -> tuple[str, ...]:
+    """Torch's positional arguments after params (`betas` for beta1/beta2); only lr where torch has no
+    such class."""
+    return tuple(spec.torch_positional) if spec.torch_positional is not None else ("lr",)
+
+
+def signature(spec: OptimizerSpec) -> inspect.Signature:
+    """The constructor's signature: params, torch's positional arguments in torch's order, then every
+    other group key, torch's flags and fastopt's extras, keyword-only."""
+    defaults = group_defaults(spec)
+    for flag, value in {**IGNORED_FLAGS, **{k: False for k in REJECTED_FLAGS}}.items():
+        defaults.setdefault(flag, value)
+    P = inspect.Parameter
+    params = [P("params", P.POSITIONAL_OR_KEYWORD)]
+    positional = positional_names(spec)
+    for name in positional:
+        value = defaults[name]
+        params.append(P(name, P.POSITIONAL_OR_KEYWORD, default=P.empty if value is REQUIRED else value))
+    for name, value in defaults.items():
+        if name not in positional:
+            params.append(P(name, P.KEYWORD_ONLY, default=P.empty if value is REQUIRED else value))
+    params += [P(name, P.KEYWORD_ONLY, default=value) for name, value in EXTRAS.items()]
+    return inspect.Signature(params)
+
+
+def _plain(name, value):
+    """A hyperparameter value as given, with a one-element tensor read as a number (torch allows a
+    tensor lr and tensor betas)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: a tensor hyperparameter must have one element, got shape "
+                             f"{tuple(value.shape)}")
+        return value.item()
+    return value
+
+
+def check_flags(group: dict) -> None:
+    """ValueError for a torch flag set that fastopt cannot honour."""
+    for flag, what in REJECTED_FLAGS.items():
+        if group.get(flag):
+            raise ValueError(f"{flag}=True is not supported by fastopt.torch ({what}); use torch.optim for it")
+
+
+def registry_hp(spec: OptimizerSpec, group: dict, step: int = 1) -> dict:
+    """The group's hyperparameters in registry terms, checked (Python floats and bools); ValueError /
+    TypeError with torch's message and nothing changed otherwise."""
+    check_flags(group)
+    betas = beta_names(spec)
+    raw = {}
+    for h in spec.hypers:
+        if h.name in betas:
+            continue
+        if h.name not in group:
+            raise ValueError(f"param group has no {h.name!r}")
+        raw[h.name] = _plain(h.name, group[h.name])
+        if raw[h.name] is REQUIRED:
+            raise TypeError(f"{h.name} is required")
+    if betas:
+        given = group.get("betas")
+        if not isinstance(given, (tuple, list)) or len(given) != len(betas):
+            raise TypeError(f"betas must be a pair of floats {tuple(betas)}, got {shown(given)}")
+        for i, (name, value) in enumerate(zip(betas, given)):
+            hyper = next(h for h in spec.hypers if h.name == name)
+            value = _plain("betas", value)
+            try:
+                raw[name] = hyper.validate(value)
+            except ValueError:
+                raise ValueError(f"Invalid beta parameter at index {i}: {value}") from None
+    hp, _ = spec.validate(raw, step)
+    return hp
+
+
+def is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

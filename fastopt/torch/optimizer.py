@@ -1,0 +1,370 @@
+"""TorchOptimizer: the torch.optim.Optimizer subclass behind every fastopt.torch class.
+
+A step plans every kernel call first (all checks, nothing written: hyperparameters, grads, layouts,
+the backend's prepare() of every call, overlaps between calls), then runs them, then commits the new
+state and the step counts. Params are grouped per (group, dtype, device, step count): torch keeps one
+step count per param, and a param whose grad is None is skipped and keeps its count.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import fastopt
+from fastopt.arrays import to_host
+from fastopt.backends.dispatch import backend_for
+from fastopt.clip import clip_coefficient
+from fastopt.specs import OptimizerSpec, shown
+from fastopt.torch import arguments
+from fastopt.torch.views import ViewCache, bump_versions, dense_span, kernel_view, layout
+
+# float32 and float64 params: what the kernels compute in (16-bit params: issue 13)
+KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def scalar_dtype():
+    """The dtype torch.optim gives its 0-d step and mu_product tensors: float64 when that is the default
+    dtype, else float32 (torch.optim.optimizer._get_scalar_dtype for a non-fused optimizer)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+@dataclass
+class _Bucket:
+    """One kernel call: params of one group, dtype, device and step count."""
+    group: dict
+    step: int                                       # the 1-based number of the step being taken
+    numbers: list = field(default_factory=list)     # the params' numbers in the optimizer (messages)
+    params: list = field(default_factory=list)      # the param tensors
+    param_views: list = field(default_factory=list)
+    grad_views: list = field(default_factory=list)
+    state_views: dict = field(default_factory=dict)  # registry state name -> views
+    written: list = field(default_factory=list)      # tensors the kernel writes (version counters)
+    hp: dict | None = None
+    backend: object = None
+    prepared: object = None
+
+
+@dataclass
+class _Plan:
+    buckets: list
+    new_state: list        # (param, {torch name: tensor}) to store once the step runs
+    counted: list          # step tensors to advance (params that had a step count)
+    extra: list            # (bucket, {name: [tensors]}) torch-only accumulated state (NAdam's mu_product)
+
+
+def _check_extras(clip_grad_norm, skip_nonfinite):
+    if clip_grad_norm is not None:
+        if not arguments.is_real(clip_grad_norm) or not math.isfinite(clip_grad_norm) or clip_grad_norm <= 0:
+            raise ValueError(f"Invalid clip_grad_norm: {shown(clip_grad_norm)} (a finite number > 0, or None)")
+        clip_grad_norm = float(clip_grad_norm)
+    if not isinstance(skip_nonfinite, (bool, np.bool_)):
+        raise TypeError(f"skip_nonfinite must be a bool, got {shown(skip_nonfinite)}")
+    return clip_grad_norm, bool(skip_nonfinite)
+
+
+class TorchOptimizer(torch.optim.Optimizer):
+    """A torch.optim.Optimizer whose step runs fastopt's fused kernels in place on the params' storage.
+
+    Subclasses (one per registry optimizer, fastopt/torch/__init__.py) set `spec`. fastopt's extras:
+    clip_grad_norm (global-norm clipping fused into the update, torch.nn.utils.clip_grad_norm_
+    semantics) and skip_nonfinite (a NaN/Inf gradient skips the whole step; counted in skipped_steps).
+    """
+
+    spec: OptimizerSpec
+    # torch.amp.GradScaler hands the scale and its inf flag to step() (optimizer.grad_scale/found_inf):
+    # unscaling is fused into the update, and a step with an inf is skipped
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: dict, clip_grad_norm=None, skip_nonfinite=False):
+        self.clip_grad_norm, self.skip_nonfinite = _check_extras(clip_grad_norm, skip_nonfinite)
+        arguments.registry_hp(self.spec, defaults)  # torch checks its defaults in the constructor too
+        self.skipped_steps = 0
+        self._fastopt_views = ViewCache()
+        self._fastopt_warned: set = set()
+        super().__init__(params, defaults)
+
+    # --- param groups -------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, then fastopt's checks of the group (nothing added when they fail)."""
+        before = len(self.param_groups)
+        super().add_param_group(param_group)
+        try:
+            group = self.param_groups[-1]
+            arguments.registry_hp(self.spec, group)
+            for p in group["params"]:
+                self._check_param(p)
+        except Exception:
+            del self.param_groups[before:]
+            raise
+
+    @staticmethod
+    def _check_param(p):
+        if p.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"fastopt.torch updates float32 and float64 params, got a {p.dtype} param "
+                            f"of shape {tuple(p.shape)}")
+        if p.layout != torch.strided or dense_span(p.detach()) is None:
+            raise ValueError(f"fastopt.torch needs dense params (every element once in one span of memory), "
+                             f"got shape {tuple(p.shape)} with strides {p.stride()}")
+        if p.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"fastopt.torch runs on CPU and CUDA tensors, got a param on {p.device}")
+
+    # --- pickling, deepcopy --------------------------------------------------------------------------
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["fastopt"] = {"clip_grad_norm": self.clip_grad_norm, "skip_nonfinite": self.skip_nonfinite,
+                            "skipped_steps": self.skipped_steps}
+        return state
+
+    def __setstate__(self, state):
+        extras = state.pop("fastopt", {})
+        super().__setstate__(state)
+        self.clip_grad_norm, self.skip_nonfinite = _check_extras(extras.get("clip_grad_norm"),
+                                                                 extras.get("skip_nonfinite", False))
+        self.skipped_steps = extras.get("skipped_steps", 0)
+        self._fastopt_views = ViewCache()
+        self._fastopt_warned = set()
+
+    # --- the step ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every param that has a grad; `closure` re-evaluates the model and returns the
+        loss (run with gradients enabled, as in torch.optim)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = self._plan()
+        grad_scale = self._grad_scale(plan)
+        if grad_scale is False:
+            return loss
+        self._run(plan, grad_scale)
+        return loss
+
+    def _warn_once(self, key, message):
+        if key not in self._fastopt_warned:
+            self._fastopt_warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _plan(self) -> _Plan:
+        """Every check of this step, nothing written (new state tensors are made, not yet stored)."""
+        spec = self.spec
+        views = self._fastopt_views
+        buckets: dict = {}
+        new_state, counted, pending_counts = [], [], []
+        number = -1
+        for group in self.param_groups:
+            hp = arguments.registry_hp(spec, group)
+            used = [name for name, on in zip(spec.states, spec.active_states(hp)) if on]
+            for p in group["params"]:
+                number += 1
+                g = p.grad
+                if g is None:
+                    continue
+                self._check_param(p)
+                self._check_grad(number, p, g)
+                flat = not p.is_contiguous()
+                if layout(g) != layout(p):
+                    self._warn_once(("layout", number), (
+                        f"fastopt.torch: the gradient of param {number} (shape {tuple(p.shape)}) has strides "
+                        f"{g.stride()}, the param {p.stride()}: it is copied into the param's layout on each "
+                        f"step (make the gradient's layout match the param's to avoid the copy)"))
+                    g = torch.empty_like(p).copy_(g)
+                state = self.state.get(p)
+                fresh = {}
+                tensors = {}
+                for name in used:
+                    tname = spec.torch_state_names.get(name, name)
+                    s = state.get(tname) if state else None
+                    if s is None or not isinstance(s, torch.Tensor):
+                        s = self._new_state(spec, hp, name, p)
+                        fresh[tname] = s
+                    elif layout(s) != layout(p) and s.shape == p.shape:
+                        s = torch.empty_like(p, dtype=s.dtype).copy_(s)  # a loaded state in another layout
+                        fresh[tname] = s
+                    tensors[name] = s
+                if spec.torch_step:
+                    step_t = state.get("step") if state else None
+                    if step_t is None:
+                        count = 0
+                        fresh["step"] = None  # made at commit time with its new value
+                    else:
+                        count = None
+                        counted.append(step_t)
+                else:  # torch keeps no count (SGD): the first step is the one that creates the state
+                    count = 1 if (state and all(spec.torch_state_names.get(n, n) in state for n in used)) else 0
+                for name, f in spec.torch_extra_state.items():
+                    if not (state and name in state):
+                        fresh[name] = torch.tensor(f(hp, 0), dtype=scalar_dtype())
+                if fresh:
+                    new_state.append((p, fresh))
+                pending_counts.append([group, p, g, flat, tensors, count, number])
+        # the step counts of params that have one, read in one go
+        if counted:
+            values = self._read_counts(counted)
+            it = iter(values)
+            for entry in pending_counts:
+                if entry[5] is None:
+                    entry[5] = next(it)
+        for group, p, g, flat, tensors, count, number in pending_counts:
+            key = (id(group), p.dtype, p.device, count)
+            b = buckets.get(key)
+            if b is None:
+                b = buckets[key] = _Bucket(group=group, step=count + 1)
+            b.numbers.append(number)
+            b.params.append(p)
+            b.param_views.append(views.param(p, flat))
+            if not flat and not g.requires_grad and g.device.type == "cpu":
+                b.grad_views.append(g.numpy())  # the common case, fast
+            else:
+                b.grad_views.append(kernel_view(g, flat))
+            b.written.append(p)
+            for name, s in tensors.items():
+                b.state_views.setdefault(name, []).append(views.state(p, name, s, flat))
+                b.written.append(s)
+        plan = _Plan(list(buckets.values()), new_state, counted, [])
+        self._prepare(plan)
+        return plan
+
+    @staticmethod
+    def _check_grad(number, p, g):
+        if g.layout != torch.strided:
+            raise TypeError(f"grads[{number}]: sparse gradients are not supported by fastopt.torch")
+        if g.dtype != p.dtype:
+            raise TypeError(f"grads[{number}] has dtype {g.dtype} but its param has {p.dtype}")
+        if g.shape != p.shape:
+            raise ValueError(f"grads[{number}] has shape {tuple(g.shape)} but its param has {tuple(p.shape)}")
+        if g.device != p.device:
+            raise ValueError(f"grads[{number}] is on {g.device} but its param is on {p.device}")
+        if dense_span(g) is None:
+            raise ValueError(f"grads[{number}] is not dense (strides {g.stride()})")
+
+    @staticmethod
+    def _new_state(spec, hp, name, p):
+        fill = spec.state_init(hp).get(name, 0.0)
+        if fill == 0.0:
+            return torch.zeros_like(p, memory_format=torch.preserve_format)
+        return torch.full_like(p, fill, memory_format=torch.preserve_format)
+
+    @staticmethod
+    def _read_counts(steps) -> list[int]:
+        """The step counts (float tensors, torch's layout; plain numbers from old state dicts too)."""
+        try:
+            values = torch.stack([torch.as_tensor(s, dtype=torch.float64).cpu() for s in steps]).tolist() \
+                if any(not isinstance(s, torch.Tensor) or s.device.type != "cpu" for s in steps) \
+                else torch.stack(steps).tolist()
+        except RuntimeError:  # 0-d tensors of different dtypes
+            values = [float(s) for s in steps]
+        out = []
+        for v in values:
+            if not (math.isfinite(v) and v >= 0 and v == int(v)):
+                raise ValueError(f"Invalid step count in the optimizer state: {v} (a whole number >= 0)")
+            out.append(int(v))
+        return out
+
+    def _prepare(self, plan: _Plan) -> None:
+        """The backends' checks of every call, then of the calls against each other."""
+        spec = self.spec
+        per_backend: dict = {}
+        for b in plan.buckets:
+            b.hp = arguments.registry_hp(spec, b.group, b.step)
+            b.backend = backend_for(b.param_views)
+            state_lists, names = spec.plan_call(b.hp, b.state_views.get)
+            b.prepared = b.backend.prepare((b.param_views, b.grad_views, *state_lists), names, b.numbers)
+            per_backend.setdefault(b.backend, []).append(b.prepared)
+        for backend, prepared in per_backend.items():
+            if len(prepared) > 1:
+                backend.check_disjoint(prepared)
+
+    def _grad_scale(self, plan: _Plan):
+        """The factor the kernels multiply the grads by (GradScaler's unscale times the clip coefficient),
+        or False when the step is skipped (an inf found by GradScaler, or skip_nonfinite)."""
+        found_inf = getattr(self, "found_inf", None)   # set by torch.amp.GradScaler.step
+        scale = getattr(self, "grad_scale", None)
+        if found_inf is not None and float(found_inf.sum()) != 0.0:
+            return False  # GradScaler counts it and lowers its scale; torch.optim takes no step either
+        inv_scale = 1.0 if scale is None else 1.0 / float(scale)
+        if self.clip_grad_norm is None and not self.skip_nonfinite:
+            return inv_scale
+        total = 0.0
+        for b in plan.buckets:
+            sq = b.backend.sumsq_per_tensor(b.grad_views)
+            total += float(np.sum(to_host(sq), dtype=np.float64))
+        norm = math.sqrt(total) * inv_scale
+        if self.skip_nonfinite and not math.isfinite(norm):
+            self.skipped_steps += 1
+            return False
+        if self.clip_grad_norm is None:
+            return inv_scale
+        # the norm was read back to the host (on a GPU: one synchronisation, only with clipping/skipping)
+        return inv_scale * float(clip_coefficient(np.float64(norm), self.clip_grad_norm))
+
+    def _run(self, plan: _Plan, grad_scale: float) -> None:
+        spec = self.spec
+        threads = torch.get_num_threads()  # one thread pool: as many OpenMP threads as torch uses
+        before = fastopt.get_num_threads()
+        if threads != before:
+            fastopt.set_num_threads(threads)
+        try:
+            for b in plan.buckets:
+                b.backend.run(b.prepared, spec, b.hp, b.step, grad_scale)
+        finally:
+            if threads != before:
+                fastopt.set_num_threads(before)
+        self._commit(plan)
+
+    def _commit(self, plan: _Plan) -> None:
+        """Store new state, advance the step counts and the accumulated torch state, bump versions."""
+        spec = self.spec
+        steps_of = {}
+        for b in plan.buckets:
+            for p in b.params:
+                steps_of[id(p)] = b
+        for p, fresh in plan.new_state:
+            state = self.state[p]
+            for name, value in fresh.items():
+                if name == "step":
+                    value = torch.tensor(float(steps_of[id(p)].step), dtype=scalar_dtype())
+                state[name] = value
+        if plan.counted:
+            counted = [s for s in plan.counted if isinstance(s, torch.Tensor)]
+            if counted:
+                torch._foreach_add_(counted, 1.0)  # one call, as torch.optim advances its step tensors
+            self._store_plain_counts(plan)
+        if spec.torch_extra_state:
+            self._advance_extra_state(plan)
+        written = []
+        for b in plan.buckets:
+            written += b.written
+        bump_versions(written)
+
+    def _store_plain_counts(self, plan: _Plan) -> None:
+        """A step count loaded as a plain number becomes torch's tensor (torch does the same)."""
+        for b in plan.buckets:
+            for p in b.params:
+                state = self.state.get(p)
+                if state is not None and "step" in state and not isinstance(state["step"], torch.Tensor):
+                    state["step"] = torch.tensor(float(b.step), dtype=scalar_dtype())
+
+    def _advance_extra_state(self, plan: _Plan) -> None:
+        """Torch-only state accumulated across steps (NAdam's mu_product *= mu_t, with this step's
+        hyperparameters, so a scheduler changing beta1 changes it as in torch)."""
+        spec = self.spec
+        for b in plan.buckets:
+            for name, f in spec.torch_extra_state.items():
+                before = f(b.hp, b.step - 1)
+                factor = f(b.hp, b.step) / before if before != 0.0 else 0.0
+                expected = f(b.hp, b.step - 1)
+                for p in b.params:
+                    value = self.state[p][name]
+                    current = float(value)
+                    if abs(current - expected) > 1e-6 * max(abs(expected), 1e-30):
+                        self._warn_once(("extra", name), (
+                            f"fastopt.torch.{type(self).__name__}: the accumulated {name} ({current}) differs "
+                            f"from its value for constant hyperparameters ({expected}), e.g. after a scheduler "
+                            f"changed beta1; the kernels' scalars assume constant hyperparameters (the registry "
+                            f"computes them from the step count), so updates differ from torch.optim's"))
+                    value.mul_(factor)
