@@ -82,10 +82,12 @@ del _spec
 
 
 def init_state(name: str, params: Arrays, **options) -> dict:
-    """Zero-filled state arrays for optimizer `name`, shaped like `params` (one array or a list), on the
-    params' device, keyed by the state names of `<name>_step`. `options` are that optimizer's
-    hyperparameters where they decide which states exist (amsgrad, momentum, centered); defaults
-    otherwise. Example: ``fastopt.adam_step(p, g, **fastopt.init_state("adam", p), step=1)``."""
+    """New state arrays for optimizer `name`, shaped like `params` (one array or a list), on the params'
+    device, keyed by the state names of `<name>_step`. `options` are that optimizer's hyperparameters
+    where they decide which states exist (amsgrad, momentum, centered) or what they start with
+    (Adagrad's initial_accumulator_value: spec.state_init); defaults otherwise. Every state starts at
+    zero except where the spec says otherwise.
+    Example: ``fastopt.adam_step(p, g, **fastopt.init_state("adam", p), step=1)``."""
     from fastopt.specs import get_spec
     from fastopt.backends.dispatch import array_device, as_numpy
     import numpy as np
@@ -103,19 +105,22 @@ def init_state(name: str, params: Arrays, **options) -> dict:
     if spec.extra_check is not None:
         spec.extra_check(hp)
 
-    def zeros(p, label):
+    fills = spec.state_init(hp)
+
+    def new_state(p, label, fill):
         if type(p).__module__.startswith("numba"):  # Numba device arrays keep Numba state
             from numba import cuda
-            return cuda.to_device(np.zeros(p.shape, np.float32 if p.dtype == np.float16 else p.dtype))
+            return cuda.to_device(np.full(p.shape, fill, np.float32 if p.dtype == np.float16 else p.dtype))
         if array_device(p, label) == "device":
             import cupy
             p = cupy.asarray(p)
             # float16 params keep float32 state (float16 moments underflow; the kernels do float32 math)
-            return cupy.zeros(p.shape, cupy.float32 if p.dtype == cupy.float16 else p.dtype)
+            return cupy.full(p.shape, fill, cupy.float32 if p.dtype == cupy.float16 else p.dtype)
         p = as_numpy(p, label)
         if p.dtype.kind != "f":
             raise TypeError(f"{label} has dtype {p.dtype}; optimizer state is for floating-point params")
-        return np.zeros(p.shape, p.dtype.newbyteorder("="))  # C order and native, as the kernels take it
+        # C order and native, as the kernels take it
+        return np.full(p.shape, fill, p.dtype.newbyteorder("="))
 
     is_list = isinstance(params, (list, tuple))
     if params is None:
@@ -124,6 +129,6 @@ def init_state(name: str, params: Arrays, **options) -> dict:
     out = {}
     for state, used in zip(spec.states, spec.active_states(hp)):
         if used:
-            arrays = [zeros(p, label) for p, label in labelled]
+            arrays = [new_state(p, label, fills[state]) for p, label in labelled]
             out[state] = arrays if is_list else arrays[0]
     return out

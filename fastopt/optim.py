@@ -287,7 +287,7 @@ class Optimizer:
             be.check_disjoint(checked)
 
     def _state_options(self, hp):
-        """The hyperparameters that decide which states exist (the spec knows which)."""
+        """The hyperparameters that decide which states exist or what they start with (the spec knows)."""
         return {name: hp[name] for name in self.spec.state_options}
 
     # ---- hyperparameters ----------------------------------------------------------------------
@@ -501,8 +501,11 @@ class Optimizer:
         """Fix the state lists and argument names of the bucket's kernel call for these hyperparameters."""
         bucket.tail, bucket.names = self._call_states(bucket, hp)
 
-    def zero_grad(self) -> None:  # torch users reach for it; gradients here are arguments, not attributes
-        """No-op: fastopt takes the gradients as an argument of step()."""
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Does nothing, on purpose: this class keeps no gradients. Gradients are arguments of
+        step(grads), computed by the caller for each step, so there is nothing to zero or accumulate.
+        (It exists so that a loop written for torch.optim does not fail here; for torch's semantics,
+        where step() reads p.grad and zero_grad() clears it, use fastopt.torch with torch tensors.)"""
 
     # ---- introspection ------------------------------------------------------------------------
 
@@ -629,14 +632,15 @@ class Optimizer:
             if lr is None:  # a schedule that could not be tried on a copy
                 lr = float(live["lr"](state.steps[gi]))
             self._last_lr[gi] = lr
+            fills = self.spec.state_init(hp)
             for bucket, new_slots, sources in plan.buckets[gi]:
                 bucket.states.update(new_slots)
                 for name, targets in bucket.states.items():
                     for j, arrays in enumerate(sources):
                         if name in arrays:
                             copy_into(targets[j], arrays[name])
-                        elif name not in new_slots:  # not saved (step 0, or unused): zeros
-                            zero_fill(targets[j])
+                        elif name not in new_slots:  # not saved (step 0, or unused): a new state's value
+                            _fill(targets[j], fills[name])
         for target, a in plan.params:
             copy_into(target, a)
         if state.skipped_steps is not None:
@@ -662,6 +666,14 @@ class Optimizer:
         statedict.from_torch_state_dict(self, state_dict, step)
 
 
+def _fill(dst, value: float) -> None:
+    """dst[...] = value on dst's own device (a state array restored to its starting value)."""
+    if value == 0.0:
+        zero_fill(dst)
+    else:
+        copy_into(dst, np.full(tuple(dst.shape), value, np.dtype(dst.dtype)))
+
+
 class StatePlan:
     """What Optimizer.apply_state will write (made by Optimizer.check_state; opaque to callers)."""
 
@@ -676,29 +688,31 @@ class StatePlan:
 # ---------------------------------------------------------------------------------------------------
 
 def _make_class(spec: OptimizerSpec):
-    """A subclass of Optimizer with torch.optim's constructor signature for this optimizer: params and
-    lr positional, everything else keyword-only (torch's positional orders differ between classes;
-    keywords cannot be silently misassigned)."""
+    """A subclass of Optimizer with torch.optim's constructor signature for this optimizer: params, then
+    torch's positional arguments in torch's order (spec.positional_hypers: fastopt.SGD(p, 0.1, 0.9) means
+    momentum=0.9, as in torch; only lr where torch has no such class), everything else keyword-only
+    (torch's keyword-only arguments, and fastopt's clip_grad_norm=, skip_nonfinite=, backend=)."""
     if spec.hypers[0].name != "lr":  # Optimizer._hyperparameters checks the lr as hypers[0]
         raise TypeError(f"{spec.name}: the first hyperparameter of a spec must be lr")
-    args, defaults, pairs = [], {}, []
+    args, defaults, pairs = {}, {}, []
     for h in spec.hypers:
         if h.name == "beta2":
             continue
         if h.name == "beta1":
             beta2 = next(x for x in spec.hypers if x.name == "beta2")
             defaults["_d_betas"] = (h.default, beta2.default)
-            args.append("betas=_d_betas")
+            args["betas"] = "betas=_d_betas"
             pairs.append("'betas': betas")
             continue
         if h.default is REQUIRED:
-            args.append(f"{h.name}=_REQUIRED")
+            args[h.name] = f"{h.name}=_REQUIRED"
         else:
             defaults[f"_d_{h.name}"] = h.default
-            args.append(f"{h.name}=_d_{h.name}")
+            args[h.name] = f"{h.name}=_d_{h.name}"
         pairs.append(f"{h.name!r}: {h.name}")
-    lr_arg, rest = args[0], args[1:]
-    src = (f"def __init__(self, params, {lr_arg}, *, {', '.join(rest)}, clip_grad_norm=None, "
+    positional = [args[name] for name in spec.positional_hypers]
+    keyword = [arg for name, arg in args.items() if name not in spec.positional_hypers]
+    src = (f"def __init__(self, params, {', '.join(positional)}, *, {', '.join(keyword + [''])}clip_grad_norm=None, "
            f"skip_nonfinite=False, backend=None):\n"
            f"    _Optimizer.__init__(self, params, {{{', '.join(pairs)}}}, clip_grad_norm=clip_grad_norm, "
            f"skip_nonfinite=skip_nonfinite, backend=backend)\n")

@@ -27,7 +27,7 @@ def _store(dst, value):
     dst[...] = value
 
 
-def sgd_step(p, g, momentum_buffer=None, *, lr, step=1, momentum=0.0, dampening=0.0, nesterov=False,
+def sgd_step(p, g, momentum_buffer=None, *, lr=1e-3, step=1, momentum=0.0, dampening=0.0, nesterov=False,
              weight_decay=0.0, maximize=False, grad_scale=None):
     g = _grad(g, grad_scale, maximize)
     if weight_decay != 0:
@@ -42,8 +42,9 @@ def sgd_step(p, g, momentum_buffer=None, *, lr, step=1, momentum=0.0, dampening=
     _store(p, p - lr * g)
 
 
-def adagrad_step(p, g, state_sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False,
-                 grad_scale=None):
+def adagrad_step(p, g, state_sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
+                 eps=1e-10, maximize=False, grad_scale=None):
+    # initial_accumulator_value is where state_sum starts (initial_state); a step does not read it
     g = _grad(g, grad_scale, maximize)
     if weight_decay != 0:
         g = g + weight_decay * p
@@ -92,9 +93,12 @@ def _adam(p, g, m, v, vmax, *, step, lr, beta1, beta2, eps, weight_decay, amsgra
 
 
 def adam_step(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
-              eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, grad_scale=None):
+              eps=1e-8, weight_decay=0.0, amsgrad=False, decoupled_weight_decay=False, maximize=False,
+              grad_scale=None):
+    # torch.optim.Adam(decoupled_weight_decay=True) is AdamW
     _adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-          weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, decoupled=False)
+          weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale,
+          decoupled=decoupled_weight_decay)
 
 
 def adamw_step(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
@@ -202,6 +206,15 @@ def adamax_step(p, g, exp_avg, exp_inf, *, step, lr=2e-3, beta1=0.9, beta2=0.999
 # registry name -> reference function: every `<name>_step` defined above (no list to keep in sync)
 STEPS = {name[:-len("_step")]: fn for name, fn in list(globals().items())
          if name.endswith("_step") and callable(fn) and not name.startswith("_")}
+
+
+def initial_state(name, state, **hp) -> float:
+    """The value state `state` of optimizer `name` starts with (torch.optim's: Adagrad's sum is
+    initial_accumulator_value, everything else zero). Written here, apart from the registry's
+    spec.state_init, so that the tests compare the two."""
+    if name == "adagrad" and state == "state_sum":
+        return float(hp.get("initial_accumulator_value", 0.0))
+    return 0.0
 
 
 # ---- clipping ----

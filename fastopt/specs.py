@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-REQUIRED = object()  # default of a hyperparameter that must be given (SGD's lr)
+REQUIRED = object()  # default of a hyperparameter that must be given (no registry optimizer has one today)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,10 +173,21 @@ class OptimizerSpec:
     #     for a param that has state arrays, else 0). torch_extra_state: torch-only state, a function of the
     #     registry hyperparameters and the step count (NAdam's mu_product): written as float32 tensors,
     #     recomputed (ignored) on loading. torch_group_flags: torch group keys whose value is fixed for this
-    #     class (Adam/AdamW: decoupled_weight_decay); a torch dict with another value belongs to another class.
+    #     class (AdamW: decoupled_weight_decay=True; Adam has it as a hyperparameter); a torch dict with
+    #     another value belongs to another class.
     torch_step: bool = True
     torch_extra_state: Mapping[str, Callable[[Mapping, int], float]] = field(default_factory=dict)
     torch_group_flags: Mapping[str, object] = field(default_factory=dict)
+    # torch_positional: torch's constructor arguments after `params`, in torch's positional order, up to
+    #     torch's `*` (torch-only ones such as foreach included; "betas" stands for (beta1, beta2)); None where
+    #     torch has no such class (then only lr is positional). The classes take the leading run of these that
+    #     are registry hyperparameters positionally (fastopt.SGD(p, 0.1, 0.9): momentum=0.9, as in torch).
+    # torch_state_at_init: torch creates this optimizer's state in its constructor (Adagrad: step 0 and the
+    #     filled sum), so a torch state dict has state for a param that never took a step.
+    torch_positional: tuple[str, ...] | None = None
+    torch_state_at_init: bool = False
+    # state_fill: state name -> (hp -> the value a new state array is filled with); 0.0 for the others
+    state_fill: Mapping[str, Callable[[Mapping], float]] = field(default_factory=dict)
     extra_check: Callable[[Mapping], None] | None = None
     two_phase: bool = False  # LAMB: a per-tensor reduction between the moments and the step
 
@@ -197,15 +208,36 @@ class OptimizerSpec:
             self.extra_check(hp)
         return hp, step
 
+    def state_init(self, hp: Mapping) -> dict[str, float]:
+        """The value each state array starts with when it is created (init_state, the classes, the
+        reference): 0.0 unless the spec says otherwise (Adagrad's state_sum: initial_accumulator_value).
+        `hp` needs only the hyperparameters the fill values read."""
+        return {name: float(self.state_fill[name](hp)) if name in self.state_fill else 0.0 for name in self.states}
+
+    @cached_property
+    def positional_hypers(self) -> tuple[str, ...]:
+        """The class constructor's positional arguments after `params`, torch's order: the leading run of
+        torch_positional that are registry hyperparameters ("betas" for beta1/beta2); ("lr",) where torch
+        has no such class."""
+        if self.torch_positional is None:
+            return ("lr",)
+        names = {h.name for h in self.hypers} | ({"betas"} if "beta1" in {h.name for h in self.hypers} else set())
+        out = []
+        for name in self.torch_positional:
+            if name not in names:
+                break
+            out.append(name)
+        return tuple(out)
+
     @cached_property
     def _state_predicates(self):
         return tuple(self.optional_states.get(s) for s in self.states)
 
     @cached_property
     def state_options(self) -> tuple[str, ...]:
-        """The hyperparameters that decide which states exist: the ones the optional_states predicates
-        read (init_state's options; found by running each predicate on the defaults and on every bool
-        flipped, recording the keys it reads)."""
+        """The hyperparameters that decide which states exist or what they start with: the ones the
+        optional_states predicates and the state_fill functions read (init_state's options; found by
+        running each on the defaults and on every bool flipped, recording the keys it reads)."""
         read: list[str] = []
 
         class _Recorder(dict):
@@ -219,7 +251,7 @@ class OptimizerSpec:
 
         base = {h.name: (0.0 if h.default is REQUIRED else h.default) for h in self.hypers}
         trials = [base] + [dict(base, **{h.name: not h.default}) for h in self.hypers if h.kind == "bool"]
-        for pred in self.optional_states.values():
+        for pred in (*self.optional_states.values(), *self.state_fill.values()):
             for hp in trials:
                 pred(_Recorder(hp))
         return tuple(h.name for h in self.hypers if h.name in read)
@@ -468,21 +500,31 @@ p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
 
 def _adam_spec(name, class_name, summary, wd_default, decoupled):
+    """Adam (decoupled=False: L2 weight decay unless its decoupled_weight_decay flag is set, like
+    torch.optim.Adam since 2.x) and AdamW (decoupled=True, fixed: torch.optim.AdamW has no such argument
+    and writes decoupled_weight_decay=True into its param groups)."""
+    if decoupled:
+        wd_rule, wd_doc = "\np = p * (1 - lr * weight_decay)      (decoupled, first)", "decoupled weight decay (>= 0)"
+        flags, is_decoupled, group_flags = (), (lambda hp: True), {"decoupled_weight_decay": True}
+    else:
+        wd_rule = (" + weight_decay * p, or p = p * (1 - lr * weight_decay) first when\n"
+                   "        decoupled_weight_decay (then Adam is AdamW)")
+        wd_doc = "L2 penalty added to the gradient, or decoupled weight decay when decoupled_weight_decay (>= 0)"
+        flags = (flag("decoupled_weight_decay", False, "AdamW-style weight decay (Adam is then AdamW)"),)
+        is_decoupled, group_flags = (lambda hp: hp["decoupled_weight_decay"]), {}
     return OptimizerSpec(
         name=name, class_name=class_name, kernel="adam", summary=summary,
-        rule=_ADAM_RULE.format(l2=("\np = p * (1 - lr * weight_decay)      (decoupled, first)" if decoupled
-                                   else " + weight_decay * p")),
-        hypers=(lr(1e-3), beta1(), beta2(), eps(1e-8),
-                weight_decay(wd_default, "decoupled weight decay (>= 0)" if decoupled else
-                             "L2 penalty added to the gradient (>= 0)"),
-                flag("amsgrad", False, "use the AMSGrad variant (max of the second moments)"), MAXIMIZE),
+        rule=_ADAM_RULE.format(l2=wd_rule),
+        hypers=(lr(1e-3), beta1(), beta2(), eps(1e-8), weight_decay(wd_default, wd_doc),
+                flag("amsgrad", False, "use the AMSGrad variant (max of the second moments)"), *flags, MAXIMIZE),
         states=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
         optional_states={"max_exp_avg_sq": lambda hp: hp["amsgrad"]},
         scalar_names=_ADAM_SCALARS,
-        scalars=_adam_like_scalars(lambda hp: decoupled),
+        scalars=_adam_like_scalars(is_decoupled),
         variant=lambda hp, step: 1 if hp["amsgrad"] else 0, variants=(0, 1),
         torch_class=class_name,
-        torch_group_flags={"decoupled_weight_decay": decoupled},
+        torch_group_flags=group_flags,
+        torch_positional=("lr", "betas", "eps", "weight_decay", "amsgrad"),
     )
 
 
@@ -506,14 +548,14 @@ if momentum != 0:
 p = p - lr * g
 (step defaults to 1, which (re)initialises the momentum buffer: pass step=t with momentum)
 """,
-    hypers=(lr(REQUIRED), momentum(),
+    hypers=(lr(1e-3), momentum(),
             Hyper("dampening", 0.0, "dampening of the momentum (finite)", label="dampening value"),
             flag("nesterov", False, "use Nesterov momentum"), weight_decay(), MAXIMIZE),
     states=("momentum_buffer",),
     optional_states={"momentum_buffer": lambda hp: hp["momentum"] != 0.0},
     scalar_names=("grad_scale", "lr", "momentum", "one_minus_dampening", "weight_decay"),
     scalars=_sgd_scalars, variant=_sgd_variant, variants=_SGD_VARIANTS, step_default=1, torch_class="SGD", extra_check=_sgd_check,
-    torch_step=False,
+    torch_step=False, torch_positional=("lr", "momentum", "dampening", "weight_decay", "nesterov"),
 ))
 
 ADAGRAD = _register(OptimizerSpec(
@@ -526,10 +568,17 @@ state_sum = state_sum + g^2
 p = p - clr * g / (sqrt(state_sum) + eps)
 """,
     hypers=(lr(1e-2), Hyper("lr_decay", 0.0, "learning-rate decay (>= 0)", check=_nonneg, label="lr_decay value"),
-            weight_decay(), eps(1e-10), MAXIMIZE),
+            weight_decay(),
+            Hyper("initial_accumulator_value", 0.0, "the value state_sum starts with when it is created "
+                  "(init_state, the classes); a step does not read it (>= 0)", check=_nonneg,
+                  label="initial_accumulator_value value"),
+            eps(1e-10), MAXIMIZE),
     states=("state_sum",),
+    state_fill={"state_sum": lambda hp: hp["initial_accumulator_value"]},
     scalar_names=("grad_scale", "clr", "eps", "weight_decay"),
     scalars=_adagrad_scalars, torch_class="Adagrad", torch_state_names={"state_sum": "sum"},
+    torch_positional=("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps", "foreach"),
+    torch_state_at_init=True,
 ))
 
 RMSPROP = _register(OptimizerSpec(
@@ -551,9 +600,12 @@ else:            p = p - lr * g / avg
     optional_states={"grad_avg": lambda hp: hp["centered"], "momentum_buffer": lambda hp: hp["momentum"] > 0.0},
     scalar_names=("grad_scale", "lr", "alpha", "one_minus_alpha", "eps", "weight_decay", "momentum"),
     scalars=_rmsprop_scalars, variant=_rmsprop_variant, variants=(0, 1, 2, 3), uses_step=False, torch_class="RMSprop",
+    # torch's RMSprop has no `*`: every argument is positional
+    torch_positional=("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "capturable", "foreach",
+                      "maximize", "differentiable"),
 ))
 
-ADAM = _register(_adam_spec("adam", "Adam", "Adam (optionally AMSGrad) with L2 weight decay, in place.", 0.0, False))
+ADAM = _register(_adam_spec("adam", "Adam", "Adam (optionally AMSGrad) with L2 or decoupled weight decay, in place.", 0.0, False))
 ADAMW = _register(_adam_spec("adamw", "AdamW", "AdamW: Adam with decoupled weight decay, in place.", 1e-2, True))
 
 NADAM = _register(OptimizerSpec(
@@ -575,6 +627,7 @@ p = p - lr * (1 - mu_t) / (1 - P_t) * g / denom - lr * mu_{t+1} / (1 - P_{t+1}) 
     scalar_names=("grad_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2", "decay",
                   "inv_bias_correction2", "grad_coef", "exp_avg_coef"),
     scalars=_nadam_scalars, torch_class="NAdam",
+    torch_positional=("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay"),
     torch_extra_state={"mu_product": lambda hp, t: nadam_mu_product(hp["beta1"], hp["momentum_decay"], t)},
 ))
 
@@ -596,6 +649,7 @@ else:         p = p - lr * m / (1 - beta1^t)
     scalar_names=("grad_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2", "decay",
                   "step_size", "rect_step_size"),
     scalars=_radam_scalars, variant=_radam_variant, variants=(0, 1), torch_class="RAdam",
+    torch_positional=("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay"),
 ))
 
 ADABELIEF = _register(OptimizerSpec(
@@ -667,6 +721,7 @@ p = p - lr / (1 - beta1^t) * m / u
     states=("exp_avg", "exp_inf"),
     scalar_names=("grad_scale", "beta1", "one_minus_beta1", "beta2", "eps", "weight_decay", "step_size"),
     scalars=_adamax_scalars, torch_class="Adamax",
+    torch_positional=("lr", "betas", "eps", "weight_decay", "foreach"),
 ))
 
 

@@ -420,9 +420,10 @@ def load_state_dict(opt, sd: dict) -> None:
 # torch.optim conversion
 # ---------------------------------------------------------------------------------------------------
 
-# torch group keys with no fastopt meaning for the update itself (execution options, initial values
-# that the saved state already carries); decoupled_weight_decay is torch's AdamW flag on Adam
-_TORCH_ONLY_KEYS = {"foreach", "fused", "capturable", "differentiable", "initial_accumulator_value", "param_names"}
+# torch group keys with no fastopt meaning for the update itself (execution options). Adam's
+# decoupled_weight_decay and Adagrad's initial_accumulator_value are registry hyperparameters (group keys);
+# AdamW's fixed decoupled_weight_decay=True is its spec's torch_group_flags.
+_TORCH_ONLY_KEYS = {"foreach", "fused", "capturable", "differentiable", "param_names"}
 
 
 def _torch():
@@ -452,8 +453,8 @@ def to_torch_state_dict(opt) -> dict:
         hp = None
         for i in group["params"]:
             entry = sd["state"][i]
-            if t == 0:
-                continue  # torch has no state for a param before its first step
+            if t == 0 and not spec.torch_state_at_init:
+                continue  # torch has no state for a param before its first step (Adagrad: it has)
             out = {}
             if spec.torch_step:
                 out["step"] = torch.tensor(float(t), dtype=torch.float32)
@@ -519,11 +520,12 @@ def from_torch_state_dict(opt, sd: dict, step=None) -> None:
                 new[k] = _torch_value(torch, f"param group {gi}: {k}", v)
             elif k in spec.torch_group_flags:
                 if _plain(v) != spec.torch_group_flags[k]:
-                    other = next((o.class_name for o in REGISTRY.values() if k in o.torch_group_flags
-                                  and o.torch_group_flags[k] == _plain(v)), None)
-                    _fail(f"param group {gi}: torch {k}={v} is "
-                          + (f"{other}; load it into fastopt.{other}" if other else
-                             f"not fastopt.{spec.class_name}'s ({spec.torch_group_flags[k]})"))
+                    # the classes of the same kernel where this key is a hyperparameter take any value
+                    other = next((o.class_name for o in REGISTRY.values() if o.kernel == spec.kernel
+                                  and o.torch_class and k in o.defaults), None)
+                    _fail(f"param group {gi}: torch {k}={_shown(v)} does not fit fastopt.{spec.class_name}, where it "
+                          f"is always {spec.torch_group_flags[k]}"
+                          + (f"; load it into fastopt.{other}" if other else ""))
             elif k in _TORCH_ONLY_KEYS:
                 continue
             else:

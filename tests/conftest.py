@@ -21,6 +21,7 @@ OPTION_VALUES = {
     "dampening": [0.0, 0.1],
     "weight_decay": [0.0, 0.05],
     "lr_decay": [0.0, 0.01],
+    "initial_accumulator_value": [0.0, 0.1],
 }
 
 

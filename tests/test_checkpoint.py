@@ -340,8 +340,15 @@ def test_torch_conversion_errors(rng):
         fastopt.Lion([p]).torch_state_dict()
     tp = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     adamw = torch.optim.AdamW([tp])
-    with pytest.raises(CheckpointError, match="load it into fastopt.AdamW"):
-        fastopt.Adam([p]).load_torch_state_dict(adamw.state_dict())
+    # torch's AdamW is Adam(decoupled_weight_decay=True): it loads into fastopt.Adam with the flag set
+    adam = fastopt.Adam([p])
+    adam.load_torch_state_dict(adamw.state_dict())
+    assert adam.param_groups[0]["decoupled_weight_decay"] is True
+    # and a plain Adam dict does not fit AdamW, whose decoupling is fixed
+    before = p.copy()
+    with pytest.raises(CheckpointError, match="load it into fastopt.Adam$"):
+        fastopt.AdamW([p]).load_torch_state_dict(torch.optim.Adam([tp]).state_dict())
+    assert p.tobytes() == before.tobytes()
     sgd = torch.optim.SGD([tp], lr=0.1, momentum=0.9)
     sd = sgd.state_dict()
     sd["param_groups"][0]["lookahead"] = 5

@@ -149,6 +149,7 @@ BAD_VALUES = {  # name -> (bad value, message)
     "alpha": (-0.9, "Invalid alpha value: -0.9"),
     "lr_decay": (-1.0, "Invalid lr_decay value: -1.0"),
     "momentum_decay": (-1.0, "Invalid momentum_decay value: -1.0"),
+    "initial_accumulator_value": (-0.5, "Invalid initial_accumulator_value value: -0.5"),
     "dampening": (float("inf"), "Invalid dampening value: inf"),
 }
 

@@ -16,9 +16,11 @@ from fastopt.specs import REGISTRY
 GROUP_OPTIONS = {
     "sgd": [{"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}, {"momentum": 0.5, "dampening": 0.1,
                                                                         "maximize": True}],
-    "adagrad": [{"lr_decay": 0.01, "weight_decay": 0.01}, {"eps": 1e-6, "maximize": True}],
+    "adagrad": [{"lr_decay": 0.01, "weight_decay": 0.01, "initial_accumulator_value": 0.1},
+                {"eps": 1e-6, "maximize": True}],
     "rmsprop": [{"centered": True, "momentum": 0.9}, {"momentum": 0.5, "weight_decay": 0.01}],
-    "adam": [{"amsgrad": True, "weight_decay": 0.01}, {"betas": (0.8, 0.99), "maximize": True}],
+    "adam": [{"amsgrad": True, "weight_decay": 0.01, "decoupled_weight_decay": True},
+             {"betas": (0.8, 0.99), "maximize": True, "weight_decay": 0.02}],
     "adamw": [{"amsgrad": True}, {"betas": (0.85, 0.995), "weight_decay": 0.1}],
     "nadam": [{"decoupled_weight_decay": True, "weight_decay": 0.01}, {"momentum_decay": 1e-2}],
     "radam": [{"decoupled_weight_decay": True, "weight_decay": 0.01}, {"betas": (0.9, 0.9)}],
@@ -82,6 +84,11 @@ def run_functional(spec, groups, lr, grads_per_step, *, use_reference=False):
     options = [functional_hp(spec, {"lr": lr}, g, 0) for g in groups]
     states = [[fastopt.init_state(spec.name, p, **{k: hp[k] for k in spec.state_options}) for p in ps]
               for ps, hp in zip(params, options)]
+    if use_reference:  # the reference's own starting values (Adagrad's initial_accumulator_value)
+        for group_states, hp in zip(states, options):
+            for st in group_states:
+                for name, a in st.items():
+                    a[...] = reference.initial_state(spec.name, name, **hp)
     fn = reference.STEPS[spec.name] if use_reference else getattr(fastopt, spec.function_name)
     for t, grads in enumerate(grads_per_step, start=1):
         k = 0
@@ -128,7 +135,9 @@ def test_signatures_follow_torch_names():
     sig = inspect.signature(fastopt.Adam)
     assert sig.parameters["betas"].default == (0.9, 0.999)
     assert sig.parameters["lr"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-    assert sig.parameters["eps"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert sig.parameters["eps"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD  # torch's order
+    assert sig.parameters["decoupled_weight_decay"].kind is inspect.Parameter.KEYWORD_ONLY  # after torch's *
+    assert inspect.signature(fastopt.LAMB).parameters["eps"].kind is inspect.Parameter.KEYWORD_ONLY
     for spec in SPECS:
         params = inspect.signature(getattr(fastopt, spec.class_name)).parameters
         names = {h.name for h in spec.hypers}
@@ -137,6 +146,46 @@ def test_signatures_follow_torch_names():
         for opt_name in ("clip_grad_norm", "skip_nonfinite", "backend"):
             assert opt_name in params
         assert getattr(fastopt, spec.class_name).__doc__.startswith(spec.summary)
+        positional = [n for n, p in params.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        assert positional == ["params", *spec.positional_hypers]
+        assert spec.positional_hypers[0] == "lr"
+        if spec.torch_positional is not None:  # a prefix of torch's order
+            assert tuple(spec.torch_positional[:len(spec.positional_hypers)]) == spec.positional_hypers
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_positional_arguments_mean_what_they_mean_in_torch(spec, rng):
+    """cls(p, a, b, c...) builds the same groups as cls(p, lr=a, <torch's second>=b, ...)."""
+    values = {"lr": 0.03, "momentum": 0.7, "dampening": 0.0, "weight_decay": 0.02, "nesterov": True,
+              "lr_decay": 0.01, "initial_accumulator_value": 0.2, "eps": 1e-5, "alpha": 0.9, "centered": True,
+              "betas": (0.8, 0.95), "amsgrad": True, "momentum_decay": 5e-3, "decoupled_weight_decay": True}
+    args = [values[name] for name in spec.positional_hypers]
+    cls = getattr(fastopt, spec.class_name)
+    by_position = cls([rng.standard_normal(3)], *args)
+    by_name = cls([rng.standard_normal(3)], **dict(zip(spec.positional_hypers, args)))
+    strip = lambda g: {k: v for k, v in g.items() if k != "params"}  # noqa: E731
+    assert strip(by_position.param_groups[0]) == strip(by_name.param_groups[0])
+    for name, value in zip(spec.positional_hypers, args):
+        assert by_position.param_groups[0][name] == value
+    with pytest.raises(TypeError):  # one more positional than torch's order allows is refused
+        cls([rng.standard_normal(3)], *args, 0.5)
+
+
+def test_sgd_positional_momentum_and_default_lr(rng):
+    p = rng.standard_normal(4)
+    opt = fastopt.SGD([p], 0.1, 0.9)
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["momentum"] == 0.9
+    assert fastopt.SGD([p.copy()]).param_groups[0]["lr"] == 1e-3  # torch.optim.SGD's default
+
+
+def test_zero_grad_is_harmless_and_says_why(rng):
+    p = rng.standard_normal(4)
+    before = p.copy()
+    opt = fastopt.Adam([p])
+    assert opt.zero_grad() is None and opt.zero_grad(set_to_none=False) is None
+    assert p.tobytes() == before.tobytes()
+    doc = fastopt.Optimizer.zero_grad.__doc__
+    assert "step(grads)" in doc and "fastopt.torch" in doc
 
 
 def test_one_kernel_call_per_group_and_dtype(monkeypatch, rng):
@@ -232,8 +281,6 @@ def test_constructor_errors(kwargs, error, match, rng):
 
 def test_constructor_errors_misc(rng):
     p = rng.standard_normal(10).astype(np.float32)
-    with pytest.raises(TypeError, match="missing required argument 'lr'"):
-        fastopt.SGD([p])
     with pytest.raises(ValueError, match="Nesterov momentum requires a momentum"):
         fastopt.SGD([p], lr=0.1, nesterov=True)
     with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) beta1 in param group 0"):

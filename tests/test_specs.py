@@ -14,14 +14,14 @@ CUDA_DIR = Path(__file__).resolve().parent.parent / "kernels" / "cuda"
 
 # the public signatures of docs/design.md (the contract), keyword defaults included
 CONTRACT = {
-    "sgd": "params, grads, momentum_buffer=None, *, lr, step=1, momentum=0.0, dampening=0.0, nesterov=False, "
+    "sgd": "params, grads, momentum_buffer=None, *, step=1, lr=0.001, momentum=0.0, dampening=0.0, nesterov=False, "
            "weight_decay=0.0, maximize=False, grad_scale=None",
-    "adagrad": "params, grads, state_sum, *, step, lr=0.01, lr_decay=0.0, weight_decay=0.0, eps=1e-10, "
-               "maximize=False, grad_scale=None",
+    "adagrad": "params, grads, state_sum, *, step, lr=0.01, lr_decay=0.0, weight_decay=0.0, "
+               "initial_accumulator_value=0.0, eps=1e-10, maximize=False, grad_scale=None",
     "rmsprop": "params, grads, square_avg, grad_avg=None, momentum_buffer=None, *, lr=0.01, alpha=0.99, eps=1e-08, "
                "weight_decay=0.0, momentum=0.0, centered=False, maximize=False, grad_scale=None",
     "adam": "params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=0.001, beta1=0.9, beta2=0.999, "
-            "eps=1e-08, weight_decay=0.0, amsgrad=False, maximize=False, grad_scale=None",
+            "eps=1e-08, weight_decay=0.0, amsgrad=False, decoupled_weight_decay=False, maximize=False, grad_scale=None",
     "adamw": "params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=0.001, beta1=0.9, beta2=0.999, "
              "eps=1e-08, weight_decay=0.01, amsgrad=False, maximize=False, grad_scale=None",
     "nadam": "params, grads, exp_avg, exp_avg_sq, *, step, lr=0.002, beta1=0.9, beta2=0.999, eps=1e-08, "
@@ -118,3 +118,35 @@ def test_readme_table_lists_every_optimizer():
     for spec in REGISTRY.values():
         assert f"`{spec.function_name}`" in readme, spec.name
     assert "make test" in readme and "make test" in (CUDA_DIR.parent.parent / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("spec", list(REGISTRY.values()), ids=lambda s: s.name)
+def test_state_init_matches_the_reference(spec):
+    """spec.state_init (init_state, the classes) and reference.initial_state (the oracle) agree on
+    every state's starting value, and init_state fills the arrays with it."""
+    import numpy as np
+    from fastopt import reference
+    from conftest import option_combinations
+    for hp in option_combinations(spec):
+        fills = spec.state_init(hp)
+        assert set(fills) == set(spec.states)
+        for name in spec.states:
+            assert fills[name] == reference.initial_state(spec.name, name, **hp)
+        state = fastopt.init_state(spec.name, [np.ones(3), np.ones((2, 2), np.float32)],
+                                   **{k: hp[k] for k in spec.state_options})
+        for name, arrays in state.items():
+            for a in arrays:
+                assert a.dtype in (np.float32, np.float64) and (a == np.asarray(fills[name], a.dtype)).all()
+
+
+def test_torch_positional_names_are_registry_arguments():
+    """torch_positional names registry hyperparameters (betas for beta1/beta2) or torch-only execution
+    options; lr comes first; specs without a torch class have none."""
+    torch_only = {"foreach", "capturable", "differentiable", "fused"}
+    for spec in REGISTRY.values():
+        if spec.torch_class is None:
+            assert spec.torch_positional is None and spec.positional_hypers == ("lr",)
+            continue
+        names = set(spec.defaults) | {"betas"}
+        assert spec.torch_positional[0] == "lr"
+        assert set(spec.torch_positional) <= names | torch_only, spec.name

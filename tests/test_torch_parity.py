@@ -60,3 +60,155 @@ def test_matches_torch_optim(spec, hp, rng):
                 np.testing.assert_allclose(a, opt.state[tp][spec.torch_state_names.get(name, name)].numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+# ---- the torch options of issue 12, through the classes (torch's positional order), float32 and float64 ----
+
+NEW_OPTION_CASES = [
+    ("SGD", (), {}),                                           # lr defaults to torch's 1e-3
+    ("SGD", (0.05, 0.9), {}),                                  # positional momentum
+    ("SGD", (0.05, 0.9, 0.0, 0.01, True), {}),                 # the whole positional order
+    ("Adagrad", (0.05,), {"initial_accumulator_value": 0.3}),
+    ("Adagrad", (0.05, 0.01, 0.02, 1.5, 1e-8), {}),            # initial_accumulator_value positional
+    ("Adam", (1e-2,), {"decoupled_weight_decay": True, "weight_decay": 0.1}),
+    ("Adam", (1e-2, (0.8, 0.99), 1e-6, 0.05, True), {"decoupled_weight_decay": True}),
+    ("Adam", (1e-2, (0.8, 0.99), 1e-6, 0.05, True), {"maximize": True}),
+    ("RMSprop", (1e-2, 0.9, 1e-6, 0.01, 0.5, True), {}),
+    ("NAdam", (1e-2, (0.85, 0.99), 1e-7, 0.01, 6e-3, True), {}),
+    ("RAdam", (1e-2, (0.85, 0.99), 1e-7, 0.01, True), {}),
+    ("Adamax", (1e-2, (0.85, 0.99), 1e-7, 0.01), {}),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cls,args,kwargs", NEW_OPTION_CASES,
+                         ids=[f"{c}{a}{k}" for c, a, k in NEW_OPTION_CASES])
+def test_classes_with_torch_arguments_match_torch(cls, args, kwargs, dtype, rng):
+    """The same positional and keyword arguments to fastopt.<cls> and torch.optim.<cls>: 50 steps of
+    random gradients on sizes 0, 1 and odd, in float32 and float64; the state dict converts to torch's."""
+    # torch keeps NAdam's mu product in the default dtype
+    torch.set_default_dtype(torch.float64 if dtype == np.float64 else torch.float32)
+    try:
+        _compare_class_with_torch(cls, args, kwargs, dtype, rng)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _compare_class_with_torch(cls, args, kwargs, dtype, rng):
+    shapes = [(0,), (1,), (7,), (33, 5)]
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    tparams = [torch.nn.Parameter(torch.tensor(p.copy())) for p in params]
+    targs = tuple(args)
+    topt = getattr(torch.optim, cls)(tparams, *targs, foreach=False, **kwargs)
+    opt = getattr(fastopt, cls)(params, *args, **kwargs)
+    for _ in range(50):
+        grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        for tp, g in zip(tparams, grads):
+            tp.grad = torch.tensor(g)
+        topt.step()
+        opt.step(grads)
+    rtol, atol = (1e-10, 1e-12) if dtype == np.float64 else (2e-5, 2e-6)
+    for p, tp in zip(params, tparams):
+        np.testing.assert_allclose(p, tp.detach().numpy(), rtol=rtol, atol=atol)
+    # groups carry the same values as torch's, and the state dict goes into a fresh torch optimizer
+    tgroup = topt.param_groups[0]
+    for key, value in opt.param_groups[0].items():
+        if key != "params":
+            assert tgroup[key] == value, key
+    fresh = getattr(torch.optim, cls)([torch.nn.Parameter(torch.tensor(p.copy())) for p in params], *targs,
+                                      foreach=False, **kwargs)
+    fresh.load_state_dict(opt.torch_state_dict())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adagrad_initial_accumulator_value_before_any_step(dtype, rng):
+    """torch creates Adagrad's state in its constructor: a fresh fastopt.Adagrad converts to a torch state
+    dict with step 0 and sum = initial_accumulator_value, which torch then steps from, and back."""
+    p = rng.standard_normal(9).astype(dtype)
+    opt = fastopt.Adagrad([p], 0.1, initial_accumulator_value=0.7)
+    sd = opt.torch_state_dict()
+    assert float(sd["state"][0]["step"]) == 0.0
+    np.testing.assert_array_equal(sd["state"][0]["sum"].numpy(), np.full(9, 0.7, dtype))
+    ref = torch.optim.Adagrad([torch.nn.Parameter(torch.tensor(p.copy()))], 0.1, initial_accumulator_value=0.7)
+    for key in ("step", "sum"):
+        assert torch.equal(ref.state_dict()["state"][0][key], sd["state"][0][key].to(ref.state_dict()["state"][0][key].dtype))
+    back = fastopt.Adagrad([p.copy()], 0.1)  # initial_accumulator_value comes from the torch dict
+    back.load_torch_state_dict(ref.state_dict())
+    assert back.param_groups[0]["initial_accumulator_value"] == 0.7
+    np.testing.assert_array_equal(back.state_arrays(0)["state_sum"], np.full(9, 0.7, dtype))
+
+
+def test_adam_torch_dict_with_decoupled_weight_decay_loads_into_adam_and_adamw_stays_adamw(rng):
+    p = rng.standard_normal(6)
+    tp = torch.nn.Parameter(torch.tensor(p.copy()))
+    topt = torch.optim.Adam([tp], 0.01, weight_decay=0.1, decoupled_weight_decay=True)
+    tp.grad = torch.tensor(rng.standard_normal(6))
+    topt.step()
+    opt = fastopt.Adam([p.copy()])
+    opt.load_torch_state_dict(topt.state_dict())
+    assert opt.param_groups[0]["decoupled_weight_decay"] is True
+    assert opt.torch_state_dict()["param_groups"][0]["decoupled_weight_decay"] is True
+    w = fastopt.AdamW([p.copy()])
+    w.load_torch_state_dict(topt.state_dict())  # Adam(decoupled_weight_decay=True) is AdamW
+    assert "decoupled_weight_decay" not in w.param_groups[0]
+    assert w.torch_state_dict()["param_groups"][0]["decoupled_weight_decay"] is True
+    plain = torch.optim.Adam([torch.nn.Parameter(torch.tensor(p.copy()))])
+    before = [a.copy() for a in w.params]
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False does not fit fastopt.AdamW.*fastopt.Adam"):
+        w.load_torch_state_dict(plain.state_dict())
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(w.params, before))
+
+
+BAD_NEW_OPTIONS = [
+    ("Adagrad", {"initial_accumulator_value": -0.1}, ValueError),
+    ("Adagrad", {"initial_accumulator_value": float("nan")}, ValueError),
+    ("Adagrad", {"initial_accumulator_value": "1"}, TypeError),
+    ("Adam", {"decoupled_weight_decay": 1}, TypeError),
+    ("Adam", {"decoupled_weight_decay": None}, TypeError),
+    ("SGD", {"lr": -1e-3}, ValueError),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,error", BAD_NEW_OPTIONS, ids=[f"{c}-{k}" for c, k, _ in BAD_NEW_OPTIONS])
+def test_bad_new_options_raise_like_torch_and_change_nothing(cls, kwargs, error, rng):
+    p = rng.standard_normal(5)
+    before = p.copy()
+    (name, value), = kwargs.items()
+    with pytest.raises(error, match=name if error is TypeError else None) as ours:
+        getattr(fastopt, cls)([p], **kwargs)
+    if error is ValueError and not (isinstance(value, float) and value != value):
+        with pytest.raises(ValueError) as theirs:  # torch's message, word for word
+            getattr(torch.optim, cls)([torch.nn.Parameter(torch.tensor(p))], **kwargs)
+        assert str(ours.value) == str(theirs.value)
+    assert p.tobytes() == before.tobytes()
+    # the same value set on a live group between steps: refused at the step, nothing written
+    opt = getattr(fastopt, cls)([p])
+    opt.step([rng.standard_normal(5)])
+    snap = [p.copy()] + [a.copy() for a in opt.state_arrays(0).values()]
+    opt.param_groups[0].update(kwargs)
+    with pytest.raises(error):
+        opt.step([rng.standard_normal(5)])
+    assert [p.tobytes()] + [a.tobytes() for a in opt.state_arrays(0).values()] == [a.tobytes() for a in snap]
+    # and init_state / the functional API refuse it too
+    spec = getattr(fastopt, cls).spec
+    if name in spec.state_options:
+        with pytest.raises(error):
+            fastopt.init_state(spec.name, p, **kwargs)
+
+
+def test_torch_positional_matches_torch_signatures():
+    """spec.torch_positional is torch's own positional order (up to its `*`), read from torch."""
+    import inspect
+    for spec in REGISTRY.values():
+        if spec.torch_class is None:
+            continue
+        sig = inspect.signature(getattr(torch.optim, spec.torch_class).__init__)
+        positional = tuple(n for n, p in sig.parameters.items()
+                           if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and n not in ("self", "params"))
+        assert spec.torch_positional == positional, spec.name
+        # and every torch argument that is a registry hyperparameter has torch's default
+        for name, param in sig.parameters.items():
+            if name == "betas":
+                assert (spec.defaults["beta1"], spec.defaults["beta2"]) == param.default
+            elif name in spec.defaults:
+                assert spec.defaults[name] == param.default, (spec.name, name)
