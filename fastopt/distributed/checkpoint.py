@@ -1,0 +1,423 @@
+"""Sharded checkpoints: one file per rank, written atomically, plus a manifest; loadable at any world size.
+
+A checkpoint is a directory:
+
+    manifest.json                      written last (the commit point), atomically, by rank 0
+    shard-<rank>-of-<world>-<id>.npz   one per rank: for each bucket b, b<b>_params (this rank's shard of
+                                       the params) and b<b>_<state> (its optimizer state), padding included
+
+Every file is written to a temporary name in the directory, fsynced and renamed (os.replace); the manifest
+names the files of one save (a fresh <id> per save) with their SHA-256, so a crash mid-save leaves the
+previous checkpoint (its manifest and files) intact; files no manifest names any more are removed after
+the commit. The manifest holds the format, the optimizer, the world size, the bucket size and the
+buckets, each param's shape and dtype, the hyperparameters (the lr as a number, plus the schedule's repr
+when it was one), the step and skip counts and the state names.
+
+    ShardedOptimizer.save(path) / save(opt, path)   collective: every rank writes its file; one all-reduce
+                                                    collects the checksums and the success of every rank
+    ShardedOptimizer.load(path) / load(opt, path)   collective: re-shards onto this world size; each rank
+                                                    reads only the files overlapping its shard, checks
+                                                    everything (manifest, checksums, shapes, dtypes,
+                                                    optimizer, hyperparameters, counts) and writes nothing
+                                                    until every rank has (one all-reduce of a flag); a
+                                                    problem is a CheckpointError on every rank
+    gather(path, file)                              one process: the sharded checkpoint as an ordinary
+                                                    fastopt checkpoint (fastopt.save's format, params
+                                                    included), loadable by the single-process class
+    scatter(file, path, world_size)                 one process: an ordinary checkpoint (one param group)
+                                                    as a sharded one for `world_size` ranks
+
+Loading keeps the loading optimizer's lr schedule when it has one (the step count is restored; like
+fastopt.load), else takes the saved lr. The hyperparameters that decide which state arrays exist
+(amsgrad, momentum, centered) must match.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+
+import numpy as np
+
+import fastopt
+from fastopt.checkpoint import CheckpointError
+from fastopt.distributed.layout import ShardLayout
+from fastopt.schedules import is_schedule
+from fastopt.specs import get_spec
+
+__all__ = ["save", "load", "gather", "scatter", "read_manifest", "CheckpointError"]
+
+FORMAT = "fastopt-sharded-checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+_SHARD_NAME = re.compile(r"shard-[0-9]{5}-of-[0-9]{5}-[0-9a-f]{16}\.npz")
+MAX_COUNT = 2 ** 53 - 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same directory: fsync, rename, fsync the
+    directory. A crash leaves the old file (or none), never a partial one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # not possible everywhere
+        pass
+
+
+def _shard_bytes(members: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **members)  # a zip of .npy members: np.load reads it, no pickle
+    return buf.getvalue()
+
+
+def _shard_name(rank: int, world: int, token: str) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}-{token}.npz"
+
+
+def _members(layout: ShardLayout, shard_params: list, shard_states: list) -> dict:
+    out = {}
+    for b in layout.buckets:
+        out[f"b{b.index}_params"] = np.ascontiguousarray(shard_params[b.index])
+        for name, a in shard_states[b.index].items():
+            out[f"b{b.index}_{name}"] = np.ascontiguousarray(a)
+    return out
+
+
+def _manifest(spec, layout: ShardLayout, hp: dict, lr_schedule, steps, skipped, states, files) -> dict:
+    return {"format": FORMAT, "version": VERSION, "optimizer": spec.name, "world_size": layout.world,
+            "bucket_bytes": layout.bucket_bytes,
+            "params": [{"shape": list(s), "dtype": d.name} for s, d in zip(layout.shapes, layout.dtypes)],
+            "buckets": layout.describe(), "hyperparameters": hp, "lr_schedule": lr_schedule,
+            "steps": int(steps), "skipped_steps": int(skipped), "states": list(states), "files": files}
+
+
+def _commit(path: str, manifest: dict) -> None:
+    """Write the manifest (the commit point), then remove shard files it does not name."""
+    _atomic_write(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1).encode())
+    keep = {f["name"] for f in manifest["files"]}
+    for name in os.listdir(path):
+        if _SHARD_NAME.fullmatch(name) and name not in keep:
+            try:
+                os.unlink(os.path.join(path, name))
+            except OSError:
+                pass
+
+
+def _host(a) -> np.ndarray:
+    return a if isinstance(a, np.ndarray) else a.get()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving (collective)
+# ---------------------------------------------------------------------------------------------------
+
+def save(opt, path) -> None:
+    """Write `opt`'s sharded checkpoint into directory `path` (created if missing, not its parents).
+    Collective: every rank of the optimizer's communicator must call it."""
+    path = os.fspath(path)
+    comm, layout, world = opt.comm, opt.layout, opt.world_size
+    # a fresh id per save, agreed by every rank: rank 0's random number, summed (exact below 2**53)
+    token = int(comm.all_reduce_sum(np.array([float(secrets.randbits(52)) if opt.rank == 0 else 0.0]))[0])
+    token = f"{token:016x}"
+    row = np.zeros(1 + 32)
+    error = None
+    try:
+        os.makedirs(path, exist_ok=True)
+        data = _shard_bytes(_members(layout, [_host(p) for p in opt.shard_params()],
+                                     [{k: _host(v) for k, v in s.items()} for s in opt.shard_states()]))
+        _atomic_write(os.path.join(path, _shard_name(opt.rank, world, token)), data)
+        row[0] = 1.0
+        row[1:] = np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
+    except OSError as e:
+        error = e
+    table = np.zeros((world, row.size))
+    table[opt.rank] = row
+    table = comm.all_reduce_sum(table.reshape(-1)).reshape(world, row.size)
+    if error is not None:
+        raise error
+    failed = [r for r in range(world) if table[r, 0] != 1.0]
+    if failed:
+        raise OSError(f"sharded checkpoint {path}: rank(s) {failed} could not write their shard; the previous "
+                      f"checkpoint (if any) is intact")
+    hp, schedule = _hp_for_file(opt.hyperparameters, opt.steps)
+    files = [{"name": _shard_name(r, world, token), "sha256": bytes(table[r, 1:].astype(np.uint8)).hex()}
+             for r in range(world)]
+    ok = 1.0
+    if opt.rank == 0:
+        try:
+            _commit(path, _manifest(opt.spec, layout, hp, schedule, opt.steps, opt.skipped_steps,
+                                    list(opt.shard_states()[0]), files))
+        except OSError as e:
+            error, ok = e, 0.0
+    # the manifest exists before any rank returns (a load right after a save sees it)
+    committed = comm.all_reduce_sum(np.array([ok if opt.rank == 0 else 0.0]))[0]
+    if error is not None:
+        raise error
+    if committed != 1.0:
+        raise OSError(f"sharded checkpoint {path}: rank 0 could not write the manifest; the previous checkpoint "
+                      f"(if any) is intact")
+
+
+def _hp_for_file(hp: dict, steps: int) -> tuple[dict, str | None]:
+    lr = hp["lr"]
+    schedule = None
+    if is_schedule(lr):
+        schedule, lr = repr(lr), float(lr(steps))
+    return dict(hp, lr=float(lr)), schedule
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading (nothing in the files is trusted)
+# ---------------------------------------------------------------------------------------------------
+
+def _fail(msg):
+    raise CheckpointError(msg)
+
+
+def _count(what, value):
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        _fail(f"{what} must be a whole number in [0, 2**53 - 1], got {value!r}")
+    return value
+
+
+def read_manifest(path) -> tuple[dict, ShardLayout, object]:
+    """(manifest, layout, spec) of a sharded checkpoint directory, checked for consistency."""
+    path = os.fspath(path)
+    try:
+        with open(os.path.join(path, MANIFEST), "rb") as f:
+            m = json.loads(f.read().decode())
+    except FileNotFoundError:
+        _fail(f"{path} is not a sharded fastopt checkpoint (no {MANIFEST})")
+    except (ValueError, UnicodeDecodeError) as e:
+        _fail(f"{os.path.join(path, MANIFEST)} is corrupted: {e}")
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
+        _fail(f"{path}: not a {FORMAT} version {VERSION} manifest")
+    try:
+        spec = get_spec(m["optimizer"])
+        world = m["world_size"]
+        if type(world) is not int or world < 1:
+            _fail(f"{path}: invalid world_size {world!r}")
+        shapes = [tuple(p["shape"]) for p in m["params"]]
+        dtypes = [np.dtype(p["dtype"]) for p in m["params"]]
+        if any(d.kind != "f" for d in dtypes) or any(type(n) is not int or n < 0 for s in shapes for n in s):
+            _fail(f"{path}: invalid param shapes or dtypes")
+        layout = ShardLayout.build(shapes, dtypes, world, m["bucket_bytes"])
+        if layout.describe() != m["buckets"]:
+            _fail(f"{path}: the buckets in the manifest do not follow from its params and bucket size")
+        if not isinstance(m["files"], list) or len(m["files"]) != world or any(
+                f.get("name") != _shard_name(r, world, f.get("name", "")[-20:-4]) or not _SHARD_NAME.fullmatch(f["name"])
+                or not re.fullmatch(r"[0-9a-f]{64}", str(f.get("sha256"))) for r, f in enumerate(m["files"])):
+            _fail(f"{path}: the manifest's file list is invalid")
+        _count("steps", m["steps"])
+        _count("skipped_steps", m["skipped_steps"])
+        hp = m["hyperparameters"]
+        if not isinstance(hp, dict) or set(hp) != set(spec.defaults):
+            _fail(f"{path}: the hyperparameters do not match {spec.name}'s")
+        hp, _ = spec.validate(hp, 1)
+        m["hyperparameters"] = hp
+        if list(m["states"]) != [s for s, used in zip(spec.states, spec.active_states(hp)) if used]:
+            _fail(f"{path}: the state names {m['states']} do not match {spec.name} with these hyperparameters")
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        _fail(f"{path}: invalid manifest ({type(e).__name__}: {e})")
+    return m, layout, spec
+
+
+def _read_shard(path: str, entry: dict, layout: ShardLayout, states) -> dict:
+    """The arrays of one shard file, after checking its checksum, members, shapes and dtypes."""
+    name = os.path.join(path, entry["name"])
+    try:
+        with open(name, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        _fail(f"{name}: cannot be read ({e.strerror or e})")
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        _fail(f"{name}: checksum mismatch (the file changed after it was saved, or belongs to another save)")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # whatever a damaged zip or .npy header raises (the checksum matched a bad save)
+        _fail(f"{name}: not a readable shard file ({type(e).__name__}: {e})")
+    for b in layout.buckets:
+        for what in ["params", *states]:
+            a = arrays.get(f"b{b.index}_{what}")
+            if a is None or a.shape != (b.shard,) or a.dtype != b.dtype:
+                _fail(f"{name}: b{b.index}_{what} is missing or has the wrong shape or dtype")
+    return arrays
+
+
+def _fill(target_layout: ShardLayout, rank: int, source_layout: ShardLayout, read, names) -> tuple[list, list]:
+    """This rank's shard of every bucket of `target_layout` (params and states, host arrays) from a
+    checkpoint laid out as `source_layout`: `read(old_rank)` gives the arrays of one old shard file; only
+    the files overlapping this rank's shards are read, each once."""
+    params = [np.zeros(b.shard, b.dtype) for b in target_layout.buckets]
+    states = [{n: np.zeros(b.shard, b.dtype) for n in names} for b in target_layout.buckets]
+    tasks: dict = {}
+    for b in target_layout.buckets:
+        lo, hi = b.shard_range(rank)
+        for i, e0, e1, pos in b.pieces(lo, hi):
+            ob, ooff, _ = source_layout.locate(i)
+            start, end = ooff + e0, ooff + e1
+            while start < end:  # split where an old shard ends
+                old_rank, within = divmod(start, ob.shard)
+                take = min(end - start, ob.shard - within)
+                tasks.setdefault(old_rank, []).append((ob.index, within, take, b.index, pos - lo + (start - ooff - e0)))
+                start += take
+    for old_rank in sorted(tasks):
+        arrays = read(old_rank)
+        for ob, within, take, nb, at in tasks[old_rank]:
+            params[nb][at:at + take] = arrays[f"b{ob}_params"][within:within + take]
+            for n in names:
+                states[nb][n][at:at + take] = arrays[f"b{ob}_{n}"][within:within + take]
+    return params, states
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading (collective)
+# ---------------------------------------------------------------------------------------------------
+
+def _plan_load(opt, path):
+    m, old, spec = read_manifest(path)
+    if spec.name != opt.spec.name:
+        _fail(f"{path} holds a {spec.name} checkpoint; this optimizer is {opt.spec.name}")
+    if old.shapes != opt.layout.shapes or old.dtypes != opt.layout.dtypes:
+        _fail(f"{path}: its params (shapes {list(old.shapes)}, dtypes {[d.name for d in old.dtypes]}) are not this "
+              f"optimizer's (shapes {list(opt.layout.shapes)}, dtypes {[d.name for d in opt.layout.dtypes]})")
+    hp = m["hyperparameters"]
+    mine = opt.hyperparameters
+    for name in spec.state_options:
+        if hp[name] != mine[name]:
+            _fail(f"{path} was saved with {name}={hp[name]!r}, this optimizer has {name}={mine[name]!r} (they "
+                  f"decide which state arrays exist)")
+    names = list(m["states"])
+    if names != list(opt.shard_states()[0]):
+        _fail(f"{path}: state names {names} differ from this optimizer's {list(opt.shard_states()[0])}")
+    params, states = _fill(opt.layout, opt.rank, old,
+                           lambda r: _read_shard(path, m["files"][r], old, names), names)
+    return m, params, states
+
+
+def load(opt, path) -> None:
+    """Restore `opt` (and its params) from the sharded checkpoint in `path`, saved at any world size.
+    Collective. Every rank checks everything first; if any rank finds a problem, every rank raises
+    CheckpointError and nothing is changed anywhere."""
+    path = os.fspath(path)
+    error = plan = None
+    try:
+        plan = _plan_load(opt, path)
+    except (CheckpointError, OSError) as e:
+        error = e
+    failed = opt.comm.all_reduce_sum(np.array([0.0 if error is None else 1.0]))[0]
+    if error is not None:
+        raise error if isinstance(error, CheckpointError) else CheckpointError(f"{path}: {error}")
+    if failed:
+        _fail(f"{path}: {int(failed)} other rank(s) could not load it (see their error); nothing was changed")
+    m, params, states = plan
+    opt.restore(m["steps"], m["skipped_steps"], m["hyperparameters"], params, states)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Converting to and from an ordinary fastopt checkpoint (one process, no communicator)
+# ---------------------------------------------------------------------------------------------------
+
+def _torch_style(hp: dict) -> dict:
+    out = {k: v for k, v in hp.items() if k not in ("beta1", "beta2")}
+    if "beta1" in hp:
+        out["betas"] = (hp["beta1"], hp["beta2"])
+    return out
+
+
+def gather(path, file) -> None:
+    """Write the sharded checkpoint in directory `path` as one ordinary fastopt checkpoint `file`
+    (fastopt.save's format, params included): `fastopt.load(file, fastopt.<Class>(params, ...))` resumes
+    it in a single process."""
+    path = os.fspath(path)
+    m, layout, spec = read_manifest(path)
+    names = list(m["states"])
+    full = ShardLayout.build(layout.shapes, layout.dtypes, 1, layout.bucket_bytes)
+    params, states = _fill(full, 0, layout, lambda r: _read_shard(path, m["files"][r], layout, names), names)
+    arrays, per_param = [None] * len(layout.shapes), {}
+    for b in full.buckets:
+        for i, off, n in zip(b.params, b.offsets, b.sizes):
+            arrays[i] = params[b.index][off:off + n].reshape(layout.shapes[i]).copy()
+            per_param[i] = {name: states[b.index][name][off:off + n].reshape(layout.shapes[i]) for name in names}
+    hp = m["hyperparameters"]
+    opt = getattr(fastopt, spec.class_name)(arrays, **_torch_style(hp))
+    state = fastopt.optim.OptimizerState(optimizer=spec.name, hyperparameters=[hp], steps=[m["steps"]],
+                                         lrs=[hp["lr"]], states=per_param, skipped_steps=m["skipped_steps"])
+    opt.apply_state(opt.check_state(state))
+    fastopt.save(file, opt)
+
+
+def scatter(file, path, world_size: int, *, bucket_bytes: int | None = None) -> None:
+    """Write the ordinary fastopt checkpoint `file` (one param group, params included) as a sharded
+    checkpoint for `world_size` ranks in directory `path` (created if missing)."""
+    from fastopt.distributed.sharded import DEFAULT_BUCKET_BYTES
+    if type(world_size) is not int or world_size < 1:
+        raise ValueError(f"Invalid world_size: {world_size!r} (a positive int)")
+    bucket_bytes = DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes
+    if type(bucket_bytes) is not int or bucket_bytes < 1:
+        raise ValueError(f"Invalid bucket_bytes: {bucket_bytes!r}")
+    sd = fastopt.checkpoint.read(file)
+    meta = sd["fastopt"]
+    if len(sd["param_groups"]) != 1:
+        _fail(f"{file} has {len(sd['param_groups'])} param groups; a sharded checkpoint has one")
+    spec = get_spec(meta["optimizer"])
+    shapes = [tuple(s) for s in meta["param_shapes"]]
+    dtypes = [np.dtype(d) for d in meta["param_dtypes"]]
+    arrays = [np.zeros(s, d) for s, d in zip(shapes, dtypes)]
+    group = {k: v for k, v in sd["param_groups"][0].items() if k != "params"}
+    opt = getattr(fastopt, spec.class_name)(arrays, **group)
+    fastopt.load(file, opt, params=True)
+    exported = opt.export_state()
+    hp, _ = spec.validate(dict(exported.hyperparameters[0], lr=exported.lrs[0]), 1)
+    names = [s for s, used in zip(spec.states, spec.active_states(hp)) if used]
+    layout = ShardLayout.build(shapes, dtypes, world_size, bucket_bytes)
+    token = secrets.token_hex(8)
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    files = []
+    for rank in range(world_size):
+        shard_params, shard_states = [], []
+        for b in layout.buckets:
+            lo, hi = b.shard_range(rank)
+            p = np.zeros(b.shard, b.dtype)
+            s = {n: np.zeros(b.shard, b.dtype) for n in names}
+            for i, e0, e1, pos in b.pieces(lo, hi):
+                p[pos - lo:pos - lo + e1 - e0] = arrays[i].reshape(-1)[e0:e1]
+                for n in names:
+                    src = exported.states.get(i, {}).get(n)
+                    if src is not None:
+                        s[n][pos - lo:pos - lo + e1 - e0] = np.asarray(src).reshape(-1)[e0:e1]
+            shard_params.append(p)
+            shard_states.append(s)
+        data = _shard_bytes(_members(layout, shard_params, shard_states))
+        name = _shard_name(rank, world_size, token)
+        _atomic_write(os.path.join(path, name), data)
+        files.append({"name": name, "sha256": hashlib.sha256(data).hexdigest()})
+    _commit(path, _manifest(spec, layout, hp, None, exported.steps[0], exported.skipped_steps or 0, names, files))

@@ -1,0 +1,418 @@
+"""ShardedOptimizer: ZeRO stage 1 (optimizer state sharded across ranks) over an existing engine.
+
+    from mpi4py import MPI
+    opt = fastopt.distributed.ShardedOptimizer("adamw", params, MPI.COMM_WORLD, lr=1e-3, clip_grad_norm=1.0)
+    for batch in my_share_of_the_data:
+        opt.step(local_grads(params, batch))     # params (identical on every rank) updated in place
+
+Layout (fastopt/distributed/layout.py): the params are packed into one flat buffer per dtype (cut into
+buckets of at most `bucket_bytes`), each cut into world-size shards; this rank keeps optimizer state
+for its shard only, allocated with fastopt.init_state, and updates it with the registry's functional
+`<name>_step`, so the update is the single-process kernel.
+
+One step:
+  1. every check (count, kind, dtype and shape of each gradient, the learning rate) on this rank, then
+     the gradients are packed into the bucket's send buffer (one copy);
+  2. reduce-scatter (sum) per bucket, non-blocking where the engine has it; a control slot per shard
+     carries the count of ranks whose gradients failed the checks, so every rank raises at the same
+     collective (nothing is updated anywhere) instead of waiting for a rank that gave up;
+  3. with clip_grad_norm / skip_nonfinite: ONE all-reduce of two scalars (this shard's sum of squares and
+     a non-finite flag) gives the global norm of the mean gradient;
+  4. per bucket, as soon as its gradients are in: the fused update of the shard with grad_scale =
+     1/world (the mean), times the clip coefficient, then the all-gather of the bucket's params starts;
+  5. the gathered params are copied into the user's arrays (skipped for arrays that are the optimizer's
+     own views: `opt.params`).
+
+Params: copied in at construction and out after each step (NumPy arrays cannot be re-pointed at other
+memory; for torch tensors the same rule keeps one behaviour). Train on `opt.params` (views of the flat
+buffer, in the engine's type: NumPy arrays, torch tensors, CuPy arrays) to avoid the copy, or pass
+copy_params=False and read them from there.
+
+Construction checks, before any collective: params (one list, floating point, writable, no two
+sharing memory), the optimizer name, every hyperparameter (by building the single-process class on a
+one-element buffer: the same checks and messages as fastopt.Adam(...) and friends), bucket_bytes. Then
+ONE all-reduce compares three 64-bit digests across ranks (shapes and dtypes; the params' bytes; the
+optimizer and its hyperparameters) and every rank raises the same ValueError when any differs.
+
+LAMB is not supported: its trust ratio needs the norm of each whole tensor, and its public kernel
+computes those norms and applies the update in one call, so a shard (which holds pieces of tensors)
+would get per-piece ratios. Every other registry optimizer's update is elementwise.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+
+import numpy as np
+
+import fastopt
+from fastopt.clip import clip_coefficient
+from fastopt.distributed.comm import as_communicator
+from fastopt.distributed.layout import ShardLayout
+from fastopt.schedules import Schedule, is_schedule
+from fastopt.specs import REGISTRY, get_spec
+
+__all__ = ["ShardedOptimizer", "DEFAULT_BUCKET_BYTES"]
+
+DEFAULT_BUCKET_BYTES = 32 << 20  # per-bucket overlap granularity; one bucket per dtype below this size
+
+
+def _resolve_optimizer(name_or_class):
+    """(spec, class) of a registry name or a fastopt optimizer class."""
+    if isinstance(name_or_class, str):
+        spec = get_spec(name_or_class)
+    elif isinstance(name_or_class, type) and issubclass(name_or_class, fastopt.Optimizer) and \
+            getattr(name_or_class, "spec", None) is not None:
+        spec = name_or_class.spec
+    else:
+        raise TypeError(f"name_or_class must be a registry name ({', '.join(REGISTRY)}) or a fastopt optimizer "
+                        f"class, got {name_or_class!r}")
+    if spec.two_phase:
+        raise ValueError(f"ShardedOptimizer does not support {spec.name!r}: its update is not elementwise (a "
+                         f"per-tensor trust ratio from the norms of whole tensors, computed inside its kernel), "
+                         f"and a shard holds pieces of tensors")
+    return spec, getattr(fastopt, spec.class_name)
+
+
+def _param_list(params) -> list:
+    if isinstance(params, dict) or (isinstance(params, (list, tuple)) and any(isinstance(p, dict) for p in params)):
+        raise TypeError("params: ShardedOptimizer takes one list of arrays (param groups are not supported)")
+    if hasattr(params, "shape"):
+        return [params]
+    if params is None or isinstance(params, (str, bytes)):
+        raise TypeError(f"params must be a list of arrays, got {type(params).__name__}")
+    try:
+        params = list(params)
+    except TypeError:
+        raise TypeError(f"params must be a list of arrays, got {type(params).__name__}") from None
+    if not params:
+        raise ValueError("params: ShardedOptimizer got an empty parameter list")
+    return params
+
+
+def _is_numpy(a) -> bool:
+    return isinstance(a, np.ndarray)
+
+
+def _byte_range(a) -> tuple[int, int]:
+    """[first byte, last byte + 1) spanned by an array (NumPy or CuPy)."""
+    if _is_numpy(a):
+        lo, hi = np.byte_bounds(a) if hasattr(np, "byte_bounds") else np.lib.array_utils.byte_bounds(a)
+        return lo, hi
+    start = a.data.ptr
+    span = sum((n - 1) * abs(s) for n, s in zip(a.shape, a.strides)) + a.itemsize if a.size else 0
+    low = start + sum((n - 1) * s for n, s in zip(a.shape, a.strides) if s < 0) if a.size else start
+    return low, low + span
+
+
+def _to_host(a) -> np.ndarray:
+    return a if _is_numpy(a) else a.get()
+
+
+def _digest_values(*digests: bytes) -> np.ndarray:
+    """Each 8-byte digest as four 16-bit integers (exact in float64, also summed over many ranks)."""
+    return np.concatenate([np.frombuffer(d, dtype="<u2").astype(np.float64) for d in digests])
+
+
+def _hp_text(value) -> str:
+    """A hyperparameter as text that is equal on every rank when the values are equal (a lambda's repr
+    holds its address, so only a schedule's own repr is used)."""
+    if isinstance(value, Schedule):
+        return repr(value)
+    if callable(value) and not isinstance(value, numbers.Real):
+        return f"<callable {type(value).__qualname__}>"
+    return repr(value)
+
+
+class ShardedOptimizer:
+    """ZeRO-1 sharded optimizer (see the module docstring). Arguments:
+
+    name_or_class: a registry name ("adam") or class (fastopt.Adam); LAMB is rejected.
+    params: a list of arrays, identical on every rank (NumPy for MPI, torch tensors for torch.distributed,
+        CuPy arrays for NCCL); updated in place after each step (unless copy_params=False).
+    comm: an mpi4py communicator, a torch.distributed process group (or the torch.distributed module: the
+        default group), a CuPy NcclCommunicator, or a fastopt.distributed Communicator.
+    hyperparameters: the single-process class's keywords (lr, betas=(b1, b2), weight_decay, ...,
+        clip_grad_norm=, skip_nonfinite=, backend=), checked by it; lr may be a schedule.
+    bucket_bytes: bucket size (communication and update overlap per bucket).
+    """
+
+    def __init__(self, name_or_class, params, comm, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 copy_params: bool = True, **hyperparameters):
+        spec, cls = _resolve_optimizer(name_or_class)
+        params = _param_list(params)
+        comm = as_communicator(comm)
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, numbers.Integral) or bucket_bytes < 1:
+            raise ValueError(f"Invalid bucket_bytes: {bucket_bytes!r} (a positive number of bytes)")
+        if not isinstance(copy_params, (bool, np.bool_)):
+            raise TypeError(f"copy_params must be a bool, got {copy_params!r}")
+        views = [comm.as_array(p, f"params[{i}]") for i, p in enumerate(params)]
+        self._check_params(views)
+        dtypes = [np.dtype(v.dtype) for v in views]
+        # the single-process class checks every hyperparameter and option on a one-element buffer per dtype
+        probes = [comm.alloc(1, dt)[1] for dt in dict.fromkeys(dtypes)]
+        probe = cls(probes, **hyperparameters)
+        exported = probe.export_state().hyperparameters[0]
+        lr0 = exported["lr"](0) if is_schedule(exported["lr"]) else exported["lr"]
+        checked, _ = spec.validate(dict(exported, lr=lr0), 1)  # Python floats and bools, as the class uses
+        self.spec, self.comm = spec, comm
+        self.clip_grad_norm = probe.clip_grad_norm
+        self.skip_nonfinite = probe.skip_nonfinite
+        self.backend = probe.backend
+        self._hp = dict(checked, lr=exported["lr"])  # registry names; lr may be a schedule
+        self._step_fn = getattr(fastopt, spec.function_name)
+        self.rank, self.world_size = comm.rank, comm.size
+        self.layout = ShardLayout.build([v.shape for v in views], dtypes, comm.size, int(bucket_bytes))
+        self.copy_params = bool(copy_params)
+        self._user = views
+        self.steps = 0              # updates applied
+        self.skipped_steps = 0      # steps skipped for a NaN/Inf gradient (skip_nonfinite)
+
+        self._check_same_on_every_rank(views)       # the one collective of the construction
+        self._allocate()
+        for b in self.layout.buckets:
+            flat = self._flat[b.index][1]
+            for i, off, n in zip(b.params, b.offsets, b.sizes):
+                flat[off:off + n] = views[i].reshape(-1)
+        own = [self.comm.native_view(self._flat[b.index][0], off, off + n, self.layout.shapes[i])
+               for b in self.layout.buckets for i, off, n in zip(b.params, b.offsets, b.sizes)]
+        order = [i for b in self.layout.buckets for i in b.params]
+        self._own = [None] * len(views)
+        for i, v in zip(order, own):
+            self._own[i] = v
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_params(views):
+        for i, v in enumerate(views):
+            if np.dtype(v.dtype).kind != "f":
+                raise TypeError(f"params[{i}] has dtype {v.dtype}; the optimizer updates floating-point arrays")
+            if _is_numpy(v) and not v.flags.writeable:
+                raise ValueError(f"params[{i}] is read-only")
+        ranges = sorted((*_byte_range(v), i) for i, v in enumerate(views) if v.size)
+        for (lo1, hi1, i1), (lo2, hi2, i2) in zip(ranges, ranges[1:]):
+            if lo2 < hi1:
+                raise ValueError(f"params[{min(i1, i2)}] and params[{max(i1, i2)}] share memory (each array may be "
+                                 f"optimised once)")
+
+    def _config_text(self) -> str:
+        hp = ", ".join(f"{k}={_hp_text(v)}" for k, v in sorted(self._hp.items()))
+        return (f"{self.spec.name}({hp}) clip_grad_norm={self.clip_grad_norm!r} skip_nonfinite={self.skip_nonfinite} "
+                f"bucket_bytes={self.layout.bucket_bytes}")
+
+    def _check_same_on_every_rank(self, views):
+        """One all-reduce of three digests (structure, contents, configuration): every rank raises the
+        same error when any of them differs between ranks."""
+        structure = hashlib.blake2b(digest_size=8)
+        contents = hashlib.blake2b(digest_size=8)
+        for v in views:
+            structure.update(f"{tuple(v.shape)}:{np.dtype(v.dtype).str};".encode())
+            contents.update(np.ascontiguousarray(_to_host(v)).reshape(-1).view(np.uint8))
+        config = hashlib.blake2b(self._config_text().encode(), digest_size=8)
+        d = _digest_values(structure.digest(), contents.digest(), config.digest())
+        total = self.comm.all_reduce_sum(np.concatenate([d, d * d]))
+        n = d.size
+        # all equal <=> world * sum(d^2) == (sum d)^2 for every component (Cauchy-Schwarz); exact integers
+        differs = self.world_size * total[n:] != total[:n] * total[:n]
+        what = [name for name, bad in zip(("the shapes or dtypes of the params", "the values of the params",
+                                           "the optimizer, its hyperparameters or bucket_bytes"),
+                                          differs.reshape(3, 4).any(axis=1)) if bad]
+        if what:
+            raise ValueError(
+                f"ShardedOptimizer: {' and '.join(what)} differ between the {self.world_size} ranks (every rank "
+                f"must pass the same params, e.g. broadcast from rank 0, and the same arguments); this is rank "
+                f"{self.rank}: {len(views)} params, {self._config_text()}")
+
+    def _allocate(self):
+        comm, spec = self.comm, self.spec
+        options = {name: self._hp[name] for name in spec.state_options}
+        self._flat, self._send, self._recv, self._states = [], [], [], []
+        for b in self.layout.buckets:
+            self._flat.append(comm.alloc(b.world * b.shard, b.dtype))
+            self._send.append(comm.alloc(b.world * b.grad_block, b.dtype))
+            self._recv.append(comm.alloc(b.grad_block, b.dtype))
+            lo, hi = b.shard_range(self.rank)
+            self._states.append(fastopt.init_state(spec.name, self._flat[-1][1][lo:hi], **options))
+
+    # ---- introspection ------------------------------------------------------------------------
+
+    @property
+    def params(self) -> list:
+        """The optimizer's own params: views of its flat buffers (engine type), in the order of the params
+        given; always up to date after a step. Training on these skips the copy into the user's arrays."""
+        return list(self._own)
+
+    @property
+    def hyperparameters(self) -> dict:
+        """Registry-named hyperparameters (lr may be a schedule)."""
+        return dict(self._hp)
+
+    def shard_params(self) -> list:
+        """This rank's shard of each bucket's params (live views, padding included)."""
+        return [self._flat[b.index][1][slice(*b.shard_range(self.rank))] for b in self.layout.buckets]
+
+    def shard_states(self) -> list[dict]:
+        """Per bucket, this rank's state arrays (name -> live array, padding included)."""
+        return [dict(s) for s in self._states]
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds."""
+        return sum(int(a.nbytes) for s in self._states for a in s.values())
+
+    def lr_for_next_step(self) -> float:
+        lr = self._hp["lr"]
+        return self.spec.hypers[0].validate(lr(self.steps) if is_schedule(lr) else lr)
+
+    def __repr__(self):
+        return (f"ShardedOptimizer({self.spec.class_name}, rank {self.rank} of {self.world_size}, "
+                f"{len(self._user)} params in {len(self.layout.buckets)} bucket(s), {self.comm.engine})")
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    def _grad_views(self, grads):
+        if not isinstance(grads, (list, tuple)):
+            if len(self._user) == 1 and hasattr(grads, "shape"):
+                grads = [grads]
+            else:
+                raise TypeError(f"grads must be a list of arrays (one per param, in the order of the params), got "
+                                f"{type(grads).__name__}")
+        if len(grads) != len(self._user):
+            raise ValueError(f"grads has {len(grads)} arrays but the optimizer has {len(self._user)} params")
+        out = []
+        for i, (g, p) in enumerate(zip(grads, self._user)):
+            if g is None:
+                raise TypeError(f"grads[{i}] is None")
+            v = self.comm.as_array(g, f"grads[{i}]")
+            if np.dtype(v.dtype) != np.dtype(p.dtype):
+                raise TypeError(f"grads[{i}] has dtype {v.dtype} but params[{i}] has {p.dtype}")
+            if tuple(v.shape) != tuple(p.shape):
+                raise ValueError(f"grads[{i}] has shape {tuple(v.shape)} but params[{i}] has {tuple(p.shape)}")
+            out.append(v)
+        return out
+
+    def _pack(self, views, failed: bool):
+        """Copy the gradients into the send buffers; every shard's control slot gets the failure flag."""
+        for b in self.layout.buckets:
+            send = self._send[b.index][1]
+            if not failed:
+                for i, off, n in zip(b.params, b.offsets, b.sizes):
+                    g = views[i].reshape(-1)
+                    src = 0
+                    for pos, count in b.grad_segments(off, n):
+                        send[pos:pos + count] = g[src:src + count]
+                        src += count
+            send[b.shard::b.grad_block] = 1.0 if failed else 0.0
+
+    def step(self, grads) -> bool:
+        """One update with this rank's local gradients (a list in the order of the params); the mean over
+        ranks is applied. Returns False when the step was skipped (skip_nonfinite and a NaN/Inf gradient on
+        any rank), else True. A rejected gradient raises on every rank, with nothing updated anywhere."""
+        error = None
+        try:
+            views = self._grad_views(grads)
+            lr = self.lr_for_next_step()
+        except (TypeError, ValueError) as e:
+            error, views = e, None
+        self._pack(views, error is not None)
+        comm, buckets = self.comm, self.layout.buckets
+        pending = [comm.reduce_scatter(self._send[b.index][0], self._recv[b.index][0]) for b in buckets]
+
+        def wait_all():
+            for r in pending:
+                if r is not None:
+                    r.wait()
+
+        pending[0].wait()
+        pending[0] = None
+        failed = float(self._recv[0][1][buckets[0].shard])
+        if failed or error is not None:
+            wait_all()
+            if error is not None:
+                raise error
+            raise ValueError(f"step: the gradients of {int(round(failed))} other rank(s) failed the checks there "
+                             f"(see their error); nothing was updated on any rank")
+        scale = 1.0 / self.world_size
+        if self.clip_grad_norm is not None or self.skip_nonfinite:
+            wait_all()
+            pending = [None] * len(buckets)
+            sq = 0.0
+            for b in buckets:
+                norm = float(fastopt.global_norm(self._recv[b.index][1][:b.shard]))
+                sq += norm * norm
+            total = comm.all_reduce_sum(np.array([sq, 0.0 if math.isfinite(sq) else 1.0]))
+            if self.skip_nonfinite and (total[1] > 0 or not math.isfinite(total[0])):
+                self.skipped_steps += 1
+                return False
+            if self.clip_grad_norm is not None:
+                norm = math.sqrt(total[0]) / self.world_size  # the norm of the mean gradient
+                scale = float(clip_coefficient(norm, self.clip_grad_norm)) * scale
+        hp = dict(self._hp, lr=lr)
+        kwargs = {"step": self.steps + 1} if self.spec.uses_step else {}
+        gathers = []
+        for b in buckets:
+            if pending[b.index] is not None:
+                pending[b.index].wait()
+            lo, hi = b.shard_range(self.rank)
+            self._step_fn(self._flat[b.index][1][lo:hi], self._recv[b.index][1][:b.shard], **self._states[b.index],
+                          **kwargs, **hp, grad_scale=scale, backend=self.backend)
+            gathers.append(comm.all_gather(self._flat[b.index][0], b.shard))
+        for g in gathers:
+            g.wait()
+        self.steps += 1
+        if self.copy_params:
+            self._copy_out()
+        return True
+
+    def _copy_out(self):
+        for b in self.layout.buckets:
+            flat = self._flat[b.index][1]
+            for i, off, n in zip(b.params, b.offsets, b.sizes):
+                user = self._user[i]
+                if n and not self._is_own(user, flat, off):
+                    user[...] = flat[off:off + n].reshape(user.shape)
+
+    @staticmethod
+    def _is_own(user, flat, off) -> bool:
+        """Whether a user's array is the optimizer's own view of flat[off:...] (no copy needed)."""
+        return user.flags.c_contiguous and _byte_range(user)[0] == _byte_range(flat[off:off + 1])[0]
+
+    # ---- checkpoints (fastopt/distributed/checkpoint.py) -----------------------------------------
+
+    def save(self, path) -> None:
+        """Sharded checkpoint into directory `path` (collective: every rank calls it). See
+        fastopt.distributed.checkpoint."""
+        from fastopt.distributed import checkpoint
+        checkpoint.save(self, path)
+
+    def load(self, path) -> None:
+        """Restore from a sharded checkpoint saved at any world size (collective)."""
+        from fastopt.distributed import checkpoint
+        checkpoint.load(self, path)
+
+    # ---- used by the checkpoint module ----------------------------------------------------------
+
+    def restore(self, steps: int, skipped_steps: int, hyperparameters: dict, shard_params: list,
+                shard_states: list) -> None:
+        """Write checked checkpoint data (collective: ends with the all-gather of the params). `shard_params`:
+        per bucket, this rank's shard (host arrays); `shard_states`: per bucket, name -> host array."""
+        for b in self.layout.buckets:
+            lo, hi = b.shard_range(self.rank)
+            self._flat[b.index][1][lo:hi] = self._like(self._flat[b.index][1], shard_params[b.index])
+            for name, target in self._states[b.index].items():
+                target[...] = self._like(target, shard_states[b.index][name])
+        keep_schedule = is_schedule(self._hp["lr"])
+        self._hp.update({k: v for k, v in hyperparameters.items() if not (k == "lr" and keep_schedule)})
+        self.steps, self.skipped_steps = int(steps), int(skipped_steps)
+        for r in [self.comm.all_gather(self._flat[b.index][0], b.shard) for b in self.layout.buckets]:
+            r.wait()
+        if self.copy_params:
+            self._copy_out()
+
+    @staticmethod
+    def _like(target, host):
+        if _is_numpy(target):
+            return host
+        import cupy
+        return cupy.asarray(host)
