@@ -1,0 +1,54 @@
+"""Finding and running the MPI launcher for the distributed tests.
+
+mpi4py and MPI come from PyPI (`pip install .[distributed]`: mpi4py and the mpich wheel, whose mpiexec sits
+next to the venv's python). Without them the MPI tests skip and say why, except under CI (environment
+variable CI set), where they fail: CI must run them."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+IN_CI = bool(os.environ.get("CI"))
+
+
+def _missing(msg):
+    if IN_CI:
+        pytest.fail(msg + "; CI must run the distributed tests (`make test` installs .[distributed])")
+    pytest.skip(msg)
+
+
+def mpiexec() -> list[str]:
+    """The launcher command with the option that lets it start more ranks than cores (oversubscribed)."""
+    if importlib.util.find_spec("mpi4py") is None:
+        _missing("mpi4py is not installed (pip install .[distributed])")
+    exe = Path(sys.executable).parent / "mpiexec"
+    exe = str(exe) if exe.exists() else shutil.which("mpiexec")
+    if exe is None:
+        _missing("no mpiexec found (the mpich wheel installs one next to python; pip install .[distributed])")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    if "HYDRA" in version or "mpich" in version.lower():
+        return [exe, "-launcher", "fork"]
+    if "Open MPI" in version or "OpenRTE" in version:
+        return [exe, "--oversubscribe"]
+    return [exe]
+
+
+def run_mpi(n: int, *args, timeout=180, script="mpi_worker.py") -> str:
+    """Run `python -m mpi4py <script> args...` on n ranks; fail with its output unless it succeeded."""
+    cmd = mpiexec() + ["-n", str(n), sys.executable, "-m", "mpi4py", str(HERE / script), *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s:\n{e.stdout}\n{e.stderr}")
+    if r.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited with {r.returncode}:\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
+    return r.stdout

@@ -1,0 +1,231 @@
+"""Scenarios run under mpiexec by tests/distributed/test_mpi.py (`python -m mpi4py mpi_worker.py NAME ...`:
+an assertion on any rank aborts the whole job, so a failure is never a hang). Prints "OK <name>" on rank 0."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+import fastopt
+from fastopt.distributed import ShardedOptimizer, gather
+from fastopt.specs import REGISTRY
+
+COMM = MPI.COMM_WORLD
+RANK, WORLD = COMM.Get_rank(), COMM.Get_size()
+# odd sizes, a size-0 and a size-1 param, a float64 param mixed in
+SHAPES = [(7, 3), (101,), (1,), (0,), (33, 5), (2, 2, 3)]
+
+# every option each optimizer has that changes its code path (momentum, nesterov, amsgrad, centered, ...)
+CONFIGS = {
+    "sgd": [dict(lr=0.1), dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+            dict(lr=0.05, momentum=0.5, dampening=0.5, maximize=True)],
+    "adagrad": [dict(lr=0.1, lr_decay=0.01, weight_decay=0.01)],
+    "rmsprop": [dict(lr=0.01), dict(lr=0.01, centered=True, momentum=0.9, weight_decay=0.01)],
+    "adam": [dict(lr=0.01), dict(lr=0.01, amsgrad=True, weight_decay=0.1, maximize=True)],
+    "adamw": [dict(lr=0.01, amsgrad=True)],
+    "nadam": [dict(lr=0.01, decoupled_weight_decay=True, weight_decay=0.01)],
+    "radam": [dict(lr=0.01, weight_decay=0.01)],
+    "adabelief": [dict(lr=0.01)],
+    "lion": [dict(lr=0.001, weight_decay=0.1)],
+    "adamax": [dict(lr=0.01, weight_decay=0.01)],
+}
+
+
+def grads_for(seed, t, rank, params):
+    """Rank `rank`'s local gradients at step t: multiples of 1/8 (sums over ranks are exact)."""
+    rng = np.random.default_rng([seed, t, rank])
+    return [(np.round(rng.standard_normal(p.shape) * 16) / 8).astype(p.dtype) for p in params]
+
+
+def mean_grads(seed, t, params, world=WORLD):
+    """The mean gradient as the sharded step applies it: the exact sum times 1/world in the param's dtype."""
+    per_rank = [grads_for(seed, t, r, params) for r in range(world)]
+    return [sum(g[i] for g in per_rank) * p.dtype.type(1.0 / world) for i, p in enumerate(params)]
+
+
+def make_params(seed, dtypes):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtypes[i % len(dtypes)]) for i, s in enumerate(SHAPES)]
+
+
+def maxdiff(a, b) -> float:
+    return float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
+
+
+def check(cond, msg):
+    if not cond:
+        raise AssertionError(f"rank {RANK} of {WORLD}: {msg}")
+
+
+def equal(bucket_bytes):
+    """Every elementwise optimizer and option, float32, float64 and both mixed: bit for bit the
+    single-process class applied to the mean gradient, 6 steps (the sums of gradients are exact, and the
+    kernel multiplies by grad_scale = 1/world first, as the oracle's mean does)."""
+    seed = 1000
+    for name, configs in CONFIGS.items():
+        for hp in configs:
+            for dtypes in ([np.float32], [np.float64], [np.float32, np.float64]):
+                seed += 1
+                params = make_params(seed, dtypes)
+                ref = [p.copy() for p in params]
+                opt = ShardedOptimizer(name, params, COMM, bucket_bytes=bucket_bytes, **hp)
+                single = getattr(fastopt, REGISTRY[name].class_name)(ref, **hp)
+                for t in range(1, 7):
+                    check(opt.step(grads_for(seed, t, RANK, params)) is True, "step did not return True")
+                    single.step(mean_grads(seed, t, ref))
+                for i, (a, b) in enumerate(zip(params, ref)):
+                    check(a.tobytes() == b.tobytes(), f"{name} {hp} {[np.dtype(d).name for d in dtypes]} param {i}: "
+                          f"max diff {maxdiff(a, b)}")
+                for i, (a, b) in enumerate(zip(opt.params, ref)):
+                    check(a.tobytes() == b.tobytes(), f"{name}: opt.params[{i}] differs from the user's array")
+                check(opt.steps == 6, "step count")
+
+
+def clip_skip():
+    """clip_grad_norm and skip_nonfinite: one all-reduce of the shard sums of squares; equal to the
+    single-process class within rounding (the norm is summed in another order)."""
+    for name in ("adam", "sgd", "lion"):
+        for dtype, rtol in ((np.float32, 2e-6), (np.float64, 1e-13)):
+            seed = 77
+            params = make_params(seed, [dtype])
+            ref = [p.copy() for p in params]
+            hp = dict(lr=0.01, clip_grad_norm=0.5, skip_nonfinite=True)
+            opt = ShardedOptimizer(name, params, COMM, **hp)
+            single = getattr(fastopt, REGISTRY[name].class_name)(ref, **hp)
+            for t in range(1, 8):
+                g = grads_for(seed, t, RANK, params)
+                mean = mean_grads(seed, t, ref)
+                if t == 4 and RANK == WORLD - 1:   # one rank's NaN: the step is skipped everywhere
+                    g[1][3] = np.nan
+                if t == 4:
+                    mean[1][3] = np.nan
+                before = [p.copy() for p in params]
+                done = opt.step(g)
+                check(single.step(mean) == done, f"{name}: skip decision differs at step {t}")
+                if t == 4:
+                    check(done is False and all(a.tobytes() == b.tobytes() for a, b in zip(params, before)),
+                          "a skipped step changed the params")
+            check(opt.skipped_steps == 1 and opt.steps == 6, f"counts {opt.skipped_steps} {opt.steps}")
+            for i, (a, b) in enumerate(zip(params, ref)):
+                check(np.allclose(a, b, rtol=rtol, atol=rtol), f"{name} clip param {i}: {maxdiff(a, b)}")
+
+
+def memory():
+    """State bytes per rank: 1/world of the single-process optimizer's (+ padding, within 1%)."""
+    rng = np.random.default_rng(5)
+    params = [rng.standard_normal(n).astype(np.float32) for n in (100_003, 77_777, 5, 31_000)]
+    opt = ShardedOptimizer("adam", params, COMM, lr=1e-3, amsgrad=True)
+    total = 3 * sum(p.nbytes for p in params)  # exp_avg, exp_avg_sq, max_exp_avg_sq
+    mine = opt.state_bytes()
+    check(total / WORLD <= mine <= 1.01 * total / WORLD, f"state bytes {mine} vs total/world {total / WORLD}")
+    everyone = COMM.allreduce(mine)
+    check(everyone <= 1.01 * total, f"all ranks together hold {everyone} bytes of state, total {total}")
+
+
+def errors():
+    """Mismatches detected at construction raise on every rank; a bad gradient on one rank raises on
+    every rank with nothing updated anywhere, and the next good step works (the ranks stay in step)."""
+    params = make_params(3, [np.float32])
+    cases = {
+        "the values of the params": lambda ps: ps[0].__setitem__((0, 0), ps[0][0, 0] + (RANK == WORLD - 1)),
+        "the shapes or dtypes": lambda ps: ps.__setitem__(1, ps[1][:100] if RANK == WORLD - 1 else ps[1]),
+    }
+    for what, spoil in cases.items():
+        ps = [p.copy() for p in params]
+        spoil(ps)
+        try:
+            ShardedOptimizer("adam", ps, COMM, lr=1e-3)
+        except ValueError as e:
+            check(WORLD > 1 and what in str(e), f"wrong message: {e}")
+        else:
+            check(WORLD == 1, f"mismatched {what} not detected")
+    try:
+        ShardedOptimizer("adam", [p.copy() for p in params], COMM, lr=1e-3 * (1 + (RANK == WORLD - 1)))
+    except ValueError as e:
+        check(WORLD > 1 and "hyperparameters" in str(e), f"wrong message: {e}")
+    else:
+        check(WORLD == 1, "mismatched hyperparameters not detected")
+    # bad hyperparameters: the single-process class's checks and messages, before any collective
+    for bad, exc, text in ((dict(lr=-0.1), ValueError, "Invalid learning rate: -0.1"),
+                           (dict(lr=0.1, betas=(0.9,)), TypeError, "betas"),
+                           (dict(lr=0.1, nonsense=1), TypeError, "nonsense")):
+        try:
+            ShardedOptimizer("adam", params, COMM, **bad)
+        except exc as e:
+            check(text in str(e), f"message {e!r} lacks {text!r}")
+        else:
+            check(False, f"{bad} accepted")
+    try:
+        ShardedOptimizer("lamb", params, COMM, lr=1e-3)
+    except ValueError as e:
+        check("trust ratio" in str(e), str(e))
+    ps = [p.copy() for p in params]
+    opt = ShardedOptimizer("adam", ps, COMM, lr=1e-3)
+    state = [{k: v.copy() for k, v in s.items()} for s in opt.shard_states()]
+    before = [p.copy() for p in ps]
+    g = grads_for(9, 1, RANK, ps)
+    if RANK == WORLD - 1:
+        g[4] = g[4][:-1]
+    try:
+        opt.step(g)
+    except ValueError as e:
+        mine = RANK == WORLD - 1
+        check(("grads[4] has shape" in str(e)) if mine else ("other rank" in str(e)), f"message: {e}")
+    else:
+        check(False, "a bad gradient was accepted")
+    check(all(a.tobytes() == b.tobytes() for a, b in zip(ps, before)), "params changed by a rejected step")
+    check(all(np.array_equal(v, state[i][k]) for i, s in enumerate(opt.shard_states()) for k, v in s.items()),
+          "state changed by a rejected step")
+    check(opt.steps == 0, "a rejected step counted")
+    check(opt.step(grads_for(9, 1, RANK, ps)) is True and opt.steps == 1, "the next step failed")
+
+
+def save(path, steps):
+    """Run `steps` steps of Adam at this world size and save a sharded checkpoint into `path`."""
+    params = make_params(11, [np.float32, np.float64])
+    opt = ShardedOptimizer("adamw", params, COMM, lr=fastopt.schedules.cosine(1e-2, 100), amsgrad=True,
+                           bucket_bytes=512)
+    for t in range(1, steps + 1):
+        opt.step(grads_for(11, t, RANK, params))
+    opt.save(path)
+
+
+def resume(path, gathered, steps, more):
+    """Load `path` (saved at any world size) here, take `more` steps, and compare bit for bit with the
+    single-process class resumed from the gathered checkpoint taking the same mean gradients."""
+    params = make_params(999, [np.float32, np.float64])   # overwritten by the checkpoint
+    opt = ShardedOptimizer("adamw", params, COMM, lr=fastopt.schedules.cosine(1e-2, 100), amsgrad=True)
+    opt.load(path)
+    check(opt.steps == steps, f"steps {opt.steps}")
+    ref = [p.copy() for p in params]
+    single = fastopt.AdamW(ref, lr=fastopt.schedules.cosine(1e-2, 100), amsgrad=True)
+    fastopt.load(gathered, single)
+    check(all(a.tobytes() == b.tobytes() for a, b in zip(params, ref)), "loaded params differ")
+    for t in range(steps + 1, steps + more + 1):
+        opt.step(grads_for(12, t, RANK, params))
+        single.step(mean_grads(12, t, ref))
+    for i, (a, b) in enumerate(zip(params, ref)):
+        check(a.tobytes() == b.tobytes(), f"resumed param {i} differs: {maxdiff(a, b)}")
+    # saving again here and gathering gives the single-process optimizer's state exactly
+    opt.save(path + "-again")
+    if RANK == 0:
+        gather(path + "-again", path + "-again.npz")
+        sd_a = fastopt.checkpoint.read(path + "-again.npz")
+        sd_b = single.state_dict()
+        for i, entry in sd_b["state"].items():
+            for k, v in entry.items():
+                got = sd_a["state"][i][k]
+                check(np.array_equal(got, v) if isinstance(v, np.ndarray) else got == v, f"state {i} {k}")
+
+
+if __name__ == "__main__":
+    name, args = sys.argv[1], sys.argv[2:]
+    {"equal": lambda: equal(int(args[0])), "clip_skip": clip_skip, "memory": memory, "errors": errors,
+     "save": lambda: save(args[0], int(args[1])),
+     "resume": lambda: resume(args[0], args[1], int(args[2]), int(args[3]))}[name]()
+    COMM.Barrier()
+    if RANK == 0:
+        print(f"OK {name} world={WORLD}", flush=True)
