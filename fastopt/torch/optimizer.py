@@ -85,7 +85,16 @@ class TorchOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._fastopt_views = ViewCache()
         self._fastopt_warned: set = set()
+        self._fastopt_constructed = False
         super().__init__(params, defaults)
+        self._fastopt_constructed = True
+        if self.spec.torch_state_at_init:
+            # torch makes this optimizer's state in its constructor (Adagrad), filled from the constructor's
+            # arguments (not the groups' own values): the same here
+            hp = arguments.registry_hp(self.spec, defaults)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.state[p].update(self._initial_state(hp, p))
 
     # --- param groups -------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -94,12 +103,24 @@ class TorchOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         try:
             group = self.param_groups[-1]
-            arguments.registry_hp(self.spec, group)
+            hp = arguments.registry_hp(self.spec, group)
             for p in group["params"]:
                 self._check_param(p)
         except Exception:
             del self.param_groups[before:]
             raise
+        if self.spec.torch_state_at_init and self._fastopt_constructed:
+            for p in group["params"]:  # a group added later (torch.optim would fail at its first step)
+                self.state[p].update(self._initial_state(hp, p))
+
+    def _initial_state(self, hp, p) -> dict:
+        """A param's state before its first step, with torch's names: count 0, arrays filled."""
+        spec = self.spec
+        state = {"step": torch.tensor(0.0, dtype=scalar_dtype())} if spec.torch_step else {}
+        for name, on in zip(spec.states, spec.active_states(hp)):
+            if on:
+                state[spec.torch_state_names.get(name, name)] = self._new_state(spec, hp, name, p)
+        return state
 
     @staticmethod
     def _check_param(p):
@@ -127,6 +148,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         self.skipped_steps = extras.get("skipped_steps", 0)
         self._fastopt_views = ViewCache()
         self._fastopt_warned = set()
+        self._fastopt_constructed = True
 
     # --- the step ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,458 @@
+"""fastopt.torch against torch.optim: every registry optimizer for 50 steps over every option combination
+(float32 and float64, two param groups, some params without a grad on some steps), constructor
+arguments, errors, in-place updates for every dense layout, autograd version counters, hooks, param
+group edits, closures, pickling and bad input (nothing written)."""
+from __future__ import annotations
+
+import copy
+import inspect
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastopt.torch as ft  # noqa: E402
+from fastopt.specs import REGISTRY  # noqa: E402
+from fastopt.torch import arguments  # noqa: E402
+
+from conftest import combo_id, option_combinations  # noqa: E402
+from torch_support import FunctionalOracle, default_dtype, random_groups, snapshot, torch_kwargs  # noqa: E402
+
+SPECS = list(REGISTRY.values())
+TORCH_SPECS = [s for s in SPECS if s.torch_class]
+STEPS = 50
+
+
+def _cases():
+    for spec in SPECS:
+        for hp in option_combinations(spec):
+            yield pytest.param(spec, hp, id=f"{spec.name}[{combo_id(hp, spec)}]")
+
+
+def _grads(rng, groups, t):
+    """Random grads; param 1 of group 0 has none on every third step, param 0 of group 1 on steps 5-9."""
+    out = []
+    for gi, (_, params) in enumerate(groups):
+        grads = []
+        for i, p in enumerate(params):
+            skip = (gi == 0 and i == 1 and t % 3 == 0) or (gi == 1 and i == 0 and 5 <= t < 10)
+            grads.append(None if skip else torch.tensor(rng.standard_normal(tuple(p.shape)), dtype=p.dtype))
+        out.append(grads)
+    return out
+
+
+def _set_grads(params_per_group, grads_per_group):
+    for params, grads in zip(params_per_group, grads_per_group):
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("spec,hp", list(_cases()))
+def test_matches_oracle_50_steps(spec, hp, dtype):
+    rng = np.random.default_rng(abs(hash((spec.name, combo_id(hp, spec), str(dtype)))) % 2**32)
+    hp = dict(hp, lr=0.01 if spec.name not in ("sgd",) else 0.05)
+    with default_dtype(dtype):
+        groups = random_groups(rng, dtype, spec, hp)
+        ours = [[p.detach().clone().requires_grad_() for p in params] for _, params in groups]
+        opt = getattr(ft, spec.class_name)([{"params": ps, **torch_kwargs(spec, ghp)}
+                                            for ps, (ghp, _) in zip(ours, groups)])
+        if spec.torch_class:
+            theirs = [[p.detach().clone().requires_grad_() for p in params] for _, params in groups]
+            ref = getattr(torch.optim, spec.torch_class)([{"params": ps, **torch_kwargs(spec, ghp)}
+                                                         for ps, (ghp, _) in zip(theirs, groups)])
+        else:
+            oracle = FunctionalOracle(spec, groups)
+        for t in range(STEPS):
+            grads = _grads(rng, groups, t)
+            _set_grads(ours, grads)
+            opt.step()
+            if spec.torch_class:
+                _set_grads(theirs, grads)
+                ref.step()
+            else:
+                oracle.step(grads)
+        got = [p.detach().numpy() for ps in ours for p in ps]
+        want = [p.detach().numpy() for ps in theirs for p in ps] if spec.torch_class else oracle.params()
+    rtol, atol = (1e-12, 1e-12) if dtype == torch.float64 else (2e-5, 2e-6)
+    if spec.name == "lamb" and dtype == torch.float64:
+        rtol = atol = 1e-11  # LAMB: a few ulp from the order of its norm sums
+    for a, b in zip(got, want):
+        scale = max(1.0, float(np.abs(b).max(initial=0.0)))
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * scale)
+    if spec.torch_class:  # same state, same names, same per-param step counts
+        sd, tsd = opt.state_dict(), ref.state_dict()
+        assert sd["param_groups"] == tsd["param_groups"]
+        assert sd["state"].keys() == tsd["state"].keys()
+        for i, st in tsd["state"].items():
+            assert sd["state"][i].keys() == st.keys(), i
+            for name, value in st.items():
+                mine = sd["state"][i][name]
+                if value is None:
+                    assert mine is None
+                    continue
+                assert mine.dtype == value.dtype and mine.shape == value.shape, (i, name)
+                scale = max(1.0, float(value.abs().max()) if value.numel() else 1.0)
+                np.testing.assert_allclose(mine.numpy(), value.numpy(), rtol=rtol, atol=atol * scale,
+                                           err_msg=f"{i}.{name}")
+
+
+# --- constructor ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", TORCH_SPECS, ids=lambda s: s.name)
+def test_signature_and_defaults_are_torchs(spec):
+    klass, tklass = getattr(ft, spec.class_name), getattr(torch.optim, spec.torch_class)
+    ours, theirs = inspect.signature(klass.__init__).parameters, inspect.signature(tklass.__init__).parameters
+    for name, tp in theirs.items():
+        assert name in ours, name
+        assert ours[name].kind == tp.kind, name
+        assert ours[name].default == tp.default, name
+    positional = [n for n, p in theirs.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert [n for n, p in ours.items() if p.kind == p.POSITIONAL_OR_KEYWORD] == positional
+    for extra in ("clip_grad_norm", "skip_nonfinite"):
+        assert ours[extra].kind == inspect.Parameter.KEYWORD_ONLY
+    p = torch.zeros(3, requires_grad=True)
+    assert klass([p]).defaults == tklass([p]).defaults
+
+
+@pytest.mark.parametrize("spec", TORCH_SPECS, ids=lambda s: s.name)
+def test_positional_arguments_mean_what_they_mean_in_torch(spec):
+    names = arguments.positional_names(spec)
+    defaults = arguments.group_defaults(spec)
+    values = []
+    for name in names:  # a changed, valid value for each positional hyperparameter
+        d = defaults[name]
+        if name == "betas":
+            values.append((0.8, 0.99))
+        elif isinstance(d, bool):
+            values.append(d)
+        elif d is None:
+            values.append(None)
+        else:
+            values.append(float(d) * 0.5 + 0.01 if name != "lr" else 0.05)
+    if spec.name == "sgd":  # nesterov needs momentum; keep the combination valid
+        values[names.index("nesterov")] = False
+    p = torch.zeros(2, requires_grad=True)
+    ours = getattr(ft, spec.class_name)([p], *values)
+    theirs = getattr(torch.optim, spec.torch_class)([p], *values)
+    assert ours.param_groups[0].keys() == theirs.param_groups[0].keys()
+    for k, v in theirs.param_groups[0].items():
+        if k != "params":
+            assert ours.param_groups[0][k] == v, k
+
+
+BAD_VALUES = [("lr", -0.1), ("eps", -1.0), ("weight_decay", -0.5), ("momentum", -0.9), ("alpha", -0.1),
+              ("lr_decay", -1.0), ("initial_accumulator_value", -1.0), ("momentum_decay", -0.1),
+              ("betas", (1.0, 0.999)), ("betas", (0.9, -0.1))]
+
+
+@pytest.mark.parametrize("spec", TORCH_SPECS, ids=lambda s: s.name)
+def test_invalid_values_raise_torchs_errors(spec):
+    defaults = arguments.group_defaults(spec)
+    checked = 0
+    for name, value in BAD_VALUES:
+        if name not in defaults:
+            continue
+        p = torch.zeros(2, requires_grad=True)
+        with pytest.raises(ValueError) as theirs:
+            getattr(torch.optim, spec.torch_class)([p], **{name: value})
+        with pytest.raises(ValueError) as ours:
+            getattr(ft, spec.class_name)([p], **{name: value})
+        assert str(ours.value) == str(theirs.value)
+        checked += 1
+    assert checked >= 2
+    with pytest.raises(TypeError):
+        getattr(ft, spec.class_name)([torch.zeros(1, requires_grad=True)], no_such_option=1)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_flags(spec):
+    klass = getattr(ft, spec.class_name)
+    p = torch.zeros(4, requires_grad=True)
+    klass([p], foreach=True)
+    klass([p], foreach=False, fused=True)
+    for flag in ("capturable", "differentiable"):
+        with pytest.raises(ValueError, match=flag):
+            klass([p], **{flag: True})
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="clip_grad_norm"):
+            klass([p], clip_grad_norm=bad)
+    with pytest.raises(TypeError, match="skip_nonfinite"):
+        klass([p], skip_nonfinite=1)
+    with pytest.raises(TypeError):  # fastopt's extras are keyword-only
+        klass([p], *([None] * 20))
+    with pytest.raises(ValueError, match="empty parameter list"):
+        klass([])
+
+
+def test_sgd_positional_and_default_lr():
+    p = torch.zeros(3, requires_grad=True)
+    opt = ft.SGD([p], 0.1, 0.9)
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["momentum"] == 0.9
+    assert ft.SGD([p]).param_groups[0]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="Nesterov"):
+        ft.SGD([p], 0.1, nesterov=True)
+
+
+# --- the step ------------------------------------------------------------------------------------------
+
+def test_closure_and_return_value():
+    torch.manual_seed(1)
+    model = torch.nn.Linear(5, 1).double()
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(17, 5, dtype=torch.float64), torch.randn(17, 1, dtype=torch.float64)
+    opt, topt = ft.Adam(model.parameters(), 0.01), torch.optim.Adam(ref.parameters(), 0.01)
+
+    def closure_for(m, o):
+        def closure():
+            o.zero_grad()
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            return loss
+        return closure
+
+    with torch.no_grad():  # the closure still gets gradients, as with torch.optim
+        for _ in range(10):
+            a, b = opt.step(closure_for(model, opt)), topt.step(closure_for(ref, topt))
+            assert torch.equal(a, b) or abs(a.item() - b.item()) < 1e-12
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+    assert opt.step() is None
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("spec", [REGISTRY["adamw"], REGISTRY["sgd"], REGISTRY["lamb"]], ids=lambda s: s.name)
+def test_in_place_any_dense_layout(spec, memory_format):
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=memory_format)
+    ref = copy.deepcopy(conv)
+    w = conv.weight
+    ptr, strides = w.data_ptr(), w.stride()
+    kw = {"momentum": 0.9} if spec.name == "sgd" else {}
+    opt = getattr(ft, spec.class_name)(conv.parameters(), lr=0.01, **kw)
+    oracle_cls = getattr(torch.optim, spec.torch_class) if spec.torch_class else None
+    x = torch.randn(4, 3, 9, 9).to(memory_format=memory_format)
+    if oracle_cls:
+        topt = oracle_cls(ref.parameters(), lr=0.01, **kw)
+    for _ in range(5):
+        for m in ([conv, ref] if oracle_cls else [conv]):
+            m.zero_grad()
+            m(x).square().mean().backward()
+        assert conv.weight.grad.stride() == strides
+        opt.step()
+        if oracle_cls:
+            topt.step()
+    assert w.data_ptr() == ptr and w.stride() == strides  # updated in the param's own storage
+    st = opt.state[w]
+    for name, value in st.items():
+        if isinstance(value, torch.Tensor) and value.dim():
+            assert value.stride() == strides, name  # state keeps the param's layout
+    if oracle_cls:
+        torch.testing.assert_close(conv.weight, ref.weight, rtol=2e-5, atol=2e-6)
+
+
+def test_grad_in_another_layout_is_correct_and_warns_once():
+    torch.manual_seed(3)
+    w = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last).requires_grad_()
+    v = w.detach().clone().requires_grad_()  # contiguous copy, same values
+    opt, topt = ft.Adam([w], 0.01), torch.optim.Adam([v], 0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            g = torch.randn(4, 3, 5, 5)  # contiguous grad for a channels_last param
+            w.grad, v.grad = g.clone(), g.clone()
+            opt.step()
+            topt.step()
+    layout_warnings = [c for c in caught if "layout" in str(c.message)]
+    assert len(layout_warnings) == 1
+    torch.testing.assert_close(w.detach().contiguous(), v.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_version_counter_parity():
+    """A graph that saved the param raises 'modified by an inplace operation' after the step, as with
+    torch.optim, instead of giving a wrong gradient."""
+    for make in (lambda ps: ft.SGD(ps, 0.1), lambda ps: torch.optim.SGD(ps, 0.1)):
+        w = torch.ones(3, requires_grad=True)
+        opt = make([w])
+        loss = (w * w).sum()  # saves w for the backward pass
+        w.grad = torch.ones(3)
+        before = w._version
+        opt.step()
+        assert w._version > before
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+def test_params_without_grads_keep_their_step_count():
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    opt = ft.Adam([a, b], 0.1)
+    a.grad = torch.ones(3)
+    opt.step()
+    opt.step()
+    assert b not in opt.state
+    b.grad = torch.ones(3)
+    opt.step()
+    assert opt.state[a]["step"].item() == 3 and opt.state[b]["step"].item() == 1
+    a.grad = None
+    before = a.detach().clone()
+    opt.step()
+    assert torch.equal(a, before) and opt.state[a]["step"].item() == 3
+
+
+def test_zero_grad_hooks_add_param_group_and_group_edits():
+    torch.manual_seed(4)
+    a, b = torch.randn(5, requires_grad=True), torch.randn(6, requires_grad=True)
+    ra, rb = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    opt, topt = ft.AdamW([a], lr=0.01), torch.optim.AdamW([ra], lr=0.01)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    opt.add_param_group({"params": [b], "lr": 0.05, "betas": (0.8, 0.9)})
+    topt.add_param_group({"params": [rb], "lr": 0.05, "betas": (0.8, 0.9)})
+    for t in range(6):
+        g1, g2 = torch.randn(5), torch.randn(6)
+        a.grad, b.grad, ra.grad, rb.grad = g1.clone(), g2.clone(), g1.clone(), g2.clone()
+        if t == 3:
+            for o in (opt, topt):
+                o.param_groups[0]["lr"] = 0.003
+                o.param_groups[1]["weight_decay"] = 0.2
+                o.param_groups[1]["betas"] = (0.85, 0.95)
+        opt.step()
+        topt.step()
+        opt.zero_grad()
+        assert a.grad is None and b.grad is None
+    assert calls == ["pre", "post"] * 6
+    torch.testing.assert_close(a, ra, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b, rb, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="learning rate"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "lr": -1.0})
+    assert len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_pickle_and_deepcopy_continue_identically(how):
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = ft.NAdam(model.parameters(), lr=0.01, clip_grad_norm=0.5)
+    x = torch.randn(16, 4)
+
+    def train(m, o, n):
+        for _ in range(n):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+
+    train(model, opt, 3)
+    if how == "pickle":
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    else:
+        model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.clip_grad_norm == 0.5 and type(opt2) is ft.NAdam
+    train(model, opt, 4)
+    train(model2, opt2, 4)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+# --- fused extras ----------------------------------------------------------------------------------------
+
+def test_clip_grad_norm_matches_torch_clip_then_step():
+    torch.manual_seed(6)
+    ps = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(7,), (3, 4), (1,)]]
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    opt = ft.Adam(ps, 0.01, clip_grad_norm=0.7)
+    topt = torch.optim.Adam(qs, 0.01)
+    for _ in range(20):
+        for p, q in zip(ps, qs):
+            g = torch.randn_like(p) * 3
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        torch.nn.utils.clip_grad_norm_(qs, 0.7)
+        topt.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+
+
+def test_skip_nonfinite_leaves_everything_unchanged():
+    a = torch.randn(5, requires_grad=True)
+    opt = ft.Adam([a], 0.1, skip_nonfinite=True)
+    a.grad = torch.ones(5)
+    opt.step()
+    before, state = a.detach().clone(), {k: v.clone() for k, v in opt.state[a].items()}
+    a.grad = torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0])
+    opt.step()
+    assert torch.equal(a, before) and opt.skipped_steps == 1
+    for k, v in opt.state[a].items():
+        assert torch.equal(v, state[k]), k
+
+
+# --- bad input: a clear error and nothing written ----------------------------------------------------------
+
+def _bad_cases():
+    def wrong_dtype(ps):
+        ps[2].grad_dtype = None  # torch refuses the assignment otherwise
+        ps[2].grad = ps[2].grad.double()
+
+    def wrong_shape(ps):
+        ps[2].grad.data = torch.ones(3)  # .data: torch checks the shape of an assigned .grad
+
+    def sparse(ps):
+        ps[2].grad = ps[2].grad.to_sparse()
+
+    def bad_lr(opt):
+        opt.param_groups[1]["lr"] = -1.0
+
+    def bad_betas(opt):
+        opt.param_groups[1]["betas"] = (0.9,)
+
+    def capturable(opt):
+        opt.param_groups[1]["capturable"] = True
+
+    def aliased(ps):  # a grad that is its own param: the kernels would write what they read
+        ps[2].grad = ps[2].data
+
+    return [("dtype", wrong_dtype, TypeError, "dtype"), ("shape", wrong_shape, ValueError, "shape"),
+            ("sparse", sparse, TypeError, "sparse"), ("lr", bad_lr, ValueError, "learning rate"),
+            ("betas", bad_betas, TypeError, "betas"), ("capturable", capturable, ValueError, "capturable"),
+            ("aliased", aliased, ValueError, "shares memory")]
+
+
+@pytest.mark.parametrize("name,damage,exc,match", _bad_cases(), ids=lambda c: c if isinstance(c, str) else "")
+def test_bad_input_raises_and_writes_nothing(name, damage, exc, match):
+    torch.manual_seed(7)
+    ps = [torch.randn(s, requires_grad=True) for s in [(4,), (2, 3), (5,)]]
+    opt = ft.Adam([{"params": ps[:2]}, {"params": ps[2:]}], 0.1)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    (damage(opt) if name in ("lr", "betas", "capturable") else damage(ps))
+    params_before = snapshot(ps)
+    state_before = {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(ps)}
+    versions = [p._version for p in ps]
+    with pytest.raises(exc, match=match):
+        opt.step()
+    for p, q in zip(ps, params_before):
+        assert torch.equal(p.detach(), q)
+    assert [p._version for p in ps] == versions
+    for i, p in enumerate(ps):
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state_before[i][k]), (i, k)
+
+
+def test_unsupported_params_are_refused_at_construction():
+    with pytest.raises(TypeError, match="float16"):
+        ft.Adam([torch.zeros(3, dtype=torch.float16, requires_grad=True)])
+    with pytest.raises(ValueError, match="dense"):
+        ft.Adam([torch.zeros(4, 4)[:, :2].requires_grad_()])
+
+
+def test_importing_fastopt_does_not_import_torch():
+    import subprocess
+    import sys
+    code = "import sys, fastopt; assert 'torch' not in sys.modules; import fastopt.torch; assert 'torch' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
