@@ -19,6 +19,11 @@ from fastopt.cli_args import (UsageError, RunError, real, integer, listing, opti
 def _cmd_bench(args):
     if args.out:
         check_output_path("--out", args.out)
+    if args.dry_run and args.device != "gpu":
+        raise UsageError("--dry-run: only with --device gpu (it prints the GPU benchmark's cases)")
+    if args.device == "gpu" and args.dry_run:
+        from fastopt import benchmark_gpu
+        return benchmark_gpu.main(args)  # the plan only: no GPU needed
     if args.device == "gpu":
         from fastopt.train.arrays import GPUUnavailableError, device_module
         try:
@@ -103,6 +108,8 @@ def build_parser():
     bench.add_argument("--out", default=None, help="write the JSON results here (the directory must exist)")
     bench.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--dry-run", action="store_true",
+                       help="with --device gpu: print the cases, variants and memory per case, run nothing")
     bench.set_defaults(func=_cmd_bench, _parser=bench)
     info = sub.add_parser("info", help="versions, backends, GPU")
     info.add_argument("--json", action="store_true")
