@@ -203,6 +203,71 @@ def adamax_step(p, g, exp_avg, exp_inf, *, step, lr=2e-3, beta1=0.9, beta2=0.999
     _store(p, p - step_size * (exp_avg / exp_inf))
 
 
+# ---- issue 14: torch.optim.Adadelta, Rprop, ASGD; Yogi (Zaheer et al. 2018, as pytorch_optimizer.Yogi) ----
+
+def adadelta_step(p, g, square_avg, acc_delta, *, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False,
+                  grad_scale=None):
+    g = _grad(g, grad_scale, maximize)
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    _store(square_avg, rho * square_avg + (1.0 - rho) * (g * g))
+    std = np.sqrt(square_avg + eps)
+    delta = np.sqrt(acc_delta + eps) / std * g
+    _store(acc_delta, rho * acc_delta + (1.0 - rho) * (delta * delta))
+    _store(p, p - lr * delta)
+
+
+def rprop_step(p, g, prev, step_size, *, lr=1e-2, etaminus=0.5, etaplus=1.2, step_size_min=1e-6,
+               step_size_max=50.0, maximize=False, grad_scale=None):
+    # lr is where step_size starts (initial_state); a step does not read it
+    g = _grad(g, grad_scale, maximize)
+    x = g * prev
+    one = np.ones_like(x)
+    factor = np.where(x > 0, etaplus * one, np.where(x < 0, etaminus * one, np.where(x == 0, one, x)))
+    s = step_size * factor
+    s = np.where(s < step_size_min, step_size_min * one, s)  # torch.clamp: max first, then min; NaN stays
+    s = np.where(s > step_size_max, step_size_max * one, s)
+    _store(step_size, s)
+    g = np.where(x < 0, 0 * one, g)
+    _store(p, p - np.sign(g) * s)
+    _store(prev, g)
+
+
+def asgd_step(p, g, ax, *, step, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, maximize=False,
+              grad_scale=None):
+    g = _grad(g, grad_scale, maximize)
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    # torch's eta and mu, stored after step t - 1 (eta = lr and mu = 1 before the first step)
+    try:
+        eta = lr / ((1.0 + lambd * lr * (step - 1)) ** alpha)
+    except OverflowError:
+        eta = 0.0
+    mu = 1.0 if step == 1 else 1.0 / max(1.0, (step - 1) - t0)
+    _store(p, p * (1.0 - lambd * eta))
+    _store(p, p - eta * g)
+    if mu != 1.0:
+        _store(ax, ax + (p - ax) * mu)
+    else:
+        _store(ax, p)
+
+
+def yogi_step(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-2, beta1=0.9, beta2=0.999, initial_accumulator=1e-6,
+              weight_decay=0.0, decoupled_weight_decay=True, fixed_decay=False, eps=1e-3, maximize=False,
+              grad_scale=None):
+    # initial_accumulator is where both moments start (initial_state); a step does not read it
+    g = _grad(g, grad_scale, maximize)
+    if decoupled_weight_decay:
+        _store(p, p * (1.0 - weight_decay * (1.0 if fixed_decay else lr)))
+    elif weight_decay != 0:
+        g = g + weight_decay * p
+    _store(exp_avg, beta1 * exp_avg + (1.0 - beta1) * g)
+    g2 = g * g
+    _store(exp_avg_sq, exp_avg_sq - (1.0 - beta2) * (np.sign(exp_avg_sq - g2) * g2))
+    denom = np.sqrt(exp_avg_sq) * (1.0 / (1.0 - beta2 ** step) ** 0.5) + eps
+    _store(p, p - (lr / (1.0 - beta1 ** step)) * (exp_avg / denom))
+
+
 # registry name -> reference function: every `<name>_step` defined above (no list to keep in sync)
 STEPS = {name[:-len("_step")]: fn for name, fn in list(globals().items())
          if name.endswith("_step") and callable(fn) and not name.startswith("_")}
@@ -214,6 +279,10 @@ def initial_state(name, state, **hp) -> float:
     spec.state_init, so that the tests compare the two."""
     if name == "adagrad" and state == "state_sum":
         return float(hp.get("initial_accumulator_value", 0.0))
+    if name == "rprop" and state == "step_size":  # torch.optim.Rprop: the group's lr
+        return float(hp.get("lr", 1e-2))
+    if name == "yogi":  # pytorch_optimizer.Yogi: both moments
+        return float(hp.get("initial_accumulator", 1e-6))
     return 0.0
 
 

@@ -725,6 +725,149 @@ p = p - lr / (1 - beta1^t) * m / u
 ))
 
 
+# ---- issue 14: Adadelta, Rprop, ASGD (torch.optim's) and Yogi (Zaheer et al. 2018) ------------------
+
+def _adadelta_scalars(hp, step, grad_scale):
+    return (_gs(hp, grad_scale), hp["lr"], hp["rho"], 1.0 - hp["rho"], hp["eps"], hp["weight_decay"])
+
+
+ADADELTA = _register(OptimizerSpec(
+    name="adadelta", class_name="Adadelta", kernel="adadelta",
+    summary="Adadelta: step sizes from running averages of squared gradients and squared updates, in place.",
+    rule="""\
+g = grad_scale * g (negated if maximize) + weight_decay * p
+square_avg = rho * square_avg + (1 - rho) * g^2
+delta = sqrt(acc_delta + eps) / sqrt(square_avg + eps) * g
+acc_delta = rho * acc_delta + (1 - rho) * delta^2
+p = p - lr * delta
+""",
+    hypers=(lr(1.0), Hyper("rho", 0.9, "decay of the running averages, in [0, 1]",
+                           check=lambda x: 0.0 <= x <= 1.0, label="rho value"),
+            eps(1e-6), weight_decay(), MAXIMIZE),
+    states=("square_avg", "acc_delta"),
+    scalar_names=("grad_scale", "lr", "rho", "one_minus_rho", "eps", "weight_decay"),
+    scalars=_adadelta_scalars, uses_step=False, torch_class="Adadelta",
+    torch_positional=("lr", "rho", "eps", "weight_decay", "foreach"),
+))
+
+
+def _rprop_scalars(hp, step, grad_scale):
+    return (_gs(hp, grad_scale), hp["etaminus"], hp["etaplus"], hp["step_size_min"], hp["step_size_max"])
+
+
+def _rprop_check(hp):
+    if not 0.0 < hp["etaminus"] < 1.0 < hp["etaplus"]:
+        raise ValueError(f"Invalid eta values: {hp['etaminus']}, {hp['etaplus']}")  # torch's words
+
+
+RPROP = _register(OptimizerSpec(
+    name="rprop", class_name="Rprop", kernel="rprop",
+    summary="Rprop: per-element step sizes grown or shrunk by the sign agreement of successive gradients, "
+            "in place.",
+    rule="""\
+g = grad_scale * g (negated if maximize)
+s = sign(g * prev):  factor = etaplus if s > 0, etaminus if s < 0, 1 if s == 0
+step_size = clamp(step_size * factor, step_size_min, step_size_max)   (step_size starts at lr)
+g = 0 where s < 0
+p = p - sign(g) * step_size
+prev = g
+""",
+    hypers=(lr(1e-2),
+            Hyper("etaminus", 0.5, "step-size factor after a sign change, in (0, 1) (torch's etas[0])",
+                  label="etaminus value"),
+            Hyper("etaplus", 1.2, "step-size factor while the sign holds, > 1 (torch's etas[1])",
+                  label="etaplus value"),
+            Hyper("step_size_min", 1e-6, "smallest step size (torch's step_sizes[0])", label="step_size_min value"),
+            Hyper("step_size_max", 50.0, "largest step size (torch's step_sizes[1])", label="step_size_max value"),
+            MAXIMIZE),
+    states=("prev", "step_size"),
+    # torch fills a new step_size with the group's lr; a step never reads lr
+    state_fill={"step_size": lambda hp: hp["lr"]},
+    scalar_names=("grad_scale", "etaminus", "etaplus", "step_size_min", "step_size_max"),
+    scalars=_rprop_scalars, uses_step=False, extra_check=_rprop_check,
+))
+
+
+def asgd_eta(hp, t) -> float:
+    """ASGD's step size after t steps, torch's expression: lr / (1 + lambd * lr * t)^alpha (an overflowing
+    power makes it 0)."""
+    try:
+        return hp["lr"] / ((1.0 + hp["lambd"] * hp["lr"] * t) ** hp["alpha"])
+    except OverflowError:
+        return 0.0
+
+
+def asgd_mu(hp, t) -> float:
+    """ASGD's averaging weight after t steps: 1 / max(1, t - t0) (1 before the first step)."""
+    return 1.0 if t == 0 else 1.0 / max(1.0, t - hp["t0"])
+
+
+ASGD_AVERAGING = 1  # variant bit: mu != 1, so ax moves towards p (else ax is a copy of p, like torch)
+
+
+def _asgd_scalars(hp, step, grad_scale):
+    eta = asgd_eta(hp, step - 1)  # torch uses the eta and mu it stored after the previous step
+    return (_gs(hp, grad_scale), hp["weight_decay"], 1.0 - hp["lambd"] * eta, eta, asgd_mu(hp, step - 1))
+
+
+ASGD = _register(OptimizerSpec(
+    name="asgd", class_name="ASGD", kernel="asgd",
+    summary="ASGD: SGD with a decaying step size and a running average of the iterates, in place.",
+    rule="""\
+g = grad_scale * g (negated if maximize) + weight_decay * p
+eta = lr / (1 + lambd * lr * (t - 1))^alpha;   mu = 1 / max(1, t - 1 - t0)   (1 on step 1)
+p = p * (1 - lambd * eta) - eta * g
+ax = ax + (p - ax) * mu   (ax = p when mu == 1)
+""",
+    hypers=(lr(1e-2), Hyper("lambd", 1e-4, "decay term (>= 0)", check=_nonneg, label="lambd value"),
+            Hyper("alpha", 0.75, "power of the step-size decay (>= 0)", check=_nonneg, label="alpha value"),
+            Hyper("t0", 1e6, "step at which averaging starts (finite)", label="t0 value"),
+            weight_decay(), MAXIMIZE),
+    states=("ax",),
+    scalar_names=("grad_scale", "weight_decay", "decay", "eta", "mu"),
+    scalars=_asgd_scalars, variant=lambda hp, step: ASGD_AVERAGING if asgd_mu(hp, step - 1) != 1.0 else 0,
+    variants=(0, ASGD_AVERAGING), torch_class="ASGD",
+    torch_positional=("lr", "lambd", "alpha", "t0", "weight_decay", "foreach", "maximize", "differentiable",
+                      "capturable"),
+    torch_extra_state={"eta": asgd_eta, "mu": asgd_mu},
+))
+
+
+def _yogi_scalars(hp, step, grad_scale):
+    wd = hp["weight_decay"]
+    if hp["decoupled_weight_decay"]:
+        l2, decay = 0.0, 1.0 - wd * (1.0 if hp["fixed_decay"] else hp["lr"])
+    else:
+        l2, decay = wd, 1.0
+    return (_gs(hp, grad_scale), *_moments(hp), hp["eps"], l2, decay, hp["lr"] / (1.0 - hp["beta1"] ** step),
+            1.0 / (1.0 - hp["beta2"] ** step) ** 0.5)
+
+
+YOGI = _register(OptimizerSpec(
+    name="yogi", class_name="Yogi", kernel="yogi",
+    summary="Yogi (Zaheer et al. 2018): Adam whose second moment moves additively, by the sign of "
+            "v - g^2, in place.",
+    rule="""\
+g = grad_scale * g (negated if maximize); p = p * (1 - lr * weight_decay) when decoupled_weight_decay
+        (1 - weight_decay with fixed_decay), else g = g + weight_decay * p
+m = beta1 * m + (1 - beta1) * g
+v = v - (1 - beta2) * sign(v - g^2) * g^2
+p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+(m and v start at initial_accumulator)
+""",
+    hypers=(lr(1e-2), beta1(), beta2(),
+            Hyper("initial_accumulator", 1e-6, "the value exp_avg and exp_avg_sq start with (>= 0)",
+                  check=_nonneg, label="initial_accumulator value"),
+            weight_decay(0.0, "weight decay: decoupled (the default) or L2 (>= 0)"),
+            flag("decoupled_weight_decay", True, "AdamW-style weight decay"),
+            flag("fixed_decay", False, "decoupled decay not scaled by lr"), eps(1e-3), MAXIMIZE),
+    states=("exp_avg", "exp_avg_sq"),
+    state_fill={"exp_avg": lambda hp: hp["initial_accumulator"], "exp_avg_sq": lambda hp: hp["initial_accumulator"]},
+    scalar_names=_ADAM_SCALARS,
+    scalars=_yogi_scalars,
+))
+
+
 def get_spec(name: str) -> OptimizerSpec:
     try:
         return REGISTRY[name.lower()]

@@ -14,8 +14,12 @@
 #include "adabelief.cuh"
 #include "lion.cuh"
 #include "adamax.cuh"
+#include "adadelta.cuh"
+#include "rprop.cuh"
+#include "asgd.cuh"
+#include "yogi.cuh"
 
-#define FASTOPT_FAMILY_COUNT 9
+#define FASTOPT_FAMILY_COUNT 13
 
 // X(kind, family, functor, variant): one row per compiled variant (kernels/cpu/cpu_loops.hpp)
 #define FASTOPT_UPDATE_VARIANTS(X) \
@@ -37,6 +41,11 @@
     X(6, adabelief, AdabeliefOp, 0) \
     X(7, lion, LionOp, 0) \
     X(8, adamax, AdamaxOp, 0) \
+    X(9, adadelta, AdadeltaOp, 0) \
+    X(10, rprop, RpropOp, 0) \
+    X(11, asgd, AsgdOp, 0) \
+    X(11, asgd, AsgdOp, 1) \
+    X(12, yogi, YogiOp, 0) \
 
 
 // The CUDA entry points fo_<family>_v<variant>[_multi]: update.cu defines FO_UPDATE_ENTRIES and then
@@ -60,6 +69,11 @@ FO_UPDATE_ENTRIES(5, radam, RadamOp, 1)
 FO_UPDATE_ENTRIES(6, adabelief, AdabeliefOp, 0)
 FO_UPDATE_ENTRIES(7, lion, LionOp, 0)
 FO_UPDATE_ENTRIES(8, adamax, AdamaxOp, 0)
+FO_UPDATE_ENTRIES(9, adadelta, AdadeltaOp, 0)
+FO_UPDATE_ENTRIES(10, rprop, RpropOp, 0)
+FO_UPDATE_ENTRIES(11, asgd, AsgdOp, 0)
+FO_UPDATE_ENTRIES(11, asgd, AsgdOp, 1)
+FO_UPDATE_ENTRIES(12, yogi, YogiOp, 0)
 #endif
 
 // The two-phase families (spec.two_phase): fo_<family>_moments_multi, _trust, _apply_multi around a

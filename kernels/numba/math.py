@@ -207,6 +207,65 @@ def build(dtype):
         p = p - h[H.adamax.step_size] * (a / b)
         return p, a, b, c
 
+    # issue 14 (adadelta.cuh, rprop.cuh, asgd.cuh, yogi.cuh)
+
+    @family
+    def adadelta_math(p, g, a, b, c, h, s, variant):  # a: square_avg, b: acc_delta
+        g = g * (h[H.adadelta.grad_scale] * s)
+        g = add_scaled(g, h[H.adadelta.weight_decay], p)
+        a = h[H.adadelta.rho] * a + h[H.adadelta.one_minus_rho] * (g * g)
+        std = math.sqrt(a + h[H.adadelta.eps])
+        delta = math.sqrt(b + h[H.adadelta.eps]) / std * g
+        b = h[H.adadelta.rho] * b + h[H.adadelta.one_minus_rho] * (delta * delta)
+        p = p - h[H.adadelta.lr] * delta
+        return p, a, b, c
+
+    @family
+    def rprop_math(p, g, a, b, c, h, s, variant):  # a: prev, b: step_size
+        g = g * (h[H.rprop.grad_scale] * s)
+        x = g * a
+        if x > ZERO:
+            factor = h[H.rprop.etaplus]
+        elif x < ZERO:
+            factor = h[H.rprop.etaminus]
+        elif x == ZERO:
+            factor = ONE
+        else:
+            factor = x  # NaN
+        t = b * factor
+        t = h[H.rprop.step_size_min] if t < h[H.rprop.step_size_min] else t
+        t = h[H.rprop.step_size_max] if t > h[H.rprop.step_size_max] else t
+        b = t
+        if x < ZERO:
+            g = ZERO
+        p = p - sign(g) * t
+        a = g
+        return p, a, b, c
+
+    @family
+    def asgd_math(p, g, a, b, c, h, s, variant):  # a: ax
+        g = g * (h[H.asgd.grad_scale] * s)
+        g = add_scaled(g, h[H.asgd.weight_decay], p)
+        p = p * h[H.asgd.decay]
+        p = p - h[H.asgd.eta] * g
+        if variant & 1:  # specs.ASGD_AVERAGING: mu != 1
+            a = a + (p - a) * h[H.asgd.mu]
+        else:
+            a = p
+        return p, a, b, c
+
+    @family
+    def yogi_math(p, g, a, b, c, h, s, variant):  # a: exp_avg, b: exp_avg_sq
+        g = g * (h[H.yogi.grad_scale] * s)
+        g = add_scaled(g, h[H.yogi.l2], p)
+        p = p * h[H.yogi.decay]
+        a = h[H.yogi.beta1] * a + h[H.yogi.one_minus_beta1] * g
+        g2 = g * g
+        b = b - h[H.yogi.one_minus_beta2] * (sign(b - g2) * g2)
+        denom = math.sqrt(b) * h[H.yogi.inv_bias_correction2_sqrt] + h[H.yogi.eps]
+        p = p - h[H.yogi.step_size] * (a / denom)
+        return p, a, b, c
+
     # ---- two-phase families (spec.two_phase): moments + per-tensor norms, then the scaled step ---------
 
     @family
