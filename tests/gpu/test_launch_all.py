@@ -1,0 +1,75 @@
+"""tests/gpu/launch_all.py (the program compute-sanitizer runs in `make gpu-check`) without a GPU: its
+configurations select every compiled variant of every registry optimizer, and its backend-interface sweep,
+run against the stand-in CuPy of test_cupy_launch_abi.py, launches every entry point of
+cuda_source.kernel_names() in every dtype, each launch fitting its kernel's C signature."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import launch_all
+from fastopt.backends import cuda_source, cupy_backend
+from fastopt.specs import REGISTRY
+from test_cupy_launch_abi import assert_launches_fit, fake  # noqa: F401  (fake: the stand-in CuPy fixture)
+
+
+class FakeArrays:
+    """launch_all's array factory on the stand-in CuPy: shapes and dtypes without memory."""
+
+    def __init__(self, stand_in):
+        self.fake = stand_in
+
+    def array(self, host):
+        return self.fake.alloc(np.shape(host), np.asarray(host).dtype)
+
+    def misaligned(self, host):
+        host = np.asarray(host)
+        return self.fake.alloc((host.size + 1,), host.dtype)[1:]
+
+
+@pytest.mark.parametrize("spec", REGISTRY.values(), ids=lambda s: s.name)
+def test_configurations_select_every_compiled_variant(spec):
+    configs = launch_all.update_configs(spec)
+    assert sorted(spec.variant(hp, step) for hp, step in configs) == sorted(set(spec.variants))
+    for hp, step in configs:
+        assert spec.validate(hp, step) == (hp, step)  # valid, already converted
+
+
+def test_a_variant_no_configuration_reaches_is_an_error(monkeypatch):
+    spec = REGISTRY["adam"]
+    monkeypatch.setattr(type(spec), "variants", property(lambda self: (0, 1, 7)), raising=False)
+    with pytest.raises(RuntimeError, match=r"adam: no configuration selects variant\(s\) \[7\]"):
+        launch_all.update_configs(spec)
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
+def test_the_sweep_launches_every_cuda_entry_point_in_every_dtype(fake, quick):  # noqa: F811
+    launched = {}
+    make = FakeArrays(fake)
+    for dtype in cupy_backend.DTYPES:
+        fake.launches.clear()
+        calls = launch_all.sweep_backend("cupy", make, dtypes=(dtype,), log=lambda *a: None, quick=quick)
+        # clip_coefficient is CuPy elementwise arithmetic (no fastopt kernel): the stand-in has no arithmetic
+        failed = [what for what, _ in calls.failures]
+        assert all("clip_coefficient" in w for w in failed), calls.failures[:1]
+        assert_launches_fit(fake, f"launch_all {dtype}")
+        launched[dtype] = {launch.name for launch in fake.launches}
+        modules = {option for launch in fake.launches for option in launch.options if "FASTOPT_DTYPE" in option}
+        assert cuda_source.compile_options(dtype)[1] in modules  # the updates ran in the dtype's own module
+    for dtype, names in launched.items():
+        missing = set(cuda_source.kernel_names()) - names
+        assert not missing, f"{dtype}: never launched {sorted(missing)}"
+        assert names <= set(cuda_source.kernel_names())
+
+
+def test_list_mode_needs_no_gpu():
+    out = subprocess.run([sys.executable, launch_all.__file__, "--list"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == sum(len(set(s.variants)) for s in REGISTRY.values())
+    bad = subprocess.run([sys.executable, launch_all.__file__, "--backends", "opencl"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "--backends: unknown ['opencl']" in bad.stderr
