@@ -53,9 +53,24 @@ from fastopt.distributed.layout import ShardLayout
 from fastopt.schedules import Schedule, is_schedule
 from fastopt.specs import REGISTRY, get_spec
 
-__all__ = ["ShardedOptimizer", "DEFAULT_BUCKET_BYTES"]
+__all__ = ["ShardedOptimizer", "DEFAULT_BUCKET_BYTES", "unsupported_reason"]
 
 DEFAULT_BUCKET_BYTES = 32 << 20  # per-bucket overlap granularity; one bucket per dtype below this size
+
+
+def unsupported_reason(spec) -> str | None:
+    """Why `spec`'s update cannot be sharded (None: it can). A shard holds pieces of tensors, so the
+    update must be elementwise: no per-tensor reduction (spec.two_phase, LAMB) and state shaped like the
+    param (a factored state, like Adafactor's row and column statistics, is per tensor). An optimizer
+    whose update couples the elements of a tensor in some other way must declare it in its spec."""
+    if spec.two_phase:
+        return (f"its update is not elementwise (a per-tensor reduction, e.g. LAMB's trust ratio from the norms "
+                f"of whole tensors, computed inside its kernel), and a shard holds pieces of tensors")
+    probe = np.zeros((2, 3))
+    shapes = {name: tuple(a.shape) for name, a in fastopt.init_state(spec.name, probe).items()}
+    if any(s != probe.shape for s in shapes.values()):
+        return f"its state is not shaped like the param ({shapes} for a (2, 3) param), so it is per tensor"
+    return None
 
 
 def _resolve_optimizer(name_or_class):
@@ -68,10 +83,9 @@ def _resolve_optimizer(name_or_class):
     else:
         raise TypeError(f"name_or_class must be a registry name ({', '.join(REGISTRY)}) or a fastopt optimizer "
                         f"class, got {name_or_class!r}")
-    if spec.two_phase:
-        raise ValueError(f"ShardedOptimizer does not support {spec.name!r}: its update is not elementwise (a "
-                         f"per-tensor trust ratio from the norms of whole tensors, computed inside its kernel), "
-                         f"and a shard holds pieces of tensors")
+    reason = unsupported_reason(spec)
+    if reason is not None:
+        raise ValueError(f"ShardedOptimizer does not support {spec.name!r}: {reason}")
     return spec, getattr(fastopt, spec.class_name)
 
 
@@ -161,6 +175,7 @@ class ShardedOptimizer:
         self.skip_nonfinite = probe.skip_nonfinite
         self.backend = probe.backend
         self._hp = dict(checked, lr=exported["lr"])  # registry names; lr may be a schedule
+        self._options = {name: checked[name] for name in spec.state_options}  # decide the state arrays
         self._step_fn = getattr(fastopt, spec.function_name)
         self.rank, self.world_size = comm.rank, comm.size
         self.layout = ShardLayout.build([v.shape for v in views], dtypes, comm.size, int(bucket_bytes))
@@ -227,7 +242,7 @@ class ShardedOptimizer:
 
     def _allocate(self):
         comm, spec = self.comm, self.spec
-        options = {name: self._hp[name] for name in spec.state_options}
+        options = self._options
         self._flat, self._send, self._recv, self._states = [], [], [], []
         for b in self.layout.buckets:
             self._flat.append(comm.alloc(b.world * b.shard, b.dtype))
@@ -404,6 +419,7 @@ class ShardedOptimizer:
                 target[...] = self._like(target, shard_states[b.index][name])
         keep_schedule = is_schedule(self._hp["lr"])
         self._hp.update({k: v for k, v in hyperparameters.items() if not (k == "lr" and keep_schedule)})
+        self._options = {name: hyperparameters[name] for name in self.spec.state_options}
         self.steps, self.skipped_steps = int(steps), int(skipped_steps)
         for r in [self.comm.all_gather(self._flat[b.index][0], b.shard) for b in self.layout.buckets]:
             r.wait()

@@ -10,15 +10,16 @@ import numpy as np
 from mpi4py import MPI
 
 import fastopt
-from fastopt.distributed import ShardedOptimizer, gather
-from fastopt.specs import REGISTRY
+from fastopt.distributed import ShardedOptimizer, gather, unsupported_reason
+from fastopt.specs import REGISTRY, REQUIRED
 
 COMM = MPI.COMM_WORLD
 RANK, WORLD = COMM.Get_rank(), COMM.Get_size()
 # odd sizes, a size-0 and a size-1 param, a float64 param mixed in
 SHAPES = [(7, 3), (101,), (1,), (0,), (33, 5), (2, 2, 3)]
 
-# every option each optimizer has that changes its code path (momentum, nesterov, amsgrad, centered, ...)
+# the options of each optimizer that change its code path (momentum, nesterov, amsgrad, centered, ...); a
+# registry entry without a row here runs with its defaults (and lr 0.01 where it has no default)
 CONFIGS = {
     "sgd": [dict(lr=0.1), dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
             dict(lr=0.05, momentum=0.5, dampening=0.5, maximize=True)],
@@ -32,6 +33,13 @@ CONFIGS = {
     "lion": [dict(lr=0.001, weight_decay=0.1)],
     "adamax": [dict(lr=0.01, weight_decay=0.01)],
 }
+
+
+def configs():
+    for spec in REGISTRY.values():
+        if unsupported_reason(spec) is None:
+            lr = spec.defaults["lr"]
+            yield spec.name, CONFIGS.get(spec.name, [dict(lr=0.01 if lr is REQUIRED else lr)])
 
 
 def grads_for(seed, t, rank, params):
@@ -65,8 +73,8 @@ def equal(bucket_bytes):
     single-process class applied to the mean gradient, 6 steps (the sums of gradients are exact, and the
     kernel multiplies by grad_scale = 1/world first, as the oracle's mean does)."""
     seed = 1000
-    for name, configs in CONFIGS.items():
-        for hp in configs:
+    for name, hps in configs():
+        for hp in hps:
             for dtypes in ([np.float32], [np.float64], [np.float32, np.float64]):
                 seed += 1
                 params = make_params(seed, dtypes)
@@ -158,10 +166,16 @@ def errors():
             check(text in str(e), f"message {e!r} lacks {text!r}")
         else:
             check(False, f"{bad} accepted")
-    try:
-        ShardedOptimizer("lamb", params, COMM, lr=1e-3)
-    except ValueError as e:
-        check("trust ratio" in str(e), str(e))
+    for spec in REGISTRY.values():
+        reason = unsupported_reason(spec)
+        if reason is not None:
+            try:
+                ShardedOptimizer(spec.name, params, COMM, lr=1e-3)
+            except ValueError as e:
+                check(reason in str(e), str(e))
+            else:
+                check(False, f"{spec.name} accepted")
+    check(unsupported_reason(REGISTRY["lamb"]) is not None, "LAMB accepted")
     ps = [p.copy() for p in params]
     opt = ShardedOptimizer("adam", ps, COMM, lr=1e-3)
     state = [{k: v.copy() for k, v in s.items()} for s in opt.shard_states()]

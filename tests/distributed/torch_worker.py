@@ -1,0 +1,131 @@
+"""One rank of the torch.distributed (gloo, CPU) tests: `python torch_worker.py SCENARIO,... RANK WORLD INIT_FILE OUT`.
+tests/distributed/test_torch.py starts WORLD of these; each writes {scenario: "OK" or its traceback} (JSON)
+to OUT.<rank>."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import traceback
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import fastopt
+from fastopt.distributed import ShardedOptimizer, unsupported_reason
+from fastopt.specs import REGISTRY
+
+SHAPES = [(7, 3), (101,), (1,), (0,), (33, 5)]
+SHORT_TIMEOUT = []  # the process group with a 3 s timeout (dead_rank)
+
+
+def grads_for(seed, t, rank, params):
+    g = torch.Generator().manual_seed(seed * 1000 + t * 10 + rank)
+    return [(torch.randn(p.shape, generator=g, dtype=p.dtype) * 16).round() / 8 for p in params]
+
+
+def check(cond, msg):
+    if not cond:
+        raise AssertionError(msg)
+
+
+def equal(rank, world):
+    """Torch tensors through gloo: bit for bit the single-process class on the mean gradient (NumPy copies),
+    for every elementwise optimizer, float32 and float64; the updates land in the user's tensors and
+    opt.params are torch tensors sharing the flat buffer."""
+    seed = 0
+    for spec in REGISTRY.values():
+        if unsupported_reason(spec) is not None:
+            continue
+        for dtype in (torch.float32, torch.float64):
+            seed += 1
+            torch.manual_seed(seed)
+            params = [torch.randn(s, dtype=dtype) for s in SHAPES]
+            ref = [p.numpy().copy() for p in params]
+            hp = dict(lr=0.01) if spec.name != "lion" else dict(lr=1e-3, weight_decay=0.1)
+            hp = hp if spec.name in ("lion", "sgd") else dict(hp, lr=spec.defaults["lr"])
+            opt = ShardedOptimizer(spec.name, params, dist.group.WORLD, **hp)
+            single = getattr(fastopt, spec.class_name)(ref, **hp)
+            for t in range(1, 5):
+                opt.step(grads_for(seed, t, rank, params))
+                per_rank = [grads_for(seed, t, r, params) for r in range(world)]
+                scale = np.dtype(ref[0].dtype).type(1.0 / world)
+                single.step([sum(g[i] for g in per_rank).numpy() * scale for i in range(len(params))])
+            for i, (a, b) in enumerate(zip(params, ref)):
+                check(a.numpy().tobytes() == b.tobytes(), f"{spec.name} {dtype} param {i} differs")
+            check(all(isinstance(v, torch.Tensor) and torch.equal(v, p) for v, p in zip(opt.params, params)),
+                  "opt.params are not the updated tensors")
+
+
+def torch_oracle(rank, world):
+    """torch.optim.AdamW on the mean gradient (float64, 20 steps): within 1e-10 relative."""
+    torch.manual_seed(5)
+    params = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    ref = [p.clone().requires_grad_(True) for p in params]
+    opt = ShardedOptimizer("adamw", params, dist.group.WORLD, lr=0.01, weight_decay=0.1, amsgrad=True)
+    oracle = torch.optim.AdamW(ref, lr=0.01, weight_decay=0.1, amsgrad=True)
+    for t in range(1, 21):
+        opt.step(grads_for(5, t, rank, params))
+        per_rank = [grads_for(5, t, r, params) for r in range(world)]
+        for i, p in enumerate(ref):
+            p.grad = sum(g[i] for g in per_rank) / world
+        oracle.step()
+    for a, b in zip(params, ref):
+        check(torch.allclose(a, b.detach(), rtol=1e-10, atol=1e-12), "differs from torch.optim.AdamW")
+
+
+def mismatch(rank, world):
+    """Different params on one rank: every rank raises the same ValueError at construction."""
+    params = [torch.ones(10) * (1 + (rank == world - 1))]
+    try:
+        ShardedOptimizer("adam", params, dist.group.WORLD, lr=1e-3)
+    except ValueError as e:
+        check("the values of the params" in str(e), str(e))
+    else:
+        raise AssertionError("mismatch not detected")
+
+
+def dead_rank(rank, world):
+    """The last rank exits without stepping: the others' step raises once the group's timeout passes
+    (here 3 s) instead of waiting forever."""
+    params = [torch.ones(1000)]
+    opt = ShardedOptimizer("sgd", params, SHORT_TIMEOUT[0], lr=0.1)
+    if rank == world - 1:
+        return
+    try:
+        opt.step([torch.ones(1000)])
+    except Exception as e:  # torch raises RuntimeError / DistBackendError on a timeout
+        check("timed out" in str(e).lower() or "timeout" in str(e).lower() or "connection" in str(e).lower(),
+              f"{type(e).__name__}: {e}")
+    else:
+        raise AssertionError("a step with a dead rank returned")
+
+
+SCENARIOS = {"equal": equal, "torch_oracle": torch_oracle, "mismatch": mismatch, "dead_rank": dead_rank}
+
+if __name__ == "__main__":
+    # scenarios run one after another in the same pair of processes (importing torch takes seconds);
+    # dead_rank, whose last rank leaves, must come last
+    names, rank, world, init, out = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    results = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        for name in names:
+            if name == "dead_rank":  # a group with a short timeout, so that the wait for the dead rank ends soon
+                SHORT_TIMEOUT.append(dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=3)))
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", RuntimeWarning)  # an all_reduce fallback would warn: must not happen
+                    SCENARIOS[name](rank, world)
+                results[name] = "OK"
+            except BaseException:
+                results[name] = traceback.format_exc()
+    except BaseException:
+        results["setup"] = traceback.format_exc()
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(results, f)
+    os._exit(0)  # no destroy_process_group: the dead rank's peer would wait for it
