@@ -15,7 +15,7 @@ PIP    := $(BIN)/python -m pip
 BUILD_EXT := $(BIN)/python setup.py -q build_ext --inplace
 BUILD_REQS := "setuptools>=77" wheel "Cython>=3.0" "numpy>=1.25"
 
-.PHONY: demo test bench build-tools clean
+.PHONY: demo test bench build-tools clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,21 @@ test: $(VENV)/.deps-test build-tools
 bench: $(VENV)/.deps-test
 	$(BUILD_EXT)
 	$(BIN)/python bench/bench_cpu.py
+
+# make gpu-check OUT=<dir> [STAGES=build,tests,sanitizer,bench] [BUDGETS=build=120,...] [GPU_PYTHON=python3]
+# On a GPU machine without network access that already has CUDA, cupy-cuda13x, numba-cuda, torch, pytest, Cython
+# and compute-sanitizer: builds the extension in place, runs tests/gpu, compute-sanitizer (memcheck, initcheck,
+# racecheck, synccheck) on every kernel and the GPU benchmark, each stage with its own time budget (2, 4, 4, 4
+# minutes), with logs, JSON and OUT/summary.json in OUT (tests/gpu/gpu_check.py). No venv, nothing installed.
+# A command limited to 10 minutes runs it in two calls with the same OUT: STAGES=build,tests then
+# STAGES=sanitizer,bench (the summary is merged).
+GPU_PYTHON ?= python3
+STAGES ?= build,tests,sanitizer,bench
+BUDGETS ?=
+gpu-check:
+	@if [ -z "$(OUT)" ]; then echo "usage: make gpu-check OUT=<dir> [STAGES=build,tests,sanitizer,bench]" >&2; exit 2; fi
+	$(GPU_PYTHON) tests/gpu/gpu_check.py --out "$(OUT)" --stages "$(STAGES)" --python "$(GPU_PYTHON)" \
+		$(if $(BUDGETS),--budgets "$(BUDGETS)")
 
 clean:
 	rm -rf build $(VENV) *.egg-info kernels/cpu/*.so kernels/cpu/_cpu_fast.cpp

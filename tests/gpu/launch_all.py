@@ -96,6 +96,9 @@ class CupyArrays:
     def __init__(self):
         import cupy
         self.cp = cupy
+        # no memory pool: every array is its own allocation, so that the sanitizer sees an access past an
+        # array's end (memcheck) or into memory nothing wrote (initcheck) instead of a recycled pool block
+        cupy.cuda.set_allocator(None)
 
     def array(self, host):
         return self.cp.asarray(host)
@@ -272,6 +275,8 @@ def main(argv=None) -> int:
                         help="fewer layouts and grad_scale forms (every kernel still launched; for racecheck/synccheck)")
     parser.add_argument("--list", action="store_true", help="print the update configurations and exit (no GPU)")
     args = parser.parse_args(argv)
+    # torch's caching allocator off, for the same reason as CuPy's pool (read when torch initialises CUDA)
+    os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:

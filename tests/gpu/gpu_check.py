@@ -1,0 +1,453 @@
+"""`make gpu-check OUT=<dir>`: everything a GPU machine without network access can check, in one command.
+
+    python3 tests/gpu/gpu_check.py --out DIR [--stages build,tests,sanitizer,bench]
+                                   [--budgets build=120,tests=240,sanitizer=240,bench=240] [--python python3]
+                                   [--dry-run]
+
+For a machine with CUDA, CuPy (cupy-cuda13x), numba-cuda, torch, pytest, Cython, nvcc and compute-sanitizer
+already installed: nothing is installed or downloaded, no virtual environment is made; every command runs
+with this checkout first on PYTHONPATH. The stages, each with its own time budget (seconds):
+
+  build      python3 setup.py build_ext --inplace                                   (build.log)
+  tests      pytest tests/gpu, then the tests outside it marked `gpu`               (tests-*.log, *.xml)
+  sanitizer  compute-sanitizer memcheck, initcheck, racecheck, synccheck on tests/gpu/launch_all.py
+             (every CUDA kernel, both backends; racecheck and synccheck on its --quick sweep)
+                                                                                    (sanitizer-<tool>.log)
+  bench      fastopt bench --device gpu --quick                                     (bench.log, bench-gpu.json,
+             then gpu-<device>.json with the sanitizer and test targets filled in,   gpu-<device>.json,
+             and the Markdown tables)                                                bench-table.md)
+
+A failing or timed-out stage does not stop the later ones (a timed-out command's process group is
+killed). DIR/summary.json holds per stage its status (ok, failed, timeout, error), seconds, commands
+with exit codes and logs, test counts and the sanitizer's error counts; a summary already in DIR is
+merged (stages run now replace theirs), so the stages can be run in several calls, e.g. two commands
+of at most 10 minutes: STAGES=build,tests then STAGES=sanitizer,bench with the same OUT. Exit status 0
+when every stage run now is ok. Standard library only: it reports even when fastopt does not import.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STAGES = ("build", "tests", "sanitizer", "bench")
+BUDGETS = {"build": 120, "tests": 240, "sanitizer": 240, "bench": 240}
+# share of the sanitizer budget per tool; time a tool leaves unused goes to the ones after it
+TOOLS = (("memcheck", 3, False), ("initcheck", 3, False), ("racecheck", 2, True), ("synccheck", 2, True))
+KILL_GRACE = 5
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsing what the tools print
+# ---------------------------------------------------------------------------------------------------
+
+_ERROR_SUMMARY = re.compile(r"^=+ ERROR SUMMARY: (\d+) errors?", re.M)
+_RACE_SUMMARY = re.compile(r"^=+ RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", re.M)
+# the first line of each reported problem (used to count what a log cut short by a timeout already shows)
+_RECORD = re.compile(r"^=+ (Invalid |Uninitialized |Error: Race|Warning: Race|Barrier error|Program hit |"
+                     r"Malloc/Free error|Misaligned |Out-of-range |Leaked |Error: process didn't terminate)", re.M)
+
+
+def parse_sanitizer(text: str) -> dict:
+    """compute-sanitizer's verdict from its output: errors (the ERROR SUMMARY counts, summed over processes,
+    and racecheck's hazard errors), warnings (racecheck's), whether a summary was printed at all, and the
+    problem records seen (what a log cut short still tells)."""
+    summaries = [int(n) for n in _ERROR_SUMMARY.findall(text)]
+    races = [(int(h), int(e), int(w)) for h, e, w in _RACE_SUMMARY.findall(text)]
+    found = bool(summaries or races)
+    errors = sum(summaries) if summaries else None
+    if races:  # racecheck may print both lines: its hazard errors are the ERROR SUMMARY's too
+        race_errors = sum(e for _, e, _ in races)
+        errors = max(errors or 0, race_errors)
+    return {"summary_found": found, "errors": errors, "warnings": sum(w for _, _, w in races),
+            "records": len(_RECORD.findall(text)),
+            "application_failed": "Target application returned an error" in text}
+
+
+_PYTEST_COUNTS = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)")
+
+
+def parse_junit(path: str) -> dict | None:
+    """Test counts from a pytest --junitxml file, or None when it is missing or unreadable."""
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return None
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for suite in suites:
+        for key in counts:
+            counts[key] += int(suite.get(key, 0))
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return counts
+
+
+def parse_pytest_line(text: str) -> dict:
+    """Counts from pytest's last summary line ("3 failed, 40 passed, 2 skipped in 5.0s"): the fallback when
+    there is no junit file (pytest killed by the timeout)."""
+    lines = [ln for ln in text.splitlines() if re.search(r"\b(passed|failed|error|no tests ran)\b", ln)]
+    out: dict = {}
+    if lines:
+        for n, what in _PYTEST_COUNTS.findall(lines[-1]):
+            out["errors" if what.startswith("error") else what] = int(n)
+    return out
+
+
+def device_slug(name: str) -> str:
+    """As fastopt.benchmark_gpu.device_slug (tests/test_gpu_check.py checks they agree)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running commands
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Command:
+    name: str
+    argv: list
+    log: str                       # file name inside OUT
+    weight: float = 1.0            # share of the stage's budget (unused time rolls over)
+    ok_codes: tuple = (0,)
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Stage:
+    name: str
+    commands: list
+    budget: float
+
+
+def environment():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_command(cmd: Command, out_dir: str, timeout: float) -> dict:
+    """Run one command in ROOT with its output in out_dir/cmd.log; kill its process group at the timeout."""
+    path = os.path.join(out_dir, cmd.log)
+    t0 = time.monotonic()
+    record = {"name": cmd.name, "argv": cmd.argv, "log": cmd.log, "timeout_s": round(timeout, 1)}
+    with open(path, "wb") as log:  # a rerun into the same OUT replaces the log
+        log.write(f"$ {' '.join(cmd.argv)}   (timeout {timeout:.0f} s)\n".encode())
+        log.flush()
+        try:
+            proc = subprocess.Popen(cmd.argv, cwd=ROOT, env=environment(), stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as e:
+            record.update(status="error", rc=None, seconds=0.0, error=f"{type(e).__name__}: {e}")
+            log.write(f"could not start: {e}\n".encode())
+            return record
+        try:
+            rc = proc.wait(timeout=max(timeout, 1))
+            status = "ok" if rc in cmd.ok_codes else "failed"
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            rc, status = None, "timeout"
+            log.write(f"\n*** killed after {timeout:.0f} s (gpu_check timeout)\n".encode())
+    record.update(status=status, rc=rc, seconds=round(time.monotonic() - t0, 1))
+    return record
+
+
+def _kill_group(proc):
+    """End the command and everything it started (its own process group, made by start_new_session)."""
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_stage(stage: Stage, out_dir: str, log=print) -> dict:
+    """Run a stage's commands in order within its budget; each gets its weight's share of what is left."""
+    t0 = time.monotonic()
+    records = []
+    for i, cmd in enumerate(stage.commands):
+        left = stage.budget - (time.monotonic() - t0)
+        weights = sum(c.weight for c in stage.commands[i:])
+        if left < 1:
+            records.append({"name": cmd.name, "argv": cmd.argv, "log": cmd.log, "status": "timeout", "rc": None,
+                            "seconds": 0.0, "error": "no time left in the stage's budget"})
+            continue
+        record = run_command(cmd, out_dir, left * cmd.weight / weights)
+        record.update(cmd.meta)
+        records.append(record)
+        log(f"gpu_check: {stage.name}/{cmd.name}: {record['status']} ({record['seconds']} s, log {cmd.log})")
+    statuses = [r["status"] for r in records]
+    status = next((s for s in ("error", "timeout", "failed") if s in statuses), "ok")
+    return {"status": status, "seconds": round(time.monotonic() - t0, 1), "budget_s": stage.budget,
+            "commands": records}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stages
+# ---------------------------------------------------------------------------------------------------
+
+def find_sanitizer():
+    """compute-sanitizer on PATH, else in the usual CUDA install places, else None."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            path = os.path.join(home, "bin", "compute-sanitizer")
+            if os.access(path, os.X_OK):
+                return path
+    return None
+
+
+def plan_stages(names, budgets, python, sanitizer) -> list:
+    stages = []
+    for name in names:
+        if name == "build":
+            cmds = [Command("build_ext", [python, "setup.py", "build_ext", "--inplace"], "build.log")]
+        elif name == "tests":
+            # 5 = no tests collected: nothing outside tests/gpu is marked gpu
+            cmds = [Command("tests/gpu", [python, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "tests/gpu",
+                                          "--junitxml", "{out}/tests-gpu.xml"], "tests-gpu.log", weight=3,
+                            meta={"junit": "tests-gpu.xml"}),
+                    Command("marked gpu", [python, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-m", "gpu",
+                                           "tests", "--ignore=tests/gpu", "--junitxml", "{out}/tests-marked-gpu.xml"],
+                            "tests-marked-gpu.log", ok_codes=(0, 5), meta={"junit": "tests-marked-gpu.xml"})]
+        elif name == "sanitizer":
+            tool_path = sanitizer or "compute-sanitizer"
+            cmds = [Command(tool, [tool_path, "--tool", tool, "--error-exitcode", "99", "--print-limit", "100",
+                                   python, "tests/gpu/launch_all.py", *(["--quick"] if quick else [])],
+                            f"sanitizer-{tool}.log", weight=weight, meta={"tool": tool})
+                    for tool, weight, quick in TOOLS]
+        elif name == "bench":
+            cmds = [Command("fastopt bench --device gpu --quick",
+                            [python, "-m", "fastopt", "bench", "--device", "gpu", "--quick", "--out",
+                             "{out}/bench-gpu.json"], "bench.log")]
+        else:
+            raise ValueError(f"unknown stage {name!r}; choose from {', '.join(STAGES)}")
+        stages.append(Stage(name, cmds, budgets[name]))
+    return stages
+
+
+def _with_out(stages, out_dir):
+    for stage in stages:
+        for cmd in stage.commands:
+            cmd.argv = [a.replace("{out}", out_dir) for a in cmd.argv]
+    return stages
+
+
+def finish_tests(result, out_dir):
+    counts = {"tests": 0, "passed": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for record in result["commands"]:
+        c = parse_junit(os.path.join(out_dir, record.get("junit", ""))) if record.get("junit") else None
+        if c is None:
+            try:
+                with open(os.path.join(out_dir, record["log"]), errors="replace") as f:
+                    line = parse_pytest_line(f.read())
+            except OSError:
+                line = {}
+            c = {"passed": line.get("passed", 0), "failures": line.get("failed", 0), "errors": line.get("errors", 0),
+                 "skipped": line.get("skipped", 0)}
+            c["tests"] = sum(c.values())
+            record["counts_from"] = "pytest summary line" if line else "none (no junit file, no summary line)"
+        record["counts"] = c
+        for key in counts:
+            counts[key] += c.get(key, 0)
+    result["counts"] = counts
+    result["failed"] = counts["failures"] + counts["errors"]
+
+
+def finish_sanitizer(result, out_dir):
+    total = 0
+    for record in result["commands"]:
+        try:
+            with open(os.path.join(out_dir, record["log"]), errors="replace") as f:
+                text = f.read()
+        except OSError:
+            text = ""
+        verdict = parse_sanitizer(text)
+        record.update(verdict)
+        launch = re.findall(r"^launch_all: (\d+) calls on .*: (OK|\d+ FAILED)$", text, re.M)
+        record["launch_all"] = launch[-1][1] if launch else "did not finish"
+        # no summary (killed, or not started): the records seen so far, and the stage is not ok
+        total += verdict["errors"] if verdict["errors"] is not None else verdict["records"]
+        if record["status"] == "ok" and not verdict["summary_found"]:
+            record["status"] = "failed"
+    result["errors"] = total
+    statuses = [r["status"] for r in result["commands"]]
+    result["status"] = next((s for s in ("error", "timeout", "failed") if s in statuses), "ok")
+
+
+def finish_bench(result, out_dir, summary):
+    """Copy bench-gpu.json to gpu-<device>.json with the sanitizer and test targets of this summary filled
+    in, and extract the Markdown tables from the log."""
+    src = os.path.join(out_dir, "bench-gpu.json")
+    try:
+        with open(src) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        result["json"] = None
+        result["json_error"] = f"{type(e).__name__}: {e}"
+        return
+    targets = doc.setdefault("targets", {})
+    sanitizer = summary["stages"].get("sanitizer")
+    tests = summary["stages"].get("tests")
+    fill = {"compute_sanitizer_errors": sanitizer.get("errors") if sanitizer and sanitizer["status"] != "error"
+            else None,
+            "gpu_tests_failed": tests.get("failed") if tests and tests["status"] in ("ok", "failed") else None}
+    for name, value in fill.items():
+        t = targets.setdefault(name, {"target": 0, "rule": "<="})
+        t["value"] = value
+        t["met"] = None if value is None else value <= t.get("target", 0)
+    name = doc.get("device", {}).get("name") or "unknown"
+    dst = os.path.join(out_dir, f"gpu-{device_slug(name)}.json")
+    tmp = dst + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, dst)
+    result["json"] = os.path.basename(dst)
+    result["complete"] = doc.get("complete")
+    result["targets_met"] = f"{sum(t.get('met') is True for t in targets.values())} of {len(targets)}"
+    try:
+        with open(os.path.join(out_dir, "bench.log"), errors="replace") as f:
+            table = [ln.rstrip("\n") for ln in f if ln.startswith("|") or ln.startswith("Device copy:")]
+    except OSError:
+        table = []
+    if table:
+        with open(os.path.join(out_dir, "bench-table.md"), "w") as f:
+            f.write("\n".join(table) + "\n")
+
+
+def load_summary(out_dir):
+    try:
+        with open(os.path.join(out_dir, "summary.json")) as f:
+            summary = json.load(f)
+        if isinstance(summary.get("stages"), dict):
+            return summary
+    except (OSError, ValueError):
+        pass
+    return {"stages": {}}
+
+
+def write_summary(out_dir, summary):
+    tmp = os.path.join(out_dir, "summary.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, os.path.join(out_dir, "summary.json"))
+
+
+def run(stages, out_dir, log=print) -> dict:
+    """Run the stages in order, each to its end whatever the others did; the merged summary."""
+    summary = load_summary(out_dir)
+    summary.update(root=ROOT, python=sys.version.split()[0], started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    t0 = time.monotonic()
+    for stage in stages:
+        log(f"gpu_check: stage {stage.name} (budget {stage.budget:.0f} s)")
+        for cmd in stage.commands:  # a file of an earlier call must not pass for this call's
+            for stale in filter(None, (cmd.meta.get("junit"), "bench-gpu.json" if stage.name == "bench" else None)):
+                if os.path.exists(os.path.join(out_dir, stale)):
+                    os.unlink(os.path.join(out_dir, stale))
+        result = run_stage(stage, out_dir, log)
+        if stage.name == "tests":
+            finish_tests(result, out_dir)
+        elif stage.name == "sanitizer":
+            finish_sanitizer(result, out_dir)
+        summary["stages"][stage.name] = result
+        if stage.name == "bench":
+            finish_bench(result, out_dir, summary)
+        write_summary(out_dir, summary)  # after every stage: a killed run keeps what it finished
+    summary["seconds_this_call"] = round(time.monotonic() - t0, 1)
+    write_summary(out_dir, summary)
+    return summary
+
+
+def report(summary, names) -> str:
+    lines = ["| stage | status | seconds | details |", "|---|---|---|---|"]
+    for name in names:
+        s = summary["stages"].get(name)
+        if s is None:
+            continue
+        if name == "tests":
+            c = s.get("counts", {})
+            detail = f"{c.get('passed', 0)} passed, {c.get('failures', 0)} failed, {c.get('errors', 0)} errors, " \
+                     f"{c.get('skipped', 0)} skipped"
+        elif name == "sanitizer":
+            detail = f"{s.get('errors')} errors: " + ", ".join(
+                f"{r.get('tool', r['name'])} {r['status']} {r.get('errors')} ({r.get('launch_all')})"
+                for r in s["commands"])
+        elif name == "bench":
+            detail = f"{s.get('json')}; targets met {s.get('targets_met')}"
+        else:
+            detail = ", ".join(f"{r['name']} rc={r['rc']}" for r in s["commands"])
+        lines.append(f"| {name} | {s['status']} | {s['seconds']} | {detail} |")
+    return "\n".join(lines)
+
+
+def _budgets(text):
+    budgets = dict(BUDGETS)
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, _, value = part.partition("=")
+        if name not in BUDGETS:
+            raise argparse.ArgumentTypeError(f"unknown stage {name!r} in {text!r}; stages: {', '.join(STAGES)}")
+        try:
+            budgets[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"budget of {name} must be seconds, got {value!r}") from None
+        if not budgets[name] > 0:
+            raise argparse.ArgumentTypeError(f"budget of {name} must be > 0, got {value!r}")
+    return budgets
+
+
+def _stage_names(text):
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in STAGES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {unknown or text!r}; choose from {', '.join(STAGES)}")
+    return [n for n in STAGES if n in names]  # always in pipeline order
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="directory for logs, JSON and summary.json (created)")
+    parser.add_argument("--stages", type=_stage_names, default=list(STAGES), help="comma-separated, default all")
+    parser.add_argument("--budgets", type=_budgets, default=dict(BUDGETS),
+                        help="seconds per stage, e.g. build=120,tests=240 (default build 120, tests 240, "
+                             "sanitizer 240, bench 240)")
+    parser.add_argument("--python", default="python3", help="the interpreter with the GPU packages (default python3)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and their budgets, run nothing")
+    args = parser.parse_args(argv)
+    out_dir = os.path.abspath(args.out)
+    sanitizer = find_sanitizer()
+    stages = _with_out(plan_stages(args.stages, args.budgets, args.python, sanitizer), out_dir)
+    if args.dry_run:
+        for stage in stages:
+            print(f"stage {stage.name} (budget {stage.budget:.0f} s):")
+            for cmd in stage.commands:
+                print(f"  {' '.join(cmd.argv)}   > {os.path.join(out_dir, cmd.log)}")
+        if "sanitizer" in args.stages and sanitizer is None:
+            print("note: compute-sanitizer is not on PATH nor in CUDA_HOME/bin or /usr/local/cuda/bin here")
+        return 0
+    os.makedirs(out_dir, exist_ok=True)
+    summary = run(stages, out_dir)
+    print(report(summary, args.stages))
+    print(f"gpu_check: summary in {os.path.join(out_dir, 'summary.json')}")
+    return 0 if all(summary["stages"][s]["status"] == "ok" for s in args.stages) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
