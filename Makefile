@@ -28,7 +28,7 @@ $(VENV)/.deps-demo: pyproject.toml setup.py | $(BIN)/python
 
 $(VENV)/.deps-test: pyproject.toml setup.py | $(BIN)/python
 	$(PIP) install -q $(BUILD_REQS)
-	$(PIP) install -q --no-build-isolation -e ".[test,train,search,gpu]"
+	$(PIP) install -q --no-build-isolation -e ".[test,train,search,gpu,distributed]"
 	# torch (CPU build) only for the comparisons with torch.optim; tests skip them without it
 	$(PIP) install -q torch==2.13.0 || echo "torch not installed: torch comparisons will be skipped"
 	touch $@

@@ -42,9 +42,10 @@ import secrets
 
 import numpy as np
 
-import fastopt
-from fastopt.checkpoint import CheckpointError
-from fastopt.distributed.layout import ShardLayout
+from fastopt import optim
+from fastopt.checkpoint import CheckpointError, load as load_file, read as read_file, save as save_file
+from fastopt.optim import OptimizerState
+from fastopt.distributed.layout import DEFAULT_BUCKET_BYTES, ShardLayout
 from fastopt.schedules import is_schedule
 from fastopt.specs import get_spec
 
@@ -361,23 +362,22 @@ def gather(path, file) -> None:
             arrays[i] = params[b.index][off:off + n].reshape(layout.shapes[i]).copy()
             per_param[i] = {name: states[b.index][name][off:off + n].reshape(layout.shapes[i]) for name in names}
     hp = m["hyperparameters"]
-    opt = getattr(fastopt, spec.class_name)(arrays, **_torch_style(hp))
-    state = fastopt.optim.OptimizerState(optimizer=spec.name, hyperparameters=[hp], steps=[m["steps"]],
+    opt = getattr(optim, spec.class_name)(arrays, **_torch_style(hp))
+    state = OptimizerState(optimizer=spec.name, hyperparameters=[hp], steps=[m["steps"]],
                                          lrs=[hp["lr"]], states=per_param, skipped_steps=m["skipped_steps"])
     opt.apply_state(opt.check_state(state))
-    fastopt.save(file, opt)
+    save_file(file, opt)
 
 
 def scatter(file, path, world_size: int, *, bucket_bytes: int | None = None) -> None:
     """Write the ordinary fastopt checkpoint `file` (one param group, params included) as a sharded
     checkpoint for `world_size` ranks in directory `path` (created if missing)."""
-    from fastopt.distributed.sharded import DEFAULT_BUCKET_BYTES
     if type(world_size) is not int or world_size < 1:
         raise ValueError(f"Invalid world_size: {world_size!r} (a positive int)")
     bucket_bytes = DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes
     if type(bucket_bytes) is not int or bucket_bytes < 1:
         raise ValueError(f"Invalid bucket_bytes: {bucket_bytes!r}")
-    sd = fastopt.checkpoint.read(file)
+    sd = read_file(file)
     meta = sd["fastopt"]
     if len(sd["param_groups"]) != 1:
         _fail(f"{file} has {len(sd['param_groups'])} param groups; a sharded checkpoint has one")
@@ -386,8 +386,8 @@ def scatter(file, path, world_size: int, *, bucket_bytes: int | None = None) -> 
     dtypes = [np.dtype(d) for d in meta["param_dtypes"]]
     arrays = [np.zeros(s, d) for s, d in zip(shapes, dtypes)]
     group = {k: v for k, v in sd["param_groups"][0].items() if k != "params"}
-    opt = getattr(fastopt, spec.class_name)(arrays, **group)
-    fastopt.load(file, opt, params=True)
+    opt = getattr(optim, spec.class_name)(arrays, **group)
+    load_file(file, opt, params=True)
     exported = opt.export_state()
     hp, _ = spec.validate(dict(exported.hyperparameters[0], lr=exported.lrs[0]), 1)
     names = [s for s, used in zip(spec.states, spec.active_states(hp)) if used]

@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-from fastopt.distributed.comm import DONE, Communicator
+from fastopt.distributed.comm_base import DONE, Communicator
 
 
 class _Request:

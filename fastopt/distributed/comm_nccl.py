@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastopt.distributed.comm import DONE, Communicator
+from fastopt.distributed.comm_base import DONE, Communicator
 
 
 class NcclCommunicator(Communicator):

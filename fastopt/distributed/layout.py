@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 ALIGN_BYTES = 64  # an AVX-512 vector and a cache line
+DEFAULT_BUCKET_BYTES = 32 << 20  # per-bucket overlap granularity; one bucket per dtype below this size
 
 
 def _round_up(n: int, multiple: int) -> int:

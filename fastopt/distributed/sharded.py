@@ -46,16 +46,16 @@ import numbers
 
 import numpy as np
 
-import fastopt
-from fastopt.clip import clip_coefficient
+from fastopt import functional, optim
+from fastopt.clip import clip_coefficient, global_norm
+from fastopt.distributed.checkpoint import load as load_checkpoint, save as save_checkpoint
 from fastopt.distributed.comm import as_communicator
-from fastopt.distributed.layout import ShardLayout
+from fastopt.distributed.layout import DEFAULT_BUCKET_BYTES, ShardLayout
 from fastopt.schedules import Schedule, is_schedule
 from fastopt.specs import REGISTRY, get_spec
 
 __all__ = ["ShardedOptimizer", "DEFAULT_BUCKET_BYTES", "unsupported_reason"]
 
-DEFAULT_BUCKET_BYTES = 32 << 20  # per-bucket overlap granularity; one bucket per dtype below this size
 
 
 def unsupported_reason(spec) -> str | None:
@@ -67,7 +67,7 @@ def unsupported_reason(spec) -> str | None:
         return (f"its update is not elementwise (a per-tensor reduction, e.g. LAMB's trust ratio from the norms "
                 f"of whole tensors, computed inside its kernel), and a shard holds pieces of tensors")
     probe = np.zeros((2, 3))
-    shapes = {name: tuple(a.shape) for name, a in fastopt.init_state(spec.name, probe).items()}
+    shapes = {name: tuple(a.shape) for name, a in functional.init_state(spec.name, probe).items()}
     if any(s != probe.shape for s in shapes.values()):
         return f"its state is not shaped like the param ({shapes} for a (2, 3) param), so it is per tensor"
     return None
@@ -77,7 +77,7 @@ def _resolve_optimizer(name_or_class):
     """(spec, class) of a registry name or a fastopt optimizer class."""
     if isinstance(name_or_class, str):
         spec = get_spec(name_or_class)
-    elif isinstance(name_or_class, type) and issubclass(name_or_class, fastopt.Optimizer) and \
+    elif isinstance(name_or_class, type) and issubclass(name_or_class, optim.Optimizer) and \
             getattr(name_or_class, "spec", None) is not None:
         spec = name_or_class.spec
     else:
@@ -86,7 +86,7 @@ def _resolve_optimizer(name_or_class):
     reason = unsupported_reason(spec)
     if reason is not None:
         raise ValueError(f"ShardedOptimizer does not support {spec.name!r}: {reason}")
-    return spec, getattr(fastopt, spec.class_name)
+    return spec, getattr(optim, spec.class_name)
 
 
 def _param_list(params) -> list:
@@ -176,7 +176,7 @@ class ShardedOptimizer:
         self.backend = probe.backend
         self._hp = dict(checked, lr=exported["lr"])  # registry names; lr may be a schedule
         self._options = {name: checked[name] for name in spec.state_options}  # decide the state arrays
-        self._step_fn = getattr(fastopt, spec.function_name)
+        self._step_fn = getattr(functional, spec.function_name)
         self.rank, self.world_size = comm.rank, comm.size
         self.layout = ShardLayout.build([v.shape for v in views], dtypes, comm.size, int(bucket_bytes))
         self.copy_params = bool(copy_params)
@@ -249,7 +249,7 @@ class ShardedOptimizer:
             self._send.append(comm.alloc(b.world * b.grad_block, b.dtype))
             self._recv.append(comm.alloc(b.grad_block, b.dtype))
             lo, hi = b.shard_range(self.rank)
-            self._states.append(fastopt.init_state(spec.name, self._flat[-1][1][lo:hi], **options))
+            self._states.append(functional.init_state(spec.name, self._flat[-1][1][lo:hi], **options))
 
     # ---- introspection ------------------------------------------------------------------------
 
@@ -354,7 +354,7 @@ class ShardedOptimizer:
             pending = [None] * len(buckets)
             sq = 0.0
             for b in buckets:
-                norm = float(fastopt.global_norm(self._recv[b.index][1][:b.shard]))
+                norm = float(global_norm(self._recv[b.index][1][:b.shard]))
                 sq += norm * norm
             total = comm.all_reduce_sum(np.array([sq, 0.0 if math.isfinite(sq) else 1.0]))
             if self.skip_nonfinite and (total[1] > 0 or not math.isfinite(total[0])):
@@ -398,13 +398,11 @@ class ShardedOptimizer:
     def save(self, path) -> None:
         """Sharded checkpoint into directory `path` (collective: every rank calls it). See
         fastopt.distributed.checkpoint."""
-        from fastopt.distributed import checkpoint
-        checkpoint.save(self, path)
+        save_checkpoint(self, path)
 
     def load(self, path) -> None:
         """Restore from a sharded checkpoint saved at any world size (collective)."""
-        from fastopt.distributed import checkpoint
-        checkpoint.load(self, path)
+        load_checkpoint(self, path)
 
     # ---- used by the checkpoint module ----------------------------------------------------------
 
