@@ -2,31 +2,51 @@
 first use per dtype), on Numba device arrays and on anything exposing __cuda_array_interface__ (CuPy
 arrays, torch CUDA tensors), zero-copy and in place. float32 and float64.
 
-Numba kernels cannot take a list of arrays (nor walk a table of raw pointers), so a list is updated by
-one asynchronous launch per array from an already-compiled kernel, with no synchronisation and no
-per-array allocation; the CuPy backend is the one-launch-per-list path. Norms and clipping are the same
-deterministic two-stage float64 reductions as on CuPy and stay on the device; a 0-d device grad_scale is
-read by the kernels. Under NUMBA_ENABLE_CUDASIM=1 the same code runs on the CPU simulator (tiny blocks).
+- One launch per list (or array), like the CuPy backend: Numba kernels take arrays, not pointers, so for
+  each slot (params, grads, each state) the launcher makes one 1-d view that starts at the lowest address
+  of that slot's tensors (no memory is allocated or copied; the kernels index only the tensors' own
+  elements) and a table of each tensor's offsets in those views and of the chunks (kernels/numba/
+  kernels.py). The table is copied to the device once and reused while the same arrays come back.
+- No device allocation per call on the update path: scratch (reduction partials, LAMB's per-tensor
+  learning rates, a cast grad_scale, the optimizer guard's outputs) is cached per device and stream and
+  grows when needed; Numba has no memory pool and its deferred frees synchronise the device. Results
+  handed to the caller (sums of squares, norms, clip coefficients) are new arrays.
+- Everything runs on the arrays' device (its context made current) and on the stream that orders the
+  work producing them: torch.cuda.current_stream(device) for torch tensors (cuda.external_stream), the
+  __cuda_array_interface__ v3 stream for CuPy and other arrays (CuPy exports its current stream), a
+  Numba device array's own stream. Foreign arrays are imported with sync=False (no host synchronisation).
+Norms and clipping are deterministic two-stage float64 reductions (fixed chunks, fixed-order sums) and
+stay on the device; a 0-d device grad_scale is read by the kernels. Under NUMBA_ENABLE_CUDASIM=1 the same
+code runs on the CPU simulator (tiny blocks and chunks, so that several chunks per tensor are exercised).
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import ctypes
 import functools
 import importlib.util
 import numbers
 
 import numpy as np
 
-from fastopt.backends.device_arrays import (F32, F64, DeviceArray, check_skip_flag, from_interface,
-                                             prepare_device, validate_device_arrays)
+from fastopt.backends.device_arrays import (F32, F64, DeviceArray, StreamMemo, check_skip_flag, device_index,
+                                             from_interface, prepare_device, producer_stream,
+                                             validate_device_arrays)
 from fastopt.backends.validate import check_prepared_disjoint
 
 NAME = "numba"
 AVAILABLE = importlib.util.find_spec("numba") is not None
 DTYPES = (F32, F64)
+_SLOTS = 3  # state slots of every kernel (kernels/numba/kernels.py SLOTS)
+_CACHE_SIZE = 64
 
 
 def _cuda():
     from numba import cuda
+
+    from fastopt.kernels.numba.compat import prepare_numba_cuda
+    prepare_numba_cuda()  # before anything here compiles (numba-cuda 0.30 with NumPy >= 2.5)
     return cuda
 
 
@@ -37,23 +57,25 @@ def simulating() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def launch_config():
-    """(threads per block, most blocks per array). The simulator runs each thread as a Python thread:
-    keep it tiny there. The block cap is a constant so that reductions sum in the same order on any GPU."""
-    return (32, 4) if simulating() else (256, 1024)
+    """(threads per block, most blocks of a grid-stride kernel, elements per chunk of the table kernels).
+    The simulator runs each thread as a Python thread: tiny there, and chunks of 2 blocks' worth so that
+    tensors span several chunks. Constants, so that reductions sum in the same order on any GPU."""
+    return (32, 4, 64) if simulating() else (256, 1024, 4096)
 
 
 def _kernels(dtype):
     from fastopt.kernels.numba import kernels
-    return kernels.build(np.dtype(dtype), launch_config()[0])
+    block, _, chunk = launch_config()
+    return kernels.build(np.dtype(dtype), block, chunk)
 
 
 def _grid(n):
-    block, most = launch_config()
+    block, most, _ = launch_config()
     return max(1, min(-(-n // block), most))
 
 
 # ---------------------------------------------------------------------------------------------------
-# Arrays
+# Arrays, devices, streams
 # ---------------------------------------------------------------------------------------------------
 
 def _describe(obj, name):
@@ -73,27 +95,83 @@ def _flat(a: DeviceArray):
     return obj.reshape(a.size)
 
 
+def _device_of(a: DeviceArray) -> int:
+    """The CUDA device ordinal of an array: torch's/CuPy's own, a Numba array's context, else the
+    driver's answer for its pointer."""
+    if simulating():
+        return 0
+    device = device_index(a.obj)
+    if device is not None:
+        return device
+    context = getattr(getattr(a.obj, "gpu_data", None), "context", None)  # a Numba device array
+    if context is not None:
+        return context.device.id
+    if not a.ptr:  # an empty array has no memory: any device will do
+        return _cuda().get_current_device().id
+    return _pointer_device(a.ptr)
+
+
+def _pointer_device(ptr):
+    """The device ordinal of a device pointer (cuPointerGetAttribute)."""
+    from numba.cuda.cudadrv import driver
+    _cuda()
+    attr = driver.binding.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
+    return int(driver.driver.cuPointerGetAttribute(attr, driver.binding.CUdeviceptr(ptr)))
+
+
+@contextlib.contextmanager
+def _on(device):
+    """The device's context current: kernels, streams, views and scratch of a call belong to it."""
+    if simulating():
+        yield
+        return
+    with _cuda().gpus[device]:
+        yield
+
+
 _LEGACY, _PER_THREAD = 1, 2  # __cuda_array_interface__ v3 names of the default streams
 
 
-def _stream(a: DeviceArray):
-    """The stream to launch on: the one a foreign array's producer exported in __cuda_array_interface__
-    (CuPy's current stream, torch's current stream), so the update runs after the work that made the
-    gradients, with no host synchronisation; Numba's default stream for Numba arrays."""
+def _stream(a: DeviceArray, device):
+    """The stream to launch on (inside _on(device)): torch's current stream for a torch tensor, the one a
+    foreign array's producer exported in __cuda_array_interface__ (CuPy's current stream), a Numba
+    array's own stream (0: Numba's default stream). Ordered after the work that made the arrays, with no
+    host synchronisation."""
     obj = a.obj
-    if simulating() or hasattr(obj, "copy_to_host"):
+    if simulating():
         return 0
-    ptr = getattr(obj, "__cuda_array_interface__", {}).get("stream")
-    if ptr is None or ptr == _LEGACY:
-        return _cuda().legacy_default_stream()
-    if ptr == _PER_THREAD:
-        return _cuda().per_thread_default_stream()
-    return _external_stream(ptr)
+    if hasattr(obj, "copy_to_host"):  # a Numba device array
+        return getattr(obj, "stream", 0) or 0
+    handle = producer_stream(obj)
+    return 0 if handle is None else _external_stream(device, handle)
 
 
 @functools.lru_cache(maxsize=64)
-def _external_stream(ptr):
-    return _cuda().external_stream(ptr)
+def _external_stream(device, ptr):
+    cuda = _cuda()
+    if ptr in (0, _LEGACY):
+        return cuda.legacy_default_stream()
+    if ptr == _PER_THREAD:
+        return cuda.per_thread_default_stream()
+    return cuda.external_stream(ptr)
+
+
+def _stream_key(stream):
+    return 0 if isinstance(stream, int) else int(stream)  # numba Stream: its handle
+
+
+_result_streams = StreamMemo()  # arrays this backend returned -> the stream that wrote them
+
+
+def _returned(array, stream):
+    _result_streams.note(_describe(array, "result").ptr, stream)
+    return array
+
+
+def _sq_stream(sq):
+    """The stream that wrote sums of squares (or a norm) this backend returned: the kernels that read
+    them launch there."""
+    return _result_streams.get(_describe(sq, "sq").ptr, getattr(sq, "stream", 0) or 0)
 
 
 _WHERE = "on the GPU with the numba backend"
@@ -103,20 +181,129 @@ def _validate(arrays, names, read_only_slot=1):
     return validate_device_arrays(arrays, names, _describe, DTYPES, _WHERE, read_only_slot)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Tables and scratch (cached per device and stream: nothing is allocated per call once they exist)
+# ---------------------------------------------------------------------------------------------------
+
+def table_layout(lists, chunk):
+    """The host side of one multi-tensor launch: (spans, tensors, chunks, offsets). lists: per slot
+    (params, grads, states; None unused) a list of arrays with .ptr, .size, .dtype, at least one of
+    them not empty. spans[k] = (lowest address, elements from there to the end of the last tensor) of
+    slot k, None for an unused slot; tensors (nt, 6) int64: each tensor's element offset in each slot's
+    span, and its size; chunks (nb, 2) int64: (tensor, first element); offsets (nt + 1) int64: each
+    tensor's first chunk (the reductions' segments)."""
+    sizes = np.array([a.size for a in lists[0]], dtype=np.int64)
+    n = len(sizes)
+    tensors = np.zeros((n, 6), dtype=np.int64)
+    tensors[:, 5] = sizes
+    spans = []
+    for k in range(5):
+        lst = lists[k] if k < len(lists) else None
+        if lst is None:
+            spans.append(None)
+            continue
+        live = [i for i in range(n) if sizes[i]]
+        base = min(lst[i].ptr for i in live)
+        itemsize = lst[live[0]].dtype.itemsize
+        for i in live:
+            offset, rest = divmod(lst[i].ptr - base, itemsize)
+            if rest:
+                raise ValueError(f"array {i} of a {lst[i].dtype} list is not aligned to its element size "
+                                 f"(address {lst[i].ptr:#x})")
+            tensors[i, k] = offset
+        spans.append((base, int(max(tensors[i, k] + sizes[i] for i in live))))
+    counts = (sizes + chunk - 1) // chunk
+    offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    nchunks = int(offsets[-1])
+    owner = np.repeat(np.arange(n, dtype=np.int64), counts)
+    first = (np.arange(nchunks, dtype=np.int64) - np.repeat(offsets[:-1], counts)) * chunk
+    return spans, tensors, np.stack((owner, first), axis=1), offsets
+
+
+def _span_view(base, n, dtype):
+    """A 1-d array of n elements of `dtype` at device address `base` (no allocation: the memory belongs
+    to the caller's arrays, which are alive for the call)."""
+    if simulating():  # the simulator's device arrays are NumPy arrays: the same view of host memory
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+        buffer = (ctypes.c_char * (n * dtype.itemsize)).from_address(base)
+        return FakeCUDAArray(np.frombuffer(buffer, dtype=dtype, count=n))
+    desc = {"shape": (n,), "typestr": dtype.str, "data": (base, False), "strides": None, "version": 3,
+            "stream": None}
+    return _cuda().from_cuda_array_interface(desc, owner=None, sync=False)
+
+
+class _Table:
+    """One set of tensors ready to launch: per slot the span view (params' view for an unused slot,
+    never read), and the table on the device."""
+
+    __slots__ = ("views", "tensors", "chunks", "offsets", "ntensors", "nchunks")
+
+    def __init__(self, lists, stream):
+        cuda = _cuda()
+        spans, tensors, chunks, offsets = table_layout(lists, launch_config()[2])
+        dtypes = [None if lst is None else lst[0].dtype for lst in lists] + [None] * (5 - len(lists))
+        views = [None if span is None else _span_view(span[0], span[1], dtype) for span, dtype in zip(spans, dtypes)]
+        self.views = [views[0] if v is None else v for v in views]
+        self.tensors = cuda.to_device(tensors, stream=stream)
+        self.chunks = cuda.to_device(chunks, stream=stream)
+        self.offsets = cuda.to_device(offsets, stream=stream)
+        self.ntensors, self.nchunks = len(tensors), len(chunks)
+
+
+_tables: collections.OrderedDict = collections.OrderedDict()
+
+
+def _table(lists, device, stream):
+    """The table of these tensors (inside _on(device)), from the cache when the same arrays come back on
+    the same stream (its copy to the device is ordered on that stream)."""
+    key = (device, _stream_key(stream),
+           tuple(None if lst is None else tuple((a.ptr, a.size, a.dtype.char) for a in lst) for lst in lists))
+    table = _tables.get(key)
+    if table is None:
+        table = _tables[key] = _Table(lists, stream)
+        if len(_tables) > _CACHE_SIZE:
+            _tables.popitem(last=False)
+    else:
+        _tables.move_to_end(key)
+    return table
+
+
+_scratch: collections.OrderedDict = collections.OrderedDict()
+
+
+def _scratch_array(device, stream, purpose, n, dtype):
+    """n elements of device scratch for `purpose`, reused by every call on this device and stream (the
+    stream orders the reuse) and grown when a call needs more. Inside _on(device)."""
+    key = (device, _stream_key(stream), purpose, np.dtype(dtype))
+    buffer = _scratch.get(key)
+    if buffer is None or buffer.size < n:
+        buffer = _scratch[key] = _cuda().device_array(max(n, 1), dtype=dtype, stream=stream)
+        if len(_scratch) > _CACHE_SIZE:
+            _scratch.popitem(last=False)
+    else:
+        _scratch.move_to_end(key)
+    return buffer[:n]
+
+
 @functools.lru_cache(maxsize=None)
-def _ones(dtype):
+def _ones(device, dtype):
     return _cuda().to_device(np.ones(1, dtype=dtype))
 
 
-def _device_scale(grad_scale, dtype, stream=0):
-    """(host factor, 1-element device array of the math dtype the kernels read)."""
+@functools.lru_cache(maxsize=None)
+def _never(device):
+    return _cuda().to_device(np.zeros(1, dtype=np.uint8))
+
+
+def _device_scale(grad_scale, dtype, device, stream=0):
+    """(host factor, 1-element device array of the math dtype the kernels read). Inside _on(device)."""
     if grad_scale is None:
-        return 1.0, _ones(dtype)
+        return 1.0, _ones(device, dtype)
     if isinstance(grad_scale, numbers.Real) and not isinstance(grad_scale, (bool, np.bool_)):
-        return float(grad_scale), _ones(dtype)
+        return float(grad_scale), _ones(device, dtype)
     if isinstance(grad_scale, np.ndarray):
         from fastopt.backends.validate import host_scale
-        return host_scale(grad_scale), _ones(dtype)
+        return host_scale(grad_scale), _ones(device, dtype)
     a = _describe(grad_scale, "grad_scale")
     if a.dtype.kind != "f":
         raise TypeError(f"grad_scale must be a real number or a 0-d float array, got dtype {a.dtype}")
@@ -125,31 +312,17 @@ def _device_scale(grad_scale, dtype, stream=0):
     src = _flat(a)
     if a.dtype == dtype:
         return 1.0, src
-    dst = _cuda().device_array(1, dtype=dtype)
+    dst = _scratch_array(device, stream, "grad_scale", 1, dtype)
     _kernels(dtype)["cast_scalar"][1, 1, stream](src, dst)
     return 1.0, dst
 
 
-@functools.lru_cache(maxsize=None)
-def _never():
-    return _cuda().to_device(np.zeros(1, dtype=np.uint8))
-
-
-
-def _skip_flag(found_inf):
+def _skip_flag(found_inf, device):
     """One-element device array the kernels read: when set they return without writing."""
     if found_inf is None:
-        return _never()
+        return _never(device)
     a = check_skip_flag(_describe(found_inf, "found_inf"))
     return _flat(a)
-
-
-@functools.lru_cache(maxsize=256)
-def _offsets(sizes):
-    """Device int64 offsets of each tensor's blocks in a partials buffer (cached per set of sizes)."""
-    counts = [_grid(n) if n else 0 for n in sizes]
-    host = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-    return _cuda().to_device(host), int(host[-1])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,112 +348,111 @@ def step(spec, arrays, names, hp, step, grad_scale, found_inf=None):
 
 def run(prepared, spec, hp, step, grad_scale, found_inf=None):
     lists = prepared.lists
-    skip = _skip_flag(found_inf)
-    if not any(a.size for a in lists[0]):
-        return
-    dtype = lists[0][0].dtype
-    stream = _stream(lists[0][0])
-    host_scale, gs = _device_scale(grad_scale, dtype, stream)
-    h = tuple(dtype.type(x) for x in spec.scalars(hp, step, host_scale))
-    variant = spec.variant(hp, step)
-    used = sum(1 << j for j, lst in enumerate(lists[2:]) if lst is not None)  # live state slots
-    block = launch_config()[0]
-    k = _kernels(dtype)
-    sizes = tuple(a.size for a in lists[0])
-    params = [_flat(p) if n else None for p, n in zip(lists[0], sizes)]
-    grads = [_flat(g) if n else None for g, n in zip(lists[1], sizes)]
-    # the state slots of each tensor; a dead slot gets the param (never read nor written: `used`)
-    slots = [[(_flat(lst[i]) if lst is not None else params[i]) for lst in lists[2:]] +
-             [params[i]] * (_SLOTS - len(lists) + 2) if n else None for i, n in enumerate(sizes)]
-    if not spec.two_phase:
-        kernel = k["update"][spec.kernel]
-        for i, n in enumerate(sizes):
-            if n:
-                kernel[_grid(n), block, stream](params[i], grads[i], *slots[i], h, gs, used, variant, skip)
-        return
-    # two phases (LAMB): the states and the per-block norms of p and u; lr * trust ratio per tensor from
-    # them (on the device: no host round trip); the step
-    cuda = _cuda()
-    offsets, total = _offsets(sizes)
-    host_offsets = _host_offsets(sizes)
-    partials = cuda.device_array(2 * total, dtype=np.float64)
-    scaled_lr = cuda.device_array(len(sizes), dtype=dtype)
-    moments, apply = k["moments"][spec.kernel], k["apply"][spec.kernel]
-    for i, n in enumerate(sizes):
-        if n:
-            moments[_grid(n), block, stream](params[i], grads[i], *slots[i], h, gs, used, variant, partials,
-                                             host_offsets[i], skip)
-    k["trust"][len(sizes), block, stream](partials, offsets, np.float64(hp["lr"]), scaled_lr)
-    for i, n in enumerate(sizes):
-        if n:
-            apply[_grid(n), block, stream](params[i], *slots[i], h, scaled_lr, i, used, variant, skip)
+    first = _first(lists[0])
+    dtype = first.dtype
+    device = _device_of(first)
+    with _on(device):
+        skip = _skip_flag(found_inf, device)
+        if not any(a.size for a in lists[0]):
+            return
+        stream = _stream(first, device)
+        host_scale, gs = _device_scale(grad_scale, dtype, device, stream)
+        h = tuple(dtype.type(x) for x in spec.scalars(hp, step, host_scale))
+        variant = spec.variant(hp, step)
+        used = sum(1 << j for j, lst in enumerate(lists[2:]) if lst is not None)  # live state slots
+        block = launch_config()[0]
+        k = _kernels(dtype)
+        table = _table(lists, device, stream)
+        P, G, S0, S1, S2 = table.views
+        if not spec.two_phase:
+            k["update"][spec.kernel][table.nchunks, block, stream](P, G, S0, S1, S2, table.tensors, table.chunks, h,
+                                                                   gs, used, variant, skip)
+            return
+        # two phases (LAMB): the states and per chunk the norms of p and u; lr * trust ratio per tensor
+        # from them (on the device: no host round trip); the step
+        partials = _scratch_array(device, stream, "partials", 2 * table.nchunks, np.float64)
+        scaled_lr = _scratch_array(device, stream, "scaled_lr", table.ntensors, dtype)
+        k["moments"][spec.kernel][table.nchunks, block, stream](P, G, S0, S1, S2, table.tensors, table.chunks, h,
+                                                                gs, used, variant, partials, skip)
+        k["trust"][table.ntensors, block, stream](partials, table.offsets, np.float64(hp["lr"]), scaled_lr)
+        k["apply"][spec.kernel][table.nchunks, block, stream](P, S0, S1, S2, table.tensors, table.chunks, h,
+                                                              scaled_lr, used, variant, skip)
 
 
-_SLOTS = 3  # state slots of every kernel (kernels/numba/kernels.py SLOTS)
+def _first(arrays):
+    """The array that decides the device and the stream of a call: the first with elements (an empty
+    array may have no memory, hence no device)."""
+    return next((a for a in arrays if a.size), arrays[0])
 
 
-@functools.lru_cache(maxsize=256)
-def _host_offsets(sizes):
-    counts = [_grid(n) if n else 0 for n in sizes]
-    return tuple(int(x) for x in np.concatenate(([0], np.cumsum(counts))))
+def _grads_call(grads, written):
+    """(lists, device) of a call on gradients, checked."""
+    lists, _ = _validate((grads,), ("grads",), -1 if written else 0)
+    return lists, _device_of(_first(lists[0]))
 
 
 def sumsq_per_tensor(grads, out=None):
     """Sum of squares of each array: float64 device array of shape (len,), deterministic. `out`: a
-    float64 device array of that shape to write instead."""
+    float64 device array of that shape to write instead. Runs on the grads' stream, which the result
+    remembers."""
     cuda = _cuda()
-    lists, _ = _validate((grads,), ("grads",), 0)
+    lists, device = _grads_call(grads, False)
     arrays = lists[0]
     block = launch_config()[0]
-    sizes = tuple(a.size for a in arrays)
-    offsets, total = _offsets(sizes)
-    host_offsets = _host_offsets(sizes)
-    k = _kernels(arrays[0].dtype)
-    stream = _stream(arrays[0])
-    partials = cuda.device_array(max(total, 1), dtype=np.float64)
-    for i, a in enumerate(arrays):
-        if a.size:
-            k["sumsq_partials"][_grid(a.size), block, stream](_flat(a), partials, host_offsets[i])
-    if out is None:  # created on the stream of the grads: the norm kernels that read it launch there too
-        out = cuda.device_array(len(arrays), dtype=np.float64, stream=stream)
-    k["sum_segments"][len(arrays), block, stream](partials, offsets, out)
-    return out
-
-
-def _sq_stream(sq):
-    """The stream sums of squares were made on (sumsq_per_tensor and device_zeros tag their arrays)."""
-    return getattr(sq, "stream", 0)
+    with _on(device):
+        stream = _stream(_first(arrays), device)
+        if out is None:
+            out = cuda.device_array(len(arrays), dtype=np.float64, stream=stream)
+        k = _kernels(arrays[0].dtype)
+        if any(a.size for a in arrays):
+            table = _table(lists, device, stream)
+            partials = _scratch_array(device, stream, "partials", table.nchunks, np.float64)
+            k["sumsq"][table.nchunks, block, stream](table.views[0], table.tensors, table.chunks, partials)
+            offsets = table.offsets
+        else:  # no element anywhere: every segment is empty, the sums are 0
+            partials = _scratch_array(device, stream, "partials", 1, np.float64)
+            offsets = cuda.to_device(np.zeros(len(arrays) + 1, dtype=np.int64), stream=stream)
+        k["sum_segments"][len(arrays), block, stream](partials, offsets, out)
+    return _returned(out, stream)
 
 
 def _global_norm(sq, max_norm=None):
     cuda = _cuda()
-    stream = _sq_stream(sq)
-    norm = cuda.device_array(1, dtype=np.float64, stream=stream)
-    coef = cuda.device_array(1, dtype=np.float64, stream=stream)
-    _kernels(F64)["global_norm"][1, launch_config()[0], stream](sq, norm, np.float64(max_norm or 0.0), coef,
-                                                        max_norm is not None)
-    return norm, coef
+    with _on(_device_of(_describe(sq, "sq"))):
+        stream = _sq_stream(sq)
+        norm = cuda.device_array(1, dtype=np.float64, stream=stream)
+        coef = cuda.device_array(1, dtype=np.float64, stream=stream)
+        _kernels(F64)["global_norm"][1, launch_config()[0], stream](sq, norm, np.float64(max_norm or 0.0), coef,
+                                                                    max_norm is not None)
+    return _returned(norm, stream), coef
 
 
 def device_zeros(n, dtype, like):
-    """A device array of n zeros of `dtype` (the optimizer's guard buffers), tagged with the stream of
-    `like` so that the kernels reading it launch there."""
-    return _cuda().to_device(np.zeros(n, dtype=dtype), stream=_stream(_describe(like, "like")))
+    """A device array of n zeros of `dtype` (the optimizer's guard buffers) on the device of `like`,
+    made on its stream, which the kernels reading it use."""
+    a = _describe(like, "like")
+    device = _device_of(a)
+    with _on(device):
+        stream = _stream(a, device)
+        return _returned(_cuda().to_device(np.zeros(n, dtype=dtype), stream=stream), stream)
 
 
 def step_guard(sq, max_norm=None, skip_nonfinite=False, skipped=None):
     """The optimizer's per-step guard in ONE launch, no host synchronisation: from the per-tensor sums of
     squares `sq`, the clip coefficient (0-d float64, None without max_norm) and the skip flag (0-d
     uint8, None without skip_nonfinite); `skipped` (a 0-d int64 device counter) is incremented when
-    the step is skipped. Returns (coef, found_inf)."""
-    cuda = _cuda()
-    stream = _sq_stream(sq)
-    coef = cuda.device_array(1, dtype=np.float64, stream=stream)
-    flag = cuda.device_array(1, dtype=np.uint8, stream=stream)
-    counter = _flat(_describe(skipped, "skipped")) if skipped is not None else \
-        cuda.device_array(1, dtype=np.int64, stream=stream)
-    mode = (1 if max_norm is not None else 0) | (2 if skip_nonfinite else 0)
-    _kernels(F64)["step_guard"][1, launch_config()[0], stream](sq, np.float64(max_norm or 0.0), coef, flag, counter, mode)
+    the step is skipped. Returns (coef, found_inf): scratch of this device and stream, valid until the
+    next step_guard there (the optimizer's update kernels read them on the same stream)."""
+    device = _device_of(_describe(sq, "sq"))
+    with _on(device):
+        stream = _sq_stream(sq)
+        coef = _scratch_array(device, stream, "guard_coef", 1, np.float64)
+        flag = _scratch_array(device, stream, "guard_flag", 1, np.uint8)
+        counter = _flat(_describe(skipped, "skipped")) if skipped is not None else \
+            _scratch_array(device, stream, "guard_counter", 1, np.int64)
+        mode = (1 if max_norm is not None else 0) | (2 if skip_nonfinite else 0)
+        _kernels(F64)["step_guard"][1, launch_config()[0], stream](sq, np.float64(max_norm or 0.0), coef, flag,
+                                                                   counter, mode)
     return (coef.reshape(()) if max_norm is not None else None,
             flag.reshape(()) if skip_nonfinite else None)
 
@@ -311,57 +483,67 @@ def clip_coefficient(total_norm, max_norm):
     a = _describe(total_norm, "total_norm")
     if a.size != 1:
         raise ValueError(f"total_norm must be a scalar or a 0-d array, got shape {a.shape}")
-    stream = _stream(a)
-    norm = _flat(a)
-    if a.dtype != F64:
-        norm64 = cuda.device_array(1, dtype=np.float64, stream=stream)
-        _kernels(F64)["cast_scalar"][1, 1, stream](norm, norm64)
-        norm = norm64
-    out = cuda.device_array(1, dtype=np.float64, stream=stream)
-    _coefficient_kernel()[1, 1, stream](norm, np.float64(max_norm), out)
-    return out.reshape(())
+    device = _device_of(a)
+    with _on(device):
+        stream = _result_streams.get(a.ptr) or _stream(a, device)
+        norm = _flat(a)
+        if a.dtype != F64:
+            norm64 = cuda.device_array(1, dtype=np.float64, stream=stream)
+            _kernels(F64)["cast_scalar"][1, 1, stream](norm, norm64)
+            norm = norm64
+        out = cuda.device_array(1, dtype=np.float64, stream=stream)
+        _coefficient_kernel()[1, 1, stream](norm, np.float64(max_norm), out)
+    return _returned(out, stream).reshape(())
 
 
-def _scale_each(grads, mode, host_coef, coef, max_norm):
-    lists, _ = _validate((grads,), ("grads",), -1)
-    block = launch_config()[0]
-    k = _kernels(lists[0][0].dtype)
-    stream = _stream(lists[0][0])
-    for t, a in enumerate(lists[0]):
-        if a.size:
-            k["scale"][_grid(a.size), block, stream](_flat(a), mode, np.float64(host_coef), coef, t, np.float64(max_norm))
+def _scale_each(lists, device, mode, host_coef, coef, max_norm):
+    """One launch: every array scaled (inside _on(device)); see kernels.py `scale`."""
+    arrays = lists[0]
+    if not any(a.size for a in arrays):
+        return
+    stream = _stream(_first(arrays), device)
+    table = _table(lists, device, stream)
+    _kernels(arrays[0].dtype)["scale"][table.nchunks, launch_config()[0], stream](
+        table.views[0], table.tensors, table.chunks, mode, np.float64(host_coef), coef, np.float64(max_norm))
 
 
 def clip_by_global_norm(grads, sq, max_norm):
     norm, coef = _global_norm(sq, max_norm)
-    _scale_each(grads, 1, 1.0, coef, 0.0)
+    lists, device = _grads_call(grads, True)
+    with _on(device):
+        _scale_each(lists, device, 1, 1.0, coef, 0.0)
     return norm.reshape(())
 
 
 def clip_by_norm(grads, sq, max_norm):
-    _scale_each(grads, 2, 1.0, sq, max_norm)
-    stream = _sq_stream(sq)
-    norms = _cuda().device_array(sq.size, dtype=np.float64, stream=stream)
-    _kernels(F64)["sqrt_all"][_grid(sq.size), launch_config()[0], stream](sq, norms)
-    out = [norms[i:i + 1].reshape(()) for i in range(sq.size)]
+    lists, device = _grads_call(grads, True)
+    with _on(device):
+        _scale_each(lists, device, 2, 1.0, sq, max_norm)
+        stream = _stream(_first(lists[0]), device)
+        norms = _cuda().device_array(sq.size, dtype=np.float64, stream=stream)
+        _kernels(F64)["sqrt_all"][_grid(sq.size), launch_config()[0], stream](sq, norms)
+    out = [_returned(norms[i:i + 1], stream).reshape(()) for i in range(sq.size)]
     return out if isinstance(grads, (list, tuple)) else out[0]
 
 
 def scale_(grads, coef):
-    if isinstance(coef, numbers.Real) and not isinstance(coef, (bool, np.bool_)):
-        _scale_each(grads, 0, float(coef), _ones(F64), 0.0)
-        return
-    lists, _ = _validate((grads,), ("grads",), -1)
-    _, dev = _device_scale(coef, F64, _stream(lists[0][0]))
-    _scale_each(grads, 1, 1.0, dev, 0.0)
+    lists, device = _grads_call(grads, True)
+    with _on(device):
+        if isinstance(coef, numbers.Real) and not isinstance(coef, (bool, np.bool_)):
+            _scale_each(lists, device, 0, float(coef), _ones(device, F64), 0.0)
+            return
+        _, dev = _device_scale(coef, F64, device, _stream(_first(lists[0]), device))
+        _scale_each(lists, device, 1, 1.0, dev, 0.0)
 
 
 def clamp_(grads, clip_value):
-    lists, _ = _validate((grads,), ("grads",), -1)
-    dtype = lists[0][0].dtype
-    block = launch_config()[0]
-    k = _kernels(dtype)
-    stream = _stream(lists[0][0])
-    for a in lists[0]:
-        if a.size:
-            k["clamp"][_grid(a.size), block, stream](_flat(a), dtype.type(clip_value))
+    lists, device = _grads_call(grads, True)
+    arrays = lists[0]
+    if not any(a.size for a in arrays):
+        return
+    dtype = arrays[0].dtype
+    with _on(device):
+        stream = _stream(_first(arrays), device)
+        table = _table(lists, device, stream)
+        _kernels(dtype)["clamp"][table.nchunks, launch_config()[0], stream](
+            table.views[0], table.tensors, table.chunks, dtype.type(clip_value))

@@ -1,27 +1,36 @@
 """Numba CUDA kernels: the memory side of every update, norm and clipping op; the math is in
-kernels/numba/math.py. Built lazily per (dtype, block size) by `build()`; nothing compiles before the
-first launch (or an explicit numba.cuda.compile_ptx). Importing this module needs numba but no GPU;
-fastopt imports it only when the numba backend is first used.
+kernels/numba/math.py. Built lazily per (dtype, block size, chunk size) by `build()`; nothing compiles
+before the first launch (or an explicit numba.cuda.compile_ptx). Importing this module needs numba but no
+GPU; fastopt imports it only when the numba backend is first used.
 
-Kernels (one array each; the launcher, fastopt/backends/numba_backend.py, loops over a list). The
-per-family kernels are generated from the registry (spec.kernel) and the family's math functions, found
-by name in kernels/numba/math.py; no family is listed here:
-  update[family](p, g, s0, s1, s2, h, gs, used, variant, skip)  elementwise, from <family>_math;
-                                                   grid-stride; `used` bit k: state slot k is live
-  moments[family](p, g, s0, s1, s2, h, gs, used, variant, partials, offset, skip)   two-phase (LAMB),
-                                                   from <family>_moments_math: new states; per block
-                                                   the float64 sums of p^2 and u^2
-  trust(partials, offsets, lr, scaled_lr)          one block per tensor: lr * trust ratio
-  apply[family](p, s0, s1, s2, h, scaled_lr, t, used, variant, skip)  from <family>_direction_math:
-                                                   p -= scaled_lr[t] * u
+Every array kernel is a multi-tensor kernel: ONE launch updates a whole list (or one array) through a
+table, like the CuPy backend's. The launcher (fastopt/backends/numba_backend.py) passes, per slot (p, g,
+s0, s1, s2), one 1-d array `P, G, S0, S1, S2` that starts at the lowest address of that slot's tensors,
+and a table:
+  tensors[t] = (offset of tensor t in P, in G, in S0, in S1, in S2, number of elements)   int64 (nt, 6)
+  chunks[b]  = (tensor, first element)                                                   int64 (nb, 2)
+Block b handles the elements [first, min(first + CHUNK, n)) of its tensor, its threads striding by the
+block size, so every element is covered whatever the grid (one block per chunk).
+The per-family kernels are generated from the registry (spec.kernel) and the family's math functions,
+found by name in kernels/numba/math.py; no family is listed here:
+  update[family](P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, skip)   elementwise, from
+                                                   <family>_math; `used` bit k: state slot k is live
+  moments[family](P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, partials, skip)   two-phase
+                                                   (LAMB), from <family>_moments_math: new states; per
+                                                   chunk the float64 sums of p^2 and u^2
+  trust(partials, offsets, lr, scaled_lr)          one block per tensor: lr * trust ratio from its
+                                                   chunks' sums (offsets: first chunk of each tensor)
+  apply[family](P, S0, S1, S2, tensors, chunks, h, scaled_lr, used, variant, skip)   from
+                                                   <family>_direction_math: p -= scaled_lr[t] * u
   step_guard(sq, max_norm, coef, flag, skipped, mode)      the optimizer's clip coefficient / skip flag
 `skip` is a one-element array (the optimizer's device-side skip flag): when set, the kernel returns
-before touching memory, so a step with a NaN/Inf gradient is skipped without a host round trip.
-  sumsq_partials(x, partials, offset), sum_segments(partials, offsets, out),
-  global_norm(sq, norm, max_norm, coef, want_coef), scale(x, mode, host_coef, coef, t, max_norm),
-  clamp(x, c), cast_scalar(src, dst), sqrt_all(sq, out)
-Reductions are deterministic: the number of blocks of a tensor depends on its size only, and every
-sum runs in a fixed order (per thread, then a tree in shared memory, then the blocks in order).
+before touching memory (the moments kernel writes zero partials first, so `trust` reads only written
+memory), and a step with a NaN/Inf gradient is skipped without a host round trip.
+  sumsq(X, tensors, chunks, partials), sum_segments(partials, offsets, out),
+  global_norm(sq, norm, max_norm, coef, want_coef), scale(X, tensors, chunks, mode, host_coef, coef,
+  max_norm), clamp(X, tensors, chunks, c), cast_scalar(src, dst), sqrt_all(sq, out)
+Reductions are deterministic: the chunks depend on the sizes only, and every sum runs in a fixed order
+(per thread, then a tree in shared memory, then the chunks in order).
 """
 from __future__ import annotations
 
@@ -32,7 +41,10 @@ import numpy as np
 from numba import cuda, float64  # at module level: the simulator swaps the module's `cuda` while it runs
 
 from fastopt.kernels.numba import math as fmath
+from fastopt.kernels.numba.compat import prepare_numba_cuda
 from fastopt.specs import REGISTRY
+
+prepare_numba_cuda()  # numba-cuda 0.30 with NumPy >= 2.5: before any kernel compiles (compat.py)
 
 
 def families(two_phase=False):
@@ -69,16 +81,23 @@ class _Lazy(dict):
         return kernel
 
 
+# the table's columns (tensors[t, ...])
+T_P, T_G, T_S0, T_S1, T_S2, T_N = range(6)
+TENSOR_FIELDS = 6
+
+
 @functools.lru_cache(maxsize=None)
-def build(dtype, block):
-    """dict of kernels for math dtype `dtype` (float32 / float64) and `block` threads per block (a power
-    of two: the tree sums halve it). k["update"][family], k["moments"][family], k["apply"][family] are
-    generated from the family's math functions (kernels/numba/math.py) on first use."""
+def build(dtype, block, chunk):
+    """dict of kernels for math dtype `dtype` (float32 / float64), `block` threads per block (a power of
+    two: the tree sums halve it) and `chunk` elements per block of the table kernels.
+    k["update"][family], k["moments"][family], k["apply"][family] are generated from the family's math
+    functions (kernels/numba/math.py) on first use."""
     dtype = np.dtype(dtype)
     m = fmath.build(dtype)
     ZERO = m["zero"]
     CAST = dtype.type
     BLOCK = block
+    CHUNK = chunk
     trust_ratio, clip_coefficient, clamp_math = m["trust_ratio"], m["clip_coefficient"], m["clamp"]
 
     @cuda.jit(device=True)
@@ -97,92 +116,109 @@ def build(dtype, block):
         cuda.syncthreads()
         return total
 
+    @cuda.jit(device=True)
+    def chunk_of(tensors, chunks):
+        """(tensor, first element, end) of this block's chunk."""
+        t = chunks[cuda.blockIdx.x, 0]
+        begin = chunks[cuda.blockIdx.x, 1]
+        return t, begin, min(begin + CHUNK, tensors[t, T_N])
+
     # ---- the generic kernels, one per family: the memory side around the family's math ----------------
     # `used` bit k: state slot k is live (read and written); a dead slot is neither read nor written.
 
     @cuda.jit(device=True)
-    def load_states(s0, s1, s2, i, used):
-        """Element i of the live state slots (ZERO for a dead one, which is never read)."""
+    def load_states(S0, S1, S2, k0, k1, k2, used):
+        """The live state slots at their indices (ZERO for a dead one, which is never read)."""
         a = ZERO
         b = ZERO
         c = ZERO
         if used & 1:
-            a = s0[i]
+            a = S0[k0]
         if used & 2:
-            b = s1[i]
+            b = S1[k1]
         if used & 4:
-            c = s2[i]
+            c = S2[k2]
         return a, b, c
 
     @cuda.jit(device=True)
-    def store_states(s0, s1, s2, i, used, a, b, c):
-        """Write element i of the live state slots back (a dead slot is never written)."""
+    def store_states(S0, S1, S2, k0, k1, k2, used, a, b, c):
+        """Write the live state slots back (a dead slot is never written)."""
         if used & 1:
-            s0[i] = a
+            S0[k0] = a
         if used & 2:
-            s1[i] = b
+            S1[k1] = b
         if used & 4:
-            s2[i] = c
+            S2[k2] = c
 
     def make_update(family):
         math_fn = math_function(m, f"{family}_math")
 
         @cuda.jit
-        def update(p, g, s0, s1, s2, h, gs, used, variant, skip):
+        def update(P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, skip):
             if skip[0]:
                 return
             s = gs[0]
-            start, stride = cuda.grid(1), cuda.gridsize(1)
-            for i in range(start, p.size, stride):
-                a, b, c = load_states(s0, s1, s2, i, used)
-                pi, a, b, c = math_fn(p[i], g[i], a, b, c, h, s, variant)
-                p[i] = pi
-                store_states(s0, s1, s2, i, used, a, b, c)
+            t, begin, end = chunk_of(tensors, chunks)
+            op, og = tensors[t, T_P], tensors[t, T_G]
+            o0, o1, o2 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
+            for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
+                a, b, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
+                pi, a, b, c = math_fn(P[op + i], G[og + i], a, b, c, h, s, variant)
+                P[op + i] = pi
+                store_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used, a, b, c)
         return update
 
-    # Two-phase families (LAMB), in one place: phase 1 `moments` updates the states and writes per block
-    # the float64 sums of p^2 and u^2 (u: the family's direction); `trust` reduces each tensor's blocks
+    # Two-phase families (LAMB), in one place: phase 1 `moments` updates the states and writes per chunk
+    # the float64 sums of p^2 and u^2 (u: the family's direction); `trust` reduces each tensor's chunks
     # into lr * trust_ratio; phase 2 `apply` recomputes u from the new states and steps p.
 
     def make_moments(family):
         moments_math = math_function(m, f"{family}_moments_math")
 
         @cuda.jit
-        def moments(p, g, s0, s1, s2, h, gs, used, variant, partials, offset, skip):
+        def moments(P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, partials, skip):
             shared = cuda.shared.array(BLOCK, float64)
-            if skip[0]:  # the whole block returns: block_sum's barriers stay uniform
+            b = cuda.blockIdx.x
+            if skip[0]:  # the whole block returns (block_sum's barriers stay uniform), its partials written
+                if cuda.threadIdx.x == 0:
+                    partials[2 * b] = 0.0
+                    partials[2 * b + 1] = 0.0
                 return
             s = gs[0]
             pp = 0.0
             uu = 0.0
-            start, stride = cuda.grid(1), cuda.gridsize(1)
-            for i in range(start, p.size, stride):
-                a, b, c = load_states(s0, s1, s2, i, used)
-                pi = p[i]
-                a, b, c, u = moments_math(pi, g[i], a, b, c, h, s, variant)
-                store_states(s0, s1, s2, i, used, a, b, c)
+            t, begin, end = chunk_of(tensors, chunks)
+            op, og = tensors[t, T_P], tensors[t, T_G]
+            o0, o1, o2 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
+            for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
+                a, bb, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
+                pi = P[op + i]
+                a, bb, c, u = moments_math(pi, G[og + i], a, bb, c, h, s, variant)
+                store_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used, a, bb, c)
                 pp += float64(pi) * float64(pi)
                 uu += float64(u) * float64(u)
             pp = block_sum(pp, shared)
             uu = block_sum(uu, shared)
             if cuda.threadIdx.x == 0:
-                partials[2 * (offset + cuda.blockIdx.x)] = pp
-                partials[2 * (offset + cuda.blockIdx.x) + 1] = uu
+                partials[2 * b] = pp
+                partials[2 * b + 1] = uu
         return moments
 
     def make_apply(family):
         direction_math = math_function(m, f"{family}_direction_math")
 
         @cuda.jit
-        def apply(p, s0, s1, s2, h, scaled_lr, t, used, variant, skip):
-            if skip[0]:  # trust ran on stale partials: its output is not used
+        def apply(P, S0, S1, S2, tensors, chunks, h, scaled_lr, used, variant, skip):
+            if skip[0]:  # trust ran on zero partials: its output is not used
                 return
+            t, begin, end = chunk_of(tensors, chunks)
             lr = scaled_lr[t]
-            start, stride = cuda.grid(1), cuda.gridsize(1)
-            for i in range(start, p.size, stride):
-                a, b, c = load_states(s0, s1, s2, i, used)
-                pi = p[i]
-                p[i] = pi - lr * direction_math(pi, a, b, c, h, variant)
+            op = tensors[t, T_P]
+            o0, o1, o2 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
+            for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
+                a, b, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
+                pi = P[op + i]
+                P[op + i] = pi - lr * direction_math(pi, a, b, c, h, variant)
         return apply
 
     kernels = {"update": _Lazy(FAMILIES, make_update), "moments": _Lazy(TWO_PHASE_FAMILIES, make_moments),
@@ -203,16 +239,17 @@ def build(dtype, block):
             scaled_lr[t] = lr * trust_ratio(pp ** 0.5, uu ** 0.5)  # stored in the math dtype
 
     @cuda.jit
-    def sumsq_partials(x, partials, offset):
+    def sumsq(X, tensors, chunks, partials):
         shared = cuda.shared.array(BLOCK, float64)
+        t, begin, end = chunk_of(tensors, chunks)
+        o = tensors[t, T_P]
         acc = 0.0
-        start, stride = cuda.grid(1), cuda.gridsize(1)
-        for i in range(start, x.size, stride):
-            xi = float64(x[i])
+        for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
+            xi = float64(X[o + i])
             acc += xi * xi
         acc = block_sum(acc, shared)
         if cuda.threadIdx.x == 0:
-            partials[offset + cuda.blockIdx.x] = acc
+            partials[cuda.blockIdx.x] = acc
 
     @cuda.jit
     def sum_segments(partials, offsets, out):
@@ -258,8 +295,9 @@ def build(dtype, block):
                 coef[0] = 1.0 if bad else clip_coefficient(total, max_norm)
 
     @cuda.jit
-    def scale(x, mode, host_coef, coef, t, max_norm):
+    def scale(X, tensors, chunks, mode, host_coef, coef, max_norm):
         # mode 0: host_coef; 1: coef[0]; 2: clip coefficient of tensor t from its sum of squares coef[t]
+        t, begin, end = chunk_of(tensors, chunks)
         c = host_coef
         if mode == 1:
             c = coef[0]
@@ -268,15 +306,16 @@ def build(dtype, block):
         if c == 1.0:
             return
         cm = CAST(c)  # the coefficient in the math dtype, as the CUDA kernel's M(c)
-        start, stride = cuda.grid(1), cuda.gridsize(1)
-        for i in range(start, x.size, stride):
-            x[i] = x[i] * cm
+        o = tensors[t, T_P]
+        for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
+            X[o + i] = X[o + i] * cm
 
     @cuda.jit
-    def clamp(x, c):
-        start, stride = cuda.grid(1), cuda.gridsize(1)
-        for i in range(start, x.size, stride):
-            x[i] = clamp_math(x[i], c)
+    def clamp(X, tensors, chunks, c):
+        t, begin, end = chunk_of(tensors, chunks)
+        o = tensors[t, T_P]
+        for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
+            X[o + i] = clamp_math(X[o + i], c)
 
     @cuda.jit
     def cast_scalar(src, dst):
@@ -288,6 +327,6 @@ def build(dtype, block):
         for i in range(start, sq.size, stride):  # grid-stride: the launcher caps the grid
             out[i] = sq[i] ** 0.5
 
-    kernels.update(trust=trust, sumsq_partials=sumsq_partials, sum_segments=sum_segments, global_norm=global_norm,
+    kernels.update(trust=trust, sumsq=sumsq, sum_segments=sum_segments, global_norm=global_norm,
                    step_guard=step_guard, scale=scale, clamp=clamp, cast_scalar=cast_scalar, sqrt_all=sqrt_all)
     return kernels

@@ -23,7 +23,7 @@ if not cuda.is_available():
 from fastopt.kernels.numba import kernels as nk  # noqa: E402
 from fastopt.kernels.numba import math as fmath  # noqa: E402
 
-BLOCK = 256
+BLOCK, CHUNK = 256, 4096  # the real launch configuration (numba_backend.launch_config)
 F64_OP = re.compile(r"^\s*[a-z][a-z0-9.]*\.f64\b", re.M)
 
 passed, failed = 0, []
@@ -39,22 +39,25 @@ def nscalars(family):
 
 def signatures(dt):
     """kernel name -> argument types, for math dtype dt (float32 / float64). Per-family kernels are
-    named `update[family]`, `moments[family]`, `apply[family]`: every family of the registry."""
+    named `update[family]`, `moments[family]`, `apply[family]`: every family of the registry. The array
+    kernels take the multi-tensor table (int64 tensors (nt, 6) and chunks (nb, 2), C order)."""
     a = arr(dt)
+    table = int64[:, ::1]
     sig = {}
     for family in nk.FAMILIES:
-        sig[f"update[{family}]"] = (a, a, a, a, a, types.UniTuple(dt, nscalars(family)), a, int64, int64, arr(uint8))
+        h = types.UniTuple(dt, nscalars(family))
+        sig[f"update[{family}]"] = (a, a, a, a, a, table, table, h, a, int64, int64, arr(uint8))
     for family in nk.TWO_PHASE_FAMILIES:
         h = types.UniTuple(dt, nscalars(family))
-        sig[f"moments[{family}]"] = (a, a, a, a, a, h, a, int64, int64, arr(float64), int64, arr(uint8))
-        sig[f"apply[{family}]"] = (a, a, a, a, h, a, int64, int64, int64, arr(uint8))
+        sig[f"moments[{family}]"] = (a, a, a, a, a, table, table, h, a, int64, int64, arr(float64), arr(uint8))
+        sig[f"apply[{family}]"] = (a, a, a, a, table, table, h, a, int64, int64, arr(uint8))
     sig["trust"] = (arr(float64), arr(int64), float64, a)
     sig["step_guard"] = (arr(float64), float64, arr(float64), arr(uint8), arr(int64), int64)
-    sig["sumsq_partials"] = (a, arr(float64), int64)
+    sig["sumsq"] = (a, table, table, arr(float64))
     sig["sum_segments"] = (arr(float64), arr(int64), arr(float64))
     sig["global_norm"] = (arr(float64), arr(float64), float64, arr(float64), types.boolean)
-    sig["scale"] = (a, int64, float64, arr(float64), int64, float64)
-    sig["clamp"] = (a, dt)
+    sig["scale"] = (a, table, table, int64, float64, arr(float64), float64)
+    sig["clamp"] = (a, table, table, dt)
     sig["cast_scalar"] = (arr(float64), a)
     sig["sqrt_all"] = (arr(float64), arr(float64))
     return sig
@@ -73,7 +76,7 @@ def kernel_of(ks, name):
 
 
 for dt in (float32, float64):
-    ks = nk.build(np.dtype(str(dt)), BLOCK)
+    ks = nk.build(np.dtype(str(dt)), BLOCK, CHUNK)
     for name, argtypes in signatures(dt).items():
         kernel = kernel_of(ks, name)
         for cc in ((8, 0), (9, 0)):

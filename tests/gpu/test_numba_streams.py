@@ -1,7 +1,7 @@
 """The Numba backend launches on the stream a foreign array's producer exported (__cuda_array_interface__
-v3 `stream`) and imports such arrays with sync=False: no host synchronisation per imported array, and
-the kernels still run after the work that produced the arrays. Checked with a stand-in for numba.cuda
-(no GPU needed)."""
+v3 `stream`), a Numba array's own stream, and imports foreign arrays with sync=False: no host
+synchronisation per imported array, and the kernels still run after the work that produced the arrays.
+Checked with a stand-in for numba.cuda (no GPU needed); test_launch_streams.py checks every launch."""
 from __future__ import annotations
 
 import numpy as np
@@ -54,10 +54,11 @@ def _described(obj):
     return DeviceArray(obj, 1 << 20, (4,), np.dtype(np.float32), True, True)
 
 
-@pytest.mark.parametrize("exported,expected", [(None, "legacy"), (1, "legacy"), (2, "per-thread"),
+@pytest.mark.parametrize("exported,expected", [(None, 0), (1, "legacy"), (2, "per-thread"),
                                                (0x7F00DEAD, ("external", 0x7F00DEAD))])
 def test_kernels_launch_on_the_exported_stream(fake_cuda, exported, expected):
-    assert nb._stream(_described(_Foreign(exported))) == expected
+    # None: the producer asks for no ordering (CAI v3): Numba's default stream
+    assert nb._stream(_described(_Foreign(exported)), 0) == expected
 
 
 def test_foreign_arrays_are_imported_without_synchronising(fake_cuda):
@@ -65,8 +66,14 @@ def test_foreign_arrays_are_imported_without_synchronising(fake_cuda):
     assert fake_cuda.imports == [False]
 
 
-def test_numba_arrays_use_their_default_stream(fake_cuda):
-    class NumbaArray:  # a Numba DeviceNDArray: has copy_to_host, lives on Numba's stream 0
-        def copy_to_host(self):
-            raise AssertionError("not read")
-    assert nb._stream(DeviceArray(NumbaArray(), 1 << 20, (4,), np.dtype(np.float32), True, True)) == 0
+class _NumbaArray:  # a Numba DeviceNDArray: has copy_to_host and its own stream (0: Numba's default)
+    def __init__(self, stream):
+        self.stream = stream
+
+    def copy_to_host(self):
+        raise AssertionError("not read")
+
+
+@pytest.mark.parametrize("stream", [0, "a stream object"])
+def test_numba_arrays_use_their_own_stream(fake_cuda, stream):
+    assert nb._stream(DeviceArray(_NumbaArray(stream), 1 << 20, (4,), np.dtype(np.float32), True, True), 0) == stream
