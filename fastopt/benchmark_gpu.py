@@ -430,7 +430,9 @@ class Bench:
         self.l2_bytes = int(props.get("l2CacheSize") or dev.attributes["L2CacheSize"])
         self.cc = f"{props['major']}.{props['minor']}"
         self.total_memory = int(props["totalGlobalMem"])
-        self.stream = cp.cuda.Stream.null  # fastopt, torch and CuPy's default all launch here
+        # CuPy's current stream (the legacy default stream unless changed): fastopt's CuPy launches, the
+        # ceiling kernels and torch's default stream all run there, so events on it bracket their work
+        self.stream = cp.cuda.get_current_stream()
         self._pattern = cp.RawModule(code=PATTERN_SOURCE, options=("-std=c++17",))
 
     # -- timing
@@ -514,7 +516,7 @@ class Bench:
 
         def step(p, g, states):
             ptrs = [np.uint64(a.data.ptr) for a in states] + [np.uint64(0)] * (3 - len(states))
-            kernel((grid,), (BLOCK,), (p, g, *ptrs, np.int64(nvec)), stream=self.stream)
+            kernel((grid,), (BLOCK,), (p, g, *ptrs, np.int64(nvec)))  # on the current stream, self.stream
 
         return [lambda st=st: step(*st) for st in sets], covered, grid, sets
 

@@ -297,6 +297,7 @@ class FakeCupy:
             runtimeGetVersion=lambda: 13000, driverGetVersion=lambda: 13000)
         driver = SimpleNamespace(occupancyMaxActiveBlocksPerMultiprocessor=lambda ptr, block, smem: 8)
         self.cuda = SimpleNamespace(Device=Device, Event=Event, Stream=Stream, runtime=runtime, driver=driver,
+                                    get_current_stream=lambda: Stream.null,
                                     get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3)
         self.random = SimpleNamespace(standard_normal=lambda shape, dtype: np.random.standard_normal(shape)
                                       .astype(dtype).view(HostDeviceArray))
@@ -317,7 +318,7 @@ class FakeKernel:
     def __init__(self, fake, name):
         self.fake, self.name, self.kernel = fake, name, SimpleNamespace(ptr=99)
 
-    def __call__(self, grid, block, args, stream=None):
+    def __call__(self, grid, block, args):
         self.fake.kernel_calls.append((self.name, grid, block, args))
 
 

@@ -104,7 +104,7 @@ class CupyArrays:
         return self.cp.asarray(host)
 
     def misaligned(self, host):
-        """A view of `host`'s values 4 bytes past a 16-byte boundary (not a whole vector)."""
+        """A view of `host`'s values one element past a 16-byte boundary (the kernels' scalar path)."""
         pad = np.concatenate([np.zeros(1, host.dtype), host.ravel()])
         return self.cp.asarray(pad)[1:]
 
@@ -219,10 +219,10 @@ def sweep_reductions(backend, make, dtypes, calls, rng):
                 calls(f"{name} touch({k} arrays)", be.touch, arrays)
 
 
-def sweep_backend(backend, make, dtypes=None, log=print, seed=None, quick=False) -> Calls:
+def sweep_backend(backend, make, dtypes=None, log=print, seed=None, quick=False, calls=None) -> Calls:
     rng = np.random.default_rng(seed)
     dtypes = backend_module(backend).DTYPES if dtypes is None else dtypes
-    calls = Calls(log)
+    calls = Calls(log) if calls is None else calls
     sweep_updates(backend, make, dtypes, calls, rng, quick)
     sweep_reductions(backend, make, dtypes, calls, rng)
     return calls
@@ -262,8 +262,9 @@ def public_api(backend, make, calls, rng):
     if not torch.cuda.is_available():
         return
     p, g = (torch.randn(SINGLE, device="cuda") for _ in range(2))
-    state = fastopt.init_state("adam", p)
-    calls(f"{backend} torch tensors adam_step", fastopt.adam_step, p, g, **state, step=1, backend=backend)
+    state = calls(f"{backend} torch tensors init_state", fastopt.init_state, "adam", p)
+    if state is not None:
+        calls(f"{backend} torch tensors adam_step", fastopt.adam_step, p, g, **state, step=1, backend=backend)
     torch.cuda.synchronize()
 
 
@@ -289,10 +290,19 @@ def main(argv=None) -> int:
         return 0
     failures, total = [], 0
     for backend in backends:
-        make = FACTORIES[backend]()
-        rng = np.random.default_rng()
-        calls = sweep_backend(backend, make, quick=args.quick)
-        public_api(backend, make, calls, rng)
+        try:
+            make = FACTORIES[backend]()
+        except Exception:  # e.g. numba-cuda failing to import: the other backend still runs
+            failures.append((f"{backend}: cannot create device arrays", traceback.format_exc()))
+            print(f"launch_all: {backend}: cannot create device arrays:\n{traceback.format_exc()}", flush=True)
+            continue
+        calls = Calls()
+        try:
+            sweep_backend(backend, make, quick=args.quick, calls=calls)
+            public_api(backend, make, calls, np.random.default_rng())
+        except Exception:  # outside a single call (array creation, the configuration search): stop this backend
+            calls.failures.append((f"{backend}: sweep stopped", traceback.format_exc()))
+            print(f"launch_all: {backend}: sweep stopped:\n{traceback.format_exc()}", flush=True)
         try:
             make.synchronize()  # a launch that failed asynchronously reports here
         except Exception:

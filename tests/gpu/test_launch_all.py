@@ -73,3 +73,14 @@ def test_list_mode_needs_no_gpu():
     bad = subprocess.run([sys.executable, launch_all.__file__, "--backends", "opencl"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "--backends: unknown ['opencl']" in bad.stderr
+
+
+def test_a_backend_that_cannot_start_is_a_failure_not_a_crash(monkeypatch, capsys):
+    def broken():
+        raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+
+    monkeypatch.setitem(launch_all.FACTORIES, "numba", broken)
+    assert launch_all.main(["--backends", "numba"]) == 1
+    out = capsys.readouterr().out
+    assert "launch_all: numba: cannot create device arrays" in out and "row_stack" in out
+    assert out.rstrip().endswith("launch_all: 0 calls on numba: 1 FAILED")
