@@ -1,0 +1,228 @@
+"""fastopt.distributed in one process (a world-1 communicator, tests/distributed/local_comm.py): the shard
+layout for any world size, bad input at construction (checked before anything is written), sharded
+checkpoint files that are damaged or do not fit (CheckpointError, nothing changed), the conversion to and
+from fastopt.save's format, and the imports (fastopt.distributed imports neither torch nor mpi4py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import fastopt
+from fastopt.distributed import (CheckpointError, ShardedOptimizer, ShardLayout, gather, read_manifest, scatter,
+                                 unsupported_reason)
+from fastopt.distributed.layout import ALIGN_BYTES
+from fastopt.specs import REGISTRY
+from tests.distributed.local_comm import LocalCommunicator
+
+COMM = LocalCommunicator()
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(0, 300), min_size=1, max_size=8), world=st.integers(1, 9),
+       bucket_bytes=st.sampled_from([1, 64, 400, 1 << 20]), f64=st.lists(st.booleans(), min_size=8, max_size=8))
+def test_layout_covers_every_element_once(sizes, world, bucket_bytes, f64):
+    dtypes = [np.float64 if f64[i] else np.float32 for i in range(len(sizes))]
+    layout = ShardLayout.build([(n,) for n in sizes], dtypes, world, bucket_bytes)
+    seen = {i: np.zeros(n, int) for i, n in enumerate(sizes)}
+    for b in layout.buckets:
+        assert b.shard * b.dtype.itemsize % ALIGN_BYTES == 0 and b.numel <= world * b.shard
+        assert b.numel == sum(b.sizes) and all(dtypes[i] == b.dtype for i in b.params)
+        for rank in range(world):
+            lo, hi = b.shard_range(rank)
+            for i, e0, e1, pos in b.pieces(lo, hi):
+                assert lo <= pos < hi and pos + (e1 - e0) <= hi
+                seen[i][e0:e1] += 1
+        for i, off, n in zip(b.params, b.offsets, b.sizes):  # gradient segments: inside shards, in order
+            segs = list(b.grad_segments(off, n))
+            assert sum(c for _, c in segs) == n
+            assert all(pos % b.grad_block + c <= b.shard for pos, c in segs)
+    assert all((s == 1).all() for s in seen.values())
+    assert sorted(i for b in layout.buckets for i in b.params) == list(range(len(sizes)))
+
+
+def _params(seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in [(4, 5), (17,), (1,)]]
+
+
+@pytest.mark.parametrize("args,kwargs,exc,text", [
+    (("adam", "not a list"), {"lr": 1e-3}, TypeError, "params"),
+    (("adam", []), {"lr": 1e-3}, ValueError, "empty"),
+    (("adam", [{"params": []}]), {"lr": 1e-3}, TypeError, "param groups"),
+    (("adam", [np.zeros(3, np.int32)]), {"lr": 1e-3}, TypeError, "params[0] has dtype int32"),
+    (("nosuch", None), {}, ValueError, "Unknown optimizer"),
+    ((42, None), {}, TypeError, "name_or_class"),
+    (("lamb", None), {"lr": 1e-3}, ValueError, "trust ratio"),
+    (("adam", None), {"lr": -1.0}, ValueError, "Invalid learning rate: -1.0"),
+    (("adam", None), {"lr": 1e-3, "betas": (0.9, 1.5)}, ValueError, "beta2"),
+    (("adam", None), {"lr": 1e-3, "clip_grad_norm": -1}, ValueError, "clip_grad_norm"),
+    (("adam", None), {"lr": 1e-3, "skip_nonfinite": "yes"}, TypeError, "skip_nonfinite"),
+    (("adam", None), {"lr": 1e-3, "bucket_bytes": 0}, ValueError, "bucket_bytes"),
+    (("adam", None), {"lr": 1e-3, "nonsense": 1}, TypeError, "nonsense"),
+])
+def test_bad_construction(args, kwargs, exc, text):
+    name, params = args
+    params = _params() if params is None else params
+    before = [p.copy() for p in params] if isinstance(params, list) and params and isinstance(params[0], np.ndarray) else []
+    with pytest.raises(exc) as info:
+        ShardedOptimizer(name, params, COMM, **kwargs)
+    assert text in str(info.value)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(params, before))
+
+
+def test_bad_params_memory_and_comm():
+    p = np.zeros(10, np.float32)
+    with pytest.raises(ValueError, match="share memory"):
+        ShardedOptimizer("adam", [p[:6], p[4:]], COMM, lr=1e-3)
+    ro = np.zeros(3, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        ShardedOptimizer("adam", [ro], COMM, lr=1e-3)
+    with pytest.raises(TypeError, match="comm must be"):
+        ShardedOptimizer("adam", [p], object(), lr=1e-3)
+
+
+def test_bad_grads_leave_everything_unchanged():
+    params = _params()
+    opt = ShardedOptimizer("adam", params, COMM, lr=1e-3)
+    opt.step([np.ones_like(p) for p in params])
+    before = [p.copy() for p in params]
+    states = [{k: v.copy() for k, v in s.items()} for s in opt.shard_states()]
+    for grads, exc in [([np.ones_like(p) for p in params[:2]], ValueError),
+                       ([np.ones_like(params[0]), np.ones(16, np.float32), np.ones(1, np.float32)], ValueError),
+                       ([np.ones_like(params[0], dtype=np.float64), np.ones(17, np.float32), np.ones(1, np.float32)],
+                        TypeError),
+                       ([np.ones_like(params[0]), None, np.ones(1, np.float32)], TypeError),
+                       ("grads", TypeError)]:
+        with pytest.raises(exc):
+            opt.step(grads)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(params, before))
+        assert all(np.array_equal(v, states[i][k]) for i, s in enumerate(opt.shard_states()) for k, v in s.items())
+        assert opt.steps == 1
+
+
+def test_every_registry_optimizer_is_sharded_or_rejected_with_a_reason():
+    for spec in REGISTRY.values():
+        reason = unsupported_reason(spec)
+        if reason is None:
+            ShardedOptimizer(spec.name, _params(), COMM, lr=0.01)
+        else:
+            with pytest.raises(ValueError, match="does not support"):
+                ShardedOptimizer(spec.name, _params(), COMM, lr=0.01)
+    assert unsupported_reason(REGISTRY["lamb"]) is not None and unsupported_reason(REGISTRY["adam"]) is None
+
+
+def test_schedule_params_views_and_copy_params():
+    params = _params(1)
+    opt = ShardedOptimizer("sgd", params, COMM, lr=fastopt.schedules.step_decay(0.1, 2, 0.5), momentum=0.9,
+                           copy_params=False)
+    ref = [p.copy() for p in params]
+    single = fastopt.SGD(ref, lr=fastopt.schedules.step_decay(0.1, 2, 0.5), momentum=0.9)
+    before = [p.copy() for p in params]
+    for t in range(5):
+        g = [np.full_like(p, 0.25 * (t + 1)) for p in params]
+        opt.step(g)
+        single.step(g)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(params, before))  # copy_params=False: untouched
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(opt.params, ref))
+
+
+def _trained(tmp_path, steps=3, **kw):
+    params = _params(2, np.float64)
+    opt = ShardedOptimizer("adam", params, COMM, lr=1e-2, amsgrad=True, **kw)
+    for t in range(steps):
+        opt.step([np.full_like(p, 0.5 - t) for p in params])
+    path = str(tmp_path / "ck")
+    opt.save(path)
+    return opt, params, path
+
+
+def test_checkpoint_files_and_round_trips(tmp_path):
+    opt, params, path = _trained(tmp_path)
+    m, layout, spec = read_manifest(path)
+    assert m["optimizer"] == "adam" and m["steps"] == 3 and m["states"] == ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+    assert not [n for n in os.listdir(path) if n.endswith(".tmp")]
+    opt.save(path)  # a second save replaces the files, the old ones are removed after the commit
+    assert len([n for n in os.listdir(path) if n.endswith(".npz")]) == 1
+    # gather -> the single-process class; scatter back for 3 ranks -> same arrays
+    gathered = str(tmp_path / "one.npz")
+    gather(path, gathered)
+    single = fastopt.Adam([np.zeros_like(p) for p in params], lr=1e-2, amsgrad=True)
+    fastopt.load(gathered, single)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(single.params, params))
+    scatter(gathered, str(tmp_path / "three"), 3, bucket_bytes=64)
+    m3, layout3, _ = read_manifest(str(tmp_path / "three"))
+    assert m3["world_size"] == 3 and len(layout3.buckets) > 1
+    fresh = [np.zeros_like(p) for p in params]
+    again = ShardedOptimizer("adam", fresh, COMM, lr=1e-2, amsgrad=True)
+    again.load(str(tmp_path / "three"))
+    assert again.steps == 3 and all(a.tobytes() == b.tobytes() for a, b in zip(fresh, params))
+    g = [np.full_like(p, 0.125) for p in params]
+    opt.step(g)
+    again.step(g)
+    single.step(g)
+    assert all(a.tobytes() == b.tobytes() == c.tobytes() for a, b, c in zip(fresh, params, single.params))
+
+
+def _flip(path, name, offset=200):
+    data = bytearray(open(name, "rb").read())
+    data[offset] ^= 1
+    open(name, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("damage,text", [
+    ("flip", "checksum"),
+    ("manifest", "corrupted"),
+    ("no manifest", "no manifest.json"),
+    ("optimizer", "holds a adamw checkpoint"),
+    ("shape", "are not this optimizer's"),
+    ("hyper", "Invalid learning rate"),
+    ("states", "state names"),
+    ("files", "file list"),
+])
+def test_damaged_checkpoints_change_nothing(tmp_path, damage, text):
+    opt, params, path = _trained(tmp_path)
+    manifest = os.path.join(path, "manifest.json")
+    m = json.load(open(manifest))
+    if damage == "flip":
+        _flip(path, os.path.join(path, m["files"][0]["name"]))
+    elif damage == "manifest":
+        open(manifest, "w").write(open(manifest).read()[:-10])
+    elif damage == "no manifest":
+        os.unlink(manifest)
+    else:
+        if damage == "optimizer":
+            m["optimizer"] = "adamw"
+            m["hyperparameters"] = dict(REGISTRY["adamw"].defaults, lr=0.01, amsgrad=True)
+        elif damage == "shape":
+            m["params"][1]["shape"] = [16]
+            m["buckets"] = ShardLayout.build([p["shape"] for p in m["params"]], [p["dtype"] for p in m["params"]], 1,
+                                             m["bucket_bytes"]).describe()
+        elif damage == "hyper":
+            m["hyperparameters"]["lr"] = -1
+        elif damage == "states":
+            m["states"] = ["exp_avg"]
+        elif damage == "files":
+            m["files"] = m["files"] * 2
+        json.dump(m, open(manifest, "w"))
+    target = [p + 1 for p in params]
+    opt2 = ShardedOptimizer("adam", target, COMM, lr=1e-2, amsgrad=True)
+    before = [p.copy() for p in target]
+    with pytest.raises(CheckpointError) as info:
+        opt2.load(path)
+    assert text in str(info.value)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(target, before)) and opt2.steps == 0
+    assert all(not v.any() for s in opt2.shard_states() for v in s.values())
+
+
+def test_import_needs_neither_torch_nor_mpi():
+    code = ("import sys, fastopt.distributed; "
+            "print(sorted(m for m in ('torch', 'mpi4py', 'cupy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
