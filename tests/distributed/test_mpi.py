@@ -10,12 +10,12 @@ every rank with nothing updated; a checkpoint saved at world 3 loads at world 2 
 gather + scatter) and continues bit for bit like the single-process class resumed from it."""
 from __future__ import annotations
 
+import json
 import os
 
-import numpy as np
 import pytest
 
-from tests.distributed.launch import run_mpi
+from tests.distributed.launch import ROOT, run_mpi
 
 
 @pytest.mark.parametrize("world,bucket_bytes", [(1, 32 << 20), (2, 32 << 20), (3, 256), (4, 256)])
@@ -53,3 +53,13 @@ def test_checkpoint_world3_to_world2(tmp_path):
     scatter(gathered, scattered, 2)
     assert read_manifest(scattered)[0]["world_size"] == 2
     assert "OK resume world=2" in run_mpi(2, "resume", scattered, gathered, 5, 4)
+
+
+def test_example_distributed_mlp_world2():
+    pytest.importorskip("sklearn", reason="the example trains on scikit-learn's digits (pip install .[train])")
+    out = run_mpi(2, "--epochs", "2", "--json", script=str(ROOT / "examples" / "distributed_mlp.py"))
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["world_size"] == 2 and result["params_identical_on_all_ranks"]
+    assert result["test_accuracy"] > 0.85 and result["history"][1]["train_loss"] < result["history"][0]["train_loss"]
+    assert result["state_bytes_single_process"] / 2 <= result["state_bytes_per_rank"] <= \
+        1.01 * result["state_bytes_single_process"] / 2
