@@ -632,7 +632,7 @@ class Optimizer:
             if lr is None:  # a schedule that could not be tried on a copy
                 lr = float(live["lr"](state.steps[gi]))
             self._last_lr[gi] = lr
-            fills = self.spec.state_init(hp)
+            fills = self.spec.state_init(dict(hp, lr=lr))  # a fill may read lr (Rprop): the value, not a schedule
             for bucket, new_slots, sources in plan.buckets[gi]:
                 bucket.states.update(new_slots)
                 for name, targets in bucket.states.items():

@@ -246,7 +246,7 @@ def asgd_step(p, g, ax, *, step, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight
     mu = 1.0 if step == 1 else 1.0 / max(1.0, (step - 1) - t0)
     _store(p, p * (1.0 - lambd * eta))
     _store(p, p - eta * g)
-    if mu != 1.0:
+    if p.dtype.type(mu) != 1.0:  # torch copies p when its stored mu is 1 (compared in the data's type)
         _store(ax, ax + (p - ax) * mu)
     else:
         _store(ax, p)

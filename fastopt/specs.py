@@ -802,9 +802,6 @@ def asgd_mu(hp, t) -> float:
     return 1.0 if t == 0 else 1.0 / max(1.0, t - hp["t0"])
 
 
-ASGD_AVERAGING = 1  # variant bit: mu != 1, so ax moves towards p (else ax is a copy of p, like torch)
-
-
 def _asgd_scalars(hp, step, grad_scale):
     eta = asgd_eta(hp, step - 1)  # torch uses the eta and mu it stored after the previous step
     return (_gs(hp, grad_scale), hp["weight_decay"], 1.0 - hp["lambd"] * eta, eta, asgd_mu(hp, step - 1))
@@ -825,8 +822,7 @@ ax = ax + (p - ax) * mu   (ax = p when mu == 1)
             weight_decay(), MAXIMIZE),
     states=("ax",),
     scalar_names=("grad_scale", "weight_decay", "decay", "eta", "mu"),
-    scalars=_asgd_scalars, variant=lambda hp, step: ASGD_AVERAGING if asgd_mu(hp, step - 1) != 1.0 else 0,
-    variants=(0, ASGD_AVERAGING), torch_class="ASGD",
+    scalars=_asgd_scalars, torch_class="ASGD",
     torch_positional=("lr", "lambd", "alpha", "t0", "weight_decay", "foreach", "maximize", "differentiable",
                       "capturable"),
     torch_extra_state={"eta": asgd_eta, "mu": asgd_mu},

@@ -44,7 +44,6 @@
     X(9, adadelta, AdadeltaOp, 0) \
     X(10, rprop, RpropOp, 0) \
     X(11, asgd, AsgdOp, 0) \
-    X(11, asgd, AsgdOp, 1) \
     X(12, yogi, YogiOp, 0) \
 
 
@@ -72,7 +71,6 @@ FO_UPDATE_ENTRIES(8, adamax, AdamaxOp, 0)
 FO_UPDATE_ENTRIES(9, adadelta, AdadeltaOp, 0)
 FO_UPDATE_ENTRIES(10, rprop, RpropOp, 0)
 FO_UPDATE_ENTRIES(11, asgd, AsgdOp, 0)
-FO_UPDATE_ENTRIES(11, asgd, AsgdOp, 1)
 FO_UPDATE_ENTRIES(12, yogi, YogiOp, 0)
 #endif
 

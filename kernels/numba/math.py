@@ -248,7 +248,7 @@ def build(dtype):
         g = add_scaled(g, h[H.asgd.weight_decay], p)
         p = p * h[H.asgd.decay]
         p = p - h[H.asgd.eta] * g
-        if variant & 1:  # specs.ASGD_AVERAGING: mu != 1
+        if h[H.asgd.mu] != ONE:  # torch copies p when mu == 1 (asgd.cuh)
             a = a + (p - a) * h[H.asgd.mu]
         else:
             a = p

@@ -1,0 +1,274 @@
+"""Issue 14's elementwise optimizers against their oracles, through the classes (param groups, float32 and
+float64, 50 steps, sizes 0, 1 and odd): torch.optim.Adadelta, ASGD and Rprop, and pytorch_optimizer's Yogi
+(a test extra). The registry-driven suites already check every one of them against the NumPy reference bit
+for bit, through every backend's compile checks, checkpoints and the fuzz tables; what is here is what
+those tables cannot say: torch's options that are not plain hyperparameters (Rprop's etas/step_sizes
+pairs, ASGD's averaging once t0 is passed, its eta/mu state), the start values of state (Rprop's
+step_size = lr, Yogi's initial_accumulator), and torch's error messages."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import fastopt
+
+torch = pytest.importorskip("torch")
+
+SHAPES = [(0,), (1,), (7,), (33, 5)]
+STEPS = 50
+
+
+def _tol(dtype):
+    return (1e-10, 1e-12) if dtype == np.float64 else (2e-5, 2e-6)
+
+
+def _groups(rng, dtype, lrs):
+    """Two param groups (shapes split between them) with their own lr: NumPy arrays and torch copies."""
+    params = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    tparams = [torch.nn.Parameter(torch.tensor(p.copy())) for p in params]
+    ours = [{"params": params[:2], "lr": lrs[0]}, {"params": params[2:], "lr": lrs[1]}]
+    theirs = [{"params": tparams[:2], "lr": lrs[0]}, {"params": tparams[2:], "lr": lrs[1]}]
+    return params, tparams, ours, theirs
+
+
+def _run(opt, topt, params, tparams, dtype, rng, scale=1.0):
+    for _ in range(STEPS):
+        grads = [(scale * rng.standard_normal(p.shape)).astype(dtype) for p in params]
+        for tp, g in zip(tparams, grads):
+            tp.grad = torch.tensor(g.copy())
+        topt.step()
+        opt.step(grads)
+    rtol, atol = _tol(dtype)
+    for p, tp in zip(params, tparams):
+        np.testing.assert_allclose(p, tp.detach().numpy(), rtol=rtol, atol=atol)
+
+
+def _assert_state(opt, topt, tparams, dtype, names):
+    """Every state array equals the oracle's state of the same name (ours -> theirs)."""
+    rtol, atol = _tol(dtype)
+    for i, tp in enumerate(tparams):
+        state = opt.state_arrays(i)
+        for ours, theirs in names.items():
+            np.testing.assert_allclose(state[ours], topt.state[tp][theirs].numpy(), rtol=rtol, atol=atol,
+                                       err_msg=ours)
+
+
+@pytest.fixture(autouse=True)
+def _default_dtype():
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def _match_default_dtype(dtype):
+    # torch keeps ASGD's eta and mu (and Rprop's step) in the default dtype
+    torch.set_default_dtype(torch.float64 if dtype == np.float64 else torch.float32)
+
+
+# ---- torch.optim.Rprop: etas and step_sizes are etaminus/etaplus and step_size_min/step_size_max here ----
+
+RPROP_OPTIONS = [
+    dict(),
+    dict(etas=(0.3, 1.5)),
+    dict(etas=(0.5, 1.2), step_sizes=(1e-3, 0.05)),   # both bounds bind within 50 steps
+    dict(etas=(0.9, 3.0), step_sizes=(0.0, 1e9)),
+    dict(maximize=True),
+    dict(maximize=True, etas=(0.25, 2.0), step_sizes=(1e-4, 0.2)),
+]
+
+
+def _rprop_kwargs(options):
+    kw = {"maximize": options.get("maximize", False)}
+    if "etas" in options:
+        kw["etaminus"], kw["etaplus"] = options["etas"]
+    if "step_sizes" in options:
+        kw["step_size_min"], kw["step_size_max"] = options["step_sizes"]
+    return kw
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("options", RPROP_OPTIONS, ids=[str(o) for o in RPROP_OPTIONS])
+def test_rprop_matches_torch(options, dtype, rng):
+    _match_default_dtype(dtype)
+    params, tparams, ours, theirs = _groups(rng, dtype, (0.02, 0.005))
+    topt = torch.optim.Rprop(theirs, foreach=False, **options)
+    opt = fastopt.Rprop(ours, **_rprop_kwargs(options))
+    # gradients with persistent signs on some elements, so step sizes grow to the upper bound too
+    _run(opt, topt, params, tparams, dtype, rng)
+    _assert_state(opt, topt, tparams, dtype, {"prev": "prev", "step_size": "step_size"})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rprop_functional_with_repeated_and_zero_gradients(dtype, rng):
+    """Gradients that repeat (sign kept: growth to step_size_max), flip (shrink, gradient zeroed) and are
+    exactly zero (factor 1) in one array, through the functional API with init_state(lr=...)."""
+    _match_default_dtype(dtype)
+    p = rng.standard_normal(1037).astype(dtype)
+    tp = torch.nn.Parameter(torch.tensor(p.copy()))
+    topt = torch.optim.Rprop([tp], lr=0.07, step_sizes=(1e-3, 0.5), foreach=False)
+    state = fastopt.init_state("rprop", p, lr=0.07)
+    assert (state["step_size"] == np.asarray(0.07, dtype)).all() and not state["prev"].any()
+    base = rng.standard_normal(1037).astype(dtype)
+    for t in range(STEPS):
+        g = base * (1 if t % 3 else -1)
+        g[::5] = 0
+        g[1::7] = rng.standard_normal(g[1::7].shape)
+        tp.grad = torch.tensor(g.copy())
+        topt.step()
+        fastopt.rprop_step(p, g, **state, step_size_min=1e-3, step_size_max=0.5)
+    rtol, atol = _tol(dtype)
+    np.testing.assert_allclose(p, tp.detach().numpy(), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(state["step_size"], topt.state[tp]["step_size"].numpy(), rtol=rtol, atol=atol)
+    np.testing.assert_array_equal(state["prev"], topt.state[tp]["prev"].numpy())
+
+
+def test_rprop_step_size_starts_at_the_lr_of_its_group_and_schedule(rng):
+    p, q = rng.standard_normal(4), rng.standard_normal(3)
+    opt = fastopt.Rprop([{"params": [p], "lr": 0.3}, {"params": [q]}], lr=fastopt.schedules.constant(0.02))
+    np.testing.assert_array_equal(opt.state_arrays(0)["step_size"], np.full(4, 0.3))
+    np.testing.assert_array_equal(opt.state_arrays(1)["step_size"], np.full(3, 0.02))
+
+
+@pytest.mark.parametrize("etas", [(1.0, 1.2), (0.0, 1.2), (0.5, 1.0), (0.5, 0.9)])
+def test_rprop_bad_etas_raise_torchs_message_and_write_nothing(etas, rng):
+    p = rng.standard_normal(5)
+    before = p.copy()
+    with pytest.raises(ValueError) as theirs:
+        torch.optim.Rprop([torch.nn.Parameter(torch.tensor(p))], etas=etas)
+    with pytest.raises(ValueError) as ours:
+        fastopt.Rprop([p], etaminus=etas[0], etaplus=etas[1])
+    assert str(ours.value) == str(theirs.value)
+    state = fastopt.init_state("rprop", p)
+    snap = [a.copy() for a in state.values()]
+    with pytest.raises(ValueError, match="Invalid eta values"):
+        fastopt.rprop_step(p, rng.standard_normal(5), **state, etaminus=etas[0], etaplus=etas[1])
+    assert p.tobytes() == before.tobytes()
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(state.values(), snap))
+
+
+# ---- torch.optim.ASGD: averaging after t0, eta and mu in torch's state dict ----
+
+ASGD_OPTIONS = [
+    dict(),
+    dict(t0=5.0),                                   # averaging from step 7 on
+    dict(t0=0.0, lambd=1e-2, alpha=0.5, weight_decay=0.05),
+    dict(t0=20.0, lambd=0.1, alpha=1.0, maximize=True),
+    dict(t0=-3.0, lambd=0.0),                       # mu < 1 from step 2
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("options", ASGD_OPTIONS, ids=[str(o) for o in ASGD_OPTIONS])
+def test_asgd_matches_torch(options, dtype, rng):
+    _match_default_dtype(dtype)
+    params, tparams, ours, theirs = _groups(rng, dtype, (0.05, 0.2))
+    topt = torch.optim.ASGD(theirs, foreach=False, **options)
+    opt = fastopt.ASGD(ours, **options)
+    _run(opt, topt, params, tparams, dtype, rng)
+    _assert_state(opt, topt, tparams, dtype, {"ax": "ax"})
+    # torch's per-param eta, mu and step come out of the conversion, and a fresh torch ASGD continues from it
+    sd = opt.torch_state_dict()
+    rtol = 1e-6  # the conversion writes eta and mu as float32 tensors (torch's default scalar dtype)
+    for i, tp in enumerate(tparams):
+        for key in ("eta", "mu", "step"):
+            np.testing.assert_allclose(float(sd["state"][i][key]), float(topt.state[tp][key]), rtol=rtol, err_msg=key)
+    fresh = [torch.nn.Parameter(torch.tensor(p.copy())) for p in params]
+    again = torch.optim.ASGD([{"params": fresh[:2]}, {"params": fresh[2:]}], foreach=False, **options)
+    again.load_state_dict(sd)
+    grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
+    for tp, fp, g in zip(tparams, fresh, grads):
+        tp.grad, fp.grad = torch.tensor(g.copy()), torch.tensor(g.copy())
+    topt.step()
+    again.step()
+    for tp, fp in zip(tparams, fresh):
+        np.testing.assert_allclose(fp.detach().numpy(), tp.detach().numpy(), rtol=max(rtol, _tol(dtype)[0]),
+                                   atol=max(1e-7, _tol(dtype)[1]))
+
+
+def test_asgd_torch_state_dict_loads_back(rng):
+    torch.set_default_dtype(torch.float64)
+    p = rng.standard_normal(9)
+    tp = torch.nn.Parameter(torch.tensor(p.copy()))
+    topt = torch.optim.ASGD([tp], lr=0.1, t0=2.0, foreach=False)
+    for _ in range(6):
+        tp.grad = torch.tensor(rng.standard_normal(9))
+        topt.step()
+    opt = fastopt.ASGD([tp.detach().numpy().copy()], lr=0.1, t0=2.0)  # a torch state dict has no params
+    opt.load_torch_state_dict(topt.state_dict())
+    g = rng.standard_normal(9)
+    tp.grad = torch.tensor(g.copy())
+    topt.step()
+    opt.step([g])
+    np.testing.assert_allclose(opt.params[0], tp.detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(opt.state_arrays(0)["ax"], topt.state[tp]["ax"].numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"lambd": -1e-4}, "lambd"), ({"alpha": -0.5}, "alpha"),
+                                          ({"t0": float("inf")}, "t0"), ({"lr": -0.1}, "learning rate")])
+def test_asgd_bad_hyperparameters_write_nothing(kwargs, match, rng):
+    p = rng.standard_normal(5)
+    state = fastopt.init_state("asgd", p)
+    snap = p.tobytes(), state["ax"].tobytes()
+    with pytest.raises(ValueError, match=match):
+        fastopt.asgd_step(p, rng.standard_normal(5), **state, step=1, **kwargs)
+    assert (p.tobytes(), state["ax"].tobytes()) == snap
+
+
+def test_asgd_huge_step_does_not_overflow():
+    p, g = np.ones(3), np.ones(3)
+    state = fastopt.init_state("asgd", p)
+    fastopt.asgd_step(p, g, **state, step=2 ** 53, lambd=1e300, alpha=2.0, lr=1e3)  # (1 + 1e306 t)^2: inf
+    np.testing.assert_array_equal(p, np.ones(3))                                     # eta = 0
+
+
+# ---- torch.optim.Adadelta through the classes ----
+
+ADADELTA_OPTIONS = [dict(), dict(rho=0.5, eps=1e-4), dict(weight_decay=0.05, maximize=True), dict(rho=1.0),
+                    dict(rho=0.0, weight_decay=0.01)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("options", ADADELTA_OPTIONS, ids=[str(o) for o in ADADELTA_OPTIONS])
+def test_adadelta_matches_torch(options, dtype, rng):
+    _match_default_dtype(dtype)
+    params, tparams, ours, theirs = _groups(rng, dtype, (1.0, 0.3))
+    topt = torch.optim.Adadelta(theirs, foreach=False, **options)
+    opt = fastopt.Adadelta(ours, **options)
+    _run(opt, topt, params, tparams, dtype, rng)
+    _assert_state(opt, topt, tparams, dtype, {"square_avg": "square_avg", "acc_delta": "acc_delta"})
+
+
+@pytest.mark.parametrize("rho", [-0.1, 1.5])
+def test_adadelta_bad_rho_raises_torchs_message(rho, rng):
+    p = rng.standard_normal(3)
+    with pytest.raises(ValueError) as theirs:
+        torch.optim.Adadelta([torch.nn.Parameter(torch.tensor(p))], rho=rho)
+    with pytest.raises(ValueError) as ours:
+        fastopt.Adadelta([p], rho=rho)
+    assert str(ours.value) == str(theirs.value)
+
+
+# ---- Yogi against pytorch_optimizer (a test extra) ----
+
+def _yogi_oracle():
+    return pytest.importorskip("pytorch_optimizer").Yogi
+
+
+YOGI_OPTIONS = [dict(weight_decay=wd, decoupled_weight_decay=dec, fixed_decay=fixed, maximize=mx)
+                for wd, dec, fixed, mx in itertools.product((0.0, 0.05), (True, False), (False, True), (False, True))
+                if not (fixed and not dec)] + [dict(betas=(0.8, 0.99), eps=1e-6, initial_accumulator=0.01)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("options", YOGI_OPTIONS, ids=[str(o) for o in YOGI_OPTIONS])
+def test_yogi_matches_pytorch_optimizer(options, dtype, rng):
+    Yogi = _yogi_oracle()
+    params, tparams, ours, theirs = _groups(rng, dtype, (0.01, 0.003))
+    theirs_kw = {("weight_decouple" if k == "decoupled_weight_decay" else k): v for k, v in options.items()}
+    topt = Yogi(theirs, foreach=False, **theirs_kw)
+    opt = fastopt.Yogi(ours, **options)
+    init = options.get("initial_accumulator", 1e-6)
+    assert all((a == np.asarray(init, dtype)).all() for i in range(len(params)) for a in opt.state_arrays(i).values())
+    _run(opt, topt, params, tparams, dtype, rng)
+    _assert_state(opt, topt, tparams, dtype, {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"})
