@@ -10,11 +10,8 @@ are never split between buckets). A bucket's params are packed one after another
 world) rounded up to a multiple of ALIGN_BYTES, so every shard starts on a vector (and cache line)
 boundary; the tail of the last shards is padding (zero gradients, never copied to a user's array).
 
-The gradient buffer that is reduce-scattered has `shard + pad` elements per rank instead of `shard`:
-the element at index `shard` of each rank's block is a control slot (a failed-validation count that
-rides along with the gradients, so that a rank whose gradients were rejected tells every other rank
-within the same collective instead of leaving them waiting), the rest is padding that keeps blocks
-aligned.
+The gradient buffer that is reduce-scattered has the same layout, so a param's gradient can be a view of
+it (ShardedOptimizer.grads) and the reduce-scatter then needs no copy.
 """
 from __future__ import annotations
 
@@ -47,11 +44,6 @@ class Bucket:
     def align(self) -> int:
         return max(1, ALIGN_BYTES // self.dtype.itemsize)
 
-    @property
-    def grad_block(self) -> int:
-        """Elements per rank in the reduce-scattered gradient buffer: the shard, a control slot, padding."""
-        return self.shard + self.align
-
     def shard_range(self, rank: int) -> tuple[int, int]:
         return rank * self.shard, (rank + 1) * self.shard
 
@@ -62,16 +54,6 @@ class Bucket:
             a, b = max(lo, off), min(hi, off + n)
             if a < b:
                 yield p, a - off, b - off, a
-
-    def grad_segments(self, off: int, n: int):
-        """(position in the gradient buffer, count) of the bucket elements [off, off + n): split where a
-        shard ends, because the gradient buffer has a control block after each shard."""
-        while n > 0:
-            rank, within = divmod(off, self.shard)
-            take = min(n, self.shard - within)
-            yield rank * self.grad_block + within, take
-            off += take
-            n -= take
 
 
 @dataclass(frozen=True)

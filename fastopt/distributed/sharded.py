@@ -12,10 +12,11 @@ for its shard only, allocated with fastopt.init_state, and updates it with the r
 
 One step:
   1. every check (count, kind, dtype and shape of each gradient, the learning rate) on this rank, then
-     the gradients are packed into the bucket's send buffer (one copy);
-  2. reduce-scatter (sum) per bucket, non-blocking where the engine has it; a control slot per shard
-     carries the count of ranks whose gradients failed the checks, so every rank raises at the same
-     collective (nothing is updated anywhere) instead of waiting for a rank that gave up;
+     ONE all-reduce of one number, the count of ranks whose checks failed: every rank raises at the same
+     point (nothing is updated anywhere) instead of waiting in a collective for a rank that gave up;
+  2. the gradients are packed into the bucket's send buffer (one copy; none for gradients that are the
+     optimizer's own views, `opt.grads`), then reduce-scatter (sum) per bucket, non-blocking where the
+     engine has it;
   3. with clip_grad_norm / skip_nonfinite: ONE all-reduce of two scalars (this shard's sum of squares and
      a non-finite flag) gives the global norm of the mean gradient;
   4. per bucket, as soon as its gradients are in: the fused update of the shard with grad_scale =
@@ -26,7 +27,8 @@ One step:
 Params: copied in at construction and out after each step (NumPy arrays cannot be re-pointed at other
 memory; for torch tensors the same rule keeps one behaviour). Train on `opt.params` (views of the flat
 buffer, in the engine's type: NumPy arrays, torch tensors, CuPy arrays) to avoid the copy, or pass
-copy_params=False and read them from there.
+copy_params=False and read them from there. Likewise, writing the gradients into `opt.grads` (views of
+the send buffer) and passing those to step() avoids packing them.
 
 Construction checks, before any collective: params (one list, floating point, writable, no two
 sharing memory), the optimizer name, every hyperparameter (by building the single-process class on a
@@ -190,12 +192,16 @@ class ShardedOptimizer:
             flat = self._flat[b.index][1]
             for i, off, n in zip(b.params, b.offsets, b.sizes):
                 flat[off:off + n] = views[i].reshape(-1)
-        own = [self.comm.native_view(self._flat[b.index][0], off, off + n, self.layout.shapes[i])
-               for b in self.layout.buckets for i, off, n in zip(b.params, b.offsets, b.sizes)]
-        order = [i for b in self.layout.buckets for i in b.params]
-        self._own = [None] * len(views)
-        for i, v in zip(order, own):
-            self._own[i] = v
+        self._own = self._views_of(self._flat)
+        self._grads = self._views_of(self._send)
+
+    def _views_of(self, buffers) -> list:
+        """Per param (in the user's order), its view of a per-bucket flat buffer, in the engine's type."""
+        out = [None] * len(self.layout.shapes)
+        for b in self.layout.buckets:
+            for i, off, n in zip(b.params, b.offsets, b.sizes):
+                out[i] = self.comm.native_view(buffers[b.index][0], off, off + n, self.layout.shapes[i])
+        return out
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -246,8 +252,8 @@ class ShardedOptimizer:
         self._flat, self._send, self._recv, self._states = [], [], [], []
         for b in self.layout.buckets:
             self._flat.append(comm.alloc(b.world * b.shard, b.dtype))
-            self._send.append(comm.alloc(b.world * b.grad_block, b.dtype))
-            self._recv.append(comm.alloc(b.grad_block, b.dtype))
+            self._send.append(comm.alloc(b.world * b.shard, b.dtype))
+            self._recv.append(comm.alloc(b.shard, b.dtype))
             lo, hi = b.shard_range(self.rank)
             self._states.append(functional.init_state(spec.name, self._flat[-1][1][lo:hi], **options))
 
@@ -258,6 +264,12 @@ class ShardedOptimizer:
         """The optimizer's own params: views of its flat buffers (engine type), in the order of the params
         given; always up to date after a step. Training on these skips the copy into the user's arrays."""
         return list(self._own)
+
+    @property
+    def grads(self) -> list:
+        """Gradient views of the send buffer (engine type, shaped like the params): write this rank's
+        gradients into them and pass them to step() to skip packing. Overwritten by nobody but you."""
+        return list(self._grads)
 
     @property
     def hyperparameters(self) -> dict:
@@ -307,18 +319,13 @@ class ShardedOptimizer:
             out.append(v)
         return out
 
-    def _pack(self, views, failed: bool):
-        """Copy the gradients into the send buffers; every shard's control slot gets the failure flag."""
+    def _pack(self, views):
+        """Copy the gradients into the send buffers (not those that are the optimizer's own views)."""
         for b in self.layout.buckets:
             send = self._send[b.index][1]
-            if not failed:
-                for i, off, n in zip(b.params, b.offsets, b.sizes):
-                    g = views[i].reshape(-1)
-                    src = 0
-                    for pos, count in b.grad_segments(off, n):
-                        send[pos:pos + count] = g[src:src + count]
-                        src += count
-            send[b.shard::b.grad_block] = 1.0 if failed else 0.0
+            for i, off, n in zip(b.params, b.offsets, b.sizes):
+                if n and not self._is_own(views[i], send, off):
+                    send[off:off + n] = views[i].reshape(-1)
 
     def step(self, grads) -> bool:
         """One update with this rank's local gradients (a list in the order of the params); the mean over
@@ -330,8 +337,14 @@ class ShardedOptimizer:
             lr = self.lr_for_next_step()
         except (TypeError, ValueError) as e:
             error, views = e, None
-        self._pack(views, error is not None)
         comm, buckets = self.comm, self.layout.buckets
+        failed = comm.all_reduce_sum(np.array([0.0 if error is None else 1.0]))[0]
+        if error is not None:
+            raise error
+        if failed:
+            raise ValueError(f"step: the gradients of {int(failed)} other rank(s) failed the checks there (see "
+                             f"their error); nothing was updated on any rank")
+        self._pack(views)
         pending = [comm.reduce_scatter(self._send[b.index][0], self._recv[b.index][0]) for b in buckets]
 
         def wait_all():
@@ -339,22 +352,13 @@ class ShardedOptimizer:
                 if r is not None:
                     r.wait()
 
-        pending[0].wait()
-        pending[0] = None
-        failed = float(self._recv[0][1][buckets[0].shard])
-        if failed or error is not None:
-            wait_all()
-            if error is not None:
-                raise error
-            raise ValueError(f"step: the gradients of {int(round(failed))} other rank(s) failed the checks there "
-                             f"(see their error); nothing was updated on any rank")
         scale = 1.0 / self.world_size
         if self.clip_grad_norm is not None or self.skip_nonfinite:
             wait_all()
             pending = [None] * len(buckets)
             sq = 0.0
             for b in buckets:
-                norm = float(global_norm(self._recv[b.index][1][:b.shard]))
+                norm = float(global_norm(self._recv[b.index][1]))
                 sq += norm * norm
             total = comm.all_reduce_sum(np.array([sq, 0.0 if math.isfinite(sq) else 1.0]))
             if self.skip_nonfinite and (total[1] > 0 or not math.isfinite(total[0])):
@@ -370,7 +374,7 @@ class ShardedOptimizer:
             if pending[b.index] is not None:
                 pending[b.index].wait()
             lo, hi = b.shard_range(self.rank)
-            self._step_fn(self._flat[b.index][1][lo:hi], self._recv[b.index][1][:b.shard], **self._states[b.index],
+            self._step_fn(self._flat[b.index][1][lo:hi], self._recv[b.index][1], **self._states[b.index],
                           **kwargs, **hp, grad_scale=scale, backend=self.backend)
             gathers.append(comm.all_gather(self._flat[b.index][0], b.shard))
         for g in gathers:

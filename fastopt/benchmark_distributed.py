@@ -1,0 +1,204 @@
+"""Sharded-optimizer benchmark (MPI, CPU), recorded in bench/results/distributed-cpu.json with machine info.
+
+    .venv/bin/python bench/bench_distributed.py [--worlds 1,2,3,4] [--sizes 1e6,1e7]   (writes the JSON)
+    .venv/bin/python -m fastopt.benchmark_distributed [--quick] [--out FILE]         (prints; FILE when given)
+
+For each world size the benchmark starts `mpiexec -n W python -m mpi4py -m fastopt.benchmark_distributed
+--worker` (the mpich wheel's mpiexec, oversubscribed: `-launcher fork`), each rank with max(1, cores // W)
+threads, and measures, for Adam on N float32 params in one bucket:
+
+  step         ShardedOptimizer.step(grads) with the user's own arrays: gradients packed into the send
+               buffer, gathered params copied back into the user's params
+  step_views   the same when the user trains on opt.params and writes gradients into opt.grads (no copies)
+  update       the fused update of this rank's shard alone (fastopt.adam_step on N / W elements)
+  rs, ag       the reduce-scatter of the gradient buffer and the all-gather of the param buffer alone
+  model        update + rs + ag: what a step must cost at least (the target: step_views <= 1.2x model at W=2)
+
+Cost model (per rank per step, ring algorithms): the reduce-scatter sends (W-1)/W of the gradient buffer and
+the all-gather (W-1)/W of the param buffer, together 2 (W-1)/W x 4N bytes, the volume of one all-reduce of
+the gradients (what plain data parallelism moves); the update touches N / W params (28 bytes each for
+Adam); optimizer state per rank is 8N / W bytes (+ padding). Packing the gradients into the send buffer
+and copying the gathered params into the user's arrays add 8 bytes per param each (of all N, on every
+rank); training on opt.params with gradients written into opt.grads removes both. One all-reduce of one
+number per step (the ranks agree that every rank's gradients passed the checks) adds a latency. MPICH moves data between ranks of one machine through shared memory, so the
+"bytes" are the algorithmic volume, and the collective times are measured.
+
+Timing: variants interleaved round by round, each round a block of calls between barriers, the slowest
+rank's time per call; the median over rounds is reported. The single-process fastopt.Adam step on all N
+params (world 1, all cores) is recorded for reference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from fastopt.benchmark import machine_info
+from fastopt.cli_args import write_json
+
+MODEL_TARGET = 1.2
+
+
+def _worker(sizes, calls, rounds):
+    from mpi4py import MPI
+
+    import fastopt
+    from fastopt.distributed import ShardedOptimizer
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    threads = max(1, (os.cpu_count() or 1) // world)
+    fastopt.set_num_threads(threads)
+    rows = []
+    for n in sizes:
+        rng = np.random.default_rng(0)
+        params = [rng.standard_normal(n).astype(np.float32)]
+        grads = [(rng.standard_normal(n) * 1e-3).astype(np.float32)]
+        hp = dict(lr=1e-6)
+        opt = ShardedOptimizer("adam", params, comm, **hp)
+        views = ShardedOptimizer("adam", [params[0].copy()], comm, **hp)
+        views.grads[0][...] = grads[0]   # gradients written into the optimizer's send buffer: no packing
+        view_grads = views.grads
+        (bucket,) = opt.layout.buckets
+        shard_p, shard_s = opt.shard_params()[0], opt.shard_states()[0]
+        shard_g = np.zeros_like(shard_p)
+        send = np.zeros(world * bucket.shard, np.float32)
+        recv = np.zeros(bucket.shard, np.float32)
+        flat = np.zeros(world * bucket.shard, np.float32)
+        adapter = opt.comm
+
+        def update():
+            fastopt.adam_step(shard_p, shard_g, **shard_s, step=1, lr=1e-6, grad_scale=1.0 / world)
+
+        variants = {
+            "step": lambda: opt.step(grads),
+            "step_views": lambda: views.step(view_grads),
+            "update": update,
+            "rs": lambda: adapter.reduce_scatter(send, recv).wait(),
+            "ag": lambda: adapter.all_gather(flat, bucket.shard).wait(),
+        }
+        times = {k: [] for k in variants}
+        for k, fn in variants.items():  # warm-up
+            fn()
+        for _ in range(rounds):
+            for k, fn in variants.items():
+                comm.Barrier()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                dt = (time.perf_counter() - t0) / calls
+                times[k].append(comm.allreduce(dt, op=MPI.MAX))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {"n": n, "world": world, "threads_per_rank": threads, **{f"{k}_ms": v * 1e3 for k, v in med.items()}}
+        row["model_ms"] = (med["update"] + med["rs"] + med["ag"]) * 1e3
+        row["step_over_model"] = med["step"] / (row["model_ms"] / 1e3)
+        row["step_views_over_model"] = med["step_views"] / (row["model_ms"] / 1e3)
+        g_bytes, p_bytes = send.nbytes, flat.nbytes
+        sent = (world - 1) / world * (g_bytes + p_bytes)
+        row["bytes_sent_per_rank_per_step"] = int(sent)
+        row["bytes_sent_over_params_bytes"] = sent / (4 * n)
+        row["allreduce_equivalent_bytes"] = int(2 * (world - 1) / world * 4 * n)
+        row["rs_GBps"] = (world - 1) / world * g_bytes / med["rs"] / 1e9 if world > 1 else None
+        row["ag_GBps"] = (world - 1) / world * p_bytes / med["ag"] / 1e9 if world > 1 else None
+        row["state_bytes_per_rank"] = opt.state_bytes()
+        row["state_bytes_single_process"] = 2 * 4 * n
+        row["state_fraction"] = opt.state_bytes() / (2 * 4 * n)
+        if world == 1:
+            single = fastopt.Adam([params[0].copy()], **hp)
+            fastopt.set_num_threads(os.cpu_count() or 1)
+            single.step(grads)
+            ts = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    single.step(grads)
+                ts.append((time.perf_counter() - t0) / calls)
+            row["single_process_class_step_ms_all_cores"] = statistics.median(ts) * 1e3
+            fastopt.set_num_threads(threads)
+        rows.append(row)
+        del opt, views, view_grads
+    if rank == 0:
+        print("RESULT " + json.dumps(rows), flush=True)
+
+
+def _launcher():
+    exe = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(exe):
+        raise SystemExit("no mpiexec next to python: pip install .[distributed] (mpi4py and the mpich wheel)")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    return [exe, "-launcher", "fork"] if "HYDRA" in version else [exe, "--oversubscribe"]
+
+
+def run(worlds, sizes, calls, rounds):
+    rows = []
+    for w in worlds:
+        threads = max(1, (os.cpu_count() or 1) // w)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        cmd = _launcher() + ["-n", str(w), sys.executable, "-m", "mpi4py", "-m", "fastopt.benchmark_distributed",
+                             "--worker", "--sizes", ",".join(str(n) for n in sizes), "--calls", str(calls),
+                             "--rounds", str(rounds)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+        if r.returncode != 0 or not line:
+            raise SystemExit(f"world {w} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+        for row in json.loads(line[0][len("RESULT "):]):
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row) -> str:
+    return (f"N={row['n']:.0e} world={row['world']} step {row['step_ms']:.3f} ms (views {row['step_views_ms']:.3f}) "
+            f"update {row['update_ms']:.3f} rs {row['rs_ms']:.3f} ag {row['ag_ms']:.3f} -> model {row['model_ms']:.3f} "
+            f"ms, step/model {row['step_over_model']:.2f} (views {row['step_views_over_model']:.2f}); sent "
+            f"{row['bytes_sent_over_params_bytes']:.2f}x params bytes; state {row['state_fraction']:.4f} of one process")
+
+
+def markdown_table(rows) -> str:
+    lines = ["| N | world | step ms | step (opt.params) ms | update ms | reduce-scatter ms | all-gather ms | model ms | "
+             "step / model | (opt.params) / model | sent per rank / param bytes | state per rank / single |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['n']:.0e} | {r['world']} | {r['step_ms']:.2f} | {r['step_views_ms']:.2f} | "
+                     f"{r['update_ms']:.2f} | {r['rs_ms']:.2f} | {r['ag_ms']:.2f} | {r['model_ms']:.2f} | "
+                     f"{r['step_over_model']:.2f} | {r['step_views_over_model']:.2f} | "
+                     f"{r['bytes_sent_over_params_bytes']:.2f} | {r['state_fraction']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worlds", default="1,2,3,4")
+    ap.add_argument("--sizes", default="1000000,10000000")
+    ap.add_argument("--calls", type=int, default=None, help="calls per timed block (default: by size)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="one small size, 3 rounds (a smoke run)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    sizes = [int(float(s)) for s in args.sizes.split(",") if s]
+    if args.quick:
+        sizes, args.rounds = [100_000], 3
+    calls = args.calls or max(2, int(2e7 // max(sizes)))
+    if args.worker:
+        _worker(sizes, calls, args.rounds)
+        return 0
+    worlds = [int(w) for w in args.worlds.split(",") if w]
+    report = {"machine": machine_info(), "load_average_at_start": os.getloadavg(),
+              "optimizer": "adam", "dtype": "float32", "engine": "mpi4py + mpich wheel (shared memory)",
+              "timing": "median over interleaved rounds of the slowest rank's time per call",
+              "target": f"step_views at world 2 <= {MODEL_TARGET} x model (update of N/2 + reduce-scatter + all-gather)",
+              "rows": run(worlds, sizes, calls, args.rounds)}
+    print(markdown_table(report["rows"]))
+    if args.out:
+        write_json(args.out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
