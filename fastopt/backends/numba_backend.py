@@ -234,23 +234,39 @@ def _span_view(base, n, dtype):
 
 class _Table:
     """One set of tensors ready to launch: per slot the span view (params' view for an unused slot,
-    never read), and the table on the device."""
+    never read), and the table on the device: tensors, chunks and offsets in one int64 buffer."""
 
-    __slots__ = ("views", "tensors", "chunks", "offsets", "ntensors", "nchunks")
+    __slots__ = ("views", "buffer", "host", "tensors", "chunks", "offsets", "ntensors", "nchunks")
 
-    def __init__(self, lists, stream):
-        cuda = _cuda()
+    def __init__(self, lists, device, stream):
         spans, tensors, chunks, offsets = table_layout(lists, launch_config()[2])
         dtypes = [None if lst is None else lst[0].dtype for lst in lists] + [None] * (5 - len(lists))
         views = [None if span is None else _span_view(span[0], span[1], dtype) for span, dtype in zip(spans, dtypes)]
         self.views = [views[0] if v is None else v for v in views]
-        self.tensors = cuda.to_device(tensors, stream=stream)
-        self.chunks = cuda.to_device(chunks, stream=stream)
-        self.offsets = cuda.to_device(offsets, stream=stream)
         self.ntensors, self.nchunks = len(tensors), len(chunks)
+        self.host = np.concatenate((tensors.ravel(), chunks.ravel(), offsets))  # alive while the copy may run
+        self.buffer = _table_buffer(device, stream, self.host.size)  # may be larger: a recycled one
+        self.buffer[:self.host.size].copy_to_device(self.host, stream=stream)
+        nt, nc = 6 * self.ntensors, 2 * self.nchunks
+        self.tensors = self.buffer[:nt].reshape(self.ntensors, 6)
+        self.chunks = self.buffer[nt:nt + nc].reshape(self.nchunks, 2)
+        self.offsets = self.buffer[nt + nc:self.host.size]
 
 
 _tables: collections.OrderedDict = collections.OrderedDict()
+_spare_buffers: dict = {}  # (device, stream key) -> device buffers of evicted tables, for the next ones
+
+
+def _table_buffer(device, stream, n):
+    """An int64 device buffer of at least n elements for a table on this device and stream: an evicted table's
+    when one is large enough (the stream orders the reuse after the kernels that read it), else a new
+    one. Recycling instead of freeing matters: Numba frees device memory in batches that synchronise the
+    device, and gradients in new arrays every step make a new table every step."""
+    spare = _spare_buffers.setdefault((device, _stream_key(stream)), [])
+    for i, buffer in enumerate(spare):
+        if buffer.size >= n:
+            return spare.pop(i)
+    return _cuda().device_array(max(n, 64), dtype=np.int64, stream=stream)
 
 
 def _table(lists, device, stream):
@@ -260,9 +276,12 @@ def _table(lists, device, stream):
            tuple(None if lst is None else tuple((a.ptr, a.size, a.dtype.char) for a in lst) for lst in lists))
     table = _tables.get(key)
     if table is None:
-        table = _tables[key] = _Table(lists, stream)
+        table = _tables[key] = _Table(lists, device, stream)
         if len(_tables) > _CACHE_SIZE:
-            _tables.popitem(last=False)
+            (old_device, old_stream, _), old = _tables.popitem(last=False)
+            spare = _spare_buffers.setdefault((old_device, old_stream), [])
+            spare.append(old.buffer)
+            del spare[:-8]  # a few spares per stream
     else:
         _tables.move_to_end(key)
     return table

@@ -223,6 +223,63 @@ def sqrt_all_covers_more_than_the_grid():
 check("sqrt_all grid-stride", sqrt_all_covers_more_than_the_grid)
 
 
+def list_of_views_in_any_order():
+    """A list whose arrays are views of one buffer, in decreasing address order with gaps, next to a
+    separate allocation: the table's offsets from each slot's lowest address reach every element, and
+    the gaps are not written. Tensors of 70 and 130 elements span 2 and 3 chunks of 64."""
+    spec = specs.get_spec("adam")
+    hp = dict(spec.defaults)
+    rng = np.random.default_rng(5)
+    layout = [(200, 70), (3, 130), (140, 1)]  # (first element, size), the first one highest
+    buffers = {k: rng.standard_normal(300).astype(np.float32) if k in "pg" else np.zeros(300, np.float32)
+               for k in ("p", "g", "m", "v")}
+    extra = {k: (rng.standard_normal(9) if k in "pg" else np.zeros(9)).astype(np.float32) for k in buffers}
+    d = {k: cuda.to_device(b) for k, b in buffers.items()}
+    d_extra = {k: cuda.to_device(x) for k, x in extra.items()}
+    lists = {k: [d[k][s:s + n] for s, n in layout] + [d_extra[k]] for k in buffers}
+    nb.step(spec, (lists["p"], lists["g"], lists["m"], lists["v"]), ("params", "grads", "exp_avg", "exp_avg_sq"),
+            hp, 1, None)
+    out = host(d["p"])
+    for (start, n) in layout + [(None, 9)]:
+        p = buffers["p"][start:start + n] if start is not None else extra["p"]
+        g = buffers["g"][start:start + n] if start is not None else extra["g"]
+        ref, m, v = p.astype(np.float64), np.zeros(n), np.zeros(n)
+        reference.adam_step(ref, g.astype(np.float64), m, v, step=1)
+        got = out[start:start + n] if start is not None else host(d_extra["p"])
+        np.testing.assert_allclose(got, ref, **TOL[np.float32])
+    gaps = np.ones(300, bool)
+    for start, n in layout:
+        gaps[start:start + n] = False
+    np.testing.assert_array_equal(out[gaps], buffers["p"][gaps])
+
+
+check("list of views of one buffer, any order", list_of_views_in_any_order)
+
+
+def skipped_two_phase_step_writes_its_partials():
+    """A skipped LAMB step: the moments kernel writes zero partials (the trust kernel reads only written
+    memory; compute-sanitizer initcheck on a GPU), params and states keep their bytes."""
+    spec = specs.get_spec("lamb")
+    hp = dict(spec.defaults)
+    rng = np.random.default_rng(6)
+    shapes = [(70,), (5,)]
+    d_p = [cuda.to_device(rng.standard_normal(s).astype(np.float32)) for s in shapes]
+    d_g = [cuda.to_device(rng.standard_normal(s).astype(np.float32)) for s in shapes]
+    d_m = [cuda.to_device(np.zeros(s, np.float32)) for s in shapes]
+    d_v = [cuda.to_device(np.zeros(s, np.float32)) for s in shapes]
+    before = [host(x).tobytes() for x in d_p + d_m + d_v]
+    nchunks = 2 + 1
+    poison = nb._scratch_array(0, 0, "partials", 2 * nchunks, np.float64)
+    poison.copy_to_device(np.full(2 * nchunks, np.nan))
+    flag = cuda.to_device(np.ones(1, np.uint8)).reshape(())
+    nb.step(spec, (d_p, d_g, d_m, d_v), ("params", "grads", "exp_avg", "exp_avg_sq"), hp, 1, None, found_inf=flag)
+    np.testing.assert_array_equal(host(nb._scratch_array(0, 0, "partials", 2 * nchunks, np.float64)), 0.0)
+    assert [host(x).tobytes() for x in d_p + d_m + d_v] == before
+
+
+check("skipped two-phase step writes its partials", skipped_two_phase_step_writes_its_partials)
+
+
 # ---- device-side skipping: the skip flag read by every kernel, the guard, the optimizer classes ----
 
 def skip_flag_leaves_arrays_unchanged(name, options, as_list):

@@ -24,7 +24,7 @@ import pytest
 import fastopt
 from fastopt.backends import numba_backend as nb
 
-from test_cupy_launch_abi import FakeArray, ForeignArray, fake  # noqa: F401  (fake: the CuPy stand-in fixture)
+from test_cupy_launch_abi import ForeignArray, fake  # noqa: F401  (fake: the CuPy stand-in fixture)
 
 DEVICE = 1
 CUPY_STREAM, TORCH_STREAM, EXPORTED_STREAM = 0x5100, 0x7A00, 0x6B00
@@ -201,6 +201,10 @@ class FakeDeviceArray:
     def copy_to_host(self):
         raise AssertionError("a host copy")
 
+    def copy_to_device(self, host, stream=0):
+        assert stream != 0, "a synchronous copy to the device inside a call"
+        self._fake.copies.append((int(stream), self._fake.device))
+
     def reshape(self, *shape):
         view = FakeDeviceArray(self._fake, self.size, self.dtype, self.ptr, self.stream)
         view.gpu_data, view.shape = self.gpu_data, tuple(shape[0] if len(shape) == 1 and isinstance(shape[0], tuple)
@@ -220,7 +224,7 @@ class FakeNumbaCuda:
     their stream."""
 
     def __init__(self):
-        self.launches, self.allocations = [], []
+        self.launches, self.allocations, self.copies = [], [], []
         self._next = 1 << 40
         self.device = 0
 
@@ -307,7 +311,7 @@ def numba_world(monkeypatch):
     kernels = _Kernels(cuda)
     monkeypatch.setattr(nb, "_kernels", lambda dtype: kernels)
     monkeypatch.setattr(nb, "_coefficient_kernel", lambda: cuda.kernel("clip_coefficient"))
-    for cache in ("_tables", "_scratch"):
+    for cache in ("_tables", "_scratch", "_spare_buffers"):
         monkeypatch.setattr(nb, cache, type(getattr(nb, cache))())
     monkeypatch.setattr(nb, "_result_streams", nb.StreamMemo())
     for cached in (nb._external_stream, nb._ones, nb._never):
@@ -350,8 +354,11 @@ SIZES = [5, 70_000, 12]
 def _expect_numba(cuda, kind, what):
     expected = NUMBA_KINDS[kind][1]
     cuda.launches.clear()
+    cuda.copies.clear()
     first = len(cuda.allocations)
     yield
+    wrong = [c for c in cuda.copies if c != (expected, DEVICE)]
+    assert not wrong, f"{what} ({kind}): copies to the device on {wrong}"
     assert cuda.launches, f"{what}: nothing launched"
     wrong = [launch for launch in cuda.launches if launch[1:] != (expected, DEVICE)]
     assert not wrong, f"{what} ({kind}): launched as {wrong}, expected stream {expected:#x} on device {DEVICE}"
@@ -402,3 +409,19 @@ def test_numba_calls_launch_on_the_producer_stream_once_per_list(numba_world, ki
     norm = nb.global_norm(sq)
     with _expect_numba(cuda, kind, "clip_coefficient of that norm"):
         nb.clip_coefficient(norm, 1.0)
+
+
+def test_numba_tables_of_new_gradients_recycle_device_buffers(numba_world):
+    """Gradients in new arrays every step make a new table every step: once the cache is full, the
+    evicted tables' device buffers are reused (Numba frees memory in batches that synchronise the device)."""
+    cuda = numba_world
+    spec = fastopt.specs.get_spec("sgd")
+    ps = _numba_arrays(cuda, "numba")
+    counts = []
+    for _ in range(nb._CACHE_SIZE + 20):
+        gs = _numba_arrays(cuda, "numba")
+        before = len(cuda.allocations)
+        nb.step(spec, (ps, gs), ("params", "grads"), dict(spec.defaults, lr=0.1), 1, None)
+        counts.append(len(cuda.allocations) - before)
+    assert all(c == 0 for c in counts[nb._CACHE_SIZE + 1:]), counts
+    assert len(nb._tables) == nb._CACHE_SIZE
