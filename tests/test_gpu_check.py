@@ -249,7 +249,7 @@ def test_dry_run_lists_every_stage_and_creates_nothing(tmp_path):
                          timeout=60)
     assert res.returncode == 0, res.stderr
     text = res.stdout
-    for fragment in ("stage build (budget 120 s)", "setup.py build_ext --inplace", "stage tests (budget 240 s)",
+    for fragment in (f"PYTHONPATH={gc.SOURCE_SHIM}{os.pathsep}{ROOT}", "stage build (budget 120 s)", "setup.py build_ext --inplace", "stage tests (budget 240 s)",
                      "-m pytest", "tests/gpu --junitxml", "-m gpu tests --ignore=tests/gpu",
                      "stage sanitizer (budget 240 s)", "--tool memcheck", "--tool initcheck", "--tool racecheck",
                      "--tool synccheck", "tests/gpu/launch_all.py", "stage bench (budget 240 s)",
@@ -287,3 +287,49 @@ def test_makefile_target():
         in make.stdout and '--budgets "bench=100"' in make.stdout
     usage = subprocess.run(["make", "gpu-check"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert usage.returncode != 0 and "usage: make gpu-check OUT=<dir>" in usage.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running from the source checkout (nothing installed on the GPU machine)
+# ---------------------------------------------------------------------------------------------------
+
+NO_INSTALL = """
+import sys
+# what a machine without fastopt installed has: no editable-install finder mapping fastopt.kernels
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]  # (a class, or an instance)
+for name in [m for m in sys.modules if m == "fastopt" or m.startswith("fastopt.")]:
+    del sys.modules[name]
+import fastopt.kernels.cpu, fastopt.kernels.numba, fastopt.kernels.cuda
+from fastopt.backends import dispatch
+print(fastopt.__file__, fastopt.kernels.__file__, fastopt.kernels.numba.__file__, dispatch.cython_available())
+print(type(sys.meta_path[0]).__name__)
+"""
+
+
+def test_the_stages_import_this_checkouts_kernels_without_an_install():
+    env = gc.environment()
+    assert env["PYTHONPATH"].split(os.pathsep)[:2] == [gc.SOURCE_SHIM, ROOT]
+    res = subprocess.run([sys.executable, "-c", NO_INSTALL], env=env, capture_output=True, text=True, timeout=120,
+                         cwd="/")
+    assert res.returncode == 0, res.stderr
+    files, first = res.stdout.splitlines()
+    fastopt_file, kernels_file, numba_file, cython = files.split()
+    assert fastopt_file == os.path.join(ROOT, "fastopt", "__init__.py")
+    assert kernels_file == os.path.join(ROOT, "kernels", "__init__.py")
+    assert numba_file == os.path.join(ROOT, "kernels", "numba", "__init__.py")
+    assert cython == str(bool(list((__import__("pathlib").Path(ROOT) / "kernels" / "cpu").glob("_cpu_fast*.so"))))
+    assert first == "SourceKernelsFinder"
+    # without the shim, the same interpreter cannot import fastopt.kernels from the checkout
+    bare = dict(env, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", NO_INSTALL], env=bare, capture_output=True, text=True, timeout=120,
+                         cwd="/")
+    assert res.returncode != 0 and "No module named 'fastopt.kernels'" in res.stderr
+
+
+def test_the_shim_runs_the_sitecustomize_it_shadows(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text("import os\nos.environ['SHADOWED_SITECUSTOMIZE_RAN'] = '1'\n")
+    env = dict(gc.environment())
+    env["PYTHONPATH"] = os.pathsep.join([gc.SOURCE_SHIM, str(tmp_path)])
+    res = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('SHADOWED_SITECUSTOMIZE_RAN'))"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "1", res.stderr

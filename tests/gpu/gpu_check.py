@@ -6,7 +6,8 @@
 
 For a machine with CUDA, CuPy (cupy-cuda13x), numba-cuda, torch, pytest, Cython, nvcc and compute-sanitizer
 already installed: nothing is installed or downloaded, no virtual environment is made; every command runs
-with this checkout first on PYTHONPATH. The stages, each with its own time budget (seconds):
+with this checkout first on PYTHONPATH (and tests/gpu/pythonpath, whose sitecustomize makes kernels/ the
+package fastopt.kernels, as an install would). The stages, each with its own time budget (seconds):
 
   build      python3 setup.py build_ext --inplace                                   (build.log)
   tests      pytest tests/gpu, then the tests outside it marked `gpu`               (tests-*.log, *.xml)
@@ -39,6 +40,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# its sitecustomize maps fastopt.kernels to ROOT/kernels: fastopt runs from this checkout, not installed
+SOURCE_SHIM = os.path.join(ROOT, "tests", "gpu", "pythonpath")
 STAGES = ("build", "tests", "sanitizer", "bench")
 BUDGETS = {"build": 120, "tests": 240, "sanitizer": 240, "bench": 240}
 # share of the sanitizer budget per tool; time a tool leaves unused goes to the ones after it
@@ -129,8 +132,10 @@ class Stage:
 
 
 def environment():
+    """The stages' environment: this checkout importable as fastopt (SOURCE_SHIM first, then ROOT), inherited
+    by every Python process a stage starts."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = os.pathsep.join([SOURCE_SHIM, ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -435,6 +440,7 @@ def main(argv=None) -> int:
     sanitizer = find_sanitizer()
     stages = _with_out(plan_stages(args.stages, args.budgets, args.python, sanitizer), out_dir)
     if args.dry_run:
+        print(f"in {ROOT} with PYTHONPATH={environment()['PYTHONPATH']}")
         for stage in stages:
             print(f"stage {stage.name} (budget {stage.budget:.0f} s):")
             for cmd in stage.commands:
