@@ -20,7 +20,7 @@ from fastopt.backends.dispatch import backend_for
 from fastopt.clip import clip_coefficient
 from fastopt.specs import OptimizerSpec, shown
 from fastopt.torch import arguments
-from fastopt.torch.views import ViewCache, bump_versions, dense_span, kernel_view, layout
+from fastopt.torch.views import ParamEntry, bump_versions, dense_span, kernel_view, layout
 
 # float32 and float64 params: what the kernels compute in (16-bit params: issue 13)
 KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -39,6 +39,7 @@ class _Bucket:
     step: int                                       # the 1-based number of the step being taken
     numbers: list = field(default_factory=list)     # the params' numbers in the optimizer (messages)
     params: list = field(default_factory=list)      # the param tensors
+    entries: list = field(default_factory=list)     # their cached ParamEntry (None on a first step)
     param_views: list = field(default_factory=list)
     grad_views: list = field(default_factory=list)
     state_views: dict = field(default_factory=dict)  # registry state name -> views
@@ -83,8 +84,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         self.clip_grad_norm, self.skip_nonfinite = _check_extras(clip_grad_norm, skip_nonfinite)
         arguments.registry_hp(self.spec, defaults)  # torch checks its defaults in the constructor too
         self.skipped_steps = 0
-        self._fastopt_views = ViewCache()
+        self._fastopt_entries: dict = {}   # id(param) -> ParamEntry
         self._fastopt_warned: set = set()
+        self._fastopt_registry_names = {v: k for k, v in self.spec.torch_state_names.items()}
         self._fastopt_constructed = False
         super().__init__(params, defaults)
         self._fastopt_constructed = True
@@ -146,8 +148,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         self.clip_grad_norm, self.skip_nonfinite = _check_extras(extras.get("clip_grad_norm"),
                                                                  extras.get("skip_nonfinite", False))
         self.skipped_steps = extras.get("skipped_steps", 0)
-        self._fastopt_views = ViewCache()
+        self._fastopt_entries = {}
         self._fastopt_warned = set()
+        self._fastopt_registry_names = {v: k for k, v in self.spec.torch_state_names.items()}
         self._fastopt_constructed = True
 
     # --- the step ------------------------------------------------------------------------------------
@@ -174,82 +177,118 @@ class TorchOptimizer(torch.optim.Optimizer):
     def _plan(self) -> _Plan:
         """Every check of this step, nothing written (new state tensors are made, not yet stored)."""
         spec = self.spec
-        views = self._fastopt_views
-        buckets: dict = {}
-        new_state, counted, pending_counts = [], [], []
+        entries = self._fastopt_entries
+        new_state, counted, items = [], [], []
         number = -1
         for group in self.param_groups:
             hp = arguments.registry_hp(spec, group)
-            used = [name for name, on in zip(spec.states, spec.active_states(hp)) if on]
+            used = tuple(name for name, on in zip(spec.states, spec.active_states(hp)) if on)
+            names = tuple(spec.torch_state_names.get(name, name) for name in used)
             for p in group["params"]:
                 number += 1
                 g = p.grad
                 if g is None:
                     continue
-                self._check_param(p)
-                self._check_grad(number, p, g)
-                flat = not p.is_contiguous()
-                if layout(g) != layout(p):
-                    self._warn_once(("layout", number), (
-                        f"fastopt.torch: the gradient of param {number} (shape {tuple(p.shape)}) has strides "
-                        f"{g.stride()}, the param {p.stride()}: it is copied into the param's layout on each "
-                        f"step (make the gradient's layout match the param's to avoid the copy)"))
-                    g = torch.empty_like(p).copy_(g)
                 state = self.state.get(p)
-                fresh = {}
-                tensors = {}
-                for name in used:
-                    tname = spec.torch_state_names.get(name, name)
-                    s = state.get(tname) if state else None
-                    if s is None or not isinstance(s, torch.Tensor):
-                        s = self._new_state(spec, hp, name, p)
-                        fresh[tname] = s
-                    elif layout(s) != layout(p) and s.shape == p.shape:
-                        s = torch.empty_like(p, dtype=s.dtype).copy_(s)  # a loaded state in another layout
-                        fresh[tname] = s
-                    tensors[name] = s
-                if spec.torch_step:
-                    step_t = state.get("step") if state else None
-                    if step_t is None:
-                        count = 0
-                        fresh["step"] = None  # made at commit time with its new value
-                    else:
-                        count = None
-                        counted.append(step_t)
-                else:  # torch keeps no count (SGD): the first step is the one that creates the state
-                    count = 1 if (state and all(spec.torch_state_names.get(n, n) in state for n in used)) else 0
+                entry = entries.get(id(p))
+                if entry is not None and entry.valid(p, state, names):
+                    gv = self._grad_view(number, p, g, entry.flat, entry.layout)
+                    count = self._count(entry, state, used, names, counted)
+                    items.append([group, p, gv, entry, None, count, number])
+                    continue
+                # first step of this param, or its storage or state changed: the full checks
+                self._check_param(p)
+                flat = not p.is_contiguous()
+                gv = self._grad_view(number, p, g, flat, layout(p))
+                fresh, tensors = {}, []
+                for name, tname in zip(used, names):
+                    t = state.get(tname) if state else None
+                    if not isinstance(t, torch.Tensor):
+                        t = fresh[tname] = self._new_state(spec, hp, name, p)
+                    elif layout(t) != layout(p) and t.shape == p.shape:
+                        t = fresh[tname] = torch.empty_like(p, dtype=t.dtype).copy_(t)  # loaded in another layout
+                    tensors.append(t)
+                if spec.torch_step and not (state and "step" in state):
+                    fresh["step"] = None  # made at commit time with its new value
                 for name, f in spec.torch_extra_state.items():
                     if not (state and name in state):
                         fresh[name] = torch.tensor(f(hp, 0), dtype=scalar_dtype())
                 if fresh:
                     new_state.append((p, fresh))
-                pending_counts.append([group, p, g, flat, tensors, count, number])
-        # the step counts of params that have one, read in one go
-        if counted:
-            values = self._read_counts(counted)
-            it = iter(values)
-            for entry in pending_counts:
-                if entry[5] is None:
-                    entry[5] = next(it)
-        for group, p, g, flat, tensors, count, number in pending_counts:
+                    count = 0 if "step" in fresh or not spec.torch_step else None
+                    entry = None
+                    if count is None:
+                        counted.append(state["step"])
+                    elif not spec.torch_step:
+                        count = self._count(None, state, used, names, counted)
+                else:
+                    entry = entries[id(p)] = ParamEntry(p, state, names, tuple(tensors))
+                    count = self._count(entry, state, used, names, counted)
+                pending = (flat, tuple(tensors), used) if entry is None else None
+                items.append([group, p, gv, entry, pending, count, number])
+        if counted:  # step counts not known from the last step, read in one go
+            values = iter(self._read_counts(counted))
+            for item in items:
+                if item[5] is None:
+                    item[5] = next(values)
+        buckets: dict = {}
+        for group, p, gv, entry, pending, count, number in items:
             key = (id(group), p.dtype, p.device, count)
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = _Bucket(group=group, step=count + 1)
             b.numbers.append(number)
             b.params.append(p)
-            b.param_views.append(views.param(p, flat))
-            if not flat and not g.requires_grad and g.device.type == "cpu":
-                b.grad_views.append(g.numpy())  # the common case, fast
-            else:
-                b.grad_views.append(kernel_view(g, flat))
+            b.entries.append(entry)
+            b.grad_views.append(gv)
             b.written.append(p)
-            for name, s in tensors.items():
-                b.state_views.setdefault(name, []).append(views.state(p, name, s, flat))
-                b.written.append(s)
+            if entry is not None:
+                b.param_views.append(entry.view)
+                views, tensors, used = entry.state_views, entry.tensors, self._used_of(entry)
+            else:
+                flat, tensors, used = pending
+                b.param_views.append(kernel_view(p, flat))
+                views = [kernel_view(t, flat) for t in tensors]
+            for name, v in zip(used, views):
+                b.state_views.setdefault(name, []).append(v)
+            b.written += tensors
         plan = _Plan(list(buckets.values()), new_state, counted, [])
         self._prepare(plan)
         return plan
+
+    def _used_of(self, entry):
+        """Registry names of an entry's states (its torch names mapped back)."""
+        back = self._fastopt_registry_names
+        return tuple(back.get(n, n) for n in entry.names)
+
+    def _count(self, entry, state, used, names, counted):
+        """The param's step count before this step, None when it must be read from its tensor."""
+        if not self.spec.torch_step:  # torch keeps no count (SGD): the step that creates the state is the first
+            return 1 if state and all(n in state for n in names) else 0
+        step_t = state.get("step")
+        count = entry.known_count(step_t) if entry is not None else None
+        if count is None:
+            counted.append(step_t)
+        return count
+
+    def _grad_view(self, number, p, g, flat, param_layout):
+        """The kernel view of a grad: fast for the usual contiguous grad of a contiguous param (its shape
+        and dtype are checked by the backend's prepare); otherwise every check, and a grad in another
+        layout than its param is copied into the param's layout (with one warning)."""
+        if not flat:
+            try:
+                if g.is_contiguous() and not g.requires_grad:
+                    return g.numpy()  # raises for CUDA, sparse, conjugated... grads: the checks below
+            except (RuntimeError, TypeError, ValueError):
+                pass
+        self._check_grad(number, p, g)
+        if layout(g) != param_layout:
+            self._warn_once(("layout", number), (
+                f"fastopt.torch: the gradient of param {number} (shape {tuple(p.shape)}) has strides "
+                f"{g.stride()}, the param {p.stride()}: it is copied into the param's layout on each "
+                f"step (make the gradient's layout match the param's to avoid the copy)"))
+            g = torch.empty_like(p).copy_(g)
+        return kernel_view(g, flat)
 
     @staticmethod
     def _check_grad(number, p, g):
@@ -341,35 +380,38 @@ class TorchOptimizer(torch.optim.Optimizer):
     def _commit(self, plan: _Plan) -> None:
         """Store new state, advance the step counts and the accumulated torch state, bump versions."""
         spec = self.spec
-        steps_of = {}
-        for b in plan.buckets:
-            for p in b.params:
-                steps_of[id(p)] = b
+        made_step = set()
+        bucket_of = {id(p): b for b in plan.buckets for p in b.params}
         for p, fresh in plan.new_state:
             state = self.state[p]
             for name, value in fresh.items():
                 if name == "step":
-                    value = torch.tensor(float(steps_of[id(p)].step), dtype=scalar_dtype())
+                    value = torch.tensor(float(bucket_of[id(p)].step), dtype=scalar_dtype())
+                    made_step.add(id(p))
                 state[name] = value
-        if plan.counted:
-            counted = [s for s in plan.counted if isinstance(s, torch.Tensor)]
-            if counted:
-                torch._foreach_add_(counted, 1.0)  # one call, as torch.optim advances its step tensors
-            self._store_plain_counts(plan)
+        if spec.torch_step:
+            advance, entries = [], []
+            for b in plan.buckets:
+                for p, entry in zip(b.params, b.entries):
+                    if id(p) in made_step:
+                        continue
+                    state = self.state[p]
+                    if not isinstance(state["step"], torch.Tensor):  # a plain number (an old state dict)
+                        state["step"] = torch.tensor(float(b.step), dtype=scalar_dtype())
+                        continue
+                    advance.append(state["step"])
+                    if entry is not None:
+                        entries.append((entry, b.step))
+            if advance:
+                torch._foreach_add_(advance, 1.0)  # one call, as torch.optim advances its step tensors
+            for entry, step in entries:
+                entry.counted(entry.state["step"], step)
         if spec.torch_extra_state:
             self._advance_extra_state(plan)
         written = []
         for b in plan.buckets:
             written += b.written
         bump_versions(written)
-
-    def _store_plain_counts(self, plan: _Plan) -> None:
-        """A step count loaded as a plain number becomes torch's tensor (torch does the same)."""
-        for b in plan.buckets:
-            for p in b.params:
-                state = self.state.get(p)
-                if state is not None and "step" in state and not isinstance(state["step"], torch.Tensor):
-                    state["step"] = torch.tensor(float(b.step), dtype=scalar_dtype())
 
     def _advance_extra_state(self, plan: _Plan) -> None:
         """Torch-only state accumulated across steps (NAdam's mu_product *= mu_t, with this step's

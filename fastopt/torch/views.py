@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["layout", "dense_span", "kernel_view", "ViewCache", "bump_versions"]
+__all__ = ["layout", "dense_span", "kernel_view", "ParamEntry", "bump_versions"]
 
 
 def layout(t: torch.Tensor) -> tuple:
@@ -41,39 +41,43 @@ def kernel_view(t: torch.Tensor, flat: bool):
     return t
 
 
-class ViewCache:
-    """Per param: its kernel view and its state tensors' views, re-derived only when a tensor is
-    replaced or its storage, shape or strides change (param.data = ..., load_state_dict, .set_())."""
+class ParamEntry:
+    """What a step needs of one param, derived once and reused while the param keeps its storage and
+    shape and its state keeps the same tensors (load_state_dict, `param.data = ...` or a new state
+    tensor make a new entry): the kernel views of the param and its state, and its step count."""
 
-    __slots__ = ("_entries",)
+    __slots__ = ("param", "ptr", "shape", "flat", "layout", "view", "state", "names", "tensors",
+                 "state_views", "step_tensor", "step_version", "count")
 
-    def __init__(self):
-        self._entries: dict = {}
+    def __init__(self, p: torch.Tensor, state, names: tuple, tensors: tuple):
+        self.param = p
+        self.ptr, self.shape = p.data_ptr(), p.shape
+        self.flat = not p.is_contiguous()
+        self.layout = layout(p)
+        self.view = kernel_view(p, self.flat)
+        self.state = state          # the param's state dict (the object itself)
+        self.names = names          # torch's names of the states this configuration uses
+        self.tensors = tensors      # and their tensors
+        self.state_views = tuple(kernel_view(s, self.flat) for s in tensors)
+        self.step_tensor, self.step_version, self.count = None, -1, 0
 
-    def clear(self):
-        self._entries.clear()
+    def valid(self, p: torch.Tensor, state, names: tuple) -> bool:
+        if state is not self.state or names != self.names or p.data_ptr() != self.ptr or p.shape != self.shape:
+            return False
+        for name, s in zip(names, self.tensors):
+            if state.get(name) is not s:
+                return False
+        return True
 
-    def param(self, p: torch.Tensor, flat: bool):
-        key = (p.data_ptr(), p.shape, p.stride(), p.dtype, p.device)
-        entry = self._entries.get(id(p))
-        if entry is None or entry[0] != key:
-            entry = (key, kernel_view(p, flat), {}, p)  # p kept alive: its id stays its own
-            self._entries[id(p)] = entry
-        return entry[1]
+    def known_count(self, step_tensor):
+        """The step count, when the step tensor is the one this entry advanced last and nobody changed it
+        since (its autograd version counts in-place writes); else None: read the tensor."""
+        if step_tensor is self.step_tensor and step_tensor._version == self.step_version:
+            return self.count
+        return None
 
-    def state(self, p: torch.Tensor, name: str, s: torch.Tensor, flat: bool):
-        states = self._entries[id(p)][2]
-        cached = states.get(name)
-        ptr = s.data_ptr()
-        if cached is None or cached[0] is not s or cached[1] != ptr:
-            cached = (s, ptr, kernel_view(s, flat))
-            states[name] = cached
-        return cached[2]
-
-    def forget(self, keep_ids) -> None:
-        """Drop the entries of params no longer in the optimizer (a param group removed by hand)."""
-        for key in [k for k in self._entries if k not in keep_ids]:
-            del self._entries[key]
+    def counted(self, step_tensor, count: int) -> None:
+        self.step_tensor, self.step_version, self.count = step_tensor, step_tensor._version, count
 
 
 def bump_versions(tensors) -> None:
