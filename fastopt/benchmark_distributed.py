@@ -61,7 +61,7 @@ def _worker(sizes, calls, rounds):
         grads = [(rng.standard_normal(n) * 1e-3).astype(np.float32)]
         hp = dict(lr=1e-6)
         opt = ShardedOptimizer("adam", params, comm, **hp)
-        views = ShardedOptimizer("adam", [params[0].copy()], comm, **hp)
+        views = ShardedOptimizer("adam", [params[0].copy()], comm, copy_params=False, **hp)  # train on views.params
         views.grads[0][...] = grads[0]   # gradients written into the optimizer's send buffer: no packing
         view_grads = views.grads
         (bucket,) = opt.layout.buckets

@@ -11,14 +11,14 @@ for its shard only, allocated with fastopt.init_state, and updates it with the r
 `<name>_step`, so the update is the single-process kernel.
 
 One step:
-  1. every check (count, kind, dtype and shape of each gradient, the learning rate) on this rank, then
-     ONE all-reduce of one number, the count of ranks whose checks failed: every rank raises at the same
-     point (nothing is updated anywhere) instead of waiting in a collective for a rank that gave up;
+  1. every check (count, kind, dtype and shape of each gradient, the learning rate) on this rank;
   2. the gradients are packed into the bucket's send buffer (one copy; none for gradients that are the
      optimizer's own views, `opt.grads`), then reduce-scatter (sum) per bucket, non-blocking where the
-     engine has it;
-  3. with clip_grad_norm / skip_nonfinite: ONE all-reduce of two scalars (this shard's sum of squares and
-     a non-finite flag) gives the global norm of the mean gradient;
+     engine has it (a rank whose checks failed joins it without packing);
+  3. ONE all-reduce of a few numbers: the count of ranks whose checks failed (then every rank raises
+     here, nothing updated anywhere, instead of waiting in a collective for a rank that gave up) and,
+     with clip_grad_norm / skip_nonfinite, this shard's sum of squares and a non-finite flag, which give
+     the global norm of the mean gradient (the all-reduce then waits for the reduce-scatter);
   4. per bucket, as soon as its gradients are in: the fused update of the shard with grad_scale =
      1/world (the mean), times the clip coefficient, then the all-gather of the bucket's params starts;
   5. the gathered params are copied into the user's arrays (skipped for arrays that are the optimizer's
@@ -338,34 +338,40 @@ class ShardedOptimizer:
         except (TypeError, ValueError) as e:
             error, views = e, None
         comm, buckets = self.comm, self.layout.buckets
-        failed = comm.all_reduce_sum(np.array([0.0 if error is None else 1.0]))[0]
-        if error is not None:
-            raise error
-        if failed:
-            raise ValueError(f"step: the gradients of {int(failed)} other rank(s) failed the checks there (see "
-                             f"their error); nothing was updated on any rank")
-        self._pack(views)
+        if error is None:
+            self._pack(views)
+        # a rank whose checks failed still joins the reduce-scatter (its send buffer is not read by anyone
+        # afterwards): the ranks learn about it from the all-reduce below, before anything is updated
         pending = [comm.reduce_scatter(self._send[b.index][0], self._recv[b.index][0]) for b in buckets]
-
-        def wait_all():
+        guard = self.clip_grad_norm is not None or self.skip_nonfinite
+        sq = 0.0
+        if guard:
+            for r in pending:
+                r.wait()
+            pending = [None] * len(buckets)
+            if error is None:
+                for b in buckets:
+                    norm = float(global_norm(self._recv[b.index][1]))
+                    sq += norm * norm
+        # ONE all-reduce: [ranks whose checks failed, sum of squares, ranks with a non-finite gradient]
+        total = comm.all_reduce_sum(np.array([0.0 if error is None else 1.0, sq,
+                                              0.0 if math.isfinite(sq) else 1.0]) if guard else
+                                    np.array([0.0 if error is None else 1.0]))
+        if total[0]:
             for r in pending:
                 if r is not None:
                     r.wait()
-
+            if error is not None:
+                raise error
+            raise ValueError(f"step: the gradients of {int(total[0])} other rank(s) failed the checks there (see "
+                             f"their error); nothing was updated on any rank")
         scale = 1.0 / self.world_size
-        if self.clip_grad_norm is not None or self.skip_nonfinite:
-            wait_all()
-            pending = [None] * len(buckets)
-            sq = 0.0
-            for b in buckets:
-                norm = float(global_norm(self._recv[b.index][1]))
-                sq += norm * norm
-            total = comm.all_reduce_sum(np.array([sq, 0.0 if math.isfinite(sq) else 1.0]))
-            if self.skip_nonfinite and (total[1] > 0 or not math.isfinite(total[0])):
+        if guard:
+            if self.skip_nonfinite and (total[2] > 0 or not math.isfinite(total[1])):
                 self.skipped_steps += 1
                 return False
             if self.clip_grad_norm is not None:
-                norm = math.sqrt(total[0]) / self.world_size  # the norm of the mean gradient
+                norm = math.sqrt(total[1]) / self.world_size  # the norm of the mean gradient
                 scale = float(clip_coefficient(norm, self.clip_grad_norm)) * scale
         hp = dict(self._hp, lr=lr)
         kwargs = {"step": self.steps + 1} if self.spec.uses_step else {}
