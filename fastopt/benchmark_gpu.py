@@ -581,9 +581,19 @@ def _pick(case, arrays):
     return arrays[0] if case.tensors == 1 else arrays
 
 
+def _check_dtype(backend, dtype):
+    """NotRun when a GPU backend has no kernels for the dtype (Numba: no float16)."""
+    if backend in ("cupy", "numba"):
+        import importlib
+        module = importlib.import_module(f"fastopt.backends.{backend}_backend")
+        if np.dtype(dtype) not in module.DTYPES:
+            raise NotRun(f"the {backend} backend has no {dtype} kernels")
+
+
 def _functional(backend):
     def build(bench, case, spec, hp, nsets):
         import fastopt
+        _check_dtype(backend, case.dtype)
         cp = bench.cp
         fn = getattr(fastopt, spec.function_name)
         options = {k: hp[k] for k in spec.state_options}
@@ -606,6 +616,7 @@ def _functional(backend):
 
 def _class_optimizers(bench, case, backend, clip_skip, capturable, nsets):
     import fastopt
+    _check_dtype(backend, case.dtype)
     cp = bench.cp
     options = dict(clip_grad_norm=1.0, skip_nonfinite=True) if clip_skip else {}
     if capturable:

@@ -420,3 +420,12 @@ def test_cli_dry_run_needs_no_gpu(capsys):
     assert out.startswith("7 cases (quick") and "200 tensors 2^27 fp32" in out and "1 x 2^24 fp16" in out
     assert main(["bench", "--dry-run"]) == 2
     assert "--dry-run: only with --device gpu" in capsys.readouterr().err
+
+
+def test_a_dtype_a_backend_lacks_is_not_run_not_an_error(monkeypatch):
+    cp = _fake_cupy()
+    monkeypatch.setitem(__import__("sys").modules, "cupy", cp)
+    bench = bg.Bench(cp, bg.QUICK, log=lambda *a: None)
+    case = bg.Case("adam", "1 x 2^10 fp16", "float16", ((1024,),), (bg.NUMBA_FN, bg.NUMBA_CLASS))
+    rows = bg.measure_case(bench, case, log=lambda *a: None)
+    assert [r["status"] for r in rows] == ["not run: the numba backend has no float16 kernels"] * 2

@@ -12,7 +12,7 @@ package fastopt.kernels, as an install would). The stages, each with its own tim
   build      python3 setup.py build_ext --inplace                                   (build.log)
   tests      pytest tests/gpu, then the tests outside it marked `gpu`               (tests-*.log, *.xml)
   sanitizer  compute-sanitizer memcheck, initcheck, racecheck, synccheck on tests/gpu/launch_all.py
-             (every CUDA kernel, both backends; racecheck and synccheck on its --quick sweep)
+             (every CUDA kernel, both backends; all but memcheck on its --quick sweep)
                                                                                     (sanitizer-<tool>.log)
   bench      fastopt bench --device gpu --quick                                     (bench.log, bench-gpu.json,
              then gpu-<device>.json with the sanitizer and test targets filled in,   gpu-<device>.json,
@@ -44,8 +44,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SOURCE_SHIM = os.path.join(ROOT, "tests", "gpu", "pythonpath")
 STAGES = ("build", "tests", "sanitizer", "bench")
 BUDGETS = {"build": 120, "tests": 240, "sanitizer": 240, "bench": 240}
-# share of the sanitizer budget per tool; time a tool leaves unused goes to the ones after it
-TOOLS = (("memcheck", 3, False), ("initcheck", 3, False), ("racecheck", 2, True), ("synccheck", 2, True))
+# (tool, share of the sanitizer budget, launch_all --quick): time a tool leaves unused goes to the ones after
+# it. memcheck gets the full sweep (misaligned views, every grad_scale form); the quick sweep still launches
+# every kernel in every dtype, single and multi-tensor, with the skip flag set (initcheck's LAMB case)
+TOOLS = (("memcheck", 4, False), ("initcheck", 2, True), ("racecheck", 2, True), ("synccheck", 2, True))
 KILL_GRACE = 5
 
 
