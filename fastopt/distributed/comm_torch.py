@@ -81,10 +81,11 @@ class TorchCommunicator(Communicator):
                               f"({str(e)[:120]}); using all_reduce and a slice (twice the traffic)", RuntimeWarning,
                               stacklevel=3)
                 self._rs_by_all_reduce = True
-        work = self._dist.all_reduce(send, group=self.group)  # blocking: the slice below needs the result
+        total = send.clone()  # the send buffer holds the caller's gradients (opt.grads): not overwritten
+        self._dist.all_reduce(total, group=self.group)  # blocking: the slice below needs the result
         block = recv.numel()
-        recv.copy_(send[self.rank * block:(self.rank + 1) * block])
-        return DONE if work is None else work
+        recv.copy_(total[self.rank * block:(self.rank + 1) * block])
+        return DONE
 
     def all_gather(self, flat, block):
         return self._ag(flat, flat[self.rank * block:(self.rank + 1) * block], group=self.group, async_op=True)
