@@ -414,6 +414,18 @@ def device_zeros(n, dtype, like):
         return _returned(cp.zeros(n, dtype=dtype), stream)
 
 
+def device_full(shape, fill, dtype, like):
+    """An array of `shape` filled with `fill` on the device of `like`, written on its producer stream, so
+    the first update (on that stream) reads it filled: how optimizer state for device params should be
+    made (a torch tensor on cuda:1 under torch.cuda.stream(s): on device 1, filled on s)."""
+    cp = _cupy()
+    a = _describe(like, "like")
+    device = _device_of(a)
+    stream = _stream_of(a, device)
+    with _on(device, stream):
+        return cp.full(shape, fill, dtype=dtype)
+
+
 def step_guard(sq, max_norm=None, skip_nonfinite=False, skipped=None):
     """The optimizer's per-step guard in ONE launch, no host synchronisation (reduce.cu fo_step_guard):
     from the per-tensor sums of squares `sq`, the clip coefficient (0-d float64, or None without

@@ -456,6 +456,15 @@ def device_zeros(n, dtype, like):
         return _returned(_cuda().to_device(np.zeros(n, dtype=dtype), stream=stream), stream)
 
 
+def device_full(shape, fill, dtype, like):
+    """An array of `shape` filled with `fill` on the device of `like`, copied on its stream, so the first
+    update (on that stream) reads it filled: how optimizer state for device params should be made."""
+    a = _describe(like, "like")
+    device = _device_of(a)
+    with _on(device):
+        return _cuda().to_device(np.full(shape, fill, dtype=dtype), stream=_stream(a, device))
+
+
 def step_guard(sq, max_norm=None, skip_nonfinite=False, skipped=None):
     """The optimizer's per-step guard in ONE launch, no host synchronisation: from the per-tensor sums of
     squares `sq`, the clip coefficient (0-d float64, None without max_norm) and the skip flag (0-d

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import fastopt
+from fastopt.backends import cupy_backend
 from fastopt.backends import numba_backend as nb
 
 from test_cupy_launch_abi import ForeignArray, fake  # noqa: F401  (fake: the CuPy stand-in fixture)
@@ -157,10 +158,19 @@ def test_cupy_optimizer_class_launches_on_the_producer_stream(cupy_world, kind, 
     assert "fo_step_guard" in names and "fo_sumsq_chunks" in names, names
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_cupy_device_full_is_made_on_the_device_and_stream_of_like(cupy_world, kind):
+    fake = cupy_world
+    like = _arrays(fake, kind, SHAPES[:1])[0]
+    first = len(fake.allocations)
+    state = cupy_backend.device_full((33, 7), 0.5, np.float32, like)
+    assert state.shape == (33, 7) and state.dtype == np.float32 and state.device.id == DEVICE
+    assert fake.allocations[first:] == [fake.allocations[-1]] and fake.allocations[-1].stream == KINDS[kind][1]
+
+
 def test_cupy_norms_compile_only_the_module_of_the_data(fake):
     """float32 data never compiles the float64 module (seconds on a first call): the dtype-independent
     reductions (global norm, guard) come from the float32 module."""
-    from fastopt.backends import cupy_backend
     gs = [fake.alloc(s, np.float32, 0) for s in SHAPES]
     sq = cupy_backend.sumsq_per_tensor(gs)
     cupy_backend.clip_by_global_norm(gs, sq, 1.0)
@@ -409,6 +419,12 @@ def test_numba_calls_launch_on_the_producer_stream_once_per_list(numba_world, ki
     norm = nb.global_norm(sq)
     with _expect_numba(cuda, kind, "clip_coefficient of that norm"):
         nb.clip_coefficient(norm, 1.0)
+    with _expect_numba(cuda, kind, "device_full (optimizer state)"):
+        cuda.copies.clear()
+        first = len(cuda.allocations)
+        nb.device_full((3, 4), 0.5, np.float32, ps[0])
+        assert cuda.allocations[first:] == [(NUMBA_KINDS[kind][1], DEVICE)]
+        cuda.launches.append(("none", NUMBA_KINDS[kind][1], DEVICE))  # device_full launches nothing
 
 
 def test_numba_tables_of_new_gradients_recycle_device_buffers(numba_world):
