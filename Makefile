@@ -31,6 +31,9 @@ $(VENV)/.deps-test: pyproject.toml setup.py | $(BIN)/python
 	$(PIP) install -q --no-build-isolation -e ".[test,train,search,gpu,distributed]"
 	# torch (CPU build) only for the comparisons with torch.optim; tests skip them without it
 	$(PIP) install -q torch==2.13.0 || echo "torch not installed: torch comparisons will be skipped"
+	# pytorch_optimizer: the oracle for Yogi (tests/test_new_optimizers.py); --no-deps, as its only needs are numpy
+	# and torch (above): resolving them itself would pull the CUDA build of a newer torch
+	$(PIP) install -q --no-deps pytorch_optimizer==4.1.0 || echo "pytorch_optimizer not installed: the Yogi comparisons will be skipped"
 	touch $@
 
 # clang (the serial clang build) and the aarch64 cross compiler, for tests/test_build.py. Where they cannot

@@ -51,10 +51,16 @@ TUNED_FOR = "adam"
 #   lion     the Lion paper recommends a learning rate 3-10x smaller than AdamW's (sign updates move every
 #            weight by lr); the registry's 1e-4 is 10x smaller than Adam's; 0.3x (~3x smaller) learns as
 #            well as Adam on these sets within their epochs
-LR_FACTOR_TUNED = {"sgd": 10.0, "rmsprop": 1.0, "radam": 3.0, "lion": 0.3}
+#   yogi     its 1e-2 default is 10x Adam's; 3x is as good or better on digits, breast_cancer and diabetes
+#            (digits: 0.975/0.986 test accuracy at 3x against 0.950/0.969 at 10x, seeds 0/1). The registry
+#            ratio stays for Adadelta (1000x, lr=10 on digits: 0.975, Adam 0.972; its lr=1 is a scale, not a
+#            step), Rprop (10x; lr is only its first step size; 3x was mixed: better on digits seed 0, worse
+#            on seed 1 and diabetes) and ASGD (10x like SGD; digits 0.947, 3x 0.942, 30x 0.958)
+LR_FACTOR_TUNED = {"sgd": 10.0, "rmsprop": 1.0, "radam": 3.0, "lion": 0.3, "yogi": 3.0}
 # Measured exceptions per data set, where the factor does not fit: diabetes' correlated features make
-# plain SGD diverge at 10x (0.5); 3x (0.15) reaches the least-squares optimum.
-RECOMMENDED_LR = {"diabetes": {"sgd": 0.15}}
+# plain SGD diverge at 10x (0.5); 3x (0.15) reaches the least-squares optimum. ASGD is SGD there (its decay
+# and averaging start later), the same.
+RECOMMENDED_LR = {"diabetes": {"sgd": 0.15, "asgd": 0.15}}
 
 
 def lr_factor(optimizer: str) -> float:
