@@ -350,3 +350,19 @@ def test_marked_gpu_files_outside_tests_gpu(tmp_path):
     assert len(stages[0].commands) == 1 + bool(marked)
     if marked:
         assert stages[0].commands[1].argv[-2 - len(marked):-2] == marked
+
+
+def test_the_real_bench_command_line_parses_and_fails_clearly_without_a_gpu(tmp_path):
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            pytest.skip("a GPU is present: this checks the run without one")
+    except Exception:
+        pass
+    stages = gc._with_out(gc.plan_stages(["bench"], {"bench": 120}, sys.executable, None), str(tmp_path))
+    summary = gc.run(stages, str(tmp_path), log=lambda *a: None)
+    bench = summary["stages"]["bench"]
+    log = (tmp_path / "bench.log").read_text()
+    assert bench["status"] == "failed" and bench["commands"][0]["rc"] == 2, log  # a usage error: no GPU
+    assert "fastopt bench: error: bench --device gpu:" in log and "unrecognized arguments" not in log
+    assert bench["json"] is None
