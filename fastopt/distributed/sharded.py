@@ -60,6 +60,9 @@ __all__ = ["ShardedOptimizer", "DEFAULT_BUCKET_BYTES", "unsupported_reason"]
 
 
 
+_BY_CLASS_NAME = {spec.class_name: spec for spec in REGISTRY.values()}
+
+
 def unsupported_reason(spec) -> str | None:
     """Why `spec`'s update cannot be sharded (None: it can). A shard holds pieces of tensors, so the
     update must be elementwise: no per-tensor reduction (spec.two_phase, LAMB) and state shaped like the
@@ -82,6 +85,9 @@ def _resolve_optimizer(name_or_class):
     elif isinstance(name_or_class, type) and issubclass(name_or_class, optim.Optimizer) and \
             getattr(name_or_class, "spec", None) is not None:
         spec = name_or_class.spec
+    elif isinstance(name_or_class, type) and (name_or_class.__module__ or "").startswith("fastopt.torch") and \
+            name_or_class.__name__ in _BY_CLASS_NAME:  # fastopt.torch's classes carry the registry's class names
+        spec = _BY_CLASS_NAME[name_or_class.__name__]
     else:
         raise TypeError(f"name_or_class must be a registry name ({', '.join(REGISTRY)}) or a fastopt optimizer "
                         f"class, got {name_or_class!r}")
@@ -144,7 +150,8 @@ def _hp_text(value) -> str:
 class ShardedOptimizer:
     """ZeRO-1 sharded optimizer (see the module docstring). Arguments:
 
-    name_or_class: a registry name ("adam") or class (fastopt.Adam); LAMB is rejected.
+    name_or_class: a registry name ("adam") or class (fastopt.Adam, or fastopt.torch.Adam: the same update);
+        LAMB is rejected.
     params: a list of arrays, identical on every rank (NumPy for MPI, torch tensors for torch.distributed,
         CuPy arrays for NCCL); updated in place after each step (unless copy_params=False).
     comm: an mpi4py communicator, a torch.distributed process group (or the torch.distributed module: the

@@ -3,7 +3,8 @@
 Scenarios in tests/distributed/torch_worker.py: every elementwise optimizer bit for bit against the
 single-process class on the mean gradient (float32, float64; torch 2.13's gloo has reduce_scatter_single
 and all_gather_single on the CPU, and the test fails if the all_reduce fallback warns), AdamW against
-torch.optim.AdamW (1e-10 relative, float64), mismatched params raising on both ranks, and a dead rank
+torch.optim.AdamW (1e-10 relative, float64), a torch.nn model's parameters and .grad against torch.optim.Adam
+(named by fastopt.torch.Adam when that module exists), mismatched params raising on both ranks, and a dead rank
 turning into a timeout error on the other (group timeout 3 s) instead of a hang."""
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
-SCENARIOS = ["equal", "torch_oracle", "mismatch", "dead_rank"]
+SCENARIOS = ["equal", "torch_oracle", "module", "mismatch", "dead_rank"]
 
 
 @pytest.fixture(scope="module")
