@@ -25,7 +25,10 @@ KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pat
 SOURCES = ("update.cu", "reduce.cu")
 
 BLOCK = 256          # threads per block of every kernel (device.cuh FASTOPT_BLOCK)
-CHUNK = 1 << 16      # elements per block of a multi-tensor launch (device.cuh FASTOPT_CHUNK)
+# elements per block of a multi-tensor launch (device.cuh FASTOPT_CHUNK): small enough that a list of
+# 2**22 elements in all is ~1000 blocks (>= 4 per SM on an H100/H200) and a large one ends in a fine-grained
+# tail; 16 elements per thread (4 vectors of float32). Reductions sum per chunk: results depend on it.
+CHUNK = 1 << 12
 
 # dtype of the params -> (FASTOPT_DTYPE code, dtype of the optimizer state)
 DTYPES = {

@@ -18,7 +18,7 @@
 #define FASTOPT_BLOCK 256
 #endif
 #ifndef FASTOPT_CHUNK
-#define FASTOPT_CHUNK 65536
+#define FASTOPT_CHUNK 4096
 #endif
 
 namespace fastopt {

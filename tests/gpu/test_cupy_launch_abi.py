@@ -463,7 +463,7 @@ def ptr(arg):
 # Driving every launch site
 # ---------------------------------------------------------------------------------------------------
 
-SINGLE_SHAPE = (1 << 22,)                          # past the grid cap of the grid-stride kernels
+SINGLE_SHAPE = (1 << 22,)                          # many blocks, many chunks
 LIST_SHAPES = [(7,), (0,), (33, 5), (3 * CHUNK + 5,)]  # an empty tensor, a multi-chunk one
 STEPS = (1, 10)   # SGD's first-step variant, RAdam unrectified (step 1) and rectified (step 10)
 
@@ -533,6 +533,8 @@ def check_update_values(spec, hp, step, arrays, grad_scale, found_inf, launch):
         for slot, x in zip(("p", "g", "s0", "s1", "s2"), unwrap):
             assert ptr(a[slot]) == (0 if x is None else x.data.ptr), f"{launch.name} {slot}"
         assert int(a["n"]) == unwrap[0].size and int(a["vec"]) == 1, launch.name
+        # one 16-byte vector per thread: the grid is not capped (the loop is grid-stride all the same)
+        assert launch.grid[0] * cuda_source.BLOCK * (16 // unwrap[0].dtype.itemsize) >= unwrap[0].size, launch.grid
 
 
 def run_updates(fake, spec, dtype, device, wrap=lambda a: a):
