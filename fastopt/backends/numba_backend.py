@@ -157,7 +157,11 @@ def _external_stream(device, ptr):
 
 
 def _stream_key(stream):
-    return 0 if isinstance(stream, int) else int(stream)  # numba Stream: its handle
+    """A stream's handle as an int (tables and scratch are kept per stream)."""
+    if isinstance(stream, int):
+        return stream
+    handle = stream.handle  # a cuda-bindings CUstream (int() works), or a ctypes c_void_p (.value)
+    return int(getattr(handle, "value", handle) or 0)
 
 
 _result_streams = StreamMemo()  # arrays this backend returned -> the stream that wrote them
