@@ -20,8 +20,10 @@ the gradients (what plain data parallelism moves); the update touches N / W para
 Adam); optimizer state per rank is 8N / W bytes (+ padding). Packing the gradients into the send buffer
 and copying the gathered params into the user's arrays add 8 bytes per param each (of all N, on every
 rank); training on opt.params with gradients written into opt.grads removes both. One all-reduce of one
-number per step (the ranks agree that every rank's gradients passed the checks) adds a latency. MPICH moves data between ranks of one machine through shared memory, so the
-"bytes" are the algorithmic volume, and the collective times are measured.
+number per step (the ranks agree that every rank's gradients passed the checks) adds a latency. MPICH
+moves data between the ranks of one machine through shared memory, so the "bytes" are the algorithmic
+volume, and the collective times are measured. Components timed alone run with warm caches, so at sizes
+that fit the last-level cache the model is optimistic; at 1e7 params (160 MB of buffers) it is not.
 
 Timing: variants interleaved round by round, each round a block of calls between barriers, the slowest
 rank's time per call; the median over rounds is reported. The single-process fastopt.Adam step on all N
@@ -121,7 +123,7 @@ def _worker(sizes, calls, rounds):
             row["single_process_class_step_ms_all_cores"] = statistics.median(ts) * 1e3
             fastopt.set_num_threads(threads)
         rows.append(row)
-        del opt, views, view_grads
+        opt = views = view_grads = None  # freed before the next size is allocated
     if rank == 0:
         print("RESULT " + json.dumps(rows), flush=True)
 
@@ -154,14 +156,16 @@ def run(worlds, sizes, calls, rounds):
 
 def format_row(row) -> str:
     return (f"N={row['n']:.0e} world={row['world']} step {row['step_ms']:.3f} ms (views {row['step_views_ms']:.3f}) "
-            f"update {row['update_ms']:.3f} rs {row['rs_ms']:.3f} ag {row['ag_ms']:.3f} -> model {row['model_ms']:.3f} "
-            f"ms, step/model {row['step_over_model']:.2f} (views {row['step_views_over_model']:.2f}); sent "
-            f"{row['bytes_sent_over_params_bytes']:.2f}x params bytes; state {row['state_fraction']:.4f} of one process")
+            f"update {row['update_ms']:.3f} rs {row['rs_ms']:.3f} ag {row['ag_ms']:.3f} -> model "
+            f"{row['model_ms']:.3f} ms, step/model {row['step_over_model']:.2f} "
+            f"(views {row['step_views_over_model']:.2f}); sent "
+            f"{row['bytes_sent_over_params_bytes']:.2f}x params bytes; state {row['state_fraction']:.4f} of one "
+            f"process")
 
 
 def markdown_table(rows) -> str:
-    lines = ["| N | world | step ms | step (opt.params) ms | update ms | reduce-scatter ms | all-gather ms | model ms | "
-             "step / model | (opt.params) / model | sent per rank / param bytes | state per rank / single |",
+    lines = ["| N | world | step ms | step (opt.params) ms | update ms | reduce-scatter ms | all-gather ms | "
+             "model ms | step / model | (opt.params) / model | sent per rank / param bytes | state per rank / single |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['n']:.0e} | {r['world']} | {r['step_ms']:.2f} | {r['step_views_ms']:.2f} | "
@@ -192,7 +196,8 @@ def main(argv=None):
     report = {"machine": machine_info(), "load_average_at_start": os.getloadavg(),
               "optimizer": "adam", "dtype": "float32", "engine": "mpi4py + mpich wheel (shared memory)",
               "timing": "median over interleaved rounds of the slowest rank's time per call",
-              "target": f"step_views at world 2 <= {MODEL_TARGET} x model (update of N/2 + reduce-scatter + all-gather)",
+              "target": f"step_views at world 2 <= {MODEL_TARGET} x model (update of N/2 + reduce-scatter + "
+                        "all-gather)",
               "rows": run(worlds, sizes, calls, args.rounds)}
     print(markdown_table(report["rows"]))
     if args.out:

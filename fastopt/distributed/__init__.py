@@ -14,5 +14,6 @@ from fastopt.distributed.layout import ShardLayout
 from fastopt.distributed.sharded import DEFAULT_BUCKET_BYTES, ShardedOptimizer, unsupported_reason
 from fastopt.distributed.checkpoint import CheckpointError, gather, load, read_manifest, save, scatter
 
-__all__ = ["ShardedOptimizer", "DEFAULT_BUCKET_BYTES", "unsupported_reason", "Communicator", "as_communicator", "ShardLayout",
+__all__ = ["ShardedOptimizer", "DEFAULT_BUCKET_BYTES", "unsupported_reason", "Communicator", "as_communicator",
+           "ShardLayout",
            "save", "load", "gather", "scatter", "read_manifest", "CheckpointError"]

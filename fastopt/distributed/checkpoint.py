@@ -230,7 +230,8 @@ def read_manifest(path) -> tuple[dict, ShardLayout, object]:
         if layout.describe() != m["buckets"]:
             _fail(f"{path}: the buckets in the manifest do not follow from its params and bucket size")
         if not isinstance(m["files"], list) or len(m["files"]) != world or any(
-                f.get("name") != _shard_name(r, world, f.get("name", "")[-20:-4]) or not _SHARD_NAME.fullmatch(f["name"])
+                not isinstance(f, dict) or not _SHARD_NAME.fullmatch(str(f.get("name")))
+                or f["name"] != _shard_name(r, world, f["name"][-20:-4])  # rank r's file, of this world size
                 or not re.fullmatch(r"[0-9a-f]{64}", str(f.get("sha256"))) for r, f in enumerate(m["files"])):
             _fail(f"{path}: the manifest's file list is invalid")
         _count("steps", m["steps"])

@@ -69,8 +69,8 @@ def unsupported_reason(spec) -> str | None:
     param (a factored state, like Adafactor's row and column statistics, is per tensor). An optimizer
     whose update couples the elements of a tensor in some other way must declare it in its spec."""
     if spec.two_phase:
-        return (f"its update is not elementwise (a per-tensor reduction, e.g. LAMB's trust ratio from the norms "
-                f"of whole tensors, computed inside its kernel), and a shard holds pieces of tensors")
+        return ("its update is not elementwise (a per-tensor reduction, e.g. LAMB's trust ratio from the norms "
+                "of whole tensors, computed inside its kernel), and a shard holds pieces of tensors")
     probe = np.zeros((2, 3))
     shapes = {name: tuple(a.shape) for name, a in functional.init_state(spec.name, probe).items()}
     if any(s != probe.shape for s in shapes.values()):

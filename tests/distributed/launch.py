@@ -43,7 +43,8 @@ def mpiexec() -> list[str]:
 
 def run_mpi(n: int, *args, timeout=180, script="mpi_worker.py") -> str:
     """Run `python -m mpi4py <script> args...` on n ranks; fail with its output unless it succeeded."""
-    cmd = mpiexec() + ["-n", str(n), sys.executable, "-m", "mpi4py", str(HERE / script), *map(str, args)]  # HERE / an absolute path is that path
+    # `script`: a file here, or an absolute path (HERE / an absolute path is that path)
+    cmd = mpiexec() + ["-n", str(n), sys.executable, "-m", "mpi4py", str(HERE / script), *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)

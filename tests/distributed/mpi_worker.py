@@ -2,8 +2,6 @@
 an assertion on any rank aborts the whole job, so a failure is never a hang). Prints "OK <name>" on rank 0."""
 from __future__ import annotations
 
-import math
-import os
 import sys
 
 import numpy as np

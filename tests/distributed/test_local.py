@@ -65,7 +65,8 @@ def _params(seed=0, dtype=np.float32):
 def test_bad_construction(args, kwargs, exc, text):
     name, params = args
     params = _params() if params is None else params
-    before = [p.copy() for p in params] if isinstance(params, list) and params and isinstance(params[0], np.ndarray) else []
+    arrays = isinstance(params, list) and params and isinstance(params[0], np.ndarray)
+    before = [p.copy() for p in params] if arrays else []
     with pytest.raises(exc) as info:
         ShardedOptimizer(name, params, COMM, **kwargs)
     assert text in str(info.value)
