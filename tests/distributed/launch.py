@@ -41,8 +41,9 @@ def mpiexec() -> list[str]:
     return [exe]
 
 
-def run_mpi(n: int, *args, timeout=180, script="mpi_worker.py") -> str:
-    """Run `python -m mpi4py <script> args...` on n ranks; fail with its output unless it succeeded."""
+def run_mpi(n: int, *args, timeout=180, script="mpi_worker.py", check=True):
+    """Run `python -m mpi4py <script> args...` on n ranks; fail with its output unless it succeeded
+    (check=False: return the CompletedProcess whatever its exit status)."""
     # `script`: a file here, or an absolute path (HERE / an absolute path is that path)
     cmd = mpiexec() + ["-n", str(n), sys.executable, "-m", "mpi4py", str(HERE / script), *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -50,6 +51,8 @@ def run_mpi(n: int, *args, timeout=180, script="mpi_worker.py") -> str:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s:\n{e.stdout}\n{e.stderr}")
+    if not check:
+        return r
     if r.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited with {r.returncode}:\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
     return r.stdout

@@ -2,6 +2,7 @@
 an assertion on any rank aborts the whole job, so a failure is never a hang). Prints "OK <name>" on rank 0."""
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -195,6 +196,17 @@ def errors():
     check(opt.step(grads_for(9, 1, RANK, ps)) is True and opt.steps == 1, "the next step failed")
 
 
+def dead_rank():
+    """The last rank dies (exit status 3) before a step the others take: MPI has no timeout, but the
+    launcher aborts the whole job, so nobody waits forever in the reduce-scatter."""
+    params = [np.ones(1000, np.float32)]
+    opt = ShardedOptimizer("sgd", params, COMM, lr=0.1)
+    if RANK == WORLD - 1:
+        os._exit(3)
+    opt.step([np.ones(1000, np.float32)])
+    print(f"step returned on rank {RANK}", flush=True)
+
+
 def save(path, steps):
     """Run `steps` steps of Adam at this world size and save a sharded checkpoint into `path`."""
     params = make_params(11, [np.float32, np.float64])
@@ -236,7 +248,7 @@ def resume(path, gathered, steps, more):
 if __name__ == "__main__":
     name, args = sys.argv[1], sys.argv[2:]
     {"equal": lambda: equal(int(args[0])), "clip_skip": clip_skip, "memory": memory, "errors": errors,
-     "save": lambda: save(args[0], int(args[1])),
+     "dead_rank": dead_rank, "save": lambda: save(args[0], int(args[1])),
      "resume": lambda: resume(args[0], args[1], int(args[2]), int(args[3]))}[name]()
     COMM.Barrier()
     if RANK == 0:

@@ -6,7 +6,7 @@ to the mean gradient bit for bit (world 1-4, one bucket and many small buckets, 
 mixed); clipping and NaN skipping within rounding (the norm is summed in another order: rtol 2e-6
 float32, 1e-13 float64) and the skip decision exactly; state bytes per rank 1/world (+ padding, <1%);
 mismatched params, shapes and hyperparameters raise on every rank; a bad gradient on one rank raises on
-every rank with nothing updated; a checkpoint saved at world 3 loads at world 2 (directly, and through
+every rank with nothing updated; a dead rank makes the launcher abort the job (no hang); a checkpoint saved at world 3 loads at world 2 (directly, and through
 gather + scatter) and continues bit for bit like the single-process class resumed from it."""
 from __future__ import annotations
 
@@ -36,6 +36,11 @@ def test_state_memory_per_rank(world):
 @pytest.mark.parametrize("world", [1, 3])
 def test_errors_raise_on_every_rank(world):
     assert f"OK errors world={world}" in run_mpi(world, "errors")
+
+
+def test_dead_rank_aborts_the_job_instead_of_hanging():
+    r = run_mpi(3, "dead_rank", timeout=60, check=False)
+    assert r.returncode != 0 and "step returned" not in r.stdout and "OK" not in r.stdout
 
 
 def test_checkpoint_world3_to_world2(tmp_path):
