@@ -6,8 +6,9 @@ to the mean gradient bit for bit (world 1-4, one bucket and many small buckets, 
 mixed); clipping and NaN skipping within rounding (the norm is summed in another order: rtol 2e-6
 float32, 1e-13 float64) and the skip decision exactly; state bytes per rank 1/world (+ padding, <1%);
 mismatched params, shapes and hyperparameters raise on every rank; a bad gradient on one rank raises on
-every rank with nothing updated; a dead rank makes the launcher abort the job (no hang); a checkpoint saved at world 3 loads at world 2 (directly, and through
-gather + scatter) and continues bit for bit like the single-process class resumed from it."""
+every rank with nothing updated; a dead rank makes the launcher abort the job (no hang); a checkpoint
+saved at world 3 loads at world 2 (directly, and through gather + scatter) and continues bit for bit like
+the single-process class resumed from it; the example trains at world 2."""
 from __future__ import annotations
 
 import json
