@@ -757,7 +757,9 @@ def _rprop_scalars(hp, step, grad_scale):
 
 def _rprop_check(hp):
     if not 0.0 < hp["etaminus"] < 1.0 < hp["etaplus"]:
-        raise ValueError(f"Invalid eta values: {hp['etaminus']}, {hp['etaplus']}")  # torch's words
+        # torch's words, then our argument names (torch passes the pair as etas)
+        raise ValueError(f"Invalid eta values: {hp['etaminus']}, {hp['etaplus']} (etaminus must be in (0, 1) and "
+                         f"etaplus > 1)")
 
 
 RPROP = _register(OptimizerSpec(
