@@ -118,7 +118,7 @@ class NumbaArrays:
         self.cuda = cuda
 
     def array(self, host):
-        return self.cuda.to_device(np.ascontiguousarray(host))
+        return self.cuda.to_device(np.array(host, order="C"))  # (ascontiguousarray would make a 0-d array 1-d)
 
     def misaligned(self, host):
         pad = np.concatenate([np.zeros(1, host.dtype), host.ravel()])
@@ -232,9 +232,9 @@ def sweep_backend(backend, make, dtypes=None, log=print, seed=None, quick=False,
 # The public API on top (real GPU only)
 # ---------------------------------------------------------------------------------------------------
 
-def public_api(backend, make, calls, rng):
+def public_api(backend, make, calls, rng, dtypes=None):
     import fastopt
-    for dtype in backend_module(backend).DTYPES:
+    for dtype in backend_module(backend).DTYPES if dtypes is None else dtypes:
         name = f"{backend} {np.dtype(dtype).name}"
         params = [make.array(_host(rng, s, dtype)) for s in LIST_SHAPES]
         for cls in (fastopt.Adam, fastopt.LAMB, fastopt.SGD):

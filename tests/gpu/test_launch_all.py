@@ -4,6 +4,7 @@ run against the stand-in CuPy of test_cupy_launch_abi.py, launches every entry p
 cuda_source.kernel_names() in every dtype, each launch fitting its kernel's C signature."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -14,6 +15,8 @@ import launch_all
 from fastopt.backends import cuda_source, cupy_backend
 from fastopt.specs import REGISTRY
 from test_cupy_launch_abi import assert_launches_fit, fake  # noqa: F401  (fake: the stand-in CuPy fixture)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class FakeArrays:
@@ -84,3 +87,29 @@ def test_a_backend_that_cannot_start_is_a_failure_not_a_crash(monkeypatch, capsy
     out = capsys.readouterr().out
     assert "launch_all: numba: cannot create device arrays" in out and "row_stack" in out
     assert out.rstrip().endswith("launch_all: 0 calls on numba: 1 FAILED")
+
+
+SIMULATED = """
+import sys
+import numpy as np
+import launch_all
+launch_all.SINGLE, launch_all.LIST_SHAPES = 37, ((5,), (0,), (3, 7), (70,))  # the simulator: one Python thread each
+make = launch_all.NumbaArrays()
+calls = launch_all.sweep_backend("numba", make, dtypes=(np.float32,), quick=True, log=lambda *a: None)
+launch_all.public_api("numba", make, calls, np.random.default_rng(), dtypes=(np.float32,))
+for what, tb in calls.failures[:3]:
+    print(what, tb, file=sys.stderr)
+print(calls.count, len(calls.failures))
+"""
+
+
+def test_the_numba_sweep_and_public_calls_run_in_the_cuda_simulator():
+    """launch_all's Numba half (device arrays, every backend-interface call, the classes with clip+skip and a
+    NaN step, the clip functions) against the Numba backend, on tiny arrays in the CUDA simulator."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
+    res = subprocess.run([sys.executable, "-c", SIMULATED], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    count, failed = map(int, res.stdout.split())
+    assert failed == 0, res.stderr[-3000:]
+    assert count > 100
