@@ -103,6 +103,15 @@ print(calls.count, len(calls.failures))
 """
 
 
+def _gpu_present():
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver
+        return False
+
+
+@pytest.mark.skipif(_gpu_present(), reason="a GPU is here: make gpu-check runs launch_all on it for real")
 def test_the_numba_sweep_and_public_calls_run_in_the_cuda_simulator():
     """launch_all's Numba half (device arrays, every backend-interface call, the classes with clip+skip and a
     NaN step, the clip functions) against the Numba backend, on tiny arrays in the CUDA simulator."""
