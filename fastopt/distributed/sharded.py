@@ -180,9 +180,8 @@ class ShardedOptimizer:
         lr0 = exported["lr"](0) if is_schedule(exported["lr"]) else exported["lr"]
         checked, _ = spec.validate(dict(exported, lr=lr0), 1)  # Python floats and bools, as the class uses
         self.spec, self.comm = spec, comm
-        self.clip_grad_norm = probe.clip_grad_norm
-        self.skip_nonfinite = probe.skip_nonfinite
-        self.backend = probe.backend
+        # fixed for the optimizer's life: every rank must take the same collectives (checked below)
+        self._clip, self._skip, self._backend = probe.clip_grad_norm, probe.skip_nonfinite, probe.backend
         self._hp = dict(checked, lr=exported["lr"])  # registry names; lr may be a schedule
         self._options = {name: checked[name] for name in spec.state_options}  # decide the state arrays
         self._step_fn = getattr(functional, spec.function_name)
@@ -271,6 +270,21 @@ class ShardedOptimizer:
         """The optimizer's own params: views of its flat buffers (engine type), in the order of the params
         given; always up to date after a step. Training on these skips the copy into the user's arrays."""
         return list(self._own)
+
+    @property
+    def clip_grad_norm(self) -> float | None:
+        """Max global L2 norm of the mean gradient (None: no clipping). Read-only: every rank must agree."""
+        return self._clip
+
+    @property
+    def skip_nonfinite(self) -> bool:
+        """Skip (on every rank) steps where any rank's gradient has a NaN/Inf. Read-only."""
+        return self._skip
+
+    @property
+    def backend(self) -> str | None:
+        """The backend forced for the update kernels (None: from the arrays' type). Read-only."""
+        return self._backend
 
     @property
     def grads(self) -> list:
