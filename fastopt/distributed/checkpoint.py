@@ -128,6 +128,15 @@ def _commit(path: str, manifest: dict) -> None:
                 pass
 
 
+def _make_dir(path: str) -> None:
+    """The checkpoint directory itself, not its parents (a mistyped parent is an error, not a new tree)."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise NotADirectoryError(f"{path} exists and is not a directory") from None
+
+
 def _host(a) -> np.ndarray:
     return a if isinstance(a, np.ndarray) else a.get()
 
@@ -147,7 +156,7 @@ def save(opt, path) -> None:
     row = np.zeros(1 + 32)
     error = None
     try:
-        os.makedirs(path, exist_ok=True)
+        _make_dir(path)
         data = _shard_bytes(_members(layout, [_host(p) for p in opt.shard_params()],
                                      [{k: _host(v) for k, v in s.items()} for s in opt.shard_states()]))
         _atomic_write(os.path.join(path, _shard_name(opt.rank, world, token)), data)
@@ -395,7 +404,7 @@ def scatter(file, path, world_size: int, *, bucket_bytes: int | None = None) -> 
     layout = ShardLayout.build(shapes, dtypes, world_size, bucket_bytes)
     token = secrets.token_hex(8)
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
+    _make_dir(path)
     files = []
     for rank in range(world_size):
         shard_params, shard_states = [], []
