@@ -237,3 +237,10 @@ def test_import_needs_neither_torch_nor_mpi():
             "print(sorted(m for m in ('torch', 'mpi4py', 'cupy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_save_needs_the_parent_directory(tmp_path):
+    opt = ShardedOptimizer("adam", _params(), COMM, lr=1e-3)
+    with pytest.raises(FileNotFoundError):
+        opt.save(str(tmp_path / "missing" / "ck"))
+    assert not (tmp_path / "missing").exists()
