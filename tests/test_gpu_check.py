@@ -366,3 +366,16 @@ def test_the_real_bench_command_line_parses_and_fails_clearly_without_a_gpu(tmp_
     assert bench["status"] == "failed" and bench["commands"][0]["rc"] == 2, log  # a usage error: no GPU
     assert "fastopt bench: error: bench --device gpu:" in log and "unrecognized arguments" not in log
     assert bench["json"] is None
+
+
+def test_a_command_with_no_time_left_is_recorded_and_its_old_log_replaced(tmp_path):
+    (tmp_path / "second.log").write_text("========= ERROR SUMMARY: 0 errors\n")  # an earlier call's log
+    stage = gc.Stage("sanitizer", [gc.Command("first", _py("import time; time.sleep(30)"), "first.log", weight=100),
+                                   gc.Command("second", _py("pass"), "second.log", weight=1, meta={"tool": "x"})], 1.5)
+    result = gc.run_stage(stage, str(tmp_path), log=lambda *a: None)
+    first, second = result["commands"]
+    assert first["status"] == "timeout" and second["status"] == "timeout" and second["tool"] == "x"
+    assert second["error"] == "no time left in the stage's budget"
+    assert (tmp_path / "second.log").read_text() == "not run: no time left in the stage's budget\n"
+    gc.finish_sanitizer(result, str(tmp_path))
+    assert second["summary_found"] is False and result["status"] == "timeout"

@@ -169,17 +169,23 @@ def run_command(cmd: Command, out_dir: str, timeout: float) -> dict:
 
 
 def _kill_group(proc):
-    """End the command and everything it started (its own process group, made by start_new_session)."""
-    for sig, wait in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """End the command and everything it started (its own process group, made by start_new_session): TERM,
+    a grace period, then KILL for whatever is left. The leader is reaped last, so that the group's id cannot
+    be reused by an unrelated process meanwhile."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + KILL_GRACE
+    while time.monotonic() < deadline:  # has the leader exited? (WNOWAIT: without reaping it)
+        if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            break
+        time.sleep(0.1)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def run_stage(stage: Stage, out_dir: str, log=print) -> dict:
@@ -190,8 +196,11 @@ def run_stage(stage: Stage, out_dir: str, log=print) -> dict:
         left = stage.budget - (time.monotonic() - t0)
         weights = sum(c.weight for c in stage.commands[i:])
         if left < 1:
+            with open(os.path.join(out_dir, cmd.log), "w") as f:  # not an earlier call's log
+                f.write("not run: no time left in the stage's budget\n")
             records.append({"name": cmd.name, "argv": cmd.argv, "log": cmd.log, "status": "timeout", "rc": None,
-                            "seconds": 0.0, "error": "no time left in the stage's budget"})
+                            "seconds": 0.0, "error": "no time left in the stage's budget", **cmd.meta})
+            log(f"gpu_check: {stage.name}/{cmd.name}: not run, no time left")
             continue
         record = run_command(cmd, out_dir, left * cmd.weight / weights)
         record.update(cmd.meta)
