@@ -12,6 +12,10 @@
 4. clip_grad_norm + skip_nonfinite: Adam on 4 x 2^21 float32 (memory-bound), plain / clip / skip /
    clip + skip. Target: at most one extra read of the gradients, i.e. a time ratio of at most
    (28 + 4) / 28 = 1.14 (Adam moves 28 bytes per parameter; reading the gradients again adds 4).
+5. Host cost per class step (issue 11, item 3): fastopt.Adam on 200 x 1000 and 100 x 10,000 float32,
+   plain and with clip_grad_norm + skip_nonfinite: the class step against the same kernels run on
+   arrays validated once (the backend's run() on a prepared call, plus the sums of squares for
+   clip + skip); the difference is what the class spends on the host per step.
 
 Timing: variants are interleaved round by round (machine drift hits them alike), each round times a
 block of calls, and the median of the per-call times over rounds is reported.
@@ -164,6 +168,52 @@ def clip_skip(quick):
     return out
 
 
+def host_cost(quick):
+    """Per-step host time of the class: step() minus the bare kernel time on the same arrays."""
+    from fastopt.backends.dispatch import backend_for
+    rows = []
+    rng = np.random.default_rng(3)
+    for n, size in ((200, 1000), (100, 10_000)):
+        params = [rng.standard_normal(size).astype(np.float32) for _ in range(n)]
+        grads = [(1e-3 * rng.standard_normal(size)).astype(np.float32) for _ in range(n)]
+        plain = fastopt.Adam([p.copy() for p in params], lr=1e-3)
+        guarded = fastopt.Adam([p.copy() for p in params], lr=1e-3, clip_grad_norm=1.0, skip_nonfinite=True)
+        kparams = [p.copy() for p in params]
+        state = fastopt.init_state("adam", kparams)
+        be = backend_for(kparams)
+        spec = fastopt.Adam.spec
+        hp = dict(spec.defaults)
+        prepared = be.prepare((kparams, grads, state["exp_avg"], state["exp_avg_sq"]),
+                              ("params", "grads", "exp_avg", "exp_avg_sq"))
+        prepared_grads = be.prepare_grads(grads)
+        t = [0]
+
+        def kernel():
+            t[0] += 1
+            be.run(prepared, spec, hp, t[0], None)
+
+        def kernel_with_sumsq():
+            t[0] += 1
+            be.sumsq_per_tensor(prepared_grads)
+            be.run(prepared, spec, hp, t[0], 0.5)
+
+        calls, rounds = (50, 15) if not quick else (10, 5)
+        res = interleaved({"class": lambda: plain.step(grads), "kernel": kernel,
+                           "class_clip_skip": lambda: guarded.step(grads), "kernel_sumsq": kernel_with_sumsq},
+                          calls, rounds)
+        us = {k: v * 1e6 for k, v in res.items()}
+        row = {"arrays": n, "elements_per_array": size, "dtype": "float32", **{f"{k}_us": v for k, v in us.items()},
+               "host_us": us["class"] - us["kernel"], "host_clip_skip_us": us["class_clip_skip"] - us["kernel_sumsq"]}
+        rows.append(row)
+        print(f"host cost {n} x {size}: class step {us['class']:8.1f} us (kernels {us['kernel']:8.1f}) -> host "
+              f"{row['host_us']:7.1f} us;  clip+skip {us['class_clip_skip']:8.1f} us (kernels + sumsq "
+              f"{us['kernel_sumsq']:8.1f}) -> host {row['host_clip_skip_us']:7.1f} us")
+    return rows
+
+
+CASES = ("overhead", "small_arrays", "clip_skip", "host_cost")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few repeats (a smoke run, not for the record)")
@@ -171,7 +221,12 @@ def main(argv=None):
                     "bench/results/optim-cpu.json)")
     ap.add_argument("--threads", default="1,2",
                     help="comma-separated thread counts (fastopt and torch alike), one run each")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     args = ap.parse_args(argv)
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(sorted(unknown))}; known: {', '.join(CASES)}")
     # the machine may be shared: the load average says how much the numbers can be trusted
     report = {"machine": machine_info(), "timing": "median of interleaved rounds (and minimum where noted)",
               "runs": {}}
@@ -183,12 +238,18 @@ def main(argv=None):
         except ImportError:
             torch = None
         print(f"--- {threads} thread(s)")
-        run = {"threads": threads, "load_average_at_start": os.getloadavg(), "overhead": overhead(args.quick)}
-        if torch is not None:
-            run["small_arrays"] = small_arrays(args.quick)
-        else:
-            print("torch not installed: skipping the torch comparison")
-        run["clip_skip"] = clip_skip(args.quick)
+        run = {"threads": threads, "load_average_at_start": os.getloadavg()}
+        if "overhead" in cases:
+            run["overhead"] = overhead(args.quick)
+        if "small_arrays" in cases:
+            if torch is not None:
+                run["small_arrays"] = small_arrays(args.quick)
+            else:
+                print("torch not installed: skipping the torch comparison")
+        if "clip_skip" in cases:
+            run["clip_skip"] = clip_skip(args.quick)
+        if "host_cost" in cases:
+            run["host_cost"] = host_cost(args.quick)
         run["load_average_at_end"] = os.getloadavg()
         report["runs"][str(threads)] = run
     if not args.quick and args.out:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Iterable
 
 import numpy as np
@@ -58,6 +59,7 @@ from fastopt.array_types import Arrays, Schedule
 from fastopt.arrays import copy_into, writable_view, zero_fill
 from fastopt.backends import dispatch
 from fastopt.backends.dispatch import array_device, as_numpy, backend_for
+from fastopt.backends.interface import prepares_once
 from fastopt.clip import _check_bound, clip_coefficient
 from fastopt.functional import init_state
 from fastopt.schedules import is_schedule
@@ -77,20 +79,26 @@ def _same(a, b) -> bool:
     has np.float32(0.9) == 0.9, and 1 == 1.0 == True: a change of type that validation must see)."""
     if type(a) is not type(b):
         return False
-    if type(a) is tuple or type(a) is list:
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if type(a) is tuple or type(a) is list:  # a loop, not all(genexpr): this runs every step
+        if len(a) != len(b):
+            return False
+        for x, y in zip(a, b):
+            if type(x) is not type(y) or not (_same(x, y) if type(x) is tuple or type(x) is list else x == y):
+                return False
+        return True
     return a == b
 
 
 class _Bucket:
     """The arrays of one group with one dtype: one multi-tensor kernel call per step."""
 
-    __slots__ = ("params", "indices", "states", "dtype", "is_device", "contiguous_range", "tail", "names",
-                 "backend", "backend_key")
+    __slots__ = ("params", "indices", "local", "states", "dtype", "is_device", "contiguous_range", "tail", "names",
+                 "backend", "backend_key", "prepares_once")
 
-    def __init__(self, params, indices, states, dtype, is_device):
+    def __init__(self, params, indices, local, states, dtype, is_device):
         self.params = params            # list of arrays
         self.indices = indices          # positions of these params in the optimizer's flat order
+        self.local = local              # ... and in their group's params list
         self.states = states            # state name -> list of arrays (missing: not allocated yet)
         self.dtype = dtype
         self.is_device = is_device
@@ -101,6 +109,7 @@ class _Bucket:
         self.names = None       # ("params", "grads", state names...) for the kernel's error messages
         self.backend = None     # the backend module, resolved once per use_backend context
         self.backend_key = _UNSET
+        self.prepares_once = False  # the backend checks params and states once (PrepareOnceBackend)
 
 
 class Optimizer:
@@ -131,6 +140,8 @@ class Optimizer:
         self._group_steps: list[int] = []
         self._buckets: list[list[_Bucket]] = []
         self._params: list = []          # every param, in group order: the order of step(grads)
+        self._group_params: list = []    # per group, the arrays its buckets hold (a swap in a group is seen)
+        self._fixed = None               # (backend, per call (params, tail), prepare_fixed's result)
         self._hp_cache: list = []
         self._last_lr: list = []
         groups = self._as_groups(params)
@@ -264,11 +275,12 @@ class Optimizer:
         new_params = [([params[i] for i in local], [start + i for i in local]) for local in by_dtype.values()]
         self._check_params([(b.params, b.indices) for bs in self._buckets for b in bs] + new_params)
         buckets = []
-        for (bucket_params, indices), dtype in zip(new_params, by_dtype):
+        for (bucket_params, indices), (dtype, local) in zip(new_params, by_dtype.items()):
             states = init_state(self.spec.name, bucket_params, **self._state_options(hp))
             is_device = array_device(bucket_params[0]) == "device"
-            buckets.append(_Bucket(bucket_params, indices, states, dtype, is_device))
+            buckets.append(_Bucket(bucket_params, indices, local, states, dtype, is_device))
         self.param_groups.append(full)
+        self._group_params.append(tuple(params))
         self._group_steps.append(0)
         self._buckets.append(buckets)
         self._params.extend(params)
@@ -389,15 +401,17 @@ class Optimizer:
             return grads[r[0]:r[1]]
         return [grads[i] for i in bucket.indices]
 
-    def _gradient_scale(self, grads):
+    def _gradient_scale(self, grads, plans, prepared):
         """(grad_scale, found_inf, skip_now) from one sum-of-squares pass over the gradients, which
-        serves both clipping and the non-finite check."""
+        serves both clipping and the non-finite check. A backend that prepares once reads the grads of
+        the prepared calls (checked already); the others get the grads again."""
         buckets = [b for bs in self._buckets for b in bs]
         if not any(b.is_device for b in buckets):
             # host: the per-array sums of squares, added in order like clip_by_global_norm does
             sq = []
-            for b in buckets:
-                sq += self._backend(b).sumsq_per_tensor(self._bucket_grads(b, grads)).tolist()
+            for (_, b, _, _, _), call in zip(plans, prepared):
+                source = call if b.prepares_once else self._bucket_grads(b, grads)
+                sq += b.backend.sumsq_per_tensor(source).tolist()
             total = math.sqrt(sum(sq))
             if self.skip_nonfinite and not math.isfinite(total):
                 return None, None, True
@@ -409,9 +423,10 @@ class Optimizer:
         if sq is None:
             sq = self._sq_buffer = be.device_zeros(len(self._params), np.float64, buckets[0].params[0])
         start = 0
-        for b in buckets:
+        for (_, b, _, _, _), call in zip(plans, prepared):
             n = len(b.params)
-            self._backend(b).sumsq_per_tensor(self._bucket_grads(b, grads), out=sq[start:start + n])
+            source = call if b.prepares_once else self._bucket_grads(b, grads)
+            b.backend.sumsq_per_tensor(source, out=sq[start:start + n])
             start += n
         counter = None
         if self.skip_nonfinite:
@@ -427,6 +442,7 @@ class Optimizer:
         key = dispatch._forced.get()
         if bucket.backend_key is not key:
             bucket.backend = backend_for(bucket.params, self.backend)
+            bucket.prepares_once = prepares_once(bucket.backend)  # asked once per resolution, not per step
             bucket.backend_key = key
         return bucket.backend
 
@@ -438,47 +454,123 @@ class Optimizer:
 
         One validation phase comes first: every group's hyperparameters, every kernel call's arrays
         (params, grads, states: kind, dtype, byte order, shape, layout, writable) and the memory of all
-        calls against each other; only then is anything written."""
+        calls against each other; only then is anything written. On the CPU the params and states are
+        checked once and then only re-checked cheaply (_prepare_step); the grads every step."""
         grads = self._grad_list(grads)
         buckets = self._buckets
         ngroups = len(buckets)
+        swaps = self._swapped_params()
         hps, changes = zip(*[self._hyperparameters(gi) for gi in range(ngroups)])
-        calls = []
+        plans = []  # (group, bucket, its params, its state lists, argument names) of each kernel call
         for gi in range(ngroups):
             for bucket in buckets[gi]:
+                params = bucket.params if swaps is None or swaps[gi] is None else [swaps[gi][j] for j in bucket.local]
                 if changes[gi] is None:
                     tail, names = bucket.tail, bucket.names
                 else:
                     tail, names = self._call_states(bucket, changes[gi][1])
-                be = self._backend(bucket)
-                calls.append((gi, bucket, be, tail, names, be.prepare(
-                    (bucket.params, self._bucket_grads(bucket, grads)) + tail, names, bucket.indices)))
-        if len(calls) > 1:
-            calls[0][2].check_disjoint([call[5] for call in calls])
+                plans.append((gi, bucket, params, tail, names))
+        prepared, fixed = self._prepare_step(plans, grads)
         # valid: from here on the step goes ahead (or is skipped as a whole)
-        for gi, bucket, _, tail, names, _ in calls:
+        for gi, bucket, params, tail, names in plans:
             if changes[gi] is not None:
                 self._adopt_call(bucket, tail, names)
+            bucket.params = params
+        if swaps is not None:
+            self._adopt_params(swaps)
+        self._fixed = fixed
         for gi in range(ngroups):
             if changes[gi] is not None:
                 self._commit_hp(gi, changes[gi])
         grad_scale = found_inf = None
         if self.clip_grad_norm is not None or self.skip_nonfinite:
-            grad_scale, found_inf, skip = self._gradient_scale(grads)
+            grad_scale, found_inf, skip = self._gradient_scale(grads, plans, prepared)
             if skip:
                 self._skipped_host += 1
                 return False
         spec = self.spec
-        for gi, bucket, be, _, _, prepared in calls:
+        for (gi, bucket, _, _, _), call in zip(plans, prepared):
             hp, t = hps[gi], self._group_steps[gi] + 1
             if found_inf is None:
-                be.run(prepared, spec, hp, t, grad_scale)
+                bucket.backend.run(call, spec, hp, t, grad_scale)
             else:  # the kernels read the device flag and return at once on a skipped step
-                be.run(prepared, spec, hp, t, grad_scale, found_inf=found_inf)
+                bucket.backend.run(call, spec, hp, t, grad_scale, found_inf=found_inf)
         for gi in range(ngroups):
             self._group_steps[gi] += 1
             self._last_lr[gi] = hps[gi]["lr"]
         return None if found_inf is not None else True
+
+    def _prepare_step(self, plans, grads):
+        """(prepared calls, fixed) for the planned kernel calls of a step; writes nothing.
+
+        Where the backend prepares once (interface.PrepareOnceBackend: the host backends), the params
+        and states of all calls are checked once by prepare_fixed and kept while each call's params list
+        and state lists are the same objects (a swap in a group, a new state slot or another backend
+        makes a new one); each step bind_grads then compares the arrays with what was checked (same
+        memory, dtype, shape, contiguity, writability: a param made read-only or reshaped in place is
+        seen, and re-checked in full) and checks the grads, including against the memory of every
+        written array. Elsewhere every call is prepared every step and checked against the others."""
+        bes = [self._backend(bucket) for _, bucket, _, _, _ in plans]
+        grads_per_call = [self._bucket_grads(bucket, grads) for _, bucket, _, _, _ in plans]
+        be = bes[0]
+        if plans[0][1].prepares_once and all(b is be for b in bes):
+            cached = self._fixed
+            if not (cached is not None and cached[0] is be and len(cached[1]) == len(plans) and all(
+                    params is p and len(tail) == len(t) and all(map(operator.is_, tail, t))
+                    for (_, _, params, tail, _), (p, t) in zip(plans, cached[1]))):
+                cached = (be, [(params, tail) for _, _, params, tail, _ in plans], be.prepare_fixed(
+                    [((params, None) + tail, names, bucket.indices) for _, bucket, params, tail, names in plans]))
+            return be.bind_grads(cached[2], grads_per_call), cached
+        prepared = [b.prepare((params, g) + tail, names, bucket.indices)
+                    for b, (_, bucket, params, tail, names), g in zip(bes, plans, grads_per_call)]
+        if len(prepared) > 1:
+            be.check_disjoint(prepared)
+        return prepared, None
+
+    def _swapped_params(self):
+        """None while every group's params list holds the arrays its buckets hold (an identity check, a
+        C-level loop per group), else per group None or its new arrays, checked for form and kind;
+        adopted (_adopt_params) only when the step goes ahead. The new arrays themselves are checked
+        like every param of a step (dtype, shape against the state, layout, writable, memory)."""
+        swaps = None
+        for gi, group in enumerate(self.param_groups):
+            current, known = group.get("params"), self._group_params[gi]
+            if type(current) is list and len(current) == len(known) and all(map(operator.is_, current, known)):
+                continue
+            if swaps is None:
+                swaps = [None] * len(self.param_groups)
+            swaps[gi] = self._swapped_group(gi, current, known)
+        return swaps
+
+    def _swapped_group(self, gi, current, known):
+        if hasattr(current, "shape") or not isinstance(current, (list, tuple)):
+            raise TypeError(f"param group {gi}: 'params' must be a list of arrays, got {type(current).__name__}")
+        if len(current) != len(known):
+            raise ValueError(f"param group {gi}: 'params' has {len(current)} arrays but the group has "
+                             f"{len(known)} (the optimizer keeps state per param; add_param_group adds params)")
+        start = sum(len(g) for g in self._group_params[:gi])
+        kind = "device" if self._buckets[gi][0].is_device else "host"
+        new = []
+        for j, p in enumerate(current):
+            if p is not known[j]:
+                name = f"params[{start + j}]"
+                if array_device(p, name) != kind:
+                    raise TypeError(f"{name}: one optimizer updates arrays of one kind; this one's are on the {kind}")
+                if not hasattr(p, "dtype"):  # buffer objects are kept as NumPy views, as add_param_group does
+                    p = as_numpy(p, name)
+            new.append(p)
+        return new
+
+    def _adopt_params(self, swaps):
+        """Keep the arrays swapped into the groups (their step went ahead)."""
+        start = 0
+        for gi, new in enumerate(swaps):
+            n = len(self._group_params[gi])
+            if new is not None:
+                self._params[start:start + n] = new
+                self._group_params[gi] = tuple(new)
+                self.param_groups[gi]["params"] = list(new)
+            start += n
 
     def _ensure_states(self, bucket, hp):
         """Allocate a state slot that a changed hyperparameter now needs (e.g. momentum set later)."""

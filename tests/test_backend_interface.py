@@ -147,3 +147,24 @@ def test_numba_clip_coefficient_on_the_simulator():
     proc = subprocess.run([sys.executable, "-c", SIM_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0 and "INTERFACE SIM OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_prepare_once_is_all_or_nothing_and_conforms(name):
+    """PrepareOnceBackend is optional: a module has both of its functions (with the declared
+    parameters) or neither; the host backends have it, and prepares_once() says so."""
+    mod = importlib.import_module(f"fastopt.backends.{name}_backend")
+    have = [fn for fn in interface.PREPARE_ONCE_FUNCTIONS if callable(getattr(mod, fn, None))]
+    assert have in ([], list(interface.PREPARE_ONCE_FUNCTIONS)), f"{name}: only {have}"
+    assert interface.prepares_once(mod) == bool(have)
+    if name in HOST_BACKENDS:
+        assert have, f"{name}: the host backends prepare once"
+    for fn in have:
+        why = _conforms(_declared(interface.PrepareOnceBackend, fn), inspect.signature(getattr(mod, fn)))
+        assert not why, f"{name}.{fn}: {why}"
+
+
+def test_optimizer_asks_prepares_once_not_hasattr():
+    """optim.py decides through interface.prepares_once (once per backend resolution), never hasattr."""
+    src = open(os.path.join(ROOT, "fastopt", "optim.py")).read()
+    assert "prepares_once(" in src and "hasattr(bucket.backend" not in src and 'hasattr(be, "bind' not in src

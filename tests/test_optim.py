@@ -159,7 +159,15 @@ def test_positional_arguments_mean_what_they_mean_in_torch(spec, rng):
     values = {"lr": 0.03, "momentum": 0.7, "dampening": 0.0, "weight_decay": 0.02, "nesterov": True,
               "lr_decay": 0.01, "initial_accumulator_value": 0.2, "eps": 1e-5, "alpha": 0.9, "centered": True,
               "betas": (0.8, 0.95), "amsgrad": True, "momentum_decay": 5e-3, "decoupled_weight_decay": True}
-    args = [values[name] for name in spec.positional_hypers]
+    hypers = {h.name: h for h in spec.hypers}
+
+    def value(name):  # the table's value, else one derived from the default (a registry-generic row)
+        if name in values:
+            return values[name]
+        h = hypers[name]
+        return (not h.default) if h.kind == "bool" else (h.default * 0.5 if h.default else 0.01)
+
+    args = [value(name) for name in spec.positional_hypers]
     cls = getattr(fastopt, spec.class_name)
     by_position = cls([rng.standard_normal(3)], *args)
     by_name = cls([rng.standard_normal(3)], **dict(zip(spec.positional_hypers, args)))
@@ -348,3 +356,121 @@ def test_torch_cpu_tensors_update_in_place(rng):
     opt.step([g])
     fastopt.adam_step(want, g.numpy(), np.zeros(16, np.float32), np.zeros(16, np.float32), step=1, lr=0.1)
     np.testing.assert_array_equal(t.numpy(), want)
+
+
+# ---- params and states checked once, re-checked when they change (issue 11, host cost) ----
+
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_param_swapped_in_a_group_is_updated_with_its_state(backend, dtype, rng):
+    """o.param_groups[g]['params'][j] = new (same shape and dtype): the next steps update `new` with the
+    param's state, exactly like the functional API carrying that state over; the old array is left alone."""
+    shapes = [(7,), (1,), (33, 5), (0,)]
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    ref = [p.copy() for p in params]
+    state = fastopt.init_state("adam", ref)
+    opt = fastopt.Adam([{"params": params[:2]}, {"params": params[2:], "lr": 0.01}], 0.02, backend=backend)
+    for t in range(1, 8):
+        grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        if t == 4:
+            new = rng.standard_normal(shapes[2]).astype(dtype)
+            old = params[2]
+            opt.param_groups[1]["params"][0] = new
+            ref[2] = new.copy()
+            old_bytes = old.tobytes()
+        opt.step(grads)
+        fastopt.adam_step(ref[:2], grads[:2], state["exp_avg"][:2], state["exp_avg_sq"][:2], step=t, lr=0.02)
+        fastopt.adam_step(ref[2:], grads[2:], state["exp_avg"][2:], state["exp_avg_sq"][2:], step=t, lr=0.01)
+    assert opt.params[2] is new and opt.param_groups[1]["params"][0] is new
+    assert old.tobytes() == old_bytes
+    for got, want in zip(opt.params, ref):
+        np.testing.assert_array_equal(got, want)
+
+
+def _bad_edits(rng):
+    """(name, edit(opt, params), undo(opt, params) or None, error, message) between two steps."""
+    def set_flag(a, value):
+        a.flags.writeable = value
+
+    def swap(gi, j, new):
+        def edit(opt, params):
+            opt.param_groups[gi]["params"][j] = new(opt, params)
+        return edit
+
+    def unswap(gi, j, flat):
+        def undo(opt, params):
+            opt.param_groups[gi]["params"][j] = params[flat]
+        return undo
+
+    def reshape(a, shape):
+        a.shape = shape
+
+    return [
+        ("param_read_only", lambda o, p: set_flag(p[0], False), lambda o, p: set_flag(p[0], True), ValueError,
+         r"params\[0\] is read-only"),
+        ("state_read_only", lambda o, p: set_flag(o.state_arrays(2)["exp_avg_sq"], False),
+         lambda o, p: set_flag(o.state_arrays(2)["exp_avg_sq"], True), ValueError, r"exp_avg_sq\[2\] is read-only"),
+        ("reshaped_in_place", lambda o, p: reshape(p[2], (3, 11)), lambda o, p: reshape(p[2], (33,)), ValueError,
+         r"\[2\] has shape"),
+        ("swap_read_only", swap(0, 0, lambda o, p: np.frombuffer(bytes(p[0].nbytes), p[0].dtype)),  # read-only
+         unswap(0, 0, 0), ValueError, r"params\[0\] is read-only"),
+        ("swap_other_shape", swap(0, 1, lambda o, p: np.zeros(2, p[1].dtype)), unswap(0, 1, 1), ValueError,
+         r"expected \(2,\) \(the shape of params\[1\]\)"),
+        ("swap_other_dtype", swap(1, 0, lambda o, p: np.zeros(33, np.float64 if p[2].dtype == np.float32
+                                                              else np.float32)), unswap(1, 0, 2), TypeError,
+         r"params\[2\]|\[2\] has dtype"),
+        ("swap_aliasing_state", swap(1, 0, lambda o, p: o.state_arrays(2)["exp_avg"]), unswap(1, 0, 2),
+         ValueError, "shares memory"),
+        ("swap_aliasing_param", swap(1, 1, lambda o, p: p[0]), unswap(1, 1, 3), ValueError, "shares memory"),
+        ("swap_int_array", swap(0, 0, lambda o, p: np.zeros(7, np.int32)), unswap(0, 0, 0), TypeError,
+         r"params\[0\] has dtype int32"),
+        ("list_shortened", lambda o, p: o.param_groups[1]["params"].pop(),
+         lambda o, p: o.param_groups[1]["params"].append(p[3]), ValueError, "param group 1"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+@pytest.mark.parametrize("case", range(10))
+def test_bad_edits_between_steps_raise_and_change_nothing(backend, case, rng):
+    """A param made read-only, reshaped in place or swapped for a bad array (or one aliasing a state or
+    another param) is refused at the next step with nothing written; undone, the optimizer goes on exactly
+    as if the failed step never happened."""
+    name, edit, undo, error, match = _bad_edits(rng)[case]
+    params = [rng.standard_normal(7).astype(np.float32), rng.standard_normal(1).astype(np.float32),
+              rng.standard_normal(33).astype(np.float32), rng.standard_normal(7).astype(np.float32)]
+    twin = [p.copy() for p in params]
+    opt = fastopt.Adam([{"params": params[:2]}, {"params": params[2:]}], 0.01, backend=backend)
+    ref = fastopt.Adam([{"params": twin[:2]}, {"params": twin[2:]}], 0.01, backend=backend)
+    grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+    opt.step(grads)
+    ref.step(grads)
+    edit(opt, params)
+    before = [p.tobytes() for p in params] + [a.tobytes() for i in range(4) for a in opt.state_arrays(i).values()]
+    with pytest.raises(error, match=match):
+        opt.step(grads)
+    assert [p.tobytes() for p in params] + [a.tobytes() for i in range(4)
+                                            for a in opt.state_arrays(i).values()] == before
+    assert opt.steps(0) == 1 and opt.steps(1) == 1
+    with pytest.raises(error, match=match):  # still refused: the failed check is not cached away
+        opt.step(grads)
+    undo(opt, params)
+    for _ in range(3):
+        opt.step(grads)
+        ref.step(grads)
+    for a, b in zip(params, twin):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_torch_cpu_tensor_param_whose_storage_moves_is_updated_in_its_new_storage(rng):
+    torch = pytest.importorskip("torch")
+    t = torch.tensor(rng.standard_normal(5))
+    ref = t.numpy().copy()
+    opt = fastopt.SGD([t], 0.5)
+    g = rng.standard_normal(5)
+    opt.step([g])
+    ref -= 0.5 * g
+    fresh = torch.tensor(rng.standard_normal(5))
+    ref = fresh.numpy().copy()
+    t.set_(fresh.clone())  # the same tensor object, another storage
+    opt.step([g])
+    np.testing.assert_array_equal(t.numpy(), ref - 0.5 * g)

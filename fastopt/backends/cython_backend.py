@@ -25,6 +25,16 @@ def prepare(arrays, names, indices=None):
     return _cpu_fast.prepare(arrays, names, indices)
 
 
+def prepare_fixed(calls):
+    """Check an optimizer's params and states once (compiled twin of validate.prepare_fixed)."""
+    return _cpu_fast.prepare_fixed(calls)
+
+
+def bind_grads(fixed, grads_per_call):
+    """The prepared calls of one step (compiled twin of validate.bind_grads)."""
+    return _cpu_fast.bind_grads(fixed, grads_per_call)
+
+
 def check_disjoint(prepared):
     """ValueError when the prepared calls of one optimizer step share memory that one of them writes."""
     _cpu_fast.check_disjoint(list(prepared))

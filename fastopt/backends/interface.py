@@ -29,7 +29,10 @@ Prepared = Any  # what prepare()/prepare_grads() return (validate.Checked); opaq
 Arrays = Any    # one array or a list of arrays of this backend's kind
 Scalar = Any    # np.float64 on the host, a 0-d float64 device array on a GPU
 
-__all__ = ["Backend", "HostBackend", "DeviceBackend", "BACKEND_FUNCTIONS", "HOST_FUNCTIONS", "DEVICE_FUNCTIONS"]
+Fixed = Any    # what prepare_fixed() returns; opaque to the callers
+
+__all__ = ["Backend", "HostBackend", "DeviceBackend", "PrepareOnceBackend", "prepares_once", "BACKEND_FUNCTIONS",
+           "HOST_FUNCTIONS", "DEVICE_FUNCTIONS", "PREPARE_ONCE_FUNCTIONS"]
 
 
 @runtime_checkable
@@ -58,7 +61,8 @@ class Backend(Protocol):
         """Check arrays for an in-place operation (every one writable); nothing written."""
 
     def sumsq_per_tensor(self, grads: Arrays) -> Any:
-        """Per-array sums of squares, float64, in a fixed order (deterministic)."""
+        """Per-array sums of squares, float64, in a fixed order (deterministic). grads: arrays, what
+        prepare_grads() returned, or (a PrepareOnceBackend) a prepared update from bind_grads(): its grads."""
 
     def scale_(self, grads: Arrays, coef: Any) -> None:
         """g *= coef in place (coef a float; on a GPU also a 0-d device array)."""
@@ -111,10 +115,50 @@ class DeviceBackend(Backend, Protocol):
         """(clip coefficient or None, skip flag or None) in one launch; `skipped` counts skipped steps."""
 
 
+@runtime_checkable
+class PrepareOnceBackend(Protocol):
+    """Optional, on top of Backend: check an optimizer's params and states once, and per step only the
+    grads (issue 11, host cost). A backend module has both functions or neither; the optimizer asks
+    prepares_once(module) once, when it resolves a bucket's backend, and otherwise prepares every call
+    every step (prepare + check_disjoint), which stays valid for every backend.
+
+    Contract (backends/validate.py has the reference implementation, the Cython one the compiled twin):
+    - prepare_fixed(calls): calls = [(arrays, names, indices), ...], one per kernel call of a step, in
+      prepare()'s layout with None for the grads: arrays = (params, None, *states), each a list (or one
+      array), None for an unused state slot; names = prepare()'s names, grads included
+      (("params", "grads", "exp_avg", ...)); indices = the numbering of the lists in messages. Runs every
+      check prepare() runs on those arrays (all of them are written: writable too) and check_disjoint()
+      across all calls; writes nothing; raises what prepare() raises. It keeps copies of the lists and a
+      snapshot of what it checked, per array: memory (pointer), dtype, shape, contiguity, writability.
+    - bind_grads(fixed, grads_per_call) -> [prepared, ...]: one prepared call per entry of calls, each
+      what run() takes and what sumsq_per_tensor() accepts (its grads). First the snapshot: every
+      array compared with what prepare_fixed saw (objects that are not the backend's own array type, e.g.
+      torch tensors, are viewed again since their storage can move), and on any difference the whole
+      of prepare_fixed's checks run again (its errors, or a new snapshot). Then the grads: the form and
+      count of each list, None, kind, dtype and shape of its param, contiguity, with prepare()'s messages;
+      and no grad may share memory with any array of `fixed` (grads may share with each other; the
+      message names the grad and the array, the one starting later first, like check_disjoint).
+      Writes nothing. The caller re-makes `fixed` when its lists change (a param swapped in a group, a
+      state slot added, another backend); identity of the arrays is the caller's business, the state of
+      the arrays the backend's.
+    """
+
+    def prepare_fixed(self, calls: Sequence[tuple]) -> Fixed:
+        """Check the params and states of an optimizer's kernel calls once; nothing written."""
+
+    def bind_grads(self, fixed: Fixed, grads_per_call: Sequence[Any]) -> list:
+        """The prepared calls of one step: the snapshot re-checked, the grads checked; nothing written."""
+
+
+def prepares_once(backend) -> bool:
+    """Whether a backend module implements PrepareOnceBackend (ask once per module: not per step)."""
+    return isinstance(backend, PrepareOnceBackend)
+
+
 def _members(protocol) -> tuple:
     names = []
     for klass in reversed(protocol.__mro__):
-        if klass not in (Backend, HostBackend, DeviceBackend):
+        if klass not in (Backend, HostBackend, DeviceBackend, PrepareOnceBackend):
             continue
         for name, value in vars(klass).items():
             if callable(value) and not name.startswith("_") and name not in names:
@@ -125,3 +169,4 @@ def _members(protocol) -> tuple:
 BACKEND_FUNCTIONS = _members(Backend)
 HOST_FUNCTIONS = _members(HostBackend)
 DEVICE_FUNCTIONS = _members(DeviceBackend)
+PREPARE_ONCE_FUNCTIONS = _members(PrepareOnceBackend)

@@ -20,6 +20,16 @@ def prepare(arrays, names, indices=None) -> Checked:
     return validate.prepare(arrays, names, indices=indices)
 
 
+def prepare_fixed(calls):
+    """Check an optimizer's params and states once (validate.prepare_fixed); bind_grads adds the grads."""
+    return validate.prepare_fixed(calls)
+
+
+def bind_grads(fixed, grads_per_call):
+    """The prepared calls of one step (validate.bind_grads): the grads checked, the rest re-checked cheaply."""
+    return validate.bind_grads(fixed, grads_per_call)
+
+
 check_disjoint = check_prepared_disjoint  # across the prepared calls of one optimizer step
 
 
@@ -41,13 +51,16 @@ def run(prepared, spec, hp, step, grad_scale):
 def prepare_grads(grads, name="grads", indices=None) -> Checked:
     """Check arrays for an in-place operation (nothing written); the functions below take the result."""
     if isinstance(grads, Checked):
+        if len(grads.lists) != 1:  # a prepared update: its params come first, not the grads
+            raise ValueError("grads: the batch was not prepared by prepare_grads")
         return grads
     return validate.prepare((grads,), (name,), read_only_slot=-1, indices=indices)
 
 
 def _read(grads):
+    """The arrays to read: a prepare_grads batch's, a prepared update's grads, or checked raw arrays."""
     if isinstance(grads, Checked):
-        return grads.lists[0]
+        return grads.lists[1] if len(grads.lists) > 1 else grads.lists[0]
     return validate.validate_arrays((grads,), ("grads",), read_only_slot=0)[0]
 
 

@@ -5,9 +5,14 @@ before the first write, so an error leaves every array unchanged.
 A kernel call is checked in one go (`check_arrays`), which also returns the memory spans of its
 arrays: an optimizer with several calls per step (groups, dtypes) checks the spans of all of them
 against each other (`check_disjoint`) before the first call writes anything.
+
+An optimizer's params and states stay the same from step to step: `prepare_fixed` checks them once (all
+calls, and against each other) and keeps a snapshot of what it checked; `bind_grads` re-checks the
+snapshot and checks only the grads each step (see both for the contract).
 """
 from __future__ import annotations
 
+import bisect
 import numbers
 
 import numpy as np
@@ -59,10 +64,11 @@ def label(name, index):
     return name if index is None else f"{name}[{index}]"
 
 
-def check_arrays(arrays, names, api=HostArrays, read_only_slot=1, indices=None):
+def check_arrays(arrays, names, api=HostArrays, read_only_slot=1, indices=None, grads_later=False):
     """arrays = (params, grads, state0, ...), each one array or a list; None only for an unused state
-    slot (entries 2 and up). indices: how messages number the arrays of a list (default 0, 1, ...; an
-    optimizer passes each param's position in its own order).
+    slot (entries 2 and up; grads_later: the grads too, which bind_grads adds). indices: how messages
+    number the arrays of a list (default 0, 1, ...; an optimizer passes each param's position in its own
+    order).
     Returns (lists, spans): every entry as a list of backend arrays (None kept), and the memory span
     (start, end, written, name, index) of every non-empty array. Entry read_only_slot is only read
     (grads of an update: 1); -1 when every entry is written."""
@@ -71,7 +77,7 @@ def check_arrays(arrays, names, api=HostArrays, read_only_slot=1, indices=None):
     lists = []
     for k, entry in enumerate(arrays):
         if entry is None:
-            if k < 2:  # params and grads are never optional
+            if k == 0 or (k == 1 and not grads_later):  # params and grads are never optional
                 raise TypeError(f"{names[k]} must be {'a list of arrays' if is_list else 'an array'}, got None")
             lists.append(None)
             continue
@@ -155,6 +161,137 @@ def validate_arrays(arrays, names, api=HostArrays, read_only_slot=1, indices=Non
     lists, spans = check_arrays(arrays, names, api, read_only_slot, indices)
     check_disjoint(spans)
     return lists
+
+
+class Fixed:
+    """The arrays of an optimizer's calls but the grads, checked once (prepare_fixed): `calls` as given,
+    `checked` the lists check_arrays returned per call, `spans` per call, `snapshot` (object, checked
+    view, what the checks read) per array, and the written spans sorted for bind_grads' overlap search."""
+
+    __slots__ = ("calls", "api", "checked", "spans", "snapshot", "starts", "ends", "labels")
+
+    def __len__(self):
+        return len(self.calls)
+
+
+def _seen(api, a):
+    """What the checks read of an array: memory, dtype, shape, layout, writability."""
+    return api.pointer(a), a.dtype, tuple(a.shape), api.c_contiguous(a), api.writeable(a)
+
+
+def prepare_fixed(calls, api=HostArrays) -> Fixed:
+    """Check the arrays of an optimizer's kernel calls that stay the same from step to step, once.
+
+    calls: [(arrays, names, indices), ...], one per kernel call, in prepare()'s layout with None for the
+    grads: arrays = (params, None, *states). Every array gets prepare()'s checks (kind, dtype, byte order,
+    shape, C-contiguous, writable: all are written) and no two may share memory, across all calls.
+    Writes nothing. Returns the object bind_grads takes."""
+    fixed = Fixed()
+    fixed.api = api
+    fixed.calls = [(tuple(list(a) if isinstance(a, (list, tuple)) else a for a in arrays), tuple(names),
+                    None if indices is None else list(indices)) for arrays, names, indices in calls]
+    _check_fixed(fixed)
+    return fixed
+
+
+def _check_fixed(fixed):
+    """prepare()'s checks of every call and of all against each other, then the snapshot; on an error
+    the previous state is kept (and fails again)."""
+    api = fixed.api
+    checked, spans, snapshot = [], [], []
+    for arrays, names, indices in fixed.calls:
+        if len(arrays) < 2 or arrays[1] is not None:
+            raise ValueError("prepare_fixed: each call is (params, None, *states); bind_grads adds the grads")
+        lists, call_spans = check_arrays(arrays, names, api, read_only_slot=-1, indices=indices, grads_later=True)
+        check_disjoint(call_spans)  # each call on its own first, as prepare() does
+        checked.append(lists)
+        spans.append(call_spans)
+        is_list = isinstance(arrays[0], (list, tuple))
+        for i in range(len(lists[0])):
+            for k, lst in enumerate(lists):
+                if lst is not None:
+                    src = arrays[k][i] if is_list else arrays[k]
+                    snapshot.append((src, lst[i], _seen(api, lst[i])))
+    every = sorted((span for call_spans in spans for span in call_spans), key=lambda s: s[0])
+    check_disjoint(every)
+    fixed.checked, fixed.spans, fixed.snapshot = checked, spans, snapshot
+    # disjoint spans sorted by start have sorted ends: bisect finds the first one past a start
+    fixed.starts = [s[0] for s in every]
+    fixed.ends = [s[1] for s in every]
+    fixed.labels = [label(s[3], s[4]) for s in every]
+
+
+def _is_current(fixed) -> bool:
+    """Every array still as the snapshot saw it; objects other than the checked view (torch tensors,
+    memoryviews; on a GPU every object) are viewed again, since their storage may have moved."""
+    api = fixed.api
+    for src, view, seen in fixed.snapshot:
+        if src is not view:
+            try:
+                view = api.convert(src, "array")
+            except (TypeError, ValueError, BufferError, RuntimeError):
+                return False
+        if _seen(api, view) != seen:
+            return False
+    return True
+
+
+def bind_grads(fixed, grads_per_call) -> list:
+    """The prepared calls (Checked, for run()) of one step: grads_per_call[c] is the grads of call c.
+
+    First the fixed arrays are compared with prepare_fixed's snapshot and validated again when anything
+    changed (prepare()'s errors). Then each grad gets prepare()'s checks against its param (None, kind,
+    dtype, shape, C-contiguous; the count and form of the list) and no grad may share memory with any
+    fixed array of any call (grads may share with each other). Writes nothing."""
+    api = fixed.api
+    if not _is_current(fixed):
+        _check_fixed(fixed)
+    if len(grads_per_call) != len(fixed.calls):
+        raise ValueError(f"bind_grads: {len(grads_per_call)} grads lists for {len(fixed.calls)} calls")
+    out, grad_spans = [], []
+    for (arrays, names, indices), lists, spans, grads in zip(fixed.calls, fixed.checked, fixed.spans,
+                                                              grads_per_call):
+        params = lists[0]
+        is_list = isinstance(arrays[0], (list, tuple))
+        if grads is None:
+            raise TypeError(f"{names[1]} must be {'a list of arrays' if is_list else 'an array'}, got None")
+        if isinstance(grads, (list, tuple)) != is_list:
+            raise TypeError(f"{names[1]} must be {'a list of arrays' if is_list else 'one array'}, like {names[0]}; "
+                            f"got {type(grads).__name__}")
+        if is_list and len(grads) != len(params):
+            raise ValueError(f"{names[1]} has {len(grads)} arrays but {names[0]} has {len(params)}")
+        grads = list(grads) if is_list else [grads]
+        numbers_ = indices if indices is not None else (range(len(params)) if is_list else (None,))
+        call_spans = list(spans)
+        for i, obj in enumerate(grads):
+            name = label(names[1], numbers_[i])
+            if obj is None:
+                raise TypeError(f"{name} must be an array, got None")
+            a = api.convert(obj, name)
+            p = params[i]
+            if a.dtype != p.dtype:
+                raise TypeError(f"{name} has dtype {dtype_text(a.dtype)}, expected {p.dtype} "
+                                f"(the dtype of {label(names[0], numbers_[i])})")
+            if tuple(a.shape) != tuple(p.shape):
+                raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(p.shape)} "
+                                 f"(the shape of {label(names[0], numbers_[i])})")
+            if not api.c_contiguous(a):
+                raise ValueError(f"{name} is not C-contiguous")
+            grads[i] = a
+            if a.size:
+                start = api.pointer(a)
+                span = (start, start + a.nbytes, False, names[1], numbers_[i])
+                call_spans.append(span)
+                grad_spans.append(span)
+        out.append(Checked((params, grads) + tuple(lists[2:]), call_spans))
+    for start, end, _, name, index in grad_spans:  # grads are read: they may share with each other only
+        j = bisect.bisect_right(fixed.ends, start)
+        if j < len(fixed.starts) and fixed.starts[j] < end:
+            grad = label(name, index)  # named in the order of prepare(): the one starting later first
+            if start >= fixed.starts[j]:
+                raise ValueError(f"{grad} shares memory with {fixed.labels[j]}")
+            raise ValueError(f"{fixed.labels[j]} shares memory with {grad}")
+    return out
 
 
 def check_disjoint(spans):

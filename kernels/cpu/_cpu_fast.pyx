@@ -7,6 +7,8 @@ Every check happens before the first write, so an error leaves all arrays unchan
 """
 from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport malloc, free, qsort
+from libc.string cimport memcpy, memcmp
+from cpython.ref cimport PyObject
 from libc.math cimport sqrt
 from cython.parallel cimport prange
 cimport numpy as cnp
@@ -154,6 +156,7 @@ cdef class _Batch:
     cdef Chunk* chunks
     cdef int nchunks
     cdef int64_t total
+    cdef object owner         # a bound batch (bind_grads) shares sizes and chunks with its fixed batch
 
     def __len__(self):
         """The number of arrays in each list of the call."""
@@ -161,15 +164,17 @@ cdef class _Batch:
 
     def __dealloc__(self):
         free(self.ptrs)
-        free(self.sizes)
-        free(self.chunks)
+        if self.owner is None:
+            free(self.sizes)
+            free(self.chunks)
 
 
-cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot, object indices=None):
+cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot, object indices=None, bint grads_later=False):
     """Validate arrays = (params, grads, state0, ...) and build the batch. Each entry is one array or
     a list of arrays (all entries the same form), or None for an unused state slot (entries 2 and up
-    only). names[k] names entry k in error messages, indices[i] numbers array i of the lists there.
-    Entry read_only_slot is only read (-1: every entry is written)."""
+    only; grads_later: the grads too, which bind_grads fills in). names[k] names entry k in error
+    messages, indices[i] numbers array i of the lists there. Entry read_only_slot is only read (-1:
+    every entry is written)."""
     cdef int nslots = len(arrays)
     if nslots > SLOTS:
         raise ValueError("too many arrays per tensor")
@@ -185,7 +190,7 @@ cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot, object indic
     for k in range(nslots):
         entry = arrays[k]
         if entry is None:           # a state slot this variant does not use
-            if k < 2:               # params and grads never are: a NULL pointer would reach the kernel
+            if k == 0 or (k == 1 and not grads_later):  # a NULL pointer would reach the kernel
                 raise TypeError(f"{names[k]} must be {'a list of arrays' if is_list else 'an array'}, got None")
             lists.append(None)
             continue
@@ -352,6 +357,274 @@ def check_disjoint(list batches):
     _check_disjoint(batches)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Validated once: the arrays of an optimizer's calls that stay the same from step to step (params and
+# states), and a per-step binding of the grads to them (the Python twin is backends/validate.py)
+# ---------------------------------------------------------------------------------------------------
+
+# what a snapshot keeps of an array's flags: the two that validation reads
+cdef int _SNAPSHOT_FLAGS = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_WRITEABLE
+
+
+cdef class _Fixed:
+    """Every array but the grads of an optimizer's kernel calls (params and states, all written),
+    validated once by prepare_fixed with the checks of prepare(), plus a snapshot of what those checks
+    looked at: per array its data pointer, dtype object, C-contiguous and writeable flags, and shape.
+    bind_grads compares the snapshot (a few loads per array; objects that are not NumPy arrays, e.g.
+    torch tensors, are viewed again, since their storage may have changed) and validates everything
+    again, with prepare()'s messages, when anything differs."""
+    cdef list calls          # [(arrays, names, indices)] as given (lists copied)
+    cdef list batches        # one _Batch per call, grads slot empty
+    cdef list sources        # the caller's object of every array, in snapshot order
+    cdef list views          # the checked ndarray of every array
+    cdef list descr_refs     # their dtypes, kept alive so that comparing pointers is sound
+    cdef Py_ssize_t narrays
+    cdef void** data
+    cdef void** descrs
+    cdef int* flags
+    cdef int* ndims
+    cdef Py_ssize_t* dim_offset
+    cdef cnp.npy_intp* dims
+    cdef Span* written       # the non-empty arrays' spans, sorted by start (pairwise disjoint)
+    cdef int nwritten
+
+    def __len__(self):
+        """The number of kernel calls."""
+        return len(self.batches)
+
+    def __dealloc__(self):
+        self._release()
+
+    cdef void _release(self):
+        free(self.data)
+        free(self.descrs)
+        free(self.flags)
+        free(self.ndims)
+        free(self.dim_offset)
+        free(self.dims)
+        free(self.written)
+        self.data = NULL
+        self.descrs = NULL
+        self.flags = NULL
+        self.ndims = NULL
+        self.dim_offset = NULL
+        self.dims = NULL
+        self.written = NULL
+        self.narrays = 0
+        self.nwritten = 0
+
+    cdef _check(self):
+        """Validate every call (prepare()'s checks and messages) and all of them against each other,
+        then take the snapshot. On an error the previous state is kept (and fails again)."""
+        cdef list batches = []
+        cdef _Batch b
+        cdef cnp.ndarray v
+        cdef Py_ssize_t j, n = 0, ndim_total = 0, off = 0
+        cdef int i, k, d, bi, nw = 0
+        for arrays, names, indices in self.calls:
+            if len(arrays) < 2 or arrays[1] is not None:
+                raise ValueError("prepare_fixed: each call is (params, None, *states); bind_grads adds the grads")
+            batches.append(_collect(arrays, names, -1, indices, True))
+        _check_disjoint(batches)
+        sources, views, descr_refs = [], [], []
+        for bi in range(len(batches)):
+            b = <_Batch> batches[bi]
+            arrays = self.calls[bi][0]
+            for i in range(b.ntensors):
+                for k in range(b.nslots):
+                    obj = b.keep[i * b.nslots + k]
+                    if obj is None:
+                        continue
+                    v = <cnp.ndarray> obj
+                    sources.append(arrays[k][i] if b.is_list else arrays[k])
+                    views.append(v)
+                    descr_refs.append(v.dtype)
+                    ndim_total += cnp.PyArray_NDIM(v)
+                    if b.sizes[i] != 0:
+                        nw += 1
+        n = len(views)
+        self._release()
+        self.data = <void**> malloc(max(n, 1) * sizeof(void*))
+        self.descrs = <void**> malloc(max(n, 1) * sizeof(void*))
+        self.flags = <int*> malloc(max(n, 1) * sizeof(int))
+        self.ndims = <int*> malloc(max(n, 1) * sizeof(int))
+        self.dim_offset = <Py_ssize_t*> malloc(max(n, 1) * sizeof(Py_ssize_t))
+        self.dims = <cnp.npy_intp*> malloc(max(ndim_total, 1) * sizeof(cnp.npy_intp))
+        self.written = <Span*> malloc(max(nw, 1) * sizeof(Span))
+        if (self.data == NULL or self.descrs == NULL or self.flags == NULL or self.ndims == NULL
+                or self.dim_offset == NULL or self.dims == NULL or self.written == NULL):
+            self._release()
+            raise MemoryError()
+        for j in range(n):
+            v = <cnp.ndarray> views[j]
+            self.data[j] = cnp.PyArray_DATA(v)
+            self.descrs[j] = <void*> cnp.PyArray_DESCR(v)
+            self.flags[j] = cnp.PyArray_FLAGS(v) & _SNAPSHOT_FLAGS
+            self.ndims[j] = cnp.PyArray_NDIM(v)
+            self.dim_offset[j] = off
+            for d in range(self.ndims[j]):
+                self.dims[off + d] = cnp.PyArray_DIMS(v)[d]
+            off += self.ndims[j]
+        nw = 0
+        for bi in range(len(batches)):
+            b = <_Batch> batches[bi]
+            for i in range(b.ntensors):
+                if b.sizes[i] == 0:
+                    continue
+                for k in range(b.nslots):
+                    obj = b.keep[i * b.nslots + k]
+                    if obj is None:
+                        continue
+                    v = <cnp.ndarray> obj
+                    self.written[nw].start = <uintptr_t> cnp.PyArray_DATA(v)
+                    self.written[nw].end = self.written[nw].start + <uintptr_t> cnp.PyArray_NBYTES(v)
+                    self.written[nw].batch = bi
+                    self.written[nw].slot = k
+                    self.written[nw].index = i
+                    self.written[nw].written = 1
+                    nw += 1
+        qsort(self.written, nw, sizeof(Span), _cmp_span)
+        self.nwritten = nw
+        self.narrays = n
+        self.batches = batches
+        self.sources = sources
+        self.views = views
+        self.descr_refs = descr_refs
+
+    cdef bint _is_current(self):
+        """Every array still as the snapshot saw it (same memory, dtype object, flags, shape)."""
+        cdef Py_ssize_t j
+        cdef int d
+        cdef cnp.ndarray v
+        cdef object src
+        cdef list sources = self.sources, views = self.views
+        for j in range(self.narrays):
+            src = sources[j]
+            obj = views[j]
+            if src is not obj:  # a torch tensor, memoryview...: view it again (its storage may have moved)
+                try:
+                    obj = _as_ndarray(src, "array")
+                except (TypeError, ValueError, BufferError, RuntimeError):
+                    return False
+            v = <cnp.ndarray> obj
+            if (cnp.PyArray_DATA(v) != self.data[j] or <void*> cnp.PyArray_DESCR(v) != self.descrs[j]
+                    or (cnp.PyArray_FLAGS(v) & _SNAPSHOT_FLAGS) != self.flags[j]
+                    or cnp.PyArray_NDIM(v) != self.ndims[j]):
+                return False
+            for d in range(self.ndims[j]):
+                if cnp.PyArray_DIMS(v)[d] != self.dims[self.dim_offset[j] + d]:
+                    return False
+        return True
+
+    cdef int _first_overlap(self, uintptr_t start, uintptr_t end) noexcept:
+        """Index of a written span overlapping [start, end), or -1 (spans disjoint: their ends are sorted too)."""
+        cdef int lo = 0, hi = self.nwritten, mid
+        while lo < hi:  # the first span whose end is past start
+            mid = (lo + hi) // 2
+            if self.written[mid].end <= start:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < self.nwritten and self.written[lo].start < end:
+            return lo
+        return -1
+
+
+def prepare_fixed(calls):
+    """Check the arrays of an optimizer's kernel calls that stay the same from step to step, once.
+
+    calls: [(arrays, names, indices), ...], one per kernel call, in prepare()'s layout with None for the
+    grads: arrays = (params, None, *states). Every array gets prepare()'s checks (kind, dtype, byte order,
+    shape, C-contiguous, writable: all are written) and no two may share memory, across all calls.
+    Writes nothing. Returns the object bind_grads takes."""
+    cdef _Fixed fixed = _Fixed()
+    fixed.calls = [(tuple(list(a) if isinstance(a, (list, tuple)) else a for a in arrays), tuple(names),
+                    None if indices is None else list(indices)) for arrays, names, indices in calls]
+    fixed._check()
+    return fixed
+
+
+def bind_grads(_Fixed fixed, grads_per_call):
+    """The prepared calls (for run()) of one step: grads_per_call[c] is the grads of call c.
+
+    First the fixed arrays are compared with prepare_fixed's snapshot and validated again when anything
+    changed (prepare()'s errors). Then each grad gets prepare()'s checks against its param (None, kind,
+    dtype, shape, C-contiguous; the count and form of the list) and no grad may share memory with any
+    fixed array of any call (grads may share with each other). Writes nothing."""
+    cdef _Batch b, nb
+    cdef cnp.ndarray a, p
+    cdef int c, i, n, nslots, ndim, hit
+    cdef uintptr_t start
+    cdef list out = []
+    cdef tuple names
+    cdef bint is_list
+    if not fixed._is_current():
+        fixed._check()
+    if len(grads_per_call) != len(fixed.batches):
+        raise ValueError(f"bind_grads: {len(grads_per_call)} grads lists for {len(fixed.batches)} calls")
+    for c in range(len(fixed.batches)):
+        b = <_Batch> fixed.batches[c]
+        names, indices, is_list, n, nslots = b.names, b.indices, b.is_list, b.ntensors, b.nslots
+        grads = grads_per_call[c]
+        if grads is None:
+            raise TypeError(f"{names[1]} must be {'a list of arrays' if is_list else 'an array'}, got None")
+        if isinstance(grads, (list, tuple)) != is_list:
+            raise TypeError(f"{names[1]} must be {'a list of arrays' if is_list else 'one array'}, like {names[0]}; "
+                            f"got {type(grads).__name__}")
+        if not is_list:
+            grads = (grads,)
+        elif len(grads) != n:
+            raise ValueError(f"{names[1]} has {len(grads)} arrays but {names[0]} has {n}")
+        nb = _Batch()
+        nb.owner = b
+        nb.names, nb.indices, nb.is_list, nb.read_only_slot = names, indices, is_list, 1
+        nb.ntensors, nb.nslots, nb.dtype = n, nslots, b.dtype
+        nb.sizes, nb.chunks, nb.nchunks, nb.total = b.sizes, b.chunks, b.nchunks, b.total
+        nb.ptrs = <void**> malloc(max(n, 1) * SLOTS * sizeof(void*))
+        if nb.ptrs == NULL:
+            raise MemoryError()
+        memcpy(nb.ptrs, b.ptrs, max(n, 1) * SLOTS * sizeof(void*))
+        nb.keep = list(b.keep)
+        for i in range(n):
+            obj = grads[i]
+            if obj is None:
+                raise TypeError(f"{_label(names, 1, i, is_list, indices)} must be an array, got None")
+            if not cnp.PyArray_CheckExact(obj):
+                obj = _as_ndarray(obj, _label(names, 1, i, is_list, indices))
+            a = <cnp.ndarray> obj
+            p = <cnp.ndarray> b.keep[i * nslots]
+            if _dtype_code(a) != b.dtype:
+                raise TypeError(
+                    f"{_label(names, 1, i, is_list, indices)} has dtype {_dtype_text(a)}, expected {p.dtype} "
+                    f"(the dtype of {_label(names, 0, i, is_list, indices)})")
+            ndim = cnp.PyArray_NDIM(a)
+            if ndim != cnp.PyArray_NDIM(p) or not cnp.PyArray_CompareLists(
+                    cnp.PyArray_DIMS(a), cnp.PyArray_DIMS(p), ndim):
+                raise ValueError(
+                    f"{_label(names, 1, i, is_list, indices)} has shape {(<object> a).shape}, expected "
+                    f"{(<object> p).shape} (the shape of {_label(names, 0, i, is_list, indices)})")
+            if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+                raise ValueError(f"{_label(names, 1, i, is_list, indices)} is not C-contiguous")
+            nb.keep[i * nslots + 1] = a
+            nb.ptrs[i * SLOTS + 1] = cnp.PyArray_DATA(a)
+        out.append(nb)
+    for c in range(len(out)):  # grads are read: they may share with each other, not with a written array
+        nb = <_Batch> out[c]
+        for i in range(nb.ntensors):
+            if nb.sizes[i] == 0:
+                continue
+            a = <cnp.ndarray> nb.keep[i * nb.nslots + 1]
+            start = <uintptr_t> cnp.PyArray_DATA(a)
+            hit = fixed._first_overlap(start, start + <uintptr_t> cnp.PyArray_NBYTES(a))
+            if hit >= 0:  # named in the order of prepare(): the one starting later first
+                grad = _label(nb.names, 1, i, nb.is_list, nb.indices)
+                other = _span_label(fixed.batches, &fixed.written[hit])
+                if start >= fixed.written[hit].start:
+                    raise ValueError(f"{grad} shares memory with {other}")
+                raise ValueError(f"{other} shares memory with {grad}")
+    return out
+
+
 cdef inline int _threads_for(int64_t total) noexcept nogil:
     return _num_threads if total >= PARALLEL_MIN else 1
 
@@ -467,14 +740,22 @@ def touch(tuple arrays, int phase=0):
 
 cdef _Batch _collect_grads(object grads, bint written):
     # grads alone: the general collector with grads in the first slot; a batch from prepare_grads
-    # (checked as written, which covers reading) is used as it is
+    # (checked as written, which covers reading) is used as it is, and for reading only, a prepared
+    # update too (its grads slot: see _grads_slot)
     cdef _Batch b
     if isinstance(grads, _Batch):
         b = <_Batch> grads
-        if b.nslots != 1 or (written and b.read_only_slot == 0):
-            raise ValueError("grads: the batch was not prepared by prepare_grads")
-        return b
+        if b.nslots == 1 and not (written and b.read_only_slot == 0):
+            return b
+        if not written and b.nslots > 1 and b.read_only_slot == 1:
+            return b
+        raise ValueError("grads: the batch was not prepared by prepare_grads")
     return _collect((grads,), ("grads",), -1 if written else 0)
+
+
+cdef inline int _grads_slot(_Batch b) noexcept:
+    """Where a batch keeps the grads: slot 0 of a grads batch, slot 1 of a prepared update."""
+    return 1 if b.nslots > 1 else 0
 
 
 def prepare_grads(grads, str name="grads", indices=None):
@@ -487,10 +768,12 @@ def prepare_grads(grads, str name="grads", indices=None):
 
 
 def sumsq_per_tensor(grads):
-    """Sum of squares of each array (float64), deterministic: fixed chunks summed in order."""
+    """Sum of squares of each array (float64), deterministic: fixed chunks summed in order. grads:
+    arrays, a batch from prepare_grads, or a prepared update (its grads)."""
     cdef _Batch b = _collect_grads(grads, False)
     cdef double* partials = <double*> malloc(max(b.nchunks, 1) * sizeof(double))
     cdef int c
+    cdef int slot = _grads_slot(b)
     cdef int nthreads = _threads_for(b.total)
     cdef double[::1] out = np.zeros(b.ntensors, dtype=np.float64)
     cdef Chunk* ch
@@ -500,7 +783,7 @@ def sumsq_per_tensor(grads):
         with nogil:
             for c in prange(b.nchunks, schedule='static', num_threads=nthreads):
                 ch = &b.chunks[c]
-                partials[c] = sumsq(b.dtype, <char*> b.ptrs[ch.tensor * SLOTS] +
+                partials[c] = sumsq(b.dtype, <char*> b.ptrs[ch.tensor * SLOTS + slot] +
                                     ch.start * (4 if b.dtype == DTYPE_F32 else 8), ch.n)
         for c in range(b.nchunks):
             out[b.chunks[c].tensor] += partials[c]

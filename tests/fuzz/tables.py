@@ -615,6 +615,67 @@ def _class_alias_dims():
             ("same_grad_twice", "the same grad array for two params", same_grad, "ok")]
 
 
+def _class_swap_dims():
+    """(name, expr, mutate(arrs, rng), expect, message names): the optimizer's own arrays edited between two
+    steps, the case the per-step re-check (Optimizer._prepare_step, backend bind_grads) must see: a param
+    swapped in a group for a bad one, a param or state changed in place. a, b are group 0 (float32,
+    float64), c, d group 1."""
+    def group(arrs, gi):
+        return arrs["opt"].param_groups[gi]["params"]
+
+    def first_state(arrs, i):
+        states = arrs["opt"].state_arrays(i)
+        return states[sorted(states)[0]]
+
+    def read_only(a):
+        a.flags.writeable = False
+
+    def reshape_in_place(a):
+        a.shape = (a.size,)
+
+    def retype_in_place(a):
+        a.dtype = np.int32 if a.dtype == F4 else np.int64
+
+    def read_only_copy(a):
+        b = a.copy()
+        b.flags.writeable = False
+        return b
+
+    return [
+        ("param_made_read_only", "a.flags.writeable = False", lambda arrs, rng: read_only(arrs["params"][0]),
+         "error", ("params[0]",)),
+        ("state_made_read_only", "o.state_arrays(3)[first].flags.writeable = False",
+         lambda arrs, rng: read_only(first_state(arrs, 3)), "error", ("[3]",)),
+        ("param_reshaped_in_place", "a.shape = (a.size,)", lambda arrs, rng: reshape_in_place(arrs["params"][0]),
+         "error", ("[0]",)),
+        ("param_retyped_in_place", "a.dtype = int32 (same bytes)", lambda arrs, rng: retype_in_place(arrs["params"][0]),
+         "error", ("params[0]",)),
+        ("swap_read_only", "o.param_groups[0]['params'][0] = read-only copy of a",
+         lambda arrs, rng: group(arrs, 0).__setitem__(0, read_only_copy(arrs["params"][0])), "error", ("params[0]",)),
+        ("swap_other_shape", "o.param_groups[0]['params'][0] = np.ones((4, 3), float32)",
+         lambda arrs, rng: group(arrs, 0).__setitem__(0, np.ones((4, 3), F4)), "error", ("params[0]",)),
+        ("swap_other_dtype", "o.param_groups[1]['params'][1] = d.astype(float32)",
+         lambda arrs, rng: group(arrs, 1).__setitem__(1, arrs["params"][3].astype(F4)), "error", ("params[3]",)),
+        ("swap_aliasing_its_state", "o.param_groups[1]['params'][1] = o.state_arrays(3)[first]",
+         lambda arrs, rng: group(arrs, 1).__setitem__(1, first_state(arrs, 3)), "error", ("shares memory",)),
+        ("swap_aliasing_other_param", "o.param_groups[1]['params'][0] = a",
+         lambda arrs, rng: group(arrs, 1).__setitem__(0, arrs["params"][0]), "error", ("shares memory",)),
+        ("swap_aliasing_a_grad", "o.param_groups[0]['params'][0] = grads[0]",
+         lambda arrs, rng: group(arrs, 0).__setitem__(0, arrs["grads"][0]), "error", ("shares memory",)),
+        ("swap_non_array", "o.param_groups[0]['params'][1] = 'x'",
+         lambda arrs, rng: group(arrs, 0).__setitem__(1, "x"), "error", ("params[1]",)),
+        ("params_list_grown", "o.param_groups[0]['params'].append(np.ones(3))",
+         lambda arrs, rng: group(arrs, 0).append(np.ones(3, F4)), "error", ("param group 0",)),
+        ("params_not_a_list", "o.param_groups[0]['params'] = a",
+         lambda arrs, rng: arrs["opt"].param_groups[0].__setitem__("params", arrs["params"][0]), "error",
+         ("param group 0",)),
+        ("swap_good_array", "o.param_groups[0]['params'][0] = a fresh array like a",
+         lambda arrs, rng: group(arrs, 0).__setitem__(0, _rand(rng, (3, 4), F4)), "ok", ()),
+        ("params_as_tuple", "o.param_groups[1]['params'] = tuple(...)",
+         lambda arrs, rng: arrs["opt"].param_groups[1].__setitem__("params", tuple(group(arrs, 1))), "ok", ()),
+    ]
+
+
 def _class_builder(spec, hp, backend, mutate, opts, plain_grads=True):
     def build(rng, plain):
         arrs = stepped_opt_arrs(spec, hp, backend, rng, **opts)
@@ -649,6 +710,10 @@ def table_class_step(backend):
                     cases.append(Case(f"{spec.name}/{variant}/grads[{idx}]/{name}", f"{text} with i={idx}: {expr}",
                                       _class_builder(spec, hp, backend, mutate, opts), [step_call], expect=expect,
                                       names=("grads", "param")))
+            for name, expr, fn, expect, names in _class_swap_dims():
+                cases.append(Case(f"{spec.name}/{variant}/between_steps/{name}", f"{text}; {expr}; o.step(grads)",
+                                  _class_builder(spec, hp, backend, fn, opts), [step_call, step_call]
+                                  if expect == "ok" else [step_call], expect=expect, names=names))
             for name, expr, fn, expect in _list_dims("grads") + [
                     ("grads_none", "None", lambda arrs: arrs.__setitem__("grads", None), "error"),
                     ("grads_dict", "dict", lambda arrs: arrs.__setitem__("grads", dict(enumerate(arrs["grads"]))),
