@@ -470,3 +470,76 @@ def test_importing_fastopt_does_not_import_torch():
     import sys
     code = "import sys, fastopt; assert 'torch' not in sys.modules; import fastopt.torch; assert 'torch' in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- cached views follow every change -------------------------------------------------------------------
+
+def _swap_param_data(opt, ps, t):
+    ps[1].data = ps[1].data.clone() * 0.5  # a new storage for the param
+
+
+def _edit_step_in_place(opt, ps, t):
+    opt.state[ps[0]]["step"].fill_(2.0)  # torch reads the count from the tensor
+
+
+def _replace_state_tensor(opt, ps, t):
+    opt.state[ps[2]]["exp_avg"] = torch.ones_like(ps[2]) * 0.1
+
+
+def _edit_state_in_place(opt, ps, t):
+    opt.state[ps[2]]["exp_avg_sq"].mul_(2.0)
+
+
+def _reload_older_state(opt, ps, t):
+    opt.load_state_dict(opt._test_saved)
+
+
+def _keep_grads(opt, ps, t):
+    pass  # grads accumulate into the same tensors (set_to_none=False), the cached grad views are used
+
+
+EVENTS = [_swap_param_data, _edit_step_in_place, _replace_state_tensor, _edit_state_in_place,
+          _reload_older_state, _keep_grads]
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda f: f.__name__.strip("_"))
+def test_cached_views_follow_changes(event):
+    """Whatever is changed between steps (param storage, step counts, state tensors, a loaded state dict,
+    grads kept or replaced), fastopt.torch computes what torch.optim computes."""
+    torch.manual_seed(8)
+    with default_dtype(torch.float64):
+        ours = [torch.randn(s, requires_grad=True) for s in [(5,), (3, 4), (7,)]]
+        theirs = [p.detach().clone().requires_grad_() for p in ours]
+        opt, topt = ft.Adam(ours, 0.01), torch.optim.Adam(theirs, 0.01)
+        keep = event is _keep_grads
+        for t in range(12):
+            for o, ps in ((opt, ours), (topt, theirs)):
+                if t == 2:
+                    o._test_saved = copy.deepcopy(o.state_dict())
+                if t in (5, 8):
+                    event(o, ps, t)
+            for o, ps in ((opt, ours), (topt, theirs)):
+                o.zero_grad(set_to_none=not keep)
+                g = [torch.randn(p.shape, generator=torch.Generator().manual_seed(t * 10 + i)) for i, p in enumerate(ps)]
+                for p, gi in zip(ps, g):
+                    if keep and p.grad is not None:
+                        p.grad.add_(gi)
+                    else:
+                        p.grad = gi
+                o.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+
+
+def test_swapped_in_grad_of_another_shape_is_refused_after_caching():
+    ps = [torch.randn(4, requires_grad=True), torch.randn(3, requires_grad=True)]
+    opt = ft.Adam(ps, 0.1)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    before = snapshot(ps)
+    ps[1].grad.data = torch.ones(5)
+    with pytest.raises(ValueError, match="shape"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, before))

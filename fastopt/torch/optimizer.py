@@ -7,6 +7,7 @@ step count per param, and a param whose grad is None is skipped and keeps its co
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -85,8 +86,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         arguments.registry_hp(self.spec, defaults)  # torch checks its defaults in the constructor too
         self.skipped_steps = 0
         self._fastopt_entries: dict = {}   # id(param) -> ParamEntry
+        self._fastopt_templates: dict = {}  # id(group) -> the last step's kernel calls of the group
         self._fastopt_warned: set = set()
-        self._fastopt_registry_names = {v: k for k, v in self.spec.torch_state_names.items()}
         self._fastopt_constructed = False
         super().__init__(params, defaults)
         self._fastopt_constructed = True
@@ -149,8 +150,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                                                                  extras.get("skip_nonfinite", False))
         self.skipped_steps = extras.get("skipped_steps", 0)
         self._fastopt_entries = {}
+        self._fastopt_templates = {}
         self._fastopt_warned = set()
-        self._fastopt_registry_names = {v: k for k, v in self.spec.torch_state_names.items()}
         self._fastopt_constructed = True
 
     # --- the step ------------------------------------------------------------------------------------
@@ -162,7 +163,15 @@ class TorchOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan = self._plan()
+        try:
+            plan = self._plan()
+        except (TypeError, ValueError):
+            if not self._fastopt_entries:
+                raise
+            # the cached views passed only the cheap checks: plan again from scratch; a real error repeats
+            self._fastopt_entries.clear()
+            self._fastopt_templates.clear()
+            plan = self._plan()
         grad_scale = self._grad_scale(plan)
         if grad_scale is False:
             return loss
@@ -192,7 +201,10 @@ class TorchOptimizer(torch.optim.Optimizer):
                 state = self.state.get(p)
                 entry = entries.get(id(p))
                 if entry is not None and entry.valid(p, state, names):
-                    gv = self._grad_view(number, p, g, entry.flat, entry.layout)
+                    gv = entry.cached_grad_view(g)
+                    if gv is None:
+                        gv = self._grad_view(number, p, g, entry.flat, entry.layout)
+                        entry.remember_grad(g, gv)
                     count = self._count(entry, state, used, names, counted)
                     items.append([group, p, gv, entry, None, count, number])
                     continue
@@ -222,7 +234,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                     elif not spec.torch_step:
                         count = self._count(None, state, used, names, counted)
                 else:
-                    entry = entries[id(p)] = ParamEntry(p, state, names, tuple(tensors))
+                    entry = entries[id(p)] = ParamEntry(p, state, names, used, tuple(tensors))
                     count = self._count(entry, state, used, names, counted)
                 pending = (flat, tuple(tensors), used) if entry is None else None
                 items.append([group, p, gv, entry, pending, count, number])
@@ -231,12 +243,39 @@ class TorchOptimizer(torch.optim.Optimizer):
             for item in items:
                 if item[5] is None:
                     item[5] = next(values)
-        buckets: dict = {}
-        for group, p, gv, entry, pending, count, number in items:
-            key = (id(group), p.dtype, p.device, count)
+        buckets = []
+        start = 0
+        for group in self.param_groups:  # items are in group order
+            stop = start
+            while stop < len(items) and items[stop][0] is group:
+                stop += 1
+            buckets += self._group_buckets(group, items[start:stop])
+            start = stop
+        plan = _Plan(buckets, new_state, counted, [])
+        self._prepare(plan)
+        return plan
+
+    def _group_buckets(self, group, items) -> list:
+        """The kernel calls of one group: one per (dtype, device, step count). When every param has a
+        cached entry and the group's params, entries and counts are those of the last step (the steady
+        state), the last step's lists are reused and only the grad views are new."""
+        signature = tuple((item[3], item[5]) for item in items)
+        cached = self._fastopt_templates.get(id(group))
+        if cached is not None and cached[0] == signature and cached[1] is group:
+            out = []
+            for template, positions in cached[2]:
+                b = copy.copy(template)
+                b.grad_views = [items[i][2] for i in positions]
+                out.append(b)
+            return out
+        buckets, positions = {}, {}
+        for i, (group_, p, gv, entry, pending, count, number) in enumerate(items):
+            key = (*(entry.kind if entry is not None else (p.dtype, p.device)), count)
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = _Bucket(group=group, step=count + 1)
+                positions[key] = []
+            positions[key].append(i)
             b.numbers.append(number)
             b.params.append(p)
             b.entries.append(entry)
@@ -244,7 +283,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             b.written.append(p)
             if entry is not None:
                 b.param_views.append(entry.view)
-                views, tensors, used = entry.state_views, entry.tensors, self._used_of(entry)
+                views, tensors, used = entry.state_views, entry.tensors, entry.used
             else:
                 flat, tensors, used = pending
                 b.param_views.append(kernel_view(p, flat))
@@ -252,14 +291,11 @@ class TorchOptimizer(torch.optim.Optimizer):
             for name, v in zip(used, views):
                 b.state_views.setdefault(name, []).append(v)
             b.written += tensors
-        plan = _Plan(list(buckets.values()), new_state, counted, [])
-        self._prepare(plan)
-        return plan
-
-    def _used_of(self, entry):
-        """Registry names of an entry's states (its torch names mapped back)."""
-        back = self._fastopt_registry_names
-        return tuple(back.get(n, n) for n in entry.names)
+        if all(item[3] is not None for item in items):
+            self._fastopt_templates[id(group)] = (signature, group, [(b, positions[k]) for k, b in buckets.items()])
+        else:
+            self._fastopt_templates.pop(id(group), None)
+        return list(buckets.values())
 
     def _count(self, entry, state, used, names, counted):
         """The param's step count before this step, None when it must be read from its tensor."""

@@ -8,6 +8,8 @@ over the same positions, provided they share the layout (same strides). CPU tens
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 __all__ = ["layout", "dense_span", "kernel_view", "ParamEntry", "bump_versions"]
@@ -43,31 +45,55 @@ def kernel_view(t: torch.Tensor, flat: bool):
 
 class ParamEntry:
     """What a step needs of one param, derived once and reused while the param keeps its storage and
-    shape and its state keeps the same tensors (load_state_dict, `param.data = ...` or a new state
-    tensor make a new entry): the kernel views of the param and its state, and its step count."""
+    its state the same tensors (load_state_dict, `param.data = ...` or a new state tensor make a new
+    entry): the kernel views of the param and its state, its step count, and the view of its grad while
+    the grad is the same tensor from step to step (gradients accumulated into, zero_grad(set_to_none=False)).
+    The checks here are the cheap ones; the backend's prepare() checks shapes and dtypes on every step,
+    and a step that fails with cached entries is planned again from scratch before the error counts."""
 
-    __slots__ = ("param", "ptr", "shape", "flat", "layout", "view", "state", "names", "tensors",
-                 "state_views", "step_tensor", "step_version", "count")
+    __slots__ = ("param", "ptr", "flat", "layout", "kind", "view", "state", "names", "used", "tensors",
+                 "state_views", "step_tensor", "step_version", "count", "grad", "grad_ptr", "grad_view",
+                 "grad_seen")
 
-    def __init__(self, p: torch.Tensor, state, names: tuple, tensors: tuple):
+    def __init__(self, p: torch.Tensor, state, names: tuple, used: tuple, tensors: tuple):
         self.param = p
-        self.ptr, self.shape = p.data_ptr(), p.shape
+        self.ptr = p.data_ptr()
         self.flat = not p.is_contiguous()
         self.layout = layout(p)
+        self.kind = (p.dtype, p.device)
         self.view = kernel_view(p, self.flat)
         self.state = state          # the param's state dict (the object itself)
         self.names = names          # torch's names of the states this configuration uses
+        self.used = used            # the same states' registry names
         self.tensors = tensors      # and their tensors
         self.state_views = tuple(kernel_view(s, self.flat) for s in tensors)
         self.step_tensor, self.step_version, self.count = None, -1, 0
+        self.grad = self.grad_view = None
+        self.grad_ptr = 0
+        self.grad_seen = None       # weak reference to the last grad (kept without keeping it alive)
 
     def valid(self, p: torch.Tensor, state, names: tuple) -> bool:
-        if state is not self.state or names != self.names or p.data_ptr() != self.ptr or p.shape != self.shape:
+        if state is not self.state or names != self.names or p.data_ptr() != self.ptr:
             return False
         for name, s in zip(names, self.tensors):
             if state.get(name) is not s:
                 return False
         return True
+
+    def cached_grad_view(self, g: torch.Tensor):
+        """The grad's kernel view when g is the grad of the last step, same storage; else None."""
+        if g is self.grad and g.data_ptr() == self.grad_ptr:
+            return self.grad_view
+        self.grad = self.grad_view = None  # a new grad tensor (zero_grad(set_to_none=True)): let the old go
+        return None
+
+    def remember_grad(self, g: torch.Tensor, view) -> None:
+        """Keep g's view once g shows up on two steps in a row (then it is long-lived anyway)."""
+        seen = self.grad_seen() if self.grad_seen is not None else None
+        if seen is g:
+            self.grad, self.grad_ptr, self.grad_view = g, g.data_ptr(), view
+        else:
+            self.grad_seen = weakref.ref(g)
 
     def known_count(self, step_tensor):
         """The step count, when the step tensor is the one this entry advanced last and nobody changed it
