@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fastopt.backends.device_arrays import state_dtype as _device_state_dtype
 from fastopt.specs import REGISTRY
 
 BLOCK = 256
@@ -49,7 +50,6 @@ LIST_TOTALS = (22, 27)      # log2 of the list cases' total element counts
 SINGLE_SIZES = (20, 22, 24, 26, 28)
 QUICK_SINGLE_SIZES = (20, 24, 28)
 OTHER_DTYPES_AT = 24        # fp16 and fp64 single-tensor cases at 2^24
-STATE_DTYPE = {"float16": "float32", "float32": "float32", "float64": "float64"}  # as fastopt.init_state
 
 # Variant names (rows and targets refer to them)
 CUPY_FN = "fastopt-cupy functional"
@@ -129,12 +129,17 @@ def transformer_shapes(total: int, n_tensors: int = N_TENSORS) -> list:
     return shapes
 
 
+def state_dtype(dtype: str) -> np.dtype:
+    """The optimizer state's dtype on the GPU for params of `dtype` (float16 params keep float32 state)."""
+    return _device_state_dtype(np.dtype(dtype))
+
+
 def param_bytes(spec, hp, dtype: str) -> int:
     """Bytes one update of one parameter must move: params read and written and grads read in the params'
     dtype, each state the configuration uses read and written in the state dtype; two passes for a
     two-phase optimizer (LAMB), as spec.bytes_per_element counts them."""
     p = np.dtype(dtype).itemsize
-    s = np.dtype(STATE_DTYPE[dtype]).itemsize
+    s = state_dtype(dtype).itemsize
     nstates = sum(spec.active_states(hp))
     if spec.two_phase:  # pass 1: p, g, states read, states written; pass 2: p and states read, p written
         return 2 * p + 2 * nstates * s + 2 * p + nstates * s
@@ -161,7 +166,7 @@ def buffer_sets(set_bytes: int, l2_bytes: int, factor: int = FLUSH_FACTOR) -> in
 def footprint(spec, hp, dtype: str, elements: int) -> int:
     """Bytes one buffer set allocates (params, grads, states)."""
     p = np.dtype(dtype).itemsize
-    s = np.dtype(STATE_DTYPE[dtype]).itemsize
+    s = state_dtype(dtype).itemsize
     return elements * (2 * p + sum(spec.active_states(hp)) * s)
 
 
@@ -399,7 +404,7 @@ FO_PATTERN_ENTRY(3, 2)
 
 
 def pattern_kernel_name(nstates: int, dtype: str) -> str:
-    ratio = np.dtype(STATE_DTYPE[dtype]).itemsize // np.dtype(dtype).itemsize
+    ratio = state_dtype(dtype).itemsize // np.dtype(dtype).itemsize
     if nstates not in (0, 1, 2, 3) or ratio not in (1, 2):
         raise ValueError(f"no same-pattern kernel for {nstates} states and {dtype} params")
     return f"fo_bench_pattern_s{nstates}_r{ratio}"
@@ -510,7 +515,7 @@ class Bench:
         sets = []
         for _ in range(nsets):
             p, g = (cp.random.standard_normal(covered, dtype=cp.float32).astype(dtype) for _ in range(2))
-            states = [cp.random.standard_normal(covered, dtype=cp.float32).astype(STATE_DTYPE[dtype])
+            states = [cp.random.standard_normal(covered, dtype=cp.float32).astype(state_dtype(dtype))
                       for _ in range(nstates)]
             sets.append((p, g, states))
 
