@@ -195,7 +195,8 @@ class FakeNumbaStream:
 
 
 class FakeDeviceArray:
-    """What the numba backend uses of a Numba device array (and of the views it makes)."""
+    """What the numba backend uses of a Numba device array (and of the views it makes). Its module is
+    numba's, as the dispatcher routes Numba arrays (a returned norm given to clip_coefficient) by module."""
 
     def __init__(self, fake, n, dtype, ptr, stream=0, device=0):
         self._fake, self.size, self.dtype, self.ptr = fake, n, np.dtype(dtype), ptr
@@ -227,6 +228,9 @@ class FakeDeviceArray:
                                self.stream)
         view.gpu_data = self.gpu_data
         return view
+
+
+FakeDeviceArray.__module__ = "numba.cuda.cudadrv.devicearray"
 
 
 class FakeNumbaCuda:
@@ -441,3 +445,32 @@ def test_numba_tables_of_new_gradients_recycle_device_buffers(numba_world):
         counts.append(len(cuda.allocations) - before)
     assert all(c == 0 for c in counts[nb._CACHE_SIZE + 1:]), counts
     assert len(nb._tables) == nb._CACHE_SIZE
+
+
+@pytest.mark.parametrize("kind", NUMBA_KINDS)
+def test_numba_public_api_launches_on_the_producer_stream(numba_world, kind):
+    """The functional API, an optimizer class with clip_grad_norm and skip_nonfinite (SGD: no state to
+    make) and the clip functions, on the numba backend."""
+    cuda = numba_world
+    p, g, buf = (_numba_arrays(cuda, kind)[1] for _ in range(3))
+    with _expect_numba(cuda, kind, "sgd_step, one array"):
+        fastopt.sgd_step(p, g, buf, lr=1.0, momentum=0.9, step=2, backend="numba")
+    ps, gs, ms, vs = (_numba_arrays(cuda, kind) for _ in range(4))
+    with _expect_numba(cuda, kind, "adam_step, a list"):
+        fastopt.adam_step(ps, gs, ms, vs, step=1, backend="numba")
+    assert [launch[0] for launch in cuda.launches] == ["update[adam]"]
+    with _expect_numba(cuda, kind, "clip_by_global_norm"):
+        total = fastopt.clip_by_global_norm(gs, 1.0, backend="numba")
+    with _expect_numba(cuda, kind, "clip_coefficient of the returned norm"):
+        fastopt.clip.clip_coefficient(total, 1.0)
+    with _expect_numba(cuda, kind, "clip_by_norm"):
+        fastopt.clip_by_norm(gs, 1.0, backend="numba")
+    with _expect_numba(cuda, kind, "clip_by_value"):
+        fastopt.clip_by_value(gs, 0.5, backend="numba")
+    opt = fastopt.SGD(ps, lr=1.0, clip_grad_norm=1.0, skip_nonfinite=True, backend="numba")
+    opt.step(_numba_arrays(cuda, kind))  # makes the guard buffers
+    grads = _numba_arrays(cuda, kind)
+    with _expect_numba(cuda, kind, "SGD.step with clip_grad_norm and skip_nonfinite"):
+        opt.step(grads)
+    names = [launch[0] for launch in cuda.launches]
+    assert "step_guard" in names and "sumsq" in names and "update[sgd]" in names, names
