@@ -213,10 +213,15 @@ def sweep_reductions(backend, make, dtypes, calls, rng):
             skipped = be.device_zeros(1, np.int64, like).reshape(()) if counted else None
             calls(f"{name} step_guard(max_norm={max_norm}, skip={skip}, counted={counted}, nan={nonfinite})",
                   be.step_guard, sq, max_norm, skip, skipped)
-        if backend == "cupy":  # the benchmark's old ceiling kernel, an entry point of the CuPy module
+        if backend == "cupy" and "fo_touch" in _cuda_entry_points():  # the CuPy module's bandwidth kernel
             for k in range(2, 6):
                 arrays = [make.array(_host(rng, SINGLE, dtype if i < 2 else _state_dtype(dtype))) for i in range(k)]
                 calls(f"{name} touch({k} arrays)", be.touch, arrays)
+
+
+def _cuda_entry_points():
+    from fastopt.backends import cuda_source
+    return cuda_source.kernel_names()
 
 
 def sweep_backend(backend, make, dtypes=None, log=print, seed=None, quick=False, calls=None) -> Calls:
