@@ -19,6 +19,8 @@ from fastopt.cli_args import (UsageError, RunError, real, integer, listing, opti
 def _cmd_bench(args):
     if args.out:
         check_output_path("--out", args.out)
+    if args.torch:
+        return _cmd_bench_torch(args)
     if args.dry_run and args.device != "gpu":
         raise UsageError("--dry-run: only with --device gpu (it prints the GPU benchmark's cases)")
     if args.device == "gpu" and args.dry_run:
@@ -34,6 +36,21 @@ def _cmd_bench(args):
         return benchmark_gpu.main(args)
     from fastopt import benchmark
     return benchmark.main(args)
+
+
+def _cmd_bench_torch(args):
+    """`fastopt bench --torch`: fastopt.torch against torch.optim (fastopt/benchmark_torch.py)."""
+    for option, value in (("--sizes", args.sizes), ("--optimizers", args.optimizers), ("--dry-run", args.dry_run)):
+        if value:
+            raise UsageError(f"{option}: not with --torch (it times fixed models' parameter lists)")
+    try:
+        import torch
+    except ImportError:
+        raise UsageError("--torch: PyTorch is not installed (pip install torch)") from None
+    if args.device == "gpu" and not torch.cuda.is_available():
+        raise UsageError("--torch --device gpu: torch sees no CUDA GPU")
+    from fastopt import benchmark_torch
+    return benchmark_torch.cli(args)
 
 
 def _cmd_info(args):
@@ -108,6 +125,9 @@ def build_parser():
     bench.add_argument("--out", default=None, help="write the JSON results here (the directory must exist)")
     bench.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--torch", action="store_true",
+                       help="fastopt.torch against torch.optim (fused, foreach, for-loop) on GPT-2 small, "
+                            "ResNet-50 and 100 x 10,000 parameter lists")
     bench.add_argument("--dry-run", action="store_true",
                        help="with --device gpu: print the cases, variants and memory per case, run nothing")
     bench.set_defaults(func=_cmd_bench, _parser=bench)

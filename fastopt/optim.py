@@ -11,9 +11,24 @@ only differ in their spec and in their constructor's signature (torch.optim's ar
 `betas=(beta1, beta2)`). Validation lives in the registry (spec.validate), shared with the functional
 API.
 
+Constructor arguments follow torch.optim: params, then torch's positional arguments in torch's order
+(`fastopt.SGD(p, 0.1, 0.9)` is momentum 0.9; spec.torch_positional), the rest keyword-only, fastopt's
+options (clip_grad_norm, skip_nonfinite, backend) last. Hyperparameters are real numbers (Python or NumPy
+scalars, converted to Python floats when checked); lr may also be a schedule. A 0-d array or tensor (which
+torch.optim accepts for lr and betas, for its capturable/fused paths) is refused with a TypeError: it would
+be read once and then frozen. fastopt.torch, the torch.optim front end, takes torch's forms.
+
 Param groups. `params` is a list of arrays (one group) or a list of dicts {"params": [...], "lr": ...}
 with per-group hyperparameters (torch semantics: missing keys take the constructor's values).
-`opt.param_groups` is a list of dicts that may be edited between steps (like torch).
+`opt.param_groups` is a list of dicts that may be edited between steps (like torch), including an array
+of a group's "params" swapped for another of the same shape and dtype (it keeps the param's state; the
+number of params of a group is fixed: add_param_group adds params).
+
+Validation cost. Every step checks everything before the first write, but on the CPU the params and states
+are checked in full only once (and again when a group's arrays or state slots change): each step compares
+each array with what was checked (memory, dtype, shape, contiguity, writability: identity plus those
+fields, so a param made read-only or reshaped in place is caught and re-checked with the full messages)
+and checks the grads, including against the memory of every written array. See _prepare_step.
 
 One call per group and dtype. At construction each group's arrays are split by dtype into buckets;
 `step(grads)` makes one multi-tensor kernel call per bucket, never one per array.

@@ -45,7 +45,10 @@ def as_float(name: str, value, label: str = "") -> float:
     if type(value) is float:
         return value
     if not _is_real(value):
-        raise TypeError(f"{name} must be a real number, got {shown(value)!s} ({type(value).__name__})")
+        # torch.optim takes a 0-d Tensor lr/betas (its capturable/fused paths): here a value is read once, as a
+        # Python float, so a 0-d array or tensor is refused rather than silently frozen (lr may be a schedule)
+        hint = "; pass float(x) (a changing lr is a schedule)" if getattr(value, "shape", None) == () else ""
+        raise TypeError(f"{name} must be a real number, got {shown(value)!s} ({type(value).__name__}){hint}")
     try:
         return float(value)
     except (OverflowError, ValueError):

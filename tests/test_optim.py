@@ -474,3 +474,12 @@ def test_torch_cpu_tensor_param_whose_storage_moves_is_updated_in_its_new_storag
     t.set_(fresh.clone())  # the same tensor object, another storage
     opt.step([g])
     np.testing.assert_array_equal(t.numpy(), ref - 0.5 * g)
+
+
+def test_zero_d_arrays_as_hyperparameters_are_refused_with_a_hint(rng):
+    """torch.optim takes a 0-d Tensor lr; the NumPy classes take real numbers (documented in fastopt.optim)."""
+    p = rng.standard_normal(3)
+    for kwargs in ({"lr": np.array(0.1)}, {"betas": (np.array(0.9), 0.99)}, {"eps": np.array(1e-8)}):
+        with pytest.raises(TypeError, match=r"must be a real number, .*pass float\(x\)"):
+            fastopt.Adam([p], **kwargs).step([p.copy()])
+    assert fastopt.Adam([p], lr=np.float32(0.1)).param_groups[0]["lr"] == np.float32(0.1)  # NumPy scalars are fine

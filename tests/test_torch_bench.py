@@ -1,0 +1,43 @@
+"""The fastopt.torch benchmark (fastopt bench --torch): the real models' parameter lists have the
+published sizes, a run on a tiny list gives every variant's time, and the command line refuses what it
+cannot do before running anything."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fastopt import benchmark_torch, cli  # noqa: E402
+
+
+def test_param_lists_have_the_models_sizes():
+    sizes = {k: (len(f()), sum(benchmark_torch._numel(s) for s in f())) for k, f in benchmark_torch.PARAM_LISTS.items()}
+    assert sizes["gpt2-small"] == (148, 124_439_808)
+    assert sizes["resnet50"] == (161, 25_557_032)
+    assert sizes["100x10000"] == (100, 1_000_000)
+
+
+def test_run_on_a_tiny_list_times_every_variant():
+    report = benchmark_torch.run(threads=(1,), repeats=2, devices=["cpu"], progress=False,
+                                 param_lists={"tiny": lambda: [(3, 5), (7,), (1,)]})
+    assert len(report["runs"]) == len(benchmark_torch.OPTIMIZERS)
+    for row in report["runs"]:
+        assert set(row["ms"]) == set(benchmark_torch.VARIANTS)
+        assert row["ms"]["fastopt"] > 0
+        for variant, t in row["ms"].items():
+            assert isinstance(t, float) or t.startswith("unavailable"), variant
+    assert "machine" in report and report["params"]["tiny"] == {"tensors": 3, "params": 23}
+    assert benchmark_torch.markdown_table(report).count("\n") == 1 + len(report["runs"])
+
+
+@pytest.mark.parametrize("argv", [["bench", "--torch", "--sizes", "1000"], ["bench", "--torch", "--optimizers", "adam"],
+                                  ["bench", "--torch", "--dry-run"]])
+def test_cli_refuses_options_that_do_not_apply(argv, capsys):
+    assert cli.main(argv) == 2
+    assert "--torch" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cli_gpu_without_a_gpu(capsys):
+    assert cli.main(["bench", "--torch", "--device", "gpu"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
