@@ -128,6 +128,11 @@ def _byte_range(a) -> tuple[int, int]:
     return low, low + span
 
 
+def _address(a) -> int:
+    """The address of an array's first element (NumPy or CuPy)."""
+    return a.__array_interface__["data"][0] if _is_numpy(a) else a.data.ptr
+
+
 def _to_host(a) -> np.ndarray:
     return a if _is_numpy(a) else a.get()
 
@@ -200,6 +205,7 @@ class ShardedOptimizer:
                 flat[off:off + n] = views[i].reshape(-1)
         self._own = self._views_of(self._flat)
         self._grads = self._views_of(self._send)
+        self._grad_address = [_address(self.comm.as_array(g, "grads")) for g in self._grads]
 
     def _views_of(self, buffers) -> list:
         """Per param (in the user's order), its view of a per-bucket flat buffer, in the engine's type."""
@@ -345,8 +351,10 @@ class ShardedOptimizer:
         for b in self.layout.buckets:
             send = self._send[b.index][1]
             for i, off, n in zip(b.params, b.offsets, b.sizes):
-                if n and not self._is_own(views[i], send, off):
-                    send[off:off + n] = views[i].reshape(-1)
+                g = views[i]
+                # not for the optimizer's own gradient views (opt.grads): same first byte, contiguous
+                if n and not (_address(g) == self._grad_address[i] and g.flags.c_contiguous):
+                    send[off:off + n] = g.reshape(-1)
 
     def step(self, grads) -> bool:
         """One update with this rank's local gradients (a list in the order of the params); the mean over
@@ -415,14 +423,9 @@ class ShardedOptimizer:
         for b in self.layout.buckets:
             flat = self._flat[b.index][1]
             for i, off, n in zip(b.params, b.offsets, b.sizes):
-                user = self._user[i]
-                if n and not self._is_own(user, flat, off):
+                if n:
+                    user = self._user[i]
                     user[...] = flat[off:off + n].reshape(user.shape)
-
-    @staticmethod
-    def _is_own(user, flat, off) -> bool:
-        """Whether a user's array is the optimizer's own view of flat[off:...] (no copy needed)."""
-        return user.flags.c_contiguous and _byte_range(user)[0] == _byte_range(flat[off:off + 1])[0]
 
     # ---- checkpoints (fastopt/distributed/checkpoint.py) -----------------------------------------
 
