@@ -189,13 +189,13 @@ def main(argv=None):
     ap.add_argument("--sizes", default="1000000,10000000")
     ap.add_argument("--calls", type=int, default=None, help="calls per timed block (default: by size)")
     ap.add_argument("--rounds", type=int, default=11)
-    ap.add_argument("--quick", action="store_true", help="one small size, 3 rounds (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="one small size, 2 rounds of 5 calls (a smoke run)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     sizes = [int(float(s)) for s in args.sizes.split(",") if s]
     if args.quick:
-        sizes, args.rounds = [100_000], 3
+        sizes, args.rounds, args.calls = [100_000], 2, args.calls or 5
     calls = args.calls or max(2, int(2e7 // max(sizes)))
     if args.worker:
         _worker(sizes, calls, args.rounds)
