@@ -20,7 +20,7 @@ from fastopt.arrays import to_host
 from fastopt.backends.dispatch import backend_for
 from fastopt.clip import clip_coefficient
 from fastopt.specs import OptimizerSpec, shown
-from fastopt.torch import arguments
+import fastopt.torch.arguments as arguments
 from fastopt.torch.views import ParamEntry, bump_versions, dense_span, kernel_view, layout
 
 # float32 and float64 params: what the kernels compute in (16-bit params: issue 13)
