@@ -450,21 +450,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         bump_versions(written)
 
     def _advance_extra_state(self, plan: _Plan) -> None:
-        """Torch-only state accumulated across steps (NAdam's mu_product *= mu_t, with this step's
-        hyperparameters, so a scheduler changing beta1 changes it as in torch)."""
-        spec = self.spec
+        """Torch-only state (NAdam's mu_product, ASGD's eta and mu): the registry's value for this step's
+        hyperparameters and count, the value the kernels' scalars were computed with. (torch accumulates
+        NAdam's mu_product step by step; the two differ only when a scheduler changes beta1: the registry
+        computes the product from the step count, for the state and for the update alike.)"""
         for b in plan.buckets:
-            for name, f in spec.torch_extra_state.items():
-                before = f(b.hp, b.step - 1)
-                factor = f(b.hp, b.step) / before if before != 0.0 else 0.0
-                expected = f(b.hp, b.step - 1)
+            for name, f in self.spec.torch_extra_state.items():
+                value = f(b.hp, b.step)
                 for p in b.params:
-                    value = self.state[p][name]
-                    current = float(value)
-                    if abs(current - expected) > 1e-6 * max(abs(expected), 1e-30):
-                        self._warn_once(("extra", name), (
-                            f"fastopt.torch.{type(self).__name__}: the accumulated {name} ({current}) differs "
-                            f"from its value for constant hyperparameters ({expected}), e.g. after a scheduler "
-                            f"changed beta1; the kernels' scalars assume constant hyperparameters (the registry "
-                            f"computes them from the step count), so updates differ from torch.optim's"))
-                    value.mul_(factor)
+                    self.state[p][name].fill_(value)
