@@ -30,9 +30,10 @@ import numbers
 import numpy as np
 
 from fastopt.backends import cuda_source
-from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_skip_flag, device_index,
-                                             from_interface, prepare_device, producer_stream,
-                                             validate_device_arrays)
+from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_skip_flag, checked_grads,
+                                             device_index, from_interface, prepare_device, prepare_fixed_device,
+                                             producer_stream, validate_device_arrays)
+from fastopt.backends.validate import bind_grads as _bind_grads
 from fastopt.backends.validate import check_prepared_disjoint
 
 NAME = "cupy"
@@ -308,6 +309,16 @@ def prepare_grads(grads, name="grads", indices=None):
 check_disjoint = check_prepared_disjoint  # across the prepared calls of one optimizer step
 
 
+def prepare_fixed(calls):
+    """Check an optimizer's params and states once (interface.PrepareOnceBackend, validate.prepare_fixed)."""
+    return prepare_fixed_device(calls, _describe, DTYPES, _WHERE)
+
+
+def bind_grads(fixed, grads_per_call):
+    """The prepared calls of one step (validate.bind_grads): the grads checked, the rest re-checked."""
+    return _bind_grads(fixed, grads_per_call)
+
+
 def step(spec, arrays, names, hp, step, grad_scale, found_inf=None):
     run(prepare(arrays, names), spec, hp, step, grad_scale, found_inf)
 
@@ -363,8 +374,9 @@ def _two_phase(family, lists, dtype, device, stream, scalars, gs_ptr, gs_kind, l
 
 
 def _grads_call(grads, written):
-    """(arrays, device, stream) of a call on gradients, checked."""
-    lists, _ = _validate((grads,), ("grads",), -1 if written else 0)
+    """(lists, device, stream) of a call on gradients: raw arrays (checked here), a prepare_grads batch or
+    a prepared update (its grads)."""
+    lists, _ = checked_grads(grads, _describe, DTYPES, _WHERE, written)
     arrays = lists[0]
     device = _device_of(arrays[0])
     return lists, device, _stream_of(arrays[0], device)

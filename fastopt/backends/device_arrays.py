@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from fastopt.backends import validate
 from fastopt.backends.validate import Checked, prepare, validate_arrays
 
 F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
@@ -98,6 +99,23 @@ def prepare_device(arrays, names, describe, dtypes, where, read_only_slot=1, ind
     """The checks of validate_device_arrays, as a Checked for a backend's run() and for
     check_prepared_disjoint across the calls of one optimizer step."""
     return prepare(arrays, names, _DeviceApi(describe, dtypes, where), read_only_slot, indices)
+
+
+def prepare_fixed_device(calls, describe, dtypes, where):
+    """validate.prepare_fixed (interface.PrepareOnceBackend) on device arrays: the params and states of an
+    optimizer's calls checked once; validate.bind_grads(fixed, grads_per_call) then re-checks what it
+    saw (every array described again: device arrays are foreign objects) and checks the grads."""
+    return validate.prepare_fixed(calls, _DeviceApi(describe, dtypes, where))
+
+
+def checked_grads(grads, describe, dtypes, where, written):
+    """(lists, is_list) of the gradients of an in-place or reading call: the grads of a prepared update
+    (bind_grads / prepare), a prepare_grads batch, or raw arrays, checked here (written: every one must
+    be writable)."""
+    if isinstance(grads, Checked):
+        lists = grads.lists
+        return ((lists[1],) if len(lists) > 1 else (lists[0],)), None
+    return validate_device_arrays((grads,), ("grads",), describe, dtypes, where, -1 if written else 0)
 
 
 FLAG_DTYPES = (np.dtype(np.bool_), np.dtype(np.uint8))

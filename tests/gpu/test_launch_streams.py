@@ -474,3 +474,25 @@ def test_numba_public_api_launches_on_the_producer_stream(numba_world, kind):
         opt.step(grads)
     names = [launch[0] for launch in cuda.launches]
     assert "step_guard" in names and "sumsq" in names and "update[sgd]" in names, names
+
+
+def test_gpu_backends_prepare_once_and_check_grads_every_step(cupy_world):
+    """Both GPU backends implement interface.PrepareOnceBackend: the optimizer checks params and states
+    once, the grads every step (a grad that is a state array is refused before anything launches)."""
+    from fastopt.backends import interface
+    fake = cupy_world
+    assert interface.prepares_once(cupy_backend) and interface.prepares_once(nb)
+    ps = _arrays(fake, "cupy", SHAPES)
+    opt = fastopt.Adam(ps, lr=0.1, clip_grad_norm=1.0, backend="cupy")
+    with fake.cuda.Device(DEVICE):  # functional.init_state makes the state on the current device
+        opt.step(_arrays(fake, "cupy", SHAPES))
+    opt.step(_arrays(fake, "cupy", SHAPES))
+    bad = _arrays(fake, "cupy", SHAPES)
+    bad[0] = opt.state_arrays(0)["exp_avg"]
+    fake.launches.clear()
+    with pytest.raises(ValueError, match="shares memory"):
+        opt.step(bad)
+    assert fake.launches == []
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape"):
+        opt.step(_arrays(fake, "cupy", [SHAPES[0], (3,), SHAPES[2]]))
+    assert fake.launches == []
