@@ -15,6 +15,8 @@ onto the engine's own collectives.
     all_gather(flat, block)      in place: every rank's block [r * block, (r + 1) * block) of flat is
                                  replaced by rank r's; returns a Request
     all_reduce_sum(values)       a small float64 NumPy vector summed over ranks (blocking; on the host)
+    start_all_reduce_sum(values) the same, non-blocking where the engine allows: a Request whose wait()
+                                 returns the sums
     timeout                      the engine's timeout in seconds (None: none; see the adapter's notes)
 
 A Request is finished by wait(); adapters without non-blocking collectives return one already done.
@@ -34,6 +36,18 @@ class Done:
 
 
 DONE = Done()
+
+
+class Ready:
+    """A finished request that carries a result (blocking engines)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def wait(self):
+        return self.value
 
 
 class Communicator:
@@ -61,6 +75,9 @@ class Communicator:
 
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
+
+    def start_all_reduce_sum(self, values: np.ndarray):
+        return Ready(self.all_reduce_sum(values))
 
     def __repr__(self):
         return f"<fastopt.distributed {self.engine} communicator rank {self.rank} of {self.size}>"

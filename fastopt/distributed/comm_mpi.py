@@ -30,6 +30,17 @@ class _Request:
         self.request.Wait()
 
 
+class _Result:
+    __slots__ = ("request", "out")
+
+    def __init__(self, request, out):
+        self.request, self.out = request, out
+
+    def wait(self):
+        self.request.Wait()
+        return self.out
+
+
 class MPICommunicator(Communicator):
     engine = "mpi"
     timeout = None  # MPI aborts the job when a rank dies; there is no timeout to set
@@ -74,6 +85,13 @@ class MPICommunicator(Communicator):
             return _Request(self.comm.Iallgather(self._mpi.IN_PLACE, flat))
         self.comm.Allgather(self._mpi.IN_PLACE, flat)
         return DONE
+
+    def start_all_reduce_sum(self, values):
+        if not self._nonblocking:
+            return super().start_all_reduce_sum(values)
+        values = np.ascontiguousarray(values, np.float64)
+        out = np.empty_like(values)
+        return _Result(self.comm.Iallreduce(values, out, op=self._mpi.SUM), out)
 
     def all_reduce_sum(self, values):
         values = np.ascontiguousarray(values, np.float64)

@@ -21,6 +21,17 @@ import numpy as np
 from fastopt.distributed.comm_base import DONE, Communicator
 
 
+class _Result:
+    __slots__ = ("work", "tensor")
+
+    def __init__(self, work, tensor):
+        self.work, self.tensor = work, tensor
+
+    def wait(self):
+        self.work.wait()
+        return self.tensor.cpu().numpy()
+
+
 class TorchCommunicator(Communicator):
     engine = "torch.distributed"
     timeout = None  # the process group's own (torch applies it to every collective)
@@ -89,6 +100,11 @@ class TorchCommunicator(Communicator):
 
     def all_gather(self, flat, block):
         return self._ag(flat, flat[self.rank * block:(self.rank + 1) * block], group=self.group, async_op=True)
+
+    def start_all_reduce_sum(self, values):
+        t = self._torch.tensor(np.ascontiguousarray(values, np.float64), device=self.device)
+        work = self._dist.all_reduce(t, group=self.group, async_op=True)
+        return _Result(work, t)
 
     def all_reduce_sum(self, values):
         t = self._torch.tensor(np.ascontiguousarray(values, np.float64), device=self.device)

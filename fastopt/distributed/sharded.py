@@ -367,12 +367,16 @@ class ShardedOptimizer:
         except (TypeError, ValueError) as e:
             error, views = e, None
         comm, buckets = self.comm, self.layout.buckets
+        guard = self.clip_grad_norm is not None or self.skip_nonfinite
+        failed = np.array([0.0 if error is None else 1.0])
+        # without clip/skip the failed-checks count travels alone, started before the reduce-scatter so that
+        # both are in flight together (one synchronisation, not two)
+        early = None if guard else comm.start_all_reduce_sum(failed)
         if error is None:
             self._pack(views)
         # a rank whose checks failed still joins the reduce-scatter (its send buffer is not read by anyone
-        # afterwards): the ranks learn about it from the all-reduce below, before anything is updated
+        # afterwards): the ranks learn about it from the all-reduce, before anything is updated
         pending = [comm.reduce_scatter(self._send[b.index][0], self._recv[b.index][0]) for b in buckets]
-        guard = self.clip_grad_norm is not None or self.skip_nonfinite
         sq = 0.0
         if guard:
             for r in pending:
@@ -383,9 +387,8 @@ class ShardedOptimizer:
                     norm = float(global_norm(self._recv[b.index][1]))
                     sq += norm * norm
         # ONE all-reduce: [ranks whose checks failed, sum of squares, ranks with a non-finite gradient]
-        total = comm.all_reduce_sum(np.array([0.0 if error is None else 1.0, sq,
-                                              0.0 if math.isfinite(sq) else 1.0]) if guard else
-                                    np.array([0.0 if error is None else 1.0]))
+        total = comm.all_reduce_sum(np.array([failed[0], sq, 0.0 if math.isfinite(sq) else 1.0])) if guard \
+            else early.wait()
         if total[0]:
             for r in pending:
                 if r is not None:
