@@ -543,3 +543,53 @@ def test_swapped_in_grad_of_another_shape_is_refused_after_caching():
     with pytest.raises(ValueError, match="shape"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(ps, before))
+
+
+def test_one_kernel_call_per_group_dtype_and_step_count(monkeypatch):
+    """Group 0 holds float32 and float64 params, one of which has missed a step; group 1 one dtype: four
+    calls in all, and the OpenMP threads follow torch.get_num_threads() during the step only."""
+    from fastopt.backends import cython_backend
+    import fastopt
+    calls = []
+    real_run = cython_backend.run
+
+    def counting_run(prepared, spec, hp, step, grad_scale):
+        calls.append((step, fastopt.get_num_threads()))
+        return real_run(prepared, spec, hp, step, grad_scale)
+
+    a32, b32 = torch.randn(4, requires_grad=True), torch.randn(5, requires_grad=True)
+    c64 = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    d32, e32 = torch.randn(6, requires_grad=True), torch.randn(2, requires_grad=True)
+    opt = ft.Adam([{"params": [a32, b32, c64]}, {"params": [d32, e32]}], 0.01)
+    for p in (a32, c64, d32, e32):
+        p.grad = torch.randn_like(p)
+    opt.step()  # b32 has no grad: it stays at count 0
+    b32.grad = torch.randn_like(b32)
+    threads_before = fastopt.get_num_threads()
+    monkeypatch.setattr(cython_backend, "run", counting_run)
+    torch.set_num_threads(1)
+    opt.step()
+    # group 0: float32 at count 1 (a32), float32 at count 0 (b32), float64 (c64); group 1: one call
+    assert sorted(step for step, _ in calls) == [1, 2, 2, 2]
+    assert all(threads == 1 for _, threads in calls)
+    assert fastopt.get_num_threads() == threads_before
+
+
+@pytest.mark.parametrize("edit,exc,match", [
+    ({"lr": "0.1"}, TypeError, "lr"), ({"eps": float("nan")}, ValueError, "epsilon"),
+    ({"weight_decay": -1.0}, ValueError, "weight_decay"), ({"betas": (0.9, None)}, TypeError, "beta2"),
+    ({"amsgrad": "yes"}, TypeError, "amsgrad"), ({"lr": torch.ones(2)}, ValueError, "one element")])
+def test_bad_group_edits_raise_and_write_nothing(edit, exc, match):
+    ps = [torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)]
+    opt = ft.Adam([{"params": ps[:1]}, {"params": ps[1:]}], 0.01)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = snapshot(ps)
+    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in ps]
+    opt.param_groups[1].update(edit)
+    with pytest.raises(exc, match=match):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, before))
+    for p, st in zip(ps, states):
+        assert all(torch.equal(opt.state[p][k], v) for k, v in st.items())
