@@ -584,7 +584,11 @@ class Optimizer:
             if new is not None:
                 self._params[start:start + n] = new
                 self._group_params[gi] = tuple(new)
-                self.param_groups[gi]["params"] = list(new)
+                group = self.param_groups[gi]
+                if type(group["params"]) is list:  # the same list object: a reference the caller holds stays live
+                    group["params"][:] = new       # (buffer objects replaced by their NumPy views)
+                else:
+                    group["params"] = list(new)
             start += n
 
     def _ensure_states(self, bucket, hp):

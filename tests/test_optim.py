@@ -385,6 +385,12 @@ def test_a_param_swapped_in_a_group_is_updated_with_its_state(backend, dtype, rn
     assert old.tobytes() == old_bytes
     for got, want in zip(opt.params, ref):
         np.testing.assert_array_equal(got, want)
+    # the group's list stays the list the caller edits: a second swap through a held reference works too
+    held = opt.param_groups[1]["params"]
+    again = new.copy()
+    held[0] = again
+    opt.step([rng.standard_normal(s).astype(dtype) for s in shapes])
+    assert opt.params[2] is again and opt.param_groups[1]["params"] is held and not np.array_equal(again, new)
 
 
 def _bad_edits(rng):
