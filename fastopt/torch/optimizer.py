@@ -425,29 +425,34 @@ class TorchOptimizer(torch.optim.Optimizer):
                     value = torch.tensor(float(bucket_of[id(p)].step), dtype=scalar_dtype())
                     made_step.add(id(p))
                 state[name] = value
+        written = []
+        for b in plan.buckets:
+            written += b.written
+        entries = []
         if spec.torch_step:
-            advance, entries = [], []
+            advance = []
             for b in plan.buckets:
                 for p, entry in zip(b.params, b.entries):
                     if id(p) in made_step:
                         continue
                     state = self.state[p]
-                    if not isinstance(state["step"], torch.Tensor):  # a plain number (an old state dict)
+                    step_t = state["step"]
+                    if not isinstance(step_t, torch.Tensor):  # a plain number (an old state dict)
                         state["step"] = torch.tensor(float(b.step), dtype=scalar_dtype())
                         continue
-                    advance.append(state["step"])
                     if entry is not None:
-                        entries.append((entry, b.step))
+                        entries.append((entry, step_t, b.step))
+                        if entry.write_count(step_t, b.step):
+                            written.append(step_t)  # written through NumPy: its version is bumped below
+                            continue
+                    advance.append(step_t)
             if advance:
                 torch._foreach_add_(advance, 1.0)  # one call, as torch.optim advances its step tensors
-            for entry, step in entries:
-                entry.counted(entry.state["step"], step)
         if spec.torch_extra_state:
             self._advance_extra_state(plan)
-        written = []
-        for b in plan.buckets:
-            written += b.written
         bump_versions(written)
+        for entry, step_t, step in entries:
+            entry.counted(step_t, step)
 
     def _advance_extra_state(self, plan: _Plan) -> None:
         """Torch-only state (NAdam's mu_product, ASGD's eta and mu): the registry's value for this step's

@@ -52,8 +52,8 @@ class ParamEntry:
     and a step that fails with cached entries is planned again from scratch before the error counts."""
 
     __slots__ = ("param", "ptr", "flat", "layout", "kind", "view", "state", "names", "used", "tensors",
-                 "state_views", "step_tensor", "step_version", "count", "grad", "grad_ptr", "grad_view",
-                 "grad_seen")
+                 "state_views", "step_tensor", "step_version", "step_view", "count", "grad", "grad_ptr",
+                 "grad_view", "grad_seen")
 
     def __init__(self, p: torch.Tensor, state, names: tuple, used: tuple, tensors: tuple):
         self.param = p
@@ -67,7 +67,7 @@ class ParamEntry:
         self.used = used            # the same states' registry names
         self.tensors = tensors      # and their tensors
         self.state_views = tuple(kernel_view(s, self.flat) for s in tensors)
-        self.step_tensor, self.step_version, self.count = None, -1, 0
+        self.step_tensor, self.step_version, self.step_view, self.count = None, -1, None, 0
         self.grad = self.grad_view = None
         self.grad_ptr = 0
         self.grad_seen = None       # weak reference to the last grad (kept without keeping it alive)
@@ -103,7 +103,20 @@ class ParamEntry:
         return None
 
     def counted(self, step_tensor, count: int) -> None:
+        """Remember the count the step tensor holds now (after this step)."""
+        if step_tensor is not self.step_tensor:
+            # a NumPy view of a CPU step tensor: the next step writes its new count there (3 us less per
+            # param than a torch op on a 0-d tensor)
+            self.step_view = step_tensor.numpy() if step_tensor.device.type == "cpu" else None
         self.step_tensor, self.step_version, self.count = step_tensor, step_tensor._version, count
+
+    def write_count(self, step_tensor, count: int) -> bool:
+        """Store the new count through the cached view when step_tensor is the remembered one (the caller
+        bumps its version); False when the caller must update the tensor itself."""
+        if step_tensor is self.step_tensor and self.step_view is not None:
+            self.step_view[()] = count  # float32 like torch's step tensor: exact up to 2**24 steps
+            return True
+        return False
 
 
 def bump_versions(tensors) -> None:
