@@ -13,6 +13,8 @@ threads, and measures, for Adam on N float32 params in one bucket:
   update       the fused update of this rank's shard alone (fastopt.adam_step on N / W elements)
   rs, ag       the reduce-scatter of the gradient buffer and the all-gather of the param buffer alone
   model        update + rs + ag: what a step must cost at least (the target: step_views <= 1.2x model at W=2)
+  dp           plain data parallelism for comparison: MPI_Allreduce of the gradients (in place) and the update
+               of all N params on every rank (each rank holds the whole state)
 
 Cost model (per rank per step, ring algorithms): the reduce-scatter sends (W-1)/W of the gradient buffer and
 the all-gather (W-1)/W of the param buffer, together 2 (W-1)/W x 4N bytes, the volume of one all-reduce of
@@ -78,12 +80,20 @@ def _worker(sizes, calls, rounds):
         def update():
             fastopt.adam_step(shard_p, shard_g, **shard_s, step=1, lr=1e-6, grad_scale=1.0 / world)
 
+        dp_p, dp_g = params[0].copy(), grads[0].copy()
+        dp_state = fastopt.init_state("adam", dp_p)
+
+        def data_parallel():
+            comm.Allreduce(MPI.IN_PLACE, dp_g, op=MPI.SUM)
+            fastopt.adam_step(dp_p, dp_g, **dp_state, step=1, lr=1e-6, grad_scale=1.0 / world)
+
         variants = {
             "step": lambda: opt.step(grads),
             "step_views": lambda: views.step(view_grads),
             "update": update,
             "rs": lambda: adapter.reduce_scatter(send, recv).wait(),
             "ag": lambda: adapter.all_gather(flat, bucket.shard).wait(),
+            "dp": data_parallel,
         }
         times = {k: [] for k in variants}
         for k, fn in variants.items():  # warm-up
@@ -106,6 +116,7 @@ def _worker(sizes, calls, rounds):
         # contention on a shared machine only ever adds time: the minima are the other estimate
         row["model_min_ms"] = (low["update"] + low["rs"] + low["ag"]) * 1e3
         row["step_views_over_model_min"] = low["step_views"] / (row["model_min_ms"] / 1e3)
+        row["step_views_over_dp"] = med["step_views"] / med["dp"]
         g_bytes, p_bytes = send.nbytes, flat.nbytes
         sent = (world - 1) / world * (g_bytes + p_bytes)
         row["bytes_sent_per_rank_per_step"] = int(sent)
@@ -129,7 +140,7 @@ def _worker(sizes, calls, rounds):
             row["single_process_class_step_ms_all_cores"] = statistics.median(ts) * 1e3
             fastopt.set_num_threads(threads)
         rows.append(row)
-        opt = views = view_grads = None  # freed before the next size is allocated
+        opt = views = view_grads = dp_p = dp_g = dp_state = None  # freed before the next size is allocated
     if rank == 0:
         print("RESULT " + json.dumps(rows), flush=True)
 
@@ -171,14 +182,14 @@ def format_row(row) -> str:
 
 def markdown_table(rows) -> str:
     lines = ["| N | world | step ms | step (opt.params) ms | update ms | reduce-scatter ms | all-gather ms | "
-             "model ms | step / model | (opt.params) / model | same, minima | sent per rank / param bytes | "
-             "state per rank / single |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "model ms | step / model | (opt.params) / model | same, minima | plain DP ms | (opt.params) / DP | "
+             "sent per rank / param bytes | state per rank / single |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['n']:.0e} | {r['world']} | {r['step_ms']:.2f} | {r['step_views_ms']:.2f} | "
                      f"{r['update_ms']:.2f} | {r['rs_ms']:.2f} | {r['ag_ms']:.2f} | {r['model_ms']:.2f} | "
                      f"{r['step_over_model']:.2f} | {r['step_views_over_model']:.2f} | "
-                     f"{r['step_views_over_model_min']:.2f} | "
+                     f"{r['step_views_over_model_min']:.2f} | {r['dp_ms']:.2f} | {r['step_views_over_dp']:.2f} | "
                      f"{r['bytes_sent_over_params_bytes']:.2f} | {r['state_fraction']:.4f} |")
     return "\n".join(lines)
 
