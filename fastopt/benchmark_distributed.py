@@ -4,8 +4,8 @@
     .venv/bin/python -m fastopt.benchmark_distributed [--quick] [--out FILE]         (prints; FILE when given)
 
 For each world size the benchmark starts `mpiexec -n W python -m mpi4py -m fastopt.benchmark_distributed
---worker` (the mpich wheel's mpiexec, oversubscribed: `-launcher fork`), each rank with max(1, cores // W)
-threads, and measures, for Adam on N float32 params in one bucket:
+--worker` (the mpich wheel's mpiexec, oversubscribed: `-launcher fork`), each rank with `--threads` CPU
+threads (default 1), and measures, for Adam on N float32 params in one bucket:
 
   step         ShardedOptimizer.step(grads) with the user's own arrays: gradients packed into the send
                buffer, gathered params copied back into the user's params
@@ -57,7 +57,7 @@ def _worker(sizes, calls, rounds):
     from fastopt.distributed import ShardedOptimizer
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
-    threads = max(1, (os.cpu_count() or 1) // world)
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     fastopt.set_num_threads(threads)
     rows = []
     for n in sizes:
@@ -153,10 +153,9 @@ def _launcher():
     return [exe, "-launcher", "fork"] if "HYDRA" in version else [exe, "--oversubscribe"]
 
 
-def run(worlds, sizes, calls, rounds):
+def run(worlds, sizes, calls, rounds, threads=1):
     rows = []
     for w in worlds:
-        threads = max(1, (os.cpu_count() or 1) // w)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         cmd = _launcher() + ["-n", str(w), sys.executable, "-m", "mpi4py", "-m", "fastopt.benchmark_distributed",
                              "--worker", "--sizes", ",".join(str(n) for n in sizes), "--calls", str(calls),
@@ -200,6 +199,8 @@ def main(argv=None):
     ap.add_argument("--sizes", default="1000000,10000000")
     ap.add_argument("--calls", type=int, default=None, help="calls per timed block (default: by size)")
     ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per rank (default 1: on a small shared "
+                    "machine an OpenMP team whose threads get descheduled waits at every barrier)")
     ap.add_argument("--quick", action="store_true", help="one small size, 2 rounds of 5 calls (a smoke run)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -217,7 +218,7 @@ def main(argv=None):
               "timing": "median over interleaved rounds of the slowest rank's time per call",
               "target": f"step_views at world 2 <= {MODEL_TARGET} x model (update of N/2 + reduce-scatter + "
                         "all-gather)",
-              "rows": run(worlds, sizes, calls, args.rounds)}
+              "threads_per_rank": args.threads, "rows": run(worlds, sizes, calls, args.rounds, args.threads)}
     print(markdown_table(report["rows"]))
     if args.out:
         write_json(args.out, report)
