@@ -9,6 +9,7 @@ fastopt.specs.REGISTRY; see README.md.
 from fastopt import functional as _functional, optim as _optim
 from fastopt.backends.dispatch import use_backend
 from fastopt.clip import clip_by_global_norm, clip_by_norm, clip_by_value, global_norm
+from fastopt.averaging import ema_decay, ema_update, swa_update
 from fastopt.functional import init_state
 from fastopt.specs import REGISTRY
 from fastopt.optim import Optimizer
@@ -40,6 +41,7 @@ del _spec
 __all__ = [
     *(spec.function_name for spec in REGISTRY.values()), "init_state",
     "clip_by_value", "clip_by_norm", "global_norm", "clip_by_global_norm",
+    "ema_update", "swa_update", "ema_decay",
     "use_backend", "set_num_threads", "get_num_threads", "REGISTRY",
     *(spec.class_name for spec in REGISTRY.values()), "Optimizer",
     "schedules", "flatten", "FlatParams", "save", "load", "CheckpointError", "__version__",

@@ -3,6 +3,9 @@ from typing import Any, Iterable
 
 from fastopt.array_types import Arrays, Scalar, Schedule
 from fastopt import schedules as schedules
+from fastopt.averaging import ema_decay as ema_decay
+from fastopt.averaging import ema_update as ema_update
+from fastopt.averaging import swa_update as swa_update
 from fastopt.backends.dispatch import use_backend as use_backend
 from fastopt.checkpoint import CheckpointError as CheckpointError
 from fastopt.checkpoint import load as load
@@ -17,7 +20,7 @@ from fastopt.functional import init_state as init_state
 from fastopt.optim import Optimizer as Optimizer
 from fastopt.specs import REGISTRY as REGISTRY
 
-__all__ = ['sgd_step', 'adagrad_step', 'rmsprop_step', 'adam_step', 'adamw_step', 'nadam_step', 'radam_step', 'adabelief_step', 'lamb_step', 'lion_step', 'adamax_step', 'adadelta_step', 'rprop_step', 'asgd_step', 'yogi_step', 'init_state', 'clip_by_value', 'clip_by_norm', 'global_norm', 'clip_by_global_norm', 'use_backend', 'set_num_threads', 'get_num_threads', 'REGISTRY', 'SGD', 'Adagrad', 'RMSprop', 'Adam', 'AdamW', 'NAdam', 'RAdam', 'AdaBelief', 'LAMB', 'Lion', 'Adamax', 'Adadelta', 'Rprop', 'ASGD', 'Yogi', 'Optimizer', 'schedules', 'flatten', 'FlatParams', 'save', 'load', 'CheckpointError', '__version__']
+__all__ = ['sgd_step', 'adagrad_step', 'rmsprop_step', 'adam_step', 'adamw_step', 'nadam_step', 'radam_step', 'adabelief_step', 'lamb_step', 'lion_step', 'adamax_step', 'adadelta_step', 'rprop_step', 'asgd_step', 'yogi_step', 'init_state', 'clip_by_value', 'clip_by_norm', 'global_norm', 'clip_by_global_norm', 'ema_update', 'swa_update', 'ema_decay', 'use_backend', 'set_num_threads', 'get_num_threads', 'REGISTRY', 'SGD', 'Adagrad', 'RMSprop', 'Adam', 'AdamW', 'NAdam', 'RAdam', 'AdaBelief', 'LAMB', 'Lion', 'Adamax', 'Adadelta', 'Rprop', 'ASGD', 'Yogi', 'Optimizer', 'schedules', 'flatten', 'FlatParams', 'save', 'load', 'CheckpointError', '__version__']
 
 def sgd_step(params: Arrays, grads: Arrays, momentum_buffer: Arrays | None = None, *, step: int = 1, lr: float = 0.001, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0, maximize: bool = False, grad_scale: Scalar | None = None, backend: str | None = None) -> None: ...
 def adagrad_step(params: Arrays, grads: Arrays, state_sum: Arrays, *, step: int, lr: float = 0.01, lr_decay: float = 0.0, weight_decay: float = 0.0, initial_accumulator_value: float = 0.0, eps: float = 1e-10, maximize: bool = False, grad_scale: Scalar | None = None, backend: str | None = None) -> None: ...

@@ -268,7 +268,23 @@ def yogi_step(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-2, beta1=0.9, beta2=0.99
     _store(p, p - (lr / (1.0 - beta1 ** step)) * (exp_avg / denom))
 
 
-# registry name -> reference function: every `<name>_step` defined above (no list to keep in sync)
+
+def weight_average_step(averages, params, *, mode, weight, divisor, lr=0.0, grad_scale=None):
+    """fastopt.ema_update / swa_update (specs.WEIGHT_AVERAGE: not an optimizer; `averages` is written,
+    `params` read). mode 0: torch's lerp by weight; 1: running mean; 2: copy."""
+    if mode == 2:
+        _store(averages, params)
+    elif mode == 1:
+        _store(averages, averages + (params - averages) / divisor)
+    else:
+        w = averages.dtype.type(weight)  # torch narrows the weight, then computes 1 - w in the data's type
+        if w < 0.5:
+            _store(averages, averages + w * (params - averages))
+        else:
+            _store(averages, params - (params - averages) * (averages.dtype.type(1) - w))
+
+# registry name (and specs.KERNEL_OPS name) -> reference function: every `<name>_step` defined above (no list
+# to keep in sync)
 STEPS = {name[:-len("_step")]: fn for name, fn in list(globals().items())
          if name.endswith("_step") and callable(fn) and not name.startswith("_")}
 

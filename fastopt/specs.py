@@ -869,6 +869,33 @@ p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 ))
 
 
+# ---- weight averaging (fastopt.ema_update / swa_update): an elementwise kernel family, not an optimizer ----
+# Not in REGISTRY (no *_step, class or optimizer tests); kernel_specs() adds it to the compiled family table.
+
+AVERAGE_EMA, AVERAGE_SWA, AVERAGE_COPY = 0, 1, 2  # variants: lerp by weight, running mean, first copy
+
+WEIGHT_AVERAGE = OptimizerSpec(
+    name="weight_average", class_name="WeightAverage", kernel="average",
+    summary="Weight averaging: averages <- EMA, running mean or copy of params, in place.",
+    rule="""\
+EMA:  a = lerp(a, p, weight)          (weight = 1 - decay; torch's lerp)
+SWA:  a = a + (p - a) / divisor       (divisor = n_averaged + 1)
+copy: a = p                           (n_averaged = 0)
+""",
+    hypers=(), states=(), scalar_names=("grad_scale", "weight", "divisor"),  # grad_scale: unused, as every
+    scalars=lambda hp, step, grad_scale: (grad_scale, hp["weight"], hp["divisor"]),  # family has it first
+    variant=lambda hp, step: hp["mode"], variants=(AVERAGE_EMA, AVERAGE_SWA, AVERAGE_COPY), uses_step=False,
+)
+
+KERNEL_OPS: dict[str, OptimizerSpec] = {WEIGHT_AVERAGE.name: WEIGHT_AVERAGE}
+
+
+def kernel_specs() -> tuple[OptimizerSpec, ...]:
+    """Every spec with a compiled kernel family: the optimizers (REGISTRY), then the other elementwise ops
+    (KERNEL_OPS). The family table (cuda_source), the Numba kernels and their scalar names follow this."""
+    return (*REGISTRY.values(), *KERNEL_OPS.values())
+
+
 def get_spec(name: str) -> OptimizerSpec:
     try:
         return REGISTRY[name.lower()]

@@ -67,9 +67,9 @@ def family_table() -> tuple:
     the specs' `kernel` (shared by e.g. adam and adamw), its math and functor live in
     kernels/cuda/<family>.cuh as <Family>Op (ops.cuh), and a family's position here is its CPU kind.
     Two-phase families (LAMB) are not in it: see two_phase_families()."""
-    from fastopt.specs import REGISTRY  # on use: the table follows specs registered after this import
+    from fastopt.specs import kernel_specs  # on use: the table follows specs registered after this import
     table: dict = {}
-    for spec in REGISTRY.values():
+    for spec in kernel_specs():  # the optimizers, then the other elementwise ops (weight averaging)
         if spec.two_phase:
             continue
         variants = tuple(sorted(set(spec.variants)))

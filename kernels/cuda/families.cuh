@@ -18,8 +18,9 @@
 #include "rprop.cuh"
 #include "asgd.cuh"
 #include "yogi.cuh"
+#include "average.cuh"
 
-#define FASTOPT_FAMILY_COUNT 13
+#define FASTOPT_FAMILY_COUNT 14
 
 // X(kind, family, functor, variant): one row per compiled variant (kernels/cpu/cpu_loops.hpp)
 #define FASTOPT_UPDATE_VARIANTS(X) \
@@ -45,6 +46,9 @@
     X(10, rprop, RpropOp, 0) \
     X(11, asgd, AsgdOp, 0) \
     X(12, yogi, YogiOp, 0) \
+    X(13, average, AverageOp, 0) \
+    X(13, average, AverageOp, 1) \
+    X(13, average, AverageOp, 2) \
 
 
 // The CUDA entry points fo_<family>_v<variant>[_multi]: update.cu defines FO_UPDATE_ENTRIES and then
@@ -72,6 +76,9 @@ FO_UPDATE_ENTRIES(9, adadelta, AdadeltaOp, 0)
 FO_UPDATE_ENTRIES(10, rprop, RpropOp, 0)
 FO_UPDATE_ENTRIES(11, asgd, AsgdOp, 0)
 FO_UPDATE_ENTRIES(12, yogi, YogiOp, 0)
+FO_UPDATE_ENTRIES(13, average, AverageOp, 0)
+FO_UPDATE_ENTRIES(13, average, AverageOp, 1)
+FO_UPDATE_ENTRIES(13, average, AverageOp, 2)
 #endif
 
 // The two-phase families (spec.two_phase): fo_<family>_moments_multi, _trust, _apply_multi around a

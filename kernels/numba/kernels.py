@@ -42,14 +42,15 @@ from numba import cuda, float64  # at module level: the simulator swaps the modu
 
 from fastopt.kernels.numba import math as fmath
 from fastopt.kernels.numba.compat import prepare_numba_cuda
-from fastopt.specs import REGISTRY
+from fastopt.specs import REGISTRY, kernel_specs
 
 prepare_numba_cuda()  # numba-cuda 0.30 with NumPy >= 2.5: before any kernel compiles (compat.py)
 
 
 def families(two_phase=False):
-    """The kernel families of the registry (spec.kernel), elementwise or two-phase, in registry order."""
-    return tuple(dict.fromkeys(s.kernel for s in REGISTRY.values() if bool(s.two_phase) == two_phase))
+    """The kernel families of the registry (spec.kernel), elementwise or two-phase, in registry order (and
+    the other elementwise ops: specs.kernel_specs)."""
+    return tuple(dict.fromkeys(s.kernel for s in kernel_specs() if bool(s.two_phase) == two_phase))
 
 
 FAMILIES = families()                    # elementwise: one `update` kernel each

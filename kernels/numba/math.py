@@ -31,7 +31,7 @@ import types
 import numpy as np
 from numba import cuda  # module level: the simulator swaps it while a kernel runs
 
-from fastopt.specs import REGISTRY, RMSPROP_CENTERED, RMSPROP_MOMENTUM, SGD_FIRST_STEP, SGD_MOMENTUM, SGD_NESTEROV
+from fastopt.specs import RMSPROP_CENTERED, RMSPROP_MOMENTUM, SGD_FIRST_STEP, SGD_MOMENTUM, SGD_NESTEROV, kernel_specs
 
 ADAM_AMSGRAD = 1     # specs._adam_spec: variant 1 when amsgrad
 RADAM_RECTIFIED = 1  # specs._radam_variant: variant 1 when rho_t > 5
@@ -43,7 +43,7 @@ def _scalar_namespaces():
     reads a module attribute as a compile-time constant."""
     h = types.ModuleType(__name__ + ".H")
     names = {}
-    for spec in REGISTRY.values():
+    for spec in kernel_specs():
         if spec.kernel in names:
             if names[spec.kernel] != tuple(spec.scalar_names):
                 raise RuntimeError(f"specs sharing kernel {spec.kernel!r} list different scalar_names: "
@@ -68,6 +68,7 @@ def build(dtype):
     dtype = np.dtype(dtype)
     ZERO, ONE = dtype.type(0), dtype.type(1)
     MINUS_ONE = dtype.type(-1)
+    HALF = dtype.type(0.5)
     found = {"zero": ZERO}
 
     def family(fn):
@@ -264,6 +265,18 @@ def build(dtype):
         b = b - h[H.yogi.one_minus_beta2] * (sign(b - g2) * g2)
         denom = math.sqrt(b) * h[H.yogi.inv_bias_correction2_sqrt] + h[H.yogi.eps]
         p = p - h[H.yogi.step_size] * (a / denom)
+        return p, a, b, c
+
+
+    @family
+    def average_math(p, g, a, b, c, h, s, variant):  # p: the average, g: the model's param (average.cuh)
+        if variant == 2:
+            p = g
+        elif variant == 1:
+            p = p + (g - p) / h[H.average.divisor]
+        else:
+            w = h[H.average.weight]
+            p = p + w * (g - p) if w < HALF else g - (g - p) * (ONE - w)
         return p, a, b, c
 
     # ---- two-phase families (spec.two_phase): moments + per-tensor norms, then the scaled step ---------

@@ -36,7 +36,7 @@ import pytest
 
 from fastopt.backends import cuda_source, cupy_backend
 from fastopt.backends.device_arrays import state_dtype
-from fastopt.specs import REGISTRY, REQUIRED
+from fastopt.specs import REGISTRY, REQUIRED, WEIGHT_AVERAGE
 
 F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 I64, U8, BOOL = np.dtype(np.int64), np.dtype(np.uint8), np.dtype(np.bool_)
@@ -537,11 +537,11 @@ def check_update_values(spec, hp, step, arrays, grad_scale, found_inf, launch):
         assert launch.grid[0] * cuda_source.BLOCK * (16 // unwrap[0].dtype.itemsize) >= unwrap[0].size, launch.grid
 
 
-def run_updates(fake, spec, dtype, device, wrap=lambda a: a):
-    """cupy_backend.step over every option set, step, single array / list, grad_scale and found_inf
-    form, each call's launches checked; returns the names launched."""
+def run_updates(fake, spec, dtype, device, wrap=lambda a: a, hp_sets=None):
+    """cupy_backend.step over every option set (hp_sets: these instead), step, single array / list,
+    grad_scale and found_inf form, each call's launches checked; returns the names launched."""
     launched = set()
-    for hp, step, as_list in itertools.product(option_sets(spec), STEPS, (False, True)):
+    for hp, step, as_list in itertools.product(hp_sets or option_sets(spec), STEPS, (False, True)):
         arrays, names = update_arrays(fake, spec, hp, dtype, device, as_list, wrap)
         for grad_scale, found_inf in itertools.product(grad_scales(fake, dtype, device, wrap),
                                                        (None, wrap(fake.alloc((), np.bool_, device)))):
@@ -688,6 +688,9 @@ def test_every_entry_point_is_launched(fake):
     for dtype in DTYPES:
         for spec in REGISTRY.values():
             launched.update(run_updates(fake, spec, dtype, 0))
+        # weight averaging (fastopt.ema_update / swa_update): a kernel family that is not an optimizer
+        averaging = [{"mode": m, "weight": 0.25, "divisor": 3.0, "lr": 0.0} for m in WEIGHT_AVERAGE.variants]
+        launched.update(run_updates(fake, WEIGHT_AVERAGE, dtype, 0, hp_sets=averaging))
         launched.update(run_reductions(fake, dtype, 0))
     assert launched <= set(cuda_source.kernel_names())
     assert not launched & set(UNREACHABLE), "listed as unreachable but launched"

@@ -1,0 +1,96 @@
+"""Weight averaging as fused multi-tensor ops: the kernels behind EMA and SWA models.
+
+    fastopt.ema_update(averages, params, decay)        # averages <- decay * averages + (1 - decay) * params
+    fastopt.swa_update(averages, params, n_averaged)   # averages <- running mean, n_averaged models so far
+
+torch.optim.swa_utils semantics (AveragedModel with its default averaging functions): EMA is torch's
+`lerp(average, param, 1 - decay)` (get_ema_multi_avg_fn), SWA is `average + (param - average) / (n + 1)`
+(get_swa_avg_fn, AveragedModel's default on the CPU) and a copy when n_averaged is 0 (AveragedModel's first
+update). `averages` is written, `params` only read; both are one array or equal-length lists (one launch),
+on any backend, with the functional API's contract: every check (hyperparameter, kinds, dtypes, shapes,
+layout, writability, memory overlap) runs before the first write. `ema_decay` is the warm-up schedule of
+EMA models (timm's ModelEmaV3, TensorFlow's ExponentialMovingAverage num_updates).
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from fastopt.array_types import Arrays
+from fastopt.backends.dispatch import backend_for, check_empty_call
+from fastopt.specs import AVERAGE_COPY, AVERAGE_EMA, AVERAGE_SWA, WEIGHT_AVERAGE, shown
+
+__all__ = ["ema_update", "swa_update", "ema_decay"]
+
+_NAMES = ("averages", "params")
+
+
+def _decay(decay) -> float:
+    if isinstance(decay, (bool, np.bool_)) or not isinstance(decay, numbers.Real):
+        raise TypeError(f"decay must be a real number, got {shown(decay)} ({type(decay).__name__})")
+    try:
+        value = float(decay)
+    except (OverflowError, ValueError):
+        raise ValueError(f"Invalid decay value {shown(decay)} provided (too large for a float)") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails too; torch's words
+        raise ValueError(f"Invalid decay value {value} provided. Please provide a value in [0,1] range.")
+    return value
+
+
+def _count(n_averaged) -> int:
+    """A count of averaged models: an int, or a 0-d integer array/tensor (AveragedModel.n_averaged)."""
+    if hasattr(n_averaged, "shape") and getattr(n_averaged, "shape", None) == () and hasattr(n_averaged, "item"):
+        n_averaged = n_averaged.item()  # a 0-d NumPy/CuPy array or torch tensor
+    if isinstance(n_averaged, (bool, np.bool_)) or not isinstance(n_averaged, numbers.Integral):
+        raise TypeError(f"n_averaged must be an integer (the number of models averaged so far), got "
+                        f"{shown(n_averaged)} ({type(n_averaged).__name__})")
+    n = int(n_averaged)
+    if not 0 <= n < 2 ** 53:  # n + 1 exact in float64
+        raise ValueError(f"Invalid n_averaged: {shown(n)} (a count in [0, 2**53))")
+    return n
+
+
+def _run(averages, params, hp, backend):
+    arrays = (averages, params)
+    be = backend_for(averages, backend, "averages")
+    if be is None:  # an empty list: nothing to average, but the call must be well formed
+        check_empty_call(arrays, _NAMES)
+        return
+    # hp["lr"]: the host backends read it for LAMB's trust ratio; unused by this kernel
+    be.step(WEIGHT_AVERAGE, arrays, _NAMES, dict(hp, lr=0.0), 1, None)
+
+
+def ema_update(averages: Arrays, params: Arrays, decay: float, *, backend: str | None = None) -> None:
+    """averages <- decay * averages + (1 - decay) * params, in place (torch's lerp(averages, params,
+    1 - decay), as torch.optim.swa_utils.get_ema_multi_avg_fn). decay in [0, 1]. One fused pass: reads
+    averages and params, writes averages. TypeError / ValueError naming the argument, before any write."""
+    weight = 1.0 - _decay(decay)
+    _run(averages, params, {"mode": AVERAGE_EMA, "weight": weight, "divisor": 1.0}, backend)
+
+
+def swa_update(averages: Arrays, params: Arrays, n_averaged: int, *, backend: str | None = None) -> None:
+    """The running mean of the models seen: averages <- averages + (params - averages) / (n_averaged + 1),
+    in place, and averages <- params when n_averaged is 0 (torch.optim.swa_utils.AveragedModel's default
+    update). The caller counts: pass 0 for the first model, then 1, 2, ... TypeError / ValueError naming the
+    argument, before any write."""
+    n = _count(n_averaged)
+    mode = AVERAGE_COPY if n == 0 else AVERAGE_SWA
+    _run(averages, params, {"mode": mode, "weight": 0.0, "divisor": float(n + 1)}, backend)
+
+
+def ema_decay(step: int, decay: float = 0.9999, *, warmup: bool = True) -> float:
+    """The decay to pass to ema_update at update number `step` (1-based) of an EMA model with target
+    `decay`: min(decay, (1 + step) / (10 + step)) with warm-up (TensorFlow's ExponentialMovingAverage with
+    num_updates, timm's ModelEmaV3 default), so early averages follow the model instead of its random
+    initialization; `decay` itself without."""
+    value = _decay(decay)
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an integer (the 1-based number of this update), got {shown(step)} "
+                        f"({type(step).__name__})")
+    if not 1 <= int(step) <= 2 ** 53:
+        raise ValueError(f"Invalid step: {shown(step)} (the first update is 1; at most 2**53)")
+    if not warmup:
+        return value
+    step = int(step)
+    return min(value, (1.0 + step) / (10.0 + step))
