@@ -370,7 +370,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             b.hp = arguments.registry_hp(spec, b.group, b.step)
             b.backend = backend_for(b.param_views)
             state_lists, names = spec.plan_call(b.hp, b.state_views.get)
-            b.prepared = b.backend.prepare((b.param_views, b.grad_views, *state_lists), names, b.numbers)
+            # the params' numbers in messages; None when they are 0, 1, 2... (the same messages, less work)
+            numbers = None if b.numbers[-1] == len(b.numbers) - 1 else b.numbers
+            b.prepared = b.backend.prepare((b.param_views, b.grad_views, *state_lists), names, numbers)
             per_backend.setdefault(b.backend, []).append(b.prepared)
         for backend, prepared in per_backend.items():
             if len(prepared) > 1:
