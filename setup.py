@@ -140,7 +140,7 @@ extensions = [
 
 setup(
     packages=[
-        "fastopt", "fastopt.backends", "fastopt.train",
+        "fastopt", "fastopt.backends", "fastopt.train", "fastopt.torch",
         "fastopt.kernels", "fastopt.kernels.cpu", "fastopt.kernels.cuda", "fastopt.kernels.numba",
     ],
     package_dir={"fastopt.kernels": "kernels"},
