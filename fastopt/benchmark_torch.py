@@ -152,16 +152,22 @@ def _fmt(v):
     return f"{v:.2f}" if isinstance(v, float) else "–"
 
 
+def _ratio(a, b):
+    return f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) and b > 0 else "–"
+
+
 def format_row(row) -> str:
-    ms, sp = row["ms"], row["speedup_vs"]
+    """One table row: each variant's median (minimum) ms, and fastopt.torch's speedup over torch fused."""
+    ms, best = row["ms"], row["min_ms"]
     where = row["device"] + (f", {row['threads']} thr" if row["threads"] else "")
-    return (f"| {row['params']} | {row['optimizer']} | {where} | {_fmt(ms['fastopt'])} | "
-            + " | ".join(f"{_fmt(ms[v])} ({_fmt(sp[v])}x)" for v in VARIANTS[1:]) + " |")
+    cells = [f"{_fmt(ms[v])} ({_fmt(best[v])})" for v in VARIANTS]
+    speedup = f"{_ratio(ms['torch fused'], ms['fastopt'])} ({_ratio(best['torch fused'], best['fastopt'])})"
+    return f"| {row['params']} | {row['optimizer']} | {where} | " + " | ".join(cells) + f" | {speedup} | {row['load_average']:.1f} |"
 
 
 def markdown_table(report) -> str:
-    head = ("| params | optimizer | device | fastopt.torch ms | torch fused ms (fastopt speedup) | "
-            "torch foreach ms | torch for-loop ms |\n|---|---|---|---|---|---|---|")
+    head = ("| params | optimizer | device | fastopt.torch ms | torch fused ms | torch foreach ms | torch for-loop ms "
+            "| vs fused | load |\n|---|---|---|---|---|---|---|---|---|")
     return "\n".join([head] + [format_row(r) for r in report["runs"]])
 
 
