@@ -74,10 +74,12 @@ def _worker(sizes, calls, rounds):
         view_grads = views.grads
         (bucket,) = opt.layout.buckets
         shard_p, shard_s = opt.shard_params()[0], opt.shard_states()[0]
-        shard_g = np.zeros_like(shard_p)
-        send = np.zeros(world * bucket.shard, np.float32)
-        recv = np.zeros(bucket.shard, np.float32)
-        flat = np.zeros(world * bucket.shard, np.float32)
+        # filled, not np.zeros: untouched calloc pages all map to the one zero page, and reading them moves
+        # no memory (the parts timed alone would look faster than they are)
+        shard_g = np.full_like(shard_p, 1e-3)
+        send = np.full(world * bucket.shard, 1e-3, np.float32)
+        recv = np.full(bucket.shard, 1.0, np.float32)
+        flat = np.full(world * bucket.shard, 1.0, np.float32)
         adapter = opt.comm
 
         def update():
