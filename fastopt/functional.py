@@ -108,14 +108,18 @@ def init_state(name: str, params: Arrays, **options) -> dict:
     fills = spec.state_init(hp)
 
     def new_state(p, label, fill):
-        if type(p).__module__.startswith("numba"):  # Numba device arrays keep Numba state
-            from numba import cuda
-            return cuda.to_device(np.full(p.shape, fill, np.float32 if p.dtype == np.float16 else p.dtype))
         if array_device(p, label) == "device":
-            import cupy
-            p = cupy.asarray(p)
+            # on the params' device, filled on their producer stream (a torch tensor on cuda:1 under
+            # torch.cuda.stream(s): device 1, stream s), so the first update reads it filled; Numba
+            # device arrays keep Numba state, everything else gets CuPy arrays
+            if type(p).__module__.startswith("numba"):
+                from fastopt.backends import numba_backend as device_backend
+            else:
+                from fastopt.backends import cupy_backend as device_backend
+            dtype = np.dtype(p.__cuda_array_interface__["typestr"])
             # float16 params keep float32 state (float16 moments underflow; the kernels do float32 math)
-            return cupy.full(p.shape, fill, cupy.float32 if p.dtype == cupy.float16 else p.dtype)
+            dtype = np.dtype(np.float32) if dtype == np.float16 else dtype
+            return device_backend.device_full(tuple(p.shape), fill, dtype, like=p)
         p = as_numpy(p, label)
         if p.dtype.kind != "f":
             raise TypeError(f"{label} has dtype {p.dtype}; optimizer state is for floating-point params")

@@ -110,6 +110,10 @@ class DeviceBackend(Backend, Protocol):
     def device_zeros(self, n: int, dtype: Any, like: Any) -> Any:
         """n zeros of `dtype` on the device (and stream) of `like`."""
 
+    def device_full(self, shape: tuple, fill: float, dtype: Any, like: Any) -> Any:
+        """An array of `shape` filled with `fill` on the device of `like`, written on its producer stream
+        (how optimizer state for device params is made: fastopt.init_state)."""
+
     def step_guard(self, sq: Any, max_norm: float | None = None, skip_nonfinite: bool = False,
                    skipped: Any = None) -> tuple:
         """(clip coefficient or None, skip flag or None) in one launch; `skipped` counts skipped steps."""
