@@ -374,8 +374,8 @@ class ShardedOptimizer:
         early = None if guard else comm.start_all_reduce_sum(failed)
         if error is None:
             self._pack(views)
-        # a rank whose checks failed still joins the reduce-scatter (its send buffer is not read by anyone
-        # afterwards): the ranks learn about it from the all-reduce, before anything is updated
+        # a rank whose checks failed still joins the reduce-scatter (the sums it feeds are discarded by every
+        # rank): the ranks learn about it from the all-reduce, before anything is updated
         pending = [comm.reduce_scatter(self._send[b.index][0], self._recv[b.index][0]) for b in buckets]
         sq = 0.0
         if guard:
