@@ -4,7 +4,8 @@ Scenarios in tests/distributed/torch_worker.py: every elementwise optimizer bit 
 single-process class on the mean gradient (float32, float64; torch 2.13's gloo has reduce_scatter_single
 and all_gather_single on the CPU, and the test fails if the all_reduce fallback warns), AdamW against
 torch.optim.AdamW (1e-10 relative, float64), a torch.nn model's parameters and .grad against torch.optim.Adam
-(named by fastopt.torch.Adam when that module exists), mismatched params raising on both ranks, and a dead rank
+(named by fastopt.torch.Adam when that module exists), the all_reduce fallback for an engine without
+reduce-scatter (one warning, same results), mismatched params raising on both ranks, and a dead rank
 turning into a timeout error on the other (group timeout 3 s) instead of a hang."""
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
-SCENARIOS = ["equal", "torch_oracle", "module", "mismatch", "dead_rank"]
+SCENARIOS = ["equal", "torch_oracle", "module", "fallback", "mismatch", "dead_rank"]
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,34 @@ def module(rank, world):
         check(torch.allclose(a, b, rtol=1e-6, atol=1e-7), f"{(a - b).abs().max()}")
 
 
+def fallback(rank, world):
+    """An engine without reduce-scatter (older gloo): the adapter warns once and uses all_reduce + a slice;
+    the results are the same as with the reduce-scatter, and opt.grads are not overwritten."""
+    from fastopt.distributed.comm_torch import TorchCommunicator
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("ProcessGroupGloo does not support reduce_scatter")
+
+    torch.manual_seed(3)
+    params = [torch.randn(s) for s in SHAPES]
+    twin = [p.clone() for p in params]
+    comm = TorchCommunicator()
+    comm._rs = unsupported  # what an engine without the collective raises
+    opt = ShardedOptimizer("adam", params, comm, lr=0.01)
+    ref = ShardedOptimizer("adam", twin, dist.group.WORLD, lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(1, 4):
+            g = grads_for(3, t, rank, params)
+            for view, gi in zip(opt.grads, g):
+                view.copy_(gi)
+            opt.step(opt.grads)
+            check(all(torch.equal(v, gi) for v, gi in zip(opt.grads, g)), "the fallback overwrote opt.grads")
+            ref.step(g)
+    check(sum("all_reduce" in str(w.message) for w in caught) == 1, [str(w.message) for w in caught])
+    check(all(torch.equal(a, b) for a, b in zip(params, twin)), "the fallback's results differ")
+
+
 def mismatch(rank, world):
     """Different params on one rank: every rank raises the same ValueError at construction."""
     params = [torch.ones(10) * (1 + (rank == world - 1))]
@@ -133,8 +161,8 @@ def dead_rank(rank, world):
         raise AssertionError("a step with a dead rank returned")
 
 
-SCENARIOS = {"equal": equal, "torch_oracle": torch_oracle, "module": module, "mismatch": mismatch,
-             "dead_rank": dead_rank}
+SCENARIOS = {"equal": equal, "torch_oracle": torch_oracle, "module": module, "fallback": fallback,
+             "mismatch": mismatch, "dead_rank": dead_rank}
 
 if __name__ == "__main__":
     # scenarios run one after another in the same pair of processes (importing torch takes seconds);
