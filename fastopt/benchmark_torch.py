@@ -8,7 +8,9 @@ tensors, 124,439,808 params, the tied LM head counted once), ResNet-50 (161 tens
 and 100 tensors of 10,000. For Adam, AdamW and SGD with momentum, one step of fastopt.torch is timed
 against torch.optim's fused, foreach and for-loop implementations, on the same params and grads
 (float32, on the CPU; on the GPU too when torch sees one), interleaved round by round so that a loaded
-machine slows every variant alike; the median is reported. Targets (issue 12): on the CPU with 2 threads,
+machine slows every variant alike; the median and the minimum are reported. On the CPU a training loop
+(a small channels_last CNN with Adam, forward + backward + step) is timed too: fastopt's OpenMP pool and
+torch's intra-op pool take turns on the same cores there. Targets (issue 12): on the CPU with 2 threads,
 >= 1.3x torch fused Adam/AdamW on the ResNet-50 list and on 100 x 10,000, never slower than torch fused.
 """
 from __future__ import annotations
@@ -106,9 +108,11 @@ def time_case(torch, shapes, name, device, repeats, warmup=2):
     return median, best
 
 
-def run(threads=(2,), repeats=None, quick=False, devices=None, progress=True, param_lists=None):
-    """The report: one row per (device, threads, param list, optimizer). param_lists: name -> shapes
-    function (default PARAM_LISTS; --quick: ResNet-50 and 100 x 10,000)."""
+def run(threads=(2,), repeats=None, quick=False, devices=None, progress=True, param_lists=None,
+        training_iterations=20):
+    """The report: one row per (device, threads, param list, optimizer), and on the CPU the training-loop
+    case per thread count. param_lists: name -> shapes function (default PARAM_LISTS; --quick: ResNet-50
+    and 100 x 10,000)."""
     import torch
     devices = devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     if param_lists is None:
@@ -143,9 +147,47 @@ def run(threads=(2,), repeats=None, quick=False, devices=None, progress=True, pa
                         if progress:
                             print(format_row(row), flush=True)
                         report["runs"].append(row)
+        if "cpu" in devices:
+            report["training_loop"] = [training_loop(torch, n, training_iterations) for n in threads]
+            if progress:
+                for r in report["training_loop"]:
+                    print(f"training loop, {r['threads']} thr: ms per iteration {r['ms_per_iteration']}")
     finally:
         torch.set_num_threads(before)
     return report
+
+
+def training_loop(torch, threads, iterations=20, rounds=5):
+    """Time per training iteration (forward, backward, step) of a small channels_last CNN with Adam, as
+    fastopt.torch and as torch fused: what counts when torch's intra-op pool and fastopt's OpenMP pool
+    alternate on the same cores (fastopt.torch follows torch.get_num_threads())."""
+    import fastopt.torch as ft
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 16, 16, generator=gen).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (32,), generator=gen)
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, padding=1),
+            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(512, 10),
+        ).to(memory_format=torch.channels_last)
+
+    setups = {"fastopt": (m := model(), ft.Adam(m.parameters(), 1e-3)),
+              "torch fused": (m2 := model(), torch.optim.Adam(m2.parameters(), 1e-3, fused=True))}
+    times = {k: [] for k in setups}
+    for _ in range(rounds):
+        for name, (net, opt) in setups.items():
+            t0 = time.perf_counter()
+            for _ in range(iterations):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(net(x), y).backward()
+                opt.step()
+            times[name].append((time.perf_counter() - t0) * 1e3 / iterations)
+    return {"threads": threads, "load_average": os.getloadavg()[0],
+            "ms_per_iteration": {k: statistics.median(v) for k, v in times.items()},
+            "min_ms_per_iteration": {k: min(v) for k, v in times.items()}}
 
 
 def _fmt(v):

@@ -19,7 +19,7 @@ def test_param_lists_have_the_models_sizes():
 
 def test_run_on_a_tiny_list_times_every_variant():
     report = benchmark_torch.run(threads=(1,), repeats=2, devices=["cpu"], progress=False,
-                                 param_lists={"tiny": lambda: [(3, 5), (7,), (1,)]})
+                                 param_lists={"tiny": lambda: [(3, 5), (7,), (1,)]}, training_iterations=2)
     assert len(report["runs"]) == len(benchmark_torch.OPTIMIZERS)
     for row in report["runs"]:
         assert set(row["ms"]) == set(benchmark_torch.VARIANTS)
@@ -28,6 +28,8 @@ def test_run_on_a_tiny_list_times_every_variant():
             assert isinstance(t, float) or t.startswith("unavailable"), variant
     assert "machine" in report and report["params"]["tiny"] == {"tensors": 3, "params": 23}
     assert benchmark_torch.markdown_table(report).count("\n") == 1 + len(report["runs"])
+    loop, = report["training_loop"]
+    assert loop["threads"] == 1 and set(loop["ms_per_iteration"]) == {"fastopt", "torch fused"}
 
 
 @pytest.mark.parametrize("argv", [["bench", "--torch", "--sizes", "1000"], ["bench", "--torch", "--optimizers", "adam"],
