@@ -419,7 +419,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         """Store new state, advance the step counts and the accumulated torch state, bump versions."""
         spec = self.spec
         made_step = set()
-        bucket_of = {id(p): b for b in plan.buckets for p in b.params}
+        bucket_of = {id(p): b for b in plan.buckets for p in b.params} if plan.new_state else {}
         for p, fresh in plan.new_state:
             state = self.state[p]
             for name, value in fresh.items():
@@ -437,7 +437,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 for p, entry in zip(b.params, b.entries):
                     if id(p) in made_step:
                         continue
-                    state = self.state[p]
+                    state = entry.state if entry is not None else self.state[p]
                     step_t = state["step"]
                     if not isinstance(step_t, torch.Tensor):  # a plain number (an old state dict)
                         state["step"] = torch.tensor(float(b.step), dtype=scalar_dtype())
