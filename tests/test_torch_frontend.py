@@ -593,3 +593,28 @@ def test_bad_group_edits_raise_and_write_nothing(edit, exc, match):
     assert all(torch.equal(p, q) for p, q in zip(ps, before))
     for p, st in zip(ps, states):
         assert all(torch.equal(opt.state[p][k], v) for k, v in st.items())
+
+
+def test_state_dict_with_plain_number_steps_and_a_bad_step():
+    """Old torch state dicts keep `step` as a number: it is read and becomes torch's tensor (as torch.optim
+    does); a step that is no number is a TypeError before anything is written."""
+    torch.manual_seed(9)
+    with default_dtype(torch.float64):
+        a = torch.randn(4, requires_grad=True)
+        b = a.detach().clone().requires_grad_()
+        opt, topt = ft.Adam([a], 0.01), torch.optim.Adam([b], 0.01)
+        for o, p in ((opt, a), (topt, b)):
+            p.grad = torch.ones(4)
+            o.step()
+            sd = copy.deepcopy(o.state_dict())
+            sd["state"][0]["step"] = 1  # a plain number
+            o.load_state_dict(sd)
+            p.grad = torch.full((4,), 0.5)
+            o.step()
+        assert isinstance(opt.state[a]["step"], torch.Tensor) and opt.state[a]["step"].item() == 2
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+        opt.state[a]["step"] = "two"
+        before = a.detach().clone()
+        with pytest.raises(TypeError, match="step count"):
+            opt.step()
+        assert torch.equal(a, before)

@@ -54,8 +54,6 @@ class _Bucket:
 class _Plan:
     buckets: list
     new_state: list        # (param, {torch name: tensor}) to store once the step runs
-    counted: list          # step tensors to advance (params that had a step count)
-    extra: list            # (bucket, {name: [tensors]}) torch-only accumulated state (NAdam's mu_product)
 
 
 def _check_extras(clip_grad_norm, skip_nonfinite):
@@ -251,7 +249,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 stop += 1
             buckets += self._group_buckets(group, items[start:stop])
             start = stop
-        plan = _Plan(buckets, new_state, counted, [])
+        plan = _Plan(buckets, new_state)
         self._prepare(plan)
         return plan
 
@@ -349,12 +347,13 @@ class TorchOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _read_counts(steps) -> list[int]:
         """The step counts (float tensors, torch's layout; plain numbers from old state dicts too)."""
-        try:
-            values = torch.stack([torch.as_tensor(s, dtype=torch.float64).cpu() for s in steps]).tolist() \
-                if any(not isinstance(s, torch.Tensor) or s.device.type != "cpu" for s in steps) \
-                else torch.stack(steps).tolist()
-        except RuntimeError:  # 0-d tensors of different dtypes
-            values = [float(s) for s in steps]
+        if all(isinstance(s, torch.Tensor) and s.device.type == "cpu" and s.dtype == steps[0].dtype for s in steps):
+            values = torch.stack(steps).tolist()  # one call for the usual float32 CPU tensors
+        else:  # numbers, tensors of other dtypes or on a GPU (a capturable torch state dict)
+            try:
+                values = [float(s) for s in steps]
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError("a step count in the optimizer state is not a number or a one-element tensor") from None
         out = []
         for v in values:
             if not (math.isfinite(v) and v >= 0 and v == int(v)):
