@@ -14,6 +14,8 @@ Importing fastopt does not import torch; importing fastopt.torch does.
 """
 from __future__ import annotations
 
+import inspect
+
 from fastopt.specs import REGISTRY, OptimizerSpec
 from fastopt.torch import arguments
 from fastopt.torch.optimizer import TorchOptimizer
@@ -44,7 +46,6 @@ def make_class(spec: OptimizerSpec) -> type:
         defaults = {key: values[key] for key in group_keys}
         TorchOptimizer.__init__(self, params, defaults, **options)
 
-    import inspect
     P = inspect.Parameter
     __init__.__signature__ = sig.replace(parameters=[P("self", P.POSITIONAL_OR_KEYWORD), *sig.parameters.values()])
     __init__.__qualname__ = f"{spec.class_name}.__init__"
