@@ -114,9 +114,10 @@ def init_state(name: str, params: Arrays, **options) -> dict:
             # device arrays keep Numba state, everything else gets CuPy arrays
             if type(p).__module__.startswith("numba"):
                 from fastopt.backends import numba_backend as device_backend
+                dtype = np.dtype(p.dtype)  # the simulator's arrays export no __cuda_array_interface__
             else:
                 from fastopt.backends import cupy_backend as device_backend
-            dtype = np.dtype(p.__cuda_array_interface__["typestr"])
+                dtype = np.dtype(p.__cuda_array_interface__["typestr"])  # CuPy, torch: one way for both
             # float16 params keep float32 state (float16 moments underflow; the kernels do float32 math)
             dtype = np.dtype(np.float32) if dtype == np.float16 else dtype
             return device_backend.device_full(tuple(p.shape), fill, dtype, like=p)

@@ -31,19 +31,18 @@ cdef extern from "cpu_loops.hpp" namespace "fastopt::cpu" nogil:
     void scale(int dtype, void* x, int64_t n, double c)
     void clamp(int dtype, void* x, int64_t n, double c)
     cdef enum:
-        KIND_LAMB_MOMENTS, KIND_LAMB_APPLY, KIND_TOUCH, KIND_TOUCH_APPLY
+        KIND_TWO_PHASE, KIND_TOUCH, KIND_TOUCH_APPLY
     ctypedef struct FamilyVariant:
         int kind
         const char* family
         int variant
     const FamilyVariant* FAMILY_VARIANTS "fastopt::cpu::FAMILY_VARIANTS"
     const int FAMILY_VARIANT_COUNT "fastopt::cpu::FAMILY_VARIANT_COUNT"
+    const char* const* TWO_PHASE_NAMES "fastopt::cpu::TWO_PHASE_NAMES"
+    const int TWO_PHASE_COUNT "fastopt::cpu::TWO_PHASE_COUNT"
+    double two_phase_scaled_lr(int index, double lr, double param_norm, double update_norm)
     cdef enum:
         DTYPE_F32, DTYPE_F64
-
-cdef extern from "cpu_loops.hpp" namespace "fastopt" nogil:
-    M lamb_trust_ratio[M](M param_norm, M update_norm)
-
 
 def _family_table():
     # the generated family table compiled into cpu_loops.hpp (kernels/cuda/families.cuh, from the registry)
@@ -57,9 +56,11 @@ def _family_table():
 
 # family (OptimizerSpec.kernel) -> the variants compiled for it: the registry's, as of the build
 FAMILY_VARIANTS_BUILT = {name: variants for name, (kind, variants) in _family_table().items()}
-# kernel name -> kind: the elementwise families from the generated table, then the hand-written kernels
+# kernel name -> kind: the elementwise families from the generated table, the two-phase families (their
+# phase 1; phase 2 is the next kind), then the bandwidth-ceiling kernels
 KINDS = {name: kind for name, (kind, variants) in _family_table().items()}
-KINDS.update({"lamb": KIND_LAMB_MOMENTS, "touch": KIND_TOUCH, "touch_apply": KIND_TOUCH_APPLY})
+KINDS.update({TWO_PHASE_NAMES[i].decode(): KIND_TWO_PHASE + 2 * i for i in range(TWO_PHASE_COUNT)})
+KINDS.update({"touch": KIND_TOUCH, "touch_apply": KIND_TOUCH_APPLY})
 
 # Work is split into chunks of CHUNK elements (fixed, so reductions sum in the same order whatever the
 # thread count); below PARALLEL_MIN elements in total the call stays on one thread, where waking the
@@ -670,16 +671,18 @@ cdef void _load_scalars(tuple scalars, double* out) except *:
         out[i] = scalars[i]
 
 
-def update(str kernel, int variant, tuple arrays, tuple names, tuple scalars, double lamb_lr=0.0):
+def update(str kernel, int variant, tuple arrays, tuple names, tuple scalars, double lr=0.0):
     """Validate arrays = (params, grads, *states) and apply kernel `kernel` in place."""
-    run(_collect(arrays, names, 1), kernel, variant, scalars, lamb_lr)
+    run(_collect(arrays, names, 1), kernel, variant, scalars, lr)
 
 
-def run(_Batch b, str kernel, int variant, tuple scalars, double lamb_lr=0.0):
+def run(_Batch b, str kernel, int variant, tuple scalars, double lr=0.0):
     """Apply kernel `kernel` in place to a prepared batch (params, grads, *states).
 
     scalars: the kernel's hyperparameters in the order of its *Params struct (specs.py computes them).
-    LAMB (kernel "lamb") runs its two phases here with per-tensor trust ratios and lamb_lr.
+    A two-phase family (spec.two_phase: LAMB) runs both phases here: phase 1, the per-tensor norms summed
+    from the chunk partials in chunk order (deterministic), lr times the family's trust ratio per
+    tensor, phase 2. `lr` is read by two-phase families only.
     """
     cdef double s[MAX_SCALARS]
     cdef int kind = KINDS[kernel]
@@ -692,17 +695,17 @@ def run(_Batch b, str kernel, int variant, tuple scalars, double lamb_lr=0.0):
     _load_scalars(scalars, s)
     if b.nchunks == 0:
         return
-    if kind != KIND_LAMB_MOMENTS:
+    if not KIND_TWO_PHASE <= kind < KIND_TOUCH:
         _run(b, kind, variant, s, _IDENTITY_SLOTS, NULL, NULL)
         return
+    cdef int family = (kind - KIND_TWO_PHASE) // 2
     partials = <double*> malloc(2 * b.nchunks * sizeof(double))
     coefs = <double*> malloc(2 * b.ntensors * sizeof(double))
     if partials == NULL or coefs == NULL:
         free(partials); free(coefs)
         raise MemoryError()
     try:
-        _run(b, KIND_LAMB_MOMENTS, 0, s, _IDENTITY_SLOTS, NULL, partials)
-        # per-tensor norms: chunk partials summed in chunk order (deterministic)
+        _run(b, kind, 0, s, _IDENTITY_SLOTS, NULL, partials)
         for i in range(b.ntensors):
             coefs[2 * i] = 0.0
             coefs[2 * i + 1] = 0.0
@@ -713,8 +716,8 @@ def run(_Batch b, str kernel, int variant, tuple scalars, double lamb_lr=0.0):
         for i in range(b.ntensors):
             pn = sqrt(coefs[2 * i])
             un = sqrt(coefs[2 * i + 1])
-            coefs[i] = lamb_lr * lamb_trust_ratio[double](pn, un)
-        _run(b, KIND_LAMB_APPLY, 0, s, _APPLY_SLOTS, coefs, NULL)
+            coefs[i] = two_phase_scaled_lr(family, lr, pn, un)
+        _run(b, kind + 1, 0, s, _APPLY_SLOTS, coefs, NULL)
     finally:
         free(partials)
         free(coefs)

@@ -10,19 +10,19 @@
 #include "platform.hpp"  // FASTOPT_CLONES, FASTOPT_INLINE: compiler/arch checks
 
 #include "../cuda/clip.cuh"
-#include "../cuda/families.cuh"  // generated from the registry: every elementwise family and its variants
-#include "../cuda/lamb.cuh"
+#include "../cuda/families.cuh"  // generated from the registry: every family, its variants, the two-phase ones
 
 namespace fastopt {
 namespace cpu {
 
 // Kernel kinds. The elementwise families are 0 .. FASTOPT_FAMILY_COUNT - 1, their positions in the
-// generated table (families.cuh, from fastopt/specs.py); the kernels written by hand around a reduction
-// or for the bandwidth ceiling follow. The Cython module reads the table (FAMILY_VARIANTS) for its names.
+// generated table (families.cuh, from fastopt/specs.py); then two kinds per two-phase family (its phase
+// 1 at KIND_TWO_PHASE + 2 * index, phase 2 next); then the bandwidth-ceiling kernels. The Cython module
+// reads the tables (FAMILY_VARIANTS, TWO_PHASE_NAMES) for its names.
 enum Kind {
-    KIND_LAMB_MOMENTS = FASTOPT_FAMILY_COUNT,
-    KIND_LAMB_APPLY,
-    KIND_TOUCH,        // bandwidth ceiling: p, s0.. read+written, g read (variant = number of states)
+    KIND_TWO_PHASE = FASTOPT_FAMILY_COUNT,
+    // bandwidth ceiling: p, s0.. read+written, g read (variant = number of states)
+    KIND_TOUCH = FASTOPT_FAMILY_COUNT + 2 * FASTOPT_TWO_PHASE_COUNT,
     KIND_TOUCH_APPLY,  // bandwidth ceiling of LAMB's phase 2: p read+written, s0, s1 read
 };
 
@@ -42,6 +42,41 @@ struct FamilyVariant {
 static const FamilyVariant FAMILY_VARIANTS[] = {FASTOPT_UPDATE_VARIANTS(FASTOPT_FAMILY_ROW)};
 #undef FASTOPT_FAMILY_ROW
 static const int FAMILY_VARIANT_COUNT = int(sizeof(FAMILY_VARIANTS) / sizeof(FAMILY_VARIANTS[0]));
+
+#define FASTOPT_TWO_PHASE_NAME(I, FAMILY, PARAMS) #FAMILY,
+static const char* const TWO_PHASE_NAMES[] = {FASTOPT_TWO_PHASE_FAMILIES(FASTOPT_TWO_PHASE_NAME) nullptr};
+#undef FASTOPT_TWO_PHASE_NAME
+static const int TWO_PHASE_COUNT = FASTOPT_TWO_PHASE_COUNT;
+
+// A two-phase family's math (<family>.cuh) behind one name, for the generic loops below: phase 1
+// updates the two states and returns the update direction, phase 2 steps p by lr * trust ratio.
+#define FASTOPT_TWO_PHASE_MATH(I, FAMILY, PARAMS)                                                   \
+    struct FAMILY##_two_phase {                                                                     \
+        template <typename M>                                                                       \
+        using Params = PARAMS<M>;                                                                   \
+        template <typename M>                                                                       \
+        FASTOPT_INLINE M moments(M p, M g, M& a, M& b, const PARAMS<M>& h) {                        \
+            return FAMILY##_moments_math<M>(p, g, a, b, h);                                         \
+        }                                                                                           \
+        template <typename M>                                                                       \
+        FASTOPT_INLINE void apply(M& p, M a, M b, const PARAMS<M>& h, M scaled_lr) {                \
+            FAMILY##_apply_math<M>(p, a, b, h, scaled_lr);                                          \
+        }                                                                                           \
+    };
+FASTOPT_TWO_PHASE_FAMILIES(FASTOPT_TWO_PHASE_MATH)
+#undef FASTOPT_TWO_PHASE_MATH
+
+// lr * trust ratio of one tensor of two-phase family `index`, from its two norms (float64, as every
+// backend computes it); 0 for an unknown index (checked by the caller before any write).
+static inline double two_phase_scaled_lr(int index, double lr, double param_norm, double update_norm) {
+    switch (index) {
+#define FASTOPT_TWO_PHASE_TRUST(I, FAMILY, PARAMS) \
+    case I: return lr * FAMILY##_trust_ratio<double>(param_norm, update_norm);
+        FASTOPT_TWO_PHASE_FAMILIES(FASTOPT_TWO_PHASE_TRUST)
+#undef FASTOPT_TWO_PHASE_TRUST
+    }
+    return 0.0;
+}
 
 template <typename T>
 struct Ptrs {
@@ -75,10 +110,12 @@ FASTOPT_INLINE void cpu_loop(Ptrs<T> a, int64_t n, const double* s) {
     }
 }
 
-// LAMB phase 1: moments, and the squared norms of p and of the update, per LANES accumulators.
-template <typename T>
-FASTOPT_INLINE void lamb_moments_loop(Ptrs<T> a, int64_t n, const double* s, double* acc) {
-    const LambParams<T> h = load_params<LambParams<T>, T>(s);
+// Two-phase families, phase 1: the states, and the squared norms of p and of the update, per LANES
+// accumulators.
+template <typename T, class F>
+FASTOPT_INLINE void two_phase_moments_loop(Ptrs<T> a, int64_t n, const double* s, double* acc) {
+    typedef typename F::template Params<T> P;
+    const P h = load_params<P, T>(s);
     const T* __restrict p = a.p;
     const T* __restrict g = a.g;
     T* __restrict m = a.s0;
@@ -89,7 +126,7 @@ FASTOPT_INLINE void lamb_moments_loop(Ptrs<T> a, int64_t n, const double* s, dou
         for (int j = 0; j < LANES; ++j) {
             T mi = m[i + j], vi = v[i + j];
             double pi = double(p[i + j]);
-            double u = double(lamb_moments_math<T>(p[i + j], g[i + j], mi, vi, h));
+            double u = double(F::moments(p[i + j], g[i + j], mi, vi, h));
             m[i + j] = mi;
             v[i + j] = vi;
             pp[j] += pi * pi;
@@ -99,7 +136,7 @@ FASTOPT_INLINE void lamb_moments_loop(Ptrs<T> a, int64_t n, const double* s, dou
     for (int j = 0; i < n; ++i, ++j) {
         T mi = m[i], vi = v[i];
         double pi = double(p[i]);
-        double u = double(lamb_moments_math<T>(p[i], g[i], mi, vi, h));
+        double u = double(F::moments(p[i], g[i], mi, vi, h));
         m[i] = mi;
         v[i] = vi;
         pp[j] += pi * pi;
@@ -114,16 +151,18 @@ FASTOPT_INLINE void lamb_moments_loop(Ptrs<T> a, int64_t n, const double* s, dou
     acc[1] = su;
 }
 
-template <typename T>
-FASTOPT_INLINE void lamb_apply_loop(Ptrs<T> a, int64_t n, const double* s, double scaled_lr) {
-    const LambParams<T> h = load_params<LambParams<T>, T>(s);
+// Phase 2: p stepped by this tensor's lr * trust ratio.
+template <typename T, class F>
+FASTOPT_INLINE void two_phase_apply_loop(Ptrs<T> a, int64_t n, const double* s, double scaled_lr) {
+    typedef typename F::template Params<T> P;
+    const P h = load_params<P, T>(s);
     const T lr = T(scaled_lr);
     T* __restrict p = a.p;
     const T* __restrict m = a.s0;
     const T* __restrict v = a.s1;
     for (int64_t i = 0; i < n; ++i) {
         T pi = p[i];
-        lamb_apply_math<T>(pi, m[i], v[i], h, lr);
+        F::apply(pi, m[i], v[i], h, lr);
         p[i] = pi;
     }
 }
@@ -160,8 +199,11 @@ FASTOPT_INLINE int run_chunk_typed(int kind, int variant, void* const* ptrs, int
     Ptrs<T> a = {static_cast<T*>(ptrs[0]), static_cast<const T*>(ptrs[1]), static_cast<T*>(ptrs[2]),
                  static_cast<T*>(ptrs[3]), static_cast<T*>(ptrs[4])};
     switch (kind) {
-        case KIND_LAMB_MOMENTS: lamb_moments_loop<T>(a, n, s, acc); return 0;
-        case KIND_LAMB_APPLY: lamb_apply_loop<T>(a, n, s, coef); return 0;
+#define FASTOPT_TWO_PHASE_CASES(I, FAMILY, PARAMS)                                                  \
+    case KIND_TWO_PHASE + 2 * (I): two_phase_moments_loop<T, FAMILY##_two_phase>(a, n, s, acc); return 0; \
+    case KIND_TWO_PHASE + 2 * (I) + 1: two_phase_apply_loop<T, FAMILY##_two_phase>(a, n, s, coef); return 0;
+        FASTOPT_TWO_PHASE_FAMILIES(FASTOPT_TWO_PHASE_CASES)
+#undef FASTOPT_TWO_PHASE_CASES
         case KIND_TOUCH:
             switch (variant) {  // number of states, + 4 when p is only read
                 case 0: touch_loop<T, 0, false>(a, n); return 0;

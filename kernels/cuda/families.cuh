@@ -81,9 +81,18 @@ FO_UPDATE_ENTRIES(13, average, AverageOp, 1)
 FO_UPDATE_ENTRIES(13, average, AverageOp, 2)
 #endif
 
-// The two-phase families (spec.two_phase): fo_<family>_moments_multi, _trust, _apply_multi around a
-// per-tensor reduction. update.cu defines FO_TWO_PHASE_ENTRIES(family, params struct) and includes this.
-#ifdef FO_TWO_PHASE_ENTRIES
+// The two-phase families (spec.two_phase): a per-tensor reduction between phase 1 (the states, and
+// the norms of p and of the update: <family>_moments_math) and phase 2 (the step scaled by
+// <family>_trust_ratio: <family>_apply_math), all in <family>.cuh. X(index, family, params struct):
+// the CPU loops (kernels/cpu/cpu_loops.hpp) give each two kinds after the elementwise families.
 #include "lamb.cuh"
+#define FASTOPT_TWO_PHASE_COUNT 1
+#define FASTOPT_TWO_PHASE_FAMILIES(X) \
+    X(0, lamb, LambParams) \
+
+
+// Their CUDA entry points fo_<family>_moments_multi, _trust, _apply_multi: update.cu defines
+// FO_TWO_PHASE_ENTRIES(family, params struct) and includes this.
+#ifdef FO_TWO_PHASE_ENTRIES
 FO_TWO_PHASE_ENTRIES(lamb, LambParams)
 #endif
