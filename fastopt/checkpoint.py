@@ -66,7 +66,8 @@ import re
 import secrets
 import stat
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import BinaryIO
 
 import numpy as np
 
@@ -80,7 +81,7 @@ from fastopt.optim import Optimizer, OptimizerState
 from fastopt.statedict import (FORMAT, MAX_COUNT, CheckpointError, _fail, _shown, apply_load, from_torch_state_dict,
                                load_state_dict, plan_load, state_dict, to_torch_state_dict)
 
-__all__ = ["save", "load", "read", "CheckpointError", "OptimizerState", "state_dict", "load_state_dict",
+__all__ = ["save", "load", "write_atomic", "read", "CheckpointError", "OptimizerState", "state_dict", "load_state_dict",
            "to_torch_state_dict", "from_torch_state_dict"]
 
 FILE_FORMAT = 2    # layout of the file: 2 adds the params and the checksum; 1 is still read
@@ -231,6 +232,16 @@ def save(path, opt, *, params=True) -> None:
             "state": state_meta, "params": nparams}
     members.insert(0, ("meta", np.array(json.dumps(meta, allow_nan=True))))
 
+    write_atomic(path, lambda f: _write_file(f, members))
+
+
+def write_atomic(path, write: Callable[[BinaryIO], None]) -> None:
+    """Create or replace the file `path` with what `write(f)` writes, atomically: through a locked
+    temporary file in the same directory (temporaries of earlier writers that died are removed), the
+    target's permission bits kept, fsync, rename over the target, fsync of the directory. A crash at any
+    point leaves the old file (or none), never a partial one. Used by save() and by the sharded
+    checkpoints of fastopt.distributed."""
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     stem = _temp_stem(os.path.basename(path))
     _remove_stale_temps(directory, stem)
@@ -244,7 +255,7 @@ def save(path, opt, *, params=True) -> None:
         with os.fdopen(fd, "w+b") as f:
             if mode is not None and hasattr(os, "fchmod"):
                 os.fchmod(f.fileno(), mode)
-            _write_file(f, members)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
             if fcntl is not None:  # POSIX: renamed while still locked (Windows cannot rename an open file)

@@ -43,7 +43,7 @@ import secrets
 import numpy as np
 
 from fastopt import optim
-from fastopt.checkpoint import CheckpointError, load as load_file, read as read_file, save as save_file
+from fastopt.checkpoint import CheckpointError, load as load_file, read as read_file, save as save_file, write_atomic
 from fastopt.optim import OptimizerState
 from fastopt.distributed.layout import DEFAULT_BUCKET_BYTES, ShardLayout
 from fastopt.schedules import is_schedule
@@ -62,31 +62,9 @@ MAX_COUNT = 2 ** 53 - 1
 # Files
 # ---------------------------------------------------------------------------------------------------
 
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory: fsync, rename, fsync the
-    directory. A crash leaves the old file (or none), never a partial one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # not possible everywhere
-        pass
+def _write_bytes(path: str, data: bytes) -> None:
+    """`data` into `path`, atomically (fastopt.checkpoint.write_atomic: a crash leaves the old file)."""
+    write_atomic(path, lambda f: f.write(data))
 
 
 def _shard_bytes(members: dict) -> bytes:
@@ -118,7 +96,7 @@ def _manifest(spec, layout: ShardLayout, hp: dict, lr_schedule, steps, skipped, 
 
 def _commit(path: str, manifest: dict) -> None:
     """Write the manifest (the commit point), then remove shard files it does not name."""
-    _atomic_write(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1).encode())
+    _write_bytes(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1).encode())
     keep = {f["name"] for f in manifest["files"]}
     for name in os.listdir(path):
         if _SHARD_NAME.fullmatch(name) and name not in keep:
@@ -159,7 +137,7 @@ def save(opt, path) -> None:
         _make_dir(path)
         data = _shard_bytes(_members(layout, [_host(p) for p in opt.shard_params()],
                                      [{k: _host(v) for k, v in s.items()} for s in opt.shard_states()]))
-        _atomic_write(os.path.join(path, _shard_name(opt.rank, world, token)), data)
+        _write_bytes(os.path.join(path, _shard_name(opt.rank, world, token)), data)
         row[0] = 1.0
         row[1:] = np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
     except OSError as e:
@@ -422,6 +400,6 @@ def scatter(file, path, world_size: int, *, bucket_bytes: int | None = None) -> 
             shard_states.append(s)
         data = _shard_bytes(_members(layout, shard_params, shard_states))
         name = _shard_name(rank, world_size, token)
-        _atomic_write(os.path.join(path, name), data)
+        _write_bytes(os.path.join(path, name), data)
         files.append({"name": name, "sha256": hashlib.sha256(data).hexdigest()})
     _commit(path, _manifest(spec, layout, hp, None, exported.steps[0], exported.skipped_steps or 0, names, files))
