@@ -618,3 +618,39 @@ def test_state_dict_with_plain_number_steps_and_a_bad_step():
         with pytest.raises(TypeError, match="step count"):
             opt.step()
         assert torch.equal(a, before)
+
+
+def test_params_removed_from_the_groups_are_let_go():
+    import gc
+    import weakref
+    kept, dropped = torch.randn(5, requires_grad=True), torch.randn(1000, requires_grad=True)
+    opt = ft.Adam([kept, dropped], 0.01)
+    for _ in range(3):
+        kept.grad, dropped.grad = torch.randn(5), torch.randn(1000)
+        opt.step()
+    ref = weakref.ref(dropped)
+    opt.param_groups[0]["params"] = [kept]
+    del opt.state[dropped]
+    dropped = None
+    kept.grad = torch.randn(5)
+    opt.step()
+    gc.collect()
+    assert ref() is None  # no cached view keeps the removed param (or its storage) alive
+
+
+def test_a_removed_param_group_is_let_go():
+    import gc
+    import weakref
+    kept, dropped = torch.randn(5, requires_grad=True), torch.randn(1000, requires_grad=True)
+    opt = ft.SGD([{"params": [kept]}, {"params": [dropped]}], 0.01, momentum=0.9)
+    for _ in range(3):
+        kept.grad, dropped.grad = torch.randn(5), torch.randn(1000)
+        opt.step()
+    ref = weakref.ref(dropped)
+    del opt.param_groups[1]
+    del opt.state[dropped]
+    dropped = None
+    kept.grad = torch.randn(5)
+    opt.step()
+    gc.collect()
+    assert ref() is None

@@ -236,6 +236,15 @@ class TorchOptimizer(torch.optim.Optimizer):
                     count = self._count(entry, state, used, names, counted)
                 pending = (flat, tuple(tensors), used) if entry is None else None
                 items.append([group, p, gv, entry, pending, count, number])
+        if len(entries) > number + 1:  # params left the optimizer (groups edited): let their views go
+            keep = {id(p) for group in self.param_groups for p in group["params"]}
+            for key in [k for k in entries if k not in keep]:
+                del entries[key]
+        templates = self._fastopt_templates
+        if len(templates) > len(self.param_groups):  # a group was removed: its kernel-call lists too
+            keep = {id(group) for group in self.param_groups}
+            for key in [k for k in templates if k not in keep]:
+                del templates[key]
         if counted:  # step counts not known from the last step, read in one go
             values = iter(self._read_counts(counted))
             for item in items:
