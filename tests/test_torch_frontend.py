@@ -654,3 +654,14 @@ def test_a_removed_param_group_is_let_go():
     opt.step()
     gc.collect()
     assert ref() is None
+
+
+def test_load_state_dict_keeps_fastopt_options():
+    a = torch.randn(4, requires_grad=True)
+    opt = ft.Adam([a], 0.01, clip_grad_norm=0.25, skip_nonfinite=True)
+    a.grad = torch.tensor([1.0, float("inf"), 0.0, 0.0])
+    opt.step()
+    a.grad = torch.ones(4)
+    opt.step()
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert (opt.clip_grad_norm, opt.skip_nonfinite, opt.skipped_steps) == (0.25, True, 1)

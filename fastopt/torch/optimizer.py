@@ -142,7 +142,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state):
-        extras = state.pop("fastopt", {})
+        # unpickling passes fastopt's extras; torch's load_state_dict calls this too, with state and
+        # param_groups only: the optimizer then keeps its own extras
+        current = {k: self.__dict__[k] for k in ("clip_grad_norm", "skip_nonfinite", "skipped_steps")
+                   if k in self.__dict__}
+        extras = state.pop("fastopt", current)
         super().__setstate__(state)
         self.clip_grad_norm, self.skip_nonfinite = _check_extras(extras.get("clip_grad_norm"),
                                                                  extras.get("skip_nonfinite", False))
