@@ -253,16 +253,7 @@ cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot, object indic
                         f"{np.dtype(np.float32 if ref_code == DTYPE_F32 else np.float64)}: one call "
                         f"updates one dtype (group the arrays by dtype)")
             else:
-                if code != ref_code:
-                    raise TypeError(
-                        f"{_label(names, k, i, is_list, indices)} has dtype {_dtype_text(a)}, expected {p.dtype} "
-                        f"(the dtype of {_label(names, 0, i, is_list, indices)})")
-                ndim = cnp.PyArray_NDIM(a)
-                if ndim != cnp.PyArray_NDIM(p) or not cnp.PyArray_CompareLists(
-                        cnp.PyArray_DIMS(a), cnp.PyArray_DIMS(p), ndim):
-                    raise ValueError(
-                        f"{_label(names, k, i, is_list, indices)} has shape {(<object> a).shape}, expected {(<object> p).shape} "
-                        f"(the shape of {_label(names, 0, i, is_list, indices)})")
+                _check_like_param(a, code, p, ref_code, names, k, i, is_list, indices)
             if not cnp.PyArray_IS_C_CONTIGUOUS(a):
                 raise ValueError(f"{_label(names, k, i, is_list, indices)} is not C-contiguous")
             if k != read_only_slot and not cnp.PyArray_ISWRITEABLE(a):
@@ -294,6 +285,22 @@ cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot, object indic
 cdef str _dtype_text(cnp.ndarray a):
     """float32, or >f4 where the byte order is what is wrong."""
     return str(a.dtype) if cnp.PyArray_ISNOTSWAPPED(a) else a.dtype.str
+
+
+cdef int _check_like_param(cnp.ndarray a, int code, cnp.ndarray p, int param_code, tuple names, int k,
+                           Py_ssize_t i, bint is_list, object indices) except -1:
+    """A grad or state array against its param: the same dtype (code) and the same shape."""
+    cdef int ndim
+    if code != param_code:
+        raise TypeError(
+            f"{_label(names, k, i, is_list, indices)} has dtype {_dtype_text(a)}, expected {p.dtype} "
+            f"(the dtype of {_label(names, 0, i, is_list, indices)})")
+    ndim = cnp.PyArray_NDIM(a)
+    if ndim != cnp.PyArray_NDIM(p) or not cnp.PyArray_CompareLists(cnp.PyArray_DIMS(a), cnp.PyArray_DIMS(p), ndim):
+        raise ValueError(
+            f"{_label(names, k, i, is_list, indices)} has shape {(<object> a).shape}, expected "
+            f"{(<object> p).shape} (the shape of {_label(names, 0, i, is_list, indices)})")
+    return 0
 
 
 cdef _check_disjoint(list batches):
@@ -594,16 +601,7 @@ def bind_grads(_Fixed fixed, grads_per_call):
                 obj = _as_ndarray(obj, _label(names, 1, i, is_list, indices))
             a = <cnp.ndarray> obj
             p = <cnp.ndarray> b.keep[i * nslots]
-            if _dtype_code(a) != b.dtype:
-                raise TypeError(
-                    f"{_label(names, 1, i, is_list, indices)} has dtype {_dtype_text(a)}, expected {p.dtype} "
-                    f"(the dtype of {_label(names, 0, i, is_list, indices)})")
-            ndim = cnp.PyArray_NDIM(a)
-            if ndim != cnp.PyArray_NDIM(p) or not cnp.PyArray_CompareLists(
-                    cnp.PyArray_DIMS(a), cnp.PyArray_DIMS(p), ndim):
-                raise ValueError(
-                    f"{_label(names, 1, i, is_list, indices)} has shape {(<object> a).shape}, expected "
-                    f"{(<object> p).shape} (the shape of {_label(names, 0, i, is_list, indices)})")
+            _check_like_param(a, _dtype_code(a), p, b.dtype, names, 1, i, is_list, indices)
             if not cnp.PyArray_IS_C_CONTIGUOUS(a):
                 raise ValueError(f"{_label(names, 1, i, is_list, indices)} is not C-contiguous")
             nb.keep[i * nslots + 1] = a
