@@ -11,6 +11,8 @@ without an edit here:
   the vector and the scalar path), and as a list (an empty tensor, a 2-d one, one of more than a
   multi-tensor chunk), with each grad_scale form (none, a float, a 0-d device array) and a skip flag
   that is clear and one that is set (the skip path; LAMB's two phases included);
+- the weight-averaging kernels (fastopt.specs.KERNEL_OPS: ema_update, swa_update's copy and mean), in
+  every dtype and layout;
 - the norm, clip, scale, clamp and step-guard kernels in each form, and the CuPy backend's touch;
 - then, on a real GPU, the public API on top: the optimizer classes with clip_grad_norm and
   skip_nonfinite (a NaN step skipped), the clip functions, and torch CUDA tensors when torch is there.
@@ -182,6 +184,24 @@ def sweep_updates(backend, make, dtypes, calls, rng, quick=False):
                     calls(what, backend_module(backend).step, spec, arrays, names, hp, step, grad_scale, found_inf)
 
 
+def sweep_averaging(backend, make, dtypes, calls, rng, quick=False):
+    """The weight-averaging kernels (specs.KERNEL_OPS: fastopt.ema_update / swa_update), every mode, dtype
+    and layout (quick: one aligned array and a list)."""
+    import fastopt
+    for dtype in dtypes:
+        for layout in QUICK_LAYOUTS if quick else LAYOUTS:
+            shapes = LIST_SHAPES if layout == "list" else ((SINGLE,),)
+            build = make.misaligned if layout == "misaligned" else make.array
+            averages = [build(_host(rng, s, dtype)) for s in shapes]
+            params = [build(_host(rng, s, dtype)) for s in shapes]
+            if layout != "list":
+                averages, params = averages[0], params[0]
+            what = f"{backend} {np.dtype(dtype).name} {layout}"
+            calls(f"{what} ema_update", fastopt.ema_update, averages, params, 0.9, backend=backend)
+            for n in (0, 3):  # 0: the copy of the first model, then the running mean
+                calls(f"{what} swa_update(n_averaged={n})", fastopt.swa_update, averages, params, n, backend=backend)
+
+
 def sweep_reductions(backend, make, dtypes, calls, rng):
     """Norms, clipping, scaling, clamping and the step guard, one array and a list; touch on CuPy."""
     be = backend_module(backend)
@@ -229,6 +249,7 @@ def sweep_backend(backend, make, dtypes=None, log=print, seed=None, quick=False,
     dtypes = backend_module(backend).DTYPES if dtypes is None else dtypes
     calls = Calls(log) if calls is None else calls
     sweep_updates(backend, make, dtypes, calls, rng, quick)
+    sweep_averaging(backend, make, dtypes, calls, rng, quick)
     sweep_reductions(backend, make, dtypes, calls, rng)
     return calls
 
