@@ -19,17 +19,9 @@ from fastopt.specs import REGISTRY  # noqa: E402
 from fastopt.torch import arguments  # noqa: E402
 
 from conftest import combo_id, option_combinations  # noqa: E402
-from torch_support import FunctionalOracle, default_dtype, random_groups, snapshot, torch_kwargs  # noqa: E402
+from torch_support import (FunctionalOracle, default_dtype, one_torch_thread, random_groups,  # noqa: E402,F401
+                           snapshot, torch_kwargs)
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: the results do not depend on it, and a shared 2-core machine oversubscribed
-    by torch's pool runs these tests many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 SPECS = list(REGISTRY.values())
 TORCH_SPECS = [s for s in SPECS if s.torch_class]

@@ -18,17 +18,8 @@ torch = pytest.importorskip("torch")
 import fastopt.torch as ft  # noqa: E402
 from fastopt.specs import REGISTRY  # noqa: E402
 
-from torch_support import default_dtype  # noqa: E402
+from torch_support import default_dtype, one_torch_thread  # noqa: E402,F401 (an autouse fixture)
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: the results do not depend on it, and a shared 2-core machine oversubscribed
-    by torch's pool runs these tests many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 TORCH_SPECS = [s for s in REGISTRY.values() if s.torch_class]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
+import pytest
 import torch
 
 import fastopt
@@ -19,6 +20,16 @@ def torch_kwargs(spec, hp: dict) -> dict:
     if betas:
         out["betas"] = tuple(hp[b] for b in betas)
     return out
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: the results do not depend on it, and a shared 2-core machine oversubscribed
+    by torch's pool runs these tests many times slower. Autouse in every test module that imports it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
