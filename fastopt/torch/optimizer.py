@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 
@@ -21,6 +19,8 @@ from fastopt.backends.dispatch import backend_for
 from fastopt.clip import clip_coefficient
 from fastopt.specs import OptimizerSpec, shown
 import fastopt.torch.arguments as arguments
+from fastopt.torch.plan import Bucket, Plan
+from fastopt.torch.steady import Steady
 from fastopt.torch.views import ParamEntry, bump_versions, dense_span, kernel_view, layout
 
 # float32 and float64 params: what the kernels compute in (16-bit params: issue 13)
@@ -31,29 +31,6 @@ def scalar_dtype():
     """The dtype torch.optim gives its 0-d step and mu_product tensors: float64 when that is the default
     dtype, else float32 (torch.optim.optimizer._get_scalar_dtype for a non-fused optimizer)."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-@dataclass
-class _Bucket:
-    """One kernel call: params of one group, dtype, device and step count."""
-    group: dict
-    step: int                                       # the 1-based number of the step being taken
-    numbers: list = field(default_factory=list)     # the params' numbers in the optimizer (messages)
-    params: list = field(default_factory=list)      # the param tensors
-    entries: list = field(default_factory=list)     # their cached ParamEntry (None on a first step)
-    param_views: list = field(default_factory=list)
-    grad_views: list = field(default_factory=list)
-    state_views: dict = field(default_factory=dict)  # registry state name -> views
-    written: list = field(default_factory=list)      # tensors the kernel writes (version counters)
-    hp: dict | None = None
-    backend: object = None
-    prepared: object = None
-
-
-@dataclass
-class _Plan:
-    buckets: list
-    new_state: list        # (param, {torch name: tensor}) to store once the step runs
 
 
 def _check_extras(clip_grad_norm, skip_nonfinite):
@@ -86,6 +63,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._fastopt_entries: dict = {}   # id(param) -> ParamEntry
         self._fastopt_templates: dict = {}  # id(group) -> the last step's kernel calls of the group
         self._fastopt_warned: set = set()
+        self._fastopt_steady = None        # steady.Steady: the last step's calls, while only grads change
         self._fastopt_constructed = False
         super().__init__(params, defaults)
         self._fastopt_constructed = True
@@ -154,6 +132,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._fastopt_entries = {}
         self._fastopt_templates = {}
         self._fastopt_warned = set()
+        self._fastopt_steady = None
         self._fastopt_constructed = True
 
     # --- the step ------------------------------------------------------------------------------------
@@ -165,15 +144,19 @@ class TorchOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        try:
-            plan = self._plan()
-        except (TypeError, ValueError):
-            if not self._fastopt_entries:
-                raise
-            # the cached views passed only the cheap checks: plan again from scratch; a real error repeats
-            self._fastopt_entries.clear()
-            self._fastopt_templates.clear()
-            plan = self._plan()
+        steady = self._fastopt_steady
+        plan = steady.plan(self) if steady is not None else None  # only the grads changed: the short path
+        if plan is None:
+            self._fastopt_steady = None
+            try:
+                plan = self._plan()
+            except (TypeError, ValueError):
+                if not self._fastopt_entries:
+                    raise
+                # the cached views passed only the cheap checks: plan again from scratch; a real error repeats
+                self._fastopt_entries.clear()
+                self._fastopt_templates.clear()
+                plan = self._plan()
         grad_scale = self._grad_scale(plan)
         if grad_scale is False:
             return loss
@@ -185,7 +168,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._fastopt_warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
-    def _plan(self) -> _Plan:
+    def _plan(self) -> Plan:
         """Every check of this step, nothing written (new state tensors are made, not yet stored)."""
         spec = self.spec
         entries = self._fastopt_entries
@@ -262,7 +245,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 stop += 1
             buckets += self._group_buckets(group, items[start:stop])
             start = stop
-        plan = _Plan(buckets, new_state)
+        plan = Plan(buckets, new_state)
         self._prepare(plan)
         return plan
 
@@ -284,7 +267,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             key = (*(entry.kind if entry is not None else (p.dtype, p.device)), count)
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = _Bucket(group=group, step=count + 1)
+                b = buckets[key] = Bucket(group=group, step=count + 1)
                 positions[key] = []
             positions[key].append(i)
             b.numbers.append(number)
@@ -374,7 +357,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             out.append(int(v))
         return out
 
-    def _prepare(self, plan: _Plan) -> None:
+    def _prepare(self, plan: Plan) -> None:
         """The backends' checks of every call, then of the calls against each other."""
         spec = self.spec
         per_backend: dict = {}
@@ -390,7 +373,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             if len(prepared) > 1:
                 backend.check_disjoint(prepared)
 
-    def _grad_scale(self, plan: _Plan):
+    def _grad_scale(self, plan: Plan):
         """The factor the kernels multiply the grads by (GradScaler's unscale times the clip coefficient),
         or False when the step is skipped (an inf found by GradScaler, or skip_nonfinite)."""
         found_inf = getattr(self, "found_inf", None)   # set by torch.amp.GradScaler.step
@@ -413,7 +396,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         # the norm was read back to the host (on a GPU: one synchronisation, only with clipping/skipping)
         return inv_scale * float(clip_coefficient(np.float64(norm), self.clip_grad_norm))
 
-    def _run(self, plan: _Plan, grad_scale: float) -> None:
+    def _run(self, plan: Plan, grad_scale: float) -> None:
         spec = self.spec
         threads = torch.get_num_threads()  # one thread pool: as many OpenMP threads as torch uses
         before = fastopt.get_num_threads()
@@ -425,9 +408,13 @@ class TorchOptimizer(torch.optim.Optimizer):
         finally:
             if threads != before:
                 fastopt.set_num_threads(before)
-        self._commit(plan)
+        if plan.steady is not None:
+            plan.steady.commit(plan)
+        else:
+            self._commit(plan)
+            self._fastopt_steady = Steady.build(self, plan)
 
-    def _commit(self, plan: _Plan) -> None:
+    def _commit(self, plan: Plan) -> None:
         """Store new state, advance the step counts and the accumulated torch state, bump versions."""
         spec = self.spec
         made_step = set()
@@ -468,7 +455,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         for entry, step_t, step in entries:
             entry.counted(step_t, step)
 
-    def _advance_extra_state(self, plan: _Plan) -> None:
+    def _advance_extra_state(self, plan: Plan) -> None:
         """Torch-only state (NAdam's mu_product, ASGD's eta and mu): the registry's value for this step's
         hyperparameters and count, the value the kernels' scalars were computed with. (torch accumulates
         NAdam's mu_product step by step; the two differ only when a scheduler changes beta1: the registry

@@ -1,0 +1,258 @@
+"""The steady state of a fastopt.torch optimizer: the same params, state tensors and options as on the
+last step, only new grads.
+
+A training loop spends most steps there, and a step planned in full costs microseconds of Python per
+param (optimizer.py: every param's entry, count, layout and bucket). After a step planned in full has
+run, `Steady.build` keeps its kernel calls and the backend's `prepare_fixed` of the params and states
+(interface.PrepareOnceBackend). The next step then checks, list by list with C-level loops, that nothing
+but the grads changed: the groups and their params (identity), the params' storage, every state dict and
+state tensor (identity), the step tensors' autograd versions (nobody wrote them), and the grads' form
+(a grad for exactly the same params as before). Groups whose options changed (an lr scheduler) are
+validated again, and must keep the same states in use. Then the grads are viewed and the backend's
+`bind_grads` checks them against their params (dtype, shape, memory). Any difference: `plan` returns
+None and the optimizer plans the step in full, with its checks and messages; nothing was written.
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+from itertools import compress, repeat
+from operator import attrgetter, is_, is_not
+
+import torch
+
+from fastopt.backends.interface import prepares_once
+from fastopt.torch import arguments
+from fastopt.torch.plan import Plan
+from fastopt.torch.views import bump_versions, dense_span
+
+__all__ = ["Steady", "group_key"]
+
+_grad_of = attrgetter("grad")
+_version_of = attrgetter("_version")
+_data_ptr = torch.Tensor.data_ptr
+_to_numpy = torch.Tensor.numpy
+_call = weakref.ref.__call__
+# what viewing a grad or re-validating a changed group can raise: the full plan then runs and reports it
+_FALL_BACK = (TypeError, ValueError, RuntimeError, AttributeError, KeyError)
+
+
+def group_key(group: dict):
+    """A group's options as a comparable snapshot (lists copied as tuples: they can change in place), or
+    None when one is a tensor (a tensor lr can change in place: such a group is validated every step)."""
+    out = []
+    for key, value in group.items():
+        if key == "params":
+            continue
+        if isinstance(value, (list, tuple)):
+            if any(isinstance(v, torch.Tensor) for v in value):
+                return None
+            value = tuple(value)
+        elif isinstance(value, torch.Tensor):
+            return None
+        out.append((key, value))
+    return tuple(out)
+
+
+class _Group:
+    __slots__ = ("group", "params_list", "params", "key", "hp", "active", "buckets")
+
+    def __init__(self, group, hp, active, buckets):
+        self.group = group
+        self.params_list = group["params"]
+        self.params = tuple(group["params"])
+        self.key = group_key(group)
+        self.hp = hp            # registry hyperparameters (None: the group has no param with a grad)
+        self.active = active    # spec.active_states(hp): the states in use
+        self.buckets = buckets  # indices of the group's kernel calls
+
+
+class Steady:
+    """The kernel calls of the last step, reused while only the grads change (module docstring)."""
+
+    def __init__(self, optimizer, plan: Plan, backend, fixed):
+        spec = optimizer.spec
+        self.spec = spec
+        self.state_map = optimizer.state
+        self.backend, self.fixed = backend, fixed
+        self.templates = [copy.copy(b) for b in plan.buckets]
+        for t in self.templates:
+            t.grad_views, t.prepared = [], None
+        by_group: dict = {}
+        for i, b in enumerate(plan.buckets):
+            by_group.setdefault(id(b.group), []).append(i)
+        self.groups = []
+        for group in optimizer.param_groups:
+            calls = by_group.get(id(group), [])
+            hp = plan.buckets[calls[0]].hp if calls else None
+            active = spec.active_states(hp) if hp is not None else None
+            self.groups.append(_Group(group, hp, active, calls))
+        self.params = [p for g in self.groups for p in g.params]
+        in_calls = {id(p) for b in plan.buckets for p in b.params}
+        self.mask = [id(p) in in_calls for p in self.params]
+        self.every = all(self.mask)
+        self.active = list(compress(self.params, self.mask))
+        position = {id(p): i for i, p in enumerate(self.active)}
+        self.positions = [[position[id(p)] for p in b.params] for b in plan.buckets]
+        self.identity = len(plan.buckets) == 1 and self.positions[0] == list(range(len(self.active)))
+        entry_of = {id(p): e for b in plan.buckets for p, e in zip(b.params, b.entries)}
+        entries = [entry_of[id(p)] for p in self.active]
+        self.ptrs = [e.ptr for e in entries]
+        self.states = [e.state for e in entries]
+        self.flat = [i for i, e in enumerate(entries) if e.flat]
+        self.strides = {i: self.active[i].stride() for i in self.flat}
+        dicts, names, tensors = [], [], []
+        for e in entries:
+            for name, t in zip(e.names, e.tensors):
+                dicts.append(e.state)
+                names.append(name)
+                tensors.append(t)
+        written = [t for b in plan.buckets for t in b.written]
+        # step counts and torch-only scalars: written through NumPy views of the 0-d CPU tensors, per call
+        scalar_names = (("step",) if spec.torch_step else ()) + tuple(spec.torch_extra_state)
+        self.step_tensors = []
+        self.scalar_views = []   # per call: {name: [views]}
+        for b in plan.buckets:
+            views = {}
+            for name in scalar_names:
+                ts = [entry_of[id(p)].state[name] for p in b.params]
+                views[name] = [t.numpy() for t in ts]  # raises for a CUDA or a non-tensor count: no steady state
+                for p, t in zip(b.params, ts):
+                    dicts.append(entry_of[id(p)].state)
+                    names.append(name)
+                    tensors.append(t)
+                written += ts
+                if name == "step":
+                    self.step_tensors += ts
+            self.scalar_views.append(views)
+        self.check_dicts, self.check_names, self.check_tensors = dicts, names, tensors
+        self.written = written
+        self.step_versions = list(map(_version_of, self.step_tensors))
+        self.pending = None
+        # grads kept only once the same grad tensors show up on two steps in a row (accumulated grads,
+        # zero_grad(set_to_none=False)): otherwise a kept view would keep a freed grad's memory alive
+        self.grad_refs = None
+        self.grads = self.grad_ptrs = self.grad_views = None
+
+    @classmethod
+    def build(cls, optimizer, plan: Plan):
+        """The steady state after `plan` (planned in full) ran and was committed; None when the next step
+        cannot take the short path (first steps, another backend, counts not in CPU tensors...)."""
+        buckets = plan.buckets
+        if not buckets or plan.new_state or any(e is None for b in buckets for e in b.entries):
+            return None
+        backend = buckets[0].backend
+        if any(b.backend is not backend for b in buckets) or not prepares_once(backend):
+            return None
+        spec = optimizer.spec
+        calls = []
+        for b in buckets:
+            state_lists, names = spec.plan_call(b.hp, b.state_views.get)
+            numbers = None if b.numbers[-1] == len(b.numbers) - 1 else b.numbers
+            calls.append(((b.param_views, None, *state_lists), names, numbers))
+        try:
+            fixed = backend.prepare_fixed(calls)
+            return cls(optimizer, plan, backend, fixed)
+        except _FALL_BACK:
+            return None
+
+    # --- a step -------------------------------------------------------------------------------------
+    def plan(self, optimizer):
+        """This step's Plan when only the grads changed since the last step, else None (nothing written)."""
+        try:
+            return self._plan(optimizer)
+        except _FALL_BACK:
+            return None
+
+    def _plan(self, optimizer):
+        if optimizer.state is not self.state_map:
+            return None
+        groups = optimizer.param_groups
+        if len(groups) != len(self.groups):
+            return None
+        spec = self.spec
+        pending = None
+        for i, (group, known) in enumerate(zip(groups, self.groups)):
+            current = group["params"]
+            if (group is not known.group or current is not known.params_list or len(current) != len(known.params)
+                    or not all(map(is_, current, known.params))):
+                return None
+            key = group_key(group)
+            if key is None or key != known.key:  # options changed (a scheduler): validate them again
+                hp = arguments.registry_hp(spec, group)
+                if known.hp is not None and spec.active_states(hp) != known.active:
+                    return None
+                if pending is None:
+                    pending = {}
+                pending[i] = (key, hp)
+        grads = list(map(_grad_of, self.params))
+        if list(map(is_not, grads, repeat(None))) != self.mask:
+            return None
+        if not self.every:
+            grads = list(compress(grads, self.mask))
+        active = self.active
+        if list(map(_data_ptr, active)) != self.ptrs:
+            return None
+        if not all(map(is_, map(optimizer.state.get, active), self.states)):
+            return None
+        if not all(map(is_, map(dict.get, self.check_dicts, self.check_names), self.check_tensors)):
+            return None
+        if list(map(_version_of, self.step_tensors)) != self.step_versions:
+            return None
+        views = self._grad_views(grads)
+        if views is None:
+            return None
+        if self.identity:
+            per_call = [views]
+        else:
+            per_call = [[views[i] for i in pos] for pos in self.positions]
+        prepared = self.backend.bind_grads(self.fixed, per_call)
+        buckets = []
+        for t, gv, prep in zip(self.templates, per_call, prepared):
+            b = copy.copy(t)
+            if spec.torch_step:
+                b.step = t.step + 1
+            b.grad_views, b.prepared = gv, prep
+            buckets.append(b)
+        if pending is not None:
+            for i, (key, hp) in pending.items():
+                for c in self.groups[i].buckets:
+                    buckets[c].hp = hp
+        self.pending = pending
+        return Plan(buckets, [], steady=self)
+
+    def _grad_views(self, grads):
+        """The grads' kernel views (None: a grad the full plan must look at: one that needs autograd, is
+        on a GPU, sparse, or in another layout than its non-contiguous param)."""
+        if self.grads is not None and all(map(is_, grads, self.grads)) and list(map(_data_ptr, grads)) == self.grad_ptrs:
+            return self.grad_views
+        views = list(map(_to_numpy, grads))
+        for i in self.flat:
+            g = grads[i]
+            if g.stride() != self.strides[i]:
+                return None
+            views[i] = dense_span(g).reshape(-1).numpy()
+        refs = self.grad_refs
+        if refs is not None and len(refs) == len(grads) and all(map(is_, grads, map(_call, refs))):
+            self.grads, self.grad_ptrs, self.grad_views = grads, list(map(_data_ptr, grads)), views
+        else:
+            self.grads = self.grad_ptrs = self.grad_views = None
+            self.grad_refs = list(map(weakref.ref, grads))
+        return views
+
+    def commit(self, plan: Plan) -> None:
+        """After the kernels ran: the step counts and torch-only scalars, autograd's versions, the new
+        options of changed groups."""
+        extra = self.spec.torch_extra_state
+        for t, b, views in zip(self.templates, plan.buckets, self.scalar_views):
+            t.step, t.hp = b.step, b.hp
+            for name, vs in views.items():
+                value = b.step if name == "step" else extra[name](b.hp, b.step)
+                for v in vs:
+                    v[()] = value
+        bump_versions(self.written)
+        self.step_versions = list(map(_version_of, self.step_tensors))
+        if self.pending is not None:
+            for i, (key, hp) in self.pending.items():
+                self.groups[i].key, self.groups[i].hp = key, hp
+            self.pending = None
