@@ -268,6 +268,34 @@ def yogi_step(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-2, beta1=0.9, beta2=0.99
     _store(p, p - (lr / (1.0 - beta1 ** step)) * (exp_avg / denom))
 
 
+def lars_trust_ratio(param_norm, grad_norm, *, weight_decay, trust_coefficient, eps) -> float:
+    """LARS's local learning rate (You et al. 2017, eq. 6; pytorch_optimizer.LARS), float64:
+    trust_coefficient * ||p|| / (||g|| + weight_decay * ||p|| + eps), 1 when ||p|| or the denominator
+    without eps is 0."""
+    denom = grad_norm + weight_decay * param_norm
+    if param_norm > 0.0 and denom > 0.0:
+        return trust_coefficient * param_norm / (denom + eps)
+    return 1.0
+
+
+def lars_step(p, g, momentum_buffer=None, *, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0,
+              trust_coefficient=1e-3, eps=0.0, nesterov=False, exclude_1d=True, maximize=False, grad_scale=None):
+    """LARS as pytorch_optimizer.LARS (4.x) computes it: with exclude_1d, params of ndim <= 1 (biases, norm
+    weights, scalars) take plain SGD with momentum (no weight decay, no trust ratio). The momentum
+    buffer starts at zero (step 1: buf = (1 - dampening) * g, unlike torch.optim.SGD's buf = g)."""
+    g = _grad(g, grad_scale, maximize)
+    if not (exclude_1d and p.ndim <= 1):
+        trust = lars_trust_ratio(math.sqrt(sumsq(p)), math.sqrt(sumsq(g)), weight_decay=weight_decay,
+                                 trust_coefficient=trust_coefficient, eps=eps)
+        if weight_decay != 0:  # fo_add_scaled: 0 * inf adds no NaN (pytorch_optimizer adds 0 * p)
+            g = g + weight_decay * p
+        g = g * trust
+    if momentum > 0.0:
+        _store(momentum_buffer, momentum * momentum_buffer + (1.0 - dampening) * g)
+        g = g + momentum * momentum_buffer if nesterov else momentum_buffer
+    _store(p, p - lr * g)
+
+
 
 def weight_average_step(averages, params, *, mode, weight, divisor, lr=0.0, grad_scale=None):
     """fastopt.ema_update / swa_update (specs.WEIGHT_AVERAGE: not an optimizer; `averages` is written,

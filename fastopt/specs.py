@@ -869,6 +869,64 @@ p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 ))
 
 
+# ---- LARS (You et al. 2017), as pytorch_optimizer.LARS: NOT REGISTERED YET ------------------------------
+# Its per-tensor ratio needs the norms of p and g before the update, and scales the gradient before it
+# enters the momentum buffer; the generic two-phase path (LAMB's: states written in phase 1, a phase 2 that
+# reads neither g nor writes a state, a trust ratio of the two norms alone, no per-tensor exclusion) cannot
+# express that. The math is in kernels/cuda/lars.cuh and fastopt/reference.py (lars_step, tested against
+# pytorch_optimizer); what the loops need is in /tmp/prompts/h14-needs.md. _register(LARS) once they have it.
+
+LARS_MOMENTUM, LARS_NESTEROV = 1, 2  # variant bits (lars.cuh)
+
+
+def _lars_scalars(hp, step, grad_scale):
+    return (_gs(hp, grad_scale), hp["lr"], hp["momentum"], 1.0 - hp["dampening"], hp["weight_decay"],
+            hp["trust_coefficient"], hp["eps"])
+
+
+def _lars_variant(hp, step):
+    if hp["momentum"] == 0.0:
+        return 0
+    return LARS_MOMENTUM | (LARS_NESTEROV if hp["nesterov"] else 0)
+
+
+def _momentum_range(name):
+    return Hyper(name, 0.9 if name == "momentum" else 0.0, f"{name} factor, in [0, 1)", check=_unit,
+                 label=f"{name} value")
+
+
+LARS = OptimizerSpec(
+    name="lars", class_name="LARS", kernel="lars",
+    summary="LARS (You et al. 2017): SGD with momentum whose gradient is scaled per tensor by a trust ratio "
+            "(layer-wise adaptive rate), in place.",
+    rule="""\
+g = grad_scale * g (negated if maximize)
+unless exclude_1d and p.ndim <= 1 (biases, norm weights: plain SGD with momentum):
+    trust = trust_coefficient * ||p|| / (||g|| + weight_decay * ||p|| + eps)   per tensor
+            (1 when ||p|| or ||g|| + weight_decay * ||p|| is 0)
+    g = (g + weight_decay * p) * trust
+if momentum > 0:
+    buf = momentum * buf + (1 - dampening) * g          (buf starts at 0)
+    g = g + momentum * buf if nesterov else buf
+p = p - lr * g
+(pytorch_optimizer.LARS exactly, which has no eps: eps=0 is it; optax.lars differs, see
+tests/test_new_optimizers.py)
+""",
+    hypers=(lr(1e-3), _momentum_range("momentum"), _momentum_range("dampening"), weight_decay(),
+            Hyper("trust_coefficient", 1e-3, "eta, the trust coefficient (>= 0)", check=_nonneg,
+                  label="trust_coefficient value"),
+            eps(0.0), flag("nesterov", False, "use Nesterov momentum"),
+            flag("exclude_1d", True, "params of ndim <= 1 take neither weight decay nor the trust ratio"),
+            MAXIMIZE),
+    states=("momentum_buffer",),
+    optional_states={"momentum_buffer": lambda hp: hp["momentum"] > 0.0},
+    scalar_names=("grad_scale", "lr", "momentum", "one_minus_dampening", "weight_decay", "trust_coefficient",
+                  "eps"),
+    scalars=_lars_scalars, variant=_lars_variant, variants=(0, LARS_MOMENTUM, LARS_MOMENTUM | LARS_NESTEROV),
+    uses_step=False,
+)
+
+
 # ---- weight averaging (fastopt.ema_update / swa_update): an elementwise kernel family, not an optimizer ----
 # Not in REGISTRY (no *_step, class or optimizer tests); kernel_specs() adds it to the compiled family table.
 

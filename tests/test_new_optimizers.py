@@ -272,3 +272,110 @@ def test_yogi_matches_pytorch_optimizer(options, dtype, rng):
     assert all((a == np.asarray(init, dtype)).all() for i in range(len(params)) for a in opt.state_arrays(i).values())
     _run(opt, topt, params, tparams, dtype, rng)
     _assert_state(opt, topt, tparams, dtype, {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"})
+
+
+# ---- LARS against pytorch_optimizer (a test extra): the NumPy reference, which the kernels must equal ----
+# LARS is not in the registry yet (fastopt/specs.py: the two-phase loops cannot run it; the needs are in
+# /tmp/prompts/h14-needs.md): what is pinned here is the reference semantics. Documented differences:
+# pytorch_optimizer has no eps (eps=0 is it) and always excludes ndim <= 1 (exclude_1d=True is it; with
+# exclude_1d=False a 1-D param is adapted, which the oracle does for the same values shaped (n, 1)); it adds
+# weight_decay * p even when weight_decay is 0 (0 * inf is NaN there, nothing here).
+
+LARS_SHAPES = [(0,), (1,), (7,), (33, 5), (), (0, 3), (1, 1), (4, 3, 2)]
+
+
+def _lars_oracle():
+    return pytest.importorskip("pytorch_optimizer").LARS
+
+
+LARS_OPTIONS = [dict(momentum=mom, nesterov=nest, dampening=damp, weight_decay=wd, maximize=mx)
+                for mom, nest, damp, wd, mx in itertools.product((0.0, 0.9), (False, True), (0.0, 0.1), (0.0, 0.05),
+                                                                 (False, True))
+                if not (nest and mom == 0.0)] + [dict(trust_coefficient=0.02, weight_decay=0.01, momentum=0.5)]
+
+
+def _lars_run(options, dtype, rng, exclude_1d=True, grad_scale=None, foreach=False):
+    """50 steps of reference.lars_step per array against pytorch_optimizer.LARS on copies; returns both."""
+    from fastopt import reference
+    LARS = _lars_oracle()
+    lr = 0.5
+    params = [rng.standard_normal(s).astype(dtype) for s in LARS_SHAPES]
+    # the oracle adapts ndim >= 2 only: exclude_1d=False is its behaviour on the same values shaped (n, 1)
+    oracle_shape = (lambda s: s if exclude_1d or len(s) > 1 else (int(np.prod(s)), 1))
+    tparams = [torch.nn.Parameter(torch.tensor(p.copy()).reshape(oracle_shape(p.shape))) for p in params]
+    topt = LARS(tparams, lr=lr, foreach=foreach, **options)
+    kw = dict(options, lr=lr, exclude_1d=exclude_1d)
+    bufs = [np.zeros_like(p) for p in params] if kw.get("momentum", 0.9) > 0 else [None] * len(params)
+    for _ in range(STEPS):
+        grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
+        for tp, g in zip(tparams, grads):
+            tp.grad = torch.tensor(g * (1.0 if grad_scale is None else grad_scale)).reshape(tp.shape)
+        topt.step()
+        for p, g, b in zip(params, grads, bufs):
+            reference.lars_step(p, g, b, grad_scale=grad_scale, **kw)
+    return params, bufs, tparams, topt
+
+
+def _lars_compare(params, bufs, tparams, topt, dtype):
+    rtol, atol = _tol(dtype)
+    for i, (p, b, tp) in enumerate(zip(params, bufs, tparams)):
+        np.testing.assert_allclose(p, tp.detach().numpy().reshape(p.shape), rtol=rtol, atol=atol, err_msg=f"p{i}")
+        if b is not None and p.size:
+            np.testing.assert_allclose(b, topt.state[tp]["momentum_buffer"].numpy().reshape(p.shape), rtol=rtol,
+                                       atol=atol, err_msg=f"momentum_buffer{i}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("options", LARS_OPTIONS, ids=[str(o) for o in LARS_OPTIONS])
+def test_lars_reference_matches_pytorch_optimizer(options, dtype, rng):
+    params, bufs, tparams, topt = _lars_run(options, dtype, rng)
+    _lars_compare(params, bufs, tparams, topt, dtype)
+    assert params[3].dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lars_reference_exclude_1d_false_adapts_vectors(dtype, rng):
+    params, bufs, tparams, topt = _lars_run(dict(weight_decay=0.05, nesterov=True), dtype, rng, exclude_1d=False)
+    _lars_compare(params, bufs, tparams, topt, dtype)
+
+
+def test_lars_reference_foreach_oracle_and_grad_scale(rng):
+    # pytorch_optimizer's foreach path is the same algorithm; grad_scale multiplies g before the norms
+    params, bufs, tparams, topt = _lars_run(dict(weight_decay=0.05), np.float64, rng, grad_scale=0.25, foreach=True)
+    _lars_compare(params, bufs, tparams, topt, np.float64)
+
+
+def test_lars_trust_ratio_is_per_tensor_and_1d_is_plain_sgd(rng):
+    from fastopt import reference
+    # a 1-D param under exclude_1d: SGD with a zero-started buffer, no weight decay
+    p = rng.standard_normal(5)
+    g = rng.standard_normal(5)
+    want = p - 0.1 * (0.9 * np.zeros(5) + 1.0 * g)
+    buf = np.zeros(5)
+    reference.lars_step(p, g, buf, lr=0.1, weight_decay=0.5)
+    np.testing.assert_array_equal(p, want)
+    # a 2-D param: the step is lr * trust_coefficient * ||p|| / (||g|| + wd ||p||) * (g + wd p)
+    p = rng.standard_normal((3, 4))
+    g = rng.standard_normal((3, 4))
+    pn, gn = np.linalg.norm(p), np.linalg.norm(g)
+    want = p - 0.1 * (1e-3 * pn / (gn + 0.5 * pn)) * (g + 0.5 * p)
+    reference.lars_step(p, g, None, lr=0.1, momentum=0.0, weight_decay=0.5)
+    np.testing.assert_allclose(p, want, rtol=1e-14)
+    # zero param: trust 1
+    z = np.zeros((2, 2))
+    reference.lars_step(z, np.ones((2, 2)), None, lr=0.1, momentum=0.0)
+    np.testing.assert_array_equal(z, np.full((2, 2), -0.1))
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("momentum", 1.0, "Invalid momentum value: 1.0"), ("momentum", -0.1, "Invalid momentum value: -0.1"),
+    ("dampening", 1.0, "Invalid dampening value: 1.0"), ("trust_coefficient", -1e-3, "Invalid trust_coefficient "
+                                                                                      "value: -0.001"),
+    ("eps", float("nan"), "Invalid epsilon value: nan"), ("lr", -1.0, "Invalid learning rate: -1.0"),
+    ("weight_decay", float("inf"), "Invalid weight_decay value: inf")])
+def test_lars_spec_errors_echo_the_bad_value(name, value, match):
+    from fastopt.specs import LARS
+    with pytest.raises(ValueError, match=match):
+        LARS.validate(dict(LARS.defaults, **{name: value}), 1)
+    with pytest.raises(TypeError, match="nesterov must be a bool, got 1"):
+        LARS.validate(dict(LARS.defaults, nesterov=1), 1)
