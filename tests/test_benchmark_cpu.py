@@ -1,0 +1,68 @@
+"""The CPU benchmark (fastopt.benchmark, `fastopt bench`): every optimizer of the registry is in it, with
+the byte count of its own states and a ceiling kernel of the same access pattern; the target report. Tiny
+sizes: this checks the harness, not the speed (bench/results holds recorded runs)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import benchmark
+from fastopt.specs import REGISTRY
+
+pytest.importorskip("fastopt.kernels.cpu._cpu_fast")
+
+
+def _expected_bytes(spec, itemsize=4):
+    """Counted here from the states init_state makes for the benchmark's hyperparameters: one pass reads
+    p, g and every state and writes p and every state; a two-phase family (LAMB) reads p, g and the states
+    and writes the states, then reads p and the states and writes p."""
+    hp = benchmark.bench_hyperparameters(spec)
+    ns = len(fastopt.init_state(spec.name, [np.zeros(3, np.float32)],
+                                **{k: v for k, v in hp.items() if k != "lr"}))
+    if spec.two_phase:
+        return itemsize * ((2 + 2 * ns) + (2 + ns))
+    return itemsize * (3 + 2 * ns)
+
+
+@pytest.fixture(scope="module")
+def report():
+    threads = fastopt.get_num_threads()
+    try:
+        return benchmark.run(sizes=(1000,), repeats=2, with_torch=False, progress=False)
+    finally:
+        fastopt.set_num_threads(threads)
+
+
+def test_every_registry_optimizer_is_benchmarked_with_its_ceiling(report):
+    assert [r["optimizer"] for r in report["results"]] == list(REGISTRY)
+    for row in report["results"]:
+        spec = REGISTRY[row["optimizer"]]
+        assert row["bytes_per_element"] == _expected_bytes(spec), spec.name
+        v = row["variants"]
+        assert {"fastopt", "fastopt-list100", "fastopt-list100-views", "numpy", "ceiling"} <= set(v)
+        for timing in v.values():
+            assert timing["ms"] > 0 and timing["min_ms"] <= timing["ms"] and timing["of_ceiling_min"] > 0
+
+
+def test_new_optimizers_of_issue_14_are_in_the_benchmark(report):
+    names = {r["optimizer"] for r in report["results"]}
+    assert {"asgd", "adadelta", "adamax", "rprop", "yogi"} <= names
+
+
+def test_targets_at_1e7_from_the_rows():
+    rows = [{"optimizer": name, "n": n, "bytes_per_element": 20,
+             "variants": {"fastopt": {"of_ceiling": frac, "of_ceiling_min": frac + 0.01}}}
+            for name, n, frac in [("sgd", 10**7, 0.9), ("adam", 10**7, 0.8), ("lion", 10**6, 0.1)]]
+    report = {"results": rows}
+    t = benchmark.targets(report)
+    assert set(t) == {"sgd", "adam"} and t["sgd"]["met"] and not t["adam"]["met"]
+    assert t["adam"]["of_ceiling_min"] == pytest.approx(0.81)
+
+
+def test_markdown_table_states_the_target(report):
+    doc = dict(report, targets={"n": 10**7, "of_ceiling": 0.85, "optimizers": {"sgd": {"met": True},
+                                                                                "adam": {"met": False}}})
+    text = benchmark.markdown_table(doc)
+    assert "missed by adam." in text and "| bytes/elem |" in text
+    assert "missed" not in benchmark.markdown_table(dict(doc, targets=dict(doc["targets"], optimizers={})))
