@@ -203,6 +203,7 @@ def run(optimizers=None, sizes=(10**5, 10**6, 10**7), repeats=None, threads=None
         with_torch = False
     names = optimizers or list(REGISTRY)
     rng = np.random.default_rng(0)
+    load_at_start = os.getloadavg()  # the machine may be shared: how far the numbers can be trusted
     results = []
     for n in sizes:
         reps = repeats or (200 if n <= 10**5 else 50 if n <= 10**6 else 15)
@@ -223,7 +224,8 @@ def run(optimizers=None, sizes=(10**5, 10**6, 10**7), repeats=None, threads=None
             if progress:
                 print(format_row(row), file=sys.stderr, flush=True)
             del case
-    report = {"machine": machine_info(), "dtype": "float32", "list_len": LIST_LEN, "results": results}
+    report = {"machine": machine_info(), "dtype": "float32", "list_len": LIST_LEN,
+              "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(), "results": results}
     if any(row["n"] == TARGET_N for row in results):
         report["targets"] = {"n": TARGET_N, "of_ceiling": TARGET_OF_CEILING, "optimizers": targets(report)}
     return report
@@ -257,7 +259,9 @@ def markdown_table(report):
                      f"| {ratio('speedup_vs_torch-foreach')} |")
     m = report["machine"]
     lines.append("")
-    lines.append(f"{m['cpu']}, {m['threads']} threads, numpy {m['numpy']}, torch {m.get('torch')}; float32; "
+    load = (f"; load average {report['load_average_at_start'][0]:.1f} at the start, "
+            f"{report['load_average_at_end'][0]:.1f} at the end" if "load_average_at_start" in report else "")
+    lines.append(f"{m['cpu']}, {m['threads']} threads, numpy {m['numpy']}, torch {m.get('torch')}; float32{load}; "
                  f"median of interleaved runs (each variant runs after the others, so it starts mostly out of cache). "
                  f"Ratios > 1: fastopt is faster. GB/s: bytes the update must move / time; of ceiling: "
                  f"time of a loop with the same reads and writes and trivial math / time (median: ratio of "
