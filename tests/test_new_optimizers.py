@@ -279,7 +279,10 @@ def test_yogi_matches_pytorch_optimizer(options, dtype, rng):
 # /tmp/prompts/h14-needs.md): what is pinned here is the reference semantics. Documented differences:
 # pytorch_optimizer has no eps (eps=0 is it) and always excludes ndim <= 1 (exclude_1d=True is it; with
 # exclude_1d=False a 1-D param is adapted, which the oracle does for the same values shaped (n, 1)); it adds
-# weight_decay * p even when weight_decay is 0 (0 * inf is NaN there, nothing here).
+# weight_decay * p even when weight_decay is 0 (0 * inf is NaN there, nothing here). optax.lars (not installed
+# here) is another algorithm: its ratio is trust_coefficient * ||p|| / (||g + wd p|| + eps) (the norm of the
+# decayed update, not ||g|| + wd ||p||), its masks default to adapting every param, and lr scales the update
+# before the momentum trace (the same as here while lr is constant).
 
 LARS_SHAPES = [(0,), (1,), (7,), (33, 5), (), (0, 3), (1, 1), (4, 3, 2)]
 
