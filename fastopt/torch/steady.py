@@ -98,7 +98,13 @@ class Steady:
         entry_of = {id(p): e for b in plan.buckets for p, e in zip(b.params, b.entries)}
         entries = [entry_of[id(p)] for p in self.active]
         self.ptrs = [e.ptr for e in entries]
-        self.states = [e.state for e in entries]
+        # the state map's keys and values in order: the same objects means every param has the same state
+        # dict (checked with two C-level loops, no hashing of tensors)
+        self.state_keys = list(optimizer.state.keys())
+        self.state_values = list(optimizer.state.values())
+        state_of = {id(k): v for k, v in zip(self.state_keys, self.state_values)}
+        if not all(state_of.get(id(p)) is e.state for p, e in zip(self.active, entries)):
+            raise ValueError("the entries' state dicts are not the optimizer's")
         self.flat = [i for i, e in enumerate(entries) if e.flat]
         self.strides = {i: self.active[i].stride() for i in self.flat}
         dicts, names, tensors = [], [], []
@@ -193,7 +199,9 @@ class Steady:
         active = self.active
         if list(map(_data_ptr, active)) != self.ptrs:
             return None
-        if not all(map(is_, map(optimizer.state.get, active), self.states)):
+        state = optimizer.state
+        if (len(state) != len(self.state_keys) or not all(map(is_, state.values(), self.state_values))
+                or not all(map(is_, state.keys(), self.state_keys))):
             return None
         if not all(map(is_, map(dict.get, self.check_dicts, self.check_names), self.check_tensors)):
             return None
