@@ -43,6 +43,7 @@ def test_every_registry_optimizer_is_benchmarked_with_its_ceiling(report):
         assert {"fastopt", "fastopt-list100", "fastopt-list100-views", "numpy", "ceiling"} <= set(v)
         for timing in v.values():
             assert timing["ms"] > 0 and timing["min_ms"] <= timing["ms"] and timing["of_ceiling_min"] > 0
+        assert v["ceiling"]["of_ceiling_paired"] == 1.0
 
 
 def test_new_optimizers_of_issue_14_are_in_the_benchmark(report):
@@ -52,7 +53,7 @@ def test_new_optimizers_of_issue_14_are_in_the_benchmark(report):
 
 def test_targets_at_1e7_from_the_rows():
     rows = [{"optimizer": name, "n": n, "bytes_per_element": 20,
-             "variants": {"fastopt": {"of_ceiling": frac, "of_ceiling_min": frac + 0.01}}}
+             "variants": {"fastopt": {"of_ceiling": 1.0, "of_ceiling_min": frac + 0.01, "of_ceiling_paired": frac}}}
             for name, n, frac in [("sgd", 10**7, 0.9), ("adam", 10**7, 0.8), ("lion", 10**6, 0.1)]]
     report = {"results": rows}
     t = benchmark.targets(report)
