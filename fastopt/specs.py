@@ -180,6 +180,12 @@ class OptimizerSpec:
     #     another value belongs to another class.
     torch_step: bool = True
     torch_extra_state: Mapping[str, Callable[[Mapping, int], float]] = field(default_factory=dict)
+    # torch_carry: how torch advances each torch_extra_state value from step to step, value after step t =
+    #     f(hp, t, value after step t - 1) (NAdam multiplies mu_product by this step's mu; ASGD recomputes eta
+    #     and mu from this step's lr). fastopt.torch keeps each param's values and passes the ones stored
+    #     after the previous step to the scalars as hp[name]; without them (the functional API, the NumPy
+    #     classes) the scalars use torch_extra_state(hp, t - 1): the same for constant hyperparameters.
+    torch_carry: Mapping[str, Callable[[Mapping, int, float], float]] = field(default_factory=dict)
     torch_group_flags: Mapping[str, object] = field(default_factory=dict)
     # torch_positional: torch's constructor arguments after `params`, in torch's positional order, up to
     #     torch's `*` (torch-only ones such as foreach included; "betas" stands for (beta1, beta2)); None where
@@ -445,7 +451,9 @@ def _nadam_scalars(hp, step, grad_scale):
     b1, md, lr = hp["beta1"], hp["momentum_decay"], hp["lr"]
     mu = _nadam_mu(b1, md, step)
     mu_next = _nadam_mu(b1, md, step + 1)
-    mu_product = nadam_mu_product(b1, md, step)
+    before = hp.get("mu_product")  # fastopt.torch: the param's product after the previous step (torch_carry)
+    # torch multiplies in its tensor's dtype (before: a NumPy scalar of it), then reads the product as a float
+    mu_product = nadam_mu_product(b1, md, step) if before is None else float(before * mu)
     mu_product_next = mu_product * mu_next
     l2, decay = _weight_decay_split(hp, hp["decoupled_weight_decay"])
     return (_gs(hp, grad_scale), *_moments(hp), hp["eps"], l2, decay, 1.0 / (1.0 - hp["beta2"] ** step),
@@ -632,6 +640,7 @@ p = p - lr * (1 - mu_t) / (1 - P_t) * g / denom - lr * mu_{t+1} / (1 - P_{t+1}) 
     scalars=_nadam_scalars, torch_class="NAdam",
     torch_positional=("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay"),
     torch_extra_state={"mu_product": lambda hp, t: nadam_mu_product(hp["beta1"], hp["momentum_decay"], t)},
+    torch_carry={"mu_product": lambda hp, t, before: before * _nadam_mu(hp["beta1"], hp["momentum_decay"], t)},
 ))
 
 RADAM = _register(OptimizerSpec(
@@ -808,8 +817,11 @@ def asgd_mu(hp, t) -> float:
 
 
 def _asgd_scalars(hp, step, grad_scale):
-    eta = asgd_eta(hp, step - 1)  # torch uses the eta and mu it stored after the previous step
-    return (_gs(hp, grad_scale), hp["weight_decay"], 1.0 - hp["lambd"] * eta, eta, asgd_mu(hp, step - 1))
+    # torch uses the eta and mu it stored after the previous step (computed with that step's lr):
+    # fastopt.torch passes them (torch_carry), else they are computed as for a constant lr
+    eta = float(hp["eta"]) if "eta" in hp else asgd_eta(hp, step - 1)  # read as a float, like torch's .item()
+    mu = float(hp["mu"]) if "mu" in hp else asgd_mu(hp, step - 1)
+    return (_gs(hp, grad_scale), hp["weight_decay"], 1.0 - hp["lambd"] * eta, eta, mu)
 
 
 ASGD = _register(OptimizerSpec(
@@ -831,6 +843,7 @@ ax = ax + (p - ax) * mu   (ax = p when mu == 1)
     torch_positional=("lr", "lambd", "alpha", "t0", "weight_decay", "foreach", "maximize", "differentiable",
                       "capturable"),
     torch_extra_state={"eta": asgd_eta, "mu": asgd_mu},
+    torch_carry={"eta": lambda hp, t, before: asgd_eta(hp, t), "mu": lambda hp, t, before: asgd_mu(hp, t)},
 ))
 
 

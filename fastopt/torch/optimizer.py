@@ -237,6 +237,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             for item in items:
                 if item[5] is None:
                     item[5] = next(values)
+        self._read_carried(items, new_state)
         buckets = []
         start = 0
         for group in self.param_groups:  # items are in group order
@@ -253,7 +254,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         """The kernel calls of one group: one per (dtype, device, step count). When every param has a
         cached entry and the group's params, entries and counts are those of the last step (the steady
         state), the last step's lists are reused and only the grad views are new."""
-        signature = tuple((item[3], item[5]) for item in items)
+        signature = tuple((item[3], item[5], item[7]) for item in items)
         cached = self._fastopt_templates.get(id(group))
         if cached is not None and cached[0] == signature and cached[1] is group:
             out = []
@@ -263,11 +264,12 @@ class TorchOptimizer(torch.optim.Optimizer):
                 out.append(b)
             return out
         buckets, positions = {}, {}
-        for i, (group_, p, gv, entry, pending, count, number) in enumerate(items):
-            key = (*(entry.kind if entry is not None else (p.dtype, p.device)), count)
+        for i, (group_, p, gv, entry, pending, count, number, carried) in enumerate(items):
+            key = (*(entry.kind if entry is not None else (p.dtype, p.device)), count, carried)
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = Bucket(group=group, step=count + 1)
+                b = buckets[key] = Bucket(group=group, step=count + 1,
+                                          carried=dict(zip(self.spec.torch_carry, carried)))
                 positions[key] = []
             positions[key].append(i)
             b.numbers.append(number)
@@ -363,6 +365,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         per_backend: dict = {}
         for b in plan.buckets:
             b.hp = arguments.registry_hp(spec, b.group, b.step)
+            if b.carried:  # torch's state carried from the last step (spec.torch_carry): read by the scalars
+                b.hp.update(b.carried)
             b.backend = backend_for(b.param_views)
             state_lists, names = spec.plan_call(b.hp, b.state_views.get)
             # the params' numbers in messages; None when they are 0, 1, 2... (the same messages, less work)
@@ -456,12 +460,55 @@ class TorchOptimizer(torch.optim.Optimizer):
             entry.counted(step_t, step)
 
     def _advance_extra_state(self, plan: Plan) -> None:
-        """Torch-only state (NAdam's mu_product, ASGD's eta and mu): the registry's value for this step's
-        hyperparameters and count, the value the kernels' scalars were computed with. (torch accumulates
-        NAdam's mu_product step by step; the two differ only when a scheduler changes beta1: the registry
-        computes the product from the step count, for the state and for the update alike.)"""
+        """Torch-only state (NAdam's mu_product, ASGD's eta and mu) after this step, as torch advances it
+        (spec.torch_carry: from this step's hyperparameters and the value before the step)."""
+        carry = self.spec.torch_carry
         for b in plan.buckets:
             for name, f in self.spec.torch_extra_state.items():
-                value = f(b.hp, b.step)
+                value = carry[name](b.hp, b.step, b.carried[name]) if name in carry else f(b.hp, b.step)
                 for p in b.params:
                     self.state[p][name].fill_(value)
+
+    def _read_carried(self, items, new_state) -> None:
+        """Append to each planned item the values of its torch-carried state before this step (a tuple in
+        spec.torch_carry's order; () when the optimizer carries none), read in one go."""
+        carry = self.spec.torch_carry
+        if not carry:
+            for item in items:
+                item.append(())
+            return
+        fresh_of = {id(p): fresh for p, fresh in new_state}
+        tensors = []
+        for item in items:
+            p, count = item[1], item[5]
+            fresh = fresh_of.get(id(p), {})
+            state = self.state.get(p) or {}
+            for name in carry:
+                t = fresh[name] if name in fresh else state.get(name)
+                if t is None:  # deleted from the state: the value for constant hyperparameters
+                    t = self.spec.torch_extra_state[name](arguments.registry_hp(self.spec, item[0]), count)
+                tensors.append(t)
+        values = self._read_scalars(tensors)
+        k = len(carry)
+        for i, item in enumerate(items):
+            item.append(tuple(values[i * k:(i + 1) * k]))
+
+    @staticmethod
+    def _read_scalars(values) -> list:
+        """One-element tensors (or numbers) as NumPy scalars of their dtype: torch advances them in that
+        dtype (NAdam's mu_product *= mu in float32), and so do the spec's torch_carry functions given them.
+        One call for the usual 0-d CPU tensors of one floating dtype."""
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        if len(tensors) == len(values) and all(t.device.type == "cpu" and t.dtype == values[0].dtype
+                                               and t.dim() == 0 for t in tensors) and values[0].is_floating_point():
+            out = list(torch.stack(values).numpy())
+        else:
+            try:
+                out = [np.float64(v.item() if isinstance(v, torch.Tensor) else float(v)) for v in values]
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError("torch-only state (mu_product, eta, mu) in the optimizer state is not a number "
+                                "or a one-element tensor") from None
+        for v in out:
+            if not math.isfinite(v):
+                raise ValueError(f"Invalid value in the optimizer state: {v} (torch-only state must be finite)")
+        return out

@@ -19,6 +19,7 @@ class Bucket:
     grad_views: list = field(default_factory=list)
     state_views: dict = field(default_factory=dict)  # registry state name -> views
     written: list = field(default_factory=list)      # tensors the kernel writes (version counters)
+    carried: dict = field(default_factory=dict)  # torch state carried from the last step (spec.torch_carry)
     hp: dict | None = None
     backend: object = None
     prepared: object = None

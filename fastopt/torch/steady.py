@@ -123,14 +123,17 @@ class Steady:
             for name in scalar_names:
                 ts = [entry_of[id(p)].state[name] for p in b.params]
                 views[name] = [t.numpy() for t in ts]  # raises for a CUDA or a non-tensor count: no steady state
+                if len({v.dtype for v in views[name]}) > 1:
+                    raise TypeError("one call's scalar state tensors differ in dtype")  # each read its own way
                 for p, t in zip(b.params, ts):
                     dicts.append(entry_of[id(p)].state)
                     names.append(name)
                     tensors.append(t)
                 written += ts
-                if name == "step":
-                    self.step_tensors += ts
+                self.step_tensors += ts  # the counts and the carried state: their versions are watched
             self.scalar_views.append(views)
+        for t, views in zip(self.templates, self.scalar_views):  # the carried values after the last step
+            t.carried = {name: views[name][0][()] for name in spec.torch_carry}
         self.check_dicts, self.check_names, self.check_tensors = dicts, names, tensors
         self.written = written
         self.step_versions = list(map(_version_of, self.step_tensors))
@@ -226,6 +229,9 @@ class Steady:
             for i, (key, hp) in pending.items():
                 for c in self.groups[i].buckets:
                     buckets[c].hp = hp
+        if spec.torch_carry:  # the carried state's values before this step, for the scalars
+            for b in buckets:
+                b.hp = {**b.hp, **b.carried}
         self.pending = pending
         return Plan(buckets, [], steady=self)
 
@@ -251,13 +257,23 @@ class Steady:
     def commit(self, plan: Plan) -> None:
         """After the kernels ran: the step counts and torch-only scalars, autograd's versions, the new
         options of changed groups."""
-        extra = self.spec.torch_extra_state
+        extra, carry = self.spec.torch_extra_state, self.spec.torch_carry
         for t, b, views in zip(self.templates, plan.buckets, self.scalar_views):
             t.step, t.hp = b.step, b.hp
+            carried = {}
             for name, vs in views.items():
-                value = b.step if name == "step" else extra[name](b.hp, b.step)
+                if name == "step":
+                    value = b.step
+                elif name in carry:
+                    value = carry[name](b.hp, b.step, b.carried[name])
+                else:
+                    value = extra[name](b.hp, b.step)
                 for v in vs:
                     v[()] = value
+                if name in carry and vs:
+                    carried[name] = vs[0][()]  # as stored: a NumPy scalar of the tensor's dtype (float32, like torch)
+            if carry:
+                t.carried = carried
         bump_versions(self.written)
         self.step_versions = list(map(_version_of, self.step_tensors))
         if self.pending is not None:
