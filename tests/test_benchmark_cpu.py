@@ -67,3 +67,12 @@ def test_markdown_table_states_the_target(report):
     text = benchmark.markdown_table(doc)
     assert "missed by adam." in text and "| bytes/elem |" in text
     assert "missed" not in benchmark.markdown_table(dict(doc, targets=dict(doc["targets"], optimizers={})))
+
+
+@pytest.mark.parametrize("spec", [s for s in REGISTRY.values() if s.torch_class], ids=lambda s: s.name)
+def test_torch_variants_are_built_for_every_optimizer_torch_has(spec, rng):
+    # the registry's hyperparameters become torch's arguments (betas, Rprop's etas and step_sizes)
+    pytest.importorskip("torch")
+    case = benchmark.Case(spec, 1000, rng, with_torch=True)
+    assert "torch-foreach" in case.variants
+    case.variants["torch-foreach"]()
