@@ -187,6 +187,9 @@ class OptimizerSpec:
     #     classes) the scalars use torch_extra_state(hp, t - 1): the same for constant hyperparameters.
     torch_carry: Mapping[str, Callable[[Mapping, int, float], float]] = field(default_factory=dict)
     torch_group_flags: Mapping[str, object] = field(default_factory=dict)
+    # torch_tuples: torch's group keys that hold several registry hyperparameters as one tuple, in order
+    #     (Rprop: etas = (etaminus, etaplus)); betas = (beta1, beta2) is implied (see torch_groups).
+    torch_tuples: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # torch_positional: torch's constructor arguments after `params`, in torch's positional order, up to
     #     torch's `*` (torch-only ones such as foreach included; "betas" stands for (beta1, beta2)); None where
     #     torch has no such class (then only lr is positional). The classes take the leading run of these that
@@ -237,6 +240,14 @@ class OptimizerSpec:
                 break
             out.append(name)
         return tuple(out)
+
+    @cached_property
+    def torch_groups(self) -> dict[str, tuple[str, ...]]:
+        """torch's tuple-valued group keys and the registry hyperparameters each holds, in order:
+        {"betas": ("beta1", "beta2")} wherever beta1 exists, plus torch_tuples."""
+        names = [h.name for h in self.hypers]
+        betas = tuple(n for n in names if n.startswith("beta") and n[4:].isdigit())
+        return {**({"betas": betas} if betas else {}), **self.torch_tuples}
 
     @cached_property
     def _state_predicates(self):
@@ -770,8 +781,8 @@ def _rprop_scalars(hp, step, grad_scale):
 def _rprop_check(hp):
     if not 0.0 < hp["etaminus"] < 1.0 < hp["etaplus"]:
         # torch's words, then our argument names (torch passes the pair as etas)
-        raise ValueError(f"Invalid eta values: {hp['etaminus']}, {hp['etaplus']} (etaminus must be in (0, 1) and "
-                         f"etaplus > 1)")
+        # torch's words (torch passes the pair as etas: etaminus in (0, 1), etaplus > 1)
+        raise ValueError(f"Invalid eta values: {hp['etaminus']}, {hp['etaplus']}")
 
 
 RPROP = _register(OptimizerSpec(
@@ -798,7 +809,9 @@ prev = g
     # torch fills a new step_size with the group's lr; a step never reads lr
     state_fill={"step_size": lambda hp: hp["lr"]},
     scalar_names=("grad_scale", "etaminus", "etaplus", "step_size_min", "step_size_max"),
-    scalars=_rprop_scalars, uses_step=False, extra_check=_rprop_check,
+    scalars=_rprop_scalars, uses_step=False, extra_check=_rprop_check, torch_class="Rprop",
+    torch_positional=("lr", "etas", "step_sizes"),
+    torch_tuples={"etas": ("etaminus", "etaplus"), "step_sizes": ("step_size_min", "step_size_max")},
 ))
 
 

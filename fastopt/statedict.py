@@ -468,8 +468,25 @@ def to_torch_state_dict(opt) -> dict:
                 for name, value in spec.torch_extra_state.items():
                     out[name] = torch.tensor(value(hp, t), dtype=torch.float32)
             state[i] = out
-    groups = [dict(group, **spec.torch_group_flags) for group in sd["param_groups"]]
+    groups = [_torch_tuples(spec, dict(group, **spec.torch_group_flags)) for group in sd["param_groups"]]
     return {"state": state, "param_groups": groups}
+
+
+def _torch_tuples(spec, group: dict) -> dict:
+    """A group with the hyperparameters torch keeps as tuples folded as torch has them (Rprop's etas and
+    step_sizes; betas are a tuple in fastopt's groups already), in place of their first member."""
+    tuple_of = {names[0]: (key, names) for key, names in spec.torch_groups.items() if key != "betas"}
+    if not tuple_of:
+        return group
+    members = {n for _, names in tuple_of.values() for n in names}
+    out = {}
+    for k, v in group.items():
+        if k in tuple_of:
+            key, names = tuple_of[k]
+            out[key] = tuple(group[n] for n in names)
+        elif k not in members:
+            out[k] = v
+    return out
 
 
 def _torch_value(torch, where, value):
@@ -518,6 +535,12 @@ def from_torch_state_dict(opt, sd: dict, step=None) -> None:
                 new[k] = [int(i) for i in v]
             elif k in keys:
                 new[k] = _torch_value(torch, f"param group {gi}: {k}", v)
+            elif k in spec.torch_groups:  # a torch tuple of fastopt hyperparameters (Rprop's etas)
+                names = spec.torch_groups[k]
+                value = _torch_value(torch, f"param group {gi}: {k}", v)
+                if not isinstance(value, tuple) or len(value) != len(names):
+                    _fail(f"param group {gi}: {k} must be a tuple of {len(names)} numbers {names}, got {_shown(v)}")
+                new.update(zip(names, value))
             elif k in spec.torch_group_flags:
                 if _plain(v) != spec.torch_group_flags[k]:
                     # the classes of the same kernel where this key is a hyperparameter take any value

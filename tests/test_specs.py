@@ -140,13 +140,13 @@ def test_state_init_matches_the_reference(spec):
 
 
 def test_torch_positional_names_are_registry_arguments():
-    """torch_positional names registry hyperparameters (betas for beta1/beta2) or torch-only execution
+    """torch_positional names registry hyperparameters (or torch's tuples of them) or torch-only execution
     options; lr comes first; specs without a torch class have none."""
     torch_only = {"foreach", "capturable", "differentiable", "fused"}
     for spec in REGISTRY.values():
         if spec.torch_class is None:
             assert spec.torch_positional is None and spec.positional_hypers == ("lr",)
             continue
-        names = set(spec.defaults) | {"betas"}
+        names = set(spec.defaults) | set(spec.torch_groups)  # tuples: betas, Rprop's etas and step_sizes
         assert spec.torch_positional[0] == "lr"
         assert set(spec.torch_positional) <= names | torch_only, spec.name

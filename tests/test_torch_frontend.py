@@ -129,6 +129,10 @@ def test_positional_arguments_mean_what_they_mean_in_torch(spec):
         d = defaults[name]
         if name == "betas":
             values.append((0.8, 0.99))
+        elif name == "etas":
+            values.append((0.4, 1.3))
+        elif name == "step_sizes":
+            values.append((1e-5, 20.0))
         elif isinstance(d, bool):
             values.append(d)
         elif d is None:
@@ -148,7 +152,7 @@ def test_positional_arguments_mean_what_they_mean_in_torch(spec):
 
 BAD_VALUES = [("lr", -0.1), ("eps", -1.0), ("weight_decay", -0.5), ("momentum", -0.9), ("alpha", -0.1),
               ("lr_decay", -1.0), ("initial_accumulator_value", -1.0), ("momentum_decay", -0.1),
-              ("betas", (1.0, 0.999)), ("betas", (0.9, -0.1))]
+              ("betas", (1.0, 0.999)), ("betas", (0.9, -0.1)), ("etas", (1.5, 1.2)), ("etas", (0.5, 0.9))]
 
 
 @pytest.mark.parametrize("spec", TORCH_SPECS, ids=lambda s: s.name)

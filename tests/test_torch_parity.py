@@ -15,13 +15,13 @@ from conftest import option_combinations
 
 torch = pytest.importorskip("torch")
 
-TORCH_NAMES = {"beta1": None, "beta2": None}  # folded into betas=(beta1, beta2)
 
 
 def _torch_kwargs(spec, hp):
-    kw = {k: v for k, v in hp.items() if k not in TORCH_NAMES}
-    if "beta1" in hp:
-        kw["betas"] = (hp["beta1"], hp["beta2"])
+    kw = dict(hp)
+    for key, names in spec.torch_groups.items():  # betas, Rprop's etas and step_sizes: tuples in torch
+        if all(n in kw for n in names):
+            kw[key] = tuple(kw.pop(n) for n in names)
     if spec.name in ("adam", "adamw") or spec.torch_class in ("NAdam", "RAdam", "SGD", "Adagrad", "RMSprop"):
         kw["foreach"] = False
     return kw

@@ -15,10 +15,10 @@ from fastopt.torch import arguments
 
 def torch_kwargs(spec, hp: dict) -> dict:
     """Registry hyperparameters as keyword arguments of the torch/fastopt.torch constructor."""
-    betas = arguments.beta_names(spec)
-    out = {k: v for k, v in hp.items() if k not in betas}
-    if betas:
-        out["betas"] = tuple(hp[b] for b in betas)
+    out = dict(hp)
+    for key, names in spec.torch_groups.items():  # betas, Rprop's etas and step_sizes: tuples in torch
+        if all(n in out for n in names):
+            out[key] = tuple(out.pop(n) for n in names)
     return out
 
 

@@ -23,7 +23,12 @@ EXTRAS = {"clip_grad_norm": None, "skip_nonfinite": False}
 
 def beta_names(spec: OptimizerSpec) -> tuple[str, ...]:
     """The registry hyperparameters that torch passes together as `betas`, in order."""
-    return tuple(h.name for h in spec.hypers if h.name.startswith("beta") and h.name[4:].isdigit())
+    return spec.torch_groups.get("betas", ())
+
+
+def _tuple_of(spec: OptimizerSpec) -> dict:
+    """registry hyperparameter -> the torch tuple key holding it (betas, Rprop's etas and step_sizes)."""
+    return {name: key for key, names in spec.torch_groups.items() for name in names}
 
 
 def torch_class(spec: OptimizerSpec):
@@ -32,15 +37,17 @@ def torch_class(spec: OptimizerSpec):
 
 def group_defaults(spec: OptimizerSpec) -> dict:
     """The keys of a param group (without "params") and their defaults, in torch's order where torch has
-    the optimizer: registry hyperparameters (betas as a tuple), then torch's own flags."""
+    the optimizer: registry hyperparameters (tuples such as betas where torch has them), then torch's
+    own flags."""
     ours: dict = {}
-    betas = beta_names(spec)
+    tuple_of = _tuple_of(spec)
+    defaults = {h.name: h.default for h in spec.hypers}
     for h in spec.hypers:
-        if h.name in betas:
-            if "betas" not in ours:
-                ours["betas"] = tuple(b.default for b in spec.hypers if b.name in betas)
-            continue
-        ours[h.name] = h.default
+        key = tuple_of.get(h.name)
+        if key is None:
+            ours[h.name] = h.default
+        elif key not in ours:
+            ours[key] = tuple(defaults[n] for n in spec.torch_groups[key])
     klass = torch_class(spec)
     if klass is None:
         return ours
@@ -99,25 +106,28 @@ def registry_hp(spec: OptimizerSpec, group: dict, step: int = 1) -> dict:
     """The group's hyperparameters in registry terms, checked (Python floats and bools); ValueError /
     TypeError with torch's message and nothing changed otherwise."""
     check_flags(group)
-    betas = beta_names(spec)
+    tuple_of = _tuple_of(spec)
     raw = {}
     for h in spec.hypers:
-        if h.name in betas:
+        if h.name in tuple_of:
             continue
         if h.name not in group:
             raise ValueError(f"param group has no {h.name!r}")
         raw[h.name] = _plain(h.name, group[h.name])
         if raw[h.name] is REQUIRED:
             raise TypeError(f"{h.name} is required")
-    if betas:
-        given = group.get("betas")
-        if not isinstance(given, (tuple, list)) or len(given) != len(betas):
-            raise TypeError(f"betas must be a pair of floats {tuple(betas)}, got {shown(given)}")
-        for i, (name, value) in enumerate(zip(betas, given)):
-            hyper = next(h for h in spec.hypers if h.name == name)
-            value = _plain("betas", value)
+    hypers = {h.name: h for h in spec.hypers}
+    for key, names in spec.torch_groups.items():
+        given = group.get(key)
+        if not isinstance(given, (tuple, list)) or len(given) != len(names):
+            raise TypeError(f"{key} must be a tuple of {len(names)} floats {tuple(names)}, got {shown(given)}")
+        for i, (name, value) in enumerate(zip(names, given)):
+            value = _plain(key, value)
+            if key != "betas":
+                raw[name] = value  # checked below with the spec's own check (torch's words for Rprop's etas)
+                continue
             try:
-                raw[name] = hyper.validate(value)
+                raw[name] = hypers[name].validate(value)
             except ValueError:
                 raise ValueError(f"Invalid beta parameter at index {i}: {value}") from None
     hp, _ = spec.validate(raw, step)
