@@ -153,6 +153,10 @@ class Steady:
         backend = buckets[0].backend
         if any(b.backend is not backend for b in buckets) or not prepares_once(backend):
             return None
+        if any(p.device.type != "cpu" for b in buckets for p in b.params[:1]):
+            # CUDA params plan in full each step: their grads' views, device and stream checks on this
+            # short path have not run on a GPU yet (issue 11's host-cost work)
+            return None
         spec = optimizer.spec
         calls = []
         for b in buckets:
