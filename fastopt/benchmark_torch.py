@@ -28,6 +28,8 @@ from fastopt.benchmark import machine_info
 OPTIMIZERS = {"Adam": {"lr": 1e-3}, "AdamW": {"lr": 1e-3, "weight_decay": 0.01},
               "SGD": {"lr": 1e-3, "momentum": 0.9}}
 VARIANTS = ("fastopt", "torch fused", "torch foreach", "torch for-loop")
+# the registry's names of the optimizers timed here (bytes moved per element: their active states)
+SPECS = {"Adam": "adam", "AdamW": "adamw", "SGD": "sgd"}
 
 
 def gpt2_small_shapes() -> list[tuple]:
@@ -77,6 +79,32 @@ def _make_optimizer(torch, name, variant, params):
     return getattr(torch.optim, name)(params, **kw, **flags)
 
 
+class _Ceiling:
+    """The byte-count ceiling of one step on the CPU: fastopt's same-pattern kernel (trivial math, the
+    optimizer's reads and writes: params and states read and written, grads read) over arrays shaped like
+    the param list, through the same chunking and as many threads as torch uses."""
+
+    def __init__(self, torch, shapes, name):
+        import numpy as np
+
+        from fastopt.specs import REGISTRY
+        spec = REGISTRY[SPECS[name]]
+        hp = {**spec.defaults, **{k: v for k, v in OPTIMIZERS[name].items() if k in spec.defaults}}
+        nstates = sum(spec.active_states(hp))
+        self.torch = torch
+        self.arrays = tuple([np.ones(s, np.float32) for s in shapes] for _ in range(2 + nstates))
+        self.bytes = sum(_numel(s) for s in shapes) * 4 * (1 + 2 * (1 + nstates))
+
+    def step(self):
+        from fastopt.kernels.cpu import _cpu_fast
+        threads, before = self.torch.get_num_threads(), fastopt.get_num_threads()
+        fastopt.set_num_threads(threads)
+        try:
+            _cpu_fast.touch(self.arrays, 0)
+        finally:
+            fastopt.set_num_threads(before)
+
+
 def time_case(torch, shapes, name, device, repeats, warmup=2):
     """Median step time (ms) of each variant on one param list, interleaved round by round."""
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -93,6 +121,9 @@ def time_case(torch, shapes, name, device, repeats, warmup=2):
         except (RuntimeError, ValueError) as e:  # e.g. no fused implementation on this device
             times[variant] = f"unavailable: {e}"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cpu":
+        opts["ceiling"] = _Ceiling(torch, shapes, name)
+        times["ceiling"] = []
     for round_ in range(warmup + repeats):
         for variant, opt in opts.items():
             sync()
@@ -138,12 +169,19 @@ def run(threads=(2,), repeats=None, quick=False, devices=None, progress=True, pa
                     for name in OPTIMIZERS:
                         load = os.getloadavg()
                         ms, best = time_case(torch, shapes, name, device, reps)
+                        ceiling = ms.pop("ceiling", None)
+                        best.pop("ceiling", None)
                         row = {"device": device, "threads": n if device == "cpu" else None, "params": list_name,
                                "optimizer": name, "repeats": reps, "load_average": load[0], "ms": ms,
                                "min_ms": best,
                                # how many times faster fastopt.torch is than each torch variant (median)
                                "speedup_vs": {v: (t / ms["fastopt"] if isinstance(t, float) else None)
                                               for v, t in ms.items() if v != "fastopt"}}
+                        if ceiling is not None:
+                            # the same-pattern kernel's time: no update can move these bytes faster here
+                            row["ceiling_ms"] = ceiling
+                            row["of_ceiling"] = {v: (ceiling / t if isinstance(t, float) else None)
+                                                 for v, t in ms.items()}
                         if progress:
                             print(format_row(row), flush=True)
                         report["runs"].append(row)
@@ -204,12 +242,15 @@ def format_row(row) -> str:
     where = row["device"] + (f", {row['threads']} thr" if row["threads"] else "")
     cells = [f"{_fmt(ms[v])} ({_fmt(best[v])})" for v in VARIANTS]
     speedup = f"{_ratio(ms['torch fused'], ms['fastopt'])} ({_ratio(best['torch fused'], best['fastopt'])})"
-    return f"| {row['params']} | {row['optimizer']} | {where} | " + " | ".join(cells) + f" | {speedup} | {row['load_average']:.1f} |"
+    of = row.get("of_ceiling") or {}
+    ceiling = " / ".join(f"{of[v]:.2f}" if isinstance(of.get(v), float) else "–" for v in ("fastopt", "torch fused"))
+    return (f"| {row['params']} | {row['optimizer']} | {where} | " + " | ".join(cells) + f" | {speedup} | {ceiling} "
+            f"| {row['load_average']:.1f} |")
 
 
 def markdown_table(report) -> str:
     head = ("| params | optimizer | device | fastopt.torch ms | torch fused ms | torch foreach ms | torch for-loop ms "
-            "| vs fused | load |\n|---|---|---|---|---|---|---|---|---|")
+            "| vs fused | of ceiling (fastopt / fused) | load |\n|---|---|---|---|---|---|---|---|---|---|")
     return "\n".join([head] + [format_row(r) for r in report["runs"]])
 
 
