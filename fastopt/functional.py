@@ -90,6 +90,7 @@ def init_state(name: str, params: Arrays, **options) -> dict:
     Example: ``fastopt.adam_step(p, g, **fastopt.init_state("adam", p), step=1)``."""
     from fastopt.specs import get_spec
     from fastopt.backends.dispatch import array_device, as_numpy
+    from fastopt.precision import is_16bit
     import numpy as np
 
     spec = get_spec(name)
@@ -122,10 +123,11 @@ def init_state(name: str, params: Arrays, **options) -> dict:
             dtype = np.dtype(np.float32) if dtype == np.float16 else dtype
             return device_backend.device_full(tuple(p.shape), fill, dtype, like=p)
         p = as_numpy(p, label)
-        if p.dtype.kind != "f":
+        if p.dtype.kind != "f" and not is_16bit(p.dtype):
             raise TypeError(f"{label} has dtype {p.dtype}; optimizer state is for floating-point params")
-        # C order and native, as the kernels take it
-        return np.full(p.shape, fill, p.dtype.newbyteorder("="))
+        # C order and native, as the kernels take it; 16-bit params (float16, bfloat16) keep float32
+        # state (float32 math; 16-bit moments would underflow)
+        return np.full(p.shape, fill, np.float32 if is_16bit(p.dtype) else p.dtype.newbyteorder("="))
 
     is_list = isinstance(params, (list, tuple))
     if params is None:

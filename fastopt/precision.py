@@ -204,3 +204,44 @@ def dequantize_blockwise(codes, absmax, signed: bool, block: int = QUANT_BLOCK) 
     codes = np.asarray(codes, dtype=np.uint8).reshape(-1)
     scale = np.repeat(np.asarray(absmax, dtype=np.float32), block)[:codes.size]
     return dynamic_map(signed)[codes] * scale
+
+
+# ---------------------------------------------------------------------------------------------------
+# 16-bit params in the reference: widen, float32 math, round to nearest even
+# ---------------------------------------------------------------------------------------------------
+
+def is_bfloat16(dtype) -> bool:
+    """ml_dtypes' bfloat16 (by name: nothing here imports ml_dtypes)."""
+    dtype = np.dtype(dtype)
+    return dtype.name == "bfloat16" and dtype.itemsize == 2 and dtype.kind == "V"
+
+
+def is_16bit(dtype) -> bool:
+    """float16 or bfloat16 storage: float32 math, float32 state (DESIGN.md, "Precision")."""
+    return np.dtype(dtype) == np.float16 or is_bfloat16(dtype)
+
+
+def widen(a) -> np.ndarray:
+    """A float32 copy of a 16-bit array (exact); a float32/float64 array itself."""
+    return a.astype(np.float32) if is_16bit(a.dtype) else a
+
+
+def store_rounded(dst, value) -> None:
+    """dst[...] = value (float32), rounded to dst's 16-bit dtype to nearest even with the kernels' bits
+    (to_bf16 / to_fp16: NaN stays a quiet NaN of the same sign)."""
+    bits = to_bf16(value) if is_bfloat16(dst.dtype) else to_fp16(value)
+    dst.view(np.uint16)[...] = bits.reshape(dst.shape)
+
+
+def step_16bit(fn, arrays, written, **kwargs) -> None:
+    """Run the reference update `fn(*arrays, **kwargs)` as the CPU kernels run it for 16-bit storage:
+    every 16-bit array is widened to float32 (exactly), the update runs in float32 (the reference in
+    float32 equals the float32 kernels bit for bit: same operations, same order, no FMA), and each
+    16-bit array in `written` (positions) is stored back rounded to nearest even. float32 arrays (the
+    state of 16-bit params, float32 grads) are used as they are."""
+    wide = [None if a is None else widen(a) for a in arrays]
+    fn(*wide, **kwargs)
+    for k in written:
+        a = arrays[k]
+        if a is not None and wide[k] is not a:
+            store_rounded(a, wide[k])

@@ -32,7 +32,7 @@ class TestArrayErrors:
     def test_integer_and_complex_params(self, backend):
         for dtype in (np.int64, np.complex64, np.bool_):
             p = np.zeros(4, dtype)
-            with pytest.raises(TypeError, match=r"params has dtype .*float32 or float64"):
+            with pytest.raises(TypeError, match=r"params has dtype .*float32, float64, float16 or bfloat16"):
                 fastopt.sgd_step(p, p.copy(), lr=0.1, backend=backend)
 
     def test_grad_dtype_differs_from_param(self, backend):

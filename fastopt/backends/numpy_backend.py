@@ -10,6 +10,7 @@ from fastopt import reference
 from fastopt.backends import host_clip
 from fastopt.backends import validate
 from fastopt.backends.validate import Checked, check_prepared_disjoint, host_scale
+from fastopt.precision import is_16bit, store_rounded, step_16bit
 
 NAME = "numpy"
 AVAILABLE = True
@@ -45,7 +46,11 @@ def run(prepared, spec, hp, step, grad_scale):
     if spec.uses_step:
         kwargs["step"] = step
     for i in range(len(params)):
-        fn(params[i], grads[i], *[s[i] if s is not None else None for s in states], **kwargs)
+        arrays = (params[i], grads[i]) + tuple(s[i] if s is not None else None for s in states)
+        if is_16bit(params[i].dtype):  # float32 math, params rounded to nearest even (fastopt.precision)
+            step_16bit(fn, arrays, [k for k in range(len(arrays)) if k != 1], **kwargs)  # grads are only read
+        else:
+            fn(*arrays, **kwargs)
 
 
 def prepare_grads(grads, name="grads", indices=None) -> Checked:
@@ -68,9 +73,16 @@ def sumsq_per_tensor(grads):
     return np.array([reference.sumsq(g) for g in _read(grads)], dtype=np.float64)
 
 
+def _scale(g, coef):
+    if is_16bit(g.dtype):  # the kernels: float32 product, rounded to nearest even
+        store_rounded(g, g.astype(np.float32) * np.float32(coef))
+    else:
+        reference.scale_(g, coef)
+
+
 def scale_(grads, coef):
     for g in prepare_grads(grads).lists[0]:
-        reference.scale_(g, coef)
+        _scale(g, coef)
 
 
 def scale_each_(grads, coefs):
@@ -78,12 +90,17 @@ def scale_each_(grads, coefs):
     if len(coefs) != len(grads):
         raise ValueError(f"{len(coefs)} coefficients for {len(grads)} arrays")
     for g, coef in zip(grads, coefs):
-        reference.scale_(g, coef)
+        _scale(g, coef)
 
 
 def clamp_(grads, clip_value):
     for g in prepare_grads(grads).lists[0]:
-        reference.clamp_(g, clip_value)
+        if is_16bit(g.dtype):  # clamped in float32 against float32(clip_value), rounded to nearest even
+            g32 = g.astype(np.float32)
+            reference.clamp_(g32, float(np.float32(clip_value)))
+            store_rounded(g, g32)
+        else:
+            reference.clamp_(g, clip_value)
 
 
 # Norms and clipping from the sums of squares: written once for both host backends (host_clip.py)

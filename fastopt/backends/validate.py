@@ -20,7 +20,19 @@ import numpy as np
 from fastopt.arrays import as_numpy
 from fastopt.specs import as_float
 
-HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))  # and ml_dtypes' bfloat16
+F32 = np.dtype(np.float32)
+
+
+def is_bfloat16(dtype) -> bool:
+    """ml_dtypes' bfloat16 (recognised by name: ml_dtypes is not imported here; without it no such array
+    exists). Its byte order is always native."""
+    return dtype.name == "bfloat16" and dtype.itemsize == 2 and dtype.kind == "V"
+
+
+def is_16bit(dtype) -> bool:
+    """float16 or bfloat16: params stored in 16 bits, updated with float32 math and float32 state."""
+    return dtype == np.float16 or is_bfloat16(dtype)
 
 
 class HostArrays:
@@ -28,7 +40,13 @@ class HostArrays:
     own class with the same members (fastopt/backends/device_arrays.py)."""
 
     dtypes = HOST_DTYPES
+    dtypes_text = "float32, float64, float16 or bfloat16"  # as the compiled checks say it (_cpu_fast.DTYPES_TEXT)
     where = "on the CPU"
+
+    @staticmethod
+    def accepts(dtype):
+        """A dtype the CPU kernels update (native byte order)."""
+        return dtype in HOST_DTYPES or is_bfloat16(dtype)
 
     @staticmethod
     def convert(obj, name):
@@ -50,13 +68,39 @@ class HostArrays:
 
     @staticmethod
     def state_dtype(param_dtype):
-        """The dtype a state array of a `param_dtype` param must have."""
-        return param_dtype
+        """The dtype a state array of a `param_dtype` param must have: float32 for 16-bit params (their
+        math is float32; 16-bit moments would underflow), the param's own otherwise."""
+        return F32 if is_16bit(param_dtype) else param_dtype
+
+    @staticmethod
+    def grad_dtypes(param_dtype):
+        """The dtypes a grad of a `param_dtype` param may have: its own, and float32 for 16-bit params."""
+        return (param_dtype, F32) if is_16bit(param_dtype) else (param_dtype,)
 
 
 def dtype_text(dtype) -> str:
     """float32, or >f4 where the byte order is what is wrong."""
     return str(dtype) if dtype.isnative else dtype.str
+
+
+def _check_grad_dtype(api, a, p, name, param_label, grad_label):
+    """A grad's dtype against its param's: the same, or float32 for a 16-bit param (the host kernels;
+    grad_dtypes of the api)."""
+    allowed = api.grad_dtypes(p.dtype) if hasattr(api, "grad_dtypes") else (p.dtype,)
+    if a.dtype not in allowed:
+        if len(allowed) > 1:
+            raise TypeError(f"{grad_label} has dtype {dtype_text(a.dtype)}, expected {p.dtype} or float32 "
+                            f"(the dtype of {param_label}, or float32)")
+        raise TypeError(f"{grad_label} has dtype {dtype_text(a.dtype)}, expected {p.dtype} "
+                        f"(the dtype of {param_label})")
+
+
+def _check_grads_alike(a, first, grad_label, first_label):
+    """The grads of one call share one dtype: first = (dtype of the first grad) or None. Returns it."""
+    if first is not None and a.dtype != first:
+        raise TypeError(f"{grad_label} has dtype {a.dtype} but {first_label} has {first}: "
+                        f"the grads of one call have one dtype")
+    return a.dtype if first is None else first
 
 
 def label(name, index):
@@ -93,7 +137,7 @@ def check_arrays(arrays, names, api=HostArrays, read_only_slot=1, indices=None, 
     n = len(lists[0])
     if indices is None:
         indices = range(n) if is_list else (None,)
-    ref_dtype = None
+    ref_dtype = first_grad = None
     spans = []
     for i in range(n):
         p = None
@@ -109,24 +153,29 @@ def check_arrays(arrays, names, api=HostArrays, read_only_slot=1, indices=None, 
             lst[i] = a
             if k == 0:
                 p = a
-                if a.dtype not in api.dtypes:
+                if not (api.accepts(a.dtype) if hasattr(api, "accepts") else a.dtype in api.dtypes):
+                    text = getattr(api, "dtypes_text", None) or " or ".join(str(d) for d in api.dtypes)
                     raise TypeError(f"{label(name, index)} has dtype {dtype_text(a.dtype)}; "
-                                    f"fastopt updates {' or '.join(str(d) for d in api.dtypes)} arrays "
-                                    f"(native byte order) {api.where}")
+                                    f"fastopt updates {text} arrays (native byte order) {api.where}")
                 if ref_dtype is None:
                     ref_dtype = a.dtype
                 elif a.dtype != ref_dtype:
                     raise TypeError(f"{label(name, index)} has dtype {a.dtype} but {label(names[0], indices[0])} "
                                     f"has {ref_dtype}: one call updates one dtype (group the arrays by dtype)")
             else:
-                expected = p.dtype if k == 1 else api.state_dtype(p.dtype)
-                if a.dtype != expected:
-                    why = (f"the dtype of {label(names[0], index)}" if expected == p.dtype else
-                           f"{p.dtype} params keep {expected} state; see fastopt.init_state")
-                    raise TypeError(f"{label(name, index)} has dtype {dtype_text(a.dtype)}, expected {expected} ({why})")
+                if k == 1:
+                    _check_grad_dtype(api, a, p, name, label(names[0], index), label(name, index))
+                else:
+                    expected = api.state_dtype(p.dtype)
+                    if a.dtype != expected:
+                        why = (f"the dtype of {label(names[0], index)}" if expected == p.dtype else
+                               f"{p.dtype} params keep {expected} state; see fastopt.init_state")
+                        raise TypeError(f"{label(name, index)} has dtype {dtype_text(a.dtype)}, expected {expected} ({why})")
                 if tuple(a.shape) != tuple(p.shape):
                     raise ValueError(f"{label(name, index)} has shape {tuple(a.shape)}, expected {tuple(p.shape)} "
                                      f"(the shape of {label(names[0], index)})")
+                if k == 1:
+                    first_grad = _check_grads_alike(a, first_grad, label(name, index), label(name, indices[0]))
             if not api.c_contiguous(a):
                 raise ValueError(f"{label(name, index)} is not C-contiguous")
             written = k != read_only_slot
@@ -263,18 +312,18 @@ def bind_grads(fixed, grads_per_call) -> list:
         grads = list(grads) if is_list else [grads]
         numbers_ = indices if indices is not None else (range(len(params)) if is_list else (None,))
         call_spans = list(spans)
+        first_grad = None
         for i, obj in enumerate(grads):
             name = label(names[1], numbers_[i])
             if obj is None:
                 raise TypeError(f"{name} must be an array, got None")
             a = api.convert(obj, name)
             p = params[i]
-            if a.dtype != p.dtype:
-                raise TypeError(f"{name} has dtype {dtype_text(a.dtype)}, expected {p.dtype} "
-                                f"(the dtype of {label(names[0], numbers_[i])})")
+            _check_grad_dtype(api, a, p, names[1], label(names[0], numbers_[i]), name)
             if tuple(a.shape) != tuple(p.shape):
                 raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(p.shape)} "
                                  f"(the shape of {label(names[0], numbers_[i])})")
+            first_grad = _check_grads_alike(a, first_grad, name, label(names[1], numbers_[0]))
             if not api.c_contiguous(a):
                 raise ValueError(f"{name} is not C-contiguous")
             grads[i] = a

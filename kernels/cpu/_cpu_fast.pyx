@@ -42,7 +42,7 @@ cdef extern from "cpu_loops.hpp" namespace "fastopt::cpu" nogil:
     const int TWO_PHASE_COUNT "fastopt::cpu::TWO_PHASE_COUNT"
     double two_phase_scaled_lr(int index, double lr, double param_norm, double update_norm)
     cdef enum:
-        DTYPE_F32, DTYPE_F64
+        DTYPE_F32, DTYPE_F64, DTYPE_BF16, DTYPE_F16
 
 def _family_table():
     # the generated family table compiled into cpu_loops.hpp (kernels/cuda/families.cuh, from the registry)
@@ -129,8 +129,20 @@ cdef str _label(tuple names, int slot, int index, bint is_list, object indices=N
     return f"{names[slot]}[{index if indices is None else indices[index]}]"
 
 
+# ml_dtypes' bfloat16 is a user dtype (number >= NPY_USERDEF, 256) that NumPy numbers at registration: found by name the first
+# time one is seen (ml_dtypes is not imported here; without it no such array exists)
+cdef int _bf16_type = -1
+
+# The storage dtypes of the kernels (cpu_loops.hpp DTYPE_*): element size, name (in messages)
+cdef int[4] _ITEMSIZE = [4, 8, 2, 2]
+_CODE_NAMES = ("float32", "float64", "bfloat16", "float16")
+# what the errors say fastopt updates (the same text as backends/validate.py HostArrays.dtypes_text)
+DTYPES_TEXT = "float32, float64, float16 or bfloat16"
+
+
 cdef int _dtype_code(cnp.ndarray a):
     """The kernel dtype of `a`; -1 for anything else, including non-native byte order."""
+    global _bf16_type
     cdef int t = cnp.PyArray_TYPE(a)
     if not cnp.PyArray_ISNOTSWAPPED(a):
         return -1
@@ -138,7 +150,32 @@ cdef int _dtype_code(cnp.ndarray a):
         return DTYPE_F32
     if t == cnp.NPY_FLOAT64:
         return DTYPE_F64
+    if t == cnp.NPY_FLOAT16:
+        return DTYPE_F16
+    if t == _bf16_type:
+        return DTYPE_BF16
+    if _bf16_type < 0 and t >= 256 and _is_bfloat16((<object> a).dtype):
+        _bf16_type = t
+        return DTYPE_BF16
     return -1
+
+
+cdef bint _is_bfloat16(object dtype):
+    return dtype.name == "bfloat16" and dtype.itemsize == 2
+
+
+cdef inline bint _is16(int code) noexcept nogil:
+    return code == DTYPE_BF16 or code == DTYPE_F16
+
+
+cdef inline int _state_code(int param_code) noexcept nogil:
+    """The dtype of a `param_code` param's optimizer state: float32 for 16-bit params."""
+    return DTYPE_F32 if _is16(param_code) else param_code
+
+
+cdef inline int _layout(int p, int g, int st) noexcept nogil:
+    """cpu_loops.hpp FASTOPT_LAYOUT: the dtypes of one call's params, grads and states."""
+    return p | (g << 2) | (st << 4)
 
 
 cdef class _Batch:
@@ -151,7 +188,9 @@ cdef class _Batch:
     cdef int read_only_slot
     cdef int ntensors
     cdef int nslots
-    cdef int dtype
+    cdef int dtype            # the params' (slot 0's) storage dtype
+    cdef int[SLOTS] codes     # each slot's storage dtype (an unused slot: what it would have)
+    cdef int layout           # the kernels' dtype layout (params, grads, states)
     cdef void** ptrs          # ntensors * SLOTS
     cdef int64_t* sizes       # ntensors
     cdef Chunk* chunks
@@ -181,7 +220,8 @@ cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot, object indic
         raise ValueError("too many arrays per tensor")
     cdef object first = arrays[0]
     cdef bint is_list = isinstance(first, (list, tuple))
-    cdef int n, i, k, code, ref_code = -1, ndim
+    cdef int n, i, k, code, ref_code = -1, grad_code = -1, ndim
+    cdef object ref_dtype = None, grad_dtype = None
     cdef list lists = []
     cdef object entry, obj
     cdef cnp.ndarray a, p
@@ -243,17 +283,20 @@ cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot, object indic
                 if code < 0:
                     raise TypeError(
                         f"{_label(names, k, i, is_list, indices)} has dtype {_dtype_text(a)}; fastopt updates "
-                        f"float32 or float64 arrays (native byte order) on the CPU")
+                        f"{DTYPES_TEXT} arrays (native byte order) on the CPU")
                 if ref_code < 0:
                     ref_code = code
+                    ref_dtype = a.dtype
                 elif code != ref_code:
                     raise TypeError(
                         f"{_label(names, k, i, is_list, indices)} has dtype {a.dtype} but "
-                        f"{_label(names, 0, 0, is_list, indices)} has "
-                        f"{np.dtype(np.float32 if ref_code == DTYPE_F32 else np.float64)}: one call "
+                        f"{_label(names, 0, 0, is_list, indices)} has {ref_dtype}: one call "
                         f"updates one dtype (group the arrays by dtype)")
             else:
                 _check_like_param(a, code, p, ref_code, names, k, i, is_list, indices)
+                if k == 1:
+                    grad_code = _check_grads_alike(a, code, grad_code, grad_dtype, names, i, is_list, indices)
+                    grad_dtype = a.dtype
             if not cnp.PyArray_IS_C_CONTIGUOUS(a):
                 raise ValueError(f"{_label(names, k, i, is_list, indices)} is not C-contiguous")
             if k != read_only_slot and not cnp.PyArray_ISWRITEABLE(a):
@@ -264,6 +307,9 @@ cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot, object indic
         b.total += size
         nch += (size + CHUNK - 1) // CHUNK
     b.dtype = ref_code
+    if grad_code < 0:  # no grads (yet: bind_grads), or no arrays
+        grad_code = ref_code
+    _set_codes(b, ref_code, grad_code)
 
     _check_disjoint([b])
 
@@ -287,11 +333,45 @@ cdef str _dtype_text(cnp.ndarray a):
     return str(a.dtype) if cnp.PyArray_ISNOTSWAPPED(a) else a.dtype.str
 
 
+cdef void _set_codes(_Batch b, int param_code, int grad_code) noexcept:
+    cdef int k
+    b.codes[0] = param_code
+    b.codes[1] = grad_code
+    for k in range(2, SLOTS):
+        b.codes[k] = _state_code(param_code)
+    b.layout = _layout(param_code, grad_code, _state_code(param_code))
+
+
+cdef int _check_grads_alike(cnp.ndarray a, int code, int first_code, object first_dtype, tuple names,
+                            Py_ssize_t i, bint is_list, object indices) except -1:
+    """The grads of one call share one dtype (16-bit params take grads in their dtype or float32, but
+    not a mix in one call). Returns the grads' dtype code."""
+    if first_code >= 0 and code != first_code:
+        raise TypeError(
+            f"{_label(names, 1, i, is_list, indices)} has dtype {a.dtype} but "
+            f"{_label(names, 1, 0, is_list, indices)} has {first_dtype}: the grads of one call have one dtype")
+    return code
+
+
 cdef int _check_like_param(cnp.ndarray a, int code, cnp.ndarray p, int param_code, tuple names, int k,
                            Py_ssize_t i, bint is_list, object indices) except -1:
-    """A grad or state array against its param: the same dtype (code) and the same shape."""
+    """A grad or state array against its param: the same shape, and the dtype of the param (a grad of a
+    16-bit param: that or float32; a state of a 16-bit param: float32)."""
     cdef int ndim
-    if code != param_code:
+    if k == 1:
+        if code != param_code and not (_is16(param_code) and code == DTYPE_F32):
+            if _is16(param_code):
+                raise TypeError(
+                    f"{_label(names, k, i, is_list, indices)} has dtype {_dtype_text(a)}, expected {p.dtype} or "
+                    f"float32 (the dtype of {_label(names, 0, i, is_list, indices)}, or float32)")
+            raise TypeError(
+                f"{_label(names, k, i, is_list, indices)} has dtype {_dtype_text(a)}, expected {p.dtype} "
+                f"(the dtype of {_label(names, 0, i, is_list, indices)})")
+    elif code != _state_code(param_code):
+        if _is16(param_code):
+            raise TypeError(
+                f"{_label(names, k, i, is_list, indices)} has dtype {_dtype_text(a)}, expected float32 "
+                f"({p.dtype} params keep float32 state; see fastopt.init_state)")
         raise TypeError(
             f"{_label(names, k, i, is_list, indices)} has dtype {_dtype_text(a)}, expected {p.dtype} "
             f"(the dtype of {_label(names, 0, i, is_list, indices)})")
@@ -561,7 +641,7 @@ def bind_grads(_Fixed fixed, grads_per_call):
     fixed array of any call (grads may share with each other). Writes nothing."""
     cdef _Batch b, nb
     cdef cnp.ndarray a, p
-    cdef int c, i, n, nslots, ndim, hit
+    cdef int c, i, n, nslots, ndim, hit, code, grad_code
     cdef uintptr_t start
     cdef list out = []
     cdef tuple names
@@ -587,6 +667,7 @@ def bind_grads(_Fixed fixed, grads_per_call):
         nb.owner = b
         nb.names, nb.indices, nb.is_list, nb.read_only_slot = names, indices, is_list, 1
         nb.ntensors, nb.nslots, nb.dtype = n, nslots, b.dtype
+        grad_code, grad_dtype = -1, None
         nb.sizes, nb.chunks, nb.nchunks, nb.total = b.sizes, b.chunks, b.nchunks, b.total
         nb.ptrs = <void**> malloc(max(n, 1) * SLOTS * sizeof(void*))
         if nb.ptrs == NULL:
@@ -601,11 +682,15 @@ def bind_grads(_Fixed fixed, grads_per_call):
                 obj = _as_ndarray(obj, _label(names, 1, i, is_list, indices))
             a = <cnp.ndarray> obj
             p = <cnp.ndarray> b.keep[i * nslots]
-            _check_like_param(a, _dtype_code(a), p, b.dtype, names, 1, i, is_list, indices)
+            code = _dtype_code(a)
+            _check_like_param(a, code, p, b.dtype, names, 1, i, is_list, indices)
+            grad_code = _check_grads_alike(a, code, grad_code, grad_dtype, names, i, is_list, indices)
+            grad_dtype = a.dtype
             if not cnp.PyArray_IS_C_CONTIGUOUS(a):
                 raise ValueError(f"{_label(names, 1, i, is_list, indices)} is not C-contiguous")
             nb.keep[i * nslots + 1] = a
             nb.ptrs[i * SLOTS + 1] = cnp.PyArray_DATA(a)
+        _set_codes(nb, b.dtype, grad_code if grad_code >= 0 else b.dtype)
         out.append(nb)
     for c in range(len(out)):  # grads are read: they may share with each other, not with a written array
         nb = <_Batch> out[c]
@@ -628,16 +713,16 @@ cdef inline int _threads_for(int64_t total) noexcept nogil:
     return _num_threads if total >= PARALLEL_MIN else 1
 
 
-cdef inline int _chunk(int dtype, int kind, int variant, void** base, const Chunk* ch,
+cdef inline int _chunk(int layout, const int* codes, int kind, int variant, void** base, const Chunk* ch,
                        const int* slot_map, const double* s, double coef, double* acc) noexcept nogil:
-    """Run one chunk: base = the tensor's SLOTS pointers; slot_map[j] = which of them is kernel slot j."""
+    """Run one chunk: base = the tensor's SLOTS pointers; slot_map[j] = which of them is kernel slot j;
+    codes[k]: the dtype of slot k (its element size)."""
     cdef void* ptrs[SLOTS]
     cdef int j, k
-    cdef int64_t offset = ch.start * (4 if dtype == DTYPE_F32 else 8)
     for j in range(SLOTS):
         k = slot_map[j]
-        ptrs[j] = NULL if (k < 0 or base[k] == NULL) else <void*> (<char*> base[k] + offset)
-    return run_chunk(dtype, kind, variant, ptrs, ch.n, s, coef, acc)
+        ptrs[j] = NULL if (k < 0 or base[k] == NULL) else <void*> (<char*> base[k] + ch.start * _ITEMSIZE[codes[k]])
+    return run_chunk(layout, kind, variant, ptrs, ch.n, s, coef, acc)
 
 
 cdef int _run(_Batch b, int kind, int variant, const double* s, const int* slot_map,
@@ -646,10 +731,11 @@ cdef int _run(_Batch b, int kind, int variant, const double* s, const int* slot_
     cdef int nthreads = _threads_for(b.total)
     cdef Chunk* chunks = b.chunks
     cdef void** base = b.ptrs
-    cdef int dtype = b.dtype
+    cdef int layout = b.layout
+    cdef const int* codes = b.codes
     with nogil:
         for c in prange(b.nchunks, schedule='static', num_threads=nthreads):
-            bad += _chunk(dtype, kind, variant, &base[chunks[c].tensor * SLOTS], &chunks[c], slot_map, s,
+            bad += _chunk(layout, codes, kind, variant, &base[chunks[c].tensor * SLOTS], &chunks[c], slot_map, s,
                           coef_per_tensor[chunks[c].tensor] if coef_per_tensor != NULL else 0.0,
                           &partials[2 * c] if partials != NULL else NULL) != 0
     if bad:
@@ -784,8 +870,8 @@ def sumsq_per_tensor(grads):
         with nogil:
             for c in prange(b.nchunks, schedule='static', num_threads=nthreads):
                 ch = &b.chunks[c]
-                partials[c] = sumsq(b.dtype, <char*> b.ptrs[ch.tensor * SLOTS + slot] +
-                                    ch.start * (4 if b.dtype == DTYPE_F32 else 8), ch.n)
+                partials[c] = sumsq(b.codes[slot], <char*> b.ptrs[ch.tensor * SLOTS + slot] +
+                                    ch.start * _ITEMSIZE[b.codes[slot]], ch.n)
         for c in range(b.nchunks):
             out[b.chunks[c].tensor] += partials[c]
     finally:
@@ -809,7 +895,7 @@ cdef _elementwise(object grads, int op, double value, object per_tensor=None):
     with nogil:
         for c in prange(b.nchunks, schedule='static', num_threads=nthreads):
             ch = &b.chunks[c]
-            x = <char*> b.ptrs[ch.tensor * SLOTS] + ch.start * (4 if b.dtype == DTYPE_F32 else 8)
+            x = <char*> b.ptrs[ch.tensor * SLOTS] + ch.start * _ITEMSIZE[b.dtype]
             if op == 0:
                 scale(b.dtype, x, ch.n, coefs[ch.tensor] if each else value)
             else:

@@ -51,12 +51,13 @@ FASTOPT_HD float fo_bits_float(fo_u32 u) {
 
 FASTOPT_HD float fo_bf16_to_float(fo_u16 h) { return fo_bits_float(static_cast<fo_u32>(h) << 16); }
 
-// Round to nearest, ties to even. NaN stays NaN (quiet bit set, sign kept).
+// Round to nearest, ties to even. NaN stays NaN (quiet bit set, sign kept). Both results computed and
+// one selected, no branch: the CPU loops vectorize it (the same holds for the fp16 conversions below).
 FASTOPT_HD fo_u16 fo_float_to_bf16(float x) {
-    fo_u32 u = fo_float_bits(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<fo_u16>((u >> 16) | 0x0040u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return static_cast<fo_u16>(u >> 16);
+    const fo_u32 u = fo_float_bits(x);
+    const fo_u32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const fo_u32 nan = (u >> 16) | 0x0040u;
+    return static_cast<fo_u16>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
 // Round to one of the two neighbouring bfloat16 values, up (away from zero) with probability equal to
@@ -76,12 +77,11 @@ FASTOPT_HD fo_u16 fo_float_to_bf16_sr(float x, fo_u32 random) {
 FASTOPT_HD float fo_fp16_to_float(fo_u16 h) {
     const fo_u32 sign = static_cast<fo_u32>(h & 0x8000u) << 16;
     const fo_u32 e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-    if (e == 0x1fu) return fo_bits_float(sign | 0x7f800000u | (m << 13));
-    if (e == 0) {  // zero or subnormal: m * 2^-24, exact in float32
-        const float v = static_cast<float>(m) * 5.9604644775390625e-08f;
-        return sign ? -v : v;
-    }
-    return fo_bits_float(sign | ((e + 112u) << 23) | (m << 13));
+    const fo_u32 normal = sign | ((e + 112u) << 23) | (m << 13);  // rebias the exponent (15 -> 127)
+    const fo_u32 special = sign | 0x7f800000u | (m << 13);        // Inf, NaN (payload kept)
+    // zero or subnormal: m * 2^-24, exact in float32 (m < 1024: converted as a signed int, which vectorizes)
+    const fo_u32 sub = sign | fo_float_bits(static_cast<float>(static_cast<int>(m)) * 5.9604644775390625e-08f);
+    return fo_bits_float(e == 0x1fu ? special : (e == 0 ? sub : normal));
 }
 
 // Round to nearest, ties to even, with fp16's subnormals; beyond 65520 (half-way past the largest
@@ -89,20 +89,16 @@ FASTOPT_HD float fo_fp16_to_float(fo_u16 h) {
 FASTOPT_HD fo_u16 fo_float_to_fp16(float x) {
     const fo_u32 u = fo_float_bits(x);
     const fo_u32 sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-    if (a >= 0x7f800000u) return static_cast<fo_u16>(sign | (a > 0x7f800000u ? 0x7e00u : 0x7c00u));
-    if (a >= 0x477ff000u) return static_cast<fo_u16>(sign | 0x7c00u);
-    if (a < 0x38800000u) {  // below 2^-14: an fp16 subnormal, round(|x| * 2^24)
-        const fo_u32 e = a >> 23;
-        if (e < 102u) return static_cast<fo_u16>(sign);  // below 2^-25: rounds to zero
-        const fo_u32 m = (a & 0x7fffffu) | 0x800000u, s = 126u - e;  // |x| = m * 2^(e - 150)
-        fo_u32 r = m >> s;
-        const fo_u32 rest = m & ((1u << s) - 1u), half = 1u << (s - 1u);
-        if (rest > half || (rest == half && (r & 1u))) ++r;
-        return static_cast<fo_u16>(sign | r);
-    }
-    fo_u32 r = (a - 0x38000000u) >> 13;  // rebias the exponent (127 -> 15), drop 13 mantissa bits
-    const fo_u32 rest = a & 0x1fffu;
-    if (rest > 0x1000u || (rest == 0x1000u && (r & 1u))) ++r;
+    // normal range: rebias the exponent (127 -> 15) and round the 13 dropped bits to nearest even (adding
+    // 0xfff plus the kept last bit carries exactly when the rest is above half, or half with an odd last
+    // bit; a carry into the exponent is the right next value). Wraps harmlessly where not selected.
+    const fo_u32 normal = (a - 0x38000000u + 0xfffu + ((a >> 13) & 1u)) >> 13;
+    // below 2^-14: an fp16 subnormal, round(|x| * 2^24) to nearest even, done by the float adder: |x| + 0.5
+    // has an ulp of 2^-24, so its low mantissa bits are that rounded integer (1024 = the smallest normal)
+    const fo_u32 sub = fo_float_bits(fo_bits_float(a) + 0.5f) - 0x3f000000u;
+    // from 65520 (half-way past the largest finite value) on: Inf; NaN stays NaN (quiet)
+    const fo_u32 big = a > 0x7f800000u ? 0x7e00u : 0x7c00u;
+    const fo_u32 r = a >= 0x477ff000u ? big : (a < 0x38800000u ? sub : normal);
     return static_cast<fo_u16>(sign | r);
 }
 
