@@ -6,6 +6,8 @@ included. CuPy and Numba are imported lazily, only for their own arrays.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 __all__ = ["array_device", "as_numpy", "to_host", "writable_view", "copy_into", "zero_fill"]
@@ -44,6 +46,8 @@ def as_numpy(obj, name="array"):
             raise TypeError(f"{name}: converting {type(obj).__name__} to NumPy made a copy")
         return arr
     if hasattr(obj, "__dlpack__") and not hasattr(obj, "__cuda_array_interface__"):
+        if type(obj).__module__.startswith("torch") and obj.dtype is getattr(sys.modules.get("torch"), "bfloat16", 0):
+            return _torch_bfloat16(obj, name)
         try:
             arr = np.from_dlpack(obj)
         except (BufferError, TypeError, RuntimeError) as e:
@@ -55,6 +59,23 @@ def as_numpy(obj, name="array"):
     except TypeError:
         raise TypeError(f"{name} must be an array (NumPy, CuPy, or an object exposing its memory), "
                         f"got {type(obj).__name__}") from None
+
+
+def _torch_bfloat16(t, name):
+    """A torch CPU bfloat16 tensor as a NumPy ml_dtypes.bfloat16 array on the same memory: DLPack has no
+    bfloat16 that NumPy reads, so the tensor is viewed as int16 (the same bits) and NumPy's view is
+    reinterpreted."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError(f"{name} is a bfloat16 tensor: viewing it from NumPy needs ml_dtypes "
+                        f"(pip install ml_dtypes)") from None
+    import torch
+    try:
+        raw = np.from_dlpack(t.view(torch.int16))
+    except (BufferError, TypeError, RuntimeError) as e:
+        raise TypeError(f"{name}: cannot view {type(t).__name__} as a NumPy array: {e}") from None
+    return raw.view(ml_dtypes.bfloat16)
 
 
 def to_host(a):

@@ -424,3 +424,27 @@ def test_small_regression_trains_in_bf16_like_float32():
     for dtype in LOW:
         loss = train(dtype)
         assert abs(loss - loss32) <= 0.03 * loss32, (dtype, loss, loss32)
+
+
+def test_torch_cpu_16bit_tensors_update_in_place(rng):
+    """torch CPU bfloat16 / float16 tensors through the functional API (fastopt.arrays.as_numpy views a
+    bfloat16 tensor as int16 over DLPack, then as ml_dtypes.bfloat16): updated in their own storage, the
+    bits of the same update on NumPy arrays; float32 grads too."""
+    torch = pytest.importorskip("torch")
+    for tdtype, ndtype in [(torch.bfloat16, BF16), (torch.float16, F16)]:
+        for grad32 in (False, True):
+            p = torch.randn(1037, dtype=torch.float32).to(tdtype)
+            g = torch.randn(1037, dtype=torch.float32)
+            g = g if grad32 else g.to(tdtype)
+            storage = p.data_ptr()
+            pn = p.float().numpy().astype(ndtype)
+            gn = g.float().numpy().astype(np.float32 if grad32 else ndtype)
+            st = fastopt.init_state("adamw", p)
+            stn = fastopt.init_state("adamw", pn)
+            for t in range(1, 4):
+                fastopt.adamw_step(p, g, **st, step=t, lr=0.01)
+                fastopt.adamw_step(pn, gn, **stn, step=t, lr=0.01)
+            assert p.data_ptr() == storage and p.dtype == tdtype
+            np.testing.assert_array_equal(p.view(torch.int16).numpy().view(np.uint16), bits(pn))
+            for k in st:
+                np.testing.assert_array_equal(st[k], stn[k])
