@@ -448,3 +448,21 @@ def test_torch_cpu_16bit_tensors_update_in_place(rng):
             np.testing.assert_array_equal(p.view(torch.int16).numpy().view(np.uint16), bits(pn))
             for k in st:
                 np.testing.assert_array_equal(st[k], stn[k])
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_ids)
+def test_weight_averaging_of_16bit_params(dtype, rng):
+    """fastopt.ema_update / swa_update on 16-bit averages and params: float32 math, rounded to nearest
+    even; the compiled kernel and the widened reference (numpy backend) give the same bits."""
+    shapes = [(0,), (1,), (1037,), (70001,)]
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    start = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    out = {}
+    for backend in ("cython", "numpy"):
+        avg = [a.copy() for a in start]
+        for n in range(4):
+            fastopt.ema_update(avg, params, 0.9, backend=backend)
+            fastopt.swa_update(avg, params, n, backend=backend)
+        out[backend] = avg
+    for a, b in zip(out["cython"], out["numpy"]):
+        np.testing.assert_array_equal(bits(a), bits(b))
