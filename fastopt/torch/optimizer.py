@@ -21,10 +21,24 @@ from fastopt.specs import OptimizerSpec, shown
 import fastopt.torch.arguments as arguments
 from fastopt.torch.plan import Bucket, Plan
 from fastopt.torch.steady import Steady
-from fastopt.torch.views import ParamEntry, bump_versions, dense_span, kernel_view, layout
+from fastopt.torch.views import ParamEntry, bump_versions, dense_span, kernel_view, layout, numpy_bfloat16
 
-# float32 and float64 params: what the kernels compute in (16-bit params: issue 13)
-KERNEL_DTYPES = (torch.float32, torch.float64)
+# the params the kernels update, per device: float32 and float64; 16-bit params (float32 math and float32
+# state: 16-bit moments would underflow) float16 on the CPU and CUDA, bfloat16 on the CPU
+SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                 "cuda": (torch.float32, torch.float64, torch.float16)}
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a param's state tensors: float32 for 16-bit params, else the param's (the backends'
+    rule, validate.HostArrays.state_dtype / device_arrays.state_dtype)."""
+    return torch.float32 if param_dtype in SIXTEEN_BIT else param_dtype
+
+
+def grad_dtypes(param_dtype: torch.dtype) -> tuple:
+    """The dtypes a grad may have: the param's, and float32 for a 16-bit param."""
+    return (param_dtype, torch.float32) if param_dtype in SIXTEEN_BIT else (param_dtype,)
 
 
 def scalar_dtype():
@@ -103,14 +117,18 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _check_param(p):
-        if p.dtype not in KERNEL_DTYPES:
-            raise TypeError(f"fastopt.torch updates float32 and float64 params, got a {p.dtype} param "
-                            f"of shape {tuple(p.shape)}")
+        if p.device.type not in KERNEL_DTYPES:
+            raise ValueError(f"fastopt.torch runs on CPU and CUDA tensors, got a param on {p.device}")
+        dtypes = KERNEL_DTYPES[p.device.type]
+        if p.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"fastopt.torch updates {names} params on {p.device.type.upper()}, got a {p.dtype} "
+                            f"param of shape {tuple(p.shape)}")
         if p.layout != torch.strided or dense_span(p.detach()) is None:
             raise ValueError(f"fastopt.torch needs dense params (every element once in one span of memory), "
                              f"got shape {tuple(p.shape)} with strides {p.stride()}")
-        if p.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"fastopt.torch runs on CPU and CUDA tensors, got a param on {p.device}")
+        if p.dtype == torch.bfloat16:
+            numpy_bfloat16()  # the TypeError naming ml_dtypes, at construction rather than at the first step
 
     # --- pickling, deepcopy --------------------------------------------------------------------------
     def __getstate__(self):
@@ -202,8 +220,11 @@ class TorchOptimizer(torch.optim.Optimizer):
                     t = state.get(tname) if state else None
                     if not isinstance(t, torch.Tensor):
                         t = fresh[tname] = self._new_state(spec, hp, name, p)
-                    elif layout(t) != layout(p) and t.shape == p.shape:
-                        t = fresh[tname] = torch.empty_like(p, dtype=t.dtype).copy_(t)  # loaded in another layout
+                    elif t.shape == p.shape and (layout(t) != layout(p) or (
+                            t.dtype != state_dtype(p.dtype) and t.dtype.is_floating_point)):
+                        # loaded in another layout, or another dtype (a torch.optim state dict of 16-bit params
+                        # keeps 16-bit state): converted into the param's layout and the kernels' state dtype
+                        t = fresh[tname] = torch.empty_like(p, dtype=state_dtype(p.dtype)).copy_(t)
                     tensors.append(t)
                 if spec.torch_step and not (state and "step" in state):
                     fresh["step"] = None  # made at commit time with its new value
@@ -254,7 +275,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         """The kernel calls of one group: one per (dtype, device, step count). When every param has a
         cached entry and the group's params, entries and counts are those of the last step (the steady
         state), the last step's lists are reused and only the grad views are new."""
-        signature = tuple((item[3], item[5], item[7]) for item in items)
+        signature = tuple((item[3], item[5], item[7], item[2].dtype) for item in items)
         cached = self._fastopt_templates.get(id(group))
         if cached is not None and cached[0] == signature and cached[1] is group:
             out = []
@@ -265,7 +286,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             return out
         buckets, positions = {}, {}
         for i, (group_, p, gv, entry, pending, count, number, carried) in enumerate(items):
-            key = (*(entry.kind if entry is not None else (p.dtype, p.device)), count, carried)
+            # one call per param dtype, device, count, carried state and grad dtype (a 16-bit param's grad
+            # may be float32: the grads of one call share one dtype)
+            key = (*(entry.kind if entry is not None else (p.dtype, p.device)), count, carried, gv.dtype)
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = Bucket(group=group, step=count + 1,
@@ -319,15 +342,16 @@ class TorchOptimizer(torch.optim.Optimizer):
                 f"fastopt.torch: the gradient of param {number} (shape {tuple(p.shape)}) has strides "
                 f"{g.stride()}, the param {p.stride()}: it is copied into the param's layout on each "
                 f"step (make the gradient's layout match the param's to avoid the copy)"))
-            g = torch.empty_like(p).copy_(g)
+            g = torch.empty_like(p, dtype=g.dtype).copy_(g)
         return kernel_view(g, flat)
 
     @staticmethod
     def _check_grad(number, p, g):
         if g.layout != torch.strided:
             raise TypeError(f"grads[{number}]: sparse gradients are not supported by fastopt.torch")
-        if g.dtype != p.dtype:
-            raise TypeError(f"grads[{number}] has dtype {g.dtype} but its param has {p.dtype}")
+        if g.dtype not in grad_dtypes(p.dtype):
+            also = " (or float32)" if p.dtype in SIXTEEN_BIT else ""
+            raise TypeError(f"grads[{number}] has dtype {g.dtype} but its param has {p.dtype}{also}")
         if g.shape != p.shape:
             raise ValueError(f"grads[{number}] has shape {tuple(g.shape)} but its param has {tuple(p.shape)}")
         if g.device != p.device:
@@ -338,9 +362,10 @@ class TorchOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _new_state(spec, hp, name, p):
         fill = spec.state_init(hp).get(name, 0.0)
+        dtype = state_dtype(p.dtype)
         if fill == 0.0:
-            return torch.zeros_like(p, memory_format=torch.preserve_format)
-        return torch.full_like(p, fill, memory_format=torch.preserve_format)
+            return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format)
 
     @staticmethod
     def _read_counts(steps) -> list[int]:

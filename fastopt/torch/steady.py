@@ -24,7 +24,7 @@ import torch
 from fastopt.backends.interface import prepares_once
 from fastopt.torch import arguments
 from fastopt.torch.plan import Plan
-from fastopt.torch.views import bump_versions, dense_span
+from fastopt.torch.views import bump_versions, kernel_view
 
 __all__ = ["Steady", "group_key"]
 
@@ -106,6 +106,7 @@ class Steady:
         if not all(state_of.get(id(p)) is e.state for p, e in zip(self.active, entries)):
             raise ValueError("the entries' state dicts are not the optimizer's")
         self.flat = [i for i, e in enumerate(entries) if e.flat]
+        self.bfloat16 = any(p.dtype == torch.bfloat16 for p in self.active)
         self.strides = {i: self.active[i].stride() for i in self.flat}
         dicts, names, tensors = [], [], []
         for e in entries:
@@ -244,12 +245,15 @@ class Steady:
         on a GPU, sparse, or in another layout than its non-contiguous param)."""
         if self.grads is not None and all(map(is_, grads, self.grads)) and list(map(_data_ptr, grads)) == self.grad_ptrs:
             return self.grad_views
-        views = list(map(_to_numpy, grads))
+        if self.bfloat16:  # NumPy has no bfloat16: viewed through the bits (views.kernel_view)
+            views = [kernel_view(g, False) for g in grads]
+        else:
+            views = list(map(_to_numpy, grads))
         for i in self.flat:
             g = grads[i]
             if g.stride() != self.strides[i]:
                 return None
-            views[i] = dense_span(g).reshape(-1).numpy()
+            views[i] = kernel_view(g, True)
         refs = self.grad_refs
         if refs is not None and len(refs) == len(grads) and all(map(is_, grads, map(_call, refs))):
             self.grads, self.grad_ptrs, self.grad_views = grads, list(map(_data_ptr, grads)), views

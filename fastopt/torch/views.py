@@ -12,7 +12,7 @@ import weakref
 
 import torch
 
-__all__ = ["layout", "dense_span", "kernel_view", "ParamEntry", "bump_versions"]
+__all__ = ["layout", "dense_span", "kernel_view", "numpy_bfloat16", "ParamEntry", "bump_versions"]
 
 
 def layout(t: torch.Tensor) -> tuple:
@@ -34,13 +34,26 @@ def dense_span(t: torch.Tensor):
 
 def kernel_view(t: torch.Tensor, flat: bool):
     """The array a kernel reads and writes for t (same memory). flat: view the dense span as 1-D (for a
-    non-contiguous dense layout); the caller checked that t is dense."""
+    non-contiguous dense layout); the caller checked that t is dense. A bfloat16 CPU tensor (NumPy has no
+    bfloat16) is viewed through its bits as ml_dtypes' bfloat16, the dtype the CPU kernels take."""
     t = t.detach()
     if flat:
         t = dense_span(t).reshape(-1)
     if t.device.type == "cpu":
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(numpy_bfloat16())
         return t.numpy()
     return t
+
+
+def numpy_bfloat16():
+    """ml_dtypes' bfloat16 NumPy dtype; TypeError naming the package when it is not installed."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError("bfloat16 params on the CPU need the ml_dtypes package (pip install ml_dtypes): "
+                        "it gives NumPy, and so fastopt's CPU kernels, the bfloat16 dtype") from None
+    return ml_dtypes.bfloat16
 
 
 class ParamEntry:

@@ -1,0 +1,169 @@
+"""16-bit params in fastopt.torch (issue 13): bfloat16 and float16 CPU tensors run on the CPU kernels with
+float32 math and float32 state, bit for bit what fastopt's functional API computes on the same NumPy
+arrays (ml_dtypes' bfloat16), and close to torch.optim on float32 copies; grads in the param's dtype or
+float32; torch.optim state dicts of 16-bit params (16-bit state) load, and ours load into torch.optim."""
+from __future__ import annotations
+
+import builtins
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+import fastopt  # noqa: E402
+import fastopt.torch as ft  # noqa: E402
+from fastopt.specs import REGISTRY  # noqa: E402
+from tests.torch_support import one_torch_thread, torch_kwargs  # noqa: E402,F401  (autouse fixture)
+
+DTYPES = {torch.bfloat16: ml_dtypes.bfloat16, torch.float16: np.float16}
+SHAPES = [(0,), (1,), (7,), (5, 3), (2, 3, 2, 2)]
+
+
+def _to_numpy(t):
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    return t.numpy().copy()
+
+
+def _hp(spec):
+    """The registry defaults with lr set: a few steps move every param by many 16-bit ulps."""
+    hp = dict(spec.defaults)
+    hp["lr"] = 1e-2 if spec.name not in ("adadelta", "rprop") else hp["lr"]
+    if spec.name == "sgd":
+        hp["momentum"] = 0.9
+    return hp
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("spec", list(REGISTRY.values()), ids=lambda s: s.name)
+def test_equals_the_functional_api_bit_for_bit(spec, dtype, rng):
+    """12 steps, two groups, one param without a grad on some steps (its own step count), grads in the
+    param's dtype and in float32: params and state equal the functional API's on NumPy copies."""
+    hp = _hp(spec)
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    ps = [torch.randn(s).to(dtype).requires_grad_() for s in SHAPES]
+    for p in ps:
+        p.grad_dtype = None  # float32 grads for 16-bit params (torch checks a grad's dtype unless told so)
+    ours = getattr(ft, spec.class_name)([{"params": ps[:3]}, {"params": ps[3:]}], **torch_kwargs(spec, hp))
+    ref = [_to_numpy(p) for p in ps]
+    states = [fastopt.init_state(spec.name, r, **{k: hp[k] for k in spec.state_options}) for r in ref]
+    counts = [0] * len(ps)
+    fn = getattr(fastopt, spec.function_name)
+    for t in range(12):
+        for i, p in enumerate(ps):
+            if i == 2 and t % 4 == 1:
+                p.grad = None
+                continue
+            g = torch.randn(p.shape) * 0.3
+            p.grad = g if (t + i) % 3 == 0 else g.to(dtype)  # float32 grads too
+        ours.step()
+        for i, p in enumerate(ps):
+            if p.grad is None:
+                continue
+            counts[i] += 1
+            g = p.grad.float().numpy() if p.grad.dtype == torch.float32 else _to_numpy(p.grad)
+            kw = {k: v for k, v in hp.items()}
+            if spec.uses_step:
+                kw["step"] = counts[i]
+            fn(ref[i], g, **states[i], **kw)
+    for i, p in enumerate(ps):
+        assert _to_numpy(p).tobytes() == ref[i].tobytes(), i
+        st = ours.state.get(p, {})
+        for name, a in states[i].items():
+            tname = spec.torch_state_names.get(name, name)
+            if tname in st:
+                assert st[tname].dtype == torch.float32
+                assert st[tname].numpy().tobytes() == a.tobytes(), (i, name)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "RMSprop", "NAdam", "Adagrad"])
+def test_close_to_torch_optim_in_float32(name, dtype):
+    """float32 math on float32 state: after 30 steps a 16-bit param is torch.optim's float32 result rounded
+    (within a few ulps of the 16-bit format, the params being rounded after every step)."""
+    torch.manual_seed(3)
+    shapes = [(64,), (16, 8)]
+    ours = [(torch.randn(s) * 0.5).to(dtype).requires_grad_() for s in shapes]
+    theirs = [p.detach().float().requires_grad_() for p in ours]
+    kw = {"lr": 1e-2} if name != "SGD" else {"lr": 1e-2, "momentum": 0.9}
+    opt, topt = getattr(ft, name)(ours, **kw), getattr(torch.optim, name)(theirs, **kw)
+    for t in range(30):
+        for a, b in zip(ours, theirs):
+            g = torch.randn(a.shape)
+            a.grad, b.grad = g.to(dtype), g.to(dtype).float()
+        opt.step()
+        topt.step()
+    eps = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.float(), b.detach(), rtol=30 * eps, atol=30 * eps * 0.5)
+
+
+def test_grad_of_another_dtype_is_refused_and_nothing_written():
+    p = torch.randn(6).to(torch.bfloat16).requires_grad_()
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.randn(6).to(torch.bfloat16)
+    opt.step()
+    before, state = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    p.grad_dtype = None  # torch refuses a grad of another dtype unless told so
+    p.grad = torch.randn(6, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64.*bfloat16.*float32"):
+        opt.step()
+    assert torch.equal(p, before)
+    assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+
+
+def test_torch_state_dicts_of_16_bit_params_in_both_directions():
+    """torch.optim keeps 16-bit state for 16-bit params: loaded here it becomes float32 state (exact);
+    ours loads into torch.optim (which casts it to the params' dtype); training goes on."""
+    torch.manual_seed(5)
+    a = torch.randn(10).to(torch.bfloat16).requires_grad_()
+    b = a.detach().clone().requires_grad_()
+    topt = torch.optim.Adam([b], lr=1e-2)
+    for _ in range(3):
+        b.grad = torch.randn(10).to(torch.bfloat16)
+        topt.step()
+    opt = ft.Adam([a], lr=1e-2)
+    a.data.copy_(b.detach())
+    opt.load_state_dict(copy.deepcopy(topt.state_dict()))
+    a.grad = torch.randn(10).to(torch.bfloat16)
+    opt.step()
+    assert opt.state[a]["exp_avg"].dtype == torch.float32
+    assert float(opt.state[a]["step"]) == 4.0
+    back = torch.optim.Adam([b], lr=1e-2)
+    back.load_state_dict(opt.state_dict())
+    assert back.state[b]["exp_avg"].dtype == torch.bfloat16
+    torch.testing.assert_close(back.state[b]["exp_avg"].float(), opt.state[a]["exp_avg"], rtol=2 ** -8, atol=0)
+
+
+def test_channels_last_bfloat16_conv_weight_in_place():
+    torch.manual_seed(1)
+    w = torch.randn(4, 3, 3, 3).to(torch.bfloat16).to(memory_format=torch.channels_last).requires_grad_()
+    ref = _to_numpy(w.contiguous())
+    opt = ft.SGD([w], lr=0.1, momentum=0.9)
+    state = fastopt.init_state("sgd", ref, momentum=0.9)
+    ptr = w.data_ptr()
+    for t in range(4):
+        g = torch.randn(4, 3, 3, 3).to(torch.bfloat16)
+        w.grad = g.contiguous(memory_format=torch.channels_last)
+        opt.step()
+        fastopt.sgd_step(ref, _to_numpy(g), **state, lr=0.1, momentum=0.9, step=t + 1)
+    assert w.data_ptr() == ptr and w.is_contiguous(memory_format=torch.channels_last)
+    assert _to_numpy(w.contiguous()).tobytes() == ref.tobytes()
+
+
+def test_bfloat16_without_ml_dtypes_is_refused_clearly(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_ml_dtypes(name, *args, **kwargs):
+        if name == "ml_dtypes":
+            raise ImportError("No module named 'ml_dtypes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ml_dtypes)
+    with pytest.raises(TypeError, match="ml_dtypes"):
+        ft.Adam([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)])
+    ft.Adam([torch.zeros(3, dtype=torch.float16, requires_grad=True)])  # float16: NumPy has it
