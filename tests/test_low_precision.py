@@ -326,10 +326,12 @@ def test_bad_lists_raise_naming_the_element(backend, rng):
     assert snapshot(p, g, st) == before
 
 
-def test_class_refuses_bad_grads_before_writing(rng):
-    """The class makes one kernel call per dtype of its params: the grads of that call share a dtype."""
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+def test_class_refuses_bad_grads_before_writing(backend, rng):
+    """The class makes one kernel call per dtype of its params: the grads of that call share a dtype
+    (bind_grads, compiled and Python)."""
     a = [rng.standard_normal(4).astype(BF16), rng.standard_normal(3).astype(BF16)]
-    opt = fastopt.Adam(a, lr=0.1)
+    opt = fastopt.Adam(a, lr=0.1, backend=backend)
     opt.step([np.ones(4, BF16), np.ones(3, BF16)])
     opt.step([np.ones(4, np.float32), np.ones(3, np.float32)])  # float32 grads of bf16 params
     before = snapshot(a, opt.state_dict())
@@ -466,3 +468,47 @@ def test_weight_averaging_of_16bit_params(dtype, rng):
         out[backend] = avg
     for a, b in zip(out["cython"], out["numpy"]):
         np.testing.assert_array_equal(bits(a), bits(b))
+
+
+def _outcome(spec, slot, dim, as_list, backend, dtype, seed):
+    """(exception type, message) of one call with one bad element, or ("ok", None)."""
+    rng = np.random.default_rng(seed)
+    shape = (3, 4)
+    p = rng.standard_normal(shape).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    options = {k: True if isinstance(v, bool) else 0.9 for k, v in spec.defaults.items() if k in spec.state_options}
+    arrays = {"params": p, "grads": g, **fastopt.init_state(spec.name, p, **options)}
+    arrays[slot] = dim.make(arrays[slot], rng)
+    if as_list:  # the bad element second, after a good pair
+        good = {k: np.zeros(shape, dtype if k in ("params", "grads") else F32) for k in arrays}
+        arrays = {k: [good[k], v] for k, v in arrays.items()}
+    kwargs = {k: v for k, v in arrays.items() if k not in ("params", "grads")}
+    hp = dict(options, **({"lr": 0.01} if "lr" in spec.defaults else {}))
+    if spec.uses_step:
+        hp["step"] = 2
+    try:
+        getattr(fastopt, spec.function_name)(arrays["params"], arrays["grads"], **kwargs, **hp, backend=backend)
+    except (TypeError, ValueError) as e:
+        return type(e).__name__, str(e)
+    return "ok", None
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_ids)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the uint8 dim casts negative values
+@pytest.mark.parametrize("spec", [REGISTRY[n] for n in ("sgd", "adam", "rmsprop", "lamb", "rprop")], ids=lambda s: s.name)
+def test_compiled_and_python_validators_agree_on_16bit_calls(spec, dtype):
+    """tests/test_validator_agreement.py for 16-bit params: every bad-element dimension of the fuzz
+    suite in every array slot, single and list form: the same exception and message from the compiled
+    checks (_cpu_fast) and the Python ones (backends/validate.py)."""
+    from fuzz.values import ELEMENT_DIMS
+    seed = int(np.random.SeedSequence().entropy % 2 ** 32)
+    slots = ("params", "grads") + tuple(s for s in spec.states if s not in spec.optional_states)
+    disagreements = []
+    for slot in slots:
+        for dim in ELEMENT_DIMS:
+            for as_list in (False, True):
+                a = _outcome(spec, slot, dim, as_list, "cython", dtype, seed)
+                b = _outcome(spec, slot, dim, as_list, "numpy", dtype, seed)
+                if a != b:
+                    disagreements.append(f"{slot}/{dim.name}/{'list' if as_list else 'single'}: {a} vs {b}")
+    assert not disagreements, f"seed {seed}:\n" + "\n".join(disagreements)

@@ -25,8 +25,8 @@ F32 = np.dtype(np.float32)
 
 
 def is_bfloat16(dtype) -> bool:
-    """ml_dtypes' bfloat16 (recognised by name: ml_dtypes is not imported here; without it no such array
-    exists). Its byte order is always native."""
+    """ml_dtypes' bfloat16, in either byte order (recognised by name: ml_dtypes is not imported here;
+    without it no such array exists)."""
     return dtype.name == "bfloat16" and dtype.itemsize == 2 and dtype.kind == "V"
 
 
@@ -46,7 +46,7 @@ class HostArrays:
     @staticmethod
     def accepts(dtype):
         """A dtype the CPU kernels update (native byte order)."""
-        return dtype in HOST_DTYPES or is_bfloat16(dtype)
+        return dtype in HOST_DTYPES or (is_bfloat16(dtype) and dtype.isnative)
 
     @staticmethod
     def convert(obj, name):
