@@ -167,3 +167,26 @@ def test_bfloat16_without_ml_dtypes_is_refused_clearly(monkeypatch):
     with pytest.raises(TypeError, match="ml_dtypes"):
         ft.Adam([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)])
     ft.Adam([torch.zeros(3, dtype=torch.float16, requires_grad=True)])  # float16: NumPy has it
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_float16_params_equal_the_cpu():
+    """float16 CUDA params (the CuPy kernels, float32 state) equal the same steps on the CPU (float32 math
+    on both; within one float16 ulp where the GPU contracts a multiply-add), and bfloat16 CUDA params are
+    refused at construction (no CUDA bfloat16 kernels yet)."""
+    torch.manual_seed(9)
+    cpu = [(torch.randn(s) * 0.5).half().requires_grad_() for s in [(1,), (1037,), (33, 5)]]
+    gpu = [p.detach().cuda().requires_grad_() for p in cpu]
+    a, b = ft.AdamW(cpu, lr=1e-2), ft.AdamW(gpu, lr=1e-2)
+    for _ in range(10):
+        for p, q in zip(cpu, gpu):
+            g = torch.randn(p.shape).half()
+            p.grad, q.grad = g, g.cuda()
+        a.step()
+        b.step()
+    assert b.state[gpu[0]]["exp_avg"].dtype == torch.float32
+    for p, q in zip(cpu, gpu):
+        torch.testing.assert_close(q.cpu().float(), p.float(), rtol=2 ** -10, atol=2 ** -14)
+    with pytest.raises(TypeError, match="bfloat16"):
+        ft.Adam([torch.zeros(3, device="cuda", dtype=torch.bfloat16, requires_grad=True)])

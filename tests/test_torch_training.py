@@ -299,6 +299,7 @@ def test_one_import_line_swap_of_a_training_script(tmp_path):
     np.testing.assert_allclose(out[0], out[1], rtol=1e-5)
 
 
+@pytest.mark.gpu  # make gpu-check runs the files with this marker
 @CUDA
 @pytest.mark.parametrize("spec", TORCH_SPECS, ids=lambda s: s.name)
 def test_cuda_matches_torch(spec):
@@ -317,6 +318,7 @@ def test_cuda_matches_torch(spec):
         torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.gpu  # make gpu-check runs the files with this marker
 @CUDA
 def test_cuda_channels_last_training_and_grad_scaler():
     x, y = _digits(128)
