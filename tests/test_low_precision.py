@@ -529,3 +529,21 @@ def test_many_steps_stay_bit_exact(name, dtype, rng):
     run_kernel(spec, hp, kp, ks, grads)
     run_reference(spec, hp, rp, rs, grads)
     assert_same(spec, kp, ks, rp, rs)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_ids)
+def test_class_clipping_with_float32_grads(dtype, rng):
+    """clip_grad_norm= on 16-bit params with float32 grads (the norm read from the grads' own dtype):
+    the compiled and numpy backends agree (the coefficient's float64 bits may differ: within one ulp)."""
+    shapes = [(70001,), (5, 3)]
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [[(3 * rng.standard_normal(s)).astype(np.float32) for s in shapes] for _ in range(4)]
+    out = []
+    for backend in ("cython", "numpy"):
+        a = [p.copy() for p in params]
+        opt = fastopt.AdamW(a, lr=0.01, clip_grad_norm=1.0, backend=backend)
+        for g in grads:
+            opt.step(g)
+        out.append(a)
+    for x, y in zip(*out):
+        assert_within_ulp(x, y, 1, 0.001, "params")
