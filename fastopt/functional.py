@@ -86,9 +86,9 @@ def init_state(name: str, params: Arrays, **options) -> dict:
     device, keyed by the state names of `<name>_step`. `options` are that optimizer's hyperparameters
     where they decide which states exist (amsgrad, momentum, centered) or what they start with
     (Adagrad's initial_accumulator_value: spec.state_init); defaults otherwise. Every state starts at
-    zero except where the spec says otherwise.
+    zero except where the spec says otherwise (schedule-free's z: a copy of the params).
     Example: ``fastopt.adam_step(p, g, **fastopt.init_state("adam", p), step=1)``."""
-    from fastopt.specs import get_spec
+    from fastopt.specs import PARAM, get_spec
     from fastopt.backends.dispatch import array_device, as_numpy
     from fastopt.precision import is_16bit
     import numpy as np
@@ -109,6 +109,14 @@ def init_state(name: str, params: Arrays, **options) -> dict:
     fills = spec.state_init(hp)
 
     def new_state(p, label, fill):
+        if fill is PARAM:  # a copy of the param (schedule-free's z), in the state dtype, on its device
+            out = new_state(p, label, 0.0)
+            if isinstance(out, np.ndarray):
+                out[...] = as_numpy(p, label)
+            else:
+                from fastopt.arrays import copy_into
+                copy_into(out, p)
+            return out
         if array_device(p, label) == "device":
             # on the params' device, filled on their producer stream (a torch tensor on cuda:1 under
             # torch.cuda.stream(s): device 1, stream s), so the first update reads it filled; Numba

@@ -311,6 +311,61 @@ def weight_average_step(averages, params, *, mode, weight, divisor, lr=0.0, grad
         else:
             _store(averages, params - (params - averages) * (averages.dtype.type(1) - w))
 
+# ---- schedule-free SGD / AdamW (Defazio et al. 2024, the schedulefree package) ------------------------------
+
+def _schedule_free_scalars(step, lr, warmup_steps, r, weight_lr_power):
+    """(ckp1, lr_t) of step `step` for a constant lr, the package's loop run from step 1 with lr = 1 (lr^power
+    cancels in weight / weight_sum; every weight is 0 when lr is 0, and the package's 0 / 0 is 0)."""
+    weight = weight_sum = 0.0
+    sched = 1.0
+    for t in range(1, step + 1):
+        sched = t / warmup_steps if t - 1 < warmup_steps else 1.0
+        weight = (t ** r) * (sched ** weight_lr_power)
+        weight_sum = weight_sum + weight
+    if lr == 0.0 and weight_lr_power != 0.0:
+        return 0.0, 0.0
+    return (weight / weight_sum if weight_sum != 0.0 else 0.0), lr * sched
+
+
+def _lerp(start, end, w):
+    """torch.lerp with a Python weight, in the arrays' dtype."""
+    w = start.dtype.type(w)
+    if -0.5 < w < 0.5:
+        return start + w * (end - start)
+    return end - (end - start) * (start.dtype.type(1) - w)
+
+
+def _schedule_free_update(p, g, z, ckp1, coef, lr_t, weight_decay):
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    y = _lerp(p, z, ckp1)
+    _store(p, y + coef * g)
+    _store(z, z - lr_t * g)
+
+
+def schedule_free_sgd_step(p, g, z, *, step, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_steps=0, r=0.0,
+                           weight_lr_power=2.0, maximize=False, grad_scale=None):
+    # z starts as a copy of the param (initial_state)
+    g = _grad(g, grad_scale, maximize)
+    ckp1, lr_t = _schedule_free_scalars(step, lr, warmup_steps, r, weight_lr_power)
+    _schedule_free_update(p, g, z, ckp1, lr_t * (momentum * (1.0 - ckp1) - 1.0), lr_t, weight_decay)
+
+
+def schedule_free_adamw_step(p, g, z, exp_avg_sq, *, step, lr=0.0025, beta1=0.9, beta2=0.999, eps=1e-8,
+                             weight_decay=0.0, warmup_steps=0, r=0.0, weight_lr_power=2.0, maximize=False,
+                             grad_scale=None):
+    g = _grad(g, grad_scale, maximize)
+    ckp1, lr_t = _schedule_free_scalars(step, lr, warmup_steps, r, weight_lr_power)
+    _store(exp_avg_sq, beta2 * exp_avg_sq + (1.0 - beta2) * (g * g))
+    g = g / (np.sqrt(exp_avg_sq / (1.0 - beta2 ** step)) + eps)
+    _schedule_free_update(p, g, z, ckp1, lr_t * (beta1 * (1.0 - ckp1) - 1.0), lr_t, weight_decay)
+
+
+def schedule_free_switch(p, z, weight):
+    """eval() / train() of the schedule-free optimizers: p = lerp(p, z, weight), in place."""
+    _store(p, _lerp(p, z, weight))
+
+
 # registry name (and specs.KERNEL_OPS name) -> reference function: every `<name>_step` defined above (no list
 # to keep in sync)
 STEPS = {name[:-len("_step")]: fn for name, fn in list(globals().items())
@@ -327,6 +382,8 @@ def initial_state(name, state, **hp) -> float:
         return float(hp.get("lr", 1e-2))
     if name == "yogi":  # pytorch_optimizer.Yogi: both moments
         return float(hp.get("initial_accumulator", 1e-6))
+    if name.startswith("schedule_free_") and state == "z":  # the schedulefree package: a clone of the param
+        return "param"
     return 0.0
 
 

@@ -19,6 +19,8 @@ from typing import Callable, Mapping
 import numpy as np
 
 REQUIRED = object()  # default of a hyperparameter that must be given (no registry optimizer has one today)
+# a state_fill value: the new state array starts as a copy of its param (schedule-free's z), not a constant
+PARAM = "param"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,6 +204,11 @@ class OptimizerSpec:
     state_fill: Mapping[str, Callable[[Mapping], float]] = field(default_factory=dict)
     extra_check: Callable[[Mapping], None] | None = None
     two_phase: bool = False  # LAMB: a per-tensor reduction between the moments and the step
+    # train_eval: (state, eval_weight, train_weight) for optimizers whose params hold another point than the
+    #     one to evaluate (schedule-free: y while training, x for evaluation): the classes get eval() and
+    #     train(), which move each param by p = lerp(p, state, weight(hp)) (state: a state array that exists
+    #     once the param took a step), and step() refuses to run in eval mode.
+    train_eval: tuple[str, Callable[[Mapping], float], Callable[[Mapping], float]] | None = None
 
     @property
     def function_name(self) -> str:
@@ -222,9 +229,14 @@ class OptimizerSpec:
 
     def state_init(self, hp: Mapping) -> dict[str, float]:
         """The value each state array starts with when it is created (init_state, the classes, the
-        reference): 0.0 unless the spec says otherwise (Adagrad's state_sum: initial_accumulator_value).
+        reference): 0.0 unless the spec says otherwise (Adagrad's state_sum: initial_accumulator_value;
+        PARAM: a copy of the param, schedule-free's z).
         `hp` needs only the hyperparameters the fill values read."""
-        return {name: float(self.state_fill[name](hp)) if name in self.state_fill else 0.0 for name in self.states}
+        out = {}
+        for name in self.states:
+            fill = self.state_fill[name](hp) if name in self.state_fill else 0.0
+            out[name] = fill if fill is PARAM else float(fill)  # PARAM: a copy of the param (schedule-free z)
+        return out
 
     @cached_property
     def positional_hypers(self) -> tuple[str, ...]:
@@ -892,6 +904,212 @@ p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
     state_fill={"exp_avg": lambda hp: hp["initial_accumulator"], "exp_avg_sq": lambda hp: hp["initial_accumulator"]},
     scalar_names=_ADAM_SCALARS,
     scalars=_yogi_scalars,
+))
+
+
+# ---- Schedule-free SGD and AdamW (Defazio et al. 2024, "The Road Less Scheduled"; the `schedulefree` package) --
+# The params hold y (the point gradients are taken at); the state z starts as a copy of the param; the point
+# to evaluate is x = lerp(y, z, 1 - 1/beta1) (eval()), and train() goes back (lerp by 1 - beta1).
+#
+# Host scalars. Step t (k = t - 1 in the package): sched = t / warmup_steps while k < warmup_steps, else 1;
+# lr_t = lr * sched; lr_max = max(lr_max, lr_t); weight = t^r * lr_max^weight_lr_power; weight_sum += weight;
+# ckp1 = weight / weight_sum (0 when weight_sum is 0). The package carries lr_max and weight_sum per group.
+# Design: for a constant lr, lr_max = lr_t (sched never decreases: warmup_steps is a whole number), so
+#     ckp1 = w_t / S_t,  w_i = i^r * sched_i^weight_lr_power,  S_t = w_1 + ... + w_t
+# with lr^weight_lr_power cancelled (0 when lr is 0 and weight_lr_power is not: the package's 0 / 0 -> 0).
+# S_t is a running sum cached per (warmup_steps, r, weight_lr_power), as nadam_mu_product: summed in step
+# order up to _SF_EXACT_STEPS (O(1) amortised per call, and the same additions as the NumPy reference), then
+# continued in closed form (Euler-Maclaurin over the two power laws), so a huge step costs O(1). The
+# functional API and the NumPy classes use it, so there ckp1 does not depend on lr: under a changing lr they
+# weight the average as for a constant one. fastopt.torch carries lr_max and weight_sum per param like the
+# package (torch_carry; the package keeps them per group: the same while every param of a group steps
+# together), so a changing lr (a torch LR scheduler) matches the package there.
+
+_SF_EXACT_STEPS = 4096  # prefix sums kept per (warmup_steps, r, weight_lr_power) key
+_SF_KEYS = 16           # keys kept (least recently used dropped)
+_SF_SUMS: dict = {}
+_SF_LOCK = threading.Lock()
+
+
+def _sf_sched(warmup_steps, t):
+    """The warm-up factor of step t (1-based): t / warmup_steps while t - 1 < warmup_steps, else 1."""
+    return t / warmup_steps if t - 1 < warmup_steps else 1.0
+
+
+def _sf_w(warmup_steps, r, weight_lr_power, t):
+    """w_t = t^r * sched_t^weight_lr_power: the package's weight of step t for lr = 1."""
+    return (t ** r) * (_sf_sched(warmup_steps, t) ** weight_lr_power)
+
+
+def _power_sum(s, a, b):
+    """sum_{j=a..b} j^s for integers 1 <= a <= b: added up when short, else Euler-Maclaurin (three
+    correction terms; a > _SF_EXACT_STEPS here, so the remainder is far below double precision)."""
+    if b < a:
+        return 0.0
+    if b - a < 64:
+        return math.fsum(j ** s for j in range(a, b + 1))
+    a, b = float(a), float(b)
+    integral = math.log(b / a) if s == -1.0 else (b ** (s + 1.0) - a ** (s + 1.0)) / (s + 1.0)
+    total = integral + 0.5 * (a ** s + b ** s)
+    coef, d = s, 1  # coef: s (s-1) ... (s-d+1), the d-th derivative's factor
+    for bernoulli_over_factorial in (1.0 / 12.0, -1.0 / 720.0, 1.0 / 30240.0):  # B_2k / (2k)!
+        if coef == 0.0:
+            break
+        total += bernoulli_over_factorial * coef * (b ** (s - d) - a ** (s - d))
+        coef *= (s - d) * (s - d - 1)
+        d += 2
+    return total
+
+
+def schedule_free_weight_sum(warmup_steps, r, weight_lr_power, t):
+    """S_t = sum_{i=1..t} w_i (see above): cached running sums in step order up to _SF_EXACT_STEPS, then
+    the closed form of the rest (warm-up steps: warmup_steps^-weight_lr_power * i^(r + weight_lr_power);
+    later steps: i^r)."""
+    key = (warmup_steps, r, weight_lr_power)
+    with _SF_LOCK:
+        sums = _SF_SUMS.pop(key, None) or [0.0]
+        _SF_SUMS[key] = sums  # most recently used last
+        while len(_SF_SUMS) > _SF_KEYS:
+            del _SF_SUMS[next(iter(_SF_SUMS))]
+        target = min(t, _SF_EXACT_STEPS)
+        while len(sums) <= target:
+            sums.append(sums[-1] + _sf_w(warmup_steps, r, weight_lr_power, len(sums)))
+        exact = sums[target]
+    if t <= _SF_EXACT_STEPS:
+        return exact
+    k, w = _SF_EXACT_STEPS, int(warmup_steps)
+    warm = 0.0
+    if w > k:
+        warm = _power_sum(r + weight_lr_power, k + 1, min(t, w)) * warmup_steps ** -weight_lr_power
+    return exact + warm + _power_sum(r, max(k, w) + 1, t)
+
+
+def schedule_free_lr_max(hp, t):
+    """lr_max after t steps for a constant lr (the package starts it at -1)."""
+    return -1.0 if t == 0 else hp["lr"] * _sf_sched(hp["warmup_steps"], t)
+
+
+def schedule_free_weight_sum_lr(hp, t):
+    """weight_sum after t steps for a constant lr: lr^weight_lr_power * S_t (0 before the first step)."""
+    if t == 0:
+        return 0.0
+    return (hp["lr"] ** hp["weight_lr_power"]) * schedule_free_weight_sum(hp["warmup_steps"], hp["r"],
+                                                                          hp["weight_lr_power"], t)
+
+
+def _sf_carry_weight(hp, t):
+    """The package's weight of step t from the lr_max carried before it (fastopt.torch)."""
+    lr_t = hp["lr"] * _sf_sched(hp["warmup_steps"], t)
+    return (t ** hp["r"]) * (max(float(hp["lr_max"]), lr_t) ** hp["weight_lr_power"])
+
+
+def schedule_free_host(hp, step):
+    """(ckp1, lr_t) of step `step`: carried lr_max / weight_sum when given (fastopt.torch), else the
+    constant-lr closed form. ValueError naming r / weight_lr_power when a power overflows a float."""
+    lr_t = hp["lr"] * _sf_sched(hp["warmup_steps"], step)
+    try:
+        if "weight_sum" in hp:  # as the package: weight_sum += weight; ckp1 = weight / weight_sum
+            weight = _sf_carry_weight(hp, step)
+            weight_sum = float(hp["weight_sum"]) + weight
+            ckp1 = weight / weight_sum if weight_sum != 0.0 else 0.0
+        elif hp["lr"] == 0.0 and hp["weight_lr_power"] != 0.0:
+            ckp1 = 0.0  # every weight is 0: the package's 0 / 0 -> 0
+        else:
+            r, power, warmup = hp["r"], hp["weight_lr_power"], hp["warmup_steps"]
+            weight_sum = schedule_free_weight_sum(warmup, r, power, step)
+            ckp1 = _sf_w(warmup, r, power, step) / weight_sum if weight_sum != 0.0 else 0.0
+    except OverflowError:
+        raise ValueError(f"Invalid r / weight_lr_power: {hp['r']} / {hp['weight_lr_power']} (step {step}^r "
+                         f"overflows a float)") from None
+    if not math.isfinite(ckp1):
+        raise ValueError(f"Invalid r / weight_lr_power: {hp['r']} / {hp['weight_lr_power']} (the weights of "
+                         f"{step} steps overflow a float)")
+    return ckp1, lr_t
+
+
+def _sf_sgd_scalars(hp, step, grad_scale):
+    ckp1, lr_t = schedule_free_host(hp, step)
+    return (_gs(hp, grad_scale), hp["weight_decay"], ckp1, lr_t * (hp["momentum"] * (1.0 - ckp1) - 1.0), lr_t)
+
+
+def _sf_adamw_scalars(hp, step, grad_scale):
+    ckp1, lr_t = schedule_free_host(hp, step)
+    return (_gs(hp, grad_scale), hp["beta2"], 1.0 - hp["beta2"], 1.0 - hp["beta2"] ** step, hp["eps"],
+            hp["weight_decay"], ckp1, lr_t * (hp["beta1"] * (1.0 - ckp1) - 1.0), lr_t)
+
+
+def _whole(x):
+    return x >= 0.0 and float(x).is_integer()
+
+
+def _sf_hypers(lr_default, first):
+    return (lr(lr_default), *first,
+            Hyper("warmup_steps", 0, "steps of linear learning-rate warm-up (a whole number >= 0)",
+                  check=_whole, label="warmup_steps value"),
+            Hyper("r", 0.0, "power of the polynomial weighting of the average (>= 0)", check=_nonneg,
+                  label="r value"),
+            Hyper("weight_lr_power", 2.0, "the average's weights are lr_max to this power (>= 0)",
+                  check=_nonneg, label="weight_lr_power value"),
+            MAXIMIZE)
+
+
+def _open_unit(x):
+    return 0.0 < x < 1.0
+
+
+def _sf_carry():
+    return dict(
+        torch_extra_state={"lr_max": schedule_free_lr_max, "weight_sum": schedule_free_weight_sum_lr},
+        # before: the value after the previous step; hp holds both carried values before this step
+        torch_carry={"lr_max": lambda hp, t, before: max(float(before),
+                                                         hp["lr"] * _sf_sched(hp["warmup_steps"], t)),
+                     "weight_sum": lambda hp, t, before: float(before) + _sf_carry_weight(hp, t)})
+
+
+_SF_RULE = """\
+t: this step (1-based); lr_t = lr * t / warmup_steps while t <= warmup_steps, else lr
+ckp1 = w_t / (w_1 + ... + w_t),  w_i = i^r * lr_max_i^weight_lr_power   (0 when the sum is 0; lr_max_i: the
+        largest lr_i so far. The functional API and the NumPy classes take lr as constant (lr cancels);
+        fastopt.torch carries lr_max and weight_sum like the schedulefree package)
+g = grad_scale * g (negated if maximize){adaptive}
+g = g + weight_decay * y                       (y: the param, before this step)
+y = lerp(y, z, ckp1) + lr_t * ({beta} * (1 - ckp1) - 1) * g
+z = z - lr_t * g                               (z starts as a copy of the param)
+eval(): y -> x = lerp(y, z, 1 - 1/{beta}); train(): back, lerp(x, z, 1 - {beta})
+"""
+
+SCHEDULE_FREE_SGD = _register(OptimizerSpec(
+    name="schedule_free_sgd", class_name="ScheduleFreeSGD", kernel="sfsgd",
+    summary="Schedule-free SGD (Defazio et al. 2024, as schedulefree.SGDScheduleFree): momentum through "
+            "interpolation and averaging, no learning-rate schedule, in place.",
+    rule=_SF_RULE.format(adaptive="", beta="momentum"),
+    hypers=_sf_hypers(1.0, (Hyper("momentum", 0.9, "momentum (interpolation) factor, in (0, 1)",
+                                  check=_open_unit, label="momentum value"), weight_decay())),
+    states=("z",),
+    state_fill={"z": lambda hp: PARAM},
+    scalar_names=("grad_scale", "weight_decay", "ckp1", "y_coef", "lr"),
+    scalars=_sf_sgd_scalars,
+    train_eval=("z", lambda hp: 1.0 - 1.0 / hp["momentum"], lambda hp: 1.0 - hp["momentum"]),
+    **_sf_carry(),
+))
+
+SCHEDULE_FREE_ADAMW = _register(OptimizerSpec(
+    name="schedule_free_adamw", class_name="ScheduleFreeAdamW", kernel="sfadamw",
+    summary="Schedule-free AdamW (Defazio et al. 2024, as schedulefree.AdamWScheduleFree): Adam's "
+            "normalised gradient, momentum through interpolation and averaging, no schedule, in place.",
+    rule=_SF_RULE.format(
+        adaptive="\nv = beta2 * v + (1 - beta2) * g^2;   g = g / (sqrt(v / (1 - beta2^t)) + eps)",
+        beta="beta1"),
+    hypers=_sf_hypers(0.0025, (Hyper("beta1", 0.9, "interpolation factor (the momentum), in (0, 1)",
+                                     check=_open_unit, label="beta1 value"),
+                               beta2(), eps(1e-8), weight_decay())),
+    states=("z", "exp_avg_sq"),
+    state_fill={"z": lambda hp: PARAM},
+    scalar_names=("grad_scale", "beta2", "one_minus_beta2", "bias_correction2", "eps", "weight_decay", "ckp1",
+                  "y_coef", "lr"),
+    scalars=_sf_adamw_scalars,
+    train_eval=("z", lambda hp: 1.0 - 1.0 / hp["beta1"], lambda hp: 1.0 - hp["beta1"]),
+    **_sf_carry(),
 ))
 
 

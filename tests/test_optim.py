@@ -88,7 +88,9 @@ def run_functional(spec, groups, lr, grads_per_step, *, use_reference=False):
         for group_states, hp in zip(states, options):
             for st in group_states:
                 for name, a in st.items():
-                    a[...] = reference.initial_state(spec.name, name, **hp)
+                    fill = reference.initial_state(spec.name, name, **hp)
+                    if fill != "param":  # "param": a copy of the param, as init_state made it
+                        a[...] = fill
     fn = reference.STEPS[spec.name] if use_reference else getattr(fastopt, spec.function_name)
     for t, grads in enumerate(grads_per_step, start=1):
         k = 0

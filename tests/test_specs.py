@@ -136,7 +136,8 @@ def test_state_init_matches_the_reference(spec):
                                    **{k: hp[k] for k in spec.state_options})
         for name, arrays in state.items():
             for a in arrays:
-                assert a.dtype in (np.float32, np.float64) and (a == np.asarray(fills[name], a.dtype)).all()
+                want = 1.0 if fills[name] == "param" else fills[name]  # specs.PARAM: a copy of the (ones) params
+                assert a.dtype in (np.float32, np.float64) and (a == np.asarray(want, a.dtype)).all()
 
 
 def test_torch_positional_names_are_registry_arguments():

@@ -267,6 +267,35 @@ def build(dtype):
         p = p - h[H.yogi.step_size] * (a / denom)
         return p, a, b, c
 
+    # schedule-free SGD / AdamW (sfsgd.cuh, sfadamw.cuh): p holds y, a holds z (b: AdamW's v)
+
+    @cuda.jit(device=True)
+    def lerp(start, end, w):  # sfsgd.cuh fo_lerp: torch.lerp
+        if w < HALF and w > -HALF:
+            return start + w * (end - start)
+        return end - (end - start) * (ONE - w)
+
+    @family
+    def sfsgd_math(p, g, a, b, c, h, s, variant):  # a: z
+        g = g * (h[H.sfsgd.grad_scale] * s)
+        g = add_scaled(g, h[H.sfsgd.weight_decay], p)
+        p = lerp(p, a, h[H.sfsgd.ckp1])
+        p = p + h[H.sfsgd.y_coef] * g
+        a = a - h[H.sfsgd.lr] * g
+        return p, a, b, c
+
+    @family
+    def sfadamw_math(p, g, a, b, c, h, s, variant):  # a: z, b: exp_avg_sq
+        g = g * (h[H.sfadamw.grad_scale] * s)
+        b = h[H.sfadamw.beta2] * b + h[H.sfadamw.one_minus_beta2] * (g * g)
+        denom = math.sqrt(b / h[H.sfadamw.bias_correction2]) + h[H.sfadamw.eps]
+        g = g / denom
+        g = add_scaled(g, h[H.sfadamw.weight_decay], p)
+        p = lerp(p, a, h[H.sfadamw.ckp1])
+        p = p + h[H.sfadamw.y_coef] * g
+        a = a - h[H.sfadamw.lr] * g
+        return p, a, b, c
+
 
     @family
     def average_math(p, g, a, b, c, h, s, variant):  # p: the average, g: the model's param (average.cuh)
