@@ -34,6 +34,9 @@ $(VENV)/.deps-test: pyproject.toml setup.py | $(BIN)/python
 	# pytorch_optimizer: the oracle for Yogi (tests/test_new_optimizers.py); --no-deps, as its only needs are numpy
 	# and torch (above): resolving them itself would pull the CUDA build of a newer torch
 	$(PIP) install -q --no-deps pytorch_optimizer==4.1.0 || echo "pytorch_optimizer not installed: the Yogi comparisons will be skipped"
+	# schedulefree: the oracle for ScheduleFreeSGD / ScheduleFreeAdamW (tests/test_schedule_free.py); --no-deps for the
+	# same reason (it needs torch and typing_extensions, both here); not in the `test` extra, which would resolve torch
+	$(PIP) install -q --no-deps schedulefree==1.4.1 || echo "schedulefree not installed: the schedule-free comparisons will be skipped"
 	touch $@
 
 # clang (the serial clang build) and the aarch64 cross compiler, for tests/test_build.py. Where they cannot

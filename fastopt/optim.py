@@ -78,8 +78,9 @@ from fastopt.backends.interface import prepares_once
 from fastopt.clip import _check_bound, clip_coefficient
 from fastopt.functional import init_state
 from fastopt.schedules import is_schedule
-from fastopt.specs import REGISTRY, REQUIRED, OptimizerSpec
+from fastopt.specs import PARAM, REGISTRY, REQUIRED, OptimizerSpec
 from fastopt.statedict import OptimizerState, check_array
+from fastopt.train_eval import TrainEval, copy_param
 
 __all__ = ["Optimizer", "OptimizerState", "StatePlan"] + [spec.class_name for spec in REGISTRY.values()]
 
@@ -734,6 +735,7 @@ class Optimizer:
             raise ValueError("apply_state takes the plan this optimizer's check_state returned")
         state = plan.state
         keys = self._hyper_keys()
+        copies = []  # (state, param): states that start as a copy of their param (specs.PARAM), not saved
         for gi, live in enumerate(self.param_groups):
             hp = state.hyperparameters[gi]
             live.update({k: ((hp["beta1"], hp["beta2"]) if k == "betas" else hp[k]) for k in keys})
@@ -750,10 +752,14 @@ class Optimizer:
                     for j, arrays in enumerate(sources):
                         if name in arrays:
                             copy_into(targets[j], arrays[name])
+                        elif fills[name] is PARAM:  # copied from the param once the params are restored
+                            copies.append((targets[j], bucket.params[j]))
                         elif name not in new_slots:  # not saved (step 0, or unused): a new state's value
                             _fill(targets[j], fills[name])
         for target, a in plan.params:
             copy_into(target, a)
+        for target, p in copies:
+            copy_param(target, p)
         if state.skipped_steps is not None:
             self._skipped_host = state.skipped_steps
             self._skipped_device = None
@@ -849,7 +855,9 @@ def _make_class(spec: OptimizerSpec):
             "    steps with a NaN/Inf gradient, counted in skipped_steps), backend (force one)."]
     if spec.torch_class:
         doc.append(f"Matches torch.optim.{spec.torch_class}.")
-    cls = type(spec.class_name, (Optimizer,), {"spec": spec, "__init__": init, "__doc__": "\n".join(doc),
+    # spec.train_eval (schedule-free): train()/eval() and a step() that refuses eval mode (fastopt/train_eval.py)
+    bases = (TrainEval, Optimizer) if spec.train_eval else (Optimizer,)
+    cls = type(spec.class_name, bases, {"spec": spec, "__init__": init, "__doc__": "\n".join(doc),
                                                 "__module__": __name__})
     return cls
 

@@ -19,6 +19,7 @@ import inspect
 from fastopt.specs import REGISTRY, OptimizerSpec
 from fastopt.torch import arguments
 from fastopt.torch.optimizer import TorchOptimizer
+from fastopt.train_eval import TorchTrainEval
 
 __all__ = ["TorchOptimizer", "make_class", *(spec.class_name for spec in REGISTRY.values())]
 
@@ -49,7 +50,9 @@ def make_class(spec: OptimizerSpec) -> type:
     P = inspect.Parameter
     __init__.__signature__ = sig.replace(parameters=[P("self", P.POSITIONAL_OR_KEYWORD), *sig.parameters.values()])
     __init__.__qualname__ = f"{spec.class_name}.__init__"
-    return type(spec.class_name, (TorchOptimizer,), {
+    # spec.train_eval (schedule-free): train()/eval() and a step() that refuses eval mode (fastopt/train_eval.py)
+    bases = (TorchTrainEval, TorchOptimizer) if spec.train_eval else (TorchOptimizer,)
+    return type(spec.class_name, bases, {
         "__init__": __init__, "spec": spec, "__module__": __name__, "__qualname__": spec.class_name,
         "__doc__": _docstring(spec, sig)})
 

@@ -17,7 +17,7 @@ import fastopt
 from fastopt.arrays import to_host
 from fastopt.backends.dispatch import backend_for
 from fastopt.clip import clip_coefficient
-from fastopt.specs import OptimizerSpec, shown
+from fastopt.specs import PARAM, OptimizerSpec, shown
 import fastopt.torch.arguments as arguments
 from fastopt.torch.plan import Bucket, Plan
 from fastopt.torch.steady import Steady
@@ -363,6 +363,8 @@ class TorchOptimizer(torch.optim.Optimizer):
     def _new_state(spec, hp, name, p):
         fill = spec.state_init(hp).get(name, 0.0)
         dtype = state_dtype(p.dtype)
+        if fill is PARAM:  # schedule-free's z: a copy of the param (the schedulefree package's clone)
+            return torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(p.detach())
         if fill == 0.0:
             return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format)

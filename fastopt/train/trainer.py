@@ -194,10 +194,14 @@ def fit(model, data, config: TrainConfig, description: str = "train") -> TrainRe
     epochs_run = 0
     bar = _progress_bar(config, description)
     train_seconds = 0.0
+    # optimizers with train()/eval() (spec.train_eval: schedule-free) train at y and are evaluated at x
+    switch = getattr(getattr(optimizer, "spec", None), "train_eval", None) is not None
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             for epoch in range(1, config.epochs + 1):
                 epochs_run = epoch
+                if switch:
+                    optimizer.train()
                 start = time.perf_counter()
                 # one gather per epoch; the minibatches are then contiguous slices (views, no copies)
                 order = shuffle_rng.permutation(n)
@@ -229,6 +233,8 @@ def fit(model, data, config: TrainConfig, description: str = "train") -> TrainRe
                     train_seconds += time.perf_counter() - start
                     break
                 train_loss = float(total) / n
+                if switch:  # schedule-free: evaluate (and keep the best of) the averaged point x
+                    optimizer.eval()
                 val = evaluate(model, data, data.X_val, data.y_val)
                 if not math.isfinite(val["loss"]):
                     divergence = _divergence(epoch, None, steps_per_epoch, "validation", val["loss"])
@@ -259,6 +265,8 @@ def fit(model, data, config: TrainConfig, description: str = "train") -> TrainRe
                         break
             metrics = None
             if divergence is None:
+                if switch:
+                    optimizer.eval()
                 if config.restore_best and best_params is not None:
                     model.restore(best_params)
                 metrics = {split: evaluate(model, data, getattr(data, f"X_{split}"), getattr(data, f"y_{split}"))
