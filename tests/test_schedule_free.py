@@ -1,0 +1,283 @@
+"""Schedule-free SGD and AdamW (Defazio et al. 2024) against the published implementation, the `schedulefree`
+package 1.4.1 (SGDScheduleFree, AdamWScheduleFree; installed --no-deps by `make test`).
+
+Documented differences (fastopt/specs.py, fastopt/train_eval.py):
+  - fastopt's optimizers start in train mode (the package starts in eval mode and needs train() first; before
+    the first step y == z, so its first train() moves nothing);
+  - the functional API and the NumPy classes weight the average as for a constant lr (ckp1 does not depend on
+    lr); fastopt.torch carries lr_max and weight_sum per param like the package (per group there), so a
+    changing lr matches the package through fastopt.torch;
+  - the carried lr_max / weight_sum are 0-d tensors of torch's scalar dtype (float32 unless the default dtype
+    is float64), as torch.optim keeps its step counts: float64 comparisons run under a float64 default dtype.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import reference
+from fastopt.specs import REGISTRY, schedule_free_host, schedule_free_weight_sum
+
+torch = pytest.importorskip("torch")
+schedulefree = pytest.importorskip("schedulefree")
+import fastopt.torch as ft  # noqa: E402
+
+SHAPES = [(7, 5), (1,), (0,), (33,)]
+NAMES = ["schedule_free_sgd", "schedule_free_adamw"]
+PACKAGE = {"schedule_free_sgd": schedulefree.SGDScheduleFree, "schedule_free_adamw": schedulefree.AdamWScheduleFree}
+# warmup_steps, r, weight_lr_power, weight_decay
+CONFIGS = [(0, 0.0, 2.0, 0.0), (5, 0.0, 2.0, 0.05), (10, 1.5, 2.0, 0.0), (3, 0.5, 0.0, 0.1), (0, 2.0, 1.0, 0.01)]
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-11, atol=1e-12)}
+
+
+@pytest.fixture
+def default_dtype():
+    """Set torch's default dtype for a test (fastopt.torch keeps its carried scalars in it), restored after."""
+    before = torch.get_default_dtype()
+    yield torch.set_default_dtype
+    torch.set_default_dtype(before)
+
+
+def _hp(name, config, lr):
+    warmup, r, power, wd = config
+    kw = dict(lr=lr, warmup_steps=warmup, r=r, weight_lr_power=power, weight_decay=wd)
+    if name == "schedule_free_sgd":
+        kw["momentum"] = 0.8
+    else:
+        kw["betas"] = (0.85, 0.995)
+        kw["eps"] = 1e-6
+    return kw
+
+
+def _params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=dtype) for s in SHAPES]
+
+
+def _grads(params, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params] for _ in range(steps)]
+
+
+def _close(got, want, dtype):
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a, np.float64), b.detach().double().numpy(), **TOL[dtype])
+
+
+def _package(name, params, kw):
+    opt = PACKAGE[name](params, **kw)
+    opt.train()
+    return opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "w{}-r{}-p{}-wd{}".format(*c))
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_class_matches_the_package_over_50_steps_and_the_switch(name, config, dtype, default_dtype):
+    default_dtype(dtype)
+    lr = 0.5 if name == "schedule_free_sgd" else 0.01
+    kw = _hp(name, config, lr)
+    start = _params(dtype)
+    ref = [p.clone() for p in start]
+    ours = [p.clone() for p in start]
+    ref_opt = _package(name, ref, kw)
+    opt = getattr(ft, REGISTRY[name].class_name)(ours, **kw)
+    for grads in _grads(start, 50):
+        for p, q, g in zip(ref, ours, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ref_opt.step()
+        opt.step()
+    _close(ours, ref, dtype)
+    for p, q in zip(ours, ref):
+        _close([opt.state[p]["z"]], [ref_opt.state[q]["z"]], dtype)
+    # eval(): both at x; twice is once; train(): both back at y
+    for _ in range(2):
+        ref_opt.eval()
+        opt.eval()
+        assert not opt.train_mode
+        _close(ours, ref, dtype)
+    ref_opt.train()
+    opt.train()
+    _close(ours, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_class_with_a_changing_lr_matches_the_package(name, dtype, default_dtype):
+    """lr_max and weight_sum carried like the package's: a warm-up then decay schedule (LambdaLR) and a manual
+    change of a group's lr mid-run."""
+    default_dtype(dtype)
+    kw = _hp(name, (3, 1.0, 2.0, 0.01), 0.3 if name == "schedule_free_sgd" else 0.02)
+    start = _params(dtype)
+    ref, ours = [p.clone() for p in start], [p.clone() for p in start]
+    ref_opt = _package(name, [{"params": ref[:2]}, {"params": ref[2:], "lr": kw["lr"] / 3}], kw)
+    opt = getattr(ft, REGISTRY[name].class_name)([{"params": ours[:2]}, {"params": ours[2:], "lr": kw["lr"] / 3}],
+                                                 **kw)
+    rule = lambda k: min(1.0, (k + 1) / 10) * 0.97 ** k  # noqa: E731
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, rule) for o in (ref_opt, opt)]
+    for t, grads in enumerate(_grads(start, 50)):
+        if t == 30:
+            for o in (ref_opt, opt):
+                o.param_groups[0]["lr"] *= 4.0  # a jump up: lr_max moves
+        for p, q, g in zip(ref, ours, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ref_opt.step()
+        opt.step()
+        for s in scheds:
+            s.step()
+    _close(ours, ref, dtype)
+    ref_opt.eval()
+    opt.eval()
+    _close(ours, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "w{}-r{}-p{}-wd{}".format(*c))
+@pytest.mark.parametrize("name", NAMES)
+def test_numpy_class_and_functional_api_match_the_package(name, config, dtype):
+    """The NumPy classes and the functional API (constant lr: the closed form) against the package."""
+    tdtype = torch.float32 if dtype == np.float32 else torch.float64
+    lr = 0.5 if name == "schedule_free_sgd" else 0.01
+    kw = _hp(name, config, lr)
+    start = _params(tdtype)
+    ref = [p.clone() for p in start]
+    ref_opt = _package(name, ref, kw)
+    arrays = [p.numpy().copy() for p in start]
+    opt = getattr(fastopt, REGISTRY[name].class_name)([a.copy() for a in arrays], **kw)
+    functional = [a.copy() for a in arrays]
+    state = fastopt.init_state(name, functional)
+    hp = dict(kw)
+    if "betas" in hp:
+        hp["beta1"], hp["beta2"] = hp.pop("betas")
+    step_fn = getattr(fastopt, f"{name}_step")
+    for t, grads in enumerate(_grads(start, 50), start=1):
+        for p, g in zip(ref, grads):
+            p.grad = g.clone()
+        ref_opt.step()
+        host = [g.numpy() for g in grads]
+        assert opt.step(host) is True
+        step_fn(functional, host, **state, step=t, **hp)
+    _close(opt.params, ref, tdtype)
+    _close(functional, ref, tdtype)
+    ref_opt.eval()
+    opt.eval()
+    _close(opt.params, ref, tdtype)
+    ref_opt.train()
+    opt.train()
+    _close(opt.params, ref, tdtype)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cpu_kernels_equal_the_reference_bit_for_bit(name):
+    rng = np.random.default_rng(3)
+    for dtype in (np.float32, np.float64):
+        params = [rng.standard_normal(n).astype(dtype) for n in (0, 1, 1037, 70001)]
+        ref = [p.copy() for p in params]
+        state = fastopt.init_state(name, params)
+        ref_state = {k: [a.copy() for a in v] for k, v in state.items()}
+        hp = dict(lr=0.05, weight_decay=0.01, warmup_steps=4, r=0.5, weight_lr_power=2.0, maximize=True)
+        for t in range(1, 21):
+            grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
+            getattr(fastopt, f"{name}_step")(params, grads, **state, step=t, grad_scale=0.5, backend="cython", **hp)
+            for i, (p, g) in enumerate(zip(ref, grads)):
+                reference.STEPS[name](p, g, **{k: v[i] for k, v in ref_state.items()}, step=t, grad_scale=0.5, **hp)
+        for a, b in zip(params, ref):
+            np.testing.assert_array_equal(a, b)
+        for k in state:
+            for a, b in zip(state[k], ref_state[k]):
+                np.testing.assert_array_equal(a, b)
+        # eval/train lerp of the NumPy classes == the reference's torch.lerp, bit for bit
+        opt = getattr(fastopt, REGISTRY[name].class_name)([p.copy() for p in params[1:]], lr=0.05)
+        opt.step([rng.standard_normal(p.shape).astype(dtype) for p in params[1:]])
+        before = [p.copy() for p in opt.params]
+        zs = [opt.state_arrays(i)["z"] for i in range(len(before))]
+        opt.eval()
+        beta = 0.9
+        for got, y, z in zip(opt.params, before, zs):
+            want = y.copy()
+            reference.schedule_free_switch(want, z, 1.0 - 1.0 / beta)
+            np.testing.assert_array_equal(got, want)
+
+
+def test_z_starts_as_a_copy_of_the_param_in_every_front_end():
+    p = np.arange(6, dtype=np.float32).reshape(2, 3)
+    st = fastopt.init_state("schedule_free_adamw", [p, p[0]])
+    np.testing.assert_array_equal(st["z"][0], p)
+    np.testing.assert_array_equal(st["exp_avg_sq"][0], 0)
+    assert st["z"][0] is not p and not np.shares_memory(st["z"][0], p)
+    t = torch.arange(6.0).reshape(2, 3).t()  # not contiguous: z keeps the layout
+    opt = ft.ScheduleFreeSGD([t], lr=0.0)
+    t.grad = torch.ones_like(t)
+    opt.step()
+    z = opt.state[t]["z"]
+    assert torch.equal(z, torch.arange(6.0).reshape(2, 3).t()) and z.stride() == t.stride()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_in_eval_mode_raises_and_writes_nothing(name):
+    p = np.ones(4)
+    opt = getattr(fastopt, REGISTRY[name].class_name)([p], lr=0.1)
+    opt.eval()  # before any step: nothing to move
+    np.testing.assert_array_equal(opt.params[0], 1.0)
+    with pytest.raises(RuntimeError, match="eval mode.*train\\(\\)"):
+        opt.step([np.ones(4)])
+    np.testing.assert_array_equal(opt.params[0], 1.0)
+    assert opt.steps() == 0
+    opt.train()
+    assert opt.step([np.ones(4)]) is True
+    tp = torch.ones(4)
+    topt = getattr(ft, REGISTRY[name].class_name)([tp], lr=0.1)
+    topt.eval()
+    tp.grad = torch.ones(4)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        topt.step()
+    assert torch.equal(tp, torch.ones(4)) and not topt.state[tp]
+
+
+BAD = [("momentum", 1.0, ValueError), ("momentum", 0.0, ValueError), ("beta1", 0.0, ValueError),
+       ("warmup_steps", 2.5, ValueError), ("warmup_steps", -1, ValueError), ("r", -0.5, ValueError),
+       ("weight_lr_power", float("nan"), ValueError), ("weight_decay", -1.0, ValueError), ("lr", -1.0, ValueError),
+       ("r", "1", TypeError), ("warmup_steps", True, TypeError)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("arg, value, error", BAD, ids=[f"{a}={v!r}" for a, v, _ in BAD])
+def test_bad_hyperparameters_raise_naming_them_and_write_nothing(name, arg, value, error):
+    spec = REGISTRY[name]
+    if arg not in spec.defaults:
+        pytest.skip(f"{name} has no {arg}")
+    p = np.linspace(-1, 1, 5)
+    state = fastopt.init_state(name, p)
+    before = [p.copy()] + [a.copy() for a in state.values()]
+    with pytest.raises(error, match=arg if arg != "lr" else "learning rate"):
+        getattr(fastopt, spec.function_name)(p, np.ones(5), **state, step=1, **{arg: value})
+    for a, b in zip([p, *state.values()], before):
+        np.testing.assert_array_equal(a, b)
+    kw = {"betas": (value, 0.999)} if arg == "beta1" else {arg: value}
+    with pytest.raises(error, match=arg if arg != "lr" else "learning rate"):
+        getattr(fastopt, spec.class_name)([p], **kw)
+    with pytest.raises(error):
+        getattr(ft, spec.class_name)([torch.zeros(3)], **kw)
+
+
+def test_the_closed_form_weight_sum_and_huge_steps():
+    """The running sums past the cached prefix (Euler-Maclaurin) equal a direct sum; a step of 2**53 takes
+    O(1) time; ckp1 then behaves like (r + 1) / t."""
+    for warmup, r, power, t in [(0, 0.0, 2.0, 9000), (10, 1.0, 2.0, 20000), (6000, 0.5, 2.0, 10000),
+                                (100, 2.5, 0.0, 5000)]:
+        exact = math.fsum((i ** r) * ((i / warmup if i - 1 < warmup else 1.0) ** power) for i in range(1, t + 1))
+        assert schedule_free_weight_sum(warmup, r, power, t) == pytest.approx(exact, rel=1e-13)
+    start = time.perf_counter()
+    for r in (0.0, 1.0):
+        ckp1, lr_t = schedule_free_host({"lr": 0.1, "warmup_steps": 50.0, "r": r, "weight_lr_power": 2.0}, 2 ** 53)
+        assert lr_t == 0.1 and ckp1 == pytest.approx((r + 1) / 2 ** 53, rel=1e-9)
+    assert time.perf_counter() - start < 0.5
+    p = np.ones(3)
+    fastopt.schedule_free_adamw_step(p, np.ones(3), **fastopt.init_state("schedule_free_adamw", p), step=2 ** 53)
+    assert np.isfinite(p).all()
+    # lr = 0: every weight is 0 and the package's 0 / 0 is 0 (the params do not move)
+    assert schedule_free_host({"lr": 0.0, "warmup_steps": 0.0, "r": 0.0, "weight_lr_power": 2.0}, 3) == (0.0, 0.0)
