@@ -22,7 +22,7 @@ from operator import attrgetter, is_, is_not
 import torch
 
 from fastopt.backends.interface import prepares_once
-from fastopt.torch import arguments
+import fastopt.torch.arguments as arguments
 from fastopt.torch.plan import Plan
 from fastopt.torch.views import bump_versions, kernel_view
 
