@@ -793,8 +793,10 @@ def _rprop_scalars(hp, step, grad_scale):
 def _rprop_check(hp):
     if not 0.0 < hp["etaminus"] < 1.0 < hp["etaplus"]:
         # torch's words, then our argument names (torch passes the pair as etas)
-        # torch's words (torch passes the pair as etas: etaminus in (0, 1), etaplus > 1)
-        raise ValueError(f"Invalid eta values: {hp['etaminus']}, {hp['etaplus']}")
+        # torch's words, then our argument names (torch passes the pair as etas; fastopt.torch says torch's
+        # words only)
+        raise ValueError(f"Invalid eta values: {hp['etaminus']}, {hp['etaplus']} (etaminus must be in (0, 1) and "
+                         f"etaplus > 1)")
 
 
 RPROP = _register(OptimizerSpec(

@@ -139,7 +139,7 @@ def test_rprop_bad_etas_raise_torchs_message_and_write_nothing(etas, rng):
         torch.optim.Rprop([torch.nn.Parameter(torch.tensor(p))], etas=etas)
     with pytest.raises(ValueError) as ours:
         fastopt.Rprop([p], etaminus=etas[0], etaplus=etas[1])
-    assert str(ours.value) == str(theirs.value)  # torch's words, which echo both values
+    assert str(ours.value).startswith(str(theirs.value) + " (etaminus must be")  # and names our arguments
     with pytest.raises(ValueError) as ours_torch:
         fastopt_torch.Rprop([torch.nn.Parameter(torch.tensor(p))], etas=etas)
     assert str(ours_torch.value) == str(theirs.value)

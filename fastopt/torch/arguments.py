@@ -130,7 +130,18 @@ def registry_hp(spec: OptimizerSpec, group: dict, step: int = 1) -> dict:
                 raw[name] = hypers[name].validate(value)
             except ValueError:
                 raise ValueError(f"Invalid beta parameter at index {i}: {value}") from None
-    hp, _ = spec.validate(raw, step)
+    try:
+        hp, _ = spec.validate(raw, step)
+    except ValueError as e:
+        # the registry's message for a torch tuple's members is torch's words, then the members' names in
+        # parentheses (Rprop: "Invalid eta values: 1.0, 1.2 (etaminus must be ...)"); torch's class says
+        # torch's words only
+        text = str(e)
+        head, _, tail = text.partition(" (")
+        members = [n for key, names in spec.torch_groups.items() if key != "betas" for n in names]
+        if tail and any(n in tail for n in members):
+            raise ValueError(head) from None
+        raise
     return hp
 
 
