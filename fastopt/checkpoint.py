@@ -226,7 +226,7 @@ def save(path, opt, *, params=True) -> None:
     nparams = 0
     if params:
         host = [_to_host(_writable_view(p, f"param {i}")) for i, p in enumerate(opt.params)]
-        members += [(f"params/{i}", a) for i, a in enumerate(host)]
+        members += [(f"params/{i}", _storable(a)) for i, a in enumerate(host)]
         nparams = len(host)
     meta = {"format": FILE_FORMAT, "param_groups": sd["param_groups"], "fastopt": sd["fastopt"],
             "state": state_meta, "params": nparams}
@@ -396,7 +396,30 @@ def _parse(f, path):
             state[where[0]][where[1]] = array
     groups = [dict(g, betas=tuple(g["betas"])) if isinstance(g, dict) and isinstance(g.get("betas"), list) else g
               for g in groups]
+    if params is not None:
+        params = [_restored(path, i, a, extra.get("param_dtypes")) for i, a in enumerate(params)]
     return {"state": state, "param_groups": groups, "fastopt": extra}, params
+
+
+def _storable(a):
+    """An array as a .npy member holds it: bfloat16 (ml_dtypes; .npy has no such type) as its uint16
+    bits. The meta's param_dtypes says which members to read back as bfloat16."""
+    if a.dtype.name == "bfloat16" and a.dtype.kind == "V" and a.dtype.itemsize == 2:
+        return a.view(np.uint16)
+    return a
+
+
+def _restored(path, i, a, dtypes):
+    """A params member as the param's dtype: the uint16 bits of a bfloat16 param viewed as bfloat16."""
+    if isinstance(dtypes, list) and i < len(dtypes) and dtypes[i] == "bfloat16":
+        if a.dtype != np.uint16:
+            _fail(f"{path}: params/{i} of a bfloat16 param has dtype {a.dtype}, expected its uint16 bits")
+        try:
+            import ml_dtypes
+        except ImportError:
+            _fail(f"{path} holds bfloat16 params: reading them needs the ml_dtypes package (pip install ml_dtypes)")
+        return a.view(ml_dtypes.bfloat16)
+    return a
 
 
 def _read(path):

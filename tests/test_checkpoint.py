@@ -354,3 +354,33 @@ def test_torch_conversion_errors(rng):
     sd["param_groups"][0]["lookahead"] = 5
     with pytest.raises(CheckpointError, match="torch key 'lookahead'"):
         fastopt.SGD([p], lr=0.1, momentum=0.9).load_torch_state_dict(sd)
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_16_bit_params_round_trip_and_training_continues(dtype_name, tmp_path):
+    """bfloat16 params (ml_dtypes; a .npy member holds their uint16 bits) and float16 params save and load
+    bit for bit with their float32 state, and the next steps equal the uninterrupted run's; a file of
+    16-bit params does not load into float32 params (nothing changed)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dtype = ml_dtypes.bfloat16 if dtype_name == "bfloat16" else np.float16
+    rng = np.random.default_rng(21)
+    ps = [rng.standard_normal(s).astype(dtype) for s in [(3, 4), (5,), (1,)]]
+    opt = fastopt.AdamW(ps, lr=1e-2, weight_decay=0.1)
+    grads = [[rng.standard_normal(p.shape).astype(dtype) for p in ps] for _ in range(6)]
+    for g in grads[:3]:
+        opt.step(g)
+    path = tmp_path / "c.npz"
+    fastopt.save(path, opt)
+    qs = [np.zeros_like(p) for p in ps]
+    other = fastopt.AdamW(qs, lr=1e-2, weight_decay=0.1)
+    fastopt.load(path, other)
+    assert all(p.dtype == q.dtype and p.tobytes() == q.tobytes() for p, q in zip(ps, qs))
+    for g in grads[3:]:
+        opt.step(g)
+        other.step(g)
+    assert all(p.tobytes() == q.tobytes() for p, q in zip(ps, qs))
+    f32 = [np.zeros(p.shape, np.float32) for p in ps]
+    wrong = fastopt.AdamW(f32, lr=1e-2)
+    with pytest.raises(fastopt.CheckpointError, match=f"{dtype_name}.*float32"):
+        fastopt.load(path, wrong)
+    assert all(not a.any() for a in f32)
