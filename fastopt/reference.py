@@ -316,12 +316,15 @@ def weight_average_step(averages, params, *, mode, weight, divisor, lr=0.0, grad
 def _schedule_free_scalars(step, lr, warmup_steps, r, weight_lr_power):
     """(ckp1, lr_t) of step `step` for a constant lr, the package's loop run from step 1 with lr = 1 (lr^power
     cancels in weight / weight_sum; every weight is 0 when lr is 0, and the package's 0 / 0 is 0)."""
-    weight = weight_sum = 0.0
-    sched = 1.0
-    for t in range(1, step + 1):
-        sched = t / warmup_steps if t - 1 < warmup_steps else 1.0
-        weight = (t ** r) * (sched ** weight_lr_power)
-        weight_sum = weight_sum + weight
+    sched = step / warmup_steps if step - 1 < warmup_steps else 1.0
+    weight = (step ** r) * (sched ** weight_lr_power)
+    if step <= _MU_LOOP_STEPS:
+        weight_sum = 0.0
+        for t in range(1, step + 1):
+            weight_sum = weight_sum + (t ** r) * ((t / warmup_steps if t - 1 < warmup_steps else 1.0) ** weight_lr_power)
+    else:  # a loop of 2**40 steps would hang: the registry's closed-form continuation (tested against the loop)
+        from fastopt.specs import schedule_free_weight_sum
+        weight_sum = schedule_free_weight_sum(warmup_steps, r, weight_lr_power, step)
     if lr == 0.0 and weight_lr_power != 0.0:
         return 0.0, 0.0
     return (weight / weight_sum if weight_sum != 0.0 else 0.0), lr * sched

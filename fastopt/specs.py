@@ -943,21 +943,26 @@ def _sf_w(warmup_steps, r, weight_lr_power, t):
     return (t ** r) * (_sf_sched(warmup_steps, t) ** weight_lr_power)
 
 
-def _power_sum(s, a, b):
-    """sum_{j=a..b} j^s for integers 1 <= a <= b: added up when short, else Euler-Maclaurin (three
-    correction terms; a > _SF_EXACT_STEPS here, so the remainder is far below double precision)."""
+def _power_sum(s, a, b, base=1.0, q=0.0):
+    """sum_{j=a..b} j^s / base^q for integers 1 <= a <= b (s >= q >= 0; every power x^e is taken as
+    x^(e - q) * (x / base)^q, so a large q with j <= base cannot overflow): added up when short, else
+    Euler-Maclaurin (three correction terms; a > _SF_EXACT_STEPS here, so the remainder is far below double
+    precision)."""
     if b < a:
         return 0.0
+
+    def pw(x, e):
+        return x ** (e - q) * (x / base) ** q if q else x ** e
+
     if b - a < 64:
-        return math.fsum(j ** s for j in range(a, b + 1))
+        return math.fsum(pw(float(j), s) for j in range(a, b + 1))
     a, b = float(a), float(b)
-    integral = math.log(b / a) if s == -1.0 else (b ** (s + 1.0) - a ** (s + 1.0)) / (s + 1.0)
-    total = integral + 0.5 * (a ** s + b ** s)
+    total = (pw(b, s + 1.0) - pw(a, s + 1.0)) / (s + 1.0) + 0.5 * (pw(a, s) + pw(b, s))
     coef, d = s, 1  # coef: s (s-1) ... (s-d+1), the d-th derivative's factor
     for bernoulli_over_factorial in (1.0 / 12.0, -1.0 / 720.0, 1.0 / 30240.0):  # B_2k / (2k)!
         if coef == 0.0:
             break
-        total += bernoulli_over_factorial * coef * (b ** (s - d) - a ** (s - d))
+        total += bernoulli_over_factorial * coef * (pw(b, s - d) - pw(a, s - d))
         coef *= (s - d) * (s - d - 1)
         d += 2
     return total
@@ -982,7 +987,7 @@ def schedule_free_weight_sum(warmup_steps, r, weight_lr_power, t):
     k, w = _SF_EXACT_STEPS, int(warmup_steps)
     warm = 0.0
     if w > k:
-        warm = _power_sum(r + weight_lr_power, k + 1, min(t, w)) * warmup_steps ** -weight_lr_power
+        warm = _power_sum(r + weight_lr_power, k + 1, min(t, w), float(warmup_steps), weight_lr_power)
     return exact + warm + _power_sum(r, max(k, w) + 1, t)
 
 
@@ -995,37 +1000,43 @@ def schedule_free_weight_sum_lr(hp, t):
     """weight_sum after t steps for a constant lr: lr^weight_lr_power * S_t (0 before the first step)."""
     if t == 0:
         return 0.0
-    return (hp["lr"] ** hp["weight_lr_power"]) * schedule_free_weight_sum(hp["warmup_steps"], hp["r"],
-                                                                          hp["weight_lr_power"], t)
+    return _sf_pow(hp["lr"], hp["weight_lr_power"]) * schedule_free_weight_sum(hp["warmup_steps"], hp["r"],
+                                                                               hp["weight_lr_power"], t)
+
+
+def _sf_pow(x, y):
+    """x ** y, inf where it overflows (a huge lr or a carried lr_max to weight_lr_power)."""
+    try:
+        return x ** y
+    except OverflowError:
+        return math.inf
 
 
 def _sf_carry_weight(hp, t):
     """The package's weight of step t from the lr_max carried before it (fastopt.torch)."""
     lr_t = hp["lr"] * _sf_sched(hp["warmup_steps"], t)
-    return (t ** hp["r"]) * (max(float(hp["lr_max"]), lr_t) ** hp["weight_lr_power"])
+    return (t ** hp["r"]) * _sf_pow(max(float(hp["lr_max"]), lr_t), hp["weight_lr_power"])
 
 
 def schedule_free_host(hp, step):
     """(ckp1, lr_t) of step `step`: carried lr_max / weight_sum when given (fastopt.torch), else the
-    constant-lr closed form. ValueError naming r / weight_lr_power when a power overflows a float."""
+    constant-lr closed form. Never raises for validated hyperparameters (r <= 16: t^r and the sums of
+    2**53 steps fit a float; the powers of a huge lr are inf, and ckp1 is then 1): a step's scalars are
+    computed between kernel calls, after earlier groups were written."""
     lr_t = hp["lr"] * _sf_sched(hp["warmup_steps"], step)
-    try:
-        if "weight_sum" in hp:  # as the package: weight_sum += weight; ckp1 = weight / weight_sum
-            weight = _sf_carry_weight(hp, step)
-            weight_sum = float(hp["weight_sum"]) + weight
-            ckp1 = weight / weight_sum if weight_sum != 0.0 else 0.0
-        elif hp["lr"] == 0.0 and hp["weight_lr_power"] != 0.0:
-            ckp1 = 0.0  # every weight is 0: the package's 0 / 0 -> 0
+    if "weight_sum" in hp:  # as the package: weight_sum += weight; ckp1 = weight / weight_sum
+        weight = _sf_carry_weight(hp, step)
+        weight_sum = float(hp["weight_sum"]) + weight
+        if weight == math.inf:
+            ckp1 = 1.0
         else:
-            r, power, warmup = hp["r"], hp["weight_lr_power"], hp["warmup_steps"]
-            weight_sum = schedule_free_weight_sum(warmup, r, power, step)
-            ckp1 = _sf_w(warmup, r, power, step) / weight_sum if weight_sum != 0.0 else 0.0
-    except OverflowError:
-        raise ValueError(f"Invalid r / weight_lr_power: {hp['r']} / {hp['weight_lr_power']} (step {step}^r "
-                         f"overflows a float)") from None
-    if not math.isfinite(ckp1):
-        raise ValueError(f"Invalid r / weight_lr_power: {hp['r']} / {hp['weight_lr_power']} (the weights of "
-                         f"{step} steps overflow a float)")
+            ckp1 = weight / weight_sum if weight_sum != 0.0 else 0.0
+    elif hp["lr"] == 0.0 and hp["weight_lr_power"] != 0.0:
+        ckp1 = 0.0  # every weight is 0: the package's 0 / 0 -> 0
+    else:
+        r, power, warmup = hp["r"], hp["weight_lr_power"], hp["warmup_steps"]
+        weight_sum = schedule_free_weight_sum(warmup, r, power, step)
+        ckp1 = _sf_w(warmup, r, power, step) / weight_sum if weight_sum != 0.0 else 0.0
     return ckp1, lr_t
 
 
@@ -1048,8 +1059,9 @@ def _sf_hypers(lr_default, first):
     return (lr(lr_default), *first,
             Hyper("warmup_steps", 0, "steps of linear learning-rate warm-up (a whole number >= 0)",
                   check=_whole, label="warmup_steps value"),
-            Hyper("r", 0.0, "power of the polynomial weighting of the average (>= 0)", check=_nonneg,
-                  label="r value"),
+            # r <= 16: t^r and the sum of the weights of 2**53 steps fit a float (the package overflows)
+            Hyper("r", 0.0, "power of the polynomial weighting of the average, in [0, 16]",
+                  check=lambda x: 0.0 <= x <= 16.0, label="r value"),
             Hyper("weight_lr_power", 2.0, "the average's weights are lr_max to this power (>= 0)",
                   check=_nonneg, label="weight_lr_power value"),
             MAXIMIZE)

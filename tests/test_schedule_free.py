@@ -241,7 +241,7 @@ def test_step_in_eval_mode_raises_and_writes_nothing(name):
 BAD = [("momentum", 1.0, ValueError), ("momentum", 0.0, ValueError), ("beta1", 0.0, ValueError),
        ("warmup_steps", 2.5, ValueError), ("warmup_steps", -1, ValueError), ("r", -0.5, ValueError),
        ("weight_lr_power", float("nan"), ValueError), ("weight_decay", -1.0, ValueError), ("lr", -1.0, ValueError),
-       ("r", "1", TypeError), ("warmup_steps", True, TypeError)]
+       ("r", 16.5, ValueError), ("r", "1", TypeError), ("warmup_steps", True, TypeError)]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -272,9 +272,12 @@ def test_the_closed_form_weight_sum_and_huge_steps():
         exact = math.fsum((i ** r) * ((i / warmup if i - 1 < warmup else 1.0) ** power) for i in range(1, t + 1))
         assert schedule_free_weight_sum(warmup, r, power, t) == pytest.approx(exact, rel=1e-13)
     start = time.perf_counter()
-    for r in (0.0, 1.0):
+    for r in (0.0, 1.0, 16.0):  # r <= 16: nothing overflows up to step 2**53
         ckp1, lr_t = schedule_free_host({"lr": 0.1, "warmup_steps": 50.0, "r": r, "weight_lr_power": 2.0}, 2 ** 53)
         assert lr_t == 0.1 and ckp1 == pytest.approx((r + 1) / 2 ** 53, rel=1e-9)
+    # fastopt.torch's carried path: a huge lr's powers are inf, ckp1 is then 1 (never an exception mid-step)
+    hp = {"lr": 1e308, "warmup_steps": 0.0, "r": 16.0, "weight_lr_power": 2.0, "lr_max": 1e308, "weight_sum": 0.0}
+    assert schedule_free_host(hp, 5) == (1.0, 1e308)
     assert time.perf_counter() - start < 0.5
     p = np.ones(3)
     fastopt.schedule_free_adamw_step(p, np.ones(3), **fastopt.init_state("schedule_free_adamw", p), step=2 ** 53)
