@@ -74,6 +74,18 @@ class TrainEval:
         return super().step(grads)
 
 
+def _group_hp(spec, group) -> dict:
+    """A torch param group's registry hyperparameters (betas split into beta1, beta2), checked by the spec
+    (the weights read beta1 or momentum; fastopt.torch's groups hold torch's forms)."""
+    hp = {}
+    for h in spec.hypers:
+        if h.name in ("beta1", "beta2"):
+            hp[h.name] = h.validate(float(group["betas"][h.name == "beta2"]))
+        elif h.name in group:
+            hp[h.name] = h.validate(float(group[h.name]) if h.kind == "float" else group[h.name])
+    return hp
+
+
 class TorchTrainEval:
     """Mixin of the fastopt.torch classes (fastopt.torch.TorchOptimizer subclasses) with spec.train_eval."""
 
@@ -95,10 +107,9 @@ class TorchTrainEval:
         if self._fastopt_train_mode == train:
             return
         import torch
-        from fastopt.torch import arguments
         state, eval_weight, train_weight = self.spec.train_eval
         weight = train_weight if train else eval_weight
-        weights = [weight(arguments.registry_hp(self.spec, group)) for group in self.param_groups]
+        weights = [weight(_group_hp(self.spec, group)) for group in self.param_groups]
         with torch.no_grad():
             for group, w in zip(self.param_groups, weights):
                 for p in group["params"]:
