@@ -284,3 +284,35 @@ def test_the_closed_form_weight_sum_and_huge_steps():
     assert np.isfinite(p).all()
     # lr = 0: every weight is 0 and the package's 0 / 0 is 0 (the params do not move)
     assert schedule_free_host({"lr": 0.0, "warmup_steps": 0.0, "r": 0.0, "weight_lr_power": 2.0}, 3) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_state_dict_round_trip_keeps_the_carried_weights(name, default_dtype):
+    """lr_max and weight_sum travel in the state dict: a run resumed from it equals the uninterrupted one."""
+    default_dtype(torch.float64)
+    kw = _hp(name, (5, 1.0, 2.0, 0.01), 0.05)
+    start = _params(torch.float64)
+    steps = _grads(start, 30)
+    cls = getattr(ft, REGISTRY[name].class_name)
+    whole = [p.clone() for p in start]
+    o1 = cls(whole, **kw)
+    first = [p.clone() for p in start]
+    o2 = cls(first, **kw)
+    for t, grads in enumerate(steps):
+        for p, g in zip(whole, grads):
+            p.grad = g.clone()
+        o1.step()
+        if t < 12:
+            for p, g in zip(first, grads):
+                p.grad = g.clone()
+            o2.step()
+    assert set(o2.state_dict()["state"][0]) >= {"z", "lr_max", "weight_sum", "step"}
+    resumed = [p.detach().clone() for p in first]
+    o3 = cls(resumed, **kw)
+    o3.load_state_dict(o2.state_dict())
+    for grads in steps[12:]:
+        for p, g in zip(resumed, grads):
+            p.grad = g.clone()
+        o3.step()
+    for a, b in zip(resumed, whole):
+        assert torch.equal(a, b)
