@@ -306,7 +306,7 @@ def weight_average_step(averages, params, *, mode, weight, divisor, lr=0.0, grad
         _store(averages, averages + (params - averages) / divisor)
     else:
         w = averages.dtype.type(weight)  # torch narrows the weight, then computes 1 - w in the data's type
-        if w < 0.5:
+        if -0.5 < w < 0.5:  # torch's |w| < 0.5 (schedule-free's eval() lerps by a negative weight)
             _store(averages, averages + w * (params - averages))
         else:
             _store(averages, params - (params - averages) * (averages.dtype.type(1) - w))

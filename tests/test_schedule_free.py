@@ -190,17 +190,19 @@ def test_cpu_kernels_equal_the_reference_bit_for_bit(name):
         for k in state:
             for a, b in zip(state[k], ref_state[k]):
                 np.testing.assert_array_equal(a, b)
-        # eval/train lerp of the NumPy classes == the reference's torch.lerp, bit for bit
-        opt = getattr(fastopt, REGISTRY[name].class_name)([p.copy() for p in params[1:]], lr=0.05)
-        opt.step([rng.standard_normal(p.shape).astype(dtype) for p in params[1:]])
-        before = [p.copy() for p in opt.params]
-        zs = [opt.state_arrays(i)["z"] for i in range(len(before))]
-        opt.eval()
-        beta = 0.9
-        for got, y, z in zip(opt.params, before, zs):
-            want = y.copy()
-            reference.schedule_free_switch(want, z, 1.0 - 1.0 / beta)
-            np.testing.assert_array_equal(got, want)
+        # eval/train lerp of the NumPy classes == the reference's torch.lerp, bit for bit (beta 0.5: the eval
+        # weight 1 - 1/beta = -1 takes torch's other branch, |w| >= 0.5)
+        for beta in (0.9, 0.5):
+            kw = {"momentum": beta} if name == "schedule_free_sgd" else {"betas": (beta, 0.999)}
+            opt = getattr(fastopt, REGISTRY[name].class_name)([p.copy() for p in params[1:]], lr=0.05, **kw)
+            opt.step([rng.standard_normal(p.shape).astype(dtype) for p in params[1:]])
+            before = [p.copy() for p in opt.params]
+            zs = [opt.state_arrays(i)["z"] for i in range(len(before))]
+            for switch, weight in ((opt.eval, 1.0 - 1.0 / beta), (opt.train, 1.0 - beta)):
+                switch()
+                for got, y, z in zip(opt.params, before, zs):
+                    reference.schedule_free_switch(y, z, weight)
+                    np.testing.assert_array_equal(got, y)
 
 
 def test_z_starts_as_a_copy_of_the_param_in_every_front_end():

@@ -23,8 +23,8 @@ FASTOPT_HD void average_math(M& a, M x, const AverageParams<M>& h, int mode) {
     } else if (mode == 1) {
         a = a + (x - a) / h.divisor;
     } else {
-        M w = h.weight;  // in [0, 1]
-        a = w < M(0.5) ? a + w * (x - a) : x - (x - a) * (M(1) - w);
+        M w = h.weight;  // in [0, 1] for EMA; schedule-free's eval() lerps by 1 - 1/beta1 < 0 (train_eval.py)
+        a = (w < M(0.5) && w > M(-0.5)) ? a + w * (x - a) : x - (x - a) * (M(1) - w);  // torch: |w| < 0.5
     }
 }
 

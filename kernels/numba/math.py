@@ -305,7 +305,7 @@ def build(dtype):
             p = p + (g - p) / h[H.average.divisor]
         else:
             w = h[H.average.weight]
-            p = p + w * (g - p) if w < HALF else g - (g - p) * (ONE - w)
+            p = p + w * (g - p) if (w < HALF and w > -HALF) else g - (g - p) * (ONE - w)  # torch: |w| < 0.5
         return p, a, b, c
 
     # ---- two-phase families (spec.two_phase): moments + per-tensor norms, then the scaled step ---------
