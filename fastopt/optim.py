@@ -487,6 +487,12 @@ class Optimizer:
                     tail, names = self._call_states(bucket, changes[gi][1])
                 plans.append((gi, bucket, params, tail, names))
         prepared, fixed = self._prepare_step(plans, grads)
+        if len(plans) > 1:
+            # the kernels' scalars of every call, once before the first call writes (each backend computes
+            # them again in run(): a spec whose scalars raised for a later group would leave the earlier
+            # groups written)
+            for gi in {gi for gi, *_ in plans}:
+                self.spec.scalars(hps[gi], self._group_steps[gi] + 1, 1.0)
         # valid: from here on the step goes ahead (or is skipped as a whole)
         for gi, bucket, params, tail, names in plans:
             if changes[gi] is not None:

@@ -429,6 +429,11 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def _run(self, plan: Plan, grad_scale: float) -> None:
         spec = self.spec
+        if len(plan.buckets) > 1:
+            # every call's kernel scalars before the first call writes (the backends compute them again):
+            # scalars raising for a later call would otherwise leave the earlier calls written
+            for b in plan.buckets:
+                spec.scalars(b.hp, b.step, 1.0)
         threads = torch.get_num_threads()  # one thread pool: as many OpenMP threads as torch uses
         before = fastopt.get_num_threads()
         if threads != before:

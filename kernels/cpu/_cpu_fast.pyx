@@ -197,6 +197,9 @@ cdef class _Batch:
     cdef int nchunks
     cdef int64_t total
     cdef object owner         # a bound batch (bind_grads) shares sizes and chunks with its fixed batch
+    cdef bint shares          # ... and then must not free them. A C flag: __dealloc__ may not read `owner`,
+                              # which the garbage collector's tp_clear can have set to None already (a batch
+                              # in a reference cycle, e.g. through an exception's traceback): a double free
 
     def __len__(self):
         """The number of arrays in each list of the call."""
@@ -204,7 +207,7 @@ cdef class _Batch:
 
     def __dealloc__(self):
         free(self.ptrs)
-        if self.owner is None:
+        if not self.shares:
             free(self.sizes)
             free(self.chunks)
 
@@ -665,6 +668,7 @@ def bind_grads(_Fixed fixed, grads_per_call):
             raise ValueError(f"{names[1]} has {len(grads)} arrays but {names[0]} has {n}")
         nb = _Batch()
         nb.owner = b
+        nb.shares = True
         nb.names, nb.indices, nb.is_list, nb.read_only_slot = names, indices, is_list, 1
         nb.ntensors, nb.nslots, nb.dtype = n, nslots, b.dtype
         grad_code, grad_dtype = -1, None
