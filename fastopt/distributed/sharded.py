@@ -203,6 +203,7 @@ class ShardedOptimizer:
             flat = self._flat[b.index][1]
             for i, off, n in zip(b.params, b.offsets, b.sizes):
                 flat[off:off + n] = views[i].reshape(-1)
+        self._init_states()
         self._own = self._views_of(self._flat)
         self._grads = self._views_of(self._send)
         self._grad_address = [_address(self.comm.as_array(g, "grads")) for g in self._grads]
@@ -259,15 +260,20 @@ class ShardedOptimizer:
                 f"{self.rank}: {len(views)} params, {self._config_text()}")
 
     def _allocate(self):
-        comm, spec = self.comm, self.spec
-        options = self._options
+        comm = self.comm
         self._flat, self._send, self._recv, self._states = [], [], [], []
         for b in self.layout.buckets:
             self._flat.append(comm.alloc(b.world * b.shard, b.dtype))
             self._send.append(comm.alloc(b.world * b.shard, b.dtype))
             self._recv.append(comm.alloc(b.shard, b.dtype))
+
+    def _init_states(self):
+        """This rank's state for its shard of each bucket, made once the params are in the flat buffers:
+        a state that starts as a copy of the param (schedule-free's z) copies the shard's params."""
+        spec, options = self.spec, self._options
+        for b in self.layout.buckets:
             lo, hi = b.shard_range(self.rank)
-            self._states.append(functional.init_state(spec.name, self._flat[-1][1][lo:hi], **options))
+            self._states.append(functional.init_state(spec.name, self._flat[b.index][1][lo:hi], **options))
 
     # ---- introspection ------------------------------------------------------------------------
 
