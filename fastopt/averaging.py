@@ -13,6 +13,7 @@ EMA models (timm's ModelEmaV3, TensorFlow's ExponentialMovingAverage num_updates
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -21,7 +22,7 @@ from fastopt.array_types import Arrays
 from fastopt.backends.dispatch import backend_for, check_empty_call
 from fastopt.specs import AVERAGE_COPY, AVERAGE_EMA, AVERAGE_SWA, WEIGHT_AVERAGE, shown
 
-__all__ = ["ema_update", "swa_update", "ema_decay"]
+__all__ = ["ema_update", "swa_update", "ema_decay", "lerp_"]
 
 _NAMES = ("averages", "params")
 
@@ -67,6 +68,17 @@ def ema_update(averages: Arrays, params: Arrays, decay: float, *, backend: str |
     averages and params, writes averages. TypeError / ValueError naming the argument, before any write."""
     weight = 1.0 - _decay(decay)
     _run(averages, params, {"mode": AVERAGE_EMA, "weight": weight, "divisor": 1.0}, backend)
+
+
+def lerp_(arrays: Arrays, ends: Arrays, weight: float, *, backend: str | None = None) -> None:
+    """arrays <- arrays + weight * (ends - arrays), in place, with torch.lerp's rounding, for any finite
+    weight (schedule-free's eval()/train() switch lerps by 1 - 1/beta1 < 0): the kernel behind ema_update.
+    TypeError / ValueError naming the argument, before any write."""
+    if isinstance(weight, (bool, np.bool_)) or not isinstance(weight, numbers.Real):
+        raise TypeError(f"weight must be a real number, got {shown(weight)}")
+    if not math.isfinite(float(weight)):
+        raise ValueError(f"Invalid weight: {shown(weight)} (a finite number)")
+    _run(arrays, ends, {"mode": AVERAGE_EMA, "weight": float(weight), "divisor": 1.0}, backend)
 
 
 def swa_update(averages: Arrays, params: Arrays, n_averaged: int, *, backend: str | None = None) -> None:

@@ -54,8 +54,7 @@ class TrainEval:
     def _switch(self, train: bool) -> None:
         if self._fastopt_train_mode == train:
             return
-        from fastopt.averaging import _run
-        from fastopt.specs import AVERAGE_EMA
+        from fastopt.averaging import lerp_
         state, eval_weight, train_weight = self.spec.train_eval
         weight = train_weight if train else eval_weight
         # every group's hyperparameters are checked before the first param moves
@@ -64,8 +63,7 @@ class TrainEval:
             for bucket in buckets:
                 zs = bucket.states.get(state)
                 if zs is not None:  # none yet: no step taken, y == z == x (the package skips such params too)
-                    _run(bucket.params, zs, {"mode": AVERAGE_EMA, "weight": weights[gi], "divisor": 1.0},
-                         self.backend)
+                    lerp_(bucket.params, zs, weights[gi], backend=self.backend)
         self._fastopt_train_mode = train
 
     def step(self, grads):

@@ -230,3 +230,24 @@ def test_numba_kernel_under_the_simulator():
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     out = subprocess.run([sys.executable, "-c", SIM], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0 and "SIM OK" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("weight", [-0.25, -1.5, 0.3, 0.75, 2.0])
+def test_lerp_any_finite_weight_equals_torch_lerp(weight):
+    """averaging.lerp_ (schedule-free's eval()/train() switch) is torch.lerp for weights outside [0, 1]
+    too: torch's branch by |weight| < 0.5, equal up to torch's fused multiply-add on the CPU (a rounding of
+    the product); a bad weight raises naming it and writes nothing."""
+    torch = pytest.importorskip("torch")
+    from fastopt.averaging import lerp_
+    rng = np.random.default_rng(13)
+    a = [rng.standard_normal(n).astype(np.float32) for n in (0, 1, 1037)]
+    b = [rng.standard_normal(n).astype(np.float32) for n in (0, 1, 1037)]
+    expected = [torch.lerp(torch.from_numpy(x), torch.from_numpy(y), weight).numpy() for x, y in zip(a, b)]
+    lerp_(a, b, weight)
+    for x, e in zip(a, expected):
+        np.testing.assert_allclose(x, e, rtol=0, atol=4e-7 * (1 + abs(weight)))
+    before = [x.copy() for x in a]
+    for bad, exc in ((float("nan"), ValueError), (float("inf"), ValueError), ("0.5", TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="weight"):
+            lerp_(a, b, bad)
+    assert all(x.tobytes() == y.tobytes() for x, y in zip(a, before))
