@@ -278,7 +278,7 @@ def markdown_table(report):
                  f"time of a loop with the same reads and writes and trivial math / time (paired: median over "
                  f"repetitions of the ratio within one repetition; medians: ratio of the medians; minima: of the "
                  f"fastest runs).")
-    if "targets" in report:
+    if report.get("targets", {}).get("optimizers"):
         t = report["targets"]
         missed = [name for name, r in t["optimizers"].items() if not r["met"]]
         lines.append(f"Target (issue 14): >= {t['of_ceiling']} of the ceiling at N={t['n']:.0e}: "
