@@ -54,17 +54,41 @@ def group_key(group: dict):
     return tuple(out)
 
 
+def _immutable(value) -> bool:
+    """A group value that cannot change without being replaced (so an identity check sees any change)."""
+    return value is None or type(value) in (float, int, bool, str) or (
+        type(value) is tuple and all(type(v) in (float, int, bool) for v in value))
+
+
 class _Group:
-    __slots__ = ("group", "params_list", "params", "key", "hp", "active", "buckets")
+    __slots__ = ("group", "params_list", "params", "key", "values", "hp", "active", "buckets")
 
     def __init__(self, group, hp, active, buckets):
         self.group = group
         self.params_list = group["params"]
         self.params = tuple(group["params"])
         self.key = group_key(group)
+        self.remember_values()
         self.hp = hp            # registry hyperparameters (None: the group has no param with a grad)
         self.active = active    # spec.active_states(hp): the states in use
         self.buckets = buckets  # indices of the group's kernel calls
+
+    def remember_values(self) -> None:
+        """The group's values themselves when every option is immutable (floats, bools, tuples of numbers): then
+        the same objects in the same order mean the same options, a C-level identity check per step; None
+        (compare group_key snapshots) when one could change in place (a list, a tensor)."""
+        values = list(self.group.values())  # the params list too: its identity (contents: checked apart)
+        fixed = all(_immutable(v) or k == "params" for k, v in self.group.items())
+        self.values = values if fixed else None
+
+    def unchanged(self) -> bool:
+        """True when the group's options are those of the last step (identity fast path, else snapshot)."""
+        values = self.values
+        group = self.group
+        if values is not None and len(group) == len(values) and all(map(is_, group.values(), values)):
+            return True
+        key = group_key(group)
+        return key is not None and key == self.key
 
 
 class Steady:
@@ -191,8 +215,8 @@ class Steady:
             if (group is not known.group or current is not known.params_list or len(current) != len(known.params)
                     or not all(map(is_, current, known.params))):
                 return None
-            key = group_key(group)
-            if key is None or key != known.key:  # options changed (a scheduler): validate them again
+            if not known.unchanged():  # options changed (a scheduler): validate them again
+                key = group_key(group)
                 hp = arguments.registry_hp(spec, group)
                 if known.hp is not None and spec.active_states(hp) != known.active:
                     return None
@@ -287,4 +311,5 @@ class Steady:
         if self.pending is not None:
             for i, (key, hp) in self.pending.items():
                 self.groups[i].key, self.groups[i].hp = key, hp
+                self.groups[i].remember_values()
             self.pending = None
