@@ -100,7 +100,7 @@ def test_bound_batches_collected_in_a_cycle_leave_their_fixed_batch_intact():
         _cpu_fast.run(bound, "sgd", 0, REGISTRY["sgd"].scalars({**REGISTRY["sgd"].defaults, "lr": 0.5}, 1, 1.0), 0.5)
     for p, e in zip(ps, expected):
         np.testing.assert_allclose(p, e, rtol=1e-6)
-    del fixed
+    fixed = None  # its memory freed once (the bound batches above shared it)
     gc.collect()
     junk = [np.ones(1000) for _ in range(100)]  # allocations after the frees: a double free aborts here
     assert len(junk) == 100
