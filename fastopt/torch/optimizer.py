@@ -372,15 +372,9 @@ class TorchOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _read_counts(steps) -> list[int]:
         """The step counts (float tensors, torch's layout; plain numbers from old state dicts too)."""
-        if all(isinstance(s, torch.Tensor) and s.device.type == "cpu" and s.dtype == steps[0].dtype for s in steps):
-            values = torch.stack(steps).tolist()  # one call for the usual float32 CPU tensors
-        else:  # numbers, tensors of other dtypes or on a GPU (a capturable torch state dict)
-            try:
-                values = [float(s) for s in steps]
-            except (TypeError, ValueError, RuntimeError):
-                raise TypeError("a step count in the optimizer state is not a number or a one-element tensor") from None
         out = []
-        for v in values:
+        for v in TorchOptimizer._read_scalars(steps, "a step count"):
+            v = float(v)
             if not (math.isfinite(v) and v >= 0 and v == int(v)):
                 raise ValueError(f"Invalid step count in the optimizer state: {v} (a whole number >= 0)")
             out.append(int(v))
@@ -520,27 +514,25 @@ class TorchOptimizer(torch.optim.Optimizer):
                 if t is None:  # deleted from the state: the value for constant hyperparameters
                     t = self.spec.torch_extra_state[name](arguments.registry_hp(self.spec, item[0]), count)
                 tensors.append(t)
-        values = self._read_scalars(tensors)
+        values = self._read_scalars(tensors, "torch-only state (mu_product, eta, mu)")
+        for v in values:
+            if not math.isfinite(v):
+                raise ValueError(f"Invalid value in the optimizer state: {v} (torch-only state must be finite)")
         k = len(carry)
         for i, item in enumerate(items):
             item.append(tuple(values[i * k:(i + 1) * k]))
 
     @staticmethod
-    def _read_scalars(values) -> list:
-        """One-element tensors (or numbers) as NumPy scalars of their dtype: torch advances them in that
-        dtype (NAdam's mu_product *= mu in float32), and so do the spec's torch_carry functions given them.
-        One call for the usual 0-d CPU tensors of one floating dtype."""
-        tensors = [v for v in values if isinstance(v, torch.Tensor)]
-        if len(tensors) == len(values) and all(t.device.type == "cpu" and t.dtype == values[0].dtype
-                                               and t.dim() == 0 for t in tensors) and values[0].is_floating_point():
-            out = list(torch.stack(values).numpy())
-        else:
-            try:
-                out = [np.float64(v.item() if isinstance(v, torch.Tensor) else float(v)) for v in values]
-            except (TypeError, ValueError, RuntimeError):
-                raise TypeError("torch-only state (mu_product, eta, mu) in the optimizer state is not a number "
-                                "or a one-element tensor") from None
-        for v in out:
-            if not math.isfinite(v):
-                raise ValueError(f"Invalid value in the optimizer state: {v} (torch-only state must be finite)")
-        return out
+    def _read_scalars(values, what: str) -> list:
+        """One-element tensors (or numbers) as NumPy scalars of their dtype (float64 for numbers and for
+        tensors not read in one go), one call for the usual 0-d float CPU tensors of one dtype: torch
+        advances its carried state in the tensor's dtype (NAdam's mu_product *= mu in float32), and so do
+        the spec's torch_carry functions given these. TypeError naming `what` for anything else."""
+        if values and all(
+                isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype == values[0].dtype and v.dim() == 0
+                for v in values) and values[0].is_floating_point():
+            return list(torch.stack(values).numpy())
+        try:
+            return [np.float64(v.item() if isinstance(v, torch.Tensor) else float(v)) for v in values]
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{what} in the optimizer state is not a number or a one-element tensor") from None
