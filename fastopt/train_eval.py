@@ -72,18 +72,6 @@ class TrainEval:
         return super().step(grads)
 
 
-def _group_hp(spec, group) -> dict:
-    """A torch param group's registry hyperparameters (betas split into beta1, beta2), checked by the spec
-    (the weights read beta1 or momentum; fastopt.torch's groups hold torch's forms)."""
-    hp = {}
-    for h in spec.hypers:
-        if h.name in ("beta1", "beta2"):
-            hp[h.name] = h.validate(float(group["betas"][h.name == "beta2"]))
-        elif h.name in group:
-            hp[h.name] = h.validate(float(group[h.name]) if h.kind == "float" else group[h.name])
-    return hp
-
-
 class TorchTrainEval:
     """Mixin of the fastopt.torch classes (fastopt.torch.TorchOptimizer subclasses) with spec.train_eval."""
 
@@ -105,9 +93,12 @@ class TorchTrainEval:
         if self._fastopt_train_mode == train:
             return
         import torch
+
+        import fastopt.torch.arguments as arguments  # the module itself: no import of the fastopt.torch package
         state, eval_weight, train_weight = self.spec.train_eval
         weight = train_weight if train else eval_weight
-        weights = [weight(_group_hp(self.spec, group)) for group in self.param_groups]
+        # every group's hyperparameters, from torch's group forms (betas), checked before the first param moves
+        weights = [weight(arguments.registry_hp(self.spec, group)) for group in self.param_groups]
         with torch.no_grad():
             for group, w in zip(self.param_groups, weights):
                 for p in group["params"]:
