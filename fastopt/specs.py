@@ -1206,6 +1206,50 @@ copy: a = p                           (n_averaged = 0)
 KERNEL_OPS: dict[str, OptimizerSpec] = {WEIGHT_AVERAGE.name: WEIGHT_AVERAGE}
 
 
+# ---------------------------------------------------------------------------------------------------
+# Composite optimizers: a step that is not one elementwise pass over (p, g, states)
+# ---------------------------------------------------------------------------------------------------
+# lbfgs (closure-driven, history of curvature pairs), muon (Newton-Schulz on 2-D momentum), adafactor
+# (factored second moment), sparse_adam (row-sparse gradients). Their update is written in their own module
+# (fastopt/<module>.py: the NumPy/CuPy class, and fastopt/torch/<module>.py for torch tensors), which reads
+# the hyperparameters, their defaults, checks and docs from here, so that the CLI, the README table and the
+# tests list them with the rest. Not in REGISTRY: nothing registry-generated (functional *_step, kernel
+# families, the elementwise fuzz tables) applies to them.
+
+@dataclass(frozen=True)
+class CompositeSpec:
+    """name, class_name (the NumPy class; torch's name where torch has the optimizer), module (under fastopt/),
+    summary, rule (the update rule, for docstrings), hypers (validated with Hyper.validate), torch_class."""
+
+    name: str
+    class_name: str
+    module: str
+    summary: str
+    rule: str
+    hypers: tuple[Hyper, ...]
+    torch_class: str | None = None
+
+    def defaults(self) -> dict:
+        return {h.name: h.default for h in self.hypers}
+
+
+COMPOSITE: dict[str, CompositeSpec] = {}
+
+
+def _register_composite(spec: CompositeSpec) -> CompositeSpec:
+    assert spec.name not in REGISTRY and spec.name not in COMPOSITE, spec.name
+    COMPOSITE[spec.name] = spec
+    return spec
+
+
+# (each composite optimizer's spec is registered below, one block per optimizer)
+
+
+def all_optimizer_names() -> tuple[str, ...]:
+    """Every optimizer fastopt has: the elementwise registry, then the composite ones."""
+    return (*REGISTRY, *COMPOSITE)
+
+
 def kernel_specs() -> tuple[OptimizerSpec, ...]:
     """Every spec with a compiled kernel family: the optimizers (REGISTRY), then the other elementwise ops
     (KERNEL_OPS). The family table (cuda_source), the Numba kernels and their scalar names follow this."""
