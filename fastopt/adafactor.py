@@ -1,0 +1,728 @@
+"""Adafactor exactly as torch.optim.Adafactor (torch 2.13), for NumPy (and CuPy) arrays.
+
+    opt = fastopt.Adafactor(params, lr=1e-2)          # params: a list of arrays or of param-group dicts
+    for batch in data:
+        opt.step(grads)                               # grads: a list in the order of the params (None: skip)
+
+Update rule (per param, t its own step count, as torch; fastopt.specs.ADAFACTOR.rule):
+
+    t += 1;  w = t^beta2_decay;  rho = min(lr, 1/sqrt(t));  alpha = max(eps2, RMS(p)) * rho
+    p *= 1 - lr * weight_decay                                  (decoupled; alpha uses p before it)
+    g = -g if maximize
+    ndim >= 2, the last two dims factored (m rows, n cols), leading dims batched:
+        row_var = lerp(row_var, mean over cols of g^2, w)       shape (..., m, 1)
+        col_var = lerp(col_var, mean over rows of g^2, w)       shape (..., 1, n)
+        V = row_var * col_var / max(mean over rows of row_var, eps1)
+    ndim < 2:  variance = lerp(variance, g^2, w);  V = variance
+    U = g * rsqrt(max(V, eps1^2));  p -= alpha / max(1, RMS(U) / d) * U
+
+with torch's order of operations and roundings: the row/col means as torch's norm, squared, divided by
+the length; lerp as torch's (w < 0.5: a + w (b - a), else b + (w - 1)(b - a)); V as (r * c) / rm; the
+norms of p and U in float64 (torch accumulates in double on the CPU) and rounded to the dtype; eps1 None:
+finfo(dtype).eps of the group's FIRST param with a gradient, used for the whole group (torch rebinds eps1
+in its loop: in a group mixing float32 and float64 params the float64 ones get float32's eps, as torch).
+State (torch's names and shapes): "step" (the count), "row_var" (..., m, 1) and "col_var" (..., 1, n) for
+ndim >= 2: m + n floats per matrix; "variance" (the param's shape) for 0-d and 1-D params.
+
+Cost model (bytes per element per step, s = itemsize: 4 for float32, 8 for float64). Adafactor is not one
+elementwise pass: RMS(U) must be known before any p is written and U needs the row/col means of the whole
+matrix, so g is read three times. Each param is cut into cache-sized blocks (BLOCK_BYTES, whole matrices
+or row ranges) and every pass streams the blocks once; the block's temporaries (g^2, then U) live in one
+cache-resident workspace, never a param-sized temporary (torch's loop allocates four: the var estimate,
+rsqrt, U and g^2):
+    factored (ndim >= 2), 6 s: pass 1 reads g (row AND column sums of g^2 from the same block while it is
+        in cache: NumPy has no one-loop two-axis reduction, so the second reduction reads the block from
+        cache, not from memory: one pass over g in memory) and p (sum of squares for RMS(p));
+        pass 2 reads g (U rebuilt from the O(m + n) factors, sum of squares of U);
+        pass 3 reads g and p and writes p (U rebuilt, decay and update). 24 B/elem float32.
+    vector (ndim < 2), 8 s: pass 1 reads g, p and the variance, writes the variance; pass 2 reads g,
+        variance and p, writes p. 32 B/elem float32.
+A param that fits one block keeps its U in the workspace between the passes (no rebuild). Fewer passes
+need a compiled kernel (one fused reduction of rows and columns; U's norm and the update still need the
+factors first); that is future work (kernels/cpu is another engineer's). A non-contiguous param of
+ndim > 2 whose leading dims cannot be merged without a copy (e.g. a channels_last conv weight through
+fastopt.torch) runs as one block over its own strides, with a param-sized workspace.
+
+Bad input raises before anything is written (hyperparameters of every group, every grad's kind, dtype
+and shape, state arrays, grads sharing memory with a param or a state): params and state are left
+byte-for-byte unchanged. Params: float32 or float64 (torch's algorithm in the param's own precision; 16-bit
+params are refused). A param with no elements: torch raises ZeroDivisionError (its RMS divides by numel
+after advancing the step); here its step advances and nothing else happens.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+
+import numpy as np
+
+from fastopt.arrays import array_device, as_numpy
+from fastopt.specs import COMPOSITE, as_float, shown
+
+__all__ = ["Adafactor", "check_hyperparameters", "check_eps", "state_shapes", "group_eps1", "check_state",
+           "new_state", "check_param", "as_array", "Workspace", "update", "check_disjoint", "BLOCK_BYTES"]
+
+SPEC = COMPOSITE["adafactor"]
+HYPERS = {h.name: h for h in SPEC.hypers}
+# torch's wording of each bound, "<label> should be <bound> but is: <value>"
+_BOUND = {"lr": ">= 0", "beta2_decay": "<= 0", "d": ">= 1", "weight_decay": ">= 0"}
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# the working set of one block: g's block, p's block and the workspace block sit in a 1 MiB L2
+BLOCK_BYTES = 256 * 1024
+
+
+# ---- hyperparameters --------------------------------------------------------------------------------
+
+def _check_float(name, value):
+    h = HYPERS[name]
+    x = as_float(name, value, h.label)
+    if not h.check(x):
+        raise ValueError(f"{h.label} should be {_BOUND[name]} but is: {value}")
+    if not math.isfinite(x):  # inf passes torch's checks, but would turn every param into inf or nan
+        raise ValueError(f"{h.label} should be finite but is: {value}")
+    return x
+
+
+def check_eps(eps):
+    """torch's eps pair (eps1 or None, eps2) as a tuple of Python floats (eps1 may stay None)."""
+    if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+        raise TypeError(f"eps must be a pair (eps1 or None, eps2), got {shown(eps)} ({type(eps).__name__})")
+    out = []
+    for k, e in enumerate(eps):
+        label = f"epsilon{k + 1}"
+        if e is None and k == 0:
+            out.append(None)
+            continue
+        x = as_float(label, e, label)
+        if not 0.0 <= x:
+            raise ValueError(f"{label} should be >= 0 but is: {e}")
+        if not math.isfinite(x):
+            raise ValueError(f"{label} should be finite but is: {e}")
+        out.append(x)
+    return tuple(out)
+
+
+def check_hyperparameters(values: Mapping) -> dict:
+    """A group's hyperparameters (torch's names) checked and normalised: floats as Python floats, eps a
+    tuple, maximize a bool. torch's error messages ("Learning rate should be >= 0 but is: -1"), and
+    non-finite values refused too. Keys other than the hyperparameters are ignored."""
+    hp = {name: _check_float(name, values[name]) for name in ("lr", "beta2_decay", "d", "weight_decay")}
+    hp["eps"] = check_eps(values["eps"])
+    maximize = values["maximize"]
+    if not isinstance(maximize, (bool, np.bool_)):
+        raise TypeError(f"maximize must be a bool, got {shown(maximize)} ({type(maximize).__name__})")
+    hp["maximize"] = bool(maximize)
+    return hp
+
+
+def group_eps1(hp: dict, dtype) -> float:
+    """eps1 of a group: the given one, else finfo(dtype).eps of the group's first param with a gradient."""
+    return hp["eps"][0] if hp["eps"][0] is not None else float(np.finfo(dtype).eps)
+
+
+# ---- arrays -----------------------------------------------------------------------------------------
+
+def _xp(a):
+    if isinstance(a, np.ndarray):
+        return np
+    import cupy
+    return cupy
+
+
+def _is_cupy(a) -> bool:
+    return type(a).__module__.startswith("cupy")
+
+
+def as_array(x, name):
+    """A NumPy or CuPy array over x's own memory (CuPy for device objects); TypeError otherwise."""
+    if isinstance(x, np.ndarray) or _is_cupy(x):
+        return x
+    if array_device(x, name) == "device":
+        try:
+            import cupy
+        except ImportError:
+            raise TypeError(f"{name} is a GPU array ({type(x).__name__}): fastopt.Adafactor needs CuPy for "
+                            f"it") from None
+        return cupy.asarray(x)
+    return as_numpy(x, name)
+
+
+def check_param(p, name):
+    if p.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {p.dtype}: Adafactor takes float32 or float64 params")
+    if isinstance(p, np.ndarray) and not p.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    if not _no_self_overlap(p):
+        raise ValueError(f"{name} has overlapping elements (strides {p.strides} for shape {p.shape}): an "
+                         f"in-place update would write an element twice")
+
+
+def _no_self_overlap(a) -> bool:
+    """Sufficient test that no two elements share memory: the dims longer than 1, by stride, nest."""
+    dims = sorted((abs(s), n) for n, s in zip(a.shape, a.strides) if n > 1)
+    if any(n == 0 for n in a.shape):
+        return True
+    span = a.itemsize
+    for stride, n in dims:
+        if stride < span:
+            return False
+        span = stride * n
+    return True
+
+
+def state_shapes(shape: tuple) -> dict:
+    """torch's state arrays of a param of this shape: name -> shape (besides "step")."""
+    shape = tuple(shape)
+    if len(shape) > 1:
+        return {"row_var": shape[:-1] + (1,), "col_var": shape[:-2] + (1, shape[-1])}
+    return {"variance": shape}
+
+
+def new_state(p) -> dict:
+    """Fresh state of a param: step 0 and zero arrays of torch's shapes, on p's device, in p's dtype."""
+    xp = _xp(p)
+    state = {"step": 0}
+    for name, shape in state_shapes(p.shape).items():
+        state[name] = xp.zeros(shape, dtype=p.dtype)
+    return state
+
+
+def check_state(state: Mapping, p, where: str) -> None:
+    """The state arrays of p (as kept by the NumPy class, or NumPy/CuPy views of torch's tensors) fit it."""
+    for name, shape in state_shapes(p.shape).items():
+        a = state.get(name)
+        if a is None:
+            raise ValueError(f"{where}: state '{name}' is missing")
+        if type(a) is not type(p):
+            raise TypeError(f"{where}: state '{name}' is a {type(a).__name__}, the param a {type(p).__name__}")
+        if tuple(a.shape) != shape:
+            raise ValueError(f"{where}: state '{name}' has shape {tuple(a.shape)}, expected {shape}")
+        if a.dtype != p.dtype:
+            raise TypeError(f"{where}: state '{name}' has dtype {a.dtype}, the param {p.dtype}")
+        if isinstance(a, np.ndarray) and not a.flags.writeable:
+            raise ValueError(f"{where}: state '{name}' is read-only")
+
+
+def _bounds(a):
+    """[lo, hi) byte range of an array's elements (None for an empty array)."""
+    if a.size == 0:
+        return None
+    ptr = a.__array_interface__["data"][0] if isinstance(a, np.ndarray) else a.data.ptr
+    lo = hi = ptr
+    for n, s in zip(a.shape, a.strides):
+        if s < 0:
+            lo += s * (n - 1)
+        else:
+            hi += s * (n - 1)
+    return lo, hi + a.itemsize
+
+
+def check_disjoint(written, read) -> None:
+    """ValueError when an array that a step writes (params, state: (name, array) pairs) shares memory with
+    another written one or with an array it reads (grads): the step reads each after writing the other.
+    One sort of the byte ranges (O(N log N)); NumPy's exact test only for ranges that overlap."""
+    items = []
+    for k, (name, a) in enumerate(written):
+        b = _bounds(a)
+        if b is not None:
+            items.append((b[0], b[1], k, True, name, a))
+    for k, (name, a) in enumerate(read):
+        b = _bounds(a)
+        if b is not None:
+            items.append((b[0], b[1], len(written) + k, False, name, a))
+    items.sort(key=lambda it: it[0])
+    active = []  # items whose range may still overlap the next start
+    for it in items:
+        active = [o for o in active if o[1] > it[0]]
+        for o in active:
+            if not (o[3] or it[3]):
+                continue  # two read-only arrays may share memory
+            if isinstance(o[5], np.ndarray) and isinstance(it[5], np.ndarray) and not np.shares_memory(o[5], it[5]):
+                continue
+            raise ValueError(f"{o[4]} and {it[4]} share memory: a step reads one after writing the other")
+        active.append(it)
+
+
+class Workspace:
+    """One flat scratch array per (array module, dtype), grown on demand: the block temporaries."""
+
+    def __init__(self):
+        self._arrays = {}
+
+    def get(self, xp, dtype, size: int):
+        key = (xp.__name__, np.dtype(dtype).str)
+        a = self._arrays.get(key)
+        if a is None or a.size < size:
+            a = xp.empty(max(size, 1), dtype=dtype)
+            self._arrays[key] = a
+        return a
+
+
+# ---- the update -------------------------------------------------------------------------------------
+
+def _sumsq(x) -> float:
+    """Sum of squares of x as a Python float (BLAS dot per block; the blocks summed in float64)."""
+    if isinstance(x, np.ndarray):
+        v = x.reshape(-1) if x.flags.c_contiguous else np.ascontiguousarray(x).reshape(-1)
+        return float(np.dot(v, v))
+    v = x.reshape(-1)  # CuPy: a copy only for a non-contiguous block
+    return float(_xp(x).vdot(v, v))
+
+
+def _lerp_into(a, end, w, dtype):
+    """a = torch.lerp(a, end, w) with torch's two branches; end is scratch (overwritten)."""
+    xp = _xp(a)
+    wd = dtype.type(w)
+    if abs(wd) < 0.5:
+        xp.subtract(end, a, out=end)             # end - a
+        xp.multiply(end, wd, out=end)
+        xp.add(a, end, out=a)                    # a + w (end - a)
+    else:
+        xp.subtract(end, a, out=a)               # end - a
+        xp.multiply(a, wd - dtype.type(1), out=a)
+        xp.add(end, a, out=a)                    # end + (w - 1)(end - a)
+
+
+def _rounded(x: float, dtype) -> float:
+    """A norm as torch reports it: computed in double, rounded to the tensor's dtype."""
+    return float(dtype.type(x))
+
+
+def _matrices(a, L, m, n):
+    """a as (L, m, n) without a copy, or None when its leading dims do not merge."""
+    if a.ndim == 2:
+        return a[None]
+    if a.flags.c_contiguous:
+        return a.reshape(L, m, n)
+    if isinstance(a, np.ndarray):
+        try:
+            return np.reshape(a, (L, m, n), copy=False)
+        except (ValueError, TypeError):
+            return None
+    return None
+
+
+def _blocks_3d(L, m, n, block):
+    """(row index, col index, first row block of its matrices) for (L, m, n) views, each block at most
+    `block` elements (at least one row)."""
+    if m * n <= block:
+        lb = max(1, block // (m * n))
+        for l0 in range(0, L, lb):
+            ls = slice(l0, min(L, l0 + lb))
+            yield (ls, slice(None)), (ls,), True
+        return
+    rb = max(1, block // n)
+    for lo in range(L):
+        ls = slice(lo, lo + 1)
+        for r0 in range(0, m, rb):
+            yield (ls, slice(r0, min(m, r0 + rb))), (ls,), r0 == 0
+
+
+def update(p, g, state: Mapping, t: float, hp: Mapping, eps1: float, workspace: Workspace, block=None) -> None:
+    """One Adafactor step of one param, in place: p and its state arrays ("row_var"/"col_var" or
+    "variance"; not "step", which the caller advanced to t, the number of this step). p, g and the state
+    arrays are checked arrays of one module and dtype (NumPy or CuPy, any non-overlapping strides)."""
+    if p.size == 0:
+        return  # nothing to update (torch raises ZeroDivisionError here: its RMS divides by numel)
+    xp = _xp(p)
+    dtype = p.dtype
+    if block is None:
+        block = max(1, BLOCK_BYTES // p.itemsize) if xp is np else p.size  # GPU: one launch per op
+    lr, wd, d, eps2 = hp["lr"], hp["weight_decay"], hp["d"], hp["eps"][1]
+    w = t ** hp["beta2_decay"]
+    rho = min(lr, 1 / (t ** 0.5))
+    eps1sq = eps1 * eps1
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf and nan propagate, as in torch
+        _update(p, g, state, w, rho, eps1, eps1sq, lr, wd, d, eps2, hp["maximize"], workspace, block, xp, dtype)
+
+
+def _update(p, g, state, w, rho, eps1, eps1sq, lr, wd, d, eps2, maximize, workspace, block, xp, dtype):
+    if p.ndim > 1:
+        state_arrays = (state["row_var"], state["col_var"])
+        sumsq_p, sumsq_u, blocks, views, u_kept = _factored_stats(p, g, *state_arrays, w, eps1, eps1sq,
+                                                                  workspace, block, xp, dtype)
+    else:
+        sumsq_p, sumsq_u, blocks, views, u_kept = _vector_stats(p, g, state["variance"], w, eps1sq, workspace,
+                                                                block, xp, dtype)
+    numel = p.size
+    alpha = max(eps2, _rounded(math.sqrt(sumsq_p), dtype) / (numel ** 0.5)) * rho
+    denom = max(1.0, _rounded(math.sqrt(sumsq_u), dtype) / ((numel ** 0.5) * d))
+    coef = dtype.type(-alpha / denom)
+    if maximize:
+        coef = -coef  # U of -g is -(U of g), exactly: the sign goes on the coefficient
+    decay = dtype.type(1 - lr * wd) if wd != 0 else None
+    for blk in blocks:
+        u, p_b = views(blk, u_kept)
+        if decay is not None:
+            xp.multiply(p_b, decay, out=p_b)
+        xp.multiply(u, coef, out=u)
+        xp.add(p_b, u, out=p_b)
+
+
+def _factored_stats(p, g, row_var, col_var, w, eps1, eps1sq, workspace, block, xp, dtype):
+    """Passes 1 and 2 of a param with ndim >= 2: the factors updated, sums of squares of p and of U;
+    returns them with the blocks and a function giving pass 3 its (U, p block) per block.
+
+    U = g * rsqrt(max(r c / rm, eps1^2)) is built as g * min(a_i b_j, cap) with a = rsqrt(r / rm) and
+    b = rsqrt(c) computed once per row and column (rsqrt is monotone, so the clamp moves outside; cap =
+    rsqrt(eps1^2) in the dtype, torch's value for a clamped entry): no per-element sqrt or division. The
+    roundings differ from torch's (r c / rm, then rsqrt) by a few ulps."""
+    shape = p.shape
+    m, n = shape[-2], shape[-1]
+    L = p.size // (m * n)
+    mats = [_matrices(a, L, m, n) for a in (p, g)]
+    rowsum = xp.empty(row_var.shape, dtype)
+    colsum = xp.empty(col_var.shape, dtype)
+    if mats[0] is not None and mats[1] is not None:
+        p3, g3 = mats
+        r3, c3 = rowsum.reshape(L, m, 1), colsum.reshape(L, 1, n)  # contiguous: ours
+        blocks = list(_blocks_3d(L, m, n, block))
+        size = min(L, block // (m * n)) * m * n if m * n <= block else min(m, max(1, block // n)) * n
+    else:  # leading dims that do not merge: one block over the param's own strides
+        p3, g3, r3, c3 = p, g, rowsum, colsum
+        blocks = [((Ellipsis,), (Ellipsis,), True)]
+        size = p.size
+    work = workspace.get(xp, dtype, size)
+    colpart = None
+
+    def scratch(shape_b):
+        return work[:math.prod(shape_b)].reshape(shape_b)
+
+    # pass 1: row and column sums of g^2 from one read of each block of g (the second reduction reads the
+    # block from cache); the sum of squares of p in the same sweep
+    sumsq_p = 0.0
+    for rows, cols, first in blocks:
+        g_b = g3[rows]
+        sq = scratch(g_b.shape)
+        xp.multiply(g_b, g_b, out=sq)
+        xp.sum(sq, axis=-1, keepdims=True, out=r3[rows])
+        if first:
+            xp.sum(sq, axis=-2, keepdims=True, out=c3[cols])
+        else:
+            if colpart is None:
+                colpart = xp.empty((1, 1, n), dtype)
+            xp.sum(sq, axis=-2, keepdims=True, out=colpart)
+            c3[cols] += colpart
+        sumsq_p += _sumsq(p3[rows])
+    # torch: norm over the dim, squared, divided by its length; then lerp into the factors
+    for s, length, var in ((rowsum, n, row_var), (colsum, m, col_var)):
+        xp.sqrt(s, out=s)
+        xp.multiply(s, s, out=s)
+        xp.divide(s, dtype.type(length), out=s)
+        _lerp_into(var, s, w, dtype)
+    rm = xp.mean(row_var, axis=-2, keepdims=True)
+    xp.maximum(rm, dtype.type(eps1), out=rm)
+    # the per-row and per-column factors of rsqrt(V), into the sums' arrays (free now)
+    a, b = rowsum, colsum
+    xp.divide(row_var, rm, out=a)
+    xp.sqrt(a, out=a)
+    xp.divide(dtype.type(1), a, out=a)
+    xp.sqrt(col_var, out=b)
+    xp.divide(dtype.type(1), b, out=b)
+    cap = dtype.type(dtype.type(1) / np.sqrt(dtype.type(eps1sq)))  # torch's rsqrt of a clamped entry
+
+    def build_u(rows, cols):
+        g_b = g3[rows]
+        u = scratch(g_b.shape)
+        xp.multiply(r3[rows], c3[cols], out=u)
+        xp.minimum(u, cap, out=u)
+        xp.multiply(u, g_b, out=u)
+        return u
+
+    # pass 2: RMS(U)
+    sumsq_u = 0.0
+    u = None
+    for rows, cols, _ in blocks:
+        u = build_u(rows, cols)
+        sumsq_u += _sumsq(u)
+    u_kept = u if len(blocks) == 1 else None
+
+    def views(blk, kept):
+        rows, cols, _ = blk
+        return (kept if kept is not None else build_u(rows, cols)), p3[rows]
+
+    return sumsq_p, sumsq_u, blocks, views, u_kept
+
+
+def _vector_stats(p, g, variance, w, eps1sq, workspace, block, xp, dtype):
+    """Pass 1 of a param with ndim < 2: variance updated, sums of squares of p and U (U = g / sqrt(max(v,
+    eps1^2)): one rounding less than torch's rsqrt then multiply)."""
+    if p.ndim == 0:
+        p, g, variance = p.reshape(1), g.reshape(1), variance.reshape(1)
+    N = p.size
+    size = min(block, N)
+    work = workspace.get(xp, dtype, 2 * size)
+    e2 = dtype.type(eps1sq)
+    blocks = [slice(k, min(N, k + size)) for k in range(0, N, size)]
+
+    def build_u(sl):
+        u = work[:sl.stop - sl.start]
+        xp.maximum(variance[sl], e2, out=u)
+        xp.sqrt(u, out=u)
+        xp.divide(g[sl], u, out=u)
+        return u
+
+    sumsq_p = sumsq_u = 0.0
+    u = None
+    for sl in blocks:
+        g_b = g[sl]
+        sq = work[size:size + sl.stop - sl.start]
+        xp.multiply(g_b, g_b, out=sq)
+        _lerp_into(variance[sl], sq, w, dtype)
+        u = build_u(sl)
+        sumsq_u += _sumsq(u)
+        sumsq_p += _sumsq(p[sl])
+    u_kept = u if len(blocks) == 1 else None
+
+    def views(sl, kept):
+        return (kept if kept is not None else build_u(sl)), p[sl]
+
+    return sumsq_p, sumsq_u, blocks, views, u_kept
+
+
+# ---- the NumPy class --------------------------------------------------------------------------------
+
+_HP_KEYS = ("lr", "beta2_decay", "eps", "d", "weight_decay", "maximize")
+
+
+def _count(value, where) -> float:
+    """A step count from a state dict (int, float, 0-d array or tensor) as a whole, non-negative float."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where}: step must be a number, got {shown(value)}")
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{where}: step must be a number, got {shown(value)} ({type(value).__name__})") from None
+    if not (math.isfinite(t) and t >= 0 and t == int(t)):
+        raise ValueError(f"{where}: step must be a whole number >= 0, got {shown(value)}")
+    return t
+
+
+class Adafactor:
+    """Adafactor as torch.optim.Adafactor, over NumPy (or CuPy) arrays; the update rule and the cost model
+    are in this module's docstring (fastopt.adafactor).
+
+    Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *,
+              maximize=False)
+
+    params: a list of arrays (one group) or of dicts {"params": [...], <hyperparameter>: value} (missing
+    keys take the constructor's values). float32 or float64 arrays, writable, any non-overlapping strides;
+    they are updated in place. Hyperparameters have torch's names, defaults, ranges and messages (and must
+    be finite); lr is a number (change param_groups[i]["lr"] between steps to schedule it).
+
+    step(grads): grads is a list with one array (same kind, dtype and shape) or None per param, in the
+    order of the groups' params; None skips the param (its step count does not advance, like a param
+    whose .grad is None in torch). Everything is checked before anything is written.
+
+    state: flat param index -> {"step": int, "row_var", "col_var"} (ndim >= 2) or {"step": int, "variance"}
+    (ndim < 2), made at a param's first step; state_dict() / load_state_dict() in torch.optim's layout
+    ({"state": {i: {...}}, "param_groups": [{..., "params": [i, ...]}]}, NumPy arrays for tensors, "step" a
+    0-d float32 array as torch's tensor): a torch.optim.Adafactor state dict (tensors) loads here and this
+    one loads into torch (tensors from the arrays), and training continues identically.
+    """
+
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *,
+                 maximize=False):
+        self.defaults = check_hyperparameters(dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
+                                                   weight_decay=weight_decay, maximize=maximize))
+        self.defaults["eps"] = eps if isinstance(eps, tuple) else tuple(eps)
+        self.param_groups: list[dict] = []
+        self.state: dict[int, dict] = {}
+        self._workspace = Workspace()
+        self._sizes: list[int] = []
+        if isinstance(params, np.ndarray) or _is_cupy(params):
+            raise TypeError("params must be a list of arrays or of param-group dicts, got one array: pass [array]")
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(groups[0], Mapping):
+            groups = [{"params": groups}]
+        for group in groups:
+            self.add_param_group(group)
+
+    # ---- groups -------------------------------------------------------------------------------------
+
+    def add_param_group(self, group: Mapping) -> None:
+        """Add a group {"params": [...], hyperparameters...}; missing hyperparameters take the defaults."""
+        if not isinstance(group, Mapping):
+            raise TypeError(f"a param group must be a dict, got {type(group).__name__}")
+        if "params" not in group:
+            raise ValueError("a param group needs 'params'")
+        params = group["params"]
+        params = [params] if isinstance(params, np.ndarray) or _is_cupy(params) else list(params)
+        new = dict(group)
+        new["params"] = params
+        for key in _HP_KEYS:
+            new.setdefault(key, self.defaults[key])
+        check_hyperparameters(new)
+        known = {id(p) for g in self.param_groups for p in g["params"]}
+        ids = set()
+        for j, p in enumerate(params):
+            a = as_array(p, f"params[{j}]")
+            check_param(a, f"params[{j}]")
+            if id(p) in known or id(p) in ids:
+                raise ValueError("some parameters appear in more than one parameter group")
+            ids.add(id(p))
+        self.param_groups.append(new)
+        self._sizes.append(len(params))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Does nothing, on purpose: gradients are step()'s argument, so there is nothing to clear (it exists
+        so that a loop written for torch.optim runs; fastopt.torch.Adafactor reads p.grad as torch does)."""
+
+    @property
+    def params(self) -> list:
+        """Every param, in the order of step()'s grads."""
+        return [p for g in self.param_groups for p in g["params"]]
+
+    # ---- step ---------------------------------------------------------------------------------------
+
+    def _plan(self, grads):
+        """Everything checked, nothing written: per param with a grad (index, p, g, state, hp, eps1)."""
+        if isinstance(grads, np.ndarray) or _is_cupy(grads) or not isinstance(grads, (list, tuple)):
+            raise TypeError(f"grads must be a list (one array or None per param), got {type(grads).__name__}")
+        for gi, group in enumerate(self.param_groups):
+            if not isinstance(group.get("params"), list) or len(group["params"]) != self._sizes[gi]:
+                raise ValueError(f"param_groups[{gi}]['params'] must stay a list of {self._sizes[gi]} params "
+                                 f"(use add_param_group to add params)")
+        total = sum(self._sizes)
+        if len(grads) != total:
+            raise ValueError(f"grads has {len(grads)} entries, the optimizer {total} params")
+        plan, written, read = [], [], []
+        i = 0
+        for gi, group in enumerate(self.param_groups):
+            hp = check_hyperparameters(group)
+            eps1 = None
+            for p_obj in group["params"]:
+                g_obj = grads[i]
+                name = f"params[{i}]"
+                if g_obj is not None:
+                    p = as_array(p_obj, name)
+                    check_param(p, name)
+                    # a NumPy scalar grad (read only) is taken as a 0-d array
+                    g = as_array(np.asarray(g_obj) if isinstance(g_obj, np.generic) else g_obj, f"grads[{i}]")
+                    if type(g) is not type(p):
+                        raise TypeError(f"grads[{i}] is a {type(g).__name__}, {name} a {type(p).__name__}")
+                    if g.dtype != p.dtype:
+                        raise TypeError(f"grads[{i}] has dtype {g.dtype}, {name} {p.dtype}")
+                    if tuple(g.shape) != tuple(p.shape):
+                        raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}, {name} {tuple(p.shape)}")
+                    state = self.state.get(i)
+                    if state is not None:
+                        check_state(state, p, f"state of {name}")
+                        written += [(f"state of {name}: {k}", state[k]) for k in state_shapes(p.shape)]
+                    if eps1 is None:
+                        eps1 = group_eps1(hp, p.dtype)  # the group's first param with a grad (torch)
+                    plan.append((i, p, g, state, hp, eps1))
+                    written.append((name, p))
+                    read.append((f"grads[{i}]", g))
+                i += 1
+        check_disjoint(written, read)
+        return plan
+
+    def step(self, grads) -> None:
+        """One Adafactor step of every param whose grad is not None (see the class docstring)."""
+        plan = self._plan(grads)
+        for i, p, g, state, hp, eps1 in plan:
+            if state is None:
+                state = self.state[i] = new_state(p)
+            t = state["step"] + 1
+            state["step"] = t
+            update(p, g, state, float(t), hp, eps1, self._workspace)
+
+    # ---- state dict ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """torch.optim's layout with NumPy arrays (copies) for tensors; "step" a 0-d float32 array."""
+        from fastopt.arrays import to_host
+        state = {}
+        for i, s in self.state.items():
+            entry = {"step": np.array(float(s["step"]), dtype=np.float32)}
+            for k, v in s.items():
+                if k != "step":
+                    entry[k] = to_host(v)
+            state[i] = entry
+        groups, start = [], 0
+        for group, size in zip(self.param_groups, self._sizes):
+            g = {k: v for k, v in group.items() if k != "params"}
+            g["params"] = list(range(start, start + size))
+            groups.append(g)
+            start += size
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Load a state dict of this class or of torch.optim.Adafactor (tensors are read as arrays, floating
+        state cast to the param's dtype as torch does). Checked in full before anything changes."""
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
+        saved_groups = list(state_dict["param_groups"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer "
+                             f"{len(self.param_groups)}")
+        index_of, new_groups, start = {}, [], 0
+        for gi, (saved, size) in enumerate(zip(saved_groups, self._sizes)):
+            ids = list(saved.get("params", ()))
+            if len(ids) != size:
+                raise ValueError(f"param group {gi} of state_dict has {len(ids)} params, the optimizer's {size}")
+            for k, saved_id in enumerate(ids):
+                index_of[saved_id] = start + k
+            merged = dict(saved)
+            for key in _HP_KEYS:
+                if key not in merged:
+                    raise ValueError(f"param group {gi} of state_dict has no '{key}'")
+            merged["eps"] = tuple(merged["eps"]) if isinstance(merged["eps"], list) else merged["eps"]
+            if hasattr(merged["lr"], "item") and getattr(merged["lr"], "shape", None) in ((), (1,)):
+                merged["lr"] = float(merged["lr"].item())  # torch's 1-element Tensor lr
+            check_hyperparameters(merged)
+            merged["params"] = self.param_groups[gi]["params"]
+            new_groups.append(merged)
+            start += size
+        flat = self.params
+        new_state = {}
+        for saved_id, entry in dict(state_dict["state"]).items():
+            if saved_id not in index_of:
+                raise ValueError(f"state_dict has state for param {shown(saved_id)}, which no group lists")
+            i = index_of[saved_id]
+            where = f"state of param {i}"
+            if not isinstance(entry, Mapping):
+                raise TypeError(f"{where} must be a dict, got {type(entry).__name__}")
+            if not entry:
+                continue
+            p = as_array(flat[i], f"params[{i}]")
+            shapes = state_shapes(p.shape)
+            extra = set(entry) - set(shapes) - {"step"}
+            if extra or "step" not in entry:
+                raise ValueError(f"{where} has keys {sorted(map(str, entry))}, expected {['step', *shapes]}")
+            t = _count(entry["step"], where)
+            arrays = {}
+            for name, shape in shapes.items():
+                if name not in entry:
+                    raise ValueError(f"{where}: '{name}' is missing")
+                a = np.asarray(entry[name].get() if _is_cupy(entry[name]) else entry[name])
+                if a.dtype.kind != "f":
+                    raise TypeError(f"{where}: '{name}' has dtype {a.dtype}, expected a float array")
+                if a.shape != shape:
+                    raise ValueError(f"{where}: '{name}' has shape {a.shape}, expected {shape}")
+                arrays[name] = a
+            new_state[i] = (p, t, arrays)
+        # checked: apply
+        xps = {}
+        state = {}
+        for i, (p, t, arrays) in new_state.items():
+            xp = xps.setdefault(type(p), _xp(p))
+            s = {"step": int(t)}
+            for name, a in arrays.items():
+                s[name] = xp.array(a, dtype=p.dtype)  # a copy, in the param's dtype and module
+            state[i] = s
+        for group, merged in zip(self.param_groups, new_groups):
+            group.clear()
+            group.update(merged)
+        self.state = state
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__} ("]
+        for gi, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {gi}")
+            lines += [f"    {k}: {v}" for k, v in group.items() if k != "params"]
+        return "\n".join(lines) + "\n)"

@@ -1,0 +1,161 @@
+"""fastopt.torch.Adafactor: a drop-in for torch.optim.Adafactor running fastopt's blocked implementation.
+
+    from fastopt.torch import Adafactor      # instead of: from torch.optim import Adafactor
+    opt = Adafactor(model.parameters(), lr=1e-2)
+
+Same constructor (params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *,
+foreach=None, maximize=False), defaults and error messages as torch (foreach is accepted and ignored;
+non-finite hyperparameters are refused as well). step(closure=None) reads p.grad and skips params whose
+grad is None; state (torch's "step" float32 tensor, "row_var"/"col_var" or "variance"), state_dict(),
+param groups, hooks and lr schedulers are torch.optim's, so a torch.optim.Adafactor state dict loads here
+and back. The update rule and its cost model are fastopt.adafactor's.
+
+The update runs on zero-copy NumPy views of CPU tensors (the param's own strides: a transposed weight or a
+channels_last conv weight is updated in place, its rows and columns as torch's) and on CuPy views of
+CUDA tensors (on torch's current stream); autograd's version counters of the params and state written are
+bumped as torch's in-place ops do. float32 and float64 params; 16-bit params raise TypeError (torch runs
+them in their own precision, which fastopt.adafactor does not reproduce). Every group's hyperparameters,
+grads and state are checked before anything is written. AMP: as torch's Adafactor, this class does not
+unscale inside step (GradScaler unscales the grads first).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fastopt import adafactor as core
+from fastopt.torch.views import bump_versions
+
+__all__ = ["Adafactor"]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _array(t: torch.Tensor):
+    """NumPy (CPU) or CuPy (CUDA) view of a tensor's own memory and strides."""
+    t = t.detach()
+    if t.device.type == "cpu":
+        return t.numpy()
+    try:
+        import cupy
+    except ImportError:
+        raise TypeError(f"fastopt.torch.Adafactor on {t.device} tensors needs CuPy") from None
+    return cupy.asarray(t)
+
+
+def _stream(tensors):
+    """torch's current CUDA stream as CuPy's, for CUDA tensors; nothing for CPU ones."""
+    if tensors and tensors[0].device.type == "cuda":
+        import cupy
+        return cupy.cuda.ExternalStream(torch.cuda.current_stream(tensors[0].device).cuda_stream)
+    return contextlib.nullcontext()
+
+
+def _host_hyperparameters(group) -> dict:
+    """The group's hyperparameters with a 1-element Tensor lr read as a float (torch's _to_scalar)."""
+    values = {k: group[k] for k in ("lr", "beta2_decay", "eps", "d", "weight_decay", "maximize")}
+    if isinstance(values["lr"], torch.Tensor):
+        if values["lr"].numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        values["lr"] = values["lr"].item()
+    return values
+
+
+class Adafactor(torch.optim.Optimizer):
+    __doc__ = __doc__
+
+    def __init__(self, params, lr: float | torch.Tensor = 1e-2, beta2_decay: float = -0.8,
+                 eps: tuple[float | None, float] = (None, 1e-3), d: float = 1.0, weight_decay: float = 0.0, *,
+                 foreach: bool | None = None, maximize: bool = False) -> None:
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        core.check_hyperparameters(_host_hyperparameters(dict(
+            lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, maximize=maximize)))
+        defaults = {"lr": lr, "beta2_decay": beta2_decay, "eps": eps, "d": d, "weight_decay": weight_decay,
+                    "foreach": foreach, "maximize": maximize}
+        super().__init__(params, defaults)
+        self._workspace = core.Workspace()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._workspace = core.Workspace()
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            for p in group["params"]:
+                p_state = self.state.get(p, [])
+                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
+
+    def _plan(self):
+        """Every group's params with a grad, checked; nothing written (no state made yet)."""
+        plan, written, read = [], [], []
+        for gi, group in enumerate(self.param_groups):
+            hp = core.check_hyperparameters(_host_hyperparameters(group))
+            eps1 = None
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if torch.is_complex(p):
+                    raise RuntimeError("Adafactor does not support complex parameters")
+                if p.grad.is_sparse:
+                    raise RuntimeError("Adafactor does not support sparse gradients")
+                if p.dtype not in _DTYPES:
+                    raise TypeError(f"fastopt.torch.Adafactor takes float32 and float64 params, got {p.dtype}")
+                g = p.grad
+                if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+                    raise ValueError(f"a grad ({g.dtype}, {tuple(g.shape)}, {g.device}) does not match its "
+                                     f"param ({p.dtype}, {tuple(p.shape)}, {p.device})")
+                pa, ga = _array(p), _array(g)
+                core.check_param(pa, "a param")
+                state = self.state.get(p)
+                arrays = None
+                if state:
+                    if "step" not in state or not torch.is_tensor(state["step"]) or state["step"].numel() != 1:
+                        raise ValueError(f"param group {gi}: a param's state has no 1-element 'step' tensor")
+                    arrays = {}
+                    for name in core.state_shapes(p.shape):
+                        s = state.get(name)
+                        if not isinstance(s, torch.Tensor) or s.device != p.device:
+                            raise ValueError(f"param group {gi}: state '{name}' must be a tensor on {p.device}")
+                        arrays[name] = _array(s)
+                    core.check_state(arrays, pa, f"param group {gi}: state")
+                    written += [(f"state '{k}'", a) for k, a in arrays.items()]
+                if eps1 is None:
+                    eps1 = core.group_eps1(hp, pa.dtype)  # the group's first param with a grad (torch)
+                plan.append((p, pa, ga, arrays, hp, eps1))
+                written.append(("a param", pa))
+                read.append(("a grad", ga))
+        core.check_disjoint(written, read)
+        return plan
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One Adafactor step (torch.optim.Adafactor's rule; see fastopt.adafactor)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = self._plan()
+        touched = []
+        with _stream([entry[0] for entry in plan]):
+            for p, pa, ga, arrays, hp, eps1 in plan:
+                state = self.state[p]
+                if not state:  # torch's initial state
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    if p.dim() > 1:
+                        row_shape, col_shape = list(p.shape), list(p.shape)
+                        row_shape[-1] = 1
+                        col_shape[-2] = 1
+                        state["row_var"] = p.new_zeros(row_shape)
+                        state["col_var"] = p.new_zeros(col_shape)
+                    else:
+                        state["variance"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    arrays = {name: _array(state[name]) for name in core.state_shapes(p.shape)}
+                step_t = state["step"]
+                step_t += 1
+                core.update(pa, ga, arrays, step_t.item(), hp, eps1, self._workspace)
+                touched.append(p)
+                touched += [state[name] for name in arrays]
+        bump_versions(touched)
+        return loss

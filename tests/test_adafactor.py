@@ -1,0 +1,360 @@
+"""fastopt.Adafactor (NumPy) and fastopt.torch.Adafactor against torch.optim.Adafactor: every option, float32
+and float64, 50 steps, 0-d to 4-D params with size-1 dims, several groups, the blocked paths, strided
+params, state sizes, state-dict interchange, and bad input that leaves everything unchanged."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastopt  # noqa: E402
+import fastopt.adafactor as core  # noqa: E402
+import fastopt.torch as ftorch  # noqa: E402
+
+SHAPES = [(), (7,), (1,), (5, 9), (3, 4, 6), (2, 1, 3, 5), (1, 1), (1, 7), (7, 1)]
+# base options, then each option changed, then all at once (eps1 given / None, d, weight_decay, maximize,
+# beta2_decay, lr)
+BASE = dict(lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, maximize=False)
+CONFIGS = [
+    {},
+    {"eps": (1e-3, 1e-2)},
+    {"d": 2.5},
+    {"weight_decay": 0.3},
+    {"maximize": True},
+    {"beta2_decay": -0.5},
+    {"lr": 0.3},
+    {"eps": (1e-30, 0.0), "d": 1.2, "weight_decay": 0.05, "maximize": True, "beta2_decay": -0.3, "lr": 0.05},
+]
+TOL = {np.float64: dict(rtol=1e-9, atol=1e-12), np.float32: dict(rtol=2e-5, atol=2e-6)}
+
+
+def _params(rng, dtype, shapes):
+    return [np.asarray(rng.standard_normal(s), dtype=dtype) for s in shapes]
+
+
+def _grad(rng, shape, dtype, t):
+    if t % 11 == 5:
+        return np.zeros(shape, dtype)  # the eps1 floors at work
+    return np.asarray(rng.standard_normal(shape) * (0.1 + t % 4), dtype=dtype)
+
+
+def _groups(arrays, split, extra):
+    """Two groups: the second overrides some options."""
+    return [{"params": arrays[:split]}, {"params": arrays[split:], **extra}]
+
+
+def _run(dtype, opts, shapes=SHAPES, steps=50, seed=0, monkeypatch=None, block_bytes=None):
+    """torch.optim.Adafactor, fastopt.Adafactor and fastopt.torch.Adafactor on the same data."""
+    if block_bytes is not None:
+        monkeypatch.setattr(core, "BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(seed)
+    init = _params(rng, dtype, shapes)
+    hp = dict(BASE, **opts)
+    second = {"lr": hp["lr"] * 0.5, "weight_decay": hp["weight_decay"] * 2}
+    split = len(shapes) // 2
+    ref = [torch.tensor(a.copy(), requires_grad=True) for a in init]
+    fto = [torch.tensor(a.copy(), requires_grad=True) for a in init]
+    npp = [a.copy() for a in init]
+    topt = torch.optim.Adafactor(_groups(ref, split, second), **hp)
+    fopt = ftorch.Adafactor(_groups(fto, split, second), **hp)
+    nopt = fastopt.Adafactor(_groups(npp, split, second), **hp)
+    for t in range(steps):
+        grads = [None if (t + k) % 7 == 3 else _grad(rng, s, dtype, t) for k, s in enumerate(shapes)]
+        for ps in (ref, fto):
+            for p, g in zip(ps, grads):
+                p.grad = None if g is None else torch.tensor(g.copy())
+        topt.step()
+        fopt.step()
+        nopt.step(grads)
+    return ref, fto, npp, topt, fopt, nopt
+
+
+def _check(ref, fto, npp, topt, fopt, nopt, dtype):
+    tol = TOL[dtype]
+    for k, (r, f, n) in enumerate(zip(ref, fto, npp)):
+        want = r.detach().numpy()
+        np.testing.assert_allclose(f.detach().numpy(), want, **tol, err_msg=f"fastopt.torch param {k}")
+        np.testing.assert_allclose(n, want, **tol, err_msg=f"NumPy param {k}")
+        ts, fs, ns = topt.state[r], fopt.state[f], nopt.state[k]
+        assert set(ts) == set(fs) == set(ns), k
+        assert float(ts["step"]) == float(fs["step"]) == ns["step"] > 0
+        assert fs["step"].dtype == torch.float32
+        for name in ts:
+            if name != "step":
+                assert fs[name].shape == ts[name].shape and ns[name].shape == tuple(ts[name].shape)
+                np.testing.assert_allclose(fs[name].numpy(), ts[name].numpy(), **tol, err_msg=name)
+                np.testing.assert_allclose(ns[name], ts[name].numpy(), **tol, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("opts", CONFIGS, ids=[",".join(c) or "defaults" for c in CONFIGS])
+def test_matches_torch(dtype, opts):
+    out = _run(dtype, opts)
+    _check(*out, dtype)
+    # the params moved: the comparison is not of untouched arrays
+    assert not np.allclose(out[2][3], _params(np.random.default_rng(0), dtype, SHAPES)[3])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("block_bytes", [64, 2048])
+def test_blocked_paths_match_torch(dtype, block_bytes, monkeypatch):
+    """Small blocks: row ranges of one matrix (columns summed over blocks), whole matrices per block, and
+    vectors in pieces; the same numbers as torch."""
+    shapes = [(37, 53), (6, 5, 7), (4, 1, 40), (301,), (1, 129)]
+    out = _run(dtype, {"weight_decay": 0.1, "d": 1.3}, shapes=shapes, steps=20, seed=1,
+               monkeypatch=monkeypatch, block_bytes=block_bytes)
+    _check(*out, dtype)
+
+
+def test_strided_params_torch_front_end():
+    """A transposed weight and a channels_last conv weight are updated in place, rows and columns as torch's."""
+    rng = np.random.default_rng(2)
+    base = [rng.standard_normal((9, 5)), rng.standard_normal((2, 3, 4, 5))]
+    mk = [lambda a: torch.tensor(a.T.copy()).t(),
+          lambda a: torch.tensor(a).contiguous(memory_format=torch.channels_last)]
+    ref = [torch.nn.Parameter(f(a)) for f, a in zip(mk, base)]
+    ours = [torch.nn.Parameter(f(a)) for f, a in zip(mk, base)]
+    assert not ours[0].is_contiguous() and not ours[1].is_contiguous()
+    ptrs = [p.data_ptr() for p in ours]
+    topt, fopt = torch.optim.Adafactor(ref, weight_decay=0.1), ftorch.Adafactor(ours, weight_decay=0.1)
+    for _ in range(20):
+        for r, o in zip(ref, ours):
+            g = torch.tensor(rng.standard_normal(tuple(r.shape)))
+            r.grad, o.grad = g.clone(), g.clone()
+        topt.step()
+        fopt.step()
+    for r, o, ptr in zip(ref, ours, ptrs):
+        assert o.data_ptr() == ptr and o.stride() == r.stride()
+        np.testing.assert_allclose(o.detach().numpy(), r.detach().numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_factored_state_is_m_plus_n_floats():
+    m, n = 768, 301
+    opt = fastopt.Adafactor([np.zeros((m, n), np.float32), np.zeros((4, m, n), np.float32)])
+    opt.step([np.ones((m, n), np.float32), np.ones((4, m, n), np.float32)])
+    s0, s1 = opt.state[0], opt.state[1]
+    assert set(s0) == {"step", "row_var", "col_var"}
+    assert s0["row_var"].shape == (m, 1) and s0["col_var"].shape == (1, n)
+    assert s0["row_var"].size + s0["col_var"].size == m + n
+    assert s1["row_var"].size + s1["col_var"].size == 4 * (m + n)
+    # the workspace is a block, not a param-sized temporary
+    assert max(a.nbytes for a in opt._workspace._arrays.values()) <= core.BLOCK_BYTES + 4 * n
+
+
+def test_empty_param_advances_without_update():
+    """torch raises ZeroDivisionError on a param with no elements; here its step advances, nothing else."""
+    e = torch.zeros(0, 5, requires_grad=True)
+    e.grad = torch.zeros(0, 5)
+    with pytest.raises(ZeroDivisionError):
+        torch.optim.Adafactor([e]).step()
+    p = np.ones((3, 4))
+    opt = fastopt.Adafactor([np.zeros((0, 5)), p, np.zeros(0)])
+    opt.step([np.zeros((0, 5)), np.ones((3, 4)), np.zeros(0)])
+    assert opt.state[0]["step"] == 1 and opt.state[0]["col_var"].shape == (1, 5)
+    assert not np.any(opt.state[0]["col_var"]) and opt.state[2]["variance"].shape == (0,)
+    assert np.all(p < 1)
+
+
+def _numpy_sd_to_torch(sd):
+    return {"state": {i: {k: torch.from_numpy(np.array(v)) for k, v in s.items()} for i, s in sd["state"].items()},
+            "param_groups": [dict(g, foreach=None) for g in sd["param_groups"]]}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_state_dict_interchange_mid_training(dtype):
+    """torch -> NumPy class -> torch and torch <-> fastopt.torch, 10 steps each: identical to torch
+    training straight through."""
+    rng = np.random.default_rng(3)
+    shapes = [(6, 4), (5,), (2, 3, 4), ()]
+    init = _params(rng, dtype, shapes)
+    grads = [[_grad(rng, s, dtype, t) for s in shapes] for t in range(30)]
+    opts = dict(lr=0.05, weight_decay=0.1, eps=(1e-4, 1e-3))
+
+    def torch_steps(ps, opt, ts):
+        for t in ts:
+            for p, g in zip(ps, grads[t]):
+                p.grad = torch.tensor(g.copy())
+            opt.step()
+
+    straight = [torch.tensor(a.copy(), requires_grad=True) for a in init]
+    sopt = torch.optim.Adafactor([{"params": straight[:2]}, {"params": straight[2:], "lr": 0.02}], **opts)
+    torch_steps(straight, sopt, range(30))
+
+    tp = [torch.tensor(a.copy(), requires_grad=True) for a in init]
+    topt = torch.optim.Adafactor([{"params": tp[:2]}, {"params": tp[2:], "lr": 0.02}], **opts)
+    torch_steps(tp, topt, range(10))
+    npp = [p.detach().numpy().copy() for p in tp]
+    nopt = fastopt.Adafactor([{"params": npp[:2]}, {"params": npp[2:]}])
+    nopt.load_state_dict(topt.state_dict())  # tensors in, hyperparameters from the dict
+    assert nopt.param_groups[1]["lr"] == 0.02 and nopt.param_groups[0]["eps"] == (1e-4, 1e-3)
+    for t in range(10, 20):
+        nopt.step(grads[t])
+    tp2 = [torch.tensor(a.copy(), requires_grad=True) for a in npp]
+    fopt = ftorch.Adafactor([{"params": tp2[:2]}, {"params": tp2[2:]}])
+    fopt.load_state_dict(_numpy_sd_to_torch(nopt.state_dict()))
+    torch_steps(tp2, fopt, range(20, 25))
+    tp3 = [p.detach().clone().requires_grad_() for p in tp2]
+    topt3 = torch.optim.Adafactor([{"params": tp3[:2]}, {"params": tp3[2:]}])
+    topt3.load_state_dict(fopt.state_dict())
+    torch_steps(tp3, topt3, range(25, 30))
+    for k, (a, b) in enumerate(zip(tp3, straight)):
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), **TOL[dtype], err_msg=str(k))
+    assert float(topt3.state[tp3[0]]["step"]) == 30
+
+
+BAD_HP = [
+    ("lr", -0.1, ValueError, "Learning rate should be >= 0 but is: -0.1"),
+    ("beta2_decay", 0.5, ValueError, "beta2_decay should be <= 0 but is: 0.5"),
+    ("eps", (-1.0, 1e-3), ValueError, "epsilon1 should be >= 0 but is: -1.0"),
+    ("eps", (None, -2.0), ValueError, "epsilon2 should be >= 0 but is: -2.0"),
+    ("d", 0.5, ValueError, "Clipping threshold d should be >= 1 but is: 0.5"),
+    ("weight_decay", -1.0, ValueError, "weight_decay should be >= 0 but is: -1.0"),
+    ("weight_decay", float("nan"), ValueError, "weight_decay should be >= 0 but is: nan"),
+]
+
+
+@pytest.mark.parametrize("name,value,exc,msg", BAD_HP)
+def test_constructor_errors_are_torchs(name, value, exc, msg):
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(exc) as want:
+        torch.optim.Adafactor([p], **{name: value})
+    assert str(want.value) == msg
+    for make in (lambda: ftorch.Adafactor([p], **{name: value}),
+                 lambda: fastopt.Adafactor([np.zeros(3)], **{name: value})):
+        with pytest.raises(exc) as got:
+            make()
+        assert str(got.value) == msg
+
+
+def test_non_finite_and_wrong_types_refused():
+    with pytest.raises(ValueError, match="Learning rate should be finite but is: inf"):
+        fastopt.Adafactor([np.zeros(3)], lr=float("inf"))
+    with pytest.raises(TypeError, match="maximize must be a bool, got 'yes'"):
+        ftorch.Adafactor([torch.zeros(3, requires_grad=True)], maximize="yes")
+    with pytest.raises(TypeError, match="eps must be a pair"):
+        fastopt.Adafactor([np.zeros(3)], eps=1e-3)
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        ftorch.Adafactor([torch.zeros(3, requires_grad=True)], lr=torch.ones(2))
+    with pytest.raises(TypeError, match="int64"):
+        fastopt.Adafactor([np.zeros(3, np.int64)])
+
+
+def _snapshot(arrays):
+    return [np.array(a, copy=True).tobytes() for a in arrays]
+
+
+def _numpy_bad_steps(p, g):
+    """(mutation of the optimizer or None, grads, exception, message part)."""
+    ro = np.zeros(5)
+    ro.flags.writeable = False
+    return [
+        (None, g[:2], ValueError, "grads has 2 entries"),
+        (None, [g[0], g[1].astype(np.float32), g[2]], TypeError, "grads[1] has dtype float32"),
+        (None, [g[0], g[1], g[2][:, :2]], ValueError, "grads[2] has shape (3, 2)"),
+        (None, [g[0], g[1], p[2]], ValueError, "share memory"),
+        (None, [g[0], g[1], p[2][::-1]], ValueError, "share memory"),
+        (lambda o: o.param_groups[1].update(lr=-1.0), g, ValueError, "Learning rate should be >= 0 but is: -1.0"),
+        (lambda o: o.param_groups[1].update(eps=(None, float("nan"))), g, ValueError,
+         "epsilon2 should be >= 0 but is: nan"),
+        (lambda o: o.param_groups[1].update(maximize=1), g, TypeError, "maximize must be a bool, got 1"),
+        (lambda o: o.param_groups[0]["params"].__setitem__(0, ro), g, ValueError, "params[0] is read-only"),
+        (lambda o: o.param_groups[0]["params"].append(np.zeros(2)), g, ValueError, "must stay a list of 2"),
+        (lambda o: o.state[2].__setitem__("col_var", np.zeros((1, 7))), g, ValueError, "'col_var' has shape"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_bad_step_changes_nothing_numpy(case):
+    rng = np.random.default_rng(4)
+    p = [rng.standard_normal(5), rng.standard_normal(4), rng.standard_normal((3, 4))]
+    g = [rng.standard_normal(5), rng.standard_normal(4), rng.standard_normal((3, 4))]
+    opt = fastopt.Adafactor([{"params": p[:2]}, {"params": p[2:], "weight_decay": 0.1}])
+    opt.step(g)
+    mutate, grads, exc, msg = _numpy_bad_steps(p, g)[case]
+    if mutate is not None:
+        mutate(opt)
+    params, states = list(opt.params), [s[k] for s in opt.state.values() for k in s if k != "step"]
+    before, steps = _snapshot(p + params + states), [s["step"] for s in opt.state.values()]
+    with pytest.raises(exc, match=re.escape(msg)):
+        opt.step(grads)
+    assert _snapshot(p + params + states) == before
+    assert [s["step"] for s in opt.state.values()] == steps
+
+
+def test_bad_step_changes_nothing_torch():
+    """A bad lr in the second group, or a loaded state of the wrong shape: raised before any write (torch
+    would have updated the first group already)."""
+    rng = np.random.default_rng(5)
+    ps = [torch.tensor(rng.standard_normal(s), requires_grad=True) for s in [(4,), (3, 5)]]
+    opt = ftorch.Adafactor([{"params": ps[:1]}, {"params": ps[1:]}])
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+
+    def snap():
+        return [t.detach().numpy().tobytes() for p in ps for t in (p, *opt.state[p].values())]
+
+    before = snap()
+    opt.param_groups[1]["lr"] = -0.5
+    with pytest.raises(ValueError, match="Learning rate should be >= 0 but is: -0.5"):
+        opt.step()
+    assert snap() == before
+    opt.param_groups[1]["lr"] = 1e-2
+    opt.state[ps[1]]["col_var"] = torch.zeros(1, 4, dtype=torch.float64)
+    before = snap()
+    with pytest.raises(ValueError, match="'col_var' has shape"):
+        opt.step()
+    assert snap() == before
+    half = torch.zeros(3, dtype=torch.float16, requires_grad=True)
+    half.grad = torch.ones(3, dtype=torch.float16)
+    with pytest.raises(TypeError, match="float16"):
+        ftorch.Adafactor([half]).step()
+
+
+def test_torch_front_end_autograd_schedulers_tensor_lr():
+    """Version counters bumped (a graph that saved the param raises), an lr scheduler and a Tensor lr give
+    torch's numbers, and a grad-less param is skipped with its step count."""
+    p = torch.ones(3, 4, requires_grad=True)
+    opt = ftorch.Adafactor([p])
+    y = (p * p).sum()
+    p.grad = torch.ones(3, 4)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+    rng = np.random.default_rng(6)
+    init = [rng.standard_normal((4, 6)), rng.standard_normal(5)]
+    ref = [torch.tensor(a, requires_grad=True) for a in init]
+    ours = [torch.tensor(a, requires_grad=True) for a in init]
+    # a Tensor lr: torch keeps it a float32 tensor in its step-size arithmetic (rounding the step
+    # coefficient to float32); fastopt reads it as a Python float: float32 rounding apart
+    topt = torch.optim.Adafactor(ref, lr=torch.tensor(0.2))
+    fopt = ftorch.Adafactor(ours, lr=torch.tensor(0.2))
+    tsch = torch.optim.lr_scheduler.StepLR(topt, 3, gamma=0.5)
+    fsch = torch.optim.lr_scheduler.StepLR(fopt, 3, gamma=0.5)
+    for t in range(12):
+        for k, (r, o) in enumerate(zip(ref, ours)):
+            g = None if (k == 1 and t % 4 == 0) else torch.tensor(rng.standard_normal(tuple(r.shape)))
+            r.grad, o.grad = g, None if g is None else g.clone()
+        topt.step()
+        fopt.step()
+        tsch.step()
+        fsch.step()
+    assert isinstance(fopt.param_groups[0]["lr"], torch.Tensor) and float(fopt.param_groups[0]["lr"]) == pytest.approx(0.0125)
+    for r, o in zip(ref, ours):
+        np.testing.assert_allclose(o.detach().numpy(), r.detach().numpy(), rtol=1e-6, atol=1e-9)
+        assert float(fopt.state[o]["step"]) == float(topt.state[r]["step"])
+    assert float(fopt.state[ours[1]]["step"]) == 9
+
+
+def test_spec_and_exports():
+    spec = fastopt.specs.COMPOSITE["adafactor"]
+    assert spec.class_name == "Adafactor" == spec.torch_class
+    assert spec.defaults() == {k: v for k, v in BASE.items()}
+    assert fastopt.Adafactor is core.Adafactor and ftorch.Adafactor.__module__ == "fastopt.torch.adafactor"
+    assert issubclass(ftorch.Adafactor, torch.optim.Optimizer)
+    opt = fastopt.Adafactor([np.zeros(2)], lr=0.1)
+    assert opt.zero_grad() is None and "lr: 0.1" in repr(opt)
