@@ -1,0 +1,162 @@
+"""fastopt.torch.SparseAdam: a drop-in for torch.optim.SparseAdam that runs fastopt's row-sparse update
+(fastopt.sparse_adam) in place on zero-copy views of the tensors.
+
+    emb = torch.nn.Embedding(100_000, 256, sparse=True)
+    opt = fastopt.torch.SparseAdam(emb.parameters(), lr=1e-3)
+    loss.backward(); opt.step(); opt.zero_grad()
+
+Same constructor (params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False), defaults and errors as
+torch.optim.SparseAdam (lr may be a 1-element tensor; sparse or complex params are refused at construction,
+a dense gradient at step() with torch's RuntimeError). step(closure=None) reads p.grad, a sparse COO tensor:
+it is coalesced with torch's own grad.coalesce() (repeated indices summed, as torch.optim does), and its
+indices()/values() are handed to fastopt.sparse_adam as NumPy views (CPU) or CuPy views (CUDA, on torch's
+current stream), together with views of the param and of its exp_avg / exp_avg_sq. The state is torch's:
+{"step": int, "exp_avg", "exp_avg_sq"} per param, created on its first gradient; state_dict() /
+load_state_dict() are torch.optim.Optimizer's, so a torch.optim.SparseAdam state dict loads here and back.
+
+Differences from torch.optim.SparseAdam, all on bad input: every group is checked (dense gradients,
+hyperparameters, index ranges) before the first write, where torch raises midway with earlier params (and
+their step counts) already updated; a non-finite lr or eps is refused (torch runs with it). And a tensor lr
+is read as a Python float, where torch computes the step size in the tensor's dtype (float32 for
+torch.tensor(0.05): results then agree to about 1e-7 relative rather than to rounding).
+
+Layouts: a contiguous param is updated in its own storage. A param in another dense layout (a transposed
+weight) cannot have its rows gathered through a flat view of its memory, so its param and state are copied
+to contiguous tensors, updated there and copied back (a full pass over them; embedding weights, the use of
+this optimizer, are contiguous). Autograd's version counters of the param, exp_avg and exp_avg_sq are bumped
+once per updated param (not for an empty gradient, like torch).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastopt.sparse_adam import prepare_step
+from fastopt.torch.views import bump_versions, kernel_view
+
+__all__ = ["SparseAdam"]
+
+
+def _lr_value(lr) -> float:
+    return float(lr.item()) if isinstance(lr, torch.Tensor) else lr
+
+
+class SparseAdam(torch.optim.Optimizer):
+    """torch.optim.SparseAdam's rule (lazy Adam: only the rows present in the sparse gradient are updated),
+    per param with its own step count t:
+
+        g = coalesce(p.grad), negated if maximize
+        m[r] += (g - m[r]) * (1 - beta1);   v[r] += (g * g - v[r]) * (1 - beta2)
+        p[r] -= lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m[r] / (sqrt(v[r]) + eps)
+
+    See the module docstring for how it runs and where it differs on bad input.
+    """
+
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, maximize: bool = False) -> None:
+        # torch's checks, order and messages (torch/optim/sparse_adam.py)
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 < lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 < eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "maximize": maximize}
+        super().__init__(params, defaults)
+        sparse_params, complex_params = [], []
+        for index, group in enumerate(self.param_groups):
+            for d_index, p in enumerate(group["params"]):
+                if p.is_sparse:
+                    sparse_params.append([index, d_index])
+                if p.is_complex():
+                    complex_params.append([index, d_index])
+        if sparse_params:
+            raise ValueError(f"Sparse params at indices {sparse_params}: SparseAdam requires dense parameter tensors")
+        if complex_params:
+            raise ValueError(
+                f"Complex params at indices {complex_params}: SparseAdam does not support complex parameters")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every param whose grad is not None (a sparse COO tensor). Returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # phase 1: check every group and coalesce every gradient, writing nothing
+        calls, new_states, counted, copies, updated = [], [], [], [], []
+        for group in self.param_groups:
+            params, grads, ms, vs, steps, tensors = [], [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError("SparseAdam does not support dense gradients, please consider Adam instead")
+                state = self.state.get(p)  # get: self.state is a defaultdict, and a failed step adds nothing
+                if not state:  # torch's state, created when the step goes ahead
+                    state = {"step": 0,
+                             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                    new_states.append((p, state))
+                count = int(state["step"]) + 1
+                counted.append((p, state, count))
+                g = p.grad.coalesce()  # torch's summation of repeated indices; itself when already coalesced
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                pd = p.detach()
+                nnz = int(g.indices().shape[1])
+                if not (pd.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
+                    work = (pd.contiguous(), m.contiguous(), v.contiguous())
+                    if nnz:  # copied back after the update, through views (no extra version bump)
+                        copies.append(((pd, m, v), work))
+                    pd, m, v = work
+                params.append(kernel_view(pd, False))
+                ms.append(kernel_view(m, False))
+                vs.append(kernel_view(v, False))
+                grads.append((kernel_view(g.indices(), False), kernel_view(g.values(), False)))
+                steps.append(count)
+                tensors.append((p, state, nnz))
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            with self._stream(params[0]):
+                calls.append(prepare_step(params, grads, ms, vs, step=steps, lr=_lr_value(group["lr"]),
+                                          beta1=beta1, beta2=beta2, eps=group["eps"],
+                                          maximize=group.get("maximize", False)))
+            updated.extend((p, state) for p, state, nnz in tensors if nnz > 0)
+        # phase 2: write
+        for p, state in new_states:
+            self.state[p] = state
+        if calls:
+            with self._stream(calls[0].work[0][0] if calls[0].work else None):
+                for call in calls:
+                    call.run()
+        for originals, work in copies:
+            for dst, src in zip(originals, work):
+                kernel_view(dst, False)[...] = kernel_view(src, False)
+        for p, state, count in counted:
+            state["step"] = count
+        bump_versions([t for p, state in updated for t in (p, state["exp_avg"], state["exp_avg_sq"])])
+        return loss
+
+    @staticmethod
+    def _stream(array):
+        """CUDA: run the CuPy work on torch's current stream (the CPU path needs nothing)."""
+        if array is None or isinstance(array, np.ndarray):
+            return _NULL
+        import cupy
+        return cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL = _Null()

@@ -1,0 +1,463 @@
+"""SparseAdam (fastopt.SparseAdam on NumPy arrays, fastopt.torch.SparseAdam, fastopt.sparse_adam_step)
+against torch.optim.SparseAdam on the same sparse gradients: float32/float64, repeated indices, empty
+gradients, 1-row / 1-D / 3-D params, maximize, 50 steps with different rows, several groups, state_dict
+interchange, and bad input that must raise naming the argument and change nothing."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastopt  # noqa: E402
+import fastopt.sparse_adam as sparse_adam_module  # noqa: E402
+import fastopt.torch  # noqa: E402
+from fastopt.sparse_adam import prepare_step, sparse_adam_step  # noqa: E402
+
+TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-9, atol=1e-12)}
+TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse invariant checks")
+        yield
+    torch.set_num_threads(before)
+
+
+def sparse(idx, vals, shape):
+    """The torch sparse COO gradient of (indices, values): 1-D row indices or (k, nnz) COO indices."""
+    idx = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+    if idx.dim() == 1:
+        idx = idx.reshape(1, -1)
+    return torch.sparse_coo_tensor(idx, torch.from_numpy(np.ascontiguousarray(vals)), tuple(shape))
+
+
+def random_grad(rng, shape, dtype, nnz=None):
+    """Row indices with repeats (about half the rows touched once or more) and their values."""
+    rows = shape[0]
+    if nnz is None:
+        nnz = int(rng.integers(1, 2 * rows + 2))
+    idx = rng.integers(0, rows, nnz)
+    vals = rng.standard_normal((nnz, *shape[1:])).astype(dtype)
+    return idx, vals
+
+
+def snapshot(arrays):
+    return [np.array(a, copy=True) for a in arrays]
+
+
+def assert_same_bytes(before, arrays):
+    for b, a in zip(before, arrays):
+        assert b.tobytes() == np.asarray(a).tobytes()
+
+
+def compare_state(np_opt_state, torch_state, dtype):
+    assert np_opt_state["step"] == torch_state["step"]
+    for name in ("exp_avg", "exp_avg_sq"):
+        np.testing.assert_allclose(np_opt_state[name], torch_state[name].detach().numpy(), **TOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------------------
+# the update, 50 steps, against torch.optim.SparseAdam
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(37, 5), (1, 4), (23,), (11, 3, 2)])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("chunk", [None, 7], ids=["chunk-default", "chunk-7"])
+def test_fifty_steps_match_torch(dtype, shape, maximize, chunk, monkeypatch):
+    if chunk is not None:  # several chunks per call, with repeats crossing chunk boundaries
+        monkeypatch.setattr(sparse_adam_module, "CHUNK_ELEMENTS", chunk)
+    rng = np.random.default_rng([len(shape), shape[0], maximize, chunk or 0, np.dtype(dtype).itemsize])
+    hp = dict(lr=0.03, betas=(0.8, 0.95), eps=1e-6, maximize=maximize)
+    p0 = rng.standard_normal(shape).astype(dtype)
+    p = p0.copy()
+    opt = fastopt.SparseAdam([p], **hp)
+    ref = torch.tensor(p0, requires_grad=True)
+    ref_opt = torch.optim.SparseAdam([ref], **hp)
+    mine = torch.tensor(p0, requires_grad=True)
+    mine_opt = fastopt.torch.SparseAdam([mine], **hp)
+    for step in range(50):
+        if step == 3:
+            grad = (np.zeros(0, np.int64), np.zeros((0, *shape[1:]), dtype))  # empty: counts, writes nothing
+        elif step == 5:
+            grad = None  # no gradient: skipped, not counted
+        else:
+            grad = random_grad(rng, shape, dtype)
+        opt.step([grad])
+        for t, o in ((ref, ref_opt), (mine, mine_opt)):
+            t.grad = None if grad is None else sparse(grad[0], grad[1], shape)
+            o.step()
+    want = ref.detach().numpy()
+    assert not np.array_equal(want, p0)
+    np.testing.assert_allclose(p, want, **TOL[dtype])
+    np.testing.assert_allclose(mine.detach().numpy(), want, **TOL[dtype])
+    assert opt.state[0]["step"] == ref_opt.state[ref]["step"] == mine_opt.state[mine]["step"] == 49
+    compare_state(opt.state[0], ref_opt.state[ref], dtype)
+    compare_state({k: (v.numpy() if torch.is_tensor(v) else v) for k, v in mine_opt.state[mine].items()},
+                  ref_opt.state[ref], dtype)
+
+
+def test_lazy_rows_and_empty_gradient_write_nothing_else():
+    rng = np.random.default_rng(7)
+    p = rng.standard_normal((20, 3)).astype(np.float32)
+    opt = fastopt.SparseAdam([p], lr=0.1)
+    opt.step([(np.array([2, 5, 2]), rng.standard_normal((3, 3)).astype(np.float32))])
+    before = snapshot([p, opt.state[0]["exp_avg"], opt.state[0]["exp_avg_sq"]])
+    opt.step([(np.array([], np.int64), np.zeros((0, 3), np.float32))])
+    assert opt.state[0]["step"] == 2
+    assert_same_bytes(before, [p, opt.state[0]["exp_avg"], opt.state[0]["exp_avg_sq"]])
+    untouched = np.setdiff1d(np.arange(20), [2, 5])
+    opt.step([(np.array([5]), np.ones((1, 3), np.float32))])
+    np.testing.assert_array_equal(p[untouched], before[0][untouched])
+    assert not np.array_equal(p[5], before[0][5])
+    np.testing.assert_array_equal(p[2], before[0][2])  # row 2 absent this step: unchanged (lazy)
+    np.testing.assert_array_equal(opt.state[0]["exp_avg"][2], before[1][2])
+
+
+# ---------------------------------------------------------------------------------------------------
+# groups, COO indices, the functional API, 16-bit params
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_several_groups_match_torch(dtype):
+    rng = np.random.default_rng(11)
+    shapes = [(13, 4), (1,), (9,), (6, 2, 3)]
+    p0 = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    groups_hp = [dict(lr=0.05, betas=(0.5, 0.9), eps=1e-3, maximize=True), dict(lr=0.01)]
+    ps = [a.copy() for a in p0]
+    opt = fastopt.SparseAdam([{"params": ps[:2], **groups_hp[0]}, {"params": ps[2:], **groups_hp[1]}],
+                             betas=(0.7, 0.99))
+    ts = [torch.tensor(a, requires_grad=True) for a in p0]
+    tm = [torch.tensor(a, requires_grad=True) for a in p0]
+    ref_opt = torch.optim.SparseAdam([{"params": ts[:2], **groups_hp[0]}, {"params": ts[2:], **groups_hp[1]}],
+                                     betas=(0.7, 0.99))
+    mine_opt = fastopt.torch.SparseAdam([{"params": tm[:2], **groups_hp[0]}, {"params": tm[2:], **groups_hp[1]}],
+                                        betas=(0.7, 0.99))
+    for step in range(50):
+        # param 1 gets a gradient on even steps only: its own step count
+        grads = [random_grad(rng, s, dtype) if (i != 1 or step % 2 == 0) else None for i, s in enumerate(shapes)]
+        opt.step(grads)
+        for t_list, o in ((ts, ref_opt), (tm, mine_opt)):
+            for t, g, s in zip(t_list, grads, shapes):
+                t.grad = None if g is None else sparse(g[0], g[1], s)
+            o.step()
+    for i in range(4):
+        np.testing.assert_allclose(ps[i], ts[i].detach().numpy(), **TOL[dtype])
+        np.testing.assert_allclose(tm[i].detach().numpy(), ts[i].detach().numpy(), **TOL[dtype])
+        compare_state(opt.state[i], ref_opt.state[ts[i]], dtype)
+    assert opt.state[1]["step"] == 25 and opt.state[0]["step"] == 50
+    assert opt.param_groups[1]["betas"] == (0.7, 0.99) and opt.param_groups[0]["maximize"] is True
+
+
+def test_coo_indices_over_leading_dims_equal_row_indices():
+    """2-D (k, nnz) indices (torch's COO layout over the first k dims) give the update of the flattened rows."""
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal((4, 5, 3))
+    coo = np.stack([rng.integers(0, 4, 12), rng.integers(0, 5, 12)])
+    vals = rng.standard_normal((12, 3))
+    a, b = p0.copy(), p0.copy().reshape(20, 3)
+    ma, va = np.zeros_like(a), np.zeros_like(a)
+    mb, vb = np.zeros_like(b), np.zeros_like(b)
+    sparse_adam_step(a, (coo, vals), ma, va, step=1, lr=0.1)
+    sparse_adam_step(b, (coo[0] * 5 + coo[1], vals), mb, vb, step=1, lr=0.1)
+    np.testing.assert_array_equal(a.reshape(20, 3), b)
+    ref = torch.tensor(p0, requires_grad=True)
+    o = torch.optim.SparseAdam([ref], lr=0.1)
+    ref.grad = torch.sparse_coo_tensor(torch.from_numpy(coo), torch.from_numpy(vals), (4, 5, 3))
+    o.step()
+    np.testing.assert_allclose(a, ref.detach().numpy(), **TOL[np.float64])
+
+
+def test_functional_with_per_param_steps_equals_the_class():
+    rng = np.random.default_rng(5)
+    shapes = [(8, 2), (5,)]
+    p0 = [rng.standard_normal(s) for s in shapes]
+    ps = [a.copy() for a in p0]
+    opt = fastopt.SparseAdam(ps, lr=0.02, betas=(0.85, 0.97), eps=1e-7)
+    fs = [a.copy() for a in p0]
+    ms = [np.zeros_like(a) for a in fs]
+    vs = [np.zeros_like(a) for a in fs]
+    counts = [0, 0]
+    for step in range(6):
+        grads = [random_grad(rng, shapes[0], np.float64), random_grad(rng, shapes[1], np.float64) if step % 3 else None]
+        opt.step(grads)
+        counts = [c + (g is not None) for c, g in zip(counts, grads)]
+        sparse_adam_step(fs, grads, ms, vs, step=[max(c, 1) for c in counts], lr=0.02, beta1=0.85, beta2=0.97,
+                         eps=1e-7)
+    for i in range(2):
+        np.testing.assert_array_equal(ps[i], fs[i])
+        np.testing.assert_array_equal(opt.state[i]["exp_avg_sq"], vs[i])
+
+
+@pytest.mark.parametrize("tdtype", ["float16", "bfloat16"])
+def test_16_bit_params_follow_torch(tdtype):
+    """16-bit params and state: each operation rounds to the dtype, like torch's; a few steps stay within
+    a couple of 16-bit ulps of torch."""
+    torch_dtype = getattr(torch, tdtype)
+    rng = np.random.default_rng(9)
+    p0 = torch.from_numpy(rng.standard_normal((10, 4)).astype(np.float32)).to(torch_dtype)
+    ref, mine = p0.clone().requires_grad_(), p0.clone().requires_grad_()
+    ro, mo = torch.optim.SparseAdam([ref], lr=0.05), fastopt.torch.SparseAdam([mine], lr=0.05)
+    for _ in range(5):
+        idx, vals = random_grad(rng, (10, 4), np.float32)
+        g = torch.sparse_coo_tensor(torch.from_numpy(idx)[None], torch.from_numpy(vals).to(torch_dtype), (10, 4))
+        ref.grad, mine.grad = g.clone(), g.clone()
+        ro.step(), mo.step()
+    assert mo.state[mine]["exp_avg"].dtype == torch_dtype
+    ulp = 2 ** -10 if tdtype == "float16" else 2 ** -7
+    torch.testing.assert_close(mine.float(), ref.float(), rtol=2 * ulp, atol=2 * ulp)
+    assert not torch.equal(mine, p0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# state dicts
+# ---------------------------------------------------------------------------------------------------
+
+def _to_torch_sd(sd):
+    return {"state": {i: {k: (torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v) for k, v in st.items()}
+                      for i, st in sd["state"].items()},
+            "param_groups": [dict(g) for g in sd["param_groups"]]}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_state_dict_interchange_with_torch(dtype):
+    rng = np.random.default_rng(13)
+    shapes = [(15, 3), (4,)]
+    hp = dict(lr=0.02, betas=(0.8, 0.9))
+    p0 = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [[random_grad(rng, s, dtype) if (i == 0 or k > 10) else None for i, s in enumerate(shapes)]
+             for k in range(40)]
+
+    def torch_grads(ts, gs):
+        for t, g, s in zip(ts, gs, shapes):
+            t.grad = None if g is None else sparse(g[0], g[1], s)
+
+    # reference: torch all the way
+    ts = [torch.tensor(a, requires_grad=True) for a in p0]
+    ref = torch.optim.SparseAdam(ts, **hp)
+    for gs in grads:
+        torch_grads(ts, gs)
+        ref.step()
+    # torch for 20 steps, then the NumPy class, then torch again (and fastopt.torch for the middle part)
+    ta = [torch.tensor(a, requires_grad=True) for a in p0]
+    oa = torch.optim.SparseAdam(ta, **hp)
+    for gs in grads[:5]:
+        torch_grads(ta, gs)
+        oa.step()
+    sd = oa.state_dict()
+    assert set(sd["state"]) == {0}  # param 1 had no gradient yet: no state, like torch
+    ps = [t.detach().numpy().copy() for t in ta]
+    np_opt = fastopt.SparseAdam(ps, lr=0.5)
+    np_opt.load_state_dict(sd)
+    assert np_opt.param_groups[0]["lr"] == 0.02 and np_opt.state[0]["step"] == 5
+    for gs in grads[5:20]:
+        np_opt.step(gs)
+    tb = [torch.tensor(a, requires_grad=True) for a in ps]
+    ob = fastopt.torch.SparseAdam(tb, lr=0.5)
+    ob.load_state_dict(_to_torch_sd(np_opt.state_dict()))
+    for gs in grads[20:30]:
+        torch_grads(tb, gs)
+        ob.step()
+    tc = [t.detach().clone().requires_grad_() for t in tb]
+    oc = torch.optim.SparseAdam(tc, **hp)
+    oc.load_state_dict(ob.state_dict())
+    for gs in grads[30:]:
+        torch_grads(tc, gs)
+        oc.step()
+    for t_ref, t in zip(ts, tc):
+        np.testing.assert_allclose(t.detach().numpy(), t_ref.detach().numpy(), **TOL[dtype])
+    for i in range(2):
+        compare_state({k: (v.numpy() if torch.is_tensor(v) else v) for k, v in oc.state_dict()["state"][i].items()},
+                      ref.state_dict()["state"][i], dtype)
+    # the NumPy class's own round trip: copies, not the live arrays
+    sd2 = np_opt.state_dict()
+    sd2["state"][0]["exp_avg"][...] = 123.0
+    assert not np.any(np_opt.state[0]["exp_avg"] == 123.0)
+
+
+def test_load_state_dict_checks_everything_first():
+    p = np.zeros((5, 2), np.float32)
+    opt = fastopt.SparseAdam([p])
+    opt.step([(np.array([1]), np.ones((1, 2), np.float32))])
+    good = opt.state_dict()
+    before = snapshot([p, opt.state[0]["exp_avg"], opt.state[0]["exp_avg_sq"]])
+    bad_shape = {"state": {0: {**good["state"][0], "exp_avg": np.zeros((4, 2), np.float32)}},
+                 "param_groups": good["param_groups"]}
+    with pytest.raises(ValueError, match=r"exp_avg'\] has shape \(4, 2\)"):
+        opt.load_state_dict(bad_shape)
+    bad_lr = {"state": good["state"], "param_groups": [{**good["param_groups"][0], "lr": -1.0}]}
+    with pytest.raises(ValueError, match="Invalid learning rate: -1.0"):
+        opt.load_state_dict(bad_lr)
+    assert opt.param_groups[0]["lr"] == 1e-3 and opt.state[0]["step"] == 1
+    assert_same_bytes(before, [p, opt.state[0]["exp_avg"], opt.state[0]["exp_avg_sq"]])
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input: a clear error naming the argument, nothing written
+# ---------------------------------------------------------------------------------------------------
+
+BAD_GRADS = [
+    ("out of range", lambda: (np.array([0, 6]), np.ones((2, 3), np.float32)), ValueError,
+     r"grads\[1\] indices out of range: row index 6 .*\[0, 6\)"),
+    ("negative", lambda: (np.array([-1, 2]), np.ones((2, 3), np.float32)), ValueError,
+     r"grads\[1\] indices out of range: row index -1"),
+    ("float indices", lambda: (np.array([0.0, 2.0]), np.ones((2, 3), np.float32)), TypeError,
+     r"grads\[1\] indices must be an integer array, got dtype float64"),
+    ("bool indices", lambda: (np.array([True, False]), np.ones((2, 3), np.float32)), TypeError,
+     r"grads\[1\] indices must be an integer array, got dtype bool"),
+    ("3-D indices", lambda: (np.zeros((1, 1, 2), np.int64), np.ones((2, 3), np.float32)), ValueError,
+     r"grads\[1\] indices must be 1-D \(rows\) or 2-D"),
+    ("values shape", lambda: (np.array([0, 2]), np.ones((2, 4), np.float32)), ValueError,
+     r"grads\[1\] values have shape \(2, 4\), expected \(2, 3\)"),
+    ("values count", lambda: (np.array([0, 2, 3]), np.ones((2, 3), np.float32)), ValueError,
+     r"grads\[1\] values have shape \(2, 3\), expected \(3, 3\)"),
+    ("values dtype", lambda: (np.array([0, 2]), np.ones((2, 3), np.float64)), TypeError,
+     r"grads\[1\] values have dtype float64 but params\[1\] has dtype float32"),
+    ("not a pair", lambda: np.ones((6, 3), np.float32), TypeError,
+     r"grads\[1\] must be an \(indices, values\) pair or None"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_GRADS, ids=[c[0] for c in BAD_GRADS])
+def test_bad_gradient_raises_and_changes_nothing(case):
+    _, make, exc, pattern = case
+    rng = np.random.default_rng(17)
+    p0, p1 = rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((6, 3)).astype(np.float32)
+    opt = fastopt.SparseAdam([{"params": [p0]}, {"params": [p1], "lr": 0.1}])
+    good = (np.array([1, 1, 3]), np.ones((3, 3), np.float32))
+    opt.step([good, (np.array([5]), np.ones((1, 3), np.float32))])
+    arrays = [p0, p1] + [opt.state[i][k] for i in (0, 1) for k in ("exp_avg", "exp_avg_sq")]
+    before, steps = snapshot(arrays), [opt.state[i]["step"] for i in (0, 1)]
+    with pytest.raises(exc, match=pattern):
+        opt.step([good, make()])
+    assert_same_bytes(before, arrays)
+    assert [opt.state[i]["step"] for i in (0, 1)] == steps
+    # the functional API: same checks, same names
+    m, v = np.zeros_like(p0), np.zeros_like(p0)
+    m1, v1 = np.zeros_like(p1), np.zeros_like(p1)
+    before = snapshot([p0, p1, m, v, m1, v1])
+    with pytest.raises(exc, match=pattern):
+        sparse_adam_step([p0, p1], [good, make()], [m, m1], [v, v1], step=1)
+    assert_same_bytes(before, [p0, p1, m, v, m1, v1])
+
+
+def test_new_state_is_not_kept_when_the_step_fails():
+    p0, p1 = np.zeros((3, 2)), np.zeros((3, 2))
+    opt = fastopt.SparseAdam([p0, p1])
+    with pytest.raises(ValueError, match=r"grads\[1\] indices out of range"):
+        opt.step([(np.array([0]), np.ones((1, 2))), (np.array([3]), np.ones((1, 2)))])
+    assert opt.state == {} and not p0.any()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=-0.1), "Invalid learning rate: -0.1"),
+    (dict(lr=0.0), "Invalid learning rate: 0.0"),
+    (dict(eps=0.0), "Invalid epsilon value: 0.0"),
+    (dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0: 1.0"),
+    (dict(betas=(0.9, -0.5)), "Invalid beta parameter at index 1: -0.5"),
+])
+def test_hyperparameter_errors_are_torchs(kwargs, message):
+    for cls, param in ((torch.optim.SparseAdam, torch.zeros(2, requires_grad=True)),
+                       (fastopt.torch.SparseAdam, torch.zeros(2, requires_grad=True)),
+                       (fastopt.SparseAdam, np.zeros(2))):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            cls([param], **kwargs)
+
+
+def test_group_edited_to_a_bad_value_fails_the_step_and_changes_nothing():
+    p = np.ones((3, 2), np.float32)
+    opt = fastopt.SparseAdam([p])
+    opt.param_groups[0]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1: 1.5"):
+        opt.step([(np.array([0]), np.ones((1, 2), np.float32))])
+    assert opt.state == {} and np.all(p == 1)
+    opt.param_groups[0]["betas"] = (0.9, 0.99)
+    opt.step([(np.array([0]), np.ones((1, 2), np.float32))])
+    assert opt.state[0]["step"] == 1 and p[0, 0] < 1 and p[1, 0] == 1
+
+
+def test_params_must_be_float_contiguous_and_writable():
+    with pytest.raises(TypeError, match=r"params\[0\] must be a float16, bfloat16, float32 or float64 array"):
+        fastopt.SparseAdam([np.zeros(3, np.int32)])
+    with pytest.raises(ValueError, match=r"params\[0\] must be C-contiguous"):
+        fastopt.SparseAdam([np.zeros((4, 4))[:, ::2]])
+    ro = np.zeros(3)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match=r"params\[0\] is read-only"):
+        fastopt.SparseAdam([ro])
+    p = np.zeros(3)
+    with pytest.raises(ValueError, match="shares memory with its param"):
+        prepare_step(p, (np.array([0]), np.ones(1)), p, np.zeros(3), step=1)
+    with pytest.raises(ValueError, match="Invalid step: 0"):
+        sparse_adam_step(p, (np.array([0]), np.ones(1)), np.zeros(3), np.zeros(3), step=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fastopt.torch specifics
+# ---------------------------------------------------------------------------------------------------
+
+def test_torch_front_end_errors_and_nothing_written():
+    a = torch.zeros(4, 2, requires_grad=True)
+    b = torch.zeros(4, 2, requires_grad=True)
+    opt = fastopt.torch.SparseAdam([{"params": [a]}, {"params": [b], "lr": 0.1}])
+    a.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2), (4, 2))
+    b.grad = torch.ones(4, 2)
+    with pytest.raises(RuntimeError, match="SparseAdam does not support dense gradients, please consider Adam"):
+        opt.step()
+    assert len(opt.state) == 0 and not a.detach().any()  # torch would have updated a already
+    # an index out of range in a tensor built without invariant checks: caught before any write
+    b.grad = torch.sparse_coo_tensor(torch.tensor([[9]]), torch.ones(1, 2), (4, 2), check_invariants=False)
+    with pytest.raises(ValueError, match=r"grads\[0\] indices out of range: index in dim 0 9"):
+        opt.step()
+    assert len(opt.state) == 0 and not a.detach().any()
+    with pytest.raises(ValueError, match=r"Sparse params at indices \[\[0, 0\]\]"):
+        fastopt.torch.SparseAdam([torch.zeros(3).to_sparse()])
+    with pytest.raises(ValueError, match=r"Complex params at indices \[\[0, 0\]\]"):
+        fastopt.torch.SparseAdam([torch.zeros(3, dtype=torch.complex64)])
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        fastopt.torch.SparseAdam([a], lr=torch.tensor([0.1, 0.2]))
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_torch_embedding_training_scheduler_and_versions(tensor_lr):
+    """nn.Embedding(sparse=True) trained with a closure and a StepLR schedule: fastopt.torch.SparseAdam and
+    torch.optim.SparseAdam end on the same weights; in-place updates bump autograd's version counter.
+    A tensor lr (float32 here) is read as a Python float; torch computes its step size in float32."""
+    rel = 1e-6 if tensor_lr else 1e-9
+    torch.manual_seed(0)
+    models = [torch.nn.Embedding(50, 6, sparse=True, dtype=torch.float64) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [torch.optim.SparseAdam(models[0].parameters(), lr=torch.tensor(0.05) if tensor_lr else 0.05),
+            fastopt.torch.SparseAdam(models[1].parameters(), lr=torch.tensor(0.05) if tensor_lr else 0.05)]
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=10, gamma=0.5) for o in opts]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(30):
+        tokens = torch.randint(0, 50, (16,), generator=gen)
+        target = torch.randn(16, 6, generator=gen, dtype=torch.float64)
+        losses = []
+        for model, opt, sched in zip(models, opts, scheds):
+            def closure(model=model, opt=opt):
+                opt.zero_grad()
+                loss = ((model(tokens) - target) ** 2).sum()
+                loss.backward()
+                return loss
+            losses.append(opt.step(closure).item())
+            sched.step()
+        assert losses[0] == pytest.approx(losses[1], rel=rel)
+    torch.testing.assert_close(models[1].weight, models[0].weight, rtol=rel, atol=rel * 1e-3 if not tensor_lr else 1e-6)
+    assert float(opts[1].param_groups[0]["lr"]) == pytest.approx(0.05 * 0.5 ** 3)
+    w = models[1].weight
+    out = (w * w).sum()  # saves w for backward
+    version = w._version
+    w.grad = torch.sparse_coo_tensor(torch.tensor([[3]]), torch.ones(1, 6, dtype=torch.float64), (50, 6))
+    opts[1].step()
+    assert w._version == version + 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
