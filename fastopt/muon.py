@@ -1,0 +1,551 @@
+"""Muon (torch.optim.Muon) for NumPy and CuPy arrays: momentum orthogonalized by a Newton-Schulz iteration.
+
+    opt = fastopt.Muon(weight_matrices, lr=0.02, momentum=0.95)   # 2-D params only, like torch
+    for batch in data:
+        opt.step(grads)        # a list of arrays in the order of opt.params (None: no gradient, skipped)
+
+Update rule, per 2-D param p (m x n) with gradient g and momentum buffer B (torch.optim.Muon, torch 2.13):
+
+    B = lerp(B, g, 1 - momentum)                      (= momentum * B + (1 - momentum) * g)
+    U = lerp(g, B, momentum) if nesterov else B
+    X = bfloat16(U), as (r x c) = U^T when m > n (so r <= c);  X = bfloat16(X / max(bfloat16(||X||_F), eps))
+    ns_steps times:  G = bf16(X X^T);  V = bf16(b G + c G G);  X = bf16(a X + V X)    ((a, b, c) = ns_coefficients)
+    p *= 1 - lr * weight_decay                        (decoupled weight decay, skipped when it is 1)
+    p -= lr * s * X (transposed back),  s = sqrt(max(1, m / n))   (adjust_lr_fn None or "original")
+                                        s = 0.2 * sqrt(max(m, n)) ("match_rms_adamw")
+
+Precision, as torch computes it on the CPU. torch runs the Newton-Schulz iteration in bfloat16 whatever the
+param's dtype (`grad.bfloat16()`), with float32 sums inside each matmul and one rounding to bfloat16 per
+matrix op. Here each matrix holds bfloat16 values in float32 storage: the products of two bfloat16 numbers
+are exact in float32, the sums are float32 (the array module's own sgemm: BLAS / cuBLAS) and every result is
+rounded to bfloat16 (round to nearest even, on the bits) where torch rounds. The output equals torch's bit for
+bit except where a float32 sum lands within its rounding error of a bfloat16 tie, when the two libraries'
+summation orders round it apart (1 in ~10^4 elements of a 768-wide gram matrix, none below ~128); the
+iteration then carries that one-ulp difference on. A float64 param is rounded to bfloat16 through float32,
+as torch's conversion does. The momentum buffer and the param update stay in the param's dtype. For float32
+they use torch's fused multiply-adds (torch's lerp and add(alpha=) are FMAs): the product and sum are formed
+in float64, exact but for the final rounding, so float32 buffers and params equal torch's bit for bit.
+
+Cost model. Per r x c matrix (r <= c) and step: ns_steps * (2 r^2 c + 2 r^3 + 2 r^2 c) = 2 * ns_steps * (3
+matmuls) flops (X X^T, G G, V X), which dominate; plus elementwise passes over memory: per iteration about 8
+over the r x c matrix (the bfloat16 rounding of X is 5 integer passes, a X and the sum 2), and per step about
+16 over the m x n param (the two lerps and the update with float64 temporaries, the normalisation and the
+first rounding). For GPT-2 shapes on two CPU cores the elementwise part is ~5-15 % of the matmuls; see
+bench/bench_muon.py. Work arrays are allocated once per (shape, dtype) and reused; the state is one buffer per
+param.
+
+Differences from torch.optim.Muon, on purpose: every check runs before the first write (torch raises
+ns_steps >= 100 or a bad coefficient tuple from inside step(), after updating earlier params), and those
+two are checked at construction too; ns_steps must be an int in [0, 100) and eps finite; a size-0 param is
+left alone (torch divides by zero in the lr adjustment for an m x 0 param); params are float32 or float64
+(torch also takes 16-bit ones).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from fastopt.arrays import array_device, as_numpy, to_host
+from fastopt.specs import COMPOSITE, as_float, shown
+
+__all__ = ["Muon", "check_hyperparameters", "adjusted_lr", "muon_update", "Workspace", "ADJUST_LR_FNS"]
+
+SPEC = COMPOSITE["muon"]
+_HYPERS = {h.name: h for h in SPEC.hypers}
+HYPER_KEYS = tuple(h.name for h in SPEC.hypers)
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+MAX_NS_STEPS = 100  # torch: "Number of steps must be less than 100"
+
+
+def _nonneg(name, value):
+    """lr / weight_decay / momentum: a finite real >= 0, with torch's message for a negative value."""
+    h = _HYPERS[name]
+    v = as_float(name, value, h.label)
+    if math.isnan(v) or v < 0.0:
+        raise ValueError(f"{h.label} should be >= 0 but is: {shown(value)}")  # torch's words
+    if not math.isfinite(v):
+        raise ValueError(f"Invalid {name}: {v} (must be finite)")
+    return v
+
+
+def _coefficients(value):
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or not hasattr(value, "__iter__"):
+        raise TypeError(f"ns_coefficients must be a tuple of three numbers (a, b, c), got {shown(value)}")
+    if len(value) != 3:
+        raise ValueError(f"Coefficients must be a tuple of exactly 3 values (ns_coefficients: {shown(value)})")
+    out = []
+    for i, x in enumerate(value):
+        x = as_float(f"ns_coefficients[{i}]", x)
+        if not math.isfinite(x):
+            raise ValueError(f"Invalid ns_coefficients[{i}]: {x} (must be finite)")
+        out.append(x)
+    return tuple(out)
+
+
+def _ns_steps(value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"ns_steps must be an int, got {shown(value)} ({type(value).__name__})")
+    v = int(value)
+    if v >= MAX_NS_STEPS:
+        raise ValueError(f"Number of steps must be less than 100 for computational efficiency (ns_steps: {v})")
+    if v < 0:
+        raise ValueError(f"Invalid ns_steps: {v} (must be >= 0)")
+    return v
+
+
+def check_hyperparameters(group) -> dict:
+    """The group's hyperparameters (torch's names) checked and as plain Python values: lr, weight_decay,
+    momentum (finite, >= 0; torch's words for a negative one), nesterov (bool), ns_coefficients (three
+    finite numbers), eps (finite), ns_steps (int in [0, 100)), adjust_lr_fn (None, "original",
+    "match_rms_adamw"). TypeError / ValueError naming the argument and its value; checks in torch's order."""
+    missing = [k for k in HYPER_KEYS if k not in group]
+    if missing:
+        raise KeyError(f"param group has no {missing[0]!r}")
+    lr = group["lr"]
+    if hasattr(lr, "numel") and hasattr(lr, "item"):  # a 1-element torch tensor lr (torch.optim takes it)
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        lr = lr.item()
+    out = {"lr": _nonneg("lr", lr), "momentum": _nonneg("momentum", group["momentum"]),
+           "weight_decay": _nonneg("weight_decay", group["weight_decay"])}
+    fn = group["adjust_lr_fn"]
+    if fn is not None and (not isinstance(fn, str) or fn not in ADJUST_LR_FNS):
+        raise ValueError(f"Adjust learning rate function {fn} is not supported")
+    out["adjust_lr_fn"] = fn
+    nesterov = group["nesterov"]
+    if not isinstance(nesterov, (bool, np.bool_)):
+        raise TypeError(f"nesterov must be a bool, got {shown(nesterov)} ({type(nesterov).__name__})")
+    out["nesterov"] = bool(nesterov)
+    out["ns_coefficients"] = _coefficients(group["ns_coefficients"])
+    eps = as_float("eps", group["eps"], "epsilon")
+    if not math.isfinite(eps):
+        raise ValueError(f"Invalid eps: {eps} (must be finite)")
+    out["eps"] = eps
+    out["ns_steps"] = _ns_steps(group["ns_steps"])
+    return out
+
+
+def adjusted_lr(lr: float, adjust_lr_fn, shape) -> float:
+    """torch's _adjust_lr: lr * sqrt(max(1, A / B)) (None, "original") or lr * 0.2 * sqrt(max(A, B))."""
+    a, b = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1, a / b))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * (0.2 * math.sqrt(max(a, b)))
+    return lr
+
+
+# ---- the numerics ------------------------------------------------------------------------------------
+
+def _xp(a):
+    """The array module of a (NumPy or CuPy)."""
+    if isinstance(a, np.ndarray):
+        return np
+    import cupy
+    return cupy
+
+
+class Workspace:
+    """Work arrays of the update, one set per (shape, dtype, array module), kept between steps (allocating
+    ~10 matrices per param per step would cost page faults and, on the GPU, allocator traffic)."""
+
+    def __init__(self):
+        self._sets = {}
+
+    def get(self, xp, shape, dtype):
+        key = (xp.__name__, tuple(shape), np.dtype(dtype).str)
+        w = self._sets.get(key)
+        if w is None:
+            m, n = shape
+            r, c = min(m, n), max(m, n)
+            w = {"D": xp.empty((m, n), xp.float64),     # float64: the FMA emulation / the update term
+                 "X": xp.empty((r, c), xp.float32), "Y": xp.empty((r, c), xp.float32),
+                 "G": xp.empty((r, r), xp.float32), "V": xp.empty((r, r), xp.float32),
+                 "T": xp.empty((r, r), xp.float32),
+                 "bits": xp.empty(r * c, xp.uint32), "nan": xp.empty((r, c), bool)}
+            self._sets[key] = w
+        return w
+
+    def clear(self):
+        self._sets.clear()
+
+
+def _round_bf16(x, bits):
+    """x (a C-contiguous float32 array) rounded in place to bfloat16 values, round to nearest even, as torch's
+    float -> bfloat16 conversion (Inf stays Inf, overflow rounds to Inf). NaN payloads with the low 15 bits
+    all set would carry; _round_input restores the NaNs of the input, inside the iteration NaNs are the FPU's
+    canonical ones, which round to NaN."""
+    xp = _xp(x)
+    u = x.reshape(-1).view(xp.uint32)
+    t = bits[:u.size]
+    xp.right_shift(u, 16, out=t)
+    xp.bitwise_and(t, 1, out=t)
+    xp.add(u, t, out=u)
+    xp.add(u, 0x7FFF, out=u)
+    xp.bitwise_and(u, 0xFFFF0000, out=u)
+    return x
+
+
+def _lerp_into(out, start, end, weight, D):
+    """out = torch.lerp(start, end, weight) (out may be start): start + w (end - start) when |w| < 0.5,
+    else end + (w - 1)(end - start), torch's branches. float32: one FMA as torch (product and sum in float64,
+    exact but for the last rounding, which the cast to out makes); float64: two roundings (NumPy has no FMA).
+    D: a float64 work array of the same shape. out may be float32 (then the cast rounds) for float64 inputs."""
+    xp = _xp(D)
+    if start.dtype == np.float32:
+        w = np.float32(weight)               # torch's scalar weight, in the tensor's math type
+        small = abs(w) < 0.5
+        coef = float(w) if small else float(w - np.float32(1.0))
+        xp.subtract(end, start, out=D, dtype=np.float32)   # end - start rounded to float32, as torch
+    else:
+        small = abs(weight) < 0.5
+        coef = weight if small else weight - 1.0
+        xp.subtract(end, start, out=D)
+    xp.multiply(D, coef, out=D)
+    xp.add(D, start if small else end, out=D)
+    xp.copyto(out, D, casting="same_kind")
+
+
+def _newton_schulz(w, coefficients, ns_steps, eps):
+    """torch's _zeropower_via_newtonschulz on w["X"] (bfloat16 values already), in place; returns the array
+    holding the result (X or Y)."""
+    xp = _xp(w["X"])
+    X, Y, G, V, T, bits = w["X"], w["Y"], w["G"], w["V"], w["T"], w["bits"]
+    a, b, c = (np.float32(v) for v in coefficients)
+    # X /= max(||X||, eps), each in bfloat16 (torch: norm() of a bfloat16 tensor is a bfloat16 0-d tensor)
+    flat = X.reshape(-1)
+    norm = xp.sqrt(xp.asarray(xp.vdot(flat, flat), dtype=xp.float32)).reshape(1)
+    _round_bf16(norm, bits)
+    eps32 = np.float32(eps)
+    floor = _round_bf16(np.array([eps32], np.float32), np.empty(1, np.uint32))[0]
+    norm = xp.where(norm < eps32, floor, norm)  # clamp(min=eps): NaN stays NaN
+    xp.divide(X, norm, out=X)
+    _round_bf16(X, bits)
+    for _ in range(ns_steps):
+        xp.matmul(X, X.T, out=G)
+        _round_bf16(G, bits)
+        xp.matmul(G, G, out=V)                    # addmm(G, G, G, beta=b, alpha=c) = c (G G) + b G
+        xp.multiply(V, c, out=V)
+        xp.multiply(G, b, out=T)
+        xp.add(V, T, out=V)
+        _round_bf16(V, bits)
+        xp.matmul(V, X, out=Y)                    # addmm(X, V, X, beta=a) = V X + a X
+        xp.multiply(X, a, out=X)
+        xp.add(Y, X, out=Y)
+        _round_bf16(Y, bits)
+        X, Y = Y, X
+    return X
+
+
+def muon_update(param, grad, buf, hp: dict, workspace: Workspace) -> None:
+    """One Muon update of one 2-D param, in place on `param` and `buf` (its momentum buffer), with `grad`
+    only read; hp: check_hyperparameters' values. Arrays of one module (NumPy or CuPy), float32 or float64,
+    same shape and dtype, any strides; the caller checked all of this (nothing here validates)."""
+    if param.size == 0:
+        return
+    xp = _xp(param)
+    m, n = param.shape
+    w = workspace.get(xp, param.shape, param.dtype)
+    D = w["D"]
+    momentum = hp["momentum"]
+    _lerp_into(buf, buf, grad, 1.0 - momentum, D)
+    X = w["X"]
+    Xv = X.T if m > n else X  # the NS input in the param's orientation
+    if hp["nesterov"]:
+        _lerp_into(Xv, grad, buf, momentum, D)  # the cast to float32 rounds, as torch's .bfloat16() of float64
+    else:
+        xp.copyto(Xv, buf, casting="same_kind")
+    # the input's NaNs are kept as NaNs (the rounding on the bits could turn some payloads into Inf)
+    nan = w["nan"]
+    xp.not_equal(X, X, out=nan)
+    _round_bf16(X, w["bits"])
+    if nan.any():
+        xp.copyto(X, np.float32("nan"), where=nan)
+    out = _newton_schulz(w, hp["ns_coefficients"], hp["ns_steps"], hp["eps"])
+    out = out.T if m > n else out
+    lr = hp["lr"]
+    decay = 1.0 - lr * hp["weight_decay"]
+    alpha = -adjusted_lr(lr, hp["adjust_lr_fn"], param.shape)
+    if param.dtype == np.float32:
+        if decay != 1.0:
+            xp.multiply(param, np.float32(decay), out=param)
+        # add(update, alpha=) is an FMA in torch: alpha * update + param in float64 (exact), one rounding
+        xp.multiply(out, float(np.float32(alpha)), out=D, dtype=np.float64)
+        xp.add(D, param, out=D)
+        xp.copyto(param, D, casting="same_kind")
+    else:
+        if decay != 1.0:
+            xp.multiply(param, decay, out=param)
+        xp.multiply(out, alpha, out=D, dtype=np.float64)
+        xp.add(param, D, out=param)
+
+
+# ---- the NumPy / CuPy class ----------------------------------------------------------------------------
+
+def _as_array(p, what):
+    """The user's NumPy / CuPy array itself; a NumPy view of another host object; a CuPy view of a device one."""
+    if array_device(p, what) == "device":
+        if type(p).__module__.startswith("cupy"):
+            return p
+        import cupy
+        return cupy.asarray(p)
+    return p if isinstance(p, np.ndarray) else as_numpy(p, what)
+
+
+def _writable(a) -> bool:
+    flags = getattr(a, "flags", None)
+    return True if flags is None or not hasattr(flags, "writeable") else bool(flags.writeable)
+
+
+def _check_param(p, what):
+    if p.ndim != 2:
+        raise ValueError(f"Muon only supports 2D parameters whereas we found a parameter with size: "
+                         f"{tuple(p.shape)} ({what})")
+    if np.dtype(p.dtype) not in (np.float32, np.float64):
+        if np.dtype(p.dtype).kind == "c":
+            raise TypeError(f"Muon does not support complex parameters ({what}: {p.dtype})")
+        raise TypeError(f"{what} must be float32 or float64, got {p.dtype}")
+    if not _writable(p):
+        raise ValueError(f"{what} is read-only")
+
+
+class Muon:
+    """torch.optim.Muon for NumPy / CuPy 2-D arrays (see the module docstring for the rule, precision, cost).
+
+    Muon(params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+         ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None)
+
+    params: a list of 2-D float32/float64 arrays (all NumPy or all CuPy) or of param-group dicts
+    {"params": [...], "lr": ...} (missing keys take the constructor's values). Attributes: param_groups (list
+    of dicts, editable between steps; checked at every step), state ({flat index: {"momentum_buffer":
+    array}}, made at a param's first gradient, like torch), params (the flat order of step(grads)).
+    step(grads): grads in the order of opt.params, None for a param without a gradient (skipped, as torch
+    skips p.grad None). state_dict() / load_state_dict(): torch.optim's layout, NumPy arrays in place of
+    tensors; a torch.optim.Muon state dict (tensors) loads too. Every check of a call runs before its first
+    write: a bad call raises and leaves params, buffers and groups as they were.
+    """
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None):
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
+                    "ns_coefficients": ns_coefficients, "eps": eps, "ns_steps": ns_steps,
+                    "adjust_lr_fn": adjust_lr_fn}
+        check_hyperparameters(defaults)
+        self.defaults = defaults
+        self.param_groups: list[dict] = []
+        self.state: dict[int, dict] = {}
+        self._workspace = Workspace()
+        if isinstance(params, dict):
+            groups = [params]
+        elif hasattr(params, "shape"):
+            groups = [{"params": [params]}]
+        else:
+            try:
+                params = list(params)
+            except TypeError:
+                raise TypeError(f"params must be a list of arrays or of param-group dicts, got "
+                                f"{type(params).__name__}") from None
+            if not params:
+                raise ValueError("optimizer got an empty parameter list")
+            if all(isinstance(p, dict) for p in params):
+                groups = params
+            elif any(isinstance(p, dict) for p in params):
+                raise TypeError("params must be a list of arrays or a list of param-group dicts, not a mix")
+            else:
+                groups = [{"params": params}]
+        for group in groups:
+            self.add_param_group(group)
+
+    @property
+    def params(self) -> list:
+        """Every param, in group order: the order of step(grads) and of the state dict's indices."""
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def add_param_group(self, group: dict) -> None:
+        """Add {"params": [...], hyperparameter: value, ...}; missing keys take the defaults. Checked in full
+        (hyperparameters, 2-D float params, one kind of array, no param twice) before it is added."""
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError("a param group must be a dict with a 'params' key")
+        gi = len(self.param_groups)
+        unknown = set(group) - set(HYPER_KEYS) - {"params"}
+        if unknown:
+            raise TypeError(f"Muon: unknown hyperparameter(s) {', '.join(sorted(unknown))} in param group {gi} "
+                            f"(valid: {', '.join(HYPER_KEYS)})")
+        params = group["params"]
+        if hasattr(params, "shape"):
+            params = [params]
+        else:
+            try:
+                params = list(params)
+            except TypeError:
+                raise TypeError(f"param group {gi}: params must be a list of arrays, got "
+                                f"{type(params).__name__}") from None
+        if not params:
+            raise ValueError(f"param group {gi} has no params")
+        start = len(self.params)
+        arrays = [_as_array(p, f"params[{start + i}]") for i, p in enumerate(params)]
+        for i, p in enumerate(arrays):
+            _check_param(p, f"params[{start + i}]")
+        kinds = {_xp(p).__name__ for p in self.params + arrays}
+        if len(kinds) > 1:
+            raise TypeError(f"params: one optimizer updates arrays of one kind, got {' and '.join(sorted(kinds))}")
+        seen = {id(p) for p in self.params}
+        for i, p in enumerate(arrays):
+            if id(p) in seen:
+                raise ValueError(f"param group {gi}: params[{start + i}] appears in more than one place")
+            seen.add(id(p))
+        full = dict(self.defaults)
+        full.update({k: v for k, v in group.items() if k != "params"})
+        check_hyperparameters(full)
+        full["params"] = arrays
+        self.param_groups.append(full)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Does nothing, on purpose: this class keeps no gradients (they are step()'s argument). It exists
+        so that a loop written for torch.optim runs; fastopt.torch.Muon reads p.grad as torch does."""
+
+    # ---- the step ------------------------------------------------------------------------------------
+
+    def _plan(self, grads):
+        """Every check of a step, nothing written: [(param, grad, flat index, hp)] for the params with a grad."""
+        params = self.params
+        if not isinstance(grads, (list, tuple)):
+            if len(params) == 1 and hasattr(grads, "shape"):
+                grads = [grads]
+            else:
+                raise TypeError(f"grads must be a list of arrays (one per param, in the order of opt.params), "
+                                f"got {type(grads).__name__}")
+        if len(grads) != len(params):
+            raise ValueError(f"grads has {len(grads)} entries but the optimizer has {len(params)} params")
+        hps = []
+        for gi, group in enumerate(self.param_groups):
+            try:
+                hps.append(check_hyperparameters(group))
+            except KeyError as e:
+                raise ValueError(f"param group {gi}: {e.args[0]}") from None
+        plan = []
+        i = 0
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                g = grads[i]
+                what = f"params[{i}]"
+                p = _as_array(p, what)   # group["params"] may be edited between steps: checked every step
+                _check_param(p, what)
+                buf = self.state.get(i, {}).get("momentum_buffer")
+                if buf is not None and (_xp(buf) is not _xp(p) or tuple(buf.shape) != tuple(p.shape)
+                                        or buf.dtype != p.dtype):
+                    raise ValueError(f"{what} ({_xp(p).__name__}, {tuple(p.shape)}, {p.dtype}) does not match its "
+                                     f"momentum buffer ({_xp(buf).__name__}, {tuple(buf.shape)}, {buf.dtype}): "
+                                     f"a param swapped for a different one")
+                if g is not None:
+                    gwhat = f"grads[{i}]"
+                    g = _as_array(g, gwhat)
+                    if _xp(g) is not _xp(p):
+                        raise TypeError(f"{gwhat} is a {_xp(g).__name__} array but its param is a "
+                                        f"{_xp(p).__name__} array")
+                    if tuple(g.shape) != tuple(p.shape):
+                        raise ValueError(f"{gwhat} has shape {tuple(g.shape)} but its param has shape "
+                                         f"{tuple(p.shape)}")
+                    if g.dtype != p.dtype:
+                        raise TypeError(f"{gwhat} has dtype {g.dtype} but its param has dtype {p.dtype}")
+                    if _xp(g).may_share_memory(g, p) or (buf is not None and _xp(g).may_share_memory(g, buf)):
+                        raise ValueError(f"{gwhat} shares memory with its param or its momentum buffer")
+                    plan.append((p, g, i, hps[gi]))
+                i += 1
+        return plan
+
+    def step(self, grads) -> None:
+        """One Muon update of every param whose gradient is not None (grads: in the order of opt.params).
+        Checks everything first (hyperparameters of every group, each grad's kind, shape, dtype, overlap);
+        a bad call raises before anything is written."""
+        plan = self._plan(grads)
+        for p, g, i, hp in plan:
+            st = self.state.setdefault(i, {})
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = _xp(p).zeros(p.shape, p.dtype)
+            muon_update(p, g, st["momentum_buffer"], hp, self._workspace)
+
+    # ---- state dicts ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """torch.optim's layout: {"state": {index: {"momentum_buffer": NumPy copy}}, "param_groups": [{the
+        group's hyperparameters, "params": [indices]}]}."""
+        groups, i = [], 0
+        for group in self.param_groups:
+            d = {k: group[k] for k in HYPER_KEYS}
+            d["params"] = list(range(i, i + len(group["params"])))
+            i += len(group["params"])
+            groups.append(d)
+        state = {k: {"momentum_buffer": to_host(v["momentum_buffer"])} for k, v in sorted(self.state.items())}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this class or of torch.optim.Muon (tensors are read through NumPy): same
+        number of groups and of params per group; buffers of the params' shapes, cast to the params' dtype
+        (as torch does). The groups' hyperparameters are the saved ones. Checked in full before anything
+        is replaced; the buffers are new arrays (copies) on the params' device."""
+        if not isinstance(state_dict, dict) or set(state_dict) != {"state", "param_groups"}:
+            raise ValueError("state_dict must be a dict with the keys 'state' and 'param_groups'")
+        saved, state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has {len(saved) if hasattr(saved, '__len__') else saved!r} "
+                             f"param groups, the optimizer has {len(self.param_groups)}")
+        new_groups, index = [], {}
+        for gi, (mine, theirs) in enumerate(zip(self.param_groups, saved)):
+            if not isinstance(theirs, dict) or "params" not in theirs:
+                raise ValueError(f"loaded param group {gi} is not a dict with a 'params' key")
+            if len(theirs["params"]) != len(mine["params"]):
+                raise ValueError(f"loaded param group {gi} has {len(theirs['params'])} params, the optimizer's has "
+                                 f"{len(mine['params'])}")
+            hp = {k: theirs[k] for k in HYPER_KEYS if k in theirs}
+            missing = set(HYPER_KEYS) - set(hp)
+            if missing:
+                raise ValueError(f"loaded param group {gi} has no {sorted(missing)[0]!r}")
+            extra = set(theirs) - set(HYPER_KEYS) - {"params"}
+            if extra:
+                raise ValueError(f"loaded param group {gi} has unknown key(s) {', '.join(map(str, sorted(extra)))}")
+            check_hyperparameters(hp)
+            if isinstance(hp["ns_coefficients"], list):
+                hp["ns_coefficients"] = tuple(hp["ns_coefficients"])
+            for saved_id, p in zip(theirs["params"], mine["params"]):
+                index[saved_id] = (len(index), p)
+            new_groups.append(hp)
+        if not isinstance(state, dict):
+            raise ValueError("the state dict's 'state' must be a dict")
+        new_state = {}
+        for key, entry in state.items():
+            if key not in index:
+                raise ValueError(f"loaded state has an entry for param {key!r}, which no param group lists")
+            i, p = index[key]
+            if not isinstance(entry, dict) or set(entry) != {"momentum_buffer"}:
+                raise ValueError(f"loaded state of param {key!r} must be {{'momentum_buffer': array}}, got keys "
+                                 f"{sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__}")
+            value = entry["momentum_buffer"]
+            if hasattr(value, "detach"):  # a torch tensor
+                value = value.detach().cpu().numpy()
+            value = to_host(value) if type(value).__module__.startswith("cupy") else np.asarray(value)
+            if value.dtype.kind != "f":
+                raise TypeError(f"loaded momentum_buffer of param {key!r} has dtype {value.dtype} (a float array)")
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"loaded momentum_buffer of param {key!r} has shape {tuple(value.shape)}, the "
+                                 f"param has {tuple(p.shape)}")
+            new_state[i] = value
+        # checked: write
+        self.state = {}
+        for i, value in sorted(new_state.items()):
+            p = self.params[i]
+            buf = _xp(p).array(value, dtype=p.dtype)  # a copy, on the param's device
+            self.state[i] = {"momentum_buffer": buf}
+        for group, hp in zip(self.param_groups, new_groups):
+            group.update(hp)
+
+    def __repr__(self):
+        lines = ["Muon ("]
+        for i, g in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            for k in HYPER_KEYS:
+                lines.append(f"    {k}: {g[k]}")
+        lines.append(")")
+        return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""fastopt.torch.Muon: a drop-in for torch.optim.Muon running fastopt.muon's implementation.
+
+    from fastopt.torch import Muon          # instead of: from torch.optim import Muon
+    opt = Muon([p for p in model.parameters() if p.ndim == 2], lr=0.02, momentum=0.95)
+
+Same constructor (params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None), defaults and error
+messages as torch ("Muon only supports 2D parameters ...", "Learning rate should be >= 0 but is: ...",
+"Adjust learning rate function ... is not supported"). Stricter than torch, and at construction as well
+as at each step: ns_steps must be an int in [0, 100) and ns_coefficients three finite numbers (torch raises
+those from inside step(), after updating the params before), hyperparameters finite. step(closure=None)
+reads p.grad and skips params whose grad is None; state ("momentum_buffer", made as torch makes it:
+zeros_like(grad)), state_dict(), param groups, hooks and lr schedulers are torch.optim's, so a
+torch.optim.Muon state dict loads here and back.
+
+The update (rule, precision: the Newton-Schulz iteration in bfloat16 values with float32 sums as torch on
+the CPU; cost model) is fastopt.muon's, run on zero-copy NumPy views of CPU tensors (the tensors' own
+strides: a transposed weight is updated in place) and on CuPy views of CUDA tensors (on torch's current
+stream; cuBLAS sgemm for the matmuls); autograd's version counters of the params and buffers written are
+bumped as torch's in-place ops do. float32 and float64 params; 16-bit params raise TypeError (torch keeps
+their buffer and update in 16 bits, which fastopt.muon does not reproduce). Every group's hyperparameters,
+grads and buffers are checked before anything is written.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fastopt import muon as core
+from fastopt.torch.views import bump_versions
+
+__all__ = ["Muon"]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _array(t: torch.Tensor):
+    """NumPy (CPU) or CuPy (CUDA) view of a tensor's own memory and strides."""
+    t = t.detach()
+    if t.device.type == "cpu":
+        return t.numpy()
+    try:
+        import cupy
+    except ImportError:
+        raise TypeError(f"fastopt.torch.Muon on {t.device} tensors needs CuPy") from None
+    return cupy.asarray(t)
+
+
+def _stream(tensors):
+    """torch's current CUDA stream as CuPy's, for CUDA tensors; nothing for CPU ones."""
+    if tensors and tensors[0].device.type == "cuda":
+        import cupy
+        return cupy.cuda.ExternalStream(torch.cuda.current_stream(tensors[0].device).cuda_stream)
+    return contextlib.nullcontext()
+
+
+class Muon(torch.optim.Optimizer):
+    __doc__ = __doc__
+
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, weight_decay: float = 0.1,
+                 momentum: float = 0.95, nesterov: bool = True,
+                 ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315), eps: float = 1e-7,
+                 ns_steps: int = 5, adjust_lr_fn: str | None = None) -> None:
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
+                    "ns_coefficients": ns_coefficients, "eps": eps, "ns_steps": ns_steps,
+                    "adjust_lr_fn": adjust_lr_fn}
+        core.check_hyperparameters(defaults)  # torch's checks and words first, then fastopt's stricter ones
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon only supports 2D parameters whereas we found a parameter with size: "
+                                     f"{p.size()}")
+        self._workspace = core.Workspace()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._workspace = core.Workspace()
+
+    def _plan(self):
+        """Every check of a step, nothing written: [(param, grad, hp, buffer or None)]."""
+        plan = []
+        for gi, group in enumerate(self.param_groups):
+            try:
+                hp = core.check_hyperparameters(group)
+            except KeyError as e:
+                raise ValueError(f"param group {gi}: {e.args[0]}") from None
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if torch.is_complex(p):
+                    raise RuntimeError("Muon does not support complex parameters")
+                if g.is_sparse:
+                    raise RuntimeError("Muon does not support sparse gradients")
+                if p.ndim != 2:
+                    raise ValueError(f"Muon only supports 2D parameters whereas we found a parameter with size: "
+                                     f"{p.size()}")
+                if p.dtype not in _DTYPES:
+                    raise TypeError(f"fastopt.torch.Muon updates float32 and float64 params, got {p.dtype} "
+                                    f"(use torch.optim.Muon for 16-bit params)")
+                if p.device.type not in ("cpu", "cuda"):
+                    raise TypeError(f"fastopt.torch.Muon runs on CPU and CUDA tensors, got {p.device}")
+                if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+                    raise ValueError(f"a grad ({g.dtype}, {tuple(g.shape)}, {g.device}) does not match its param "
+                                     f"({p.dtype}, {tuple(p.shape)}, {p.device})")
+                if g.layout != torch.strided:
+                    raise RuntimeError("Muon does not support sparse gradients")
+                buf = self.state[p].get("momentum_buffer") if p in self.state else None
+                if buf is not None and (buf.dtype != p.dtype or buf.shape != p.shape or buf.device != p.device):
+                    raise ValueError(f"the momentum_buffer ({buf.dtype}, {tuple(buf.shape)}, {buf.device}) does not "
+                                     f"match its param ({p.dtype}, {tuple(p.shape)}, {p.device})")
+                plan.append((p, g, hp, buf))
+        devices = {p.device.type for p, _, _, _ in plan}
+        if len(devices) > 1:
+            raise TypeError("fastopt.torch.Muon: params on the CPU and on CUDA in one optimizer")
+        return plan
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One Muon update of every param with a grad (see the class docstring); returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = self._plan()
+        written = []
+        with _stream([p for p, _, _, _ in plan]):
+            for p, g, hp, buf in plan:
+                if buf is None:
+                    buf = torch.zeros_like(g, memory_format=torch.preserve_format)
+                    self.state[p]["momentum_buffer"] = buf
+                core.muon_update(_array(p), _array(g), _array(buf), hp, self._workspace)
+                written += (p, buf)
+        bump_versions(written)
+        return loss
