@@ -52,8 +52,9 @@ __all__ = ["SparseAdam", "sparse_adam_step", "prepare_step", "PreparedStep", "CH
 SPEC = COMPOSITE["sparse_adam"]
 _HYPER = {h.name: h for h in SPEC.hypers}
 _GROUP_KEYS = ("lr", "betas", "eps", "maximize")
-# elements per chunk of rows on the host: 3-4 buffers of this size (float32: 4 x 128 KiB) stay in L2; measured
-# on the benchmark's 4096 x 256 embedding update, 16K-64K elements are equally fast, 4K is slower (per-call cost)
+# elements per chunk of rows on the host: the 3-4 buffers of this size (float32: 4 x 128 KiB) stay in L2. On the
+# benchmark's 4096-row x 256 update (shared 2-core VM) 4K-element chunks are slower (per-call overhead of ~17 ufunc
+# calls per chunk) and one chunk for everything is slower (the buffers spill to memory); 16K-64K are within noise
 CHUNK_ELEMENTS = 32768
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
@@ -103,6 +104,9 @@ def _check_param(p, name: str):
     if not hasattr(p, "shape") or not hasattr(p, "dtype"):
         array_device(p, name)  # TypeError naming it for what is not an array at all
     p = writable_view(p, name)
+    if not isinstance(p, np.ndarray) and _kind(p) != "cupy":
+        raise TypeError(f"{name}: SparseAdam updates NumPy or CuPy arrays (or what exposes its memory to them), got "
+                        f"{type(p).__module__}.{type(p).__name__}")
     if np.dtype(p.dtype).name not in _FLOAT_NAMES:
         raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 array, got dtype {p.dtype}")
     if _kind(p) == "numpy" and not p.flags.writeable:
@@ -139,7 +143,8 @@ def _as_index_array(indices, p, where: str):
             arr = arr.astype(np.intp)  # np.asarray([]) is float64
     elif xp is np:
         if array_device(indices, f"{where} indices") == "device":
-            raise TypeError(f"{where} indices are a GPU array ({type(indices).__name__}) but the param is a NumPy array")
+            raise TypeError(f"{where} indices are a GPU array ({type(indices).__name__}) but the param is a NumPy "
+                            f"array")
         arr = as_numpy(indices, f"{where} indices")
     else:
         arr = indices
@@ -325,7 +330,7 @@ def _update(p, m, v, plan: _Plan, step: int, lr: float, beta1: float, beta2: flo
 # functional API
 # ---------------------------------------------------------------------------------------------------
 
-def _as_list(x, name):
+def _as_list(x):
     if isinstance(x, (list, tuple)):
         return list(x)
     return [x]
@@ -355,9 +360,9 @@ def prepare_step(params, grads, exp_avg, exp_avg_sq, *, step, lr: float = 1e-3, 
     result's run() applies it. index_offset: the number of the first param in error messages (a class
     numbers its params across groups)."""
     single = not isinstance(params, (list, tuple))
-    params = _as_list(params, "params")
-    grads = [grads] if single else _as_list(grads, "grads")
-    ms, vs = _as_list(exp_avg, "exp_avg"), _as_list(exp_avg_sq, "exp_avg_sq")
+    params = _as_list(params)
+    grads = [grads] if single else _as_list(grads)
+    ms, vs = _as_list(exp_avg), _as_list(exp_avg_sq)
     n = len(params)
     for name, lst in (("grads", grads), ("exp_avg", ms), ("exp_avg_sq", vs)):
         if len(lst) != n:

@@ -461,3 +461,34 @@ def test_torch_embedding_training_scheduler_and_versions(tensor_lr):
     assert w._version == version + 1
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward()
+
+
+@pytest.mark.parametrize("layout", ["transposed", "0-d"])
+def test_torch_other_layouts_match_torch(layout):
+    """A transposed (non-contiguous) weight is updated through contiguous copies and written back in place; a
+    0-d param takes (0, nnz) COO indices. Both match torch, and the version counter moves once per step."""
+    gen = torch.Generator().manual_seed(2)
+    if layout == "transposed":
+        shape = (5, 3)
+        base = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+        ref, mine = base.clone().t().requires_grad_(), base.clone().t().requires_grad_()
+    else:
+        shape = ()
+        base = torch.randn((), generator=gen, dtype=torch.float64)
+        ref, mine = base.clone().requires_grad_(), base.clone().requires_grad_()
+    assert mine.is_contiguous() == (not shape)
+    ro, mo = torch.optim.SparseAdam([ref], lr=0.1), fastopt.torch.SparseAdam([mine], lr=0.1)
+    ptr = mine.data_ptr()
+    for _ in range(6):
+        k = 2 if shape else 0
+        nnz = 4
+        idx = torch.stack([torch.randint(0, n, (nnz,), generator=gen) for n in shape]) if shape else \
+            torch.zeros(0, nnz, dtype=torch.long)
+        g = torch.sparse_coo_tensor(idx, torch.randn((nnz, *shape[k:]), generator=gen, dtype=torch.float64), shape)
+        ref.grad, mine.grad = g.clone(), g.clone()
+        version = mine._version
+        ro.step(), mo.step()
+        assert mine._version == version + 1
+    assert mine.data_ptr() == ptr and mine.is_contiguous() == (not shape)
+    torch.testing.assert_close(mine, ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(mo.state[mine]["exp_avg_sq"], ro.state[ref]["exp_avg_sq"], rtol=1e-9, atol=1e-12)
