@@ -1242,7 +1242,132 @@ def _register_composite(spec: CompositeSpec) -> CompositeSpec:
     return spec
 
 
-# (each composite optimizer's spec is registered below, one block per optimizer)
+# lbfgs: closure-driven, one param group (torch's rule). lr and the tolerances are Hyper floats; max_iter,
+# history_size (kind "int", >= 1), max_eval (kind "int_or_none": None is max_iter * 5 // 4, as torch) and
+# line_search_fn (kind "choice": None or "strong_wolfe") are validated by fastopt/lbfgs.py (Hyper.validate takes
+# floats and bools only). The tolerances may be any finite number (torch checks none).
+LBFGS = _register_composite(CompositeSpec(
+    name="lbfgs", class_name="LBFGS", module="lbfgs", torch_class="LBFGS",
+    summary="L-BFGS as torch.optim.LBFGS: closure-driven quasi-Newton steps from a history of curvature pairs, "
+            "fixed step or strong-Wolfe line search, one param group.",
+    rule="""\
+per step(closure): evaluate f, g (closure); stop when max|g| <= tolerance_grad; then up to max_iter iterations:
+    y = g - g_prev;  s = t_prev d_prev;  if y.s > 1e-10: push (y, s, rho = 1 / y.s) (history_size kept),
+                                                          H_diag = y.s / y.y
+    d = -H g by the two-loop recursion (q = -g; a_i = rho_i s_i.q; q -= a_i y_i; r = H_diag q;
+                                        r += (a_i - rho_i y_i.r) s_i);  first iteration ever: d = -g
+    t = lr (first iteration ever: lr * min(1, 1 / sum|g|));  stop when g.d > -tolerance_change
+    x += t d (fixed step, f and g re-evaluated) or t from a strong-Wolfe line search (c1 = 1e-4, c2 = 0.9)
+    stop after max_iter iterations, max_eval evaluations, max|g| <= tolerance_grad,
+         max|t d| <= tolerance_change or |f - f_prev| < tolerance_change""",
+    hypers=(
+        Hyper("lr", 1, "learning rate: the step length t of the fixed step and the line search's first trial (>= 0)",
+              check=_nonneg, label="learning rate"),
+        Hyper("max_iter", 20, "iterations per step() (an int >= 1)", kind="int", label="max_iter"),
+        Hyper("max_eval", None, "closure evaluations per step() (an int >= 1; None: max_iter * 5 // 4)",
+              kind="int_or_none", label="max_eval"),
+        Hyper("tolerance_grad", 1e-7, "stop when max|g| <= tolerance_grad (finite)", label="tolerance_grad"),
+        Hyper("tolerance_change", 1e-9, "stop when a step, or the change of the loss, is this small (finite)",
+              label="tolerance_change"),
+        Hyper("history_size", 100, "curvature pairs (y, s) kept (an int >= 1)", kind="int", label="history_size"),
+        Hyper("line_search_fn", None, "None (fixed step t = lr) or 'strong_wolfe'", kind="choice",
+              label="line_search_fn"),
+    ),
+))
+
+
+# muon: torch's messages read "<label> should be >= 0 but is: <value>" (fastopt/muon.py formats them from these
+# labels); ns_coefficients (kind "triple"), ns_steps (kind "int") and adjust_lr_fn (kind "choice") are validated by
+# fastopt/muon.py (Hyper.validate takes floats and bools only).
+MUON = _register_composite(CompositeSpec(
+    name="muon", class_name="Muon", module="muon", torch_class="Muon",
+    summary="Muon (Jordan et al. 2024) as torch.optim.Muon: momentum orthogonalized by a Newton-Schulz iteration, "
+            "for 2-D params (hidden-layer weight matrices) only.",
+    rule="""\
+B = lerp(B, g, 1 - momentum)                       (B = momentum * B + (1 - momentum) * g)
+U = lerp(g, B, momentum) if nesterov else B
+X = bfloat16(U), transposed when rows > cols;  X /= max(||X||_F, eps)
+repeat ns_steps times (bfloat16 values, float32 sums, as torch on the CPU):
+    G = X X^T;  X = a X + (b G + c G G) X           ((a, b, c) = ns_coefficients)
+p *= 1 - lr * weight_decay                         (decoupled, before the update)
+p -= lr * s * X (transposed back);  s = sqrt(max(1, rows/cols)) ("original", None) or
+                                        0.2 * sqrt(max(rows, cols)) ("match_rms_adamw")""",
+    hypers=(
+        Hyper("lr", 1e-3, "learning rate (>= 0)", check=_nonneg, label="Learning rate"),
+        Hyper("weight_decay", 0.1, "decoupled weight decay: p *= 1 - lr * weight_decay (>= 0)", check=_nonneg,
+              label="weight decay"),
+        Hyper("momentum", 0.95, "momentum factor (>= 0)", check=_nonneg, label="momentum"),
+        flag("nesterov", True, "Nesterov momentum: orthogonalize lerp(g, B, momentum) instead of B"),
+        Hyper("ns_coefficients", (3.4445, -4.7750, 2.0315), "(a, b, c) of the Newton-Schulz polynomial "
+              "a X + b (X X^T) X + c (X X^T)^2 X (three finite numbers)", kind="triple",
+              label="ns_coefficients"),
+        Hyper("eps", 1e-7, "floor of the Frobenius norm that X is divided by (finite)",
+              check=math.isfinite, label="epsilon"),
+        Hyper("ns_steps", 5, "Newton-Schulz iterations (an int in [0, 100))", kind="int", label="ns_steps"),
+        Hyper("adjust_lr_fn", None, "lr scaling by shape: None or 'original' (sqrt(max(1, rows/cols))), "
+              "'match_rms_adamw' (0.2 sqrt(max(rows, cols)))", kind="choice", label="adjust_lr_fn"),
+    ),
+))
+
+# adafactor: torch's messages read "<label> should be >= 0 but is: <value>" (fastopt/adafactor.py formats
+# them from these labels and checks); eps is torch's pair (eps1 or None, eps2), kind "pair": validated by
+# fastopt/adafactor.py (Hyper.validate takes floats and bools only), labels "epsilon1" / "epsilon2".
+ADAFACTOR = _register_composite(CompositeSpec(
+    name="adafactor", class_name="Adafactor", module="adafactor", torch_class="Adafactor",
+    summary="Adafactor (Shazeer & Stern 2018) as torch.optim.Adafactor: factored second moment, state O(rows + "
+            "cols) per matrix, relative step size, update clipping, decoupled weight decay.",
+    rule="""\
+t += 1;  w = t^beta2_decay;  rho = min(lr, 1/sqrt(t));  alpha = max(eps2, RMS(p)) * rho
+p *= 1 - lr * weight_decay                                    (decoupled, before the update)
+g = -g if maximize
+ndim >= 2 (the last two dims factored, leading dims batched; m rows, n cols):
+    row_var = lerp(row_var, mean_j g^2, w)   col_var = lerp(col_var, mean_i g^2, w)
+    V = row_var * col_var / max(mean_i row_var, eps1)
+ndim < 2:  variance = lerp(variance, g^2, w);  V = variance
+U = g / sqrt(max(V, eps1^2));  p -= alpha / max(1, RMS(U) / d) * U
+eps1 None: finfo(dtype).eps of the group's first param with a gradient (as torch).""",
+    hypers=(
+        Hyper("lr", 1e-2, "relative step size cap and weight-decay scale (>= 0)", check=_nonneg,
+              label="Learning rate"),
+        Hyper("beta2_decay", -0.8, "second-moment decay exponent: 1 - beta2_t = t^beta2_decay (<= 0)",
+              check=lambda x: x <= 0.0, label="beta2_decay"),
+        Hyper("eps", (None, 1e-3), "(eps1 or None: finfo(dtype).eps, eps2): eps1 floors the variance "
+              "estimate, eps2 the param RMS (each >= 0)", kind="pair", label="epsilon"),
+        Hyper("d", 1.0, "update clipping threshold on RMS(U) (>= 1)", check=lambda x: x >= 1.0,
+              label="Clipping threshold d"),
+        Hyper("weight_decay", 0.0, "decoupled weight decay: p *= 1 - lr * weight_decay (>= 0)", check=_nonneg,
+              label="weight_decay"),
+        MAXIMIZE,
+    ),
+))
+
+
+def _sparse_adam_positive(x):  # torch's SparseAdam wants lr > 0 and eps > 0 (not >= 0)
+    return x > 0.0
+
+
+SPARSE_ADAM = _register_composite(CompositeSpec(
+    name="sparse_adam", class_name="SparseAdam", module="sparse_adam", torch_class="SparseAdam",
+    summary="Adam for row-sparse gradients (embeddings): only the rows present in the gradient are updated",
+    rule="""\
+duplicate indices are summed first (torch's coalesce); then, for each row r in the gradient (with its own
+step count t, +1 per step that has a gradient, even an empty one):
+    g = -g if maximize
+    m[r] += (g - m[r]) * (1 - beta1)
+    v[r] += (g * g - v[r]) * (1 - beta2)
+    p[r] -= lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m[r] / (sqrt(v[r]) + eps)
+rows absent from the gradient keep p, m and v unchanged (lazy Adam)
+""",
+    hypers=(
+        Hyper("lr", 1e-3, "learning rate (> 0)", check=_sparse_adam_positive, label="learning rate"),
+        Hyper("beta1", 0.9, "decay of the first moment, in [0, 1)", check=_unit,
+              label="beta parameter at index 0"),
+        Hyper("beta2", 0.999, "decay of the second moment, in [0, 1)", check=_unit,
+              label="beta parameter at index 1"),
+        Hyper("eps", 1e-8, "added to sqrt(v) (> 0)", check=_sparse_adam_positive, label="epsilon value"),
+        MAXIMIZE,
+    ),
+))
 
 
 def all_optimizer_names() -> tuple[str, ...]:
