@@ -6,17 +6,65 @@ Nothing is written before every check has passed.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from fastopt.array_types import Arrays, Scalar
 from fastopt.backends.dispatch import backend_for, check_empty_call
 from fastopt.specs import REGISTRY, REQUIRED, OptimizerSpec
 
 __all__ = [spec.function_name for spec in REGISTRY.values()] + ["init_state", "apply_update"]
 
+# The precision options every *_step takes (DESIGN.md "Precision"), appended to the registry's docstring.
+PRECISION_DOC = """
+
+Precision (16-bit params: float16, ml_dtypes.bfloat16; float32 math):
+    The state arrays may be float32 or 16-bit (init_state's state_dtype=: bfloat16/float16 for float32
+    params, the params' own dtype for 16-bit params); all states of one call share one dtype, stored
+    rounded to nearest even. The new 16-bit param is rounded to nearest even, unless:
+    kahan_comp: the Kahan compensation buffer (params' dtype and shape; init_state(..., kahan=True)
+        makes it as "kahan_comp"): c holds what rounding lost, added back at the next step:
+        total = c + (p_new - p); p = round(p + total); c = round(total - (p - p_old)).
+    stochastic_rounding=True: p = round_stochastic(p_new, random_bits(random_key(seed, step),
+        index_offset + i)) for element i (C order) of each array: the same bits for any thread count
+        or grouping of arrays. A shard of a larger (flat) buffer passes the index of its first element
+        in the whole as index_offset. Functions without a `step` argument key by (seed, 0): pass a new
+        seed each call. Not with kahan_comp.
+"""
+
+
+COMP_SLOT = 5  # where a kernel call carries the Kahan compensation: (params, grads, s0, s1, s2, kahan_comp)
+
+
+def with_kahan(tail: tuple, names: tuple, comp) -> tuple[tuple, tuple]:
+    """A kernel call's state arguments and names with the Kahan compensation `comp` in its slot (the
+    unused state slots before it None)."""
+    pad = COMP_SLOT - 2 - len(tail)
+    return tail + (None,) * pad + (comp,), names + tuple(f"state{k}" for k in range(len(tail), len(tail) + pad)) + (
+        "kahan_comp",)
+
+
+def rounding_options(step, stochastic_rounding=False, seed=0, index_offset=0, kahan=False):
+    """A precision.StochasticRounding for stochastic_rounding=True (else None), after checking the options:
+    bools, int seed and offset, and kahan and stochastic_rounding not both (ValueError naming them)."""
+    from fastopt.precision import StochasticRounding
+    for name, value in (("stochastic_rounding", stochastic_rounding), ("kahan", kahan)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+    if stochastic_rounding and kahan:
+        raise ValueError("kahan and stochastic_rounding are mutually exclusive (Kahan summation keeps what rounding "
+                         "lost; stochastic rounding loses nothing on average): choose one")
+    rounding = StochasticRounding(seed, step, index_offset)  # checks seed and index_offset either way
+    return rounding if stochastic_rounding else None
+
 
 def apply_update(spec: OptimizerSpec, params, grads, states: tuple, hp: dict, step=1, grad_scale=None,
-                 backend=None):
-    """Validate, dispatch and run one update. `states` holds one entry per spec.states slot."""
+                 backend=None, kahan_comp=None, stochastic_rounding=False, seed=0, index_offset=0, key_step=None):
+    """Validate, dispatch and run one update. `states` holds one entry per spec.states slot; kahan_comp the
+    Kahan compensation of 16-bit params (or None); stochastic_rounding (with seed, index_offset) rounds the
+    new 16-bit params stochastically, keyed by (seed, key_step: the step, 0 for functions without one)."""
     hp, step = spec.validate(hp, step)
+    stochastic = rounding_options(step if key_step is None else key_step, stochastic_rounding, seed, index_offset,
+                                  kahan_comp is not None)
     given = dict(zip(spec.states, states))
 
     def state_for(name):
@@ -26,12 +74,17 @@ def apply_update(spec: OptimizerSpec, params, grads, states: tuple, hp: dict, st
         return given[name]
 
     tail, names = spec.plan_call(hp, state_for)
+    if kahan_comp is not None:
+        tail, names = with_kahan(tail, names, kahan_comp)
     arrays = (params, grads) + tail
     be = backend_for(params, backend)
     if be is None:  # empty list of params: nothing to update, but the call must still be well formed
         check_empty_call(arrays, names)
         return None
-    be.step(spec, arrays, names, hp, step, grad_scale)
+    if stochastic is None:
+        be.step(spec, arrays, names, hp, step, grad_scale)
+    else:
+        be.step(spec, arrays, names, hp, step, grad_scale, stochastic=stochastic)
     return None
 
 
@@ -42,7 +95,8 @@ def _annotations(spec: OptimizerSpec) -> dict:
     if spec.uses_step:
         out["step"] = "int"
     out.update({h.name: "bool" if h.kind == "bool" else "float" for h in spec.hypers})
-    out.update({"grad_scale": "Scalar | None", "backend": "str | None", "return": "None"})
+    out.update({"grad_scale": "Scalar | None", "kahan_comp": "Arrays | None", "stochastic_rounding": "bool",
+                "seed": "int", "index_offset": "int", "backend": "str | None", "return": "None"})
     return out
 
 
@@ -60,17 +114,20 @@ def _generate(spec: OptimizerSpec):
         else:
             optional.append(f"{h.name}=_d_{h.name}")
             defaults[f"_d_{h.name}"] = h.default
-    kw_args = required + optional + ["grad_scale=None", "backend=None"]
+    kw_args = required + optional + ["grad_scale=None", "kahan_comp=None", "stochastic_rounding=False", "seed=0",
+                                     "index_offset=0", "backend=None"]
     hp = ", ".join(f"{h.name!r}: {h.name}" for h in spec.hypers)
     states = ", ".join(spec.states) + ","
     step = "step" if spec.uses_step else "1"
+    key_step = "step" if spec.uses_step else "0"
     src = (f"def {spec.function_name}({', '.join(array_args)}, *, {', '.join(kw_args)}):\n"
-           f"    return _apply(_spec, params, grads, ({states}), {{{hp}}}, {step}, grad_scale, backend)\n")
+           f"    return _apply(_spec, params, grads, ({states}), {{{hp}}}, {step}, grad_scale, backend, kahan_comp, "
+           f"stochastic_rounding, seed, index_offset, {key_step})\n")
     namespace = {"_apply": apply_update, "_spec": spec, "Arrays": Arrays, "Scalar": Scalar, **defaults}
     exec(compile(src, f"<fastopt.functional.{spec.function_name}>", "exec"), namespace)
     fn = namespace[spec.function_name]
     fn.__annotations__ = _annotations(spec)
-    fn.__doc__ = spec.docstring()
+    fn.__doc__ = spec.docstring() + PRECISION_DOC
     fn.__module__ = __name__
     fn.__qualname__ = spec.function_name
     return fn
@@ -81,22 +138,58 @@ for _spec in REGISTRY.values():
 del _spec
 
 
-def init_state(name: str, params: Arrays, **options) -> dict:
+def _state_dtype_of(state_dtype, param_dtype, label):
+    """The NumPy dtype of the state of a host param of `param_dtype` for state_dtype= (None: float32 for
+    16-bit params, else the param's own); TypeError/ValueError naming state_dtype otherwise."""
+    from fastopt.precision import STATE_DTYPES, is_16bit
+    if state_dtype is None:
+        return np.dtype(np.float32) if is_16bit(param_dtype) else param_dtype.newbyteorder("=")
+    if isinstance(state_dtype, str) and state_dtype == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise TypeError("state_dtype='bfloat16' needs the ml_dtypes package (pip install ml_dtypes)") from None
+        wanted = np.dtype(ml_dtypes.bfloat16)
+    else:
+        try:
+            wanted = np.dtype(state_dtype)
+        except TypeError:
+            raise TypeError(f"state_dtype must be one of {', '.join(STATE_DTYPES)} or the params' dtype, got "
+                            f"{state_dtype!r}") from None
+    own = param_dtype.newbyteorder("=")
+    ok = wanted == own or (wanted == np.float32 and param_dtype != np.float64) or (
+        param_dtype == np.float32 and is_16bit(wanted) and wanted.isnative)
+    if not ok:
+        allowed = {"float64": "float64", "float32": "float32, bfloat16 or float16"}.get(
+            own.name, f"float32 or {own.name}")
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r} for {label} of dtype {param_dtype} (its state may be "
+                         f"{allowed})")
+    return wanted
+
+
+def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = False, **options) -> dict:
     """New state arrays for optimizer `name`, shaped like `params` (one array or a list), on the params'
     device, keyed by the state names of `<name>_step`. `options` are that optimizer's hyperparameters
     where they decide which states exist (amsgrad, momentum, centered) or what they start with
     (Adagrad's initial_accumulator_value: spec.state_init); defaults otherwise. Every state starts at
     zero except where the spec says otherwise (schedule-free's z: a copy of the params).
+
+    state_dtype: the states' storage (DESIGN.md "Precision"): None (float32 for float16/bfloat16 params,
+    the params' own dtype otherwise), "float32", "bfloat16", "float16" (for float32 params), or the params'
+    own dtype; a 16-bit state is filled (and later stored) rounded to nearest even.
+    kahan=True (16-bit params only): also a "kahan_comp" entry, zeros of the params' dtype: the Kahan
+    compensation that `<name>_step(..., kahan_comp=...)` takes.
     Example: ``fastopt.adam_step(p, g, **fastopt.init_state("adam", p), step=1)``."""
     from fastopt.specs import PARAM, get_spec
     from fastopt.backends.dispatch import array_device, as_numpy
     from fastopt.precision import is_16bit
-    import numpy as np
 
     spec = get_spec(name)
     unknown = set(options) - set(spec.defaults)
     if unknown:
         raise TypeError(f"init_state({name!r}): unknown option(s) {', '.join(sorted(unknown))}")
+    if not isinstance(kahan, (bool, np.bool_)):
+        raise TypeError(f"kahan must be a bool, got {kahan!r}")
     hp = dict(spec.defaults, **options)
     if "lr" in hp and hp["lr"] is REQUIRED:
         hp["lr"] = 0.0
@@ -108,42 +201,67 @@ def init_state(name: str, params: Arrays, **options) -> dict:
 
     fills = spec.state_init(hp)
 
-    def new_state(p, label, fill):
+    def new_state(p, label, fill, dtype):
         if fill is PARAM:  # a copy of the param (schedule-free's z), in the state dtype, on its device
-            out = new_state(p, label, 0.0)
+            out = new_state(p, label, 0.0, dtype)
             if isinstance(out, np.ndarray):
-                out[...] = as_numpy(p, label)
+                out[...] = as_numpy(p, label)  # a 16-bit state: rounded to nearest even (ml_dtypes' cast)
             else:
                 from fastopt.arrays import copy_into
                 copy_into(out, p)
             return out
-        if array_device(p, label) == "device":
-            # on the params' device, filled on their producer stream (a torch tensor on cuda:1 under
-            # torch.cuda.stream(s): device 1, stream s), so the first update reads it filled; Numba
-            # device arrays keep Numba state, everything else gets CuPy arrays
-            if type(p).__module__.startswith("numba"):
-                from fastopt.backends import numba_backend as device_backend
-                dtype = np.dtype(p.dtype)  # the simulator's arrays export no __cuda_array_interface__
-            else:
-                from fastopt.backends import cupy_backend as device_backend
-                dtype = np.dtype(p.__cuda_array_interface__["typestr"])  # CuPy, torch: one way for both
-            # float16 params keep float32 state (float16 moments underflow; the kernels do float32 math)
-            dtype = np.dtype(np.float32) if dtype == np.float16 else dtype
-            return device_backend.device_full(tuple(p.shape), fill, dtype, like=p)
-        p = as_numpy(p, label)
-        if p.dtype.kind != "f" and not is_16bit(p.dtype):
-            raise TypeError(f"{label} has dtype {p.dtype}; optimizer state is for floating-point params")
-        # C order and native, as the kernels take it; 16-bit params (float16, bfloat16) keep float32
-        # state (float32 math; 16-bit moments would underflow)
-        return np.full(p.shape, fill, np.float32 if is_16bit(p.dtype) else p.dtype.newbyteorder("="))
+        if dtype is None:  # a device param: on its device, filled on its producer stream
+            return device_state(p, fill)
+        if isinstance(dtype, Exception):
+            raise dtype
+        return np.full(p.shape, fill, dtype)
+
+    def device_state(p, fill):
+        # on the params' device, filled on their producer stream (a torch tensor on cuda:1 under
+        # torch.cuda.stream(s): device 1, stream s), so the first update reads it filled; Numba
+        # device arrays keep Numba state, everything else gets CuPy arrays
+        if type(p).__module__.startswith("numba"):
+            from fastopt.backends import numba_backend as device_backend
+            dtype = np.dtype(p.dtype)  # the simulator's arrays export no __cuda_array_interface__
+        else:
+            from fastopt.backends import cupy_backend as device_backend
+            dtype = np.dtype(p.__cuda_array_interface__["typestr"])  # CuPy, torch: one way for both
+        # float16 params keep float32 state (float16 moments underflow; the kernels do float32 math)
+        dtype = np.dtype(np.float32) if dtype == np.float16 else dtype
+        return device_backend.device_full(tuple(p.shape), fill, dtype, like=p)
 
     is_list = isinstance(params, (list, tuple))
     if params is None:
         raise TypeError("params must be an array or a list of arrays, got None")
-    labelled = [(p, f"params[{i}]") for i, p in enumerate(params)] if is_list else [(params, "params")]
+    labelled = []
+    for i, p in enumerate(params if is_list else [params]):
+        label = f"params[{i}]" if is_list else "params"
+        if array_device(p, label) == "device":
+            if state_dtype is not None or kahan:
+                raise NotImplementedError(
+                    f"{'state_dtype=' if state_dtype is not None else 'kahan=True'} is implemented for host "
+                    f"(CPU) arrays; {label} is a GPU array")
+            labelled.append((p, label, None, None))
+            continue
+        p = as_numpy(p, label)
+        if p.dtype.kind != "f" and not is_16bit(p.dtype):  # an error once a state is made for it
+            labelled.append((p, label, TypeError(f"{label} has dtype {p.dtype}; optimizer state is for "
+                                                 f"floating-point params"), None))
+            continue
+        if kahan and not is_16bit(p.dtype):
+            raise ValueError(f"kahan=True is for float16 or bfloat16 params (a Kahan compensation of 16-bit "
+                             f"rounding); {label} has dtype {p.dtype}")
+        # C order and native, as the kernels take it
+        labelled.append((p, label, _state_dtype_of(state_dtype, p.dtype, label), p.dtype.newbyteorder("=")))
     out = {}
     for state, used in zip(spec.states, spec.active_states(hp)):
         if used:
-            arrays = [new_state(p, label, fills[state]) for p, label in labelled]
+            arrays = [new_state(p, label, fills[state], dtype) for p, label, dtype, _ in labelled]
             out[state] = arrays if is_list else arrays[0]
+    if kahan:
+        for _, _, dtype, _ in labelled:
+            if isinstance(dtype, Exception):
+                raise dtype
+        arrays = [np.zeros(p.shape, own) for p, _, _, own in labelled]
+        out["kahan_comp"] = arrays if is_list else arrays[0]
     return out

@@ -245,3 +245,74 @@ def step_16bit(fn, arrays, written, **kwargs) -> None:
         a = arrays[k]
         if a is not None and wide[k] is not a:
             store_rounded(a, wide[k])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rounding of the new param: Kahan-compensated and stochastic (kahan=True, stochastic_rounding=True)
+# ---------------------------------------------------------------------------------------------------
+
+STATE_DTYPES = ("float32", "bfloat16", "float16")  # state_dtype= names (and the params' own dtype)
+
+
+class StochasticRounding:
+    """How a call rounds its new 16-bit params stochastically: element i of a tensor gets the bits
+    random_bits(random_key(seed, step), index_offset + i), i its flat (C-order) index in the tensor.
+    `step` is the step being taken (the classes: the group's step; the functional API: its `step`
+    argument, 0 for the functions without one). A tensor that is a shard of a larger one (a slice of a
+    flat buffer) passes the position of its first element in the whole as index_offset, so the bits do
+    not depend on how the whole is cut."""
+
+    __slots__ = ("seed", "step", "index_offset", "key")
+
+    def __init__(self, seed: int, step: int, index_offset: int = 0):
+        for name, value in (("seed", seed), ("index_offset", index_offset)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if not 0 <= int(value) < 2 ** 64:
+                raise ValueError(f"Invalid {name}: {value} (an integer in [0, 2**64))")
+        self.seed, self.step, self.index_offset = int(seed), int(step), int(index_offset)
+        self.key = random_key(self.seed, self.step)
+
+    def __repr__(self):
+        return f"StochasticRounding(seed={self.seed}, step={self.step}, index_offset={self.index_offset})"
+
+
+def format_of(dtype) -> str:
+    """"bfloat16" or "float16": the FORMATS key of a 16-bit dtype."""
+    return "bfloat16" if is_bfloat16(dtype) else "float16"
+
+
+def step_rounded(fn, arrays, written, comp=None, stochastic: StochasticRounding | None = None, **kwargs) -> None:
+    """step_16bit with the new 16-bit param (arrays[0]) stored by kahan_store with the compensation `comp`
+    (the param's dtype, updated too), or stochastically (to_bf16_sr / to_fp16_sr with the bits of
+    `stochastic`), instead of to nearest even: the reference of the kernels' Kahan and stochastic stores
+    (kernels/cpu/cpu_loops.hpp run_staged). The states are stored as step_16bit stores them."""
+    if comp is None and stochastic is None:
+        step_16bit(fn, arrays, written, **kwargs)
+        return
+    p = arrays[0]
+    fmt = format_of(p.dtype)
+    wide = [None if a is None else widen(a) for a in arrays]
+    fn(*wide, **kwargs)
+    for k in written:
+        a = arrays[k]
+        if k == 0 or a is None or wide[k] is a:
+            continue
+        store_rounded(a, wide[k])
+    new = wide[0].reshape(-1)
+    bits = p.view(np.uint16).reshape(-1)
+    if comp is not None:
+        c = comp.view(np.uint16).reshape(-1)
+        p_out, c_out = kahan_store(bits, c, new, fmt)
+        bits[...] = p_out
+        c[...] = c_out
+    else:
+        index = np.arange(new.size, dtype=np.uint64) + np.uint64(stochastic.index_offset)
+        bits[...] = FORMATS[fmt][2](new, random_bits(stochastic.key, index))
+
+
+def rounded_as(dtype):
+    """x -> x (float32) rounded to the 16-bit `dtype` to nearest even and widened back: what a float32
+    value reads as once stored in a 16-bit array."""
+    load, store, _ = FORMATS[format_of(dtype)]
+    return lambda x: load(store(x)).reshape(np.shape(x))

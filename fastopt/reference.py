@@ -171,15 +171,23 @@ def adabelief_step(p, g, exp_avg, exp_avg_var, *, step, lr=1e-3, beta1=0.9, beta
 
 
 def lamb_step(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0,
-              bias_correction=True, maximize=False, grad_scale=None):
+              bias_correction=True, maximize=False, grad_scale=None, stored=None):
+    """stored: how the states read back after they are stored (None: exactly): the kernels' second pass
+    reads the stored states, so with 16-bit state (fastopt.precision) the step direction comes from the
+    rounded moments while the trust ratio's norm comes from the first pass's exact ones."""
     g = _grad(g, grad_scale, maximize)
     _store(exp_avg, beta1 * exp_avg + (1.0 - beta1) * g)
     _store(exp_avg_sq, beta2 * exp_avg_sq + (1.0 - beta2) * (g * g))
     bc1, bc2 = (1.0 - beta1 ** step, 1.0 - beta2 ** step) if bias_correction else (1.0, 1.0)
-    update = (exp_avg * (1.0 / bc1)) / (np.sqrt(exp_avg_sq * (1.0 / bc2)) + eps) + weight_decay * p
+
+    def direction(m, v):
+        return (m * (1.0 / bc1)) / (np.sqrt(v * (1.0 / bc2)) + eps) + weight_decay * p
+    update = direction(exp_avg, exp_avg_sq)
     param_norm = math.sqrt(sumsq(p))
     update_norm = math.sqrt(sumsq(update))
     trust = param_norm / update_norm if param_norm > 0 and update_norm > 0 else 1.0
+    if stored is not None:
+        update = direction(stored(exp_avg), stored(exp_avg_sq))
     _store(p, p - p.dtype.type(lr * trust) * update)
 
 

@@ -40,14 +40,30 @@ def check_disjoint(prepared):
     _cpu_fast.check_disjoint(list(prepared))
 
 
-def run(prepared, spec, hp, step, grad_scale):
-    scalars = spec.scalars(hp, step, host_scale(grad_scale))
-    _cpu_fast.run(prepared, spec.kernel, spec.variant(hp, step), scalars, hp["lr"])
+def check_rounding(prepared, stochastic) -> None:
+    """ValueError unless stochastic rounding (a precision.StochasticRounding, or None) fits the call:
+    16-bit params, no Kahan compensation."""
+    _cpu_fast.check_rounding(prepared, stochastic is not None)
 
 
-def step(spec, arrays, names, hp, step, grad_scale):
+def run(prepared, spec, hp, step, grad_scale, stochastic=None):
+    """The update in place; the new 16-bit params stored to nearest even, with the call's Kahan
+    compensation (arrays[5]), or stochastically (`stochastic`: a precision.StochasticRounding)."""
     scalars = spec.scalars(hp, step, host_scale(grad_scale))
-    _cpu_fast.update(spec.kernel, spec.variant(hp, step), arrays, names, scalars, hp["lr"])
+    if stochastic is None:
+        _cpu_fast.run(prepared, spec.kernel, spec.variant(hp, step), scalars, hp["lr"])
+    else:
+        _cpu_fast.run(prepared, spec.kernel, spec.variant(hp, step), scalars, hp["lr"], True, stochastic.key,
+                      stochastic.index_offset)
+
+
+def step(spec, arrays, names, hp, step, grad_scale, stochastic=None):
+    scalars = spec.scalars(hp, step, host_scale(grad_scale))
+    if stochastic is None:
+        _cpu_fast.update(spec.kernel, spec.variant(hp, step), arrays, names, scalars, hp["lr"])
+    else:
+        _cpu_fast.update(spec.kernel, spec.variant(hp, step), arrays, names, scalars, hp["lr"], True,
+                         stochastic.key, stochastic.index_offset)
 
 
 def sumsq_per_tensor(grads):

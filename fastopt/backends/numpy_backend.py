@@ -10,7 +10,7 @@ from fastopt import reference
 from fastopt.backends import host_clip
 from fastopt.backends import validate
 from fastopt.backends.validate import Checked, check_prepared_disjoint, host_scale
-from fastopt.precision import is_16bit, store_rounded, step_16bit
+from fastopt.precision import is_16bit, rounded_as, step_rounded, store_rounded
 
 NAME = "numpy"
 AVAILABLE = True
@@ -34,21 +34,46 @@ def bind_grads(fixed, grads_per_call):
 check_disjoint = check_prepared_disjoint  # across the prepared calls of one optimizer step
 
 
-def step(spec, arrays, names, hp, step, grad_scale):
-    run(prepare(arrays, names), spec, hp, step, grad_scale)
+def step(spec, arrays, names, hp, step, grad_scale, stochastic=None):
+    run(prepare(arrays, names), spec, hp, step, grad_scale, stochastic)
 
 
-def run(prepared, spec, hp, step, grad_scale):
+def check_rounding(prepared, stochastic) -> None:
+    """ValueError unless stochastic rounding (a precision.StochasticRounding, or None) fits the call:
+    16-bit params, no Kahan compensation (the compiled backend's _cpu_fast.check_rounding)."""
+    if stochastic is None or not prepared.lists[0]:
+        return
+    dtype = prepared.lists[0][0].dtype
+    if not is_16bit(dtype):
+        raise ValueError(f"stochastic_rounding=True is for float16 or bfloat16 params; these are {dtype}")
+    if len(prepared.lists) > validate.COMP and prepared.lists[validate.COMP] is not None:
+        raise ValueError("kahan and stochastic_rounding are mutually exclusive: a Kahan compensation "
+                         "(kahan_comp) and stochastic_rounding=True in one call")
+
+
+def run(prepared, spec, hp, step, grad_scale, stochastic=None):
+    """The reference update of every array of a prepared call: float32 math for 16-bit params or states
+    (widened exactly, stored to nearest even), the new 16-bit params stored with the Kahan compensation
+    (arrays[5]) or stochastically (`stochastic`, a precision.StochasticRounding) when asked."""
+    check_rounding(prepared, stochastic)
     gs = host_scale(grad_scale)
     params, grads, *states = prepared.lists
+    comps = states[validate.COMP - 2] if len(states) > validate.COMP - 2 else None
+    states = states[:validate.COMP - 2]
     fn = reference.STEPS[spec.name]
     kwargs = dict(hp, grad_scale=gs)
     if spec.uses_step:
         kwargs["step"] = step
     for i in range(len(params)):
         arrays = (params[i], grads[i]) + tuple(s[i] if s is not None else None for s in states)
-        if is_16bit(params[i].dtype):  # float32 math, params rounded to nearest even (fastopt.precision)
-            step_16bit(fn, arrays, [k for k in range(len(arrays)) if k != 1], **kwargs)  # grads are only read
+        while len(arrays) > 2 and arrays[-1] is None:  # the reference takes a configuration's states only
+            arrays = arrays[:-1]
+        if any(a is not None and is_16bit(a.dtype) for a in arrays):  # float32 math (fastopt.precision)
+            extra = {}
+            if spec.two_phase and len(arrays) > 2 and is_16bit(arrays[2].dtype):
+                extra["stored"] = rounded_as(arrays[2].dtype)  # the second pass reads the stored states
+            step_rounded(fn, arrays, [k for k in range(len(arrays)) if k != 1],  # grads are only read
+                         comp=None if comps is None else comps[i], stochastic=stochastic, **kwargs, **extra)
         else:
             fn(*arrays, **kwargs)
 

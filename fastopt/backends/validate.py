@@ -73,6 +73,26 @@ class HostArrays:
         return F32 if is_16bit(param_dtype) else param_dtype
 
     @staticmethod
+    def state_ok(param_dtype, dtype):
+        """A dtype a state array of a `param_dtype` param may have (state_dtype=, DESIGN.md "Precision"):
+        float64 for float64 params; float32, bfloat16 or float16 for float32 params; float32 or their own
+        dtype for 16-bit params. The states of one call share one (check_arrays)."""
+        if param_dtype == np.float64:
+            return dtype == param_dtype
+        if dtype == F32:
+            return True
+        if param_dtype == F32:
+            return is_16bit(dtype) and dtype.isnative
+        return dtype == param_dtype
+
+    @staticmethod
+    def states_text(param_dtype):
+        """The state dtypes of state_ok, in words (as _cpu_fast says them)."""
+        if param_dtype == F32:
+            return "float32, bfloat16 or float16"
+        return f"float32 or {param_dtype}"
+
+    @staticmethod
     def grad_dtypes(param_dtype):
         """The dtypes a grad of a `param_dtype` param may have: its own, and float32 for 16-bit params."""
         return (param_dtype, F32) if is_16bit(param_dtype) else (param_dtype,)
@@ -101,6 +121,45 @@ def _check_grads_alike(a, first, grad_label, first_label):
         raise TypeError(f"{grad_label} has dtype {a.dtype} but {first_label} has {first}: "
                         f"the grads of one call have one dtype")
     return a.dtype if first is None else first
+
+
+COMP = 5  # the slot of the Kahan compensation (kahan=True): arrays = (params, grads, s0, s1, s2, kahan_comp)
+
+
+def _check_comp(a, p, comp_label, param_label):
+    """The Kahan compensation of a 16-bit param: the param's dtype."""
+    if not is_16bit(p.dtype):
+        raise TypeError(f"{comp_label}: a Kahan compensation (kahan=True) is for float16 or bfloat16 params, but "
+                        f"{param_label} has dtype {p.dtype}")
+    if a.dtype != p.dtype:
+        raise TypeError(f"{comp_label} has dtype {dtype_text(a.dtype)}, expected {p.dtype} (the Kahan compensation "
+                        f"has the dtype of {param_label})")
+
+
+def _check_state_dtype(api, a, p, state_label, param_label, first):
+    """A state's dtype: one the params allow (api.state_ok; the device backends' api names one,
+    state_dtype), and that of the call's first state `first` = (dtype, label) when there was one.
+    Returns the call's first state."""
+    if first is not None:
+        if a.dtype != first[0]:
+            raise TypeError(f"{state_label} has dtype {dtype_text(a.dtype)}, expected {first[0]} (the dtype of "
+                            f"{first[1]}: the states of one call have one dtype)")
+        return first
+    if hasattr(api, "state_ok"):
+        if not api.state_ok(p.dtype, a.dtype):
+            if p.dtype == np.float64:
+                raise TypeError(f"{state_label} has dtype {dtype_text(a.dtype)}, expected {p.dtype} "
+                                f"(the dtype of {param_label})")
+            text = api.states_text(p.dtype)
+            raise TypeError(f"{state_label} has dtype {dtype_text(a.dtype)}, expected {text} ({p.dtype} params "
+                            f"keep {text} state; see fastopt.init_state's state_dtype)")
+    else:
+        expected = api.state_dtype(p.dtype)
+        if a.dtype != expected:
+            why = (f"the dtype of {param_label}" if expected == p.dtype else
+                   f"{p.dtype} params keep {expected} state; see fastopt.init_state")
+            raise TypeError(f"{state_label} has dtype {dtype_text(a.dtype)}, expected {expected} ({why})")
+    return a.dtype, state_label
 
 
 def label(name, index):
@@ -137,7 +196,7 @@ def check_arrays(arrays, names, api=HostArrays, read_only_slot=1, indices=None, 
     n = len(lists[0])
     if indices is None:
         indices = range(n) if is_list else (None,)
-    ref_dtype = first_grad = None
+    ref_dtype = first_grad = first_state = None
     spans = []
     for i in range(n):
         p = None
@@ -165,12 +224,11 @@ def check_arrays(arrays, names, api=HostArrays, read_only_slot=1, indices=None, 
             else:
                 if k == 1:
                     _check_grad_dtype(api, a, p, name, label(names[0], index), label(name, index))
+                elif k == COMP:
+                    _check_comp(a, p, label(name, index), label(names[0], index))
                 else:
-                    expected = api.state_dtype(p.dtype)
-                    if a.dtype != expected:
-                        why = (f"the dtype of {label(names[0], index)}" if expected == p.dtype else
-                               f"{p.dtype} params keep {expected} state; see fastopt.init_state")
-                        raise TypeError(f"{label(name, index)} has dtype {dtype_text(a.dtype)}, expected {expected} ({why})")
+                    first_state = _check_state_dtype(api, a, p, label(name, index), label(names[0], index),
+                                                     first_state)
                 if tuple(a.shape) != tuple(p.shape):
                     raise ValueError(f"{label(name, index)} has shape {tuple(a.shape)}, expected {tuple(p.shape)} "
                                      f"(the shape of {label(names[0], index)})")

@@ -6,7 +6,7 @@ all tensors. The per-element math is in kernels/cuda/*.cuh, the element loops in
 Every check happens before the first write, so an error leaves all arrays unchanged.
 """
 from libc.stdint cimport int64_t, uintptr_t
-from libc.stdlib cimport malloc, free, qsort
+from libc.stdlib cimport malloc, calloc, free, qsort
 from libc.string cimport memcpy, memcmp
 from cpython.ref cimport PyObject
 from libc.math cimport sqrt
@@ -25,8 +25,8 @@ cdef extern from "platform.hpp" nogil:
     const char* FASTOPT_ISA_DISPATCH
 
 cdef extern from "cpu_loops.hpp" namespace "fastopt::cpu" nogil:
-    int run_chunk(int dtype, int kind, int variant, void* const* ptrs, int64_t n, const double* s,
-                  double coef, double* acc)
+    int run_chunk(int layout, int kind, int variant, void* const* ptrs, int64_t n, const double* s,
+                  double coef, double* acc, unsigned int key, unsigned long long index0)
     double sumsq(int dtype, const void* x, int64_t n)
     void scale(int dtype, void* x, int64_t n, double c)
     void clamp(int dtype, void* x, int64_t n, double c)
@@ -43,6 +43,9 @@ cdef extern from "cpu_loops.hpp" namespace "fastopt::cpu" nogil:
     double two_phase_scaled_lr(int index, double lr, double param_norm, double update_norm)
     cdef enum:
         DTYPE_F32, DTYPE_F64, DTYPE_BF16, DTYPE_F16
+    cdef enum:
+        ROUND_NEAREST, ROUND_KAHAN, ROUND_STOCHASTIC
+        LANES "fastopt::cpu::LANES"
 
 def _family_table():
     # the generated family table compiled into cpu_loops.hpp (kernels/cuda/families.cuh, from the registry)
@@ -68,7 +71,8 @@ KINDS.update({"touch": KIND_TOUCH, "touch_apply": KIND_TOUCH_APPLY})
 DEF CHUNK = 1 << 15
 DEF PARALLEL_MIN = 1 << 16
 DEF MAX_SCALARS = 16
-DEF SLOTS = 5          # p, g, state0, state1, state2
+DEF SLOTS = 6          # p, g, state0, state1, state2, the Kahan compensation
+DEF COMP = 5           # the slot of the Kahan compensation (kahan=True)
 
 # How this module was built: OpenMP or serial, and the runtime ISA dispatch (platform.hpp).
 OPENMP = bool(FASTOPT_OPENMP)
@@ -169,8 +173,25 @@ cdef inline bint _is16(int code) noexcept nogil:
 
 
 cdef inline int _state_code(int param_code) noexcept nogil:
-    """The dtype of a `param_code` param's optimizer state: float32 for 16-bit params."""
+    """The default dtype of a `param_code` param's optimizer state: float32 for 16-bit params."""
     return DTYPE_F32 if _is16(param_code) else param_code
+
+
+cdef inline bint _state_ok(int param_code, int code) noexcept nogil:
+    """The state dtypes of a `param_code` param (state_dtype=, DESIGN.md "Precision"): float64 params keep
+    float64 state; float32 params float32, bfloat16 or float16; 16-bit params float32 or their own dtype."""
+    if param_code == DTYPE_F64:
+        return code == DTYPE_F64
+    if param_code == DTYPE_F32:
+        return code == DTYPE_F32 or _is16(code)
+    return code == DTYPE_F32 or code == param_code
+
+
+cdef str _states_text(int param_code):
+    """The state dtypes of _state_ok, in words."""
+    if param_code == DTYPE_F32:
+        return "float32, bfloat16 or float16"
+    return f"float32 or {_CODE_NAMES[param_code]}"
 
 
 cdef inline int _layout(int p, int g, int st) noexcept nogil:
@@ -189,6 +210,8 @@ cdef class _Batch:
     cdef int ntensors
     cdef int nslots
     cdef int dtype            # the params' (slot 0's) storage dtype
+    cdef int state_code       # the states' storage dtype (all of them share one)
+    cdef bint has_comp        # a Kahan compensation in slot COMP (kahan=True)
     cdef int[SLOTS] codes     # each slot's storage dtype (an unused slot: what it would have)
     cdef int layout           # the kernels' dtype layout (params, grads, states)
     cdef void** ptrs          # ntensors * SLOTS
@@ -223,8 +246,9 @@ cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot, object indic
         raise ValueError("too many arrays per tensor")
     cdef object first = arrays[0]
     cdef bint is_list = isinstance(first, (list, tuple))
-    cdef int n, i, k, code, ref_code = -1, grad_code = -1, ndim
+    cdef int n, i, k, code, ref_code = -1, grad_code = -1, ndim, state_code = -1
     cdef object ref_dtype = None, grad_dtype = None
+    cdef str state_first = None
     cdef list lists = []
     cdef object entry, obj
     cdef cnp.ndarray a, p
@@ -296,10 +320,13 @@ cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot, object indic
                         f"{_label(names, 0, 0, is_list, indices)} has {ref_dtype}: one call "
                         f"updates one dtype (group the arrays by dtype)")
             else:
-                _check_like_param(a, code, p, ref_code, names, k, i, is_list, indices)
+                _check_like_param(a, code, p, ref_code, names, k, i, is_list, indices, state_code, state_first)
                 if k == 1:
                     grad_code = _check_grads_alike(a, code, grad_code, grad_dtype, names, i, is_list, indices)
                     grad_dtype = a.dtype
+                elif k != COMP and state_code < 0:  # the first state fixes the call's state dtype
+                    state_code = code
+                    state_first = _label(names, k, i, is_list, indices)
             if not cnp.PyArray_IS_C_CONTIGUOUS(a):
                 raise ValueError(f"{_label(names, k, i, is_list, indices)} is not C-contiguous")
             if k != read_only_slot and not cnp.PyArray_ISWRITEABLE(a):
@@ -310,6 +337,8 @@ cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot, object indic
         b.total += size
         nch += (size + CHUNK - 1) // CHUNK
     b.dtype = ref_code
+    b.state_code = state_code if state_code >= 0 else _state_code(ref_code)
+    b.has_comp = nslots > COMP and lists[COMP] is not None
     if grad_code < 0:  # no grads (yet: bind_grads), or no arrays
         grad_code = ref_code
     _set_codes(b, ref_code, grad_code)
@@ -337,12 +366,15 @@ cdef str _dtype_text(cnp.ndarray a):
 
 
 cdef void _set_codes(_Batch b, int param_code, int grad_code) noexcept:
+    """Each slot's dtype and the kernels' layout, from the params', grads' and b.state_code; a Kahan
+    compensation (b.has_comp) has the params' dtype and selects the Kahan store."""
     cdef int k
     b.codes[0] = param_code
     b.codes[1] = grad_code
     for k in range(2, SLOTS):
-        b.codes[k] = _state_code(param_code)
-    b.layout = _layout(param_code, grad_code, _state_code(param_code))
+        b.codes[k] = b.state_code
+    b.codes[COMP] = param_code
+    b.layout = _layout(param_code, grad_code, b.state_code) | ((ROUND_KAHAN << 6) if b.has_comp else 0)
 
 
 cdef int _check_grads_alike(cnp.ndarray a, int code, int first_code, object first_dtype, tuple names,
@@ -357,9 +389,11 @@ cdef int _check_grads_alike(cnp.ndarray a, int code, int first_code, object firs
 
 
 cdef int _check_like_param(cnp.ndarray a, int code, cnp.ndarray p, int param_code, tuple names, int k,
-                           Py_ssize_t i, bint is_list, object indices) except -1:
-    """A grad or state array against its param: the same shape, and the dtype of the param (a grad of a
-    16-bit param: that or float32; a state of a 16-bit param: float32)."""
+                           Py_ssize_t i, bint is_list, object indices, int state_code=-1,
+                           str state_first=None) except -1:
+    """A grad, state or compensation array against its param: the same shape, and a dtype that fits (a grad
+    of a 16-bit param: its dtype or float32; a state: one of _state_ok's, the same as the call's first
+    state `state_first` (dtype state_code) when there was one; the Kahan compensation: the 16-bit param's)."""
     cdef int ndim
     if k == 1:
         if code != param_code and not (_is16(param_code) and code == DTYPE_F32):
@@ -370,14 +404,29 @@ cdef int _check_like_param(cnp.ndarray a, int code, cnp.ndarray p, int param_cod
             raise TypeError(
                 f"{_label(names, k, i, is_list, indices)} has dtype {_dtype_text(a)}, expected {p.dtype} "
                 f"(the dtype of {_label(names, 0, i, is_list, indices)})")
-    elif code != _state_code(param_code):
-        if _is16(param_code):
+    elif k == COMP:
+        if not _is16(param_code):
             raise TypeError(
-                f"{_label(names, k, i, is_list, indices)} has dtype {_dtype_text(a)}, expected float32 "
-                f"({p.dtype} params keep float32 state; see fastopt.init_state)")
+                f"{_label(names, k, i, is_list, indices)}: a Kahan compensation (kahan=True) is for float16 or "
+                f"bfloat16 params, but {_label(names, 0, i, is_list, indices)} has dtype {p.dtype}")
+        if code != param_code:
+            raise TypeError(
+                f"{_label(names, k, i, is_list, indices)} has dtype {_dtype_text(a)}, expected {p.dtype} (the "
+                f"Kahan compensation has the dtype of {_label(names, 0, i, is_list, indices)})")
+    elif state_code >= 0:
+        if code != state_code:
+            raise TypeError(
+                f"{_label(names, k, i, is_list, indices)} has dtype {_dtype_text(a)}, expected "
+                f"{_CODE_NAMES[state_code]} (the dtype of {state_first}: the states of one call have one dtype)")
+    elif code < 0 or not _state_ok(param_code, code):
+        if param_code == DTYPE_F64:
+            raise TypeError(
+                f"{_label(names, k, i, is_list, indices)} has dtype {_dtype_text(a)}, expected {p.dtype} "
+                f"(the dtype of {_label(names, 0, i, is_list, indices)})")
         raise TypeError(
-            f"{_label(names, k, i, is_list, indices)} has dtype {_dtype_text(a)}, expected {p.dtype} "
-            f"(the dtype of {_label(names, 0, i, is_list, indices)})")
+            f"{_label(names, k, i, is_list, indices)} has dtype {_dtype_text(a)}, expected "
+            f"{_states_text(param_code)} ({p.dtype} params keep {_states_text(param_code)} state; see "
+            f"fastopt.init_state's state_dtype)")
     ndim = cnp.PyArray_NDIM(a)
     if ndim != cnp.PyArray_NDIM(p) or not cnp.PyArray_CompareLists(cnp.PyArray_DIMS(a), cnp.PyArray_DIMS(p), ndim):
         raise ValueError(
@@ -671,6 +720,7 @@ def bind_grads(_Fixed fixed, grads_per_call):
         nb.shares = True
         nb.names, nb.indices, nb.is_list, nb.read_only_slot = names, indices, is_list, 1
         nb.ntensors, nb.nslots, nb.dtype = n, nslots, b.dtype
+        nb.state_code, nb.has_comp = b.state_code, b.has_comp
         grad_code, grad_dtype = -1, None
         nb.sizes, nb.chunks, nb.nchunks, nb.total = b.sizes, b.chunks, b.nchunks, b.total
         nb.ptrs = <void**> malloc(max(n, 1) * SLOTS * sizeof(void*))
@@ -718,37 +768,39 @@ cdef inline int _threads_for(int64_t total) noexcept nogil:
 
 
 cdef inline int _chunk(int layout, const int* codes, int kind, int variant, void** base, const Chunk* ch,
-                       const int* slot_map, const double* s, double coef, double* acc) noexcept nogil:
+                       const int* slot_map, const double* s, double coef, double* acc, unsigned int key,
+                       unsigned long long offset) noexcept nogil:
     """Run one chunk: base = the tensor's SLOTS pointers; slot_map[j] = which of them is kernel slot j;
-    codes[k]: the dtype of slot k (its element size)."""
+    codes[k]: the dtype of slot k (its element size); the chunk's first element is element offset + start
+    of the stochastic rounding's counter."""
     cdef void* ptrs[SLOTS]
     cdef int j, k
     for j in range(SLOTS):
         k = slot_map[j]
         ptrs[j] = NULL if (k < 0 or base[k] == NULL) else <void*> (<char*> base[k] + ch.start * _ITEMSIZE[codes[k]])
-    return run_chunk(layout, kind, variant, ptrs, ch.n, s, coef, acc)
+    return run_chunk(layout, kind, variant, ptrs, ch.n, s, coef, acc, key, offset + <unsigned long long> ch.start)
 
 
-cdef int _run(_Batch b, int kind, int variant, const double* s, const int* slot_map,
-              const double* coef_per_tensor, double* partials) except -1:
+cdef int _run(_Batch b, int layout, int kind, int variant, const double* s, const int* slot_map,
+              const double* coef_per_tensor, double* partials, unsigned int key=0,
+              unsigned long long offset=0) except -1:
     cdef int c, bad = 0
     cdef int nthreads = _threads_for(b.total)
     cdef Chunk* chunks = b.chunks
     cdef void** base = b.ptrs
-    cdef int layout = b.layout
     cdef const int* codes = b.codes
     with nogil:
         for c in prange(b.nchunks, schedule='static', num_threads=nthreads):
             bad += _chunk(layout, codes, kind, variant, &base[chunks[c].tensor * SLOTS], &chunks[c], slot_map, s,
                           coef_per_tensor[chunks[c].tensor] if coef_per_tensor != NULL else 0.0,
-                          &partials[2 * c] if partials != NULL else NULL) != 0
+                          &partials[2 * LANES * c] if partials != NULL else NULL, key, offset) != 0
     if bad:
-        raise ValueError(f"no CPU kernel for kind {kind} variant {variant}")
+        raise ValueError(f"no CPU kernel for kind {kind} variant {variant} layout {layout}")
     return 0
 
 
-cdef int[SLOTS] _IDENTITY_SLOTS = [0, 1, 2, 3, 4]
-cdef int[SLOTS] _APPLY_SLOTS = [0, -1, 2, 3, -1]
+cdef int[SLOTS] _IDENTITY_SLOTS = [0, 1, 2, 3, 4, 5]
+cdef int[SLOTS] _APPLY_SLOTS = [0, -1, 2, 3, -1, 5]
 
 
 cdef void _load_scalars(tuple scalars, double* out) except *:
@@ -759,74 +811,102 @@ cdef void _load_scalars(tuple scalars, double* out) except *:
         out[i] = scalars[i]
 
 
-def update(str kernel, int variant, tuple arrays, tuple names, tuple scalars, double lr=0.0):
-    """Validate arrays = (params, grads, *states) and apply kernel `kernel` in place."""
-    run(_collect(arrays, names, 1), kernel, variant, scalars, lr)
+def update(str kernel, int variant, tuple arrays, tuple names, tuple scalars, double lr=0.0, bint stochastic=False,
+           unsigned int key=0, unsigned long long index_offset=0):
+    """Validate arrays = (params, grads, *states[, kahan_comp]) and apply kernel `kernel` in place (see run)."""
+    cdef _Batch b = _collect(arrays, names, 1)
+    run(b, kernel, variant, scalars, lr, stochastic, key, index_offset)
 
 
-def run(_Batch b, str kernel, int variant, tuple scalars, double lr=0.0):
-    """Apply kernel `kernel` in place to a prepared batch (params, grads, *states).
+def check_rounding(_Batch b, bint stochastic):
+    """ValueError unless stochastic rounding fits the batch: 16-bit params, no Kahan compensation."""
+    if stochastic and not _is16(b.dtype):
+        raise ValueError(f"stochastic_rounding=True is for float16 or bfloat16 params; these are "
+                         f"{_CODE_NAMES[b.dtype]}")
+    if stochastic and b.has_comp:
+        raise ValueError("kahan and stochastic_rounding are mutually exclusive: a Kahan compensation "
+                         "(kahan_comp) and stochastic_rounding=True in one call")
+
+
+def run(_Batch b, str kernel, int variant, tuple scalars, double lr=0.0, bint stochastic=False,
+        unsigned int key=0, unsigned long long index_offset=0):
+    """Apply kernel `kernel` in place to a prepared batch (params, grads, *states[, kahan_comp]).
 
     scalars: the kernel's hyperparameters in the order of its *Params struct (specs.py computes them).
     A two-phase family (spec.two_phase: LAMB) runs both phases here: phase 1, the per-tensor norms summed
-    from the chunk partials in chunk order (deterministic), lr times the family's trust ratio per
-    tensor, phase 2. `lr` is read by two-phase families only.
+    from the chunk partials (LANES accumulators per chunk, in lane then chunk order: deterministic), lr
+    times the family's trust ratio per tensor, phase 2. `lr` is read by two-phase families only.
+    The new params are rounded to nearest even, or with the batch's Kahan compensation, or (stochastic,
+    16-bit params) stochastically with fastopt.precision.random_bits(key, index_offset + i) for element
+    i of each tensor (key: precision.random_key(seed, step)).
     """
     cdef double s[MAX_SCALARS]
     cdef int kind = KINDS[kernel]
     cdef double* partials = NULL
     cdef double* coefs = NULL
-    cdef int i, c
-    cdef double pn, un
+    cdef int i, c, j
+    cdef double pn, un, sp, su
+    cdef int layout = b.layout
     if b.read_only_slot != 1:
         raise ValueError("run: the batch was not prepared for an update (grads read-only)")
+    check_rounding(b, stochastic)
+    if stochastic:
+        layout = (layout & 63) | (ROUND_STOCHASTIC << 6)
     _load_scalars(scalars, s)
     if b.nchunks == 0:
         return
     if not KIND_TWO_PHASE <= kind < KIND_TOUCH:
-        _run(b, kind, variant, s, _IDENTITY_SLOTS, NULL, NULL)
+        _run(b, layout, kind, variant, s, _IDENTITY_SLOTS, NULL, NULL, key, index_offset)
         return
     cdef int family = (kind - KIND_TWO_PHASE) // 2
-    partials = <double*> malloc(2 * b.nchunks * sizeof(double))
+    partials = <double*> calloc(2 * LANES * b.nchunks, sizeof(double))
     coefs = <double*> malloc(2 * b.ntensors * sizeof(double))
     if partials == NULL or coefs == NULL:
         free(partials); free(coefs)
         raise MemoryError()
     try:
-        _run(b, kind, 0, s, _IDENTITY_SLOTS, NULL, partials)
+        _run(b, layout, kind, 0, s, _IDENTITY_SLOTS, NULL, partials)
         for i in range(b.ntensors):
             coefs[2 * i] = 0.0
             coefs[2 * i + 1] = 0.0
         for c in range(b.nchunks):
             i = b.chunks[c].tensor
-            coefs[2 * i] += partials[2 * c]
-            coefs[2 * i + 1] += partials[2 * c + 1]
+            sp = 0.0
+            su = 0.0
+            for j in range(LANES):
+                sp += partials[2 * LANES * c + j]
+                su += partials[2 * LANES * c + LANES + j]
+            coefs[2 * i] += sp
+            coefs[2 * i + 1] += su
         for i in range(b.ntensors):
             pn = sqrt(coefs[2 * i])
             un = sqrt(coefs[2 * i + 1])
             coefs[i] = two_phase_scaled_lr(family, lr, pn, un)
-        _run(b, kind + 1, 0, s, _APPLY_SLOTS, coefs, NULL)
+        _run(b, layout, kind + 1, 0, s, _APPLY_SLOTS, coefs, NULL, key, index_offset)
     finally:
         free(partials)
         free(coefs)
 
 
 def touch(tuple arrays, int phase=0):
-    """Bandwidth ceiling: the memory traffic of an update with trivial math. arrays = (p, g, *states).
-    phase 0: p and the states read and written, g read (every single-pass optimizer).
+    """Bandwidth ceiling: the memory traffic of an update with trivial math. arrays = (p, g, *states
+    [, kahan_comp]) (None for an unused state slot), any layout the updates take.
+    phase 0: p and the states read and written, g read (every single-pass optimizer); a Kahan
+    compensation (the sixth array) read and written too.
     LAMB's two passes: phase 1: p and g read, the two states read and written;
     phase 2: p read and written, the two states read."""
     cdef double s[1]
-    cdef tuple names = ("params", "grads", "state0", "state1", "state2")[:len(arrays)]
+    cdef tuple names = ("params", "grads", "state0", "state1", "state2", "kahan_comp")[:len(arrays)]
     cdef _Batch b = _collect(arrays, names, 1)
+    cdef int nstates = sum(a is not None for a in arrays[2:COMP])
     if b.nchunks == 0:
         return
     if phase == 2:
-        _run(b, KIND_TOUCH_APPLY, 0, s, _APPLY_SLOTS, NULL, NULL)
+        _run(b, b.layout, KIND_TOUCH_APPLY, 0, s, _APPLY_SLOTS, NULL, NULL)
     elif phase == 1:
-        _run(b, KIND_TOUCH, 4 + len(arrays) - 2, s, _IDENTITY_SLOTS, NULL, NULL)
+        _run(b, b.layout, KIND_TOUCH, 4 + nstates, s, _IDENTITY_SLOTS, NULL, NULL)
     else:
-        _run(b, KIND_TOUCH, len(arrays) - 2, s, _IDENTITY_SLOTS, NULL, NULL)
+        _run(b, b.layout, KIND_TOUCH, nstates, s, _IDENTITY_SLOTS, NULL, NULL)
 
 
 cdef _Batch _collect_grads(object grads, bint written):

@@ -27,20 +27,34 @@ enum Kind {
     KIND_TOUCH_APPLY,  // bandwidth ceiling of LAMB's phase 2: p read+written, s0, s1 read
 };
 
-// Storage dtypes of an array, and the layout of one call: the dtypes of its params, grads and states
-// (LAYOUT(p, g, s)). float32 and float64 calls keep one dtype for everything (layouts 0 and 21); 16-bit
-// params (bfloat16, float16) take grads in their own dtype or float32 and keep float32 state, with
-// float32 math (docs: DESIGN.md, "Precision"). A state dtype of its own (state_dtype=) is a new S here.
+// Storage dtypes of an array, and the layout of one call: the dtypes of its params, grads and states, and
+// how the new param value is stored (LAYOUT(p, g, s) | rounding << 6). float32 and float64 calls keep one
+// dtype for everything (layouts 0 and 21); 16-bit params (bfloat16, float16) take grads in their own dtype
+// or float32; the state (state_dtype=) is float32, or 16 bits: bfloat16/float16 for float32 params, the
+// params' own dtype for 16-bit params. Math is float32 for all of them (docs: DESIGN.md, "Precision").
+// The new param of a 16-bit param is stored rounded to nearest even, or with a Kahan compensation buffer
+// (kahan=True: its own pointer, ptrs[5]), or stochastically (random bits of (key, element index)).
+//
+// Compiled directly (every family instantiated): the layouts below with ROUND_NEAREST. Every other valid
+// layout (16-bit params with 16-bit state, and Kahan or stochastic rounding) is STAGED: the params (and
+// grads) of a block of STAGE elements are widened into float32 buffers on the stack, the direct float32
+// loop of the same state dtype runs on them, and the new params are stored back by the rounding mode.
+// Same bits as a direct loop (the same float32 values in, the same math), without compiling every family
+// again per mode; the buffers stay in L1, so memory traffic is still one pass.
 enum { DTYPE_F32 = 0, DTYPE_F64 = 1, DTYPE_BF16 = 2, DTYPE_F16 = 3 };
+enum { ROUND_NEAREST = 0, ROUND_KAHAN = 1, ROUND_STOCHASTIC = 2 };
 #define FASTOPT_LAYOUT(P, G, S) ((P) | ((G) << 2) | ((S) << 4))
 enum {
     LAYOUT_F32 = FASTOPT_LAYOUT(DTYPE_F32, DTYPE_F32, DTYPE_F32),
     LAYOUT_F64 = FASTOPT_LAYOUT(DTYPE_F64, DTYPE_F64, DTYPE_F64),
+    LAYOUT_F32_BF16S = FASTOPT_LAYOUT(DTYPE_F32, DTYPE_F32, DTYPE_BF16),
+    LAYOUT_F32_F16S = FASTOPT_LAYOUT(DTYPE_F32, DTYPE_F32, DTYPE_F16),
     LAYOUT_BF16 = FASTOPT_LAYOUT(DTYPE_BF16, DTYPE_BF16, DTYPE_F32),
     LAYOUT_BF16_F32G = FASTOPT_LAYOUT(DTYPE_BF16, DTYPE_F32, DTYPE_F32),
     LAYOUT_F16 = FASTOPT_LAYOUT(DTYPE_F16, DTYPE_F16, DTYPE_F32),
     LAYOUT_F16_F32G = FASTOPT_LAYOUT(DTYPE_F16, DTYPE_F32, DTYPE_F32),
 };
+enum { STAGE = 1024 };  // elements per staged block: 2 x 4 KiB of float32 on the stack
 
 // How an array's elements are loaded into the math type M and stored back. Plain<T>: a float32 or
 // float64 array (a plain conversion; with M == T none at all, so these loops compile to what they were
@@ -58,6 +72,7 @@ struct Plain {
 
 struct Bf16 {
     typedef fo_u16 type;
+    typedef Bf16Format Format;
     template <typename M>
     FASTOPT_INLINE M load(fo_u16 x) { return M(fo_bf16_to_float(x)); }
     template <typename M>
@@ -66,10 +81,27 @@ struct Bf16 {
 
 struct F16 {
     typedef fo_u16 type;
+    typedef Fp16Format Format;
     template <typename M>
     FASTOPT_INLINE M load(fo_u16 x) { return M(fo_fp16_to_float(x)); }
     template <typename M>
     FASTOPT_INLINE fo_u16 store(M x) { return fo_float_to_fp16(float(x)); }
+};
+
+// The storage struct of a dtype code (the states of the staged layouts).
+template <int D>
+struct SS_of;
+template <>
+struct SS_of<DTYPE_F32> {
+    typedef Plain<float> type;
+};
+template <>
+struct SS_of<DTYPE_BF16> {
+    typedef Bf16 type;
+};
+template <>
+struct SS_of<DTYPE_F16> {
+    typedef F16 type;
 };
 
 // Number of independent accumulators of the reductions: fixed, so the summation order (and the result)
@@ -130,6 +162,7 @@ struct Ptrs {
     typename SS::type* __restrict s0;
     typename SS::type* __restrict s1;
     typename SS::type* __restrict s2;
+    typename PS::type* __restrict c;  // the Kahan compensation (kahan=True), else NULL
 };
 
 // Every elementwise family: the functor the CUDA kernels run (kernels/cuda/<family>.cuh, ops.cuh) with
@@ -155,8 +188,11 @@ FASTOPT_INLINE void cpu_loop(Ptrs<PS, GS, SS> a, int64_t n, const double* s) {
     }
 }
 
-// Two-phase families, phase 1: the states, and the squared norms of p and of the update, per LANES
-// accumulators.
+// Two-phase families, phase 1: the states, and the squared norms of p and of the update, added to LANES
+// accumulators each (acc[0..LANES) for p, acc[LANES..2 LANES) for the update; the caller zeroes them and
+// sums them in lane order). Element i of a chunk goes to lane i % LANES except the last n % LANES, which
+// go to lanes 0, 1, ...: a staged chunk, run in blocks of STAGE (a multiple of LANES) on the same lanes,
+// adds in exactly the same order.
 template <typename M, class PS, class GS, class SS, class F>
 FASTOPT_INLINE void two_phase_moments_loop(Ptrs<PS, GS, SS> a, int64_t n, const double* s, double* acc) {
     typedef typename F::template Params<M> P;
@@ -165,7 +201,11 @@ FASTOPT_INLINE void two_phase_moments_loop(Ptrs<PS, GS, SS> a, int64_t n, const 
     const typename GS::type* __restrict g = a.g;
     typename SS::type* __restrict m = a.s0;
     typename SS::type* __restrict v = a.s1;
-    double pp[LANES] = {0}, uu[LANES] = {0};
+    double pp[LANES], uu[LANES];
+    for (int j = 0; j < LANES; ++j) {
+        pp[j] = acc[j];
+        uu[j] = acc[LANES + j];
+    }
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) {
         for (int j = 0; j < LANES; ++j) {
@@ -189,13 +229,10 @@ FASTOPT_INLINE void two_phase_moments_loop(Ptrs<PS, GS, SS> a, int64_t n, const 
         pp[j] += pi * pi;
         uu[j] += u * u;
     }
-    double sp = 0, su = 0;
     for (int j = 0; j < LANES; ++j) {
-        sp += pp[j];
-        su += uu[j];
+        acc[j] = pp[j];
+        acc[LANES + j] = uu[j];
     }
-    acc[0] = sp;
-    acc[1] = su;
 }
 
 // Phase 2: p stepped by this tensor's lr * trust ratio.
@@ -230,7 +267,7 @@ struct TouchCast<fo_u16> {
     FASTOPT_INLINE fo_u16 of(float x) { return fo_u16(fo_float_bits(x) >> 16); }
 };
 
-template <class PS, class GS, class SS, int NS, bool P_READ_ONLY>
+template <class PS, class GS, class SS, int NS, bool P_READ_ONLY, bool COMP = false>
 FASTOPT_INLINE void touch_loop(Ptrs<PS, GS, SS> a, int64_t n) {
     typedef typename PS::type TP;
     typedef typename SS::type TS;
@@ -239,12 +276,14 @@ FASTOPT_INLINE void touch_loop(Ptrs<PS, GS, SS> a, int64_t n) {
     TS* __restrict s0 = a.s0;
     TS* __restrict s1 = a.s1;
     TS* __restrict s2 = a.s2;
+    TP* __restrict c = a.c;
     for (int64_t i = 0; i < n; ++i) {
-        TS gi = P_READ_ONLY ? TS(g[i]) + TS(p[i]) : TS(g[i]);
+        TS gi = P_READ_ONLY ? TS(TouchCast<TS>::of(g[i]) + TouchCast<TS>::of(p[i])) : TouchCast<TS>::of(g[i]);
         if (!P_READ_ONLY) p[i] = TP(p[i] + TouchCast<TP>::of(g[i]));
-        if (NS > 0) s0[i] = s0[i] + gi;
-        if (NS > 1) s1[i] = s1[i] + gi;
-        if (NS > 2) s2[i] = s2[i] + gi;
+        if (NS > 0) s0[i] = TS(s0[i] + gi);
+        if (NS > 1) s1[i] = TS(s1[i] + gi);
+        if (NS > 2) s2[i] = TS(s2[i] + gi);
+        if (COMP) c[i] = TP(c[i] + TouchCast<TP>::of(g[i]));  // Kahan: the compensation read and written
     }
 }
 
@@ -254,15 +293,41 @@ FASTOPT_INLINE void touch_apply_loop(Ptrs<PS, GS, SS> a, int64_t n) {
     TP* __restrict p = a.p;
     const typename SS::type* __restrict s0 = a.s0;
     const typename SS::type* __restrict s1 = a.s1;
-    for (int64_t i = 0; i < n; ++i) p[i] = TP(p[i] + TouchCast<TP>::of(s0[i] + s1[i]));
+    typedef typename SS::type TS;
+    for (int64_t i = 0; i < n; ++i) p[i] = TP(p[i] + TouchCast<TP>::of(TS(s0[i] + s1[i])));
+}
+
+template <class PS, class GS, class SS>
+FASTOPT_INLINE Ptrs<PS, GS, SS> typed_ptrs(void* const* ptrs) {
+    Ptrs<PS, GS, SS> a = {static_cast<typename PS::type*>(ptrs[0]), static_cast<const typename GS::type*>(ptrs[1]),
+                          static_cast<typename SS::type*>(ptrs[2]), static_cast<typename SS::type*>(ptrs[3]),
+                          static_cast<typename SS::type*>(ptrs[4]), static_cast<typename PS::type*>(ptrs[5])};
+    return a;
+}
+
+// The bandwidth-ceiling kernels of any layout (variant = number of states, + 4 when p is only read; a
+// Kahan layout also reads and writes the compensation).
+template <class PS, class GS, class SS, bool COMP>
+FASTOPT_INLINE int run_touch(int kind, int variant, void* const* ptrs, int64_t n) {
+    Ptrs<PS, GS, SS> a = typed_ptrs<PS, GS, SS>(ptrs);
+    if (kind == KIND_TOUCH_APPLY) {
+        touch_apply_loop<PS, GS, SS>(a, n);
+        return 0;
+    }
+    switch (variant) {
+        case 0: touch_loop<PS, GS, SS, 0, false, COMP>(a, n); return 0;
+        case 1: touch_loop<PS, GS, SS, 1, false, COMP>(a, n); return 0;
+        case 2: touch_loop<PS, GS, SS, 2, false, COMP>(a, n); return 0;
+        case 3: touch_loop<PS, GS, SS, 3, false, COMP>(a, n); return 0;
+        case 6: touch_loop<PS, GS, SS, 2, true, false>(a, n); return 0;
+    }
+    return -1;
 }
 
 template <typename M, class PS, class GS, class SS>
 FASTOPT_INLINE int run_chunk_typed(int kind, int variant, void* const* ptrs, int64_t n, const double* s,
                                    double coef, double* acc) {
-    Ptrs<PS, GS, SS> a = {static_cast<typename PS::type*>(ptrs[0]), static_cast<const typename GS::type*>(ptrs[1]),
-                          static_cast<typename SS::type*>(ptrs[2]), static_cast<typename SS::type*>(ptrs[3]),
-                          static_cast<typename SS::type*>(ptrs[4])};
+    Ptrs<PS, GS, SS> a = typed_ptrs<PS, GS, SS>(ptrs);
     switch (kind) {
 #define FASTOPT_TWO_PHASE_CASES(I, FAMILY, PARAMS)                                                  \
     case KIND_TWO_PHASE + 2 * (I): two_phase_moments_loop<M, PS, GS, SS, FAMILY##_two_phase>(a, n, s, acc); return 0; \
@@ -270,15 +335,7 @@ FASTOPT_INLINE int run_chunk_typed(int kind, int variant, void* const* ptrs, int
         FASTOPT_TWO_PHASE_FAMILIES(FASTOPT_TWO_PHASE_CASES)
 #undef FASTOPT_TWO_PHASE_CASES
         case KIND_TOUCH:
-            switch (variant) {  // number of states, + 4 when p is only read
-                case 0: touch_loop<PS, GS, SS, 0, false>(a, n); return 0;
-                case 1: touch_loop<PS, GS, SS, 1, false>(a, n); return 0;
-                case 2: touch_loop<PS, GS, SS, 2, false>(a, n); return 0;
-                case 3: touch_loop<PS, GS, SS, 3, false>(a, n); return 0;
-                case 6: touch_loop<PS, GS, SS, 2, true>(a, n); return 0;
-            }
-            return -1;
-        case KIND_TOUCH_APPLY: touch_apply_loop<PS, GS, SS>(a, n); return 0;
+        case KIND_TOUCH_APPLY: return run_touch<PS, GS, SS, false>(kind, variant, ptrs, n);
     }
     if (kind < 0 || kind >= FASTOPT_FAMILY_COUNT || variant < 0 || variant > 255) return -1;
     switch (kind * 256 + variant) {  // every (family, variant) of the generated table
@@ -290,20 +347,93 @@ FASTOPT_INLINE int run_chunk_typed(int kind, int variant, void* const* ptrs, int
     return -1;
 }
 
-// One chunk of one tensor: ptrs = {p, g, state0, state1, state2} (unused ones NULL). Returns -1 for an
-// unknown kind/variant (validated in Python before any write, so never in practice).
 FASTOPT_CLONES int run_chunk(int layout, int kind, int variant, void* const* ptrs, int64_t n, const double* s,
-                             double coef, double* acc) {
+                             double coef, double* acc, fo_u32 key, fo_u64 index0);
+
+// A staged layout (see LAYOUT above): PS/GS the 16-bit params' and grads' storage, SS the state's (float32 or
+// the params' own), MODE the rounding of the new params. Blocks of STAGE elements: p (and g) widened into
+// float32 buffers, the direct float32 layout of the same state dtype run on them (run_chunk, not inlined here:
+// its families are compiled once), then the new params stored: to nearest even, by fo_kahan_store with the
+// compensation ptrs[5], or stochastically with fo_random_bits(key, index0 + i). LAMB's phase 1 only reads p
+// (nothing stored back); its lanes run on across blocks (two_phase_moments_loop).
+template <class PS, class GS, int SDTYPE, int MODE>
+FASTOPT_INLINE int run_staged(int kind, int variant, void* const* ptrs, int64_t n, const double* s, double coef,
+                              double* acc, fo_u32 key, fo_u64 index0) {
+    typedef typename PS::type TP;
+    typedef typename PS::Format Fmt;
+    typedef typename SS_of<SDTYPE>::type SS;
+    if (kind == KIND_TOUCH || kind == KIND_TOUCH_APPLY)  // the traffic of this layout, trivial math
+        return run_touch<PS, GS, SS, MODE == ROUND_KAHAN>(kind, variant, ptrs, n);
+    const bool writes_p = !(kind >= KIND_TWO_PHASE && kind < KIND_TOUCH && (kind - KIND_TWO_PHASE) % 2 == 0);
+    const int inner = FASTOPT_LAYOUT(DTYPE_F32, DTYPE_F32, SDTYPE);
+    const int ssize = SDTYPE == DTYPE_F32 ? 4 : 2;
+    TP* p = static_cast<TP*>(ptrs[0]);
+    const typename GS::type* g = static_cast<const typename GS::type*>(ptrs[1]);
+    TP* c = static_cast<TP*>(ptrs[5]);
+    float pw[STAGE], gw[STAGE];
+    for (int64_t off = 0; off < n; off += STAGE) {
+        const int64_t m = n - off < STAGE ? n - off : int64_t(STAGE);
+        for (int64_t i = 0; i < m; ++i) pw[i] = PS::template load<float>(p[off + i]);
+        if (g != 0)
+            for (int64_t i = 0; i < m; ++i) gw[i] = GS::template load<float>(g[off + i]);
+        void* inner_ptrs[6] = {pw, g != 0 ? gw : 0, 0, 0, 0, 0};
+        for (int k = 2; k < 5; ++k)
+            inner_ptrs[k] = ptrs[k] != 0 ? static_cast<void*>(static_cast<char*>(ptrs[k]) + off * ssize) : 0;
+        const int r = run_chunk(inner, kind, variant, inner_ptrs, m, s, coef, acc, 0, 0);
+        if (r != 0) return r;
+        if (!writes_p) continue;
+        TP* __restrict pb = p + off;
+        if (MODE == ROUND_KAHAN) {
+            TP* __restrict cb = c + off;
+            for (int64_t i = 0; i < m; ++i)
+                fo_kahan_store<Fmt>(PS::template load<float>(pb[i]), PS::template load<float>(cb[i]), pw[i], pb[i], cb[i]);
+        } else if (MODE == ROUND_STOCHASTIC) {
+            Fmt f;
+            for (int64_t i = 0; i < m; ++i) pb[i] = f.store_sr(pw[i], fo_random_bits(key, index0 + fo_u64(off + i)));
+        } else {
+            for (int64_t i = 0; i < m; ++i) pb[i] = PS::template store<float>(pw[i]);
+        }
+    }
+    return 0;
+}
+
+// One chunk of one tensor: ptrs = {p, g, state0, state1, state2, kahan compensation} (unused ones NULL);
+// key and index0 (the index of the chunk's first element in its tensor, plus the caller's offset) feed
+// stochastic rounding. Returns -1 for an unknown layout/kind/variant (validated in Python before any
+// write, so never in practice).
+FASTOPT_CLONES int run_chunk(int layout, int kind, int variant, void* const* ptrs, int64_t n, const double* s,
+                             double coef, double* acc, fo_u32 key, fo_u64 index0) {
     typedef Plain<float> F32;
     typedef Plain<double> F64;
-    switch (layout) {
+    switch (layout) {  // the direct layouts
         case LAYOUT_F32: return run_chunk_typed<float, F32, F32, F32>(kind, variant, ptrs, n, s, coef, acc);
         case LAYOUT_F64: return run_chunk_typed<double, F64, F64, F64>(kind, variant, ptrs, n, s, coef, acc);
+        case LAYOUT_F32_BF16S: return run_chunk_typed<float, F32, F32, Bf16>(kind, variant, ptrs, n, s, coef, acc);
+        case LAYOUT_F32_F16S: return run_chunk_typed<float, F32, F32, F16>(kind, variant, ptrs, n, s, coef, acc);
         case LAYOUT_BF16: return run_chunk_typed<float, Bf16, Bf16, F32>(kind, variant, ptrs, n, s, coef, acc);
         case LAYOUT_BF16_F32G: return run_chunk_typed<float, Bf16, F32, F32>(kind, variant, ptrs, n, s, coef, acc);
         case LAYOUT_F16: return run_chunk_typed<float, F16, F16, F32>(kind, variant, ptrs, n, s, coef, acc);
         case LAYOUT_F16_F32G: return run_chunk_typed<float, F16, F32, F32>(kind, variant, ptrs, n, s, coef, acc);
     }
+    // the staged layouts: 16-bit params, grads in their dtype or float32, state float32 or the params' dtype,
+    // any rounding (ROUND_NEAREST with float32 state is direct, above)
+    const int mode = layout >> 6, base = layout & 63;
+    if (mode > ROUND_STOCHASTIC) return -1;
+#define FASTOPT_STAGED_MODES(P, PS, G, GS, SD)                                                                  \
+    if (base == FASTOPT_LAYOUT(P, G, SD)) {                                                                    \
+        if (mode == ROUND_NEAREST) return run_staged<PS, GS, SD, ROUND_NEAREST>(kind, variant, ptrs, n, s, coef, acc, key, index0); \
+        if (mode == ROUND_KAHAN) return run_staged<PS, GS, SD, ROUND_KAHAN>(kind, variant, ptrs, n, s, coef, acc, key, index0); \
+        return run_staged<PS, GS, SD, ROUND_STOCHASTIC>(kind, variant, ptrs, n, s, coef, acc, key, index0);    \
+    }
+    FASTOPT_STAGED_MODES(DTYPE_BF16, Bf16, DTYPE_BF16, Bf16, DTYPE_F32)
+    FASTOPT_STAGED_MODES(DTYPE_BF16, Bf16, DTYPE_F32, F32, DTYPE_F32)
+    FASTOPT_STAGED_MODES(DTYPE_BF16, Bf16, DTYPE_BF16, Bf16, DTYPE_BF16)
+    FASTOPT_STAGED_MODES(DTYPE_BF16, Bf16, DTYPE_F32, F32, DTYPE_BF16)
+    FASTOPT_STAGED_MODES(DTYPE_F16, F16, DTYPE_F16, F16, DTYPE_F32)
+    FASTOPT_STAGED_MODES(DTYPE_F16, F16, DTYPE_F32, F32, DTYPE_F32)
+    FASTOPT_STAGED_MODES(DTYPE_F16, F16, DTYPE_F16, F16, DTYPE_F16)
+    FASTOPT_STAGED_MODES(DTYPE_F16, F16, DTYPE_F32, F32, DTYPE_F16)
+#undef FASTOPT_STAGED_MODES
     return -1;
 }
 

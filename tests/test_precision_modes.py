@@ -1,0 +1,276 @@
+"""Issue 13's precision modes on the CPU, every registry optimizer: state_dtype= (16-bit optimizer state),
+kahan=True (a 16-bit Kahan compensation buffer) and stochastic_rounding=True (DESIGN.md, "Precision").
+
+The oracle is the NumPy reference run the way the kernels run it (the numpy backend: fastopt.precision's
+step_rounded: every 16-bit array widened to float32, the float32 reference, states stored to nearest even,
+the new param stored to nearest even, by precision.kahan_store or by to_bf16_sr/to_fp16_sr with
+random_bits(random_key(seed, step), index)). The compiled kernels must equal it bit for bit: params, states
+and the compensation, after many steps, on arrays over several chunks and staging blocks. LAMB's params are
+the exception of tests/test_low_precision.py (its trust ratio's norms are summed in another order than
+np.dot): within 2 ulp of the 16-bit type on at most 1% of the elements; its states bit for bit.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import precision
+from fastopt.backends import dispatch
+from fastopt.specs import REGISTRY
+
+from conftest import all_cases, snapshot
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+pytestmark = pytest.mark.skipif(not dispatch.cython_available(), reason="compiled extension not built")
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+F32 = np.dtype(np.float32)
+SPECS = list(REGISTRY.values())
+
+# (params, grads, state) of every layout the modes add: 16-bit state of float32 params; 16-bit params with
+# state in their own dtype (grads in that dtype or float32); 16-bit params with float32 state (for the modes)
+STATE_LAYOUTS = [(F32, F32, BF16), (F32, F32, F16), (BF16, BF16, BF16), (BF16, F32, BF16), (F16, F16, F16),
+                 (F16, F32, F16)]
+PARAM_LAYOUTS = [(BF16, BF16, F32), (BF16, F32, F32), (F16, F16, F32), (BF16, BF16, BF16), (F16, F32, F16)]
+SHAPES = [(1,), (0,), (3, 7), (1037,), (40000,)]  # 40000: two chunks, several staging blocks, a ragged tail
+STEPS = 8
+
+
+def name(d):
+    return np.dtype(d).name
+
+
+def layout_id(layout):
+    return "-".join(name(d) for d in layout)
+
+
+def bits(a):
+    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def problem(spec, hp, layout, rng, shapes=SHAPES, kahan=False):
+    pd, gd, sd = layout
+    params = [rng.standard_normal(s).astype(pd) for s in shapes]
+    options = {k: v for k, v in hp.items() if k in spec.state_options}
+    states = fastopt.init_state(spec.name, params, state_dtype=name(sd), kahan=kahan, **options)
+    for k, arrays in states.items():
+        want = pd if k == "kahan_comp" else sd
+        assert all(a.dtype == want for a in arrays), k
+        if k == "momentum_buffer" or (spec.name == "lion" and k == "exp_avg"):  # any start is consistent
+            for a in arrays:
+                a[...] = (0.1 * rng.standard_normal(a.shape)).astype(sd)
+    grads = [[rng.standard_normal(s).astype(gd) for s in shapes] for _ in range(STEPS)]
+    return params, states, grads
+
+
+def clone(params, states):
+    return [p.copy() for p in params], {k: [a.copy() for a in v] for k, v in states.items()}
+
+
+def run(spec, hp, params, states, grads_per_step, backend, **mode):
+    fn = getattr(fastopt, spec.function_name)
+    for t, grads in enumerate(grads_per_step, start=1):
+        kw = dict(hp, **mode)
+        if spec.uses_step:
+            kw["step"] = t
+        elif mode.get("stochastic_rounding"):
+            kw["seed"] = mode.get("seed", 0) * 1000 + t  # functions without a step: a new seed per call
+        fn(params, grads, **states, **kw, backend=backend)
+
+
+def assert_same(spec, got_p, got_s, want_p, want_s):
+    for k in want_s:
+        for i, (a, b) in enumerate(zip(got_s[k], want_s[k])):
+            if spec.two_phase and k == "kahan_comp":  # follows the params (see the module docstring)
+                continue
+            np.testing.assert_array_equal(bits(a), bits(b), err_msg=f"{k}[{i}]")
+    for i, (a, b) in enumerate(zip(got_p, want_p)):
+        if spec.two_phase and a.dtype.itemsize == 2:
+            ia, ib = bits(a).astype(np.int32), bits(b).astype(np.int32)
+            oa, ob = np.where(ia & 0x8000, 0x8000 - ia, ia), np.where(ib & 0x8000, 0x8000 - ib, ib)
+            diff = np.abs(oa - ob)
+            assert diff.size == 0 or (diff.max() <= 2 and (diff > 0).mean() <= 0.01 + 1 / diff.size), f"params[{i}]"
+        elif spec.two_phase:
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"params[{i}]")
+        else:
+            np.testing.assert_array_equal(bits(a), bits(b), err_msg=f"params[{i}]")
+
+
+def compare(spec, hp, layout, rng, shapes=SHAPES, **mode):
+    params, states, grads = problem(spec, hp, layout, rng, shapes, kahan=mode.pop("kahan", False))
+    kp, ks = clone(params, states)
+    rp, rs = clone(params, states)
+    run(spec, hp, kp, ks, grads, "cython", **mode)
+    run(spec, hp, rp, rs, grads, "numpy", **mode)
+    assert_same(spec, kp, ks, rp, rs)
+    assert any(not np.array_equal(bits(a), bits(b)) for a, b in zip(kp, params) if a.size)  # it moved
+    return kp, ks
+
+
+# ---- state_dtype= ----
+
+@pytest.mark.parametrize("layout", STATE_LAYOUTS, ids=layout_id)
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_state_dtype_every_optimizer_matches_reference(spec, layout, rng):
+    hp = dict(spec.defaults, lr=0.01)
+    compare(spec, hp, layout, rng)
+
+
+CASES = list(all_cases())
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[c.id for c in CASES])
+def test_state_dtype_every_option(case, rng):
+    """Every option combination of every optimizer, each on one of the 16-bit state layouts (in turn)."""
+    spec, hp = CASES[case].values
+    compare(spec, hp, STATE_LAYOUTS[case % len(STATE_LAYOUTS)], rng, shapes=[(5,), (1037,)])
+
+
+def test_state_dtype_bytes_and_defaults(rng):
+    p32 = rng.standard_normal(10).astype(F32)
+    pb = p32.astype(BF16)
+    assert fastopt.init_state("adam", pb)["exp_avg"].dtype == F32  # the default for 16-bit params
+    assert fastopt.init_state("adam", p32)["exp_avg"].dtype == F32
+    assert fastopt.init_state("adam", pb, state_dtype="bfloat16")["exp_avg_sq"].dtype == BF16
+    assert fastopt.init_state("adam", pb, state_dtype=BF16)["exp_avg_sq"].dtype == BF16  # the params' own dtype
+    assert fastopt.init_state("adam", p32, state_dtype="float16")["exp_avg"].dtype == F16
+    # a state that starts as the param (schedule-free's z) or at a value (Rprop's step_size = lr): rounded
+    z = fastopt.init_state("schedule_free_sgd", p32, state_dtype="bfloat16")["z"]
+    np.testing.assert_array_equal(bits(z), precision.to_bf16(p32))
+    st = fastopt.init_state("rprop", p32, state_dtype="float16", lr=0.1)["step_size"]
+    assert np.all(st == np.float16(0.1))
+
+
+@pytest.mark.parametrize("bad,param,exc,message", [
+    ("float16", BF16, ValueError, r"Invalid state_dtype: 'float16' for params of dtype bfloat16 \(its state may be "
+                                  r"float32 or bfloat16\)"),
+    ("bfloat16", np.float64, ValueError, r"Invalid state_dtype: 'bfloat16' for params of dtype float64"),
+    ("int8x", F32, TypeError, r"state_dtype must be one of float32, bfloat16, float16 or the params' dtype, "
+                              r"got 'int8x'"),
+    (np.float64, F32, ValueError, r"Invalid state_dtype: <class 'numpy.float64'> for params of dtype float32 \(its "
+                                  r"state may be float32, bfloat16 or float16\)"),
+])
+def test_init_state_refuses_bad_state_dtype(bad, param, exc, message):
+    with pytest.raises(exc, match=message):
+        fastopt.init_state("adam", np.zeros(3, param), state_dtype=bad)
+
+
+# ---- kahan=True ----
+
+@pytest.mark.parametrize("layout", PARAM_LAYOUTS, ids=layout_id)
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_kahan_every_optimizer_matches_reference(spec, layout, rng):
+    hp = dict(spec.defaults, lr=0.01)
+    _, states = compare(spec, hp, layout, rng, kahan=True)
+    if not spec.two_phase:
+        assert any(np.any(c != 0) for c in states["kahan_comp"])  # the compensation is in use
+
+
+# ---- stochastic_rounding=True ----
+
+@pytest.mark.parametrize("layout", PARAM_LAYOUTS, ids=layout_id)
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_stochastic_rounding_every_optimizer_matches_reference(spec, layout, rng):
+    hp = dict(spec.defaults, lr=0.01)
+    compare(spec, hp, layout, rng, stochastic_rounding=True, seed=int(rng.integers(2 ** 40)))
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=name)
+def test_stochastic_rounding_bits_do_not_depend_on_threads_or_grouping(dtype, rng):
+    """The same bits for one thread and two, and for a tensor updated whole or as two shards that pass
+    their offset (index_offset); another seed or step gives other bits."""
+    from fastopt.kernels.cpu import _cpu_fast
+    n = 3 * (1 << 15) + 77  # above the parallel threshold: several chunks
+    p0 = rng.standard_normal(n).astype(dtype)
+    g = rng.standard_normal(n).astype(dtype)
+    st0 = fastopt.init_state("adamw", p0)
+
+    def step(threads, split=None, seed=5, t=3):
+        p, st = p0.copy(), {k: v.copy() for k, v in st0.items()}
+        before = _cpu_fast.get_num_threads()
+        _cpu_fast.set_num_threads(threads)
+        try:
+            if split is None:
+                fastopt.adamw_step(p, g, **st, step=t, lr=0.01, stochastic_rounding=True, seed=seed)
+            else:
+                for lo, hi in ((0, split), (split, n)):
+                    fastopt.adamw_step(p[lo:hi], g[lo:hi], st["exp_avg"][lo:hi], st["exp_avg_sq"][lo:hi], step=t,
+                                       lr=0.01, stochastic_rounding=True, seed=seed, index_offset=lo)
+        finally:
+            _cpu_fast.set_num_threads(before)
+        return bits(p).copy()
+
+    whole = step(2)
+    np.testing.assert_array_equal(step(1), whole)
+    np.testing.assert_array_equal(step(2, split=40001), whole)
+    assert not np.array_equal(step(2, seed=6), whole)
+    assert not np.array_equal(step(2, t=4), whole)
+
+
+def test_stochastic_rounding_is_unbiased(rng):
+    """Rounding 1 + x/4 ulp (bfloat16) stochastically gives 1 + ulp with probability x/4."""
+    n = 200_000
+    ulp = 2.0 ** -7
+    p = np.ones(n, BF16)
+    g = np.full(n, -0.25 * ulp / 0.5, np.float32)  # SGD step lr * g = 0.25 ulp up
+    fastopt.sgd_step(p, g, lr=0.5, stochastic_rounding=True, seed=int(rng.integers(2 ** 32)))
+    up = np.mean(p.astype(np.float32) > 1)
+    assert abs(up - 0.25) < 0.01, up
+    assert set(np.unique(p.astype(np.float32))) == {1.0, 1.0 + ulp}
+
+
+# ---- bad input: a clear error naming the argument, nothing written ----
+
+def _adam_problem(rng, pd=BF16, sd=F32, kahan=False):
+    p = rng.standard_normal(9).astype(pd)
+    g = rng.standard_normal(9).astype(pd)
+    st = fastopt.init_state("adam", p, state_dtype=name(sd), kahan=kahan)
+    return p, g, st
+
+
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+def test_bad_modes_raise_and_write_nothing(backend, rng):
+    def expect(exc, message, p, g, st, **kw):
+        before = snapshot(p, g, st)
+        with pytest.raises(exc, match=message):
+            fastopt.adam_step(p, g, **st, step=1, lr=0.1, backend=backend, **kw)
+        assert snapshot(p, g, st) == before
+
+    p, g, st = _adam_problem(rng, kahan=True)
+    expect(ValueError, r"kahan and stochastic_rounding are mutually exclusive", p, g, st, stochastic_rounding=True)
+    p, g, st = _adam_problem(rng, pd=F32)
+    expect(ValueError, r"stochastic_rounding=True is for float16 or bfloat16 params; these are float32", p, g, st,
+           stochastic_rounding=True)
+    expect(TypeError, r"stochastic_rounding must be a bool, got 1", p, g, st, stochastic_rounding=1)
+    p, g, st = _adam_problem(rng)
+    expect(TypeError, r"seed must be an int, got 1.5", p, g, st, stochastic_rounding=True, seed=1.5)
+    expect(ValueError, r"Invalid seed: -1", p, g, st, stochastic_rounding=True, seed=-1)
+    expect(ValueError, r"Invalid index_offset: -3", p, g, st, stochastic_rounding=True, index_offset=-3)
+    # a compensation for float32 params, of the wrong dtype, of the wrong shape
+    p, g, st = _adam_problem(rng, pd=F32)
+    expect(TypeError, r"kahan_comp: a Kahan compensation \(kahan=True\) is for float16 or bfloat16 params, but "
+                      r"params has dtype float32", p, g, st, kahan_comp=np.zeros(9, F32))
+    p, g, st = _adam_problem(rng)
+    expect(TypeError, r"kahan_comp has dtype float32, expected bfloat16 \(the Kahan compensation has the dtype of "
+                      r"params\)", p, g, st, kahan_comp=np.zeros(9, F32))
+    expect(ValueError, r"kahan_comp has shape \(8,\), expected \(9,\)", p, g, st, kahan_comp=np.zeros(8, BF16))
+    expect(ValueError, r"kahan_comp shares memory with params|params shares memory with kahan_comp", p, g, st,
+           kahan_comp=p)
+    # the states of one call share one dtype; a state dtype the params do not take
+    p, g, st = _adam_problem(rng, sd=BF16)
+    st["exp_avg_sq"] = st["exp_avg_sq"].astype(F32)
+    expect(TypeError, r"exp_avg_sq has dtype float32, expected bfloat16 \(the dtype of exp_avg: the states of one "
+                      r"call have one dtype\)", p, g, st)
+    p, g, st = _adam_problem(rng, sd=F32)
+    st = {k: v.astype(F16) for k, v in st.items()}
+    expect(TypeError, r"exp_avg has dtype float16, expected float32 or bfloat16 \(bfloat16 params keep float32 or "
+                      r"bfloat16 state; see fastopt.init_state's state_dtype\)", p, g, st)
+
+
+def test_init_state_kahan_refuses_float32():
+    with pytest.raises(ValueError, match=r"kahan=True is for float16 or bfloat16 params .*params\[0\] has dtype float32"):
+        fastopt.init_state("adam", [np.zeros(3, np.float32)], kahan=True)
+    st = fastopt.init_state("adam", [np.zeros(3, BF16)], kahan=True)
+    assert st["kahan_comp"][0].dtype == BF16 and not np.any(st["kahan_comp"][0].astype(np.float32))
