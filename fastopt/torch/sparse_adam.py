@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fastopt.arrays import writable_view
 from fastopt.sparse_adam import prepare_step
 from fastopt.torch.views import bump_versions, kernel_view
 
@@ -89,6 +90,7 @@ class SparseAdam(torch.optim.Optimizer):
                 loss = closure()
         # phase 1: check every group and coalesce every gradient, writing nothing
         calls, new_states, counted, copies, updated = [], [], [], [], []
+        cuda = False  # some param is a CUDA tensor: the CuPy work runs on torch's current stream
         for group in self.param_groups:
             params, grads, ms, vs, steps, tensors = [], [], [], [], [], []
             for p in group["params"]:
@@ -122,7 +124,8 @@ class SparseAdam(torch.optim.Optimizer):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
-            with self._stream(params[0]):
+            cuda = cuda or not isinstance(params[0], np.ndarray)
+            with self._stream(cuda):
                 calls.append(prepare_step(params, grads, ms, vs, step=steps, lr=_lr_value(group["lr"]),
                                           beta1=beta1, beta2=beta2, eps=group["eps"],
                                           maximize=group.get("maximize", False)))
@@ -130,22 +133,22 @@ class SparseAdam(torch.optim.Optimizer):
         # phase 2: write
         for p, state in new_states:
             self.state[p] = state
-        if calls:
-            with self._stream(calls[0].work[0][0] if calls[0].work else None):
-                for call in calls:
-                    call.run()
-        for originals, work in copies:
-            for dst, src in zip(originals, work):
-                kernel_view(dst, False)[...] = kernel_view(src, False)
+        with self._stream(cuda):
+            for call in calls:
+                call.run()
+            for originals, work in copies:
+                for dst, src in zip(originals, work):  # NumPy / CuPy views: no version bump of their own
+                    view = writable_view(kernel_view(dst, False), "param")
+                    view[...] = writable_view(kernel_view(src, False), "param")
         for p, state, count in counted:
             state["step"] = count
         bump_versions([t for p, state in updated for t in (p, state["exp_avg"], state["exp_avg_sq"])])
         return loss
 
     @staticmethod
-    def _stream(array):
+    def _stream(cuda: bool):
         """CUDA: run the CuPy work on torch's current stream (the CPU path needs nothing)."""
-        if array is None or isinstance(array, np.ndarray):
+        if not cuda:
             return _NULL
         import cupy
         return cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
