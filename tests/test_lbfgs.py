@@ -1,0 +1,510 @@
+"""fastopt.LBFGS (NumPy) and fastopt.torch.LBFGS against torch.optim.LBFGS: trajectories, state, errors."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastopt  # noqa: E402
+import fastopt.lbfgs as lbfgs_mod  # noqa: E402
+import fastopt.torch as ft  # noqa: E402
+
+SHAPES = [(3, 5), (7,), (1,), (2, 1, 3), (0,), (4,)]
+N = sum(int(np.prod(s)) for s in SHAPES)
+
+# (steps, options): small max_iter keeps the history going across many step() calls. A fixed step (no line
+# search) amplifies rounding differences by ~10x per 10 iterations (the dot products' summation orders differ
+# from torch's MKL), so these stay within ~40 iterations per run for the 1e-9 comparison
+CONFIGS = [
+    (15, dict(max_iter=2, history_size=3)),
+    (2, dict()),                                                      # torch's defaults (40 iterations)
+    (5, dict(max_iter=5, history_size=2, max_eval=6, lr=0.5)),
+    (3, dict(max_iter=10, tolerance_grad=1e-3, tolerance_change=1e-4, history_size=7)),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """torch's autograd on these tiny problems is 20x slower with two threads on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _objective(kind, seed, dtype):
+    """f(list of tensors) -> loss tensor, and the initial values (torch tensors)."""
+    g = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=g, dtype=dtype) for s in SHAPES]
+    if kind == "rosenbrock":
+        scale = torch.rand(N - 1, generator=g, dtype=dtype) + 0.5
+
+        def f(ps):
+            x = torch.cat([p.reshape(-1) for p in ps])
+            return (scale * ((1 - x[:-1]) ** 2 + 10 * (x[1:] - x[:-1] ** 2) ** 2)).sum()
+    else:  # L2-regularised logistic regression, a bias and the other params as odd-shaped weight blocks
+        X = torch.randn(60, N, generator=g, dtype=dtype)
+        y = (torch.rand(60, generator=g, dtype=dtype) < 0.5).to(dtype)
+
+        def f(ps):
+            w = torch.cat([p.reshape(-1) for p in ps])
+            z = X @ w
+            return torch.nn.functional.binary_cross_entropy_with_logits(z, y) + 1e-2 * (w * w).sum()
+    return f, init
+
+
+def _numpy_closure(f, arrays, unused=()):
+    """The NumPy class's closure: loss and grads of f at the arrays' current values (via torch autograd)."""
+    def closure():
+        ps = [torch.tensor(a, requires_grad=True) for a in arrays]
+        loss = f(ps)
+        loss.backward()
+        return loss.item(), [None if i in unused else p.grad.numpy() for i, p in enumerate(ps)]
+    return closure
+
+
+def _torch_closure(opt, f, ps):
+    def closure():
+        opt.zero_grad()
+        loss = f(ps)
+        loss.backward()
+        return loss
+    return closure
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def _flat(arrays):
+    return np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in arrays])
+
+
+def _same_counters(torch_state, state):
+    assert torch_state["func_evals"] == state["func_evals"]
+    assert torch_state["n_iter"] == state["n_iter"]
+
+
+_CASES = [(steps, options, kind, ls, False) for steps, options in CONFIGS for kind in ("rosenbrock", "logreg")
+          for ls in (None, "strong_wolfe")]
+# the compiled one-pass axpy, forced on small vectors (AXPY_KERNEL_MIN = 0)
+_CASES += [(steps, options, kind, ls, True) for steps, options in CONFIGS[::2] for kind in ("rosenbrock", "logreg")
+           for ls in (None, "strong_wolfe")]
+
+
+@pytest.mark.parametrize("steps,options,kind,line_search_fn,kernel", _CASES)
+def test_numpy_class_matches_torch_float64(kind, line_search_fn, steps, options, kernel, monkeypatch):
+    if kernel:
+        monkeypatch.setattr(lbfgs_mod, "AXPY_KERNEL_MIN", 0)   # the compiled one-pass axpy on small vectors
+    f, init = _objective(kind, 1 + len(options) + steps, torch.float64)
+    tp = [t.clone().requires_grad_() for t in init]
+    topt = torch.optim.LBFGS(tp, line_search_fn=line_search_fn, **options)
+    arrays = [t.numpy().copy() for t in init]
+    opt = fastopt.LBFGS(arrays, line_search_fn=line_search_fn, **options)
+    assert opt._vec._kernel is kernel
+    for _ in range(steps):
+        lt = topt.step(_torch_closure(topt, f, tp))
+        ln = opt.step(_numpy_closure(f, arrays))
+        assert ln == pytest.approx(lt.item(), rel=1e-9, abs=1e-12)
+        assert _rel(_flat(arrays), _flat([p.detach() for p in tp])) < 1e-9
+        _same_counters(topt.state[tp[0]], opt.state[0])
+    ts, s = topt.state[tp[0]], opt.state[0]
+    assert list(ts) == list(s)                     # torch's keys, in torch's order
+    assert len(ts["old_dirs"]) == len(s["old_dirs"]) <= options.get("history_size", 100)
+    for a, b in zip(ts["old_dirs"] + ts["old_stps"] + [ts["d"], ts["prev_flat_grad"]],
+                    s["old_dirs"] + s["old_stps"] + [s["d"], s["prev_flat_grad"]]):
+        assert b.dtype == np.float64 and b.shape == (N,)
+        assert _rel(b, a.numpy()) < 1e-7
+    assert type(ts["t"]) is type(s["t"]) or (isinstance(ts["t"], torch.Tensor) and isinstance(s["t"], np.float64))
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+@pytest.mark.parametrize("kind", ["rosenbrock", "logreg"])
+@pytest.mark.parametrize("steps,options", CONFIGS[:3])
+def test_torch_class_matches_torch_float64(kind, line_search_fn, steps, options):
+    f, init = _objective(kind, 100 + steps, torch.float64)
+    tp = [t.clone().requires_grad_() for t in init]
+    fp = [t.clone().requires_grad_() for t in init]
+    topt = torch.optim.LBFGS(tp, line_search_fn=line_search_fn, **options)
+    fopt = ft.LBFGS(fp, line_search_fn=line_search_fn, **options)
+    versions = [p._version for p in fp]
+    for _ in range(steps):
+        lt = topt.step(_torch_closure(topt, f, tp))
+        lf = fopt.step(_torch_closure(fopt, f, fp))
+        assert isinstance(lf, torch.Tensor) and lf.item() == pytest.approx(lt.item(), rel=1e-9, abs=1e-12)
+        assert _rel(_flat([p.detach() for p in fp]), _flat([p.detach() for p in tp])) < 1e-9
+        _same_counters(topt.state[tp[0]], fopt.state[fp[0]])
+    assert all(p._version > v for p, v in zip(fp, versions))
+    ts, fs = topt.state_dict(), fopt.state_dict()
+    assert ts["param_groups"] == fs["param_groups"]
+    assert list(ts["state"]) == list(fs["state"]) == [0]
+    assert list(ts["state"][0]) == list(fs["state"][0])
+    for key, value in ts["state"][0].items():
+        other = fs["state"][0][key]
+        assert type(value) is type(other), key
+        if isinstance(value, list):
+            assert len(value) == len(other) and all(type(a) is type(b) for a, b in zip(value, other)), key
+
+
+def test_float32_within_rounding():
+    """float32: both classes follow torch while the iterates are far from the tolerances (the dot products'
+    summation orders differ, so the trajectories agree to float32 rounding, amplified a little)."""
+    for line_search_fn in (None, "strong_wolfe"):
+        f, init = _objective("logreg", 7, torch.float32)
+        options = dict(max_iter=3, history_size=3, line_search_fn=line_search_fn)
+        tp = [t.clone().requires_grad_() for t in init]
+        fp = [t.clone().requires_grad_() for t in init]
+        arrays = [t.numpy().copy() for t in init]
+        topt, fopt, opt = torch.optim.LBFGS(tp, **options), ft.LBFGS(fp, **options), fastopt.LBFGS(arrays, **options)
+        for _ in range(3):
+            lt = topt.step(_torch_closure(topt, f, tp)).item()
+            lf = fopt.step(_torch_closure(fopt, f, fp)).item()
+            ln = opt.step(_numpy_closure(f, arrays))
+            assert lf == pytest.approx(lt, rel=1e-5) and ln == pytest.approx(lt, rel=1e-5)
+            ref = _flat([p.detach() for p in tp])
+            assert _rel(_flat([p.detach() for p in fp]), ref) < 1e-4
+            assert _rel(_flat(arrays), ref) < 1e-4
+            _same_counters(topt.state[tp[0]], opt.state[0])
+        assert opt.state[0]["d"].dtype == np.float32 and isinstance(opt.state[0]["ro"][0], np.float32)
+        assert fopt.state[fp[0]]["d"].dtype == torch.float32 and fopt.state[fp[0]]["ro"][0].dtype == torch.float32
+
+
+def test_large_vector_uses_one_pass_kernel():
+    """n >= AXPY_KERNEL_MIN: the compiled axpy (fastopt's SGD kernel) for the two-loop recursion and the
+    update, chosen by size; still torch's trajectory."""
+    n = lbfgs_mod.AXPY_KERNEL_MIN
+    assert lbfgs_mod.ParamVector([np.zeros(n - 1)])._kernel is False
+    assert lbfgs_mod.ParamVector([np.zeros(n - 5, np.float32), np.zeros(5, np.float32)])._kernel is True
+    g = torch.Generator().manual_seed(3)
+    c = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    x0 = torch.randn(n, generator=g, dtype=torch.float64)
+
+    def f(ps):
+        x = ps[0]
+        return 0.5 * (c * x * x).sum() - (b * x).sum() + 0.05 * (x ** 4).sum()
+    tp = [x0.clone().requires_grad_()]
+    arrays = [x0.numpy().copy()]
+    topt = torch.optim.LBFGS(tp, max_iter=4, history_size=3, line_search_fn="strong_wolfe")
+    opt = fastopt.LBFGS(arrays, max_iter=4, history_size=3, line_search_fn="strong_wolfe")
+    assert opt._vec._kernel
+    for _ in range(2):
+        lt = topt.step(_torch_closure(topt, f, tp))
+        ln = opt.step(_numpy_closure(f, arrays))
+        assert ln == pytest.approx(lt.item(), rel=1e-9)
+        assert _rel(arrays[0], tp[0].detach().numpy()) < 1e-9
+
+
+def test_grad_none_and_non_contiguous_params():
+    """A param whose gradient is None is a zero gradient (torch's _gather_flat_grad); a Fortran-ordered
+    NumPy param is updated in logical order."""
+    f0, init = _objective("logreg", 11, torch.float64)
+    unused = 3
+
+    def f(ps):
+        return f0([p if i != unused else p.detach() * 0 + 1 for i, p in enumerate(ps)])
+    tp = [t.clone().requires_grad_() for t in init]
+    fp = [t.clone().requires_grad_() for t in init]
+    arrays = [np.asfortranarray(t.numpy().copy()) for t in init]
+    assert not arrays[0].flags.c_contiguous
+    topt = torch.optim.LBFGS(tp, max_iter=4, history_size=3)
+    fopt = ft.LBFGS(fp, max_iter=4, history_size=3)
+    opt = fastopt.LBFGS(arrays, max_iter=4, history_size=3)
+    for _ in range(5):
+        topt.step(_torch_closure(topt, f, tp))
+        fopt.step(_torch_closure(fopt, f, fp))
+        opt.step(_numpy_closure(f, arrays, unused=(unused,)))
+        assert tp[unused].grad is None and fp[unused].grad is None
+        ref = _flat([p.detach() for p in tp])
+        assert _rel(_flat([p.detach() for p in fp]), ref) < 1e-9
+        assert _rel(_flat(arrays), ref) < 1e-9
+    assert np.array_equal(arrays[unused], init[unused].numpy())  # a zero gradient never moves it
+
+
+def test_complex_param_torch_class():
+    g = torch.Generator().manual_seed(5)
+    z0 = torch.randn(4, generator=g, dtype=torch.complex128)
+    w0 = torch.randn(3, generator=g, dtype=torch.float64)
+    target = torch.randn(4, generator=g, dtype=torch.complex128)
+
+    def f(ps):
+        z, w = ps
+        return ((z - target).abs() ** 2).sum() + (w ** 2).sum() * (1 + (z.real ** 2).sum())
+    tp = [z0.clone().requires_grad_(), w0.clone().requires_grad_()]
+    fp = [z0.clone().requires_grad_(), w0.clone().requires_grad_()]
+    topt = torch.optim.LBFGS(tp, max_iter=5, line_search_fn="strong_wolfe")
+    fopt = ft.LBFGS(fp, max_iter=5, line_search_fn="strong_wolfe")
+    for _ in range(3):
+        topt.step(_torch_closure(topt, f, tp))
+        fopt.step(_torch_closure(fopt, f, fp))
+        for a, b in zip(fp, tp):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def _tensors_to_numpy(value):
+    if isinstance(value, list):
+        return [_tensors_to_numpy(v) for v in value]
+    return value.numpy() if isinstance(value, torch.Tensor) and value.dim() else (
+        value.numpy()[()] if isinstance(value, torch.Tensor) else value)
+
+
+def _numpy_to_tensors(value):
+    if isinstance(value, list):
+        return [_numpy_to_tensors(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, np.generic):
+        return torch.tensor(value)
+    return value
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_state_dict_interchange_mid_run(line_search_fn):
+    """torch -> fastopt.torch, fastopt.torch -> torch, torch -> fastopt (NumPy) and back, mid-run: each
+    continuation follows the uninterrupted torch run."""
+    f, init = _objective("rosenbrock", 21, torch.float64)
+    options = dict(max_iter=3, history_size=4, line_search_fn=line_search_fn)
+
+    def torch_run(steps, ps=None, sd=None):
+        ps = ps if ps is not None else [t.clone().requires_grad_() for t in init]
+        opt = torch.optim.LBFGS(ps, **options)
+        if sd is not None:
+            opt.load_state_dict(sd)
+        for _ in range(steps):
+            opt.step(_torch_closure(opt, f, ps))
+        return ps, opt
+
+    ref, _ = torch_run(8)
+    ref = _flat([p.detach() for p in ref])
+    # torch for 4 steps, then fastopt.torch for 4
+    ps, topt = torch_run(4)
+    fopt = ft.LBFGS(ps, **options)
+    fopt.load_state_dict(copy.deepcopy(topt.state_dict()))
+    for _ in range(4):
+        fopt.step(_torch_closure(fopt, f, ps))
+    assert _rel(_flat([p.detach() for p in ps]), ref) < 1e-9
+    # fastopt.torch for 4 steps, then torch for 4
+    ps = [t.clone().requires_grad_() for t in init]
+    fopt = ft.LBFGS(ps, **options)
+    for _ in range(4):
+        fopt.step(_torch_closure(fopt, f, ps))
+    ps, _ = torch_run(4, ps, copy.deepcopy(fopt.state_dict()))
+    assert _rel(_flat([p.detach() for p in ps]), ref) < 1e-9
+    # torch for 4 steps, then the NumPy class (it reads the CPU tensors) for 2, then torch again for 2
+    ps, topt = torch_run(4)
+    arrays = [p.detach().numpy().copy() for p in ps]
+    opt = fastopt.LBFGS(arrays, **options)
+    opt.load_state_dict(copy.deepcopy(topt.state_dict()))
+    for _ in range(2):
+        opt.step(_numpy_closure(f, arrays))
+    sd = opt.state_dict()
+    assert all(isinstance(a, np.ndarray) for a in sd["state"][0]["old_dirs"])
+    sd = {"state": {0: {k: _numpy_to_tensors(v) for k, v in sd["state"][0].items()}},
+          "param_groups": sd["param_groups"]}
+    ps, _ = torch_run(2, [torch.tensor(a, requires_grad=True) for a in arrays], sd)
+    assert _rel(_flat([p.detach() for p in ps]), ref) < 1e-9
+
+
+def test_numpy_state_dict_is_a_copy_and_round_trips():
+    f, init = _objective("logreg", 31, torch.float64)
+    arrays = [t.numpy().copy() for t in init]
+    opt = fastopt.LBFGS(arrays, max_iter=3, history_size=3)
+    assert opt.state_dict() == {"state": {}, "param_groups": [{**opt.defaults, "params": list(range(len(SHAPES)))}]}
+    for _ in range(3):
+        opt.step(_numpy_closure(f, arrays))
+    sd = opt.state_dict()
+    sd["state"][0]["d"][:] = 123.0   # a copy: the optimizer's state is not touched
+    assert not np.any(opt.state[0]["d"] == 123.0)
+    sd = opt.state_dict()
+    arrays2 = [a.copy() for a in arrays]
+    opt2 = fastopt.LBFGS(arrays2, max_iter=1)
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["max_iter"] == 3 and opt2.param_groups[0]["params"][0] is arrays2[0]
+    for _ in range(3):
+        opt.step(_numpy_closure(f, arrays))
+        opt2.step(_numpy_closure(f, arrays2))
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, arrays2))
+    assert opt.zero_grad() is None
+
+
+def _bytes(arrays):
+    return [np.asarray(a).tobytes() for a in arrays]
+
+
+def test_bad_arguments_raise_like_torch():
+    p = [np.zeros(3)]
+    t = [torch.zeros(3, requires_grad=True)]
+    for cls, params in ((torch.optim.LBFGS, t), (ft.LBFGS, t), (fastopt.LBFGS, p)):
+        with pytest.raises(ValueError, match="Invalid learning rate: -0.5"):
+            cls(params, lr=-0.5)
+        other = [np.zeros(2)] if cls is fastopt.LBFGS else [torch.zeros(2, requires_grad=True)]
+        with pytest.raises(ValueError, match=r"LBFGS doesn't support per-parameter options \(parameter groups\)"):
+            cls([{"params": params}, {"params": other}])
+    for cls in (torch.optim.LBFGS, ft.LBFGS):
+        with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+            cls(t, lr=torch.ones(2))
+    # torch accepts a bogus line search at construction and refuses it in step(): so does fastopt.torch, before
+    # calling the closure; the NumPy class refuses it at once, naming the argument
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = (t[0] - 1).pow(2).sum()
+        loss.backward()
+        return loss
+    fopt = ft.LBFGS(t, line_search_fn="bogus")
+    with pytest.raises(RuntimeError, match="only 'strong_wolfe' is supported"):
+        fopt.step(closure)
+    assert calls == [] and not fopt.state and torch.equal(t[0], torch.zeros(3))
+    with pytest.raises(RuntimeError, match="only 'strong_wolfe' is supported"):
+        torch.optim.LBFGS(t, line_search_fn="bogus").step(closure)
+    with pytest.raises(ValueError, match="line_search_fn: 'bogus'"):
+        fastopt.LBFGS(p, line_search_fn="bogus")
+    for name, value, error in (("max_iter", 0, ValueError), ("history_size", 0, ValueError),
+                               ("max_eval", -1, ValueError), ("max_iter", 2.5, TypeError),
+                               ("tolerance_grad", float("nan"), ValueError), ("lr", "1", TypeError)):
+        with pytest.raises(error, match=name if name != "lr" else "lr must be a real number"):
+            fastopt.LBFGS(p, **{name: value})
+        fopt = ft.LBFGS(t)
+        fopt.param_groups[0][name] = value
+        calls.clear()
+        with pytest.raises(error):
+            fopt.step(closure)
+        assert calls == [] and not fopt.state[t[0]]
+    with pytest.raises(ValueError, match="empty parameter list"):
+        fastopt.LBFGS([])
+    with pytest.raises(TypeError, match="floating-point"):
+        fastopt.LBFGS([np.zeros(3, np.int64)])
+    ro = np.zeros(3)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        fastopt.LBFGS([ro])
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+@pytest.mark.parametrize("bad_call", [1, 2, 4])
+@pytest.mark.parametrize("bad", ["count", "shape", "dtype", "not-a-pair", "loss", "raises"])
+def test_bad_closure_result_leaves_everything_unchanged(bad, bad_call, line_search_fn):
+    """A malformed closure result (or an exception) at the first call or later in the step, after the
+    params moved: the params come back byte for byte, the state is the one before the step."""
+    f, init = _objective("rosenbrock", 41, torch.float64)
+    arrays = [t.numpy().copy() for t in init]
+    opt = fastopt.LBFGS(arrays, max_iter=4, history_size=3, line_search_fn=line_search_fn)
+    good = _numpy_closure(f, arrays)
+    opt.step(good)
+    before, state_before = _bytes(arrays), opt.state_dict()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss, grads = good()
+        if len(calls) < bad_call:
+            return loss, grads
+        if bad == "count":
+            return loss, grads[:-1]
+        if bad == "shape":
+            return loss, grads[:2] + [grads[2].reshape(1, 1)] + grads[3:]
+        if bad == "dtype":
+            return loss, [g.astype(np.float32) for g in grads]
+        if bad == "not-a-pair":
+            return loss
+        if bad == "loss":
+            return "x", grads
+        raise KeyError("user error")
+    with pytest.raises((TypeError, ValueError, KeyError)) as info:
+        opt.step(closure)
+    assert len(calls) == bad_call
+    assert bad != "raises" or info.type is KeyError
+    assert _bytes(arrays) == before
+    after = opt.state_dict()
+    assert after["state"][0].keys() == state_before["state"][0].keys()
+    for key, value in state_before["state"][0].items():
+        other = after["state"][0][key]
+        if isinstance(value, list):
+            assert len(value) == len(other) and all(
+                (np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b or a is b) for a, b in zip(value, other))
+        elif isinstance(value, np.ndarray):
+            assert np.array_equal(value, other)
+        else:
+            assert value == other
+    opt.step(good)   # and it goes on
+
+
+def test_torch_closure_raising_mid_step_restores_params_and_state():
+    f, init = _objective("rosenbrock", 51, torch.float64)
+    fp = [t.clone().requires_grad_() for t in init]
+    fopt = ft.LBFGS(fp, max_iter=4)
+    fopt.step(_torch_closure(fopt, f, fp))
+    before = [p.detach().clone() for p in fp]
+    state = copy.deepcopy(fopt.state_dict())
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return _torch_closure(fopt, f, fp)()
+    version = fp[0]._version
+    with pytest.raises(RuntimeError, match="boom"):
+        fopt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(fp, before))
+    assert fp[0]._version > version          # the params were written (and put back)
+    after = fopt.state_dict()["state"][0]
+    assert after["func_evals"] == state["state"][0]["func_evals"]
+    assert all(torch.equal(a, b) for a, b in zip(after["old_dirs"], state["state"][0]["old_dirs"]))
+    assert torch.equal(after["d"], state["state"][0]["d"])
+
+
+def test_load_state_dict_checks_before_changing():
+    f, init = _objective("logreg", 61, torch.float64)
+    arrays = [t.numpy().copy() for t in init]
+    opt = fastopt.LBFGS(arrays, max_iter=2)
+    opt.step(_numpy_closure(f, arrays))
+    sd = opt.state_dict()
+    good = opt.state_dict()
+    bad = copy.deepcopy(sd)
+    bad["state"][0]["old_dirs"] = [np.zeros(N + 1)]
+    with pytest.raises(ValueError, match=r"state 'old_dirs'\[0\] must be a vector of %d elements" % N):
+        opt.load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="Invalid learning rate: -1.0"):
+        opt.load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["params"] = [0]
+    with pytest.raises(ValueError, match="1 params"):
+        opt.load_state_dict(bad)
+    now = opt.state_dict()
+    assert now["param_groups"] == good["param_groups"]
+    assert np.array_equal(now["state"][0]["prev_flat_grad"], good["state"][0]["prev_flat_grad"])
+
+
+def test_autograd_version_counter():
+    """A graph that saved a param before the step raises instead of giving a wrong gradient, as with torch."""
+    f, init = _objective("logreg", 71, torch.float64)
+    for cls in (torch.optim.LBFGS, ft.LBFGS):
+        ps = [t.clone().requires_grad_() for t in init]
+        opt = cls(ps, max_iter=2)
+        saved = (ps[0] * ps[0]).sum()
+        opt.step(_torch_closure(opt, f, ps))
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saved.backward()
+
+
+def test_spec_and_exports():
+    spec = fastopt.specs.COMPOSITE["lbfgs"]
+    assert spec.class_name == "LBFGS" and spec.torch_class == "LBFGS"
+    import inspect
+    torch_sig = inspect.signature(torch.optim.LBFGS.__init__)
+    assert {k: v.default for k, v in torch_sig.parameters.items() if k not in ("self", "params")} == spec.defaults()
+    ours = inspect.signature(ft.LBFGS.__init__).parameters
+    assert [(k, v.default, v.kind) for k, v in ours.items()] == [
+        (k, v.default, v.kind) for k, v in torch_sig.parameters.items()]
+    assert issubclass(ft.LBFGS, torch.optim.Optimizer)
+    assert "LBFGS" in fastopt.__all__ and "LBFGS" in ft.__all__
