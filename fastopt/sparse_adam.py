@@ -492,6 +492,9 @@ class SparseAdam:
         unknown = set(group) - set(_GROUP_KEYS) - {"params"}
         if unknown:
             raise TypeError(f"{where}unknown SparseAdam option(s) {sorted(unknown)}; it takes {list(_GROUP_KEYS)}")
+        missing = [k for k in _GROUP_KEYS if k not in group]
+        if missing:
+            raise ValueError(f"{where}missing option(s) {missing}")
         out["lr"] = _hyper("lr", group["lr"])
         out["betas"] = _check_betas(group["betas"], where)
         out["eps"] = _hyper("eps", group["eps"])
@@ -617,9 +620,6 @@ class SparseAdam:
                 raise ValueError(f"state_dict param_groups[{gi}] has {len(saved['params'])} params, the optimizer's "
                                  f"group has {len(live['params'])}")
             options = {k: v for k, v in saved.items() if k != "params"}
-            missing = [k for k in _GROUP_KEYS if k not in options]
-            if missing:
-                raise ValueError(f"state_dict param_groups[{gi}] lacks {missing}")
             group = self._checked_group(options, f"state_dict param_groups[{gi}]: ")
             group["params"] = live["params"]
             new_groups.append(group)
@@ -653,7 +653,7 @@ class SparseAdam:
                 if tuple(host.shape) != tuple(p.shape):
                     raise ValueError(f"{where}['{name}'] has shape {tuple(host.shape)} but params[{i}] has shape "
                                      f"{tuple(p.shape)}")
-                if np.dtype(host.dtype).kind not in "fV" and np.dtype(host.dtype).name not in _FLOAT_NAMES:
+                if np.dtype(host.dtype).name not in _FLOAT_NAMES:
                     raise TypeError(f"{where}['{name}'] must be a float array, got dtype {host.dtype}")
                 arrays[name] = host
             new_state[i] = (int(count), arrays)
