@@ -16,32 +16,42 @@ Update rule (per param, t its own step count, as torch; fastopt.specs.ADAFACTOR.
     ndim < 2:  variance = lerp(variance, g^2, w);  V = variance
     U = g * rsqrt(max(V, eps1^2));  p -= alpha / max(1, RMS(U) / d) * U
 
-with torch's order of operations and roundings: the row/col means as torch's norm, squared, divided by
-the length; lerp as torch's (w < 0.5: a + w (b - a), else b + (w - 1)(b - a)); V as (r * c) / rm; the
-norms of p and U in float64 (torch accumulates in double on the CPU) and rounded to the dtype; eps1 None:
-finfo(dtype).eps of the group's FIRST param with a gradient, used for the whole group (torch rebinds eps1
-in its loop: in a group mixing float32 and float64 params the float64 ones get float32's eps, as torch).
+torch's order of operations (step count, beta2_t, rho, alpha from the param BEFORE the decay, decoupled
+decay, the factors, the clipping by d, the update; Python-float host arithmetic as torch's .item() path,
+norms rounded to the dtype as torch's tensors report them); the row/col means as torch's norm, squared,
+divided by the length; lerp with torch's two branches (w < 0.5: a + w (b - a), else b + (w - 1)(b - a)).
+Where the arithmetic is rearranged for speed (U from per-row and per-column rsqrt factors, RMS(U) in
+closed form, the step coefficient folded into the row factor), results differ from torch's by a few ulps
+(float64: ~1e-15 relative after 50 steps; the tests require 1e-9). eps1 None: finfo(dtype).eps of the
+group's FIRST param with a gradient, used for the whole group (torch rebinds eps1 in its loop: in a group
+mixing float32 and float64 params the float64 ones get float32's eps, as in torch).
 State (torch's names and shapes): "step" (the count), "row_var" (..., m, 1) and "col_var" (..., 1, n) for
 ndim >= 2: m + n floats per matrix; "variance" (the param's shape) for 0-d and 1-D params.
 
-Cost model (bytes per element per step, s = itemsize: 4 for float32, 8 for float64). Adafactor is not one
-elementwise pass: RMS(U) must be known before any p is written and U needs the row/col means of the whole
-matrix, so g is read three times. Each param is cut into cache-sized blocks (BLOCK_BYTES, whole matrices
-or row ranges) and every pass streams the blocks once; the block's temporaries (g^2, then U) live in one
-cache-resident workspace, never a param-sized temporary (torch's loop allocates four: the var estimate,
-rsqrt, U and g^2):
-    factored (ndim >= 2), 6 s: pass 1 reads g (row AND column sums of g^2 from the same block while it is
-        in cache: NumPy has no one-loop two-axis reduction, so the second reduction reads the block from
-        cache, not from memory: one pass over g in memory) and p (sum of squares for RMS(p));
-        pass 2 reads g (U rebuilt from the O(m + n) factors, sum of squares of U);
-        pass 3 reads g and p and writes p (U rebuilt, decay and update). 24 B/elem float32.
-    vector (ndim < 2), 8 s: pass 1 reads g, p and the variance, writes the variance; pass 2 reads g,
-        variance and p, writes p. 32 B/elem float32.
-A param that fits one block keeps its U in the workspace between the passes (no rebuild). Fewer passes
-need a compiled kernel (one fused reduction of rows and columns; U's norm and the update still need the
-factors first); that is future work (kernels/cpu is another engineer's). A non-contiguous param of
-ndim > 2 whose leading dims cannot be merged without a copy (e.g. a channels_last conv weight through
-fastopt.torch) runs as one block over its own strides, with a param-sized workspace.
+Cost model (bytes of memory traffic per element per step, s = itemsize: 4 for float32, 8 for float64).
+RMS(U) must be known before any p is written, and U needs the row/column means of the whole matrix, so
+the update cannot be one pass; each param is cut into cache-sized blocks (BLOCK_BYTES: whole matrices,
+or row ranges of one) and each pass streams the blocks once, with the block's temporaries (g^2, U) in
+one cache-resident workspace: never a param-sized temporary (torch's loop allocates four).
+    factored (ndim >= 2): 5 s (20 B/elem float32).
+        pass 1 reads g and p. Row AND column means of g^2 in ONE pass over g in memory: the block is
+        squared once into the workspace and both reductions read the square from cache (BLAS gemv for the
+        row sums; one gemm [1; 1/row_var]^T g^2 for the column sums and W_j = sum_i g_ij^2 / row_var_i,
+        the row factor being final once its row is summed). NumPy has no one-loop reduction over two axes,
+        so this is the fewest passes over g in memory it allows: one (in-cache sweeps: four). Then
+        sum(U^2) = sum_j rm W_j / col_var_j: RMS(U) without a pass over U. Same sweep: sum of squares of p.
+        pass 3 reads g and p, writes p: U rebuilt from the O(m + n) factors, decay and update.
+        When a clamp applies (a zero row or column, V below eps1^2 somewhere, or nan/inf factors), the
+        closed form is not exact and pass 2 reads g once more for sum(U^2): 6 s.
+    vector (ndim < 2): 8 s (32 B/elem float32). pass 1 reads g, p and the variance, writes the variance
+        (sum(U^2) = sum(g^2 / v) from the same block); pass 3 reads g, variance and p, writes p.
+A param that fits one block (and, when a clamp applies, keeps its U between passes 2 and 3) reads its
+arrays from cache after pass 1. Fewer memory passes need compiled code: a fused kernel would still
+need pass 1 (the factors) before pass 3 (the update), so 5 s is the floor for this algorithm unless U or
+g^2 is stored (more bytes). kernels/cpu is another engineer's: the NumPy version is what ships. A
+non-contiguous param of ndim > 2 whose leading dims cannot be merged without a copy (e.g. a
+channels_last conv weight through fastopt.torch) runs as one block over its own strides, with a
+param-sized workspace. CuPy arrays run as one block per param (one launch per operation).
 
 Bad input raises before anything is written (hyperparameters of every group, every grad's kind, dtype
 and shape, state arrays, grads sharing memory with a param or a state): params and state are left
@@ -338,13 +348,8 @@ def update(p, g, state: Mapping, t: float, hp: Mapping, eps1: float, workspace: 
 
 
 def _update(p, g, state, w, rho, eps1, eps1sq, lr, wd, d, eps2, maximize, workspace, block, xp, dtype):
-    if p.ndim > 1:
-        state_arrays = (state["row_var"], state["col_var"])
-        sumsq_p, sumsq_u, blocks, views, u_kept = _factored_stats(p, g, *state_arrays, w, eps1, eps1sq,
-                                                                  workspace, block, xp, dtype)
-    else:
-        sumsq_p, sumsq_u, blocks, views, u_kept = _vector_stats(p, g, state["variance"], w, eps1sq, workspace,
-                                                                block, xp, dtype)
+    stats = _factored_stats if p.ndim > 1 else _vector_stats
+    sumsq_p, sumsq_u, blocks, scaled_u = stats(p, g, state, w, eps1, eps1sq, workspace, block, xp, dtype)
     numel = p.size
     alpha = max(eps2, _rounded(math.sqrt(sumsq_p), dtype) / (numel ** 0.5)) * rho
     denom = max(1.0, _rounded(math.sqrt(sumsq_u), dtype) / ((numel ** 0.5) * d))
@@ -352,65 +357,81 @@ def _update(p, g, state, w, rho, eps1, eps1sq, lr, wd, d, eps2, maximize, worksp
     if maximize:
         coef = -coef  # U of -g is -(U of g), exactly: the sign goes on the coefficient
     decay = dtype.type(1 - lr * wd) if wd != 0 else None
+    # pass 3: p = p * decay + coef * U, block by block
     for blk in blocks:
-        u, p_b = views(blk, u_kept)
+        u, p_b = scaled_u(blk, coef)
         if decay is not None:
             xp.multiply(p_b, decay, out=p_b)
-        xp.multiply(u, coef, out=u)
         xp.add(p_b, u, out=p_b)
 
 
-def _factored_stats(p, g, row_var, col_var, w, eps1, eps1sq, workspace, block, xp, dtype):
+def _factored_stats(p, g, state, w, eps1, eps1sq, workspace, block, xp, dtype):
     """Passes 1 and 2 of a param with ndim >= 2: the factors updated, sums of squares of p and of U;
-    returns them with the blocks and a function giving pass 3 its (U, p block) per block.
+    returns them with the blocks and scaled_u(block, coef) -> (coef * U, p) of a block, for pass 3.
 
     U = g * rsqrt(max(r c / rm, eps1^2)) is built as g * min(a_i b_j, cap) with a = rsqrt(r / rm) and
     b = rsqrt(c) computed once per row and column (rsqrt is monotone, so the clamp moves outside; cap =
-    rsqrt(eps1^2) in the dtype, torch's value for a clamped entry): no per-element sqrt or division. The
-    roundings differ from torch's (r c / rm, then rsqrt) by a few ulps."""
+    rsqrt(eps1^2) in the dtype, torch's value for a clamped entry): no per-element sqrt or division, and
+    the clamp itself is skipped when max(a) * max(b) <= cap (then no entry reaches it; a nan or inf in the
+    factors fails the test and takes the clamp, which propagates nan as torch's). In pass 3 coef goes into
+    a (O(m)). The roundings differ from torch's (r c / rm, then rsqrt, then * g, then * coef) by a few ulps."""
+    row_var, col_var = state["row_var"], state["col_var"]
     shape = p.shape
     m, n = shape[-2], shape[-1]
     L = p.size // (m * n)
-    mats = [_matrices(a, L, m, n) for a in (p, g)]
+    p3, g3 = _matrices(p, L, m, n), _matrices(g, L, m, n)
+    rv3, cv3 = _matrices(row_var, L, m, 1), _matrices(col_var, L, 1, n)
     rowsum = xp.empty(row_var.shape, dtype)
     colsum = xp.empty(col_var.shape, dtype)
-    if mats[0] is not None and mats[1] is not None:
-        p3, g3 = mats
-        r3, c3 = rowsum.reshape(L, m, 1), colsum.reshape(L, 1, n)  # contiguous: ours
+    wsum = xp.empty(col_var.shape, dtype)
+    if all(v is not None for v in (p3, g3, rv3, cv3)):
+        r3, c3, w3 = rowsum.reshape(L, m, 1), colsum.reshape(L, 1, n), wsum.reshape(L, 1, n)  # ours
         blocks = list(_blocks_3d(L, m, n, block))
         size = min(L, block // (m * n)) * m * n if m * n <= block else min(m, max(1, block // n)) * n
     else:  # leading dims that do not merge: one block over the param's own strides
-        p3, g3, r3, c3 = p, g, rowsum, colsum
+        p3, g3, rv3, r3, c3, w3 = p, g, row_var, rowsum, colsum, wsum
         blocks = [((Ellipsis,), (Ellipsis,), True)]
         size = p.size
     work = workspace.get(xp, dtype, size)
-    colpart = None
+    ones = xp.ones((n, 1), dtype)
+    lhs = xp.empty(2 * (size // n), dtype)  # [1; 1/row_var] of a block's rows
 
     def scratch(shape_b):
         return work[:math.prod(shape_b)].reshape(shape_b)
 
-    # pass 1: row and column sums of g^2 from one read of each block of g (the second reduction reads the
-    # block from cache); the sum of squares of p in the same sweep
+    # pass 1, from one read of each block of g (squared once into the cache-resident workspace, then read
+    # from cache): the row sums of g^2 (BLAS gemv) and, as the rows are then complete, the new row factor;
+    # in ONE gemm [1; 1/row_var]^T g^2: the column sums and W_j = sum_i g_ij^2 / row_var_i, from which
+    # sum(U^2) = sum_j rm W_j / col_var_j without a pass over U (when no clamp applies, see below);
+    # the sum of squares of p in the same sweep
     sumsq_p = 0.0
     for rows, cols, first in blocks:
         g_b = g3[rows]
         sq = scratch(g_b.shape)
         xp.multiply(g_b, g_b, out=sq)
-        xp.sum(sq, axis=-1, keepdims=True, out=r3[rows])
+        rs = r3[rows]
+        xp.matmul(sq, ones, out=rs)
+        xp.sqrt(rs, out=rs)                      # torch: norm over the row, squared, divided by n
+        xp.multiply(rs, rs, out=rs)
+        xp.divide(rs, dtype.type(n), out=rs)
+        rv = rv3[rows]
+        _lerp_into(rv, rs, w, dtype)
+        lead, k = rv.shape[:-2], rv.shape[-2]
+        left = lhs[:2 * math.prod(lead) * k].reshape(*lead, 2, k)
+        left[..., 0, :] = 1
+        xp.divide(dtype.type(1), rv[..., 0], out=left[..., 1, :])
+        both = xp.matmul(left, sq)               # (..., 2, n): O(n) per block
         if first:
-            xp.sum(sq, axis=-2, keepdims=True, out=c3[cols])
+            c3[cols] = both[..., 0:1, :]
+            w3[cols] = both[..., 1:2, :]
         else:
-            if colpart is None:
-                colpart = xp.empty((1, 1, n), dtype)
-            xp.sum(sq, axis=-2, keepdims=True, out=colpart)
-            c3[cols] += colpart
+            c3[cols] += both[..., 0:1, :]
+            w3[cols] += both[..., 1:2, :]
         sumsq_p += _sumsq(p3[rows])
-    # torch: norm over the dim, squared, divided by its length; then lerp into the factors
-    for s, length, var in ((rowsum, n, row_var), (colsum, m, col_var)):
-        xp.sqrt(s, out=s)
-        xp.multiply(s, s, out=s)
-        xp.divide(s, dtype.type(length), out=s)
-        _lerp_into(var, s, w, dtype)
+    xp.sqrt(colsum, out=colsum)
+    xp.multiply(colsum, colsum, out=colsum)
+    xp.divide(colsum, dtype.type(m), out=colsum)
+    _lerp_into(col_var, colsum, w, dtype)
     rm = xp.mean(row_var, axis=-2, keepdims=True)
     xp.maximum(rm, dtype.type(eps1), out=rm)
     # the per-row and per-column factors of rsqrt(V), into the sums' arrays (free now)
@@ -421,64 +442,102 @@ def _factored_stats(p, g, row_var, col_var, w, eps1, eps1sq, workspace, block, x
     xp.sqrt(col_var, out=b)
     xp.divide(dtype.type(1), b, out=b)
     cap = dtype.type(dtype.type(1) / np.sqrt(dtype.type(eps1sq)))  # torch's rsqrt of a clamped entry
+    clamp = not bool(dtype.type(float(xp.max(a))) * dtype.type(float(xp.max(b))) <= cap)
 
-    def build_u(rows, cols):
+    def build_u(rows, cols, a3):
         g_b = g3[rows]
         u = scratch(g_b.shape)
-        xp.multiply(r3[rows], c3[cols], out=u)
-        xp.minimum(u, cap, out=u)
+        xp.multiply(a3[rows], c3[cols], out=u)
+        if clamp:
+            xp.minimum(u, cap, out=u)
         xp.multiply(u, g_b, out=u)
         return u
 
-    # pass 2: RMS(U)
+    if not clamp:
+        # every factor finite and positive, no entry clamped: sum(U^2) = sum rm * W_j / col_var_j
+        xp.divide(wsum, col_var, out=wsum)
+        per = xp.sum(wsum, axis=-1, keepdims=True, dtype=np.float64)
+        return sumsq_p, float(xp.sum(per * rm)), blocks, _scaled_u_factory(blocks, build_u, r3, p3, xp, None)
+    # pass 2 (only when a clamp applies: a zero row or column, V below eps1^2, or nan/inf): RMS(U) from U
     sumsq_u = 0.0
     u = None
     for rows, cols, _ in blocks:
-        u = build_u(rows, cols)
+        u = build_u(rows, cols, r3)
         sumsq_u += _sumsq(u)
-    u_kept = u if len(blocks) == 1 else None
+    kept = u if len(blocks) == 1 else None  # one block: U is still in the workspace
+    return sumsq_p, sumsq_u, blocks, _scaled_u_factory(blocks, build_u, r3, p3, xp, kept, clamp=True)
 
-    def views(blk, kept):
+
+def _scaled_u_factory(blocks, build_u, r3, p3, xp, kept, clamp=False):
+    """scaled_u(block, coef) -> (coef * U of the block, p's block) for pass 3. Without a clamp coef goes
+    into the row factor (O(m)); with one, U is built (or kept from pass 2) and then scaled."""
+    scaled = {}
+
+    def scaled_u(blk, coef):
         rows, cols, _ = blk
-        return (kept if kept is not None else build_u(rows, cols)), p3[rows]
+        if kept is not None:
+            xp.multiply(kept, coef, out=kept)
+            return kept, p3[rows]
+        if clamp:  # the clamp comes before the scaling
+            u = build_u(rows, cols, r3)
+            xp.multiply(u, coef, out=u)
+            return u, p3[rows]
+        if "a" not in scaled:
+            scaled["a"] = xp.multiply(r3, coef)
+        return build_u(rows, cols, scaled["a"]), p3[rows]
 
-    return sumsq_p, sumsq_u, blocks, views, u_kept
+    return scaled_u
 
 
-def _vector_stats(p, g, variance, w, eps1sq, workspace, block, xp, dtype):
-    """Pass 1 of a param with ndim < 2: variance updated, sums of squares of p and U (U = g / sqrt(max(v,
-    eps1^2)): one rounding less than torch's rsqrt then multiply)."""
+def _vector_stats(p, g, state, w, eps1, eps1sq, workspace, block, xp, dtype):
+    """Pass 1 of a param with ndim < 2, block by block: g^2, the variance's lerp (torch's two branches),
+    sum(U^2) = sum(g^2 / max(v, eps1^2)) with no square root, and the sum of squares of p. Pass 3 builds
+    U = g / sqrt(max(v, eps1^2)) (one rounding less than torch's rsqrt then multiply). The max is skipped
+    for a block whose minimum is >= eps1^2 (a nan fails the test and takes the max, which propagates it as
+    torch's clamp)."""
+    variance = state["variance"]
     if p.ndim == 0:
         p, g, variance = p.reshape(1), g.reshape(1), variance.reshape(1)
     N = p.size
     size = min(block, N)
     work = workspace.get(xp, dtype, 2 * size)
     e2 = dtype.type(eps1sq)
+    wd = dtype.type(w)
+    small = abs(wd) < 0.5
+    coeff = wd if small else wd - dtype.type(1)
     blocks = [slice(k, min(N, k + size)) for k in range(0, N, size)]
-
-    def build_u(sl):
-        u = work[:sl.stop - sl.start]
-        xp.maximum(variance[sl], e2, out=u)
-        xp.sqrt(u, out=u)
-        xp.divide(g[sl], u, out=u)
-        return u
-
+    clamped = {}
     sumsq_p = sumsq_u = 0.0
-    u = None
     for sl in blocks:
-        g_b = g[sl]
-        sq = work[size:size + sl.stop - sl.start]
+        k = sl.stop - sl.start
+        g_b, v_b = g[sl], variance[sl]
+        sq, tmp = work[:k], work[size:size + k]
         xp.multiply(g_b, g_b, out=sq)
-        _lerp_into(variance[sl], sq, w, dtype)
-        u = build_u(sl)
-        sumsq_u += _sumsq(u)
+        # torch.lerp(v, g^2, w): w < 0.5: v + w (g^2 - v); else g^2 + (w - 1)(g^2 - v); g^2 kept
+        xp.subtract(sq, v_b, out=tmp)
+        xp.multiply(tmp, coeff, out=tmp)
+        xp.add(v_b if small else sq, tmp, out=v_b)
+        clamp = clamped[sl.start] = not bool(xp.min(v_b) >= e2)
+        if clamp:
+            xp.maximum(v_b, e2, out=tmp)
+            xp.divide(sq, tmp, out=tmp)
+        else:
+            xp.divide(sq, v_b, out=tmp)
+        sumsq_u += float(tmp.sum())  # pairwise within the block, float64 across blocks
         sumsq_p += _sumsq(p[sl])
-    u_kept = u if len(blocks) == 1 else None
 
-    def views(sl, kept):
-        return (kept if kept is not None else build_u(sl)), p[sl]
+    def scaled_u(sl, coef):
+        u = work[:sl.stop - sl.start]
+        if clamped[sl.start]:
+            xp.maximum(variance[sl], e2, out=u)
+            xp.sqrt(u, out=u)
+        else:
+            xp.sqrt(variance[sl], out=u)
+        xp.divide(g[sl], u, out=u)
+        xp.multiply(u, coef, out=u)
+        return u, p[sl]
 
-    return sumsq_p, sumsq_u, blocks, views, u_kept
+    return sumsq_p, sumsq_u, blocks, scaled_u
 
 
 # ---- the NumPy class --------------------------------------------------------------------------------

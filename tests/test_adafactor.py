@@ -358,3 +358,70 @@ def test_spec_and_exports():
     assert issubclass(ftorch.Adafactor, torch.optim.Optimizer)
     opt = fastopt.Adafactor([np.zeros(2)], lr=0.1)
     assert opt.zero_grad() is None and "lr: 0.1" in repr(opt)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("eps", [(None, 1e-3), (1e-3, 1e-3)])
+def test_clamps_and_non_finite_match_torch(dtype, eps):
+    """Zero rows and columns (factors 0: the eps1 clamps), tiny gradients (V below eps1^2), and a NaN/inf
+    gradient step that propagates as in torch (NaN where torch has NaN)."""
+    shapes = [(6, 5), (2, 4, 3), (9,), ()]
+    rng = np.random.default_rng(7)
+    init = _params(rng, dtype, shapes)
+    ref = [torch.tensor(a.copy(), requires_grad=True) for a in init]
+    npp = [a.copy() for a in init]
+    fto = [torch.tensor(a.copy(), requires_grad=True) for a in init]
+    topt = torch.optim.Adafactor(ref, eps=eps)
+    nopt = fastopt.Adafactor(npp, eps=eps)
+    fopt = ftorch.Adafactor(fto, eps=eps)
+    for t in range(8):
+        grads = []
+        for s in shapes:
+            g = np.asarray(rng.standard_normal(s) * (1e-5 if t % 2 else 1.0), dtype=dtype)
+            if len(s) > 1:
+                g[..., 0, :] = 0  # a zero row
+                g[..., :, 1] = 0  # a zero column
+            if t == 6 and len(s) == 1:
+                g[3] = np.nan
+            if t == 7 and len(s) == 3:
+                g[0, 0, 0] = np.inf
+            grads.append(g)
+        for ps in (ref, fto):
+            for p, g in zip(ps, grads):
+                p.grad = torch.tensor(g.copy())
+        topt.step()
+        fopt.step()
+        nopt.step(grads)
+        for k, (r, n, f) in enumerate(zip(ref, npp, fto)):
+            want = r.detach().numpy()
+            np.testing.assert_array_equal(np.isnan(n), np.isnan(want), err_msg=f"step {t} param {k}")
+            np.testing.assert_allclose(n, want, **TOL[dtype], err_msg=f"step {t} param {k}")
+            np.testing.assert_allclose(f.detach().numpy(), want, **TOL[dtype], err_msg=f"step {t} param {k}")
+    assert np.isnan(npp[2]).any() and not np.isnan(npp[0]).any()  # the NaN step was taken
+
+
+def test_mixed_dtype_group_takes_the_first_params_eps1():
+    """eps1=None: torch takes finfo(dtype).eps of the group's first param with a grad for the whole group;
+    with tiny gradients that eps1 decides the float64 param's update."""
+    rng = np.random.default_rng(8)
+    init = [np.asarray(rng.standard_normal((3, 4)), np.float32), rng.standard_normal((4, 5)), rng.standard_normal(6)]
+    ref = [torch.tensor(a.copy(), requires_grad=True) for a in init]
+    npp = [a.copy() for a in init]
+    topt, nopt = torch.optim.Adafactor(ref), fastopt.Adafactor(npp)
+    for t in range(6):
+        grads = [np.asarray(rng.standard_normal(a.shape) * 1e-6, a.dtype) for a in init]
+        for p, g in zip(ref, grads):
+            p.grad = torch.tensor(g.copy())
+        topt.step()
+        nopt.step(grads)
+    for k, (r, n) in enumerate(zip(ref, npp)):
+        np.testing.assert_allclose(n, r.detach().numpy(), **TOL[n.dtype.type], err_msg=str(k))
+    # the float64 params did take float32's eps1: with their own (2.2e-16) they would move differently
+    alone = [a.copy() for a in init[1:]]
+    solo = fastopt.Adafactor(alone)
+    rng = np.random.default_rng(8)
+    rng.standard_normal((3, 4)), rng.standard_normal((4, 5)), rng.standard_normal(6)
+    for t in range(6):
+        grads = [np.asarray(rng.standard_normal(a.shape) * 1e-6, a.dtype) for a in init]
+        solo.step(grads[1:])
+    assert not np.allclose(alone[0], npp[1], rtol=1e-9, atol=0)
