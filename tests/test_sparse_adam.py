@@ -492,3 +492,24 @@ def test_torch_other_layouts_match_torch(layout):
     assert mine.data_ptr() == ptr and mine.is_contiguous() == (not shape)
     torch.testing.assert_close(mine, ref, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(mo.state[mine]["exp_avg_sq"], ro.state[ref]["exp_avg_sq"], rtol=1e-9, atol=1e-12)
+
+
+def test_spec_signature_and_exports():
+    import inspect
+
+    spec = fastopt.specs.COMPOSITE["sparse_adam"]
+    assert spec.class_name == spec.torch_class == "SparseAdam" and spec.module == "sparse_adam"
+    torch_sig = inspect.signature(torch.optim.SparseAdam.__init__)
+    assert list(inspect.signature(fastopt.torch.SparseAdam.__init__).parameters) == list(torch_sig.parameters)
+    assert list(inspect.signature(fastopt.SparseAdam.__init__).parameters) == list(torch_sig.parameters)
+    defaults = {k: p.default for k, p in torch_sig.parameters.items() if p.default is not p.empty}
+    assert spec.defaults() == {"lr": defaults["lr"], "beta1": defaults["betas"][0], "beta2": defaults["betas"][1],
+                               "eps": defaults["eps"], "maximize": defaults["maximize"]}
+    assert fastopt.SparseAdam is sparse_adam_module.SparseAdam and fastopt.sparse_adam_step is sparse_adam_step
+    assert issubclass(fastopt.torch.SparseAdam, torch.optim.Optimizer)
+    assert "SparseAdam" in fastopt.__all__ and "SparseAdam" in fastopt.torch.__all__
+    opt = fastopt.SparseAdam([np.zeros(2)], lr=0.1)
+    assert opt.zero_grad() is None and "lr: 0.1" in repr(opt)
+    assert opt.state_dict() == {"state": {}, "param_groups": [
+        {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "maximize": False, "params": [0]}]}
+    assert torch.optim.SparseAdam([torch.zeros(2)], lr=0.1).state_dict() == opt.state_dict()
