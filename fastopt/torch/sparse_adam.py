@@ -14,10 +14,10 @@ current stream), together with views of the param and of its exp_avg / exp_avg_s
 {"step": int, "exp_avg", "exp_avg_sq"} per param, created on its first gradient; state_dict() /
 load_state_dict() are torch.optim.Optimizer's, so a torch.optim.SparseAdam state dict loads here and back.
 
-Differences from torch.optim.SparseAdam, all on bad input: every group is checked (dense gradients,
+Differences from torch.optim.SparseAdam. On bad input: every group is checked (dense gradients,
 hyperparameters, index ranges) before the first write, where torch raises midway with earlier params (and
-their step counts) already updated; a non-finite lr or eps is refused (torch runs with it). And a tensor lr
-is read as a Python float, where torch computes the step size in the tensor's dtype (float32 for
+their step counts) already updated; a non-finite lr or eps is refused (torch runs with it). A tensor lr is
+read as a Python float, where torch computes the step size in the tensor's dtype (float32 for
 torch.tensor(0.05): results then agree to about 1e-7 relative rather than to rounding).
 
 Layouts: a contiguous param is updated in its own storage. A param in another dense layout (a transposed
