@@ -26,13 +26,14 @@ as torch's conversion does. The momentum buffer and the param update stay in the
 they use torch's fused multiply-adds (torch's lerp and add(alpha=) are FMAs): the product and sum are formed
 in float64, exact but for the final rounding, so float32 buffers and params equal torch's bit for bit.
 
-Cost model. Per r x c matrix (r <= c) and step: ns_steps * (2 r^2 c + 2 r^3 + 2 r^2 c) = 2 * ns_steps * (3
-matmuls) flops (X X^T, G G, V X), which dominate; plus elementwise passes over memory: per iteration about 8
-over the r x c matrix (the bfloat16 rounding of X is 5 integer passes, a X and the sum 2), and per step about
-16 over the m x n param (the two lerps and the update with float64 temporaries, the normalisation and the
-first rounding). For GPT-2 shapes on two CPU cores the elementwise part is ~5-15 % of the matmuls; see
-bench/bench_muon.py. Work arrays are allocated once per (shape, dtype) and reused; the state is one buffer per
-param.
+Cost model. Per r x c matrix (r <= c) and step: ns_steps * (2 r^2 c + 2 r^3 + 2 r^2 c) flops, i.e.
+2 * ns_steps * (3 matmuls: X X^T, G G, V X) multiply-adds, which dominate; plus elementwise passes over
+memory: per iteration 7 over the r x c matrix (the bfloat16 rounding is 5 integer passes, a X and the sum 2;
+the r x r ones are smaller), and per step about 23 over the m x n param (the two lerps, 3 each, and the
+update, 2, through a float64 work array; the NaN mask, the norm, the division and two roundings of the
+input; the weight decay). The float32 passes of a 768 x 3072 matrix take ~0.5 ms each on one core against
+~35 ms for one of its matmuls, so the elementwise share is ~5-15 %; bench/bench_muon.py measures it. Work
+arrays are allocated once per (shape, dtype) and reused; the state is one buffer per param.
 
 Differences from torch.optim.Muon, on purpose: every check runs before the first write (torch raises
 ns_steps >= 100 or a bad coefficient tuple from inside step(), after updating earlier params), and those
@@ -204,8 +205,7 @@ def _lerp_into(out, start, end, weight, D):
         coef = weight if small else weight - 1.0
         xp.subtract(end, start, out=D)
     xp.multiply(D, coef, out=D)
-    xp.add(D, start if small else end, out=D)
-    xp.copyto(out, D, casting="same_kind")
+    xp.add(D, start if small else end, out=out, dtype=np.float64)  # the sum in float64, rounded once into out
 
 
 def _newton_schulz(w, coefficients, ns_steps, eps):
@@ -261,7 +261,7 @@ def muon_update(param, grad, buf, hp: dict, workspace: Workspace) -> None:
     nan = w["nan"]
     xp.not_equal(X, X, out=nan)
     _round_bf16(X, w["bits"])
-    if nan.any():
+    if xp is not np or nan.any():  # on the GPU unconditionally: asking any() would wait for the device
         xp.copyto(X, np.float32("nan"), where=nan)
     out = _newton_schulz(w, hp["ns_coefficients"], hp["ns_steps"], hp["eps"])
     out = out.T if m > n else out
@@ -273,8 +273,7 @@ def muon_update(param, grad, buf, hp: dict, workspace: Workspace) -> None:
             xp.multiply(param, np.float32(decay), out=param)
         # add(update, alpha=) is an FMA in torch: alpha * update + param in float64 (exact), one rounding
         xp.multiply(out, float(np.float32(alpha)), out=D, dtype=np.float64)
-        xp.add(D, param, out=D)
-        xp.copyto(param, D, casting="same_kind")
+        xp.add(D, param, out=param, dtype=np.float64)
     else:
         if decay != 1.0:
             xp.multiply(param, decay, out=param)
