@@ -228,13 +228,18 @@ def _bounds(a):
     return lo, hi + a.itemsize
 
 
-def check_disjoint(written, read) -> None:
+def check_disjoint(written, read, cache=None) -> dict:
     """ValueError when an array that a step writes (params, state: (name, array) pairs) shares memory with
     another written one or with an array it reads (grads): the step reads each after writing the other.
-    One sort of the byte ranges (O(N log N)); NumPy's exact test only for ranges that overlap."""
+    One sort of the byte ranges (O(N log N)); NumPy's exact test only for ranges that overlap. `cache`:
+    the dict this returned last time, the written arrays' ranges by identity (an array's memory does not
+    move; the same params and state come back every step)."""
     items = []
+    new_cache = {}
     for k, (name, a) in enumerate(written):
-        b = _bounds(a)
+        hit = cache.get(id(a)) if cache else None
+        b = hit[1] if hit is not None and hit[0] is a else _bounds(a)
+        new_cache[id(a)] = (a, b)
         if b is not None:
             items.append((b[0], b[1], k, True, name, a))
     for k, (name, a) in enumerate(read):
@@ -252,6 +257,7 @@ def check_disjoint(written, read) -> None:
                 continue
             raise ValueError(f"{o[4]} and {it[4]} share memory: a step reads one after writing the other")
         active.append(it)
+    return new_cache
 
 
 class Workspace:
@@ -589,6 +595,7 @@ class Adafactor:
         self.param_groups: list[dict] = []
         self.state: dict[int, dict] = {}
         self._workspace = Workspace()
+        self._ranges: dict = {}  # check_disjoint's cache
         self._sizes: list[int] = []
         if isinstance(params, np.ndarray) or _is_cupy(params):
             raise TypeError("params must be a list of arrays or of param-group dicts, got one array: pass [array]")
@@ -677,7 +684,7 @@ class Adafactor:
                     written.append((name, p))
                     read.append((f"grads[{i}]", g))
                 i += 1
-        check_disjoint(written, read)
+        self._ranges = check_disjoint(written, read, self._ranges)
         return plan
 
     def step(self, grads) -> None:

@@ -356,6 +356,19 @@ def test_spec_and_exports():
     assert spec.defaults() == {k: v for k, v in BASE.items()}
     assert fastopt.Adafactor is core.Adafactor and ftorch.Adafactor.__module__ == "fastopt.torch.adafactor"
     assert issubclass(ftorch.Adafactor, torch.optim.Optimizer)
+    import inspect
+    ours, theirs = (inspect.signature(c.__init__).parameters for c in (ftorch.Adafactor, torch.optim.Adafactor))
+    assert [(q.name, q.kind, q.default) for q in ours.values()] == \
+        [(q.name, q.kind, q.default) for q in theirs.values()]
+    p = torch.ones(3, requires_grad=True)
+    topt = ftorch.Adafactor([p])
+    calls = []
+    topt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    topt.register_step_post_hook(lambda *a: calls.append("post"))
+    p.grad = torch.ones(3)
+    topt.step()
+    assert calls == ["pre", "post"] and list(topt.state_dict()["param_groups"][0]) == \
+        list(torch.optim.Adafactor([p]).state_dict()["param_groups"][0])
     opt = fastopt.Adafactor([np.zeros(2)], lr=0.1)
     assert opt.zero_grad() is None and "lr: 0.1" in repr(opt)
 

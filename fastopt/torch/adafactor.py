@@ -87,9 +87,21 @@ class Adafactor(torch.optim.Optimizer):
                 if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
 
+    def _view(self, t: torch.Tensor, views: dict):
+        """The array view of a param or state tensor, kept from the last step while the tensor keeps its
+        storage, shape and strides (`p.data = ...` or a loaded state makes a new one)."""
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        hit = self._views.get(id(t))
+        view = hit[2] if hit is not None and hit[0] is t and hit[1] == key else _array(t)
+        views[id(t)] = (t, key, view)
+        return view
+
     def _plan(self):
         """Every group's params with a grad, checked; nothing written (no state made yet)."""
         plan, written, read = [], [], []
+        views = {}
+        if not hasattr(self, "_views"):
+            self._views = {}
         for gi, group in enumerate(self.param_groups):
             hp = core.check_hyperparameters(_host_hyperparameters(group))
             eps1 = None
@@ -106,7 +118,7 @@ class Adafactor(torch.optim.Optimizer):
                 if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
                     raise ValueError(f"a grad ({g.dtype}, {tuple(g.shape)}, {g.device}) does not match its "
                                      f"param ({p.dtype}, {tuple(p.shape)}, {p.device})")
-                pa, ga = _array(p), _array(g)
+                pa, ga = self._view(p, views), _array(g)
                 core.check_param(pa, "a param")
                 state = self.state.get(p)
                 arrays = None
@@ -118,7 +130,7 @@ class Adafactor(torch.optim.Optimizer):
                         s = state.get(name)
                         if not isinstance(s, torch.Tensor) or s.device != p.device:
                             raise ValueError(f"param group {gi}: state '{name}' must be a tensor on {p.device}")
-                        arrays[name] = _array(s)
+                        arrays[name] = self._view(s, views)
                     core.check_state(arrays, pa, f"param group {gi}: state")
                     written += [(f"state '{k}'", a) for k, a in arrays.items()]
                 if eps1 is None:
@@ -126,7 +138,8 @@ class Adafactor(torch.optim.Optimizer):
                 plan.append((p, pa, ga, arrays, hp, eps1))
                 written.append(("a param", pa))
                 read.append(("a grad", ga))
-        core.check_disjoint(written, read)
+        self._ranges = core.check_disjoint(written, read, getattr(self, "_ranges", None))
+        self._views = views
         return plan
 
     @torch.no_grad()
