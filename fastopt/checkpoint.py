@@ -222,7 +222,10 @@ def save(path, opt, *, params=True) -> None:
     for i, entry in sd["state"].items():
         names = [k for k in entry if k != "step"]
         state_meta[str(i)] = {"step": entry["step"], "arrays": names}
-        members += [(f"state/{i}/{name}", entry[name]) for name in names]
+        bf16 = [name for name in names if _storable(entry[name]) is not entry[name]]
+        if bf16:  # bfloat16 state (state_dtype="bfloat16", a Kahan compensation): stored as its bits
+            state_meta[str(i)]["bfloat16"] = bf16
+        members += [(f"state/{i}/{name}", _storable(entry[name])) for name in names]
     nparams = 0
     if params:
         host = [_to_host(_writable_view(p, f"param {i}")) for i, p in enumerate(opt.params)]
@@ -364,6 +367,7 @@ def _parse(f, path):
         _fail(f"{path}: meta 'params' must be a count of params, got {_shown(nparams)}")
     expected = {"meta.npy": None}
     layout = {}
+    bf16_members = set()  # (param, state name) stored as bfloat16 bits
     for key, entry in state_meta.items():
         if not _INDEX.fullmatch(key):
             _fail(f"{path}: state key {key!r} is not a param number")
@@ -373,7 +377,12 @@ def _parse(f, path):
         if any(not isinstance(a, str) or not _MEMBER_NAME.fullmatch(a) or a == "step" for a in arrays) or len(
                 set(arrays)) != len(arrays):
             _fail(f"{path}: state of param {key} lists invalid array names {_shown(arrays)}")
+        bf16 = entry.get("bfloat16", [])
+        if not isinstance(bf16, list) or any(a not in arrays for a in bf16):
+            _fail(f"{path}: state of param {key} lists invalid bfloat16 arrays {_shown(bf16)}")
         layout[int(key)] = (entry["step"], arrays)
+        for a in bf16:
+            bf16_members.add((int(key), a))
         for a in arrays:
             expected[f"state/{key}/{a}.npy"] = (int(key), a)
     for i in range(nparams):
@@ -392,6 +401,8 @@ def _parse(f, path):
         array = _read_member(zf, by_name[name], f"{path}: {name[:-4]}")
         if where[0] == "param":
             params[where[1]] = array
+        elif where in bf16_members:
+            state[where[0]][where[1]] = _as_bfloat16(path, name[:-4], array)
         else:
             state[where[0]][where[1]] = array
     groups = [dict(g, betas=tuple(g["betas"])) if isinstance(g, dict) and isinstance(g.get("betas"), list) else g
@@ -412,14 +423,20 @@ def _storable(a):
 def _restored(path, i, a, dtypes):
     """A params member as the param's dtype: the uint16 bits of a bfloat16 param viewed as bfloat16."""
     if isinstance(dtypes, list) and i < len(dtypes) and dtypes[i] == "bfloat16":
-        if a.dtype != np.uint16:
-            _fail(f"{path}: params/{i} of a bfloat16 param has dtype {a.dtype}, expected its uint16 bits")
-        try:
-            import ml_dtypes
-        except ImportError:
-            _fail(f"{path} holds bfloat16 params: reading them needs the ml_dtypes package (pip install ml_dtypes)")
-        return a.view(ml_dtypes.bfloat16)
+        return _as_bfloat16(path, f"params/{i}", a, " param")
     return a
+
+
+def _as_bfloat16(path, member, a, what=""):
+    """The uint16 bits of a bfloat16 member (a param, or state saved with state_dtype="bfloat16"), viewed
+    as ml_dtypes' bfloat16."""
+    if a.dtype != np.uint16:
+        _fail(f"{path}: {member} of a bfloat16{what} has dtype {a.dtype}, expected its uint16 bits")
+    try:
+        import ml_dtypes
+    except ImportError:
+        _fail(f"{path} holds bfloat16 arrays: reading them needs the ml_dtypes package (pip install ml_dtypes)")
+    return a.view(ml_dtypes.bfloat16)
 
 
 def _read(path):

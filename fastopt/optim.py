@@ -76,7 +76,8 @@ from fastopt.backends import dispatch
 from fastopt.backends.dispatch import array_device, as_numpy, backend_for
 from fastopt.backends.interface import prepares_once
 from fastopt.clip import _check_bound, clip_coefficient
-from fastopt.functional import init_state
+from fastopt.functional import init_state, rounding_options, with_kahan
+from fastopt.precision import StochasticRounding
 from fastopt.schedules import is_schedule
 from fastopt.specs import PARAM, REGISTRY, REQUIRED, OptimizerSpec
 from fastopt.statedict import OptimizerState, check_array
@@ -140,10 +141,18 @@ class Optimizer:
     # ---- construction -------------------------------------------------------------------------
 
     def __init__(self, params: Iterable, defaults: dict, *, clip_grad_norm: float | None = None,
-                 skip_nonfinite: bool = False, backend: str | None = None):
+                 skip_nonfinite: bool = False, backend: str | None = None, state_dtype=None, kahan: bool = False,
+                 stochastic_rounding: bool = False, seed: int = 0):
         spec = self.spec
         if spec is None:
             raise TypeError("Optimizer is the base class; use fastopt.SGD, fastopt.Adam, ...")
+        # precision (DESIGN.md "Precision"): the states' storage, and how new 16-bit params are rounded; fixed
+        # for the optimizer's life (checked here, and per param group when its params arrive)
+        rounding_options(0, stochastic_rounding, seed, 0, kahan)
+        self._state_dtype = state_dtype
+        self._kahan = bool(kahan)
+        self._stochastic = bool(stochastic_rounding)
+        self._seed = int(seed)
         self.clip_grad_norm = clip_grad_norm
         self.skip_nonfinite = skip_nonfinite
         self._backend_name = None
@@ -163,6 +172,25 @@ class Optimizer:
         groups = self._as_groups(params)
         for group in groups:
             self.add_param_group(group)
+
+    @property
+    def state_dtype(self):
+        """The state_dtype= the optimizer was built with (None: float32 for 16-bit params, else theirs)."""
+        return self._state_dtype
+
+    @property
+    def kahan(self) -> bool:
+        """Whether 16-bit params keep a Kahan compensation (the state "kahan_comp")."""
+        return self._kahan
+
+    @property
+    def stochastic_rounding(self) -> bool:
+        """Whether new 16-bit params are rounded stochastically (keyed by `seed`, the step, the index)."""
+        return self._stochastic
+
+    @property
+    def seed(self) -> int:
+        return self._seed
 
     @property
     def clip_grad_norm(self) -> float | None:
@@ -292,7 +320,7 @@ class Optimizer:
         self._check_params([(b.params, b.indices) for bs in self._buckets for b in bs] + new_params)
         buckets = []
         for (bucket_params, indices), (dtype, local) in zip(new_params, by_dtype.items()):
-            states = init_state(self.spec.name, bucket_params, **self._state_options(hp))
+            states = self._new_states(bucket_params, hp, indices)
             is_device = array_device(bucket_params[0]) == "device"
             buckets.append(_Bucket(bucket_params, indices, local, states, dtype, is_device))
         self.param_groups.append(full)
@@ -317,6 +345,27 @@ class Optimizer:
     def _state_options(self, hp):
         """The hyperparameters that decide which states exist or what they start with (the spec knows)."""
         return {name: hp[name] for name in self.spec.state_options}
+
+    def _new_states(self, params, hp, indices=None) -> dict:
+        """init_state for params of one dtype with this optimizer's precision options (state_dtype, kahan:
+        a "kahan_comp" entry); ValueError naming the option when the params cannot take it (kahan and
+        stochastic_rounding are for 16-bit params), before anything is kept."""
+        label = f"params[{indices[0]}]" if indices else "params"
+        if self._stochastic:
+            if array_device(params[0], label) == "device":
+                raise NotImplementedError("stochastic_rounding=True is implemented for host (CPU) arrays; "
+                                          f"{label} is a GPU array")
+            dtype = np.dtype(params[0].dtype)
+            if not (dtype == np.float16 or dtype.name == "bfloat16"):
+                raise ValueError(f"stochastic_rounding=True is for float16 or bfloat16 params; {label} has dtype "
+                                 f"{dtype}")
+        try:
+            return init_state(self.spec.name, params, state_dtype=self._state_dtype, kahan=self._kahan,
+                              **self._state_options(hp))
+        except ValueError as e:  # init_state numbers the bucket's params from 0: name the optimizer's
+            if indices:
+                raise ValueError(str(e).replace("params[0]", label)) from None
+            raise
 
     # ---- hyperparameters ----------------------------------------------------------------------
 
@@ -513,7 +562,9 @@ class Optimizer:
         spec = self.spec
         for (gi, bucket, _, _, _), call in zip(plans, prepared):
             hp, t = hps[gi], self._group_steps[gi] + 1
-            if found_inf is None:
+            if self._stochastic:  # keyed by (seed, the group's step): element i of a param gets its own bits
+                bucket.backend.run(call, spec, hp, t, grad_scale, stochastic=StochasticRounding(self._seed, t))
+            elif found_inf is None:
                 bucket.backend.run(call, spec, hp, t, grad_scale)
             else:  # the kernels read the device flag and return at once on a skipped step
                 bucket.backend.run(call, spec, hp, t, grad_scale, found_inf=found_inf)
@@ -602,8 +653,7 @@ class Optimizer:
         """Allocate a state slot that a changed hyperparameter now needs (e.g. momentum set later)."""
         for name, used in zip(self.spec.states, self.spec.active_states(hp)):
             if used and name not in bucket.states:
-                bucket.states[name] = init_state(self.spec.name, bucket.params,
-                                                 **self._state_options(hp))[name]
+                bucket.states[name] = self._new_states(bucket.params, hp)[name]
 
     def _call_states(self, bucket, hp):
         """(state lists, argument names) of the bucket's kernel call for these hyperparameters; a state
@@ -611,9 +661,12 @@ class Optimizer:
         def state_for(name):
             if name in bucket.states:
                 return bucket.states[name]
-            return init_state(self.spec.name, bucket.params, **self._state_options(hp))[name]
+            return self._new_states(bucket.params, hp)[name]
 
-        return self.spec.plan_call(hp, state_for)
+        tail, names = self.spec.plan_call(hp, state_for)
+        if self._kahan:
+            return with_kahan(tail, names, bucket.states["kahan_comp"])
+        return tail, names
 
     def _plan(self, bucket, hp):
         """Fix the state lists and argument names of the bucket's kernel call for these hyperparameters."""
@@ -676,7 +729,8 @@ class Optimizer:
         for buckets in self._buckets:
             for bucket in buckets:
                 for j, i in enumerate(bucket.indices):
-                    states[i] = {name: bucket.states[name][j] for name in spec.states if name in bucket.states}
+                    states[i] = {name: bucket.states[name][j] for name in (*spec.states, "kahan_comp")
+                                 if name in bucket.states}
         return OptimizerState(optimizer=spec.name, hyperparameters=hps, steps=list(self._group_steps), lrs=lrs,
                               states=dict(sorted(states.items())), skipped_steps=self.skipped_steps)
 
@@ -702,7 +756,7 @@ class Optimizer:
                 needed = [name for name in active if name not in bucket.states]
                 new_slots = {}
                 if needed:
-                    fresh = init_state(spec.name, bucket.params, **self._state_options(hp))
+                    fresh = self._new_states(bucket.params, hp)
                     new_slots = {name: fresh[name] for name in needed}
                 slots = dict(bucket.states, **new_slots)
                 sources = []
@@ -752,6 +806,7 @@ class Optimizer:
                 lr = float(live["lr"](state.steps[gi]))
             self._last_lr[gi] = lr
             fills = self.spec.state_init(dict(hp, lr=lr))  # a fill may read lr (Rprop): the value, not a schedule
+            fills["kahan_comp"] = 0.0  # a compensation not saved (a state dict without kahan=True) starts at zero
             for bucket, new_slots, sources in plan.buckets[gi]:
                 bucket.states.update(new_slots)
                 for name, targets in bucket.states.items():
@@ -836,16 +891,18 @@ def _make_class(spec: OptimizerSpec):
     positional = [args[name] for name in spec.positional_hypers]
     keyword = [arg for name, arg in args.items() if name not in spec.positional_hypers]
     src = (f"def __init__(self, params, {', '.join(positional)}, *, {', '.join(keyword + [''])}clip_grad_norm=None, "
-           f"skip_nonfinite=False, backend=None):\n"
+           f"skip_nonfinite=False, backend=None, state_dtype=None, kahan=False, stochastic_rounding=False, seed=0):\n"
            f"    _Optimizer.__init__(self, params, {{{', '.join(pairs)}}}, clip_grad_norm=clip_grad_norm, "
-           f"skip_nonfinite=skip_nonfinite, backend=backend)\n")
+           f"skip_nonfinite=skip_nonfinite, backend=backend, state_dtype=state_dtype, kahan=kahan, "
+           f"stochastic_rounding=stochastic_rounding, seed=seed)\n")
     namespace = {"_Optimizer": Optimizer, "_REQUIRED": REQUIRED, "Iterable": Iterable, "Schedule": Schedule, **defaults}
     exec(compile(src, f"<fastopt.optim.{spec.class_name}>", "exec"), namespace)
     init = namespace["__init__"]
     init.__qualname__ = f"{spec.class_name}.__init__"
     init.__annotations__ = {"params": "Iterable", "lr": "float | Schedule",
                             **{h.name: "bool" if h.kind == "bool" else "float" for h in spec.hypers[1:]},
-                            "clip_grad_norm": "float | None", "skip_nonfinite": "bool", "backend": "str | None"}
+                            "clip_grad_norm": "float | None", "skip_nonfinite": "bool", "backend": "str | None",
+                            "state_dtype": "str | None", "kahan": "bool", "stochastic_rounding": "bool", "seed": "int"}
     if "beta1" in init.__annotations__:
         del init.__annotations__["beta1"], init.__annotations__["beta2"]
         init.__annotations__["betas"] = "tuple[float, float]"
@@ -858,7 +915,11 @@ def _make_class(spec: OptimizerSpec):
         doc.append(f"    {name}: {h.doc} ({default}).")
     doc += ["    lr may be a schedule: a callable (number of updates applied so far) -> lr.",
             "Options: clip_grad_norm (max global L2 norm, fused into the update), skip_nonfinite (skip",
-            "    steps with a NaN/Inf gradient, counted in skipped_steps), backend (force one)."]
+            "    steps with a NaN/Inf gradient, counted in skipped_steps), backend (force one).",
+            "Precision (DESIGN.md \"Precision\"; see fastopt.init_state and the *_step docstrings): state_dtype",
+            "    (\"float32\", \"bfloat16\", \"float16\" or the params' dtype), kahan=True (16-bit params: a",
+            "    Kahan compensation, the state \"kahan_comp\"), stochastic_rounding=True with seed= (16-bit params:",
+            "    the bits of (seed, the group's step, the element's index in its param))."]
     if spec.torch_class:
         doc.append(f"Matches torch.optim.{spec.torch_class}.")
     # spec.train_eval (schedule-free): train()/eval() and a step() that refuses eval mode (fastopt/train_eval.py)

@@ -138,7 +138,7 @@ def state_dict(opt) -> dict:
     group_of = [gi for gi, g in enumerate(opt.param_groups) for _ in g["params"]]
     for i, arrays in st.states.items():
         entry = {"step": st.steps[group_of[i]]}
-        for name in spec.states:
+        for name in (*spec.states, KAHAN):
             if name in arrays:
                 entry[name] = to_host(arrays[name])
         state[i] = entry
@@ -309,7 +309,7 @@ def _check_state(opt, state, new_hps):
     for key in state:
         if isinstance(key, (bool, np.bool_)) or not isinstance(key, numbers.Integral) or not 0 <= int(key) < n:
             _fail(f"state dict has state for param {_shown(key)} but the optimizer has params 0..{n - 1}")
-    known = opt.spec.states
+    known = opt.spec.states + ((KAHAN,) if getattr(opt, "kahan", False) else ())
     steps, arrays_of = [], {}
     index = 0
     for gi, live in enumerate(opt.param_groups):
@@ -439,6 +439,28 @@ def _require_torch_class(opt):
         raise ValueError(f"torch.optim has no {opt.spec.class_name}: no torch state dict to convert to or from")
 
 
+KAHAN = "kahan_comp"  # the state entry of the Kahan compensation (kahan=True)
+
+
+def _to_state_dtypes(opt, state) -> None:
+    """A torch state's float arrays converted to the optimizer's state dtypes (torch keeps the state of
+    bfloat16 params in bfloat16; fastopt in float32 or its state_dtype): widened exactly, or rounded to
+    nearest even (ml_dtypes' and NumPy's casts). Only between the 32- and 16-bit float types of 32- and
+    16-bit params; anything else (float64 params or state) is left to the checks."""
+    narrow = ("float32", "bfloat16", "float16")
+    params = opt.params
+    for i, entry in state.items():
+        if not isinstance(i, int) or not 0 <= i < len(params) or _dtype_name(params[i].dtype) not in narrow:
+            continue
+        live = opt.state_arrays(i)
+        for name, a in list(entry.items()):
+            target = live.get(name)
+            if target is None or not isinstance(a, np.ndarray) or a.dtype == target.dtype:
+                continue
+            if a.dtype.name in narrow and _dtype_name(target.dtype) in narrow:
+                entry[name] = a.astype(np.dtype(target.dtype))
+
+
 def to_torch_state_dict(opt) -> dict:
     """Reads the optimizer only (nothing to half-apply)."""
     torch = _torch()
@@ -459,7 +481,11 @@ def to_torch_state_dict(opt) -> dict:
             if spec.torch_step:
                 out["step"] = torch.tensor(float(t), dtype=torch.float32)
             for name, a in entry.items():
+                if name == KAHAN:  # torch keeps no compensation: its params are the rounded values
+                    continue
                 if name != "step":
+                    if a.dtype.itemsize == 2:  # 16-bit state: torch takes it widened (exactly) to float32
+                        a = a.astype(np.float32)
                     out[names.get(name, name)] = torch.from_numpy(a)
             if spec.torch_extra_state:
                 if hp is None:
@@ -585,6 +611,7 @@ def from_torch_state_dict(opt, sd: dict, step=None) -> None:
                       f"array: {e}")
             out[from_torch.get(name, name)] = array
         state[int(i)] = out
+    _to_state_dtypes(opt, state)
     if not spec.torch_step:  # torch keeps no step count (SGD): 1 when the group has state arrays, else 0
         for gi, g in enumerate(groups):
             has_buffers = any(any(k != "step" for k in state.get(i, {})) for i in g["params"])

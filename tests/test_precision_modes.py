@@ -274,3 +274,99 @@ def test_init_state_kahan_refuses_float32():
         fastopt.init_state("adam", [np.zeros(3, np.float32)], kahan=True)
     st = fastopt.init_state("adam", [np.zeros(3, BF16)], kahan=True)
     assert st["kahan_comp"][0].dtype == BF16 and not np.any(st["kahan_comp"][0].astype(np.float32))
+
+
+# ---- the classes: the same options, the same bits as the functional calls ----
+
+@pytest.mark.parametrize("mode", [dict(state_dtype="bfloat16"), dict(kahan=True), dict(stochastic_rounding=True, seed=7),
+                                  dict(state_dtype="bfloat16", kahan=True)], ids=lambda m: ",".join(m))
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+def test_class_equals_functional_calls(mode, backend, rng):
+    """Two groups (one of bf16 params, one of float16 and bfloat16 params with float32 grads), 6
+    steps: the class's params, states and compensation equal one functional call per param with the
+    group's step."""
+    shapes = [(5, 3), (1037,), (2,)]
+    dtypes = (BF16, BF16, BF16) if "state_dtype" in mode else (BF16, F16, BF16)  # bfloat16 state: bf16 params
+    params = [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
+    groups = [{"params": [params[0]]}, {"params": [params[1], params[2]], "lr": 0.02}]
+    opt = fastopt.AdamW(groups, lr=0.01, backend=backend, **mode)
+    ref = [p.copy() for p in params]
+    options = {k: mode[k] for k in ("state_dtype", "kahan") if k in mode}
+    states = [fastopt.init_state("adamw", [r], **options) for r in ref]
+    for t in range(1, 7):
+        grads = [rng.standard_normal(s).astype(d) for s, d in zip(shapes, (dtypes[0], F32, F32))]
+        opt.step(grads)
+        for i, (r, g, st) in enumerate(zip(ref, grads, states)):
+            rounding = {k: mode[k] for k in ("stochastic_rounding", "seed") if k in mode}
+            fastopt.adamw_step([r], [g], **st, step=t,
+                               lr=0.01 if i == 0 else 0.02, **rounding, backend=backend)
+    for i, (p, r, st) in enumerate(zip(params, ref, states)):
+        np.testing.assert_array_equal(bits(p), bits(r), err_msg=f"params[{i}]")
+        live = opt.state_arrays(i)
+        assert set(live) == set(st)
+        for k in st:
+            np.testing.assert_array_equal(bits(live[k]), bits(st[k][0]), err_msg=f"{k} of param {i}")
+
+
+def test_class_refuses_modes_that_do_not_fit(rng):
+    p32 = [rng.standard_normal(3).astype(F32)]
+    with pytest.raises(ValueError, match=r"kahan=True is for float16 or bfloat16 params .*params\[0\] has dtype float32"):
+        fastopt.Adam(p32, kahan=True)
+    with pytest.raises(ValueError, match=r"stochastic_rounding=True is for float16 or bfloat16 params; params\[0\] has "
+                                         r"dtype float32"):
+        fastopt.Adam(p32, stochastic_rounding=True)
+    with pytest.raises(ValueError, match=r"kahan and stochastic_rounding are mutually exclusive"):
+        fastopt.Adam([p32[0].astype(BF16)], kahan=True, stochastic_rounding=True)
+    with pytest.raises(ValueError, match=r"Invalid state_dtype: 'float16' for params\[0\] of dtype bfloat16"):
+        fastopt.Adam([p32[0].astype(BF16)], state_dtype="float16")
+    with pytest.raises(TypeError, match=r"seed must be an int, got 'x'"):
+        fastopt.Adam([p32[0].astype(BF16)], stochastic_rounding=True, seed="x")
+    opt = fastopt.Adam([p32[0].astype(BF16)], kahan=True)  # a float32 group added later: refused, nothing kept
+    with pytest.raises(ValueError, match=r"kahan=True is for float16 or bfloat16 params .*; params\[1\] has dtype float32"):
+        opt.add_param_group({"params": [np.zeros(2, F32)]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("mode", [dict(state_dtype="bfloat16", kahan=True), dict(stochastic_rounding=True, seed=3)],
+                         ids=lambda m: ",".join(m))
+def test_state_dict_and_checkpoint_round_trip(mode, tmp_path, rng):
+    """state_dict() / load_state_dict() and fastopt.save / load carry 16-bit state and the compensation:
+    a resumed run equals the uninterrupted one bit for bit; the torch state dict has no kahan_comp."""
+    shapes = [(4, 3), (300,)]
+    start = [rng.standard_normal(s).astype(BF16) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(BF16) for s in shapes] for _ in range(6)]
+
+    def fresh():
+        return [p.copy() for p in start]
+    a_params = fresh()
+    a = fastopt.Adam(a_params, lr=0.01, **mode)
+    for g in grads:
+        a.step(g)
+    b_params = fresh()
+    b = fastopt.Adam(b_params, lr=0.01, **mode)
+    for g in grads[:3]:
+        b.step(g)
+    sd = b.state_dict()
+    if mode.get("kahan"):
+        assert sd["state"][0]["kahan_comp"].dtype == BF16 and sd["state"][1]["exp_avg"].dtype == BF16
+    fastopt.save(tmp_path / "ck.npz", b)
+    c_params = fresh()
+    c = fastopt.Adam(c_params, lr=0.01, **mode)
+    c.load_state_dict(sd)
+    for target, saved in zip(c_params, b_params):
+        target[...] = saved
+    d_params = fresh()
+    d = fastopt.Adam(d_params, lr=0.01, **mode)
+    fastopt.load(tmp_path / "ck.npz", d)
+    for g in grads[3:]:
+        c.step(g)
+        d.step(g)
+    for x, y, z in zip(a_params, c_params, d_params):
+        np.testing.assert_array_equal(bits(x), bits(y))
+        np.testing.assert_array_equal(bits(x), bits(z))
+    for i in range(2):
+        for k, v in a.state_arrays(i).items():
+            np.testing.assert_array_equal(bits(v), bits(d.state_arrays(i)[k]), err_msg=k)
+    pytest.importorskip("torch")
+    tsd = a.torch_state_dict()
+    assert "kahan_comp" not in tsd["state"][0] and str(tsd["state"][0]["exp_avg"].dtype) == "torch.float32"

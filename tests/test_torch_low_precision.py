@@ -190,3 +190,86 @@ def test_cuda_float16_params_equal_the_cpu():
         torch.testing.assert_close(q.cpu().float(), p.float(), rtol=2 ** -10, atol=2 ** -14)
     with pytest.raises(TypeError, match="bfloat16"):
         ft.Adam([torch.zeros(3, device="cuda", dtype=torch.bfloat16, requires_grad=True)])
+
+
+MODES = {"bf16-state": dict(state_dtype="bfloat16"), "kahan": dict(kahan=True),
+         "stochastic": dict(stochastic_rounding=True, seed=11), "bf16-state-kahan": dict(state_dtype="bfloat16", kahan=True)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("spec", list(REGISTRY.values()), ids=lambda s: s.name)
+def test_precision_modes_equal_the_functional_api_bit_for_bit(spec, mode, rng):
+    """state_dtype=, kahan=True, stochastic_rounding=True on bfloat16 params (DESIGN.md "Precision"): 6
+    steps, one param skipped on some steps (its own count: the stochastic bits are keyed by it): params,
+    states and the compensation (state "kahan_comp") equal fastopt's functional API on NumPy copies."""
+    from fastopt.functional import apply_update
+    options = MODES[mode]
+    hp = _hp(spec)
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    ps = [torch.randn(s).to(torch.bfloat16).requires_grad_() for s in SHAPES]
+    ours = getattr(ft, spec.class_name)([{"params": ps[:3]}, {"params": ps[3:]}], **torch_kwargs(spec, hp), **options)
+    ref = [_to_numpy(p) for p in ps]
+    init = {k: v for k, v in options.items() if k in ("state_dtype", "kahan")}
+    states = [fastopt.init_state(spec.name, r, **{k: hp[k] for k in spec.state_options}, **init) for r in ref]
+    counts = [0] * len(ps)
+    for t in range(6):
+        for i, p in enumerate(ps):
+            p.grad = None if (i == 2 and t % 3 == 1) else (torch.randn(p.shape) * 0.3).to(torch.bfloat16)
+        ours.step()
+        for i, p in enumerate(ps):
+            if p.grad is None:
+                continue
+            counts[i] += 1
+            st = dict(states[i])
+            comp = st.pop("kahan_comp", None)
+            apply_update(spec, ref[i], _to_numpy(p.grad), tuple(st.get(s) for s in spec.states), dict(hp), counts[i],
+                         kahan_comp=comp, stochastic_rounding=options.get("stochastic_rounding", False),
+                         seed=options.get("seed", 0), key_step=counts[i] if spec.torch_step else t + 1)
+    for i, p in enumerate(ps):
+        assert _to_numpy(p).tobytes() == ref[i].tobytes(), i
+        st = ours.state.get(p, {})
+        for name, a in states[i].items():
+            tname = spec.torch_state_names.get(name, name)
+            assert tname in st or p.numel() == 0 or counts[i] == 0, (i, name)
+            if tname in st:
+                want = torch.bfloat16 if (name == "kahan_comp" or "state_dtype" in options) else torch.float32
+                assert st[tname].dtype == want, (i, name)
+                assert _to_numpy(st[tname]).tobytes() == a.tobytes(), (i, name)
+
+
+def test_precision_options_refused_clearly():
+    p32 = torch.zeros(3, requires_grad=True)
+    pb = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match=r"kahan=True is for float16 or bfloat16 params; got a float32 param"):
+        ft.Adam([p32], kahan=True)
+    with pytest.raises(ValueError, match=r"stochastic_rounding=True is for float16 or bfloat16 params"):
+        ft.Adam([p32], stochastic_rounding=True)
+    with pytest.raises(ValueError, match=r"kahan and stochastic_rounding are mutually exclusive"):
+        ft.Adam([pb], kahan=True, stochastic_rounding=True)
+    with pytest.raises(ValueError, match=r"Invalid state_dtype: 'float16' for a bfloat16 param \(its state may be "
+                                         r"float32 or bfloat16\)"):
+        ft.Adam([pb], state_dtype="float16")
+    with pytest.raises(TypeError, match=r"state_dtype must be one of float32, bfloat16, float16, float64"):
+        ft.Adam([pb], state_dtype="half-ish")
+
+
+def test_kahan_state_dict_loads_into_torch_optim_and_back():
+    """torch.optim ignores the extra "kahan_comp" entry of our state dict; a torch.optim state dict (no
+    compensation) loads here and the compensation starts at zero."""
+    torch.manual_seed(2)
+    a = torch.randn(10).to(torch.bfloat16).requires_grad_()
+    opt = ft.Adam([a], lr=1e-2, kahan=True)
+    for _ in range(3):
+        a.grad = torch.randn(10).to(torch.bfloat16)
+        opt.step()
+    assert opt.state[a]["kahan_comp"].dtype == torch.bfloat16 and bool(opt.state[a]["kahan_comp"].any())
+    b = a.detach().clone().requires_grad_()
+    topt = torch.optim.Adam([b], lr=1e-2)
+    topt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    b.grad = torch.randn(10).to(torch.bfloat16)
+    topt.step()
+    again = ft.Adam([a], lr=1e-2, kahan=True)
+    again.load_state_dict(copy.deepcopy(topt.state_dict()))
+    a.grad = torch.randn(10).to(torch.bfloat16)
+    again.step()
+    assert again.state[a]["kahan_comp"].dtype == torch.bfloat16 and float(again.state[a]["step"]) == 5.0

@@ -18,7 +18,8 @@ from fastopt.specs import REQUIRED, OptimizerSpec, shown
 IGNORED_FLAGS = {"foreach": None, "fused": None}
 REJECTED_FLAGS = {"capturable": "CUDA-graph capture", "differentiable": "autograd through the optimizer step"}
 # fastopt's own options, keyword-only, per optimizer (not per group)
-EXTRAS = {"clip_grad_norm": None, "skip_nonfinite": False}
+EXTRAS = {"clip_grad_norm": None, "skip_nonfinite": False, "state_dtype": None, "kahan": False,
+          "stochastic_rounding": False, "seed": 0}
 
 
 def beta_names(spec: OptimizerSpec) -> tuple[str, ...]:

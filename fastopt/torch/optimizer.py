@@ -17,6 +17,8 @@ import fastopt
 from fastopt.arrays import to_host
 from fastopt.backends.dispatch import backend_for
 from fastopt.clip import clip_coefficient
+from fastopt.functional import rounding_options, with_kahan
+from fastopt.precision import StochasticRounding
 from fastopt.specs import PARAM, OptimizerSpec, shown
 import fastopt.torch.arguments as arguments
 from fastopt.torch.plan import Bucket, Plan
@@ -34,6 +36,35 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """The dtype of a param's state tensors: float32 for 16-bit params, else the param's (the backends'
     rule, validate.HostArrays.state_dtype / device_arrays.state_dtype)."""
     return torch.float32 if param_dtype in SIXTEEN_BIT else param_dtype
+
+
+KAHAN = "kahan_comp"  # the state entry of the Kahan compensation (kahan=True), in the param's dtype
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "float64": torch.float64}
+
+
+def chosen_state_dtype(choice, param_dtype: torch.dtype, device_type: str = "cpu") -> torch.dtype:
+    """The dtype of a param's state tensors for state_dtype=`choice` (None: state_dtype(param_dtype));
+    the NumPy classes' rule (fastopt.init_state): float32 params keep float32, bfloat16 or float16 state,
+    16-bit params float32 or their own dtype, float64 params float64. ValueError naming state_dtype."""
+    if choice is None:
+        return state_dtype(param_dtype)
+    wanted = STATE_DTYPES.get(choice, choice) if isinstance(choice, str) else choice
+    if not isinstance(wanted, torch.dtype):
+        raise TypeError(f"state_dtype must be one of {', '.join(STATE_DTYPES)}, a torch dtype or None, got "
+                        f"{shown(choice)}")
+    own = param_dtype
+    ok = wanted == own or (wanted == torch.float32 and own != torch.float64) or (
+        own == torch.float32 and wanted in SIXTEEN_BIT)
+    if not ok:
+        allowed = {torch.float64: "float64", torch.float32: "float32, bfloat16 or float16"}.get(
+            own, f"float32 or {str(own).replace('torch.', '')}")
+        raise ValueError(f"Invalid state_dtype: {shown(choice)} for a {str(own).replace('torch.', '')} param (its "
+                         f"state may be {allowed})")
+    if device_type != "cpu" and wanted != state_dtype(param_dtype):
+        raise NotImplementedError("state_dtype= other than the default is implemented for CPU params; "
+                                  f"got a {device_type} param")
+    return wanted
 
 
 def grad_dtypes(param_dtype: torch.dtype) -> tuple:
@@ -70,8 +101,17 @@ class TorchOptimizer(torch.optim.Optimizer):
     # unscaling is fused into the update, and a step with an inf is skipped
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults: dict, clip_grad_norm=None, skip_nonfinite=False):
+    def __init__(self, params, defaults: dict, clip_grad_norm=None, skip_nonfinite=False, state_dtype=None,
+                 kahan=False, stochastic_rounding=False, seed=0):
         self.clip_grad_norm, self.skip_nonfinite = _check_extras(clip_grad_norm, skip_nonfinite)
+        # precision (DESIGN.md "Precision"): fixed for the optimizer's life, checked per param as it arrives
+        rounding_options(0, stochastic_rounding, seed, 0, kahan)
+        if state_dtype is not None and not isinstance(STATE_DTYPES.get(state_dtype, state_dtype)
+                                                      if isinstance(state_dtype, str) else state_dtype, torch.dtype):
+            chosen_state_dtype(state_dtype, torch.float32)  # the TypeError naming state_dtype (per param: _check_param)
+        self.state_dtype, self.kahan = state_dtype, bool(kahan)
+        self.stochastic_rounding, self.seed = bool(stochastic_rounding), int(seed)
+        self.rounding_steps = 0  # steps taken with stochastic rounding (the key of optimizers without a count)
         arguments.registry_hp(self.spec, defaults)  # torch checks its defaults in the constructor too
         self.skipped_steps = 0
         self._fastopt_entries: dict = {}   # id(param) -> ParamEntry
@@ -115,8 +155,19 @@ class TorchOptimizer(torch.optim.Optimizer):
                 state[spec.torch_state_names.get(name, name)] = self._new_state(spec, hp, name, p)
         return state
 
+    def _check_param(self, p):
+        self._check_kernel_param(p)
+        chosen_state_dtype(self.state_dtype, p.dtype, p.device.type)
+        if (self.kahan or self.stochastic_rounding) and p.dtype not in SIXTEEN_BIT:
+            option = "kahan=True" if self.kahan else "stochastic_rounding=True"
+            raise ValueError(f"{option} is for float16 or bfloat16 params; got a {str(p.dtype).replace('torch.', '')} "
+                             f"param of shape {tuple(p.shape)}")
+        if (self.kahan or self.stochastic_rounding) and p.device.type != "cpu":
+            option = "kahan=True" if self.kahan else "stochastic_rounding=True"
+            raise NotImplementedError(f"{option} is implemented for CPU params; got a {p.device.type} param")
+
     @staticmethod
-    def _check_param(p):
+    def _check_kernel_param(p):
         if p.device.type not in KERNEL_DTYPES:
             raise ValueError(f"fastopt.torch runs on CPU and CUDA tensors, got a param on {p.device}")
         dtypes = KERNEL_DTYPES[p.device.type]
@@ -134,19 +185,25 @@ class TorchOptimizer(torch.optim.Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state["fastopt"] = {"clip_grad_norm": self.clip_grad_norm, "skip_nonfinite": self.skip_nonfinite,
-                            "skipped_steps": self.skipped_steps}
+                            "skipped_steps": self.skipped_steps, "state_dtype": self.state_dtype,
+                            "kahan": self.kahan, "stochastic_rounding": self.stochastic_rounding, "seed": self.seed,
+                            "rounding_steps": self.rounding_steps}
         return state
 
     def __setstate__(self, state):
         # unpickling passes fastopt's extras; torch's load_state_dict calls this too, with state and
         # param_groups only: the optimizer then keeps its own extras
-        current = {k: self.__dict__[k] for k in ("clip_grad_norm", "skip_nonfinite", "skipped_steps")
+        current = {k: self.__dict__[k] for k in ("clip_grad_norm", "skip_nonfinite", "skipped_steps", "state_dtype",
+                                                 "kahan", "stochastic_rounding", "seed", "rounding_steps")
                    if k in self.__dict__}
         extras = state.pop("fastopt", current)
         super().__setstate__(state)
         self.clip_grad_norm, self.skip_nonfinite = _check_extras(extras.get("clip_grad_norm"),
                                                                  extras.get("skip_nonfinite", False))
         self.skipped_steps = extras.get("skipped_steps", 0)
+        self.state_dtype, self.kahan = extras.get("state_dtype"), extras.get("kahan", False)
+        self.stochastic_rounding, self.seed = extras.get("stochastic_rounding", False), extras.get("seed", 0)
+        self.rounding_steps = extras.get("rounding_steps", 0)
         self._fastopt_entries = {}
         self._fastopt_templates = {}
         self._fastopt_warned = set()
@@ -195,6 +252,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             hp = arguments.registry_hp(spec, group)
             used = tuple(name for name, on in zip(spec.states, spec.active_states(hp)) if on)
+            if self.kahan:
+                used += (KAHAN,)
             names = tuple(spec.torch_state_names.get(name, name) for name in used)
             for p in group["params"]:
                 number += 1
@@ -221,10 +280,11 @@ class TorchOptimizer(torch.optim.Optimizer):
                     if not isinstance(t, torch.Tensor):
                         t = fresh[tname] = self._new_state(spec, hp, name, p)
                     elif t.shape == p.shape and (layout(t) != layout(p) or (
-                            t.dtype != state_dtype(p.dtype) and t.dtype.is_floating_point)):
+                            t.dtype != self._state_dtype_of(name, p) and t.dtype.is_floating_point)):
                         # loaded in another layout, or another dtype (a torch.optim state dict of 16-bit params
-                        # keeps 16-bit state): converted into the param's layout and the kernels' state dtype
-                        t = fresh[tname] = torch.empty_like(p, dtype=state_dtype(p.dtype)).copy_(t)
+                        # keeps 16-bit state; a float32 one into state_dtype="bfloat16"): converted into the
+                        # param's layout and the state dtype (rounded to nearest even, torch's cast)
+                        t = fresh[tname] = torch.empty_like(p, dtype=self._state_dtype_of(name, p)).copy_(t)
                     tensors.append(t)
                 if spec.torch_step and not (state and "step" in state):
                     fresh["step"] = None  # made at commit time with its new value
@@ -359,10 +419,21 @@ class TorchOptimizer(torch.optim.Optimizer):
         if dense_span(g) is None:
             raise ValueError(f"grads[{number}] is not dense (strides {g.stride()})")
 
-    @staticmethod
-    def _new_state(spec, hp, name, p):
+    def _state_dtype_of(self, name, p) -> torch.dtype:
+        """The dtype of the state `name` (registry name) of param p: the compensation has the param's."""
+        return p.dtype if name == KAHAN else chosen_state_dtype(self.state_dtype, p.dtype, p.device.type)
+
+    def kernel_states(self, b):
+        """(state lists, argument names) of bucket b's kernel call: the registry's plan, and the Kahan
+        compensation in its slot (kahan=True)."""
+        state_lists, names = self.spec.plan_call(b.hp, b.state_views.get)
+        if self.kahan:
+            return with_kahan(state_lists, names, b.state_views[KAHAN])
+        return state_lists, names
+
+    def _new_state(self, spec, hp, name, p):
         fill = spec.state_init(hp).get(name, 0.0)
-        dtype = state_dtype(p.dtype)
+        dtype = self._state_dtype_of(name, p)
         if fill is PARAM:  # schedule-free's z: a copy of the param (the schedulefree package's clone)
             return torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(p.detach())
         if fill == 0.0:
@@ -389,7 +460,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             if b.carried:  # torch's state carried from the last step (spec.torch_carry): read by the scalars
                 b.hp.update(b.carried)
             b.backend = backend_for(b.param_views)
-            state_lists, names = spec.plan_call(b.hp, b.state_views.get)
+            state_lists, names = self.kernel_states(b)
             # the params' numbers in messages; None when they are 0, 1, 2... (the same messages, less work)
             numbers = None if b.numbers[-1] == len(b.numbers) - 1 else b.numbers
             b.prepared = b.backend.prepare((b.param_views, b.grad_views, *state_lists), names, numbers)
@@ -433,8 +504,17 @@ class TorchOptimizer(torch.optim.Optimizer):
         if threads != before:
             fastopt.set_num_threads(threads)
         try:
+            if self.stochastic_rounding:
+                self.rounding_steps += 1
             for b in plan.buckets:
-                b.backend.run(b.prepared, spec, b.hp, b.step, grad_scale)
+                if self.stochastic_rounding:
+                    # keyed by (seed, the params' step count), element i of each param; torch keeps no count
+                    # for SGD: there, the number of steps this optimizer took (rounding_steps)
+                    key_step = b.step if spec.torch_step else self.rounding_steps
+                    b.backend.run(b.prepared, spec, b.hp, b.step, grad_scale,
+                                  stochastic=StochasticRounding(self.seed, key_step))
+                else:
+                    b.backend.run(b.prepared, spec, b.hp, b.step, grad_scale)
         finally:
             if threads != before:
                 fastopt.set_num_threads(before)

@@ -185,7 +185,7 @@ class Steady:
         spec = optimizer.spec
         calls = []
         for b in buckets:
-            state_lists, names = spec.plan_call(b.hp, b.state_views.get)
+            state_lists, names = optimizer.kernel_states(b)
             numbers = None if b.numbers[-1] == len(b.numbers) - 1 else b.numbers
             calls.append(((b.param_views, None, *state_lists), names, numbers))
         try:
