@@ -18,8 +18,9 @@ Update rule (per param, t its own step count, as torch; fastopt.specs.ADAFACTOR.
 
 torch's order of operations (step count, beta2_t, rho, alpha from the param BEFORE the decay, decoupled
 decay, the factors, the clipping by d, the update; Python-float host arithmetic as torch's .item() path,
-norms rounded to the dtype as torch's tensors report them); the row/col means as torch's norm, squared,
-divided by the length; lerp with torch's two branches (w < 0.5: a + w (b - a), else b + (w - 1)(b - a)).
+norms rounded to the dtype as torch's tensors report them, inf when a float32 sum of squares overflows,
+as torch's); the row/col means as torch's norm, squared, divided by the length; lerp with torch's two
+branches (w < 0.5: a + w (b - a), else b + (w - 1)(b - a)).
 Where the arithmetic is rearranged for speed (U from per-row and per-column rsqrt factors, RMS(U) in
 closed form, the step coefficient folded into the row factor), results differ from torch's by a few ulps
 (float64: ~1e-15 relative after 50 steps; the tests require 1e-9). eps1 None: finfo(dtype).eps of the
@@ -62,7 +63,6 @@ after advancing the step); here its step advances and nothing else happens.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 
 import numpy as np
@@ -278,12 +278,12 @@ class Workspace:
 # ---- the update -------------------------------------------------------------------------------------
 
 def _sumsq(x) -> float:
-    """Sum of squares of x as a Python float (BLAS dot per block; the blocks summed in float64)."""
-    if isinstance(x, np.ndarray):
-        v = x.reshape(-1) if x.flags.c_contiguous else np.ascontiguousarray(x).reshape(-1)
-        return float(np.dot(v, v))
-    v = x.reshape(-1)  # CuPy: a copy only for a non-contiguous block
-    return float(_xp(x).vdot(v, v))
+    """Sum of squares of x as a Python float: a BLAS dot per block in the dtype, the blocks summed in
+    float64. A float32 sum that overflows is inf, as torch's float32 norm (|p| ~ 1e20 gives an inf RMS and
+    an inf step in both)."""
+    xp = _xp(x)
+    v = x.reshape(-1) if xp is not np or x.flags.c_contiguous else np.ascontiguousarray(x).reshape(-1)
+    return float(xp.dot(v, v))
 
 
 def _lerp_into(a, end, w, dtype):
@@ -301,7 +301,7 @@ def _lerp_into(a, end, w, dtype):
 
 
 def _rounded(x: float, dtype) -> float:
-    """A norm as torch reports it: computed in double, rounded to the tensor's dtype."""
+    """A norm as torch reports it: rounded to the tensor's dtype."""
     return float(dtype.type(x))
 
 

@@ -417,7 +417,8 @@ def test_mixed_dtype_group_takes_the_first_params_eps1():
     """eps1=None: torch takes finfo(dtype).eps of the group's first param with a grad for the whole group;
     with tiny gradients that eps1 decides the float64 param's update."""
     rng = np.random.default_rng(8)
-    init = [np.asarray(rng.standard_normal((3, 4)), np.float32), rng.standard_normal((4, 5)), rng.standard_normal(6)]
+    init = [np.asarray(rng.standard_normal((3, 4)), np.float32), rng.standard_normal((4, 5)),
+            rng.standard_normal(6)]
     ref = [torch.tensor(a.copy(), requires_grad=True) for a in init]
     npp = [a.copy() for a in init]
     topt, nopt = torch.optim.Adafactor(ref), fastopt.Adafactor(npp)
