@@ -116,7 +116,8 @@ def check_eps(eps):
 def check_hyperparameters(values: Mapping) -> dict:
     """A group's hyperparameters (torch's names) checked and normalised: floats as Python floats, eps a
     tuple, maximize a bool. torch's error messages ("Learning rate should be >= 0 but is: -1"), and
-    non-finite values refused too. Keys other than the hyperparameters are ignored."""
+    non-finite values refused too. Keys other than the hyperparameters are ignored. (fastopt.torch adds
+    "lr_dtype" to the result for a 0-d Tensor lr: update() then follows torch's tensor arithmetic.)"""
     hp = {name: _check_float(name, values[name]) for name in ("lr", "beta2_decay", "d", "weight_decay")}
     hp["eps"] = check_eps(values["eps"])
     maximize = values["maximize"]
@@ -347,22 +348,35 @@ def update(p, g, state: Mapping, t: float, hp: Mapping, eps1: float, workspace: 
         block = max(1, BLOCK_BYTES // p.itemsize) if xp is np else p.size  # GPU: one launch per op
     lr, wd, d, eps2 = hp["lr"], hp["weight_decay"], hp["d"], hp["eps"][1]
     w = t ** hp["beta2_decay"]
-    rho = min(lr, 1 / (t ** 0.5))
     eps1sq = eps1 * eps1
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf and nan propagate, as in torch
-        _update(p, g, state, w, rho, eps1, eps1sq, lr, wd, d, eps2, hp["maximize"], workspace, block, xp, dtype)
+        _update(p, g, state, w, t, eps1, eps1sq, lr, wd, d, eps2, hp["maximize"], hp.get("lr_dtype"), workspace,
+                block, xp, dtype)
 
 
-def _update(p, g, state, w, rho, eps1, eps1sq, lr, wd, d, eps2, maximize, workspace, block, xp, dtype):
+def _update(p, g, state, w, t, eps1, eps1sq, lr, wd, d, eps2, maximize, lr_dtype, workspace, block, xp, dtype):
     stats = _factored_stats if p.ndim > 1 else _vector_stats
     sumsq_p, sumsq_u, blocks, scaled_u = stats(p, g, state, w, eps1, eps1sq, workspace, block, xp, dtype)
     numel = p.size
-    alpha = max(eps2, _rounded(math.sqrt(sumsq_p), dtype) / (numel ** 0.5)) * rho
+    rms_p = max(eps2, _rounded(math.sqrt(sumsq_p), dtype) / (numel ** 0.5))
     denom = max(1.0, _rounded(math.sqrt(sumsq_u), dtype) / ((numel ** 0.5) * d))
-    coef = dtype.type(-alpha / denom)
+    if lr_dtype is None:
+        coef = -(rms_p * min(lr, 1 / (t ** 0.5))) / denom
+        decay = 1 - lr * wd
+    else:
+        # torch with a 0-d Tensor lr (fastopt.torch): rho = min(lr, 1/sqrt(t)) is that tensor unless
+        # 1/sqrt(t) < lr, and then alpha, the coefficient and the decay factor are tensor arithmetic in
+        # the lr's dtype (float32: rounded at each operation)
+        T = lr_dtype.type
+        if not (1 / (t ** 0.5) < lr):
+            coef = float(T(-T(T(rms_p) * T(lr))) / T(denom))
+        else:
+            coef = -(rms_p * (1 / (t ** 0.5))) / denom
+        decay = float(T(T(1) - T(T(lr) * T(wd))))
+    coef = dtype.type(coef)
     if maximize:
         coef = -coef  # U of -g is -(U of g), exactly: the sign goes on the coefficient
-    decay = dtype.type(1 - lr * wd) if wd != 0 else None
+    decay = dtype.type(decay) if wd != 0 else None
     # pass 3: p = p * decay + coef * U, block by block
     for blk in blocks:
         u, p_b = scaled_u(blk, coef)

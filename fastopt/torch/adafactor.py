@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 
 from fastopt import adafactor as core
@@ -52,14 +53,30 @@ def _stream(tensors):
     return contextlib.nullcontext()
 
 
+_LR_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
 def _host_hyperparameters(group) -> dict:
-    """The group's hyperparameters with a 1-element Tensor lr read as a float (torch's _to_scalar)."""
+    """The group's hyperparameters with a 1-element Tensor lr read as a float (torch's _to_scalar), and its
+    dtype under "lr_dtype" for a 0-d float32/float64 one: torch then computes the step size in that dtype
+    (another lr tensor is read as its float value)."""
     values = {k: group[k] for k in ("lr", "beta2_decay", "eps", "d", "weight_decay", "maximize")}
-    if isinstance(values["lr"], torch.Tensor):
-        if values["lr"].numel() != 1:
+    lr = values["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        values["lr"] = values["lr"].item()
+        values["lr"] = lr.item()
+        if lr.dim() == 0 and lr.dtype in _LR_DTYPES:
+            values["lr_dtype"] = _LR_DTYPES[lr.dtype]
     return values
+
+
+def _checked(group) -> dict:
+    values = _host_hyperparameters(group)
+    hp = core.check_hyperparameters(values)
+    if "lr_dtype" in values:
+        hp["lr_dtype"] = values["lr_dtype"]
+    return hp
 
 
 class Adafactor(torch.optim.Optimizer):
@@ -103,7 +120,7 @@ class Adafactor(torch.optim.Optimizer):
         if not hasattr(self, "_views"):
             self._views = {}
         for gi, group in enumerate(self.param_groups):
-            hp = core.check_hyperparameters(_host_hyperparameters(group))
+            hp = _checked(group)
             eps1 = None
             for p in group["params"]:
                 if p.grad is None:
