@@ -158,10 +158,45 @@ class ParamVector:
         self._kernel = self.xp is not np or self.n >= AXPY_KERNEL_MIN
         self._scratch = None
         self._at = None   # (x, t, d) when the params hold x + t d computed from the snapshot x
+        # flat buffers are recycled (a fresh one costs page faults, more than a pass over it): _made holds
+        # every buffer made or reused in the current step, _free those nobody uses any more. The state's
+        # buffers that a step drops (popped history, the last direction and gradient) join _free only at the
+        # step's end, and only when recycle_state is set (the NumPy class: its state is its own; the torch
+        # front end's state tensors are torch's and stay untouched once dropped, as in torch).
+        self.recycle_state = False
+        self._made: dict = {}
+        self._free: list = []
+        self._retired: list = []
 
     # --- flat vectors ------------------------------------------------------------------------------
-    def empty(self):
-        return self.xp.empty(self.n, self.dtype)
+    def begin_step(self) -> None:
+        self._made = {id(b): b for b in self._free}
+        self._retired = []
+
+    def end_step(self, ok: bool) -> None:
+        """Kept for the next step: the free buffers (at most what this step used at its peak)."""
+        self._free = self._free + self._retired if ok else []
+        self._made, self._retired = {}, []
+        self._at = None
+
+    def take(self):
+        """A flat buffer (contents undefined): a recycled one of this step, else a new one."""
+        buf = self._free.pop() if self._free else self.xp.empty(self.n, self.dtype)
+        self._made[id(buf)] = buf
+        if self._at is not None and any(buf is a for a in self._at):
+            self._at = None
+        return buf
+
+    def give(self, buf) -> None:
+        """buf is used by nobody any more: recycled now if this step made it; a buffer of the old state
+        once the step has succeeded, if recycle_state (else it is left alone)."""
+        if buf is None or any(b is buf for b in self._free) or any(b is buf for b in self._retired):
+            return
+        if self._made.get(id(buf)) is buf:
+            self._free.append(buf)
+        elif self.recycle_state and getattr(buf, "shape", None) == (self.n,) and buf.dtype == self.dtype \
+                and (buf.flags.c_contiguous if hasattr(buf, "flags") else True):
+            self._retired.append(buf)
 
     def slices(self, flat):
         """The views of a flat vector shaped like each param."""
@@ -171,7 +206,7 @@ class ParamVector:
     def gather(self, grads) -> object:
         """A new flat vector holding the grads (None: zeros, as torch's _gather_flat_grad). The grads were
         checked by the caller (one per param, its shape and dtype)."""
-        flat = self.empty()
+        flat = self.take()
         for view, g in zip(self.slices(flat), grads):
             if g is None:
                 view[...] = 0
@@ -181,7 +216,7 @@ class ParamVector:
 
     def snapshot(self, out=None):
         """The params copied into a flat vector (exact: the flat dtype holds every param's values)."""
-        flat = self.empty() if out is None else out
+        flat = self.take() if out is None else out
         for view, p in zip(self.slices(flat), self.params):
             self.xp.copyto(view, p, casting="same_kind")
         self._at = (flat, None, None)
@@ -202,7 +237,7 @@ class ParamVector:
             _sgd_step()(y, x, lr=abs(lr), maximize=lr > 0)
             return
         if self._scratch is None:
-            self._scratch = self.empty()
+            self._scratch = self.xp.empty(self.n, self.dtype)
         tmp = self._scratch
         self.xp.multiply(x, a, out=tmp)
         self.xp.add(y, tmp, out=y)
@@ -238,7 +273,13 @@ class ParamVector:
         self._at = (x, t, d)
 
     def neg(self, g):
-        return self.xp.negative(g)
+        return self.xp.negative(g, out=self.take())
+
+    def sub(self, a, b):
+        return self.xp.subtract(a, b, out=self.take())
+
+    def mul(self, a, t):
+        return self.xp.multiply(a, t, out=self.take())
 
     def dot(self, a, b):
         return _scalar(self.xp.dot(a, b))
@@ -248,7 +289,10 @@ class ParamVector:
         return _scalar(self.xp.maximum(v.max(), -v.min()))
 
     def abs_sum(self, v):
-        return _scalar(self.xp.abs(v).sum())
+        tmp = self.xp.abs(v, out=self.take())
+        total = _scalar(tmp.sum())
+        self.give(tmp)
+        return total
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -360,15 +404,18 @@ def lbfgs_step(vec: ParamVector, evaluate, state: dict, hp: dict):
     (the closure included), the params are restored to their values at the call, byte for byte, and the
     exception propagates; the caller then keeps its old state.
     """
+    vec.begin_step()
     x0 = vec.snapshot()
     try:
         with np.errstate(all="ignore"):  # torch's 0-d tensors divide by zero and overflow silently
-            return _lbfgs_step(vec, evaluate, state, hp, x0)
+            result = _lbfgs_step(vec, evaluate, state, hp, x0)
     except BaseException:
         vec.restore(x0)
+        vec.end_step(ok=False)
         raise
-    finally:
-        vec._at = None
+    vec.give(x0)
+    vec.end_step(ok=True)
+    return result
 
 
 def _lbfgs_step(vec, evaluate, state, hp, x0):
@@ -386,6 +433,7 @@ def _lbfgs_step(vec, evaluate, state, hp, x0):
     opt_cond = vec.abs_max(flat_grad) <= tolerance_grad
     if opt_cond:
         new["func_evals"], new["n_iter"] = func_evals, total_iter
+        vec.give(flat_grad)
         return orig_loss, new
 
     d, t = state.get("d"), state.get("t")
@@ -407,21 +455,28 @@ def _lbfgs_step(vec, evaluate, state, hp, x0):
             old_dirs, old_stps, ro = [], [], []
             H_diag = 1
         else:
-            y = vec.xp.subtract(flat_grad, prev_flat_grad)
+            y = vec.sub(flat_grad, prev_flat_grad)
+            if prev_flat_grad is not flat_grad:
+                vec.give(prev_flat_grad)
             if s_next is not None and s_next[0] is d and s_next[1] is t:
                 s = s_next[2]
             else:
-                s = vec.xp.multiply(d, t)
+                s = vec.mul(d, t)
+            s_next = None
+            vec.give(d)   # the last direction: s holds what is still needed of it
             ys = vec.dot(y, s)
             if ys > 1e-10:
                 if len(old_dirs) == history_size:
-                    old_dirs.pop(0)
-                    old_stps.pop(0)
+                    vec.give(old_dirs.pop(0))
+                    vec.give(old_stps.pop(0))
                     ro.pop(0)
                 old_dirs.append(y)
                 old_stps.append(s)
                 ro.append(1.0 / ys)
                 H_diag = ys / vec.dot(y, y)
+            else:
+                vec.give(y)
+                vec.give(s)
             num_old = len(old_dirs)
             if al is None:
                 al = [None] * history_size
@@ -454,13 +509,20 @@ def _lbfgs_step(vec, evaluate, state, hp, x0):
                 x_init = x0   # the params have not moved in this step yet
             else:
                 x_buf = x_init = vec.snapshot(x_buf)
+            trials = []
 
             def obj_func(x, t, d):
                 vec.move(x, t, d)
-                return evaluate()[1:]
+                _, f, g = evaluate()
+                trials.append(g)
+                return f, g
 
             loss, flat_grad, t, ls_func_evals = _strong_wolfe(
                 obj_func, vec, x_init, t, d, loss, flat_grad, gtd, max_ls=max_eval - current_evals)
+            for g in trials:   # the gradients of the trials not taken
+                if g is not flat_grad:
+                    vec.give(g)
+            del trials[:]
             vec.move(x_init, t, d)
             opt_cond = vec.abs_max(flat_grad) <= tolerance_grad
         else:
@@ -480,11 +542,17 @@ def _lbfgs_step(vec, evaluate, state, hp, x0):
             break
         if opt_cond:
             break
-        s_next = (d, t, vec.xp.multiply(d, t))
+        s_next = (d, t, vec.mul(d, t))
         if vec.abs_max(s_next[2]) <= tolerance_change:
             break
         if abs(loss - prev_loss) < tolerance_change:
             break
+
+    if s_next is not None:
+        vec.give(s_next[2])
+    if flat_grad is not prev_flat_grad:
+        vec.give(flat_grad)
+    vec.give(x_buf)
 
     # torch's key order: the counters, al (made in the loop), then what the end of its step assigns
     new["func_evals"], new["n_iter"] = func_evals, total_iter
@@ -706,6 +774,7 @@ class LBFGS:
         if sum(int(v.size) for v in views) == 0:
             raise ValueError("LBFGS needs at least one param element (every param has size 0)")
         vec = ParamVector(views)
+        vec.recycle_state = True   # the state's arrays are this optimizer's own (state_dict() copies them)
         if self._vec is not None and (vec.n != self._vec.n or vec.dtype != self._vec.dtype) and self.state:
             raise ValueError(f"params changed from {self._vec.n} elements of {self._vec.dtype} to {vec.n} of "
                              f"{vec.dtype}: the LBFGS state no longer fits them")

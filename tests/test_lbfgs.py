@@ -311,6 +311,23 @@ def test_state_dict_interchange_mid_run(line_search_fn):
     assert _rel(_flat([p.detach() for p in ps]), ref) < 1e-9
 
 
+def test_torch_class_leaves_dropped_state_tensors_alone():
+    """The NumPy side recycles its buffers, but fastopt.torch's state tensors, once handed out (state_dict()
+    is torch's shallow one), are never written again: torch never writes its dropped history either."""
+    f, init = _objective("rosenbrock", 27, torch.float64)
+    for line_search_fn in (None, "strong_wolfe"):
+        ps = [t.clone().requires_grad_() for t in init]
+        opt = ft.LBFGS(ps, max_iter=4, history_size=2, line_search_fn=line_search_fn)
+        opt.step(_torch_closure(opt, f, ps))
+        live = opt.state_dict()["state"][0]
+        held = [live["d"], live["prev_flat_grad"], *live["old_dirs"], *live["old_stps"]]
+        copies = [t.clone() for t in held]
+        for _ in range(3):
+            opt.step(_torch_closure(opt, f, ps))
+        assert all(torch.equal(a, b) for a, b in zip(held, copies))
+        assert not any(a is b for a in held for b in opt.state[ps[0]]["old_dirs"])
+
+
 def test_numpy_state_dict_is_a_copy_and_round_trips():
     f, init = _objective("logreg", 31, torch.float64)
     arrays = [t.numpy().copy() for t in init]
