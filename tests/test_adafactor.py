@@ -440,3 +440,39 @@ def test_mixed_dtype_group_takes_the_first_params_eps1():
         grads = [np.asarray(rng.standard_normal(a.shape) * 1e-6, a.dtype) for a in init]
         solo.step(grads[1:])
     assert not np.allclose(alone[0], npp[1], rtol=1e-9, atol=0)
+
+
+def test_numpy_state_dict_round_trip_and_bad_dicts():
+    rng = np.random.default_rng(9)
+    shapes = [(4, 3), (5,)]
+    p = _params(rng, np.float64, shapes)
+    opt = fastopt.Adafactor([{"params": p[:1]}, {"params": p[1:], "d": 2.0}], weight_decay=0.1)
+    for _ in range(3):
+        opt.step([rng.standard_normal(s) for s in shapes])
+    sd = opt.state_dict()
+    assert sd["state"][0]["step"].dtype == np.float32 and float(sd["state"][0]["step"]) == 3
+    assert sd["param_groups"][1]["params"] == [1] and sd["param_groups"][1]["d"] == 2.0
+    q = [a.copy() for a in p]
+    other = fastopt.Adafactor([{"params": q[:1]}, {"params": q[1:]}])
+    other.load_state_dict(sd)
+    g = [rng.standard_normal(s) for s in shapes]
+    opt.step(g)
+    other.step(g)
+    for a, b in zip(p, q):
+        assert a.tobytes() == b.tobytes()  # the same arithmetic from the same state: bit for bit
+    before = [a.tobytes() for s in other.state.values() for k, a in s.items() if k != "step"]
+    groups = [dict(gr) for gr in other.param_groups]
+    bad = other.state_dict()
+    bad["state"][0]["col_var"] = np.zeros((1, 4))
+    with pytest.raises(ValueError, match=re.escape("'col_var' has shape (1, 4), expected (1, 3)")):
+        other.load_state_dict(bad)
+    bad = other.state_dict()
+    bad["param_groups"][1]["lr"] = -1.0
+    with pytest.raises(ValueError, match="Learning rate should be >= 0 but is: -1.0"):
+        other.load_state_dict(bad)
+    bad = other.state_dict()
+    bad["state"][1]["step"] = 2.5
+    with pytest.raises(ValueError, match="step must be a whole number"):
+        other.load_state_dict(bad)
+    assert [a.tobytes() for s in other.state.values() for k, a in s.items() if k != "step"] == before
+    assert [dict(gr) for gr in other.param_groups] == groups
