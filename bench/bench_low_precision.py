@@ -1,14 +1,18 @@
-"""CPU benchmark of 16-bit params (issue 13, part 1): Adam at N = 1e7 with bfloat16 / float16 params
-and float32 state, against its byte-count ceiling, next to float32 Adam.
+"""CPU benchmark of the precision modes (issue 13): Adam at N = 1e7 with bfloat16 / float16 params, 16-bit
+state (state_dtype=), Kahan summation and stochastic rounding, against its byte-count ceiling, next to
+float32 Adam.
 
     .venv/bin/python bench/bench_low_precision.py [--n 1e7] [--threads 2] [--reps 30] [--out FILE]
 
-Bytes per param: p read + written and g read in their storage dtype, m and v (float32) read and written:
-bf16/fp16 params with 16-bit grads 2+2+2+16 = 22; with float32 grads 2+4+2+16 = 24; float32 28. The
-ceiling is the same traffic with trivial math (_cpu_fast.touch on the very same arrays: the bandwidth of
-this machine, in this run, for this read/write pattern); fraction = ceiling time / Adam time. Adam and
-the ceiling are timed alternately, so that load from other processes hits both alike; minimum and
-median are reported (the minimum is the machine's, the median includes the noise of a shared VM).
+Bytes per param: p read + written and g read in their storage dtype, m and v read and written in the
+state dtype, the Kahan compensation (params' dtype) read and written: bf16/fp16 params with 16-bit grads
+and float32 state 2+2+2+16 = 22; with float32 grads 24; float32 28; bf16 params and bf16 state 14; float32
+params with bf16 state 20; Kahan 22 + 4 = 26. state_bytes_per_param is what the state keeps per param (m, v
+and the compensation). The ceiling is the same traffic with trivial math (_cpu_fast.touch on the very same
+arrays, the compensation included: the bandwidth of this machine, in this run, for this read/write
+pattern); fraction = ceiling time / Adam time. Adam and the ceiling are timed alternately, so that load
+from other processes hits both alike; minimum and median are reported (the minimum is the machine's, the
+median includes the noise of a shared VM).
 """
 from __future__ import annotations
 
@@ -32,31 +36,51 @@ def measure(n, threads, reps):
     bf16 = np.dtype(ml_dtypes.bfloat16)
     rng = np.random.default_rng(0)
     rows = []
-    for label, pd, gd in [("float32", np.float32, np.float32), ("bfloat16", bf16, bf16),
-                          ("bfloat16, float32 grads", bf16, np.float32), ("float16", np.float16, np.float16)]:
+    f32, f16 = np.dtype(np.float32), np.dtype(np.float16)
+    cases = [  # (label, params, grads, state dtype, mode)
+        ("float32", f32, f32, None, {}),
+        ("float32, bf16 state", f32, f32, "bfloat16", {}),
+        ("bfloat16", bf16, bf16, None, {}),
+        ("bfloat16, float32 grads", bf16, f32, None, {}),
+        ("bfloat16, bf16 state", bf16, bf16, "bfloat16", {}),
+        ("bfloat16 + kahan", bf16, bf16, None, {"kahan": True}),
+        ("bfloat16, bf16 state + kahan", bf16, bf16, "bfloat16", {"kahan": True}),
+        ("bfloat16 + stochastic", bf16, bf16, None, {"stochastic_rounding": True}),
+        ("float16", f16, f16, None, {}),
+        ("float16, fp16 state", f16, f16, "float16", {}),
+    ]
+    for label, pd, gd, sd, mode in cases:
         p = rng.standard_normal(n, dtype=np.float32).astype(pd)
         g = rng.standard_normal(n, dtype=np.float32).astype(gd)
-        st = fastopt.init_state("adam", p)
+        st = fastopt.init_state("adam", p, state_dtype=sd, kahan=bool(mode.get("kahan")))
         m, v = st["exp_avg"], st["exp_avg_sq"]
-        nbytes = 2 * p.itemsize + g.itemsize + 2 * (m.itemsize + v.itemsize)
+        comp = st.get("kahan_comp")
+        state_bytes = m.itemsize + v.itemsize + (comp.itemsize if comp is not None else 0)
+        nbytes = 2 * p.itemsize + g.itemsize + 2 * state_bytes
+        touched = (p, g, m, v) if comp is None else (p, g, m, v, None, comp)
+        extra = {"kahan_comp": comp} if comp is not None else {}
+        if mode.get("stochastic_rounding"):
+            extra["stochastic_rounding"] = True
         adam, ceiling = [], []
         for t in range(1, reps + 3):
             t0 = time.perf_counter()
-            fastopt.adam_step(p, g, m, v, step=t, lr=1e-3)
+            fastopt.adam_step(p, g, m, v, step=t, lr=1e-3, **extra)
             t1 = time.perf_counter()
-            _cpu_fast.touch((p, g, m, v))
+            _cpu_fast.touch(touched)
             t2 = time.perf_counter()
             if t > 2:  # warm-up: page faults, the OpenMP team
                 adam.append(t1 - t0)
                 ceiling.append(t2 - t1)
         row = {"case": label, "n": n, "threads": threads, "bytes_per_param": nbytes,
+               "state_bytes_per_param": state_bytes,
                "adam_ms_min": 1e3 * min(adam), "adam_ms_median": 1e3 * float(np.median(adam)),
                "ceiling_ms_min": 1e3 * min(ceiling), "ceiling_ms_median": 1e3 * float(np.median(ceiling)),
                "adam_gbs_min_time": nbytes * n / min(adam) / 1e9,
                "fraction_of_ceiling_min": min(ceiling) / min(adam),
                "fraction_of_ceiling_median": float(np.median(ceiling)) / float(np.median(adam))}
         rows.append(row)
-        del p, g, st, m, v
+        print(f"  {label}: {row['adam_ms_min']:.2f} ms, fraction {row['fraction_of_ceiling_min']:.2f}", flush=True)
+        del p, g, st, m, v, comp, touched, extra
     return rows
 
 
@@ -69,14 +93,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     load_before = os.getloadavg()
     rows = measure(int(args.n), args.threads, args.reps)
-    result = {"benchmark": "low-precision params, CPU (issue 13 part 1)", "machine": platform.node(),
+    result = {"benchmark": "low-precision params, state and rounding modes, CPU (issue 13)", "machine": platform.node(),
               "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
-    print(f"{'case':26s} {'B/param':>7s} {'Adam ms min/med':>17s} {'ceiling ms min/med':>19s} "
+    print(f"{'case':30s} {'B/param':>7s} {'state B':>7s} {'Adam ms min/med':>17s} {'ceiling ms min/med':>19s} "
           f"{'GB/s':>6s} {'fraction min/med':>17s}")
     for r in rows:
-        print(f"{r['case']:26s} {r['bytes_per_param']:7d} {r['adam_ms_min']:8.2f}/{r['adam_ms_median']:8.2f} "
+        print(f"{r['case']:30s} {r['bytes_per_param']:7d} {r['state_bytes_per_param']:7d} "
+              f"{r['adam_ms_min']:8.2f}/{r['adam_ms_median']:8.2f} "
               f"{r['ceiling_ms_min']:9.2f}/{r['ceiling_ms_median']:9.2f} {r['adam_gbs_min_time']:6.1f} "
               f"{r['fraction_of_ceiling_min']:8.2f}/{r['fraction_of_ceiling_median']:8.2f}")
     print(f"load average before {load_before}, after {result['load_average_after']}")
