@@ -4,7 +4,7 @@ model of fastopt.adafactor (5 itemsizes per element for a factored param, 8 for 
 that memory traffic with trivial math (NumPy dot products and p += g over the same arrays), 'frac' its
 time over fastopt's.
 
-    python bench/bench_adafactor.py [--repeat 15] [--threads N] [--json out.json]
+    python bench/bench_adafactor.py [--repeat 15] [--threads 1,2] [--json out.json]
 
 Each implementation is timed `repeat` times after 3 warm-up steps, round-robin (the machine may be
 shared); min and median are reported, speedups from the mins.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -88,28 +89,35 @@ def bench(shape, repeat, dtype=np.float32):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--threads", default=None,
+                    help="torch thread counts to run, comma-separated (default: torch's own)")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
     import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = [bench(shape, args.repeat) for shape in SHAPES]
-    print(f"ms per step, float32, min / median of {args.repeat} interleaved rounds, torch threads "
-          f"{torch.get_num_threads()}; 'pattern': the cost model's traffic with trivial math")
-    print(f"{'shape':>14} {'B/el':>4} {'fastopt':>13} {'fastopt.torch':>13} {'torch loop':>13} "
-          f"{'torch foreach':>13} {'pattern':>6} {'frac':>5} {'x loop':>6} {'x fe':>6}")
-    for r in rows:
-        cell = [f"{r[k + '_ms_min']:6.2f}/{r[k + '_ms_median']:<6.2f}"
-                for k in ("fastopt_numpy", "fastopt_torch", "torch_foreach_false", "torch_foreach_true")]
-        print(f"{'x'.join(map(str, r['shape'])):>14} {r['model_bytes_per_element']:4d} {' '.join(cell)} "
-              f"{r['pattern_ms_min']:6.2f} {r['fraction_of_pattern']:5.2f} "
-              f"{r['speedup_vs_torch_foreach_false_min']:6.2f} {r['speedup_vs_torch_foreach_true_min']:6.2f}")
+    counts = [int(x) for x in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    runs = []
+    for threads in counts:
+        torch.set_num_threads(threads)
+        load = os.getloadavg()[0]
+        rows = [bench(shape, args.repeat) for shape in SHAPES]
+        runs.append({"torch_threads": threads, "load_before": load, "load_after": os.getloadavg()[0],
+                     "rows": rows})
+        print(f"ms per step, float32, min / median of {args.repeat} interleaved rounds, torch threads {threads}, "
+              f"load {load:.1f}; 'pattern': the cost model's traffic with trivial math")
+        print(f"{'shape':>14} {'B/el':>4} {'fastopt':>13} {'fastopt.torch':>13} {'torch loop':>13} "
+              f"{'torch foreach':>13} {'pattern':>6} {'frac':>5} {'x loop':>6} {'x fe':>6}")
+        for r in rows:
+            cell = [f"{r[k + '_ms_min']:6.2f}/{r[k + '_ms_median']:<6.2f}"
+                    for k in ("fastopt_numpy", "fastopt_torch", "torch_foreach_false", "torch_foreach_true")]
+            print(f"{'x'.join(map(str, r['shape'])):>14} {r['model_bytes_per_element']:4d} {' '.join(cell)} "
+                  f"{r['pattern_ms_min']:6.2f} {r['fraction_of_pattern']:5.2f} "
+                  f"{r['speedup_vs_torch_foreach_false_min']:6.2f} {r['speedup_vs_torch_foreach_true_min']:6.2f}")
     if args.json:
-        meta = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-                "numpy": np.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+        meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                "python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
+                "repeat": args.repeat, "note": "fastopt.Adafactor runs NumPy ufuncs (one thread) and BLAS"}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "runs": runs}, f, indent=1)
 
 
 if __name__ == "__main__":
