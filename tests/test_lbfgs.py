@@ -247,6 +247,45 @@ def test_complex_param_torch_class():
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_mixed_dtypes_lr_scheduler_and_group_dict():
+    """float32 and float64 params: one float64 flat vector (torch.cat's promotion), each param rounded back
+    once; an lr scheduler drives fastopt.torch.LBFGS as torch's; the NumPy class takes one group dict."""
+    g = torch.Generator().manual_seed(8)
+    init = [torch.randn(5, generator=g, dtype=torch.float32), torch.randn(4, 3, generator=g, dtype=torch.float64)]
+    A = torch.randn(30, 17, generator=g, dtype=torch.float64)
+    b = torch.randn(30, generator=g, dtype=torch.float64)
+
+    def f(ps):
+        x = torch.cat([p.reshape(-1).double() for p in ps])
+        r = A @ x - b
+        return 0.5 * (r * r).sum() + 0.1 * (x ** 4).sum()
+    tp = [t.clone().requires_grad_() for t in init]
+    fp = [t.clone().requires_grad_() for t in init]
+    arrays = [t.numpy().copy() for t in init]
+    topt = torch.optim.LBFGS(tp, max_iter=4, line_search_fn="strong_wolfe")
+    fopt = ft.LBFGS(fp, max_iter=4, line_search_fn="strong_wolfe")
+    opt = fastopt.LBFGS([{"params": arrays, "max_iter": 4}], line_search_fn="strong_wolfe")
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (topt, fopt)]
+
+    def numpy_closure():
+        ps = [torch.tensor(a, requires_grad=True) for a in arrays]
+        loss = f(ps)
+        loss.backward()
+        return loss.item(), [p.grad.numpy() for p in ps]
+    for k in range(5):
+        topt.step(_torch_closure(topt, f, tp))
+        fopt.step(_torch_closure(fopt, f, fp))
+        opt.step(numpy_closure)
+        for sched in schedulers:
+            sched.step()
+        opt.param_groups[0]["lr"] = topt.param_groups[0]["lr"]
+        for mine, array, ref in zip(fp, arrays, tp):
+            assert mine.dtype == ref.dtype and array.dtype == np.dtype(str(ref.dtype).split(".")[1])
+            assert _rel(mine.detach(), ref.detach()) < 1e-9 and _rel(array, ref.detach()) < 1e-9
+    assert fopt.param_groups[0]["lr"] == topt.param_groups[0]["lr"] == 0.25
+    assert opt.state[0]["d"].dtype == np.float64 and fopt.state[fp[0]]["d"].dtype == torch.float64
+
+
 def _tensors_to_numpy(value):
     if isinstance(value, list):
         return [_tensors_to_numpy(v) for v in value]
