@@ -181,6 +181,13 @@ class ShardedOptimizer:
         # the single-process class checks every hyperparameter and option on a one-element buffer per dtype
         probes = [comm.alloc(1, dt)[1] for dt in dict.fromkeys(dtypes)]
         probe = cls(probes, **hyperparameters)
+        for option, value in (("state_dtype", probe.state_dtype), ("kahan", probe.kahan),
+                              ("stochastic_rounding", probe.stochastic_rounding)):
+            if value not in (None, False):  # not a silent fallback: the shard state and checkpoints lack them
+                raise NotImplementedError(
+                    f"{option}={value!r} is not supported by ShardedOptimizer yet (its shard state and sharded "
+                    f"checkpoints keep the params' dtype); the functional *_step functions take it, with "
+                    f"index_offset= for a shard of a flat buffer")
         exported = probe.export_state().hyperparameters[0]
         lr0 = exported["lr"](0) if is_schedule(exported["lr"]) else exported["lr"]
         checked, _ = spec.validate(dict(exported, lr=lr0), 1)  # Python floats and bools, as the class uses
