@@ -44,21 +44,28 @@ def _best_times(fns, repeat):
 
 
 def _matmuls_alone(opt, shape, ns_steps):
-    """The step's 3 * ns_steps matmuls alone, on the step's own work arrays, from a matrix with orthonormal
-    rows: the chain X X^T, G G, V X then stays at singular values 1 without the step's normalisation and
-    polynomial (no overflow, no denormals, which would time something else)."""
+    """The step's 3 * ns_steps matmuls alone, as the step calls them (X in the param's orientation; a tall X
+    is multiplied through its transpose), on the step's own work arrays, from a matrix with orthonormal
+    rows (columns when tall): the chain then stays at singular values 1 without the step's normalisation
+    and polynomial (no overflow, no denormals, which would time something else)."""
     ws = opt._workspace.get(np, shape, np.float32)
     X, Y, G, V = ws["X"], ws["Y"], ws["G"], ws["V"]
-    q, _ = np.linalg.qr(np.random.default_rng(2).standard_normal(X.shape[::-1]))
-    start = np.ascontiguousarray(q.T, dtype=np.float32)
+    tall = shape[0] > shape[1]
+    q, _ = np.linalg.qr(np.random.default_rng(2).standard_normal(shape if tall else shape[::-1]))
+    start = np.ascontiguousarray(q if tall else q.T, dtype=np.float32)
 
     def run():
         X[...] = start
         x, y = X, Y
         for _ in range(ns_steps):
-            np.matmul(x, x.T, out=G)
-            np.matmul(G, G, out=V)
-            np.matmul(V, x, out=y)
+            if tall:
+                np.matmul(x.T, x, out=G)
+                np.matmul(G, G, out=V)
+                np.matmul(x, V.T, out=y)
+            else:
+                np.matmul(x, x.T, out=G)
+                np.matmul(G, G, out=V)
+                np.matmul(V, x, out=y)
             x, y = y, x
     return run
 

@@ -8,7 +8,7 @@ Update rule, per 2-D param p (m x n) with gradient g and momentum buffer B (torc
 
     B = lerp(B, g, 1 - momentum)                      (= momentum * B + (1 - momentum) * g)
     U = lerp(g, B, momentum) if nesterov else B
-    X = bfloat16(U), as (r x c) = U^T when m > n (so r <= c);  X = bfloat16(X / max(bfloat16(||X||_F), eps))
+    X = bfloat16(U), as U^T when m > n (then X is n x m);  X = bfloat16(X / max(bfloat16(||X||_F), eps))
     ns_steps times:  G = bf16(X X^T);  V = bf16(b G + c G G);  X = bf16(a X + V X)    ((a, b, c) = ns_coefficients)
     p *= 1 - lr * weight_decay                        (decoupled weight decay, skipped when it is 1)
     p -= lr * s * X (transposed back),  s = sqrt(max(1, m / n))   (adjust_lr_fn None or "original")
@@ -20,19 +20,22 @@ matrix op. Here each matrix holds bfloat16 values in float32 storage: the produc
 are exact in float32, the sums are float32 (the array module's own sgemm: BLAS / cuBLAS) and every result is
 rounded to bfloat16 (round to nearest even, on the bits) where torch rounds. The output equals torch's bit for
 bit except where a float32 sum lands within its rounding error of a bfloat16 tie, when the two libraries'
-summation orders round it apart (1 in ~10^4 elements of a 768-wide gram matrix, none below ~128); the
-iteration then carries that one-ulp difference on. A float64 param is rounded to bfloat16 through float32,
-as torch's conversion does. The momentum buffer and the param update stay in the param's dtype. For float32
-they use torch's fused multiply-adds (torch's lerp and add(alpha=) are FMAs): the product and sum are formed
-in float64, exact but for the final rounding, so float32 buffers and params equal torch's bit for bit.
+summation orders round it apart (about 1 in 10^4 elements of a 768-wide gram matrix; rarer the shorter the
+sums); the iteration then carries that one-ulp difference on, so updates agree to a few bfloat16 ulps. A
+float64 param is rounded to bfloat16 through float32, as torch's conversion does. The momentum buffer and
+the param update stay in the param's dtype. For float32 they are torch's fused multiply-adds (torch's lerp and
+add(alpha=) are FMAs), formed here in float64, exact but for the final rounding: float32 momentum buffers equal
+torch's bit for bit. A tall matrix (m > n) is not transposed as torch does: X stays in the param's
+orientation and the matmuls take transposed operands (X^T X, X V^T: the same products), so no matrix is
+ever copied across.
 
-Cost model. Per r x c matrix (r <= c) and step: ns_steps * (2 r^2 c + 2 r^3 + 2 r^2 c) flops, i.e.
-2 * ns_steps * (3 matmuls: X X^T, G G, V X) multiply-adds, which dominate; plus elementwise passes over
-memory: per iteration 7 over the r x c matrix (the bfloat16 rounding is 5 integer passes, a X and the sum 2;
-the r x r ones are smaller), and per step about 23 over the m x n param (the two lerps, 3 each, and the
-update, 2, through a float64 work array; the NaN mask, the norm, the division and two roundings of the
-input; the weight decay). The float32 passes of a 768 x 3072 matrix take ~0.5 ms each on one core against
-~35 ms for one of its matmuls, so the elementwise share is ~5-15 %; bench/bench_muon.py measures it. Work
+Cost model. Per matrix (r = min(m, n), c = max(m, n)) and step: ns_steps * (2 r^2 c + 2 r^3 + 2 r^2 c)
+flops, i.e. 2 * ns_steps * (3 matmuls: X X^T, G G, V X) multiply-adds (NumPy computes X X^T with syrk, half
+of that), which dominate; plus elementwise passes over memory: per iteration 7 over the m x n iterate (the
+bfloat16 rounding is 5 integer passes, a X and the sum 2; the r x r ones are smaller), and per step about 20
+over the param (the two lerps, 3 each, and the update, 2 or 3, with float64 temporaries in cache-sized blocks;
+the NaN mask, the norm, the division and two roundings of the input). bench/bench_muon.py measures the step
+against its matmuls alone: 1.09-1.14x on GPT-2 shapes (768 x 768, 768 x 3072, 3072 x 768) on one core. Work
 arrays are allocated once per (shape, dtype) and reused; the state is one buffer per param.
 
 Differences from torch.optim.Muon, on purpose: every check runs before the first write (torch raises
@@ -161,11 +164,11 @@ class Workspace:
         if w is None:
             m, n = shape
             r, c = min(m, n), max(m, n)
-            w = {"D": xp.empty((m, n), xp.float64),     # float64: the FMA emulation / the update term
-                 "X": xp.empty((r, c), xp.float32), "Y": xp.empty((r, c), xp.float32),
+            w = {"D": xp.empty(_work_size(xp, m, n), xp.float64),  # float64 blocks: FMA emulation, update
+                 "X": xp.empty((m, n), xp.float32), "Y": xp.empty((m, n), xp.float32),
                  "G": xp.empty((r, r), xp.float32), "V": xp.empty((r, r), xp.float32),
                  "T": xp.empty((r, r), xp.float32),
-                 "bits": xp.empty(r * c, xp.uint32), "nan": xp.empty((r, c), bool)}
+                 "bits": xp.empty(m * n, xp.uint32), "nan": xp.empty((m, n), bool)}
             self._sets[key] = w
         return w
 
@@ -189,30 +192,75 @@ def _round_bf16(x, bits):
     return x
 
 
+# float64 work per block on the CPU: 32768 elements (256 KiB) stay in the L2 cache between the passes of a
+# block, so the float64 temporaries of the FMA emulation cost cache traffic, not memory traffic (a lerp of a
+# 768 x 3072 matrix: 7 ms in one sweep, ~2.5 ms in blocks). One block on the GPU (one launch per pass).
+_BLOCK = 1 << 15
+
+
+def _row_blocks(xp, m, n):
+    """Row ranges of an m x n matrix with about _BLOCK elements each (one range on the GPU)."""
+    rows = m if xp is not np else max(1, _BLOCK // max(n, 1))
+    for r0 in range(0, m, rows):
+        yield r0, min(m, r0 + rows)
+
+
+def _work_size(xp, m, n) -> int:
+    return m * n if xp is not np else min(m * n, max(n, (_BLOCK // max(n, 1)) * n))
+
+
 def _lerp_into(out, start, end, weight, D):
     """out = torch.lerp(start, end, weight) (out may be start): start + w (end - start) when |w| < 0.5,
     else end + (w - 1)(end - start), torch's branches. float32: one FMA as torch (product and sum in float64,
-    exact but for the last rounding, which the cast to out makes); float64: two roundings (NumPy has no FMA).
-    D: a float64 work array of the same shape. out may be float32 (then the cast rounds) for float64 inputs."""
+    exact but for the last rounding, which the store into out makes); float64: two roundings (NumPy has no
+    FMA). 2-D arrays of one shape; D: the float64 work array (_work_size). out may be float32 for float64
+    inputs (the store rounds)."""
     xp = _xp(D)
     if start.dtype == np.float32:
         w = np.float32(weight)               # torch's scalar weight, in the tensor's math type
-        small = abs(w) < 0.5
+        small = bool(abs(w) < 0.5)
         coef = float(w) if small else float(w - np.float32(1.0))
-        xp.subtract(end, start, out=D, dtype=np.float32)   # end - start rounded to float32, as torch
+        diff_dtype = np.float32                # end - start rounded to float32, as torch
     else:
         small = abs(weight) < 0.5
         coef = weight if small else weight - 1.0
-        xp.subtract(end, start, out=D)
-    xp.multiply(D, coef, out=D)
-    xp.add(D, start if small else end, out=out, dtype=np.float64)  # the sum in float64, rounded once into out
+        diff_dtype = np.float64
+    base = start if small else end
+    m, n = out.shape
+    for r0, r1 in _row_blocks(xp, m, n):
+        d = D[:(r1 - r0) * n].reshape(r1 - r0, n)
+        xp.subtract(end[r0:r1], start[r0:r1], out=d, dtype=diff_dtype)
+        xp.multiply(d, coef, out=d)
+        xp.add(d, base[r0:r1], out=out[r0:r1], dtype=np.float64)  # the sum in float64, rounded once into out
+
+
+def _apply_update(param, update, decay, alpha, D):
+    """param = param * decay + alpha * update, as torch's param.mul_(decay).add_(update, alpha=alpha): the
+    multiplication rounded to the param's dtype, then one FMA for float32 (float64 product and sum, exact
+    but for the store) or two roundings for float64. decay == 1 skips the multiplication (exact anyway)."""
+    xp = _xp(D)
+    m, n = param.shape
+    f32 = param.dtype == np.float32
+    if f32:
+        decay, alpha = np.float32(decay), float(np.float32(alpha))  # torch's scalars in float32 math
+    for r0, r1 in _row_blocks(xp, m, n):
+        d = D[:(r1 - r0) * n].reshape(r1 - r0, n)
+        p = param[r0:r1]
+        if decay != 1.0:
+            xp.multiply(p, decay, out=p)
+        xp.multiply(update[r0:r1], alpha, out=d, dtype=np.float64)
+        xp.add(d, p, out=p, dtype=np.float64)
 
 
 def _newton_schulz(w, coefficients, ns_steps, eps):
     """torch's _zeropower_via_newtonschulz on w["X"] (bfloat16 values already), in place; returns the array
-    holding the result (X or Y)."""
+    holding the result (X or Y). torch transposes a tall matrix (m > n) so that the gram matrix is the small
+    one; here X stays in the param's orientation and the matmuls take the transposes instead (BLAS reads a
+    transposed operand in place), so no matrix is ever copied across: with Z = X^T (torch's iterate),
+    Z Z^T = X^T X and V Z = (X V^T)^T, the same products summed."""
     xp = _xp(w["X"])
     X, Y, G, V, T, bits = w["X"], w["Y"], w["G"], w["V"], w["T"], w["bits"]
+    tall = X.shape[0] > X.shape[1]
     a, b, c = (np.float32(v) for v in coefficients)
     # X /= max(||X||, eps), each in bfloat16 (torch: norm() of a bfloat16 tensor is a bfloat16 0-d tensor)
     flat = X.reshape(-1)
@@ -224,14 +272,20 @@ def _newton_schulz(w, coefficients, ns_steps, eps):
     xp.divide(X, norm, out=X)
     _round_bf16(X, bits)
     for _ in range(ns_steps):
-        xp.matmul(X, X.T, out=G)
+        if tall:
+            xp.matmul(X.T, X, out=G)
+        else:
+            xp.matmul(X, X.T, out=G)
         _round_bf16(G, bits)
         xp.matmul(G, G, out=V)                    # addmm(G, G, G, beta=b, alpha=c) = c (G G) + b G
         xp.multiply(V, c, out=V)
         xp.multiply(G, b, out=T)
         xp.add(V, T, out=V)
         _round_bf16(V, bits)
-        xp.matmul(V, X, out=Y)                    # addmm(X, V, X, beta=a) = V X + a X
+        if tall:                                  # addmm(X, V, X, beta=a) = V X + a X
+            xp.matmul(X, V.T, out=Y)
+        else:
+            xp.matmul(V, X, out=Y)
         xp.multiply(X, a, out=X)
         xp.add(Y, X, out=Y)
         _round_bf16(Y, bits)
@@ -252,11 +306,10 @@ def muon_update(param, grad, buf, hp: dict, workspace: Workspace) -> None:
     momentum = hp["momentum"]
     _lerp_into(buf, buf, grad, 1.0 - momentum, D)
     X = w["X"]
-    Xv = X.T if m > n else X  # the NS input in the param's orientation
     if hp["nesterov"]:
-        _lerp_into(Xv, grad, buf, momentum, D)  # the cast to float32 rounds, as torch's .bfloat16() of float64
+        _lerp_into(X, grad, buf, momentum, D)  # the store into float32 rounds, as torch's .bfloat16() of float64
     else:
-        xp.copyto(Xv, buf, casting="same_kind")
+        xp.copyto(X, buf, casting="same_kind")
     # the input's NaNs are kept as NaNs (the rounding on the bits could turn some payloads into Inf)
     nan = w["nan"]
     xp.not_equal(X, X, out=nan)
@@ -264,21 +317,8 @@ def muon_update(param, grad, buf, hp: dict, workspace: Workspace) -> None:
     if xp is not np or nan.any():  # on the GPU unconditionally: asking any() would wait for the device
         xp.copyto(X, np.float32("nan"), where=nan)
     out = _newton_schulz(w, hp["ns_coefficients"], hp["ns_steps"], hp["eps"])
-    out = out.T if m > n else out
     lr = hp["lr"]
-    decay = 1.0 - lr * hp["weight_decay"]
-    alpha = -adjusted_lr(lr, hp["adjust_lr_fn"], param.shape)
-    if param.dtype == np.float32:
-        if decay != 1.0:
-            xp.multiply(param, np.float32(decay), out=param)
-        # add(update, alpha=) is an FMA in torch: alpha * update + param in float64 (exact), one rounding
-        xp.multiply(out, float(np.float32(alpha)), out=D, dtype=np.float64)
-        xp.add(D, param, out=param, dtype=np.float64)
-    else:
-        if decay != 1.0:
-            xp.multiply(param, decay, out=param)
-        xp.multiply(out, alpha, out=D, dtype=np.float64)
-        xp.add(param, D, out=param)
+    _apply_update(param, out, 1.0 - lr * hp["weight_decay"], -adjusted_lr(lr, hp["adjust_lr_fn"], param.shape), D)
 
 
 # ---- the NumPy / CuPy class ----------------------------------------------------------------------------
