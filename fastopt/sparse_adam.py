@@ -25,8 +25,8 @@ rounded), and torch sums repeated indices in the order of an unstable sort (here
 
 Cost. After coalescing, the touched rows are processed in chunks of about CHUNK_ELEMENTS elements: gather
 the chunk's rows of m, v (and of the gradient when it had repeats, was unsorted or is negated), update them
-in chunk-sized buffers reused for the whole call (about 17 elementwise passes, all on data that stays in the
-L2 cache), scatter m and v back, then gather, update and scatter the chunk of p. Memory traffic per touched
+in chunk-sized buffers reused for the whole call (18 NumPy calls per chunk, gathers and scatters included, all
+on data that stays in the L2 cache), scatter m and v back, then gather, update and scatter the chunk of p. Memory traffic per touched
 element is Adam's: read g, p, m, v and write p, m, v (28 bytes in float32, 56 in float64), plus the index
 arrays; nothing is allocated per element except, for repeated or unsorted indices, the sort (np.unique) of
 the nnz indices. On CuPy the whole set of rows is one chunk (kernel launches, not cache, are the limit there),
@@ -53,7 +53,7 @@ SPEC = COMPOSITE["sparse_adam"]
 _HYPER = {h.name: h for h in SPEC.hypers}
 _GROUP_KEYS = ("lr", "betas", "eps", "maximize")
 # elements per chunk of rows on the host: the 3-4 buffers of this size (float32: 4 x 128 KiB) stay in L2. On the
-# benchmark's 4096-row x 256 update (shared 2-core VM) 4K-element chunks are slower (per-call overhead of ~17 ufunc
+# benchmark's 4096-row x 256 update (shared 2-core VM) 4K-element chunks are slower (per-call overhead of the 18 NumPy
 # calls per chunk) and one chunk for everything is slower (the buffers spill to memory); 16K-64K are within noise
 CHUNK_ELEMENTS = 32768
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
@@ -240,7 +240,8 @@ def _check_grad(grad, p, where: str, pname: str):
         # already coalesced (torch's coalesce() gives sorted unique indices): the values are used in place
         return _Plan(lin, vals, None, None, None, nrows, width)
     # coalesce: sorted unique rows, the first occurrence of each (np.unique sorts stably when asked for
-    # return_index), and the repeats, to be added in the order given (torch's coalesce sums in that order)
+    # return_index), and the repeats, added in the order given (torch adds them in the order of its own,
+    # unstable, sort: the sums agree to rounding)
     u, first, inv = xp.unique(lin, return_index=True, return_inverse=True)
     inv = inv.reshape(-1)
     if int(u.shape[0]) == nnz:
