@@ -26,9 +26,9 @@ rounded), and torch sums repeated indices in the order of an unstable sort (here
 Cost. After coalescing, the touched rows are processed in chunks of about CHUNK_ELEMENTS elements: gather
 the chunk's rows of m, v (and of the gradient when it had repeats, was unsorted or is negated), update them
 in chunk-sized buffers reused for the whole call (18 NumPy calls per chunk, gathers and scatters included, all
-on data that stays in the L2 cache), scatter m and v back, then gather, update and scatter the chunk of p. Memory traffic per touched
-element is Adam's: read g, p, m, v and write p, m, v (28 bytes in float32, 56 in float64), plus the index
-arrays; nothing is allocated per element except, for repeated or unsorted indices, the sort (np.unique) of
+on data that stays in the L2 cache), scatter m and v back, then gather, update and scatter the chunk of p.
+Memory traffic per touched element is Adam's: read g, p, m, v and write p, m, v (28 bytes in float32, 56 in
+float64), plus the index arrays; nothing is allocated per element except, for repeated or unsorted indices, the sort (np.unique) of
 the nnz indices. On CuPy the whole set of rows is one chunk (kernel launches, not cache, are the limit there),
 and the index checks read the indices' min and max back to the host (one synchronisation per gradient).
 
