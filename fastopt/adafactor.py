@@ -806,3 +806,7 @@ class Adafactor:
             lines.append(f"Parameter Group {gi}")
             lines += [f"    {k}: {v}" for k, v in group.items() if k != "params"]
         return "\n".join(lines) + "\n)"
+
+
+_RULE = "\n".join("        " + line for line in SPEC.rule.splitlines())
+Adafactor.__doc__ += f"\n    Update rule (per param):\n\n{_RULE}\n"

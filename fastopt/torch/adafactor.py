@@ -189,3 +189,7 @@ class Adafactor(torch.optim.Optimizer):
                 touched += [state[name] for name in arrays]
         bump_versions(touched)
         return loss
+
+
+_RULE = "\n".join("    " + line for line in core.SPEC.rule.splitlines())
+Adafactor.__doc__ += f"\nUpdate rule (per param):\n\n{_RULE}\n"
