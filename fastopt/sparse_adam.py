@@ -29,8 +29,9 @@ in chunk-sized buffers reused for the whole call (18 NumPy calls per chunk, gath
 on data that stays in the L2 cache), scatter m and v back, then gather, update and scatter the chunk of p.
 Memory traffic per touched element is Adam's: read g, p, m, v and write p, m, v (28 bytes in float32, 56 in
 float64), plus the index arrays. Nothing is allocated in proportion to nnz x row width (the buffers are
-chunk-sized); repeated or unsorted indices cost a sort (np.unique) of the nnz indices. On CuPy the whole set of rows is one chunk (kernel launches, not cache, are the limit there),
-and the index checks read the indices' min and max back to the host (one synchronisation per gradient).
+chunk-sized); repeated or unsorted indices cost a sort (np.unique) of the nnz indices. On CuPy the whole set
+of rows is one chunk (kernel launches, not cache, are the limit there), and the index checks read the
+indices' min and max back to the host (one synchronisation per gradient).
 
 Bad input (a grad that is not a pair, indices of a float or bool dtype, not 1-D/2-D, out of range or
 negative, values of the wrong shape or dtype, a bad hyperparameter) raises naming the argument before any
