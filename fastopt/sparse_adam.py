@@ -147,10 +147,10 @@ def _as_index_array(indices, p, where: str):
             raise TypeError(f"{where} indices are a GPU array ({type(indices).__name__}) but the param is a NumPy "
                             f"array")
         arr = as_numpy(indices, f"{where} indices")
+    elif isinstance(indices, np.ndarray) or hasattr(indices, "__cuda_array_interface__"):
+        arr = xp.asarray(indices)  # CuPy params: a CuPy view of a GPU array (a torch CUDA tensor), or a copy
     else:
-        arr = indices
-        if not hasattr(arr, "dtype"):
-            raise TypeError(f"{where} indices must be an integer array, got {type(indices).__name__}")
+        raise TypeError(f"{where} indices must be an integer array, got {type(indices).__name__}")
     if np.dtype(arr.dtype).kind not in "iu":
         raise TypeError(f"{where} indices must be an integer array, got dtype {arr.dtype}")
     return arr if xp is np else xp.asarray(arr)
