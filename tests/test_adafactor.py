@@ -476,3 +476,38 @@ def test_numpy_state_dict_round_trip_and_bad_dicts():
         other.load_state_dict(bad)
     assert [a.tobytes() for s in other.state.values() for k, a in s.items() if k != "step"] == before
     assert [dict(gr) for gr in other.param_groups] == groups
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_random_cases_match_torch(seed, monkeypatch):
+    """Random shapes (0-d to 4-D, sizes 1-8), options, block sizes and gradient scales, zero rows, 1e25,
+    1e-30, inf and nan gradients: both classes equal torch (nan where torch has nan)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        nd = int(rng.integers(0, 5))
+        shape = tuple(int(x) for x in rng.integers(1, 9, nd))
+        dtype = [np.float32, np.float64][int(rng.integers(2))]
+        monkeypatch.setattr(core, "BLOCK_BYTES", int(rng.choice([8, 64, 4096, 256 << 10])))
+        eps1 = None if rng.random() < 0.5 else float(rng.choice([1e-3, 1e-8, 0.0]))
+        hp = dict(lr=float(rng.choice([1e-2, 0.3])), beta2_decay=float(rng.choice([-0.8, -0.3, 0.0])),
+                  eps=(eps1, float(rng.choice([1e-3, 0.0]))), d=float(rng.choice([1.0, 1.5])),
+                  weight_decay=float(rng.choice([0.0, 0.1])), maximize=bool(rng.random() < 0.5))
+        p0 = np.asarray(rng.standard_normal(shape) * rng.choice([1, 1e-3, 100]), dtype)
+        tp, fp = (torch.tensor(p0.copy(), requires_grad=True) for _ in range(2))
+        q = p0.copy()
+        topt, fopt, nopt = torch.optim.Adafactor([tp], **hp), ftorch.Adafactor([fp], **hp), fastopt.Adafactor([q], **hp)
+        for t in range(10):
+            scale = rng.choice([1, 1e-6, 0.0, 1e3, 1e25, 1e-30, np.inf, np.nan]) if t > 5 else 1.0
+            g = np.asarray(rng.standard_normal(shape) * scale, dtype)
+            if nd >= 2 and rng.random() < 0.3:
+                g[..., int(rng.integers(shape[-2])), :] = 0
+            tp.grad, fp.grad = torch.tensor(g.copy()), torch.tensor(g.copy())
+            topt.step()
+            fopt.step()
+            nopt.step([g])
+        want = tp.detach().numpy()
+        finite = want[np.isfinite(want)]
+        big = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
+        tol = dict(rtol=1e-9, atol=1e-12 * big) if dtype == np.float64 else dict(rtol=3e-5, atol=3e-6 * big)
+        for got in (q, fp.detach().numpy()):
+            np.testing.assert_allclose(got, want, **tol, err_msg=f"{shape} {dtype.__name__} {hp}")
