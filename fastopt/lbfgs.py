@@ -25,9 +25,14 @@ Cost model. A step is closure evaluations plus vector work over the n elements o
   multiply and add through a scratch buffer below that, where the kernel's call overhead costs more than
   the second pass;
 - one copy of the params per step(), taken before the first write, restores them if the step raises
-  (the line search reuses it as its starting point for the first iteration, as torch clones the params).
-No array of the state is written in place: a step builds the new history and direction in new buffers and
-commits them at its end, which is what makes a failed step leave the optimizer unchanged.
+  (the line search reuses it as its starting point for the first iteration, as torch clones the params);
+- the line search evaluates at x + t d computed from its snapshot x, as torch, but does not copy x back
+  after each trial: only before the next trial, and not at all when the step it returns is the last trial.
+No array of the state is written during a step: the step builds the new history and direction in other
+buffers and commits them at its end, which is what lets a failed step leave the optimizer unchanged.
+Buffers are recycled rather than allocated (a fresh buffer costs page faults, more than a pass over it):
+the ones this step made once nothing uses them, and, in the NumPy class, the old state's dropped ones
+(popped history, the replaced direction and gradient) after the step has succeeded.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import numbers
 import numpy as np
 
 from fastopt.arrays import array_device, as_numpy
+from fastopt.functional import sgd_step
 from fastopt.specs import COMPOSITE, Hyper, shown
 
 __all__ = ["LBFGS", "ParamVector", "lbfgs_step", "check_group", "SPEC", "AXPY_KERNEL_MIN", "STATE_KEYS"]
@@ -124,11 +130,6 @@ def _scalar(x):
     return x.get()[()]
 
 
-def _sgd_step():
-    from fastopt.functional import sgd_step  # imported on first use: keeps `import fastopt` acyclic
-    return sgd_step
-
-
 class ParamVector:
     """The params seen as one vector of n elements (torch's flat view: each param's elements in row-major
     order, params in order), and the vector operations L-BFGS needs, over NumPy or CuPy arrays.
@@ -138,7 +139,7 @@ class ParamVector:
     history, snapshot) are contiguous 1-D arrays of that dtype, all made here.
     """
 
-    def __init__(self, params: list, names: list | None = None):
+    def __init__(self, params: list):
         self.params = list(params)
         self.xp = _xp(self.params)
         dtypes = [np.dtype(p.dtype) for p in self.params]
@@ -234,7 +235,7 @@ class ParamVector:
         if self._kernel and math.isfinite(a):
             lr = float(a)
             # fastopt's SGD kernel: p -= lr * g, or p += lr * g with maximize: one read of each, one write
-            _sgd_step()(y, x, lr=abs(lr), maximize=lr > 0)
+            sgd_step(y, x, lr=abs(lr), maximize=lr > 0)
             return
         if self._scratch is None:
             self._scratch = self.xp.empty(self.n, self.dtype)
@@ -243,13 +244,15 @@ class ParamVector:
         self.xp.add(y, tmp, out=y)
 
     def add(self, t, d) -> None:
-        """params += t * d (torch's _add_grad), one pass per param; t is a float or a scalar of the flat dtype."""
+        """params += t * d (torch's _add_grad); t is a float or a scalar of the flat dtype. One multi-tensor
+        kernel call (one pass per param) for the C-contiguous params of the flat dtype when the vector is
+        large; NumPy's multiply and add for the others (small vectors, strided or lower-precision params)."""
         self._at = None
         views = self.slices(d)
         direct = [i for i, ok in enumerate(self._direct) if ok]
         if self._kernel and direct and math.isfinite(t):
             lr = float(t)
-            _sgd_step()([self.params[i] for i in direct], [views[i] for i in direct], lr=abs(lr), maximize=lr > 0)
+            sgd_step([self.params[i] for i in direct], [views[i] for i in direct], lr=abs(lr), maximize=lr > 0)
         else:
             direct = []
         done = set(direct)
