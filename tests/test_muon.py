@@ -5,10 +5,12 @@ fastopt.muon; the two libraries' float32 sums are in different orders, so a sum 
 rounding error of a bfloat16 tie can round the other way (fastopt/muon.py, "Precision"). The comparisons
 are therefore: the momentum buffers bit for bit (float32) or to 1e-12 (float64); each step's update equal to
 torch's within a few bfloat16 ulps of the orthogonalized matrix (|entries| <= ~1) and bit for bit on most
-steps; single steps on small matrices bit for bit.
+steps (compared in lockstep: each step starts from torch's params); single steps on small matrices bit for
+bit; unsynchronised trajectories (fastopt.torch, state-dict resumption) within the per-step tolerance summed.
 """
 import copy
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -53,30 +55,29 @@ def _torch_groups(groups):
     return out
 
 
-def _check_step(ps, tps, prev, lrs, decays, fn, stats):
-    """The update of this step equals torch's within UPDATE_TOL (in units of each param's adjusted lr)."""
+def _check_step(ps, tps, lrs, fn, stats):
+    """This step's result equals torch's within UPDATE_TOL (in units of each param's adjusted lr); the params
+    were equal before it (lockstep), so each step is compared on its own."""
     for i, (p, tp) in enumerate(zip(ps, tps)):
-        d = p.astype(np.float64) - tp.detach().numpy().astype(np.float64)
+        theirs = tp.detach().numpy()
         if p.size:
-            e = np.abs(d - decays[i] * prev[i]).max() / adjusted_lr(lrs[i], fn, p.shape)
+            e = np.abs(p.astype(np.float64) - theirs).max() / adjusted_lr(lrs[i], fn, p.shape)
             assert e <= UPDATE_TOL, (i, p.shape, e)
             stats.append(e)
-        prev[i] = d
+        p[...] = theirs  # lockstep: the next step starts from torch's params
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("fn", [None, "original", "match_rms_adamw"])
 def test_numpy_class_matches_torch_over_50_steps(dtype, nesterov, fn):
-    rng = np.random.default_rng(abs(hash((dtype.__name__, nesterov, fn))) % 2 ** 32)
+    rng = np.random.default_rng(zlib.crc32(repr((dtype.__name__, nesterov, fn)).encode()))
     ps, groups, hp = _groups(dtype, nesterov, fn, rng)
     tgroups = _torch_groups(groups)
     opt = Muon(groups, **hp)
     topt = torch.optim.Muon(tgroups, **hp)
     tps = [p for g in tgroups for p in g["params"]]
     lrs = [0.02] * 4 + [0.05] * 4
-    decays = [1 - 0.02 * 0.1] * 4 + [1.0] * 4
-    prev = [np.zeros(p.shape) for p in ps]
     stats = []
     for step in range(50):
         grads = [rng.standard_normal(p.shape).astype(dtype) for p in ps]
@@ -86,7 +87,7 @@ def test_numpy_class_matches_torch_over_50_steps(dtype, nesterov, fn):
             tp.grad = None if g is None else torch.from_numpy(g.copy())
         topt.step()
         opt.step(grads)
-        _check_step(ps, tps, prev, lrs, decays, fn, stats)
+        _check_step(ps, tps, lrs, fn, stats)
         for i, tp in enumerate(tps):
             mine, theirs = opt.state[i]["momentum_buffer"], topt.state[tp]["momentum_buffer"].numpy()
             if dtype == np.float32:
@@ -94,7 +95,8 @@ def test_numpy_class_matches_torch_over_50_steps(dtype, nesterov, fn):
             else:
                 np.testing.assert_allclose(mine, theirs, rtol=1e-12, atol=1e-15)
     # most steps bit for bit (float32) / to 1e-9 of the lr (float64): the tie-rounding case is the exception
-    assert np.mean(np.array(stats) > (0 if dtype == np.float32 else 1e-9)) < 0.25
+    inexact = np.mean(np.array(stats) > (0 if dtype == np.float32 else 1e-9))
+    assert inexact < 0.05, inexact  # ~1 % seen
     assert all(p.dtype == dtype for p in ps)
 
 
