@@ -179,11 +179,11 @@ def test_fifty_steps_of_one_iteration(options, rng):
     assert len(opt.state[0]["old_dirs"]) == len(topt.state[tp[0]]["old_dirs"]) <= 5
 
 
-def test_float32_within_rounding():
+def test_float32_within_rounding(rng):
     """float32: both classes follow torch while the iterates are far from the tolerances (the dot products'
     summation orders differ, so the trajectories agree to float32 rounding, amplified a little)."""
     for line_search_fn in (None, "strong_wolfe"):
-        f, init = _objective("logreg", 7, torch.float32)
+        f, init = _objective("logreg", int(rng.integers(2 ** 31)), torch.float32)
         options = dict(max_iter=3, history_size=3, line_search_fn=line_search_fn)
         tp = [t.clone().requires_grad_() for t in init]
         fp = [t.clone().requires_grad_() for t in init]
@@ -193,7 +193,8 @@ def test_float32_within_rounding():
             lt = topt.step(_torch_closure(topt, f, tp)).item()
             lf = fopt.step(_torch_closure(fopt, f, fp)).item()
             ln = opt.step(_numpy_closure(f, arrays))
-            assert lf == pytest.approx(lt, rel=1e-5) and ln == pytest.approx(lt, rel=1e-5)
+            # (40 seeds: params within 8.7e-6, losses within 5.1e-6 of torch's)
+            assert lf == pytest.approx(lt, rel=5e-5) and ln == pytest.approx(lt, rel=5e-5)
             ref = _flat([p.detach() for p in tp])
             assert _rel(_flat([p.detach() for p in fp]), ref) < 1e-4
             assert _rel(_flat(arrays), ref) < 1e-4
