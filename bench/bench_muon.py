@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -26,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fastopt.muon import Muon, Workspace  # noqa: E402
+from fastopt.muon import Muon  # noqa: E402
 
 
 def _best_times(fns, repeat):

@@ -38,11 +38,19 @@ the NaN mask, the norm, the division and two roundings of the input). bench/benc
 against its matmuls alone: 1.09-1.14x on GPT-2 shapes (768 x 768, 768 x 3072, 3072 x 768) on one core. Work
 arrays are allocated once per (shape, dtype) and reused; the state is one buffer per param.
 
+16-bit params (float16; bfloat16 as ml_dtypes' bfloat16 on the CPU: CuPy has no bfloat16) keep their
+buffer in their own dtype, as torch; the lerps and the update are torch's float32 math (the same FMAs)
+rounded to 16 bits, the nesterov term rounded to the param's dtype before the conversion to bfloat16.
+
 Differences from torch.optim.Muon, on purpose: every check runs before the first write (torch raises
 ns_steps >= 100 or a bad coefficient tuple from inside step(), after updating earlier params), and those
 two are checked at construction too; ns_steps must be an int in [0, 100) and eps finite; a size-0 param is
-left alone (torch divides by zero in the lr adjustment for an m x 0 param); params are float32 or float64
-(torch also takes 16-bit ones).
+left alone (torch divides by zero in the lr adjustment for an m x 0 param). torch 2.13 with a bfloat16 param
+and nesterov=False normalises the momentum buffer itself in place (`.bfloat16()` of a bfloat16 tensor is
+the tensor, then `div_`; fixed upstream in pytorch/pytorch#194664): here the buffer is never written by the
+iteration. torch's bfloat16 add(alpha=) is matched (alpha rounded to bfloat16, one float32 FMA) except in
+the elements its loop leaves to a scalar tail (the last < 64 in memory), which now and then round one ulp
+apart.
 """
 from __future__ import annotations
 
@@ -52,6 +60,7 @@ import numbers
 import numpy as np
 
 from fastopt.arrays import array_device, as_numpy, to_host
+from fastopt.precision import is_bfloat16
 from fastopt.specs import COMPOSITE, as_float, shown
 
 __all__ = ["Muon", "check_hyperparameters", "adjusted_lr", "muon_update", "Workspace", "ADJUST_LR_FNS"]
@@ -163,12 +172,15 @@ class Workspace:
         w = self._sets.get(key)
         if w is None:
             m, n = shape
-            r, c = min(m, n), max(m, n)
+            r = min(m, n)
             w = {"D": xp.empty(_work_size(xp, m, n), xp.float64),  # float64 blocks: FMA emulation, update
                  "X": xp.empty((m, n), xp.float32), "Y": xp.empty((m, n), xp.float32),
                  "G": xp.empty((r, r), xp.float32), "V": xp.empty((r, r), xp.float32),
                  "T": xp.empty((r, r), xp.float32),
                  "bits": xp.empty(m * n, xp.uint32), "nan": xp.empty((m, n), bool)}
+            if _is16(np.dtype(dtype)):  # float32 blocks of the 16-bit lerps/update, the 16-bit nesterov term
+                w["F"] = xp.empty(_work_size(xp, m, n), xp.float32)
+                w["H"] = xp.empty((m, n), dtype)
             self._sets[key] = w
         return w
 
@@ -209,14 +221,21 @@ def _work_size(xp, m, n) -> int:
     return m * n if xp is not np else min(m * n, max(n, (_BLOCK // max(n, 1)) * n))
 
 
-def _lerp_into(out, start, end, weight, D):
+def _is16(dtype) -> bool:
+    """float16 or bfloat16 (ml_dtypes): torch computes their lerp and add in float32 and rounds the result."""
+    return dtype == np.float16 or is_bfloat16(dtype)
+
+
+def _lerp_into(out, start, end, weight, D, F=None):
     """out = torch.lerp(start, end, weight) (out may be start): start + w (end - start) when |w| < 0.5,
-    else end + (w - 1)(end - start), torch's branches. float32: one FMA as torch (product and sum in float64,
-    exact but for the last rounding, which the store into out makes); float64: two roundings (NumPy has no
-    FMA). 2-D arrays of one shape; D: the float64 work array (_work_size). out may be float32 for float64
-    inputs (the store rounds)."""
+    else end + (w - 1)(end - start), torch's branches. float32 and 16-bit: w in float32 and one float32 FMA
+    as torch (product and sum in float64, exact but for the rounding to float32, which the store into out, or
+    into F for 16-bit data, makes; 16-bit data then rounded once more, into out, as torch's float32 math
+    stored to 16 bits); float64: two roundings (NumPy has no FMA). 2-D arrays of one shape; D (float64) and
+    F (float32, for 16-bit data) the work blocks (_work_size). out may be float32 for float64 inputs."""
     xp = _xp(D)
-    if start.dtype == np.float32:
+    sixteen = _is16(start.dtype)
+    if start.dtype == np.float32 or sixteen:
         w = np.float32(weight)               # torch's scalar weight, in the tensor's math type
         small = bool(abs(w) < 0.5)
         coef = float(w) if small else float(w - np.float32(1.0))
@@ -231,21 +250,40 @@ def _lerp_into(out, start, end, weight, D):
         d = D[:(r1 - r0) * n].reshape(r1 - r0, n)
         xp.subtract(end[r0:r1], start[r0:r1], out=d, dtype=diff_dtype)
         xp.multiply(d, coef, out=d)
-        xp.add(d, base[r0:r1], out=out[r0:r1], dtype=np.float64)  # the sum in float64, rounded once into out
+        if sixteen:
+            f = F[:(r1 - r0) * n].reshape(r1 - r0, n)
+            xp.add(d, base[r0:r1], out=f, dtype=np.float64)           # the FMA, rounded to float32
+            xp.copyto(out[r0:r1], f, casting="unsafe")                # then to the 16-bit out
+        else:
+            xp.add(d, base[r0:r1], out=out[r0:r1], dtype=np.float64)  # the sum in float64, rounded once into out
 
 
-def _apply_update(param, update, decay, alpha, D):
+def _apply_update(param, update, decay, alpha, D, F=None):
     """param = param * decay + alpha * update, as torch's param.mul_(decay).add_(update, alpha=alpha): the
-    multiplication rounded to the param's dtype, then one FMA for float32 (float64 product and sum, exact
-    but for the store) or two roundings for float64. decay == 1 skips the multiplication (exact anyway)."""
+    multiplication rounded to the param's dtype, then one FMA for float32 and 16-bit params (float64 product
+    and sum, exact but for the rounding to float32; 16-bit params then rounded to their dtype, F the float32
+    block) or two roundings for float64. decay == 1 skips the multiplication (exact anyway)."""
     xp = _xp(D)
     m, n = param.shape
-    f32 = param.dtype == np.float32
-    if f32:
+    sixteen = _is16(param.dtype)
+    if param.dtype == np.float32 or sixteen:
         decay, alpha = np.float32(decay), float(np.float32(alpha))  # torch's scalars in float32 math
+    if is_bfloat16(param.dtype):
+        # bfloat16 + bfloat16 with alpha: torch casts alpha to the tensors' dtype first (float16 + bfloat16
+        # promotes to float32, which keeps alpha in float32)
+        alpha = float(np.asarray(np.float32(alpha)).astype(param.dtype).astype(np.float32))
     for r0, r1 in _row_blocks(xp, m, n):
         d = D[:(r1 - r0) * n].reshape(r1 - r0, n)
         p = param[r0:r1]
+        if sixteen:
+            f = F[:(r1 - r0) * n].reshape(r1 - r0, n)
+            if decay != 1.0:
+                xp.multiply(p, decay, out=f, dtype=np.float32)
+                xp.copyto(p, f, casting="unsafe")
+            xp.multiply(update[r0:r1], alpha, out=d, dtype=np.float64)
+            xp.add(d, p, out=f, dtype=np.float64)
+            xp.copyto(p, f, casting="unsafe")
+            continue
         if decay != 1.0:
             xp.multiply(p, decay, out=p)
         xp.multiply(update[r0:r1], alpha, out=d, dtype=np.float64)
@@ -295,18 +333,23 @@ def _newton_schulz(w, coefficients, ns_steps, eps):
 
 def muon_update(param, grad, buf, hp: dict, workspace: Workspace) -> None:
     """One Muon update of one 2-D param, in place on `param` and `buf` (its momentum buffer), with `grad`
-    only read; hp: check_hyperparameters' values. Arrays of one module (NumPy or CuPy), float32 or float64,
-    same shape and dtype, any strides; the caller checked all of this (nothing here validates)."""
+    only read; hp: check_hyperparameters' values. Arrays of one module (NumPy or CuPy), float32, float64,
+    float16 or bfloat16, same shape and dtype, any strides; the caller checked all of this (nothing here
+    validates)."""
     if param.size == 0:
         return
     xp = _xp(param)
     m, n = param.shape
     w = workspace.get(xp, param.shape, param.dtype)
-    D = w["D"]
+    D, F = w["D"], w.get("F")
     momentum = hp["momentum"]
-    _lerp_into(buf, buf, grad, 1.0 - momentum, D)
+    _lerp_into(buf, buf, grad, 1.0 - momentum, D, F)
     X = w["X"]
-    if hp["nesterov"]:
+    if hp["nesterov"] and "H" in w:
+        # 16-bit: torch's nesterov term is a 16-bit tensor (rounded to it), then converted to bfloat16
+        _lerp_into(w["H"], grad, buf, momentum, D, F)
+        xp.copyto(X, w["H"], casting="same_kind")
+    elif hp["nesterov"]:
         _lerp_into(X, grad, buf, momentum, D)  # the store into float32 rounds, as torch's .bfloat16() of float64
     else:
         xp.copyto(X, buf, casting="same_kind")
@@ -318,7 +361,8 @@ def muon_update(param, grad, buf, hp: dict, workspace: Workspace) -> None:
         xp.copyto(X, np.float32("nan"), where=nan)
     out = _newton_schulz(w, hp["ns_coefficients"], hp["ns_steps"], hp["eps"])
     lr = hp["lr"]
-    _apply_update(param, out, 1.0 - lr * hp["weight_decay"], -adjusted_lr(lr, hp["adjust_lr_fn"], param.shape), D)
+    _apply_update(param, out, 1.0 - lr * hp["weight_decay"], -adjusted_lr(lr, hp["adjust_lr_fn"], param.shape),
+                  D, F)
 
 
 # ---- the NumPy / CuPy class ----------------------------------------------------------------------------
@@ -342,10 +386,11 @@ def _check_param(p, what):
     if p.ndim != 2:
         raise ValueError(f"Muon only supports 2D parameters whereas we found a parameter with size: "
                          f"{tuple(p.shape)} ({what})")
-    if np.dtype(p.dtype) not in (np.float32, np.float64):
-        if np.dtype(p.dtype).kind == "c":
+    dtype = np.dtype(p.dtype)
+    if dtype not in (np.float32, np.float64, np.float16) and not is_bfloat16(dtype):
+        if dtype.kind == "c":
             raise TypeError(f"Muon does not support complex parameters ({what}: {p.dtype})")
-        raise TypeError(f"{what} must be float32 or float64, got {p.dtype}")
+        raise TypeError(f"{what} must be float32, float64, float16 or bfloat16, got {p.dtype}")
     if not _writable(p):
         raise ValueError(f"{what} is read-only")
 
@@ -356,7 +401,7 @@ class Muon:
     Muon(params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
          ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None)
 
-    params: a list of 2-D float32/float64 arrays (all NumPy or all CuPy) or of param-group dicts
+    params: a list of 2-D float32/float64/float16/bfloat16 arrays (all NumPy or all CuPy) or of param-group dicts
     {"params": [...], "lr": ...} (missing keys take the constructor's values). Attributes: param_groups (list
     of dicts, editable between steps; checked at every step), state ({flat index: {"momentum_buffer":
     array}}, made at a param's first gradient, like torch), params (the flat order of step(grads)).
@@ -562,10 +607,11 @@ class Muon:
                 raise ValueError(f"loaded state of param {key!r} must be {{'momentum_buffer': array}}, got keys "
                                  f"{sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__}")
             value = entry["momentum_buffer"]
-            if hasattr(value, "detach"):  # a torch tensor
-                value = value.detach().cpu().numpy()
+            if hasattr(value, "detach"):  # a torch tensor (bfloat16 read as float32: exact, NumPy has none)
+                value = value.detach().cpu()
+                value = (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
             value = to_host(value) if type(value).__module__.startswith("cupy") else np.asarray(value)
-            if value.dtype.kind != "f":
+            if value.dtype.kind != "f" and not is_bfloat16(value.dtype):
                 raise TypeError(f"loaded momentum_buffer of param {key!r} has dtype {value.dtype} (a float array)")
             if tuple(value.shape) != tuple(p.shape):
                 raise ValueError(f"loaded momentum_buffer of param {key!r} has shape {tuple(value.shape)}, the "

@@ -149,6 +149,57 @@ def test_nan_zero_and_huge_gradients_like_torch():
         np.testing.assert_array_equal(p, tp.detach().numpy())  # NaN where torch has NaN
 
 
+# ---- 16-bit params ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,nesterov", [(torch.bfloat16, True), (torch.float16, True), (torch.float16, False)])
+def test_16bit_params_like_torch(dtype, nesterov):
+    """bfloat16 / float16 params (buffer in the param's dtype, as torch): torch's float32 math rounded to 16
+    bits. Buffers bit for bit; params within one 16-bit ulp per step (torch's bfloat16 add(alpha=) rounds a
+    few elements of its loop's scalar tail differently) plus the iteration's tie flips."""
+    torch.manual_seed(7)
+    shapes = [(7, 13), (13, 7), (6, 6)]
+    mine = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in mine]
+    a = ftorch.Muon(mine, lr=0.05, nesterov=nesterov)
+    b = torch.optim.Muon(ref, lr=0.05, nesterov=nesterov)
+    exact = 0
+    for step in range(30):
+        for x, y in zip(mine, ref):
+            g = torch.randn(x.shape).to(dtype)
+            x.grad, y.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+        for x, y in zip(mine, ref):
+            assert x.dtype == dtype
+            # one 16-bit ulp of the result, plus the bfloat16 iteration's tie flips (as for float32)
+            tol = torch.finfo(dtype).eps * y.detach().abs().float() + UPDATE_TOL * adjusted_lr(0.05, None, x.shape)
+            assert torch.all((x.detach().float() - y.detach().float()).abs() <= tol), step
+            exact += torch.equal(x, y)
+            x.data.copy_(y.data)  # lockstep
+            assert torch.equal(a.state[x]["momentum_buffer"], b.state[y]["momentum_buffer"])
+    assert exact >= 10
+
+
+def test_bfloat16_buffer_is_not_normalised():
+    """torch 2.13's bfloat16 Muon without nesterov divides the momentum buffer itself by its norm (.bfloat16()
+    of a bfloat16 tensor is the tensor; fixed upstream in pytorch/pytorch#194664): fastopt keeps the lerp."""
+    g = torch.randn(5, 8).bfloat16()
+    p = torch.nn.Parameter(torch.zeros(5, 8, dtype=torch.bfloat16))
+    p.grad = g.clone()
+    opt = ftorch.Muon([p], lr=0.0, momentum=0.9, nesterov=False)
+    opt.step()
+    assert torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(g).lerp_(g, 1 - 0.9))
+    # and the NumPy class on ml_dtypes' bfloat16 arrays gives fastopt.torch's result
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    q = torch.randn(5, 8).bfloat16()
+    tp = torch.nn.Parameter(q.clone())
+    tp.grad = g.clone()
+    ftorch.Muon([tp], lr=0.1, nesterov=False).step()
+    arr = q.view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)
+    Muon([arr], lr=0.1, nesterov=False).step([g.view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)])
+    np.testing.assert_array_equal(arr.view(np.int16), tp.detach().view(torch.int16).numpy())
+
+
 # ---- fastopt.torch.Muon ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -307,7 +358,7 @@ def test_fastopt_checks_at_construction(kw, etype, words):
 
 
 def test_dtype_kind_and_group_errors():
-    with pytest.raises(TypeError, match=r"params\[1\] must be float32 or float64, got int64"):
+    with pytest.raises(TypeError, match=r"params\[1\] must be float32, float64, float16 or bfloat16, got int64"):
         Muon([np.zeros((2, 2)), np.zeros((2, 2), np.int64)])
     with pytest.raises(TypeError, match="complex"):
         Muon([np.zeros((2, 2), np.complex64)])
@@ -320,11 +371,12 @@ def test_dtype_kind_and_group_errors():
     with pytest.raises(ValueError, match="more than one place"):
         a = np.zeros((2, 2))
         Muon([a, a])
-    p = torch.nn.Parameter(torch.zeros(3, 3, dtype=torch.bfloat16))
-    p.grad = torch.ones_like(p)
-    with pytest.raises(TypeError, match="bfloat16"):
-        ftorch.Muon([p]).step()
-    assert torch.all(p == 0)
+    for cls in (torch.optim.Muon, ftorch.Muon):
+        p = torch.nn.Parameter(torch.zeros(3, 3, dtype=torch.complex64))
+        p.grad = torch.ones_like(p)
+        with pytest.raises(RuntimeError, match="Muon does not support complex parameters"):
+            cls([p]).step()
+        assert torch.all(p == 0)
 
 
 # ---- bad input leaves everything unchanged -----------------------------------------------------------------

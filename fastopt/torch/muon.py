@@ -17,9 +17,10 @@ The update (rule, precision: the Newton-Schulz iteration in bfloat16 values with
 the CPU; cost model) is fastopt.muon's, run on zero-copy NumPy views of CPU tensors (the tensors' own
 strides: a transposed weight is updated in place) and on CuPy views of CUDA tensors (on torch's current
 stream; cuBLAS sgemm for the matmuls); autograd's version counters of the params and buffers written are
-bumped as torch's in-place ops do. float32 and float64 params; 16-bit params raise TypeError (torch keeps
-their buffer and update in 16 bits, which fastopt.muon does not reproduce). Every group's hyperparameters,
-grads and buffers are checked before anything is written.
+bumped as torch's in-place ops do. float32, float64 and float16 params, and bfloat16 ones on the CPU (CuPy
+has no bfloat16), with the buffer in the param's dtype as torch (see fastopt.muon for torch 2.13's bfloat16
+quirks that are not reproduced). Every group's hyperparameters, grads and buffers are checked before anything
+is written.
 """
 from __future__ import annotations
 
@@ -28,17 +29,22 @@ import contextlib
 import torch
 
 from fastopt import muon as core
-from fastopt.torch.views import bump_versions
+from fastopt.torch.views import bump_versions, numpy_bfloat16
 
 __all__ = ["Muon"]
 
-_DTYPES = (torch.float32, torch.float64)
+# CuPy has no bfloat16: bfloat16 params on the CPU only
+_DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+           "cuda": (torch.float32, torch.float64, torch.float16)}
 
 
 def _array(t: torch.Tensor):
-    """NumPy (CPU) or CuPy (CUDA) view of a tensor's own memory and strides."""
+    """NumPy (CPU) or CuPy (CUDA) view of a tensor's own memory and strides (a bfloat16 CPU tensor through
+    its bits, as ml_dtypes' bfloat16)."""
     t = t.detach()
     if t.device.type == "cpu":
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(numpy_bfloat16())
         return t.numpy()
     try:
         import cupy
@@ -97,11 +103,11 @@ class Muon(torch.optim.Optimizer):
                 if p.ndim != 2:
                     raise ValueError(f"Muon only supports 2D parameters whereas we found a parameter with size: "
                                      f"{p.size()}")
-                if p.dtype not in _DTYPES:
-                    raise TypeError(f"fastopt.torch.Muon updates float32 and float64 params, got {p.dtype} "
-                                    f"(use torch.optim.Muon for 16-bit params)")
-                if p.device.type not in ("cpu", "cuda"):
+                if p.device.type not in _DTYPES:
                     raise TypeError(f"fastopt.torch.Muon runs on CPU and CUDA tensors, got {p.device}")
+                if p.dtype not in _DTYPES[p.device.type]:
+                    raise TypeError(f"fastopt.torch.Muon updates {', '.join(map(str, _DTYPES[p.device.type]))} "
+                                    f"params on {p.device.type}, got {p.dtype}")
                 if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
                     raise ValueError(f"a grad ({g.dtype}, {tuple(g.shape)}, {g.device}) does not match its param "
                                      f"({p.dtype}, {tuple(p.shape)}, {p.device})")
