@@ -279,10 +279,10 @@ BAD = [
     ("f64 state of f16", F16, F16, F32, np.float64, TypeError,
      r"exp_avg_sq has dtype float64, expected float32 \(the dtype of exp_avg: the states of one call"),
     ("f16 state of bf16", BF16, BF16, F16, F16, TypeError,
-     r"exp_avg has dtype float16, expected float32 or bfloat16 \(bfloat16 params keep float32 or bfloat16 state; "
+     r"exp_avg has dtype float16, expected float32 or bfloat16 \(the state of params, a bfloat16 param; "
      r"see fastopt.init_state's state_dtype\)"),
     ("f64 state of f32", F32, F32, np.float64, np.float64, TypeError,
-     r"exp_avg has dtype float64, expected float32, bfloat16 or float16 \(float32 params keep"),
+     r"exp_avg has dtype float64, expected float32, bfloat16 or float16 \(the state of params, a float32 param"),
     ("byteswapped f16 params", np.dtype(">f2"), np.dtype(">f2"), F32, F32, TypeError,
      r"params has dtype >f2; fastopt updates float32, float64, float16 or bfloat16 arrays \(native byte order\) on the CPU"),
 ]

@@ -265,8 +265,8 @@ def test_bad_modes_raise_and_write_nothing(backend, rng):
                       r"call have one dtype\)", p, g, st)
     p, g, st = _adam_problem(rng, sd=F32)
     st = {k: v.astype(F16) for k, v in st.items()}
-    expect(TypeError, r"exp_avg has dtype float16, expected float32 or bfloat16 \(bfloat16 params keep float32 or "
-                      r"bfloat16 state; see fastopt.init_state's state_dtype\)", p, g, st)
+    expect(TypeError, r"exp_avg has dtype float16, expected float32 or bfloat16 \(the state of params, a bfloat16 "
+                      r"param; see fastopt.init_state's state_dtype\)", p, g, st)
 
 
 def test_init_state_kahan_refuses_float32():

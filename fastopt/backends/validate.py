@@ -151,8 +151,8 @@ def _check_state_dtype(api, a, p, state_label, param_label, first):
                 raise TypeError(f"{state_label} has dtype {dtype_text(a.dtype)}, expected {p.dtype} "
                                 f"(the dtype of {param_label})")
             text = api.states_text(p.dtype)
-            raise TypeError(f"{state_label} has dtype {dtype_text(a.dtype)}, expected {text} ({p.dtype} params "
-                            f"keep {text} state; see fastopt.init_state's state_dtype)")
+            raise TypeError(f"{state_label} has dtype {dtype_text(a.dtype)}, expected {text} (the state of "
+                            f"{param_label}, a {p.dtype} param; see fastopt.init_state's state_dtype)")
     else:
         expected = api.state_dtype(p.dtype)
         if a.dtype != expected:

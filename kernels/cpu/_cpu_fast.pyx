@@ -425,8 +425,8 @@ cdef int _check_like_param(cnp.ndarray a, int code, cnp.ndarray p, int param_cod
                 f"(the dtype of {_label(names, 0, i, is_list, indices)})")
         raise TypeError(
             f"{_label(names, k, i, is_list, indices)} has dtype {_dtype_text(a)}, expected "
-            f"{_states_text(param_code)} ({p.dtype} params keep {_states_text(param_code)} state; see "
-            f"fastopt.init_state's state_dtype)")
+            f"{_states_text(param_code)} (the state of {_label(names, 0, i, is_list, indices)}, a {p.dtype} param; "
+            f"see fastopt.init_state's state_dtype)")
     ndim = cnp.PyArray_NDIM(a)
     if ndim != cnp.PyArray_NDIM(p) or not cnp.PyArray_CompareLists(cnp.PyArray_DIMS(a), cnp.PyArray_DIMS(p), ndim):
         raise ValueError(
