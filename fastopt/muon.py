@@ -35,8 +35,10 @@ of that), which dominate; plus elementwise passes over memory: per iteration 7 o
 bfloat16 rounding is 5 integer passes, a X and the sum 2; the r x r ones are smaller), and per step about 20
 over the param (the two lerps, 3 each, and the update, 2 or 3, with float64 temporaries in cache-sized blocks;
 the NaN mask, the norm, the division and two roundings of the input). bench/bench_muon.py measures the step
-against its matmuls alone: 1.09-1.14x on GPT-2 shapes (768 x 768, 768 x 3072, 3072 x 768) on one core. Work
-arrays are allocated once per (shape, dtype) and reused; the state is one buffer per param.
+against its matmuls alone on GPT-2 shapes (768 x 768, 768 x 3072, 3072 x 768): 1.13-1.16x on one core,
+1.18-1.22x on two (bench/results/muon-cpu.json). torch.optim.Muon's step is ~1.8x faster on that CPU: its
+bfloat16 matmuls run on avx512_bf16 at about twice float32 BLAS's rate, a floor this NumPy code cannot go
+below. Work arrays are allocated once per (shape, dtype) and reused; the state is one buffer per param.
 
 16-bit params (float16; bfloat16 as ml_dtypes' bfloat16 on the CPU: CuPy has no bfloat16) keep their
 buffer in their own dtype, as torch; the lerps and the update are torch's float32 math (the same FMAs)
@@ -191,8 +193,8 @@ class Workspace:
 def _round_bf16(x, bits):
     """x (a C-contiguous float32 array) rounded in place to bfloat16 values, round to nearest even, as torch's
     float -> bfloat16 conversion (Inf stays Inf, overflow rounds to Inf). NaN payloads with the low 15 bits
-    all set would carry; _round_input restores the NaNs of the input, inside the iteration NaNs are the FPU's
-    canonical ones, which round to NaN."""
+    all set would carry into Inf or -0: muon_update puts the input's NaNs back after its first rounding; inside
+    the iteration NaNs are the FPU's canonical ones, which round to NaN."""
     xp = _xp(x)
     u = x.reshape(-1).view(xp.uint32)
     t = bits[:u.size]
