@@ -159,6 +159,7 @@ class ParamVector:
         self._kernel = self.xp is not np or self.n >= AXPY_KERNEL_MIN
         self._scratch = None
         self._at = None   # (x, t, d) when the params hold x + t d computed from the snapshot x
+        self.writes = 0   # in-place writes to the params so far (fastopt.torch bumps autograd's versions by it)
         # flat buffers are recycled (a fresh one costs page faults, more than a pass over it): _made holds
         # every buffer made or reused in the current step, _free those nobody uses any more. The state's
         # buffers that a step drops (popped history, the last direction and gradient) join _free only at the
@@ -225,6 +226,7 @@ class ParamVector:
 
     def restore(self, x) -> None:
         """params = x (a snapshot): back to the same bytes."""
+        self.writes += 1
         for p, view in zip(self.params, self.slices(x)):
             self.xp.copyto(p, view, casting="same_kind")
         self._at = (x, None, None)
@@ -248,6 +250,7 @@ class ParamVector:
         kernel call (one pass per param) for the C-contiguous params of the flat dtype when the vector is
         large; NumPy's multiply and add for the others (small vectors, strided or lower-precision params)."""
         self._at = None
+        self.writes += 1
         views = self.slices(d)
         direct = [i for i, ok in enumerate(self._direct) if ok]
         if self._kernel and direct and math.isfinite(t):

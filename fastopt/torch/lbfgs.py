@@ -206,8 +206,17 @@ class LBFGS(torch.optim.Optimizer):
             raise ValueError(f"LBFGS state has unknown entries {unknown}")
         core_state = {k: self._core_value(v, k, vec, device, torch_dtype) for k, v in state.items()}
 
+        bumped = [vec.writes]
+
+        def bump():
+            """Autograd's version of every param bumped once the params were written since the last bump (as
+            torch's p.add_/p.copy_ do): a graph that saw the old values raises instead of a wrong gradient."""
+            if vec.writes != bumped[0]:
+                bump_versions(params)
+                bumped[0] = vec.writes
+
         def evaluate():
-            bump_versions(params)  # the params may have moved since the closure last saw them
+            bump()
             loss = closure()
             value = float(loss)
             grads = []
@@ -230,7 +239,7 @@ class LBFGS(torch.optim.Optimizer):
             with _stream(device):
                 orig_loss, new = lbfgs_step(vec, evaluate, core_state, hp)
         finally:
-            bump_versions(params)
+            bump()
         for key, value in new.items():
             state[key] = self._torch_value(value, device, torch_dtype)
         self._remember(state)
