@@ -513,3 +513,21 @@ def test_spec_signature_and_exports():
     assert opt.state_dict() == {"state": {}, "param_groups": [
         {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "maximize": False, "params": [0]}]}
     assert torch.optim.SparseAdam([torch.zeros(2)], lr=0.1).state_dict() == opt.state_dict()
+
+
+def test_torch_step_hooks_and_add_param_group():
+    a, b = torch.zeros(3, 2, requires_grad=True), torch.zeros(4, requires_grad=True)
+    opt = fastopt.torch.SparseAdam([a], lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    opt.add_param_group({"params": [b], "betas": (0.5, 0.6)})
+    assert opt.param_groups[1]["lr"] == 0.1 and opt.param_groups[1]["betas"] == (0.5, 0.6)
+    a.grad = torch.sparse_coo_tensor(torch.tensor([[2]]), torch.ones(1, 2), (3, 2))
+    b.grad = torch.sparse_coo_tensor(torch.tensor([[0, 0]]), torch.ones(2), (4,))
+    opt.step()
+    assert calls == ["pre", "post"]
+    # b's first row: g = 2 (the repeat summed), m = 0.5 * 2, v = 0.4 * 4; step 1: p -= lr * m/sqrt(v) * sqrt(0.4)/0.5
+    expected = -0.1 * (1.0 / (1.6 ** 0.5 + 1e-8)) * 0.4 ** 0.5 / 0.5
+    assert b.detach()[0].item() == pytest.approx(expected, rel=1e-6) and not b.detach()[1:].any()
+    assert a.detach()[2].tolist() == pytest.approx([-0.1, -0.1], rel=1e-6) and not a.detach()[:2].any()
