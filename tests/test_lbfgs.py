@@ -84,6 +84,18 @@ def _torch_closure(opt, f, ps):
     return closure
 
 
+def _count_kernel_calls(monkeypatch):
+    """Count the calls of the compiled one-pass axpy (fastopt's sgd_step, as fastopt.lbfgs calls it)."""
+    calls = []
+    real = lbfgs_mod.sgd_step
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(lbfgs_mod, "sgd_step", counting)
+    return calls
+
+
 def _rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.size == 0:
@@ -111,18 +123,19 @@ _CASES += [(steps, options, kind, ls, True) for steps, options in CONFIGS[::2] f
 def test_numpy_class_matches_torch_float64(kind, line_search_fn, steps, options, kernel, monkeypatch, rng):
     if kernel:
         monkeypatch.setattr(lbfgs_mod, "AXPY_KERNEL_MIN", 0)   # the compiled one-pass axpy on small vectors
+    kernel_calls = _count_kernel_calls(monkeypatch)
     f, init = _objective(kind, _seed(kind, rng, 1 + len(options) + steps), torch.float64)
     tp = [t.clone().requires_grad_() for t in init]
     topt = torch.optim.LBFGS(tp, line_search_fn=line_search_fn, **options)
     arrays = [t.numpy().copy() for t in init]
     opt = fastopt.LBFGS(arrays, line_search_fn=line_search_fn, **options)
-    assert opt._vec._kernel is kernel
     for _ in range(steps):
         lt = topt.step(_torch_closure(topt, f, tp))
         ln = opt.step(_numpy_closure(f, arrays))
         assert ln == pytest.approx(lt.item(), rel=1e-9, abs=1e-12)
         assert _rel(_flat(arrays), _flat([p.detach() for p in tp])) < 1e-9
         _same_counters(topt.state[tp[0]], opt.state[0])
+    assert bool(kernel_calls) is kernel
     ts, s = topt.state[tp[0]], opt.state[0]
     assert list(ts) == list(s)                     # torch's keys, in torch's order
     assert len(ts["old_dirs"]) == len(s["old_dirs"]) <= options.get("history_size", 100)
@@ -205,12 +218,10 @@ def test_float32_within_rounding(rng):
         assert fopt.state[fp[0]]["d"].dtype == torch.float32 and fopt.state[fp[0]]["ro"][0].dtype == torch.float32
 
 
-def test_large_vector_uses_one_pass_kernel():
+def test_large_vector_uses_one_pass_kernel(monkeypatch):
     """n >= AXPY_KERNEL_MIN: the compiled axpy (fastopt's SGD kernel) for the two-loop recursion and the
     update, chosen by size; still torch's trajectory."""
     n = lbfgs_mod.AXPY_KERNEL_MIN
-    assert lbfgs_mod.ParamVector([np.zeros(n - 1)])._kernel is False
-    assert lbfgs_mod.ParamVector([np.zeros(n - 5, np.float32), np.zeros(5, np.float32)])._kernel is True
     g = torch.Generator().manual_seed(3)
     c = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
     b = torch.randn(n, generator=g, dtype=torch.float64)
@@ -223,12 +234,19 @@ def test_large_vector_uses_one_pass_kernel():
     arrays = [x0.numpy().copy()]
     topt = torch.optim.LBFGS(tp, max_iter=4, history_size=3, line_search_fn="strong_wolfe")
     opt = fastopt.LBFGS(arrays, max_iter=4, history_size=3, line_search_fn="strong_wolfe")
-    assert opt._vec._kernel
+    calls = _count_kernel_calls(monkeypatch)
     for _ in range(2):
         lt = topt.step(_torch_closure(topt, f, tp))
         ln = opt.step(_numpy_closure(f, arrays))
         assert ln == pytest.approx(lt.item(), rel=1e-9)
         assert _rel(arrays[0], tp[0].detach().numpy()) < 1e-9
+    assert len(calls) > 10   # the two-loop recursion's axpys and the updates
+    # one element fewer: NumPy's two passes
+    del calls[:]
+    small = [x0[:-1].numpy().copy()]
+    opt = fastopt.LBFGS(small, max_iter=2)
+    opt.step(lambda: (0.5 * float(np.sum((small[0] - 1) ** 2)), [small[0] - 1]))
+    assert not calls and len(opt.state[0]["old_dirs"]) == 1
 
 
 def test_grad_none_and_non_contiguous_params():
