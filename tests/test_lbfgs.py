@@ -139,10 +139,12 @@ def test_numpy_class_matches_torch_float64(kind, line_search_fn, steps, options,
     ts, s = topt.state[tp[0]], opt.state[0]
     assert list(ts) == list(s)                     # torch's keys, in torch's order
     assert len(ts["old_dirs"]) == len(s["old_dirs"]) <= options.get("history_size", 100)
-    for a, b in zip(ts["old_dirs"] + ts["old_stps"] + [ts["d"], ts["prev_flat_grad"]],
-                    s["old_dirs"] + s["old_stps"] + [s["d"], s["prev_flat_grad"]]):
+    ref = ts["old_dirs"] + ts["old_stps"] + [ts["d"], ts["prev_flat_grad"]]
+    # y = g - g_prev cancels near convergence: compared on the scale of the largest state vector
+    scale = max(float(a.abs().max()) for a in ref)
+    for a, b in zip(ref, s["old_dirs"] + s["old_stps"] + [s["d"], s["prev_flat_grad"]]):
         assert b.dtype == np.float64 and b.shape == (N,)
-        assert _rel(b, a.numpy()) < 1e-7
+        assert np.max(np.abs(b - a.numpy())) <= 1e-7 * scale
     assert type(ts["t"]) is type(s["t"]) or (isinstance(ts["t"], torch.Tensor) and isinstance(s["t"], np.float64))
 
 
@@ -244,7 +246,7 @@ def test_large_vector_uses_one_pass_kernel(monkeypatch):
     # one element fewer: NumPy's two passes
     del calls[:]
     small = [x0[:-1].numpy().copy()]
-    opt = fastopt.LBFGS(small, max_iter=2)
+    opt = fastopt.LBFGS(small, max_iter=3)   # (max_eval 3: two iterations, so one history pair)
     opt.step(lambda: (0.5 * float(np.sum((small[0] - 1) ** 2)), [small[0] - 1]))
     assert not calls and len(opt.state[0]["old_dirs"]) == 1
 
