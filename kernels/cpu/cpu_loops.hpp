@@ -35,8 +35,9 @@ enum Kind {
 // The new param of a 16-bit param is stored rounded to nearest even, or with a Kahan compensation buffer
 // (kahan=True: its own pointer, ptrs[5]), or stochastically (random bits of (key, element index)).
 //
-// Compiled directly (every family instantiated): the layouts below with ROUND_NEAREST. Every other valid
-// layout (16-bit params with 16-bit state, and Kahan or stochastic rounding) is STAGED: the params (and
+// Compiled directly (every family instantiated): the layouts below with ROUND_NEAREST (bfloat16 params with
+// bfloat16 state too: the all-bf16 case people train with). Every other valid layout (float16 params with
+// float16 state, and Kahan or stochastic rounding) is STAGED: the params (and
 // grads) of a block of STAGE elements are widened into float32 buffers on the stack, the direct float32
 // loop of the same state dtype runs on them, and the new params are stored back by the rounding mode.
 // Same bits as a direct loop (the same float32 values in, the same math), without compiling every family
@@ -53,8 +54,13 @@ enum {
     LAYOUT_BF16_F32G = FASTOPT_LAYOUT(DTYPE_BF16, DTYPE_F32, DTYPE_F32),
     LAYOUT_F16 = FASTOPT_LAYOUT(DTYPE_F16, DTYPE_F16, DTYPE_F32),
     LAYOUT_F16_F32G = FASTOPT_LAYOUT(DTYPE_F16, DTYPE_F32, DTYPE_F32),
+    LAYOUT_BF16_BF16S = FASTOPT_LAYOUT(DTYPE_BF16, DTYPE_BF16, DTYPE_BF16),
+    LAYOUT_BF16_F32G_BF16S = FASTOPT_LAYOUT(DTYPE_BF16, DTYPE_F32, DTYPE_BF16),
 };
-enum { STAGE = 1024 };  // elements per staged block: 2 x 4 KiB of float32 on the stack
+// Elements per staged block: 2 x 16 KiB of float32 on the stack, in L1/L2. Long enough blocks keep the
+// hardware prefetchers streaming (measured at 1e7 on one thread: 1024-element blocks ran bf16 params with
+// bf16 state at 2x the time of a direct loop).
+enum { STAGE = 4096 };
 
 // How an array's elements are loaded into the math type M and stored back. Plain<T>: a float32 or
 // float64 array (a plain conversion; with M == T none at all, so these loops compile to what they were
@@ -414,6 +420,8 @@ FASTOPT_CLONES int run_chunk(int layout, int kind, int variant, void* const* ptr
         case LAYOUT_BF16_F32G: return run_chunk_typed<float, Bf16, F32, F32>(kind, variant, ptrs, n, s, coef, acc);
         case LAYOUT_F16: return run_chunk_typed<float, F16, F16, F32>(kind, variant, ptrs, n, s, coef, acc);
         case LAYOUT_F16_F32G: return run_chunk_typed<float, F16, F32, F32>(kind, variant, ptrs, n, s, coef, acc);
+        case LAYOUT_BF16_BF16S: return run_chunk_typed<float, Bf16, Bf16, Bf16>(kind, variant, ptrs, n, s, coef, acc);
+        case LAYOUT_BF16_F32G_BF16S: return run_chunk_typed<float, Bf16, F32, Bf16>(kind, variant, ptrs, n, s, coef, acc);
     }
     // the staged layouts: 16-bit params, grads in their dtype or float32, state float32 or the params' dtype,
     // any rounding (ROUND_NEAREST with float32 state is direct, above)
