@@ -4,15 +4,21 @@
 
 updates p, m and v in place in one pass over memory, on the CPU (compiled Cython kernels) or the GPU
 (CuPy RawKernels, Numba CUDA), chosen by the arrays' type. Every optimizer is described once in
-fastopt.specs.REGISTRY; see README.md.
+fastopt.specs.REGISTRY (and the composite ones, lbfgs, muon, adafactor and
+sparse_adam, in fastopt.specs.COMPOSITE); see README.md.
 """
 from fastopt import functional as _functional, optim as _optim
 from fastopt.backends.dispatch import use_backend
 from fastopt.clip import clip_by_global_norm, clip_by_norm, clip_by_value, global_norm
 from fastopt.averaging import ema_decay, ema_update, swa_update
 from fastopt.functional import init_state
-from fastopt.specs import REGISTRY
+from fastopt.specs import COMPOSITE, REGISTRY
 from fastopt.optim import Optimizer
+# the composite optimizers (specs.COMPOSITE: a step that is not one elementwise pass), one module each
+from fastopt.lbfgs import LBFGS
+from fastopt.muon import Muon
+from fastopt.adafactor import Adafactor
+from fastopt.sparse_adam import SparseAdam, sparse_adam_step
 from fastopt import schedules
 from fastopt.flat import FlatParams, flatten
 from fastopt.checkpoint import CheckpointError, load, save
@@ -44,5 +50,6 @@ __all__ = [
     "ema_update", "swa_update", "ema_decay",
     "use_backend", "set_num_threads", "get_num_threads", "REGISTRY",
     *(spec.class_name for spec in REGISTRY.values()), "Optimizer",
+    *(spec.class_name for spec in COMPOSITE.values()), "sparse_adam_step",
     "schedules", "flatten", "FlatParams", "save", "load", "CheckpointError", "__version__",
 ]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import fastopt
-from fastopt.specs import REGISTRY, REQUIRED
+from fastopt.specs import COMPOSITE, REGISTRY, REQUIRED
 
 CUDA_DIR = Path(__file__).resolve().parent.parent / "kernels" / "cuda"
 
@@ -40,8 +40,12 @@ CONTRACT = {
 @pytest.mark.parametrize("name", list(CONTRACT))
 def test_signature_matches_design(name):
     sig = inspect.signature(getattr(fastopt, f"{name}_step"))
-    # backend=: fastopt's addition; annotations are compared separately (docs/design.md writes none)
-    params = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values() if p.name != "backend"]
+    # fastopt's additions after the contract's arguments: the precision modes (DESIGN.md, "Precision") and
+    # backend=; annotations are compared separately (docs/design.md writes none)
+    additions = ["kahan_comp", "stochastic_rounding", "seed", "index_offset", "backend"]
+    names = list(sig.parameters)
+    assert names[-len(additions):] == additions
+    params = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values() if p.name not in additions]
     assert str(sig.replace(parameters=params, return_annotation=inspect.Signature.empty))[1:-1] == CONTRACT[name]
 
 
@@ -117,7 +121,39 @@ def test_readme_table_lists_every_optimizer():
     readme = (CUDA_DIR.parent.parent / "README.md").read_text()
     for spec in REGISTRY.values():
         assert f"`{spec.function_name}`" in readme, spec.name
+    for spec in COMPOSITE.values():
+        assert f"`fastopt.{spec.class_name}`" in readme, spec.name
     assert "make test" in readme and "make test" in (CUDA_DIR.parent.parent / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("spec", list(COMPOSITE.values()), ids=lambda s: s.name)
+def test_composite_spec_is_its_classes(spec):
+    """Each composite optimizer's spec names its module, whose class (torch's name) fastopt exports, and
+    whose hyperparameters and defaults are the class's constructor arguments (and torch's, where torch has it)."""
+    import importlib
+    from fastopt.specs import all_optimizer_names
+    assert spec.name in all_optimizer_names() and spec.name not in REGISTRY
+    cls = getattr(fastopt, spec.class_name)
+    assert cls is getattr(importlib.import_module(f"fastopt.{spec.module}"), spec.class_name)
+    assert spec.class_name in fastopt.__all__
+    sig = inspect.signature(cls)
+    names = [n for n in sig.parameters if n != "params"]
+    defaults = spec.defaults()
+    for name, default in defaults.items():
+        if name in sig.parameters:  # torch's tuples (betas) group two registry hyperparameters
+            assert sig.parameters[name].default == default, (spec.name, name)
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as fot
+    tcls = getattr(fot, spec.class_name)
+    assert spec.class_name in fot.__all__ and issubclass(tcls, torch.optim.Optimizer)
+    if spec.torch_class:
+        theirs = inspect.signature(getattr(torch.optim, spec.torch_class))
+        ours = inspect.signature(tcls)
+        for name, p in theirs.parameters.items():
+            assert name in ours.parameters, (spec.name, name)
+            if p.default is not inspect.Parameter.empty:
+                assert ours.parameters[name].default == p.default, (spec.name, name)
+    assert names  # every composite optimizer takes hyperparameters
 
 
 @pytest.mark.parametrize("spec", list(REGISTRY.values()), ids=lambda s: s.name)

@@ -10,18 +10,27 @@ torch.optim's constructor arguments, positional order, defaults and errors where
 param groups, hooks, lr schedulers and torch.amp.GradScaler work as with torch.optim. Updates land in
 place in the params' own storage (any dense layout) and bump autograd's version counters.
 
+The composite optimizers (fastopt.specs.COMPOSITE: LBFGS, Muon, Adafactor, SparseAdam) are written by hand in
+their own modules (fastopt/torch/<module>.py), drop-ins for their torch.optim namesakes in the same way.
+
 Importing fastopt does not import torch; importing fastopt.torch does.
 """
 from __future__ import annotations
 
 import inspect
 
-from fastopt.specs import REGISTRY, OptimizerSpec
+from fastopt.specs import COMPOSITE, REGISTRY, OptimizerSpec
 from fastopt.torch import arguments
 from fastopt.torch.optimizer import TorchOptimizer
+# the composite optimizers (specs.COMPOSITE), one module each
+from fastopt.torch.lbfgs import LBFGS
+from fastopt.torch.muon import Muon
+from fastopt.torch.adafactor import Adafactor
+from fastopt.torch.sparse_adam import SparseAdam
 from fastopt.train_eval import TorchTrainEval
 
-__all__ = ["TorchOptimizer", "make_class", *(spec.class_name for spec in REGISTRY.values())]
+__all__ = ["TorchOptimizer", "make_class", *(spec.class_name for spec in REGISTRY.values()),
+           *(spec.class_name for spec in COMPOSITE.values())]
 
 
 def _docstring(spec: OptimizerSpec, sig) -> str:
