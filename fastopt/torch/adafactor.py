@@ -20,37 +20,20 @@ unscale inside step (GradScaler unscales the grads first).
 """
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import torch
 
 from fastopt import adafactor as core
+from fastopt.torch.arrays import array_view, on_torch_stream
 from fastopt.torch.views import bump_versions
+
+_NAME = "fastopt.torch.Adafactor"  # for messages
+_CPU = torch.device("cpu")
 
 __all__ = ["Adafactor"]
 
 _DTYPES = (torch.float32, torch.float64)
-
-
-def _array(t: torch.Tensor):
-    """NumPy (CPU) or CuPy (CUDA) view of a tensor's own memory and strides."""
-    t = t.detach()
-    if t.device.type == "cpu":
-        return t.numpy()
-    try:
-        import cupy
-    except ImportError:
-        raise TypeError(f"fastopt.torch.Adafactor on {t.device} tensors needs CuPy") from None
-    return cupy.asarray(t)
-
-
-def _stream(tensors):
-    """torch's current CUDA stream as CuPy's, for CUDA tensors; nothing for CPU ones."""
-    if tensors and tensors[0].device.type == "cuda":
-        import cupy
-        return cupy.cuda.ExternalStream(torch.cuda.current_stream(tensors[0].device).cuda_stream)
-    return contextlib.nullcontext()
 
 
 _LR_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
@@ -109,7 +92,7 @@ class Adafactor(torch.optim.Optimizer):
         storage, shape and strides (`p.data = ...` or a loaded state makes a new one)."""
         key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
         hit = self._views.get(id(t))
-        view = hit[2] if hit is not None and hit[0] is t and hit[1] == key else _array(t)
+        view = hit[2] if hit is not None and hit[0] is t and hit[1] == key else array_view(t, _NAME)
         views[id(t)] = (t, key, view)
         return view
 
@@ -135,7 +118,7 @@ class Adafactor(torch.optim.Optimizer):
                 if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
                     raise ValueError(f"a grad ({g.dtype}, {tuple(g.shape)}, {g.device}) does not match its "
                                      f"param ({p.dtype}, {tuple(p.shape)}, {p.device})")
-                pa, ga = self._view(p, views), _array(g)
+                pa, ga = self._view(p, views), array_view(g, _NAME)
                 core.check_param(pa, "a param")
                 state = self.state.get(p)
                 arrays = None
@@ -168,7 +151,7 @@ class Adafactor(torch.optim.Optimizer):
                 loss = closure()
         plan = self._plan()
         touched = []
-        with _stream([entry[0] for entry in plan]):
+        with on_torch_stream(plan[0][0].device if plan else _CPU):
             for p, pa, ga, arrays, hp, eps1 in plan:
                 state = self.state[p]
                 if not state:  # torch's initial state
@@ -181,7 +164,7 @@ class Adafactor(torch.optim.Optimizer):
                         state["col_var"] = p.new_zeros(col_shape)
                     else:
                         state["variance"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    arrays = {name: _array(state[name]) for name in core.state_shapes(p.shape)}
+                    arrays = {name: array_view(state[name], _NAME) for name in core.state_shapes(p.shape)}
                 step_t = state["step"]
                 step_t += 1
                 core.update(pa, ga, arrays, step_t.item(), hp, eps1, self._workspace)

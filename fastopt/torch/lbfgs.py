@@ -32,27 +32,21 @@ the closure once).
 """
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from fastopt.lbfgs import SINGLE_GROUP_MESSAGE, SPEC, STATE_KEYS, ParamVector, check_group, lbfgs_step
-from fastopt.torch.views import bump_versions, kernel_view
+from fastopt.torch.arrays import array_view, on_torch_stream
+from fastopt.torch.views import bump_versions
+
+_NAME = "fastopt.torch.LBFGS"  # for messages
 
 __all__ = ["LBFGS"]
 
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64,
                  "bfloat16": torch.bfloat16}
-
-
-def _array(t: Tensor):
-    """The array over t's memory, in t's logical order: NumPy for CPU tensors, CuPy for CUDA ones."""
-    if t.device.type == "cpu":
-        return kernel_view(t, False)
-    import cupy
-    return cupy.asarray(t.detach())
 
 
 def _tensor(a, device) -> Tensor:
@@ -62,17 +56,6 @@ def _tensor(a, device) -> Tensor:
             return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(a)
     return torch.as_tensor(a, device=device)
-
-
-def _stream(device):
-    """torch's current CUDA stream as CuPy's (and the device), for CUDA params; nothing on the CPU."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    import cupy
-    stack = contextlib.ExitStack()
-    stack.enter_context(cupy.cuda.Device(device.index if device.index is not None else torch.cuda.current_device()))
-    stack.enter_context(cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream))
-    return stack
 
 
 class LBFGS(torch.optim.Optimizer):
@@ -121,7 +104,7 @@ class LBFGS(torch.optim.Optimizer):
                 raise TypeError(f"params[{i}] has dtype {t.dtype}: LBFGS takes floating-point (or complex) params")
         if sum(t.numel() for t in tensors) == 0:
             raise ValueError("LBFGS needs at least one param element (every param has size 0)")
-        self._vec, self._vec_key = ParamVector([_array(t) for t in tensors]), key
+        self._vec, self._vec_key = ParamVector([array_view(t, _NAME) for t in tensors]), key
         return self._vec, tensors
 
     # --- state: torch's tensors <-> the arrays and scalars of fastopt.lbfgs ---------------------------
@@ -143,7 +126,7 @@ class LBFGS(torch.optim.Optimizer):
                                  f"(the params' total size)")
             if value.dtype != torch_dtype:
                 raise TypeError(f"state {key!r} has dtype {value.dtype}, the params' flat dtype is {torch_dtype}")
-            core = _array(value.contiguous() if not value.is_contiguous() else value)
+            core = array_view(value.contiguous() if not value.is_contiguous() else value, _NAME)
         self._core_of[id(value)] = (value, core)
         return core
 
@@ -232,11 +215,11 @@ class LBFGS(torch.optim.Optimizer):
                 if g.shape != t.shape or g.dtype != t.dtype or g.device != device:
                     raise ValueError(f"params[{i}].grad has shape {tuple(g.shape)}, dtype {g.dtype} on "
                                      f"{g.device}; its param {tuple(t.shape)}, {t.dtype} on {device}")
-                grads.append(_array(g))
+                grads.append(array_view(g, _NAME))
             return loss, value, vec.gather(grads)
 
         try:
-            with _stream(device):
+            with on_torch_stream(device):
                 orig_loss, new = lbfgs_step(vec, evaluate, core_state, hp)
         finally:
             bump()

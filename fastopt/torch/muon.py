@@ -24,41 +24,21 @@ is written.
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
 from fastopt import muon as core
-from fastopt.torch.views import bump_versions, numpy_bfloat16
+from fastopt.torch.arrays import array_view, on_torch_stream
+from fastopt.torch.views import bump_versions
+
+_NAME = "fastopt.torch.Muon"  # for messages
+_CPU = torch.device("cpu")
 
 __all__ = ["Muon"]
 
 # CuPy has no bfloat16: bfloat16 params on the CPU only
 _DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
            "cuda": (torch.float32, torch.float64, torch.float16)}
-
-
-def _array(t: torch.Tensor):
-    """NumPy (CPU) or CuPy (CUDA) view of a tensor's own memory and strides (a bfloat16 CPU tensor through
-    its bits, as ml_dtypes' bfloat16)."""
-    t = t.detach()
-    if t.device.type == "cpu":
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(numpy_bfloat16())
-        return t.numpy()
-    try:
-        import cupy
-    except ImportError:
-        raise TypeError(f"fastopt.torch.Muon on {t.device} tensors needs CuPy") from None
-    return cupy.asarray(t)
-
-
-def _stream(tensors):
-    """torch's current CUDA stream as CuPy's, for CUDA tensors; nothing for CPU ones."""
-    if tensors and tensors[0].device.type == "cuda":
-        import cupy
-        return cupy.cuda.ExternalStream(torch.cuda.current_stream(tensors[0].device).cuda_stream)
-    return contextlib.nullcontext()
 
 
 class Muon(torch.optim.Optimizer):
@@ -132,12 +112,12 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         plan = self._plan()
         written = []
-        with _stream([p for p, _, _, _ in plan]):
+        with on_torch_stream(plan[0][0].device if plan else _CPU):
             for p, g, hp, buf in plan:
                 if buf is None:
                     buf = torch.zeros_like(g, memory_format=torch.preserve_format)
                     self.state[p]["momentum_buffer"] = buf
-                core.muon_update(_array(p), _array(g), _array(buf), hp, self._workspace)
+                core.muon_update(array_view(p, _NAME), array_view(g, _NAME), array_view(buf, _NAME), hp, self._workspace)
                 written += (p, buf)
         bump_versions(written)
         return loss
