@@ -53,8 +53,10 @@ def rounding_options(step, stochastic_rounding=False, seed=0, index_offset=0, ka
     if stochastic_rounding and kahan:
         raise ValueError("kahan and stochastic_rounding are mutually exclusive (Kahan summation keeps what rounding "
                          "lost; stochastic rounding loses nothing on average): choose one")
-    rounding = StochasticRounding(seed, step, index_offset)  # checks seed and index_offset either way
-    return rounding if stochastic_rounding else None
+    if not stochastic_rounding:  # seed and index_offset are checked either way; the key only made when used
+        StochasticRounding.check(seed, index_offset)
+        return None
+    return StochasticRounding(seed, step, index_offset)
 
 
 def apply_update(spec: OptimizerSpec, params, grads, states: tuple, hp: dict, step=1, grad_scale=None,

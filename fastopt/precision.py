@@ -265,13 +265,18 @@ class StochasticRounding:
     __slots__ = ("seed", "step", "index_offset", "key")
 
     def __init__(self, seed: int, step: int, index_offset: int = 0):
+        self.check(seed, index_offset)
+        self.seed, self.step, self.index_offset = int(seed), int(step), int(index_offset)
+        self.key = random_key(self.seed, self.step)
+
+    @staticmethod
+    def check(seed, index_offset) -> None:
+        """TypeError / ValueError naming seed or index_offset unless each is an int in [0, 2**64)."""
         for name, value in (("seed", seed), ("index_offset", index_offset)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise TypeError(f"{name} must be an int, got {value!r}")
             if not 0 <= int(value) < 2 ** 64:
                 raise ValueError(f"Invalid {name}: {value} (an integer in [0, 2**64))")
-        self.seed, self.step, self.index_offset = int(seed), int(step), int(index_offset)
-        self.key = random_key(self.seed, self.step)
 
     def __repr__(self):
         return f"StochasticRounding(seed={self.seed}, step={self.step}, index_offset={self.index_offset})"

@@ -182,7 +182,6 @@ class Steady:
             # CUDA params plan in full each step: their grads' views, device and stream checks on this
             # short path have not run on a GPU yet (issue 11's host-cost work)
             return None
-        spec = optimizer.spec
         calls = []
         for b in buckets:
             state_lists, names = optimizer.kernel_states(b)

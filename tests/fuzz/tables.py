@@ -249,8 +249,10 @@ def table_functional_arrays(backend):
                     for d in ELEMENT_DIMS:
                         def mutate(arrs, rng, d=d, slot=slot, idx=idx):
                             _set(arrs, slot, idx, d.make(_get(arrs, slot, idx), rng))
-                        # float16 params alone, with float32 grads and state: a valid 16-bit update (issue 13)
-                        half_ok = d.name == "float16" and slot == "params" and idx is None and dtype == F4
+                        # float16 params alone, with float32 grads and state: a valid 16-bit update (issue 13); a
+                        # float16 state of float32 params when it is the call's only state: state_dtype= (issue 13)
+                        half_ok = d.name == "float16" and idx is None and dtype == F4 and (
+                            slot == "params" or (slot != "grads" and len(slots) == 3))
                         cases.append(Case(f"{spec.name}/{cfg}/{form}/{slot}/{d.name}",
                                           f"{text} with {where} = {d.expr} ({dtype.name})",
                                           _mutated_builder(spec, hp, "single" if idx is None else "list", dtype, mutate),
