@@ -1229,6 +1229,7 @@ class CompositeSpec:
     hypers: tuple[Hyper, ...]
     torch_class: str | None = None
 
+    @property
     def defaults(self) -> dict:
         return {h.name: h.default for h in self.hypers}
 

@@ -354,7 +354,7 @@ def test_torch_front_end_autograd_schedulers_tensor_lr():
 def test_spec_and_exports():
     spec = fastopt.specs.COMPOSITE["adafactor"]
     assert spec.class_name == "Adafactor" == spec.torch_class
-    assert spec.defaults() == {k: v for k, v in BASE.items()}
+    assert spec.defaults == {k: v for k, v in BASE.items()}
     assert fastopt.Adafactor is core.Adafactor and ftorch.Adafactor.__module__ == "fastopt.torch.adafactor"
     assert issubclass(ftorch.Adafactor, torch.optim.Optimizer)
     import inspect

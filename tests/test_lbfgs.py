@@ -613,7 +613,7 @@ def test_spec_and_exports():
     assert spec.class_name == "LBFGS" and spec.torch_class == "LBFGS"
     import inspect
     torch_sig = inspect.signature(torch.optim.LBFGS.__init__)
-    assert {k: v.default for k, v in torch_sig.parameters.items() if k not in ("self", "params")} == spec.defaults()
+    assert {k: v.default for k, v in torch_sig.parameters.items() if k not in ("self", "params")} == spec.defaults
     ours = inspect.signature(ft.LBFGS.__init__).parameters
     assert [(k, v.default, v.kind) for k, v in ours.items()] == [
         (k, v.default, v.kind) for k, v in torch_sig.parameters.items()]

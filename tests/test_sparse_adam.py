@@ -503,7 +503,7 @@ def test_spec_signature_and_exports():
     assert list(inspect.signature(fastopt.torch.SparseAdam.__init__).parameters) == list(torch_sig.parameters)
     assert list(inspect.signature(fastopt.SparseAdam.__init__).parameters) == list(torch_sig.parameters)
     defaults = {k: p.default for k, p in torch_sig.parameters.items() if p.default is not p.empty}
-    assert spec.defaults() == {"lr": defaults["lr"], "beta1": defaults["betas"][0], "beta2": defaults["betas"][1],
+    assert spec.defaults == {"lr": defaults["lr"], "beta1": defaults["betas"][0], "beta2": defaults["betas"][1],
                                "eps": defaults["eps"], "maximize": defaults["maximize"]}
     assert fastopt.SparseAdam is sparse_adam_module.SparseAdam and fastopt.sparse_adam_step is sparse_adam_step
     assert issubclass(fastopt.torch.SparseAdam, torch.optim.Optimizer)

@@ -138,7 +138,7 @@ def test_composite_spec_is_its_classes(spec):
     assert spec.class_name in fastopt.__all__
     sig = inspect.signature(cls)
     names = [n for n in sig.parameters if n != "params"]
-    defaults = spec.defaults()
+    defaults = spec.defaults
     for name, default in defaults.items():
         if name in sig.parameters:  # torch's tuples (betas) group two registry hyperparameters
             assert sig.parameters[name].default == default, (spec.name, name)
