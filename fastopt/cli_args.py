@@ -106,15 +106,17 @@ def listing(item, label, *, length=None, min_length=1):
 
 
 def optimizer_names(text):
-    """An option type: comma-separated registry names (at least one, each known)."""
-    from fastopt.specs import REGISTRY
+    """An option type: comma-separated optimizer names (at least one, each in
+    fastopt.specs.all_optimizer_names(): the registry's and the composite ones)."""
+    from fastopt.specs import all_optimizer_names
+    known = all_optimizer_names()
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     if not names:
         raise argparse.ArgumentTypeError(f"expected comma-separated optimizer names, got {text!r}")
-    unknown = [n for n in names if n not in REGISTRY]
+    unknown = [n for n in names if n not in known]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown optimizer(s) {', '.join(repr(n) for n in unknown)}; "
-                                         f"known: {', '.join(REGISTRY)}")
+                                         f"known: {', '.join(known)}")
     return list(dict.fromkeys(names))  # in order, without repeats
 
 

@@ -1,7 +1,10 @@
 """`python -m fastopt.demo`: the functional API on a small problem, then the short CPU benchmark.
 
-Fits a least-squares problem with every optimizer through fastopt's fused steps, showing the calls a
-user writes: state from init_state, one <name>_step per iteration, clipping fused as grad_scale.
+Fits a least-squares problem with every registry optimizer through fastopt's fused steps, showing the calls
+a user writes: state from init_state, one <name>_step per iteration, clipping fused as grad_scale. Then the
+composite optimizers (fastopt.specs.COMPOSITE: classes, not fused steps) on a matrix least-squares problem,
+a few steps each: Muon and Adafactor need a 2-D param (orthogonalized / factored updates), SparseAdam is given
+every row as present, LBFGS is closure-driven.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import time
 import numpy as np
 
 import fastopt
-from fastopt.specs import REGISTRY
+from fastopt.specs import COMPOSITE, REGISTRY
 
 # tuned on this problem; an optimizer not listed takes 10x its registry default (the problem is well scaled)
 LEARNING_RATES = {"sgd": 0.05, "adagrad": 0.5, "rmsprop": 0.01, "adam": 0.05, "adamw": 0.05, "nadam": 0.05,
@@ -48,15 +51,68 @@ def fit(name, x, y, steps=300, max_norm=10.0):
     return w, loss
 
 
-def main():
+# composite optimizers on the matrix problem: (steps, constructor keywords); tuned on it
+COMPOSITE_RUNS = {
+    "lbfgs": (5, dict(lr=1, line_search_fn="strong_wolfe")),  # 5 steps of up to 20 iterations each
+    "muon": (100, dict(lr=0.2, weight_decay=0.0)),
+    "adafactor": (100, dict(lr=1.0)),  # the relative step rho = min(lr, 1/sqrt(t)): the paper's 1/sqrt(t)
+    "sparse_adam": (100, dict(lr=0.2)),
+}
+
+
+def matrix_least_squares(seed=0, n=256, d=32, k=16):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    w_true = rng.standard_normal((d, k)).astype(np.float32)
+    return x, x @ w_true, w_true
+
+
+def fit_composite(name, x, y):
+    """(W, final MSE) after COMPOSITE_RUNS[name] steps of fastopt.<Class> on min |x W - y|^2 / n."""
+    steps, kwargs = COMPOSITE_RUNS[name]
+    w = np.zeros((x.shape[1], y.shape[1]), np.float32)
+    opt = getattr(fastopt, COMPOSITE[name].class_name)([w], **kwargs)
+
+    def loss_and_grad():
+        r = x @ w - y
+        return float(np.mean(r * r)), (2.0 / r.size * (x.T @ r)).astype(np.float32)
+    rows = np.arange(w.shape[0])
+    for _ in range(steps):
+        if name == "lbfgs":
+            opt.step(lambda: (lambda loss, g: (loss, [g]))(*loss_and_grad()))
+        elif name == "sparse_adam":
+            opt.step([(rows, loss_and_grad()[1])])  # every row present: Adam with lazy semantics
+        else:
+            opt.step([loss_and_grad()[1]])
+    return w, loss_and_grad()[0]
+
+
+def list_optimizers():
+    """Every optimizer fastopt has: the registry's fused steps, then the composite classes."""
     x, y, w_true = least_squares()
     print("fastopt demo: least squares, 512 x 64, 300 steps per optimizer (float32, fused CPU kernels)")
-    print(f"{'optimizer':>10} {'final MSE':>12} {'|w - w*|':>10} {'ms/step':>8}")
+    print(f"{'optimizer':>19} {'final MSE':>12} {'|w - w*|':>10} {'ms/step':>8}")
     for name in REGISTRY:
         t0 = time.perf_counter()
         w, loss = fit(name, x, y)
         ms = (time.perf_counter() - t0) * 1e3 / 300
-        print(f"{name:>10} {loss:12.3e} {float(np.linalg.norm(w - w_true)):10.3e} {ms:8.3f}")
+        print(f"{name:>19} {loss:12.3e} {float(np.linalg.norm(w - w_true)):10.3e} {ms:8.3f}")
+    x, y, w_true = matrix_least_squares()
+    start = float(np.mean(y * y))
+    print(f"\ncomposite optimizers (classes): matrix least squares, 256 x 32 -> 16, W 32 x 16 (MSE at W = 0: "
+          f"{start:.3g})")
+    print(f"{'optimizer':>19} {'class':>10} {'steps':>6} {'final MSE':>12} {'ms/step':>8}  summary")
+    for name, spec in COMPOSITE.items():
+        t0 = time.perf_counter()
+        _, loss = fit_composite(name, x, y)
+        steps = COMPOSITE_RUNS[name][0]
+        ms = (time.perf_counter() - t0) * 1e3 / steps
+        summary = spec.summary.split(":")[0].split(" as ")[0]
+        print(f"{name:>19} {spec.class_name:>10} {steps:>6} {loss:12.3e} {ms:8.3f}  {summary}")
+
+
+def main():
+    list_optimizers()
     print("\nShort CPU benchmark (fastopt bench --quick):")
     from fastopt.cli import main as cli_main
     return cli_main(["bench", "--quick"])

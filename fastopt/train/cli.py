@@ -15,13 +15,13 @@ import sys
 
 from fastopt.cli_args import (RunError, UsageError, check_output_path, dumps, fmt, integer, listing, optimizer_names,
                          real, write_json)
-from fastopt.specs import REGISTRY
+from fastopt.specs import COMPOSITE, REGISTRY, all_optimizer_names
 from fastopt.train.arrays import GPUUnavailableError, device_module
 from fastopt.train.data import DATASETS
 from fastopt.train.experiment import DTYPES, MODELS, RECOMMENDED, Experiment, recommended_config
 from fastopt.train.metrics import headline_metric
 from fastopt.train.models import ACTIVATIONS, INITS
-from fastopt.train.trainer import SCHEDULES, describe_divergence
+from fastopt.train.trainer import SCHEDULES, describe_divergence, option_defaults
 
 DEFAULT_COMPARE = "sgd,rmsprop,adam,adamw,lion"
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -61,7 +61,7 @@ def _add_common(p, *, optimizer=True):
     data.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: CuPy arrays on a CUDA GPU")
     t = p.add_argument_group("training (unset: the data set's recommended values)")
     if optimizer:
-        t.add_argument("--optimizer", "-o", choices=list(REGISTRY), default=None)
+        t.add_argument("--optimizer", "-o", choices=list(all_optimizer_names()), default=None)
     t.add_argument("--lr", type=real("learning rate", low=0.0), default=None,
                    help="learning rate (default: the data set's tuned rate, scaled per optimizer)")
     t.add_argument("--momentum", type=real("momentum", low=0.0), default=None)
@@ -85,13 +85,35 @@ def _add_common(p, *, optimizer=True):
     out.add_argument("--out", default=None, help="also write the JSON result to this file (its directory must exist)")
 
 
-def _convert(spec, key, text, source):
-    """The value of one hyperparameter from command-line text, checked by the registry (UsageError)."""
-    hyper = next(h for h in spec.hypers if h.name == key)
-    if hyper.kind == "bool":
+def _hyper(name, key):
+    """The registry's or the composite spec's Hyper for `key`; None for a trainer-only option (muon's adamw_lr)."""
+    spec = REGISTRY.get(name) or COMPOSITE[name]
+    return next((h for h in spec.hypers if h.name == key), None)
+
+
+def _convert(name, key, text, source):
+    """The value of one hyperparameter from command-line text (UsageError when it cannot be read). Composite
+    optimizers' kinds: ints (max_iter, ns_steps, history_size; max_eval also none), strings (line_search_fn,
+    adjust_lr_fn; none for None); the tuple-valued ones (adafactor's eps, muon's ns_coefficients) are refused."""
+    hyper = _hyper(name, key)
+    kind = "float" if hyper is None else hyper.kind
+    if kind == "bool":
         if text.lower() not in TRUE + FALSE:
             raise UsageError(f"{source}: {key} takes true or false, got {text!r}")
         return text.lower() in TRUE
+    if kind in ("int", "int_or_none"):
+        if kind == "int_or_none" and text.lower() == "none":
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            more = " or none" if kind == "int_or_none" else ""
+            raise UsageError(f"{source}: {key} takes an integer{more}, got {text!r}") from None
+    if kind == "choice":
+        return None if text.lower() == "none" else text
+    if kind in ("pair", "triple"):
+        raise UsageError(f"{source}: {key} is a tuple ({hyper.doc}); the command line does not set it "
+                         f"(TrainConfig.optimizer_options does)")
     try:
         return float(text)
     except ValueError:
@@ -112,22 +134,24 @@ def _requested_options(args):
 
 def _optimizer_options(args, name, *, only_known=False):
     """The options for optimizer `name`, each checked by the registry and reported with its option.
-    only_known (compare): leave out options `name` does not take instead of failing."""
-    spec = REGISTRY[name]
+    only_known (compare): leave out options `name` does not take instead of failing. A composite
+    optimizer's ints and strings are checked with the whole configuration (its class's checks)."""
+    known = option_defaults(name)
     options = {}
     for key, value, source in _requested_options(args):
-        if key not in spec.defaults or key == "lr":
+        if key not in known or key == "lr":
             if only_known and key != "lr":
                 continue
-            hint = "use --lr" if key == "lr" else f"it takes {', '.join(h for h in spec.defaults if h != 'lr')}"
+            hint = "use --lr" if key == "lr" else f"it takes {', '.join(h for h in known if h != 'lr')}"
             raise UsageError(f"{source}: {name} has no hyperparameter {key!r}; {hint}")
         if isinstance(value, str):
-            value = _convert(spec, key, value, source)
-        hyper = next(h for h in spec.hypers if h.name == key)
-        try:
-            hyper.validate(value)
-        except (TypeError, ValueError) as e:
-            raise UsageError(f"{source}: {e}") from None
+            value = _convert(name, key, value, source)
+        hyper = _hyper(name, key)
+        if hyper is not None and hyper.kind in ("float", "bool"):
+            try:
+                hyper.validate(value)
+            except (TypeError, ValueError) as e:
+                raise UsageError(f"{source}: {e}") from None
         options[key] = value
     return options
 
@@ -197,8 +221,11 @@ def _load(experiment):
 
 
 def _divergence_message(name, lr, divergence):
+    # lbfgs takes no clipping (fastopt/train/composite.py); its line search is what keeps it stable
+    remedy = ("use the line search (--opt line_search_fn=strong_wolfe)" if name == "lbfgs"
+              else "set --clip-grad-norm 1")
     return (f"training diverged: {describe_divergence(divergence)} ({name}, lr={lr:g}); "
-            f"lower --lr (e.g. --lr {lr / 10:g}) or set --clip-grad-norm 1")
+            f"lower --lr (e.g. --lr {lr / 10:g}) or {remedy}")
 
 
 def _write_out(path, payload):
@@ -271,7 +298,7 @@ def _cmd_compare(args):
     # each optimizer gets the options that apply to it; an option that applies to none is an error
     options = {name: _optimizer_options(args, name, only_known=True) for name in names}
     for key, _, source in _requested_options(args):
-        if not any(key in REGISTRY[name].defaults for name in names):
+        if not any(key in option_defaults(name) for name in names):
             raise UsageError(f"{source}: none of {', '.join(names)} has a hyperparameter {key!r}")
     experiments = {}
     for name in names:  # every combination checked before the first run
@@ -303,7 +330,8 @@ def _cmd_compare(args):
         print(data.summary())
         print(f"model: {model.describe()}   epochs: {base.train.epochs}   batch: {base.train.batch_size}   "
               f"seed: {args.seed}")
-        header = f"{'optimizer':>10} {'lr':>9} {'train_loss':>11} {'val_loss':>11} {'val_' + metric:>13} " \
+        w = max(10, *(len(name) for name in runs))  # schedule_free_adamw: 19
+        header = f"{'optimizer':>{w}} {'lr':>9} {'train_loss':>11} {'val_loss':>11} {'val_' + metric:>13} " \
                  f"{'test_' + metric:>14} {'best_epoch':>10} {'ms/epoch':>9}"
         print(header)
         for name, run in runs.items():
@@ -311,9 +339,9 @@ def _cmd_compare(args):
             h = r["history"]
             ms = r["train_seconds"] / max(r["epochs_run"], 1) * 1e3
             if r["diverged"]:
-                print(f"{name:>10} {run['lr']:>9.3g}   diverged: {describe_divergence(r['divergence'])}")
+                print(f"{name:>{w}} {run['lr']:>9.3g}   diverged: {describe_divergence(r['divergence'])}")
                 continue
-            print(f"{name:>10} {run['lr']:>9.3g} {fmt(h['train_loss'][-1]):>11} {fmt(r['metrics']['val']['loss']):>11} "
+            print(f"{name:>{w}} {run['lr']:>9.3g} {fmt(h['train_loss'][-1]):>11} {fmt(r['metrics']['val']['loss']):>11} "
                   f"{fmt(r['metrics']['val'][metric]):>13} {fmt(r['metrics']['test'][metric]):>14} "
                   f"{r['best_epoch']:>10d} {ms:>9.1f}")
         if plot_path:
@@ -340,7 +368,7 @@ def _cmd_search(args):
     space = {"lr": hp.LogUniform(low, high), "batch_size": hp.Choice(args.batch_sizes),
              "weight_decay": hp.Choice(args.weight_decays)}
     base = _experiment(args)
-    if "weight_decay" not in REGISTRY[base.train.optimizer].defaults:
+    if "weight_decay" not in option_defaults(base.train.optimizer):
         del space["weight_decay"]
     if args.method == "tpe" and not hp.optuna_available():
         raise UsageError("--method tpe needs Optuna: pip install 'fastopt[search]' (or use --method random)")

@@ -5,7 +5,9 @@ fused gradient clipping, early stopping that restores the best weights, a per-ep
     result.history["val_loss"], result.metrics["test"]["accuracy"]
 
 The model keeps parameters and gradients in one flat buffer each, so every optimizer step is one
-fused kernel call (with clipping folded into it as a gradient scale). Everything random (shuffling
+fused kernel call (with clipping folded into it as a gradient scale). The composite optimizers (lbfgs,
+muon, adafactor, sparse_adam) run through fastopt/train/composite.py, which sees the model's layers; lbfgs
+trains full batch, one closure-driven step per epoch (batch_size is not used). Everything random (shuffling
 here, initial weights and dropout in the model) derives from `seed`: the same seed gives the same
 history, bit for bit, on the same machine.
 """
@@ -20,7 +22,8 @@ import numpy as np
 
 import fastopt
 from fastopt import schedules
-from fastopt.specs import REQUIRED, get_spec
+from fastopt.specs import COMPOSITE, REQUIRED, get_spec
+from fastopt.train import composite
 from fastopt.train.arrays import array_module, to_numpy
 from fastopt.train.metrics import evaluate, headline_metric
 
@@ -30,9 +33,10 @@ SGD_DEFAULT_LR = 0.01  # torch's SGD has no default learning rate; the trainer n
 
 @dataclass
 class TrainConfig:
-    optimizer: str = "adam"
+    optimizer: str = "adam"  # any name in fastopt.specs.all_optimizer_names() (composites: fastopt/train/composite.py)
     lr: float | None = None  # None: the optimizer's default (SGD: SGD_DEFAULT_LR)
-    # other hyperparameters under the registry's names (momentum, beta1, beta2, weight_decay, eps, ...)
+    # other hyperparameters under the registry's names (momentum, beta1, beta2, weight_decay, eps, ...);
+    # composites: their spec's names (max_iter, ns_steps, line_search_fn, ...) and muon's adamw_lr
     optimizer_options: dict = field(default_factory=dict)
     epochs: int = 20
     batch_size: int = 32
@@ -50,13 +54,13 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return float(self.lr)
-        default = get_spec(self.optimizer).defaults["lr"]
+        default = option_defaults(self.optimizer)["lr"]
         return SGD_DEFAULT_LR if default is REQUIRED else float(default)
 
     def check(self) -> None:
         """Raise ValueError / TypeError naming the field and its value for anything fit() would reject,
         without touching data: the optimizer and its hyperparameters, the schedule, the counts."""
-        spec = get_spec(self.optimizer)  # ValueError for an unknown name
+        known = option_defaults(self.optimizer)  # ValueError for an unknown name
         for name, low in (("epochs", 1), ("batch_size", 1), ("seed", 0)):
             value = getattr(self, name)
             if not _is_int(value):
@@ -74,14 +78,34 @@ class TrainConfig:
             raise ValueError(f"Invalid min_delta: {self.min_delta} (must be a finite number >= 0)")
         if self.lr is not None and not (_is_finite(self.lr) and self.lr >= 0):
             raise ValueError(f"Invalid learning rate: {self.lr} (must be a finite number >= 0)")
-        unknown = set(self.optimizer_options) - set(spec.defaults)
-        if unknown:
-            raise ValueError(f"{self.optimizer} has no hyperparameter(s) {', '.join(sorted(unknown))}; "
-                             f"it takes {', '.join(h for h in spec.defaults if h != 'lr')}")
-        spec.validate({**spec.defaults, **self.optimizer_options, "lr": self.resolved_lr()}, 1)
+        _check_known(self.optimizer, self.optimizer_options, known)
+        if composite.is_composite(self.optimizer):  # the class's own checks, on stand-in arrays
+            composite.check(self.optimizer, self.optimizer_options, self.resolved_lr(), self.clip_grad_norm)
+        else:
+            spec = get_spec(self.optimizer)
+            spec.validate({**spec.defaults, **self.optimizer_options, "lr": self.resolved_lr()}, 1)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         build_schedule(self, steps_per_epoch=1)  # the schedule's own checks (its options)
+
+
+def option_defaults(optimizer) -> dict:
+    """The hyperparameters the trainer takes for `optimizer` (a registry or composite name) and their
+    defaults; ValueError naming every known optimizer for an unknown name."""
+    if isinstance(optimizer, str) and optimizer in COMPOSITE:
+        return composite.defaults(optimizer)
+    try:
+        return get_spec(optimizer).defaults
+    except ValueError:
+        from fastopt.specs import all_optimizer_names
+        raise ValueError(f"Unknown optimizer {optimizer!r}; known: {', '.join(all_optimizer_names())}") from None
+
+
+def _check_known(optimizer, options, known) -> None:
+    unknown = set(options) - set(known)
+    if unknown:
+        raise ValueError(f"{optimizer} has no hyperparameter(s) {', '.join(sorted(unknown))}; "
+                         f"it takes {', '.join(h for h in known if h != 'lr')}")
 
 
 def _is_int(value) -> bool:
@@ -109,15 +133,18 @@ class TrainResult:
         return asdict(self)
 
 
-def build_optimizer(params, config: TrainConfig, steps_per_epoch: int):
-    """fastopt.<Class>(params, lr=<schedule or float>, ...) from the registry name in config."""
-    spec = get_spec(config.optimizer)
+def build_optimizer(params, config: TrainConfig, steps_per_epoch: int, model=None):
+    """(optimizer, lr): fastopt.<Class>(params, lr=<schedule or float>, ...) from the registry name in config;
+    a composite name gives a composite.CompositeOptimizer over `model` (its layers: see that module)."""
     options = dict(config.optimizer_options)
-    known = set(spec.defaults)
-    unknown = set(options) - known
-    if unknown:
-        raise ValueError(f"{config.optimizer} has no hyperparameter(s) {', '.join(sorted(unknown))}; "
-                         f"it takes {', '.join(h for h in spec.defaults if h != 'lr')}")
+    _check_known(config.optimizer, options, option_defaults(config.optimizer))
+    if composite.is_composite(config.optimizer):
+        if model is None:
+            raise ValueError(f"{config.optimizer} is a composite optimizer: build_optimizer needs the model")
+        lr = build_schedule(config, steps_per_epoch)
+        return composite.CompositeOptimizer(config.optimizer, model, lr, options, config.clip_grad_norm,
+                                            base_lr=config.resolved_lr()), lr
+    spec = get_spec(config.optimizer)
     if "beta1" in options or "beta2" in options:  # the classes take torch's betas=(beta1, beta2)
         options["betas"] = (options.pop("beta1", spec.defaults["beta1"]),
                             options.pop("beta2", spec.defaults["beta2"]))
@@ -179,9 +206,10 @@ def fit(model, data, config: TrainConfig, description: str = "train") -> TrainRe
     xp = array_module(model.params)
     X, y = data.X_train, data.y_train
     n = X.shape[0]
-    batch_size = min(config.batch_size, n)
+    full_batch = config.optimizer == "lbfgs"  # one closure-driven step per epoch over the whole training set
+    batch_size = n if full_batch else min(config.batch_size, n)
     steps_per_epoch = math.ceil(n / batch_size)
-    optimizer, lr = build_optimizer([model.params], config, steps_per_epoch)
+    optimizer, lr = build_optimizer([model.params], config, steps_per_epoch, model=model)
     grads = [model.grads]
     shuffle_rng = np.random.default_rng(np.random.SeedSequence([config.seed, 3]))
     metric_name, _ = headline_metric(data.task)
@@ -212,7 +240,13 @@ def fit(model, data, config: TrainConfig, description: str = "train") -> TrainRe
                 step_losses = []
                 for step, lo in enumerate(range(0, n, batch_size), start=1):
                     xb, yb = Xs[lo:lo + batch_size], ys[lo:lo + batch_size]
-                    loss = model.loss_and_grad(xb, yb)
+                    if full_batch:
+                        def closure(xb=xb, yb=yb):
+                            return model.loss_and_grad(xb, yb), grads
+                        # the loss at the step's start point, as a minibatch epoch records each batch's
+                        loss = optimizer.step(closure=closure)
+                    else:
+                        loss = model.loss_and_grad(xb, yb)
                     if on_host:
                         value = float(loss)
                         if not math.isfinite(value):
@@ -222,7 +256,8 @@ def fit(model, data, config: TrainConfig, description: str = "train") -> TrainRe
                     else:
                         step_losses.append(loss)
                         total = total + loss * xb.shape[0]
-                    optimizer.step(grads)
+                    if not full_batch:
+                        optimizer.step(grads)
                 if divergence is None and not on_host and step_losses:
                     finite = to_numpy(xp.isfinite(xp.stack(step_losses)))  # one synchronisation per epoch
                     if not finite.all():
