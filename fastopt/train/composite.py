@@ -19,8 +19,12 @@ one flat param buffer, per-layer weight and bias views into it):
   classifier head is not a hidden matrix). The input layer's weights go to Muon: the recipe keeps a
   transformer's embedding on AdamW because it is a lookup table, but an MLP's first layer on digit pixels or
   table columns is an ordinary dense matrix (and with one hidden layer, the default MLP, it is the only hidden
-  matrix). Muon sees each weight as torch's (out_features, in_features) matrix (a transposed view, no copy),
-  so its shape-dependent lr scale (adjust_lr_fn) is torch's. A model without a hidden layer (linear,
+  matrix; excluding it would leave the default model with no Muon matrix at all, i.e. plain AdamW).
+  `fastopt compare --optimizers adam,adamw,muon` on digits (20 epochs, cosine, lr 1e-2; test accuracy, seeds
+  0/1): muon 0.972/0.992, AdamW (what excluding the first layer gives) 0.972/0.989, Adam 0.972/0.989; muon
+  trained in 7.6 s against AdamW's 0.4 s (Newton-Schulz in emulated bfloat16 on a 128 x 64 matrix, 800 steps).
+  Muon sees each weight as torch's (out_features, in_features) matrix (a transposed view, no copy), so its
+  shape-dependent lr scale (adjust_lr_fn) is torch's. A model without a hidden layer (linear,
   logistic) has no hidden matrix: refused (ValueError), not silently AdamW. The AdamW part's lr is
   `adamw_lr` (the data set's tuned Adam rate, set by recommended_config; AdamW's registry default when
   unset); the schedule scales both parts alike.
@@ -28,7 +32,7 @@ one flat param buffer, per-layer weight and bias views into it):
   training set (the trainer's loop), up to max_iter iterations each; the epoch's training loss is the loss
   at the step's start. line_search_fn defaults to "strong_wolfe" here (torch's default is None): the fixed
   step x += lr * d has no decrease guarantee (on a nonconvex loss the curvature pairs can make d far too
-  long, and nothing then checks the step: the loss can rise, or overflow with a larger lr), while every
+  long, and nothing then checks the step: the loss can rise), while every
   step the line search accepts satisfies the sufficient-decrease (Armijo) and curvature conditions, with
   lr only its first trial. Measured at lr 1 (seeds 0/1, the recommended epochs; test accuracy or r2): the
   fixed step did not diverge on these small sets (digits 0.955/0.975, strong Wolfe 0.950/0.972; wine,

@@ -23,7 +23,7 @@ import numpy as np
 import fastopt
 from fastopt import schedules
 from fastopt.specs import COMPOSITE, REQUIRED, get_spec
-from fastopt.train import composite
+import fastopt.train.composite as composite  # the module, not the package (its __init__ imports this one)
 from fastopt.train.arrays import array_module, to_numpy
 from fastopt.train.metrics import evaluate, headline_metric
 
