@@ -185,6 +185,9 @@ class CompositeOptimizer:
 
     def _set_lr(self) -> None:
         value = float(self.lr(self.count) if is_schedule(self.lr) else self.lr)
+        if not (math.isfinite(value) and value >= 0):  # checked before any group is changed
+            raise ValueError(f"Invalid learning rate: {value} (the schedule's value after {self.count} updates; "
+                             "must be a finite number >= 0)")
         lrs = [value]
         for group in self._main.param_groups:
             group["lr"] = value

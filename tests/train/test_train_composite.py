@@ -94,6 +94,17 @@ def test_muons_adamw_part_follows_a_warmup_relative_to_the_peak():
         CompositeOptimizer("muon", small_model(), schedule, {"adamw_lr": 0.004})
 
 
+def test_a_bad_schedule_value_changes_nothing():
+    model = small_model()
+    opt = CompositeOptimizer("adafactor", model, lambda count: 0.01 if count == 0 else -1.0, base_lr=0.01)
+    opt.step([flat_grad(model, 0)])
+    before, groups = model.params.copy(), [dict(g) for g in opt.optimizers[0].param_groups]
+    with pytest.raises(ValueError, match="Invalid learning rate: -1.0"):
+        opt.step([flat_grad(model, 1)])
+    assert model.params.tobytes() == before.tobytes() and opt.count == 1 and opt.last_lr == [0.01]
+    assert [g["lr"] for g in opt.optimizers[0].param_groups] == [g["lr"] for g in groups]
+
+
 @pytest.mark.parametrize("name", ["adafactor", "muon", "sparse_adam"])
 def test_clip_grad_norm_is_applied_before_the_step(name):
     clipped, plain = small_model(), small_model()
