@@ -66,7 +66,7 @@ def _cmd_info(args):
         "numpy": np.__version__,
         "cpu_backend": "cython" if dispatch.cython_available() else "numpy (extension not built)",
         "cpu_threads": fastopt.get_num_threads(),
-        "optimizers": list(fastopt.REGISTRY),
+        "optimizers": list(fastopt.specs.all_optimizer_names()),
     }
     try:
         import torch

@@ -140,7 +140,7 @@ def test_bench_tiny_run_writes_strict_json(capsys, tmp_path):
 def test_info_json_is_strict(capsys):
     code, out, _ = run_cli(capsys, "info", "--json")
     info = strict_loads(out)
-    assert code == 0 and info["fastopt"] == fastopt.__version__ and info["optimizers"] == list(fastopt.REGISTRY)
+    assert code == 0 and info["fastopt"] == fastopt.__version__ and info["optimizers"] == list(fastopt.specs.all_optimizer_names())
 
 
 # ---------------------------------------------------------------------------------------- helpers
