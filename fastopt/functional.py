@@ -20,7 +20,9 @@ PRECISION_DOC = """
 Precision (16-bit params: float16, ml_dtypes.bfloat16; float32 math):
     The state arrays may be float32 or 16-bit (init_state's state_dtype=: bfloat16/float16 for float32
     params, the params' own dtype for 16-bit params); all states of one call share one dtype, stored
-    rounded to nearest even. The new 16-bit param is rounded to nearest even, unless:
+    rounded to nearest even. 8-bit state (state_dtype="int8", float32 and 16-bit params, on the CPU):
+    each state is a fastopt.precision.QuantizedState(codes, absmax, signed), dequantized to float32, updated
+    and requantized in place (all states of the call, or none). The new 16-bit param is rounded to nearest even, unless:
     kahan_comp: the Kahan compensation buffer (params' dtype and shape; init_state(..., kahan=True)
         makes it as "kahan_comp"): c holds what rounding lost, added back at the next step:
         total = c + (p_new - p); p = round(p + total); c = round(total - (p - p_old)).
@@ -144,6 +146,11 @@ def _state_dtype_of(state_dtype, param_dtype, label):
     """The NumPy dtype of the state of a host param of `param_dtype` for state_dtype= (None: float32 for
     16-bit params, else the param's own); TypeError/ValueError naming state_dtype otherwise."""
     from fastopt.precision import STATE_DTYPES, is_16bit
+    if isinstance(state_dtype, str) and state_dtype == "int8":  # 8-bit block-wise (precision.QuantizedState)
+        if not (param_dtype == np.float32 or is_16bit(param_dtype)):
+            raise ValueError(f"Invalid state_dtype: 'int8' for {label} of dtype {param_dtype} (8-bit state is for "
+                             f"float32, float16 or bfloat16 params)")
+        return "int8"
     if state_dtype is None:
         return np.dtype(np.float32) if is_16bit(param_dtype) else param_dtype.newbyteorder("=")
     if isinstance(state_dtype, str) and state_dtype == "bfloat16":
@@ -156,7 +163,7 @@ def _state_dtype_of(state_dtype, param_dtype, label):
         try:
             wanted = np.dtype(state_dtype)
         except TypeError:
-            raise TypeError(f"state_dtype must be one of {', '.join(STATE_DTYPES)} or the params' dtype, got "
+            raise TypeError(f"state_dtype must be one of {', '.join(STATE_DTYPES)}, int8 or the params' dtype, got "
                             f"{state_dtype!r}") from None
     own = param_dtype.newbyteorder("=")
     ok = wanted == own or (wanted == np.float32 and param_dtype != np.float64) or (
@@ -178,15 +185,21 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
 
     state_dtype: the states' storage (DESIGN.md "Precision"): None (float32 for float16/bfloat16 params,
     the params' own dtype otherwise), "float32", "bfloat16", "float16" (for float32 params), or the params'
-    own dtype; a 16-bit state is filled (and later stored) rounded to nearest even.
+    own dtype; a 16-bit state is filled (and later stored) rounded to nearest even. "int8" (float32 and
+    16-bit params): each state is a fastopt.precision.QuantizedState (codes uint8 of the param's shape,
+    absmax float32 of ceil(size / 256) blocks; the signed map, or the unsigned one for states that are never
+    negative: precision.NONNEGATIVE_STATES); not for LAMB, ASGD and schedule-free (precision.INT8_REFUSED),
+    whose state must stay exact. Host (CPU) params only.
     kahan=True (16-bit params only): also a "kahan_comp" entry, zeros of the params' dtype: the Kahan
     compensation that `<name>_step(..., kahan_comp=...)` takes.
     Example: ``fastopt.adam_step(p, g, **fastopt.init_state("adam", p), step=1)``."""
     from fastopt.specs import PARAM, get_spec
     from fastopt.backends.dispatch import array_device, as_numpy
-    from fastopt.precision import is_16bit
+    from fastopt.precision import INT8_REFUSED, QuantizedState, is_16bit, signed_state
 
     spec = get_spec(name)
+    if isinstance(state_dtype, str) and state_dtype == "int8" and spec.name in INT8_REFUSED:
+        raise ValueError(f"Invalid state_dtype: 'int8' for {spec.name!r}: {INT8_REFUSED[spec.name]}")
     unknown = set(options) - set(spec.defaults)
     if unknown:
         raise TypeError(f"init_state({name!r}): unknown option(s) {', '.join(sorted(unknown))}")
@@ -203,7 +216,7 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
 
     fills = spec.state_init(hp)
 
-    def new_state(p, label, fill, dtype):
+    def new_state(p, label, fill, dtype, state=None):
         if fill is PARAM:  # a copy of the param (schedule-free's z), in the state dtype, on its device
             out = new_state(p, label, 0.0, dtype)
             if isinstance(out, np.ndarray):
@@ -216,6 +229,8 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
             return device_state(p, fill)
         if isinstance(dtype, Exception):
             raise dtype
+        if isinstance(dtype, str):  # "int8": the fill quantized (codes and one absmax per 256 elements)
+            return QuantizedState.from_float(np.full(p.shape, fill, np.float32), signed_state(state))
         return np.full(p.shape, fill, dtype)
 
     def device_state(p, fill):
@@ -258,7 +273,7 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
     out = {}
     for state, used in zip(spec.states, spec.active_states(hp)):
         if used:
-            arrays = [new_state(p, label, fills[state], dtype) for p, label, dtype, _ in labelled]
+            arrays = [new_state(p, label, fills[state], dtype, state) for p, label, dtype, _ in labelled]
             out[state] = arrays if is_list else arrays[0]
     if kahan:
         for _, _, dtype, _ in labelled:

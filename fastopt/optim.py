@@ -77,7 +77,7 @@ from fastopt.backends.dispatch import array_device, as_numpy, backend_for
 from fastopt.backends.interface import prepares_once
 from fastopt.clip import _check_bound, clip_coefficient
 from fastopt.functional import init_state, rounding_options, with_kahan
-from fastopt.precision import StochasticRounding
+from fastopt.precision import QuantizedState, StochasticRounding, quant_blocks
 from fastopt.schedules import is_schedule
 from fastopt.specs import PARAM, REGISTRY, REQUIRED, OptimizerSpec
 from fastopt.statedict import OptimizerState, check_array
@@ -766,8 +766,12 @@ class Optimizer:
                         # the dtype of the optimizer's own state array (float16 device params keep float32
                         # state); a slot the optimizer does not have is not loaded: checked against the param
                         target = slots.get(name)
-                        dtype = np.dtype(target[j].dtype) if target is not None else None
-                        check_array(f"state of param {i}: {name}", a, p.shape, dtype)
+                        live = target[j] if target is not None else None
+                        if isinstance(a, QuantizedState) or isinstance(live, QuantizedState):
+                            _check_int8_load(f"state of param {i}: {name}", a, p.shape)
+                        else:
+                            dtype = np.dtype(live.dtype) if live is not None else None
+                            check_array(f"state of param {i}: {name}", a, p.shape, dtype)
                         if target is not None:
                             arrays[name] = a
                     sources.append(arrays)
@@ -812,7 +816,7 @@ class Optimizer:
                 for name, targets in bucket.states.items():
                     for j, arrays in enumerate(sources):
                         if name in arrays:
-                            copy_into(targets[j], arrays[name])
+                            _load_into(targets[j], arrays[name])
                         elif fills[name] is PARAM:  # copied from the param once the params are restored
                             copies.append((targets[j], bucket.params[j]))
                         elif name not in new_slots:  # not saved (step 0, or unused): a new state's value
@@ -844,8 +848,43 @@ class Optimizer:
         statedict.from_torch_state_dict(self, state_dict, step)
 
 
+def _check_int8_load(what, a, shape) -> None:
+    """A saved state loaded into or from 8-bit state (state_dtype="int8"): a QuantizedState with codes
+    uint8[shape] and ceil(size / 256) float32 scales, or a float array of the param's shape (quantized
+    when applied); CheckpointError otherwise. Writes nothing."""
+    if isinstance(a, QuantizedState):
+        check_array(f"{what} (8-bit codes)", a.codes, shape, np.dtype(np.uint8))
+        blocks = quant_blocks(int(np.prod(shape, dtype=np.int64)))
+        if tuple(np.shape(a.absmax)) != (blocks,):
+            raise statedict.CheckpointError(f"{what}_absmax has shape {tuple(np.shape(a.absmax))}, expected "
+                                            f"({blocks},) (one scale per 256 elements)")
+        return
+    check_array(what, a, shape, None)
+    if np.dtype(a.dtype).kind != "f" and np.dtype(a.dtype).name != "bfloat16":
+        raise statedict.CheckpointError(f"{what} has dtype {np.dtype(a.dtype).name}, expected a float array to "
+                                        f"quantize into 8-bit state")
+
+
+def _load_into(dst, src) -> None:
+    """A saved state copied into a live one: as it is, or converted between 8-bit and float state
+    (quantized: precision.QuantizedState.store; dequantized to float32, then the live dtype)."""
+    if isinstance(dst, QuantizedState):
+        if isinstance(src, QuantizedState):
+            dst.codes[...] = src.codes
+            dst.absmax[...] = src.absmax
+        else:
+            dst.store(np.asarray(as_numpy(src, "state"), dtype=np.float32).reshape(dst.shape))
+    elif isinstance(src, QuantizedState):
+        copy_into(dst, src.dequantize().astype(np.dtype(dst.dtype)))
+    else:
+        copy_into(dst, src)
+
+
 def _fill(dst, value: float) -> None:
     """dst[...] = value on dst's own device (a state array restored to its starting value)."""
+    if isinstance(dst, QuantizedState):  # 8-bit state: the value quantized
+        dst.store(np.full(dst.shape, value, np.float32))
+        return
     if value == 0.0:
         zero_fill(dst)
     else:

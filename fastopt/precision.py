@@ -321,3 +321,88 @@ def rounded_as(dtype):
     value reads as once stored in a 16-bit array."""
     load, store, _ = FORMATS[format_of(dtype)]
     return lambda x: load(store(x)).reshape(np.shape(x))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8-bit state (state_dtype="int8"): one QuantizedState per state array
+# ---------------------------------------------------------------------------------------------------
+
+# States that are never negative (second moments, accumulators, step sizes): they take the unsigned
+# dynamic map (8 bits of magnitude); every other state takes the signed map (first moments, prev).
+NONNEGATIVE_STATES = frozenset({"state_sum", "square_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_var",
+                                "exp_inf", "acc_delta", "step_size"})
+
+# Optimizers whose state cannot be 8 bits: LAMB (two-phase: its trust ratio's norms come from the exact
+# moments of the first pass), ASGD (ax is the averaged params, an output of the optimizer) and the
+# schedule-free ones (z is the iterate itself, from which the params are interpolated): quantizing those
+# would lose the params, not the statistics.
+INT8_REFUSED = {
+    "lamb": "LAMB's trust ratio needs the exact moments of its first pass (a two-phase update)",
+    "asgd": "ASGD's ax is the averaged params, an output that must stay exact",
+    "schedule_free_sgd": "schedule-free's z is the iterate the params are interpolated from",
+    "schedule_free_adamw": "schedule-free's z is the iterate the params are interpolated from",
+}
+
+
+def quant_blocks(size: int) -> int:
+    """The number of absmax blocks of a tensor of `size` elements: ceil(size / 256)."""
+    return -(-int(size) // QUANT_BLOCK)
+
+
+def signed_state(name: str) -> bool:
+    """Whether registry state `name` is quantized with the signed map (it may be negative)."""
+    return name not in NONNEGATIVE_STATES
+
+
+class QuantizedState:
+    """One state array stored in 8 bits (state_dtype="int8"; Dettmers et al. 2022): `codes` (uint8, the
+    param's shape, C-contiguous) index the dynamic map (signed or unsigned: `signed`), scaled by `absmax`
+    (float32, one per block of 256 consecutive elements in C order, ceil(size / 256) of them):
+        value[i] = dynamic_map(signed)[codes[i]] * absmax[i // 256]
+    A `<name>_step` call takes one QuantizedState where it takes a state array (all states of the call
+    quantized, or none); it dequantizes, runs the float32 update and requantizes in place (codes and absmax
+    rewritten: absmax = max |value| of the block, each code the map value nearest value / absmax)."""
+
+    __slots__ = ("codes", "absmax", "signed")
+
+    def __init__(self, codes, absmax, signed: bool):
+        if not isinstance(signed, (bool, np.bool_)):
+            raise TypeError(f"signed must be a bool, got {signed!r}")
+        self.codes, self.absmax, self.signed = codes, absmax, bool(signed)
+
+    @classmethod
+    def from_float(cls, x, signed: bool) -> "QuantizedState":
+        """The quantized form of float values `x` (new arrays; codes shaped like x)."""
+        x = np.asarray(x)
+        codes, absmax = quantize_blockwise(x, signed)
+        return cls(codes.reshape(x.shape), absmax, signed)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.codes.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage: one per element plus four per block of 256."""
+        return int(self.codes.nbytes) + int(self.absmax.nbytes)
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 values (a new array, the codes' shape)."""
+        return dequantize_blockwise(np.asarray(self.codes), np.asarray(self.absmax), self.signed).reshape(self.shape)
+
+    def store(self, values) -> None:
+        """Quantize float32 `values` (the codes' shape) into codes and absmax, in place."""
+        codes, absmax = quantize_blockwise(values, self.signed)
+        self.codes.reshape(-1)[...] = codes
+        self.absmax[...] = absmax
+
+    def copy(self) -> "QuantizedState":
+        return QuantizedState(np.array(self.codes, copy=True), np.array(self.absmax, copy=True), self.signed)
+
+    def __repr__(self):
+        return (f"QuantizedState(shape={self.shape}, blocks={np.shape(self.absmax)[0] if np.ndim(self.absmax) else '?'},"
+                f" signed={self.signed})")

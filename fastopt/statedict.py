@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fastopt.arrays import to_host
+from fastopt.precision import QuantizedState, signed_state
 from fastopt.schedules import is_schedule
 from fastopt.specs import REGISTRY
 
@@ -30,6 +31,9 @@ __all__ = ["OptimizerState", "CheckpointError", "state_dict", "load_state_dict",
            "to_torch_state_dict", "from_torch_state_dict", "check_array"]
 
 FORMAT = 1         # layout of the state dict (sd["fastopt"]["format"])
+# 8-bit state (state_dtype="int8") in a state dict: "<name>" holds the uint8 codes and "<name>_absmax" the
+# float32 scales (one per 256 elements); loading pairs them into a precision.QuantizedState
+ABSMAX = "_absmax"
 MAX_COUNT = 2 ** 53 - 1  # largest step count / skip count: the next step number is exact in float64
 
 
@@ -140,7 +144,12 @@ def state_dict(opt) -> dict:
         entry = {"step": st.steps[group_of[i]]}
         for name in (*spec.states, KAHAN):
             if name in arrays:
-                entry[name] = to_host(arrays[name])
+                a = arrays[name]
+                if isinstance(a, QuantizedState):  # 8-bit state: the codes under its name, the scales beside
+                    entry[name] = to_host(a.codes)
+                    entry[name + ABSMAX] = to_host(a.absmax)
+                else:
+                    entry[name] = to_host(a)
         state[i] = entry
     state = dict(sorted(state.items()))
     params = opt.params
@@ -326,7 +335,8 @@ def _check_state(opt, state, new_hps):
             elif step != group_step:
                 _fail(f"param group {gi}: params have different step counts ({group_step} and {step} at "
                       f"param {i}); fastopt keeps one count per group")
-            names = [k for k in entry if k != "step"]
+            names = [k for k in entry if k != "step" and not (isinstance(k, str) and k.endswith(ABSMAX) and
+                                                           k[:-len(ABSMAX)] in known)]
             unknown = [k if isinstance(k, str) else _shown(k) for k in names if k not in known]
             if unknown:
                 _fail(f"state of param {i} has {', '.join(unknown)}, which {opt.spec.class_name} does not keep "
@@ -336,10 +346,32 @@ def _check_state(opt, state, new_hps):
                 if missing:
                     _fail(f"state of param {i} is missing {', '.join(missing)} (needed with these "
                           f"hyperparameters)")
-            arrays_of[i] = {name: entry[name] for name in names}
+            arrays_of[i] = {name: _paired(i, name, entry) for name in names}
+            orphans = [k for k in entry if isinstance(k, str) and k.endswith(ABSMAX) and k[:-len(ABSMAX)] in known
+                       and k[:-len(ABSMAX)] not in entry]
+            if orphans:
+                _fail(f"state of param {i} has {orphans[0]} without {orphans[0][:-len(ABSMAX)]} (the codes of "
+                      f"8-bit state)")
         index += len(live["params"])
         steps.append(group_step or 0)
     return arrays_of, steps
+
+
+def _paired(i, name, entry):
+    """entry[name], or with entry[name + "_absmax"] beside it, the 8-bit state they make (codes uint8,
+    scales float32 1-D; their shapes are checked against the param by the optimizer's check_state)."""
+    a = entry[name]
+    scales = entry.get(name + ABSMAX)
+    if scales is None:
+        return a
+    for what, arr, dtype in ((name, a, np.uint8), (name + ABSMAX, scales, np.float32)):
+        if not isinstance(arr, np.ndarray):
+            _fail(f"state of param {i}: {what} is not an array ({type(arr).__name__})")
+        if arr.dtype != dtype:
+            _fail(f"state of param {i}: {what} has dtype {arr.dtype}, expected {np.dtype(dtype).name} (8-bit state)")
+    if scales.ndim != 1:
+        _fail(f"state of param {i}: {name + ABSMAX} has shape {scales.shape}, expected one dimension")
+    return QuantizedState(a, scales, signed_state(name))
 
 
 def _check_schedules(opt, new_groups, saved_states, steps):
@@ -455,6 +487,8 @@ def _to_state_dtypes(opt, state) -> None:
         live = opt.state_arrays(i)
         for name, a in list(entry.items()):
             target = live.get(name)
+            if isinstance(target, QuantizedState):  # 8-bit state: quantized when the plan is applied
+                continue
             if target is None or not isinstance(a, np.ndarray) or a.dtype == target.dtype:
                 continue
             if a.dtype.name in narrow and _dtype_name(target.dtype) in narrow:
@@ -481,8 +515,10 @@ def to_torch_state_dict(opt) -> dict:
             if spec.torch_step:
                 out["step"] = torch.tensor(float(t), dtype=torch.float32)
             for name, a in entry.items():
-                if name == KAHAN:  # torch keeps no compensation: its params are the rounded values
+                if name == KAHAN or name.endswith(ABSMAX):  # no compensation in torch; scales: used below
                     continue
+                if name + ABSMAX in entry:  # 8-bit state: torch takes it dequantized to float32
+                    a = QuantizedState(a, entry[name + ABSMAX], signed_state(name)).dequantize()
                 if name != "step":
                     if a.dtype.itemsize == 2:  # 16-bit state: torch takes it widened (exactly) to float32
                         a = a.astype(np.float32)

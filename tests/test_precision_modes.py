@@ -147,7 +147,7 @@ def test_state_dtype_bytes_and_defaults(rng):
     ("float16", BF16, ValueError, r"Invalid state_dtype: 'float16' for params of dtype bfloat16 \(its state may be "
                                   r"float32 or bfloat16\)"),
     ("bfloat16", np.float64, ValueError, r"Invalid state_dtype: 'bfloat16' for params of dtype float64"),
-    ("int8x", F32, TypeError, r"state_dtype must be one of float32, bfloat16, float16 or the params' dtype, "
+    ("int8x", F32, TypeError, r"state_dtype must be one of float32, bfloat16, float16, int8 or the params' dtype, "
                               r"got 'int8x'"),
     (np.float64, F32, ValueError, r"Invalid state_dtype: <class 'numpy.float64'> for params of dtype float32 \(its "
                                   r"state may be float32, bfloat16 or float16\)"),

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from fastopt.backends import host_clip
-from fastopt.backends.validate import host_scale
+import numpy as np
+
+from fastopt.backends import host_clip, numpy_backend, validate
+from fastopt.backends.validate import host_scale, is_quantized
+from fastopt.precision import dynamic_map, dynamic_midpoints
 
 NAME = "cython"
 
@@ -20,35 +23,141 @@ except ImportError as e:
 AVAILABLE = _cpu_fast is not None
 
 
+def _has_int8(arrays) -> bool:
+    """Whether a call's states (arrays[2:]) hold 8-bit state (a precision.QuantizedState)."""
+    for entry in arrays[2:]:
+        for a in entry if isinstance(entry, (list, tuple)) else (entry,):
+            if is_quantized(a):
+                return True
+    return False
+
+
+class Int8Batch:
+    """A prepared call with 8-bit states: checked by backends/validate.py (the NumPy backend's checks and
+    messages; the compiled checks do not know QuantizedState), run by _cpu_fast.run_int8."""
+
+    __slots__ = ("checked",)
+
+    def __init__(self, checked):
+        self.checked = checked
+
+    def __len__(self):
+        return len(self.checked.lists[0])
+
+
+class Int8Fixed:
+    """prepare_fixed's result for calls with 8-bit states (validate.prepare_fixed's)."""
+
+    __slots__ = ("fixed",)
+
+    def __init__(self, fixed):
+        self.fixed = fixed
+
+    def __len__(self):
+        return len(self.fixed)
+
+
 def prepare(arrays, names, indices=None):
     """Check the arrays of one update (nothing is written); run() applies it."""
+    if _has_int8(arrays):
+        return Int8Batch(validate.prepare(arrays, names, indices=indices))
     return _cpu_fast.prepare(arrays, names, indices)
 
 
 def prepare_fixed(calls):
     """Check an optimizer's params and states once (compiled twin of validate.prepare_fixed)."""
+    if any(_has_int8(arrays) for arrays, _, _ in calls):
+        return Int8Fixed(validate.prepare_fixed(calls))
     return _cpu_fast.prepare_fixed(calls)
 
 
 def bind_grads(fixed, grads_per_call):
     """The prepared calls of one step (compiled twin of validate.bind_grads)."""
+    if isinstance(fixed, Int8Fixed):
+        return [Int8Batch(c) for c in validate.bind_grads(fixed.fixed, grads_per_call)]
     return _cpu_fast.bind_grads(fixed, grads_per_call)
 
 
 def check_disjoint(prepared):
     """ValueError when the prepared calls of one optimizer step share memory that one of them writes."""
-    _cpu_fast.check_disjoint(list(prepared))
+    prepared = list(prepared)
+    if any(isinstance(c, Int8Batch) for c in prepared):
+        if not all(isinstance(c, Int8Batch) for c in prepared):  # one optimizer has one state_dtype
+            raise ValueError("check_disjoint: calls with and without 8-bit state in one step")
+        validate.check_prepared_disjoint([c.checked for c in prepared])
+        return
+    _cpu_fast.check_disjoint(prepared)
 
 
 def check_rounding(prepared, stochastic) -> None:
     """ValueError unless stochastic rounding (a precision.StochasticRounding, or None) fits the call:
     16-bit params, no Kahan compensation."""
+    if isinstance(prepared, Int8Batch):
+        numpy_backend.check_rounding(prepared.checked, stochastic)
+        return
     _cpu_fast.check_rounding(prepared, stochastic is not None)
+
+
+_DTYPE_CODES = {"float32": 0, "float64": 1, "bfloat16": 2, "float16": 3}  # cpu_loops.hpp DTYPE_*
+_ROUND_KAHAN, _ROUND_STOCHASTIC = 1, 2
+
+
+def _maps():
+    """The unsigned and signed dynamic maps and midpoints as run_int8 takes them (rows 0 and 1)."""
+    global _MAPS
+    if _MAPS is None:
+        _MAPS = (np.ascontiguousarray(np.stack([dynamic_map(False), dynamic_map(True)]), dtype=np.float32),
+                 np.ascontiguousarray(np.stack([dynamic_midpoints(False), dynamic_midpoints(True)]), dtype=np.float32))
+    return _MAPS
+
+
+_MAPS = None
+
+
+def _run_int8(batch, spec, hp, step, grad_scale, stochastic):
+    """8-bit states: every check before the first write (validate's, the rounding's, the optimizer's
+    support), then one parallel region of _cpu_fast.run_int8 over all chunks of all tensors."""
+    checked = batch.checked
+    check_rounding(batch, stochastic)
+    numpy_backend.check_int8(checked, spec)
+    if spec.two_phase:
+        raise ValueError(f"{spec.function_name}: 8-bit state (state_dtype='int8') is not supported: "
+                         f"a two-phase update")
+    scalars = spec.scalars(hp, step, host_scale(grad_scale))
+    params, grads, *states = checked.lists
+    comps = states[validate.COMP - 2] if len(states) > validate.COMP - 2 else None
+    states = (states[:validate.COMP - 2] + [None] * 3)[:3]
+    if not params:
+        return
+    for k, lst in enumerate(states):
+        if lst is not None and not all(is_quantized(q) for q in lst):
+            raise ValueError("8-bit state: all states of a call are QuantizedState or none")  # validate ensures it
+    pd, gd = params[0].dtype, grads[0].dtype
+    layout = _DTYPE_CODES[pd.name] | (_DTYPE_CODES[gd.name] << 2)
+    if comps is not None:
+        layout |= _ROUND_KAHAN << 6
+    elif stochastic is not None:
+        layout |= _ROUND_STOCHASTIC << 6
+    tensors = []
+    for i in range(len(params)):
+        qs = [None if lst is None else lst[i] for lst in states]
+        tensors.append((params[i], grads[i]) + tuple(None if q is None else q.codes for q in qs) +
+                       (None if comps is None else comps[i],) + tuple(None if q is None else q.absmax for q in qs) +
+                       tuple(bool(q is not None and q.signed) for q in qs))
+    maps, mids = _maps()
+    if stochastic is None:
+        _cpu_fast.run_int8(spec.kernel, spec.variant(hp, step), layout, tensors, scalars, maps, mids)
+    else:
+        _cpu_fast.run_int8(spec.kernel, spec.variant(hp, step), layout, tensors, scalars, maps, mids,
+                           stochastic.key, stochastic.index_offset)
 
 
 def run(prepared, spec, hp, step, grad_scale, stochastic=None):
     """The update in place; the new 16-bit params stored to nearest even, with the call's Kahan
     compensation (arrays[5]), or stochastically (`stochastic`: a precision.StochasticRounding)."""
+    if isinstance(prepared, Int8Batch):
+        _run_int8(prepared, spec, hp, step, grad_scale, stochastic)
+        return
     scalars = spec.scalars(hp, step, host_scale(grad_scale))
     if stochastic is None:
         _cpu_fast.run(prepared, spec.kernel, spec.variant(hp, step), scalars, hp["lr"])
@@ -58,6 +167,9 @@ def run(prepared, spec, hp, step, grad_scale, stochastic=None):
 
 
 def step(spec, arrays, names, hp, step, grad_scale, stochastic=None):
+    if _has_int8(arrays):
+        run(prepare(arrays, names), spec, hp, step, grad_scale, stochastic)
+        return
     scalars = spec.scalars(hp, step, host_scale(grad_scale))
     if stochastic is None:
         _cpu_fast.update(spec.kernel, spec.variant(hp, step), arrays, names, scalars, hp["lr"])
@@ -67,6 +179,8 @@ def step(spec, arrays, names, hp, step, grad_scale, stochastic=None):
 
 
 def sumsq_per_tensor(grads):
+    if isinstance(grads, Int8Batch):  # a prepared call's grads (checked already)
+        grads = grads.checked.lists[1]
     return _cpu_fast.sumsq_per_tensor(grads)
 
 

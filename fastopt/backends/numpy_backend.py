@@ -10,7 +10,7 @@ from fastopt import reference
 from fastopt.backends import host_clip
 from fastopt.backends import validate
 from fastopt.backends.validate import Checked, check_prepared_disjoint, host_scale
-from fastopt.precision import is_16bit, rounded_as, step_rounded, store_rounded
+from fastopt.precision import INT8_REFUSED, is_16bit, rounded_as, step_rounded, store_rounded
 
 NAME = "numpy"
 AVAILABLE = True
@@ -56,6 +56,7 @@ def run(prepared, spec, hp, step, grad_scale, stochastic=None):
     (widened exactly, stored to nearest even), the new 16-bit params stored with the Kahan compensation
     (arrays[5]) or stochastically (`stochastic`, a precision.StochasticRounding) when asked."""
     check_rounding(prepared, stochastic)
+    check_int8(prepared, spec)
     gs = host_scale(grad_scale)
     params, grads, *states = prepared.lists
     comps = states[validate.COMP - 2] if len(states) > validate.COMP - 2 else None
@@ -68,14 +69,37 @@ def run(prepared, spec, hp, step, grad_scale, stochastic=None):
         arrays = (params[i], grads[i]) + tuple(s[i] if s is not None else None for s in states)
         while len(arrays) > 2 and arrays[-1] is None:  # the reference takes a configuration's states only
             arrays = arrays[:-1]
-        if any(a is not None and is_16bit(a.dtype) for a in arrays):  # float32 math (fastopt.precision)
-            extra = {}
-            if spec.two_phase and len(arrays) > 2 and is_16bit(arrays[2].dtype):
-                extra["stored"] = rounded_as(arrays[2].dtype)  # the second pass reads the stored states
-            step_rounded(fn, arrays, [k for k in range(len(arrays)) if k != 1],  # grads are only read
-                         comp=None if comps is None else comps[i], stochastic=stochastic, **kwargs, **extra)
-        else:
-            fn(*arrays, **kwargs)
+        quantized = [k for k in range(2, len(arrays)) if validate.is_quantized(arrays[k])]
+        if quantized:  # 8-bit state: dequantized to float32, the float32 update, requantized
+            wide = list(arrays)
+            for k in quantized:
+                wide[k] = arrays[k].dequantize()
+            _update(fn, tuple(wide), spec, None if comps is None else comps[i], stochastic, kwargs)
+            for k in quantized:
+                arrays[k].store(wide[k])
+            continue
+        _update(fn, arrays, spec, None if comps is None else comps[i], stochastic, kwargs)
+
+
+def check_int8(prepared, spec) -> None:
+    """ValueError when a call with 8-bit state (QuantizedState entries) is for an optimizer whose state
+    stays exact (precision.INT8_REFUSED: LAMB, ASGD, schedule-free), before anything is written."""
+    if spec.name in INT8_REFUSED and any(
+            lst is not None and any(validate.is_quantized(a) for a in lst) for lst in prepared.lists[2:]):
+        raise ValueError(f"{spec.function_name}: 8-bit state (state_dtype='int8') is not supported: "
+                         f"{INT8_REFUSED[spec.name]}")
+
+
+def _update(fn, arrays, spec, comp, stochastic, kwargs):
+    """The reference update of one param's arrays (float32 math for 16-bit params or states)."""
+    if any(a is not None and is_16bit(a.dtype) for a in arrays):  # float32 math (fastopt.precision)
+        extra = {}
+        if spec.two_phase and len(arrays) > 2 and is_16bit(arrays[2].dtype):
+            extra["stored"] = rounded_as(arrays[2].dtype)  # the second pass reads the stored states
+        step_rounded(fn, arrays, [k for k in range(len(arrays)) if k != 1],  # grads are only read
+                     comp=comp, stochastic=stochastic, **kwargs, **extra)
+    else:
+        fn(*arrays, **kwargs)
 
 
 def prepare_grads(grads, name="grads", indices=None) -> Checked:

@@ -18,6 +18,7 @@ import numbers
 import numpy as np
 
 from fastopt.arrays import as_numpy
+from fastopt.precision import QuantizedState, quant_blocks, signed_state
 from fastopt.specs import as_float
 
 HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))  # and ml_dtypes' bfloat16
@@ -162,6 +163,58 @@ def _check_state_dtype(api, a, p, state_label, param_label, first):
     return a.dtype, state_label
 
 
+U8 = np.dtype(np.uint8)
+INT8 = "int8"  # what a quantized state's dtype reads as in the one-dtype-per-call check
+
+
+def _check_quantized(api, q, p, name, state_label, param_label, read_only):
+    """A QuantizedState (state_dtype="int8") of param p: host arrays; p float32, float16 or bfloat16;
+    codes uint8 of p's shape, absmax float32, 1-D, ceil(p.size / 256) long; both C-contiguous and
+    writeable; the map (signed) the state's name takes (precision.signed_state). Returns the state with
+    its arrays as NumPy arrays (the same object when they already are) and the spans of both."""
+    if api is not HostArrays:
+        raise TypeError(f"{state_label}: 8-bit state (a QuantizedState, state_dtype='int8') is implemented for "
+                        f"host (CPU) arrays only; the GPU backends take float32 state")
+    if not (p.dtype == F32 or is_16bit(p.dtype)):
+        raise TypeError(f"{state_label}: 8-bit state (state_dtype='int8') is for float32, float16 or bfloat16 "
+                        f"params, but {param_label} has dtype {dtype_text(p.dtype)}")
+    codes = api.convert(q.codes, f"{state_label}.codes")
+    absmax = api.convert(q.absmax, f"{state_label}.absmax")
+    if codes.dtype != U8:
+        raise TypeError(f"{state_label}.codes has dtype {dtype_text(codes.dtype)}, expected uint8")
+    if tuple(codes.shape) != tuple(p.shape):
+        raise ValueError(f"{state_label}.codes has shape {tuple(codes.shape)}, expected {tuple(p.shape)} (the shape "
+                         f"of {param_label})")
+    if absmax.dtype != F32:
+        raise TypeError(f"{state_label}.absmax has dtype {dtype_text(absmax.dtype)}, expected float32")
+    blocks = quant_blocks(p.size)
+    if absmax.ndim != 1 or absmax.shape[0] != blocks:
+        raise ValueError(f"{state_label}.absmax has shape {tuple(absmax.shape)}, expected ({blocks},) (one scale "
+                         f"per block of 256 elements of {param_label}, {p.size} elements)")
+    signed = signed_state(name)
+    if q.signed != signed:
+        raise ValueError(f"{state_label} is quantized with the {'signed' if q.signed else 'unsigned'} map, expected "
+                         f"the {'signed' if signed else 'unsigned'} one ({name} "
+                         f"{'may be negative' if signed else 'is never negative'})")
+    spans = []
+    for part, a in ((".codes", codes), (".absmax", absmax)):
+        if not api.c_contiguous(a):
+            raise ValueError(f"{state_label}{part} is not C-contiguous")
+        if not read_only and not api.writeable(a):
+            raise ValueError(f"{state_label}{part} is read-only")
+        if a.size:
+            start = api.pointer(a)
+            spans.append((start, start + a.nbytes, not read_only, name + part, None))
+    if codes is not q.codes or absmax is not q.absmax:
+        q = QuantizedState(codes, absmax, q.signed)
+    return q, spans
+
+
+def is_quantized(a) -> bool:
+    """A state entry stored in 8 bits (precision.QuantizedState)."""
+    return isinstance(a, QuantizedState)
+
+
 def label(name, index):
     """How an error message names one array: "grads[3]" in a list, "grads" alone."""
     return name if index is None else f"{name}[{index}]"
@@ -208,6 +261,21 @@ def check_arrays(arrays, names, api=HostArrays, read_only_slot=1, indices=None, 
             obj = lst[i]
             if obj is None:
                 raise TypeError(f"{label(name, index)} must be an array, got None")
+            if k >= 2 and k != COMP and (isinstance(obj, QuantizedState) or
+                                         (first_state is not None and first_state[0] == INT8)):
+                if not isinstance(obj, QuantizedState):
+                    raise TypeError(f"{label(name, index)} is a {type(obj).__name__}, expected a QuantizedState (as "
+                                    f"{first_state[1]}: the states of one call are all 8-bit or none)")
+                if first_state is not None and first_state[0] != INT8:
+                    raise TypeError(f"{label(name, index)} is a QuantizedState, expected an array of dtype "
+                                    f"{first_state[0]} (as {first_state[1]}: the states of one call are all "
+                                    f"8-bit or none)")
+                q, q_spans = _check_quantized(api, obj, p, name, label(name, index), label(names[0], index),
+                                              k == read_only_slot)
+                lst[i] = q
+                first_state = first_state or (INT8, label(name, index))
+                spans.extend((s0, s1, w, nm, index) for s0, s1, w, nm, _ in q_spans)
+                continue
             a = api.convert(obj, label(name, index))
             lst[i] = a
             if k == 0:
@@ -318,7 +386,7 @@ def _check_fixed(fixed):
             for k, lst in enumerate(lists):
                 if lst is not None:
                     src = arrays[k][i] if is_list else arrays[k]
-                    snapshot.append((src, lst[i], _seen(api, lst[i])))
+                    snapshot.append((src, lst[i], _seen_any(api, lst[i])))
     every = sorted((span for call_spans in spans for span in call_spans), key=lambda s: s[0])
     check_disjoint(every)
     fixed.checked, fixed.spans, fixed.snapshot = checked, spans, snapshot
@@ -328,17 +396,29 @@ def _check_fixed(fixed):
     fixed.labels = [label(s[3], s[4]) for s in every]
 
 
+def _seen_any(api, a):
+    """_seen of an array, or of both arrays of a QuantizedState (and its map)."""
+    if isinstance(a, QuantizedState):
+        return _seen(api, a.codes), _seen(api, a.absmax), a.signed
+    return _seen(api, a)
+
+
 def _is_current(fixed) -> bool:
     """Every array still as the snapshot saw it; objects other than the checked view (torch tensors,
     memoryviews; on a GPU every object) are viewed again, since their storage may have moved."""
     api = fixed.api
     for src, view, seen in fixed.snapshot:
-        if src is not view:
+        if isinstance(src, QuantizedState):
+            if not isinstance(view, QuantizedState) or src.signed != view.signed:
+                return False
+            if src.codes is not view.codes or src.absmax is not view.absmax:
+                return False  # arrays replaced or not NumPy: checked again
+        elif src is not view:
             try:
                 view = api.convert(src, "array")
             except (TypeError, ValueError, BufferError, RuntimeError):
                 return False
-        if _seen(api, view) != seen:
+        if _seen_any(api, view) != seen:
             return False
     return True
 

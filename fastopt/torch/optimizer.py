@@ -49,6 +49,9 @@ def chosen_state_dtype(choice, param_dtype: torch.dtype, device_type: str = "cpu
     16-bit params float32 or their own dtype, float64 params float64. ValueError naming state_dtype."""
     if choice is None:
         return state_dtype(param_dtype)
+    if isinstance(choice, str) and choice == "int8":
+        raise NotImplementedError("state_dtype='int8' (8-bit state) is not in fastopt.torch yet: the NumPy classes "
+                                  "(fastopt.Adam(..., state_dtype='int8')) have it")
     wanted = STATE_DTYPES.get(choice, choice) if isinstance(choice, str) else choice
     if not isinstance(wanted, torch.dtype):
         raise TypeError(f"state_dtype must be one of {', '.join(STATE_DTYPES)}, a torch dtype or None, got "

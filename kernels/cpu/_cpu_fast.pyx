@@ -27,6 +27,9 @@ cdef extern from "platform.hpp" nogil:
 cdef extern from "cpu_loops.hpp" namespace "fastopt::cpu" nogil:
     int run_chunk(int layout, int kind, int variant, void* const* ptrs, int64_t n, const double* s,
                   double coef, double* acc, unsigned int key, unsigned long long index0)
+    int run_chunk_int8(int layout, int kind, int variant, void* const* ptrs, float* const* absmax,
+                       const float* const* maps, const float* const* mids, int64_t n, const double* s,
+                       double coef, unsigned int key, unsigned long long index0)
     double sumsq(int dtype, const void* x, int64_t n)
     void scale(int dtype, void* x, int64_t n, double c)
     void clamp(int dtype, void* x, int64_t n, double c)
@@ -999,3 +1002,106 @@ def scale_each_(grads, coefs):
 def clamp_(grads, double clip_value):
     """grads <- clip(grads, -clip_value, clip_value), in place."""
     _elementwise(grads, 1, clip_value)
+
+
+# ---- 8-bit state (state_dtype="int8") ----
+
+cdef inline void* _data_or_null(object a):
+    return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray> a)
+
+
+cdef inline int _chunk_int8(int layout, int kind, int variant, void** base, float** absmax, const float** maps,
+                            const float** mids, int psize, int gsize, const Chunk* ch, const double* s,
+                            unsigned int key, unsigned long long offset) noexcept nogil:
+    """One chunk of one tensor: base = {p, g, codes0, codes1, codes2, comp}, absmax = the tensor's three
+    scale arrays (NULL where unused); the chunk starts on a 256-block boundary (CHUNK is a multiple)."""
+    cdef void* ptrs[SLOTS]
+    cdef float* am[3]
+    cdef int k
+    ptrs[0] = <void*> (<char*> base[0] + ch.start * psize)
+    ptrs[1] = <void*> (<char*> base[1] + ch.start * gsize)
+    for k in range(3):
+        if base[2 + k] == NULL:
+            ptrs[2 + k] = NULL
+            am[k] = NULL
+        else:
+            ptrs[2 + k] = <void*> (<char*> base[2 + k] + ch.start)
+            am[k] = absmax[k] + ch.start // 256
+    if base[5] == NULL:
+        ptrs[5] = NULL
+    else:
+        ptrs[5] = <void*> (<char*> base[5] + ch.start * psize)
+    return run_chunk_int8(layout, kind, variant, ptrs, am, maps, mids, ch.n, s, 0.0, key,
+                          offset + <unsigned long long> ch.start)
+
+
+def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, cnp.ndarray maps, cnp.ndarray mids,
+             unsigned int key=0, unsigned long long index_offset=0):
+    """Apply elementwise kernel `kernel` to tensors with 8-bit states, in place, in one parallel region.
+
+    tensors: per tensor (p, g, codes0, codes1, codes2, comp, absmax0, absmax1, absmax2, signed0, signed1,
+    signed2): NumPy arrays already validated by the caller (fastopt.backends.validate: dtypes, shapes,
+    C-contiguous, writeable, disjoint, absmax of ceil(size / 256)), None for unused slots. layout: the params'
+    and grads' dtype codes and the rounding (P | G << 2 | rounding << 6). maps (2, 256) and mids (2, 255):
+    float32, row 0 the unsigned map, row 1 the signed (fastopt.precision.dynamic_map / dynamic_midpoints).
+    Chunks are CHUNK elements of one tensor (a multiple of 256: no quantization block straddles two threads)."""
+    cdef double s[MAX_SCALARS]
+    cdef int kind = KINDS[kernel]
+    cdef int nt = len(tensors), t, k, c, bad = 0, nch = 0
+    cdef int psize = _ITEMSIZE[layout & 3], gsize = _ITEMSIZE[(layout >> 2) & 3]
+    cdef int64_t size, start, total = 0
+    cdef tuple entry
+    cdef void** base
+    cdef float** absmax
+    cdef const float** mp
+    cdef const float** md
+    cdef Chunk* chunks
+    if kind >= KIND_TWO_PHASE:
+        raise ValueError(f"run_int8: {kernel!r} is not an elementwise kernel")
+    if maps.dtype != np.float32 or mids.dtype != np.float32 or maps.shape[0] != 2 or maps.shape[1] != 256 \
+            or mids.shape[0] != 2 or mids.shape[1] != 255 or not maps.flags.c_contiguous or not mids.flags.c_contiguous:
+        raise ValueError("run_int8: maps must be float32 (2, 256) and mids float32 (2, 255), C-contiguous")
+    _load_scalars(scalars, s)
+    for t in range(nt):
+        size = (<cnp.ndarray> tensors[t][0]).size
+        nch += <int> ((size + CHUNK - 1) // CHUNK)
+        total += size
+    if nch == 0:
+        return
+    base = <void**> malloc(nt * SLOTS * sizeof(void*))
+    absmax = <float**> malloc(nt * 3 * sizeof(float*))
+    mp = <const float**> malloc(nt * 3 * sizeof(float*))
+    md = <const float**> malloc(nt * 3 * sizeof(float*))
+    chunks = <Chunk*> malloc(nch * sizeof(Chunk))
+    if base == NULL or absmax == NULL or mp == NULL or md == NULL or chunks == NULL:
+        free(base); free(absmax); free(mp); free(md); free(chunks)
+        raise MemoryError()
+    cdef const float* map_rows = <const float*> cnp.PyArray_DATA(maps)
+    cdef const float* mid_rows = <const float*> cnp.PyArray_DATA(mids)
+    try:
+        nch = 0
+        for t in range(nt):
+            entry = tensors[t]
+            for k in range(SLOTS):
+                base[t * SLOTS + k] = _data_or_null(entry[k])
+            for k in range(3):
+                absmax[t * 3 + k] = <float*> _data_or_null(entry[6 + k])
+                mp[t * 3 + k] = map_rows + (256 if entry[9 + k] else 0)
+                md[t * 3 + k] = mid_rows + (255 if entry[9 + k] else 0)
+            size = (<cnp.ndarray> entry[0]).size
+            start = 0
+            while start < size:
+                chunks[nch].tensor = t
+                chunks[nch].start = start
+                chunks[nch].n = min(<int64_t> CHUNK, size - start)
+                nch += 1
+                start += CHUNK
+        with nogil:
+            for c in prange(nch, schedule='static', num_threads=_threads_for(total)):
+                t = chunks[c].tensor
+                bad += _chunk_int8(layout, kind, variant, &base[t * SLOTS], &absmax[t * 3], &mp[t * 3], &md[t * 3],
+                                   psize, gsize, &chunks[c], s, key, index_offset) != 0
+    finally:
+        free(base); free(absmax); free(mp); free(md); free(chunks)
+    if bad:
+        raise ValueError(f"no 8-bit CPU kernel for kind {kind} variant {variant} layout {layout}")
