@@ -193,13 +193,21 @@ FASTOPT_HD void fo_kahan_store(float p, float c, float p_new, fo_u16& p_out, fo_
 FASTOPT_HD float fo_abs_bits(float x) { return fo_bits_float(fo_float_bits(x) & 0x7fffffffu); }
 
 // The code of x / absmax: the number of midpoints below it (the nearest map value; a value exactly
-// on a midpoint takes the lower code). `mid` is sorted ascending, 255 entries.
+// on a midpoint takes the lower code; NaN takes code 0). `mid` is sorted ascending, 255 = 2^8 - 1 entries,
+// so halving steps of 128, 64, ..., 1 count them without a branch: independent elements overlap (a
+// branchy binary search mispredicts about half its steps on data like optimizer state) and the host
+// loops vectorize with gathers.
 FASTOPT_HD unsigned char fo_quantize(float normalized, const float* mid) {
-    unsigned lo = 0, hi = 255;
-    while (lo < hi) {
-        const unsigned m = (lo + hi) >> 1;
-        if (mid[m] < normalized) lo = m + 1; else hi = m;
-    }
+    // comparisons as 0/1 shifted into place, written out: compilers keep them as set-on-compare (a
+    // conditional `? step : 0` in a loop was compiled back into branches)
+    unsigned lo = unsigned(mid[127] < normalized) << 7;
+    lo += unsigned(mid[lo + 63] < normalized) << 6;
+    lo += unsigned(mid[lo + 31] < normalized) << 5;
+    lo += unsigned(mid[lo + 15] < normalized) << 4;
+    lo += unsigned(mid[lo + 7] < normalized) << 3;
+    lo += unsigned(mid[lo + 3] < normalized) << 2;
+    lo += unsigned(mid[lo + 1] < normalized) << 1;
+    lo += unsigned(mid[lo] < normalized);
     return static_cast<unsigned char>(lo);
 }
 
