@@ -1,6 +1,6 @@
 """CPU benchmark of the precision modes (issue 13): Adam at N = 1e7 with bfloat16 / float16 params, 16-bit
-state (state_dtype=), Kahan summation and stochastic rounding, against its byte-count ceiling, next to
-float32 Adam.
+state (state_dtype=, 8-bit state included), Kahan summation and stochastic rounding, against its byte-count
+ceiling, next to float32 Adam.
 
     .venv/bin/python bench/bench_low_precision.py [--n 1e7] [--threads 2] [--reps 30] [--out FILE]
 
@@ -84,7 +84,47 @@ def measure(n, threads, reps):
         rows.append(row)
         print(f"  {label}: {row['adam_ms_min']:.2f} ms, fraction {row['fraction_of_ceiling_min']:.2f}", flush=True)
         del p, g, st, m, v, comp, touched, extra
+    rows.append(measure_int8(n, threads, reps, rng))
     return rows
+
+
+def measure_int8(n, threads, reps, rng):
+    """8-bit Adam state (state_dtype="int8") of float32 params: p read + written and g read (12 bytes), the
+    codes of m and v read and written (4), their float32 scales (2 x 4 bytes per 256 elements, read and
+    written: 16/256): 16.06 bytes per param, 2 + 8/256 of them kept as state. touch() takes float arrays
+    only, so the ceiling is this traffic at the bandwidth of float32 Adam's own touch pattern (p, g, m, v,
+    28 bytes per param), timed alternately with the 8-bit step on arrays of the same size."""
+    import fastopt
+    from fastopt.kernels.cpu import _cpu_fast
+
+    p = rng.standard_normal(n, dtype=np.float32)
+    g = rng.standard_normal(n, dtype=np.float32)
+    st = fastopt.init_state("adam", p, state_dtype="int8")
+    m, v = st["exp_avg"], st["exp_avg_sq"]
+    state_bytes = (m.nbytes + v.nbytes) / n
+    nbytes = 12 + 2 * state_bytes
+    m32, v32 = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    adam, ceiling = [], []
+    for t in range(1, reps + 3):
+        t0 = time.perf_counter()
+        fastopt.adam_step(p, g, m, v, step=t, lr=1e-3)
+        t1 = time.perf_counter()
+        _cpu_fast.touch((p, g, m32, v32))
+        t2 = time.perf_counter()
+        if t > 2:
+            adam.append(t1 - t0)
+            ceiling.append((t2 - t1) * nbytes / 28.0)  # the same bandwidth, the 8-bit step's bytes
+    row = {"case": "float32, int8 state", "n": n, "threads": threads, "bytes_per_param": round(nbytes, 4),
+           "state_bytes_per_param": round(state_bytes, 4),
+           "adam_ms_min": 1e3 * min(adam), "adam_ms_median": 1e3 * float(np.median(adam)),
+           "ceiling_ms_min": 1e3 * min(ceiling), "ceiling_ms_median": 1e3 * float(np.median(ceiling)),
+           "adam_gbs_min_time": nbytes * n / min(adam) / 1e9,
+           "fraction_of_ceiling_min": min(ceiling) / min(adam),
+           "fraction_of_ceiling_median": float(np.median(ceiling)) / float(np.median(adam)),
+           "fraction_of_ceiling_paired": float(np.median(np.array(ceiling) / np.array(adam))),
+           "ceiling_note": "float32 touch time scaled by bytes (touch takes float arrays only)"}
+    print(f"  {row['case']}: {row['adam_ms_min']:.2f} ms, fraction {row['fraction_of_ceiling_min']:.2f}", flush=True)
+    return row
 
 
 def main(argv=None):
@@ -103,7 +143,7 @@ def main(argv=None):
     print(f"{'case':30s} {'B/param':>7s} {'state B':>7s} {'Adam ms min/med':>17s} {'ceiling ms min/med':>19s} "
           f"{'GB/s':>6s} {'fraction min/med/paired':>24s}")
     for r in rows:
-        print(f"{r['case']:30s} {r['bytes_per_param']:7d} {r['state_bytes_per_param']:7d} "
+        print(f"{r['case']:30s} {r['bytes_per_param']:7.2f} {r['state_bytes_per_param']:7.2f} "
               f"{r['adam_ms_min']:8.2f}/{r['adam_ms_median']:8.2f} "
               f"{r['ceiling_ms_min']:9.2f}/{r['ceiling_ms_median']:9.2f} {r['adam_gbs_min_time']:6.1f} "
               f"{r['fraction_of_ceiling_min']:8.2f}/{r['fraction_of_ceiling_median']:6.2f}/"
