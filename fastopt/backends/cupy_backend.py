@@ -31,8 +31,8 @@ import numpy as np
 
 from fastopt.backends import cuda_source
 from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_skip_flag, checked_grads,
-                                             device_index, from_interface, prepare_device, prepare_fixed_device,
-                                             producer_stream, validate_device_arrays)
+                                             device_index, from_interface, no_precision_modes, prepare_device,
+                                             prepare_fixed_device, producer_stream, validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
 from fastopt.backends.validate import check_prepared_disjoint
 
@@ -296,20 +296,9 @@ def _blocks(n, per_thread):
 # Backend interface
 # ---------------------------------------------------------------------------------------------------
 
-def _no_precision_modes(arrays=None, stochastic=None):
-    """The GPU kernels have no Kahan or stochastic store yet (the CPU backends do): a clear refusal, before
-    anything is written."""
-    if arrays is not None and len(arrays) > 5 and arrays[5] is not None:
-        raise NotImplementedError(f"kahan (a Kahan compensation, kahan_comp) is implemented by the CPU backends; "
-                                  f"the {NAME} backend does not have it yet")
-    if stochastic is not None:
-        raise NotImplementedError(f"stochastic_rounding=True is implemented by the CPU backends; the {NAME} backend "
-                                  f"does not have it yet")
-
-
 def prepare(arrays, names, indices=None):
     """Check the arrays of one update (nothing is written or launched); run() launches it."""
-    _no_precision_modes(arrays)
+    no_precision_modes(NAME, arrays)
     return prepare_device(arrays, names, _describe, DTYPES, _WHERE, 1, indices)
 
 
@@ -324,7 +313,7 @@ check_disjoint = check_prepared_disjoint  # across the prepared calls of one opt
 def prepare_fixed(calls):
     """Check an optimizer's params and states once (interface.PrepareOnceBackend, validate.prepare_fixed)."""
     for arrays, _, _ in calls:
-        _no_precision_modes(arrays)
+        no_precision_modes(NAME, arrays)
     return prepare_fixed_device(calls, _describe, DTYPES, _WHERE)
 
 
@@ -334,12 +323,12 @@ def bind_grads(fixed, grads_per_call):
 
 
 def step(spec, arrays, names, hp, step, grad_scale, found_inf=None, stochastic=None):
-    _no_precision_modes(arrays, stochastic)
+    no_precision_modes(NAME, arrays, stochastic)
     run(prepare(arrays, names), spec, hp, step, grad_scale, found_inf)
 
 
 def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
-    _no_precision_modes(prepared.lists, stochastic)
+    no_precision_modes(NAME, prepared.lists, stochastic)
     lists = prepared.lists
     params = lists[0]
     skip = _skip_flag(found_inf)

@@ -137,6 +137,18 @@ def check_skip_flag(a: DeviceArray) -> DeviceArray:
 LEGACY_STREAM, PER_THREAD_STREAM = 1, 2  # __cuda_array_interface__ v3 names of the two default streams
 
 
+def no_precision_modes(backend: str, arrays=None, stochastic=None) -> None:
+    """The GPU kernels have no Kahan or stochastic store yet (the CPU backends do): a clear refusal naming
+    the option and `backend`, before anything is written. arrays: a call's (params, grads, s0, s1, s2,
+    kahan_comp) lists; stochastic: its precision.StochasticRounding or None."""
+    if arrays is not None and len(arrays) > 5 and arrays[5] is not None:
+        raise NotImplementedError(f"kahan (a Kahan compensation, kahan_comp) is implemented by the CPU backends; "
+                                  f"the {backend} backend does not have it yet")
+    if stochastic is not None:
+        raise NotImplementedError(f"stochastic_rounding=True is implemented by the CPU backends; the {backend} backend "
+                                  f"does not have it yet")
+
+
 def _torch_tensor(obj):
     """torch, when obj is a torch tensor (torch is then imported already: fastopt never imports it)."""
     torch = sys.modules.get("torch")
