@@ -56,8 +56,17 @@ param-sized workspace. CuPy arrays run as one block per param (one launch per op
 
 Bad input raises before anything is written (hyperparameters of every group, every grad's kind, dtype
 and shape, state arrays, grads sharing memory with a param or a state): params and state are left
-byte-for-byte unchanged. Params: float32 or float64 (torch's algorithm in the param's own precision; 16-bit
-params are refused). A param with no elements: torch raises ZeroDivisionError (its RMS divides by numel
+byte-for-byte unchanged. Params: float32 or float64 (torch's algorithm in the param's own precision), or
+16-bit (float16; bfloat16 as ml_dtypes' bfloat16 on the CPU: CuPy has none): DESIGN.md "Precision", float32
+math and float32 state. A 16-bit param (grad in its dtype or float32) is widened to float32 (exact), the
+float32 update above runs on it with the float32 state ("row_var"/"col_var" or "variance", float32 whatever
+the param's dtype), and the new value is stored back rounded to nearest even (fastopt.precision's
+store_rounded: the kernels' bits, NaN kept): a 16-bit step equals the float32 step from the same values,
+then rounded, bit for bit. eps1 None is finfo of the param's own dtype as torch's (bfloat16: 2^-7, float16:
+2^-10). torch.optim.Adafactor runs 16-bit params in their own precision (state and every intermediate
+rounded to 16 bits), so it differs from this by a few 16-bit ulps (tests/test_adafactor.py measures it).
+Two extra float32 param-sized buffers per 16-bit param (the widened p and g, kept in the Workspace between
+steps): 2 + 2 (+ 2) + 4 + 4 + 4 bytes of traffic per element over the float32 update's. A param with no elements: torch raises ZeroDivisionError (its RMS divides by numel
 after advancing the step); here its step advances and nothing else happens.
 """
 from __future__ import annotations
@@ -68,10 +77,12 @@ from collections.abc import Mapping
 import numpy as np
 
 from fastopt.arrays import array_device, as_numpy
+from fastopt.precision import is_16bit, is_bfloat16, store_rounded
 from fastopt.specs import COMPOSITE, as_float, shown
 
 __all__ = ["Adafactor", "check_hyperparameters", "check_eps", "state_shapes", "group_eps1", "check_state",
-           "new_state", "check_param", "as_array", "Workspace", "update", "check_disjoint", "BLOCK_BYTES"]
+           "new_state", "check_param", "as_array", "Workspace", "update", "check_disjoint", "BLOCK_BYTES",
+           "state_dtype", "grad_dtype_ok"]
 
 SPEC = COMPOSITE["adafactor"]
 HYPERS = {h.name: h for h in SPEC.hypers}
@@ -127,9 +138,27 @@ def check_hyperparameters(values: Mapping) -> dict:
     return hp
 
 
+# finfo(bfloat16).eps (torch.finfo; np.finfo does not know ml_dtypes' bfloat16)
+_BF16_EPS = 2.0 ** -7
+
+
 def group_eps1(hp: dict, dtype) -> float:
-    """eps1 of a group: the given one, else finfo(dtype).eps of the group's first param with a gradient."""
-    return hp["eps"][0] if hp["eps"][0] is not None else float(np.finfo(dtype).eps)
+    """eps1 of a group: the given one, else finfo(dtype).eps of the group's first param with a gradient
+    (its own dtype, 16-bit ones too, as torch)."""
+    if hp["eps"][0] is not None:
+        return hp["eps"][0]
+    return _BF16_EPS if is_bfloat16(dtype) else float(np.finfo(dtype).eps)
+
+
+def state_dtype(dtype) -> np.dtype:
+    """The dtype of a param's state arrays: float32 for 16-bit params (DESIGN.md, "Precision"), else the
+    param's own."""
+    return np.dtype(np.float32) if is_16bit(dtype) else np.dtype(dtype)
+
+
+def grad_dtype_ok(grad_dtype, param_dtype) -> bool:
+    """A grad's dtype is the param's, or float32 for a 16-bit param."""
+    return grad_dtype == param_dtype or (is_16bit(param_dtype) and grad_dtype == np.float32)
 
 
 # ---- arrays -----------------------------------------------------------------------------------------
@@ -160,8 +189,9 @@ def as_array(x, name):
 
 
 def check_param(p, name):
-    if p.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} has dtype {p.dtype}: Adafactor takes float32 or float64 params")
+    if p.dtype not in FLOAT_DTYPES and not is_16bit(p.dtype):
+        raise TypeError(f"{name} has dtype {p.dtype}: Adafactor takes float32, float64, float16 or bfloat16 "
+                        f"params")
     if isinstance(p, np.ndarray) and not p.flags.writeable:
         raise ValueError(f"{name} is read-only")
     if not _no_self_overlap(p):
@@ -191,11 +221,12 @@ def state_shapes(shape: tuple) -> dict:
 
 
 def new_state(p) -> dict:
-    """Fresh state of a param: step 0 and zero arrays of torch's shapes, on p's device, in p's dtype."""
+    """Fresh state of a param: step 0 and zero arrays of torch's shapes, on p's device, in p's dtype
+    (float32 for a 16-bit param)."""
     xp = _xp(p)
     state = {"step": 0}
     for name, shape in state_shapes(p.shape).items():
-        state[name] = xp.zeros(shape, dtype=p.dtype)
+        state[name] = xp.zeros(shape, dtype=state_dtype(p.dtype))
     return state
 
 
@@ -209,8 +240,9 @@ def check_state(state: Mapping, p, where: str) -> None:
             raise TypeError(f"{where}: state '{name}' is a {type(a).__name__}, the param a {type(p).__name__}")
         if tuple(a.shape) != shape:
             raise ValueError(f"{where}: state '{name}' has shape {tuple(a.shape)}, expected {shape}")
-        if a.dtype != p.dtype:
-            raise TypeError(f"{where}: state '{name}' has dtype {a.dtype}, the param {p.dtype}")
+        if a.dtype != state_dtype(p.dtype):
+            raise TypeError(f"{where}: state '{name}' has dtype {a.dtype}, expected {state_dtype(p.dtype)} "
+                            f"(the param is {p.dtype})")
         if isinstance(a, np.ndarray) and not a.flags.writeable:
             raise ValueError(f"{where}: state '{name}' is read-only")
 
@@ -262,13 +294,14 @@ def check_disjoint(written, read, cache=None) -> dict:
 
 
 class Workspace:
-    """One flat scratch array per (array module, dtype), grown on demand: the block temporaries."""
+    """One flat scratch array per (array module, dtype, slot), grown on demand: the block temporaries
+    (slot "block") and the float32 copies of 16-bit params and grads ("p16", "g16")."""
 
     def __init__(self):
         self._arrays = {}
 
-    def get(self, xp, dtype, size: int):
-        key = (xp.__name__, np.dtype(dtype).str)
+    def get(self, xp, dtype, size: int, slot: str = "block"):
+        key = (xp.__name__, np.dtype(dtype).str, slot)
         a = self._arrays.get(key)
         if a is None or a.size < size:
             a = xp.empty(max(size, 1), dtype=dtype)
@@ -339,10 +372,14 @@ def _blocks_3d(L, m, n, block):
 def update(p, g, state: Mapping, t: float, hp: Mapping, eps1: float, workspace: Workspace, block=None) -> None:
     """One Adafactor step of one param, in place: p and its state arrays ("row_var"/"col_var" or
     "variance"; not "step", which the caller advanced to t, the number of this step). p, g and the state
-    arrays are checked arrays of one module and dtype (NumPy or CuPy, any non-overlapping strides)."""
+    arrays are checked arrays of one module and dtype (NumPy or CuPy, any non-overlapping strides); for a 16-bit p
+    the state is float32 and g p's dtype or float32 (the module docstring, 16-bit params)."""
     if p.size == 0:
         return  # nothing to update (torch raises ZeroDivisionError here: its RMS divides by numel)
     xp = _xp(p)
+    if is_16bit(p.dtype):
+        _update_16bit(p, g, state, t, hp, eps1, workspace, block, xp)
+        return
     dtype = p.dtype
     if block is None:
         block = max(1, BLOCK_BYTES // p.itemsize) if xp is np else p.size  # GPU: one launch per op
@@ -352,6 +389,25 @@ def update(p, g, state: Mapping, t: float, hp: Mapping, eps1: float, workspace: 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf and nan propagate, as in torch
         _update(p, g, state, w, t, eps1, eps1sq, lr, wd, d, eps2, hp["maximize"], hp.get("lr_dtype"), workspace,
                 block, xp, dtype)
+
+
+def _widened(xp, a, workspace, slot):
+    """A float32 copy of a (exact), in the workspace's `slot` buffer, C-ordered in a's shape."""
+    wide = workspace.get(xp, np.float32, a.size, slot)[:a.size].reshape(a.shape)
+    xp.copyto(wide, a)
+    return wide
+
+
+def _update_16bit(p, g, state, t, hp, eps1, workspace, block, xp):
+    """The float32 update of the widened p and g (and the float32 state), then p stored rounded to nearest
+    even: float32 math, one rounding per step."""
+    p32 = _widened(xp, p, workspace, "p16")
+    g32 = g if g.dtype == np.float32 else _widened(xp, g, workspace, "g16")
+    update(p32, g32, state, t, hp, eps1, workspace, block)
+    if xp is np:
+        store_rounded(p, p32)  # the kernels' round-to-nearest-even bits
+    else:
+        xp.copyto(p, p32, casting="same_kind")  # CuPy float16: its cast rounds to nearest even
 
 
 def _update(p, g, state, w, t, eps1, eps1sq, lr, wd, d, eps2, maximize, lr_dtype, workspace, block, xp, dtype):
@@ -586,7 +642,7 @@ class Adafactor:
               maximize=False)
 
     params: a list of arrays (one group) or of dicts {"params": [...], <hyperparameter>: value} (missing
-    keys take the constructor's values). float32 or float64 arrays, writable, any non-overlapping strides;
+    keys take the constructor's values). float32, float64, float16 or bfloat16 (ml_dtypes) arrays, writable, any non-overlapping strides;
     they are updated in place. Hyperparameters have torch's names, defaults, ranges and messages (and must
     be finite); lr is a number (change param_groups[i]["lr"] between steps to schedule it).
 
@@ -684,8 +740,9 @@ class Adafactor:
                     g = as_array(np.asarray(g_obj) if isinstance(g_obj, np.generic) else g_obj, f"grads[{i}]")
                     if type(g) is not type(p):
                         raise TypeError(f"grads[{i}] is a {type(g).__name__}, {name} a {type(p).__name__}")
-                    if g.dtype != p.dtype:
-                        raise TypeError(f"grads[{i}] has dtype {g.dtype}, {name} {p.dtype}")
+                    if not grad_dtype_ok(g.dtype, p.dtype):
+                        raise TypeError(f"grads[{i}] has dtype {g.dtype}, {name} {p.dtype} (a grad is in its "
+                                        f"param's dtype, or float32 for a 16-bit param)")
                     if tuple(g.shape) != tuple(p.shape):
                         raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}, {name} {tuple(p.shape)}")
                     state = self.state.get(i)
@@ -779,8 +836,11 @@ class Adafactor:
             for name, shape in shapes.items():
                 if name not in entry:
                     raise ValueError(f"{where}: '{name}' is missing")
-                a = np.asarray(entry[name].get() if _is_cupy(entry[name]) else entry[name])
-                if a.dtype.kind != "f":
+                a = entry[name]
+                if hasattr(a, "detach") and str(a.dtype) == "torch.bfloat16":
+                    a = a.detach().cpu().float()  # NumPy has no bfloat16 tensors: float32 is exact
+                a = np.asarray(a.get() if _is_cupy(a) else a)
+                if a.dtype.kind != "f" and not is_bfloat16(a.dtype):
                     raise TypeError(f"{where}: '{name}' has dtype {a.dtype}, expected a float array")
                 if a.shape != shape:
                     raise ValueError(f"{where}: '{name}' has shape {a.shape}, expected {shape}")
@@ -793,7 +853,7 @@ class Adafactor:
             xp = xps.setdefault(type(p), _xp(p))
             s = {"step": int(t)}
             for name, a in arrays.items():
-                s[name] = xp.array(a, dtype=p.dtype)  # a copy, in the param's dtype and module
+                s[name] = xp.array(a, dtype=state_dtype(p.dtype))  # a copy, in the state's dtype and module
             state[i] = s
         for group, merged in zip(self.param_groups, new_groups):
             group.clear()

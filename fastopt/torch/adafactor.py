@@ -13,8 +13,11 @@ and back. The update rule and its cost model are fastopt.adafactor's.
 The update runs on zero-copy NumPy views of CPU tensors (the param's own strides: a transposed weight or a
 channels_last conv weight is updated in place, its rows and columns as torch's) and on CuPy views of
 CUDA tensors (on torch's current stream); autograd's version counters of the params and state written are
-bumped as torch's in-place ops do. float32 and float64 params; 16-bit params raise TypeError (torch runs
-them in their own precision, which fastopt.adafactor does not reproduce). Every group's hyperparameters,
+bumped as torch's in-place ops do. float32 and float64 params, and 16-bit ones (float16; bfloat16 on the
+CPU: CuPy has no bfloat16) with float32 math and float32 state, the param stored rounded to nearest even
+(DESIGN.md "Precision"; torch.optim.Adafactor keeps 16-bit state and rounds every intermediate, so the two
+differ by a few 16-bit ulps): "row_var"/"col_var"/"variance" are float32 tensors for a 16-bit param, and a
+torch.optim state dict (16-bit state) loads widened to float32. Every group's hyperparameters,
 grads and state are checked before anything is written. AMP: as torch's Adafactor, this class does not
 unscale inside step (GradScaler unscales the grads first).
 """
@@ -33,7 +36,15 @@ _CPU = torch.device("cpu")
 
 __all__ = ["Adafactor"]
 
-_DTYPES = (torch.float32, torch.float64)
+# CuPy has no bfloat16: bfloat16 params on the CPU only
+_DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+           "cuda": (torch.float32, torch.float64, torch.float16)}
+_16BIT = (torch.float16, torch.bfloat16)
+
+
+def _state_dtype(p: torch.Tensor) -> torch.dtype:
+    """float32 state for a 16-bit param (fastopt.adafactor.state_dtype), else the param's dtype."""
+    return torch.float32 if p.dtype in _16BIT else p.dtype
 
 
 _LR_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
@@ -87,6 +98,22 @@ class Adafactor(torch.optim.Optimizer):
                 if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
 
+    def load_state_dict(self, state_dict) -> None:
+        """torch.optim's load, except that the state of a 16-bit param stays float32 (torch casts floating
+        state to the param's dtype, which would round this class's float32 state): the saved tensors are
+        copied in float32 (a torch.optim state dict's 16-bit state, widened, exactly)."""
+        super().load_state_dict(state_dict)
+        ids = {saved: p for saved_group, group in zip(state_dict["param_groups"], self.param_groups)
+               for saved, p in zip(saved_group["params"], group["params"])}
+        for saved, entry in state_dict["state"].items():
+            p = ids.get(saved)
+            if p is None or p.dtype not in _16BIT:
+                continue
+            for name in core.state_shapes(p.shape):
+                value = entry.get(name)
+                if isinstance(value, torch.Tensor):
+                    self.state[p][name] = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
+
     def _view(self, t: torch.Tensor, views: dict):
         """The array view of a param or state tensor, kept from the last step while the tensor keeps its
         storage, shape and strides (`p.data = ...` or a loaded state makes a new one)."""
@@ -112,8 +139,10 @@ class Adafactor(torch.optim.Optimizer):
                     raise RuntimeError("Adafactor does not support complex parameters")
                 if p.grad.is_sparse:
                     raise RuntimeError("Adafactor does not support sparse gradients")
-                if p.dtype not in _DTYPES:
-                    raise TypeError(f"fastopt.torch.Adafactor takes float32 and float64 params, got {p.dtype}")
+                if p.dtype not in _DTYPES.get(p.device.type, ()):
+                    raise TypeError(f"fastopt.torch.Adafactor takes "
+                                    f"{', '.join(map(str, _DTYPES.get(p.device.type, ())))} params on "
+                                    f"{p.device.type}, got {p.dtype}")
                 g = p.grad
                 if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
                     raise ValueError(f"a grad ({g.dtype}, {tuple(g.shape)}, {g.device}) does not match its "
@@ -160,10 +189,11 @@ class Adafactor(torch.optim.Optimizer):
                         row_shape, col_shape = list(p.shape), list(p.shape)
                         row_shape[-1] = 1
                         col_shape[-2] = 1
-                        state["row_var"] = p.new_zeros(row_shape)
-                        state["col_var"] = p.new_zeros(col_shape)
+                        state["row_var"] = p.new_zeros(row_shape, dtype=_state_dtype(p))
+                        state["col_var"] = p.new_zeros(col_shape, dtype=_state_dtype(p))
                     else:
-                        state["variance"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state["variance"] = torch.zeros_like(p, memory_format=torch.preserve_format,
+                                                             dtype=_state_dtype(p))
                     arrays = {name: array_view(state[name], _NAME) for name in core.state_shapes(p.shape)}
                 step_t = state["step"]
                 step_t += 1
