@@ -27,6 +27,15 @@ when it was one), the step and skip counts and the state names.
     scatter(file, path, world_size)                 one process: an ordinary checkpoint (one param group)
                                                     as a sharded one for `world_size` ranks
 
+Precision modes (ShardedOptimizer(..., state_dtype=, kahan=, stochastic_rounding=, seed=)): the manifest
+records them ("precision") and the layout's segment ("segment": 256 with 8-bit state, layout.py); 16-bit
+arrays (bfloat16/float16 params, 16-bit state, the Kahan compensation "kahan_comp") are stored as their
+uint16 bits; 8-bit state as b<b>_<state> (uint8 codes, one per element) and b<b>_<state>_absmax (float32,
+one per 256 elements of the shard). Re-sharding copies whole 256-blocks (both layouts start every param and
+every shard at a multiple of 256, so a block never spans two files). A checkpoint loads into an optimizer
+with the same state_dtype and kahan (else CheckpointError naming both); stochastic_rounding and seed are the
+loading optimizer's.
+
 Loading keeps the loading optimizer's lr schedule when it has one (the step count is restored; like
 fastopt.load), else takes the saved lr. The hyperparameters that decide which state arrays exist
 (amsgrad, momentum, centered) must give the same state arrays.
@@ -46,6 +55,8 @@ from fastopt import optim
 from fastopt.checkpoint import CheckpointError, load as load_file, read as read_file, save as save_file, write_atomic
 from fastopt.optim import OptimizerState
 from fastopt.distributed.layout import DEFAULT_BUCKET_BYTES, ShardLayout
+from fastopt.functional import init_state
+from fastopt.precision import QUANT_BLOCK, QuantizedState, is_16bit, quant_blocks
 from fastopt.schedules import is_schedule
 from fastopt.specs import get_spec
 
@@ -77,18 +88,65 @@ def _shard_name(rank: int, world: int, token: str) -> str:
     return f"shard-{rank:05d}-of-{world:05d}-{token}.npz"
 
 
+ABSMAX = "_absmax"  # the scales of 8-bit state beside its codes (the state dicts' key)
+
+
+def _stored(a) -> np.ndarray:
+    """An array as written to a shard file: 16-bit floats as their uint16 bits (np.save cannot describe
+    ml_dtypes' bfloat16)."""
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint16) if a.dtype.itemsize == 2 and a.dtype.kind in "fV" else a
+
+
 def _members(layout: ShardLayout, shard_params: list, shard_states: list) -> dict:
     out = {}
     for b in layout.buckets:
-        out[f"b{b.index}_params"] = np.ascontiguousarray(shard_params[b.index])
+        out[f"b{b.index}_params"] = _stored(shard_params[b.index])
         for name, a in shard_states[b.index].items():
-            out[f"b{b.index}_{name}"] = np.ascontiguousarray(a)
+            if isinstance(a, QuantizedState):
+                out[f"b{b.index}_{name}"] = np.ascontiguousarray(a.codes)
+                out[f"b{b.index}_{name}{ABSMAX}"] = np.ascontiguousarray(a.absmax)
+            else:
+                out[f"b{b.index}_{name}"] = _stored(a)
     return out
 
 
-def _manifest(spec, layout: ShardLayout, hp: dict, lr_schedule, steps, skipped, states, files) -> dict:
+DEFAULT_PRECISION = {"state_dtype": None, "kahan": False, "stochastic_rounding": False, "seed": 0}
+
+
+def _precision_for_file(precision: dict) -> dict:
+    """The precision options as JSON (state_dtype as a name)."""
+    sd = precision.get("state_dtype")
+    if sd is not None and not isinstance(sd, str):
+        sd = np.dtype(sd).name
+    return {"state_dtype": sd, "kahan": bool(precision.get("kahan")),
+            "stochastic_rounding": bool(precision.get("stochastic_rounding")), "seed": int(precision.get("seed", 0))}
+
+
+def state_templates(spec, layout: ShardLayout, hp: dict, precision: dict) -> list:
+    """Per bucket, name -> a one-element array (or QuantizedState) of the dtype the state of that bucket's
+    params has with these options: what the shard files must hold (the single-process rule, init_state)."""
+    options = {k: hp[k] for k in spec.state_options}
+    out = []
+    for b in layout.buckets:
+        out.append(init_state(spec.name, np.zeros(1, b.dtype), state_dtype=precision.get("state_dtype"),
+                              kahan=bool(precision.get("kahan")), **options))
+    return out
+
+
+def _empty_like_template(t, n: int):
+    if isinstance(t, QuantizedState):
+        return QuantizedState(np.zeros(n, np.uint8), np.zeros(quant_blocks(n), np.float32), t.signed)
+    return np.zeros(n, t.dtype)
+
+
+def _manifest(spec, layout: ShardLayout, hp: dict, lr_schedule, steps, skipped, states, files,
+              precision=None) -> dict:
+    extra = {}
+    if precision is not None and _precision_for_file(precision) != DEFAULT_PRECISION:
+        extra = {"precision": _precision_for_file(precision), "segment": layout.segment}
     return {"format": FORMAT, "version": VERSION, "optimizer": spec.name, "world_size": layout.world,
-            "bucket_bytes": layout.bucket_bytes,
+            "bucket_bytes": layout.bucket_bytes, **extra,
             "params": [{"shape": list(s), "dtype": d.name} for s, d in zip(layout.shapes, layout.dtypes)],
             "buckets": layout.describe(), "hyperparameters": hp, "lr_schedule": lr_schedule,
             "steps": int(steps), "skipped_steps": int(skipped), "states": list(states), "files": files}
@@ -115,7 +173,9 @@ def _make_dir(path: str) -> None:
             raise NotADirectoryError(f"{path} exists and is not a directory") from None
 
 
-def _host(a) -> np.ndarray:
+def _host(a):
+    if isinstance(a, QuantizedState):  # 8-bit state: host arrays already (the CPU only)
+        return a
     return a if isinstance(a, np.ndarray) else a.get()
 
 
@@ -158,7 +218,7 @@ def save(opt, path) -> None:
     if opt.rank == 0:
         try:
             _commit(path, _manifest(opt.spec, layout, hp, schedule, opt.steps, opt.skipped_steps,
-                                    list(opt.shard_states()[0]), files))
+                                    list(opt.shard_states()[0]), files, opt.precision))
         except OSError as e:
             error, ok = e, 0.0
     # the manifest exists before any rank returns (a load right after a save sees it)
@@ -192,6 +252,17 @@ def _count(what, value):
     return value
 
 
+def _param_dtype(name) -> np.dtype:
+    """A param dtype by its manifest name ("bfloat16": ml_dtypes', which NumPy knows once it is imported)."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            _fail("this checkpoint has bfloat16 params: reading it needs the ml_dtypes package")
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 def read_manifest(path) -> tuple[dict, ShardLayout, object]:
     """(manifest, layout, spec) of a sharded checkpoint directory, checked for consistency."""
     path = os.fspath(path)
@@ -210,10 +281,17 @@ def read_manifest(path) -> tuple[dict, ShardLayout, object]:
         if type(world) is not int or world < 1:
             _fail(f"{path}: invalid world_size {world!r}")
         shapes = [tuple(p["shape"]) for p in m["params"]]
-        dtypes = [np.dtype(p["dtype"]) for p in m["params"]]
-        if any(d.kind != "f" for d in dtypes) or any(type(n) is not int or n < 0 for s in shapes for n in s):
+        dtypes = [_param_dtype(p["dtype"]) for p in m["params"]]
+        if any(d.kind != "f" and not is_16bit(d) for d in dtypes) or any(type(n) is not int or n < 0 for s in shapes for n in s):
             _fail(f"{path}: invalid param shapes or dtypes")
-        layout = ShardLayout.build(shapes, dtypes, world, m["bucket_bytes"])
+        precision = m.get("precision", DEFAULT_PRECISION)
+        if not isinstance(precision, dict) or set(precision) != set(DEFAULT_PRECISION):
+            _fail(f"{path}: invalid precision options {precision!r}")
+        m["precision"] = precision
+        segment = m.get("segment", 1)
+        if segment not in (1, QUANT_BLOCK) or (segment == QUANT_BLOCK) != (precision["state_dtype"] == "int8"):
+            _fail(f"{path}: invalid segment {segment!r} for state_dtype={precision['state_dtype']!r}")
+        layout = ShardLayout.build(shapes, dtypes, world, m["bucket_bytes"], segment)
         if layout.describe() != m["buckets"]:
             _fail(f"{path}: the buckets in the manifest do not follow from its params and bucket size")
         if not isinstance(m["files"], list) or len(m["files"]) != world or any(
@@ -228,7 +306,10 @@ def read_manifest(path) -> tuple[dict, ShardLayout, object]:
             _fail(f"{path}: the hyperparameters do not match {spec.name}'s")
         hp, _ = spec.validate(hp, 1)
         m["hyperparameters"] = hp
-        if list(m["states"]) != [s for s, used in zip(spec.states, spec.active_states(hp)) if used]:
+        expected = [s for s, used in zip(spec.states, spec.active_states(hp)) if used]
+        if precision["kahan"]:
+            expected.append("kahan_comp")
+        if list(m["states"]) != expected:
             _fail(f"{path}: the state names {m['states']} do not match {spec.name} with these hyperparameters")
     except CheckpointError:
         raise
@@ -237,8 +318,10 @@ def read_manifest(path) -> tuple[dict, ShardLayout, object]:
     return m, layout, spec
 
 
-def _read_shard(path: str, entry: dict, layout: ShardLayout, states) -> dict:
-    """The arrays of one shard file, after checking its checksum, members, shapes and dtypes."""
+def _read_shard(path: str, entry: dict, layout: ShardLayout, states, templates=None) -> dict:
+    """The arrays of one shard file, after checking its checksum, members, shapes and dtypes (`templates`:
+    per bucket, the state dtypes, state_templates; None: the params' dtype). 16-bit arrays come back in
+    their dtype, 8-bit state as b<b>_<state> codes and b<b>_<state>_absmax scales."""
     name = os.path.join(path, entry["name"])
     try:
         with open(name, "rb") as f:
@@ -253,19 +336,34 @@ def _read_shard(path: str, entry: dict, layout: ShardLayout, states) -> dict:
     except Exception as e:  # whatever a damaged zip or .npy header raises (the checksum matched a bad save)
         _fail(f"{name}: not a readable shard file ({type(e).__name__}: {e})")
     for b in layout.buckets:
-        for what in ["params", *states]:
-            a = arrays.get(f"b{b.index}_{what}")
-            if a is None or a.shape != (b.shard,) or a.dtype != b.dtype:
-                _fail(f"{name}: b{b.index}_{what} is missing or has the wrong shape or dtype")
+        expected = [("params", b.shard, b.dtype)]
+        for n in states:
+            t = templates[b.index][n] if templates is not None else np.zeros(0, b.dtype)
+            if isinstance(t, QuantizedState):
+                expected += [(n, b.shard, np.dtype(np.uint8)), (n + ABSMAX, b.shard // QUANT_BLOCK, np.dtype(np.float32))]
+            else:
+                expected.append((n, b.shard, t.dtype))
+        for what, size, dtype in expected:
+            key = f"b{b.index}_{what}"
+            a = arrays.get(key)
+            disk = _stored(np.zeros(0, dtype)).dtype
+            if a is None or a.shape != (size,) or a.dtype != disk:
+                _fail(f"{name}: {key} is missing or has the wrong shape or dtype")
+            if disk != dtype:
+                arrays[key] = a.view(dtype)
     return arrays
 
 
-def _fill(target_layout: ShardLayout, rank: int, source_layout: ShardLayout, read, names) -> tuple[list, list]:
+def _fill(target_layout: ShardLayout, rank: int, source_layout: ShardLayout, read, names,
+          templates=None) -> tuple[list, list]:
     """This rank's shard of every bucket of `target_layout` (params and states, host arrays) from a
     checkpoint laid out as `source_layout`: `read(old_rank)` gives the arrays of one old shard file; only
-    the files overlapping this rank's shards are read, each once."""
+    the files overlapping this rank's shards are read, each once. 8-bit state (QuantizedState templates)
+    is copied in whole 256-blocks: codes and scales."""
     params = [np.zeros(b.shard, b.dtype) for b in target_layout.buckets]
-    states = [{n: np.zeros(b.shard, b.dtype) for n in names} for b in target_layout.buckets]
+    if templates is None:
+        templates = [{n: np.zeros(0, b.dtype) for n in names} for b in target_layout.buckets]
+    states = [{n: _empty_like_template(templates[b.index][n], b.shard) for n in names} for b in target_layout.buckets]
     tasks: dict = {}
     for b in target_layout.buckets:
         lo, hi = b.shard_range(rank)
@@ -282,7 +380,16 @@ def _fill(target_layout: ShardLayout, rank: int, source_layout: ShardLayout, rea
         for ob, within, take, nb, at in tasks[old_rank]:
             params[nb][at:at + take] = arrays[f"b{ob}_params"][within:within + take]
             for n in names:
-                states[nb][n][at:at + take] = arrays[f"b{ob}_{n}"][within:within + take]
+                target = states[nb][n]
+                if isinstance(target, QuantizedState):
+                    if within % QUANT_BLOCK or at % QUANT_BLOCK:  # both layouts have segment 256: never
+                        _fail(f"8-bit state: a piece at element {within} of an old shard does not start a "
+                              f"256-block of the new one ({at}); the layouts do not allow re-sharding")
+                    target.codes[at:at + take] = arrays[f"b{ob}_{n}"][within:within + take]
+                    k0, k1 = within // QUANT_BLOCK, -(-(within + take) // QUANT_BLOCK)
+                    target.absmax[at // QUANT_BLOCK:at // QUANT_BLOCK + k1 - k0] = arrays[f"b{ob}_{n}{ABSMAX}"][k0:k1]
+                else:
+                    target[at:at + take] = arrays[f"b{ob}_{n}"][within:within + take]
     return params, states
 
 
@@ -298,10 +405,16 @@ def _plan_load(opt, path):
         _fail(f"{path}: its params (shapes {list(old.shapes)}, dtypes {[d.name for d in old.dtypes]}) are not this "
               f"optimizer's (shapes {list(opt.layout.shapes)}, dtypes {[d.name for d in opt.layout.dtypes]})")
     names = list(m["states"])
+    saved, mine = m["precision"], _precision_for_file(opt.precision)
+    for option in ("state_dtype", "kahan"):
+        if saved[option] != mine[option]:
+            _fail(f"{path} was saved with {option}={saved[option]!r}; this optimizer has {option}={mine[option]!r}")
     if names != list(opt.shard_states()[0]):
         _fail(f"{path}: state names {names} differ from this optimizer's {list(opt.shard_states()[0])}")
+    templates = state_templates(spec, old, m["hyperparameters"], saved)
     params, states = _fill(opt.layout, opt.rank, old,
-                           lambda r: _read_shard(path, m["files"][r], old, names), names)
+                           lambda r: _read_shard(path, m["files"][r], old, names, templates), names,
+                           state_templates(spec, opt.layout, m["hyperparameters"], saved))
     return m, params, states
 
 
@@ -342,15 +455,29 @@ def gather(path, file) -> None:
     path = os.fspath(path)
     m, layout, spec = read_manifest(path)
     names = list(m["states"])
-    full = ShardLayout.build(layout.shapes, layout.dtypes, 1, layout.bucket_bytes)
-    params, states = _fill(full, 0, layout, lambda r: _read_shard(path, m["files"][r], layout, names), names)
+    precision = m["precision"]
+    full = ShardLayout.build(layout.shapes, layout.dtypes, 1, layout.bucket_bytes, layout.segment)
+    hp = m["hyperparameters"]
+    params, states = _fill(full, 0, layout,
+                           lambda r: _read_shard(path, m["files"][r], layout, names,
+                                                 state_templates(spec, layout, hp, precision)),
+                           names, state_templates(spec, full, hp, precision))
     arrays, per_param = [None] * len(layout.shapes), {}
     for b in full.buckets:
         for i, off, n in zip(b.params, b.offsets, b.sizes):
-            arrays[i] = params[b.index][off:off + n].reshape(layout.shapes[i]).copy()
-            per_param[i] = {name: states[b.index][name][off:off + n].reshape(layout.shapes[i]) for name in names}
-    hp = m["hyperparameters"]
-    opt = getattr(optim, spec.class_name)(arrays, **_torch_style(hp))
+            shape = layout.shapes[i]
+            arrays[i] = params[b.index][off:off + n].reshape(shape).copy()
+            per_param[i] = {}
+            for name in names:
+                a = states[b.index][name]
+                if isinstance(a, QuantizedState):  # off is a multiple of 256: the param's own blocks
+                    k = off // QUANT_BLOCK
+                    a = QuantizedState(a.codes[off:off + n].reshape(shape), a.absmax[k:k + quant_blocks(n)], a.signed)
+                else:
+                    a = a[off:off + n].reshape(shape)
+                per_param[i][name] = a
+    options = {} if precision == DEFAULT_PRECISION else {k: v for k, v in precision.items() if v not in (None,)}
+    opt = getattr(optim, spec.class_name)(arrays, **_torch_style(hp), **options)
     state = OptimizerState(optimizer=spec.name, hyperparameters=[hp], steps=[m["steps"]],
                                          lrs=[hp["lr"]], states=per_param, skipped_steps=m["skipped_steps"])
     opt.apply_state(opt.check_state(state))

@@ -12,9 +12,15 @@ boundary; the tail of the last shards is padding (zero gradients, never copied t
 
 The gradient buffer that is reduce-scattered has the same layout, so a param's gradient can be a view of
 it (ShardedOptimizer.grads) and the reduce-scatter then needs no copy.
+
+`segment` (8-bit state, state_dtype="int8": precision.QUANT_BLOCK = 256): each param starts at a multiple
+of `segment` elements in its bucket (the gap before it is padding) and `shard` is a multiple of it too, so
+every 256-element block of a param's 8-bit state is the same block as in a single process (blocks of a
+tensor counted from its first element) and no block straddles a shard cut or two params.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +45,7 @@ class Bucket:
     numel: int                  # sum of sizes
     shard: int                  # elements per rank (aligned; numel <= world * shard)
     world: int
+    segment: int = 1            # every param starts at a multiple of this (and shard is one)
 
     @property
     def align(self) -> int:
@@ -65,9 +72,12 @@ class ShardLayout:
     world: int
     bucket_bytes: int
     buckets: tuple[Bucket, ...]
+    segment: int = 1
 
     @classmethod
-    def build(cls, shapes, dtypes, world: int, bucket_bytes: int) -> "ShardLayout":
+    def build(cls, shapes, dtypes, world: int, bucket_bytes: int, segment: int = 1) -> "ShardLayout":
+        """The layout of params `shapes`/`dtypes` over `world` ranks; segment > 1: each param starts at a
+        multiple of `segment` elements and shards are multiples of it (see the module docstring)."""
         shapes = tuple(tuple(int(d) for d in s) for s in shapes)
         dtypes = tuple(np.dtype(d) for d in dtypes)
         order: dict = {}
@@ -80,21 +90,23 @@ class ShardLayout:
             for i in members:
                 size = int(np.prod(shapes[i], dtype=np.int64))
                 if current and nbytes + size * dt.itemsize > bucket_bytes:
-                    buckets.append(cls._bucket(len(buckets), dt, current, shapes, world))
+                    buckets.append(cls._bucket(len(buckets), dt, current, shapes, world, segment))
                     current, nbytes = [], 0
                 current.append(i)
                 nbytes += size * dt.itemsize
-            buckets.append(cls._bucket(len(buckets), dt, current, shapes, world))
-        return cls(shapes, dtypes, world, bucket_bytes, tuple(buckets))
+            buckets.append(cls._bucket(len(buckets), dt, current, shapes, world, segment))
+        return cls(shapes, dtypes, world, bucket_bytes, tuple(buckets), segment)
 
     @staticmethod
-    def _bucket(index, dtype, params, shapes, world) -> Bucket:
+    def _bucket(index, dtype, params, shapes, world, segment=1) -> Bucket:
         sizes = tuple(int(np.prod(shapes[i], dtype=np.int64)) for i in params)
-        offsets = tuple(int(x) for x in np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
-        numel = sum(sizes)
+        padded = [_round_up(n, segment) for n in sizes]
+        offsets = tuple(int(x) for x in np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64))
+        numel = offsets[-1] + sizes[-1] if sizes else 0  # the end of the last param (padding between included)
         align = max(1, ALIGN_BYTES // dtype.itemsize)
+        align = align * segment // math.gcd(align, segment)
         shard = _round_up(max(1, -(-numel // world)), align)
-        return Bucket(index, dtype, tuple(params), offsets, sizes, numel, shard, world)
+        return Bucket(index, dtype, tuple(params), offsets, sizes, numel, shard, world, segment)
 
     def locate(self, param: int) -> tuple[Bucket, int, int]:
         """(bucket, offset, size) of a param."""

@@ -36,6 +36,24 @@ one-element buffer: the same checks and messages as fastopt.Adam(...) and friend
 ONE all-reduce compares three 64-bit digests across ranks (shapes and dtypes; the params' bytes; the
 optimizer and its hyperparameters) and every rank raises the same ValueError when any differs.
 
+Precision (DESIGN.md "Precision"; the single-process classes' options, checked by them): state_dtype=
+("float32", "bfloat16", "float16", the params' dtype, or "int8"), kahan=True and stochastic_rounding=True
+with seed= (16-bit params). 16-bit params live in 16-bit flat buffers (the all-gather moves 2 bytes per
+element) while their gradients are packed, reduce-scattered and applied in float32 (summing 16-bit
+gradients over ranks would round at every addition; MPI has no bfloat16 sum); a 16-bit state or the
+Kahan compensation ("kahan_comp", the params' dtype) is sharded like any state. Each rank's result equals
+the single-process class with the same options on the separate tensors, applied to the mean gradient in
+float32, bit for bit:
+  - stochastic rounding keys element i of a param by (seed, the step, i) as the class does: the update of
+    a shard runs one call per piece of a param it holds, with index_offset = the piece's first element in
+    its param, so the bits do not depend on the world size or the cut;
+  - state_dtype="int8" (8-bit block-wise state, 256-element blocks): the flat layout starts every param
+    at a multiple of 256 elements and cuts shards at multiples of 256 (layout.ShardLayout segment=256),
+    so each block of a param is the single process's block (counted from the param's first element) and
+    lies in one shard; the update takes the shard's pieces of params as one list call (the padding
+    between params is never read), each piece with its codes and its blocks' scales. State bytes per
+    rank: 1 byte per element and state plus 4 per 256 (+ the padding), 1/world of the total.
+
 LAMB is not supported: its trust ratio needs the norm of each whole tensor, and its public kernel
 computes those norms and applies the update in one call, so a shard (which holds pieces of tensors)
 would get per-piece ratios. Every other registry optimizer's update is elementwise.
@@ -49,6 +67,7 @@ import numbers
 import numpy as np
 
 from fastopt import functional, optim
+from fastopt.precision import QUANT_BLOCK, QuantizedState, is_16bit
 from fastopt.clip import clip_coefficient, global_norm
 from fastopt.distributed.checkpoint import load as load_checkpoint, save as save_checkpoint
 from fastopt.distributed.comm import as_communicator
@@ -180,14 +199,10 @@ class ShardedOptimizer:
         dtypes = [np.dtype(v.dtype) for v in views]
         # the single-process class checks every hyperparameter and option on a one-element buffer per dtype
         probes = [comm.alloc(1, dt)[1] for dt in dict.fromkeys(dtypes)]
-        probe = cls(probes, **hyperparameters)
-        for option, value in (("state_dtype", probe.state_dtype), ("kahan", probe.kahan),
-                              ("stochastic_rounding", probe.stochastic_rounding)):
-            if value not in (None, False):  # not a silent fallback: the shard state and checkpoints lack them
-                raise NotImplementedError(
-                    f"{option}={value!r} is not supported by ShardedOptimizer yet (its shard state and sharded "
-                    f"checkpoints keep the params' dtype); the functional *_step functions take it, with "
-                    f"index_offset= for a shard of a flat buffer")
+        probe = cls(probes, **hyperparameters)  # checks state_dtype, kahan, stochastic_rounding and seed too
+        self._precision = {"state_dtype": probe.state_dtype, "kahan": probe.kahan,
+                           "stochastic_rounding": probe.stochastic_rounding, "seed": probe.seed}
+        int8 = isinstance(probe.state_dtype, str) and probe.state_dtype == "int8"
         exported = probe.export_state().hyperparameters[0]
         lr0 = exported["lr"](0) if is_schedule(exported["lr"]) else exported["lr"]
         checked, _ = spec.validate(dict(exported, lr=lr0), 1)  # Python floats and bools, as the class uses
@@ -198,7 +213,9 @@ class ShardedOptimizer:
         self._options = {name: checked[name] for name in spec.state_options}  # decide the state arrays
         self._step_fn = getattr(functional, spec.function_name)
         self.rank, self.world_size = comm.rank, comm.size
-        self.layout = ShardLayout.build([v.shape for v in views], dtypes, comm.size, int(bucket_bytes))
+        self.layout = ShardLayout.build([v.shape for v in views], dtypes, comm.size, int(bucket_bytes),
+                                        QUANT_BLOCK if int8 else 1)
+        self._int8 = int8
         self.copy_params = bool(copy_params)
         self._user = views
         self.steps = 0              # updates applied
@@ -228,7 +245,7 @@ class ShardedOptimizer:
     @staticmethod
     def _check_params(views):
         for i, v in enumerate(views):
-            if np.dtype(v.dtype).kind != "f":
+            if np.dtype(v.dtype).kind != "f" and not is_16bit(v.dtype):  # ml_dtypes' bfloat16 is kind "V"
                 raise TypeError(f"params[{i}] has dtype {v.dtype}; the optimizer updates floating-point arrays")
             if _is_numpy(v) and not v.flags.writeable:
                 raise ValueError(f"params[{i}] is read-only")
@@ -240,8 +257,9 @@ class ShardedOptimizer:
 
     def _config_text(self) -> str:
         hp = ", ".join(f"{k}={_hp_text(v)}" for k, v in sorted(self._hp.items()))
+        precision = " ".join(f"{k}={v!r}" for k, v in self._precision.items())
         return (f"{self.spec.name}({hp}) clip_grad_norm={self.clip_grad_norm!r} skip_nonfinite={self.skip_nonfinite} "
-                f"bucket_bytes={self.layout.bucket_bytes}")
+                f"bucket_bytes={self.layout.bucket_bytes} {precision}")
 
     def _check_same_on_every_rank(self, views):
         """One all-reduce of three digests (structure, contents, configuration): every rank raises the
@@ -266,21 +284,32 @@ class ShardedOptimizer:
                 f"must pass the same params, e.g. broadcast from rank 0, and the same arguments); this is rank "
                 f"{self.rank}: {len(views)} params, {self._config_text()}")
 
+    @staticmethod
+    def grad_dtype(dtype) -> np.dtype:
+        """The dtype gradients of `dtype` params are reduced and applied in: float32 for 16-bit params."""
+        return np.dtype(np.float32) if is_16bit(dtype) else np.dtype(dtype)
+
     def _allocate(self):
         comm = self.comm
         self._flat, self._send, self._recv, self._states = [], [], [], []
         for b in self.layout.buckets:
             self._flat.append(comm.alloc(b.world * b.shard, b.dtype))
-            self._send.append(comm.alloc(b.world * b.shard, b.dtype))
-            self._recv.append(comm.alloc(b.shard, b.dtype))
+            self._send.append(comm.alloc(b.world * b.shard, self.grad_dtype(b.dtype)))
+            self._recv.append(comm.alloc(b.shard, self.grad_dtype(b.dtype)))
 
     def _init_states(self):
         """This rank's state for its shard of each bucket, made once the params are in the flat buffers:
-        a state that starts as a copy of the param (schedule-free's z) copies the shard's params."""
+        a state that starts as a copy of the param (schedule-free's z) copies the shard's params; 8-bit
+        state is a QuantizedState over the whole shard (codes per element, one scale per 256)."""
         spec, options = self.spec, self._options
+        precision = {"state_dtype": self._precision["state_dtype"], "kahan": self._precision["kahan"]}
+        self._pieces = []
         for b in self.layout.buckets:
             lo, hi = b.shard_range(self.rank)
-            self._states.append(functional.init_state(spec.name, self._flat[b.index][1][lo:hi], **options))
+            self._states.append(functional.init_state(spec.name, self._flat[b.index][1][lo:hi], **precision,
+                                                      **options))
+            # (param, first element in the param, element count, offset in the shard) of each piece held
+            self._pieces.append([(i, e0, e1 - e0, pos - lo) for i, e0, e1, pos in b.pieces(lo, hi)])
 
     # ---- introspection ------------------------------------------------------------------------
 
@@ -326,7 +355,12 @@ class ShardedOptimizer:
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds."""
-        return sum(int(a.nbytes) for s in self._states for a in s.values())
+        return sum(int(a.nbytes) for s in self._states for a in s.values())  # QuantizedState: codes + scales
+
+    @property
+    def precision(self) -> dict:
+        """The precision options (state_dtype, kahan, stochastic_rounding, seed), as the class checked them."""
+        return dict(self._precision)
 
     def lr_for_next_step(self) -> float:
         lr = self._hp["lr"]
@@ -352,8 +386,9 @@ class ShardedOptimizer:
             if g is None:
                 raise TypeError(f"grads[{i}] is None")
             v = self.comm.as_array(g, f"grads[{i}]")
-            if np.dtype(v.dtype) != np.dtype(p.dtype):
-                raise TypeError(f"grads[{i}] has dtype {v.dtype} but params[{i}] has {p.dtype}")
+            if np.dtype(v.dtype) not in (np.dtype(p.dtype), self.grad_dtype(p.dtype)):
+                also = " (or float32)" if is_16bit(p.dtype) else ""
+                raise TypeError(f"grads[{i}] has dtype {v.dtype} but params[{i}] has {p.dtype}{also}")
             if tuple(v.shape) != tuple(p.shape):
                 raise ValueError(f"grads[{i}] has shape {tuple(v.shape)} but params[{i}] has {tuple(p.shape)}")
             out.append(v)
@@ -419,21 +454,59 @@ class ShardedOptimizer:
                 norm = math.sqrt(total[1]) / self.world_size  # the norm of the mean gradient
                 scale = float(clip_coefficient(norm, self.clip_grad_norm)) * scale
         hp = dict(self._hp, lr=lr)
-        kwargs = {"step": self.steps + 1} if self.spec.uses_step else {}
         gathers = []
         for b in buckets:
             if pending[b.index] is not None:
                 pending[b.index].wait()
-            lo, hi = b.shard_range(self.rank)
-            self._step_fn(self._flat[b.index][1][lo:hi], self._recv[b.index][1], **self._states[b.index],
-                          **kwargs, **hp, grad_scale=scale, backend=self.backend)
-            gathers.append(comm.all_gather(self._flat[b.index][0], b.shard))
+            self._update(b, hp, scale)
+            gathers.append(comm.all_gather(self._wire(self._flat[b.index][0]), b.shard))
         for g in gathers:
             g.wait()
         self.steps += 1
         if self.copy_params:
             self._copy_out()
         return True
+
+    def _update(self, b, hp, scale) -> None:
+        """The fused update of this rank's shard of bucket b: one call over the whole shard, or (8-bit
+        state, stochastic rounding) over the pieces of params the shard holds (see the module docstring)."""
+        lo, hi = b.shard_range(self.rank)
+        params, grads, states = self._flat[b.index][1][lo:hi], self._recv[b.index][1], self._states[b.index]
+        step = self.steps + 1
+        kwargs = {"step": step} if self.spec.uses_step else {}
+        if not self._int8 and not self._precision["stochastic_rounding"]:
+            self._step_fn(params, grads, **states, **kwargs, **hp, grad_scale=scale, backend=self.backend)
+            return
+        pieces = self._pieces[b.index]
+        if not pieces:
+            return
+
+        def part(a, at, n):  # a piece of a shard array: 8-bit state with its blocks' scales
+            if isinstance(a, QuantizedState):
+                return QuantizedState(a.codes[at:at + n], a.absmax[at // QUANT_BLOCK:-(-(at + n) // QUANT_BLOCK)],
+                                      a.signed)
+            return a[at:at + n]
+
+        spec = self.spec
+        comp = states.get("kahan_comp")
+        calls = [pieces] if not self._precision["stochastic_rounding"] else [[piece] for piece in pieces]
+        for call in calls:
+            ps = [params[at:at + n] for _, _, n, at in call]
+            gs = [grads[at:at + n] for _, _, n, at in call]
+            st = tuple(None if states.get(name) is None else [part(states[name], at, n) for _, _, n, at in call]
+                       for name in spec.states)
+            kc = None if comp is None else [comp[at:at + n] for _, _, n, at in call]
+            # keyed like the single-process class: (seed, its step count), element e0 + j of the param
+            functional.apply_update(spec, ps, gs, st, dict(hp), step, grad_scale=scale, backend=self.backend,
+                                    kahan_comp=kc, stochastic_rounding=self._precision["stochastic_rounding"],
+                                    seed=self._precision["seed"], index_offset=call[0][1], key_step=step)
+
+    def _wire(self, native):
+        """A flat buffer as the engine moves it: bfloat16 NumPy buffers as their uint16 bits (MPI has no
+        bfloat16; the all-gather only moves bytes)."""
+        if isinstance(native, np.ndarray) and native.dtype.itemsize == 2 and native.dtype.kind == "V":
+            return native.view(np.uint16)
+        return native
 
     def _copy_out(self):
         for b in self.layout.buckets:
@@ -464,12 +537,17 @@ class ShardedOptimizer:
             lo, hi = b.shard_range(self.rank)
             self._flat[b.index][1][lo:hi] = self._like(self._flat[b.index][1], shard_params[b.index])
             for name, target in self._states[b.index].items():
-                target[...] = self._like(target, shard_states[b.index][name])
+                src = shard_states[b.index][name]
+                if isinstance(target, QuantizedState):  # 8-bit state: codes and scales (host arrays)
+                    target.codes[...] = src.codes
+                    target.absmax[...] = src.absmax
+                else:
+                    target[...] = self._like(target, src)
         keep_schedule = is_schedule(self._hp["lr"])
         self._hp.update({k: v for k, v in hyperparameters.items() if not (k == "lr" and keep_schedule)})
         self._options = {name: hyperparameters[name] for name in self.spec.state_options}
         self.steps, self.skipped_steps = int(steps), int(skipped_steps)
-        for r in [self.comm.all_gather(self._flat[b.index][0], b.shard) for b in self.layout.buckets]:
+        for r in [self.comm.all_gather(self._wire(self._flat[b.index][0]), b.shard) for b in self.layout.buckets]:
             r.wait()
         if self.copy_params:
             self._copy_out()

@@ -18,12 +18,13 @@ from fastopt.arrays import to_host
 from fastopt.backends.dispatch import backend_for
 from fastopt.clip import clip_coefficient
 from fastopt.functional import rounding_options, with_kahan
-from fastopt.precision import StochasticRounding
+from fastopt.precision import INT8_REFUSED, QuantizedState, StochasticRounding, quant_blocks, signed_state
 from fastopt.specs import PARAM, OptimizerSpec, shown
 import fastopt.torch.arguments as arguments
 from fastopt.torch.plan import Bucket, Plan
 from fastopt.torch.steady import Steady
-from fastopt.torch.views import ParamEntry, bump_versions, dense_span, kernel_view, layout, numpy_bfloat16
+from fastopt.torch.views import (ABSMAX, ParamEntry, bump_versions, dense_span, flat_tensors, kernel_view, layout,
+                                 numpy_bfloat16, state_view)
 
 # the params the kernels update, per device: float32 and float64; 16-bit params (float32 math and float32
 # state: 16-bit moments would underflow) float16 on the CPU and CUDA, bfloat16 on the CPU
@@ -41,17 +42,35 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
 KAHAN = "kahan_comp"  # the state entry of the Kahan compensation (kahan=True), in the param's dtype
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "float64": torch.float64}
+INT8 = "int8"  # state_dtype="int8": 8-bit block-wise state (what _state_dtype_of returns for it)
 
 
-def chosen_state_dtype(choice, param_dtype: torch.dtype, device_type: str = "cpu") -> torch.dtype:
+def is_int8(choice) -> bool:
+    return isinstance(choice, str) and choice == INT8
+
+
+def check_int8_optimizer(spec) -> None:
+    """ValueError for state_dtype='int8' on an optimizer whose state must stay exact (the NumPy classes'
+    message: precision.INT8_REFUSED)."""
+    if spec.name in INT8_REFUSED:
+        raise ValueError(f"Invalid state_dtype: 'int8' for {spec.name!r}: {INT8_REFUSED[spec.name]}")
+
+
+def chosen_state_dtype(choice, param_dtype: torch.dtype, device_type: str = "cpu"):
     """The dtype of a param's state tensors for state_dtype=`choice` (None: state_dtype(param_dtype));
     the NumPy classes' rule (fastopt.init_state): float32 params keep float32, bfloat16 or float16 state,
-    16-bit params float32 or their own dtype, float64 params float64. ValueError naming state_dtype."""
+    16-bit params float32 or their own dtype, float64 params float64; "int8" (INT8: 8-bit block-wise state)
+    for float32, float16 and bfloat16 CPU params. ValueError naming state_dtype."""
     if choice is None:
         return state_dtype(param_dtype)
-    if isinstance(choice, str) and choice == "int8":
-        raise NotImplementedError("state_dtype='int8' (8-bit state) is not in fastopt.torch yet: the NumPy classes "
-                                  "(fastopt.Adam(..., state_dtype='int8')) have it")
+    if is_int8(choice):
+        if param_dtype not in (torch.float32, *SIXTEEN_BIT):
+            raise ValueError(f"Invalid state_dtype: 'int8' for a {str(param_dtype).replace('torch.', '')} param "
+                             f"(8-bit state is for float32, float16 or bfloat16 params)")
+        if device_type != "cpu":
+            raise NotImplementedError(f"state_dtype='int8' (8-bit state) is implemented for CPU params in "
+                                      f"fastopt.torch; got a {device_type} param")
+        return INT8
     wanted = STATE_DTYPES.get(choice, choice) if isinstance(choice, str) else choice
     if not isinstance(wanted, torch.dtype):
         raise TypeError(f"state_dtype must be one of {', '.join(STATE_DTYPES)}, a torch dtype or None, got "
@@ -109,6 +128,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         self.clip_grad_norm, self.skip_nonfinite = _check_extras(clip_grad_norm, skip_nonfinite)
         # precision (DESIGN.md "Precision"): fixed for the optimizer's life, checked per param as it arrives
         rounding_options(0, stochastic_rounding, seed, 0, kahan)
+        if is_int8(state_dtype):
+            check_int8_optimizer(self.spec)
         if state_dtype is not None and not isinstance(STATE_DTYPES.get(state_dtype, state_dtype)
                                                       if isinstance(state_dtype, str) else state_dtype, torch.dtype):
             chosen_state_dtype(state_dtype, torch.float32)  # the TypeError naming state_dtype (per param: _check_param)
@@ -155,7 +176,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         state = {"step": torch.tensor(0.0, dtype=scalar_dtype())} if spec.torch_step else {}
         for name, on in zip(spec.states, spec.active_states(hp)):
             if on:
-                state[spec.torch_state_names.get(name, name)] = self._new_state(spec, hp, name, p)
+                tname = spec.torch_state_names.get(name, name)
+                value = self._new_state(spec, hp, name, p)
+                if isinstance(value, tuple):  # 8-bit state: codes and scales
+                    state[tname], state[tname + ABSMAX] = value
+                else:
+                    state[tname] = value
         return state
 
     def _check_param(self, p):
@@ -212,6 +238,38 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._fastopt_warned = set()
         self._fastopt_steady = None
         self._fastopt_constructed = True
+
+    # --- state dicts ----------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's load_state_dict, except that state torch would cast to the param's dtype keeps its
+        own where the cast would change it: the uint8 codes and float32 scales of 8-bit state ("<name>" and
+        "<name>_absmax", state_dtype="int8") and the float32 state of 16-bit params (torch rounds it to the
+        param's dtype). The next step converts what does not fit this optimizer's state dtype: float state
+        into 8-bit state is quantized, 8-bit state into float state dequantized."""
+        saved = state_dict.get("state", {}) if isinstance(state_dict, dict) else {}
+        keep = []  # (position of the param among the saved ids, key, tensor as saved)
+        ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])] \
+            if isinstance(state_dict, dict) else []
+        params = [p for g in self.param_groups for p in g["params"]]
+        where = {pid: k for k, pid in enumerate(ids)}
+        if isinstance(saved, dict) and len(ids) == len(params):
+            for pid, entry in saved.items():
+                k = where.get(pid)
+                if k is None or not isinstance(entry, dict):
+                    continue
+                p = params[k]
+                for key, v in entry.items():
+                    if key == "step" or not isinstance(v, torch.Tensor):
+                        continue
+                    quantized = isinstance(key, str) and (key.endswith(ABSMAX) and key[:-len(ABSMAX)] in entry or
+                                                          key + ABSMAX in entry)
+                    # uint8: 8-bit codes, even without their scales (the step then names what is missing)
+                    if quantized or v.dtype == torch.uint8 or (p.dtype in SIXTEEN_BIT and v.dtype == torch.float32):
+                        keep.append((p, key, v))
+        super().load_state_dict(state_dict)
+        for p, key, v in keep:
+            if p in self.state and key in self.state[p]:
+                self.state[p][key] = v.to(device=p.device)
 
     # --- the step ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -280,7 +338,13 @@ class TorchOptimizer(torch.optim.Optimizer):
                 fresh, tensors = {}, []
                 for name, tname in zip(used, names):
                     t = state.get(tname) if state else None
-                    if not isinstance(t, torch.Tensor):
+                    if self._state_dtype_of(name, p) == INT8:  # 8-bit state: (codes, absmax)
+                        t = self._int8_state(number, spec, hp, name, tname, p, state, fresh)
+                    elif isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and state.get(tname + ABSMAX) is not None:
+                        # 8-bit state loaded into an optimizer without state_dtype="int8": dequantized
+                        t = fresh[tname] = self._dequantized(number, tname, t, state[tname + ABSMAX], p, name)
+                        fresh[tname + ABSMAX] = None  # removed from the state at commit
+                    elif not isinstance(t, torch.Tensor):
                         t = fresh[tname] = self._new_state(spec, hp, name, p)
                     elif t.shape == p.shape and (layout(t) != layout(p) or (
                             t.dtype != self._state_dtype_of(name, p) and t.dtype.is_floating_point)):
@@ -303,7 +367,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                     elif not spec.torch_step:
                         count = self._count(None, state, used, names, counted)
                 else:
-                    entry = entries[id(p)] = ParamEntry(p, state, names, used, tuple(tensors))
+                    entry = entries[id(p)] = ParamEntry(p, state, names, used, tuple(tensors),
+                                                        tuple(signed_state(n) for n in used))
                     count = self._count(entry, state, used, names, counted)
                 pending = (flat, tuple(tensors), used) if entry is None else None
                 items.append([group, p, gv, entry, pending, count, number])
@@ -369,10 +434,10 @@ class TorchOptimizer(torch.optim.Optimizer):
             else:
                 flat, tensors, used = pending
                 b.param_views.append(kernel_view(p, flat))
-                views = [kernel_view(t, flat) for t in tensors]
+                views = [state_view(t, flat, signed_state(n)) for t, n in zip(tensors, used)]
             for name, v in zip(used, views):
                 b.state_views.setdefault(name, []).append(v)
-            b.written += tensors
+            b.written += flat_tensors(tensors)
         if all(item[3] is not None for item in items):
             self._fastopt_templates[id(group)] = (signature, group, [(b, positions[k]) for k, b in buckets.items()])
         else:
@@ -435,13 +500,73 @@ class TorchOptimizer(torch.optim.Optimizer):
         return state_lists, names
 
     def _new_state(self, spec, hp, name, p):
+        """A new state tensor of p (torch's layout of p, its state dtype), filled as the spec says; for 8-bit
+        state the pair (codes: uint8 like p, absmax: float32, one per 256 elements) of the fill quantized."""
         fill = spec.state_init(hp).get(name, 0.0)
         dtype = self._state_dtype_of(name, p)
+        if dtype == INT8:
+            q = QuantizedState.from_float(np.full(min(p.numel(), 1), fill, np.float32), signed_state(name))
+            codes = torch.empty_like(p, dtype=torch.uint8, memory_format=torch.preserve_format)
+            if codes.numel():
+                codes.fill_(int(q.codes[0]))  # one value: every code is the fill's, every block's scale too
+            absmax = torch.full((quant_blocks(p.numel()),), float(q.absmax[0]) if q.absmax.size else 0.0,
+                                dtype=torch.float32)
+            return codes, absmax
         if fill is PARAM:  # schedule-free's z: a copy of the param (the schedulefree package's clone)
             return torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(p.detach())
         if fill == 0.0:
             return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _int8_state(self, number, spec, hp, name, tname, p, state, fresh):
+        """The (codes, absmax) of 8-bit state `name` of p for this step: the state's tensors as they are
+        (checked by the backend's prepare: shapes, dtypes, block count), new ones (in `fresh`) for a first
+        step, and the float state of a torch.optim state dict (or an optimizer without state_dtype="int8")
+        quantized in p's memory order. Codes in another layout than p are requantized in p's order."""
+        t = state.get(tname) if state else None
+        a = state.get(tname + ABSMAX) if state else None
+        if not isinstance(t, torch.Tensor):
+            if a is not None:
+                raise ValueError(f"state of param {number}: {tname + ABSMAX} without {tname} (the 8-bit codes of the "
+                                 f"state)")
+            codes, absmax = fresh[tname], fresh[tname + ABSMAX] = self._new_state(spec, hp, name, p)
+            return codes, absmax
+        if t.dtype == torch.uint8:
+            if not isinstance(a, torch.Tensor):
+                raise ValueError(f"state of param {number}: {tname} holds 8-bit codes (uint8) but {tname + ABSMAX} "
+                                 f"(their float32 scales) is {'missing' if a is None else type(a).__name__}")
+            if t.shape != p.shape or layout(t) == layout(p) or p.numel() == 0:
+                return t, a  # the backend's checks say what is wrong with it, if anything
+            values = self._dequantized(number, tname, t, a, p, name)  # in t's memory order, then p's
+        elif t.is_floating_point() and t.shape == p.shape:
+            values = t
+        else:
+            return t, a if isinstance(a, torch.Tensor) else torch.zeros(0)  # the backend's error names it
+        wide = torch.empty_like(p, dtype=torch.float32).copy_(values)
+        flat = not p.is_contiguous()
+        q = QuantizedState.from_float(kernel_view(wide, flat), signed_state(name))
+        codes = torch.empty_like(p, dtype=torch.uint8)
+        kernel_view(codes, flat)[...] = q.codes
+        absmax = torch.from_numpy(q.absmax)
+        fresh[tname], fresh[tname + ABSMAX] = codes, absmax
+        return codes, absmax
+
+    def _dequantized(self, number, tname, codes, absmax, p, name):
+        """The float values of 8-bit state (codes in their own memory order), as a tensor like `codes` in
+        the dtype p's state takes without state_dtype="int8" (float32 for 8-bit ones)."""
+        if codes.shape != p.shape or dense_span(codes) is None:
+            raise ValueError(f"state of param {number}: {tname} has shape {tuple(codes.shape)}, expected "
+                             f"{tuple(p.shape)}")
+        if not (isinstance(absmax, torch.Tensor) and absmax.dtype == torch.float32 and absmax.dim() == 1
+                and absmax.numel() == quant_blocks(p.numel())):
+            raise ValueError(f"state of param {number}: {tname + ABSMAX} must be a float32 tensor of "
+                             f"{quant_blocks(p.numel())} scales (one per 256 elements)")
+        flat = not codes.is_contiguous()
+        values = QuantizedState(kernel_view(codes, flat), absmax.detach().cpu().numpy(), signed_state(name)).dequantize()
+        out = torch.empty_like(codes, dtype=torch.float32)
+        kernel_view(out, flat)[...] = values
+        dtype = self._state_dtype_of(name, p)
+        return out if dtype == INT8 else out.to(dtype)
 
     @staticmethod
     def _read_counts(steps) -> list[int]:
@@ -535,6 +660,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         for p, fresh in plan.new_state:
             state = self.state[p]
             for name, value in fresh.items():
+                if value is None and name != "step":  # the scales of 8-bit state that was dequantized
+                    state.pop(name, None)
+                    continue
                 if name == "step":
                     value = torch.tensor(float(bucket_of[id(p)].step), dtype=scalar_dtype())
                     made_step.add(id(p))

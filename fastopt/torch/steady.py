@@ -134,7 +134,7 @@ class Steady:
         self.strides = {i: self.active[i].stride() for i in self.flat}
         dicts, names, tensors = [], [], []
         for e in entries:
-            for name, t in zip(e.names, e.tensors):
+            for name, t in zip(e.check_names, e.check_tensors):  # 8-bit state: codes and scales
                 dicts.append(e.state)
                 names.append(name)
                 tensors.append(t)

@@ -12,7 +12,13 @@ import weakref
 
 import torch
 
-__all__ = ["layout", "dense_span", "kernel_view", "numpy_bfloat16", "ParamEntry", "bump_versions"]
+__all__ = ["layout", "dense_span", "kernel_view", "state_view", "flat_tensors", "numpy_bfloat16", "ParamEntry",
+           "bump_versions", "ABSMAX"]
+
+# 8-bit state (state_dtype="int8") in a torch state dict: "<name>" holds the uint8 codes (the param's shape
+# and layout) and "<name>_absmax" the float32 scales, one per 256 elements in the param's memory order (the
+# NumPy classes' state dict keys, fastopt.statedict.ABSMAX)
+ABSMAX = "_absmax"
 
 
 def layout(t: torch.Tensor) -> tuple:
@@ -46,6 +52,29 @@ def kernel_view(t: torch.Tensor, flat: bool):
     return t
 
 
+def state_view(s, flat: bool, signed: bool):
+    """The kernel's state argument for one state: kernel_view of a tensor, or for 8-bit state (a pair of
+    tensors (codes uint8, absmax float32)) the fastopt.precision.QuantizedState over their memory: codes
+    viewed like the param (flat for a non-contiguous layout), so block k covers elements 256k..256k+255
+    of the param in memory order."""
+    if isinstance(s, tuple):
+        from fastopt.precision import QuantizedState
+        codes, absmax = s
+        return QuantizedState(kernel_view(codes, flat), kernel_view(absmax, False), signed)
+    return kernel_view(s, flat)
+
+
+def flat_tensors(tensors) -> list:
+    """The tensors of a state list, the pairs of 8-bit state unpacked (codes, absmax)."""
+    out = []
+    for s in tensors:
+        if isinstance(s, tuple):
+            out += s
+        else:
+            out.append(s)
+    return out
+
+
 def numpy_bfloat16():
     """ml_dtypes' bfloat16 NumPy dtype; TypeError naming the package when it is not installed."""
     try:
@@ -65,10 +94,10 @@ class ParamEntry:
     and a step that fails with cached entries is planned again from scratch before the error counts."""
 
     __slots__ = ("param", "ptr", "flat", "layout", "kind", "view", "state", "names", "used", "tensors",
-                 "state_views", "step_tensor", "step_version", "step_view", "count", "grad", "grad_ptr",
-                 "grad_view", "grad_seen")
+                 "state_views", "check_names", "check_tensors", "step_tensor", "step_version", "step_view", "count",
+                 "grad", "grad_ptr", "grad_view", "grad_seen")
 
-    def __init__(self, p: torch.Tensor, state, names: tuple, used: tuple, tensors: tuple):
+    def __init__(self, p: torch.Tensor, state, names: tuple, used: tuple, tensors: tuple, signed: tuple = ()):
         self.param = p
         self.ptr = p.data_ptr()
         self.flat = not p.is_contiguous()
@@ -78,8 +107,18 @@ class ParamEntry:
         self.state = state          # the param's state dict (the object itself)
         self.names = names          # torch's names of the states this configuration uses
         self.used = used            # the same states' registry names
-        self.tensors = tensors      # and their tensors
-        self.state_views = tuple(kernel_view(s, self.flat) for s in tensors)
+        self.tensors = tensors      # and their tensors (8-bit state: a pair (codes, absmax))
+        signed = signed or (True,) * len(tensors)  # which map each 8-bit state takes (precision.signed_state)
+        self.state_views = tuple(state_view(s, self.flat, sg) for s, sg in zip(tensors, signed))
+        # the state dict entries that must stay these tensors (the scales of 8-bit state beside their codes)
+        self.check_names, self.check_tensors = [], []
+        for name, s in zip(names, tensors):
+            if isinstance(s, tuple):
+                self.check_names += [name, name + ABSMAX]
+                self.check_tensors += s
+            else:
+                self.check_names.append(name)
+                self.check_tensors.append(s)
         self.step_tensor, self.step_version, self.step_view, self.count = None, -1, None, 0
         self.grad = self.grad_view = None
         self.grad_ptr = 0
@@ -88,7 +127,7 @@ class ParamEntry:
     def valid(self, p: torch.Tensor, state, names: tuple) -> bool:
         if state is not self.state or names != self.names or p.data_ptr() != self.ptr:
             return False
-        for name, s in zip(names, self.tensors):
+        for name, s in zip(self.check_names, self.check_tensors):
             if state.get(name) is not s:
                 return False
         return True
