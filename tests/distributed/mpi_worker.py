@@ -245,9 +245,34 @@ def resume(path, gathered, steps, more):
                 check(np.array_equal(got, v) if isinstance(v, np.ndarray) else got == v, f"state {i} {k}")
 
 
+def precision():
+    """The precision modes over MPI (bfloat16 params move as their uint16 bits; float32 gradients): adam and
+    SGD momentum with bf16 params + Kahan, + stochastic rounding, and 8-bit state on float32 and bf16 params
+    equal the single-process class on the mean gradient bit for bit; 8-bit state per rank ~ 1/world."""
+    import ml_dtypes
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    modes = [(bf16, dict(kahan=True)), (bf16, dict(stochastic_rounding=True, seed=3)),
+             (np.float32, dict(state_dtype="int8")), (bf16, dict(state_dtype="int8", stochastic_rounding=True, seed=4))]
+    for name, hp in (("adam", dict(lr=0.01)), ("sgd", dict(lr=0.05, momentum=0.9))):
+        for dtype, options in modes:
+            params = [p.astype(np.float32).astype(dtype) for p in make_params(21, [np.float32])]
+            ref = [p.copy() for p in params]
+            opt = ShardedOptimizer(name, params, COMM, bucket_bytes=512, **hp, **options)
+            single = getattr(fastopt, REGISTRY[name].class_name)(ref, **hp, **options)
+            for t in range(4):
+                opt.step(grads_for(22, t, RANK, [p.astype(np.float32) for p in params]))
+                single.step(mean_grads(22, t, [p.astype(np.float32) for p in ref]))
+            for i, (a, b) in enumerate(zip(params, ref)):
+                check(a.tobytes() == b.tobytes(), f"{name} {options} param {i} differs")
+    big = [np.ones(200_000, np.float32), np.ones(3000, np.float32)]
+    opt = ShardedOptimizer("adam", big, COMM, lr=0.01, state_dtype="int8")
+    total = sum(2 * p.size + 8 * -(-p.size // 256) for p in big)
+    check(total / WORLD <= opt.state_bytes() <= 1.01 * total / WORLD, f"state bytes {opt.state_bytes()} of {total}")
+
+
 if __name__ == "__main__":
     name, args = sys.argv[1], sys.argv[2:]
-    {"equal": lambda: equal(int(args[0])), "clip_skip": clip_skip, "memory": memory, "errors": errors,
+    {"precision": precision, "equal": lambda: equal(int(args[0])), "clip_skip": clip_skip, "memory": memory, "errors": errors,
      "dead_rank": dead_rank, "save": lambda: save(args[0], int(args[1])),
      "resume": lambda: resume(args[0], args[1], int(args[2]), int(args[3]))}[name]()
     COMM.Barrier()

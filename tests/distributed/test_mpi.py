@@ -24,6 +24,13 @@ def test_equal_to_single_process_bit_for_bit(world, bucket_bytes):
     assert f"OK equal world={world}" in run_mpi(world, "equal", bucket_bytes)
 
 
+@pytest.mark.parametrize("world", [3])
+def test_precision_modes_equal_to_single_process(world):
+    """bf16 params (Kahan, stochastic rounding) and 8-bit state over MPI (tests/distributed/test_precision.py
+    covers worlds 1-3 in one process): see mpi_worker.precision."""
+    assert f"OK precision world={world}" in run_mpi(world, "precision")
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_clip_and_skip_nonfinite(world):
     assert f"OK clip_skip world={world}" in run_mpi(world, "clip_skip")
