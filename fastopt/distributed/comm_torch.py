@@ -54,11 +54,19 @@ class TorchCommunicator(Communicator):
 
     def alloc(self, n, dtype):
         torch = self._torch
-        native = torch.zeros(n, dtype=torch.from_numpy(np.zeros(0, np.dtype(dtype))).dtype, device=self.device)
+        dtype = np.dtype(dtype)
+        if dtype.name == "bfloat16" and dtype.kind == "V":  # ml_dtypes' bfloat16: torch.from_numpy has no such dtype
+            tdtype = torch.bfloat16
+        else:
+            tdtype = torch.from_numpy(np.zeros(0, dtype)).dtype
+        native = torch.zeros(n, dtype=tdtype, device=self.device)
         return native, self._view(native)
 
     def _view(self, t):
         if t.device.type == "cpu":
+            if t.dtype == self._torch.bfloat16:  # NumPy has no bfloat16: its bits viewed as ml_dtypes' (the kernels')
+                import ml_dtypes
+                return t.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
             return t.numpy()
         import cupy
         return cupy.asarray(t)

@@ -32,6 +32,31 @@ def check(cond, msg):
         raise AssertionError(msg)
 
 
+def precision(rank, world):
+    """Precision modes through gloo: bfloat16 torch params (float32 grads; Kahan, stochastic rounding, 8-bit
+    state) and float32 params with 8-bit state, bit for bit the single-process class on the mean gradient."""
+    import ml_dtypes
+    modes = [(torch.bfloat16, dict(kahan=True)), (torch.bfloat16, dict(stochastic_rounding=True, seed=2)),
+             (torch.float32, dict(state_dtype="int8")), (torch.bfloat16, dict(state_dtype="int8"))]
+    for k, (dtype, options) in enumerate(modes):
+        torch.manual_seed(100 + k)
+        params = [torch.randn(s).to(dtype) for s in SHAPES + [(300,)]]
+
+        def host(t):
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy() if t.dtype == torch.bfloat16 \
+                else t.numpy().copy()
+        ref = [host(p) for p in params]
+        opt = ShardedOptimizer("adam", params, dist.group.WORLD, lr=0.01, **options)
+        single = fastopt.Adam(ref, lr=0.01, **options)
+        f32 = [torch.zeros(p.shape) for p in params]
+        for t in range(1, 4):
+            opt.step(grads_for(k, t, rank, f32))
+            per_rank = [grads_for(k, t, r, f32) for r in range(world)]
+            single.step([sum(g[i] for g in per_rank).numpy() * np.float32(1.0 / world) for i in range(len(params))])
+        for i, (a, b) in enumerate(zip(params, ref)):
+            check(host(a).tobytes() == b.tobytes(), f"{dtype} {options} param {i} differs")
+
+
 def equal(rank, world):
     """Torch tensors through gloo: bit for bit the single-process class on the mean gradient (NumPy copies),
     for every elementwise optimizer, float32 and float64; the updates land in the user's tensors and
@@ -162,7 +187,7 @@ def dead_rank(rank, world):
 
 
 SCENARIOS = {"equal": equal, "torch_oracle": torch_oracle, "module": module, "fallback": fallback,
-             "mismatch": mismatch, "dead_rank": dead_rank}
+             "mismatch": mismatch, "dead_rank": dead_rank, "precision": precision}
 
 if __name__ == "__main__":
     # scenarios run one after another in the same pair of processes (importing torch takes seconds);
