@@ -249,8 +249,8 @@ def test_cuda_params_refused_clearly():
 
 
 def _snapshot(opt, ps):
-    return [_np(p).tobytes() for p in ps], {k: v.clone() for p in ps for k, v in opt.state[p].items()
-                                            if isinstance(v, torch.Tensor)}
+    return [_np(p).tobytes() for p in ps], {(i, k): v.clone() for i, p in enumerate(ps)
+                                            for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
 
 
 @pytest.mark.parametrize("damage", ["absmax-length", "absmax-dtype", "codes-shape", "no-absmax"])
@@ -305,3 +305,39 @@ def test_digits_mlp_int8_state_matches_float32():
     assert acc32 > 0.9
     assert abs(loss8 / loss32 - 1) < 0.01, (loss8, loss32)
     assert abs(acc8 - acc32) <= 0.01 + 1e-9, (acc8, acc32)
+
+
+def test_torch_state_dict_loads_into_torch_optim():
+    """torch_state_dict(): 8-bit state dequantized to float32 (scales and the compensation dropped) loads into
+    torch.optim.Adam, which then steps from exactly those moments."""
+    torch.manual_seed(12)
+    a = [torch.randn(300, 2).requires_grad_(), torch.randn(5).requires_grad_()]
+    opt = ft.Adam(a, lr=1e-2, state_dtype="int8")
+    _train(opt, a, 3, seed=4)
+    sd = opt.torch_state_dict()
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    want = QuantizedState(opt.state[a[0]]["exp_avg"].numpy(), opt.state[a[0]]["exp_avg_absmax"].numpy(), True)
+    assert sd["state"][0]["exp_avg"].dtype == torch.float32
+    assert sd["state"][0]["exp_avg"].numpy().tobytes() == want.dequantize().tobytes()
+    b = [p.detach().clone().requires_grad_() for p in a]
+    topt = torch.optim.Adam(b, lr=1e-2)
+    topt.load_state_dict(copy.deepcopy(sd))
+    assert torch.equal(topt.state[b[0]]["exp_avg"], sd["state"][0]["exp_avg"])
+    _train(topt, b, 1, seed=5)
+    assert float(topt.state[b[0]]["step"]) == 4.0
+
+
+def test_float64_param_group_refused_and_nothing_changed():
+    """add_param_group with a float64 param on an 8-bit optimizer: the NumPy classes' ValueError, the group is
+    not added, the other params and their state are untouched."""
+    torch.manual_seed(13)
+    ps = [torch.randn(300).requires_grad_()]
+    opt = ft.Adam(ps, lr=1e-2, state_dtype="int8")
+    _train(opt, ps, 2, seed=6)
+    before = _snapshot(opt, ps)
+    with pytest.raises(ValueError, match=r"Invalid state_dtype: 'int8' for a float64 param"):
+        opt.add_param_group({"params": [torch.zeros(3, dtype=torch.float64, requires_grad=True)]})
+    assert len(opt.param_groups) == 1
+    after = _snapshot(opt, ps)
+    assert before[0] == after[0] and all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+    _train(opt, ps, 1, seed=7)  # and it still steps

@@ -4,6 +4,22 @@ A step plans every kernel call first (all checks, nothing written: hyperparamete
 the backend's prepare() of every call, overlaps between calls), then runs them, then commits the new
 state and the step counts. Params are grouped per (group, dtype, device, step count): torch keeps one
 step count per param, and a param whose grad is None is skipped and keeps its count.
+
+Precision (DESIGN.md "Precision"; CPU tensors): state_dtype= ("float32", "bfloat16", "float16", a torch
+dtype, or "int8"), kahan=True (state "kahan_comp", the param's dtype) and stochastic_rounding=True with
+seed= (16-bit params). 8-bit state (state_dtype="int8", float32/bfloat16/float16 params; not LAMB, ASGD or
+schedule-free: precision.INT8_REFUSED) keeps two tensors per state in the param's state dict, the keys of
+the NumPy classes' state dicts:
+    state[p]["<name>"]         uint8 codes, the param's shape and memory layout
+    state[p]["<name>_absmax"]  float32 scales, ceil(numel / 256): block k covers elements 256k..256k+255
+                               of the param in memory order (C order for a contiguous param)
+    value = precision.dynamic_map(signed)[code] * absmax[block]   (signed map unless the state is never
+                               negative: precision.NONNEGATIVE_STATES)
+viewed zero-copy as precision.QuantizedState by the kernels (views.state_view, cached per param). Loading
+a state dict keeps codes and scales uint8/float32 (torch.optim's loader would cast them to the param's
+dtype); a float state (a torch.optim state dict) loaded into an 8-bit optimizer is quantized at the next
+step, 8-bit state loaded into a float-state optimizer dequantized; torch_state_dict() gives the state dict
+with 8-bit state dequantized, for torch.optim.
 """
 from __future__ import annotations
 
@@ -115,7 +131,10 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     Subclasses (one per registry optimizer, fastopt/torch/__init__.py) set `spec`. fastopt's extras:
     clip_grad_norm (global-norm clipping fused into the update, torch.nn.utils.clip_grad_norm_
-    semantics) and skip_nonfinite (a NaN/Inf gradient skips the whole step; counted in skipped_steps).
+    semantics) and skip_nonfinite (a NaN/Inf gradient skips the whole step; counted in skipped_steps);
+    the precision options state_dtype (incl. "int8": 8-bit block-wise state, see the module docstring),
+    kahan and stochastic_rounding/seed, fixed for the optimizer's life, the NumPy classes' checks and
+    messages (CUDA params: state_dtype other than the default, kahan and stochastic rounding refused).
     """
 
     spec: OptimizerSpec
@@ -270,6 +289,35 @@ class TorchOptimizer(torch.optim.Optimizer):
         for p, key, v in keep:
             if p in self.state and key in self.state[p]:
                 self.state[p][key] = v.to(device=p.device)
+
+    def torch_state_dict(self) -> dict:
+        """state_dict() as torch.optim's class takes it: 8-bit state ("<name>" codes + "<name>_absmax") as
+        float32 tensors of the dequantized values (in the param's shape and layout), and no Kahan
+        compensation ("kahan_comp", which torch has no use for); everything else as state_dict() has it.
+        The other way needs nothing: a torch.optim state dict loads into an 8-bit optimizer (quantized)."""
+        sd = self.state_dict()
+        state = {}
+        for pid, entry in sd["state"].items():
+            out = {}
+            for key, v in entry.items():
+                if key == KAHAN or (isinstance(key, str) and key.endswith(ABSMAX) and key[:-len(ABSMAX)] in entry):
+                    continue
+                if isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and key + ABSMAX in entry:
+                    flat = not v.is_contiguous()
+                    values = QuantizedState(kernel_view(v, flat), entry[key + ABSMAX].detach().cpu().numpy(),
+                                            signed_state(self._registry_name(key))).dequantize()
+                    v = torch.empty_like(v, dtype=torch.float32)
+                    kernel_view(v, flat)[...] = values
+                out[key] = v
+            state[pid] = out
+        return {"state": state, "param_groups": sd["param_groups"]}
+
+    def _registry_name(self, torch_name: str) -> str:
+        """The registry name of a state torch names `torch_name` (spec.torch_state_names)."""
+        for name, tname in self.spec.torch_state_names.items():
+            if tname == torch_name:
+                return name
+        return torch_name
 
     # --- the step ------------------------------------------------------------------------------------
     @torch.no_grad()
