@@ -484,9 +484,12 @@ def gather(path, file) -> None:
     save_file(file, opt)
 
 
-def scatter(file, path, world_size: int, *, bucket_bytes: int | None = None) -> None:
+def scatter(file, path, world_size: int, *, bucket_bytes: int | None = None, state_dtype=None,
+            kahan: bool = False) -> None:
     """Write the ordinary fastopt checkpoint `file` (one param group, params included) as a sharded
-    checkpoint for `world_size` ranks in directory `path` (created if missing)."""
+    checkpoint for `world_size` ranks in directory `path` (created if missing), for a ShardedOptimizer with
+    `state_dtype` and `kahan` (the file's state converted as the single-process class loads it: quantized
+    into 8-bit state, rounded into 16-bit state; a compensation the file lacks starts at zero)."""
     if type(world_size) is not int or world_size < 1:
         raise ValueError(f"Invalid world_size: {world_size!r} (a positive int)")
     bucket_bytes = DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes
@@ -498,15 +501,18 @@ def scatter(file, path, world_size: int, *, bucket_bytes: int | None = None) -> 
         _fail(f"{file} has {len(sd['param_groups'])} param groups; a sharded checkpoint has one")
     spec = get_spec(meta["optimizer"])
     shapes = [tuple(s) for s in meta["param_shapes"]]
-    dtypes = [np.dtype(d) for d in meta["param_dtypes"]]
+    dtypes = [_param_dtype(d) for d in meta["param_dtypes"]]
     arrays = [np.zeros(s, d) for s, d in zip(shapes, dtypes)]
     group = {k: v for k, v in sd["param_groups"][0].items() if k != "params"}
-    opt = getattr(optim, spec.class_name)(arrays, **group)
+    precision = dict(DEFAULT_PRECISION, state_dtype=state_dtype, kahan=kahan)
+    opt = getattr(optim, spec.class_name)(arrays, **group, state_dtype=state_dtype, kahan=kahan)
     load_file(file, opt, params=True)
     exported = opt.export_state()
     hp, _ = spec.validate(dict(exported.hyperparameters[0], lr=exported.lrs[0]), 1)
-    names = [s for s, used in zip(spec.states, spec.active_states(hp)) if used]
-    layout = ShardLayout.build(shapes, dtypes, world_size, bucket_bytes)
+    names = [s for s, used in zip(spec.states, spec.active_states(hp)) if used] + (["kahan_comp"] if kahan else [])
+    int8 = isinstance(state_dtype, str) and state_dtype == "int8"
+    layout = ShardLayout.build(shapes, dtypes, world_size, bucket_bytes, QUANT_BLOCK if int8 else 1)
+    templates = state_templates(spec, layout, hp, precision)
     token = secrets.token_hex(8)
     path = os.fspath(path)
     _make_dir(path)
@@ -516,17 +522,23 @@ def scatter(file, path, world_size: int, *, bucket_bytes: int | None = None) -> 
         for b in layout.buckets:
             lo, hi = b.shard_range(rank)
             p = np.zeros(b.shard, b.dtype)
-            s = {n: np.zeros(b.shard, b.dtype) for n in names}
+            s = {n: _empty_like_template(templates[b.index][n], b.shard) for n in names}
             for i, e0, e1, pos in b.pieces(lo, hi):
-                p[pos - lo:pos - lo + e1 - e0] = arrays[i].reshape(-1)[e0:e1]
+                at = pos - lo
+                p[at:at + e1 - e0] = arrays[i].reshape(-1)[e0:e1]
                 for n in names:
                     src = exported.states.get(i, {}).get(n)
-                    if src is not None:
-                        s[n][pos - lo:pos - lo + e1 - e0] = np.asarray(src).reshape(-1)[e0:e1]
+                    if isinstance(src, QuantizedState):  # e0 and at are multiples of 256 (segment 256)
+                        s[n].codes[at:at + e1 - e0] = src.codes.reshape(-1)[e0:e1]
+                        k0, k1 = e0 // QUANT_BLOCK, -(-e1 // QUANT_BLOCK)
+                        s[n].absmax[at // QUANT_BLOCK:at // QUANT_BLOCK + k1 - k0] = src.absmax[k0:k1]
+                    elif src is not None:
+                        s[n][at:at + e1 - e0] = np.asarray(src).reshape(-1)[e0:e1]
             shard_params.append(p)
             shard_states.append(s)
         data = _shard_bytes(_members(layout, shard_params, shard_states))
         name = _shard_name(rank, world_size, token)
         _write_bytes(os.path.join(path, name), data)
         files.append({"name": name, "sha256": hashlib.sha256(data).hexdigest()})
-    _commit(path, _manifest(spec, layout, hp, None, exported.steps[0], exported.skipped_steps or 0, names, files))
+    _commit(path, _manifest(spec, layout, hp, None, exported.steps[0], exported.skipped_steps or 0, names, files,
+                            precision))

@@ -158,6 +158,25 @@ def test_checkpoint_world3_to_world2_and_gather(tmp_path, mode):
     check_against(ref_params, ref, ranks)
 
 
+@pytest.mark.parametrize("mode", ["int8", "bf16-kahan"])
+def test_scatter_an_ordinary_checkpoint_for_two_ranks(tmp_path, mode):
+    """fastopt.save of the single-process class (4 steps) scattered for 2 ranks with the same options: the
+    sharded optimizer loads it and goes on like the class."""
+    from fastopt.distributed import scatter
+    dtype, options = MODES[mode]
+    ref_params = make_params(dtype)
+    ref = fastopt.Adam(ref_params, **OPTIMIZERS["adam"], **options)
+    for t in range(4):
+        ref.step(mean_grads(1, t, ref_params, 2))
+    fastopt.save(str(tmp_path / "single.npz"), ref, params=True)
+    ck = str(tmp_path / "ck")
+    scatter(str(tmp_path / "single.npz"), ck, 2, **{k: v for k, v in options.items() if k in ("state_dtype", "kahan")})
+    ranks = sharded_run("adam", dtype, options, 2, steps=3, load=ck)
+    for t in range(4, 7):
+        ref.step(mean_grads(1, t, ref_params, 2))
+    check_against(ref_params, ref, ranks)
+
+
 def test_checkpoint_with_other_precision_is_refused(tmp_path):
     ck = str(tmp_path / "ck")
     sharded_run("adam", np.float32, dict(state_dtype="int8"), 2, steps=1, save=ck)
