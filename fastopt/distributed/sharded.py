@@ -181,7 +181,9 @@ class ShardedOptimizer:
     comm: an mpi4py communicator, a torch.distributed process group (or the torch.distributed module: the
         default group), a CuPy NcclCommunicator, or a fastopt.distributed Communicator.
     hyperparameters: the single-process class's keywords (lr, betas=(b1, b2), weight_decay, ...,
-        clip_grad_norm=, skip_nonfinite=, backend=), checked by it; lr may be a schedule.
+        clip_grad_norm=, skip_nonfinite=, backend=, and the precision options state_dtype=, kahan=,
+        stochastic_rounding=, seed=: host arrays, see the module docstring), checked by it; lr may be a
+        schedule.
     bucket_bytes: bucket size (communication and update overlap per bucket).
     """
 
@@ -203,6 +205,11 @@ class ShardedOptimizer:
         self._precision = {"state_dtype": probe.state_dtype, "kahan": probe.kahan,
                            "stochastic_rounding": probe.stochastic_rounding, "seed": probe.seed}
         int8 = isinstance(probe.state_dtype, str) and probe.state_dtype == "int8"
+        if any(not _is_numpy(v) for v in views) and any(v not in (None, False, 0) for v in self._precision.values()):
+            # not a silent fallback: the GPU kernels take neither (and each rank would fail alone later)
+            given = ", ".join(f"{k}={v!r}" for k, v in self._precision.items())
+            raise NotImplementedError(f"ShardedOptimizer: the precision options ({given}) are implemented for host "
+                                      f"(CPU) arrays; the params are GPU arrays")
         exported = probe.export_state().hyperparameters[0]
         lr0 = exported["lr"](0) if is_schedule(exported["lr"]) else exported["lr"]
         checked, _ = spec.validate(dict(exported, lr=lr0), 1)  # Python floats and bools, as the class uses
@@ -336,8 +343,9 @@ class ShardedOptimizer:
 
     @property
     def grads(self) -> list:
-        """Gradient views of the send buffer (engine type, shaped like the params): write this rank's
-        gradients into them and pass them to step() to skip packing. Overwritten by nobody but you."""
+        """Gradient views of the send buffer (engine type, shaped like the params; float32 for 16-bit params):
+        write this rank's gradients into them and pass them to step() to skip packing. Overwritten by nobody
+        but you."""
         return list(self._grads)
 
     @property
