@@ -333,6 +333,56 @@ def _newton_schulz(w, coefficients, ns_steps, eps):
     return X
 
 
+# Small matrices on the CPU: each matmul of the iteration takes ~20 us (128 x 64), less than OpenBLAS's hand-off
+# to its threads, which on a busy machine also wait for a core: `fastopt train --optimizer muon` on digits
+# (a 128 x 64 matrix, 800 steps) spent 13-34 s in the iteration with BLAS's 2 threads on the shared 2-core VM,
+# 1.1 s with one. Below this many multiply-adds per matmul (r^2 c) the iteration runs with one BLAS thread;
+# sgemm's result does not depend on the thread count (it splits the output, not the sums:
+# tests/test_muon.py checks it bit for bit).
+SINGLE_THREAD_MACS = 1 << 22
+_blas = []  # threadpoolctl's controllers of the loaded BLAS libraries, found once
+
+
+def _blas_controllers():
+    if not _blas:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # then BLAS keeps its own thread count (same results; slower on small matrices)
+            _blas.append(())
+        else:
+            _blas.append(tuple(ThreadpoolController().select(user_api="blas").lib_controllers))
+    return _blas[0]
+
+
+class _OneBlasThread:
+    """with _OneBlasThread(): BLAS calls run on one thread (threadpoolctl), the previous counts restored after."""
+
+    __slots__ = ("saved",)
+
+    def __enter__(self):
+        self.saved = []
+        for lib in _blas_controllers():
+            n = lib.get_num_threads()
+            if n != 1:
+                lib.set_num_threads(1)
+                self.saved.append((lib, n))
+        return self
+
+    def __exit__(self, *exc):
+        for lib, n in self.saved:
+            lib.set_num_threads(n)
+        return False
+
+
+def _newton_schulz_small(w, coefficients, ns_steps, eps, m, n):
+    """_newton_schulz, with one BLAS thread for matrices below SINGLE_THREAD_MACS multiply-adds per matmul."""
+    r, c = min(m, n), max(m, n)
+    if _xp(w["X"]) is np and r * r * c < SINGLE_THREAD_MACS:
+        with _OneBlasThread():
+            return _newton_schulz(w, coefficients, ns_steps, eps)
+    return _newton_schulz(w, coefficients, ns_steps, eps)
+
+
 def muon_update(param, grad, buf, hp: dict, workspace: Workspace) -> None:
     """One Muon update of one 2-D param, in place on `param` and `buf` (its momentum buffer), with `grad`
     only read; hp: check_hyperparameters' values. Arrays of one module (NumPy or CuPy), float32, float64,
@@ -361,7 +411,7 @@ def muon_update(param, grad, buf, hp: dict, workspace: Workspace) -> None:
     _round_bf16(X, w["bits"])
     if xp is not np or nan.any():  # on the GPU unconditionally: asking any() would wait for the device
         xp.copyto(X, np.float32("nan"), where=nan)
-    out = _newton_schulz(w, hp["ns_coefficients"], hp["ns_steps"], hp["eps"])
+    out = _newton_schulz_small(w, hp["ns_coefficients"], hp["ns_steps"], hp["eps"], m, n)
     lr = hp["lr"]
     _apply_update(param, out, 1.0 - lr * hp["weight_decay"], -adjusted_lr(lr, hp["adjust_lr_fn"], param.shape),
                   D, F)

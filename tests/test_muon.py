@@ -468,3 +468,35 @@ def test_adjusted_lr_and_class():
     assert issubclass(ftorch.Muon, torch.optim.Optimizer)
     assert math.isclose(adjusted_lr(1.0, None, (8, 2)), 2.0)
     assert math.isclose(adjusted_lr(1.0, "match_rms_adamw", (8, 2)), 0.2 * math.sqrt(8))
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (150, 90)])
+def test_small_matrices_one_blas_thread_same_bits(shape, monkeypatch):
+    """Below SINGLE_THREAD_MACS the iteration runs with one BLAS thread (the trainer's small matrices: OpenBLAS's
+    thread hand-off cost more than the matmuls); the result is the same bits with BLAS's own thread count,
+    and the previous count is restored after the step."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import fastopt.muon as muon_mod
+    rng = np.random.default_rng(7)
+    init = rng.standard_normal(shape).astype(np.float32)
+    grads = [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
+    seen = []
+    inner = muon_mod._newton_schulz
+
+    def recording(*args):
+        seen.append([lib.get_num_threads() for lib in muon_mod._blas_controllers()])
+        return inner(*args)
+    monkeypatch.setattr(muon_mod, "_newton_schulz", recording)
+    results = []
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        for macs in (0, 1 << 62):  # never / always one thread
+            monkeypatch.setattr(muon_mod, "SINGLE_THREAD_MACS", macs)
+            p = init.copy()
+            opt = Muon([p], lr=0.05)
+            for g in grads:
+                opt.step([g])
+            results.append(p)
+            assert all(n == 2 for lib in muon_mod._blas_controllers() for n in [lib.get_num_threads()])
+    np.testing.assert_array_equal(results[0], results[1])
+    assert not np.array_equal(results[0], init)
+    assert seen[:3] == [[2] * len(seen[0])] * 3 and seen[3:] == [[1] * len(seen[0])] * 3
