@@ -273,3 +273,31 @@ def test_kahan_state_dict_loads_into_torch_optim_and_back():
     a.grad = torch.randn(10).to(torch.bfloat16)
     again.step()
     assert again.state[a]["kahan_comp"].dtype == torch.bfloat16 and float(again.state[a]["step"]) == 5.0
+
+
+@pytest.mark.parametrize("options", [{}, dict(kahan=True)], ids=["float32-state", "kahan"])
+def test_state_dict_round_trip_of_16_bit_params_keeps_float32_state(options):
+    """The float32 state of bfloat16 params survives state_dict() -> load_state_dict() exactly (torch.optim's
+    loader would round it to the params' dtype): the loaded optimizer goes on bit for bit."""
+    torch.manual_seed(21)
+    a = [torch.randn(s).to(torch.bfloat16).requires_grad_() for s in [(50,), (4, 3)]]
+    opt = ft.Adam(a, lr=1e-2, **options)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p in a:
+            p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+        opt.step()
+    b = [p.detach().clone().requires_grad_() for p in a]
+    again = ft.Adam(b, lr=1e-2, **options)
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert again.state[b[0]]["exp_avg_sq"].dtype == torch.float32
+    assert torch.equal(again.state[b[0]]["exp_avg_sq"], opt.state[a[0]]["exp_avg_sq"])
+    for _ in range(3):
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+            q.grad = p.grad.clone()
+        opt.step()
+        again.step()
+    for p, q in zip(a, b):
+        assert _to_numpy(p).tobytes() == _to_numpy(q).tobytes()
+        assert all(torch.equal(v, again.state[q][k]) for k, v in opt.state[p].items())
