@@ -77,6 +77,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fastopt.arrays import array_device, as_numpy
+from fastopt.optim import as_param_groups
 from fastopt.precision import is_16bit, is_bfloat16, store_rounded
 from fastopt.specs import COMPOSITE, as_float, shown
 
@@ -669,12 +670,7 @@ class Adafactor:
         self._sizes: list[int] = []
         if isinstance(params, np.ndarray) or _is_cupy(params):
             raise TypeError("params must be a list of arrays or of param-group dicts, got one array: pass [array]")
-        groups = list(params)
-        if not groups:
-            raise ValueError("optimizer got an empty parameter list")
-        if not isinstance(groups[0], Mapping):
-            groups = [{"params": groups}]
-        for group in groups:
+        for group in as_param_groups(params):
             self.add_param_group(group)
 
     # ---- groups -------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ import numbers
 import numpy as np
 
 from fastopt.arrays import array_device, as_numpy, to_host
+from fastopt.optim import as_param_groups
 from fastopt.precision import is_bfloat16
 from fastopt.specs import COMPOSITE, as_float, shown
 
@@ -473,25 +474,7 @@ class Muon:
         self.param_groups: list[dict] = []
         self.state: dict[int, dict] = {}
         self._workspace = Workspace()
-        if isinstance(params, dict):
-            groups = [params]
-        elif hasattr(params, "shape"):
-            groups = [{"params": [params]}]
-        else:
-            try:
-                params = list(params)
-            except TypeError:
-                raise TypeError(f"params must be a list of arrays or of param-group dicts, got "
-                                f"{type(params).__name__}") from None
-            if not params:
-                raise ValueError("optimizer got an empty parameter list")
-            if all(isinstance(p, dict) for p in params):
-                groups = params
-            elif any(isinstance(p, dict) for p in params):
-                raise TypeError("params must be a list of arrays or a list of param-group dicts, not a mix")
-            else:
-                groups = [{"params": params}]
-        for group in groups:
+        for group in as_param_groups(params):
             self.add_param_group(group)
 
     @property

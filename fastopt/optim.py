@@ -129,6 +129,31 @@ class _Bucket:
         self.prepares_once = False  # the backend checks params and states once (PrepareOnceBackend)
 
 
+def as_param_groups(params) -> list:
+    """An optimizer's `params` argument as a list of param-group dicts (torch.optim's forms): one dict, one
+    array, or an iterable of arrays (one group) or of dicts. The dicts are the caller's (not copied; each
+    class fills in its defaults). TypeError for a non-iterable or a mix of arrays and dicts, ValueError for
+    an empty list. Shared by Optimizer and the composite classes (fastopt.muon, fastopt.sparse_adam,
+    fastopt.adafactor)."""
+    if isinstance(params, dict):
+        return [params]
+    if not isinstance(params, (list, tuple)):
+        if hasattr(params, "shape"):
+            return [{"params": [params]}]
+        try:
+            params = list(params)
+        except TypeError:
+            raise TypeError(f"params must be a list of arrays or of param-group dicts, got "
+                            f"{type(params).__name__}") from None
+    if len(params) == 0:
+        raise ValueError("optimizer got an empty parameter list")
+    if all(isinstance(p, dict) for p in params):
+        return list(params)
+    if any(isinstance(p, dict) for p in params):
+        raise TypeError("params must be a list of arrays or a list of param-group dicts, not a mix")
+    return [{"params": list(params)}]
+
+
 class Optimizer:
     """Base class: `spec` (an OptimizerSpec) is set by each generated subclass.
 
@@ -169,7 +194,7 @@ class Optimizer:
         self._fixed = None               # (backend, per call (params, tail), prepare_fixed's result)
         self._hp_cache: list = []
         self._last_lr: list = []
-        groups = self._as_groups(params)
+        groups = as_param_groups(params)
         for group in groups:
             self.add_param_group(group)
 
@@ -225,26 +250,6 @@ class Optimizer:
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"skip_nonfinite must be a bool, got {value!r}")
         self._skip_nonfinite = bool(value)
-
-    @staticmethod
-    def _as_groups(params):
-        if isinstance(params, dict):
-            return [params]
-        if not isinstance(params, (list, tuple)):
-            if hasattr(params, "shape"):
-                return [{"params": [params]}]
-            try:
-                params = list(params)
-            except TypeError:
-                raise TypeError(f"params must be a list of arrays or of param-group dicts, got "
-                                f"{type(params).__name__}") from None
-        if len(params) == 0:
-            raise ValueError("optimizer got an empty parameter list")
-        if all(isinstance(p, dict) for p in params):
-            return list(params)
-        if any(isinstance(p, dict) for p in params):
-            raise TypeError("params must be a list of arrays or a list of param-group dicts, not a mix")
-        return [{"params": list(params)}]
 
     @classmethod
     def _hyper_keys(cls) -> tuple:

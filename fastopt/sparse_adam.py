@@ -46,6 +46,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fastopt.arrays import array_device, as_numpy, to_host, writable_view
+from fastopt.optim import as_param_groups
 from fastopt.specs import COMPOSITE, as_step, shown
 
 __all__ = ["SparseAdam", "sparse_adam_step", "prepare_step", "PreparedStep", "CHUNK_ELEMENTS"]
@@ -462,30 +463,11 @@ class SparseAdam:
         self.defaults = self._checked_group({"lr": lr, "betas": betas, "eps": eps, "maximize": maximize}, "")
         self.param_groups: list[dict] = []
         self.state: dict[int, dict] = {}
-        groups = self._as_groups(params)
+        groups = as_param_groups(params)
         for group in groups:
             self.add_param_group(group)
 
     # ---- groups -------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _as_groups(params):
-        if isinstance(params, dict):
-            return [params]
-        if hasattr(params, "shape"):
-            return [{"params": [params]}]
-        try:
-            params = list(params)
-        except TypeError:
-            raise TypeError(f"params must be a list of arrays or of param-group dicts, got "
-                            f"{type(params).__name__}") from None
-        if len(params) == 0:
-            raise ValueError("optimizer got an empty parameter list")
-        if all(isinstance(p, dict) for p in params):
-            return params
-        if any(isinstance(p, dict) for p in params):
-            raise TypeError("params must be a list of arrays or a list of param-group dicts, not a mix")
-        return [{"params": params}]
 
     @staticmethod
     def _checked_group(group: dict, where: str) -> dict:
