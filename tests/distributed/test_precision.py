@@ -200,3 +200,26 @@ def test_precision_options_checked_by_the_class(options, exc, text):
 def test_lamb_and_asgd_int8_refused():
     with pytest.raises(ValueError, match="int8"):
         run_ranks(1, lambda comm: ShardedOptimizer("asgd", make_params(np.float32), comm, lr=0.01, state_dtype="int8"))
+
+
+def test_int8_layout_property():
+    """segment=256 layouts for random sizes and worlds: every param starts a 256-block, every shard is whole
+    blocks, each element is in exactly one shard, and a piece's first element is a multiple of 256 in its param
+    (so its blocks are the param's own)."""
+    from fastopt.distributed import ShardLayout
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        sizes = [int(n) for n in rng.integers(0, 900, rng.integers(1, 7))]
+        world = int(rng.integers(1, 6))
+        layout = ShardLayout.build([(n,) for n in sizes], [np.float32] * len(sizes), world,
+                                   int(rng.choice([1, 2048, 1 << 20])), QUANT_BLOCK)
+        seen = {i: np.zeros(n, int) for i, n in enumerate(sizes)}
+        for b in layout.buckets:
+            assert b.shard % QUANT_BLOCK == 0 and all(off % QUANT_BLOCK == 0 for off in b.offsets)
+            assert b.numel <= world * b.shard
+            for rank in range(world):
+                lo, hi = b.shard_range(rank)
+                for i, e0, e1, pos in b.pieces(lo, hi):
+                    assert e0 % QUANT_BLOCK == 0 and (pos - lo) % QUANT_BLOCK == 0
+                    seen[i][e0:e1] += 1
+        assert all((s == 1).all() for s in seen.values())
