@@ -30,6 +30,7 @@ MODES = {
     "bf16-stochastic": (BF16, dict(stochastic_rounding=True, seed=5)),
     "int8": (np.float32, dict(state_dtype="int8")),
     "int8-bf16-stochastic": (BF16, dict(state_dtype="int8", stochastic_rounding=True, seed=9)),
+    "int8-bf16-kahan": (BF16, dict(state_dtype="int8", kahan=True)),
 }
 OPTIMIZERS = {"adam": dict(lr=0.01, weight_decay=0.01), "sgd": dict(lr=0.05, momentum=0.9)}
 
