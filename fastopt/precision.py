@@ -182,6 +182,30 @@ def dynamic_midpoints(signed: bool) -> np.ndarray:
     return _maps(bool(signed))[1]
 
 
+@lru_cache(maxsize=None)
+def quantizer_tables(signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The compiled quantizer's tables (kernels/cuda/precision.cuh FoQuantizer): the 255 midpoints then
+    +inf (float32, 256), and for each of the 65536 values of a float32's top 16 bits the number of
+    midpoints below the smallest float with those bits (uint8; 0 for NaN patterns). A code is then
+    bucket[bits >> 16] + (mid[that] < x): exactly searchsorted(midpoints, x, "left"), because no bucket
+    (a 2^-7 relative range) holds more than one midpoint (the map's spacing is coarser; asserted here)."""
+    mid = dynamic_midpoints(signed)
+    top = np.arange(65536, dtype=np.uint32) << 16
+    negative = top >= 0x80000000
+    # the smallest float of each bucket: the top pattern with zero low bits, or all-ones ones when negative
+    low = np.where(negative, top | 0xFFFF, top).view(np.float32)
+    high = np.where(negative, top, top | 0xFFFF).view(np.float32)
+    nan = np.isnan(low) | np.isnan(high)
+    below = np.where(nan, 0, np.searchsorted(mid, low, side="left"))
+    inside = np.where(nan, 0, np.searchsorted(mid, high, side="left")) - below
+    assert inside.max() <= 1, "a quantizer bucket holds two midpoints"
+    padded = np.append(mid, np.float32(np.inf)).astype(np.float32)
+    buckets = below.astype(np.uint8)
+    padded.setflags(write=False)
+    buckets.setflags(write=False)
+    return padded, buckets
+
+
 def quantize_blockwise(x, signed: bool, block: int = QUANT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """(codes uint8, absmax float32 per block) of a float32 array's flattened values."""
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)

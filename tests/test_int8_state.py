@@ -304,13 +304,6 @@ def test_class_equals_functional_and_memory():
     assert sum(q.nbytes for q in big.values()) == 2 * n + 8 * n // 256
 
 
-def test_torch_front_end_refuses_int8_clearly():
-    torch = pytest.importorskip("torch")
-    from fastopt.torch import Adam as TorchAdam
-    with pytest.raises(NotImplementedError, match="state_dtype='int8'"):
-        TorchAdam([torch.zeros(3, requires_grad=True)], lr=0.01, state_dtype="int8")
-
-
 def test_digits_mlp_int8_adam_matches_float32():
     """Quality: the digits MLP (tests/test_precision_quality.py's setup) with 8-bit Adam state ends within
     1% of float32 state's final objective and at the same test accuracy to 1 point."""

@@ -81,9 +81,16 @@ class Shim:
         x = np.ascontiguousarray(x, np.float32).reshape(-1)
         codes = np.empty(x.size, np.uint8)
         absmax = np.empty(-(-x.size // ref.QUANT_BLOCK), np.float32)
-        mid = np.ascontiguousarray(ref.dynamic_midpoints(signed))
-        self.lib.quantize_blockwise(_ptr(x), ctypes.c_long(x.size), _ptr(mid), _ptr(codes), _ptr(absmax))
+        mid, bucket = ref.quantizer_tables(signed)
+        self.lib.quantize_blockwise(_ptr(x), ctypes.c_long(x.size), _ptr(mid), _ptr(bucket), _ptr(codes), _ptr(absmax))
         return codes, absmax
+
+    def quantize_normalized(self, y, signed):
+        y = np.ascontiguousarray(y, np.float32).reshape(-1)
+        codes = np.empty(y.size, np.uint8)
+        mid, bucket = ref.quantizer_tables(signed)
+        self.lib.quantize_normalized(_ptr(y), ctypes.c_long(y.size), _ptr(mid), _ptr(bucket), _ptr(codes))
+        return codes
 
     def dequantize_blockwise(self, codes, absmax, signed):
         codes = np.ascontiguousarray(codes, np.uint8)
@@ -328,6 +335,25 @@ def test_quantize_blockwise_matches_reference(shim, rng, signed, n):
     assert (close | tie).all(), np.flatnonzero(~(close | tie))
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantizer_tables_equal_the_midpoint_search(shim, rng, signed):
+    # the compiled quantizer (a bucket per float32 top-16-bit pattern, then one compare) against the
+    # reference's searchsorted over the midpoints: every bucket's two ends and random bits inside, every
+    # midpoint and its float32 neighbours, signed zeros, the ends of [-1, 1] and NaN
+    top = np.arange(65536, dtype=np.uint32) << 16
+    bits = np.concatenate([top, top | 0xFFFF, top | 1, top | rng.integers(0, 1 << 16, top.size, dtype=np.uint32)])
+    y = bits.view(np.float32)
+    y = y[~np.isinf(y) & ~(np.abs(y) > 1)]  # |x / absmax| <= 1 or NaN: what the quantizer is given
+    mid = ref.dynamic_midpoints(signed)
+    y = np.concatenate([y, mid, np.nextafter(mid, np.float32(-2)), np.nextafter(mid, np.float32(2)),
+                        np.float32([0.0, -0.0, 1.0, -1.0, np.nan])]).astype(np.float32)
+    want = np.searchsorted(mid, y, side="left")
+    want[np.isnan(y)] = 0
+    _same_bits(shim.quantize_normalized(y, signed), want.astype(np.uint8))
+    padded, bucket = ref.quantizer_tables(signed)
+    assert padded.shape == (256,) and np.isinf(padded[-1]) and bucket.shape == (65536,) and bucket.dtype == np.uint8
+
+
 def test_quantize_blockwise_propagates_nan_to_its_block_only(shim):
     x = np.linspace(-1, 1, 512, dtype=np.float32)
     x[10] = np.nan
@@ -347,7 +373,7 @@ NVRTC_KERNEL = r"""
 using namespace fastopt;
 extern "C" __global__ void fo_precision_probe(const float* x, unsigned short* b, unsigned short* h,
                                              unsigned char* q, float* absmax, const float* mid,
-                                             unsigned long long n, unsigned key) {
+                                             const unsigned char* bucket, unsigned long long n, unsigned key) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
         const fo_u32 r = fo_random_bits(key, i);
@@ -358,7 +384,8 @@ extern "C" __global__ void fo_precision_probe(const float* x, unsigned short* b,
         b[i] ^= p_out ^ c_out ^ fo_float_to_bf16(fo_fp16_to_float(h[i])) ^ fo_float_to_fp16(x[i]);
         if (i % FO_QUANT_BLOCK == 0) {
             const unsigned len = n - i < FO_QUANT_BLOCK ? (unsigned)(n - i) : FO_QUANT_BLOCK;
-            absmax[i / FO_QUANT_BLOCK] = fo_quantize_block(x + i, len, mid, q + i);
+            const FoQuantizer quantizer = {mid, bucket};
+            absmax[i / FO_QUANT_BLOCK] = fo_quantize_block(x + i, len, quantizer, q + i);
         }
     }
 }

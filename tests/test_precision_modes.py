@@ -370,14 +370,3 @@ def test_state_dict_and_checkpoint_round_trip(mode, tmp_path, rng):
     pytest.importorskip("torch")
     tsd = a.torch_state_dict()
     assert "kahan_comp" not in tsd["state"][0] and str(tsd["state"][0]["exp_avg"].dtype) == "torch.float32"
-
-
-@pytest.mark.parametrize("option", [dict(state_dtype="bfloat16"), dict(kahan=True), dict(stochastic_rounding=True)],
-                         ids=lambda o: next(iter(o)))
-def test_sharded_optimizer_refuses_the_modes_it_lacks(option):
-    """Not a silent fallback: ShardedOptimizer's shard state and sharded checkpoints keep the params' dtype."""
-    from fastopt.distributed import ShardedOptimizer
-    from tests.distributed.local_comm import LocalCommunicator
-    with pytest.raises(NotImplementedError, match=rf"{next(iter(option))}=.* is not supported by ShardedOptimizer"):
-        ShardedOptimizer("adam", [np.zeros(5, np.float32 if "state_dtype" in option else F16)], LocalCommunicator(),
-                         lr=1e-3, **option)

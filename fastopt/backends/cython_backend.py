@@ -8,7 +8,7 @@ import numpy as np
 
 from fastopt.backends import host_clip, numpy_backend, validate
 from fastopt.backends.validate import host_scale, is_quantized
-from fastopt.precision import dynamic_map, dynamic_midpoints
+from fastopt.precision import dynamic_map, quantizer_tables
 
 NAME = "cython"
 
@@ -103,11 +103,13 @@ _ROUND_KAHAN, _ROUND_STOCHASTIC = 1, 2
 
 
 def _maps():
-    """The unsigned and signed dynamic maps and midpoints as run_int8 takes them (rows 0 and 1)."""
+    """The unsigned and signed dynamic maps, padded midpoints and buckets as run_int8 takes them (rows 0, 1)."""
     global _MAPS
     if _MAPS is None:
+        tables = [quantizer_tables(False), quantizer_tables(True)]
         _MAPS = (np.ascontiguousarray(np.stack([dynamic_map(False), dynamic_map(True)]), dtype=np.float32),
-                 np.ascontiguousarray(np.stack([dynamic_midpoints(False), dynamic_midpoints(True)]), dtype=np.float32))
+                 np.ascontiguousarray(np.stack([t[0] for t in tables]), dtype=np.float32),
+                 np.ascontiguousarray(np.stack([t[1] for t in tables]), dtype=np.uint8))
     return _MAPS
 
 
@@ -144,11 +146,11 @@ def _run_int8(batch, spec, hp, step, grad_scale, stochastic):
         tensors.append((params[i], grads[i]) + tuple(None if q is None else q.codes for q in qs) +
                        (None if comps is None else comps[i],) + tuple(None if q is None else q.absmax for q in qs) +
                        tuple(bool(q is not None and q.signed) for q in qs))
-    maps, mids = _maps()
+    maps, mids, buckets = _maps()
     if stochastic is None:
-        _cpu_fast.run_int8(spec.kernel, spec.variant(hp, step), layout, tensors, scalars, maps, mids)
+        _cpu_fast.run_int8(spec.kernel, spec.variant(hp, step), layout, tensors, scalars, maps, mids, buckets)
     else:
-        _cpu_fast.run_int8(spec.kernel, spec.variant(hp, step), layout, tensors, scalars, maps, mids,
+        _cpu_fast.run_int8(spec.kernel, spec.variant(hp, step), layout, tensors, scalars, maps, mids, buckets,
                            stochastic.key, stochastic.index_offset)
 
 

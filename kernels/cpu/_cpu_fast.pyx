@@ -24,11 +24,16 @@ cdef extern from "platform.hpp" nogil:
     int FASTOPT_OPENMP
     const char* FASTOPT_ISA_DISPATCH
 
+cdef extern from "cpu_loops.hpp" namespace "fastopt" nogil:
+    ctypedef struct FoQuantizer:
+        const float* mid
+        const unsigned char* bucket
+
 cdef extern from "cpu_loops.hpp" namespace "fastopt::cpu" nogil:
     int run_chunk(int layout, int kind, int variant, void* const* ptrs, int64_t n, const double* s,
                   double coef, double* acc, unsigned int key, unsigned long long index0)
     int run_chunk_int8(int layout, int kind, int variant, void* const* ptrs, float* const* absmax,
-                       const float* const* maps, const float* const* mids, int64_t n, const double* s,
+                       const float* const* maps, const FoQuantizer* quants, int64_t n, const double* s,
                        double coef, unsigned int key, unsigned long long index0)
     double sumsq(int dtype, const void* x, int64_t n)
     void scale(int dtype, void* x, int64_t n, double c)
@@ -1011,7 +1016,7 @@ cdef inline void* _data_or_null(object a):
 
 
 cdef inline int _chunk_int8(int layout, int kind, int variant, void** base, float** absmax, const float** maps,
-                            const float** mids, int psize, int gsize, const Chunk* ch, const double* s,
+                            const FoQuantizer* quants, int psize, int gsize, const Chunk* ch, const double* s,
                             unsigned int key, unsigned long long offset) noexcept nogil:
     """One chunk of one tensor: base = {p, g, codes0, codes1, codes2, comp}, absmax = the tensor's three
     scale arrays (NULL where unused); the chunk starts on a 256-block boundary (CHUNK is a multiple)."""
@@ -1031,19 +1036,20 @@ cdef inline int _chunk_int8(int layout, int kind, int variant, void** base, floa
         ptrs[5] = NULL
     else:
         ptrs[5] = <void*> (<char*> base[5] + ch.start * psize)
-    return run_chunk_int8(layout, kind, variant, ptrs, am, maps, mids, ch.n, s, 0.0, key,
+    return run_chunk_int8(layout, kind, variant, ptrs, am, maps, quants, ch.n, s, 0.0, key,
                           offset + <unsigned long long> ch.start)
 
 
 def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, cnp.ndarray maps, cnp.ndarray mids,
-             unsigned int key=0, unsigned long long index_offset=0):
+             cnp.ndarray buckets, unsigned int key=0, unsigned long long index_offset=0):
     """Apply elementwise kernel `kernel` to tensors with 8-bit states, in place, in one parallel region.
 
     tensors: per tensor (p, g, codes0, codes1, codes2, comp, absmax0, absmax1, absmax2, signed0, signed1,
     signed2): NumPy arrays already validated by the caller (fastopt.backends.validate: dtypes, shapes,
     C-contiguous, writeable, disjoint, absmax of ceil(size / 256)), None for unused slots. layout: the params'
-    and grads' dtype codes and the rounding (P | G << 2 | rounding << 6). maps (2, 256) and mids (2, 255):
-    float32, row 0 the unsigned map, row 1 the signed (fastopt.precision.dynamic_map / dynamic_midpoints).
+    and grads' dtype codes and the rounding (P | G << 2 | rounding << 6). maps (2, 256) float32, mids (2, 256)
+    float32 and buckets (2, 65536) uint8: row 0 the unsigned map, row 1 the signed (fastopt.precision.dynamic_map
+    and quantizer_tables: the 255 midpoints then +inf, and the midpoints below each float32 top-16-bit pattern).
     Chunks are CHUNK elements of one tensor (a multiple of 256: no quantization block straddles two threads)."""
     cdef double s[MAX_SCALARS]
     cdef int kind = KINDS[kernel]
@@ -1054,13 +1060,15 @@ def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, c
     cdef void** base
     cdef float** absmax
     cdef const float** mp
-    cdef const float** md
+    cdef FoQuantizer* md
     cdef Chunk* chunks
     if kind >= KIND_TWO_PHASE:
         raise ValueError(f"run_int8: {kernel!r} is not an elementwise kernel")
-    if maps.dtype != np.float32 or mids.dtype != np.float32 or maps.shape[0] != 2 or maps.shape[1] != 256 \
-            or mids.shape[0] != 2 or mids.shape[1] != 255 or not maps.flags.c_contiguous or not mids.flags.c_contiguous:
-        raise ValueError("run_int8: maps must be float32 (2, 256) and mids float32 (2, 255), C-contiguous")
+    if maps.dtype != np.float32 or mids.dtype != np.float32 or buckets.dtype != np.uint8 \
+            or maps.ndim != 2 or mids.ndim != 2 or buckets.ndim != 2 or maps.shape[0] != 2 or maps.shape[1] != 256 \
+            or mids.shape[0] != 2 or mids.shape[1] != 256 or buckets.shape[0] != 2 or buckets.shape[1] != 65536 \
+            or not maps.flags.c_contiguous or not mids.flags.c_contiguous or not buckets.flags.c_contiguous:
+        raise ValueError("run_int8: maps and mids must be float32 (2, 256) and buckets uint8 (2, 65536), C-contiguous")
     _load_scalars(scalars, s)
     for t in range(nt):
         size = (<cnp.ndarray> tensors[t][0]).size
@@ -1071,13 +1079,14 @@ def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, c
     base = <void**> malloc(nt * SLOTS * sizeof(void*))
     absmax = <float**> malloc(nt * 3 * sizeof(float*))
     mp = <const float**> malloc(nt * 3 * sizeof(float*))
-    md = <const float**> malloc(nt * 3 * sizeof(float*))
+    md = <FoQuantizer*> malloc(nt * 3 * sizeof(FoQuantizer))
     chunks = <Chunk*> malloc(nch * sizeof(Chunk))
     if base == NULL or absmax == NULL or mp == NULL or md == NULL or chunks == NULL:
         free(base); free(absmax); free(mp); free(md); free(chunks)
         raise MemoryError()
     cdef const float* map_rows = <const float*> cnp.PyArray_DATA(maps)
     cdef const float* mid_rows = <const float*> cnp.PyArray_DATA(mids)
+    cdef const unsigned char* bucket_rows = <const unsigned char*> cnp.PyArray_DATA(buckets)
     try:
         nch = 0
         for t in range(nt):
@@ -1087,7 +1096,8 @@ def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, c
             for k in range(3):
                 absmax[t * 3 + k] = <float*> _data_or_null(entry[6 + k])
                 mp[t * 3 + k] = map_rows + (256 if entry[9 + k] else 0)
-                md[t * 3 + k] = mid_rows + (255 if entry[9 + k] else 0)
+                md[t * 3 + k].mid = mid_rows + (256 if entry[9 + k] else 0)
+                md[t * 3 + k].bucket = bucket_rows + (65536 if entry[9 + k] else 0)
             size = (<cnp.ndarray> entry[0]).size
             start = 0
             while start < size:

@@ -449,15 +449,21 @@ FASTOPT_CLONES int run_chunk(int layout, int kind, int variant, void* const* ptr
 
 // One chunk of one tensor with block-wise 8-bit states: ptrs = {p, g, codes0, codes1, codes2, kahan
 // compensation} (unused states NULL), absmax[k] the float32 scales of state k from the chunk's first block,
-// maps[k] / mids[k] its dynamic map and midpoints (signed or unsigned: fastopt/precision.py). The chunk
+// maps[k] / quants[k] its dynamic map and quantizer tables (signed or unsigned: fastopt/precision.py). The chunk
 // starts on a 256-block boundary of its tensor (the Cython module's chunks are multiples of STAGE). Blocks
 // of STAGE elements: params (and grads) widened, the states dequantized (map[code] * absmax) into float32
 // buffers, the direct float32 loop run on them (run_chunk, LAYOUT_F32), then every state requantized per
 // 256-block (fo_quantize_block: NaN-propagating absmax, nearest map value) and the new params stored by
 // MODE as run_staged stores them. One pass over memory; the same bits as fastopt.precision's reference.
+// Elements staged at a time: the five float32 buffers of one stage (20 KiB) stay in the L1 cache across
+// the dequantize, update and quantize passes (STAGE's 80 KiB would go through L2 on each). A multiple of
+// FO_QUANT_BLOCK, so each stage holds whole blocks.
+const int64_t INT8_STAGE = 1024;
+static_assert(INT8_STAGE % FO_QUANT_BLOCK == 0 && INT8_STAGE <= STAGE, "whole blocks, within the buffers");
+
 template <class PS, class GS, int MODE>
 FASTOPT_INLINE int run_int8_typed(int kind, int variant, void* const* ptrs, float* const* absmax,
-                                  const float* const* maps, const float* const* mids, int64_t n, const double* s,
+                                  const float* const* maps, const FoQuantizer* quants, int64_t n, const double* s,
                                   double coef, fo_u32 key, fo_u64 index0, float (*buf)[STAGE]) {
     typedef typename PS::type TP;
     TP* p = static_cast<TP*>(ptrs[0]);
@@ -466,8 +472,8 @@ FASTOPT_INLINE int run_int8_typed(int kind, int variant, void* const* ptrs, floa
     float* pw = buf[0];
     float* gw = buf[1];
     float* sw[3] = {buf[2], buf[3], buf[4]};
-    for (int64_t off = 0; off < n; off += STAGE) {
-        const int64_t m = n - off < STAGE ? n - off : int64_t(STAGE);
+    for (int64_t off = 0; off < n; off += INT8_STAGE) {
+        const int64_t m = n - off < INT8_STAGE ? n - off : int64_t(INT8_STAGE);
         PS ps;
         GS gs;
         for (int64_t i = 0; i < m; ++i) pw[i] = ps.template load<float>(p[off + i]);
@@ -478,7 +484,11 @@ FASTOPT_INLINE int run_int8_typed(int kind, int variant, void* const* ptrs, floa
             const unsigned char* codes = static_cast<const unsigned char*>(ptrs[2 + k]) + off;
             const float* am = absmax[k] + off / FO_QUANT_BLOCK;
             const float* map = maps[k];
-            for (int64_t i = 0; i < m; ++i) sw[k][i] = fo_dequantize(codes[i], am[i / FO_QUANT_BLOCK], map);
+            for (int64_t b = 0; b * FO_QUANT_BLOCK < m; ++b) {
+                const int64_t start = b * FO_QUANT_BLOCK;
+                const unsigned len = unsigned(m - start < FO_QUANT_BLOCK ? m - start : FO_QUANT_BLOCK);
+                fo_dequantize_block(codes + start, len, am[b], map, &sw[k][start]);
+            }
             inner[2 + k] = sw[k];
         }
         const int r = run_chunk(LAYOUT_F32, kind, variant, inner, m, s, coef, 0, 0, 0);
@@ -490,7 +500,7 @@ FASTOPT_INLINE int run_int8_typed(int kind, int variant, void* const* ptrs, floa
             for (int64_t b = 0; b * FO_QUANT_BLOCK < m; ++b) {
                 const int64_t start = b * FO_QUANT_BLOCK;
                 const unsigned len = unsigned(m - start < FO_QUANT_BLOCK ? m - start : FO_QUANT_BLOCK);
-                am[b] = fo_quantize_block(&sw[k][start], len, mids[k], codes + start);
+                am[b] = fo_quantize_block(&sw[k][start], len, quants[k], codes + start);
             }
         }
         TP* __restrict pb = p + off;
@@ -512,28 +522,28 @@ FASTOPT_INLINE int run_int8_typed(int kind, int variant, void* const* ptrs, floa
 // Kahan and stochastic stores exist for 16-bit params only (validated before any write).
 template <class PS, class GS>
 FASTOPT_INLINE int run_int8_modes(int mode, int kind, int variant, void* const* ptrs, float* const* absmax,
-                                  const float* const* maps, const float* const* mids, int64_t n, const double* s,
+                                  const float* const* maps, const FoQuantizer* quants, int64_t n, const double* s,
                                   double coef, fo_u32 key, fo_u64 index0, float (*buf)[STAGE]) {
-    if (mode == ROUND_NEAREST) return run_int8_typed<PS, GS, ROUND_NEAREST>(kind, variant, ptrs, absmax, maps, mids, n, s, coef, key, index0, buf);
-    if (mode == ROUND_KAHAN) return run_int8_typed<PS, GS, ROUND_KAHAN>(kind, variant, ptrs, absmax, maps, mids, n, s, coef, key, index0, buf);
-    if (mode == ROUND_STOCHASTIC) return run_int8_typed<PS, GS, ROUND_STOCHASTIC>(kind, variant, ptrs, absmax, maps, mids, n, s, coef, key, index0, buf);
+    if (mode == ROUND_NEAREST) return run_int8_typed<PS, GS, ROUND_NEAREST>(kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);
+    if (mode == ROUND_KAHAN) return run_int8_typed<PS, GS, ROUND_KAHAN>(kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);
+    if (mode == ROUND_STOCHASTIC) return run_int8_typed<PS, GS, ROUND_STOCHASTIC>(kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);
     return -1;
 }
 
 // layout = P | G << 2 | rounding << 6 (the states' bits unused: 8-bit). Elementwise kinds only (LAMB's
 // two-phase update keeps exact state). Returns -1 for an unknown layout/kind/variant.
 FASTOPT_CLONES int run_chunk_int8(int layout, int kind, int variant, void* const* ptrs, float* const* absmax,
-                                  const float* const* maps, const float* const* mids, int64_t n, const double* s,
+                                  const float* const* maps, const FoQuantizer* quants, int64_t n, const double* s,
                                   double coef, fo_u32 key, fo_u64 index0) {
     if (kind < 0 || kind >= FASTOPT_FAMILY_COUNT) return -1;
     float buf[5][STAGE];  // p, g, three states: 80 KiB, once here (not per inlined layout)
     const int mode = layout >> 6, pd = layout & 3, gd = (layout >> 2) & 3;
     if (pd == DTYPE_F32 && gd == DTYPE_F32 && mode == ROUND_NEAREST)
-        return run_int8_typed<Plain<float>, Plain<float>, ROUND_NEAREST>(kind, variant, ptrs, absmax, maps, mids, n, s, coef, key, index0, buf);
-    if (pd == DTYPE_BF16 && gd == DTYPE_BF16) return run_int8_modes<Bf16, Bf16>(mode, kind, variant, ptrs, absmax, maps, mids, n, s, coef, key, index0, buf);
-    if (pd == DTYPE_BF16 && gd == DTYPE_F32) return run_int8_modes<Bf16, Plain<float> >(mode, kind, variant, ptrs, absmax, maps, mids, n, s, coef, key, index0, buf);
-    if (pd == DTYPE_F16 && gd == DTYPE_F16) return run_int8_modes<F16, F16>(mode, kind, variant, ptrs, absmax, maps, mids, n, s, coef, key, index0, buf);
-    if (pd == DTYPE_F16 && gd == DTYPE_F32) return run_int8_modes<F16, Plain<float> >(mode, kind, variant, ptrs, absmax, maps, mids, n, s, coef, key, index0, buf);
+        return run_int8_typed<Plain<float>, Plain<float>, ROUND_NEAREST>(kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);
+    if (pd == DTYPE_BF16 && gd == DTYPE_BF16) return run_int8_modes<Bf16, Bf16>(mode, kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);
+    if (pd == DTYPE_BF16 && gd == DTYPE_F32) return run_int8_modes<Bf16, Plain<float> >(mode, kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);
+    if (pd == DTYPE_F16 && gd == DTYPE_F16) return run_int8_modes<F16, F16>(mode, kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);
+    if (pd == DTYPE_F16 && gd == DTYPE_F32) return run_int8_modes<F16, Plain<float> >(mode, kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);
     return -1;
 }
 

@@ -192,23 +192,23 @@ FASTOPT_HD void fo_kahan_store(float p, float c, float p_new, fo_u16& p_out, fo_
 // would then differ from NumPy's abs).
 FASTOPT_HD float fo_abs_bits(float x) { return fo_bits_float(fo_float_bits(x) & 0x7fffffffu); }
 
-// The code of x / absmax: the number of midpoints below it (the nearest map value; a value exactly
-// on a midpoint takes the lower code; NaN takes code 0). `mid` is sorted ascending, 255 = 2^8 - 1 entries,
-// so halving steps of 128, 64, ..., 1 count them without a branch: independent elements overlap (a
-// branchy binary search mispredicts about half its steps on data like optimizer state) and the host
-// loops vectorize with gathers.
-FASTOPT_HD unsigned char fo_quantize(float normalized, const float* mid) {
-    // comparisons as 0/1 shifted into place, written out: compilers keep them as set-on-compare (a
-    // conditional `? step : 0` in a loop was compiled back into branches)
-    unsigned lo = unsigned(mid[127] < normalized) << 7;
-    lo += unsigned(mid[lo + 63] < normalized) << 6;
-    lo += unsigned(mid[lo + 31] < normalized) << 5;
-    lo += unsigned(mid[lo + 15] < normalized) << 4;
-    lo += unsigned(mid[lo + 7] < normalized) << 3;
-    lo += unsigned(mid[lo + 3] < normalized) << 2;
-    lo += unsigned(mid[lo + 1] < normalized) << 1;
-    lo += unsigned(mid[lo] < normalized);
-    return static_cast<unsigned char>(lo);
+// The quantizer of one map, built by fastopt/precision.py (quantizer_tables): `mid`, the 255 midpoints
+// between consecutive map values (ascending) then +inf (256 entries), and `bucket`, for each value of a
+// float32's top 16 bits (sign, exponent, 7 fraction bits), the number of midpoints below the smallest float
+// with those bits (0 for NaN patterns). No bucket holds more than one midpoint (precision.py asserts it:
+// the map's relative spacing is coarser than 2^-7), so one table load and one compare find the code.
+struct FoQuantizer {
+    const float* mid;
+    const unsigned char* bucket;
+};
+
+// The code of x / absmax: the number of midpoints below it, i.e. the nearest map value (a value exactly
+// on a midpoint takes the lower code; NaN takes code 0). |normalized| <= 1 or NaN (x / max|x|), so the
+// +inf pattern, which shares its bucket with NaNs, never arrives. Replaces an 8-step search over `mid`:
+// 1 load and 1 compare instead of 8 dependent ones.
+FASTOPT_HD unsigned char fo_quantize(float normalized, FoQuantizer q) {
+    const unsigned below = q.bucket[fo_float_bits(normalized) >> 16];
+    return static_cast<unsigned char>(below + unsigned(q.mid[below] < normalized));
 }
 
 FASTOPT_HD float fo_dequantize(unsigned char code, float absmax, const float* map) {
@@ -217,12 +217,30 @@ FASTOPT_HD float fo_dequantize(unsigned char code, float absmax, const float* ma
 
 // Quantizes one block of n <= FO_QUANT_BLOCK float32 values (host loops; the CUDA kernels reduce the
 // absmax across a block of threads and then call fo_quantize per element the same way).
-FASTOPT_HD float fo_quantize_block(const float* x, unsigned n, const float* mid, unsigned char* codes) {
-    float absmax = 0.0f;
-    for (unsigned i = 0; i < n; ++i) absmax = fo_max_nan(absmax, fo_abs_bits(x[i]));
+FASTOPT_HD float fo_quantize_block(const float* __restrict__ x, unsigned n, FoQuantizer q,
+                                   unsigned char* __restrict__ codes) {
+    // The absmax as the largest |x| bit pattern: non-negative floats order as their bits do, and every
+    // NaN pattern lies above +inf, so a NaN anywhere makes the absmax NaN. An integer max vectorizes; a
+    // float compare-select chain would not (its NaN rule is not associative for the compiler).
+    fo_u32 top = 0;
+    for (unsigned i = 0; i < n; ++i) {
+        const fo_u32 b = fo_float_bits(x[i]) & 0x7fffffffu;
+        top = b > top ? b : top;
+    }
+    const float absmax = fo_bits_float(top);
     const float scale = absmax > 0.0f ? absmax : 1.0f;  // an all-zero block: every code is zero's
-    for (unsigned i = 0; i < n; ++i) codes[i] = fo_quantize(x[i] / scale, mid);
+    // the divisions first, in their own loop: they vectorize there; inside the table loop (which does
+    // not) each is a scalar divide, and the divider's throughput bounded the whole quantizer
+    float normalized[FO_QUANT_BLOCK];
+    for (unsigned i = 0; i < n; ++i) normalized[i] = x[i] / scale;
+    for (unsigned i = 0; i < n; ++i) codes[i] = fo_quantize(normalized[i], q);
     return absmax;
+}
+
+// The float32 values of n codes of one block (restrict: the compilers vectorize the table gather).
+FASTOPT_HD void fo_dequantize_block(const unsigned char* __restrict__ codes, unsigned n, float absmax,
+                                    const float* __restrict__ map, float* __restrict__ out) {
+    for (unsigned i = 0; i < n; ++i) out[i] = fo_dequantize(codes[i], absmax, map);
 }
 
 }  // namespace fastopt

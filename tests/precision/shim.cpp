@@ -30,11 +30,19 @@ void kahan_store(int fp16, const fo_u16* p, const fo_u16* c, const float* p_new,
     }
 }
 
-void quantize_blockwise(const float* x, long n, const float* mid, unsigned char* codes, float* absmax) {
+void quantize_blockwise(const float* x, long n, const float* mid, const unsigned char* bucket, unsigned char* codes,
+                        float* absmax) {
+    const FoQuantizer q = {mid, bucket};
     for (long start = 0, b = 0; start < n; start += FO_QUANT_BLOCK, ++b) {
         const long len = n - start < FO_QUANT_BLOCK ? n - start : FO_QUANT_BLOCK;
-        absmax[b] = fo_quantize_block(x + start, static_cast<unsigned>(len), mid, codes + start);
+        absmax[b] = fo_quantize_block(x + start, static_cast<unsigned>(len), q, codes + start);
     }
+}
+
+// The code of each already-normalized value (the per-element quantizer alone, for every float pattern)
+void quantize_normalized(const float* y, long n, const float* mid, const unsigned char* bucket, unsigned char* codes) {
+    const FoQuantizer q = {mid, bucket};
+    for (long i = 0; i < n; ++i) codes[i] = fo_quantize(y[i], q);
 }
 
 void dequantize_blockwise(const unsigned char* codes, const float* absmax, const float* map, float* out, long n) {
