@@ -28,11 +28,10 @@ import numpy as np
 import torch
 
 from fastopt import adafactor as core
-from fastopt.torch.arrays import array_view, on_torch_stream
-from fastopt.torch.views import bump_versions
+from fastopt.torch.arrays import array_view
+from fastopt.torch.composite import CPU, CompositeOptimizer
 
 _NAME = "fastopt.torch.Adafactor"  # for messages
-_CPU = torch.device("cpu")
 
 __all__ = ["Adafactor"]
 
@@ -73,7 +72,7 @@ def _checked(group) -> dict:
     return hp
 
 
-class Adafactor(torch.optim.Optimizer):
+class Adafactor(CompositeOptimizer):
     __doc__ = __doc__
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-2, beta2_decay: float = -0.8,
@@ -171,37 +170,32 @@ class Adafactor(torch.optim.Optimizer):
         self._views = views
         return plan
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One Adafactor step (torch.optim.Adafactor's rule; see fastopt.adafactor)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        plan = self._plan()
+    def _plan_device(self, plan) -> torch.device:
+        return plan[0][0].device if plan else CPU
+
+    def _apply(self, plan) -> list:
+        """One Adafactor step of the planned params (torch.optim.Adafactor's rule; see fastopt.adafactor)."""
         touched = []
-        with on_torch_stream(plan[0][0].device if plan else _CPU):
-            for p, pa, ga, arrays, hp, eps1 in plan:
-                state = self.state[p]
-                if not state:  # torch's initial state
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    if p.dim() > 1:
-                        row_shape, col_shape = list(p.shape), list(p.shape)
-                        row_shape[-1] = 1
-                        col_shape[-2] = 1
-                        state["row_var"] = p.new_zeros(row_shape, dtype=_state_dtype(p))
-                        state["col_var"] = p.new_zeros(col_shape, dtype=_state_dtype(p))
-                    else:
-                        state["variance"] = torch.zeros_like(p, memory_format=torch.preserve_format,
-                                                             dtype=_state_dtype(p))
-                    arrays = {name: array_view(state[name], _NAME) for name in core.state_shapes(p.shape)}
-                step_t = state["step"]
-                step_t += 1
-                core.update(pa, ga, arrays, step_t.item(), hp, eps1, self._workspace)
-                touched.append(p)
-                touched += [state[name] for name in arrays]
-        bump_versions(touched)
-        return loss
+        for p, pa, ga, arrays, hp, eps1 in plan:
+            state = self.state[p]
+            if not state:  # torch's initial state
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                if p.dim() > 1:
+                    row_shape, col_shape = list(p.shape), list(p.shape)
+                    row_shape[-1] = 1
+                    col_shape[-2] = 1
+                    state["row_var"] = p.new_zeros(row_shape, dtype=_state_dtype(p))
+                    state["col_var"] = p.new_zeros(col_shape, dtype=_state_dtype(p))
+                else:
+                    state["variance"] = torch.zeros_like(p, memory_format=torch.preserve_format,
+                                                         dtype=_state_dtype(p))
+                arrays = {name: array_view(state[name], _NAME) for name in core.state_shapes(p.shape)}
+            step_t = state["step"]
+            step_t += 1
+            core.update(pa, ga, arrays, step_t.item(), hp, eps1, self._workspace)
+            touched.append(p)
+            touched += [state[name] for name in arrays]
+        return touched
 
 
 _RULE = "\n".join("    " + line for line in core.SPEC.rule.splitlines())

@@ -28,11 +28,10 @@ from __future__ import annotations
 import torch
 
 from fastopt import muon as core
-from fastopt.torch.arrays import array_view, on_torch_stream
-from fastopt.torch.views import bump_versions
+from fastopt.torch.arrays import array_view
+from fastopt.torch.composite import CPU, CompositeOptimizer
 
 _NAME = "fastopt.torch.Muon"  # for messages
-_CPU = torch.device("cpu")
 
 __all__ = ["Muon"]
 
@@ -41,7 +40,7 @@ _DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
            "cuda": (torch.float32, torch.float64, torch.float16)}
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(CompositeOptimizer):
     __doc__ = __doc__
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, weight_decay: float = 0.1,
@@ -103,21 +102,16 @@ class Muon(torch.optim.Optimizer):
             raise TypeError("fastopt.torch.Muon: params on the CPU and on CUDA in one optimizer")
         return plan
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One Muon update of every param with a grad (see the class docstring); returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        plan = self._plan()
+    def _plan_device(self, plan) -> torch.device:
+        return plan[0][0].device if plan else CPU
+
+    def _apply(self, plan) -> list:
+        """One Muon update of every planned param (see the class docstring); returns the tensors written."""
         written = []
-        with on_torch_stream(plan[0][0].device if plan else _CPU):
-            for p, g, hp, buf in plan:
-                if buf is None:
-                    buf = torch.zeros_like(g, memory_format=torch.preserve_format)
-                    self.state[p]["momentum_buffer"] = buf
-                core.muon_update(array_view(p, _NAME), array_view(g, _NAME), array_view(buf, _NAME), hp, self._workspace)
-                written += (p, buf)
-        bump_versions(written)
-        return loss
+        for p, g, hp, buf in plan:
+            if buf is None:
+                buf = torch.zeros_like(g, memory_format=torch.preserve_format)
+                self.state[p]["momentum_buffer"] = buf
+            core.muon_update(array_view(p, _NAME), array_view(g, _NAME), array_view(buf, _NAME), hp, self._workspace)
+            written += (p, buf)
+        return written

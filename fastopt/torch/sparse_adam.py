@@ -33,7 +33,9 @@ import torch
 
 from fastopt.arrays import writable_view
 from fastopt.sparse_adam import prepare_step
-from fastopt.torch.views import bump_versions, kernel_view
+from fastopt.torch.arrays import on_torch_stream
+from fastopt.torch.composite import CPU, CompositeOptimizer
+from fastopt.torch.views import kernel_view
 
 __all__ = ["SparseAdam"]
 
@@ -42,7 +44,7 @@ def _lr_value(lr) -> float:
     return float(lr.item()) if isinstance(lr, torch.Tensor) else lr
 
 
-class SparseAdam(torch.optim.Optimizer):
+class SparseAdam(CompositeOptimizer):
     """torch.optim.SparseAdam's rule (lazy Adam: only the rows present in the sparse gradient are updated),
     per param with its own step count t:
 
@@ -81,16 +83,11 @@ class SparseAdam(torch.optim.Optimizer):
             raise ValueError(
                 f"Complex params at indices {complex_params}: SparseAdam does not support complex parameters")
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One update of every param whose grad is not None (a sparse COO tensor). Returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # phase 1: check every group and coalesce every gradient, writing nothing
+    def _plan(self):
+        """Phase 1 of a step (every param whose grad, a sparse COO tensor, is not None): check every group and
+        coalesce every gradient, writing nothing; the kernels' calls prepared."""
         calls, new_states, counted, copies, updated = [], [], [], [], []
-        cuda = False  # some param is a CUDA tensor: the CuPy work runs on torch's current stream
+        device = CPU  # a CUDA param's device: the CuPy work runs on torch's current stream there
         for group in self.param_groups:
             params, grads, ms, vs, steps, tensors = [], [], [], [], [], []
             for p in group["params"]:
@@ -124,42 +121,29 @@ class SparseAdam(torch.optim.Optimizer):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
-            cuda = cuda or not isinstance(params[0], np.ndarray)
-            with self._stream(cuda):
+            if not isinstance(params[0], np.ndarray):
+                device = tensors[0][0].device
+            with on_torch_stream(device):
                 calls.append(prepare_step(params, grads, ms, vs, step=steps, lr=_lr_value(group["lr"]),
                                           beta1=beta1, beta2=beta2, eps=group["eps"],
                                           maximize=group.get("maximize", False)))
             updated.extend((p, state) for p, state, nnz in tensors if nnz > 0)
-        # phase 2: write
+        return calls, new_states, counted, copies, updated, device
+
+    def _plan_device(self, plan) -> torch.device:
+        return plan[-1]
+
+    def _apply(self, plan) -> list:
+        """Phase 2 of a step: the writes; returns the tensors written."""
+        calls, new_states, counted, copies, updated, _ = plan
         for p, state in new_states:
             self.state[p] = state
-        with self._stream(cuda):
-            for call in calls:
-                call.run()
-            for originals, work in copies:
-                for dst, src in zip(originals, work):  # NumPy / CuPy views: no version bump of their own
-                    view = writable_view(kernel_view(dst, False), "param")
-                    view[...] = writable_view(kernel_view(src, False), "param")
+        for call in calls:
+            call.run()
+        for originals, work in copies:
+            for dst, src in zip(originals, work):  # NumPy / CuPy views: no version bump of their own
+                view = writable_view(kernel_view(dst, False), "param")
+                view[...] = writable_view(kernel_view(src, False), "param")
         for p, state, count in counted:
             state["step"] = count
-        bump_versions([t for p, state in updated for t in (p, state["exp_avg"], state["exp_avg_sq"])])
-        return loss
-
-    @staticmethod
-    def _stream(cuda: bool):
-        """CUDA: run the CuPy work on torch's current stream (the CPU path needs nothing)."""
-        if not cuda:
-            return _NULL
-        import cupy
-        return cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NULL = _Null()
+        return [t for p, state in updated for t in (p, state["exp_avg"], state["exp_avg_sq"])]
