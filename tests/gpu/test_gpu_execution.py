@@ -12,15 +12,6 @@ import fastopt
 from fastopt import reference
 
 
-def _gpu():
-    cp = pytest.importorskip("cupy")
-    try:
-        if cp.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError("no device")
-    except Exception as e:
-        pytest.skip(f"no CUDA GPU ({type(e).__name__})")
-    return cp
-
 
 OPTIMIZERS = [("sgd", dict(lr=0.1, momentum=0.9, nesterov=True)), ("adagrad", {}),
               ("rmsprop", dict(centered=True, momentum=0.9)), ("adam", dict(amsgrad=True)), ("adamw", {}),
@@ -60,16 +51,14 @@ def _run(cp, name, options, dtype, as_list, backend, steps=7):
 @pytest.mark.parametrize("as_list", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name,options", OPTIMIZERS)
-def test_update_matches_reference(name, options, dtype, as_list, backend):
-    cp = _gpu()
+def test_update_matches_reference(cp, name, options, dtype, as_list, backend):
     if backend == "numba":
         pytest.importorskip("numba")
     _run(cp, name, options, dtype, as_list, backend)
 
 
 @pytest.mark.gpu
-def test_float16_params_with_float32_state():
-    cp = _gpu()
+def test_float16_params_with_float32_state(cp):
     rng = np.random.default_rng(1)
     p = rng.standard_normal(4099).astype(np.float16)
     g = rng.standard_normal(4099).astype(np.float16)
@@ -84,8 +73,7 @@ def test_float16_params_with_float32_state():
 
 
 @pytest.mark.gpu
-def test_torch_cuda_tensors_are_updated_in_place():
-    _gpu()
+def test_torch_cuda_tensors_are_updated_in_place(cp):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch without CUDA")
@@ -102,8 +90,7 @@ def test_torch_cuda_tensors_are_updated_in_place():
 
 
 @pytest.mark.gpu
-def test_clip_then_update_never_syncs_with_the_host(monkeypatch):
-    cp = _gpu()
+def test_clip_then_update_never_syncs_with_the_host(cp, monkeypatch):
     rng = np.random.default_rng(2)
     shapes = [(300,), (17, 5), (1 << 16) + 1]
     gs = [rng.standard_normal(s).astype(np.float32) * 10 for s in shapes]
@@ -136,8 +123,7 @@ def test_clip_then_update_never_syncs_with_the_host(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cupy", "numba"])
-def test_clipping_on_the_device(backend):
-    cp = _gpu()
+def test_clipping_on_the_device(cp, backend):
     if backend == "numba":
         pytest.importorskip("numba")
     rng = np.random.default_rng(3)
@@ -190,7 +176,7 @@ def stream_stays_busy(cp, message, seconds=0.5):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cupy", "numba"])
 @pytest.mark.parametrize("name", __import__("device_class_check").OPTIMIZERS)
-def test_optimizer_class_clips_and_skips_on_the_device_without_sync(monkeypatch, name, backend):
+def test_optimizer_class_clips_and_skips_on_the_device_without_sync(cp, monkeypatch, name, backend):
     """tests/gpu/device_class_check.py on CuPy arrays: groups, dtypes, schedule, clip_grad_norm and
     skip_nonfinite with NaN/Inf gradients, no host synchronisation inside step(), checkpoint resume.
     A synchronisation is caught twice: Python-level device-to-host reads fail at once, and the stream
@@ -198,7 +184,6 @@ def test_optimizer_class_clips_and_skips_on_the_device_without_sync(monkeypatch,
     only: it compiles the kernels and uploads the tensor tables and guard buffers (a one-time setup,
     which may wait for the device); every later step must not wait at all."""
     import device_class_check
-    cp = _gpu()
     if backend == "numba":
         pytest.importorskip("numba")
     steps = []
@@ -225,7 +210,6 @@ def test_optimizer_class_clips_and_skips_on_the_device_without_sync(monkeypatch,
 # ---------------------------------------------------------------------------------------------------
 
 def _torch_cuda():
-    _gpu()
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch without CUDA")
@@ -242,7 +226,7 @@ def _sgd(api, p, g, backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("api", ["functional", "class"])
 @pytest.mark.parametrize("backend", ["cupy", "numba"])
-def test_torch_side_stream_orders_the_update_after_the_gradient(backend, api):
+def test_torch_side_stream_orders_the_update_after_the_gradient(cp, backend, api):
     """Issue 11: under torch.cuda.stream(s), sleep then g.fill_(1), then the step: it must read g after
     the fill (p == -1), i.e. run on torch's current stream s, not CuPy's or Numba's default stream."""
     torch = _torch_cuda()
@@ -266,8 +250,7 @@ def test_torch_side_stream_orders_the_update_after_the_gradient(backend, api):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cupy", "numba"])
-def test_cupy_current_stream_orders_the_update_after_the_gradient(backend):
-    cp = _gpu()
+def test_cupy_current_stream_orders_the_update_after_the_gradient(cp, backend):
     if backend == "numba":
         pytest.importorskip("numba")
     n = 1 << 20
@@ -301,10 +284,9 @@ def _adam_reference(ps, steps_grads):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cupy", "numba"])
-def test_misaligned_views(backend):
+def test_misaligned_views(cp, backend):
     """Views that start 1, 2 or 3 float32 elements into a buffer (4-byte but not 16-byte aligned): the
     CuPy kernels take the scalar path for them, the Numba table indexes them from the slot's lowest view."""
-    cp = _gpu()
     if backend == "numba":
         pytest.importorskip("numba")
     rng = np.random.default_rng(21)
@@ -342,10 +324,9 @@ def test_misaligned_views(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cupy", "numba"])
-def test_more_than_2_31_elements(backend):
+def test_more_than_2_31_elements(cp, backend):
     """float32 arrays of 2**31 + 7 elements (8 GiB each): every element updated (64-bit indexing in
     every kernel), one array and in a list, and the norm over all of them."""
-    cp = _gpu()
     if backend == "numba":
         pytest.importorskip("numba")
     n = (1 << 31) + 7
@@ -367,8 +348,7 @@ def test_more_than_2_31_elements(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cupy", "numba"])
-def test_twenty_thousand_tensors(backend):
-    cp = _gpu()
+def test_twenty_thousand_tensors(cp, backend):
     if backend == "numba":
         pytest.importorskip("numba")
     rng = np.random.default_rng(22)
@@ -390,10 +370,9 @@ def test_twenty_thousand_tensors(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cupy", "numba"])
-def test_arrays_on_the_second_gpu(backend):
+def test_arrays_on_the_second_gpu(cp, backend):
     """Arrays on device 1 while device 0 is current: kernels, scratch, tables, norms and the optimizer's
     guard buffers on device 1 (skipped with one GPU)."""
-    cp = _gpu()
     if backend == "numba":
         pytest.importorskip("numba")
     if cp.cuda.runtime.getDeviceCount() < 2:

@@ -13,15 +13,6 @@ import fastopt
 import fastopt.lbfgs as lbfgs_mod
 
 
-def _gpu():
-    cp = pytest.importorskip("cupy")
-    try:
-        if cp.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError("no device")
-    except Exception as e:
-        pytest.skip(f"no CUDA GPU ({type(e).__name__})")
-    return cp
-
 
 SHAPES = [(3, 5), (7,), (1,), (0,), (4, 2)]
 N = sum(int(np.prod(s)) for s in SHAPES)
@@ -51,8 +42,7 @@ def _problem(xp, seed=0):
 
 @pytest.mark.parametrize("kernel", [False, True])
 @pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
-def test_cupy_follows_numpy(line_search_fn, kernel, monkeypatch):
-    cp = _gpu()
+def test_cupy_follows_numpy(cp, line_search_fn, kernel, monkeypatch):
     if kernel:
         monkeypatch.setattr(lbfgs_mod, "AXPY_KERNEL_MIN", 0)
     init, _ = _problem(np)
@@ -73,8 +63,7 @@ def test_cupy_follows_numpy(line_search_fn, kernel, monkeypatch):
     assert isinstance(sd["state"][0]["d"], np.ndarray)
 
 
-def test_cupy_failing_closure_restores_params():
-    cp = _gpu()
+def test_cupy_failing_closure_restores_params(cp):
     init, closure_for = _problem(cp)
     dev = [cp.asarray(a) for a in init]
     opt = fastopt.LBFGS(dev, max_iter=5)
@@ -92,8 +81,7 @@ def test_cupy_failing_closure_restores_params():
     assert [cp.asnumpy(d).tobytes() for d in dev] == before
 
 
-def test_torch_cuda_follows_torch_optim():
-    _gpu()
+def test_torch_cuda_follows_torch_optim(cp):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch without CUDA")

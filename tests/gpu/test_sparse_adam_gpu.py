@@ -9,20 +9,10 @@ import pytest
 import fastopt
 
 
-def _gpu():
-    cp = pytest.importorskip("cupy")
-    try:
-        if cp.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError("no device")
-    except Exception as e:
-        pytest.skip(f"no CUDA GPU ({type(e).__name__})")
-    return cp
-
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("maximize", [False, True])
-def test_cupy_equals_numpy(dtype, maximize):
-    cp = _gpu()
+def test_cupy_equals_numpy(cp, dtype, maximize):
     rng = np.random.default_rng(0)
     shapes = [(300, 17), (5,), (7, 3, 2)]
     host = [rng.standard_normal(s).astype(dtype) for s in shapes]
@@ -44,8 +34,7 @@ def test_cupy_equals_numpy(dtype, maximize):
         assert d_opt.state[i]["step"] == h_opt.state[i]["step"] == 20
 
 
-def test_cupy_bad_indices_write_nothing():
-    cp = _gpu()
+def test_cupy_bad_indices_write_nothing(cp):
     p = cp.zeros((4, 3), cp.float32)
     opt = fastopt.SparseAdam([p])
     with pytest.raises(ValueError, match=r"grads\[0\] indices out of range: row index 4"):
@@ -55,8 +44,7 @@ def test_cupy_bad_indices_write_nothing():
     assert opt.state == {} and not bool(p.any())
 
 
-def test_torch_cuda_matches_torch():
-    _gpu()
+def test_torch_cuda_matches_torch(cp):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch without CUDA")
