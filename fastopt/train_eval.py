@@ -32,8 +32,10 @@ def copy_param(dst, p) -> None:
         copy_into(dst, p)
 
 
-class TrainEval:
-    """Mixin of the NumPy-style classes (fastopt.optim.Optimizer subclasses) with spec.train_eval."""
+class _Modes:
+    """What both mixins share: the mode flag, eval() / train(), the switch (every group's weight computed, and so
+    its hyperparameters checked, before the first param moves) and step()'s guard. A subclass gives
+    _group_weights(weight) (one weight per group) and _move(state, weights) (each param with that state moved)."""
 
     _fastopt_train_mode = True  # the class default: an optimizer starts in train mode
 
@@ -44,70 +46,65 @@ class TrainEval:
 
     def eval(self) -> None:
         """Move every param that has taken a step from y to the evaluation point x = lerp(y, z, 1 - 1/beta1)
-        (one fused multi-tensor pass per group and dtype); nothing when already in eval mode."""
+        (as the package's eval()); nothing when already in eval mode."""
         self._switch(False)
 
     def train(self) -> None:
-        """Move the params back from x to y = lerp(x, z, 1 - beta1); nothing when already in train mode."""
+        """Move the params back from x to y = lerp(x, z, 1 - beta1) (as the package's train()); nothing when
+        already in train mode."""
         self._switch(True)
 
     def _switch(self, train: bool) -> None:
         if self._fastopt_train_mode == train:
             return
-        from fastopt.averaging import lerp_
         state, eval_weight, train_weight = self.spec.train_eval
-        weight = train_weight if train else eval_weight
-        # every group's hyperparameters are checked before the first param moves
-        weights = [weight(self._hyperparameters(gi)[0]) for gi in range(len(self.param_groups))]
+        weights = self._group_weights(train_weight if train else eval_weight)
+        self._move(state, weights)
+        self._fastopt_train_mode = train
+
+    def _check_train_mode(self) -> None:
+        if not self._fastopt_train_mode:
+            raise RuntimeError(_EVAL_STEP.format(cls=type(self).__name__))
+
+
+class TrainEval(_Modes):
+    """Mixin of the NumPy-style classes (fastopt.optim.Optimizer subclasses) with spec.train_eval: each switch is
+    one fused multi-tensor lerp per group and dtype."""
+
+    def _group_weights(self, weight) -> list:
+        return [weight(self._hyperparameters(gi)[0]) for gi in range(len(self.param_groups))]
+
+    def _move(self, state, weights) -> None:
+        from fastopt.averaging import lerp_
         for gi, buckets in enumerate(self._buckets):
             for bucket in buckets:
                 zs = bucket.states.get(state)
                 if zs is not None:  # none yet: no step taken, y == z == x (the package skips such params too)
                     lerp_(bucket.params, zs, weights[gi], backend=self.backend)
-        self._fastopt_train_mode = train
 
     def step(self, grads):
-        if not self._fastopt_train_mode:
-            raise RuntimeError(_EVAL_STEP.format(cls=type(self).__name__))
+        self._check_train_mode()
         return super().step(grads)
 
 
-class TorchTrainEval:
-    """Mixin of the fastopt.torch classes (fastopt.torch.TorchOptimizer subclasses) with spec.train_eval."""
+class TorchTrainEval(_Modes):
+    """Mixin of the fastopt.torch classes (fastopt.torch.TorchOptimizer subclasses) with spec.train_eval: each
+    switch is p.lerp_(z, weight) for every param with a z, as the package's."""
 
-    _fastopt_train_mode = True
-
-    @property
-    def train_mode(self) -> bool:
-        return self._fastopt_train_mode
-
-    def eval(self) -> None:
-        """p.lerp_(z, 1 - 1/beta1) for every param with a z, as the package's eval()."""
-        self._switch(False)
-
-    def train(self) -> None:
-        """p.lerp_(z, 1 - beta1) for every param with a z, as the package's train()."""
-        self._switch(True)
-
-    def _switch(self, train: bool) -> None:
-        if self._fastopt_train_mode == train:
-            return
-        import torch
-
+    def _group_weights(self, weight) -> list:
         import fastopt.torch.arguments as arguments  # the module itself: no import of the fastopt.torch package
-        state, eval_weight, train_weight = self.spec.train_eval
-        weight = train_weight if train else eval_weight
-        # every group's hyperparameters, from torch's group forms (betas), checked before the first param moves
-        weights = [weight(arguments.registry_hp(self.spec, group)) for group in self.param_groups]
+        # torch's group forms (betas)
+        return [weight(arguments.registry_hp(self.spec, group)) for group in self.param_groups]
+
+    def _move(self, state, weights) -> None:
+        import torch
         with torch.no_grad():
             for group, w in zip(self.param_groups, weights):
                 for p in group["params"]:
                     z = self.state[p].get(state) if p in self.state else None
                     if isinstance(z, torch.Tensor):
                         p.lerp_(z.to(device=p.device, dtype=p.dtype), w)
-        self._fastopt_train_mode = train
 
     def step(self, closure=None):
-        if not self._fastopt_train_mode:
-            raise RuntimeError(_EVAL_STEP.format(cls=type(self).__name__))
+        self._check_train_mode()
         return super().step(closure)
