@@ -77,13 +77,14 @@ from collections.abc import Mapping
 import numpy as np
 
 from fastopt.arrays import array_device, as_numpy
+from fastopt.blas import one_blas_thread
 from fastopt.optim import as_param_groups
 from fastopt.precision import is_16bit, is_bfloat16, store_rounded
 from fastopt.specs import COMPOSITE, as_float, shown
 
 __all__ = ["Adafactor", "check_hyperparameters", "check_eps", "state_shapes", "group_eps1", "check_state",
            "new_state", "check_param", "as_array", "Workspace", "update", "check_disjoint", "BLOCK_BYTES",
-           "state_dtype", "grad_dtype_ok"]
+           "state_dtype", "grad_dtype_ok", "one_blas_thread_on_host"]
 
 SPEC = COMPOSITE["adafactor"]
 HYPERS = {h.name: h for h in SPEC.hypers}
@@ -617,6 +618,23 @@ def _vector_stats(p, g, state, w, eps1, eps1sq, workspace, block, xp, dtype):
     return sumsq_p, sumsq_u, blocks, scaled_u
 
 
+def one_blas_thread_on_host(p):
+    """The context a step runs in: one BLAS thread for NumPy params (every product here is over one
+    cache-sized block, smaller than OpenBLAS's thread hand-off costs; fastopt.blas), nothing for CuPy."""
+    return one_blas_thread() if isinstance(p, np.ndarray) else _NO_CONTEXT
+
+
+class _NoContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_CONTEXT = _NoContext()
+
+
 # ---- the NumPy class --------------------------------------------------------------------------------
 
 _HP_KEYS = ("lr", "beta2_decay", "eps", "d", "weight_decay", "maximize")
@@ -757,12 +775,13 @@ class Adafactor:
     def step(self, grads) -> None:
         """One Adafactor step of every param whose grad is not None (see the class docstring)."""
         plan = self._plan(grads)
-        for i, p, g, state, hp, eps1 in plan:
-            if state is None:
-                state = self.state[i] = new_state(p)
-            t = state["step"] + 1
-            state["step"] = t
-            update(p, g, state, float(t), hp, eps1, self._workspace)
+        with one_blas_thread_on_host(plan[0][1] if plan else None):
+            for i, p, g, state, hp, eps1 in plan:
+                if state is None:
+                    state = self.state[i] = new_state(p)
+                t = state["step"] + 1
+                state["step"] = t
+                update(p, g, state, float(t), hp, eps1, self._workspace)
 
     # ---- state dict ---------------------------------------------------------------------------------
 

@@ -62,6 +62,7 @@ import numbers
 import numpy as np
 
 from fastopt.arrays import array_device, as_numpy, to_host
+from fastopt.blas import one_blas_thread
 from fastopt.optim import as_param_groups
 from fastopt.precision import is_bfloat16
 from fastopt.specs import COMPOSITE, as_float, shown
@@ -335,51 +336,16 @@ def _newton_schulz(w, coefficients, ns_steps, eps):
 
 
 # Small matrices on the CPU: each matmul of the iteration takes ~20 us (128 x 64), less than OpenBLAS's hand-off
-# to its threads, which on a busy machine also wait for a core: `fastopt train --optimizer muon` on digits
-# (a 128 x 64 matrix, 800 steps) spent 13-34 s in the iteration with BLAS's 2 threads on the shared 2-core VM,
-# 1.1 s with one. Below this many multiply-adds per matmul (r^2 c) the iteration runs with one BLAS thread;
-# sgemm's result does not depend on the thread count (it splits the output, not the sums:
-# tests/test_muon.py checks it bit for bit).
+# to its threads (fastopt.blas). Below this many multiply-adds per matmul (r^2 c) the iteration runs with one
+# BLAS thread; sgemm's result does not depend on the thread count (tests/test_muon.py checks it bit for bit).
 SINGLE_THREAD_MACS = 1 << 22
-_blas = []  # threadpoolctl's controllers of the loaded BLAS libraries, found once
-
-
-def _blas_controllers():
-    if not _blas:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:  # then BLAS keeps its own thread count (same results; slower on small matrices)
-            _blas.append(())
-        else:
-            _blas.append(tuple(ThreadpoolController().select(user_api="blas").lib_controllers))
-    return _blas[0]
-
-
-class _OneBlasThread:
-    """with _OneBlasThread(): BLAS calls run on one thread (threadpoolctl), the previous counts restored after."""
-
-    __slots__ = ("saved",)
-
-    def __enter__(self):
-        self.saved = []
-        for lib in _blas_controllers():
-            n = lib.get_num_threads()
-            if n != 1:
-                lib.set_num_threads(1)
-                self.saved.append((lib, n))
-        return self
-
-    def __exit__(self, *exc):
-        for lib, n in self.saved:
-            lib.set_num_threads(n)
-        return False
 
 
 def _newton_schulz_small(w, coefficients, ns_steps, eps, m, n):
     """_newton_schulz, with one BLAS thread for matrices below SINGLE_THREAD_MACS multiply-adds per matmul."""
     r, c = min(m, n), max(m, n)
     if _xp(w["X"]) is np and r * r * c < SINGLE_THREAD_MACS:
-        with _OneBlasThread():
+        with one_blas_thread():
             return _newton_schulz(w, coefficients, ns_steps, eps)
     return _newton_schulz(w, coefficients, ns_steps, eps)
 

@@ -3,6 +3,7 @@ and float64, 50 steps, 0-d to 4-D params with size-1 dims, several groups, the b
 params, state sizes, state-dict interchange, and bad input that leaves everything unchanged."""
 from __future__ import annotations
 
+import contextlib
 import re
 
 import numpy as np
@@ -669,3 +670,32 @@ def test_16bit_bad_input_names_the_dtype_and_changes_nothing():
     assert p.tobytes() == before[0]
     with pytest.raises(TypeError, match="has dtype int32: Adafactor takes float32, float64, float16 or bfloat16"):
         fastopt.Adafactor([np.ones(3, np.int32)])
+
+
+def test_one_blas_thread_same_bits_and_restored():
+    """A NumPy step runs its block products on one BLAS thread (fastopt.blas: cheaper than the hand-off for
+    cache-sized blocks): the same bits as with BLAS's own two threads, and the count is restored after."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from fastopt.blas import blas_controllers
+    assert blas_controllers()
+    rng = np.random.default_rng(3)
+    shapes = [(64, 128), (300, 200), (128,), (6, 40, 30)]
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(4)]
+    out = []
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        for single in (True, False):
+            ps = [a.copy() for a in init]
+            opt = fastopt.Adafactor(ps, lr=0.05, weight_decay=0.1)
+            for g in grads:
+                if single:
+                    opt.step(g)
+                else:  # BLAS's own threads: the step's one-thread context made a no-op
+                    with pytest.MonkeyPatch.context() as mp:
+                        mp.setattr(core, "one_blas_thread_on_host", lambda p: contextlib.nullcontext())
+                        opt.step(g)
+                assert all(lib.get_num_threads() == 2 for lib in blas_controllers())
+            out.append(ps)
+    for a, b, s in zip(out[0], out[1], init):
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, s)

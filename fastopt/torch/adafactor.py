@@ -176,6 +176,13 @@ class Adafactor(CompositeOptimizer):
     def _apply(self, plan) -> list:
         """One Adafactor step of the planned params (torch.optim.Adafactor's rule; see fastopt.adafactor)."""
         touched = []
+        with core.one_blas_thread_on_host(plan[0][1] if plan else None):
+            self._update_all(plan, touched)
+        return touched
+
+    def _update_all(self, plan, touched) -> None:
+        """Each planned param's state made (torch's, float32 for 16-bit params) and its update; the tensors
+        written appended to `touched`."""
         for p, pa, ga, arrays, hp, eps1 in plan:
             state = self.state[p]
             if not state:  # torch's initial state
@@ -195,7 +202,6 @@ class Adafactor(CompositeOptimizer):
             core.update(pa, ga, arrays, step_t.item(), hp, eps1, self._workspace)
             touched.append(p)
             touched += [state[name] for name in arrays]
-        return touched
 
 
 _RULE = "\n".join("    " + line for line in core.SPEC.rule.splitlines())
