@@ -45,6 +45,13 @@ FASTOPT_HD float fo_bits_float(fo_u32 u) {
 #endif
 }
 
+// c ? a : b through a mask: the compilers keep some `?:` chains as branches, which stops the loops
+// from vectorizing
+FASTOPT_HD fo_u32 fo_select(bool c, fo_u32 a, fo_u32 b) {
+    const fo_u32 mask = 0u - static_cast<fo_u32>(c);
+    return (a & mask) | (b & ~mask);
+}
+
 // ------------------------------------------------------------------------------------------------
 // bfloat16: the top half of a float32
 // ------------------------------------------------------------------------------------------------
@@ -64,10 +71,11 @@ FASTOPT_HD fo_u16 fo_float_to_bf16(float x) {
 // the distance from the lower one: adding 16 random bits to the magnitude and truncating does exactly
 // that (a carry into the exponent is the correct next value, Inf included). Inf and NaN are not rounded.
 FASTOPT_HD fo_u16 fo_float_to_bf16_sr(float x, fo_u32 random) {
-    fo_u32 u = fo_float_bits(x);
-    if ((u & 0x7fffffffu) >= 0x7f800000u) return fo_float_to_bf16(x);
-    u += random & 0xffffu;  // the sign bit is never reached: the magnitude is below 0x7f800000
-    return static_cast<fo_u16>(u >> 16);
+    const fo_u32 u = fo_float_bits(x);
+    // the sign bit is never reached: the magnitude is below 0x7f800000 where this result is selected;
+    // both results computed and one selected, no branch, so the loops vectorize
+    const fo_u16 rounded = static_cast<fo_u16>((u + (random & 0xffffu)) >> 16);
+    return (u & 0x7fffffffu) >= 0x7f800000u ? fo_float_to_bf16(x) : rounded;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -108,17 +116,18 @@ FASTOPT_HD fo_u16 fo_float_to_fp16(float x) {
 FASTOPT_HD fo_u16 fo_float_to_fp16_sr(float x, fo_u32 random) {
     const fo_u32 u = fo_float_bits(x);
     const fo_u32 sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-    if (a >= 0x7f800000u) return fo_float_to_fp16(x);
-    if (a >= 0x38800000u) {
-        const fo_u32 b = a + (random & 0x1fffu);
-        if (b >= 0x47800000u) return static_cast<fo_u16>(sign | 0x7c00u);  // 65536 and beyond: Inf
-        return static_cast<fo_u16>(sign | ((b - 0x38000000u) >> 13));
-    }
-    const float q = fo_bits_float(a) * 16777216.0f;  // exact: a power-of-two scale into the normal range
-    fo_u32 whole = static_cast<fo_u32>(q);
+    // every case computed and one selected by masks (fo_select): gcc kept `?:` here as branches, and the
+    // loops vectorize only without them; each case stays defined where it is not selected
+    const fo_u32 b = a + (random & 0x1fffu);
+    const fo_u32 normal = fo_select(b >= 0x47800000u, 0x7c00u, (b - 0x38000000u) >> 13);  // 65536 on: Inf
+    // exact: a power-of-two scale into the normal range (the magnitude capped at the smallest normal,
+    // so the conversion to an integer is in range where this case is not selected)
+    const float q = fo_bits_float(a < 0x38800000u ? a : 0x38800000u) * 16777216.0f;
+    const int whole = static_cast<int>(q);
     const float fraction = q - static_cast<float>(whole);  // exact
-    if (static_cast<float>(random >> 8) * 5.9604644775390625e-08f < fraction) ++whole;
-    return static_cast<fo_u16>(sign | whole);
+    const fo_u32 up = fo_u32(static_cast<float>(static_cast<int>(random >> 8)) * 5.9604644775390625e-08f < fraction);
+    const fo_u32 finite = fo_select(a >= 0x38800000u, normal, fo_u32(whole) + up);
+    return static_cast<fo_u16>(fo_select(a >= 0x7f800000u, fo_float_to_fp16(x), sign | finite));
 }
 
 // The two 16-bit formats behind one interface, for templates over the parameter's storage type.
