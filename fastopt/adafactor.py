@@ -65,9 +65,15 @@ store_rounded: the kernels' bits, NaN kept): a 16-bit step equals the float32 st
 then rounded, bit for bit. eps1 None is finfo of the param's own dtype as torch's (bfloat16: 2^-7, float16:
 2^-10). torch.optim.Adafactor runs 16-bit params in their own precision (state and every intermediate
 rounded to 16 bits), so it differs from this by a few 16-bit ulps (tests/test_adafactor.py measures it).
-Two extra float32 param-sized buffers per 16-bit param (the widened p and g, kept in the Workspace between
-steps): 2 + 2 (+ 2) + 4 + 4 + 4 bytes of traffic per element over the float32 update's. A param with no elements: torch raises ZeroDivisionError (its RMS divides by numel
-after advancing the step); here its step advances and nothing else happens.
+Two float32 param-sized buffers per 16-bit param (the widened p and g, kept in the Workspace between steps);
+traffic per element on top of the float32 update's: the widening reads p and g (2 + 2 bytes) and writes
+their copies (4 + 4; none for a float32 grad), the store reads the new p (4) and writes it (2), through
+store_rounded's temporaries. A param with no elements: torch raises ZeroDivisionError (its RMS divides by
+numel after advancing the step); here its step advances and nothing else happens.
+
+Threads: a NumPy step runs on one BLAS thread (fastopt.blas; its products are over cache-sized blocks,
+cheaper than OpenBLAS's thread hand-off): same bits, measured 1.7-2.0 s -> 1.1-1.2 s for `fastopt train
+-o adafactor` on digits on the shared 2-core VM.
 """
 from __future__ import annotations
 
@@ -374,8 +380,8 @@ def _blocks_3d(L, m, n, block):
 def update(p, g, state: Mapping, t: float, hp: Mapping, eps1: float, workspace: Workspace, block=None) -> None:
     """One Adafactor step of one param, in place: p and its state arrays ("row_var"/"col_var" or
     "variance"; not "step", which the caller advanced to t, the number of this step). p, g and the state
-    arrays are checked arrays of one module and dtype (NumPy or CuPy, any non-overlapping strides); for a 16-bit p
-    the state is float32 and g p's dtype or float32 (the module docstring, 16-bit params)."""
+    arrays are checked arrays of one module and dtype (NumPy or CuPy, any non-overlapping strides); for a
+    16-bit p the state is float32 and g p's dtype or float32 (the module docstring, 16-bit params)."""
     if p.size == 0:
         return  # nothing to update (torch raises ZeroDivisionError here: its RMS divides by numel)
     xp = _xp(p)
@@ -661,8 +667,9 @@ class Adafactor:
               maximize=False)
 
     params: a list of arrays (one group) or of dicts {"params": [...], <hyperparameter>: value} (missing
-    keys take the constructor's values). float32, float64, float16 or bfloat16 (ml_dtypes) arrays, writable, any non-overlapping strides;
-    they are updated in place. Hyperparameters have torch's names, defaults, ranges and messages (and must
+    keys take the constructor's values). float32, float64, float16 or bfloat16 (ml_dtypes) arrays, writable,
+    any non-overlapping strides; they are updated in place (16-bit ones: float32 math and state, the result
+    rounded to nearest even). Hyperparameters have torch's names, defaults, ranges and messages (and must
     be finite); lr is a number (change param_groups[i]["lr"] between steps to schedule it).
 
     step(grads): grads is a list with one array (same kind, dtype and shape) or None per param, in the

@@ -564,13 +564,14 @@ def test_16bit_is_float32_math_then_rounded(name, grad32, opts):
 @pytest.mark.parametrize("opts", [{}, {"weight_decay": 0.1, "maximize": True}, {"eps": (1e-3, 1e-2), "d": 2.0},
                                   {"lr": 0.3, "beta2_decay": -0.5}])
 def test_16bit_torch_front_end_vs_torch_optim(name, opts):
-    """fastopt.torch.Adafactor on 16-bit params against torch.optim.Adafactor, 20 steps. (1) torch in float32
-    on the same values each step, rounded to the 16-bit dtype: equal bit for bit (measured: all but about
-    one element in 10^4; asserted: >= 99%, the rest within one ulp or, near 0, a few float32 ulps of the operands, as our float32 arithmetic differs from torch's by a few
-    float32 ulps). (2) torch's own 16-bit run (state and every intermediate rounded to 16 bits), one step
+    """fastopt.torch.Adafactor on 16-bit params against torch.optim.Adafactor, 20 steps.
+    (1) torch in float32 (with the 16-bit dtype's eps1) on the same values each step, rounded to the 16-bit
+    dtype: equal bit for bit (measured: all but about one element in 10^4; asserted: >= 99%, the rest within
+    one ulp or, near 0, a few float32 ulps of the operands: our float32 arithmetic differs from torch's by a
+    few float32 ulps). (2) torch's own 16-bit run (state and every intermediate rounded to 16 bits), one step
     from our params and state each time: measured >= 87.5% of elements within one 16-bit ulp per step (99%
     without lr = 0.3) and every element within one ulp plus 4 16-bit eps of the step taken (measured: 1.25
-    eps for bfloat16, 1.4 for float16); asserted as stated."""
+    eps for bfloat16, 1.4 for float16); asserted: >= 85% (98% without lr = 0.3) and that bound."""
     _, tdt, eps = DTYPES16[name]
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence().entropy % 2 ** 31))
     init = [torch.randn(s, generator=gen).to(tdt) for s in SHAPES16 if 0 not in s]
