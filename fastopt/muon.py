@@ -185,6 +185,9 @@ class Workspace:
             if _is16(np.dtype(dtype)):  # float32 blocks of the 16-bit lerps/update, the 16-bit nesterov term
                 w["F"] = xp.empty(_work_size(xp, m, n), xp.float32)
                 w["H"] = xp.empty((m, n), dtype)
+            # each iterate's bits and its scratch for _round_bits, made once (not per rounding: 19 per step)
+            w["bits_of"] = {id(w[k]): (w[k].reshape(-1).view(xp.uint32), w["bits"][:w[k].size])
+                            for k in ("X", "Y", "G", "V")}
             self._sets[key] = w
         return w
 
@@ -199,13 +202,20 @@ def _round_bf16(x, bits):
     the iteration NaNs are the FPU's canonical ones, which round to NaN."""
     xp = _xp(x)
     u = x.reshape(-1).view(xp.uint32)
-    t = bits[:u.size]
-    xp.right_shift(u, 16, out=t)
-    xp.bitwise_and(t, 1, out=t)
-    xp.add(u, t, out=u)
-    xp.add(u, 0x7FFF, out=u)
-    xp.bitwise_and(u, 0xFFFF0000, out=u)
+    _round_bits(xp, u, bits[:u.size])
     return x
+
+
+_SIXTEEN, _ONE, _HALF_MINUS, _HIGH = np.uint32(16), np.uint32(1), np.uint32(0x7FFF), np.uint32(0xFFFF0000)
+
+
+def _round_bits(xp, u, t):
+    """_round_bf16 on the bits u (uint32) of a float32 array, t the scratch of u's size."""
+    xp.right_shift(u, _SIXTEEN, out=t)
+    xp.bitwise_and(t, _ONE, out=t)
+    xp.add(u, t, out=u)
+    xp.add(u, _HALF_MINUS, out=u)
+    xp.bitwise_and(u, _HIGH, out=u)
 
 
 # float64 work per block on the CPU: 32768 elements (256 KiB) stay in the L2 cache between the passes of a
@@ -225,9 +235,19 @@ def _work_size(xp, m, n) -> int:
     return m * n if xp is not np else min(m * n, max(n, (_BLOCK // max(n, 1)) * n))
 
 
+_BF16: dict = {}  # dtype -> is_bfloat16(dtype): its name lookup costs ~10 us, several times per step
+
+
+def _is_bf16(dtype) -> bool:
+    hit = _BF16.get(dtype)
+    if hit is None:
+        hit = _BF16[dtype] = is_bfloat16(dtype)
+    return hit
+
+
 def _is16(dtype) -> bool:
     """float16 or bfloat16 (ml_dtypes): torch computes their lerp and add in float32 and rounds the result."""
-    return dtype == np.float16 or is_bfloat16(dtype)
+    return dtype == np.float16 or _is_bf16(dtype)
 
 
 def _lerp_into(out, start, end, weight, D, F=None):
@@ -272,7 +292,7 @@ def _apply_update(param, update, decay, alpha, D, F=None):
     sixteen = _is16(param.dtype)
     if param.dtype == np.float32 or sixteen:
         decay, alpha = np.float32(decay), float(np.float32(alpha))  # torch's scalars in float32 math
-    if is_bfloat16(param.dtype):
+    if _is_bf16(param.dtype):
         # bfloat16 + bfloat16 with alpha: torch casts alpha to the tensors' dtype first (float16 + bfloat16
         # promotes to float32, which keeps alpha in float32)
         alpha = float(np.asarray(np.float32(alpha)).astype(param.dtype).astype(np.float32))
@@ -302,6 +322,7 @@ def _newton_schulz(w, coefficients, ns_steps, eps):
     Z Z^T = X^T X and V Z = (X V^T)^T, the same products summed."""
     xp = _xp(w["X"])
     X, Y, G, V, T, bits = w["X"], w["Y"], w["G"], w["V"], w["T"], w["bits"]
+    bits_of = w["bits_of"]  # id(matrix) -> (its bits, scratch)
     tall = X.shape[0] > X.shape[1]
     a, b, c = (np.float32(v) for v in coefficients)
     # X /= max(||X||, eps), each in bfloat16 (torch: norm() of a bfloat16 tensor is a bfloat16 0-d tensor)
@@ -312,25 +333,25 @@ def _newton_schulz(w, coefficients, ns_steps, eps):
     floor = _round_bf16(np.array([eps32], np.float32), np.empty(1, np.uint32))[0]
     norm = xp.where(norm < eps32, floor, norm)  # clamp(min=eps): NaN stays NaN
     xp.divide(X, norm, out=X)
-    _round_bf16(X, bits)
+    _round_bits(xp, *bits_of[id(X)])
     for _ in range(ns_steps):
         if tall:
             xp.matmul(X.T, X, out=G)
         else:
             xp.matmul(X, X.T, out=G)
-        _round_bf16(G, bits)
+        _round_bits(xp, *bits_of[id(G)])
         xp.matmul(G, G, out=V)                    # addmm(G, G, G, beta=b, alpha=c) = c (G G) + b G
         xp.multiply(V, c, out=V)
         xp.multiply(G, b, out=T)
         xp.add(V, T, out=V)
-        _round_bf16(V, bits)
+        _round_bits(xp, *bits_of[id(V)])
         if tall:                                  # addmm(X, V, X, beta=a) = V X + a X
             xp.matmul(X, V.T, out=Y)
         else:
             xp.matmul(V, X, out=Y)
         xp.multiply(X, a, out=X)
         xp.add(Y, X, out=Y)
-        _round_bf16(Y, bits)
+        _round_bits(xp, *bits_of[id(Y)])
         X, Y = Y, X
     return X
 
@@ -406,7 +427,7 @@ def _check_param(p, what):
         raise ValueError(f"Muon only supports 2D parameters whereas we found a parameter with size: "
                          f"{tuple(p.shape)} ({what})")
     dtype = np.dtype(p.dtype)
-    if dtype not in (np.float32, np.float64, np.float16) and not is_bfloat16(dtype):
+    if dtype not in (np.float32, np.float64, np.float16) and not _is_bf16(dtype):
         if dtype.kind == "c":
             raise TypeError(f"Muon does not support complex parameters ({what}: {p.dtype})")
         raise TypeError(f"{what} must be float32, float64, float16 or bfloat16, got {p.dtype}")
