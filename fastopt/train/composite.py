@@ -22,12 +22,12 @@ one flat param buffer, per-layer weight and bias views into it):
   matrix; excluding it would leave the default model with no Muon matrix at all, i.e. plain AdamW).
   `fastopt compare --optimizers adam,adamw,muon` on digits (20 epochs, cosine, lr 1e-2; test accuracy, seeds
   0/1): muon 0.972/0.992, AdamW (what excluding the first layer gives) 0.972/0.989, Adam 0.972/0.989. Time
-  (train_seconds, 20 epochs, 800 steps, the shared 2-core VM under load): muon 2.5-2.9 s against AdamW's
-  0.42 s in one interleaved run (6.3-7.3 s, and 13-34 s at a busier moment, before the Newton-Schulz
-  matmuls of small matrices ran on one BLAS thread: fastopt.muon.SINGLE_THREAD_MACS; same params bit for
-  bit). What remains is the iteration itself, in emulated bfloat16 on a 128 x 64 matrix: per step 15 sgemm
-  of ~20 us and 19 roundings to bfloat16 of 5 NumPy integer passes each, plus the float32 FMAs of the lerps
-  and the update (cProfile: ~60% of the step in _newton_schulz, ~25% of it in _round_bf16).
+  (train_seconds, 20 epochs, 800 steps, the shared 2-core VM under load, interleaved runs): muon 1.2-1.6 s
+  against AdamW's 0.28-0.33 s (6.3-7.3 s, and 13-34 s at a busier moment, before the small-matrix
+  Newton-Schulz iteration ran on one BLAS thread, fastopt.blas, and its roundings on views made once; same
+  params bit for bit). What remains is the iteration itself, in emulated bfloat16 on a 128 x 64 matrix: per
+  step 15 sgemm of ~17 us (about 0.25 ms: already 2x AdamW's whole training over 800 steps) and 19 roundings
+  to bfloat16 of 5 NumPy integer passes each, plus the float32 FMAs of the lerps and the update.
   Muon sees each weight as torch's (out_features, in_features) matrix (a transposed view, no copy), so its
   shape-dependent lr scale (adjust_lr_fn) is torch's. A model without a hidden layer (linear,
   logistic) has no hidden matrix: refused (ValueError), not silently AdamW. The AdamW part's lr is
