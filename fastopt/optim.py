@@ -83,7 +83,7 @@ from fastopt.specs import PARAM, REGISTRY, REQUIRED, OptimizerSpec
 from fastopt.statedict import OptimizerState, check_array
 from fastopt.train_eval import TrainEval, copy_param
 
-__all__ = ["Optimizer", "OptimizerState", "StatePlan"] + [spec.class_name for spec in REGISTRY.values()]
+__all__ = ["Optimizer", "OptimizerState", "StatePlan", "as_param_groups"] + [spec.class_name for spec in REGISTRY.values()]
 
 _UNSET = object()
 
