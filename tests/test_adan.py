@@ -246,14 +246,23 @@ def test_options_that_are_not_elementwise_are_refused(rng):
             fastopt_torch.Adan([torch.nn.Parameter(torch.zeros(3))], **{key: True})
 
 
-def test_int8_state_is_refused_and_writes_nothing(rng):
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+def test_int8_state_is_refused_and_writes_nothing(backend, rng):
     p = [rng.standard_normal(300).astype(np.float32)]
     with pytest.raises(ValueError, match="int8.*adan.*four states"):
         fastopt.init_state("adan", p, state_dtype="int8")
     with pytest.raises(ValueError, match="int8.*four states"):
         fastopt.Adan(p, state_dtype="int8")
-    before = p[0].tobytes()
-    assert p[0].tobytes() == before
+    # 8-bit states handed to adan_step directly (made for Adam: signed exp_avg, unsigned exp_avg_sq, as Adan's
+    # would be): refused before any write
+    made = [fastopt.init_state("adam", p, state_dtype="int8") for _ in range(3)]
+    q = [made[0]["exp_avg"], made[1]["exp_avg"], made[0]["exp_avg_sq"], made[2]["exp_avg"]]
+    g = [rng.standard_normal(300).astype(np.float32)]
+    everything = p + g + [a for s in q for a in (s[0].codes, s[0].absmax)]
+    before = _snapshot(everything)
+    with pytest.raises(ValueError, match="8-bit state.*not supported.*four states"):
+        fastopt.adan_step(p, g, *q, step=1, backend=backend)
+    assert _snapshot(everything) == before
 
 
 def test_class_state_dict_round_trip_continues_identically(rng):
