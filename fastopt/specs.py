@@ -1419,7 +1419,7 @@ p = p - lr / (1 - beta1^t) * m / denom - lr * beta2 / (1 - beta2^t) * d / denom
 if not weight_decouple: p = p / (1 + lr * weight_decay)
 previous_grad = -g
 As pytorch_optimizer.Adan (lr, betas = (beta1, beta2, beta3), weight_decay, weight_decouple, eps,
-maximize); its max_grad_norm is fastopt's clip_grad_norm (the classes); its use_gc (gradient
+maximize) and the paper's code (sail-sg/Adan: weight_decouple is its no_prox); its max_grad_norm is fastopt's clip_grad_norm (the classes); its use_gc (gradient
 centralization, a per-tensor mean) and adanorm (a per-tensor norm) are not elementwise: not offered.
 With maximize, pytorch_optimizer 4.1.0 starts previous_grad from the un-negated gradient (its first
 difference is then -2 g, not 0); here the first difference is 0 either way.
