@@ -10,7 +10,7 @@ import numpy as np
 
 from fastopt.array_types import Arrays, Scalar
 from fastopt.backends.dispatch import backend_for, check_empty_call
-from fastopt.specs import REGISTRY, REQUIRED, OptimizerSpec
+from fastopt.specs import COMP_SLOT, REGISTRY, REQUIRED, OptimizerSpec
 
 __all__ = [spec.function_name for spec in REGISTRY.values()] + ["init_state", "apply_update"]
 
@@ -34,12 +34,15 @@ Precision (16-bit params: float16, ml_dtypes.bfloat16; float32 math):
 """
 
 
-COMP_SLOT = 5  # where a kernel call carries the Kahan compensation: (params, grads, s0, s1, s2, kahan_comp)
+# COMP_SLOT (specs.py): where a kernel call carries the Kahan compensation, (params, grads, s0, s1, s2,
+# kahan_comp[, s3])
 
 
 def with_kahan(tail: tuple, names: tuple, comp) -> tuple[tuple, tuple]:
     """A kernel call's state arguments and names with the Kahan compensation `comp` in its slot (the
-    unused state slots before it None)."""
+    unused state slots before it None; a fourth state after it, where plan_call left the slot None)."""
+    if len(tail) > COMP_SLOT - 2:
+        return tail[:COMP_SLOT - 2] + (comp,) + tail[COMP_SLOT - 1:], names
     pad = COMP_SLOT - 2 - len(tail)
     return tail + (None,) * pad + (comp,), names + tuple(f"state{k}" for k in range(len(tail), len(tail) + pad)) + (
         "kahan_comp",)

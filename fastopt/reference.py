@@ -377,6 +377,26 @@ def schedule_free_switch(p, z, weight):
     _store(p, _lerp(p, z, weight))
 
 
+def adan_step(p, g, exp_avg, exp_avg_diff, exp_avg_sq, previous_grad, *, step, lr=1e-3, beta1=0.98, beta2=0.92,
+              beta3=0.99, weight_decay=0.0, weight_decouple=False, eps=1e-8, maximize=False, grad_scale=None):
+    """Adan (Xie et al. 2022) as pytorch_optimizer.Adan: previous_grad holds -g of the last step; the first
+    step's difference is 0."""
+    g = _grad(g, grad_scale, maximize)
+    diff = previous_grad + g * (0.0 if step == 1 else 1.0)
+    _store(exp_avg, beta1 * exp_avg + (1.0 - beta1) * g)
+    _store(exp_avg_diff, beta2 * exp_avg_diff + (1.0 - beta2) * diff)
+    u = diff * beta2 + g
+    _store(exp_avg_sq, beta3 * exp_avg_sq + (1.0 - beta3) * (u * u))
+    denom = np.sqrt(exp_avg_sq) / math.sqrt(1.0 - beta3 ** step) + eps
+    if weight_decouple and weight_decay != 0:
+        _store(p, p * (1.0 - lr * weight_decay))
+    _store(p, p - (lr / (1.0 - beta1 ** step)) * (exp_avg / denom))
+    _store(p, p - (lr * beta2 / (1.0 - beta2 ** step)) * (exp_avg_diff / denom))
+    if not weight_decouple and weight_decay != 0:
+        _store(p, p / (1.0 + lr * weight_decay))
+    _store(previous_grad, -g)
+
+
 # registry name (and specs.KERNEL_OPS name) -> reference function: every `<name>_step` defined above (no list
 # to keep in sync)
 STEPS = {name[:-len("_step")]: fn for name, fn in list(globals().items())

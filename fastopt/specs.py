@@ -98,6 +98,11 @@ class Hyper:
         return value
 
 
+# Where a kernel call carries the Kahan compensation: arrays = (params, grads, s0, s1, s2, kahan_comp, s3), a
+# fourth state (Adan's) after it, so that the three-state calls keep their layout
+COMP_SLOT = 5
+
+
 def _nonneg(x):
     return x >= 0.0
 
@@ -292,11 +297,16 @@ class OptimizerSpec:
         """(state arguments, argument names) of one kernel call for these hyperparameters: the array(s)
         state_for(name) gives for each state the configuration uses, None for an unused slot, trailing
         unused slots dropped; names start with ("params", "grads"). The one planning helper of the
-        functional API and the classes."""
+        functional API and the classes. A fourth state (Adan's) goes after the Kahan compensation's slot
+        (arrays = (params, grads, s0, s1, s2, kahan_comp, s3)): that slot is None here (with_kahan fills it)."""
         tail = [state_for(name) if used else None for name, used in zip(self.states, self.active_states(hp))]
         while tail and tail[-1] is None:
             tail.pop()
-        return tuple(tail), ("params", "grads") + self.states[:len(tail)]
+        names = ("params", "grads") + self.states[:len(tail)]
+        if len(tail) > COMP_SLOT - 2:
+            tail.insert(COMP_SLOT - 2, None)
+            names = names[:COMP_SLOT] + ("kahan_comp",) + names[COMP_SLOT:]
+        return tuple(tail), names
 
     def active_states(self, hp: Mapping) -> tuple[bool, ...]:
         """For each state slot: does this configuration read and write it?"""
@@ -1380,6 +1390,52 @@ def kernel_specs() -> tuple[OptimizerSpec, ...]:
     """Every spec with a compiled kernel family: the optimizers (REGISTRY), then the other elementwise ops
     (KERNEL_OPS). The family table (cuda_source), the Numba kernels and their scalar names follow this."""
     return (*REGISTRY.values(), *KERNEL_OPS.values())
+
+
+# ---- issue 14: Adan (Xie et al. 2022), as pytorch_optimizer.Adan (4.1.0) -----------------------------
+
+def _adan_scalars(hp, step, grad_scale):
+    b1, b2, b3, lr_, wd = hp["beta1"], hp["beta2"], hp["beta3"], hp["lr"], hp["weight_decay"]
+    decouple = hp["weight_decouple"] and wd != 0.0
+    return (_gs(hp, grad_scale), 0.0 if step == 1 else 1.0, b1, 1.0 - b1, b2, 1.0 - b2, b3, 1.0 - b3,
+            math.sqrt(1.0 - b3 ** step), hp["eps"], 1.0 - lr_ * wd if decouple else 1.0,
+            lr_ / (1.0 - b1 ** step), lr_ * b2 / (1.0 - b2 ** step),
+            1.0 + lr_ * wd if (wd != 0.0 and not hp["weight_decouple"]) else 1.0)
+
+
+ADAN = _register(OptimizerSpec(
+    name="adan", class_name="Adan", kernel="adan",
+    summary="Adan (Xie et al. 2022): adaptive Nesterov momentum from moments of the gradient, of the "
+            "gradient difference and of their Nesterov-corrected square, in place.",
+    rule="""\
+g = grad_scale * g  (negated if maximize)
+diff = g - g_prev  (0 on step 1; previous_grad holds -g_prev, as in pytorch_optimizer)
+m = beta1 * m + (1 - beta1) * g                       (exp_avg)
+d = beta2 * d + (1 - beta2) * diff                    (exp_avg_diff)
+n = beta3 * n + (1 - beta3) * (g + beta2 * diff)^2    (exp_avg_sq)
+if weight_decouple: p = p * (1 - lr * weight_decay)
+denom = sqrt(n) / sqrt(1 - beta3^t) + eps
+p = p - lr / (1 - beta1^t) * m / denom - lr * beta2 / (1 - beta2^t) * d / denom
+if not weight_decouple: p = p / (1 + lr * weight_decay)
+previous_grad = -g
+As pytorch_optimizer.Adan (lr, betas = (beta1, beta2, beta3), weight_decay, weight_decouple, eps,
+maximize) and the paper's code (sail-sg/Adan: weight_decouple is its no_prox); its max_grad_norm is fastopt's clip_grad_norm (the classes); its use_gc (gradient
+centralization, a per-tensor mean) and adanorm (a per-tensor norm) are not elementwise: not offered.
+With maximize, pytorch_optimizer 4.1.0 starts previous_grad from the un-negated gradient (its first
+difference is then -2 g, not 0); here the first difference is 0 either way.
+""",
+    hypers=(lr(1e-3), beta1(0.98), Hyper("beta2", 0.92, "decay of the gradient-difference moment, in [0, 1)",
+                                         check=_unit, label="beta2 value"),
+            Hyper("beta3", 0.99, "decay of the second moment, in [0, 1)", check=_unit, label="beta3 value"),
+            weight_decay(0.0, "weight decay (>= 0): proximal, p / (1 + lr * weight_decay), or decoupled"),
+            flag("weight_decouple", False, "decoupled weight decay, p * (1 - lr * weight_decay)"),
+            eps(1e-8), MAXIMIZE),
+    states=("exp_avg", "exp_avg_diff", "exp_avg_sq", "previous_grad"),
+    scalar_names=("grad_scale", "first", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "beta3",
+                  "one_minus_beta3", "bias_correction3_sqrt", "eps", "decay", "step_size", "diff_step_size",
+                  "prox"),
+    scalars=_adan_scalars,
+))
 
 
 def get_spec(name: str) -> OptimizerSpec:

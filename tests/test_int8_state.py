@@ -46,7 +46,7 @@ SUPPORTED = sorted(set(REGISTRY) - set(INT8_REFUSED))
 
 def test_every_supported_optimizer_has_a_case():
     assert sorted(CASES) == SUPPORTED
-    assert sorted(INT8_REFUSED) == ["asgd", "lamb", "schedule_free_adamw", "schedule_free_sgd"]
+    assert sorted(INT8_REFUSED) == ["adan", "asgd", "lamb", "schedule_free_adamw", "schedule_free_sgd"]
 
 
 def _data(rng, shape, dtype=np.float32):

@@ -200,12 +200,14 @@ def _aligned(*arrays):
 def table_layout(lists):
     """The host image of the multi-tensor table of device.cuh: (int64 array, ntensors, nchunks, byte
     offset of the chunk list). lists: per slot (params, grads, states; None unused) a list of arrays
-    with .ptr and .size."""
+    with .ptr and .size; slot 6 (after the Kahan compensation's, never on the GPU) a fourth state, column 8."""
     n = len(lists[0])
-    fields = np.zeros((n, 8), dtype=np.int64)
+    fields = np.zeros((n, 9), dtype=np.int64)
     for k in range(min(len(lists), 5)):
         if lists[k] is not None:
             fields[:, k] = [a.ptr for a in lists[k]]
+    if len(lists) > 6 and lists[6] is not None:
+        fields[:, 8] = [a.ptr for a in lists[6]]
     sizes = np.array([a.size for a in lists[0]], dtype=np.int64)
     counts = (sizes + CHUNK - 1) // CHUNK
     first = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
@@ -345,14 +347,16 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
             return
         variant = spec.variant(hp, step)
         if len(params) == 1:
-            slots = [lst[0] if lst is not None else None for lst in lists] + [None] * (5 - len(lists))
+            slots = [lst[0] if lst is not None else None for lst in lists] + [None] * (7 - len(lists))
             n = params[0].size
             vec = np.int32(_aligned(*slots))
             # one vector per thread, not capped: measured on an H100 at 2^28 (issue 11), a grid capped at 8
             # blocks per SM (3-5 resident) reached 2765 GB/s, the uncapped one 2909; the loop is grid-stride
             grid = min(_blocks(n, 16 // dtype.itemsize), _MAX_GRID)
             fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, False))
-            fn((grid,), (BLOCK,), (*(_ptr(a) for a in slots), np.int64(n), scalars, gs_ptr, gs_kind, vec, skip))
+            # p, g, s0, s1, s2, s3: slot 5 (the Kahan compensation) is refused on the GPU, slot 6 is s3
+            fn((grid,), (BLOCK,), (*(_ptr(a) for a in slots[:5] + slots[6:]), np.int64(n), scalars, gs_ptr, gs_kind,
+                                   vec, skip))
         else:
             table = _table(lists, device, stream)
             if table.nchunks:

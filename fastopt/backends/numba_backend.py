@@ -39,7 +39,7 @@ from fastopt.backends.validate import check_prepared_disjoint
 NAME = "numba"
 AVAILABLE = importlib.util.find_spec("numba") is not None
 DTYPES = (F32, F64)
-_SLOTS = 3  # state slots of every kernel (kernels/numba/kernels.py SLOTS)
+_SLOTS = 4  # state slots of every kernel (kernels/numba/kernels.py SLOTS)
 _CACHE_SIZE = 64
 
 
@@ -194,15 +194,16 @@ def table_layout(lists, chunk):
     """The host side of one multi-tensor launch: (spans, tensors, chunks, offsets). lists: per slot
     (params, grads, states; None unused) a list of arrays with .ptr, .size, .dtype, at least one of
     them not empty. spans[k] = (lowest address, elements from there to the end of the last tensor) of
-    slot k, None for an unused slot; tensors (nt, 6) int64: each tensor's element offset in each slot's
-    span, and its size; chunks (nb, 2) int64: (tensor, first element); offsets (nt + 1) int64: each
+    slot k, None for an unused slot (k = 0..4, then 5: a fourth state, the call's slot 6, after the Kahan
+    compensation's, which the GPU refuses); tensors (nt, 7) int64: each tensor's element offset in each
+    slot's span, its size (column 5), the fourth state's offset (column 6); chunks (nb, 2) int64: (tensor, first element); offsets (nt + 1) int64: each
     tensor's first chunk (the reductions' segments)."""
     sizes = np.array([a.size for a in lists[0]], dtype=np.int64)
     n = len(sizes)
-    tensors = np.zeros((n, 6), dtype=np.int64)
+    tensors = np.zeros((n, 7), dtype=np.int64)
     tensors[:, 5] = sizes
     spans = []
-    for k in range(5):
+    for k, col in ((0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (6, 6)):
         lst = lists[k] if k < len(lists) else None
         if lst is None:
             spans.append(None)
@@ -215,8 +216,8 @@ def table_layout(lists, chunk):
             if rest:
                 raise ValueError(f"array {i} of a {lst[i].dtype} list is not aligned to its element size "
                                  f"(address {lst[i].ptr:#x})")
-            tensors[i, k] = offset
-        spans.append((base, int(max(tensors[i, k] + sizes[i] for i in live))))
+            tensors[i, col] = offset
+        spans.append((base, int(max(tensors[i, col] + sizes[i] for i in live))))
     counts = (sizes + chunk - 1) // chunk
     offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
     nchunks = int(offsets[-1])
@@ -245,15 +246,16 @@ class _Table:
 
     def __init__(self, lists, device, stream):
         spans, tensors, chunks, offsets = table_layout(lists, launch_config()[2])
-        dtypes = [None if lst is None else lst[0].dtype for lst in lists] + [None] * (5 - len(lists))
+        dtypes = [None if lst is None else lst[0].dtype for lst in lists] + [None] * (7 - len(lists))
+        dtypes = dtypes[:5] + dtypes[6:7]  # the spans' slots: p, g, s0, s1, s2, s3
         views = [None if span is None else _span_view(span[0], span[1], dtype) for span, dtype in zip(spans, dtypes)]
         self.views = [views[0] if v is None else v for v in views]
         self.ntensors, self.nchunks = len(tensors), len(chunks)
         self.host = np.concatenate((tensors.ravel(), chunks.ravel(), offsets))  # alive while the copy may run
         self.buffer = _table_buffer(device, stream, self.host.size)  # may be larger: a recycled one
         self.buffer[:self.host.size].copy_to_device(self.host, stream=stream)
-        nt, nc = 6 * self.ntensors, 2 * self.nchunks
-        self.tensors = self.buffer[:nt].reshape(self.ntensors, 6)
+        nt, nc = 7 * self.ntensors, 2 * self.nchunks
+        self.tensors = self.buffer[:nt].reshape(self.ntensors, 7)
         self.chunks = self.buffer[nt:nt + nc].reshape(self.nchunks, 2)
         self.offsets = self.buffer[nt + nc:self.host.size]
 
@@ -398,11 +400,15 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
         host_scale, gs = _device_scale(grad_scale, dtype, device, stream)
         h = tuple(dtype.type(x) for x in spec.scalars(hp, step, host_scale))
         variant = spec.variant(hp, step)
-        used = sum(1 << j for j, lst in enumerate(lists[2:]) if lst is not None)  # live state slots
+        used = sum(1 << j for j, lst in enumerate(lists[2:5]) if lst is not None)  # live state slots
         block = launch_config()[0]
         k = _kernels(dtype)
         table = _table(lists, device, stream)
-        P, G, S0, S1, S2 = table.views
+        P, G, S0, S1, S2, S3 = table.views
+        if len(spec.states) > 3:  # a four-state family (Adan): S3 too, every slot live
+            k["update"][spec.kernel][table.nchunks, block, stream](P, G, S0, S1, S2, S3, table.tensors, table.chunks,
+                                                                   h, gs, used, variant, skip)
+            return
         if not spec.two_phase:
             k["update"][spec.kernel][table.nchunks, block, stream](P, G, S0, S1, S2, table.tensors, table.chunks, h,
                                                                    gs, used, variant, skip)

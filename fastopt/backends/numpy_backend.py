@@ -60,7 +60,7 @@ def run(prepared, spec, hp, step, grad_scale, stochastic=None):
     gs = host_scale(grad_scale)
     params, grads, *states = prepared.lists
     comps = states[validate.COMP - 2] if len(states) > validate.COMP - 2 else None
-    states = states[:validate.COMP - 2]
+    states = states[:validate.COMP - 2] + states[validate.COMP - 1:]  # a fourth state (Adan) after the compensation
     fn = reference.STEPS[spec.name]
     kwargs = dict(hp, grad_scale=gs)
     if spec.uses_step:

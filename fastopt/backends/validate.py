@@ -124,7 +124,7 @@ def _check_grads_alike(a, first, grad_label, first_label):
     return a.dtype if first is None else first
 
 
-COMP = 5  # the slot of the Kahan compensation (kahan=True): arrays = (params, grads, s0, s1, s2, kahan_comp)
+COMP = 5  # the slot of the Kahan compensation (kahan=True): arrays = (params, grads, s0, s1, s2, kahan_comp, s3)
 
 
 def _check_comp(a, p, comp_label, param_label):

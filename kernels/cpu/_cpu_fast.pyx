@@ -79,8 +79,9 @@ KINDS.update({"touch": KIND_TOUCH, "touch_apply": KIND_TOUCH_APPLY})
 DEF CHUNK = 1 << 15
 DEF PARALLEL_MIN = 1 << 16
 DEF MAX_SCALARS = 16
-DEF SLOTS = 6          # p, g, state0, state1, state2, the Kahan compensation
+DEF SLOTS = 7          # p, g, state0, state1, state2, the Kahan compensation, state3 (Adan's fourth state)
 DEF COMP = 5           # the slot of the Kahan compensation (kahan=True)
+DEF INT8_SLOTS = 6     # run_int8's pointers per tensor: p, g, three states' codes, the compensation
 
 # How this module was built: OpenMP or serial, and the runtime ISA dispatch (platform.hpp).
 OPENMP = bool(FASTOPT_OPENMP)
@@ -807,8 +808,8 @@ cdef int _run(_Batch b, int layout, int kind, int variant, const double* s, cons
     return 0
 
 
-cdef int[SLOTS] _IDENTITY_SLOTS = [0, 1, 2, 3, 4, 5]
-cdef int[SLOTS] _APPLY_SLOTS = [0, -1, 2, 3, -1, 5]
+cdef int[SLOTS] _IDENTITY_SLOTS = [0, 1, 2, 3, 4, 5, 6]
+cdef int[SLOTS] _APPLY_SLOTS = [0, -1, 2, 3, -1, 5, -1]
 
 
 cdef void _load_scalars(tuple scalars, double* out) except *:
@@ -900,13 +901,13 @@ def touch(tuple arrays, int phase=0):
     """Bandwidth ceiling: the memory traffic of an update with trivial math. arrays = (p, g, *states
     [, kahan_comp]) (None for an unused state slot), any layout the updates take.
     phase 0: p and the states read and written, g read (every single-pass optimizer); a Kahan
-    compensation (the sixth array) read and written too.
+    compensation (the sixth array) read and written too; a fourth state is the seventh array.
     LAMB's two passes: phase 1: p and g read, the two states read and written;
     phase 2: p read and written, the two states read."""
     cdef double s[1]
-    cdef tuple names = ("params", "grads", "state0", "state1", "state2", "kahan_comp")[:len(arrays)]
+    cdef tuple names = ("params", "grads", "state0", "state1", "state2", "kahan_comp", "state3")[:len(arrays)]
     cdef _Batch b = _collect(arrays, names, 1)
-    cdef int nstates = sum(a is not None for a in arrays[2:COMP])
+    cdef int nstates = sum(a is not None for a in arrays[2:COMP]) + sum(a is not None for a in arrays[COMP + 1:])
     if b.nchunks == 0:
         return
     if phase == 2:
@@ -1020,7 +1021,7 @@ cdef inline int _chunk_int8(int layout, int kind, int variant, void** base, floa
                             unsigned int key, unsigned long long offset) noexcept nogil:
     """One chunk of one tensor: base = {p, g, codes0, codes1, codes2, comp}, absmax = the tensor's three
     scale arrays (NULL where unused); the chunk starts on a 256-block boundary (CHUNK is a multiple)."""
-    cdef void* ptrs[SLOTS]
+    cdef void* ptrs[SLOTS]  # run_chunk_int8's pointer array: SLOTS long (slot 6 unused: three states)
     cdef float* am[3]
     cdef int k
     ptrs[0] = <void*> (<char*> base[0] + ch.start * psize)
@@ -1036,6 +1037,7 @@ cdef inline int _chunk_int8(int layout, int kind, int variant, void** base, floa
         ptrs[5] = NULL
     else:
         ptrs[5] = <void*> (<char*> base[5] + ch.start * psize)
+    ptrs[6] = NULL
     return run_chunk_int8(layout, kind, variant, ptrs, am, maps, quants, ch.n, s, 0.0, key,
                           offset + <unsigned long long> ch.start)
 
@@ -1076,7 +1078,7 @@ def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, c
         total += size
     if nch == 0:
         return
-    base = <void**> malloc(nt * SLOTS * sizeof(void*))
+    base = <void**> malloc(nt * INT8_SLOTS * sizeof(void*))
     absmax = <float**> malloc(nt * 3 * sizeof(float*))
     mp = <const float**> malloc(nt * 3 * sizeof(float*))
     md = <FoQuantizer*> malloc(nt * 3 * sizeof(FoQuantizer))
@@ -1091,8 +1093,8 @@ def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, c
         nch = 0
         for t in range(nt):
             entry = tensors[t]
-            for k in range(SLOTS):
-                base[t * SLOTS + k] = _data_or_null(entry[k])
+            for k in range(INT8_SLOTS):
+                base[t * INT8_SLOTS + k] = _data_or_null(entry[k])
             for k in range(3):
                 absmax[t * 3 + k] = <float*> _data_or_null(entry[6 + k])
                 mp[t * 3 + k] = map_rows + (256 if entry[9 + k] else 0)
@@ -1109,7 +1111,7 @@ def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, c
         with nogil:
             for c in prange(nch, schedule='static', num_threads=_threads_for(total)):
                 t = chunks[c].tensor
-                bad += _chunk_int8(layout, kind, variant, &base[t * SLOTS], &absmax[t * 3], &mp[t * 3], &md[t * 3],
+                bad += _chunk_int8(layout, kind, variant, &base[t * INT8_SLOTS], &absmax[t * 3], &mp[t * 3], &md[t * 3],
                                    psize, gsize, &chunks[c], s, key, index_offset) != 0
     finally:
         free(base); free(absmax); free(mp); free(md); free(chunks)

@@ -172,25 +172,30 @@ struct Ptrs {
 };
 
 // Every elementwise family: the functor the CUDA kernels run (kernels/cuda/<family>.cuh, ops.cuh) with
-// math type M, over one contiguous chunk. Unused state slots (Op::USED) are neither read nor written.
+// math type M, over one contiguous chunk. Unused state slots (Op::USED) are neither read nor written. The
+// fourth state (Adan's) is ptrs[6], after the Kahan compensation, read only by a functor with USED bit 8:
+// the other families compile as they did with three slots.
 template <typename M, class PS, class GS, class SS, class Op>
-FASTOPT_INLINE void cpu_loop(Ptrs<PS, GS, SS> a, int64_t n, const double* s) {
+FASTOPT_INLINE void cpu_loop(Ptrs<PS, GS, SS> a, void* const* ptrs, int64_t n, const double* s) {
     const Op op = {load_params<typename Op::P, M>(s)};  // a const aggregate: the scalars stay in registers
     typename PS::type* __restrict p = a.p;
     const typename GS::type* __restrict g = a.g;
     typename SS::type* __restrict s0 = a.s0;
     typename SS::type* __restrict s1 = a.s1;
     typename SS::type* __restrict s2 = a.s2;
+    typename SS::type* __restrict s3 = (Op::USED & 8) ? static_cast<typename SS::type*>(ptrs[6]) : 0;
     for (int64_t i = 0; i < n; ++i) {
-        M pi = PS::template load<M>(p[i]), x0 = M(0), x1 = M(0), x2 = M(0);
+        M pi = PS::template load<M>(p[i]), x0 = M(0), x1 = M(0), x2 = M(0), x3 = M(0);
         if (Op::USED & 1) x0 = SS::template load<M>(s0[i]);
         if (Op::USED & 2) x1 = SS::template load<M>(s1[i]);
         if (Op::USED & 4) x2 = SS::template load<M>(s2[i]);
-        op(pi, GS::template load<M>(g[i]), x0, x1, x2);
+        if (Op::USED & 8) x3 = SS::template load<M>(s3[i]);
+        fo_op_call(op, pi, GS::template load<M>(g[i]), x0, x1, x2, x3);
         p[i] = PS::template store<M>(pi);
         if (Op::USED & 1) s0[i] = SS::template store<M>(x0);
         if (Op::USED & 2) s1[i] = SS::template store<M>(x1);
         if (Op::USED & 4) s2[i] = SS::template store<M>(x2);
+        if (Op::USED & 8) s3[i] = SS::template store<M>(x3);
     }
 }
 
@@ -274,7 +279,7 @@ struct TouchCast<fo_u16> {
 };
 
 template <class PS, class GS, class SS, int NS, bool P_READ_ONLY, bool COMP = false>
-FASTOPT_INLINE void touch_loop(Ptrs<PS, GS, SS> a, int64_t n) {
+FASTOPT_INLINE void touch_loop(Ptrs<PS, GS, SS> a, int64_t n, typename SS::type* s3_ = 0) {
     typedef typename PS::type TP;
     typedef typename SS::type TS;
     TP* __restrict p = a.p;
@@ -282,6 +287,7 @@ FASTOPT_INLINE void touch_loop(Ptrs<PS, GS, SS> a, int64_t n) {
     TS* __restrict s0 = a.s0;
     TS* __restrict s1 = a.s1;
     TS* __restrict s2 = a.s2;
+    TS* __restrict s3 = s3_;  // the fourth state (ptrs[6]), NS == 4 only
     TP* __restrict c = a.c;
     for (int64_t i = 0; i < n; ++i) {
         TS gi = P_READ_ONLY ? TS(TouchCast<TS>::of(g[i]) + TouchCast<TS>::of(p[i])) : TouchCast<TS>::of(g[i]);
@@ -289,6 +295,7 @@ FASTOPT_INLINE void touch_loop(Ptrs<PS, GS, SS> a, int64_t n) {
         if (NS > 0) s0[i] = TS(s0[i] + gi);
         if (NS > 1) s1[i] = TS(s1[i] + gi);
         if (NS > 2) s2[i] = TS(s2[i] + gi);
+        if (NS > 3) s3[i] = TS(s3[i] + gi);
         if (COMP) c[i] = TP(c[i] + TouchCast<TP>::of(g[i]));  // Kahan: the compensation read and written
     }
 }
@@ -311,8 +318,8 @@ FASTOPT_INLINE Ptrs<PS, GS, SS> typed_ptrs(void* const* ptrs) {
     return a;
 }
 
-// The bandwidth-ceiling kernels of any layout (variant = number of states, + 4 when p is only read; a
-// Kahan layout also reads and writes the compensation).
+// The bandwidth-ceiling kernels of any layout (variant = number of states, 0 to 4 (the fourth at ptrs[6]);
+// 6: two states with p only read; a Kahan layout also reads and writes the compensation).
 template <class PS, class GS, class SS, bool COMP>
 FASTOPT_INLINE int run_touch(int kind, int variant, void* const* ptrs, int64_t n) {
     Ptrs<PS, GS, SS> a = typed_ptrs<PS, GS, SS>(ptrs);
@@ -325,6 +332,7 @@ FASTOPT_INLINE int run_touch(int kind, int variant, void* const* ptrs, int64_t n
         case 1: touch_loop<PS, GS, SS, 1, false, COMP>(a, n); return 0;
         case 2: touch_loop<PS, GS, SS, 2, false, COMP>(a, n); return 0;
         case 3: touch_loop<PS, GS, SS, 3, false, COMP>(a, n); return 0;
+        case 4: touch_loop<PS, GS, SS, 4, false, COMP>(a, n, static_cast<typename SS::type*>(ptrs[6])); return 0;
         case 6: touch_loop<PS, GS, SS, 2, true, false>(a, n); return 0;
     }
     return -1;
@@ -346,7 +354,7 @@ FASTOPT_INLINE int run_chunk_typed(int kind, int variant, void* const* ptrs, int
     if (kind < 0 || kind >= FASTOPT_FAMILY_COUNT || variant < 0 || variant > 255) return -1;
     switch (kind * 256 + variant) {  // every (family, variant) of the generated table
 #define FASTOPT_CPU_CASE(K, FAMILY, OP, V) \
-    case (K) * 256 + (V): cpu_loop<M, PS, GS, SS, OP<M, V> >(a, n, s); return 0;
+    case (K) * 256 + (V): cpu_loop<M, PS, GS, SS, OP<M, V> >(a, ptrs, n, s); return 0;
         FASTOPT_UPDATE_VARIANTS(FASTOPT_CPU_CASE)
 #undef FASTOPT_CPU_CASE
     }
@@ -382,9 +390,9 @@ FASTOPT_INLINE int run_staged(int kind, int variant, void* const* ptrs, int64_t 
         for (int64_t i = 0; i < m; ++i) pw[i] = PS::template load<float>(p[off + i]);
         if (g != 0)
             for (int64_t i = 0; i < m; ++i) gw[i] = GS::template load<float>(g[off + i]);
-        void* inner_ptrs[6] = {pw, g != 0 ? gw : 0, 0, 0, 0, 0};
-        for (int k = 2; k < 5; ++k)
-            inner_ptrs[k] = ptrs[k] != 0 ? static_cast<void*>(static_cast<char*>(ptrs[k]) + off * ssize) : 0;
+        void* inner_ptrs[7] = {pw, g != 0 ? gw : 0, 0, 0, 0, 0, 0};
+        for (int k = 2; k < 7; ++k)  // the states (slot 5, the compensation, is stored below, not passed in)
+            if (k != 5 && ptrs[k] != 0) inner_ptrs[k] = static_cast<void*>(static_cast<char*>(ptrs[k]) + off * ssize);
         const int r = run_chunk(inner, kind, variant, inner_ptrs, m, s, coef, acc, 0, 0);
         if (r != 0) return r;
         if (!writes_p) continue;
@@ -403,7 +411,8 @@ FASTOPT_INLINE int run_staged(int kind, int variant, void* const* ptrs, int64_t 
     return 0;
 }
 
-// One chunk of one tensor: ptrs = {p, g, state0, state1, state2, kahan compensation} (unused ones NULL);
+// One chunk of one tensor: ptrs = {p, g, state0, state1, state2, kahan compensation, state3} (unused ones
+// NULL; state3 only for a four-state family: Adan);
 // key and index0 (the index of the chunk's first element in its tensor, plus the caller's offset) feed
 // stochastic rounding. Returns -1 for an unknown layout/kind/variant (validated in Python before any
 // write, so never in practice).
@@ -478,7 +487,7 @@ FASTOPT_INLINE int run_int8_typed(int kind, int variant, void* const* ptrs, floa
         GS gs;
         for (int64_t i = 0; i < m; ++i) pw[i] = ps.template load<float>(p[off + i]);
         for (int64_t i = 0; i < m; ++i) gw[i] = gs.template load<float>(g[off + i]);
-        void* inner[6] = {pw, gw, 0, 0, 0, 0};
+        void* inner[7] = {pw, gw, 0, 0, 0, 0, 0};  // three states (Adan's 8-bit state is refused)
         for (int k = 0; k < 3; ++k) {
             if (ptrs[2 + k] == 0) continue;
             const unsigned char* codes = static_cast<const unsigned char*>(ptrs[2 + k]) + off;

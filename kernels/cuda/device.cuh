@@ -106,9 +106,9 @@ __device__ __forceinline__ bool skipped(const unsigned char* skip) { return skip
 
 // Multi-tensor table (one int64 buffer, cached by the launcher while the pointers repeat):
 //   tensors: TENSOR_FIELDS int64 per tensor: p, g, s0, s1, s2 (0 when unused), n, vec (all pointers
-//            16-byte aligned), first chunk index
+//            16-byte aligned), first chunk index, s3 (a fourth state: Adan's; 0 when unused)
 //   chunks:  one int64 per block: tensor index << 32 | chunk index within the tensor
-enum { TENSOR_FIELDS = 8, F_P = 0, F_G = 1, F_S0 = 2, F_S1 = 3, F_S2 = 4, F_N = 5, F_VEC = 6, F_FIRST = 7 };
+enum { TENSOR_FIELDS = 9, F_P = 0, F_G = 1, F_S0 = 2, F_S1 = 3, F_S2 = 4, F_N = 5, F_VEC = 6, F_FIRST = 7, F_S3 = 8 };
 
 struct ChunkRange {
     const i64* rec;  // the tensor's record

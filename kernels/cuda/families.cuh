@@ -20,9 +20,10 @@
 #include "yogi.cuh"
 #include "sfsgd.cuh"
 #include "sfadamw.cuh"
+#include "adan.cuh"
 #include "average.cuh"
 
-#define FASTOPT_FAMILY_COUNT 16
+#define FASTOPT_FAMILY_COUNT 17
 
 // X(kind, family, functor, variant): one row per compiled variant (kernels/cpu/cpu_loops.hpp)
 #define FASTOPT_UPDATE_VARIANTS(X) \
@@ -50,9 +51,10 @@
     X(12, yogi, YogiOp, 0) \
     X(13, sfsgd, SfsgdOp, 0) \
     X(14, sfadamw, SfadamwOp, 0) \
-    X(15, average, AverageOp, 0) \
-    X(15, average, AverageOp, 1) \
-    X(15, average, AverageOp, 2) \
+    X(15, adan, AdanOp, 0) \
+    X(16, average, AverageOp, 0) \
+    X(16, average, AverageOp, 1) \
+    X(16, average, AverageOp, 2) \
 
 
 // The CUDA entry points fo_<family>_v<variant>[_multi]: update.cu defines FO_UPDATE_ENTRIES and then
@@ -82,9 +84,10 @@ FO_UPDATE_ENTRIES(11, asgd, AsgdOp, 0)
 FO_UPDATE_ENTRIES(12, yogi, YogiOp, 0)
 FO_UPDATE_ENTRIES(13, sfsgd, SfsgdOp, 0)
 FO_UPDATE_ENTRIES(14, sfadamw, SfadamwOp, 0)
-FO_UPDATE_ENTRIES(15, average, AverageOp, 0)
-FO_UPDATE_ENTRIES(15, average, AverageOp, 1)
-FO_UPDATE_ENTRIES(15, average, AverageOp, 2)
+FO_UPDATE_ENTRIES(15, adan, AdanOp, 0)
+FO_UPDATE_ENTRIES(16, average, AverageOp, 0)
+FO_UPDATE_ENTRIES(16, average, AverageOp, 1)
+FO_UPDATE_ENTRIES(16, average, AverageOp, 2)
 #endif
 
 // The two-phase families (spec.two_phase): a per-tensor reduction between phase 1 (the states, and

@@ -7,6 +7,10 @@
 //       FASTOPT_OP void operator()(M& p, M g, M& s0, M& s1, M& s2) const;   // one element, in place
 //   };
 //
+// A family with a fourth state (USED bit 8: Adan) takes one more argument, s3; the loops call every
+// functor through fo_op_call below, so the three-state families keep their signature and a fourth slot
+// is compiled out for them.
+//
 // with V the variant's bits (fastopt/specs.py `variants`). The same functor runs in the CUDA entry points
 // (update.cu: single_kernel / multi_kernel) and in the CPU loop (kernels/cpu/cpu_loops.hpp: cpu_loop), so
 // it compiles under nvcc, NVRTC, gcc, clang and MSVC. Which families and variants exist is the generated
@@ -24,3 +28,24 @@
 #else
 #define FASTOPT_OP inline
 #endif
+
+namespace fastopt {
+
+// op(p, g, s0, s1, s2[, s3]): the fourth state only for a functor that uses it (Op::USED & 8).
+template <bool FOUR>
+struct FoOpCall {
+    template <class Op, typename M>
+    static FASTOPT_OP void call(const Op& op, M& p, M g, M& s0, M& s1, M& s2, M&) { op(p, g, s0, s1, s2); }
+};
+template <>
+struct FoOpCall<true> {
+    template <class Op, typename M>
+    static FASTOPT_OP void call(const Op& op, M& p, M g, M& s0, M& s1, M& s2, M& s3) { op(p, g, s0, s1, s2, s3); }
+};
+
+template <class Op, typename M>
+FASTOPT_OP void fo_op_call(const Op& op, M& p, M g, M& s0, M& s1, M& s2, M& s3) {
+    FoOpCall<(Op::USED & 8) != 0>::call(op, p, g, s0, s1, s2, s3);
+}
+
+}  // namespace fastopt

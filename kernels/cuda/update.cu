@@ -29,19 +29,22 @@ struct Ptrs {
     S* __restrict__ s0;
     S* __restrict__ s1;
     S* __restrict__ s2;
+    S* __restrict__ s3;  // a fourth state (Op::USED bit 8: Adan), else NULL
 };
 
 template <class Op>
 __device__ __forceinline__ void update_one(const Op& op, const Ptrs& a, i64 i) {
-    M p = load(a.p[i]), x0 = M(0), x1 = M(0), x2 = M(0);
+    M p = load(a.p[i]), x0 = M(0), x1 = M(0), x2 = M(0), x3 = M(0);
     if (Op::USED & 1) x0 = load(a.s0[i]);
     if (Op::USED & 2) x1 = load(a.s1[i]);
     if (Op::USED & 4) x2 = load(a.s2[i]);
-    op(p, load(a.g[i]), x0, x1, x2);
+    if (Op::USED & 8) x3 = load(a.s3[i]);
+    fo_op_call(op, p, load(a.g[i]), x0, x1, x2, x3);
     a.p[i] = store<T>(p);
     if (Op::USED & 1) a.s0[i] = store<S>(x0);
     if (Op::USED & 2) a.s1[i] = store<S>(x1);
     if (Op::USED & 4) a.s2[i] = store<S>(x2);
+    if (Op::USED & 8) a.s3[i] = store<S>(x3);
 }
 
 // Elements [VEC*j, VEC*j + VEC) with 16-byte loads and stores.
@@ -49,26 +52,30 @@ template <class Op>
 __device__ __forceinline__ void update_vec(const Op& op, const Ptrs& a, i64 j) {
     Vec<T, VEC> pv = load_vec(a.p, j);
     const Vec<T, VEC> gv = load_vec(a.g, j);
-    Vec<S, VEC> v0, v1, v2;
+    Vec<S, VEC> v0, v1, v2, v3;
     if (Op::USED & 1) v0 = load_vec(a.s0, j);
     if (Op::USED & 2) v1 = load_vec(a.s1, j);
     if (Op::USED & 4) v2 = load_vec(a.s2, j);
+    if (Op::USED & 8) v3 = load_vec(a.s3, j);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-        M p = load(pv.v[k]), x0 = M(0), x1 = M(0), x2 = M(0);
+        M p = load(pv.v[k]), x0 = M(0), x1 = M(0), x2 = M(0), x3 = M(0);
         if (Op::USED & 1) x0 = load(v0.v[k]);
         if (Op::USED & 2) x1 = load(v1.v[k]);
         if (Op::USED & 4) x2 = load(v2.v[k]);
-        op(p, load(gv.v[k]), x0, x1, x2);
+        if (Op::USED & 8) x3 = load(v3.v[k]);
+        fo_op_call(op, p, load(gv.v[k]), x0, x1, x2, x3);
         pv.v[k] = store<T>(p);
         if (Op::USED & 1) v0.v[k] = store<S>(x0);
         if (Op::USED & 2) v1.v[k] = store<S>(x1);
         if (Op::USED & 4) v2.v[k] = store<S>(x2);
+        if (Op::USED & 8) v3.v[k] = store<S>(x3);
     }
     store_vec(a.p, j, pv);
     if (Op::USED & 1) store_vec(a.s0, j, v0);
     if (Op::USED & 2) store_vec(a.s1, j, v1);
     if (Op::USED & 4) store_vec(a.s2, j, v2);
+    if (Op::USED & 8) store_vec(a.s3, j, v3);
 }
 
 // Elements [begin, end), thread t of nt. vec requires begin % VEC == 0 and aligned pointers.
@@ -85,16 +92,18 @@ __device__ __forceinline__ void update_range(const Op& op, const Ptrs& a, i64 be
 
 __device__ __forceinline__ Ptrs table_ptrs(const i64* rec) {
     Ptrs a = {reinterpret_cast<T*>(rec[F_P]), reinterpret_cast<const T*>(rec[F_G]),
-              reinterpret_cast<S*>(rec[F_S0]), reinterpret_cast<S*>(rec[F_S1]), reinterpret_cast<S*>(rec[F_S2])};
+              reinterpret_cast<S*>(rec[F_S0]), reinterpret_cast<S*>(rec[F_S1]), reinterpret_cast<S*>(rec[F_S2]),
+              reinterpret_cast<S*>(rec[F_S3])};
     return a;
 }
 
 template <class Op>
-__device__ __forceinline__ void single_kernel(T* p, const T* g, S* s0, S* s1, S* s2, i64 n, const Scalars& sc,
-                                              const void* gs, int gs_kind, int vec, const unsigned char* skip) {
+__device__ __forceinline__ void single_kernel(T* p, const T* g, S* s0, S* s1, S* s2, S* s3, i64 n,
+                                              const Scalars& sc, const void* gs, int gs_kind, int vec,
+                                              const unsigned char* skip) {
     if (skipped(skip)) return;
     const Op op = make_op<Op>(sc, gs, gs_kind);
-    const Ptrs a = {p, g, s0, s1, s2};
+    const Ptrs a = {p, g, s0, s1, s2, s3};
     update_range(op, a, 0, n, i64(blockIdx.x) * blockDim.x + threadIdx.x, i64(gridDim.x) * blockDim.x, vec != 0);
 }
 
@@ -110,14 +119,16 @@ __device__ __forceinline__ void multi_kernel(const i64* tensors, const i64* chun
 }  // namespace dev
 }  // namespace fastopt
 
-// KIND (the CPU kind) is unused here: the rows of families.cuh are shared with the CPU loops.
+// KIND (the CPU kind) is unused here: the rows of families.cuh are shared with the CPU loops. s3 is a fourth
+// state (Adan's; NULL for the others, which never read it).
 #define FO_UPDATE_ENTRIES(KIND, FAMILY, OP, V)                                                              \
     extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                             \
         fo_##FAMILY##_v##V(fastopt::dev::T* p, const fastopt::dev::T* g, fastopt::dev::S* s0,               \
-                           fastopt::dev::S* s1, fastopt::dev::S* s2, long long n, fastopt::dev::Scalars sc, \
-                           const void* gs, int gs_kind, int vec, const unsigned char* skip) {               \
-        fastopt::dev::single_kernel<fastopt::OP<fastopt::dev::M, V> >(p, g, s0, s1, s2, n, sc, gs, gs_kind, \
-                                                                      vec, skip);                          \
+                           fastopt::dev::S* s1, fastopt::dev::S* s2, fastopt::dev::S* s3, long long n,      \
+                           fastopt::dev::Scalars sc, const void* gs, int gs_kind, int vec,                  \
+                           const unsigned char* skip) {                                                     \
+        fastopt::dev::single_kernel<fastopt::OP<fastopt::dev::M, V> >(p, g, s0, s1, s2, s3, n, sc, gs,      \
+                                                                      gs_kind, vec, skip);                 \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                             \
         fo_##FAMILY##_v##V##_multi(const long long* tensors, const long long* chunks,                       \

@@ -7,7 +7,7 @@ Every array kernel is a multi-tensor kernel: ONE launch updates a whole list (or
 table, like the CuPy backend's. The launcher (fastopt/backends/numba_backend.py) passes, per slot (p, g,
 s0, s1, s2), one 1-d array `P, G, S0, S1, S2` that starts at the lowest address of that slot's tensors,
 and a table:
-  tensors[t] = (offset of tensor t in P, in G, in S0, in S1, in S2, number of elements)   int64 (nt, 6)
+  tensors[t] = (offset of tensor t in P, in G, in S0, in S1, in S2, number of elements, in S3)   int64 (nt, 7)
   chunks[b]  = (tensor, first element)                                                   int64 (nb, 2)
 Block b handles the elements [first, min(first + CHUNK, n)) of its tensor, its threads striding by the
 block size, so every element is covered whatever the grid (one block per chunk).
@@ -15,6 +15,7 @@ The per-family kernels are generated from the registry (spec.kernel) and the fam
 found by name in kernels/numba/math.py; no family is listed here:
   update[family](P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, skip)   elementwise, from
                                                    <family>_math; `used` bit k: state slot k is live
+                                                   (a four-state family, Adan: S3 after S2, all live)
   moments[family](P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, partials, skip)   two-phase
                                                    (LAMB), from <family>_moments_math: new states; per
                                                    chunk the float64 sums of p^2 and u^2
@@ -55,8 +56,10 @@ def families(two_phase=False):
 
 FAMILIES = families()                    # elementwise: one `update` kernel each
 TWO_PHASE_FAMILIES = families(True)      # LAMB: `moments`, `trust`, `apply`
-SLOTS = 3                                # state slots of every kernel (s0, s1, s2)
-assert all(len(s.states) <= SLOTS for s in REGISTRY.values()), "a family needs more than 3 state slots"
+SLOTS = 4                                # state slots: s0, s1, s2, and s3 for a four-state family (Adan)
+assert all(len(s.states) <= SLOTS for s in REGISTRY.values()), "a family needs more than 4 state slots"
+# the four-state families: their update kernel takes S3 too, and their math (p, g, a, b, c, d, h, s, variant)
+FOUR_STATE_FAMILIES = frozenset(s.kernel for s in kernel_specs() if len(s.states) > 3)
 
 
 def math_function(m, name):
@@ -82,9 +85,9 @@ class _Lazy(dict):
         return kernel
 
 
-# the table's columns (tensors[t, ...])
-T_P, T_G, T_S0, T_S1, T_S2, T_N = range(6)
-TENSOR_FIELDS = 6
+# the table's columns (tensors[t, ...]); T_S3: a fourth state's offset (0 when unused)
+T_P, T_G, T_S0, T_S1, T_S2, T_N, T_S3 = range(7)
+TENSOR_FIELDS = 7
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,6 +156,8 @@ def build(dtype, block, chunk):
 
     def make_update(family):
         math_fn = math_function(m, f"{family}_math")
+        if family in FOUR_STATE_FAMILIES:
+            return make_update4(math_fn)
 
         @cuda.jit
         def update(P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, skip):
@@ -168,6 +173,27 @@ def build(dtype, block, chunk):
                 P[op + i] = pi
                 store_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used, a, b, c)
         return update
+
+    def make_update4(math_fn):
+        """A four-state family (Adan): every slot live, the fourth in S3."""
+
+        @cuda.jit
+        def update4(P, G, S0, S1, S2, S3, tensors, chunks, h, gs, used, variant, skip):
+            if skip[0]:
+                return
+            s = gs[0]
+            t, begin, end = chunk_of(tensors, chunks)
+            op, og = tensors[t, T_P], tensors[t, T_G]
+            o0, o1, o2, o3 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2], tensors[t, T_S3]
+            for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
+                pi, a, b, c, d = math_fn(P[op + i], G[og + i], S0[o0 + i], S1[o1 + i], S2[o2 + i], S3[o3 + i], h, s,
+                                         variant)
+                P[op + i] = pi
+                S0[o0 + i] = a
+                S1[o1 + i] = b
+                S2[o2 + i] = c
+                S3[o3 + i] = d
+        return update4
 
     # Two-phase families (LAMB), in one place: phase 1 `moments` updates the states and writes per chunk
     # the float64 sums of p^2 and u^2 (u: the family's direction); `trust` reduces each tensor's chunks

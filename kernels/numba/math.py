@@ -296,6 +296,24 @@ def build(dtype):
         a = a - h[H.sfadamw.lr] * g
         return p, a, b, c
 
+    # Adan (adan.cuh): the one four-state family (kernels.py FOUR_STATE_FAMILIES: its update kernel passes d)
+
+    @family
+    def adan_math(p, g, a, b, c, d, h, s, variant):  # a: exp_avg, b: exp_avg_diff, c: exp_avg_sq, d: previous_grad
+        g = g * (h[H.adan.grad_scale] * s)
+        diff = d + g * h[H.adan.first]
+        a = h[H.adan.beta1] * a + h[H.adan.one_minus_beta1] * g
+        b = h[H.adan.beta2] * b + h[H.adan.one_minus_beta2] * diff
+        u = diff * h[H.adan.beta2] + g
+        c = h[H.adan.beta3] * c + h[H.adan.one_minus_beta3] * (u * u)
+        denom = math.sqrt(c) / h[H.adan.bias_correction3_sqrt] + h[H.adan.eps]
+        p = p * h[H.adan.decay]
+        p = p - h[H.adan.step_size] * (a / denom)
+        p = p - h[H.adan.diff_step_size] * (b / denom)
+        p = p / h[H.adan.prox]
+        d = -g
+        return p, a, b, c, d
+
 
     @family
     def average_math(p, g, a, b, c, h, s, variant):  # p: the average, g: the model's param (average.cuh)

@@ -49,7 +49,7 @@ UNREACHABLE: dict = {}
 
 # Pointer parameters the kernels test against null (reduce.cu / update.cu / device.cuh); any other
 # pointer must be non-null. "kernel.param" for a parameter nullable in that kernel only.
-NULLABLE = {"s0", "s1", "s2", "gs", "skip", "coef", "found_inf", "skipped", "coef_ptr", "fo_step_guard.norm"}
+NULLABLE = {"s0", "s1", "s2", "s3", "gs", "skip", "coef", "found_inf", "skipped", "coef_ptr", "fo_step_guard.norm"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -493,15 +493,12 @@ def new_arrays(fake, shapes, dtype, device, as_list, wrap=lambda a: a):
 
 
 def update_arrays(fake, spec, hp, dtype, device, as_list, wrap=lambda a: a):
-    """(arrays, names) as fastopt.functional.apply_update hands them to the backend: None for an
-    unused state slot, trailing ones dropped."""
+    """(arrays, names) as fastopt.functional.apply_update hands them to the backend (spec.plan_call): None
+    for an unused state slot, trailing ones dropped, a fourth state after the Kahan compensation's slot."""
     shapes = LIST_SHAPES if as_list else [SINGLE_SHAPE]
-    arrays = [new_arrays(fake, shapes, dtype, device, as_list, wrap) for _ in range(2)]
-    arrays += [new_arrays(fake, shapes, state_dtype(dtype), device, as_list, wrap) if used else None
-               for used in spec.active_states(hp)]
-    while len(arrays) > 2 and arrays[-1] is None:
-        arrays.pop()
-    return tuple(arrays), ("params", "grads") + spec.states[:len(arrays) - 2]
+    arrays = tuple(new_arrays(fake, shapes, dtype, device, as_list, wrap) for _ in range(2))
+    tail, names = spec.plan_call(hp, lambda _: new_arrays(fake, shapes, state_dtype(dtype), device, as_list, wrap))
+    return arrays + tail, names
 
 
 def grad_scales(fake, dtype, device, wrap=lambda a: a):
@@ -529,8 +526,9 @@ def check_update_values(spec, hp, step, arrays, grad_scale, found_inf, launch):
     flag = getattr(found_inf, "backing", found_inf)
     assert ptr(a["skip"]) == (0 if flag is None else flag.data.ptr), launch.name
     if "p" in a:  # the single-array kernel: its arrays slot by slot
-        unwrap = [getattr(x, "backing", x) for x in arrays] + [None] * (5 - len(arrays))
-        for slot, x in zip(("p", "g", "s0", "s1", "s2"), unwrap):
+        unwrap = [getattr(x, "backing", x) for x in arrays] + [None] * (7 - len(arrays))
+        unwrap = unwrap[:5] + unwrap[6:]  # slot 5 (the Kahan compensation) never reaches the GPU; 6 is s3
+        for slot, x in zip(("p", "g", "s0", "s1", "s2", "s3"), unwrap):
             assert ptr(a[slot]) == (0 if x is None else x.data.ptr), f"{launch.name} {slot}"
         assert int(a["n"]) == unwrap[0].size and int(a["vec"]) == 1, launch.name
         # one 16-byte vector per thread: the grid is not capped (the loop is grid-stride all the same)
@@ -619,8 +617,8 @@ def test_signatures_parsed_for_exactly_the_entry_points():
     macro_made = [cuda_source.update_kernel_name(f, v, m) for f, vs in cuda_source.UPDATE_VARIANTS.items()
                   for v in vs for m in (False, True)]
     assert all(SIGNATURES[n][-1] == ("const unsigned char*", "skip") for n in macro_made)
-    assert [p for _, p in SIGNATURES["fo_adam_v1"]] == ["p", "g", "s0", "s1", "s2", "n", "sc", "gs", "gs_kind",
-                                                         "vec", "skip"]
+    assert [p for _, p in SIGNATURES["fo_adam_v1"]] == ["p", "g", "s0", "s1", "s2", "s3", "n", "sc", "gs",
+                                                         "gs_kind", "vec", "skip"]
     assert SCALARS_BYTES == 128 == cupy_backend._SCALARS.itemsize
     for name, params in SIGNATURES.items():
         for ctype, _ in params:
@@ -670,7 +668,7 @@ def test_vector_flag_follows_alignment(fake):
     assert_launches_fit(fake, "misaligned list")
     tensors = ptr(args_by_name(fake.launches[0])["tensors"])
     table = next(t for t in cupy_backend._tables.values() if t.tensors == tensors)
-    assert table.buffer.host[:16].reshape(2, 8)[:, 6].tolist() == [1, 0]
+    assert table.buffer.host[:18].reshape(2, 9)[:, 6].tolist() == [1, 0]
 
 
 def test_no_launch_for_empty_arrays(fake):

@@ -110,9 +110,14 @@ def test_multi_tensor_table_layout():
     params = [A(256, chunk + 3), A(1024, 0), A(2048 + 4, 5)]
     grads = [A(4096, chunk + 3), A(0, 0), A(8192, 5)]
     host, nt, nc, offset = table_layout([params, grads, None])
-    fields = host[:offset // 8].reshape(nt, 8)
+    fields = host[:offset // 8].reshape(nt, 9)
     chunks = host[offset // 8:]
     assert (nt, nc) == (3, 3)
-    assert fields[0].tolist() == [256, 4096, 0, 0, 0, chunk + 3, 1, 0]
-    assert fields[2][5:].tolist() == [5, 0, 2]           # misaligned params: scalar loads
+    assert fields[0].tolist() == [256, 4096, 0, 0, 0, chunk + 3, 1, 0, 0]
+    assert fields[2][5:].tolist() == [5, 0, 2, 0]        # misaligned params: scalar loads
+    # a fourth state (Adan's: the call's slot 6, after the Kahan compensation's) goes to column 8 (F_S3)
+    s = [[A(16 * (k + 1) * 1024 + 16 * i, x.size) for i, x in enumerate(params)] for k in range(4)]
+    host4, _, _, offset4 = table_layout([params, grads, s[0], s[1], s[2], None, s[3]])
+    fields4 = host4[:offset4 // 8].reshape(nt, 9)
+    assert fields4[0].tolist() == [256, 4096, 16384, 32768, 49152, chunk + 3, 1, 0, 65536]
     assert [(int(c) >> 32, int(c) & 0xffffffff) for c in chunks] == [(0, 0), (0, 1), (2, 0)]

@@ -19,6 +19,7 @@ from fastopt.kernels.numba import math as fmath  # noqa: E402
 
 NUMBA_DIR = os.path.dirname(fmath.__file__)
 ELEMENTWISE = ("p", "g", "a", "b", "c", "h", "s", "variant")
+ELEMENTWISE4 = ("p", "g", "a", "b", "c", "d", "h", "s", "variant")  # a four-state family (Adan)
 
 
 def _math_names(spec):
@@ -35,7 +36,10 @@ def test_every_registry_family_has_numba_math(name, dtype):
     for fn_name in _math_names(spec):
         assert fn_name in m, f"{name}: no {fn_name} in kernels/numba/math.py"
     if not spec.two_phase:
-        assert tuple(inspect.signature(m[f"{spec.kernel}_math"].py_func).parameters) == ELEMENTWISE
+        four = len(spec.states) > 3
+        assert (spec.kernel in nk.FOUR_STATE_FAMILIES) == four
+        assert tuple(inspect.signature(m[f"{spec.kernel}_math"].py_func).parameters) == (
+            ELEMENTWISE4 if four else ELEMENTWISE)
     assert len(spec.states) <= nk.SLOTS
 
 
