@@ -83,11 +83,14 @@ def run_update(name, options, steps, dtype, shapes, as_list, grad_scale=None):
     for t in range(1, steps + 1):
         d_g = [cuda.to_device(g) for g in grads_per_step[t - 1]]
         slot = (lambda xs: xs) if as_list else (lambda xs: xs[0])
-        arrays = (slot(d_p), slot(d_g)) + tuple(None if st[0] is None else slot(st) for st in d_s)
+        by_name = {spec.states[k]: (None if st[0] is None else slot(st)) for k, st in enumerate(d_s)}
+        # the kernel's argument layout (a 4th state goes after the Kahan slot): the registry's planner
+        state_args, names = spec.plan_call(hp, lambda state: by_name.get(state))
+        arrays = (slot(d_p), slot(d_g)) + tuple(state_args)
         scale = grad_scale
         if isinstance(grad_scale, np.ndarray):  # a 0-d array on the (simulated) device
             scale = cuda.to_device(grad_scale)
-        nb.step(spec, arrays, ("params", "grads") + spec.states[:len(d_s)], hp, t, scale)
+        nb.step(spec, arrays, names, hp, t, scale)
         kw = {h.name: hp[h.name] for h in spec.hypers}
         if spec.uses_step:
             kw["step"] = t
@@ -293,14 +296,14 @@ def skip_flag_leaves_arrays_unchanged(name, options, as_list):
     rng = np.random.default_rng(7)
     params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(2)]
-    names = ("params", "grads") + spec.states[:n_used]
     slot = (lambda xs: xs) if as_list else (lambda xs: xs[0])
     results, first = {}, None
     for flag in (None, 0, 1):
         d_p = [cuda.to_device(p) for p in params]
         d_s = [[cuda.to_device(np.zeros(s, np.float32)) if active[k] else None for s in shapes]
                for k in range(n_used)]
-        states = tuple(None if st[0] is None else slot(st) for st in d_s)
+        by_name = {spec.states[k]: (None if st[0] is None else slot(st)) for k, st in enumerate(d_s)}
+        states, names = spec.plan_call(hp, lambda state: by_name.get(state))  # the kernel's layout
         live = d_p + [x for st in d_s for x in st if x is not None]
         nb.step(spec, (slot(d_p), slot([cuda.to_device(g) for g in grads[0]])) + states, names, hp, 1, None)
         first = [host(x) for x in live]
