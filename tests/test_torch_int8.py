@@ -24,28 +24,13 @@ import fastopt.torch as ft  # noqa: E402
 from fastopt.functional import apply_update  # noqa: E402
 from fastopt.precision import INT8_REFUSED, QuantizedState, quant_blocks, signed_state  # noqa: E402
 from fastopt.specs import REGISTRY  # noqa: E402
-from tests.torch_support import one_torch_thread, torch_kwargs  # noqa: E402,F401  (autouse fixture)
+from tests.torch_support import moving_hp, one_torch_thread, to_numpy_16, torch_kwargs  # noqa: E402,F401  (autouse fixture)
 
 INT8_SPECS = [s for s in REGISTRY.values() if s.name not in INT8_REFUSED]
 REFUSED_SPECS = [s for s in REGISTRY.values() if s.name in INT8_REFUSED]
 SHAPES = [(0,), (1,), (300,), (5, 3), (2, 260)]  # sizes 0, 1, odd, and several 256-blocks with a partial one
 MODES = {"float32": (torch.float32, {}), "bf16": (torch.bfloat16, {}), "bf16-kahan": (torch.bfloat16, dict(kahan=True)),
          "bf16-stochastic": (torch.bfloat16, dict(stochastic_rounding=True, seed=7))}
-
-
-def _np(t):
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-    return t.numpy().copy()
-
-
-def _hp(spec):
-    hp = dict(spec.defaults)
-    hp["lr"] = 1e-2 if spec.name not in ("adadelta", "rprop") else hp["lr"]
-    if spec.name == "sgd":
-        hp["momentum"] = 0.9
-    return hp
 
 
 def _assert_state_equal(st, ref_states, spec, i, p):
@@ -58,7 +43,7 @@ def _assert_state_equal(st, ref_states, spec, i, p):
             assert st[tname].numpy().tobytes() == a.codes.tobytes(), (i, name, "codes")
             assert st[tname + "_absmax"].numpy().tobytes() == a.absmax.tobytes(), (i, name, "absmax")
         else:  # the Kahan compensation (the param's dtype)
-            assert _np(st[tname]).tobytes() == a.tobytes(), (i, name)
+            assert to_numpy_16(st[tname]).tobytes() == a.tobytes(), (i, name)
 
 
 def _carried_update(spec, p, g, st, comp, hp, count, carried, options, key_step):
@@ -85,12 +70,12 @@ def test_equals_the_numpy_reference_bit_for_bit(spec, mode, rng):
     """20 steps, two groups, param 2 without a grad on some steps (its own count, which keys the stochastic
     bits): params, codes, scales and the compensation equal the functional API with QuantizedState state."""
     dtype, options = MODES[mode]
-    hp = _hp(spec)
+    hp = moving_hp(spec)
     torch.manual_seed(int(rng.integers(1 << 30)))
     ps = [torch.randn(s).to(dtype).requires_grad_() for s in SHAPES]
     ours = getattr(ft, spec.class_name)([{"params": ps[:3]}, {"params": ps[3:]}], **torch_kwargs(spec, hp),
                                         state_dtype="int8", **options)
-    ref = [_np(p) for p in ps]
+    ref = [to_numpy_16(p) for p in ps]
     states = [fastopt.init_state(spec.name, r, state_dtype="int8", kahan=options.get("kahan", False),
                                  **{k: hp[k] for k in spec.state_options}) for r in ref]
     counts = [0] * len(ps)
@@ -109,13 +94,13 @@ def test_equals_the_numpy_reference_bit_for_bit(spec, mode, rng):
             comp = st.pop("kahan_comp", None)
             key_step = counts[i] if spec.torch_step else t + 1
             if carried[i]:
-                _carried_update(spec, ref[i], _np(p.grad), st, comp, hp, counts[i], carried[i], options, key_step)
+                _carried_update(spec, ref[i], to_numpy_16(p.grad), st, comp, hp, counts[i], carried[i], options, key_step)
                 continue
-            apply_update(spec, ref[i], _np(p.grad), tuple(st.get(s) for s in spec.states), dict(hp), counts[i],
+            apply_update(spec, ref[i], to_numpy_16(p.grad), tuple(st.get(s) for s in spec.states), dict(hp), counts[i],
                          kahan_comp=comp, stochastic_rounding=options.get("stochastic_rounding", False),
                          seed=options.get("seed", 0), key_step=key_step)
     for i, p in enumerate(ps):
-        assert _np(p).tobytes() == ref[i].tobytes(), i
+        assert to_numpy_16(p).tobytes() == ref[i].tobytes(), i
         _assert_state_equal(ours.state[p], states[i], spec, i, p)
 
 
@@ -150,7 +135,7 @@ def test_state_dict_round_trip_continues_bit_for_bit(name, dtype, options):
     _train(opt, a, 6, seed=2)
     _train(again, b, 6, seed=2)
     for p, q in zip(a, b):
-        assert _np(p).tobytes() == _np(q).tobytes()
+        assert to_numpy_16(p).tobytes() == to_numpy_16(q).tobytes()
         for k, v in opt.state[p].items():
             assert torch.equal(v, again.state[q][k]), k
 
@@ -169,13 +154,13 @@ def test_torch_optim_state_dict_is_quantized_and_ours_dequantized():
     opt = ft.Adam([a], lr=1e-2, state_dtype="int8")
     a.data.copy_(b.detach())
     opt.load_state_dict(copy.deepcopy(topt.state_dict()))
-    ref = _np(b)
+    ref = to_numpy_16(b)
     st = {k: QuantizedState.from_float(topt.state[b][k].numpy(), signed_state(k)) for k in ("exp_avg", "exp_avg_sq")}
     g = torch.randn(300, 2)
     a.grad = g
     opt.step()
     fastopt.adam_step(ref, g.numpy(), **st, lr=1e-2, step=4)
-    assert _np(a).tobytes() == ref.tobytes()
+    assert to_numpy_16(a).tobytes() == ref.tobytes()
     assert opt.state[a]["exp_avg"].numpy().tobytes() == st["exp_avg"].codes.tobytes()
     assert opt.state[a]["exp_avg_sq_absmax"].numpy().tobytes() == st["exp_avg_sq"].absmax.tobytes()
     assert float(opt.state[a]["step"]) == 4.0
@@ -224,7 +209,7 @@ def test_memory_is_two_bytes_per_param_for_adam():
 def test_refused_optimizers_same_message_as_numpy(spec):
     with pytest.raises(ValueError) as numpy_error:
         fastopt.init_state(spec.name, np.zeros(3, np.float32), state_dtype="int8")
-    hp = {k: v for k, v in _hp(spec).items()}
+    hp = {k: v for k, v in moving_hp(spec).items()}
     with pytest.raises(ValueError) as torch_error:
         getattr(ft, spec.class_name)([torch.zeros(3, requires_grad=True)], **torch_kwargs(spec, hp), state_dtype="int8")
     assert str(torch_error.value) == str(numpy_error.value)
@@ -249,7 +234,7 @@ def test_cuda_params_refused_clearly():
 
 
 def _snapshot(opt, ps):
-    return [_np(p).tobytes() for p in ps], {(i, k): v.clone() for i, p in enumerate(ps)
+    return [to_numpy_16(p).tobytes() for p in ps], {(i, k): v.clone() for i, p in enumerate(ps)
                                             for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
 
 

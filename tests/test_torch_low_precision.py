@@ -16,26 +16,10 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 import fastopt  # noqa: E402
 import fastopt.torch as ft  # noqa: E402
 from fastopt.specs import REGISTRY  # noqa: E402
-from tests.torch_support import one_torch_thread, torch_kwargs  # noqa: E402,F401  (autouse fixture)
+from tests.torch_support import moving_hp, one_torch_thread, to_numpy_16, torch_kwargs  # noqa: E402,F401  (autouse fixture)
 
 DTYPES = {torch.bfloat16: ml_dtypes.bfloat16, torch.float16: np.float16}
 SHAPES = [(0,), (1,), (7,), (5, 3), (2, 3, 2, 2)]
-
-
-def _to_numpy(t):
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-    return t.numpy().copy()
-
-
-def _hp(spec):
-    """The registry defaults with lr set: a few steps move every param by many 16-bit ulps."""
-    hp = dict(spec.defaults)
-    hp["lr"] = 1e-2 if spec.name not in ("adadelta", "rprop") else hp["lr"]
-    if spec.name == "sgd":
-        hp["momentum"] = 0.9
-    return hp
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=["bfloat16", "float16"])
@@ -43,13 +27,13 @@ def _hp(spec):
 def test_equals_the_functional_api_bit_for_bit(spec, dtype, rng):
     """12 steps, two groups, one param without a grad on some steps (its own step count), grads in the
     param's dtype and in float32: params and state equal the functional API's on NumPy copies."""
-    hp = _hp(spec)
+    hp = moving_hp(spec)
     torch.manual_seed(int(rng.integers(1 << 30)))
     ps = [torch.randn(s).to(dtype).requires_grad_() for s in SHAPES]
     for p in ps:
         p.grad_dtype = None  # float32 grads for 16-bit params (torch checks a grad's dtype unless told so)
     ours = getattr(ft, spec.class_name)([{"params": ps[:3]}, {"params": ps[3:]}], **torch_kwargs(spec, hp))
-    ref = [_to_numpy(p) for p in ps]
+    ref = [to_numpy_16(p) for p in ps]
     states = [fastopt.init_state(spec.name, r, **{k: hp[k] for k in spec.state_options}) for r in ref]
     counts = [0] * len(ps)
     fn = getattr(fastopt, spec.function_name)
@@ -65,13 +49,13 @@ def test_equals_the_functional_api_bit_for_bit(spec, dtype, rng):
             if p.grad is None:
                 continue
             counts[i] += 1
-            g = p.grad.float().numpy() if p.grad.dtype == torch.float32 else _to_numpy(p.grad)
+            g = p.grad.float().numpy() if p.grad.dtype == torch.float32 else to_numpy_16(p.grad)
             kw = {k: v for k, v in hp.items()}
             if spec.uses_step:
                 kw["step"] = counts[i]
             fn(ref[i], g, **states[i], **kw)
     for i, p in enumerate(ps):
-        assert _to_numpy(p).tobytes() == ref[i].tobytes(), i
+        assert to_numpy_16(p).tobytes() == ref[i].tobytes(), i
         st = ours.state.get(p, {})
         for name, a in states[i].items():
             tname = spec.torch_state_names.get(name, name)
@@ -142,7 +126,7 @@ def test_torch_state_dicts_of_16_bit_params_in_both_directions():
 def test_channels_last_bfloat16_conv_weight_in_place():
     torch.manual_seed(1)
     w = torch.randn(4, 3, 3, 3).to(torch.bfloat16).to(memory_format=torch.channels_last).requires_grad_()
-    ref = _to_numpy(w.contiguous())
+    ref = to_numpy_16(w.contiguous())
     opt = ft.SGD([w], lr=0.1, momentum=0.9)
     state = fastopt.init_state("sgd", ref, momentum=0.9)
     ptr = w.data_ptr()
@@ -150,9 +134,9 @@ def test_channels_last_bfloat16_conv_weight_in_place():
         g = torch.randn(4, 3, 3, 3).to(torch.bfloat16)
         w.grad = g.contiguous(memory_format=torch.channels_last)
         opt.step()
-        fastopt.sgd_step(ref, _to_numpy(g), **state, lr=0.1, momentum=0.9, step=t + 1)
+        fastopt.sgd_step(ref, to_numpy_16(g), **state, lr=0.1, momentum=0.9, step=t + 1)
     assert w.data_ptr() == ptr and w.is_contiguous(memory_format=torch.channels_last)
-    assert _to_numpy(w.contiguous()).tobytes() == ref.tobytes()
+    assert to_numpy_16(w.contiguous()).tobytes() == ref.tobytes()
 
 
 def test_bfloat16_without_ml_dtypes_is_refused_clearly(monkeypatch):
@@ -204,11 +188,11 @@ def test_precision_modes_equal_the_functional_api_bit_for_bit(spec, mode, rng):
     states and the compensation (state "kahan_comp") equal fastopt's functional API on NumPy copies."""
     from fastopt.functional import apply_update
     options = MODES[mode]
-    hp = _hp(spec)
+    hp = moving_hp(spec)
     torch.manual_seed(int(rng.integers(1 << 30)))
     ps = [torch.randn(s).to(torch.bfloat16).requires_grad_() for s in SHAPES]
     ours = getattr(ft, spec.class_name)([{"params": ps[:3]}, {"params": ps[3:]}], **torch_kwargs(spec, hp), **options)
-    ref = [_to_numpy(p) for p in ps]
+    ref = [to_numpy_16(p) for p in ps]
     init = {k: v for k, v in options.items() if k in ("state_dtype", "kahan")}
     states = [fastopt.init_state(spec.name, r, **{k: hp[k] for k in spec.state_options}, **init) for r in ref]
     counts = [0] * len(ps)
@@ -222,11 +206,11 @@ def test_precision_modes_equal_the_functional_api_bit_for_bit(spec, mode, rng):
             counts[i] += 1
             st = dict(states[i])
             comp = st.pop("kahan_comp", None)
-            apply_update(spec, ref[i], _to_numpy(p.grad), tuple(st.get(s) for s in spec.states), dict(hp), counts[i],
+            apply_update(spec, ref[i], to_numpy_16(p.grad), tuple(st.get(s) for s in spec.states), dict(hp), counts[i],
                          kahan_comp=comp, stochastic_rounding=options.get("stochastic_rounding", False),
                          seed=options.get("seed", 0), key_step=counts[i] if spec.torch_step else t + 1)
     for i, p in enumerate(ps):
-        assert _to_numpy(p).tobytes() == ref[i].tobytes(), i
+        assert to_numpy_16(p).tobytes() == ref[i].tobytes(), i
         st = ours.state.get(p, {})
         for name, a in states[i].items():
             tname = spec.torch_state_names.get(name, name)
@@ -234,7 +218,7 @@ def test_precision_modes_equal_the_functional_api_bit_for_bit(spec, mode, rng):
             if tname in st:
                 want = torch.bfloat16 if (name == "kahan_comp" or "state_dtype" in options) else torch.float32
                 assert st[tname].dtype == want, (i, name)
-                assert _to_numpy(st[tname]).tobytes() == a.tobytes(), (i, name)
+                assert to_numpy_16(st[tname]).tobytes() == a.tobytes(), (i, name)
 
 
 def test_precision_options_refused_clearly():
@@ -299,5 +283,5 @@ def test_state_dict_round_trip_of_16_bit_params_keeps_float32_state(options):
         opt.step()
         again.step()
     for p, q in zip(a, b):
-        assert _to_numpy(p).tobytes() == _to_numpy(q).tobytes()
+        assert to_numpy_16(p).tobytes() == to_numpy_16(q).tobytes()
         assert all(torch.equal(v, again.state[q][k]) for k, v in opt.state[p].items())

@@ -9,6 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+try:
+    import ml_dtypes  # bfloat16 NumPy arrays (to_numpy_16); the tests that need it skip without it
+except ImportError:  # pragma: no cover - a test dependency
+    ml_dtypes = None
+
 import fastopt
 from fastopt.torch import arguments
 
@@ -87,3 +92,20 @@ def random_groups(rng, dtype, spec, hp, lrs=(1.0, 0.5)):
 
 def snapshot(tensors):
     return [t.detach().clone() for t in tensors]
+
+
+def to_numpy_16(t) -> np.ndarray:
+    """A detached copy of a CPU tensor as NumPy; bfloat16 as ml_dtypes.bfloat16 (same bits)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    return t.numpy().copy()
+
+
+def moving_hp(spec) -> dict:
+    """The registry defaults with lr set: a few steps move every param by many 16-bit ulps."""
+    hp = dict(spec.defaults)
+    hp["lr"] = 1e-2 if spec.name not in ("adadelta", "rprop") else hp["lr"]
+    if spec.name == "sgd":
+        hp["momentum"] = 0.9
+    return hp

@@ -7,8 +7,8 @@ import threading
 
 import numpy as np
 
-from fastopt.distributed import Communicator
 from fastopt.distributed.comm_base import DONE
+from tests.distributed.local_comm import LocalCommunicator
 
 
 class _World:
@@ -18,20 +18,12 @@ class _World:
         self.slots = [None] * size
 
 
-class ThreadCommunicator(Communicator):
+class ThreadCommunicator(LocalCommunicator):
+    """LocalCommunicator's NumPy buffers and checks, with every collective done across the threads."""
     engine = "threads"
 
     def __init__(self, world: _World, rank: int):
         self.world, self.rank, self.size = world, rank, world.size
-
-    def alloc(self, n, dtype):
-        a = np.zeros(n, np.dtype(dtype))
-        return a, a
-
-    def as_array(self, x, name):
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}")
-        return x
 
     def _exchange(self, value):
         w = self.world
