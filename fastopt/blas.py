@@ -9,10 +9,13 @@ busy machine also wait for a core. Measured with `fastopt train` on digits (800 
 VM: Muon 13-34 s with BLAS's 2 threads -> 1.1-2.7 s; Adafactor 1.7-2.0 s -> 0.7-0.8 s; params bit for bit
 the same (sgemm and sgemv split the output between threads, not the sums; tests/test_muon.py and
 tests/test_adafactor.py compare one and two threads bit for bit). The thread count is set through
-threadpoolctl; without it installed BLAS keeps its own count (same results, slower on small products).
+threadpoolctl (a dependency); should it be missing, BLAS keeps its own count (same results, slower on small
+products) and a RuntimeWarning says so once.
 The setting is process-wide while the block runs (BLAS has no per-call thread count).
 """
 from __future__ import annotations
+
+import warnings
 
 __all__ = ["one_blas_thread", "blas_controllers"]
 
@@ -25,6 +28,9 @@ def blas_controllers() -> tuple:
         try:
             from threadpoolctl import ThreadpoolController
         except ImportError:
+            warnings.warn("threadpoolctl is not installed: Muon's and Adafactor's small matrix products run on "
+                          "BLAS's own thread count (same results, slower on a busy machine)", RuntimeWarning,
+                          stacklevel=2)
             _found.append(())
         else:
             _found.append(tuple(ThreadpoolController().select(user_api="blas").lib_controllers))
