@@ -60,7 +60,9 @@ enum {
 // Elements per staged block: 2 x 16 KiB of float32 on the stack, in L1/L2. Long enough blocks keep the
 // hardware prefetchers streaming (measured at 1e7 on one thread: 1024-element blocks ran bf16 params with
 // bf16 state at 2x the time of a direct loop).
-enum { STAGE = 4096 };
+// Elements staged at a time: the float32 buffers of one stage (p and g, or the five of the 8-bit path: 20 KiB)
+// stay in the L1 cache across the widen, update and store passes; 4096 (32-80 KiB) went through L2 on each.
+enum { STAGE = 1024 };
 
 // How an array's elements are loaded into the math type M and stored back. Plain<T>: a float32 or
 // float64 array (a plain conversion; with M == T none at all, so these loops compile to what they were
@@ -464,11 +466,7 @@ FASTOPT_CLONES int run_chunk(int layout, int kind, int variant, void* const* ptr
 // buffers, the direct float32 loop run on them (run_chunk, LAYOUT_F32), then every state requantized per
 // 256-block (fo_quantize_block: NaN-propagating absmax, nearest map value) and the new params stored by
 // MODE as run_staged stores them. One pass over memory; the same bits as fastopt.precision's reference.
-// Elements staged at a time: the five float32 buffers of one stage (20 KiB) stay in the L1 cache across
-// the dequantize, update and quantize passes (STAGE's 80 KiB would go through L2 on each). A multiple of
-// FO_QUANT_BLOCK, so each stage holds whole blocks.
-const int64_t INT8_STAGE = 1024;
-static_assert(INT8_STAGE % FO_QUANT_BLOCK == 0 && INT8_STAGE <= STAGE, "whole blocks, within the buffers");
+static_assert(STAGE % FO_QUANT_BLOCK == 0, "an 8-bit stage holds whole quantization blocks");
 
 template <class PS, class GS, int MODE>
 FASTOPT_INLINE int run_int8_typed(int kind, int variant, void* const* ptrs, float* const* absmax,
@@ -481,8 +479,8 @@ FASTOPT_INLINE int run_int8_typed(int kind, int variant, void* const* ptrs, floa
     float* pw = buf[0];
     float* gw = buf[1];
     float* sw[3] = {buf[2], buf[3], buf[4]};
-    for (int64_t off = 0; off < n; off += INT8_STAGE) {
-        const int64_t m = n - off < INT8_STAGE ? n - off : int64_t(INT8_STAGE);
+    for (int64_t off = 0; off < n; off += STAGE) {
+        const int64_t m = n - off < STAGE ? n - off : int64_t(STAGE);
         PS ps;
         GS gs;
         for (int64_t i = 0; i < m; ++i) pw[i] = ps.template load<float>(p[off + i]);
@@ -545,7 +543,7 @@ FASTOPT_CLONES int run_chunk_int8(int layout, int kind, int variant, void* const
                                   const float* const* maps, const FoQuantizer* quants, int64_t n, const double* s,
                                   double coef, fo_u32 key, fo_u64 index0) {
     if (kind < 0 || kind >= FASTOPT_FAMILY_COUNT) return -1;
-    float buf[5][STAGE];  // p, g, three states: 80 KiB, once here (not per inlined layout)
+    float buf[5][STAGE];  // p, g, three states: 20 KiB, once here (not per inlined layout)
     const int mode = layout >> 6, pd = layout & 3, gd = (layout >> 2) & 3;
     if (pd == DTYPE_F32 && gd == DTYPE_F32 && mode == ROUND_NEAREST)
         return run_int8_typed<Plain<float>, Plain<float>, ROUND_NEAREST>(kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);
