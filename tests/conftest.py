@@ -98,3 +98,18 @@ def rng():
     seed = int(os.environ.get("FASTOPT_TEST_SEED", np.random.SeedSequence().entropy % (2 ** 32)))
     print(f"random seed: {seed} (rerun with FASTOPT_TEST_SEED={seed})")
     return np.random.default_rng(seed)
+
+
+# The GPU tests' fixture (tests/gpu): here, not in a tests/gpu/conftest.py, whose module name would shadow this
+# one for the `from conftest import ...` of the tests above.
+@pytest.fixture
+def cp():
+    """The cupy module when CuPy is installed and sees a CUDA device; else the test is skipped (without CuPy:
+    importorskip's reason; without a device: "no CUDA GPU (<the error CuPy raised>)")."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("no device")
+    except Exception as e:
+        pytest.skip(f"no CUDA GPU ({type(e).__name__})")
+    return cupy
