@@ -21,10 +21,9 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 
 import fastopt  # noqa: E402
 import fastopt.torch as ft  # noqa: E402
-from fastopt.functional import apply_update  # noqa: E402
 from fastopt.precision import INT8_REFUSED, QuantizedState, quant_blocks, signed_state  # noqa: E402
 from fastopt.specs import REGISTRY  # noqa: E402
-from tests.torch_support import moving_hp, one_torch_thread, to_numpy_16, torch_kwargs  # noqa: E402,F401  (autouse fixture)
+from tests.torch_support import carried_start, functional_step, moving_hp, one_torch_thread, to_numpy_16, torch_kwargs  # noqa: E402,F401  (autouse fixture)
 
 INT8_SPECS = [s for s in REGISTRY.values() if s.name not in INT8_REFUSED]
 REFUSED_SPECS = [s for s in REGISTRY.values() if s.name in INT8_REFUSED]
@@ -46,24 +45,6 @@ def _assert_state_equal(st, ref_states, spec, i, p):
             assert to_numpy_16(st[tname]).tobytes() == a.tobytes(), (i, name)
 
 
-def _carried_update(spec, p, g, st, comp, hp, count, carried, options, key_step):
-    """The functional update with torch's carried state (apply_update recomputes NAdam's mu_product from the
-    step count; fastopt.torch, like torch, multiplies it in float32 step by step), then the carried values
-    advanced as fastopt.torch advances them."""
-    from fastopt.backends.dispatch import backend_for
-    from fastopt.functional import with_kahan
-    from fastopt.precision import StochasticRounding
-    hp2, step = spec.validate(dict(hp), count)
-    hp2.update(carried)
-    tail, names = spec.plan_call(hp2, st.get)
-    if comp is not None:
-        tail, names = with_kahan(tail, names, comp)
-    extra = {"stochastic": StochasticRounding(options["seed"], key_step)} if options.get("stochastic_rounding") else {}
-    backend_for(p).step(spec, (p, g, *tail), names, hp2, step, None, **extra)
-    for name in carried:
-        carried[name] = np.float32(spec.torch_carry[name](hp2, step, carried[name]))
-
-
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("spec", INT8_SPECS, ids=lambda s: s.name)
 def test_equals_the_numpy_reference_bit_for_bit(spec, mode, rng):
@@ -80,8 +61,7 @@ def test_equals_the_numpy_reference_bit_for_bit(spec, mode, rng):
                                  **{k: hp[k] for k in spec.state_options}) for r in ref]
     counts = [0] * len(ps)
     # torch's accumulated state (NAdam's mu_product, spec.torch_carry), per param, in float32 as torch keeps it
-    carried = [{n: np.float32(f(hp, 0)) for n, f in spec.torch_extra_state.items() if n in spec.torch_carry}
-               for _ in ps]
+    carried = [carried_start(spec, hp) for _ in ps]
     for t in range(20):
         for i, p in enumerate(ps):
             p.grad = None if (i == 2 and t % 4 == 1) else (torch.randn(p.shape) * 0.3).to(dtype)
@@ -90,15 +70,8 @@ def test_equals_the_numpy_reference_bit_for_bit(spec, mode, rng):
             if p.grad is None:
                 continue
             counts[i] += 1
-            st = dict(states[i])
-            comp = st.pop("kahan_comp", None)
-            key_step = counts[i] if spec.torch_step else t + 1
-            if carried[i]:
-                _carried_update(spec, ref[i], to_numpy_16(p.grad), st, comp, hp, counts[i], carried[i], options, key_step)
-                continue
-            apply_update(spec, ref[i], to_numpy_16(p.grad), tuple(st.get(s) for s in spec.states), dict(hp), counts[i],
-                         kahan_comp=comp, stochastic_rounding=options.get("stochastic_rounding", False),
-                         seed=options.get("seed", 0), key_step=key_step)
+            functional_step(spec, ref[i], to_numpy_16(p.grad), states[i], hp, counts[i], carried[i], options,
+                            counts[i] if spec.torch_step else t + 1)
     for i, p in enumerate(ps):
         assert to_numpy_16(p).tobytes() == ref[i].tobytes(), i
         _assert_state_equal(ours.state[p], states[i], spec, i, p)

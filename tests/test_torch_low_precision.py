@@ -16,7 +16,7 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 import fastopt  # noqa: E402
 import fastopt.torch as ft  # noqa: E402
 from fastopt.specs import REGISTRY  # noqa: E402
-from tests.torch_support import moving_hp, one_torch_thread, to_numpy_16, torch_kwargs  # noqa: E402,F401  (autouse fixture)
+from tests.torch_support import carried_start, functional_step, moving_hp, one_torch_thread, to_numpy_16, torch_kwargs  # noqa: E402,F401  (autouse fixture)
 
 DTYPES = {torch.bfloat16: ml_dtypes.bfloat16, torch.float16: np.float16}
 SHAPES = [(0,), (1,), (7,), (5, 3), (2, 3, 2, 2)]
@@ -37,6 +37,7 @@ def test_equals_the_functional_api_bit_for_bit(spec, dtype, rng):
     states = [fastopt.init_state(spec.name, r, **{k: hp[k] for k in spec.state_options}) for r in ref]
     counts = [0] * len(ps)
     fn = getattr(fastopt, spec.function_name)
+    carried = [carried_start(spec, hp) for _ in ps]
     for t in range(12):
         for i, p in enumerate(ps):
             if i == 2 and t % 4 == 1:
@@ -50,6 +51,9 @@ def test_equals_the_functional_api_bit_for_bit(spec, dtype, rng):
                 continue
             counts[i] += 1
             g = p.grad.float().numpy() if p.grad.dtype == torch.float32 else to_numpy_16(p.grad)
+            if carried[i]:  # torch's carried scalars (NAdam's mu_product, schedule-free's weight_sum)
+                functional_step(spec, ref[i], g, states[i], hp, counts[i], carried[i], {}, counts[i])
+                continue
             kw = {k: v for k, v in hp.items()}
             if spec.uses_step:
                 kw["step"] = counts[i]
@@ -186,7 +190,6 @@ def test_precision_modes_equal_the_functional_api_bit_for_bit(spec, mode, rng):
     """state_dtype=, kahan=True, stochastic_rounding=True on bfloat16 params (DESIGN.md "Precision"): 6
     steps, one param skipped on some steps (its own count: the stochastic bits are keyed by it): params,
     states and the compensation (state "kahan_comp") equal fastopt's functional API on NumPy copies."""
-    from fastopt.functional import apply_update
     options = MODES[mode]
     hp = moving_hp(spec)
     torch.manual_seed(int(rng.integers(1 << 30)))
@@ -196,6 +199,7 @@ def test_precision_modes_equal_the_functional_api_bit_for_bit(spec, mode, rng):
     init = {k: v for k, v in options.items() if k in ("state_dtype", "kahan")}
     states = [fastopt.init_state(spec.name, r, **{k: hp[k] for k in spec.state_options}, **init) for r in ref]
     counts = [0] * len(ps)
+    carried = [carried_start(spec, hp) for _ in ps]  # NAdam's mu_product, schedule-free's lr_max / weight_sum
     for t in range(6):
         for i, p in enumerate(ps):
             p.grad = None if (i == 2 and t % 3 == 1) else (torch.randn(p.shape) * 0.3).to(torch.bfloat16)
@@ -204,11 +208,8 @@ def test_precision_modes_equal_the_functional_api_bit_for_bit(spec, mode, rng):
             if p.grad is None:
                 continue
             counts[i] += 1
-            st = dict(states[i])
-            comp = st.pop("kahan_comp", None)
-            apply_update(spec, ref[i], to_numpy_16(p.grad), tuple(st.get(s) for s in spec.states), dict(hp), counts[i],
-                         kahan_comp=comp, stochastic_rounding=options.get("stochastic_rounding", False),
-                         seed=options.get("seed", 0), key_step=counts[i] if spec.torch_step else t + 1)
+            functional_step(spec, ref[i], to_numpy_16(p.grad), states[i], hp, counts[i], carried[i], options,
+                            counts[i] if spec.torch_step else t + 1)
     for i, p in enumerate(ps):
         assert to_numpy_16(p).tobytes() == ref[i].tobytes(), i
         st = ours.state.get(p, {})

@@ -109,3 +109,37 @@ def moving_hp(spec) -> dict:
     if spec.name == "sgd":
         hp["momentum"] = 0.9
     return hp
+
+
+def carried_start(spec, hp) -> dict:
+    """torch's state carried from step to step (spec.torch_carry: NAdam's mu_product, schedule-free's lr_max
+    and weight_sum) before the first step, in float32 as fastopt.torch keeps it."""
+    return {n: np.float32(f(hp, 0)) for n, f in spec.torch_extra_state.items() if n in spec.torch_carry}
+
+
+def functional_step(spec, p, g, state: dict, hp: dict, count, carried: dict, options: dict, key_step):
+    """One step of fastopt's functional API on NumPy copies, as fastopt.torch takes it (the oracle of the
+    precision-mode tests): `state` maps the spec's states (and "kahan_comp") to arrays; `options` holds
+    stochastic_rounding / seed. apply_update recomputes carried scalars from the step count (NAdam's
+    mu_product, schedule-free's weight_sum in closed form); fastopt.torch, like torch and the schedulefree
+    package, advances them step by step in float32, which can differ in the last bit. So with `carried`
+    non-empty the update runs on the carried values, which are then advanced as fastopt.torch advances them."""
+    from fastopt.backends.dispatch import backend_for
+    from fastopt.functional import apply_update, with_kahan
+    from fastopt.precision import StochasticRounding
+    st = dict(state)
+    comp = st.pop("kahan_comp", None)
+    stochastic = options.get("stochastic_rounding", False)
+    if not carried:
+        apply_update(spec, p, g, tuple(st.get(s) for s in spec.states), dict(hp), count, kahan_comp=comp,
+                     stochastic_rounding=stochastic, seed=options.get("seed", 0), key_step=key_step)
+        return
+    hp2, step = spec.validate(dict(hp), count)
+    hp2.update(carried)
+    tail, names = spec.plan_call(hp2, st.get)
+    if comp is not None:
+        tail, names = with_kahan(tail, names, comp)
+    extra = {"stochastic": StochasticRounding(options["seed"], key_step)} if stochastic else {}
+    backend_for(p).step(spec, (p, g, *tail), names, hp2, step, None, **extra)
+    for name in carried:
+        carried[name] = np.float32(spec.torch_carry[name](hp2, step, carried[name]))
