@@ -143,6 +143,8 @@ def param_bytes(spec, hp, dtype: str) -> int:
     nstates = sum(spec.active_states(hp))
     if spec.two_phase:  # pass 1: p, g, states read, states written; pass 2: p and states read, p written
         return 2 * p + 2 * nstates * s + 2 * p + nstates * s
+    if spec.tensor_coefs is not None:  # the norms pass reads p and g (LARS), then the update
+        return 2 * p + 3 * p + 2 * nstates * s
     return 3 * p + 2 * nstates * s
 
 

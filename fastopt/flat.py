@@ -10,9 +10,10 @@ With many small arrays this removes the per-array work of a multi-tensor call (v
 table, chunking). The arrays are copied into the buffer once; the views then share its memory, so
 updating flat.params updates every view. NumPy or CuPy, chosen from the arrays' type.
 
-One difference to the list path: LAMB computes its trust ratio per array, so on a flat buffer it uses
-one ratio for the whole buffer (that is "LAMB with a single layer"); the other optimizers are
-element-wise and give the same result either way.
+One difference to the list path: LAMB and LARS compute their trust ratios per array, so on a flat buffer
+they use one ratio for the whole buffer (that is "LAMB with a single layer"; LARS's exclude_1d, which reads
+each param's ndim, sees one 1-D buffer: pass exclude_1d=False there, or use the list path); the other
+optimizers are element-wise and give the same result either way.
 """
 from __future__ import annotations
 

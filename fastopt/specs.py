@@ -209,11 +209,23 @@ class OptimizerSpec:
     state_fill: Mapping[str, Callable[[Mapping], float]] = field(default_factory=dict)
     extra_check: Callable[[Mapping], None] | None = None
     two_phase: bool = False  # LAMB: a per-tensor reduction between the moments and the step
+    # tensor_coefs: (hp, grad_scale, param_sumsq, grad_sumsq, ndims) -> one float64 coefficient per tensor
+    #     (NumPy arrays of the per-tensor sums of squares of p and of g before the update, the params' ndims):
+    #     the family's functor reads it as its member `coef` (LARS: the trust ratio, -1 for a tensor it
+    #     excludes). The backends run a norms pass (p and g read) first, then the elementwise kernel.
+    tensor_coefs: Callable | None = None
     # train_eval: (state, eval_weight, train_weight) for optimizers whose params hold another point than the
     #     one to evaluate (schedule-free: y while training, x for evaluation): the classes get eval() and
     #     train(), which move each param by p = lerp(p, state, weight(hp)) (state: a state array that exists
     #     once the param took a step), and step() refuses to run in eval mode.
     train_eval: tuple[str, Callable[[Mapping], float], Callable[[Mapping], float]] | None = None
+
+    @property
+    def norms_per_tensor(self) -> bool:
+        """Whether the update reads per-tensor norms (LAMB's two phases, LARS's coefficients): their sums of
+        squares run in another order than the NumPy reference's np.dot, so results agree to rounding, not
+        bit for bit, and a shard (a piece of a tensor) cannot compute them alone."""
+        return self.two_phase or self.tensor_coefs is not None
 
     @property
     def function_name(self) -> str:
@@ -318,6 +330,8 @@ class OptimizerSpec:
         nstates = sum(self.active_states(hp))
         if self.two_phase:
             return itemsize * ((2 + nstates + nstates) + (1 + nstates + 1))
+        if self.tensor_coefs is not None:  # the norms pass reads p and g, then the update
+            return itemsize * (2 + (2 + nstates) + (1 + nstates))
         return itemsize * ((2 + nstates) + (1 + nstates))
 
     def signature_text(self) -> str:
@@ -1137,12 +1151,12 @@ SCHEDULE_FREE_ADAMW = _register(OptimizerSpec(
 ))
 
 
-# ---- LARS (You et al. 2017), as pytorch_optimizer.LARS: NOT REGISTERED YET ------------------------------
-# Its per-tensor ratio needs the norms of p and g before the update, and scales the gradient before it
-# enters the momentum buffer; the generic two-phase path (LAMB's: states written in phase 1, a phase 2 that
-# reads neither g nor writes a state, a trust ratio of the two norms alone, no per-tensor exclusion) cannot
-# express that. The math is in kernels/cuda/lars.cuh and fastopt/reference.py (lars_step, tested against
-# pytorch_optimizer); what the loops need is in /tmp/prompts/h14-needs.md. _register(LARS) once they have it.
+# ---- LARS (You et al. 2017), as pytorch_optimizer.LARS ---------------------------------------------------
+# Its per-tensor ratio needs the norms of p and g before the update and scales the gradient before it enters
+# the momentum buffer: a norms pass (the backends' per-tensor sums of squares of p and g), the ratios on the
+# host (_lars_coefs: float64, as reference.lars_trust_ratio and lars.cuh's lars_trust_ratio), then the
+# elementwise kernel LarsOp reading its tensor's ratio as `coef` (-1: an excluded tensor, ndim <= 1 with
+# exclude_1d). Registered after Adan (the family table's order is the CPU kinds').
 
 LARS_MOMENTUM, LARS_NESTEROV = 1, 2  # variant bits (lars.cuh)
 
@@ -1150,6 +1164,22 @@ LARS_MOMENTUM, LARS_NESTEROV = 1, 2  # variant bits (lars.cuh)
 def _lars_scalars(hp, step, grad_scale):
     return (_gs(hp, grad_scale), hp["lr"], hp["momentum"], 1.0 - hp["dampening"], hp["weight_decay"],
             hp["trust_coefficient"], hp["eps"])
+
+
+def _lars_coefs(hp, grad_scale, param_sumsq, grad_sumsq, ndims):
+    """The trust ratio of each tensor (float64), -1 where exclude_1d leaves a tensor (ndim <= 1) without it:
+    trust_coefficient * ||p|| / (||g|| + weight_decay * ||p|| + eps), 1 when ||p|| or ||g|| + weight_decay *
+    ||p|| is 0; ||g|| is the scaled gradient's (|grad_scale| * the norm of g)."""
+    pn = np.sqrt(np.asarray(param_sumsq, dtype=np.float64))
+    gn = abs(float(grad_scale)) * np.sqrt(np.asarray(grad_sumsq, dtype=np.float64))
+    wd, tc, eps_ = hp["weight_decay"], hp["trust_coefficient"], hp["eps"]
+    denom = gn + wd * pn
+    ok = (pn > 0.0) & (denom > 0.0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        trust = np.where(ok, tc * pn / np.where(ok, denom + eps_, 1.0), 1.0)
+    if hp["exclude_1d"]:
+        trust = np.where(np.asarray(ndims, dtype=np.int64).reshape(-1) <= 1, -1.0, trust)
+    return np.ascontiguousarray(trust, dtype=np.float64).reshape(-1)
 
 
 def _lars_variant(hp, step):
@@ -1191,7 +1221,7 @@ tests/test_new_optimizers.py)
     scalar_names=("grad_scale", "lr", "momentum", "one_minus_dampening", "weight_decay", "trust_coefficient",
                   "eps"),
     scalars=_lars_scalars, variant=_lars_variant, variants=(0, LARS_MOMENTUM, LARS_MOMENTUM | LARS_NESTEROV),
-    uses_step=False,
+    uses_step=False, tensor_coefs=_lars_coefs,
 )
 
 
@@ -1436,6 +1466,8 @@ difference is then -2 g, not 0); here the first difference is 0 either way.
                   "prox"),
     scalars=_adan_scalars,
 ))
+
+_register(LARS)  # after Adan: the CPU kinds follow the registry's order
 
 
 def get_spec(name: str) -> OptimizerSpec:

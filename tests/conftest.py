@@ -37,6 +37,8 @@ def option_combinations(spec):
         hp = dict(spec.defaults)
         if spec.name == "sgd":
             hp["lr"] = 0.05
+        elif spec.name == "lars":  # its step is lr * trust_coefficient (1e-3) * ||p|| / ||g||: a 16-bit param moves
+            hp["lr"] = 1.0
         hp.update(zip([n for n, _ in axes], values))
         try:
             spec.validate(hp, 1)

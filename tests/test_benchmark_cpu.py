@@ -22,6 +22,8 @@ def _expected_bytes(spec, itemsize=4):
                                 **{k: v for k, v in hp.items() if k != "lr"}))
     if spec.two_phase:
         return itemsize * ((2 + 2 * ns) + (2 + ns))
+    if spec.tensor_coefs is not None:  # LARS: a norms pass reading p and g, then the update
+        return itemsize * (2 + 3 + 2 * ns)
     return itemsize * (3 + 2 * ns)
 
 

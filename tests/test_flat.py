@@ -31,8 +31,8 @@ def test_views_share_the_buffer_and_copy_the_values(dtype, rng):
         np.testing.assert_array_equal(a, o)
 
 
-# LAMB's trust ratio is per array, so it is excluded from "flat equals list"
-ELEMENTWISE = [s for s in REGISTRY.values() if s.name != "lamb"]
+# LAMB's and LARS's trust ratios are per array (spec.norms_per_tensor), so they are excluded from "flat equals list"
+ELEMENTWISE = [s for s in REGISTRY.values() if not s.norms_per_tensor]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -2,8 +2,8 @@
 NumPy reference fastopt.reference.lars_step, bit for bit: given the same per-tensor trust ratio (phase 1's
 result, float64), phase 2's per-element math rounds exactly like the reference in float32 and float64, for
 every variant (plain, momentum, Nesterov), an adapted and an excluded tensor, maximize and grad_scale.
-LARS is not in the registry yet (see fastopt/specs.py), so no compiled backend runs this header today:
-this pins its math for when one does."""
+The CPU backend runs this math through LarsOp (the coefficient per tensor from specs._lars_coefs);
+tests/test_lars.py checks that path against pytorch_optimizer."""
 from __future__ import annotations
 
 import ctypes

@@ -83,16 +83,16 @@ def run(spec, hp, params, states, grads_per_step, backend, **mode):
 def assert_same(spec, got_p, got_s, want_p, want_s):
     for k in want_s:
         for i, (a, b) in enumerate(zip(got_s[k], want_s[k])):
-            if spec.two_phase and k == "kahan_comp":  # follows the params (see the module docstring)
+            if spec.norms_per_tensor and k == "kahan_comp":  # follows the params (see the module docstring)
                 continue
             np.testing.assert_array_equal(bits(a), bits(b), err_msg=f"{k}[{i}]")
     for i, (a, b) in enumerate(zip(got_p, want_p)):
-        if spec.two_phase and a.dtype.itemsize == 2:
+        if spec.norms_per_tensor and a.dtype.itemsize == 2:
             ia, ib = bits(a).astype(np.int32), bits(b).astype(np.int32)
             oa, ob = np.where(ia & 0x8000, 0x8000 - ia, ia), np.where(ib & 0x8000, 0x8000 - ib, ib)
             diff = np.abs(oa - ob)
             assert diff.size == 0 or (diff.max() <= 2 and (diff > 0).mean() <= 0.01 + 1 / diff.size), f"params[{i}]"
-        elif spec.two_phase:
+        elif spec.norms_per_tensor:
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"params[{i}]")
         else:
             np.testing.assert_array_equal(bits(a), bits(b), err_msg=f"params[{i}]")

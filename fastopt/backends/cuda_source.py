@@ -82,6 +82,14 @@ def family_table() -> tuple:
     return tuple((family, family.capitalize() + "Op", variants) for family, variants in table.items())
 
 
+def per_tensor_families() -> frozenset:
+    """The elementwise families whose functor reads a number per tensor (spec.tensor_coefs: LARS). They are in
+    the family table (the CPU loops run them) but not among the CUDA entry points yet: the launches carry no
+    per-tensor number, and the GPU backends refuse these optimizers."""
+    from fastopt.specs import kernel_specs
+    return frozenset(s.kernel for s in kernel_specs() if s.tensor_coefs is not None)
+
+
 def _update_variants() -> dict:
     return {family: variants for family, _, variants in family_table()}
 
@@ -101,6 +109,7 @@ def family_header() -> str:
     table = family_table()
     two_phase = two_phase_families()
     rows = [(kind, family, op, v) for kind, (family, op, variants) in enumerate(table) for v in variants]
+    per_tensor = per_tensor_families()
     lines = [
         "// GENERATED from the registry (fastopt/specs.py: `kernel`, `variants`) by",
         "// fastopt/backends/cuda_source.py family_header(); do not edit. setup.py regenerates it on every build",
@@ -119,9 +128,10 @@ def family_header() -> str:
         "",
         "",
         "// The CUDA entry points fo_<family>_v<variant>[_multi]: update.cu defines FO_UPDATE_ENTRIES and then",
-        "// includes this file (the same rows as above).",
+        "// includes this file (the same rows as above, less the families that read a number per tensor:"
+        + (" " + ", ".join(sorted(per_tensor)) if per_tensor else "") + ").",
         "#ifdef FO_UPDATE_ENTRIES",
-        *[f"FO_UPDATE_ENTRIES({k}, {f}, {op}, {v})" for k, f, op, v in rows],
+        *[f"FO_UPDATE_ENTRIES({k}, {f}, {op}, {v})" for k, f, op, v in rows if f not in per_tensor],
         "#endif",
         "",
         "// The two-phase families (spec.two_phase): a per-tensor reduction between phase 1 (the states, and",
@@ -215,7 +225,9 @@ def two_phase_kernel_names(family) -> tuple:
 
 def kernel_names() -> list:
     """Every entry point a compiled module must export."""
-    names = [update_kernel_name(f, v, m) for f, _, vs in family_table() for v in vs for m in (False, True)]
+    per_tensor = per_tensor_families()
+    names = [update_kernel_name(f, v, m) for f, _, vs in family_table() if f not in per_tensor
+             for v in vs for m in (False, True)]
     return names + list(__getattr__("OTHER_KERNELS"))
 
 

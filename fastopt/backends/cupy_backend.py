@@ -31,7 +31,7 @@ import numpy as np
 
 from fastopt.backends import cuda_source
 from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_skip_flag, checked_grads,
-                                             device_index, from_interface, no_precision_modes, prepare_device,
+                                             device_index, from_interface, no_precision_modes, no_tensor_coefs, prepare_device,
                                              prepare_fixed_device, producer_stream, validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
 from fastopt.backends.validate import check_prepared_disjoint
@@ -331,6 +331,7 @@ def step(spec, arrays, names, hp, step, grad_scale, found_inf=None, stochastic=N
 
 def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
     no_precision_modes(NAME, prepared.lists, stochastic)
+    no_tensor_coefs(NAME, spec)
     lists = prepared.lists
     params = lists[0]
     skip = _skip_flag(found_inf)

@@ -126,6 +126,10 @@ def _run_int8(batch, spec, hp, step, grad_scale, stochastic):
         raise ValueError(f"{spec.function_name}: 8-bit state (state_dtype='int8') is not supported: "
                          f"a two-phase update")
     scalars = spec.scalars(hp, step, host_scale(grad_scale))
+    coefs = None
+    if spec.tensor_coefs is not None:  # the norms pass (reads p and g), before the update writes anything
+        coefs = _tensor_coefs(spec, hp, grad_scale, _cpu_fast.sumsq_per_tensor(checked.lists[0]),
+                              _cpu_fast.sumsq_per_tensor(checked.lists[1]), [p.ndim for p in checked.lists[0]])
     params, grads, *states = checked.lists
     comps = states[validate.COMP - 2] if len(states) > validate.COMP - 2 else None
     states = (states[:validate.COMP - 2] + [None] * 3)[:3]
@@ -148,10 +152,16 @@ def _run_int8(batch, spec, hp, step, grad_scale, stochastic):
                        tuple(bool(q is not None and q.signed) for q in qs))
     maps, mids, buckets = _maps()
     if stochastic is None:
-        _cpu_fast.run_int8(spec.kernel, spec.variant(hp, step), layout, tensors, scalars, maps, mids, buckets)
+        _cpu_fast.run_int8(spec.kernel, spec.variant(hp, step), layout, tensors, scalars, maps, mids, buckets,
+                           tensor_coefs=coefs)
     else:
         _cpu_fast.run_int8(spec.kernel, spec.variant(hp, step), layout, tensors, scalars, maps, mids, buckets,
-                           stochastic.key, stochastic.index_offset)
+                           stochastic.key, stochastic.index_offset, tensor_coefs=coefs)
+
+
+def _tensor_coefs(spec, hp, grad_scale, param_sumsq, grad_sumsq, ndims):
+    """spec.tensor_coefs of one call (LARS's trust ratios) from its per-tensor sums of squares."""
+    return spec.tensor_coefs(hp, host_scale(grad_scale), param_sumsq, grad_sumsq, ndims)
 
 
 def run(prepared, spec, hp, step, grad_scale, stochastic=None):
@@ -161,15 +171,20 @@ def run(prepared, spec, hp, step, grad_scale, stochastic=None):
         _run_int8(prepared, spec, hp, step, grad_scale, stochastic)
         return
     scalars = spec.scalars(hp, step, host_scale(grad_scale))
+    coefs = None
+    if spec.tensor_coefs is not None:  # the norms pass (reads p and g), then the update
+        _cpu_fast.check_rounding(prepared, stochastic is not None)
+        coefs = _tensor_coefs(spec, hp, grad_scale, _cpu_fast.sumsq_per_tensor(prepared, True),
+                              _cpu_fast.sumsq_per_tensor(prepared), _cpu_fast.param_ndims(prepared))
     if stochastic is None:
-        _cpu_fast.run(prepared, spec.kernel, spec.variant(hp, step), scalars, hp["lr"])
+        _cpu_fast.run(prepared, spec.kernel, spec.variant(hp, step), scalars, hp["lr"], tensor_coefs=coefs)
     else:
         _cpu_fast.run(prepared, spec.kernel, spec.variant(hp, step), scalars, hp["lr"], True, stochastic.key,
-                      stochastic.index_offset)
+                      stochastic.index_offset, tensor_coefs=coefs)
 
 
 def step(spec, arrays, names, hp, step, grad_scale, stochastic=None):
-    if _has_int8(arrays):
+    if _has_int8(arrays) or spec.tensor_coefs is not None:  # prepared first: the norms read the checked arrays
         run(prepare(arrays, names), spec, hp, step, grad_scale, stochastic)
         return
     scalars = spec.scalars(hp, step, host_scale(grad_scale))

@@ -31,7 +31,7 @@ import numbers
 import numpy as np
 
 from fastopt.backends.device_arrays import (F32, F64, DeviceArray, StreamMemo, check_skip_flag, checked_grads,
-                                             device_index, from_interface, no_precision_modes, prepare_device,
+                                             device_index, from_interface, no_precision_modes, no_tensor_coefs, prepare_device,
                                              prepare_fixed_device, producer_stream, validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
 from fastopt.backends.validate import check_prepared_disjoint
@@ -388,6 +388,7 @@ def step(spec, arrays, names, hp, step, grad_scale, found_inf=None, stochastic=N
 
 def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
     no_precision_modes(NAME, prepared.lists, stochastic)
+    no_tensor_coefs(NAME, spec)
     lists = prepared.lists
     first = _first(lists[0])
     dtype = first.dtype

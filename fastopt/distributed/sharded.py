@@ -84,12 +84,15 @@ _BY_CLASS_NAME = {spec.class_name: spec for spec in REGISTRY.values()}
 
 def unsupported_reason(spec) -> str | None:
     """Why `spec`'s update cannot be sharded (None: it can). A shard holds pieces of tensors, so the
-    update must be elementwise: no per-tensor reduction (spec.two_phase, LAMB) and state shaped like the
-    param (a factored state, like Adafactor's row and column statistics, is per tensor). An optimizer
+    update must be elementwise: no per-tensor reduction (spec.two_phase: LAMB; spec.tensor_coefs: LARS) and
+    state shaped like the param (a factored state, like Adafactor's row and column statistics, is per tensor). An optimizer
     whose update couples the elements of a tensor in some other way must declare it in its spec."""
     if spec.two_phase:
         return ("its update is not elementwise (a per-tensor reduction, e.g. LAMB's trust ratio from the norms "
                 "of whole tensors, computed inside its kernel), and a shard holds pieces of tensors")
+    if spec.tensor_coefs is not None:
+        return ("its update reads per-tensor norms (LARS's trust ratio from the norms of whole params and "
+                "grads), and a shard holds pieces of tensors")
     probe = np.zeros((2, 3))
     shapes = {name: tuple(a.shape) for name, a in functional.init_state(spec.name, probe).items()}
     if any(s != probe.shape for s in shapes.values()):

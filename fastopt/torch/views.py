@@ -39,12 +39,14 @@ def dense_span(t: torch.Tensor):
 
 
 def kernel_view(t: torch.Tensor, flat: bool):
-    """The array a kernel reads and writes for t (same memory). flat: view the dense span as 1-D (for a
-    non-contiguous dense layout); the caller checked that t is dense. A bfloat16 CPU tensor (NumPy has no
-    bfloat16) is viewed through its bits as ml_dtypes' bfloat16, the dtype the CPU kernels take."""
+    """The array a kernel reads and writes for t (same memory). flat: view the dense span as one run of
+    elements (for a non-contiguous dense layout) shaped (1, ..., 1, n) with t's number of dims, which the
+    optimizers that treat tensors by ndim read (LARS's exclude_1d); the caller checked that t is dense. A
+    bfloat16 CPU tensor (NumPy has no bfloat16) is viewed through its bits as ml_dtypes' bfloat16, the dtype
+    the CPU kernels take."""
     t = t.detach()
     if flat:
-        t = dense_span(t).reshape(-1)
+        t = dense_span(t).reshape((1,) * (t.dim() - 1) + (-1,))
     if t.device.type == "cpu":
         if t.dtype == torch.bfloat16:
             return t.view(torch.int16).numpy().view(numpy_bfloat16())

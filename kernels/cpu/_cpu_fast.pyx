@@ -827,6 +827,21 @@ def update(str kernel, int variant, tuple arrays, tuple names, tuple scalars, do
     run(b, kernel, variant, scalars, lr, stochastic, key, index_offset)
 
 
+cdef double[::1] _tensor_coefs(object coefs, int ntensors):
+    """coefs as a float64 array of one number per tensor (at least one element: a pointer to take)."""
+    a = np.asarray(coefs, dtype=np.float64).reshape(-1)
+    if a.shape[0] != ntensors:
+        raise ValueError(f"{a.shape[0]} coefficients for {ntensors} arrays")
+    out = np.zeros(max(ntensors, 1), dtype=np.float64)
+    out[:ntensors] = a
+    return out
+
+
+def param_ndims(_Batch b):
+    """The number of dimensions of each param of a prepared call (spec.tensor_coefs reads them)."""
+    return tuple((<cnp.ndarray> b.keep[i * b.nslots]).ndim for i in range(b.ntensors))
+
+
 def check_rounding(_Batch b, bint stochastic):
     """ValueError unless stochastic rounding fits the batch: 16-bit params, no Kahan compensation."""
     if stochastic and not _is16(b.dtype):
@@ -838,7 +853,7 @@ def check_rounding(_Batch b, bint stochastic):
 
 
 def run(_Batch b, str kernel, int variant, tuple scalars, double lr=0.0, bint stochastic=False,
-        unsigned int key=0, unsigned long long index_offset=0):
+        unsigned int key=0, unsigned long long index_offset=0, tensor_coefs=None):
     """Apply kernel `kernel` in place to a prepared batch (params, grads, *states[, kahan_comp]).
 
     scalars: the kernel's hyperparameters in the order of its *Params struct (specs.py computes them).
@@ -848,6 +863,8 @@ def run(_Batch b, str kernel, int variant, tuple scalars, double lr=0.0, bint st
     The new params are rounded to nearest even, or with the batch's Kahan compensation, or (stochastic,
     16-bit params) stochastically with fastopt.precision.random_bits(key, index_offset + i) for element
     i of each tensor (key: precision.random_key(seed, step)).
+    tensor_coefs: one float64 per tensor for a family whose functor reads one (spec.tensor_coefs: LARS); 0 for
+    the others.
     """
     cdef double s[MAX_SCALARS]
     cdef int kind = KINDS[kernel]
@@ -862,10 +879,15 @@ def run(_Batch b, str kernel, int variant, tuple scalars, double lr=0.0, bint st
     if stochastic:
         layout = (layout & 63) | (ROUND_STOCHASTIC << 6)
     _load_scalars(scalars, s)
+    cdef double[::1] per_tensor
+    cdef const double* per_tensor_ptr = NULL
+    if tensor_coefs is not None:
+        per_tensor = _tensor_coefs(tensor_coefs, b.ntensors)
+        per_tensor_ptr = &per_tensor[0]
     if b.nchunks == 0:
         return
     if not KIND_TWO_PHASE <= kind < KIND_TOUCH:
-        _run(b, layout, kind, variant, s, _IDENTITY_SLOTS, NULL, NULL, key, index_offset)
+        _run(b, layout, kind, variant, s, _IDENTITY_SLOTS, per_tensor_ptr, NULL, key, index_offset)
         return
     cdef int family = (kind - KIND_TWO_PHASE) // 2
     partials = <double*> calloc(2 * LANES * b.nchunks, sizeof(double))
@@ -947,13 +969,13 @@ def prepare_grads(grads, str name="grads", indices=None):
     return _collect((grads,), (name,), -1, indices)
 
 
-def sumsq_per_tensor(grads):
+def sumsq_per_tensor(grads, bint params=False):
     """Sum of squares of each array (float64), deterministic: fixed chunks summed in order. grads:
-    arrays, a batch from prepare_grads, or a prepared update (its grads)."""
+    arrays, a batch from prepare_grads, or a prepared update (its grads; with params=True its params)."""
     cdef _Batch b = _collect_grads(grads, False)
     cdef double* partials = <double*> malloc(max(b.nchunks, 1) * sizeof(double))
     cdef int c
-    cdef int slot = _grads_slot(b)
+    cdef int slot = 0 if params else _grads_slot(b)
     cdef int nthreads = _threads_for(b.total)
     cdef double[::1] out = np.zeros(b.ntensors, dtype=np.float64)
     cdef Chunk* ch
@@ -1018,7 +1040,7 @@ cdef inline void* _data_or_null(object a):
 
 cdef inline int _chunk_int8(int layout, int kind, int variant, void** base, float** absmax, const float** maps,
                             const FoQuantizer* quants, int psize, int gsize, const Chunk* ch, const double* s,
-                            unsigned int key, unsigned long long offset) noexcept nogil:
+                            double coef, unsigned int key, unsigned long long offset) noexcept nogil:
     """One chunk of one tensor: base = {p, g, codes0, codes1, codes2, comp}, absmax = the tensor's three
     scale arrays (NULL where unused); the chunk starts on a 256-block boundary (CHUNK is a multiple)."""
     cdef void* ptrs[SLOTS]  # run_chunk_int8's pointer array: SLOTS long (slot 6 unused: three states)
@@ -1038,12 +1060,12 @@ cdef inline int _chunk_int8(int layout, int kind, int variant, void** base, floa
     else:
         ptrs[5] = <void*> (<char*> base[5] + ch.start * psize)
     ptrs[6] = NULL
-    return run_chunk_int8(layout, kind, variant, ptrs, am, maps, quants, ch.n, s, 0.0, key,
+    return run_chunk_int8(layout, kind, variant, ptrs, am, maps, quants, ch.n, s, coef, key,
                           offset + <unsigned long long> ch.start)
 
 
 def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, cnp.ndarray maps, cnp.ndarray mids,
-             cnp.ndarray buckets, unsigned int key=0, unsigned long long index_offset=0):
+             cnp.ndarray buckets, unsigned int key=0, unsigned long long index_offset=0, tensor_coefs=None):
     """Apply elementwise kernel `kernel` to tensors with 8-bit states, in place, in one parallel region.
 
     tensors: per tensor (p, g, codes0, codes1, codes2, comp, absmax0, absmax1, absmax2, signed0, signed1,
@@ -1052,7 +1074,8 @@ def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, c
     and grads' dtype codes and the rounding (P | G << 2 | rounding << 6). maps (2, 256) float32, mids (2, 256)
     float32 and buckets (2, 65536) uint8: row 0 the unsigned map, row 1 the signed (fastopt.precision.dynamic_map
     and quantizer_tables: the 255 midpoints then +inf, and the midpoints below each float32 top-16-bit pattern).
-    Chunks are CHUNK elements of one tensor (a multiple of 256: no quantization block straddles two threads)."""
+    Chunks are CHUNK elements of one tensor (a multiple of 256: no quantization block straddles two threads).
+    tensor_coefs: one float64 per tensor for a family whose functor reads one (spec.tensor_coefs), as run()."""
     cdef double s[MAX_SCALARS]
     cdef int kind = KINDS[kernel]
     cdef int nt = len(tensors), t, k, c, bad = 0, nch = 0
@@ -1072,6 +1095,7 @@ def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, c
             or not maps.flags.c_contiguous or not mids.flags.c_contiguous or not buckets.flags.c_contiguous:
         raise ValueError("run_int8: maps and mids must be float32 (2, 256) and buckets uint8 (2, 65536), C-contiguous")
     _load_scalars(scalars, s)
+    cdef double[::1] per_tensor = _tensor_coefs(tensor_coefs if tensor_coefs is not None else np.zeros(nt), nt)
     for t in range(nt):
         size = (<cnp.ndarray> tensors[t][0]).size
         nch += <int> ((size + CHUNK - 1) // CHUNK)
@@ -1112,7 +1136,7 @@ def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, c
             for c in prange(nch, schedule='static', num_threads=_threads_for(total)):
                 t = chunks[c].tensor
                 bad += _chunk_int8(layout, kind, variant, &base[t * INT8_SLOTS], &absmax[t * 3], &mp[t * 3], &md[t * 3],
-                                   psize, gsize, &chunks[c], s, key, index_offset) != 0
+                                   psize, gsize, &chunks[c], s, per_tensor[t], key, index_offset) != 0
     finally:
         free(base); free(absmax); free(mp); free(md); free(chunks)
     if bad:

@@ -178,8 +178,9 @@ struct Ptrs {
 // fourth state (Adan's) is ptrs[6], after the Kahan compensation, read only by a functor with USED bit 8:
 // the other families compile as they did with three slots.
 template <typename M, class PS, class GS, class SS, class Op>
-FASTOPT_INLINE void cpu_loop(Ptrs<PS, GS, SS> a, void* const* ptrs, int64_t n, const double* s) {
-    const Op op = {load_params<typename Op::P, M>(s)};  // a const aggregate: the scalars stay in registers
+FASTOPT_INLINE void cpu_loop(Ptrs<PS, GS, SS> a, void* const* ptrs, int64_t n, const double* s, double coef) {
+    // a const aggregate: the scalars stay in registers; coef: the tensor's number (LARS), if the functor reads one
+    const Op op = fo_make_op<Op, M>(load_params<typename Op::P, M>(s), M(coef));
     typename PS::type* __restrict p = a.p;
     const typename GS::type* __restrict g = a.g;
     typename SS::type* __restrict s0 = a.s0;
@@ -356,7 +357,7 @@ FASTOPT_INLINE int run_chunk_typed(int kind, int variant, void* const* ptrs, int
     if (kind < 0 || kind >= FASTOPT_FAMILY_COUNT || variant < 0 || variant > 255) return -1;
     switch (kind * 256 + variant) {  // every (family, variant) of the generated table
 #define FASTOPT_CPU_CASE(K, FAMILY, OP, V) \
-    case (K) * 256 + (V): cpu_loop<M, PS, GS, SS, OP<M, V> >(a, ptrs, n, s); return 0;
+    case (K) * 256 + (V): cpu_loop<M, PS, GS, SS, OP<M, V> >(a, ptrs, n, s, coef); return 0;
         FASTOPT_UPDATE_VARIANTS(FASTOPT_CPU_CASE)
 #undef FASTOPT_CPU_CASE
     }

@@ -21,9 +21,10 @@
 #include "sfsgd.cuh"
 #include "sfadamw.cuh"
 #include "adan.cuh"
+#include "lars.cuh"
 #include "average.cuh"
 
-#define FASTOPT_FAMILY_COUNT 17
+#define FASTOPT_FAMILY_COUNT 18
 
 // X(kind, family, functor, variant): one row per compiled variant (kernels/cpu/cpu_loops.hpp)
 #define FASTOPT_UPDATE_VARIANTS(X) \
@@ -52,13 +53,16 @@
     X(13, sfsgd, SfsgdOp, 0) \
     X(14, sfadamw, SfadamwOp, 0) \
     X(15, adan, AdanOp, 0) \
-    X(16, average, AverageOp, 0) \
-    X(16, average, AverageOp, 1) \
-    X(16, average, AverageOp, 2) \
+    X(16, lars, LarsOp, 0) \
+    X(16, lars, LarsOp, 1) \
+    X(16, lars, LarsOp, 3) \
+    X(17, average, AverageOp, 0) \
+    X(17, average, AverageOp, 1) \
+    X(17, average, AverageOp, 2) \
 
 
 // The CUDA entry points fo_<family>_v<variant>[_multi]: update.cu defines FO_UPDATE_ENTRIES and then
-// includes this file (the same rows as above).
+// includes this file (the same rows as above, less the families that read a number per tensor: lars).
 #ifdef FO_UPDATE_ENTRIES
 FO_UPDATE_ENTRIES(0, sgd, SgdOp, 0)
 FO_UPDATE_ENTRIES(0, sgd, SgdOp, 1)
@@ -85,9 +89,9 @@ FO_UPDATE_ENTRIES(12, yogi, YogiOp, 0)
 FO_UPDATE_ENTRIES(13, sfsgd, SfsgdOp, 0)
 FO_UPDATE_ENTRIES(14, sfadamw, SfadamwOp, 0)
 FO_UPDATE_ENTRIES(15, adan, AdanOp, 0)
-FO_UPDATE_ENTRIES(16, average, AverageOp, 0)
-FO_UPDATE_ENTRIES(16, average, AverageOp, 1)
-FO_UPDATE_ENTRIES(16, average, AverageOp, 2)
+FO_UPDATE_ENTRIES(17, average, AverageOp, 0)
+FO_UPDATE_ENTRIES(17, average, AverageOp, 1)
+FO_UPDATE_ENTRIES(17, average, AverageOp, 2)
 #endif
 
 // The two-phase families (spec.two_phase): a per-tensor reduction between phase 1 (the states, and

@@ -12,12 +12,13 @@
 //            p <- p - lr * g
 //
 // Unlike LAMB, the norms are those of p and g BEFORE any state changes, and the per-tensor ratio
-// multiplies the gradient before it enters the momentum buffer: phase 1 reads only p and g; phase 2 reads
-// g again and writes the buffer. The generic two-phase loops (cpu_loops.hpp, update.cu: LAMB's shape,
-// states written in phase 1, phase 2 reading only p and two states, a trust ratio of the two norms
-// alone) cannot run this yet; see /tmp/prompts/h14-needs.md. Not in families.cuh until they can.
+// multiplies the gradient before it enters the momentum buffer. So LARS is an elementwise family whose
+// functor reads one number per tensor (`coef`, ops.cuh): the backends sum the squares of p and g per tensor
+// first, compute the ratios on the host (fastopt/specs.py _lars_coefs: the same float64 formula as
+// lars_trust_ratio below, -1 for an excluded tensor), then run LarsOp with its tensor's coef.
 #pragma once
 #include "common.cuh"
+#include "ops.cuh"
 
 namespace fastopt {
 
@@ -47,5 +48,19 @@ FASTOPT_HD void lars_apply_math(M& p, M g, M& buf, const LarsParams<M>& h, M tru
     }
     p = p - h.lr * g;
 }
+
+// the functor of cpu_loops.hpp (ops.cuh); V: the variant bits above. coef: the tensor's trust ratio, or a
+// negative number for a tensor that takes none (exclude_1d). Not in the CUDA entry points yet: their launch
+// has no per-tensor number (fastopt/backends/cuda_source.py leaves per-tensor families out).
+template <typename M, int V>
+struct LarsOp {
+    typedef LarsParams<M> P;
+    enum { USED = (V & LARS_MOMENTUM) ? 1 : 0 };
+    P h;
+    M coef;
+    FASTOPT_OP void operator()(M& p, M g, M& buf, M&, M&) const {
+        lars_apply_math<M, V>(p, g, buf, h, coef, !(coef < M(0)));
+    }
+};
 
 }  // namespace fastopt

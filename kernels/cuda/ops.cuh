@@ -43,6 +43,37 @@ struct FoOpCall<true> {
     static FASTOPT_OP void call(const Op& op, M& p, M g, M& s0, M& s1, M& s2, M& s3) { op(p, g, s0, s1, s2, s3); }
 };
 
+// A family whose math reads one number per tensor (LARS's trust ratio: spec.tensor_coefs) has a member
+// `M coef` after `h`; fo_make_op sets it from the loop's per-tensor value. The other functors have none.
+template <class Op, class = void>
+struct FoHasCoef {
+    enum { value = 0 };
+};
+template <class Op>
+struct FoHasCoef<Op, decltype((void)&Op::coef)> {
+    enum { value = 1 };
+};
+
+template <class Op, typename M, bool COEF = FoHasCoef<Op>::value != 0>
+struct FoMakeOp {
+    static FASTOPT_OP Op make(const typename Op::P& h, M) {
+        Op op = {h};
+        return op;
+    }
+};
+template <class Op, typename M>
+struct FoMakeOp<Op, M, true> {
+    static FASTOPT_OP Op make(const typename Op::P& h, M coef) {
+        Op op = {h, coef};
+        return op;
+    }
+};
+
+template <class Op, typename M>
+FASTOPT_OP Op fo_make_op(const typename Op::P& h, M coef) {
+    return FoMakeOp<Op, M>::make(h, coef);
+}
+
 template <class Op, typename M>
 FASTOPT_OP void fo_op_call(const Op& op, M& p, M g, M& s0, M& s1, M& s2, M& s3) {
     FoOpCall<(Op::USED & 8) != 0>::call(op, p, g, s0, s1, s2, s3);

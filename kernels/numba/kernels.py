@@ -50,8 +50,10 @@ prepare_numba_cuda()  # numba-cuda 0.30 with NumPy >= 2.5: before any kernel com
 
 def families(two_phase=False):
     """The kernel families of the registry (spec.kernel), elementwise or two-phase, in registry order (and
-    the other elementwise ops: specs.kernel_specs)."""
-    return tuple(dict.fromkeys(s.kernel for s in kernel_specs() if bool(s.two_phase) == two_phase))
+    the other elementwise ops: specs.kernel_specs). Families that read a number per tensor (spec.tensor_coefs:
+    LARS) have no Numba kernel yet (the backend refuses them: device_arrays.no_tensor_coefs)."""
+    return tuple(dict.fromkeys(s.kernel for s in kernel_specs()
+                               if bool(s.two_phase) == two_phase and s.tensor_coefs is None))
 
 
 FAMILIES = families()                    # elementwise: one `update` kernel each

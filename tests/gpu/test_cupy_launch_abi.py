@@ -625,9 +625,21 @@ def test_signatures_parsed_for_exactly_the_entry_points():
             c_kind(ctype)  # every parameter type has a CuPy rule
 
 
+# the optimizers with CUDA kernels: LARS (spec.tensor_coefs) is refused before any launch (below)
+GPU_SPECS = [s for s in REGISTRY.values() if s.tensor_coefs is None]
+
+
+@pytest.mark.parametrize("spec", [s for s in REGISTRY.values() if s.tensor_coefs is not None], ids=lambda s: s.name)
+def test_per_tensor_families_are_refused_before_any_launch(fake, spec):
+    p, g, b = (fake.alloc((100,), np.float32) for _ in range(3))
+    with pytest.raises(NotImplementedError, match="cupy backend does not have it yet"):
+        cupy_backend.step(spec, (p, g, b), ("params", "grads") + spec.states[:1], dict(spec.defaults), 1, None)
+    assert fake.launches == []
+
+
 @pytest.mark.parametrize("device", [0, 1])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("spec", REGISTRY.values(), ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", GPU_SPECS, ids=lambda s: s.name)
 def test_update_launches_fit_the_kernels(fake, spec, dtype, device):
     launched = run_updates(fake, spec, dtype, device)
     variants = {spec.variant(hp, step) for hp in option_sets(spec) for step in STEPS}
@@ -636,7 +648,7 @@ def test_update_launches_fit_the_kernels(fake, spec, dtype, device):
         assert launched == {cuda_source.update_kernel_name(spec.kernel, v, m) for v in variants for m in (False, True)}
 
 
-@pytest.mark.parametrize("spec", REGISTRY.values(), ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", GPU_SPECS, ids=lambda s: s.name)
 def test_update_launches_fit_with_foreign_device_arrays(fake, spec):
     # torch-like arrays (only __cuda_array_interface__), device from cudaPointerGetAttributes
     assert run_updates(fake, spec, F32, 1, wrap=ForeignArray)
@@ -684,7 +696,7 @@ def test_every_entry_point_is_launched(fake):
     assert set(UNREACHABLE) <= set(cuda_source.kernel_names())
     launched = set()
     for dtype in DTYPES:
-        for spec in REGISTRY.values():
+        for spec in GPU_SPECS:
             launched.update(run_updates(fake, spec, dtype, 0))
         # weight averaging (fastopt.ema_update / swa_update): a kernel family that is not an optimizer
         averaging = [{"mode": m, "weight": 0.25, "divisor": 3.0, "lr": 0.0} for m in WEIGHT_AVERAGE.variants]
