@@ -63,6 +63,10 @@ TUNED_FOR = "adam"
 #   adan     keeps the registry ratio (1x: its 1e-3 default is Adam's, as pytorch_optimizer's): digits (test
 #            accuracy, seeds 0/1) 0.969/0.983 at 1x, 0.964/0.989 at 3x; diabetes (test r2) 0.483/0.531 at 1x,
 #            0.484/0.529 at 3x: 1x is Adam's numbers (0.972/0.989, 0.483/0.530), 3x no better
+#   lars     its ratio (trust_coefficient * ||p|| / ||g||) sets the weights' step, but lr is the plain SGD step of
+#            the 1-D params it excludes (biases), so those bound it: 3x (seeds 0/1) digits 0.961/0.983, diabetes
+#            0.484/0.529, wine 1.0, breast_cancer 0.973 (seed 0); 10x: digits 0.967/0.983 but breast_cancer 0.956
+#            and diabetes diverges; 50x (digits 0.5) diverges on digits
 #   The composite optimizers (fastopt/train/composite.py), measured on digits (MLP 64-128-10, 20 epochs, cosine
 #   from Adam's 1e-2; test accuracy, seeds 0/1; Adam 0.972/0.989) and diabetes (test r2, seeds 0/1; linear
 #   model, 100 epochs, cosine from Adam's 0.05: Adam 0.483/0.530):
@@ -78,7 +82,7 @@ TUNED_FOR = "adam"
 #            20 iterations) per epoch: digits 0.950/0.972 (about 2% under Adam at the same 20 epochs), diabetes
 #            0.484/0.529 (the least-squares optimum, as Adam)
 LR_FACTOR_TUNED = {"sgd": 10.0, "rmsprop": 1.0, "radam": 3.0, "lion": 0.3, "yogi": 3.0, "schedule_free_sgd": 10.0,
-                   "adafactor": 3.0, "muon": 1.0, "sparse_adam": 1.0}
+                   "lars": 3.0, "adafactor": 3.0, "muon": 1.0, "sparse_adam": 1.0}
 # Measured exceptions per data set, where the factor does not fit: diabetes' correlated features make
 # plain SGD diverge at 10x (0.5); 3x (0.15) reaches the least-squares optimum. ASGD is SGD there (its decay
 # and averaging start later), the same.
