@@ -395,7 +395,8 @@ def measure(n=1e7, tensors=200, threads=2, reps=15, warmup=2, groups=("bf16", "s
                 def fill(seed):
                     gen.manual_seed(seed)
                     for g in grads:  # log-normal magnitudes: blocks of very different scale for the 8-bit maps
-                        g.copy_(1e-2 * torch.randn(g.shape, generator=gen) * torch.exp(torch.randn(g.shape, generator=gen)))
+                        base = torch.randn(g.shape, generator=gen)
+                        g.copy_(1e-2 * base * torch.exp(torch.randn(g.shape, generator=gen)))
                 fill(100)
                 t_build = time.perf_counter()
                 impls, initial = build_group(group, sizes, grads, installed, unsupported)
@@ -458,7 +459,7 @@ def measure(n=1e7, tensors=200, threads=2, reps=15, warmup=2, groups=("bf16", "s
                               f"fraction {row['fraction_of_ceiling_median']:.2f}", flush=True)
                 if progress:
                     print(f"  {key}: first {CHECK_STEPS} steps (compiles included) {first_steps_s:.1f} s", flush=True)
-                del impls, grads, ceilings
+                del impls, ceilings
                 gc.collect()
     finally:
         torch.set_num_threads(torch_threads)
@@ -468,6 +469,50 @@ def measure(n=1e7, tensors=200, threads=2, reps=15, warmup=2, groups=("bf16", "s
         versions["torchao"] = importlib.import_module("torchao").__version__
     return {"rows": rows, "agreement": agreement, "unsupported": unsupported, "missing": missing,
             "library_versions": versions}
+
+
+def markdown_table(result):
+    """The README table of a result: per implementation (fastopt.torch and the libraries; the NumPy rows
+    and the 8-bit groups' float32-state runs stay in the JSON), the state it keeps, the median ms per step
+    and the paired fraction of its ceiling on both layouts, and how many times its step takes fastopt.torch's
+    of the same mode and state width (paired medians; 'same mode' is the row its agreement was checked with)."""
+    rows = [r for r in result["rows"] if not r["implementation"].startswith("fastopt adamw_step")
+            and not (r["group"].startswith("int8") and r["mode"] == {})]
+    names = {"bf16": "bf16 params", "sr": "bf16 + stochastic rounding", "int8-bf16": "8-bit state, bf16 params",
+             "int8-fp32": "8-bit state, fp32 params"}
+    layouts = sorted({r["layout"] for r in rows}, key=lambda x: x != "one tensor")
+    tensors = {r["layout"]: r["tensors"] for r in rows}
+    n = rows[0]["n"] if rows else 0
+    head = " | ".join(f"{tensors[lay]} tensor{'s' if tensors[lay] > 1 else ''}: ms, fraction" for lay in layouts)
+    out = [f"| case | implementation | state B/param | {head} | x fastopt's time |",
+           "|---|---|---|" + "---|" * len(layouts) + "---|"]
+    agreement = result["agreement"]
+    keys = []
+    for r in rows:
+        if (r["group"], r["implementation"]) not in keys:
+            keys.append((r["group"], r["implementation"]))
+    for group, label in keys:
+        cells, factors = [], []
+        state = None
+        for lay in layouts:
+            match = [r for r in rows if r["group"] == group and r["implementation"] == label and r["layout"] == lay]
+            if not match:
+                cells.append("-")
+                continue
+            r = match[0]
+            state = r["state_bytes_per_param"]
+            cells.append(f"{r['ms_median']:.1f} ({r['fraction_of_ceiling_paired']:.2f})")
+            ref = agreement.get(f"{group}, {lay}", {}).get(label, {}).get("compared_with")
+            if ref:
+                factors.append(f"{1 / r['ratio_fastopt_over_this_paired'][ref]:.1f}")
+        out.append(f"| {names.get(group, group)} | {label} | {state:.2f} | " + " | ".join(cells) + " | "
+                   + (" / ".join(factors) if factors else "-") + " |")
+    for k, v in {**result.get("unsupported", {}), **result.get("missing", {})}.items():
+        out.append(f"\n{k}: {v}")
+    out.append(f"\nAdamW, n = {n:,} params in total, {result.get('threads')} threads (torch and fastopt), CPU "
+               f"{result['machine'].get('cpu')}, load average {result['load_average_before'][0]:.1f} before and "
+               f"{result['load_average_after'][0]:.1f} after; `{result.get('command')}`.")
+    return "\n".join(out)
 
 
 def _git_commit():
@@ -488,14 +533,20 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "libraries-cpu.json"))
+    ap.add_argument("--table", metavar="JSON", default=None,
+                    help="print the markdown table of a recorded result and exit (runs nothing)")
     args = ap.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print(markdown_table(json.load(f)))
+        return 0
     import fastopt
     from fastopt.benchmark import machine_info
     load_before, t0 = os.getloadavg(), time.perf_counter()
     result = measure(args.n, args.tensors, args.threads, args.reps, args.warmup)
     result = {"benchmark": "fastopt vs torch / optimi / torchao / bitsandbytes, low-precision AdamW, CPU "
                            "(issue 13)",
-              "command": "python bench/bench_libraries.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": " ".join(["python bench/bench_libraries.py", *(argv if argv is not None else sys.argv[1:])]),
               "threads": args.threads, "reps": args.reps, "warmup": args.warmup, "check_steps": CHECK_STEPS,
               "hyperparameters": {"lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": WD},
               "machine": machine_info(), "fastopt_file": fastopt.__file__, "git_commit": _git_commit(),

@@ -81,6 +81,12 @@ def test_fastopt_and_torch_rows():
     assert _rows(report, "fastopt.torch AdamW, fp32 state")[0]["state_bytes_per_param"] == 8
     assert {r["layout"] for r in report["rows"]} == {"one tensor", "list"}
     assert report["missing"] == {} and report["unsupported"] == {}
+    table = bl.markdown_table({**report, "machine": {"cpu": "cpu"}, "threads": 1, "command": "cmd",
+                               "load_average_before": (0.5, 0, 0), "load_average_after": (0.5, 0, 0)})
+    line = [x for x in table.splitlines() if "torch AdamW fused" in x][0]
+    assert line.startswith("| bf16 params |") and line.count("|") == 7  # both layouts and the factor
+    assert float(line.split("|")[-2].split("/")[0]) > 0
+    assert "fastopt adamw_step" not in table  # the NumPy rows stay in the JSON
 
 
 def test_optimi_rows():
@@ -109,6 +115,7 @@ def test_bitsandbytes_rows_or_recorded_exception():
         _check_report(report, [label])
         # codes (2 bytes), a float32 absmax per 256-block and state, and a 256-entry float32 map per state
         # and tensor (bitsandbytes keeps one per param)
-        assert _rows(report, label)[0]["state_bytes_per_param"] == pytest.approx(2 + 8 / 256 + 2048 * TENSORS / N, abs=1e-4)
+        expected = 2 + 8 / 256 + 2048 * TENSORS / N
+        assert _rows(report, label)[0]["state_bytes_per_param"] == pytest.approx(expected, abs=1e-4)
     else:  # no CPU support in this version: the exception is the finding
         assert report["unsupported"][f"int8-fp32: {label}"].startswith("unsupported: ")
