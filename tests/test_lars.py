@@ -4,7 +4,8 @@ elementwise kernel with one coefficient per tensor), the NumPy class fastopt.LAR
 (channels_last conv weights included: their kernel views keep the param's ndim, which exclude_1d reads);
 float32 and float64, 50 steps, two param groups, sizes 0 and 1, 0-d, 1-D to 4-D. The reference semantics
 and the documented differences from pytorch_optimizer are in tests/test_new_optimizers.py (LARS section).
-The GPU backends and the sharded optimizer refuse LARS clearly (no per-tensor number in their launches yet).
+The Numba backend runs on the CUDA simulator here (the CuPy kernels are compile- and launch-checked in
+tests/gpu); the sharded optimizer refuses LARS clearly (a shard holds pieces of tensors).
 """
 from __future__ import annotations
 
@@ -164,12 +165,21 @@ def test_backends_agree_and_bad_input_writes_nothing(backend, rng):
         assert a.tobytes() == b.tobytes()
 
 
-def test_gpu_backends_and_sharding_refuse_lars_clearly():
-    from fastopt.backends.device_arrays import no_tensor_coefs
+def test_sharding_refuses_lars_clearly():
     from fastopt.distributed.sharded import unsupported_reason
     spec = REGISTRY["lars"]
-    with pytest.raises(NotImplementedError, match="lars_step: LARS's per-tensor trust ratio.*cupy backend"):
-        no_tensor_coefs("cupy", spec)
-    no_tensor_coefs("cupy", REGISTRY["sgd"])  # the others pass
     assert "per-tensor norms" in unsupported_reason(spec)
     assert spec.norms_per_tensor and not REGISTRY["adam"].norms_per_tensor
+
+
+def test_numba_simulator_matches_the_reference():
+    """The Numba backend on the CUDA simulator (its kernels read the per-tensor ratios from an array): lists
+    with an empty array, 1-D (excluded) and 2-D params, a grad_scale, float32 and float64."""
+    pytest.importorskip("numba")
+    import os
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "gpu", "lars_sim_check.py")
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, NUMBA_ENABLE_CUDASIM="1"))
+    assert out.returncode == 0 and "LARS SIM: ok" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]

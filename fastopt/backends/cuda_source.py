@@ -83,9 +83,9 @@ def family_table() -> tuple:
 
 
 def per_tensor_families() -> frozenset:
-    """The elementwise families whose functor reads a number per tensor (spec.tensor_coefs: LARS). They are in
-    the family table (the CPU loops run them) but not among the CUDA entry points yet: the launches carry no
-    per-tensor number, and the GPU backends refuse these optimizers."""
+    """The elementwise families whose functor reads a number per tensor (spec.tensor_coefs: LARS). Their CUDA
+    entry point is the multi-tensor one only, with the numbers as its last argument (update.cu
+    FO_PER_TENSOR_ENTRIES)."""
     from fastopt.specs import kernel_specs
     return frozenset(s.kernel for s in kernel_specs() if s.tensor_coefs is not None)
 
@@ -127,11 +127,12 @@ def family_header() -> str:
         *[f"    X({k}, {f}, {op}, {v}) \\" for k, f, op, v in rows],
         "",
         "",
-        "// The CUDA entry points fo_<family>_v<variant>[_multi]: update.cu defines FO_UPDATE_ENTRIES and then",
-        "// includes this file (the same rows as above, less the families that read a number per tensor:"
-        + (" " + ", ".join(sorted(per_tensor)) if per_tensor else "") + ").",
+        "// The CUDA entry points fo_<family>_v<variant>[_multi]: update.cu defines FO_UPDATE_ENTRIES and",
+        "// FO_PER_TENSOR_ENTRIES (a family reading a number per tensor: the multi entry only) and then includes",
+        "// this file (the same rows as above).",
         "#ifdef FO_UPDATE_ENTRIES",
-        *[f"FO_UPDATE_ENTRIES({k}, {f}, {op}, {v})" for k, f, op, v in rows if f not in per_tensor],
+        *[f"{'FO_PER_TENSOR_ENTRIES' if f in per_tensor else 'FO_UPDATE_ENTRIES'}({k}, {f}, {op}, {v})"
+          for k, f, op, v in rows],
         "#endif",
         "",
         "// The two-phase families (spec.two_phase): a per-tensor reduction between phase 1 (the states, and",
@@ -226,8 +227,8 @@ def two_phase_kernel_names(family) -> tuple:
 def kernel_names() -> list:
     """Every entry point a compiled module must export."""
     per_tensor = per_tensor_families()
-    names = [update_kernel_name(f, v, m) for f, _, vs in family_table() if f not in per_tensor
-             for v in vs for m in (False, True)]
+    names = [update_kernel_name(f, v, m) for f, _, vs in family_table() for v in vs
+             for m in ((True,) if f in per_tensor else (False, True))]
     return names + list(__getattr__("OTHER_KERNELS"))
 
 

@@ -31,10 +31,10 @@ import numpy as np
 
 from fastopt.backends import cuda_source
 from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_skip_flag, checked_grads,
-                                             device_index, from_interface, no_precision_modes, no_tensor_coefs, prepare_device,
+                                             device_index, from_interface, no_precision_modes, prepare_device,
                                              prepare_fixed_device, producer_stream, validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
-from fastopt.backends.validate import check_prepared_disjoint
+from fastopt.backends.validate import Checked, check_prepared_disjoint
 
 NAME = "cupy"
 AVAILABLE = importlib.util.find_spec("cupy") is not None
@@ -331,7 +331,6 @@ def step(spec, arrays, names, hp, step, grad_scale, found_inf=None, stochastic=N
 
 def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
     no_precision_modes(NAME, prepared.lists, stochastic)
-    no_tensor_coefs(NAME, spec)
     lists = prepared.lists
     params = lists[0]
     skip = _skip_flag(found_inf)
@@ -347,6 +346,10 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
             _two_phase(spec.kernel, lists, dtype, device, stream, scalars, gs_ptr, gs_kind, hp["lr"], skip)
             return
         variant = spec.variant(hp, step)
+        if spec.tensor_coefs is not None:
+            _per_tensor(spec, hp, host_scale, grad_scale, gs_kind, lists, dtype, device, stream, scalars, gs_ptr,
+                        skip, variant)
+            return
         if len(params) == 1:
             slots = [lst[0] if lst is not None else None for lst in lists] + [None] * (7 - len(lists))
             n = params[0].size
@@ -364,6 +367,25 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
                 fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, True))
                 fn((table.nchunks,), (BLOCK,),
                    (np.uint64(table.tensors), np.uint64(table.chunks), scalars, gs_ptr, gs_kind, skip))
+
+
+def _per_tensor(spec, hp, host_scale, grad_scale, gs_kind, lists, dtype, device, stream, scalars, gs_ptr, skip,
+                variant):
+    """A family reading one number per tensor (spec.tensor_coefs: LARS's trust ratio): the per-tensor sums of
+    squares of p and g on the device, the numbers on the host (one synchronisation; the CPU backends' own
+    formula, specs._lars_coefs), then the family's multi-tensor kernel with them (a single array too).
+    Inside _on()."""
+    cp = _cupy()
+    table = _table(lists, device, stream)
+    if not table.nchunks:
+        return
+    pp = sumsq_per_tensor(Checked((lists[0],), None)).get()  # the params, checked already
+    gg = sumsq_per_tensor(Checked((lists[1],), None)).get()
+    scale = host_scale if gs_kind == 0 else float(cp.asarray(grad_scale).get())  # a 0-d device grad_scale
+    coefs = cp.asarray(spec.tensor_coefs(hp, scale, pp, gg, [len(a.shape) for a in lists[0]]), dtype=cp.float64)
+    fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, True))
+    fn((table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks), scalars, gs_ptr, gs_kind,
+                                    skip, coefs))
 
 
 def _two_phase(family, lists, dtype, device, stream, scalars, gs_ptr, gs_kind, lr, skip):

@@ -149,15 +149,6 @@ def no_precision_modes(backend: str, arrays=None, stochastic=None) -> None:
                                   f"does not have it yet")
 
 
-def no_tensor_coefs(backend: str, spec) -> None:
-    """An optimizer whose kernel reads a number per tensor (spec.tensor_coefs: LARS's trust ratio) runs on the
-    CPU backends only so far: the GPU launches carry no per-tensor number. A clear refusal naming the
-    optimizer and `backend`, before anything is written."""
-    if spec.tensor_coefs is not None:
-        raise NotImplementedError(f"{spec.function_name}: {spec.class_name}'s per-tensor trust ratio is implemented "
-                                  f"by the CPU backends; the {backend} backend does not have it yet")
-
-
 def _torch_tensor(obj):
     """torch, when obj is a torch tensor (torch is then imported already: fastopt never imports it)."""
     torch = sys.modules.get("torch")

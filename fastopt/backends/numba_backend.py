@@ -31,10 +31,10 @@ import numbers
 import numpy as np
 
 from fastopt.backends.device_arrays import (F32, F64, DeviceArray, StreamMemo, check_skip_flag, checked_grads,
-                                             device_index, from_interface, no_precision_modes, no_tensor_coefs, prepare_device,
+                                             device_index, from_interface, no_precision_modes, prepare_device,
                                              prepare_fixed_device, producer_stream, validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
-from fastopt.backends.validate import check_prepared_disjoint
+from fastopt.backends.validate import Checked, check_prepared_disjoint
 
 NAME = "numba"
 AVAILABLE = importlib.util.find_spec("numba") is not None
@@ -388,7 +388,6 @@ def step(spec, arrays, names, hp, step, grad_scale, found_inf=None, stochastic=N
 
 def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
     no_precision_modes(NAME, prepared.lists, stochastic)
-    no_tensor_coefs(NAME, spec)
     lists = prepared.lists
     first = _first(lists[0])
     dtype = first.dtype
@@ -410,6 +409,11 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
             k["update"][spec.kernel][table.nchunks, block, stream](P, G, S0, S1, S2, S3, table.tensors, table.chunks,
                                                                    h, gs, used, variant, skip)
             return
+        if spec.tensor_coefs is not None:  # LARS: one number per tensor, from a norms pass over p and g
+            coefs = _tensor_coefs(spec, hp, host_scale, gs, lists, dtype, stream)
+            k["update"][spec.kernel][table.nchunks, block, stream](P, G, S0, S1, S2, table.tensors, table.chunks, h,
+                                                                   gs, used, variant, skip, coefs)
+            return
         if not spec.two_phase:
             k["update"][spec.kernel][table.nchunks, block, stream](P, G, S0, S1, S2, table.tensors, table.chunks, h,
                                                                    gs, used, variant, skip)
@@ -423,6 +427,20 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
         k["trust"][table.ntensors, block, stream](partials, table.offsets, np.float64(hp["lr"]), scaled_lr)
         k["apply"][spec.kernel][table.nchunks, block, stream](P, S0, S1, S2, table.tensors, table.chunks, h,
                                                               scaled_lr, used, variant, skip)
+
+
+def _tensor_coefs(spec, hp, host_scale, gs, lists, dtype, stream):
+    """spec.tensor_coefs of a call (LARS's trust ratios) as a device array of the math dtype: the per-tensor sums
+    of squares of p and g on the device, the ratios on the host (one synchronisation: the host formula is the
+    CPU backends' own, specs._lars_coefs), copied back on the call's stream."""
+    cuda = _cuda()
+    pp = sumsq_per_tensor(Checked((lists[0],), None)).copy_to_host(stream=stream)  # the params, checked already
+    gg = sumsq_per_tensor(Checked((lists[1],), None)).copy_to_host(stream=stream)
+    scale = float(host_scale) * float(gs.copy_to_host(stream=stream)[0])
+    if hasattr(stream, "synchronize"):  # a stream object (0: the default stream, synchronous copies)
+        stream.synchronize()
+    coefs = spec.tensor_coefs(hp, scale, pp, gg, [len(a.shape) for a in lists[0]])
+    return cuda.to_device(coefs.astype(dtype), stream=stream)
 
 
 def _first(arrays):

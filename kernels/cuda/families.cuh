@@ -61,8 +61,9 @@
     X(17, average, AverageOp, 2) \
 
 
-// The CUDA entry points fo_<family>_v<variant>[_multi]: update.cu defines FO_UPDATE_ENTRIES and then
-// includes this file (the same rows as above, less the families that read a number per tensor: lars).
+// The CUDA entry points fo_<family>_v<variant>[_multi]: update.cu defines FO_UPDATE_ENTRIES and
+// FO_PER_TENSOR_ENTRIES (a family reading a number per tensor: the multi entry only) and then includes
+// this file (the same rows as above).
 #ifdef FO_UPDATE_ENTRIES
 FO_UPDATE_ENTRIES(0, sgd, SgdOp, 0)
 FO_UPDATE_ENTRIES(0, sgd, SgdOp, 1)
@@ -89,6 +90,9 @@ FO_UPDATE_ENTRIES(12, yogi, YogiOp, 0)
 FO_UPDATE_ENTRIES(13, sfsgd, SfsgdOp, 0)
 FO_UPDATE_ENTRIES(14, sfadamw, SfadamwOp, 0)
 FO_UPDATE_ENTRIES(15, adan, AdanOp, 0)
+FO_PER_TENSOR_ENTRIES(16, lars, LarsOp, 0)
+FO_PER_TENSOR_ENTRIES(16, lars, LarsOp, 1)
+FO_PER_TENSOR_ENTRIES(16, lars, LarsOp, 3)
 FO_UPDATE_ENTRIES(17, average, AverageOp, 0)
 FO_UPDATE_ENTRIES(17, average, AverageOp, 1)
 FO_UPDATE_ENTRIES(17, average, AverageOp, 2)

@@ -49,9 +49,9 @@ FASTOPT_HD void lars_apply_math(M& p, M g, M& buf, const LarsParams<M>& h, M tru
     p = p - h.lr * g;
 }
 
-// the functor of cpu_loops.hpp (ops.cuh); V: the variant bits above. coef: the tensor's trust ratio, or a
-// negative number for a tensor that takes none (exclude_1d). Not in the CUDA entry points yet: their launch
-// has no per-tensor number (fastopt/backends/cuda_source.py leaves per-tensor families out).
+// the functor of update.cu and cpu_loops.hpp (ops.cuh); V: the variant bits above. coef: the tensor's trust
+// ratio, or a negative number for a tensor that takes none (exclude_1d): set per tensor by the loops
+// (fo_make_op) and by update.cu's FO_PER_TENSOR_ENTRIES.
 template <typename M, int V>
 struct LarsOp {
     typedef LarsParams<M> P;

@@ -116,6 +116,19 @@ __device__ __forceinline__ void multi_kernel(const i64* tensors, const i64* chun
     update_range(op, table_ptrs(r.rec), r.begin, r.end, threadIdx.x, blockDim.x, r.rec[F_VEC] != 0);
 }
 
+// A family whose functor reads one number per tensor (Op::coef: LARS's trust ratio, spec.tensor_coefs):
+// coefs[t] for the tensor of this block's chunk, computed by the launcher between a norms pass and this.
+template <class Op>
+__device__ __forceinline__ void multi_kernel_coef(const i64* tensors, const i64* chunks, const Scalars& sc,
+                                                  const void* gs, int gs_kind, const unsigned char* skip,
+                                                  const double* coefs) {
+    if (skipped(skip)) return;
+    const ChunkRange r = chunk_range(tensors, chunks);
+    Op op = make_op<Op>(sc, gs, gs_kind);
+    op.coef = M(coefs[r.tensor]);
+    update_range(op, table_ptrs(r.rec), r.begin, r.end, threadIdx.x, blockDim.x, r.rec[F_VEC] != 0);
+}
+
 }  // namespace dev
 }  // namespace fastopt
 
@@ -135,6 +148,17 @@ __device__ __forceinline__ void multi_kernel(const i64* tensors, const i64* chun
                                    fastopt::dev::Scalars sc, const void* gs, int gs_kind,                   \
                                    const unsigned char* skip) {                                             \
         fastopt::dev::multi_kernel<fastopt::OP<fastopt::dev::M, V> >(tensors, chunks, sc, gs, gs_kind, skip); \
+    }
+
+// A family that reads one number per tensor (spec.tensor_coefs: LARS): only the multi-tensor entry (the
+// launcher sends a single array through it too), with the per-tensor numbers last.
+#define FO_PER_TENSOR_ENTRIES(KIND, FAMILY, OP, V)                                                          \
+    extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                             \
+        fo_##FAMILY##_v##V##_multi(const long long* tensors, const long long* chunks,                       \
+                                   fastopt::dev::Scalars sc, const void* gs, int gs_kind,                   \
+                                   const unsigned char* skip, const double* coefs) {                        \
+        fastopt::dev::multi_kernel_coef<fastopt::OP<fastopt::dev::M, V> >(tensors, chunks, sc, gs, gs_kind,  \
+                                                                          skip, coefs);                     \
     }
 
 // ---- Two-phase families (spec.two_phase: LAMB), around a per-tensor reduction, all on the device ----

@@ -50,10 +50,8 @@ prepare_numba_cuda()  # numba-cuda 0.30 with NumPy >= 2.5: before any kernel com
 
 def families(two_phase=False):
     """The kernel families of the registry (spec.kernel), elementwise or two-phase, in registry order (and
-    the other elementwise ops: specs.kernel_specs). Families that read a number per tensor (spec.tensor_coefs:
-    LARS) have no Numba kernel yet (the backend refuses them: device_arrays.no_tensor_coefs)."""
-    return tuple(dict.fromkeys(s.kernel for s in kernel_specs()
-                               if bool(s.two_phase) == two_phase and s.tensor_coefs is None))
+    the other elementwise ops: specs.kernel_specs)."""
+    return tuple(dict.fromkeys(s.kernel for s in kernel_specs() if bool(s.two_phase) == two_phase))
 
 
 FAMILIES = families()                    # elementwise: one `update` kernel each
@@ -62,6 +60,9 @@ SLOTS = 4                                # state slots: s0, s1, s2, and s3 for a
 assert all(len(s.states) <= SLOTS for s in REGISTRY.values()), "a family needs more than 4 state slots"
 # the four-state families: their update kernel takes S3 too, and their math (p, g, a, b, c, d, h, s, variant)
 FOUR_STATE_FAMILIES = frozenset(s.kernel for s in kernel_specs() if len(s.states) > 3)
+# the families whose math reads one number per tensor (spec.tensor_coefs: LARS's trust ratio): their update
+# kernel takes an array of them, and their math (p, g, a, b, c, h, s, variant, coef)
+PER_TENSOR_FAMILIES = frozenset(s.kernel for s in kernel_specs() if s.tensor_coefs is not None)
 
 
 def math_function(m, name):
@@ -160,6 +161,8 @@ def build(dtype, block, chunk):
         math_fn = math_function(m, f"{family}_math")
         if family in FOUR_STATE_FAMILIES:
             return make_update4(math_fn)
+        if family in PER_TENSOR_FAMILIES:
+            return make_update_coef(math_fn)
 
         @cuda.jit
         def update(P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, skip):
@@ -175,6 +178,25 @@ def build(dtype, block, chunk):
                 P[op + i] = pi
                 store_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used, a, b, c)
         return update
+
+    def make_update_coef(math_fn):
+        """A family whose math reads its tensor's number coefs[t] (LARS)."""
+
+        @cuda.jit
+        def update_coef(P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, skip, coefs):
+            if skip[0]:
+                return
+            s = gs[0]
+            t, begin, end = chunk_of(tensors, chunks)
+            coef = coefs[t]
+            op, og = tensors[t, T_P], tensors[t, T_G]
+            o0, o1, o2 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
+            for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
+                a, b, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
+                pi, a, b, c = math_fn(P[op + i], G[og + i], a, b, c, h, s, variant, coef)
+                P[op + i] = pi
+                store_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used, a, b, c)
+        return update_coef
 
     def make_update4(math_fn):
         """A four-state family (Adan): every slot live, the fourth in S3."""

@@ -31,7 +31,8 @@ import types
 import numpy as np
 from numba import cuda  # module level: the simulator swaps it while a kernel runs
 
-from fastopt.specs import RMSPROP_CENTERED, RMSPROP_MOMENTUM, SGD_FIRST_STEP, SGD_MOMENTUM, SGD_NESTEROV, kernel_specs
+from fastopt.specs import (LARS_MOMENTUM, LARS_NESTEROV, RMSPROP_CENTERED, RMSPROP_MOMENTUM, SGD_FIRST_STEP, SGD_MOMENTUM,
+                           SGD_NESTEROV, kernel_specs)
 
 ADAM_AMSGRAD = 1     # specs._adam_spec: variant 1 when amsgrad
 RADAM_RECTIFIED = 1  # specs._radam_variant: variant 1 when rho_t > 5
@@ -265,6 +266,20 @@ def build(dtype):
         b = b - h[H.yogi.one_minus_beta2] * (sign(b - g2) * g2)
         denom = math.sqrt(b) * h[H.yogi.inv_bias_correction2_sqrt] + h[H.yogi.eps]
         p = p - h[H.yogi.step_size] * (a / denom)
+        return p, a, b, c
+
+    @family
+    def lars_math(p, g, a, b, c, h, s, variant, coef):  # a: momentum_buffer; coef: the tensor's trust ratio
+        g = g * (h[H.lars.grad_scale] * s)             # (lars.cuh lars_apply_math; negative: excluded)
+        if not coef < ZERO:
+            g = add_scaled(g, h[H.lars.weight_decay], p) * coef
+        if variant & LARS_MOMENTUM:
+            a = h[H.lars.momentum] * a + h[H.lars.one_minus_dampening] * g
+            if variant & LARS_NESTEROV:
+                g = g + h[H.lars.momentum] * a
+            else:
+                g = a
+        p = p - h[H.lars.lr] * g
         return p, a, b, c
 
     # schedule-free SGD / AdamW (sfsgd.cuh, sfadamw.cuh): p holds y, a holds z (b: AdamW's v)

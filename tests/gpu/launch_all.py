@@ -50,10 +50,6 @@ def backend_module(name):
     return importlib.import_module(f"fastopt.backends.{name}_backend")
 
 
-# the optimizers the GPU backends run: LARS (spec.tensor_coefs) is refused there (device_arrays.no_tensor_coefs)
-GPU_SPECS = [s for s in REGISTRY.values() if s.tensor_coefs is None]
-
-
 def update_configs(spec) -> list:
     """(hp, step) pairs, one per compiled variant of the spec's kernel, found by trying the bool options
     (but maximize, a sign), each float option whose default is 0 at 0 and 0.1 (momentum, dampening, ...),
@@ -178,7 +174,7 @@ def sweep_updates(backend, make, dtypes, calls, rng, quick=False):
     for dtype in dtypes:
         device_scale = make.array(np.asarray(0.5, dtype=dtype))
         clear, set_ = make.array(np.zeros(1, np.uint8)), make.array(np.ones(1, np.uint8))
-        for spec in GPU_SPECS:
+        for spec in REGISTRY.values():
             for (hp, step), layout in itertools.product(update_configs(spec), QUICK_LAYOUTS if quick else LAYOUTS):
                 arrays, names = _update_arrays(make, rng, spec, hp, dtype, layout)
                 forms = ((None, None), (device_scale, set_)) if quick else \

@@ -47,7 +47,8 @@ def signatures(dt):
     for family in nk.FAMILIES:
         h = types.UniTuple(dt, nscalars(family))
         states = (a,) * (4 if family in nk.FOUR_STATE_FAMILIES else 3)  # Adan's update4 takes a 4th state
-        sig[f"update[{family}]"] = (a, a) + states + (table, table, h, a, int64, int64, arr(uint8))
+        coefs = (a,) if family in nk.PER_TENSOR_FAMILIES else ()  # LARS: its tensors' numbers (math dtype)
+        sig[f"update[{family}]"] = (a, a) + states + (table, table, h, a, int64, int64, arr(uint8)) + coefs
     for family in nk.TWO_PHASE_FAMILIES:
         h = types.UniTuple(dt, nscalars(family))
         sig[f"moments[{family}]"] = (a, a, a, a, a, table, table, h, a, int64, int64, arr(float64), arr(uint8))

@@ -37,12 +37,12 @@ CONFIGS = [
     ("adabelief", dict(), 3),
     ("lamb", dict(weight_decay=0.01), 3),
     ("lion", dict(weight_decay=0.1), 3),
+    ("lars", dict(lr=1.0, weight_decay=0.01, nesterov=True), 3),  # a trust ratio per tensor (tensor_coefs)
+    ("lars", dict(lr=0.5, momentum=0.0, exclude_1d=False), 2),
 ]
 # every registry optimizer runs at least with its defaults (a new one needs no row here to be checked)
-# (but those whose kernel reads a number per tensor, spec.tensor_coefs: LARS, which the Numba backend refuses)
 CONFIGS += [(name, {h.name: 0.01 for h in spec.hypers if h.default is specs.REQUIRED}, 3)
-            for name, spec in specs.REGISTRY.items()
-            if name not in {c[0] for c in CONFIGS} and spec.tensor_coefs is None]
+            for name, spec in specs.REGISTRY.items() if name not in {c[0] for c in CONFIGS}]
 SINGLE_SHAPES = [(0,), (1,), (37,), (3, 5)]
 LIST_SHAPES = [(5,), (0,), (70,), (2, 3)]
 TOL = {np.float32: dict(rtol=3e-5, atol=3e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}

@@ -57,7 +57,7 @@ NULLABLE = {"s0", "s1", "s2", "s3", "gs", "skip", "coef", "found_inf", "skipped"
 # ---------------------------------------------------------------------------------------------------
 
 _ENTRY = re.compile(r'extern\s+"C"\s+__global__\s+void\s+__launch_bounds__\s*\(\s*\w+\s*\)\s*(\w+)\s*\(([^)]*)\)')
-ENTRY_MACROS = ("FO_UPDATE_ENTRIES", "FO_TWO_PHASE_ENTRIES")  # update.cu: entry points made per table row
+ENTRY_MACROS = ("FO_UPDATE_ENTRIES", "FO_PER_TENSOR_ENTRIES", "FO_TWO_PHASE_ENTRIES")  # update.cu: entry points made per table row
 
 
 def _macro(name):
@@ -194,6 +194,11 @@ class FakeArray:
 
     def fill(self, value):
         self.filled = value
+
+    def get(self):  # a device-to-host copy: the values of an array made from host data, else zeros (no memory)
+        if self.host is not None:
+            return np.array(self.host, dtype=self.dtype).reshape(self.shape)
+        return np.zeros(self.shape, self.dtype)
 
     def _elementwise(self, other):  # CuPy runs an elementwise kernel into a new array (current stream)
         return self._fake.alloc(self.shape, np.float64)
@@ -551,11 +556,17 @@ def run_updates(fake, spec, dtype, device, wrap=lambda a: a, hp_sets=None):
             kernels = [launch.name for launch in fake.launches]
             if spec.two_phase:
                 assert kernels == list(cuda_source.two_phase_kernel_names(spec.kernel)), context
+            elif spec.tensor_coefs is not None:  # LARS: the sums of squares of p, then g; the multi entry
+                variant = spec.variant(hp, step)
+                assert kernels == ["fo_sumsq_chunks", "fo_sumsq_tensors"] * 2 + [
+                    cuda_source.update_kernel_name(spec.kernel, variant, True)], context
             else:
                 variant = spec.variant(hp, step)
                 assert kernels == [cuda_source.update_kernel_name(spec.kernel, variant, as_list)], context
             for launch in fake.launches:
                 assert module_dtype(launch.options) == dtype, context
+                if launch.name.startswith("fo_sumsq"):  # the norms pass: reductions, checked by their own test
+                    continue
                 if not launch.name.endswith("_trust"):  # the two-phase trust kernel reads no update args
                     check_update_values(spec, hp, step, arrays, grad_scale, found_inf, launch)
             launched.update(kernels)
@@ -625,30 +636,21 @@ def test_signatures_parsed_for_exactly_the_entry_points():
             c_kind(ctype)  # every parameter type has a CuPy rule
 
 
-# the optimizers with CUDA kernels: LARS (spec.tensor_coefs) is refused before any launch (below)
-GPU_SPECS = [s for s in REGISTRY.values() if s.tensor_coefs is None]
-
-
-@pytest.mark.parametrize("spec", [s for s in REGISTRY.values() if s.tensor_coefs is not None], ids=lambda s: s.name)
-def test_per_tensor_families_are_refused_before_any_launch(fake, spec):
-    p, g, b = (fake.alloc((100,), np.float32) for _ in range(3))
-    with pytest.raises(NotImplementedError, match="cupy backend does not have it yet"):
-        cupy_backend.step(spec, (p, g, b), ("params", "grads") + spec.states[:1], dict(spec.defaults), 1, None)
-    assert fake.launches == []
-
-
 @pytest.mark.parametrize("device", [0, 1])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("spec", GPU_SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", REGISTRY.values(), ids=lambda s: s.name)
 def test_update_launches_fit_the_kernels(fake, spec, dtype, device):
     launched = run_updates(fake, spec, dtype, device)
     variants = {spec.variant(hp, step) for hp in option_sets(spec) for step in STEPS}
     if not spec.two_phase:
         assert variants == set(cuda_source.UPDATE_VARIANTS[spec.kernel])
-        assert launched == {cuda_source.update_kernel_name(spec.kernel, v, m) for v in variants for m in (False, True)}
+        multi_only = spec.kernel in cuda_source.per_tensor_families()  # LARS: coefs per tensor, multi entry only
+        norms = {"fo_sumsq_chunks", "fo_sumsq_tensors"} if multi_only else set()  # LARS's norms pass
+        assert launched == norms | {cuda_source.update_kernel_name(spec.kernel, v, m) for v in variants
+                                    for m in ((True,) if multi_only else (False, True))}
 
 
-@pytest.mark.parametrize("spec", GPU_SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", REGISTRY.values(), ids=lambda s: s.name)
 def test_update_launches_fit_with_foreign_device_arrays(fake, spec):
     # torch-like arrays (only __cuda_array_interface__), device from cudaPointerGetAttributes
     assert run_updates(fake, spec, F32, 1, wrap=ForeignArray)
@@ -696,7 +698,7 @@ def test_every_entry_point_is_launched(fake):
     assert set(UNREACHABLE) <= set(cuda_source.kernel_names())
     launched = set()
     for dtype in DTYPES:
-        for spec in GPU_SPECS:
+        for spec in REGISTRY.values():
             launched.update(run_updates(fake, spec, dtype, 0))
         # weight averaging (fastopt.ema_update / swa_update): a kernel family that is not an optimizer
         averaging = [{"mode": m, "weight": 0.25, "divisor": 3.0, "lr": 0.0} for m in WEIGHT_AVERAGE.variants]

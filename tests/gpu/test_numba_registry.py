@@ -22,14 +22,7 @@ ELEMENTWISE = ("p", "g", "a", "b", "c", "h", "s", "variant")
 ELEMENTWISE4 = ("p", "g", "a", "b", "c", "d", "h", "s", "variant")  # a four-state family (Adan)
 
 
-# families whose functor reads a number per tensor (spec.tensor_coefs: LARS): no Numba kernel yet (the
-# backend refuses them, device_arrays.no_tensor_coefs)
-PER_TENSOR = {s.kernel for s in specs.kernel_specs() if s.tensor_coefs is not None}
-
-
 def _math_names(spec):
-    if spec.kernel in PER_TENSOR:
-        return ()
     if spec.two_phase:
         return (f"{spec.kernel}_moments_math", f"{spec.kernel}_direction_math")
     return (f"{spec.kernel}_math",)
@@ -39,22 +32,21 @@ def _math_names(spec):
 @pytest.mark.parametrize("name", list(specs.REGISTRY))
 def test_every_registry_family_has_numba_math(name, dtype):
     spec = specs.REGISTRY[name]
-    if spec.tensor_coefs is not None:  # LARS: no Numba kernel yet, and the backend says so
-        assert spec.kernel not in nk.FAMILIES
-        return
     m = fmath.build(np.dtype(dtype))
     for fn_name in _math_names(spec):
         assert fn_name in m, f"{name}: no {fn_name} in kernels/numba/math.py"
     if not spec.two_phase:
         four = len(spec.states) > 3
         assert (spec.kernel in nk.FOUR_STATE_FAMILIES) == four
+        per_tensor = spec.tensor_coefs is not None  # LARS: its tensor's number last
+        assert (spec.kernel in nk.PER_TENSOR_FAMILIES) == per_tensor
         assert tuple(inspect.signature(m[f"{spec.kernel}_math"].py_func).parameters) == (
-            ELEMENTWISE4 if four else ELEMENTWISE)
+            ELEMENTWISE4 if four else ELEMENTWISE + (("coef",) if per_tensor else ()))
     assert len(spec.states) <= nk.SLOTS
 
 
 def test_generated_families_are_the_registry_families():
-    kernels = {s.kernel for s in specs.kernel_specs() if not s.two_phase and s.tensor_coefs is None}  # averaging too
+    kernels = {s.kernel for s in specs.kernel_specs() if not s.two_phase}  # weight averaging too
     two_phase = {s.kernel for s in specs.REGISTRY.values() if s.two_phase}
     assert set(nk.FAMILIES) == kernels and set(nk.TWO_PHASE_FAMILIES) == two_phase
     k = nk.build(np.dtype(np.float32), 32, 64)  # generation is lazy: nothing compiles here
@@ -98,7 +90,7 @@ def test_math_reads_scalars_by_name_only():
             assert family in fmath.SCALAR_NAMES, f"{fn}: H.{family}: no such kernel family"
             assert scalar in fmath.SCALAR_NAMES[family], f"{fn}: H.{family}.{scalar}: not in its scalar_names"
             used.add(family)
-    missing = set(fmath.SCALAR_NAMES) - used - PER_TENSOR
+    missing = set(fmath.SCALAR_NAMES) - used
     assert not missing, f"families whose math reads no scalar by name: {missing}"
 
 
