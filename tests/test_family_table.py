@@ -55,8 +55,11 @@ def test_generated_header_is_current():
 def test_header_rows_match_the_registry():
     text = cuda_source.family_header()
     rows = re.findall(r"^\s*X\((\d+), (\w+), (\w+), (\d+)\) \\$", text, re.M)
-    entries = re.findall(r"^FO_UPDATE_ENTRIES\((\d+), (\w+), (\w+), (\d+)\)$", text, re.M)
+    # a family reading a number per tensor (LARS) has its own entry macro (the multi-tensor entry only)
+    entries = re.findall(r"^FO_(?:UPDATE|PER_TENSOR)_ENTRIES\((\d+), (\w+), (\w+), (\d+)\)$", text, re.M)
     assert rows == entries
+    per_tensor = re.findall(r"^FO_PER_TENSOR_ENTRIES\(\d+, (\w+), \w+, \d+\)$", text, re.M)
+    assert set(per_tensor) == set(cuda_source.per_tensor_families())
     fams = list(registry_families())
     expected = [(str(k), f, f.capitalize() + "Op", str(v)) for k, f in enumerate(fams) for v in registry_families()[f]]
     assert rows == expected
@@ -80,12 +83,15 @@ def test_cpu_module_kinds_come_from_the_table():
 
 def test_cuda_entry_names_come_from_the_table():
     names = cuda_source.kernel_names()
-    expected = [f"fo_{f}_v{v}" + m for f, vs in registry_families().items() for v in vs for m in ("", "_multi")]
+    per_tensor = cuda_source.per_tensor_families()
+    expected = [f"fo_{f}_v{v}" + m for f, vs in registry_families().items() for v in vs
+                for m in (("_multi",) if f in per_tensor else ("", "_multi"))]
     assert names[:len(expected)] == expected
     assert set(names[len(expected):]) == set(cuda_source.OTHER_KERNELS)
     # the NVRTC source carries the table generated from the live registry
     src = cuda_source.kernel_source()
-    rows = [line for line in cuda_source.family_header().splitlines() if line.startswith(("FO_UPDATE_ENTRIES", "    X("))]
+    rows = [line for line in cuda_source.family_header().splitlines()
+            if line.startswith(("FO_UPDATE_ENTRIES", "FO_PER_TENSOR_ENTRIES", "    X("))]
     assert rows and all(f"\n{row}\n" in src for row in rows)
 
 
