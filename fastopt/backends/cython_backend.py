@@ -172,9 +172,8 @@ def run(prepared, spec, hp, step, grad_scale, stochastic=None):
         return
     scalars = spec.scalars(hp, step, host_scale(grad_scale))
     coefs = None
-    if spec.tensor_coefs is not None:  # the norms pass (reads p and g), then the update
-        _cpu_fast.check_rounding(prepared, stochastic is not None)
-        coefs = _tensor_coefs(spec, hp, grad_scale, _cpu_fast.sumsq_per_tensor(prepared, True),
+    if spec.tensor_coefs is not None:  # the norms pass (reads p and g; _cpu_fast.run checks before writing)
+        coefs = _tensor_coefs(spec, hp, grad_scale, _cpu_fast.sumsq_per_tensor(prepared, params=True),
                               _cpu_fast.sumsq_per_tensor(prepared), _cpu_fast.param_ndims(prepared))
     if stochastic is None:
         _cpu_fast.run(prepared, spec.kernel, spec.variant(hp, step), scalars, hp["lr"], tensor_coefs=coefs)
