@@ -12,6 +12,7 @@
 #include "../cuda/clip.cuh"
 #include "../cuda/precision.cuh"  // 16-bit loads and round-to-nearest-even stores
 #include "../cuda/families.cuh"  // generated from the registry: every family, its variants, the two-phase ones
+#include "int8_simd.hpp"  // the 8-bit state codec with AVX-512 (same bits as precision.cuh's)
 
 namespace fastopt {
 namespace cpu {
@@ -464,9 +465,10 @@ FASTOPT_CLONES int run_chunk(int layout, int kind, int variant, void* const* ptr
 // maps[k] / quants[k] its dynamic map and quantizer tables (signed or unsigned: fastopt/precision.py). The chunk
 // starts on a 256-block boundary of its tensor (the Cython module's chunks are multiples of STAGE). Blocks
 // of STAGE elements: params (and grads) widened, the states dequantized (map[code] * absmax) into float32
-// buffers, the direct float32 loop run on them (run_chunk, LAYOUT_F32), then every state requantized per
-// 256-block (fo_quantize_block: NaN-propagating absmax, nearest map value) and the new params stored by
-// MODE as run_staged stores them. One pass over memory; the same bits as fastopt.precision's reference.
+// buffers, the direct float32 loop run on them (run_chunk, LAYOUT_F32; float32 params and grads in place,
+// unstaged), then every state requantized per 256-block (fo_quantize_block: NaN-propagating absmax, nearest
+// map value; int8_simd.hpp's codec gives the same bits faster) and the new params stored by MODE as
+// run_staged stores them. One pass over memory; the same bits as fastopt.precision's reference.
 static_assert(STAGE % FO_QUANT_BLOCK == 0, "an 8-bit stage holds whole quantization blocks");
 
 template <class PS, class GS, int MODE>
@@ -477,25 +479,34 @@ FASTOPT_INLINE int run_int8_typed(int kind, int variant, void* const* ptrs, floa
     TP* p = static_cast<TP*>(ptrs[0]);
     const typename GS::type* g = static_cast<const typename GS::type*>(ptrs[1]);
     TP* c = static_cast<TP*>(ptrs[5]);
-    float* pw = buf[0];
-    float* gw = buf[1];
+    // float32 params and grads need no staging: the update runs on them in place
+    const bool direct = sizeof(TP) == 4 && sizeof(typename GS::type) == 4 && MODE == ROUND_NEAREST;
     float* sw[3] = {buf[2], buf[3], buf[4]};
+    Int8Codec codec[3];
+    for (int k = 0; k < 3; ++k)
+        if (ptrs[2 + k] != 0) codec[k] = int8_codec(maps[k], quants[k]);
     for (int64_t off = 0; off < n; off += STAGE) {
         const int64_t m = n - off < STAGE ? n - off : int64_t(STAGE);
         PS ps;
         GS gs;
-        for (int64_t i = 0; i < m; ++i) pw[i] = ps.template load<float>(p[off + i]);
-        for (int64_t i = 0; i < m; ++i) gw[i] = gs.template load<float>(g[off + i]);
+        float* pw = buf[0];
+        float* gw = buf[1];
+        if (direct) {
+            pw = reinterpret_cast<float*>(p + off);
+            gw = const_cast<float*>(reinterpret_cast<const float*>(g + off));
+        } else {
+            for (int64_t i = 0; i < m; ++i) pw[i] = ps.template load<float>(p[off + i]);
+            for (int64_t i = 0; i < m; ++i) gw[i] = gs.template load<float>(g[off + i]);
+        }
         void* inner[7] = {pw, gw, 0, 0, 0, 0, 0};  // three states (Adan's 8-bit state is refused)
         for (int k = 0; k < 3; ++k) {
             if (ptrs[2 + k] == 0) continue;
             const unsigned char* codes = static_cast<const unsigned char*>(ptrs[2 + k]) + off;
             const float* am = absmax[k] + off / FO_QUANT_BLOCK;
-            const float* map = maps[k];
             for (int64_t b = 0; b * FO_QUANT_BLOCK < m; ++b) {
                 const int64_t start = b * FO_QUANT_BLOCK;
                 const unsigned len = unsigned(m - start < FO_QUANT_BLOCK ? m - start : FO_QUANT_BLOCK);
-                fo_dequantize_block(codes + start, len, am[b], map, &sw[k][start]);
+                codec_dequantize_block(codec[k], codes + start, len, am[b], &sw[k][start]);
             }
             inner[2 + k] = sw[k];
         }
@@ -508,9 +519,10 @@ FASTOPT_INLINE int run_int8_typed(int kind, int variant, void* const* ptrs, floa
             for (int64_t b = 0; b * FO_QUANT_BLOCK < m; ++b) {
                 const int64_t start = b * FO_QUANT_BLOCK;
                 const unsigned len = unsigned(m - start < FO_QUANT_BLOCK ? m - start : FO_QUANT_BLOCK);
-                am[b] = fo_quantize_block(&sw[k][start], len, quants[k], codes + start);
+                am[b] = codec_quantize_block(codec[k], &sw[k][start], len, codes + start);
             }
         }
+        if (direct) continue;  // the new params are already in place
         TP* __restrict pb = p + off;
         if constexpr (MODE == ROUND_KAHAN) {
             typedef typename PS::Format Fmt;
