@@ -10,6 +10,7 @@ import numpy as np
 
 from fastopt.array_types import Arrays, Scalar
 from fastopt.backends.dispatch import backend_for, check_empty_call
+from fastopt.backends.validate import check_tensor_coefs
 from fastopt.specs import COMP_SLOT, REGISTRY, REQUIRED, OptimizerSpec
 
 __all__ = [spec.function_name for spec in REGISTRY.values()] + ["init_state", "apply_update"]
@@ -65,13 +66,18 @@ def rounding_options(step, stochastic_rounding=False, seed=0, index_offset=0, ka
 
 
 def apply_update(spec: OptimizerSpec, params, grads, states: tuple, hp: dict, step=1, grad_scale=None,
-                 backend=None, kahan_comp=None, stochastic_rounding=False, seed=0, index_offset=0, key_step=None):
+                 backend=None, kahan_comp=None, stochastic_rounding=False, seed=0, index_offset=0, key_step=None,
+                 tensor_coefs=None):
     """Validate, dispatch and run one update. `states` holds one entry per spec.states slot; kahan_comp the
     Kahan compensation of 16-bit params (or None); stochastic_rounding (with seed, index_offset) rounds the
-    new 16-bit params stochastically, keyed by (seed, key_step: the step, 0 for functions without one)."""
+    new 16-bit params stochastically, keyed by (seed, key_step: the step, 0 for functions without one).
+    tensor_coefs (spec.tensor_coefs families, LARS): one host number per array of params, used instead of the
+    backend's norms pass (-1: a tensor LARS leaves unadapted); for callers holding pieces of tensors (the
+    sharded optimizer), which pass the coefficients of the whole tensors."""
     hp, step = spec.validate(hp, step)
     stochastic = rounding_options(step if key_step is None else key_step, stochastic_rounding, seed, index_offset,
                                   kahan_comp is not None)
+    tensor_coefs = check_tensor_coefs(spec, tensor_coefs, len(params) if isinstance(params, (list, tuple)) else 1)
     given = dict(zip(spec.states, states))
 
     def state_for(name):
@@ -88,10 +94,11 @@ def apply_update(spec: OptimizerSpec, params, grads, states: tuple, hp: dict, st
     if be is None:  # empty list of params: nothing to update, but the call must still be well formed
         check_empty_call(arrays, names)
         return None
-    if stochastic is None:
-        be.step(spec, arrays, names, hp, step, grad_scale)
-    else:
-        be.step(spec, arrays, names, hp, step, grad_scale, stochastic=stochastic)
+    # the keywords only when used: a backend without them (a test's stand-in) still runs the others
+    extra = {} if tensor_coefs is None else {"tensor_coefs": tensor_coefs}
+    if stochastic is not None:
+        extra["stochastic"] = stochastic
+    be.step(spec, arrays, names, hp, step, grad_scale, **extra)
     return None
 
 

@@ -5,7 +5,7 @@ elementwise kernel with one coefficient per tensor), the NumPy class fastopt.LAR
 float32 and float64, 50 steps, two param groups, sizes 0 and 1, 0-d, 1-D to 4-D. The reference semantics
 and the documented differences from pytorch_optimizer are in tests/test_new_optimizers.py (LARS section).
 The Numba backend runs on the CUDA simulator here (the CuPy kernels are compile- and launch-checked in
-tests/gpu); the sharded optimizer refuses LARS clearly (a shard holds pieces of tensors).
+tests/gpu); the sharded optimizer's LARS is tested in tests/distributed/test_lars.py.
 """
 from __future__ import annotations
 
@@ -165,10 +165,11 @@ def test_backends_agree_and_bad_input_writes_nothing(backend, rng):
         assert a.tobytes() == b.tobytes()
 
 
-def test_sharding_refuses_lars_clearly():
+def test_sharding_takes_lars():
+    """ShardedOptimizer runs LARS (per-piece sums of squares and one all-reduce: tests/distributed/test_lars.py)."""
     from fastopt.distributed.sharded import unsupported_reason
     spec = REGISTRY["lars"]
-    assert "per-tensor norms" in unsupported_reason(spec)
+    assert unsupported_reason(spec) is None and unsupported_reason(REGISTRY["lamb"]) is not None
     assert spec.norms_per_tensor and not REGISTRY["adam"].norms_per_tensor
 
 

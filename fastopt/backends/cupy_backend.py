@@ -34,7 +34,7 @@ from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMe
                                              device_index, from_interface, no_precision_modes, prepare_device,
                                              prepare_fixed_device, producer_stream, validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
-from fastopt.backends.validate import Checked, check_prepared_disjoint
+from fastopt.backends.validate import Checked, check_prepared_disjoint, check_tensor_coefs
 
 NAME = "cupy"
 AVAILABLE = importlib.util.find_spec("cupy") is not None
@@ -324,13 +324,16 @@ def bind_grads(fixed, grads_per_call):
     return _bind_grads(fixed, grads_per_call)
 
 
-def step(spec, arrays, names, hp, step, grad_scale, found_inf=None, stochastic=None):
+def step(spec, arrays, names, hp, step, grad_scale, found_inf=None, stochastic=None, tensor_coefs=None):
     no_precision_modes(NAME, arrays, stochastic)
-    run(prepare(arrays, names), spec, hp, step, grad_scale, found_inf)
+    run(prepare(arrays, names), spec, hp, step, grad_scale, found_inf, tensor_coefs=tensor_coefs)
 
 
-def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
+def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, tensor_coefs=None):
+    """The update in place; tensor_coefs: given per-tensor coefficients (host numbers,
+    validate.check_tensor_coefs) instead of the norms pass."""
     no_precision_modes(NAME, prepared.lists, stochastic)
+    given = check_tensor_coefs(spec, tensor_coefs, len(prepared.lists[0]))
     lists = prepared.lists
     params = lists[0]
     skip = _skip_flag(found_inf)
@@ -348,7 +351,7 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
         variant = spec.variant(hp, step)
         if spec.tensor_coefs is not None:
             _per_tensor(spec, hp, host_scale, grad_scale, gs_kind, lists, dtype, device, stream, scalars, gs_ptr,
-                        skip, variant)
+                        skip, variant, given)
             return
         if len(params) == 1:
             slots = [lst[0] if lst is not None else None for lst in lists] + [None] * (7 - len(lists))
@@ -370,19 +373,23 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
 
 
 def _per_tensor(spec, hp, host_scale, grad_scale, gs_kind, lists, dtype, device, stream, scalars, gs_ptr, skip,
-                variant):
+                variant, given=None):
     """A family reading one number per tensor (spec.tensor_coefs: LARS's trust ratio): the per-tensor sums of
     squares of p and g on the device, the numbers on the host (one synchronisation; the CPU backends' own
-    formula, specs._lars_coefs), then the family's multi-tensor kernel with them (a single array too).
-    Inside _on()."""
+    formula, specs._lars_coefs), then the family's multi-tensor kernel with them (a single array too); the
+    numbers `given` (host float64, one per tensor) instead when the caller has them. Inside _on()."""
     cp = _cupy()
     table = _table(lists, device, stream)
     if not table.nchunks:
         return
-    pp = sumsq_per_tensor(Checked((lists[0],), None)).get()  # the params, checked already
-    gg = sumsq_per_tensor(Checked((lists[1],), None)).get()
-    scale = host_scale if gs_kind == 0 else float(cp.asarray(grad_scale).get())  # a 0-d device grad_scale
-    coefs = cp.asarray(spec.tensor_coefs(hp, scale, pp, gg, [len(a.shape) for a in lists[0]]), dtype=cp.float64)
+    if given is not None:
+        coefs = cp.asarray(given, dtype=cp.float64)
+    else:
+        pp = sumsq_per_tensor(Checked((lists[0],), None)).get()  # the params, checked already
+        gg = sumsq_per_tensor(Checked((lists[1],), None)).get()
+        scale = host_scale if gs_kind == 0 else float(cp.asarray(grad_scale).get())  # a 0-d device grad_scale
+        coefs = cp.asarray(spec.tensor_coefs(hp, scale, pp, gg, [len(a.shape) for a in lists[0]]),
+                           dtype=cp.float64)
     fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, True))
     fn((table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks), scalars, gs_ptr, gs_kind,
                                     skip, coefs))

@@ -116,7 +116,7 @@ def _maps():
 _MAPS = None
 
 
-def _run_int8(batch, spec, hp, step, grad_scale, stochastic):
+def _run_int8(batch, spec, hp, step, grad_scale, stochastic, given_coefs=None):
     """8-bit states: every check before the first write (validate's, the rounding's, the optimizer's
     support), then one parallel region of _cpu_fast.run_int8 over all chunks of all tensors."""
     checked = batch.checked
@@ -126,8 +126,8 @@ def _run_int8(batch, spec, hp, step, grad_scale, stochastic):
         raise ValueError(f"{spec.function_name}: 8-bit state (state_dtype='int8') is not supported: "
                          f"a two-phase update")
     scalars = spec.scalars(hp, step, host_scale(grad_scale))
-    coefs = None
-    if spec.tensor_coefs is not None:  # the norms pass (reads p and g), before the update writes anything
+    coefs = validate.check_tensor_coefs(spec, given_coefs, len(checked.lists[0]))
+    if spec.tensor_coefs is not None and coefs is None:  # the norms pass (reads p and g), before any write
         coefs = _tensor_coefs(spec, hp, grad_scale, _cpu_fast.sumsq_per_tensor(checked.lists[0]),
                               _cpu_fast.sumsq_per_tensor(checked.lists[1]), [p.ndim for p in checked.lists[0]])
     params, grads, *states = checked.lists
@@ -164,15 +164,16 @@ def _tensor_coefs(spec, hp, grad_scale, param_sumsq, grad_sumsq, ndims):
     return spec.tensor_coefs(hp, host_scale(grad_scale), param_sumsq, grad_sumsq, ndims)
 
 
-def run(prepared, spec, hp, step, grad_scale, stochastic=None):
+def run(prepared, spec, hp, step, grad_scale, stochastic=None, tensor_coefs=None):
     """The update in place; the new 16-bit params stored to nearest even, with the call's Kahan
-    compensation (arrays[5]), or stochastically (`stochastic`: a precision.StochasticRounding)."""
+    compensation (arrays[5]), or stochastically (`stochastic`: a precision.StochasticRounding).
+    tensor_coefs: given per-tensor coefficients (validate.check_tensor_coefs) instead of the norms pass."""
     if isinstance(prepared, Int8Batch):
-        _run_int8(prepared, spec, hp, step, grad_scale, stochastic)
+        _run_int8(prepared, spec, hp, step, grad_scale, stochastic, tensor_coefs)
         return
     scalars = spec.scalars(hp, step, host_scale(grad_scale))
-    coefs = None
-    if spec.tensor_coefs is not None:  # the norms pass (reads p and g; _cpu_fast.run checks before writing)
+    coefs = validate.check_tensor_coefs(spec, tensor_coefs, len(prepared))
+    if spec.tensor_coefs is not None and coefs is None:  # the norms pass (reads p and g; run checks first)
         coefs = _tensor_coefs(spec, hp, grad_scale, _cpu_fast.sumsq_per_tensor(prepared, params=True),
                               _cpu_fast.sumsq_per_tensor(prepared), _cpu_fast.param_ndims(prepared))
     if stochastic is None:
@@ -182,10 +183,11 @@ def run(prepared, spec, hp, step, grad_scale, stochastic=None):
                       stochastic.index_offset, tensor_coefs=coefs)
 
 
-def step(spec, arrays, names, hp, step, grad_scale, stochastic=None):
+def step(spec, arrays, names, hp, step, grad_scale, stochastic=None, tensor_coefs=None):
     if _has_int8(arrays) or spec.tensor_coefs is not None:  # prepared first: the norms read the checked arrays
-        run(prepare(arrays, names), spec, hp, step, grad_scale, stochastic)
+        run(prepare(arrays, names), spec, hp, step, grad_scale, stochastic, tensor_coefs)
         return
+    validate.check_tensor_coefs(spec, tensor_coefs, 0)  # given for a family that reads none: the error
     scalars = spec.scalars(hp, step, host_scale(grad_scale))
     if stochastic is None:
         _cpu_fast.update(spec.kernel, spec.variant(hp, step), arrays, names, scalars, hp["lr"])

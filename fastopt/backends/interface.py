@@ -18,6 +18,10 @@ Conventions shared by every backend (docs/design.md, "The backend interface"):
   the host and as 0-d float64 device arrays on a GPU (never read back).
 - The clip coefficient is min(1, max_norm / (norm + 1e-6)), NaN for a NaN norm: on the host in
   host_clip.clip_coefficient (the one Python copy), on a GPU inside the kernels.
+- run() and step() also take tensor_coefs=None (after the parameters declared here): for a family whose
+  functor reads one number per tensor (spec.tensor_coefs, LARS), host numbers given instead of the norms
+  pass (a caller holding pieces of tensors, the sharded optimizer, passes the whole tensors' numbers),
+  checked by validate.check_tensor_coefs before anything is written.
 A Protocol can declare a parameter a backend's function has in addition (with a default); the test
 accepts extra trailing parameters with defaults (e.g. `out=` of a device sumsq_per_tensor).
 """

@@ -34,7 +34,7 @@ from fastopt.backends.device_arrays import (F32, F64, DeviceArray, StreamMemo, c
                                              device_index, from_interface, no_precision_modes, prepare_device,
                                              prepare_fixed_device, producer_stream, validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
-from fastopt.backends.validate import Checked, check_prepared_disjoint
+from fastopt.backends.validate import Checked, check_prepared_disjoint, check_tensor_coefs
 
 NAME = "numba"
 AVAILABLE = importlib.util.find_spec("numba") is not None
@@ -381,13 +381,16 @@ def bind_grads(fixed, grads_per_call):
     return _bind_grads(fixed, grads_per_call)
 
 
-def step(spec, arrays, names, hp, step, grad_scale, found_inf=None, stochastic=None):
+def step(spec, arrays, names, hp, step, grad_scale, found_inf=None, stochastic=None, tensor_coefs=None):
     no_precision_modes(NAME, arrays, stochastic)
-    run(prepare(arrays, names), spec, hp, step, grad_scale, found_inf)
+    run(prepare(arrays, names), spec, hp, step, grad_scale, found_inf, tensor_coefs=tensor_coefs)
 
 
-def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
+def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, tensor_coefs=None):
+    """The update in place; tensor_coefs: given per-tensor coefficients (host numbers,
+    validate.check_tensor_coefs) instead of the norms pass."""
     no_precision_modes(NAME, prepared.lists, stochastic)
+    given = check_tensor_coefs(spec, tensor_coefs, len(prepared.lists[0]))
     lists = prepared.lists
     first = _first(lists[0])
     dtype = first.dtype
@@ -410,7 +413,8 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
                                                                    h, gs, used, variant, skip)
             return
         if spec.tensor_coefs is not None:  # LARS: one number per tensor, from a norms pass over p and g
-            coefs = _tensor_coefs(spec, hp, host_scale, gs, lists, dtype, stream)
+            coefs = _tensor_coefs(spec, hp, host_scale, gs, lists, dtype, stream) if given is None else \
+                _cuda().to_device(given.astype(dtype), stream=stream)
             k["update"][spec.kernel][table.nchunks, block, stream](P, G, S0, S1, S2, table.tensors, table.chunks, h,
                                                                    gs, used, variant, skip, coefs)
             return

@@ -2,6 +2,7 @@
 compiled backend. Used when the Cython extension is missing, or on request (backend="numpy")."""
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -34,8 +35,8 @@ def bind_grads(fixed, grads_per_call):
 check_disjoint = check_prepared_disjoint  # across the prepared calls of one optimizer step
 
 
-def step(spec, arrays, names, hp, step, grad_scale, stochastic=None):
-    run(prepare(arrays, names), spec, hp, step, grad_scale, stochastic)
+def step(spec, arrays, names, hp, step, grad_scale, stochastic=None, tensor_coefs=None):
+    run(prepare(arrays, names), spec, hp, step, grad_scale, stochastic, tensor_coefs)
 
 
 def check_rounding(prepared, stochastic) -> None:
@@ -51,21 +52,27 @@ def check_rounding(prepared, stochastic) -> None:
                          "(kahan_comp) and stochastic_rounding=True in one call")
 
 
-def run(prepared, spec, hp, step, grad_scale, stochastic=None):
+def run(prepared, spec, hp, step, grad_scale, stochastic=None, tensor_coefs=None):
     """The reference update of every array of a prepared call: float32 math for 16-bit params or states
     (widened exactly, stored to nearest even), the new 16-bit params stored with the Kahan compensation
-    (arrays[5]) or stochastically (`stochastic`, a precision.StochasticRounding) when asked."""
+    (arrays[5]) or stochastically (`stochastic`, a precision.StochasticRounding) when asked.
+    tensor_coefs: given per-tensor coefficients (validate.check_tensor_coefs) instead of the arrays' norms."""
     check_rounding(prepared, stochastic)
     check_int8(prepared, spec)
+    coefs = validate.check_tensor_coefs(spec, tensor_coefs, len(prepared.lists[0]))
+    if coefs is not None and spec.name not in _GIVEN_COEF:
+        raise ValueError(f"tensor_coefs: the NumPy backend has no reference of {spec.function_name} with given "
+                         f"coefficients")
     gs = host_scale(grad_scale)
     params, grads, *states = prepared.lists
     comps = states[validate.COMP - 2] if len(states) > validate.COMP - 2 else None
     states = states[:validate.COMP - 2] + states[validate.COMP - 1:]  # a fourth state (Adan) after the compensation
-    fn = reference.STEPS[spec.name]
     kwargs = dict(hp, grad_scale=gs)
     if spec.uses_step:
         kwargs["step"] = step
     for i in range(len(params)):
+        fn = reference.STEPS[spec.name] if coefs is None else functools.partial(_GIVEN_COEF[spec.name],
+                                                                                coef=float(coefs[i]))
         arrays = (params[i], grads[i]) + tuple(s[i] if s is not None else None for s in states)
         while len(arrays) > 2 and arrays[-1] is None:  # the reference takes a configuration's states only
             arrays = arrays[:-1]
@@ -79,6 +86,25 @@ def run(prepared, spec, hp, step, grad_scale, stochastic=None):
                 arrays[k].store(wide[k])
             continue
         _update(fn, arrays, spec, None if comps is None else comps[i], stochastic, kwargs)
+
+
+def _lars_given_coef(p, g, momentum_buffer=None, *, coef, weight_decay=0.0, grad_scale=None, maximize=False,
+                     exclude_1d=True, trust_coefficient=1e-3, eps=0.0, **rest):
+    """reference.lars_step with the trust ratio given (`coef`; negative: not adapted, as the kernels'
+    !(coef < 0) test) instead of computed from this array's norms (a piece of a param takes the whole param's
+    ratio): the gradient scaled, decayed and multiplied by the ratio as lars_step does (the same expressions,
+    so the same bits), then lars_step itself on 1-D views for the momentum and the step (with exclude_1d a
+    1-D array takes no ratio or decay again). exclude_1d, trust_coefficient and eps are in the ratio."""
+    g = reference._grad(g, grad_scale, maximize)
+    if not coef < 0.0:
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        g = g * coef
+    buf = None if momentum_buffer is None else momentum_buffer.reshape(-1)
+    reference.lars_step(p.reshape(-1), g.reshape(-1), buf, weight_decay=0.0, exclude_1d=True, **rest)
+
+
+_GIVEN_COEF = {"lars": _lars_given_coef}  # spec.tensor_coefs families: their reference with the coefficient given
 
 
 def check_int8(prepared, spec) -> None:

@@ -522,3 +522,27 @@ def host_scale(grad_scale) -> float:
             raise ValueError(f"grad_scale must be a scalar or a 0-d array, got shape {tuple(shape)}")
         value = float(as_numpy(grad_scale, "grad_scale"))
     return value
+
+
+def check_tensor_coefs(spec, tensor_coefs, ntensors: int):
+    """Precomputed per-tensor coefficients of a call (None: the backend computes them) as a contiguous float64
+    host array, one per array of the call; TypeError / ValueError naming tensor_coefs otherwise, before
+    anything is written. Only for a family whose functor reads one number per tensor (spec.tensor_coefs:
+    LARS's trust ratio, -1 for a tensor it leaves unadapted): a caller that holds pieces of tensors (a
+    shard of ShardedOptimizer) passes the ratios of the whole tensors, which the pieces cannot compute."""
+    if tensor_coefs is None:
+        return None
+    if spec.tensor_coefs is None:
+        raise ValueError(f"tensor_coefs: {spec.function_name} reads no per-tensor coefficients (only an optimizer "
+                         f"with spec.tensor_coefs does, e.g. lars_step), got {tensor_coefs!r}")
+    try:
+        a = np.asarray(tensor_coefs)
+    except (TypeError, ValueError) as e:  # ragged lists, a device array
+        raise TypeError(f"tensor_coefs must be a host array or list of real numbers, got "
+                        f"{type(tensor_coefs).__name__} ({e})") from None
+    if a.dtype.kind not in "fiu":  # not bool, complex or objects
+        raise TypeError(f"tensor_coefs must hold real numbers, got dtype {a.dtype}: {tensor_coefs!r}")
+    if a.ndim > 1 or a.size != ntensors:
+        raise ValueError(f"tensor_coefs has shape {a.shape}: one coefficient per array of the call ({ntensors}) "
+                         f"was expected")
+    return np.ascontiguousarray(a, dtype=np.float64).reshape(-1)

@@ -18,9 +18,11 @@ One step:
   3. ONE all-reduce of a few numbers: the count of ranks whose checks failed (then every rank raises
      here, nothing updated anywhere, instead of waiting in a collective for a rank that gave up) and,
      with clip_grad_norm / skip_nonfinite, this shard's sum of squares and a non-finite flag, which give
-     the global norm of the mean gradient (the all-reduce then waits for the reduce-scatter);
+     the global norm of the mean gradient, and with LARS per param the sums of squares of the pieces of it
+     and of its summed gradient this rank holds (see below; the all-reduce then waits for the reduce-scatter);
   4. per bucket, as soon as its gradients are in: the fused update of the shard with grad_scale =
-     1/world (the mean), times the clip coefficient, then the all-gather of the bucket's params starts;
+     1/world (the mean), times the clip coefficient (LARS: with its params' trust ratios), then the
+     all-gather of the bucket's params starts;
   5. the gathered params are copied into the user's arrays (skipped for arrays that are the optimizer's
      own views: `opt.params`).
 
@@ -54,9 +56,20 @@ float32, bit for bit:
     between params is never read), each piece with its codes and its blocks' scales. State bytes per
     rank: 1 byte per element and state plus 4 per 256 (+ the padding), 1/world of the total.
 
-LAMB is not supported: its trust ratio needs the norm of each whole tensor, and its public kernel
-computes those norms and applies the update in one call, so a shard (which holds pieces of tensors)
-would get per-piece ratios. Every other registry optimizer's update is elementwise.
+LARS (spec.tensor_coefs: one trust ratio per param, from the norms of the whole param and of its scaled
+gradient, and its ndim for exclude_1d) while a shard holds flat pieces of params: in step 3 each rank adds,
+per param, the float64 sums of squares of the pieces of params and of summed gradients it holds (the
+backend's sumsq_per_tensor) to the same all-reduce (2 numbers per param; with LARS that all-reduce waits
+for the reduce-scatters, as with clip/skip); every rank computes the ratios from the totals with the scale
+the kernel applies (1/world times the clip coefficient), as the class computes them from its mean gradient,
+and updates its pieces in one list call with their params' ratios given (functional.apply_update's
+tensor_coefs=). Each element is updated by its owner only and all-gathered, so every rank holds the same
+bits; against the class the sums are added in another order (tolerance in tests/distributed/test_lars.py).
+
+LAMB is not supported: its trust ratio needs the norm of the update direction (after the moments) of each
+whole tensor, and its compiled kernel computes the norms and applies the update in one call (no entry point
+takes the ratios from outside), so a shard (which holds pieces of tensors) would get per-piece ratios. See
+docs/lars-plan.md, "Sharding LAMB". Every other registry optimizer's update is elementwise.
 """
 from __future__ import annotations
 
@@ -67,6 +80,7 @@ import numbers
 import numpy as np
 
 from fastopt import functional, optim
+from fastopt.backends.dispatch import backend_for
 from fastopt.precision import QUANT_BLOCK, QuantizedState, is_16bit
 from fastopt.clip import clip_coefficient, global_norm
 from fastopt.distributed.checkpoint import load as load_checkpoint, save as save_checkpoint
@@ -84,15 +98,15 @@ _BY_CLASS_NAME = {spec.class_name: spec for spec in REGISTRY.values()}
 
 def unsupported_reason(spec) -> str | None:
     """Why `spec`'s update cannot be sharded (None: it can). A shard holds pieces of tensors, so the
-    update must be elementwise: no per-tensor reduction (spec.two_phase: LAMB; spec.tensor_coefs: LARS) and
-    state shaped like the param (a factored state, like Adafactor's row and column statistics, is per tensor). An optimizer
-    whose update couples the elements of a tensor in some other way must declare it in its spec."""
+    update must be elementwise given numbers per tensor that the step can reduce first (spec.tensor_coefs:
+    LARS's norms of p and g, summed per piece and all-reduced); not a reduction inside the kernel between
+    two passes (spec.two_phase: LAMB); and the state shaped like the param (a factored state, like
+    Adafactor's row and column statistics, is per tensor). An optimizer whose update couples the elements
+    of a tensor in some other way must declare it in its spec."""
     if spec.two_phase:
         return ("its update is not elementwise (a per-tensor reduction, e.g. LAMB's trust ratio from the norms "
                 "of whole tensors, computed inside its kernel), and a shard holds pieces of tensors")
-    if spec.tensor_coefs is not None:
-        return ("its update reads per-tensor norms (LARS's trust ratio from the norms of whole params and "
-                "grads), and a shard holds pieces of tensors")
+    # spec.tensor_coefs (LARS) is sharded: the norms of whole params come from per-piece sums and one all-reduce
     probe = np.zeros((2, 3))
     shapes = {name: tuple(a.shape) for name, a in functional.init_state(spec.name, probe).items()}
     if any(s != probe.shape for s in shapes.values()):
@@ -178,7 +192,7 @@ class ShardedOptimizer:
     """ZeRO-1 sharded optimizer (see the module docstring). Arguments:
 
     name_or_class: a registry name ("adam") or class (fastopt.Adam, or fastopt.torch.Adam: the same update);
-        LAMB is rejected.
+        LAMB is rejected (unsupported_reason says why).
     params: a list of arrays, identical on every rank (NumPy for MPI, torch tensors for torch.distributed,
         CuPy arrays for NCCL); updated in place after each step (unless copy_params=False).
     comm: an mpi4py communicator, a torch.distributed process group (or the torch.distributed module: the
@@ -226,6 +240,10 @@ class ShardedOptimizer:
         self.layout = ShardLayout.build([v.shape for v in views], dtypes, comm.size, int(bucket_bytes),
                                         QUANT_BLOCK if int8 else 1)
         self._int8 = int8
+        # LARS: each param's trust ratio from the sums of squares of the whole param and its mean gradient
+        # (per-piece sums, all-reduced with the step's few scalars) and its real ndim (exclude_1d)
+        self._norms = spec.tensor_coefs is not None
+        self._ndims = [len(s) for s in self.layout.shapes]
         self.copy_params = bool(copy_params)
         self._user = views
         self.steps = 0              # updates applied
@@ -427,27 +445,32 @@ class ShardedOptimizer:
             error, views = e, None
         comm, buckets = self.comm, self.layout.buckets
         guard = self.clip_grad_norm is not None or self.skip_nonfinite
+        sync = guard or self._norms  # the all-reduce carries numbers computed from the reduced gradients
         failed = np.array([0.0 if error is None else 1.0])
-        # without clip/skip the failed-checks count travels alone, started before the reduce-scatter so that
-        # both are in flight together (one synchronisation, not two)
-        early = None if guard else comm.start_all_reduce_sum(failed)
+        # without clip/skip/norms the failed-checks count travels alone, started before the reduce-scatter so
+        # that both are in flight together (one synchronisation, not two)
+        early = None if sync else comm.start_all_reduce_sum(failed)
         if error is None:
             self._pack(views)
         # a rank whose checks failed still joins the reduce-scatter (the sums it feeds are discarded by every
         # rank): the ranks learn about it from the all-reduce, before anything is updated
         pending = [comm.reduce_scatter(self._send[b.index][0], self._recv[b.index][0]) for b in buckets]
         sq = 0.0
-        if guard:
+        norms = np.zeros(2 * len(self._ndims) if self._norms else 0)  # same length on every rank, failed or not
+        if sync:
             for r in pending:
                 r.wait()
             pending = [None] * len(buckets)
-            if error is None:
+            if error is None and guard:
                 for b in buckets:
                     norm = float(global_norm(self._recv[b.index][1]))
                     sq += norm * norm
-        # ONE all-reduce: [ranks whose checks failed, sum of squares, ranks with a non-finite gradient]
-        total = comm.all_reduce_sum(np.array([failed[0], sq, 0.0 if math.isfinite(sq) else 1.0])) if guard \
-            else early.wait()
+            if error is None and self._norms:
+                norms = self._piece_sumsq()
+        # ONE all-reduce: [ranks whose checks failed, sum of squares, ranks with a non-finite gradient] and, for
+        # LARS, per param the sums of squares of the params and of the summed gradients over the pieces
+        total = comm.all_reduce_sum(np.concatenate([[failed[0], sq, 0.0 if math.isfinite(sq) else 1.0], norms])) \
+            if sync else early.wait()
         if total[0]:
             for r in pending:
                 if r is not None:
@@ -465,11 +488,15 @@ class ShardedOptimizer:
                 norm = math.sqrt(total[1]) / self.world_size  # the norm of the mean gradient
                 scale = float(clip_coefficient(norm, self.clip_grad_norm)) * scale
         hp = dict(self._hp, lr=lr)
+        coefs = None
+        if self._norms:  # the ratios of the whole params, from the scaled (mean, clipped) gradient as the class
+            n = len(self._ndims)
+            coefs = self.spec.tensor_coefs(hp, scale, total[3:3 + n], total[3 + n:], self._ndims)
         gathers = []
         for b in buckets:
             if pending[b.index] is not None:
                 pending[b.index].wait()
-            self._update(b, hp, scale)
+            self._update(b, hp, scale, coefs)
             gathers.append(comm.all_gather(self._wire(self._flat[b.index][0]), b.shard))
         for g in gathers:
             g.wait()
@@ -478,14 +505,34 @@ class ShardedOptimizer:
             self._copy_out()
         return True
 
-    def _update(self, b, hp, scale) -> None:
+    def _piece_sumsq(self) -> np.ndarray:
+        """Per param, the float64 sums of squares of the pieces of its params and of its summed gradients that
+        this rank holds (zeros for the others): [params..., grads...], to be all-reduced."""
+        n = len(self._ndims)
+        out = np.zeros(2 * n)
+        for b in self.layout.buckets:
+            pieces = self._pieces[b.index]
+            if not pieces:
+                continue
+            lo, _ = b.shard_range(self.rank)
+            params, grads = self._flat[b.index][1][lo:], self._recv[b.index][1]
+            be = backend_for([params[:1]], self.backend)
+            for k, arrays in enumerate(([params[at:at + m] for _, _, m, at in pieces],
+                                        [grads[at:at + m] for _, _, m, at in pieces])):
+                sums = np.asarray(_to_host(be.sumsq_per_tensor(arrays)), dtype=np.float64)
+                for (i, _, _, _), v in zip(pieces, sums):
+                    out[k * n + i] += v  # a param's pieces in one shard of one bucket: one piece
+        return out
+
+    def _update(self, b, hp, scale, coefs=None) -> None:
         """The fused update of this rank's shard of bucket b: one call over the whole shard, or (8-bit
-        state, stochastic rounding) over the pieces of params the shard holds (see the module docstring)."""
+        state, stochastic rounding, per-param coefficients `coefs`: LARS) over the pieces of params the shard
+        holds, each with its param's coefficient (see the module docstring)."""
         lo, hi = b.shard_range(self.rank)
         params, grads, states = self._flat[b.index][1][lo:hi], self._recv[b.index][1], self._states[b.index]
         step = self.steps + 1
         kwargs = {"step": step} if self.spec.uses_step else {}
-        if not self._int8 and not self._precision["stochastic_rounding"]:
+        if not self._int8 and not self._precision["stochastic_rounding"] and coefs is None:
             self._step_fn(params, grads, **states, **kwargs, **hp, grad_scale=scale, backend=self.backend)
             return
         pieces = self._pieces[b.index]
@@ -507,10 +554,12 @@ class ShardedOptimizer:
             st = tuple(None if states.get(name) is None else [part(states[name], at, n) for _, _, n, at in call]
                        for name in spec.states)
             kc = None if comp is None else [comp[at:at + n] for _, _, n, at in call]
+            tc = None if coefs is None else coefs[[i for i, _, _, _ in call]]
             # keyed like the single-process class: (seed, its step count), element e0 + j of the param
             functional.apply_update(spec, ps, gs, st, dict(hp), step, grad_scale=scale, backend=self.backend,
                                     kahan_comp=kc, stochastic_rounding=self._precision["stochastic_rounding"],
-                                    seed=self._precision["seed"], index_offset=call[0][1], key_step=step)
+                                    seed=self._precision["seed"], index_offset=call[0][1], key_step=step,
+                                    tensor_coefs=tc)
 
     def _wire(self, native):
         """A flat buffer as the engine moves it: bfloat16 NumPy buffers as their uint16 bits (MPI has no
