@@ -181,7 +181,17 @@ def test_codec_equals_the_table_on_odd_blocks(lib, signed):
     mixed[::9] = -np.abs(mixed[::9])
     mixed[5] = np.nan
     exact = np.concatenate([[1.0], mid[:255]]).astype(np.float32)  # every midpoint exactly: the ties
-    blocks += [nan_block, inf_block, tiny, zeros, signed_zeros, mixed, exact, -exact]
+    # quotients that underflow to +-0 beside a huge absmax (zero's code, not a positive one's)
+    underflow = np.concatenate([[3.0e38], rng.choice([1e-30, -1e-30, 1e-45, -1e-45, 2e-38, 0.0], 255)]).astype(np.float32)
+    blocks += [nan_block, inf_block, tiny, zeros, signed_zeros, mixed, exact, -exact, underflow]
+    # the midpoints and their float32 neighbours times random scales (the block's absmax leads it): the
+    # quotient x / absmax lands within rounding of a midpoint, where the codec must defer to the table
+    for _ in range(300):
+        scale = np.float32(10.0 ** rng.uniform(-30, 30))
+        pick = rng.choice(mid[:255], 85)
+        near = np.concatenate([pick, np.nextafter(pick, np.float32(-2)), np.nextafter(pick, np.float32(2))])
+        x = np.concatenate([[scale], (near.astype(np.float64) * scale).astype(np.float32)]).astype(np.float32)
+        blocks.append(x if signed else np.abs(x))
     for x in blocks:
         x = np.ascontiguousarray(x, np.float32)
         assert lib.compare_block(_ptr(x), x.size, _ptr(table), _ptr(mid), _ptr(bucket)) == 0, x

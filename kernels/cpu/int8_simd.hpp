@@ -53,8 +53,7 @@ namespace cpu {
 
 // The per-decade constants of one map (signed: first moments, 127 magnitudes; unsigned: 255).
 struct ArithQuantizer {
-    float scale[16], offset[16];  // u - 0.5 = a * scale[E] - offset[E]
-    int base[16];                 // code of magnitude index k at decade E: base[E] + k (unsigned map)
+    float scale[16], offset[16];  // a * scale[E] - offset[E] = u - 0.5 + (values in the decades below E)
     float threshold[16];          // threshold[i] = 10^-i (i = 1 .. emax): a <= it means decade >= i
     // the decade from the binary exponent: a in [2^-b, 2^(1-b)) (b = 127 - exponent bits, capped at 31) is in
     // decade binade_decade[b], or one more where a <= binade_threshold[b] (the one 10^-i inside, else -1)
@@ -65,7 +64,7 @@ struct ArithQuantizer {
     bool is_signed, ok;
 };
 
-enum { ARITH_MARGIN_SHIFT = 12 };  // lanes with u - 0.5 within 2^-12 of an integer take the table lookup
+enum { ARITH_MARGIN_SHIFT = 10 };  // lanes with u - 0.5 within 2^-10 of an integer take the table lookup
 static const float ARITH_MARGIN = 1.0f / (1 << ARITH_MARGIN_SHIFT);
 
 // The magnitude index (0 = zero, 1 .. 127 or 255 ascending) of a in [0, 1] and whether it is too close to a
@@ -82,7 +81,7 @@ static int arith_magnitude(const ArithQuantizer& aq, float a, bool negative, boo
     if (e == aq.emax) return negative ? a >= aq.low_mid : a > aq.low_mid;
     const float t = a * aq.scale[e] - aq.offset[e];
     *ambiguous = fabsf(t - nearbyintf(t)) < ARITH_MARGIN;
-    return aq.base[e] + static_cast<int>(ceilf(t));
+    return static_cast<int>(ceilf(t));
 }
 
 static int arith_code(const ArithQuantizer& aq, float x, bool* ambiguous) {
@@ -103,8 +102,7 @@ static ArithQuantizer arith_quantizer(FoQuantizer q) {
     for (int e = aq.emax; e >= 0; --e) {
         const double steps = std::ldexp(1.0, fmax - e);
         aq.scale[e] = static_cast<float>(std::pow(10.0, e) * steps / 0.9);
-        aq.offset[e] = static_cast<float>(0.1 * steps / 0.9 + 0.5);
-        aq.base[e] = below;
+        aq.offset[e] = static_cast<float>(0.1 * steps / 0.9 + 0.5 - below);
         below += static_cast<int>(steps);
         if (e > 0) aq.threshold[e] = static_cast<float>(std::pow(10.0, -e));
     }
@@ -151,43 +149,49 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) static float quant
     const float scale_value = absmax > 0.0f ? absmax : 1.0f;  // an all-zero block: every code is zero's
     const __m512 scale = _mm512_set1_ps(scale_value);
     const __m512 decade_scale = _mm512_loadu_ps(aq.scale), decade_offset = _mm512_loadu_ps(aq.offset);
-    const __m512i decade_base = _mm512_loadu_si512(aq.base);
     const __m512i binade_decade0 = _mm512_loadu_si512(aq.binade_decade),
                   binade_decade1 = _mm512_loadu_si512(aq.binade_decade + 16);
     const __m512 binade_threshold0 = _mm512_loadu_ps(aq.binade_threshold),
                  binade_threshold1 = _mm512_loadu_ps(aq.binade_threshold + 16);
+    // |x| / absmax as |x| * (1 / absmax): the code needs it only to the margin (one more rounding, at most
+    // 2^-22 relative: 6e-5 of a position below 256, a quarter of the margin), the divider's throughput would
+    // bound the loop; where the exact quotient matters (the compare with the smallest midpoint, the lanes
+    // the table decides) it is divided exactly
+    const __m512 inverse = _mm512_set1_ps(1.0f / scale_value);
     const __m512 margin = _mm512_set1_ps(ARITH_MARGIN), low_mid = _mm512_set1_ps(aq.low_mid);
     const __m512 one_f = _mm512_set1_ps(1.0f), zero_f = _mm512_setzero_ps();
     const __m512i one = _mm512_set1_epi32(1), emax = _mm512_set1_epi32(aq.emax);
     const __m512i exponent_one = _mm512_set1_epi32(127), last_binade = _mm512_set1_epi32(31);
-    alignas(64) float normalized[16];
     i = 0;
     for (; i + 16 <= n; i += 16) {
-        const __m512 xn = _mm512_div_ps(_mm512_loadu_ps(x + i), scale);
-        const __m512i a_bits = _mm512_and_si512(_mm512_castps_si512(xn), magnitude);
+        const __m512 xv = _mm512_loadu_ps(x + i);
+        const __m512i a_bits = _mm512_and_si512(_mm512_castps_si512(_mm512_mul_ps(xv, inverse)), magnitude);
         const __m512 a = _mm512_castsi512_ps(a_bits);
-        const __mmask16 positive = _mm512_cmp_ps_mask(xn, zero_f, _CMP_GT_OQ);
-        // the table decides NaN, |x| > 1 (a block whose absmax is NaN is scaled by 1) and, for the unsigned
-        // map, negative values
-        __mmask16 rare = aq.is_signed ? _mm512_cmp_ps_mask(a, one_f, _CMP_NLE_UQ)
-                                      : _mm512_cmp_ps_mask(xn, one_f, _CMP_NLE_UQ) |
-                                            _mm512_cmp_ps_mask(xn, zero_f, _CMP_LT_OQ);
-        // the decade: from the binade (exponent bits), plus one where a 10^-i inside it is >= a
+        __mmask16 positive = _mm512_cmp_ps_mask(xv, zero_f, _CMP_GT_OQ);  // x / absmax > 0 (not underflowed)
+        // the table decides NaN, |x| / absmax > 1 (a block whose absmax is NaN is scaled by 1; or the product's
+        // rounding) and, for the unsigned map, negative values
+        __mmask16 rare = _mm512_cmp_ps_mask(a, one_f, _CMP_NLE_UQ);
+        if (!aq.is_signed) rare |= _mm512_cmp_ps_mask(xv, zero_f, _CMP_LT_OQ);
+        // the decade: from the binade (exponent bits), plus one where a 10^-i inside it is >= a (near a decade's
+        // edge either decade gives the same code: the edge is a map value, not a midpoint)
         const __m512i b = _mm512_min_epi32(_mm512_sub_epi32(exponent_one, _mm512_srli_epi32(a_bits, 23)), last_binade);
         const __m512 inside = _mm512_permutex2var_ps(binade_threshold0, b, binade_threshold1);
         __m512i e = _mm512_permutex2var_epi32(binade_decade0, b, binade_decade1);
         e = _mm512_mask_add_epi32(e, _mm512_cmp_ps_mask(a, inside, _CMP_LE_OQ), e, one);
         const __m512 t = _mm512_sub_ps(_mm512_mul_ps(a, _mm512_permutexvar_ps(e, decade_scale)),
                                        _mm512_permutexvar_ps(e, decade_offset));
-        const __m512i k = _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+        __m512i j = _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
         const __m512 off = _mm512_sub_ps(t, _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
         const __m512 off_abs = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(off), magnitude));
-        __m512i j = _mm512_add_epi32(_mm512_permutexvar_epi32(e, decade_base), k);
         const __mmask16 lowest = _mm512_cmp_epi32_mask(e, emax, _MM_CMPINT_EQ);
-        if (lowest) {  // below the smallest nonzero value: past the midpoint to zero (a tie goes to the lower
-                       // code: the larger magnitude for a negative x)
-            const __mmask16 above_low = (_mm512_cmp_ps_mask(a, low_mid, _CMP_GT_OQ) & positive) |
-                                        (_mm512_cmp_ps_mask(a, low_mid, _CMP_GE_OQ) & ~positive);
+        if (lowest) {  // below the smallest nonzero value: past the midpoint to zero, on the exact quotient (a tie
+                       // goes to the lower code: the larger magnitude for a negative x)
+            const __m512 quotient = _mm512_div_ps(xv, scale);
+            const __m512 exact = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(quotient), magnitude));
+            // a quotient that underflowed to zero (or x / Inf) is zero's code, not a positive one's
+            positive = (positive & ~lowest) | (_mm512_cmp_ps_mask(quotient, zero_f, _CMP_GT_OQ) & lowest);
+            const __mmask16 above_low = (_mm512_cmp_ps_mask(exact, low_mid, _CMP_GT_OQ) & positive) |
+                                        (_mm512_cmp_ps_mask(exact, low_mid, _CMP_GE_OQ) & ~positive);
             j = _mm512_mask_blend_epi32(lowest, j, _mm512_maskz_mov_epi32(above_low, one));
         }
         rare |= _mm512_cmp_ps_mask(off_abs, margin, _CMP_LT_OQ) & ~lowest;  // near a midpoint
@@ -196,12 +200,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) static float quant
             code = _mm512_mask_blend_epi32(positive, _mm512_sub_epi32(_mm512_set1_epi32(127), j),
                                            _mm512_add_epi32(_mm512_set1_epi32(128), j));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(code));
-        if (rare) {
-            _mm512_store_ps(normalized, xn);
-            for (unsigned left = rare; left; left &= left - 1) {
-                const unsigned lane = static_cast<unsigned>(__builtin_ctz(left));
-                codes[i + lane] = fo_quantize(normalized[lane], q);
-            }
+        for (unsigned left = rare; left; left &= left - 1) {  // the table, on the exact quotient
+            const unsigned lane = static_cast<unsigned>(__builtin_ctz(left));
+            codes[i + lane] = fo_quantize(x[i + lane] / scale_value, q);
         }
     }
     for (; i < n; ++i) codes[i] = fo_quantize(x[i] / scale_value, q);
