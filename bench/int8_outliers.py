@@ -26,7 +26,11 @@ Where bitsandbytes is importable, its own AdamW8bit runs on the CPU too (the bnb
 against it), and fastopt itself runs with the proposal's tables (proposed_maps: precision._maps patched)
 on both host backends, checked equal to the roundup model.
 
-Run: .venv/bin/python bench/int8_outliers.py [--n 1048576] [--steps 5] [--json out.json]
+Run: .venv/bin/python bench/int8_outliers.py [--n 1048576] [--steps 5] [--json out.json]   (17 s)
+     .venv/bin/python bench/int8_outliers.py --optimizers            every unsigned-map optimizer (10 s)
+     .venv/bin/python bench/int8_outliers.py --seeds 150             AdamW over 150 seeds (30 s)
+     .venv/bin/python bench/int8_outliers.py --seeds 60 --names Adam,NAdam,AdaBelief,Yogi
+     .venv/bin/python bench/int8_outliers.py --trace                 the worst element of the repro
 """
 from __future__ import annotations
 
@@ -198,7 +202,7 @@ def candidates() -> dict:
 
 
 def proposed_tables(signed: bool, variant: str = "roundup") -> tuple:
-    """(map values, midpoints) of the fix (docs/int8-quality.md, "Fix"); the signed map is unchanged.
+    """(map values, midpoints) of the fix (docs/int8-quality.md §5); the signed map is unchanged.
     "roundup" (the proposal): the unsigned map's values unchanged, its first midpoint 0.0 instead of 5e-8,
     so a positive value never takes code 0 (it rounds up to 1e-7 at least) while an exact zero still does.
     "nozero" (Li et al.'s DE-0): the unsigned map's code 0 reads 1e-7 (a duplicate of code 1)."""
@@ -321,6 +325,100 @@ def measure(n=2 ** 20, steps=5, seed=0, kinds=("heavy", "lognormal", "normal"), 
     return out
 
 
+# Unsigned-map optimizers (and two without one) against float32 state: the per-optimizer table
+SWEEP = [("Adam", {}), ("Adam", {"amsgrad": True}), ("AdamW", {}), ("NAdam", {}), ("RAdam", {}), ("AdaBelief", {}),
+         ("Adamax", {}), ("Yogi", {}), ("Adagrad", {}), ("RMSprop", {}), ("Adadelta", {}), ("Rprop", {}),
+         ("Lion", {}), ("SGD", {"momentum": 0.9})]
+
+
+def _class_run(cls, p0, grads, state_dtype, backend, **options):
+    p = p0.copy()
+    opt = cls([p], state_dtype=state_dtype, backend=backend, **options)
+    for g in grads:
+        opt.step([g])
+    return p
+
+
+def optimizer_sweep(n=2 ** 16 + 37, steps=5, seed=3, kinds=("heavy", "normal")) -> list:
+    """Each SWEEP optimizer (its default lr) with int8 state, today and with the fix, against float32
+    state: how many params end further from the float32 run than that run's largest move, and the worst
+    distance (absolute)."""
+    import fastopt
+    p0 = np.random.default_rng(7).standard_normal(n).astype(np.float32)
+    rows = []
+    for kind in kinds:
+        grads = make_grads(kind, n, steps, seed)
+        for name, options in SWEEP:
+            cls = getattr(fastopt, name)
+            backend = host_backends()[-1]
+            exact = _class_run(cls, p0, grads, None, backend, **options)
+            today = _class_run(cls, p0, grads, "int8", backend, **options)
+            with proposed_maps():
+                fixed = {b: _class_run(cls, p0, grads, "int8", b, **options) for b in host_backends()}
+            assert len({v.tobytes() for v in fixed.values()}) == 1, "the fix differs between host backends"
+            move = float(np.abs(exact - p0).max())
+            d0, d1 = np.abs(today - exact), np.abs(fixed[backend] - exact)
+            rows.append({"grads": kind, "optimizer": name, "options": options, "largest_float32_move": move,
+                         "today": {"beyond": int(np.count_nonzero(d0 > move)), "worst": float(d0.max())},
+                         "fix": {"beyond": int(np.count_nonzero(d1 > move)), "worst": float(d1.max())}})
+    return rows
+
+
+def seed_sweep(seeds=150, n=2 ** 16 + 37, steps=5, names=("AdamW",), first=1000) -> dict:
+    """Over `seeds` fresh draws of params and heavy grads (AdamW by default, lr 1e-3): today's count of
+    params beyond 2 x steps x lr of the float32 run (min, median) and the fix's worst distance in lr
+    (max, median): what tests/test_int8_quality.py's bound rests on."""
+    import fastopt
+    out = {name: ([], []) for name in names}
+    backend = host_backends()[-1]
+    for seed in range(first, first + seeds):
+        rng = np.random.default_rng(seed)
+        p0 = rng.standard_normal(n).astype(np.float32)
+        grads = [(rng.standard_normal(n) * np.exp(2 * rng.standard_normal(n))).astype(np.float32) for _ in range(steps)]
+        for name in names:
+            options = {"amsgrad": True} if name == "Adam" else {}
+            cls = getattr(fastopt, name)
+            exact = _class_run(cls, p0, grads, None, backend, lr=LR, **options)
+            today = _class_run(cls, p0, grads, "int8", backend, lr=LR, **options)
+            with proposed_maps():
+                fixed = _class_run(cls, p0, grads, "int8", backend, lr=LR, **options)
+            out[name][0].append(int(np.count_nonzero(np.abs(today - exact) > 2 * steps * LR)))
+            out[name][1].append(float(np.abs(fixed - exact).max() / LR))
+    return {name: {"today_beyond_2x_min": min(t), "today_beyond_2x_median": float(np.median(t)),
+                   "fix_worst_lr_max": round(max(f), 3), "fix_worst_lr_median": round(float(np.median(f)), 3)}
+            for name, (t, f) in out.items()}
+
+
+def trace(n=2 ** 20, steps=5, seed=0) -> list:
+    """The worst element of the repro (AdamW, heavy grads, today's tables): per step its gradient, the
+    block's largest |g|, the m and v the int8 step reads and the float32 state holds, and the param's
+    total move both ways."""
+    from fastopt.reference import adamw_step
+    p0 = np.random.default_rng(seed + 1).standard_normal(n).astype(np.float32)
+    grads = make_grads("heavy", n, steps, seed)
+    qm, qv = candidates()["fastopt"]
+    exact = fastopt_run(p0, grads)
+    i = int(np.argmax(np.abs(model_run(p0, grads, qm, qv) - exact)))
+    b = slice(i // BLOCK * BLOCK, (i // BLOCK + 1) * BLOCK)
+    p, pf = p0.copy(), p0.copy()
+    m32, v32 = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    cm, am = np.zeros(n, np.uint8), np.zeros(-(-n // BLOCK), np.float32)
+    cv, av = cm.copy(), am.copy()
+    rows = []
+    for t, g in enumerate(grads, start=1):
+        m, v = dequantize(cm, am, qm), dequantize(cv, av, qv)
+        row = {"step": t, "element": i, "g": float(g[i]), "block_max_abs_g": float(np.abs(g[b]).max()),
+               "int8_reads_m": float(m[i]), "int8_reads_v": float(v[i]), "v_absmax": float(av[i // BLOCK]),
+               "float32_m": float(m32[i]), "float32_v": float(v32[i])}
+        adamw_step(p, g, m, v, step=t, lr=LR, weight_decay=WD)
+        adamw_step(pf, g, m32, v32, step=t, lr=LR, weight_decay=WD)
+        row.update(int8_moved=float(p[i] - p0[i]), float32_moved=float(pf[i] - p0[i]))
+        rows.append(row)
+        cm, am = quantize(m, qm)
+        cv, av = quantize(v, qv)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=2 ** 20)
@@ -328,10 +426,21 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kinds", default="heavy,lognormal,normal")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--optimizers", action="store_true", help="the per-optimizer sweep (2^16 + 37 params)")
+    ap.add_argument("--seeds", type=int, default=0, help="the seed sweep over this many seeds (2^16 + 37 params)")
+    ap.add_argument("--names", default="AdamW", help="optimizer classes of the seed sweep (Adam: AMSGrad)")
+    ap.add_argument("--trace", action="store_true", help="the worst element of the repro, step by step")
     a = ap.parse_args(argv)
-    res = measure(a.n, a.steps, a.seed, tuple(a.kinds.split(",")))
-    res = {"n": a.n, "steps": a.steps, "seed": a.seed, "lr": LR, "weight_decay": WD,
-           "outlier": f"|p - p(float32 state)| > {a.steps} lr", "results": res}
+    if a.optimizers:
+        res = {"optimizer_sweep": optimizer_sweep()}
+    elif a.seeds:
+        res = {"seed_sweep": seed_sweep(a.seeds, names=tuple(a.names.split(",")))}
+    elif a.trace:
+        res = {"trace": trace(a.n, a.steps, a.seed)}
+    else:
+        res = measure(a.n, a.steps, a.seed, tuple(a.kinds.split(",")))
+        res = {"n": a.n, "steps": a.steps, "seed": a.seed, "lr": LR, "weight_decay": WD,
+               "outlier": f"|p - p(float32 state)| > {a.steps} lr", "results": res}
     text = json.dumps(res, indent=1)
     print(text)
     if a.json:
