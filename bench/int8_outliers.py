@@ -10,9 +10,10 @@ reference float32 AdamW update (fastopt.reference.adamw_step) on the dequantized
 quantizer (a map and a rounding rule), absmax per block of 256. With fastopt's maps and its nearest-value
 rule it equals fastopt's int8 run bit for bit (checked first, on both host backends), so the other
 candidates differ from fastopt only in the map or the rounding rule:
-  fastopt        fastopt.precision.dynamic_map (unsigned code 0 = 0.0), nearest value (today)
-  roundup        the proposal: fastopt's maps, the unsigned map's first midpoint 0.0 instead of 5e-8 (a
-                 positive value never takes code 0: it reads 1e-7 x absmax at least; an exact 0 still reads 0)
+  fastopt        fastopt.precision's tables since the fix ("roundup"): the unsigned map's first midpoint 0.0
+                 instead of 5e-8 (a positive value never takes code 0: it reads 1e-7 x absmax at least; an
+                 exact 0 still reads 0)
+  nearest        fastopt before the fix: the nearest map value, so a v below 5e-8 x absmax reads 0
   nozero         the unsigned map with code 0 = its smallest nonzero value 1e-7 (Li et al. 2023 "DE-0",
                  thu-ml/low-bit-optimizers lpmm/functional.py 'nonlinear-nozero': mapping[0] = mapping[1])
   nozero-1e-8    the unsigned map with code 0 = 1e-8 (one more decade instead of a duplicate code)
@@ -23,8 +24,8 @@ candidates differ from fastopt only in the map or the rounding rule:
                  65536-point grid over [-1, 1] (csrc/cpu_ops.cpp norm_to_lut_index / build_quantize_lut), so
                  every |x| / absmax below ~3e-5 goes to the code nearest 1.5e-5: no zero code in practice
 Where bitsandbytes is importable, its own AdamW8bit runs on the CPU too (the bnb-cpu model is checked
-against it), and fastopt itself runs with the proposal's tables (proposed_maps: precision._maps patched)
-on both host backends, checked equal to the roundup model.
+against it), and fastopt itself runs with the tables before the fix too (proposed_maps("nearest"):
+precision._maps patched) on both host backends, checked equal to the nearest model.
 
 Run: .venv/bin/python bench/int8_outliers.py [--n 1048576] [--steps 5] [--json out.json]   (17 s)
      .venv/bin/python bench/int8_outliers.py --optimizers            every unsigned-map optimizer (10 s)
@@ -179,19 +180,18 @@ def model_run(p0, grads, qm: Quantizer, qv: Quantizer, stats=None):
 
 def candidates() -> dict:
     """name -> (quantizer of m, quantizer of v)."""
-    from fastopt.precision import dynamic_map
+    from fastopt.precision import dynamic_map, dynamic_midpoints
     s, u = dynamic_map(True), dynamic_map(False)
     nozero = u.copy()
     nozero[0] = u[1]
     deeper = u.copy()
     deeper[0] = np.float32(1e-8)
-    _, roundup_mid = proposed_tables(False, "roundup")
     bs, bu = bnb_dynamic_map(True), bnb_dynamic_map(False)
     bnb_nozero = bu.copy()
     bnb_nozero[0] = bu[1]
     return {
-        "fastopt": (Quantizer(s), Quantizer(u)),
-        "roundup": (Quantizer(s), Quantizer(u, mid=roundup_mid)),
+        "fastopt": (Quantizer(s), Quantizer(u, mid=dynamic_midpoints(False))),  # roundup, since the fix
+        "nearest": (Quantizer(s), Quantizer(u)),  # fastopt before the fix: the zero code for tiny v
         "nozero": (Quantizer(s), Quantizer(nozero)),
         "nozero-1e-8": (Quantizer(s), Quantizer(deeper)),
         "bnb-cuda": (Quantizer(bs, "bnb-cuda"), Quantizer(bu)),
@@ -202,10 +202,11 @@ def candidates() -> dict:
 
 
 def proposed_tables(signed: bool, variant: str = "roundup") -> tuple:
-    """(map values, midpoints) of the fix (docs/int8-quality.md §5); the signed map is unchanged.
-    "roundup" (the proposal): the unsigned map's values unchanged, its first midpoint 0.0 instead of 5e-8,
-    so a positive value never takes code 0 (it rounds up to 1e-7 at least) while an exact zero still does.
-    "nozero" (Li et al.'s DE-0): the unsigned map's code 0 reads 1e-7 (a duplicate of code 1)."""
+    """(map values, midpoints) of a variant (docs/int8-quality.md §5); the signed map is unchanged.
+    "roundup" (the fix, fastopt's tables since it landed): the unsigned map's values unchanged, its first
+    midpoint 0.0 instead of 5e-8, so a positive value never takes code 0 (it rounds up to 1e-7 at least) while
+    an exact zero still does. "nearest": fastopt's tables before the fix (every midpoint). "nozero" (Li et al.'s
+    DE-0): the unsigned map's code 0 reads 1e-7 (a duplicate of code 1)."""
     from fastopt.precision import dynamic_map
     values = np.array(dynamic_map(signed), dtype=np.float32)
     if signed:
@@ -214,17 +215,19 @@ def proposed_tables(signed: bool, variant: str = "roundup") -> tuple:
         mid = midpoints(values)
         mid[0] = np.float32(0.0)
         return values, mid
+    if variant == "nearest":
+        return values, midpoints(values)
     if variant == "nozero":
         values[0] = values[1]
         return values, midpoints(values)
-    raise ValueError(f"Invalid variant: {variant!r} (roundup or nozero)")
+    raise ValueError(f"Invalid variant: {variant!r} (roundup, nearest or nozero)")
 
 
 @contextlib.contextmanager
 def proposed_maps(variant: str = "roundup"):
     """Within the block, fastopt itself (reference and compiled CPU backend, which takes its tables from
     precision.py) quantizes with the tables of proposed_tables(variant): precision._maps replaced, the
-    derived caches cleared before and after. For experiments only: the port belongs in precision.py."""
+    derived caches cleared before and after. For experiments only ("nearest": fastopt before the fix)."""
     from fastopt import precision
     from fastopt.backends import cython_backend
     original = precision._maps
@@ -290,29 +293,23 @@ def measure(n=2 ** 20, steps=5, seed=0, kinds=("heavy", "lognormal", "normal"), 
         exact = fastopt_run(p0, grads)
         row = {}
         t0 = time.perf_counter()
-        fo = {b: fastopt_run(p0, grads, "int8", b) for b in host_backends()}
-        qm, qv = candidates()["fastopt"]
-        stats = {}
-        model = model_run(p0, grads, qm, qv, stats)
-        if check:  # the scratch model is fastopt's int8 step: same bits on both host backends
-            for b, pb in fo.items():
-                assert np.array_equal(pb.view(np.uint32), model.view(np.uint32)), f"model != fastopt ({b})"
-        row["fastopt int8 (cython = numpy = model)"] = dict(distance(fo["numpy"], exact, steps),
-                                                           v_read_zero_nonzero_m=stats["v_read_zero_nonzero_m"])
+        for label, variant, name in (("fastopt int8 (cython = numpy = model)", None, "fastopt"),
+                                     ("fastopt int8 before the fix (cython = numpy = model)", "nearest", "nearest")):
+            with (proposed_maps(variant) if variant else contextlib.nullcontext()):
+                fo = {b: fastopt_run(p0, grads, "int8", b) for b in host_backends()}
+            qm, qv = candidates()[name]
+            stats = {}
+            model = model_run(p0, grads, qm, qv, stats)
+            if check:  # the scratch model is fastopt's int8 step: same bits on both host backends
+                for b, pb in fo.items():
+                    assert np.array_equal(pb.view(np.uint32), model.view(np.uint32)), f"model != fastopt ({b}, {name})"
+            row[label] = dict(distance(fo["numpy"], exact, steps), v_read_zero_nonzero_m=stats["v_read_zero_nonzero_m"])
         for name, (qm, qv) in candidates().items():
-            if name == "fastopt":
+            if name in ("fastopt", "nearest"):
                 continue
             stats = {}
             row[f"model {name}"] = dict(distance(model_run(p0, grads, qm, qv, stats), exact, steps),
                                         v_read_zero_nonzero_m=stats["v_read_zero_nonzero_m"])
-        with proposed_maps("roundup"):
-            fixed = {b: fastopt_run(p0, grads, "int8", b) for b in host_backends()}
-        if check:
-            qm, qv = candidates()["roundup"]
-            model = model_run(p0, grads, qm, qv)
-            for b, pb in fixed.items():
-                assert np.array_equal(pb.view(np.uint32), model.view(np.uint32)), f"fix != roundup model ({b})"
-        row["fastopt int8 with the fix (cython = numpy = roundup model)"] = distance(fixed["numpy"], exact, steps)
         pb = bnb_run(p0, grads)
         if pb is not None:
             row["bitsandbytes AdamW8bit (CPU)"] = distance(pb, exact, steps)
@@ -340,7 +337,7 @@ def _class_run(cls, p0, grads, state_dtype, backend, **options):
 
 
 def optimizer_sweep(n=2 ** 16 + 37, steps=5, seed=3, kinds=("heavy", "normal")) -> list:
-    """Each SWEEP optimizer (its default lr) with int8 state, today and with the fix, against float32
+    """Each SWEEP optimizer (its default lr) with int8 state, before and with the fix, against float32
     state: how many params end further from the float32 run than that run's largest move, and the worst
     distance (absolute)."""
     import fastopt
@@ -352,20 +349,20 @@ def optimizer_sweep(n=2 ** 16 + 37, steps=5, seed=3, kinds=("heavy", "normal")) 
             cls = getattr(fastopt, name)
             backend = host_backends()[-1]
             exact = _class_run(cls, p0, grads, None, backend, **options)
-            today = _class_run(cls, p0, grads, "int8", backend, **options)
-            with proposed_maps():
-                fixed = {b: _class_run(cls, p0, grads, "int8", b, **options) for b in host_backends()}
+            with proposed_maps("nearest"):
+                today = _class_run(cls, p0, grads, "int8", backend, **options)
+            fixed = {b: _class_run(cls, p0, grads, "int8", b, **options) for b in host_backends()}
             assert len({v.tobytes() for v in fixed.values()}) == 1, "the fix differs between host backends"
             move = float(np.abs(exact - p0).max())
             d0, d1 = np.abs(today - exact), np.abs(fixed[backend] - exact)
             rows.append({"grads": kind, "optimizer": name, "options": options, "largest_float32_move": move,
-                         "today": {"beyond": int(np.count_nonzero(d0 > move)), "worst": float(d0.max())},
+                         "before_fix": {"beyond": int(np.count_nonzero(d0 > move)), "worst": float(d0.max())},
                          "fix": {"beyond": int(np.count_nonzero(d1 > move)), "worst": float(d1.max())}})
     return rows
 
 
 def seed_sweep(seeds=150, n=2 ** 16 + 37, steps=5, names=("AdamW",), first=1000) -> dict:
-    """Over `seeds` fresh draws of params and heavy grads (AdamW by default, lr 1e-3): today's count of
+    """Over `seeds` fresh draws of params and heavy grads (AdamW by default, lr 1e-3): the count before the fix of
     params beyond 2 x steps x lr of the float32 run (min, median) and the fix's worst distance in lr
     (max, median): what tests/test_int8_quality.py's bound rests on."""
     import fastopt
@@ -379,24 +376,24 @@ def seed_sweep(seeds=150, n=2 ** 16 + 37, steps=5, names=("AdamW",), first=1000)
             options = {"amsgrad": True} if name == "Adam" else {}
             cls = getattr(fastopt, name)
             exact = _class_run(cls, p0, grads, None, backend, lr=LR, **options)
-            today = _class_run(cls, p0, grads, "int8", backend, lr=LR, **options)
-            with proposed_maps():
-                fixed = _class_run(cls, p0, grads, "int8", backend, lr=LR, **options)
+            with proposed_maps("nearest"):
+                today = _class_run(cls, p0, grads, "int8", backend, lr=LR, **options)
+            fixed = _class_run(cls, p0, grads, "int8", backend, lr=LR, **options)
             out[name][0].append(int(np.count_nonzero(np.abs(today - exact) > 2 * steps * LR)))
             out[name][1].append(float(np.abs(fixed - exact).max() / LR))
-    return {name: {"today_beyond_2x_min": min(t), "today_beyond_2x_median": float(np.median(t)),
+    return {name: {"before_fix_beyond_2x_min": min(t), "before_fix_beyond_2x_median": float(np.median(t)),
                    "fix_worst_lr_max": round(max(f), 3), "fix_worst_lr_median": round(float(np.median(f)), 3)}
             for name, (t, f) in out.items()}
 
 
 def trace(n=2 ** 20, steps=5, seed=0) -> list:
-    """The worst element of the repro (AdamW, heavy grads, today's tables): per step its gradient, the
+    """The worst element of the repro (AdamW, heavy grads, the tables before the fix): per step its gradient, the
     block's largest |g|, the m and v the int8 step reads and the float32 state holds, and the param's
     total move both ways."""
     from fastopt.reference import adamw_step
     p0 = np.random.default_rng(seed + 1).standard_normal(n).astype(np.float32)
     grads = make_grads("heavy", n, steps, seed)
-    qm, qv = candidates()["fastopt"]
+    qm, qv = candidates()["nearest"]
     exact = fastopt_run(p0, grads)
     i = int(np.argmax(np.abs(model_run(p0, grads, qm, qv) - exact)))
     b = slice(i // BLOCK * BLOCK, (i // BLOCK + 1) * BLOCK)

@@ -167,6 +167,12 @@ def _maps(signed: bool) -> tuple[np.ndarray, np.ndarray]:
     values = np.sort(values).astype(np.float32)
     assert values.size == 256
     mid = ((values[:-1].astype(np.float64) + values[1:]) / 2).astype(np.float32)
+    if not signed:
+        # Round up to the smallest nonzero value, never down to zero: the unsigned map holds second moments,
+        # and a v read back as 0 under a surviving first moment m makes Adam's next step m / (0 + eps),
+        # unbounded (heavy-tailed grads: thousands of params per 2^20 moved > 5 lr off the float32-state run,
+        # the worst by 1e5 lr; docs/int8-quality.md). Exact zeros (fresh state, frozen rows) keep code 0.
+        mid[0] = 0.0
     values.setflags(write=False)
     mid.setflags(write=False)
     return values, mid
@@ -178,7 +184,9 @@ def dynamic_map(signed: bool) -> np.ndarray:
 
 
 def dynamic_midpoints(signed: bool) -> np.ndarray:
-    """The 255 midpoints between consecutive map values (float32): what the quantizer compares with."""
+    """The 255 decision boundaries of the quantizer (float32, ascending): a code is the number of them below
+    value / absmax. The midpoints between consecutive map values, except the unsigned map's first, which is
+    0.0: a positive value takes at least code 1 (the smallest nonzero value, 1e-7), never zero's code."""
     return _maps(bool(signed))[1]
 
 
@@ -386,7 +394,8 @@ class QuantizedState:
         value[i] = dynamic_map(signed)[codes[i]] * absmax[i // 256]
     A `<name>_step` call takes one QuantizedState where it takes a state array (all states of the call
     quantized, or none); it dequantizes, runs the float32 update and requantizes in place (codes and absmax
-    rewritten: absmax = max |value| of the block, each code the map value nearest value / absmax)."""
+    rewritten: absmax = max |value| of the block, each code the map value nearest value / absmax, except
+    that a positive value never takes the unsigned map's zero code: see dynamic_midpoints)."""
 
     __slots__ = ("codes", "absmax", "signed")
 

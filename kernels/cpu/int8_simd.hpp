@@ -78,7 +78,7 @@ static int arith_decade(const ArithQuantizer& aq, float a) {
 static int arith_magnitude(const ArithQuantizer& aq, float a, bool negative, bool* ambiguous) {
     const int e = arith_decade(aq, a);
     *ambiguous = false;
-    if (e == aq.emax) return negative ? a >= aq.low_mid : a > aq.low_mid;
+    if (e == aq.emax) return negative ? (a >= aq.low_mid && a > 0.0f) : a > aq.low_mid;
     const float t = a * aq.scale[e] - aq.offset[e];
     *ambiguous = fabsf(t - nearbyintf(t)) < ARITH_MARGIN;
     return static_cast<int>(ceilf(t));
@@ -184,14 +184,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) static float quant
         const __m512 off = _mm512_sub_ps(t, _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
         const __m512 off_abs = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(off), magnitude));
         const __mmask16 lowest = _mm512_cmp_epi32_mask(e, emax, _MM_CMPINT_EQ);
-        if (lowest) {  // below the smallest nonzero value: past the midpoint to zero, on the exact quotient (a tie
-                       // goes to the lower code: the larger magnitude for a negative x)
+        if (lowest) {  // below the smallest nonzero value: past the first boundary, on the exact quotient (a tie
+                       // goes to the lower code: the larger magnitude for a negative x; the unsigned map's
+                       // boundary is 0, so any positive quotient takes code 1 and +-0 code 0)
             const __m512 quotient = _mm512_div_ps(xv, scale);
             const __m512 exact = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(quotient), magnitude));
             // a quotient that underflowed to zero (or x / Inf) is zero's code, not a positive one's
             positive = (positive & ~lowest) | (_mm512_cmp_ps_mask(quotient, zero_f, _CMP_GT_OQ) & lowest);
-            const __mmask16 above_low = (_mm512_cmp_ps_mask(exact, low_mid, _CMP_GT_OQ) & positive) |
-                                        (_mm512_cmp_ps_mask(exact, low_mid, _CMP_GE_OQ) & ~positive);
+            const __mmask16 above_low =
+                (_mm512_cmp_ps_mask(exact, low_mid, _CMP_GT_OQ) & positive) |
+                (_mm512_cmp_ps_mask(exact, low_mid, _CMP_GE_OQ) & _mm512_cmp_ps_mask(exact, zero_f, _CMP_GT_OQ) &
+                 ~positive);
             j = _mm512_mask_blend_epi32(lowest, j, _mm512_maskz_mov_epi32(above_low, one));
         }
         rare |= _mm512_cmp_ps_mask(off_abs, margin, _CMP_LT_OQ) & ~lowest;  // near a midpoint
