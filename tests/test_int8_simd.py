@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from fastopt import precision as ref
+from tests.cxx_support import cxx_compiler
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 
@@ -90,22 +90,13 @@ long compare_block(const float* x, unsigned n, const float* map, const float* mi
 """
 
 
-def _compiler():
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    if os.environ.get("CI"):
-        pytest.fail("no C++ compiler found (CI requires one)")
-    pytest.skip("no C++ compiler found")
-
-
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("int8_simd")
     src, out = tmp / "shim.cpp", tmp / "shim.so"
     src.write_text(SHIM)
     # the kernels' own flags (setup.py): no FMA contraction, packed sqrt, no -march (runtime dispatch)
-    cmd = [_compiler(), "-O3", "-fno-math-errno", "-ffp-contract=off", "-fno-trapping-math", "-shared", "-fPIC",
+    cmd = [cxx_compiler(), "-O3", "-fno-math-errno", "-ffp-contract=off", "-fno-trapping-math", "-shared", "-fPIC",
            "-std=c++17", "-Wall", "-Werror", "-Wno-unused-function", f"-I{KERNELS}", str(src), "-o", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import subprocess
 from fractions import Fraction
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from fastopt import precision as ref
+from tests.cxx_support import cxx_compiler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = os.path.join(os.path.dirname(HERE), "kernels", "cuda")
@@ -101,19 +101,10 @@ class Shim:
         return out
 
 
-def _compiler():
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    if os.environ.get("CI"):
-        pytest.fail("no C++ compiler found (CI requires one)")
-    pytest.skip("no C++ compiler found")
-
-
 @pytest.fixture(scope="module", params=sorted(FLAG_SETS))
 def shim(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("shim") / f"precision_{request.param}.so"
-    cmd = [_compiler(), *FLAG_SETS[request.param], "-shared", "-fPIC", "-std=c++14", "-Wall", "-Werror",
+    cmd = [cxx_compiler(), *FLAG_SETS[request.param], "-shared", "-fPIC", "-std=c++14", "-Wall", "-Werror",
            f"-I{KERNELS}", SHIM, "-o", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
