@@ -174,21 +174,49 @@ def lamb_step(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.99
               bias_correction=True, maximize=False, grad_scale=None, stored=None):
     """stored: how the states read back after they are stored (None: exactly): the kernels' second pass
     reads the stored states, so with 16-bit state (fastopt.precision) the step direction comes from the
-    rounded moments while the trust ratio's norm comes from the first pass's exact ones."""
+    rounded moments while the trust ratio's norm comes from the first pass's exact ones.
+    The two phases (lamb_phase1, lamb_phase2) are what a caller holding pieces of a tensor runs, adding the
+    pieces' sums in between (fastopt.distributed)."""
+    hp = dict(step=step, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+              bias_correction=bias_correction)
+    param_sumsq, update_sumsq = lamb_phase1(p, g, exp_avg, exp_avg_sq, maximize=maximize, grad_scale=grad_scale, **hp)
+    lamb_phase2(p, exp_avg, exp_avg_sq, scaled_lr=lr * lamb_trust_ratio(param_sumsq, update_sumsq), stored=stored,
+                **hp)
+
+
+def _lamb_direction(p, m, v, step, beta1, beta2, eps, weight_decay, bias_correction):
+    """u = m_hat / (sqrt(v_hat) + eps) + weight_decay * p."""
+    bc1, bc2 = (1.0 - beta1 ** step, 1.0 - beta2 ** step) if bias_correction else (1.0, 1.0)
+    return (m * (1.0 / bc1)) / (np.sqrt(v * (1.0 / bc2)) + eps) + weight_decay * p
+
+
+def lamb_phase1(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0,
+                bias_correction=True, maximize=False, grad_scale=None):
+    """LAMB's first pass: the moments written; returns (sum p^2, sum u^2) as Python floats, u the update
+    direction from the moments just computed (before any 16-bit state is stored). `lr` is not read."""
     g = _grad(g, grad_scale, maximize)
     _store(exp_avg, beta1 * exp_avg + (1.0 - beta1) * g)
     _store(exp_avg_sq, beta2 * exp_avg_sq + (1.0 - beta2) * (g * g))
-    bc1, bc2 = (1.0 - beta1 ** step, 1.0 - beta2 ** step) if bias_correction else (1.0, 1.0)
+    update = _lamb_direction(p, exp_avg, exp_avg_sq, step, beta1, beta2, eps, weight_decay, bias_correction)
+    return sumsq(p), sumsq(update)
 
-    def direction(m, v):
-        return (m * (1.0 / bc1)) / (np.sqrt(v * (1.0 / bc2)) + eps) + weight_decay * p
-    update = direction(exp_avg, exp_avg_sq)
-    param_norm = math.sqrt(sumsq(p))
-    update_norm = math.sqrt(sumsq(update))
-    trust = param_norm / update_norm if param_norm > 0 and update_norm > 0 else 1.0
+
+def lamb_trust_ratio(param_sumsq, update_sumsq) -> float:
+    """||p|| / ||u|| from the two sums of squares (float64), 1 when either norm is 0 (lamb.cuh's
+    lamb_trust_ratio<double> of the square roots)."""
+    param_norm = math.sqrt(param_sumsq)
+    update_norm = math.sqrt(update_sumsq)
+    return param_norm / update_norm if param_norm > 0 and update_norm > 0 else 1.0
+
+
+def lamb_phase2(p, exp_avg, exp_avg_sq, *, scaled_lr, step, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0,
+                bias_correction=True, stored=None, **ignored):
+    """LAMB's second pass: p -= scaled_lr * u (scaled_lr = lr * the whole tensor's trust ratio, rounded to
+    p's dtype), u from p and the moments as stored (`stored`: see lamb_step). grads are not read."""
     if stored is not None:
-        update = direction(stored(exp_avg), stored(exp_avg_sq))
-    _store(p, p - p.dtype.type(lr * trust) * update)
+        exp_avg, exp_avg_sq = stored(exp_avg), stored(exp_avg_sq)
+    update = _lamb_direction(p, exp_avg, exp_avg_sq, step, beta1, beta2, eps, weight_decay, bias_correction)
+    _store(p, p - p.dtype.type(scaled_lr) * update)
 
 
 def lion_step(p, g, exp_avg, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False,
@@ -402,6 +430,10 @@ def adan_step(p, g, exp_avg, exp_avg_diff, exp_avg_sq, previous_grad, *, step, l
 STEPS = {name[:-len("_step")]: fn for name, fn in list(globals().items())
          if name.endswith("_step") and callable(fn) and not name.startswith("_")}
 
+
+# two-phase optimizers (spec.two_phase) -> (phase 1, phase 2): the passes a caller holding pieces of tensors
+# runs apart (fastopt.distributed adds the pieces' sums of squares between them)
+TWO_PHASE = {"lamb": (lamb_phase1, lamb_phase2)}
 
 def initial_state(name, state, **hp) -> float:
     """The value state `state` of optimizer `name` starts with (torch.optim's: Adagrad's sum is

@@ -166,10 +166,11 @@ def test_backends_agree_and_bad_input_writes_nothing(backend, rng):
 
 
 def test_sharding_takes_lars():
-    """ShardedOptimizer runs LARS (per-piece sums of squares and one all-reduce: tests/distributed/test_lars.py)."""
+    """ShardedOptimizer runs LARS (per-piece sums of squares and one all-reduce: tests/distributed/test_lars.py)
+    and LAMB (its two passes apart, a second all-reduce: tests/distributed/test_lamb.py)."""
     from fastopt.distributed.sharded import unsupported_reason
     spec = REGISTRY["lars"]
-    assert unsupported_reason(spec) is None and unsupported_reason(REGISTRY["lamb"]) is not None
+    assert unsupported_reason(spec) is None and unsupported_reason(REGISTRY["lamb"]) is None
     assert spec.norms_per_tensor and not REGISTRY["adam"].norms_per_tensor
 
 

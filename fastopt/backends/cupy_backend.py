@@ -34,7 +34,7 @@ from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMe
                                              device_index, from_interface, no_precision_modes, prepare_device,
                                              prepare_fixed_device, producer_stream, validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
-from fastopt.backends.validate import Checked, check_prepared_disjoint, check_tensor_coefs
+from fastopt.backends.validate import Checked, check_prepared_disjoint, check_scaled_lr, check_tensor_coefs
 
 NAME = "cupy"
 AVAILABLE = importlib.util.find_spec("cupy") is not None
@@ -403,13 +403,81 @@ def _two_phase(family, lists, dtype, device, stream, scalars, gs_ptr, gs_kind, l
     table = _table(lists, device, stream)
     if not table.nchunks:
         return
-    moments, trust, apply = (_function(device, dtype, name) for name in cuda_source.two_phase_kernel_names(family))
-    partials = cp.empty(2 * table.nchunks, dtype=cp.float64)  # from the pool, ordered on `stream`
+    _, trust, apply = (_function(device, dtype, name) for name in cuda_source.two_phase_kernel_names(family))
+    partials = _moments(family, table, dtype, device, scalars, gs_ptr, gs_kind, skip)
     scaled_lr = cp.empty(table.ntensors, dtype=cp.float64)
-    tensors, chunks = np.uint64(table.tensors), np.uint64(table.chunks)
-    moments((table.nchunks,), (BLOCK,), (tensors, chunks, scalars, gs_ptr, gs_kind, partials, skip))
-    trust((table.ntensors,), (BLOCK,), (tensors, partials, np.float64(lr), scaled_lr))
-    apply((table.nchunks,), (BLOCK,), (tensors, chunks, scalars, scaled_lr, skip))
+    trust((table.ntensors,), (BLOCK,), (np.uint64(table.tensors), partials, np.float64(lr), scaled_lr))
+    apply((table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks), scalars, scaled_lr, skip))
+
+
+def _moments(family, table, dtype, device, scalars, gs_ptr, gs_kind, skip):
+    """Launch a two-phase family's moments kernel over a table; its per-chunk partials (float64, 2 per chunk:
+    sum p^2, sum u^2; zeros while the skip flag is set), ordered on the current stream. Inside _on()."""
+    cp = _cupy()
+    moments = _function(device, dtype, cuda_source.two_phase_kernel_names(family)[0])
+    partials = cp.empty(2 * table.nchunks, dtype=cp.float64)  # from the pool, ordered on `stream`
+    moments((table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks), scalars, gs_ptr, gs_kind,
+                                         partials, skip))
+    return partials
+
+
+def _two_phase_setup(prepared, spec, hp, step, grad_scale, found_inf, stochastic, entry):
+    """(lists, dtype, device, stream, scalars, gs_ptr, gs_kind, skip) of a two-phase call, or None when it
+    has no element; the checks run() makes plus the family's."""
+    no_precision_modes(NAME, prepared.lists, stochastic)
+    if not spec.two_phase:
+        raise ValueError(f"{entry}: {spec.function_name} is not a two-phase update (only spec.two_phase: LAMB)")
+    lists = prepared.lists
+    skip = _skip_flag(found_inf)
+    if not any(a.size for a in lists[0]):
+        return None
+    device = _device_of(lists[0][0])
+    stream = _stream_of(lists[0][0], device)
+    host_scale, gs_ptr, gs_kind = _grad_scale(grad_scale)
+    return lists, lists[0][0].dtype, device, stream, _pack(spec.scalars(hp, step, host_scale)), gs_ptr, gs_kind, skip
+
+
+def run_phase1(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
+    """A two-phase update's first pass alone (the moments kernel: states written); a host float64 array
+    (narrays, 2): sum p^2 and sum u^2 of each array, its chunks' partials added in chunk order on the host
+    (one synchronisation; zeros while found_inf is set). See cython_backend.run_phase1."""
+    out = np.zeros((len(prepared.lists[0]), 2), dtype=np.float64)
+    setup = _two_phase_setup(prepared, spec, hp, step, grad_scale, found_inf, stochastic, "run_phase1")
+    if setup is None:
+        return out
+    lists, dtype, device, stream, scalars, gs_ptr, gs_kind, skip = setup
+    with _on(device, stream):
+        table = _table(lists, device, stream)
+        if not table.nchunks:
+            return out
+        partials = _moments(spec.kernel, table, dtype, device, scalars, gs_ptr, gs_kind, skip).get()
+    np.add.at(out, _chunk_owners(lists[0]), partials.reshape(-1, 2))
+    return out
+
+
+def _chunk_owners(params):
+    """The array each chunk of the multi-tensor table belongs to, in chunk order (table_layout's)."""
+    counts = (np.array([a.size for a in params], dtype=np.int64) + CHUNK - 1) // CHUNK
+    return np.repeat(np.arange(len(params), dtype=np.int64), counts)
+
+
+def run_phase2(prepared, spec, hp, step, grad_scale, scaled_lr, found_inf=None, stochastic=None):
+    """A two-phase update's second pass alone (the apply kernel) with scaled_lr[i] (host numbers: lr times the
+    whole tensor's trust ratio) for array i; checked (validate.check_scaled_lr) before any launch."""
+    lrs = check_scaled_lr(scaled_lr, len(prepared.lists[0]))
+    setup = _two_phase_setup(prepared, spec, hp, step, grad_scale, found_inf, stochastic, "run_phase2")
+    if setup is None:
+        return
+    lists, dtype, device, stream, scalars, _, _, skip = setup
+    cp = _cupy()
+    with _on(device, stream):
+        table = _table(lists, device, stream)
+        if not table.nchunks:
+            return
+        apply = _function(device, dtype, cuda_source.two_phase_kernel_names(spec.kernel)[2])
+        lr_device = cp.asarray(lrs, dtype=cp.float64)  # copied on `stream`, before the launch that reads it
+        apply((table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks), scalars, lr_device,
+                                           skip))
 
 
 def _grads_call(grads, written):

@@ -183,6 +183,36 @@ def run(prepared, spec, hp, step, grad_scale, stochastic=None, tensor_coefs=None
                       stochastic.index_offset, tensor_coefs=coefs)
 
 
+def _two_phase(prepared, spec, entry):
+    if isinstance(prepared, Int8Batch):  # refused for every two-phase family (8-bit state), before any write
+        numpy_backend.check_int8(prepared.checked, spec)
+        raise ValueError(f"{spec.function_name}: 8-bit state (state_dtype='int8') is not supported: "
+                         f"a two-phase update")
+    if not spec.two_phase:
+        raise ValueError(f"{entry}: {spec.function_name} is not a two-phase update (only spec.two_phase: LAMB)")
+
+
+def run_phase1(prepared, spec, hp, step, grad_scale, stochastic=None):
+    """A two-phase update's first pass (_cpu_fast.run_phase1: the moments written); float64 (narrays, 2): sum
+    p^2 and sum u^2 of each array, summed as run() sums them. A caller holding pieces of tensors adds them up
+    per tensor, computes lr x trust ratio per tensor and calls run_phase2."""
+    _two_phase(prepared, spec, "run_phase1")
+    scalars = spec.scalars(hp, step, host_scale(grad_scale))
+    return _cpu_fast.run_phase1(prepared, spec.kernel, spec.variant(hp, step), scalars, stochastic is not None)
+
+
+def run_phase2(prepared, spec, hp, step, grad_scale, scaled_lr, stochastic=None):
+    """A two-phase update's second pass (_cpu_fast.run_phase2) with scaled_lr[i] (lr times the whole tensor's
+    trust ratio) for array i; rounding as run(). scaled_lr checked before anything is written."""
+    _two_phase(prepared, spec, "run_phase2")
+    scalars = spec.scalars(hp, step, host_scale(grad_scale))
+    lrs = validate.check_scaled_lr(scaled_lr, len(prepared))
+    if stochastic is None:
+        _cpu_fast.run_phase2(prepared, spec.kernel, scalars, lrs)
+    else:
+        _cpu_fast.run_phase2(prepared, spec.kernel, scalars, lrs, True, stochastic.key, stochastic.index_offset)
+
+
 def step(spec, arrays, names, hp, step, grad_scale, stochastic=None, tensor_coefs=None):
     if _has_int8(arrays) or spec.tensor_coefs is not None:  # prepared first: the norms read the checked arrays
         run(prepare(arrays, names), spec, hp, step, grad_scale, stochastic, tensor_coefs)

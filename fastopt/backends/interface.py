@@ -60,6 +60,16 @@ class Backend(Protocol):
              grad_scale: Any) -> None:
         """prepare() then run()."""
 
+    def run_phase1(self, prepared: Prepared, spec: Any, hp: dict, step: int, grad_scale: Any) -> Any:
+        """A two-phase update's (spec.two_phase: LAMB) first pass alone: the moments written; a host float64
+        array (narrays, 2) of each array's sum p^2 and sum u^2 (u: the update direction). For a caller holding
+        pieces of tensors (the sharded optimizer), which adds the sums up per tensor; also takes stochastic=."""
+
+    def run_phase2(self, prepared: Prepared, spec: Any, hp: dict, step: int, grad_scale: Any,
+                   scaled_lr: Any) -> None:
+        """The second pass alone: p -= scaled_lr[i] * u for array i (host float64: lr times the whole tensor's
+        trust ratio, validate.check_scaled_lr before anything is written); also takes stochastic=."""
+
     # --- in-place operations on gradients ---------------------------------------------------------
     def prepare_grads(self, grads: Arrays, name: str = "grads", indices: Any = None) -> Prepared:
         """Check arrays for an in-place operation (every one writable); nothing written."""
@@ -107,6 +117,14 @@ class DeviceBackend(Backend, Protocol):
     def step(self, spec: Any, arrays: Sequence[Any], names: Sequence[str], hp: dict, step: int,
              grad_scale: Any, found_inf: Any = None) -> None:
         """prepare() then run()."""
+
+    def run_phase1(self, prepared: Prepared, spec: Any, hp: dict, step: int, grad_scale: Any,
+                   found_inf: Any = None) -> Any:
+        """As Backend.run_phase1 (the sums come back to the host: one synchronisation)."""
+
+    def run_phase2(self, prepared: Prepared, spec: Any, hp: dict, step: int, grad_scale: Any, scaled_lr: Any,
+                   found_inf: Any = None) -> None:
+        """As Backend.run_phase2."""
 
     def sumsq_per_tensor(self, grads: Arrays, out: Any = None) -> Any:
         """As Backend.sumsq_per_tensor, written into `out` (a float64 device array) when given."""

@@ -34,7 +34,7 @@ from fastopt.backends.device_arrays import (F32, F64, DeviceArray, StreamMemo, c
                                              device_index, from_interface, no_precision_modes, prepare_device,
                                              prepare_fixed_device, producer_stream, validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
-from fastopt.backends.validate import Checked, check_prepared_disjoint, check_tensor_coefs
+from fastopt.backends.validate import Checked, check_prepared_disjoint, check_scaled_lr, check_tensor_coefs
 
 NAME = "numba"
 AVAILABLE = importlib.util.find_spec("numba") is not None
@@ -431,6 +431,66 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
         k["trust"][table.ntensors, block, stream](partials, table.offsets, np.float64(hp["lr"]), scaled_lr)
         k["apply"][spec.kernel][table.nchunks, block, stream](P, S0, S1, S2, table.tensors, table.chunks, h,
                                                               scaled_lr, used, variant, skip)
+
+
+def _two_phase_launch(prepared, spec, hp, step, grad_scale, found_inf, stochastic, entry, body):
+    """The checks and set-up run() makes for a two-phase call, then body(k, table, h, gs, used, variant, skip,
+    block, device, stream, dtype) inside _on(device); None when the call has no element."""
+    no_precision_modes(NAME, prepared.lists, stochastic)
+    if not spec.two_phase:
+        raise ValueError(f"{entry}: {spec.function_name} is not a two-phase update (only spec.two_phase: LAMB)")
+    lists = prepared.lists
+    first = _first(lists[0])
+    dtype = first.dtype
+    device = _device_of(first)
+    with _on(device):
+        skip = _skip_flag(found_inf, device)
+        if not any(a.size for a in lists[0]):
+            return None
+        stream = _stream(first, device)
+        host_scale, gs = _device_scale(grad_scale, dtype, device, stream)
+        h = tuple(dtype.type(x) for x in spec.scalars(hp, step, host_scale))
+        used = sum(1 << j for j, lst in enumerate(lists[2:5]) if lst is not None)  # live state slots
+        table = _table(lists, device, stream)
+        return body(_kernels(dtype), table, h, gs, used, spec.variant(hp, step), skip, launch_config()[0], device,
+                    stream, dtype)
+
+
+def run_phase1(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
+    """A two-phase update's first pass alone (the moments kernel: states written); a host float64 array
+    (narrays, 2): sum p^2 and sum u^2 of each array, its chunks' partials added in chunk order on the host
+    (one synchronisation; zeros while found_inf is set). See cython_backend.run_phase1."""
+    out = np.zeros((len(prepared.lists[0]), 2), dtype=np.float64)
+
+    def body(k, table, h, gs, used, variant, skip, block, device, stream, dtype):
+        P, G, S0, S1, S2, _ = table.views
+        partials = _scratch_array(device, stream, "partials", 2 * table.nchunks, np.float64)
+        k["moments"][spec.kernel][table.nchunks, block, stream](P, G, S0, S1, S2, table.tensors, table.chunks, h,
+                                                                gs, used, variant, partials, skip)
+        sums = partials[:2 * table.nchunks].copy_to_host(stream=stream)
+        if hasattr(stream, "synchronize"):  # a stream object (0: the default stream, synchronous copies)
+            stream.synchronize()
+        nt = 7 * table.ntensors
+        owners = table.host[nt:nt + 2 * table.nchunks].reshape(-1, 2)[:, 0]
+        np.add.at(out, owners, sums.reshape(-1, 2))
+
+    _two_phase_launch(prepared, spec, hp, step, grad_scale, found_inf, stochastic, "run_phase1", body)
+    return out
+
+
+def run_phase2(prepared, spec, hp, step, grad_scale, scaled_lr, found_inf=None, stochastic=None):
+    """A two-phase update's second pass alone (the apply kernel) with scaled_lr[i] (host numbers: lr times the
+    whole tensor's trust ratio, stored in the math dtype as the trust kernel stores it) for array i; checked
+    (validate.check_scaled_lr) before any launch."""
+    lrs = check_scaled_lr(scaled_lr, len(prepared.lists[0]))
+
+    def body(k, table, h, gs, used, variant, skip, block, device, stream, dtype):
+        P, _, S0, S1, S2, _ = table.views
+        lr_device = _cuda().to_device(lrs.astype(dtype), stream=stream)
+        k["apply"][spec.kernel][table.nchunks, block, stream](P, S0, S1, S2, table.tensors, table.chunks, h,
+                                                              lr_device, used, variant, skip)
+
+    _two_phase_launch(prepared, spec, hp, step, grad_scale, found_inf, stochastic, "run_phase2", body)
 
 
 def _tensor_coefs(spec, hp, host_scale, gs, lists, dtype, stream):

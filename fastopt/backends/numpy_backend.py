@@ -11,7 +11,7 @@ from fastopt import reference
 from fastopt.backends import host_clip
 from fastopt.backends import validate
 from fastopt.backends.validate import Checked, check_prepared_disjoint, host_scale
-from fastopt.precision import INT8_REFUSED, is_16bit, rounded_as, step_rounded, store_rounded
+from fastopt.precision import INT8_REFUSED, is_16bit, rounded_as, step_16bit, step_rounded, store_rounded
 
 NAME = "numpy"
 AVAILABLE = True
@@ -105,6 +105,56 @@ def _lars_given_coef(p, g, momentum_buffer=None, *, coef, weight_decay=0.0, grad
 
 
 _GIVEN_COEF = {"lars": _lars_given_coef}  # spec.tensor_coefs families: their reference with the coefficient given
+
+
+def _two_phase_call(prepared, spec, hp, step, grad_scale, entry):
+    """(params, grads, states, comps, kwargs) of a prepared two-phase call (spec.two_phase: LAMB), after the
+    checks run() makes; ValueError naming `entry` for another optimizer."""
+    if not spec.two_phase:
+        raise ValueError(f"{entry}: {spec.function_name} is not a two-phase update (only spec.two_phase: LAMB)")
+    check_int8(prepared, spec)
+    params, grads, *states = prepared.lists
+    comps = states[validate.COMP - 2] if len(states) > validate.COMP - 2 else None
+    kwargs = dict(hp, grad_scale=host_scale(grad_scale), step=step)
+    return params, grads, states[:len(spec.states)], comps, kwargs
+
+
+def run_phase1(prepared, spec, hp, step, grad_scale, stochastic=None):
+    """A two-phase update's first pass (reference.lamb_phase1 per array: the moments written, float32 math
+    for 16-bit arrays); returns float64 (narrays, 2): sum p^2 and sum u^2 of each array, which a caller
+    holding pieces of tensors adds up per tensor before run_phase2. `stochastic` is checked only (it rounds
+    the params, which phase 2 writes)."""
+    check_rounding(prepared, stochastic)
+    params, grads, states, _, kwargs = _two_phase_call(prepared, spec, hp, step, grad_scale, "run_phase1")
+    fn = reference.TWO_PHASE[spec.name][0]
+    out = np.zeros((len(params), 2), dtype=np.float64)
+    for i in range(len(params)):
+        arrays = (params[i], grads[i]) + tuple(s[i] for s in states)
+        sums = []
+        if any(is_16bit(a.dtype) for a in arrays):  # the moments stored to nearest even, the sums from float32
+            step_16bit(lambda *a, **k: sums.append(fn(*a, **k)), arrays, range(2, len(arrays)), **kwargs)
+        else:
+            sums.append(fn(*arrays, **kwargs))
+        out[i] = sums[0]
+    return out
+
+
+def run_phase2(prepared, spec, hp, step, grad_scale, scaled_lr, stochastic=None):
+    """A two-phase update's second pass (reference.lamb_phase2 per array) with scaled_lr[i] (lr times the
+    whole tensor's trust ratio) for array i: the new params rounded as run() rounds them. scaled_lr is
+    checked (one finite number per array) before anything is written."""
+    check_rounding(prepared, stochastic)
+    params, _, states, comps, kwargs = _two_phase_call(prepared, spec, hp, step, grad_scale, "run_phase2")
+    lrs = validate.check_scaled_lr(scaled_lr, len(params))
+    fn = reference.TWO_PHASE[spec.name][1]
+    for i in range(len(params)):
+        arrays = (params[i],) + tuple(s[i] for s in states)
+        comp = None if comps is None else comps[i]
+        if any(is_16bit(a.dtype) for a in arrays):
+            # float32 math on the states as stored (widened exactly); only the param is written
+            step_rounded(fn, arrays, [0], comp=comp, stochastic=stochastic, scaled_lr=float(lrs[i]), **kwargs)
+        else:
+            fn(*arrays, scaled_lr=float(lrs[i]), **kwargs)
 
 
 def check_int8(prepared, spec) -> None:

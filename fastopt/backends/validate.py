@@ -546,3 +546,22 @@ def check_tensor_coefs(spec, tensor_coefs, ntensors: int):
         raise ValueError(f"tensor_coefs has shape {a.shape}: one coefficient per array of the call ({ntensors}) "
                          f"was expected")
     return np.ascontiguousarray(a, dtype=np.float64).reshape(-1)
+
+
+def check_scaled_lr(scaled_lr, ntensors: int):
+    """The per-tensor learning rates of a two-phase update's second pass (run_phase2: lr times the whole
+    tensor's trust ratio) as a contiguous float64 host array, one finite number per array of the call;
+    TypeError / ValueError naming scaled_lr otherwise, before anything is written."""
+    try:
+        a = np.asarray(scaled_lr)
+    except (TypeError, ValueError) as e:  # ragged lists, a device array
+        raise TypeError(f"scaled_lr must be a host array or list of real numbers, got "
+                        f"{type(scaled_lr).__name__} ({e})") from None
+    if a.dtype.kind not in "fiu":  # not bool, complex or objects
+        raise TypeError(f"scaled_lr must hold real numbers, got dtype {a.dtype}: {scaled_lr!r}")
+    if a.ndim > 1 or a.size != ntensors:
+        raise ValueError(f"scaled_lr has shape {a.shape}: one lr per array of the call ({ntensors}) was expected")
+    a = np.ascontiguousarray(a, dtype=np.float64).reshape(-1)
+    if not np.isfinite(a).all():
+        raise ValueError(f"scaled_lr must be finite, got {scaled_lr!r}")
+    return a

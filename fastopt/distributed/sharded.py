@@ -66,10 +66,18 @@ and updates its pieces in one list call with their params' ratios given (functio
 tensor_coefs=). Each element is updated by its owner only and all-gathered, so every rank holds the same
 bits; against the class the sums are added in another order (tolerance in tests/distributed/test_lars.py).
 
-LAMB is not supported: its trust ratio needs the norm of the update direction (after the moments) of each
-whole tensor, and its compiled kernel computes the norms and applies the update in one call (no entry point
-takes the ratios from outside), so a shard (which holds pieces of tensors) would get per-piece ratios. See
-docs/lars-plan.md, "Sharding LAMB". Every other registry optimizer's update is elementwise.
+LAMB (spec.two_phase: its trust ratio ||p|| / ||u|| per param needs the norm of the update direction u, which
+exists only once the moments are written) takes a second all-reduce: after step 3 (which must come first:
+the failed-checks count, the skip and the clip coefficient, which scales g inside the first pass, are known
+before anything is written), each rank runs the first pass on the pieces of params it holds (the backend's
+run_phase1: the moments written, per piece the float64 sums of p^2 and u^2), ONE all-reduce of those sums per
+param (2 per param, plus a failed flag), the scaled learning rates on the host (lr x ||p|| / ||u||, 1 when
+either is 0: reference.lamb_trust_ratio, the kernels' formula in float64), and the second pass (run_phase2)
+on its pieces with their params' scaled lr (one call per piece with stochastic rounding, keyed by its
+index_offset). Bit for bit with the class at world 1; at larger worlds u's sums are added per piece, then
+over ranks (tolerance in tests/distributed/test_lamb.py). Every other registry optimizer's update is
+elementwise. The composite optimizers outside the registry (Adafactor's factored state, Muon, L-BFGS) are
+not taken.
 """
 from __future__ import annotations
 
@@ -79,7 +87,7 @@ import numbers
 
 import numpy as np
 
-from fastopt import functional, optim
+from fastopt import functional, optim, reference
 from fastopt.backends.dispatch import backend_for
 from fastopt.precision import QUANT_BLOCK, QuantizedState, is_16bit
 from fastopt.clip import clip_coefficient, global_norm
@@ -98,15 +106,14 @@ _BY_CLASS_NAME = {spec.class_name: spec for spec in REGISTRY.values()}
 
 def unsupported_reason(spec) -> str | None:
     """Why `spec`'s update cannot be sharded (None: it can). A shard holds pieces of tensors, so the
-    update must be elementwise given numbers per tensor that the step can reduce first (spec.tensor_coefs:
-    LARS's norms of p and g, summed per piece and all-reduced); not a reduction inside the kernel between
-    two passes (spec.two_phase: LAMB); and the state shaped like the param (a factored state, like
-    Adafactor's row and column statistics, is per tensor). An optimizer whose update couples the elements
-    of a tensor in some other way must declare it in its spec."""
-    if spec.two_phase:
-        return ("its update is not elementwise (a per-tensor reduction, e.g. LAMB's trust ratio from the norms "
-                "of whole tensors, computed inside its kernel), and a shard holds pieces of tensors")
-    # spec.tensor_coefs (LARS) is sharded: the norms of whole params come from per-piece sums and one all-reduce
+    update must be elementwise given numbers per tensor that the step can reduce across ranks: before the
+    update (spec.tensor_coefs: LARS's norms of p and g, summed per piece and all-reduced) or between its two
+    passes (spec.two_phase: LAMB's norms of p and u, from the backends' run_phase1 / run_phase2); and the
+    state must be shaped like the param (a factored state, like Adafactor's row and column statistics, is
+    per tensor). An optimizer whose update couples the elements of a tensor in some other way must declare
+    it in its spec."""
+    if spec.two_phase and spec.name not in reference.TWO_PHASE:  # a new two-phase family needs its split passes
+        return "a two-phase update without separate passes (reference.TWO_PHASE, the backends' run_phase1/2)"
     probe = np.zeros((2, 3))
     shapes = {name: tuple(a.shape) for name, a in functional.init_state(spec.name, probe).items()}
     if any(s != probe.shape for s in shapes.values()):
@@ -192,7 +199,7 @@ class ShardedOptimizer:
     """ZeRO-1 sharded optimizer (see the module docstring). Arguments:
 
     name_or_class: a registry name ("adam") or class (fastopt.Adam, or fastopt.torch.Adam: the same update);
-        LAMB is rejected (unsupported_reason says why).
+        every registry optimizer is taken (unsupported_reason says why one would not be).
     params: a list of arrays, identical on every rank (NumPy for MPI, torch tensors for torch.distributed,
         CuPy arrays for NCCL); updated in place after each step (unless copy_params=False).
     comm: an mpi4py communicator, a torch.distributed process group (or the torch.distributed module: the
@@ -488,6 +495,9 @@ class ShardedOptimizer:
                 norm = math.sqrt(total[1]) / self.world_size  # the norm of the mean gradient
                 scale = float(clip_coefficient(norm, self.clip_grad_norm)) * scale
         hp = dict(self._hp, lr=lr)
+        if self.spec.two_phase:
+            self._two_phase_step(hp, scale, pending)
+            return True
         coefs = None
         if self._norms:  # the ratios of the whole params, from the scaled (mean, clipped) gradient as the class
             n = len(self._ndims)
@@ -504,6 +514,74 @@ class ShardedOptimizer:
         if self.copy_params:
             self._copy_out()
         return True
+
+    def _two_phase_step(self, hp, scale, pending) -> None:
+        """LAMB after step 3 (see the module docstring): first pass per bucket, the second all-reduce, the
+        scaled lrs, second pass and all-gather per bucket."""
+        comm, buckets = self.comm, self.layout.buckets
+        n = len(self._ndims)
+        hp, step = self.spec.validate(hp, self.steps + 1)  # as functional.apply_update checks them
+        sums = np.zeros(1 + 2 * n)  # [this rank failed, sum p^2 per param..., sum u^2 per param...]
+        calls, error = [], None
+        for b in buckets:
+            if pending[b.index] is not None:
+                pending[b.index].wait()
+            if error is not None:
+                continue
+            try:
+                calls.append(self._phase1(b, hp, step, scale, sums[1:1 + n], sums[1 + n:]))
+            except (TypeError, ValueError, MemoryError) as e:  # no rank may wait alone in the all-reduce below
+                error, sums[0] = e, 1.0
+        total = comm.all_reduce_sum(sums)
+        if total[0]:
+            raise error if error is not None else RuntimeError(
+                f"step: the first LAMB pass failed on {int(total[0])} other rank(s) (see their error), after the "
+                f"moments of some pieces were written")
+        scaled_lr = np.array([hp["lr"] * reference.lamb_trust_ratio(total[1 + i], total[1 + n + i])
+                              for i in range(n)])
+        gathers = []
+        for b, bucket_calls in zip(buckets, calls):
+            for be, prepared, call, stochastic in bucket_calls:
+                be.run_phase2(prepared, self.spec, hp, step, scale, scaled_lr[[i for i, _, _, _ in call]],
+                              **({} if stochastic is None else {"stochastic": stochastic}))
+            gathers.append(comm.all_gather(self._wire(self._flat[b.index][0]), b.shard))
+        for g in gathers:
+            g.wait()
+        self.steps += 1
+        if self.copy_params:
+            self._copy_out()
+
+    def _phase1(self, b, hp, step, scale, param_sumsq, update_sumsq) -> list:
+        """The first pass of a two-phase update on this rank's pieces of bucket b (one list call, one call per
+        piece with stochastic rounding); adds each piece's sums of p^2 and u^2 to its param's entries.
+        Returns [(backend, prepared call, pieces, rounding)] for the second pass."""
+        pieces = self._pieces[b.index]
+        if not pieces:
+            return []
+        lo, hi = b.shard_range(self.rank)
+        params, grads, states = self._flat[b.index][1][lo:hi], self._recv[b.index][1], self._states[b.index]
+        spec = self.spec
+        sr, comp = self._precision["stochastic_rounding"], states.get("kahan_comp")
+        out = []
+        for call in ([pieces] if not sr else [[piece] for piece in pieces]):
+            given = {name: None if states.get(name) is None else [states[name][at:at + m] for _, _, m, at in call]
+                     for name in spec.states}
+            tail, names = spec.plan_call(hp, given.__getitem__)
+            if comp is not None:
+                tail, names = functional.with_kahan(tail, names, [comp[at:at + m] for _, _, m, at in call])
+            ps = [params[at:at + m] for _, _, m, at in call]
+            arrays = (ps, [grads[at:at + m] for _, _, m, at in call]) + tail
+            be = backend_for(ps, self.backend)
+            prepared = be.prepare(arrays, names)
+            # keyed like the single-process class: (seed, its step count), element e0 + j of the param
+            stochastic = functional.rounding_options(step, sr, self._precision["seed"], call[0][1], comp is not None)
+            extra = {} if stochastic is None else {"stochastic": stochastic}
+            sums = np.asarray(be.run_phase1(prepared, spec, hp, step, scale, **extra), dtype=np.float64)
+            for (i, _, _, _), (pp, uu) in zip(call, sums):
+                param_sumsq[i] += pp  # a param's pieces in one shard of one bucket: one piece
+                update_sumsq[i] += uu
+            out.append((be, prepared, call, stochastic))
+        return out
 
     def _piece_sumsq(self) -> np.ndarray:
         """Per param, the float64 sums of squares of the pieces of its params and of its summed gradients that

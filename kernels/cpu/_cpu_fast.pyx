@@ -852,14 +852,67 @@ def check_rounding(_Batch b, bint stochastic):
                          "(kahan_comp) and stochastic_rounding=True in one call")
 
 
+cdef int _begin(_Batch b, bint stochastic, tuple scalars, double* s) except -1:
+    """The checks every update entry point makes before its first write; returns the layout to run."""
+    cdef int layout = b.layout
+    if b.read_only_slot != 1:
+        raise ValueError("run: the batch was not prepared for an update (grads read-only)")
+    check_rounding(b, stochastic)
+    if stochastic:
+        layout = (layout & 63) | (ROUND_STOCHASTIC << 6)
+    _load_scalars(scalars, s)
+    return layout
+
+
+cdef int _two_phase_kind(str kernel, str entry) except -1:
+    """The phase-1 kind of a two-phase family (spec.two_phase: LAMB); ValueError naming kernel otherwise."""
+    kind = KINDS.get(kernel)
+    if kind is None or not KIND_TWO_PHASE <= kind < KIND_TOUCH:
+        names = sorted(k for k, v in KINDS.items() if KIND_TWO_PHASE <= v < KIND_TOUCH)
+        raise ValueError(f"{entry}: kernel must be a two-phase family ({', '.join(names)}), got {kernel!r}")
+    return kind
+
+
+cdef int _phase1(_Batch b, int layout, int kind, const double* s, double* sums) except -1:
+    """Phase 1 of a two-phase family (writes the moments); sums[2 i], sums[2 i + 1] = sum p^2, sum u^2 of
+    tensor i, from the chunk partials (LANES accumulators per chunk) in lane then chunk order: deterministic."""
+    cdef int i, c, j
+    cdef double sp, su
+    cdef double* partials = <double*> calloc(2 * LANES * b.nchunks, sizeof(double))
+    if partials == NULL:
+        raise MemoryError()
+    try:
+        _run(b, layout, kind, 0, s, _IDENTITY_SLOTS, NULL, partials)
+        for i in range(b.ntensors):
+            sums[2 * i] = 0.0
+            sums[2 * i + 1] = 0.0
+        for c in range(b.nchunks):
+            i = b.chunks[c].tensor
+            sp = 0.0
+            su = 0.0
+            for j in range(LANES):
+                sp += partials[2 * LANES * c + j]
+                su += partials[2 * LANES * c + LANES + j]
+            sums[2 * i] += sp
+            sums[2 * i + 1] += su
+    finally:
+        free(partials)
+    return 0
+
+
+cdef int _phase2(_Batch b, int layout, int kind, const double* s, const double* scaled_lr, unsigned int key,
+                 unsigned long long index_offset) except -1:
+    """Phase 2 of a two-phase family: p -= scaled_lr[tensor] * u, from p and the stored moments."""
+    return _run(b, layout, kind + 1, 0, s, _APPLY_SLOTS, scaled_lr, NULL, key, index_offset)
+
+
 def run(_Batch b, str kernel, int variant, tuple scalars, double lr=0.0, bint stochastic=False,
         unsigned int key=0, unsigned long long index_offset=0, tensor_coefs=None):
     """Apply kernel `kernel` in place to a prepared batch (params, grads, *states[, kahan_comp]).
 
     scalars: the kernel's hyperparameters in the order of its *Params struct (specs.py computes them).
-    A two-phase family (spec.two_phase: LAMB) runs both phases here: phase 1, the per-tensor norms summed
-    from the chunk partials (LANES accumulators per chunk, in lane then chunk order: deterministic), lr
-    times the family's trust ratio per tensor, phase 2. `lr` is read by two-phase families only.
+    A two-phase family (spec.two_phase: LAMB) runs both phases here: run_phase1's pass and sums, lr times
+    the family's trust ratio per tensor, run_phase2's pass. `lr` is read by two-phase families only.
     The new params are rounded to nearest even, or with the batch's Kahan compensation, or (stochastic,
     16-bit params) stochastically with fastopt.precision.random_bits(key, index_offset + i) for element
     i of each tensor (key: precision.random_key(seed, step)).
@@ -868,17 +921,9 @@ def run(_Batch b, str kernel, int variant, tuple scalars, double lr=0.0, bint st
     """
     cdef double s[MAX_SCALARS]
     cdef int kind = KINDS[kernel]
-    cdef double* partials = NULL
     cdef double* coefs = NULL
-    cdef int i, c, j
-    cdef double pn, un, sp, su
-    cdef int layout = b.layout
-    if b.read_only_slot != 1:
-        raise ValueError("run: the batch was not prepared for an update (grads read-only)")
-    check_rounding(b, stochastic)
-    if stochastic:
-        layout = (layout & 63) | (ROUND_STOCHASTIC << 6)
-    _load_scalars(scalars, s)
+    cdef int i
+    cdef int layout = _begin(b, stochastic, scalars, s)
     cdef double[::1] per_tensor
     cdef const double* per_tensor_ptr = NULL
     if tensor_coefs is not None:
@@ -890,33 +935,67 @@ def run(_Batch b, str kernel, int variant, tuple scalars, double lr=0.0, bint st
         _run(b, layout, kind, variant, s, _IDENTITY_SLOTS, per_tensor_ptr, NULL, key, index_offset)
         return
     cdef int family = (kind - KIND_TWO_PHASE) // 2
-    partials = <double*> calloc(2 * LANES * b.nchunks, sizeof(double))
     coefs = <double*> malloc(2 * b.ntensors * sizeof(double))
-    if partials == NULL or coefs == NULL:
-        free(partials); free(coefs)
+    if coefs == NULL:
         raise MemoryError()
     try:
-        _run(b, layout, kind, 0, s, _IDENTITY_SLOTS, NULL, partials)
-        for i in range(b.ntensors):
-            coefs[2 * i] = 0.0
-            coefs[2 * i + 1] = 0.0
-        for c in range(b.nchunks):
-            i = b.chunks[c].tensor
-            sp = 0.0
-            su = 0.0
-            for j in range(LANES):
-                sp += partials[2 * LANES * c + j]
-                su += partials[2 * LANES * c + LANES + j]
-            coefs[2 * i] += sp
-            coefs[2 * i + 1] += su
-        for i in range(b.ntensors):
-            pn = sqrt(coefs[2 * i])
-            un = sqrt(coefs[2 * i + 1])
-            coefs[i] = two_phase_scaled_lr(family, lr, pn, un)
-        _run(b, layout, kind + 1, 0, s, _APPLY_SLOTS, coefs, NULL, key, index_offset)
+        _phase1(b, layout, kind, s, coefs)
+        for i in range(b.ntensors):  # in place: coefs[i] is written after coefs[2 i], coefs[2 i + 1] are read
+            coefs[i] = two_phase_scaled_lr(family, lr, sqrt(coefs[2 * i]), sqrt(coefs[2 * i + 1]))
+        _phase2(b, layout, kind, s, coefs, key, index_offset)
     finally:
-        free(partials)
         free(coefs)
+
+
+def run_phase1(_Batch b, str kernel, int variant, tuple scalars, bint stochastic=False):
+    """Phase 1 of a two-phase family (spec.two_phase: LAMB) alone, as run() does it: the moments written,
+    and a float64 array (ntensors, 2) returned: sum p^2 and sum u^2 of each tensor (u: the update direction),
+    summed in run()'s deterministic order. A caller holding pieces of tensors (a shard) adds the pieces'
+    sums, computes lr * trust ratio per tensor and hands them to run_phase2. `variant` is not read (the
+    two-phase families have one variant, as in run()); `stochastic` selects the layout run() would use."""
+    cdef double s[MAX_SCALARS]
+    cdef int kind = _two_phase_kind(kernel, "run_phase1")
+    cdef int layout = _begin(b, stochastic, scalars, s)
+    out = np.zeros((b.ntensors, 2), dtype=np.float64)
+    cdef double[:, ::1] sums = out
+    if b.nchunks == 0:
+        return out
+    _phase1(b, layout, kind, s, &sums[0, 0])
+    return out
+
+
+cdef double[::1] _scaled_lr(object scaled_lr, int ntensors):
+    """scaled_lr as a float64 array of one finite number per tensor (at least one element: a pointer to
+    take); TypeError / ValueError naming scaled_lr before anything is written."""
+    try:
+        a = np.asarray(scaled_lr)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"scaled_lr must be a host array or list of real numbers, got "
+                        f"{type(scaled_lr).__name__} ({e})") from None
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"scaled_lr must hold real numbers, got dtype {a.dtype}: {scaled_lr!r}")
+    if a.ndim > 1 or a.size != ntensors:
+        raise ValueError(f"scaled_lr has shape {a.shape}: one lr per array of the batch ({ntensors}) was expected")
+    a = a.astype(np.float64).reshape(-1)
+    if not np.isfinite(a).all():
+        raise ValueError(f"scaled_lr must be finite, got {scaled_lr!r}")
+    out = np.zeros(max(ntensors, 1), dtype=np.float64)
+    out[:ntensors] = a
+    return out
+
+
+def run_phase2(_Batch b, str kernel, tuple scalars, scaled_lr, bint stochastic=False, unsigned int key=0,
+               unsigned long long index_offset=0):
+    """Phase 2 of a two-phase family alone: p -= scaled_lr[i] * u for tensor i, u from p and the moments
+    run_phase1 wrote; scaled_lr: one finite float64 per tensor (lr times the whole tensor's trust ratio).
+    Rounding as run(). Every check (scaled_lr's length and values included) before any write."""
+    cdef double s[MAX_SCALARS]
+    cdef int kind = _two_phase_kind(kernel, "run_phase2")
+    cdef int layout = _begin(b, stochastic, scalars, s)
+    cdef double[::1] lrs = _scaled_lr(scaled_lr, b.ntensors)
+    if b.nchunks == 0:
+        return
+    _phase2(b, layout, kind, s, &lrs[0], key, index_offset)
 
 
 def touch(tuple arrays, int phase=0):

@@ -32,9 +32,11 @@ CONFIGS = {
     "lion": [dict(lr=0.001, weight_decay=0.1)],
     "adamax": [dict(lr=0.01, weight_decay=0.01)],
     "lars": [dict(lr=1.0, weight_decay=0.01, nesterov=True), dict(lr=0.5, momentum=0.0, exclude_1d=False)],
+    "lamb": [dict(lr=0.01, weight_decay=0.01), dict(lr=0.02, bias_correction=False, maximize=True, eps=1e-8)],
 }
-# LARS (spec.tensor_coefs): its ratios come from sums of squares added per piece, then over ranks (MPI's
-# order), so against the class it agrees within these (tests/distributed/test_lars.py states them), not bit for bit
+# LARS (spec.tensor_coefs) and LAMB (spec.two_phase): their ratios come from sums of squares added per piece, then
+# over ranks (MPI's order), so against the class they agree within these (tests/distributed/test_lars.py and
+# test_lamb.py state them), not bit for bit
 NORMS_RTOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-14}
 
 
@@ -108,7 +110,7 @@ def equal(bucket_bytes):
 def clip_skip():
     """clip_grad_norm and skip_nonfinite: one all-reduce of the shard sums of squares; equal to the
     single-process class within rounding (the norm is summed in another order)."""
-    for name in ("adam", "sgd", "lion", "lars"):
+    for name in ("adam", "sgd", "lion", "lars", "lamb"):
         for dtype, rtol in ((np.float32, 2e-6), (np.float64, 1e-13)):
             seed = 77
             params = make_params(seed, [dtype])
@@ -188,7 +190,7 @@ def errors():
                 check(reason in str(e), str(e))
             else:
                 check(False, f"{spec.name} accepted")
-    check(unsupported_reason(REGISTRY["lamb"]) is not None, "LAMB accepted")
+    check(unsupported_reason(REGISTRY["lamb"]) is None, "LAMB refused")
     ps = [p.copy() for p in params]
     opt = ShardedOptimizer("adam", ps, COMM, lr=1e-3)
     state = [{k: v.copy() for k, v in s.items()} for s in opt.shard_states()]

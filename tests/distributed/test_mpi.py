@@ -3,7 +3,7 @@
 Each test launches tests/distributed/mpi_worker.py under mpiexec; the scenarios are described there.
 What is checked: every elementwise registry optimizer and option equals the single-process class applied
 to the mean gradient bit for bit (world 1-4, one bucket and many small buckets, float32, float64 and
-mixed; LARS, whose per-param norms are summed per piece and then over ranks, within rtol 1e-6 float32 /
+mixed; LARS and LAMB, whose per-param norms are summed per piece and then over ranks, within rtol 1e-6 float32 /
 1e-14 float64 and bit for bit at world 1, every rank with the same bits); clipping and NaN skipping within rounding (the norm is summed in another order: rtol 2e-6
 float32, 1e-13 float64) and the skip decision exactly; state bytes per rank 1/world (+ padding, <1%);
 mismatched params, shapes and hyperparameters raise on every rank; a bad gradient on one rank raises on

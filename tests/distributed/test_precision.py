@@ -201,6 +201,9 @@ def test_precision_options_checked_by_the_class(options, exc, text):
 def test_lamb_and_asgd_int8_refused():
     with pytest.raises(ValueError, match="int8"):
         run_ranks(1, lambda comm: ShardedOptimizer("asgd", make_params(np.float32), comm, lr=0.01, state_dtype="int8"))
+    # LAMB is sharded (two passes), but its state stays exact: the class's refusal, at construction
+    with pytest.raises(ValueError, match="Invalid state_dtype: 'int8' for 'lamb'"):
+        run_ranks(1, lambda comm: ShardedOptimizer("lamb", make_params(np.float32), comm, lr=0.01, state_dtype="int8"))
 
 
 def test_int8_layout_property():

@@ -1,7 +1,7 @@
 """fastopt.distributed over torch.distributed with gloo on the CPU, 2 processes (torch tensors).
 
 Scenarios in tests/distributed/torch_worker.py: every elementwise optimizer bit for bit against the
-single-process class on the mean gradient (float32, float64; LARS within rtol 1e-6 / 1e-14; the precision modes on bfloat16 tensors; torch 2.13's gloo has reduce_scatter_single
+single-process class on the mean gradient (float32, float64; LARS and LAMB within rtol 1e-6 / 1e-14; the precision modes on bfloat16 tensors; torch 2.13's gloo has reduce_scatter_single
 and all_gather_single on the CPU, and the test fails if the all_reduce fallback warns), AdamW against
 torch.optim.AdamW (1e-10 relative, float64), a torch.nn model's parameters and .grad against torch.optim.Adam
 (named by fastopt.torch.Adam when that module exists), the all_reduce fallback for an engine without
