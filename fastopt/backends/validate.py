@@ -535,16 +535,21 @@ def check_tensor_coefs(spec, tensor_coefs, ntensors: int):
     if spec.tensor_coefs is None:
         raise ValueError(f"tensor_coefs: {spec.function_name} reads no per-tensor coefficients (only an optimizer "
                          f"with spec.tensor_coefs does, e.g. lars_step), got {tensor_coefs!r}")
+    return _per_tensor_numbers("tensor_coefs", tensor_coefs, ntensors, "coefficient")
+
+
+def _per_tensor_numbers(name: str, value, ntensors: int, what: str) -> np.ndarray:
+    """`value` as a contiguous float64 host vector of one real number per array of the call; TypeError /
+    ValueError naming `name` otherwise."""
     try:
-        a = np.asarray(tensor_coefs)
+        a = np.asarray(value)
     except (TypeError, ValueError) as e:  # ragged lists, a device array
-        raise TypeError(f"tensor_coefs must be a host array or list of real numbers, got "
-                        f"{type(tensor_coefs).__name__} ({e})") from None
+        raise TypeError(f"{name} must be a host array or list of real numbers, got "
+                        f"{type(value).__name__} ({e})") from None
     if a.dtype.kind not in "fiu":  # not bool, complex or objects
-        raise TypeError(f"tensor_coefs must hold real numbers, got dtype {a.dtype}: {tensor_coefs!r}")
+        raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}: {value!r}")
     if a.ndim > 1 or a.size != ntensors:
-        raise ValueError(f"tensor_coefs has shape {a.shape}: one coefficient per array of the call ({ntensors}) "
-                         f"was expected")
+        raise ValueError(f"{name} has shape {a.shape}: one {what} per array of the call ({ntensors}) was expected")
     return np.ascontiguousarray(a, dtype=np.float64).reshape(-1)
 
 
@@ -552,16 +557,7 @@ def check_scaled_lr(scaled_lr, ntensors: int):
     """The per-tensor learning rates of a two-phase update's second pass (run_phase2: lr times the whole
     tensor's trust ratio) as a contiguous float64 host array, one finite number per array of the call;
     TypeError / ValueError naming scaled_lr otherwise, before anything is written."""
-    try:
-        a = np.asarray(scaled_lr)
-    except (TypeError, ValueError) as e:  # ragged lists, a device array
-        raise TypeError(f"scaled_lr must be a host array or list of real numbers, got "
-                        f"{type(scaled_lr).__name__} ({e})") from None
-    if a.dtype.kind not in "fiu":  # not bool, complex or objects
-        raise TypeError(f"scaled_lr must hold real numbers, got dtype {a.dtype}: {scaled_lr!r}")
-    if a.ndim > 1 or a.size != ntensors:
-        raise ValueError(f"scaled_lr has shape {a.shape}: one lr per array of the call ({ntensors}) was expected")
-    a = np.ascontiguousarray(a, dtype=np.float64).reshape(-1)
+    a = _per_tensor_numbers("scaled_lr", scaled_lr, ntensors, "lr")
     if not np.isfinite(a).all():
         raise ValueError(f"scaled_lr must be finite, got {scaled_lr!r}")
     return a

@@ -508,11 +508,7 @@ class ShardedOptimizer:
                 pending[b.index].wait()
             self._update(b, hp, scale, coefs)
             gathers.append(comm.all_gather(self._wire(self._flat[b.index][0]), b.shard))
-        for g in gathers:
-            g.wait()
-        self.steps += 1
-        if self.copy_params:
-            self._copy_out()
+        self._finish_step(gathers)
         return True
 
     def _two_phase_step(self, hp, scale, pending) -> None:
@@ -545,6 +541,10 @@ class ShardedOptimizer:
                 be.run_phase2(prepared, self.spec, hp, step, scale, scaled_lr[[i for i, _, _, _ in call]],
                               **({} if stochastic is None else {"stochastic": stochastic}))
             gathers.append(comm.all_gather(self._wire(self._flat[b.index][0]), b.shard))
+        self._finish_step(gathers)
+
+    def _finish_step(self, gathers) -> None:
+        """After the updates: wait for the params' all-gathers, count the step, copy the params out."""
         for g in gathers:
             g.wait()
         self.steps += 1
