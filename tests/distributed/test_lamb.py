@@ -26,6 +26,8 @@ What is asserted:
 """
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 import os
 import subprocess
@@ -34,16 +36,13 @@ import sys
 import numpy as np
 import pytest
 
-import fastopt
 from fastopt import reference
-from fastopt.distributed import ShardedOptimizer, gather, unsupported_reason
+from fastopt.distributed import unsupported_reason
 from fastopt.specs import REGISTRY, get_spec
-from tests.distributed.test_lars import (DTYPES, STEPS, assert_close, assert_ranks_agree, cut_params, grads_for,
-                                         make_params, mean_grads)
-from tests.distributed.thread_comm import run_ranks
+from tests.distributed import per_tensor
+from tests.distributed.per_tensor import DTYPES, STEPS, assert_close, assert_ranks_agree, cut_params, make_params
 
 LAMB = get_spec("lamb")
-SHAPES = [(7, 3), (101,), (1,), (0,), (), (33, 5), (2, 2, 3), (3, 2, 2, 2)]
 OPTIONS = {
     "default": dict(lr=1e-2),
     "wd": dict(lr=2e-2, weight_decay=0.01),
@@ -53,32 +52,8 @@ OPTIONS = {
 NAMES = ("params", "grads", "exp_avg", "exp_avg_sq")
 
 
-def sharded(world, seed, dtypes, hp, bucket_bytes, steps=STEPS, shapes=SHAPES, cast=None, load=None, save=None,
-            start=0):
-    """Each rank's (params, optimizer) after `steps` steps of its own gradients."""
-    def rank_fn(comm):
-        params = make_params(seed, dtypes, shapes)
-        if cast is not None:
-            params = [p.astype(cast) for p in params]
-        opt = ShardedOptimizer("lamb", params, comm, bucket_bytes=bucket_bytes, **hp)
-        if load is not None:
-            opt.load(load)
-        for t in range(start, start + steps):
-            assert opt.step(grads_for(seed, t, comm.rank, params, np.float32 if cast else None)) is True
-        if save is not None:
-            opt.save(save)
-        return params, opt
-    return run_ranks(world, rank_fn)
-
-
-def single_process(world, seed, dtypes, hp, steps=STEPS, shapes=SHAPES, cast=None):
-    params = make_params(seed, dtypes, shapes)
-    if cast is not None:
-        params = [p.astype(cast) for p in params]
-    opt = fastopt.LAMB(params, **hp)
-    for t in range(steps):
-        opt.step(mean_grads(seed, t, params, world, np.float32 if cast else None))
-    return params, opt
+sharded = functools.partial(per_tensor.sharded, "lamb")
+single_process = functools.partial(per_tensor.single_process, "lamb")
 
 
 def moment_pieces(ranks):
@@ -134,38 +109,8 @@ def test_clip_and_skip_nonfinite(world, dtype, rng):
     """clip_grad_norm (it clips: the norm of the mean gradient is ~30) scales g inside the first pass, so the
     clip coefficient is known before the moments are written; a NaN on the last rank at step 3 skips the step
     on every rank with nothing written (params and moments), and the class skips it too."""
-    seed = int(rng.integers(2 ** 31))
     hp = dict(lr=1e-2, weight_decay=0.01, clip_grad_norm=0.5, skip_nonfinite=True)
-
-    def rank_fn(comm):
-        params = make_params(seed, [dtype])
-        opt = ShardedOptimizer("lamb", params, comm, bucket_bytes=256, **hp)
-        for t in range(5):
-            g = grads_for(seed, t, comm.rank, params)
-            if t == 3 and comm.rank == comm.size - 1:
-                g[1][7] = np.nan
-            before = [p.copy() for p in params], [{k: v.copy() for k, v in s.items()} for s in opt.shard_states()]
-            done = opt.step(g)
-            if t == 3:
-                assert done is False and all(a.tobytes() == b.tobytes() for a, b in zip(params, before[0]))
-                assert all(np.array_equal(v, before[1][j][k]) for j, s in enumerate(opt.shard_states())
-                           for k, v in s.items())
-            else:
-                assert done is True
-        return params, opt
-
-    ranks = run_ranks(world, rank_fn)
-    assert_ranks_agree(ranks)
-    ref = make_params(seed, [dtype])
-    single = fastopt.LAMB(ref, **hp)
-    for t in range(5):
-        g = mean_grads(seed, t, ref, world)
-        if t == 3:
-            g[1][7] = np.nan
-        assert single.step(g) is (t != 3)
-    assert ranks[0][1].skipped_steps == 1 and ranks[0][1].steps == 4
-    for i, (a, b) in enumerate(zip(ranks[0][0], ref)):
-        assert_close(a, b, f"params[{i}] (seed {seed})")
+    per_tensor.clip_and_skip("lamb", hp, world, dtype, int(rng.integers(2 ** 31)))
 
 
 @pytest.mark.parametrize("world,bucket_bytes", [(1, 32 << 20), (3, 256), (4, 512)])
@@ -184,53 +129,16 @@ def test_precision_modes(world, bucket_bytes, mode, rng):
         "f32-bf16-state": (dict(state_dtype="bfloat16"), np.float32),
         "f16-stochastic": (dict(stochastic_rounding=True, seed=5, state_dtype="float16"), np.float16),
     }[mode]
-    seed = int(rng.integers(2 ** 31))
     hp = dict(lr=1e-2, weight_decay=0.01, **options)
-    shapes = [(7, 3), (300,), (1,), (0,), (33, 9), (2, 2, 3)]
-    ranks = sharded(world, seed, [np.float32], hp, bucket_bytes, shapes=shapes, cast=cast)
-    ref, _ = single_process(world, seed, [np.float32], hp, shapes=shapes, cast=cast)
-    assert_ranks_agree(ranks)
-    equal = total = 0
-    for i, (a, b) in enumerate(zip(ranks[0][0], ref)):
-        if world == 1:
-            assert a.tobytes() == b.tobytes(), f"params[{i}]"
-        elif a.dtype != np.float32:
-            ulp = 2.0 ** -7 if a.dtype == bf16 else 2.0 ** -10
-            np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), rtol=ulp, atol=1e-30,
-                                       err_msg=f"params[{i}] (seed {seed})")
-        else:
-            assert_close(a, b, f"params[{i}] (seed {seed})")
-        same = a.view(f"u{a.dtype.itemsize}") == b.view(f"u{b.dtype.itemsize}")  # bit-equal elements
-        equal += int(same.sum())
-        total += a.size
-    assert equal >= 0.95 * total, f"{total - equal} of {total} elements differ (seed {seed})"
+    per_tensor.precision_run("lamb", world, bucket_bytes, hp, cast, int(rng.integers(2 ** 31)))
 
 
 def test_checkpoint_world3_to_world2_and_gather(tmp_path, rng):
     """Saved at world 3 after 4 steps (the moments in the files), loaded at world 2, 3 more steps: within TOL
     of the class's 7 steps (the mean of 3 ranks, then of 2). gather() gives the ordinary checkpoint the class
     resumes from, with the sharded params bit for bit."""
-    seed = int(rng.integers(2 ** 31))
     hp = dict(lr=1e-2, weight_decay=0.01)
-    ck = str(tmp_path / "ck")
-    saved = sharded(3, seed, [np.float32, np.float64], hp, 256, steps=4, save=ck)
-    ranks = sharded(2, seed, [np.float32, np.float64], hp, 512, steps=3, load=ck, start=4)
-    assert_ranks_agree(ranks)
-    assert ranks[0][1].steps == 7
-    gathered = str(tmp_path / "ck.npz")
-    gather(ck, gathered)
-    resumed_params = make_params(seed + 1, [np.float32, np.float64])
-    resumed = fastopt.LAMB(resumed_params, **hp)
-    fastopt.load(gathered, resumed, params=True)
-    for a, b in zip(resumed_params, saved[0][0]):
-        assert a.tobytes() == b.tobytes()
-    ref, ref_opt = single_process(3, seed, [np.float32, np.float64], hp, steps=4)
-    for t in range(4, 7):
-        ref_opt.step(mean_grads(seed, t, ref, 2))
-        resumed.step(mean_grads(seed, t, resumed_params, 2))
-    for i, (a, b, c) in enumerate(zip(ranks[0][0], ref, resumed_params)):
-        assert_close(a, b, f"params[{i}] against the class's 7 steps (seed {seed})")
-        assert_close(a, c, f"params[{i}] against the class resumed from gather() (seed {seed})")
+    per_tensor.checkpoint_world3_to_world2("lamb", hp, tmp_path, int(rng.integers(2 ** 31)))
 
 
 # ---- run_phase1 / run_phase2 on the backends --------------------------------------------------------------

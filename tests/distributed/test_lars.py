@@ -27,6 +27,8 @@ What is asserted:
 """
 from __future__ import annotations
 
+import functools
+
 import os
 import subprocess
 import sys
@@ -34,14 +36,13 @@ import sys
 import numpy as np
 import pytest
 
-import fastopt
 from fastopt import functional
-from fastopt.distributed import ShardedOptimizer, gather, unsupported_reason
+from fastopt.distributed import unsupported_reason
 from fastopt.specs import REGISTRY, get_spec
-from tests.distributed.thread_comm import run_ranks
+from tests.distributed import per_tensor
+from tests.distributed.per_tensor import DTYPES, assert_close, assert_ranks_agree, cut_params, make_params
 
 LARS = get_spec("lars")
-SHAPES = [(7, 3), (101,), (1,), (0,), (), (33, 5), (2, 2, 3), (3, 2, 2, 2)]
 OPTIONS = {
     "default": dict(lr=1.0),
     "wd-nesterov": dict(lr=1.0, weight_decay=0.01, nesterov=True),
@@ -49,66 +50,10 @@ OPTIONS = {
     "all-adapted": dict(lr=1.0, exclude_1d=False, weight_decay=0.01, dampening=0.1, maximize=True),
     "trust-eps": dict(lr=0.2, trust_coefficient=0.02, eps=1e-8, momentum=0.5, weight_decay=1e-3),
 }
-DTYPES = {"float32": [np.float32], "float64": [np.float64], "mixed": [np.float32, np.float64]}
-TOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-14}  # ~8 float32 ulps; ~50 float64 ulps
-STEPS = 6
 
 
-def make_params(seed, dtypes, shapes=SHAPES):
-    rng = np.random.default_rng(seed)
-    return [np.asarray(rng.standard_normal(s), dtype=dtypes[i % len(dtypes)]) for i, s in enumerate(shapes)]
-
-
-def grads_for(seed, t, rank, params, dtype=None):
-    """Rank `rank`'s gradients at step t: multiples of 1/8, so their sums over ranks are exact in any order."""
-    rng = np.random.default_rng([seed, t, rank])
-    return [np.asarray(np.round(rng.standard_normal(p.shape) * 16) / 8, dtype=dtype or p.dtype) for p in params]
-
-
-def mean_grads(seed, t, params, world, dtype=None):
-    per_rank = [grads_for(seed, t, r, params, dtype) for r in range(world)]
-    return [np.asarray(sum(g[i] for g in per_rank) * per_rank[0][i].dtype.type(1.0 / world))
-            for i in range(len(params))]
-
-
-def sharded(world, seed, dtypes, hp, bucket_bytes, steps=STEPS, shapes=SHAPES, cast=None, load=None, save=None,
-            start=0):
-    """Each rank's (params, optimizer) after `steps` steps of its own gradients."""
-    def rank_fn(comm):
-        params = make_params(seed, dtypes, shapes)
-        if cast is not None:
-            params = [p.astype(cast) for p in params]
-        opt = ShardedOptimizer("lars", params, comm, bucket_bytes=bucket_bytes, **hp)
-        if load is not None:
-            opt.load(load)
-        for t in range(start, start + steps):
-            assert opt.step(grads_for(seed, t, comm.rank, params, np.float32 if cast else None)) is True
-        if save is not None:
-            opt.save(save)
-        return params, opt
-    return run_ranks(world, rank_fn)
-
-
-def single_process(world, seed, dtypes, hp, steps=STEPS, shapes=SHAPES, cast=None):
-    params = make_params(seed, dtypes, shapes)
-    if cast is not None:
-        params = [p.astype(cast) for p in params]
-    opt = fastopt.LARS(params, **hp)
-    for t in range(steps):
-        opt.step(mean_grads(seed, t, params, world, np.float32 if cast else None))
-    return params, opt
-
-
-def assert_close(ours, ref, what):
-    tol = TOL[np.dtype(ref.dtype)]
-    scale = max(1.0, float(np.abs(ref).max())) if ref.size else 1.0
-    np.testing.assert_allclose(ours, ref, rtol=tol, atol=tol * scale, err_msg=what)
-
-
-def assert_ranks_agree(ranks):
-    for params, _ in ranks[1:]:
-        for i, (a, b) in enumerate(zip(params, ranks[0][0])):
-            assert a.tobytes() == b.tobytes(), f"rank params[{i}] differ between ranks"
+sharded = functools.partial(per_tensor.sharded, "lars")
+single_process = functools.partial(per_tensor.single_process, "lars")
 
 
 def state_pieces(ranks):
@@ -121,16 +66,6 @@ def state_pieces(ranks):
                 if "momentum_buffer" in states:
                     out.append((i, e0, states["momentum_buffer"][pos - lo:pos - lo + e1 - e0]))
     return out
-
-
-def cut_params(ranks):
-    """The params whose elements are held by more than one rank (cut by a shard boundary)."""
-    owners = {}
-    for _, opt in ranks:
-        for b in opt.layout.buckets:
-            for i, _, _, _ in b.pieces(*b.shard_range(opt.rank)):
-                owners.setdefault(i, set()).add(opt.rank)
-    return {i for i, ranks_ in owners.items() if len(ranks_) > 1}
 
 
 def test_lars_and_lamb_are_sharded():
@@ -182,38 +117,8 @@ def test_clip_and_skip_nonfinite(world, dtype, rng):
     """clip_grad_norm (it clips: the norm of the mean gradient is ~30) scales the gradient before the ratio
     (the ratio's ||g|| is the clipped mean's, as the class); a NaN on the last rank at step 3 skips the step on
     every rank with nothing written, and the class skips it too."""
-    seed = int(rng.integers(2 ** 31))
     hp = dict(lr=1.0, weight_decay=0.01, clip_grad_norm=0.5, skip_nonfinite=True)
-
-    def rank_fn(comm):
-        params = make_params(seed, [dtype])
-        opt = ShardedOptimizer("lars", params, comm, bucket_bytes=256, **hp)
-        for t in range(5):
-            g = grads_for(seed, t, comm.rank, params)
-            if t == 3 and comm.rank == comm.size - 1:
-                g[1][7] = np.nan
-            before = [p.copy() for p in params], [{k: v.copy() for k, v in s.items()} for s in opt.shard_states()]
-            done = opt.step(g)
-            if t == 3:
-                assert done is False and all(a.tobytes() == b.tobytes() for a, b in zip(params, before[0]))
-                assert all(np.array_equal(v, before[1][j][k]) for j, s in enumerate(opt.shard_states())
-                           for k, v in s.items())
-            else:
-                assert done is True
-        return params, opt
-
-    ranks = run_ranks(world, rank_fn)
-    assert_ranks_agree(ranks)
-    ref = make_params(seed, [dtype])
-    single = fastopt.LARS(ref, **hp)
-    for t in range(5):
-        g = mean_grads(seed, t, ref, world)
-        if t == 3:
-            g[1][7] = np.nan
-        assert single.step(g) is (t != 3)
-    assert ranks[0][1].skipped_steps == 1 and ranks[0][1].steps == 4
-    for i, (a, b) in enumerate(zip(ranks[0][0], ref)):
-        assert_close(a, b, f"params[{i}] (seed {seed})")
+    per_tensor.clip_and_skip("lars", hp, world, dtype, int(rng.integers(2 ** 31)))
 
 
 @pytest.mark.parametrize("world,bucket_bytes", [(1, 32 << 20), (3, 256), (4, 512)])
@@ -228,52 +133,16 @@ def test_precision_modes(world, bucket_bytes, mode, rng):
                "int8": dict(state_dtype="int8"), "int8-bf16-stochastic": dict(state_dtype="int8",
                                                                               stochastic_rounding=True, seed=4)}[mode]
     cast = np.float32 if mode == "int8" else bf16
-    seed = int(rng.integers(2 ** 31))
     hp = dict(lr=1.0, weight_decay=0.01, nesterov=True, **options)
-    shapes = [(7, 3), (300,), (1,), (0,), (33, 9), (2, 2, 3)]
-    ranks = sharded(world, seed, [np.float32], hp, bucket_bytes, shapes=shapes, cast=cast)
-    ref, _ = single_process(world, seed, [np.float32], hp, shapes=shapes, cast=cast)
-    assert_ranks_agree(ranks)
-    equal = total = 0
-    for i, (a, b) in enumerate(zip(ranks[0][0], ref)):
-        if world == 1:
-            assert a.tobytes() == b.tobytes(), f"params[{i}]"
-        elif a.dtype == bf16:
-            np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), rtol=2.0 ** -7, atol=1e-30,
-                                       err_msg=f"params[{i}] (seed {seed})")
-        else:
-            assert_close(a, b, f"params[{i}] (seed {seed})")
-        same = a.view(f"u{a.dtype.itemsize}") == b.view(f"u{b.dtype.itemsize}")  # bit-equal elements
-        equal += int(same.sum())
-        total += a.size
-    assert equal >= 0.95 * total, f"{total - equal} of {total} elements differ (seed {seed})"
+    per_tensor.precision_run("lars", world, bucket_bytes, hp, cast, int(rng.integers(2 ** 31)))
 
 
 def test_checkpoint_world3_to_world2_and_gather(tmp_path, rng):
     """Saved at world 3 after 4 steps (momentum buffers in the files), loaded at world 2, 3 more steps: within
     TOL of the class's 7 steps (the mean of 3 ranks, then of 2). gather() gives the ordinary checkpoint the
     class resumes from, with the sharded params bit for bit."""
-    seed = int(rng.integers(2 ** 31))
     hp = dict(lr=1.0, weight_decay=0.01, nesterov=True)
-    ck = str(tmp_path / "ck")
-    saved = sharded(3, seed, [np.float32, np.float64], hp, 256, steps=4, save=ck)
-    ranks = sharded(2, seed, [np.float32, np.float64], hp, 512, steps=3, load=ck, start=4)
-    assert_ranks_agree(ranks)
-    assert ranks[0][1].steps == 7
-    gathered = str(tmp_path / "ck.npz")
-    gather(ck, gathered)
-    resumed_params = make_params(seed + 1, [np.float32, np.float64])
-    resumed = fastopt.LARS(resumed_params, **hp)
-    fastopt.load(gathered, resumed, params=True)
-    for a, b in zip(resumed_params, saved[0][0]):
-        assert a.tobytes() == b.tobytes()
-    ref, ref_opt = single_process(3, seed, [np.float32, np.float64], hp, steps=4)
-    for t in range(4, 7):
-        ref_opt.step(mean_grads(seed, t, ref, 2))
-        resumed.step(mean_grads(seed, t, resumed_params, 2))
-    for i, (a, b, c) in enumerate(zip(ranks[0][0], ref, resumed_params)):
-        assert_close(a, b, f"params[{i}] against the class's 7 steps (seed {seed})")
-        assert_close(a, c, f"params[{i}] against the class resumed from gather() (seed {seed})")
+    per_tensor.checkpoint_world3_to_world2("lars", hp, tmp_path, int(rng.integers(2 ** 31)))
 
 
 # ---- tensor_coefs= on the backends ------------------------------------------------------------------------
