@@ -11,11 +11,12 @@
 // (10^-(E+1), 10^-E], the position u = (a * 10^E - 0.1) * 2^f / 0.9 puts the map's values at the integers
 // (k = 0: the top value of decade E + 1) and the midpoints half-way between them, so the nearest value is
 // k = ceil(u - 0.5) and its code a per-decade offset plus k. The midpoints the tables hold are float32
-// roundings of those half-way points, and float32 arithmetic rounds u too: where u - 0.5 lies within 2^-12 of
-// an integer (about 1 in 2000 elements; every midpoint and so every tie lands there) the element takes the
-// table lookup (fo_quantize) instead. Below the smallest nonzero value the code is one compare with the real
-// midpoint. So the codes are fo_quantize's, bit for bit: tests/test_precision.py compares the two on every
-// float32 in [-1, 1], NaN and -0.0 included.
+// roundings of those half-way points, and float32 arithmetic rounds u too (a takes |x| * (1 / absmax), one
+// more rounding than the division): where u - 0.5 lies within 2^-10 of an integer (a few elements in 1000;
+// every midpoint and so every tie lands there) the element takes the table lookup (fo_quantize) on the exact
+// quotient instead. Below the smallest nonzero value the code is one compare of the exact quotient with the
+// table's first boundary above zero's code. So the codes are fo_quantize's, bit for bit: tests/test_int8_simd.py
+// compares the two on every float32 in [-1, 1], NaN and -0.0 included.
 //
 // Compiled with a target attribute and chosen at run time (Int8Codec below), so a portable
 // build uses it where the CPU has AVX-512 (F, BW, VL, DQ) and the scalar loop elsewhere; off x86-64, without
@@ -59,7 +60,8 @@ struct ArithQuantizer {
     // decade binade_decade[b], or one more where a <= binade_threshold[b] (the one 10^-i inside, else -1)
     int binade_decade[32];
     float binade_threshold[32];
-    float low_mid;                // the midpoint between zero and the smallest nonzero value
+    float low_mid;                // the table's boundary above zero's code: the midpoint to 1e-6 (signed);
+                                  // 0 (unsigned: a positive value never takes zero's code)
     int emax;
     bool is_signed, ok;
 };
@@ -67,14 +69,15 @@ struct ArithQuantizer {
 enum { ARITH_MARGIN_SHIFT = 10 };  // lanes with u - 0.5 within 2^-10 of an integer take the table lookup
 static const float ARITH_MARGIN = 1.0f / (1 << ARITH_MARGIN_SHIFT);
 
-// The magnitude index (0 = zero, 1 .. 127 or 255 ascending) of a in [0, 1] and whether it is too close to a
-// midpoint to trust: the scalar twin of the vector loop, for the self-check.
+// The decade E of a magnitude a in [0, 1] (emax for everything below 10^-emax).
 static int arith_decade(const ArithQuantizer& aq, float a) {
     const int exponent = static_cast<int>(fo_float_bits(a) >> 23);
     const int b = 127 - exponent < 0 ? 0 : (127 - exponent < 31 ? 127 - exponent : 31);
     return aq.binade_decade[b] + (a <= aq.binade_threshold[b]);
 }
 
+// The magnitude index (0 = zero, 1 .. 127 or 255 ascending) of a in [0, 1] and whether it is too close to a
+// midpoint to trust: the scalar twin of the vector loop, for the self-check.
 static int arith_magnitude(const ArithQuantizer& aq, float a, bool negative, bool* ambiguous) {
     const int e = arith_decade(aq, a);
     *ambiguous = false;
@@ -116,7 +119,7 @@ static ArithQuantizer arith_quantizer(FoQuantizer q) {
         }
         if (b == 31) aq.binade_decade[b] = aq.emax, aq.binade_threshold[b] = -1.0f;
     }
-    aq.low_mid = aq.is_signed ? q.mid[128] : q.mid[0];  // between zero and 1e-6 / 1e-7
+    aq.low_mid = aq.is_signed ? q.mid[128] : q.mid[0];
     aq.ok = below == (aq.is_signed ? 127 : 255);
     for (int c = 0; c + 1 < 255 && aq.ok; ++c) {
         const float m = q.mid[c], next = q.mid[c + 1];
