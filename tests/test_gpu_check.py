@@ -72,20 +72,35 @@ CUT_SHORT = """========= COMPUTE-SANITIZER
 """
 
 
-@pytest.mark.parametrize("text,errors,warnings,records,found,app_failed", [
-    (MEMCHECK_CLEAN, 0, 0, 0, True, False),
-    (MEMCHECK_ERRORS, 2, 0, 2, True, True),
-    (INITCHECK, 1, 0, 1, True, False),
-    (RACECHECK_CLEAN, 0, 0, 0, True, False),
-    (RACECHECK_HAZARDS, 1, 1, 2, True, False),
-    (RACECHECK_HAZARDS + "========= ERROR SUMMARY: 1 error\n", 1, 1, 2, True, False),
-    (TWO_PROCESSES, 4, 0, 0, True, False),
-    (CUT_SHORT, None, 0, 3, False, False),
-    ("", None, 0, 0, False, False),
+# as memcheck printed it on an H200 (cupy-cuda13x 14.2, cuda-bindings 13.3, driver 580): 34 such records, no other
+PROBE = ('========= Program hit CUDA_ERROR_INVALID_VALUE (error 1) due to "invalid argument" on CUDA API call to '
+         'cuGetProcAddress_v2.\n=========\n')
+PROBES_ONLY = "========= COMPUTE-SANITIZER\n" + PROBE * 3 + "========= ERROR SUMMARY: 3 errors\n"
+PROBES_AND_ERRORS = MEMCHECK_ERRORS.replace("========= ERROR SUMMARY: 2 errors", PROBE * 2 + "========= ERROR SUMMARY: 4 errors")
+
+
+@pytest.mark.parametrize("text,errors,warnings,records,found,app_failed,probes", [
+    (PROBES_ONLY, 0, 0, 0, True, False, 3),
+    (PROBES_AND_ERRORS, 2, 0, 2, True, True, 2),
+    (MEMCHECK_CLEAN, 0, 0, 0, True, False, 0),
+    (MEMCHECK_ERRORS, 2, 0, 2, True, True, 0),
+    (INITCHECK, 1, 0, 1, True, False, 0),
+    (RACECHECK_CLEAN, 0, 0, 0, True, False, 0),
+    (RACECHECK_HAZARDS, 1, 1, 2, True, False, 0),
+    (RACECHECK_HAZARDS + "========= ERROR SUMMARY: 1 error\n", 1, 1, 2, True, False, 0),
+    (TWO_PROCESSES, 4, 0, 0, True, False, 0),
+    (CUT_SHORT, None, 0, 3, False, False, 0),
+    ("", None, 0, 0, False, False, 0),
 ])
-def test_parse_sanitizer(text, errors, warnings, records, found, app_failed):
+def test_parse_sanitizer(text, errors, warnings, records, found, app_failed, probes):
     assert gc.parse_sanitizer(text) == {"summary_found": found, "errors": errors, "warnings": warnings,
-                                        "records": records, "application_failed": app_failed}
+                                        "records": records, "api_probes": probes, "application_failed": app_failed}
+
+
+def test_parse_sanitizer_counts_the_h200_memcheck_log_as_clean_but_an_other_api_error_not():
+    assert gc.parse_sanitizer(PROBE * 34 + "========= ERROR SUMMARY: 34 errors\n")["errors"] == 0
+    other = PROBE.replace("cuGetProcAddress_v2", "cuMemAlloc_v2")
+    assert gc.parse_sanitizer(PROBE + other + "========= ERROR SUMMARY: 2 errors\n")["errors"] == 1
 
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="1" failures="2"

@@ -51,6 +51,7 @@ _modules: dict = {}
 _functions: dict = {}
 _sm_counts: dict = {}
 _tables: collections.OrderedDict = collections.OrderedDict()
+_pinned_tables: list = []  # tables used on a stream other than their own: kept (see _order_after_upload)
 _external_streams: dict = {}  # (cudaStream_t, device) -> cupy Stream
 _result_streams = StreamMemo()  # arrays this backend returned -> the stream that wrote them
 
@@ -221,31 +222,64 @@ def table_layout(lists):
 
 
 class _Table:
-    """Device copy of the multi-tensor table of one set of tensors."""
+    """Device copy of the multi-tensor table of one set of tensors. `ready`: an event recorded after its
+    upload on `stream` (the stream it was made on), until a later use finds it done (then None)."""
 
-    __slots__ = ("buffer", "tensors", "chunks", "ntensors", "nchunks")
+    __slots__ = ("buffer", "tensors", "chunks", "ntensors", "nchunks", "stream", "ready", "pinned")
 
-    def __init__(self, lists, device):
+    def __init__(self, lists, device, stream):
         cp = _cupy()
         host, self.ntensors, self.nchunks, offset = table_layout(lists)
+        if _capturing(stream):
+            raise RuntimeError("fastopt: these tensors' pointer table is uploaded by their first step, which "
+                               "cannot happen while the stream is captured into a CUDA graph: run one step "
+                               "before capturing (a warm-up step, as torch's capturable optimizers need)")
         with cp.cuda.Device(device):
-            self.buffer = cp.asarray(host)
+            self.buffer = cp.asarray(host)  # on `stream`, the current one (inside _on)
+            self.ready = stream.record()
         self.tensors = self.buffer.data.ptr
         self.chunks = self.tensors + offset
+        self.stream = stream.ptr
+        self.pinned = False
+
+
+def _capturing(stream) -> bool:
+    is_capturing = getattr(stream, "is_capturing", None)
+    return bool(is_capturing()) if is_capturing is not None else False
+
+
+def _order_after_upload(table, stream):
+    """A table made on another stream: `stream` waits for its upload (on the device; on the host while the
+    stream is being captured, once: a graph cannot wait for work outside it). The table is then pinned
+    (never evicted, never freed): a kernel on this stream, or a graph captured on it, may still read it
+    after the stream that allocated it has reused an evicted table's memory."""
+    if table.ready is not None:
+        if table.ready.done:
+            table.ready = None
+        elif _capturing(stream):
+            table.ready.synchronize()
+            table.ready = None
+        else:
+            stream.wait_event(table.ready)
+    if not table.pinned:
+        table.pinned = True
+        _pinned_tables.append(table)
 
 
 def _table(lists, device, stream):
-    """The table of these tensors, from the cache when the same pointers and sizes come back on the same
-    stream (its host-to-device copy is ordered on the stream it was made on; call inside _on())."""
-    key = (device, stream.ptr,
-           tuple(None if lst is None else tuple((a.ptr, a.size) for a in lst) for lst in lists))
+    """The table of these tensors, from the cache when the same pointers and sizes come back (on another
+    stream too, ordered after the upload: a CUDA graph captured on its own stream finds the table of the
+    eager steps before it); call inside _on()."""
+    key = (device, tuple(None if lst is None else tuple((a.ptr, a.size) for a in lst) for lst in lists))
     table = _tables.get(key)
     if table is None:
-        table = _tables[key] = _Table(lists, device)
+        table = _tables[key] = _Table(lists, device, stream)
         if len(_tables) > _TABLE_CACHE_SIZE:
             _tables.popitem(last=False)
     else:
         _tables.move_to_end(key)
+        if table.stream != stream.ptr:
+            _order_after_upload(table, stream)
     return table
 
 

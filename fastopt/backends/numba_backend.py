@@ -299,11 +299,13 @@ _scratch: collections.OrderedDict = collections.OrderedDict()
 
 def _scratch_array(device, stream, purpose, n, dtype):
     """n elements of device scratch for `purpose`, reused by every call on this device and stream (the
-    stream orders the reuse) and grown when a call needs more. Inside _on(device)."""
+    stream orders the reuse) and grown when a call needs more. Inside _on(device). A new buffer starts as
+    zeros (one copy when it is made): step_guard's counter without a `skipped` of the caller's is read and
+    incremented, and compute-sanitizer's initcheck flagged its first read."""
     key = (device, _stream_key(stream), purpose, np.dtype(dtype))
     buffer = _scratch.get(key)
     if buffer is None or buffer.size < n:
-        buffer = _scratch[key] = _cuda().device_array(max(n, 1), dtype=dtype, stream=stream)
+        buffer = _scratch[key] = _cuda().to_device(np.zeros(max(n, 1), dtype=dtype), stream=stream)
         if len(_scratch) > _CACHE_SIZE:
             _scratch.popitem(last=False)
     else:

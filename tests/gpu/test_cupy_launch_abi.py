@@ -253,6 +253,27 @@ class FakeStream:
     def __repr__(self):
         return f"FakeStream({self.ptr:#x})"
 
+    def record(self):
+        """An event after the work queued so far: done at once (nothing runs), unless the fake says not."""
+        event = FakeEvent(self, done=not self._fake.events_pending)
+        self._fake.events.append(event)
+        return event
+
+    def wait_event(self, event):
+        self._fake.waits.append((self.ptr, event))
+
+    def is_capturing(self):
+        return self.ptr in self._fake.capturing
+
+
+class FakeEvent:
+    def __init__(self, stream, done):
+        self.stream, self.done, self.host_waits = stream, done, 0
+
+    def synchronize(self):
+        self.host_waits += 1
+        self.done = True
+
 
 class FakeCupy:
     """The members of the cupy module that cupy_backend uses."""
@@ -264,6 +285,10 @@ class FakeCupy:
     def __init__(self):
         self.launches: list = []
         self.allocations: list = []
+        self.events: list = []          # recorded by FakeStream.record
+        self.waits: list = []           # (stream ptr, event) of FakeStream.wait_event
+        self.events_pending = False     # True: new events are not done yet (work still queued)
+        self.capturing: set = set()     # ptrs of streams being captured
         self._starts: list = []
         self._next = 1 << 40
         self._devices = [0]
@@ -369,6 +394,7 @@ def fake(monkeypatch):
     monkeypatch.setattr(cupy_backend, "_functions", {})
     monkeypatch.setattr(cupy_backend, "_sm_counts", {})
     monkeypatch.setattr(cupy_backend, "_tables", collections.OrderedDict())
+    monkeypatch.setattr(cupy_backend, "_pinned_tables", [])
     monkeypatch.setattr(cupy_backend, "_external_streams", {})
     monkeypatch.setattr(cupy_backend, "_result_streams", cupy_backend.StreamMemo())
     return cp
@@ -774,3 +800,46 @@ def test_checker_reports_python_float_for_double(fake):
     assert launch_problems(fake, launch) == []
     assert launch_problems(fake, _with_arg(launch, "max_norm", 1.0))
     assert launch_problems(fake, _with_arg(launch, "n", np.uint64(3)))
+
+
+def _list_step(fake, ps, gs, ms, vs):
+    spec = REGISTRY["adam"]
+    cupy_backend.step(spec, (ps, gs, ms, vs), ("params", "grads", "exp_avg", "exp_avg_sq"), dict(spec.defaults), 1,
+                      None)
+    return ptr(args_by_name(fake.launches[-1])["tensors"])
+
+
+def test_a_table_is_shared_across_streams_after_its_upload(fake):
+    """The same tensors on another stream (a CUDA graph captured on its own stream after eager steps) reuse
+    the table: no new upload; the other stream waits for the upload on the device while it may still be
+    queued, on the host (once) when that stream is being captured, and not at all once it is done. A first
+    step inside a capture says what to do instead of failing in CuPy's H2D copy."""
+    ps, gs, ms, vs = ([fake.alloc((300,), np.float32) for _ in range(3)] for _ in range(4))
+    fake.events_pending = True
+    first = _list_step(fake, ps, gs, ms, vs)
+    (table,) = cupy_backend._tables.values()
+    assert fake.events == [table.ready] and not table.pinned
+    assert _list_step(fake, ps, gs, ms, vs) == first and fake.waits == []  # same stream: ordered already
+    side = fake.cuda.Stream()
+    with side:
+        assert _list_step(fake, ps, gs, ms, vs) == first
+    assert fake.waits == [(side.ptr, table.ready)] and table.pinned and table.ready.host_waits == 0
+    captured = fake.cuda.Stream()
+    fake.capturing.add(captured.ptr)
+    with captured:
+        assert _list_step(fake, ps, gs, ms, vs) == first
+    assert table.ready is None and len(fake.waits) == 1  # waited on the host, once
+    assert len(cupy_backend._tables) == 1 and table in cupy_backend._pinned_tables
+    with captured:
+        others = [fake.alloc((300,), np.float32) for _ in range(3)]
+        with pytest.raises(RuntimeError, match="run one step before capturing"):
+            _list_step(fake, others, gs, ms, vs)
+    assert len(cupy_backend._tables) == 1
+
+
+def test_a_done_upload_needs_no_wait(fake):
+    ps, gs, ms, vs = ([fake.alloc((5000,), np.float32) for _ in range(2)] for _ in range(4))
+    first = _list_step(fake, ps, gs, ms, vs)
+    with fake.cuda.Stream():
+        assert _list_step(fake, ps, gs, ms, vs) == first
+    assert fake.waits == [] and next(iter(cupy_backend._tables.values())).ready is None

@@ -63,7 +63,8 @@ def test_prepare_imports_the_array_module_with_row_stack_present_then_removes_it
 _CHILD = r"""
 import sys
 import numpy
-del numpy.row_stack  # NumPy 2.5 removed it, from __all__ too (which scipy, imported by numba-cuda, copies)
+if hasattr(numpy, "row_stack"):  # NumPy 2.5 removed it, from __all__ too (which scipy, imported by numba-cuda,
+    del numpy.row_stack  # copies); an older NumPy here plays the part
 if "row_stack" in numpy.__all__:
     numpy.__all__.remove("row_stack")
 from numba import cuda
