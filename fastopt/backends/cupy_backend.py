@@ -72,6 +72,15 @@ def _describe(obj, name):
     return from_interface(obj, name)
 
 
+def _unchanged(obj, view) -> bool:
+    """A CuPy array checked before (view, its DeviceArray) is surely still as checked when it is the same
+    object with the same shape: an ndarray's memory (data) and dtype are read-only; its shape is not (a
+    same-size reshape in place). Anything else (torch tensors, whose storage can be swapped under the same
+    object) is described again. Saves the optimizer's step a description of every param and state
+    (about 7 us per tensor on an H200 machine's CPU, 1.5 ms of a 200-tensor step)."""
+    return view.obj is obj and isinstance(obj, _cupy().ndarray) and obj.shape == view.shape
+
+
 def _device_of(a: DeviceArray) -> int:
     cp = _cupy()
     if isinstance(a.obj, cp.ndarray):
@@ -350,7 +359,7 @@ def prepare_fixed(calls):
     """Check an optimizer's params and states once (interface.PrepareOnceBackend, validate.prepare_fixed)."""
     for arrays, _, _ in calls:
         no_precision_modes(NAME, arrays)
-    return prepare_fixed_device(calls, _describe, DTYPES, _WHERE)
+    return prepare_fixed_device(calls, _describe, DTYPES, _WHERE, _unchanged)
 
 
 def bind_grads(fixed, grads_per_call):

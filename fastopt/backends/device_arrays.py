@@ -77,8 +77,9 @@ def from_interface(obj, name):
 class _DeviceApi:
     """The members validate_arrays needs, for DeviceArray views."""
 
-    def __init__(self, describe, dtypes, where):
+    def __init__(self, describe, dtypes, where, unchanged=None):
         self.convert, self.dtypes, self.where = describe, dtypes, where
+        self.unchanged = unchanged  # (obj, checked view) -> True when obj is surely as checked (validate._is_current)
 
     pointer = staticmethod(lambda a: a.ptr)
     c_contiguous = staticmethod(lambda a: a.c_contiguous)
@@ -101,11 +102,12 @@ def prepare_device(arrays, names, describe, dtypes, where, read_only_slot=1, ind
     return prepare(arrays, names, _DeviceApi(describe, dtypes, where), read_only_slot, indices)
 
 
-def prepare_fixed_device(calls, describe, dtypes, where):
+def prepare_fixed_device(calls, describe, dtypes, where, unchanged=None):
     """validate.prepare_fixed (interface.PrepareOnceBackend) on device arrays: the params and states of an
     optimizer's calls checked once; validate.bind_grads(fixed, grads_per_call) then re-checks what it
-    saw (every array described again: device arrays are foreign objects) and checks the grads."""
-    return validate.prepare_fixed(calls, _DeviceApi(describe, dtypes, where))
+    saw and checks the grads. unchanged(obj, view): the backend's cheap proof that an array it checked
+    before is as it was (the same CuPy array object, say); any other array is described again."""
+    return validate.prepare_fixed(calls, _DeviceApi(describe, dtypes, where, unchanged))
 
 
 def checked_grads(grads, describe, dtypes, where, written):

@@ -407,7 +407,10 @@ def _is_current(fixed) -> bool:
     """Every array still as the snapshot saw it; objects other than the checked view (torch tensors,
     memoryviews; on a GPU every object) are viewed again, since their storage may have moved."""
     api = fixed.api
+    unchanged = getattr(api, "unchanged", None)
     for src, view, seen in fixed.snapshot:
+        if unchanged is not None and unchanged(src, view):
+            continue
         if isinstance(src, QuantizedState):
             if not isinstance(view, QuantizedState) or src.signed != view.signed:
                 return False
@@ -457,11 +460,16 @@ def bind_grads(fixed, grads_per_call) -> list:
                 raise TypeError(f"{name} must be an array, got None")
             a = api.convert(obj, name)
             p = params[i]
-            _check_grad_dtype(api, a, p, names[1], label(names[0], numbers_[i]), name)
+            # the labels of the messages only on the error paths: this loop runs per grad per step
+            if a.dtype != p.dtype:  # the param's own dtype is always allowed (grad_dtypes)
+                _check_grad_dtype(api, a, p, names[1], label(names[0], numbers_[i]), name)
             if tuple(a.shape) != tuple(p.shape):
                 raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(p.shape)} "
                                  f"(the shape of {label(names[0], numbers_[i])})")
-            first_grad = _check_grads_alike(a, first_grad, name, label(names[1], numbers_[0]))
+            if first_grad is None:
+                first_grad = a.dtype
+            elif a.dtype != first_grad:
+                _check_grads_alike(a, first_grad, name, label(names[1], numbers_[0]))
             if not api.c_contiguous(a):
                 raise ValueError(f"{name} is not C-contiguous")
             grads[i] = a
