@@ -68,20 +68,22 @@ bench: $(VENV)/.deps-test
 	$(BUILD_EXT)
 	$(BIN)/python bench/bench_cpu.py
 
-# make gpu-check OUT=<dir> [STAGES=build,tests,sanitizer,bench] [BUDGETS=build=120,...] [GPU_PYTHON=python3]
+# make gpu-check OUT=<dir> [STAGES=build,tests,sanitizer,bench] [BUDGETS=build=480,...] [GPU_PYTHON=python3]
+#                [GPU_CHECK_ARGS="--archive gpu-check.tar.gz"]
 # On a GPU machine without network access that already has CUDA, cupy-cuda13x, numba-cuda, torch, pytest, Cython
-# and compute-sanitizer: builds the extension in place, runs tests/gpu, compute-sanitizer (memcheck, initcheck,
-# racecheck, synccheck) on every kernel and the GPU benchmark, each stage with its own time budget (2, 4, 4, 4
-# minutes), with logs, JSON and OUT/summary.json in OUT (tests/gpu/gpu_check.py). No venv, nothing installed.
-# A command limited to 10 minutes runs it in two calls with the same OUT: STAGES=build,tests then
-# STAGES=sanitizer,bench (the summary is merged).
+# and compute-sanitizer: builds the extension in place (beside the rest: the GPU backends do not need it), runs
+# tests/gpu (on pytest-xdist workers where installed) beside compute-sanitizer (memcheck, initcheck, racecheck,
+# synccheck) on every kernel, then the GPU benchmark alone, each stage with its own time budget (8, 4, 4, 4
+# minutes; at most 8 in all), with logs, JSON and OUT/summary.json in OUT (tests/gpu/gpu_check.py). No venv,
+# nothing installed.
 GPU_PYTHON ?= python3
 STAGES ?= build,tests,sanitizer,bench
 BUDGETS ?=
+GPU_CHECK_ARGS ?=
 gpu-check:
 	@if [ -z "$(OUT)" ]; then echo "usage: make gpu-check OUT=<dir> [STAGES=build,tests,sanitizer,bench]" >&2; exit 2; fi
 	$(GPU_PYTHON) tests/gpu/gpu_check.py --out "$(OUT)" --stages "$(STAGES)" --python "$(GPU_PYTHON)" \
-		$(if $(BUDGETS),--budgets "$(BUDGETS)")
+		$(if $(BUDGETS),--budgets "$(BUDGETS)") $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build $(VENV) *.egg-info kernels/cpu/*.so kernels/cpu/_cpu_fast.cpp

@@ -264,13 +264,15 @@ def test_dry_run_lists_every_stage_and_creates_nothing(tmp_path):
                          timeout=60)
     assert res.returncode == 0, res.stderr
     text = res.stdout
-    for fragment in (f"PYTHONPATH={gc.SOURCE_SHIM}{os.pathsep}{ROOT}", "stage build (budget 120 s)", "setup.py build_ext --inplace", "stage tests (budget 240 s)",
+    for fragment in (f"PYTHONPATH={gc.SOURCE_SHIM}{os.pathsep}{ROOT}", "stage build (budget 480 s)", "setup.py build_ext --inplace", "stage tests (budget 240 s)",
                      "-m pytest", "tests/gpu --junitxml",
                      "stage sanitizer (budget 240 s)", "--tool memcheck", "--tool initcheck", "--tool racecheck",
                      "--tool synccheck", "tests/gpu/launch_all.py", "stage bench (budget 240 s)",
                      "-m fastopt bench --device gpu --quick --out"):
         assert fragment in text, fragment
-    assert sum(gc.BUDGETS.values()) < 15 * 60 and not out.exists()
+    budgets = gc.BUDGETS  # the build runs beside the rest; the tests beside the sanitizer; the bench last
+    assert max(budgets["build"], max(budgets["tests"], budgets["sanitizer"]) + budgets["bench"]) <= 10 * 60
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -394,3 +396,53 @@ def test_a_command_with_no_time_left_is_recorded_and_its_old_log_replaced(tmp_pa
     assert (tmp_path / "second.log").read_text() == "not run: no time left in the stage's budget\n"
     gc.finish_sanitizer(result, str(tmp_path))
     assert second["summary_found"] is False and result["status"] == "timeout"
+
+
+def _timed(path):
+    """A command that writes its start and end times (monotonic-free: wall clock) into path."""
+    return _py(f"import time, pathlib; t = time.time(); time.sleep(1.0); pathlib.Path({str(path)!r}).write_text(f'{{t}} {{time.time()}}')")
+
+
+def _span(path):
+    start, end = map(float, path.read_text().split())
+    return start, end
+
+
+def test_the_build_runs_beside_everything_the_tests_beside_the_sanitizer_and_the_bench_alone(tmp_path):
+    names = ("build", "tests", "sanitizer", "bench")
+    stages = [gc.Stage(n, [gc.Command(n, _timed(tmp_path / f"{n}.t"), f"{n}.log")], 30) for n in names]
+    summary = gc.run(stages, str(tmp_path), log=lambda *a: None, concurrent=True)
+    build, tests, sanitizer, bench = (_span(tmp_path / f"{n}.t") for n in names)
+    assert tests[0] < sanitizer[1] and sanitizer[0] < tests[1]  # side by side
+    assert bench[0] >= max(tests[1], sanitizer[1])  # alone, after both
+    assert build[0] < tests[1]  # from the start, beside them
+    assert summary["concurrent"] is True
+    assert [summary["stages"][n]["status"] for n in names] == ["ok", "ok", "failed", "ok"]  # no sanitizer report
+    # --serial: the tests, then the sanitizer
+    gc.run(stages, str(tmp_path), log=lambda *a: None, concurrent=False)
+    tests, sanitizer = _span(tmp_path / "tests.t"), _span(tmp_path / "sanitizer.t")
+    assert sanitizer[0] >= tests[1]
+
+
+def test_pytest_gets_workers_and_a_timeout_where_the_plugins_are_there(tmp_path):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    python = _executable(tmp_path / "py", f"#!/bin/sh\nPYTHONPATH={plugins} exec {sys.executable} \"$@\"\n")
+    assert gc.pytest_options(python, None, 300) == []  # neither plugin importable
+    (plugins / "xdist.py").write_text("")
+    (plugins / "pytest_timeout.py").write_text("")
+    assert gc.pytest_options(python, None, 300) == ["-n", "8", "--timeout", "300"]
+    assert gc.pytest_options(python, 3, 0) == ["-n", "3"]
+    assert gc.pytest_options(python, 0, 60) == ["--timeout", "60"]
+    stage = gc.plan_stages(["tests"], gc.BUDGETS, python, None, ["-n", "3"])[0]
+    assert all(cmd.argv[cmd.argv.index("-n") + 1] == "3" for cmd in stage.commands)
+
+
+def test_archive_packs_every_file_of_out(tmp_path):
+    import tarfile
+    (tmp_path / "a.log").write_text("a")
+    (tmp_path / "summary.json").write_text("{}")
+    path = gc.archive(str(tmp_path), "all.tar.gz")
+    gc.archive(str(tmp_path), "all.tar.gz")  # again: the archive does not hold itself
+    with tarfile.open(path) as tar:
+        assert sorted(tar.getnames()) == ["a.log", "summary.json"]

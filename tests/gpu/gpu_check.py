@@ -1,8 +1,8 @@
 """`make gpu-check OUT=<dir>`: everything a GPU machine without network access can check, in one command.
 
     python3 tests/gpu/gpu_check.py --out DIR [--stages build,tests,sanitizer,bench]
-                                   [--budgets build=120,tests=240,sanitizer=240,bench=240] [--python python3]
-                                   [--dry-run]
+                                   [--budgets build=480,tests=240,sanitizer=240,bench=240] [--python python3]
+                                   [--jobs N] [--test-timeout S] [--serial] [--archive NAME] [--dry-run]
 
 For a machine with CUDA, CuPy (cupy-cuda13x), numba-cuda, torch, pytest, Cython, nvcc and compute-sanitizer
 already installed: nothing is installed or downloaded, no virtual environment is made; every command runs
@@ -10,7 +10,8 @@ with this checkout first on PYTHONPATH (and tests/gpu/pythonpath, whose sitecust
 package fastopt.kernels, as an install would). The stages, each with its own time budget (seconds):
 
   build      python3 setup.py build_ext --inplace                                   (build.log)
-  tests      pytest tests/gpu, then -m gpu on the files outside it that use the marker (tests-*.log, *.xml)
+  tests      pytest tests/gpu, then -m gpu on the files outside it that use the marker (tests-*.log, *.xml);
+             on pytest-xdist workers and with pytest-timeout's per-test limit where those are installed
   sanitizer  compute-sanitizer memcheck, initcheck, racecheck, synccheck on tests/gpu/launch_all.py
              (every CUDA kernel, both backends; all but memcheck on its --quick sweep)
                                                                                     (sanitizer-<tool>.log)
@@ -18,12 +19,18 @@ package fastopt.kernels, as an install would). The stages, each with its own tim
              then gpu-<device>.json with the sanitizer and test targets filled in,   gpu-<device>.json,
              and the Markdown tables)                                                bench-table.md)
 
-A failing or timed-out stage does not stop the later ones (a timed-out command's process group is
-killed). DIR/summary.json holds per stage its status (ok, failed, timeout, error), seconds, commands
-with exit codes and logs, test counts and the sanitizer's error counts; a summary already in DIR is
-merged (stages run now replace theirs), so the stages can be run in several calls, e.g. two commands
-of at most 10 minutes: STAGES=build,tests then STAGES=sanitizer,bench with the same OUT. Exit status 0
-when every stage run now is ok. Standard library only: it reports even when fastopt does not import.
+How they overlap (measured on an H200 machine, 16 cores: the tests took 135 s on 14 workers, the sanitizer
+106 s, the quick benchmark 23 s; the build had not finished after 190 s beside them): the build needs no
+GPU and runs beside everything from the start (the GPU backends do not need it); the tests and the
+sanitizer run side by side (--serial: one after the other); the benchmark runs alone, last. All four
+stages fit in one 10-minute command.
+
+A failing or timed-out stage does not stop the others (a timed-out command's process group is killed).
+DIR/summary.json holds per stage its status (ok, failed, timeout, error), seconds, commands with exit
+codes and logs, test counts and the sanitizer's error counts; a summary already in DIR is merged (stages
+run now replace theirs), so the stages can also be run in several calls with the same OUT. --archive
+packs OUT into one .tar.gz. Exit status 0 when every stage run now is ok. Standard library only: it
+reports even when fastopt does not import.
 """
 from __future__ import annotations
 
@@ -43,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # its sitecustomize maps fastopt.kernels to ROOT/kernels: fastopt runs from this checkout, not installed
 SOURCE_SHIM = os.path.join(ROOT, "tests", "gpu", "pythonpath")
 STAGES = ("build", "tests", "sanitizer", "bench")
-BUDGETS = {"build": 120, "tests": 240, "sanitizer": 240, "bench": 240}
+BUDGETS = {"build": 480, "tests": 240, "sanitizer": 240, "bench": 240}
 # (tool, share of the sanitizer budget, launch_all --quick): time a tool leaves unused goes to the ones after
 # it. memcheck gets the full sweep (misaligned views, every grad_scale form); the quick sweep still launches
 # every kernel in every dtype, single and multi-tensor, with the skip flag set (initcheck's LAMB case)
@@ -258,19 +265,41 @@ def marked_gpu_files(root=ROOT) -> list:
     return sorted(found)
 
 
-def plan_stages(names, budgets, python, sanitizer) -> list:
+def has_modules(python, *modules) -> bool:
+    """Whether the GPU machine's interpreter imports these (pytest plugins it may or may not have)."""
+    try:
+        return subprocess.run([python, "-c", "import " + ", ".join(modules)], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def pytest_options(python, jobs, test_timeout) -> list:
+    """-n JOBS when pytest-xdist is there (tests/gpu took over 140 s serially on an H200 machine, 135 s on 14
+    workers with the slowest test alone 100 s), --timeout when pytest-timeout is (a hung test is reported
+    with its stack instead of eating the stage). jobs: None = 8 when xdist is there, 0 = serial."""
+    options = []
+    if jobs != 0 and has_modules(python, "xdist"):
+        options += ["-n", str(jobs or 8)]
+    if test_timeout and has_modules(python, "pytest_timeout"):
+        options += ["--timeout", str(int(test_timeout))]
+    return options
+
+
+def plan_stages(names, budgets, python, sanitizer, pytest_extra=()) -> list:
     stages = []
     for name in names:
         if name == "build":
             cmds = [Command("build_ext", [python, "setup.py", "build_ext", "--inplace"], "build.log")]
         elif name == "tests":
-            cmds = [Command("tests/gpu", [python, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "tests/gpu",
-                                          "--junitxml", "{out}/tests-gpu.xml"], "tests-gpu.log", weight=3,
+            cmds = [Command("tests/gpu", [python, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *pytest_extra,
+                                          "tests/gpu", "--junitxml", "{out}/tests-gpu.xml"], "tests-gpu.log", weight=3,
                             meta={"junit": "tests-gpu.xml"})]
             marked = marked_gpu_files()
             if marked:  # only these files: the rest of the suite may need packages a GPU machine lacks
                 cmds.append(Command("marked gpu", [python, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
-                                                   "-m", "gpu", *marked, "--junitxml", "{out}/tests-marked-gpu.xml"],
+                                                   *pytest_extra, "-m", "gpu", *marked,
+                                                   "--junitxml", "{out}/tests-marked-gpu.xml"],
                                     "tests-marked-gpu.log", ok_codes=(0, 5), meta={"junit": "tests-marked-gpu.xml"}))
         elif name == "sanitizer":
             tool_path = sanitizer or "compute-sanitizer"
@@ -378,6 +407,20 @@ def finish_bench(result, out_dir, summary):
             f.write("\n".join(table) + "\n")
 
 
+def archive(out_dir, name) -> str:
+    """Every file of out_dir (not the archive itself) in out_dir/name, a gzipped tar; its path."""
+    import tarfile
+
+    path = os.path.join(out_dir, name)
+    tmp = path + ".tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for entry in sorted(os.listdir(out_dir)):
+            if entry not in (name, os.path.basename(tmp)):
+                tar.add(os.path.join(out_dir, entry), arcname=entry)
+    os.replace(tmp, path)
+    return path
+
+
 def load_summary(out_dir):
     try:
         with open(os.path.join(out_dir, "summary.json")) as f:
@@ -397,26 +440,63 @@ def write_summary(out_dir, summary):
     os.replace(tmp, os.path.join(out_dir, "summary.json"))
 
 
-def run(stages, out_dir, log=print) -> dict:
-    """Run the stages in order, each to its end whatever the others did; the merged summary."""
+def _waves(stages, concurrent):
+    """The stages as waves run one after the other, the stages of a wave side by side. The build needs
+    no GPU: it runs beside everything (its budget counts from the start). With `concurrent`, the tests
+    and the sanitizer share a wave (neither is timed); the benchmark always runs alone, last."""
+    gpu = [s for s in stages if s.name != "build"]
+    if concurrent:
+        waves = [[s for s in gpu if s.name in ("tests", "sanitizer")], [s for s in gpu if s.name == "bench"]]
+    else:
+        waves = [[s] for s in gpu]
+    waves = [w for w in waves if w]
+    return [s for s in stages if s.name == "build"], waves
+
+
+def _finish(stage, result, out_dir, summary):
+    if stage.name == "tests":
+        finish_tests(result, out_dir)
+    elif stage.name == "sanitizer":
+        finish_sanitizer(result, out_dir)
+    summary["stages"][stage.name] = result
+    if stage.name == "bench":
+        finish_bench(result, out_dir, summary)
+    write_summary(out_dir, summary)  # after every stage: a killed run keeps what it finished
+
+
+def run(stages, out_dir, log=print, concurrent=False) -> dict:
+    """Run the stages, each to its end whatever the others did; the merged summary. The build runs in a
+    thread beside the others; with `concurrent` the tests and the sanitizer too (see _waves)."""
+    import threading
+
     summary = load_summary(out_dir)
-    summary.update(root=ROOT, python=sys.version.split()[0], started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    summary.update(root=ROOT, python=sys.version.split()[0], started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   concurrent=concurrent)
     t0 = time.monotonic()
     for stage in stages:
-        log(f"gpu_check: stage {stage.name} (budget {stage.budget:.0f} s)")
         for cmd in stage.commands:  # a file of an earlier call must not pass for this call's
             for stale in filter(None, (cmd.meta.get("junit"), "bench-gpu.json" if stage.name == "bench" else None)):
                 if os.path.exists(os.path.join(out_dir, stale)):
                     os.unlink(os.path.join(out_dir, stale))
-        result = run_stage(stage, out_dir, log)
-        if stage.name == "tests":
-            finish_tests(result, out_dir)
-        elif stage.name == "sanitizer":
-            finish_sanitizer(result, out_dir)
-        summary["stages"][stage.name] = result
-        if stage.name == "bench":
-            finish_bench(result, out_dir, summary)
-        write_summary(out_dir, summary)  # after every stage: a killed run keeps what it finished
+    results: dict = {}
+
+    def start(stage):
+        log(f"gpu_check: stage {stage.name} (budget {stage.budget:.0f} s)")
+        thread = threading.Thread(target=lambda: results.__setitem__(stage.name, run_stage(stage, out_dir, log)),
+                                  name=f"gpu_check-{stage.name}")
+        thread.start()
+        return thread
+
+    background, waves = _waves(stages, concurrent)
+    behind = [(stage, start(stage)) for stage in background]
+    for wave in waves:
+        threads = [(stage, start(stage)) for stage in wave]
+        for stage, thread in threads:
+            thread.join()
+            _finish(stage, results[stage.name], out_dir, summary)
+    for stage, thread in behind:
+        thread.join()
+        _finish(stage, results[stage.name], out_dir, summary)
     summary["seconds_this_call"] = round(time.monotonic() - t0, 1)
     write_summary(out_dir, summary)
     return summary
@@ -472,14 +552,23 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="directory for logs, JSON and summary.json (created)")
     parser.add_argument("--stages", type=_stage_names, default=list(STAGES), help="comma-separated, default all")
     parser.add_argument("--budgets", type=_budgets, default=dict(BUDGETS),
-                        help="seconds per stage, e.g. build=120,tests=240 (default build 120, tests 240, "
-                             "sanitizer 240, bench 240)")
+                        help="seconds per stage, e.g. build=480,tests=240 (default build 480, beside the others; "
+                             "tests 240, sanitizer 240, bench 240)")
     parser.add_argument("--python", default="python3", help="the interpreter with the GPU packages (default python3)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="pytest-xdist workers for the tests (default 8 when pytest-xdist is installed; 0: serial)")
+    parser.add_argument("--test-timeout", type=float, default=300,
+                        help="seconds per test with pytest-timeout installed (default 300; 0: none)")
+    parser.add_argument("--serial", action="store_true",
+                        help="the tests, then the sanitizer (default: side by side; the benchmark always alone)")
+    parser.add_argument("--archive", metavar="NAME",
+                        help="also pack every file of OUT into OUT/NAME (.tar.gz), for a runner that returns few files")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and their budgets, run nothing")
     args = parser.parse_args(argv)
     out_dir = os.path.abspath(args.out)
     sanitizer = find_sanitizer()
-    stages = _with_out(plan_stages(args.stages, args.budgets, args.python, sanitizer), out_dir)
+    extra = pytest_options(args.python, args.jobs, args.test_timeout) if "tests" in args.stages else []
+    stages = _with_out(plan_stages(args.stages, args.budgets, args.python, sanitizer, extra), out_dir)
     if args.dry_run:
         print(f"in {ROOT} with PYTHONPATH={environment()['PYTHONPATH']}")
         for stage in stages:
@@ -490,9 +579,11 @@ def main(argv=None) -> int:
             print("note: compute-sanitizer is not on PATH nor in CUDA_HOME/bin or /usr/local/cuda/bin here")
         return 0
     os.makedirs(out_dir, exist_ok=True)
-    summary = run(stages, out_dir)
+    summary = run(stages, out_dir, concurrent=not args.serial)
     print(report(summary, args.stages))
     print(f"gpu_check: summary in {os.path.join(out_dir, 'summary.json')}")
+    if args.archive:
+        print(f"gpu_check: archive {archive(out_dir, args.archive)}")
     return 0 if all(summary["stages"][s]["status"] == "ok" for s in args.stages) else 1
 
 
