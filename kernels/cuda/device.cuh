@@ -31,6 +31,14 @@ typedef long long i64;
 struct half_t {
     unsigned short bits;
 };
+#ifdef FASTOPT_CPU_EMULATION  // tests/gpu/cuda_emulator.py runs these kernels on the CPU: F16C, same rounding
+__device__ __forceinline__ float half_to_float(half_t h) { return _cvtsh_ss(h.bits); }
+__device__ __forceinline__ half_t float_to_half(float f) {
+    half_t h;
+    h.bits = _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+    return h;
+}
+#else
 __device__ __forceinline__ float half_to_float(half_t h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
@@ -41,6 +49,7 @@ __device__ __forceinline__ half_t float_to_half(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
     return h;
 }
+#endif
 
 #if FASTOPT_DTYPE == 0
 typedef float T;  // params and grads

@@ -1,0 +1,175 @@
+"""The CuPy backend's kernels, executed on the CPU by tests/gpu/cuda_emulator.py (the source NVRTC compiles,
+built with g++), against the NumPy reference: every registry optimizer with every option set, float32,
+float64 and float16 params, one array (odd size, aligned and misaligned) and a list (an empty tensor, a
+multi-chunk one), a host and a device grad_scale, the skip flag set and clear. Elementwise families must
+equal the reference bit for bit (the GPU build has --fmad=false, the emulation -ffp-contract=off, the CPU
+reference rounds every operation); LARS and LAMB sum their norms in another order (a tolerance)."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from fastopt.backends import cupy_backend, cuda_source, numpy_backend
+from fastopt.backends.device_arrays import state_dtype
+from fastopt.specs import REGISTRY
+
+from test_cupy_launch_abi import assert_launches_fit, option_sets
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is needed to build the emulated kernels")
+
+CHUNK = cuda_source.CHUNK
+F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+LAYOUTS = {"one array": [(3 * 256 * 4 + 5,)], "misaligned": [(1031,)],
+           "list": [(7,), (0,), (33, 5), (CHUNK + 5,), (1,)]}
+STEPS = (1, 10)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    import cuda_emulator
+    return cuda_emulator.EmuCupy()
+
+
+@pytest.fixture
+def cp(emu, monkeypatch):
+    monkeypatch.setattr(cupy_backend, "_cupy", lambda: emu)
+    for cache in ("_functions", "_sm_counts", "_external_streams"):
+        monkeypatch.setattr(cupy_backend, cache, {})
+    monkeypatch.setattr(cupy_backend, "_modules", _modules)  # compiled once per dtype for the whole run
+    monkeypatch.setattr(cupy_backend, "_tables", __import__("collections").OrderedDict())
+    monkeypatch.setattr(cupy_backend, "_pinned_tables", [])
+    monkeypatch.setattr(cupy_backend, "_result_streams", cupy_backend.StreamMemo())
+    emu.launches.clear()
+    return emu
+
+
+_modules: dict = {}
+
+
+def _host_arrays(rng, spec, hp, dtype, shapes, as_list):
+    """(host arrays, names) as the backend takes them: params, grads, then the states (non-negative
+    values: valid for every family's states), None for unused slots."""
+    def make(shape, dt, positive=False):
+        x = rng.standard_normal(shape).astype(np.float64)
+        return (np.abs(x) if positive else x).astype(dt)
+
+    params = [make(s, dtype) for s in shapes]
+    grads = [make(s, dtype) * dtype.type(0.5) for s in shapes]
+    tail, names = spec.plan_call(hp, lambda _: [make(s, state_dtype(dtype), True) for s in shapes])
+    arrays = (params, grads) + tuple(tail)
+    if not as_list:
+        arrays = tuple(None if a is None else a[0] for a in arrays)
+    return arrays, names
+
+
+def _to_device(cp, arrays, misalign=0):
+    def one(a):
+        d = cp.alloc(a.shape, a.dtype, misalign=misalign if a.size else 0)
+        if a.size:
+            d.values[...] = a
+        return d
+    return tuple(None if a is None else ([one(x) for x in a] if isinstance(a, list) else one(a)) for a in arrays)
+
+
+def _flat(arrays):
+    out = []
+    for a in arrays:
+        if a is not None:
+            out.extend(a if isinstance(a, list) else [a])
+    return out
+
+
+def _compare(spec, dtype, got, want, context):
+    exact = not (spec.two_phase or spec.tensor_coefs is not None)
+    for i, (g, w) in enumerate(zip(got, want)):
+        g = g.get()
+        if exact:
+            assert g.tobytes() == w.tobytes(), f"{context}: array {i} differs: {np.abs(g.astype(np.float64) - w).max()}"
+        else:
+            tol = {F64: 1e-12, F32: 2e-6, F16: 2e-3}[dtype]
+            np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), rtol=tol, atol=tol, err_msg=context)
+
+
+SPECS = [s for s in REGISTRY.values()]
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, F16], ids=str)
+@pytest.mark.parametrize("name", [s.name for s in SPECS])
+def test_emulated_kernels_equal_the_reference(cp, name, dtype):
+    spec = REGISTRY[name]
+    rng = np.random.default_rng([17, list(REGISTRY).index(name), dtype.num])
+    ran = 0
+    for hp in option_sets(spec):
+        for step in STEPS:
+            for layout, shapes in LAYOUTS.items():
+                as_list = layout == "list"
+                for scale in ((None, 0.5, "device") if as_list else (None,)):
+                    host, names = _host_arrays(rng, spec, hp, dtype, shapes, as_list)
+                    device = _to_device(cp, host, misalign=4 if layout == "misaligned" else 0)
+                    if layout == "misaligned":  # the params and grads misaligned, the states aligned
+                        device = (_to_device(cp, host[:2], 4) + _to_device(cp, host[2:]))
+                    grad_scale = cp.from_host(np.array(0.25, dtype)) if scale == "device" else scale
+                    want = [a.copy() for a in _flat(host)]
+                    numpy_backend.step(spec, tuple(host), names, hp, step,
+                                       0.25 if scale == "device" else scale)
+                    context = f"{name} {dtype} hp={hp} step={step} {layout} grad_scale={scale}"
+                    cp.launches.clear()
+                    try:
+                        cupy_backend.step(spec, device, names, hp, step, grad_scale)
+                    except TypeError as e:
+                        if "float16" in str(e) or "dtype" in str(e):
+                            pytest.skip(f"{name} has no {dtype} kernels on the GPU: {e}")
+                        raise
+                    assert_launches_fit(cp, context)
+                    _compare(spec, dtype, _flat(device)[:len(want)], _flat(host), context)
+                    del want
+                    ran += 1
+    assert ran
+
+
+@pytest.mark.parametrize("as_list", [False, True], ids=["one array", "list"])
+def test_the_skip_flag_leaves_every_byte_and_a_clear_flag_changes_nothing(cp, as_list):
+    spec = REGISTRY["adamw"]
+    hp = dict(spec.defaults, lr=0.1)
+    rng = np.random.default_rng(5)
+    host, names = _host_arrays(rng, spec, hp, F32, LAYOUTS["list" if as_list else "one array"], as_list)
+    before = [a.copy() for a in _flat(host)]
+    device = _to_device(cp, host)
+    cupy_backend.step(spec, device, names, hp, 1, None, found_inf=cp.from_host(np.array(True)))
+    assert all(d.get().tobytes() == b.tobytes() for d, b in zip(_flat(device), before))
+    cupy_backend.step(spec, device, names, hp, 1, None, found_inf=cp.from_host(np.array(False)))
+    numpy_backend.step(spec, tuple(host), names, hp, 1, None)
+    assert all(d.get().tobytes() == h.tobytes() for d, h in zip(_flat(device), _flat(host)))
+    assert any(d.get().tobytes() != b.tobytes() for d, b in zip(_flat(device), before))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, F16], ids=str)
+def test_emulated_norms_clipping_and_the_step_guard(cp, dtype):
+    """The reductions (two-stage, float64), the global norm, the guard's clip coefficient, skip flag and skip
+    counter, and clip_by_global_norm / clamp_ in place, against NumPy in float64."""
+    rng = np.random.default_rng([23, dtype.num])
+    shapes = [(5,), (0,), (3 * CHUNK + 7,), (1,), (40, 3)]
+    host = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [cp.from_host(h) for h in host]
+    sq = cupy_backend.sumsq_per_tensor(grads)
+    want = np.array([np.sum(h.astype(np.float64) ** 2) for h in host])
+    np.testing.assert_allclose(sq.get(), want, rtol=1e-13)
+    total = float(np.sqrt(want.sum()))
+    assert float(cupy_backend.global_norm(sq).get()) == pytest.approx(total, rel=1e-13)
+    skipped = cp.from_host(np.array(3, np.int64))
+    coef, flag = cupy_backend.step_guard(sq, max_norm=1.0, skip_nonfinite=True, skipped=skipped)
+    assert float(coef.get()) == pytest.approx(min(1.0, 1.0 / (total + 1e-6)), rel=1e-13)
+    assert int(flag.get()) == 0 and int(skipped.get()) == 3
+    bad = cp.from_host(np.array([1.0, np.inf]))
+    _, flag = cupy_backend.step_guard(bad, max_norm=1.0, skip_nonfinite=True, skipped=skipped)
+    assert int(flag.get()) == 1 and int(skipped.get()) == 4
+    cupy_backend.clip_by_global_norm(grads, sq, 1.0)
+    c = np.float64(min(1.0, 1.0 / (total + 1e-6))).astype(np.float32 if dtype == F16 else dtype)
+    for g, h in zip(grads, host):
+        expected = (h.astype(np.float32) * c).astype(dtype) if dtype == F16 else h * c
+        np.testing.assert_array_equal(g.get(), expected)
+    cupy_backend.clamp_(grads, 0.01)
+    for g, h in zip(grads, host):
+        assert np.all(np.abs(g.get()) <= dtype.type(0.01))
