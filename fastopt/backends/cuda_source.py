@@ -30,6 +30,19 @@ BLOCK = 256          # threads per block of every kernel (device.cuh FASTOPT_BLO
 # tail; 16 elements per thread (4 vectors of float32). Reductions sum per chunk: results depend on it.
 CHUNK = 1 << 12
 
+
+def _in_flight(text):
+    """FASTOPT_CUDA_IN_FLIGHT: vectors a multi-tensor kernel's thread loads before it computes (update.cu
+    FASTOPT_IN_FLIGHT), a variant for the GPU benchmark to measure; 1 (the default), 2, 4 or 8."""
+    if text in (None, ""):
+        return 1
+    if text not in ("1", "2", "4", "8"):
+        raise ValueError(f"FASTOPT_CUDA_IN_FLIGHT must be 1, 2, 4 or 8, got {text!r}")
+    return int(text)
+
+
+IN_FLIGHT = _in_flight(os.environ.get("FASTOPT_CUDA_IN_FLIGHT"))
+
 # dtype of the params -> (FASTOPT_DTYPE code, dtype of the optimizer state)
 DTYPES = {
     np.dtype(np.float32): (0, np.dtype(np.float32)),
@@ -213,7 +226,7 @@ def compile_options(dtype) -> tuple:
     differed from the class step in the last bit (tests/distributed/test_nccl.py)."""
     code, _ = DTYPES[np.dtype(dtype)]
     return ("-std=c++17", f"-DFASTOPT_DTYPE={code}", f"-DFASTOPT_BLOCK={BLOCK}", f"-DFASTOPT_CHUNK={CHUNK}",
-            "--fmad=false")
+            f"-DFASTOPT_IN_FLIGHT={IN_FLIGHT}", "--fmad=false")
 
 
 def entry_name(family, suffix):

@@ -78,13 +78,67 @@ __device__ __forceinline__ void update_vec(const Op& op, const Ptrs& a, i64 j) {
     if (Op::USED & 8) store_vec(a.s3, j, v3);
 }
 
-// Elements [begin, end), thread t of nt. vec requires begin % VEC == 0 and aligned pointers.
+// The vectors j, j + nt, ..., j + (IN_FLIGHT - 1) nt: every load first, then the math and the stores, so
+// that a thread has IN_FLIGHT 16-byte loads per stream outstanding (a multi-tensor block's thread owns 4
+// float32 vectors of its chunk; one at a time, each waits for its loads before the next is issued).
+// FASTOPT_IN_FLIGHT (cuda_source.IN_FLIGHT, default 1: one at a time) is a variant to measure, not yet
+// measured: 4 raises Adam's multi-tensor kernel from 46 to 128 registers on sm_90 (2 blocks per SM
+// instead of 5), so it only pays if those blocks were waiting on memory latency.
+#ifndef FASTOPT_IN_FLIGHT
+#define FASTOPT_IN_FLIGHT 1
+#endif
+enum { IN_FLIGHT = FASTOPT_IN_FLIGHT };
 template <class Op>
+__device__ __forceinline__ void update_vecs(const Op& op, const Ptrs& a, i64 j, i64 nt) {
+    Vec<T, VEC> pv[IN_FLIGHT], gv[IN_FLIGHT];
+    Vec<S, VEC> v0[IN_FLIGHT], v1[IN_FLIGHT], v2[IN_FLIGHT], v3[IN_FLIGHT];
+#pragma unroll
+    for (int u = 0; u < IN_FLIGHT; ++u) {
+        const i64 ju = j + u * nt;
+        pv[u] = load_vec(a.p, ju);
+        gv[u] = load_vec(a.g, ju);
+        if (Op::USED & 1) v0[u] = load_vec(a.s0, ju);
+        if (Op::USED & 2) v1[u] = load_vec(a.s1, ju);
+        if (Op::USED & 4) v2[u] = load_vec(a.s2, ju);
+        if (Op::USED & 8) v3[u] = load_vec(a.s3, ju);
+    }
+#pragma unroll
+    for (int u = 0; u < IN_FLIGHT; ++u) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            M p = load(pv[u].v[k]), x0 = M(0), x1 = M(0), x2 = M(0), x3 = M(0);
+            if (Op::USED & 1) x0 = load(v0[u].v[k]);
+            if (Op::USED & 2) x1 = load(v1[u].v[k]);
+            if (Op::USED & 4) x2 = load(v2[u].v[k]);
+            if (Op::USED & 8) x3 = load(v3[u].v[k]);
+            fo_op_call(op, p, load(gv[u].v[k]), x0, x1, x2, x3);
+            pv[u].v[k] = store<T>(p);
+            if (Op::USED & 1) v0[u].v[k] = store<S>(x0);
+            if (Op::USED & 2) v1[u].v[k] = store<S>(x1);
+            if (Op::USED & 4) v2[u].v[k] = store<S>(x2);
+            if (Op::USED & 8) v3[u].v[k] = store<S>(x3);
+        }
+        const i64 ju = j + u * nt;
+        store_vec(a.p, ju, pv[u]);
+        if (Op::USED & 1) store_vec(a.s0, ju, v0[u]);
+        if (Op::USED & 2) store_vec(a.s1, ju, v1[u]);
+        if (Op::USED & 4) store_vec(a.s2, ju, v2[u]);
+        if (Op::USED & 8) store_vec(a.s3, ju, v3[u]);
+    }
+}
+
+// Elements [begin, end), thread t of nt. vec requires begin % VEC == 0 and aligned pointers. GROUPED: a
+// multi-tensor block's threads take IN_FLIGHT vectors at a time; the single-array kernel's grid gives
+// each thread one vector (and keeps its registers: no grouped path compiled in).
+template <bool GROUPED, class Op>
 __device__ __forceinline__ void update_range(const Op& op, const Ptrs& a, i64 begin, i64 end, i64 t, i64 nt,
                                              bool vec) {
     if (vec) {
         const i64 vend = end / VEC;
-        for (i64 j = begin / VEC + t; j < vend; j += nt) update_vec(op, a, j);
+        i64 j = begin / VEC + t;
+        if (GROUPED && IN_FLIGHT > 1)
+            for (; j + (IN_FLIGHT - 1) * nt < vend; j += IN_FLIGHT * nt) update_vecs(op, a, j, nt);
+        for (; j < vend; j += nt) update_vec(op, a, j);
         begin = vend * VEC;
     }
     for (i64 i = begin + t; i < end; i += nt) update_one(op, a, i);
@@ -104,7 +158,8 @@ __device__ __forceinline__ void single_kernel(T* p, const T* g, S* s0, S* s1, S*
     if (skipped(skip)) return;
     const Op op = make_op<Op>(sc, gs, gs_kind);
     const Ptrs a = {p, g, s0, s1, s2, s3};
-    update_range(op, a, 0, n, i64(blockIdx.x) * blockDim.x + threadIdx.x, i64(gridDim.x) * blockDim.x, vec != 0);
+    update_range<false>(op, a, 0, n, i64(blockIdx.x) * blockDim.x + threadIdx.x, i64(gridDim.x) * blockDim.x,
+                        vec != 0);
 }
 
 template <class Op>
@@ -113,7 +168,7 @@ __device__ __forceinline__ void multi_kernel(const i64* tensors, const i64* chun
     if (skipped(skip)) return;
     const Op op = make_op<Op>(sc, gs, gs_kind);
     const ChunkRange r = chunk_range(tensors, chunks);
-    update_range(op, table_ptrs(r.rec), r.begin, r.end, threadIdx.x, blockDim.x, r.rec[F_VEC] != 0);
+    update_range<true>(op, table_ptrs(r.rec), r.begin, r.end, threadIdx.x, blockDim.x, r.rec[F_VEC] != 0);
 }
 
 // A family whose functor reads one number per tensor (Op::coef: LARS's trust ratio, spec.tensor_coefs):
@@ -126,7 +181,7 @@ __device__ __forceinline__ void multi_kernel_coef(const i64* tensors, const i64*
     const ChunkRange r = chunk_range(tensors, chunks);
     Op op = make_op<Op>(sc, gs, gs_kind);
     op.coef = M(coefs[r.tensor]);
-    update_range(op, table_ptrs(r.rec), r.begin, r.end, threadIdx.x, blockDim.x, r.rec[F_VEC] != 0);
+    update_range<true>(op, table_ptrs(r.rec), r.begin, r.end, threadIdx.x, blockDim.x, r.rec[F_VEC] != 0);
 }
 
 }  // namespace dev

@@ -34,12 +34,16 @@ def emu():
     return cuda_emulator.EmuCupy()
 
 
-@pytest.fixture
-def cp(emu, monkeypatch):
+@pytest.fixture(params=[1, 4], ids=["in flight 1", "in flight 4"])
+def cp(emu, monkeypatch, request):
+    """The emulated CuPy in the backend; the multi-tensor kernels built with FASTOPT_IN_FLIGHT 1 (the
+    default) and 4 (cuda_source.IN_FLIGHT: the variant the GPU benchmark is to measure)."""
     monkeypatch.setattr(cupy_backend, "_cupy", lambda: emu)
+    monkeypatch.setattr(cuda_source, "IN_FLIGHT", request.param)
     for cache in ("_functions", "_sm_counts", "_external_streams"):
         monkeypatch.setattr(cupy_backend, cache, {})
-    monkeypatch.setattr(cupy_backend, "_modules", _modules)  # compiled once per dtype for the whole run
+    # compiled once per dtype and variant for the whole run
+    monkeypatch.setattr(cupy_backend, "_modules", _modules.setdefault(request.param, {}))
     monkeypatch.setattr(cupy_backend, "_tables", __import__("collections").OrderedDict())
     monkeypatch.setattr(cupy_backend, "_pinned_tables", [])
     monkeypatch.setattr(cupy_backend, "_result_streams", cupy_backend.StreamMemo())
@@ -47,7 +51,7 @@ def cp(emu, monkeypatch):
     return emu
 
 
-_modules: dict = {}
+_modules: dict = {}  # IN_FLIGHT -> the backend's module cache
 
 
 def _host_arrays(rng, spec, hp, dtype, shapes, as_list):
