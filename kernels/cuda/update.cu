@@ -47,40 +47,10 @@ __device__ __forceinline__ void update_one(const Op& op, const Ptrs& a, i64 i) {
     if (Op::USED & 8) a.s3[i] = store<S>(x3);
 }
 
-// Elements [VEC*j, VEC*j + VEC) with 16-byte loads and stores.
-template <class Op>
-__device__ __forceinline__ void update_vec(const Op& op, const Ptrs& a, i64 j) {
-    Vec<T, VEC> pv = load_vec(a.p, j);
-    const Vec<T, VEC> gv = load_vec(a.g, j);
-    Vec<S, VEC> v0, v1, v2, v3;
-    if (Op::USED & 1) v0 = load_vec(a.s0, j);
-    if (Op::USED & 2) v1 = load_vec(a.s1, j);
-    if (Op::USED & 4) v2 = load_vec(a.s2, j);
-    if (Op::USED & 8) v3 = load_vec(a.s3, j);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-        M p = load(pv.v[k]), x0 = M(0), x1 = M(0), x2 = M(0), x3 = M(0);
-        if (Op::USED & 1) x0 = load(v0.v[k]);
-        if (Op::USED & 2) x1 = load(v1.v[k]);
-        if (Op::USED & 4) x2 = load(v2.v[k]);
-        if (Op::USED & 8) x3 = load(v3.v[k]);
-        fo_op_call(op, p, load(gv.v[k]), x0, x1, x2, x3);
-        pv.v[k] = store<T>(p);
-        if (Op::USED & 1) v0.v[k] = store<S>(x0);
-        if (Op::USED & 2) v1.v[k] = store<S>(x1);
-        if (Op::USED & 4) v2.v[k] = store<S>(x2);
-        if (Op::USED & 8) v3.v[k] = store<S>(x3);
-    }
-    store_vec(a.p, j, pv);
-    if (Op::USED & 1) store_vec(a.s0, j, v0);
-    if (Op::USED & 2) store_vec(a.s1, j, v1);
-    if (Op::USED & 4) store_vec(a.s2, j, v2);
-    if (Op::USED & 8) store_vec(a.s3, j, v3);
-}
-
-// The vectors j, j + nt, ..., j + (IN_FLIGHT - 1) nt: every load first, then the math and the stores, so
-// that a thread has IN_FLIGHT 16-byte loads per stream outstanding (a multi-tensor block's thread owns 4
-// float32 vectors of its chunk; one at a time, each waits for its loads before the next is issued).
+// The vectors j, j + nt, ..., j + (K - 1) nt (elements [VEC*j, VEC*j + VEC) each) with 16-byte loads and
+// stores: every load first, then the math and the stores, so that a thread has K 16-byte loads per
+// stream outstanding. K = 1: one vector. K = IN_FLIGHT: a multi-tensor block's thread owns 4 float32
+// vectors of its chunk; one at a time, each waits for its loads before the next is issued.
 // FASTOPT_IN_FLIGHT (cuda_source.IN_FLIGHT, default 1: one at a time) is a variant to measure, not yet
 // measured: 4 raises Adam's multi-tensor kernel from 46 to 128 registers on sm_90 (2 blocks per SM
 // instead of 5), so it only pays if those blocks were waiting on memory latency.
@@ -88,12 +58,12 @@ __device__ __forceinline__ void update_vec(const Op& op, const Ptrs& a, i64 j) {
 #define FASTOPT_IN_FLIGHT 1
 #endif
 enum { IN_FLIGHT = FASTOPT_IN_FLIGHT };
-template <class Op>
+template <int K, class Op>
 __device__ __forceinline__ void update_vecs(const Op& op, const Ptrs& a, i64 j, i64 nt) {
-    Vec<T, VEC> pv[IN_FLIGHT], gv[IN_FLIGHT];
-    Vec<S, VEC> v0[IN_FLIGHT], v1[IN_FLIGHT], v2[IN_FLIGHT], v3[IN_FLIGHT];
+    Vec<T, VEC> pv[K], gv[K];
+    Vec<S, VEC> v0[K], v1[K], v2[K], v3[K];
 #pragma unroll
-    for (int u = 0; u < IN_FLIGHT; ++u) {
+    for (int u = 0; u < K; ++u) {
         const i64 ju = j + u * nt;
         pv[u] = load_vec(a.p, ju);
         gv[u] = load_vec(a.g, ju);
@@ -103,7 +73,7 @@ __device__ __forceinline__ void update_vecs(const Op& op, const Ptrs& a, i64 j, 
         if (Op::USED & 8) v3[u] = load_vec(a.s3, ju);
     }
 #pragma unroll
-    for (int u = 0; u < IN_FLIGHT; ++u) {
+    for (int u = 0; u < K; ++u) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
             M p = load(pv[u].v[k]), x0 = M(0), x1 = M(0), x2 = M(0), x3 = M(0);
@@ -137,8 +107,8 @@ __device__ __forceinline__ void update_range(const Op& op, const Ptrs& a, i64 be
         const i64 vend = end / VEC;
         i64 j = begin / VEC + t;
         if (GROUPED && IN_FLIGHT > 1)
-            for (; j + (IN_FLIGHT - 1) * nt < vend; j += IN_FLIGHT * nt) update_vecs(op, a, j, nt);
-        for (; j < vend; j += nt) update_vec(op, a, j);
+            for (; j + (IN_FLIGHT - 1) * nt < vend; j += IN_FLIGHT * nt) update_vecs<IN_FLIGHT>(op, a, j, nt);
+        for (; j < vend; j += nt) update_vecs<1>(op, a, j, nt);
         begin = vend * VEC;
     }
     for (i64 i = begin + t; i < end; i += nt) update_one(op, a, i);

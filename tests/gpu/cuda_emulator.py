@@ -15,7 +15,6 @@ parsed C signatures before it runs).
 """
 from __future__ import annotations
 
-import bisect
 import ctypes
 import hashlib
 import os
@@ -25,7 +24,7 @@ import tempfile
 
 import numpy as np
 
-from test_cupy_launch_abi import SIGNATURES, Allocation, FakeArray, FakeCupy, FakeKernel, FakeModule, c_kind
+from test_cupy_launch_abi import SIGNATURES, FakeArray, FakeCupy, FakeKernel, FakeModule, c_kind
 
 PRELUDE = r"""
 #include <cmath>
@@ -222,23 +221,16 @@ class EmuCupy(FakeCupy):
         super().__init__()
         self.buffers: list = []
 
-    def alloc(self, shape, dtype, device=None, misalign=0, host=None):
-        """A new array in host memory: 256-byte aligned (plus `misalign` bytes), zeros or `host`'s values,
-        registered in the fake's allocation list (sorted by address: the launch checks look pointers up)."""
-        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-        dtype = np.dtype(dtype)
-        device = self.current_device if device is None else device
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    def _address(self, nbytes, misalign):
+        """Host memory: a buffer never freed (an address is never reused, so the allocation records stay
+        true), the array 256-byte aligned in it plus `misalign` bytes."""
         buffer = np.zeros(nbytes + misalign + 512, np.uint8)
-        self.buffers.append(buffer)  # never freed: an address is never reused (the allocation records stay true)
-        ptr = 0
-        if nbytes:  # CuPy: an empty array has a null pointer
-            ptr = (buffer.ctypes.data + 255) // 256 * 256 + misalign
-            i = bisect.bisect(self._starts, ptr)
-            self._starts.insert(i, ptr)
-            self.allocations.insert(i, Allocation(ptr, ptr + nbytes, dtype, device, self.current_stream(device).ptr))
-        a = EmuArray(self, shape, dtype, ptr, device, buffer)
-        if host is not None and nbytes:
+        self.buffers.append(buffer)
+        return (buffer.ctypes.data + 255) // 256 * 256 + misalign, buffer
+
+    def _array(self, shape, dtype, ptr, device, host, memory):
+        a = EmuArray(self, shape, dtype, ptr, device, memory)
+        if host is not None and a.size:
             a.values[...] = np.asarray(host, dtype).reshape(shape)
         return a
 

@@ -342,12 +342,21 @@ class FakeCupy:
         dtype = np.dtype(dtype)
         device = self.current_device if device is None else device
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        ptr = 0
+        ptr, memory = 0, None
         if nbytes:  # CuPy: an empty array has a null pointer
-            ptr = self._next + misalign
-            self._next += -(-(nbytes + misalign) // 256) * 256 + 256
-            self.allocations.append(Allocation(ptr, ptr + nbytes, dtype, device, self.current_stream(device).ptr))
-            self._starts.append(ptr)
+            ptr, memory = self._address(nbytes, misalign)
+            i = bisect.bisect(self._starts, ptr)  # kept sorted by address (allocation() bisects)
+            self._starts.insert(i, ptr)
+            self.allocations.insert(i, Allocation(ptr, ptr + nbytes, dtype, device, self.current_stream(device).ptr))
+        return self._array(shape, dtype, ptr, device, host, memory)
+
+    def _address(self, nbytes, misalign):
+        """(address, memory) of a new allocation: here a fresh fake address range and no memory."""
+        ptr = self._next + misalign
+        self._next += -(-(nbytes + misalign) // 256) * 256 + 256
+        return ptr, None
+
+    def _array(self, shape, dtype, ptr, device, host, memory):
         return FakeArray(self, shape, dtype, ptr, device, host)
 
     def allocation(self, ptr):
