@@ -18,6 +18,8 @@ package fastopt.kernels, as an install would). The stages, each with its own tim
   bench      fastopt bench --device gpu --quick                                     (bench.log, bench-gpu.json,
              then gpu-<device>.json with the sanitizer and test targets filled in,   gpu-<device>.json,
              and the Markdown tables)                                                bench-table.md)
+             then the same with FASTOPT_CUDA_IN_FLIGHT=4 (a multi-tensor kernel      (bench-in-flight.log,
+             variant): summary.json compares it with the record per case             bench-gpu-in-flight-4.json)
 
 How they overlap (measured on an H200 machine, 16 cores: the tests took 135 s on 14 workers, the sanitizer
 106 s, the quick benchmark 23 s; the build had not finished after 190 s beside them): the build needs no
@@ -56,6 +58,8 @@ BUDGETS = {"build": 480, "tests": 240, "sanitizer": 240, "bench": 240}
 # every kernel in every dtype, single and multi-tensor, with the skip flag set (initcheck's LAMB case)
 TOOLS = (("memcheck", 4, False), ("initcheck", 2, True), ("racecheck", 2, True), ("synccheck", 2, True))
 KILL_GRACE = 5
+VARIANT_IN_FLIGHT = 4                       # the multi-tensor kernel variant the bench stage also times
+VARIANT_JSON = "bench-gpu-in-flight-4.json"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -140,6 +144,7 @@ class Command:
     weight: float = 1.0            # share of the stage's budget (unused time rolls over)
     ok_codes: tuple = (0,)
     meta: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)  # added to environment()
 
 
 @dataclass
@@ -167,7 +172,8 @@ def run_command(cmd: Command, out_dir: str, timeout: float) -> dict:
         log.write(f"$ {' '.join(cmd.argv)}   (timeout {timeout:.0f} s)\n".encode())
         log.flush()
         try:
-            proc = subprocess.Popen(cmd.argv, cwd=ROOT, env=environment(), stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(cmd.argv, cwd=ROOT, env={**environment(), **cmd.env}, stdout=log,
+                                    stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as e:
             record.update(status="error", rc=None, seconds=0.0, error=f"{type(e).__name__}: {e}")
@@ -308,9 +314,12 @@ def plan_stages(names, budgets, python, sanitizer, pytest_extra=()) -> list:
                             f"sanitizer-{tool}.log", weight=weight, meta={"tool": tool})
                     for tool, weight, quick in TOOLS]
         elif name == "bench":
-            cmds = [Command("fastopt bench --device gpu --quick",
-                            [python, "-m", "fastopt", "bench", "--device", "gpu", "--quick", "--out",
-                             "{out}/bench-gpu.json"], "bench.log")]
+            bench = [python, "-m", "fastopt", "bench", "--device", "gpu", "--quick", "--out"]
+            # then the kernel variant to measure (update.cu FASTOPT_IN_FLIGHT): its own JSON, beside the record
+            cmds = [Command("fastopt bench --device gpu --quick", bench + ["{out}/bench-gpu.json"], "bench.log"),
+                    Command(f"the same with FASTOPT_CUDA_IN_FLIGHT={VARIANT_IN_FLIGHT}",
+                            bench + [f"{{out}}/{VARIANT_JSON}"], "bench-in-flight.log",
+                            env={"FASTOPT_CUDA_IN_FLIGHT": str(VARIANT_IN_FLIGHT)})]
         else:
             raise ValueError(f"unknown stage {name!r}; choose from {', '.join(STAGES)}")
         stages.append(Stage(name, cmds, budgets[name]))
@@ -366,6 +375,25 @@ def finish_sanitizer(result, out_dir):
     result["status"] = next((s for s in ("error", "timeout", "failed") if s in statuses), "ok")
 
 
+def compare_variant(doc, variant_path) -> dict | None:
+    """Per case and fastopt-cupy variant: microseconds per step of the record and of the kernel variant's
+    run (VARIANT_JSON), and their ratio (> 1: the variant is faster); None without the variant's JSON."""
+    try:
+        with open(variant_path) as f:
+            other = json.load(f)
+    except (OSError, ValueError):
+        return None
+    times = {(r.get("case"), r.get("variant")): r.get("us") for r in other.get("rows", [])}
+    out = {}
+    for r in doc.get("rows", []):
+        key = (r.get("case"), r.get("variant"))
+        if not str(key[1]).startswith("fastopt-cupy") or r.get("us") is None or times.get(key) is None:
+            continue
+        out.setdefault(key[0], {})[key[1]] = {"us": r["us"], "variant_us": times[key],
+                                              "speedup": r["us"] / times[key] if times[key] else None}
+    return out
+
+
 def finish_bench(result, out_dir, summary):
     """Copy bench-gpu.json to gpu-<device>.json with the sanitizer and test targets of this summary filled
     in, and extract the Markdown tables from the log."""
@@ -396,6 +424,7 @@ def finish_bench(result, out_dir, summary):
     os.replace(tmp, dst)
     result["json"] = os.path.basename(dst)
     result["complete"] = doc.get("complete")
+    result["in_flight_variant"] = compare_variant(doc, os.path.join(out_dir, VARIANT_JSON))
     result["targets_met"] = f"{sum(t.get('met') is True for t in targets.values())} of {len(targets)}"
     try:
         with open(os.path.join(out_dir, "bench.log"), errors="replace") as f:
