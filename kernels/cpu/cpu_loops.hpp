@@ -13,6 +13,7 @@
 #include "../cuda/precision.cuh"  // 16-bit loads and round-to-nearest-even stores
 #include "../cuda/families.cuh"  // generated from the registry: every family, its variants, the two-phase ones
 #include "int8_simd.hpp"  // the 8-bit state codec with AVX-512 (same bits as precision.cuh's)
+#include "f16_simd.hpp"  // float16 blocks with F16C (same bits)
 
 namespace fastopt {
 namespace cpu {
@@ -70,6 +71,8 @@ enum { STAGE = 1024 };
 // before 16-bit storage existed). Bf16 / F16: 16-bit storage widened exactly to float32 and stored with
 // round-to-nearest-even by precision.cuh's software conversions (the same bits as fastopt/precision.py
 // and the GPU).
+// widen_block / narrow_block: a staged block (run_staged) to float32 and back, by the same conversions
+// (F16: F16C where the CPU has it, f16_simd.hpp; same bits).
 template <typename T>
 struct Plain {
     typedef T type;
@@ -77,6 +80,12 @@ struct Plain {
     FASTOPT_INLINE M load(T x) { return M(x); }
     template <typename M>
     FASTOPT_INLINE T store(M x) { return T(x); }
+    FASTOPT_INLINE void widen_block(const T* src, float* dst, int64_t n) {
+        for (int64_t i = 0; i < n; ++i) dst[i] = float(src[i]);
+    }
+    FASTOPT_INLINE void narrow_block(const float* src, T* dst, int64_t n) {
+        for (int64_t i = 0; i < n; ++i) dst[i] = T(src[i]);
+    }
 };
 
 struct Bf16 {
@@ -86,6 +95,12 @@ struct Bf16 {
     FASTOPT_INLINE M load(fo_u16 x) { return M(fo_bf16_to_float(x)); }
     template <typename M>
     FASTOPT_INLINE fo_u16 store(M x) { return fo_float_to_bf16(float(x)); }
+    FASTOPT_INLINE void widen_block(const fo_u16* src, float* dst, int64_t n) {
+        for (int64_t i = 0; i < n; ++i) dst[i] = fo_bf16_to_float(src[i]);
+    }
+    FASTOPT_INLINE void narrow_block(const float* src, fo_u16* dst, int64_t n) {
+        for (int64_t i = 0; i < n; ++i) dst[i] = fo_float_to_bf16(src[i]);
+    }
 };
 
 struct F16 {
@@ -95,6 +110,8 @@ struct F16 {
     FASTOPT_INLINE M load(fo_u16 x) { return M(fo_fp16_to_float(x)); }
     template <typename M>
     FASTOPT_INLINE fo_u16 store(M x) { return fo_float_to_fp16(float(x)); }
+    FASTOPT_INLINE void widen_block(const fo_u16* src, float* dst, int64_t n) { fp16_to_float_block(src, dst, n); }
+    FASTOPT_INLINE void narrow_block(const float* src, fo_u16* dst, int64_t n) { float_to_fp16_block(src, dst, n); }
 };
 
 // The storage struct of a dtype code (the states of the staged layouts).
@@ -391,9 +408,8 @@ FASTOPT_INLINE int run_staged(int kind, int variant, void* const* ptrs, int64_t 
     float pw[STAGE], gw[STAGE];
     for (int64_t off = 0; off < n; off += STAGE) {
         const int64_t m = n - off < STAGE ? n - off : int64_t(STAGE);
-        for (int64_t i = 0; i < m; ++i) pw[i] = PS::template load<float>(p[off + i]);
-        if (g != 0)
-            for (int64_t i = 0; i < m; ++i) gw[i] = GS::template load<float>(g[off + i]);
+        PS::widen_block(p + off, pw, m);
+        if (g != 0) GS::widen_block(g + off, gw, m);
         void* inner_ptrs[7] = {pw, g != 0 ? gw : 0, 0, 0, 0, 0, 0};
         for (int k = 2; k < 7; ++k)  // the states (slot 5, the compensation, is stored below, not passed in)
             if (k != 5 && ptrs[k] != 0) inner_ptrs[k] = static_cast<void*>(static_cast<char*>(ptrs[k]) + off * ssize);
@@ -409,7 +425,7 @@ FASTOPT_INLINE int run_staged(int kind, int variant, void* const* ptrs, int64_t 
             Fmt f;
             for (int64_t i = 0; i < m; ++i) pb[i] = f.store_sr(pw[i], fo_random_bits(key, index0 + fo_u64(off + i)));
         } else {
-            for (int64_t i = 0; i < m; ++i) pb[i] = PS::template store<float>(pw[i]);
+            PS::narrow_block(pw, pb, m);
         }
     }
     return 0;
@@ -431,8 +447,11 @@ FASTOPT_CLONES int run_chunk(int layout, int kind, int variant, void* const* ptr
         case LAYOUT_F32_F16S: return run_chunk_typed<float, F32, F32, F16>(kind, variant, ptrs, n, s, coef, acc);
         case LAYOUT_BF16: return run_chunk_typed<float, Bf16, Bf16, F32>(kind, variant, ptrs, n, s, coef, acc);
         case LAYOUT_BF16_F32G: return run_chunk_typed<float, Bf16, F32, F32>(kind, variant, ptrs, n, s, coef, acc);
-        case LAYOUT_F16: return run_chunk_typed<float, F16, F16, F32>(kind, variant, ptrs, n, s, coef, acc);
-        case LAYOUT_F16_F32G: return run_chunk_typed<float, F16, F32, F32>(kind, variant, ptrs, n, s, coef, acc);
+        // float16 params: staged, so that their conversions run on whole blocks (F16C, f16_simd.hpp), not
+        // in software inside the loop (measured on one AVX-512 core: 1.05 ns per Adam element that way)
+        case LAYOUT_F16: return run_staged<F16, F16, DTYPE_F32, ROUND_NEAREST>(kind, variant, ptrs, n, s, coef, acc, 0, 0);
+        case LAYOUT_F16_F32G:
+            return run_staged<F16, Plain<float>, DTYPE_F32, ROUND_NEAREST>(kind, variant, ptrs, n, s, coef, acc, 0, 0);
         case LAYOUT_BF16_BF16S: return run_chunk_typed<float, Bf16, Bf16, Bf16>(kind, variant, ptrs, n, s, coef, acc);
         case LAYOUT_BF16_F32G_BF16S: return run_chunk_typed<float, Bf16, F32, Bf16>(kind, variant, ptrs, n, s, coef, acc);
     }
