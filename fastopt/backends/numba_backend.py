@@ -305,7 +305,10 @@ def _scratch_array(device, stream, purpose, n, dtype):
     key = (device, _stream_key(stream), purpose, np.dtype(dtype))
     buffer = _scratch.get(key)
     if buffer is None or buffer.size < n:
-        buffer = _scratch[key] = _cuda().to_device(np.zeros(max(n, 1), dtype=dtype), stream=stream)
+        # at least 256, then doubling: each replaced buffer is a deferred free, and Numba frees them in
+        # batches that synchronise the device (10 pending by default)
+        size = max(n, 256, 2 * buffer.size if buffer is not None else 0)
+        buffer = _scratch[key] = _cuda().to_device(np.zeros(size, dtype=dtype), stream=stream)
         if len(_scratch) > _CACHE_SIZE:
             _scratch.popitem(last=False)
     else:
@@ -542,7 +545,9 @@ def sumsq_per_tensor(grads, out=None):
             offsets = table.offsets
         else:  # no element anywhere: every segment is empty, the sums are 0
             partials = _scratch_array(device, stream, "partials", 1, np.float64)
-            offsets = cuda.to_device(np.zeros(len(arrays) + 1, dtype=np.int64), stream=stream)
+            # zeros that nothing writes (not a new array per call: its deferred free would, a few calls
+            # later, synchronise the device inside a step; seen on an H200 with LAMB)
+            offsets = _scratch_array(device, stream, "zero_offsets", len(arrays) + 1, np.int64)
         k["sum_segments"][len(arrays), block, stream](partials, offsets, out)
     return _returned(out, stream)
 

@@ -25,7 +25,7 @@ STEPS = 8
 LR = 0.05
 
 
-def _make(cls, params, schedule, backend):
+def make_optimizer(cls, params, schedule, backend):
     return cls([{"params": params[:2]}, {"params": params[2:], "lr": LR / 2}], lr=schedule, clip_grad_norm=1.0,
                skip_nonfinite=True, backend=backend)
 
@@ -38,7 +38,7 @@ def run(name, to_device, to_host, forbid_sync, dtype2, tolerances, backend=None)
     params = [rng.standard_normal(s).astype(d) for s, d in zip(SHAPES, dtypes)]
     d_params = [to_device(p) for p in params]
     schedule = fastopt.schedules.exponential_decay(LR, 0.9)
-    opt = _make(cls, d_params, schedule, backend)
+    opt = make_optimizer(cls, d_params, schedule, backend)
     n = len(SHAPES)
 
     def live():
@@ -78,7 +78,7 @@ def run(name, to_device, to_host, forbid_sync, dtype2, tolerances, backend=None)
     # stop, save, load into a fresh optimizer, continue: bit-identical
     state = opt.state_dict()
     fresh_params = [to_device(to_host(p)) for p in d_params]
-    fresh = _make(cls, fresh_params, schedule, backend)
+    fresh = make_optimizer(cls, fresh_params, schedule, backend)
     fresh.load_state_dict(state)
     assert fresh.skipped_steps == skipped and fresh.steps(1) == STEPS
     for _ in range(2):

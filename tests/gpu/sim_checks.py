@@ -13,6 +13,7 @@ os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
 
+import fastopt  # noqa: E402
 from fastopt import reference, specs  # noqa: E402
 from fastopt.backends import numba_backend as nb  # noqa: E402
 
@@ -51,11 +52,15 @@ passed, failed = 0, []
 
 
 ONLY = os.environ.get("SIM_CHECKS_ONLY")  # run only the checks whose label contains it (development)
+# "k/n": only every n-th check from the k-th (test_gpu_compile runs n shards, on pytest-xdist workers in parallel)
+SHARD, SHARDS = (int(x) for x in os.environ.get("SIM_CHECKS_SHARD", "0/1").split("/"))
+_seen = 0
 
 
 def check(label, fn):
-    global passed
-    if ONLY and ONLY not in label:
+    global passed, _seen
+    _seen += 1
+    if (ONLY and ONLY not in label) or (_seen - 1) % SHARDS != SHARD:
         return
     try:
         fn()
@@ -378,6 +383,37 @@ def optimizer_class_on_numba_arrays(name):
 
 for name in device_class_check.OPTIMIZERS:
     check(f"optimizer class on device arrays {name}", lambda: optimizer_class_on_numba_arrays(name))
+
+
+def steady_steps_allocate_nothing(name):
+    """With the same gradient arrays, a class step (clip + skip, a bucket of empty arrays) allocates no
+    device memory after the first: every Numba array made is later a deferred free, and Numba frees in
+    batches that synchronise the device (seen on an H200: a LAMB step waited for the device)."""
+    cls = getattr(fastopt, specs.get_spec(name).class_name)
+    rng = np.random.default_rng(5)
+    shapes, dtypes = device_class_check.SHAPES, [np.float32, np.float32, np.float64, np.float32, np.float64]
+    params = [cuda.to_device(rng.standard_normal(s).astype(d)) for s, d in zip(shapes, dtypes)]
+    grads = [cuda.to_device(rng.standard_normal(s).astype(d)) for s, d in zip(shapes, dtypes)]
+    opt = device_class_check.make_optimizer(cls, params, 0.01, "numba")
+    opt.step(grads)
+    made = []
+    real = {attr: getattr(cuda, attr) for attr in ("device_array", "to_device", "device_array_like", "pinned_array")}
+
+    def counting(attr):
+        return lambda *a, **k: made.append(attr) or real[attr](*a, **k)
+    for attr in real:
+        setattr(cuda, attr, counting(attr))
+    try:
+        for _ in range(3):
+            opt.step(grads)
+    finally:
+        for attr, fn in real.items():
+            setattr(cuda, attr, fn)
+    assert not made, f"{name}: {made}"
+
+
+for name in device_class_check.OPTIMIZERS:
+    check(f"steady class steps allocate nothing {name}", lambda: steady_steps_allocate_nothing(name))
 
 print(f"SIM CHECKS: {passed} passed, {len(failed)} failed", flush=True)
 sys.exit(1 if failed else 0)

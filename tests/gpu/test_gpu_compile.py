@@ -91,12 +91,16 @@ def test_numba_kernels_compile_to_ptx_without_f64_in_float32_math():
     assert int(m.group(1)) >= 70 and int(m.group(2)) == 0
 
 
-def test_numba_kernels_match_the_reference_on_the_simulator():
+SIM_SHARDS = 6  # the simulator runs every check in one Python thread per CUDA thread: 5 minutes serially
+
+
+@pytest.mark.parametrize("shard", range(SIM_SHARDS))
+def test_numba_kernels_match_the_reference_on_the_simulator(shard):
     pytest.importorskip("numba")
-    rc, out = _run("sim_checks.py", NUMBA_ENABLE_CUDASIM="1")
+    rc, out = _run("sim_checks.py", NUMBA_ENABLE_CUDASIM="1", SIM_CHECKS_SHARD=f"{shard}/{SIM_SHARDS}")
     m = re.search(r"SIM CHECKS: (\d+) passed, (\d+) failed", out)
     assert m and rc == 0, out[-5000:]
-    assert int(m.group(1)) >= 160 and int(m.group(2)) == 0
+    assert int(m.group(1)) >= 300 // SIM_SHARDS and int(m.group(2)) == 0  # 323 checks in all
 
 
 def test_multi_tensor_table_layout():
