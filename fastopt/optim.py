@@ -74,7 +74,9 @@ from fastopt.array_types import Arrays, Schedule
 from fastopt.arrays import copy_into, writable_view, zero_fill
 from fastopt.backends import dispatch
 from fastopt.backends.dispatch import array_device, as_numpy, backend_for
+from fastopt.backends.interface import capturable as capturable_backend
 from fastopt.backends.interface import prepares_once
+from fastopt.capture import OUTSIDE_CAPTURE, CapturedScalars
 from fastopt.clip import _check_bound, clip_coefficient
 from fastopt.functional import init_state, rounding_options, with_kahan
 from fastopt.precision import QuantizedState, StochasticRounding, quant_blocks
@@ -167,7 +169,7 @@ class Optimizer:
 
     def __init__(self, params: Iterable, defaults: dict, *, clip_grad_norm: float | None = None,
                  skip_nonfinite: bool = False, backend: str | None = None, state_dtype=None, kahan: bool = False,
-                 stochastic_rounding: bool = False, seed: int = 0):
+                 stochastic_rounding: bool = False, seed: int = 0, capturable: bool = False):
         spec = self.spec
         if spec is None:
             raise TypeError("Optimizer is the base class; use fastopt.SGD, fastopt.Adam, ...")
@@ -178,6 +180,14 @@ class Optimizer:
         self._kahan = bool(kahan)
         self._stochastic = bool(stochastic_rounding)
         self._seed = int(seed)
+        if not isinstance(capturable, (bool, np.bool_)):
+            raise TypeError(f"capturable must be a bool, got {capturable!r}")
+        if capturable and spec.tensor_coefs is not None:
+            raise ValueError(f"capturable=True: {spec.class_name} computes its per-tensor ratios on the host (one "
+                             f"synchronisation per step), which a CUDA graph cannot hold")
+        self._capturable = bool(capturable)
+        self._capture = None     # capture.CapturedScalars, made at the first step
+        self._capture_retired = []  # those of fewer groups (add_param_group): captured graphs may still read them
         self.clip_grad_norm = clip_grad_norm
         self.skip_nonfinite = skip_nonfinite
         self._backend_name = None
@@ -336,6 +346,14 @@ class Optimizer:
         self._hp_cache.append(None)
         self._last_lr.append(hp["lr"])
         self._sq_buffer = None  # one slot per param: reallocated for the new count at the next step
+        if self._capturable:
+            if not buckets[0].is_device:
+                raise ValueError("capturable=True is for GPU arrays (a step captured into a CUDA graph); these "
+                                 "params are on the host")
+            if self._capture is not None:  # one more group: a new set of device buffers at the next step
+                self._group_steps[:-1] = self._capture.read_counts()
+                self._capture_retired.append(self._capture)
+                self._capture = None
 
     def _check_params(self, buckets):
         """Every param updatable in place (dtype, byte order, layout, writable) and no two sharing
@@ -434,8 +452,32 @@ class Optimizer:
     # ---- the step -----------------------------------------------------------------------------
 
     @property
+    def capturable(self) -> bool:
+        """Whether a step can be captured into a CUDA graph (the step's scalars chosen on the device)."""
+        return self._capturable
+
+    def refresh_capture(self) -> None:
+        """capturable=True: re-base every group's precomputed scalars at its current step (outside a capture;
+        a synchronisation), after steps ran past them (fastopt/capture.py); graphs keep working."""
+        cap = self._capture
+        if cap is None:
+            return
+        hps = [self._hp_cache[gi][1] if self._hp_cache[gi] else self._hyperparameters(gi)[0]
+               for gi in range(len(self.param_groups))]
+        cap.refresh(self.spec, hps, [group["lr"] for group in self.param_groups])
+        self._group_steps[:] = cap.host_counts
+
+    def _sync_capture(self):
+        """capturable=True: the host's step counts from the device counters (steps replayed in graphs are
+        counted there); RuntimeError when steps went past the precomputed scalars. A synchronisation."""
+        if self._capture is not None:
+            self._capture.check()
+            self._group_steps[:] = self._capture.read_counts()
+
+    @property
     def skipped_steps(self) -> int:
         """Steps skipped because a gradient was NaN/Inf (reading it synchronises when counted on the GPU)."""
+        self._sync_capture()
         if self._skipped_device is not None:
             counted = self._skipped_device
             if hasattr(counted, "copy_to_host"):  # Numba device array
@@ -444,7 +486,8 @@ class Optimizer:
         return self._skipped_host
 
     def steps(self, group: int = 0) -> int:
-        """Number of updates applied to param group `group`."""
+        """Number of updates applied to param group `group` (capturable=True: read from the device)."""
+        self._sync_capture()
         return self._group_steps[group]
 
     @property
@@ -565,9 +608,15 @@ class Optimizer:
                 self._skipped_host += 1
                 return False
         spec = self.spec
+        rows = None
+        if self._capturable:
+            rows, found_inf = self._capture_rows(hps, found_inf)
         for (gi, bucket, _, _, _), call in zip(plans, prepared):
             hp, t = hps[gi], self._group_steps[gi] + 1
-            if self._stochastic:  # keyed by (seed, the group's step): element i of a param gets its own bits
+            if rows is not None:  # the kernels read the step's scalars from the device; t picks the variant
+                bucket.backend.run(call, spec, hp, rows.step_variant_step(gi, t), grad_scale, found_inf=found_inf,
+                                   scalars_at=rows.row(gi))
+            elif self._stochastic:  # keyed by (seed, the group's step): element i of a param gets its own bits
                 bucket.backend.run(call, spec, hp, t, grad_scale, stochastic=StochasticRounding(self._seed, t))
             elif found_inf is None:
                 bucket.backend.run(call, spec, hp, t, grad_scale)
@@ -577,6 +626,29 @@ class Optimizer:
             self._group_steps[gi] += 1
             self._last_lr[gi] = hps[gi]["lr"]
         return None if found_inf is not None else True
+
+    def _capture_rows(self, hps, found_inf):
+        """capturable=True: (capture.CapturedScalars, the skip flag for the update kernels) after the launch
+        that advances the device step counters and selects each group's row of scalars. The rows are made
+        (host) when a group's values change, which must happen outside a capture."""
+        buckets = [b for bs in self._buckets for b in bs]
+        be = self._backend(buckets[0])
+        for b in buckets:
+            if not capturable_backend(self._backend(b)):
+                raise TypeError(f"capturable=True needs a backend that CUDA graphs can capture (cupy); this "
+                                f"step's arrays go to {b.backend.NAME!r}")
+        cap = self._capture
+        if cap is None:
+            if be.capturing(buckets[0].params[0]):
+                raise RuntimeError(OUTSIDE_CAPTURE)
+            cap = self._capture = CapturedScalars(be, buckets[0].params[0], len(self.param_groups),
+                                                  self._group_steps)
+        for gi, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            key = (tuple(sorted((k, v) for k, v in hps[gi].items() if k != "lr")),
+                   lr if _is_callable_lr(lr) else hps[gi]["lr"])
+            cap.ensure(gi, key, self.spec, hps[gi], lr)
+        return cap, cap.select(found_inf)
 
     def _prepare_step(self, plans, grads):
         """(prepared calls, fixed) for the planned kernel calls of a step; writes nothing.
@@ -736,6 +808,7 @@ class Optimizer:
                 for j, i in enumerate(bucket.indices):
                     states[i] = {name: bucket.states[name][j] for name in (*spec.states, "kahan_comp")
                                  if name in bucket.states}
+        self._sync_capture()
         return OptimizerState(optimizer=spec.name, hyperparameters=hps, steps=list(self._group_steps), lrs=lrs,
                               states=dict(sorted(states.items())), skipped_steps=self.skipped_steps)
 
@@ -833,6 +906,8 @@ class Optimizer:
         if state.skipped_steps is not None:
             self._skipped_host = state.skipped_steps
             self._skipped_device = None
+        if self._capture is not None:
+            self._capture.set_counts(self._group_steps)
 
     # state_dict / load_state_dict / torch conversion: the layout lives in fastopt/statedict.py
     def state_dict(self) -> dict:
@@ -935,10 +1010,11 @@ def _make_class(spec: OptimizerSpec):
     positional = [args[name] for name in spec.positional_hypers]
     keyword = [arg for name, arg in args.items() if name not in spec.positional_hypers]
     src = (f"def __init__(self, params, {', '.join(positional)}, *, {', '.join(keyword + [''])}clip_grad_norm=None, "
-           f"skip_nonfinite=False, backend=None, state_dtype=None, kahan=False, stochastic_rounding=False, seed=0):\n"
+           f"skip_nonfinite=False, backend=None, state_dtype=None, kahan=False, stochastic_rounding=False, seed=0, "
+           f"capturable=False):\n"
            f"    _Optimizer.__init__(self, params, {{{', '.join(pairs)}}}, clip_grad_norm=clip_grad_norm, "
            f"skip_nonfinite=skip_nonfinite, backend=backend, state_dtype=state_dtype, kahan=kahan, "
-           f"stochastic_rounding=stochastic_rounding, seed=seed)\n")
+           f"stochastic_rounding=stochastic_rounding, seed=seed, capturable=capturable)\n")
     namespace = {"_Optimizer": Optimizer, "_REQUIRED": REQUIRED, "Iterable": Iterable, "Schedule": Schedule, **defaults}
     exec(compile(src, f"<fastopt.optim.{spec.class_name}>", "exec"), namespace)
     init = namespace["__init__"]
@@ -946,7 +1022,8 @@ def _make_class(spec: OptimizerSpec):
     init.__annotations__ = {"params": "Iterable", "lr": "float | Schedule",
                             **{h.name: "bool" if h.kind == "bool" else "float" for h in spec.hypers[1:]},
                             "clip_grad_norm": "float | None", "skip_nonfinite": "bool", "backend": "str | None",
-                            "state_dtype": "str | None", "kahan": "bool", "stochastic_rounding": "bool", "seed": "int"}
+                            "state_dtype": "str | None", "kahan": "bool", "stochastic_rounding": "bool", "seed": "int",
+                            "capturable": "bool"}
     if "beta1" in init.__annotations__:
         del init.__annotations__["beta1"], init.__annotations__["beta2"]
         init.__annotations__["betas"] = "tuple[float, float]"
@@ -963,7 +1040,9 @@ def _make_class(spec: OptimizerSpec):
             "Precision (DESIGN.md \"Precision\"; see fastopt.init_state and the *_step docstrings): state_dtype",
             "    (\"float32\", \"bfloat16\", \"float16\" or the params' dtype), kahan=True (16-bit params: a",
             "    Kahan compensation, the state \"kahan_comp\"), stochastic_rounding=True with seed= (16-bit params:",
-            "    the bits of (seed, the group's step, the element's index in its param))."]
+            "    the bits of (seed, the group's step, the element's index in its param)).",
+            "capturable=True (GPU, CuPy): the step's scalars chosen on the device, so that a CUDA graph of step()",
+            "    replays every step with its own bias corrections and schedule (fastopt/capture.py)."]
     if spec.torch_class:
         doc.append(f"Matches torch.optim.{spec.torch_class}.")
     # spec.train_eval (schedule-free): train()/eval() and a step() that refuses eval mode (fastopt/train_eval.py)

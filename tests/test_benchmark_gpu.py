@@ -367,7 +367,7 @@ def test_a_whole_run_on_a_stand_in_gpu(monkeypatch, tmp_path, capsys):
         if r["status"] == "ok":
             assert r["us"] > 0 and r["host_us"] > 0 and r["GBps"] > 0 and r["sets"] >= 2
     graph_rows = [r for r in doc["rows"] if r["variant"] in (bg.CUPY_GRAPH, bg.CUPY_CLIP_GRAPH)]
-    assert len(graph_rows) == 3 and all(r["capturable_mode"] is bg.class_supports_capturable() for r in graph_rows)
+    assert len(graph_rows) == 3 and all(r["capturable_mode"] is False for r in graph_rows)  # a host backend here
     assert len(cp.captures) == sum(r["sets"] for r in graph_rows)  # one graph per buffer set
     # the same-pattern kernel: 16-byte vectors of the covered elements, the grid from the occupancy API
     names = {c[0] for c in cp.kernel_calls}

@@ -50,9 +50,13 @@ DTYPES = {
     np.dtype(np.float16): (2, np.dtype(np.float32)),
 }
 
+# capturable steps: a device row of scalars holds spec.scalars in its first slots and the lr in this one
+# (read by a two-phase family's trust kernel); no spec has more than LR_SLOT scalars (tests/test_capture.py)
+LR_SLOT = 15
+
 # the entry points of reduce.cu (norms, clipping, the optimizer's guard, the benchmark's ceiling)
 REDUCTION_KERNELS = ("fo_sumsq_chunks", "fo_sumsq_tensors", "fo_global_norm", "fo_step_guard", "fo_scale_multi",
-                     "fo_clamp_multi", "fo_touch")
+                     "fo_clamp_multi", "fo_touch", "fo_select_scalars")
 # a two-phase family's entry points (update.cu FO_TWO_PHASE_ENTRIES), in launch order
 TWO_PHASE_SUFFIXES = ("moments_multi", "trust", "apply_multi")
 

@@ -47,6 +47,7 @@ _MAX_GRID = 2 ** 31 - 1       # gridDim.x limit
 _TABLE_CACHE_SIZE = 64
 _SCALARS = np.dtype([("v", np.float64, (16,))])  # device.cuh `Scalars`, passed by value
 _GS_KIND = {F16: 1, F32: 2, F64: 3}
+LR_SLOT = cuda_source.LR_SLOT  # the lr's slot in a device row of scalars (two-phase families' trust kernel)
 _modules: dict = {}
 _functions: dict = {}
 _sm_counts: dict = {}
@@ -234,7 +235,7 @@ class _Table:
     """Device copy of the multi-tensor table of one set of tensors. `ready`: an event recorded after its
     upload on `stream` (the stream it was made on), until a later use finds it done (then None)."""
 
-    __slots__ = ("buffer", "tensors", "chunks", "ntensors", "nchunks", "stream", "ready", "pinned")
+    __slots__ = ("buffer", "tensors", "chunks", "ntensors", "nchunks", "stream", "ready", "pinned", "scratch")
 
     def __init__(self, lists, device, stream):
         cp = _cupy()
@@ -250,6 +251,18 @@ class _Table:
         self.chunks = self.tensors + offset
         self.stream = stream.ptr
         self.pinned = False
+        self.scratch = {}
+
+    def scratch_array(self, name, n, dtype, stream):
+        """A device buffer of n elements for `name` kept with the table, one per stream (the stream orders its
+        reuse by the next call). Not a pool allocation per call: a kernel captured into a CUDA graph keeps the
+        address, and memory returned to the pool after the capture could be handed to someone else while
+        the graph still writes it. Call inside _on()."""
+        key = (name, stream.ptr)
+        a = self.scratch.get(key)
+        if a is None or a.size < n:
+            a = self.scratch[key] = _cupy().empty(max(n, 1), dtype=dtype)
+        return a[:n]
 
 
 def _capturing(stream) -> bool:
@@ -289,6 +302,9 @@ def _table(lists, device, stream):
         _tables.move_to_end(key)
         if table.stream != stream.ptr:
             _order_after_upload(table, stream)
+        elif not table.pinned and _capturing(stream):  # a graph holds its address (and its scratch's) from now on
+            table.pinned = True
+            _pinned_tables.append(table)
     return table
 
 
@@ -372,9 +388,11 @@ def step(spec, arrays, names, hp, step, grad_scale, found_inf=None, stochastic=N
     run(prepare(arrays, names), spec, hp, step, grad_scale, found_inf, tensor_coefs=tensor_coefs)
 
 
-def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, tensor_coefs=None):
+def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, tensor_coefs=None, scalars_at=None):
     """The update in place; tensor_coefs: given per-tensor coefficients (host numbers,
-    validate.check_tensor_coefs) instead of the norms pass."""
+    validate.check_tensor_coefs) instead of the norms pass; scalars_at: the kernels read the step's scalars
+    from this device row (16 float64: capturable=True, select_scalars) instead of spec.scalars(hp, step)
+    (`step` then only picks the kernel variant)."""
     no_precision_modes(NAME, prepared.lists, stochastic)
     given = check_tensor_coefs(spec, tensor_coefs, len(prepared.lists[0]))
     lists = prepared.lists
@@ -386,15 +404,16 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
     device = _device_of(params[0])
     stream = _stream_of(params[0], device)
     host_scale, gs_ptr, gs_kind = _grad_scale(grad_scale)
-    scalars = _pack(spec.scalars(hp, step, host_scale))
+    scalars = _pack(spec.scalars(hp, step, host_scale)) if scalars_at is None else _pack(())
+    at = np.uint64(0) if scalars_at is None else np.uint64(scalars_at.data.ptr)
     with _on(device, stream):
         if spec.two_phase:
-            _two_phase(spec.kernel, lists, dtype, device, stream, scalars, gs_ptr, gs_kind, hp["lr"], skip)
+            _two_phase(spec.kernel, lists, dtype, device, stream, scalars, gs_ptr, gs_kind, hp["lr"], skip, at)
             return
         variant = spec.variant(hp, step)
         if spec.tensor_coefs is not None:
             _per_tensor(spec, hp, host_scale, grad_scale, gs_kind, lists, dtype, device, stream, scalars, gs_ptr,
-                        skip, variant, given)
+                        skip, variant, given, at)
             return
         if len(params) == 1:
             slots = [lst[0] if lst is not None else None for lst in lists] + [None] * (7 - len(lists))
@@ -406,17 +425,17 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
             fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, False))
             # p, g, s0, s1, s2, s3: slot 5 (the Kahan compensation) is refused on the GPU, slot 6 is s3
             fn((grid,), (BLOCK,), (*(_ptr(a) for a in slots[:5] + slots[6:]), np.int64(n), scalars, gs_ptr, gs_kind,
-                                   vec, skip))
+                                   vec, skip, at))
         else:
             table = _table(lists, device, stream)
             if table.nchunks:
                 fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, True))
                 fn((table.nchunks,), (BLOCK,),
-                   (np.uint64(table.tensors), np.uint64(table.chunks), scalars, gs_ptr, gs_kind, skip))
+                   (np.uint64(table.tensors), np.uint64(table.chunks), scalars, gs_ptr, gs_kind, skip, at))
 
 
 def _per_tensor(spec, hp, host_scale, grad_scale, gs_kind, lists, dtype, device, stream, scalars, gs_ptr, skip,
-                variant, given=None):
+                variant, given=None, at=np.uint64(0)):
     """A family reading one number per tensor (spec.tensor_coefs: LARS's trust ratio): the per-tensor sums of
     squares of p and g on the device, the numbers on the host (one synchronisation; the CPU backends' own
     formula, specs._lars_coefs), then the family's multi-tensor kernel with them (a single array too); the
@@ -435,32 +454,38 @@ def _per_tensor(spec, hp, host_scale, grad_scale, gs_kind, lists, dtype, device,
                            dtype=cp.float64)
     fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, True))
     fn((table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks), scalars, gs_ptr, gs_kind,
-                                    skip, coefs))
+                                    skip, coefs, at))
 
 
-def _two_phase(family, lists, dtype, device, stream, scalars, gs_ptr, gs_kind, lr, skip):
+def _two_phase(family, lists, dtype, device, stream, scalars, gs_ptr, gs_kind, lr, skip, at=np.uint64(0)):
     """A two-phase family (LAMB): its moments kernel (new states; per chunk the float64 sums of p^2 and
     u^2), its trust kernel (per tensor, lr * trust ratio from its chunks' sums) and its apply kernel
-    (the step), named from the family by cuda_source.two_phase_kernel_names. Inside _on()."""
+    (the step), named from the family by cuda_source.two_phase_kernel_names. `at`: the device row of
+    scalars (capturable), whose last slot is the lr (capture.LR_SLOT). Inside _on()."""
     cp = _cupy()
     table = _table(lists, device, stream)
     if not table.nchunks:
         return
     _, trust, apply = (_function(device, dtype, name) for name in cuda_source.two_phase_kernel_names(family))
-    partials = _moments(family, table, dtype, device, scalars, gs_ptr, gs_kind, skip)
-    scaled_lr = cp.empty(table.ntensors, dtype=cp.float64)
-    trust((table.ntensors,), (BLOCK,), (np.uint64(table.tensors), partials, np.float64(lr), scaled_lr))
-    apply((table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks), scalars, scaled_lr, skip))
+    partials = _moments(family, table, dtype, device, scalars, gs_ptr, gs_kind, skip, at, stream)
+    scaled_lr = table.scratch_array("scaled_lr", table.ntensors, cp.float64, stream)
+    lr_at = np.uint64(0) if not at else np.uint64(int(at) + 8 * LR_SLOT)
+    trust((table.ntensors,), (BLOCK,), (np.uint64(table.tensors), partials, np.float64(lr), scaled_lr, lr_at))
+    apply((table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks), scalars, scaled_lr, skip,
+                                       at))
 
 
-def _moments(family, table, dtype, device, scalars, gs_ptr, gs_kind, skip):
+def _moments(family, table, dtype, device, scalars, gs_ptr, gs_kind, skip, at=np.uint64(0), stream=None):
     """Launch a two-phase family's moments kernel over a table; its per-chunk partials (float64, 2 per chunk:
     sum p^2, sum u^2; zeros while the skip flag is set), ordered on the current stream. Inside _on()."""
     cp = _cupy()
     moments = _function(device, dtype, cuda_source.two_phase_kernel_names(family)[0])
-    partials = cp.empty(2 * table.nchunks, dtype=cp.float64)  # from the pool, ordered on `stream`
+    if stream is None:  # run_phase1: the sums go to the host at once
+        partials = cp.empty(2 * table.nchunks, dtype=cp.float64)  # from the pool, ordered on the current stream
+    else:
+        partials = table.scratch_array("partials", 2 * table.nchunks, cp.float64, stream)
     moments((table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks), scalars, gs_ptr, gs_kind,
-                                         partials, skip))
+                                         partials, skip, at))
     return partials
 
 
@@ -520,7 +545,7 @@ def run_phase2(prepared, spec, hp, step, grad_scale, scaled_lr, found_inf=None, 
         apply = _function(device, dtype, cuda_source.two_phase_kernel_names(spec.kernel)[2])
         lr_device = cp.asarray(lrs, dtype=cp.float64)  # copied on `stream`, before the launch that reads it
         apply((table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks), scalars, lr_device,
-                                           skip))
+                                           skip, np.uint64(0)))
 
 
 def _grads_call(grads, written):
@@ -546,7 +571,7 @@ def sumsq_per_tensor(grads, out=None):
         elif not table.nchunks:
             out.fill(0)
         if table.nchunks:
-            partials = cp.empty(table.nchunks, dtype=cp.float64)
+            partials = table.scratch_array("partials", table.nchunks, cp.float64, stream)
             tensors = np.uint64(table.tensors)
             _function(device, dtype, "fo_sumsq_chunks")(
                 (table.nchunks,), (BLOCK,), (tensors, np.uint64(table.chunks), partials))
@@ -602,12 +627,32 @@ def step_guard(sq, max_norm=None, skip_nonfinite=False, skipped=None):
     device, stream = sq.device.id, _stream_of_result(sq)
     null = np.uint64(0)
     with _on(device, stream):
-        coef = cp.empty((), dtype=cp.float64) if max_norm is not None else None
-        flag = cp.empty((), dtype=cp.bool_) if skip_nonfinite else None
+        coef, flag = _guard_outputs(sq, stream)
+        coef = coef if max_norm is not None else None
+        flag = flag if skip_nonfinite else None
         _reduction_function(device, "fo_step_guard")(
             (1,), (BLOCK,), (sq, np.int64(sq.size), np.float64(max_norm or 0.0), null if coef is None else coef,
                              null if flag is None else flag, null if skipped is None else skipped, null))
     return (coef if coef is None else _returned(coef, stream)), (flag if flag is None else _returned(flag, stream))
+
+
+_guard_buffers: collections.OrderedDict = collections.OrderedDict()  # (sq ptr, stream ptr) -> (coef, flag)
+
+
+def _guard_outputs(sq, stream):
+    """step_guard's outputs for these sums (the optimizer's buffer) on this stream: the same two device
+    scalars every step (a CUDA graph of the step keeps their addresses), valid until the next step_guard on
+    them, which the stream orders after the kernels reading them. Inside _on()."""
+    cp = _cupy()
+    key = (sq.data.ptr, stream.ptr)
+    out = _guard_buffers.get(key)
+    if out is None:
+        out = _guard_buffers[key] = (cp.empty((), dtype=cp.float64), cp.empty((), dtype=cp.bool_))
+        if len(_guard_buffers) > 256:
+            _guard_buffers.popitem(last=False)
+    else:
+        _guard_buffers.move_to_end(key)
+    return out
 
 
 def global_norm(sq):
@@ -692,3 +737,41 @@ def touch(arrays):
         _function(device, dtype, "fo_touch")(
             (min(_blocks(n, 1), _max_blocks(device)),), (BLOCK,),
             (*(_ptr(a) for a in slots), np.int64(n), np.int32(len(lists) - 2)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Capturable steps (interface.CapturableBackend, fastopt/capture.py)
+# ---------------------------------------------------------------------------------------------------
+
+def _like_stream(like):
+    a = _describe(like, "like")
+    device = _device_of(a)
+    return device, _stream_of(a, device)
+
+
+def capturing(like) -> bool:
+    """Whether the stream that updates arrays like `like` is being captured into a CUDA graph."""
+    return _capturing(_like_stream(like)[1])
+
+
+def select_scalars(rows, capacity, meta, counters, out, flag, own_flag, overflow, like):
+    """reduce.cu fo_select_scalars, one block, on the stream of `like` (the params'): every group's step
+    counter advanced and its row for that step copied into `out`; no host synchronisation."""
+    device, stream = _like_stream(like)
+    with _on(device, stream):
+        _reduction_function(device, "fo_select_scalars")(
+            (1,), (BLOCK,), (rows, np.int64(capacity), meta, np.int32(counters.size), counters, out, flag,
+                             np.int32(bool(own_flag)), overflow))
+
+
+def upload(dst, host, like):
+    """dst[...] = host (NumPy) on the stream of `like`, ordered before the kernels launched there later. A
+    copy from host memory cannot be captured into a graph: RuntimeError while that stream is captured."""
+    cp = _cupy()
+    device, stream = _like_stream(like)
+    if _capturing(stream):
+        raise RuntimeError("fastopt: capturable=True keeps the step's scalars on the device, and they must be "
+                           "(re)computed outside a CUDA graph capture: run one step before capturing, and again "
+                           "after changing a param group's values or loading a state dict")
+    with _on(device, stream):
+        dst.set(np.ascontiguousarray(host, dtype=dst.dtype).reshape(dst.shape), stream=stream)

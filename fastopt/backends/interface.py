@@ -36,7 +36,7 @@ Scalar = Any    # np.float64 on the host, a 0-d float64 device array on a GPU
 Fixed = Any    # what prepare_fixed() returns; opaque to the callers
 
 __all__ = ["Backend", "HostBackend", "DeviceBackend", "PrepareOnceBackend", "prepares_once", "BACKEND_FUNCTIONS",
-           "HOST_FUNCTIONS", "DEVICE_FUNCTIONS", "PREPARE_ONCE_FUNCTIONS"]
+           "HOST_FUNCTIONS", "DEVICE_FUNCTIONS", "PREPARE_ONCE_FUNCTIONS", "CapturableBackend", "CAPTURE_FUNCTIONS", "capturable"]
 
 
 @runtime_checkable
@@ -176,6 +176,26 @@ class PrepareOnceBackend(Protocol):
         """The prepared calls of one step: the snapshot re-checked, the grads checked; nothing written."""
 
 
+@runtime_checkable
+class CapturableBackend(Protocol):
+    """Optional, on top of DeviceBackend: an optimizer step that a CUDA graph can capture and replay
+    (capturable=True, fastopt/capture.py). The step's scalars (bias corrections, the schedule's lr) are
+    precomputed on the host for a range of steps and chosen on the device by a step counter that the step
+    itself advances; run() then reads them from the device (scalars_at=, a row of 16 float64) instead of
+    taking them by value. The CuPy backend has it (CuPy captures graphs); the Numba one does not."""
+
+    def select_scalars(self, rows: Any, capacity: int, meta: Any, counters: Any, out: Any, flag: Any,
+                       own_flag: bool, overflow: Any, like: Any) -> None:
+        """One launch (reduce.cu fo_select_scalars) on the stream of `like`: per group, counters += 1 and
+        out[group] = its row for that step; past the rows, the flag is set and overflow counted."""
+
+    def upload(self, dst: Any, host: Any, like: Any) -> None:
+        """dst[...] = host (a NumPy array) on the stream of `like`; RuntimeError while it is captured."""
+
+    def capturing(self, like: Any) -> bool:
+        """Whether the stream the arrays like `like` are updated on is being captured into a graph."""
+
+
 def prepares_once(backend) -> bool:
     """Whether a backend module implements PrepareOnceBackend (ask once per module: not per step)."""
     return isinstance(backend, PrepareOnceBackend)
@@ -184,7 +204,7 @@ def prepares_once(backend) -> bool:
 def _members(protocol) -> tuple:
     names = []
     for klass in reversed(protocol.__mro__):
-        if klass not in (Backend, HostBackend, DeviceBackend, PrepareOnceBackend):
+        if klass not in (Backend, HostBackend, DeviceBackend, PrepareOnceBackend, CapturableBackend):
             continue
         for name, value in vars(klass).items():
             if callable(value) and not name.startswith("_") and name not in names:
@@ -196,3 +216,9 @@ BACKEND_FUNCTIONS = _members(Backend)
 HOST_FUNCTIONS = _members(HostBackend)
 DEVICE_FUNCTIONS = _members(DeviceBackend)
 PREPARE_ONCE_FUNCTIONS = _members(PrepareOnceBackend)
+CAPTURE_FUNCTIONS = _members(CapturableBackend)
+
+
+def capturable(backend) -> bool:
+    """Whether a backend module implements CapturableBackend."""
+    return isinstance(backend, CapturableBackend)

@@ -99,6 +99,24 @@ struct Scalars {
     double v[16];
 };
 
+// The scalars of a capturable step (a device row, fo_select_scalars), read through the read-only cache.
+// A separate path from the by-value one (make_op): one pointer for both made the compiler copy the
+// by-value struct to local memory and read both through generic loads.
+template <typename P, typename MT>
+__device__ __forceinline__ P load_params_at(const double* __restrict__ at) {
+    P h;
+    MT* f = reinterpret_cast<MT*>(&h);
+#pragma unroll
+    for (unsigned i = 0; i < sizeof(P) / sizeof(MT); ++i) f[i] = static_cast<MT>(__ldg(at + i));
+    return h;
+}
+
+template <typename P, typename MT>
+__device__ __forceinline__ P load_scalars(const Scalars& sc, const double* at) {
+    if (at != nullptr) return load_params_at<P, MT>(at);
+    return load_params<P, MT>(sc.v);
+}
+
 // grad_scale may live on the device (a 0-d array: a clipping coefficient, a loss scale) so that
 // "clip then update" needs no host synchronisation. kind: 0 none, 1 float16, 2 float32, 3 float64.
 __device__ __forceinline__ M device_scale(const void* gs, int kind) {

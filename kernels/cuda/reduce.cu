@@ -135,3 +135,42 @@ extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
         if (ns > 2) s2[i] = store<S>(load(s2[i]) + gi);
     }
 }
+
+// capturable=True (fastopt/capture.py): the step's scalars chosen on the device, so that a CUDA graph of a
+// class step replays each step with its own bias corrections and schedule. Per group g (one thread each):
+// t = ++counters[g] (attempted steps, as the host counts on the GPU); out[16 g + k] = rows of g at t:
+// rows[(g * capacity + t - 1 - meta[2 g + 1]) * 16 + k], the host's precomputed scalars for steps
+// base + 1 .. base + nrows (meta[2 g] = nrows | steady << 62: past the last row, the last one, which the
+// host found constant from there on). A step past the rows of a group that is not steady is not taken:
+// *flag = 1 (every update kernel of the step returns at once) and *overflow += 1, which the host reports
+// at its next call. own_flag: *flag is this kernel's (cleared when the step goes ahead), else the
+// guard's (only ever set here).
+extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)
+    fo_select_scalars(const double* rows, long long capacity, const long long* meta, int ngroups,
+                      long long* counters, double* out, unsigned char* flag, int own_flag, long long* overflow) {
+    __shared__ int past;
+    if (threadIdx.x == 0) past = 0;
+    __syncthreads();
+    const long long steady = 1LL << 62;
+    for (int g = threadIdx.x; g < ngroups; g += blockDim.x) {
+        const long long t = counters[g] + 1;
+        counters[g] = t;
+        const long long nrows = meta[2 * g] & (steady - 1);
+        long long i = t - 1 - meta[2 * g + 1];
+        if (i >= nrows || i < 0) {
+            if (!(meta[2 * g] & steady) || i < 0) atomicExch(&past, 1);
+            i = nrows - 1;
+        }
+        const double* row = rows + (g * capacity + (i < 0 ? 0 : i)) * 16;
+        for (int k = 0; k < 16; ++k) out[16 * g + k] = row[k];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        if (past) {
+            *flag = 1;
+            *overflow += 1;
+        } else if (own_flag) {
+            *flag = 0;
+        }
+    }
+}

@@ -14,11 +14,13 @@ namespace dev {
 
 // The functors (one per family, in its <family>.cuh: the Params struct it reads, which state slots it
 // uses, the call into the shared math with the variant's flags as constants) are instantiated with the
-// module's math type M by the entry points at the end of this file.
+// module's math type M by the entry points at the end of this file. `at`: the scalars on the device (a row
+// that fo_select_scalars wrote for this step: capturable=True, so that a CUDA graph replays every step with
+// its own bias corrections), else NULL and `sc`, by value.
 template <class Op>
-__device__ __forceinline__ Op make_op(const Scalars& sc, const void* gs, int gs_kind) {
+__device__ __forceinline__ Op make_op(const Scalars& sc, const void* gs, int gs_kind, const double* at) {
     Op op;
-    op.h = load_params<typename Op::P, M>(sc.v);
+    op.h = load_scalars<typename Op::P, M>(sc, at);
     if (gs_kind != 0) op.h.grad_scale = op.h.grad_scale * device_scale(gs, gs_kind);
     return op;
 }
@@ -124,9 +126,9 @@ __device__ __forceinline__ Ptrs table_ptrs(const i64* rec) {
 template <class Op>
 __device__ __forceinline__ void single_kernel(T* p, const T* g, S* s0, S* s1, S* s2, S* s3, i64 n,
                                               const Scalars& sc, const void* gs, int gs_kind, int vec,
-                                              const unsigned char* skip) {
+                                              const unsigned char* skip, const double* at) {
     if (skipped(skip)) return;
-    const Op op = make_op<Op>(sc, gs, gs_kind);
+    const Op op = make_op<Op>(sc, gs, gs_kind, at);
     const Ptrs a = {p, g, s0, s1, s2, s3};
     update_range<false>(op, a, 0, n, i64(blockIdx.x) * blockDim.x + threadIdx.x, i64(gridDim.x) * blockDim.x,
                         vec != 0);
@@ -134,9 +136,10 @@ __device__ __forceinline__ void single_kernel(T* p, const T* g, S* s0, S* s1, S*
 
 template <class Op>
 __device__ __forceinline__ void multi_kernel(const i64* tensors, const i64* chunks, const Scalars& sc,
-                                             const void* gs, int gs_kind, const unsigned char* skip) {
+                                             const void* gs, int gs_kind, const unsigned char* skip,
+                                             const double* at) {
     if (skipped(skip)) return;
-    const Op op = make_op<Op>(sc, gs, gs_kind);
+    const Op op = make_op<Op>(sc, gs, gs_kind, at);
     const ChunkRange r = chunk_range(tensors, chunks);
     update_range<true>(op, table_ptrs(r.rec), r.begin, r.end, threadIdx.x, blockDim.x, r.rec[F_VEC] != 0);
 }
@@ -146,10 +149,10 @@ __device__ __forceinline__ void multi_kernel(const i64* tensors, const i64* chun
 template <class Op>
 __device__ __forceinline__ void multi_kernel_coef(const i64* tensors, const i64* chunks, const Scalars& sc,
                                                   const void* gs, int gs_kind, const unsigned char* skip,
-                                                  const double* coefs) {
+                                                  const double* coefs, const double* at) {
     if (skipped(skip)) return;
     const ChunkRange r = chunk_range(tensors, chunks);
-    Op op = make_op<Op>(sc, gs, gs_kind);
+    Op op = make_op<Op>(sc, gs, gs_kind, at);
     op.coef = M(coefs[r.tensor]);
     update_range<true>(op, table_ptrs(r.rec), r.begin, r.end, threadIdx.x, blockDim.x, r.rec[F_VEC] != 0);
 }
@@ -164,15 +167,16 @@ __device__ __forceinline__ void multi_kernel_coef(const i64* tensors, const i64*
         fo_##FAMILY##_v##V(fastopt::dev::T* p, const fastopt::dev::T* g, fastopt::dev::S* s0,               \
                            fastopt::dev::S* s1, fastopt::dev::S* s2, fastopt::dev::S* s3, long long n,      \
                            fastopt::dev::Scalars sc, const void* gs, int gs_kind, int vec,                  \
-                           const unsigned char* skip) {                                                     \
+                           const unsigned char* skip, const double* at) {                                   \
         fastopt::dev::single_kernel<fastopt::OP<fastopt::dev::M, V> >(p, g, s0, s1, s2, s3, n, sc, gs,      \
-                                                                      gs_kind, vec, skip);                 \
+                                                                      gs_kind, vec, skip, at);             \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                             \
         fo_##FAMILY##_v##V##_multi(const long long* tensors, const long long* chunks,                       \
                                    fastopt::dev::Scalars sc, const void* gs, int gs_kind,                   \
-                                   const unsigned char* skip) {                                             \
-        fastopt::dev::multi_kernel<fastopt::OP<fastopt::dev::M, V> >(tensors, chunks, sc, gs, gs_kind, skip); \
+                                   const unsigned char* skip, const double* at) {                           \
+        fastopt::dev::multi_kernel<fastopt::OP<fastopt::dev::M, V> >(tensors, chunks, sc, gs, gs_kind, skip,  \
+                                                                     at);                                   \
     }
 
 // A family that reads one number per tensor (spec.tensor_coefs: LARS): only the multi-tensor entry (the
@@ -181,9 +185,9 @@ __device__ __forceinline__ void multi_kernel_coef(const i64* tensors, const i64*
     extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                             \
         fo_##FAMILY##_v##V##_multi(const long long* tensors, const long long* chunks,                       \
                                    fastopt::dev::Scalars sc, const void* gs, int gs_kind,                   \
-                                   const unsigned char* skip, const double* coefs) {                        \
+                                   const unsigned char* skip, const double* coefs, const double* at) {      \
         fastopt::dev::multi_kernel_coef<fastopt::OP<fastopt::dev::M, V> >(tensors, chunks, sc, gs, gs_kind,  \
-                                                                          skip, coefs);                     \
+                                                                          skip, coefs, at);                 \
     }
 
 // ---- Two-phase families (spec.two_phase: LAMB), around a per-tensor reduction, all on the device ----
@@ -199,7 +203,7 @@ __device__ __forceinline__ void multi_kernel_coef(const i64* tensors, const i64*
     extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                              \
         fo_##FAMILY##_moments_multi(const long long* tensors, const long long* chunks,                       \
                                     fastopt::dev::Scalars sc, const void* gs, int gs_kind, double* partials, \
-                                    const unsigned char* skip) {                                             \
+                                    const unsigned char* skip, const double* at) {                           \
         using namespace fastopt;                                                                             \
         using namespace fastopt::dev;                                                                        \
         __shared__ double shared[FASTOPT_BLOCK];                                                             \
@@ -210,7 +214,7 @@ __device__ __forceinline__ void multi_kernel_coef(const i64* tensors, const i64*
             }                                                                                                \
             return;                                                                                          \
         }                                                                                                    \
-        PARAMS<M> h = load_params<PARAMS<M>, M>(sc.v);                                                       \
+        PARAMS<M> h = load_scalars<PARAMS<M>, M>(sc, at);                                                    \
         if (gs_kind != 0) h.grad_scale = h.grad_scale * device_scale(gs, gs_kind);                           \
         const ChunkRange r = chunk_range(tensors, chunks);                                                   \
         const Ptrs a = table_ptrs(r.rec);                                                                    \
@@ -232,7 +236,8 @@ __device__ __forceinline__ void multi_kernel_coef(const i64* tensors, const i64*
         }                                                                                                    \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                              \
-        fo_##FAMILY##_trust(const long long* tensors, const double* partials, double lr, double* scaled_lr) { \
+        fo_##FAMILY##_trust(const long long* tensors, const double* partials, double lr, double* scaled_lr,  \
+                            const double* lr_at) { /* lr_at: the lr on the device (capturable), else NULL */ \
         using namespace fastopt;                                                                             \
         using namespace fastopt::dev;                                                                        \
         __shared__ double shared[FASTOPT_BLOCK];                                                             \
@@ -246,16 +251,18 @@ __device__ __forceinline__ void multi_kernel_coef(const i64* tensors, const i64*
         }                                                                                                    \
         pp = block_sum(pp, shared);                                                                          \
         uu = block_sum(uu, shared);                                                                          \
-        if (threadIdx.x == 0) scaled_lr[blockIdx.x] = lr * FAMILY##_trust_ratio<double>(sqrt(pp), sqrt(uu)); \
+        if (threadIdx.x == 0)                                                                                \
+            scaled_lr[blockIdx.x] = (lr_at != nullptr ? *lr_at : lr) * FAMILY##_trust_ratio<double>(sqrt(pp),  \
+                                                                                               sqrt(uu));   \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                              \
         fo_##FAMILY##_apply_multi(const long long* tensors, const long long* chunks,                         \
                                   fastopt::dev::Scalars sc, const double* scaled_lr,                         \
-                                  const unsigned char* skip) {                                               \
+                                  const unsigned char* skip, const double* at) {                             \
         using namespace fastopt;                                                                             \
         using namespace fastopt::dev;                                                                        \
         if (skipped(skip)) return; /* the trust kernel ran on zero partials: its output is not used */       \
-        const PARAMS<M> h = load_params<PARAMS<M>, M>(sc.v); /* grad_scale unused in phase 2 */              \
+        const PARAMS<M> h = load_scalars<PARAMS<M>, M>(sc, at); /* grad_scale unused in phase 2 */           \
         const ChunkRange r = chunk_range(tensors, chunks);                                                   \
         const Ptrs a = table_ptrs(r.rec);                                                                    \
         const M lr = M(scaled_lr[r.tensor]);                                                                 \

@@ -47,6 +47,14 @@ static inline void __syncthreads() {
     fo_emu_state[fo_emu_current] = 1;
     swapcontext(&fo_emu_ctx[fo_emu_current], &fo_emu_main);
 }
+template <class X>
+static inline X __ldg(const X* p) { return *p; }
+// Fibers switch only at barriers: a read-modify-write is atomic here.
+static inline int atomicExch(int* address, int value) {
+    const int old = *address;
+    *address = value;
+    return old;
+}
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -164,8 +172,15 @@ class EmuArray(FakeArray):
         self.filled = value
         self.values[...] = value
 
+    def set(self, host, stream=None):
+        assert np.shape(host) == self.shape, (np.shape(host), self.shape)
+        self.values[...] = host
+
     def get(self):
         return self.values.copy()
+
+    def __int__(self):  # a device-to-host read of a one-element array
+        return int(self.values.reshape(-1)[0])
 
     def _binary(self, other, op):
         b = other.values if isinstance(other, EmuArray) else other

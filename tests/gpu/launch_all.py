@@ -234,6 +234,15 @@ def sweep_reductions(backend, make, dtypes, calls, rng):
             skipped = be.device_zeros(1, np.int64, like).reshape(()) if counted else None
             calls(f"{name} step_guard(max_norm={max_norm}, skip={skip}, counted={counted}, nan={nonfinite})",
                   be.step_guard, sq, max_norm, skip, skipped)
+        if hasattr(be, "select_scalars"):  # capturable steps: two groups, one steady, one run past its 4 rows
+            rows = make.array(_host(rng, 2 * 4 * 16, np.float64))
+            meta = make.array(np.array([3 | (1 << 62), 0, 4, 0], np.int64))
+            counters = be.device_zeros(2, np.int64, like)
+            out = be.device_zeros(32, np.float64, like)
+            flag, overflow = be.device_zeros(1, np.uint8, like).reshape(()), be.device_zeros(1, np.int64, like)
+            for t in range(1, 7):
+                calls(f"{name} select_scalars(step {t}, own flag {t % 2})", be.select_scalars, rows, 4, meta, counters,
+                      out, flag, t % 2 == 1, overflow, like)
         if backend == "cupy" and "fo_touch" in _cuda_entry_points():  # the CuPy module's bandwidth kernel
             for k in range(2, 6):
                 arrays = [make.array(_host(rng, SINGLE, dtype if i < 2 else _state_dtype(dtype))) for i in range(k)]
@@ -264,8 +273,10 @@ def public_api(backend, make, calls, rng, dtypes=None):
     for dtype in backend_module(backend).DTYPES if dtypes is None else dtypes:
         name = f"{backend} {np.dtype(dtype).name}"
         params = [make.array(_host(rng, s, dtype)) for s in LIST_SHAPES]
-        for cls in (fastopt.Adam, fastopt.LAMB, fastopt.SGD):
-            kwargs = {"lr": 1e-3, "clip_grad_norm": 1.0, "skip_nonfinite": True, "backend": backend}
+        capturable = (False, True) if backend == "cupy" else (False,)  # True: the kernels read device scalars
+        for cls, cap in itertools.product((fastopt.Adam, fastopt.LAMB, fastopt.SGD), capturable):
+            kwargs = {"lr": 1e-3, "clip_grad_norm": 1.0, "skip_nonfinite": True, "backend": backend,
+                      "capturable": cap}
             opt = calls(f"{name} {cls.__name__}(clip_grad_norm, skip_nonfinite)", cls, params, **kwargs)
             if opt is None:
                 continue

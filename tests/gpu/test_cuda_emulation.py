@@ -46,6 +46,7 @@ def cp(emu, monkeypatch, request):
     monkeypatch.setattr(cupy_backend, "_modules", _modules.setdefault(request.param, {}))
     monkeypatch.setattr(cupy_backend, "_tables", __import__("collections").OrderedDict())
     monkeypatch.setattr(cupy_backend, "_pinned_tables", [])
+    monkeypatch.setattr(cupy_backend, "_guard_buffers", __import__("collections").OrderedDict())
     monkeypatch.setattr(cupy_backend, "_result_streams", cupy_backend.StreamMemo())
     emu.launches.clear()
     return emu

@@ -49,7 +49,8 @@ UNREACHABLE: dict = {}
 
 # Pointer parameters the kernels test against null (reduce.cu / update.cu / device.cuh); any other
 # pointer must be non-null. "kernel.param" for a parameter nullable in that kernel only.
-NULLABLE = {"s0", "s1", "s2", "s3", "gs", "skip", "coef", "found_inf", "skipped", "coef_ptr", "fo_step_guard.norm"}
+NULLABLE = {"s0", "s1", "s2", "s3", "gs", "skip", "coef", "found_inf", "skipped", "coef_ptr", "fo_step_guard.norm", "at",
+            "lr_at"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,6 +195,10 @@ class FakeArray:
 
     def fill(self, value):
         self.filled = value
+
+    def set(self, host, stream=None):  # a host-to-device copy (on the current stream): kept as the values
+        assert np.shape(host) == self.shape, (np.shape(host), self.shape)
+        self.host = np.array(host, dtype=self.dtype)
 
     def get(self):  # a device-to-host copy: the values of an array made from host data, else zeros (no memory)
         if self.host is not None:
@@ -404,6 +409,7 @@ def fake(monkeypatch):
     monkeypatch.setattr(cupy_backend, "_sm_counts", {})
     monkeypatch.setattr(cupy_backend, "_tables", collections.OrderedDict())
     monkeypatch.setattr(cupy_backend, "_pinned_tables", [])
+    monkeypatch.setattr(cupy_backend, "_guard_buffers", __import__("collections").OrderedDict())
     monkeypatch.setattr(cupy_backend, "_external_streams", {})
     monkeypatch.setattr(cupy_backend, "_result_streams", cupy_backend.StreamMemo())
     return cp
@@ -604,7 +610,19 @@ def run_updates(fake, spec, dtype, device, wrap=lambda a: a, hp_sets=None):
                     continue
                 if not launch.name.endswith("_trust"):  # the two-phase trust kernel reads no update args
                     check_update_values(spec, hp, step, arrays, grad_scale, found_inf, launch)
+                    assert ptr(args_by_name(launch)["at"]) == 0, context
             launched.update(kernels)
+        if spec.tensor_coefs is None:  # capturable=True: every kernel reads the device row of scalars instead
+            row = fake.alloc(16, np.float64, device)
+            fake.launches.clear()
+            cupy_backend.run(cupy_backend.prepare(arrays, names), spec, hp, step, None, scalars_at=row)
+            assert_launches_fit(fake, f"{spec.name} scalars_at", device)
+            for launch in fake.launches:
+                a = args_by_name(launch)
+                if launch.name.endswith("_trust"):  # LAMB's lr: the row's last slot
+                    assert ptr(a["lr_at"]) == row.data.ptr + 8 * cuda_source.LR_SLOT
+                else:
+                    assert ptr(a["at"]) == row.data.ptr and not np.any(a["sc"]["v"]), launch.name
     return launched
 
 
@@ -647,6 +665,17 @@ def run_reductions(fake, dtype, device):
         assert ptr(a["skipped"]) == (skipped.data.ptr if counted else 0)
         assert ptr(a["coef"]) == (0 if coef is None else coef.data.ptr)
         assert ptr(a["found_inf"]) == (0 if flag is None else flag.data.ptr)
+    like = fake.alloc(3, dtype, device)
+    rows, meta, out = fake.alloc(2 * 4 * 16, np.float64, device), fake.alloc(4, np.int64, device), \
+        fake.alloc(32, np.float64, device)
+    counters, overflow = fake.alloc(2, np.int64, device), fake.alloc(1, np.int64, device)
+    for own in (True, False):
+        flag = fake.alloc((), np.uint8, device)
+        check(f"select_scalars(own flag {own})", lambda: cupy_backend.select_scalars(rows, 4, meta, counters, out,
+                                                                                     flag, own, overflow, like))
+        a = args_by_name(fake.launches[0])
+        assert int(a["capacity"]) == 4 and int(a["ngroups"]) == 2 and int(a["own_flag"]) == own
+        assert ptr(a["flag"]) == flag.data.ptr and ptr(a["out"]) == out.data.ptr
     for n in range(2, 6):
         arrays = [fake.alloc(SINGLE_SHAPE, dtype if k < 2 else state_dtype(dtype), device) for k in range(n)]
         check(f"touch({n} arrays)", lambda: cupy_backend.touch(arrays))
@@ -662,9 +691,9 @@ def test_signatures_parsed_for_exactly_the_entry_points():
     assert set(SIGNATURES) == set(cuda_source.kernel_names())
     macro_made = [cuda_source.update_kernel_name(f, v, m) for f, vs in cuda_source.UPDATE_VARIANTS.items()
                   if f not in cuda_source.per_tensor_families() for v in vs for m in (False, True)]
-    assert all(SIGNATURES[n][-1] == ("const unsigned char*", "skip") for n in macro_made)
+    assert all(tuple(SIGNATURES[n][-2:]) == (("const unsigned char*", "skip"), ("const double*", "at")) for n in macro_made)
     assert [p for _, p in SIGNATURES["fo_adam_v1"]] == ["p", "g", "s0", "s1", "s2", "s3", "n", "sc", "gs",
-                                                         "gs_kind", "vec", "skip"]
+                                                         "gs_kind", "vec", "skip", "at"]
     assert SCALARS_BYTES == 128 == cupy_backend._SCALARS.itemsize
     for name, params in SIGNATURES.items():
         for ctype, _ in params:

@@ -56,14 +56,17 @@ def _entry(ptx, name):
 
 
 def test_float32_updates_do_float32_math(ptx_by_target):
-    # float64 appears only where the hyperparameters (and a device grad_scale) are read and narrowed
-    allowed = {"cvt.rn.f32.f64", "ld.param.f64", "ld.global.f64"}
+    # float64 appears only where the hyperparameters (by value, or a capturable step's device row through the
+    # read-only cache) and a device grad_scale are read and narrowed; never a local-memory copy of them
+    allowed = {"cvt.rn.f32.f64", "ld.param.f64", "ld.global.f64", "ld.global.nc.f64"}
     for dtype in ("float32", "float16"):
         ptx = ptx_by_target[(dtype, "sm_90")]
         for name in cuda_source.kernel_names():
-            if not name.startswith(("fo_lamb", "fo_sumsq", "fo_global", "fo_step_guard", "fo_scale", "fo_clamp", "fo_touch")):
+            if not name.startswith(("fo_lamb", "fo_sumsq", "fo_global", "fo_step_guard", "fo_scale", "fo_clamp", "fo_touch",
+                                    "fo_select")):
                 ops = set(re.findall(r"\b([a-z]+(?:\.[a-z0-9]+)*\.f64)\b", _entry(ptx, name)))
                 assert ops <= allowed, f"{dtype} {name}: {sorted(ops - allowed)}"
+                assert "st.local" not in _entry(ptx, name), f"{dtype} {name}: local memory"
 
 
 def test_single_array_kernels_use_16_byte_vector_loads(ptx_by_target):
