@@ -73,8 +73,8 @@ bench: $(VENV)/.deps-test
 # On a GPU machine without network access that already has CUDA, cupy-cuda13x, numba-cuda, torch, pytest, Cython
 # and compute-sanitizer: builds the extension in place (beside the rest: the GPU backends do not need it), runs
 # tests/gpu (on pytest-xdist workers where installed) beside compute-sanitizer (memcheck, initcheck, racecheck,
-# synccheck) on every kernel, then the GPU benchmark alone, each stage with its own time budget (8, 4, 4, 4
-# minutes; at most 8 in all), with logs, JSON and OUT/summary.json in OUT (tests/gpu/gpu_check.py). No venv,
+# synccheck) on every kernel, then the GPU benchmark alone, each stage with its own time budget (8, 6, 4, 4
+# minutes; at most 10 in all), with logs, JSON and OUT/summary.json in OUT (tests/gpu/gpu_check.py). No venv,
 # nothing installed.
 GPU_PYTHON ?= python3
 STAGES ?= build,tests,sanitizer,bench

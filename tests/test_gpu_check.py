@@ -103,6 +103,19 @@ def test_parse_sanitizer_counts_the_h200_memcheck_log_as_clean_but_an_other_api_
     assert gc.parse_sanitizer(PROBE + other + "========= ERROR SUMMARY: 2 errors\n")["errors"] == 1
 
 
+@pytest.mark.parametrize("log,status,errors", [
+    (PROBES_ONLY, "ok", 0),                 # exit 99 from the driver entry-point probes alone: nothing found
+    (PROBES_AND_ERRORS, "failed", 2),       # real errors beside them
+    (PROBE * 3, "failed", 0),               # cut short (no summary): failed, though no error record yet
+])
+def test_memcheck_status_follows_its_errors_not_the_probes(tmp_path, log, status, errors):
+    finished = "launch_all: 1350 calls on cupy, numba: OK\n" if "SUMMARY" in log else ""
+    (tmp_path / "memcheck.log").write_text(log.replace("========= ERROR SUMMARY", finished + "========= ERROR SUMMARY"))
+    result = {"commands": [{"log": "memcheck.log", "status": "failed", "rc": 99, "tool": "memcheck"}]}
+    gc.finish_sanitizer(result, str(tmp_path))
+    assert (result["status"], result["errors"]) == (status, errors)
+
+
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="1" failures="2"
 skipped="5" tests="40" time="3.0"><testcase classname="a" name="b"/></testsuite></testsuites>"""
 
@@ -271,7 +284,7 @@ def test_dry_run_lists_every_stage_and_creates_nothing(tmp_path):
                          timeout=60)
     assert res.returncode == 0, res.stderr
     text = res.stdout
-    for fragment in (f"PYTHONPATH={gc.SOURCE_SHIM}{os.pathsep}{ROOT}", "stage build (budget 480 s)", "setup.py build_ext --inplace", "stage tests (budget 240 s)",
+    for fragment in (f"PYTHONPATH={gc.SOURCE_SHIM}{os.pathsep}{ROOT}", "stage build (budget 480 s)", "setup.py build_ext --inplace", "stage tests (budget 360 s)",
                      "-m pytest", "tests/gpu --junitxml",
                      "stage sanitizer (budget 240 s)", "--tool memcheck", "--tool initcheck", "--tool racecheck",
                      "--tool synccheck", "tests/gpu/launch_all.py", "stage bench (budget 240 s)",

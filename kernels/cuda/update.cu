@@ -53,9 +53,9 @@ __device__ __forceinline__ void update_one(const Op& op, const Ptrs& a, i64 i) {
 // stores: every load first, then the math and the stores, so that a thread has K 16-byte loads per
 // stream outstanding. K = 1: one vector. K = IN_FLIGHT: a multi-tensor block's thread owns 4 float32
 // vectors of its chunk; one at a time, each waits for its loads before the next is issued.
-// FASTOPT_IN_FLIGHT (cuda_source.IN_FLIGHT, default 1: one at a time) is a variant to measure, not yet
-// measured: 4 raises Adam's multi-tensor kernel from 46 to 128 registers on sm_90 (2 blocks per SM
-// instead of 5), so it only pays if those blocks were waiting on memory latency.
+// FASTOPT_IN_FLIGHT (cuda_source.IN_FLIGHT, default 1: one at a time) is a variant: 4 raises Adam's
+// multi-tensor kernel from 46 to 128 registers on sm_90 (2 blocks per SM instead of 5), and on an H200 it was
+// no faster (CUDA graphs of 200-tensor steps: 0.94x at 2^22 elements, 0.99x at 2^27), so 1 stays.
 #ifndef FASTOPT_IN_FLIGHT
 #define FASTOPT_IN_FLIGHT 1
 #endif

@@ -1,7 +1,7 @@
 """`make gpu-check OUT=<dir>`: everything a GPU machine without network access can check, in one command.
 
     python3 tests/gpu/gpu_check.py --out DIR [--stages build,tests,sanitizer,bench]
-                                   [--budgets build=480,tests=240,sanitizer=240,bench=240] [--python python3]
+                                   [--budgets build=480,tests=360,sanitizer=240,bench=240] [--python python3]
                                    [--jobs N] [--test-timeout S] [--serial] [--archive NAME] [--dry-run]
 
 For a machine with CUDA, CuPy (cupy-cuda13x), numba-cuda, torch, pytest, Cython, nvcc and compute-sanitizer
@@ -52,7 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # its sitecustomize maps fastopt.kernels to ROOT/kernels: fastopt runs from this checkout, not installed
 SOURCE_SHIM = os.path.join(ROOT, "tests", "gpu", "pythonpath")
 STAGES = ("build", "tests", "sanitizer", "bench")
-BUDGETS = {"build": 480, "tests": 240, "sanitizer": 240, "bench": 240}
+BUDGETS = {"build": 480, "tests": 360, "sanitizer": 240, "bench": 240}
 # (tool, share of the sanitizer budget, launch_all --quick): time a tool leaves unused goes to the ones after
 # it. memcheck gets the full sweep (misaligned views, every grad_scale form); the quick sweep still launches
 # every kernel in every dtype, single and multi-tensor, with the skip flag set (initcheck's LAMB case)
@@ -298,12 +298,14 @@ def plan_stages(names, budgets, python, sanitizer, pytest_extra=()) -> list:
         if name == "build":
             cmds = [Command("build_ext", [python, "setup.py", "build_ext", "--inplace"], "build.log")]
         elif name == "tests":
-            cmds = [Command("tests/gpu", [python, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *pytest_extra,
+            # -v: each test's outcome on its own line as it finishes, so that a run the budget kills still names
+            # its failures (-q prints them only in the final summary)
+            cmds = [Command("tests/gpu", [python, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", *pytest_extra,
                                           "tests/gpu", "--junitxml", "{out}/tests-gpu.xml"], "tests-gpu.log", weight=3,
                             meta={"junit": "tests-gpu.xml"})]
             marked = marked_gpu_files()
             if marked:  # only these files: the rest of the suite may need packages a GPU machine lacks
-                cmds.append(Command("marked gpu", [python, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
+                cmds.append(Command("marked gpu", [python, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider",
                                                    *pytest_extra, "-m", "gpu", *marked,
                                                    "--junitxml", "{out}/tests-marked-gpu.xml"],
                                     "tests-marked-gpu.log", ok_codes=(0, 5), meta={"junit": "tests-marked-gpu.xml"}))
@@ -370,6 +372,12 @@ def finish_sanitizer(result, out_dir):
         total += verdict["errors"] if verdict["errors"] is not None else verdict["records"]
         if record["status"] == "ok" and not verdict["summary_found"]:
             record["status"] = "failed"
+        elif (record["status"] == "failed" and record.get("rc") == 99 and verdict["summary_found"]
+              and verdict["errors"] == 0 and verdict["api_probes"] and not verdict["application_failed"]
+              and record["launch_all"] == "OK"):
+            # --error-exitcode fired on the driver entry-point probes alone (counted apart): no error found
+            record["status"] = "ok"
+            record["note"] = "exit code 99 from api_probes only"
     result["errors"] = total
     statuses = [r["status"] for r in result["commands"]]
     result["status"] = next((s for s in ("error", "timeout", "failed") if s in statuses), "ok")
@@ -581,8 +589,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="directory for logs, JSON and summary.json (created)")
     parser.add_argument("--stages", type=_stage_names, default=list(STAGES), help="comma-separated, default all")
     parser.add_argument("--budgets", type=_budgets, default=dict(BUDGETS),
-                        help="seconds per stage, e.g. build=480,tests=240 (default build 480, beside the others; "
-                             "tests 240, sanitizer 240, bench 240)")
+                        help="seconds per stage, e.g. build=480,tests=360 (default build 480, beside the others; "
+                             "tests 360, sanitizer 240, bench 240)")
     parser.add_argument("--python", default="python3", help="the interpreter with the GPU packages (default python3)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="pytest-xdist workers for the tests (default 8 when pytest-xdist is installed; 0: serial)")
