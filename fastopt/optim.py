@@ -112,7 +112,7 @@ class _Bucket:
     """The arrays of one group with one dtype: one multi-tensor kernel call per step."""
 
     __slots__ = ("params", "indices", "local", "states", "dtype", "is_device", "contiguous_range", "tail", "names",
-                 "backend", "backend_key", "prepares_once")
+                 "backend", "backend_key", "prepares_once", "capturable")
 
     def __init__(self, params, indices, local, states, dtype, is_device):
         self.params = params            # list of arrays
@@ -129,6 +129,7 @@ class _Bucket:
         self.backend = None     # the backend module, resolved once per use_backend context
         self.backend_key = _UNSET
         self.prepares_once = False  # the backend checks params and states once (PrepareOnceBackend)
+        self.capturable = False     # the backend can run a step captured into a CUDA graph (CapturableBackend)
 
 
 def as_param_groups(params) -> list:
@@ -556,6 +557,7 @@ class Optimizer:
         if bucket.backend_key is not key:
             bucket.backend = backend_for(bucket.params, self.backend)
             bucket.prepares_once = prepares_once(bucket.backend)  # asked once per resolution, not per step
+            bucket.capturable = capturable_backend(bucket.backend)
             bucket.backend_key = key
         return bucket.backend
 
@@ -634,7 +636,8 @@ class Optimizer:
         buckets = [b for bs in self._buckets for b in bs]
         be = self._backend(buckets[0])
         for b in buckets:
-            if not capturable_backend(self._backend(b)):
+            self._backend(b)
+            if not b.capturable:
                 raise TypeError(f"capturable=True needs a backend that CUDA graphs can capture (cupy); this "
                                 f"step's arrays go to {b.backend.NAME!r}")
         cap = self._capture
@@ -644,10 +647,9 @@ class Optimizer:
             cap = self._capture = CapturedScalars(be, buckets[0].params[0], len(self.param_groups),
                                                   self._group_steps)
         for gi, group in enumerate(self.param_groups):
-            lr = group["lr"]
-            key = (tuple(sorted((k, v) for k, v in hps[gi].items() if k != "lr")),
-                   lr if _is_callable_lr(lr) else hps[gi]["lr"])
-            cap.ensure(gi, key, self.spec, hps[gi], lr)
+            lr = group["lr"]  # the group's other values: the key of its validated hyperparameters (_hp_cache)
+            cap.ensure(gi, (self._hp_cache[gi][0], lr if _is_callable_lr(lr) else hps[gi]["lr"]), self.spec, hps[gi],
+                       lr)
         return cap, cap.select(found_inf)
 
     def _prepare_step(self, plans, grads):

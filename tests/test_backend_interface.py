@@ -67,6 +67,18 @@ def test_backend_module_conforms(name):
     assert not problems, f"{name}_backend does not conform:\n" + "\n".join(problems)
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_capturable_backends_have_all_of_it_or_none(name):
+    """interface.CapturableBackend (capturable=True, fastopt/capture.py): the CuPy backend has every function
+    with the declared parameters; the others none (the optimizer then refuses capturable=True)."""
+    mod = importlib.import_module(f"fastopt.backends.{name}_backend")
+    have = [fn for fn in interface.CAPTURE_FUNCTIONS if callable(getattr(mod, fn, None))]
+    assert have == (list(interface.CAPTURE_FUNCTIONS) if name == "cupy" else []), (name, have)
+    assert interface.capturable(mod) == (name == "cupy")
+    for fn in have:
+        assert _conforms(_declared(interface.CapturableBackend, fn), inspect.signature(getattr(mod, fn))) is None, fn
+
+
 def test_interface_lists_the_shared_operations():
     for fn in ("prepare", "check_disjoint", "run", "step", "prepare_grads", "sumsq_per_tensor", "scale_",
                "clamp_", "global_norm", "clip_coefficient", "clip_by_norm", "clip_by_global_norm"):

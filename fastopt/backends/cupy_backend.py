@@ -82,6 +82,15 @@ def _unchanged(obj, view) -> bool:
     return view.obj is obj and isinstance(obj, _cupy().ndarray) and obj.shape == view.shape
 
 
+def _stable(obj) -> bool:
+    """A CuPy array pins what the kernels read for its whole life: its memory and dtype cannot change, its
+    size neither, and a C-contiguous one stays so (only a same-size reshape in place is possible, which
+    the elementwise kernels do not see). validate.bind_grads then neither looks at the optimizer's arrays
+    again nor, given the same gradient arrays as the last step, checks anything: a 200-tensor class step's
+    host time is then its launches."""
+    return isinstance(obj, _cupy().ndarray)
+
+
 def _device_of(a: DeviceArray) -> int:
     cp = _cupy()
     if isinstance(a.obj, cp.ndarray):
@@ -300,12 +309,71 @@ def _table(lists, device, stream):
             _tables.popitem(last=False)
     else:
         _tables.move_to_end(key)
-        if table.stream != stream.ptr:
-            _order_after_upload(table, stream)
-        elif not table.pinned and _capturing(stream):  # a graph holds its address (and its scratch's) from now on
-            table.pinned = True
-            _pinned_tables.append(table)
+        _reuse_table(table, stream)
     return table
+
+
+def _reuse_table(table, stream):
+    """A table made before, used again on `stream`: ordered after its upload when that was another stream;
+    pinned when captured (a graph holds its address, and its scratch's, from now on)."""
+    if table.stream != stream.ptr:
+        _order_after_upload(table, stream)
+    elif not table.pinned and _capturing(stream):
+        table.pinned = True
+        _pinned_tables.append(table)
+
+
+def _memo_table(prepared, name, lists, device, stream):
+    """The table of `lists` (a Checked call's), kept in its memo: a class step given the same arrays as
+    the last one gets the same Checked back (validate.bind_grads) and skips building the table's key (a
+    tuple of every pointer: ~0.3 us per tensor). Other callers pass raw arrays: the table cache as usual."""
+    memo = getattr(prepared, "memo", _NO_MEMO)
+    if memo is _NO_MEMO:
+        return _table(lists, device, stream)
+    if memo is None:
+        memo = prepared.memo = {}
+    table = memo.get(name)
+    if table is None or table[0] != device:
+        table = memo[name] = (device, _table(lists, device, stream))
+    else:
+        _reuse_table(table[1], stream)
+    return table[1]
+
+
+_NO_MEMO = object()
+
+
+class _Launch:
+    """What run() works out once per Checked call (kept in its memo): whether any element is there, the
+    params' dtype and device, and for one array its kernel's pointer arguments, size, vector flag and grid."""
+
+    __slots__ = ("nonempty", "dtype", "device", "single")
+
+    def __init__(self, lists):
+        params = lists[0]
+        self.nonempty = any(a.size for a in params)
+        self.dtype = params[0].dtype if params else None
+        self.device = _device_of(params[0]) if self.nonempty else None
+        self.single = None
+        if self.nonempty and len(params) == 1:
+            slots = [lst[0] if lst is not None else None for lst in lists] + [None] * (7 - len(lists))
+            n = params[0].size
+            # one vector per thread, not capped: measured on an H100 at 2^28 (issue 11), a grid capped at 8
+            # blocks per SM (3-5 resident) reached 2765 GB/s, the uncapped one 2909; the loop is grid-stride
+            grid = min(_blocks(n, 16 // self.dtype.itemsize), _MAX_GRID)
+            # p, g, s0, s1, s2, s3: slot 5 (the Kahan compensation) is refused on the GPU, slot 6 is s3
+            self.single = (tuple(_ptr(a) for a in slots[:5] + slots[6:]), np.int64(n), np.int32(_aligned(*slots)),
+                           grid)
+
+
+def _launch_of(prepared) -> _Launch:
+    memo = prepared.memo
+    if memo is None:
+        memo = prepared.memo = {}
+    launch = memo.get("launch")
+    if launch is None:
+        launch = memo["launch"] = _Launch(prepared.lists)
+    return launch
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -375,7 +443,7 @@ def prepare_fixed(calls):
     """Check an optimizer's params and states once (interface.PrepareOnceBackend, validate.prepare_fixed)."""
     for arrays, _, _ in calls:
         no_precision_modes(NAME, arrays)
-    return prepare_fixed_device(calls, _describe, DTYPES, _WHERE, _unchanged)
+    return prepare_fixed_device(calls, _describe, DTYPES, _WHERE, _unchanged, _stable)
 
 
 def bind_grads(fixed, grads_per_call):
@@ -398,36 +466,30 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
     lists = prepared.lists
     params = lists[0]
     skip = _skip_flag(found_inf)
-    if not any(a.size for a in params):
+    launch = _launch_of(prepared)
+    if not launch.nonempty:
         return
-    dtype = params[0].dtype
-    device = _device_of(params[0])
+    dtype, device = launch.dtype, launch.device
     stream = _stream_of(params[0], device)
     host_scale, gs_ptr, gs_kind = _grad_scale(grad_scale)
     scalars = _pack(spec.scalars(hp, step, host_scale)) if scalars_at is None else _pack(())
     at = np.uint64(0) if scalars_at is None else np.uint64(scalars_at.data.ptr)
     with _on(device, stream):
         if spec.two_phase:
-            _two_phase(spec.kernel, lists, dtype, device, stream, scalars, gs_ptr, gs_kind, hp["lr"], skip, at)
+            _two_phase(spec.kernel, lists, dtype, device, stream, scalars, gs_ptr, gs_kind, hp["lr"], skip, at,
+                       _memo_table(prepared, "table", lists, device, stream))
             return
         variant = spec.variant(hp, step)
         if spec.tensor_coefs is not None:
             _per_tensor(spec, hp, host_scale, grad_scale, gs_kind, lists, dtype, device, stream, scalars, gs_ptr,
                         skip, variant, given, at)
             return
-        if len(params) == 1:
-            slots = [lst[0] if lst is not None else None for lst in lists] + [None] * (7 - len(lists))
-            n = params[0].size
-            vec = np.int32(_aligned(*slots))
-            # one vector per thread, not capped: measured on an H100 at 2^28 (issue 11), a grid capped at 8
-            # blocks per SM (3-5 resident) reached 2765 GB/s, the uncapped one 2909; the loop is grid-stride
-            grid = min(_blocks(n, 16 // dtype.itemsize), _MAX_GRID)
+        if launch.single is not None:
+            pointers, n, vec, grid = launch.single
             fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, False))
-            # p, g, s0, s1, s2, s3: slot 5 (the Kahan compensation) is refused on the GPU, slot 6 is s3
-            fn((grid,), (BLOCK,), (*(_ptr(a) for a in slots[:5] + slots[6:]), np.int64(n), scalars, gs_ptr, gs_kind,
-                                   vec, skip, at))
+            fn((grid,), (BLOCK,), (*pointers, n, scalars, gs_ptr, gs_kind, vec, skip, at))
         else:
-            table = _table(lists, device, stream)
+            table = _memo_table(prepared, "table", lists, device, stream)
             if table.nchunks:
                 fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, True))
                 fn((table.nchunks,), (BLOCK,),
@@ -457,13 +519,13 @@ def _per_tensor(spec, hp, host_scale, grad_scale, gs_kind, lists, dtype, device,
                                     skip, coefs, at))
 
 
-def _two_phase(family, lists, dtype, device, stream, scalars, gs_ptr, gs_kind, lr, skip, at=np.uint64(0)):
+def _two_phase(family, lists, dtype, device, stream, scalars, gs_ptr, gs_kind, lr, skip, at=np.uint64(0), table=None):
     """A two-phase family (LAMB): its moments kernel (new states; per chunk the float64 sums of p^2 and
     u^2), its trust kernel (per tensor, lr * trust ratio from its chunks' sums) and its apply kernel
     (the step), named from the family by cuda_source.two_phase_kernel_names. `at`: the device row of
     scalars (capturable), whose last slot is the lr (capture.LR_SLOT). Inside _on()."""
     cp = _cupy()
-    table = _table(lists, device, stream)
+    table = _table(lists, device, stream) if table is None else table
     if not table.nchunks:
         return
     _, trust, apply = (_function(device, dtype, name) for name in cuda_source.two_phase_kernel_names(family))
@@ -565,7 +627,7 @@ def sumsq_per_tensor(grads, out=None):
     lists, device, stream = _grads_call(grads, False)
     dtype = lists[0][0].dtype
     with _on(device, stream):
-        table = _table(lists, device, stream)
+        table = _memo_table(grads, "grads table", lists, device, stream)
         if out is None:
             out = cp.zeros(table.ntensors, dtype=cp.float64)
         elif not table.nchunks:

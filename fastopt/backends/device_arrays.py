@@ -77,9 +77,11 @@ def from_interface(obj, name):
 class _DeviceApi:
     """The members validate_arrays needs, for DeviceArray views."""
 
-    def __init__(self, describe, dtypes, where, unchanged=None):
+    def __init__(self, describe, dtypes, where, unchanged=None, stable=None):
         self.convert, self.dtypes, self.where = describe, dtypes, where
         self.unchanged = unchanged  # (obj, checked view) -> True when obj is surely as checked (validate._is_current)
+        if stable is not None:  # obj -> True when the object itself pins what the kernels read (validate.bind_grads)
+            self.stable = stable
 
     pointer = staticmethod(lambda a: a.ptr)
     c_contiguous = staticmethod(lambda a: a.c_contiguous)
@@ -102,12 +104,14 @@ def prepare_device(arrays, names, describe, dtypes, where, read_only_slot=1, ind
     return prepare(arrays, names, _DeviceApi(describe, dtypes, where), read_only_slot, indices)
 
 
-def prepare_fixed_device(calls, describe, dtypes, where, unchanged=None):
+def prepare_fixed_device(calls, describe, dtypes, where, unchanged=None, stable=None):
     """validate.prepare_fixed (interface.PrepareOnceBackend) on device arrays: the params and states of an
     optimizer's calls checked once; validate.bind_grads(fixed, grads_per_call) then re-checks what it
     saw and checks the grads. unchanged(obj, view): the backend's cheap proof that an array it checked
-    before is as it was (the same CuPy array object, say); any other array is described again."""
-    return validate.prepare_fixed(calls, _DeviceApi(describe, dtypes, where, unchanged))
+    before is as it was (the same CuPy array object, say); any other array is described again.
+    stable(obj): the object alone pins its memory, dtype, size and layout (a CuPy array): when every array
+    is, bind_grads skips the look at them and, given the same grads as the last step, the checks."""
+    return validate.prepare_fixed(calls, _DeviceApi(describe, dtypes, where, unchanged, stable))
 
 
 def checked_grads(grads, describe, dtypes, where, written):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import numbers
+import operator
 
 import numpy as np
 
@@ -318,10 +319,11 @@ class Checked:
     returns them, `spans` for comparing several calls (check_prepared_disjoint). Nothing is written
     before a call is checked; the backends' run()/scale_() take a Checked instead of raw arrays."""
 
-    __slots__ = ("lists", "spans")
+    __slots__ = ("lists", "spans", "memo")
 
     def __init__(self, lists, spans):
         self.lists, self.spans = lists, spans
+        self.memo = None  # the backend's launch set-up for these arrays, kept while bind_grads returns this object
 
 
 def prepare(arrays, names, api=HostArrays, read_only_slot=1, indices=None) -> Checked:
@@ -343,7 +345,7 @@ class Fixed:
     `checked` the lists check_arrays returned per call, `spans` per call, `snapshot` (object, checked
     view, what the checks read) per array, and the written spans sorted for bind_grads' overlap search."""
 
-    __slots__ = ("calls", "api", "checked", "spans", "snapshot", "starts", "ends", "labels")
+    __slots__ = ("calls", "api", "checked", "spans", "snapshot", "starts", "ends", "labels", "stable", "last")
 
     def __len__(self):
         return len(self.calls)
@@ -394,6 +396,9 @@ def _check_fixed(fixed):
     fixed.starts = [s[0] for s in every]
     fixed.ends = [s[1] for s in every]
     fixed.labels = [label(s[3], s[4]) for s in every]
+    stable = getattr(api, "stable", None)
+    fixed.stable = stable is not None and all(stable(src) for src, _, _ in snapshot)
+    fixed.last = None  # (grads per call, the calls bind_grads returned for them): stable grads only
 
 
 def _seen_any(api, a):
@@ -405,7 +410,11 @@ def _seen_any(api, a):
 
 def _is_current(fixed) -> bool:
     """Every array still as the snapshot saw it; objects other than the checked view (torch tensors,
-    memoryviews; on a GPU every object) are viewed again, since their storage may have moved."""
+    memoryviews; on a GPU every object) are viewed again, since their storage may have moved. Arrays
+    whose object pins everything a kernel reads (api.stable: a CuPy array's memory, dtype and size are
+    fixed for its life, and a contiguous one stays contiguous under an in-place reshape) need no look."""
+    if fixed.stable:
+        return True
     api = fixed.api
     unchanged = getattr(api, "unchanged", None)
     for src, view, seen in fixed.snapshot:
@@ -436,6 +445,10 @@ def bind_grads(fixed, grads_per_call) -> list:
     api = fixed.api
     if not _is_current(fixed):
         _check_fixed(fixed)
+    last = fixed.last
+    if last is not None and len(grads_per_call) == len(last[0]) and all(
+            map(_same_grads, grads_per_call, last[0])):
+        return last[1]  # the same stable grads as the last step: the same checked calls (and their memo)
     if len(grads_per_call) != len(fixed.calls):
         raise ValueError(f"bind_grads: {len(grads_per_call)} grads lists for {len(fixed.calls)} calls")
     out, grad_spans = [], []
@@ -486,7 +499,21 @@ def bind_grads(fixed, grads_per_call) -> list:
             if start >= fixed.starts[j]:
                 raise ValueError(f"{grad} shares memory with {fixed.labels[j]}")
             raise ValueError(f"{fixed.labels[j]} shares memory with {grad}")
+    stable = getattr(api, "stable", None)
+    if fixed.stable and all(stable(g) for grads in grads_per_call
+                            for g in (grads if isinstance(grads, (list, tuple)) else (grads,))):
+        fixed.last = ([list(g) if isinstance(g, (list, tuple)) else g for g in grads_per_call], out)
     return out
+
+
+def _same_grads(grads, last) -> bool:
+    """The grads of a call are the objects bound last time (a list compared element by element: the caller
+    may pass a new list of the same arrays, or change a list it passed before)."""
+    if grads is last:
+        return True
+    if isinstance(grads, (list, tuple)) and isinstance(last, list):
+        return len(grads) == len(last) and all(map(operator.is_, grads, last))
+    return False
 
 
 def check_disjoint(spans):

@@ -478,8 +478,10 @@ def test_numba_public_api_launches_on_the_producer_stream(numba_world, kind):
 
 def test_cupy_steady_steps_describe_only_the_grads(cupy_world, monkeypatch):
     """A class step on the same CuPy params and states describes only the grads (the host cost that made a
-    200-tensor step 1.5 ms on an H200 machine); params of another kind (torch-like, whose storage can move
-    under the same object) are described every step; a CuPy param reshaped in place is checked again."""
+    200-tensor step 1.5 ms on an H200 machine), and nothing at all given the same CuPy grads as the last
+    step; params of another kind (torch-like, whose storage can move under the same object) are described
+    every step. A CuPy param reshaped in place (same size: all CuPy allows) is not looked at again: the
+    kernels read the same memory, and the grads keep the shape checked first."""
     fake = cupy_world
     described = []
     real = cupy_backend._describe
@@ -491,15 +493,22 @@ def test_cupy_steady_steps_describe_only_the_grads(cupy_world, monkeypatch):
         with fake.cuda.Device(DEVICE):
             opt.step(_arrays(fake, kind, SHAPES))
         described.clear()
-        opt.step(_arrays(fake, kind, SHAPES))
+        grads = _arrays(fake, kind, SHAPES)
+        opt.step(grads)
         assert len(described) == per_step, (kind, described)
+        described.clear()
+        fake.launches.clear()
+        opt.step(list(grads))  # the same arrays (a new list): CuPy ones are not described again
+        assert len(described) == (0 if kind == "cupy" else per_step), (kind, described)
+        assert [launch.name for launch in fake.launches] == ["fo_adam_v0_multi"]
     ps = _arrays(fake, "cupy", SHAPES)
     opt = fastopt.Adam(ps, lr=0.1, backend="cupy")
     with fake.cuda.Device(DEVICE):
         opt.step(_arrays(fake, "cupy", SHAPES))
-    ps[2].shape = (12,)  # (3, 4) reshaped in place: checked again, its state no longer matches
-    with pytest.raises(ValueError, match=r"exp_avg\[2\] has shape \(3, 4\), expected \(12,\)"):
-        opt.step(_arrays(fake, "cupy", SHAPES))
+    ps[2].shape = (12,)  # (3, 4) reshaped in place: the same memory; the grads keep the checked shape
+    opt.step(_arrays(fake, "cupy", SHAPES))
+    with pytest.raises(ValueError, match=r"grads\[2\] has shape \(12,\), expected \(3, 4\)"):
+        opt.step(_arrays(fake, "cupy", [SHAPES[0], SHAPES[1], (12,)]))
 
 
 def test_gpu_backends_prepare_once_and_check_grads_every_step(cupy_world):
@@ -521,4 +530,15 @@ def test_gpu_backends_prepare_once_and_check_grads_every_step(cupy_world):
     assert fake.launches == []
     with pytest.raises(ValueError, match=r"grads\[1\] has shape"):
         opt.step(_arrays(fake, "cupy", [SHAPES[0], (3,), SHAPES[2]]))
+    assert fake.launches == []
+    # the same grads as the last step skip the checks: a list changed in place, or one new array, does not
+    grads = _arrays(fake, "cupy", SHAPES)
+    opt.step(grads)
+    fake.launches.clear()
+    grads[1] = opt.state_arrays(1)["exp_avg_sq"]
+    with pytest.raises(ValueError, match="shares memory"):
+        opt.step(grads)
+    grads[1] = _arrays(fake, "cupy", [(7,)])[0]
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape"):
+        opt.step(grads)
     assert fake.launches == []
