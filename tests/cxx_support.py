@@ -2,10 +2,15 @@
 one such a test skips, and under CI (CI set) it fails, as the build-matrix tests do."""
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
+
+KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 
 
 def cxx_compiler() -> str:
@@ -15,3 +20,27 @@ def cxx_compiler() -> str:
     if os.environ.get("CI"):
         pytest.fail("no C++ compiler found (CI requires one)")
     pytest.skip("no C++ compiler found")
+
+
+def build_shim(tmp_dir, source: str) -> ctypes.CDLL:
+    """A shared library of C++ `source` (which includes kernel headers from kernels/), compiled with the
+    kernels' own flags (setup.py: no FMA contraction, no -march, the SIMD paths chosen at run time); the test
+    fails with the compiler's message when it does not build."""
+    src, out = Path(tmp_dir) / "shim.cpp", Path(tmp_dir) / "shim.so"
+    src.write_text(source)
+    cmd = [cxx_compiler(), "-O3", "-fno-math-errno", "-ffp-contract=off", "-fno-trapping-math", "-shared", "-fPIC",
+           "-std=c++17", "-Wall", "-Werror", "-Wno-unused-function", f"-I{KERNELS}", str(src), "-o", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        pytest.fail(f"{' '.join(cmd)}\n{done.stderr}")
+    return ctypes.CDLL(str(out))
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())

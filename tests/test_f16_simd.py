@@ -6,16 +6,13 @@ and F16C the blocks take the software loop and the test checks that fallback."""
 from __future__ import annotations
 
 import ctypes
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fastopt import precision as ref
-from tests.cxx_support import cxx_compiler
+from tests.cxx_support import build_shim, cpu_flags
 
-KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 
 SHIM = r"""
 #include "cpu/f16_simd.hpp"
@@ -71,16 +68,7 @@ void narrow(const float* x, fo_u16* out, long n) { float_to_fp16_block(x, out, n
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("f16_simd")
-    src, out = tmp / "shim.cpp", tmp / "shim.so"
-    src.write_text(SHIM)
-    # the kernels' own flags (setup.py): no FMA contraction, no -march (runtime dispatch)
-    cmd = [cxx_compiler(), "-O3", "-fno-math-errno", "-ffp-contract=off", "-fno-trapping-math", "-shared", "-fPIC",
-           "-std=c++17", "-Wall", "-Werror", "-Wno-unused-function", f"-I{KERNELS}", str(src), "-o", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        pytest.fail(f"{' '.join(cmd)}\n{done.stderr}")
-    shim = ctypes.CDLL(str(out))
+    shim = build_shim(tmp_path_factory.mktemp("f16_simd"), SHIM)
     shim.widen_all.restype = ctypes.c_long
     shim.narrow_range.restype = ctypes.c_long
     shim.narrow_range.argtypes = [ctypes.c_ulonglong, ctypes.c_ulonglong, ctypes.c_int, ctypes.c_void_p]
@@ -88,17 +76,8 @@ def lib(tmp_path_factory):
     return shim
 
 
-def _cpu_flags() -> set:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
-
 def test_the_f16c_path_runs_where_the_cpu_has_it(lib):
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if not flags:
         pytest.skip("no /proc/cpuinfo here")
     assert lib.f16c_path() == int({"avx2", "f16c"} <= flags)

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fastopt import precision as ref
-from tests.cxx_support import cxx_compiler
+from tests.cxx_support import build_shim, cpu_flags
 
-KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 
 SHIM = r"""
 #include "cpu/int8_simd.hpp"
@@ -92,16 +89,7 @@ long compare_block(const float* x, unsigned n, const float* map, const float* mi
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("int8_simd")
-    src, out = tmp / "shim.cpp", tmp / "shim.so"
-    src.write_text(SHIM)
-    # the kernels' own flags (setup.py): no FMA contraction, packed sqrt, no -march (runtime dispatch)
-    cmd = [cxx_compiler(), "-O3", "-fno-math-errno", "-ffp-contract=off", "-fno-trapping-math", "-shared", "-fPIC",
-           "-std=c++17", "-Wall", "-Werror", "-Wno-unused-function", f"-I{KERNELS}", str(src), "-o", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        pytest.fail(f"{' '.join(cmd)}\n{done.stderr}")
-    shim = ctypes.CDLL(str(out))
+    shim = build_shim(tmp_path_factory.mktemp("int8_simd"), SHIM)
     shim.exhaustive.restype = ctypes.c_long
     shim.exhaustive.argtypes = [ctypes.c_ulonglong, ctypes.c_ulonglong] + [ctypes.c_void_p] * 4
     shim.compare_block.restype = ctypes.c_long
@@ -119,20 +107,11 @@ def _ptr(a):
     return a.ctypes.data
 
 
-def _cpu_flags() -> set:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
-
 @pytest.mark.parametrize("signed", [True, False])
 def test_the_simd_paths_run_where_the_cpu_has_them(lib, signed):
     table, mid, bucket = _tables(signed)
     paths = lib.codec_paths(_ptr(table), _ptr(mid), _ptr(bucket))
-    flags = _cpu_flags()
+    flags = cpu_flags()
     import platform
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
         assert paths == 0  # the scalar loops, silently correct; nothing else to check here
