@@ -399,22 +399,43 @@ FASTOPT_INLINE int run_staged(int kind, int variant, void* const* ptrs, int64_t 
     typedef typename SS_of<SDTYPE>::type SS;
     if (kind == KIND_TOUCH || kind == KIND_TOUCH_APPLY)  // the traffic of this layout, trivial math
         return run_touch<PS, GS, SS, MODE == ROUND_KAHAN>(kind, variant, ptrs, n);
-    const bool writes_p = !(kind >= KIND_TWO_PHASE && kind < KIND_TOUCH && (kind - KIND_TWO_PHASE) % 2 == 0);
-    const int inner = FASTOPT_LAYOUT(DTYPE_F32, DTYPE_F32, SDTYPE);
+    const bool two_phase = kind >= KIND_TWO_PHASE && kind < KIND_TOUCH;
+    const bool writes_p = !(two_phase && (kind - KIND_TWO_PHASE) % 2 == 0);       // not LAMB's phase 1
+    const bool writes_states = !(two_phase && (kind - KIND_TWO_PHASE) % 2 == 1);  // not its phase 2
+    // float16 states are staged too (F16C blocks, f16_simd.hpp), the update then runs on float32 only: per
+    // element, their software conversions cost more than the update's math. bfloat16's are a shift: in place.
+    constexpr bool stage_states = SDTYPE == DTYPE_F16;
+    const int inner = FASTOPT_LAYOUT(DTYPE_F32, DTYPE_F32, stage_states ? DTYPE_F32 : SDTYPE);
     const int ssize = SDTYPE == DTYPE_F32 ? 4 : 2;
+    static const int STATE_SLOTS[4] = {2, 3, 4, 6};  // slot 5, the compensation, is stored below, not passed in
     TP* p = static_cast<TP*>(ptrs[0]);
     const typename GS::type* g = static_cast<const typename GS::type*>(ptrs[1]);
     TP* c = static_cast<TP*>(ptrs[5]);
     float pw[STAGE], gw[STAGE];
+    float sw[stage_states ? 4 : 1][STAGE];
     for (int64_t off = 0; off < n; off += STAGE) {
         const int64_t m = n - off < STAGE ? n - off : int64_t(STAGE);
         PS::widen_block(p + off, pw, m);
         if (g != 0) GS::widen_block(g + off, gw, m);
         void* inner_ptrs[7] = {pw, g != 0 ? gw : 0, 0, 0, 0, 0, 0};
-        for (int k = 2; k < 7; ++k)  // the states (slot 5, the compensation, is stored below, not passed in)
-            if (k != 5 && ptrs[k] != 0) inner_ptrs[k] = static_cast<void*>(static_cast<char*>(ptrs[k]) + off * ssize);
+        for (int j = 0; j < 4; ++j) {
+            const int k = STATE_SLOTS[j];
+            if (ptrs[k] == 0) continue;
+            void* at = static_cast<void*>(static_cast<char*>(ptrs[k]) + off * ssize);
+            if (stage_states) {
+                F16::widen_block(static_cast<const fo_u16*>(at), sw[j], m);
+                inner_ptrs[k] = sw[j];
+            } else {
+                inner_ptrs[k] = at;
+            }
+        }
         const int r = run_chunk(inner, kind, variant, inner_ptrs, m, s, coef, acc, 0, 0);
         if (r != 0) return r;
+        if (stage_states && writes_states)  // every state a kernel is given, it stores (as the direct loops do)
+            for (int j = 0; j < 4; ++j)
+                if (ptrs[STATE_SLOTS[j]] != 0)
+                    F16::narrow_block(sw[j], reinterpret_cast<fo_u16*>(static_cast<char*>(ptrs[STATE_SLOTS[j]]) + off * ssize),
+                                      m);
         if (!writes_p) continue;
         TP* __restrict pb = p + off;
         if (MODE == ROUND_KAHAN) {
