@@ -102,7 +102,7 @@ class CapturedScalars:
     MAX_ROWS), meta (its row count with the steady bit, its base step), the step counters, the selected
     rows, a skip flag of its own (used without skip_nonfinite) and the count of steps past the rows. All
     allocated once for the optimizer's groups (a graph keeps their addresses); add_param_group makes a
-    new set (graphs captured before it keep the old one alive: `retired`)."""
+    new set (the optimizer keeps the old one alive for graphs captured before it)."""
 
     _STEADY_BIT = 1 << 62
 
@@ -144,7 +144,7 @@ class CapturedScalars:
         self.keys[gi] = key
         self.variants[gi] = (variant, settled)
 
-    def step_variant_step(self, gi, host_step):
+    def variant_step(self, gi, host_step):
         """The step number whose kernel variant this step launches: the host's count on eager steps before
         any capture, the settled variant's from the first capture on (checked to hold)."""
         variant, settled = self.variants[gi]
@@ -168,7 +168,7 @@ class CapturedScalars:
         return flag
 
     def read_counts(self):
-        """The device step counters (a synchronisation), after checking that no step went past the rows."""
+        """The device step counters (a synchronisation); steps past the rows included (check() says)."""
         counts = [int(x) for x in _host(self.counters)]
         self.host_counts = counts
         return counts
@@ -190,9 +190,10 @@ class CapturedScalars:
         (they were not taken, so they are not counted)."""
         lost = self.overflowed()
         counts = [c - lost for c in self.read_counts()]
+        keys = self.keys
         self.set_counts(counts)
         for gi in range(self.ngroups):
-            self.rebuild(gi, self.keys[gi], spec, hps[gi], lrs[gi], counts[gi])
+            self.rebuild(gi, keys[gi], spec, hps[gi], lrs[gi], counts[gi])
 
     def set_counts(self, counts):
         """The step counters (a state dict loaded) and no step past the rows; the rows are re-based at the

@@ -616,7 +616,7 @@ class Optimizer:
         for (gi, bucket, _, _, _), call in zip(plans, prepared):
             hp, t = hps[gi], self._group_steps[gi] + 1
             if rows is not None:  # the kernels read the step's scalars from the device; t picks the variant
-                bucket.backend.run(call, spec, hp, rows.step_variant_step(gi, t), grad_scale, found_inf=found_inf,
+                bucket.backend.run(call, spec, hp, rows.variant_step(gi, t), grad_scale, found_inf=found_inf,
                                    scalars_at=rows.row(gi))
             elif self._stochastic:  # keyed by (seed, the group's step): element i of a param gets its own bits
                 bucket.backend.run(call, spec, hp, t, grad_scale, stochastic=StochasticRounding(self._seed, t))
