@@ -7,6 +7,8 @@
 #pragma once
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "platform.hpp"  // FASTOPT_CLONES, FASTOPT_INLINE: compiler/arch checks
 
 #include "../cuda/clip.cuh"
@@ -395,10 +397,12 @@ template <class PS, class GS, int SDTYPE, int MODE>
 FASTOPT_INLINE int run_staged(int kind, int variant, void* const* ptrs, int64_t n, const double* s, double coef,
                               double* acc, fo_u32 key, fo_u64 index0) {
     typedef typename PS::type TP;
-    typedef typename PS::Format Fmt;
     typedef typename SS_of<SDTYPE>::type SS;
     if (kind == KIND_TOUCH || kind == KIND_TOUCH_APPLY)  // the traffic of this layout, trivial math
         return run_touch<PS, GS, SS, MODE == ROUND_KAHAN>(kind, variant, ptrs, n);
+    // float32 params or grads (only float16 states to stage) are passed as they are, not copied
+    constexpr bool direct_p = std::is_same<PS, Plain<float> >::value;
+    constexpr bool direct_g = std::is_same<GS, Plain<float> >::value;
     const bool two_phase = kind >= KIND_TWO_PHASE && kind < KIND_TOUCH;
     const bool writes_p = !(two_phase && (kind - KIND_TWO_PHASE) % 2 == 0);       // not LAMB's phase 1
     const bool writes_states = !(two_phase && (kind - KIND_TWO_PHASE) % 2 == 1);  // not its phase 2
@@ -415,9 +419,17 @@ FASTOPT_INLINE int run_staged(int kind, int variant, void* const* ptrs, int64_t 
     float sw[stage_states ? 4 : 1][STAGE];
     for (int64_t off = 0; off < n; off += STAGE) {
         const int64_t m = n - off < STAGE ? n - off : int64_t(STAGE);
-        PS::widen_block(p + off, pw, m);
-        if (g != 0) GS::widen_block(g + off, gw, m);
-        void* inner_ptrs[7] = {pw, g != 0 ? gw : 0, 0, 0, 0, 0, 0};
+        void* inner_ptrs[7] = {pw, gw, 0, 0, 0, 0, 0};
+        if constexpr (direct_p)
+            inner_ptrs[0] = p + off;
+        else
+            PS::widen_block(p + off, pw, m);
+        if (g == 0)
+            inner_ptrs[1] = 0;
+        else if constexpr (direct_g)
+            inner_ptrs[1] = const_cast<float*>(g + off);  // only read
+        else
+            GS::widen_block(g + off, gw, m);
         for (int j = 0; j < 4; ++j) {
             const int k = STATE_SLOTS[j];
             if (ptrs[k] == 0) continue;
@@ -436,17 +448,21 @@ FASTOPT_INLINE int run_staged(int kind, int variant, void* const* ptrs, int64_t 
                 if (ptrs[STATE_SLOTS[j]] != 0)
                     F16::narrow_block(sw[j], reinterpret_cast<fo_u16*>(static_cast<char*>(ptrs[STATE_SLOTS[j]]) + off * ssize),
                                       m);
-        if (!writes_p) continue;
-        TP* __restrict pb = p + off;
-        if (MODE == ROUND_KAHAN) {
-            TP* __restrict cb = c + off;
-            for (int64_t i = 0; i < m; ++i)
-                fo_kahan_store<Fmt>(PS::template load<float>(pb[i]), PS::template load<float>(cb[i]), pw[i], pb[i], cb[i]);
-        } else if (MODE == ROUND_STOCHASTIC) {
-            Fmt f;
-            for (int64_t i = 0; i < m; ++i) pb[i] = f.store_sr(pw[i], fo_random_bits(key, index0 + fo_u64(off + i)));
-        } else {
-            PS::narrow_block(pw, pb, m);
+        if constexpr (!direct_p) {  // float32 params were updated in place (rounded to nearest: no other mode)
+            typedef typename PS::Format Fmt;
+            if (!writes_p) continue;
+            TP* __restrict pb = p + off;
+            if (MODE == ROUND_KAHAN) {
+                TP* __restrict cb = c + off;
+                for (int64_t i = 0; i < m; ++i)
+                    fo_kahan_store<Fmt>(PS::template load<float>(pb[i]), PS::template load<float>(cb[i]), pw[i], pb[i],
+                                        cb[i]);
+            } else if (MODE == ROUND_STOCHASTIC) {
+                Fmt f;
+                for (int64_t i = 0; i < m; ++i) pb[i] = f.store_sr(pw[i], fo_random_bits(key, index0 + fo_u64(off + i)));
+            } else {
+                PS::narrow_block(pw, pb, m);
+            }
         }
     }
     return 0;
@@ -465,7 +481,9 @@ FASTOPT_CLONES int run_chunk(int layout, int kind, int variant, void* const* ptr
         case LAYOUT_F32: return run_chunk_typed<float, F32, F32, F32>(kind, variant, ptrs, n, s, coef, acc);
         case LAYOUT_F64: return run_chunk_typed<double, F64, F64, F64>(kind, variant, ptrs, n, s, coef, acc);
         case LAYOUT_F32_BF16S: return run_chunk_typed<float, F32, F32, Bf16>(kind, variant, ptrs, n, s, coef, acc);
-        case LAYOUT_F32_F16S: return run_chunk_typed<float, F32, F32, F16>(kind, variant, ptrs, n, s, coef, acc);
+        // float16 states of float32 params: staged (F16C blocks), the params and grads passed as they are
+        case LAYOUT_F32_F16S:
+            return run_staged<F32, F32, DTYPE_F16, ROUND_NEAREST>(kind, variant, ptrs, n, s, coef, acc, 0, 0);
         case LAYOUT_BF16: return run_chunk_typed<float, Bf16, Bf16, F32>(kind, variant, ptrs, n, s, coef, acc);
         case LAYOUT_BF16_F32G: return run_chunk_typed<float, Bf16, F32, F32>(kind, variant, ptrs, n, s, coef, acc);
         // float16 params: staged, so that their conversions run on whole blocks (F16C, f16_simd.hpp), not
