@@ -302,7 +302,7 @@ def test_cupy_backend_split_launches(monkeypatch):
         cupy_backend.run_phase2(prepared, LAMB, hp, step, 0.5, lrs)
         abi.assert_launches_fit(fake, "run_phase2")
         assert [launch.name for launch in fake.launches] == [apply]
-        given = fake.launches[0].args[-2]
+        given = abi.args_by_name(fake.launches[0])["scaled_lr"]
         assert given.dtype == np.float64 and given.host.tolist() == lrs
         fake.launches.clear()
         with pytest.raises(ValueError, match="scaled_lr"):

@@ -257,7 +257,7 @@ def test_cupy_backend_uses_the_given_coefs_without_a_norms_pass(monkeypatch):
         abi.assert_launches_fit(fake, "given coefs")
         assert [launch.name for launch in fake.launches] == [
             cuda_source.update_kernel_name(LARS.kernel, LARS.variant(hp, 1), True)]
-        given = fake.launches[0].args[-1]
+        given = abi.args_by_name(fake.launches[0])["coefs"]
         assert given.dtype == np.float64 and given.host.tolist() == coefs
         with pytest.raises(ValueError, match="one coefficient per array of the call"):
             cupy_backend.step(LARS, arrays, names, LARS.validate(hp, 1)[0], 1, None, tensor_coefs=coefs[:2])
