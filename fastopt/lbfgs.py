@@ -285,7 +285,16 @@ class ParamVector:
         return self.xp.subtract(a, b, out=self.take())
 
     def mul(self, a, t):
-        return self.xp.multiply(a, t, out=self.take())
+        """a * t into a new flat vector. For 16-bit vectors and a Python float t (the line search's step),
+        torch multiplies in float32 (t rounded to float32, one rounding to 16 bits at the end), where NumPy's
+        float16 loop would round t to float16 first."""
+        out = self.take()
+        if self.dtype.itemsize < 4 and isinstance(t, float):
+            wide = a.astype(np.float32)
+            wide *= np.float32(t)
+            out[...] = wide.astype(self.dtype)
+            return out
+        return self.xp.multiply(a, t, out=out)
 
     def dot(self, a, b):
         return _scalar(self.xp.dot(a, b))
