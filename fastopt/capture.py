@@ -126,12 +126,28 @@ class CapturedScalars:
         """The device row group gi's kernels read (valid after select())."""
         return self.out[gi * WIDTH:(gi + 1) * WIDTH]
 
+    def check_step(self, keys, host_steps) -> bool:
+        """Whether the step about to run is being captured; part of the step's validation phase, so
+        nothing is written when it raises. Inside a capture the step can neither make rows (a group's
+        `keys` changed: host work and uploads a graph would not replay) nor launch a kernel variant that
+        still changes with the step (a first step, a rectification: a graph holds one kernel)."""
+        if not self.backend.capturing(self.like):
+            return False
+        for gi, key in enumerate(keys):
+            if self.keys[gi] is None or self.keys[gi] != key:
+                raise RuntimeError(OUTSIDE_CAPTURE)
+            settled = self.variants[gi][1]
+            if host_steps[gi] < settled:
+                raise RuntimeError(f"capturable=True: the kernel of param group {gi} changes with the step until "
+                                   f"step {settled} (a first step, a rectification), and a CUDA graph holds one "
+                                   f"kernel: run eager steps up to step {settled - 1} before capturing")
+        return True
+
     def ensure(self, gi, key, spec, hp, lr):
-        """Rows for group gi made from (hp, lr) unless they already are (`key` identifies both)."""
+        """Rows for group gi made from (hp, lr) unless they already are (`key` identifies both); outside a
+        capture (check_step said so)."""
         if self.keys[gi] is not None and self.keys[gi] == key:
             return
-        if self.backend.capturing(self.like):
-            raise RuntimeError(OUTSIDE_CAPTURE)
         self.rebuild(gi, key, spec, hp, lr, self.read_counts()[gi])
 
     def rebuild(self, gi, key, spec, hp, lr, base):
@@ -144,18 +160,12 @@ class CapturedScalars:
         self.keys[gi] = key
         self.variants[gi] = (variant, settled)
 
-    def variant_step(self, gi, host_step):
+    def variant_step(self, gi, host_step, capturing):
         """The step number whose kernel variant this step launches: the host's count on eager steps before
-        any capture, the settled variant's from the first capture on (checked to hold)."""
-        variant, settled = self.variants[gi]
-        capturing = self.backend.capturing(self.like)
+        any capture, the settled variant's from the first capture on (check_step made sure it holds)."""
         if capturing or self.captured:
-            if host_step < settled and capturing:
-                raise RuntimeError(f"capturable=True: the kernel of param group {gi} changes with the step until "
-                                   f"step {settled} (a first step, a rectification), and a CUDA graph holds one "
-                                   f"kernel: run eager steps up to step {settled - 1} before capturing")
             self.captured = True
-            return max(host_step, settled)
+            return max(host_step, self.variants[gi][1])
         return host_step
 
     def select(self, found_inf):

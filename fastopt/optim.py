@@ -586,6 +586,8 @@ class Optimizer:
                     tail, names = self._call_states(bucket, changes[gi][1])
                 plans.append((gi, bucket, params, tail, names))
         prepared, fixed = self._prepare_step(plans, grads)
+        if self._capturable:
+            capture_keys, capturing = self._check_capture(hps, changes)
         if len(plans) > 1:
             # the kernels' scalars of every call, once before the first call writes (each backend computes
             # them again in run(): a spec whose scalars raised for a later group would leave the earlier
@@ -612,12 +614,12 @@ class Optimizer:
         spec = self.spec
         rows = None
         if self._capturable:
-            rows, found_inf = self._capture_rows(hps, found_inf)
+            rows, found_inf = self._capture_rows(hps, found_inf, capture_keys)
         for (gi, bucket, _, _, _), call in zip(plans, prepared):
             hp, t = hps[gi], self._group_steps[gi] + 1
             if rows is not None:  # the kernels read the step's scalars from the device; t picks the variant
-                bucket.backend.run(call, spec, hp, rows.variant_step(gi, t), grad_scale, found_inf=found_inf,
-                                   scalars_at=rows.row(gi))
+                bucket.backend.run(call, spec, hp, rows.variant_step(gi, t, capturing), grad_scale,
+                                   found_inf=found_inf, scalars_at=rows.row(gi))
             elif self._stochastic:  # keyed by (seed, the group's step): element i of a param gets its own bits
                 bucket.backend.run(call, spec, hp, t, grad_scale, stochastic=StochasticRounding(self._seed, t))
             elif found_inf is None:
@@ -629,27 +631,39 @@ class Optimizer:
             self._last_lr[gi] = hps[gi]["lr"]
         return None if found_inf is not None else True
 
-    def _capture_rows(self, hps, found_inf):
-        """capturable=True: (capture.CapturedScalars, the skip flag for the update kernels) after the launch
-        that advances the device step counters and selects each group's row of scalars. The rows are made
-        (host) when a group's values change, which must happen outside a capture."""
+    def _check_capture(self, hps, changes):
+        """capturable=True, in the validation phase: (each group's key of its rows, whether this step is
+        being captured). Raises, before anything is written, when a bucket's backend cannot be captured
+        (Numba: the arrays decide the backend at each step) or when a step inside a capture would need
+        what a capture cannot do (capture.CapturedScalars.check_step)."""
         buckets = [b for bs in self._buckets for b in bs]
-        be = self._backend(buckets[0])
         for b in buckets:
-            self._backend(b)
-            if not b.capturable:
+            if not b.capturable:  # resolved by _prepare_step
                 raise TypeError(f"capturable=True needs a backend that CUDA graphs can capture (cupy); this "
                                 f"step's arrays go to {b.backend.NAME!r}")
-        cap = self._capture
-        if cap is None:
-            if be.capturing(buckets[0].params[0]):
-                raise RuntimeError(OUTSIDE_CAPTURE)
-            cap = self._capture = CapturedScalars(be, buckets[0].params[0], len(self.param_groups),
-                                                  self._group_steps)
+        keys = []
         for gi, group in enumerate(self.param_groups):
             lr = group["lr"]  # the group's other values: the key of its validated hyperparameters (_hp_cache)
-            cap.ensure(gi, (self._hp_cache[gi][0], lr if _is_callable_lr(lr) else hps[gi]["lr"]), self.spec, hps[gi],
-                       lr)
+            hp_key = (changes[gi] if changes[gi] is not None else self._hp_cache[gi])[0]
+            keys.append((hp_key, lr if _is_callable_lr(lr) else hps[gi]["lr"]))
+        cap = self._capture
+        if cap is None:
+            if buckets[0].backend.capturing(buckets[0].params[0]):
+                raise RuntimeError(OUTSIDE_CAPTURE)
+            return keys, False
+        return keys, cap.check_step(keys, [self._group_steps[gi] + 1 for gi in range(len(keys))])
+
+    def _capture_rows(self, hps, found_inf, keys):
+        """capturable=True: (capture.CapturedScalars, the skip flag for the update kernels) after the launch
+        that advances the device step counters and selects each group's row of scalars. The rows are made
+        (host) when a group's values change, outside a capture (_check_capture made sure)."""
+        cap = self._capture
+        if cap is None:
+            bucket = self._buckets[0][0]
+            cap = self._capture = CapturedScalars(bucket.backend, bucket.params[0], len(self.param_groups),
+                                                  self._group_steps)
+        for gi, group in enumerate(self.param_groups):
+            cap.ensure(gi, keys[gi], self.spec, hps[gi], group["lr"])
         return cap, cap.select(found_inf)
 
     def _prepare_step(self, plans, grads):

@@ -172,10 +172,11 @@ def test_capture_rules(cp):
     (radam, radam_params), _ = _pair(cp, "radam", seed=4, clip_skip=False)
     radam.step(grads)
     radam.step(grads)
-    before = _live(radam, radam_params)
+    before, launched = _live(radam, radam_params), len(cp.launches)
     cp.capturing.add(stream.ptr)
     with pytest.raises(RuntimeError, match="changes with the step until step 6.*up to step 5 before capturing"):
         radam.step(grads)  # RAdam rectifies from step 6 with beta2 = 0.999
+    assert len(cp.launches) == launched  # refused in the validation phase: not even the row selection ran
     assert _live(radam, radam_params) == before
     cp.capturing.clear()
     cap.param_groups[1]["lr"] = 0.5  # new values: rows made again, which a capture cannot do
@@ -215,3 +216,24 @@ def test_static_gradient_buffers_equal_fresh_gradients(cp, name, capturable):
         fast.step(static)
         ref.step([cp.from_host(g) for g in grads])
         assert _live(fast, fast_params) == _live(ref, ref_params), f"{name}: step {t + 1} differs"
+
+
+def test_a_backend_that_cannot_capture_is_refused_before_anything_runs(cp):
+    """The backend is resolved at each step (use_backend, FASTOPT_BACKEND): a capturable optimizer whose step
+    would go to Numba raises in the validation phase: no launch (not the guard's either), no param, state,
+    step count or hyperparameter taken; the next cupy step equals a reference that never saw the refusal."""
+    (cap, params), (ref, ref_params) = _pair(cp, "adam", seed=21)
+    grads = [cp.from_host(np.full(s, 0.5, d)) for s, d in zip(SHAPES, DTYPES)]
+    cap.step(grads)
+    ref.step(grads)
+    before = _live(cap, params)
+    cap.param_groups[1]["weight_decay"] = 0.5  # a change the refused step must not commit
+    emu_launches = len(cp.launches)
+    with fastopt.use_backend("numba"), pytest.raises(TypeError, match="capturable=True needs a backend.*'numba'"):
+        cap.step(grads)
+    assert len(cp.launches) == emu_launches
+    assert _live(cap, params) == before and cap.steps(0) == cap.steps(1) == 1
+    for opt in (cap, ref):
+        opt.param_groups[1]["weight_decay"] = 0.25
+        opt.step(grads)
+    assert _live(cap, params) == _live(ref, ref_params)
