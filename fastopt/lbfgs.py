@@ -304,8 +304,13 @@ class ParamVector:
         return _scalar(self.xp.maximum(v.max(), -v.min()))
 
     def abs_sum(self, v):
+        """sum |v| as torch's v.abs().sum(): 16-bit vectors summed in float32 and rounded once (NumPy sums
+        ml_dtypes' bfloat16 in bfloat16, rounding every partial sum: half of the sums came out another value)."""
         tmp = self.xp.abs(v, out=self.take())
-        total = _scalar(tmp.sum())
+        if self.dtype.itemsize < 4:
+            total = np.asarray(_scalar(tmp.sum(dtype=np.float32))).astype(self.dtype)[()]
+        else:
+            total = _scalar(tmp.sum())
         self.give(tmp)
         return total
 
