@@ -235,27 +235,39 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
                 from fastopt.arrays import copy_into
                 copy_into(out, p)
             return out
-        if dtype is None:  # a device param: on its device, filled on its producer stream
-            return device_state(p, fill)
+        if dtype is None or (not isinstance(dtype, (str, Exception)) and array_device(p, label) == "device"):
+            return device_state(p, fill, dtype)  # on its device, filled on its producer stream
         if isinstance(dtype, Exception):
             raise dtype
         if isinstance(dtype, str):  # "int8": the fill quantized (codes and one absmax per 256 elements)
             return QuantizedState.from_float(np.full(p.shape, fill, np.float32), signed_state(state))
         return np.full(p.shape, fill, dtype)
 
-    def device_state(p, fill):
+    def device_state(p, fill, dtype=None):
         # on the params' device, filled on their producer stream (a torch tensor on cuda:1 under
         # torch.cuda.stream(s): device 1, stream s), so the first update reads it filled; Numba
-        # device arrays keep Numba state, everything else gets CuPy arrays
+        # device arrays keep Numba state, everything else gets CuPy arrays. dtype: state_dtype='s
+        # (CuPy params only: checked below)
         if type(p).__module__.startswith("numba"):
             from fastopt.backends import numba_backend as device_backend
-            dtype = np.dtype(p.dtype)  # the simulator's arrays export no __cuda_array_interface__
+            own = np.dtype(p.dtype)  # the simulator's arrays export no __cuda_array_interface__
         else:
             from fastopt.backends import cupy_backend as device_backend
-            dtype = np.dtype(p.__cuda_array_interface__["typestr"])  # CuPy, torch: one way for both
-        # float16 params keep float32 state (float16 moments underflow; the kernels do float32 math)
-        dtype = np.dtype(np.float32) if dtype == np.float16 else dtype
+            # a CuPy array's own dtype (bfloat16 too, which __cuda_array_interface__ cannot say), else torch's
+            own = p.dtype if isinstance(getattr(p, "dtype", None), np.dtype) else \
+                np.dtype(p.__cuda_array_interface__["typestr"])
+        # 16-bit params keep float32 state (16-bit moments underflow; the kernels do float32 math)
+        if dtype is None:
+            dtype = np.dtype(np.float32) if is_16bit(own) else own
         return device_backend.device_full(tuple(p.shape), fill, dtype, like=p)
+
+    def device_param_dtype(p, label):
+        """The dtype of a CuPy param, for state_dtype=; NotImplementedError for the GPU arrays whose backend
+        keeps the default state only (Numba device arrays; torch tensors take fastopt.torch's options)."""
+        if not type(p).__module__.startswith("numba") and isinstance(getattr(p, "dtype", None), np.dtype):
+            return p.dtype
+        raise NotImplementedError(f"state_dtype= on the GPU is implemented for CuPy arrays (the cupy backend); "
+                                  f"{label} is a {type(p).__module__}.{type(p).__name__}")
 
     is_list = isinstance(params, (list, tuple))
     if params is None:
@@ -264,11 +276,15 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
     for i, p in enumerate(params if is_list else [params]):
         label = f"params[{i}]" if is_list else "params"
         if array_device(p, label) == "device":
-            if state_dtype is not None or kahan:
-                raise NotImplementedError(
-                    f"{'state_dtype=' if state_dtype is not None else 'kahan=True'} is implemented for host "
-                    f"(CPU) arrays; {label} is a GPU array")
-            labelled.append((p, label, None, None))
+            if kahan:
+                raise NotImplementedError(f"kahan=True is implemented for host (CPU) arrays; {label} is a GPU array")
+            dtype = None
+            if state_dtype is not None:
+                dtype = _state_dtype_of(state_dtype, device_param_dtype(p, label), label)
+                if isinstance(dtype, str):
+                    raise NotImplementedError(f"state_dtype='int8' (8-bit state) is implemented for host (CPU) "
+                                              f"arrays; {label} is a GPU array")
+            labelled.append((p, label, dtype, None))
             continue
         p = as_numpy(p, label)
         if p.dtype.kind != "f" and not is_16bit(p.dtype):  # an error once a state is made for it

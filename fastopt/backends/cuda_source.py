@@ -43,12 +43,45 @@ def _in_flight(text):
 
 IN_FLIGHT = _in_flight(os.environ.get("FASTOPT_CUDA_IN_FLIGHT"))
 
-# dtype of the params -> (FASTOPT_DTYPE code, dtype of the optimizer state)
+def _bfloat16():
+    """ml_dtypes' bfloat16 (how NumPy and CuPy name bfloat16 arrays), or None without ml_dtypes."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+BF16 = _bfloat16()
+# dtype of the params -> (FASTOPT_DTYPE code, dtype of the optimizer state by default)
 DTYPES = {
     np.dtype(np.float32): (0, np.dtype(np.float32)),
     np.dtype(np.float64): (1, np.dtype(np.float64)),
     np.dtype(np.float16): (2, np.dtype(np.float32)),
 }
+if BF16 is not None:
+    DTYPES[BF16] = (3, np.dtype(np.float32))
+# dtype of the optimizer state -> FASTOPT_STATE code (device.cuh), for a state other than the default
+STATE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1, np.dtype(np.float16): 2}
+if BF16 is not None:
+    STATE_CODES[BF16] = 3
+
+
+def module_key(param_dtype, state_dtype=None):
+    """What selects a compiled module: the params' dtype alone when the state has its default dtype (None
+    too), else (params' dtype, state dtype) (state_dtype=, device.cuh FASTOPT_STATE)."""
+    param_dtype = np.dtype(param_dtype)
+    if state_dtype is None or np.dtype(state_dtype) == DTYPES[param_dtype][1]:
+        return param_dtype
+    return param_dtype, np.dtype(state_dtype)
+
+
+def module_dtypes(key):
+    """(params' dtype, state dtype) of a module_key."""
+    if isinstance(key, tuple):
+        return key
+    dtype = np.dtype(key)
+    return dtype, DTYPES[dtype][1]
 
 # capturable steps: a device row of scalars holds spec.scalars in its first slots and the lr in this one
 # (read by a two-phase family's trust kernel); no spec has more than LR_SLOT scalars (tests/test_capture.py)
@@ -222,15 +255,19 @@ def kernel_source() -> str:
     return "\n".join(f"// ---- {name} ----\n" + _inline(name, directory, seen) for name in SOURCES)
 
 
-def compile_options(dtype) -> tuple:
-    """NVRTC options of a dtype's module. --fmad=false: no multiply-add contraction (NVRTC contracts by
+def compile_options(key) -> tuple:
+    """NVRTC options of a module (module_key: a params' dtype, or (params' dtype, state dtype)). --fmad=false: no multiply-add contraction (NVRTC contracts by
     default), as the CPU build's -ffp-contract=off, so that every kernel rounds as the reference does and
     two kernels inlining the same math (one array or a list, with or without a grad_scale multiply) agree
     bit for bit. Without it, on an H200, the one-rank sharded step over NCCL (clipping on, coefficient 1)
     differed from the class step in the last bit (tests/distributed/test_nccl.py)."""
-    code, _ = DTYPES[np.dtype(dtype)]
-    return ("-std=c++17", f"-DFASTOPT_DTYPE={code}", f"-DFASTOPT_BLOCK={BLOCK}", f"-DFASTOPT_CHUNK={CHUNK}",
-            f"-DFASTOPT_IN_FLIGHT={IN_FLIGHT}", "--fmad=false")
+    dtype, state = module_dtypes(key)
+    code, default = DTYPES[dtype]
+    options = ("-std=c++17", f"-DFASTOPT_DTYPE={code}", f"-DFASTOPT_BLOCK={BLOCK}", f"-DFASTOPT_CHUNK={CHUNK}",
+               f"-DFASTOPT_IN_FLIGHT={IN_FLIGHT}", "--fmad=false")
+    if state != default:
+        options += (f"-DFASTOPT_STATE={STATE_CODES[state]}",)
+    return options
 
 
 def entry_name(family, suffix):

@@ -41,12 +41,15 @@ AVAILABLE = importlib.util.find_spec("cupy") is not None
 
 BLOCK = cuda_source.BLOCK
 CHUNK = cuda_source.CHUNK
-DTYPES = (F32, F64, F16)
+# the params' dtypes the kernels update: bfloat16 too where ml_dtypes names it (CuPy's bfloat16 arrays)
+DTYPES = tuple(cuda_source.DTYPES)
 _BLOCKS_PER_SM = 8            # grid cap of fo_touch (the benchmark's old ceiling kernel)
 _MAX_GRID = 2 ** 31 - 1       # gridDim.x limit
 _TABLE_CACHE_SIZE = 64
 _SCALARS = np.dtype([("v", np.float64, (16,))])  # device.cuh `Scalars`, passed by value
-_GS_KIND = {F16: 1, F32: 2, F64: 3}
+_GS_KIND = {F16: 1, F32: 2, F64: 3}  # device.cuh device_scale's kinds of a device grad_scale
+if cuda_source.BF16 is not None:
+    _GS_KIND[cuda_source.BF16] = 4
 LR_SLOT = cuda_source.LR_SLOT  # the lr's slot in a device row of scalars (two-phase families' trust kernel)
 _modules: dict = {}
 _functions: dict = {}
@@ -172,7 +175,7 @@ _WHERE = "on the GPU"
 
 
 def _validate(arrays, names, read_only_slot=1):
-    return validate_device_arrays(arrays, names, _describe, DTYPES, _WHERE, read_only_slot)
+    return validate_device_arrays(arrays, names, _describe, DTYPES, _WHERE, read_only_slot, state_dtypes=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,6 +183,8 @@ def _validate(arrays, names, read_only_slot=1):
 # ---------------------------------------------------------------------------------------------------
 
 def _function(device, dtype, name):
+    """Entry point `name` of the module for `dtype` (cuda_source.module_key: a params' dtype, or with a state
+    of another dtype (params' dtype, state dtype)) on `device`, compiled on first use."""
     key = (device, dtype, name)
     fn = _functions.get(key)
     if fn is None:
@@ -343,16 +348,24 @@ def _memo_table(prepared, name, lists, device, stream):
 _NO_MEMO = object()
 
 
+def _module_of(lists):
+    """The module of a call's update kernels (cuda_source.module_key): its params' dtype and, when not the
+    default, its states' (one dtype per call, validated)."""
+    states = [lst[0] for k, lst in enumerate(lists) if k >= 2 and k != 5 and lst]  # slot 5: Kahan's, refused
+    return cuda_source.module_key(lists[0][0].dtype, states[0].dtype if states else None)
+
+
 class _Launch:
     """What run() works out once per Checked call (kept in its memo): whether any element is there, the
-    params' dtype and device, and for one array its kernel's pointer arguments, size, vector flag and grid."""
+    module of its dtypes (cuda_source.module_key: the params' dtype and, when not the default, the states'),
+    the device, and for one array its kernel's pointer arguments, size, vector flag and grid."""
 
     __slots__ = ("nonempty", "dtype", "device", "single")
 
     def __init__(self, lists):
         params = lists[0]
         self.nonempty = any(a.size for a in params)
-        self.dtype = params[0].dtype if params else None
+        self.dtype = _module_of(lists) if params else None
         self.device = _device_of(params[0]) if self.nonempty else None
         self.single = None
         if self.nonempty and len(params) == 1:
@@ -360,7 +373,7 @@ class _Launch:
             n = params[0].size
             # one vector per thread, not capped: measured on an H100 at 2^28 (issue 11), a grid capped at 8
             # blocks per SM (3-5 resident) reached 2765 GB/s, the uncapped one 2909; the loop is grid-stride
-            grid = min(_blocks(n, 16 // self.dtype.itemsize), _MAX_GRID)
+            grid = min(_blocks(n, 16 // params[0].dtype.itemsize), _MAX_GRID)
             # p, g, s0, s1, s2, s3: slot 5 (the Kahan compensation) is refused on the GPU, slot 6 is s3
             self.single = (tuple(_ptr(a) for a in slots[:5] + slots[6:]), np.int64(n), np.int32(_aligned(*slots)),
                            grid)
@@ -428,7 +441,7 @@ def _blocks(n, per_thread):
 def prepare(arrays, names, indices=None):
     """Check the arrays of one update (nothing is written or launched); run() launches it."""
     no_precision_modes(NAME, arrays)
-    return prepare_device(arrays, names, _describe, DTYPES, _WHERE, 1, indices)
+    return prepare_device(arrays, names, _describe, DTYPES, _WHERE, 1, indices, state_dtypes=True)
 
 
 def prepare_grads(grads, name="grads", indices=None):
@@ -443,7 +456,7 @@ def prepare_fixed(calls):
     """Check an optimizer's params and states once (interface.PrepareOnceBackend, validate.prepare_fixed)."""
     for arrays, _, _ in calls:
         no_precision_modes(NAME, arrays)
-    return prepare_fixed_device(calls, _describe, DTYPES, _WHERE, _unchanged, _stable)
+    return prepare_fixed_device(calls, _describe, DTYPES, _WHERE, _unchanged, _stable, state_dtypes=True)
 
 
 def bind_grads(fixed, grads_per_call):
@@ -564,7 +577,7 @@ def _two_phase_setup(prepared, spec, hp, step, grad_scale, found_inf, stochastic
     device = _device_of(lists[0][0])
     stream = _stream_of(lists[0][0], device)
     host_scale, gs_ptr, gs_kind = _grad_scale(grad_scale)
-    return lists, lists[0][0].dtype, device, stream, _pack(spec.scalars(hp, step, host_scale)), gs_ptr, gs_kind, skip
+    return lists, _module_of(lists), device, stream, _pack(spec.scalars(hp, step, host_scale)), gs_ptr, gs_kind, skip
 
 
 def run_phase1(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
@@ -794,9 +807,9 @@ def touch(arrays):
     trivial math (p and states read and written, g read)."""
     lists, _ = _validate(tuple(arrays), ("params", "grads", "state0", "state1", "state2")[:len(arrays)])
     slots = [lst[0] for lst in lists] + [None] * (5 - len(lists))
-    n, dtype, device = slots[0].size, slots[0].dtype, _device_of(slots[0])
+    n, device = slots[0].size, _device_of(slots[0])
     with _on(device, _stream_of(slots[0], device)):
-        _function(device, dtype, "fo_touch")(
+        _function(device, _module_of(lists), "fo_touch")(
             (min(_blocks(n, 1), _max_blocks(device)),), (BLOCK,),
             (*(_ptr(a) for a in slots), np.int64(n), np.int32(len(lists) - 2)))
 

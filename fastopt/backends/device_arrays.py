@@ -25,8 +25,9 @@ F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 
 
 def state_dtype(param_dtype):
-    """The dtype the optimizer state of a `param_dtype` param must have on the GPU."""
-    return F32 if param_dtype == F16 else param_dtype
+    """The dtype the optimizer state of a `param_dtype` param has on the GPU by default (the Numba backend's
+    only one): float32 for 16-bit params (float16, bfloat16), else the param's own."""
+    return F32 if param_dtype.itemsize == 2 else param_dtype
 
 
 class DeviceArray:
@@ -75,13 +76,17 @@ def from_interface(obj, name):
 
 
 class _DeviceApi:
-    """The members validate_arrays needs, for DeviceArray views."""
+    """The members validate_arrays needs, for DeviceArray views. state_dtypes: the backend's kernels take the
+    state dtypes the CPU's do (state_dtype=: the host rule, validate.HostArrays.state_ok), else only the
+    default one (state_dtype above)."""
 
-    def __init__(self, describe, dtypes, where, unchanged=None, stable=None):
+    def __init__(self, describe, dtypes, where, unchanged=None, stable=None, state_dtypes=False):
         self.convert, self.dtypes, self.where = describe, dtypes, where
         self.unchanged = unchanged  # (obj, checked view) -> True when obj is surely as checked (validate._is_current)
         if stable is not None:  # obj -> True when the object itself pins what the kernels read (validate.bind_grads)
             self.stable = stable
+        if state_dtypes:
+            self.state_ok, self.states_text = validate.HostArrays.state_ok, validate.HostArrays.states_text
 
     pointer = staticmethod(lambda a: a.ptr)
     c_contiguous = staticmethod(lambda a: a.c_contiguous)
@@ -89,29 +94,32 @@ class _DeviceApi:
     state_dtype = staticmethod(state_dtype)
 
 
-def validate_device_arrays(arrays, names, describe, dtypes, where, read_only_slot=1):
+def validate_device_arrays(arrays, names, describe, dtypes, where, read_only_slot=1, state_dtypes=False):
     """arrays = (params, grads, state0, ...), each one array or a list (None: unused state slot).
     describe(obj, label) -> DeviceArray. Returns (lists, is_list): every entry as a list of DeviceArray
     (None kept). Entry read_only_slot is only read (grads of an update: 1); -1 when all are written.
     The checks and messages are the host ones (validate.validate_arrays)."""
-    lists = validate_arrays(arrays, names, _DeviceApi(describe, dtypes, where), read_only_slot)
+    lists = validate_arrays(arrays, names, _DeviceApi(describe, dtypes, where, state_dtypes=state_dtypes),
+                            read_only_slot)
     return lists, isinstance(arrays[0], (list, tuple))
 
 
-def prepare_device(arrays, names, describe, dtypes, where, read_only_slot=1, indices=None) -> Checked:
+def prepare_device(arrays, names, describe, dtypes, where, read_only_slot=1, indices=None,
+                   state_dtypes=False) -> Checked:
     """The checks of validate_device_arrays, as a Checked for a backend's run() and for
     check_prepared_disjoint across the calls of one optimizer step."""
-    return prepare(arrays, names, _DeviceApi(describe, dtypes, where), read_only_slot, indices)
+    return prepare(arrays, names, _DeviceApi(describe, dtypes, where, state_dtypes=state_dtypes), read_only_slot,
+                   indices)
 
 
-def prepare_fixed_device(calls, describe, dtypes, where, unchanged=None, stable=None):
+def prepare_fixed_device(calls, describe, dtypes, where, unchanged=None, stable=None, state_dtypes=False):
     """validate.prepare_fixed (interface.PrepareOnceBackend) on device arrays: the params and states of an
     optimizer's calls checked once; validate.bind_grads(fixed, grads_per_call) then re-checks what it
     saw and checks the grads. unchanged(obj, view): the backend's cheap proof that an array it checked
     before is as it was (the same CuPy array object, say); any other array is described again.
     stable(obj): the object alone pins its memory, dtype, size and layout (a CuPy array): when every array
     is, bind_grads skips the look at them and, given the same grads as the last step, the checks."""
-    return validate.prepare_fixed(calls, _DeviceApi(describe, dtypes, where, unchanged, stable))
+    return validate.prepare_fixed(calls, _DeviceApi(describe, dtypes, where, unchanged, stable, state_dtypes))
 
 
 def checked_grads(grads, describe, dtypes, where, written):

@@ -2,14 +2,19 @@
 // CPU build. Holds: the dtype configuration of one compiled module, float16 conversions, 16-byte
 // vector loads, the multi-tensor table layout, the grad_scale read and a deterministic block sum.
 //
-// One RawModule is compiled per device and dtype, selected with -DFASTOPT_DTYPE:
+// One RawModule is compiled per device, params' dtype and state dtype, selected with -DFASTOPT_DTYPE:
 //   0 float32 data, float32 state, float32 math
 //   1 float64 data, float64 state, float64 math
 //   2 float16 params and grads, float32 state, float32 math (fp16 moments would underflow)
+//   3 bfloat16 params and grads, float32 state, float32 math
+// and, for another state dtype (state_dtype=, DESIGN.md "Precision"), -DFASTOPT_STATE: 0 float32, 2 float16,
+// 3 bfloat16 (float32 params: any of them; 16-bit params: float32 or their own dtype). 16-bit values are
+// widened exactly and stored rounded to nearest even, as the CPU loops do (precision.cuh for bfloat16).
 // FASTOPT_BLOCK (threads per block) and FASTOPT_CHUNK (elements per block of a multi-tensor launch)
 // come from the launcher (fastopt/backends/cupy_backend.py) so both sides agree.
 #pragma once
 #include "common.cuh"
+#include "precision.cuh"
 
 #ifndef FASTOPT_DTYPE
 #define FASTOPT_DTYPE 0
@@ -51,36 +56,67 @@ __device__ __forceinline__ half_t float_to_half(float f) {
 }
 #endif
 
+// bfloat16: the top half of a float32, converted by precision.cuh's software (the CPU loops' bits)
+struct bf16_t {
+    unsigned short bits;
+};
+
 #if FASTOPT_DTYPE == 0
 typedef float T;  // params and grads
-typedef float S;  // optimizer state
 typedef float M;  // math
+#define FASTOPT_DEFAULT_STATE 0
 #elif FASTOPT_DTYPE == 1
 typedef double T;
-typedef double S;
 typedef double M;
+#define FASTOPT_DEFAULT_STATE 1
 #elif FASTOPT_DTYPE == 2
 typedef half_t T;
-typedef float S;
 typedef float M;
+#define FASTOPT_DEFAULT_STATE 0
+#elif FASTOPT_DTYPE == 3
+typedef bf16_t T;
+typedef float M;
+#define FASTOPT_DEFAULT_STATE 0
 #else
-#error "FASTOPT_DTYPE must be 0 (float32), 1 (float64) or 2 (float16)"
+#error "FASTOPT_DTYPE must be 0 (float32), 1 (float64), 2 (float16) or 3 (bfloat16)"
+#endif
+
+#ifndef FASTOPT_STATE
+#define FASTOPT_STATE FASTOPT_DEFAULT_STATE
+#endif
+#if FASTOPT_STATE == 0
+typedef float S;  // optimizer state
+#elif FASTOPT_STATE == 1
+typedef double S;
+#elif FASTOPT_STATE == 2
+typedef half_t S;
+#elif FASTOPT_STATE == 3
+typedef bf16_t S;
+#else
+#error "FASTOPT_STATE must be 0 (float32), 1 (float64), 2 (float16) or 3 (bfloat16)"
 #endif
 
 __device__ __forceinline__ M load(float x) { return M(x); }
 __device__ __forceinline__ M load(double x) { return M(x); }
 __device__ __forceinline__ M load(half_t x) { return M(half_to_float(x)); }
+__device__ __forceinline__ M load(bf16_t x) { return M(fo_bf16_to_float(x.bits)); }
 template <typename X> __device__ __forceinline__ X store(M x);
 template <> __device__ __forceinline__ float store<float>(M x) { return float(x); }
 template <> __device__ __forceinline__ double store<double>(M x) { return double(x); }
 template <> __device__ __forceinline__ half_t store<half_t>(M x) { return float_to_half(float(x)); }
+template <> __device__ __forceinline__ bf16_t store<bf16_t>(M x) {
+    bf16_t h;
+    h.bits = fo_float_to_bf16(float(x));
+    return h;
+}
 
 // Elements per 16-byte load of the params; state arrays move the same number of elements per step
-// (two 16-byte loads for float32 state of float16 params).
+// (two 16-byte loads for float32 state of 16-bit params, one 8-byte load for 16-bit state of float32 params).
 enum { VEC = 16 / sizeof(T) };
 
+// A vector of N elements, aligned to its size (at most 16 bytes), so that an array of them has no padding.
 template <typename X, int N>
-struct __align__(16) Vec {
+struct alignas(sizeof(X) * N < 16 ? sizeof(X) * N : 16) Vec {
     X v[N];
 };
 
@@ -118,9 +154,10 @@ __device__ __forceinline__ P load_scalars(const Scalars& sc, const double* at) {
 }
 
 // grad_scale may live on the device (a 0-d array: a clipping coefficient, a loss scale) so that
-// "clip then update" needs no host synchronisation. kind: 0 none, 1 float16, 2 float32, 3 float64.
+// "clip then update" needs no host synchronisation. kind: 0 none, 1 float16, 2 float32, 3 float64, 4 bfloat16.
 __device__ __forceinline__ M device_scale(const void* gs, int kind) {
     if (kind == 1) return M(half_to_float(*static_cast<const half_t*>(gs)));
+    if (kind == 4) return M(fo_bf16_to_float(*static_cast<const unsigned short*>(gs)));
     if (kind == 2) return M(*static_cast<const float*>(gs));
     if (kind == 3) return M(*static_cast<const double*>(gs));
     return M(1);

@@ -139,7 +139,8 @@ FACTORIES = {"cupy": CupyArrays, "numba": NumbaArrays}
 # ---------------------------------------------------------------------------------------------------
 
 def _state_dtype(dtype):
-    return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
+    """The default state dtype of `dtype` params: float32 for 16-bit ones (float16, bfloat16)."""
+    return np.dtype(np.float32) if np.dtype(dtype).itemsize == 2 else np.dtype(dtype)
 
 
 def _host(rng, shape, dtype):

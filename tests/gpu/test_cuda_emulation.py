@@ -16,13 +16,14 @@ from fastopt.backends import cupy_backend, cuda_source, numpy_backend
 from fastopt.backends.device_arrays import state_dtype
 from fastopt.specs import REGISTRY
 
-from test_cupy_launch_abi import assert_launches_fit, option_sets
+from test_cupy_launch_abi import assert_launches_fit, module_dtype, option_sets
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None or platform.machine() not in ("x86_64", "AMD64"),
                                 reason="the emulated kernels are built with g++ for x86-64 (F16C for float16)")
 
 CHUNK = cuda_source.CHUNK
 F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+BF16 = cuda_source.BF16  # None without ml_dtypes
 LAYOUTS = {"one array": [(3 * 256 * 4 + 5,)], "misaligned": [(1031,)],
            "list": [(7,), (0,), (33, 5), (CHUNK + 5,), (1,)]}
 STEPS = (1, 10)
@@ -55,16 +56,17 @@ def cp(emu, monkeypatch, request):
 _modules: dict = {}  # IN_FLIGHT -> the backend's module cache
 
 
-def _host_arrays(rng, spec, hp, dtype, shapes, as_list):
+def _host_arrays(rng, spec, hp, dtype, shapes, as_list, sdtype=None):
     """(host arrays, names) as the backend takes them: params, grads, then the states (non-negative
-    values: valid for every family's states), None for unused slots."""
+    values: valid for every family's states; of dtype `sdtype`, else the default), None for unused slots."""
     def make(shape, dt, positive=False):
         x = rng.standard_normal(shape).astype(np.float64)
         return (np.abs(x) if positive else x).astype(dt)
 
     params = [make(s, dtype) for s in shapes]
     grads = [make(s, dtype) * dtype.type(0.5) for s in shapes]
-    tail, names = spec.plan_call(hp, lambda _: [make(s, state_dtype(dtype), True) for s in shapes])
+    sdtype = state_dtype(dtype) if sdtype is None else sdtype
+    tail, names = spec.plan_call(hp, lambda _: [make(s, sdtype, True) for s in shapes])
     arrays = (params, grads) + tuple(tail)
     if not as_list:
         arrays = tuple(None if a is None else a[0] for a in arrays)
@@ -93,9 +95,10 @@ def _compare(spec, dtype, got, want, context):
     for i, (g, w) in enumerate(zip(got, want)):
         g = g.get()
         if exact:
-            assert g.tobytes() == w.tobytes(), f"{context}: array {i} differs: {np.abs(g.astype(np.float64) - w).max()}"
+            assert g.tobytes() == w.tobytes(), \
+                f"{context}: array {i} differs: {np.abs(g.astype(np.float64) - w.astype(np.float64)).max()}"
         else:
-            tol = {F64: 1e-12, F32: 2e-6, F16: 2e-3}[dtype]
+            tol = {F64: 1e-12, F32: 2e-6, F16: 2e-3, BF16: 1.6e-2}[dtype]
             np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), rtol=tol, atol=tol, err_msg=context)
 
 
@@ -132,6 +135,47 @@ def test_emulated_kernels_equal_the_reference(cp, name, dtype):
                     assert_launches_fit(cp, context)
                     _compare(spec, dtype, _flat(device)[:len(want)], _flat(host), context)
                     del want
+                    ran += 1
+    assert ran
+
+
+# (params, state) dtypes other than the defaults above: state_dtype= (DESIGN.md "Precision") and bfloat16 params
+PRECISIONS = [(F32, F16), (F16, F16)] + ([(F32, BF16), (BF16, F32), (BF16, BF16)] if BF16 is not None else [])
+
+
+@pytest.mark.parametrize("cp", [1], indirect=True, ids=["in flight 1"])
+@pytest.mark.parametrize("dtypes", PRECISIONS, ids=lambda d: f"{d[0]} params, {d[1]} state")
+@pytest.mark.parametrize("name", [s.name for s in SPECS])
+def test_emulated_16bit_params_and_states_equal_the_reference(cp, name, dtypes):
+    """16-bit states (of float32 and 16-bit params) and bfloat16 params: the module of the (params, state)
+    dtypes (cuda_source.module_key), widened exactly and stored rounded to nearest even as the CPU loops and the
+    NumPy reference do: equal to the reference bit for bit over every option set, one array (aligned and
+    misaligned) and a list, with a host and a device grad_scale."""
+    dtype, sdtype = dtypes
+    spec = REGISTRY[name]
+    rng = np.random.default_rng([29, list(REGISTRY).index(name), dtype.num, sdtype.num])
+    ran = 0
+    for hp in option_sets(spec):
+        for step in STEPS:
+            for layout, shapes in LAYOUTS.items():
+                as_list = layout == "list"
+                for scale in ((None, "device") if as_list else (0.5,)):
+                    host, names = _host_arrays(rng, spec, hp, dtype, shapes, as_list, sdtype)
+                    device = _to_device(cp, host, misalign=4 if layout == "misaligned" else 0)
+                    if layout == "misaligned":
+                        device = (_to_device(cp, host[:2], 4) + _to_device(cp, host[2:]))
+                    grad_scale = cp.from_host(np.array(0.25, np.float32)) if scale == "device" else scale
+                    numpy_backend.step(spec, tuple(host), names, hp, step, 0.25 if scale == "device" else scale)
+                    context = f"{name} {dtype}/{sdtype} hp={hp} step={step} {layout} grad_scale={scale}"
+                    cp.launches.clear()
+                    cupy_backend.step(spec, device, names, hp, step, grad_scale)
+                    assert_launches_fit(cp, context)
+                    # the update ran in the module of its dtypes (a call without a state: the params')
+                    stateful = any(a is not None for a in host[2:])
+                    assert all(module_dtype(launch.options) == cuda_source.module_key(dtype, sdtype if stateful else None)
+                               for launch in cp.launches if launch.name.startswith(f"fo_{spec.kernel}_")), context
+                    _compare(spec, sdtype if sdtype.itemsize < dtype.itemsize else dtype, _flat(device), _flat(host),
+                             context)
                     ran += 1
     assert ran
 

@@ -140,10 +140,12 @@ SCALAR_OK = {
 
 
 def pointee_dtypes(pointee, module_dtype):
-    """The dtypes a pointer parameter may point to in the module compiled for module_dtype (None: any)."""
+    """The dtypes a pointer parameter may point to in the module compiled for module_dtype (a
+    cuda_source.module_key; None: any)."""
+    params, states = cuda_source.module_dtypes(module_dtype)
     return {
-        "fastopt::dev::T": {module_dtype},
-        "fastopt::dev::S": {cuda_source.DTYPES[module_dtype][1]},
+        "fastopt::dev::T": {params},
+        "fastopt::dev::S": {states},
         "double": {F64},
         "long long": {I64},
         "unsigned char": {BOOL, U8},
@@ -422,10 +424,16 @@ def fake(monkeypatch):
 _DTYPE_OF_CODE = {code: dtype for dtype, (code, _) in cuda_source.DTYPES.items()}
 
 
+_STATE_OF_CODE = {code: dtype for dtype, code in cuda_source.STATE_CODES.items()}
+
+
 def module_dtype(options):
+    """The cuda_source.module_key a module was compiled for, from its options."""
     codes = [int(o.split("=")[1]) for o in options if o.startswith("-DFASTOPT_DTYPE=")]
     assert len(codes) == 1, options
-    return _DTYPE_OF_CODE[codes[0]]
+    states = [int(o.split("=")[1]) for o in options if o.startswith("-DFASTOPT_STATE=")]
+    assert len(states) <= 1, options
+    return cuda_source.module_key(_DTYPE_OF_CODE[codes[0]], _STATE_OF_CODE[states[0]] if states else None)
 
 
 def _pointer_problem(fake, launch, label, pname, pointee, arg):

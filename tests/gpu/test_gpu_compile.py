@@ -40,11 +40,31 @@ def ptx_by_target():
                 pytest.fail(f"NVRTC {arch} {np.dtype(dtype)}:\n{nvrtc.getProgramLog(prog)}")
             ptx = nvrtc.getPTX(prog)
             out[(np.dtype(dtype).name, arch)] = ptx.decode() if isinstance(ptx, bytes) else ptx
+    # the precision modules (16-bit states, bfloat16 params: cuda_source.module_key), for sm_90
+    for key in PRECISION_MODULES:
+        prog = nvrtc.createProgram(source, "fastopt.cu", [], [])
+        try:
+            nvrtc.compileProgram(prog, ["--gpu-architecture=sm_90", *cuda_source.compile_options(key)])
+        except Exception:
+            pytest.fail(f"NVRTC sm_90 {key}:\n{nvrtc.getProgramLog(prog)}")
+        ptx = nvrtc.getPTX(prog)
+        out[(_key_name(key), "sm_90")] = ptx.decode() if isinstance(ptx, bytes) else ptx
     return out
 
 
+F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
+PRECISION_MODULES = [cuda_source.module_key(F32, F16), cuda_source.module_key(F16, F16)] + (
+    [cuda_source.module_key(F32, cuda_source.BF16), cuda_source.module_key(cuda_source.BF16),
+     cuda_source.module_key(cuda_source.BF16, cuda_source.BF16)] if cuda_source.BF16 is not None else [])
+
+
+def _key_name(key):
+    params, state = cuda_source.module_dtypes(key)
+    return f"{params.name} params, {state.name} state"
+
+
 def test_every_entry_point_compiles_for_sm80_sm90_and_every_dtype(ptx_by_target):
-    assert len(ptx_by_target) == 6
+    assert len(ptx_by_target) == 6 + len(PRECISION_MODULES)
     for (dtype, arch), ptx in ptx_by_target.items():
         assert f".target {arch}" in ptx
         missing = [n for n in cuda_source.kernel_names() if f".entry {n}(" not in ptx]

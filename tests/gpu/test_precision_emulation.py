@@ -1,0 +1,108 @@
+"""state_dtype= and bfloat16 params on the CuPy backend (DESIGN.md "Precision", issue 13), through the optimizer
+classes, on the CPU: the kernels run by the CUDA emulation (tests/gpu/cuda_emulator.py). A class on device
+arrays with 16-bit state (float32 or 16-bit params) or bfloat16 params must equal the same class on host arrays
+(the CPU kernels) bit for bit, step after step, for every registry optimizer the classes run; the backends that
+keep the default state (Numba) and the modes the GPU kernels lack (Kahan, stochastic rounding, 8-bit state)
+are refused before anything is made or written."""
+from __future__ import annotations
+
+import collections
+import platform
+import shutil
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import specs
+from fastopt.backends import cuda_source, cupy_backend
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None or platform.machine() not in ("x86_64", "AMD64"),
+                                reason="the emulated kernels are built with g++ for x86-64")
+
+BF16 = cuda_source.BF16
+SHAPES = [(5,), (300,), (3, 4), (0,), (4097,)]
+_modules: dict = {}  # the backend's compiled modules, kept for the whole run
+
+
+@pytest.fixture(scope="module")
+def emu():
+    import cuda_emulator
+    return cuda_emulator.EmuCupy()
+
+
+@pytest.fixture
+def cp(emu, monkeypatch):
+    emu.launches.clear()
+    monkeypatch.setattr(cupy_backend, "_cupy", lambda: emu)
+    monkeypatch.setattr(cuda_source, "IN_FLIGHT", 1)
+    for cache in ("_functions", "_sm_counts", "_external_streams"):
+        monkeypatch.setattr(cupy_backend, cache, {})
+    monkeypatch.setattr(cupy_backend, "_modules", _modules)
+    monkeypatch.setattr(cupy_backend, "_tables", collections.OrderedDict())
+    monkeypatch.setattr(cupy_backend, "_pinned_tables", [])
+    monkeypatch.setattr(cupy_backend, "_guard_buffers", collections.OrderedDict())
+    monkeypatch.setattr(cupy_backend, "_result_streams", cupy_backend.StreamMemo())
+    return emu
+
+
+# the class optimizers whose state starts as zeros or a fill (schedule-free's copy of the params needs CuPy's
+# own casting copy: GPU only), LARS included (its norms pass reads the params' module)
+NAMES = [name for name, spec in specs.REGISTRY.items() if not spec.train_eval]
+CASES = [("float32", None), ("float32", "float16"), ("float16", "float16")] + (
+    [("float32", "bfloat16"), ("bfloat16", None), ("bfloat16", "bfloat16")] if BF16 is not None else [])
+OPTIONS = {"sgd": dict(momentum=0.9), "adagrad": dict(lr_decay=0.01)}
+
+
+def _dtype(name):
+    return BF16 if name == "bfloat16" else np.dtype(name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]} params, {c[1] or 'default'} state")
+@pytest.mark.parametrize("name", NAMES)
+def test_device_class_equals_the_cpu_class_bit_for_bit(cp, name, case):
+    pdtype, state = case
+    spec = specs.get_spec(name)
+    cls = getattr(fastopt, spec.class_name)
+    rng = np.random.default_rng([31, NAMES.index(name), CASES.index(case)])
+    host = [rng.standard_normal(s).astype(_dtype(pdtype)) for s in SHAPES]
+    hp = {h.name: 0.01 for h in spec.hypers if h.default is specs.REQUIRED}
+    hp.update(OPTIONS.get(name, {}))
+    device = [cp.from_host(h) for h in host]
+    # skip_nonfinite: the update kernels read the device skip flag (clear here)
+    options = dict(skip_nonfinite=True, **({} if state is None else {"state_dtype": state}))
+    gpu = cls([{"params": device[:2]}, {"params": device[2:], "lr": 0.003}], **hp, **options)
+    cpu = cls([{"params": host[:2]}, {"params": host[2:], "lr": 0.003}], **hp, **options)
+    for i in range(len(SHAPES)):
+        for k, a in gpu.state_arrays(i).items():
+            assert a.dtype == cpu.state_arrays(i)[k].dtype, (k, a.dtype)
+    for step in range(4):
+        grads = [rng.standard_normal(s).astype(_dtype(pdtype)) for s in SHAPES]
+        gpu.step([cp.from_host(g) for g in grads])
+        cpu.step(grads)
+        for i, (d, h) in enumerate(zip(device, host)):
+            assert d.get().tobytes() == h.tobytes(), f"{name} {case}: params[{i}] differs after step {step + 1}"
+            for k, a in gpu.state_arrays(i).items():
+                want = cpu.state_arrays(i)[k]
+                assert a.get().tobytes() == want.tobytes(), f"{name} {case}: {k} of params[{i}], step {step + 1}"
+    # (a skipped step is not compared: on the GPU it still advances the step counts, README "skip_nonfinite")
+    assert gpu.skipped_steps == cpu.skipped_steps == 0
+
+
+def test_refusals(cp):
+    p = [cp.from_host(np.ones(3, np.float32))]
+    with pytest.raises(NotImplementedError, match="state_dtype='int8' .*host .*GPU array"):
+        fastopt.Adam(p, state_dtype="int8")
+    with pytest.raises(NotImplementedError, match="kahan=True is implemented for host"):
+        fastopt.Adam([cp.from_host(np.ones(3, np.float16))], kahan=True)
+    with pytest.raises(ValueError, match="Invalid state_dtype: 'float16' .*float64"):
+        fastopt.Adam([cp.from_host(np.ones(3, np.float64))], state_dtype="float16")
+    # a float16 state handed to the Numba backend (its kernels keep float32 state): named, nothing written
+    params, grads = [cp.from_host(np.ones(3, np.float32))], [cp.from_host(np.ones(3, np.float32))]
+    m, v = (cp.from_host(np.zeros(3, np.float16)) for _ in range(2))
+    before = [a.get().tobytes() for a in params + [m, v]]
+    from fastopt.backends import device_arrays, validate
+    api = device_arrays._DeviceApi(cupy_backend._describe, cupy_backend.DTYPES, "on the GPU")
+    with pytest.raises(TypeError, match=r"exp_avg\[0\] has dtype float16, expected float32"):
+        validate.validate_arrays((params, grads, [m], [v]), ("params", "grads", "exp_avg", "exp_avg_sq"), api, 1)
+    assert [a.get().tobytes() for a in params + [m, v]] == before
