@@ -40,6 +40,12 @@ import numpy as np
 from fastopt.backends.device_arrays import state_dtype as _device_state_dtype
 from fastopt.specs import REGISTRY
 
+try:  # names "bfloat16" for NumPy (and CuPy), which the bfloat16 cases need
+    import ml_dtypes  # noqa: F401
+    HAS_BF16 = True
+except ImportError:
+    HAS_BF16 = False
+
 BLOCK = 256
 LR = 1e-3
 FLUSH_FACTOR = 2            # the data touched between two uses of a buffer set exceeds this many L2s
@@ -50,6 +56,7 @@ LIST_TOTALS = (22, 27)      # log2 of the list cases' total element counts
 SINGLE_SIZES = (20, 22, 24, 26, 28)
 QUICK_SINGLE_SIZES = (20, 24, 28)
 OTHER_DTYPES_AT = 24        # fp16 and fp64 single-tensor cases at 2^24
+BF16_SINGLE_AT = 26         # the bfloat16 cases of issue 13: one tensor of 2^26 and the 2^27 list
 
 # Variant names (rows and targets refer to them)
 CUPY_FN = "fastopt-cupy functional"
@@ -201,6 +208,11 @@ def plan(quick=False, sizes=None, optimizers=None, n_tensors=None) -> list:
                 n = 1 << OTHER_DTYPES_AT
                 others.append(Case(name, f"1 x 2^{OTHER_DTYPES_AT} {short}", dtype, ((n,),),
                                    tuple(v for v in one if v not in (OPTIMI, BNB))))
+            if HAS_BF16:  # issue 13: bfloat16 params, float32 state (torch fused: bfloat16 state, its default)
+                bf16 = (CUPY_FN, CUPY_CLASS, CUPY_GRAPH, TORCH_FUSED, TORCH_FOREACH, OPTIMI, PATTERN)
+                others.append(Case(name, BF16_SINGLE, "bfloat16", ((1 << BF16_SINGLE_AT,),), bf16))
+                others.append(Case(name, BF16_LIST, "bfloat16",
+                                   tuple(transformer_shapes(1 << LIST_TOTALS[-1], n_tensors)), bf16))
         cases += singles[-1:] + lists + singles[:-1] + others
     return cases
 
@@ -271,6 +283,8 @@ def _target(value, target, rule, note):
 BIG = "1 x 2^28 fp32"
 LIST_SMALL = f"{N_TENSORS} tensors 2^22 fp32"
 LIST_BIG = f"{N_TENSORS} tensors 2^27 fp32"
+BF16_SINGLE = f"1 x 2^{BF16_SINGLE_AT} bf16"
+BF16_LIST = f"{N_TENSORS} tensors 2^{LIST_TOTALS[-1]} bf16"
 SANITIZER_TARGET = "compute_sanitizer_errors"
 GPU_TESTS_TARGET = "gpu_tests_failed"
 
@@ -311,6 +325,14 @@ def targets(rows, copy_gbps) -> dict:
     out["numba_over_cupy_list200"] = _target(
         None if None in lists else max(lists), 2.0, "<=",
         "worst numba / cupy functional step time over the two 200-tensor cases")
+    # issue 13: bfloat16 params with float32 state at 0.9 of the copy ceiling and faster than torch fused
+    for case, variant, key in ((BF16_SINGLE, CUPY_FN, "adam_bf16_2^26"), (BF16_LIST, CUPY_CLASS, "list200_2^27_bf16")):
+        out[f"{key}_fraction_of_copy"] = _target(
+            _get(rows, case, variant, "of_copy"), 0.9, ">=",
+            f"{variant} GB/s over the device copy's, bfloat16 params and grads, float32 state (22 bytes per param)")
+        out[f"{key}_speedup_vs_torch_fused"] = _target(
+            _ratio(_get(rows, case, TORCH_FUSED), _get(rows, case, variant)), 1.0, ">=",
+            f"torch fused (bfloat16 state) / {variant} step time (issue 13: faster than torch fused)")
     out[SANITIZER_TARGET] = _target(None, 0, "<=", "errors over memcheck, racecheck, initcheck, synccheck "
                                     "(filled in by make gpu-check)")
     out[GPU_TESTS_TARGET] = _target(None, 0, "<=", "failed or erroring tests on the device: tests/gpu and the tests "
@@ -581,7 +603,7 @@ class Measurable:
 def _randn(cp, shape, dtype):
     if dtype == "float64":
         return cp.random.standard_normal(shape, dtype=cp.float64)
-    return cp.random.standard_normal(shape, dtype=cp.float32).astype(dtype)
+    return cp.random.standard_normal(shape, dtype=cp.float32).astype(np.dtype(dtype))
 
 
 def _pick(case, arrays):

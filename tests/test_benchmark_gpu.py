@@ -85,13 +85,19 @@ def test_plan_quick_full_and_options():
     full, quick = bg.plan(False), bg.plan(True)
     labels = [c.label for c in full]
     assert labels[:3] == ["1 x 2^28 fp32", "200 tensors 2^22 fp32", "200 tensors 2^27 fp32"]  # targets first
+    bf16 = {bg.BF16_SINGLE, bg.BF16_LIST} if bg.HAS_BF16 else set()
     assert set(labels) == {f"1 x 2^{e} fp32" for e in (20, 22, 24, 26, 28)} | {
-        "200 tensors 2^22 fp32", "200 tensors 2^27 fp32", "1 x 2^24 fp16", "1 x 2^24 fp64"}
+        "200 tensors 2^22 fp32", "200 tensors 2^27 fp32", "1 x 2^24 fp16", "1 x 2^24 fp64"} | bf16
     assert {c.label for c in quick} == {"1 x 2^20 fp32", "1 x 2^24 fp32", "1 x 2^28 fp32", "200 tensors 2^22 fp32",
-                                        "200 tensors 2^27 fp32", "1 x 2^24 fp16", "1 x 2^24 fp64"}
+                                        "200 tensors 2^27 fp32", "1 x 2^24 fp16", "1 x 2^24 fp64"} | bf16
     for c in full:
         assert c.optimizer == "adam" and set(c.variants) <= set(bg.BUILDERS)
-        assert {bg.CUPY_FN, bg.NUMBA_FN, bg.TORCH_FUSED, bg.TORCH_FOREACH, bg.PATTERN} <= set(c.variants)
+        assert {bg.CUPY_FN, bg.TORCH_FUSED, bg.TORCH_FOREACH, bg.PATTERN} <= set(c.variants)
+        if c.dtype == "bfloat16":  # issue 13's cases: no Numba (no bfloat16 kernels), no bitsandbytes 32-bit
+            assert c.elements == (1 << 26) if c.tensors == 1 else abs(c.elements - (1 << 27)) < 768  # within d
+            assert bg.NUMBA_FN not in c.variants
+            continue
+        assert bg.NUMBA_FN in c.variants
         if c.tensors > 1:
             assert c.tensors == 200 and set(c.variants) == set(bg.BUILDERS)
     custom = bg.plan(True, sizes=(1000, 4096), optimizers=["adam", "lion"])
@@ -183,7 +189,9 @@ def test_rows_and_targets_arithmetic():
                       "list200_2^27_class_speedup_vs_torch_fused", "list200_2^22_class_graph_speedup_vs_torch_fused",
                       "list200_2^22_host_us_class_graph", "list200_2^22_host_us_class",
                       "list200_2^27_clip_skip_over_plain", "numba_over_cupy_single_2^24_and_up",
-                      "numba_over_cupy_list200", bg.SANITIZER_TARGET, bg.GPU_TESTS_TARGET}
+                      "numba_over_cupy_list200", bg.SANITIZER_TARGET, bg.GPU_TESTS_TARGET,
+                      "adam_bf16_2^26_fraction_of_copy", "adam_bf16_2^26_speedup_vs_torch_fused",
+                      "list200_2^27_bf16_fraction_of_copy", "list200_2^27_bf16_speedup_vs_torch_fused"}
     assert all(set(v) >= {"value", "target", "met"} for v in t.values())
     assert t["adam_fp32_2^28_fraction_of_copy"]["value"] == pytest.approx(big["GBps"] / 3000.0)
     assert t["adam_fp32_2^28_fraction_of_copy"]["met"] is (big["GBps"] / 3000.0 >= 0.95)
@@ -197,6 +205,18 @@ def test_rows_and_targets_arithmetic():
     assert t["numba_over_cupy_single_2^24_and_up"]["value"] == pytest.approx(max(3000 / 2600, 200 / 170))
     assert t["numba_over_cupy_list200"]["value"] == pytest.approx(max(2000 / 1500, 500 / 300))
     assert t[bg.SANITIZER_TARGET]["value"] is None and t[bg.SANITIZER_TARGET]["met"] is None
+    # issue 13's bfloat16 targets: 22 bytes per param (2 + 2 + 2 for p, g, p; 16 for float32 m and v)
+    if not bg.HAS_BF16:
+        return
+    per_param = bg.param_bytes(REGISTRY["adam"], bg.bench_hyperparameters(REGISTRY["adam"]), "bfloat16")
+    assert per_param == 22
+    bf16 = bg.finish_rows([dict(_row(bg.BF16_SINGLE, v, us, elements=1 << 26), dtype="bfloat16", bytes=22 << 26)
+                           for v, us in ((bg.CUPY_FN, 500.0), (bg.TORCH_FUSED, 450.0))], 3000.0)
+    tb = bg.targets(bf16, 3000.0)
+    assert tb["adam_bf16_2^26_fraction_of_copy"]["value"] == pytest.approx(22 * 2 ** 26 / 500e-6 / 1e9 / 3000.0)
+    assert tb["adam_bf16_2^26_speedup_vs_torch_fused"]["value"] == pytest.approx(0.9)
+    assert tb["adam_bf16_2^26_speedup_vs_torch_fused"]["met"] is False
+    assert tb["list200_2^27_bf16_fraction_of_copy"]["met"] is None
     slow = bg.targets(bg.finish_rows(_issue_rows(fast=False), 3000.0), 3000.0)
     assert not any(slow[k]["met"] for k in ("adam_fp32_2^28_speedup_vs_torch_fused", "list200_2^22_host_us_class",
                                              "list200_2^22_host_us_class_graph", "numba_over_cupy_single_2^24_and_up",
@@ -417,7 +437,8 @@ def test_cli_dry_run_needs_no_gpu(capsys):
     from fastopt.cli import main
     assert main(["bench", "--device", "gpu", "--dry-run", "--quick"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("7 cases (quick") and "200 tensors 2^27 fp32" in out and "1 x 2^24 fp16" in out
+    assert out.startswith(f"{9 if bg.HAS_BF16 else 7} cases (quick") and "200 tensors 2^27 fp32" in out
+    assert "1 x 2^24 fp16" in out and (not bg.HAS_BF16 or "200 tensors 2^27 bf16" in out)
     assert main(["bench", "--dry-run"]) == 2
     assert "--dry-run: only with --device gpu" in capsys.readouterr().err
 
