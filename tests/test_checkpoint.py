@@ -310,12 +310,16 @@ def _torch_step(theirs, tparams, grads):
 
 
 def _continue_both(ours, theirs, tparams, stream):
-    """Step fastopt and torch on the same gradients; they must stay together (float64: near rounding)."""
+    """Step fastopt and torch on the same gradients; they must stay together (float64: near rounding). ASGD:
+    torch keeps eta and mu as float32 tensors (its scalar dtype under the default float32 dtype), so its lr
+    is rounded to float32 each step: measured over 300 seeds, params up to 5.7e-10 apart after 3 steps (rtol
+    is no help for a param near zero)."""
     for g in stream:
         ours.step(g)
         _torch_step(theirs, tparams, g)
+    atol = 2e-9 if ours.spec.name == "asgd" else 1e-10
     for a, t in zip(ours.params, tparams):
-        np.testing.assert_allclose(a, t.numpy(), rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(a, t.numpy(), rtol=1e-7, atol=atol)
 
 
 @pytest.mark.parametrize("spec", TORCH_SPECS, ids=[s.name for s in TORCH_SPECS])
