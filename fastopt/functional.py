@@ -261,12 +261,12 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
             dtype = np.dtype(np.float32) if is_16bit(own) else own
         return device_backend.device_full(tuple(p.shape), fill, dtype, like=p)
 
-    def device_param_dtype(p, label):
-        """The dtype of a CuPy param, for state_dtype=; NotImplementedError for the GPU arrays whose backend
-        keeps the default state only (Numba device arrays; torch tensors take fastopt.torch's options)."""
+    def device_param_dtype(p, label, option):
+        """The dtype of a CuPy param, for state_dtype= and kahan=True; NotImplementedError for the GPU arrays
+        whose backend has neither (Numba device arrays; torch tensors take fastopt.torch's options)."""
         if not type(p).__module__.startswith("numba") and isinstance(getattr(p, "dtype", None), np.dtype):
             return p.dtype
-        raise NotImplementedError(f"state_dtype= on the GPU is implemented for CuPy arrays (the cupy backend); "
+        raise NotImplementedError(f"{option} on the GPU is implemented for CuPy arrays (the cupy backend); "
                                   f"{label} is a {type(p).__module__}.{type(p).__name__}")
 
     is_list = isinstance(params, (list, tuple))
@@ -276,15 +276,18 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
     for i, p in enumerate(params if is_list else [params]):
         label = f"params[{i}]" if is_list else "params"
         if array_device(p, label) == "device":
-            if kahan:
-                raise NotImplementedError(f"kahan=True is implemented for host (CPU) arrays; {label} is a GPU array")
-            dtype = None
+            dtype, own = None, None
+            if state_dtype is not None or kahan:
+                own = device_param_dtype(p, label, "state_dtype=" if state_dtype is not None else "kahan=True")
+            if kahan and not is_16bit(own):
+                raise ValueError(f"kahan=True is for float16 or bfloat16 params (a Kahan compensation of 16-bit "
+                                 f"rounding); {label} has dtype {own}")
             if state_dtype is not None:
-                dtype = _state_dtype_of(state_dtype, device_param_dtype(p, label), label)
+                dtype = _state_dtype_of(state_dtype, own, label)
                 if isinstance(dtype, str):
                     raise NotImplementedError(f"state_dtype='int8' (8-bit state) is implemented for host (CPU) "
                                               f"arrays; {label} is a GPU array")
-            labelled.append((p, label, dtype, None))
+            labelled.append((p, label, dtype, own))
             continue
         p = as_numpy(p, label)
         if p.dtype.kind != "f" and not is_16bit(p.dtype):  # an error once a state is made for it
@@ -305,6 +308,7 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
         for _, _, dtype, _ in labelled:
             if isinstance(dtype, Exception):
                 raise dtype
-        arrays = [np.zeros(p.shape, own) for p, _, _, own in labelled]
+        arrays = [np.zeros(p.shape, own) if isinstance(p, np.ndarray) else device_state(p, 0.0, own)
+                  for p, _, _, own in labelled]
         out["kahan_comp"] = arrays if is_list else arrays[0]
     return out

@@ -186,6 +186,9 @@ class Optimizer:
         if capturable and spec.tensor_coefs is not None:
             raise ValueError(f"capturable=True: {spec.class_name} computes its per-tensor ratios on the host (one "
                              f"synchronisation per step), which a CUDA graph cannot hold")
+        if capturable and stochastic_rounding:
+            raise ValueError("capturable=True with stochastic_rounding=True: the rounding key changes every step, "
+                             "and a captured step would replay one (kahan=True can be captured)")
         self._capturable = bool(capturable)
         self._capture = None     # capture.CapturedScalars, made at the first step
         self._capture_retired = []  # those of fewer groups (add_param_group): captured graphs may still read them
@@ -376,10 +379,12 @@ class Optimizer:
         stochastic_rounding are for 16-bit params), before anything is kept."""
         label = f"params[{indices[0]}]" if indices else "params"
         if self._stochastic:
-            if array_device(params[0], label) == "device":
-                raise NotImplementedError("stochastic_rounding=True is implemented for host (CPU) arrays; "
-                                          f"{label} is a GPU array")
-            dtype = np.dtype(params[0].dtype)
+            p = params[0]
+            if array_device(p, label) == "device" and (type(p).__module__.startswith("numba") or
+                                                      not isinstance(getattr(p, "dtype", None), np.dtype)):
+                raise NotImplementedError(f"stochastic_rounding=True on the GPU is implemented for CuPy arrays (the "
+                                          f"cupy backend); {label} is a {type(p).__module__}.{type(p).__name__}")
+            dtype = np.dtype(p.dtype)
             if not (dtype == np.float16 or dtype.name == "bfloat16"):
                 raise ValueError(f"stochastic_rounding=True is for float16 or bfloat16 params; {label} has dtype "
                                  f"{dtype}")
@@ -621,7 +626,8 @@ class Optimizer:
                 bucket.backend.run(call, spec, hp, rows.variant_step(gi, t, capturing), grad_scale,
                                    found_inf=found_inf, scalars_at=rows.row(gi))
             elif self._stochastic:  # keyed by (seed, the group's step): element i of a param gets its own bits
-                bucket.backend.run(call, spec, hp, t, grad_scale, stochastic=StochasticRounding(self._seed, t))
+                skip = {} if found_inf is None else {"found_inf": found_inf}  # the GPU's device skip flag
+                bucket.backend.run(call, spec, hp, t, grad_scale, stochastic=StochasticRounding(self._seed, t), **skip)
             elif found_inf is None:
                 bucket.backend.run(call, spec, hp, t, grad_scale)
             else:  # the kernels read the device flag and return at once on a skipped step

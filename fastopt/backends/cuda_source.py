@@ -67,21 +67,29 @@ if BF16 is not None:
     STATE_CODES[BF16] = 3
 
 
-def module_key(param_dtype, state_dtype=None):
+# how a module stores the new params (device.cuh FASTOPT_ROUND): to nearest, Kahan-compensated, stochastically
+ROUND_NEAREST, ROUND_KAHAN, ROUND_STOCHASTIC = 0, 1, 2
+
+
+def module_key(param_dtype, state_dtype=None, rounding=ROUND_NEAREST):
     """What selects a compiled module: the params' dtype alone when the state has its default dtype (None
-    too), else (params' dtype, state dtype) (state_dtype=, device.cuh FASTOPT_STATE)."""
+    too) and the params are rounded to nearest, else (params' dtype, state dtype, rounding) (state_dtype=,
+    kahan=True, stochastic_rounding=True: device.cuh FASTOPT_STATE, FASTOPT_ROUND)."""
     param_dtype = np.dtype(param_dtype)
-    if state_dtype is None or np.dtype(state_dtype) == DTYPES[param_dtype][1]:
+    default = DTYPES[param_dtype][1]
+    state_dtype = default if state_dtype is None else np.dtype(state_dtype)
+    if state_dtype == default and rounding == ROUND_NEAREST:
         return param_dtype
-    return param_dtype, np.dtype(state_dtype)
+    return param_dtype, state_dtype, int(rounding)
 
 
 def module_dtypes(key):
-    """(params' dtype, state dtype) of a module_key."""
+    """(params' dtype, state dtype, rounding) of a module_key."""
     if isinstance(key, tuple):
         return key
     dtype = np.dtype(key)
-    return dtype, DTYPES[dtype][1]
+    return dtype, DTYPES[dtype][1], ROUND_NEAREST
+
 
 # capturable steps: a device row of scalars holds spec.scalars in its first slots and the lr in this one
 # (read by a two-phase family's trust kernel); no spec has more than LR_SLOT scalars (tests/test_capture.py)
@@ -261,12 +269,14 @@ def compile_options(key) -> tuple:
     two kernels inlining the same math (one array or a list, with or without a grad_scale multiply) agree
     bit for bit. Without it, on an H200, the one-rank sharded step over NCCL (clipping on, coefficient 1)
     differed from the class step in the last bit (tests/distributed/test_nccl.py)."""
-    dtype, state = module_dtypes(key)
+    dtype, state, rounding = module_dtypes(key)
     code, default = DTYPES[dtype]
     options = ("-std=c++17", f"-DFASTOPT_DTYPE={code}", f"-DFASTOPT_BLOCK={BLOCK}", f"-DFASTOPT_CHUNK={CHUNK}",
                f"-DFASTOPT_IN_FLIGHT={IN_FLIGHT}", "--fmad=false")
     if state != default:
         options += (f"-DFASTOPT_STATE={STATE_CODES[state]}",)
+    if rounding != ROUND_NEAREST:
+        options += (f"-DFASTOPT_ROUND={rounding}",)
     return options
 
 

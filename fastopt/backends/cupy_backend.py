@@ -29,7 +29,7 @@ import numbers
 
 import numpy as np
 
-from fastopt.backends import cuda_source
+from fastopt.backends import cuda_source, numpy_backend
 from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_skip_flag, checked_grads,
                                              device_index, from_interface, no_precision_modes, prepare_device,
                                              prepare_fixed_device, producer_stream, validate_device_arrays)
@@ -46,7 +46,7 @@ DTYPES = tuple(cuda_source.DTYPES)
 _BLOCKS_PER_SM = 8            # grid cap of fo_touch (the benchmark's old ceiling kernel)
 _MAX_GRID = 2 ** 31 - 1       # gridDim.x limit
 _TABLE_CACHE_SIZE = 64
-_SCALARS = np.dtype([("v", np.float64, (16,))])  # device.cuh `Scalars`, passed by value
+_SCALARS = np.dtype([("v", np.float64, (16,)), ("key", np.uint64), ("index0", np.uint64)])  # device.cuh `Scalars`
 _GS_KIND = {F16: 1, F32: 2, F64: 3}  # device.cuh device_scale's kinds of a device grad_scale
 if cuda_source.BF16 is not None:
     _GS_KIND[cuda_source.BF16] = 4
@@ -225,7 +225,7 @@ def _aligned(*arrays):
 def table_layout(lists):
     """The host image of the multi-tensor table of device.cuh: (int64 array, ntensors, nchunks, byte
     offset of the chunk list). lists: per slot (params, grads, states; None unused) a list of arrays
-    with .ptr and .size; slot 6 (after the Kahan compensation's, never on the GPU) a fourth state, column 8."""
+    with .ptr and .size; slot 6 a fourth state (Adan), column 8, else slot 5 (the Kahan compensation) there."""
     n = len(lists[0])
     fields = np.zeros((n, 9), dtype=np.int64)
     for k in range(min(len(lists), 5)):
@@ -233,6 +233,8 @@ def table_layout(lists):
             fields[:, k] = [a.ptr for a in lists[k]]
     if len(lists) > 6 and lists[6] is not None:
         fields[:, 8] = [a.ptr for a in lists[6]]
+    elif len(lists) > 5 and lists[5] is not None:  # the Kahan compensation (no four-state family with it)
+        fields[:, 8] = [a.ptr for a in lists[5]]
     sizes = np.array([a.size for a in lists[0]], dtype=np.int64)
     counts = (sizes + CHUNK - 1) // CHUNK
     first = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
@@ -348,11 +350,11 @@ def _memo_table(prepared, name, lists, device, stream):
 _NO_MEMO = object()
 
 
-def _module_of(lists):
+def _module_of(lists, rounding=cuda_source.ROUND_NEAREST):
     """The module of a call's update kernels (cuda_source.module_key): its params' dtype and, when not the
-    default, its states' (one dtype per call, validated)."""
-    states = [lst[0] for k, lst in enumerate(lists) if k >= 2 and k != 5 and lst]  # slot 5: Kahan's, refused
-    return cuda_source.module_key(lists[0][0].dtype, states[0].dtype if states else None)
+    default, its states' (one dtype per call, validated) and the params' rounding (_rounding)."""
+    states = [lst[0] for k, lst in enumerate(lists) if k >= 2 and k != 5 and lst]  # slot 5: Kahan's compensation
+    return cuda_source.module_key(lists[0][0].dtype, states[0].dtype if states else None, rounding)
 
 
 class _Launch:
@@ -397,9 +399,10 @@ def _ptr(a):
     return np.uint64(0 if a is None else a.ptr)
 
 
-def _pack(scalars):
+def _pack(scalars, key=0, index0=0):
     packed = np.zeros((), dtype=_SCALARS)
     packed["v"][:len(scalars)] = scalars
+    packed["key"], packed["index0"] = key, index0
     return packed[()]
 
 
@@ -440,7 +443,6 @@ def _blocks(n, per_thread):
 
 def prepare(arrays, names, indices=None):
     """Check the arrays of one update (nothing is written or launched); run() launches it."""
-    no_precision_modes(NAME, arrays)
     return prepare_device(arrays, names, _describe, DTYPES, _WHERE, 1, indices, state_dtypes=True)
 
 
@@ -454,8 +456,6 @@ check_disjoint = check_prepared_disjoint  # across the prepared calls of one opt
 
 def prepare_fixed(calls):
     """Check an optimizer's params and states once (interface.PrepareOnceBackend, validate.prepare_fixed)."""
-    for arrays, _, _ in calls:
-        no_precision_modes(NAME, arrays)
     return prepare_fixed_device(calls, _describe, DTYPES, _WHERE, _unchanged, _stable, state_dtypes=True)
 
 
@@ -465,8 +465,30 @@ def bind_grads(fixed, grads_per_call):
 
 
 def step(spec, arrays, names, hp, step, grad_scale, found_inf=None, stochastic=None, tensor_coefs=None):
-    no_precision_modes(NAME, arrays, stochastic)
-    run(prepare(arrays, names), spec, hp, step, grad_scale, found_inf, tensor_coefs=tensor_coefs)
+    run(prepare(arrays, names), spec, hp, step, grad_scale, found_inf, stochastic, tensor_coefs=tensor_coefs)
+
+
+def _rounding(prepared, spec, stochastic, scalars_at):
+    """(rounding of the module, key, index0) of a call: to nearest; Kahan-compensated when it has a
+    compensation (slot 5, checked by prepare: the params' 16-bit dtype); stochastic with `stochastic` (a
+    precision.StochasticRounding: its key and index offset go to the kernels in the Scalars). Raises before
+    anything runs for what the kernels lack: both at once or stochastic rounding of non-16-bit params
+    (the CPU's rule), LAMB's two phases and Adan's fourth state (whose slot carries the compensation),
+    stochastic rounding in a capturable step (its key changes every step)."""
+    kahan = len(prepared.lists) > 5 and prepared.lists[5] is not None
+    if not kahan and stochastic is None:
+        return cuda_source.ROUND_NEAREST, 0, 0
+    numpy_backend.check_rounding(prepared, stochastic)
+    mode = "kahan=True" if kahan else "stochastic_rounding=True"
+    if spec.two_phase or len(spec.states) > 3:
+        raise NotImplementedError(f"{mode} with {spec.name} is implemented by the CPU backends; the {NAME} backend's "
+                                  f"{'two-phase' if spec.two_phase else 'four-state'} kernels do not have it yet")
+    if stochastic is not None and scalars_at is not None:
+        raise NotImplementedError("stochastic_rounding=True with capturable=True: the rounding key changes every "
+                                  "step, and a captured step would replay one")
+    if kahan:
+        return cuda_source.ROUND_KAHAN, 0, 0
+    return cuda_source.ROUND_STOCHASTIC, int(stochastic.key), int(stochastic.index_offset)
 
 
 def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, tensor_coefs=None, scalars_at=None):
@@ -474,7 +496,7 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
     validate.check_tensor_coefs) instead of the norms pass; scalars_at: the kernels read the step's scalars
     from this device row (16 float64: capturable=True, select_scalars) instead of spec.scalars(hp, step)
     (`step` then only picks the kernel variant)."""
-    no_precision_modes(NAME, prepared.lists, stochastic)
+    rounding, key, index0 = _rounding(prepared, spec, stochastic, scalars_at)
     given = check_tensor_coefs(spec, tensor_coefs, len(prepared.lists[0]))
     lists = prepared.lists
     params = lists[0]
@@ -483,9 +505,11 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
     if not launch.nonempty:
         return
     dtype, device = launch.dtype, launch.device
+    if rounding != cuda_source.ROUND_NEAREST:
+        dtype = _module_of(lists, rounding)
     stream = _stream_of(params[0], device)
     host_scale, gs_ptr, gs_kind = _grad_scale(grad_scale)
-    scalars = _pack(spec.scalars(hp, step, host_scale)) if scalars_at is None else _pack(())
+    scalars = _pack(spec.scalars(hp, step, host_scale) if scalars_at is None else (), key, index0)
     at = np.uint64(0) if scalars_at is None else np.uint64(scalars_at.data.ptr)
     with _on(device, stream):
         if spec.two_phase:
@@ -497,7 +521,7 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
             _per_tensor(spec, hp, host_scale, grad_scale, gs_kind, lists, dtype, device, stream, scalars, gs_ptr,
                         skip, variant, given, at)
             return
-        if launch.single is not None:
+        if launch.single is not None and rounding != cuda_source.ROUND_KAHAN:  # Kahan: the table's s3 column
             pointers, n, vec, grid = launch.single
             fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, False))
             fn((grid,), (BLOCK,), (*pointers, n, scalars, gs_ptr, gs_kind, vec, skip, at))

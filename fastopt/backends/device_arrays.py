@@ -152,8 +152,8 @@ LEGACY_STREAM, PER_THREAD_STREAM = 1, 2  # __cuda_array_interface__ v3 names of 
 
 
 def no_precision_modes(backend: str, arrays=None, stochastic=None) -> None:
-    """The GPU kernels have no Kahan or stochastic store yet (the CPU backends do): a clear refusal naming
-    the option and `backend`, before anything is written. arrays: a call's (params, grads, s0, s1, s2,
+    """A backend's kernels without Kahan or stochastic stores (Numba; the CuPy backend's two-phase kernels): a
+    clear refusal naming the option and `backend`, before anything is written. arrays: a call's (params, grads, s0, s1, s2,
     kahan_comp) lists; stochastic: its precision.StochasticRounding or None."""
     if arrays is not None and len(arrays) > 5 and arrays[5] is not None:
         raise NotImplementedError(f"kahan (a Kahan compensation, kahan_comp) is implemented by the CPU backends; "

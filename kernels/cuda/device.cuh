@@ -110,6 +110,24 @@ template <> __device__ __forceinline__ bf16_t store<bf16_t>(M x) {
     return h;
 }
 
+// How the new params are stored (a module per mode, -DFASTOPT_ROUND; 16-bit params only, as on the CPU):
+//   0 rounded to nearest even
+//   1 Kahan-compensated (kahan=True): the compensation, in the params' dtype, is the table's s3 column
+//   2 stochastically rounded (stochastic_rounding=True): element i of a tensor gets
+//     fo_random_bits(key, index0 + i), key and index0 in the Scalars (precision.StochasticRounding)
+#ifndef FASTOPT_ROUND
+#define FASTOPT_ROUND 0
+#endif
+#if FASTOPT_ROUND != 0
+#if FASTOPT_DTYPE == 2
+typedef Fp16Format FMT;
+#elif FASTOPT_DTYPE == 3
+typedef Bf16Format FMT;
+#else
+#error "FASTOPT_ROUND (Kahan, stochastic rounding) is for float16 and bfloat16 params"
+#endif
+#endif
+
 // Elements per 16-byte load of the params; state arrays move the same number of elements per step
 // (two 16-byte loads for float32 state of 16-bit params, one 8-byte load for 16-bit state of float32 params).
 enum { VEC = 16 / sizeof(T) };
@@ -133,6 +151,8 @@ __device__ __forceinline__ void store_vec(X* base, i64 j, const Vec<X, VEC>& x) 
 // copy per call. Field count = the largest *Params struct.
 struct Scalars {
     double v[16];
+    unsigned long long key;     // stochastic rounding (FASTOPT_ROUND 2): the call's key (fo_random_key)
+    unsigned long long index0;  // and the index of each tensor's first element (a shard's offset in its whole)
 };
 
 // The scalars of a capturable step (a device row, fo_select_scalars), read through the read-only cache.

@@ -32,17 +32,40 @@ struct Ptrs {
     S* __restrict__ s1;
     S* __restrict__ s2;
     S* __restrict__ s3;  // a fourth state (Op::USED bit 8: Adan), else NULL
+    T* __restrict__ c;   // the Kahan compensation (FASTOPT_ROUND 1: the table's s3 column), else NULL
+    unsigned key;        // stochastic rounding (FASTOPT_ROUND 2): the call's key and
+    i64 index0;          // the index of the tensor's first element
 };
+
+// The new param p (float math) of element i of its tensor, stored by the module's rounding; p_old: the
+// param as loaded (Kahan's reference point, as the CPU loops' fo_kahan_store is given it).
+__device__ __forceinline__ void store_param(const Ptrs& a, i64 i, M p_old, M p, T& out) {
+#if FASTOPT_ROUND == 1
+    fo_u16 pb, cb;
+    fo_kahan_store<FMT>(float(p_old), FMT().load(a.c[i].bits), float(p), pb, cb);
+    out.bits = pb;
+    a.c[i].bits = cb;
+#elif FASTOPT_ROUND == 2
+    (void)p_old;
+    out.bits = FMT().store_sr(float(p), fo_random_bits(a.key, fo_u64(a.index0 + i)));
+#else
+    (void)a;
+    (void)i;
+    (void)p_old;
+    out = store<T>(p);
+#endif
+}
 
 template <class Op>
 __device__ __forceinline__ void update_one(const Op& op, const Ptrs& a, i64 i) {
     M p = load(a.p[i]), x0 = M(0), x1 = M(0), x2 = M(0), x3 = M(0);
+    const M p_old = p;
     if (Op::USED & 1) x0 = load(a.s0[i]);
     if (Op::USED & 2) x1 = load(a.s1[i]);
     if (Op::USED & 4) x2 = load(a.s2[i]);
     if (Op::USED & 8) x3 = load(a.s3[i]);
     fo_op_call(op, p, load(a.g[i]), x0, x1, x2, x3);
-    a.p[i] = store<T>(p);
+    store_param(a, i, p_old, p, a.p[i]);
     if (Op::USED & 1) a.s0[i] = store<S>(x0);
     if (Op::USED & 2) a.s1[i] = store<S>(x1);
     if (Op::USED & 4) a.s2[i] = store<S>(x2);
@@ -79,12 +102,13 @@ __device__ __forceinline__ void update_vecs(const Op& op, const Ptrs& a, i64 j, 
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
             M p = load(pv[u].v[k]), x0 = M(0), x1 = M(0), x2 = M(0), x3 = M(0);
+            const M p_old = p;
             if (Op::USED & 1) x0 = load(v0[u].v[k]);
             if (Op::USED & 2) x1 = load(v1[u].v[k]);
             if (Op::USED & 4) x2 = load(v2[u].v[k]);
             if (Op::USED & 8) x3 = load(v3[u].v[k]);
             fo_op_call(op, p, load(gv[u].v[k]), x0, x1, x2, x3);
-            pv[u].v[k] = store<T>(p);
+            store_param(a, (j + u * nt) * VEC + k, p_old, p, pv[u].v[k]);
             if (Op::USED & 1) v0[u].v[k] = store<S>(x0);
             if (Op::USED & 2) v1[u].v[k] = store<S>(x1);
             if (Op::USED & 4) v2[u].v[k] = store<S>(x2);
@@ -116,10 +140,16 @@ __device__ __forceinline__ void update_range(const Op& op, const Ptrs& a, i64 be
     for (i64 i = begin + t; i < end; i += nt) update_one(op, a, i);
 }
 
-__device__ __forceinline__ Ptrs table_ptrs(const i64* rec) {
+__device__ __forceinline__ Ptrs table_ptrs(const i64* rec, const Scalars& sc) {
+#if FASTOPT_ROUND == 1  // the s3 column holds the Kahan compensation (no four-state family with kahan)
     Ptrs a = {reinterpret_cast<T*>(rec[F_P]), reinterpret_cast<const T*>(rec[F_G]),
               reinterpret_cast<S*>(rec[F_S0]), reinterpret_cast<S*>(rec[F_S1]), reinterpret_cast<S*>(rec[F_S2]),
-              reinterpret_cast<S*>(rec[F_S3])};
+              nullptr, reinterpret_cast<T*>(rec[F_S3]), 0u, 0};
+#else
+    Ptrs a = {reinterpret_cast<T*>(rec[F_P]), reinterpret_cast<const T*>(rec[F_G]),
+              reinterpret_cast<S*>(rec[F_S0]), reinterpret_cast<S*>(rec[F_S1]), reinterpret_cast<S*>(rec[F_S2]),
+              reinterpret_cast<S*>(rec[F_S3]), nullptr, unsigned(sc.key), i64(sc.index0)};
+#endif
     return a;
 }
 
@@ -129,7 +159,7 @@ __device__ __forceinline__ void single_kernel(T* p, const T* g, S* s0, S* s1, S*
                                               const unsigned char* skip, const double* at) {
     if (skipped(skip)) return;
     const Op op = make_op<Op>(sc, gs, gs_kind, at);
-    const Ptrs a = {p, g, s0, s1, s2, s3};
+    const Ptrs a = {p, g, s0, s1, s2, s3, nullptr, unsigned(sc.key), i64(sc.index0)};  // Kahan: the table path
     update_range<false>(op, a, 0, n, i64(blockIdx.x) * blockDim.x + threadIdx.x, i64(gridDim.x) * blockDim.x,
                         vec != 0);
 }
@@ -141,7 +171,7 @@ __device__ __forceinline__ void multi_kernel(const i64* tensors, const i64* chun
     if (skipped(skip)) return;
     const Op op = make_op<Op>(sc, gs, gs_kind, at);
     const ChunkRange r = chunk_range(tensors, chunks);
-    update_range<true>(op, table_ptrs(r.rec), r.begin, r.end, threadIdx.x, blockDim.x, r.rec[F_VEC] != 0);
+    update_range<true>(op, table_ptrs(r.rec, sc), r.begin, r.end, threadIdx.x, blockDim.x, r.rec[F_VEC] != 0);
 }
 
 // A family whose functor reads one number per tensor (Op::coef: LARS's trust ratio, spec.tensor_coefs):
@@ -154,7 +184,7 @@ __device__ __forceinline__ void multi_kernel_coef(const i64* tensors, const i64*
     const ChunkRange r = chunk_range(tensors, chunks);
     Op op = make_op<Op>(sc, gs, gs_kind, at);
     op.coef = M(coefs[r.tensor]);
-    update_range<true>(op, table_ptrs(r.rec), r.begin, r.end, threadIdx.x, blockDim.x, r.rec[F_VEC] != 0);
+    update_range<true>(op, table_ptrs(r.rec, sc), r.begin, r.end, threadIdx.x, blockDim.x, r.rec[F_VEC] != 0);
 }
 
 }  // namespace dev
@@ -217,7 +247,7 @@ __device__ __forceinline__ void multi_kernel_coef(const i64* tensors, const i64*
         PARAMS<M> h = load_scalars<PARAMS<M>, M>(sc, at);                                                    \
         if (gs_kind != 0) h.grad_scale = h.grad_scale * device_scale(gs, gs_kind);                           \
         const ChunkRange r = chunk_range(tensors, chunks);                                                   \
-        const Ptrs a = table_ptrs(r.rec);                                                                    \
+        const Ptrs a = table_ptrs(r.rec, sc);                                                                \
         double pp = 0.0, uu = 0.0;                                                                           \
         for (i64 i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {                                    \
             const M p = load(a.p[i]);                                                                        \
@@ -264,7 +294,7 @@ __device__ __forceinline__ void multi_kernel_coef(const i64* tensors, const i64*
         if (skipped(skip)) return; /* the trust kernel ran on zero partials: its output is not used */       \
         const PARAMS<M> h = load_scalars<PARAMS<M>, M>(sc, at); /* grad_scale unused in phase 2 */           \
         const ChunkRange r = chunk_range(tensors, chunks);                                                   \
-        const Ptrs a = table_ptrs(r.rec);                                                                    \
+        const Ptrs a = table_ptrs(r.rec, sc);                                                                \
         const M lr = M(scaled_lr[r.tensor]);                                                                 \
         for (i64 i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {                                    \
             M p = load(a.p[i]);                                                                              \

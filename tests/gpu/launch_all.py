@@ -250,6 +250,51 @@ def sweep_reductions(backend, make, dtypes, calls, rng):
                 calls(f"{name} touch({k} arrays)", be.touch, arrays)
 
 
+def sweep_precision(backend, make, dtypes, calls, rng, quick=False):
+    """The CuPy backend's precision modules (cuda_source.module_key): 16-bit states of float32 and 16-bit
+    params, and the Kahan and stochastic stores of 16-bit params, every elementwise optimizer the modes apply
+    to (not LAMB's two phases nor Adan's fourth state), each in its first configuration, one array (the
+    single-array kernel; Kahan: the table) and a list. quick: four of the modules (each compiles for
+    seconds) and three optimizers, for the sanitizer's budget."""
+    if backend != "cupy":
+        return
+    from fastopt.functional import with_kahan
+    from fastopt.precision import StochasticRounding
+    sixteen = [np.dtype(d) for d in dtypes if np.dtype(d).itemsize == 2]
+    plans = [(np.dtype(np.float32), d, None) for d in sixteen] + [
+        (d, s, mode) for d in sixteen for s in (np.dtype(np.float32), d) for mode in (None, "kahan", "stochastic")]
+    f16, f32 = np.dtype(np.float16), np.dtype(np.float32)
+    if quick:
+        plans = [p for p in plans if p in ((f32, f16, None), (f16, f32, "kahan"), (f16, f16, "stochastic")) or (
+            p[0].name == "bfloat16" and p[1] == p[0] and p[2] == "kahan")]
+    for dtype, sdtype, mode in plans:
+        if mode is None and sdtype == _state_dtype(dtype):
+            continue  # the default state: sweep_updates
+        for spec in REGISTRY.values():
+            if mode is not None and (spec.two_phase or len(spec.states) > 3):
+                continue
+            if quick and spec.name not in ("adam", "sgd", "lion"):
+                continue
+            hp, step = update_configs(spec)[0]
+            for layout in QUICK_LAYOUTS:
+                shapes = LIST_SHAPES if layout == "list" else ((SINGLE,),)
+
+                def arrays(dt, random, shapes=shapes, layout=layout):
+                    out = [make.array(_host(rng, s, dt) if random else np.zeros(s, dt)) for s in shapes]
+                    return out if layout == "list" else out[0]
+                params, grads = arrays(dtype, True), arrays(dtype, True)
+                states, names = spec.plan_call(hp, lambda name: arrays(sdtype, False))
+                tail, stochastic = tuple(states), None
+                if mode == "kahan":
+                    tail, names = with_kahan(tail, names, arrays(dtype, False))
+                elif mode == "stochastic":
+                    stochastic = StochasticRounding(int(rng.integers(2 ** 32)), step)
+                what = (f"{backend} {dtype.name} params, {sdtype.name} state{', ' + mode if mode else ''} {spec.name} "
+                        f"variant {spec.variant(hp, step)} {layout}")
+                calls(what, backend_module(backend).step, spec, (params, grads, *tail), names, hp, step, None, None,
+                      stochastic)
+
+
 def _cuda_entry_points():
     from fastopt.backends import cuda_source
     return cuda_source.kernel_names()
@@ -262,6 +307,7 @@ def sweep_backend(backend, make, dtypes=None, log=print, seed=None, quick=False,
     sweep_updates(backend, make, dtypes, calls, rng, quick)
     sweep_averaging(backend, make, dtypes, calls, rng, quick)
     sweep_reductions(backend, make, dtypes, calls, rng)
+    sweep_precision(backend, make, dtypes, calls, rng, quick)
     return calls
 
 

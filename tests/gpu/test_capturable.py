@@ -194,6 +194,9 @@ def test_refusals():
         fastopt.LARS([cuda_emulator.EmuCupy().from_host(np.ones(3, np.float32))], lr=0.1, capturable=True)
     with pytest.raises(ValueError, match="GPU arrays"):
         fastopt.Adam([np.ones(3, np.float32)], capturable=True)
+    with pytest.raises(ValueError, match="capturable=True with stochastic_rounding=True"):
+        fastopt.Adam([cuda_emulator.EmuCupy().from_host(np.ones(3, np.float16))], capturable=True,
+                     stochastic_rounding=True)
     with pytest.raises(TypeError, match="capturable must be a bool"):
         fastopt.Adam([np.ones(3, np.float32)], capturable=1)
 

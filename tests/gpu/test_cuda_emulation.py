@@ -180,6 +180,55 @@ def test_emulated_16bit_params_and_states_equal_the_reference(cp, name, dtypes):
     assert ran
 
 
+ROUNDINGS = [(F16, F32), (F16, F16)] + ([(BF16, F32), (BF16, BF16)] if BF16 is not None else [])
+
+
+@pytest.mark.parametrize("cp", [1], indirect=True, ids=["in flight 1"])
+@pytest.mark.parametrize("mode", ["kahan", "stochastic"])
+@pytest.mark.parametrize("dtypes", ROUNDINGS, ids=lambda d: f"{d[0]} params, {d[1]} state")
+@pytest.mark.parametrize("name", [s.name for s in SPECS])
+def test_emulated_kahan_and_stochastic_rounding_equal_the_reference(cp, name, dtypes, mode):
+    """kahan=True (the compensation in the table's s3 column) and stochastic rounding (the key and each tensor's
+    index offset in the Scalars: element i gets random_bits(key, index_offset + i)) of 16-bit params: the
+    module of the mode (FASTOPT_ROUND) equals the NumPy reference bit for bit, params, states and compensation,
+    over every option set, one array (aligned and misaligned: the vector and scalar paths) and a list. LAMB's
+    two phases and Adan's fourth state are refused by name before anything is written."""
+    from fastopt.functional import with_kahan
+    from fastopt.precision import StochasticRounding
+    dtype, sdtype = dtypes
+    spec = REGISTRY[name]
+    rng = np.random.default_rng([37, list(REGISTRY).index(name), dtype.num, sdtype.num, mode == "kahan"])
+    ran = 0
+    for hp in option_sets(spec):
+        for step in STEPS:
+            for layout, shapes in LAYOUTS.items():
+                as_list = layout == "list"
+                host, names = _host_arrays(rng, spec, hp, dtype, shapes, as_list, sdtype)
+                stochastic = None
+                if mode == "kahan":
+                    comp = [(rng.standard_normal(s) * 1e-3).astype(dtype) for s in shapes]
+                    tail, names = with_kahan(host[2:], names, comp if as_list else comp[0])
+                    host = host[:2] + tail
+                else:
+                    stochastic = StochasticRounding(int(rng.integers(2 ** 63)), step, int(rng.integers(2 ** 40)))
+                device = _to_device(cp, host, misalign=4 if layout == "misaligned" else 0)
+                context = f"{name} {dtype}/{sdtype} {mode} hp={hp} step={step} {layout}"
+                if spec.two_phase or len(spec.states) > 3:
+                    before = [a.get().tobytes() for a in _flat(device)]
+                    with pytest.raises(NotImplementedError, match=f"with {name} is implemented by the CPU"):
+                        cupy_backend.step(spec, device, names, hp, step, 0.5, stochastic=stochastic)
+                    assert [a.get().tobytes() for a in _flat(device)] == before, context
+                    return
+                numpy_backend.step(spec, tuple(host), names, hp, step, 0.5, stochastic=stochastic)
+                cp.launches.clear()
+                cupy_backend.step(spec, device, names, hp, step, 0.5, stochastic=stochastic)
+                assert_launches_fit(cp, context)
+                assert any(f"-DFASTOPT_ROUND={1 if mode == 'kahan' else 2}" in launch.options for launch in cp.launches)
+                _compare(spec, dtype, _flat(device), _flat(host), context)
+                ran += 1
+    assert ran
+
+
 @pytest.mark.parametrize("as_list", [False, True], ids=["one array", "list"])
 def test_the_skip_flag_leaves_every_byte_and_a_clear_flag_changes_nothing(cp, as_list):
     spec = REGISTRY["adamw"]

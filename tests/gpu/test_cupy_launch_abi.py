@@ -116,7 +116,7 @@ def parse_signatures(src):
 
 SOURCE = cuda_source.kernel_source()
 SIGNATURES = parse_signatures(SOURCE)
-SCALARS_BYTES = 8 * int(re.search(r"struct\s+Scalars\s*\{\s*double\s+v\[(\d+)\];\s*\}", SOURCE).group(1))
+SCALARS_BYTES = 8 * int(re.search(r"struct\s+Scalars\s*\{\s*double\s+v\[(\d+)\];", SOURCE).group(1)) + 16  # + key, index0
 
 
 def c_kind(ctype):
@@ -142,7 +142,7 @@ SCALAR_OK = {
 def pointee_dtypes(pointee, module_dtype):
     """The dtypes a pointer parameter may point to in the module compiled for module_dtype (a
     cuda_source.module_key; None: any)."""
-    params, states = cuda_source.module_dtypes(module_dtype)
+    params, states, _ = cuda_source.module_dtypes(module_dtype)
     return {
         "fastopt::dev::T": {params},
         "fastopt::dev::S": {states},
@@ -432,8 +432,10 @@ def module_dtype(options):
     codes = [int(o.split("=")[1]) for o in options if o.startswith("-DFASTOPT_DTYPE=")]
     assert len(codes) == 1, options
     states = [int(o.split("=")[1]) for o in options if o.startswith("-DFASTOPT_STATE=")]
-    assert len(states) <= 1, options
-    return cuda_source.module_key(_DTYPE_OF_CODE[codes[0]], _STATE_OF_CODE[states[0]] if states else None)
+    rounding = [int(o.split("=")[1]) for o in options if o.startswith("-DFASTOPT_ROUND=")]
+    assert len(states) <= 1 and len(rounding) <= 1, options
+    return cuda_source.module_key(_DTYPE_OF_CODE[codes[0]], _STATE_OF_CODE[states[0]] if states else None,
+                                  rounding[0] if rounding else cuda_source.ROUND_NEAREST)
 
 
 def _pointer_problem(fake, launch, label, pname, pointee, arg):
@@ -702,7 +704,7 @@ def test_signatures_parsed_for_exactly_the_entry_points():
     assert all(tuple(SIGNATURES[n][-2:]) == (("const unsigned char*", "skip"), ("const double*", "at")) for n in macro_made)
     assert [p for _, p in SIGNATURES["fo_adam_v1"]] == ["p", "g", "s0", "s1", "s2", "s3", "n", "sc", "gs",
                                                          "gs_kind", "vec", "skip", "at"]
-    assert SCALARS_BYTES == 128 == cupy_backend._SCALARS.itemsize
+    assert SCALARS_BYTES == 144 == cupy_backend._SCALARS.itemsize  # 16 doubles, the rounding key and index0
     for name, params in SIGNATURES.items():
         for ctype, _ in params:
             c_kind(ctype)  # every parameter type has a CuPy rule

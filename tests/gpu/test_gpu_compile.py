@@ -53,14 +53,17 @@ def ptx_by_target():
 
 
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
-PRECISION_MODULES = [cuda_source.module_key(F32, F16), cuda_source.module_key(F16, F16)] + (
+KAHAN, STOCHASTIC = cuda_source.ROUND_KAHAN, cuda_source.ROUND_STOCHASTIC
+PRECISION_MODULES = [cuda_source.module_key(F32, F16), cuda_source.module_key(F16, F16),
+                     cuda_source.module_key(F16, None, KAHAN), cuda_source.module_key(F16, F16, STOCHASTIC)] + (
     [cuda_source.module_key(F32, cuda_source.BF16), cuda_source.module_key(cuda_source.BF16),
-     cuda_source.module_key(cuda_source.BF16, cuda_source.BF16)] if cuda_source.BF16 is not None else [])
+     cuda_source.module_key(cuda_source.BF16, cuda_source.BF16), cuda_source.module_key(cuda_source.BF16, None, STOCHASTIC),
+     cuda_source.module_key(cuda_source.BF16, cuda_source.BF16, KAHAN)] if cuda_source.BF16 is not None else [])
 
 
 def _key_name(key):
-    params, state = cuda_source.module_dtypes(key)
-    return f"{params.name} params, {state.name} state"
+    params, state, rounding = cuda_source.module_dtypes(key)
+    return f"{params.name} params, {state.name} state, rounding {rounding}"
 
 
 def test_every_entry_point_compiles_for_sm80_sm90_and_every_dtype(ptx_by_target):

@@ -52,6 +52,10 @@ NAMES = [name for name, spec in specs.REGISTRY.items() if not spec.train_eval]
 CASES = [("float32", None), ("float32", "float16"), ("float16", "float16")] + (
     [("float32", "bfloat16"), ("bfloat16", None), ("bfloat16", "bfloat16")] if BF16 is not None else [])
 OPTIONS = {"sgd": dict(momentum=0.9), "adagrad": dict(lr_decay=0.01)}
+# Kahan and stochastic rounding of 16-bit params (not LAMB's two phases nor Adan's fourth state on the GPU)
+ROUNDED = [name for name in NAMES if not specs.get_spec(name).two_phase and len(specs.get_spec(name).states) <= 3]
+ROUNDINGS = [("float16", None), ("float16", "float16")] + (
+    [("bfloat16", None), ("bfloat16", "bfloat16")] if BF16 is not None else [])
 
 
 def _dtype(name):
@@ -89,12 +93,51 @@ def test_device_class_equals_the_cpu_class_bit_for_bit(cp, name, case):
     assert gpu.skipped_steps == cpu.skipped_steps == 0
 
 
+@pytest.mark.parametrize("mode", ["kahan", "stochastic_rounding"])
+@pytest.mark.parametrize("case", ROUNDINGS, ids=lambda c: f"{c[0]} params, {c[1] or 'default'} state")
+@pytest.mark.parametrize("name", ROUNDED)
+def test_device_class_rounds_as_the_cpu_class(cp, name, case, mode):
+    """kahan=True (a CuPy compensation from init_state) and stochastic_rounding=True (keyed by seed and the
+    group's step) through the classes: bit for bit the CPU classes, params, states and compensation, with
+    skip_nonfinite's device flag read by the rounding kernels."""
+    pdtype, state = case
+    spec = specs.get_spec(name)
+    cls = getattr(fastopt, spec.class_name)
+    rng = np.random.default_rng([41, ROUNDED.index(name), ROUNDINGS.index(case), mode == "kahan"])
+    host = [rng.standard_normal(s).astype(_dtype(pdtype)) for s in SHAPES]
+    hp = {h.name: 0.01 for h in spec.hypers if h.default is specs.REQUIRED}
+    hp.update(OPTIONS.get(name, {}))
+    device = [cp.from_host(h) for h in host]
+    options = dict(skip_nonfinite=True, **{mode: True}, **({} if state is None else {"state_dtype": state}))
+    if mode == "stochastic_rounding":
+        options["seed"] = int(rng.integers(2 ** 40))
+    gpu = cls([{"params": device[:2]}, {"params": device[2:], "lr": 0.003}], **hp, **options)
+    cpu = cls([{"params": host[:2]}, {"params": host[2:], "lr": 0.003}], **hp, **options)
+    for step in range(4):
+        grads = [rng.standard_normal(s).astype(_dtype(pdtype)) for s in SHAPES]
+        gpu.step([cp.from_host(g) for g in grads])
+        cpu.step(grads)
+        for i, (d, h) in enumerate(zip(device, host)):
+            assert d.get().tobytes() == h.tobytes(), f"{name} {case} {mode}: params[{i}] differs after step {step + 1}"
+            states = cpu.state_arrays(i)
+            assert set(gpu.state_arrays(i)) == set(states)
+            for k, a in gpu.state_arrays(i).items():
+                assert a.get().tobytes() == states[k].tobytes(), f"{name} {case} {mode}: {k} of params[{i}]"
+    assert mode != "kahan" or "kahan_comp" in gpu.state_arrays(0)
+
+
 def test_refusals(cp):
     p = [cp.from_host(np.ones(3, np.float32))]
     with pytest.raises(NotImplementedError, match="state_dtype='int8' .*host .*GPU array"):
         fastopt.Adam(p, state_dtype="int8")
-    with pytest.raises(NotImplementedError, match="kahan=True is implemented for host"):
-        fastopt.Adam([cp.from_host(np.ones(3, np.float16))], kahan=True)
+    with pytest.raises(ValueError, match="kahan=True is for float16 or bfloat16 params"):
+        fastopt.Adam(p, kahan=True)
+    for name, option in (("lamb", dict(kahan=True)), ("adan", dict(stochastic_rounding=True))):
+        q = [cp.from_host(np.ones(3, np.float16))]
+        opt = getattr(fastopt, specs.get_spec(name).class_name)(q, lr=0.1, **option)
+        with pytest.raises(NotImplementedError, match=f"with {name} is implemented by the CPU backends"):
+            opt.step([cp.from_host(np.ones(3, np.float16))])
+        assert q[0].get().tobytes() == np.ones(3, np.float16).tobytes() and opt.steps() == 0
     with pytest.raises(ValueError, match="Invalid state_dtype: 'float16' .*float64"):
         fastopt.Adam([cp.from_host(np.ones(3, np.float64))], state_dtype="float16")
     # a float16 state handed to the Numba backend (its kernels keep float32 state): named, nothing written
