@@ -72,7 +72,7 @@ def test_device_class_equals_the_cpu_class_bit_for_bit(cp, name, case):
     host = [rng.standard_normal(s).astype(_dtype(pdtype)) for s in SHAPES]
     hp = {h.name: 0.01 for h in spec.hypers if h.default is specs.REQUIRED}
     hp.update(OPTIONS.get(name, {}))
-    device = [cp.from_host(h) for h in host]
+    device = [cp.asarray(h) for h in host]
     # skip_nonfinite: the update kernels read the device skip flag (clear here)
     options = dict(skip_nonfinite=True, **({} if state is None else {"state_dtype": state}))
     gpu = cls([{"params": device[:2]}, {"params": device[2:], "lr": 0.003}], **hp, **options)
@@ -82,7 +82,7 @@ def test_device_class_equals_the_cpu_class_bit_for_bit(cp, name, case):
             assert a.dtype == cpu.state_arrays(i)[k].dtype, (k, a.dtype)
     for step in range(4):
         grads = [rng.standard_normal(s).astype(_dtype(pdtype)) for s in SHAPES]
-        gpu.step([cp.from_host(g) for g in grads])
+        gpu.step([cp.asarray(g) for g in grads])
         cpu.step(grads)
         for i, (d, h) in enumerate(zip(device, host)):
             assert d.get().tobytes() == h.tobytes(), f"{name} {case}: params[{i}] differs after step {step + 1}"
@@ -107,7 +107,7 @@ def test_device_class_rounds_as_the_cpu_class(cp, name, case, mode):
     host = [rng.standard_normal(s).astype(_dtype(pdtype)) for s in SHAPES]
     hp = {h.name: 0.01 for h in spec.hypers if h.default is specs.REQUIRED}
     hp.update(OPTIONS.get(name, {}))
-    device = [cp.from_host(h) for h in host]
+    device = [cp.asarray(h) for h in host]
     options = dict(skip_nonfinite=True, **{mode: True}, **({} if state is None else {"state_dtype": state}))
     if mode == "stochastic_rounding":
         options["seed"] = int(rng.integers(2 ** 40))
@@ -115,7 +115,7 @@ def test_device_class_rounds_as_the_cpu_class(cp, name, case, mode):
     cpu = cls([{"params": host[:2]}, {"params": host[2:], "lr": 0.003}], **hp, **options)
     for step in range(4):
         grads = [rng.standard_normal(s).astype(_dtype(pdtype)) for s in SHAPES]
-        gpu.step([cp.from_host(g) for g in grads])
+        gpu.step([cp.asarray(g) for g in grads])
         cpu.step(grads)
         for i, (d, h) in enumerate(zip(device, host)):
             assert d.get().tobytes() == h.tobytes(), f"{name} {case} {mode}: params[{i}] differs after step {step + 1}"
@@ -127,22 +127,22 @@ def test_device_class_rounds_as_the_cpu_class(cp, name, case, mode):
 
 
 def test_refusals(cp):
-    p = [cp.from_host(np.ones(3, np.float32))]
+    p = [cp.asarray(np.ones(3, np.float32))]
     with pytest.raises(NotImplementedError, match="state_dtype='int8' .*host .*GPU array"):
         fastopt.Adam(p, state_dtype="int8")
     with pytest.raises(ValueError, match="kahan=True is for float16 or bfloat16 params"):
         fastopt.Adam(p, kahan=True)
     for name, option in (("lamb", dict(kahan=True)), ("adan", dict(stochastic_rounding=True))):
-        q = [cp.from_host(np.ones(3, np.float16))]
+        q = [cp.asarray(np.ones(3, np.float16))]
         opt = getattr(fastopt, specs.get_spec(name).class_name)(q, lr=0.1, **option)
         with pytest.raises(NotImplementedError, match=f"with {name} is implemented by the CPU backends"):
-            opt.step([cp.from_host(np.ones(3, np.float16))])
+            opt.step([cp.asarray(np.ones(3, np.float16))])
         assert q[0].get().tobytes() == np.ones(3, np.float16).tobytes() and opt.steps() == 0
     with pytest.raises(ValueError, match="Invalid state_dtype: 'float16' .*float64"):
-        fastopt.Adam([cp.from_host(np.ones(3, np.float64))], state_dtype="float16")
+        fastopt.Adam([cp.asarray(np.ones(3, np.float64))], state_dtype="float16")
     # a float16 state handed to the Numba backend (its kernels keep float32 state): named, nothing written
-    params, grads = [cp.from_host(np.ones(3, np.float32))], [cp.from_host(np.ones(3, np.float32))]
-    m, v = (cp.from_host(np.zeros(3, np.float16)) for _ in range(2))
+    params, grads = [cp.asarray(np.ones(3, np.float32))], [cp.asarray(np.ones(3, np.float32))]
+    m, v = (cp.asarray(np.zeros(3, np.float16)) for _ in range(2))
     before = [a.get().tobytes() for a in params + [m, v]]
     from fastopt.backends import device_arrays, validate
     api = device_arrays._DeviceApi(cupy_backend._describe, cupy_backend.DTYPES, "on the GPU")

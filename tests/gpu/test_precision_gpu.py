@@ -1,0 +1,40 @@
+"""The precision modes of the CuPy backend (state_dtype=, bfloat16 params, kahan=True, stochastic_rounding=True)
+on a real GPU: the same checks as tests/gpu/test_precision_emulation.py (the optimizer classes on CuPy arrays
+equal the CPU classes bit for bit, step after step), run by NVRTC's code on the device instead of the CUDA
+emulation. Skipped without a CUDA GPU (the `cp` fixture of tests/conftest.py); the bfloat16 cases need CuPy's
+bfloat16 arrays (CuPy 14 with ml_dtypes)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import test_precision_emulation as emulated
+from fastopt.backends import cuda_source
+
+
+def _needs_bfloat16(cp, case):
+    if "bfloat16" not in case:
+        return
+    try:
+        cp.asarray(np.zeros(2, cuda_source.BF16))
+    except Exception as e:  # no ml_dtypes (BF16 None) or a CuPy without bfloat16 arrays
+        pytest.skip(f"CuPy has no bfloat16 arrays here ({type(e).__name__}: {e})")
+
+
+@pytest.mark.parametrize("case", emulated.CASES, ids=lambda c: f"{c[0]} params, {c[1] or 'default'} state")
+@pytest.mark.parametrize("name", emulated.NAMES)
+def test_device_class_equals_the_cpu_class_bit_for_bit(cp, name, case):
+    _needs_bfloat16(cp, case)
+    emulated.test_device_class_equals_the_cpu_class_bit_for_bit(cp, name, case)
+
+
+@pytest.mark.parametrize("mode", ["kahan", "stochastic_rounding"])
+@pytest.mark.parametrize("case", emulated.ROUNDINGS, ids=lambda c: f"{c[0]} params, {c[1] or 'default'} state")
+@pytest.mark.parametrize("name", emulated.ROUNDED)
+def test_device_class_rounds_as_the_cpu_class(cp, name, case, mode):
+    _needs_bfloat16(cp, case)
+    emulated.test_device_class_rounds_as_the_cpu_class(cp, name, case, mode)
+
+
+def test_refusals(cp):
+    emulated.test_refusals(cp)
