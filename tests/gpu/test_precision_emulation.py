@@ -149,3 +149,30 @@ def test_refusals(cp):
     with pytest.raises(TypeError, match=r"exp_avg\[0\] has dtype float16, expected float32"):
         validate.validate_arrays((params, grads, [m], [v]), ("params", "grads", "exp_avg", "exp_avg_sq"), api, 1)
     assert [a.get().tobytes() for a in params + [m, v]] == before
+
+
+@pytest.mark.parametrize("pdtype", ["float16"] + (["bfloat16"] if BF16 is not None else []))
+def test_kahan_steps_read_capturable_scalars_as_eager_ones(cp, pdtype, monkeypatch):
+    """kahan=True with capturable=True (the step's scalars from the device row; stochastic rounding is refused
+    there): bit for bit the eager kahan steps, params, states and compensation."""
+    from fastopt import capture
+    monkeypatch.setattr(capture, "MAX_ROWS", 64)
+    monkeypatch.setattr(capture, "STEADY", 4)
+    rng = np.random.default_rng([43, len(pdtype)])
+    host = [rng.standard_normal(s).astype(_dtype(pdtype)) for s in SHAPES]
+    pairs = []
+    for capturable in (True, False):
+        params = [cp.asarray(h) for h in host]
+        schedule = fastopt.schedules.exponential_decay(0.01, 0.9)
+        opt = fastopt.AdamW([{"params": params[:2], "lr": schedule}, {"params": params[2:]}], lr=0.003, kahan=True,
+                            capturable=capturable, skip_nonfinite=True)
+        pairs.append((opt, params))
+    (cap, cap_params), (eager, eager_params) = pairs
+    for step in range(6):
+        grads = [rng.standard_normal(s).astype(_dtype(pdtype)) for s in SHAPES]
+        cap.step([cp.asarray(g) for g in grads])
+        eager.step([cp.asarray(g) for g in grads])
+        for i, (a, b) in enumerate(zip(cap_params, eager_params)):
+            assert a.get().tobytes() == b.get().tobytes(), f"params[{i}] differs after step {step + 1}"
+            for k, x in cap.state_arrays(i).items():
+                assert x.get().tobytes() == eager.state_arrays(i)[k].get().tobytes(), (k, i, step)

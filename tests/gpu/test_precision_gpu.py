@@ -38,3 +38,9 @@ def test_device_class_rounds_as_the_cpu_class(cp, name, case, mode):
 
 def test_refusals(cp):
     emulated.test_refusals(cp)
+
+
+@pytest.mark.parametrize("pdtype", ["float16", "bfloat16"])
+def test_kahan_steps_read_capturable_scalars_as_eager_ones(cp, pdtype, monkeypatch):
+    _needs_bfloat16(cp, (pdtype,))
+    emulated.test_kahan_steps_read_capturable_scalars_as_eager_ones(cp, pdtype, monkeypatch)
