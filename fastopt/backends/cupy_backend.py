@@ -183,8 +183,8 @@ def _validate(arrays, names, read_only_slot=1):
 # ---------------------------------------------------------------------------------------------------
 
 def _function(device, dtype, name):
-    """Entry point `name` of the module for `dtype` (cuda_source.module_key: a params' dtype, or with a state
-    of another dtype (params' dtype, state dtype)) on `device`, compiled on first use."""
+    """Entry point `name` of the module for `dtype` (cuda_source.module_key: a params' dtype, or (params' dtype,
+    state dtype, rounding) for another state dtype or rounding) on `device`, compiled on first use."""
     key = (device, dtype, name)
     fn = _functions.get(key)
     if fn is None:
@@ -376,7 +376,7 @@ class _Launch:
             # one vector per thread, not capped: measured on an H100 at 2^28 (issue 11), a grid capped at 8
             # blocks per SM (3-5 resident) reached 2765 GB/s, the uncapped one 2909; the loop is grid-stride
             grid = min(_blocks(n, 16 // params[0].dtype.itemsize), _MAX_GRID)
-            # p, g, s0, s1, s2, s3: slot 5 (the Kahan compensation) is refused on the GPU, slot 6 is s3
+            # p, g, s0, s1, s2, s3: slot 5 (the Kahan compensation) goes through the table (run), slot 6 is s3
             self.single = (tuple(_ptr(a) for a in slots[:5] + slots[6:]), np.int64(n), np.int32(_aligned(*slots)),
                            grid)
 
