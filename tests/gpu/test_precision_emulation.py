@@ -62,35 +62,41 @@ def _dtype(name):
     return BF16 if name == "bfloat16" else np.dtype(name)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]} params, {c[1] or 'default'} state")
-@pytest.mark.parametrize("name", NAMES)
-def test_device_class_equals_the_cpu_class_bit_for_bit(cp, name, case):
-    pdtype, state = case
+def _classes_step_alike(cp, name, pdtype, options, rng, context):
+    """The class of optimizer `name` (two groups) on CuPy arrays and on host arrays of `pdtype`, with `options`,
+    stepped 4 times on the same grads: params, states (the same keys and dtypes) and the Kahan compensation
+    must stay equal bit for bit. Returns the device optimizer."""
     spec = specs.get_spec(name)
     cls = getattr(fastopt, spec.class_name)
-    rng = np.random.default_rng([31, NAMES.index(name), CASES.index(case)])
     host = [rng.standard_normal(s).astype(_dtype(pdtype)) for s in SHAPES]
     hp = {h.name: 0.01 for h in spec.hypers if h.default is specs.REQUIRED}
     hp.update(OPTIONS.get(name, {}))
     device = [cp.asarray(h) for h in host]
-    # skip_nonfinite: the update kernels read the device skip flag (clear here)
-    options = dict(skip_nonfinite=True, **({} if state is None else {"state_dtype": state}))
     gpu = cls([{"params": device[:2]}, {"params": device[2:], "lr": 0.003}], **hp, **options)
     cpu = cls([{"params": host[:2]}, {"params": host[2:], "lr": 0.003}], **hp, **options)
-    for i in range(len(SHAPES)):
-        for k, a in gpu.state_arrays(i).items():
-            assert a.dtype == cpu.state_arrays(i)[k].dtype, (k, a.dtype)
     for step in range(4):
         grads = [rng.standard_normal(s).astype(_dtype(pdtype)) for s in SHAPES]
         gpu.step([cp.asarray(g) for g in grads])
         cpu.step(grads)
         for i, (d, h) in enumerate(zip(device, host)):
-            assert d.get().tobytes() == h.tobytes(), f"{name} {case}: params[{i}] differs after step {step + 1}"
+            assert d.get().tobytes() == h.tobytes(), f"{context}: params[{i}] differs after step {step + 1}"
+            states = cpu.state_arrays(i)
+            assert {k: a.dtype for k, a in gpu.state_arrays(i).items()} == {k: a.dtype for k, a in states.items()}
             for k, a in gpu.state_arrays(i).items():
-                want = cpu.state_arrays(i)[k]
-                assert a.get().tobytes() == want.tobytes(), f"{name} {case}: {k} of params[{i}], step {step + 1}"
+                assert a.get().tobytes() == states[k].tobytes(), f"{context}: {k} of params[{i}], step {step + 1}"
     # (a skipped step is not compared: on the GPU it still advances the step counts, README "skip_nonfinite")
     assert gpu.skipped_steps == cpu.skipped_steps == 0
+    return gpu
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]} params, {c[1] or 'default'} state")
+@pytest.mark.parametrize("name", NAMES)
+def test_device_class_equals_the_cpu_class_bit_for_bit(cp, name, case):
+    pdtype, state = case
+    rng = np.random.default_rng([31, NAMES.index(name), CASES.index(case)])
+    # skip_nonfinite: the update kernels read the device skip flag (clear here)
+    options = dict(skip_nonfinite=True, **({} if state is None else {"state_dtype": state}))
+    _classes_step_alike(cp, name, pdtype, options, rng, f"{name} {case}")
 
 
 @pytest.mark.parametrize("mode", ["kahan", "stochastic_rounding"])
@@ -101,28 +107,11 @@ def test_device_class_rounds_as_the_cpu_class(cp, name, case, mode):
     group's step) through the classes: bit for bit the CPU classes, params, states and compensation, with
     skip_nonfinite's device flag read by the rounding kernels."""
     pdtype, state = case
-    spec = specs.get_spec(name)
-    cls = getattr(fastopt, spec.class_name)
     rng = np.random.default_rng([41, ROUNDED.index(name), ROUNDINGS.index(case), mode == "kahan"])
-    host = [rng.standard_normal(s).astype(_dtype(pdtype)) for s in SHAPES]
-    hp = {h.name: 0.01 for h in spec.hypers if h.default is specs.REQUIRED}
-    hp.update(OPTIONS.get(name, {}))
-    device = [cp.asarray(h) for h in host]
     options = dict(skip_nonfinite=True, **{mode: True}, **({} if state is None else {"state_dtype": state}))
     if mode == "stochastic_rounding":
         options["seed"] = int(rng.integers(2 ** 40))
-    gpu = cls([{"params": device[:2]}, {"params": device[2:], "lr": 0.003}], **hp, **options)
-    cpu = cls([{"params": host[:2]}, {"params": host[2:], "lr": 0.003}], **hp, **options)
-    for step in range(4):
-        grads = [rng.standard_normal(s).astype(_dtype(pdtype)) for s in SHAPES]
-        gpu.step([cp.asarray(g) for g in grads])
-        cpu.step(grads)
-        for i, (d, h) in enumerate(zip(device, host)):
-            assert d.get().tobytes() == h.tobytes(), f"{name} {case} {mode}: params[{i}] differs after step {step + 1}"
-            states = cpu.state_arrays(i)
-            assert set(gpu.state_arrays(i)) == set(states)
-            for k, a in gpu.state_arrays(i).items():
-                assert a.get().tobytes() == states[k].tobytes(), f"{name} {case} {mode}: {k} of params[{i}]"
+    gpu = _classes_step_alike(cp, name, pdtype, options, rng, f"{name} {case} {mode}")
     assert mode != "kahan" or "kahan_comp" in gpu.state_arrays(0)
 
 
