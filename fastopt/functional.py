@@ -152,6 +152,17 @@ for _spec in REGISTRY.values():
 del _spec
 
 
+def cupy_param_dtype(p, label, option):
+    """The NumPy dtype of a GPU param whose backend has the precision modes (state_dtype=, kahan=True,
+    stochastic_rounding=True): a CuPy array's (bfloat16 too, which __cuda_array_interface__ cannot say);
+    NotImplementedError naming `option` for the others (Numba device arrays; torch tensors take
+    fastopt.torch's options)."""
+    if not type(p).__module__.startswith("numba") and isinstance(getattr(p, "dtype", None), np.dtype):
+        return p.dtype
+    raise NotImplementedError(f"{option} on the GPU is implemented for CuPy arrays (the cupy backend); "
+                              f"{label} is a {type(p).__module__}.{type(p).__name__}")
+
+
 def _state_dtype_of(state_dtype, param_dtype, label):
     """The NumPy dtype of the state of a host param of `param_dtype` for state_dtype= (None: float32 for
     16-bit params, else the param's own); TypeError/ValueError naming state_dtype otherwise."""
@@ -261,14 +272,6 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
             dtype = np.dtype(np.float32) if is_16bit(own) else own
         return device_backend.device_full(tuple(p.shape), fill, dtype, like=p)
 
-    def device_param_dtype(p, label, option):
-        """The dtype of a CuPy param, for state_dtype= and kahan=True; NotImplementedError for the GPU arrays
-        whose backend has neither (Numba device arrays; torch tensors take fastopt.torch's options)."""
-        if not type(p).__module__.startswith("numba") and isinstance(getattr(p, "dtype", None), np.dtype):
-            return p.dtype
-        raise NotImplementedError(f"{option} on the GPU is implemented for CuPy arrays (the cupy backend); "
-                                  f"{label} is a {type(p).__module__}.{type(p).__name__}")
-
     is_list = isinstance(params, (list, tuple))
     if params is None:
         raise TypeError("params must be an array or a list of arrays, got None")
@@ -278,7 +281,7 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
         if array_device(p, label) == "device":
             dtype, own = None, None
             if state_dtype is not None or kahan:
-                own = device_param_dtype(p, label, "state_dtype=" if state_dtype is not None else "kahan=True")
+                own = cupy_param_dtype(p, label, "state_dtype=" if state_dtype is not None else "kahan=True")
             if kahan and not is_16bit(own):
                 raise ValueError(f"kahan=True is for float16 or bfloat16 params (a Kahan compensation of 16-bit "
                                  f"rounding); {label} has dtype {own}")

@@ -78,7 +78,7 @@ from fastopt.backends.interface import capturable as capturable_backend
 from fastopt.backends.interface import prepares_once
 from fastopt.capture import OUTSIDE_CAPTURE, CapturedScalars
 from fastopt.clip import _check_bound, clip_coefficient
-from fastopt.functional import init_state, rounding_options, with_kahan
+from fastopt.functional import cupy_param_dtype, init_state, rounding_options, with_kahan
 from fastopt.precision import QuantizedState, StochasticRounding, quant_blocks
 from fastopt.schedules import is_schedule
 from fastopt.specs import PARAM, REGISTRY, REQUIRED, OptimizerSpec
@@ -380,11 +380,8 @@ class Optimizer:
         label = f"params[{indices[0]}]" if indices else "params"
         if self._stochastic:
             p = params[0]
-            if array_device(p, label) == "device" and (type(p).__module__.startswith("numba") or
-                                                      not isinstance(getattr(p, "dtype", None), np.dtype)):
-                raise NotImplementedError(f"stochastic_rounding=True on the GPU is implemented for CuPy arrays (the "
-                                          f"cupy backend); {label} is a {type(p).__module__}.{type(p).__name__}")
-            dtype = np.dtype(p.dtype)
+            dtype = cupy_param_dtype(p, label, "stochastic_rounding=True") if array_device(p, label) == "device" \
+                else np.dtype(p.dtype)
             if not (dtype == np.float16 or dtype.name == "bfloat16"):
                 raise ValueError(f"stochastic_rounding=True is for float16 or bfloat16 params; {label} has dtype "
                                  f"{dtype}")

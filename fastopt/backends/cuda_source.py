@@ -264,8 +264,9 @@ def kernel_source() -> str:
 
 
 def compile_options(key) -> tuple:
-    """NVRTC options of a module (module_key: a params' dtype, or (params' dtype, state dtype)). --fmad=false: no multiply-add contraction (NVRTC contracts by
-    default), as the CPU build's -ffp-contract=off, so that every kernel rounds as the reference does and
+    """NVRTC options of a module (module_key: a params' dtype, or (params' dtype, state dtype, rounding):
+    FASTOPT_STATE and FASTOPT_ROUND only where they differ from the defaults). --fmad=false: no multiply-add
+    contraction (NVRTC contracts by default), as the CPU build's -ffp-contract=off, so that every kernel rounds as the reference does and
     two kernels inlining the same math (one array or a list, with or without a grad_scale multiply) agree
     bit for bit. Without it, on an H200, the one-rank sharded step over NCCL (clipping on, coefficient 1)
     differed from the class step in the last bit (tests/distributed/test_nccl.py)."""
