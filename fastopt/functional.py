@@ -21,7 +21,7 @@ PRECISION_DOC = """
 Precision (16-bit params: float16, ml_dtypes.bfloat16; float32 math):
     The state arrays may be float32 or 16-bit (init_state's state_dtype=: bfloat16/float16 for float32
     params, the params' own dtype for 16-bit params); all states of one call share one dtype, stored
-    rounded to nearest even. 8-bit state (state_dtype="int8", float32 and 16-bit params, on the CPU):
+    rounded to nearest even. 8-bit state (state_dtype="int8", float32 and 16-bit params, on the CPU and CuPy):
     each state is a fastopt.precision.QuantizedState(codes, absmax, signed), dequantized to float32, updated
     and requantized in place (all states of the call, or none). The new 16-bit param is rounded to nearest even, unless:
     kahan_comp: the Kahan compensation buffer (params' dtype and shape; init_state(..., kahan=True)
@@ -210,13 +210,13 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
     16-bit params): each state is a fastopt.precision.QuantizedState (codes uint8 of the param's shape,
     absmax float32 of ceil(size / 256) blocks; the signed map, or the unsigned one for states that are never
     negative: precision.NONNEGATIVE_STATES); not for LAMB, ASGD and schedule-free (precision.INT8_REFUSED),
-    whose state must stay exact. Host (CPU) params only.
+    whose state must stay exact. Host (CPU) and CuPy params (its arrays on the params' device).
     kahan=True (16-bit params only): also a "kahan_comp" entry, zeros of the params' dtype: the Kahan
     compensation that `<name>_step(..., kahan_comp=...)` takes.
     Example: ``fastopt.adam_step(p, g, **fastopt.init_state("adam", p), step=1)``."""
     from fastopt.specs import PARAM, get_spec
     from fastopt.backends.dispatch import array_device, as_numpy
-    from fastopt.precision import INT8_REFUSED, QuantizedState, is_16bit, signed_state
+    from fastopt.precision import INT8_REFUSED, QuantizedState, is_16bit, quant_blocks, signed_state
 
     spec = get_spec(name)
     if isinstance(state_dtype, str) and state_dtype == "int8" and spec.name in INT8_REFUSED:
@@ -251,10 +251,16 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
         if isinstance(dtype, Exception):
             raise dtype
         if isinstance(dtype, str):  # "int8": the fill quantized (codes and one absmax per 256 elements)
+            if array_device(p, label) == "device":  # CuPy params: every code the fill's, every scale |fill|
+                one = QuantizedState.from_float(np.full(1, fill, np.float32), signed_state(state))
+                return QuantizedState(device_state(p, int(one.codes[0]), np.dtype(np.uint8)),
+                                      device_state(p, float(one.absmax[0]), np.dtype(np.float32),
+                                                   (quant_blocks(int(np.prod(p.shape, dtype=np.int64))),)),
+                                      one.signed)
             return QuantizedState.from_float(np.full(p.shape, fill, np.float32), signed_state(state))
         return np.full(p.shape, fill, dtype)
 
-    def device_state(p, fill, dtype=None):
+    def device_state(p, fill, dtype=None, shape=None):
         # on the params' device, filled on their producer stream (a torch tensor on cuda:1 under
         # torch.cuda.stream(s): device 1, stream s), so the first update reads it filled; Numba
         # device arrays keep Numba state, everything else gets CuPy arrays. dtype: state_dtype='s
@@ -270,7 +276,7 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
         # 16-bit params keep float32 state (16-bit moments underflow; the kernels do float32 math)
         if dtype is None:
             dtype = np.dtype(np.float32) if is_16bit(own) else own
-        return device_backend.device_full(tuple(p.shape), fill, dtype, like=p)
+        return device_backend.device_full(tuple(p.shape) if shape is None else shape, fill, dtype, like=p)
 
     is_list = isinstance(params, (list, tuple))
     if params is None:
@@ -286,10 +292,7 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
                 raise ValueError(f"kahan=True is for float16 or bfloat16 params (a Kahan compensation of 16-bit "
                                  f"rounding); {label} has dtype {own}")
             if state_dtype is not None:
-                dtype = _state_dtype_of(state_dtype, own, label)
-                if isinstance(dtype, str):
-                    raise NotImplementedError(f"state_dtype='int8' (8-bit state) is implemented for host (CPU) "
-                                              f"arrays; {label} is a GPU array")
+                dtype = _state_dtype_of(state_dtype, own, label)  # "int8" too: CuPy 8-bit state
             labelled.append((p, label, dtype, own))
             continue
         p = as_numpy(p, label)

@@ -71,7 +71,7 @@ import numpy as np
 
 from fastopt import statedict
 from fastopt.array_types import Arrays, Schedule
-from fastopt.arrays import copy_into, writable_view, zero_fill
+from fastopt.arrays import copy_into, to_host, writable_view, zero_fill
 from fastopt.backends import dispatch
 from fastopt.backends.dispatch import array_device, as_numpy, backend_for
 from fastopt.backends.interface import capturable as capturable_backend
@@ -79,7 +79,7 @@ from fastopt.backends.interface import prepares_once
 from fastopt.capture import OUTSIDE_CAPTURE, CapturedScalars
 from fastopt.clip import _check_bound, clip_coefficient
 from fastopt.functional import cupy_param_dtype, init_state, rounding_options, with_kahan
-from fastopt.precision import QuantizedState, StochasticRounding, quant_blocks
+from fastopt.precision import QuantizedState, StochasticRounding, quant_blocks, quantize_blockwise
 from fastopt.schedules import is_schedule
 from fastopt.specs import PARAM, REGISTRY, REQUIRED, OptimizerSpec
 from fastopt.statedict import OptimizerState, check_array
@@ -965,24 +965,32 @@ def _check_int8_load(what, a, shape) -> None:
 
 
 def _load_into(dst, src) -> None:
-    """A saved state copied into a live one: as it is, or converted between 8-bit and float state
-    (quantized: precision.QuantizedState.store; dequantized to float32, then the live dtype)."""
+    """A saved state copied into a live one (on the live one's device): as it is, or converted between 8-bit and
+    float state (quantized as precision.QuantizedState.store does; dequantized to float32, then the live dtype)."""
     if isinstance(dst, QuantizedState):
         if isinstance(src, QuantizedState):
-            dst.codes[...] = src.codes
-            dst.absmax[...] = src.absmax
+            copy_into(dst.codes, np.asarray(to_host(src.codes), dtype=np.uint8))
+            copy_into(dst.absmax, np.asarray(to_host(src.absmax), dtype=np.float32))
         else:
-            dst.store(np.asarray(as_numpy(src, "state"), dtype=np.float32).reshape(dst.shape))
+            _store_quantized(dst, np.asarray(as_numpy(src, "state"), dtype=np.float32).reshape(dst.shape))
     elif isinstance(src, QuantizedState):
-        copy_into(dst, src.dequantize().astype(np.dtype(dst.dtype)))
+        host = QuantizedState(to_host(src.codes), to_host(src.absmax), src.signed)
+        copy_into(dst, host.dequantize().astype(np.dtype(dst.dtype)))
     else:
         copy_into(dst, src)
+
+
+def _store_quantized(dst: QuantizedState, values) -> None:
+    """Quantize float32 host `values` into the 8-bit state dst, whose arrays may be on a device."""
+    codes, absmax = quantize_blockwise(values, dst.signed)
+    copy_into(dst.codes, codes.reshape(dst.shape))
+    copy_into(dst.absmax, absmax)
 
 
 def _fill(dst, value: float) -> None:
     """dst[...] = value on dst's own device (a state array restored to its starting value)."""
     if isinstance(dst, QuantizedState):  # 8-bit state: the value quantized
-        dst.store(np.full(dst.shape, value, np.float32))
+        _store_quantized(dst, np.full(dst.shape, value, np.float32))
         return
     if value == 0.0:
         zero_fill(dst)

@@ -214,6 +214,20 @@ def quantizer_tables(signed: bool) -> tuple[np.ndarray, np.ndarray]:
     return padded, buckets
 
 
+@lru_cache(maxsize=None)
+def quantizer_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the compiled 8-bit loops take (the CPU's run_int8, the CUDA _q8 kernels), row 0 for the unsigned map
+    and row 1 for the signed one: the maps (float32, 2 x 256), the padded midpoints (float32, 2 x 256) and the
+    buckets (uint8, 2 x 65536) of quantizer_tables. Read-only, C-contiguous."""
+    tables = [quantizer_tables(False), quantizer_tables(True)]
+    out = (np.ascontiguousarray(np.stack([dynamic_map(False), dynamic_map(True)]), dtype=np.float32),
+           np.ascontiguousarray(np.stack([t[0] for t in tables]), dtype=np.float32),
+           np.ascontiguousarray(np.stack([t[1] for t in tables]), dtype=np.uint8))
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
 def quantize_blockwise(x, signed: bool, block: int = QUANT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """(codes uint8, absmax float32 per block) of a float32 array's flattened values."""
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)

@@ -7,6 +7,7 @@ import itertools
 import os
 import re
 
+import numpy as np
 import pytest
 
 from fastopt.backends import cuda_source
@@ -87,11 +88,19 @@ def test_cuda_entry_names_come_from_the_table():
     expected = [f"fo_{f}_v{v}" + m for f, vs in registry_families().items() for v in vs
                 for m in (("_multi",) if f in per_tensor else ("", "_multi"))]
     assert names[:len(expected)] == expected
-    assert set(names[len(expected):]) == set(cuda_source.OTHER_KERNELS)
+    # the 8-bit state entries (state_dtype="int8"): every variant of each family an optimizer runs with int8 state
+    from fastopt.precision import INT8_REFUSED
+    int8 = {s.kernel for s in REGISTRY.values() if s.states and not s.two_phase and s.name not in INT8_REFUSED}
+    assert int8 and not int8 & {"lamb", "asgd", "adan", "sfsgd", "sfadamw"}
+    q8 = [f"fo_{f}_v{v}_q8" for f, vs in registry_families().items() if f in int8 for v in vs]
+    assert set(names[len(expected):]) == set(cuda_source.OTHER_KERNELS) | set(q8)
+    int8_key = cuda_source.module_key(np.float32, cuda_source.INT8)
+    assert cuda_source.kernel_names(int8_key) == q8 + list(cuda_source.REDUCTION_KERNELS)
+    assert cuda_source.kernel_names(np.dtype(np.float32)) == expected + list(cuda_source.OTHER_KERNELS)
     # the NVRTC source carries the table generated from the live registry
     src = cuda_source.kernel_source()
     rows = [line for line in cuda_source.family_header().splitlines()
-            if line.startswith(("FO_UPDATE_ENTRIES", "FO_PER_TENSOR_ENTRIES", "    X("))]
+            if line.startswith(("FO_UPDATE_ENTRIES", "FO_PER_TENSOR_ENTRIES", "FO_INT8_ENTRIES", "    X("))]
     assert rows and all(f"\n{row}\n" in src for row in rows)
 
 

@@ -29,6 +29,8 @@ BLOCK = 256          # threads per block of every kernel (device.cuh FASTOPT_BLO
 # 2**22 elements in all is ~1000 blocks (>= 4 per SM on an H100/H200) and a large one ends in a fine-grained
 # tail; 16 elements per thread (4 vectors of float32). Reductions sum per chunk: results depend on it.
 CHUNK = 1 << 12
+# int64 fields per tensor of a multi-tensor table (device.cuh TENSOR_FIELDS)
+TABLE_FIELDS = 12
 
 
 def _in_flight(text):
@@ -65,6 +67,10 @@ if BF16 is not None:
 STATE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1, np.dtype(np.float16): 2}
 if BF16 is not None:
     STATE_CODES[BF16] = 3
+# 8-bit block-wise state (state_dtype="int8", precision.QuantizedState: uint8 codes and float32 scales) is keyed
+# by numpy's int8 dtype, which np.dtype("int8") gives for the option's name: its module compiles the _q8 entries
+INT8 = np.dtype(np.int8)
+STATE_CODES[INT8] = 4
 
 
 # how a module stores the new params (device.cuh FASTOPT_ROUND): to nearest, Kahan-compensated, stochastically
@@ -74,7 +80,7 @@ ROUND_NEAREST, ROUND_KAHAN, ROUND_STOCHASTIC = 0, 1, 2
 def module_key(param_dtype, state_dtype=None, rounding=ROUND_NEAREST):
     """What selects a compiled module: the params' dtype alone when the state has its default dtype (None
     too) and the params are rounded to nearest, else (params' dtype, state dtype, rounding) (state_dtype=,
-    kahan=True, stochastic_rounding=True: device.cuh FASTOPT_STATE, FASTOPT_ROUND)."""
+    kahan=True, stochastic_rounding=True: device.cuh FASTOPT_STATE, FASTOPT_ROUND; INT8 for 8-bit state)."""
     param_dtype = np.dtype(param_dtype)
     default = DTYPES[param_dtype][1]
     state_dtype = default if state_dtype is None else np.dtype(state_dtype)
@@ -148,6 +154,16 @@ def per_tensor_families() -> frozenset:
     return frozenset(s.kernel for s in kernel_specs() if s.tensor_coefs is not None)
 
 
+def int8_families() -> tuple:
+    """The elementwise families some optimizer runs with 8-bit state (state_dtype="int8": one with states, not
+    refused by precision.INT8_REFUSED), in family_table() order. An int8 module (module_key(..., INT8)) compiles
+    one multi-tensor entry per variant of each, fo_<family>_v<variant>_q8 (update.cu FO_INT8_ENTRIES)."""
+    from fastopt.precision import INT8_REFUSED
+    from fastopt.specs import kernel_specs
+    allowed = {s.kernel for s in kernel_specs() if s.states and not s.two_phase and s.name not in INT8_REFUSED}
+    return tuple(family for family, _, _ in family_table() if family in allowed)
+
+
 def _update_variants() -> dict:
     return {family: variants for family, _, variants in family_table()}
 
@@ -168,6 +184,7 @@ def family_header() -> str:
     two_phase = two_phase_families()
     rows = [(kind, family, op, v) for kind, (family, op, variants) in enumerate(table) for v in variants]
     per_tensor = per_tensor_families()
+    int8 = int8_families()
     lines = [
         "// GENERATED from the registry (fastopt/specs.py: `kernel`, `variants`) by",
         "// fastopt/backends/cuda_source.py family_header(); do not edit. setup.py regenerates it on every build",
@@ -191,6 +208,13 @@ def family_header() -> str:
         "#ifdef FO_UPDATE_ENTRIES",
         *[f"{'FO_PER_TENSOR_ENTRIES' if f in per_tensor else 'FO_UPDATE_ENTRIES'}({k}, {f}, {op}, {v})"
           for k, f, op, v in rows],
+        "#endif",
+        "",
+        "// The 8-bit state entry points fo_<family>_v<variant>_q8 of the families an optimizer runs with",
+        "// state_dtype=\"int8\" (the last argument: 1 when the functor reads a number per tensor): update.cu defines",
+        "// FO_INT8_ENTRIES in the int8 modules (FASTOPT_STATE 4) only.",
+        "#ifdef FO_INT8_ENTRIES",
+        *[f"FO_INT8_ENTRIES({k}, {f}, {op}, {v}, {int(f in per_tensor)})" for k, f, op, v in rows if f in int8],
         "#endif",
         "",
         "// The two-phase families (spec.two_phase): a per-tensor reduction between phase 1 (the states, and",
@@ -290,16 +314,27 @@ def update_kernel_name(family, variant, multi):
     return entry_name(family, f"v{variant}" + ("_multi" if multi else ""))
 
 
+def int8_kernel_name(family, variant):
+    """The multi-tensor entry point of a family's variant with 8-bit state (the int8 modules only)."""
+    return entry_name(family, f"v{variant}_q8")
+
+
 def two_phase_kernel_names(family) -> tuple:
     """(moments, trust, apply) entry points of a two-phase family, in launch order."""
     return tuple(entry_name(family, suffix) for suffix in TWO_PHASE_SUFFIXES)
 
 
-def kernel_names() -> list:
-    """Every entry point a compiled module must export."""
+def kernel_names(key=None) -> list:
+    """The entry points the module of `key` (a module_key) exports: an int8 module's are the _q8 updates and the
+    reductions, every other module's the rest. None: every entry point of the source."""
     per_tensor = per_tensor_families()
     names = [update_kernel_name(f, v, m) for f, _, vs in family_table() for v in vs
              for m in ((True,) if f in per_tensor else (False, True))]
+    int8 = [int8_kernel_name(f, v) for f in int8_families() for v in _update_variants()[f]]
+    if key is None:
+        return names + list(__getattr__("OTHER_KERNELS")) + int8
+    if module_dtypes(key)[1] == INT8:
+        return int8 + list(REDUCTION_KERNELS)
     return names + list(__getattr__("OTHER_KERNELS"))
 
 

@@ -10,6 +10,9 @@ zero-copy and in place.
   cuda_source.CHUNK elements); the table lives on the device and is reused while the same pointers
   come back (an optimizer stepping the same parameters), so a steady-state step copies nothing to the
   device: the hyperparameters travel by value in the launch.
+- 8-bit state (precision.QuantizedState of CuPy arrays, state_dtype="int8"): the table path always (codes
+  in the state columns, scales beside them), the family's _q8 kernel of an int8 module; the quantizer
+  tables are uploaded once per device.
 - Norms are two-stage deterministic reductions in float64 and stay on the device (0-d arrays);
   grad_scale may be such a 0-d array: clip-then-update never synchronises with the host.
 Streams: every launch, and every scratch allocation (CuPy's memory pool is stream-ordered), happens on
@@ -35,12 +38,14 @@ from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMe
                                              prepare_fixed_device, producer_stream, validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
 from fastopt.backends.validate import Checked, check_prepared_disjoint, check_scaled_lr, check_tensor_coefs
+from fastopt.precision import QuantizedState, quantizer_arrays
 
 NAME = "cupy"
 AVAILABLE = importlib.util.find_spec("cupy") is not None
 
 BLOCK = cuda_source.BLOCK
 CHUNK = cuda_source.CHUNK
+TABLE_FIELDS = cuda_source.TABLE_FIELDS
 # the params' dtypes the kernels update: bfloat16 too where ml_dtypes names it (CuPy's bfloat16 arrays)
 DTYPES = tuple(cuda_source.DTYPES)
 _BLOCKS_PER_SM = 8            # grid cap of fo_touch (the benchmark's old ceiling kernel)
@@ -58,6 +63,7 @@ _tables: collections.OrderedDict = collections.OrderedDict()
 _pinned_tables: list = []  # tables used on a stream other than their own: kept (see _order_after_upload)
 _external_streams: dict = {}  # (cudaStream_t, device) -> cupy Stream
 _result_streams = StreamMemo()  # arrays this backend returned -> the stream that wrote them
+_quantizers: dict = {}  # device -> the 8-bit state's maps, midpoints and buckets there (precision.quantizer_arrays)
 
 
 def _cupy():
@@ -81,7 +87,11 @@ def _unchanged(obj, view) -> bool:
     object with the same shape: an ndarray's memory (data) and dtype are read-only; its shape is not (a
     same-size reshape in place). Anything else (torch tensors, whose storage can be swapped under the same
     object) is described again. Saves the optimizer's step a description of every param and state
-    (about 7 us per tensor on an H200 machine's CPU, 1.5 ms of a 200-tensor step)."""
+    (about 7 us per tensor on an H200 machine's CPU, 1.5 ms of a 200-tensor step). An 8-bit state: both its
+    arrays so, and the same map."""
+    if isinstance(obj, QuantizedState):
+        return (isinstance(view, QuantizedState) and obj.signed == view.signed and _unchanged(obj.codes, view.codes)
+                and _unchanged(obj.absmax, view.absmax))
     return view.obj is obj and isinstance(obj, _cupy().ndarray) and obj.shape == view.shape
 
 
@@ -222,15 +232,25 @@ def _aligned(*arrays):
     return all(a is None or a.ptr % 16 == 0 for a in arrays)
 
 
+def _codes(a):
+    """The array a table column points to: an array itself, or an 8-bit state's codes (its absmax goes to
+    columns 9-11)."""
+    return a.codes if isinstance(a, QuantizedState) else a
+
+
 def table_layout(lists):
     """The host image of the multi-tensor table of device.cuh: (int64 array, ntensors, nchunks, byte
     offset of the chunk list). lists: per slot (params, grads, states; None unused) a list of arrays
-    with .ptr and .size; slot 6 a fourth state (Adan), column 8, else slot 5 (the Kahan compensation) there."""
+    with .ptr and .size; slot 6 a fourth state (Adan), column 8, else slot 5 (the Kahan compensation) there.
+    An 8-bit state (a precision.QuantizedState of such arrays) puts its codes in its slot's column and its
+    absmax in column 9 + its state index."""
     n = len(lists[0])
-    fields = np.zeros((n, 9), dtype=np.int64)
+    fields = np.zeros((n, TABLE_FIELDS), dtype=np.int64)
     for k in range(min(len(lists), 5)):
         if lists[k] is not None:
-            fields[:, k] = [a.ptr for a in lists[k]]
+            fields[:, k] = [_codes(a).ptr for a in lists[k]]
+            if k >= 2 and lists[k] and isinstance(lists[k][0], QuantizedState):
+                fields[:, 7 + k] = [a.absmax.ptr for a in lists[k]]
     if len(lists) > 6 and lists[6] is not None:
         fields[:, 8] = [a.ptr for a in lists[6]]
     elif len(lists) > 5 and lists[5] is not None:  # the Kahan compensation (no four-state family with it)
@@ -239,7 +259,7 @@ def table_layout(lists):
     counts = (sizes + CHUNK - 1) // CHUNK
     first = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
     fields[:, 5] = sizes
-    fields[:, 6] = [_aligned(*(lst[i] for lst in lists if lst is not None)) for i in range(n)]
+    fields[:, 6] = [_aligned(*(_codes(lst[i]) for lst in lists if lst is not None)) for i in range(n)]
     fields[:, 7] = first
     nchunks = int(counts.sum())
     owner = np.repeat(np.arange(n, dtype=np.int64), counts)
@@ -308,7 +328,7 @@ def _table(lists, device, stream):
     """The table of these tensors, from the cache when the same pointers and sizes come back (on another
     stream too, ordered after the upload: a CUDA graph captured on its own stream finds the table of the
     eager steps before it); call inside _on()."""
-    key = (device, tuple(None if lst is None else tuple((a.ptr, a.size) for a in lst) for lst in lists))
+    key = (device, tuple(None if lst is None else tuple(_table_entry(a) for a in lst) for lst in lists))
     table = _tables.get(key)
     if table is None:
         table = _tables[key] = _Table(lists, device, stream)
@@ -318,6 +338,13 @@ def _table(lists, device, stream):
         _tables.move_to_end(key)
         _reuse_table(table, stream)
     return table
+
+
+def _table_entry(a):
+    """What a table records of one array: its pointer and size (an 8-bit state's: its codes' and absmax's)."""
+    if isinstance(a, QuantizedState):
+        return a.codes.ptr, a.absmax.ptr, a.codes.size
+    return a.ptr, a.size
 
 
 def _reuse_table(table, stream):
@@ -354,6 +381,8 @@ def _module_of(lists, rounding=cuda_source.ROUND_NEAREST):
     """The module of a call's update kernels (cuda_source.module_key): its params' dtype and, when not the
     default, its states' (one dtype per call, validated) and the params' rounding (_rounding)."""
     states = [lst[0] for k, lst in enumerate(lists) if k >= 2 and k != 5 and lst]  # slot 5: Kahan's compensation
+    if states and isinstance(states[0], QuantizedState):  # 8-bit state (validated: all of the call's or none)
+        return cuda_source.module_key(lists[0][0].dtype, cuda_source.INT8, rounding)
     return cuda_source.module_key(lists[0][0].dtype, states[0].dtype if states else None, rounding)
 
 
@@ -370,7 +399,7 @@ class _Launch:
         self.dtype = _module_of(lists) if params else None
         self.device = _device_of(params[0]) if self.nonempty else None
         self.single = None
-        if self.nonempty and len(params) == 1:
+        if self.nonempty and len(params) == 1 and not _int8(self.dtype):  # 8-bit state: the table path
             slots = [lst[0] if lst is not None else None for lst in lists] + [None] * (7 - len(lists))
             n = params[0].size
             # one vector per thread, not capped: measured on an H100 at 2^28 (issue 11), a grid capped at 8
@@ -502,6 +531,8 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
     params = lists[0]
     skip = _skip_flag(found_inf)
     launch = _launch_of(prepared)
+    if _int8(launch.dtype):
+        numpy_backend.check_int8(prepared, spec)  # an optimizer whose state must stay exact: refused by name
     if not launch.nonempty:
         return
     dtype, device = launch.dtype, launch.device
@@ -517,6 +548,10 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
                        _memo_table(prepared, "table", lists, device, stream))
             return
         variant = spec.variant(hp, step)
+        if _int8(dtype):
+            _run_int8(prepared, spec, hp, host_scale, grad_scale, gs_kind, dtype, device, stream, scalars, gs_ptr,
+                      skip, variant, given, at)
+            return
         if spec.tensor_coefs is not None:
             _per_tensor(spec, hp, host_scale, grad_scale, gs_kind, lists, dtype, device, stream, scalars, gs_ptr,
                         skip, variant, given, at)
@@ -539,21 +574,67 @@ def _per_tensor(spec, hp, host_scale, grad_scale, gs_kind, lists, dtype, device,
     squares of p and g on the device, the numbers on the host (one synchronisation; the CPU backends' own
     formula, specs._lars_coefs), then the family's multi-tensor kernel with them (a single array too); the
     numbers `given` (host float64, one per tensor) instead when the caller has them. Inside _on()."""
-    cp = _cupy()
     table = _table(lists, device, stream)
     if not table.nchunks:
         return
-    if given is not None:
-        coefs = cp.asarray(given, dtype=cp.float64)
-    else:
-        pp = sumsq_per_tensor(Checked((lists[0],), None)).get()  # the params, checked already
-        gg = sumsq_per_tensor(Checked((lists[1],), None)).get()
-        scale = host_scale if gs_kind == 0 else float(cp.asarray(grad_scale).get())  # a 0-d device grad_scale
-        coefs = cp.asarray(spec.tensor_coefs(hp, scale, pp, gg, [len(a.shape) for a in lists[0]]),
-                           dtype=cp.float64)
+    coefs = _tensor_coefs(spec, hp, host_scale, grad_scale, gs_kind, lists, given)
     fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, True))
     fn((table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks), scalars, gs_ptr, gs_kind,
                                     skip, coefs, at))
+
+
+def _tensor_coefs(spec, hp, host_scale, grad_scale, gs_kind, lists, given=None):
+    """The per-tensor numbers of a call (spec.tensor_coefs) on the device: `given` (host float64), or the
+    sums of squares of p and g reduced on the device and the numbers made on the host (one synchronisation;
+    the CPU backends' own formula, specs._lars_coefs). Inside _on()."""
+    cp = _cupy()
+    if given is not None:
+        return cp.asarray(given, dtype=cp.float64)
+    pp = sumsq_per_tensor(Checked((lists[0],), None)).get()  # the params, checked already
+    gg = sumsq_per_tensor(Checked((lists[1],), None)).get()
+    scale = host_scale if gs_kind == 0 else float(cp.asarray(grad_scale).get())  # a 0-d device grad_scale
+    return cp.asarray(spec.tensor_coefs(hp, scale, pp, gg, [len(a.shape) for a in lists[0]]), dtype=cp.float64)
+
+
+def _int8(key) -> bool:
+    """Whether a module_key is an 8-bit state module's (state_dtype="int8")."""
+    return key is not None and cuda_source.module_dtypes(key)[1] == cuda_source.INT8
+
+
+def _quantizer_tables(device, stream):
+    """The 8-bit state's maps, midpoints and buckets on `device` (precision.quantizer_arrays), uploaded by its
+    first 8-bit step and kept; inside _on()."""
+    tables = _quantizers.get(device)
+    if tables is None:
+        if _capturing(stream):
+            raise RuntimeError("fastopt: the 8-bit state's quantizer tables are uploaded by the first 8-bit step on a "
+                               "device, which cannot happen while the stream is captured into a CUDA graph: run one "
+                               "step before capturing (a warm-up step, as torch's capturable optimizers need)")
+        cp = _cupy()
+        tables = tuple(cp.asarray(a) for a in quantizer_arrays())
+        stream.record().synchronize()  # uploaded before any stream reads them: once per device
+        _quantizers[device] = tables
+    return tables
+
+
+def _run_int8(prepared, spec, hp, host_scale, grad_scale, gs_kind, dtype, device, stream, scalars, gs_ptr, skip,
+              variant, given=None, at=np.uint64(0)):
+    """An update with 8-bit states (precision.QuantizedState of CuPy arrays): one launch of the family's _q8
+    kernel over the table (codes in the state columns, scales in 9-11; one array too), after the norms pass of
+    a family reading a number per tensor (LARS). Every block dequantizes, updates and requantizes whole
+    256-element blocks in one pass, with the CPU's bits. Inside _on()."""
+    lists = prepared.lists
+    table = _memo_table(prepared, "table", lists, device, stream)
+    if not table.nchunks:
+        return
+    coefs = np.uint64(0)
+    if spec.tensor_coefs is not None:
+        coefs = _tensor_coefs(spec, hp, host_scale, grad_scale, gs_kind, lists, given)
+    maps, mids, buckets = _quantizer_tables(device, stream)
+    signed = sum(1 << k for k, slot in enumerate(lists[2:5]) if slot and slot[0].signed)
+    fn = _function(device, dtype, cuda_source.int8_kernel_name(spec.kernel, variant))
+    fn((table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks), scalars, gs_ptr, gs_kind, coefs,
+                                    maps, mids, buckets, np.int32(signed), skip, at))
 
 
 def _two_phase(family, lists, dtype, device, stream, scalars, gs_ptr, gs_kind, lr, skip, at=np.uint64(0), table=None):

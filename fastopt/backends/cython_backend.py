@@ -8,7 +8,7 @@ import numpy as np
 
 from fastopt.backends import host_clip, numpy_backend, validate
 from fastopt.backends.validate import host_scale, is_quantized
-from fastopt.precision import dynamic_map, quantizer_tables
+from fastopt.precision import quantizer_arrays
 
 NAME = "cython"
 
@@ -102,20 +102,6 @@ _DTYPE_CODES = {"float32": 0, "float64": 1, "bfloat16": 2, "float16": 3}  # cpu_
 _ROUND_KAHAN, _ROUND_STOCHASTIC = 1, 2
 
 
-def _maps():
-    """The unsigned and signed dynamic maps, padded midpoints and buckets as run_int8 takes them (rows 0, 1)."""
-    global _MAPS
-    if _MAPS is None:
-        tables = [quantizer_tables(False), quantizer_tables(True)]
-        _MAPS = (np.ascontiguousarray(np.stack([dynamic_map(False), dynamic_map(True)]), dtype=np.float32),
-                 np.ascontiguousarray(np.stack([t[0] for t in tables]), dtype=np.float32),
-                 np.ascontiguousarray(np.stack([t[1] for t in tables]), dtype=np.uint8))
-    return _MAPS
-
-
-_MAPS = None
-
-
 def _run_int8(batch, spec, hp, step, grad_scale, stochastic, given_coefs=None):
     """8-bit states: every check before the first write (validate's, the rounding's, the optimizer's
     support), then one parallel region of _cpu_fast.run_int8 over all chunks of all tensors."""
@@ -150,7 +136,7 @@ def _run_int8(batch, spec, hp, step, grad_scale, stochastic, given_coefs=None):
         tensors.append((params[i], grads[i]) + tuple(None if q is None else q.codes for q in qs) +
                        (None if comps is None else comps[i],) + tuple(None if q is None else q.absmax for q in qs) +
                        tuple(bool(q is not None and q.signed) for q in qs))
-    maps, mids, buckets = _maps()
+    maps, mids, buckets = quantizer_arrays()
     if stochastic is None:
         _cpu_fast.run_int8(spec.kernel, spec.variant(hp, step), layout, tensors, scalars, maps, mids, buckets,
                            tensor_coefs=coefs)

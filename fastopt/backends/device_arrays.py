@@ -77,8 +77,8 @@ def from_interface(obj, name):
 
 class _DeviceApi:
     """The members validate_arrays needs, for DeviceArray views. state_dtypes: the backend's kernels take the
-    state dtypes the CPU's do (state_dtype=: the host rule, validate.HostArrays.state_ok), else only the
-    default one (state_dtype above)."""
+    state dtypes the CPU's do (state_dtype=: the host rule, validate.HostArrays.state_ok, and 8-bit state),
+    else only the default one (state_dtype above)."""
 
     def __init__(self, describe, dtypes, where, unchanged=None, stable=None, state_dtypes=False):
         self.convert, self.dtypes, self.where = describe, dtypes, where
@@ -87,6 +87,7 @@ class _DeviceApi:
             self.stable = stable
         if state_dtypes:
             self.state_ok, self.states_text = validate.HostArrays.state_ok, validate.HostArrays.states_text
+        self.quantized_states = state_dtypes  # 8-bit state (precision.QuantizedState of device arrays) too
 
     pointer = staticmethod(lambda a: a.ptr)
     c_contiguous = staticmethod(lambda a: a.c_contiguous)

@@ -169,13 +169,15 @@ INT8 = "int8"  # what a quantized state's dtype reads as in the one-dtype-per-ca
 
 
 def _check_quantized(api, q, p, name, state_label, param_label, read_only):
-    """A QuantizedState (state_dtype="int8") of param p: host arrays; p float32, float16 or bfloat16;
+    """A QuantizedState (state_dtype="int8") of param p: arrays of the api's kind (host arrays; device arrays
+    where the api takes 8-bit state: api.quantized_states, the CuPy backend); p float32, float16 or bfloat16;
     codes uint8 of p's shape, absmax float32, 1-D, ceil(p.size / 256) long; both C-contiguous and
     writeable; the map (signed) the state's name takes (precision.signed_state). Returns the state with
-    its arrays as NumPy arrays (the same object when they already are) and the spans of both."""
-    if api is not HostArrays:
+    its arrays as the api's views (the same object when they already are) and the spans of both."""
+    if api is not HostArrays and not getattr(api, "quantized_states", False):
         raise TypeError(f"{state_label}: 8-bit state (a QuantizedState, state_dtype='int8') is implemented for "
-                        f"host (CPU) arrays only; the GPU backends take float32 state")
+                        f"host (CPU) arrays and CuPy arrays (the cupy backend); this backend's kernels do not "
+                        f"take it")
     if not (p.dtype == F32 or is_16bit(p.dtype)):
         raise TypeError(f"{state_label}: 8-bit state (state_dtype='int8') is for float32, float16 or bfloat16 "
                         f"params, but {param_label} has dtype {dtype_text(p.dtype)}")
@@ -189,7 +191,7 @@ def _check_quantized(api, q, p, name, state_label, param_label, read_only):
     if absmax.dtype != F32:
         raise TypeError(f"{state_label}.absmax has dtype {dtype_text(absmax.dtype)}, expected float32")
     blocks = quant_blocks(p.size)
-    if absmax.ndim != 1 or absmax.shape[0] != blocks:
+    if len(absmax.shape) != 1 or absmax.shape[0] != blocks:
         raise ValueError(f"{state_label}.absmax has shape {tuple(absmax.shape)}, expected ({blocks},) (one scale "
                          f"per block of 256 elements of {param_label}, {p.size} elements)")
     signed = signed_state(name)

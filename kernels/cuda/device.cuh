@@ -8,7 +8,8 @@
 //   2 float16 params and grads, float32 state, float32 math (fp16 moments would underflow)
 //   3 bfloat16 params and grads, float32 state, float32 math
 // and, for another state dtype (state_dtype=, DESIGN.md "Precision"), -DFASTOPT_STATE: 0 float32, 2 float16,
-// 3 bfloat16 (float32 params: any of them; 16-bit params: float32 or their own dtype). 16-bit values are
+// 3 bfloat16 (float32 params: any of them; 16-bit params: float32 or their own dtype), 4 8-bit block-wise
+// state (state_dtype="int8": the module's update entries are update.cu's _q8 ones). 16-bit values are
 // widened exactly and stored rounded to nearest even, as the CPU loops do (precision.cuh for bfloat16).
 // FASTOPT_BLOCK (threads per block) and FASTOPT_CHUNK (elements per block of a multi-tensor launch)
 // come from the launcher (fastopt/backends/cupy_backend.py) so both sides agree.
@@ -92,8 +93,13 @@ typedef double S;
 typedef half_t S;
 #elif FASTOPT_STATE == 3
 typedef bf16_t S;
+#elif FASTOPT_STATE == 4  // 8-bit block-wise state (update.cu's _q8 entries): uint8 codes, float32 math
+typedef float S;
+#if FASTOPT_DTYPE == 1
+#error "8-bit state (FASTOPT_STATE 4) is for float32, float16 and bfloat16 params"
+#endif
 #else
-#error "FASTOPT_STATE must be 0 (float32), 1 (float64), 2 (float16) or 3 (bfloat16)"
+#error "FASTOPT_STATE must be 0 (float32), 1 (float64), 2 (float16), 3 (bfloat16) or 4 (8-bit)"
 #endif
 
 __device__ __forceinline__ M load(float x) { return M(x); }
@@ -190,9 +196,11 @@ __device__ __forceinline__ bool skipped(const unsigned char* skip) { return skip
 
 // Multi-tensor table (one int64 buffer, cached by the launcher while the pointers repeat):
 //   tensors: TENSOR_FIELDS int64 per tensor: p, g, s0, s1, s2 (0 when unused), n, vec (all pointers
-//            16-byte aligned), first chunk index, s3 (a fourth state: Adan's; 0 when unused)
+//            16-byte aligned), first chunk index, s3 (a fourth state: Adan's; 0 when unused), and with 8-bit
+//            state (s0..s2 then hold the uint8 codes) a0, a1, a2: the float32 absmax per 256 of each state
 //   chunks:  one int64 per block: tensor index << 32 | chunk index within the tensor
-enum { TENSOR_FIELDS = 9, F_P = 0, F_G = 1, F_S0 = 2, F_S1 = 3, F_S2 = 4, F_N = 5, F_VEC = 6, F_FIRST = 7, F_S3 = 8 };
+enum { TENSOR_FIELDS = 12, F_P = 0, F_G = 1, F_S0 = 2, F_S1 = 3, F_S2 = 4, F_N = 5, F_VEC = 6, F_FIRST = 7, F_S3 = 8,
+       F_A0 = 9 };
 
 struct ChunkRange {
     const i64* rec;  // the tensor's record

@@ -98,6 +98,36 @@ FO_UPDATE_ENTRIES(17, average, AverageOp, 1)
 FO_UPDATE_ENTRIES(17, average, AverageOp, 2)
 #endif
 
+// The 8-bit state entry points fo_<family>_v<variant>_q8 of the families an optimizer runs with
+// state_dtype="int8" (the last argument: 1 when the functor reads a number per tensor): update.cu defines
+// FO_INT8_ENTRIES in the int8 modules (FASTOPT_STATE 4) only.
+#ifdef FO_INT8_ENTRIES
+FO_INT8_ENTRIES(0, sgd, SgdOp, 0, 0)
+FO_INT8_ENTRIES(0, sgd, SgdOp, 1, 0)
+FO_INT8_ENTRIES(0, sgd, SgdOp, 3, 0)
+FO_INT8_ENTRIES(0, sgd, SgdOp, 5, 0)
+FO_INT8_ENTRIES(0, sgd, SgdOp, 7, 0)
+FO_INT8_ENTRIES(1, adagrad, AdagradOp, 0, 0)
+FO_INT8_ENTRIES(2, rmsprop, RmspropOp, 0, 0)
+FO_INT8_ENTRIES(2, rmsprop, RmspropOp, 1, 0)
+FO_INT8_ENTRIES(2, rmsprop, RmspropOp, 2, 0)
+FO_INT8_ENTRIES(2, rmsprop, RmspropOp, 3, 0)
+FO_INT8_ENTRIES(3, adam, AdamOp, 0, 0)
+FO_INT8_ENTRIES(3, adam, AdamOp, 1, 0)
+FO_INT8_ENTRIES(4, nadam, NadamOp, 0, 0)
+FO_INT8_ENTRIES(5, radam, RadamOp, 0, 0)
+FO_INT8_ENTRIES(5, radam, RadamOp, 1, 0)
+FO_INT8_ENTRIES(6, adabelief, AdabeliefOp, 0, 0)
+FO_INT8_ENTRIES(7, lion, LionOp, 0, 0)
+FO_INT8_ENTRIES(8, adamax, AdamaxOp, 0, 0)
+FO_INT8_ENTRIES(9, adadelta, AdadeltaOp, 0, 0)
+FO_INT8_ENTRIES(10, rprop, RpropOp, 0, 0)
+FO_INT8_ENTRIES(12, yogi, YogiOp, 0, 0)
+FO_INT8_ENTRIES(16, lars, LarsOp, 0, 1)
+FO_INT8_ENTRIES(16, lars, LarsOp, 1, 1)
+FO_INT8_ENTRIES(16, lars, LarsOp, 3, 1)
+#endif
+
 // The two-phase families (spec.two_phase): a per-tensor reduction between phase 1 (the states, and
 // the norms of p and of the update: <family>_moments_math) and phase 2 (the step scaled by
 // <family>_trust_ratio: <family>_apply_math), all in <family>.cuh. X(index, family, params struct):

@@ -187,6 +187,160 @@ __device__ __forceinline__ void multi_kernel_coef(const i64* tensors, const i64*
     update_range<true>(op, table_ptrs(r.rec, sc), r.begin, r.end, threadIdx.x, blockDim.x, r.rec[F_VEC] != 0);
 }
 
+// ---- 8-bit state (FASTOPT_STATE 4: state_dtype="int8", precision.QuantizedState) ----
+// One block per chunk of a tensor (FASTOPT_CHUNK elements: whole 256-element quantization blocks, since chunks
+// start at multiples of FASTOPT_CHUNK). Thread t takes groups of Q8_GROUP consecutive elements, t, t + BLOCK, ...
+// (a row each), so every warp-wide load reads contiguous memory and a quantization block (64 groups) is two
+// whole warps of one row. Per row: the params, grads and codes loaded, the states dequantized (map[code] *
+// absmax), the family's float32 math, the new param stored; then per state and quantization block the absmax
+// (the largest |x| bit pattern, NaN above every number: warp shuffles, then the block's warps through shared
+// memory) and the codes (x / absmax through fo_quantize with the host's tables): fo_quantize_block's bits, so
+// the codes and scales equal the CPU loops' and the NumPy reference's.
+enum { Q8_GROUP = 4, Q8_ROWS = FASTOPT_CHUNK / (Q8_GROUP * FASTOPT_BLOCK), Q8_WARPS = FASTOPT_BLOCK / 32,
+       Q8_WARPS_PER_QBLOCK = FO_QUANT_BLOCK / Q8_GROUP / 32 };
+static_assert(FASTOPT_CHUNK % (Q8_GROUP * FASTOPT_BLOCK) == 0, "an 8-bit chunk is whole rows of groups");
+static_assert(FO_QUANT_BLOCK % (Q8_GROUP * 32) == 0, "a quantization block is whole warps of a row");
+static_assert(FASTOPT_BLOCK % (FO_QUANT_BLOCK / Q8_GROUP) == 0, "a row is whole quantization blocks");
+static_assert(FASTOPT_BLOCK >= 256, "the maps (256 entries) are copied to shared memory by one pass of the block");
+
+template <class Op, bool COEF>
+__device__ __forceinline__ void q8_kernel(const i64* tensors, const i64* chunks, const Scalars& sc, const void* gs,
+                                          int gs_kind, const double* coefs, const float* maps, const float* mids,
+                                          const unsigned char* buckets, int signed_mask, const unsigned char* skip,
+                                          const double* at) {
+    __shared__ float smap[2][256], smid[2][256];       // row 0 the unsigned map, row 1 the signed one
+    __shared__ unsigned stop[3][Q8_ROWS][Q8_WARPS];     // each warp's largest |x| bits per state and row
+    if (skipped(skip)) return;
+    for (int k = threadIdx.x; k < 256; k += FASTOPT_BLOCK) {
+        smap[0][k] = maps[k];
+        smap[1][k] = maps[256 + k];
+        smid[0][k] = mids[k];
+        smid[1][k] = mids[256 + k];
+    }
+    const ChunkRange r = chunk_range(tensors, chunks);
+    Op op = make_op<Op>(sc, gs, gs_kind, at);
+    if constexpr (COEF) op.coef = M(coefs[r.tensor]);
+    const Ptrs a = table_ptrs(r.rec, sc);  // p, g, the Kahan compensation, the rounding key and index0
+    unsigned char* codes[3];
+    float* absmax[3];
+    int row[3];
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+        codes[k] = reinterpret_cast<unsigned char*>(r.rec[F_S0 + k]);
+        absmax[k] = reinterpret_cast<float*>(r.rec[F_A0 + k]);
+        row[k] = (signed_mask >> k) & 1;
+    }
+    const bool vec = r.rec[F_VEC] != 0;
+    __syncthreads();  // the maps are in shared memory
+    float x[3][Q8_ROWS][Q8_GROUP];
+    int valid[Q8_ROWS];
+#pragma unroll
+    for (int u = 0; u < Q8_ROWS; ++u) {
+        const i64 i0 = r.begin + (i64(u) * FASTOPT_BLOCK + threadIdx.x) * Q8_GROUP;  // the group's first element
+        const i64 left = r.end - i0;
+        valid[u] = left <= 0 ? 0 : (left < Q8_GROUP ? int(left) : int(Q8_GROUP));
+        const i64 qb = i0 / FO_QUANT_BLOCK;
+        Vec<T, Q8_GROUP> pv, gv;
+        Vec<unsigned char, Q8_GROUP> cv[3];
+        const bool whole = vec && valid[u] == Q8_GROUP;
+        if (whole) {
+            pv = reinterpret_cast<const Vec<T, Q8_GROUP>*>(a.p + i0)[0];
+            gv = reinterpret_cast<const Vec<T, Q8_GROUP>*>(a.g + i0)[0];
+#pragma unroll
+            for (int k = 0; k < 3; ++k)
+                if (Op::USED & (1 << k)) cv[k] = reinterpret_cast<const Vec<unsigned char, Q8_GROUP>*>(codes[k] + i0)[0];
+        } else {
+#pragma unroll
+            for (int j = 0; j < Q8_GROUP; ++j) {
+                if (j >= valid[u]) continue;
+                pv.v[j] = a.p[i0 + j];
+                gv.v[j] = a.g[i0 + j];
+#pragma unroll
+                for (int k = 0; k < 3; ++k)
+                    if (Op::USED & (1 << k)) cv[k].v[j] = codes[k][i0 + j];
+            }
+        }
+        float scale[3] = {0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int k = 0; k < 3; ++k)
+            if ((Op::USED & (1 << k)) && valid[u] > 0) scale[k] = absmax[k][qb];
+#pragma unroll
+        for (int j = 0; j < Q8_GROUP; ++j) {
+            x[0][u][j] = x[1][u][j] = x[2][u][j] = 0.0f;
+            if (j >= valid[u]) continue;
+            M p = load(pv.v[j]), s[3] = {M(0), M(0), M(0)}, s3 = M(0);
+            const M p_old = p;
+#pragma unroll
+            for (int k = 0; k < 3; ++k)
+                if (Op::USED & (1 << k)) s[k] = fo_dequantize(cv[k].v[j], scale[k], smap[row[k]]);
+            fo_op_call(op, p, load(gv.v[j]), s[0], s[1], s[2], s3);
+            store_param(a, i0 + j, p_old, p, pv.v[j]);
+#pragma unroll
+            for (int k = 0; k < 3; ++k) x[k][u][j] = float(s[k]);
+        }
+        if (whole) {
+            reinterpret_cast<Vec<T, Q8_GROUP>*>(a.p + i0)[0] = pv;
+        } else {
+#pragma unroll
+            for (int j = 0; j < Q8_GROUP; ++j)  // unrolled with a guard: a runtime bound would put pv in local memory
+                if (j < valid[u]) a.p[i0 + j] = pv.v[j];
+        }
+    }
+    // the absmax of each quantization block: the largest |x| bit pattern of its elements (the tail's missing
+    // elements count as 0), per warp by shuffles, then across the block's warps in shared memory
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+        if (!(Op::USED & (1 << k))) continue;
+#pragma unroll
+        for (int u = 0; u < Q8_ROWS; ++u) {
+            fo_u32 top = 0;
+#pragma unroll
+            for (int j = 0; j < Q8_GROUP; ++j) {
+                const fo_u32 b = fo_float_bits(x[k][u][j]) & 0x7fffffffu;
+                top = b > top ? b : top;
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                const fo_u32 other = __shfl_xor_sync(0xffffffffu, top, o);
+                top = other > top ? other : top;
+            }
+            if (lane == 0) stop[k][u][warp] = top;
+        }
+    }
+    __syncthreads();
+    const int first_warp = warp - warp % Q8_WARPS_PER_QBLOCK;
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+        if (!(Op::USED & (1 << k))) continue;
+        const FoQuantizer q = {smid[row[k]], buckets + 65536 * row[k]};
+#pragma unroll
+        for (int u = 0; u < Q8_ROWS; ++u) {
+            if (valid[u] == 0) continue;
+            const i64 i0 = r.begin + (i64(u) * FASTOPT_BLOCK + threadIdx.x) * Q8_GROUP;
+            fo_u32 top = 0;
+#pragma unroll
+            for (int w = 0; w < Q8_WARPS_PER_QBLOCK; ++w) {
+                const fo_u32 b = stop[k][u][first_warp + w];
+                top = b > top ? b : top;
+            }
+            const float am = fo_bits_float(top);
+            const float scale = am > 0.0f ? am : 1.0f;  // an all-zero block: every code is zero's (as on the CPU)
+            if (i0 % FO_QUANT_BLOCK == 0) absmax[k][i0 / FO_QUANT_BLOCK] = am;
+            Vec<unsigned char, Q8_GROUP> cv;
+#pragma unroll
+            for (int j = 0; j < Q8_GROUP; ++j) cv.v[j] = fo_quantize(x[k][u][j] / scale, q);
+            if (vec && valid[u] == Q8_GROUP) {
+                reinterpret_cast<Vec<unsigned char, Q8_GROUP>*>(codes[k] + i0)[0] = cv;
+            } else {
+#pragma unroll
+                for (int j = 0; j < Q8_GROUP; ++j)
+                    if (j < valid[u]) codes[k][i0 + j] = cv.v[j];
+            }
+        }
+    }
+}
+
 }  // namespace dev
 }  // namespace fastopt
 
@@ -218,6 +372,21 @@ __device__ __forceinline__ void multi_kernel_coef(const i64* tensors, const i64*
                                    const unsigned char* skip, const double* coefs, const double* at) {      \
         fastopt::dev::multi_kernel_coef<fastopt::OP<fastopt::dev::M, V> >(tensors, chunks, sc, gs, gs_kind,  \
                                                                           skip, coefs, at);                 \
+    }
+
+// A family's variant with 8-bit state (the int8 modules): the multi-tensor entry only (one array goes through
+// it too). COEF: the functor reads a number per tensor (tensor_coefs[t]: LARS; NULL otherwise). maps, mids:
+// the unsigned then the signed dynamic map and quantizer midpoints (256 float32 each), buckets their 65536-entry
+// bucket tables (precision.quantizer_tables); bit k of signed_mask: state k takes the signed map.
+#define FO_INT8_ENTRIES(KIND, FAMILY, OP, V, COEF)                                                         \
+    extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                             \
+        fo_##FAMILY##_v##V##_q8(const long long* tensors, const long long* chunks, fastopt::dev::Scalars sc, \
+                                const void* gs, int gs_kind, const double* tensor_coefs, const float* maps,  \
+                                const float* mids, const unsigned char* buckets, int signed_mask,            \
+                                const unsigned char* skip, const double* at) {                               \
+        fastopt::dev::q8_kernel<fastopt::OP<fastopt::dev::M, V>, COEF>(tensors, chunks, sc, gs, gs_kind,     \
+                                                                       tensor_coefs, maps, mids, buckets,    \
+                                                                       signed_mask, skip, at);               \
     }
 
 // ---- Two-phase families (spec.two_phase: LAMB), around a per-tensor reduction, all on the device ----
@@ -305,5 +474,13 @@ __device__ __forceinline__ void multi_kernel_coef(const i64* tensors, const i64*
 
 // Every family and variant of the registry (fastopt/specs.py `kernel`, `variants`, `two_phase`): the
 // generated table families.cuh includes each <family>.cuh and invokes FO_UPDATE_ENTRIES once per variant
-// and FO_TWO_PHASE_ENTRIES once per two-phase family.
+// and FO_TWO_PHASE_ENTRIES once per two-phase family, or in an 8-bit state module FO_INT8_ENTRIES once per
+// variant of the families that take 8-bit state.
+#if FASTOPT_STATE == 4  // an 8-bit state module: its _q8 entries only (cuda_source.kernel_names(key))
+#undef FO_UPDATE_ENTRIES
+#undef FO_PER_TENSOR_ENTRIES
+#undef FO_TWO_PHASE_ENTRIES
+#else
+#undef FO_INT8_ENTRIES
+#endif
 #include "families.cuh"

@@ -8,7 +8,8 @@ has reached it, __shared__ memory static (one block at a time). Arrays are host 
 What it proves without a GPU: the launchers' arguments, grids, tables, chunking, vector paths, tails,
 misaligned views, skip flags, grad_scale pointers and the reductions' indexing compute the right values,
 and, compiled with -ffp-contract=off as NVRTC compiles with --fmad=false, the same bits as the CPU
-reference. What it cannot: memory-model races between blocks, warp-level behaviour, speed.
+reference. What it cannot: memory-model races between blocks, warp-level behaviour (a warp shuffle is emulated
+with block-wide barriers, right only where the whole block shuffles alike), speed.
 
 Built on the launch-checking fake of test_cupy_launch_abi (every launch is still checked against the
 parsed C signatures before it runs).
@@ -24,12 +25,14 @@ import tempfile
 
 import numpy as np
 
-from test_cupy_launch_abi import SIGNATURES, FakeArray, FakeCupy, FakeKernel, FakeModule, c_kind
+from fastopt.backends import cuda_source
+from test_cupy_launch_abi import SIGNATURES, FakeArray, FakeCupy, FakeKernel, FakeModule, c_kind, module_dtype
 
 PRELUDE = r"""
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <immintrin.h>
 #include <ucontext.h>
 #include <vector>
@@ -49,6 +52,19 @@ static inline void __syncthreads() {
 }
 template <class X>
 static inline X __ldg(const X* p) { return *p; }
+// A warp shuffle as two block-wide barriers around an exchange through per-thread slots: exact wherever every
+// thread of the block makes the same shuffles (the kernels call them outside divergent code).
+static unsigned long long fo_emu_lanes[1024];
+template <class X>
+static inline X __shfl_xor_sync(unsigned, X value, int lane_mask) {
+    static_assert(sizeof(X) <= sizeof(unsigned long long), "a shuffle moves at most 8 bytes");
+    std::memcpy(&fo_emu_lanes[fo_emu_current], &value, sizeof(X));
+    __syncthreads();
+    X out;
+    std::memcpy(&out, &fo_emu_lanes[fo_emu_current ^ unsigned(lane_mask)], sizeof(X));
+    __syncthreads();
+    return out;
+}
 // Fibers switch only at barriers: a read-modify-write is atomic here.
 static inline int atomicExch(int* address, int value) {
     const int old = *address;
@@ -127,10 +143,11 @@ def wrappers(signatures) -> str:
 
 
 def build(code, options) -> ctypes.CDLL:
-    """The shared library of one module: PRELUDE + the source + wrappers + RUNNER, built with g++ (the -D
-    options as given; -ffp-contract=off as --fmad=false), cached on disk by content."""
+    """The shared library of one module: PRELUDE + the source + wrappers of the module's entry points + RUNNER,
+    built with g++ (the -D options as given; -ffp-contract=off as --fmad=false), cached on disk by content."""
     defines = [o for o in options if o.startswith("-D")]
-    text = PRELUDE + code + "\n" + wrappers(SIGNATURES) + RUNNER
+    exported = {name: SIGNATURES[name] for name in cuda_source.kernel_names(module_dtype(options))}
+    text = PRELUDE + code + "\n" + wrappers(exported) + RUNNER
     key = hashlib.sha256((text + "\0".join(defines)).encode()).hexdigest()[:20]
     os.makedirs(_CACHE, exist_ok=True)
     lib = os.path.join(_CACHE, f"module-{key}.so")

@@ -295,6 +295,50 @@ def sweep_precision(backend, make, dtypes, calls, rng, quick=False):
                       stochastic)
 
 
+def sweep_int8(backend, make, dtypes, calls, rng, quick=False):
+    """The CuPy backend's 8-bit state (state_dtype="int8": the int8 modules' _q8 kernels) for float32 and 16-bit
+    params: every variant of every optimizer that takes it, one array and a list, with a device grad_scale and
+    the skip flag clear, rounded to nearest (and for 16-bit params Kahan-compensated and stochastically rounded,
+    one configuration each). quick: a list only, to nearest (still every _q8 entry point)."""
+    if backend != "cupy":
+        return
+    from fastopt.functional import with_kahan
+    from fastopt.precision import INT8_REFUSED, QuantizedState, StochasticRounding, signed_state
+    for dtype in (np.dtype(d) for d in dtypes if np.dtype(d).itemsize in (2, 4)):
+        device_scale = make.array(np.asarray(0.5, dtype=np.float32))
+        clear = make.array(np.zeros(1, np.uint8))
+        for spec in REGISTRY.values():
+            if not spec.states or spec.two_phase or spec.name in INT8_REFUSED:
+                continue
+            modes = (None,) if quick or dtype.itemsize == 4 else (None, "kahan", "stochastic")
+            layouts = ("list",) if quick else QUICK_LAYOUTS
+            for ((hp, step), layout, mode) in itertools.product(update_configs(spec), layouts, modes):
+                if mode is not None and (hp, step) != update_configs(spec)[0]:
+                    continue
+                shapes = LIST_SHAPES if layout == "list" else ((SINGLE,),)
+
+                def arrays(dt, shapes=shapes, layout=layout):
+                    out = [make.array(_host(rng, s, dt)) for s in shapes]
+                    return out if layout == "list" else out[0]
+
+                def quantized(name, shapes=shapes, layout=layout):
+                    out = []
+                    for s in shapes:
+                        q = QuantizedState.from_float(np.abs(_host(rng, s, np.float32)), signed_state(name))
+                        out.append(QuantizedState(make.array(q.codes), make.array(q.absmax), q.signed))
+                    return out if layout == "list" else out[0]
+                states, names = spec.plan_call(hp, quantized)
+                tail, stochastic = tuple(states), None
+                if mode == "kahan":
+                    tail, names = with_kahan(tail, names, arrays(dtype))
+                elif mode == "stochastic":
+                    stochastic = StochasticRounding(int(rng.integers(2 ** 32)), step)
+                what = (f"{backend} {dtype.name} params, int8 state{', ' + mode if mode else ''} {spec.name} "
+                        f"variant {spec.variant(hp, step)} {layout}")
+                calls(what, backend_module(backend).step, spec, (arrays(dtype), arrays(dtype), *tail), names, hp, step,
+                      device_scale, clear, stochastic)
+
+
 def _cuda_entry_points():
     from fastopt.backends import cuda_source
     return cuda_source.kernel_names()
@@ -308,6 +352,7 @@ def sweep_backend(backend, make, dtypes=None, log=print, seed=None, quick=False,
     sweep_averaging(backend, make, dtypes, calls, rng, quick)
     sweep_reductions(backend, make, dtypes, calls, rng)
     sweep_precision(backend, make, dtypes, calls, rng, quick)
+    sweep_int8(backend, make, dtypes, calls, rng, quick)
     return calls
 
 

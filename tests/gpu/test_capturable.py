@@ -39,7 +39,7 @@ def cp(emu, monkeypatch):
     emu.capturing.clear()
     monkeypatch.setattr(cupy_backend, "_cupy", lambda: emu)
     monkeypatch.setattr(cuda_source, "IN_FLIGHT", 1)
-    for cache in ("_functions", "_sm_counts", "_external_streams"):
+    for cache in ("_functions", "_sm_counts", "_external_streams", "_quantizers"):
         monkeypatch.setattr(cupy_backend, cache, {})
     monkeypatch.setattr(cupy_backend, "_modules", _modules)  # compiled once per dtype for the whole run
     monkeypatch.setattr(cupy_backend, "_tables", collections.OrderedDict())

@@ -41,7 +41,7 @@ def cp(emu, monkeypatch, request):
     default) and 4 (cuda_source.IN_FLIGHT: the variant the GPU benchmark is to measure)."""
     monkeypatch.setattr(cupy_backend, "_cupy", lambda: emu)
     monkeypatch.setattr(cuda_source, "IN_FLIGHT", request.param)
-    for cache in ("_functions", "_sm_counts", "_external_streams"):
+    for cache in ("_functions", "_sm_counts", "_external_streams", "_quantizers"):
         monkeypatch.setattr(cupy_backend, cache, {})
     # compiled once per dtype and variant for the whole run
     monkeypatch.setattr(cupy_backend, "_modules", _modules.setdefault(request.param, {}))

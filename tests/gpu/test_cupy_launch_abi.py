@@ -43,13 +43,16 @@ I64, U8, BOOL = np.dtype(np.int64), np.dtype(np.uint8), np.dtype(np.bool_)
 DTYPES = (F32, F64, F16)
 CHUNK = cuda_source.CHUNK
 
-# Entry points of kernel_names() that no cupy_backend call can launch, with the reason. Empty: every
-# entry point is reachable (test_every_entry_point_is_launched fails on a stale entry too).
-UNREACHABLE: dict = {}
+# Entry points of kernel_names() that no cupy_backend call can launch, with the reason
+# (test_every_entry_point_is_launched fails on a stale entry too).
+UNREACHABLE: dict = {
+    "fo_sgd_v0_q8": "SGD without momentum keeps no state: no 8-bit call reaches its variant",
+    "fo_lars_v0_q8": "LARS without momentum keeps no state: no 8-bit call reaches its variant",
+}
 
 # Pointer parameters the kernels test against null (reduce.cu / update.cu / device.cuh); any other
 # pointer must be non-null. "kernel.param" for a parameter nullable in that kernel only.
-NULLABLE = {"s0", "s1", "s2", "s3", "gs", "skip", "coef", "found_inf", "skipped", "coef_ptr", "fo_step_guard.norm", "at",
+NULLABLE = {"s0", "s1", "s2", "s3", "gs", "skip", "coef", "tensor_coefs", "found_inf", "skipped", "coef_ptr", "fo_step_guard.norm", "at",
             "lr_at"}
 
 
@@ -58,7 +61,7 @@ NULLABLE = {"s0", "s1", "s2", "s3", "gs", "skip", "coef", "found_inf", "skipped"
 # ---------------------------------------------------------------------------------------------------
 
 _ENTRY = re.compile(r'extern\s+"C"\s+__global__\s+void\s+__launch_bounds__\s*\(\s*\w+\s*\)\s*(\w+)\s*\(([^)]*)\)')
-ENTRY_MACROS = ("FO_UPDATE_ENTRIES", "FO_PER_TENSOR_ENTRIES", "FO_TWO_PHASE_ENTRIES")  # update.cu: entry points made per table row
+ENTRY_MACROS = ("FO_UPDATE_ENTRIES", "FO_PER_TENSOR_ENTRIES", "FO_TWO_PHASE_ENTRIES", "FO_INT8_ENTRIES")  # update.cu: entry points made per table row
 
 
 def _macro(name):
@@ -147,6 +150,7 @@ def pointee_dtypes(pointee, module_dtype):
         "fastopt::dev::T": {params},
         "fastopt::dev::S": {states},
         "double": {F64},
+        "float": {F32},
         "long long": {I64},
         "unsigned char": {BOOL, U8},
         "void": None,
@@ -413,6 +417,7 @@ def fake(monkeypatch):
     monkeypatch.setattr(cupy_backend, "_pinned_tables", [])
     monkeypatch.setattr(cupy_backend, "_guard_buffers", __import__("collections").OrderedDict())
     monkeypatch.setattr(cupy_backend, "_external_streams", {})
+    monkeypatch.setattr(cupy_backend, "_quantizers", {})
     monkeypatch.setattr(cupy_backend, "_result_streams", cupy_backend.StreamMemo())
     return cp
 
@@ -756,7 +761,7 @@ def test_vector_flag_follows_alignment(fake):
     assert_launches_fit(fake, "misaligned list")
     tensors = ptr(args_by_name(fake.launches[0])["tensors"])
     table = next(t for t in cupy_backend._tables.values() if t.tensors == tensors)
-    assert table.buffer.host[:18].reshape(2, 9)[:, 6].tolist() == [1, 0]
+    assert table.buffer.host[:2 * cuda_source.TABLE_FIELDS].reshape(2, cuda_source.TABLE_FIELDS)[:, 6].tolist() == [1, 0]
 
 
 def test_no_launch_for_empty_arrays(fake):
@@ -768,12 +773,52 @@ def test_no_launch_for_empty_arrays(fake):
     assert fake.launches == [] and out.filled == 0
 
 
+def run_int8_updates(fake, spec, dtype, device):
+    """cupy_backend.step with 8-bit states (QuantizedState: uint8 codes, float32 absmax) over every option set,
+    step, single array / list and grad_scale form: the family's _q8 kernel of the int8 module (after the norms
+    pass of LARS), its tables and the signed map's bits; returns the names launched."""
+    from fastopt.precision import QuantizedState, quant_blocks, signed_state
+    launched = set()
+    for hp, step, as_list in itertools.product(option_sets(spec), STEPS, (False, True)):
+        shapes = LIST_SHAPES if as_list else [SINGLE_SHAPE]
+
+        def quantized(name):
+            out = [QuantizedState(fake.alloc(s, U8, device), fake.alloc((quant_blocks(int(np.prod(s))),), F32, device),
+                                  signed_state(name)) for s in shapes]
+            return out if as_list else out[0]
+        arrays = tuple(new_arrays(fake, shapes, dtype, device, as_list) for _ in range(2))
+        tail, names = spec.plan_call(hp, quantized)
+        if not any(t is not None for t in tail):
+            continue  # no state to quantize (SGD without momentum): the plain kernels
+        for grad_scale in grad_scales(fake, dtype, device):
+            fake.launches.clear()
+            cupy_backend.step(spec, arrays + tail, names, hp, step, grad_scale, fake.alloc((), np.bool_, device))
+            context = f"{spec.name} int8 {dtype} hp={hp} step={step} list={as_list} grad_scale={grad_scale!r}"
+            assert_launches_fit(fake, context, device)
+            kernels = [launch.name for launch in fake.launches]
+            name = cuda_source.int8_kernel_name(spec.kernel, spec.variant(hp, step))
+            norms = ["fo_sumsq_chunks", "fo_sumsq_tensors"] * 2 if spec.tensor_coefs is not None else []
+            assert kernels == norms + [name], context
+            a = args_by_name(fake.launches[-1])
+            assert module_dtype(fake.launches[-1].options) == cuda_source.module_key(dtype, cuda_source.INT8), context
+            slots = [t for t in tail[:3]] + [None] * (3 - len(tail[:3]))
+            want = sum(1 << k for k, t in enumerate(slots) if t is not None and
+                       (t[0] if isinstance(t, list) else t).signed)
+            assert int(a["signed_mask"]) == want, context
+            assert (ptr(a["tensor_coefs"]) != 0) == (spec.tensor_coefs is not None), context
+            launched.update(kernels)
+    return launched
+
+
 def test_every_entry_point_is_launched(fake):
     assert set(UNREACHABLE) <= set(cuda_source.kernel_names())
     launched = set()
+    from fastopt.precision import INT8_REFUSED
     for dtype in DTYPES:
         for spec in REGISTRY.values():
             launched.update(run_updates(fake, spec, dtype, 0))
+            if dtype != F64 and spec.states and not spec.two_phase and spec.name not in INT8_REFUSED:
+                launched.update(run_int8_updates(fake, spec, dtype, 0))
         # weight averaging (fastopt.ema_update / swa_update): a kernel family that is not an optimizer
         averaging = [{"mode": m, "weight": 0.25, "divisor": 3.0, "lr": 0.0} for m in WEIGHT_AVERAGE.variants]
         launched.update(run_updates(fake, WEIGHT_AVERAGE, dtype, 0, hp_sets=averaging))

@@ -40,7 +40,7 @@ def ptx_by_target():
                 pytest.fail(f"NVRTC {arch} {np.dtype(dtype)}:\n{nvrtc.getProgramLog(prog)}")
             ptx = nvrtc.getPTX(prog)
             out[(np.dtype(dtype).name, arch)] = ptx.decode() if isinstance(ptx, bytes) else ptx
-    # the precision modules (16-bit states, bfloat16 params: cuda_source.module_key), for sm_90
+    # the precision modules (16-bit states, bfloat16 params, 8-bit state: cuda_source.module_key), for sm_90
     for key in PRECISION_MODULES:
         prog = nvrtc.createProgram(source, "fastopt.cu", [], [])
         try:
@@ -58,7 +58,9 @@ PRECISION_MODULES = [cuda_source.module_key(F32, F16), cuda_source.module_key(F1
                      cuda_source.module_key(F16, None, KAHAN), cuda_source.module_key(F16, F16, STOCHASTIC)] + (
     [cuda_source.module_key(F32, cuda_source.BF16), cuda_source.module_key(cuda_source.BF16),
      cuda_source.module_key(cuda_source.BF16, cuda_source.BF16), cuda_source.module_key(cuda_source.BF16, None, STOCHASTIC),
-     cuda_source.module_key(cuda_source.BF16, cuda_source.BF16, KAHAN)] if cuda_source.BF16 is not None else [])
+     cuda_source.module_key(cuda_source.BF16, cuda_source.BF16, KAHAN)] if cuda_source.BF16 is not None else []) + [
+    cuda_source.module_key(F32, cuda_source.INT8), cuda_source.module_key(F16, cuda_source.INT8, STOCHASTIC)] + (
+    [cuda_source.module_key(cuda_source.BF16, cuda_source.INT8, KAHAN)] if cuda_source.BF16 is not None else [])
 
 
 def _key_name(key):
@@ -66,11 +68,15 @@ def _key_name(key):
     return f"{params.name} params, {state.name} state, rounding {rounding}"
 
 
+KEYS = {_key_name(key): key for key in PRECISION_MODULES}
+
+
 def test_every_entry_point_compiles_for_sm80_sm90_and_every_dtype(ptx_by_target):
     assert len(ptx_by_target) == 6 + len(PRECISION_MODULES)
     for (dtype, arch), ptx in ptx_by_target.items():
         assert f".target {arch}" in ptx
-        missing = [n for n in cuda_source.kernel_names() if f".entry {n}(" not in ptx]
+        key = KEYS.get(dtype, np.dtype(dtype) if dtype in ("float32", "float64", "float16") else None)
+        missing = [n for n in cuda_source.kernel_names(key) if f".entry {n}(" not in ptx]
         assert not missing, f"{dtype} {arch}: missing entry points {missing}"
 
 
@@ -82,9 +88,10 @@ def test_float32_updates_do_float32_math(ptx_by_target):
     # float64 appears only where the hyperparameters (by value, or a capturable step's device row through the
     # read-only cache) and a device grad_scale are read and narrowed; never a local-memory copy of them
     allowed = {"cvt.rn.f32.f64", "ld.param.f64", "ld.global.f64", "ld.global.nc.f64"}
-    for dtype in ("float32", "float16"):
+    int8 = _key_name(cuda_source.module_key(F32, cuda_source.INT8))
+    for dtype in ("float32", "float16", int8):
         ptx = ptx_by_target[(dtype, "sm_90")]
-        for name in cuda_source.kernel_names():
+        for name in cuda_source.kernel_names(KEYS.get(dtype, np.dtype(dtype) if dtype != int8 else None)):
             if not name.startswith(("fo_lamb", "fo_sumsq", "fo_global", "fo_step_guard", "fo_scale", "fo_clamp", "fo_touch",
                                     "fo_select")):
                 ops = set(re.findall(r"\b([a-z]+(?:\.[a-z0-9]+)*\.f64)\b", _entry(ptx, name)))
@@ -140,14 +147,22 @@ def test_multi_tensor_table_layout():
     params = [A(256, chunk + 3), A(1024, 0), A(2048 + 4, 5)]
     grads = [A(4096, chunk + 3), A(0, 0), A(8192, 5)]
     host, nt, nc, offset = table_layout([params, grads, None])
-    fields = host[:offset // 8].reshape(nt, 9)
+    fields = host[:offset // 8].reshape(nt, cuda_source.TABLE_FIELDS)
     chunks = host[offset // 8:]
     assert (nt, nc) == (3, 3)
-    assert fields[0].tolist() == [256, 4096, 0, 0, 0, chunk + 3, 1, 0, 0]
-    assert fields[2][5:].tolist() == [5, 0, 2, 0]        # misaligned params: scalar loads
+    assert fields[0].tolist() == [256, 4096, 0, 0, 0, chunk + 3, 1, 0, 0, 0, 0, 0]
+    assert fields[2][5:9].tolist() == [5, 0, 2, 0]        # misaligned params: scalar loads
     # a fourth state (Adan's: the call's slot 6, after the Kahan compensation's) goes to column 8 (F_S3)
     s = [[A(16 * (k + 1) * 1024 + 16 * i, x.size) for i, x in enumerate(params)] for k in range(4)]
     host4, _, _, offset4 = table_layout([params, grads, s[0], s[1], s[2], None, s[3]])
-    fields4 = host4[:offset4 // 8].reshape(nt, 9)
-    assert fields4[0].tolist() == [256, 4096, 16384, 32768, 49152, chunk + 3, 1, 0, 65536]
+    fields4 = host4[:offset4 // 8].reshape(nt, cuda_source.TABLE_FIELDS)
+    assert fields4[0].tolist() == [256, 4096, 16384, 32768, 49152, chunk + 3, 1, 0, 65536, 0, 0, 0]
     assert [(int(c) >> 32, int(c) & 0xffffffff) for c in chunks] == [(0, 0), (0, 1), (2, 0)]
+    # 8-bit states (QuantizedState): the codes in the state's column, the absmax in column 9 + the state's index
+    from fastopt.precision import QuantizedState
+    q = [[QuantizedState(A(65536 * (k + 1) + 256 * i, x.size), A(1 << 24 | 4096 * k + 64 * i, 1), True)
+          for i, x in enumerate(params)] for k in range(2)]
+    host8, _, _, offset8 = table_layout([params, grads, q[0], q[1], None])
+    fields8 = host8[:offset8 // 8].reshape(nt, cuda_source.TABLE_FIELDS)
+    assert fields8[2].tolist() == [2048 + 4, 8192, 65536 + 512, 131072 + 512, 0, 5, 0, 2, 0, (1 << 24) + 128,
+                                   (1 << 24) + 4096 + 128, 0]

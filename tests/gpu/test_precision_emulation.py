@@ -2,8 +2,9 @@
 classes, on the CPU: the kernels run by the CUDA emulation (tests/gpu/cuda_emulator.py). A class on device
 arrays with 16-bit state (float32 or 16-bit params) or bfloat16 params must equal the same class on host arrays
 (the CPU kernels) bit for bit, step after step, for every registry optimizer the classes run; the backends that
-keep the default state (Numba) and the modes the GPU kernels lack (Kahan, stochastic rounding, 8-bit state)
-are refused before anything is made or written."""
+keep the default state (Numba) and the modes the GPU kernels lack (Kahan and stochastic rounding of two-phase or
+four-state optimizers) are refused before anything is made or written. 8-bit state (state_dtype="int8") the same
+way: codes and scales equal the CPU class's (and through a state dict round trip, on a GPU)."""
 from __future__ import annotations
 
 import collections
@@ -16,6 +17,7 @@ import pytest
 import fastopt
 from fastopt import specs
 from fastopt.backends import cuda_source, cupy_backend
+from fastopt.precision import INT8_REFUSED, QuantizedState
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None or platform.machine() not in ("x86_64", "AMD64"),
                                 reason="the emulated kernels are built with g++ for x86-64")
@@ -36,7 +38,7 @@ def cp(emu, monkeypatch):
     emu.launches.clear()
     monkeypatch.setattr(cupy_backend, "_cupy", lambda: emu)
     monkeypatch.setattr(cuda_source, "IN_FLIGHT", 1)
-    for cache in ("_functions", "_sm_counts", "_external_streams"):
+    for cache in ("_functions", "_sm_counts", "_external_streams", "_quantizers"):
         monkeypatch.setattr(cupy_backend, cache, {})
     monkeypatch.setattr(cupy_backend, "_modules", _modules)
     monkeypatch.setattr(cupy_backend, "_tables", collections.OrderedDict())
@@ -62,6 +64,17 @@ def _dtype(name):
     return BF16 if name == "bfloat16" else np.dtype(name)
 
 
+def _kind(a):
+    """A state's dtype, or ("int8", signed) for an 8-bit state."""
+    return ("int8", a.signed) if isinstance(a, QuantizedState) else a.dtype
+
+
+def _bytes(a):
+    """A state's bytes (an 8-bit state's codes and absmax), read back from the device."""
+    parts = (a.codes, a.absmax) if isinstance(a, QuantizedState) else (a,)
+    return tuple((x.get() if hasattr(x, "get") else x).tobytes() for x in parts)
+
+
 def _classes_step_alike(cp, name, pdtype, options, rng, context):
     """The class of optimizer `name` (two groups) on CuPy arrays and on host arrays of `pdtype`, with `options`,
     stepped 4 times on the same grads: params, states (the same keys and dtypes) and the Kahan compensation
@@ -81,9 +94,9 @@ def _classes_step_alike(cp, name, pdtype, options, rng, context):
         for i, (d, h) in enumerate(zip(device, host)):
             assert d.get().tobytes() == h.tobytes(), f"{context}: params[{i}] differs after step {step + 1}"
             states = cpu.state_arrays(i)
-            assert {k: a.dtype for k, a in gpu.state_arrays(i).items()} == {k: a.dtype for k, a in states.items()}
+            assert {k: _kind(a) for k, a in gpu.state_arrays(i).items()} == {k: _kind(a) for k, a in states.items()}
             for k, a in gpu.state_arrays(i).items():
-                assert a.get().tobytes() == states[k].tobytes(), f"{context}: {k} of params[{i}], step {step + 1}"
+                assert _bytes(a) == _bytes(states[k]), f"{context}: {k} of params[{i}], step {step + 1}"
     # (a skipped step is not compared: on the GPU it still advances the step counts, README "skip_nonfinite")
     assert gpu.skipped_steps == cpu.skipped_steps == 0
     return gpu
@@ -115,10 +128,72 @@ def test_device_class_rounds_as_the_cpu_class(cp, name, case, mode):
     assert mode != "kahan" or "kahan_comp" in gpu.state_arrays(0)
 
 
+# 8-bit state: the optimizers that take it (not those whose state must stay exact), with each rounding of the params
+INT8_NAMES = [name for name in NAMES if name not in INT8_REFUSED and specs.get_spec(name).states]
+INT8_CASES = [("float32", None), ("float16", None), ("float16", "kahan")] + (
+    [("bfloat16", None), ("bfloat16", "stochastic_rounding")] if BF16 is not None else [])
+
+
+@pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: f"{c[0]} params{', ' + c[1] if c[1] else ''}")
+@pytest.mark.parametrize("name", INT8_NAMES)
+def test_device_class_with_8bit_state_equals_the_cpu_class(cp, name, case):
+    """state_dtype="int8" through the classes on CuPy arrays (QuantizedState of device arrays from init_state):
+    params, codes and scales bit for bit the CPU class's, step after step, with skip_nonfinite's device flag."""
+    pdtype, mode = case
+    rng = np.random.default_rng([47, INT8_NAMES.index(name), INT8_CASES.index(case)])
+    options = dict(skip_nonfinite=True, state_dtype="int8", **({mode: True} if mode else {}))
+    if mode == "stochastic_rounding":
+        options["seed"] = int(rng.integers(2 ** 40))
+    gpu = _classes_step_alike(cp, name, pdtype, options, rng, f"{name} int8 {case}")
+    assert all(isinstance(a, QuantizedState) for k, a in gpu.state_arrays(0).items() if k != "kahan_comp")
+
+
+def check_8bit_device_state_dict_round_trip(cp):
+    """A state dict of a CuPy optimizer with 8-bit state (codes and scales on the host) loads into a CPU one and
+    back, and into a float32-state one (dequantized); training then goes on alike. Real CuPy arrays only (the
+    state dict's host copies read CuPy's own array type): test_precision_gpu.py runs it."""
+    rng = np.random.default_rng(49)
+    host = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+    device = [cp.asarray(h) for h in host]
+    gpu = fastopt.AdamW(device, lr=0.01, state_dtype="int8")
+    cpu = fastopt.AdamW(host, lr=0.01, state_dtype="int8")
+    for _ in range(2):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+        gpu.step([cp.asarray(g) for g in grads])
+        cpu.step(grads)
+    saved = gpu.state_dict()
+    host2 = [h.copy() for h in host]
+    restored = fastopt.AdamW(host2, lr=0.01, state_dtype="int8")
+    restored.load_state_dict(saved)
+    device2 = [cp.asarray(h) for h in host]
+    back = fastopt.AdamW(device2, lr=0.01, state_dtype="int8")
+    back.load_state_dict(cpu.state_dict())
+    grads = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+    for opt, params in ((gpu, device), (cpu, host), (restored, host2), (back, device2)):
+        opt.step([cp.asarray(g) for g in grads] if params is device or params is device2 else grads)
+    for i in range(len(SHAPES)):
+        want = (host[i].tobytes(), _bytes(cpu.state_arrays(i)["exp_avg"]))
+        for opt, params in ((gpu, device), (restored, host2), (back, device2)):
+            p = params[i].get() if hasattr(params[i], "get") else params[i]
+            assert (p.tobytes(), _bytes(opt.state_arrays(i)["exp_avg"])) == want, i
+    dense = fastopt.AdamW([cp.asarray(h) for h in host], lr=0.01)
+    dense.load_state_dict(saved)
+    for i in range(len(SHAPES)):
+        np.testing.assert_array_equal(dense.state_arrays(i)["exp_avg_sq"].get(),
+                                      QuantizedState(saved_codes(saved, i, "exp_avg_sq"),
+                                                     saved_codes(saved, i, "exp_avg_sq_absmax"), False).dequantize())
+
+
+def saved_codes(state_dict, i, key):
+    return np.asarray(state_dict["state"][i][key])
+
+
 def test_refusals(cp):
     p = [cp.asarray(np.ones(3, np.float32))]
-    with pytest.raises(NotImplementedError, match="state_dtype='int8' .*host .*GPU array"):
-        fastopt.Adam(p, state_dtype="int8")
+    with pytest.raises(ValueError, match="Invalid state_dtype: 'int8' for 'lamb'"):
+        fastopt.LAMB(p, lr=0.1, state_dtype="int8")
+    with pytest.raises(ValueError, match=r"Invalid state_dtype: 'int8' for params\[0\] of dtype float64"):
+        fastopt.Adam([cp.asarray(np.ones(3, np.float64))], state_dtype="int8")
     with pytest.raises(ValueError, match="kahan=True is for float16 or bfloat16 params"):
         fastopt.Adam(p, kahan=True)
     for name, option in (("lamb", dict(kahan=True)), ("adan", dict(stochastic_rounding=True))):

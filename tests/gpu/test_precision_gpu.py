@@ -1,4 +1,4 @@
-"""The precision modes of the CuPy backend (state_dtype=, bfloat16 params, kahan=True, stochastic_rounding=True)
+"""The precision modes of the CuPy backend (state_dtype= incl. "int8", bfloat16 params, kahan=True, stochastic_rounding=True)
 on a real GPU: the same checks as tests/gpu/test_precision_emulation.py (the optimizer classes on CuPy arrays
 equal the CPU classes bit for bit, step after step), run by NVRTC's code on the device instead of the CUDA
 emulation. Skipped without a CUDA GPU (the `cp` fixture of tests/conftest.py); the bfloat16 cases need CuPy's
@@ -34,6 +34,17 @@ def test_device_class_equals_the_cpu_class_bit_for_bit(cp, name, case):
 def test_device_class_rounds_as_the_cpu_class(cp, name, case, mode):
     _needs_bfloat16(cp, case)
     emulated.test_device_class_rounds_as_the_cpu_class(cp, name, case, mode)
+
+
+@pytest.mark.parametrize("case", emulated.INT8_CASES, ids=lambda c: f"{c[0]} params{', ' + c[1] if c[1] else ''}")
+@pytest.mark.parametrize("name", emulated.INT8_NAMES)
+def test_device_class_with_8bit_state_equals_the_cpu_class(cp, name, case):
+    _needs_bfloat16(cp, case)
+    emulated.test_device_class_with_8bit_state_equals_the_cpu_class(cp, name, case)
+
+
+def test_8bit_device_state_dict_round_trip(cp):
+    emulated.check_8bit_device_state_dict_round_trip(cp)
 
 
 def test_refusals(cp):
