@@ -13,11 +13,13 @@ What a user sees per optimizer step, measured side by side in one run on one GPU
   the streams the optimizer reads and writes, trivial integer math, a grid-stride loop over a grid sized
   by the occupancy API). "of copy" = achieved GB/s / copy GB/s; "of pattern" = pattern time / time.
 - GB/s counts the bytes the update must move: every array read once, every written array written once
-  (Adam fp32: 28 bytes per parameter; fp16 params with fp32 state: 22; fp64: 56).
+  (Adam fp32: 28 bytes per parameter; fp16 params with fp32 state: 22; fp64: 56; 8-bit state: 3 per param
+  element plus 2 + 8/256 per state).
 
 Cases (Adam; `--optimizers` adds other optimizers' functional rows): one tensor of 2^20 .. 2^28 fp32
 (fp16 and fp64 at 2^24), 200 transformer-like tensors (GPT-2-like shapes) of 2^22 and 2^27 elements in
-total. Variants: fastopt-cupy (functional, class, class with clip_grad_norm + skip_nonfinite, each class
+total; issue 13's bfloat16 cases and 8-bit state cases (one fp32 tensor of 2^28, 200 bf16 tensors of 2^27, against
+bitsandbytes' Adam8bit and torchao's AdamW8bit). Variants: fastopt-cupy (functional, class, class with clip_grad_norm + skip_nonfinite, each class
 also replayed as a CUDA graph when the step can be captured), fastopt-numba (functional, class),
 torch.optim fused and foreach, and optimi and bitsandbytes when they are installed. The JSON has the
 machine, the software, every row and a "targets" object: one entry per target of issue 11, each
@@ -70,6 +72,8 @@ TORCH_FUSED = "torch fused"
 TORCH_FOREACH = "torch foreach"
 OPTIMI = "optimi"
 BNB = "bitsandbytes"
+BNB8 = "bitsandbytes Adam8bit"
+TORCHAO8 = "torchao AdamW8bit"
 PATTERN = "ceiling same-pattern"
 FASTOPT_CLASS_VARIANTS = (CUPY_CLASS, CUPY_GRAPH, CUPY_CLIP, CUPY_CLIP_GRAPH, NUMBA_CLASS)
 
@@ -97,6 +101,7 @@ class Case:
     dtype: str
     shapes: tuple
     variants: tuple = field(default=())
+    state: str = ""      # "int8": 8-bit block-wise state (state_dtype="int8"), else the params' default state
 
     @property
     def elements(self) -> int:
@@ -141,13 +146,16 @@ def state_dtype(dtype: str) -> np.dtype:
     return _device_state_dtype(np.dtype(dtype))
 
 
-def param_bytes(spec, hp, dtype: str) -> int:
+def param_bytes(spec, hp, dtype: str, state: str = ""):
     """Bytes one update of one parameter must move: params read and written and grads read in the params'
     dtype, each state the configuration uses read and written in the state dtype; two passes for a
-    two-phase optimizer (LAMB), as spec.bytes_per_element counts them."""
+    two-phase optimizer (LAMB), as spec.bytes_per_element counts them. 8-bit state (state="int8"): each
+    state's code read and written, and its float32 scale per 256 elements (a float)."""
     p = np.dtype(dtype).itemsize
-    s = state_dtype(dtype).itemsize
     nstates = sum(spec.active_states(hp))
+    if state == "int8":
+        return 3 * p + nstates * (2 + 8 / 256)
+    s = state_dtype(dtype).itemsize
     if spec.two_phase:  # pass 1: p, g, states read, states written; pass 2: p and states read, p written
         return 2 * p + 2 * nstates * s + 2 * p + nstates * s
     if spec.tensor_coefs is not None:  # the norms pass reads p and g (LARS), then the update
@@ -172,11 +180,11 @@ def buffer_sets(set_bytes: int, l2_bytes: int, factor: int = FLUSH_FACTOR) -> in
     return max(2, 1 + -(-factor * l2_bytes // set_bytes))
 
 
-def footprint(spec, hp, dtype: str, elements: int) -> int:
-    """Bytes one buffer set allocates (params, grads, states)."""
+def footprint(spec, hp, dtype: str, elements: int, state: str = "") -> int:
+    """Bytes one buffer set allocates (params, grads, states; 8-bit state: codes and scales)."""
     p = np.dtype(dtype).itemsize
-    s = state_dtype(dtype).itemsize
-    return elements * (2 * p + sum(spec.active_states(hp)) * s)
+    s = 1 + 4 / 256 if state == "int8" else state_dtype(dtype).itemsize
+    return int(math.ceil(elements * (2 * p + sum(spec.active_states(hp)) * s)))
 
 
 def _log2_label(n):
@@ -213,6 +221,12 @@ def plan(quick=False, sizes=None, optimizers=None, n_tensors=None) -> list:
                 others.append(Case(name, BF16_SINGLE, "bfloat16", ((1 << BF16_SINGLE_AT,),), bf16))
                 others.append(Case(name, BF16_LIST, "bfloat16",
                                    tuple(transformer_shapes(1 << LIST_TOTALS[-1], n_tensors)), bf16))
+            # issue 13: 8-bit state, against bitsandbytes' and torchao's 8-bit optimizers
+            int8 = (CUPY_FN, CUPY_CLASS, BNB8, TORCHAO8)
+            others.append(Case(name, INT8_SINGLE, "float32", ((1 << 28,),), int8, "int8"))
+            if HAS_BF16:
+                others.append(Case(name, INT8_LIST, "bfloat16", tuple(transformer_shapes(1 << LIST_TOTALS[-1], n_tensors)),
+                                   int8, "int8"))
         cases += singles[-1:] + lists + singles[:-1] + others
     return cases
 
@@ -223,10 +237,10 @@ def describe_plan(cases, l2_bytes=ASSUMED_L2) -> list:
     for c in cases:
         spec = REGISTRY[c.optimizer]
         hp = bench_hyperparameters(spec)
-        per_set = footprint(spec, hp, c.dtype, c.elements)
+        per_set = footprint(spec, hp, c.dtype, c.elements, c.state)
         sets = buffer_sets(per_set, l2_bytes)
         lines.append(f"{c.optimizer:>9} {c.label:<24} {c.elements:>11,} elements {c.tensors:>3} tensors "
-                     f"{param_bytes(spec, hp, c.dtype) * c.elements / 1e6:>9.1f} MB/step  {sets:>3} sets x "
+                     f"{param_bytes(spec, hp, c.dtype, c.state) * c.elements / 1e6:>9.1f} MB/step  {sets:>3} sets x "
                      f"{per_set / 2 ** 20:,.0f} MiB  variants: {', '.join(c.variants)}")
     return lines
 
@@ -285,6 +299,8 @@ LIST_SMALL = f"{N_TENSORS} tensors 2^22 fp32"
 LIST_BIG = f"{N_TENSORS} tensors 2^27 fp32"
 BF16_SINGLE = f"1 x 2^{BF16_SINGLE_AT} bf16"
 BF16_LIST = f"{N_TENSORS} tensors 2^{LIST_TOTALS[-1]} bf16"
+INT8_SINGLE = "1 x 2^28 fp32 int8"
+INT8_LIST = f"{N_TENSORS} tensors 2^{LIST_TOTALS[-1]} bf16 int8"
 SANITIZER_TARGET = "compute_sanitizer_errors"
 GPU_TESTS_TARGET = "gpu_tests_failed"
 
@@ -333,6 +349,16 @@ def targets(rows, copy_gbps) -> dict:
         out[f"{key}_speedup_vs_torch_fused"] = _target(
             _ratio(_get(rows, case, TORCH_FUSED), _get(rows, case, variant)), 1.0, ">=",
             f"torch fused (bfloat16 state) / {variant} step time (issue 13: faster than torch fused)")
+    # issue 13: 8-bit state at 0.85 of the copy ceiling and 3x faster than bitsandbytes' and torchao's 8-bit Adam
+    for case, variant, key in ((INT8_SINGLE, CUPY_FN, "adam_int8_fp32_2^28"), (INT8_LIST, CUPY_CLASS,
+                                                                              "list200_2^27_bf16_int8")):
+        out[f"{key}_fraction_of_copy"] = _target(
+            _get(rows, case, variant, "of_copy"), 0.85, ">=",
+            f"{variant} GB/s over the device copy's, 8-bit state (codes and a float32 scale per 256)")
+        for other in (BNB8, TORCHAO8):
+            out[f"{key}_speedup_vs_{other.split()[0]}"] = _target(
+                _ratio(_get(rows, case, other), _get(rows, case, variant)), 3.0, ">=",
+                f"{other} / {variant} step time (issue 13: 3x faster)")
     out[SANITIZER_TARGET] = _target(None, 0, "<=", "errors over memcheck, racecheck, initcheck, synccheck "
                                     "(filled in by make gpu-check)")
     out[GPU_TESTS_TARGET] = _target(None, 0, "<=", "failed or erroring tests on the device: tests/gpu and the tests "
@@ -626,6 +652,8 @@ def _functional(backend):
         cp = bench.cp
         fn = getattr(fastopt, spec.function_name)
         options = {k: hp[k] for k in spec.state_options}
+        if case.state:
+            options["state_dtype"] = case.state
         sets = []
         for _ in range(nsets):
             ps = [_randn(cp, s, case.dtype) for s in case.shapes]
@@ -648,6 +676,8 @@ def _class_optimizers(bench, case, backend, clip_skip, capturable, nsets):
     _check_dtype(backend, case.dtype)
     cp = bench.cp
     options = dict(clip_grad_norm=1.0, skip_nonfinite=True) if clip_skip else {}
+    if case.state:
+        options["state_dtype"] = case.state
     if capturable:
         options["capturable"] = True
     out = []
@@ -732,6 +762,18 @@ def _torch_make(kind):
                 raise NotRun(f"torch.optim has no {spec.class_name}")
             cls = getattr(torch.optim, spec.torch_class)
             kwargs[kind] = True
+        elif kind in ("bnb8", "torchao8"):  # their 8-bit Adam (block-wise, 256 per block as fastopt's)
+            if spec.name != "adam":
+                raise NotRun("measured for Adam only")
+            try:
+                if kind == "bnb8":
+                    import bitsandbytes as bnb
+                    cls = bnb.optim.Adam8bit
+                else:
+                    from torchao.optim import AdamW8bit as cls
+                    kwargs["weight_decay"] = 0.0  # Adam's update
+            except ImportError as e:
+                raise NotRun(f"{'bitsandbytes' if kind == 'bnb8' else 'torchao'} not installed ({e})") from None
         elif kind == "optimi":
             try:
                 import optimi
@@ -779,6 +821,8 @@ BUILDERS = {
     TORCH_FOREACH: _torch_make("foreach"),
     OPTIMI: _torch_make("optimi"),
     BNB: _torch_make("bnb"),
+    BNB8: _torch_make("bnb8"),
+    TORCHAO8: _torch_make("torchao8"),
     PATTERN: _pattern,
 }
 
@@ -788,13 +832,14 @@ def measure_case(bench, case, log=print) -> list:
     run must not lose the rest)."""
     spec = REGISTRY[case.optimizer]
     hp = bench_hyperparameters(spec)
-    set_bytes = footprint(spec, hp, case.dtype, case.elements)
+    set_bytes = footprint(spec, hp, case.dtype, case.elements, case.state)
     nsets = bench.sets(set_bytes)
     rows = []
     for variant in case.variants:
         row = {"optimizer": case.optimizer, "case": case.label, "variant": variant, "dtype": case.dtype,
                "elements": case.elements, "tensors": case.tensors,
-               "bytes": param_bytes(spec, hp, case.dtype) * case.elements, "sets": nsets}
+               "bytes": param_bytes(spec, hp, case.dtype, case.state) * case.elements, "sets": nsets,
+               "state": case.state or "default"}
         t0 = time.perf_counter()
         m = None
         try:

@@ -65,6 +65,10 @@ def test_adam_bytes_per_parameter():
     # fp32: p, g, m, v read, p, m, v written; fp16 params: 2-byte p and g, 4-byte m and v
     assert [bg.param_bytes(spec, hp, d) for d in ("float32", "float16", "float64")] == [28, 22, 56]
     assert bg.footprint(spec, hp, "float16", 10) == 10 * (2 + 2 + 4 + 4)
+    # 8-bit state: each of m and v a code read and written and a float32 scale per 256 read and written
+    assert bg.param_bytes(spec, hp, "float32", "int8") == 12 + 2 * (2 + 8 / 256)
+    assert bg.param_bytes(spec, hp, "bfloat16", "int8") == 6 + 2 * (2 + 8 / 256)
+    assert bg.footprint(spec, hp, "float32", 1024, "int8") == 1024 * 8 + 2 * (1024 + 16)
 
 
 def test_buffer_sets_rotate_past_twice_the_l2():
@@ -85,13 +89,18 @@ def test_plan_quick_full_and_options():
     full, quick = bg.plan(False), bg.plan(True)
     labels = [c.label for c in full]
     assert labels[:3] == ["1 x 2^28 fp32", "200 tensors 2^22 fp32", "200 tensors 2^27 fp32"]  # targets first
-    bf16 = {bg.BF16_SINGLE, bg.BF16_LIST} if bg.HAS_BF16 else set()
+    bf16 = {bg.BF16_SINGLE, bg.BF16_LIST, bg.INT8_LIST} if bg.HAS_BF16 else set()
+    bf16 |= {bg.INT8_SINGLE}
     assert set(labels) == {f"1 x 2^{e} fp32" for e in (20, 22, 24, 26, 28)} | {
         "200 tensors 2^22 fp32", "200 tensors 2^27 fp32", "1 x 2^24 fp16", "1 x 2^24 fp64"} | bf16
     assert {c.label for c in quick} == {"1 x 2^20 fp32", "1 x 2^24 fp32", "1 x 2^28 fp32", "200 tensors 2^22 fp32",
                                         "200 tensors 2^27 fp32", "1 x 2^24 fp16", "1 x 2^24 fp64"} | bf16
     for c in full:
         assert c.optimizer == "adam" and set(c.variants) <= set(bg.BUILDERS)
+        if c.state == "int8":  # issue 13's 8-bit cases: against the 8-bit optimizers of bitsandbytes and torchao
+            assert set(c.variants) == {bg.CUPY_FN, bg.CUPY_CLASS, bg.BNB8, bg.TORCHAO8}
+            assert c.elements == (1 << 28) if c.tensors == 1 else c.tensors == 200 and c.dtype == "bfloat16"
+            continue
         assert {bg.CUPY_FN, bg.TORCH_FUSED, bg.TORCH_FOREACH, bg.PATTERN} <= set(c.variants)
         if c.dtype == "bfloat16":  # issue 13's cases: no Numba (no bfloat16 kernels), no bitsandbytes 32-bit
             assert c.elements == (1 << 26) if c.tensors == 1 else abs(c.elements - (1 << 27)) < 768  # within d
@@ -99,7 +108,7 @@ def test_plan_quick_full_and_options():
             continue
         assert bg.NUMBA_FN in c.variants
         if c.tensors > 1:
-            assert c.tensors == 200 and set(c.variants) == set(bg.BUILDERS)
+            assert c.tensors == 200 and set(c.variants) == set(bg.BUILDERS) - {bg.BNB8, bg.TORCHAO8}
     custom = bg.plan(True, sizes=(1000, 4096), optimizers=["adam", "lion"])
     assert [c.label for c in custom if c.tensors == 1] == ["1 x 2^12 fp32", "1 x 1,000 fp32", "1 x 2^12 fp32",
                                                            "1 x 1,000 fp32"]
@@ -191,7 +200,9 @@ def test_rows_and_targets_arithmetic():
                       "list200_2^27_clip_skip_over_plain", "numba_over_cupy_single_2^24_and_up",
                       "numba_over_cupy_list200", bg.SANITIZER_TARGET, bg.GPU_TESTS_TARGET,
                       "adam_bf16_2^26_fraction_of_copy", "adam_bf16_2^26_speedup_vs_torch_fused",
-                      "list200_2^27_bf16_fraction_of_copy", "list200_2^27_bf16_speedup_vs_torch_fused"}
+                      "list200_2^27_bf16_fraction_of_copy", "list200_2^27_bf16_speedup_vs_torch_fused"} | {
+                      f"{key}_{what}" for key in ("adam_int8_fp32_2^28", "list200_2^27_bf16_int8")
+                      for what in ("fraction_of_copy", "speedup_vs_bitsandbytes", "speedup_vs_torchao")}
     assert all(set(v) >= {"value", "target", "met"} for v in t.values())
     assert t["adam_fp32_2^28_fraction_of_copy"]["value"] == pytest.approx(big["GBps"] / 3000.0)
     assert t["adam_fp32_2^28_fraction_of_copy"]["met"] is (big["GBps"] / 3000.0 >= 0.95)
@@ -217,6 +228,16 @@ def test_rows_and_targets_arithmetic():
     assert tb["adam_bf16_2^26_speedup_vs_torch_fused"]["value"] == pytest.approx(0.9)
     assert tb["adam_bf16_2^26_speedup_vs_torch_fused"]["met"] is False
     assert tb["list200_2^27_bf16_fraction_of_copy"]["met"] is None
+    # issue 13's 8-bit targets: of the copy ceiling, and 3x bitsandbytes' and torchao's 8-bit Adam
+    per8 = bg.param_bytes(REGISTRY["adam"], bg.bench_hyperparameters(REGISTRY["adam"]), "float32", "int8")
+    int8 = bg.finish_rows([dict(_row(bg.INT8_SINGLE, v, us, elements=1 << 28), bytes=per8 * 2 ** 28)
+                           for v, us in ((bg.CUPY_FN, 1500.0), (bg.BNB8, 7581.0), (bg.TORCHAO8, 4000.0))], 3000.0)
+    t8 = bg.targets(int8, 3000.0)
+    assert t8["adam_int8_fp32_2^28_fraction_of_copy"]["value"] == pytest.approx(per8 * 2 ** 28 / 1500e-6 / 1e9 / 3000)
+    assert t8["adam_int8_fp32_2^28_speedup_vs_bitsandbytes"]["value"] == pytest.approx(7581 / 1500)
+    assert t8["adam_int8_fp32_2^28_speedup_vs_bitsandbytes"]["met"] is True
+    assert t8["adam_int8_fp32_2^28_speedup_vs_torchao"]["met"] is False
+    assert t8["list200_2^27_bf16_int8_speedup_vs_torchao"]["met"] is None
     slow = bg.targets(bg.finish_rows(_issue_rows(fast=False), 3000.0), 3000.0)
     assert not any(slow[k]["met"] for k in ("adam_fp32_2^28_speedup_vs_torch_fused", "list200_2^22_host_us_class",
                                              "list200_2^22_host_us_class_graph", "numba_over_cupy_single_2^24_and_up",
@@ -437,8 +458,8 @@ def test_cli_dry_run_needs_no_gpu(capsys):
     from fastopt.cli import main
     assert main(["bench", "--device", "gpu", "--dry-run", "--quick"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"{9 if bg.HAS_BF16 else 7} cases (quick") and "200 tensors 2^27 fp32" in out
-    assert "1 x 2^24 fp16" in out and (not bg.HAS_BF16 or "200 tensors 2^27 bf16" in out)
+    assert out.startswith(f"{11 if bg.HAS_BF16 else 8} cases (quick") and "200 tensors 2^27 fp32" in out
+    assert "1 x 2^24 fp16" in out and (not bg.HAS_BF16 or "200 tensors 2^27 bf16" in out) and bg.INT8_SINGLE in out
     assert main(["bench", "--dry-run"]) == 2
     assert "--dry-run: only with --device gpu" in capsys.readouterr().err
 
