@@ -161,8 +161,8 @@ def test_bfloat16_without_ml_dtypes_is_refused_clearly(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_cuda_float16_params_equal_the_cpu():
     """float16 CUDA params (the CuPy kernels, float32 state) equal the same steps on the CPU (float32 math
-    on both; within one float16 ulp where the GPU contracts a multiply-add), and bfloat16 CUDA params are
-    refused at construction (no CUDA bfloat16 kernels yet)."""
+    on both; within one float16 ulp where the GPU contracts a multiply-add). bfloat16 CUDA params and the
+    precision options on CUDA: tests/test_torch_cuda_precision.py."""
     torch.manual_seed(9)
     cpu = [(torch.randn(s) * 0.5).half().requires_grad_() for s in [(1,), (1037,), (33, 5)]]
     gpu = [p.detach().cuda().requires_grad_() for p in cpu]
@@ -176,8 +176,6 @@ def test_cuda_float16_params_equal_the_cpu():
     assert b.state[gpu[0]]["exp_avg"].dtype == torch.float32
     for p, q in zip(cpu, gpu):
         torch.testing.assert_close(q.cpu().float(), p.float(), rtol=2 ** -10, atol=2 ** -14)
-    with pytest.raises(TypeError, match="bfloat16"):
-        ft.Adam([torch.zeros(3, device="cuda", dtype=torch.bfloat16, requires_grad=True)])
 
 
 MODES = {"bf16-state": dict(state_dtype="bfloat16"), "kahan": dict(kahan=True),

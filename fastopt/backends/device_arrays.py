@@ -70,9 +70,24 @@ def from_interface(obj, name):
                         + (f" ({e})" if isinstance(e, RuntimeError) else "")) from None
     shape = tuple(cai["shape"])
     dtype = np.dtype(cai["typestr"])
+    if dtype.kind == "V" and dtype.itemsize == 2:  # "<V2": torch's bfloat16 (ml_dtypes' bfloat16 has that str)
+        dtype = _bfloat16_of(obj, dtype)
     ptr, readonly = cai["data"]
     return DeviceArray(obj, ptr or 0, shape, dtype, _c_contiguous(shape, cai.get("strides"), dtype.itemsize),
                        not readonly)
+
+
+def _bfloat16_of(obj, dtype):
+    """ml_dtypes' bfloat16 for a torch bfloat16 tensor (whose __cuda_array_interface__ says "<V2", as
+    ml_dtypes' bfloat16 does), the void dtype otherwise (refused by the dtype checks, naming it)."""
+    torch = _torch_tensor(obj)
+    if torch is None or obj.dtype != torch.bfloat16:
+        return dtype
+    try:
+        import ml_dtypes
+    except ImportError:
+        return dtype
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 class _DeviceApi:

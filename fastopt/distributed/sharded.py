@@ -230,7 +230,8 @@ class ShardedOptimizer:
                            "stochastic_rounding": probe.stochastic_rounding, "seed": probe.seed}
         int8 = isinstance(probe.state_dtype, str) and probe.state_dtype == "int8"
         if any(not _is_numpy(v) for v in views) and any(v not in (None, False, 0) for v in self._precision.values()):
-            # not a silent fallback: the GPU kernels take neither (and each rank would fail alone later)
+            # refused by name: the CuPy kernels take them, but the sharded GPU path (flat CuPy buffers over NCCL,
+            # 8-bit shards on 256-element boundaries) has not been built and run with them
             given = ", ".join(f"{k}={v!r}" for k, v in self._precision.items())
             raise NotImplementedError(f"ShardedOptimizer: the precision options ({given}) are implemented for host "
                                       f"(CPU) arrays; the params are GPU arrays")

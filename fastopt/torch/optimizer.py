@@ -5,7 +5,8 @@ the backend's prepare() of every call, overlaps between calls), then runs them, 
 state and the step counts. Params are grouped per (group, dtype, device, step count): torch keeps one
 step count per param, and a param whose grad is None is skipped and keeps its count.
 
-Precision (DESIGN.md "Precision"; CPU tensors): state_dtype= ("float32", "bfloat16", "float16", a torch
+Precision (DESIGN.md "Precision"; CPU tensors, and CUDA tensors through the CuPy backend's precision modules):
+state_dtype= ("float32", "bfloat16", "float16", a torch
 dtype, or "int8"), kahan=True (state "kahan_comp", the param's dtype) and stochastic_rounding=True with
 seed= (16-bit params). 8-bit state (state_dtype="int8", float32/bfloat16/float16 params; not LAMB, ASGD or
 schedule-free: precision.INT8_REFUSED) keeps two tensors per state in the param's state dict, the keys of
@@ -31,6 +32,7 @@ import torch
 
 import fastopt
 from fastopt.arrays import to_host
+from fastopt.backends import cuda_source
 from fastopt.backends.dispatch import backend_for
 from fastopt.clip import clip_coefficient
 from fastopt.functional import rounding_options, with_kahan
@@ -43,10 +45,12 @@ from fastopt.torch.views import (ABSMAX, ParamEntry, bump_versions, dense_span, 
                                  numpy_bfloat16, state_view)
 
 # the params the kernels update, per device: float32 and float64; 16-bit params (float32 math and float32
-# state: 16-bit moments would underflow) float16 on the CPU and CUDA, bfloat16 on the CPU
+# state: 16-bit moments would underflow) float16 and bfloat16 (CUDA: where the CuPy backend has bfloat16
+# modules, i.e. with ml_dtypes, which names bfloat16 for NumPy and CuPy)
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-                 "cuda": (torch.float32, torch.float64, torch.float16)}
+                 "cuda": (torch.float32, torch.float64, torch.float16) + (
+                     (torch.bfloat16,) if cuda_source.BF16 is not None else ())}
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -72,20 +76,18 @@ def check_int8_optimizer(spec) -> None:
         raise ValueError(f"Invalid state_dtype: 'int8' for {spec.name!r}: {INT8_REFUSED[spec.name]}")
 
 
-def chosen_state_dtype(choice, param_dtype: torch.dtype, device_type: str = "cpu"):
+def chosen_state_dtype(choice, param_dtype: torch.dtype):
     """The dtype of a param's state tensors for state_dtype=`choice` (None: state_dtype(param_dtype));
     the NumPy classes' rule (fastopt.init_state): float32 params keep float32, bfloat16 or float16 state,
     16-bit params float32 or their own dtype, float64 params float64; "int8" (INT8: 8-bit block-wise state)
-    for float32, float16 and bfloat16 CPU params. ValueError naming state_dtype."""
+    for float32, float16 and bfloat16 params (CPU and CUDA: the kernels take the same). ValueError naming
+    state_dtype."""
     if choice is None:
         return state_dtype(param_dtype)
     if is_int8(choice):
         if param_dtype not in (torch.float32, *SIXTEEN_BIT):
             raise ValueError(f"Invalid state_dtype: 'int8' for a {str(param_dtype).replace('torch.', '')} param "
                              f"(8-bit state is for float32, float16 or bfloat16 params)")
-        if device_type != "cpu":
-            raise NotImplementedError(f"state_dtype='int8' (8-bit state) is implemented for CPU params in "
-                                      f"fastopt.torch; got a {device_type} param")
         return INT8
     wanted = STATE_DTYPES.get(choice, choice) if isinstance(choice, str) else choice
     if not isinstance(wanted, torch.dtype):
@@ -99,9 +101,6 @@ def chosen_state_dtype(choice, param_dtype: torch.dtype, device_type: str = "cpu
             own, f"float32 or {str(own).replace('torch.', '')}")
         raise ValueError(f"Invalid state_dtype: {shown(choice)} for a {str(own).replace('torch.', '')} param (its "
                          f"state may be {allowed})")
-    if device_type != "cpu" and wanted != state_dtype(param_dtype):
-        raise NotImplementedError("state_dtype= other than the default is implemented for CPU params; "
-                                  f"got a {device_type} param")
     return wanted
 
 
@@ -205,14 +204,11 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def _check_param(self, p):
         self._check_kernel_param(p)
-        chosen_state_dtype(self.state_dtype, p.dtype, p.device.type)
+        chosen_state_dtype(self.state_dtype, p.dtype)
         if (self.kahan or self.stochastic_rounding) and p.dtype not in SIXTEEN_BIT:
             option = "kahan=True" if self.kahan else "stochastic_rounding=True"
             raise ValueError(f"{option} is for float16 or bfloat16 params; got a {str(p.dtype).replace('torch.', '')} "
                              f"param of shape {tuple(p.shape)}")
-        if (self.kahan or self.stochastic_rounding) and p.device.type != "cpu":
-            option = "kahan=True" if self.kahan else "stochastic_rounding=True"
-            raise NotImplementedError(f"{option} is implemented for CPU params; got a {p.device.type} param")
 
     @staticmethod
     def _check_kernel_param(p):
@@ -528,6 +524,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         if g.dtype not in grad_dtypes(p.dtype):
             also = " (or float32)" if p.dtype in SIXTEEN_BIT else ""
             raise TypeError(f"grads[{number}] has dtype {g.dtype} but its param has {p.dtype}{also}")
+        if g.dtype != p.dtype and p.device.type != "cpu":
+            raise TypeError(f"grads[{number}] has dtype {g.dtype} but its param has {p.dtype}: the GPU kernels read "
+                            f"the grads of 16-bit params in the params' dtype (float32 grads: CPU params only)")
         if g.shape != p.shape:
             raise ValueError(f"grads[{number}] has shape {tuple(g.shape)} but its param has {tuple(p.shape)}")
         if g.device != p.device:
@@ -537,7 +536,7 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def _state_dtype_of(self, name, p) -> torch.dtype:
         """The dtype of the state `name` (registry name) of param p: the compensation has the param's."""
-        return p.dtype if name == KAHAN else chosen_state_dtype(self.state_dtype, p.dtype, p.device.type)
+        return p.dtype if name == KAHAN else chosen_state_dtype(self.state_dtype, p.dtype)
 
     def kernel_states(self, b):
         """(state lists, argument names) of bucket b's kernel call: the registry's plan, and the Kahan
@@ -558,7 +557,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             if codes.numel():
                 codes.fill_(int(q.codes[0]))  # one value: every code is the fill's, every block's scale too
             absmax = torch.full((quant_blocks(p.numel()),), float(q.absmax[0]) if q.absmax.size else 0.0,
-                                dtype=torch.float32)
+                                dtype=torch.float32, device=p.device)
             return codes, absmax
         if fill is PARAM:  # schedule-free's z: a copy of the param (the schedulefree package's clone)
             return torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(p.detach())
@@ -590,12 +589,13 @@ class TorchOptimizer(torch.optim.Optimizer):
             values = t
         else:
             return t, a if isinstance(a, torch.Tensor) else torch.zeros(0)  # the backend's error names it
-        wide = torch.empty_like(p, dtype=torch.float32).copy_(values)
+        # quantized on the host in p's memory order (the NumPy quantizer), then moved to p's device in p's layout
+        wide = torch.empty_like(p, dtype=torch.float32, device="cpu").copy_(values)
         flat = not p.is_contiguous()
         q = QuantizedState.from_float(kernel_view(wide, flat), signed_state(name))
-        codes = torch.empty_like(p, dtype=torch.uint8)
+        codes = torch.empty_like(p, dtype=torch.uint8, device="cpu")
         kernel_view(codes, flat)[...] = q.codes
-        absmax = torch.from_numpy(q.absmax)
+        codes, absmax = codes.to(p.device), torch.from_numpy(q.absmax).to(p.device)
         fresh[tname], fresh[tname + ABSMAX] = codes, absmax
         return codes, absmax
 
@@ -610,11 +610,12 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise ValueError(f"state of param {number}: {tname + ABSMAX} must be a float32 tensor of "
                              f"{quant_blocks(p.numel())} scales (one per 256 elements)")
         flat = not codes.is_contiguous()
-        values = QuantizedState(kernel_view(codes, flat), absmax.detach().cpu().numpy(), signed_state(name)).dequantize()
-        out = torch.empty_like(codes, dtype=torch.float32)
+        host = codes.detach().cpu()  # dequantized on the host (the NumPy map), in the codes' memory order
+        values = QuantizedState(kernel_view(host, flat), absmax.detach().cpu().numpy(), signed_state(name)).dequantize()
+        out = torch.empty_like(host, dtype=torch.float32)
         kernel_view(out, flat)[...] = values
         dtype = self._state_dtype_of(name, p)
-        return out if dtype == INT8 else out.to(dtype)
+        return (out if dtype == INT8 else out.to(dtype)).to(codes.device)
 
     @staticmethod
     def _read_counts(steps) -> list[int]:
