@@ -55,3 +55,9 @@ def test_refusals(cp):
 def test_kahan_steps_read_capturable_scalars_as_eager_ones(cp, pdtype, monkeypatch):
     _needs_bfloat16(cp, (pdtype,))
     emulated.test_kahan_steps_read_capturable_scalars_as_eager_ones(cp, pdtype, monkeypatch)
+
+
+@pytest.mark.parametrize("pdtype", ["float32", "bfloat16"])
+def test_8bit_steps_read_capturable_scalars_as_eager_ones(cp, pdtype, monkeypatch):
+    _needs_bfloat16(cp, (pdtype,))
+    emulated.test_8bit_steps_read_capturable_scalars_as_eager_ones(cp, pdtype, monkeypatch)
