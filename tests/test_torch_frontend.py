@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import fastopt.torch as ft  # noqa: E402
-from fastopt.specs import REGISTRY  # noqa: E402
+from fastopt.specs import REGISTRY, REQUIRED  # noqa: E402
 from fastopt.torch import arguments  # noqa: E402
 
 from conftest import combo_id, option_combinations  # noqa: E402
@@ -615,6 +615,31 @@ def test_state_dict_with_plain_number_steps_and_a_bad_step():
         with pytest.raises(TypeError, match="step count"):
             opt.step()
         assert torch.equal(a, before)
+
+
+@pytest.mark.parametrize("spec", TORCH_SPECS, ids=lambda s: s.name)
+def test_a_state_dict_without_flags_loads_as_in_torch(spec):
+    """A saved group without the bool flags (an older torch, another library's state dict): torch.optim's
+    __setstate__ fills them with their defaults, and so does fastopt.torch; both then step alike."""
+    hp = {h.name: 0.01 for h in spec.hypers if h.default is REQUIRED}
+    flags = [h.name for h in spec.hypers if h.kind == "bool"]
+    torch.manual_seed(13)
+    with default_dtype(torch.float64):
+        a = torch.randn(5, requires_grad=True)
+        b = a.detach().clone().requires_grad_()
+        ours = getattr(ft, spec.class_name)([a], **torch_kwargs(spec, dict(spec.defaults, **hp)))
+        theirs = getattr(torch.optim, spec.torch_class)([b], **torch_kwargs(spec, dict(spec.defaults, **hp)))
+        for o, p in ((ours, a), (theirs, b)):
+            p.grad = torch.ones(5)
+            o.step()
+            sd = copy.deepcopy(o.state_dict())
+            for k in flags:
+                sd["param_groups"][0].pop(k, None)
+            o.load_state_dict(sd)
+            assert all(o.param_groups[0].get(k) == spec.defaults[k] for k in flags if k in theirs.param_groups[0])
+            p.grad = torch.full((5,), 0.5)
+            o.step()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
 def test_params_removed_from_the_groups_are_let_go():
