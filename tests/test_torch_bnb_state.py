@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 import fastopt.torch as ft  # noqa: E402
 from fastopt.precision import dynamic_map  # noqa: E402
 from fastopt.torch import bnb_state  # noqa: E402
+from tests.torch_support import step_alike  # noqa: E402
 
 
 def _bnb_entry(rng, n, nested=True, block=256):
@@ -141,12 +142,7 @@ def test_bitsandbytes_adam8bit_state_moves_to_torch_and_fastopt_and_back():
     ta, fb = torch.optim.Adam(a, lr=1e-3), ft.Adam(b, lr=1e-3)
     ta.load_state_dict(copy.deepcopy(converted))  # each its own step tensors (both step them in place)
     fb.load_state_dict(copy.deepcopy(converted))
-    for _ in range(2):
-        for p, q in zip(a, b):
-            p.grad = torch.randn(p.shape)
-            q.grad = p.grad.clone()
-        ta.step()
-        fb.step()
+    step_alike(ta, fb, 2)
     for p, q in zip(a, b):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
     # a fastopt.torch 8-bit optimizer's state (as float32, torch_state_dict) loads into bitsandbytes and trains on

@@ -15,7 +15,7 @@ pytest.importorskip("cupy")
 import fastopt.torch as ft  # noqa: E402
 from fastopt.precision import INT8_REFUSED  # noqa: E402
 from fastopt.specs import REGISTRY  # noqa: E402
-from tests.torch_support import moving_hp, torch_kwargs  # noqa: E402
+from tests.torch_support import moving_hp, step_alike, torch_kwargs  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
 
@@ -116,12 +116,7 @@ def test_cuda_8bit_state_dict_round_trips_with_the_cpu():
     cpu = [torch.randn(s).requires_grad_() for s in SHAPES]
     gpu = [p.detach().cuda().requires_grad_() for p in cpu]
     a, b = ft.AdamW(cpu, lr=1e-2, state_dtype="int8"), ft.AdamW(gpu, lr=1e-2, state_dtype="int8")
-    for _ in range(3):
-        for p, q in zip(cpu, gpu):
-            p.grad = torch.randn(p.shape)
-            q.grad = p.grad.cuda()
-        a.step()
-        b.step()
+    step_alike(a, b, 3, move=lambda g: g.cuda())
     c = ft.AdamW([p.detach().clone().requires_grad_() for p in cpu], lr=1e-2, state_dtype="int8")
     c.load_state_dict(b.state_dict())
     for p, q in zip(c.param_groups[0]["params"], cpu):

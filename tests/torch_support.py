@@ -143,3 +143,15 @@ def functional_step(spec, p, g, state: dict, hp: dict, count, carried: dict, opt
     backend_for(p).step(spec, (p, g, *tail), names, hp2, step, None, **extra)
     for name in carried:
         carried[name] = np.float32(spec.torch_carry[name](hp2, step, carried[name]))
+
+
+def step_alike(first, second, steps: int, move=lambda g: g.clone()) -> None:
+    """`steps` steps of two optimizers over params of the same shapes, on the same random grads: each param of
+    `first` gets torch.randn, its twin in `second` move(that grad) (a copy, or .cuda())."""
+    for _ in range(steps):
+        for p, q in zip((p for g in first.param_groups for p in g["params"]),
+                        (q for g in second.param_groups for q in g["params"])):
+            p.grad = torch.randn(p.shape)
+            q.grad = move(p.grad)
+        first.step()
+        second.step()

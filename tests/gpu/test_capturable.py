@@ -8,7 +8,6 @@ The graph replay and state dicts (device-to-host copies the stand-in lacks) need
 tests/gpu/test_gpu_execution.py."""
 from __future__ import annotations
 
-import collections
 import platform
 import shutil
 
@@ -18,6 +17,7 @@ import pytest
 import fastopt
 from fastopt import capture, specs
 from fastopt.backends import cuda_source, cupy_backend
+from test_cupy_launch_abi import use_cupy
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None or platform.machine() not in ("x86_64", "AMD64"),
                                 reason="the emulated kernels are built with g++ for x86-64")
@@ -37,15 +37,8 @@ def emu():
 def cp(emu, monkeypatch):
     emu.launches.clear()
     emu.capturing.clear()
-    monkeypatch.setattr(cupy_backend, "_cupy", lambda: emu)
     monkeypatch.setattr(cuda_source, "IN_FLIGHT", 1)
-    for cache in ("_functions", "_sm_counts", "_external_streams", "_quantizers"):
-        monkeypatch.setattr(cupy_backend, cache, {})
-    monkeypatch.setattr(cupy_backend, "_modules", _modules)  # compiled once per dtype for the whole run
-    monkeypatch.setattr(cupy_backend, "_tables", collections.OrderedDict())
-    monkeypatch.setattr(cupy_backend, "_pinned_tables", [])
-    monkeypatch.setattr(cupy_backend, "_guard_buffers", __import__("collections").OrderedDict())
-    monkeypatch.setattr(cupy_backend, "_result_streams", cupy_backend.StreamMemo())
+    use_cupy(monkeypatch, emu, _modules)  # compiled once per dtype for the whole run
     monkeypatch.setattr(capture, "MAX_ROWS", 64)  # small tables: the steady end and the overflow are reached
     monkeypatch.setattr(capture, "STEADY", 4)
     return emu

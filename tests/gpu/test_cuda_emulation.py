@@ -14,9 +14,10 @@ import pytest
 
 from fastopt.backends import cupy_backend, cuda_source, numpy_backend
 from fastopt.backends.device_arrays import state_dtype
+from fastopt.precision import QuantizedState
 from fastopt.specs import REGISTRY
 
-from test_cupy_launch_abi import assert_launches_fit, module_dtype, option_sets
+from test_cupy_launch_abi import assert_launches_fit, module_dtype, option_sets, use_cupy
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None or platform.machine() not in ("x86_64", "AMD64"),
                                 reason="the emulated kernels are built with g++ for x86-64 (F16C for float16)")
@@ -39,18 +40,9 @@ def emu():
 def cp(emu, monkeypatch, request):
     """The emulated CuPy in the backend; the multi-tensor kernels built with FASTOPT_IN_FLIGHT 1 (the
     default) and 4 (cuda_source.IN_FLIGHT: the variant the GPU benchmark is to measure)."""
-    monkeypatch.setattr(cupy_backend, "_cupy", lambda: emu)
     monkeypatch.setattr(cuda_source, "IN_FLIGHT", request.param)
-    for cache in ("_functions", "_sm_counts", "_external_streams", "_quantizers"):
-        monkeypatch.setattr(cupy_backend, cache, {})
-    # compiled once per dtype and variant for the whole run
-    monkeypatch.setattr(cupy_backend, "_modules", _modules.setdefault(request.param, {}))
-    monkeypatch.setattr(cupy_backend, "_tables", __import__("collections").OrderedDict())
-    monkeypatch.setattr(cupy_backend, "_pinned_tables", [])
-    monkeypatch.setattr(cupy_backend, "_guard_buffers", __import__("collections").OrderedDict())
-    monkeypatch.setattr(cupy_backend, "_result_streams", cupy_backend.StreamMemo())
     emu.launches.clear()
-    return emu
+    return use_cupy(monkeypatch, emu, _modules.setdefault(request.param, {}))  # compiled once per dtype and variant
 
 
 _modules: dict = {}  # IN_FLIGHT -> the backend's module cache
@@ -73,8 +65,11 @@ def _host_arrays(rng, spec, hp, dtype, shapes, as_list, sdtype=None):
     return arrays, names
 
 
-def _to_device(cp, arrays, misalign=0):
+def to_device(cp, arrays, misalign=0):
+    """Device copies of a call's host arrays (lists kept, None kept; an 8-bit state's codes and scales)."""
     def one(a):
+        if isinstance(a, QuantizedState):
+            return QuantizedState(one(a.codes), one(a.absmax), a.signed)
         d = cp.alloc(a.shape, a.dtype, misalign=misalign if a.size else 0)
         if a.size:
             d.values[...] = a
@@ -117,9 +112,9 @@ def test_emulated_kernels_equal_the_reference(cp, name, dtype):
                 as_list = layout == "list"
                 for scale in ((None, 0.5, "device") if as_list else (None,)):
                     host, names = _host_arrays(rng, spec, hp, dtype, shapes, as_list)
-                    device = _to_device(cp, host, misalign=4 if layout == "misaligned" else 0)
+                    device = to_device(cp, host, misalign=4 if layout == "misaligned" else 0)
                     if layout == "misaligned":  # the params and grads misaligned, the states aligned
-                        device = (_to_device(cp, host[:2], 4) + _to_device(cp, host[2:]))
+                        device = (to_device(cp, host[:2], 4) + to_device(cp, host[2:]))
                     grad_scale = cp.from_host(np.array(0.25, dtype)) if scale == "device" else scale
                     want = [a.copy() for a in _flat(host)]
                     numpy_backend.step(spec, tuple(host), names, hp, step,
@@ -161,9 +156,9 @@ def test_emulated_16bit_params_and_states_equal_the_reference(cp, name, dtypes):
                 as_list = layout == "list"
                 for scale in ((None, "device") if as_list else (0.5,)):
                     host, names = _host_arrays(rng, spec, hp, dtype, shapes, as_list, sdtype)
-                    device = _to_device(cp, host, misalign=4 if layout == "misaligned" else 0)
+                    device = to_device(cp, host, misalign=4 if layout == "misaligned" else 0)
                     if layout == "misaligned":
-                        device = (_to_device(cp, host[:2], 4) + _to_device(cp, host[2:]))
+                        device = (to_device(cp, host[:2], 4) + to_device(cp, host[2:]))
                     grad_scale = cp.from_host(np.array(0.25, np.float32)) if scale == "device" else scale
                     numpy_backend.step(spec, tuple(host), names, hp, step, 0.25 if scale == "device" else scale)
                     context = f"{name} {dtype}/{sdtype} hp={hp} step={step} {layout} grad_scale={scale}"
@@ -211,7 +206,7 @@ def test_emulated_kahan_and_stochastic_rounding_equal_the_reference(cp, name, dt
                     host = host[:2] + tail
                 else:
                     stochastic = StochasticRounding(int(rng.integers(2 ** 63)), step, int(rng.integers(2 ** 40)))
-                device = _to_device(cp, host, misalign=4 if layout == "misaligned" else 0)
+                device = to_device(cp, host, misalign=4 if layout == "misaligned" else 0)
                 context = f"{name} {dtype}/{sdtype} {mode} hp={hp} step={step} {layout}"
                 if spec.two_phase or len(spec.states) > 3:
                     before = [a.get().tobytes() for a in _flat(device)]
@@ -236,7 +231,7 @@ def test_the_skip_flag_leaves_every_byte_and_a_clear_flag_changes_nothing(cp, as
     rng = np.random.default_rng(5)
     host, names = _host_arrays(rng, spec, hp, F32, LAYOUTS["list" if as_list else "one array"], as_list)
     before = [a.copy() for a in _flat(host)]
-    device = _to_device(cp, host)
+    device = to_device(cp, host)
     cupy_backend.step(spec, device, names, hp, 1, None, found_inf=cp.from_host(np.array(True)))
     assert all(d.get().tobytes() == b.tobytes() for d, b in zip(_flat(device), before))
     cupy_backend.step(spec, device, names, hp, 1, None, found_inf=cp.from_host(np.array(False)))

@@ -405,21 +405,24 @@ class FakeCupy:
         return FakeModule(self, code, options)
 
 
+def use_cupy(monkeypatch, cp, modules=None):
+    """`cp` (a stand-in CuPy) in place of the real one in the backend, every cache of the backend empty (restored
+    afterwards); `modules`: the compiled modules to keep across tests (a dict the caller holds), else empty."""
+    monkeypatch.setattr(cupy_backend, "_cupy", lambda: cp)
+    monkeypatch.setattr(cupy_backend, "_modules", {} if modules is None else modules)
+    for cache in ("_functions", "_sm_counts", "_external_streams", "_quantizers"):
+        monkeypatch.setattr(cupy_backend, cache, {})
+    monkeypatch.setattr(cupy_backend, "_tables", collections.OrderedDict())
+    monkeypatch.setattr(cupy_backend, "_pinned_tables", [])
+    monkeypatch.setattr(cupy_backend, "_guard_buffers", collections.OrderedDict())
+    monkeypatch.setattr(cupy_backend, "_result_streams", cupy_backend.StreamMemo())
+    return cp
+
+
 @pytest.fixture
 def fake(monkeypatch):
     """The fake CuPy in place of the real one, with empty module caches (restored afterwards)."""
-    cp = FakeCupy()
-    monkeypatch.setattr(cupy_backend, "_cupy", lambda: cp)
-    monkeypatch.setattr(cupy_backend, "_modules", {})
-    monkeypatch.setattr(cupy_backend, "_functions", {})
-    monkeypatch.setattr(cupy_backend, "_sm_counts", {})
-    monkeypatch.setattr(cupy_backend, "_tables", collections.OrderedDict())
-    monkeypatch.setattr(cupy_backend, "_pinned_tables", [])
-    monkeypatch.setattr(cupy_backend, "_guard_buffers", __import__("collections").OrderedDict())
-    monkeypatch.setattr(cupy_backend, "_external_streams", {})
-    monkeypatch.setattr(cupy_backend, "_quantizers", {})
-    monkeypatch.setattr(cupy_backend, "_result_streams", cupy_backend.StreamMemo())
-    return cp
+    return use_cupy(monkeypatch, FakeCupy())
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ and the absmax must equal the reference bit for bit. The optimizers whose state 
 without 8-bit kernels, are refused by name with nothing written."""
 from __future__ import annotations
 
-import collections
 import platform
 import shutil
 
@@ -19,7 +18,8 @@ from fastopt.backends import cupy_backend, cuda_source, numpy_backend
 from fastopt.precision import INT8_REFUSED, QuantizedState, StochasticRounding, signed_state
 from fastopt.specs import REGISTRY
 
-from test_cupy_launch_abi import assert_launches_fit, module_dtype, option_sets
+from test_cuda_emulation import to_device
+from test_cupy_launch_abi import assert_launches_fit, module_dtype, option_sets, use_cupy
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None or platform.machine() not in ("x86_64", "AMD64"),
                                 reason="the emulated kernels are built with g++ for x86-64 (F16C for float16)")
@@ -44,17 +44,9 @@ def emu():
 
 @pytest.fixture
 def cp(emu, monkeypatch):
-    monkeypatch.setattr(cupy_backend, "_cupy", lambda: emu)
     monkeypatch.setattr(cuda_source, "IN_FLIGHT", 1)
-    for cache in ("_functions", "_sm_counts", "_external_streams", "_quantizers"):
-        monkeypatch.setattr(cupy_backend, cache, {})
-    monkeypatch.setattr(cupy_backend, "_modules", _modules)
-    monkeypatch.setattr(cupy_backend, "_tables", collections.OrderedDict())
-    monkeypatch.setattr(cupy_backend, "_pinned_tables", [])
-    monkeypatch.setattr(cupy_backend, "_guard_buffers", collections.OrderedDict())
-    monkeypatch.setattr(cupy_backend, "_result_streams", cupy_backend.StreamMemo())
     emu.launches.clear()
-    return emu
+    return use_cupy(monkeypatch, emu, _modules)
 
 
 def _host_call(rng, spec, hp, dtype, shapes, as_list, mode):
@@ -87,17 +79,6 @@ def _host_call(rng, spec, hp, dtype, shapes, as_list, mode):
     return arrays, names, stochastic
 
 
-def _to_device(cp, arrays, misalign=0):
-    def one(a):
-        if isinstance(a, QuantizedState):
-            return QuantizedState(one(a.codes), one(a.absmax), a.signed)
-        d = cp.alloc(a.shape, a.dtype, misalign=misalign if a.size else 0)
-        if a.size:
-            d.values[...] = a
-        return d
-    return tuple(None if a is None else ([one(x) for x in a] if isinstance(a, list) else one(a)) for a in arrays)
-
-
 def _bytes(arrays):
     """Every array of a call as bytes (a QuantizedState: its codes and absmax), device arrays read back."""
     out = []
@@ -125,9 +106,9 @@ def test_emulated_int8_kernels_equal_the_reference(cp, name, dtype):
                 for mode in _modes(dtype):
                     as_list = layout == "list"
                     host, names, stochastic = _host_call(rng, spec, hp, dtype, shapes, as_list, mode)
-                    device = _to_device(cp, host)
+                    device = to_device(cp, host)
                     if layout == "misaligned":  # params and grads off 16 bytes: the scalar path
-                        device = _to_device(cp, host[:2], 4) + device[2:]
+                        device = to_device(cp, host[:2], 4) + device[2:]
                     scale = ("device" if as_list and ran % 2 else 0.5)
                     grad_scale = cp.from_host(np.array(0.5, np.float32)) if scale == "device" else scale
                     numpy_backend.step(spec, tuple(host), names, hp, step, 0.5, stochastic=stochastic)
@@ -154,7 +135,7 @@ def test_the_skip_flag_leaves_8bit_state_unchanged(cp):
     hp = dict(spec.defaults, lr=0.1)
     rng = np.random.default_rng(57)
     host, names, _ = _host_call(rng, spec, hp, F32, LAYOUTS["list"], True, "nearest")
-    device = _to_device(cp, host)
+    device = to_device(cp, host)
     before = _bytes(device)
     cupy_backend.step(spec, device, names, hp, 1, None, found_inf=cp.from_host(np.array(True)))
     assert _bytes(device) == before
@@ -169,7 +150,7 @@ def test_optimizers_whose_state_stays_exact_are_refused_with_nothing_written(cp,
     hp = dict(spec.defaults, lr=0.1)
     rng = np.random.default_rng([59, len(name)])
     host, names, _ = _host_call(rng, spec, hp, F32, LAYOUTS["list"], True, "nearest")
-    device = _to_device(cp, host)
+    device = to_device(cp, host)
     before = _bytes(device)
     with pytest.raises(ValueError, match="8-bit state \\(state_dtype='int8'\\) is not supported"):
         cupy_backend.step(spec, device, names, hp, 1, None)
@@ -183,7 +164,7 @@ def test_other_backends_and_mixed_states_are_refused(cp):
     spec = REGISTRY["adam"]
     hp = dict(spec.defaults, lr=0.1)
     host, names, _ = _host_call(np.random.default_rng(61), spec, hp, F32, [(300,)], True, "nearest")
-    device = _to_device(cp, host)
+    device = to_device(cp, host)
     api = device_arrays._DeviceApi(cupy_backend._describe, cupy_backend.DTYPES, "on the GPU")  # Numba's: no 8-bit
     with pytest.raises(TypeError, match=r"exp_avg\[0\]: 8-bit state .* this backend's kernels do not take it"):
         validate.validate_arrays(device, names, api, 1)

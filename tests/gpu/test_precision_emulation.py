@@ -7,7 +7,6 @@ four-state optimizers) are refused before anything is made or written. 8-bit sta
 way: codes and scales equal the CPU class's (and through a state dict round trip, on a GPU)."""
 from __future__ import annotations
 
-import collections
 import platform
 import shutil
 
@@ -17,6 +16,7 @@ import pytest
 import fastopt
 from fastopt import specs
 from fastopt.backends import cuda_source, cupy_backend
+from test_cupy_launch_abi import use_cupy
 from fastopt.precision import INT8_REFUSED, QuantizedState
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None or platform.machine() not in ("x86_64", "AMD64"),
@@ -36,16 +36,8 @@ def emu():
 @pytest.fixture
 def cp(emu, monkeypatch):
     emu.launches.clear()
-    monkeypatch.setattr(cupy_backend, "_cupy", lambda: emu)
     monkeypatch.setattr(cuda_source, "IN_FLIGHT", 1)
-    for cache in ("_functions", "_sm_counts", "_external_streams", "_quantizers"):
-        monkeypatch.setattr(cupy_backend, cache, {})
-    monkeypatch.setattr(cupy_backend, "_modules", _modules)
-    monkeypatch.setattr(cupy_backend, "_tables", collections.OrderedDict())
-    monkeypatch.setattr(cupy_backend, "_pinned_tables", [])
-    monkeypatch.setattr(cupy_backend, "_guard_buffers", collections.OrderedDict())
-    monkeypatch.setattr(cupy_backend, "_result_streams", cupy_backend.StreamMemo())
-    return emu
+    return use_cupy(monkeypatch, emu, _modules)
 
 
 # the class optimizers whose state starts as zeros or a fill (schedule-free's copy of the params needs CuPy's
