@@ -203,6 +203,80 @@ static_assert(FO_QUANT_BLOCK % (Q8_GROUP * 32) == 0, "a quantization block is wh
 static_assert(FASTOPT_BLOCK % (FO_QUANT_BLOCK / Q8_GROUP) == 0, "a row is whole quantization blocks");
 static_assert(FASTOPT_BLOCK >= 256, "the maps (256 entries) are copied to shared memory by one pass of the block");
 
+// One row's group of a thread: its params, grads and codes as loaded, where it starts and how many of its
+// Q8_GROUP elements exist (the tensor's tail), and whether it moves by whole vectors.
+struct Q8Row {
+    Vec<T, Q8_GROUP> p, g;
+    Vec<unsigned char, Q8_GROUP> c[3];
+    i64 i0;
+    int valid;
+    bool whole;
+};
+
+template <class Op>
+__device__ __forceinline__ void q8_load(Q8Row& w, const Ptrs& a, unsigned char* const* codes, const ChunkRange& r,
+                                        int u, bool vec) {
+    w.i0 = r.begin + (i64(u) * FASTOPT_BLOCK + threadIdx.x) * Q8_GROUP;  // the group's first element
+    const i64 left = r.end - w.i0;
+    w.valid = left <= 0 ? 0 : (left < Q8_GROUP ? int(left) : int(Q8_GROUP));
+    w.whole = vec && w.valid == Q8_GROUP;
+    if (w.whole) {
+        w.p = reinterpret_cast<const Vec<T, Q8_GROUP>*>(a.p + w.i0)[0];
+        w.g = reinterpret_cast<const Vec<T, Q8_GROUP>*>(a.g + w.i0)[0];
+#pragma unroll
+        for (int k = 0; k < 3; ++k)
+            if (Op::USED & (1 << k)) w.c[k] = reinterpret_cast<const Vec<unsigned char, Q8_GROUP>*>(codes[k] + w.i0)[0];
+        return;
+    }
+#pragma unroll
+    for (int j = 0; j < Q8_GROUP; ++j) {  // unrolled with a guard: a runtime bound would put w in local memory
+        if (j >= w.valid) continue;
+        w.p.v[j] = a.p[w.i0 + j];
+        w.g.v[j] = a.g[w.i0 + j];
+#pragma unroll
+        for (int k = 0; k < 3; ++k)
+            if (Op::USED & (1 << k)) w.c[k].v[j] = codes[k][w.i0 + j];
+    }
+}
+
+// The row's update: the states dequantized (map[code] * the block's absmax), the family's math, the new params
+// stored by the module's rounding; x: the new states (0 beyond the tail), quantized once the absmax is known.
+template <class Op>
+__device__ __forceinline__ void q8_update(Q8Row& w, const Op& op, const Ptrs& a, float* const* absmax,
+                                          const float* const* map, float (*x)[Q8_GROUP]) {
+    float scale[3] = {0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int k = 0; k < 3; ++k)
+        if ((Op::USED & (1 << k)) && w.valid > 0) scale[k] = absmax[k][w.i0 / FO_QUANT_BLOCK];
+#pragma unroll
+    for (int j = 0; j < Q8_GROUP; ++j) {
+        x[0][j] = x[1][j] = x[2][j] = 0.0f;
+        if (j >= w.valid) continue;
+        M p = load(w.p.v[j]), s[3] = {M(0), M(0), M(0)}, s3 = M(0);
+        const M p_old = p;
+#pragma unroll
+        for (int k = 0; k < 3; ++k)
+            if (Op::USED & (1 << k)) s[k] = fo_dequantize(w.c[k].v[j], scale[k], map[k]);
+        fo_op_call(op, p, load(w.g.v[j]), s[0], s[1], s[2], s3);
+        store_param(a, w.i0 + j, p_old, p, w.p.v[j]);
+#pragma unroll
+        for (int k = 0; k < 3; ++k) x[k][j] = float(s[k]);
+    }
+    if (w.whole) {
+        reinterpret_cast<Vec<T, Q8_GROUP>*>(a.p + w.i0)[0] = w.p;
+    } else {
+#pragma unroll
+        for (int j = 0; j < Q8_GROUP; ++j)
+            if (j < w.valid) a.p[w.i0 + j] = w.p.v[j];
+    }
+}
+
+// Rows whose loads a thread issues before it updates any of them (FASTOPT_IN_FLIGHT, as the other multi-tensor
+// kernels take it: 1 one row at a time; up to Q8_ROWS): the table's pointers may alias as far as the compiler
+// knows, so a row's loads are not moved above the previous row's stores by themselves.
+enum { Q8_IN_FLIGHT = IN_FLIGHT < 1 ? 1 : (IN_FLIGHT > Q8_ROWS ? int(Q8_ROWS) : int(IN_FLIGHT)) };
+static_assert(Q8_ROWS % Q8_IN_FLIGHT == 0, "rows in flight divide a chunk's rows");
+
 template <class Op, bool COEF>
 __device__ __forceinline__ void q8_kernel(const i64* tensors, const i64* chunks, const Scalars& sc, const void* gs,
                                           int gs_kind, const double* coefs, const float* maps, const float* mids,
@@ -223,67 +297,33 @@ __device__ __forceinline__ void q8_kernel(const i64* tensors, const i64* chunks,
     const Ptrs a = table_ptrs(r.rec, sc);  // p, g, the Kahan compensation, the rounding key and index0
     unsigned char* codes[3];
     float* absmax[3];
+    const float* map[3];
     int row[3];
 #pragma unroll
     for (int k = 0; k < 3; ++k) {
         codes[k] = reinterpret_cast<unsigned char*>(r.rec[F_S0 + k]);
         absmax[k] = reinterpret_cast<float*>(r.rec[F_A0 + k]);
         row[k] = (signed_mask >> k) & 1;
+        map[k] = smap[row[k]];
     }
     const bool vec = r.rec[F_VEC] != 0;
     __syncthreads();  // the maps are in shared memory
     float x[3][Q8_ROWS][Q8_GROUP];
     int valid[Q8_ROWS];
 #pragma unroll
-    for (int u = 0; u < Q8_ROWS; ++u) {
-        const i64 i0 = r.begin + (i64(u) * FASTOPT_BLOCK + threadIdx.x) * Q8_GROUP;  // the group's first element
-        const i64 left = r.end - i0;
-        valid[u] = left <= 0 ? 0 : (left < Q8_GROUP ? int(left) : int(Q8_GROUP));
-        const i64 qb = i0 / FO_QUANT_BLOCK;
-        Vec<T, Q8_GROUP> pv, gv;
-        Vec<unsigned char, Q8_GROUP> cv[3];
-        const bool whole = vec && valid[u] == Q8_GROUP;
-        if (whole) {
-            pv = reinterpret_cast<const Vec<T, Q8_GROUP>*>(a.p + i0)[0];
-            gv = reinterpret_cast<const Vec<T, Q8_GROUP>*>(a.g + i0)[0];
+    for (int u0 = 0; u0 < Q8_ROWS; u0 += Q8_IN_FLIGHT) {
+        Q8Row w[Q8_IN_FLIGHT];
+#pragma unroll
+        for (int v = 0; v < Q8_IN_FLIGHT; ++v) q8_load<Op>(w[v], a, codes, r, u0 + v, vec);
+#pragma unroll
+        for (int v = 0; v < Q8_IN_FLIGHT; ++v) {
+            float xs[3][Q8_GROUP];
+            q8_update(w[v], op, a, absmax, map, xs);
+            valid[u0 + v] = w[v].valid;
 #pragma unroll
             for (int k = 0; k < 3; ++k)
-                if (Op::USED & (1 << k)) cv[k] = reinterpret_cast<const Vec<unsigned char, Q8_GROUP>*>(codes[k] + i0)[0];
-        } else {
 #pragma unroll
-            for (int j = 0; j < Q8_GROUP; ++j) {
-                if (j >= valid[u]) continue;
-                pv.v[j] = a.p[i0 + j];
-                gv.v[j] = a.g[i0 + j];
-#pragma unroll
-                for (int k = 0; k < 3; ++k)
-                    if (Op::USED & (1 << k)) cv[k].v[j] = codes[k][i0 + j];
-            }
-        }
-        float scale[3] = {0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int k = 0; k < 3; ++k)
-            if ((Op::USED & (1 << k)) && valid[u] > 0) scale[k] = absmax[k][qb];
-#pragma unroll
-        for (int j = 0; j < Q8_GROUP; ++j) {
-            x[0][u][j] = x[1][u][j] = x[2][u][j] = 0.0f;
-            if (j >= valid[u]) continue;
-            M p = load(pv.v[j]), s[3] = {M(0), M(0), M(0)}, s3 = M(0);
-            const M p_old = p;
-#pragma unroll
-            for (int k = 0; k < 3; ++k)
-                if (Op::USED & (1 << k)) s[k] = fo_dequantize(cv[k].v[j], scale[k], smap[row[k]]);
-            fo_op_call(op, p, load(gv.v[j]), s[0], s[1], s[2], s3);
-            store_param(a, i0 + j, p_old, p, pv.v[j]);
-#pragma unroll
-            for (int k = 0; k < 3; ++k) x[k][u][j] = float(s[k]);
-        }
-        if (whole) {
-            reinterpret_cast<Vec<T, Q8_GROUP>*>(a.p + i0)[0] = pv;
-        } else {
-#pragma unroll
-            for (int j = 0; j < Q8_GROUP; ++j)  // unrolled with a guard: a runtime bound would put pv in local memory
-                if (j < valid[u]) a.p[i0 + j] = pv.v[j];
+                for (int j = 0; j < Q8_GROUP; ++j) x[k][u0 + v][j] = xs[k][j];
         }
     }
     // the absmax of each quantization block: the largest |x| bit pattern of its elements (the tail's missing
