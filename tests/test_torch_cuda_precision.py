@@ -102,6 +102,7 @@ def test_float32_grads_of_16bit_cuda_params_are_refused_with_nothing_written():
     p = torch.randn(300).to(torch.bfloat16).cuda().requires_grad_()
     before = _bits(p).clone()
     opt = ft.AdamW([p], lr=0.1, state_dtype="int8")
+    p.grad_dtype = None  # float32 grads for a 16-bit param (torch checks a grad's dtype unless told so)
     p.grad = torch.randn(300, device="cuda")
     with pytest.raises(TypeError, match=r"grads\[0\] has dtype torch.float32 .*the GPU kernels read the grads of "
                                         r"16-bit params in the params' dtype"):
