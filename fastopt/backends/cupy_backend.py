@@ -389,17 +389,19 @@ def _module_of(lists, rounding=cuda_source.ROUND_NEAREST):
 class _Launch:
     """What run() works out once per Checked call (kept in its memo): whether any element is there, the
     module of its dtypes (cuda_source.module_key: the params' dtype and, when not the default, the states'),
-    the device, and for one array its kernel's pointer arguments, size, vector flag and grid."""
+    the device, whether its states are 8-bit, and for one array its kernel's pointer arguments, size, vector flag and
+    grid."""
 
-    __slots__ = ("nonempty", "dtype", "device", "single")
+    __slots__ = ("nonempty", "dtype", "device", "int8", "single")
 
     def __init__(self, lists):
         params = lists[0]
         self.nonempty = any(a.size for a in params)
         self.dtype = _module_of(lists) if params else None
         self.device = _device_of(params[0]) if self.nonempty else None
+        self.int8 = _int8(self.dtype)
         self.single = None
-        if self.nonempty and len(params) == 1 and not _int8(self.dtype):  # 8-bit state: the table path
+        if self.nonempty and len(params) == 1 and not self.int8:  # 8-bit state: the table path
             slots = [lst[0] if lst is not None else None for lst in lists] + [None] * (7 - len(lists))
             n = params[0].size
             # one vector per thread, not capped: measured on an H100 at 2^28 (issue 11), a grid capped at 8
@@ -531,7 +533,7 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
     params = lists[0]
     skip = _skip_flag(found_inf)
     launch = _launch_of(prepared)
-    if _int8(launch.dtype):
+    if launch.int8:
         numpy_backend.check_int8(prepared, spec)  # an optimizer whose state must stay exact: refused by name
     if not launch.nonempty:
         return
@@ -548,7 +550,7 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
                        _memo_table(prepared, "table", lists, device, stream))
             return
         variant = spec.variant(hp, step)
-        if _int8(dtype):
+        if launch.int8:
             _run_int8(prepared, spec, hp, host_scale, grad_scale, gs_kind, dtype, device, stream, scalars, gs_ptr,
                       skip, variant, given, at)
             return
