@@ -71,30 +71,39 @@ if BF16 is not None:
 # by numpy's int8 dtype, which np.dtype("int8") gives for the option's name: its module compiles the _q8 entries
 INT8 = np.dtype(np.int8)
 STATE_CODES[INT8] = 4
+F32 = np.dtype(np.float32)  # the grads' dtype a 16-bit params' module may take instead of its own (FASTOPT_GRAD)
 
 
 # how a module stores the new params (device.cuh FASTOPT_ROUND): to nearest, Kahan-compensated, stochastically
 ROUND_NEAREST, ROUND_KAHAN, ROUND_STOCHASTIC = 0, 1, 2
 
 
-def module_key(param_dtype, state_dtype=None, rounding=ROUND_NEAREST):
+def module_key(param_dtype, state_dtype=None, rounding=ROUND_NEAREST, grad_dtype=None):
     """What selects a compiled module: the params' dtype alone when the state has its default dtype (None
-    too) and the params are rounded to nearest, else (params' dtype, state dtype, rounding) (state_dtype=,
-    kahan=True, stochastic_rounding=True: device.cuh FASTOPT_STATE, FASTOPT_ROUND; INT8 for 8-bit state)."""
+    too), the params are rounded to nearest and the grads have the params' dtype (None too), else (params'
+    dtype, state dtype, rounding) (state_dtype=, kahan=True, stochastic_rounding=True: device.cuh
+    FASTOPT_STATE, FASTOPT_ROUND; INT8 for 8-bit state), and with float32 grads of 16-bit params (device.cuh
+    FASTOPT_GRAD) (params' dtype, state dtype, rounding, float32)."""
     param_dtype = np.dtype(param_dtype)
     default = DTYPES[param_dtype][1]
     state_dtype = default if state_dtype is None else np.dtype(state_dtype)
+    grad_dtype = param_dtype if grad_dtype is None else np.dtype(grad_dtype)
+    if grad_dtype != param_dtype:
+        if grad_dtype != F32 or param_dtype.itemsize != 2:
+            raise ValueError(f"module_key: {grad_dtype} grads of {param_dtype} params (only 16-bit params take "
+                             f"grads of another dtype: float32)")
+        return param_dtype, state_dtype, int(rounding), grad_dtype
     if state_dtype == default and rounding == ROUND_NEAREST:
         return param_dtype
     return param_dtype, state_dtype, int(rounding)
 
 
 def module_dtypes(key):
-    """(params' dtype, state dtype, rounding) of a module_key."""
+    """(params' dtype, state dtype, rounding, grads' dtype) of a module_key."""
     if isinstance(key, tuple):
-        return key
+        return key if len(key) == 4 else (*key, key[0])
     dtype = np.dtype(key)
-    return dtype, DTYPES[dtype][1], ROUND_NEAREST
+    return dtype, DTYPES[dtype][1], ROUND_NEAREST, dtype
 
 
 # capturable steps: a device row of scalars holds spec.scalars in its first slots and the lr in this one
@@ -288,13 +297,13 @@ def kernel_source() -> str:
 
 
 def compile_options(key) -> tuple:
-    """NVRTC options of a module (module_key: a params' dtype, or (params' dtype, state dtype, rounding):
-    FASTOPT_STATE and FASTOPT_ROUND only where they differ from the defaults). --fmad=false: no multiply-add
+    """NVRTC options of a module (module_key: a params' dtype, or (params' dtype, state dtype, rounding[, grads'
+    dtype]): FASTOPT_STATE, FASTOPT_ROUND and FASTOPT_GRAD only where they differ from the defaults). --fmad=false: no multiply-add
     contraction (NVRTC contracts by default), as the CPU build's -ffp-contract=off, so that every kernel rounds as the reference does and
     two kernels inlining the same math (one array or a list, with or without a grad_scale multiply) agree
     bit for bit. Without it, on an H200, the one-rank sharded step over NCCL (clipping on, coefficient 1)
     differed from the class step in the last bit (tests/distributed/test_nccl.py)."""
-    dtype, state, rounding = module_dtypes(key)
+    dtype, state, rounding, grads = module_dtypes(key)
     code, default = DTYPES[dtype]
     options = ("-std=c++17", f"-DFASTOPT_DTYPE={code}", f"-DFASTOPT_BLOCK={BLOCK}", f"-DFASTOPT_CHUNK={CHUNK}",
                f"-DFASTOPT_IN_FLIGHT={IN_FLIGHT}", "--fmad=false")
@@ -302,6 +311,8 @@ def compile_options(key) -> tuple:
         options += (f"-DFASTOPT_STATE={STATE_CODES[state]}",)
     if rounding != ROUND_NEAREST:
         options += (f"-DFASTOPT_ROUND={rounding}",)
+    if grads != dtype:  # float32 grads of 16-bit params (module_key checked it)
+        options += ("-DFASTOPT_GRAD=0",)
     return options
 
 

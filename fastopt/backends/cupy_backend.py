@@ -379,11 +379,13 @@ _NO_MEMO = object()
 
 def _module_of(lists, rounding=cuda_source.ROUND_NEAREST):
     """The module of a call's update kernels (cuda_source.module_key): its params' dtype and, when not the
-    default, its states' (one dtype per call, validated) and the params' rounding (_rounding)."""
+    default, its states' (one dtype per call, validated), the params' rounding (_rounding) and its grads'
+    (float32 grads of 16-bit params; one dtype per call, validated)."""
     states = [lst[0] for k, lst in enumerate(lists) if k >= 2 and k != 5 and lst]  # slot 5: Kahan's compensation
+    grads = lists[1][0].dtype if len(lists) > 1 and lists[1] else None
     if states and isinstance(states[0], QuantizedState):  # 8-bit state (validated: all of the call's or none)
-        return cuda_source.module_key(lists[0][0].dtype, cuda_source.INT8, rounding)
-    return cuda_source.module_key(lists[0][0].dtype, states[0].dtype if states else None, rounding)
+        return cuda_source.module_key(lists[0][0].dtype, cuda_source.INT8, rounding, grads)
+    return cuda_source.module_key(lists[0][0].dtype, states[0].dtype if states else None, rounding, grads)
 
 
 class _Launch:

@@ -92,16 +92,18 @@ def _bfloat16_of(obj, dtype):
 
 class _DeviceApi:
     """The members validate_arrays needs, for DeviceArray views. state_dtypes: the backend's kernels take the
-    state dtypes the CPU's do (state_dtype=: the host rule, validate.HostArrays.state_ok, and 8-bit state),
-    else only the default one (state_dtype above)."""
+    state dtypes the CPU's do (state_dtype=: the host rule, validate.HostArrays.state_ok, and 8-bit state) and
+    float32 grads of 16-bit params, else only the default state dtype (state_dtype above) and the params'
+    own for grads."""
 
     def __init__(self, describe, dtypes, where, unchanged=None, stable=None, state_dtypes=False):
         self.convert, self.dtypes, self.where = describe, dtypes, where
         self.unchanged = unchanged  # (obj, checked view) -> True when obj is surely as checked (validate._is_current)
         if stable is not None:  # obj -> True when the object itself pins what the kernels read (validate.bind_grads)
             self.stable = stable
-        if state_dtypes:
+        if state_dtypes:  # and float32 grads of 16-bit params (validate.HostArrays.grad_dtypes)
             self.state_ok, self.states_text = validate.HostArrays.state_ok, validate.HostArrays.states_text
+            self.grad_dtypes = validate.HostArrays.grad_dtypes
         self.quantized_states = state_dtypes  # 8-bit state (precision.QuantizedState of device arrays) too
 
     pointer = staticmethod(lambda a: a.ptr)

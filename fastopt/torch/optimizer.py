@@ -528,9 +528,6 @@ class TorchOptimizer(torch.optim.Optimizer):
         if g.dtype not in grad_dtypes(p.dtype):
             also = " (or float32)" if p.dtype in SIXTEEN_BIT else ""
             raise TypeError(f"grads[{number}] has dtype {g.dtype} but its param has {p.dtype}{also}")
-        if g.dtype != p.dtype and p.device.type != "cpu":
-            raise TypeError(f"grads[{number}] has dtype {g.dtype} but its param has {p.dtype}: the GPU kernels read "
-                            f"the grads of 16-bit params in the params' dtype (float32 grads: CPU params only)")
         if g.shape != p.shape:
             raise ValueError(f"grads[{number}] has shape {tuple(g.shape)} but its param has {tuple(p.shape)}")
         if g.device != p.device:

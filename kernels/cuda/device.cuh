@@ -7,6 +7,7 @@
 //   1 float64 data, float64 state, float64 math
 //   2 float16 params and grads, float32 state, float32 math (fp16 moments would underflow)
 //   3 bfloat16 params and grads, float32 state, float32 math
+// (-DFASTOPT_GRAD=0: with float32 grads instead of the 16-bit params' own dtype)
 // and, for another state dtype (state_dtype=, DESIGN.md "Precision"), -DFASTOPT_STATE: 0 float32, 2 float16,
 // 3 bfloat16 (float32 params: any of them; 16-bit params: float32 or their own dtype), 4 8-bit block-wise
 // state (state_dtype="int8": the module's update entries are update.cu's _q8 ones). 16-bit values are
@@ -80,6 +81,16 @@ typedef float M;
 #define FASTOPT_DEFAULT_STATE 0
 #else
 #error "FASTOPT_DTYPE must be 0 (float32), 1 (float64), 2 (float16) or 3 (bfloat16)"
+#endif
+
+// The grads: the params' dtype, or with -DFASTOPT_GRAD=0 float32 grads of 16-bit params (the CPU loops take
+// them too: a float32 gradient, say a mean reduced in float32, is used without a rounding to 16 bits).
+#ifndef FASTOPT_GRAD
+typedef T G;
+#elif FASTOPT_GRAD == 0 && (FASTOPT_DTYPE == 2 || FASTOPT_DTYPE == 3)
+typedef float G;
+#else
+#error "FASTOPT_GRAD=0 (float32 grads) is for float16 and bfloat16 params"
 #endif
 
 #ifndef FASTOPT_STATE

@@ -27,7 +27,7 @@ __device__ __forceinline__ Op make_op(const Scalars& sc, const void* gs, int gs_
 
 struct Ptrs {
     T* __restrict__ p;
-    const T* __restrict__ g;
+    const G* __restrict__ g;
     S* __restrict__ s0;
     S* __restrict__ s1;
     S* __restrict__ s2;
@@ -85,7 +85,8 @@ __device__ __forceinline__ void update_one(const Op& op, const Ptrs& a, i64 i) {
 enum { IN_FLIGHT = FASTOPT_IN_FLIGHT };
 template <int K, class Op>
 __device__ __forceinline__ void update_vecs(const Op& op, const Ptrs& a, i64 j, i64 nt) {
-    Vec<T, VEC> pv[K], gv[K];
+    Vec<T, VEC> pv[K];
+    Vec<G, VEC> gv[K];  // float32 grads of 16-bit params: two 16-byte loads, as float32 state
     Vec<S, VEC> v0[K], v1[K], v2[K], v3[K];
 #pragma unroll
     for (int u = 0; u < K; ++u) {
@@ -142,11 +143,11 @@ __device__ __forceinline__ void update_range(const Op& op, const Ptrs& a, i64 be
 
 __device__ __forceinline__ Ptrs table_ptrs(const i64* rec, const Scalars& sc) {
 #if FASTOPT_ROUND == 1  // the s3 column holds the Kahan compensation (no four-state family with kahan)
-    Ptrs a = {reinterpret_cast<T*>(rec[F_P]), reinterpret_cast<const T*>(rec[F_G]),
+    Ptrs a = {reinterpret_cast<T*>(rec[F_P]), reinterpret_cast<const G*>(rec[F_G]),
               reinterpret_cast<S*>(rec[F_S0]), reinterpret_cast<S*>(rec[F_S1]), reinterpret_cast<S*>(rec[F_S2]),
               nullptr, reinterpret_cast<T*>(rec[F_S3]), 0u, 0};
 #else
-    Ptrs a = {reinterpret_cast<T*>(rec[F_P]), reinterpret_cast<const T*>(rec[F_G]),
+    Ptrs a = {reinterpret_cast<T*>(rec[F_P]), reinterpret_cast<const G*>(rec[F_G]),
               reinterpret_cast<S*>(rec[F_S0]), reinterpret_cast<S*>(rec[F_S1]), reinterpret_cast<S*>(rec[F_S2]),
               reinterpret_cast<S*>(rec[F_S3]), nullptr, unsigned(sc.key), i64(sc.index0)};
 #endif
@@ -154,7 +155,7 @@ __device__ __forceinline__ Ptrs table_ptrs(const i64* rec, const Scalars& sc) {
 }
 
 template <class Op>
-__device__ __forceinline__ void single_kernel(T* p, const T* g, S* s0, S* s1, S* s2, S* s3, i64 n,
+__device__ __forceinline__ void single_kernel(T* p, const G* g, S* s0, S* s1, S* s2, S* s3, i64 n,
                                               const Scalars& sc, const void* gs, int gs_kind, int vec,
                                               const unsigned char* skip, const double* at) {
     if (skipped(skip)) return;
@@ -206,7 +207,8 @@ static_assert(FASTOPT_BLOCK >= 256, "the maps (256 entries) are copied to shared
 // One row's group of a thread: its params, grads and codes as loaded, where it starts and how many of its
 // Q8_GROUP elements exist (the tensor's tail), and whether it moves by whole vectors.
 struct Q8Row {
-    Vec<T, Q8_GROUP> p, g;
+    Vec<T, Q8_GROUP> p;
+    Vec<G, Q8_GROUP> g;
     Vec<unsigned char, Q8_GROUP> c[3];
     i64 i0;
     int valid;
@@ -222,7 +224,7 @@ __device__ __forceinline__ void q8_load(Q8Row& w, const Ptrs& a, unsigned char* 
     w.whole = vec && w.valid == Q8_GROUP;
     if (w.whole) {
         w.p = reinterpret_cast<const Vec<T, Q8_GROUP>*>(a.p + w.i0)[0];
-        w.g = reinterpret_cast<const Vec<T, Q8_GROUP>*>(a.g + w.i0)[0];
+        w.g = reinterpret_cast<const Vec<G, Q8_GROUP>*>(a.g + w.i0)[0];
 #pragma unroll
         for (int k = 0; k < 3; ++k)
             if (Op::USED & (1 << k)) w.c[k] = reinterpret_cast<const Vec<unsigned char, Q8_GROUP>*>(codes[k] + w.i0)[0];
@@ -388,7 +390,7 @@ __device__ __forceinline__ void q8_kernel(const i64* tensors, const i64* chunks,
 // state (Adan's; NULL for the others, which never read it).
 #define FO_UPDATE_ENTRIES(KIND, FAMILY, OP, V)                                                              \
     extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK)                                             \
-        fo_##FAMILY##_v##V(fastopt::dev::T* p, const fastopt::dev::T* g, fastopt::dev::S* s0,               \
+        fo_##FAMILY##_v##V(fastopt::dev::T* p, const fastopt::dev::G* g, fastopt::dev::S* s0,               \
                            fastopt::dev::S* s1, fastopt::dev::S* s2, fastopt::dev::S* s3, long long n,      \
                            fastopt::dev::Scalars sc, const void* gs, int gs_kind, int vec,                  \
                            const unsigned char* skip, const double* at) {                                   \

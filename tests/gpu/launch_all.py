@@ -252,23 +252,25 @@ def sweep_reductions(backend, make, dtypes, calls, rng):
 
 def sweep_precision(backend, make, dtypes, calls, rng, quick=False):
     """The CuPy backend's precision modules (cuda_source.module_key): 16-bit states of float32 and 16-bit
-    params, and the Kahan and stochastic stores of 16-bit params, every elementwise optimizer the modes apply
-    to (not LAMB's two phases nor Adan's fourth state), each in its first configuration, one array (the
-    single-array kernel; Kahan: the table) and a list. quick: four of the modules (each compiles for
-    seconds) and three optimizers, for the sanitizer's budget."""
+    params, the Kahan and stochastic stores of 16-bit params, and float32 grads of 16-bit params (FASTOPT_GRAD),
+    every elementwise optimizer the modes apply to (not LAMB's two phases nor Adan's fourth state), each in its
+    first configuration, one array (the single-array kernel; Kahan: the table) and a list. quick: five of the
+    modules (each compiles for seconds) and three optimizers, for the sanitizer's budget."""
     if backend != "cupy":
         return
     from fastopt.functional import with_kahan
     from fastopt.precision import StochasticRounding
     sixteen = [np.dtype(d) for d in dtypes if np.dtype(d).itemsize == 2]
-    plans = [(np.dtype(np.float32), d, None) for d in sixteen] + [
-        (d, s, mode) for d in sixteen for s in (np.dtype(np.float32), d) for mode in (None, "kahan", "stochastic")]
     f16, f32 = np.dtype(np.float16), np.dtype(np.float32)
+    plans = [(f32, d, None, f32) for d in sixteen] + [
+        (d, s, mode, d) for d in sixteen for s in (f32, d) for mode in (None, "kahan", "stochastic")] + [
+        (d, f32, mode, f32) for d in sixteen for mode in (None, "kahan")]  # float32 grads of 16-bit params
     if quick:
-        plans = [p for p in plans if p in ((f32, f16, None), (f16, f32, "kahan"), (f16, f16, "stochastic")) or (
-            p[0].name == "bfloat16" and p[1] == p[0] and p[2] == "kahan")]
-    for dtype, sdtype, mode in plans:
-        if mode is None and sdtype == _state_dtype(dtype):
+        plans = [p for p in plans if p[:3] in ((f32, f16, None), (f16, f32, "kahan"), (f16, f16, "stochastic")) and (
+            p[3] == p[0]) or (p[0].name == "bfloat16" and p[1] == p[0] and p[2] == "kahan") or (
+            p[0].name == "bfloat16" and p[3] == f32 and p[2] is None)]
+    for dtype, sdtype, mode, gdtype in plans:
+        if mode is None and sdtype == _state_dtype(dtype) and gdtype == dtype:
             continue  # the default state: sweep_updates
         for spec in REGISTRY.values():
             if mode is not None and (spec.two_phase or len(spec.states) > 3):
@@ -282,15 +284,15 @@ def sweep_precision(backend, make, dtypes, calls, rng, quick=False):
                 def arrays(dt, random, shapes=shapes, layout=layout):
                     out = [make.array(_host(rng, s, dt) if random else np.zeros(s, dt)) for s in shapes]
                     return out if layout == "list" else out[0]
-                params, grads = arrays(dtype, True), arrays(dtype, True)
+                params, grads = arrays(dtype, True), arrays(gdtype, True)
                 states, names = spec.plan_call(hp, lambda name: arrays(sdtype, False))
                 tail, stochastic = tuple(states), None
                 if mode == "kahan":
                     tail, names = with_kahan(tail, names, arrays(dtype, False))
                 elif mode == "stochastic":
                     stochastic = StochasticRounding(int(rng.integers(2 ** 32)), step)
-                what = (f"{backend} {dtype.name} params, {sdtype.name} state{', ' + mode if mode else ''} {spec.name} "
-                        f"variant {spec.variant(hp, step)} {layout}")
+                what = (f"{backend} {dtype.name} params, {gdtype.name} grads, {sdtype.name} state"
+                        f"{', ' + mode if mode else ''} {spec.name} variant {spec.variant(hp, step)} {layout}")
                 calls(what, backend_module(backend).step, spec, (params, grads, *tail), names, hp, step, None, None,
                       stochastic)
 
@@ -298,8 +300,8 @@ def sweep_precision(backend, make, dtypes, calls, rng, quick=False):
 def sweep_int8(backend, make, dtypes, calls, rng, quick=False):
     """The CuPy backend's 8-bit state (state_dtype="int8": the int8 modules' _q8 kernels) for float32 and 16-bit
     params: every variant of every optimizer that takes it, one array and a list, with a device grad_scale and
-    the skip flag clear, rounded to nearest (and for 16-bit params Kahan-compensated and stochastically rounded,
-    one configuration each). quick: a list only, to nearest (still every _q8 entry point)."""
+    the skip flag clear, rounded to nearest (and for 16-bit params Kahan-compensated, stochastically rounded and
+    with float32 grads, one configuration each). quick: a list only, to nearest (still every _q8 entry point)."""
     if backend != "cupy":
         return
     from fastopt.functional import with_kahan
@@ -310,7 +312,7 @@ def sweep_int8(backend, make, dtypes, calls, rng, quick=False):
         for spec in REGISTRY.values():
             if not spec.states or spec.two_phase or spec.name in INT8_REFUSED:
                 continue
-            modes = (None,) if quick or dtype.itemsize == 4 else (None, "kahan", "stochastic")
+            modes = (None,) if quick or dtype.itemsize == 4 else (None, "kahan", "stochastic", "float32 grads")
             layouts = ("list",) if quick else QUICK_LAYOUTS
             for ((hp, step), layout, mode) in itertools.product(update_configs(spec), layouts, modes):
                 if mode is not None and (hp, step) != update_configs(spec)[0]:
@@ -335,7 +337,8 @@ def sweep_int8(backend, make, dtypes, calls, rng, quick=False):
                     stochastic = StochasticRounding(int(rng.integers(2 ** 32)), step)
                 what = (f"{backend} {dtype.name} params, int8 state{', ' + mode if mode else ''} {spec.name} "
                         f"variant {spec.variant(hp, step)} {layout}")
-                calls(what, backend_module(backend).step, spec, (arrays(dtype), arrays(dtype), *tail), names, hp, step,
+                grads = arrays(np.dtype(np.float32) if mode == "float32 grads" else dtype)
+                calls(what, backend_module(backend).step, spec, (arrays(dtype), grads, *tail), names, hp, step,
                       device_scale, clear, stochastic)
 
 

@@ -48,15 +48,18 @@ def cp(emu, monkeypatch, request):
 _modules: dict = {}  # IN_FLIGHT -> the backend's module cache
 
 
-def _host_arrays(rng, spec, hp, dtype, shapes, as_list, sdtype=None):
-    """(host arrays, names) as the backend takes them: params, grads, then the states (non-negative
-    values: valid for every family's states; of dtype `sdtype`, else the default), None for unused slots."""
+def _host_arrays(rng, spec, hp, dtype, shapes, as_list, sdtype=None, gdtype=None):
+    """(host arrays, names) as the backend takes them: params, grads (of dtype `gdtype`, else the params'),
+    then the states (non-negative values: valid for every family's states; of dtype `sdtype`, else the
+    default), None for unused slots."""
     def make(shape, dt, positive=False):
         x = rng.standard_normal(shape).astype(np.float64)
         return (np.abs(x) if positive else x).astype(dt)
 
     params = [make(s, dtype) for s in shapes]
     grads = [make(s, dtype) * dtype.type(0.5) for s in shapes]
+    if gdtype is not None:  # float32 grads of 16-bit params: values a 16-bit grad could not hold
+        grads = [(g.astype(gdtype) * gdtype.type(1 + 2 ** -12)) for g in grads]
     sdtype = state_dtype(dtype) if sdtype is None else sdtype
     tail, names = spec.plan_call(hp, lambda _: [make(s, sdtype, True) for s in shapes])
     arrays = (params, grads) + tuple(tail)
@@ -134,28 +137,34 @@ def test_emulated_kernels_equal_the_reference(cp, name, dtype):
     assert ran
 
 
-# (params, state) dtypes other than the defaults above: state_dtype= (DESIGN.md "Precision") and bfloat16 params
-PRECISIONS = [(F32, F16), (F16, F16)] + ([(F32, BF16), (BF16, F32), (BF16, BF16)] if BF16 is not None else [])
+# (params, state[, grads]) dtypes other than the defaults above: state_dtype= (DESIGN.md "Precision"), bfloat16
+# params, and float32 grads of 16-bit params (their modules' FASTOPT_GRAD)
+PRECISIONS = [(F32, F16), (F16, F16), (F16, F32, F32)] + (
+    [(F32, BF16), (BF16, F32), (BF16, BF16), (BF16, BF16, F32)] if BF16 is not None else [])
+
+
+def _dtypes_id(d):
+    return f"{d[0]} params, {d[1]} state" + (f", {d[2]} grads" if len(d) > 2 else "")
 
 
 @pytest.mark.parametrize("cp", [1], indirect=True, ids=["in flight 1"])
-@pytest.mark.parametrize("dtypes", PRECISIONS, ids=lambda d: f"{d[0]} params, {d[1]} state")
+@pytest.mark.parametrize("dtypes", PRECISIONS, ids=_dtypes_id)
 @pytest.mark.parametrize("name", [s.name for s in SPECS])
 def test_emulated_16bit_params_and_states_equal_the_reference(cp, name, dtypes):
     """16-bit states (of float32 and 16-bit params) and bfloat16 params: the module of the (params, state)
     dtypes (cuda_source.module_key), widened exactly and stored rounded to nearest even as the CPU loops and the
     NumPy reference do: equal to the reference bit for bit over every option set, one array (aligned and
     misaligned) and a list, with a host and a device grad_scale."""
-    dtype, sdtype = dtypes
+    dtype, sdtype, gdtype = (*dtypes, None)[:3]
     spec = REGISTRY[name]
-    rng = np.random.default_rng([29, list(REGISTRY).index(name), dtype.num, sdtype.num])
+    rng = np.random.default_rng([29, list(REGISTRY).index(name), dtype.num, sdtype.num, gdtype is not None])
     ran = 0
     for hp in option_sets(spec):
         for step in STEPS:
             for layout, shapes in LAYOUTS.items():
                 as_list = layout == "list"
                 for scale in ((None, "device") if as_list else (0.5,)):
-                    host, names = _host_arrays(rng, spec, hp, dtype, shapes, as_list, sdtype)
+                    host, names = _host_arrays(rng, spec, hp, dtype, shapes, as_list, sdtype, gdtype)
                     device = to_device(cp, host, misalign=4 if layout == "misaligned" else 0)
                     if layout == "misaligned":
                         device = (to_device(cp, host[:2], 4) + to_device(cp, host[2:]))
@@ -167,7 +176,8 @@ def test_emulated_16bit_params_and_states_equal_the_reference(cp, name, dtypes):
                     assert_launches_fit(cp, context)
                     # the update ran in the module of its dtypes (a call without a state: the params')
                     stateful = any(a is not None for a in host[2:])
-                    assert all(module_dtype(launch.options) == cuda_source.module_key(dtype, sdtype if stateful else None)
+                    key = cuda_source.module_key(dtype, sdtype if stateful else None, grad_dtype=gdtype)
+                    assert all(module_dtype(launch.options) == key
                                for launch in cp.launches if launch.name.startswith(f"fo_{spec.kernel}_")), context
                     _compare(spec, sdtype if sdtype.itemsize < dtype.itemsize else dtype, _flat(device), _flat(host),
                              context)
@@ -175,12 +185,12 @@ def test_emulated_16bit_params_and_states_equal_the_reference(cp, name, dtypes):
     assert ran
 
 
-ROUNDINGS = [(F16, F32), (F16, F16)] + ([(BF16, F32), (BF16, BF16)] if BF16 is not None else [])
+ROUNDINGS = [(F16, F32), (F16, F16)] + ([(BF16, F32), (BF16, BF16), (BF16, F32, F32)] if BF16 is not None else [])
 
 
 @pytest.mark.parametrize("cp", [1], indirect=True, ids=["in flight 1"])
 @pytest.mark.parametrize("mode", ["kahan", "stochastic"])
-@pytest.mark.parametrize("dtypes", ROUNDINGS, ids=lambda d: f"{d[0]} params, {d[1]} state")
+@pytest.mark.parametrize("dtypes", ROUNDINGS, ids=_dtypes_id)
 @pytest.mark.parametrize("name", [s.name for s in SPECS])
 def test_emulated_kahan_and_stochastic_rounding_equal_the_reference(cp, name, dtypes, mode):
     """kahan=True (the compensation in the table's s3 column) and stochastic rounding (the key and each tensor's
@@ -190,15 +200,16 @@ def test_emulated_kahan_and_stochastic_rounding_equal_the_reference(cp, name, dt
     two phases and Adan's fourth state are refused by name before anything is written."""
     from fastopt.functional import with_kahan
     from fastopt.precision import StochasticRounding
-    dtype, sdtype = dtypes
+    dtype, sdtype, gdtype = (*dtypes, None)[:3]
     spec = REGISTRY[name]
-    rng = np.random.default_rng([37, list(REGISTRY).index(name), dtype.num, sdtype.num, mode == "kahan"])
+    rng = np.random.default_rng([37, list(REGISTRY).index(name), dtype.num, sdtype.num, mode == "kahan",
+                                 gdtype is not None])
     ran = 0
     for hp in option_sets(spec):
         for step in STEPS:
             for layout, shapes in LAYOUTS.items():
                 as_list = layout == "list"
-                host, names = _host_arrays(rng, spec, hp, dtype, shapes, as_list, sdtype)
+                host, names = _host_arrays(rng, spec, hp, dtype, shapes, as_list, sdtype, gdtype)
                 stochastic = None
                 if mode == "kahan":
                     comp = [(rng.standard_normal(s) * 1e-3).astype(dtype) for s in shapes]
@@ -219,6 +230,8 @@ def test_emulated_kahan_and_stochastic_rounding_equal_the_reference(cp, name, dt
                 cupy_backend.step(spec, device, names, hp, step, 0.5, stochastic=stochastic)
                 assert_launches_fit(cp, context)
                 assert any(f"-DFASTOPT_ROUND={1 if mode == 'kahan' else 2}" in launch.options for launch in cp.launches)
+                assert gdtype is None or all("-DFASTOPT_GRAD=0" in launch.options for launch in cp.launches
+                                             if launch.name.startswith(f"fo_{spec.kernel}_")), context
                 _compare(spec, dtype, _flat(device), _flat(host), context)
                 ran += 1
     assert ran

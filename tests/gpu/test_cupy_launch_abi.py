@@ -145,9 +145,10 @@ SCALAR_OK = {
 def pointee_dtypes(pointee, module_dtype):
     """The dtypes a pointer parameter may point to in the module compiled for module_dtype (a
     cuda_source.module_key; None: any)."""
-    params, states, _ = cuda_source.module_dtypes(module_dtype)
+    params, states, _, grads = cuda_source.module_dtypes(module_dtype)
     return {
         "fastopt::dev::T": {params},
+        "fastopt::dev::G": {grads},
         "fastopt::dev::S": {states},
         "double": {F64},
         "float": {F32},
@@ -441,9 +442,10 @@ def module_dtype(options):
     assert len(codes) == 1, options
     states = [int(o.split("=")[1]) for o in options if o.startswith("-DFASTOPT_STATE=")]
     rounding = [int(o.split("=")[1]) for o in options if o.startswith("-DFASTOPT_ROUND=")]
-    assert len(states) <= 1 and len(rounding) <= 1, options
+    grads = [int(o.split("=")[1]) for o in options if o.startswith("-DFASTOPT_GRAD=")]
+    assert len(states) <= 1 and len(rounding) <= 1 and grads in ([], [0]), options
     return cuda_source.module_key(_DTYPE_OF_CODE[codes[0]], _STATE_OF_CODE[states[0]] if states else None,
-                                  rounding[0] if rounding else cuda_source.ROUND_NEAREST)
+                                  rounding[0] if rounding else cuda_source.ROUND_NEAREST, F32 if grads else None)
 
 
 def _pointer_problem(fake, launch, label, pname, pointee, arg):

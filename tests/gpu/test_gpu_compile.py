@@ -53,19 +53,22 @@ def ptx_by_target():
 
 
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
-KAHAN, STOCHASTIC = cuda_source.ROUND_KAHAN, cuda_source.ROUND_STOCHASTIC
+NEAREST, KAHAN, STOCHASTIC = cuda_source.ROUND_NEAREST, cuda_source.ROUND_KAHAN, cuda_source.ROUND_STOCHASTIC
 PRECISION_MODULES = [cuda_source.module_key(F32, F16), cuda_source.module_key(F16, F16),
                      cuda_source.module_key(F16, None, KAHAN), cuda_source.module_key(F16, F16, STOCHASTIC)] + (
     [cuda_source.module_key(F32, cuda_source.BF16), cuda_source.module_key(cuda_source.BF16),
      cuda_source.module_key(cuda_source.BF16, cuda_source.BF16), cuda_source.module_key(cuda_source.BF16, None, STOCHASTIC),
      cuda_source.module_key(cuda_source.BF16, cuda_source.BF16, KAHAN)] if cuda_source.BF16 is not None else []) + [
     cuda_source.module_key(F32, cuda_source.INT8), cuda_source.module_key(F16, cuda_source.INT8, STOCHASTIC)] + (
-    [cuda_source.module_key(cuda_source.BF16, cuda_source.INT8, KAHAN)] if cuda_source.BF16 is not None else [])
+    [cuda_source.module_key(cuda_source.BF16, cuda_source.INT8, KAHAN)] if cuda_source.BF16 is not None else []) + [
+    # float32 grads of 16-bit params (FASTOPT_GRAD): plain, Kahan with 16-bit state, 8-bit state
+    cuda_source.module_key(F16, None, NEAREST, F32), cuda_source.module_key(F16, F16, KAHAN, F32)] + (
+    [cuda_source.module_key(cuda_source.BF16, cuda_source.INT8, STOCHASTIC, F32)] if cuda_source.BF16 is not None else [])
 
 
 def _key_name(key):
-    params, state, rounding = cuda_source.module_dtypes(key)
-    return f"{params.name} params, {state.name} state, rounding {rounding}"
+    params, state, rounding, grads = cuda_source.module_dtypes(key)
+    return f"{params.name} params, {grads.name} grads, {state.name} state, rounding {rounding}"
 
 
 KEYS = {_key_name(key): key for key in PRECISION_MODULES}

@@ -1,7 +1,8 @@
 """8-bit optimizer state on the CuPy backend (state_dtype="int8", DESIGN.md "Precision", issue 13): the _q8 kernels
 of an int8 module (cuda_source.module_key(..., INT8)), executed on the CPU by tests/gpu/cuda_emulator.py, against
 the NumPy reference (fastopt.precision's quantizer, which the CPU loops equal bit for bit). Every optimizer that
-takes 8-bit state, every option set, float32, float16 and bfloat16 params, rounded to nearest, Kahan-compensated
+takes 8-bit state, every option set, float32, float16 and bfloat16 params (16-bit ones with their own or with float32
+grads), rounded to nearest, Kahan-compensated
 and stochastically rounded, one array (several chunks and a partial last block; misaligned: the scalar path) and a
 list (an empty tensor, one element, a multi-chunk tensor), a host and a device grad_scale: the params, the codes
 and the absmax must equal the reference bit for bit. The optimizers whose state must stay exact, and the backends
@@ -28,6 +29,8 @@ CHUNK = cuda_source.CHUNK
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
 BF16 = cuda_source.BF16
 DTYPES = [F32, F16] + ([BF16] if BF16 is not None else [])
+# (params, grads) dtypes: each params dtype with its own grads, and float32 grads of 16-bit params (FASTOPT_GRAD)
+GRADS = [(d, d) for d in DTYPES] + [(d, F32) for d in DTYPES if d.itemsize == 2]
 # one array: two chunks and a partial last quantization block; misaligned params (the scalar path); a list
 LAYOUTS = {"one array": [(CHUNK + 3 * 256 + 37,)], "misaligned": [(517,)],
            "list": [(7,), (0,), (1,), (33, 5), (CHUNK + 5,)]}
@@ -51,9 +54,10 @@ def cp(emu, monkeypatch, request):
     return use_cupy(monkeypatch, emu, _modules.setdefault(request.param, {}))
 
 
-def _host_call(rng, spec, hp, dtype, shapes, as_list, mode):
-    """(host arrays, names, stochastic) of one call: params and grads of `dtype`, each state a QuantizedState of
-    random values (the signed map's may be negative), the Kahan compensation (mode "kahan") in slot 5."""
+def _host_call(rng, spec, hp, dtype, shapes, as_list, mode, gdtype=None):
+    """(host arrays, names, stochastic) of one call: params of `dtype` and grads of `gdtype` (else `dtype`), each
+    state a QuantizedState of random values (the signed map's may be negative), the Kahan compensation (mode
+    "kahan") in slot 5."""
     def state(name, shape):
         x = rng.standard_normal(shape).astype(np.float32) * np.float32(rng.choice([1e-3, 1.0, 30.0]))
         if shape and np.prod(shape) > 3:
@@ -63,7 +67,7 @@ def _host_call(rng, spec, hp, dtype, shapes, as_list, mode):
         return QuantizedState.from_float(x if signed_state(name) else np.abs(x), signed_state(name))
 
     params = [rng.standard_normal(s).astype(dtype) for s in shapes]
-    grads = [(rng.standard_normal(s) * 0.5).astype(dtype) for s in shapes]
+    grads = [(rng.standard_normal(s) * 0.5).astype(dtype if gdtype is None else gdtype) for s in shapes]
     for g in grads:
         if g.size >= 512:
             g.reshape(-1)[:256] = 0
@@ -96,25 +100,26 @@ def _modes(dtype):
     return ("nearest",) if dtype == F32 else ("nearest", "kahan", "stochastic")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtypes", GRADS, ids=lambda d: f"{d[0]} params, {d[1]} grads")
 @pytest.mark.parametrize("name", INT8_SPECS)
-def test_emulated_int8_kernels_equal_the_reference(cp, name, dtype):
+def test_emulated_int8_kernels_equal_the_reference(cp, name, dtypes):
+    dtype, gdtype = dtypes
     spec = REGISTRY[name]
-    rng = np.random.default_rng([53, list(REGISTRY).index(name), dtype.num])
+    rng = np.random.default_rng([53, list(REGISTRY).index(name), dtype.num, gdtype.num])
     ran = 0
     for hp in option_sets(spec):
         for step in STEPS:
             for layout, shapes in LAYOUTS.items():
                 for mode in _modes(dtype):
                     as_list = layout == "list"
-                    host, names, stochastic = _host_call(rng, spec, hp, dtype, shapes, as_list, mode)
+                    host, names, stochastic = _host_call(rng, spec, hp, dtype, shapes, as_list, mode, gdtype)
                     device = to_device(cp, host)
                     if layout == "misaligned":  # params and grads off 16 bytes: the scalar path
                         device = to_device(cp, host[:2], 4) + device[2:]
                     scale = ("device" if as_list and ran % 2 else 0.5)
                     grad_scale = cp.from_host(np.array(0.5, np.float32)) if scale == "device" else scale
                     numpy_backend.step(spec, tuple(host), names, hp, step, 0.5, stochastic=stochastic)
-                    context = f"{name} {dtype} {mode} hp={hp} step={step} {layout} grad_scale={scale}"
+                    context = f"{name} {dtype}/{gdtype} grads {mode} hp={hp} step={step} {layout} grad_scale={scale}"
                     cp.launches.clear()
                     cupy_backend.step(spec, device, names, hp, step, grad_scale, stochastic=stochastic)
                     assert_launches_fit(cp, context)
@@ -122,9 +127,8 @@ def test_emulated_int8_kernels_equal_the_reference(cp, name, dtype):
                     rounding = {"nearest": 0, "kahan": 1, "stochastic": 2}[mode]
                     if any(a is not None for a in host[2:5]):  # SGD without momentum has no state to quantize
                         assert updates and all(launch.name.endswith("_q8") for launch in updates), context
-                        assert all(module_dtype(launch.options) == cuda_source.module_key(dtype, cuda_source.INT8,
-                                                                                           rounding)
-                                   for launch in updates), context
+                        key = cuda_source.module_key(dtype, cuda_source.INT8, rounding, gdtype)
+                        assert all(module_dtype(launch.options) == key for launch in updates), context
                     got, want = _bytes(device), _bytes(host)
                     for i, (g, w) in enumerate(zip(got, want)):
                         assert g == w, f"{context}: array {i} of the call differs"

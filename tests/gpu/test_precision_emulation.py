@@ -67,10 +67,10 @@ def _bytes(a):
     return tuple((x.get() if hasattr(x, "get") else x).tobytes() for x in parts)
 
 
-def _classes_step_alike(cp, name, pdtype, options, rng, context):
+def _classes_step_alike(cp, name, pdtype, options, rng, context, gdtype=None):
     """The class of optimizer `name` (two groups) on CuPy arrays and on host arrays of `pdtype`, with `options`,
-    stepped 4 times on the same grads: params, states (the same keys and dtypes) and the Kahan compensation
-    must stay equal bit for bit. Returns the device optimizer."""
+    stepped 4 times on the same grads (of `gdtype`, else `pdtype`): params, states (the same keys and dtypes)
+    and the Kahan compensation must stay equal bit for bit. Returns the device optimizer."""
     spec = specs.get_spec(name)
     cls = getattr(fastopt, spec.class_name)
     host = [rng.standard_normal(s).astype(_dtype(pdtype)) for s in SHAPES]
@@ -80,7 +80,7 @@ def _classes_step_alike(cp, name, pdtype, options, rng, context):
     gpu = cls([{"params": device[:2]}, {"params": device[2:], "lr": 0.003}], **hp, **options)
     cpu = cls([{"params": host[:2]}, {"params": host[2:], "lr": 0.003}], **hp, **options)
     for step in range(4):
-        grads = [rng.standard_normal(s).astype(_dtype(pdtype)) for s in SHAPES]
+        grads = [rng.standard_normal(s).astype(_dtype(gdtype or pdtype)) for s in SHAPES]
         gpu.step([cp.asarray(g) for g in grads])
         cpu.step(grads)
         for i, (d, h) in enumerate(zip(device, host)):
@@ -138,6 +138,28 @@ def test_device_class_with_8bit_state_equals_the_cpu_class(cp, name, case):
         options["seed"] = int(rng.integers(2 ** 40))
     gpu = _classes_step_alike(cp, name, pdtype, options, rng, f"{name} int8 {case}")
     assert all(isinstance(a, QuantizedState) for k, a in gpu.state_arrays(0).items() if k != "kahan_comp")
+
+
+# float32 grads of 16-bit params (the modules' FASTOPT_GRAD), with the default, a 16-bit and an 8-bit state and Kahan
+GRAD_CASES = [("float16", {}), ("float16", dict(state_dtype="float16"))] + (
+    [("bfloat16", {}), ("bfloat16", dict(state_dtype="int8")), ("bfloat16", dict(kahan=True))] if BF16 is not None
+    else [])
+
+
+def _takes(name, options) -> bool:
+    return not ((options.get("state_dtype") == "int8" and name not in INT8_NAMES) or
+                (options.get("kahan") and name not in ROUNDED))
+
+
+@pytest.mark.parametrize("name,case", [(n, c) for c in GRAD_CASES for n in NAMES if _takes(n, c[1])],
+                         ids=lambda x: x if isinstance(x, str) else f"{x[0]} params {x[1]}")
+def test_device_class_takes_float32_grads_of_16bit_params(cp, name, case):
+    """float32 grads of 16-bit CuPy params, as on the CPU: bit for bit the CPU class (its float32 grads are used
+    unrounded, so a kernel that read them as 16-bit values or rounded them first would differ)."""
+    pdtype, options = case
+    rng = np.random.default_rng([43, NAMES.index(name), GRAD_CASES.index(case)])
+    _classes_step_alike(cp, name, pdtype, dict(skip_nonfinite=True, **options), rng, f"{name} {case} float32 grads",
+                        gdtype="float32")
 
 
 def check_8bit_device_state_dict_round_trip(cp):
