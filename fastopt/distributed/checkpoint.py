@@ -174,8 +174,8 @@ def _make_dir(path: str) -> None:
 
 
 def _host(a):
-    if isinstance(a, QuantizedState):  # 8-bit state: host arrays already (the CPU only)
-        return a
+    if isinstance(a, QuantizedState):  # 8-bit state: its codes and scales
+        return QuantizedState(_host(a.codes), _host(a.absmax), a.signed)
     return a if isinstance(a, np.ndarray) else a.get()
 
 

@@ -56,9 +56,12 @@ class NcclCommunicator(Communicator):
         return DONE
 
     def all_gather(self, flat, block):
-        # in place: rank r's block is both the input and its slot in the output (NCCL allows it)
+        # in place: rank r's block is both the input and its slot in the output (NCCL allows it). The gather
+        # only moves bytes: 16-bit bits (bfloat16 params, which the optimizer hands over as uint16) go as
+        # NCCL_FLOAT16, whose copy keeps every bit pattern
         send = flat.data.ptr + self.rank * block * flat.itemsize
-        self.comm.allGather(send, flat.data.ptr, block, self._type(flat), self._stream())
+        kind = self._nccl.NCCL_FLOAT16 if np.dtype(flat.dtype) == np.uint16 else self._type(flat)
+        self.comm.allGather(send, flat.data.ptr, block, kind, self._stream())
         return DONE
 
     def all_reduce_sum(self, values):

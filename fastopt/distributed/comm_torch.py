@@ -69,6 +69,9 @@ class TorchCommunicator(Communicator):
                 return t.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
             return t.numpy()
         import cupy
+        if t.dtype == self._torch.bfloat16:  # CuPy reads no bfloat16 from torch: the bits, viewed as ml_dtypes'
+            import ml_dtypes
+            return cupy.asarray(t.view(self._torch.int16)).view(ml_dtypes.bfloat16)
         return cupy.asarray(t)
 
     def as_array(self, x, name):

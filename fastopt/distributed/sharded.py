@@ -43,9 +43,10 @@ Precision (DESIGN.md "Precision"; the single-process classes' options, checked b
 with seed= (16-bit params). 16-bit params live in 16-bit flat buffers (the all-gather moves 2 bytes per
 element) while their gradients are packed, reduce-scattered and applied in float32 (summing 16-bit
 gradients over ranks would round at every addition; MPI has no bfloat16 sum); a 16-bit state or the
-Kahan compensation ("kahan_comp", the params' dtype) is sharded like any state. Each rank's result equals
-the single-process class with the same options on the separate tensors, applied to the mean gradient in
-float32, bit for bit:
+Kahan compensation ("kahan_comp", the params' dtype) is sharded like any state. On host arrays and on GPU
+arrays alike (the CuPy kernels take float32 grads of 16-bit params too), each rank's result equals the
+single-process class with the same options on the separate tensors, applied to the mean gradient in float32,
+bit for bit:
   - stochastic rounding keys element i of a param by (seed, the step, i) as the class does: the update of
     a shard runs one call per piece of a param it holds, with index_offset = the piece's first element in
     its param, so the bits do not depend on the world size or the cut;
@@ -180,6 +181,15 @@ def _to_host(a) -> np.ndarray:
     return a if _is_numpy(a) else a.get()
 
 
+def _write(target, host) -> None:
+    """target[...] = host (NumPy): in place for a host array, else copied to the device on the stream of the
+    target's backend (the update kernels' stream), in order before the next step's kernels."""
+    if _is_numpy(target):
+        target[...] = host
+    else:
+        backend_for([target]).upload(target, host, target)
+
+
 def _digest_values(*digests: bytes) -> np.ndarray:
     """Each 8-byte digest as four 16-bit integers (exact in float64, also summed over many ranks)."""
     return np.concatenate([np.frombuffer(d, dtype="<u2").astype(np.float64) for d in digests])
@@ -206,7 +216,7 @@ class ShardedOptimizer:
         default group), a CuPy NcclCommunicator, or a fastopt.distributed Communicator.
     hyperparameters: the single-process class's keywords (lr, betas=(b1, b2), weight_decay, ...,
         clip_grad_norm=, skip_nonfinite=, backend=, and the precision options state_dtype=, kahan=,
-        stochastic_rounding=, seed=: host arrays, see the module docstring), checked by it; lr may be a
+        stochastic_rounding=, seed=: see the module docstring), checked by it; lr may be a
         schedule.
     bucket_bytes: bucket size (communication and update overlap per bucket).
     """
@@ -229,12 +239,6 @@ class ShardedOptimizer:
         self._precision = {"state_dtype": probe.state_dtype, "kahan": probe.kahan,
                            "stochastic_rounding": probe.stochastic_rounding, "seed": probe.seed}
         int8 = isinstance(probe.state_dtype, str) and probe.state_dtype == "int8"
-        if any(not _is_numpy(v) for v in views) and any(v not in (None, False, 0) for v in self._precision.values()):
-            # refused by name: the CuPy kernels take them, but the sharded GPU path (flat CuPy buffers over NCCL,
-            # 8-bit shards on 256-element boundaries) has not been built and run with them
-            given = ", ".join(f"{k}={v!r}" for k, v in self._precision.items())
-            raise NotImplementedError(f"ShardedOptimizer: the precision options ({given}) are implemented for host "
-                                      f"(CPU) arrays; the params are GPU arrays")
         exported = probe.export_state().hyperparameters[0]
         lr0 = exported["lr"](0) if is_schedule(exported["lr"]) else exported["lr"]
         checked, _ = spec.validate(dict(exported, lr=lr0), 1)  # Python floats and bools, as the class uses
@@ -640,10 +644,12 @@ class ShardedOptimizer:
                                     seed=self._precision["seed"], index_offset=call[0][1], key_step=step,
                                     tensor_coefs=tc)
 
-    def _wire(self, native):
-        """A flat buffer as the engine moves it: bfloat16 NumPy buffers as their uint16 bits (MPI has no
-        bfloat16; the all-gather only moves bytes)."""
-        if isinstance(native, np.ndarray) and native.dtype.itemsize == 2 and native.dtype.kind == "V":
+    @staticmethod
+    def _wire(native):
+        """A flat buffer as the engine moves it: bfloat16 NumPy and CuPy buffers as their uint16 bits (neither
+        MPI nor CuPy's NCCL names bfloat16; the all-gather only moves bytes). torch tensors as they are."""
+        dtype = getattr(native, "dtype", None)
+        if isinstance(dtype, np.dtype) and dtype.itemsize == 2 and dtype.kind == "V":
             return native.view(np.uint16)
         return native
 
@@ -674,14 +680,14 @@ class ShardedOptimizer:
         per bucket, this rank's shard (host arrays); `shard_states`: per bucket, name -> host array."""
         for b in self.layout.buckets:
             lo, hi = b.shard_range(self.rank)
-            self._flat[b.index][1][lo:hi] = self._like(self._flat[b.index][1], shard_params[b.index])
+            _write(self._flat[b.index][1][lo:hi], shard_params[b.index])
             for name, target in self._states[b.index].items():
                 src = shard_states[b.index][name]
                 if isinstance(target, QuantizedState):  # 8-bit state: codes and scales (host arrays)
-                    target.codes[...] = src.codes
-                    target.absmax[...] = src.absmax
+                    _write(target.codes, src.codes)
+                    _write(target.absmax, src.absmax)
                 else:
-                    target[...] = self._like(target, src)
+                    _write(target, src)
         keep_schedule = is_schedule(self._hp["lr"])
         self._hp.update({k: v for k, v in hyperparameters.items() if not (k == "lr" and keep_schedule)})
         self._options = {name: hyperparameters[name] for name in self.spec.state_options}
@@ -690,10 +696,3 @@ class ShardedOptimizer:
             r.wait()
         if self.copy_params:
             self._copy_out()
-
-    @staticmethod
-    def _like(target, host):
-        if _is_numpy(target):
-            return host
-        import cupy
-        return cupy.asarray(host)

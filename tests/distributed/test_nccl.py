@@ -47,3 +47,26 @@ def test_nccl_one_rank_equals_single_process(nccl_comm, name, tmp_path):
     again = ShardedOptimizer(name, [cp.zeros_like(p) for p in params], nccl_comm, **hp)
     again.load(str(tmp_path / "ck"))
     assert all(cp.array_equal(a, b) for a, b in zip(again.params, params))
+
+
+@pytest.mark.parametrize("mode", ["bf16-params", "bf16-state", "bf16-kahan", "bf16-stochastic", "int8",
+                                  "int8-bf16-stochastic"])
+def test_nccl_one_rank_precision_modes_equal_the_cpu_class(nccl_comm, mode, tmp_path):
+    """The precision modes over NCCL (bfloat16 flat buffers gathered as their bits, float32 grads of 16-bit
+    params, 8-bit shards): bit for bit the CPU class on the mean gradient (tests/gpu/test_sharded_emulation.py
+    checks worlds 1-3 without a GPU); a sharded checkpoint round trip."""
+    import cupy as cp
+    pytest.importorskip("ml_dtypes")
+    from tests.distributed import test_precision as host_tests
+    dtype, options = host_tests.MODES[mode]
+    params = [cp.asarray(p) for p in host_tests.make_params(dtype)]
+    opt = ShardedOptimizer("adam", params, nccl_comm, **host_tests.OPTIMIZERS["adam"], **options)
+    for t in range(5):
+        opt.step([cp.asarray(g) for g in host_tests.grads_for(1, t, 0, params)])
+    ref_params, ref = host_tests.single_process("adam", dtype, options, 5, 1)
+    host_tests.check_against(ref_params, ref, [(params, opt)])
+    opt.save(str(tmp_path / "ck"))
+    again = ShardedOptimizer("adam", [cp.zeros_like(p) for p in params], nccl_comm, **host_tests.OPTIMIZERS["adam"],
+                             **options)
+    again.load(str(tmp_path / "ck"))
+    host_tests.check_against(ref_params, ref, [(again.params, again)])

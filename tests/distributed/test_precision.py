@@ -67,11 +67,19 @@ def per_param_state(opt, i):
     return out
 
 
+def host(a):
+    """A host copy of a device array (CuPy or the CUDA emulation's; an 8-bit state's codes and scales), else a."""
+    if isinstance(a, QuantizedState):
+        return QuantizedState(host(a.codes), host(a.absmax), a.signed)
+    return a.get() if hasattr(a, "get") else a
+
+
 def check_against(ref_params, ref_opt, ranks):
-    """Every rank's params equal the reference; the pieces of state each rank holds equal the reference's."""
+    """Every rank's params equal the reference; the pieces of state each rank holds equal the reference's (host
+    or device arrays)."""
     for params, _ in ranks:
         for a, b in zip(params, ref_params):
-            assert a.tobytes() == b.tobytes()
+            assert host(a).tobytes() == b.tobytes()
     covered = {}
     for _, opt in ranks:
         for b, states in zip(opt.layout.buckets, opt.shard_states()):
@@ -80,6 +88,7 @@ def check_against(ref_params, ref_opt, ranks):
                 ref = per_param_state(ref_opt, i)
                 at = pos - lo
                 for name, a in states.items():
+                    a = host(a)
                     if isinstance(a, QuantizedState):
                         codes, absmax = ref[name]
                         assert a.codes[at:at + e1 - e0].tobytes() == codes[e0:e1].tobytes(), (i, name)
@@ -93,18 +102,23 @@ def check_against(ref_params, ref_opt, ranks):
     assert covered == {i: int(np.prod(s)) for i, s in enumerate(SHAPES) if np.prod(s)}
 
 
-def sharded_run(name, dtype, options, world, steps, bucket_bytes=32 << 20, seed=1, save=None, load=None):
+def sharded_run(name, dtype, options, world, steps, bucket_bytes=32 << 20, seed=1, save=None, load=None,
+                communicator=None, device=None):
+    """Every rank's (params, optimizer) after `steps` steps on its own grads (ranks as threads; communicator:
+    run_ranks'). device: a host array -> the array the rank trains on (None: the host arrays themselves)."""
+    move = (lambda a: a) if device is None else device
+
     def rank_fn(comm):
-        params = make_params(dtype)
+        params = [move(p) for p in make_params(dtype)]
         opt = ShardedOptimizer(name, params, comm, bucket_bytes=bucket_bytes, **OPTIMIZERS[name], **options)
         if load is not None:
             opt.load(load)
         for t in range(opt.steps, opt.steps + steps):
-            opt.step(grads_for(seed, t, comm.rank, params))
+            opt.step([move(g) for g in grads_for(seed, t, comm.rank, params)])
         if save is not None:
             opt.save(save)
         return params, opt
-    return run_ranks(world, rank_fn)
+    return run_ranks(world, rank_fn, communicator)
 
 
 @pytest.mark.parametrize("world,bucket_bytes", [(1, 32 << 20), (2, 32 << 20), (3, 256)])

@@ -57,13 +57,15 @@ class ThreadCommunicator(LocalCommunicator):
         return total
 
 
-def run_ranks(world: int, fn):
+def run_ranks(world: int, fn, communicator=None):
+    """communicator(world, rank): the rank's communicator (default ThreadCommunicator)."""
+    communicator = ThreadCommunicator if communicator is None else communicator
     w = _World(world)
     results, errors = [None] * world, [None] * world
 
     def body(rank):
         try:
-            results[rank] = fn(ThreadCommunicator(w, rank))
+            results[rank] = fn(communicator(w, rank))
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller
             errors[rank] = e
             w.barrier.abort()

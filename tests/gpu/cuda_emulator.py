@@ -22,6 +22,7 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 
 import numpy as np
 
@@ -196,8 +197,19 @@ class EmuArray(FakeArray):
     def get(self):
         return self.values.copy()
 
+    def __setitem__(self, key, value):  # a copy on the device (CuPy casts; NumPy's casting stands in)
+        self.values[key] = value.values if isinstance(value, EmuArray) else value
+
+    def view(self, dtype):  # the same memory as another dtype of the same width
+        dtype = np.dtype(dtype)
+        assert dtype.itemsize == self.dtype.itemsize, "the emulation views dtypes of one width only"
+        return EmuArray(self._fake, self.shape, dtype, self.data.ptr, self.device.id, self.buffer)
+
     def __int__(self):  # a device-to-host read of a one-element array
         return int(self.values.reshape(-1)[0])
+
+    def __float__(self):
+        return float(self.values.reshape(-1)[0])
 
     def _binary(self, other, op):
         b = other.values if isinstance(other, EmuArray) else other
@@ -209,8 +221,17 @@ class EmuArray(FakeArray):
     __rtruediv__ = lambda self, o: self._binary(o, lambda a, b: np.true_divide(b, a))
 
 
+# The runner's state (the fibers, __shared__ memory) is static: one launch at a time in the process, so that
+# threads may stand in for ranks or streams (tests/gpu/test_sharded_emulation.py).
+_LAUNCH = threading.RLock()
+
+
 class EmuKernel(FakeKernel):
     def __call__(self, grid, block, args, **kwargs):
+        with _LAUNCH:
+            self._run(grid, block, args, **kwargs)
+
+    def _run(self, grid, block, args, **kwargs):
         super().__call__(grid, block, args, **kwargs)  # recorded, as the launch checks expect
         (g,), (b,) = tuple(grid), tuple(block)
         params = SIGNATURES[self.name]
@@ -240,7 +261,8 @@ class EmuKernel(FakeKernel):
 class EmuModule(FakeModule):
     def __init__(self, fake, code, options):
         super().__init__(fake, code, options)
-        self.library = build(code, options)
+        with _LAUNCH:  # one g++ build of a module at a time
+            self.library = build(code, options)
 
     def get_function(self, name):
         return EmuKernel(self, name)

@@ -172,7 +172,9 @@ class FakeArray:
     def __init__(self, fake, shape, dtype, ptr, device, host=None):
         self._fake, self.shape, self.dtype = fake, tuple(shape), np.dtype(dtype)
         self.size = int(np.prod(self.shape, dtype=np.int64))
-        self.ndim, self.nbytes = len(self.shape), self.size * self.dtype.itemsize
+        self.ndim, self.nbytes, self.itemsize = len(self.shape), self.size * self.dtype.itemsize, self.dtype.itemsize
+        self.strides = tuple(int(np.prod(self.shape[k + 1:], dtype=np.int64)) * self.itemsize
+                             for k in range(self.ndim))  # C-contiguous
         self.data = SimpleNamespace(ptr=ptr)
         self.device = SimpleNamespace(id=device)
         self.flags = SimpleNamespace(c_contiguous=True)
@@ -189,6 +191,9 @@ class FakeArray:
 
     def reshape(self, *shape):
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        if -1 in shape:  # the one free axis takes what the others leave
+            rest = int(np.prod([n for n in shape if n != -1], dtype=np.int64))
+            shape = tuple(self.size // rest if n == -1 else n for n in shape)
         assert int(np.prod(shape, dtype=np.int64)) == self.size
         return self._view(shape, 0)
 
