@@ -217,7 +217,7 @@ def plan(quick=False, sizes=None, optimizers=None, n_tensors=None) -> list:
                 others.append(Case(name, f"1 x 2^{OTHER_DTYPES_AT} {short}", dtype, ((n,),),
                                    tuple(v for v in one if v not in (OPTIMI, BNB))))
             if HAS_BF16:  # issue 13: bfloat16 params, float32 state (torch fused: bfloat16 state, its default)
-                bf16 = (CUPY_FN, CUPY_CLASS, CUPY_GRAPH, TORCH_FUSED, TORCH_FOREACH, OPTIMI, PATTERN)
+                bf16 = (CUPY_FN, CUPY_CLASS, CUPY_GRAPH, NUMBA_FN, TORCH_FUSED, TORCH_FOREACH, OPTIMI, PATTERN)
                 others.append(Case(name, BF16_SINGLE, "bfloat16", ((1 << BF16_SINGLE_AT,),), bf16))
                 others.append(Case(name, BF16_LIST, "bfloat16",
                                    tuple(transformer_shapes(1 << LIST_TOTALS[-1], n_tensors)), bf16))
@@ -637,7 +637,7 @@ def _pick(case, arrays):
 
 
 def _check_dtype(backend, dtype):
-    """NotRun when a GPU backend has no kernels for the dtype (Numba: no float16)."""
+    """NotRun when a GPU backend has no kernels for the dtype (bfloat16 without ml_dtypes)."""
     if backend in ("cupy", "numba"):
         import importlib
         module = importlib.import_module(f"fastopt.backends.{backend}_backend")

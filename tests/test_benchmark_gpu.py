@@ -102,9 +102,9 @@ def test_plan_quick_full_and_options():
             assert c.elements == (1 << 28) if c.tensors == 1 else c.tensors == 200 and c.dtype == "bfloat16"
             continue
         assert {bg.CUPY_FN, bg.TORCH_FUSED, bg.TORCH_FOREACH, bg.PATTERN} <= set(c.variants)
-        if c.dtype == "bfloat16":  # issue 13's cases: no Numba (no bfloat16 kernels), no bitsandbytes 32-bit
+        if c.dtype == "bfloat16":  # issue 13's cases: Numba's functional step too, no bitsandbytes 32-bit
             assert c.elements == (1 << 26) if c.tensors == 1 else abs(c.elements - (1 << 27)) < 768  # within d
-            assert bg.NUMBA_FN not in c.variants
+            assert bg.NUMBA_FN in c.variants and bg.BNB not in c.variants
             continue
         assert bg.NUMBA_FN in c.variants
         if c.tensors > 1:
@@ -465,8 +465,10 @@ def test_cli_dry_run_needs_no_gpu(capsys):
 
 
 def test_a_dtype_a_backend_lacks_is_not_run_not_an_error(monkeypatch):
+    from fastopt.backends import numba_backend
     cp = _fake_cupy()
     monkeypatch.setitem(__import__("sys").modules, "cupy", cp)
+    monkeypatch.setattr(numba_backend, "DTYPES", (np.dtype(np.float32), np.dtype(np.float64)))  # as before float16
     bench = bg.Bench(cp, bg.QUICK, log=lambda *a: None)
     case = bg.Case("adam", "1 x 2^10 fp16", "float16", ((1024,),), (bg.NUMBA_FN, bg.NUMBA_CLASS))
     rows = bg.measure_case(bench, case, log=lambda *a: None)

@@ -35,7 +35,8 @@ import numpy as np
 from fastopt.backends import cuda_source, numpy_backend
 from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_skip_flag, checked_grads,
                                              device_index, from_interface, no_precision_modes, prepare_device,
-                                             prepare_fixed_device, producer_stream, validate_device_arrays)
+                                             prepare_fixed_device, producer_stream, rounding_of,
+                                             validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
 from fastopt.backends.validate import Checked, check_prepared_disjoint, check_scaled_lr, check_tensor_coefs
 from fastopt.precision import QuantizedState, quantizer_arrays
@@ -502,26 +503,13 @@ def step(spec, arrays, names, hp, step, grad_scale, found_inf=None, stochastic=N
 
 
 def _rounding(prepared, spec, stochastic, scalars_at):
-    """(rounding of the module, key, index0) of a call: to nearest; Kahan-compensated when it has a
-    compensation (slot 5, checked by prepare: the params' 16-bit dtype); stochastic with `stochastic` (a
-    precision.StochasticRounding: its key and index offset go to the kernels in the Scalars). Raises before
-    anything runs for what the kernels lack: both at once or stochastic rounding of non-16-bit params
-    (the CPU's rule), LAMB's two phases and Adan's fourth state (whose slot carries the compensation),
-    stochastic rounding in a capturable step (its key changes every step)."""
-    kahan = len(prepared.lists) > 5 and prepared.lists[5] is not None
-    if not kahan and stochastic is None:
-        return cuda_source.ROUND_NEAREST, 0, 0
-    numpy_backend.check_rounding(prepared, stochastic)
-    mode = "kahan=True" if kahan else "stochastic_rounding=True"
-    if spec.two_phase or len(spec.states) > 3:
-        raise NotImplementedError(f"{mode} with {spec.name} is implemented by the CPU backends; the {NAME} backend's "
-                                  f"{'two-phase' if spec.two_phase else 'four-state'} kernels do not have it yet")
+    """(rounding of the module, key, index0) of a call (device_arrays.rounding_of, whose refusals it makes), and
+    stochastic rounding refused in a capturable step (its key changes every step)."""
+    mode = rounding_of(prepared, spec, stochastic, NAME)
     if stochastic is not None and scalars_at is not None:
         raise NotImplementedError("stochastic_rounding=True with capturable=True: the rounding key changes every "
                                   "step, and a captured step would replay one")
-    if kahan:
-        return cuda_source.ROUND_KAHAN, 0, 0
-    return cuda_source.ROUND_STOCHASTIC, int(stochastic.key), int(stochastic.index_offset)
+    return mode
 
 
 def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, tensor_coefs=None, scalars_at=None):

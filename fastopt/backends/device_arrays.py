@@ -18,7 +18,8 @@ import sys
 
 import numpy as np
 
-from fastopt.backends import validate
+from fastopt.backends import numpy_backend, validate
+from fastopt.backends.cuda_source import ROUND_KAHAN, ROUND_NEAREST, ROUND_STOCHASTIC
 from fastopt.backends.validate import Checked, prepare, validate_arrays
 
 F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
@@ -179,6 +180,36 @@ def no_precision_modes(backend: str, arrays=None, stochastic=None) -> None:
     if stochastic is not None:
         raise NotImplementedError(f"stochastic_rounding=True is implemented by the CPU backends; the {backend} backend "
                                   f"does not have it yet")
+
+
+def rounding_of(prepared, spec, stochastic, backend: str) -> tuple:
+    """(rounding, key, index0) of a GPU backend's call: to nearest; Kahan-compensated when it has a compensation
+    (slot 5, checked by prepare: the params' 16-bit dtype); stochastic with `stochastic` (a
+    precision.StochasticRounding: its key and index offset go to the kernels). Raises before anything runs for
+    what the kernels lack: both at once or stochastic rounding of non-16-bit params (the CPU's rule), LAMB's
+    two phases and Adan's fourth state (whose table column carries the compensation)."""
+    kahan = len(prepared.lists) > 5 and prepared.lists[5] is not None
+    if not kahan and stochastic is None:
+        return ROUND_NEAREST, 0, 0
+    numpy_backend.check_rounding(prepared, stochastic)
+    if spec.two_phase or len(spec.states) > 3:
+        mode = "kahan=True" if kahan else "stochastic_rounding=True"
+        raise NotImplementedError(f"{mode} with {spec.name} is implemented by the CPU backends; the {backend} backend's "
+                                  f"{'two-phase' if spec.two_phase else 'four-state'} kernels do not have it yet")
+    if kahan:
+        return ROUND_KAHAN, 0, 0
+    return ROUND_STOCHASTIC, int(stochastic.key), int(stochastic.index_offset)
+
+
+def no_int8_state(backend: str, arrays) -> None:
+    """A backend without 8-bit kernels: state_dtype="int8" (a precision.QuantizedState among a call's states)
+    refused by name, before anything is written."""
+    from fastopt.precision import QuantizedState
+    for entry in arrays[2:]:
+        for a in (entry if isinstance(entry, (list, tuple)) else [entry]):
+            if isinstance(a, QuantizedState):
+                raise NotImplementedError(f'state_dtype="int8" (8-bit state) is implemented by the CPU and CuPy '
+                                          f'backends; the {backend} backend does not have it yet')
 
 
 def _torch_tensor(obj):

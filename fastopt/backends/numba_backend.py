@@ -1,6 +1,9 @@
 """The Numba CUDA backend: kernels/numba (math as @cuda.jit(device=True) functions, compiled lazily on
 first use per dtype), on Numba device arrays and on anything exposing __cuda_array_interface__ (CuPy
-arrays, torch CUDA tensors), zero-copy and in place. float32 and float64.
+arrays, torch CUDA tensors), zero-copy and in place. float32 and float64; float16 and bfloat16 params (their own
+or float32 grads) and states (state_dtype=, the CPU's rule) with float32 math on their bits, the new 16-bit
+params rounded to nearest, Kahan-compensated (kahan=True) or stochastically rounded (stochastic_rounding=True)
+with the CPU's and CUDA's bits (kernels/numba/precision.py); 8-bit state is refused by name.
 
 - One launch per list (or array), like the CuPy backend: Numba kernels take arrays, not pointers, so for
   each slot (params, grads, each state) the launcher makes one 1-d view that starts at the lowest address
@@ -30,15 +33,21 @@ import numbers
 
 import numpy as np
 
-from fastopt.backends.device_arrays import (F32, F64, DeviceArray, StreamMemo, check_skip_flag, checked_grads,
-                                             device_index, from_interface, no_precision_modes, prepare_device,
-                                             prepare_fixed_device, producer_stream, validate_device_arrays)
+from fastopt.backends.cuda_source import BF16
+from fastopt.backends.cuda_source import ROUND_KAHAN, ROUND_NEAREST
+from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_skip_flag, checked_grads,
+                                             device_index, from_interface, no_int8_state, no_precision_modes,
+                                             prepare_device, prepare_fixed_device, producer_stream, rounding_of,
+                                             validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
 from fastopt.backends.validate import Checked, check_prepared_disjoint, check_scaled_lr, check_tensor_coefs
 
 NAME = "numba"
 AVAILABLE = importlib.util.find_spec("numba") is not None
-DTYPES = (F32, F64)
+# params: float32 and float64 (math in their dtype), float16 and bfloat16 (float32 math; carried to the kernels
+# as their uint16 bits, converted by kernels/numba/precision.py with the CUDA kernels' and CPU loops' bits)
+DTYPES = (F32, F64, F16) + ((BF16,) if BF16 is not None else ())
+_U16 = np.dtype(np.uint16)
 _SLOTS = 4  # state slots of every kernel (kernels/numba/kernels.py SLOTS)
 _CACHE_SIZE = 64
 
@@ -64,10 +73,43 @@ def launch_config():
     return (32, 4, 64) if simulating() else (256, 1024, 4096)
 
 
-def _kernels(dtype):
+def _kernels(dtype, kinds=None):
+    """The kernels of math dtype `dtype` for arrays stored as `kinds` (kernels.build: the params', grads' and
+    states' storage, None for the math dtype's own)."""
     from fastopt.kernels.numba import kernels
     block, _, chunk = launch_config()
-    return kernels.build(np.dtype(dtype), block, chunk)
+    return kernels.build(np.dtype(dtype), block, chunk, kinds)
+
+
+def _math_dtype(dtype):
+    """float32 for 16-bit arrays, else their own."""
+    return F32 if np.dtype(dtype).itemsize == 2 else np.dtype(dtype)
+
+
+def _kind(dtype, math):
+    """How arrays of `dtype` are stored for kernels of math dtype `math`: None (as `math`) or the 16-bit name."""
+    return None if dtype is None or np.dtype(dtype) == math else np.dtype(dtype).name
+
+
+def _storage(dtype):
+    """The dtype the kernels see: 16-bit floats as their uint16 bits."""
+    return _U16 if dtype is not None and dtype.itemsize == 2 else dtype
+
+
+def _call_kinds(lists):
+    """(math dtype, kinds) of an update call's kernels (kernels.build: how its params, grads and states are
+    stored; None when all are of the math dtype)."""
+    params = _first(lists[0]).dtype
+    math = _math_dtype(params)
+    states = [lst[0].dtype for lst in lists[2:5] if lst]
+    kinds = (_kind(params, math), _kind(lists[1][0].dtype, math), _kind(states[0] if states else None, math))
+    return math, None if kinds == (None, None, None) else kinds
+
+
+def _kernels_for(dtype):
+    """(kernels, math dtype) of the one-array kernels (reductions, scale, clamp) on arrays of `dtype`."""
+    math = _math_dtype(dtype)
+    return _kernels(math, None if math == dtype else (np.dtype(dtype).name, None, None)), math
 
 
 def _grid(n):
@@ -83,7 +125,11 @@ def _describe(obj, name):
     if simulating() and type(obj).__name__ == "FakeCUDAArray":  # the simulator's device array
         ai = obj.__array_interface__
         return DeviceArray(obj, ai["data"][0], obj.shape, obj.dtype, obj.flags.c_contiguous, obj.flags.writeable)
-    return from_interface(obj, name)
+    a = from_interface(obj, name)
+    own = getattr(obj, "dtype", None)
+    if a.dtype.kind == "V" and isinstance(own, np.dtype) and own.itemsize == a.dtype.itemsize:
+        a.dtype = own  # a bfloat16 CuPy or Numba array: its interface says "<V2", its dtype ml_dtypes' bfloat16
+    return a
 
 
 def _flat(a: DeviceArray):
@@ -246,7 +292,7 @@ class _Table:
 
     def __init__(self, lists, device, stream):
         spans, tensors, chunks, offsets = table_layout(lists, launch_config()[2])
-        dtypes = [None if lst is None else lst[0].dtype for lst in lists] + [None] * (7 - len(lists))
+        dtypes = [None if lst is None else _storage(lst[0].dtype) for lst in lists] + [None] * (7 - len(lists))
         dtypes = dtypes[:5] + dtypes[6:7]  # the spans' slots: p, g, s0, s1, s2, s3
         views = [None if span is None else _span_view(span[0], span[1], dtype) for span, dtype in zip(spans, dtypes)]
         self.views = [views[0] if v is None else v for v in views]
@@ -336,15 +382,16 @@ def _device_scale(grad_scale, dtype, device, stream=0):
         from fastopt.backends.validate import host_scale
         return host_scale(grad_scale), _ones(device, dtype)
     a = _describe(grad_scale, "grad_scale")
-    if a.dtype.kind != "f":
+    if a.dtype.kind != "f" and a.dtype != BF16:
         raise TypeError(f"grad_scale must be a real number or a 0-d float array, got dtype {a.dtype}")
     if a.shape != ():
         raise ValueError(f"grad_scale must be a scalar or a 0-d array, got shape {a.shape}")
-    src = _flat(a)
     if a.dtype == dtype:
-        return 1.0, src
+        return 1.0, _flat(a)
+    # widened exactly by the kernels of its own storage (a 16-bit value: its bits), read in the math dtype
+    src = _span_view(a.ptr, 1, _U16) if a.dtype.itemsize == 2 else _flat(a)
     dst = _scratch_array(device, stream, "grad_scale", 1, dtype)
-    _kernels(dtype)["cast_scalar"][1, 1, stream](src, dst)
+    _kernels_for(a.dtype)[0]["cast_scalar"][1, 1, stream](src, dst)
     return 1.0, dst
 
 
@@ -361,9 +408,11 @@ def _skip_flag(found_inf, device):
 # ---------------------------------------------------------------------------------------------------
 
 def prepare(arrays, names, indices=None):
-    """Check the arrays of one update (nothing is written or launched); run() launches it."""
-    no_precision_modes(NAME, arrays)
-    return prepare_device(arrays, names, _describe, DTYPES, _WHERE, 1, indices)
+    """Check the arrays of one update (nothing is written or launched); run() launches it. The state dtypes
+    and the float32 grads of 16-bit params are the CPU's (device_arrays state_dtypes=True); 8-bit state is
+    refused by name."""
+    no_int8_state(NAME, arrays)
+    return prepare_device(arrays, names, _describe, DTYPES, _WHERE, 1, indices, state_dtypes=True)
 
 
 def prepare_grads(grads, name="grads", indices=None):
@@ -377,8 +426,8 @@ check_disjoint = check_prepared_disjoint  # across the prepared calls of one opt
 def prepare_fixed(calls):
     """Check an optimizer's params and states once (interface.PrepareOnceBackend, validate.prepare_fixed)."""
     for arrays, _, _ in calls:
-        no_precision_modes(NAME, arrays)
-    return prepare_fixed_device(calls, _describe, DTYPES, _WHERE)
+        no_int8_state(NAME, arrays)
+    return prepare_fixed_device(calls, _describe, DTYPES, _WHERE, state_dtypes=True)
 
 
 def bind_grads(fixed, grads_per_call):
@@ -387,18 +436,21 @@ def bind_grads(fixed, grads_per_call):
 
 
 def step(spec, arrays, names, hp, step, grad_scale, found_inf=None, stochastic=None, tensor_coefs=None):
-    no_precision_modes(NAME, arrays, stochastic)
-    run(prepare(arrays, names), spec, hp, step, grad_scale, found_inf, tensor_coefs=tensor_coefs)
+    run(prepare(arrays, names), spec, hp, step, grad_scale, found_inf, stochastic, tensor_coefs=tensor_coefs)
 
 
 def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, tensor_coefs=None):
     """The update in place; tensor_coefs: given per-tensor coefficients (host numbers,
-    validate.check_tensor_coefs) instead of the norms pass."""
-    no_precision_modes(NAME, prepared.lists, stochastic)
+    validate.check_tensor_coefs) instead of the norms pass. 16-bit params and states run float32 math on their
+    bits (kernels.build's kinds); the new 16-bit params are stored to nearest, Kahan-compensated (the
+    compensation in the table's fourth-state column) or stochastically rounded (device_arrays.rounding_of)."""
+    rounding, key, index0 = rounding_of(prepared, spec, stochastic, NAME)
     given = check_tensor_coefs(spec, tensor_coefs, len(prepared.lists[0]))
     lists = prepared.lists
+    if rounding == ROUND_KAHAN:  # the compensation takes the fourth state's table column (no four-state family)
+        lists = (*lists[:5], None, lists[5])
     first = _first(lists[0])
-    dtype = first.dtype
+    dtype, kinds = _call_kinds(lists)
     device = _device_of(first)
     with _on(device):
         skip = _skip_flag(found_inf, device)
@@ -410,9 +462,22 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
         variant = spec.variant(hp, step)
         used = sum(1 << j for j, lst in enumerate(lists[2:5]) if lst is not None)  # live state slots
         block = launch_config()[0]
-        k = _kernels(dtype)
+        k = _kernels(dtype, kinds)
         table = _table(lists, device, stream)
         P, G, S0, S1, S2, S3 = table.views
+        if rounding != ROUND_NEAREST:
+            coefs = _ones(device, dtype)  # read by a family with a number per tensor only (LARS), below
+            if spec.tensor_coefs is not None:
+                coefs = _tensor_coefs(spec, hp, host_scale, gs, lists, dtype, stream) if given is None else \
+                    _cuda().to_device(given.astype(dtype), stream=stream)
+            if rounding == ROUND_KAHAN:
+                k["update_kahan"][spec.kernel][table.nchunks, block, stream](
+                    P, G, S0, S1, S2, S3, table.tensors, table.chunks, h, gs, used, variant, skip, coefs)
+            else:
+                k["update_sr"][spec.kernel][table.nchunks, block, stream](
+                    P, G, S0, S1, S2, table.tensors, table.chunks, h, gs, used, variant, skip, coefs, np.int64(key),
+                    np.int64(index0))
+            return
         if len(spec.states) > 3:  # a four-state family (Adan): S3 too, every slot live
             k["update"][spec.kernel][table.nchunks, block, stream](P, G, S0, S1, S2, S3, table.tensors, table.chunks,
                                                                    h, gs, used, variant, skip)
@@ -446,7 +511,7 @@ def _two_phase_launch(prepared, spec, hp, step, grad_scale, found_inf, stochasti
         raise ValueError(f"{entry}: {spec.function_name} is not a two-phase update (only spec.two_phase: LAMB)")
     lists = prepared.lists
     first = _first(lists[0])
-    dtype = first.dtype
+    dtype, kinds = _call_kinds(lists)
     device = _device_of(first)
     with _on(device):
         skip = _skip_flag(found_inf, device)
@@ -457,8 +522,8 @@ def _two_phase_launch(prepared, spec, hp, step, grad_scale, found_inf, stochasti
         h = tuple(dtype.type(x) for x in spec.scalars(hp, step, host_scale))
         used = sum(1 << j for j, lst in enumerate(lists[2:5]) if lst is not None)  # live state slots
         table = _table(lists, device, stream)
-        return body(_kernels(dtype), table, h, gs, used, spec.variant(hp, step), skip, launch_config()[0], device,
-                    stream, dtype)
+        return body(_kernels(dtype, kinds), table, h, gs, used, spec.variant(hp, step), skip, launch_config()[0],
+                    device, stream, dtype)
 
 
 def run_phase1(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
@@ -537,7 +602,7 @@ def sumsq_per_tensor(grads, out=None):
         stream = _stream(_first(arrays), device)
         if out is None:
             out = cuda.device_array(len(arrays), dtype=np.float64, stream=stream)
-        k = _kernels(arrays[0].dtype)
+        k, _ = _kernels_for(arrays[0].dtype)
         if any(a.size for a in arrays):
             table = _table(lists, device, stream)
             partials = _scratch_array(device, stream, "partials", table.nchunks, np.float64)
@@ -648,7 +713,7 @@ def _scale_each(lists, device, mode, host_coef, coef, max_norm):
         return
     stream = _stream(_first(arrays), device)
     table = _table(lists, device, stream)
-    _kernels(arrays[0].dtype)["scale"][table.nchunks, launch_config()[0], stream](
+    _kernels_for(arrays[0].dtype)[0]["scale"][table.nchunks, launch_config()[0], stream](
         table.views[0], table.tensors, table.chunks, mode, np.float64(host_coef), coef, np.float64(max_norm))
 
 
@@ -686,9 +751,9 @@ def clamp_(grads, clip_value):
     arrays = lists[0]
     if not any(a.size for a in arrays):
         return
-    dtype = arrays[0].dtype
+    k, math = _kernels_for(arrays[0].dtype)
     with _on(device):
         stream = _stream(_first(arrays), device)
         table = _table(lists, device, stream)
-        _kernels(dtype)["clamp"][table.nchunks, launch_config()[0], stream](
-            table.views[0], table.tensors, table.chunks, dtype.type(clip_value))
+        k["clamp"][table.nchunks, launch_config()[0], stream](table.views[0], table.tensors, table.chunks,
+                                                              math.type(clip_value))

@@ -3,6 +3,10 @@ kernels/numba/math.py. Built lazily per (dtype, block size, chunk size) by `buil
 before the first launch (or an explicit numba.cuda.compile_ptx). Importing this module needs numba but no
 GPU; fastopt imports it only when the numba backend is first used.
 
+16-bit storage (float16, bfloat16: `build(..., kinds)`) is carried as uint16 bits and widened to float32 math
+by precision.py's conversions around the same kernels; with 16-bit params two more update kernels store the new
+params Kahan-compensated (update_kahan: the compensation in the S3 column) or stochastically rounded (update_sr).
+
 Every array kernel is a multi-tensor kernel: ONE launch updates a whole list (or one array) through a
 table, like the CuPy backend's. The launcher (fastopt/backends/numba_backend.py) passes, per slot (p, g,
 s0, s1, s2), one 1-d array `P, G, S0, S1, S2` that starts at the lowest address of that slot's tensors,
@@ -42,6 +46,7 @@ import numpy as np
 from numba import cuda, float64  # at module level: the simulator swaps the module's `cuda` while it runs
 
 from fastopt.kernels.numba import math as fmath
+from fastopt.kernels.numba import precision as fprec
 from fastopt.kernels.numba.compat import prepare_numba_cuda
 from fastopt.specs import REGISTRY, kernel_specs
 
@@ -93,13 +98,32 @@ T_P, T_G, T_S0, T_S1, T_S2, T_N, T_S3 = range(7)
 TENSOR_FIELDS = 7
 
 
+def _converters(kind, dtype):
+    """(load, store) device functions of one storage kind: None, values of the math dtype (both the identity);
+    "bfloat16" / "float16", uint16 bits widened to float32 and rounded to nearest even (precision.py)."""
+    if kind is None:
+        ident = cuda.jit(device=True)(lambda x: x)
+        return ident, ident
+    if np.dtype(dtype) != np.float32 or kind not in fprec.KINDS:
+        raise ValueError(f"16-bit storage {kind!r} takes float32 math, got {dtype}")
+    p = fprec.build()
+    return p[f"to_float_{kind}"], p[f"to_bits_{kind}"]
+
+
 @functools.lru_cache(maxsize=None)
-def build(dtype, block, chunk):
+def build(dtype, block, chunk, kinds=None):
     """dict of kernels for math dtype `dtype` (float32 / float64), `block` threads per block (a power of
-    two: the tree sums halve it) and `chunk` elements per block of the table kernels.
-    k["update"][family], k["moments"][family], k["apply"][family] are generated from the family's math
-    functions (kernels/numba/math.py) on first use."""
+    two: the tree sums halve it) and `chunk` elements per block of the table kernels. kinds: how the params
+    (and the one array of the reductions, scale and clamp), the grads and the states are stored, each None
+    (the math dtype) or "bfloat16" / "float16" (uint16 bits, float32 math; precision.py); None: all None.
+    k["update"][family], k["moments"][family], k["apply"][family] (and, for 16-bit params,
+    k["update_kahan"][family] and k["update_sr"][family]) are generated from the family's math functions
+    (kernels/numba/math.py) on first use."""
     dtype = np.dtype(dtype)
+    p_kind, g_kind, s_kind = (None, None, None) if kinds is None else kinds
+    load_p, store_p = _converters(p_kind, dtype)
+    load_g, _ = _converters(g_kind, dtype)
+    load_s, store_s = _converters(s_kind, dtype)
     m = fmath.build(dtype)
     ZERO = m["zero"]
     CAST = dtype.type
@@ -140,22 +164,22 @@ def build(dtype, block, chunk):
         b = ZERO
         c = ZERO
         if used & 1:
-            a = S0[k0]
+            a = load_s(S0[k0])
         if used & 2:
-            b = S1[k1]
+            b = load_s(S1[k1])
         if used & 4:
-            c = S2[k2]
+            c = load_s(S2[k2])
         return a, b, c
 
     @cuda.jit(device=True)
     def store_states(S0, S1, S2, k0, k1, k2, used, a, b, c):
         """Write the live state slots back (a dead slot is never written)."""
         if used & 1:
-            S0[k0] = a
+            S0[k0] = store_s(a)
         if used & 2:
-            S1[k1] = b
+            S1[k1] = store_s(b)
         if used & 4:
-            S2[k2] = c
+            S2[k2] = store_s(c)
 
     def make_update(family):
         math_fn = math_function(m, f"{family}_math")
@@ -174,8 +198,8 @@ def build(dtype, block, chunk):
             o0, o1, o2 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
             for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
                 a, b, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
-                pi, a, b, c = math_fn(P[op + i], G[og + i], a, b, c, h, s, variant)
-                P[op + i] = pi
+                pi, a, b, c = math_fn(load_p(P[op + i]), load_g(G[og + i]), a, b, c, h, s, variant)
+                P[op + i] = store_p(pi)
                 store_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used, a, b, c)
         return update
 
@@ -193,8 +217,8 @@ def build(dtype, block, chunk):
             o0, o1, o2 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
             for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
                 a, b, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
-                pi, a, b, c = math_fn(P[op + i], G[og + i], a, b, c, h, s, variant, coef)
-                P[op + i] = pi
+                pi, a, b, c = math_fn(load_p(P[op + i]), load_g(G[og + i]), a, b, c, h, s, variant, coef)
+                P[op + i] = store_p(pi)
                 store_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used, a, b, c)
         return update_coef
 
@@ -210,14 +234,73 @@ def build(dtype, block, chunk):
             op, og = tensors[t, T_P], tensors[t, T_G]
             o0, o1, o2, o3 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2], tensors[t, T_S3]
             for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
-                pi, a, b, c, d = math_fn(P[op + i], G[og + i], S0[o0 + i], S1[o1 + i], S2[o2 + i], S3[o3 + i], h, s,
-                                         variant)
-                P[op + i] = pi
-                S0[o0 + i] = a
-                S1[o1 + i] = b
-                S2[o2 + i] = c
-                S3[o3 + i] = d
+                pi, a, b, c, d = math_fn(load_p(P[op + i]), load_g(G[og + i]), load_s(S0[o0 + i]), load_s(S1[o1 + i]),
+                                         load_s(S2[o2 + i]), load_s(S3[o3 + i]), h, s, variant)
+                P[op + i] = store_p(pi)
+                S0[o0 + i] = store_s(a)
+                S1[o1 + i] = store_s(b)
+                S2[o2 + i] = store_s(c)
+                S3[o3 + i] = store_s(d)
         return update4
+
+    # 16-bit params stored Kahan-compensated or stochastically rounded (the CUDA kernels' FASTOPT_ROUND 1 and 2;
+    # the three-state elementwise families, LARS's number per tensor included): `coefs` is read by a family
+    # with tensor_coefs only (any one-element array otherwise).
+
+    def element_math(family):
+        """The family's math with the coefficient argument every rounded kernel passes."""
+        math_fn = math_function(m, f"{family}_math")
+        if family in PER_TENSOR_FAMILIES:
+            @cuda.jit(device=True)
+            def with_coef(p, g, a, b, c, h, s, variant, coefs, t):
+                return math_fn(p, g, a, b, c, h, s, variant, coefs[t])
+            return with_coef
+
+        @cuda.jit(device=True)
+        def without_coef(p, g, a, b, c, h, s, variant, coefs, t):
+            return math_fn(p, g, a, b, c, h, s, variant)
+        return without_coef
+
+    def make_update_kahan(family):
+        math_fn = element_math(family)
+        kahan_store = fprec.build()[f"kahan_store_{p_kind}"]
+
+        @cuda.jit
+        def update_kahan(P, G, S0, S1, S2, C, tensors, chunks, h, gs, used, variant, skip, coefs):
+            if skip[0]:
+                return
+            s = gs[0]
+            t, begin, end = chunk_of(tensors, chunks)
+            op, og, oc = tensors[t, T_P], tensors[t, T_G], tensors[t, T_S3]
+            o0, o1, o2 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
+            for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
+                a, b, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
+                p = load_p(P[op + i])
+                pi, a, b, c = math_fn(p, load_g(G[og + i]), a, b, c, h, s, variant, coefs, t)
+                pb, cb = kahan_store(p, load_p(C[oc + i]), pi)
+                P[op + i] = pb
+                C[oc + i] = cb
+                store_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used, a, b, c)
+        return update_kahan
+
+    def make_update_sr(family):
+        math_fn = element_math(family)
+        store_sr, random_bits = fprec.build()[f"to_bits_sr_{p_kind}"], fprec.build()["random_bits"]
+
+        @cuda.jit
+        def update_sr(P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, skip, coefs, key, index0):
+            if skip[0]:
+                return
+            s = gs[0]
+            t, begin, end = chunk_of(tensors, chunks)
+            op, og = tensors[t, T_P], tensors[t, T_G]
+            o0, o1, o2 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
+            for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
+                a, b, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
+                pi, a, b, c = math_fn(load_p(P[op + i]), load_g(G[og + i]), a, b, c, h, s, variant, coefs, t)
+                P[op + i] = store_sr(pi, random_bits(key, index0 + i))
+                store_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used, a, b, c)
+        return update_sr
 
     # Two-phase families (LAMB), in one place: phase 1 `moments` updates the states and writes per chunk
     # the float64 sums of p^2 and u^2 (u: the family's direction); `trust` reduces each tensor's chunks
@@ -243,8 +326,8 @@ def build(dtype, block, chunk):
             o0, o1, o2 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
             for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
                 a, bb, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
-                pi = P[op + i]
-                a, bb, c, u = moments_math(pi, G[og + i], a, bb, c, h, s, variant)
+                pi = load_p(P[op + i])
+                a, bb, c, u = moments_math(pi, load_g(G[og + i]), a, bb, c, h, s, variant)
                 store_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used, a, bb, c)
                 pp += float64(pi) * float64(pi)
                 uu += float64(u) * float64(u)
@@ -268,12 +351,15 @@ def build(dtype, block, chunk):
             o0, o1, o2 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
             for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
                 a, b, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
-                pi = P[op + i]
-                P[op + i] = pi - lr * direction_math(pi, a, b, c, h, variant)
+                pi = load_p(P[op + i])
+                P[op + i] = store_p(pi - lr * direction_math(pi, a, b, c, h, variant))
         return apply
 
     kernels = {"update": _Lazy(FAMILIES, make_update), "moments": _Lazy(TWO_PHASE_FAMILIES, make_moments),
                "apply": _Lazy(TWO_PHASE_FAMILIES, make_apply)}
+    if p_kind is not None:  # Kahan and stochastic rounding: 16-bit params, three-state families
+        rounded = tuple(f for f in FAMILIES if f not in FOUR_STATE_FAMILIES)
+        kernels.update(update_kahan=_Lazy(rounded, make_update_kahan), update_sr=_Lazy(rounded, make_update_sr))
 
     @cuda.jit
     def trust(partials, offsets, lr, scaled_lr):
@@ -296,7 +382,7 @@ def build(dtype, block, chunk):
         o = tensors[t, T_P]
         acc = 0.0
         for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
-            xi = float64(X[o + i])
+            xi = float64(load_p(X[o + i]))
             acc += xi * xi
         acc = block_sum(acc, shared)
         if cuda.threadIdx.x == 0:
@@ -359,18 +445,18 @@ def build(dtype, block, chunk):
         cm = CAST(c)  # the coefficient in the math dtype, as the CUDA kernel's M(c)
         o = tensors[t, T_P]
         for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
-            X[o + i] = X[o + i] * cm
+            X[o + i] = store_p(load_p(X[o + i]) * cm)
 
     @cuda.jit
     def clamp(X, tensors, chunks, c):
         t, begin, end = chunk_of(tensors, chunks)
         o = tensors[t, T_P]
         for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
-            X[o + i] = clamp_math(X[o + i], c)
+            X[o + i] = store_p(clamp_math(load_p(X[o + i]), c))
 
     @cuda.jit
-    def cast_scalar(src, dst):
-        dst[0] = src[0]
+    def cast_scalar(src, dst):  # src stored as the params (kinds[0]: its bits), dst any float dtype
+        dst[0] = load_p(src[0])
 
     @cuda.jit
     def sqrt_all(sq, out):

@@ -70,6 +70,7 @@ def build(dtype):
     ZERO, ONE = dtype.type(0), dtype.type(1)
     MINUS_ONE = dtype.type(-1)
     HALF = dtype.type(0.5)
+    CAST = dtype.type
     found = {"zero": ZERO}
 
     def family(fn):
@@ -85,6 +86,10 @@ def build(dtype):
     @cuda.jit(device=True)
     def max_nan(a, b):  # common.cuh fo_max_nan
         return a if (a != a or a > b) else b
+
+    @cuda.jit(device=True)
+    def sqrt(x):  # fo_sqrt in the math dtype: what CUDA computes; the simulator's math.sqrt returns a float64,
+        return CAST(math.sqrt(x))  # rounded back here (exact: a float64 sqrt rounded to float32 is sqrtf's)
 
     @cuda.jit(device=True)
     def sign(x):  # common.cuh fo_sign
@@ -117,7 +122,7 @@ def build(dtype):
         g = g * (h[H.adagrad.grad_scale] * s)
         g = add_scaled(g, h[H.adagrad.weight_decay], p)
         a = a + g * g
-        std = math.sqrt(a) + h[H.adagrad.eps]
+        std = sqrt(a) + h[H.adagrad.eps]
         p = p - h[H.adagrad.clr] * (g / std)
         return p, a, b, c
 
@@ -128,9 +133,9 @@ def build(dtype):
         a = h[H.rmsprop.alpha] * a + h[H.rmsprop.one_minus_alpha] * (g * g)
         if variant & RMSPROP_CENTERED:
             b = h[H.rmsprop.alpha] * b + h[H.rmsprop.one_minus_alpha] * g
-            avg = math.sqrt(a - b * b) + h[H.rmsprop.eps]
+            avg = sqrt(a - b * b) + h[H.rmsprop.eps]
         else:
-            avg = math.sqrt(a) + h[H.rmsprop.eps]
+            avg = sqrt(a) + h[H.rmsprop.eps]
         if variant & RMSPROP_MOMENTUM:
             c = h[H.rmsprop.momentum] * c + g / avg
             p = p - h[H.rmsprop.lr] * c
@@ -149,7 +154,7 @@ def build(dtype):
         if variant & ADAM_AMSGRAD:
             c = max_nan(c, b)
             vv = c
-        denom = math.sqrt(vv) * h[H.adam.inv_bias_correction2_sqrt] + h[H.adam.eps]
+        denom = sqrt(vv) * h[H.adam.inv_bias_correction2_sqrt] + h[H.adam.eps]
         p = p - h[H.adam.step_size] * (a / denom)
         return p, a, b, c
 
@@ -160,7 +165,7 @@ def build(dtype):
         p = p * h[H.nadam.decay]
         a = h[H.nadam.beta1] * a + h[H.nadam.one_minus_beta1] * g
         b = h[H.nadam.beta2] * b + h[H.nadam.one_minus_beta2] * (g * g)
-        denom = math.sqrt(b * h[H.nadam.inv_bias_correction2]) + h[H.nadam.eps]
+        denom = sqrt(b * h[H.nadam.inv_bias_correction2]) + h[H.nadam.eps]
         p = p - (h[H.nadam.grad_coef] * g + h[H.nadam.exp_avg_coef] * a) / denom
         return p, a, b, c
 
@@ -172,7 +177,7 @@ def build(dtype):
         a = h[H.radam.beta1] * a + h[H.radam.one_minus_beta1] * g
         b = h[H.radam.beta2] * b + h[H.radam.one_minus_beta2] * (g * g)
         if variant & RADAM_RECTIFIED:
-            p = p - h[H.radam.rect_step_size] * (a / (math.sqrt(b) + h[H.radam.eps]))
+            p = p - h[H.radam.rect_step_size] * (a / (sqrt(b) + h[H.radam.eps]))
         else:
             p = p - h[H.radam.step_size] * a
         return p, a, b, c
@@ -186,7 +191,7 @@ def build(dtype):
         r = g - a
         b = h[H.adabelief.beta2] * b + h[H.adabelief.one_minus_beta2] * (r * r)
         b = b + h[H.adabelief.eps]
-        denom = math.sqrt(b) * h[H.adabelief.inv_bias_correction2_sqrt] + h[H.adabelief.eps]
+        denom = sqrt(b) * h[H.adabelief.inv_bias_correction2_sqrt] + h[H.adabelief.eps]
         p = p - h[H.adabelief.step_size] * (a / denom)
         return p, a, b, c
 
@@ -216,8 +221,8 @@ def build(dtype):
         g = g * (h[H.adadelta.grad_scale] * s)
         g = add_scaled(g, h[H.adadelta.weight_decay], p)
         a = h[H.adadelta.rho] * a + h[H.adadelta.one_minus_rho] * (g * g)
-        std = math.sqrt(a + h[H.adadelta.eps])
-        delta = math.sqrt(b + h[H.adadelta.eps]) / std * g
+        std = sqrt(a + h[H.adadelta.eps])
+        delta = sqrt(b + h[H.adadelta.eps]) / std * g
         b = h[H.adadelta.rho] * b + h[H.adadelta.one_minus_rho] * (delta * delta)
         p = p - h[H.adadelta.lr] * delta
         return p, a, b, c
@@ -264,7 +269,7 @@ def build(dtype):
         a = h[H.yogi.beta1] * a + h[H.yogi.one_minus_beta1] * g
         g2 = g * g
         b = b - h[H.yogi.one_minus_beta2] * (sign(b - g2) * g2)
-        denom = math.sqrt(b) * h[H.yogi.inv_bias_correction2_sqrt] + h[H.yogi.eps]
+        denom = sqrt(b) * h[H.yogi.inv_bias_correction2_sqrt] + h[H.yogi.eps]
         p = p - h[H.yogi.step_size] * (a / denom)
         return p, a, b, c
 
@@ -303,7 +308,7 @@ def build(dtype):
     def sfadamw_math(p, g, a, b, c, h, s, variant):  # a: z, b: exp_avg_sq
         g = g * (h[H.sfadamw.grad_scale] * s)
         b = h[H.sfadamw.beta2] * b + h[H.sfadamw.one_minus_beta2] * (g * g)
-        denom = math.sqrt(b / h[H.sfadamw.bias_correction2]) + h[H.sfadamw.eps]
+        denom = sqrt(b / h[H.sfadamw.bias_correction2]) + h[H.sfadamw.eps]
         g = g / denom
         g = add_scaled(g, h[H.sfadamw.weight_decay], p)
         p = lerp(p, a, h[H.sfadamw.ckp1])
@@ -321,7 +326,7 @@ def build(dtype):
         b = h[H.adan.beta2] * b + h[H.adan.one_minus_beta2] * diff
         u = diff * h[H.adan.beta2] + g
         c = h[H.adan.beta3] * c + h[H.adan.one_minus_beta3] * (u * u)
-        denom = math.sqrt(c) / h[H.adan.bias_correction3_sqrt] + h[H.adan.eps]
+        denom = sqrt(c) / h[H.adan.bias_correction3_sqrt] + h[H.adan.eps]
         p = p * h[H.adan.decay]
         p = p - h[H.adan.step_size] * (a / denom)
         p = p - h[H.adan.diff_step_size] * (b / denom)
@@ -345,7 +350,7 @@ def build(dtype):
 
     @family
     def lamb_direction_math(p, a, b, c, h, variant):  # a: exp_avg, b: exp_avg_sq (lamb.cuh)
-        denom = math.sqrt(b * h[H.lamb.inv_bias_correction2]) + h[H.lamb.eps]
+        denom = sqrt(b * h[H.lamb.inv_bias_correction2]) + h[H.lamb.eps]
         return (a * h[H.lamb.inv_bias_correction1]) / denom + h[H.lamb.weight_decay] * p
 
     @family

@@ -94,5 +94,52 @@ for dt in (float32, float64):
                 failed.append(label)
                 print(f"FAIL {label}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
 
+# 16-bit storage (kernels.build's kinds: uint16 bits, float32 math; the Kahan and stochastic stores of 16-bit
+# params): every update kernel, LAMB's two passes and the one-array kernels, for sm_90. Their float32 kernels must
+# carry no float64 instruction, and the bit casts (a one-element local array viewed as the other type) must be
+# register moves: no local memory.
+LOCAL = re.compile(r"\b(ld|st)\.local\b")
+
+
+def precision_signatures(kinds):
+    bits, f32 = arr(types.uint16), arr(float32)
+    p, g, st = (bits if kind else f32 for kind in kinds)
+    table = int64[:, ::1]
+    sig = {}
+    for family in nk.FAMILIES:
+        h = types.UniTuple(float32, nscalars(family))
+        four = family in nk.FOUR_STATE_FAMILIES
+        coefs = (f32,) if family in nk.PER_TENSOR_FAMILIES else ()
+        sig[f"update[{family}]"] = (p, g) + (st,) * (4 if four else 3) + (table, table, h, f32, int64, int64,
+                                                                        arr(uint8)) + coefs
+        if kinds[0] and not four:
+            sig[f"update_kahan[{family}]"] = (p, g, st, st, st, p, table, table, h, f32, int64, int64, arr(uint8), f32)
+            sig[f"update_sr[{family}]"] = (p, g, st, st, st, table, table, h, f32, int64, int64, arr(uint8), f32,
+                                           int64, int64)
+    for family in nk.TWO_PHASE_FAMILIES:
+        h = types.UniTuple(float32, nscalars(family))
+        sig[f"moments[{family}]"] = (p, g, st, st, st, table, table, h, f32, int64, int64, arr(float64), arr(uint8))
+        sig[f"apply[{family}]"] = (p, st, st, st, table, table, h, f32, int64, int64, arr(uint8))
+    sig["sumsq"] = (p, table, table, arr(float64))
+    sig["scale"] = (p, table, table, int64, float64, arr(float64), float64)
+    sig["clamp"] = (p, table, table, float32)
+    return sig
+
+
+for kinds in (("bfloat16", "bfloat16", None), ("float16", None, "float16"), (None, None, "bfloat16")):
+    ks = nk.build(np.dtype(np.float32), BLOCK, CHUNK, kinds)
+    for name, argtypes in precision_signatures(kinds).items():
+        label = f"{name} {kinds} sm_90"
+        try:
+            ptx, _ = cuda.compile_ptx(kernel_of(ks, name).py_func, argtypes, cc=(9, 0))
+            if name.startswith(("update", "apply", "clamp")):
+                bad = F64_OP.findall(ptx)
+                assert not bad, f"float64 instructions in a float32 kernel: {sorted(set(bad))[:5]}"
+            assert not LOCAL.search(ptx), "local memory (a bit cast that is not a register move)"
+            passed += 1
+        except Exception as e:
+            failed.append(label)
+            print(f"FAIL {label}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+
 print(f"PTX CHECKS: {passed} passed, {len(failed)} failed", flush=True)
 sys.exit(1 if failed else 0)

@@ -128,6 +128,148 @@ for dtype in (np.float32, np.float64):
               lambda: run_update("lamb", {}, 2, dtype, [(37,)], False, grad_scale=gs))
 
 
+# ---- 16-bit params and states (DESIGN.md "Precision"): bit for bit the NumPy reference's precision modes ----
+try:
+    import ml_dtypes
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # the bfloat16 rows need ml_dtypes (a test extra)
+    BF16 = None
+F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
+# (label, params, grads, state, rounding): 16-bit params with their own or float32 grads, 16-bit states of
+# 16-bit and float32 params, Kahan-compensated and stochastically rounded params
+PRECISION_CASES = [("fp16 params fp16 state", F16, F16, F16, None), ("fp32 params fp16 state", F32, F32, F16, None),
+                   ("fp16 params stochastic", F16, F16, F32, "stochastic")] + ([
+    ("bf16 params", BF16, BF16, F32, None), ("bf16 params fp32 grads", BF16, F32, F32, None),
+    ("fp32 params bf16 state", F32, F32, BF16, None), ("bf16 params kahan", BF16, BF16, F32, "kahan"),
+    ("bf16 params bf16 state fp32 grads stochastic", BF16, F32, BF16, "stochastic")] if BF16 is not None else [])
+
+
+def run_precision(name, options, steps, pdtype, gdtype, sdtype, mode, shapes, as_list):
+    """`steps` updates on the (simulated) device and by numpy_backend (the reference of the precision modes) from
+    the same values: every array equal bit for bit (LARS's and LAMB's norms: within rounding), or for a mode the
+    family's kernels lack, NotImplementedError with nothing written."""
+    from fastopt.backends import numpy_backend
+    from fastopt.functional import with_kahan
+    from fastopt.precision import StochasticRounding
+    spec = specs.get_spec(name)
+    hp = dict(spec.defaults, **options)
+    rng = np.random.default_rng([len(shapes), steps, pdtype.num, gdtype.num, sdtype.num, bool(mode)])
+    params = [rng.standard_normal(s).astype(np.float32).astype(pdtype) for s in shapes]
+    # states from zeros, as the optimizers start them (valid for every family: centered RMSprop's square_avg must
+    # stay above grad_avg squared); after the first step they hold 16-bit values
+    tail, names = spec.plan_call(hp, lambda _: [np.zeros(s, sdtype) for s in shapes])
+    if mode == "kahan":
+        tail, names = with_kahan(tuple(tail), names, [(rng.standard_normal(s) * 1e-3).astype(pdtype) for s in shapes])
+    slot = (lambda xs: xs) if as_list else (lambda xs: xs[0])
+    host_tail = [None if a is None else slot(a) for a in tail]
+    dev_tail = [None if a is None else slot([cuda.to_device(x) for x in a]) for a in tail]
+    d_p = [cuda.to_device(p) for p in params]
+    exact = not (spec.two_phase or spec.tensor_coefs is not None)
+    for t in range(1, steps + 1):
+        grads = [(rng.standard_normal(s) * 0.5).astype(np.float32).astype(gdtype) for s in shapes]
+        stochastic = StochasticRounding(int(rng.integers(2 ** 62)), t, int(rng.integers(2 ** 40))) \
+            if mode == "stochastic" else None
+        device = (slot(d_p), slot([cuda.to_device(g) for g in grads]), *dev_tail)
+        if mode is not None and (spec.two_phase or len(spec.states) > 3):
+            before = [host(x).tobytes() for x in d_p]
+            try:
+                nb.step(spec, device, names, hp, t, 0.5, stochastic=stochastic)
+            except NotImplementedError as e:
+                assert f"with {name} is implemented by the CPU backends" in str(e), e
+                assert [host(x).tobytes() for x in d_p] == before
+                return
+            raise AssertionError(f"{mode} with {name}: not refused")
+        nb.step(spec, device, names, hp, t, 0.5, stochastic=stochastic)
+        numpy_backend.step(spec, (slot(params), slot(grads), *host_tail), names, hp, t, 0.5, stochastic=stochastic)
+    pairs = [(d, h) for d, h in zip(d_p, params)] + [
+        (d, h) for dt, ht in zip(dev_tail, host_tail) if dt is not None
+        for d, h in zip(dt if as_list else [dt], ht if as_list else [ht])]
+    for i, (d, h) in enumerate(pairs):
+        got = host(d)
+        if exact:
+            assert got.tobytes() == h.tobytes(), f"array {i} of the call differs"
+        else:
+            np.testing.assert_allclose(got.astype(np.float64), h.astype(np.float64), rtol=2e-2, atol=1e-6,
+                                       err_msg=f"array {i}")
+
+
+for label, pdtype, gdtype, sdtype, mode in PRECISION_CASES:
+    for name, options, steps in CONFIGS:
+        check(f"{name} {options} {label} list", lambda: run_precision(name, options, steps, pdtype, gdtype, sdtype,
+                                                                     mode, LIST_SHAPES, True))
+    check(f"adam {label} single", lambda: run_precision("adam", {}, 2, pdtype, gdtype, sdtype, mode, [(37,)], False))
+
+
+def conversions_equal_the_reference():
+    """kernels/numba/precision.py's conversions, random bits and Kahan store on edge values (zeros, fp16
+    subnormals and their ties, the overflow thresholds, Inf, NaN) and random ones, against fastopt.precision."""
+    from fastopt import precision as fp
+    from fastopt.kernels.numba import precision as nprec
+    p = nprec.build()
+    rng = np.random.default_rng(8)
+    edges = np.array([0.0, -0.0, 1.0, -1.5, 5.96e-8, 2.98e-8, 8.9e-8, 6.1e-5, 6.103e-5, 65504.0, 65519.0, 65520.0,
+                      1e5, np.inf, -np.inf, np.nan, 3.4e38, 1e-40, 1.00390625, 1.01171875], np.float32)
+    x = np.concatenate([edges, -edges, rng.standard_normal(200).astype(np.float32) * np.float32(1e-5),
+                        rng.standard_normal(200).astype(np.float32) * np.float32(300)])
+    random = rng.integers(0, 2 ** 32, x.size, dtype=np.uint64)
+    h16 = rng.integers(0, 2 ** 16, x.size, dtype=np.uint64).astype(np.uint16)
+    index = rng.integers(0, 2 ** 40, x.size, dtype=np.int64)
+    to_bf, to_bf_sr, from_bf = p["to_bits_bfloat16"], p["to_bits_sr_bfloat16"], p["to_float_bfloat16"]
+    to_h, to_h_sr, from_h = p["to_bits_float16"], p["to_bits_sr_float16"], p["to_float_float16"]
+    bits_of, kahan = p["random_bits"], p["kahan_store_bfloat16"]
+
+    @cuda.jit
+    def convert(x, r, h, index, c, out16, out32, outr):
+        for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+            out16[0, i] = to_bf(x[i])
+            out16[1, i] = to_bf_sr(x[i], r[i])
+            out16[2, i] = to_h(x[i])
+            out16[3, i] = to_h_sr(x[i], r[i])
+            out32[0, i] = from_bf(h[i])
+            out32[1, i] = from_h(h[i])
+            outr[i] = bits_of(12345, index[i])
+            pb, cb = kahan(from_bf(h[i]), from_bf(c[i]), x[i])
+            out16[4, i] = pb
+            out16[5, i] = cb
+
+    out16 = np.zeros((6, x.size), np.uint16)
+    out32 = np.zeros((2, x.size), np.float32)
+    outr = np.zeros(x.size, np.int64)
+    comp = fp.to_bf16(rng.standard_normal(x.size).astype(np.float32) * np.float32(1e-3))
+    with np.errstate(invalid="ignore"):  # the Inf and NaN rows
+        convert[4, 32](x, random.astype(np.int64), h16, index, comp, out16, out32, outr)
+        pk, ck = fp.kahan_store(h16, comp, x)
+    want16 = [fp.to_bf16(x), fp.to_bf16_sr(x, random.astype(np.uint32)), fp.to_fp16(x),
+              fp.to_fp16_sr(x, random.astype(np.uint32)), pk, ck]
+    for k, w in enumerate(want16):
+        assert out16[k].tobytes() == np.asarray(w, np.uint16).tobytes(), f"16-bit result {k}"
+    assert out32[0].tobytes() == fp.from_bf16(h16).tobytes() and out32[1].tobytes() == fp.from_fp16(h16).tobytes()
+    assert (outr == fp.random_bits(12345, index.astype(np.uint64)).astype(np.int64)).all()
+
+
+check("16-bit conversions, random bits and Kahan store equal fastopt.precision", conversions_equal_the_reference)
+
+
+def int8_state_refused_with_nothing_written():
+    from fastopt.precision import QuantizedState
+    spec = specs.get_spec("adam")
+    p = cuda.to_device(np.ones(300, np.float32))
+    q = [QuantizedState.from_float(np.zeros(300, np.float32), signed) for signed in (True, False)]
+    states = [QuantizedState(cuda.to_device(s.codes), cuda.to_device(s.absmax), s.signed) for s in q]
+    try:
+        nb.step(spec, (p, cuda.to_device(np.ones(300, np.float32)), *states, None), ("params", "grads", "exp_avg",
+                                                                                     "exp_avg_sq", None),
+                dict(spec.defaults, lr=0.1), 1, None)
+    except NotImplementedError as e:
+        assert 'state_dtype="int8"' in str(e) and "numba backend" in str(e), e
+        assert (host(p) == 1).all()
+        return
+    raise AssertionError("8-bit state not refused")
+
+
+check("8-bit state refused by name, nothing written", int8_state_refused_with_nothing_written)
+
+
 def clip_checks(dtype):
     rng = np.random.default_rng(1)
     grads = [rng.standard_normal(s).astype(dtype) * 3 for s in LIST_SHAPES]

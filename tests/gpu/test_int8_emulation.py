@@ -164,14 +164,15 @@ def test_optimizers_whose_state_stays_exact_are_refused_with_nothing_written(cp,
 
 
 def test_other_backends_and_mixed_states_are_refused(cp):
-    """A QuantizedState for the Numba backend's kernels (float32 state only), and 8-bit beside float states in one
-    call: TypeErrors naming the state, before anything runs."""
+    """A QuantizedState for a backend API without 8-bit kernels (state_dtypes=False), and 8-bit beside float states
+    in one call: TypeErrors naming the state, before anything runs (the Numba backend refuses 8-bit state by name:
+    tests/gpu/sim_checks.py)."""
     from fastopt.backends import device_arrays, validate
     spec = REGISTRY["adam"]
     hp = dict(spec.defaults, lr=0.1)
     host, names, _ = _host_call(np.random.default_rng(61), spec, hp, F32, [(300,)], True, "nearest")
     device = to_device(cp, host)
-    api = device_arrays._DeviceApi(cupy_backend._describe, cupy_backend.DTYPES, "on the GPU")  # Numba's: no 8-bit
+    api = device_arrays._DeviceApi(cupy_backend._describe, cupy_backend.DTYPES, "on the GPU")  # no 8-bit kernels
     with pytest.raises(TypeError, match=r"exp_avg\[0\]: 8-bit state .* this backend's kernels do not take it"):
         validate.validate_arrays(device, names, api, 1)
     mixed = device[:3] + ([cp.from_host(np.zeros(300, np.float32))],) + device[4:]

@@ -100,8 +100,13 @@ import numpy as np
 import launch_all
 launch_all.SINGLE, launch_all.LIST_SHAPES = 37, ((5,), (0,), (3, 7), (70,))  # the simulator: one Python thread each
 make = launch_all.NumbaArrays()
-calls = launch_all.sweep_backend("numba", make, dtypes=(np.float32,), quick=True, log=lambda *a: None)
-launch_all.public_api("numba", make, calls, np.random.default_rng(), dtypes=(np.float32,))
+try:  # 16-bit params and states too (their bits through kernels/numba/precision.py)
+    import ml_dtypes
+    dtypes = (np.float32, np.float16, np.dtype(ml_dtypes.bfloat16))
+except ImportError:
+    dtypes = (np.float32, np.float16)
+calls = launch_all.sweep_backend("numba", make, dtypes=dtypes, quick=True, log=lambda *a: None)
+launch_all.public_api("numba", make, calls, np.random.default_rng(), dtypes=dtypes)
 for what, tb in calls.failures[:3]:
     print(what, tb, file=sys.stderr)
 print(calls.count, len(calls.failures))
@@ -119,11 +124,12 @@ def _gpu_present():
 @pytest.mark.skipif(_gpu_present(), reason="a GPU is here: make gpu-check runs launch_all on it for real")
 def test_the_numba_sweep_and_public_calls_run_in_the_cuda_simulator():
     """launch_all's Numba half (device arrays, every backend-interface call, the classes with clip+skip and a
-    NaN step, the clip functions) against the Numba backend, on tiny arrays in the CUDA simulator."""
+    NaN step, the clip functions) against the Numba backend, on tiny arrays in the CUDA simulator, for float32,
+    float16 and bfloat16."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1",
                PYTHONPATH=os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
     res = subprocess.run([sys.executable, "-c", SIMULATED], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     count, failed = map(int, res.stdout.split())
     assert failed == 0, res.stderr[-3000:]
-    assert count > 100
+    assert count > 400

@@ -2,7 +2,7 @@
 classes, on the CPU: the kernels run by the CUDA emulation (tests/gpu/cuda_emulator.py). A class on device
 arrays with 16-bit state (float32 or 16-bit params) or bfloat16 params must equal the same class on host arrays
 (the CPU kernels) bit for bit, step after step, for every registry optimizer the classes run; the backends that
-keep the default state (Numba) and the modes the GPU kernels lack (Kahan and stochastic rounding of two-phase or
+keep the default state and the modes the GPU kernels lack (Kahan and stochastic rounding of two-phase or
 four-state optimizers) are refused before anything is made or written. 8-bit state (state_dtype="int8") the same
 way: codes and scales equal the CPU class's (and through a state dict round trip, on a GPU)."""
 from __future__ import annotations
@@ -218,7 +218,8 @@ def test_refusals(cp):
         assert q[0].get().tobytes() == np.ones(3, np.float16).tobytes() and opt.steps() == 0
     with pytest.raises(ValueError, match="Invalid state_dtype: 'float16' .*float64"):
         fastopt.Adam([cp.asarray(np.ones(3, np.float64))], state_dtype="float16")
-    # a float16 state handed to the Numba backend (its kernels keep float32 state): named, nothing written
+    # a float16 state checked by a backend API that keeps the default state (state_dtypes=False): named, nothing
+    # written
     params, grads = [cp.asarray(np.ones(3, np.float32))], [cp.asarray(np.ones(3, np.float32))]
     m, v = (cp.asarray(np.zeros(3, np.float16)) for _ in range(2))
     before = [a.get().tobytes() for a in params + [m, v]]
