@@ -154,6 +154,12 @@ def build(dtype, block, chunk, kinds=None):
         begin = chunks[cuda.blockIdx.x, 1]
         return t, begin, min(begin + CHUNK, tensors[t, T_N])
 
+    @cuda.jit(device=True)
+    def chunk_offsets(tensors, chunks):
+        """chunk_of's (tensor, first element, end) and the tensor's offsets in P, G, S0, S1, S2."""
+        t, begin, end = chunk_of(tensors, chunks)
+        return t, begin, end, tensors[t, T_P], tensors[t, T_G], tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
+
     # ---- the generic kernels, one per family: the memory side around the family's math ----------------
     # `used` bit k: state slot k is live (read and written); a dead slot is neither read nor written.
 
@@ -193,9 +199,7 @@ def build(dtype, block, chunk, kinds=None):
             if skip[0]:
                 return
             s = gs[0]
-            t, begin, end = chunk_of(tensors, chunks)
-            op, og = tensors[t, T_P], tensors[t, T_G]
-            o0, o1, o2 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
+            t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
             for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
                 a, b, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
                 pi, a, b, c = math_fn(load_p(P[op + i]), load_g(G[og + i]), a, b, c, h, s, variant)
@@ -211,10 +215,8 @@ def build(dtype, block, chunk, kinds=None):
             if skip[0]:
                 return
             s = gs[0]
-            t, begin, end = chunk_of(tensors, chunks)
+            t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
             coef = coefs[t]
-            op, og = tensors[t, T_P], tensors[t, T_G]
-            o0, o1, o2 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
             for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
                 a, b, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
                 pi, a, b, c = math_fn(load_p(P[op + i]), load_g(G[og + i]), a, b, c, h, s, variant, coef)
@@ -270,9 +272,8 @@ def build(dtype, block, chunk, kinds=None):
             if skip[0]:
                 return
             s = gs[0]
-            t, begin, end = chunk_of(tensors, chunks)
-            op, og, oc = tensors[t, T_P], tensors[t, T_G], tensors[t, T_S3]
-            o0, o1, o2 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
+            t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
+            oc = tensors[t, T_S3]
             for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
                 a, b, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
                 p = load_p(P[op + i])
@@ -292,9 +293,7 @@ def build(dtype, block, chunk, kinds=None):
             if skip[0]:
                 return
             s = gs[0]
-            t, begin, end = chunk_of(tensors, chunks)
-            op, og = tensors[t, T_P], tensors[t, T_G]
-            o0, o1, o2 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
+            t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
             for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
                 a, b, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
                 pi, a, b, c = math_fn(load_p(P[op + i]), load_g(G[og + i]), a, b, c, h, s, variant, coefs, t)
@@ -321,9 +320,7 @@ def build(dtype, block, chunk, kinds=None):
             s = gs[0]
             pp = 0.0
             uu = 0.0
-            t, begin, end = chunk_of(tensors, chunks)
-            op, og = tensors[t, T_P], tensors[t, T_G]
-            o0, o1, o2 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
+            t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
             for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
                 a, bb, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
                 pi = load_p(P[op + i])
