@@ -33,8 +33,7 @@ import numbers
 
 import numpy as np
 
-from fastopt.backends.cuda_source import BF16
-from fastopt.backends.cuda_source import ROUND_KAHAN, ROUND_NEAREST
+from fastopt.backends.cuda_source import BF16, ROUND_KAHAN, ROUND_NEAREST
 from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_skip_flag, checked_grads,
                                              device_index, from_interface, no_int8_state, no_precision_modes,
                                              prepare_device, prepare_fixed_device, producer_stream, rounding_of,
