@@ -34,7 +34,7 @@ import numpy as np
 
 from fastopt.backends import cuda_source, numpy_backend
 from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_skip_flag, checked_grads,
-                                             device_index, from_interface, no_precision_modes, prepare_device,
+                                             device_index, from_interface, prepare_device,
                                              prepare_fixed_device, producer_stream, rounding_of,
                                              validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
@@ -242,7 +242,7 @@ def _codes(a):
 def table_layout(lists):
     """The host image of the multi-tensor table of device.cuh: (int64 array, ntensors, nchunks, byte
     offset of the chunk list). lists: per slot (params, grads, states; None unused) a list of arrays
-    with .ptr and .size; slot 6 a fourth state (Adan), column 8, else slot 5 (the Kahan compensation) there.
+    with .ptr and .size; slot 6 a fourth state (Adan), column 8; slot 5 the Kahan compensation, column 12.
     An 8-bit state (a precision.QuantizedState of such arrays) puts its codes in its slot's column and its
     absmax in column 9 + its state index."""
     n = len(lists[0])
@@ -254,8 +254,8 @@ def table_layout(lists):
                 fields[:, 7 + k] = [a.absmax.ptr for a in lists[k]]
     if len(lists) > 6 and lists[6] is not None:
         fields[:, 8] = [a.ptr for a in lists[6]]
-    elif len(lists) > 5 and lists[5] is not None:  # the Kahan compensation (no four-state family with it)
-        fields[:, 8] = [a.ptr for a in lists[5]]
+    if len(lists) > 5 and lists[5] is not None:  # the Kahan compensation
+        fields[:, 12] = [a.ptr for a in lists[5]]
     sizes = np.array([a.size for a in lists[0]], dtype=np.int64)
     counts = (sizes + CHUNK - 1) // CHUNK
     first = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
@@ -502,10 +502,10 @@ def step(spec, arrays, names, hp, step, grad_scale, found_inf=None, stochastic=N
     run(prepare(arrays, names), spec, hp, step, grad_scale, found_inf, stochastic, tensor_coefs=tensor_coefs)
 
 
-def _rounding(prepared, spec, stochastic, scalars_at):
+def _rounding(prepared, stochastic, scalars_at):
     """(rounding of the module, key, index0) of a call (device_arrays.rounding_of, whose refusals it makes), and
     stochastic rounding refused in a capturable step (its key changes every step)."""
-    mode = rounding_of(prepared, spec, stochastic, NAME)
+    mode = rounding_of(prepared, stochastic)
     if stochastic is not None and scalars_at is not None:
         raise NotImplementedError("stochastic_rounding=True with capturable=True: the rounding key changes every "
                                   "step, and a captured step would replay one")
@@ -517,7 +517,7 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
     validate.check_tensor_coefs) instead of the norms pass; scalars_at: the kernels read the step's scalars
     from this device row (16 float64: capturable=True, select_scalars) instead of spec.scalars(hp, step)
     (`step` then only picks the kernel variant)."""
-    rounding, key, index0 = _rounding(prepared, spec, stochastic, scalars_at)
+    rounding, key, index0 = _rounding(prepared, stochastic, scalars_at)
     given = check_tensor_coefs(spec, tensor_coefs, len(prepared.lists[0]))
     lists = prepared.lists
     params = lists[0]
@@ -548,7 +548,7 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
             _per_tensor(spec, hp, host_scale, grad_scale, gs_kind, lists, dtype, device, stream, scalars, gs_ptr,
                         skip, variant, given, at)
             return
-        if launch.single is not None and rounding != cuda_source.ROUND_KAHAN:  # Kahan: the table's s3 column
+        if launch.single is not None and rounding != cuda_source.ROUND_KAHAN:  # Kahan: the table's c column
             pointers, n, vec, grid = launch.single
             fn = _function(device, dtype, cuda_source.update_kernel_name(spec.kernel, variant, False))
             fn((grid,), (BLOCK,), (*pointers, n, scalars, gs_ptr, gs_kind, vec, skip, at))
@@ -663,10 +663,12 @@ def _moments(family, table, dtype, device, scalars, gs_ptr, gs_kind, skip, at=np
 
 def _two_phase_setup(prepared, spec, hp, step, grad_scale, found_inf, stochastic, entry):
     """(lists, dtype, device, stream, scalars, gs_ptr, gs_kind, skip) of a two-phase call, or None when it
-    has no element; the checks run() makes plus the family's."""
-    no_precision_modes(NAME, prepared.lists, stochastic)
+    has no element; the checks run() makes plus the family's. The module is the params' rounding's (kahan=True:
+    the compensation in the table's c column; stochastic_rounding=True: its key and index offset in the
+    scalars), which only the apply kernel (run_phase2) uses."""
     if not spec.two_phase:
         raise ValueError(f"{entry}: {spec.function_name} is not a two-phase update (only spec.two_phase: LAMB)")
+    rounding, key, index0 = rounding_of(prepared, stochastic)
     lists = prepared.lists
     skip = _skip_flag(found_inf)
     if not any(a.size for a in lists[0]):
@@ -674,7 +676,8 @@ def _two_phase_setup(prepared, spec, hp, step, grad_scale, found_inf, stochastic
     device = _device_of(lists[0][0])
     stream = _stream_of(lists[0][0], device)
     host_scale, gs_ptr, gs_kind = _grad_scale(grad_scale)
-    return lists, _module_of(lists), device, stream, _pack(spec.scalars(hp, step, host_scale)), gs_ptr, gs_kind, skip
+    return (lists, _module_of(lists, rounding), device, stream, _pack(spec.scalars(hp, step, host_scale), key, index0),
+            gs_ptr, gs_kind, skip)
 
 
 def run_phase1(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):

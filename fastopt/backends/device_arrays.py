@@ -170,32 +170,15 @@ def check_skip_flag(a: DeviceArray) -> DeviceArray:
 LEGACY_STREAM, PER_THREAD_STREAM = 1, 2  # __cuda_array_interface__ v3 names of the two default streams
 
 
-def no_precision_modes(backend: str, arrays=None, stochastic=None) -> None:
-    """A backend's kernels without Kahan or stochastic stores (Numba; the CuPy backend's two-phase kernels): a
-    clear refusal naming the option and `backend`, before anything is written. arrays: a call's (params, grads, s0, s1, s2,
-    kahan_comp) lists; stochastic: its precision.StochasticRounding or None."""
-    if arrays is not None and len(arrays) > 5 and arrays[5] is not None:
-        raise NotImplementedError(f"kahan (a Kahan compensation, kahan_comp) is implemented by the CPU backends; "
-                                  f"the {backend} backend does not have it yet")
-    if stochastic is not None:
-        raise NotImplementedError(f"stochastic_rounding=True is implemented by the CPU backends; the {backend} backend "
-                                  f"does not have it yet")
-
-
-def rounding_of(prepared, spec, stochastic, backend: str) -> tuple:
+def rounding_of(prepared, stochastic) -> tuple:
     """(rounding, key, index0) of a GPU backend's call: to nearest; Kahan-compensated when it has a compensation
     (slot 5, checked by prepare: the params' 16-bit dtype); stochastic with `stochastic` (a
-    precision.StochasticRounding: its key and index offset go to the kernels). Raises before anything runs for
-    what the kernels lack: both at once or stochastic rounding of non-16-bit params (the CPU's rule), LAMB's
-    two phases and Adan's fourth state (whose table column carries the compensation)."""
+    precision.StochasticRounding: its key and index offset go to the kernels). Raises before anything runs on
+    what the CPU refuses too: both at once or stochastic rounding of non-16-bit params."""
     kahan = len(prepared.lists) > 5 and prepared.lists[5] is not None
     if not kahan and stochastic is None:
         return ROUND_NEAREST, 0, 0
     numpy_backend.check_rounding(prepared, stochastic)
-    if spec.two_phase or len(spec.states) > 3:
-        mode = "kahan=True" if kahan else "stochastic_rounding=True"
-        raise NotImplementedError(f"{mode} with {spec.name} is implemented by the CPU backends; the {backend} backend's "
-                                  f"{'two-phase' if spec.two_phase else 'four-state'} kernels do not have it yet")
     if kahan:
         return ROUND_KAHAN, 0, 0
     return ROUND_STOCHASTIC, int(stochastic.key), int(stochastic.index_offset)

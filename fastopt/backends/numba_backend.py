@@ -3,7 +3,8 @@ first use per dtype), on Numba device arrays and on anything exposing __cuda_arr
 arrays, torch CUDA tensors), zero-copy and in place. float32 and float64; float16 and bfloat16 params (their own
 or float32 grads) and states (state_dtype=, the CPU's rule) with float32 math on their bits, the new 16-bit
 params rounded to nearest, Kahan-compensated (kahan=True) or stochastically rounded (stochastic_rounding=True)
-with the CPU's and CUDA's bits (kernels/numba/precision.py); 8-bit state is refused by name.
+with the CPU's and CUDA's bits (kernels/numba/precision.py), every family (LAMB's apply pass, Adan's fourth state
+included); 8-bit state is refused by name.
 
 - One launch per list (or array), like the CuPy backend: Numba kernels take arrays, not pointers, so for
   each slot (params, grads, each state) the launcher makes one 1-d view that starts at the lowest address
@@ -33,11 +34,10 @@ import numbers
 
 import numpy as np
 
-from fastopt.backends.cuda_source import BF16, ROUND_KAHAN, ROUND_NEAREST
+from fastopt.backends.cuda_source import BF16, ROUND_KAHAN, ROUND_NEAREST, ROUND_STOCHASTIC
 from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_skip_flag, checked_grads,
-                                             device_index, from_interface, no_int8_state, no_precision_modes,
-                                             prepare_device, prepare_fixed_device, producer_stream, rounding_of,
-                                             validate_device_arrays)
+                                             device_index, from_interface, no_int8_state, prepare_device,
+                                             prepare_fixed_device, producer_stream, rounding_of, validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
 from fastopt.backends.validate import Checked, check_prepared_disjoint, check_scaled_lr, check_tensor_coefs
 
@@ -48,6 +48,7 @@ AVAILABLE = importlib.util.find_spec("numba") is not None
 DTYPES = (F32, F64, F16) + ((BF16,) if BF16 is not None else ())
 _U16 = np.dtype(np.uint16)
 _SLOTS = 4  # state slots of every kernel (kernels/numba/kernels.py SLOTS)
+_FIELDS = 8  # int64 columns per tensor of a table (kernels/numba/kernels.py TENSOR_FIELDS)
 _CACHE_SIZE = 64
 
 
@@ -237,18 +238,19 @@ def _validate(arrays, names, read_only_slot=1):
 
 def table_layout(lists, chunk):
     """The host side of one multi-tensor launch: (spans, tensors, chunks, offsets). lists: per slot
-    (params, grads, states; None unused) a list of arrays with .ptr, .size, .dtype, at least one of
-    them not empty. spans[k] = (lowest address, elements from there to the end of the last tensor) of
-    slot k, None for an unused slot (k = 0..4, then 5: a fourth state, the call's slot 6, after the Kahan
-    compensation's, which the GPU refuses); tensors (nt, 7) int64: each tensor's element offset in each
-    slot's span, its size (column 5), the fourth state's offset (column 6); chunks (nb, 2) int64: (tensor, first element); offsets (nt + 1) int64: each
-    tensor's first chunk (the reductions' segments)."""
+    (params, grads, states s0-s2, the Kahan compensation, a fourth state; None unused) a list of arrays with
+    .ptr, .size, .dtype, at least one of them not empty. spans: (lowest address, elements from there to the end
+    of the last tensor) of the params, grads, s0, s1, s2, the fourth state (the call's slot 6) and the
+    compensation (slot 5), None for an unused slot; tensors (nt, 8) int64: each tensor's element offset in each
+    span, its size in column 5 (kernels.py T_N; the fourth state's offset in column 6, the compensation's in 7);
+    chunks (nb, 2) int64: (tensor, first element); offsets (nt + 1) int64: each tensor's first chunk (the
+    reductions' segments)."""
     sizes = np.array([a.size for a in lists[0]], dtype=np.int64)
     n = len(sizes)
-    tensors = np.zeros((n, 7), dtype=np.int64)
+    tensors = np.zeros((n, 8), dtype=np.int64)
     tensors[:, 5] = sizes
     spans = []
-    for k, col in ((0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (6, 6)):
+    for k, col in ((0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (5, 7)):
         lst = lists[k] if k < len(lists) else None
         if lst is None:
             spans.append(None)
@@ -284,23 +286,24 @@ def _span_view(base, n, dtype):
 
 
 class _Table:
-    """One set of tensors ready to launch: per slot the span view (params' view for an unused slot,
-    never read), and the table on the device: tensors, chunks and offsets in one int64 buffer."""
+    """One set of tensors ready to launch: per span (table_layout's: P, G, S0, S1, S2, S3, C) its view (the
+    params' view for an unused one, never read), and the table on the device: tensors, chunks and offsets in one
+    int64 buffer."""
 
     __slots__ = ("views", "buffer", "host", "tensors", "chunks", "offsets", "ntensors", "nchunks")
 
     def __init__(self, lists, device, stream):
         spans, tensors, chunks, offsets = table_layout(lists, launch_config()[2])
         dtypes = [None if lst is None else _storage(lst[0].dtype) for lst in lists] + [None] * (7 - len(lists))
-        dtypes = dtypes[:5] + dtypes[6:7]  # the spans' slots: p, g, s0, s1, s2, s3
+        dtypes = dtypes[:5] + dtypes[6:7] + dtypes[5:6]  # the spans' slots: p, g, s0, s1, s2, s3, c
         views = [None if span is None else _span_view(span[0], span[1], dtype) for span, dtype in zip(spans, dtypes)]
         self.views = [views[0] if v is None else v for v in views]
         self.ntensors, self.nchunks = len(tensors), len(chunks)
         self.host = np.concatenate((tensors.ravel(), chunks.ravel(), offsets))  # alive while the copy may run
         self.buffer = _table_buffer(device, stream, self.host.size)  # may be larger: a recycled one
         self.buffer[:self.host.size].copy_to_device(self.host, stream=stream)
-        nt, nc = 7 * self.ntensors, 2 * self.nchunks
-        self.tensors = self.buffer[:nt].reshape(self.ntensors, 7)
+        nt, nc = _FIELDS * self.ntensors, 2 * self.nchunks
+        self.tensors = self.buffer[:nt].reshape(self.ntensors, _FIELDS)
         self.chunks = self.buffer[nt:nt + nc].reshape(self.nchunks, 2)
         self.offsets = self.buffer[nt + nc:self.host.size]
 
@@ -442,12 +445,10 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
     """The update in place; tensor_coefs: given per-tensor coefficients (host numbers,
     validate.check_tensor_coefs) instead of the norms pass. 16-bit params and states run float32 math on their
     bits (kernels.build's kinds); the new 16-bit params are stored to nearest, Kahan-compensated (the
-    compensation in the table's fourth-state column) or stochastically rounded (device_arrays.rounding_of)."""
-    rounding, key, index0 = rounding_of(prepared, spec, stochastic, NAME)
+    compensation in the table's T_C column) or stochastically rounded (device_arrays.rounding_of), every family."""
+    rounding, key, index0 = rounding_of(prepared, stochastic)
     given = check_tensor_coefs(spec, tensor_coefs, len(prepared.lists[0]))
     lists = prepared.lists
-    if rounding == ROUND_KAHAN:  # the compensation takes the fourth state's table column (no four-state family)
-        lists = (*lists[:5], None, lists[5])
     first = _first(lists[0])
     dtype, kinds = _call_kinds(lists)
     device = _device_of(first)
@@ -459,55 +460,67 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
         host_scale, gs = _device_scale(grad_scale, dtype, device, stream)
         h = tuple(dtype.type(x) for x in spec.scalars(hp, step, host_scale))
         variant = spec.variant(hp, step)
-        used = sum(1 << j for j, lst in enumerate(lists[2:5]) if lst is not None)  # live state slots
+        used = _used(lists)
         block = launch_config()[0]
         k = _kernels(dtype, kinds)
         table = _table(lists, device, stream)
-        P, G, S0, S1, S2, S3 = table.views
-        if rounding != ROUND_NEAREST:
-            coefs = _ones(device, dtype)  # read by a family with a number per tensor only (LARS), below
-            if spec.tensor_coefs is not None:
-                coefs = _tensor_coefs(spec, hp, host_scale, gs, lists, dtype, stream) if given is None else \
-                    _cuda().to_device(given.astype(dtype), stream=stream)
-            if rounding == ROUND_KAHAN:
-                k["update_kahan"][spec.kernel][table.nchunks, block, stream](
-                    P, G, S0, S1, S2, S3, table.tensors, table.chunks, h, gs, used, variant, skip, coefs)
-            else:
-                k["update_sr"][spec.kernel][table.nchunks, block, stream](
-                    P, G, S0, S1, S2, table.tensors, table.chunks, h, gs, used, variant, skip, coefs, np.int64(key),
-                    np.int64(index0))
-            return
-        if len(spec.states) > 3:  # a four-state family (Adan): S3 too, every slot live
-            k["update"][spec.kernel][table.nchunks, block, stream](P, G, S0, S1, S2, S3, table.tensors, table.chunks,
-                                                                   h, gs, used, variant, skip)
-            return
+        P, G, S0, S1, S2, S3, C = table.views
+        grid = (table.nchunks, block, stream)
+        coefs = None
         if spec.tensor_coefs is not None:  # LARS: one number per tensor, from a norms pass over p and g
             coefs = _tensor_coefs(spec, hp, host_scale, gs, lists, dtype, stream) if given is None else \
                 _cuda().to_device(given.astype(dtype), stream=stream)
-            k["update"][spec.kernel][table.nchunks, block, stream](P, G, S0, S1, S2, table.tensors, table.chunks, h,
-                                                                   gs, used, variant, skip, coefs)
-            return
-        if not spec.two_phase:
-            k["update"][spec.kernel][table.nchunks, block, stream](P, G, S0, S1, S2, table.tensors, table.chunks, h,
-                                                                   gs, used, variant, skip)
-            return
-        # two phases (LAMB): the states and per chunk the norms of p and u; lr * trust ratio per tensor
-        # from them (on the device: no host round trip); the step
-        partials = _scratch_array(device, stream, "partials", 2 * table.nchunks, np.float64)
-        scaled_lr = _scratch_array(device, stream, "scaled_lr", table.ntensors, dtype)
-        k["moments"][spec.kernel][table.nchunks, block, stream](P, G, S0, S1, S2, table.tensors, table.chunks, h,
-                                                                gs, used, variant, partials, skip)
-        k["trust"][table.ntensors, block, stream](partials, table.offsets, np.float64(hp["lr"]), scaled_lr)
-        k["apply"][spec.kernel][table.nchunks, block, stream](P, S0, S1, S2, table.tensors, table.chunks, h,
-                                                              scaled_lr, used, variant, skip)
+        if spec.two_phase:  # the states and per chunk the norms of p and u; lr * trust ratio per tensor; the step
+            scaled_lr = _trust(k, spec, hp, table, h, gs, used, variant, skip, device, stream, dtype)
+            if rounding == ROUND_NEAREST:
+                k["apply"][spec.kernel][grid](P, S0, S1, S2, table.tensors, table.chunks, h, scaled_lr, used, variant,
+                                              skip)
+            else:
+                k[f"apply_{_SUFFIX[rounding]}"][spec.kernel][grid](
+                    P, S0, S1, S2, C, table.tensors, table.chunks, h, scaled_lr, used, variant, skip, np.int64(key),
+                    np.int64(index0))
+        elif rounding != ROUND_NEAREST:  # one kernel signature for every family (kernels.make_update_rounded)
+            k[f"update_{_SUFFIX[rounding]}"][spec.kernel][grid](
+                P, G, S0, S1, S2, S3, C, table.tensors, table.chunks, h, gs, used, variant, skip,
+                _ones(device, dtype) if coefs is None else coefs, np.int64(key), np.int64(index0))
+        elif len(spec.states) > 3:  # a four-state family (Adan): S3 too
+            k["update"][spec.kernel][grid](P, G, S0, S1, S2, S3, table.tensors, table.chunks, h, gs, used, variant,
+                                           skip)
+        elif coefs is not None:
+            k["update"][spec.kernel][grid](P, G, S0, S1, S2, table.tensors, table.chunks, h, gs, used, variant, skip,
+                                           coefs)
+        else:
+            k["update"][spec.kernel][grid](P, G, S0, S1, S2, table.tensors, table.chunks, h, gs, used, variant, skip)
+
+
+_SUFFIX = {ROUND_KAHAN: "kahan", ROUND_STOCHASTIC: "sr"}  # kernels.build's names of the rounded kernels
+
+
+def _used(lists) -> int:
+    """The live state slots of a call, bit k for s0-s2 (the call's slots 2-4) and bit 3 for a fourth state (6)."""
+    used = sum(1 << j for j, lst in enumerate(lists[2:5]) if lst is not None)
+    return used | (8 if len(lists) > 6 and lists[6] is not None else 0)
+
+
+def _trust(k, spec, hp, table, h, gs, used, variant, skip, device, stream, dtype):
+    """A two-phase family's first pass and its trust ratios on the device (no host round trip): the moments
+    kernel (new states, per chunk the sums of p^2 and u^2) and lr * trust ratio per tensor, returned."""
+    block = launch_config()[0]
+    P, G, S0, S1, S2, _, _ = table.views
+    partials = _scratch_array(device, stream, "partials", 2 * table.nchunks, np.float64)
+    scaled_lr = _scratch_array(device, stream, "scaled_lr", table.ntensors, dtype)
+    k["moments"][spec.kernel][table.nchunks, block, stream](P, G, S0, S1, S2, table.tensors, table.chunks, h, gs, used,
+                                                            variant, partials, skip)
+    k["trust"][table.ntensors, block, stream](partials, table.offsets, np.float64(hp["lr"]), scaled_lr)
+    return scaled_lr
 
 
 def _two_phase_launch(prepared, spec, hp, step, grad_scale, found_inf, stochastic, entry, body):
     """The checks and set-up run() makes for a two-phase call, then body(k, table, h, gs, used, variant, skip,
-    block, device, stream, dtype) inside _on(device); None when the call has no element."""
-    no_precision_modes(NAME, prepared.lists, stochastic)
+    block, device, stream, dtype, rounding, key, index0) inside _on(device); None when the call has no element."""
     if not spec.two_phase:
         raise ValueError(f"{entry}: {spec.function_name} is not a two-phase update (only spec.two_phase: LAMB)")
+    rounding, key, index0 = rounding_of(prepared, stochastic)
     lists = prepared.lists
     first = _first(lists[0])
     dtype, kinds = _call_kinds(lists)
@@ -519,10 +532,9 @@ def _two_phase_launch(prepared, spec, hp, step, grad_scale, found_inf, stochasti
         stream = _stream(first, device)
         host_scale, gs = _device_scale(grad_scale, dtype, device, stream)
         h = tuple(dtype.type(x) for x in spec.scalars(hp, step, host_scale))
-        used = sum(1 << j for j, lst in enumerate(lists[2:5]) if lst is not None)  # live state slots
         table = _table(lists, device, stream)
-        return body(_kernels(dtype, kinds), table, h, gs, used, spec.variant(hp, step), skip, launch_config()[0],
-                    device, stream, dtype)
+        return body(_kernels(dtype, kinds), table, h, gs, _used(lists), spec.variant(hp, step), skip,
+                    launch_config()[0], device, stream, dtype, rounding, key, index0)
 
 
 def run_phase1(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None):
@@ -531,15 +543,15 @@ def run_phase1(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=
     (one synchronisation; zeros while found_inf is set). See cython_backend.run_phase1."""
     out = np.zeros((len(prepared.lists[0]), 2), dtype=np.float64)
 
-    def body(k, table, h, gs, used, variant, skip, block, device, stream, dtype):
-        P, G, S0, S1, S2, _ = table.views
+    def body(k, table, h, gs, used, variant, skip, block, device, stream, dtype, *rounding):
+        P, G, S0, S1, S2, _, _ = table.views
         partials = _scratch_array(device, stream, "partials", 2 * table.nchunks, np.float64)
         k["moments"][spec.kernel][table.nchunks, block, stream](P, G, S0, S1, S2, table.tensors, table.chunks, h,
                                                                 gs, used, variant, partials, skip)
         sums = partials[:2 * table.nchunks].copy_to_host(stream=stream)
         if hasattr(stream, "synchronize"):  # a stream object (0: the default stream, synchronous copies)
             stream.synchronize()
-        nt = 7 * table.ntensors
+        nt = _FIELDS * table.ntensors
         owners = table.host[nt:nt + 2 * table.nchunks].reshape(-1, 2)[:, 0]
         np.add.at(out, owners, sums.reshape(-1, 2))
 
@@ -553,11 +565,16 @@ def run_phase2(prepared, spec, hp, step, grad_scale, scaled_lr, found_inf=None, 
     (validate.check_scaled_lr) before any launch."""
     lrs = check_scaled_lr(scaled_lr, len(prepared.lists[0]))
 
-    def body(k, table, h, gs, used, variant, skip, block, device, stream, dtype):
-        P, _, S0, S1, S2, _ = table.views
+    def body(k, table, h, gs, used, variant, skip, block, device, stream, dtype, rounding, key, index0):
+        P, _, S0, S1, S2, _, C = table.views
         lr_device = _cuda().to_device(lrs.astype(dtype), stream=stream)
-        k["apply"][spec.kernel][table.nchunks, block, stream](P, S0, S1, S2, table.tensors, table.chunks, h,
-                                                              lr_device, used, variant, skip)
+        grid = (table.nchunks, block, stream)
+        if rounding == ROUND_NEAREST:
+            k["apply"][spec.kernel][grid](P, S0, S1, S2, table.tensors, table.chunks, h, lr_device, used, variant, skip)
+        else:
+            k[f"apply_{_SUFFIX[rounding]}"][spec.kernel][grid](P, S0, S1, S2, C, table.tensors, table.chunks, h,
+                                                               lr_device, used, variant, skip, np.int64(key),
+                                                               np.int64(index0))
 
     _two_phase_launch(prepared, spec, hp, step, grad_scale, found_inf, stochastic, "run_phase2", body)
 

@@ -21,7 +21,7 @@ FASTOPT_HD void asgd_math(M& p, M g, M& ax, const AsgdParams<M>& h) {
     g = fo_add_scaled(g, h.weight_decay, p);
     p = p * h.decay;
     p = p - h.eta * g;
-    ax = h.mu != M(1) ? ax + (p - ax) * h.mu : p;
+    ax = fo_uniform_select(h.mu != M(1), ax + (p - ax) * h.mu, p);  // ax read either way (common.cuh)
 }
 
 // the functor of update.cu and cpu_loops.hpp (ops.cuh); V: the variant bits (none)

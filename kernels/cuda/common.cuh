@@ -14,6 +14,9 @@
 #define FASTOPT_HD static inline
 #endif
 #endif
+#if !defined(__CUDACC_RTC__) && !defined(__CUDA_ARCH__)
+#include <string.h>
+#endif
 
 namespace fastopt {
 
@@ -32,6 +35,40 @@ FASTOPT_HD M fo_sign(M x) { return x > M(0) ? M(1) : (x < M(0) ? M(-1) : x * M(0
 // NaN gradient (torch skips the term entirely when weight_decay == 0).
 template <typename M>
 FASTOPT_HD M fo_add_scaled(M g, M c, M p) { return c != M(0) ? g + c * p : g; }
+
+// cond ? x : y for a cond that is the same for a whole loop (a test of a hyperparameter), with both sides
+// computed: on the CPU a blend of the bits (exact, NaN and -0 included). A branch there lets GCC -O3 split the
+// loop on it (unswitching), and the copy that keeps y need not read what only x reads: ASGD's running average,
+// then stored without being read, a write-only stream that an Intel Xeon (AVX-512) stores slower than a read
+// and write of the same array (ASGD at 1e7, 2 threads: 10.9 ms with the branch, 6.0 ms blended). On the GPU a
+// select: a write-only stream costs less there.
+template <typename M>
+struct FoBitsOf;
+template <>
+struct FoBitsOf<float> {
+    typedef unsigned int type;
+};
+template <>
+struct FoBitsOf<double> {
+    typedef unsigned long long type;
+};
+
+template <typename M>
+FASTOPT_HD M fo_uniform_select(bool cond, M x, M y) {
+#if defined(__CUDA_ARCH__)
+    return cond ? x : y;
+#else
+    typedef typename FoBitsOf<M>::type U;
+    const U mask = U(0) - U(cond);
+    U ux, uy;
+    memcpy(&ux, &x, sizeof ux);
+    memcpy(&uy, &y, sizeof uy);
+    const U u = (ux & mask) | (uy & ~mask);
+    M out;
+    memcpy(&out, &u, sizeof out);
+    return out;
+#endif
+}
 
 // Kernel hyperparameters arrive from the host as an array of float64 (computed once per call in
 // fastopt/specs.py) and are narrowed to the math type M here. Every *Params struct below holds only

@@ -129,7 +129,7 @@ template <> __device__ __forceinline__ bf16_t store<bf16_t>(M x) {
 
 // How the new params are stored (a module per mode, -DFASTOPT_ROUND; 16-bit params only, as on the CPU):
 //   0 rounded to nearest even
-//   1 Kahan-compensated (kahan=True): the compensation, in the params' dtype, is the table's s3 column
+//   1 Kahan-compensated (kahan=True): the compensation, in the params' dtype, is the table's c column (F_C)
 //   2 stochastically rounded (stochastic_rounding=True): element i of a tensor gets
 //     fo_random_bits(key, index0 + i), key and index0 in the Scalars (precision.StochasticRounding)
 #ifndef FASTOPT_ROUND
@@ -207,11 +207,12 @@ __device__ __forceinline__ bool skipped(const unsigned char* skip) { return skip
 
 // Multi-tensor table (one int64 buffer, cached by the launcher while the pointers repeat):
 //   tensors: TENSOR_FIELDS int64 per tensor: p, g, s0, s1, s2 (0 when unused), n, vec (all pointers
-//            16-byte aligned), first chunk index, s3 (a fourth state: Adan's; 0 when unused), and with 8-bit
-//            state (s0..s2 then hold the uint8 codes) a0, a1, a2: the float32 absmax per 256 of each state
+//            16-byte aligned), first chunk index, s3 (a fourth state: Adan's; 0 when unused), with 8-bit
+//            state (s0..s2 then hold the uint8 codes) a0, a1, a2: the float32 absmax per 256 of each state,
+//            and c: the Kahan compensation of the params (FASTOPT_ROUND 1; 0 otherwise)
 //   chunks:  one int64 per block: tensor index << 32 | chunk index within the tensor
-enum { TENSOR_FIELDS = 12, F_P = 0, F_G = 1, F_S0 = 2, F_S1 = 3, F_S2 = 4, F_N = 5, F_VEC = 6, F_FIRST = 7, F_S3 = 8,
-       F_A0 = 9 };
+enum { TENSOR_FIELDS = 13, F_P = 0, F_G = 1, F_S0 = 2, F_S1 = 3, F_S2 = 4, F_N = 5, F_VEC = 6, F_FIRST = 7, F_S3 = 8,
+       F_A0 = 9, F_C = 12 };
 
 struct ChunkRange {
     const i64* rec;  // the tensor's record

@@ -32,7 +32,7 @@ struct Ptrs {
     S* __restrict__ s1;
     S* __restrict__ s2;
     S* __restrict__ s3;  // a fourth state (Op::USED bit 8: Adan), else NULL
-    T* __restrict__ c;   // the Kahan compensation (FASTOPT_ROUND 1: the table's s3 column), else NULL
+    T* __restrict__ c;   // the Kahan compensation (FASTOPT_ROUND 1: the table's c column), else NULL
     unsigned key;        // stochastic rounding (FASTOPT_ROUND 2): the call's key and
     i64 index0;          // the index of the tensor's first element
 };
@@ -142,15 +142,9 @@ __device__ __forceinline__ void update_range(const Op& op, const Ptrs& a, i64 be
 }
 
 __device__ __forceinline__ Ptrs table_ptrs(const i64* rec, const Scalars& sc) {
-#if FASTOPT_ROUND == 1  // the s3 column holds the Kahan compensation (no four-state family with kahan)
     Ptrs a = {reinterpret_cast<T*>(rec[F_P]), reinterpret_cast<const G*>(rec[F_G]),
               reinterpret_cast<S*>(rec[F_S0]), reinterpret_cast<S*>(rec[F_S1]), reinterpret_cast<S*>(rec[F_S2]),
-              nullptr, reinterpret_cast<T*>(rec[F_S3]), 0u, 0};
-#else
-    Ptrs a = {reinterpret_cast<T*>(rec[F_P]), reinterpret_cast<const G*>(rec[F_G]),
-              reinterpret_cast<S*>(rec[F_S0]), reinterpret_cast<S*>(rec[F_S1]), reinterpret_cast<S*>(rec[F_S2]),
-              reinterpret_cast<S*>(rec[F_S3]), nullptr, unsigned(sc.key), i64(sc.index0)};
-#endif
+              reinterpret_cast<S*>(rec[F_S3]), reinterpret_cast<T*>(rec[F_C]), unsigned(sc.key), i64(sc.index0)};
     return a;
 }
 
@@ -509,8 +503,9 @@ __device__ __forceinline__ void q8_kernel(const i64* tensors, const i64* chunks,
         const M lr = M(scaled_lr[r.tensor]);                                                                 \
         for (i64 i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {                                    \
             M p = load(a.p[i]);                                                                              \
+            const M p_old = p;                                                                               \
             FAMILY##_apply_math<M>(p, load(a.s0[i]), load(a.s1[i]), h, lr);                                  \
-            a.p[i] = store<T>(p);                                                                            \
+            store_param(a, i, p_old, p, a.p[i]); /* the module's rounding (Kahan: the c column) */           \
         }                                                                                                    \
     }
 

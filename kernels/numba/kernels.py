@@ -4,14 +4,14 @@ before the first launch (or an explicit numba.cuda.compile_ptx). Importing this 
 GPU; fastopt imports it only when the numba backend is first used.
 
 16-bit storage (float16, bfloat16: `build(..., kinds)`) is carried as uint16 bits and widened to float32 math
-by precision.py's conversions around the same kernels; with 16-bit params two more update kernels store the new
-params Kahan-compensated (update_kahan: the compensation in the S3 column) or stochastically rounded (update_sr).
+by precision.py's conversions around the same kernels; with 16-bit params, every family gets kernels that store
+the new params Kahan-compensated or stochastically rounded (one signature for all families, below).
 
 Every array kernel is a multi-tensor kernel: ONE launch updates a whole list (or one array) through a
 table, like the CuPy backend's. The launcher (fastopt/backends/numba_backend.py) passes, per slot (p, g,
 s0, s1, s2), one 1-d array `P, G, S0, S1, S2` that starts at the lowest address of that slot's tensors,
 and a table:
-  tensors[t] = (offset of tensor t in P, in G, in S0, in S1, in S2, number of elements, in S3)   int64 (nt, 7)
+  tensors[t] = (offset of tensor t in P, in G, in S0, in S1, in S2, number of elements, in S3, in C)   (nt, 8)
   chunks[b]  = (tensor, first element)                                                   int64 (nb, 2)
 Block b handles the elements [first, min(first + CHUNK, n)) of its tensor, its threads striding by the
 block size, so every element is covered whatever the grid (one block per chunk).
@@ -19,7 +19,8 @@ The per-family kernels are generated from the registry (spec.kernel) and the fam
 found by name in kernels/numba/math.py; no family is listed here:
   update[family](P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, skip)   elementwise, from
                                                    <family>_math; `used` bit k: state slot k is live
-                                                   (a four-state family, Adan: S3 after S2, all live)
+                                                   (a four-state family, Adan: S3 after S2, used 15; LARS:
+                                                   coefs, its numbers per tensor, last)
   moments[family](P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, partials, skip)   two-phase
                                                    (LAMB), from <family>_moments_math: new states; per
                                                    chunk the float64 sums of p^2 and u^2
@@ -27,6 +28,12 @@ found by name in kernels/numba/math.py; no family is listed here:
                                                    chunks' sums (offsets: first chunk of each tensor)
   apply[family](P, S0, S1, S2, tensors, chunks, h, scaled_lr, used, variant, skip)   from
                                                    <family>_direction_math: p -= scaled_lr[t] * u
+  update_kahan[family], update_sr[family](P, G, S0, S1, S2, S3, C, tensors, chunks, h, gs, used, variant, skip,
+                                          coefs, key, index0)   16-bit params only: the new params stored
+                                                   Kahan-compensated (C: the compensation) or stochastically
+                                                   rounded (random_bits(key, index0 + i)), every elementwise family
+  apply_kahan[family], apply_sr[family](P, S0, S1, S2, C, tensors, chunks, h, scaled_lr, used, variant, skip, key,
+                                        index0)   the same stores in a two-phase family's second pass
   step_guard(sq, max_norm, coef, flag, skipped, mode)      the optimizer's clip coefficient / skip flag
 `skip` is a one-element array (the optimizer's device-side skip flag): when set, the kernel returns
 before touching memory (the moments kernel writes zero partials first, so `trust` reads only written
@@ -93,9 +100,9 @@ class _Lazy(dict):
         return kernel
 
 
-# the table's columns (tensors[t, ...]); T_S3: a fourth state's offset (0 when unused)
-T_P, T_G, T_S0, T_S1, T_S2, T_N, T_S3 = range(7)
-TENSOR_FIELDS = 7
+# the table's columns (tensors[t, ...]); T_S3: a fourth state's offset, T_C: the Kahan compensation's (0 when unused)
+T_P, T_G, T_S0, T_S1, T_S2, T_N, T_S3, T_C = range(8)
+TENSOR_FIELDS = 8
 
 
 def _converters(kind, dtype):
@@ -117,7 +124,7 @@ def build(dtype, block, chunk, kinds=None):
     (and the one array of the reductions, scale and clamp), the grads and the states are stored, each None
     (the math dtype) or "bfloat16" / "float16" (uint16 bits, float32 math; precision.py); None: all None.
     k["update"][family], k["moments"][family], k["apply"][family] (and, for 16-bit params,
-    k["update_kahan"][family] and k["update_sr"][family]) are generated from the family's math functions
+    k["update_kahan"], k["update_sr"], k["apply_kahan"] and k["apply_sr"]) are generated from the family's math functions
     (kernels/numba/math.py) on first use."""
     dtype = np.dtype(dtype)
     p_kind, g_kind, s_kind = (None, None, None) if kinds is None else kinds
@@ -164,21 +171,24 @@ def build(dtype, block, chunk, kinds=None):
     # `used` bit k: state slot k is live (read and written); a dead slot is neither read nor written.
 
     @cuda.jit(device=True)
-    def load_states(S0, S1, S2, k0, k1, k2, used):
+    def load_states(S0, S1, S2, S3, k0, k1, k2, k3, used):
         """The live state slots at their indices (ZERO for a dead one, which is never read)."""
         a = ZERO
         b = ZERO
         c = ZERO
+        d = ZERO
         if used & 1:
             a = load_s(S0[k0])
         if used & 2:
             b = load_s(S1[k1])
         if used & 4:
             c = load_s(S2[k2])
-        return a, b, c
+        if used & 8:
+            d = load_s(S3[k3])
+        return a, b, c, d
 
     @cuda.jit(device=True)
-    def store_states(S0, S1, S2, k0, k1, k2, used, a, b, c):
+    def store_states(S0, S1, S2, S3, k0, k1, k2, k3, used, a, b, c, d):
         """Write the live state slots back (a dead slot is never written)."""
         if used & 1:
             S0[k0] = store_s(a)
@@ -186,13 +196,74 @@ def build(dtype, block, chunk, kinds=None):
             S1[k1] = store_s(b)
         if used & 4:
             S2[k2] = store_s(c)
+        if used & 8:
+            S3[k3] = store_s(d)
 
-    def make_update(family):
+    def element_math(family):
+        """The family's math in the one form every kernel calls: (p, g, a, b, c, d, h, s, variant, coefs, t) ->
+        (p, a, b, c, d); d is the fourth state (Adan's; passed through by the others), coefs[t] the tensor's
+        number (LARS's; any array for the others, which never read it)."""
         math_fn = math_function(m, f"{family}_math")
         if family in FOUR_STATE_FAMILIES:
-            return make_update4(math_fn)
+            @cuda.jit(device=True)
+            def four(p, g, a, b, c, d, h, s, variant, coefs, t):
+                return math_fn(p, g, a, b, c, d, h, s, variant)
+            return four
         if family in PER_TENSOR_FAMILIES:
-            return make_update_coef(math_fn)
+            @cuda.jit(device=True)
+            def with_coef(p, g, a, b, c, d, h, s, variant, coefs, t):
+                p, a, b, c = math_fn(p, g, a, b, c, h, s, variant, coefs[t])
+                return p, a, b, c, d
+            return with_coef
+
+        @cuda.jit(device=True)
+        def three(p, g, a, b, c, d, h, s, variant, coefs, t):
+            p, a, b, c = math_fn(p, g, a, b, c, h, s, variant)
+            return p, a, b, c, d
+        return three
+
+    def element_step(family):
+        """One element of a table kernel: the live states and the param loaded, the family's math, the states
+        stored; returns (the param as loaded, the new param), which the kernel stores by its rounding."""
+        math_fn = element_math(family)
+
+        @cuda.jit(device=True)
+        def step(P, G, S0, S1, S2, S3, op, og, o0, o1, o2, o3, i, h, s, used, variant, coefs, t):
+            a, b, c, d = load_states(S0, S1, S2, S3, o0 + i, o1 + i, o2 + i, o3 + i, used)
+            p = load_p(P[op + i])
+            pi, a, b, c, d = math_fn(p, load_g(G[og + i]), a, b, c, d, h, s, variant, coefs, t)
+            store_states(S0, S1, S2, S3, o0 + i, o1 + i, o2 + i, o3 + i, used, a, b, c, d)
+            return p, pi
+        return step
+
+    # The to-nearest kernels keep the fewest arguments (every argument costs host time per launch in Numba): the
+    # three-state families without S3, LARS with its numbers per tensor, Adan with S3 (`used` 15).
+
+    def make_update(family):
+        step = element_step(family)
+        if family in FOUR_STATE_FAMILIES:
+            @cuda.jit
+            def update4(P, G, S0, S1, S2, S3, tensors, chunks, h, gs, used, variant, skip):
+                if skip[0]:
+                    return
+                s = gs[0]
+                t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
+                o3 = tensors[t, T_S3]
+                for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
+                    _, pi = step(P, G, S0, S1, S2, S3, op, og, o0, o1, o2, o3, i, h, s, used, variant, gs, t)
+                    P[op + i] = store_p(pi)
+            return update4
+        if family in PER_TENSOR_FAMILIES:
+            @cuda.jit
+            def update_coef(P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, skip, coefs):
+                if skip[0]:
+                    return
+                s = gs[0]
+                t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
+                for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
+                    _, pi = step(P, G, S0, S1, S2, S2, op, og, o0, o1, o2, o2, i, h, s, used, variant, coefs, t)
+                    P[op + i] = store_p(pi)
+            return update_coef
 
         @cuda.jit
         def update(P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, skip):
@@ -201,105 +272,52 @@ def build(dtype, block, chunk, kinds=None):
             s = gs[0]
             t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
             for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
-                a, b, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
-                pi, a, b, c = math_fn(load_p(P[op + i]), load_g(G[og + i]), a, b, c, h, s, variant)
+                _, pi = step(P, G, S0, S1, S2, S2, op, og, o0, o1, o2, o2, i, h, s, used, variant, gs, t)
                 P[op + i] = store_p(pi)
-                store_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used, a, b, c)
         return update
 
-    def make_update_coef(math_fn):
-        """A family whose math reads its tensor's number coefs[t] (LARS)."""
+    # 16-bit params stored Kahan-compensated or stochastically rounded (the CUDA kernels' FASTOPT_ROUND 1 and 2),
+    # every family: one kernel per (family, rounding) with one signature, S3 (Adan's fourth state, else any
+    # state view), C (the compensation, column T_C; any view for stochastic rounding), coefs (LARS's numbers;
+    # a one-element array for the others), the key and the index of each tensor's first element.
 
-        @cuda.jit
-        def update_coef(P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, skip, coefs):
-            if skip[0]:
-                return
-            s = gs[0]
-            t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
-            coef = coefs[t]
-            for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
-                a, b, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
-                pi, a, b, c = math_fn(load_p(P[op + i]), load_g(G[og + i]), a, b, c, h, s, variant, coef)
-                P[op + i] = store_p(pi)
-                store_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used, a, b, c)
-        return update_coef
+    def param_store(rounding):
+        """The new param's store of a rounding: (P, j, p_old, p_new, C, jc, key, index) with the CPU's bits."""
+        if rounding == "kahan":
+            kahan_store = fprec.build()[f"kahan_store_{p_kind}"]
 
-    def make_update4(math_fn):
-        """A four-state family (Adan): every slot live, the fourth in S3."""
-
-        @cuda.jit
-        def update4(P, G, S0, S1, S2, S3, tensors, chunks, h, gs, used, variant, skip):
-            if skip[0]:
-                return
-            s = gs[0]
-            t, begin, end = chunk_of(tensors, chunks)
-            op, og = tensors[t, T_P], tensors[t, T_G]
-            o0, o1, o2, o3 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2], tensors[t, T_S3]
-            for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
-                pi, a, b, c, d = math_fn(load_p(P[op + i]), load_g(G[og + i]), load_s(S0[o0 + i]), load_s(S1[o1 + i]),
-                                         load_s(S2[o2 + i]), load_s(S3[o3 + i]), h, s, variant)
-                P[op + i] = store_p(pi)
-                S0[o0 + i] = store_s(a)
-                S1[o1 + i] = store_s(b)
-                S2[o2 + i] = store_s(c)
-                S3[o3 + i] = store_s(d)
-        return update4
-
-    # 16-bit params stored Kahan-compensated or stochastically rounded (the CUDA kernels' FASTOPT_ROUND 1 and 2;
-    # the three-state elementwise families, LARS's number per tensor included): `coefs` is read by a family
-    # with tensor_coefs only (any one-element array otherwise).
-
-    def element_math(family):
-        """The family's math with the coefficient argument every rounded kernel passes."""
-        math_fn = math_function(m, f"{family}_math")
-        if family in PER_TENSOR_FAMILIES:
             @cuda.jit(device=True)
-            def with_coef(p, g, a, b, c, h, s, variant, coefs, t):
-                return math_fn(p, g, a, b, c, h, s, variant, coefs[t])
-            return with_coef
-
-        @cuda.jit(device=True)
-        def without_coef(p, g, a, b, c, h, s, variant, coefs, t):
-            return math_fn(p, g, a, b, c, h, s, variant)
-        return without_coef
-
-    def make_update_kahan(family):
-        math_fn = element_math(family)
-        kahan_store = fprec.build()[f"kahan_store_{p_kind}"]
-
-        @cuda.jit
-        def update_kahan(P, G, S0, S1, S2, C, tensors, chunks, h, gs, used, variant, skip, coefs):
-            if skip[0]:
-                return
-            s = gs[0]
-            t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
-            oc = tensors[t, T_S3]
-            for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
-                a, b, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
-                p = load_p(P[op + i])
-                pi, a, b, c = math_fn(p, load_g(G[og + i]), a, b, c, h, s, variant, coefs, t)
-                pb, cb = kahan_store(p, load_p(C[oc + i]), pi)
-                P[op + i] = pb
-                C[oc + i] = cb
-                store_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used, a, b, c)
-        return update_kahan
-
-    def make_update_sr(family):
-        math_fn = element_math(family)
+            def store_kahan(P, j, p_old, p_new, C, jc, key, index):
+                pb, cb = kahan_store(p_old, load_p(C[jc]), p_new)
+                P[j] = pb
+                C[jc] = cb
+            return store_kahan
         store_sr, random_bits = fprec.build()[f"to_bits_sr_{p_kind}"], fprec.build()["random_bits"]
 
-        @cuda.jit
-        def update_sr(P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, skip, coefs, key, index0):
-            if skip[0]:
-                return
-            s = gs[0]
-            t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
-            for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
-                a, b, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
-                pi, a, b, c = math_fn(load_p(P[op + i]), load_g(G[og + i]), a, b, c, h, s, variant, coefs, t)
-                P[op + i] = store_sr(pi, random_bits(key, index0 + i))
-                store_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used, a, b, c)
-        return update_sr
+        @cuda.jit(device=True)
+        def store_stochastic(P, j, p_old, p_new, C, jc, key, index):
+            P[j] = store_sr(p_new, random_bits(key, index))
+        return store_stochastic
+
+    def make_update_rounded(rounding):
+        store_param = param_store(rounding)
+
+        def make(family):
+            step = element_step(family)
+
+            @cuda.jit
+            def update_rounded(P, G, S0, S1, S2, S3, C, tensors, chunks, h, gs, used, variant, skip, coefs, key,
+                               index0):
+                if skip[0]:
+                    return
+                s = gs[0]
+                t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
+                o3, oc = tensors[t, T_S3], tensors[t, T_C]
+                for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
+                    p, pi = step(P, G, S0, S1, S2, S3, op, og, o0, o1, o2, o3, i, h, s, used, variant, coefs, t)
+                    store_param(P, op + i, p, pi, C, oc + i, key, index0 + i)
+            return update_rounded
+        return make
 
     # Two-phase families (LAMB), in one place: phase 1 `moments` updates the states and writes per chunk
     # the float64 sums of p^2 and u^2 (u: the family's direction); `trust` reduces each tensor's chunks
@@ -322,10 +340,10 @@ def build(dtype, block, chunk, kinds=None):
             uu = 0.0
             t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
             for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
-                a, bb, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
+                a, bb, c, d = load_states(S0, S1, S2, S2, o0 + i, o1 + i, o2 + i, o2 + i, used)
                 pi = load_p(P[op + i])
                 a, bb, c, u = moments_math(pi, load_g(G[og + i]), a, bb, c, h, s, variant)
-                store_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used, a, bb, c)
+                store_states(S0, S1, S2, S2, o0 + i, o1 + i, o2 + i, o2 + i, used, a, bb, c, d)
                 pp += float64(pi) * float64(pi)
                 uu += float64(u) * float64(u)
             pp = block_sum(pp, shared)
@@ -335,8 +353,19 @@ def build(dtype, block, chunk, kinds=None):
                 partials[2 * b + 1] = uu
         return moments
 
-    def make_apply(family):
+    def direction_step(family):
+        """One element of phase 2: (the param as loaded, p - lr * u), u from the new states."""
         direction_math = math_function(m, f"{family}_direction_math")
+
+        @cuda.jit(device=True)
+        def step(P, S0, S1, S2, op, o0, o1, o2, i, h, lr, used, variant):
+            a, b, c, d = load_states(S0, S1, S2, S2, o0 + i, o1 + i, o2 + i, o2 + i, used)
+            pi = load_p(P[op + i])
+            return pi, pi - lr * direction_math(pi, a, b, c, h, variant)
+        return step
+
+    def make_apply(family):
+        step = direction_step(family)
 
         @cuda.jit
         def apply(P, S0, S1, S2, tensors, chunks, h, scaled_lr, used, variant, skip):
@@ -344,19 +373,40 @@ def build(dtype, block, chunk, kinds=None):
                 return
             t, begin, end = chunk_of(tensors, chunks)
             lr = scaled_lr[t]
-            op = tensors[t, T_P]
-            o0, o1, o2 = tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
+            op, o0, o1, o2 = tensors[t, T_P], tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
             for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
-                a, b, c = load_states(S0, S1, S2, o0 + i, o1 + i, o2 + i, used)
-                pi = load_p(P[op + i])
-                P[op + i] = store_p(pi - lr * direction_math(pi, a, b, c, h, variant))
+                _, pi = step(P, S0, S1, S2, op, o0, o1, o2, i, h, lr, used, variant)
+                P[op + i] = store_p(pi)
         return apply
+
+    def make_apply_rounded(rounding):
+        """Phase 2 of 16-bit params stored by `rounding` (param_store; C: the compensation, any view for
+        stochastic rounding)."""
+        store_param = param_store(rounding)
+
+        def make(family):
+            step = direction_step(family)
+
+            @cuda.jit
+            def apply_rounded(P, S0, S1, S2, C, tensors, chunks, h, scaled_lr, used, variant, skip, key, index0):
+                if skip[0]:
+                    return
+                t, begin, end = chunk_of(tensors, chunks)
+                lr = scaled_lr[t]
+                op, o0, o1, o2 = tensors[t, T_P], tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
+                oc = tensors[t, T_C]
+                for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
+                    p, pi = step(P, S0, S1, S2, op, o0, o1, o2, i, h, lr, used, variant)
+                    store_param(P, op + i, p, pi, C, oc + i, key, index0 + i)
+            return apply_rounded
+        return make
 
     kernels = {"update": _Lazy(FAMILIES, make_update), "moments": _Lazy(TWO_PHASE_FAMILIES, make_moments),
                "apply": _Lazy(TWO_PHASE_FAMILIES, make_apply)}
-    if p_kind is not None:  # Kahan and stochastic rounding: 16-bit params, three-state families
-        rounded = tuple(f for f in FAMILIES if f not in FOUR_STATE_FAMILIES)
-        kernels.update(update_kahan=_Lazy(rounded, make_update_kahan), update_sr=_Lazy(rounded, make_update_sr))
+    if p_kind is not None:  # Kahan and stochastic rounding of 16-bit params, every family
+        for rounding, suffix in (("kahan", "kahan"), ("stochastic", "sr")):
+            kernels[f"update_{suffix}"] = _Lazy(FAMILIES, make_update_rounded(rounding))
+            kernels[f"apply_{suffix}"] = _Lazy(TWO_PHASE_FAMILIES, make_apply_rounded(rounding))
 
     @cuda.jit
     def trust(partials, offsets, lr, scaled_lr):

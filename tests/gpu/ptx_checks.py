@@ -112,14 +112,18 @@ def precision_signatures(kinds):
         coefs = (f32,) if family in nk.PER_TENSOR_FAMILIES else ()
         sig[f"update[{family}]"] = (p, g) + (st,) * (4 if four else 3) + (table, table, h, f32, int64, int64,
                                                                         arr(uint8)) + coefs
-        if kinds[0] and not four:
-            sig[f"update_kahan[{family}]"] = (p, g, st, st, st, p, table, table, h, f32, int64, int64, arr(uint8), f32)
-            sig[f"update_sr[{family}]"] = (p, g, st, st, st, table, table, h, f32, int64, int64, arr(uint8), f32,
-                                           int64, int64)
+        if kinds[0]:  # the rounded stores: one signature for every family
+            for rounded in ("update_kahan", "update_sr"):
+                sig[f"{rounded}[{family}]"] = (p, g, st, st, st, st, p, table, table, h, f32, int64, int64,
+                                               arr(uint8), f32, int64, int64)
     for family in nk.TWO_PHASE_FAMILIES:
         h = types.UniTuple(float32, nscalars(family))
         sig[f"moments[{family}]"] = (p, g, st, st, st, table, table, h, f32, int64, int64, arr(float64), arr(uint8))
         sig[f"apply[{family}]"] = (p, st, st, st, table, table, h, f32, int64, int64, arr(uint8))
+        if kinds[0]:
+            for rounded in ("apply_kahan", "apply_sr"):
+                sig[f"{rounded}[{family}]"] = (p, st, st, st, p, table, table, h, f32, int64, int64, arr(uint8),
+                                               int64, int64)
     sig["sumsq"] = (p, table, table, arr(float64))
     sig["scale"] = (p, table, table, int64, float64, arr(float64), float64)
     sig["clamp"] = (p, table, table, float32)

@@ -1,9 +1,9 @@
 """state_dtype= and bfloat16 params on the CuPy backend (DESIGN.md "Precision", issue 13), through the optimizer
 classes, on the CPU: the kernels run by the CUDA emulation (tests/gpu/cuda_emulator.py). A class on device
 arrays with 16-bit state (float32 or 16-bit params) or bfloat16 params must equal the same class on host arrays
-(the CPU kernels) bit for bit, step after step, for every registry optimizer the classes run; the backends that
-keep the default state and the modes the GPU kernels lack (Kahan and stochastic rounding of two-phase or
-four-state optimizers) are refused before anything is made or written. 8-bit state (state_dtype="int8") the same
+(the CPU kernels) bit for bit, step after step, for every registry optimizer the classes run, with Kahan and
+stochastic rounding of 16-bit params too (LAMB's two phases and Adan's fourth state included); what the CPU refuses
+and a backend API that keeps the default state are refused before anything is made or written. 8-bit state (state_dtype="int8") the same
 way: codes and scales equal the CPU class's (and through a state dict round trip, on a GPU)."""
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ NAMES = [name for name, spec in specs.REGISTRY.items() if not spec.train_eval]
 CASES = [("float32", None), ("float32", "float16"), ("float16", "float16")] + (
     [("float32", "bfloat16"), ("bfloat16", None), ("bfloat16", "bfloat16")] if BF16 is not None else [])
 OPTIONS = {"sgd": dict(momentum=0.9), "adagrad": dict(lr_decay=0.01)}
-# Kahan and stochastic rounding of 16-bit params (not LAMB's two phases nor Adan's fourth state on the GPU)
-ROUNDED = [name for name in NAMES if not specs.get_spec(name).two_phase and len(specs.get_spec(name).states) <= 3]
+# Kahan and stochastic rounding of 16-bit params: every optimizer (LAMB's apply pass, Adan's fourth state included)
+ROUNDED = NAMES
 ROUNDINGS = [("float16", None), ("float16", "float16")] + (
     [("bfloat16", None), ("bfloat16", "bfloat16")] if BF16 is not None else [])
 
@@ -210,12 +210,6 @@ def test_refusals(cp):
         fastopt.Adam([cp.asarray(np.ones(3, np.float64))], state_dtype="int8")
     with pytest.raises(ValueError, match="kahan=True is for float16 or bfloat16 params"):
         fastopt.Adam(p, kahan=True)
-    for name, option in (("lamb", dict(kahan=True)), ("adan", dict(stochastic_rounding=True))):
-        q = [cp.asarray(np.ones(3, np.float16))]
-        opt = getattr(fastopt, specs.get_spec(name).class_name)(q, lr=0.1, **option)
-        with pytest.raises(NotImplementedError, match=f"with {name} is implemented by the CPU backends"):
-            opt.step([cp.asarray(np.ones(3, np.float16))])
-        assert q[0].get().tobytes() == np.ones(3, np.float16).tobytes() and opt.steps() == 0
     with pytest.raises(ValueError, match="Invalid state_dtype: 'float16' .*float64"):
         fastopt.Adam([cp.asarray(np.ones(3, np.float64))], state_dtype="float16")
     # a float16 state checked by a backend API that keeps the default state (state_dtypes=False): named, nothing

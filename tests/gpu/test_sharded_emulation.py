@@ -139,3 +139,21 @@ def _plain_states(opt):
         for a in states.values():
             out.extend((a.codes, a.absmax) if hasattr(a, "codes") else (a,))
     return out
+
+
+@pytest.mark.parametrize("mode", ["bf16-kahan", "bf16-stochastic"])
+def test_device_lamb_shards_round_as_the_host_shards(cp, monkeypatch, mode):
+    """LAMB's two passes on device shards of bfloat16 params with kahan=True or stochastic rounding (run_phase1's
+    sums, the all-reduce, run_phase2 in the rounding's module: the compensation in the table's c column, the key
+    and each piece's index offset in the scalars) at world 2: every rank's params and state pieces equal the host
+    shards' (the CPU kernels') bit for bit; the trust ratios' sums are float64 and the tests' sizes fit one chunk."""
+    monkeypatch.setitem(host_tests.OPTIMIZERS, "lamb", dict(lr=0.01, weight_decay=0.01))
+    dtype, options = MODES[mode]
+    device = host_tests.sharded_run("lamb", dtype, options, 2, steps=5, **_on_device(cp))
+    assert all(type(opt.params[0]).__name__ == "EmuArray" for _, opt in device)
+    hosted = host_tests.sharded_run("lamb", dtype, options, 2, steps=5)
+    for (dp, dopt), (hp, hopt) in zip(device, hosted):
+        assert [host_tests.host(a).tobytes() for a in dp] == [a.tobytes() for a in hp]
+        for ds, hs in zip(dopt.shard_states(), hopt.shard_states()):
+            assert {k: host_tests.host(a).tobytes() for k, a in ds.items()} == {k: a.tobytes() for k, a in hs.items()}
+        assert ("kahan_comp" in dopt.shard_states()[0]) == ("kahan" in mode)
