@@ -236,53 +236,19 @@ def build(dtype, block, chunk, kinds=None):
             return p, pi
         return step
 
-    # The to-nearest kernels keep the fewest arguments (every argument costs host time per launch in Numba): the
-    # three-state families without S3, LARS with its numbers per tensor, Adan with S3 (`used` 15).
-
-    def make_update(family):
-        step = element_step(family)
-        if family in FOUR_STATE_FAMILIES:
-            @cuda.jit
-            def update4(P, G, S0, S1, S2, S3, tensors, chunks, h, gs, used, variant, skip):
-                if skip[0]:
-                    return
-                s = gs[0]
-                t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
-                o3 = tensors[t, T_S3]
-                for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
-                    _, pi = step(P, G, S0, S1, S2, S3, op, og, o0, o1, o2, o3, i, h, s, used, variant, gs, t)
-                    P[op + i] = store_p(pi)
-            return update4
-        if family in PER_TENSOR_FAMILIES:
-            @cuda.jit
-            def update_coef(P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, skip, coefs):
-                if skip[0]:
-                    return
-                s = gs[0]
-                t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
-                for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
-                    _, pi = step(P, G, S0, S1, S2, S2, op, og, o0, o1, o2, o2, i, h, s, used, variant, coefs, t)
-                    P[op + i] = store_p(pi)
-            return update_coef
-
-        @cuda.jit
-        def update(P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, skip):
-            if skip[0]:
-                return
-            s = gs[0]
-            t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
-            for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
-                _, pi = step(P, G, S0, S1, S2, S2, op, og, o0, o1, o2, o2, i, h, s, used, variant, gs, t)
-                P[op + i] = store_p(pi)
-        return update
-
-    # 16-bit params stored Kahan-compensated or stochastically rounded (the CUDA kernels' FASTOPT_ROUND 1 and 2),
-    # every family: one kernel per (family, rounding) with one signature, S3 (Adan's fourth state, else any
-    # state view), C (the compensation, column T_C; any view for stochastic rounding), coefs (LARS's numbers;
-    # a one-element array for the others), the key and the index of each tensor's first element.
+    # A table kernel's body, one per (family, rounding): each element stepped by element_step and its new param
+    # stored by param_store. S3: Adan's fourth state (any state view for the others); C: the Kahan compensation
+    # (any view otherwise); coefs: LARS's numbers per tensor (a one-element array for the others); key and index0:
+    # the stochastic rounding's key and the index of each tensor's first element.
 
     def param_store(rounding):
-        """The new param's store of a rounding: (P, j, p_old, p_new, C, jc, key, index) with the CPU's bits."""
+        """The new param's store of a rounding (None: to nearest; "kahan"; "stochastic"), (P, j, p_old, p_new, C, jc,
+        key, index) with the CPU's bits."""
+        if rounding is None:
+            @cuda.jit(device=True)
+            def store_nearest(P, j, p_old, p_new, C, jc, key, index):
+                P[j] = store_p(p_new)
+            return store_nearest
         if rounding == "kahan":
             kahan_store = fprec.build()[f"kahan_store_{p_kind}"]
 
@@ -299,23 +265,53 @@ def build(dtype, block, chunk, kinds=None):
             P[j] = store_sr(p_new, random_bits(key, index))
         return store_stochastic
 
-    def make_update_rounded(rounding):
-        store_param = param_store(rounding)
+    def table_body(family, rounding):
+        step, store_param = element_step(family), param_store(rounding)
 
+        @cuda.jit(device=True)
+        def body(P, G, S0, S1, S2, S3, C, tensors, chunks, h, gs, used, variant, skip, coefs, key, index0):
+            if skip[0]:
+                return
+            s = gs[0]
+            t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
+            o3, oc = tensors[t, T_S3], tensors[t, T_C]
+            for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
+                p, pi = step(P, G, S0, S1, S2, S3, op, og, o0, o1, o2, o3, i, h, s, used, variant, coefs, t)
+                store_param(P, op + i, p, pi, C, oc + i, key, index0 + i)
+        return body
+
+    # The to-nearest kernels keep the fewest arguments (every argument costs host time per launch in Numba): the
+    # three-state families without S3, LARS with its numbers per tensor, Adan with S3 (`used` 15).
+
+    def make_update(family):
+        body = table_body(family, None)
+        if family in FOUR_STATE_FAMILIES:
+            @cuda.jit
+            def update4(P, G, S0, S1, S2, S3, tensors, chunks, h, gs, used, variant, skip):
+                body(P, G, S0, S1, S2, S3, P, tensors, chunks, h, gs, used, variant, skip, gs, 0, 0)
+            return update4
+        if family in PER_TENSOR_FAMILIES:
+            @cuda.jit
+            def update_coef(P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, skip, coefs):
+                body(P, G, S0, S1, S2, S2, P, tensors, chunks, h, gs, used, variant, skip, coefs, 0, 0)
+            return update_coef
+
+        @cuda.jit
+        def update(P, G, S0, S1, S2, tensors, chunks, h, gs, used, variant, skip):
+            body(P, G, S0, S1, S2, S2, P, tensors, chunks, h, gs, used, variant, skip, gs, 0, 0)
+        return update
+
+    # 16-bit params stored Kahan-compensated or stochastically rounded (the CUDA kernels' FASTOPT_ROUND 1 and 2),
+    # every family, one signature: the body's arguments.
+
+    def make_update_rounded(rounding):
         def make(family):
-            step = element_step(family)
+            body = table_body(family, rounding)
 
             @cuda.jit
             def update_rounded(P, G, S0, S1, S2, S3, C, tensors, chunks, h, gs, used, variant, skip, coefs, key,
                                index0):
-                if skip[0]:
-                    return
-                s = gs[0]
-                t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
-                o3, oc = tensors[t, T_S3], tensors[t, T_C]
-                for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
-                    p, pi = step(P, G, S0, S1, S2, S3, op, og, o0, o1, o2, o3, i, h, s, used, variant, coefs, t)
-                    store_param(P, op + i, p, pi, C, oc + i, key, index0 + i)
+                body(P, G, S0, S1, S2, S3, C, tensors, chunks, h, gs, used, variant, skip, coefs, key, index0)
             return update_rounded
         return make
 
@@ -364,40 +360,38 @@ def build(dtype, block, chunk, kinds=None):
             return pi, pi - lr * direction_math(pi, a, b, c, h, variant)
         return step
 
-    def make_apply(family):
-        step = direction_step(family)
+    def apply_body(family, rounding):
+        """Phase 2's body of a rounding (param_store; C: the compensation, any view otherwise)."""
+        step, store_param = direction_step(family), param_store(rounding)
 
-        @cuda.jit
-        def apply(P, S0, S1, S2, tensors, chunks, h, scaled_lr, used, variant, skip):
+        @cuda.jit(device=True)
+        def body(P, S0, S1, S2, C, tensors, chunks, h, scaled_lr, used, variant, skip, key, index0):
             if skip[0]:  # trust ran on zero partials: its output is not used
                 return
             t, begin, end = chunk_of(tensors, chunks)
             lr = scaled_lr[t]
             op, o0, o1, o2 = tensors[t, T_P], tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
+            oc = tensors[t, T_C]
             for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
-                _, pi = step(P, S0, S1, S2, op, o0, o1, o2, i, h, lr, used, variant)
-                P[op + i] = store_p(pi)
+                p, pi = step(P, S0, S1, S2, op, o0, o1, o2, i, h, lr, used, variant)
+                store_param(P, op + i, p, pi, C, oc + i, key, index0 + i)
+        return body
+
+    def make_apply(family):
+        body = apply_body(family, None)
+
+        @cuda.jit
+        def apply(P, S0, S1, S2, tensors, chunks, h, scaled_lr, used, variant, skip):
+            body(P, S0, S1, S2, P, tensors, chunks, h, scaled_lr, used, variant, skip, 0, 0)
         return apply
 
     def make_apply_rounded(rounding):
-        """Phase 2 of 16-bit params stored by `rounding` (param_store; C: the compensation, any view for
-        stochastic rounding)."""
-        store_param = param_store(rounding)
-
         def make(family):
-            step = direction_step(family)
+            body = apply_body(family, rounding)
 
             @cuda.jit
             def apply_rounded(P, S0, S1, S2, C, tensors, chunks, h, scaled_lr, used, variant, skip, key, index0):
-                if skip[0]:
-                    return
-                t, begin, end = chunk_of(tensors, chunks)
-                lr = scaled_lr[t]
-                op, o0, o1, o2 = tensors[t, T_P], tensors[t, T_S0], tensors[t, T_S1], tensors[t, T_S2]
-                oc = tensors[t, T_C]
-                for i in range(begin + cuda.threadIdx.x, end, cuda.blockDim.x):
-                    p, pi = step(P, S0, S1, S2, op, o0, o1, o2, i, h, lr, used, variant)
-                    store_param(P, op + i, p, pi, C, oc + i, key, index0 + i)
+                body(P, S0, S1, S2, C, tensors, chunks, h, scaled_lr, used, variant, skip, key, index0)
             return apply_rounded
         return make
 
