@@ -152,15 +152,15 @@ for _spec in REGISTRY.values():
 del _spec
 
 
-def cupy_param_dtype(p, label, option):
-    """The NumPy dtype of a GPU param whose backend has the precision modes (state_dtype=, kahan=True,
-    stochastic_rounding=True): a CuPy array's (bfloat16 too, which __cuda_array_interface__ cannot say);
-    NotImplementedError naming `option` for the others (Numba device arrays; torch tensors take
+def device_param_dtype(p, label, option):
+    """The NumPy dtype of a GPU param for the precision modes (state_dtype=, kahan=True, stochastic_rounding=True):
+    a CuPy array's (bfloat16 too, which __cuda_array_interface__ cannot say) or a Numba device array's (both
+    backends have every mode); NotImplementedError naming `option` for the others (torch tensors take
     fastopt.torch's options)."""
-    if not type(p).__module__.startswith("numba") and isinstance(getattr(p, "dtype", None), np.dtype):
+    if isinstance(getattr(p, "dtype", None), np.dtype):
         return p.dtype
-    raise NotImplementedError(f"{option} on the GPU is implemented for CuPy arrays (the cupy backend); "
-                              f"{label} is a {type(p).__module__}.{type(p).__name__}")
+    raise NotImplementedError(f"{option} on the GPU is implemented for CuPy arrays and Numba device arrays; "
+                              f"{label} is a {type(p).__module__}.{type(p).__name__} (torch tensors: fastopt.torch)")
 
 
 def _state_dtype_of(state_dtype, param_dtype, label):
@@ -210,7 +210,7 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
     16-bit params): each state is a fastopt.precision.QuantizedState (codes uint8 of the param's shape,
     absmax float32 of ceil(size / 256) blocks; the signed map, or the unsigned one for states that are never
     negative: precision.NONNEGATIVE_STATES); not for LAMB, ASGD and schedule-free (precision.INT8_REFUSED),
-    whose state must stay exact. Host (CPU) and CuPy params (its arrays on the params' device).
+    whose state must stay exact. Host (CPU), CuPy and Numba params (its arrays on the params' device).
     kahan=True (16-bit params only): also a "kahan_comp" entry, zeros of the params' dtype: the Kahan
     compensation that `<name>_step(..., kahan_comp=...)` takes.
     Example: ``fastopt.adam_step(p, g, **fastopt.init_state("adam", p), step=1)``."""
@@ -251,7 +251,7 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
         if isinstance(dtype, Exception):
             raise dtype
         if isinstance(dtype, str):  # "int8": the fill quantized (codes and one absmax per 256 elements)
-            if array_device(p, label) == "device":  # CuPy params: every code the fill's, every scale |fill|
+            if array_device(p, label) == "device":  # device params: every code the fill's, every scale |fill|
                 one = QuantizedState.from_float(np.full(1, fill, np.float32), signed_state(state))
                 return QuantizedState(device_state(p, int(one.codes[0]), np.dtype(np.uint8)),
                                       device_state(p, float(one.absmax[0]), np.dtype(np.float32),
@@ -264,7 +264,7 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
         # on the params' device, filled on their producer stream (a torch tensor on cuda:1 under
         # torch.cuda.stream(s): device 1, stream s), so the first update reads it filled; Numba
         # device arrays keep Numba state, everything else gets CuPy arrays. dtype: state_dtype='s
-        # (CuPy params only: checked below)
+        # (CuPy and Numba params: checked below)
         if type(p).__module__.startswith("numba"):
             from fastopt.backends import numba_backend as device_backend
             own = np.dtype(p.dtype)  # the simulator's arrays export no __cuda_array_interface__
@@ -287,12 +287,12 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
         if array_device(p, label) == "device":
             dtype, own = None, None
             if state_dtype is not None or kahan:
-                own = cupy_param_dtype(p, label, "state_dtype=" if state_dtype is not None else "kahan=True")
+                own = device_param_dtype(p, label, "state_dtype=" if state_dtype is not None else "kahan=True")
             if kahan and not is_16bit(own):
                 raise ValueError(f"kahan=True is for float16 or bfloat16 params (a Kahan compensation of 16-bit "
                                  f"rounding); {label} has dtype {own}")
             if state_dtype is not None:
-                dtype = _state_dtype_of(state_dtype, own, label)  # "int8" too: CuPy 8-bit state
+                dtype = _state_dtype_of(state_dtype, own, label)  # "int8" too: 8-bit state on the device
             labelled.append((p, label, dtype, own))
             continue
         p = as_numpy(p, label)

@@ -78,7 +78,7 @@ from fastopt.backends.interface import capturable as capturable_backend
 from fastopt.backends.interface import prepares_once
 from fastopt.capture import OUTSIDE_CAPTURE, CapturedScalars
 from fastopt.clip import _check_bound, clip_coefficient
-from fastopt.functional import cupy_param_dtype, init_state, rounding_options, with_kahan
+from fastopt.functional import device_param_dtype, init_state, rounding_options, with_kahan
 from fastopt.precision import QuantizedState, StochasticRounding, quant_blocks, quantize_blockwise
 from fastopt.schedules import is_schedule
 from fastopt.specs import PARAM, REGISTRY, REQUIRED, OptimizerSpec
@@ -380,7 +380,7 @@ class Optimizer:
         label = f"params[{indices[0]}]" if indices else "params"
         if self._stochastic:
             p = params[0]
-            dtype = cupy_param_dtype(p, label, "stochastic_rounding=True") if array_device(p, label) == "device" \
+            dtype = device_param_dtype(p, label, "stochastic_rounding=True") if array_device(p, label) == "device" \
                 else np.dtype(p.dtype)
             if not (dtype == np.float16 or dtype.name == "bfloat16"):
                 raise ValueError(f"stochastic_rounding=True is for float16 or bfloat16 params; {label} has dtype "

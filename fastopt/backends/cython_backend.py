@@ -8,7 +8,7 @@ import numpy as np
 
 from fastopt.backends import host_clip, numpy_backend, validate
 from fastopt.backends.validate import host_scale, is_quantized
-from fastopt.precision import quantizer_arrays
+from fastopt.precision import is_bfloat16, quantizer_arrays
 
 NAME = "cython"
 
@@ -98,7 +98,9 @@ def check_rounding(prepared, stochastic) -> None:
     _cpu_fast.check_rounding(prepared, stochastic is not None)
 
 
-_DTYPE_CODES = {"float32": 0, "float64": 1, "bfloat16": 2, "float16": 3}  # cpu_loops.hpp DTYPE_*
+def _dtype_code(dtype) -> int:
+    """cpu_loops.hpp DTYPE_* of a validated param or grad dtype (not by dtype.name: 2 us a read)."""
+    return 2 if is_bfloat16(dtype) else {"f": 0, "d": 1, "e": 3}[dtype.char]
 _ROUND_KAHAN, _ROUND_STOCHASTIC = 1, 2
 
 
@@ -125,7 +127,7 @@ def _run_int8(batch, spec, hp, step, grad_scale, stochastic, given_coefs=None):
         if lst is not None and not all(is_quantized(q) for q in lst):
             raise ValueError("8-bit state: all states of a call are QuantizedState or none")  # validate ensures it
     pd, gd = params[0].dtype, grads[0].dtype
-    layout = _DTYPE_CODES[pd.name] | (_DTYPE_CODES[gd.name] << 2)
+    layout = _dtype_code(pd) | (_dtype_code(gd) << 2)
     if comps is not None:
         layout |= _ROUND_KAHAN << 6
     elif stochastic is not None:

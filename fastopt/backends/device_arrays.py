@@ -184,17 +184,6 @@ def rounding_of(prepared, stochastic) -> tuple:
     return ROUND_STOCHASTIC, int(stochastic.key), int(stochastic.index_offset)
 
 
-def no_int8_state(backend: str, arrays) -> None:
-    """A backend without 8-bit kernels: state_dtype="int8" (a precision.QuantizedState among a call's states)
-    refused by name, before anything is written."""
-    from fastopt.precision import QuantizedState
-    for entry in arrays[2:]:
-        for a in (entry if isinstance(entry, (list, tuple)) else [entry]):
-            if isinstance(a, QuantizedState):
-                raise NotImplementedError(f'state_dtype="int8" (8-bit state) is implemented by the CPU and CuPy '
-                                          f'backends; the {backend} backend does not have it yet')
-
-
 def _torch_tensor(obj):
     """torch, when obj is a torch tensor (torch is then imported already: fastopt never imports it)."""
     torch = sys.modules.get("torch")

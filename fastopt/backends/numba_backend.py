@@ -4,7 +4,8 @@ arrays, torch CUDA tensors), zero-copy and in place. float32 and float64; float1
 or float32 grads) and states (state_dtype=, the CPU's rule) with float32 math on their bits, the new 16-bit
 params rounded to nearest, Kahan-compensated (kahan=True) or stochastically rounded (stochastic_rounding=True)
 with the CPU's and CUDA's bits (kernels/numba/precision.py), every family (LAMB's apply pass, Adan's fourth state
-included); 8-bit state is refused by name.
+included); 8-bit state (state_dtype="int8", precision.QuantizedState of device arrays) for the elementwise
+three-state families, dequantized, updated and requantized in one pass with the CPU's codes and scales.
 
 - One launch per list (or array), like the CuPy backend: Numba kernels take arrays, not pointers, so for
   each slot (params, grads, each state) the launcher makes one 1-d view that starts at the lowest address
@@ -35,11 +36,13 @@ import numbers
 import numpy as np
 
 from fastopt.backends.cuda_source import BF16, ROUND_KAHAN, ROUND_NEAREST, ROUND_STOCHASTIC
+from fastopt.backends import numpy_backend
 from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_skip_flag, checked_grads,
-                                             device_index, from_interface, no_int8_state, prepare_device,
+                                             device_index, from_interface, prepare_device,
                                              prepare_fixed_device, producer_stream, rounding_of, validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
 from fastopt.backends.validate import Checked, check_prepared_disjoint, check_scaled_lr, check_tensor_coefs
+from fastopt.precision import QuantizedState, quantizer_arrays
 
 NAME = "numba"
 AVAILABLE = importlib.util.find_spec("numba") is not None
@@ -47,8 +50,8 @@ AVAILABLE = importlib.util.find_spec("numba") is not None
 # as their uint16 bits, converted by kernels/numba/precision.py with the CUDA kernels' and CPU loops' bits)
 DTYPES = (F32, F64, F16) + ((BF16,) if BF16 is not None else ())
 _U16 = np.dtype(np.uint16)
-_SLOTS = 4  # state slots of every kernel (kernels/numba/kernels.py SLOTS)
-_FIELDS = 8  # int64 columns per tensor of a table (kernels/numba/kernels.py TENSOR_FIELDS)
+_FIELDS = 11  # int64 columns per tensor of a table (kernels/numba/kernels.py TENSOR_FIELDS)
+_QUANT_BLOCK = 256  # elements per absmax of an 8-bit state (precision.QUANT_BLOCK, kernels.py QUANT_BLOCK)
 _CACHE_SIZE = 64
 
 
@@ -73,12 +76,20 @@ def launch_config():
     return (32, 4, 64) if simulating() else (256, 1024, 4096)
 
 
-def _kernels(dtype, kinds=None):
+def int8_chunk() -> int:
+    """Elements per chunk of an 8-bit state's table: whole quantization blocks (the chunk of launch_config rounded
+    up to a multiple of 256: the same on a GPU, one block of 256 on the simulator)."""
+    chunk = launch_config()[2]
+    return -(-chunk // _QUANT_BLOCK) * _QUANT_BLOCK
+
+
+def _kernels(dtype, kinds=None, chunk=None):
     """The kernels of math dtype `dtype` for arrays stored as `kinds` (kernels.build: the params', grads' and
-    states' storage, None for the math dtype's own)."""
+    states' storage, None for the math dtype's own), for tables of `chunk` elements per chunk (launch_config's
+    by default)."""
     from fastopt.kernels.numba import kernels
-    block, _, chunk = launch_config()
-    return kernels.build(np.dtype(dtype), block, chunk, kinds)
+    block, _, default_chunk = launch_config()
+    return kernels.build(np.dtype(dtype), block, default_chunk if chunk is None else chunk, kinds)
 
 
 def _math_dtype(dtype):
@@ -98,10 +109,10 @@ def _storage(dtype):
 
 def _call_kinds(lists):
     """(math dtype, kinds) of an update call's kernels (kernels.build: how its params, grads and states are
-    stored; None when all are of the math dtype)."""
+    stored; None when all are of the math dtype; 8-bit states: None, their kernels take codes and scales)."""
     params = _first(lists[0]).dtype
     math = _math_dtype(params)
-    states = [lst[0].dtype for lst in lists[2:5] if lst]
+    states = [lst[0].dtype for lst in lists[2:5] if lst and not isinstance(lst[0], QuantizedState)]
     kinds = (_kind(params, math), _kind(lists[1][0].dtype, math), _kind(states[0] if states else None, math))
     return math, None if kinds == (None, None, None) else kinds
 
@@ -236,21 +247,27 @@ def _validate(arrays, names, read_only_slot=1):
 # Tables and scratch (cached per device and stream: nothing is allocated per call once they exist)
 # ---------------------------------------------------------------------------------------------------
 
+# (slot of a call's lists, table column): params, grads, s0-s2, the fourth state (slot 6), the compensation (5),
+# and the absmax of 8-bit states s0-s2 (slots 7-9: the launcher's, after the call's own)
+_SPAN_COLUMNS = ((0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (5, 7), (7, 8), (8, 9), (9, 10))
+
+
 def table_layout(lists, chunk):
     """The host side of one multi-tensor launch: (spans, tensors, chunks, offsets). lists: per slot
-    (params, grads, states s0-s2, the Kahan compensation, a fourth state; None unused) a list of arrays with
-    .ptr, .size, .dtype, at least one of them not empty. spans: (lowest address, elements from there to the end
-    of the last tensor) of the params, grads, s0, s1, s2, the fourth state (the call's slot 6) and the
-    compensation (slot 5), None for an unused slot; tensors (nt, 8) int64: each tensor's element offset in each
-    span, its size in column 5 (kernels.py T_N; the fourth state's offset in column 6, the compensation's in 7);
+    (params, grads, states s0-s2, the Kahan compensation, a fourth state, the absmax of 8-bit states s0-s2; None
+    unused) a list of arrays with .ptr, .size, .dtype, at least one of them not empty. spans: (lowest address,
+    elements from there to the end of the last array) per _SPAN_COLUMNS entry: the params, grads, s0, s1, s2, the
+    fourth state (the call's slot 6), the compensation (slot 5) and the three absmax (slots 7-9), None for an
+    unused slot; tensors (nt, 11) int64: each tensor's element offset in each span, its size in column 5
+    (kernels.py T_N; the fourth state's offset in column 6, the compensation's in 7, the absmax' in 8-10);
     chunks (nb, 2) int64: (tensor, first element); offsets (nt + 1) int64: each tensor's first chunk (the
     reductions' segments)."""
     sizes = np.array([a.size for a in lists[0]], dtype=np.int64)
     n = len(sizes)
-    tensors = np.zeros((n, 8), dtype=np.int64)
+    tensors = np.zeros((n, _FIELDS), dtype=np.int64)
     tensors[:, 5] = sizes
     spans = []
-    for k, col in ((0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (5, 7)):
+    for k, col in _SPAN_COLUMNS:
         lst = lists[k] if k < len(lists) else None
         if lst is None:
             spans.append(None)
@@ -264,7 +281,7 @@ def table_layout(lists, chunk):
                 raise ValueError(f"array {i} of a {lst[i].dtype} list is not aligned to its element size "
                                  f"(address {lst[i].ptr:#x})")
             tensors[i, col] = offset
-        spans.append((base, int(max(tensors[i, col] + sizes[i] for i in live))))
+        spans.append((base, int(max(tensors[i, col] + lst[i].size for i in live))))
     counts = (sizes + chunk - 1) // chunk
     offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
     nchunks = int(offsets[-1])
@@ -286,18 +303,19 @@ def _span_view(base, n, dtype):
 
 
 class _Table:
-    """One set of tensors ready to launch: per span (table_layout's: P, G, S0, S1, S2, S3, C) its view (the
-    params' view for an unused one, never read), and the table on the device: tensors, chunks and offsets in one
-    int64 buffer."""
+    """One set of tensors ready to launch: per span (table_layout's: P, G, S0, S1, S2, S3, C in `views`, the 8-bit
+    states' absmax A0, A1, A2 in `scales`) its view (the params' view for an unused one, never read), and the table
+    on the device: tensors, chunks and offsets in one int64 buffer."""
 
-    __slots__ = ("views", "buffer", "host", "tensors", "chunks", "offsets", "ntensors", "nchunks")
+    __slots__ = ("views", "scales", "buffer", "host", "tensors", "chunks", "offsets", "ntensors", "nchunks")
 
-    def __init__(self, lists, device, stream):
-        spans, tensors, chunks, offsets = table_layout(lists, launch_config()[2])
-        dtypes = [None if lst is None else _storage(lst[0].dtype) for lst in lists] + [None] * (7 - len(lists))
-        dtypes = dtypes[:5] + dtypes[6:7] + dtypes[5:6]  # the spans' slots: p, g, s0, s1, s2, s3, c
+    def __init__(self, lists, device, stream, chunk):
+        spans, tensors, chunks, offsets = table_layout(lists, chunk)
+        dtypes = [None if k >= len(lists) or lists[k] is None else _storage(lists[k][0].dtype)
+                  for k, _ in _SPAN_COLUMNS]
         views = [None if span is None else _span_view(span[0], span[1], dtype) for span, dtype in zip(spans, dtypes)]
-        self.views = [views[0] if v is None else v for v in views]
+        views = [views[0] if v is None else v for v in views]
+        self.views, self.scales = views[:7], views[7:]
         self.ntensors, self.nchunks = len(tensors), len(chunks)
         self.host = np.concatenate((tensors.ravel(), chunks.ravel(), offsets))  # alive while the copy may run
         self.buffer = _table_buffer(device, stream, self.host.size)  # may be larger: a recycled one
@@ -324,16 +342,18 @@ def _table_buffer(device, stream, n):
     return _cuda().device_array(max(n, 64), dtype=np.int64, stream=stream)
 
 
-def _table(lists, device, stream):
-    """The table of these tensors (inside _on(device)), from the cache when the same arrays come back on
-    the same stream (its copy to the device is ordered on that stream)."""
-    key = (device, _stream_key(stream),
+def _table(lists, device, stream, chunk=None):
+    """The table of these tensors (inside _on(device)) in chunks of `chunk` elements (launch_config's by default),
+    from the cache when the same arrays come back on the same stream (its copy to the device is ordered on that
+    stream)."""
+    chunk = launch_config()[2] if chunk is None else chunk
+    key = (device, _stream_key(stream), chunk,
            tuple(None if lst is None else tuple((a.ptr, a.size, a.dtype.char) for a in lst) for lst in lists))
     table = _tables.get(key)
     if table is None:
-        table = _tables[key] = _Table(lists, device, stream)
+        table = _tables[key] = _Table(lists, device, stream, chunk)
         if len(_tables) > _CACHE_SIZE:
-            (old_device, old_stream, _), old = _tables.popitem(last=False)
+            (old_device, old_stream, _, _), old = _tables.popitem(last=False)
             spare = _spare_buffers.setdefault((old_device, old_stream), [])
             spare.append(old.buffer)
             del spare[:-8]  # a few spares per stream
@@ -410,10 +430,8 @@ def _skip_flag(found_inf, device):
 # ---------------------------------------------------------------------------------------------------
 
 def prepare(arrays, names, indices=None):
-    """Check the arrays of one update (nothing is written or launched); run() launches it. The state dtypes
-    and the float32 grads of 16-bit params are the CPU's (device_arrays state_dtypes=True); 8-bit state is
-    refused by name."""
-    no_int8_state(NAME, arrays)
+    """Check the arrays of one update (nothing is written or launched); run() launches it. The state dtypes,
+    8-bit states and the float32 grads of 16-bit params are the CPU's (device_arrays state_dtypes=True)."""
     return prepare_device(arrays, names, _describe, DTYPES, _WHERE, 1, indices, state_dtypes=True)
 
 
@@ -427,8 +445,6 @@ check_disjoint = check_prepared_disjoint  # across the prepared calls of one opt
 
 def prepare_fixed(calls):
     """Check an optimizer's params and states once (interface.PrepareOnceBackend, validate.prepare_fixed)."""
-    for arrays, _, _ in calls:
-        no_int8_state(NAME, arrays)
     return prepare_fixed_device(calls, _describe, DTYPES, _WHERE, state_dtypes=True)
 
 
@@ -445,10 +461,14 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
     """The update in place; tensor_coefs: given per-tensor coefficients (host numbers,
     validate.check_tensor_coefs) instead of the norms pass. 16-bit params and states run float32 math on their
     bits (kernels.build's kinds); the new 16-bit params are stored to nearest, Kahan-compensated (the
-    compensation in the table's T_C column) or stochastically rounded (device_arrays.rounding_of), every family."""
+    compensation in the table's T_C column) or stochastically rounded (device_arrays.rounding_of), every family.
+    8-bit states (precision.QuantizedState): the family's update_q8 kernel (_run_int8)."""
     rounding, key, index0 = rounding_of(prepared, stochastic)
     given = check_tensor_coefs(spec, tensor_coefs, len(prepared.lists[0]))
     lists = prepared.lists
+    int8 = _is_int8(lists)
+    if int8:
+        numpy_backend.check_int8(prepared, spec)  # an optimizer whose state must stay exact: refused by name
     first = _first(lists[0])
     dtype, kinds = _call_kinds(lists)
     device = _device_of(first)
@@ -462,14 +482,17 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
         variant = spec.variant(hp, step)
         used = _used(lists)
         block = launch_config()[0]
-        k = _kernels(dtype, kinds)
-        table = _table(lists, device, stream)
-        P, G, S0, S1, S2, S3, C = table.views
-        grid = (table.nchunks, block, stream)
         coefs = None
         if spec.tensor_coefs is not None:  # LARS: one number per tensor, from a norms pass over p and g
             coefs = _tensor_coefs(spec, hp, host_scale, gs, lists, dtype, stream) if given is None else \
                 _cuda().to_device(given.astype(dtype), stream=stream)
+        if int8:
+            _run_int8(spec, lists, kinds, h, gs, used, variant, skip, coefs, rounding, key, index0, device, stream)
+            return
+        k = _kernels(dtype, kinds)
+        table = _table(lists, device, stream)
+        P, G, S0, S1, S2, S3, C = table.views
+        grid = (table.nchunks, block, stream)
         if spec.two_phase:  # the states and per chunk the norms of p and u; lr * trust ratio per tensor; the step
             scaled_lr = _trust(k, spec, hp, table, h, gs, used, variant, skip, device, stream, dtype)
             if rounding == ROUND_NEAREST:
@@ -494,6 +517,40 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
 
 
 _SUFFIX = {ROUND_KAHAN: "kahan", ROUND_STOCHASTIC: "sr"}  # kernels.build's names of the rounded kernels
+
+
+def _is_int8(lists) -> bool:
+    """Whether a prepared call's states are 8-bit (validated: all of them or none)."""
+    return any(lst and isinstance(lst[0], QuantizedState) for lst in lists[2:5])
+
+
+@functools.lru_cache(maxsize=None)
+def _quantizer_tables(device):
+    """The 8-bit state's maps, midpoints and buckets on `device` (precision.quantizer_arrays), copied by its first
+    8-bit step (a synchronous copy) and kept. Inside _on(device)."""
+    return tuple(_cuda().to_device(a) for a in quantizer_arrays())
+
+
+def _run_int8(spec, lists, kinds, h, gs, used, variant, skip, coefs, rounding, key, index0, device, stream):
+    """An update with 8-bit states: one launch of the family's update_q8 kernel (update_q8_kahan / _sr for the
+    rounded 16-bit params) over a table of whole quantization blocks, the codes in the states' columns and the
+    absmax in T_A0-T_A2. Inside _on(device)."""
+    states = (list(lists[2:5]) + [None] * 3)[:3]
+    table_lists = list(lists[:2]) + [None if lst is None else [q.codes for q in lst] for lst in states]
+    table_lists += [lists[5] if len(lists) > 5 else None, None]
+    table_lists += [None if lst is None else [q.absmax for q in lst] for lst in states]
+    chunk = int8_chunk()
+    table = _table(table_lists, device, stream, chunk)
+    P, G, S0, S1, S2, _, C = table.views
+    A0, A1, A2 = table.scales
+    maps, mids, buckets = _quantizer_tables(device)
+    signed = sum(1 << j for j, lst in enumerate(states) if lst and lst[0].signed)
+    name = "update_q8" if rounding == ROUND_NEAREST else f"update_q8_{_SUFFIX[rounding]}"
+    kernel = _kernels(F32, kinds, chunk)[name][spec.kernel]
+    kernel[table.nchunks, launch_config()[0], stream](
+        P, G, S0, S1, S2, A0, A1, A2, C, table.tensors, table.chunks, h, gs, used, variant, skip,
+        _ones(device, F32) if coefs is None else coefs, np.int64(key), np.int64(index0), maps, mids, buckets,
+        np.int64(signed))
 
 
 def _used(lists) -> int:

@@ -19,22 +19,11 @@ import operator
 import numpy as np
 
 from fastopt.arrays import as_numpy
-from fastopt.precision import QuantizedState, quant_blocks, signed_state
+from fastopt.precision import QuantizedState, is_16bit, is_bfloat16, quant_blocks, signed_state
 from fastopt.specs import as_float
 
 HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))  # and ml_dtypes' bfloat16
 F32 = np.dtype(np.float32)
-
-
-def is_bfloat16(dtype) -> bool:
-    """ml_dtypes' bfloat16, in either byte order (recognised by name: ml_dtypes is not imported here;
-    without it no such array exists)."""
-    return dtype.name == "bfloat16" and dtype.itemsize == 2 and dtype.kind == "V"
-
-
-def is_16bit(dtype) -> bool:
-    """float16 or bfloat16: params stored in 16 bits, updated with float32 math and float32 state."""
-    return dtype == np.float16 or is_bfloat16(dtype)
 
 
 class HostArrays:

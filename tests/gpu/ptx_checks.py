@@ -145,5 +145,38 @@ for kinds in (("bfloat16", "bfloat16", None), ("float16", None, "float16"), (Non
             failed.append(label)
             print(f"FAIL {label}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
 
+# 8-bit states (update_q8: codes uint8, float32 absmax, the quantizer tables): every family that takes them with
+# float32 params, and Adam and LARS with bfloat16 params and each rounding, for sm_90; float32 math only, and the
+# per-thread element arrays (QUANT_BLOCK / BLOCK of them) in registers, not local memory.
+from fastopt.precision import INT8_REFUSED  # noqa: E402
+from fastopt.specs import kernel_specs  # noqa: E402
+
+INT8_FAMILIES = sorted({s.kernel for s in kernel_specs() if s.name not in INT8_REFUSED and not s.two_phase})
+
+
+def int8_signature(family, p, g):
+    codes, scales, table = arr(uint8), arr(float32), int64[:, ::1]
+    h = types.UniTuple(float32, nscalars(family))
+    return (p, g, codes, codes, codes, scales, scales, scales, p, table, table, h, arr(float32), int64, int64,
+            arr(uint8), arr(float32), int64, int64, float32[:, ::1], float32[:, ::1], uint8[:, ::1], int64)
+
+
+int8_cases = [(None, "update_q8", f) for f in INT8_FAMILIES] + [
+    (("bfloat16", "bfloat16", None), name, f) for name in ("update_q8", "update_q8_kahan", "update_q8_sr")
+    for f in ("adam", "lars")]
+for kinds, name, family in int8_cases:
+    label = f"{name}[{family}] {kinds} sm_90"
+    p = arr(types.uint16) if kinds else arr(float32)
+    try:
+        ks = nk.build(np.dtype(np.float32), BLOCK, CHUNK, kinds)
+        ptx, _ = cuda.compile_ptx(ks[name][family].py_func, int8_signature(family, p, p), cc=(9, 0))
+        bad = F64_OP.findall(ptx)
+        assert not bad, f"float64 instructions in a float32 kernel: {sorted(set(bad))[:5]}"
+        assert not LOCAL.search(ptx), "local memory (the per-thread arrays or a bit cast)"
+        passed += 1
+    except Exception as e:
+        failed.append(label)
+        print(f"FAIL {label}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+
 print(f"PTX CHECKS: {passed} passed, {len(failed)} failed", flush=True)
 sys.exit(1 if failed else 0)

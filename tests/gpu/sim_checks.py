@@ -238,24 +238,143 @@ def conversions_equal_the_reference():
 check("16-bit conversions, random bits and Kahan store equal fastopt.precision", conversions_equal_the_reference)
 
 
-def int8_state_refused_with_nothing_written():
-    from fastopt.precision import QuantizedState
-    spec = specs.get_spec("adam")
-    p = cuda.to_device(np.ones(300, np.float32))
-    q = [QuantizedState.from_float(np.zeros(300, np.float32), signed) for signed in (True, False)]
-    states = [QuantizedState(cuda.to_device(s.codes), cuda.to_device(s.absmax), s.signed) for s in q]
-    try:
-        nb.step(spec, (p, cuda.to_device(np.ones(300, np.float32)), *states, None), ("params", "grads", "exp_avg",
-                                                                                     "exp_avg_sq", None),
-                dict(spec.defaults, lr=0.1), 1, None)
-    except NotImplementedError as e:
-        assert 'state_dtype="int8"' in str(e) and "numba backend" in str(e), e
-        assert (host(p) == 1).all()
-        return
-    raise AssertionError("8-bit state not refused")
+# ---- 8-bit state (state_dtype="int8"): the update_q8 kernels against the NumPy reference, codes and scales bit
+# for bit, every family that takes it (several quantization blocks and chunks per tensor: the simulator's chunk is
+# one block of 256), float32 and 16-bit params with every rounding ----
+
+INT8_SHAPES = [(300,), (0,), (2, 3)]  # the simulator runs a Python thread per CUDA thread: small
 
 
-check("8-bit state refused by name, nothing written", int8_state_refused_with_nothing_written)
+def run_int8(name, options, steps, pdtype, gdtype, mode, shapes, as_list):
+    """`steps` updates of 8-bit states on the (simulated) device and by numpy_backend from the same values: params,
+    codes and absmax equal bit for bit (LARS's trust ratios: float64 sums in another order than the reference's,
+    equal here)."""
+    from fastopt.backends import numpy_backend
+    from fastopt.functional import with_kahan
+    from fastopt.precision import QuantizedState, StochasticRounding, signed_state
+    spec = specs.get_spec(name)
+    hp = dict(spec.defaults, **options)
+    rng = np.random.default_rng([len(shapes), steps, pdtype.num, gdtype.num, len(name), bool(mode)])
+    params = [rng.standard_normal(s).astype(np.float32).astype(pdtype) for s in shapes]
+    tail, names = spec.plan_call(hp, lambda state: [QuantizedState.from_float(np.zeros(s, np.float32),
+                                                                              signed_state(state)) for s in shapes])
+    if mode == "kahan":
+        tail, names = with_kahan(tuple(tail), names, [(rng.standard_normal(s) * 1e-3).astype(pdtype) for s in shapes])
+
+    def to_device(x):
+        if isinstance(x, QuantizedState):
+            return QuantizedState(cuda.to_device(x.codes), cuda.to_device(x.absmax), x.signed)
+        return cuda.to_device(x)
+
+    slot = (lambda xs: xs) if as_list else (lambda xs: xs[0])
+    host_tail = [None if a is None else slot(a) for a in tail]
+    dev_tail = [None if a is None else slot([to_device(x) for x in a]) for a in tail]
+    d_p = [cuda.to_device(p) for p in params]
+    for t in range(1, steps + 1):
+        grads = [(rng.standard_normal(s) * 0.5).astype(np.float32).astype(gdtype) for s in shapes]
+        stochastic = StochasticRounding(int(rng.integers(2 ** 62)), t, int(rng.integers(2 ** 40))) \
+            if mode == "stochastic" else None
+        device = (slot(d_p), slot([cuda.to_device(g) for g in grads]), *dev_tail)
+        nb.step(spec, device, names, hp, t, 0.5, stochastic=stochastic)
+        numpy_backend.step(spec, (slot(params), slot(grads), *host_tail), names, hp, t, 0.5, stochastic=stochastic)
+    pairs, quantized = [(d, h) for d, h in zip(d_p, params)], 0
+    for dt, ht in zip(dev_tail, host_tail):
+        if dt is None:
+            continue
+        for d, h in zip(dt if as_list else [dt], ht if as_list else [ht]):
+            if isinstance(h, QuantizedState):
+                pairs += [(d.codes, h.codes), (d.absmax, h.absmax)]
+                quantized += 1
+            else:
+                pairs.append((d, h))
+    assert quantized >= len(shapes) or not any(spec.active_states(hp))  # each param's 8-bit states compared
+    for i, (d, h) in enumerate(pairs):
+        got = host(d)
+        assert got.tobytes() == h.tobytes(), \
+            f"array {i} of the call differs in {int((got != h).sum())} of {h.size} elements"
+
+
+def int8_families():
+    from fastopt.precision import INT8_REFUSED
+    return [(name, options, steps) for name, options, steps in CONFIGS if name not in INT8_REFUSED]
+
+
+for name, options, steps in int8_families():
+    check(f"{name} {options} int8 state list",
+          lambda: run_int8(name, options, min(steps, 2), F32, F32, None, INT8_SHAPES, True))
+check("adam int8 state single", lambda: run_int8("adam", {}, 3, F32, F32, None, [(513,)], False))
+# 16-bit params with each rounding (Adam), and the per-tensor numbers (LARS) and a one-state family (SGD) with one
+INT8_PRECISION = [("adam", {}, "fp16 params", F16, F16, None),
+                  ("adam", {}, "fp16 params fp32 grads stochastic", F16, F32, "stochastic")] + ([
+    ("adam", {}, "bf16 params", BF16, BF16, None), ("adam", {}, "bf16 params kahan", BF16, BF16, "kahan"),
+    ("adam", {}, "bf16 params fp32 grads stochastic", BF16, F32, "stochastic"),
+    ("lars", dict(lr=1.0, weight_decay=0.01), "bf16 params kahan", BF16, BF16, "kahan"),
+    ("sgd", dict(lr=0.1, momentum=0.9), "bf16 params stochastic", BF16, BF16, "stochastic")]
+    if BF16 is not None else [])
+for name, options, label, pdtype, gdtype, mode in INT8_PRECISION:
+    check(f"{name} int8 state {label}", lambda: run_int8(name, options, 2, pdtype, gdtype, mode, INT8_SHAPES, True))
+
+
+def int8_refused_with_nothing_written():
+    """The families whose state stays exact (precision.INT8_REFUSED: LAMB, Adan, ...) refuse 8-bit state by name
+    before anything is written."""
+    from fastopt.precision import INT8_REFUSED, QuantizedState, signed_state
+    for name in INT8_REFUSED:
+        spec = specs.get_spec(name)
+        hp = dict(spec.defaults, **{h.name: 0.01 for h in spec.hypers if h.default is specs.REQUIRED})
+        p = cuda.to_device(np.ones(300, np.float32))
+        host_states = {}
+
+        def quantized(state):
+            q = QuantizedState.from_float(np.full(300, 0.5, np.float32), signed_state(state))
+            host_states[state] = q
+            return QuantizedState(cuda.to_device(q.codes), cuda.to_device(q.absmax), q.signed)
+        tail, names = spec.plan_call(hp, quantized)
+        device = dict(zip(names[2:], tail))
+        try:
+            nb.step(spec, (p, cuda.to_device(np.ones(300, np.float32)), *tail), names, hp, 1, None)
+        except ValueError as e:
+            assert "state_dtype='int8'" in str(e), e
+        else:
+            raise AssertionError(f"{name}: 8-bit state not refused")
+        assert (host(p) == 1).all(), name
+        for state, q in host_states.items():
+            d = device[state]
+            assert host(d.codes).tobytes() == q.codes.tobytes() and host(d.absmax).tobytes() == q.absmax.tobytes()
+
+
+check("8-bit state refused by the exact-state optimizers, nothing written", int8_refused_with_nothing_written)
+
+
+def int8_class_equals_the_host_class():
+    """fastopt.AdamW(state_dtype="int8") on Numba device arrays (init_state makes QuantizedStates of device arrays)
+    steps as the host class does, and its state dict (codes and scales) is the host class's and loads back."""
+    rng = np.random.default_rng(11)
+    shapes = [(300,), (7,), (2, 260)]
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    d_params = [cuda.to_device(p) for p in params]
+    host_opt = fastopt.AdamW(params, lr=1e-2, weight_decay=0.1, state_dtype="int8")
+    dev_opt = fastopt.AdamW(d_params, lr=1e-2, weight_decay=0.1, state_dtype="int8")
+    for _ in range(3):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        host_opt.step(grads)
+        dev_opt.step([cuda.to_device(g) for g in grads])
+    for d, h in zip(d_params, params):
+        assert host(d).tobytes() == h.tobytes()
+    want, got = host_opt.state_dict()["state"], dev_opt.state_dict()["state"]
+    assert want.keys() == got.keys()
+    for i in want:
+        assert want[i].keys() == got[i].keys() and "exp_avg_absmax" in want[i], want[i].keys()
+        for key in want[i]:
+            assert np.asarray(host(got[i][key])).tobytes() == np.asarray(want[i][key]).tobytes(), (i, key)
+    again = fastopt.AdamW([cuda.to_device(p) for p in params], lr=1e-2, weight_decay=0.1, state_dtype="int8")
+    again.load_state_dict(dev_opt.state_dict())
+    for i, entry in again.state_dict()["state"].items():
+        for key in entry:
+            assert np.asarray(host(entry[key])).tobytes() == np.asarray(want[i][key]).tobytes(), (i, key)
+
+
+check("int8 class on Numba arrays equals the host class", int8_class_equals_the_host_class)
 
 
 def clip_checks(dtype):

@@ -323,7 +323,7 @@ def numba_world(monkeypatch):
     monkeypatch.setattr(nb, "_on", on)
     monkeypatch.setattr(nb, "_pointer_device", lambda ptr: DEVICE)  # the driver's answer for foreign arrays
     kernels = _Kernels(cuda)
-    monkeypatch.setattr(nb, "_kernels", lambda dtype, kinds=None: kernels)
+    monkeypatch.setattr(nb, "_kernels", lambda dtype, kinds=None, chunk=None: kernels)
     monkeypatch.setattr(nb, "_coefficient_kernel", lambda: cuda.kernel("clip_coefficient"))
     for cache in ("_tables", "_scratch", "_spare_buffers"):
         monkeypatch.setattr(nb, cache, type(getattr(nb, cache))())
