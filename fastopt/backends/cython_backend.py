@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
-
 from fastopt.backends import host_clip, numpy_backend, validate
 from fastopt.backends.validate import host_scale, is_quantized
 from fastopt.precision import is_bfloat16, quantizer_arrays
@@ -101,6 +99,8 @@ def check_rounding(prepared, stochastic) -> None:
 def _dtype_code(dtype) -> int:
     """cpu_loops.hpp DTYPE_* of a validated param or grad dtype (not by dtype.name: 2 us a read)."""
     return 2 if is_bfloat16(dtype) else {"f": 0, "d": 1, "e": 3}[dtype.char]
+
+
 _ROUND_KAHAN, _ROUND_STOCHASTIC = 1, 2
 
 

@@ -495,13 +495,7 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
         grid = (table.nchunks, block, stream)
         if spec.two_phase:  # the states and per chunk the norms of p and u; lr * trust ratio per tensor; the step
             scaled_lr = _trust(k, spec, hp, table, h, gs, used, variant, skip, device, stream, dtype)
-            if rounding == ROUND_NEAREST:
-                k["apply"][spec.kernel][grid](P, S0, S1, S2, table.tensors, table.chunks, h, scaled_lr, used, variant,
-                                              skip)
-            else:
-                k[f"apply_{_SUFFIX[rounding]}"][spec.kernel][grid](
-                    P, S0, S1, S2, C, table.tensors, table.chunks, h, scaled_lr, used, variant, skip, np.int64(key),
-                    np.int64(index0))
+            _apply(k, spec, grid, table, h, scaled_lr, used, variant, skip, rounding, key, index0)
         elif rounding != ROUND_NEAREST:  # one kernel signature for every family (kernels.make_update_rounded)
             k[f"update_{_SUFFIX[rounding]}"][spec.kernel][grid](
                 P, G, S0, S1, S2, S3, C, table.tensors, table.chunks, h, gs, used, variant, skip,
@@ -557,6 +551,17 @@ def _used(lists) -> int:
     """The live state slots of a call, bit k for s0-s2 (the call's slots 2-4) and bit 3 for a fourth state (6)."""
     used = sum(1 << j for j, lst in enumerate(lists[2:5]) if lst is not None)
     return used | (8 if len(lists) > 6 and lists[6] is not None else 0)
+
+
+def _apply(k, spec, grid, table, h, scaled_lr, used, variant, skip, rounding, key, index0):
+    """A two-phase family's second pass (p -= scaled_lr[t] * u) with the new params stored by the rounding: the apply
+    kernel (to nearest: the fewest arguments) or apply_kahan / apply_sr (with the compensation, key and index0)."""
+    P, _, S0, S1, S2, _, C = table.views
+    if rounding == ROUND_NEAREST:
+        k["apply"][spec.kernel][grid](P, S0, S1, S2, table.tensors, table.chunks, h, scaled_lr, used, variant, skip)
+    else:
+        k[f"apply_{_SUFFIX[rounding]}"][spec.kernel][grid](P, S0, S1, S2, C, table.tensors, table.chunks, h, scaled_lr,
+                                                           used, variant, skip, np.int64(key), np.int64(index0))
 
 
 def _trust(k, spec, hp, table, h, gs, used, variant, skip, device, stream, dtype):
@@ -623,15 +628,8 @@ def run_phase2(prepared, spec, hp, step, grad_scale, scaled_lr, found_inf=None, 
     lrs = check_scaled_lr(scaled_lr, len(prepared.lists[0]))
 
     def body(k, table, h, gs, used, variant, skip, block, device, stream, dtype, rounding, key, index0):
-        P, _, S0, S1, S2, _, C = table.views
         lr_device = _cuda().to_device(lrs.astype(dtype), stream=stream)
-        grid = (table.nchunks, block, stream)
-        if rounding == ROUND_NEAREST:
-            k["apply"][spec.kernel][grid](P, S0, S1, S2, table.tensors, table.chunks, h, lr_device, used, variant, skip)
-        else:
-            k[f"apply_{_SUFFIX[rounding]}"][spec.kernel][grid](P, S0, S1, S2, C, table.tensors, table.chunks, h,
-                                                               lr_device, used, variant, skip, np.int64(key),
-                                                               np.int64(index0))
+        _apply(k, spec, (table.nchunks, block, stream), table, h, lr_device, used, variant, skip, rounding, key, index0)
 
     _two_phase_launch(prepared, spec, hp, step, grad_scale, found_inf, stochastic, "run_phase2", body)
 

@@ -144,26 +144,41 @@ PRECISION_CASES = [("fp16 params fp16 state", F16, F16, F16, None), ("fp32 param
     ("bf16 params bf16 state fp32 grads stochastic", BF16, F32, BF16, "stochastic")] if BF16 is not None else [])
 
 
+INT8 = "int8"  # the state dtype of 8-bit states (precision.QuantizedState) in run_precision
+
+
 def run_precision(name, options, steps, pdtype, gdtype, sdtype, mode, shapes, as_list):
     """`steps` updates on the (simulated) device and by numpy_backend (the reference of the precision modes) from
-    the same values: every array equal bit for bit, every family with every rounding (Adan's fourth state beside the
-    compensation, LAMB's apply pass). LARS's and LAMB's norms are float64 sums in another order than the reference's,
-    equal here (fixed seeds; sums of float32 squares of these sizes); a change that moves them would show."""
+    the same values: every array equal bit for bit (8-bit states: their codes and scales), every family with every
+    rounding (Adan's fourth state beside the compensation, LAMB's apply pass). LARS's and LAMB's norms are float64
+    sums in another order than the reference's, equal here (fixed seeds; sums of float32 squares of these sizes); a
+    change that moves them would show."""
     from fastopt.backends import numpy_backend
     from fastopt.functional import with_kahan
-    from fastopt.precision import StochasticRounding
+    from fastopt.precision import QuantizedState, StochasticRounding, signed_state
     spec = specs.get_spec(name)
     hp = dict(spec.defaults, **options)
-    rng = np.random.default_rng([len(shapes), steps, pdtype.num, gdtype.num, sdtype.num, bool(mode)])
+    int8 = isinstance(sdtype, str) and sdtype == INT8
+    rng = np.random.default_rng([len(shapes), steps, pdtype.num, gdtype.num, 0 if int8 else sdtype.num, bool(mode)])
     params = [rng.standard_normal(s).astype(np.float32).astype(pdtype) for s in shapes]
-    # states from zeros, as the optimizers start them (valid for every family: centered RMSprop's square_avg must
-    # stay above grad_avg squared); after the first step they hold 16-bit values
-    tail, names = spec.plan_call(hp, lambda _: [np.zeros(s, sdtype) for s in shapes])
+
+    def zeros(state):  # states from zeros, as the optimizers start them (valid for every family: centered RMSprop's
+        # square_avg must stay above grad_avg squared); after the first step they hold 16-bit or 8-bit values
+        if int8:
+            return [QuantizedState.from_float(np.zeros(s, np.float32), signed_state(state)) for s in shapes]
+        return [np.zeros(s, sdtype) for s in shapes]
+
+    def to_device(x):
+        if isinstance(x, QuantizedState):
+            return QuantizedState(cuda.to_device(x.codes), cuda.to_device(x.absmax), x.signed)
+        return cuda.to_device(x)
+
+    tail, names = spec.plan_call(hp, zeros)
     if mode == "kahan":
         tail, names = with_kahan(tuple(tail), names, [(rng.standard_normal(s) * 1e-3).astype(pdtype) for s in shapes])
     slot = (lambda xs: xs) if as_list else (lambda xs: xs[0])
     host_tail = [None if a is None else slot(a) for a in tail]
-    dev_tail = [None if a is None else slot([cuda.to_device(x) for x in a]) for a in tail]
+    dev_tail = [None if a is None else slot([to_device(x) for x in a]) for a in tail]
     d_p = [cuda.to_device(p) for p in params]
     for t in range(1, steps + 1):
         grads = [(rng.standard_normal(s) * 0.5).astype(np.float32).astype(gdtype) for s in shapes]
@@ -172,13 +187,21 @@ def run_precision(name, options, steps, pdtype, gdtype, sdtype, mode, shapes, as
         device = (slot(d_p), slot([cuda.to_device(g) for g in grads]), *dev_tail)
         nb.step(spec, device, names, hp, t, 0.5, stochastic=stochastic)
         numpy_backend.step(spec, (slot(params), slot(grads), *host_tail), names, hp, t, 0.5, stochastic=stochastic)
-    pairs = [(d, h) for d, h in zip(d_p, params)] + [
-        (d, h) for dt, ht in zip(dev_tail, host_tail) if dt is not None
-        for d, h in zip(dt if as_list else [dt], ht if as_list else [ht])]
+    pairs, quantized = [(d, h) for d, h in zip(d_p, params)], 0
+    for dt, ht in zip(dev_tail, host_tail):
+        if dt is None:
+            continue
+        for d, h in zip(dt if as_list else [dt], ht if as_list else [ht]):
+            if isinstance(h, QuantizedState):
+                pairs += [(d.codes, h.codes), (d.absmax, h.absmax)]
+                quantized += 1
+            else:
+                pairs.append((d, h))
+    assert not int8 or quantized >= len(shapes) or not any(spec.active_states(hp))  # the 8-bit states compared
     for i, (d, h) in enumerate(pairs):
         got = host(d)
         assert got.tobytes() == h.tobytes(), \
-            f"array {i} of the call differs: {np.abs(got.astype(np.float64) - h.astype(np.float64)).max()}"
+            f"array {i} of the call differs in {int((got != h).sum())} of {h.size} elements"
 
 
 for label, pdtype, gdtype, sdtype, mode in PRECISION_CASES:
@@ -245,55 +268,6 @@ check("16-bit conversions, random bits and Kahan store equal fastopt.precision",
 INT8_SHAPES = [(300,), (0,), (2, 3)]  # the simulator runs a Python thread per CUDA thread: small
 
 
-def run_int8(name, options, steps, pdtype, gdtype, mode, shapes, as_list):
-    """`steps` updates of 8-bit states on the (simulated) device and by numpy_backend from the same values: params,
-    codes and absmax equal bit for bit (LARS's trust ratios: float64 sums in another order than the reference's,
-    equal here)."""
-    from fastopt.backends import numpy_backend
-    from fastopt.functional import with_kahan
-    from fastopt.precision import QuantizedState, StochasticRounding, signed_state
-    spec = specs.get_spec(name)
-    hp = dict(spec.defaults, **options)
-    rng = np.random.default_rng([len(shapes), steps, pdtype.num, gdtype.num, len(name), bool(mode)])
-    params = [rng.standard_normal(s).astype(np.float32).astype(pdtype) for s in shapes]
-    tail, names = spec.plan_call(hp, lambda state: [QuantizedState.from_float(np.zeros(s, np.float32),
-                                                                              signed_state(state)) for s in shapes])
-    if mode == "kahan":
-        tail, names = with_kahan(tuple(tail), names, [(rng.standard_normal(s) * 1e-3).astype(pdtype) for s in shapes])
-
-    def to_device(x):
-        if isinstance(x, QuantizedState):
-            return QuantizedState(cuda.to_device(x.codes), cuda.to_device(x.absmax), x.signed)
-        return cuda.to_device(x)
-
-    slot = (lambda xs: xs) if as_list else (lambda xs: xs[0])
-    host_tail = [None if a is None else slot(a) for a in tail]
-    dev_tail = [None if a is None else slot([to_device(x) for x in a]) for a in tail]
-    d_p = [cuda.to_device(p) for p in params]
-    for t in range(1, steps + 1):
-        grads = [(rng.standard_normal(s) * 0.5).astype(np.float32).astype(gdtype) for s in shapes]
-        stochastic = StochasticRounding(int(rng.integers(2 ** 62)), t, int(rng.integers(2 ** 40))) \
-            if mode == "stochastic" else None
-        device = (slot(d_p), slot([cuda.to_device(g) for g in grads]), *dev_tail)
-        nb.step(spec, device, names, hp, t, 0.5, stochastic=stochastic)
-        numpy_backend.step(spec, (slot(params), slot(grads), *host_tail), names, hp, t, 0.5, stochastic=stochastic)
-    pairs, quantized = [(d, h) for d, h in zip(d_p, params)], 0
-    for dt, ht in zip(dev_tail, host_tail):
-        if dt is None:
-            continue
-        for d, h in zip(dt if as_list else [dt], ht if as_list else [ht]):
-            if isinstance(h, QuantizedState):
-                pairs += [(d.codes, h.codes), (d.absmax, h.absmax)]
-                quantized += 1
-            else:
-                pairs.append((d, h))
-    assert quantized >= len(shapes) or not any(spec.active_states(hp))  # each param's 8-bit states compared
-    for i, (d, h) in enumerate(pairs):
-        got = host(d)
-        assert got.tobytes() == h.tobytes(), \
-            f"array {i} of the call differs in {int((got != h).sum())} of {h.size} elements"
-
-
 def int8_families():
     from fastopt.precision import INT8_REFUSED
     return [(name, options, steps) for name, options, steps in CONFIGS if name not in INT8_REFUSED]
@@ -301,8 +275,8 @@ def int8_families():
 
 for name, options, steps in int8_families():
     check(f"{name} {options} int8 state list",
-          lambda: run_int8(name, options, min(steps, 2), F32, F32, None, INT8_SHAPES, True))
-check("adam int8 state single", lambda: run_int8("adam", {}, 3, F32, F32, None, [(513,)], False))
+          lambda: run_precision(name, options, min(steps, 2), F32, F32, INT8, None, INT8_SHAPES, True))
+check("adam int8 state single", lambda: run_precision("adam", {}, 3, F32, F32, INT8, None, [(513,)], False))
 # 16-bit params with each rounding (Adam), and the per-tensor numbers (LARS) and a one-state family (SGD) with one
 INT8_PRECISION = [("adam", {}, "fp16 params", F16, F16, None),
                   ("adam", {}, "fp16 params fp32 grads stochastic", F16, F32, "stochastic")] + ([
@@ -312,7 +286,8 @@ INT8_PRECISION = [("adam", {}, "fp16 params", F16, F16, None),
     ("sgd", dict(lr=0.1, momentum=0.9), "bf16 params stochastic", BF16, BF16, "stochastic")]
     if BF16 is not None else [])
 for name, options, label, pdtype, gdtype, mode in INT8_PRECISION:
-    check(f"{name} int8 state {label}", lambda: run_int8(name, options, 2, pdtype, gdtype, mode, INT8_SHAPES, True))
+    check(f"{name} int8 state {label}",
+          lambda: run_precision(name, options, 2, pdtype, gdtype, INT8, mode, INT8_SHAPES, True))
 
 
 def int8_refused_with_nothing_written():
