@@ -321,17 +321,20 @@ def int8_refused_with_nothing_written():
 check("8-bit state refused by the exact-state optimizers, nothing written", int8_refused_with_nothing_written)
 
 
-def int8_class_equals_the_host_class():
-    """fastopt.AdamW(state_dtype="int8") on Numba device arrays (init_state makes QuantizedStates of device arrays)
-    steps as the host class does, and its state dict (codes and scales) is the host class's and loads back."""
+def precision_class_equals_the_host_class(pdtype, options):
+    """fastopt.AdamW with precision options (`options`: state_dtype=, kahan=, stochastic_rounding=) on Numba device
+    arrays (init_state makes the 16-bit, 8-bit and compensation states on the device) steps as the host class does,
+    and its state dict (codes and scales of 8-bit states) is the host class's and loads back."""
     rng = np.random.default_rng(11)
     shapes = [(300,), (7,), (2, 260)]
-    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    params = [rng.standard_normal(s).astype(np.float32).astype(pdtype) for s in shapes]
     d_params = [cuda.to_device(p) for p in params]
-    host_opt = fastopt.AdamW(params, lr=1e-2, weight_decay=0.1, state_dtype="int8")
-    dev_opt = fastopt.AdamW(d_params, lr=1e-2, weight_decay=0.1, state_dtype="int8")
+    kw = dict(lr=1e-2, weight_decay=0.1, seed=3, **options) if options.get("stochastic_rounding") else \
+        dict(lr=1e-2, weight_decay=0.1, **options)
+    host_opt = fastopt.AdamW(params, **kw)
+    dev_opt = fastopt.AdamW(d_params, **kw)
     for _ in range(3):
-        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        grads = [rng.standard_normal(s).astype(np.float32).astype(pdtype) for s in shapes]
         host_opt.step(grads)
         dev_opt.step([cuda.to_device(g) for g in grads])
     for d, h in zip(d_params, params):
@@ -339,17 +342,21 @@ def int8_class_equals_the_host_class():
     want, got = host_opt.state_dict()["state"], dev_opt.state_dict()["state"]
     assert want.keys() == got.keys()
     for i in want:
-        assert want[i].keys() == got[i].keys() and "exp_avg_absmax" in want[i], want[i].keys()
+        assert want[i].keys() == got[i].keys(), (want[i].keys(), got[i].keys())
         for key in want[i]:
             assert np.asarray(host(got[i][key])).tobytes() == np.asarray(want[i][key]).tobytes(), (i, key)
-    again = fastopt.AdamW([cuda.to_device(p) for p in params], lr=1e-2, weight_decay=0.1, state_dtype="int8")
+    again = fastopt.AdamW([cuda.to_device(p) for p in params], **kw)
     again.load_state_dict(dev_opt.state_dict())
     for i, entry in again.state_dict()["state"].items():
         for key in entry:
             assert np.asarray(host(entry[key])).tobytes() == np.asarray(want[i][key]).tobytes(), (i, key)
 
 
-check("int8 class on Numba arrays equals the host class", int8_class_equals_the_host_class)
+for pdtype, options in ((F32, dict(state_dtype="int8")), (F16, dict(state_dtype="int8", kahan=True)),
+                        (F32, dict(state_dtype="float16")), (F16, dict(kahan=True)),
+                        (F16, dict(stochastic_rounding=True))):
+    check(f"AdamW {pdtype} {options} class on Numba arrays equals the host class",
+          lambda: precision_class_equals_the_host_class(pdtype, options))
 
 
 def clip_checks(dtype):
