@@ -391,7 +391,6 @@ INT8_REFUSED = {
     "asgd": "ASGD's ax is the averaged params, an output that must stay exact",
     "schedule_free_sgd": "schedule-free's z is the iterate the params are interpolated from",
     "schedule_free_adamw": "schedule-free's z is the iterate the params are interpolated from",
-    "adan": "Adan keeps four states; the 8-bit kernels carry three",
 }
 
 

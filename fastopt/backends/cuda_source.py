@@ -30,7 +30,7 @@ BLOCK = 256          # threads per block of every kernel (device.cuh FASTOPT_BLO
 # tail; 16 elements per thread (4 vectors of float32). Reductions sum per chunk: results depend on it.
 CHUNK = 1 << 12
 # int64 fields per tensor of a multi-tensor table (device.cuh TENSOR_FIELDS)
-TABLE_FIELDS = 13
+TABLE_FIELDS = 14
 
 
 def _in_flight(text):

@@ -235,7 +235,7 @@ def _aligned(*arrays):
 
 def _codes(a):
     """The array a table column points to: an array itself, or an 8-bit state's codes (its absmax goes to
-    columns 9-11)."""
+    columns 9-11, or 13 for a fourth state)."""
     return a.codes if isinstance(a, QuantizedState) else a
 
 
@@ -244,7 +244,7 @@ def table_layout(lists):
     offset of the chunk list). lists: per slot (params, grads, states; None unused) a list of arrays
     with .ptr and .size; slot 6 a fourth state (Adan), column 8; slot 5 the Kahan compensation, column 12.
     An 8-bit state (a precision.QuantizedState of such arrays) puts its codes in its slot's column and its
-    absmax in column 9 + its state index."""
+    absmax in column 9 + its state index (a fourth state's in column 13)."""
     n = len(lists[0])
     fields = np.zeros((n, TABLE_FIELDS), dtype=np.int64)
     for k in range(min(len(lists), 5)):
@@ -253,7 +253,9 @@ def table_layout(lists):
             if k >= 2 and lists[k] and isinstance(lists[k][0], QuantizedState):
                 fields[:, 7 + k] = [a.absmax.ptr for a in lists[k]]
     if len(lists) > 6 and lists[6] is not None:
-        fields[:, 8] = [a.ptr for a in lists[6]]
+        fields[:, 8] = [_codes(a).ptr for a in lists[6]]
+        if lists[6] and isinstance(lists[6][0], QuantizedState):
+            fields[:, 13] = [a.absmax.ptr for a in lists[6]]
     if len(lists) > 5 and lists[5] is not None:  # the Kahan compensation
         fields[:, 12] = [a.ptr for a in lists[5]]
     sizes = np.array([a.size for a in lists[0]], dtype=np.int64)
@@ -623,7 +625,8 @@ def _run_int8(prepared, spec, hp, host_scale, grad_scale, gs_kind, dtype, device
     if spec.tensor_coefs is not None:
         coefs = _tensor_coefs(spec, hp, host_scale, grad_scale, gs_kind, lists, given)
     maps, mids, buckets = _quantizer_tables(device, stream)
-    signed = sum(1 << k for k, slot in enumerate(lists[2:5]) if slot and slot[0].signed)
+    states = list(lists[2:5]) + [lists[6] if len(lists) > 6 else None]  # s0-s2 and a fourth state (Adan's)
+    signed = sum(1 << k for k, slot in enumerate(states) if slot and slot[0].signed)
     fn = _function(device, dtype, cuda_source.int8_kernel_name(spec.kernel, variant))
     fn((table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks), scalars, gs_ptr, gs_kind, coefs,
                                     maps, mids, buckets, np.int32(signed), skip, at))

@@ -118,9 +118,10 @@ def _run_int8(batch, spec, hp, step, grad_scale, stochastic, given_coefs=None):
     if spec.tensor_coefs is not None and coefs is None:  # the norms pass (reads p and g), before any write
         coefs = _tensor_coefs(spec, hp, grad_scale, _cpu_fast.sumsq_per_tensor(checked.lists[0]),
                               _cpu_fast.sumsq_per_tensor(checked.lists[1]), [p.ndim for p in checked.lists[0]])
-    params, grads, *states = checked.lists
-    comps = states[validate.COMP - 2] if len(states) > validate.COMP - 2 else None
-    states = (states[:validate.COMP - 2] + [None] * 3)[:3]
+    params, grads, *rest = checked.lists
+    comps = rest[validate.COMP - 2] if len(rest) > validate.COMP - 2 else None
+    # s0-s2, and a fourth state (Adan's: the call's slot 6, after the compensation)
+    states = (rest[:validate.COMP - 2] + [None] * 3)[:3] + [rest[4] if len(rest) > 4 else None]
     if not params:
         return
     for k, lst in enumerate(states):
@@ -132,11 +133,12 @@ def _run_int8(batch, spec, hp, step, grad_scale, stochastic, given_coefs=None):
         layout |= _ROUND_KAHAN << 6
     elif stochastic is not None:
         layout |= _ROUND_STOCHASTIC << 6
-    tensors = []
+    tensors = []  # _cpu_fast.run_int8's (p, g, codes0-2, comp, codes3, absmax0-3, signed0-3)
     for i in range(len(params)):
         qs = [None if lst is None else lst[i] for lst in states]
-        tensors.append((params[i], grads[i]) + tuple(None if q is None else q.codes for q in qs) +
-                       (None if comps is None else comps[i],) + tuple(None if q is None else q.absmax for q in qs) +
+        codes = tuple(None if q is None else q.codes for q in qs)
+        tensors.append((params[i], grads[i]) + codes[:3] + (None if comps is None else comps[i],) + codes[3:] +
+                       tuple(None if q is None else q.absmax for q in qs) +
                        tuple(bool(q is not None and q.signed) for q in qs))
     maps, mids, buckets = quantizer_arrays()
     if stochastic is None:

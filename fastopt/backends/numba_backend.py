@@ -50,7 +50,7 @@ AVAILABLE = importlib.util.find_spec("numba") is not None
 # as their uint16 bits, converted by kernels/numba/precision.py with the CUDA kernels' and CPU loops' bits)
 DTYPES = (F32, F64, F16) + ((BF16,) if BF16 is not None else ())
 _U16 = np.dtype(np.uint16)
-_FIELDS = 11  # int64 columns per tensor of a table (kernels/numba/kernels.py TENSOR_FIELDS)
+_FIELDS = 12  # int64 columns per tensor of a table (kernels/numba/kernels.py TENSOR_FIELDS)
 _QUANT_BLOCK = 256  # elements per absmax of an 8-bit state (precision.QUANT_BLOCK, kernels.py QUANT_BLOCK)
 _CACHE_SIZE = 64
 
@@ -248,18 +248,18 @@ def _validate(arrays, names, read_only_slot=1):
 # ---------------------------------------------------------------------------------------------------
 
 # (slot of a call's lists, table column): params, grads, s0-s2, the fourth state (slot 6), the compensation (5),
-# and the absmax of 8-bit states s0-s2 (slots 7-9: the launcher's, after the call's own)
-_SPAN_COLUMNS = ((0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (5, 7), (7, 8), (8, 9), (9, 10))
+# and the absmax of 8-bit states s0-s3 (slots 7-10: the launcher's, after the call's own)
+_SPAN_COLUMNS = ((0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (5, 7), (7, 8), (8, 9), (9, 10), (10, 11))
 
 
 def table_layout(lists, chunk):
     """The host side of one multi-tensor launch: (spans, tensors, chunks, offsets). lists: per slot
-    (params, grads, states s0-s2, the Kahan compensation, a fourth state, the absmax of 8-bit states s0-s2; None
+    (params, grads, states s0-s2, the Kahan compensation, a fourth state, the absmax of 8-bit states s0-s3; None
     unused) a list of arrays with .ptr, .size, .dtype, at least one of them not empty. spans: (lowest address,
     elements from there to the end of the last array) per _SPAN_COLUMNS entry: the params, grads, s0, s1, s2, the
-    fourth state (the call's slot 6), the compensation (slot 5) and the three absmax (slots 7-9), None for an
-    unused slot; tensors (nt, 11) int64: each tensor's element offset in each span, its size in column 5
-    (kernels.py T_N; the fourth state's offset in column 6, the compensation's in 7, the absmax' in 8-10);
+    fourth state (the call's slot 6), the compensation (slot 5) and the four absmax (slots 7-10), None for an
+    unused slot; tensors (nt, 12) int64: each tensor's element offset in each span, its size in column 5
+    (kernels.py T_N; the fourth state's offset in column 6, the compensation's in 7, the absmax' in 8-11);
     chunks (nb, 2) int64: (tensor, first element); offsets (nt + 1) int64: each tensor's first chunk (the
     reductions' segments)."""
     sizes = np.array([a.size for a in lists[0]], dtype=np.int64)
@@ -304,7 +304,7 @@ def _span_view(base, n, dtype):
 
 class _Table:
     """One set of tensors ready to launch: per span (table_layout's: P, G, S0, S1, S2, S3, C in `views`, the 8-bit
-    states' absmax A0, A1, A2 in `scales`) its view (the params' view for an unused one, never read), and the table
+    states' absmax A0-A3 in `scales`) its view (the params' view for an unused one, never read), and the table
     on the device: tensors, chunks and offsets in one int64 buffer."""
 
     __slots__ = ("views", "scales", "buffer", "host", "tensors", "chunks", "offsets", "ntensors", "nchunks")
@@ -528,21 +528,21 @@ def _quantizer_tables(device):
 def _run_int8(spec, lists, kinds, h, gs, used, variant, skip, coefs, rounding, key, index0, device, stream):
     """An update with 8-bit states: one launch of the family's update_q8 kernel (update_q8_kahan / _sr for the
     rounded 16-bit params) over a table of whole quantization blocks, the codes in the states' columns and the
-    absmax in T_A0-T_A2. Inside _on(device)."""
-    states = (list(lists[2:5]) + [None] * 3)[:3]
-    table_lists = list(lists[:2]) + [None if lst is None else [q.codes for q in lst] for lst in states]
-    table_lists += [lists[5] if len(lists) > 5 else None, None]
+    absmax in T_A0-T_A3. Inside _on(device)."""
+    states = (list(lists[2:5]) + [None] * 3)[:3] + [lists[6] if len(lists) > 6 else None]  # s3: Adan's fourth
+    codes = [None if lst is None else [q.codes for q in lst] for lst in states]
+    table_lists = list(lists[:2]) + codes[:3] + [lists[5] if len(lists) > 5 else None, codes[3]]
     table_lists += [None if lst is None else [q.absmax for q in lst] for lst in states]
     chunk = int8_chunk()
     table = _table(table_lists, device, stream, chunk)
-    P, G, S0, S1, S2, _, C = table.views
-    A0, A1, A2 = table.scales
+    P, G, S0, S1, S2, S3, C = table.views
+    A0, A1, A2, A3 = table.scales
     maps, mids, buckets = _quantizer_tables(device)
     signed = sum(1 << j for j, lst in enumerate(states) if lst and lst[0].signed)
     name = "update_q8" if rounding == ROUND_NEAREST else f"update_q8_{_SUFFIX[rounding]}"
     kernel = _kernels(F32, kinds, chunk)[name][spec.kernel]
     kernel[table.nchunks, launch_config()[0], stream](
-        P, G, S0, S1, S2, A0, A1, A2, C, table.tensors, table.chunks, h, gs, used, variant, skip,
+        P, G, S0, S1, S2, S3, A0, A1, A2, A3, C, table.tensors, table.chunks, h, gs, used, variant, skip,
         _ones(device, F32) if coefs is None else coefs, np.int64(key), np.int64(index0), maps, mids, buckets,
         np.int64(signed))
 

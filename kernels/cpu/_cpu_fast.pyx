@@ -81,7 +81,7 @@ DEF PARALLEL_MIN = 1 << 16
 DEF MAX_SCALARS = 16
 DEF SLOTS = 7          # p, g, state0, state1, state2, the Kahan compensation, state3 (Adan's fourth state)
 DEF COMP = 5           # the slot of the Kahan compensation (kahan=True)
-DEF INT8_SLOTS = 6     # run_int8's pointers per tensor: p, g, three states' codes, the compensation
+DEF INT8_SLOTS = 7     # run_int8's pointers per tensor: p, g, three states' codes, the compensation, a fourth's
 
 # How this module was built: OpenMP or serial, and the runtime ISA dispatch (platform.hpp).
 OPENMP = bool(FASTOPT_OPENMP)
@@ -1120,25 +1120,25 @@ cdef inline void* _data_or_null(object a):
 cdef inline int _chunk_int8(int layout, int kind, int variant, void** base, float** absmax, const float** maps,
                             const FoQuantizer* quants, int psize, int gsize, const Chunk* ch, const double* s,
                             double coef, unsigned int key, unsigned long long offset) noexcept nogil:
-    """One chunk of one tensor: base = {p, g, codes0, codes1, codes2, comp}, absmax = the tensor's three
+    """One chunk of one tensor: base = {p, g, codes0, codes1, codes2, comp, codes3}, absmax = the tensor's four
     scale arrays (NULL where unused); the chunk starts on a 256-block boundary (CHUNK is a multiple)."""
-    cdef void* ptrs[SLOTS]  # run_chunk_int8's pointer array: SLOTS long (slot 6 unused: three states)
-    cdef float* am[3]
-    cdef int k
+    cdef void* ptrs[SLOTS]  # run_chunk_int8's pointer array: the update's slots (codes3: Adan's fourth state)
+    cdef float* am[4]
+    cdef int k, slot
     ptrs[0] = <void*> (<char*> base[0] + ch.start * psize)
     ptrs[1] = <void*> (<char*> base[1] + ch.start * gsize)
-    for k in range(3):
-        if base[2 + k] == NULL:
-            ptrs[2 + k] = NULL
+    for k in range(4):
+        slot = 2 + k if k < 3 else 6
+        if base[slot] == NULL:
+            ptrs[slot] = NULL
             am[k] = NULL
         else:
-            ptrs[2 + k] = <void*> (<char*> base[2 + k] + ch.start)
+            ptrs[slot] = <void*> (<char*> base[slot] + ch.start)
             am[k] = absmax[k] + ch.start // 256
     if base[5] == NULL:
         ptrs[5] = NULL
     else:
         ptrs[5] = <void*> (<char*> base[5] + ch.start * psize)
-    ptrs[6] = NULL
     return run_chunk_int8(layout, kind, variant, ptrs, am, maps, quants, ch.n, s, coef, key,
                           offset + <unsigned long long> ch.start)
 
@@ -1147,8 +1147,8 @@ def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, c
              cnp.ndarray buckets, unsigned int key=0, unsigned long long index_offset=0, tensor_coefs=None):
     """Apply elementwise kernel `kernel` to tensors with 8-bit states, in place, in one parallel region.
 
-    tensors: per tensor (p, g, codes0, codes1, codes2, comp, absmax0, absmax1, absmax2, signed0, signed1,
-    signed2): NumPy arrays already validated by the caller (fastopt.backends.validate: dtypes, shapes,
+    tensors: per tensor (p, g, codes0, codes1, codes2, comp, codes3, absmax0, absmax1, absmax2, absmax3, signed0,
+    signed1, signed2, signed3; the fourth state: Adan's): NumPy arrays already validated by the caller (fastopt.backends.validate: dtypes, shapes,
     C-contiguous, writeable, disjoint, absmax of ceil(size / 256)), None for unused slots. layout: the params'
     and grads' dtype codes and the rounding (P | G << 2 | rounding << 6). maps (2, 256) float32, mids (2, 256)
     float32 and buckets (2, 65536) uint8: row 0 the unsigned map, row 1 the signed (fastopt.precision.dynamic_map
@@ -1182,9 +1182,9 @@ def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, c
     if nch == 0:
         return
     base = <void**> malloc(nt * INT8_SLOTS * sizeof(void*))
-    absmax = <float**> malloc(nt * 3 * sizeof(float*))
-    mp = <const float**> malloc(nt * 3 * sizeof(float*))
-    md = <FoQuantizer*> malloc(nt * 3 * sizeof(FoQuantizer))
+    absmax = <float**> malloc(nt * 4 * sizeof(float*))
+    mp = <const float**> malloc(nt * 4 * sizeof(float*))
+    md = <FoQuantizer*> malloc(nt * 4 * sizeof(FoQuantizer))
     chunks = <Chunk*> malloc(nch * sizeof(Chunk))
     if base == NULL or absmax == NULL or mp == NULL or md == NULL or chunks == NULL:
         free(base); free(absmax); free(mp); free(md); free(chunks)
@@ -1198,11 +1198,11 @@ def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, c
             entry = tensors[t]
             for k in range(INT8_SLOTS):
                 base[t * INT8_SLOTS + k] = _data_or_null(entry[k])
-            for k in range(3):
-                absmax[t * 3 + k] = <float*> _data_or_null(entry[6 + k])
-                mp[t * 3 + k] = map_rows + (256 if entry[9 + k] else 0)
-                md[t * 3 + k].mid = mid_rows + (256 if entry[9 + k] else 0)
-                md[t * 3 + k].bucket = bucket_rows + (65536 if entry[9 + k] else 0)
+            for k in range(4):
+                absmax[t * 4 + k] = <float*> _data_or_null(entry[7 + k])
+                mp[t * 4 + k] = map_rows + (256 if entry[11 + k] else 0)
+                md[t * 4 + k].mid = mid_rows + (256 if entry[11 + k] else 0)
+                md[t * 4 + k].bucket = bucket_rows + (65536 if entry[11 + k] else 0)
             size = (<cnp.ndarray> entry[0]).size
             start = 0
             while start < size:
@@ -1214,7 +1214,7 @@ def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, c
         with nogil:
             for c in prange(nch, schedule='static', num_threads=_threads_for(total)):
                 t = chunks[c].tensor
-                bad += _chunk_int8(layout, kind, variant, &base[t * INT8_SLOTS], &absmax[t * 3], &mp[t * 3], &md[t * 3],
+                bad += _chunk_int8(layout, kind, variant, &base[t * INT8_SLOTS], &absmax[t * 4], &mp[t * 4], &md[t * 4],
                                    psize, gsize, &chunks[c], s, per_tensor[t], key, index_offset) != 0
     finally:
         free(base); free(absmax); free(mp); free(md); free(chunks)

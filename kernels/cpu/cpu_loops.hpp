@@ -519,7 +519,8 @@ FASTOPT_CLONES int run_chunk(int layout, int kind, int variant, void* const* ptr
 // ---- 8-bit state (state_dtype="int8") ----
 
 // One chunk of one tensor with block-wise 8-bit states: ptrs = {p, g, codes0, codes1, codes2, kahan
-// compensation} (unused states NULL), absmax[k] the float32 scales of state k from the chunk's first block,
+// compensation, codes3} (unused states NULL; codes3: a fourth state, Adan's, in the update's slot 6), absmax[k] the
+// float32 scales of state k from the chunk's first block,
 // maps[k] / quants[k] its dynamic map and quantizer tables (signed or unsigned: fastopt/precision.py). The chunk
 // starts on a 256-block boundary of its tensor (the Cython module's chunks are multiples of STAGE). Blocks
 // of STAGE elements: params (and grads) widened, the states dequantized (map[code] * absmax) into float32
@@ -539,10 +540,12 @@ FASTOPT_INLINE int run_int8_typed(int kind, int variant, void* const* ptrs, floa
     TP* c = static_cast<TP*>(ptrs[5]);
     // float32 params and grads need no staging: the update runs on them in place
     const bool direct = sizeof(TP) == 4 && sizeof(typename GS::type) == 4 && MODE == ROUND_NEAREST;
-    float* sw[3] = {buf[2], buf[3], buf[4]};
-    Int8Codec codec[3];
-    for (int k = 0; k < 3; ++k)
-        if (ptrs[2 + k] != 0) codec[k] = int8_codec(maps[k], quants[k]);
+    // state k's slot in ptrs and in the update's pointers (run_chunk's layout: the fourth state after the compensation)
+    const int slot[4] = {2, 3, 4, 6};
+    float* sw[4] = {buf[2], buf[3], buf[4], buf[5]};
+    Int8Codec codec[4];
+    for (int k = 0; k < 4; ++k)
+        if (ptrs[slot[k]] != 0) codec[k] = int8_codec(maps[k], quants[k]);
     for (int64_t off = 0; off < n; off += STAGE) {
         const int64_t m = n - off < STAGE ? n - off : int64_t(STAGE);
         PS ps;
@@ -556,23 +559,23 @@ FASTOPT_INLINE int run_int8_typed(int kind, int variant, void* const* ptrs, floa
             for (int64_t i = 0; i < m; ++i) pw[i] = ps.template load<float>(p[off + i]);
             for (int64_t i = 0; i < m; ++i) gw[i] = gs.template load<float>(g[off + i]);
         }
-        void* inner[7] = {pw, gw, 0, 0, 0, 0, 0};  // three states (Adan's 8-bit state is refused)
-        for (int k = 0; k < 3; ++k) {
-            if (ptrs[2 + k] == 0) continue;
-            const unsigned char* codes = static_cast<const unsigned char*>(ptrs[2 + k]) + off;
+        void* inner[7] = {pw, gw, 0, 0, 0, 0, 0};  // the compensation (slot 5) is applied below, not by the update
+        for (int k = 0; k < 4; ++k) {
+            if (ptrs[slot[k]] == 0) continue;
+            const unsigned char* codes = static_cast<const unsigned char*>(ptrs[slot[k]]) + off;
             const float* am = absmax[k] + off / FO_QUANT_BLOCK;
             for (int64_t b = 0; b * FO_QUANT_BLOCK < m; ++b) {
                 const int64_t start = b * FO_QUANT_BLOCK;
                 const unsigned len = unsigned(m - start < FO_QUANT_BLOCK ? m - start : FO_QUANT_BLOCK);
                 codec_dequantize_block(codec[k], codes + start, len, am[b], &sw[k][start]);
             }
-            inner[2 + k] = sw[k];
+            inner[slot[k]] = sw[k];
         }
         const int r = run_chunk(LAYOUT_F32, kind, variant, inner, m, s, coef, 0, 0, 0);
         if (r != 0) return r;
-        for (int k = 0; k < 3; ++k) {
-            if (ptrs[2 + k] == 0) continue;
-            unsigned char* codes = static_cast<unsigned char*>(ptrs[2 + k]) + off;
+        for (int k = 0; k < 4; ++k) {
+            if (ptrs[slot[k]] == 0) continue;
+            unsigned char* codes = static_cast<unsigned char*>(ptrs[slot[k]]) + off;
             float* am = absmax[k] + off / FO_QUANT_BLOCK;
             for (int64_t b = 0; b * FO_QUANT_BLOCK < m; ++b) {
                 const int64_t start = b * FO_QUANT_BLOCK;
@@ -614,7 +617,7 @@ FASTOPT_CLONES int run_chunk_int8(int layout, int kind, int variant, void* const
                                   const float* const* maps, const FoQuantizer* quants, int64_t n, const double* s,
                                   double coef, fo_u32 key, fo_u64 index0) {
     if (kind < 0 || kind >= FASTOPT_FAMILY_COUNT) return -1;
-    float buf[5][STAGE];  // p, g, three states: 20 KiB, once here (not per inlined layout)
+    float buf[6][STAGE];  // p, g, four states: 24 KiB, once here (not per inlined layout)
     const int mode = layout >> 6, pd = layout & 3, gd = (layout >> 2) & 3;
     if (pd == DTYPE_F32 && gd == DTYPE_F32 && mode == ROUND_NEAREST)
         return run_int8_typed<Plain<float>, Plain<float>, ROUND_NEAREST>(kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);

@@ -208,11 +208,11 @@ __device__ __forceinline__ bool skipped(const unsigned char* skip) { return skip
 // Multi-tensor table (one int64 buffer, cached by the launcher while the pointers repeat):
 //   tensors: TENSOR_FIELDS int64 per tensor: p, g, s0, s1, s2 (0 when unused), n, vec (all pointers
 //            16-byte aligned), first chunk index, s3 (a fourth state: Adan's; 0 when unused), with 8-bit
-//            state (s0..s2 then hold the uint8 codes) a0, a1, a2: the float32 absmax per 256 of each state,
-//            and c: the Kahan compensation of the params (FASTOPT_ROUND 1; 0 otherwise)
+//            state (s0..s3 then hold the uint8 codes) a0, a1, a2: the float32 absmax per 256 of s0..s2,
+//            c: the Kahan compensation of the params (FASTOPT_ROUND 1; 0 otherwise), and a3: s3's absmax
 //   chunks:  one int64 per block: tensor index << 32 | chunk index within the tensor
-enum { TENSOR_FIELDS = 13, F_P = 0, F_G = 1, F_S0 = 2, F_S1 = 3, F_S2 = 4, F_N = 5, F_VEC = 6, F_FIRST = 7, F_S3 = 8,
-       F_A0 = 9, F_C = 12 };
+enum { TENSOR_FIELDS = 14, F_P = 0, F_G = 1, F_S0 = 2, F_S1 = 3, F_S2 = 4, F_N = 5, F_VEC = 6, F_FIRST = 7, F_S3 = 8,
+       F_A0 = 9, F_C = 12, F_A3 = 13 };
 
 struct ChunkRange {
     const i64* rec;  // the tensor's record

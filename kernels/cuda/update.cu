@@ -203,7 +203,7 @@ static_assert(FASTOPT_BLOCK >= 256, "the maps (256 entries) are copied to shared
 struct Q8Row {
     Vec<T, Q8_GROUP> p;
     Vec<G, Q8_GROUP> g;
-    Vec<unsigned char, Q8_GROUP> c[3];
+    Vec<unsigned char, Q8_GROUP> c[4];  // the codes of s0-s2 and a fourth state (Adan's)
     i64 i0;
     int valid;
     bool whole;
@@ -220,7 +220,7 @@ __device__ __forceinline__ void q8_load(Q8Row& w, const Ptrs& a, unsigned char* 
         w.p = reinterpret_cast<const Vec<T, Q8_GROUP>*>(a.p + w.i0)[0];
         w.g = reinterpret_cast<const Vec<G, Q8_GROUP>*>(a.g + w.i0)[0];
 #pragma unroll
-        for (int k = 0; k < 3; ++k)
+        for (int k = 0; k < 4; ++k)
             if (Op::USED & (1 << k)) w.c[k] = reinterpret_cast<const Vec<unsigned char, Q8_GROUP>*>(codes[k] + w.i0)[0];
         return;
     }
@@ -230,7 +230,7 @@ __device__ __forceinline__ void q8_load(Q8Row& w, const Ptrs& a, unsigned char* 
         w.p.v[j] = a.p[w.i0 + j];
         w.g.v[j] = a.g[w.i0 + j];
 #pragma unroll
-        for (int k = 0; k < 3; ++k)
+        for (int k = 0; k < 4; ++k)
             if (Op::USED & (1 << k)) w.c[k].v[j] = codes[k][w.i0 + j];
     }
 }
@@ -240,23 +240,23 @@ __device__ __forceinline__ void q8_load(Q8Row& w, const Ptrs& a, unsigned char* 
 template <class Op>
 __device__ __forceinline__ void q8_update(Q8Row& w, const Op& op, const Ptrs& a, float* const* absmax,
                                           const float* const* map, float (*x)[Q8_GROUP]) {
-    float scale[3] = {0.0f, 0.0f, 0.0f};
+    float scale[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-    for (int k = 0; k < 3; ++k)
+    for (int k = 0; k < 4; ++k)
         if ((Op::USED & (1 << k)) && w.valid > 0) scale[k] = absmax[k][w.i0 / FO_QUANT_BLOCK];
 #pragma unroll
     for (int j = 0; j < Q8_GROUP; ++j) {
-        x[0][j] = x[1][j] = x[2][j] = 0.0f;
+        x[0][j] = x[1][j] = x[2][j] = x[3][j] = 0.0f;
         if (j >= w.valid) continue;
-        M p = load(w.p.v[j]), s[3] = {M(0), M(0), M(0)}, s3 = M(0);
+        M p = load(w.p.v[j]), s[4] = {M(0), M(0), M(0), M(0)};
         const M p_old = p;
 #pragma unroll
-        for (int k = 0; k < 3; ++k)
+        for (int k = 0; k < 4; ++k)
             if (Op::USED & (1 << k)) s[k] = fo_dequantize(w.c[k].v[j], scale[k], map[k]);
-        fo_op_call(op, p, load(w.g.v[j]), s[0], s[1], s[2], s3);
+        fo_op_call(op, p, load(w.g.v[j]), s[0], s[1], s[2], s[3]);
         store_param(a, w.i0 + j, p_old, p, w.p.v[j]);
 #pragma unroll
-        for (int k = 0; k < 3; ++k) x[k][j] = float(s[k]);
+        for (int k = 0; k < 4; ++k) x[k][j] = float(s[k]);
     }
     if (w.whole) {
         reinterpret_cast<Vec<T, Q8_GROUP>*>(a.p + w.i0)[0] = w.p;
@@ -279,7 +279,7 @@ __device__ __forceinline__ void q8_kernel(const i64* tensors, const i64* chunks,
                                           const unsigned char* buckets, int signed_mask, const unsigned char* skip,
                                           const double* at) {
     __shared__ float smap[2][256], smid[2][256];       // row 0 the unsigned map, row 1 the signed one
-    __shared__ unsigned stop[3][Q8_ROWS][Q8_WARPS];     // each warp's largest |x| bits per state and row
+    __shared__ unsigned stop[4][Q8_ROWS][Q8_WARPS];     // each warp's largest |x| bits per state and row
     if (skipped(skip)) return;
     for (int k = threadIdx.x; k < 256; k += FASTOPT_BLOCK) {
         smap[0][k] = maps[k];
@@ -291,20 +291,20 @@ __device__ __forceinline__ void q8_kernel(const i64* tensors, const i64* chunks,
     Op op = make_op<Op>(sc, gs, gs_kind, at);
     if constexpr (COEF) op.coef = M(coefs[r.tensor]);
     const Ptrs a = table_ptrs(r.rec, sc);  // p, g, the Kahan compensation, the rounding key and index0
-    unsigned char* codes[3];
-    float* absmax[3];
-    const float* map[3];
-    int row[3];
+    unsigned char* codes[4];  // s0-s2 and a fourth state (Adan's: F_S3, its scales F_A3)
+    float* absmax[4];
+    const float* map[4];
+    int row[4];
 #pragma unroll
-    for (int k = 0; k < 3; ++k) {
-        codes[k] = reinterpret_cast<unsigned char*>(r.rec[F_S0 + k]);
-        absmax[k] = reinterpret_cast<float*>(r.rec[F_A0 + k]);
+    for (int k = 0; k < 4; ++k) {
+        codes[k] = reinterpret_cast<unsigned char*>(r.rec[k < 3 ? F_S0 + k : F_S3]);
+        absmax[k] = reinterpret_cast<float*>(r.rec[k < 3 ? F_A0 + k : F_A3]);
         row[k] = (signed_mask >> k) & 1;
         map[k] = smap[row[k]];
     }
     const bool vec = r.rec[F_VEC] != 0;
     __syncthreads();  // the maps are in shared memory
-    float x[3][Q8_ROWS][Q8_GROUP];
+    float x[4][Q8_ROWS][Q8_GROUP];
     int valid[Q8_ROWS];
 #pragma unroll
     for (int u0 = 0; u0 < Q8_ROWS; u0 += Q8_IN_FLIGHT) {
@@ -313,11 +313,11 @@ __device__ __forceinline__ void q8_kernel(const i64* tensors, const i64* chunks,
         for (int v = 0; v < Q8_IN_FLIGHT; ++v) q8_load<Op>(w[v], a, codes, r, u0 + v, vec);
 #pragma unroll
         for (int v = 0; v < Q8_IN_FLIGHT; ++v) {
-            float xs[3][Q8_GROUP];
+            float xs[4][Q8_GROUP];
             q8_update(w[v], op, a, absmax, map, xs);
             valid[u0 + v] = w[v].valid;
 #pragma unroll
-            for (int k = 0; k < 3; ++k)
+            for (int k = 0; k < 4; ++k)
 #pragma unroll
                 for (int j = 0; j < Q8_GROUP; ++j) x[k][u0 + v][j] = xs[k][j];
         }
@@ -326,7 +326,7 @@ __device__ __forceinline__ void q8_kernel(const i64* tensors, const i64* chunks,
     // elements count as 0), per warp by shuffles, then across the block's warps in shared memory
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
-    for (int k = 0; k < 3; ++k) {
+    for (int k = 0; k < 4; ++k) {
         if (!(Op::USED & (1 << k))) continue;
 #pragma unroll
         for (int u = 0; u < Q8_ROWS; ++u) {
@@ -347,7 +347,7 @@ __device__ __forceinline__ void q8_kernel(const i64* tensors, const i64* chunks,
     __syncthreads();
     const int first_warp = warp - warp % Q8_WARPS_PER_QBLOCK;
 #pragma unroll
-    for (int k = 0; k < 3; ++k) {
+    for (int k = 0; k < 4; ++k) {
         if (!(Op::USED & (1 << k))) continue;
         const FoQuantizer q = {smid[row[k]], buckets + 65536 * row[k]};
 #pragma unroll

@@ -12,7 +12,7 @@ table, like the CuPy backend's. The launcher (fastopt/backends/numba_backend.py)
 s0, s1, s2), one 1-d array `P, G, S0, S1, S2` that starts at the lowest address of that slot's tensors,
 and a table:
   tensors[t] = (offset of tensor t in P, in G, in S0, in S1, in S2, number of elements, in S3, in C, in A0, in A1,
-                in A2)                                                                 int64 (nt, 11)
+                in A2, in A3)                                                          int64 (nt, 12)
   chunks[b]  = (tensor, first element)                                                   int64 (nb, 2)
 Block b handles the elements [first, min(first + CHUNK, n)) of its tensor, its threads striding by the
 block size, so every element is covered whatever the grid (one block per chunk).
@@ -35,9 +35,9 @@ found by name in kernels/numba/math.py; no family is listed here:
                                                    rounded (random_bits(key, index0 + i)), every elementwise family
   apply_kahan[family], apply_sr[family](P, S0, S1, S2, C, tensors, chunks, h, scaled_lr, used, variant, skip, key,
                                         index0)   the same stores in a two-phase family's second pass
-  update_q8[family](P, G, S0, S1, S2, A0, A1, A2, C, tensors, chunks, h, gs, used, variant, skip, coefs, key,
-                    index0, maps, mids, buckets, signed_mask)   8-bit states (state_dtype="int8"): S0-S2 the
-                                                   codes, A0-A2 the absmax per 256-block (table columns T_A0-T_A2),
+  update_q8[family](P, G, S0, S1, S2, S3, A0, A1, A2, A3, C, tensors, chunks, h, gs, used, variant, skip, coefs,
+                    key, index0, maps, mids, buckets, signed_mask)   8-bit states (state_dtype="int8"): S0-S3 the
+                                                   codes, A0-A3 the absmax per 256-block (columns T_A0-T_A3),
                                                    float32 math; update_q8_kahan / update_q8_sr for 16-bit params
                                                    stored Kahan-compensated or stochastically rounded
   step_guard(sq, max_norm, coef, flag, skipped, mode)      the optimizer's clip coefficient / skip flag
@@ -107,9 +107,9 @@ class _Lazy(dict):
 
 
 # the table's columns (tensors[t, ...]); T_S3: a fourth state's offset, T_C: the Kahan compensation's, T_A0-T_A2:
-# the absmax offsets of 8-bit states s0-s2 (in blocks of QUANT_BLOCK; 0 when unused)
-T_P, T_G, T_S0, T_S1, T_S2, T_N, T_S3, T_C, T_A0, T_A1, T_A2 = range(11)
-TENSOR_FIELDS = 11
+# the absmax offsets of 8-bit states s0-s3 (in blocks of QUANT_BLOCK; 0 when unused)
+T_P, T_G, T_S0, T_S1, T_S2, T_N, T_S3, T_C, T_A0, T_A1, T_A2, T_A3 = range(12)
+TENSOR_FIELDS = 12
 QUANT_BLOCK = 256  # elements per absmax of an 8-bit state (fastopt.precision.QUANT_BLOCK)
 
 
@@ -403,7 +403,7 @@ def build(dtype, block, chunk, kinds=None):
             return apply_rounded
         return make
 
-    # 8-bit states (state_dtype="int8", precision.QuantizedState): S0-S2 hold the codes (uint8), A0-A2 the float32
+    # 8-bit states (state_dtype="int8", precision.QuantizedState): S0-S3 hold the codes (uint8), A0-A3 the float32
     # absmax per block of QUANT_BLOCK elements; maps / mids (2, 256) the unsigned then the signed dynamic map and
     # quantizer midpoints (padded with +inf), buckets (2, 65536) their bucket tables (precision.quantizer_arrays),
     # bit k of signed_mask: state k takes the signed row. A chunk is whole quantization blocks (CHUNK a multiple
@@ -412,8 +412,8 @@ def build(dtype, block, chunk, kinds=None):
     # stored by the rounding, the new states kept; then per state the block's absmax (the largest |x| bit pattern,
     # NaN above every number: a tree of maxima in shared memory) and each code fo_quantize's (x / absmax: the
     # bucket of its top 16 bits, then one midpoint). precision.cuh's fo_quantize_block bit for bit: the CPU's
-    # codes and scales. Elementwise three-state families (LARS with its numbers per tensor); the others are
-    # refused before launch (precision.INT8_REFUSED).
+    # codes and scales. Elementwise families (LARS with its numbers per tensor, Adan with its fourth state); the
+    # others are refused before launch (precision.INT8_REFUSED).
     PER_THREAD = QUANT_BLOCK // BLOCK if BLOCK <= QUANT_BLOCK and QUANT_BLOCK % BLOCK == 0 else 0
     bits, from_bits = fprec.build()["bits"], fprec.build()["from_bits"]
     F32_ONE, F32_ZERO = np.float32(1.0), np.float32(0.0)
@@ -443,14 +443,29 @@ def build(dtype, block, chunk, kinds=None):
         below = buckets[row, bits(x) >> 16]
         return below + 1 if smid[row, below] < x else below
 
+    @cuda.jit(device=True)
+    def requantize(S, o, A, ka, X, row, top, qb, qend, tops, smid, buckets):
+        """One state's new values X (this thread's elements of the quantization block from qb) stored as codes, and
+        the block's absmax (the largest |x| bit pattern, `top` over the block) stored by thread 0. Every thread of
+        the block calls it (block_max's barriers)."""
+        am = from_bits(block_max(top, tops))
+        scale = am if am > F32_ZERO else F32_ONE  # an all-zero block: every code is zero's
+        tid = cuda.threadIdx.x
+        if tid == 0:
+            A[ka] = am
+        for r in range(PER_THREAD):
+            i = qb + r * BLOCK + tid
+            if i < qend:
+                S[o + i] = quantize(X[r] / scale, row, smid, buckets)
+
     def make_update_q8(rounding):
         def make(family):
             step_math, store_param = element_math(family), param_store(rounding)
             assert PER_THREAD, f"8-bit kernels need a block size dividing {QUANT_BLOCK}, got {BLOCK}"
 
             @cuda.jit
-            def update_q8(P, G, S0, S1, S2, A0, A1, A2, C, tensors, chunks, h, gs, used, variant, skip, coefs, key,
-                          index0, maps, mids, buckets, signed_mask):
+            def update_q8(P, G, S0, S1, S2, S3, A0, A1, A2, A3, C, tensors, chunks, h, gs, used, variant, skip, coefs,
+                          key, index0, maps, mids, buckets, signed_mask):
                 smap = cuda.shared.array((2, 256), float32)
                 smid = cuda.shared.array((2, 256), float32)
                 tops = cuda.shared.array(BLOCK, int64)
@@ -465,70 +480,59 @@ def build(dtype, block, chunk, kinds=None):
                 cuda.syncthreads()
                 s = gs[0]
                 t, begin, end, op, og, o0, o1, o2 = chunk_offsets(tensors, chunks)
-                oc, k0, k1, k2 = tensors[t, T_C], tensors[t, T_A0], tensors[t, T_A1], tensors[t, T_A2]
-                r0, r1, r2 = signed_mask & 1, (signed_mask >> 1) & 1, (signed_mask >> 2) & 1
+                o3, oc = tensors[t, T_S3], tensors[t, T_C]
+                k0, k1, k2, k3 = tensors[t, T_A0], tensors[t, T_A1], tensors[t, T_A2], tensors[t, T_A3]
+                r0, r1, r2, r3 = signed_mask & 1, (signed_mask >> 1) & 1, (signed_mask >> 2) & 1, (signed_mask >> 3) & 1
                 x0 = cuda.local.array(PER_THREAD, float32)
                 x1 = cuda.local.array(PER_THREAD, float32)
                 x2 = cuda.local.array(PER_THREAD, float32)
+                x3 = cuda.local.array(PER_THREAD, float32)
                 for qb in range(begin, end, QUANT_BLOCK):  # uniform across the block: the barriers below
                     qend = min(qb + QUANT_BLOCK, end)
                     blk = qb // QUANT_BLOCK
                     top0 = int64(0)
                     top1 = int64(0)
                     top2 = int64(0)
+                    top3 = int64(0)
                     for r in range(PER_THREAD):
                         i = qb + r * BLOCK + tid
                         x0[r] = F32_ZERO
                         x1[r] = F32_ZERO
                         x2[r] = F32_ZERO
+                        x3[r] = F32_ZERO
                         if i < qend:
                             a = F32_ZERO
                             b = F32_ZERO
                             c = F32_ZERO
+                            d = F32_ZERO
                             if used & 1:
                                 a = dequantize(S0, o0 + i, A0, k0 + blk, r0, smap)
                             if used & 2:
                                 b = dequantize(S1, o1 + i, A1, k1 + blk, r1, smap)
                             if used & 4:
                                 c = dequantize(S2, o2 + i, A2, k2 + blk, r2, smap)
+                            if used & 8:
+                                d = dequantize(S3, o3 + i, A3, k3 + blk, r3, smap)
                             p = load_p(P[op + i])
-                            pi, a, b, c, d = step_math(p, load_g(G[og + i]), a, b, c, F32_ZERO, h, s, variant,
-                                                       coefs, t)
+                            pi, a, b, c, d = step_math(p, load_g(G[og + i]), a, b, c, d, h, s, variant, coefs, t)
                             store_param(P, op + i, p, pi, C, oc + i, key, index0 + i)
                             x0[r] = a
                             x1[r] = b
                             x2[r] = c
+                            x3[r] = d
                             top0 = max(top0, bits(a) & 0x7fffffff)
                             top1 = max(top1, bits(b) & 0x7fffffff)
                             top2 = max(top2, bits(c) & 0x7fffffff)
+                            top3 = max(top3, bits(d) & 0x7fffffff)
                     # every thread has read this block's scales (above) before thread 0 rewrites them (below)
                     if used & 1:
-                        am = from_bits(block_max(top0, tops))
-                        scale = am if am > F32_ZERO else F32_ONE  # an all-zero block: every code is zero's
-                        if tid == 0:
-                            A0[k0 + blk] = am
-                        for r in range(PER_THREAD):
-                            i = qb + r * BLOCK + tid
-                            if i < qend:
-                                S0[o0 + i] = quantize(x0[r] / scale, r0, smid, buckets)
+                        requantize(S0, o0, A0, k0 + blk, x0, r0, top0, qb, qend, tops, smid, buckets)
                     if used & 2:
-                        am = from_bits(block_max(top1, tops))
-                        scale = am if am > F32_ZERO else F32_ONE
-                        if tid == 0:
-                            A1[k1 + blk] = am
-                        for r in range(PER_THREAD):
-                            i = qb + r * BLOCK + tid
-                            if i < qend:
-                                S1[o1 + i] = quantize(x1[r] / scale, r1, smid, buckets)
+                        requantize(S1, o1, A1, k1 + blk, x1, r1, top1, qb, qend, tops, smid, buckets)
                     if used & 4:
-                        am = from_bits(block_max(top2, tops))
-                        scale = am if am > F32_ZERO else F32_ONE
-                        if tid == 0:
-                            A2[k2 + blk] = am
-                        for r in range(PER_THREAD):
-                            i = qb + r * BLOCK + tid
-                            if i < qend:
-                                S2[o2 + i] = quantize(x2[r] / scale, r2, smid, buckets)
+                        requantize(S2, o2, A2, k2 + blk, x2, r2, top2, qb, qend, tops, smid, buckets)
+                    if used & 8:
+                        requantize(S3, o3, A3, k3 + blk, x3, r3, top3, qb, qend, tops, smid, buckets)
             return update_q8
         return make
 

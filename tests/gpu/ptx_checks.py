@@ -157,13 +157,13 @@ INT8_FAMILIES = sorted({s.kernel for s in kernel_specs() if s.name not in INT8_R
 def int8_signature(family, p, g):
     codes, scales, table = arr(uint8), arr(float32), int64[:, ::1]
     h = types.UniTuple(float32, nscalars(family))
-    return (p, g, codes, codes, codes, scales, scales, scales, p, table, table, h, arr(float32), int64, int64,
-            arr(uint8), arr(float32), int64, int64, float32[:, ::1], float32[:, ::1], uint8[:, ::1], int64)
+    return (p, g, codes, codes, codes, codes, scales, scales, scales, scales, p, table, table, h, arr(float32), int64,
+            int64, arr(uint8), arr(float32), int64, int64, float32[:, ::1], float32[:, ::1], uint8[:, ::1], int64)
 
 
 int8_cases = [(None, "update_q8", f) for f in INT8_FAMILIES] + [
     (("bfloat16", "bfloat16", None), name, f) for name in ("update_q8", "update_q8_kahan", "update_q8_sr")
-    for f in ("adam", "lars")]
+    for f in ("adam", "lars", "adan")]
 for kinds, name, family in int8_cases:
     label = f"{name}[{family}] {kinds} sm_90"
     p = arr(types.uint16) if kinds else arr(float32)

@@ -811,7 +811,8 @@ def run_int8_updates(fake, spec, dtype, device):
             assert kernels == norms + [name], context
             a = args_by_name(fake.launches[-1])
             assert module_dtype(fake.launches[-1].options) == cuda_source.module_key(dtype, cuda_source.INT8), context
-            slots = [t for t in tail[:3]] + [None] * (3 - len(tail[:3]))
+            # s0-s2 and a fourth state (Adan's: the call's slot 6, after the compensation): bit 3
+            slots = [t for t in tail[:3]] + [None] * (3 - len(tail[:3])) + [tail[4] if len(tail) > 4 else None]
             want = sum(1 << k for k, t in enumerate(slots) if t is not None and
                        (t[0] if isinstance(t, list) else t).signed)
             assert int(a["signed_mask"]) == want, context

@@ -153,18 +153,18 @@ def test_multi_tensor_table_layout():
     fields = host[:offset // 8].reshape(nt, cuda_source.TABLE_FIELDS)
     chunks = host[offset // 8:]
     assert (nt, nc) == (3, 3)
-    assert fields[0].tolist() == [256, 4096, 0, 0, 0, chunk + 3, 1, 0, 0, 0, 0, 0, 0]
+    assert fields[0].tolist() == [256, 4096, 0, 0, 0, chunk + 3, 1, 0, 0, 0, 0, 0, 0, 0]
     assert fields[2][5:9].tolist() == [5, 0, 2, 0]        # misaligned params: scalar loads
     # a fourth state (Adan's: the call's slot 6, after the Kahan compensation's) goes to column 8 (F_S3)
     s = [[A(16 * (k + 1) * 1024 + 16 * i, x.size) for i, x in enumerate(params)] for k in range(4)]
     host4, _, _, offset4 = table_layout([params, grads, s[0], s[1], s[2], None, s[3]])
     fields4 = host4[:offset4 // 8].reshape(nt, cuda_source.TABLE_FIELDS)
-    assert fields4[0].tolist() == [256, 4096, 16384, 32768, 49152, chunk + 3, 1, 0, 65536, 0, 0, 0, 0]
+    assert fields4[0].tolist() == [256, 4096, 16384, 32768, 49152, chunk + 3, 1, 0, 65536, 0, 0, 0, 0, 0]
     # the Kahan compensation (the call's slot 5) goes to column 12 (F_C), beside a fourth state too
     comp = [A(1 << 20 | 16 * i, x.size) for i, x in enumerate(params)]
     hostc, _, _, offsetc = table_layout([params, grads, s[0], s[1], s[2], comp, s[3]])
     fieldsc = hostc[:offsetc // 8].reshape(nt, cuda_source.TABLE_FIELDS)
-    assert fieldsc[0].tolist() == [256, 4096, 16384, 32768, 49152, chunk + 3, 1, 0, 65536, 0, 0, 0, 1 << 20]
+    assert fieldsc[0].tolist() == [256, 4096, 16384, 32768, 49152, chunk + 3, 1, 0, 65536, 0, 0, 0, 1 << 20, 0]
     assert [(int(c) >> 32, int(c) & 0xffffffff) for c in chunks] == [(0, 0), (0, 1), (2, 0)]
     # 8-bit states (QuantizedState): the codes in the state's column, the absmax in column 9 + the state's index
     from fastopt.precision import QuantizedState
@@ -173,4 +173,12 @@ def test_multi_tensor_table_layout():
     host8, _, _, offset8 = table_layout([params, grads, q[0], q[1], None])
     fields8 = host8[:offset8 // 8].reshape(nt, cuda_source.TABLE_FIELDS)
     assert fields8[2].tolist() == [2048 + 4, 8192, 65536 + 512, 131072 + 512, 0, 5, 0, 2, 0, (1 << 24) + 128,
-                                   (1 << 24) + 4096 + 128, 0, 0]
+                                   (1 << 24) + 4096 + 128, 0, 0, 0]
+    # a fourth 8-bit state (Adan's, the call's slot 6): its codes in column 8 (F_S3), its absmax in 13 (F_A3)
+    q4 = [[QuantizedState(A(65536 * (k + 1) + 256 * i, x.size), A(1 << 24 | 4096 * k + 64 * i, 1), True)
+           for i, x in enumerate(params)] for k in range(4)]
+    host4q, _, _, offset4q = table_layout([params, grads, q4[0], q4[1], q4[2], None, q4[3]])
+    fields4q = host4q[:offset4q // 8].reshape(nt, cuda_source.TABLE_FIELDS)
+    assert fields4q[2].tolist() == [2048 + 4, 8192, 65536 + 512, 131072 + 512, 196608 + 512, 5, 0, 2, 262144 + 512,
+                                    (1 << 24) + 128, (1 << 24) + 4096 + 128, (1 << 24) + 8192 + 128, 0,
+                                    (1 << 24) + 12288 + 128]

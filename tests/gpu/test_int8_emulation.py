@@ -165,7 +165,7 @@ def test_optimizers_whose_state_stays_exact_are_refused_with_nothing_written(cp,
 
 def test_other_backends_and_mixed_states_are_refused(cp):
     """A QuantizedState for a backend API without 8-bit kernels (state_dtypes=False), and 8-bit beside float states
-    in one call: TypeErrors naming the state, before anything runs (the Numba backend refuses 8-bit state by name:
+    in one call: TypeErrors naming the state, before anything runs (the Numba backend's 8-bit kernels:
     tests/gpu/sim_checks.py)."""
     from fastopt.backends import device_arrays, validate
     spec = REGISTRY["adam"]
