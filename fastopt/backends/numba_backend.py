@@ -5,7 +5,8 @@ or float32 grads) and states (state_dtype=, the CPU's rule) with float32 math on
 params rounded to nearest, Kahan-compensated (kahan=True) or stochastically rounded (stochastic_rounding=True)
 with the CPU's and CUDA's bits (kernels/numba/precision.py), every family (LAMB's apply pass, Adan's fourth state
 included); 8-bit state (state_dtype="int8", precision.QuantizedState of device arrays) for the elementwise
-three-state families, dequantized, updated and requantized in one pass with the CPU's codes and scales.
+families (Adan's fourth state too), dequantized, updated and requantized in one pass with the CPU's codes and
+scales.
 
 - One launch per list (or array), like the CuPy backend: Numba kernels take arrays, not pointers, so for
   each slot (params, grads, each state) the launcher makes one 1-d view that starts at the lowest address
@@ -42,7 +43,7 @@ from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMe
                                              prepare_fixed_device, producer_stream, rounding_of, validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
 from fastopt.backends.validate import Checked, check_prepared_disjoint, check_scaled_lr, check_tensor_coefs
-from fastopt.precision import QuantizedState, quantizer_arrays
+from fastopt.precision import QUANT_BLOCK, QuantizedState, quantizer_arrays
 
 NAME = "numba"
 AVAILABLE = importlib.util.find_spec("numba") is not None
@@ -51,7 +52,6 @@ AVAILABLE = importlib.util.find_spec("numba") is not None
 DTYPES = (F32, F64, F16) + ((BF16,) if BF16 is not None else ())
 _U16 = np.dtype(np.uint16)
 _FIELDS = 12  # int64 columns per tensor of a table (kernels/numba/kernels.py TENSOR_FIELDS)
-_QUANT_BLOCK = 256  # elements per absmax of an 8-bit state (precision.QUANT_BLOCK, kernels.py QUANT_BLOCK)
 _CACHE_SIZE = 64
 
 
@@ -80,7 +80,7 @@ def int8_chunk() -> int:
     """Elements per chunk of an 8-bit state's table: whole quantization blocks (the chunk of launch_config rounded
     up to a multiple of 256: the same on a GPU, one block of 256 on the simulator)."""
     chunk = launch_config()[2]
-    return -(-chunk // _QUANT_BLOCK) * _QUANT_BLOCK
+    return -(-chunk // QUANT_BLOCK) * QUANT_BLOCK
 
 
 def _kernels(dtype, kinds=None, chunk=None):

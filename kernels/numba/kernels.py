@@ -61,6 +61,7 @@ from numba import cuda, float32, float64, int64  # at module level: the simulato
 from fastopt.kernels.numba import math as fmath
 from fastopt.kernels.numba import precision as fprec
 from fastopt.kernels.numba.compat import prepare_numba_cuda
+from fastopt.precision import QUANT_BLOCK  # elements per absmax of an 8-bit state
 from fastopt.specs import REGISTRY, kernel_specs
 
 prepare_numba_cuda()  # numba-cuda 0.30 with NumPy >= 2.5: before any kernel compiles (compat.py)
@@ -110,7 +111,6 @@ class _Lazy(dict):
 # the absmax offsets of 8-bit states s0-s3 (in blocks of QUANT_BLOCK; 0 when unused)
 T_P, T_G, T_S0, T_S1, T_S2, T_N, T_S3, T_C, T_A0, T_A1, T_A2, T_A3 = range(12)
 TENSOR_FIELDS = 12
-QUANT_BLOCK = 256  # elements per absmax of an 8-bit state (fastopt.precision.QUANT_BLOCK)
 
 
 def _converters(kind, dtype):
@@ -146,21 +146,28 @@ def build(dtype, block, chunk, kinds=None):
     CHUNK = chunk
     trust_ratio, clip_coefficient, clamp_math = m["trust_ratio"], m["clip_coefficient"], m["clamp"]
 
-    @cuda.jit(device=True)
-    def block_sum(x, shared):
-        """Fixed-order tree sum over the block (every thread calls it); the total, in every thread."""
-        t = cuda.threadIdx.x
-        shared[t] = x
-        cuda.syncthreads()
-        s = BLOCK // 2
-        while s > 0:
-            if t < s:
-                shared[t] += shared[t + s]
+    def block_reduction(combine):
+        """A fixed-order tree reduction over the block by `combine` (a device function of two values): every
+        thread calls it with its x and the block's shared scratch, and gets the result."""
+        @cuda.jit(device=True)
+        def reduce(x, shared):
+            t = cuda.threadIdx.x
+            shared[t] = x
             cuda.syncthreads()
-            s //= 2
-        total = shared[0]
-        cuda.syncthreads()
-        return total
+            s = BLOCK // 2
+            while s > 0:
+                if t < s:
+                    shared[t] = combine(shared[t], shared[t + s])
+                cuda.syncthreads()
+                s //= 2
+            total = shared[0]
+            cuda.syncthreads()
+            return total
+        return reduce
+
+    block_sum = block_reduction(cuda.jit(device=True)(lambda a, b: a + b))
+    # of non-negative ints (|x| bit patterns): the 8-bit states' absmax
+    block_max = block_reduction(cuda.jit(device=True)(lambda a, b: b if b > a else a))
 
     @cuda.jit(device=True)
     def chunk_of(tensors, chunks):
@@ -417,22 +424,6 @@ def build(dtype, block, chunk, kinds=None):
     PER_THREAD = QUANT_BLOCK // BLOCK if BLOCK <= QUANT_BLOCK and QUANT_BLOCK % BLOCK == 0 else 0
     bits, from_bits = fprec.build()["bits"], fprec.build()["from_bits"]
     F32_ONE, F32_ZERO = np.float32(1.0), np.float32(0.0)
-
-    @cuda.jit(device=True)
-    def block_max(x, shared):
-        """The largest of the block's x (non-negative ints), in every thread (every thread calls it)."""
-        t = cuda.threadIdx.x
-        shared[t] = x
-        cuda.syncthreads()
-        s = BLOCK // 2
-        while s > 0:
-            if t < s and shared[t + s] > shared[t]:
-                shared[t] = shared[t + s]
-            cuda.syncthreads()
-            s //= 2
-        top = shared[0]
-        cuda.syncthreads()
-        return top
 
     @cuda.jit(device=True)
     def dequantize(S, k, A, ka, row, smap):
