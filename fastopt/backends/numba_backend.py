@@ -89,7 +89,7 @@ def _kernels(dtype, kinds=None, chunk=None):
     by default)."""
     from fastopt.kernels.numba import kernels
     block, _, default_chunk = launch_config()
-    return kernels.build(np.dtype(dtype), block, default_chunk if chunk is None else chunk, kinds)
+    return kernels.build(np.dtype(dtype), block, default_chunk if chunk is None else chunk, kinds, QUANT_BLOCK)
 
 
 def _math_dtype(dtype):

@@ -61,7 +61,6 @@ from numba import cuda, float32, float64, int64  # at module level: the simulato
 from fastopt.kernels.numba import math as fmath
 from fastopt.kernels.numba import precision as fprec
 from fastopt.kernels.numba.compat import prepare_numba_cuda
-from fastopt.precision import QUANT_BLOCK  # elements per absmax of an 8-bit state
 from fastopt.specs import REGISTRY, kernel_specs
 
 prepare_numba_cuda()  # numba-cuda 0.30 with NumPy >= 2.5: before any kernel compiles (compat.py)
@@ -126,9 +125,11 @@ def _converters(kind, dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def build(dtype, block, chunk, kinds=None):
+def build(dtype, block, chunk, kinds=None, quant_block=None):
     """dict of kernels for math dtype `dtype` (float32 / float64), `block` threads per block (a power of
-    two: the tree sums halve it) and `chunk` elements per block of the table kernels. kinds: how the params
+    two: the tree sums halve it) and `chunk` elements per block of the table kernels. quant_block: elements per
+    absmax of an 8-bit state (the caller's precision.QUANT_BLOCK: this layer imports no Python layer above it);
+    only the 8-bit kernels (update_q8*) need it. kinds: how the params
     (and the one array of the reductions, scale and clamp), the grads and the states are stored, each None
     (the math dtype) or "bfloat16" / "float16" (uint16 bits, float32 math; precision.py); None: all None.
     k["update"][family], k["moments"][family], k["apply"][family] (and, for 16-bit params,
@@ -421,7 +422,8 @@ def build(dtype, block, chunk, kinds=None):
     # bucket of its top 16 bits, then one midpoint). precision.cuh's fo_quantize_block bit for bit: the CPU's
     # codes and scales. Elementwise families (LARS with its numbers per tensor, Adan with its fourth state); the
     # others are refused before launch (precision.INT8_REFUSED).
-    PER_THREAD = QUANT_BLOCK // BLOCK if BLOCK <= QUANT_BLOCK and QUANT_BLOCK % BLOCK == 0 else 0
+    QUANT_BLOCK = quant_block
+    PER_THREAD = QUANT_BLOCK // BLOCK if QUANT_BLOCK and BLOCK <= QUANT_BLOCK and QUANT_BLOCK % BLOCK == 0 else 0
     bits, from_bits = fprec.build()["bits"], fprec.build()["from_bits"]
     F32_ONE, F32_ZERO = np.float32(1.0), np.float32(0.0)
 
@@ -452,7 +454,9 @@ def build(dtype, block, chunk, kinds=None):
     def make_update_q8(rounding):
         def make(family):
             step_math, store_param = element_math(family), param_store(rounding)
-            assert PER_THREAD, f"8-bit kernels need a block size dividing {QUANT_BLOCK}, got {BLOCK}"
+            if not PER_THREAD:
+                raise ValueError(f"8-bit kernels need build(quant_block=) with the block size {BLOCK} dividing it, "
+                                 f"got quant_block={QUANT_BLOCK!r}")
 
             @cuda.jit
             def update_q8(P, G, S0, S1, S2, S3, A0, A1, A2, A3, C, tensors, chunks, h, gs, used, variant, skip, coefs,

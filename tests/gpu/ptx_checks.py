@@ -22,6 +22,7 @@ if not cuda.is_available():
 
 from fastopt.kernels.numba import kernels as nk  # noqa: E402
 from fastopt.kernels.numba import math as fmath  # noqa: E402
+from fastopt.precision import QUANT_BLOCK  # noqa: E402
 
 BLOCK, CHUNK = 256, 4096  # the real launch configuration (numba_backend.launch_config)
 F64_OP = re.compile(r"^\s*[a-z][a-z0-9.]*\.f64\b", re.M)
@@ -147,7 +148,7 @@ def check_sm90(label, kernel, argtypes, float32_math):
 
 
 for kinds in (("bfloat16", "bfloat16", None), ("float16", None, "float16"), (None, None, "bfloat16")):
-    ks = nk.build(np.dtype(np.float32), BLOCK, CHUNK, kinds)
+    ks = nk.build(np.dtype(np.float32), BLOCK, CHUNK, kinds, QUANT_BLOCK)
     for name, argtypes in precision_signatures(kinds).items():
         check_sm90(f"{name} {kinds} sm_90", kernel_of(ks, name), argtypes, name.startswith(("update", "apply", "clamp")))
 
@@ -172,7 +173,7 @@ int8_cases = [(None, "update_q8", f) for f in INT8_FAMILIES] + [
     for f in ("adam", "lars", "adan")]
 for kinds, name, family in int8_cases:
     p = arr(types.uint16) if kinds else arr(float32)
-    ks = nk.build(np.dtype(np.float32), BLOCK, CHUNK, kinds)
+    ks = nk.build(np.dtype(np.float32), BLOCK, CHUNK, kinds, QUANT_BLOCK)
     check_sm90(f"{name}[{family}] {kinds} sm_90", ks[name][family], int8_signature(family, p, p), True)
 
 print(f"PTX CHECKS: {passed} passed, {len(failed)} failed", flush=True)

@@ -58,6 +58,17 @@ def test_generated_families_are_the_registry_families():
         k["update"]["no-such-family"]
 
 
+def test_int8_kernels_need_the_quantization_block():
+    """The kernel layer takes QUANT_BLOCK from its caller (it imports no Python layer above it): without it, or
+    with a thread block that does not divide it, asking for an 8-bit kernel says so."""
+    from fastopt.precision import QUANT_BLOCK
+    assert nk.build(np.dtype(np.float32), 32, 256, None, QUANT_BLOCK)["update_q8"]["adam"] is not None
+    with pytest.raises(ValueError, match="quant_block=None"):
+        nk.build(np.dtype(np.float32), 32, 64)["update_q8"]["adam"]
+    with pytest.raises(ValueError, match="block size 512 dividing it, got quant_block=256"):
+        nk.build(np.dtype(np.float32), 512, 512, None, QUANT_BLOCK)["update_q8"]["adam"]
+
+
 def test_missing_math_is_a_clear_error():
     with pytest.raises(NotImplementedError, match="adamax_math.*kernels/numba/math.py"):
         nk.math_function({}, "adamax_math")
