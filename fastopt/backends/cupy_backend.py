@@ -38,7 +38,8 @@ from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMe
                                              prepare_fixed_device, producer_stream, rounding_of,
                                              validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
-from fastopt.backends.validate import Checked, check_prepared_disjoint, check_scaled_lr, check_tensor_coefs
+from fastopt.backends.validate import (Checked, check_prepared_disjoint, check_scaled_lr, check_tensor_coefs, comp_slot,
+                                      state_slots)
 from fastopt.precision import QuantizedState, quantizer_arrays
 
 NAME = "cupy"
@@ -47,6 +48,7 @@ AVAILABLE = importlib.util.find_spec("cupy") is not None
 BLOCK = cuda_source.BLOCK
 CHUNK = cuda_source.CHUNK
 TABLE_FIELDS = cuda_source.TABLE_FIELDS
+_STATE_COLUMNS = ((2, 9), (3, 10), (4, 11), (8, 13))  # s0-s3: (values or codes, absmax) columns of device.cuh's table
 # the params' dtypes the kernels update: bfloat16 too where ml_dtypes names it (CuPy's bfloat16 arrays)
 DTYPES = tuple(cuda_source.DTYPES)
 _BLOCKS_PER_SM = 8            # grid cap of fo_touch (the benchmark's old ceiling kernel)
@@ -243,21 +245,20 @@ def table_layout(lists):
     """The host image of the multi-tensor table of device.cuh: (int64 array, ntensors, nchunks, byte
     offset of the chunk list). lists: per slot (params, grads, states; None unused) a list of arrays
     with .ptr and .size; slot 6 a fourth state (Adan), column 8; slot 5 the Kahan compensation, column 12.
-    An 8-bit state (a precision.QuantizedState of such arrays) puts its codes in its slot's column and its
-    absmax in column 9 + its state index (a fourth state's in column 13)."""
+    An 8-bit state (a precision.QuantizedState of such arrays) puts its codes in its state column and its
+    absmax in the one beside it in _STATE_COLUMNS."""
     n = len(lists[0])
     fields = np.zeros((n, TABLE_FIELDS), dtype=np.int64)
-    for k in range(min(len(lists), 5)):
+    for k in range(min(len(lists), 2)):
         if lists[k] is not None:
-            fields[:, k] = [_codes(a).ptr for a in lists[k]]
-            if k >= 2 and lists[k] and isinstance(lists[k][0], QuantizedState):
-                fields[:, 7 + k] = [a.absmax.ptr for a in lists[k]]
-    if len(lists) > 6 and lists[6] is not None:
-        fields[:, 8] = [_codes(a).ptr for a in lists[6]]
-        if lists[6] and isinstance(lists[6][0], QuantizedState):
-            fields[:, 13] = [a.absmax.ptr for a in lists[6]]
-    if len(lists) > 5 and lists[5] is not None:  # the Kahan compensation
-        fields[:, 12] = [a.ptr for a in lists[5]]
+            fields[:, k] = [a.ptr for a in lists[k]]
+    for lst, (column, absmax_column) in zip(state_slots(lists), _STATE_COLUMNS):
+        if lst is not None:
+            fields[:, column] = [_codes(a).ptr for a in lst]
+            if lst and isinstance(lst[0], QuantizedState):
+                fields[:, absmax_column] = [a.absmax.ptr for a in lst]
+    if comp_slot(lists) is not None:  # the Kahan compensation
+        fields[:, 12] = [a.ptr for a in comp_slot(lists)]
     sizes = np.array([a.size for a in lists[0]], dtype=np.int64)
     counts = (sizes + CHUNK - 1) // CHUNK
     first = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
@@ -625,7 +626,7 @@ def _run_int8(prepared, spec, hp, host_scale, grad_scale, gs_kind, dtype, device
     if spec.tensor_coefs is not None:
         coefs = _tensor_coefs(spec, hp, host_scale, grad_scale, gs_kind, lists, given)
     maps, mids, buckets = _quantizer_tables(device, stream)
-    states = list(lists[2:5]) + [lists[6] if len(lists) > 6 else None]  # s0-s2 and a fourth state (Adan's)
+    states = state_slots(lists)
     signed = sum(1 << k for k, slot in enumerate(states) if slot and slot[0].signed)
     fn = _function(device, dtype, cuda_source.int8_kernel_name(spec.kernel, variant))
     fn((table.nchunks,), (BLOCK,), (np.uint64(table.tensors), np.uint64(table.chunks), scalars, gs_ptr, gs_kind, coefs,

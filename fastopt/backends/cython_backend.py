@@ -118,10 +118,8 @@ def _run_int8(batch, spec, hp, step, grad_scale, stochastic, given_coefs=None):
     if spec.tensor_coefs is not None and coefs is None:  # the norms pass (reads p and g), before any write
         coefs = _tensor_coefs(spec, hp, grad_scale, _cpu_fast.sumsq_per_tensor(checked.lists[0]),
                               _cpu_fast.sumsq_per_tensor(checked.lists[1]), [p.ndim for p in checked.lists[0]])
-    params, grads, *rest = checked.lists
-    comps = rest[validate.COMP - 2] if len(rest) > validate.COMP - 2 else None
-    # s0-s2, and a fourth state (Adan's: the call's slot 6, after the compensation)
-    states = (rest[:validate.COMP - 2] + [None] * 3)[:3] + [rest[4] if len(rest) > 4 else None]
+    params, grads = checked.lists[:2]
+    comps, states = validate.comp_slot(checked.lists), validate.state_slots(checked.lists)
     if not params:
         return
     for k, lst in enumerate(states):

@@ -175,7 +175,7 @@ def rounding_of(prepared, stochastic) -> tuple:
     (slot 5, checked by prepare: the params' 16-bit dtype); stochastic with `stochastic` (a
     precision.StochasticRounding: its key and index offset go to the kernels). Raises before anything runs on
     what the CPU refuses too: both at once or stochastic rounding of non-16-bit params."""
-    kahan = len(prepared.lists) > 5 and prepared.lists[5] is not None
+    kahan = validate.comp_slot(prepared.lists) is not None
     if not kahan and stochastic is None:
         return ROUND_NEAREST, 0, 0
     numpy_backend.check_rounding(prepared, stochastic)

@@ -42,7 +42,8 @@ from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMe
                                              device_index, from_interface, prepare_device,
                                              prepare_fixed_device, producer_stream, rounding_of, validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
-from fastopt.backends.validate import Checked, check_prepared_disjoint, check_scaled_lr, check_tensor_coefs
+from fastopt.backends.validate import (Checked, check_prepared_disjoint, check_scaled_lr, check_tensor_coefs, comp_slot,
+                                      state_slots)
 from fastopt.precision import QUANT_BLOCK, QuantizedState, quantizer_arrays
 
 NAME = "numba"
@@ -529,9 +530,9 @@ def _run_int8(spec, lists, kinds, h, gs, used, variant, skip, coefs, rounding, k
     """An update with 8-bit states: one launch of the family's update_q8 kernel (update_q8_kahan / _sr for the
     rounded 16-bit params) over a table of whole quantization blocks, the codes in the states' columns and the
     absmax in T_A0-T_A3. Inside _on(device)."""
-    states = (list(lists[2:5]) + [None] * 3)[:3] + [lists[6] if len(lists) > 6 else None]  # s3: Adan's fourth
+    states = state_slots(lists)
     codes = [None if lst is None else [q.codes for q in lst] for lst in states]
-    table_lists = list(lists[:2]) + codes[:3] + [lists[5] if len(lists) > 5 else None, codes[3]]
+    table_lists = list(lists[:2]) + codes[:3] + [comp_slot(lists), codes[3]]
     table_lists += [None if lst is None else [q.absmax for q in lst] for lst in states]
     chunk = int8_chunk()
     table = _table(table_lists, device, stream, chunk)
@@ -549,8 +550,7 @@ def _run_int8(spec, lists, kinds, h, gs, used, variant, skip, coefs, rounding, k
 
 def _used(lists) -> int:
     """The live state slots of a call, bit k for s0-s2 (the call's slots 2-4) and bit 3 for a fourth state (6)."""
-    used = sum(1 << j for j, lst in enumerate(lists[2:5]) if lst is not None)
-    return used | (8 if len(lists) > 6 and lists[6] is not None else 0)
+    return sum(1 << j for j, lst in enumerate(state_slots(lists)) if lst is not None)
 
 
 def _apply(k, spec, grid, table, h, scaled_lr, used, variant, skip, rounding, key, index0):

@@ -115,6 +115,20 @@ def _check_grads_alike(a, first, grad_label, first_label):
 
 
 COMP = 5  # the slot of the Kahan compensation (kahan=True): arrays = (params, grads, s0, s1, s2, kahan_comp, s3)
+S3 = 6  # the slot of a fourth state (Adan's), after the compensation
+
+
+def state_slots(lists) -> list:
+    """A call's states s0-s3 (its slots 2-4 and S3), None for each one it lacks: what every launcher carries
+    in four state columns."""
+    n = len(lists)
+    return [lists[2] if n > 2 else None, lists[3] if n > 3 else None, lists[4] if n > 4 else None,
+            lists[S3] if n > S3 else None]
+
+
+def comp_slot(lists):
+    """A call's Kahan compensations (slot COMP), or None."""
+    return lists[COMP] if len(lists) > COMP else None
 
 
 def _check_comp(a, p, comp_label, param_label):
