@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
+
 from fastopt.backends import host_clip, numpy_backend, validate
 from fastopt.backends.validate import host_scale, is_quantized
 from fastopt.precision import is_bfloat16, quantizer_arrays
@@ -32,24 +34,62 @@ def _has_int8(arrays) -> bool:
 
 class Int8Batch:
     """A prepared call with 8-bit states: checked by backends/validate.py (the NumPy backend's checks and
-    messages; the compiled checks do not know QuantizedState), run by _cpu_fast.run_int8."""
+    messages; the compiled checks do not know QuantizedState), run by _cpu_fast.run_int8, or, bound by an
+    optimizer's _cpu_fast.Int8Plan (`bound`), by _cpu_fast.run_int8_bound."""
 
-    __slots__ = ("checked",)
+    __slots__ = ("checked", "bound")
 
-    def __init__(self, checked):
-        self.checked = checked
+    def __init__(self, checked, bound=None):
+        self.checked, self.bound = checked, bound
 
     def __len__(self):
         return len(self.checked.lists[0])
 
 
 class Int8Fixed:
-    """prepare_fixed's result for calls with 8-bit states (validate.prepare_fixed's)."""
+    """prepare_fixed's result for calls with 8-bit states: validate.prepare_fixed's, and the compiled step
+    path over the same checked arrays (an _cpu_fast.Int8Plan; None where an array is not a plain NumPy
+    array: every step then goes through the Python checks)."""
 
-    __slots__ = ("fixed",)
+    __slots__ = ("fixed", "plan", "checked")
 
     def __init__(self, fixed):
         self.fixed = fixed
+        self._plan()
+
+    def _plan(self):
+        fixed = self.fixed
+        self.checked = fixed.checked  # what the plan was built from: validate re-checks into a new list
+        self.plan = None
+        for _, view, _ in fixed.snapshot:
+            arrays = (view.codes, view.absmax) if is_quantized(view) else (view,)
+            if not all(type(a) is np.ndarray for a in arrays):
+                return
+        if not all(src is view for src, view, _ in fixed.snapshot):
+            return
+        calls = []
+        for (arrays, names, indices), lists in zip(fixed.calls, fixed.checked):
+            states = validate.state_slots(lists)
+            if not all(lst is None or all(is_quantized(q) for q in lst) for lst in states):
+                return
+            calls.append((lists[0], states, validate.comp_slot(lists), isinstance(arrays[0], (list, tuple)),
+                          names, indices))
+        self.plan = _cpu_fast.Int8Plan(calls)
+
+    def bind_grads(self, grads_per_call):
+        """validate.bind_grads's result as Int8Batch: by the plan when it accepts the step (everything as
+        checked, the grads valid), else by the Python checks (which raise, or accept a case the plan leaves
+        to them), after which the plan follows a re-check."""
+        fixed = self.fixed
+        if self.plan is not None:
+            bound = self.plan.bind(grads_per_call)
+            if bound is not None:
+                return [Int8Batch(validate.Checked((lists[0], grads) + tuple(lists[2:]), list(spans) + grad_spans), b)
+                        for (grads, grad_spans, b), lists, spans in zip(bound, fixed.checked, fixed.spans)]
+        calls = validate.bind_grads(fixed, grads_per_call)
+        if fixed.checked is not self.checked:
+            self._plan()
+        return [Int8Batch(c) for c in calls]
 
     def __len__(self):
         return len(self.fixed)
@@ -72,7 +112,7 @@ def prepare_fixed(calls):
 def bind_grads(fixed, grads_per_call):
     """The prepared calls of one step (compiled twin of validate.bind_grads)."""
     if isinstance(fixed, Int8Fixed):
-        return [Int8Batch(c) for c in validate.bind_grads(fixed.fixed, grads_per_call)]
+        return fixed.bind_grads(grads_per_call)
     return _cpu_fast.bind_grads(fixed, grads_per_call)
 
 
@@ -119,18 +159,24 @@ def _run_int8(batch, spec, hp, step, grad_scale, stochastic, given_coefs=None):
         coefs = _tensor_coefs(spec, hp, grad_scale, _cpu_fast.sumsq_per_tensor(checked.lists[0]),
                               _cpu_fast.sumsq_per_tensor(checked.lists[1]), [p.ndim for p in checked.lists[0]])
     params, grads = checked.lists[:2]
-    comps, states = validate.comp_slot(checked.lists), validate.state_slots(checked.lists)
+    comps = validate.comp_slot(checked.lists)
     if not params:
         return
-    for k, lst in enumerate(states):
-        if lst is not None and not all(is_quantized(q) for q in lst):
-            raise ValueError("8-bit state: all states of a call are QuantizedState or none")  # validate ensures it
-    pd, gd = params[0].dtype, grads[0].dtype
-    layout = _dtype_code(pd) | (_dtype_code(gd) << 2)
+    layout = _dtype_code(params[0].dtype) | (_dtype_code(grads[0].dtype) << 2)
     if comps is not None:
         layout |= _ROUND_KAHAN << 6
     elif stochastic is not None:
         layout |= _ROUND_STOCHASTIC << 6
+    key, offset = (0, 0) if stochastic is None else (stochastic.key, stochastic.index_offset)
+    maps, mids, buckets = quantizer_arrays()
+    if batch.bound is not None:  # an optimizer's step: the tables built once (Int8Plan), no per-tensor Python
+        _cpu_fast.run_int8_bound(batch.bound, spec.kernel, spec.variant(hp, step), layout, scalars, maps, mids,
+                                 buckets, key, offset, tensor_coefs=coefs)
+        return
+    states = validate.state_slots(checked.lists)
+    for lst in states:
+        if lst is not None and not all(is_quantized(q) for q in lst):
+            raise ValueError("8-bit state: all states of a call are QuantizedState or none")  # validate ensures it
     tensors = []  # _cpu_fast.run_int8's (p, g, codes0-2, comp, codes3, absmax0-3, signed0-3)
     for i in range(len(params)):
         qs = [None if lst is None else lst[i] for lst in states]
@@ -138,13 +184,8 @@ def _run_int8(batch, spec, hp, step, grad_scale, stochastic, given_coefs=None):
         tensors.append((params[i], grads[i]) + codes[:3] + (None if comps is None else comps[i],) + codes[3:] +
                        tuple(None if q is None else q.absmax for q in qs) +
                        tuple(bool(q is not None and q.signed) for q in qs))
-    maps, mids, buckets = quantizer_arrays()
-    if stochastic is None:
-        _cpu_fast.run_int8(spec.kernel, spec.variant(hp, step), layout, tensors, scalars, maps, mids, buckets,
-                           tensor_coefs=coefs)
-    else:
-        _cpu_fast.run_int8(spec.kernel, spec.variant(hp, step), layout, tensors, scalars, maps, mids, buckets,
-                           stochastic.key, stochastic.index_offset, tensor_coefs=coefs)
+    _cpu_fast.run_int8(spec.kernel, spec.variant(hp, step), layout, tensors, scalars, maps, mids, buckets, key, offset,
+                       tensor_coefs=coefs)
 
 
 def _tensor_coefs(spec, hp, grad_scale, param_sumsq, grad_sumsq, ndims):

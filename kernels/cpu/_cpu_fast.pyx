@@ -1143,6 +1143,14 @@ cdef inline int _chunk_int8(int layout, int kind, int variant, void** base, floa
                           offset + <unsigned long long> ch.start)
 
 
+cdef _check_quantizer(cnp.ndarray maps, cnp.ndarray mids, cnp.ndarray buckets):
+    if maps.dtype != np.float32 or mids.dtype != np.float32 or buckets.dtype != np.uint8 \
+            or maps.ndim != 2 or mids.ndim != 2 or buckets.ndim != 2 or maps.shape[0] != 2 or maps.shape[1] != 256 \
+            or mids.shape[0] != 2 or mids.shape[1] != 256 or buckets.shape[0] != 2 or buckets.shape[1] != 65536 \
+            or not maps.flags.c_contiguous or not mids.flags.c_contiguous or not buckets.flags.c_contiguous:
+        raise ValueError("run_int8: maps and mids must be float32 (2, 256) and buckets uint8 (2, 65536), C-contiguous")
+
+
 def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, cnp.ndarray maps, cnp.ndarray mids,
              cnp.ndarray buckets, unsigned int key=0, unsigned long long index_offset=0, tensor_coefs=None):
     """Apply elementwise kernel `kernel` to tensors with 8-bit states, in place, in one parallel region.
@@ -1157,22 +1165,16 @@ def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, c
     tensor_coefs: one float64 per tensor for a family whose functor reads one (spec.tensor_coefs), as run()."""
     cdef double s[MAX_SCALARS]
     cdef int kind = KINDS[kernel]
-    cdef int nt = len(tensors), t, k, c, bad = 0, nch = 0
-    cdef int psize = _ITEMSIZE[layout & 3], gsize = _ITEMSIZE[(layout >> 2) & 3]
-    cdef int64_t size, start, total = 0
+    cdef int nt = len(tensors), t, k, nch = 0
+    cdef int64_t size, total = 0
     cdef tuple entry
     cdef void** base
     cdef float** absmax
-    cdef const float** mp
-    cdef FoQuantizer* md
+    cdef unsigned char* signs
     cdef Chunk* chunks
     if kind >= KIND_TWO_PHASE:
         raise ValueError(f"run_int8: {kernel!r} is not an elementwise kernel")
-    if maps.dtype != np.float32 or mids.dtype != np.float32 or buckets.dtype != np.uint8 \
-            or maps.ndim != 2 or mids.ndim != 2 or buckets.ndim != 2 or maps.shape[0] != 2 or maps.shape[1] != 256 \
-            or mids.shape[0] != 2 or mids.shape[1] != 256 or buckets.shape[0] != 2 or buckets.shape[1] != 65536 \
-            or not maps.flags.c_contiguous or not mids.flags.c_contiguous or not buckets.flags.c_contiguous:
-        raise ValueError("run_int8: maps and mids must be float32 (2, 256) and buckets uint8 (2, 65536), C-contiguous")
+    _check_quantizer(maps, mids, buckets)
     _load_scalars(scalars, s)
     cdef double[::1] per_tensor = _tensor_coefs(tensor_coefs if tensor_coefs is not None else np.zeros(nt), nt)
     for t in range(nt):
@@ -1183,15 +1185,11 @@ def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, c
         return
     base = <void**> malloc(nt * INT8_SLOTS * sizeof(void*))
     absmax = <float**> malloc(nt * 4 * sizeof(float*))
-    mp = <const float**> malloc(nt * 4 * sizeof(float*))
-    md = <FoQuantizer*> malloc(nt * 4 * sizeof(FoQuantizer))
+    signs = <unsigned char*> malloc(nt * 4)
     chunks = <Chunk*> malloc(nch * sizeof(Chunk))
-    if base == NULL or absmax == NULL or mp == NULL or md == NULL or chunks == NULL:
-        free(base); free(absmax); free(mp); free(md); free(chunks)
+    if base == NULL or absmax == NULL or signs == NULL or chunks == NULL:
+        free(base); free(absmax); free(signs); free(chunks)
         raise MemoryError()
-    cdef const float* map_rows = <const float*> cnp.PyArray_DATA(maps)
-    cdef const float* mid_rows = <const float*> cnp.PyArray_DATA(mids)
-    cdef const unsigned char* bucket_rows = <const unsigned char*> cnp.PyArray_DATA(buckets)
     try:
         nch = 0
         for t in range(nt):
@@ -1200,23 +1198,331 @@ def run_int8(str kernel, int variant, int layout, list tensors, tuple scalars, c
                 base[t * INT8_SLOTS + k] = _data_or_null(entry[k])
             for k in range(4):
                 absmax[t * 4 + k] = <float*> _data_or_null(entry[7 + k])
-                mp[t * 4 + k] = map_rows + (256 if entry[11 + k] else 0)
-                md[t * 4 + k].mid = mid_rows + (256 if entry[11 + k] else 0)
-                md[t * 4 + k].bucket = bucket_rows + (65536 if entry[11 + k] else 0)
-            size = (<cnp.ndarray> entry[0]).size
-            start = 0
-            while start < size:
-                chunks[nch].tensor = t
-                chunks[nch].start = start
-                chunks[nch].n = min(<int64_t> CHUNK, size - start)
-                nch += 1
-                start += CHUNK
-        with nogil:
-            for c in prange(nch, schedule='static', num_threads=_threads_for(total)):
-                t = chunks[c].tensor
-                bad += _chunk_int8(layout, kind, variant, &base[t * INT8_SLOTS], &absmax[t * 4], &mp[t * 4], &md[t * 4],
-                                   psize, gsize, &chunks[c], s, per_tensor[t], key, index_offset) != 0
+                signs[t * 4 + k] = 1 if entry[11 + k] else 0
+            nch = _add_chunks(chunks, nch, t, (<cnp.ndarray> entry[0]).size)
+        _launch_int8(kind, variant, layout, nt, base, absmax, signs, chunks, nch, total, s, &per_tensor[0], key,
+                     index_offset, maps, mids, buckets)
     finally:
-        free(base); free(absmax); free(mp); free(md); free(chunks)
+        free(base); free(absmax); free(signs); free(chunks)
+
+
+cdef int _add_chunks(Chunk* chunks, int nch, int t, int64_t size) noexcept:
+    """Tensor t's chunks of CHUNK elements (a multiple of 256) appended at chunks[nch]; the new count."""
+    cdef int64_t start = 0
+    while start < size:
+        chunks[nch].tensor = t
+        chunks[nch].start = start
+        chunks[nch].n = min(<int64_t> CHUNK, size - start)
+        nch += 1
+        start += CHUNK
+    return nch
+
+
+cdef int _launch_int8(int kind, int variant, int layout, int nt, void** base, float** absmax,
+                      const unsigned char* signs, const Chunk* chunks, int nch, int64_t total, const double* s,
+                      const double* per_tensor, unsigned int key, unsigned long long index_offset,
+                      cnp.ndarray maps, cnp.ndarray mids, cnp.ndarray buckets) except -1:
+    """One parallel region of _chunk_int8 over the chunks: base (nt x INT8_SLOTS pointers, grads filled in),
+    absmax and signed (nt x 4) per tensor; the quantizer rows by each state's map (maps, mids and buckets
+    checked by the caller)."""
+    cdef int psize = _ITEMSIZE[layout & 3], gsize = _ITEMSIZE[(layout >> 2) & 3]
+    cdef int t, k, c, bad = 0
+    cdef const float** mp = <const float**> malloc(max(nt, 1) * 4 * sizeof(float*))
+    cdef FoQuantizer* md = <FoQuantizer*> malloc(max(nt, 1) * 4 * sizeof(FoQuantizer))
+    cdef const float* map_rows = <const float*> cnp.PyArray_DATA(maps)
+    cdef const float* mid_rows = <const float*> cnp.PyArray_DATA(mids)
+    cdef const unsigned char* bucket_rows = <const unsigned char*> cnp.PyArray_DATA(buckets)
+    if mp == NULL or md == NULL:
+        free(mp); free(md)
+        raise MemoryError()
+    for t in range(nt * 4):
+        mp[t] = map_rows + (256 if signs[t] else 0)
+        md[t].mid = mid_rows + (256 if signs[t] else 0)
+        md[t].bucket = bucket_rows + (65536 if signs[t] else 0)
+    with nogil:
+        for c in prange(nch, schedule='static', num_threads=_threads_for(total)):
+            t = chunks[c].tensor
+            bad += _chunk_int8(layout, kind, variant, &base[t * INT8_SLOTS], &absmax[t * 4], &mp[t * 4], &md[t * 4],
+                               psize, gsize, &chunks[c], s, per_tensor[t], key, index_offset) != 0
+    free(mp); free(md)
     if bad:
         raise ValueError(f"no 8-bit CPU kernel for kind {kind} variant {variant} layout {layout}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8-bit state in the step loop: the arrays of an optimizer's calls, checked by backends/validate.py (its
+# messages), kept as run_int8's pointer tables with a snapshot of what the checks read; each step compares
+# the snapshot and takes the grads in C, and sends anything it does not accept back to the Python checks
+# ---------------------------------------------------------------------------------------------------
+
+cdef class Int8Plan:
+    """The checked arrays of an optimizer's 8-bit-state calls (validate.prepare_fixed's lists: NumPy params,
+    Kahan compensations and QuantizedState of NumPy codes and absmax). Holds per call run_int8's tables (grads
+    left out), a snapshot of every array (data pointer, dtype object, C-contiguous and writeable flags, shape),
+    the arrays each QuantizedState held and its map, and the written spans sorted for the grads' overlap
+    search. bind() is the fast path of a step; it never raises for a bad input: it returns None and the
+    caller runs the Python checks, which raise with their messages or accept."""
+    cdef list views          # every checked ndarray, in snapshot order (kept alive)
+    cdef list descr_refs     # their dtypes, kept alive so that comparing pointers is sound
+    cdef list qstates        # (QuantizedState, its codes, its absmax, its signed) as checked
+    cdef list params         # per call the checked params list
+    cdef list is_list        # per call
+    cdef list names          # per call: the argument names (grads' spans)
+    cdef list numbers        # per call: the caller's numbering of its arrays (None: 0, 1, ...)
+    cdef Py_ssize_t narrays
+    cdef void** data
+    cdef void** descrs
+    cdef int* flags
+    cdef int* ndims
+    cdef Py_ssize_t* dim_offset
+    cdef cnp.npy_intp* dims
+    cdef Span* written
+    cdef int nwritten
+    cdef int ncalls
+    cdef int* first          # ncalls + 1: each call's first tensor in the tables
+    cdef int* first_chunk    # ncalls + 1
+    cdef int* param_code     # ncalls
+    cdef void** base         # tensors x INT8_SLOTS (slot 1, the grads, NULL)
+    cdef float** absmax      # tensors x 4
+    cdef unsigned char* signs  # tensors x 4
+    cdef int64_t* sizes      # tensors
+    cdef Chunk* chunks
+
+    def __init__(self, list calls):
+        """calls: per call (params, [s0, s1, s2, s3] (lists or None), comps or None, is_list, names, numbers),
+        the lists validate checked (params and comps ndarrays, states QuantizedState of ndarrays)."""
+        cdef Py_ssize_t j, ndim_total = 0, off = 0
+        cdef int c, i, k, t, nt = 0, nch = 0, nw = 0, d
+        cdef cnp.ndarray v
+        views, qstates = [], []
+        self.ncalls = len(calls)
+        for call in calls:
+            nt += len(call[0])
+        self.first = <int*> malloc((self.ncalls + 1) * sizeof(int))
+        self.first_chunk = <int*> malloc((self.ncalls + 1) * sizeof(int))
+        self.param_code = <int*> malloc(max(self.ncalls, 1) * sizeof(int))
+        self.base = <void**> calloc(max(nt, 1) * INT8_SLOTS, sizeof(void*))
+        self.absmax = <float**> calloc(max(nt, 1) * 4, sizeof(float*))
+        self.signs = <unsigned char*> calloc(max(nt, 1) * 4, 1)
+        self.sizes = <int64_t*> malloc(max(nt, 1) * sizeof(int64_t))
+        if (self.first == NULL or self.first_chunk == NULL or self.param_code == NULL or self.base == NULL
+                or self.absmax == NULL or self.signs == NULL or self.sizes == NULL):
+            raise MemoryError()
+        self.params, self.is_list, self.names, self.numbers = [], [], [], []
+        t = 0
+        for c in range(self.ncalls):
+            params, states, comps, is_list, names, numbers = calls[c]
+            self.params.append(list(params))
+            self.is_list.append(bool(is_list))
+            self.names.append(names)
+            self.numbers.append(numbers)
+            self.first[c] = t
+            self.param_code[c] = _dtype_code(<cnp.ndarray> params[0]) if len(params) else DTYPE_F32
+            for i in range(len(params)):
+                v = <cnp.ndarray> params[i]
+                views.append(v)
+                self.base[t * INT8_SLOTS] = cnp.PyArray_DATA(v)
+                self.sizes[t] = cnp.PyArray_SIZE(v)
+                nch += <int> ((self.sizes[t] + CHUNK - 1) // CHUNK)
+                if comps is not None:
+                    v = <cnp.ndarray> comps[i]
+                    views.append(v)
+                    self.base[t * INT8_SLOTS + COMP] = cnp.PyArray_DATA(v)
+                for k in range(4):
+                    if states[k] is None:
+                        continue
+                    q = states[k][i]
+                    qstates.append((q, q.codes, q.absmax, q.signed))
+                    views.append(q.codes)
+                    views.append(q.absmax)
+                    self.base[t * INT8_SLOTS + (2 + k if k < 3 else 6)] = cnp.PyArray_DATA(<cnp.ndarray> q.codes)
+                    self.absmax[t * 4 + k] = <float*> cnp.PyArray_DATA(<cnp.ndarray> q.absmax)
+                    self.signs[t * 4 + k] = 1 if q.signed else 0
+                t += 1
+        self.first[self.ncalls] = t
+        self.chunks = <Chunk*> malloc(max(nch, 1) * sizeof(Chunk))
+        if self.chunks == NULL:
+            raise MemoryError()
+        nch = 0
+        for c in range(self.ncalls):
+            self.first_chunk[c] = nch
+            for t in range(self.first[c], self.first[c + 1]):
+                nch = _add_chunks(self.chunks, nch, t - self.first[c], self.sizes[t])
+        self.first_chunk[self.ncalls] = nch
+        n = len(views)
+        for v in views:
+            ndim_total += cnp.PyArray_NDIM(v)
+            if cnp.PyArray_NBYTES(v):
+                nw += 1
+        self.data = <void**> malloc(max(n, 1) * sizeof(void*))
+        self.descrs = <void**> malloc(max(n, 1) * sizeof(void*))
+        self.flags = <int*> malloc(max(n, 1) * sizeof(int))
+        self.ndims = <int*> malloc(max(n, 1) * sizeof(int))
+        self.dim_offset = <Py_ssize_t*> malloc(max(n, 1) * sizeof(Py_ssize_t))
+        self.dims = <cnp.npy_intp*> malloc(max(ndim_total, 1) * sizeof(cnp.npy_intp))
+        self.written = <Span*> malloc(max(nw, 1) * sizeof(Span))
+        if (self.data == NULL or self.descrs == NULL or self.flags == NULL or self.ndims == NULL
+                or self.dim_offset == NULL or self.dims == NULL or self.written == NULL):
+            raise MemoryError()
+        nw = 0
+        for j in range(n):
+            v = <cnp.ndarray> views[j]
+            self.data[j] = cnp.PyArray_DATA(v)
+            self.descrs[j] = <void*> cnp.PyArray_DESCR(v)
+            self.flags[j] = cnp.PyArray_FLAGS(v) & _SNAPSHOT_FLAGS
+            self.ndims[j] = cnp.PyArray_NDIM(v)
+            self.dim_offset[j] = off
+            for d in range(self.ndims[j]):
+                self.dims[off + d] = cnp.PyArray_DIMS(v)[d]
+            off += self.ndims[j]
+            if cnp.PyArray_NBYTES(v):
+                self.written[nw].start = <uintptr_t> cnp.PyArray_DATA(v)
+                self.written[nw].end = self.written[nw].start + <uintptr_t> cnp.PyArray_NBYTES(v)
+                nw += 1
+        qsort(self.written, nw, sizeof(Span), _cmp_span)
+        self.nwritten = nw
+        self.narrays = n
+        self.views = views
+        self.descr_refs = [v.dtype for v in views]
+        self.qstates = qstates
+
+    def __dealloc__(self):
+        free(self.data); free(self.descrs); free(self.flags); free(self.ndims); free(self.dim_offset)
+        free(self.dims); free(self.written); free(self.first); free(self.first_chunk); free(self.param_code)
+        free(self.base); free(self.absmax); free(self.signs); free(self.sizes); free(self.chunks)
+
+    cdef bint _is_current(self):
+        """Every QuantizedState still holds the arrays and map it was checked with, and every array is as
+        the snapshot saw it."""
+        cdef Py_ssize_t j
+        cdef int d
+        cdef cnp.ndarray v
+        for q, codes, absmax, signed_ in self.qstates:
+            if q.codes is not codes or q.absmax is not absmax or q.signed != signed_:
+                return False
+        for j in range(self.narrays):
+            v = <cnp.ndarray> self.views[j]
+            if (cnp.PyArray_DATA(v) != self.data[j] or <void*> cnp.PyArray_DESCR(v) != self.descrs[j]
+                    or (cnp.PyArray_FLAGS(v) & _SNAPSHOT_FLAGS) != self.flags[j]
+                    or cnp.PyArray_NDIM(v) != self.ndims[j]):
+                return False
+            for d in range(self.ndims[j]):
+                if cnp.PyArray_DIMS(v)[d] != self.dims[self.dim_offset[j] + d]:
+                    return False
+        return True
+
+    cdef bint _overlaps(self, uintptr_t start, uintptr_t end) noexcept:
+        cdef int lo = 0, hi = self.nwritten, mid
+        while lo < hi:  # the first span whose end is past start (disjoint spans: their ends are sorted too)
+            mid = (lo + hi) // 2
+            if self.written[mid].end <= start:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo < self.nwritten and self.written[lo].start < end
+
+    def bind(self, grads_per_call):
+        """Per call (grads list, grads' spans, Int8Bound) when the arrays are as checked and the grads pass every
+        check (the Python checks' rules: exact NumPy arrays, one dtype per call, the params' own or float32
+        for 16-bit params, the params' shapes, C-contiguous, no memory shared with a written array); None
+        otherwise (the caller's Python checks then raise or accept)."""
+        cdef int c, i, n, code, gcode, pcode, nd
+        cdef cnp.ndarray a, p
+        cdef uintptr_t start, end
+        cdef Int8Bound bound
+        if not isinstance(grads_per_call, (list, tuple)) or len(grads_per_call) != self.ncalls:
+            return None
+        if not self._is_current():
+            return None
+        out = []
+        for c in range(self.ncalls):
+            grads = grads_per_call[c]
+            params = <list> self.params[c]
+            n = len(params)
+            if self.is_list[c]:
+                if not isinstance(grads, (list, tuple)) or len(grads) != n:
+                    return None
+                grads = list(grads)
+            else:
+                grads = [grads]
+            pcode = self.param_code[c]
+            gcode = -1
+            spans = []
+            bound = Int8Bound.__new__(Int8Bound)
+            bound.plan, bound.call, bound.grads = self, c, grads
+            bound.gptrs = <void**> malloc(max(n, 1) * sizeof(void*))
+            if bound.gptrs == NULL:
+                raise MemoryError()
+            for i in range(n):
+                obj = grads[i]
+                if not cnp.PyArray_CheckExact(obj):
+                    return None
+                a = <cnp.ndarray> obj
+                p = <cnp.ndarray> params[i]
+                code = _dtype_code(a)
+                if code < 0 or (code != pcode and not (_is16(pcode) and code == DTYPE_F32)):
+                    return None
+                if gcode < 0:
+                    gcode = code
+                elif code != gcode:
+                    return None
+                nd = cnp.PyArray_NDIM(a)
+                if (nd != cnp.PyArray_NDIM(p) or not cnp.PyArray_CompareLists(cnp.PyArray_DIMS(a), cnp.PyArray_DIMS(p), nd)
+                        or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
+                    return None
+                bound.gptrs[i] = cnp.PyArray_DATA(a)
+                if cnp.PyArray_SIZE(a):
+                    start = <uintptr_t> cnp.PyArray_DATA(a)
+                    end = start + <uintptr_t> cnp.PyArray_NBYTES(a)
+                    if self._overlaps(start, end):
+                        return None
+                    numbers = self.numbers[c]
+                    spans.append((start, end, False, self.names[c][1],
+                                  (i if numbers is None else numbers[i]) if self.is_list[c] else None))
+            out.append((grads, spans, bound))
+        return out
+
+
+cdef class Int8Bound:
+    """One call of an Int8Plan with its grads (Int8Plan.bind): what run_int8_bound launches."""
+    cdef Int8Plan plan
+    cdef int call
+    cdef list grads          # kept alive while the pointers are used
+    cdef void** gptrs
+
+    def __dealloc__(self):
+        free(self.gptrs)
+
+
+def run_int8_bound(Int8Bound bound, str kernel, int variant, int layout, tuple scalars, cnp.ndarray maps,
+                   cnp.ndarray mids, cnp.ndarray buckets, unsigned int key=0, unsigned long long index_offset=0,
+                   tensor_coefs=None):
+    """run_int8 on a bound call of an Int8Plan (its tables, the bound grads): the same parallel region, with
+    no per-tensor work in Python."""
+    cdef double s[MAX_SCALARS]
+    cdef int kind = KINDS[kernel]
+    cdef Int8Plan plan = bound.plan
+    cdef int c = bound.call, t0 = plan.first[c], nt = plan.first[c + 1] - plan.first[c], t
+    cdef int ch0 = plan.first_chunk[c], nch = plan.first_chunk[c + 1] - plan.first_chunk[c]
+    cdef int64_t total = 0
+    cdef void** base
+    if kind >= KIND_TWO_PHASE:
+        raise ValueError(f"run_int8: {kernel!r} is not an elementwise kernel")
+    _check_quantizer(maps, mids, buckets)
+    _load_scalars(scalars, s)
+    cdef double[::1] per_tensor = _tensor_coefs(tensor_coefs if tensor_coefs is not None else np.zeros(nt), nt)
+    if nch == 0:
+        return
+    base = <void**> malloc(nt * INT8_SLOTS * sizeof(void*))
+    if base == NULL:
+        raise MemoryError()
+    try:
+        memcpy(base, &plan.base[t0 * INT8_SLOTS], nt * INT8_SLOTS * sizeof(void*))
+        for t in range(nt):
+            base[t * INT8_SLOTS + 1] = bound.gptrs[t]
+            total += plan.sizes[t0 + t]
+        _launch_int8(kind, variant, layout, nt, base, &plan.absmax[t0 * 4], &plan.signs[t0 * 4],
+                     &plan.chunks[ch0], nch, total, s, &per_tensor[0], key, index_offset, maps, mids, buckets)
+    finally:
+        free(base)
