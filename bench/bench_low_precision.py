@@ -12,7 +12,8 @@ and the compensation). The ceiling is the same traffic with trivial math (_cpu_f
 arrays, the compensation included: the bandwidth of this machine, in this run, for this read/write
 pattern); fraction = ceiling time / Adam time. Adam and the ceiling are timed alternately, so that load
 from other processes hits both alike; minimum, median and paired (the median over repetitions of the
-ratio of back-to-back times: the robust one on a shared VM) are reported.
+ratio of back-to-back times: the robust one on a shared VM) are reported. `step_overhead`: the time of a
+class step on small arrays (the host's work per call and per tensor), float32 against 8-bit state.
 """
 from __future__ import annotations
 
@@ -132,6 +133,37 @@ def measure_int8(n, threads, reps, rng):
     return row
 
 
+def measure_step_overhead(threads, reps=7, steps=200):
+    """An optimizer's step where the arrays are small (the host's work, not memory: validation and set-up per
+    call and per tensor): fastopt.Adam with float32 and with 8-bit state, one tensor of 1 element and 200
+    tensors of 100, median over `reps` runs of `steps` steps, microseconds per step."""
+    import fastopt
+    from fastopt.kernels.cpu import _cpu_fast
+
+    _cpu_fast.set_num_threads(threads)
+    rng = np.random.default_rng(1)
+    rows = []
+    for count, size in ((1, 1), (200, 100)):
+        params = [rng.standard_normal(size, dtype=np.float32) for _ in range(count)]
+        grads = [rng.standard_normal(size, dtype=np.float32) for _ in range(count)]
+        row = {"tensors": count, "elements_each": size}
+        for label, options in (("float32", {}), ("int8", {"state_dtype": "int8"})):
+            opt = fastopt.Adam(params, lr=1e-3, **options)
+            opt.step(grads)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    opt.step(grads)
+                times.append((time.perf_counter() - t0) / steps)
+            row[f"{label}_state_us"] = 1e6 * float(np.median(times))
+        row["int8_over_float32"] = row["int8_state_us"] / row["float32_state_us"]
+        rows.append(row)
+        print(f"  step of {count} x {size}: float32 state {row['float32_state_us']:.1f} us, 8-bit state "
+              f"{row['int8_state_us']:.1f} us", flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=float, default=1e7)
@@ -144,7 +176,8 @@ def main(argv=None):
     result = {"benchmark": "low-precision params, state and rounding modes, CPU (issue 13)", "machine": platform.node(),
               "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
+              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows,
+              "step_overhead": measure_step_overhead(args.threads)}
     print(f"{'case':30s} {'B/param':>7s} {'state B':>7s} {'Adam ms min/med':>17s} {'ceiling ms min/med':>19s} "
           f"{'GB/s':>6s} {'fraction min/med/paired':>24s}")
     for r in rows:
