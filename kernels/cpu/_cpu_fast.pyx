@@ -515,96 +515,35 @@ def check_disjoint(list batches):
 cdef int _SNAPSHOT_FLAGS = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_WRITEABLE
 
 
-cdef class _Fixed:
-    """Every array but the grads of an optimizer's kernel calls (params and states, all written),
-    validated once by prepare_fixed with the checks of prepare(), plus a snapshot of what those checks
-    looked at: per array its data pointer, dtype object, C-contiguous and writeable flags, and shape.
-    bind_grads compares the snapshot (a few loads per array; objects that are not NumPy arrays, e.g.
-    torch tensors, are viewed again, since their storage may have changed) and validates everything
-    again, with prepare()'s messages, when anything differs."""
-    cdef list calls          # [(arrays, names, indices)] as given (lists copied)
-    cdef list batches        # one _Batch per call, grads slot empty
-    cdef list sources        # the caller's object of every array, in snapshot order
-    cdef list views          # the checked ndarray of every array
-    cdef list descr_refs     # their dtypes, kept alive so that comparing pointers is sound
-    cdef Py_ssize_t narrays
+cdef class _Snapshot:
+    """What the checks read of a list of ndarrays: per array its data pointer, dtype object, C-contiguous and
+    writeable flags and shape (the dtypes kept alive, so that comparing pointers is sound)."""
+    cdef list descr_refs
+    cdef Py_ssize_t n
     cdef void** data
     cdef void** descrs
     cdef int* flags
     cdef int* ndims
     cdef Py_ssize_t* dim_offset
     cdef cnp.npy_intp* dims
-    cdef Span* written       # the non-empty arrays' spans, sorted by start (pairwise disjoint)
-    cdef int nwritten
 
-    def __len__(self):
-        """The number of kernel calls."""
-        return len(self.batches)
-
-    def __dealloc__(self):
-        self._release()
-
-    cdef void _release(self):
-        free(self.data)
-        free(self.descrs)
-        free(self.flags)
-        free(self.ndims)
-        free(self.dim_offset)
-        free(self.dims)
-        free(self.written)
-        self.data = NULL
-        self.descrs = NULL
-        self.flags = NULL
-        self.ndims = NULL
-        self.dim_offset = NULL
-        self.dims = NULL
-        self.written = NULL
-        self.narrays = 0
-        self.nwritten = 0
-
-    cdef _check(self):
-        """Validate every call (prepare()'s checks and messages) and all of them against each other,
-        then take the snapshot. On an error the previous state is kept (and fails again)."""
-        cdef list batches = []
-        cdef _Batch b
+    def __cinit__(self, list views):
+        cdef Py_ssize_t j, ndim_total = 0, off = 0
+        cdef int d
         cdef cnp.ndarray v
-        cdef Py_ssize_t j, n = 0, ndim_total = 0, off = 0
-        cdef int i, k, d, bi, nw = 0
-        for arrays, names, indices in self.calls:
-            if len(arrays) < 2 or arrays[1] is not None:
-                raise ValueError("prepare_fixed: each call is (params, None, *states); bind_grads adds the grads")
-            batches.append(_collect(arrays, names, -1, indices, True))
-        _check_disjoint(batches)
-        sources, views, descr_refs = [], [], []
-        for bi in range(len(batches)):
-            b = <_Batch> batches[bi]
-            arrays = self.calls[bi][0]
-            for i in range(b.ntensors):
-                for k in range(b.nslots):
-                    obj = b.keep[i * b.nslots + k]
-                    if obj is None:
-                        continue
-                    v = <cnp.ndarray> obj
-                    sources.append(arrays[k][i] if b.is_list else arrays[k])
-                    views.append(v)
-                    descr_refs.append(v.dtype)
-                    ndim_total += cnp.PyArray_NDIM(v)
-                    if b.sizes[i] != 0:
-                        nw += 1
-        n = len(views)
-        self._release()
-        self.data = <void**> malloc(max(n, 1) * sizeof(void*))
-        self.descrs = <void**> malloc(max(n, 1) * sizeof(void*))
-        self.flags = <int*> malloc(max(n, 1) * sizeof(int))
-        self.ndims = <int*> malloc(max(n, 1) * sizeof(int))
-        self.dim_offset = <Py_ssize_t*> malloc(max(n, 1) * sizeof(Py_ssize_t))
+        self.n = len(views)
+        for v in views:
+            ndim_total += cnp.PyArray_NDIM(v)
+        self.data = <void**> malloc(max(self.n, 1) * sizeof(void*))
+        self.descrs = <void**> malloc(max(self.n, 1) * sizeof(void*))
+        self.flags = <int*> malloc(max(self.n, 1) * sizeof(int))
+        self.ndims = <int*> malloc(max(self.n, 1) * sizeof(int))
+        self.dim_offset = <Py_ssize_t*> malloc(max(self.n, 1) * sizeof(Py_ssize_t))
         self.dims = <cnp.npy_intp*> malloc(max(ndim_total, 1) * sizeof(cnp.npy_intp))
-        self.written = <Span*> malloc(max(nw, 1) * sizeof(Span))
         if (self.data == NULL or self.descrs == NULL or self.flags == NULL or self.ndims == NULL
-                or self.dim_offset == NULL or self.dims == NULL or self.written == NULL):
-            self._release()
+                or self.dim_offset == NULL or self.dims == NULL):
             raise MemoryError()
-        for j in range(n):
+        for j in range(self.n):
             v = <cnp.ndarray> views[j]
             self.data[j] = cnp.PyArray_DATA(v)
             self.descrs[j] = <void*> cnp.PyArray_DESCR(v)
@@ -614,6 +553,90 @@ cdef class _Fixed:
             for d in range(self.ndims[j]):
                 self.dims[off + d] = cnp.PyArray_DIMS(v)[d]
             off += self.ndims[j]
+        self.descr_refs = [v.dtype for v in views]
+
+    def __dealloc__(self):
+        free(self.data); free(self.descrs); free(self.flags); free(self.ndims); free(self.dim_offset); free(self.dims)
+
+    cdef bint same(self, Py_ssize_t j, cnp.ndarray v):
+        """Array j of the snapshot as v is now (same memory, dtype object, flags, shape)."""
+        cdef int d
+        if (cnp.PyArray_DATA(v) != self.data[j] or <void*> cnp.PyArray_DESCR(v) != self.descrs[j]
+                or (cnp.PyArray_FLAGS(v) & _SNAPSHOT_FLAGS) != self.flags[j]
+                or cnp.PyArray_NDIM(v) != self.ndims[j]):
+            return False
+        for d in range(self.ndims[j]):
+            if cnp.PyArray_DIMS(v)[d] != self.dims[self.dim_offset[j] + d]:
+                return False
+        return True
+
+
+cdef int _first_overlap(const Span* spans, int n, uintptr_t start, uintptr_t end) noexcept:
+    """Index of a span of spans[:n] (pairwise disjoint, sorted by start: their ends are sorted too) overlapping
+    [start, end), or -1."""
+    cdef int lo = 0, hi = n, mid
+    while lo < hi:  # the first span whose end is past start
+        mid = (lo + hi) // 2
+        if spans[mid].end <= start:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo < n and spans[lo].start < end:
+        return lo
+    return -1
+
+
+cdef class _Fixed:
+    """Every array but the grads of an optimizer's kernel calls (params and states, all written),
+    validated once by prepare_fixed with the checks of prepare(), plus a snapshot of what those checks
+    looked at (_Snapshot). bind_grads compares the snapshot (a few loads per array; objects that are not
+    NumPy arrays, e.g. torch tensors, are viewed again, since their storage may have changed) and validates
+    everything again, with prepare()'s messages, when anything differs."""
+    cdef list calls          # [(arrays, names, indices)] as given (lists copied)
+    cdef list batches        # one _Batch per call, grads slot empty
+    cdef list sources        # the caller's object of every array, in snapshot order
+    cdef list views          # the checked ndarray of every array
+    cdef _Snapshot snapshot
+    cdef Span* written       # the non-empty arrays' spans, sorted by start (pairwise disjoint)
+    cdef int nwritten
+
+    def __len__(self):
+        """The number of kernel calls."""
+        return len(self.batches)
+
+    def __dealloc__(self):
+        free(self.written)
+
+    cdef _check(self):
+        """Validate every call (prepare()'s checks and messages) and all of them against each other,
+        then take the snapshot. On an error the previous state is kept (and fails again)."""
+        cdef list batches = []
+        cdef _Batch b
+        cdef cnp.ndarray v
+        cdef int i, k, bi, nw = 0
+        cdef Span* written
+        for arrays, names, indices in self.calls:
+            if len(arrays) < 2 or arrays[1] is not None:
+                raise ValueError("prepare_fixed: each call is (params, None, *states); bind_grads adds the grads")
+            batches.append(_collect(arrays, names, -1, indices, True))
+        _check_disjoint(batches)
+        sources, views = [], []
+        for bi in range(len(batches)):
+            b = <_Batch> batches[bi]
+            arrays = self.calls[bi][0]
+            for i in range(b.ntensors):
+                for k in range(b.nslots):
+                    obj = b.keep[i * b.nslots + k]
+                    if obj is None:
+                        continue
+                    sources.append(arrays[k][i] if b.is_list else arrays[k])
+                    views.append(obj)
+                    if b.sizes[i] != 0:
+                        nw += 1
+        snapshot = _Snapshot(views)
+        written = <Span*> malloc(max(nw, 1) * sizeof(Span))
+        if written == NULL:
+            raise MemoryError()
         nw = 0
         for bi in range(len(batches)):
             b = <_Batch> batches[bi]
@@ -625,29 +648,28 @@ cdef class _Fixed:
                     if obj is None:
                         continue
                     v = <cnp.ndarray> obj
-                    self.written[nw].start = <uintptr_t> cnp.PyArray_DATA(v)
-                    self.written[nw].end = self.written[nw].start + <uintptr_t> cnp.PyArray_NBYTES(v)
-                    self.written[nw].batch = bi
-                    self.written[nw].slot = k
-                    self.written[nw].index = i
-                    self.written[nw].written = 1
+                    written[nw].start = <uintptr_t> cnp.PyArray_DATA(v)
+                    written[nw].end = written[nw].start + <uintptr_t> cnp.PyArray_NBYTES(v)
+                    written[nw].batch = bi
+                    written[nw].slot = k
+                    written[nw].index = i
+                    written[nw].written = 1
                     nw += 1
-        qsort(self.written, nw, sizeof(Span), _cmp_span)
+        qsort(written, nw, sizeof(Span), _cmp_span)
+        free(self.written)
+        self.written = written
         self.nwritten = nw
-        self.narrays = n
+        self.snapshot = snapshot
         self.batches = batches
         self.sources = sources
         self.views = views
-        self.descr_refs = descr_refs
 
     cdef bint _is_current(self):
         """Every array still as the snapshot saw it (same memory, dtype object, flags, shape)."""
         cdef Py_ssize_t j
-        cdef int d
-        cdef cnp.ndarray v
         cdef object src
         cdef list sources = self.sources, views = self.views
-        for j in range(self.narrays):
+        for j in range(self.snapshot.n):
             src = sources[j]
             obj = views[j]
             if src is not obj:  # a torch tensor, memoryview...: view it again (its storage may have moved)
@@ -655,28 +677,13 @@ cdef class _Fixed:
                     obj = _as_ndarray(src, "array")
                 except (TypeError, ValueError, BufferError, RuntimeError):
                     return False
-            v = <cnp.ndarray> obj
-            if (cnp.PyArray_DATA(v) != self.data[j] or <void*> cnp.PyArray_DESCR(v) != self.descrs[j]
-                    or (cnp.PyArray_FLAGS(v) & _SNAPSHOT_FLAGS) != self.flags[j]
-                    or cnp.PyArray_NDIM(v) != self.ndims[j]):
+            if not self.snapshot.same(j, <cnp.ndarray> obj):
                 return False
-            for d in range(self.ndims[j]):
-                if cnp.PyArray_DIMS(v)[d] != self.dims[self.dim_offset[j] + d]:
-                    return False
         return True
 
     cdef int _first_overlap(self, uintptr_t start, uintptr_t end) noexcept:
-        """Index of a written span overlapping [start, end), or -1 (spans disjoint: their ends are sorted too)."""
-        cdef int lo = 0, hi = self.nwritten, mid
-        while lo < hi:  # the first span whose end is past start
-            mid = (lo + hi) // 2
-            if self.written[mid].end <= start:
-                lo = mid + 1
-            else:
-                hi = mid
-        if lo < self.nwritten and self.written[lo].start < end:
-            return lo
-        return -1
+        """Index of a written span overlapping [start, end), or -1."""
+        return _first_overlap(self.written, self.nwritten, start, end)
 
 
 def prepare_fixed(calls):
@@ -1264,19 +1271,12 @@ cdef class Int8Plan:
     search. bind() is the fast path of a step; it never raises for a bad input: it returns None and the
     caller runs the Python checks, which raise with their messages or accept."""
     cdef list views          # every checked ndarray, in snapshot order (kept alive)
-    cdef list descr_refs     # their dtypes, kept alive so that comparing pointers is sound
+    cdef _Snapshot snapshot
     cdef list qstates        # (QuantizedState, its codes, its absmax, its signed) as checked
     cdef list params         # per call the checked params list
     cdef list is_list        # per call
     cdef list names          # per call: the argument names (grads' spans)
     cdef list numbers        # per call: the caller's numbering of its arrays (None: 0, 1, ...)
-    cdef Py_ssize_t narrays
-    cdef void** data
-    cdef void** descrs
-    cdef int* flags
-    cdef int* ndims
-    cdef Py_ssize_t* dim_offset
-    cdef cnp.npy_intp* dims
     cdef Span* written
     cdef int nwritten
     cdef int ncalls
@@ -1292,8 +1292,7 @@ cdef class Int8Plan:
     def __init__(self, list calls):
         """calls: per call (params, [s0, s1, s2, s3] (lists or None), comps or None, is_list, names, numbers),
         the lists validate checked (params and comps ndarrays, states QuantizedState of ndarrays)."""
-        cdef Py_ssize_t j, ndim_total = 0, off = 0
-        cdef int c, i, k, t, nt = 0, nch = 0, nw = 0, d
+        cdef int c, i, k, t, nt = 0, nch = 0, nw = 0
         cdef cnp.ndarray v
         views, qstates = [], []
         self.ncalls = len(calls)
@@ -1350,77 +1349,40 @@ cdef class Int8Plan:
             for t in range(self.first[c], self.first[c + 1]):
                 nch = _add_chunks(self.chunks, nch, t - self.first[c], self.sizes[t])
         self.first_chunk[self.ncalls] = nch
-        n = len(views)
+        self.snapshot = _Snapshot(views)
         for v in views:
-            ndim_total += cnp.PyArray_NDIM(v)
             if cnp.PyArray_NBYTES(v):
                 nw += 1
-        self.data = <void**> malloc(max(n, 1) * sizeof(void*))
-        self.descrs = <void**> malloc(max(n, 1) * sizeof(void*))
-        self.flags = <int*> malloc(max(n, 1) * sizeof(int))
-        self.ndims = <int*> malloc(max(n, 1) * sizeof(int))
-        self.dim_offset = <Py_ssize_t*> malloc(max(n, 1) * sizeof(Py_ssize_t))
-        self.dims = <cnp.npy_intp*> malloc(max(ndim_total, 1) * sizeof(cnp.npy_intp))
         self.written = <Span*> malloc(max(nw, 1) * sizeof(Span))
-        if (self.data == NULL or self.descrs == NULL or self.flags == NULL or self.ndims == NULL
-                or self.dim_offset == NULL or self.dims == NULL or self.written == NULL):
+        if self.written == NULL:
             raise MemoryError()
         nw = 0
-        for j in range(n):
-            v = <cnp.ndarray> views[j]
-            self.data[j] = cnp.PyArray_DATA(v)
-            self.descrs[j] = <void*> cnp.PyArray_DESCR(v)
-            self.flags[j] = cnp.PyArray_FLAGS(v) & _SNAPSHOT_FLAGS
-            self.ndims[j] = cnp.PyArray_NDIM(v)
-            self.dim_offset[j] = off
-            for d in range(self.ndims[j]):
-                self.dims[off + d] = cnp.PyArray_DIMS(v)[d]
-            off += self.ndims[j]
+        for v in views:
             if cnp.PyArray_NBYTES(v):
                 self.written[nw].start = <uintptr_t> cnp.PyArray_DATA(v)
                 self.written[nw].end = self.written[nw].start + <uintptr_t> cnp.PyArray_NBYTES(v)
                 nw += 1
         qsort(self.written, nw, sizeof(Span), _cmp_span)
         self.nwritten = nw
-        self.narrays = n
         self.views = views
-        self.descr_refs = [v.dtype for v in views]
         self.qstates = qstates
 
     def __dealloc__(self):
-        free(self.data); free(self.descrs); free(self.flags); free(self.ndims); free(self.dim_offset)
-        free(self.dims); free(self.written); free(self.first); free(self.first_chunk); free(self.param_code)
+        free(self.written); free(self.first); free(self.first_chunk); free(self.param_code)
         free(self.base); free(self.absmax); free(self.signs); free(self.sizes); free(self.chunks)
 
     cdef bint _is_current(self):
         """Every QuantizedState still holds the arrays and map it was checked with, and every array is as
         the snapshot saw it."""
         cdef Py_ssize_t j
-        cdef int d
-        cdef cnp.ndarray v
+        cdef list views = self.views
         for q, codes, absmax, signed_ in self.qstates:
             if q.codes is not codes or q.absmax is not absmax or q.signed != signed_:
                 return False
-        for j in range(self.narrays):
-            v = <cnp.ndarray> self.views[j]
-            if (cnp.PyArray_DATA(v) != self.data[j] or <void*> cnp.PyArray_DESCR(v) != self.descrs[j]
-                    or (cnp.PyArray_FLAGS(v) & _SNAPSHOT_FLAGS) != self.flags[j]
-                    or cnp.PyArray_NDIM(v) != self.ndims[j]):
+        for j in range(self.snapshot.n):
+            if not self.snapshot.same(j, <cnp.ndarray> views[j]):
                 return False
-            for d in range(self.ndims[j]):
-                if cnp.PyArray_DIMS(v)[d] != self.dims[self.dim_offset[j] + d]:
-                    return False
         return True
-
-    cdef bint _overlaps(self, uintptr_t start, uintptr_t end) noexcept:
-        cdef int lo = 0, hi = self.nwritten, mid
-        while lo < hi:  # the first span whose end is past start (disjoint spans: their ends are sorted too)
-            mid = (lo + hi) // 2
-            if self.written[mid].end <= start:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo < self.nwritten and self.written[lo].start < end
 
     def bind(self, grads_per_call):
         """Per call (grads list, grads' spans, Int8Bound) when the arrays are as checked and the grads pass every
@@ -1475,7 +1437,7 @@ cdef class Int8Plan:
                 if cnp.PyArray_SIZE(a):
                     start = <uintptr_t> cnp.PyArray_DATA(a)
                     end = start + <uintptr_t> cnp.PyArray_NBYTES(a)
-                    if self._overlaps(start, end):
+                    if _first_overlap(self.written, self.nwritten, start, end) >= 0:
                         return None
                     numbers = self.numbers[c]
                     spans.append((start, end, False, self.names[c][1],
