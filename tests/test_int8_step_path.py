@@ -96,6 +96,16 @@ def _grads(rng, dtype=np.float32):
     return [rng.standard_normal(s).astype(np.float32).astype(dtype) for s in ((300,), (5,), (2, 3))]
 
 
+def _stepped_adam(rng, steps=2):
+    """_adam after `steps` steps: (params, optimizer, history for _replay)."""
+    params, opt = _adam(rng)
+    history = [[p.copy() for p in params]]
+    for _ in range(steps):
+        history.append(_grads(rng))
+        opt.step(history[-1])
+    return params, opt, history
+
+
 def _replay(history, pdt=np.float32, **options):
     """The NumPy backend's Adam over the same params and grads: the oracle of the step after a bad one."""
     params = [p.copy() for p in history[0]]
@@ -123,11 +133,7 @@ def _bad_grads(rng, params):
                                   "mixed dtypes"])
 def test_bad_grads_between_steps_raise_and_write_nothing(case):
     rng = np.random.default_rng()
-    params, opt = _adam(rng)
-    history = [[p.copy() for p in params]]
-    for _ in range(2):
-        history.append(_grads(rng))
-        opt.step(history[-1])
+    params, opt, history = _stepped_adam(rng)
     grads, error, words = _bad_grads(rng, params)[case]
     before = _bytes(opt, params)
     with pytest.raises(error, match=words):
@@ -145,11 +151,7 @@ def test_state_arrays_replaced_between_steps_are_seen(monkeypatch):
     written; after a good one the writes go to the new arrays and the next step is the compiled path again
     (the plan rebuilt)."""
     rng = np.random.default_rng()
-    params, opt = _adam(rng)
-    history = [[p.copy() for p in params]]
-    for _ in range(2):
-        history.append(_grads(rng))
-        opt.step(history[-1])
+    params, opt, history = _stepped_adam(rng)
     ref_params, ref = _replay(history)
     binds = _CountPythonBinds(monkeypatch)
 
