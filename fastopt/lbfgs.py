@@ -259,6 +259,10 @@ class ParamVector:
         else:
             direct = []
         done = set(direct)
+        if self.dtype.itemsize < 4 and isinstance(t, float):
+            # torch's alpha: the Python float to float32, then to 16 bits (NumPy rounds it to 16 bits at once,
+            # which differs where the float32 value is a 16-bit tie)
+            t = self.dtype.type(np.float32(t))
         for i, (p, v) in enumerate(zip(self.params, views)):
             if i in done or p.size == 0:
                 continue
