@@ -557,7 +557,9 @@ def test_16bit_is_float32_math_then_rounded(name, grad32, opts):
                 if k != "step":
                     assert v.dtype == np.float32
                     np.testing.assert_array_equal(v, b.state[i][k])
-    assert sum(not np.array_equal(p.view(np.uint16), s.view(np.uint16)) for p, s in zip(p16, start)) >= 6
+    # the run moved the params: every array of several elements (a one-element bfloat16 param can keep its
+    # value over 20 small steps, each below half an ulp: a fresh-clone CI run had two of them unmoved)
+    assert all(not np.array_equal(p.view(np.uint16), s.view(np.uint16)) for p, s in zip(p16, start) if p.size > 1)
 
 
 @pytest.mark.parametrize("name", DTYPES16)
