@@ -85,6 +85,7 @@ DEF INT8_SLOTS = 7     # run_int8's pointers per tensor: p, g, three states' cod
 
 # How this module was built: OpenMP or serial, and the runtime ISA dispatch (platform.hpp).
 OPENMP = bool(FASTOPT_OPENMP)
+CHUNK_ELEMENTS = CHUNK  # the elements of a chunk (a tensor's last may hold fewer)
 ISA_DISPATCH = FASTOPT_ISA_DISPATCH.decode()
 
 cdef int _num_threads = fastopt_omp_max_threads()
@@ -107,6 +108,7 @@ cdef struct Chunk:
     int tensor
     int64_t start
     int64_t n
+    int64_t offset  # the elements of the chunks before it in its array: where the threads' shares start
 
 cdef struct Span:
     uintptr_t start
@@ -364,6 +366,7 @@ cdef _Batch _collect(tuple arrays, tuple names, int read_only_slot, object indic
             b.chunks[b.nchunks].tensor = i
             b.chunks[b.nchunks].start = c
             b.chunks[b.nchunks].n = min(<int64_t> CHUNK, b.sizes[i] - c)
+            b.chunks[b.nchunks].offset = _next_offset(b.chunks, b.nchunks)
             b.nchunks += 1
             c += CHUNK
     return b
@@ -783,6 +786,36 @@ cdef inline int _threads_for(int64_t total) noexcept nogil:
     return _num_threads if total >= PARALLEL_MIN else 1
 
 
+# Each thread of a parallel region takes one share: a contiguous run of chunks holding about 1 / nshares of
+# the elements. Splitting the chunks by count instead (prange's static schedule) left ResNet-50's list
+# 10% heavier on one of two threads, its small tensors' chunks bunched at one end. Which thread runs a chunk
+# changes no result: every reduction keeps one partial per chunk.
+
+cdef inline int64_t _next_offset(const Chunk* chunks, int c) noexcept nogil:
+    """Chunk c's offset, from the chunk before it (0 for the first)."""
+    return 0 if c == 0 else chunks[c - 1].offset + chunks[c - 1].n
+
+
+cdef inline int _share_start(const Chunk* chunks, int nch, int share, int nshares) noexcept nogil:
+    """The first chunk of share `share` of `nshares` (share == nshares: nch): the first chunk that starts at or
+    past that share's even split of the elements."""
+    if share <= 0 or nch == 0:
+        return 0
+    if share >= nshares:
+        return nch
+    cdef int64_t first = chunks[0].offset
+    cdef int64_t total = chunks[nch - 1].offset + chunks[nch - 1].n - first
+    cdef int64_t target = first + total // nshares * share + total % nshares * share // nshares
+    cdef int lo = 0, hi = nch, mid
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if chunks[mid].offset < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 cdef inline int _chunk(int layout, const int* codes, int kind, int variant, void** base, const Chunk* ch,
                        const int* slot_map, const double* s, double coef, double* acc, unsigned int key,
                        unsigned long long offset) noexcept nogil:
@@ -797,22 +830,50 @@ cdef inline int _chunk(int layout, const int* codes, int kind, int variant, void
     return run_chunk(layout, kind, variant, ptrs, ch.n, s, coef, acc, key, offset + <unsigned long long> ch.start)
 
 
+cdef int _run_share(_Batch b, int share, int nshares, int layout, int kind, int variant, const double* s,
+                    const int* slot_map, const double* coef_per_tensor, double* partials, unsigned int key,
+                    unsigned long long offset) noexcept nogil:
+    """The chunks of one share (_share_start); the number that had no kernel."""
+    cdef int c, bad = 0
+    cdef const Chunk* chunks = b.chunks
+    for c in range(_share_start(chunks, b.nchunks, share, nshares), _share_start(chunks, b.nchunks, share + 1, nshares)):
+        bad += _chunk(layout, b.codes, kind, variant, &b.ptrs[chunks[c].tensor * SLOTS], &chunks[c], slot_map, s,
+                      coef_per_tensor[chunks[c].tensor] if coef_per_tensor != NULL else 0.0,
+                      &partials[2 * LANES * c] if partials != NULL else NULL, key, offset) != 0
+    return bad
+
+
 cdef int _run(_Batch b, int layout, int kind, int variant, const double* s, const int* slot_map,
               const double* coef_per_tensor, double* partials, unsigned int key=0,
               unsigned long long offset=0) except -1:
-    cdef int c, bad = 0
+    cdef int share, bad = 0
     cdef int nthreads = _threads_for(b.total)
-    cdef Chunk* chunks = b.chunks
-    cdef void** base = b.ptrs
-    cdef const int* codes = b.codes
     with nogil:
-        for c in prange(b.nchunks, schedule='static', num_threads=nthreads):
-            bad += _chunk(layout, codes, kind, variant, &base[chunks[c].tensor * SLOTS], &chunks[c], slot_map, s,
-                          coef_per_tensor[chunks[c].tensor] if coef_per_tensor != NULL else 0.0,
-                          &partials[2 * LANES * c] if partials != NULL else NULL, key, offset) != 0
+        for share in prange(nthreads, schedule='static', num_threads=nthreads):
+            bad += _run_share(b, share, nthreads, layout, kind, variant, s, slot_map, coef_per_tensor, partials, key,
+                              offset)
     if bad:
         raise ValueError(f"no CPU kernel for kind {kind} variant {variant} layout {layout}")
     return 0
+
+
+def shares(_Batch b, int nshares):
+    """[(first chunk, end chunk, elements)] of each of nshares threads' shares of the batch (_share_start): what a
+    parallel region of that many threads runs. For the tests: the shares are contiguous, cover every chunk
+    and hold the elements evenly (to within one chunk)."""
+    if nshares < 1:
+        raise ValueError(f"nshares must be at least 1, got {nshares}")
+    out = []
+    cdef int k, c, first, end
+    cdef int64_t n
+    for k in range(nshares):
+        first = _share_start(b.chunks, b.nchunks, k, nshares)
+        end = _share_start(b.chunks, b.nchunks, k + 1, nshares)
+        n = 0
+        for c in range(first, end):
+            n += b.chunks[c].n
+        out.append((first, end, n))
+    return out
 
 
 cdef int[SLOTS] _IDENTITY_SLOTS = [0, 1, 2, 3, 4, 5, 6]
@@ -1063,16 +1124,14 @@ def sumsq_per_tensor(grads, bint params=False):
     cdef int c
     cdef int slot = 0 if params else _grads_slot(b)
     cdef int nthreads = _threads_for(b.total)
+    cdef int share
     cdef double[::1] out = np.zeros(b.ntensors, dtype=np.float64)
-    cdef Chunk* ch
     if partials == NULL:
         raise MemoryError()
     try:
         with nogil:
-            for c in prange(b.nchunks, schedule='static', num_threads=nthreads):
-                ch = &b.chunks[c]
-                partials[c] = sumsq(b.codes[slot], <char*> b.ptrs[ch.tensor * SLOTS + slot] +
-                                    ch.start * _ITEMSIZE[b.codes[slot]], ch.n)
+            for share in prange(nthreads, schedule='static', num_threads=nthreads):
+                _sumsq_share(b, share, nthreads, slot, partials)
         for c in range(b.nchunks):
             out[b.chunks[c].tensor] += partials[c]
     finally:
@@ -1080,27 +1139,48 @@ def sumsq_per_tensor(grads, bint params=False):
     return np.asarray(out)
 
 
+cdef void _sumsq_share(_Batch b, int share, int nshares, int slot, double* partials) noexcept nogil:
+    """partials[c] = the sum of squares of chunk c of slot `slot`, for the chunks of one share."""
+    cdef int c
+    cdef const Chunk* ch
+    for c in range(_share_start(b.chunks, b.nchunks, share, nshares), _share_start(b.chunks, b.nchunks, share + 1, nshares)):
+        ch = &b.chunks[c]
+        partials[c] = sumsq(b.codes[slot], <char*> b.ptrs[ch.tensor * SLOTS + slot] + ch.start * _ITEMSIZE[b.codes[slot]],
+                            ch.n)
+
+
+cdef void _elementwise_share(_Batch b, int share, int nshares, int op, double value, const double* coefs) noexcept nogil:
+    """op 0: scale by value (coefs: by coefs[i] for tensor i); op 1: clamp to [-value, value]; one share's chunks."""
+    cdef int c
+    cdef const Chunk* ch
+    cdef void* x
+    for c in range(_share_start(b.chunks, b.nchunks, share, nshares), _share_start(b.chunks, b.nchunks, share + 1, nshares)):
+        ch = &b.chunks[c]
+        x = <char*> b.ptrs[ch.tensor * SLOTS] + ch.start * _ITEMSIZE[b.dtype]
+        if op == 0:
+            scale(b.dtype, x, ch.n, coefs[ch.tensor] if coefs != NULL else value)
+        else:
+            clamp(b.dtype, x, ch.n, value)
+
+
 cdef _elementwise(object grads, int op, double value, object per_tensor=None):
     """op 0: scale by value (or by per_tensor[i] for tensor i); op 1: clamp to [-value, value]."""
     cdef _Batch b = _collect_grads(grads, True)
-    cdef int c
+    cdef int share
     cdef int nthreads = _threads_for(b.total)
-    cdef Chunk* ch
-    cdef void* x
     cdef double[::1] coefs
-    cdef bint each = per_tensor is not None
-    if each:
+    cdef const double* coef_ptr = NULL
+    if per_tensor is not None:
         coefs = np.ascontiguousarray(per_tensor, dtype=np.float64)
         if coefs.shape[0] != b.ntensors:
             raise ValueError(f"{coefs.shape[0]} coefficients for {b.ntensors} arrays")
+        if b.ntensors:
+            coef_ptr = &coefs[0]
+    if b.nchunks == 0:
+        return
     with nogil:
-        for c in prange(b.nchunks, schedule='static', num_threads=nthreads):
-            ch = &b.chunks[c]
-            x = <char*> b.ptrs[ch.tensor * SLOTS] + ch.start * _ITEMSIZE[b.dtype]
-            if op == 0:
-                scale(b.dtype, x, ch.n, coefs[ch.tensor] if each else value)
-            else:
-                clamp(b.dtype, x, ch.n, value)
+        for share in prange(nthreads, schedule='static', num_threads=nthreads):
+            _elementwise_share(b, share, nthreads, op, value, coef_ptr)
 
 
 def scale_(grads, double coef):
@@ -1220,9 +1300,23 @@ cdef int _add_chunks(Chunk* chunks, int nch, int t, int64_t size) noexcept:
         chunks[nch].tensor = t
         chunks[nch].start = start
         chunks[nch].n = min(<int64_t> CHUNK, size - start)
+        chunks[nch].offset = _next_offset(chunks, nch)
         nch += 1
         start += CHUNK
     return nch
+
+
+cdef int _int8_share(int share, int nshares, int layout, int kind, int variant, void** base, float** absmax,
+                     const float** mp, const FoQuantizer* md, int psize, int gsize, const Chunk* chunks, int nch,
+                     const double* s, const double* per_tensor, unsigned int key,
+                     unsigned long long index_offset) noexcept nogil:
+    """_chunk_int8 over the chunks of one share (_share_start); the number that had no kernel."""
+    cdef int c, t, bad = 0
+    for c in range(_share_start(chunks, nch, share, nshares), _share_start(chunks, nch, share + 1, nshares)):
+        t = chunks[c].tensor
+        bad += _chunk_int8(layout, kind, variant, &base[t * INT8_SLOTS], &absmax[t * 4], &mp[t * 4], &md[t * 4],
+                           psize, gsize, &chunks[c], s, per_tensor[t], key, index_offset) != 0
+    return bad
 
 
 cdef int _launch_int8(int kind, int variant, int layout, int nt, void** base, float** absmax,
@@ -1233,7 +1327,7 @@ cdef int _launch_int8(int kind, int variant, int layout, int nt, void** base, fl
     absmax and signed (nt x 4) per tensor; the quantizer rows by each state's map (maps, mids and buckets
     checked by the caller)."""
     cdef int psize = _ITEMSIZE[layout & 3], gsize = _ITEMSIZE[(layout >> 2) & 3]
-    cdef int t, k, c, bad = 0
+    cdef int t, k, bad = 0
     cdef const float** mp = <const float**> malloc(max(nt, 1) * 4 * sizeof(float*))
     cdef FoQuantizer* md = <FoQuantizer*> malloc(max(nt, 1) * 4 * sizeof(FoQuantizer))
     cdef const float* map_rows = <const float*> cnp.PyArray_DATA(maps)
@@ -1246,11 +1340,11 @@ cdef int _launch_int8(int kind, int variant, int layout, int nt, void** base, fl
         mp[t] = map_rows + (256 if signs[t] else 0)
         md[t].mid = mid_rows + (256 if signs[t] else 0)
         md[t].bucket = bucket_rows + (65536 if signs[t] else 0)
+    cdef int share, nthreads = _threads_for(total)
     with nogil:
-        for c in prange(nch, schedule='static', num_threads=_threads_for(total)):
-            t = chunks[c].tensor
-            bad += _chunk_int8(layout, kind, variant, &base[t * INT8_SLOTS], &absmax[t * 4], &mp[t * 4], &md[t * 4],
-                               psize, gsize, &chunks[c], s, per_tensor[t], key, index_offset) != 0
+        for share in prange(nthreads, schedule='static', num_threads=nthreads):
+            bad += _int8_share(share, nthreads, layout, kind, variant, base, absmax, mp, md, psize, gsize, chunks, nch,
+                               s, per_tensor, key, index_offset)
     free(mp); free(md)
     if bad:
         raise ValueError(f"no 8-bit CPU kernel for kind {kind} variant {variant} layout {layout}")
