@@ -29,13 +29,12 @@ from fastopt._version import __version__
 def set_num_threads(n: int) -> None:
     """Threads of the CPU kernels (default: OMP_NUM_THREADS, else all cores)."""
     from fastopt.backends import cython_backend
-    if cython_backend.AVAILABLE:
-        cython_backend._cpu_fast.set_num_threads(n)
+    cython_backend.set_num_threads(n)
 
 
 def get_num_threads() -> int:
     from fastopt.backends import cython_backend
-    return cython_backend._cpu_fast.get_num_threads() if cython_backend.AVAILABLE else 1
+    return cython_backend.get_num_threads()
 
 
 # one <name>_step function and one class per registry entry (fastopt/__init__.pyi shows them to type checkers)

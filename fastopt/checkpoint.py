@@ -56,17 +56,15 @@ only stores it in files, and uses nothing private of the optimizer.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
-import numbers
 import os
 import re
 import secrets
 import stat
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import BinaryIO
 
 import numpy as np
@@ -78,7 +76,7 @@ except ImportError:  # Windows
 
 from fastopt.arrays import to_host as _to_host, writable_view as _writable_view
 from fastopt.optim import Optimizer, OptimizerState
-from fastopt.statedict import (FORMAT, MAX_COUNT, CheckpointError, _fail, _shown, apply_load, from_torch_state_dict,
+from fastopt.statedict import (CheckpointError, fail, shown, apply_load, from_torch_state_dict,
                                load_state_dict, plan_load, state_dict, to_torch_state_dict)
 
 __all__ = ["save", "load", "write_atomic", "read", "CheckpointError", "OptimizerState", "state_dict", "load_state_dict",
@@ -214,7 +212,7 @@ def save(path, opt, *, params=True) -> None:
     of a plain open() (0666 minus the umask), or the existing target's permission bits."""
     _require_optimizer(opt)
     if not isinstance(params, (bool, np.bool_)):
-        raise TypeError(f"params must be True or False, got {_shown(params)}")
+        raise TypeError(f"params must be True or False, got {shown(params)}")
     path = os.fspath(path)
     sd = opt.state_dict()
     members = []
@@ -294,19 +292,19 @@ def _read_member(zf, info, what, kinds="iufc"):
         elif version == (2, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(m)
         else:
-            _fail(f"{what}: unsupported .npy version {version}")
+            fail(f"{what}: unsupported .npy version {version}")
         if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in kinds:
-            _fail(f"{what} has dtype {dtype}, which a checkpoint does not hold")
+            fail(f"{what} has dtype {dtype}, which a checkpoint does not hold")
         if not dtype.isnative:
-            _fail(f"{what} has non-native byte order ({dtype.str})")
+            fail(f"{what} has non-native byte order ({dtype.str})")
         if dtype.itemsize == 0 or not isinstance(shape, tuple) or any(
                 type(d) is not int or d < 0 for d in shape):
-            _fail(f"{what} has an invalid header (shape {_shown(shape)}, dtype {dtype})")
+            fail(f"{what} has an invalid header (shape {shown(shape)}, dtype {dtype})")
         count = math.prod(shape)
         nbytes = count * dtype.itemsize
         stored = info.file_size - m.tell()
         if nbytes != stored:
-            _fail(f"{what}: its header describes {nbytes} bytes but {stored} are stored")
+            fail(f"{what}: its header describes {nbytes} bytes but {stored} are stored")
         flat = np.empty(count, dtype)
         view = memoryview(flat.view(np.uint8))
         done = 0
@@ -316,14 +314,14 @@ def _read_member(zf, info, what, kinds="iufc"):
                 raise EOFError(f"{what} ended early")
             done += got
         if m.read(1):
-            _fail(f"{what} has bytes after its data")
+            fail(f"{what} has bytes after its data")
     return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
 
 def _parse(f, path):
     size = os.fstat(f.fileno()).st_size
     if size == 0:
-        _fail(f"{path} is empty (0 bytes), not a fastopt checkpoint")
+        fail(f"{path} is empty (0 bytes), not a fastopt checkpoint")
     tail = len(_TRAILER) + _DIGEST_LEN
     checked = False
     if size > tail:
@@ -331,7 +329,7 @@ def _parse(f, path):
         end = f.read(tail)
         if end.startswith(_TRAILER):
             if _digest(f, size - _DIGEST_LEN) != end[len(_TRAILER):]:
-                _fail(f"{path} is damaged: its SHA-256 checksum does not match its contents (changed or cut "
+                fail(f"{path} is damaged: its SHA-256 checksum does not match its contents (changed or cut "
                       f"short after it was written)")
             checked = True
     f.seek(0)
@@ -339,47 +337,47 @@ def _parse(f, path):
     infos = zf.infolist()
     names = [info.filename for info in infos]
     if "meta.npy" not in names:
-        _fail(f"{path} is not a fastopt checkpoint (no 'meta' entry)")
+        fail(f"{path} is not a fastopt checkpoint (no 'meta' entry)")
     if len(set(names)) != len(names):
-        _fail(f"{path} is corrupted: a member appears twice")
+        fail(f"{path} is corrupted: a member appears twice")
     for info in infos:
         if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
-            _fail(f"{path}: member {info.filename!r} is compressed or encrypted (fastopt.save writes neither)")
+            fail(f"{path}: member {info.filename!r} is compressed or encrypted (fastopt.save writes neither)")
         if info.file_size != info.compress_size or info.file_size > size:
-            _fail(f"{path} is corrupted: member {info.filename!r} has inconsistent sizes")
+            fail(f"{path} is corrupted: member {info.filename!r} has inconsistent sizes")
     by_name = {info.filename: info for info in infos}
     text = _read_member(zf, by_name["meta.npy"], f"{path}: meta", kinds="U")
     if text.shape != ():
-        _fail(f"{path}: meta is not a single string")
+        fail(f"{path}: meta is not a single string")
     meta = json.loads(str(text[()]))
     if not isinstance(meta, dict):
-        _fail(f"{path}: meta is not a JSON object")
+        fail(f"{path}: meta is not a JSON object")
     fmt = meta.get("format")
     if type(fmt) is not int or fmt not in (1, FILE_FORMAT):
-        _fail(f"{path}: unsupported checkpoint format {_shown(fmt)} (this fastopt reads 1 and {FILE_FORMAT})")
+        fail(f"{path}: unsupported checkpoint format {shown(fmt)} (this fastopt reads 1 and {FILE_FORMAT})")
     if fmt >= 2 and not checked:
-        _fail(f"{path} is damaged: a format {fmt} checkpoint must end with its checksum")
+        fail(f"{path} is damaged: a format {fmt} checkpoint must end with its checksum")
     state_meta, groups, extra = meta.get("state"), meta.get("param_groups"), meta.get("fastopt")
     if not isinstance(state_meta, dict) or not isinstance(groups, list) or not isinstance(extra, dict):
-        _fail(f"{path}: meta must have 'state' (object), 'param_groups' (list) and 'fastopt' (object)")
+        fail(f"{path}: meta must have 'state' (object), 'param_groups' (list) and 'fastopt' (object)")
     nparams = meta.get("params", 0) if fmt >= 2 else 0
     if type(nparams) is not int or not 0 <= nparams <= len(names):
-        _fail(f"{path}: meta 'params' must be a count of params, got {_shown(nparams)}")
+        fail(f"{path}: meta 'params' must be a count of params, got {shown(nparams)}")
     expected = {"meta.npy": None}
     layout = {}
     bf16_members = set()  # (param, state name) stored as bfloat16 bits
     for key, entry in state_meta.items():
         if not _INDEX.fullmatch(key):
-            _fail(f"{path}: state key {key!r} is not a param number")
+            fail(f"{path}: state key {key!r} is not a param number")
         if not isinstance(entry, dict) or "step" not in entry or not isinstance(entry.get("arrays"), list):
-            _fail(f"{path}: state of param {key} must be an object with 'step' and 'arrays'")
+            fail(f"{path}: state of param {key} must be an object with 'step' and 'arrays'")
         arrays = entry["arrays"]
         if any(not isinstance(a, str) or not _MEMBER_NAME.fullmatch(a) or a == "step" for a in arrays) or len(
                 set(arrays)) != len(arrays):
-            _fail(f"{path}: state of param {key} lists invalid array names {_shown(arrays)}")
+            fail(f"{path}: state of param {key} lists invalid array names {shown(arrays)}")
         bf16 = entry.get("bfloat16", [])
         if not isinstance(bf16, list) or any(a not in arrays for a in bf16):
-            _fail(f"{path}: state of param {key} lists invalid bfloat16 arrays {_shown(bf16)}")
+            fail(f"{path}: state of param {key} lists invalid bfloat16 arrays {shown(bf16)}")
         layout[int(key)] = (entry["step"], arrays)
         for a in bf16:
             bf16_members.add((int(key), a))
@@ -390,7 +388,7 @@ def _parse(f, path):
     if set(names) != set(expected):
         missing = sorted(set(expected) - set(names))
         unexpected = sorted(set(names) - set(expected))
-        _fail(f"{path}: the members do not match its meta"
+        fail(f"{path}: the members do not match its meta"
               + (f"; missing {', '.join(missing[:5])}" if missing else "")
               + (f"; unexpected {', '.join(map(repr, unexpected[:5]))}" if unexpected else ""))
     state = {i: {"step": step} for i, (step, _) in sorted(layout.items())}
@@ -431,11 +429,11 @@ def _as_bfloat16(path, member, a, what=""):
     """The uint16 bits of a bfloat16 member (a param, or state saved with state_dtype="bfloat16"), viewed
     as ml_dtypes' bfloat16."""
     if a.dtype != np.uint16:
-        _fail(f"{path}: {member} of a bfloat16{what} has dtype {a.dtype}, expected its uint16 bits")
+        fail(f"{path}: {member} of a bfloat16{what} has dtype {a.dtype}, expected its uint16 bits")
     try:
         import ml_dtypes
     except ImportError:
-        _fail(f"{path} holds bfloat16 arrays: reading them needs the ml_dtypes package (pip install ml_dtypes)")
+        fail(f"{path} holds bfloat16 arrays: reading them needs the ml_dtypes package (pip install ml_dtypes)")
     return a.view(ml_dtypes.bfloat16)
 
 
@@ -443,7 +441,7 @@ def _read(path):
     path = os.fspath(path)
     st = os.stat(path)  # FileNotFoundError / PermissionError: the caller's to handle
     if not stat.S_ISREG(st.st_mode):
-        _fail(f"{path} is not a regular file ({'a directory' if stat.S_ISDIR(st.st_mode) else 'a special file'})")
+        fail(f"{path} is not a regular file ({'a directory' if stat.S_ISDIR(st.st_mode) else 'a special file'})")
     with open(path, "rb") as f:
         try:
             return _parse(f, path)
@@ -451,7 +449,7 @@ def _read(path):
             raise
         except Exception as e:  # whatever a damaged zip, .npy header or JSON text raises
             raise CheckpointError(f"{path} is corrupted or not a fastopt checkpoint: {type(e).__name__}: "
-                                  f"{_shown(str(e), 200)}") from None
+                                  f"{shown(str(e), 200)}") from None
 
 
 def read(path) -> dict:
@@ -467,8 +465,8 @@ def load(path, opt, *, params=None) -> None:
     CheckpointError (a ValueError) naming what is wrong, and the optimizer and params unchanged."""
     _require_optimizer(opt)
     if params is not None and not isinstance(params, (bool, np.bool_)):
-        raise TypeError(f"params must be None, True or False, got {_shown(params)}")
+        raise TypeError(f"params must be None, True or False, got {shown(params)}")
     sd, saved = _read(path)
     if params and saved is None:
-        _fail(f"{os.fspath(path)} holds no params (saved with params=False, or by fastopt 0.1)")
+        fail(f"{os.fspath(path)} holds no params (saved with params=False, or by fastopt 0.1)")
     apply_load(plan_load(opt, sd, saved if params is not False else None))

@@ -27,7 +27,7 @@ from fastopt.specs import as_float
 __all__ = ["clip_by_value", "clip_by_norm", "global_norm", "clip_by_global_norm", "clip_coefficient"]
 
 
-def _check_bound(name, value) -> float:
+def check_bound(name, value) -> float:
     """A clipping bound as a Python float: finite and >= 0."""
     value = as_float(name, value)
     if not (math.isfinite(value) and value >= 0):
@@ -47,7 +47,7 @@ def clip_coefficient(total_norm: Scalar, max_norm: float) -> Scalar:
 
 def clip_by_value(grads: Arrays, clip_value: float, *, backend: str | None = None) -> None:
     """g = clip(g, -clip_value, clip_value), in place, for one array or a list."""
-    clip_value = _check_bound("clip_value", clip_value)
+    clip_value = check_bound("clip_value", clip_value)
     be = _backend(grads, backend)
     if be is not None:
         be.clamp_(grads, clip_value)
@@ -72,7 +72,7 @@ def global_norm(grads: Arrays, *, backend: str | None = None) -> Scalar:
 def clip_by_norm(grads: Arrays, max_norm: float, *, backend: str | None = None) -> Scalar | list:
     """Per array: g = g * min(1, max_norm / (||g|| + 1e-6)), in place. Returns the norm of each array
     (a list for a list, one scalar for one array; 0-d device arrays on a GPU)."""
-    max_norm = _check_bound("max_norm", max_norm)
+    max_norm = check_bound("max_norm", max_norm)
     be = _backend(grads, backend)
     if be is None:
         return []
@@ -82,7 +82,7 @@ def clip_by_norm(grads: Arrays, max_norm: float, *, backend: str | None = None) 
 def clip_by_global_norm(grads: Arrays, max_norm: float, *, backend: str | None = None) -> Scalar:
     """Scale every array by min(1, max_norm / (total + 1e-6)), in place; returns the total norm
     (torch.nn.utils.clip_grad_norm_ semantics: a non-finite norm propagates into the grads)."""
-    max_norm = _check_bound("max_norm", max_norm)
+    max_norm = check_bound("max_norm", max_norm)
     be = _backend(grads, backend)
     if be is None:
         return np.float64(0.0)

@@ -77,7 +77,7 @@ from fastopt.backends.dispatch import array_device, as_numpy, backend_for
 from fastopt.backends.interface import capturable as capturable_backend
 from fastopt.backends.interface import prepares_once
 from fastopt.capture import OUTSIDE_CAPTURE, CapturedScalars
-from fastopt.clip import _check_bound, clip_coefficient
+from fastopt.clip import check_bound, clip_coefficient
 from fastopt.functional import device_param_dtype, init_state, rounding_options, with_kahan
 from fastopt.precision import QuantizedState, StochasticRounding, quant_blocks, quantize_blockwise
 from fastopt.schedules import is_schedule
@@ -238,7 +238,7 @@ class Optimizer:
 
     @clip_grad_norm.setter
     def clip_grad_norm(self, value):
-        self._clip_grad_norm = None if value is None else _check_bound("clip_grad_norm", value)
+        self._clip_grad_norm = None if value is None else check_bound("clip_grad_norm", value)
 
     @property
     def backend(self) -> str | None:
@@ -555,7 +555,7 @@ class Optimizer:
     def _backend(self, bucket):
         """The bucket's backend module, resolved again only when a use_backend block changes it (the
         FASTOPT_BACKEND variable is read when it is resolved)."""
-        key = dispatch._forced.get()
+        key = dispatch.forced_backend()
         if bucket.backend_key is not key:
             bucket.backend = backend_for(bucket.params, self.backend)
             bucket.prepares_once = prepares_once(bucket.backend)  # asked once per resolution, not per step

@@ -16,7 +16,8 @@ import math
 import numpy as np
 
 
-def _grad(g, grad_scale, maximize):
+def scaled_grad(g, grad_scale, maximize):
+    """g * grad_scale, negated under maximize (the gradient every rule below starts from)."""
     scale = 1.0 if grad_scale is None else float(grad_scale)
     if maximize:
         scale = -scale
@@ -29,7 +30,7 @@ def _store(dst, value):
 
 def sgd_step(p, g, momentum_buffer=None, *, lr=1e-3, step=1, momentum=0.0, dampening=0.0, nesterov=False,
              weight_decay=0.0, maximize=False, grad_scale=None):
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     if weight_decay != 0:
         g = g + weight_decay * p
     if momentum != 0:
@@ -45,7 +46,7 @@ def sgd_step(p, g, momentum_buffer=None, *, lr=1e-3, step=1, momentum=0.0, dampe
 def adagrad_step(p, g, state_sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
                  eps=1e-10, maximize=False, grad_scale=None):
     # initial_accumulator_value is where state_sum starts (initial_state); a step does not read it
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     if weight_decay != 0:
         g = g + weight_decay * p
     clr = lr / (1.0 + (step - 1) * lr_decay)
@@ -56,7 +57,7 @@ def adagrad_step(p, g, state_sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0
 
 def rmsprop_step(p, g, square_avg, grad_avg=None, momentum_buffer=None, *, lr=1e-2, alpha=0.99, eps=1e-8,
                  weight_decay=0.0, momentum=0.0, centered=False, maximize=False, grad_scale=None):
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     if weight_decay != 0:
         g = g + weight_decay * p
     _store(square_avg, alpha * square_avg + (1.0 - alpha) * (g * g))
@@ -74,7 +75,7 @@ def rmsprop_step(p, g, square_avg, grad_avg=None, momentum_buffer=None, *, lr=1e
 
 def _adam(p, g, m, v, vmax, *, step, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale,
           decoupled):
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     if decoupled:
         _store(p, p * (1.0 - lr * weight_decay))
     elif weight_decay != 0:
@@ -119,7 +120,7 @@ _MU_LOOP_STEPS = 4096
 
 def nadam_step(p, g, exp_avg, exp_avg_sq, *, step, lr=2e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False, grad_scale=None):
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     g = _weight_decay(p, g, lr, weight_decay, decoupled_weight_decay)
     mu, mu_next = (beta1 * (1.0 - 0.5 * 0.96 ** (i * momentum_decay)) for i in (step, step + 1))
     if step <= _MU_LOOP_STEPS:  # torch's running product, multiplied in step order
@@ -140,7 +141,7 @@ def nadam_step(p, g, exp_avg, exp_avg_sq, *, step, lr=2e-3, beta1=0.9, beta2=0.9
 
 def radam_step(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                decoupled_weight_decay=False, maximize=False, grad_scale=None):
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     g = _weight_decay(p, g, lr, weight_decay, decoupled_weight_decay)
     _store(exp_avg, beta1 * exp_avg + (1.0 - beta1) * g)
     _store(exp_avg_sq, beta2 * exp_avg_sq + (1.0 - beta2) * (g * g))
@@ -158,7 +159,7 @@ def radam_step(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.9
 
 def adabelief_step(p, g, exp_avg, exp_avg_var, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-16,
                    weight_decay=0.0, decoupled_weight_decay=True, maximize=False, grad_scale=None):
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     g = _weight_decay(p, g, lr, weight_decay, decoupled_weight_decay)
     _store(exp_avg, beta1 * exp_avg + (1.0 - beta1) * g)
     residual = g - exp_avg
@@ -194,7 +195,7 @@ def lamb_phase1(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.
                 bias_correction=True, maximize=False, grad_scale=None):
     """LAMB's first pass: the moments written; returns (sum p^2, sum u^2) as Python floats, u the update
     direction from the moments just computed (before any 16-bit state is stored). `lr` is not read."""
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     _store(exp_avg, beta1 * exp_avg + (1.0 - beta1) * g)
     _store(exp_avg_sq, beta2 * exp_avg_sq + (1.0 - beta2) * (g * g))
     update = _lamb_direction(p, exp_avg, exp_avg_sq, step, beta1, beta2, eps, weight_decay, bias_correction)
@@ -221,7 +222,7 @@ def lamb_phase2(p, exp_avg, exp_avg_sq, *, scaled_lr, step, beta1=0.9, beta2=0.9
 
 def lion_step(p, g, exp_avg, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False,
               grad_scale=None):
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     _store(p, p * (1.0 - lr * weight_decay))
     c = beta1 * exp_avg + (1.0 - beta1) * g
     _store(p, p - lr * np.sign(c))
@@ -230,7 +231,7 @@ def lion_step(p, g, exp_avg, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0
 
 def adamax_step(p, g, exp_avg, exp_inf, *, step, lr=2e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                 maximize=False, grad_scale=None):
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     if weight_decay != 0.0:
         g = g + weight_decay * p
     _store(exp_avg, beta1 * exp_avg + (1.0 - beta1) * g)
@@ -243,7 +244,7 @@ def adamax_step(p, g, exp_avg, exp_inf, *, step, lr=2e-3, beta1=0.9, beta2=0.999
 
 def adadelta_step(p, g, square_avg, acc_delta, *, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False,
                   grad_scale=None):
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     if weight_decay != 0:
         g = g + weight_decay * p
     _store(square_avg, rho * square_avg + (1.0 - rho) * (g * g))
@@ -256,7 +257,7 @@ def adadelta_step(p, g, square_avg, acc_delta, *, lr=1.0, rho=0.9, eps=1e-6, wei
 def rprop_step(p, g, prev, step_size, *, lr=1e-2, etaminus=0.5, etaplus=1.2, step_size_min=1e-6,
                step_size_max=50.0, maximize=False, grad_scale=None):
     # lr is where step_size starts (initial_state); a step does not read it
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     x = g * prev
     one = np.ones_like(x)
     factor = np.where(x > 0, etaplus * one, np.where(x < 0, etaminus * one, np.where(x == 0, one, x)))
@@ -271,7 +272,7 @@ def rprop_step(p, g, prev, step_size, *, lr=1e-2, etaminus=0.5, etaplus=1.2, ste
 
 def asgd_step(p, g, ax, *, step, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, maximize=False,
               grad_scale=None):
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     if weight_decay != 0:
         g = g + weight_decay * p
     # torch's eta and mu, stored after step t - 1 (eta = lr and mu = 1 before the first step)
@@ -292,7 +293,7 @@ def yogi_step(p, g, exp_avg, exp_avg_sq, *, step, lr=1e-2, beta1=0.9, beta2=0.99
               weight_decay=0.0, decoupled_weight_decay=True, fixed_decay=False, eps=1e-3, maximize=False,
               grad_scale=None):
     # initial_accumulator is where both moments start (initial_state); a step does not read it
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     if decoupled_weight_decay:
         _store(p, p * (1.0 - weight_decay * (1.0 if fixed_decay else lr)))
     elif weight_decay != 0:
@@ -319,7 +320,7 @@ def lars_step(p, g, momentum_buffer=None, *, lr=1e-3, momentum=0.9, dampening=0.
     """LARS as pytorch_optimizer.LARS (4.x) computes it: with exclude_1d, params of ndim <= 1 (biases, norm
     weights, scalars) take plain SGD with momentum (no weight decay, no trust ratio). The momentum
     buffer starts at zero (step 1: buf = (1 - dampening) * g, unlike torch.optim.SGD's buf = g)."""
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     if not (exclude_1d and p.ndim <= 1):
         trust = lars_trust_ratio(math.sqrt(sumsq(p)), math.sqrt(sumsq(g)), weight_decay=weight_decay,
                                  trust_coefficient=trust_coefficient, eps=eps)
@@ -385,7 +386,7 @@ def _schedule_free_update(p, g, z, ckp1, coef, lr_t, weight_decay):
 def schedule_free_sgd_step(p, g, z, *, step, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_steps=0, r=0.0,
                            weight_lr_power=2.0, maximize=False, grad_scale=None):
     # z starts as a copy of the param (initial_state)
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     ckp1, lr_t = _schedule_free_scalars(step, lr, warmup_steps, r, weight_lr_power)
     _schedule_free_update(p, g, z, ckp1, lr_t * (momentum * (1.0 - ckp1) - 1.0), lr_t, weight_decay)
 
@@ -393,7 +394,7 @@ def schedule_free_sgd_step(p, g, z, *, step, lr=1.0, momentum=0.9, weight_decay=
 def schedule_free_adamw_step(p, g, z, exp_avg_sq, *, step, lr=0.0025, beta1=0.9, beta2=0.999, eps=1e-8,
                              weight_decay=0.0, warmup_steps=0, r=0.0, weight_lr_power=2.0, maximize=False,
                              grad_scale=None):
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     ckp1, lr_t = _schedule_free_scalars(step, lr, warmup_steps, r, weight_lr_power)
     _store(exp_avg_sq, beta2 * exp_avg_sq + (1.0 - beta2) * (g * g))
     g = g / (np.sqrt(exp_avg_sq / (1.0 - beta2 ** step)) + eps)
@@ -409,7 +410,7 @@ def adan_step(p, g, exp_avg, exp_avg_diff, exp_avg_sq, previous_grad, *, step, l
               beta3=0.99, weight_decay=0.0, weight_decouple=False, eps=1e-8, maximize=False, grad_scale=None):
     """Adan (Xie et al. 2022) as pytorch_optimizer.Adan: previous_grad holds -g of the last step; the first
     step's difference is 0."""
-    g = _grad(g, grad_scale, maximize)
+    g = scaled_grad(g, grad_scale, maximize)
     diff = previous_grad + g * (0.0 if step == 1 else 1.0)
     _store(exp_avg, beta1 * exp_avg + (1.0 - beta1) * g)
     _store(exp_avg_diff, beta2 * exp_avg_diff + (1.0 - beta2) * diff)

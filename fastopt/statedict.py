@@ -63,11 +63,12 @@ class CheckpointError(ValueError):
     """A checkpoint or state dict that does not fit the optimizer, or a file that is not a checkpoint."""
 
 
-def _fail(msg):
+def fail(msg):
+    """Raise the CheckpointError every load problem is."""
     raise CheckpointError(msg)
 
 
-def _shown(value, limit=60) -> str:
+def shown(value, limit=60) -> str:
     """A value for an error message, cut short."""
     try:
         text = repr(value)
@@ -99,10 +100,10 @@ def _plain(value):
 def _count(what, value):
     """A step or skip count: a whole number (not bool) in 0..MAX_COUNT, as a Python int."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        _fail(f"{what} must be a whole number, got {_shown(value)} ({type(value).__name__})")
+        fail(f"{what} must be a whole number, got {shown(value)} ({type(value).__name__})")
     value = int(value)
     if not 0 <= value <= MAX_COUNT:
-        _fail(f"{what} is {_shown(value)}, out of range (0 to 2**53 - 1)")
+        fail(f"{what} is {shown(value)}, out of range (0 to 2**53 - 1)")
     return value
 
 
@@ -175,52 +176,52 @@ def _hyper_value(where, hyper, value):
     """A saved hyperparameter as the Python type the optimizer keeps (float or bool)."""
     if hyper.kind == "bool":
         if not isinstance(value, (bool, np.bool_)):
-            _fail(f"{where}: {hyper.name} must be a bool, got {_shown(value)} ({type(value).__name__})")
+            fail(f"{where}: {hyper.name} must be a bool, got {shown(value)} ({type(value).__name__})")
         return bool(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        _fail(f"{where}: {hyper.name} must be a real number, got {_shown(value)} ({type(value).__name__})")
+        fail(f"{where}: {hyper.name} must be a real number, got {shown(value)} ({type(value).__name__})")
     try:
         return float(value)
     except (OverflowError, ValueError, TypeError):
-        _fail(f"{where}: Invalid {hyper.label or hyper.name}: {_shown(value)} (not a float)")
+        fail(f"{where}: Invalid {hyper.label or hyper.name}: {shown(value)} (not a float)")
 
 
 def _check_meta(opt, meta):
     if meta is None:
         meta = {}
     if not isinstance(meta, Mapping):
-        _fail(f"state dict: 'fastopt' must be a dict, got {type(meta).__name__}")
+        fail(f"state dict: 'fastopt' must be a dict, got {type(meta).__name__}")
     name = meta.get("optimizer")
     if name is not None:
         if not isinstance(name, str):
-            _fail(f"state dict: 'optimizer' must be a name, got {_shown(name)}")
+            fail(f"state dict: 'optimizer' must be a name, got {shown(name)}")
         if name != opt.spec.name:
-            _fail(f"the state dict is for {name!r}, this optimizer is {opt.spec.name!r}")
+            fail(f"the state dict is for {name!r}, this optimizer is {opt.spec.name!r}")
     if "format" in meta:
         fmt = meta["format"]
         if type(fmt) is not int or fmt != FORMAT:
-            _fail(f"state dict: unsupported format {_shown(fmt)} (this fastopt reads {FORMAT})")
+            fail(f"state dict: unsupported format {shown(fmt)} (this fastopt reads {FORMAT})")
     live_params = opt.params
     n = len(live_params)
     shapes, dtypes = meta.get("param_shapes"), meta.get("param_dtypes")
     for key, value in (("param_shapes", shapes), ("param_dtypes", dtypes)):
         if value is not None and not isinstance(value, (list, tuple)):
-            _fail(f"state dict: '{key}' must be a list, got {type(value).__name__}")
+            fail(f"state dict: '{key}' must be a list, got {type(value).__name__}")
         if value is not None and len(value) != n:
-            _fail(f"the state dict has {len(value)} params but the optimizer has {n}")
+            fail(f"the state dict has {len(value)} params but the optimizer has {n}")
     for i, p in enumerate(live_params):
         shape = shapes[i] if shapes is not None else None
         dtype = dtypes[i] if dtypes is not None else None
         if shapes is not None:
             if not isinstance(shape, (list, tuple)) or any(
                     isinstance(d, (bool, np.bool_)) or not isinstance(d, numbers.Integral) for d in shape):
-                _fail(f"state dict: param_shapes[{i}] is not a shape: {_shown(shape)}")
+                fail(f"state dict: param_shapes[{i}] is not a shape: {shown(shape)}")
             shape = [int(d) for d in shape]
         if dtypes is not None and not isinstance(dtype, str):
-            _fail(f"state dict: param_dtypes[{i}] is not a dtype name: {_shown(dtype)}")
+            fail(f"state dict: param_dtypes[{i}] is not a dtype name: {shown(dtype)}")
         live_shape, live_dtype = [int(d) for d in p.shape], _dtype_name(p.dtype)
         if (shape is not None and shape != live_shape) or (dtype is not None and dtype != live_dtype):
-            _fail(f"param {i} is {dtype if dtype is not None else '?'}{shape if shape is not None else ''} in the "
+            fail(f"param {i} is {dtype if dtype is not None else '?'}{shape if shape is not None else ''} in the "
                   f"state dict but {live_dtype}{live_shape} in the optimizer")
     skipped = None
     if "skipped_steps" in meta:
@@ -230,12 +231,12 @@ def _check_meta(opt, meta):
     if schedules is None:
         schedules = [None] * ngroups
     if not isinstance(schedules, (list, tuple)):
-        _fail(f"state dict: 'lr_schedules' must be a list (one entry per group), got {_shown(schedules)}")
+        fail(f"state dict: 'lr_schedules' must be a list (one entry per group), got {shown(schedules)}")
     if len(schedules) != ngroups:  # checked after the groups themselves (a clearer message first)
         return skipped, len(schedules)
     for gi, entry in enumerate(schedules):
         if entry is not None and not isinstance(entry, Mapping):
-            _fail(f"state dict: lr_schedules[{gi}] must be a dict or None, got {_shown(entry)}")
+            fail(f"state dict: lr_schedules[{gi}] must be a dict or None, got {shown(entry)}")
     return skipped, [(entry or {}).get("state") for entry in schedules]
 
 
@@ -244,9 +245,9 @@ def _check_groups(opt, groups):
     (group dict without params, registry-named hp dict)."""
     spec = REGISTRY[opt.spec.name]
     if not isinstance(groups, (list, tuple)):
-        _fail(f"state dict: 'param_groups' must be a list, got {type(groups).__name__}")
+        fail(f"state dict: 'param_groups' must be a list, got {type(groups).__name__}")
     if len(groups) != len(opt.param_groups):
-        _fail(f"state dict has {len(groups)} param groups but the optimizer has {len(opt.param_groups)}")
+        fail(f"state dict has {len(groups)} param groups but the optimizer has {len(opt.param_groups)}")
     keys = _group_keys(spec)
     hypers = {h.name: h for h in spec.hypers}
     out = []
@@ -254,21 +255,21 @@ def _check_groups(opt, groups):
     for gi, (saved, live) in enumerate(zip(groups, opt.param_groups)):
         where = f"param group {gi}"
         if not isinstance(saved, Mapping) or "params" not in saved:
-            _fail(f"state dict: {where} is not a dict with 'params'")
+            fail(f"state dict: {where} is not a dict with 'params'")
         numbers_ = saved["params"]
         n = len(live["params"])
         if not isinstance(numbers_, (list, tuple)):
-            _fail(f"{where}: 'params' must be a list of param numbers, got {_shown(numbers_)}")
+            fail(f"{where}: 'params' must be a list of param numbers, got {shown(numbers_)}")
         if len(numbers_) != n:
-            _fail(f"{where} has {len(numbers_)} params in the state dict but {n} in the optimizer")
+            fail(f"{where} has {len(numbers_)} params in the state dict but {n} in the optimizer")
         if any(isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or int(k) != index + j
                for j, k in enumerate(numbers_)):
-            _fail(f"{where}: params must be numbered {index}..{index + n - 1} in order, got {_shown(list(numbers_))}")
+            fail(f"{where}: params must be numbered {index}..{index + n - 1} in order, got {shown(list(numbers_))}")
         index += n
         missing = [k for k in keys if k not in saved]
-        unknown = [_shown(k) if not isinstance(k, str) else k for k in saved if k not in keys and k != "params"]
+        unknown = [shown(k) if not isinstance(k, str) else k for k in saved if k not in keys and k != "params"]
         if missing or unknown:
-            _fail(f"{where} does not fit {opt.spec.class_name}: "
+            fail(f"{where} does not fit {opt.spec.class_name}: "
                   + (f"missing {', '.join(missing)}" if missing else "")
                   + ("; " if missing and unknown else "") + (f"unknown {', '.join(unknown)}" if unknown else ""))
         hp = {}
@@ -276,7 +277,7 @@ def _check_groups(opt, groups):
             value = saved[k]
             if k == "betas":
                 if not isinstance(value, (list, tuple)) or len(value) != 2:
-                    _fail(f"{where}: betas must be a pair (beta1, beta2), got {_shown(value)}")
+                    fail(f"{where}: betas must be a pair (beta1, beta2), got {shown(value)}")
                 hp["beta1"] = _hyper_value(where, hypers["beta1"], value[0])
                 hp["beta2"] = _hyper_value(where, hypers["beta2"], value[1])
             else:
@@ -293,19 +294,19 @@ def check_array(what, a, shape, dtype):
     """A saved array that must become `dtype`[shape] without conversion (dtype None: an array that is
     not loaded, checked for its kind, byte order and shape only)."""
     if isinstance(a, np.ma.MaskedArray):
-        _fail(f"{what} is a masked array; save plain arrays")
+        fail(f"{what} is a masked array; save plain arrays")
     if not (isinstance(a, np.ndarray) or type(a).__module__.startswith("cupy") or hasattr(a, "copy_to_host")):
-        _fail(f"{what} is not an array ({type(a).__name__})")
+        fail(f"{what} is not an array ({type(a).__name__})")
     try:
         got = np.dtype(a.dtype)
     except TypeError:
-        _fail(f"{what} has an unknown dtype {_shown(a.dtype)}")
+        fail(f"{what} has an unknown dtype {shown(a.dtype)}")
     if not got.isnative:
-        _fail(f"{what} has non-native byte order ({got.str}); arrays are loaded without conversion")
+        fail(f"{what} has non-native byte order ({got.str}); arrays are loaded without conversion")
     if dtype is not None and got != dtype:
-        _fail(f"{what} has dtype {got.name if not got.fields else got}, expected {np.dtype(dtype).name}")
+        fail(f"{what} has dtype {got.name if not got.fields else got}, expected {np.dtype(dtype).name}")
     if tuple(int(d) for d in a.shape) != tuple(int(d) for d in shape):
-        _fail(f"{what} has shape {tuple(a.shape)}, expected {tuple(shape)} (the shape of the param)")
+        fail(f"{what} has shape {tuple(a.shape)}, expected {tuple(shape)} (the shape of the param)")
     return a
 
 
@@ -313,11 +314,11 @@ def _check_state(opt, state, new_hps):
     """The group step counts, and per param the saved arrays (name -> array), checked against the spec:
     one step count per group, known state names, the states these hyperparameters need."""
     if not isinstance(state, Mapping):
-        _fail(f"state dict: 'state' must be a dict, got {type(state).__name__}")
+        fail(f"state dict: 'state' must be a dict, got {type(state).__name__}")
     n = len(opt.params)
     for key in state:
         if isinstance(key, (bool, np.bool_)) or not isinstance(key, numbers.Integral) or not 0 <= int(key) < n:
-            _fail(f"state dict has state for param {_shown(key)} but the optimizer has params 0..{n - 1}")
+            fail(f"state dict has state for param {shown(key)} but the optimizer has params 0..{n - 1}")
     known = opt.spec.states + ((KAHAN,) if getattr(opt, "kahan", False) else ())
     steps, arrays_of = [], {}
     index = 0
@@ -328,29 +329,29 @@ def _check_state(opt, state, new_hps):
         for i in range(index, index + len(live["params"])):
             entry = state.get(i, {})
             if not isinstance(entry, Mapping):
-                _fail(f"state of param {i} must be a dict, got {_shown(entry)}")
+                fail(f"state of param {i} must be a dict, got {shown(entry)}")
             step = _count(f"state of param {i}: step", entry.get("step", 0))
             if group_step is None:
                 group_step = step
             elif step != group_step:
-                _fail(f"param group {gi}: params have different step counts ({group_step} and {step} at "
+                fail(f"param group {gi}: params have different step counts ({group_step} and {step} at "
                       f"param {i}); fastopt keeps one count per group")
             names = [k for k in entry if k != "step" and not (isinstance(k, str) and k.endswith(ABSMAX) and
                                                            k[:-len(ABSMAX)] in known)]
-            unknown = [k if isinstance(k, str) else _shown(k) for k in names if k not in known]
+            unknown = [k if isinstance(k, str) else shown(k) for k in names if k not in known]
             if unknown:
-                _fail(f"state of param {i} has {', '.join(unknown)}, which {opt.spec.class_name} does not keep "
+                fail(f"state of param {i} has {', '.join(unknown)}, which {opt.spec.class_name} does not keep "
                       f"(it keeps {', '.join(known)})")
             if step > 0:
                 missing = [k for k in active if k not in entry]
                 if missing:
-                    _fail(f"state of param {i} is missing {', '.join(missing)} (needed with these "
+                    fail(f"state of param {i} is missing {', '.join(missing)} (needed with these "
                           f"hyperparameters)")
             arrays_of[i] = {name: _paired(i, name, entry) for name in names}
             orphans = [k for k in entry if isinstance(k, str) and k.endswith(ABSMAX) and k[:-len(ABSMAX)] in known
                        and k[:-len(ABSMAX)] not in entry]
             if orphans:
-                _fail(f"state of param {i} has {orphans[0]} without {orphans[0][:-len(ABSMAX)]} (the codes of "
+                fail(f"state of param {i} has {orphans[0]} without {orphans[0][:-len(ABSMAX)]} (the codes of "
                       f"8-bit state)")
         index += len(live["params"])
         steps.append(group_step or 0)
@@ -366,11 +367,11 @@ def _paired(i, name, entry):
         return a
     for what, arr, dtype in ((name, a, np.uint8), (name + ABSMAX, scales, np.float32)):
         if not isinstance(arr, np.ndarray):
-            _fail(f"state of param {i}: {what} is not an array ({type(arr).__name__})")
+            fail(f"state of param {i}: {what} is not an array ({type(arr).__name__})")
         if arr.dtype != dtype:
-            _fail(f"state of param {i}: {what} has dtype {arr.dtype}, expected {np.dtype(dtype).name} (8-bit state)")
+            fail(f"state of param {i}: {what} has dtype {arr.dtype}, expected {np.dtype(dtype).name} (8-bit state)")
     if scales.ndim != 1:
-        _fail(f"state of param {i}: {name + ABSMAX} has shape {scales.shape}, expected one dimension")
+        fail(f"state of param {i}: {name + ABSMAX} has shape {scales.shape}, expected one dimension")
     return QuantizedState(a, scales, signed_state(name))
 
 
@@ -398,8 +399,8 @@ def _check_schedules(opt, new_groups, saved_states, steps):
                 try:
                     trial.load_state_dict(copy.deepcopy(saved))
                 except Exception as e:
-                    _fail(f"param group {gi}: the saved state of its lr schedule does not fit "
-                          f"{_shown(schedule)}: {type(e).__name__}: {e}")
+                    fail(f"param group {gi}: the saved state of its lr schedule does not fit "
+                          f"{shown(schedule)}: {type(e).__name__}: {e}")
         lr = None
         if trial is not None:
             try:
@@ -407,7 +408,7 @@ def _check_schedules(opt, new_groups, saved_states, steps):
                 checked = lr_hyper.validate(value)  # the converted float (None from older specs)
                 lr = float(value) if checked is None else checked
             except Exception as e:
-                _fail(f"param group {gi}: its lr schedule gives no valid learning rate at the restored step "
+                fail(f"param group {gi}: its lr schedule gives no valid learning rate at the restored step "
                       f"{step}: {type(e).__name__}: {e}")
         loads.append(load)
         lrs.append(lr)
@@ -418,11 +419,11 @@ def plan_load(opt, sd, params=None):
     """Phase 1: everything load_state_dict (and checkpoint.load, with `params`) will write, checked;
     nothing written. The plan is applied by apply_load."""
     if not isinstance(sd, Mapping) or "state" not in sd or "param_groups" not in sd:
-        _fail("not an optimizer state dict (expected a dict with the keys 'state' and 'param_groups')")
+        fail("not an optimizer state dict (expected a dict with the keys 'state' and 'param_groups')")
     skipped, saved_schedules = _check_meta(opt, sd.get("fastopt"))
     new_hps = _check_groups(opt, sd["param_groups"])
     if isinstance(saved_schedules, int):
-        _fail(f"state dict: 'lr_schedules' has {saved_schedules} entries for {len(new_hps)} param groups")
+        fail(f"state dict: 'lr_schedules' has {saved_schedules} entries for {len(new_hps)} param groups")
     arrays, steps = _check_state(opt, sd["state"], new_hps)
     loads, lrs = _check_schedules(opt, new_hps, saved_schedules, steps)
     new = OptimizerState(optimizer=opt.spec.name, hyperparameters=new_hps, steps=steps, lrs=lrs, states=arrays,
@@ -555,7 +556,7 @@ def _torch_value(torch, where, value):
     """A torch group value as a plain Python value (torch allows 0-d tensors for lr and betas)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            _fail(f"{where} is a tensor of {value.numel()} elements, expected a number")
+            fail(f"{where} is a tensor of {value.numel()} elements, expected a number")
         return value.item()
     if isinstance(value, (tuple, list)):
         return tuple(_torch_value(torch, where, v) for v in value)
@@ -570,30 +571,30 @@ def from_torch_state_dict(opt, sd: dict, step=None) -> None:
     _require_torch_class(opt)
     if step is not None:
         if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
-            raise TypeError(f"step must be a whole number or None, got {_shown(step)}")
+            raise TypeError(f"step must be a whole number or None, got {shown(step)}")
         if not 0 <= int(step) <= MAX_COUNT:
-            raise ValueError(f"Invalid step: {_shown(step)} (0 to 2**53 - 1)")
+            raise ValueError(f"Invalid step: {shown(step)} (0 to 2**53 - 1)")
         step = int(step)
     if not isinstance(sd, Mapping) or "state" not in sd or "param_groups" not in sd:
-        _fail("not a torch.optim state dict (expected a dict with the keys 'state' and 'param_groups')")
+        fail("not a torch.optim state dict (expected a dict with the keys 'state' and 'param_groups')")
     if not isinstance(sd["param_groups"], (list, tuple)):
-        _fail(f"torch state dict: 'param_groups' must be a list, got {type(sd['param_groups']).__name__}")
+        fail(f"torch state dict: 'param_groups' must be a list, got {type(sd['param_groups']).__name__}")
     if not isinstance(sd["state"], Mapping):
-        _fail(f"torch state dict: 'state' must be a dict, got {type(sd['state']).__name__}")
+        fail(f"torch state dict: 'state' must be a dict, got {type(sd['state']).__name__}")
     spec = opt.spec
     keys = set(_group_keys(spec))
     from_torch = {v: k for k, v in spec.torch_state_names.items()}
     groups = []
     for gi, g in enumerate(sd["param_groups"]):
         if not isinstance(g, Mapping) or "params" not in g:
-            _fail(f"torch state dict: param group {gi} is not a dict with 'params'")
+            fail(f"torch state dict: param group {gi} is not a dict with 'params'")
         new = {}
         for k, v in g.items():
             if k == "params":
                 if not isinstance(v, (list, tuple)) or any(
                         isinstance(i, (bool, np.bool_)) or not isinstance(i, numbers.Integral) for i in v):
-                    _fail(f"torch state dict: param group {gi}: 'params' must be a list of param numbers, "
-                          f"got {_shown(v)}")
+                    fail(f"torch state dict: param group {gi}: 'params' must be a list of param numbers, "
+                          f"got {shown(v)}")
                 new[k] = [int(i) for i in v]
             elif k in keys:
                 new[k] = _torch_value(torch, f"param group {gi}: {k}", v)
@@ -601,28 +602,28 @@ def from_torch_state_dict(opt, sd: dict, step=None) -> None:
                 names = spec.torch_groups[k]
                 value = _torch_value(torch, f"param group {gi}: {k}", v)
                 if not isinstance(value, tuple) or len(value) != len(names):
-                    _fail(f"param group {gi}: {k} must be a tuple of {len(names)} numbers {names}, got {_shown(v)}")
+                    fail(f"param group {gi}: {k} must be a tuple of {len(names)} numbers {names}, got {shown(v)}")
                 new.update(zip(names, value))
             elif k in spec.torch_group_flags:
                 if _plain(v) != spec.torch_group_flags[k]:
                     # the classes of the same kernel where this key is a hyperparameter take any value
                     other = next((o.class_name for o in REGISTRY.values() if o.kernel == spec.kernel
                                   and o.torch_class and k in o.defaults), None)
-                    _fail(f"param group {gi}: torch {k}={_shown(v)} does not fit fastopt.{spec.class_name}, where it "
+                    fail(f"param group {gi}: torch {k}={shown(v)} does not fit fastopt.{spec.class_name}, where it "
                           f"is always {spec.torch_group_flags[k]}"
                           + (f"; load it into fastopt.{other}" if other else ""))
             elif k in _TORCH_ONLY_KEYS:
                 continue
             else:
-                _fail(f"param group {gi}: torch key {_shown(k)}={_shown(v)} has no fastopt.{opt.spec.class_name} "
+                fail(f"param group {gi}: torch key {shown(k)}={shown(v)} has no fastopt.{opt.spec.class_name} "
                       f"equivalent")
         groups.append(new)
     state = {}
     for i, entry in sd["state"].items():
         if isinstance(i, (bool, np.bool_)) or not isinstance(i, numbers.Integral):
-            _fail(f"torch state dict has state for param {_shown(i)}; expected param numbers")
+            fail(f"torch state dict has state for param {shown(i)}; expected param numbers")
         if not isinstance(entry, Mapping):
-            _fail(f"torch state of param {i} must be a dict, got {_shown(entry)}")
+            fail(f"torch state of param {i} must be a dict, got {shown(entry)}")
         out = {}
         for name, value in entry.items():
             if name in spec.torch_extra_state:
@@ -631,19 +632,19 @@ def from_torch_state_dict(opt, sd: dict, step=None) -> None:
                 try:
                     t = float(value.item() if isinstance(value, torch.Tensor) else value)
                 except (TypeError, ValueError, RuntimeError, OverflowError):
-                    _fail(f"torch state of param {i}: step {_shown(value)} is not a number")
+                    fail(f"torch state of param {i}: step {shown(value)} is not a number")
                 if not math.isfinite(t) or not t.is_integer():
-                    _fail(f"torch state of param {i}: step {t} is not a whole number")
+                    fail(f"torch state of param {i}: step {t} is not a whole number")
                 out["step"] = int(t)
                 continue
             if value is None:
                 continue
             if not isinstance(value, torch.Tensor):
-                _fail(f"torch state of param {i}: {_shown(name)} is not a tensor ({type(value).__name__})")
+                fail(f"torch state of param {i}: {shown(name)} is not a tensor ({type(value).__name__})")
             try:
                 array = value.detach().cpu().resolve_conj().resolve_neg().numpy()
             except (TypeError, RuntimeError) as e:
-                _fail(f"torch state of param {i}: {_shown(name)} ({value.dtype}) cannot be read as a NumPy "
+                fail(f"torch state of param {i}: {shown(name)} ({value.dtype}) cannot be read as a NumPy "
                       f"array: {e}")
             out[from_torch.get(name, name)] = array
         state[int(i)] = out

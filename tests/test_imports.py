@@ -137,6 +137,44 @@ def test_leaf_modules_import_nothing_from_fastopt():
         assert GRAPH[leaf] == set(), (leaf, GRAPH[leaf])
 
 
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_private_names_of_other_modules():
+    """Neither `from fastopt.x import _name` nor `x._name` on an imported fastopt module, except where _name is
+    itself a module (the compiled `_cpu_fast`): a helper that two modules share is public where it lives."""
+    offenders = []
+    for name, path in SOURCES.items():
+        if path.suffix != ".py":
+            continue
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text())
+        modules = {}  # local name -> the fastopt module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules.update({a.asname or a.name.split(".")[0]: a.name for a in node.names
+                                if a.name.startswith("fastopt")})
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    base = ".".join(anchor[:len(anchor) - node.level + 1] + ([base] if base else []))
+                if not base.startswith("fastopt"):
+                    continue
+                for alias in node.names:
+                    full = f"{base}.{alias.name}"
+                    if full in SOURCES:
+                        modules[alias.asname or alias.name] = full
+                    elif _private(alias.name):
+                        offenders.append(f"{name}:{node.lineno}: from {base} import {alias.name}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules \
+                    and _private(node.attr) and f"{modules[node.value.id]}.{node.attr}" not in SOURCES:
+                offenders.append(f"{name}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not offenders, "private names of another module used: " + ", ".join(offenders)
+
+
 def test_no_private_optimizer_access_outside_optim():
     """Outside optim.py, no `<optimizer>._name` access (attribute names that only Optimizer defines)."""
     tree = ast.parse((PKG / "optim.py").read_text())

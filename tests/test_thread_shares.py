@@ -61,7 +61,7 @@ def test_empty_and_single_chunk_batches():
 @pytest.mark.parametrize("optimizer", ["adam", "lamb", "sgd"])
 def test_results_are_the_same_bits_on_1_2_3_and_4_threads(optimizer):
     rng = np.random.default_rng()
-    sizes = [n for n in _sizes(rng, 40)] + [3 * CHUNK + 7]
+    sizes = list(_sizes(rng, 40)) + [3 * CHUNK + 7]
     ps = [rng.standard_normal(n).astype(np.float32) for n in sizes]
     gs = [rng.standard_normal(n).astype(np.float32) for n in sizes]
     opts = {"lr": 1e-2, "momentum": 0.9} if optimizer == "sgd" else {"lr": 1e-2, "weight_decay": 0.1}

@@ -802,7 +802,6 @@ def step_guard(sq, max_norm=None, skip_nonfinite=False, skipped=None):
     max_norm) and the skip flag (0-d bool, or None without skip_nonfinite); `skipped` (a 0-d int64
     device counter) is incremented when the step is skipped. Returns (coef, found_inf). Runs on the
     stream that wrote `sq`."""
-    cp = _cupy()
     device, stream = sq.device.id, _stream_of_result(sq)
     null = np.uint64(0)
     with _on(device, stream):
@@ -946,7 +945,6 @@ def select_scalars(rows, capacity, meta, counters, out, flag, own_flag, overflow
 def upload(dst, host, like):
     """dst[...] = host (NumPy) on the stream of `like`, ordered before the kernels launched there later. A
     copy from host memory cannot be captured into a graph: RuntimeError while that stream is captured."""
-    cp = _cupy()
     device, stream = _like_stream(like)
     if _capturing(stream):
         raise RuntimeError("fastopt: capturable=True keeps the step's scalars on the device, and they must be "

@@ -95,6 +95,17 @@ class Int8Fixed:
         return len(self.fixed)
 
 
+def set_num_threads(n: int) -> None:
+    """Threads of the compiled loops' parallel regions (nothing to set without the extension)."""
+    if AVAILABLE:
+        _cpu_fast.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads of the compiled loops' parallel regions (1 without the extension)."""
+    return _cpu_fast.get_num_threads() if AVAILABLE else 1
+
+
 def prepare(arrays, names, indices=None):
     """Check the arrays of one update (nothing is written); run() applies it."""
     if _has_int8(arrays):

@@ -37,6 +37,12 @@ def check_backend_name(name):
     return name
 
 
+def forced_backend():
+    """The backend name of the innermost use_backend block, None outside one (the same object until a
+    block is entered or left: callers cache on its identity)."""
+    return _forced.get()
+
+
 @contextlib.contextmanager
 def use_backend(name: str):
     """Within the block, update arrays with backend `name` where it can handle them."""

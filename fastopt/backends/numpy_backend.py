@@ -95,7 +95,7 @@ def _lars_given_coef(p, g, momentum_buffer=None, *, coef, weight_decay=0.0, grad
     ratio): the gradient scaled, decayed and multiplied by the ratio as lars_step does (the same expressions,
     so the same bits), then lars_step itself on 1-D views for the momentum and the step (with exclude_1d a
     1-D array takes no ratio or decay again). exclude_1d, trust_coefficient and eps are in the ratio."""
-    g = reference._grad(g, grad_scale, maximize)
+    g = reference.scaled_grad(g, grad_scale, maximize)
     if not coef < 0.0:
         if weight_decay != 0:
             g = g + weight_decay * p

@@ -197,9 +197,9 @@ def _check_inputs(args, *, plot=None):
     if args.data_path is not None and args.dataset != "mnist":
         raise UsageError(f"--data-path is only read for -d mnist (the data set is {args.dataset})")
     if args.dataset == "mnist":
-        from fastopt.train.data import _mnist_files
+        from fastopt.train.data import mnist_files
         try:
-            _mnist_files(args.data_path)
+            mnist_files(args.data_path)
         except FileNotFoundError as e:
             raise UsageError(str(e)) from None
     if args.out:

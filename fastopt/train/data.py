@@ -139,7 +139,9 @@ def _flatten_images(images):
     return images.reshape(images.shape[0], -1).astype(np.float64) / 255.0
 
 
-def _mnist_files(path):
+def mnist_files(path):
+    """{"train_images": file, ...}: the four MNIST IDX files in directory `path` (plain or .gz), or a
+    FileNotFoundError saying which are missing (the CLI checks them before training starts)."""
     if not path:
         raise FileNotFoundError("mnist is read from local IDX files: pass the directory holding "
                                 f"{', '.join(MNIST_FILES.values())} (or .gz) as path= / --data-path")
@@ -157,7 +159,7 @@ def _mnist_files(path):
 def _mnist(path=None, **_):
     """MNIST from its four IDX files in `path` (plain or .gz), pixels scaled to [0, 1]. Returns the
     official test set separately: it stays the test split."""
-    files = _mnist_files(path)
+    files = mnist_files(path)
     X_train, y_train = _flatten_images(read_idx(files["train_images"])), read_idx(files["train_labels"])
     X_test, y_test = _flatten_images(read_idx(files["test_images"])), read_idx(files["test_labels"])
     if len(X_train) != len(y_train) or len(X_test) != len(y_test):

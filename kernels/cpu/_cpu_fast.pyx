@@ -816,6 +816,19 @@ cdef inline int _share_start(const Chunk* chunks, int nch, int share, int nshare
     return lo
 
 
+ctypedef struct ShareSpan:
+    int first  # the share's first chunk
+    int end    # one past its last
+
+
+cdef inline ShareSpan _share_span(const Chunk* chunks, int nch, int share, int nshares) noexcept nogil:
+    """The chunks [first, end) of share `share` of `nshares`: where it starts and where the next one does."""
+    cdef ShareSpan span
+    span.first = _share_start(chunks, nch, share, nshares)
+    span.end = _share_start(chunks, nch, share + 1, nshares)
+    return span
+
+
 cdef inline int _chunk(int layout, const int* codes, int kind, int variant, void** base, const Chunk* ch,
                        const int* slot_map, const double* s, double coef, double* acc, unsigned int key,
                        unsigned long long offset) noexcept nogil:
@@ -833,10 +846,11 @@ cdef inline int _chunk(int layout, const int* codes, int kind, int variant, void
 cdef int _run_share(_Batch b, int share, int nshares, int layout, int kind, int variant, const double* s,
                     const int* slot_map, const double* coef_per_tensor, double* partials, unsigned int key,
                     unsigned long long offset) noexcept nogil:
-    """The chunks of one share (_share_start); the number that had no kernel."""
+    """The chunks of one share (_share_span); the number that had no kernel."""
     cdef int c, bad = 0
     cdef const Chunk* chunks = b.chunks
-    for c in range(_share_start(chunks, b.nchunks, share, nshares), _share_start(chunks, b.nchunks, share + 1, nshares)):
+    cdef ShareSpan span = _share_span(chunks, b.nchunks, share, nshares)
+    for c in range(span.first, span.end):
         bad += _chunk(layout, b.codes, kind, variant, &b.ptrs[chunks[c].tensor * SLOTS], &chunks[c], slot_map, s,
                       coef_per_tensor[chunks[c].tensor] if coef_per_tensor != NULL else 0.0,
                       &partials[2 * LANES * c] if partials != NULL else NULL, key, offset) != 0
@@ -858,21 +872,21 @@ cdef int _run(_Batch b, int layout, int kind, int variant, const double* s, cons
 
 
 def shares(_Batch b, int nshares):
-    """[(first chunk, end chunk, elements)] of each of nshares threads' shares of the batch (_share_start): what a
+    """[(first chunk, end chunk, elements)] of each of nshares threads' shares of the batch (_share_span): what a
     parallel region of that many threads runs. For the tests: the shares are contiguous, cover every chunk
     and hold the elements evenly (to within one chunk)."""
     if nshares < 1:
         raise ValueError(f"nshares must be at least 1, got {nshares}")
     out = []
-    cdef int k, c, first, end
+    cdef int k, c
     cdef int64_t n
+    cdef ShareSpan span
     for k in range(nshares):
-        first = _share_start(b.chunks, b.nchunks, k, nshares)
-        end = _share_start(b.chunks, b.nchunks, k + 1, nshares)
+        span = _share_span(b.chunks, b.nchunks, k, nshares)
         n = 0
-        for c in range(first, end):
+        for c in range(span.first, span.end):
             n += b.chunks[c].n
-        out.append((first, end, n))
+        out.append((span.first, span.end, n))
     return out
 
 
@@ -1143,7 +1157,8 @@ cdef void _sumsq_share(_Batch b, int share, int nshares, int slot, double* parti
     """partials[c] = the sum of squares of chunk c of slot `slot`, for the chunks of one share."""
     cdef int c
     cdef const Chunk* ch
-    for c in range(_share_start(b.chunks, b.nchunks, share, nshares), _share_start(b.chunks, b.nchunks, share + 1, nshares)):
+    cdef ShareSpan span = _share_span(b.chunks, b.nchunks, share, nshares)
+    for c in range(span.first, span.end):
         ch = &b.chunks[c]
         partials[c] = sumsq(b.codes[slot], <char*> b.ptrs[ch.tensor * SLOTS + slot] + ch.start * _ITEMSIZE[b.codes[slot]],
                             ch.n)
@@ -1154,7 +1169,8 @@ cdef void _elementwise_share(_Batch b, int share, int nshares, int op, double va
     cdef int c
     cdef const Chunk* ch
     cdef void* x
-    for c in range(_share_start(b.chunks, b.nchunks, share, nshares), _share_start(b.chunks, b.nchunks, share + 1, nshares)):
+    cdef ShareSpan span = _share_span(b.chunks, b.nchunks, share, nshares)
+    for c in range(span.first, span.end):
         ch = &b.chunks[c]
         x = <char*> b.ptrs[ch.tensor * SLOTS] + ch.start * _ITEMSIZE[b.dtype]
         if op == 0:
@@ -1310,9 +1326,10 @@ cdef int _int8_share(int share, int nshares, int layout, int kind, int variant, 
                      const float** mp, const FoQuantizer* md, int psize, int gsize, const Chunk* chunks, int nch,
                      const double* s, const double* per_tensor, unsigned int key,
                      unsigned long long index_offset) noexcept nogil:
-    """_chunk_int8 over the chunks of one share (_share_start); the number that had no kernel."""
+    """_chunk_int8 over the chunks of one share (_share_span); the number that had no kernel."""
     cdef int c, t, bad = 0
-    for c in range(_share_start(chunks, nch, share, nshares), _share_start(chunks, nch, share + 1, nshares)):
+    cdef ShareSpan span = _share_span(chunks, nch, share, nshares)
+    for c in range(span.first, span.end):
         t = chunks[c].tensor
         bad += _chunk_int8(layout, kind, variant, &base[t * INT8_SLOTS], &absmax[t * 4], &mp[t * 4], &md[t * 4],
                            psize, gsize, &chunks[c], s, per_tensor[t], key, index_offset) != 0
