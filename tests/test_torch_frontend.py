@@ -455,8 +455,9 @@ def test_bad_input_raises_and_writes_nothing(name, damage, exc, match):
 
 
 def test_unsupported_params_are_refused_at_construction():
-    for dtype in (torch.int64, torch.complex64, torch.float8_e4m3fn):
-        with pytest.raises(TypeError, match=f"float32, float64, float16, bfloat16 params on CPU, got a {dtype}"):
+    for dtype in (torch.int64, torch.complex32, torch.float8_e4m3fn):
+        with pytest.raises(TypeError, match=f"float32, float64, float16, bfloat16, complex64, complex128 params on "
+                                            f"CPU, got a {dtype}"):
             ft.Adam([torch.zeros(3, dtype=dtype)])
     with pytest.raises(ValueError, match="dense"):
         ft.Adam([torch.zeros(4, 4)[:, :2].requires_grad_()])

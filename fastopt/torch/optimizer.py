@@ -48,9 +48,12 @@ from fastopt.torch.views import (ABSMAX, ParamEntry, bump_versions, dense_span, 
 # state: 16-bit moments would underflow) float16 and bfloat16 (CUDA: where the CuPy backend has bfloat16
 # modules, i.e. with ml_dtypes, which names bfloat16 for NumPy and CuPy)
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
-KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+# complex params as torch.optim takes them: each element a pair of independent reals (torch.view_as_real, the
+# kernels' view of param, grad and state), their state complex like the param
+COMPLEX = (torch.complex64, torch.complex128)
+KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16) + COMPLEX,
                  "cuda": (torch.float32, torch.float64, torch.float16) + (
-                     (torch.bfloat16,) if cuda_source.BF16 is not None else ())}
+                     (torch.bfloat16,) if cuda_source.BF16 is not None else ()) + COMPLEX}
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -94,10 +97,11 @@ def chosen_state_dtype(choice, param_dtype: torch.dtype):
         raise TypeError(f"state_dtype must be one of {', '.join(STATE_DTYPES)}, a torch dtype or None, got "
                         f"{shown(choice)}")
     own = param_dtype
-    ok = wanted == own or (wanted == torch.float32 and own != torch.float64) or (
+    ok = wanted == own or (wanted == torch.float32 and own not in (torch.float64, *COMPLEX)) or (
         own == torch.float32 and wanted in SIXTEEN_BIT)
     if not ok:
-        allowed = {torch.float64: "float64", torch.float32: "float32, bfloat16 or float16"}.get(
+        allowed = {torch.float64: "float64", torch.float32: "float32, bfloat16 or float16",
+                   torch.complex64: "complex64", torch.complex128: "complex128"}.get(
             own, f"float32 or {str(own).replace('torch.', '')}")
         raise ValueError(f"Invalid state_dtype: {shown(choice)} for a {str(own).replace('torch.', '')} param (its "
                          f"state may be {allowed})")
@@ -204,6 +208,9 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def _check_param(self, p):
         self._check_kernel_param(p)
+        if p.dtype in COMPLEX and self.spec.norms_per_tensor:
+            raise TypeError(f"{type(self).__name__} does not take complex params (its per-tensor norms have no "
+                            f"torch.optim definition for them), got a {p.dtype} param of shape {tuple(p.shape)}")
         chosen_state_dtype(self.state_dtype, p.dtype)
         if (self.kahan or self.stochastic_rounding) and p.dtype not in SIXTEEN_BIT:
             option = "kahan=True" if self.kahan else "stochastic_rounding=True"
@@ -394,11 +401,16 @@ class TorchOptimizer(torch.optim.Optimizer):
                         fresh[tname + ABSMAX] = None  # removed from the state at commit
                     elif not isinstance(t, torch.Tensor):
                         t = fresh[tname] = self._new_state(spec, hp, name, p)
+                    elif t.dtype.is_complex != p.dtype.is_complex:  # the kernels would see unlike views
+                        raise TypeError(f"state {tname!r} of params[{number}] has dtype {t.dtype}; the state of a "
+                                        f"{p.dtype} param is {self._state_dtype_of(name, p)}")
                     elif t.shape == p.shape and (layout(t) != layout(p) or (
-                            t.dtype != self._state_dtype_of(name, p) and t.dtype.is_floating_point)):
+                            t.dtype != self._state_dtype_of(name, p) and (t.dtype.is_floating_point or t.dtype.is_complex)
+                            and t.dtype.is_complex == p.dtype.is_complex)):
                         # loaded in another layout, or another dtype (a torch.optim state dict of 16-bit params
-                        # keeps 16-bit state; a float32 one into state_dtype="bfloat16"): converted into the
-                        # param's layout and the state dtype (rounded to nearest even, torch's cast)
+                        # keeps 16-bit state; a float32 one into state_dtype="bfloat16"; complex128 state of a
+                        # complex64 param): converted into the param's layout and the state dtype (rounded to
+                        # nearest even, torch's cast). Real state of a complex param is not: the checks name it
                         t = fresh[tname] = torch.empty_like(p, dtype=self._state_dtype_of(name, p)).copy_(t)
                     tensors.append(t)
                 if spec.torch_step and not (state and "step" in state):
@@ -506,13 +518,17 @@ class TorchOptimizer(torch.optim.Optimizer):
         """The kernel view of a grad: fast for the usual contiguous grad of a contiguous param (its shape
         and dtype are checked by the backend's prepare); otherwise every check, and a grad in another
         layout than its param is copied into the param's layout (with one warning)."""
-        if not flat:
+        # the backend checks a grad against its param's view; a complex param's view is real, so its grad (and a
+        # complex grad) takes the checks below
+        if not flat and not g.is_complex() and not p.is_complex():
             try:
                 if g.is_contiguous() and not g.requires_grad:
                     return g.numpy()  # raises for CUDA, sparse, conjugated... grads: the checks below
             except (RuntimeError, TypeError, ValueError):
                 pass
         self._check_grad(number, p, g)
+        if g.is_conj():  # a lazily conjugated complex grad: its values, which view_as_real cannot see
+            g = g.resolve_conj()
         if layout(g) != param_layout:
             self._warn_once(("layout", number), (
                 f"fastopt.torch: the gradient of param {number} (shape {tuple(p.shape)}) has strides "
@@ -564,6 +580,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             return torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(p.detach())
         if fill == 0.0:
             return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        if dtype in COMPLEX:  # both reals of each element (torch.optim's complex(fill, fill): Adagrad, Rprop)
+            fill = complex(fill, fill)
         return torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format)
 
     def _int8_state(self, number, spec, hp, name, tname, p, state, fresh):

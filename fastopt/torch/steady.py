@@ -130,7 +130,11 @@ class Steady:
         if not all(state_of.get(id(p)) is e.state for p, e in zip(self.active, entries)):
             raise ValueError("the entries' state dicts are not the optimizer's")
         self.flat = [i for i, e in enumerate(entries) if e.flat]
-        self.bfloat16 = any(p.dtype == torch.bfloat16 for p in self.active)
+        # NumPy has no bfloat16, and the kernels see a complex tensor as its reals: both through views.kernel_view
+        self.viewed = any(p.dtype == torch.bfloat16 or p.is_complex() for p in self.active)
+        # a complex param's grad must be complex too (bind_grads sees the real views: a real grad shaped like
+        # them would pass there)
+        self.complex = [(i, p.dtype) for i, p in enumerate(self.active) if p.is_complex()]
         self.strides = {i: self.active[i].stride() for i in self.flat}
         dicts, names, tensors = [], [], []
         for e in entries:
@@ -268,7 +272,9 @@ class Steady:
         on a GPU, sparse, or in another layout than its non-contiguous param)."""
         if self.grads is not None and all(map(is_, grads, self.grads)) and list(map(_data_ptr, grads)) == self.grad_ptrs:
             return self.grad_views
-        if self.bfloat16:  # NumPy has no bfloat16: viewed through the bits (views.kernel_view)
+        if self.viewed:
+            if any(grads[i].dtype != dtype for i, dtype in self.complex):
+                return None
             views = [kernel_view(g, False) for g in grads]
         else:
             views = list(map(_to_numpy, grads))

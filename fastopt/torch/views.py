@@ -43,10 +43,12 @@ def kernel_view(t: torch.Tensor, flat: bool):
     elements (for a non-contiguous dense layout) shaped (1, ..., 1, n) with t's number of dims, which the
     optimizers that treat tensors by ndim read (LARS's exclude_1d); the caller checked that t is dense. A
     bfloat16 CPU tensor (NumPy has no bfloat16) is viewed through its bits as ml_dtypes' bfloat16, the dtype
-    the CPU kernels take."""
+    the CPU kernels take; a complex tensor as its pairs of reals (torch.view_as_real: one more dim, of 2)."""
     t = t.detach()
     if flat:
         t = dense_span(t).reshape((1,) * (t.dim() - 1) + (-1,))
+    if t.is_complex():
+        t = torch.view_as_real(t)
     if t.device.type == "cpu":
         if t.dtype == torch.bfloat16:
             return t.view(torch.int16).numpy().view(numpy_bfloat16())
