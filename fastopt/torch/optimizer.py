@@ -405,12 +405,11 @@ class TorchOptimizer(torch.optim.Optimizer):
                         raise TypeError(f"state {tname!r} of params[{number}] has dtype {t.dtype}; the state of a "
                                         f"{p.dtype} param is {self._state_dtype_of(name, p)}")
                     elif t.shape == p.shape and (layout(t) != layout(p) or (
-                            t.dtype != self._state_dtype_of(name, p) and (t.dtype.is_floating_point or t.dtype.is_complex)
-                            and t.dtype.is_complex == p.dtype.is_complex)):
+                            t.dtype != self._state_dtype_of(name, p) and (t.dtype.is_floating_point or t.dtype.is_complex))):
                         # loaded in another layout, or another dtype (a torch.optim state dict of 16-bit params
                         # keeps 16-bit state; a float32 one into state_dtype="bfloat16"; complex128 state of a
                         # complex64 param): converted into the param's layout and the state dtype (rounded to
-                        # nearest even, torch's cast). Real state of a complex param is not: the checks name it
+                        # nearest even, torch's cast)
                         t = fresh[tname] = torch.empty_like(p, dtype=self._state_dtype_of(name, p)).copy_(t)
                     tensors.append(t)
                 if spec.torch_step and not (state and "step" in state):
