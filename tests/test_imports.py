@@ -40,6 +40,20 @@ def _sources():
 SOURCES = _sources()
 
 
+def _package(name: str, path: pathlib.Path) -> str:
+    """The package a module's relative imports start from."""
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
+def _from_module(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module name of a `from ... import` (relative ones resolved against `package`)."""
+    base = node.module or ""
+    if node.level:
+        anchor = package.split(".")
+        base = ".".join(anchor[:len(anchor) - node.level + 1] + ([base] if base else []))
+    return base
+
+
 def _imports(name: str, path: pathlib.Path) -> set[str]:
     """Every fastopt module that `path` imports, anywhere in the file (module level and inside functions)."""
     text = path.read_text()
@@ -53,16 +67,12 @@ def _imports(name: str, path: pathlib.Path) -> set[str]:
                     found |= {f"{words[1]}.{w.strip(',()')}" for w in words[3:] if w.strip(",()")}
         return {m for m in found if m in SOURCES or m.startswith("fastopt.kernels")}
     tree = ast.parse(text)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    package = _package(name, path)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")
-                anchor = anchor[:len(anchor) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
+            base = _from_module(node, package)
             found.add(base)
             found |= {f"{base}.{a.name}" for a in node.names}  # `from fastopt import functional`
     return {m for m in found if m in SOURCES}
@@ -92,7 +102,7 @@ def test_import_graph_is_acyclic():
     def visit(n):
         state[n] = 1
         stack.append(n)
-        for m in sorted(graph.get(m_ := n, ())):
+        for m in sorted(graph.get(n, ())):
             if state.get(m) == 1:
                 cycles.append(stack[stack.index(m):] + [m])
             elif m not in state:
@@ -148,18 +158,16 @@ def test_no_private_names_of_other_modules():
     for name, path in SOURCES.items():
         if path.suffix != ".py":
             continue
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        package = _package(name, path)
         tree = ast.parse(path.read_text())
         modules = {}  # local name -> the fastopt module it is bound to
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                modules.update({a.asname or a.name.split(".")[0]: a.name for a in node.names
-                                if a.name.startswith("fastopt")})
+                # `import fastopt.x` binds fastopt; `import fastopt.x as y` binds y to fastopt.x
+                modules.update({(a.asname or "fastopt"): (a.name if a.asname else "fastopt") for a in node.names
+                                if a.name.split(".")[0] == "fastopt"})
             elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = package.split(".")
-                    base = ".".join(anchor[:len(anchor) - node.level + 1] + ([base] if base else []))
+                base = _from_module(node, package)
                 if not base.startswith("fastopt"):
                     continue
                 for alias in node.names:
@@ -183,9 +191,9 @@ def test_no_private_optimizer_access_outside_optim():
         if isinstance(node, ast.ClassDef) and node.name in ("Optimizer", "_Bucket"):
             for sub in ast.walk(node):
                 if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id in (
-                        "self", "cls") and sub.attr.startswith("_") and not sub.attr.startswith("__"):
+                        "self", "cls") and _private(sub.attr):
                     private.add(sub.attr)
-                if isinstance(sub, (ast.FunctionDef,)) and sub.name.startswith("_") and not sub.name.startswith("__"):
+                if isinstance(sub, (ast.FunctionDef,)) and _private(sub.name):
                     private.add(sub.name)
             for sub in node.body:
                 if isinstance(sub, ast.Assign):
