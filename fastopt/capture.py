@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastopt.backends.cuda_source import LR_SLOT
+from fastopt.specs import LR_SLOT
 
 __all__ = ["MAX_ROWS", "STEADY", "WIDTH", "scalar_rows", "CapturedScalars", "OUTSIDE_CAPTURE"]
 

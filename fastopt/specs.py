@@ -102,6 +102,12 @@ class Hyper:
 # fourth state (Adan's) after it, so that the three-state calls keep their layout
 COMP_SLOT = 5
 
+# capturable steps: a device row of scalars holds a spec's scalars in its first slots and the lr in this one
+# (read by a two-phase family's trust kernel); no spec has more than LR_SLOT scalars (tests/gpu/test_capturable.py).
+# Here rather than beside the CUDA sources: fastopt.capture reads it on every import of fastopt, and
+# cuda_source imports ml_dtypes (about 1 s)
+LR_SLOT = 15
+
 
 def _nonneg(x):
     return x >= 0.0

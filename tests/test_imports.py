@@ -95,6 +95,29 @@ def test_module_imports_alone(name):
     assert r.returncode == 0, f"import {name} failed alone:\n{r.stderr[-2000:]}"
 
 
+# imported only where they are used: ml_dtypes takes about 1 s to import (its dtypes' casts registered with
+# NumPy), and the CUDA sources import it for their bfloat16 table
+HEAVY_ON_USE = ("ml_dtypes", "fastopt.backends.cuda_source", "torch")
+
+
+def test_float32_cpu_work_imports_nothing_heavy():
+    """import fastopt, the CLI's modules, and float32 steps (functional, class, 8-bit state) on NumPy arrays
+    load none of HEAVY_ON_USE."""
+    code = f"""
+import sys
+import numpy as np
+import fastopt, fastopt.cli, fastopt.checkpoint
+p, g = np.zeros(5, np.float32), np.ones(5, np.float32)
+fastopt.adam_step(p, g, np.zeros(5, np.float32), np.zeros(5, np.float32), step=1)
+fastopt.Adam([p], lr=1e-3).step([g])
+fastopt.Adam([p.copy()], lr=1e-3, state_dtype="int8").step([g])
+loaded = [m for m in {HEAVY_ON_USE!r} if m in sys.modules]
+assert not loaded, loaded
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_import_graph_is_acyclic():
     graph = {n: {m for m in deps if m != "fastopt"} for n, deps in GRAPH.items() if n != "fastopt"}
     state, stack, cycles = {}, [], []

@@ -470,6 +470,19 @@ def test_importing_fastopt_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_float32_cpu_steps_do_not_import_ml_dtypes_or_the_cuda_sources():
+    """ml_dtypes (about 1 s to import) and the CUDA sources (which import it) load on use only: not for
+    float32 CPU params; a bfloat16 param brings ml_dtypes in."""
+    import subprocess
+    import sys
+    code = ("import sys, torch, fastopt.torch as ft\n"
+            "p = torch.nn.Parameter(torch.zeros(3)); opt = ft.AdamW([p]); p.grad = torch.ones(3); opt.step()\n"
+            "assert 'ml_dtypes' not in sys.modules and 'fastopt.backends.cuda_source' not in sys.modules\n"
+            "q = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16)); ft.AdamW([q])\n"
+            "assert 'ml_dtypes' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # --- cached views follow every change -------------------------------------------------------------------
 
 def _swap_param_data(opt, ps, t):

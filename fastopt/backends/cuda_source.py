@@ -106,9 +106,6 @@ def module_dtypes(key):
     return dtype, DTYPES[dtype][1], ROUND_NEAREST, dtype
 
 
-# capturable steps: a device row of scalars holds spec.scalars in its first slots and the lr in this one
-# (read by a two-phase family's trust kernel); no spec has more than LR_SLOT scalars (tests/test_capture.py)
-LR_SLOT = 15
 
 # the entry points of reduce.cu (norms, clipping, the optimizer's guard, the benchmark's ceiling)
 REDUCTION_KERNELS = ("fo_sumsq_chunks", "fo_sumsq_tensors", "fo_global_norm", "fo_step_guard", "fo_scale_multi",

@@ -41,6 +41,7 @@ from fastopt.backends.validate import bind_grads as _bind_grads
 from fastopt.backends.validate import (Checked, check_prepared_disjoint, check_scaled_lr, check_tensor_coefs, comp_slot,
                                       state_slots)
 from fastopt.precision import QuantizedState, quantizer_arrays
+from fastopt.specs import LR_SLOT  # the lr's slot in a device row of scalars (two-phase families' trust kernel)
 
 NAME = "cupy"
 AVAILABLE = importlib.util.find_spec("cupy") is not None
@@ -58,7 +59,6 @@ _SCALARS = np.dtype([("v", np.float64, (16,)), ("key", np.uint64), ("index0", np
 _GS_KIND = {F16: 1, F32: 2, F64: 3}  # device.cuh device_scale's kinds of a device grad_scale
 if cuda_source.BF16 is not None:
     _GS_KIND[cuda_source.BF16] = 4
-LR_SLOT = cuda_source.LR_SLOT  # the lr's slot in a device row of scalars (two-phase families' trust kernel)
 _modules: dict = {}
 _functions: dict = {}
 _sm_counts: dict = {}
@@ -637,7 +637,7 @@ def _two_phase(family, lists, dtype, device, stream, scalars, gs_ptr, gs_kind, l
     """A two-phase family (LAMB): its moments kernel (new states; per chunk the float64 sums of p^2 and
     u^2), its trust kernel (per tensor, lr * trust ratio from its chunks' sums) and its apply kernel
     (the step), named from the family by cuda_source.two_phase_kernel_names. `at`: the device row of
-    scalars (capturable), whose last slot is the lr (capture.LR_SLOT). Inside _on()."""
+    scalars (capturable), whose last slot is the lr (specs.LR_SLOT). Inside _on()."""
     cp = _cupy()
     table = _table(lists, device, stream) if table is None else table
     if not table.nchunks:

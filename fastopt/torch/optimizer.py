@@ -32,7 +32,6 @@ import torch
 
 import fastopt
 from fastopt.arrays import to_host
-from fastopt.backends import cuda_source
 from fastopt.backends.dispatch import backend_for
 from fastopt.clip import clip_coefficient
 from fastopt.functional import rounding_options, with_kahan
@@ -51,9 +50,17 @@ SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 # complex params as torch.optim takes them: each element a pair of independent reals (torch.view_as_real, the
 # kernels' view of param, grad and state), their state complex like the param
 COMPLEX = (torch.complex64, torch.complex128)
-KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16) + COMPLEX,
-                 "cuda": (torch.float32, torch.float64, torch.float16) + (
-                     (torch.bfloat16,) if cuda_source.BF16 is not None else ()) + COMPLEX}
+KERNEL_DEVICES = ("cpu", "cuda")
+
+
+def kernel_dtypes(device_type: str) -> tuple:
+    """The param dtypes the kernels update on a device type (one of KERNEL_DEVICES)."""
+    if device_type == "cpu":
+        return (torch.float32, torch.float64, torch.float16, torch.bfloat16) + COMPLEX
+    # imported on use: the CUDA sources' dtype table imports ml_dtypes, about 1 s that a CPU user need not pay
+    from fastopt.backends import cuda_source
+    return (torch.float32, torch.float64, torch.float16) + (
+        (torch.bfloat16,) if cuda_source.BF16 is not None else ()) + COMPLEX
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -219,9 +226,9 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _check_kernel_param(p):
-        if p.device.type not in KERNEL_DTYPES:
+        if p.device.type not in KERNEL_DEVICES:
             raise ValueError(f"fastopt.torch runs on CPU and CUDA tensors, got a param on {p.device}")
-        dtypes = KERNEL_DTYPES[p.device.type]
+        dtypes = kernel_dtypes(p.device.type)
         if p.dtype not in dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
             raise TypeError(f"fastopt.torch updates {names} params on {p.device.type.upper()}, got a {p.dtype} "

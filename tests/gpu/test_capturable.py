@@ -102,7 +102,7 @@ def test_rows_are_the_specs_scalars_and_end_when_steady():
     for t in (1, 2, 17, len(rows)):
         expected = spec.scalars(hp, t, 1.0)
         assert rows[t - 1][:len(expected)].tobytes() == np.array(expected).tobytes()
-        assert rows[t - 1][cuda_source.LR_SLOT] == 1e-3
+        assert rows[t - 1][specs.LR_SLOT] == 1e-3
     assert np.array(spec.scalars(hp, 10 ** 7, 1.0)).tobytes() == rows[-1][:len(expected)].tobytes()
     sgd = specs.get_spec("sgd")
     hp = dict(sgd.defaults, lr=0.1, momentum=0.9)
@@ -119,7 +119,7 @@ def test_every_spec_fits_a_row():
     for name in CLASS_OPTIMIZERS:
         spec = specs.get_spec(name)
         hp = dict(spec.defaults, **{h.name: 0.01 for h in spec.hypers if h.default is specs.REQUIRED})
-        assert len(spec.scalars(hp, 1, 1.0)) <= cuda_source.LR_SLOT, name
+        assert len(spec.scalars(hp, 1, 1.0)) <= specs.LR_SLOT, name
 
 
 def test_steps_past_the_rows_are_not_taken_and_reported(cp, monkeypatch):

@@ -36,7 +36,7 @@ import pytest
 
 from fastopt.backends import cuda_source, cupy_backend
 from fastopt.backends.device_arrays import state_dtype
-from fastopt.specs import REGISTRY, REQUIRED, WEIGHT_AVERAGE
+from fastopt.specs import LR_SLOT, REGISTRY, REQUIRED, WEIGHT_AVERAGE
 
 F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 I64, U8, BOOL = np.dtype(np.int64), np.dtype(np.uint8), np.dtype(np.bool_)
@@ -645,7 +645,7 @@ def run_updates(fake, spec, dtype, device, wrap=lambda a: a, hp_sets=None):
             for launch in fake.launches:
                 a = args_by_name(launch)
                 if launch.name.endswith("_trust"):  # LAMB's lr: the row's last slot
-                    assert ptr(a["lr_at"]) == row.data.ptr + 8 * cuda_source.LR_SLOT
+                    assert ptr(a["lr_at"]) == row.data.ptr + 8 * LR_SLOT
                 else:
                     assert ptr(a["at"]) == row.data.ptr and not np.any(a["sc"]["v"]), launch.name
     return launched
