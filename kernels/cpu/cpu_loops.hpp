@@ -371,8 +371,6 @@ FASTOPT_INLINE int run_chunk_typed(int kind, int variant, void* const* ptrs, int
     case KIND_TWO_PHASE + 2 * (I) + 1: two_phase_apply_loop<M, PS, GS, SS, FAMILY##_two_phase>(a, n, s, coef); return 0;
         FASTOPT_TWO_PHASE_FAMILIES(FASTOPT_TWO_PHASE_CASES)
 #undef FASTOPT_TWO_PHASE_CASES
-        case KIND_TOUCH:
-        case KIND_TOUCH_APPLY: return run_touch<PS, GS, SS, false>(kind, variant, ptrs, n);
     }
     if (kind < 0 || kind >= FASTOPT_FAMILY_COUNT || variant < 0 || variant > 255) return -1;
     switch (kind * 256 + variant) {  // every (family, variant) of the generated table
@@ -387,6 +385,49 @@ FASTOPT_INLINE int run_chunk_typed(int kind, int variant, void* const* ptrs, int
 FASTOPT_CLONES int run_chunk(int layout, int kind, int variant, void* const* ptrs, int64_t n, const double* s,
                              double coef, double* acc, fo_u32 key, fo_u64 index0);
 
+// The staged layouts (P, PS, G, GS, SD): 16-bit params and their storage, the grads' dtype and storage, the
+// state dtype; each with any rounding mode.
+#define FASTOPT_STAGED_LAYOUTS(X)                   \
+    X(DTYPE_BF16, Bf16, DTYPE_BF16, Bf16, DTYPE_F32)  \
+    X(DTYPE_BF16, Bf16, DTYPE_F32, F32, DTYPE_F32)    \
+    X(DTYPE_BF16, Bf16, DTYPE_BF16, Bf16, DTYPE_BF16) \
+    X(DTYPE_BF16, Bf16, DTYPE_F32, F32, DTYPE_BF16)   \
+    X(DTYPE_F16, F16, DTYPE_F16, F16, DTYPE_F32)      \
+    X(DTYPE_F16, F16, DTYPE_F32, F32, DTYPE_F32)      \
+    X(DTYPE_F16, F16, DTYPE_F16, F16, DTYPE_F16)      \
+    X(DTYPE_F16, F16, DTYPE_F32, F32, DTYPE_F16)
+
+// The ceiling kernels (KIND_TOUCH, KIND_TOUCH_APPLY) of every layout, by storage (the compensation read and
+// written under ROUND_KAHAN): a function of their own, called first thing by run_chunk, rather than branches
+// inside its layouts, where GCC's static branch prediction took some of them for cold and left their loops
+// scalar (measured: the staged layouts' ceilings at about 20 GB/s on two threads, half the bandwidth of the same
+// traffic elsewhere, so that a Kahan Adam step ran "faster than its ceiling")
+FASTOPT_CLONES int run_touch_layout(int layout, int kind, int variant, void* const* ptrs, int64_t n) {
+    typedef Plain<float> F32;  // as in run_chunk
+    typedef Plain<double> F64;
+    switch (layout) {
+        case LAYOUT_F32: return run_touch<F32, F32, F32, false>(kind, variant, ptrs, n);
+        case LAYOUT_F64: return run_touch<F64, F64, F64, false>(kind, variant, ptrs, n);
+        case LAYOUT_F32_BF16S: return run_touch<F32, F32, Bf16, false>(kind, variant, ptrs, n);
+        case LAYOUT_F32_F16S: return run_touch<F32, F32, F16, false>(kind, variant, ptrs, n);
+        case LAYOUT_BF16: return run_touch<Bf16, Bf16, F32, false>(kind, variant, ptrs, n);
+        case LAYOUT_BF16_F32G: return run_touch<Bf16, F32, F32, false>(kind, variant, ptrs, n);
+        case LAYOUT_F16: return run_touch<F16, F16, F32, false>(kind, variant, ptrs, n);
+        case LAYOUT_F16_F32G: return run_touch<F16, F32, F32, false>(kind, variant, ptrs, n);
+        case LAYOUT_BF16_BF16S: return run_touch<Bf16, Bf16, Bf16, false>(kind, variant, ptrs, n);
+        case LAYOUT_BF16_F32G_BF16S: return run_touch<Bf16, F32, Bf16, false>(kind, variant, ptrs, n);
+    }
+    const int mode = layout >> 6, base = layout & 63;
+    if (mode > ROUND_STOCHASTIC) return -1;
+#define FASTOPT_STAGED_TOUCH(P, PS, G, GS, SD)                                               \
+    if (base == FASTOPT_LAYOUT(P, G, SD))                                                   \
+        return mode == ROUND_KAHAN ? run_touch<PS, GS, typename SS_of<SD>::type, true>(kind, variant, ptrs, n) \
+                                   : run_touch<PS, GS, typename SS_of<SD>::type, false>(kind, variant, ptrs, n);
+    FASTOPT_STAGED_LAYOUTS(FASTOPT_STAGED_TOUCH)
+#undef FASTOPT_STAGED_TOUCH
+    return -1;
+}
+
 // A staged layout (see LAYOUT above): PS/GS the 16-bit params' and grads' storage, SS the state's (float32 or
 // the params' own), MODE the rounding of the new params. Blocks of STAGE elements: p (and g) widened into
 // float32 buffers, the direct float32 layout of the same state dtype run on them (run_chunk, not inlined here:
@@ -398,8 +439,6 @@ FASTOPT_INLINE int run_staged(int kind, int variant, void* const* ptrs, int64_t 
                               double* acc, fo_u32 key, fo_u64 index0) {
     typedef typename PS::type TP;
     typedef typename SS_of<SDTYPE>::type SS;
-    if (kind == KIND_TOUCH || kind == KIND_TOUCH_APPLY)  // the traffic of this layout, trivial math
-        return run_touch<PS, GS, SS, MODE == ROUND_KAHAN>(kind, variant, ptrs, n);
     // float32 params or grads (only float16 states to stage) are passed as they are, not copied
     constexpr bool direct_p = std::is_same<PS, Plain<float> >::value;
     constexpr bool direct_g = std::is_same<GS, Plain<float> >::value;
@@ -477,6 +516,7 @@ FASTOPT_CLONES int run_chunk(int layout, int kind, int variant, void* const* ptr
                              double coef, double* acc, fo_u32 key, fo_u64 index0) {
     typedef Plain<float> F32;
     typedef Plain<double> F64;
+    if (kind == KIND_TOUCH || kind == KIND_TOUCH_APPLY) return run_touch_layout(layout, kind, variant, ptrs, n);
     switch (layout) {  // the direct layouts
         case LAYOUT_F32: return run_chunk_typed<float, F32, F32, F32>(kind, variant, ptrs, n, s, coef, acc);
         case LAYOUT_F64: return run_chunk_typed<double, F64, F64, F64>(kind, variant, ptrs, n, s, coef, acc);
@@ -504,14 +544,7 @@ FASTOPT_CLONES int run_chunk(int layout, int kind, int variant, void* const* ptr
         if (mode == ROUND_KAHAN) return run_staged<PS, GS, SD, ROUND_KAHAN>(kind, variant, ptrs, n, s, coef, acc, key, index0); \
         return run_staged<PS, GS, SD, ROUND_STOCHASTIC>(kind, variant, ptrs, n, s, coef, acc, key, index0);    \
     }
-    FASTOPT_STAGED_MODES(DTYPE_BF16, Bf16, DTYPE_BF16, Bf16, DTYPE_F32)
-    FASTOPT_STAGED_MODES(DTYPE_BF16, Bf16, DTYPE_F32, F32, DTYPE_F32)
-    FASTOPT_STAGED_MODES(DTYPE_BF16, Bf16, DTYPE_BF16, Bf16, DTYPE_BF16)
-    FASTOPT_STAGED_MODES(DTYPE_BF16, Bf16, DTYPE_F32, F32, DTYPE_BF16)
-    FASTOPT_STAGED_MODES(DTYPE_F16, F16, DTYPE_F16, F16, DTYPE_F32)
-    FASTOPT_STAGED_MODES(DTYPE_F16, F16, DTYPE_F32, F32, DTYPE_F32)
-    FASTOPT_STAGED_MODES(DTYPE_F16, F16, DTYPE_F16, F16, DTYPE_F16)
-    FASTOPT_STAGED_MODES(DTYPE_F16, F16, DTYPE_F32, F32, DTYPE_F16)
+    FASTOPT_STAGED_LAYOUTS(FASTOPT_STAGED_MODES)
 #undef FASTOPT_STAGED_MODES
     return -1;
 }
