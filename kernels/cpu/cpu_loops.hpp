@@ -438,7 +438,6 @@ template <class PS, class GS, int SDTYPE, int MODE>
 FASTOPT_INLINE int run_staged(int kind, int variant, void* const* ptrs, int64_t n, const double* s, double coef,
                               double* acc, fo_u32 key, fo_u64 index0) {
     typedef typename PS::type TP;
-    typedef typename SS_of<SDTYPE>::type SS;
     // float32 params or grads (only float16 states to stage) are passed as they are, not copied
     constexpr bool direct_p = std::is_same<PS, Plain<float> >::value;
     constexpr bool direct_g = std::is_same<GS, Plain<float> >::value;
