@@ -48,6 +48,7 @@ def measure(n, threads, reps):
         ("bfloat16, bf16 state + kahan", bf16, bf16, "bfloat16", {"kahan": True}),
         ("bfloat16 + stochastic", bf16, bf16, None, {"stochastic_rounding": True}),
         ("float16", f16, f16, None, {}),
+        ("float16 + kahan", f16, f16, None, {"kahan": True}),
         ("float16, fp16 state", f16, f16, "float16", {}),
     ]
     for label, pd, gd, sd, mode in cases:

@@ -16,6 +16,7 @@ All arithmetic is float32 (as in the kernels' math for 16-bit data) and uint32.
 """
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 
 import numpy as np
@@ -404,6 +405,23 @@ def signed_state(name: str) -> bool:
     return name not in NONNEGATIVE_STATES
 
 
+_assignments = 0
+_assignments_lock = threading.Lock()  # `+=` from two threads could lose a count
+
+
+def _count_assignment() -> None:
+    global _assignments
+    with _assignments_lock:
+        _assignments += 1
+
+
+def quantized_state_assignments() -> int:
+    """How many attribute assignments QuantizedState objects have had in this process. Each is counted after
+    it took effect, so a step plan that read this count and then found its QuantizedStates holding the arrays
+    it checked knows, while the count stays the same, that they still hold them (without reading each)."""
+    return _assignments
+
+
 class QuantizedState:
     """One state array stored in 8 bits (state_dtype="int8"; Dettmers et al. 2022): `codes` (uint8, the
     param's shape, C-contiguous) index the dynamic map (signed or unsigned: `signed`), scaled by `absmax`
@@ -415,6 +433,10 @@ class QuantizedState:
     that a positive value never takes the unsigned map's zero code: see dynamic_midpoints)."""
 
     __slots__ = ("codes", "absmax", "signed")
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        _count_assignment()  # after the assignment: see quantized_state_assignments
 
     def __init__(self, codes, absmax, signed: bool):
         if not isinstance(signed, (bool, np.bool_)):

@@ -221,3 +221,57 @@ def test_grads_the_plan_leaves_to_the_python_checks(kind, monkeypatch):
     assert (binds.calls > 0) == (kind == "ndarray subclass")
     ref_params, ref = _replay(history, pdt, kahan=pdt == BF16)
     assert _bytes(opt, params) == _bytes(ref, ref_params)
+
+
+def test_an_edit_to_another_optimizers_state_keeps_this_plan(monkeypatch):
+    """The plan reads its QuantizedStates' arrays again only after some QuantizedState was assigned to
+    (precision.quantized_state_assignments): an edit to another optimizer's state makes this one look once,
+    find its own states as checked and stay on the compiled path; the edited one goes through the Python
+    checks once, then back to its rebuilt plan; both equal the NumPy backend."""
+    rng = np.random.default_rng()
+    params_a, opt_a, history_a = _stepped_adam(rng)
+    params_b, opt_b, history_b = _stepped_adam(rng)
+    binds = _CountPythonBinds(monkeypatch)
+    q = opt_a.state_arrays(0)["exp_avg"]
+    q.codes = q.codes.copy()
+    for expect_a in (1, 0, 0):
+        history_b.append(_grads(rng))
+        before = binds.calls
+        opt_b.step(history_b[-1])
+        assert binds.calls == before, "an edit to another optimizer's state sent this one to the Python checks"
+        history_a.append(_grads(rng))
+        opt_a.step(history_a[-1])
+        assert binds.calls == before + expect_a
+    for params, opt, history in ((params_a, opt_a, history_a), (params_b, opt_b, history_b)):
+        ref_params, ref = _replay(history)
+        assert _bytes(opt, params) == _bytes(ref, ref_params)
+
+
+def test_a_grad_sharing_memory_with_another_groups_array_raises():
+    """The plan compares every grad with every array any call of the step writes (the other param group's
+    params and codes included): such a step raises with nothing written, and the next good step is right."""
+    rng = np.random.default_rng()
+    shapes = ((300,), (6,), (257,), (2, 3))
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    history = [[p.copy() for p in params]]
+
+    def groups(ps, lr=0.01):
+        return [dict(params=ps[:2]), dict(params=ps[2:], lr=lr / 2)]
+
+    opt = fastopt.Adam(groups(params), lr=0.01, state_dtype="int8")
+    history.append([rng.standard_normal(s).astype(np.float32) for s in shapes])
+    opt.step(history[-1])
+    other_codes = opt.state_arrays(0)["exp_avg_sq"].codes  # group 0's, uint8 (300,)
+    for shared in (params[1].reshape(2, 3), other_codes.view(np.float32)[:6].reshape(2, 3)):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes[:3]] + [shared]
+        before = _bytes(opt, params)
+        with pytest.raises(ValueError, match="shares memory"):
+            opt.step(grads)
+        assert _bytes(opt, params) == before
+    history.append([rng.standard_normal(s).astype(np.float32) for s in shapes])
+    opt.step(history[-1])
+    ref_params = [p.copy() for p in history[0]]
+    ref = fastopt.Adam(groups(ref_params), lr=0.01, state_dtype="int8", backend="numpy")
+    for grads in history[1:]:
+        ref.step([g.copy() for g in grads])
+    assert _bytes(opt, params) == _bytes(ref, ref_params)

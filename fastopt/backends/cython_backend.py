@@ -8,7 +8,7 @@ import numpy as np
 
 from fastopt.backends import host_clip, numpy_backend, validate
 from fastopt.backends.validate import host_scale, is_quantized
-from fastopt.precision import is_bfloat16, quantizer_arrays
+from fastopt.precision import is_bfloat16, quantized_state_assignments, quantizer_arrays
 
 NAME = "cython"
 
@@ -68,24 +68,25 @@ class Int8Fixed:
         if not all(src is view for src, view, _ in fixed.snapshot):
             return
         calls = []
-        for (arrays, names, indices), lists in zip(fixed.calls, fixed.checked):
+        for (arrays, _, _), lists in zip(fixed.calls, fixed.checked):
             states = validate.state_slots(lists)
             if not all(lst is None or all(is_quantized(q) for q in lst) for lst in states):
                 return
-            calls.append((lists[0], states, validate.comp_slot(lists), isinstance(arrays[0], (list, tuple)),
-                          names, indices))
-        self.plan = _cpu_fast.Int8Plan(calls)
+            calls.append((lists[0], states, validate.comp_slot(lists), isinstance(arrays[0], (list, tuple))))
+        self.plan = _cpu_fast.Int8Plan(calls, quantized_state_assignments)
 
     def bind_grads(self, grads_per_call):
         """validate.bind_grads's result as Int8Batch: by the plan when it accepts the step (everything as
         checked, the grads valid), else by the Python checks (which raise, or accept a case the plan leaves
-        to them), after which the plan follows a re-check."""
+        to them), after which the plan follows a re-check. The plan has compared every grad with every array
+        that any call of the step writes, so its calls' spans are the fixed arrays' only (the grads' would be
+        read by nothing: check_disjoint is for calls prepared one by one)."""
         fixed = self.fixed
         if self.plan is not None:
             bound = self.plan.bind(grads_per_call)
             if bound is not None:
-                return [Int8Batch(validate.Checked((lists[0], grads) + tuple(lists[2:]), list(spans) + grad_spans), b)
-                        for (grads, grad_spans, b), lists, spans in zip(bound, fixed.checked, fixed.spans)]
+                return [Int8Batch(validate.Checked((lists[0], grads) + tuple(lists[2:]), spans), b)
+                        for (grads, b), lists, spans in zip(bound, fixed.checked, fixed.spans)]
         calls = validate.bind_grads(fixed, grads_per_call)
         if fixed.checked is not self.checked:
             self._plan()

@@ -30,10 +30,13 @@ cdef extern from "cpu_loops.hpp" namespace "fastopt" nogil:
         const unsigned char* bucket
 
 cdef extern from "cpu_loops.hpp" namespace "fastopt::cpu" nogil:
+    ctypedef struct Int8Codec:  # one map's codec (int8_simd.hpp): used only by pointer here
+        pass
+    Int8Codec int8_codec(const float* map, FoQuantizer q)
     int run_chunk(int layout, int kind, int variant, void* const* ptrs, int64_t n, const double* s,
                   double coef, double* acc, unsigned int key, unsigned long long index0)
     int run_chunk_int8(int layout, int kind, int variant, void* const* ptrs, float* const* absmax,
-                       const float* const* maps, const FoQuantizer* quants, int64_t n, const double* s,
+                       const Int8Codec* const* codecs, int64_t n, const double* s,
                        double coef, unsigned int key, unsigned long long index0)
     double sumsq(int dtype, const void* x, int64_t n)
     void scale(int dtype, void* x, int64_t n, double c)
@@ -1220,13 +1223,16 @@ cdef inline void* _data_or_null(object a):
     return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray> a)
 
 
-cdef inline int _chunk_int8(int layout, int kind, int variant, void** base, float** absmax, const float** maps,
-                            const FoQuantizer* quants, int psize, int gsize, const Chunk* ch, const double* s,
-                            double coef, unsigned int key, unsigned long long offset) noexcept nogil:
+cdef inline int _chunk_int8(int layout, int kind, int variant, void** base, float** absmax,
+                            const unsigned char* signs, const Int8Codec* codecs, int psize, int gsize,
+                            const Chunk* ch, const double* s, double coef, unsigned int key,
+                            unsigned long long offset) noexcept nogil:
     """One chunk of one tensor: base = {p, g, codes0, codes1, codes2, comp, codes3}, absmax = the tensor's four
-    scale arrays (NULL where unused); the chunk starts on a 256-block boundary (CHUNK is a multiple)."""
+    scale arrays (NULL where unused), signs its four states' maps (codecs[0] unsigned, codecs[1] signed); the
+    chunk starts on a 256-block boundary (CHUNK is a multiple)."""
     cdef void* ptrs[SLOTS]  # run_chunk_int8's pointer array: the update's slots (codes3: Adan's fourth state)
     cdef float* am[4]
+    cdef const Int8Codec* cp[4]
     cdef int k, slot
     ptrs[0] = <void*> (<char*> base[0] + ch.start * psize)
     ptrs[1] = <void*> (<char*> base[1] + ch.start * gsize)
@@ -1238,11 +1244,12 @@ cdef inline int _chunk_int8(int layout, int kind, int variant, void** base, floa
         else:
             ptrs[slot] = <void*> (<char*> base[slot] + ch.start)
             am[k] = absmax[k] + ch.start // 256
+        cp[k] = &codecs[1 if signs[k] else 0]
     if base[5] == NULL:
         ptrs[5] = NULL
     else:
         ptrs[5] = <void*> (<char*> base[5] + ch.start * psize)
-    return run_chunk_int8(layout, kind, variant, ptrs, am, maps, quants, ch.n, s, coef, key,
+    return run_chunk_int8(layout, kind, variant, ptrs, am, cp, ch.n, s, coef, key,
                           offset + <unsigned long long> ch.start)
 
 
@@ -1323,15 +1330,26 @@ cdef int _add_chunks(Chunk* chunks, int nch, int t, int64_t size) noexcept:
 
 
 cdef int _int8_share(int share, int nshares, int layout, int kind, int variant, void** base, float** absmax,
-                     const float** mp, const FoQuantizer* md, int psize, int gsize, const Chunk* chunks, int nch,
+                     const unsigned char* signs, const float* map_rows, const float* mid_rows,
+                     const unsigned char* bucket_rows, int psize, int gsize, const Chunk* chunks, int nch,
                      const double* s, const double* per_tensor, unsigned int key,
                      unsigned long long index_offset) noexcept nogil:
-    """_chunk_int8 over the chunks of one share (_share_span); the number that had no kernel."""
+    """_chunk_int8 over the chunks of one share (_share_span); the number that had no kernel. The two maps'
+    codecs are made here, once per share (int8_codec compares the tables with its per-thread cache: 2 KiB
+    per map), not per chunk."""
     cdef int c, t, bad = 0
     cdef ShareSpan span = _share_span(chunks, nch, share, nshares)
+    cdef FoQuantizer q
+    cdef Int8Codec codecs[2]  # row 0 of the tables: the unsigned map; row 1: the signed one
+    if span.first >= span.end:
+        return 0
+    for c in range(2):
+        q.mid = mid_rows + 256 * c
+        q.bucket = bucket_rows + 65536 * c
+        codecs[c] = int8_codec(map_rows + 256 * c, q)
     for c in range(span.first, span.end):
         t = chunks[c].tensor
-        bad += _chunk_int8(layout, kind, variant, &base[t * INT8_SLOTS], &absmax[t * 4], &mp[t * 4], &md[t * 4],
+        bad += _chunk_int8(layout, kind, variant, &base[t * INT8_SLOTS], &absmax[t * 4], &signs[t * 4], codecs,
                            psize, gsize, &chunks[c], s, per_tensor[t], key, index_offset) != 0
     return bad
 
@@ -1344,25 +1362,15 @@ cdef int _launch_int8(int kind, int variant, int layout, int nt, void** base, fl
     absmax and signed (nt x 4) per tensor; the quantizer rows by each state's map (maps, mids and buckets
     checked by the caller)."""
     cdef int psize = _ITEMSIZE[layout & 3], gsize = _ITEMSIZE[(layout >> 2) & 3]
-    cdef int t, k, bad = 0
-    cdef const float** mp = <const float**> malloc(max(nt, 1) * 4 * sizeof(float*))
-    cdef FoQuantizer* md = <FoQuantizer*> malloc(max(nt, 1) * 4 * sizeof(FoQuantizer))
+    cdef int bad = 0
     cdef const float* map_rows = <const float*> cnp.PyArray_DATA(maps)
     cdef const float* mid_rows = <const float*> cnp.PyArray_DATA(mids)
     cdef const unsigned char* bucket_rows = <const unsigned char*> cnp.PyArray_DATA(buckets)
-    if mp == NULL or md == NULL:
-        free(mp); free(md)
-        raise MemoryError()
-    for t in range(nt * 4):
-        mp[t] = map_rows + (256 if signs[t] else 0)
-        md[t].mid = mid_rows + (256 if signs[t] else 0)
-        md[t].bucket = bucket_rows + (65536 if signs[t] else 0)
     cdef int share, nthreads = _threads_for(total)
     with nogil:
         for share in prange(nthreads, schedule='static', num_threads=nthreads):
-            bad += _int8_share(share, nthreads, layout, kind, variant, base, absmax, mp, md, psize, gsize, chunks, nch,
-                               s, per_tensor, key, index_offset)
-    free(mp); free(md)
+            bad += _int8_share(share, nthreads, layout, kind, variant, base, absmax, signs, map_rows, mid_rows,
+                               bucket_rows, psize, gsize, chunks, nch, s, per_tensor, key, index_offset)
     if bad:
         raise ValueError(f"no 8-bit CPU kernel for kind {kind} variant {variant} layout {layout}")
     return 0
@@ -1384,10 +1392,10 @@ cdef class Int8Plan:
     cdef list views          # every checked ndarray, in snapshot order (kept alive)
     cdef _Snapshot snapshot
     cdef list qstates        # (QuantizedState, its codes, its absmax, its signed) as checked
+    cdef object assignments  # precision.quantized_state_assignments
+    cdef long long seen      # its count when qstates were last found current
     cdef list params         # per call the checked params list
     cdef list is_list        # per call
-    cdef list names          # per call: the argument names (grads' spans)
-    cdef list numbers        # per call: the caller's numbering of its arrays (None: 0, 1, ...)
     cdef Span* written
     cdef int nwritten
     cdef int ncalls
@@ -1400,12 +1408,16 @@ cdef class Int8Plan:
     cdef int64_t* sizes      # tensors
     cdef Chunk* chunks
 
-    def __init__(self, list calls):
-        """calls: per call (params, [s0, s1, s2, s3] (lists or None), comps or None, is_list, names, numbers),
-        the lists validate checked (params and comps ndarrays, states QuantizedState of ndarrays)."""
+    def __init__(self, list calls, assignments):
+        """calls: per call (params, [s0, s1, s2, s3] (lists or None), comps or None, is_list),
+        the lists validate checked (params and comps ndarrays, states QuantizedState of ndarrays);
+        assignments: precision.quantized_state_assignments (a QuantizedState's arrays are read again only
+        after its count moved)."""
         cdef int c, i, k, t, nt = 0, nch = 0, nw = 0
         cdef cnp.ndarray v
         views, qstates = [], []
+        self.assignments = assignments
+        self.seen = assignments()  # before the states' arrays are read below
         self.ncalls = len(calls)
         for call in calls:
             nt += len(call[0])
@@ -1419,14 +1431,12 @@ cdef class Int8Plan:
         if (self.first == NULL or self.first_chunk == NULL or self.param_code == NULL or self.base == NULL
                 or self.absmax == NULL or self.signs == NULL or self.sizes == NULL):
             raise MemoryError()
-        self.params, self.is_list, self.names, self.numbers = [], [], [], []
+        self.params, self.is_list = [], []
         t = 0
         for c in range(self.ncalls):
-            params, states, comps, is_list, names, numbers = calls[c]
+            params, states, comps, is_list = calls[c]
             self.params.append(list(params))
             self.is_list.append(bool(is_list))
-            self.names.append(names)
-            self.numbers.append(numbers)
             self.first[c] = t
             self.param_code[c] = _dtype_code(<cnp.ndarray> params[0]) if len(params) else DTYPE_F32
             for i in range(len(params)):
@@ -1483,23 +1493,27 @@ cdef class Int8Plan:
         free(self.base); free(self.absmax); free(self.signs); free(self.sizes); free(self.chunks)
 
     cdef bint _is_current(self):
-        """Every QuantizedState still holds the arrays and map it was checked with, and every array is as
-        the snapshot saw it."""
+        """Every QuantizedState still holds the arrays and map it was checked with (read only when some
+        QuantizedState was assigned to since they last were: 3 attribute reads per state cost more than the
+        rest of a step of small tensors), and every array is as the snapshot saw it."""
         cdef Py_ssize_t j
         cdef list views = self.views
-        for q, codes, absmax, signed_ in self.qstates:
-            if q.codes is not codes or q.absmax is not absmax or q.signed != signed_:
-                return False
+        cdef long long count = self.assignments()  # before the reads: a later assignment moves it again
+        if count != self.seen:
+            for q, codes, absmax, signed_ in self.qstates:
+                if q.codes is not codes or q.absmax is not absmax or q.signed != signed_:
+                    return False
+            self.seen = count
         for j in range(self.snapshot.n):
             if not self.snapshot.same(j, <cnp.ndarray> views[j]):
                 return False
         return True
 
     def bind(self, grads_per_call):
-        """Per call (grads list, grads' spans, Int8Bound) when the arrays are as checked and the grads pass every
-        check (the Python checks' rules: exact NumPy arrays, one dtype per call, the params' own or float32
-        for 16-bit params, the params' shapes, C-contiguous, no memory shared with a written array); None
-        otherwise (the caller's Python checks then raise or accept)."""
+        """Per call (grads list, Int8Bound) when the arrays are as checked and the grads pass every check (the
+        Python checks' rules: exact NumPy arrays, one dtype per call, the params' own or float32 for 16-bit
+        params, the params' shapes, C-contiguous, no memory shared with an array any call of the plan writes);
+        None otherwise (the caller's Python checks then raise or accept)."""
         cdef int c, i, n, code, gcode, pcode, nd
         cdef cnp.ndarray a, p
         cdef uintptr_t start, end
@@ -1521,7 +1535,6 @@ cdef class Int8Plan:
                 grads = [grads]
             pcode = self.param_code[c]
             gcode = -1
-            spans = []
             bound = Int8Bound.__new__(Int8Bound)
             bound.plan, bound.call, bound.grads = self, c, grads
             bound.gptrs = <void**> malloc(max(n, 1) * sizeof(void*))
@@ -1550,10 +1563,7 @@ cdef class Int8Plan:
                     end = start + <uintptr_t> cnp.PyArray_NBYTES(a)
                     if _first_overlap(self.written, self.nwritten, start, end) >= 0:
                         return None
-                    numbers = self.numbers[c]
-                    spans.append((start, end, False, self.names[c][1],
-                                  (i if numbers is None else numbers[i]) if self.is_list[c] else None))
-            out.append((grads, spans, bound))
+            out.append((grads, bound))
         return out
 
 

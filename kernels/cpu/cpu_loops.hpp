@@ -15,7 +15,7 @@
 #include "../cuda/precision.cuh"  // 16-bit loads and round-to-nearest-even stores
 #include "../cuda/families.cuh"  // generated from the registry: every family, its variants, the two-phase ones
 #include "int8_simd.hpp"  // the 8-bit state codec with AVX-512 (same bits as precision.cuh's)
-#include "f16_simd.hpp"  // float16 blocks with F16C (same bits)
+#include "storage.hpp"  // Plain / Bf16 / F16: elements and blocks to float32 and back; the Kahan store of a block
 
 namespace fastopt {
 namespace cpu {
@@ -67,54 +67,6 @@ enum {
 // Elements staged at a time: the float32 buffers of one stage (p and g, or the five of the 8-bit path: 20 KiB)
 // stay in the L1 cache across the widen, update and store passes; 4096 (32-80 KiB) went through L2 on each.
 enum { STAGE = 1024 };
-
-// How an array's elements are loaded into the math type M and stored back. Plain<T>: a float32 or
-// float64 array (a plain conversion; with M == T none at all, so these loops compile to what they were
-// before 16-bit storage existed). Bf16 / F16: 16-bit storage widened exactly to float32 and stored with
-// round-to-nearest-even by precision.cuh's software conversions (the same bits as fastopt/precision.py
-// and the GPU).
-// widen_block / narrow_block: a staged block (run_staged) to float32 and back, by the same conversions
-// (F16: F16C where the CPU has it, f16_simd.hpp; same bits).
-template <typename T>
-struct Plain {
-    typedef T type;
-    template <typename M>
-    FASTOPT_INLINE M load(T x) { return M(x); }
-    template <typename M>
-    FASTOPT_INLINE T store(M x) { return T(x); }
-    FASTOPT_INLINE void widen_block(const T* src, float* dst, int64_t n) {
-        for (int64_t i = 0; i < n; ++i) dst[i] = float(src[i]);
-    }
-    FASTOPT_INLINE void narrow_block(const float* src, T* dst, int64_t n) {
-        for (int64_t i = 0; i < n; ++i) dst[i] = T(src[i]);
-    }
-};
-
-struct Bf16 {
-    typedef fo_u16 type;
-    typedef Bf16Format Format;
-    template <typename M>
-    FASTOPT_INLINE M load(fo_u16 x) { return M(fo_bf16_to_float(x)); }
-    template <typename M>
-    FASTOPT_INLINE fo_u16 store(M x) { return fo_float_to_bf16(float(x)); }
-    FASTOPT_INLINE void widen_block(const fo_u16* src, float* dst, int64_t n) {
-        for (int64_t i = 0; i < n; ++i) dst[i] = fo_bf16_to_float(src[i]);
-    }
-    FASTOPT_INLINE void narrow_block(const float* src, fo_u16* dst, int64_t n) {
-        for (int64_t i = 0; i < n; ++i) dst[i] = fo_float_to_bf16(src[i]);
-    }
-};
-
-struct F16 {
-    typedef fo_u16 type;
-    typedef Fp16Format Format;
-    template <typename M>
-    FASTOPT_INLINE M load(fo_u16 x) { return M(fo_fp16_to_float(x)); }
-    template <typename M>
-    FASTOPT_INLINE fo_u16 store(M x) { return fo_float_to_fp16(float(x)); }
-    FASTOPT_INLINE void widen_block(const fo_u16* src, float* dst, int64_t n) { fp16_to_float_block(src, dst, n); }
-    FASTOPT_INLINE void narrow_block(const float* src, fo_u16* dst, int64_t n) { float_to_fp16_block(src, dst, n); }
-};
 
 // The storage struct of a dtype code (the states of the staged layouts).
 template <int D>
@@ -454,6 +406,7 @@ FASTOPT_INLINE int run_staged(int kind, int variant, void* const* ptrs, int64_t 
     const typename GS::type* g = static_cast<const typename GS::type*>(ptrs[1]);
     TP* c = static_cast<TP*>(ptrs[5]);
     float pw[STAGE], gw[STAGE];
+    float kw[MODE == ROUND_KAHAN ? STAGE : 1];  // the Kahan store's scratch
     float sw[stage_states ? 4 : 1][STAGE];
     for (int64_t off = 0; off < n; off += STAGE) {
         const int64_t m = n - off < STAGE ? n - off : int64_t(STAGE);
@@ -490,12 +443,9 @@ FASTOPT_INLINE int run_staged(int kind, int variant, void* const* ptrs, int64_t 
             typedef typename PS::Format Fmt;
             if (!writes_p) continue;
             TP* __restrict pb = p + off;
-            if (MODE == ROUND_KAHAN) {
-                TP* __restrict cb = c + off;
-                for (int64_t i = 0; i < m; ++i)
-                    fo_kahan_store<Fmt>(PS::template load<float>(pb[i]), PS::template load<float>(cb[i]), pw[i], pb[i],
-                                        cb[i]);
-            } else if (MODE == ROUND_STOCHASTIC) {
+            if constexpr (MODE == ROUND_KAHAN) {
+                kahan_store_block<PS>(pb, c + off, pw, gw, kw, m);  // gw: the grads are read by now
+            } else if constexpr (MODE == ROUND_STOCHASTIC) {
                 Fmt f;
                 for (int64_t i = 0; i < m; ++i) pb[i] = f.store_sr(pw[i], fo_random_bits(key, index0 + fo_u64(off + i)));
             } else {
@@ -553,7 +503,8 @@ FASTOPT_CLONES int run_chunk(int layout, int kind, int variant, void* const* ptr
 // One chunk of one tensor with block-wise 8-bit states: ptrs = {p, g, codes0, codes1, codes2, kahan
 // compensation, codes3} (unused states NULL; codes3: a fourth state, Adan's, in the update's slot 6), absmax[k] the
 // float32 scales of state k from the chunk's first block,
-// maps[k] / quants[k] its dynamic map and quantizer tables (signed or unsigned: fastopt/precision.py). The chunk
+// codecs[k] its map's codec (int8_codec: signed or unsigned, fastopt/precision.py; made once per parallel region
+// and thread, not per chunk: many small tensors are many chunks). The chunk
 // starts on a 256-block boundary of its tensor (the Cython module's chunks are multiples of STAGE). Blocks
 // of STAGE elements: params (and grads) widened, the states dequantized (map[code] * absmax) into float32
 // buffers, the direct float32 loop run on them (run_chunk, LAYOUT_F32; float32 params and grads in place,
@@ -564,7 +515,7 @@ static_assert(STAGE % FO_QUANT_BLOCK == 0, "an 8-bit stage holds whole quantizat
 
 template <class PS, class GS, int MODE>
 FASTOPT_INLINE int run_int8_typed(int kind, int variant, void* const* ptrs, float* const* absmax,
-                                  const float* const* maps, const FoQuantizer* quants, int64_t n, const double* s,
+                                  const Int8Codec* const* codecs, int64_t n, const double* s,
                                   double coef, fo_u32 key, fo_u64 index0, float (*buf)[STAGE]) {
     typedef typename PS::type TP;
     TP* p = static_cast<TP*>(ptrs[0]);
@@ -575,9 +526,6 @@ FASTOPT_INLINE int run_int8_typed(int kind, int variant, void* const* ptrs, floa
     // state k's slot in ptrs and in the update's pointers (run_chunk's layout: the fourth state after the compensation)
     const int slot[4] = {2, 3, 4, 6};
     float* sw[4] = {buf[2], buf[3], buf[4], buf[5]};
-    Int8Codec codec[4];
-    for (int k = 0; k < 4; ++k)
-        if (ptrs[slot[k]] != 0) codec[k] = int8_codec(maps[k], quants[k]);
     for (int64_t off = 0; off < n; off += STAGE) {
         const int64_t m = n - off < STAGE ? n - off : int64_t(STAGE);
         PS ps;
@@ -599,7 +547,7 @@ FASTOPT_INLINE int run_int8_typed(int kind, int variant, void* const* ptrs, floa
             for (int64_t b = 0; b * FO_QUANT_BLOCK < m; ++b) {
                 const int64_t start = b * FO_QUANT_BLOCK;
                 const unsigned len = unsigned(m - start < FO_QUANT_BLOCK ? m - start : FO_QUANT_BLOCK);
-                codec_dequantize_block(codec[k], codes + start, len, am[b], &sw[k][start]);
+                codec_dequantize_block(*codecs[k], codes + start, len, am[b], &sw[k][start]);
             }
             inner[slot[k]] = sw[k];
         }
@@ -612,21 +560,18 @@ FASTOPT_INLINE int run_int8_typed(int kind, int variant, void* const* ptrs, floa
             for (int64_t b = 0; b * FO_QUANT_BLOCK < m; ++b) {
                 const int64_t start = b * FO_QUANT_BLOCK;
                 const unsigned len = unsigned(m - start < FO_QUANT_BLOCK ? m - start : FO_QUANT_BLOCK);
-                am[b] = codec_quantize_block(codec[k], &sw[k][start], len, codes + start);
+                am[b] = codec_quantize_block(*codecs[k], &sw[k][start], len, codes + start);
             }
         }
         if (direct) continue;  // the new params are already in place
         TP* __restrict pb = p + off;
         if constexpr (MODE == ROUND_KAHAN) {
-            typedef typename PS::Format Fmt;
-            TP* __restrict cb = c + off;
-            for (int64_t i = 0; i < m; ++i)
-                fo_kahan_store<Fmt>(ps.template load<float>(pb[i]), ps.template load<float>(cb[i]), pw[i], pb[i], cb[i]);
+            kahan_store_block<PS>(pb, c + off, pw, gw, sw[0], m);  // gw and sw[0]: read by now
         } else if constexpr (MODE == ROUND_STOCHASTIC) {
             typename PS::Format f;
             for (int64_t i = 0; i < m; ++i) pb[i] = f.store_sr(pw[i], fo_random_bits(key, index0 + fo_u64(off + i)));
         } else {
-            for (int64_t i = 0; i < m; ++i) pb[i] = ps.template store<float>(pw[i]);
+            PS::narrow_block(pw, pb, m);
         }
     }
     return 0;
@@ -635,28 +580,28 @@ FASTOPT_INLINE int run_int8_typed(int kind, int variant, void* const* ptrs, floa
 // Kahan and stochastic stores exist for 16-bit params only (validated before any write).
 template <class PS, class GS>
 FASTOPT_INLINE int run_int8_modes(int mode, int kind, int variant, void* const* ptrs, float* const* absmax,
-                                  const float* const* maps, const FoQuantizer* quants, int64_t n, const double* s,
+                                  const Int8Codec* const* codecs, int64_t n, const double* s,
                                   double coef, fo_u32 key, fo_u64 index0, float (*buf)[STAGE]) {
-    if (mode == ROUND_NEAREST) return run_int8_typed<PS, GS, ROUND_NEAREST>(kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);
-    if (mode == ROUND_KAHAN) return run_int8_typed<PS, GS, ROUND_KAHAN>(kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);
-    if (mode == ROUND_STOCHASTIC) return run_int8_typed<PS, GS, ROUND_STOCHASTIC>(kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);
+    if (mode == ROUND_NEAREST) return run_int8_typed<PS, GS, ROUND_NEAREST>(kind, variant, ptrs, absmax, codecs, n, s, coef, key, index0, buf);
+    if (mode == ROUND_KAHAN) return run_int8_typed<PS, GS, ROUND_KAHAN>(kind, variant, ptrs, absmax, codecs, n, s, coef, key, index0, buf);
+    if (mode == ROUND_STOCHASTIC) return run_int8_typed<PS, GS, ROUND_STOCHASTIC>(kind, variant, ptrs, absmax, codecs, n, s, coef, key, index0, buf);
     return -1;
 }
 
 // layout = P | G << 2 | rounding << 6 (the states' bits unused: 8-bit). Elementwise kinds only (LAMB's
 // two-phase update keeps exact state). Returns -1 for an unknown layout/kind/variant.
 FASTOPT_CLONES int run_chunk_int8(int layout, int kind, int variant, void* const* ptrs, float* const* absmax,
-                                  const float* const* maps, const FoQuantizer* quants, int64_t n, const double* s,
+                                  const Int8Codec* const* codecs, int64_t n, const double* s,
                                   double coef, fo_u32 key, fo_u64 index0) {
     if (kind < 0 || kind >= FASTOPT_FAMILY_COUNT) return -1;
     float buf[6][STAGE];  // p, g, four states: 24 KiB, once here (not per inlined layout)
     const int mode = layout >> 6, pd = layout & 3, gd = (layout >> 2) & 3;
     if (pd == DTYPE_F32 && gd == DTYPE_F32 && mode == ROUND_NEAREST)
-        return run_int8_typed<Plain<float>, Plain<float>, ROUND_NEAREST>(kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);
-    if (pd == DTYPE_BF16 && gd == DTYPE_BF16) return run_int8_modes<Bf16, Bf16>(mode, kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);
-    if (pd == DTYPE_BF16 && gd == DTYPE_F32) return run_int8_modes<Bf16, Plain<float> >(mode, kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);
-    if (pd == DTYPE_F16 && gd == DTYPE_F16) return run_int8_modes<F16, F16>(mode, kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);
-    if (pd == DTYPE_F16 && gd == DTYPE_F32) return run_int8_modes<F16, Plain<float> >(mode, kind, variant, ptrs, absmax, maps, quants, n, s, coef, key, index0, buf);
+        return run_int8_typed<Plain<float>, Plain<float>, ROUND_NEAREST>(kind, variant, ptrs, absmax, codecs, n, s, coef, key, index0, buf);
+    if (pd == DTYPE_BF16 && gd == DTYPE_BF16) return run_int8_modes<Bf16, Bf16>(mode, kind, variant, ptrs, absmax, codecs, n, s, coef, key, index0, buf);
+    if (pd == DTYPE_BF16 && gd == DTYPE_F32) return run_int8_modes<Bf16, Plain<float> >(mode, kind, variant, ptrs, absmax, codecs, n, s, coef, key, index0, buf);
+    if (pd == DTYPE_F16 && gd == DTYPE_F16) return run_int8_modes<F16, F16>(mode, kind, variant, ptrs, absmax, codecs, n, s, coef, key, index0, buf);
+    if (pd == DTYPE_F16 && gd == DTYPE_F32) return run_int8_modes<F16, Plain<float> >(mode, kind, variant, ptrs, absmax, codecs, n, s, coef, key, index0, buf);
     return -1;
 }
 
