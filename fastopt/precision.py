@@ -441,7 +441,11 @@ class QuantizedState:
     def __init__(self, codes, absmax, signed: bool):
         if not isinstance(signed, (bool, np.bool_)):
             raise TypeError(f"signed must be a bool, got {signed!r}")
-        self.codes, self.absmax, self.signed = codes, absmax, bool(signed)
+        # not counted: nothing can hold a new object's arrays yet (and views are made per step: 0.4 us, not 4)
+        init = object.__setattr__
+        init(self, "codes", codes)
+        init(self, "absmax", absmax)
+        init(self, "signed", bool(signed))
 
     @classmethod
     def from_float(cls, x, signed: bool) -> "QuantizedState":
