@@ -44,3 +44,27 @@ def cpu_flags() -> set:
         return set()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
     return set(line.split(":", 1)[-1].split())
+
+
+def narrow_range_source(convert_block: str, convert_element: str) -> str:
+    """C++ of `long narrow_range(first, last, block, bad_bits)` (for a shim's extern "C" block): the float32 bit
+    patterns [first, last) through the block conversion `convert_block(const float*, fo_u16*, n)` in blocks of
+    `block` elements (odd: tails), against the element conversion `convert_element(float)`; the number that
+    differ, the first in *bad_bits."""
+    return f"""
+long narrow_range(unsigned long long first, unsigned long long last, int block, unsigned* bad_bits) {{
+    float x[4096];
+    fo_u16 got[4096];
+    long bad = 0;
+    for (unsigned long long b = first; b < last;) {{
+        int n = 0;
+        for (; n < block && b < last; ++n, ++b) x[n] = fo_bits_float(static_cast<fo_u32>(b));
+        {convert_block}(x, got, n);
+        for (int k = 0; k < n; ++k)
+            if (got[k] != {convert_element}(x[k])) {{
+                if (bad++ == 0) *bad_bits = fo_float_bits(x[k]);
+            }}
+    }}
+    return bad;
+}}
+"""

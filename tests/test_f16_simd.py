@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fastopt import precision as ref
-from tests.cxx_support import build_shim, cpu_flags
+from tests.cxx_support import build_shim, cpu_flags, narrow_range_source
 
 
 SHIM = r"""
@@ -41,24 +41,7 @@ long widen_all(int shift) {
     return bad;
 }
 
-// float32 bit patterns [first, last) through float_to_fp16_block in blocks of `block` (odd: tails), against
-// fo_float_to_fp16; returns the number that differ, the first in *bad_bits
-long narrow_range(unsigned long long first, unsigned long long last, int block, unsigned* bad_bits) {
-    float x[4096];
-    fo_u16 got[4096];
-    long bad = 0;
-    for (unsigned long long b = first; b < last;) {
-        int n = 0;
-        for (; n < block && b < last; ++n, ++b) x[n] = fo_bits_float(static_cast<fo_u32>(b));
-        float_to_fp16_block(x, got, n);
-        for (int k = 0; k < n; ++k)
-            if (got[k] != fo_float_to_fp16(x[k])) {
-                if (bad++ == 0) *bad_bits = fo_float_bits(x[k]);
-            }
-    }
-    return bad;
-}
-
+""" + narrow_range_source("float_to_fp16_block", "fo_float_to_fp16") + r"""
 void widen(const fo_u16* h, float* out, long n) { fp16_to_float_block(h, out, n); }
 void narrow(const float* x, fo_u16* out, long n) { float_to_fp16_block(x, out, n); }
 
