@@ -19,7 +19,7 @@ import fastopt
 from fastopt import reference
 from fastopt.functional import init_state
 from fastopt.precision import (INT8_REFUSED, NONNEGATIVE_STATES, QuantizedState, dequantize_blockwise,
-                               quantize_blockwise, signed_state)
+                               quantize_blockwise, quantized_state_assignments, signed_state)
 from fastopt.specs import REGISTRY
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -407,3 +407,30 @@ def test_conversion_to_and_from_float32_state():
     # and an 8-bit state dict into a float32 optimizer: dequantized
     opt32.load_state_dict(opt.state_dict())
     np.testing.assert_array_equal(opt32.state_arrays(1)["exp_avg_sq"], opt.state_arrays(1)["exp_avg_sq"].dequantize())
+
+
+def test_quantized_state_assignments_count_every_reassignment_and_no_construction():
+    """The count the compiled step plan relies on (cython_backend.Int8Fixed): every assignment to a
+    QuantizedState's attributes moves it, from any number of threads at once (none lost), and making a new
+    QuantizedState does not (a view made per step)."""
+    import threading
+
+    codes, absmax = np.zeros(300, np.uint8), np.zeros(2, np.float32)
+    before = quantized_state_assignments()
+    q = QuantizedState(codes, absmax, True)
+    assert quantized_state_assignments() == before
+    q.codes = codes.copy()
+    q.signed = False
+    assert quantized_state_assignments() == before + 2
+
+    def reassign():
+        for _ in range(2000):
+            q.absmax = absmax
+
+    threads = [threading.Thread(target=reassign) for _ in range(4)]
+    start = quantized_state_assignments()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert quantized_state_assignments() == start + 8000
