@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -113,9 +112,8 @@ def main(argv=None):
                   f"{r['pattern_ms_min']:6.2f} {r['fraction_of_pattern']:5.2f} "
                   f"{r['speedup_vs_torch_foreach_false_min']:6.2f} {r['speedup_vs_torch_foreach_true_min']:6.2f}")
     if args.json:
-        meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                "python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-                "repeat": args.repeat, "note": "fastopt.Adafactor runs NumPy ufuncs (one thread) and BLAS"}
+        from fastopt.benchmark import machine_info
+        meta = {"machine": machine_info(), "repeat": args.repeat, "note": "fastopt.Adafactor runs NumPy ufuncs (one thread) and BLAS"}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "runs": runs}, f, indent=1)
 

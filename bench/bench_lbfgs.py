@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -90,7 +89,8 @@ def main(argv=None):
               "; ".join(f"{k} {v:.2f} ms" for k, v in best.items()))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            from fastopt.benchmark import machine_info
+            json.dump({"machine": machine_info(),
                        "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                                    "MKL_NUM_THREADS")},
                        "n": args.n, "dtype": args.dtype, "history_size": args.history, "rows": rows}, fh, indent=1)

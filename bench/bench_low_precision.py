@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -172,10 +171,10 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    from fastopt.benchmark import machine_info
     load_before = os.getloadavg()
     rows = measure(int(args.n), args.threads, args.reps)
-    result = {"benchmark": "low-precision params, state and rounding modes, CPU (issue 13)", "machine": platform.node(),
-              "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    result = {"benchmark": "low-precision params, state and rounding modes, CPU (issue 13)", "machine": machine_info(),
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows,
               "step_overhead": measure_step_overhead(args.threads)}

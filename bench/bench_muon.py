@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -126,8 +125,8 @@ def main(argv=None):
     if limiter is not None:
         limiter.unregister() if hasattr(limiter, "unregister") else None
     if args.json:
-        info = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                "threads": threads, "numpy": np.__version__, "load": os.getloadavg(),
+        from fastopt.benchmark import machine_info
+        info = {"machine": machine_info(), "threads": threads, "numpy": np.__version__, "load": os.getloadavg(),
                 "torch": getattr(torch, "__version__", None)}
         with open(args.json, "w") as f:
             json.dump({"benchmark": "muon", "info": info, "rows": rows}, f, indent=1)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 import warnings
 
@@ -59,6 +58,7 @@ def run_once(args) -> dict:
     import torch
 
     import fastopt
+    import fastopt.benchmark
     import fastopt.sparse_adam
     import fastopt.torch
 
@@ -121,9 +121,7 @@ def run_once(args) -> dict:
         "shape": list(shape), "dtype": args.dtype, "nnz": args.nnz,
         "unique_rows_mean": touched / args.dim, "steps": args.steps, "torch_threads": torch.get_num_threads(),
         "chunk_elements": fastopt.sparse_adam.CHUNK_ELEMENTS, "bytes_per_step_counted": bytes_per_step,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "numpy": np.__version__,
-                    "torch": torch.__version__},
+        "machine": fastopt.benchmark.machine_info(),
         "results": rows,
     }
     try:

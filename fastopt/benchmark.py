@@ -42,18 +42,47 @@ def bench_hyperparameters(spec):
     return hp
 
 
-def machine_info():
-    model = platform.processor() or "unknown"
+# The CPU extensions the kernels pick their loops by (kernels/cpu: the target_clones levels, F16C, the 8-bit
+# codec's AVX-512 and VBMI, AVX512_BF16's stores). Recorded with every benchmark because a model name does
+# not tell them: this project's VMs called "AMD EPYC" have had AVX-512 on some days and AVX2 only on others,
+# and the 8-bit and 16-bit cases run other loops on the two.
+KERNEL_CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi",
+                       "avx512_bf16")
+
+
+def _cpuinfo():
+    """The model name and the flags of the first CPU in /proc/cpuinfo (None, None where there is none)."""
+    model = flags = None
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model is None:
+                    model = value.strip()
+                elif key in ("flags", "Features") and flags is None:  # x86 / aarch64
+                    flags = set(value.split())
+                if model is not None and flags is not None:
                     break
     except OSError:
         pass
+    return model, flags
+
+
+def machine_info():
+    """The machine a benchmark ran on, one description for every benchmark: CPU model and the extensions
+    the kernels dispatch on, cores and threads, versions (torch's where it is installed)."""
+    model, flags = _cpuinfo()
+    try:
+        from fastopt.kernels.cpu import _cpu_fast
+        isa_dispatch = _cpu_fast.ISA_DISPATCH  # the levels the build compiled (platform.hpp)
+    except ImportError:  # not built: the NumPy backend runs (and says so once)
+        isa_dispatch = None
     info = {
-        "cpu": model,
+        "cpu": model or platform.processor() or "unknown",
+        # None where the flags cannot be read (not Linux); else the subset of KERNEL_CPU_FEATURES present
+        "cpu_features": None if flags is None else [f for f in KERNEL_CPU_FEATURES if f in flags],
+        "isa_dispatch": isa_dispatch,
         "cores": os.cpu_count(),
         "threads": fastopt.get_num_threads(),
         "python": platform.python_version(),

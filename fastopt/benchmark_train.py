@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -72,15 +71,9 @@ def time_sklearn(data, hidden, epochs, batch_size, lr, seed):
 
 def machine():
     import sklearn
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-            "scikit-learn": sklearn.__version__, "fastopt": fastopt.__version__,
-            "fastopt_threads": fastopt.get_num_threads(), "platform": platform.platform()}
+
+    from fastopt.benchmark import machine_info
+    return {**machine_info(), "scikit-learn": sklearn.__version__, "fastopt_threads": fastopt.get_num_threads()}
 
 
 def main(argv=None):
