@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fastopt import precision as ref
-from tests.cxx_support import cxx_compiler
+from tests.cxx_support import build_shim, cxx_compiler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = os.path.join(os.path.dirname(HERE), "kernels", "cuda")
@@ -154,6 +154,43 @@ def test_bf16_round_trip_matches_reference_and_ml_dtypes(shim, rng):
     _same_bits(ref.to_bf16(finite), finite.astype(ml_dtypes.bfloat16).view(np.uint16))
     assert np.isnan(ref.from_bf16(ref.to_bf16(x[np.isnan(x)]))).all()
     _same_bits(ref.from_bf16(every), every.view(ml_dtypes.bfloat16).astype(np.float32))
+
+
+EVERY_BF16_SHIM = r"""
+#include "cuda/precision.cuh"
+using namespace fastopt;
+
+// the rule of fastopt/precision.py to_bf16, written out element by element
+static fo_u16 rule(fo_u32 u) {
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<fo_u16>((u >> 16) | 0x40u);  // NaN: quiet, sign kept
+    return static_cast<fo_u16>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);                    // nearest, ties to even
+}
+
+// fo_float_to_bf16 over blocks (the vectorized form the CPU loops compile) against the rule, for every float32
+// bit pattern; the number that differ, the first in *bad_bits
+extern "C" long every_bf16(unsigned* bad_bits) {
+    static float x[4096];
+    static fo_u16 got[4096];
+    long bad = 0;
+    for (unsigned long long base = 0; base < (1ull << 32); base += 4096) {
+        for (unsigned k = 0; k < 4096; ++k) x[k] = fo_bits_float(static_cast<fo_u32>(base + k));
+        for (unsigned k = 0; k < 4096; ++k) got[k] = fo_float_to_bf16(x[k]);
+        for (unsigned k = 0; k < 4096; ++k)
+            if (got[k] != rule(static_cast<fo_u32>(base + k)) && bad++ == 0) *bad_bits = static_cast<unsigned>(base + k);
+    }
+    return bad;
+}
+"""
+
+
+def test_bf16_rounding_of_every_float32(tmp_path):
+    """The header's mask-select form (written for the vectorizer) against the reference's rule on all 2^32
+    float32 bit patterns."""
+    lib = build_shim(tmp_path, EVERY_BF16_SHIM)
+    lib.every_bf16.restype = ctypes.c_long
+    bad_bits = ctypes.c_uint(0)
+    bad = lib.every_bf16(ctypes.byref(bad_bits))
+    assert bad == 0, f"{bad} patterns round differently, the first 0x{bad_bits.value:08x}"
 
 
 def test_fp16_round_trip_matches_reference_and_numpy(shim, rng):

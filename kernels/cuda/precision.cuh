@@ -60,11 +60,16 @@ FASTOPT_HD float fo_bf16_to_float(fo_u16 h) { return fo_bits_float(static_cast<f
 
 // Round to nearest, ties to even. NaN stays NaN (quiet bit set, sign kept). Both results computed and
 // one selected, no branch: the CPU loops vectorize it (the same holds for the fp16 conversions below).
+// Written as a 32-bit mask select before the one shift: as a ?: of the two shifted results GCC computed
+// the NaN result, the mask and the rounded one in 16 bits, packing each from 32 (3 packs per 16 elements
+// instead of 1), and with AVX2 (no unsigned compare) the magnitude test took two instructions: 36 vector
+// instructions per 16 elements instead of 26, 0.51 instead of 0.33 ns per element on an AVX2 core. The same
+// bits for every float32 (tests/test_precision.py).
 FASTOPT_HD fo_u16 fo_float_to_bf16(float x) {
     const fo_u32 u = fo_float_bits(x);
-    const fo_u32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const fo_u32 nan = (u >> 16) | 0x0040u;
-    return static_cast<fo_u16>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+    const fo_u32 nan = 0u - static_cast<fo_u32>(x != x);  // all ones for a NaN
+    const fo_u32 selected = ((u | 0x00400000u) & nan) | ((u + 0x7fffu + ((u >> 16) & 1u)) & ~nan);
+    return static_cast<fo_u16>(selected >> 16);
 }
 
 // Round to one of the two neighbouring bfloat16 values, up (away from zero) with probability equal to
