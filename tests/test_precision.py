@@ -166,17 +166,29 @@ static fo_u16 rule(fo_u32 u) {
     return static_cast<fo_u16>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);                    // nearest, ties to even
 }
 
-// fo_float_to_bf16 over blocks (the vectorized form the CPU loops compile) against the rule, for every float32
-// bit pattern; the number that differ, the first in *bad_bits
-extern "C" long every_bf16(unsigned* bad_bits) {
+// ... and of to_bf16_sr: Inf and NaN as to_bf16, a finite value's 16 dropped bits plus 16 random ones, truncated
+static fo_u16 rule_sr(fo_u32 u, fo_u32 random) {
+    if ((u & 0x7fffffffu) >= 0x7f800000u) return rule(u);
+    return static_cast<fo_u16>((u + (random & 0xffffu)) >> 16);
+}
+
+// fo_float_to_bf16 and fo_float_to_bf16_sr (with generator bits of `key`) over blocks (the vectorized form the
+// CPU loops compile) against the rules, for every float32 bit pattern; the number that differ, the first in
+// *bad_bits
+extern "C" long every_bf16(unsigned key, unsigned* bad_bits) {
     static float x[4096];
-    static fo_u16 got[4096];
+    static fo_u32 random[4096];
+    static fo_u16 got[4096], got_sr[4096];
     long bad = 0;
     for (unsigned long long base = 0; base < (1ull << 32); base += 4096) {
         for (unsigned k = 0; k < 4096; ++k) x[k] = fo_bits_float(static_cast<fo_u32>(base + k));
+        for (unsigned k = 0; k < 4096; ++k) random[k] = fo_random_bits(key, base + k);
         for (unsigned k = 0; k < 4096; ++k) got[k] = fo_float_to_bf16(x[k]);
-        for (unsigned k = 0; k < 4096; ++k)
-            if (got[k] != rule(static_cast<fo_u32>(base + k)) && bad++ == 0) *bad_bits = static_cast<unsigned>(base + k);
+        for (unsigned k = 0; k < 4096; ++k) got_sr[k] = fo_float_to_bf16_sr(x[k], random[k]);
+        for (unsigned k = 0; k < 4096; ++k) {
+            const fo_u32 u = static_cast<fo_u32>(base + k);
+            if ((got[k] != rule(u) || got_sr[k] != rule_sr(u, random[k])) && bad++ == 0) *bad_bits = u;
+        }
     }
     return bad;
 }
@@ -184,12 +196,15 @@ extern "C" long every_bf16(unsigned* bad_bits) {
 
 
 def test_bf16_rounding_of_every_float32(tmp_path):
-    """The header's mask-select form (written for the vectorizer) against the reference's rule on all 2^32
-    float32 bit patterns."""
+    """The header's mask-select forms (written for the vectorizer) against the reference's rules on all 2^32
+    float32 bit patterns: to nearest even, and stochastically with the generator's bits of a fresh key."""
     lib = build_shim(tmp_path, EVERY_BF16_SHIM)
     lib.every_bf16.restype = ctypes.c_long
+    lib.every_bf16.argtypes = [ctypes.c_uint, ctypes.c_void_p]
+    key = int.from_bytes(os.urandom(4), "little")
+    print(f"key {key}")
     bad_bits = ctypes.c_uint(0)
-    bad = lib.every_bf16(ctypes.byref(bad_bits))
+    bad = lib.every_bf16(key, ctypes.byref(bad_bits))
     assert bad == 0, f"{bad} patterns round differently, the first 0x{bad_bits.value:08x}"
 
 

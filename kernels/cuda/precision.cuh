@@ -77,10 +77,12 @@ FASTOPT_HD fo_u16 fo_float_to_bf16(float x) {
 // that (a carry into the exponent is the correct next value, Inf included). Inf and NaN are not rounded.
 FASTOPT_HD fo_u16 fo_float_to_bf16_sr(float x, fo_u32 random) {
     const fo_u32 u = fo_float_bits(x);
-    // the sign bit is never reached: the magnitude is below 0x7f800000 where this result is selected;
-    // both results computed and one selected, no branch, so the loops vectorize
-    const fo_u16 rounded = static_cast<fo_u16>((u + (random & 0xffffu)) >> 16);
-    return (u & 0x7fffffffu) >= 0x7f800000u ? fo_float_to_bf16(x) : rounded;
+    // Inf and NaN get no random bits (an Inf's top half is itself; a NaN's takes the quiet bit, as
+    // fo_float_to_bf16); a finite x's carry never reaches the sign bit. Masks, not a `?:` between two 16-bit
+    // results, for the reason given at fo_float_to_bf16 (0.50 -> 0.33 ns per element on an AVX2 core).
+    const fo_u32 special = 0u - static_cast<fo_u32>(static_cast<int>(u & 0x7fffffffu) >= 0x7f800000);
+    const fo_u32 nan = 0u - static_cast<fo_u32>(x != x);
+    return static_cast<fo_u16>(((u + (random & 0xffffu & ~special)) | (nan & 0x00400000u)) >> 16);
 }
 
 // ------------------------------------------------------------------------------------------------
