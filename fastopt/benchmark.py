@@ -50,7 +50,7 @@ KERNEL_CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
                        "avx512_bf16")
 
 
-def _cpuinfo():
+def cpuinfo():
     """The model name and the flags of the first CPU in /proc/cpuinfo (None, None where there is none)."""
     model = flags = None
     try:
@@ -72,7 +72,7 @@ def _cpuinfo():
 def machine_info():
     """The machine a benchmark ran on, one description for every benchmark: CPU model and the extensions
     the kernels dispatch on, cores and threads, versions (torch's where it is installed)."""
-    model, flags = _cpuinfo()
+    model, flags = cpuinfo()
     try:
         from fastopt.kernels.cpu import _cpu_fast
         isa_dispatch = _cpu_fast.ISA_DISPATCH  # the levels the build compiled (platform.hpp)

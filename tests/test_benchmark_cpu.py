@@ -82,14 +82,14 @@ def test_torch_variants_are_built_for_every_optimizer_torch_has(spec, rng):
 
 def test_machine_info_names_the_extensions_the_kernels_dispatch_on(report, tmp_path, monkeypatch):
     info = report["machine"]
-    _, flags = benchmark._cpuinfo()
+    _, flags = benchmark.cpuinfo()
     if flags is None:
         assert info["cpu_features"] is None
     else:  # exactly this CPU's flags among the ones the kernels choose loops by, in the table's order
         assert info["cpu_features"] == [f for f in benchmark.KERNEL_CPU_FEATURES if f in flags]
     from fastopt.kernels.cpu import _cpu_fast
     assert info["isa_dispatch"] == _cpu_fast.ISA_DISPATCH
-    # a cpuinfo of another machine (aarch64 names its flags "Features"): read from the file, not assumed
+    # another machine's /proc/cpuinfo: the features come from the file (the first CPU's), not from this one
     fake = tmp_path / "cpuinfo"
     fake.write_text("processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 fma\n\n"
                     "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
