@@ -60,11 +60,9 @@ demo: $(VENV)/.deps-demo
 	$(BIN)/fastopt train
 	$(BIN)/python -m fastopt.demo
 
-# tests/gpu (the GPU-emulation half, mostly one core) runs as a second pytest beside the rest; its report
-# follows the first's (tests/run_suite.py; FASTOPT_TEST_SERIAL=1 runs one pytest over everything)
 test: $(VENV)/.deps-test build-tools
 	$(BUILD_EXT)
-	$(BIN)/python tests/run_suite.py -q
+	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.deps-test
 	$(BUILD_EXT)

@@ -26,6 +26,15 @@ def _nvrtc():
         pytest.skip(f"NVRTC not available ({type(e).__name__}: {e}); pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12")
 
 
+def _side_by_side(fn, items):
+    """[fn(item) for item in items], on as many threads as there are CPUs: each call runs a process or NVRTC
+    (which releases the GIL), so the 2-core CI machine keeps both cores busy."""
+    from concurrent.futures import ThreadPoolExecutor
+    items = list(items)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(items), os.cpu_count() or 1))) as pool:
+        return list(pool.map(fn, items))
+
+
 @pytest.fixture(scope="module")
 def ptx_by_target():
     """{(dtype or module name, arch): PTX} of the plain modules for sm_80 and sm_90 and of the precision modules
@@ -48,9 +57,7 @@ def ptx_by_target():
         ptx = nvrtc.getPTX(prog)
         return name, ptx.decode() if isinstance(ptx, bytes) else ptx, None
 
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(compile_one, jobs))
+    results = _side_by_side(compile_one, jobs)
     failed = [f"NVRTC {name}:\n{log}" for name, _, log in results if log is not None]
     if failed:
         pytest.fail("\n".join(failed))
@@ -138,15 +145,14 @@ SIM_SHARDS = 6  # the simulator runs every check in one Python thread per CUDA t
 @pytest.fixture(scope="module")
 def sim_shard_runs():
     """{shard: (status, output)} of every shard of sim_checks.py, run as processes side by side, as many at a
-    time as there are CPUs (each keeps one core busy: on the 2-core CI machine 18 minutes in a row)."""
+    time as there are CPUs (each keeps one core busy: on the 2-core CI machine 16 minutes in a row)."""
     pytest.importorskip("numba")
-    from concurrent.futures import ThreadPoolExecutor
 
-    def run(shard):
-        return _run("sim_checks.py", NUMBA_ENABLE_CUDASIM="1", SIM_CHECKS_SHARD=f"{shard}/{SIM_SHARDS}")
+    def run(shard):  # one thread each: OpenMP or BLAS threads of processes side by side would wait on each other
+        return _run("sim_checks.py", NUMBA_ENABLE_CUDASIM="1", SIM_CHECKS_SHARD=f"{shard}/{SIM_SHARDS}",
+                    OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 
-    with ThreadPoolExecutor(max_workers=max(1, min(SIM_SHARDS, os.cpu_count() or 1))) as pool:
-        return dict(zip(range(SIM_SHARDS), pool.map(run, range(SIM_SHARDS))))
+    return dict(zip(range(SIM_SHARDS), _side_by_side(run, range(SIM_SHARDS))))
 
 
 @pytest.mark.parametrize("shard", range(SIM_SHARDS))
