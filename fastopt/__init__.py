@@ -27,7 +27,7 @@ from fastopt._version import __version__
 
 
 def set_num_threads(n: int) -> None:
-    """Threads of the CPU kernels (default: OMP_NUM_THREADS, else all cores)."""
+    """Threads of the CPU kernels (default: OMP_NUM_THREADS, else all cores): an int in [1, 1024]."""
     from fastopt.backends import cython_backend
     cython_backend.set_num_threads(n)
 

@@ -114,3 +114,34 @@ def test_threads_setting():
     fastopt.set_num_threads(n)
     with pytest.raises(ValueError, match="Invalid num_threads: 0"):
         fastopt.set_num_threads(0)
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (1025, ValueError, r"Invalid num_threads: 1025 \(an integer in \[1, 1024\]\)"),  # 10**5 threads crashed the process
+    (10 ** 9, ValueError, "Invalid num_threads: 1000000000"),
+    (2 ** 31, ValueError, "Invalid num_threads: 2147483648"),
+    (-1, ValueError, "Invalid num_threads: -1"),
+    (1.5, TypeError, r"num_threads must be an integer, got 1.5 \(float\)"),  # was truncated to 1
+    (np.float64(3.0), TypeError, "num_threads must be an integer, got 3.0 \\(float64\\)"),
+    (True, TypeError, r"got True \(bool\)"),
+    (None, TypeError, "got None"),
+    ("2", TypeError, "got '2'"),
+])
+def test_threads_setting_refuses_bad_counts(bad, error, message):
+    before = fastopt.get_num_threads()
+    with pytest.raises(error, match=message):
+        fastopt.set_num_threads(bad)
+    assert fastopt.get_num_threads() == before
+
+
+def test_threads_setting_takes_integers_up_to_the_cap():
+    before = fastopt.get_num_threads()
+    try:
+        fastopt.set_num_threads(np.int64(1))
+        assert fastopt.get_num_threads() == 1 and type(fastopt.get_num_threads()) is int
+        fastopt.set_num_threads(1024)
+        p = np.ones(1000, np.float32)  # a region this wide runs (and exits) without trouble
+        fastopt.sgd_step(p, np.ones_like(p), lr=0.5)
+        assert (p == 0.5).all()
+    finally:
+        fastopt.set_num_threads(before)

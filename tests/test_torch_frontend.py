@@ -586,6 +586,30 @@ def test_one_kernel_call_per_group_dtype_and_step_count(monkeypatch):
     assert fastopt.get_num_threads() == threads_before
 
 
+def test_threads_past_fastopts_cap_run_at_the_cap(monkeypatch):
+    """torch takes any thread count (torch.set_num_threads(100000) is accepted); the step runs on
+    fastopt's largest, 1024, rather than refusing or starting 100000 OpenMP threads."""
+    from fastopt.backends import cython_backend
+    import fastopt
+    seen = []
+    real_run = cython_backend.run
+
+    def recording_run(*args, **kwargs):
+        seen.append(fastopt.get_num_threads())
+        return real_run(*args, **kwargs)
+
+    p = torch.ones(10, requires_grad=True)
+    p.grad = torch.ones(10)
+    opt = ft.SGD([p], lr=0.5)
+    before = fastopt.get_num_threads()
+    monkeypatch.setattr(cython_backend, "run", recording_run)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 100000)
+    opt.step()
+    assert seen == [cython_backend.MAX_THREADS] == [1024]
+    assert fastopt.get_num_threads() == before
+    assert torch.equal(p.detach(), torch.full((10,), 0.5))
+
+
 @pytest.mark.parametrize("edit,exc,match", [
     ({"lr": "0.1"}, TypeError, "lr"), ({"eps": float("nan")}, ValueError, "epsilon"),
     ({"weight_decay": -1.0}, ValueError, "weight_decay"), ({"betas": (0.9, None)}, TypeError, "beta2"),

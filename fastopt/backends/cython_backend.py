@@ -2,6 +2,7 @@
 and runs one parallel region over all chunks of all arrays."""
 from __future__ import annotations
 
+import numbers
 import sys
 
 import numpy as np
@@ -9,6 +10,7 @@ import numpy as np
 from fastopt.backends import host_clip, numpy_backend, validate
 from fastopt.backends.validate import host_scale, is_quantized
 from fastopt.precision import is_bfloat16, quantized_state_assignments, quantizer_arrays
+from fastopt.specs import shown
 
 NAME = "cython"
 
@@ -96,10 +98,20 @@ class Int8Fixed:
         return len(self.fixed)
 
 
+# OpenMP starts every thread of a region (a stack each): a count past the OS's thread limit kills the process
+# (libgomp aborts, or a segfault), and no memory-bound loop gains from more threads than this
+MAX_THREADS = 1024
+
+
 def set_num_threads(n: int) -> None:
-    """Threads of the compiled loops' parallel regions (nothing to set without the extension)."""
+    """Threads of the compiled loops' parallel regions: an int in [1, MAX_THREADS], checked with or without
+    the extension (nothing to set without it)."""
+    if not isinstance(n, numbers.Integral) or isinstance(n, (bool, np.bool_)):
+        raise TypeError(f"num_threads must be an integer, got {shown(n)} ({type(n).__name__})")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"Invalid num_threads: {shown(n)} (an integer in [1, {MAX_THREADS}])")
     if AVAILABLE:
-        _cpu_fast.set_num_threads(n)
+        _cpu_fast.set_num_threads(int(n))
 
 
 def get_num_threads() -> int:

@@ -32,6 +32,7 @@ import torch
 
 import fastopt
 from fastopt.arrays import to_host
+from fastopt.backends import cython_backend
 from fastopt.backends.dispatch import backend_for
 from fastopt.clip import clip_coefficient
 from fastopt.functional import rounding_options, with_kahan
@@ -701,7 +702,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             # scalars raising for a later call would otherwise leave the earlier calls written
             for b in plan.buckets:
                 spec.scalars(b.hp, b.step, 1.0)
-        threads = torch.get_num_threads()  # one thread pool: as many OpenMP threads as torch uses
+        # one thread pool: as many OpenMP threads as torch uses (torch takes counts past fastopt's cap)
+        threads = min(torch.get_num_threads(), cython_backend.MAX_THREADS)
         before = fastopt.get_num_threads()
         if threads != before:
             fastopt.set_num_threads(threads)
