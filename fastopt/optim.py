@@ -887,7 +887,24 @@ class Optimizer:
                 if isinstance(target, np.ndarray) and not target.flags.writeable:
                     raise ValueError(f"param {i} is read-only: cannot restore it from the checkpoint")
                 pairs.append((target, a))
-        return StatePlan(self, state, buckets, pairs)
+        return StatePlan(self, state, buckets, pairs, self._next_lrs(state))
+
+    def _next_lrs(self, state: OptimizerState) -> list[float]:
+        """The lr of each group's next step: state.lrs's, or where that is None (or missing) the group's
+        schedule at the restored step count, checked as any lr (CheckpointError)."""
+        lrs = []
+        for gi, hp in enumerate(state.hyperparameters):
+            lr = state.lrs[gi] if gi < len(state.lrs) else None
+            if lr is None:
+                rate = hp["lr"]
+                try:
+                    lr = self.spec.hypers[0].validate(rate(state.steps[gi]) if is_schedule(rate) else rate)
+                except Exception as e:
+                    raise statedict.CheckpointError(
+                        f"param group {gi}: its lr schedule gives no valid learning rate at the restored step "
+                        f"{state.steps[gi]}: {type(e).__name__}: {e}") from None
+            lrs.append(lr)
+        return lrs
 
     def apply_state(self, plan: "StatePlan") -> None:
         """Phase 2 of an import: write a plan made by check_state (copies into the optimizer's own arrays,
@@ -902,9 +919,7 @@ class Optimizer:
             live.update({k: ((hp["beta1"], hp["beta2"]) if k == "betas" else hp[k]) for k in keys})
             self._hp_cache[gi] = None  # re-validated and re-planned at the next step
             self._group_steps[gi] = state.steps[gi]
-            lr = state.lrs[gi] if gi < len(state.lrs) else None
-            if lr is None:  # a schedule that could not be tried on a copy
-                lr = float(live["lr"](state.steps[gi]))
+            lr = plan.lrs[gi]
             self._last_lr[gi] = lr
             fills = self.spec.state_init(dict(hp, lr=lr))  # a fill may read lr (Rprop): the value, not a schedule
             fills["kahan_comp"] = 0.0  # a compensation not saved (a state dict without kahan=True) starts at zero
@@ -1001,10 +1016,10 @@ def _fill(dst, value: float) -> None:
 class StatePlan:
     """What Optimizer.apply_state will write (made by Optimizer.check_state; opaque to callers)."""
 
-    __slots__ = ("optimizer", "state", "buckets", "params")
+    __slots__ = ("optimizer", "state", "buckets", "params", "lrs")
 
-    def __init__(self, optimizer, state, buckets, params):
-        self.optimizer, self.state, self.buckets, self.params = optimizer, state, buckets, params
+    def __init__(self, optimizer, state, buckets, params, lrs):
+        self.optimizer, self.state, self.buckets, self.params, self.lrs = optimizer, state, buckets, params, lrs
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ class OptimizerState:
         to keep.
     steps: per group, the number of updates applied.
     lrs: per group, the lr of the group's next step (a schedule evaluated at the step count); to load,
-        None where the schedule is to be evaluated when the state is applied.
+        None where the schedule is to be evaluated at the restored step (by check_state, which checks it).
     states: per param (flat number, the order of opt.params): state name -> array. Exported: the live
         arrays (not copies). To load: the arrays to copy in; a slot not given is zero-filled.
     skipped_steps: steps skipped for a NaN/Inf gradient (None when loading: keep the current count).
@@ -377,7 +377,9 @@ def _paired(i, name, entry):
 
 def _check_schedules(opt, new_groups, saved_states, steps):
     """Per group: (schedule to load into, its saved state) or None, and the lr of the group's next step.
-    A schedule's saved state is loaded into a copy first, so a state that does not fit fails here."""
+    A schedule's saved state is loaded into a copy first, so a state that does not fit, or gives no valid lr
+    at the restored step, fails here. A schedule that deepcopy cannot copy (it holds a lock, say) is tried in
+    place and put back from its own state_dict(); one with neither is refused: it could not be checked."""
     lr_hyper = REGISTRY[opt.spec.name].hypers[0]
     loads, lrs = [], []
     for gi, (hp, live, saved, step) in enumerate(zip(new_groups, opt.param_groups, saved_states, steps)):
@@ -387,32 +389,46 @@ def _check_schedules(opt, new_groups, saved_states, steps):
             lrs.append(hp["lr"])
             continue
         hp["lr"] = schedule  # keep the schedule: it is a function of the restored step count
-        trial, load = schedule, None
-        loader = getattr(schedule, "load_state_dict", None)
-        if saved is not None and loader is not None:
+        trial, load, restore = schedule, None, None
+        if saved is not None and getattr(schedule, "load_state_dict", None) is not None:
             load = (schedule, saved)
-            try:
-                trial = copy.deepcopy(schedule)
-            except Exception:  # a schedule that cannot be copied is loaded unchecked
-                trial = None
-            if trial is not None:
+            trial, restore = _trial_schedule(gi, schedule)
+        try:
+            if load is not None:
                 try:
                     trial.load_state_dict(copy.deepcopy(saved))
                 except Exception as e:
                     fail(f"param group {gi}: the saved state of its lr schedule does not fit "
-                          f"{shown(schedule)}: {type(e).__name__}: {e}")
-        lr = None
-        if trial is not None:
+                         f"{shown(schedule)}: {type(e).__name__}: {e}")
             try:
                 value = trial(step)
                 checked = lr_hyper.validate(value)  # the converted float (None from older specs)
-                lr = float(value) if checked is None else checked
+                lrs.append(float(value) if checked is None else checked)
             except Exception as e:
                 fail(f"param group {gi}: its lr schedule gives no valid learning rate at the restored step "
-                      f"{step}: {type(e).__name__}: {e}")
+                     f"{step}: {type(e).__name__}: {e}")
+        finally:
+            if restore is not None:
+                schedule.load_state_dict(restore)
         loads.append(load)
-        lrs.append(lr)
     return loads, lrs
+
+
+def _trial_schedule(gi, schedule):
+    """(a schedule to try a saved state on, the state to put back into `schedule` afterwards or None)."""
+    try:
+        return copy.deepcopy(schedule), None
+    except Exception as e:
+        copy_error = f"{type(e).__name__}: {e}"
+    saver = getattr(schedule, "state_dict", None)
+    try:
+        own = copy.deepcopy(saver()) if saver is not None else None
+    except Exception as e:
+        own, copy_error = None, f"{copy_error}; state_dict(): {type(e).__name__}: {e}"
+    if own is None:
+        fail(f"param group {gi}: its lr schedule {shown(schedule)} can be neither copied nor saved with "
+             f"state_dict() ({copy_error}), so its saved state cannot be checked before it is loaded")
+    return schedule, own
 
 
 def plan_load(opt, sd, params=None):
@@ -436,8 +452,7 @@ def plan_load(opt, sd, params=None):
 # ---------------------------------------------------------------------------------------------------
 
 def apply_load(plan) -> None:
-    """Phase 2: the schedules' saved state first (a schedule that could not be tried on a copy is
-    evaluated by the optimizer after it), then the optimizer's own state."""
+    """Phase 2: the schedules' saved state first, then the optimizer's own state."""
     opt, loads, state_plan = plan
     for load in loads:
         if load is not None:

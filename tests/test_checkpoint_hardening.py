@@ -1110,3 +1110,94 @@ def test_device_params_are_saved_and_restored_in_place_under_the_cuda_simulator(
     out = subprocess.run([sys.executable, str(script), str(int(rng.integers(2 ** 31)))], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
+
+
+class _LockedSchedule:
+    """An lr schedule with state that deepcopy cannot copy (it holds a lock), as a user's might."""
+
+    def __init__(self, scale=1.0, with_state_dict=True):
+        import threading
+        self.scale, self._lock = scale, threading.Lock()
+        if not with_state_dict:
+            self.state_dict = None
+
+    def __call__(self, step):
+        if self.scale == "raise":
+            raise RuntimeError("no lr")
+        return 1e-3 * self.scale
+
+    def state_dict(self):
+        return {"scale": self.scale}
+
+    def load_state_dict(self, sd):
+        self.scale = sd["scale"]
+
+
+def _two_group_adam(rng, schedule):
+    ps = [rng.standard_normal(n).astype(np.float32) for n in (5, 3)]
+    opt = fastopt.Adam([{"params": ps[:1], "lr": 1e-3}, {"params": ps[1:], "lr": schedule}])
+    opt.step([rng.standard_normal(p.shape).astype(np.float32) for p in ps])
+    return opt, ps
+
+
+@pytest.mark.parametrize("saved_scale, message", [
+    (float("nan"), "Invalid learning rate: nan"), (-2.0, "Invalid learning rate"), ("raise", "RuntimeError: no lr"),
+    ("x", "TypeError")])
+def test_a_schedule_deepcopy_cannot_copy_is_checked_in_place_and_put_back(rng, saved_scale, message):
+    """A bad saved state for such a schedule used to be loaded unchecked: the optimizer's state half written
+    (another group's lr and a param's moments), or a NaN lr accepted until the next step raised."""
+    schedule = _LockedSchedule()
+    opt, ps = _two_group_adam(rng, schedule)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["lr"] = 0.5  # valid edits before the bad part
+    sd["state"][0]["exp_avg"][:] = 7.0
+    sd["fastopt"]["lr_schedules"][1]["state"] = {"scale": saved_scale}
+    before = pickle.dumps(opt.state_dict()), [p.tobytes() for p in ps], opt.last_lr
+    with pytest.raises(CheckpointError, match=f"param group 1: its lr schedule gives no valid learning rate at the "
+                                              f"restored step 1: .*{message}"):
+        opt.load_state_dict(sd)
+    assert schedule.scale == 1.0  # put back
+    assert (pickle.dumps(opt.state_dict()), [p.tobytes() for p in ps], opt.last_lr) == before
+
+
+def test_a_schedule_deepcopy_cannot_copy_loads_its_saved_state(rng):
+    schedule = _LockedSchedule()
+    opt, ps = _two_group_adam(rng, schedule)
+    sd = opt.state_dict()
+    sd["fastopt"]["lr_schedules"][1]["state"] = {"scale": 3.0}
+    opt.load_state_dict(sd)
+    assert schedule.scale == 3.0 and opt.last_lr == [1e-3, 3e-3]
+    assert opt.param_groups[1]["lr"] is schedule
+
+
+def test_a_schedule_that_can_be_neither_copied_nor_saved_is_refused(rng):
+    schedule = _LockedSchedule(with_state_dict=False)
+    opt, ps = _two_group_adam(rng, schedule)
+    sd = opt.state_dict()
+    sd["fastopt"]["lr_schedules"][1] = {"state": {"scale": 2.0}}
+    before = pickle.dumps(opt.state_dict()), [p.tobytes() for p in ps]
+    with pytest.raises(CheckpointError, match="param group 1: its lr schedule .* can be neither copied nor saved "
+                                              "with state_dict\\(\\) \\(TypeError: .*\\), so its saved state cannot "
+                                              "be checked before it is loaded"):
+        opt.load_state_dict(sd)
+    assert schedule.scale == 1.0
+    assert (pickle.dumps(opt.state_dict()), [p.tobytes() for p in ps]) == before
+
+
+@pytest.mark.parametrize("bad", [lambda step: float("nan"), lambda step: 1 / 0, lambda step: "0.1"])
+def test_check_state_evaluates_and_checks_a_schedule_left_to_it(rng, bad):
+    """OptimizerState.lrs None: check_state evaluates the group's schedule at the restored step and refuses
+    a bad lr; apply_state then cannot fail."""
+    from fastopt.statedict import OptimizerState
+    opt, ps = _two_group_adam(rng, 1e-3)
+    hps = [dict(h) for h in opt.export_state().hyperparameters]
+    good = OptimizerState(optimizer="adam", hyperparameters=[dict(hps[0]), dict(hps[1], lr=lambda step: 0.01 * step)],
+                          steps=[4, 6], lrs=[None, None])
+    opt.apply_state(opt.check_state(good))
+    assert opt.last_lr == [hps[0]["lr"], 0.06]
+    before = pickle.dumps(opt.state_dict()), [p.tobytes() for p in ps], opt.last_lr
+    state = OptimizerState(optimizer="adam", hyperparameters=[dict(hps[0]), dict(hps[1], lr=bad)], steps=[1, 1],
+                           lrs=[None, None])
+    with pytest.raises(CheckpointError, match="param group 1: its lr schedule gives no valid learning rate"):
+        opt.check_state(state)
+    assert (pickle.dumps(opt.state_dict()), [p.tobytes() for p in ps], opt.last_lr) == before
