@@ -82,14 +82,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fastopt.arrays import array_device, as_numpy
+from fastopt.arrays import array_device, as_numpy, check_disjoint, no_self_overlap
 from fastopt.blas import one_blas_thread
 from fastopt.optim import as_param_groups
 from fastopt.precision import is_16bit, is_bfloat16, store_rounded
 from fastopt.specs import COMPOSITE, as_float, shown
 
 __all__ = ["Adafactor", "check_hyperparameters", "check_eps", "state_shapes", "group_eps1", "check_state",
-           "new_state", "check_param", "as_array", "Workspace", "update", "check_disjoint", "BLOCK_BYTES",
+           "new_state", "check_param", "as_array", "Workspace", "update", "BLOCK_BYTES",
            "state_dtype", "grad_dtype_ok", "one_blas_thread_on_host"]
 
 SPEC = COMPOSITE["adafactor"]
@@ -202,22 +202,9 @@ def check_param(p, name):
                         f"params")
     if isinstance(p, np.ndarray) and not p.flags.writeable:
         raise ValueError(f"{name} is read-only")
-    if not _no_self_overlap(p):
+    if not no_self_overlap(p):
         raise ValueError(f"{name} has overlapping elements (strides {p.strides} for shape {p.shape}): an "
                          f"in-place update would write an element twice")
-
-
-def _no_self_overlap(a) -> bool:
-    """Sufficient test that no two elements share memory: the dims longer than 1, by stride, nest."""
-    dims = sorted((abs(s), n) for n, s in zip(a.shape, a.strides) if n > 1)
-    if any(n == 0 for n in a.shape):
-        return True
-    span = a.itemsize
-    for stride, n in dims:
-        if stride < span:
-            return False
-        span = stride * n
-    return True
 
 
 def state_shapes(shape: tuple) -> dict:
@@ -253,52 +240,6 @@ def check_state(state: Mapping, p, where: str) -> None:
                             f"(the param is {p.dtype})")
         if isinstance(a, np.ndarray) and not a.flags.writeable:
             raise ValueError(f"{where}: state '{name}' is read-only")
-
-
-def _bounds(a):
-    """[lo, hi) byte range of an array's elements (None for an empty array)."""
-    if a.size == 0:
-        return None
-    ptr = a.__array_interface__["data"][0] if isinstance(a, np.ndarray) else a.data.ptr
-    lo = hi = ptr
-    for n, s in zip(a.shape, a.strides):
-        if s < 0:
-            lo += s * (n - 1)
-        else:
-            hi += s * (n - 1)
-    return lo, hi + a.itemsize
-
-
-def check_disjoint(written, read, cache=None) -> dict:
-    """ValueError when an array that a step writes (params, state: (name, array) pairs) shares memory with
-    another written one or with an array it reads (grads): the step reads each after writing the other.
-    One sort of the byte ranges (O(N log N)); NumPy's exact test only for ranges that overlap. `cache`:
-    the dict this returned last time, the written arrays' ranges by identity (an array's memory does not
-    move; the same params and state come back every step)."""
-    items = []
-    new_cache = {}
-    for k, (name, a) in enumerate(written):
-        hit = cache.get(id(a)) if cache else None
-        b = hit[1] if hit is not None and hit[0] is a else _bounds(a)
-        new_cache[id(a)] = (a, b)
-        if b is not None:
-            items.append((b[0], b[1], k, True, name, a))
-    for k, (name, a) in enumerate(read):
-        b = _bounds(a)
-        if b is not None:
-            items.append((b[0], b[1], len(written) + k, False, name, a))
-    items.sort(key=lambda it: it[0])
-    active = []  # items whose range may still overlap the next start
-    for it in items:
-        active = [o for o in active if o[1] > it[0]]
-        for o in active:
-            if not (o[3] or it[3]):
-                continue  # two read-only arrays may share memory
-            if isinstance(o[5], np.ndarray) and isinstance(it[5], np.ndarray) and not np.shares_memory(o[5], it[5]):
-                continue
-            raise ValueError(f"{o[4]} and {it[4]} share memory: a step reads one after writing the other")
-        active.append(it)
-    return new_cache
 
 
 class Workspace:
@@ -825,6 +766,8 @@ class Adafactor:
             if len(ids) != size:
                 raise ValueError(f"param group {gi} of state_dict has {len(ids)} params, the optimizer's {size}")
             for k, saved_id in enumerate(ids):
+                if saved_id in index_of:  # its state would go to one param only
+                    raise ValueError(f"param group {gi} of state_dict lists param {shown(saved_id)} a second time")
                 index_of[saved_id] = start + k
             merged = dict(saved)
             for key in _HP_KEYS:

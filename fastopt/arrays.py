@@ -1,5 +1,6 @@
 """Array helpers with no fastopt dependencies: which memory an array lives in, NumPy views of host
-objects, host copies, and copying / zeroing across devices.
+objects, host copies, copying / zeroing across devices, and the memory-overlap checks of the composite
+optimizers (Adafactor, Muon, SparseAdam; the registry's are the backends').
 
 A leaf module (it imports nothing from fastopt) so that every layer may use it, the compiled kernels
 included. CuPy and Numba are imported lazily, only for their own arrays.
@@ -10,7 +11,8 @@ import sys
 
 import numpy as np
 
-__all__ = ["array_device", "as_numpy", "to_host", "writable_view", "copy_into", "zero_fill"]
+__all__ = ["array_device", "as_numpy", "to_host", "writable_view", "copy_into", "zero_fill", "no_self_overlap",
+           "byte_range", "check_disjoint"]
 
 
 def array_device(x, name="array") -> str:
@@ -121,3 +123,63 @@ def zero_fill(dst):
         dst.fill(0)
     else:
         as_numpy(dst, "state")[...] = 0
+
+
+def no_self_overlap(a) -> bool:
+    """Sufficient test that no two elements share memory: the dims longer than 1, by stride, nest."""
+    dims = sorted((abs(s), n) for n, s in zip(a.shape, a.strides) if n > 1)
+    if any(n == 0 for n in a.shape):
+        return True
+    span = a.itemsize
+    for stride, n in dims:
+        if stride < span:
+            return False
+        span = stride * n
+    return True
+
+
+def byte_range(a):
+    """[lo, hi) byte range of a NumPy or CuPy array's elements (None for an empty array)."""
+    if a.size == 0:
+        return None
+    ptr = a.__array_interface__["data"][0] if isinstance(a, np.ndarray) else a.data.ptr
+    lo = hi = ptr
+    for n, s in zip(a.shape, a.strides):
+        if s < 0:
+            lo += s * (n - 1)
+        else:
+            hi += s * (n - 1)
+    return lo, hi + a.itemsize
+
+
+def check_disjoint(written, read, cache=None) -> dict:
+    """ValueError when an array that a step writes (params, state: (name, array) pairs, NumPy or CuPy) shares
+    memory with another written one or with an array it reads (grads): the step reads each after writing
+    the other.
+    One sort of the byte ranges (O(N log N)); NumPy's exact test only for ranges that overlap. `cache`:
+    the dict this returned last time, the written arrays' ranges by identity (an array's memory does not
+    move; the same params and state come back every step)."""
+    items = []
+    new_cache = {}
+    for k, (name, a) in enumerate(written):
+        hit = cache.get(id(a)) if cache else None
+        b = hit[1] if hit is not None and hit[0] is a else byte_range(a)
+        new_cache[id(a)] = (a, b)
+        if b is not None:
+            items.append((b[0], b[1], k, True, name, a))
+    for k, (name, a) in enumerate(read):
+        b = byte_range(a)
+        if b is not None:
+            items.append((b[0], b[1], len(written) + k, False, name, a))
+    items.sort(key=lambda it: it[0])
+    active = []  # items whose range may still overlap the next start
+    for it in items:
+        active = [o for o in active if o[1] > it[0]]
+        for o in active:
+            if not (o[3] or it[3]):
+                continue  # two read-only arrays may share memory
+            if isinstance(o[5], np.ndarray) and isinstance(it[5], np.ndarray) and not np.shares_memory(o[5], it[5]):
+                continue
+            raise ValueError(f"{o[4]} and {it[4]} share memory: a step reads one after writing the other")
+        active.append(it)
+    return new_cache

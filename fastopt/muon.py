@@ -61,7 +61,7 @@ import numbers
 
 import numpy as np
 
-from fastopt.arrays import array_device, as_numpy, to_host
+from fastopt.arrays import array_device, as_numpy, check_disjoint, no_self_overlap, to_host
 from fastopt.blas import one_blas_thread
 from fastopt.optim import as_param_groups
 from fastopt.precision import is_bfloat16
@@ -433,6 +433,9 @@ def _check_param(p, what):
         raise TypeError(f"{what} must be float32, float64, float16 or bfloat16, got {p.dtype}")
     if not _writable(p):
         raise ValueError(f"{what} is read-only")
+    if not no_self_overlap(p):
+        raise ValueError(f"{what} has overlapping elements (strides {p.strides} for shape {tuple(p.shape)}): an "
+                         f"in-place update would write an element twice")
 
 
 class Muon:
@@ -461,6 +464,7 @@ class Muon:
         self.param_groups: list[dict] = []
         self.state: dict[int, dict] = {}
         self._workspace = Workspace()
+        self._ranges: dict = {}  # check_disjoint's cache
         for group in as_param_groups(params):
             self.add_param_group(group)
 
@@ -531,7 +535,7 @@ class Muon:
                 hps.append(check_hyperparameters(group))
             except KeyError as e:
                 raise ValueError(f"param group {gi}: {e.args[0]}") from None
-        plan = []
+        plan, written, read = [], [], []
         i = 0
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -559,7 +563,14 @@ class Muon:
                     if _xp(g).may_share_memory(g, p) or (buf is not None and _xp(g).may_share_memory(g, buf)):
                         raise ValueError(f"{gwhat} shares memory with its param or its momentum buffer")
                     plan.append((p, g, i, hps[gi]))
+                    written.append((what, p))
+                    if buf is not None:
+                        written.append((f"state[{i}]['momentum_buffer']", buf))
+                    read.append((gwhat, g))
                 i += 1
+        # across params: each is written before the next is read (a grad that is another param, two params
+        # that are views of one buffer)
+        self._ranges = check_disjoint(written, read, self._ranges)
         return plan
 
     def step(self, grads) -> None:
@@ -616,6 +627,8 @@ class Muon:
             if isinstance(hp["ns_coefficients"], list):
                 hp["ns_coefficients"] = tuple(hp["ns_coefficients"])
             for saved_id, p in zip(theirs["params"], mine["params"]):
+                if saved_id in index:  # its state would go to one param only, and the later indices shift
+                    raise ValueError(f"loaded param group {gi} lists param {shown(saved_id)} a second time")
                 index[saved_id] = (len(index), p)
             new_groups.append(hp)
         if not isinstance(state, dict):

@@ -45,7 +45,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fastopt.arrays import array_device, as_numpy, to_host, writable_view
+from fastopt.arrays import array_device, as_numpy, check_disjoint, to_host, writable_view
 from fastopt.optim import as_param_groups
 from fastopt.specs import COMPOSITE, as_step, shown
 
@@ -344,10 +344,11 @@ class PreparedStep:
     data was checked when it was made, so that a caller with several calls (one per param group) checks
     them all before the first write."""
 
-    __slots__ = ("work", "hyper")
+    __slots__ = ("work", "hyper", "written_params")
 
-    def __init__(self, work, hyper):
+    def __init__(self, work, hyper, written_params):
         self.work, self.hyper = work, hyper
+        self.written_params = written_params  # (name, param) of the params run() writes
 
     def run(self) -> None:
         """Apply the update (in place). Once: running it twice applies it twice."""
@@ -398,8 +399,11 @@ def prepare_step(params, grads, exp_avg, exp_avg_sq, *, step, lr: float = 1e-3, 
         plan = _check_grad(grads[i], p, name("grads", i), pn)
         if plan is not None:
             work.append((p, m, v, plan, steps[i], i))
-    _check_distinct([w[0] for w in work] + [w[1] for w in work] + [w[2] for w in work])
-    return PreparedStep([w[:5] for w in work], hyper)
+    # every array written (params, states) apart from every other and from the values read (a param given
+    # twice, two params that are views of one buffer, a grad's values inside a param)
+    check_disjoint([(name(base, w[5]), a) for w in work for base, a in zip(("params", "exp_avg", "exp_avg_sq"), w)],
+                   [(name("grads", w[5]) + " values", w[3].vals) for w in work])
+    return PreparedStep([w[:5] for w in work], hyper, [(name("params", w[5]), w[0]) for w in work])
 
 
 def sparse_adam_step(params, grads, exp_avg, exp_avg_sq, *, step, lr: float = 1e-3, beta1: float = 0.9,
@@ -420,16 +424,6 @@ def sparse_adam_step(params, grads, exp_avg, exp_avg_sq, *, step, lr: float = 1e
     """
     prepare_step(params, grads, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                  maximize=maximize).run()
-
-
-def _check_distinct(arrays) -> None:
-    """No array is written twice in one call (the same param or state given twice)."""
-    seen = set()
-    for a in arrays:
-        key = (_kind(a), _data_ptr(a))
-        if key in seen and a.size:
-            raise ValueError("the same array appears twice among the params and states of one call")
-        seen.add(key)
 
 
 def _data_ptr(a) -> int:
@@ -563,7 +557,7 @@ class SparseAdam:
                                       beta1=hp["betas"][0], beta2=hp["betas"][1], eps=hp["eps"],
                                       maximize=hp["maximize"], index_offset=start))
             start += len(params)
-        _check_distinct([w[0] for call in calls for w in call.work])
+        check_disjoint([named for call in calls for named in call.written_params], [])  # across groups
         self.state.update(new_states)
         for call in calls:
             call.run()
@@ -608,6 +602,8 @@ class SparseAdam:
             group["params"] = live["params"]
             new_groups.append(group)
             for saved_id in saved["params"]:
+                if saved_id in id_map:  # its state would go to one param only
+                    raise ValueError(f"state_dict param_groups[{gi}] lists param {shown(saved_id)} a second time")
                 id_map[saved_id] = index
                 index += 1
         params = self._flat_params()

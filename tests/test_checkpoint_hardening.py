@@ -1201,3 +1201,24 @@ def test_check_state_evaluates_and_checks_a_schedule_left_to_it(rng, bad):
     with pytest.raises(CheckpointError, match="param group 1: its lr schedule gives no valid learning rate"):
         opt.check_state(state)
     assert (pickle.dumps(opt.state_dict()), [p.tobytes() for p in ps], opt.last_lr) == before
+
+
+@pytest.mark.parametrize("name", ["Muon", "Adafactor", "SparseAdam"])
+def test_composite_state_dict_listing_a_param_twice_is_refused(name, rng):
+    """A saved group [0, 0] sent param 0's state to param 1 and dropped param 0's (Muon also shifted every
+    later param's index); refused, with everything unchanged, as the registry classes refuse it."""
+    ps = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(3)]
+    opt = getattr(fastopt, name)([{"params": ps[:2]}, {"params": ps[2:]}], lr=0.01)
+    if name == "SparseAdam":
+        grads = [(np.array([0, 2]), rng.standard_normal((2, 4)).astype(np.float32)) for _ in ps]
+    else:
+        grads = [rng.standard_normal(p.shape).astype(np.float32) for p in ps]
+    opt.step(grads)
+    sd = opt.state_dict()
+    before = pickle.dumps(sd), [p.tobytes() for p in ps]
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["params"] = [0, 0]
+    with pytest.raises(ValueError, match="param 0 a second time"):
+        opt.load_state_dict(bad)
+    assert (pickle.dumps(opt.state_dict()), [p.tobytes() for p in ps]) == before
+    opt.load_state_dict(sd)  # the real one still loads

@@ -464,6 +464,49 @@ def test_torch_class_bad_step_changes_nothing():
     assert [p._version for p in ps] == versions
 
 
+def test_memory_shared_across_params_grads_and_buffers_is_refused():
+    """Each param is written before the next one's arrays are read: a grad that is another param (or a view
+    of another param's momentum buffer), and params that are views of one buffer, gave silently wrong
+    results; refused before anything is written, as the registry classes and Adafactor do."""
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2 ** 32))
+    buf = rng.standard_normal(80).astype(np.float32)
+    p0, p1 = buf[:36].reshape(6, 6), rng.standard_normal((6, 6)).astype(np.float32)
+    opt = Muon([p0, p1], lr=0.1)
+    opt.step([rng.standard_normal((6, 6)).astype(np.float32) for _ in range(2)])
+    before = _snapshot(opt, [buf, p1])
+    g = rng.standard_normal((6, 6)).astype(np.float32)
+    momentum0 = opt.state[0]["momentum_buffer"]
+    for grads, words in [([g, p0], r"params\[0\] and grads\[1\] share memory"),
+                         ([g, p0[::-1]], r"params\[0\] and grads\[1\] share memory"),
+                         ([g, momentum0], r"state\[0\]\['momentum_buffer'\] and grads\[1\] share memory")]:
+        with pytest.raises(ValueError, match=words):
+            opt.step(grads)
+        assert _snapshot(opt, [buf, p1]) == before
+    opt.step([g, g])  # one grad read for two params: fine
+    both = Muon([buf[:36].reshape(6, 6), buf[18:54].reshape(6, 6)])  # overlapping views of one buffer
+    raw = buf.tobytes()
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] share memory"):
+        both.step([g, g])
+    assert buf.tobytes() == raw and both.state == {}
+    both.step([g, None])  # the overlap only matters when both are written
+    with pytest.raises(ValueError, match=r"params\[0\] has overlapping elements"):
+        Muon([np.lib.stride_tricks.as_strided(np.ones(4, np.float32), shape=(3, 3), strides=(4, 4))])
+
+
+def test_torch_class_refuses_a_grad_that_is_another_param():
+    ps = [torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4))]
+    opt = ftorch.Muon(ps)
+    ps[0].grad = torch.randn(4, 4)
+    ps[1].grad = ps[0].detach()
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match="a param and a grad share memory"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(ps, before)) and len(opt.state) == 0
+    ps[1].grad = ps[0].grad.clone()
+    opt.step()
+    assert not torch.equal(ps[1], before[1])
+
+
 def test_adjusted_lr_and_class():
     assert issubclass(ftorch.Muon, torch.optim.Optimizer)
     assert math.isclose(adjusted_lr(1.0, None, (8, 2)), 2.0)

@@ -399,6 +399,36 @@ def test_params_must_be_float_contiguous_and_writable():
         sparse_adam_step(p, (np.array([0]), np.ones(1)), np.zeros(3), np.zeros(3), step=0)
 
 
+def test_memory_shared_between_params_states_and_values_is_refused():
+    """Two params overlapping in one buffer had their shared rows updated twice (only equal start pointers
+    were refused); a grad's values inside a param were read after that param's rows were written."""
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2 ** 32))
+    big = rng.standard_normal((6, 3)).astype(np.float32)
+    idx = np.array([0, 1, 2, 3])
+    vals = rng.standard_normal((4, 3)).astype(np.float32)
+    raw = big.tobytes()
+    for params, grads, words in [
+            ([big[0:4], big[2:6]], [(idx, vals)] * 2, r"params\[0\] and params\[1\] share memory"),
+            ([big[0:4], big[0:4]], [(idx, vals)] * 2, r"params\[0\] and params\[1\] share memory"),
+            ([big[0:4], big[4:6]], [(idx, big[1:5]), None], r"params\[0\] and grads\[0\] values share memory"),
+            ([big[:2], big[2:4]], [(np.array([0, 1]), big[3:5]), (np.array([1]), vals[:1])],
+             r"params\[1\] and grads\[0\] values share memory")]:
+        ms, vs = ([np.zeros(p.shape, np.float32) for p in params] for _ in range(2))
+        with pytest.raises(ValueError, match=words):
+            sparse_adam_step(params, grads, ms, vs, step=1, lr=0.1)
+        assert big.tobytes() == raw and not any(a.any() for a in ms + vs)
+    # the same values read for two params, and state arrays apart: fine
+    ms, vs = ([np.zeros((2, 3), np.float32) for _ in range(2)] for _ in range(2))
+    sparse_adam_step([big[0:2], big[2:4]], [(np.array([0, 1]), vals[:2])] * 2, ms, vs, step=1, lr=0.1)
+    assert big.tobytes() != raw
+    # the class: two groups of overlapping views, refused at the step
+    p = np.zeros((5, 2), np.float32)
+    opt = fastopt.SparseAdam([{"params": [p[0:3]]}, {"params": [p[2:5]], "lr": 0.1}])
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] share memory"):
+        opt.step([(np.array([2]), np.ones((1, 2), np.float32))] * 2)
+    assert not p.any() and opt.state == {}
+
+
 # ---------------------------------------------------------------------------------------------------
 # fastopt.torch specifics
 # ---------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from fastopt import adafactor as core
+from fastopt.arrays import check_disjoint
 from fastopt.torch.arrays import array_view
 from fastopt.torch.composite import CPU, CompositeOptimizer
 
@@ -166,7 +167,7 @@ class Adafactor(CompositeOptimizer):
                 plan.append((p, pa, ga, arrays, hp, eps1))
                 written.append(("a param", pa))
                 read.append(("a grad", ga))
-        self._ranges = core.check_disjoint(written, read, getattr(self, "_ranges", None))
+        self._ranges = check_disjoint(written, read, getattr(self, "_ranges", None))
         self._views = views
         return plan
 

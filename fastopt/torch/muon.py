@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from fastopt import muon as core
+from fastopt.arrays import check_disjoint
 from fastopt.torch.arrays import array_view
 from fastopt.torch.composite import CPU, CompositeOptimizer
 
@@ -65,7 +66,7 @@ class Muon(CompositeOptimizer):
 
     def _plan(self):
         """Every check of a step, nothing written: [(param, grad, hp, buffer or None)]."""
-        plan = []
+        plan, written, read = [], [], []
         for gi, group in enumerate(self.param_groups):
             try:
                 hp = core.check_hyperparameters(group)
@@ -97,9 +98,15 @@ class Muon(CompositeOptimizer):
                     raise ValueError(f"the momentum_buffer ({buf.dtype}, {tuple(buf.shape)}, {buf.device}) does not "
                                      f"match its param ({p.dtype}, {tuple(p.shape)}, {p.device})")
                 plan.append((p, g, hp, buf))
+                written += [("a param", array_view(p, _NAME))] + ([] if buf is None else [
+                    ("a momentum_buffer", array_view(buf, _NAME))])
+                read.append(("a grad", array_view(g, _NAME)))
         devices = {p.device.type for p, _, _, _ in plan}
         if len(devices) > 1:
             raise TypeError("fastopt.torch.Muon: params on the CPU and on CUDA in one optimizer")
+        # a grad that is (a view of) another param, or params that are views of one tensor: each param is
+        # written before the next one's arrays are read
+        check_disjoint(written, read)  # no cache: the views are new at every step
         return plan
 
     def _plan_device(self, plan) -> torch.device:
