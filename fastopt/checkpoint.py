@@ -400,7 +400,7 @@ def _parse(f, path):
         if where[0] == "param":
             params[where[1]] = array
         elif where in bf16_members:
-            state[where[0]][where[1]] = _as_bfloat16(path, name[:-4], array)
+            state[where[0]][where[1]] = _as_bfloat16(path, name[:-4], array, " state")
         else:
             state[where[0]][where[1]] = array
     groups = [dict(g, betas=tuple(g["betas"])) if isinstance(g, dict) and isinstance(g.get("betas"), list) else g
@@ -425,7 +425,7 @@ def _restored(path, i, a, dtypes):
     return a
 
 
-def _as_bfloat16(path, member, a, what=""):
+def _as_bfloat16(path, member, a, what):
     """The uint16 bits of a bfloat16 member (a param, or state saved with state_dtype="bfloat16"), viewed
     as ml_dtypes' bfloat16."""
     if a.dtype != np.uint16:

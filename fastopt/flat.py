@@ -40,9 +40,15 @@ class FlatParams:
         into grad_views directly)."""
         if len(grads) != len(self.grad_views):
             raise ValueError(f"grads has {len(grads)} arrays but the flat buffer holds {len(self.grad_views)}")
-        for i, (dst, g) in enumerate(zip(self.grad_views, grads)):
+        for i, (dst, g) in enumerate(zip(self.grad_views, grads)):  # every grad checked before the first copy
+            same_kind = isinstance(g, np.ndarray) if isinstance(dst, np.ndarray) else type(g) is type(dst)
+            if not same_kind:
+                raise TypeError(f"grads[{i}] must be a {_module(dst).__name__} array like the flat buffer, got "
+                                f"{type(g).__module__}.{type(g).__name__}")
             if tuple(g.shape) != tuple(dst.shape):
                 raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}, expected {tuple(dst.shape)}")
+            if g.dtype.kind not in "fiu" or not np.can_cast(g.dtype, dst.dtype, "same_kind"):
+                raise TypeError(f"grads[{i}] has dtype {g.dtype}, which does not cast to the buffer's {dst.dtype}")
         for dst, g in zip(self.grad_views, grads):
             dst[...] = g
 

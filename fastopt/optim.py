@@ -812,6 +812,9 @@ class Optimizer:
         spec = self.spec
         hps, lrs = [], []
         for gi, group in enumerate(self.param_groups):
+            missing = [k for k in self._hyper_keys() if k not in group]
+            if missing:  # the same words as a step's check
+                raise ValueError(f"param group {gi} has no {missing[0]!r}")
             hp = {}
             for h in spec.hypers:
                 if h.name in ("beta1", "beta2"):

@@ -75,3 +75,21 @@ def test_flatten_errors(rng):
     with pytest.raises(ValueError, match=r"grads\[0\] has shape \(5,\), expected \(4,\)"):
         flat.set_grads([np.zeros(5)])
     assert not flat.grad.any()
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    (np.array(["a", "b", "c"]), TypeError, r"grads\[1\] has dtype <U1, which does not cast to the buffer's float32"),
+    (np.ones(3, complex), TypeError, r"grads\[1\] has dtype complex128"),
+    (np.ones(3, object), TypeError, r"grads\[1\] has dtype object"),
+    ([1.0, 2.0, 3.0], TypeError, r"grads\[1\] must be a numpy array like the flat buffer, got builtins.list"),
+    (np.ones(4, np.float32), ValueError, r"grads\[1\] has shape \(4,\), expected \(3,\)"),
+])
+def test_set_grads_checks_every_grad_before_the_first_copy(rng, bad, error, words):
+    """A bad second grad used to raise after the first had been copied in (strings: a bare NumPy error)."""
+    flat = fastopt.flatten([rng.standard_normal((2, 3)).astype(np.float32), np.ones(3, np.float32)])
+    flat.grad[:] = 7.0
+    with pytest.raises(error, match=words):
+        flat.set_grads([np.ones((2, 3), np.float32), bad])
+    assert (flat.grad == 7.0).all()
+    flat.set_grads([np.ones((2, 3)), np.arange(3)])  # float64 and integer grads cast in
+    assert flat.grad.tolist() == [1.0] * 6 + [0.0, 1.0, 2.0]

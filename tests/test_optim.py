@@ -491,3 +491,14 @@ def test_zero_d_arrays_as_hyperparameters_are_refused_with_a_hint(rng):
         with pytest.raises(TypeError, match=r"must be a real number, .*pass float\(x\)"):
             fastopt.Adam([p], **kwargs).step([p.copy()])
     assert fastopt.Adam([p], lr=np.float32(0.1)).param_groups[0]["lr"] == np.float32(0.1)  # NumPy scalars are fine
+
+
+@pytest.mark.parametrize("name", [s.name for s in REGISTRY.values()])
+def test_state_dict_of_a_group_missing_a_key_names_it(name):
+    """state_dict() raised a bare KeyError; now the step's words."""
+    spec = REGISTRY[name]
+    opt = getattr(fastopt, spec.class_name)([np.ones(3, np.float32)], lr=0.1)
+    key = opt.hyper_keys()[-1]
+    del opt.param_groups[0][key]
+    with pytest.raises(ValueError, match=f"param group 0 has no '{key}'"):
+        opt.state_dict()
