@@ -80,12 +80,21 @@ def _step_tensor_replaced(o, ps, t):
     o.state[ps[1]]["step"] = torch.tensor(20.0, dtype=o.state[ps[1]]["step"].dtype)
 
 
+def _step_count_written_through_data(o, ps, t):
+    o.state[ps[1]]["step"].data.fill_(2.0)  # autograd's version counter does not see it
+
+
+def _step_count_as_int64(o, ps, t):
+    o.state[ps[2]]["step"] = torch.tensor(int(o.state[ps[2]]["step"]))  # a converted checkpoint's; torch counts on
+
+
 def _grad_dtype_cast(o, ps, t):
     pass  # see the grads below: handled in the test
 
 
 EVENTS = [_lr_scheduler, _betas_list_in_place, _maximize_toggles, _weight_decay_changes, _append_param,
-          _add_group, _replace_params_list, _new_state_dict, _step_tensor_replaced]
+          _add_group, _replace_params_list, _new_state_dict, _step_tensor_replaced, _step_count_written_through_data,
+          _step_count_as_int64]
 
 
 @pytest.mark.parametrize("event", EVENTS, ids=lambda f: f.__name__.strip("_"))
@@ -262,3 +271,55 @@ def test_grad_shares_memory_with_a_param_in_the_steady_state():
     with pytest.raises(ValueError, match="shares memory"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(ps, before))
+
+
+@pytest.mark.parametrize("name, key", [("NAdam", "mu_product"), ("ASGD", "eta"), ("ASGD", "mu"), ("Adam", "step")])
+def test_scalar_state_written_through_data_is_seen(name, key):
+    """A count or carried value written through .data (no version bump) was overwritten with the cached
+    one on the short path: silently another trajectory than torch's."""
+    with default_dtype(torch.float64):
+        ours, theirs = _make(17)
+        opt, topt = getattr(ft, name)(ours, lr=0.01), getattr(torch.optim, name)(theirs, lr=0.01)
+        for t in range(1, 12):
+            for o, ps in ((opt, ours), (topt, theirs)):
+                if t in (5, 8):
+                    data = o.state[ps[0]][key].data
+                    data.fill_(2.0) if key == "step" else data.mul_(0.5)
+                for p, g in zip(ps, _grads(ps, t)):
+                    p.grad = g
+                o.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(opt.state[p][key], topt.state[q][key], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", ["Adam", "NAdam", "SGD"])
+def test_steps_under_inference_mode_match_torch(name):
+    """State made under torch.inference_mode has no version counter: the second step raised after the
+    params were written."""
+    with default_dtype(torch.float64):
+        ours, theirs = _make(19)
+        kwargs = {"momentum": 0.9} if name == "SGD" else {}
+        opt, topt = getattr(ft, name)(ours, lr=0.01, **kwargs), getattr(torch.optim, name)(theirs, lr=0.01, **kwargs)
+        for t in range(1, 6):
+            for o, ps in ((opt, ours), (topt, theirs)):
+                for p, g in zip(ps, _grads(ps, t)):
+                    p.grad = g
+                with torch.inference_mode():
+                    o.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("bad", [torch.tensor(True), torch.tensor(1 + 0j)])
+def test_a_step_count_that_cannot_count_is_refused_before_any_write(bad):
+    p = torch.ones(3, requires_grad=True)
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.state[p]["step"] = bad
+    before = p.detach().clone(), opt.state[p]["exp_avg"].clone()
+    with pytest.raises(TypeError, match=f"a step count in the optimizer state has dtype {bad.dtype}"):
+        opt.step()
+    assert torch.equal(p.detach(), before[0]) and torch.equal(opt.state[p]["exp_avg"], before[1])
+

@@ -646,6 +646,10 @@ class TorchOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _read_counts(steps) -> list[int]:
         """The step counts (float tensors, torch's layout; plain numbers from old state dicts too)."""
+        for t in steps:  # advanced by one after the update: a dtype that cannot count would fail then
+            if isinstance(t, torch.Tensor) and (t.dtype == torch.bool or t.dtype.is_complex):
+                raise TypeError(f"a step count in the optimizer state has dtype {t.dtype} (a float or integer "
+                                f"tensor counts steps)")
         out = []
         for v in TorchOptimizer._read_scalars(steps, "a step count"):
             v = float(v)
@@ -765,7 +769,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                             continue
                     advance.append(step_t)
             if advance:
-                torch._foreach_add_(advance, 1.0)  # one call, as torch.optim advances its step tensors
+                torch._foreach_add_(advance, 1)  # one call, as torch.optim advances its step tensors (an int:
+                # a loaded int64 count takes it too, as torch's step_t += 1)
         if spec.torch_extra_state:
             self._advance_extra_state(plan)
         bump_versions(written)

@@ -6,8 +6,9 @@ param (optimizer.py: every param's entry, count, layout and bucket). After a ste
 run, `Steady.build` keeps its kernel calls and the backend's `prepare_fixed` of the params and states
 (interface.PrepareOnceBackend). The next step then checks, list by list with C-level loops, that nothing
 but the grads changed: the groups and their params (identity), the params' storage, every state dict and
-state tensor (identity), the step tensors' autograd versions (nobody wrote them), and the grads' form
-(a grad for exactly the same params as before). Groups whose options changed (an lr scheduler) are
+state tensor (identity), the step counts' and carried scalars' values (those the last step wrote, read
+through NumPy views: a write through .data, which autograd's version counter misses, is seen too), and the
+grads' form (a grad for exactly the same params as before). Groups whose options changed (an lr scheduler) are
 validated again, and must keep the same states in use. Then the grads are viewed and the backend's
 `bind_grads` checks them against their params (dtype, shape, memory). Any difference: `plan` returns
 None and the optimizer plans the step in full, with its checks and messages; nothing was written.
@@ -19,17 +20,17 @@ import weakref
 from itertools import compress, repeat
 from operator import attrgetter, is_, is_not
 
+import numpy as np
 import torch
 
 from fastopt.backends.interface import prepares_once
 import fastopt.torch.arguments as arguments
 from fastopt.torch.plan import Plan
-from fastopt.torch.views import bump_versions, kernel_view
+from fastopt.torch.views import bump_versions, kernel_view, scalar_view
 
 __all__ = ["Steady", "group_key"]
 
 _grad_of = attrgetter("grad")
-_version_of = attrgetter("_version")
 _data_ptr = torch.Tensor.data_ptr
 _to_numpy = torch.Tensor.numpy
 _call = weakref.ref.__call__
@@ -151,7 +152,9 @@ class Steady:
             views = {}
             for name in scalar_names:
                 ts = [entry_of[id(p)].state[name] for p in b.params]
-                views[name] = [t.numpy() for t in ts]  # raises for a CUDA or a non-tensor count: no steady state
+                views[name] = [scalar_view(t) for t in ts]
+                if any(v is None for v in views[name]):
+                    raise TypeError("a count not in a CPU tensor")  # no steady state
                 if len({v.dtype for v in views[name]}) > 1:
                     raise TypeError("one call's scalar state tensors differ in dtype")  # each read its own way
                 for p, t in zip(b.params, ts):
@@ -159,13 +162,14 @@ class Steady:
                     names.append(name)
                     tensors.append(t)
                 written += ts
-                self.step_tensors += ts  # the counts and the carried state: their versions are watched
             self.scalar_views.append(views)
         for t, views in zip(self.templates, self.scalar_views):  # the carried values after the last step
             t.carried = {name: views[name][0][()] for name in spec.torch_carry}
         self.check_dicts, self.check_names, self.check_tensors = dicts, names, tensors
         self.written = written
-        self.step_versions = list(map(_version_of, self.step_tensors))
+        # the counts and the carried state, watched by value (a write through .data bumps no version)
+        self.scalars = [v for views in self.scalar_views for vs in views.values() for v in vs]
+        self.scalar_values = np.array(self.scalars) if self.scalars else None
         self.pending = None
         # grads kept only once the same grad tensors show up on two steps in a row (accumulated grads,
         # zero_grad(set_to_none=False)): otherwise a kept view would keep a freed grad's memory alive
@@ -240,8 +244,8 @@ class Steady:
             return None
         if not all(map(is_, map(dict.get, self.check_dicts, self.check_names), self.check_tensors)):
             return None
-        if list(map(_version_of, self.step_tensors)) != self.step_versions:
-            return None
+        if self.scalars and not np.array_equal(np.array(self.scalars), self.scalar_values):
+            return None  # a count or carried value written since the last step
         views = self._grad_views(grads)
         if views is None:
             return None
@@ -312,7 +316,8 @@ class Steady:
             if carry:
                 t.carried = carried
         bump_versions(self.written)
-        self.step_versions = list(map(_version_of, self.step_tensors))
+        if self.scalars:
+            self.scalar_values = np.array(self.scalars)
         if self.pending is not None:
             for i, (key, hp) in self.pending.items():
                 self.groups[i].key, self.groups[i].hp = key, hp

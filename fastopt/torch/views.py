@@ -13,7 +13,7 @@ import weakref
 import torch
 
 __all__ = ["layout", "dense_span", "kernel_view", "state_view", "flat_tensors", "numpy_bfloat16", "ParamEntry",
-           "bump_versions", "ABSMAX"]
+           "bump_versions", "scalar_view", "ABSMAX"]
 
 # 8-bit state (state_dtype="int8") in a torch state dict: "<name>" holds the uint8 codes (the param's shape
 # and layout) and "<name>_absmax" the float32 scales, one per 256 elements in the param's memory order (the
@@ -123,7 +123,7 @@ class ParamEntry:
             else:
                 self.check_names.append(name)
                 self.check_tensors.append(s)
-        self.step_tensor, self.step_version, self.step_view, self.count = None, -1, None, 0
+        self.step_tensor, self.step_version, self.step_view, self.count = None, None, None, 0
         self.grad = self.grad_view = None
         self.grad_ptr = 0
         self.grad_seen = None       # weak reference to the last grad (kept without keeping it alive)
@@ -152,9 +152,16 @@ class ParamEntry:
             self.grad_seen = weakref.ref(g)
 
     def known_count(self, step_tensor):
-        """The step count, when the step tensor is the one this entry advanced last and nobody changed it
-        since (its autograd version counts in-place writes); else None: read the tensor."""
-        if step_tensor is self.step_tensor and step_tensor._version == self.step_version:
+        """The step count, when the step tensor is the one this entry advanced last and still holds that count;
+        else None: read the tensor. A CPU count is compared through its NumPy view (so a write through .data,
+        which autograd's version counter misses, is seen too); a GPU count by its autograd version (reading it
+        would synchronise)."""
+        if step_tensor is not self.step_tensor:
+            return None
+        view = self.step_view
+        if view is not None:
+            return self.count if view[()] == self.count else None
+        if self.step_version is not None and step_tensor._version == self.step_version:
             return self.count
         return None
 
@@ -163,8 +170,10 @@ class ParamEntry:
         if step_tensor is not self.step_tensor:
             # a NumPy view of a CPU step tensor: the next step writes its new count there (3 us less per
             # param than a torch op on a 0-d tensor)
-            self.step_view = step_tensor.numpy() if step_tensor.device.type == "cpu" else None
-        self.step_tensor, self.step_version, self.count = step_tensor, step_tensor._version, count
+            self.step_view = scalar_view(step_tensor)
+        self.step_tensor, self.count = step_tensor, count
+        # an inference tensor (made under torch.inference_mode) has no version: its count is read each step
+        self.step_version = None if self.step_view is not None or step_tensor.is_inference() else step_tensor._version
 
     def write_count(self, step_tensor, count: int) -> bool:
         """Store the new count through the cached view when step_tensor is the remembered one (the caller
@@ -175,8 +184,23 @@ class ParamEntry:
         return False
 
 
+def scalar_view(t: torch.Tensor):
+    """A 0-d NumPy view of a one-element CPU tensor (a step count, torch-only state), None where there is
+    none (a GPU tensor, one that requires grad)."""
+    if t.device.type != "cpu" or t.numel() != 1 or t.requires_grad:
+        return None
+    try:
+        return t.numpy().reshape(())
+    except (RuntimeError, TypeError):  # a dtype NumPy lacks
+        return None
+
+
 def bump_versions(tensors) -> None:
     """Autograd's version counter of every tensor the step wrote, bumped once, as an in-place torch op
-    does: a graph that saved the old value then raises 'modified by an inplace operation'."""
+    does: a graph that saved the old value then raises 'modified by an inplace operation'. Inference
+    tensors (made under torch.inference_mode) have no counter and are left out."""
     if tensors:
-        torch.autograd.graph.increment_version(tensors)
+        try:
+            torch.autograd.graph.increment_version(tensors)
+        except RuntimeError:  # "Inference tensors do not track version counter": the others one by one
+            torch.autograd.graph.increment_version([t for t in tensors if not t.is_inference()])
