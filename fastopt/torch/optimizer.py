@@ -150,7 +150,8 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     spec: OptimizerSpec
     # torch.amp.GradScaler hands the scale and its inf flag to step() (optimizer.grad_scale/found_inf):
-    # unscaling is fused into the update, and a step with an inf is skipped
+    # unscaling is fused into the update, and a step with an inf is skipped. p.grad stays scaled (torch's fused
+    # kernels write the unscaled grads back: one more write per element, not made here; README)
     _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults: dict, clip_grad_norm=None, skip_nonfinite=False, state_dtype=None,
