@@ -455,7 +455,8 @@ def test_bad_input_raises_and_writes_nothing(name, damage, exc, match):
 
 
 def test_unsupported_params_are_refused_at_construction():
-    for dtype in (torch.int64, torch.complex32, torch.float8_e4m3fn):
+    # (an integer param, which can have no gradient, is taken as torch takes it: test_integer_params_...)
+    for dtype in (torch.complex32, torch.float8_e4m3fn):
         with pytest.raises(TypeError, match=f"float32, float64, float16, bfloat16, complex64, complex128 params on "
                                             f"CPU, got a {dtype}"):
             ft.Adam([torch.zeros(3, dtype=dtype)])
@@ -725,3 +726,57 @@ def test_load_state_dict_keeps_fastopt_options():
     opt.step()
     opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert (opt.clip_grad_norm, opt.skip_nonfinite, opt.skipped_steps) == (0.25, True, 1)
+
+
+@pytest.mark.parametrize("spec", TORCH_SPECS, ids=lambda s: s.name)
+def test_integer_params_are_taken_as_torch_takes_them(spec):
+    """An integer counter registered as an nn.Parameter (requires_grad=False) sits in model.parameters():
+    torch.optim takes it and never updates it; the constructor refused it. The float params train as with
+    torch, and the state dicts go both ways."""
+    def model():
+        torch.manual_seed(5)
+        m = torch.nn.Linear(3, 2, dtype=torch.float64)
+        m.register_parameter("counter", torch.nn.Parameter(torch.zeros((), dtype=torch.long), requires_grad=False))
+        return m
+    ours, theirs = model(), model()
+    kwargs = {"lr": 0.01}
+    opt, topt = getattr(ft, spec.class_name)(ours.parameters(), **kwargs), getattr(torch.optim, spec.torch_class)(
+        theirs.parameters(), **kwargs)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for _ in range(3):
+        for m, o in ((ours, opt), (theirs, topt)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
+    assert int(ours.counter) == 0
+    getattr(torch.optim, spec.torch_class)(theirs.parameters(), **kwargs).load_state_dict(opt.state_dict())
+    ft_loaded = getattr(ft, spec.class_name)(ours.parameters(), **kwargs)
+    ft_loaded.load_state_dict(topt.state_dict())
+    ours.counter.grad = torch.ones((), dtype=torch.long)  # a grad set by hand: refused at the step
+    with pytest.raises(TypeError, match="got a torch.int64 param"):
+        opt.step()
+
+
+@pytest.mark.parametrize("make_grad", [lambda: torch.randn(1, 3, dtype=torch.float64).expand(4, 3),
+                                       lambda: torch.randn(4, 6, dtype=torch.float64)[:, ::2],
+                                       lambda: torch.randn(3, 4, dtype=torch.float64).t()],
+                         ids=["expanded", "strided", "transposed"])
+def test_grads_not_in_the_params_layout_are_copied_in(make_grad):
+    """A grad set by hand or by a hook need not be dense (an expanded or a sliced tensor): torch.optim takes
+    it; it was refused ("not dense"). Now copied into the param's layout, with one warning, as a grad in
+    another dense layout."""
+    torch.manual_seed(7)
+    p = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    opt, topt = ft.Adam([p], lr=0.01), torch.optim.Adam([q], lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            g = make_grad()
+            p.grad, q.grad = g, g.clone()
+            opt.step()
+            topt.step()
+    torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
+    assert sum("copied into the param's layout" in str(w.message) for w in caught) == 1

@@ -137,6 +137,13 @@ def _check_extras(clip_grad_norm, skip_nonfinite):
     return clip_grad_norm, bool(skip_nonfinite)
 
 
+def _can_have_grad(p: torch.Tensor) -> bool:
+    """Whether autograd can give p a gradient (a float or complex dtype). Others (an integer counter
+    registered as an nn.Parameter with requires_grad=False) are taken into a group as torch.optim takes
+    them, and never updated: a grad set on one by hand is refused at the step."""
+    return p.dtype.is_floating_point or p.dtype.is_complex
+
+
 class TorchOptimizer(torch.optim.Optimizer):
     """A torch.optim.Optimizer whose step runs fastopt's fused kernels in place on the params' storage.
 
@@ -182,7 +189,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             hp = arguments.registry_hp(self.spec, defaults)
             for group in self.param_groups:
                 for p in group["params"]:
-                    self.state[p].update(self._initial_state(hp, p))
+                    if _can_have_grad(p):
+                        self.state[p].update(self._initial_state(hp, p))
 
     # --- param groups -------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -193,13 +201,15 @@ class TorchOptimizer(torch.optim.Optimizer):
             group = self.param_groups[-1]
             hp = arguments.registry_hp(self.spec, group)
             for p in group["params"]:
-                self._check_param(p)
+                if _can_have_grad(p):
+                    self._check_param(p)
         except Exception:
             del self.param_groups[before:]
             raise
         if self.spec.torch_state_at_init and self._fastopt_constructed:
             for p in group["params"]:  # a group added later (torch.optim would fail at its first step)
-                self.state[p].update(self._initial_state(hp, p))
+                if _can_have_grad(p):
+                    self.state[p].update(self._initial_state(hp, p))
 
     def _initial_state(self, hp, p) -> dict:
         """A param's state before its first step, with torch's names: count 0, arrays filled."""
@@ -537,7 +547,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._check_grad(number, p, g)
         if g.is_conj():  # a lazily conjugated complex grad: its values, which view_as_real cannot see
             g = g.resolve_conj()
-        if layout(g) != param_layout:
+        if dense_span(g) is None or layout(g) != param_layout:
+            # another layout, or not dense at all (an expanded or sliced grad set by hand or by a hook)
             self._warn_once(("layout", number), (
                 f"fastopt.torch: the gradient of param {number} (shape {tuple(p.shape)}) has strides "
                 f"{g.stride()}, the param {p.stride()}: it is copied into the param's layout on each "
@@ -556,8 +567,6 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise ValueError(f"grads[{number}] has shape {tuple(g.shape)} but its param has {tuple(p.shape)}")
         if g.device != p.device:
             raise ValueError(f"grads[{number}] is on {g.device} but its param is on {p.device}")
-        if dense_span(g) is None:
-            raise ValueError(f"grads[{number}] is not dense (strides {g.stride()})")
 
     def _state_dtype_of(self, name, p) -> torch.dtype:
         """The dtype of the state `name` (registry name) of param p: the compensation has the param's."""
