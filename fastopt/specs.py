@@ -208,7 +208,8 @@ class OptimizerSpec:
     #     torch has no such class (then only lr is positional). The classes take the leading run of these that
     #     are registry hyperparameters positionally (fastopt.SGD(p, 0.1, 0.9): momentum=0.9, as in torch).
     # torch_state_at_init: torch creates this optimizer's state in its constructor (Adagrad: step 0 and the
-    #     filled sum), so a torch state dict has state for a param that never took a step.
+    #     filled sum), so a torch state dict has state for a param that never took a step; its fill comes from
+    #     the constructor's arguments (optimizer.defaults), then and for state made later, not from the group.
     torch_positional: tuple[str, ...] | None = None
     torch_state_at_init: bool = False
     # state_fill: state name -> (hp -> the value a new state array is filled with); 0.0 for the others

@@ -780,3 +780,26 @@ def test_grads_not_in_the_params_layout_are_copied_in(make_grad):
             topt.step()
     torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
     assert sum("copied into the param's layout" in str(w.message) for w in caught) == 1
+
+
+def test_adagrad_fills_new_state_from_the_constructors_value_as_torch():
+    """torch fills Adagrad's sum from the constructor's initial_accumulator_value (optimizer.defaults), for
+    the constructor's params and for state made later (a group added, a param's state deleted), whatever a
+    group says; the group's own value filled it here."""
+    def run(module):
+        torch.manual_seed(3)
+        w, b = (torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        opt = module.Adagrad([{"params": [w], "initial_accumulator_value": 2.0}], lr=0.1, initial_accumulator_value=0.5)
+        opt.add_param_group({"params": [b], "initial_accumulator_value": 3.0})
+        for t in range(4):
+            if t == 2:
+                del opt.state[w]
+                opt.param_groups[0]["initial_accumulator_value"] = 9.0
+            for p in (w, b):
+                p.grad = torch.full_like(p, t + 1.0)
+            opt.step()
+        return w, b, opt
+    ours, theirs = run(ft), run(torch.optim)
+    for p, q in zip(ours[:2], theirs[:2]):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
+        torch.testing.assert_close(ours[2].state[p]["sum"], theirs[2].state[q]["sum"], rtol=1e-12, atol=0)

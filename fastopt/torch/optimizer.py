@@ -207,8 +207,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             del self.param_groups[before:]
             raise
         if self.spec.torch_state_at_init and self._fastopt_constructed:
-            for p in group["params"]:  # a group added later (torch.optim would fail at its first step)
-                if _can_have_grad(p):
+            for p in group["params"]:  # a group added later: as torch makes it at the first step, from the
+                if _can_have_grad(p):  # constructor's arguments (_new_state)
                     self.state[p].update(self._initial_state(hp, p))
 
     def _initial_state(self, hp, p) -> dict:
@@ -583,6 +583,8 @@ class TorchOptimizer(torch.optim.Optimizer):
     def _new_state(self, spec, hp, name, p):
         """A new state tensor of p (torch's layout of p, its state dtype), filled as the spec says; for 8-bit
         state the pair (codes: uint8 like p, absmax: float32, one per 256 elements) of the fill quantized."""
+        if spec.torch_state_at_init:  # torch fills it from the constructor's arguments, whatever the group says
+            hp = arguments.registry_hp(spec, self.defaults)
         fill = spec.state_init(hp).get(name, 0.0)
         dtype = self._state_dtype_of(name, p)
         if dtype == INT8:
