@@ -803,3 +803,26 @@ def test_adagrad_fills_new_state_from_the_constructors_value_as_torch():
     for p, q in zip(ours[:2], theirs[:2]):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
         torch.testing.assert_close(ours[2].state[p]["sum"], theirs[2].state[q]["sum"], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("spec", [s for s in TORCH_SPECS if any(h.kind == "bool" for h in s.hypers)],
+                         ids=lambda s: s.name)
+def test_zero_and_one_are_taken_for_flags_as_torch_takes_them(spec):
+    """nesterov=1, amsgrad=0 (a config file's flags) are refused by nothing in torch.optim; the same
+    updates as the bools here. Other values stay refused (torch would take any truthy object)."""
+    flags = [h.name for h in spec.hypers if h.kind == "bool"]
+    extra = {"momentum": 0.9} if spec.torch_class == "SGD" else {}
+    for value in (0, 1):
+        with default_dtype(torch.float64):
+            torch.manual_seed(9)
+            p = torch.randn(5, requires_grad=True)
+            q = p.detach().clone().requires_grad_()
+            opt = getattr(ft, spec.class_name)([p], lr=0.01, **extra, **{f: value for f in flags})
+            topt = getattr(torch.optim, spec.torch_class)([q], lr=0.01, **extra, **{f: bool(value) for f in flags})
+            for t in range(3):
+                p.grad = q.grad = torch.full((5,), t + 1.0)
+                opt.step()
+                topt.step()
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
+    with pytest.raises(TypeError, match=f"{flags[0]} must be a bool, got 2"):
+        getattr(ft, spec.class_name)([p], lr=0.01, **{flags[0]: 2})

@@ -115,6 +115,8 @@ def registry_hp(spec: OptimizerSpec, group: dict, step: int = 1) -> dict:
         if h.name not in group:
             raise ValueError(f"param group has no {h.name!r}")
         raw[h.name] = _plain(h.name, group[h.name])
+        if h.kind == "bool" and type(raw[h.name]) is int and raw[h.name] in (0, 1):
+            raw[h.name] = bool(raw[h.name])  # torch takes nesterov=1 (a config file's 0/1) as a flag
         if raw[h.name] is REQUIRED:
             raise TypeError(f"{h.name} is required")
     hypers = {h.name: h for h in spec.hypers}
