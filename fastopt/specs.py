@@ -199,6 +199,10 @@ class OptimizerSpec:
     #     after the previous step to the scalars as hp[name]; without them (the functional API, the NumPy
     #     classes) the scalars use torch_extra_state(hp, t - 1): the same for constant hyperparameters.
     torch_carry: Mapping[str, Callable[[Mapping, int, float], float]] = field(default_factory=dict)
+    # torch_as_tensor: the torch_extra_state values torch stores as torch.as_tensor(a Python float), so rounded
+    #     to torch's default dtype before the state tensor's own (ASGD's eta and mu: after a state dict load of
+    #     float64 params they are float64 tensors holding float32 values)
+    torch_as_tensor: tuple[str, ...] = ()
     torch_group_flags: Mapping[str, object] = field(default_factory=dict)
     # torch_tuples: torch's group keys that hold several registry hyperparameters as one tuple, in order
     #     (Rprop: etas = (etaminus, etaplus)); betas = (beta1, beta2) is implied (see torch_groups).
@@ -902,6 +906,7 @@ ax = ax + (p - ax) * mu   (ax = p when mu == 1)
                       "capturable"),
     torch_extra_state={"eta": asgd_eta, "mu": asgd_mu},
     torch_carry={"eta": lambda hp, t, before: asgd_eta(hp, t), "mu": lambda hp, t, before: asgd_mu(hp, t)},
+    torch_as_tensor=("eta", "mu"),
 ))
 
 

@@ -826,3 +826,35 @@ def test_zero_and_one_are_taken_for_flags_as_torch_takes_them(spec):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
     with pytest.raises(TypeError, match=f"{flags[0]} must be a bool, got 2"):
         getattr(ft, spec.class_name)([p], lr=0.01, **{flags[0]: 2})
+
+
+@pytest.mark.parametrize("source", ["torch", "fastopt"])
+def test_asgd_continues_as_torch_after_a_state_dict_load(source):
+    """torch's load casts ASGD's eta and mu to float64 for float64 params, then keeps storing
+    torch.as_tensor(a Python float) in them: float32 values. fastopt stored exact float64 ones, 2e-8 apart
+    after a few steps; now the same values (spec.torch_as_tensor)."""
+    with default_dtype(torch.float32):  # torch.as_tensor's dtype: the default one
+        torch.manual_seed(2)
+        p = torch.randn(6, dtype=torch.float64, requires_grad=True)
+        q = p.detach().clone().requires_grad_()
+        kw = {"lr": 0.1, "lambd": 1e-2, "t0": 3.0}
+        first = (torch.optim if source == "torch" else ft).ASGD([q if source == "torch" else p], **kw)
+        for t in range(4):
+            (q if source == "torch" else p).grad = torch.full((6,), t + 1.0, dtype=torch.float64)
+            first.step()
+        if source == "torch":
+            p.data.copy_(q.detach())
+        else:
+            q.data.copy_(p.detach())
+        sd = copy.deepcopy(first.state_dict())
+        opt, topt = ft.ASGD([p], **kw), torch.optim.ASGD([q], **kw)
+        opt.load_state_dict(copy.deepcopy(sd))
+        topt.load_state_dict(copy.deepcopy(sd))
+        for t in range(6):
+            p.grad = q.grad = torch.linspace(-1, 1, 6, dtype=torch.float64) * (t + 1)
+            opt.step()
+            topt.step()
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
+        for key in ("eta", "mu", "ax"):
+            assert opt.state[p][key].dtype == topt.state[q][key].dtype
+            torch.testing.assert_close(opt.state[p][key], topt.state[q][key], rtol=0, atol=0)

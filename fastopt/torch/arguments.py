@@ -150,3 +150,9 @@ def registry_hp(spec: OptimizerSpec, group: dict, step: int = 1) -> dict:
 
 def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def stored_value(spec: OptimizerSpec, name: str, value):
+    """A torch_extra_state value as torch stores it: through torch.as_tensor (the default dtype) for the
+    names in spec.torch_as_tensor, else as it is (the state tensor's dtype rounds it)."""
+    return torch.tensor(float(value)).item() if name in spec.torch_as_tensor else value

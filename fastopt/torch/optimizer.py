@@ -796,6 +796,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         for b in plan.buckets:
             for name, f in self.spec.torch_extra_state.items():
                 value = carry[name](b.hp, b.step, b.carried[name]) if name in carry else f(b.hp, b.step)
+                value = arguments.stored_value(self.spec, name, value)
                 for p in b.params:
                     self.state[p][name].fill_(value)
 

@@ -309,6 +309,7 @@ class Steady:
                     value = carry[name](b.hp, b.step, b.carried[name])
                 else:
                     value = extra[name](b.hp, b.step)
+                value = arguments.stored_value(self.spec, name, value)
                 for v in vs:
                     v[()] = value
                 if name in carry and vs:
