@@ -11,7 +11,7 @@ import argparse
 import sys
 
 
-from fastopt.cli_args import (UsageError, RunError, real, integer, listing, optimizer_names, check_output_path, finite_json, dumps, write_json, fmt)  # noqa: F401  (re-exported)
+from fastopt.cli_args import (UsageError, RunError, real, integer, listing, optimizer_names, fused_optimizer_names, check_output_path, finite_json, dumps, write_json, fmt)  # noqa: F401  (re-exported)
 
 
 # ------------------------------------------------------------------------------------------ bench, info
@@ -117,7 +117,8 @@ def build_parser():
     # >= 100: the list variant splits N elements into 100 arrays
     bench.add_argument("--sizes", type=listing(integer("size", low=100, allow_exponent=True), "sizes"), default=None,
                        help="comma-separated element counts, each >= 100 (default 1e5,1e6,1e7)")
-    bench.add_argument("--optimizers", type=optimizer_names, default=None, help="comma-separated names (default: all)")
+    bench.add_argument("--optimizers", type=fused_optimizer_names, default=None,
+                       help="comma-separated names of the fused (registry) optimizers (default: all)")
     bench.add_argument("--repeats", type=integer("number of repeats", low=1), default=None,
                        help="timed repetitions per variant")
     bench.add_argument("--threads", type=integer("number of threads", low=1), default=None,

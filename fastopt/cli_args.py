@@ -105,19 +105,29 @@ def listing(item, label, *, length=None, min_length=1):
     return parse
 
 
-def optimizer_names(text):
-    """An option type: comma-separated optimizer names (at least one, each in
-    fastopt.specs.all_optimizer_names(): the registry's and the composite ones)."""
+def optimizer_names(text, known=None, others=""):
+    """An option type: comma-separated optimizer names (at least one, each in `known`, by default
+    fastopt.specs.all_optimizer_names(): the registry's and the composite ones). `others`: what the
+    message says of known names outside `known`."""
     from fastopt.specs import all_optimizer_names
-    known = all_optimizer_names()
+    known = all_optimizer_names() if known is None else known
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     if not names:
         raise argparse.ArgumentTypeError(f"expected comma-separated optimizer names, got {text!r}")
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown optimizer(s) {', '.join(repr(n) for n in unknown)}; "
+        elsewhere = [n for n in unknown if n in all_optimizer_names()]
+        why = f" ({', '.join(elsewhere)}: {others})" if elsewhere and others else ""
+        raise argparse.ArgumentTypeError(f"unknown optimizer(s) {', '.join(repr(n) for n in unknown)}{why}; "
                                          f"known: {', '.join(known)}")
     return list(dict.fromkeys(names))  # in order, without repeats
+
+
+def fused_optimizer_names(text):
+    """optimizer_names among the registry's: the fused elementwise updates `fastopt bench` times."""
+    from fastopt.specs import REGISTRY
+    return optimizer_names(text, list(REGISTRY), "not a fused elementwise update; bench/bench_<name>.py "
+                                                 "benchmarks it")
 
 
 # ------------------------------------------------------------------------------------------ output files

@@ -86,6 +86,9 @@ def test_python_m_bad_input_is_one_line_without_traceback():
     (["--optimizers", "foo"], ["--optimizers", "'foo'", "known: sgd"]),
     (["--optimizers", "adam,Foo,bar"], ["--optimizers", "'foo'", "'bar'"]),
     (["--optimizers", ","], ["--optimizers", "','"]),
+    # the composite optimizers have benchmarks of their own (they crashed bench with a KeyError traceback)
+    *[(["--optimizers", f"adam,{name}"], ["--optimizers", f"'{name}' ({name}: not a fused elementwise update",
+                                          "bench/bench_<name>.py"]) for name in ("muon", "adafactor", "lbfgs", "sparse_adam")],
     (["--sizes", "0"], ["--sizes", "Invalid size: 0"]),
     (["--sizes", "99"], ["--sizes", "Invalid size: 99 (must be >= 100)"]),
     (["--sizes", "1e5,abc"], ["--sizes", "'abc'"]),
