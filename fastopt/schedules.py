@@ -65,7 +65,11 @@ class Schedule:
     _fields: tuple = ()
 
     def __call__(self, count) -> float:
-        return self.value(_count("count", count))
+        count = _count("count", count)
+        try:
+            return self.value(count)
+        except OverflowError:  # a growing schedule (decay_rate > 1) past float range: the usual bad-lr error
+            raise ValueError(f"Invalid learning rate: {self!r} at count {count} is too large for a float") from None
 
     def value(self, count: int) -> float:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
@@ -83,6 +87,9 @@ class constant(Schedule):
 
     def value(self, count):
         return self.value_
+
+    def __repr__(self):  # the constructor's name for it (the attribute is value_: value is the method)
+        return f"constant(value={self.value_!r})"
 
 
 class exponential_decay(Schedule):
@@ -118,6 +125,8 @@ class multi_step(Schedule):
 
     def __init__(self, init_value, milestones, gamma=0.1):
         self.init_value = _real("init_value", init_value, nonneg=True)
+        if not isinstance(milestones, (list, tuple, range)):
+            raise TypeError(f"milestones must be a list of step counts, got {milestones!r}")
         milestones = [_count("milestones", m) for m in milestones]
         if milestones != sorted(milestones):
             raise ValueError(f"Invalid milestones: {milestones} (must be increasing)")

@@ -157,3 +157,28 @@ def test_reduce_on_plateau_drives_an_optimizer(rng):
     opt.step(np.ones(4))
     assert opt.last_lr == [pytest.approx(0.01)]
     assert math.isclose(opt.state_dict()["param_groups"][0]["lr"], 0.01)
+
+
+@pytest.mark.parametrize("schedule, count", [(S.exponential_decay(0.1, 1.5), 100000),
+                                             (S.exponential_decay(0.1, 2.0), 1024),
+                                             (S.step_decay(0.1, 1, 10.0), 400),
+                                             (S.multi_step(0.1, list(range(1, 400)), 10.0), 400)])
+def test_a_growing_schedule_past_float_range_is_a_bad_lr(schedule, count):
+    """decay_rate > 1 (or gamma > 1) overflowed with a bare OverflowError; now the usual ValueError,
+    and an optimizer using it writes nothing."""
+    with pytest.raises(ValueError, match=f"Invalid learning rate: .* at count {count} is too large for a float"):
+        schedule(count)
+    p = np.ones(3)
+    opt = fastopt.SGD([p], lr=S.exponential_decay(0.1, 1e300))  # count 1: 1e299; count 2: 0.1 * 1e600
+    opt.step([np.zeros(3)])
+    opt.step([np.zeros(3)])
+    with pytest.raises(ValueError, match="at count 2 is too large for a float"):
+        opt.step([np.ones(3)])
+    assert (p == 1).all()
+
+
+def test_repr_evaluates_back_and_milestones_are_named():
+    c = S.constant(0.25)
+    assert repr(c) == "constant(value=0.25)" and eval(repr(c), vars(S))(7) == 0.25
+    with pytest.raises(TypeError, match="milestones must be a list of step counts, got 5"):
+        S.multi_step(0.1, 5)

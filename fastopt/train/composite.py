@@ -46,8 +46,9 @@ one flat param buffer, per-layer weight and bias views into it):
   clip_grad_norm is refused: a clipped gradient is not the loss's gradient, which the line search and the
   curvature pairs need.
 - sparse_adam: the MLP's gradients are dense. Each step passes the flat gradient as every row present
-  (indices = arange(n)), which is exactly Adam with SparseAdam's lazy semantics (every row present: lazy and
-  dense Adam agree; no weight decay, eps added to sqrt(v) after the bias correction as torch's SparseAdam).
+  (indices = arange(n)): every row present, so lazy and dense updates agree, and the step is Adam's but for
+  eps, which torch's SparseAdam adds to sqrt(v) before v's bias correction (Adam's eps / sqrt(1 - beta2^t)
+  in Adam's terms); no weight decay.
 """
 from __future__ import annotations
 

@@ -164,6 +164,9 @@ def _mnist(path=None, **_):
     X_test, y_test = _flatten_images(read_idx(files["test_images"])), read_idx(files["test_labels"])
     if len(X_train) != len(y_train) or len(X_test) != len(y_test):
         raise ValueError(f"mnist: image and label counts differ in {path!r}")
+    for name, y in (("train", y_train), ("test", y_test)):
+        if y.size and int(y.max()) > 9:  # uint8: never below 0
+            raise ValueError(f"mnist: the {name} labels in {path!r} go up to {int(y.max())} (digits are 0-9)")
     return (X_train, y_train.astype(np.int64)), (X_test, y_test.astype(np.int64)), 10
 
 

@@ -76,6 +76,22 @@ def test_mnist_from_local_idx_files(tmp_path):
     assert read_idx(str(tmp_path / "t10k-labels-idx1-ubyte")).tolist() == (np.arange(20) % 10).tolist()
 
 
+@pytest.mark.parametrize("which", ["train", "t10k"])
+def test_mnist_labels_outside_0_to_9_are_refused(tmp_path, which):
+    """A label of 200 reached the loss as an IndexError traceback."""
+    rng = np.random.default_rng(1)
+    _write_idx(tmp_path / "train-images-idx3-ubyte", rng.integers(0, 256, (30, 28, 28)))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (10, 28, 28)))
+    for name, n in (("train", 30), ("t10k", 10)):
+        labels = np.arange(n) % 10
+        if name == which:
+            labels[n // 2] = 200
+        _write_idx(tmp_path / f"{name}-labels-idx1-ubyte", labels)
+    split = "train" if which == "train" else "test"
+    with pytest.raises(ValueError, match=f"mnist: the {split} labels in .* go up to 200 \\(digits are 0-9\\)"):
+        load_dataset("mnist", path=str(tmp_path))
+
+
 def test_mnist_missing_files_error_names_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
         load_dataset("mnist", path=str(tmp_path))
