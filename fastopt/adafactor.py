@@ -257,6 +257,9 @@ class Workspace:
             self._arrays[key] = a
         return a
 
+    def __getstate__(self):  # pickling, deepcopy: scratch only, made again on use
+        return {"_arrays": {}}
+
 
 # ---- the update -------------------------------------------------------------------------------------
 

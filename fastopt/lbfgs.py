@@ -36,6 +36,7 @@ the ones this step made once nothing uses them, and, in the NumPy class, the old
 """
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 
@@ -232,6 +233,15 @@ class ParamVector:
         self._at = (x, None, None)
 
     # --- arithmetic --------------------------------------------------------------------------------
+    def __getstate__(self):  # pickling, deepcopy: the array module by name
+        state = dict(self.__dict__)
+        state["xp"] = self.xp.__name__
+        return state
+
+    def __setstate__(self, state):
+        state["xp"] = np if state["xp"] == "numpy" else importlib.import_module(state["xp"])
+        self.__dict__.update(state)
+
     def axpy(self, y, a, x) -> None:
         """y += a * x over flat vectors, in one pass when the kernel applies (torch: y.add_(x, alpha=a))."""
         if self._kernel and math.isfinite(a):

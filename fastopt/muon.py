@@ -194,6 +194,9 @@ class Workspace:
     def clear(self):
         self._sets.clear()
 
+    def __getstate__(self):  # pickling, deepcopy: scratch only (and keyed by id), made again on use
+        return {"_sets": {}}
+
 
 def _round_bf16(x, bits):
     """x (a C-contiguous float32 array) rounded in place to bfloat16 values, round to nearest even, as torch's

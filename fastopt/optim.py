@@ -131,6 +131,17 @@ class _Bucket:
         self.prepares_once = False  # the backend checks params and states once (PrepareOnceBackend)
         self.capturable = False     # the backend can run a step captured into a CUDA graph (CapturableBackend)
 
+    def __getstate__(self):
+        """Pickling and deepcopy: the arrays and lists; the backend (a module) is resolved again."""
+        state = {name: getattr(self, name) for name in self.__slots__}
+        state.update(backend=None, backend_key=None, prepares_once=False, capturable=False)
+        return state
+
+    def __setstate__(self, state):
+        for name, value in state.items():
+            setattr(self, name, value)
+        self.backend_key = _UNSET  # resolved at the next step
+
 
 def as_param_groups(params) -> list:
     """An optimizer's `params` argument as a list of param-group dicts (torch.optim's forms): one dict, one
@@ -947,6 +958,13 @@ class Optimizer:
             self._capture.set_counts(self._group_steps)
 
     # state_dict / load_state_dict / torch conversion: the layout lives in fastopt/statedict.py
+    def __getstate__(self):
+        """Pickling and copy.deepcopy (as torch.optim's optimizers allow): everything but the backends' cached
+        preparation of the kernel calls, which the next step makes again (it holds modules)."""
+        state = dict(self.__dict__)
+        state["_fixed"] = None
+        return state
+
     def state_dict(self) -> dict:
         return statedict.state_dict(self)
 

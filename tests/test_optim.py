@@ -502,3 +502,51 @@ def test_state_dict_of_a_group_missing_a_key_names_it(name):
     del opt.param_groups[0][key]
     with pytest.raises(ValueError, match=f"param group 0 has no '{key}'"):
         opt.state_dict()
+
+
+def _pickle_grads(name, ps, rng):
+    if name == "SparseAdam":
+        return [(np.array([0, 2]), rng.standard_normal((2,) + p.shape[1:]).astype(p.dtype)) for p in ps]
+    return [rng.standard_normal(p.shape).astype(p.dtype) for p in ps]
+
+
+@pytest.mark.parametrize("name", [s.class_name for s in REGISTRY.values()] + ["Muon", "Adafactor", "SparseAdam"])
+def test_deepcopy_and_pickle_after_steps_continue_identically(name):
+    """The classes could be copied only before their first step (the backend modules cached in the kernel
+    calls, Muon's scratch keyed by id): copy.deepcopy and pickle now work at any point, as torch.optim's."""
+    import copy
+    import pickle
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2 ** 32))
+    ps = [rng.standard_normal((4, 6)).astype(np.float32), rng.standard_normal((3, 5)).astype(np.float32)]
+    kwargs = {"clip_grad_norm": 1.0, "skip_nonfinite": True} if name in [s.class_name for s in REGISTRY.values()] else {}
+    opt = getattr(fastopt, name)(ps, lr=0.01, **kwargs)
+    for _ in range(2):
+        opt.step(_pickle_grads(name, ps, rng))
+    copies = [opt, copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))]
+    params = [[p for g in o.param_groups for p in g["params"]] for o in copies]
+    assert all(a is not b for a, b in zip(params[0], params[1]))
+    for _ in range(3):
+        grads = _pickle_grads(name, ps, rng)
+        for o in copies:
+            o.step(grads)
+    for a, b, c in zip(*params):
+        assert a.tobytes() == b.tobytes() == c.tobytes()
+
+
+def test_lbfgs_deepcopy_and_pickle_after_steps_continue_identically():
+    import copy
+    import pickle
+    rng = np.random.default_rng(3)
+    ps = [rng.standard_normal(5), rng.standard_normal((2, 3))]
+    opt = fastopt.LBFGS(ps, lr=0.5, history_size=3)
+
+    def closure_of(params):
+        return lambda: (float(sum(((p - 1) ** 2).sum() for p in params)), [2 * (p - 1) for p in params])
+    opt.step(closure_of(ps))
+    copies = [opt, copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))]
+    params = [o.param_groups[0]["params"] for o in copies]
+    for o, p in zip(copies, params):
+        for _ in range(2):
+            o.step(closure_of(p))
+    for a, b, c in zip(*params):
+        assert a.tobytes() == b.tobytes() == c.tobytes()
