@@ -17,7 +17,7 @@ from fastopt.cli_args import (UsageError, RunError, real, integer, listing, opti
 # ------------------------------------------------------------------------------------------ bench, info
 
 def _cmd_bench(args):
-    if args.out:
+    if args.out is not None:  # --out "" too: refused, not ignored
         check_output_path("--out", args.out)
     if args.torch:
         return _cmd_bench_torch(args)

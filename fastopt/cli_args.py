@@ -94,7 +94,12 @@ def integer(label, *, low=None, high=None, allow_exponent=False):
 def listing(item, label, *, length=None, min_length=1):
     """An option type: comma-separated values, each parsed by the option type `item`."""
     def parse(text):
-        parts = [p.strip() for p in text.split(",") if p.strip()]
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) > 1 and not parts[-1]:
+            parts.pop()  # one trailing comma ("1e5,") is harmless
+        if any(not p for p in parts) and text.strip():
+            raise argparse.ArgumentTypeError(f"Invalid {label}: {text!r} (an empty value between commas)")
+        parts = [p for p in parts if p]
         if length is not None and len(parts) != length:
             raise argparse.ArgumentTypeError(f"Invalid {label}: {text!r} (expected {length} comma-separated values)")
         if len(parts) < min_length:

@@ -202,7 +202,7 @@ def _check_inputs(args, *, plot=None):
             mnist_files(args.data_path)
         except FileNotFoundError as e:
             raise UsageError(str(e)) from None
-    if args.out:
+    if args.out is not None:  # --out "" too: refused, not ignored
         check_output_path("--out", args.out)
     if plot is not None:
         check_output_path("--plot", plot)
@@ -358,7 +358,7 @@ def _cmd_search(args):
                                    ("--weight-decay", args.weight_decay, "--weight-decays")):
         if value is not None:
             raise UsageError(f"{option} {value:g}: search samples this from {instead}; give {instead} instead")
-    out = args.out or "fastopt-search.json"
+    out = args.out if args.out is not None else "fastopt-search.json"
     _check_inputs(args)
     check_output_path("--out", out)
     import fastopt.train.search as hp

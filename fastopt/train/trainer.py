@@ -28,6 +28,9 @@ from fastopt.train.arrays import array_module, to_numpy
 from fastopt.train.metrics import evaluate, headline_metric
 
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential", "step", "plateau")
+# the TrainConfig.schedule_options each schedule reads (others are refused, not ignored)
+SCHEDULE_OPTIONS = {"constant": (), "cosine": ("end_value",), "warmup_cosine": ("warmup_epochs", "end_value"),
+                    "exponential": ("gamma",), "step": ("step_epochs", "gamma"), "plateau": ("gamma", "patience")}
 SGD_DEFAULT_LR = 0.01  # torch's SGD has no default learning rate; the trainer needs one
 
 
@@ -158,6 +161,7 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int):
     Epoch-based options (step_epochs, warmup_epochs) are converted to steps here."""
     lr = config.resolved_lr()
     name, opts = config.schedule, dict(config.schedule_options)
+    _check_schedule_options(name, opts)
     total = config.epochs * steps_per_epoch
     if name == "constant":
         return lr
@@ -175,6 +179,30 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int):
     if name == "plateau":  # driven by the validation loss, once per epoch
         return schedules.ReduceLROnPlateau(lr, factor=opts.get("gamma", 0.5), patience=int(opts.get("patience", 2)))
     raise ValueError(f"Unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}")
+
+
+def _check_schedule_options(name, opts) -> None:
+    """ValueError / TypeError naming a schedule option the schedule does not read, or an epoch count or
+    patience out of range (the schedule classes check gamma and end_value themselves)."""
+    if name not in SCHEDULE_OPTIONS:
+        raise ValueError(f"Unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}")
+    unknown = sorted(set(opts) - set(SCHEDULE_OPTIONS[name]), key=str)
+    if unknown:
+        takes = ", ".join(SCHEDULE_OPTIONS[name]) or "none"
+        raise ValueError(f"schedule_options: unknown option(s) {', '.join(map(repr, unknown))} for the {name!r} "
+                         f"schedule (it takes: {takes})")
+    for key, positive in (("warmup_epochs", False), ("step_epochs", True)):
+        if key in opts:
+            value = opts[key]
+            if not _is_finite(value):
+                raise TypeError(f"{key} must be a finite number of epochs, got {value!r}")
+            if value < 0 or (positive and value == 0):
+                raise ValueError(f"Invalid {key}: {value} (must be {'>' if positive else '>='} 0)")
+    if "patience" in opts:
+        if not _is_int(opts["patience"]):
+            raise TypeError(f"patience must be an integer, got {opts['patience']!r}")
+        if opts["patience"] < 0:
+            raise ValueError(f"Invalid patience: {opts['patience']} (must be >= 0)")
 
 
 def _progress_bar(config, description):

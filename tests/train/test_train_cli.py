@@ -143,6 +143,8 @@ def test_negative_lr_names_the_option_not_the_schedule(capsys):
     (["--seed", "-1"], ["--seed", "-1"]),
     (["--hidden", "64,0"], ["--hidden", "Invalid hidden size: 0"]),
     (["--hidden", ""], ["--hidden"]),
+    (["--hidden", "10,,20"], ["--hidden", "'10,,20' (an empty value between commas)"]),  # was read as 10,20
+    (["--out", ""], ["--out: empty path"]),  # was ignored
     (["--dropout", "1"], ["--dropout", "Invalid dropout: 1"]),
     (["--l2", "-1"], ["--l2", "-1"]),
     (["--l1", "nan"], ["--l1", "nan"]),

@@ -205,6 +205,14 @@ def test_invalid_config():
     (dict(optimizer="sgd", optimizer_options={"nesterov": True}), ValueError, "Nesterov"),
     (dict(schedule="sawtooth"), ValueError, "Unknown schedule"),
     (dict(schedule="exponential", schedule_options={"gamma": -1.0}), ValueError, "decay_rate"),
+    # schedule options that were ignored or truncated
+    (dict(schedule="step", schedule_options={"gama": 0.5}), ValueError,
+     r"unknown option\(s\) 'gama' for the 'step' schedule \(it takes: step_epochs, gamma\)"),
+    (dict(schedule="constant", schedule_options={"gamma": 0.5}), ValueError, r"\(it takes: none\)"),
+    (dict(schedule="warmup_cosine", schedule_options={"warmup_epochs": -2}), ValueError, "Invalid warmup_epochs: -2"),
+    (dict(schedule="step", schedule_options={"step_epochs": 0}), ValueError, "Invalid step_epochs: 0 \\(must be > 0\\)"),
+    (dict(schedule="plateau", schedule_options={"patience": 1.7}), TypeError, "patience must be an integer, got 1.7"),
+    (dict(schedule="plateau", schedule_options={"patience": -1}), ValueError, "Invalid patience: -1"),
 ])
 def test_config_check_names_the_field(changes, error, match):
     with pytest.raises(error, match=match):
