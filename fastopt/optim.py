@@ -909,15 +909,7 @@ class Optimizer:
         lrs = []
         for gi, hp in enumerate(state.hyperparameters):
             lr = state.lrs[gi] if gi < len(state.lrs) else None
-            if lr is None:
-                rate = hp["lr"]
-                try:
-                    lr = self.spec.hypers[0].validate(rate(state.steps[gi]) if is_schedule(rate) else rate)
-                except Exception as e:
-                    raise statedict.CheckpointError(
-                        f"param group {gi}: its lr schedule gives no valid learning rate at the restored step "
-                        f"{state.steps[gi]}: {type(e).__name__}: {e}") from None
-            lrs.append(lr)
+            lrs.append(statedict.next_lr(gi, hp["lr"], state.steps[gi], self.spec.hypers[0]) if lr is None else lr)
         return lrs
 
     def apply_state(self, plan: "StatePlan") -> None:

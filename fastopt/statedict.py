@@ -400,18 +400,22 @@ def _check_schedules(opt, new_groups, saved_states, steps):
                 except Exception as e:
                     fail(f"param group {gi}: the saved state of its lr schedule does not fit "
                          f"{shown(schedule)}: {type(e).__name__}: {e}")
-            try:
-                value = trial(step)
-                checked = lr_hyper.validate(value)  # the converted float (None from older specs)
-                lrs.append(float(value) if checked is None else checked)
-            except Exception as e:
-                fail(f"param group {gi}: its lr schedule gives no valid learning rate at the restored step "
-                     f"{step}: {type(e).__name__}: {e}")
+            lrs.append(next_lr(gi, trial, step, lr_hyper))
         finally:
             if restore is not None:
                 schedule.load_state_dict(restore)
         loads.append(load)
     return loads, lrs
+
+
+def next_lr(gi, rate, step, lr_hyper):
+    """The lr of group gi's next step: `rate` (a number, or a schedule evaluated at the restored step count)
+    checked as any lr (lr_hyper: the spec's); CheckpointError otherwise."""
+    try:
+        return lr_hyper.validate(rate(step) if is_schedule(rate) else rate)
+    except Exception as e:
+        fail(f"param group {gi}: its lr schedule gives no valid learning rate at the restored step "
+             f"{step}: {type(e).__name__}: {e}")
 
 
 def _trial_schedule(gi, schedule):
