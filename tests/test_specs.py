@@ -123,6 +123,9 @@ def test_readme_table_lists_every_optimizer():
         assert f"`{spec.function_name}`" in readme, spec.name
     for spec in COMPOSITE.values():
         assert f"`fastopt.{spec.class_name}`" in readme, spec.name
+    # the list of the generated classes, in registry order (LARS was missing from it)
+    listed = ", ".join(spec.class_name for spec in REGISTRY.values())
+    assert f"`{listed}` (one per registry entry)" in " ".join(readme.split()), listed
     assert "make test" in readme and "make test" in (CUDA_DIR.parent.parent / ".ci" / "run").read_text()
 
 
