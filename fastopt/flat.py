@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastopt.precision import is_16bit
+
 __all__ = ["flatten", "FlatParams"]
 
 
@@ -53,31 +55,37 @@ class FlatParams:
             dst[...] = g
 
 
-def _module(x):
+def _module(x, label="arrays"):
     if type(x).__module__.startswith("cupy"):
         import cupy
         return cupy
     if isinstance(x, np.ndarray):
         return np
-    raise TypeError(f"flatten takes NumPy or CuPy arrays, got {type(x).__module__}.{type(x).__name__}")
+    raise TypeError(f"{label}: flatten takes NumPy or CuPy arrays, got {type(x).__module__}.{type(x).__name__}")
+
+
+# what the kernels take as params: native float16/32/64 and ml_dtypes' bfloat16
+_PARAM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def flatten(arrays) -> FlatParams:
-    """Pack `arrays` (a non-empty list of float arrays of one dtype, NumPy or CuPy) into one buffer;
+    """Pack `arrays` (a non-empty list of arrays of one dtype: float16, bfloat16, float32 or float64; NumPy or
+    CuPy) into one buffer;
     returns FlatParams with the buffer, views shaped like the inputs, and a matching gradient buffer.
     The input arrays are copied, not modified."""
     if not isinstance(arrays, (list, tuple)) or len(arrays) == 0:
         raise ValueError("flatten needs a non-empty list of arrays")
-    xp = _module(arrays[0])
+    xp = _module(arrays[0], "arrays[0]")
     dtype = arrays[0].dtype
     for i, a in enumerate(arrays):
-        if _module(a) is not xp:
+        if _module(a, f"arrays[{i}]") is not xp:
             raise TypeError(f"arrays[{i}] is a {type(a).__module__} array but arrays[0] is a {xp.__name__} array")
         if a.dtype != dtype:
             raise TypeError(f"arrays[{i}] has dtype {a.dtype} but arrays[0] has {dtype}: flatten one dtype at a "
                             f"time")
-    if np.dtype(dtype).kind != "f":
-        raise TypeError(f"arrays[0] has dtype {dtype}; flatten packs floating-point parameters")
+    if np.dtype(dtype) not in _PARAM_DTYPES and not is_16bit(dtype):
+        raise TypeError(f"arrays[0] has dtype {dtype}; flatten packs float16, bfloat16, float32 or float64 "
+                        f"parameters in native byte order")
     sizes = [int(a.size) for a in arrays]
     offsets, total = [], 0
     for s in sizes:

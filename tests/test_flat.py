@@ -67,10 +67,12 @@ def test_flatten_errors(rng):
         fastopt.flatten([])
     with pytest.raises(TypeError, match=r"arrays\[1\] has dtype float32 but arrays\[0\] has float64"):
         fastopt.flatten([a, a.astype(np.float32)])
-    with pytest.raises(TypeError, match="floating-point"):
+    with pytest.raises(TypeError, match="flatten packs float16, bfloat16, float32 or float64"):
         fastopt.flatten([np.arange(3)])
-    with pytest.raises(TypeError, match="NumPy or CuPy arrays"):
-        fastopt.flatten([[1.0, 2.0]])
+    with pytest.raises(TypeError, match="native byte order"):  # no kernel takes '>f4'
+        fastopt.flatten([a.astype(">f8")])
+    with pytest.raises(TypeError, match=r"arrays\[1\]: flatten takes NumPy or CuPy arrays, got builtins.list"):
+        fastopt.flatten([a, [1.0, 2.0]])
     flat = fastopt.flatten([a])
     with pytest.raises(ValueError, match=r"grads\[0\] has shape \(5,\), expected \(4,\)"):
         flat.set_grads([np.zeros(5)])
@@ -93,3 +95,20 @@ def test_set_grads_checks_every_grad_before_the_first_copy(rng, bad, error, word
     assert (flat.grad == 7.0).all()
     flat.set_grads([np.ones((2, 3)), np.arange(3)])  # float64 and integer grads cast in
     assert flat.grad.tolist() == [1.0] * 6 + [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+def test_16bit_params_flatten_and_step_as_the_list(dtype_name, rng):
+    """bfloat16 (ml_dtypes) and float16 params are params everywhere else, so flatten packs them too; float32
+    grads copy in (rounded to the buffer's dtype) and the flat step equals the list step bit for bit."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dtype = np.dtype(getattr(ml_dtypes, dtype_name) if dtype_name == "bfloat16" else np.float16)
+    arrays = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    grads = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+    flat = fastopt.flatten([a.copy() for a in arrays])
+    assert flat.params.dtype == dtype and flat.grad.dtype == dtype
+    flat.set_grads(grads)
+    fastopt.Adam([flat.params], lr=1e-2).step([flat.grad])
+    fastopt.Adam(arrays, lr=1e-2).step([g.astype(dtype) for g in grads])
+    for a, v in zip(arrays, flat.views):
+        assert v.tobytes() == a.tobytes()

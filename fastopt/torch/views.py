@@ -202,5 +202,5 @@ def bump_versions(tensors) -> None:
     if tensors:
         try:
             torch.autograd.graph.increment_version(tensors)
-        except RuntimeError:  # "Inference tensors do not track version counter": the others one by one
+        except RuntimeError:  # "Inference tensors do not track version counter": bump the others in one call
             torch.autograd.graph.increment_version([t for t in tensors if not t.is_inference()])
