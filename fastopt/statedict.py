@@ -50,6 +50,9 @@ class OptimizerState:
     states: per param (flat number, the order of opt.params): state name -> array. Exported: the live
         arrays (not copies). To load: the arrays to copy in; a slot not given is zero-filled.
     skipped_steps: steps skipped for a NaN/Inf gradient (None when loading: keep the current count).
+    train_mode: schedule-free's mode (spec.train_eval), which says whether the params hold y (train) or the
+        averaged x (eval); None for the other optimizers, and when loading a state that did not record it
+        (keep the current mode).
     """
     optimizer: str
     hyperparameters: list[dict]
@@ -57,6 +60,7 @@ class OptimizerState:
     lrs: list = field(default_factory=list)
     states: dict[int, dict[str, Any]] = field(default_factory=dict)
     skipped_steps: int | None = None
+    train_mode: bool | None = None
 
 
 class CheckpointError(ValueError):
@@ -161,6 +165,7 @@ def state_dict(opt) -> dict:
             "optimizer": spec.name,
             "format": FORMAT,
             "skipped_steps": st.skipped_steps,
+            **({} if st.train_mode is None else {"train_mode": st.train_mode}),
             "param_shapes": [list(map(int, p.shape)) for p in params],
             "param_dtypes": [_dtype_name(p.dtype) for p in params],
             "lr_schedules": schedules,
@@ -226,6 +231,13 @@ def _check_meta(opt, meta):
     skipped = None
     if "skipped_steps" in meta:
         skipped = _count("state dict: skipped_steps", meta["skipped_steps"])
+    train_mode = meta.get("train_mode")
+    if train_mode is not None:
+        if not opt.spec.train_eval:
+            fail(f"state dict: 'train_mode' is for schedule-free optimizers, this optimizer is {opt.spec.name!r}")
+        if not isinstance(train_mode, (bool, np.bool_)):
+            fail(f"state dict: 'train_mode' must be a bool, got {shown(train_mode)}")
+        train_mode = bool(train_mode)
     schedules = meta.get("lr_schedules")
     ngroups = len(opt.param_groups)
     if schedules is None:
@@ -233,11 +245,11 @@ def _check_meta(opt, meta):
     if not isinstance(schedules, (list, tuple)):
         fail(f"state dict: 'lr_schedules' must be a list (one entry per group), got {shown(schedules)}")
     if len(schedules) != ngroups:  # checked after the groups themselves (a clearer message first)
-        return skipped, len(schedules)
+        return skipped, train_mode, len(schedules)
     for gi, entry in enumerate(schedules):
         if entry is not None and not isinstance(entry, Mapping):
             fail(f"state dict: lr_schedules[{gi}] must be a dict or None, got {shown(entry)}")
-    return skipped, [(entry or {}).get("state") for entry in schedules]
+    return skipped, train_mode, [(entry or {}).get("state") for entry in schedules]
 
 
 def _check_groups(opt, groups):
@@ -440,14 +452,14 @@ def plan_load(opt, sd, params=None):
     nothing written. The plan is applied by apply_load."""
     if not isinstance(sd, Mapping) or "state" not in sd or "param_groups" not in sd:
         fail("not an optimizer state dict (expected a dict with the keys 'state' and 'param_groups')")
-    skipped, saved_schedules = _check_meta(opt, sd.get("fastopt"))
+    skipped, train_mode, saved_schedules = _check_meta(opt, sd.get("fastopt"))
     new_hps = _check_groups(opt, sd["param_groups"])
     if isinstance(saved_schedules, int):
         fail(f"state dict: 'lr_schedules' has {saved_schedules} entries for {len(new_hps)} param groups")
     arrays, steps = _check_state(opt, sd["state"], new_hps)
     loads, lrs = _check_schedules(opt, new_hps, saved_schedules, steps)
     new = OptimizerState(optimizer=opt.spec.name, hyperparameters=new_hps, steps=steps, lrs=lrs, states=arrays,
-                         skipped_steps=skipped)
+                         skipped_steps=skipped, train_mode=train_mode)
     return opt, loads, opt.check_state(new, params)
 
 

@@ -318,3 +318,144 @@ def test_torch_state_dict_round_trip_keeps_the_carried_weights(name, default_dty
         o3.step()
     for a, b in zip(resumed, whole):
         assert torch.equal(a, b)
+
+
+def _numpy_grads(shapes, steps, seed):
+    rng = np.random.default_rng(seed)
+    return [[rng.standard_normal(s) for s in shapes] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("how", ["file", "state_dict"])
+@pytest.mark.parametrize("name", NAMES)
+def test_numpy_class_saved_in_eval_mode_resumes_after_train(name, how, tmp_path):
+    """The package's advice: save in eval mode (the params hold x), load, train() (back to y), go on. The mode is
+    restored with the state, so a fresh optimizer (in train mode) loaded from it moves back at train(); it used
+    to stay in train mode and train on from x (max error 0.006 after 5 more steps)."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    kw = _hp(name, (3, 1.0, 2.0, 0.01), 0.05)
+    kw.pop("betas", None)
+    cls = getattr(fastopt, REGISTRY[name].class_name)
+    start = [np.random.default_rng(seed).standard_normal(s) for s in SHAPES]
+    steps = _numpy_grads(SHAPES, 12, seed + 1)
+    whole = [p.copy() for p in start]
+    o1 = cls(whole, **kw)
+    for t, grads in enumerate(steps):
+        o1.step(grads)
+        if t == 5:
+            o1.eval(), o1.train()
+    o1.eval()
+    part = [p.copy() for p in start]
+    o2 = cls(part, **kw)
+    for grads in steps[:6]:
+        o2.step(grads)
+    o2.eval()
+    resumed = [np.zeros_like(p) for p in start]
+    o3 = cls(resumed, **kw)
+    if how == "file":
+        fastopt.save(tmp_path / "sf.npz", o2)
+        fastopt.load(tmp_path / "sf.npz", o3)
+    else:
+        sd = o2.state_dict()
+        assert sd["fastopt"]["train_mode"] is False
+        o3.load_state_dict(sd)
+        for a, b in zip(resumed, part):
+            a[...] = b
+    assert not o3.train_mode
+    o3.train()
+    for grads in steps[6:]:
+        o3.step(grads)
+    o3.eval()
+    for a, b in zip(resumed, whole):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_a_bad_or_misplaced_train_mode_is_refused_and_changes_nothing():
+    p = [np.ones(4)]
+    opt = fastopt.ScheduleFreeAdamW(p, lr=0.1)
+    opt.step([np.ones(4)])
+    sd = opt.state_dict()
+    before = (p[0].tobytes(), opt.state_arrays(0)["z"].tobytes())
+    for value in ("no", 1, None):
+        bad = dict(sd, fastopt=dict(sd["fastopt"], train_mode=value))
+        if value is None:  # an older state dict: no mode recorded, the current one is kept
+            bad["fastopt"].pop("train_mode")
+            opt.eval()
+            opt.load_state_dict(bad)
+            assert not opt.train_mode
+            opt.train()
+            opt.load_state_dict(sd)
+            continue
+        with pytest.raises(ValueError, match="'train_mode' must be a bool"):
+            opt.load_state_dict(bad)
+        assert opt.train_mode and (p[0].tobytes(), opt.state_arrays(0)["z"].tobytes()) == before
+    adam = fastopt.Adam([np.ones(4)], lr=0.1)
+    adam_sd = adam.state_dict()
+    adam_sd["fastopt"]["train_mode"] = False
+    with pytest.raises(ValueError, match="'train_mode' is for schedule-free optimizers"):
+        adam.load_state_dict(adam_sd)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_class_saved_in_eval_mode_resumes_after_train_as_the_package(name, default_dtype, tmp_path):
+    """fastopt.torch keeps the mode in each param group ("train_mode"), as the package does: torch.save of a state
+    dict taken in eval mode, torch.load (weights_only), load_state_dict into a fresh optimizer, train(), more
+    steps: equal to the uninterrupted run and to the package doing the same."""
+    default_dtype(torch.float64)
+    kw = _hp(name, (3, 1.0, 2.0, 0.01), 0.05)
+    start = _params(torch.float64, seed=int(torch.seed() % 2**31))
+    steps = _grads(start, 12)
+    cls = getattr(ft, REGISTRY[name].class_name)
+    runs = {}
+    for front, make in (("fastopt", lambda ps: cls(ps, **kw)), ("package", lambda ps: _package(name, ps, kw))):
+        params = [p.clone() for p in start]
+        opt = make(params)
+        for grads in steps[:6]:
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        opt.eval()
+        torch.save(opt.state_dict(), tmp_path / f"{front}.pt")
+        saved = torch.load(tmp_path / f"{front}.pt", weights_only=True)
+        assert all(group["train_mode"] is False for group in saved["param_groups"])
+        resumed = [p.detach().clone() for p in params]
+        again = make(resumed)
+        again.load_state_dict(saved)
+        assert not again.train_mode if front == "fastopt" else True
+        again.train()
+        for grads in steps[6:]:
+            for p, g in zip(resumed, grads):
+                p.grad = g.clone()
+            again.step()
+        again.eval()
+        runs[front] = resumed
+    whole = [p.clone() for p in start]
+    o1 = cls(whole, **kw)
+    for grads in steps:
+        for p, g in zip(whole, grads):
+            p.grad = g.clone()
+        o1.step()
+    o1.eval()
+    for a, b in zip(runs["fastopt"], whole):
+        assert torch.equal(a, b)
+    _close(runs["fastopt"], runs["package"], torch.float64)
+
+
+def test_torch_mode_per_group_and_bad_saved_modes():
+    p, q = torch.ones(3, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    opt = ft.ScheduleFreeAdamW([p], lr=0.1)
+    assert opt.param_groups[0]["train_mode"] is True
+    p.grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    opt.eval()
+    opt.add_param_group({"params": [q]})  # a new group starts in train mode; step() needs every group in it
+    assert [g["train_mode"] for g in opt.param_groups] == [False, True] and not opt.train_mode
+    with pytest.raises(RuntimeError, match="eval mode"):
+        opt.step()
+    opt.train()
+    assert opt.train_mode
+    sd = opt.state_dict()
+    before = p.clone()
+    sd["param_groups"][1]["train_mode"] = "yes"
+    with pytest.raises(ValueError, match="param group 1: 'train_mode' must be a bool"):
+        opt.load_state_dict(sd)
+    assert torch.equal(p, before) and opt.train_mode
