@@ -293,6 +293,48 @@ def test_scalar_state_written_through_data_is_seen(name, key):
             torch.testing.assert_close(opt.state[p][key], topt.state[q][key], rtol=1e-12, atol=0)
 
 
+def _changed(v):  # new values in new memory: a step count stays a whole number
+    return v.detach() + 100 if v.numel() == 1 and v.dim() == 0 else v.detach() * 0.5
+
+
+_SWAPS = {  # a state tensor kept, its memory replaced (a "move the optimizer state" helper, pinning, offload)
+    "data_clone": lambda v: setattr(v, "data", v.data.clone()),
+    "data_changed": lambda v: setattr(v, "data", _changed(v)),
+    "set_changed": lambda v: v.set_(_changed(v)),
+}
+
+
+@pytest.mark.parametrize("swap", list(_SWAPS))
+@pytest.mark.parametrize("path", ["steady", "full_plan"])
+@pytest.mark.parametrize("name, key", [("Adam", "exp_avg"), ("Adam", "step"), ("AdamW", "exp_avg_sq"),
+                                       ("NAdam", "mu_product"), ("ASGD", "ax"), ("Rprop", "step_size"),
+                                       ("SGD", "momentum_buffer")])
+def test_state_memory_replaced_under_a_kept_tensor_is_followed(name, key, path, swap):
+    """`state[key].data = ...` or set_() keeps the tensor and replaces its memory. The cached kernel views
+    kept reading and writing the old memory: opt.state and state_dict() froze (a saved step count of 3 after 8
+    steps) and the params left torch's trajectory (by 0.1). Both paths: the short one (only the grads change)
+    and the full plan (here forced by a param without a grad on the step of the swap)."""
+    with default_dtype(torch.float64):
+        seed = int(np.random.SeedSequence().entropy % 2**31)
+        ours, theirs = _make(seed)
+        kw = {"momentum": 0.9} if name == "SGD" else {}
+        opt, topt = getattr(ft, name)(ours, lr=0.01, **kw), getattr(torch.optim, name)(theirs, lr=0.01, **kw)
+        for t in range(1, 10):
+            for o, ps in ((opt, ours), (topt, theirs)):
+                if t in (4, 7):
+                    _SWAPS[swap](o.state[ps[0]][key])
+                skip = (2,) if path == "full_plan" and t in (4, 7) else ()
+                for p, g in zip(ps, _grads(ps, t, skip)):
+                    p.grad = g
+                o.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+            for k in topt.state[q]:
+                torch.testing.assert_close(opt.state[p][k], topt.state[q][k], rtol=1e-12, atol=1e-15)
+        saved = opt.state_dict()["state"][0]
+        torch.testing.assert_close(saved[key], topt.state_dict()["state"][0][key], rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("name", ["Adam", "NAdam", "SGD"])
 def test_steps_under_inference_mode_match_torch(name):
     """State made under torch.inference_mode has no version counter: the second step raised after the

@@ -166,6 +166,8 @@ class Steady:
         for t, views in zip(self.templates, self.scalar_views):  # the carried values after the last step
             t.carried = {name: views[name][0][()] for name in spec.torch_carry}
         self.check_dicts, self.check_names, self.check_tensors = dicts, names, tensors
+        # their memory too: `.data = ...` and set_() replace a tensor's storage under the cached views
+        self.check_ptrs = list(map(_data_ptr, tensors))
         self.written = written
         # the counts and the carried state, watched by value (a write through .data bumps no version)
         self.scalars = [v for views in self.scalar_views for vs in views.values() for v in vs]
@@ -243,6 +245,8 @@ class Steady:
                 or not all(map(is_, state.keys(), self.state_keys))):
             return None
         if not all(map(is_, map(dict.get, self.check_dicts, self.check_names), self.check_tensors)):
+            return None
+        if list(map(_data_ptr, self.check_tensors)) != self.check_ptrs:
             return None
         if self.scalars and not np.array_equal(np.array(self.scalars), self.scalar_values):
             return None  # a count or carried value written since the last step

@@ -98,7 +98,8 @@ class ParamEntry:
     and a step that fails with cached entries is planned again from scratch before the error counts."""
 
     __slots__ = ("param", "ptr", "flat", "layout", "kind", "view", "state", "names", "used", "tensors",
-                 "state_views", "check_names", "check_tensors", "step_tensor", "step_version", "step_view", "count",
+                 "state_views", "check_names", "check_tensors", "check_ptrs", "step_tensor", "step_ptr",
+                 "step_version", "step_view", "count",
                  "grad", "grad_ptr", "grad_view", "grad_seen")
 
     def __init__(self, p: torch.Tensor, state, names: tuple, used: tuple, tensors: tuple, signed: tuple = ()):
@@ -123,7 +124,10 @@ class ParamEntry:
             else:
                 self.check_names.append(name)
                 self.check_tensors.append(s)
-        self.step_tensor, self.step_version, self.step_view, self.count = None, None, None, 0
+        # and their memory: `state[name].data = ...` (moving state to another device, pinning) or set_() keeps
+        # the tensor and replaces its storage under the cached views
+        self.check_ptrs = [s.data_ptr() for s in self.check_tensors]
+        self.step_tensor, self.step_ptr, self.step_version, self.step_view, self.count = None, 0, None, None, 0
         self.grad = self.grad_view = None
         self.grad_ptr = 0
         self.grad_seen = None       # weak reference to the last grad (kept without keeping it alive)
@@ -131,8 +135,8 @@ class ParamEntry:
     def valid(self, p: torch.Tensor, state, names: tuple) -> bool:
         if state is not self.state or names != self.names or p.data_ptr() != self.ptr:
             return False
-        for name, s in zip(self.check_names, self.check_tensors):
-            if state.get(name) is not s:
+        for name, s, ptr in zip(self.check_names, self.check_tensors, self.check_ptrs):
+            if state.get(name) is not s or s.data_ptr() != ptr:
                 return False
         return True
 
@@ -156,7 +160,7 @@ class ParamEntry:
         else None: read the tensor. A CPU count is compared through its NumPy view (so a write through .data,
         which autograd's version counter misses, is seen too); a GPU count by its autograd version (reading it
         would synchronise)."""
-        if step_tensor is not self.step_tensor:
+        if step_tensor is not self.step_tensor or step_tensor.data_ptr() != self.step_ptr:
             return None
         view = self.step_view
         if view is not None:
@@ -167,18 +171,19 @@ class ParamEntry:
 
     def counted(self, step_tensor, count: int) -> None:
         """Remember the count the step tensor holds now (after this step)."""
-        if step_tensor is not self.step_tensor:
+        ptr = step_tensor.data_ptr()
+        if step_tensor is not self.step_tensor or ptr != self.step_ptr:
             # a NumPy view of a CPU step tensor: the next step writes its new count there (3 us less per
             # param than a torch op on a 0-d tensor)
             self.step_view = scalar_view(step_tensor)
-        self.step_tensor, self.count = step_tensor, count
+        self.step_tensor, self.step_ptr, self.count = step_tensor, ptr, count
         # an inference tensor (made under torch.inference_mode) has no version: its count is read each step
         self.step_version = None if self.step_view is not None or step_tensor.is_inference() else step_tensor._version
 
     def write_count(self, step_tensor, count: int) -> bool:
         """Store the new count through the cached view when step_tensor is the remembered one (the caller
         bumps its version); False when the caller must update the tensor itself."""
-        if step_tensor is self.step_tensor and self.step_view is not None:
+        if step_tensor is self.step_tensor and self.step_view is not None and step_tensor.data_ptr() == self.step_ptr:
             self.step_view[()] = count  # float32 like torch's step tensor: exact up to 2**24 steps
             return True
         return False
