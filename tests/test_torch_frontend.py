@@ -121,6 +121,27 @@ def test_signature_and_defaults_are_torchs(spec):
 
 
 @pytest.mark.parametrize("spec", TORCH_SPECS, ids=lambda s: s.name)
+def test_a_state_dict_without_torchs_newer_flags_loads_as_in_torch(spec):
+    """A state dict of an older torch lacks flags added since (foreach, fused, capturable, differentiable,
+    decoupled_weight_decay, ...): torch's __setstate__ fills them with the defaults; ours left them out, so
+    param_groups[0]['foreach'] raised KeyError."""
+    klass, tklass = getattr(ft, spec.class_name), getattr(torch.optim, spec.torch_class)
+    p, q = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    sd = tklass([p]).state_dict()
+    for group in sd["param_groups"]:
+        for key in [k for k, v in group.items() if v is None or isinstance(v, bool)]:
+            del group[key]
+    ours, theirs = klass([q]), tklass([p])
+    ours.load_state_dict(copy.deepcopy(sd))
+    theirs.load_state_dict(copy.deepcopy(sd))
+    want = {k: v for k, v in theirs.param_groups[0].items() if k != "params"}
+    got = {k: v for k, v in ours.param_groups[0].items() if k != "params"}
+    assert got.keys() == want.keys()
+    for key, value in want.items():  # torch's SGD fills fused=False where its defaults say None: both off
+        assert got[key] == value or (got[key] in (None, False) and value in (None, False)), key
+
+
+@pytest.mark.parametrize("spec", TORCH_SPECS, ids=lambda s: s.name)
 def test_positional_arguments_mean_what_they_mean_in_torch(spec):
     names = arguments.positional_names(spec)
     defaults = arguments.group_defaults(spec)

@@ -268,10 +268,10 @@ class TorchOptimizer(torch.optim.Optimizer):
                    if k in self.__dict__}
         extras = state.pop("fastopt", current)
         super().__setstate__(state)
-        for group in self.param_groups:  # torch.optim's __setstate__ fills the flags a saved group lacks
-            for h in self.spec.hypers:
-                if h.kind == "bool":
-                    group.setdefault(h.name, self.spec.defaults[h.name])
+        for group in self.param_groups:  # torch.optim's __setstate__ fills the flags a saved group lacks (a
+            for key, value in self.defaults.items():  # state dict of an older torch): ours and torch's own
+                if value is None or isinstance(value, bool):  # (foreach, fused, capturable, differentiable, ...)
+                    group.setdefault(key, value)
         self.clip_grad_norm, self.skip_nonfinite = _check_extras(extras.get("clip_grad_norm"),
                                                                  extras.get("skip_nonfinite", False))
         self.skipped_steps = extras.get("skipped_steps", 0)
