@@ -4,7 +4,9 @@
     fastopt.swa_update(averages, params, n_averaged)   # averages <- running mean, n_averaged models so far
 
 torch.optim.swa_utils semantics (AveragedModel with its default averaging functions): EMA is torch's
-`lerp(average, param, 1 - decay)` (get_ema_multi_avg_fn), SWA is `average + (param - average) / (n + 1)`
+`lerp(average, param, 1 - decay)` (get_ema_multi_avg_fn) with its two branches, each rounded twice (no FMA,
+as everywhere in fastopt, so that every backend and the reference agree bit for bit; torch's CPU lerp fuses
+the multiply-add, so its results can differ by one ulp), SWA is `average + (param - average) / (n + 1)`
 (get_swa_avg_fn, AveragedModel's default on the CPU) and a copy when n_averaged is 0 (AveragedModel's first
 update). `averages` is written, `params` only read; both are one array or equal-length lists (one launch),
 on any backend, with the functional API's contract: every check (hyperparameter, kinds, dtypes, shapes,
@@ -71,12 +73,17 @@ def ema_update(averages: Arrays, params: Arrays, decay: float, *, backend: str |
 
 
 def lerp_(arrays: Arrays, ends: Arrays, weight: float, *, backend: str | None = None) -> None:
-    """arrays <- arrays + weight * (ends - arrays), in place, with torch.lerp's rounding, for any finite
+    """arrays <- arrays + weight * (ends - arrays), in place, by torch.lerp's formula (ends - (ends - arrays) *
+    (1 - weight) where |weight| >= 0.5) without FMA (torch's CPU lerp fuses it: one ulp apart at most), for any finite
     weight (schedule-free's eval()/train() switch lerps by 1 - 1/beta1 < 0): the kernel behind ema_update.
     TypeError / ValueError naming the argument, before any write."""
     if isinstance(weight, (bool, np.bool_)) or not isinstance(weight, numbers.Real):
         raise TypeError(f"weight must be a real number, got {shown(weight)}")
-    if not math.isfinite(float(weight)):
+    try:
+        finite = math.isfinite(float(weight))
+    except OverflowError:  # an int beyond float's range
+        finite = False
+    if not finite:
         raise ValueError(f"Invalid weight: {shown(weight)} (a finite number)")
     _run(arrays, ends, {"mode": AVERAGE_EMA, "weight": float(weight), "divisor": 1.0}, backend)
 
@@ -97,6 +104,8 @@ def ema_decay(step: int, decay: float = 0.9999, *, warmup: bool = True) -> float
     num_updates, timm's ModelEmaV3 default), so early averages follow the model instead of its random
     initialization; `decay` itself without."""
     value = _decay(decay)
+    if not isinstance(warmup, (bool, np.bool_)):
+        raise TypeError(f"warmup must be a bool, got {shown(warmup)} ({type(warmup).__name__})")
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
         raise TypeError(f"step must be an integer (the 1-based number of this update), got {shown(step)} "
                         f"({type(step).__name__})")

@@ -135,6 +135,9 @@ def test_ema_decay_warmup():
             fastopt.ema_decay(bad)
     with pytest.raises(ValueError, match="decay"):
         fastopt.ema_decay(3, 1.5)
+    for bad in ("no", 0, None):  # "no" was taken as warm-up on
+        with pytest.raises(TypeError, match="warmup must be a bool"):
+            fastopt.ema_decay(3, 0.9, warmup=bad)
 
 
 # ---- bad input: named, and nothing written -------------------------------------------------------------
@@ -247,7 +250,8 @@ def test_lerp_any_finite_weight_equals_torch_lerp(weight):
     for x, e in zip(a, expected):
         np.testing.assert_allclose(x, e, rtol=0, atol=4e-7 * (1 + abs(weight)))
     before = [x.copy() for x in a]
-    for bad, exc in ((float("nan"), ValueError), (float("inf"), ValueError), ("0.5", TypeError), (True, TypeError)):
+    for bad, exc in ((float("nan"), ValueError), (float("inf"), ValueError), ("0.5", TypeError), (True, TypeError),
+                     (10 ** 400, ValueError)):  # an int past float's range: a bare OverflowError before
         with pytest.raises(exc, match="weight"):
             lerp_(a, b, bad)
     assert all(x.tobytes() == y.tobytes() for x, y in zip(a, before))

@@ -3,6 +3,8 @@
 // (p in ops.cuh) is the average; its read-only array (g) is the model's parameter.
 //   V = 0, EMA: a <- lerp(a, x, weight)   torch's lerp: a + w * (x - a) if |w| < 0.5, else
 //                                          x - (x - a) * (1 - w)        (weight = 1 - decay)
+//                                          rounded twice: torch's CPU lerp fuses the multiply-add (FMA),
+//                                          fastopt never does (one ulp apart at most)
 //   V = 1, SWA: a <- a + (x - a) / divisor (divisor = n_averaged + 1: AveragedModel's default on the CPU)
 //   V = 2, copy: a <- x                   (the first average, n_averaged = 0)
 #pragma once

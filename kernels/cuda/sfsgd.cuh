@@ -15,7 +15,7 @@ struct SfsgdParams {
     M grad_scale, weight_decay, ckp1, y_coef, lr;
 };
 
-// torch.lerp(start, end, w) as the schedulefree package calls it (ckp1 in [0, 1])
+// torch.lerp(start, end, w) as the schedulefree package calls it (ckp1 in [0, 1]); without torch's FMA
 template <typename M>
 FASTOPT_HD M fo_lerp(M start, M end, M w) {
     return (w < M(0.5) && w > M(-0.5)) ? start + w * (end - start) : end - (end - start) * (M(1) - w);
