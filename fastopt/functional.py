@@ -197,6 +197,27 @@ def _state_dtype_of(state_dtype, param_dtype, label):
     return wanted
 
 
+def _composite_state(spec, params, state_dtype, kahan, options) -> dict:
+    """init_state for the registry's composite optimizers: sparse_adam's state (exp_avg, exp_avg_sq in the params'
+    own dtype: its only storage); the others have no functional step, their classes keep their state."""
+    if spec.name != "sparse_adam":
+        raise ValueError(f"init_state({spec.name!r}): {spec.name} has no functional step; fastopt.{spec.class_name} "
+                         f"makes and keeps its state")
+    unknown = set(options) - set(spec.defaults)
+    if unknown:
+        raise TypeError(f"init_state({spec.name!r}): unknown option(s) {', '.join(sorted(unknown))}")
+    for h in spec.hypers:
+        if h.name in options:
+            h.validate(options[h.name])
+    if state_dtype is not None:
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r} for 'sparse_adam', whose state is in the params' "
+                         f"own dtype (state_dtype=None)")
+    if kahan is not False:
+        raise ValueError(f"Invalid kahan: {kahan!r} for 'sparse_adam' (no Kahan compensation)")
+    from fastopt.sparse_adam import new_state
+    return new_state(params)
+
+
 def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = False, **options) -> dict:
     """New state arrays for optimizer `name`, shaped like `params` (one array or a list), on the params'
     device, keyed by the state names of `<name>_step`. `options` are that optimizer's hyperparameters
@@ -213,11 +234,16 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
     whose state must stay exact. Host (CPU), CuPy and Numba params (its arrays on the params' device).
     kahan=True (16-bit params only): also a "kahan_comp" entry, zeros of the params' dtype: the Kahan
     compensation that `<name>_step(..., kahan_comp=...)` takes.
+    "sparse_adam": sparse_adam_step's exp_avg and exp_avg_sq in the params' own dtype (no state_dtype, no kahan);
+    "adafactor", "muon" and "lbfgs" have no functional step (ValueError: their classes keep their state).
     Example: ``fastopt.adam_step(p, g, **fastopt.init_state("adam", p), step=1)``."""
-    from fastopt.specs import PARAM, get_spec
+    from fastopt.specs import COMPOSITE, PARAM, get_spec
     from fastopt.backends.dispatch import array_device, as_numpy
     from fastopt.precision import INT8_REFUSED, QuantizedState, is_16bit, quant_blocks, signed_state
 
+    composite = COMPOSITE.get(name.lower()) if isinstance(name, str) else None
+    if composite is not None:
+        return _composite_state(composite, params, state_dtype, kahan, options)
     spec = get_spec(name)
     if isinstance(state_dtype, str) and state_dtype == "int8" and spec.name in INT8_REFUSED:
         raise ValueError(f"Invalid state_dtype: 'int8' for {spec.name!r}: {INT8_REFUSED[spec.name]}")

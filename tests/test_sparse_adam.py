@@ -196,6 +196,41 @@ def test_functional_with_per_param_steps_equals_the_class():
         np.testing.assert_array_equal(opt.state[i]["exp_avg_sq"], vs[i])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_init_state_makes_the_functional_state(dtype):
+    """init_state("sparse_adam", ...) raised "Unknown optimizer", although sparse_adam_step is public: now its
+    zeros in each param's dtype, and a step from them equals the class's. The class-only composites say so."""
+    rng = np.random.default_rng()
+    shapes = [(9, 3), (1,), (4, 2, 2)]
+    p0 = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    st = fastopt.init_state("sparse_adam", [a.copy() for a in p0])
+    assert list(st) == ["exp_avg", "exp_avg_sq"]
+    for arrays in st.values():
+        assert [(a.shape, a.dtype) for a in arrays] == [(a.shape, a.dtype) for a in p0]
+        assert not any(a.any() for a in arrays)
+    one = fastopt.init_state("sparse_adam", p0[0])
+    assert one["exp_avg"].shape == p0[0].shape
+    fs, ps = [a.copy() for a in p0], [a.copy() for a in p0]
+    opt = fastopt.SparseAdam(ps, lr=0.01)
+    for step in range(1, 4):
+        grads = [random_grad(rng, s, dtype) for s in shapes]
+        opt.step(grads)
+        sparse_adam_step(fs, grads, st["exp_avg"], st["exp_avg_sq"], step=step, lr=0.01)
+    for a, b in zip(fs, ps):
+        assert a.tobytes() == b.tobytes()
+    p = np.ones(4)
+    for kwargs, exc, words in [(dict(state_dtype="int8"), ValueError, "state_dtype"),
+                               (dict(kahan=True), ValueError, "kahan"), (dict(lr=-1.0), ValueError, "learning rate"),
+                               (dict(foo=1), TypeError, "foo")]:
+        with pytest.raises(exc, match=words):
+            fastopt.init_state("sparse_adam", p, **kwargs)
+    with pytest.raises(TypeError, match=r"params\[1\] must be a float16, bfloat16, float32 or float64 array"):
+        fastopt.init_state("sparse_adam", [p, np.ones(3, np.int32)])
+    for name in ("adafactor", "muon", "lbfgs"):
+        with pytest.raises(ValueError, match=f"{name} has no functional step"):
+            fastopt.init_state(name, p)
+
+
 @pytest.mark.parametrize("tdtype", ["float16", "bfloat16"])
 def test_16_bit_params_follow_torch(tdtype):
     """16-bit params and state: each operation rounds to the dtype, like torch's; a few steps stay within
