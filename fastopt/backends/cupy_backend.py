@@ -815,14 +815,21 @@ def step_guard(sq, max_norm=None, skip_nonfinite=False, skipped=None):
 
 
 _guard_buffers: collections.OrderedDict = collections.OrderedDict()  # (sq ptr, stream ptr) -> (coef, flag)
+# the same for the pairs a CUDA graph captured: never evicted (the graph writes and reads them at every replay;
+# evicted, they would go back to the pool and the replays would write into memory handed out again)
+_pinned_guard_buffers: dict = {}
 
 
 def _guard_outputs(sq, stream):
     """step_guard's outputs for these sums (the optimizer's buffer) on this stream: the same two device
     scalars every step (a CUDA graph of the step keeps their addresses), valid until the next step_guard on
-    them, which the stream orders after the kernels reading them. Inside _on()."""
+    them, which the stream orders after the kernels reading them. The 256 most recent pairs are kept, and
+    every pair used in a capture. Inside _on()."""
     cp = _cupy()
     key = (sq.data.ptr, stream.ptr)
+    out = _pinned_guard_buffers.get(key)
+    if out is not None:
+        return out
     out = _guard_buffers.get(key)
     if out is None:
         out = _guard_buffers[key] = (cp.empty((), dtype=cp.float64), cp.empty((), dtype=cp.bool_))
@@ -830,6 +837,8 @@ def _guard_outputs(sq, stream):
             _guard_buffers.popitem(last=False)
     else:
         _guard_buffers.move_to_end(key)
+    if _capturing(stream):
+        _pinned_guard_buffers[key] = _guard_buffers.pop(key)
     return out
 
 

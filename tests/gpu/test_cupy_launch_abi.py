@@ -421,6 +421,7 @@ def use_cupy(monkeypatch, cp, modules=None):
     monkeypatch.setattr(cupy_backend, "_tables", collections.OrderedDict())
     monkeypatch.setattr(cupy_backend, "_pinned_tables", [])
     monkeypatch.setattr(cupy_backend, "_guard_buffers", collections.OrderedDict())
+    monkeypatch.setattr(cupy_backend, "_pinned_guard_buffers", {})
     monkeypatch.setattr(cupy_backend, "_result_streams", cupy_backend.StreamMemo())
     return cp
 
@@ -939,6 +940,25 @@ def test_a_table_is_shared_across_streams_after_its_upload(fake):
         with pytest.raises(RuntimeError, match="run one step before capturing"):
             _list_step(fake, others, gs, ms, vs)
     assert len(cupy_backend._tables) == 1
+
+
+def test_step_guard_outputs_used_in_a_capture_are_never_evicted(fake):
+    """step_guard keeps the coef/flag pair of the 256 most recent (sums, stream) pairs. A pair captured into a
+    CUDA graph was evicted like the others once 256 more were used (an optimizer per trial of a search): its
+    memory went back to the pool while the graph kept writing it at every replay."""
+    captured = fake.cuda.Stream()
+    fake.capturing.add(captured.ptr)
+    sq = fake.alloc((4,), np.float64)
+    with captured:
+        coef, flag = cupy_backend.step_guard(sq, 1.0, True)
+    for _ in range(300):  # other optimizers' sums, eager, on the default stream
+        cupy_backend.step_guard(fake.alloc((4,), np.float64), 1.0, True)
+    assert len(cupy_backend._guard_buffers) == 256
+    with captured:
+        again = cupy_backend.step_guard(sq, 1.0, True)
+    assert ptr(again[0]) == ptr(coef) and ptr(again[1]) == ptr(flag)
+    pinned = cupy_backend._pinned_guard_buffers[(sq.data.ptr, captured.ptr)]
+    assert ptr(pinned[0]) == ptr(coef)
 
 
 def test_a_done_upload_needs_no_wait(fake):
