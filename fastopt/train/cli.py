@@ -310,8 +310,8 @@ def _cmd_compare(args):
         # each optimizer at its own recommended learning rate unless --lr is given (recommended_config)
         result, model, _ = experiment.run(data=data, description=name)
         lr = experiment.train.resolved_lr()
-        runs[name] = {"status": "diverged" if result.diverged else "ok", "lr": lr, "options": options[name],
-                      "result": result.to_dict()}
+        runs[name] = {"status": "diverged" if result.diverged else "ok", "lr": lr,
+                      "batch_size": experiment.train.batch_size, "options": options[name], "result": result.to_dict()}
         histories[name] = result.history
         if result.diverged:
             failures.append(f"{name}: {describe_divergence(result.divergence)} (lr={lr:g})")
@@ -328,20 +328,22 @@ def _cmd_compare(args):
         print(dumps(payload))
     else:
         print(data.summary())
-        print(f"model: {model.describe()}   epochs: {base.train.epochs}   batch: {base.train.batch_size}   "
-              f"seed: {args.seed}")
+        print(f"model: {model.describe()}   epochs: {base.train.epochs}   seed: {args.seed}")
         w = max(10, *(len(name) for name in runs))  # schedule_free_adamw: 19
-        header = f"{'optimizer':>{w}} {'lr':>9} {'train_loss':>11} {'val_loss':>11} {'val_' + metric:>13} " \
-                 f"{'test_' + metric:>14} {'best_epoch':>10} {'ms/epoch':>9}"
+        header = f"{'optimizer':>{w}} {'lr':>9} {'batch':>6} {'train_loss':>11} {'val_loss':>11} " \
+                 f"{'val_' + metric:>13} {'test_' + metric:>14} {'best_epoch':>10} {'ms/epoch':>9}"
         print(header)
         for name, run in runs.items():
             r = run["result"]
             h = r["history"]
             ms = r["train_seconds"] / max(r["epochs_run"], 1) * 1e3
+            # the batch each optimizer trained with (Rprop on digits: the full set; L-BFGS: always)
+            batch = "full" if name == "lbfgs" or run["batch_size"] >= len(data.y_train) else run["batch_size"]
             if r["diverged"]:
-                print(f"{name:>{w}} {run['lr']:>9.3g}   diverged: {describe_divergence(r['divergence'])}")
+                print(f"{name:>{w}} {run['lr']:>9.3g} {batch:>6}   diverged: {describe_divergence(r['divergence'])}")
                 continue
-            print(f"{name:>{w}} {run['lr']:>9.3g} {fmt(h['train_loss'][-1]):>11} {fmt(r['metrics']['val']['loss']):>11} "
+            print(f"{name:>{w}} {run['lr']:>9.3g} {batch:>6} {fmt(h['train_loss'][-1]):>11} "
+                  f"{fmt(r['metrics']['val']['loss']):>11} "
                   f"{fmt(r['metrics']['val'][metric]):>13} {fmt(r['metrics']['test'][metric]):>14} "
                   f"{r['best_epoch']:>10d} {ms:>9.1f}")
         if plot_path:

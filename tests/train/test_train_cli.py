@@ -275,7 +275,7 @@ def test_compare_reports_a_diverged_optimizer_and_fails(capsys, tmp_path):
                              "--out", str(out_file))
     assert code == 1 and "Traceback" not in err
     assert "sgd: the training loss became" in err
-    assert re.search(r"\n\s+sgd\s+100\s+diverged", out)
+    assert re.search(r"\n\s+sgd\s+100\s+32\s+diverged", out)
     payload = strict_loads(out_file.read_text())
     assert payload["status"] == "diverged" and payload["runs"]["sgd"]["status"] == "diverged"
 

@@ -147,6 +147,20 @@ def test_the_tuned_factors_learn_digits(name):
     assert not result.diverged and result.metrics["test"]["accuracy"] >= 0.93
 
 
+def test_rprop_trains_digits_full_batch_by_default():
+    """Rprop is a full-batch method: with batches of 32 its digits loss rose after the first epoch at every lr
+    (test loss about 10, accuracy 0.89 from the restored first epoch). Recommended now: the whole set."""
+    from fastopt.train.experiment import RECOMMENDED_BATCH
+    assert recommended_config("digits", optimizer="rprop").batch_size == RECOMMENDED_BATCH["digits"]["rprop"]
+    assert recommended_config("digits", optimizer="rprop", batch_size=64).batch_size == 64  # the user's wins
+    assert recommended_config("wine", optimizer="rprop").batch_size == recommended_config("wine").batch_size
+    result, _, _ = run("digits", optimizer="rprop")
+    steps = result.history["train_loss"]
+    assert not result.diverged and result.config["batch_size"] >= 1797
+    assert steps[-1] < steps[0] / 20 and result.metrics["test"]["loss"] < 0.5
+    assert result.metrics["test"]["accuracy"] >= 0.93
+
+
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_schedules_drive_the_learning_rate(schedule):
     result, _, _ = run("wine", epochs=6, lr=0.01, schedule=schedule)
