@@ -163,6 +163,21 @@ def device_param_dtype(p, label, option):
                               f"{label} is a {type(p).__module__}.{type(p).__name__} (torch tensors: fastopt.torch)")
 
 
+def _device_dtype(p, label) -> np.dtype:
+    """A GPU param's NumPy dtype: a CuPy or Numba array's own, else its __cuda_array_interface__'s (a torch
+    bfloat16 tensor's read as ml_dtypes' bfloat16, as the backends read it)."""
+    if isinstance(getattr(p, "dtype", None), np.dtype):
+        return p.dtype
+    from fastopt.backends.device_arrays import from_interface
+    return from_interface(p, label).dtype
+
+
+def _float_param(dtype) -> bool:
+    """A dtype optimizer state can be made for: native float16/32/64 or bfloat16."""
+    from fastopt.precision import is_16bit
+    return (dtype.kind == "f" and dtype.isnative and dtype.itemsize in (4, 8)) or is_16bit(dtype)
+
+
 def _state_dtype_of(state_dtype, param_dtype, label):
     """The NumPy dtype of the state of a host param of `param_dtype` for state_dtype= (None: float32 for
     16-bit params, else the param's own); TypeError/ValueError naming state_dtype otherwise."""
@@ -312,6 +327,10 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
         label = f"params[{i}]" if is_list else "params"
         if array_device(p, label) == "device":
             dtype, own = None, None
+            if not _float_param(_device_dtype(p, label)):  # an error once a state is made for it, as on the host
+                labelled.append((p, label, TypeError(f"{label} has dtype {_device_dtype(p, label)}; optimizer state "
+                                                     f"is for floating-point params"), None))
+                continue
             if state_dtype is not None or kahan:
                 own = device_param_dtype(p, label, "state_dtype=" if state_dtype is not None else "kahan=True")
             if kahan and not is_16bit(own):

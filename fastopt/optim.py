@@ -544,8 +544,15 @@ class Optimizer:
                 return None, None, True
             scale = clip_coefficient(total, self.clip_grad_norm) if self.clip_grad_norm is not None else None
             return scale, None, False
-        # device: one guard launch on the per-tensor sums of squares, no host round trip
+        # device: one guard launch on the per-tensor sums of squares, no host round trip; so every sum on one
+        # device (each update call is on its own params' device: validate.check_arrays)
         be = self._backend(buckets[0])
+        devices = [self._backend(b).device_ordinal(b.params[0]) for b in buckets]
+        other = next((i for i, d in enumerate(devices) if d != devices[0]), None)
+        if other is not None:
+            raise ValueError(f"clip_grad_norm and skip_nonfinite on GPU arrays need every param on one device (one "
+                             f"guard launch reads every gradient's sum of squares): params[{buckets[other].indices[0]}] "
+                             f"is on device {devices[other]}, params[{buckets[0].indices[0]}] on device {devices[0]}")
         sq = self._sq_buffer
         if sq is None:
             sq = self._sq_buffer = be.device_zeros(len(self._params), np.float64, buckets[0].params[0])
@@ -598,9 +605,11 @@ class Optimizer:
                 else:
                     tail, names = self._call_states(bucket, changes[gi][1])
                 plans.append((gi, bucket, params, tail, names))
-        prepared, fixed = self._prepare_step(plans, grads)
-        if self._capturable:
+        if self._capturable:  # before the arrays' checks: a backend that cannot capture is the first thing to say
+            for _, bucket, _, _, _ in plans:
+                self._backend(bucket)  # resolves bucket.capturable
             capture_keys, capturing = self._check_capture(hps, changes)
+        prepared, fixed = self._prepare_step(plans, grads)
         if len(plans) > 1:
             # the kernels' scalars of every call, once before the first call writes (each backend computes
             # them again in run(): a spec whose scalars raised for a later group would leave the earlier
@@ -652,7 +661,7 @@ class Optimizer:
         what a capture cannot do (capture.CapturedScalars.check_step)."""
         buckets = [b for bs in self._buckets for b in bs]
         for b in buckets:
-            if not b.capturable:  # resolved by _prepare_step
+            if not b.capturable:  # resolved by the caller
                 raise TypeError(f"capturable=True needs a backend that CUDA graphs can capture (cupy); this "
                                 f"step's arrays go to {b.backend.NAME!r}")
         keys = []

@@ -84,7 +84,8 @@ def test_interface_lists_the_shared_operations():
                "clamp_", "global_norm", "clip_coefficient", "clip_by_norm", "clip_by_global_norm"):
         assert fn in interface.BACKEND_FUNCTIONS
     assert set(interface.HOST_FUNCTIONS) - set(interface.BACKEND_FUNCTIONS) == {"scale_each_"}
-    assert set(interface.DEVICE_FUNCTIONS) - set(interface.BACKEND_FUNCTIONS) == {"step_guard", "device_zeros", "device_full"}
+    assert set(interface.DEVICE_FUNCTIONS) - set(interface.BACKEND_FUNCTIONS) == {"step_guard", "device_zeros", "device_full",
+                                                                                  "device_ordinal"}
 
 
 def test_checker_reports_a_bad_module():

@@ -41,7 +41,7 @@ from fastopt.backends.validate import bind_grads as _bind_grads
 from fastopt.backends.validate import (Checked, check_prepared_disjoint, check_scaled_lr, check_tensor_coefs, comp_slot,
                                       state_slots)
 from fastopt.precision import QuantizedState, quantizer_arrays
-from fastopt.specs import LR_SLOT  # the lr's slot in a device row of scalars (two-phase families' trust kernel)
+from fastopt.specs import LR_SLOT, as_float  # LR_SLOT: the lr's slot in a device row of scalars (two-phase families' trust kernel)
 
 NAME = "cupy"
 AVAILABLE = importlib.util.find_spec("cupy") is not None
@@ -188,7 +188,8 @@ _WHERE = "on the GPU"
 
 
 def _validate(arrays, names, read_only_slot=1):
-    return validate_device_arrays(arrays, names, _describe, DTYPES, _WHERE, read_only_slot, state_dtypes=True)
+    return validate_device_arrays(arrays, names, _describe, DTYPES, _WHERE, read_only_slot, state_dtypes=True,
+                                  device=_device_of)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -443,13 +444,13 @@ def _pack(scalars, key=0, index0=0):
     return packed[()]
 
 
-def _grad_scale(grad_scale):
+def _grad_scale(grad_scale, device):
     """(host factor, device pointer, kind) of grad_scale: a real number, or a 0-d float array on the GPU
-    read by the kernel (no synchronisation)."""
+    (on the call's device) read by the kernel (no synchronisation)."""
     if grad_scale is None:
         return 1.0, np.uint64(0), np.int32(0)
     if isinstance(grad_scale, numbers.Real) and not isinstance(grad_scale, (bool, np.bool_)):
-        return float(grad_scale), np.uint64(0), np.int32(0)
+        return as_float("grad_scale", grad_scale), np.uint64(0), np.int32(0)
     if isinstance(grad_scale, np.ndarray):
         from fastopt.backends.validate import host_scale
         return host_scale(grad_scale), np.uint64(0), np.int32(0)
@@ -458,16 +459,26 @@ def _grad_scale(grad_scale):
         raise TypeError(f"grad_scale must be a real number or a 0-d float array, got dtype {a.dtype}")
     if a.shape != ():
         raise ValueError(f"grad_scale must be a scalar or a 0-d array, got shape {a.shape}")
+    _on_device(a, "grad_scale", device)
     return 1.0, np.uint64(a.ptr), np.int32(_GS_KIND[a.dtype])
 
 
-def _skip_flag(found_inf):
-    """Device pointer of the skip flag (0: never skip): a one-element bool/uint8 device array, read by
-    the kernels, which return without writing when it is set."""
+def _skip_flag(found_inf, device):
+    """Device pointer of the skip flag (0: never skip): a one-element bool/uint8 device array on the call's
+    device, read by the kernels, which return without writing when it is set."""
     if found_inf is None:
         return np.uint64(0)
     a = check_skip_flag(_describe(found_inf, "found_inf"))
+    _on_device(a, "found_inf", device)
     return np.uint64(a.ptr)
+
+
+def _on_device(a: DeviceArray, name: str, device) -> None:
+    """A call's one-off device array (grad_scale, found_inf) on its params' device (None: a call with no
+    element, which launches nothing)."""
+    if device is not None and a.ptr and _device_of(a) != device:
+        raise ValueError(f"{name} is on device {_device_of(a)} but the params are on device {device}: one call "
+                         f"runs on one GPU")
 
 
 def _blocks(n, per_thread):
@@ -480,12 +491,13 @@ def _blocks(n, per_thread):
 
 def prepare(arrays, names, indices=None):
     """Check the arrays of one update (nothing is written or launched); run() launches it."""
-    return prepare_device(arrays, names, _describe, DTYPES, _WHERE, 1, indices, state_dtypes=True)
+    return prepare_device(arrays, names, _describe, DTYPES, _WHERE, 1, indices, state_dtypes=True,
+                          device=_device_of)
 
 
 def prepare_grads(grads, name="grads", indices=None):
     """Check arrays for an in-place operation (nothing written): how an optimizer checks its params."""
-    return prepare_device((grads,), (name,), _describe, DTYPES, _WHERE, -1, indices)
+    return prepare_device((grads,), (name,), _describe, DTYPES, _WHERE, -1, indices, device=_device_of)
 
 
 check_disjoint = check_prepared_disjoint  # across the prepared calls of one optimizer step
@@ -493,7 +505,8 @@ check_disjoint = check_prepared_disjoint  # across the prepared calls of one opt
 
 def prepare_fixed(calls):
     """Check an optimizer's params and states once (interface.PrepareOnceBackend, validate.prepare_fixed)."""
-    return prepare_fixed_device(calls, _describe, DTYPES, _WHERE, _unchanged, _stable, state_dtypes=True)
+    return prepare_fixed_device(calls, _describe, DTYPES, _WHERE, _unchanged, _stable, state_dtypes=True,
+                                device=_device_of)
 
 
 def bind_grads(fixed, grads_per_call):
@@ -524,8 +537,8 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
     given = check_tensor_coefs(spec, tensor_coefs, len(prepared.lists[0]))
     lists = prepared.lists
     params = lists[0]
-    skip = _skip_flag(found_inf)
     launch = _launch_of(prepared)
+    skip = _skip_flag(found_inf, launch.device if launch.nonempty else None)
     if launch.int8:
         numpy_backend.check_int8(prepared, spec)  # an optimizer whose state must stay exact: refused by name
     if not launch.nonempty:
@@ -534,7 +547,7 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
     if rounding != cuda_source.ROUND_NEAREST:
         dtype = _module_of(lists, rounding)
     stream = _stream_of(params[0], device)
-    host_scale, gs_ptr, gs_kind = _grad_scale(grad_scale)
+    host_scale, gs_ptr, gs_kind = _grad_scale(grad_scale, device)
     scalars = _pack(spec.scalars(hp, step, host_scale) if scalars_at is None else (), key, index0)
     at = np.uint64(0) if scalars_at is None else np.uint64(scalars_at.data.ptr)
     with _on(device, stream):
@@ -674,12 +687,13 @@ def _two_phase_setup(prepared, spec, hp, step, grad_scale, found_inf, stochastic
         raise ValueError(f"{entry}: {spec.function_name} is not a two-phase update (only spec.two_phase: LAMB)")
     rounding, key, index0 = rounding_of(prepared, stochastic)
     lists = prepared.lists
-    skip = _skip_flag(found_inf)
     if not any(a.size for a in lists[0]):
+        _skip_flag(found_inf, None), _grad_scale(grad_scale, None)  # checked all the same
         return None
     device = _device_of(lists[0][0])
+    skip = _skip_flag(found_inf, device)
     stream = _stream_of(lists[0][0], device)
-    host_scale, gs_ptr, gs_kind = _grad_scale(grad_scale)
+    host_scale, gs_ptr, gs_kind = _grad_scale(grad_scale, device)
     return (lists, _module_of(lists, rounding), device, stream, _pack(spec.scalars(hp, step, host_scale), key, index0),
             gs_ptr, gs_kind, skip)
 
@@ -730,7 +744,7 @@ def run_phase2(prepared, spec, hp, step, grad_scale, scaled_lr, found_inf=None, 
 def _grads_call(grads, written):
     """(lists, device, stream) of a call on gradients: raw arrays (checked here), a prepare_grads batch or
     a prepared update (its grads)."""
-    lists, _ = checked_grads(grads, _describe, DTYPES, _WHERE, written)
+    lists, _ = checked_grads(grads, _describe, DTYPES, _WHERE, written, device=_device_of)
     arrays = lists[0]
     device = _device_of(arrays[0])
     return lists, device, _stream_of(arrays[0], device)
@@ -771,6 +785,11 @@ def _global_norm(sq, max_norm=None):
             (1,), (BLOCK,), (sq, np.int64(sq.size), norm, np.float64(max_norm or 0.0),
                              coef if coef is not None else np.uint64(0)))
     return _returned(norm, stream), coef if coef is None else _returned(coef, stream)
+
+
+def device_ordinal(like) -> int:
+    """The CUDA device ordinal of the array `like` (interface.DeviceBackend)."""
+    return _device_of(_describe(like, "like"))
 
 
 def device_zeros(n, dtype, like):

@@ -34,7 +34,7 @@ def state_dtype(param_dtype):
 class DeviceArray:
     """What the checks and the launchers need of one device array, read once."""
 
-    __slots__ = ("obj", "ptr", "shape", "dtype", "size", "nbytes", "c_contiguous", "writeable")
+    __slots__ = ("obj", "ptr", "shape", "dtype", "size", "nbytes", "c_contiguous", "writeable", "device")
 
     def __init__(self, obj, ptr, shape, dtype, c_contiguous, writeable):
         self.obj = obj
@@ -48,6 +48,18 @@ class DeviceArray:
         self.nbytes = size * self.dtype.itemsize
         self.c_contiguous = c_contiguous
         self.writeable = writeable
+        self.device = None  # the CUDA device ordinal, asked of the backend once (device_of)
+
+
+def device_of(backend_device):
+    """`a -> a's device ordinal` for validate's checks, asking `backend_device(a)` once per DeviceArray (a param's
+    view is kept across an optimizer's steps, so its device is read once)."""
+    def device(a):
+        d = a.device
+        if d is None:
+            d = a.device = backend_device(a)
+        return d
+    return device
 
 
 def _c_contiguous(shape, strides, itemsize):
@@ -97,8 +109,10 @@ class _DeviceApi:
     float32 grads of 16-bit params, else only the default state dtype (state_dtype above) and the params'
     own for grads."""
 
-    def __init__(self, describe, dtypes, where, unchanged=None, stable=None, state_dtypes=False):
+    def __init__(self, describe, dtypes, where, unchanged=None, stable=None, state_dtypes=False, device=None):
         self.convert, self.dtypes, self.where = describe, dtypes, where
+        if device is not None:  # a -> device ordinal: every array of a call on one device (validate.check_arrays)
+            self.device = device_of(device)
         self.unchanged = unchanged  # (obj, checked view) -> True when obj is surely as checked (validate._is_current)
         if stable is not None:  # obj -> True when the object itself pins what the kernels read (validate.bind_grads)
             self.stable = stable
@@ -113,42 +127,43 @@ class _DeviceApi:
     state_dtype = staticmethod(state_dtype)
 
 
-def validate_device_arrays(arrays, names, describe, dtypes, where, read_only_slot=1, state_dtypes=False):
+def validate_device_arrays(arrays, names, describe, dtypes, where, read_only_slot=1, state_dtypes=False, device=None):
     """arrays = (params, grads, state0, ...), each one array or a list (None: unused state slot).
     describe(obj, label) -> DeviceArray. Returns (lists, is_list): every entry as a list of DeviceArray
     (None kept). Entry read_only_slot is only read (grads of an update: 1); -1 when all are written.
     The checks and messages are the host ones (validate.validate_arrays)."""
-    lists = validate_arrays(arrays, names, _DeviceApi(describe, dtypes, where, state_dtypes=state_dtypes),
-                            read_only_slot)
+    lists = validate_arrays(arrays, names, _DeviceApi(describe, dtypes, where, state_dtypes=state_dtypes,
+                                                      device=device), read_only_slot)
     return lists, isinstance(arrays[0], (list, tuple))
 
 
 def prepare_device(arrays, names, describe, dtypes, where, read_only_slot=1, indices=None,
-                   state_dtypes=False) -> Checked:
+                   state_dtypes=False, device=None) -> Checked:
     """The checks of validate_device_arrays, as a Checked for a backend's run() and for
     check_prepared_disjoint across the calls of one optimizer step."""
-    return prepare(arrays, names, _DeviceApi(describe, dtypes, where, state_dtypes=state_dtypes), read_only_slot,
-                   indices)
+    return prepare(arrays, names, _DeviceApi(describe, dtypes, where, state_dtypes=state_dtypes, device=device),
+                   read_only_slot, indices)
 
 
-def prepare_fixed_device(calls, describe, dtypes, where, unchanged=None, stable=None, state_dtypes=False):
+def prepare_fixed_device(calls, describe, dtypes, where, unchanged=None, stable=None, state_dtypes=False,
+                         device=None):
     """validate.prepare_fixed (interface.PrepareOnceBackend) on device arrays: the params and states of an
     optimizer's calls checked once; validate.bind_grads(fixed, grads_per_call) then re-checks what it
     saw and checks the grads. unchanged(obj, view): the backend's cheap proof that an array it checked
     before is as it was (the same CuPy array object, say); any other array is described again.
     stable(obj): the object alone pins its memory, dtype, size and layout (a CuPy array): when every array
     is, bind_grads skips the look at them and, given the same grads as the last step, the checks."""
-    return validate.prepare_fixed(calls, _DeviceApi(describe, dtypes, where, unchanged, stable, state_dtypes))
+    return validate.prepare_fixed(calls, _DeviceApi(describe, dtypes, where, unchanged, stable, state_dtypes, device))
 
 
-def checked_grads(grads, describe, dtypes, where, written):
+def checked_grads(grads, describe, dtypes, where, written, device=None):
     """(lists, is_list) of the gradients of an in-place or reading call: the grads of a prepared update
     (bind_grads / prepare), a prepare_grads batch, or raw arrays, checked here (written: every one must
     be writable)."""
     if isinstance(grads, Checked):
         lists = grads.lists
         return ((lists[1],) if len(lists) > 1 else (lists[0],)), None
-    return validate_device_arrays((grads,), ("grads",), describe, dtypes, where, -1 if written else 0)
+    return validate_device_arrays((grads,), ("grads",), describe, dtypes, where, -1 if written else 0, device=device)
 
 
 FLAG_DTYPES = (np.dtype(np.bool_), np.dtype(np.uint8))

@@ -132,6 +132,9 @@ class DeviceBackend(Backend, Protocol):
     def device_zeros(self, n: int, dtype: Any, like: Any) -> Any:
         """n zeros of `dtype` on the device (and stream) of `like`."""
 
+    def device_ordinal(self, like: Any) -> int:
+        """The CUDA device ordinal of the array `like`."""
+
     def device_full(self, shape: tuple, fill: float, dtype: Any, like: Any) -> Any:
         """An array of `shape` filled with `fill` on the device of `like`, written on its producer stream
         (how optimizer state for device params is made: fastopt.init_state)."""

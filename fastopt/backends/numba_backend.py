@@ -45,6 +45,7 @@ from fastopt.backends.validate import bind_grads as _bind_grads
 from fastopt.backends.validate import (Checked, check_prepared_disjoint, check_scaled_lr, check_tensor_coefs, comp_slot,
                                       state_slots)
 from fastopt.precision import QUANT_BLOCK, QuantizedState, quantizer_arrays
+from fastopt.specs import as_float
 
 NAME = "numba"
 AVAILABLE = importlib.util.find_spec("numba") is not None
@@ -241,7 +242,7 @@ _WHERE = "on the GPU with the numba backend"
 
 
 def _validate(arrays, names, read_only_slot=1):
-    return validate_device_arrays(arrays, names, _describe, DTYPES, _WHERE, read_only_slot)
+    return validate_device_arrays(arrays, names, _describe, DTYPES, _WHERE, read_only_slot, device=_device_of)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -400,7 +401,7 @@ def _device_scale(grad_scale, dtype, device, stream=0):
     if grad_scale is None:
         return 1.0, _ones(device, dtype)
     if isinstance(grad_scale, numbers.Real) and not isinstance(grad_scale, (bool, np.bool_)):
-        return float(grad_scale), _ones(device, dtype)
+        return as_float("grad_scale", grad_scale), _ones(device, dtype)
     if isinstance(grad_scale, np.ndarray):
         from fastopt.backends.validate import host_scale
         return host_scale(grad_scale), _ones(device, dtype)
@@ -409,6 +410,7 @@ def _device_scale(grad_scale, dtype, device, stream=0):
         raise TypeError(f"grad_scale must be a real number or a 0-d float array, got dtype {a.dtype}")
     if a.shape != ():
         raise ValueError(f"grad_scale must be a scalar or a 0-d array, got shape {a.shape}")
+    _on_device(a, "grad_scale", device)
     if a.dtype == dtype:
         return 1.0, _flat(a)
     # widened exactly by the kernels of its own storage (a 16-bit value: its bits), read in the math dtype
@@ -423,7 +425,15 @@ def _skip_flag(found_inf, device):
     if found_inf is None:
         return _never(device)
     a = check_skip_flag(_describe(found_inf, "found_inf"))
+    _on_device(a, "found_inf", device)
     return _flat(a)
+
+
+def _on_device(a: DeviceArray, name: str, device: int) -> None:
+    """A call's one-off device array (grad_scale, found_inf) on its params' device."""
+    if a.ptr and _device_of(a) != device:
+        raise ValueError(f"{name} is on device {_device_of(a)} but the params are on device {device}: one call "
+                         f"runs on one GPU")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -433,12 +443,13 @@ def _skip_flag(found_inf, device):
 def prepare(arrays, names, indices=None):
     """Check the arrays of one update (nothing is written or launched); run() launches it. The state dtypes,
     8-bit states and the float32 grads of 16-bit params are the CPU's (device_arrays state_dtypes=True)."""
-    return prepare_device(arrays, names, _describe, DTYPES, _WHERE, 1, indices, state_dtypes=True)
+    return prepare_device(arrays, names, _describe, DTYPES, _WHERE, 1, indices, state_dtypes=True,
+                          device=_device_of)
 
 
 def prepare_grads(grads, name="grads", indices=None):
     """Check arrays for an in-place operation (nothing written): how an optimizer checks its params."""
-    return prepare_device((grads,), (name,), _describe, DTYPES, _WHERE, -1, indices)
+    return prepare_device((grads,), (name,), _describe, DTYPES, _WHERE, -1, indices, device=_device_of)
 
 
 check_disjoint = check_prepared_disjoint  # across the prepared calls of one optimizer step
@@ -446,7 +457,7 @@ check_disjoint = check_prepared_disjoint  # across the prepared calls of one opt
 
 def prepare_fixed(calls):
     """Check an optimizer's params and states once (interface.PrepareOnceBackend, validate.prepare_fixed)."""
-    return prepare_fixed_device(calls, _describe, DTYPES, _WHERE, state_dtypes=True)
+    return prepare_fixed_device(calls, _describe, DTYPES, _WHERE, state_dtypes=True, device=_device_of)
 
 
 def bind_grads(fixed, grads_per_call):
@@ -657,7 +668,7 @@ def _first(arrays):
 def _grads_call(grads, written):
     """(lists, device) of a call on gradients: raw arrays (checked here), a prepare_grads batch or a
     prepared update (its grads)."""
-    lists, _ = checked_grads(grads, _describe, DTYPES, _WHERE, written)
+    lists, _ = checked_grads(grads, _describe, DTYPES, _WHERE, written, device=_device_of)
     return lists, _device_of(_first(lists[0]))
 
 
@@ -697,6 +708,11 @@ def _global_norm(sq, max_norm=None):
         _kernels(F64)["global_norm"][1, launch_config()[0], stream](sq, norm, np.float64(max_norm or 0.0), coef,
                                                                     max_norm is not None)
     return _returned(norm, stream), coef
+
+
+def device_ordinal(like) -> int:
+    """The CUDA device ordinal of the array `like` (interface.DeviceBackend)."""
+    return _device_of(_describe(like, "like"))
 
 
 def device_zeros(n, dtype, like):

@@ -204,6 +204,7 @@ def _check_quantized(api, q, p, name, state_label, param_label, read_only):
                          f"{'may be negative' if signed else 'is never negative'})")
     spans = []
     for part, a in ((".codes", codes), (".absmax", absmax)):
+        _check_device(api, a, p, state_label + part, param_label)
         if not api.c_contiguous(a):
             raise ValueError(f"{state_label}{part} is not C-contiguous")
         if not read_only and not api.writeable(a):
@@ -214,6 +215,16 @@ def _check_quantized(api, q, p, name, state_label, param_label, read_only):
     if codes is not q.codes or absmax is not q.absmax:
         q = QuantizedState(codes, absmax, q.signed)
     return q, spans
+
+
+def _check_device(api, a, p, array_label, param_label) -> None:
+    """Device arrays (api.device, the GPU backends): `a` on p's device. One call launches on one device; a
+    kernel there reading another GPU's memory faults or, with peer access, reads across the link. An empty
+    array has no memory to be anywhere."""
+    device = getattr(api, "device", None)
+    if device is not None and a.size and p.size and device(a) != device(p):
+        raise ValueError(f"{array_label} is on device {device(a)} but {param_label} is on device {device(p)}: one "
+                         f"call runs on one GPU")
 
 
 def is_quantized(a) -> bool:
@@ -255,7 +266,7 @@ def check_arrays(arrays, names, api=HostArrays, read_only_slot=1, indices=None, 
     n = len(lists[0])
     if indices is None:
         indices = range(n) if is_list else (None,)
-    ref_dtype = first_grad = first_state = None
+    ref_dtype = first_grad = first_state = ref_param = None
     spans = []
     for i in range(n):
         p = None
@@ -286,6 +297,10 @@ def check_arrays(arrays, names, api=HostArrays, read_only_slot=1, indices=None, 
             lst[i] = a
             if k == 0:
                 p = a
+                if ref_param is None and a.size:
+                    ref_param = (a, label(name, index))  # the device of the call: its first non-empty param's
+                elif ref_param is not None:
+                    _check_device(api, a, ref_param[0], label(name, index), ref_param[1])
                 if not (api.accepts(a.dtype) if hasattr(api, "accepts") else a.dtype in api.dtypes):
                     text = getattr(api, "dtypes_text", None) or " or ".join(str(d) for d in api.dtypes)
                     raise TypeError(f"{label(name, index)} has dtype {dtype_text(a.dtype)}; "
@@ -296,6 +311,7 @@ def check_arrays(arrays, names, api=HostArrays, read_only_slot=1, indices=None, 
                     raise TypeError(f"{label(name, index)} has dtype {a.dtype} but {label(names[0], indices[0])} "
                                     f"has {ref_dtype}: one call updates one dtype (group the arrays by dtype)")
             else:
+                _check_device(api, a, p, label(name, index), label(names[0], index))
                 if k == 1:
                     _check_grad_dtype(api, a, p, name, label(names[0], index), label(name, index))
                 elif k == COMP:
@@ -448,6 +464,7 @@ def bind_grads(fixed, grads_per_call) -> list:
     dtype, shape, C-contiguous; the count and form of the list) and no grad may share memory with any
     fixed array of any call (grads may share with each other). Writes nothing."""
     api = fixed.api
+    device = getattr(api, "device", None)  # device arrays: each grad on its param's device
     if not _is_current(fixed):
         _check_fixed(fixed)
     last = fixed.last
@@ -484,6 +501,8 @@ def bind_grads(fixed, grads_per_call) -> list:
             if tuple(a.shape) != tuple(p.shape):
                 raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(p.shape)} "
                                  f"(the shape of {label(names[0], numbers_[i])})")
+            if device is not None and a.size and device(a) != device(p):
+                _check_device(api, a, p, name, label(names[0], numbers_[i]))
             if first_grad is None:
                 first_grad = a.dtype
             elif a.dtype != first_grad:
