@@ -32,6 +32,7 @@ __all__ = ["Steady", "group_key"]
 
 _grad_of = attrgetter("grad")
 _data_ptr = torch.Tensor.data_ptr
+_is_contiguous = torch.Tensor.is_contiguous
 _to_numpy = torch.Tensor.numpy
 _call = weakref.ref.__call__
 # what viewing a grad or re-validating a changed group can raise: the full plan then runs and reports it
@@ -137,6 +138,11 @@ class Steady:
         # them would pass there)
         self.complex = [(i, p.dtype) for i, p in enumerate(self.active) if p.is_complex()]
         self.strides = {i: self.active[i].stride() for i in self.flat}
+        # `p.data = p.data.t()` keeps the memory (and data_ptr) and changes the layout the views were made for:
+        # a contiguous param must stay contiguous (one layout per shape; a new shape fails the grads' shape
+        # check), a non-contiguous one keep its strides
+        flat = set(self.flat)
+        self.contiguous = [p for i, p in enumerate(self.active) if i not in flat]
         dicts, names, tensors = [], [], []
         for e in entries:
             for name, t in zip(e.check_names, e.check_tensors):  # 8-bit state: codes and scales
@@ -239,6 +245,9 @@ class Steady:
             grads = list(compress(grads, self.mask))
         active = self.active
         if list(map(_data_ptr, active)) != self.ptrs:
+            return None
+        if not all(map(_is_contiguous, self.contiguous)) or any(active[i].stride() != self.strides[i]
+                                                                  for i in self.flat):
             return None
         state = optimizer.state
         if (len(state) != len(self.state_keys) or not all(map(is_, state.values(), self.state_values))

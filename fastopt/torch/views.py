@@ -135,6 +135,9 @@ class ParamEntry:
     def valid(self, p: torch.Tensor, state, names: tuple) -> bool:
         if state is not self.state or names != self.names or p.data_ptr() != self.ptr:
             return False
+        # the same memory in another layout (`p.data = p.data.t()`): the views were made for the old one
+        if p.is_contiguous() == self.flat or (self.flat and layout(p) != self.layout):
+            return False
         for name, s, ptr in zip(self.check_names, self.check_tensors, self.check_ptrs):
             if state.get(name) is not s or s.data_ptr() != ptr:
                 return False
