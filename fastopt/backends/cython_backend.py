@@ -2,7 +2,9 @@
 and runs one parallel region over all chunks of all arrays."""
 from __future__ import annotations
 
+import contextlib
 import numbers
+import os
 import sys
 
 import numpy as np
@@ -23,6 +25,10 @@ except ImportError as e:
     _cpu_fast = None
     IMPORT_ERROR = f"{type(e).__name__}: {e}"
 AVAILABLE = _cpu_fast is not None
+if AVAILABLE and hasattr(os, "register_at_fork") and hasattr(_cpu_fast, "after_fork_in_child"):
+    # a forked child (a DataLoader worker, a fork-started multiprocessing worker) of a process whose kernels ran
+    # on several threads runs its kernels on one: libgomp's threads do not survive fork (README, "Threads")
+    os.register_at_fork(after_in_child=_cpu_fast.after_fork_in_child)
 
 
 def _has_int8(arrays) -> bool:
@@ -112,6 +118,27 @@ def set_num_threads(n: int) -> None:
         raise ValueError(f"Invalid num_threads: {shown(n)} (an integer in [1, {MAX_THREADS}])")
     if AVAILABLE:
         _cpu_fast.set_num_threads(int(n))
+
+
+@contextlib.contextmanager
+def thread_count(n: int):
+    """Within the block, the kernels this Python thread calls run on n threads (1 <= n <= MAX_THREADS);
+    fastopt.set_num_threads's process-wide count, and other threads' kernels, are left as they are."""
+    if not AVAILABLE:
+        yield
+        return
+    previous = _cpu_fast.set_thread_override(int(n))
+    try:
+        yield
+    finally:
+        _cpu_fast.set_thread_override(previous)
+
+
+def threads_here() -> int:
+    """The threads the kernels called from this Python thread run on: thread_count's, else get_num_threads()."""
+    if not AVAILABLE:
+        return 1
+    return _cpu_fast.get_thread_override() or _cpu_fast.get_num_threads()
 
 
 def get_num_threads() -> int:

@@ -30,7 +30,6 @@ import warnings
 import numpy as np
 import torch
 
-import fastopt
 from fastopt.arrays import to_host
 from fastopt.backends import cython_backend
 from fastopt.backends.dispatch import backend_for
@@ -718,12 +717,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             # scalars raising for a later call would otherwise leave the earlier calls written
             for b in plan.buckets:
                 spec.scalars(b.hp, b.step, 1.0)
-        # one thread pool: as many OpenMP threads as torch uses (torch takes counts past fastopt's cap)
-        threads = min(torch.get_num_threads(), cython_backend.MAX_THREADS)
-        before = fastopt.get_num_threads()
-        if threads != before:
-            fastopt.set_num_threads(threads)
-        try:
+        # one thread pool: as many OpenMP threads as torch uses (torch takes counts past fastopt's cap), for this
+        # Python thread's kernels only: fastopt.set_num_threads's count stays as set (another thread may set it)
+        with cython_backend.thread_count(min(torch.get_num_threads(), cython_backend.MAX_THREADS)):
             if self.stochastic_rounding:
                 self.rounding_steps += 1
             for b in plan.buckets:
@@ -735,9 +731,6 @@ class TorchOptimizer(torch.optim.Optimizer):
                                   stochastic=StochasticRounding(self.seed, key_step))
                 else:
                     b.backend.run(b.prepared, spec, b.hp, b.step, grad_scale)
-        finally:
-            if threads != before:
-                fastopt.set_num_threads(before)
         if plan.steady is not None:
             plan.steady.commit(plan)
         else:

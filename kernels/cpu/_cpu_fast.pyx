@@ -21,6 +21,8 @@ cnp.import_array()
 # OpenMP) must not reference omp_* symbols, or the module fails to import.
 cdef extern from "platform.hpp" nogil:
     int fastopt_omp_max_threads()
+    int fastopt_get_thread_override()
+    void fastopt_set_thread_override(int n)
     int FASTOPT_OPENMP
     const char* FASTOPT_ISA_DISPATCH
 
@@ -92,6 +94,7 @@ CHUNK_ELEMENTS = CHUNK  # the elements of a chunk (a tensor's last may hold fewe
 ISA_DISPATCH = FASTOPT_ISA_DISPATCH.decode()
 
 cdef int _num_threads = fastopt_omp_max_threads()
+cdef int _pool_started = 0  # a parallel region of more than one thread has run here: OpenMP's threads exist
 
 
 def set_num_threads(int n):
@@ -105,6 +108,34 @@ def set_num_threads(int n):
 
 def get_num_threads():
     return _num_threads
+
+
+def after_fork_in_child():
+    """os.register_at_fork's after_in_child: OpenMP's threads do not survive fork, and in a child of a process
+    that had started them, libgomp's first parallel region waits for them forever (a DataLoader worker that
+    steps a NumPy optimizer hung). There the kernels run on one thread (set_num_threads(n) in the child asks
+    for more, at that risk). True when the count was lowered."""
+    global _num_threads, _pool_started
+    fastopt_set_thread_override(0)
+    if not _pool_started:
+        return False
+    _num_threads = 1
+    _pool_started = 0
+    return True
+
+
+def get_thread_override():
+    return fastopt_get_thread_override()
+
+
+def set_thread_override(int n):
+    """The kernels called from this (Python) thread run on n threads (0: the process-wide count again),
+    set_num_threads left as it is; returns the previous override. A serial build runs on one thread."""
+    if n < 0:
+        raise ValueError(f"Invalid thread override: {n}")
+    previous = fastopt_get_thread_override()
+    fastopt_set_thread_override(n if FASTOPT_OPENMP or n == 0 else 1)
+    return previous
 
 
 cdef struct Chunk:
@@ -786,7 +817,15 @@ def bind_grads(_Fixed fixed, grads_per_call):
 
 
 cdef inline int _threads_for(int64_t total) noexcept nogil:
-    return _num_threads if total >= PARALLEL_MIN else 1
+    global _pool_started
+    cdef int n = fastopt_get_thread_override()
+    if total < PARALLEL_MIN:
+        return 1
+    if n <= 0:
+        n = _num_threads
+    if n > 1:
+        _pool_started = 1
+    return n
 
 
 # Each thread of a parallel region takes one share: a contiguous run of chunks holding about 1 / nshares of

@@ -40,3 +40,10 @@ static inline int fastopt_omp_max_threads(void) { return omp_get_max_threads(); 
 static inline int fastopt_omp_max_threads(void) { return 1; }
 #define FASTOPT_OPENMP 0
 #endif
+
+// The thread count of the kernels called from one Python thread, over the process-wide setting (0: none).
+// fastopt.torch runs with torch's count this way without changing what fastopt.set_num_threads set, which
+// another thread may be reading or setting meanwhile.
+static thread_local int fastopt_thread_override = 0;
+static inline int fastopt_get_thread_override(void) { return fastopt_thread_override; }
+static inline void fastopt_set_thread_override(int n) { fastopt_thread_override = n; }

@@ -1,0 +1,83 @@
+"""Thread counts across Python threads and processes: cython_backend.thread_count is the calling thread's
+alone, and a forked child of a process whose kernels ran on several threads runs its kernels on one (libgomp's
+threads do not survive fork: its first parallel region in the child waited for them forever)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import fastopt
+from fastopt.backends import cython_backend
+
+needs_extension = pytest.mark.skipif(not cython_backend.AVAILABLE, reason="the compiled extension is not built")
+
+
+@needs_extension
+def test_thread_count_is_the_calling_threads_alone():
+    before = fastopt.get_num_threads()
+    seen = {}
+
+    def other():
+        seen["other"] = cython_backend.threads_here()
+
+    try:
+        with cython_backend.thread_count(3):
+            assert cython_backend.threads_here() == 3 and fastopt.get_num_threads() == before
+            worker = threading.Thread(target=other)
+            worker.start()
+            worker.join()
+            fastopt.set_num_threads(2)  # the process-wide count changes under the override, which stays
+            assert cython_backend.threads_here() == 3
+        assert seen["other"] == before and cython_backend.threads_here() == fastopt.get_num_threads() == 2
+    finally:
+        fastopt.set_num_threads(before)
+
+
+_FORK = r"""
+import os, signal, sys
+import numpy as np, fastopt
+from fastopt.kernels.cpu import _cpu_fast
+fastopt.set_num_threads(2)
+n = 1 << 20  # past the one-thread threshold: a parallel region of 2 threads starts OpenMP's pool
+p, g = np.linspace(-1, 1, n, dtype=np.float32), np.full(n, 0.5, np.float32)
+m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+fastopt.adam_step(p, g, m, v, step=1, lr=1e-3)
+want = [a.copy() for a in (p, m, v)]
+fastopt.adam_step(*want[:1], g, *want[1:], step=2, lr=1e-3)
+pid = os.fork()
+if pid == 0:
+    signal.alarm(60)  # a hang ends the child, not the test run
+    threads = fastopt.get_num_threads()
+    fastopt.adam_step(p, g, m, v, step=2, lr=1e-3)
+    same = all(a.tobytes() == b.tobytes() for a, b in zip((p, m, v), want))
+    os._exit(0 if threads == 1 and same else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status), "parent threads", fastopt.get_num_threads())
+"""
+
+
+@needs_extension
+def test_a_forked_child_of_a_multithreaded_parent_steps_on_one_thread():
+    from fastopt.kernels.cpu import _cpu_fast
+    if not hasattr(os, "fork") or not _cpu_fast.OPENMP:
+        pytest.skip("needs fork and an OpenMP build")
+    out = subprocess.run([sys.executable, "-c", _FORK], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    # the child finished on one thread with the parent's bits; the parent keeps its own count
+    assert out.stdout.split() == ["child", "0", "parent", "threads", "2"], out.stdout + out.stderr
+
+
+@needs_extension
+def test_a_child_of_a_parent_that_never_ran_threads_keeps_its_count():
+    from fastopt.kernels.cpu import _cpu_fast
+    if not hasattr(os, "fork"):
+        pytest.skip("needs fork")
+    script = ("import os, fastopt\nfastopt.set_num_threads(2)\npid = os.fork()\n"
+              "if pid == 0:\n    os._exit(fastopt.get_num_threads())\n"
+              "_, status = os.waitpid(pid, 0)\nprint(os.waitstatus_to_exitcode(status))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == ("2" if _cpu_fast.OPENMP else "1"), out.stdout + out.stderr
