@@ -22,7 +22,6 @@ import statistics
 import sys
 import time
 
-import fastopt
 from fastopt.benchmark import machine_info
 
 OPTIMIZERS = {"Adam": {"lr": 1e-3}, "AdamW": {"lr": 1e-3, "weight_decay": 0.01},
@@ -96,13 +95,11 @@ class _Ceiling:
         self.bytes = sum(_numel(s) for s in shapes) * 4 * (1 + 2 * (1 + nstates))
 
     def step(self):
+        from fastopt.backends import cython_backend
         from fastopt.kernels.cpu import _cpu_fast
-        threads, before = self.torch.get_num_threads(), fastopt.get_num_threads()
-        fastopt.set_num_threads(threads)
-        try:
+        # on torch's thread count, for this thread only, as fastopt.torch runs its kernels
+        with cython_backend.thread_count(min(self.torch.get_num_threads(), cython_backend.MAX_THREADS)):
             _cpu_fast.touch(self.arrays, 0)
-        finally:
-            fastopt.set_num_threads(before)
 
 
 def time_case(torch, shapes, name, device, repeats, warmup=2):

@@ -49,7 +49,8 @@ class FlatParams:
                                 f"{type(g).__module__}.{type(g).__name__}")
             if tuple(g.shape) != tuple(dst.shape):
                 raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}, expected {tuple(dst.shape)}")
-            if g.dtype.kind not in "fiu" or not np.can_cast(g.dtype, dst.dtype, "same_kind"):
+            if g.dtype != dst.dtype and not (is_16bit(g.dtype) and is_16bit(dst.dtype)) and (
+                    g.dtype.kind not in "fiu" or not np.can_cast(g.dtype, dst.dtype, "same_kind")):
                 raise TypeError(f"grads[{i}] has dtype {g.dtype}, which does not cast to the buffer's {dst.dtype}")
         for dst, g in zip(self.grad_views, grads):
             dst[...] = g

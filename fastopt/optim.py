@@ -112,7 +112,7 @@ class _Bucket:
     """The arrays of one group with one dtype: one multi-tensor kernel call per step."""
 
     __slots__ = ("params", "indices", "local", "states", "dtype", "is_device", "contiguous_range", "tail", "names",
-                 "backend", "backend_key", "prepares_once", "capturable")
+                 "backend", "backend_key", "prepares_once", "capturable", "device")
 
     def __init__(self, params, indices, local, states, dtype, is_device):
         self.params = params            # list of arrays
@@ -130,11 +130,12 @@ class _Bucket:
         self.backend_key = _UNSET
         self.prepares_once = False  # the backend checks params and states once (PrepareOnceBackend)
         self.capturable = False     # the backend can run a step captured into a CUDA graph (CapturableBackend)
+        self.device = None          # GPU arrays: (the array that decides the call's device, its device ordinal)
 
     def __getstate__(self):
         """Pickling and deepcopy: the arrays and lists; the backend (a module) is resolved again."""
         state = {name: getattr(self, name) for name in self.__slots__}
-        state.update(backend=None, backend_key=None, prepares_once=False, capturable=False)
+        state.update(backend=None, backend_key=None, prepares_once=False, capturable=False, device=None)
         return state
 
     def __setstate__(self, state):
@@ -547,15 +548,16 @@ class Optimizer:
         # device: one guard launch on the per-tensor sums of squares, no host round trip; so every sum on one
         # device (each update call is on its own params' device: validate.check_arrays)
         be = self._backend(buckets[0])
-        devices = [self._backend(b).device_ordinal(b.params[0]) for b in buckets]
-        other = next((i for i, d in enumerate(devices) if d != devices[0]), None)
+        devices = [self._call_device(b, params) for _, b, params, _, _ in plans]
+        other = next((i for i, d in enumerate(devices) if d[1] != devices[0][1]), None)
         if other is not None:
             raise ValueError(f"clip_grad_norm and skip_nonfinite on GPU arrays need every param on one device (one "
-                             f"guard launch reads every gradient's sum of squares): params[{buckets[other].indices[0]}] "
-                             f"is on device {devices[other]}, params[{buckets[0].indices[0]}] on device {devices[0]}")
+                             f"guard launch reads every gradient's sum of squares): params[{devices[other][0]}] "
+                             f"is on device {devices[other][1]}, params[{devices[0][0]}] on device {devices[0][1]}")
+        like = plans[0][1].device[0]  # on the calls' device (their first non-empty param's)
         sq = self._sq_buffer
         if sq is None:
-            sq = self._sq_buffer = be.device_zeros(len(self._params), np.float64, buckets[0].params[0])
+            sq = self._sq_buffer = be.device_zeros(len(self._params), np.float64, like)
         start = 0
         for (_, b, _, _, _), call in zip(plans, prepared):
             n = len(b.params)
@@ -565,10 +567,19 @@ class Optimizer:
         counter = None
         if self.skip_nonfinite:
             if self._skipped_device is None:
-                self._skipped_device = be.device_zeros(1, np.int64, buckets[0].params[0]).reshape(())
+                self._skipped_device = be.device_zeros(1, np.int64, like).reshape(())
             counter = self._skipped_device
         scale, found_inf = be.step_guard(sq, self.clip_grad_norm, self.skip_nonfinite, counter)
         return scale, found_inf, False
+
+    def _call_device(self, bucket, params) -> tuple:
+        """(flat index, device ordinal) of the param that decides a call's device: its first non-empty one (as
+        validate.check_arrays takes it), asked of the backend once while it is the same array."""
+        j = next((j for j, p in enumerate(params) if getattr(p, "size", 1)), 0)
+        cached = bucket.device
+        if cached is None or cached[0] is not params[j]:
+            cached = bucket.device = (params[j], self._backend(bucket).device_ordinal(params[j]))
+        return bucket.indices[j], cached[1]
 
     def _backend(self, bucket):
         """The bucket's backend module, resolved again only when a use_backend block changes it (the

@@ -437,9 +437,18 @@ def new_state(params) -> dict:
                for i, p in enumerate(params if is_list else [params])]
     out = {}
     for name in ("exp_avg", "exp_avg_sq"):
-        arrays = [_xp_of(p).zeros_like(p) for p in checked]
+        arrays = [_zeros_like(p) for p in checked]
         out[name] = arrays if is_list else arrays[0]
     return out
+
+
+def _zeros_like(p):
+    """Zeros shaped like p, of its dtype and kind; a CuPy param's on its device and producer stream (CuPy's
+    zeros_like allocates on the current device, and fills on the current stream)."""
+    if isinstance(p, np.ndarray):
+        return np.zeros_like(p)
+    from fastopt.backends import cupy_backend
+    return cupy_backend.device_full(p.shape, 0.0, p.dtype, like=p)
 
 
 def _data_ptr(a) -> int:
@@ -561,8 +570,7 @@ class SparseAdam:
                     continue
                 if st is None:  # created on the first gradient, like torch; kept only if the step goes ahead
                     p = _check_param(p, f"params[{i}]")
-                    xp = _xp_of(p)
-                    st = new_states[i] = {"step": 0, "exp_avg": xp.zeros_like(p), "exp_avg_sq": xp.zeros_like(p)}
+                    st = new_states[i] = {"step": 0, "exp_avg": _zeros_like(p), "exp_avg_sq": _zeros_like(p)}
                 count = st.get("step")
                 if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
                     raise ValueError(f"state[{i}]['step'] must be a count >= 0, got {shown(count)}")

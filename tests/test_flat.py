@@ -107,6 +107,8 @@ def test_16bit_params_flatten_and_step_as_the_list(dtype_name, rng):
     grads = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
     flat = fastopt.flatten([a.copy() for a in arrays])
     assert flat.params.dtype == dtype and flat.grad.dtype == dtype
+    flat.set_grads([g.astype(dtype) for g in grads])  # grads of the buffer's own dtype (bfloat16 has kind 'V')
+    assert flat.grad.tobytes() == np.concatenate([g.astype(dtype).ravel() for g in grads]).tobytes()
     flat.set_grads(grads)
     fastopt.Adam([flat.params], lr=1e-2).step([flat.grad])
     fastopt.Adam(arrays, lr=1e-2).step([g.astype(dtype) for g in grads])

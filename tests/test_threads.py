@@ -81,3 +81,39 @@ def test_a_child_of_a_parent_that_never_ran_threads_keeps_its_count():
               "_, status = os.waitpid(pid, 0)\nprint(os.waitstatus_to_exitcode(status))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == ("2" if _cpu_fast.OPENMP else "1"), out.stdout + out.stderr
+
+
+_FORK_TORCH = r"""
+import os, signal
+import torch, fastopt, fastopt.torch as ft
+torch.set_num_threads(2)  # torch keeps its count in a forked child: fastopt.torch asks for 2 there too
+p = torch.nn.Parameter(torch.linspace(-1, 1, 1 << 20))
+p.grad = torch.full((1 << 20,), 0.5)
+opt = ft.Adam([p], lr=1e-3)
+opt.step(), opt.step()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(60)
+    opt.step()
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+@needs_extension
+def test_a_forked_child_steps_a_torch_optimizer_on_one_thread():
+    """torch's thread count survives fork, and a fastopt.torch step's override asked the child's kernels for it:
+    the child still hung after the first fix."""
+    pytest.importorskip("torch")
+    from fastopt.kernels.cpu import _cpu_fast
+    if not hasattr(os, "fork") or not _cpu_fast.OPENMP:
+        pytest.skip("needs fork and an OpenMP build")
+    out = subprocess.run([sys.executable, "-c", _FORK_TORCH], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["child", "0"], out.stdout + out.stderr
+
+
+def test_override_threads_checks_its_range():
+    for bad in (-1, cython_backend.MAX_THREADS + 1, 1.5, True):
+        with pytest.raises(ValueError, match="Invalid thread override"):
+            cython_backend.override_threads(bad)

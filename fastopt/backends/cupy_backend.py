@@ -107,6 +107,12 @@ def _stable(obj) -> bool:
     return isinstance(obj, _cupy().ndarray)
 
 
+def _first(arrays):
+    """The array that decides the device and the stream of a call: the first with elements (an empty array
+    may have no memory, hence no device; validate.check_arrays takes the call's device from it too)."""
+    return next((a for a in arrays if a.size), arrays[0])
+
+
 def _device_of(a: DeviceArray) -> int:
     cp = _cupy()
     if isinstance(a.obj, cp.ndarray):
@@ -405,7 +411,7 @@ class _Launch:
         params = lists[0]
         self.nonempty = any(a.size for a in params)
         self.dtype = _module_of(lists) if params else None
-        self.device = _device_of(params[0]) if self.nonempty else None
+        self.device = _device_of(_first(params)) if self.nonempty else None
         self.int8 = _int8(self.dtype)
         self.single = None
         if self.nonempty and len(params) == 1 and not self.int8:  # 8-bit state: the table path
@@ -546,7 +552,7 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
     dtype, device = launch.dtype, launch.device
     if rounding != cuda_source.ROUND_NEAREST:
         dtype = _module_of(lists, rounding)
-    stream = _stream_of(params[0], device)
+    stream = _stream_of(_first(params), device)
     host_scale, gs_ptr, gs_kind = _grad_scale(grad_scale, device)
     scalars = _pack(spec.scalars(hp, step, host_scale) if scalars_at is None else (), key, index0)
     at = np.uint64(0) if scalars_at is None else np.uint64(scalars_at.data.ptr)
@@ -690,9 +696,10 @@ def _two_phase_setup(prepared, spec, hp, step, grad_scale, found_inf, stochastic
     if not any(a.size for a in lists[0]):
         _skip_flag(found_inf, None), _grad_scale(grad_scale, None)  # checked all the same
         return None
-    device = _device_of(lists[0][0])
+    first = _first(lists[0])
+    device = _device_of(first)
     skip = _skip_flag(found_inf, device)
-    stream = _stream_of(lists[0][0], device)
+    stream = _stream_of(first, device)
     host_scale, gs_ptr, gs_kind = _grad_scale(grad_scale, device)
     return (lists, _module_of(lists, rounding), device, stream, _pack(spec.scalars(hp, step, host_scale), key, index0),
             gs_ptr, gs_kind, skip)
@@ -745,9 +752,9 @@ def _grads_call(grads, written):
     """(lists, device, stream) of a call on gradients: raw arrays (checked here), a prepare_grads batch or
     a prepared update (its grads)."""
     lists, _ = checked_grads(grads, _describe, DTYPES, _WHERE, written, device=_device_of)
-    arrays = lists[0]
-    device = _device_of(arrays[0])
-    return lists, device, _stream_of(arrays[0], device)
+    first = _first(lists[0])
+    device = _device_of(first)
+    return lists, device, _stream_of(first, device)
 
 
 def sumsq_per_tensor(grads, out=None):

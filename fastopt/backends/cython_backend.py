@@ -120,18 +120,23 @@ def set_num_threads(n: int) -> None:
         _cpu_fast.set_num_threads(int(n))
 
 
+def override_threads(n: int) -> int:
+    """From now on the kernels this Python thread calls run on n threads (1 <= n <= MAX_THREADS; 0: the
+    process-wide count again); fastopt.set_num_threads's count, and other threads' kernels, are left as they
+    are. Returns the previous override, to put back (a forked child keeps one thread: README, "Threads")."""
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral) or not 0 <= n <= MAX_THREADS:
+        raise ValueError(f"Invalid thread override: {shown(n)} (an integer in [0, {MAX_THREADS}])")
+    return _cpu_fast.set_thread_override(int(n)) if AVAILABLE else 0
+
+
 @contextlib.contextmanager
 def thread_count(n: int):
-    """Within the block, the kernels this Python thread calls run on n threads (1 <= n <= MAX_THREADS);
-    fastopt.set_num_threads's process-wide count, and other threads' kernels, are left as they are."""
-    if not AVAILABLE:
-        yield
-        return
-    previous = _cpu_fast.set_thread_override(int(n))
+    """Within the block, the kernels this Python thread calls run on n threads (override_threads)."""
+    previous = override_threads(n)
     try:
         yield
     finally:
-        _cpu_fast.set_thread_override(previous)
+        override_threads(previous)
 
 
 def threads_here() -> int:

@@ -698,9 +698,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         if self.clip_grad_norm is None and not self.skip_nonfinite:
             return inv_scale
         total = 0.0
-        for b in plan.buckets:
-            sq = b.backend.sumsq_per_tensor(b.grad_views)
-            total += float(np.sum(to_host(sq), dtype=np.float64))
+        # on torch's thread count, as the update (results do not depend on it)
+        with cython_backend.thread_count(min(torch.get_num_threads(), cython_backend.MAX_THREADS)):
+            for b in plan.buckets:
+                sq = b.backend.sumsq_per_tensor(b.grad_views)
+                total += float(np.sum(to_host(sq), dtype=np.float64))
         norm = math.sqrt(total) * inv_scale
         if self.skip_nonfinite and not math.isfinite(norm):
             self.skipped_steps += 1
@@ -719,7 +721,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                 spec.scalars(b.hp, b.step, 1.0)
         # one thread pool: as many OpenMP threads as torch uses (torch takes counts past fastopt's cap), for this
         # Python thread's kernels only: fastopt.set_num_threads's count stays as set (another thread may set it)
-        with cython_backend.thread_count(min(torch.get_num_threads(), cython_backend.MAX_THREADS)):
+        previous = cython_backend.override_threads(min(torch.get_num_threads(), cython_backend.MAX_THREADS))
+        try:
             if self.stochastic_rounding:
                 self.rounding_steps += 1
             for b in plan.buckets:
@@ -731,6 +734,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                                   stochastic=StochasticRounding(self.seed, key_step))
                 else:
                     b.backend.run(b.prepared, spec, b.hp, b.step, grad_scale)
+        finally:
+            cython_backend.override_threads(previous)
         if plan.steady is not None:
             plan.steady.commit(plan)
         else:

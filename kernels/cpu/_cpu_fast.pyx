@@ -95,15 +95,17 @@ ISA_DISPATCH = FASTOPT_ISA_DISPATCH.decode()
 
 cdef int _num_threads = fastopt_omp_max_threads()
 cdef int _pool_started = 0  # a parallel region of more than one thread has run here: OpenMP's threads exist
+cdef int _fork_capped = 0   # a forked child of such a process: one thread, whatever an override says
 
 
 def set_num_threads(int n):
     """Threads used by the CPU kernels (default: OpenMP's, i.e. OMP_NUM_THREADS or the core count). A
     serial build accepts any n >= 1 and keeps running on one thread (get_num_threads() says 1)."""
-    global _num_threads
+    global _num_threads, _fork_capped
     if n < 1:
         raise ValueError(f"Invalid num_threads: {n}")
     _num_threads = n if FASTOPT_OPENMP else 1
+    _fork_capped = 0  # asked for explicitly (in a forked child too)
 
 
 def get_num_threads():
@@ -115,12 +117,13 @@ def after_fork_in_child():
     that had started them, libgomp's first parallel region waits for them forever (a DataLoader worker that
     steps a NumPy optimizer hung). There the kernels run on one thread (set_num_threads(n) in the child asks
     for more, at that risk). True when the count was lowered."""
-    global _num_threads, _pool_started
+    global _num_threads, _pool_started, _fork_capped
     fastopt_set_thread_override(0)
     if not _pool_started:
         return False
     _num_threads = 1
     _pool_started = 0
+    _fork_capped = 1  # a fastopt.torch step's override (torch's count survives fork) would ask for more
     return True
 
 
@@ -819,7 +822,7 @@ def bind_grads(_Fixed fixed, grads_per_call):
 cdef inline int _threads_for(int64_t total) noexcept nogil:
     global _pool_started
     cdef int n = fastopt_get_thread_override()
-    if total < PARALLEL_MIN:
+    if total < PARALLEL_MIN or _fork_capped:
         return 1
     if n <= 0:
         n = _num_threads

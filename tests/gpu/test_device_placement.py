@@ -152,3 +152,22 @@ def test_init_state_refuses_integer_device_params(cp):
         fastopt.init_state("adam", p)
     with pytest.raises(TypeError, match=r"params\[1\] has dtype >f4"):
         fastopt.init_state("adam", [_dev(cp, np.ones(3, np.float32)), _dev(cp, np.ones(3, ">f4"))])
+
+
+def test_an_empty_first_param_does_not_decide_the_device(cp):
+    """The checks take a call's device from its first non-empty param, and so must the launch: with an empty
+    params[0] the kernels were launched on the current device, with another GPU's pointers."""
+    rng = np.random.default_rng()
+    p = [_dev(cp, np.zeros(0, np.float32), 0), _rnd(cp, rng, (300,), 1)]
+    g = [_dev(cp, np.zeros(0, np.float32), 0), _rnd(cp, rng, (300,), 1)]
+    m, v = ([_dev(cp, np.zeros(0, np.float32), 0), _dev(cp, np.zeros(300, np.float32), 1)] for _ in range(2))
+    want = p[1].values.copy()
+    fastopt.adam_step(p, g, m, v, step=1, lr=1e-2)
+    assert cp.launches and all(launch.device == 1 for launch in cp.launches)
+    assert not np.array_equal(p[1].values, want)
+    opt = fastopt.Adam([_dev(cp, np.zeros(0, np.float32), 0), _rnd(cp, rng, (300,), 1)], lr=1e-2,
+                       clip_grad_norm=1.0)
+    cp.launches.clear()
+    opt.step([_dev(cp, np.zeros(0, np.float32), 0), _rnd(cp, rng, (300,), 1)])
+    assert cp.launches and all(launch.device == 1 for launch in cp.launches)
+
