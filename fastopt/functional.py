@@ -229,8 +229,21 @@ def _composite_state(spec, params, state_dtype, kahan, options) -> dict:
                          f"own dtype (state_dtype=None)")
     if kahan is not False:
         raise ValueError(f"Invalid kahan: {kahan!r} for 'sparse_adam' (no Kahan compensation)")
-    from fastopt.sparse_adam import new_state
-    return new_state(params)
+    # Adam's two moments, each param's in its own dtype (fastopt.sparse_adam imports the classes: not from here)
+    from fastopt.backends.dispatch import array_device, as_numpy
+    is_list = isinstance(params, (list, tuple))
+    if params is None:
+        raise TypeError("params must be an array or a list of arrays, got None")
+    out = {"exp_avg": [], "exp_avg_sq": []}
+    for i, p in enumerate(params if is_list else [params]):
+        label = f"params[{i}]" if is_list else "params"
+        own = _device_dtype(p, label) if array_device(p, label) == "device" else as_numpy(p, label).dtype
+        if not _float_param(own):
+            raise TypeError(f"{label} must be a float16, bfloat16, float32 or float64 array, got dtype {own}")
+        one = init_state("adam", p, state_dtype=own.newbyteorder("="))
+        for name in out:
+            out[name].append(one[name])
+    return out if is_list else {name: arrays[0] for name, arrays in out.items()}
 
 
 def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = False, **options) -> dict:

@@ -49,7 +49,7 @@ from fastopt.arrays import array_device, as_numpy, check_disjoint, to_host, writ
 from fastopt.optim import as_param_groups
 from fastopt.specs import COMPOSITE, as_step, shown
 
-__all__ = ["SparseAdam", "sparse_adam_step", "new_state", "prepare_step", "PreparedStep", "CHUNK_ELEMENTS"]
+__all__ = ["SparseAdam", "sparse_adam_step", "prepare_step", "PreparedStep", "CHUNK_ELEMENTS"]
 
 SPEC = COMPOSITE["sparse_adam"]
 _HYPER = {h.name: h for h in SPEC.hypers}
@@ -424,22 +424,6 @@ def sparse_adam_step(params, grads, exp_avg, exp_avg_sq, *, step, lr: float = 1e
     """
     prepare_step(params, grads, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                  maximize=maximize).run()
-
-
-def new_state(params) -> dict:
-    """sparse_adam_step's state for `params` (one array or a list): exp_avg and exp_avg_sq, zeros of each
-    param's shape, dtype and kind (fastopt.init_state("sparse_adam", params) returns this). The params are
-    checked as a step checks them (TypeError / ValueError naming them)."""
-    is_list = isinstance(params, (list, tuple))
-    if params is None:
-        raise TypeError("params must be an array or a list of arrays, got None")
-    checked = [_check_param(p, f"params[{i}]" if is_list else "params")
-               for i, p in enumerate(params if is_list else [params])]
-    out = {}
-    for name in ("exp_avg", "exp_avg_sq"):
-        arrays = [_zeros_like(p) for p in checked]
-        out[name] = arrays if is_list else arrays[0]
-    return out
 
 
 def _zeros_like(p):
