@@ -253,9 +253,10 @@ class Steady:
         if (len(state) != len(self.state_keys) or not all(map(is_, state.values(), self.state_values))
                 or not all(map(is_, state.keys(), self.state_keys))):
             return None
-        if not all(map(is_, map(dict.get, self.check_dicts, self.check_names), self.check_tensors)):
-            return None
-        if list(map(_data_ptr, self.check_tensors)) != self.check_ptrs:
+        # each state entry at the memory the views were made over: one pass reading the dicts' current tensors
+        # finds a replaced tensor (another address; a missing entry raises: _FALL_BACK) and memory replaced under
+        # a kept one (`.data = ...`, set_()). A new tensor over the same memory (a view of it) reads the same.
+        if list(map(_data_ptr, map(dict.get, self.check_dicts, self.check_names))) != self.check_ptrs:
             return None
         if self.scalars and not np.array_equal(np.array(self.scalars), self.scalar_values):
             return None  # a count or carried value written since the last step
