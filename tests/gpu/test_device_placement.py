@@ -14,24 +14,10 @@ import pytest
 import fastopt
 from fastopt.precision import QuantizedState
 
-from test_cupy_launch_abi import use_cupy
+from test_precision_emulation import cp, emu  # noqa: F401  (the emulated CuPy in the backend: fixtures)
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None or platform.machine() not in ("x86_64", "AMD64"),
                                 reason="the emulated kernels are built with g++ for x86-64")
-
-_modules: dict = {}  # compiled once for the module's tests
-
-
-@pytest.fixture(scope="module")
-def emu():
-    import cuda_emulator
-    return cuda_emulator.EmuCupy()
-
-
-@pytest.fixture
-def cp(emu, monkeypatch):
-    emu.launches.clear()
-    return use_cupy(monkeypatch, emu, _modules)
 
 
 def _dev(cp, host, device=0):
