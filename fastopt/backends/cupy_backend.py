@@ -33,15 +33,16 @@ import numbers
 import numpy as np
 
 from fastopt.backends import cuda_source, numpy_backend
-from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_skip_flag, checked_grads,
-                                             device_index, from_interface, prepare_device,
-                                             prepare_fixed_device, producer_stream, rounding_of,
+from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_on_device, check_skip_flag,
+                                             checked_grads, device_index, first_nonempty, from_interface,
+                                             prepare_device, prepare_fixed_device, producer_stream, rounding_of,
                                              validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
 from fastopt.backends.validate import (Checked, check_prepared_disjoint, check_scaled_lr, check_tensor_coefs, comp_slot,
                                       state_slots)
 from fastopt.precision import QuantizedState, quantizer_arrays
-from fastopt.specs import LR_SLOT, as_float  # LR_SLOT: the lr's slot in a device row of scalars (two-phase families' trust kernel)
+# LR_SLOT: the lr's slot in a device row of scalars (two-phase families' trust kernel)
+from fastopt.specs import LR_SLOT, as_float
 
 NAME = "cupy"
 AVAILABLE = importlib.util.find_spec("cupy") is not None
@@ -106,11 +107,6 @@ def _stable(obj) -> bool:
     host time is then its launches."""
     return isinstance(obj, _cupy().ndarray)
 
-
-def _first(arrays):
-    """The array that decides the device and the stream of a call: the first with elements (an empty array
-    may have no memory, hence no device; validate.check_arrays takes the call's device from it too)."""
-    return next((a for a in arrays if a.size), arrays[0])
 
 
 def _device_of(a: DeviceArray) -> int:
@@ -411,7 +407,7 @@ class _Launch:
         params = lists[0]
         self.nonempty = any(a.size for a in params)
         self.dtype = _module_of(lists) if params else None
-        self.device = _device_of(_first(params)) if self.nonempty else None
+        self.device = _device_of(first_nonempty(params)) if self.nonempty else None
         self.int8 = _int8(self.dtype)
         self.single = None
         if self.nonempty and len(params) == 1 and not self.int8:  # 8-bit state: the table path
@@ -465,7 +461,7 @@ def _grad_scale(grad_scale, device):
         raise TypeError(f"grad_scale must be a real number or a 0-d float array, got dtype {a.dtype}")
     if a.shape != ():
         raise ValueError(f"grad_scale must be a scalar or a 0-d array, got shape {a.shape}")
-    _on_device(a, "grad_scale", device)
+    check_on_device(a, "grad_scale", device, _device_of)
     return 1.0, np.uint64(a.ptr), np.int32(_GS_KIND[a.dtype])
 
 
@@ -475,16 +471,9 @@ def _skip_flag(found_inf, device):
     if found_inf is None:
         return np.uint64(0)
     a = check_skip_flag(_describe(found_inf, "found_inf"))
-    _on_device(a, "found_inf", device)
+    check_on_device(a, "found_inf", device, _device_of)
     return np.uint64(a.ptr)
 
-
-def _on_device(a: DeviceArray, name: str, device) -> None:
-    """A call's one-off device array (grad_scale, found_inf) on its params' device (None: a call with no
-    element, which launches nothing)."""
-    if device is not None and a.ptr and _device_of(a) != device:
-        raise ValueError(f"{name} is on device {_device_of(a)} but the params are on device {device}: one call "
-                         f"runs on one GPU")
 
 
 def _blocks(n, per_thread):
@@ -552,7 +541,7 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
     dtype, device = launch.dtype, launch.device
     if rounding != cuda_source.ROUND_NEAREST:
         dtype = _module_of(lists, rounding)
-    stream = _stream_of(_first(params), device)
+    stream = _stream_of(first_nonempty(params), device)
     host_scale, gs_ptr, gs_kind = _grad_scale(grad_scale, device)
     scalars = _pack(spec.scalars(hp, step, host_scale) if scalars_at is None else (), key, index0)
     at = np.uint64(0) if scalars_at is None else np.uint64(scalars_at.data.ptr)
@@ -696,7 +685,7 @@ def _two_phase_setup(prepared, spec, hp, step, grad_scale, found_inf, stochastic
     if not any(a.size for a in lists[0]):
         _skip_flag(found_inf, None), _grad_scale(grad_scale, None)  # checked all the same
         return None
-    first = _first(lists[0])
+    first = first_nonempty(lists[0])
     device = _device_of(first)
     skip = _skip_flag(found_inf, device)
     stream = _stream_of(first, device)
@@ -752,7 +741,7 @@ def _grads_call(grads, written):
     """(lists, device, stream) of a call on gradients: raw arrays (checked here), a prepare_grads batch or
     a prepared update (its grads)."""
     lists, _ = checked_grads(grads, _describe, DTYPES, _WHERE, written, device=_device_of)
-    first = _first(lists[0])
+    first = first_nonempty(lists[0])
     device = _device_of(first)
     return lists, device, _stream_of(first, device)
 

@@ -166,6 +166,20 @@ def checked_grads(grads, describe, dtypes, where, written, device=None):
     return validate_device_arrays((grads,), ("grads",), describe, dtypes, where, -1 if written else 0, device=device)
 
 
+def first_nonempty(arrays):
+    """The array that decides the device and the stream of a call: the first with elements (an empty array
+    may have no memory, hence no device; validate.check_arrays takes the call's device from it too)."""
+    return next((a for a in arrays if a.size), arrays[0])
+
+
+def check_on_device(a: DeviceArray, name: str, device, backend_device) -> None:
+    """A call's one-off device array (grad_scale, found_inf) on its params' device (`backend_device(a)`: a's
+    ordinal; device None: a call with no element, which launches nothing)."""
+    if device is not None and a.ptr and backend_device(a) != device:
+        raise ValueError(f"{name} is on device {backend_device(a)} but the params are on device {device}: one call "
+                         f"runs on one GPU")
+
+
 FLAG_DTYPES = (np.dtype(np.bool_), np.dtype(np.uint8))
 
 

@@ -38,9 +38,10 @@ import numpy as np
 
 from fastopt.backends.cuda_source import BF16, ROUND_KAHAN, ROUND_NEAREST, ROUND_STOCHASTIC
 from fastopt.backends import numpy_backend
-from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_skip_flag, checked_grads,
-                                             device_index, from_interface, prepare_device,
-                                             prepare_fixed_device, producer_stream, rounding_of, validate_device_arrays)
+from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_on_device, check_skip_flag,
+                                             checked_grads, device_index, first_nonempty, from_interface,
+                                             prepare_device, prepare_fixed_device, producer_stream, rounding_of,
+                                             validate_device_arrays)
 from fastopt.backends.validate import bind_grads as _bind_grads
 from fastopt.backends.validate import (Checked, check_prepared_disjoint, check_scaled_lr, check_tensor_coefs, comp_slot,
                                       state_slots)
@@ -112,7 +113,7 @@ def _storage(dtype):
 def _call_kinds(lists):
     """(math dtype, kinds) of an update call's kernels (kernels.build: how its params, grads and states are
     stored; None when all are of the math dtype; 8-bit states: None, their kernels take codes and scales)."""
-    params = _first(lists[0]).dtype
+    params = first_nonempty(lists[0]).dtype
     math = _math_dtype(params)
     states = [lst[0].dtype for lst in lists[2:5] if lst and not isinstance(lst[0], QuantizedState)]
     kinds = (_kind(params, math), _kind(lists[1][0].dtype, math), _kind(states[0] if states else None, math))
@@ -410,7 +411,7 @@ def _device_scale(grad_scale, dtype, device, stream=0):
         raise TypeError(f"grad_scale must be a real number or a 0-d float array, got dtype {a.dtype}")
     if a.shape != ():
         raise ValueError(f"grad_scale must be a scalar or a 0-d array, got shape {a.shape}")
-    _on_device(a, "grad_scale", device)
+    check_on_device(a, "grad_scale", device, _device_of)
     if a.dtype == dtype:
         return 1.0, _flat(a)
     # widened exactly by the kernels of its own storage (a 16-bit value: its bits), read in the math dtype
@@ -425,15 +426,9 @@ def _skip_flag(found_inf, device):
     if found_inf is None:
         return _never(device)
     a = check_skip_flag(_describe(found_inf, "found_inf"))
-    _on_device(a, "found_inf", device)
+    check_on_device(a, "found_inf", device, _device_of)
     return _flat(a)
 
-
-def _on_device(a: DeviceArray, name: str, device: int) -> None:
-    """A call's one-off device array (grad_scale, found_inf) on its params' device."""
-    if a.ptr and _device_of(a) != device:
-        raise ValueError(f"{name} is on device {_device_of(a)} but the params are on device {device}: one call "
-                         f"runs on one GPU")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -481,7 +476,7 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
     int8 = _is_int8(lists)
     if int8:
         numpy_backend.check_int8(prepared, spec)  # an optimizer whose state must stay exact: refused by name
-    first = _first(lists[0])
+    first = first_nonempty(lists[0])
     dtype, kinds = _call_kinds(lists)
     device = _device_of(first)
     with _on(device):
@@ -595,7 +590,7 @@ def _two_phase_launch(prepared, spec, hp, step, grad_scale, found_inf, stochasti
         raise ValueError(f"{entry}: {spec.function_name} is not a two-phase update (only spec.two_phase: LAMB)")
     rounding, key, index0 = rounding_of(prepared, stochastic)
     lists = prepared.lists
-    first = _first(lists[0])
+    first = first_nonempty(lists[0])
     dtype, kinds = _call_kinds(lists)
     device = _device_of(first)
     with _on(device):
@@ -659,17 +654,12 @@ def _tensor_coefs(spec, hp, host_scale, gs, lists, dtype, stream):
     return cuda.to_device(coefs.astype(dtype), stream=stream)
 
 
-def _first(arrays):
-    """The array that decides the device and the stream of a call: the first with elements (an empty
-    array may have no memory, hence no device)."""
-    return next((a for a in arrays if a.size), arrays[0])
-
 
 def _grads_call(grads, written):
     """(lists, device) of a call on gradients: raw arrays (checked here), a prepare_grads batch or a
     prepared update (its grads)."""
     lists, _ = checked_grads(grads, _describe, DTYPES, _WHERE, written, device=_device_of)
-    return lists, _device_of(_first(lists[0]))
+    return lists, _device_of(first_nonempty(lists[0]))
 
 
 def sumsq_per_tensor(grads, out=None):
@@ -681,7 +671,7 @@ def sumsq_per_tensor(grads, out=None):
     arrays = lists[0]
     block = launch_config()[0]
     with _on(device):
-        stream = _stream(_first(arrays), device)
+        stream = _stream(first_nonempty(arrays), device)
         if out is None:
             out = cuda.device_array(len(arrays), dtype=np.float64, stream=stream)
         k, _ = _kernels_for(arrays[0].dtype)
@@ -798,7 +788,7 @@ def _scale_each(lists, device, mode, host_coef, coef, max_norm):
     arrays = lists[0]
     if not any(a.size for a in arrays):
         return
-    stream = _stream(_first(arrays), device)
+    stream = _stream(first_nonempty(arrays), device)
     table = _table(lists, device, stream)
     _kernels_for(arrays[0].dtype)[0]["scale"][table.nchunks, launch_config()[0], stream](
         table.views[0], table.tensors, table.chunks, mode, np.float64(host_coef), coef, np.float64(max_norm))
@@ -816,7 +806,7 @@ def clip_by_norm(grads, sq, max_norm):
     lists, device = _grads_call(grads, True)
     with _on(device):
         _scale_each(lists, device, 2, 1.0, sq, max_norm)
-        stream = _stream(_first(lists[0]), device)
+        stream = _stream(first_nonempty(lists[0]), device)
         norms = _cuda().device_array(sq.size, dtype=np.float64, stream=stream)
         _kernels(F64)["sqrt_all"][_grid(sq.size), launch_config()[0], stream](sq, norms)
     out = [_returned(norms[i:i + 1], stream).reshape(()) for i in range(sq.size)]
@@ -829,7 +819,7 @@ def scale_(grads, coef):
         if isinstance(coef, numbers.Real) and not isinstance(coef, (bool, np.bool_)):
             _scale_each(lists, device, 0, float(coef), _ones(device, F64), 0.0)
             return
-        _, dev = _device_scale(coef, F64, device, _stream(_first(lists[0]), device))
+        _, dev = _device_scale(coef, F64, device, _stream(first_nonempty(lists[0]), device))
         _scale_each(lists, device, 1, 1.0, dev, 0.0)
 
 
@@ -840,7 +830,7 @@ def clamp_(grads, clip_value):
         return
     k, math = _kernels_for(arrays[0].dtype)
     with _on(device):
-        stream = _stream(_first(arrays), device)
+        stream = _stream(first_nonempty(arrays), device)
         table = _table(lists, device, stream)
         k["clamp"][table.nchunks, launch_config()[0], stream](table.views[0], table.tensors, table.chunks,
                                                               math.type(clip_value))
