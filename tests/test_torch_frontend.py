@@ -633,6 +633,62 @@ def test_threads_past_fastopts_cap_run_at_the_cap(monkeypatch):
     assert torch.equal(p.detach(), torch.full((10,), 0.5))
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_norms_and_update_share_one_thread_override(monkeypatch, skip):
+    """With clipping and skipping, the grads' norms and the update run on torch's thread count under one
+    override per step (set once, put back once), also when the step is skipped or its kernel raises."""
+    from fastopt.backends import cython_backend
+    real_override, real_sumsq, real_run = (cython_backend.override_threads, cython_backend.sumsq_per_tensor,
+                                           cython_backend.run)
+    overrides, seen = [], []
+
+    def counting_override(n):
+        overrides.append(n)
+        return real_override(n)
+
+    def sumsq(*args, **kwargs):
+        seen.append(("norm", cython_backend.threads_here()))
+        return real_sumsq(*args, **kwargs)
+
+    def run(*args, **kwargs):
+        seen.append(("update", cython_backend.threads_here()))
+        return real_run(*args, **kwargs)
+
+    p = torch.randn(37, requires_grad=True)
+    q = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    opt = ft.AdamW([p, q], lr=0.01, clip_grad_norm=0.5, skip_nonfinite=True)
+    for step in range(3):
+        p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+        if skip and step == 2:
+            q.grad[1, 2] = float("inf")
+        before = cython_backend.threads_here()
+        monkeypatch.setattr(cython_backend, "override_threads", counting_override)
+        monkeypatch.setattr(cython_backend, "sumsq_per_tensor", sumsq)
+        monkeypatch.setattr(cython_backend, "run", run)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+        overrides.clear()
+        seen.clear()
+        opt.step()
+        monkeypatch.undo()
+        assert overrides[0] == 3 and len(overrides) == 2, overrides
+        assert cython_backend.threads_here() == before
+        kinds = [k for k, _ in seen]
+        assert kinds == ["norm", "norm"] + ([] if skip and step == 2 else ["update", "update"]), kinds
+        assert all(n == 3 for _, n in seen), seen
+    assert opt.skipped_steps == (1 if skip else 0)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+    p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+    before = cython_backend.threads_here()
+    monkeypatch.setattr(cython_backend, "run", failing)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        opt.step()
+    monkeypatch.undo()
+    assert cython_backend.threads_here() == before
+
+
 def test_set_num_threads_during_a_step_is_kept(monkeypatch):
     """The step ran on torch's thread count by setting the process-wide count and putting the old one back
     afterwards: a set_num_threads from another thread during the step was undone (41 of 50 trials). The count

@@ -366,10 +366,16 @@ class TorchOptimizer(torch.optim.Optimizer):
                 self._fastopt_entries.clear()
                 self._fastopt_templates.clear()
                 plan = self._plan()
-        grad_scale = self._grad_scale(plan)
-        if grad_scale is False:
-            return loss
-        self._run(plan, grad_scale)
+        # one thread count for the whole step (the clip/skip norms and the update): as many OpenMP threads as torch
+        # uses (torch takes counts past fastopt's cap), for this Python thread's kernels only:
+        # fastopt.set_num_threads's count stays as set (another thread may set it). Results do not depend on it.
+        previous = cython_backend.override_threads(min(torch.get_num_threads(), cython_backend.MAX_THREADS))
+        try:
+            grad_scale = self._grad_scale(plan)
+            if grad_scale is not False:
+                self._run(plan, grad_scale)
+        finally:
+            cython_backend.override_threads(previous)
         return loss
 
     def _warn_once(self, key, message):
@@ -698,11 +704,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         if self.clip_grad_norm is None and not self.skip_nonfinite:
             return inv_scale
         total = 0.0
-        # on torch's thread count, as the update (results do not depend on it)
-        with cython_backend.thread_count(min(torch.get_num_threads(), cython_backend.MAX_THREADS)):
-            for b in plan.buckets:
-                sq = b.backend.sumsq_per_tensor(b.grad_views)
-                total += float(np.sum(to_host(sq), dtype=np.float64))
+        for b in plan.buckets:
+            sq = b.backend.sumsq_per_tensor(b.grad_views)
+            total += float(np.sum(to_host(sq), dtype=np.float64))
         norm = math.sqrt(total) * inv_scale
         if self.skip_nonfinite and not math.isfinite(norm):
             self.skipped_steps += 1
@@ -719,23 +723,17 @@ class TorchOptimizer(torch.optim.Optimizer):
             # scalars raising for a later call would otherwise leave the earlier calls written
             for b in plan.buckets:
                 spec.scalars(b.hp, b.step, 1.0)
-        # one thread pool: as many OpenMP threads as torch uses (torch takes counts past fastopt's cap), for this
-        # Python thread's kernels only: fastopt.set_num_threads's count stays as set (another thread may set it)
-        previous = cython_backend.override_threads(min(torch.get_num_threads(), cython_backend.MAX_THREADS))
-        try:
+        if self.stochastic_rounding:
+            self.rounding_steps += 1
+        for b in plan.buckets:  # on step()'s thread count
             if self.stochastic_rounding:
-                self.rounding_steps += 1
-            for b in plan.buckets:
-                if self.stochastic_rounding:
-                    # keyed by (seed, the params' step count), element i of each param; torch keeps no count
-                    # for SGD: there, the number of steps this optimizer took (rounding_steps)
-                    key_step = b.step if spec.torch_step else self.rounding_steps
-                    b.backend.run(b.prepared, spec, b.hp, b.step, grad_scale,
-                                  stochastic=StochasticRounding(self.seed, key_step))
-                else:
-                    b.backend.run(b.prepared, spec, b.hp, b.step, grad_scale)
-        finally:
-            cython_backend.override_threads(previous)
+                # keyed by (seed, the params' step count), element i of each param; torch keeps no count
+                # for SGD: there, the number of steps this optimizer took (rounding_steps)
+                key_step = b.step if spec.torch_step else self.rounding_steps
+                b.backend.run(b.prepared, spec, b.hp, b.step, grad_scale,
+                              stochastic=StochasticRounding(self.seed, key_step))
+            else:
+                b.backend.run(b.prepared, spec, b.hp, b.step, grad_scale)
         if plan.steady is not None:
             plan.steady.commit(plan)
         else:
