@@ -11,7 +11,13 @@ the same (sgemm and sgemv split the output between threads, not the sums; tests/
 tests/test_adafactor.py compare one and two threads bit for bit). The thread count is set through
 threadpoolctl (a dependency); should it be missing, BLAS keeps its own count (same results, slower on small
 products) and a RuntimeWarning says so once.
-The setting is process-wide while the block runs (BLAS has no per-call thread count).
+The setting is process-wide while the block runs (BLAS has no per-call thread count). Each block puts back
+what it changed, from the thread that changed it (NumPy's OpenBLAS 0.3.31 ignores counts set from other
+threads once the main thread has set one: a block shared by threads and ended by another than the main thread
+would leave BLAS on one thread for good), and keeps a count someone set meanwhile (threadpoolctl, another
+library) rather than undoing it. So blocks in two Python threads at once may leave the later one on BLAS's own
+count once the earlier ends, and a block in another thread may not change the count at all: the same bits, as
+above, only slower.
 """
 from __future__ import annotations
 
@@ -51,7 +57,8 @@ class _OneBlasThread:
 
     def __exit__(self, *exc):
         for lib, n in self.saved:
-            lib.set_num_threads(n)
+            if lib.get_num_threads() == 1:  # else set by someone during the block: theirs stays
+                lib.set_num_threads(n)
         return False
 
 

@@ -117,3 +117,29 @@ def test_override_threads_checks_its_range():
     for bad in (-1, cython_backend.MAX_THREADS + 1, 1.5, True):
         with pytest.raises(ValueError, match="Invalid thread override"):
             cython_backend.override_threads(bad)
+
+
+
+def _blas_counts():
+    from fastopt.blas import blas_controllers
+    return [lib.get_num_threads() for lib in blas_controllers()]
+
+
+def test_one_blas_thread_keeps_a_count_set_during_the_block():
+    """A count set inside the block (threadpoolctl, another library) is kept, not undone at the block's end;
+    nested blocks and a raising block put the previous count back."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from fastopt.blas import blas_controllers, one_blas_thread
+    assert blas_controllers()
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        with one_blas_thread():
+            with one_blas_thread():
+                assert all(n == 1 for n in _blas_counts())
+            assert all(n == 1 for n in _blas_counts())
+            threadpoolctl.threadpool_limits(limits=3, user_api="blas")
+        assert all(n == 3 for n in _blas_counts())
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        with pytest.raises(RuntimeError, match="inside"):
+            with one_blas_thread():
+                raise RuntimeError("inside")
+        assert all(n == 2 for n in _blas_counts())
