@@ -175,7 +175,7 @@ def _on(device, stream):
 
 def _returned(array, stream):
     """Remember the stream that writes `array` (returned to the caller): see _stream_of_result."""
-    _result_streams.note(array.data.ptr, stream)
+    _result_streams.note(array.data.ptr, stream, array)
     return array
 
 

@@ -253,20 +253,25 @@ class StreamMemo:
     """The stream each device array a backend returned was written on, by device address (bounded): the
     kernels that read such an array later (the norm from sums of squares, the optimizer's guard) are
     launched on that stream, hence after its producer, whatever stream is current by then. Keyed by
-    address because CuPy arrays take no attributes nor weak references."""
+    address because CuPy arrays take no attributes nor weak references; so each entry also holds the array
+    it was noted for: its memory, hence its address, stays its own while the entry lasts. By address alone,
+    an array the caller made later at a recycled address (CuPy's pool hands a freed block out again at
+    once) would be read on the old result's stream, unordered after its own producer."""
 
     def __init__(self, size=256):
         self._streams: collections.OrderedDict = collections.OrderedDict()
         self._size = size
 
-    def note(self, ptr, stream):
-        self._streams[int(ptr)] = stream
+    def note(self, ptr, stream, owner):
+        """`owner`: the array at ptr (kept alive with the entry)."""
+        self._streams[int(ptr)] = (stream, owner)
         self._streams.move_to_end(int(ptr))
         if len(self._streams) > self._size:
             self._streams.popitem(last=False)
 
     def get(self, ptr, default=None):
-        return self._streams.get(int(ptr), default)
+        entry = self._streams.get(int(ptr))
+        return default if entry is None else entry[0]
 
     def clear(self):
         self._streams.clear()

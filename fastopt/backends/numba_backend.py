@@ -229,7 +229,7 @@ _result_streams = StreamMemo()  # arrays this backend returned -> the stream tha
 
 
 def _returned(array, stream):
-    _result_streams.note(_describe(array, "result").ptr, stream)
+    _result_streams.note(_describe(array, "result").ptr, stream, array)
     return array
 
 

@@ -542,3 +542,24 @@ def test_gpu_backends_prepare_once_and_check_grads_every_step(cupy_world):
     with pytest.raises(ValueError, match=r"grads\[1\] has shape"):
         opt.step(grads)
     assert fake.launches == []
+
+
+def test_stream_memo_entries_hold_their_arrays():
+    """A result's entry keeps the array alive, so its address cannot be recycled for another array while the
+    entry maps it to the result's stream (by address alone, an array made later at a freed result's address
+    was read on that old stream, unordered after its own producer); the oldest entry goes past the bound."""
+    import gc
+    import weakref
+
+    class Result:  # any object that takes weak references
+        pass
+    memo = cupy_backend.StreamMemo(size=3)
+    results = [Result() for _ in range(4)]
+    refs = [weakref.ref(r) for r in results]
+    for ptr, r in enumerate(results):
+        memo.note(0x1000 + ptr, f"stream {ptr}", r)
+    del results, r
+    gc.collect()
+    assert [ref() is None for ref in refs] == [True, False, False, False]
+    assert memo.get(0x1000) is None and memo.get(0x1003) == "stream 3" and memo.get(0x1000, "current") == "current"
+
