@@ -24,7 +24,7 @@ from fastopt.array_types import Arrays
 from fastopt.backends.dispatch import backend_for, check_empty_call
 from fastopt.specs import AVERAGE_COPY, AVERAGE_EMA, AVERAGE_SWA, WEIGHT_AVERAGE, shown
 
-__all__ = ["ema_update", "swa_update", "ema_decay", "lerp_"]
+__all__ = ["ema_update", "swa_update", "ema_decay", "lerp_", "lerp_all_"]
 
 _NAMES = ("averages", "params")
 
@@ -77,6 +77,32 @@ def lerp_(arrays: Arrays, ends: Arrays, weight: float, *, backend: str | None = 
     (1 - weight) where |weight| >= 0.5) without FMA (torch's CPU lerp fuses it: one ulp apart at most), for any finite
     weight (schedule-free's eval()/train() switch lerps by 1 - 1/beta1 < 0): the kernel behind ema_update.
     TypeError / ValueError naming the argument, before any write."""
+    _run(arrays, ends, {"mode": AVERAGE_EMA, "weight": _weight(weight), "divisor": 1.0}, backend)
+
+
+def lerp_all_(calls, names=_NAMES, *, backend: str | None = None) -> None:
+    """lerp_ of several calls, each (arrays, ends, weight, indices), as one operation: every weight and array
+    checked, and no call's written memory shared with another's, before the first write (schedule-free's
+    eval()/train(): one call per group and dtype). names: the two lists' names in messages, indices the arrays'
+    numbers there (None: 0, 1, ...)."""
+    prepared, by_backend = [], {}
+    for arrays, ends, weight, indices in calls:
+        hp = {"mode": AVERAGE_EMA, "weight": _weight(weight), "divisor": 1.0, "lr": 0.0}
+        be = backend_for(arrays, backend, names[0])
+        if be is None:
+            check_empty_call((arrays, ends), names)
+            continue
+        call = be.prepare((arrays, ends), names, indices)
+        prepared.append((be, call, hp))
+        by_backend.setdefault(be, []).append(call)
+    for be, calls_of_backend in by_backend.items():
+        if len(calls_of_backend) > 1:
+            be.check_disjoint(calls_of_backend)
+    for be, call, hp in prepared:
+        be.run(call, WEIGHT_AVERAGE, hp, 1, None)
+
+
+def _weight(weight) -> float:
     if isinstance(weight, (bool, np.bool_)) or not isinstance(weight, numbers.Real):
         raise TypeError(f"weight must be a real number, got {shown(weight)}")
     try:
@@ -85,7 +111,7 @@ def lerp_(arrays: Arrays, ends: Arrays, weight: float, *, backend: str | None = 
         finite = False
     if not finite:
         raise ValueError(f"Invalid weight: {shown(weight)} (a finite number)")
-    _run(arrays, ends, {"mode": AVERAGE_EMA, "weight": float(weight), "divisor": 1.0}, backend)
+    return float(weight)
 
 
 def swa_update(averages: Arrays, params: Arrays, n_averaged: int, *, backend: str | None = None) -> None:

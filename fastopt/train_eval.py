@@ -87,12 +87,14 @@ class TrainEval(_Modes):
         return [weight(self._hyperparameters(gi)[0]) for gi in range(len(self.param_groups))]
 
     def _move(self, state, weights) -> None:
-        from fastopt.averaging import lerp_
-        for gi, buckets in enumerate(self._buckets):
-            for bucket in buckets:
-                zs = bucket.states.get(state)
-                if zs is not None:  # none yet: no step taken, y == z == x (the package skips such params too)
-                    lerp_(bucket.params, zs, weights[gi], backend=self.backend)
+        from fastopt.averaging import lerp_all_
+        # every group's and dtype's call checked before the first param moves (a read-only param of a later
+        # group left the earlier groups at x and the mode at train)
+        lerp_all_([(bucket.params, zs, weights[gi], bucket.indices)
+                   for gi, buckets in enumerate(self._buckets) for bucket in buckets
+                   # no z yet: no step taken, y == z == x (the package skips such params too)
+                   for zs in [bucket.states.get(state)] if zs is not None],
+                  ("params", state), backend=self.backend)
 
     def step(self, grads):
         self._check_train_mode()

@@ -240,6 +240,43 @@ def test_step_in_eval_mode_raises_and_writes_nothing(name):
     assert torch.equal(tp, torch.ones(4)) and not topt.state[tp]
 
 
+@pytest.mark.parametrize("to_eval", [True, False])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_switch_that_fails_on_a_later_group_moves_nothing(name, to_eval):
+    """eval()/train() check every group's and dtype's params before the first moves: a read-only param in a
+    later group (or the float64 bucket of a group) raised after the earlier ones had moved, the mode unchanged,
+    so fixing it and switching again moved them twice."""
+    rng = np.random.default_rng(7)
+    cls = getattr(fastopt, REGISTRY[name].class_name)
+
+    ps = [rng.standard_normal(s).astype(d) for s, d in [((4, 3), np.float32), ((5,), np.float64), ((3,), np.float32)]]
+    twin_ps = [p.copy() for p in ps]
+    opt = cls([{"params": ps[:2]}, {"params": ps[2:]}], lr=0.1)
+    twin = cls([{"params": twin_ps[:2]}, {"params": twin_ps[2:]}], lr=0.1)
+    for _ in range(3):
+        grads = [rng.standard_normal(p.shape).astype(p.dtype) for p in ps]
+        opt.step(grads)
+        twin.step([g.copy() for g in grads])
+    if not to_eval:
+        opt.eval()
+        twin.eval()
+    for bad in (1, 2):  # the float64 bucket of group 0, then group 1
+        before = [p.tobytes() for p in ps]
+        state = opt.state_dict()
+        ps[bad].setflags(write=False)
+        with pytest.raises(ValueError, match=f"params\\[{bad}\\] is read-only"):
+            opt.eval() if to_eval else opt.train()
+        ps[bad].setflags(write=True)
+        assert [p.tobytes() for p in ps] == before and opt.train_mode is to_eval
+        after = opt.state_dict()
+        assert [(k, v.tobytes()) for k, v in sorted(after["state"][0].items()) if isinstance(v, np.ndarray)] == \
+            [(k, v.tobytes()) for k, v in sorted(state["state"][0].items()) if isinstance(v, np.ndarray)]
+    opt.eval() if to_eval else opt.train()
+    twin.eval() if to_eval else twin.train()
+    assert opt.train_mode is twin.train_mode is (not to_eval)
+    assert [p.tobytes() for p in ps] == [p.tobytes() for p in twin_ps]
+
+
 BAD = [("momentum", 1.0, ValueError), ("momentum", 0.0, ValueError), ("beta1", 0.0, ValueError),
        ("warmup_steps", 2.5, ValueError), ("warmup_steps", -1, ValueError), ("r", -0.5, ValueError),
        ("weight_lr_power", float("nan"), ValueError), ("weight_decay", -1.0, ValueError), ("lr", -1.0, ValueError),
