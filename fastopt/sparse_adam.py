@@ -49,7 +49,7 @@ from fastopt.arrays import array_device, as_numpy, check_disjoint, to_host, writ
 from fastopt.optim import as_param_groups
 from fastopt.specs import COMPOSITE, as_step, shown
 
-__all__ = ["SparseAdam", "sparse_adam_step", "prepare_step", "PreparedStep", "CHUNK_ELEMENTS"]
+__all__ = ["SparseAdam", "sparse_adam_step", "prepare_step", "PreparedStep", "check_calls_disjoint", "CHUNK_ELEMENTS"]
 
 SPEC = COMPOSITE["sparse_adam"]
 _HYPER = {h.name: h for h in SPEC.hypers}
@@ -344,11 +344,12 @@ class PreparedStep:
     data was checked when it was made, so that a caller with several calls (one per param group) checks
     them all before the first write."""
 
-    __slots__ = ("work", "hyper", "written_params")
+    __slots__ = ("work", "hyper", "written", "read")
 
-    def __init__(self, work, hyper, written_params):
+    def __init__(self, work, hyper, written, read):
         self.work, self.hyper = work, hyper
-        self.written_params = written_params  # (name, param) of the params run() writes
+        self.written = written  # (name, array) of the params and states run() writes
+        self.read = read        # (name, values) of the gradients' values it reads
 
     def run(self) -> None:
         """Apply the update (in place). Once: running it twice applies it twice."""
@@ -401,9 +402,18 @@ def prepare_step(params, grads, exp_avg, exp_avg_sq, *, step, lr: float = 1e-3, 
             work.append((p, m, v, plan, steps[i], i))
     # every array written (params, states) apart from every other and from the values read (a param given
     # twice, two params that are views of one buffer, a grad's values inside a param)
-    check_disjoint([(name(base, w[5]), a) for w in work for base, a in zip(("params", "exp_avg", "exp_avg_sq"), w)],
-                   [(name("grads", w[5]) + " values", w[3].vals) for w in work])
-    return PreparedStep([w[:5] for w in work], hyper, [(name("params", w[5]), w[0]) for w in work])
+    written = [(name(base, w[5]), a) for w in work for base, a in zip(("params", "exp_avg", "exp_avg_sq"), w)]
+    read = [(name("grads", w[5]) + " values", w[3].vals) for w in work]
+    check_disjoint(written, read)
+    return PreparedStep([w[:5] for w in work], hyper, written, read)
+
+
+def check_calls_disjoint(calls) -> None:
+    """ValueError when prepared calls of one step (one per param group) share memory that one of them writes:
+    each call checked its own arrays; a param of one group that is another's state or gradient values would be
+    read by one call after another wrote it."""
+    if len(calls) > 1:
+        check_disjoint([w for call in calls for w in call.written], [r for call in calls for r in call.read])
 
 
 def sparse_adam_step(params, grads, exp_avg, exp_avg_sq, *, step, lr: float = 1e-3, beta1: float = 0.9,
@@ -565,7 +575,7 @@ class SparseAdam:
                                       beta1=hp["betas"][0], beta2=hp["betas"][1], eps=hp["eps"],
                                       maximize=hp["maximize"], index_offset=start))
             start += len(params)
-        check_disjoint([named for call in calls for named in call.written_params], [])  # across groups
+        check_calls_disjoint(calls)
         self.state.update(new_states)
         for call in calls:
             call.run()

@@ -4,6 +4,8 @@ gradients, 1-row / 1-D / 3-D params, maximize, 50 steps with different rows, sev
 interchange, and bad input that must raise naming the argument and change nothing."""
 from __future__ import annotations
 
+import copy
+
 import warnings
 
 import numpy as np
@@ -462,6 +464,33 @@ def test_memory_shared_between_params_states_and_values_is_refused():
     with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] share memory"):
         opt.step([(np.array([2]), np.ones((1, 2), np.float32))] * 2)
     assert not p.any() and opt.state == {}
+
+
+def test_a_gradients_values_inside_another_groups_param_are_refused():
+    """A gradient's values that are another group's param: within a group refused, across groups accepted and
+    read after that param had been updated (silently another result)."""
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2 ** 32))
+    p0, p1 = rng.standard_normal((2, 3)).astype(np.float32), rng.standard_normal((3, 3)).astype(np.float32)
+    opt = fastopt.SparseAdam([{"params": [p0]}, {"params": [p1], "lr": 0.01}], lr=0.1)
+    one = (np.array([0]), np.ones((1, 3), np.float32))
+    opt.step([one, one])
+    raw, state = (p0.tobytes(), p1.tobytes()), copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"params\[0\] and grads\[1\] values share memory"):
+        opt.step([(np.array([0]), np.full((1, 3), 5.0, np.float32)), (np.array([0]), p0[:1])])
+    assert (p0.tobytes(), p1.tobytes()) == raw
+    after = opt.state_dict()
+    assert all(after["state"][i][k].tobytes() == state["state"][i][k].tobytes() and
+               after["state"][i]["step"] == state["state"][i]["step"] == 1
+               for i in (0, 1) for k in ("exp_avg", "exp_avg_sq"))
+    a = torch.zeros(4, 2, requires_grad=True)
+    b = torch.zeros(4, 2, requires_grad=True)
+    topt = fastopt.torch.SparseAdam([{"params": [a]}, {"params": [b], "lr": 0.1}])
+    a.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2), (4, 2))
+    b.grad = torch.sparse_coo_tensor(torch.tensor([[0]]), a.detach()[1:2], (4, 2), is_coalesced=True)
+    assert b.grad.coalesce().values().data_ptr() == a.detach()[1:2].data_ptr()  # the values are a's row 1
+    with pytest.raises(ValueError, match="share memory"):
+        topt.step()
+    assert len(topt.state) == 0 and not a.detach().any() and not b.detach().any()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from fastopt.arrays import writable_view
-from fastopt.sparse_adam import prepare_step
+from fastopt.sparse_adam import check_calls_disjoint, prepare_step
 from fastopt.torch.arrays import on_torch_stream
 from fastopt.torch.composite import CPU, CompositeOptimizer
 from fastopt.torch.views import kernel_view
@@ -128,6 +128,7 @@ class SparseAdam(CompositeOptimizer):
                                           beta1=beta1, beta2=beta2, eps=group["eps"],
                                           maximize=group.get("maximize", False)))
             updated.extend((p, state) for p, state, nnz in tensors if nnz > 0)
+        check_calls_disjoint(calls)
         return calls, new_states, counted, copies, updated, device
 
     def _plan_device(self, plan) -> torch.device:
