@@ -598,6 +598,8 @@ def _count(value, where) -> float:
         t = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{where}: step must be a number, got {shown(value)} ({type(value).__name__})") from None
+    except OverflowError:  # an int past float's range
+        raise ValueError(f"{where}: step must be a whole number >= 0 in float range, got {shown(value)}") from None
     if not (math.isfinite(t) and t >= 0 and t == int(t)):
         raise ValueError(f"{where}: step must be a whole number >= 0, got {shown(value)}")
     return t
@@ -765,6 +767,8 @@ class Adafactor:
                              f"{len(self.param_groups)}")
         index_of, new_groups, start = {}, [], 0
         for gi, (saved, size) in enumerate(zip(saved_groups, self._sizes)):
+            if not isinstance(saved, Mapping):
+                raise ValueError(f"param group {gi} of state_dict must be a dict, got {type(saved).__name__}")
             ids = list(saved.get("params", ()))
             if len(ids) != size:
                 raise ValueError(f"param group {gi} of state_dict has {len(ids)} params, the optimizer's {size}")

@@ -40,6 +40,8 @@ class FlatParams:
     def set_grads(self, grads) -> None:
         """Copy a list of gradient arrays into the flat gradient buffer (when they were not written
         into grad_views directly)."""
+        if not isinstance(grads, (list, tuple)):
+            raise TypeError(f"grads must be a list of arrays, one per param, got {type(grads).__name__}")
         if len(grads) != len(self.grad_views):
             raise ValueError(f"grads has {len(grads)} arrays but the flat buffer holds {len(self.grad_views)}")
         for i, (dst, g) in enumerate(zip(self.grad_views, grads)):  # every grad checked before the first copy

@@ -32,6 +32,8 @@ import numbers
 
 import numpy as np
 
+from fastopt.specs import shown
+
 __all__ = ["Schedule", "constant", "exponential_decay", "step_decay", "multi_step", "linear", "polynomial",
            "cosine", "warmup", "ReduceLROnPlateau"]
 
@@ -44,10 +46,19 @@ def is_schedule(value) -> bool:
 def _real(name, value, *, positive=False, nonneg=False):
     if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float's range
+        raise ValueError(f"Invalid {name}: {shown(value)} (too large for a float)") from None
     if not math.isfinite(value) or (positive and value <= 0) or (nonneg and value < 0):
         raise ValueError(f"Invalid {name}: {value}")
     return value
+
+
+def _flag(name, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {shown(value)} ({type(value).__name__})")
+    return bool(value)
 
 
 def _count(name, value, *, positive=False):
@@ -99,7 +110,7 @@ class exponential_decay(Schedule):
         self.init_value = _real("init_value", init_value, nonneg=True)
         self.decay_rate = _real("decay_rate", decay_rate, positive=True)
         self.transition_steps = _count("transition_steps", transition_steps, positive=True)
-        self.staircase = bool(staircase)
+        self.staircase = _flag("staircase", staircase)
 
     def value(self, count):
         exponent = count / self.transition_steps

@@ -140,7 +140,10 @@ def _as_index_array(indices, p, where: str):
     included), a list of ints, or for CuPy params a CuPy array (a host index array is copied to the GPU)."""
     xp = _xp_of(p)
     if isinstance(indices, (list, tuple)):
-        arr = np.asarray(indices)
+        try:
+            arr = np.asarray(indices)
+        except ValueError as e:  # a ragged list
+            raise ValueError(f"{where} indices must be a rectangular list of integers: {e}") from None
         if arr.size == 0:
             arr = arr.astype(np.intp)  # np.asarray([]) is float64
     elif xp is np:

@@ -471,6 +471,14 @@ def test_numpy_state_dict_round_trip_and_bad_dicts():
     bad["state"][1]["step"] = 2.5
     with pytest.raises(ValueError, match="step must be a whole number"):
         other.load_state_dict(bad)
+    bad = other.state_dict()
+    bad["state"][0]["step"] = 10 ** 400  # OverflowError from float() before
+    with pytest.raises(ValueError, match="state of param 0: step must be a whole number >= 0 in float range"):
+        other.load_state_dict(bad)
+    bad = other.state_dict()
+    bad["param_groups"][1] = [1]  # AttributeError ('list' has no 'get') before
+    with pytest.raises(ValueError, match="param group 1 of state_dict must be a dict, got list"):
+        other.load_state_dict(bad)
     assert [a.tobytes() for s in other.state.values() for k, a in s.items() if k != "step"] == before
     assert [dict(gr) for gr in other.param_groups] == groups
 

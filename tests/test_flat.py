@@ -93,6 +93,8 @@ def test_set_grads_checks_every_grad_before_the_first_copy(rng, bad, error, word
     with pytest.raises(error, match=words):
         flat.set_grads([np.ones((2, 3), np.float32), bad])
     assert (flat.grad == 7.0).all()
+    with pytest.raises(TypeError, match="grads must be a list of arrays, one per param, got NoneType"):
+        flat.set_grads(None)  # a bare "object of type 'NoneType' has no len()" before
     flat.set_grads([np.ones((2, 3)), np.arange(3)])  # float64 and integer grads cast in
     assert flat.grad.tolist() == [1.0] * 6 + [0.0, 1.0, 2.0]
 

@@ -121,6 +121,10 @@ def test_matches_torch_schedulers(torch_name, ours, kwargs):
     (lambda: S.ReduceLROnPlateau(1.0, factor=1.5), ValueError, "Invalid factor: 1.5"),
     (lambda: S.ReduceLROnPlateau(1.0, mode="up"), ValueError, "Invalid mode: 'up'"),
     (lambda: S.cosine(1.0, 10)(-1), ValueError, "Invalid count: -1"),
+    # an int past float's range (OverflowError before), a non-bool flag (taken by its truth value before)
+    (lambda: S.constant(10 ** 400), ValueError, r"Invalid value: 1000000000\d*\.\.\. \(too large for a float\)"),
+    (lambda: S.step_decay(0.1, 2, gamma=10 ** 400), ValueError, "Invalid gamma: 1000.*too large for a float"),
+    (lambda: S.exponential_decay(0.1, 0.5, staircase="no"), TypeError, "staircase must be a bool, got 'no' \\(str\\)"),
 ])
 def test_argument_errors(make, error, match):
     with pytest.raises(error, match=match):

@@ -359,6 +359,8 @@ BAD_GRADS = [
      r"grads\[1\] values have dtype float64 but params\[1\] has dtype float32"),
     ("not a pair", lambda: np.ones((6, 3), np.float32), TypeError,
      r"grads\[1\] must be an \(indices, values\) pair or None"),
+    ("ragged list", lambda: ([[0, 1], [0]], np.ones((2, 3), np.float32)), ValueError,
+     r"grads\[1\] indices must be a rectangular list of integers"),
 ]
 
 
