@@ -79,7 +79,8 @@ def as_host_array(x):
 
 
 def _is_optimizer(x):
-    return hasattr(x, "state_dict") and hasattr(x, "param_groups") and hasattr(x, "spec")
+    """A registry class or a composite one (Muon, Adafactor, SparseAdam: no spec)."""
+    return hasattr(x, "state_dict") and hasattr(x, "param_groups") and not isinstance(x, type)
 
 
 def snapshot(obj) -> list:

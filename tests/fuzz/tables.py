@@ -8,7 +8,8 @@ the first two of one shape so that cross-entry aliasing is not masked by a shape
 goes first (index 0) or last (index 2) of a list, where a kernel that validates as it goes would already
 have written the others. Optimizer classes get four params in two groups and two dtype buckets per group
 (float32 a, float64 b | float32 c, float64 d, a/c and b/d of equal shapes), the float32 ones views of one
-buffer so that overlapping and disjoint views can be made; they take one good step before the case.
+buffer so that overlapping and disjoint views can be made; they take one good step before the case. The
+train_eval table covers the schedule-free switch, composite_step the steps of Muon, Adafactor and SparseAdam.
 """
 from __future__ import annotations
 
@@ -1338,6 +1339,135 @@ def _checkpoint_cases(spec, backend):
 
 
 # ---------------------------------------------------------------------------------------------------
+# 10b. train() / eval() of the optimizers with a train/eval switch (spec.train_eval: schedule-free)
+# ---------------------------------------------------------------------------------------------------
+
+def table_train_eval(backend):
+    return [c for spec in SPECS if spec.train_eval is not None for c in _train_eval_cases(spec, backend)]
+
+
+def _train_eval_cases(spec, backend):
+    """One spec: every switch checks every group and dtype bucket before the first param moves (a read-only
+    param, a group's hyperparameter edited to a bad value), and the good switches equal plain copies'."""
+    cases = []
+    hp = base_hp(spec)
+    text = class_text(spec, backend)
+
+    def switch(to_eval):
+        return lambda arrs: arrs["opt"].eval() if to_eval else arrs["opt"].train()
+
+    for to_eval in (True, False):
+        verb = "eval" if to_eval else "train"
+
+        def build(rng, plain, to_eval=to_eval):
+            arrs = stepped_opt_arrs(spec, hp, backend, rng)
+            if not to_eval:
+                arrs["opt"].eval()
+            return arrs
+        cases.append(Case(f"{spec.name}/{verb}/ok", f"{text}; o.{verb}() twice", build,
+                          [switch(to_eval), switch(to_eval)], expect="ok"))
+        cases.append(Case(f"{spec.name}/{verb}/and_back", f"{text}; o.{verb}(); the other switch", build,
+                          [switch(to_eval), switch(not to_eval)], expect="ok"))
+        for idx in range(4):  # group 0's float32 and float64 buckets, then group 1's
+            def build_readonly(rng, plain, idx=idx, build=build):
+                arrs = build(rng, plain)
+                if not plain:
+                    arrs["params"][idx].setflags(write=False)
+                return arrs
+            cases.append(Case(f"{spec.name}/{verb}/params[{idx}]_read_only",
+                              f"{text}; params[{idx}].setflags(write=False); o.{verb}()", build_readonly,
+                              [switch(to_eval)], names=("params",)))
+        for key, _, names in class_keys(spec):
+            for label, v, expect in bad_class_values(spec, key)[:4]:
+                def edit(arrs, key=key, v=v):
+                    arrs["opt"].param_groups[1][key] = v
+                cases.append(Case(f"{spec.name}/{verb}/edit1/{key}={label}",
+                                  f"{text}; o.param_groups[1][{key!r}] = {label}; o.{verb}()", build,
+                                  [edit, switch(to_eval)], expect=expect, names=names, raise_by=1))
+    return cases
+
+# ---------------------------------------------------------------------------------------------------
+# 10c. The composite classes' steps (Muon, Adafactor: dense grads; SparseAdam: (indices, values) pairs)
+# ---------------------------------------------------------------------------------------------------
+
+COMPOSITES = ("Muon", "Adafactor")
+
+
+def _composite_arrs(cls_name, rng):
+    """The four params of the registry classes' cases (two groups, float32 and float64 buckets, the float32
+    ones views of one buffer) after one good step, and good grads for the next."""
+    buf32, buf64, params = class_params(rng)
+    cls = getattr(fastopt, cls_name)
+    opt = cls([{"params": params[:2]}, {"params": params[2:], "lr": 0.01}], lr=0.02)
+    opt.step(good_grads(rng, params))
+    return {"opt": opt, "params": params, "grads": good_grads(rng, params), "buf32": buf32, "buf64": buf64}
+
+
+def _sparse_arrs(rng):
+    buf32, buf64, params = class_params(rng)
+    opt = fastopt.SparseAdam([{"params": params[:2]}, {"params": params[2:], "lr": 0.01}], lr=0.02)
+    opt.step([(np.array([0, 1]), _rand(rng, (2,) + p.shape[1:], p.dtype)) for p in params])
+    grads = [(np.array([1, 0, 1]), _rand(rng, (3,) + p.shape[1:], p.dtype)) for p in params]
+    return {"opt": opt, "params": params, "grads": grads, "buf32": buf32, "buf64": buf64}
+
+
+def table_composite_step(backend):
+    """(Backend-independent: these classes pick their arrays' own kernels.) A bad gradient at the first or the last param (every element dimension), a gradient that is a param
+    of its own or of the other group, and a bad grads list: an allowed error naming the grads with nothing
+    written (params, state, step counts), or a step that goes through ("any": the classes take some
+    dtypes the registry classes refuse; their values are checked against torch elsewhere)."""
+    cases = []
+    partner = {0: 2, 3: 1}
+    for cls_name in COMPOSITES:
+        text = (f"o = fastopt.{cls_name}([{{'params': [a, b]}}, {{'params': [c, d], 'lr': 0.01}}], lr=0.02); "
+                "o.step(grads)")
+        for idx in (0, 3):
+            for d in ELEMENT_DIMS:
+                def build(rng, plain, d=d, idx=idx, cls_name=cls_name):
+                    arrs = _composite_arrs(cls_name, rng)
+                    arrs["grads"][idx] = d.make(arrs["grads"][idx], rng)
+                    return arrs
+                cases.append(Case(f"{cls_name}/grads[{idx}]/{d.name}", f"{text} with grads[{idx}] = {d.expr}", build,
+                                  [step_call], expect="any", names=("grads", "param")))
+            for name, other in (("is_its_param", idx), ("is_other_groups_param", partner[idx])):
+                def build(rng, plain, idx=idx, other=other, cls_name=cls_name):
+                    arrs = _composite_arrs(cls_name, rng)
+                    arrs["grads"][idx] = arrs["params"][other]
+                    return arrs
+                cases.append(Case(f"{cls_name}/grads[{idx}]/{name}", f"{text} with grads[{idx}] = params[{other}]",
+                                  build, [step_call], names=("grads", "param", "share")))
+        for name, expr, fn, expect in _list_dims("grads") + [
+                ("grads_none", "None", lambda arrs: arrs.__setitem__("grads", None), "error")]:
+            def build(rng, plain, fn=fn, cls_name=cls_name):
+                arrs = _composite_arrs(cls_name, rng)
+                fn(arrs)
+                return arrs
+            cases.append(Case(f"{cls_name}/grads/{name}", f"{text} with grads = {expr}", build, [step_call],
+                              expect="any" if expect != "error" else "error", names=("grads", "param")))
+    text = "o = fastopt.SparseAdam([{'params': [a, b]}, {'params': [c, d], 'lr': 0.01}], lr=0.02); o.step(grads)"
+    for idx in (0, 3):
+        for part in ("indices", "values"):
+            for d in ELEMENT_DIMS:
+                def build(rng, plain, d=d, idx=idx, part=part):
+                    arrs = _sparse_arrs(rng)
+                    i, v = arrs["grads"][idx]
+                    arrs["grads"][idx] = (d.make(i, rng), v) if part == "indices" else (i, d.make(v, rng))
+                    return arrs
+                cases.append(Case(f"SparseAdam/grads[{idx}]/{part}/{d.name}",
+                                  f"{text} with grads[{idx}]'s {part} = {d.expr}", build, [step_call], expect="any",
+                                  names=("grads", "param", "indices", "values")))
+        for name, other in (("values_in_its_param", idx), ("values_in_other_groups_param", partner[idx])):
+            def build(rng, plain, idx=idx, other=other):
+                arrs = _sparse_arrs(rng)
+                p = arrs["params"][other]
+                arrs["grads"][idx] = (np.array([0]), p[:1])
+                return arrs
+            cases.append(Case(f"SparseAdam/grads[{idx}]/{name}",
+                              f"{text} with grads[{idx}] = ([0], params[{other}][:1])", build, [step_call],
+                              names=("share",)))
+    return cases
+
+# ---------------------------------------------------------------------------------------------------
 # 11. Must work: other array types and edge sizes give the plain-NumPy result
 # ---------------------------------------------------------------------------------------------------
 
@@ -1491,10 +1621,12 @@ TABLES = {
     "class_hypers": table_class_hypers,
     "add_param_group": table_add_param_group,
     "load_state_dict": table_load_state_dict,
+    "train_eval": table_train_eval,
+    "composite_step": table_composite_step,
     "checkpoint": table_checkpoint,
     "must_work": table_must_work,
 }
 # backend-independent tables run once (under the compiled backend)
 # backend-independent tables (validation in Python before any kernel) run once, under the compiled
 # backend; the array tables run under both host backends
-HOST_ONLY = {"checkpoint", "load_state_dict", "class_hypers", "add_param_group"}
+HOST_ONLY = {"checkpoint", "load_state_dict", "class_hypers", "add_param_group", "composite_step"}
