@@ -1412,10 +1412,11 @@ def _sparse_arrs(rng):
 
 
 def table_composite_step(backend):
-    """(Backend-independent: these classes pick their arrays' own kernels.) A bad gradient at the first or the last param (every element dimension), a gradient that is a param
-    of its own or of the other group, and a bad grads list: an allowed error naming the grads with nothing
-    written (params, state, step counts), or a step that goes through ("any": the classes take some
-    dtypes the registry classes refuse; their values are checked against torch elsewhere)."""
+    """(Backend-independent: these classes pick their arrays' own kernels.) A bad gradient at the first or the last
+    param (every element dimension), a gradient that is a param of its own or of the other group, and a bad grads
+    list: an allowed error naming the grads with nothing written (params, state, step counts), or a step that goes
+    through ("any": the classes take some dtypes the registry classes refuse; their values are checked against torch
+    elsewhere)."""
     cases = []
     partner = {0: 2, 3: 1}
     for cls_name in COMPOSITES:
