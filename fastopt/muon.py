@@ -62,7 +62,7 @@ import numbers
 import numpy as np
 
 from fastopt.arrays import array_device, as_numpy, check_disjoint, no_self_overlap, to_host
-from fastopt.blas import one_blas_thread
+from fastopt.blas import one_blas_thread, steady_blas_count
 from fastopt.optim import as_param_groups
 from fastopt.precision import is_bfloat16
 from fastopt.specs import COMPOSITE, as_float, shown
@@ -361,17 +361,19 @@ def _newton_schulz(w, coefficients, ns_steps, eps):
 
 # Small matrices on the CPU: each matmul of the iteration takes ~20 us (128 x 64), less than OpenBLAS's hand-off
 # to its threads (fastopt.blas). Below this many multiply-adds per matmul (r^2 c) the iteration runs with one
-# BLAS thread; sgemm's result does not depend on the thread count (tests/test_muon.py checks it bit for bit).
+# BLAS thread. sgemm's bits may depend on the thread count (fastopt.blas), so the larger ones run with BLAS's count
+# held steady against other threads' one-thread blocks.
 SINGLE_THREAD_MACS = 1 << 22
 
 
 def _newton_schulz_small(w, coefficients, ns_steps, eps, m, n):
-    """_newton_schulz, with one BLAS thread for matrices below SINGLE_THREAD_MACS multiply-adds per matmul."""
+    """_newton_schulz, with one BLAS thread for matrices below SINGLE_THREAD_MACS multiply-adds per matmul, and
+    BLAS's count held steady for the others (NumPy arrays; CuPy's cuBLAS has no such count)."""
     r, c = min(m, n), max(m, n)
-    if _xp(w["X"]) is np and r * r * c < SINGLE_THREAD_MACS:
-        with one_blas_thread():
-            return _newton_schulz(w, coefficients, ns_steps, eps)
-    return _newton_schulz(w, coefficients, ns_steps, eps)
+    if _xp(w["X"]) is not np:
+        return _newton_schulz(w, coefficients, ns_steps, eps)
+    with one_blas_thread() if r * r * c < SINGLE_THREAD_MACS else steady_blas_count():
+        return _newton_schulz(w, coefficients, ns_steps, eps)
 
 
 def muon_update(param, grad, buf, hp: dict, workspace: Workspace) -> None:

@@ -143,3 +143,46 @@ def test_one_blas_thread_keeps_a_count_set_during_the_block():
             with one_blas_thread():
                 raise RuntimeError("inside")
         assert all(n == 2 for n in _blas_counts())
+
+
+_MUON_THREADS = """
+import threading, numpy as np, fastopt
+
+def run_big(steps=30):
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal((128, 257)).astype(np.float32)  # past muon.SINGLE_THREAD_MACS: BLAS's own count
+    opt = fastopt.Muon([p], lr=1e-2)
+    for _ in range(steps):
+        opt.step([rng.standard_normal(p.shape).astype(np.float32)])
+    return p
+
+def run_small(stop):
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((64, 32)).astype(np.float32)  # small: one BLAS thread (fastopt.blas.one_blas_thread)
+    opt = fastopt.Muon([q], lr=1e-2)
+    while not stop.is_set():
+        opt.step([rng.standard_normal(q.shape).astype(np.float32)])
+
+out, stop = {}, threading.Event()
+small = threading.Thread(target=run_small, args=(stop,))
+small.start()
+big = threading.Thread(target=lambda: out.setdefault("p", run_big()))
+big.start()
+big.join()
+stop.set()
+small.join()
+print(np.array_equal(out["p"], run_big()))
+"""
+
+
+def test_muon_in_a_thread_gets_the_same_bits_whatever_another_thread_steps():
+    """A small Muon in one thread lowered BLAS's process-wide count (fastopt.blas.one_blas_thread) under another
+    thread's large Muon, whose sgemm sums depend on the count on some OpenBLAS kernels (3e-5 apart on the AVX2 VM,
+    a different amount each run). Both threads are started before the main thread sets any count (a fresh
+    process: OpenBLAS then takes counts from any thread)."""
+    pytest.importorskip("threadpoolctl")
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", _MUON_THREADS], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["True"], out.stdout + out.stderr
+
