@@ -396,3 +396,30 @@ def test_a_step_count_that_cannot_count_is_refused_before_any_write(bad):
         opt.step()
     assert torch.equal(p.detach(), before[0]) and torch.equal(opt.state[p]["exp_avg"], before[1])
 
+
+
+@pytest.mark.parametrize("name", ["ScheduleFreeAdamW", "ScheduleFreeSGD", "ASGD"])
+def test_torch_only_state_past_float32_range_is_inf_on_both_paths(name):
+    """A valid lr of 1e308 makes schedule-free's carried lr_max and weight_sum (ASGD's eta) overflow the float32
+    state: the full path's fill_ raised after the kernels had written the params, the steady path's NumPy store
+    warned. Both now store inf (as torch.as_tensor does) without a warning, and agree."""
+    cls = getattr(ft, name)
+    states = []
+    for warm in (1, 2):  # the step under test on the full path, then on the steady one
+        torch.manual_seed(0)
+        ps = [torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)]
+        opt = cls([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.01)
+        for _ in range(warm):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        opt.param_groups[1]["lr"] = 1e308
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step()
+        scalars = {k: v for k, v in opt.state[ps[1]].items() if k != "step" and v.dim() == 0}
+        assert any(torch.isinf(v) for v in scalars.values()), scalars
+        states.append({k: float(v) for k, v in scalars.items()})
+    assert states[0] == states[1]

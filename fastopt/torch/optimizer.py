@@ -792,7 +792,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         for b in plan.buckets:
             for name, f in self.spec.torch_extra_state.items():
                 value = carry[name](b.hp, b.step, b.carried[name]) if name in carry else f(b.hp, b.step)
-                value = arguments.stored_value(self.spec, name, value)
+                # through a float64 tensor: a value past the state's float32 range is stored as inf, as
+                # torch.as_tensor stores it (and the steady path's NumPy store); fill_ of the Python float
+                # raised instead, after the kernels had written the params
+                value = torch.tensor(arguments.stored_value(self.spec, name, value), dtype=torch.float64)
                 for p in b.params:
                     self.state[p][name].fill_(value)
 

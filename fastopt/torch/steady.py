@@ -312,6 +312,24 @@ class Steady:
     def commit(self, plan: Plan) -> None:
         """After the kernels ran: the step counts and torch-only scalars, autograd's versions, the new
         options of changed groups."""
+        if self.spec.torch_extra_state:
+            # a torch-only value past the state's float32 range is stored as inf (as torch.as_tensor stores it),
+            # without NumPy's overflow warning: the kernels have written the params by now
+            with np.errstate(over="ignore"):
+                self._store_scalars(plan)
+        else:
+            self._store_scalars(plan)
+        bump_versions(self.written)
+        if self.scalars:
+            self.scalar_values = np.array(self.scalars)
+        if self.pending is not None:
+            for i, (key, hp) in self.pending.items():
+                self.groups[i].key, self.groups[i].hp = key, hp
+                self.groups[i].remember_values()
+            self.pending = None
+
+    def _store_scalars(self, plan: Plan) -> None:
+        """The step counts and torch-only scalars after this step, through the kept NumPy views."""
         extra, carry = self.spec.torch_extra_state, self.spec.torch_carry
         for t, b, views in zip(self.templates, plan.buckets, self.scalar_views):
             t.step, t.hp = b.step, b.hp
@@ -330,11 +348,3 @@ class Steady:
                     carried[name] = vs[0][()]  # as stored: a NumPy scalar of the tensor's dtype (float32, like torch)
             if carry:
                 t.carried = carried
-        bump_versions(self.written)
-        if self.scalars:
-            self.scalar_values = np.array(self.scalars)
-        if self.pending is not None:
-            for i, (key, hp) in self.pending.items():
-                self.groups[i].key, self.groups[i].hp = key, hp
-                self.groups[i].remember_values()
-            self.pending = None

@@ -1469,6 +1469,92 @@ def table_composite_step(backend):
     return cases
 
 # ---------------------------------------------------------------------------------------------------
+# 10d. fastopt.torch classes: a group edited to a bad value, bad gradients (torch checks p.grad's dtype and
+# shape on assignment, so the bad ones are other layouts and memory)
+# ---------------------------------------------------------------------------------------------------
+
+def _torch_opt_arrs(spec, hp, rng):
+    """{'opt', 'params'}: the fastopt.torch class (torch's arguments: lr, the rest its defaults) over torch twins
+    of the four class params (two groups, float32 and float64), after one good step, with good grads set."""
+    import torch
+    import fastopt.torch as ft
+    params = [torch.tensor(np.asarray(p), requires_grad=True) for p in class_params(rng)[2]]
+    opt = getattr(ft, spec.class_name)(class_groups(spec, hp, params), lr=hp["lr"])
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.tensor(_rand(rng, tuple(p.shape), np.float32)).to(p.dtype)
+        if _ == 0:
+            opt.step()
+    return {"opt": opt, "params": params}
+
+
+def _torch_grad_dims():
+    """(name, expr, make(params, idx) -> the grad for params[idx], expect)."""
+    partner = {0: 2, 3: 1}
+    return [("sparse", "p.grad.to_sparse()", lambda ps, i: ps[i].grad.to_sparse(), "error"),
+            ("other_groups_param", "params[partner].detach()", lambda ps, i: ps[partner[i]].detach(), "error"),
+            ("own_param", "p.detach()", lambda ps, i: ps[i].detach(), "any"),
+            ("transposed", "p.grad.t().contiguous().t()", lambda ps, i: ps[i].grad.t().contiguous().t(), "any")]
+
+
+def _torch_group_keys(spec):
+    """[(key, default)] of the fastopt.torch class's options (its signature: torch's names)."""
+    import inspect
+    import fastopt.torch as ft
+    skip = {"self", "params", "lr", "foreach", "fused", "capturable", "differentiable"}
+    sig = inspect.signature(getattr(ft, spec.class_name).__init__)
+    return [(k, v.default) for k, v in sig.parameters.items()
+            if k not in skip and v.default is not inspect.Parameter.empty and v.kind == v.POSITIONAL_OR_KEYWORD]
+
+
+def _torch_bad_values(default):
+    if isinstance(default, tuple):
+        return [("(nan, ...)", (math.nan,) + default[1:]), ("one_short", default[:-1]), ("'x'", "x")]
+    if isinstance(default, bool):
+        return [("'yes'", "yes"), ("None", None)]
+    # 1e308: valid, but torch-only state derived from it (ASGD's eta, schedule-free's lr_max) overflows float32
+    return [("nan", math.nan), ("-1.0", -1.0), ("1e308", 1e308), ("10**400", HUGE_INT), ("'x'", "x"), ("None", None)]
+
+
+def table_torch_class(backend):
+    """(fastopt.torch runs the compiled backend: run once.) Bad gradients at a param of group 0 or 1 (torch
+    checks p.grad's dtype and shape on assignment, so these are layouts and memory) and group 1's options edited
+    to bad values: an allowed error with nothing written (params, grads, state), or a step ("any" where torch's
+    semantics decide)."""
+    if not HAVE_TORCH:
+        return []
+    return [c for spec in SPECS for c in _torch_class_cases(spec)]
+
+
+def _torch_class_cases(spec):
+    cases = []
+    hp = base_hp(spec)
+    text = (f"o = fastopt.torch.{spec.class_name}([{{'params': [a, b]}}, {{'params': [c, d], 'lr': lr / 2}}], "
+            "lr=lr); o.step()")
+
+    def step(arrs):
+        return arrs["opt"].step()
+    for idx in (0, 3):
+        for name, expr, make, expect in _torch_grad_dims():
+            def build(rng, plain, idx=idx, make=make):
+                arrs = _torch_opt_arrs(spec, hp, rng)
+                arrs["params"][idx].grad = make(arrs["params"], idx)
+                return arrs
+            cases.append(Case(f"{spec.name}/grad[{idx}]/{name}", f"{text} with params[{idx}].grad = {expr}", build,
+                              [step], expect=expect, names=("grad", "param", "share", "sparse")))
+    for key, default in [("lr", 0.1)] + _torch_group_keys(spec):
+        for label, v in _torch_bad_values(default):
+            def build(rng, plain):
+                return _torch_opt_arrs(spec, hp, rng)
+
+            def edit(arrs, key=key, v=v):
+                arrs["opt"].param_groups[1][key] = v
+            cases.append(Case(f"{spec.name}/edit1/{key}={label}", f"{text}; o.param_groups[1][{key!r}] = {label}; "
+                              "o.step()", build, [edit, step], expect="any",
+                              names=(key, key.rstrip("s"), "Invalid", "learning rate"), raise_by=1))
+    return cases
+
+# ---------------------------------------------------------------------------------------------------
 # 11. Must work: other array types and edge sizes give the plain-NumPy result
 # ---------------------------------------------------------------------------------------------------
 
@@ -1624,10 +1710,11 @@ TABLES = {
     "load_state_dict": table_load_state_dict,
     "train_eval": table_train_eval,
     "composite_step": table_composite_step,
+    "torch_class": table_torch_class,
     "checkpoint": table_checkpoint,
     "must_work": table_must_work,
 }
 # backend-independent tables run once (under the compiled backend)
 # backend-independent tables (validation in Python before any kernel) run once, under the compiled
 # backend; the array tables run under both host backends
-HOST_ONLY = {"checkpoint", "load_state_dict", "class_hypers", "add_param_group", "composite_step"}
+HOST_ONLY = {"checkpoint", "load_state_dict", "class_hypers", "add_param_group", "composite_step", "torch_class"}
