@@ -9,7 +9,8 @@ goes first (index 0) or last (index 2) of a list, where a kernel that validates 
 have written the others. Optimizer classes get four params in two groups and two dtype buckets per group
 (float32 a, float64 b | float32 c, float64 d, a/c and b/d of equal shapes), the float32 ones views of one
 buffer so that overlapping and disjoint views can be made; they take one good step before the case. The
-train_eval table covers the schedule-free switch, composite_step the steps of Muon, Adafactor and SparseAdam.
+train_eval table covers the schedule-free switch, composite_step the steps of Muon, Adafactor and SparseAdam,
+torch_class the fastopt.torch classes.
 """
 from __future__ import annotations
 
