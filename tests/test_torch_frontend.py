@@ -969,3 +969,97 @@ def test_asgd_continues_as_torch_after_a_state_dict_load(source):
         for key in ("eta", "mu", "ax"):
             assert opt.state[p][key].dtype == topt.state[q][key].dtype
             torch.testing.assert_close(opt.state[p][key], topt.state[q][key], rtol=0, atol=0)
+
+
+def _stepped(cls, n=3, **kw):
+    p = torch.randn(3, requires_grad=True)
+    opt = cls([p], lr=0.1, **kw)
+    for _ in range(n):
+        p.grad = torch.ones(3)
+        opt.step()
+    return p, opt
+
+
+@pytest.mark.parametrize("damage", ["list", "None", "missing"])
+@pytest.mark.parametrize("name,key", [("Adam", "exp_avg"), ("Adagrad", "sum"), ("NAdam", "mu_product"),
+                                      ("ASGD", "ax"), ("ScheduleFreeAdamW", "z")])
+def test_a_stepped_params_missing_state_is_refused_not_restarted(name, key, damage):
+    """A loaded state dict without one of a stepped param's state tensors (or with a list or None there) made a
+    fresh zero tensor at the next step while the count went on: another trajectory, silently (torch.optim
+    raises there). SGD's momentum_buffer of None restarts, as torch's."""
+    import copy
+    p, opt = _stepped(getattr(ft, name))
+    sd = copy.deepcopy(opt.state_dict())
+    if damage == "missing":
+        del sd["state"][0][key]
+    else:
+        sd["state"][0][key] = None if damage == "None" else [1.0, 2.0]
+    opt.load_state_dict(sd)
+    before, state = p.detach().clone(), copy.deepcopy(opt.state_dict())
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=f"state '{key}' of params\\[0\\] is .* but the param has taken steps"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    assert repr(opt.state_dict()) == repr(state)
+    q, sgd = _stepped(ft.SGD, momentum=0.9)
+    sd = copy.deepcopy(sgd.state_dict())
+    sd["state"][0]["momentum_buffer"] = None
+    sgd.load_state_dict(sd)
+    q.grad = torch.ones(3)
+    sgd.step()
+    assert torch.equal(sgd.state[q]["momentum_buffer"], torch.ones(3))
+
+
+@pytest.mark.parametrize("bad,error,words", [
+    (None, TypeError, "got None"), ("3", TypeError, "got '3' \\(str\\)"),
+    (10 ** 400, ValueError, "too large for a float"), (torch.ones(3), TypeError, "tensor of shape \\(3,\\)"),
+    (True, TypeError, "got True")])
+@pytest.mark.parametrize("name", ["Adam", "Adafactor", "SparseAdam", "Muon"])
+def test_a_bad_saved_step_is_refused_at_load_with_nothing_replaced(name, bad, error, words):
+    """torch converts the counts after swapping the state in: Adafactor kept a damaged state (every later
+    step failed), the registry classes failed at the next step with an AttributeError/OverflowError."""
+    import copy
+    p = torch.randn(4, 3, requires_grad=True)
+    opt = getattr(ft, name)([p], lr=0.01)
+    for _ in range(2):
+        p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), torch.ones(2, 3), (4, 3)) if name == "SparseAdam" \
+            else torch.randn(4, 3)
+        opt.step()
+    good = copy.deepcopy(opt.state_dict())
+    sd = copy.deepcopy(good)
+    sd["state"][0]["step"] = bad
+    with pytest.raises(error, match=r"state_dict\['state'\]\[0\]\['step'\] .*" + words):
+        opt.load_state_dict(sd)
+    assert repr(opt.state_dict()) == repr(good)
+    sd = copy.deepcopy(good)
+    sd["state"][0] = torch.ones(3)
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\[0\] must be a dict of the param's state"):
+        opt.load_state_dict(sd)
+    assert repr(opt.state_dict()) == repr(good)
+
+
+@pytest.mark.parametrize("name,key", [("Muon", "momentum_buffer"), ("SparseAdam", "exp_avg"),
+                                      ("Adafactor", "row_var")])
+def test_composite_state_that_is_not_a_tensor_is_refused_at_load(name, key):
+    import copy
+    p = torch.randn(4, 3, requires_grad=True)
+    opt = getattr(ft, name)([p], lr=0.01)
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 3), (4, 3)) if name == "SparseAdam" \
+        else torch.randn(4, 3)
+    opt.step()
+    good = copy.deepcopy(opt.state_dict())
+    for bad in ([1.0], None):
+        sd = copy.deepcopy(good)
+        sd["state"][0][key] = bad
+        with pytest.raises(TypeError, match=rf"state_dict\['state'\]\[0\]\['{key}'\] must be a tensor"):
+            opt.load_state_dict(sd)
+        assert repr(opt.state_dict()) == repr(good)
+    if name == "SparseAdam":  # a missing moment: named at the step, before any write (KeyError before)
+        sd = copy.deepcopy(good)
+        del sd["state"][0][key]
+        opt.load_state_dict(sd)
+        before = p.detach().clone()
+        p.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 3), (4, 3))
+        with pytest.raises(ValueError, match="has no 'exp_avg'"):
+            opt.step()
+        assert torch.equal(p.detach(), before)

@@ -156,3 +156,40 @@ def stored_value(spec: OptimizerSpec, name: str, value):
     """A torch_extra_state value as torch stores it: through torch.as_tensor (the default dtype) for the
     names in spec.torch_as_tensor, else as it is (the state tensor's dtype rounds it)."""
     return torch.tensor(float(value)).item() if name in spec.torch_as_tensor else value
+
+
+def check_saved_state(state_dict, tensors_only: bool = False) -> None:
+    """The per-param entries of a state dict about to be loaded, before torch replaces anything: each a dict, its
+    "step" a count (a 1-element real tensor or a number within float range: torch converts it after the state
+    was swapped in, so None, a string or 10**400 failed there or at the next step, with the state replaced);
+    with tensors_only, every other value a tensor (the composite classes' state). Anything not a state dict at
+    all is left to torch's own errors."""
+    saved = state_dict.get("state") if isinstance(state_dict, dict) else None
+    if not isinstance(saved, dict):
+        return
+    for pid, entry in saved.items():
+        where = f"state_dict['state'][{pid!r}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a dict of the param's state, got {type(entry).__name__}")
+        if "step" in entry:
+            _check_saved_step(entry["step"], where)
+        if tensors_only:
+            for key, value in entry.items():
+                if key != "step" and not isinstance(value, torch.Tensor):
+                    raise TypeError(f"{where}[{key!r}] must be a tensor, got {shown(value)} ({type(value).__name__})")
+
+
+def _check_saved_step(step, where: str) -> None:
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.dtype == torch.bool or step.is_complex():
+            raise TypeError(f"{where}['step'] must be a count (a number or a 1-element real tensor), got a "
+                            f"{step.dtype} tensor of shape {tuple(step.shape)}")
+        return
+    if isinstance(step, bool) or not isinstance(step, numbers.Real):
+        raise TypeError(f"{where}['step'] must be a count (a number or a 1-element real tensor), got "
+                        f"{shown(step)} ({type(step).__name__})")
+    try:
+        float(step)
+    except OverflowError:
+        raise ValueError(f"{where}['step'] is too large for a float: {shown(step)}") from None
+

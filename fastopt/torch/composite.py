@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from fastopt.torch.arguments import check_saved_state
 from fastopt.torch.arrays import on_torch_stream
 from fastopt.torch.views import bump_versions
 
@@ -34,6 +35,12 @@ class CompositeOptimizer(torch.optim.Optimizer):
 
     def _apply(self, plan) -> list:
         raise NotImplementedError(f"{type(self).__name__} must define _apply(plan)")
+
+    def load_state_dict(self, state_dict) -> None:
+        """torch.optim's, after every param's entry is checked (a dict of tensors and a count): torch swaps
+        the state in before it converts the counts, and a damaged entry failed there or at the next step."""
+        check_saved_state(state_dict, tensors_only=True)
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -290,6 +290,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         "<name>_absmax", state_dtype="int8") and the float32 state of 16-bit params (torch rounds it to the
         param's dtype). The next step converts what does not fit this optimizer's state dtype: float state
         into 8-bit state is quantized, 8-bit state into float state dequantized."""
+        arguments.check_saved_state(state_dict)
         saved = state_dict.get("state", {}) if isinstance(state_dict, dict) else {}
         keep = []  # (position of the param among the saved ids, key, tensor as saved)
         ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])] \
@@ -424,6 +425,14 @@ class TorchOptimizer(torch.optim.Optimizer):
                         t = fresh[tname] = self._dequantized(number, tname, t, state[tname + ABSMAX], p, name)
                         fresh[tname + ABSMAX] = None  # removed from the state at commit
                     elif not isinstance(t, torch.Tensor):
+                        if state and "step" in state and name != KAHAN:
+                            # a param that has taken steps without this state (a damaged state dict, an option
+                            # switched on mid-training): torch.optim fails here too; restarting it from zero
+                            # would go on silently with another trajectory
+                            what = "missing" if tname not in state else "None" if t is None else \
+                                f"a {type(t).__name__}, not a tensor"
+                            raise ValueError(f"state {tname!r} of params[{number}] is {what} but the param has "
+                                             f"taken steps: load a state dict that holds it")
                         t = fresh[tname] = self._new_state(spec, hp, name, p)
                     elif t.dtype.is_complex != p.dtype.is_complex:  # the kernels would see unlike views
                         raise TypeError(f"state {tname!r} of params[{number}] has dtype {t.dtype}; the state of a "
@@ -439,7 +448,17 @@ class TorchOptimizer(torch.optim.Optimizer):
                 if spec.torch_step and not (state and "step" in state):
                     fresh["step"] = None  # made at commit time with its new value
                 for name, f in spec.torch_extra_state.items():
-                    if not (state and name in state):
+                    t = state.get(name) if state else None
+                    if isinstance(t, torch.Tensor):
+                        continue
+                    if arguments.is_real(t):  # a number (an older torch's state dict): kept, as a tensor
+                        fresh[name] = torch.tensor(float(t), dtype=scalar_dtype())
+                    elif state and "step" in state:  # as above (torch: KeyError, or its step fails on it)
+                        what = "missing" if name not in state else "None" if t is None else \
+                            f"a {type(t).__name__}, not a tensor"
+                        raise ValueError(f"state {name!r} of params[{number}] is {what} but the param has taken "
+                                         f"steps: load a state dict that holds it")
+                    else:
                         fresh[name] = torch.tensor(f(hp, 0), dtype=scalar_dtype())
                 if fresh:
                     new_state.append((p, fresh))
@@ -810,14 +829,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         fresh_of = {id(p): fresh for p, fresh in new_state}
         tensors = []
         for item in items:
-            p, count = item[1], item[5]
+            p = item[1]
             fresh = fresh_of.get(id(p), {})
             state = self.state.get(p) or {}
             for name in carry:
-                t = fresh[name] if name in fresh else state.get(name)
-                if t is None:  # deleted from the state: the value for constant hyperparameters
-                    t = self.spec.torch_extra_state[name](arguments.registry_hp(self.spec, item[0]), count)
-                tensors.append(t)
+                tensors.append(fresh[name] if name in fresh else state[name])  # _plan made sure it is there
         values = self._read_scalars(tensors, "torch-only state (mu_product, eta, mu)")
         for v in values:
             if not math.isfinite(v):

@@ -101,6 +101,9 @@ class SparseAdam(CompositeOptimizer):
                              "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                              "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
                     new_states.append((p, state))
+                missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in state]
+                if missing:
+                    raise ValueError(f"the state of a param with a grad has no {missing[0]!r} (a damaged state dict)")
                 count = int(state["step"]) + 1
                 counted.append((p, state, count))
                 g = p.grad.coalesce()  # torch's summation of repeated indices; itself when already coalesced
