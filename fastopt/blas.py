@@ -26,6 +26,7 @@ thread's count (Adafactor's bits the same, Muon's those of that count).
 """
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 
@@ -35,6 +36,17 @@ _found: list = []  # threadpoolctl's controllers of the loaded BLAS libraries, l
 _count_lock = threading.RLock()  # held by every block (re-entrant: blocks nest in one thread)
 
 
+def _new_lock_in_child() -> None:
+    """A forked child starts with a free lock: one held by another thread of the parent would never be released
+    there (the child has only the forking thread)."""
+    global _count_lock
+    _count_lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 def blas_controllers() -> tuple:
     """threadpoolctl's controllers of the BLAS libraries loaded in this process (empty without threadpoolctl)."""
     if not _found:
@@ -42,7 +54,7 @@ def blas_controllers() -> tuple:
             from threadpoolctl import ThreadpoolController
         except ImportError:
             warnings.warn("threadpoolctl is not installed: Muon's and Adafactor's small matrix products run on "
-                          "BLAS's own thread count (same results, slower on a busy machine)", RuntimeWarning,
+                          "BLAS's own thread count (slower on a busy machine; Muon's bits may differ)", RuntimeWarning,
                           stacklevel=2)
             _found.append(())
         else:
@@ -70,7 +82,8 @@ class _OneBlasThread:
     def __exit__(self, *exc):
         try:
             for lib, n in self.saved:
-                if lib.get_num_threads() == 1:  # else set by someone during the block: theirs stays
+                if lib.get_num_threads() == 1:  # else set by someone during the block: theirs stays (a 1 set
+                    # meanwhile cannot be told from the block's own and is undone)
                     lib.set_num_threads(n)
         finally:
             _count_lock.release()
@@ -85,4 +98,4 @@ def one_blas_thread():
 def steady_blas_count():
     """A context in which no other Python thread's one_blas_thread block changes BLAS's thread count (for
     products whose bits depend on it); blocks of other threads wait for it to end."""
-    return _count_lock
+    return _count_lock  # looked up at the call: a forked child's new lock

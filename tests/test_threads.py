@@ -119,7 +119,6 @@ def test_override_threads_checks_its_range():
             cython_backend.override_threads(bad)
 
 
-
 def _blas_counts():
     from fastopt.blas import blas_controllers
     return [lib.get_num_threads() for lib in blas_controllers()]
@@ -185,4 +184,3 @@ def test_muon_in_a_thread_gets_the_same_bits_whatever_another_thread_steps():
         out = subprocess.run([sys.executable, "-c", _MUON_THREADS], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == ["True"], out.stdout + out.stderr
-

@@ -1001,6 +1001,39 @@ def test_a_stepped_params_missing_state_is_refused_not_restarted(name, key, dama
         opt.step()
     assert torch.equal(p.detach(), before)
     assert repr(opt.state_dict()) == repr(state)
+
+
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
+def test_a_stepped_params_missing_8bit_state_is_refused(key):
+    import copy
+    p, opt = _stepped(ft.Adam, state_dtype="int8")
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["state"][0][key], sd["state"][0][key + "_absmax"]
+    opt.load_state_dict(sd)
+    before = p.detach().clone()
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=f"state '{key}' of params\\[0\\] is missing but the param has taken"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("name,key", [("ASGD", "eta"), ("NAdam", "mu_product")])
+def test_a_torch_only_scalar_deleted_after_steps_is_refused_before_any_write(name, key):
+    """A cached param skips _plan's state checks; the carried scalar deleted from its state then raised KeyError
+    (before this, after the params were written)."""
+    p, opt = _stepped(getattr(ft, name), n=4)
+    del opt.state[p][key]
+    before = p.detach().clone()
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=f"state '{key}' of params\\[0\\] is missing"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_momentum_buffers_are_made_when_momentum_comes_later():
+    """SGD's momentum_buffer of None restarts, as torch's; LARS (fastopt's) makes its buffer when momentum is
+    switched on after steps (a momentum warm-up), as before the missing-state refusal."""
+    import copy
     q, sgd = _stepped(ft.SGD, momentum=0.9)
     sd = copy.deepcopy(sgd.state_dict())
     sd["state"][0]["momentum_buffer"] = None
@@ -1008,12 +1041,22 @@ def test_a_stepped_params_missing_state_is_refused_not_restarted(name, key, dama
     q.grad = torch.ones(3)
     sgd.step()
     assert torch.equal(sgd.state[q]["momentum_buffer"], torch.ones(3))
+    w = torch.randn(4, 3, requires_grad=True)
+    lars = ft.LARS([w], lr=0.1, momentum=0.0)
+    for _ in range(3):
+        w.grad = torch.randn(4, 3)
+        lars.step()
+    lars.param_groups[0]["momentum"] = 0.9
+    w.grad = torch.randn(4, 3)
+    lars.step()
+    assert isinstance(lars.state[w]["momentum_buffer"], torch.Tensor)
 
 
 @pytest.mark.parametrize("bad,error,words", [
     (None, TypeError, "got None"), ("3", TypeError, "got '3' \\(str\\)"),
     (10 ** 400, ValueError, "too large for a float"), (torch.ones(3), TypeError, "tensor of shape \\(3,\\)"),
-    (True, TypeError, "got True")])
+    (True, TypeError, "got True"), (float("nan"), ValueError, "whole number >= 0, got nan"),
+    (2.5, ValueError, "whole number >= 0, got 2.5"), (torch.tensor(-3.0), ValueError, "whole number >= 0, got -3.0")])
 @pytest.mark.parametrize("name", ["Adam", "Adafactor", "SparseAdam", "Muon"])
 def test_a_bad_saved_step_is_refused_at_load_with_nothing_replaced(name, bad, error, words):
     """torch converts the counts after swapping the state in: Adafactor kept a damaged state (every later

@@ -397,7 +397,6 @@ def test_a_step_count_that_cannot_count_is_refused_before_any_write(bad):
     assert torch.equal(p.detach(), before[0]) and torch.equal(opt.state[p]["exp_avg"], before[1])
 
 
-
 @pytest.mark.parametrize("name", ["ScheduleFreeAdamW", "ScheduleFreeSGD", "ASGD"])
 def test_torch_only_state_past_float32_range_is_inf_on_both_paths(name):
     """A valid lr of 1e308 makes schedule-free's carried lr_max and weight_sum (ASGD's eta) overflow the float32

@@ -108,7 +108,6 @@ def _stable(obj) -> bool:
     return isinstance(obj, _cupy().ndarray)
 
 
-
 def _device_of(a: DeviceArray) -> int:
     cp = _cupy()
     if isinstance(a.obj, cp.ndarray):
@@ -473,7 +472,6 @@ def _skip_flag(found_inf, device):
     a = check_skip_flag(_describe(found_inf, "found_inf"))
     check_on_device(a, "found_inf", device, _device_of)
     return np.uint64(a.ptr)
-
 
 
 def _blocks(n, per_thread):

@@ -430,7 +430,6 @@ def _skip_flag(found_inf, device):
     return _flat(a)
 
 
-
 # ---------------------------------------------------------------------------------------------------
 # Backend interface
 # ---------------------------------------------------------------------------------------------------
@@ -652,7 +651,6 @@ def _tensor_coefs(spec, hp, host_scale, gs, lists, dtype, stream):
         stream.synchronize()
     coefs = spec.tensor_coefs(hp, scale, pp, gg, [len(a.shape) for a in lists[0]])
     return cuda.to_device(coefs.astype(dtype), stream=stream)
-
 
 
 def _grads_call(grads, written):

@@ -8,6 +8,7 @@ state dicts have exactly torch's layout. `betas` stands for the registry's beta1
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 
 import torch
@@ -184,12 +185,13 @@ def _check_saved_step(step, where: str) -> None:
         if step.numel() != 1 or step.dtype == torch.bool or step.is_complex():
             raise TypeError(f"{where}['step'] must be a count (a number or a 1-element real tensor), got a "
                             f"{step.dtype} tensor of shape {tuple(step.shape)}")
-        return
-    if isinstance(step, bool) or not isinstance(step, numbers.Real):
+        step = step.item()
+    elif isinstance(step, bool) or not isinstance(step, numbers.Real):
         raise TypeError(f"{where}['step'] must be a count (a number or a 1-element real tensor), got "
                         f"{shown(step)} ({type(step).__name__})")
     try:
-        float(step)
+        value = float(step)
     except OverflowError:
         raise ValueError(f"{where}['step'] is too large for a float: {shown(step)}") from None
-
+    if not (math.isfinite(value) and value >= 0 and value == int(value)):
+        raise ValueError(f"{where}['step'] must be a whole number >= 0, got {shown(step)}")

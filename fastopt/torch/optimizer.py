@@ -143,6 +143,20 @@ def _can_have_grad(p: torch.Tensor) -> bool:
     return p.dtype.is_floating_point or p.dtype.is_complex
 
 
+def _restart_refused(state, name: str, number: int, value) -> ValueError:
+    """A param that has taken steps (its "step" is in the state) without state `name`: a damaged state dict, or an
+    option switched on after steps. torch.optim fails there too; restarting it from zero would go on silently
+    with another trajectory (momentum buffers excepted: torch's SGD makes a missing one)."""
+    what = "missing" if name not in state else "None" if value is None else f"a {type(value).__name__}, not a tensor"
+    return ValueError(f"state {name!r} of params[{number}] is {what} but the param has taken steps (a damaged state "
+                      f"dict, or an option switched on after steps): torch.optim fails here too")
+
+
+def _must_exist(state, name: str) -> bool:
+    """Whether a missing state `name` is refused rather than made (see _restart_refused)."""
+    return bool(state) and "step" in state and name not in (KAHAN, "momentum_buffer")
+
+
 class TorchOptimizer(torch.optim.Optimizer):
     """A torch.optim.Optimizer whose step runs fastopt's fused kernels in place on the params' storage.
 
@@ -425,14 +439,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                         t = fresh[tname] = self._dequantized(number, tname, t, state[tname + ABSMAX], p, name)
                         fresh[tname + ABSMAX] = None  # removed from the state at commit
                     elif not isinstance(t, torch.Tensor):
-                        if state and "step" in state and name != KAHAN:
-                            # a param that has taken steps without this state (a damaged state dict, an option
-                            # switched on mid-training): torch.optim fails here too; restarting it from zero
-                            # would go on silently with another trajectory
-                            what = "missing" if tname not in state else "None" if t is None else \
-                                f"a {type(t).__name__}, not a tensor"
-                            raise ValueError(f"state {tname!r} of params[{number}] is {what} but the param has "
-                                             f"taken steps: load a state dict that holds it")
+                        if _must_exist(state, name):
+                            raise _restart_refused(state, tname, number, t)
                         t = fresh[tname] = self._new_state(spec, hp, name, p)
                     elif t.dtype.is_complex != p.dtype.is_complex:  # the kernels would see unlike views
                         raise TypeError(f"state {tname!r} of params[{number}] has dtype {t.dtype}; the state of a "
@@ -453,11 +461,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                         continue
                     if arguments.is_real(t):  # a number (an older torch's state dict): kept, as a tensor
                         fresh[name] = torch.tensor(float(t), dtype=scalar_dtype())
-                    elif state and "step" in state:  # as above (torch: KeyError, or its step fails on it)
-                        what = "missing" if name not in state else "None" if t is None else \
-                            f"a {type(t).__name__}, not a tensor"
-                        raise ValueError(f"state {name!r} of params[{number}] is {what} but the param has taken "
-                                         f"steps: load a state dict that holds it")
+                    elif _must_exist(state, name):
+                        raise _restart_refused(state, name, number, t)
                     else:
                         fresh[name] = torch.tensor(f(hp, 0), dtype=scalar_dtype())
                 if fresh:
@@ -638,6 +643,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             if a is not None:
                 raise ValueError(f"state of param {number}: {tname + ABSMAX} without {tname} (the 8-bit codes of the "
                                  f"state)")
+            if _must_exist(state, name):
+                raise _restart_refused(state, tname, number, t)
             codes, absmax = fresh[tname], fresh[tname + ABSMAX] = self._new_state(spec, hp, name, p)
             return codes, absmax
         if t.dtype == torch.uint8:
@@ -833,7 +840,10 @@ class TorchOptimizer(torch.optim.Optimizer):
             fresh = fresh_of.get(id(p), {})
             state = self.state.get(p) or {}
             for name in carry:
-                tensors.append(fresh[name] if name in fresh else state[name])  # _plan made sure it is there
+                t = fresh[name] if name in fresh else state.get(name)
+                if not isinstance(t, torch.Tensor):  # changed in the state after a step (a cached param skips _plan's
+                    raise _restart_refused(state, name, item[6], t)  # checks): step() plans again, then refuses
+                tensors.append(t)
         values = self._read_scalars(tensors, "torch-only state (mu_product, eta, mu)")
         for v in values:
             if not math.isfinite(v):

@@ -562,4 +562,3 @@ def test_stream_memo_entries_hold_their_arrays():
     gc.collect()
     assert [ref() is None for ref in refs] == [True, False, False, False]
     assert memo.get(0x1000) is None and memo.get(0x1003) == "stream 3" and memo.get(0x1000, "current") == "current"
-
