@@ -86,7 +86,7 @@ from fastopt.arrays import array_device, as_numpy, check_disjoint, no_self_overl
 from fastopt.blas import one_blas_thread
 from fastopt.optim import as_param_groups
 from fastopt.precision import is_16bit, is_bfloat16, store_rounded
-from fastopt.specs import COMPOSITE, as_float, shown
+from fastopt.specs import COMPOSITE, as_float, saved_count, shown
 
 __all__ = ["Adafactor", "check_hyperparameters", "check_eps", "state_shapes", "group_eps1", "check_state",
            "new_state", "check_param", "as_array", "Workspace", "update", "BLOCK_BYTES",
@@ -590,21 +590,6 @@ _NO_CONTEXT = _NoContext()
 _HP_KEYS = ("lr", "beta2_decay", "eps", "d", "weight_decay", "maximize")
 
 
-def _count(value, where) -> float:
-    """A step count from a state dict (int, float, 0-d array or tensor) as a whole, non-negative float."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{where}: step must be a number, got {shown(value)}")
-    try:
-        t = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{where}: step must be a number, got {shown(value)} ({type(value).__name__})") from None
-    except OverflowError:  # an int past float's range
-        raise ValueError(f"{where}: step must be a whole number >= 0 in float range, got {shown(value)}") from None
-    if not (math.isfinite(t) and t >= 0 and t == int(t)):
-        raise ValueError(f"{where}: step must be a whole number >= 0, got {shown(value)}")
-    return t
-
-
 class Adafactor:
     """Adafactor as torch.optim.Adafactor, over NumPy (or CuPy) arrays; the update rule and the cost model
     are in this module's docstring (fastopt.adafactor).
@@ -803,7 +788,7 @@ class Adafactor:
             extra = set(entry) - set(shapes) - {"step"}
             if extra or "step" not in entry:
                 raise ValueError(f"{where} has keys {sorted(map(str, entry))}, expected {['step', *shapes]}")
-            t = _count(entry["step"], where)
+            t = saved_count(entry["step"], f"{where}: step")
             arrays = {}
             for name, shape in shapes.items():
                 if name not in entry:

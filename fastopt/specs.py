@@ -36,7 +36,10 @@ def _is_real(x) -> bool:
 
 def shown(value, limit=40) -> str:
     """A value for an error message, cut short (10**400 has 401 digits)."""
-    text = repr(value) if isinstance(value, str) else str(value)
+    try:
+        text = repr(value) if isinstance(value, str) else str(value)
+    except Exception:  # a broken __str__ must not replace the real error
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -67,6 +70,27 @@ def as_step(step, name="step") -> int:
     if not 1 <= step <= MAX_STEP:
         raise ValueError(f"Invalid {name}: {shown(step)} (the first step is 1; at most 2**53)")
     return step
+
+
+def saved_count(value, where: str) -> float:
+    """A step count read back from a state dict: a number, or a 1-element real array or tensor (torch.optim
+    saves a tensor), as a float holding a whole number >= 0. `where` names it in the errors."""
+    if hasattr(value, "shape") and hasattr(value, "item"):  # a NumPy/CuPy array or a torch tensor
+        kind = str(value.dtype)
+        if math.prod(value.shape) != 1 or "bool" in kind or "complex" in kind:
+            raise TypeError(f"{where} must be a count (a number or a 1-element real tensor), got a {kind} "
+                            f"{type(value).__name__.lower()} of shape {tuple(value.shape)}")
+        value = value.item()
+    if not _is_real(value):
+        raise TypeError(f"{where} must be a count (a number or a 1-element real tensor), got {shown(value)} "
+                        f"({type(value).__name__})")
+    try:
+        count = float(value)
+    except OverflowError:  # an int past float's range
+        raise ValueError(f"{where} is too large for a float: {shown(value)}") from None
+    if not (math.isfinite(count) and count >= 0 and count == int(count)):
+        raise ValueError(f"{where} must be a whole number >= 0, got {shown(value)}")
+    return count
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import numpy as np
 from fastopt.arrays import to_host
 from fastopt.precision import QuantizedState, signed_state
 from fastopt.schedules import is_schedule
-from fastopt.specs import REGISTRY
+from fastopt.specs import REGISTRY, shown
 
 __all__ = ["OptimizerState", "CheckpointError", "state_dict", "load_state_dict", "plan_load", "apply_load",
            "to_torch_state_dict", "from_torch_state_dict", "check_array"]
@@ -70,15 +70,6 @@ class CheckpointError(ValueError):
 def fail(msg):
     """Raise the CheckpointError every load problem is."""
     raise CheckpointError(msg)
-
-
-def shown(value, limit=60) -> str:
-    """A value for an error message, cut short."""
-    try:
-        text = repr(value)
-    except Exception:  # a broken __repr__ must not replace the real error
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _dtype_name(dtype) -> str:

@@ -8,12 +8,11 @@ state dicts have exactly torch's layout. `betas` stands for the registry's beta1
 from __future__ import annotations
 
 import inspect
-import math
 import numbers
 
 import torch
 
-from fastopt.specs import REQUIRED, OptimizerSpec, shown
+from fastopt.specs import REQUIRED, OptimizerSpec, saved_count, shown
 
 # torch flags the fastopt kernels have no use for (accepted, stored, ignored) or cannot honour (rejected)
 IGNORED_FLAGS = {"foreach": None, "fused": None}
@@ -173,25 +172,8 @@ def check_saved_state(state_dict, tensors_only: bool = False) -> None:
         if not isinstance(entry, dict):
             raise ValueError(f"{where} must be a dict of the param's state, got {type(entry).__name__}")
         if "step" in entry:
-            _check_saved_step(entry["step"], where)
+            saved_count(entry["step"], f"{where}['step']")
         if tensors_only:
             for key, value in entry.items():
                 if key != "step" and not isinstance(value, torch.Tensor):
                     raise TypeError(f"{where}[{key!r}] must be a tensor, got {shown(value)} ({type(value).__name__})")
-
-
-def _check_saved_step(step, where: str) -> None:
-    if isinstance(step, torch.Tensor):
-        if step.numel() != 1 or step.dtype == torch.bool or step.is_complex():
-            raise TypeError(f"{where}['step'] must be a count (a number or a 1-element real tensor), got a "
-                            f"{step.dtype} tensor of shape {tuple(step.shape)}")
-        step = step.item()
-    elif isinstance(step, bool) or not isinstance(step, numbers.Real):
-        raise TypeError(f"{where}['step'] must be a count (a number or a 1-element real tensor), got "
-                        f"{shown(step)} ({type(step).__name__})")
-    try:
-        value = float(step)
-    except OverflowError:
-        raise ValueError(f"{where}['step'] is too large for a float: {shown(step)}") from None
-    if not (math.isfinite(value) and value >= 0 and value == int(value)):
-        raise ValueError(f"{where}['step'] must be a whole number >= 0, got {shown(step)}")
