@@ -115,6 +115,14 @@ def copy_into(dst, src):
     np.copyto(as_numpy(dst, "state"), np.asarray(src), casting="no")
 
 
+def copy_param(dst, p) -> None:
+    """dst[...] = p, widened to dst's dtype (16-bit params keep float32 state), on dst's own device."""
+    if isinstance(dst, np.ndarray):
+        dst[...] = as_numpy(p, "params")
+    else:
+        copy_into(dst, p)
+
+
 def zero_fill(dst):
     """dst[...] = 0 on its own device."""
     if hasattr(dst, "copy_to_device"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastopt.array_types import Arrays, Scalar
+from fastopt.arrays import array_device, as_numpy
 from fastopt.backends.dispatch import backend_for, check_empty_call
 from fastopt.backends.validate import check_tensor_coefs
 from fastopt.specs import COMP_SLOT, REGISTRY, REQUIRED, OptimizerSpec
@@ -230,7 +231,6 @@ def _composite_state(spec, params, state_dtype, kahan, options) -> dict:
     if kahan is not False:
         raise ValueError(f"Invalid kahan: {kahan!r} for 'sparse_adam' (no Kahan compensation)")
     # Adam's two moments, each param's in its own dtype (fastopt.sparse_adam imports the classes: not from here)
-    from fastopt.backends.dispatch import array_device, as_numpy
     is_list = isinstance(params, (list, tuple))
     if params is None:
         raise TypeError("params must be an array or a list of arrays, got None")
@@ -266,7 +266,6 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
     "adafactor", "muon" and "lbfgs" have no functional step (ValueError: their classes keep their state).
     Example: ``fastopt.adam_step(p, g, **fastopt.init_state("adam", p), step=1)``."""
     from fastopt.specs import COMPOSITE, PARAM, get_spec
-    from fastopt.backends.dispatch import array_device, as_numpy
     from fastopt.precision import INT8_REFUSED, QuantizedState, is_16bit, quant_blocks, signed_state
 
     composite = COMPOSITE.get(name.lower()) if isinstance(name, str) else None

@@ -71,9 +71,9 @@ import numpy as np
 
 from fastopt import statedict
 from fastopt.array_types import Arrays, Schedule
-from fastopt.arrays import copy_into, to_host, writable_view, zero_fill
+from fastopt.arrays import array_device, as_numpy, copy_into, copy_param, to_host, writable_view, zero_fill
 from fastopt.backends import dispatch
-from fastopt.backends.dispatch import array_device, as_numpy, backend_for
+from fastopt.backends.dispatch import backend_for
 from fastopt.backends.interface import capturable as capturable_backend
 from fastopt.backends.interface import prepares_once
 from fastopt.capture import OUTSIDE_CAPTURE, CapturedScalars
@@ -83,7 +83,7 @@ from fastopt.precision import QuantizedState, StochasticRounding, quant_blocks, 
 from fastopt.schedules import is_schedule
 from fastopt.specs import PARAM, REGISTRY, REQUIRED, OptimizerSpec
 from fastopt.statedict import OptimizerState, check_array
-from fastopt.train_eval import TrainEval, copy_param
+from fastopt.train_eval import Modes
 
 __all__ = ["Optimizer", "OptimizerState", "StatePlan", "as_param_groups"] + [spec.class_name for spec in REGISTRY.values()]
 
@@ -1058,6 +1058,52 @@ class StatePlan:
 # ---------------------------------------------------------------------------------------------------
 # The generated classes
 # ---------------------------------------------------------------------------------------------------
+
+class TrainEval(Modes):
+    """Mixin of the Optimizer subclasses with spec.train_eval (schedule-free; fastopt/train_eval.py): one mode for
+    the optimizer (export_state / apply_state carry it); each switch is one fused multi-tensor lerp per group
+    and dtype."""
+
+    _fastopt_train_mode = True  # the class default: an optimizer starts in train mode
+
+    @property
+    def train_mode(self) -> bool:
+        """True between train() (or construction) and eval()."""
+        return self._fastopt_train_mode
+
+    def _groups_in_mode(self, train: bool) -> list:
+        return list(range(len(self.param_groups))) if self._fastopt_train_mode == train else []
+
+    def _set_mode(self, groups, train: bool) -> None:
+        self._fastopt_train_mode = train
+
+    def _group_weights(self, weight) -> list:
+        return [weight(self._hyperparameters(gi)[0]) for gi in range(len(self.param_groups))]
+
+    def _move(self, state, weights) -> None:
+        from fastopt.averaging import lerp_all_
+        # every group's and dtype's call checked before the first param moves (a read-only param of a later
+        # group left the earlier groups at x and the mode at train)
+        lerp_all_([(bucket.params, zs, weights[gi], bucket.indices)
+                   for gi, buckets in enumerate(self._buckets) for bucket in buckets
+                   # no z yet: no step taken, y == z == x (the package skips such params too)
+                   for zs in [bucket.states.get(state)] if zs is not None],
+                  ("params", state), backend=self.backend)
+
+    def step(self, grads):
+        self._check_train_mode()
+        return super().step(grads)
+
+    def export_state(self):
+        state = super().export_state()
+        state.train_mode = self._fastopt_train_mode
+        return state
+
+    def apply_state(self, plan) -> None:
+        super().apply_state(plan)
+        if plan.state.train_mode is not None:  # the saved params are at the saved mode's point
+            self._fastopt_train_mode = plan.state.train_mode
+
 
 def _make_class(spec: OptimizerSpec):
     """A subclass of Optimizer with torch.optim's constructor signature for this optimizer: params, then

@@ -19,7 +19,7 @@ import warnings
 
 import numpy as np
 
-from fastopt.arrays import array_device, as_numpy  # re-exported: the leaf module holds them
+from fastopt.arrays import array_device
 
 HOST_BACKENDS = ("cython", "numpy")
 DEVICE_BACKENDS = ("cupy", "numba")

@@ -28,7 +28,7 @@ from fastopt.torch.lbfgs import LBFGS
 from fastopt.torch.muon import Muon
 from fastopt.torch.adafactor import Adafactor
 from fastopt.torch.sparse_adam import SparseAdam
-from fastopt.train_eval import TorchTrainEval
+from fastopt.torch.train_eval import TorchTrainEval
 
 __all__ = ["TorchOptimizer", "make_class", *(spec.class_name for spec in REGISTRY.values()),
            *(spec.class_name for spec in COMPOSITE.values())]
