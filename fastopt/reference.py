@@ -60,7 +60,7 @@ def rmsprop_step(p, g, square_avg, grad_avg=None, momentum_buffer=None, *, lr=1e
     g = scaled_grad(g, grad_scale, maximize)
     if weight_decay != 0:
         g = g + weight_decay * p
-    _store(square_avg, alpha * square_avg + (1.0 - alpha) * (g * g))
+    _store(square_avg, alpha * square_avg + ((1.0 - alpha) * g) * g)  # torch's addcmul order
     if centered:
         _store(grad_avg, alpha * grad_avg + (1.0 - alpha) * g)
         avg = np.sqrt(square_avg - grad_avg * grad_avg) + eps
@@ -247,10 +247,10 @@ def adadelta_step(p, g, square_avg, acc_delta, *, lr=1.0, rho=0.9, eps=1e-6, wei
     g = scaled_grad(g, grad_scale, maximize)
     if weight_decay != 0:
         g = g + weight_decay * p
-    _store(square_avg, rho * square_avg + (1.0 - rho) * (g * g))
+    _store(square_avg, rho * square_avg + ((1.0 - rho) * g) * g)  # torch's addcmul order
     std = np.sqrt(square_avg + eps)
     delta = np.sqrt(acc_delta + eps) / std * g
-    _store(acc_delta, rho * acc_delta + (1.0 - rho) * (delta * delta))
+    _store(acc_delta, rho * acc_delta + ((1.0 - rho) * delta) * delta)
     _store(p, p - lr * delta)
 
 
@@ -260,13 +260,14 @@ def rprop_step(p, g, prev, step_size, *, lr=1e-2, etaminus=0.5, etaplus=1.2, ste
     g = scaled_grad(g, grad_scale, maximize)
     x = g * prev
     one = np.ones_like(x)
-    factor = np.where(x > 0, etaplus * one, np.where(x < 0, etaminus * one, np.where(x == 0, one, x)))
+    # torch.sign(NaN) is 0: a NaN x (a NaN gradient, inf times a zero prev) keeps the step size, a NaN g keeps p
+    factor = np.where(x > 0, etaplus * one, np.where(x < 0, etaminus * one, one))
     s = step_size * factor
     s = np.where(s < step_size_min, step_size_min * one, s)  # torch.clamp: max first, then min; NaN stays
     s = np.where(s > step_size_max, step_size_max * one, s)
     _store(step_size, s)
     g = np.where(x < 0, 0 * one, g)
-    _store(p, p - np.sign(g) * s)
+    _store(p, p - np.where(np.isnan(g), 0 * one, np.sign(g)) * s)
     _store(prev, g)
 
 

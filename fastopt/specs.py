@@ -104,6 +104,7 @@ class Hyper:
     kind: str = "float"  # "float" or "bool"
     check: Callable[[float], bool] | None = None
     label: str = ""
+    inf_ok: bool = False  # +inf is meaningful (an upper clamp bound: no limit), as torch allows it
 
     def validate(self, value):
         """The value as a Python float (or bool); TypeError / ValueError naming it when invalid."""
@@ -116,8 +117,9 @@ class Hyper:
             raise TypeError(f"{self.name} must be a bool, got {shown(value)} ({t.__name__})")
         if t is not float:
             value = as_float(self.name, value, self.label)
-        # every float hyperparameter must be finite: inf or nan would corrupt every parameter
-        if not math.isfinite(value) or (self.check is not None and not self.check(value)):
+        # every float hyperparameter must be finite (inf or nan would corrupt every parameter), but a bound
+        if not (math.isfinite(value) or (self.inf_ok and value == math.inf)) or (
+                self.check is not None and not self.check(value)):
             raise ValueError(f"Invalid {self.label or self.name}: {value}")
         return value
 
@@ -851,7 +853,6 @@ def _rprop_scalars(hp, step, grad_scale):
 
 def _rprop_check(hp):
     if not 0.0 < hp["etaminus"] < 1.0 < hp["etaplus"]:
-        # torch's words, then our argument names (torch passes the pair as etas)
         # torch's words, then our argument names (torch passes the pair as etas; fastopt.torch says torch's
         # words only)
         raise ValueError(f"Invalid eta values: {hp['etaminus']}, {hp['etaplus']} (etaminus must be in (0, 1) and "
@@ -876,7 +877,8 @@ prev = g
             Hyper("etaplus", 1.2, "step-size factor while the sign holds, > 1 (torch's etas[1])",
                   label="etaplus value"),
             Hyper("step_size_min", 1e-6, "smallest step size (torch's step_sizes[0])", label="step_size_min value"),
-            Hyper("step_size_max", 50.0, "largest step size (torch's step_sizes[1])", label="step_size_max value"),
+            Hyper("step_size_max", 50.0, "largest step size (torch's step_sizes[1]; inf: no limit)",
+                  label="step_size_max value", inf_ok=True),
             MAXIMIZE),
     states=("prev", "step_size"),
     # torch fills a new step_size with the group's lr; a step never reads lr

@@ -184,6 +184,7 @@ def mutations(sd, spec, rng):
     n = len(sd["fastopt"]["param_shapes"])
     ng = len(sd["param_groups"])
     bools = {h.name for h in spec.hypers if h.kind == "bool"}
+    inf_ok = {h.name for h in spec.hypers if h.inf_ok}  # an upper bound: inf is no bound (Rprop's step_size_max)
     other = next(s.name for s in SPECS if s.name != spec.name)
     for bad in [5, None, [], "x", {}, {"state": {}}, {"param_groups": []}, {"state": {}, "param_groups": 5}]:
         out.append((f"sd={bad!r}", bad))
@@ -230,6 +231,7 @@ def mutations(sd, spec, rng):
                 continue
             drop(f"group {gi} without {k}", ("param_groups", gi, k))
             values = BAD_BETAS if k == "betas" else BAD_BOOLS if k in bools else BAD_FLOATS
+            values = [v for v in values if not (k in inf_ok and v is INF)]
             for v in values:
                 put(f"group {gi} {k}={v!r:.30}", ("param_groups", gi, k), v)
     # state

@@ -193,7 +193,7 @@ def test_invalid_hyperparameter_named_in_message(spec, h):
         message = f"Invalid {h.label or h.name}: {value}"
     if value is not None:
         _call(spec, {h.name: value}, ValueError, message.replace("(", r"\(").replace(")", r"\)"))
-    for bad in (float("nan"), float("inf")):
+    for bad in (float("nan"), float("-inf")) if h.inf_ok else (float("nan"), float("inf")):
         _call(spec, {h.name: bad}, ValueError, f"Invalid .*: {bad}")
     _call(spec, {h.name: "x"}, TypeError, f"{h.name} must be a real number, got 'x'")
 

@@ -1,6 +1,6 @@
 // RMSprop, plain or centered, with or without momentum (torch.optim.RMSprop).
 //   g <- g * grad_scale + weight_decay * p
-//   sq <- alpha * sq + (1 - alpha) * g * g
+//   sq <- alpha * sq + ((1 - alpha) * g) * g   (torch's addcmul order: alpha = 1 adds 0 where g * g overflows)
 //   centered: ga <- alpha * ga + (1 - alpha) * g;  avg = sqrt(sq - ga * ga) + eps
 //   else:     avg = sqrt(sq) + eps
 //   momentum: buf <- momentum * buf + g / avg;  p <- p - lr * buf
@@ -22,7 +22,7 @@ FASTOPT_HD void rmsprop_math(M& p, M g, M& sq, M& ga, M& buf, const RmspropParam
                              bool momentum) {
     g = g * h.grad_scale;
     g = fo_add_scaled(g, h.weight_decay, p);
-    sq = h.alpha * sq + h.one_minus_alpha * (g * g);
+    sq = h.alpha * sq + (h.one_minus_alpha * g) * g;
     M avg;
     if (centered) {
         ga = h.alpha * ga + h.one_minus_alpha * g;

@@ -130,7 +130,7 @@ def build(dtype):
     def rmsprop_math(p, g, a, b, c, h, s, variant):  # a: square_avg, b: grad_avg, c: momentum_buffer
         g = g * (h[H.rmsprop.grad_scale] * s)
         g = add_scaled(g, h[H.rmsprop.weight_decay], p)
-        a = h[H.rmsprop.alpha] * a + h[H.rmsprop.one_minus_alpha] * (g * g)
+        a = h[H.rmsprop.alpha] * a + (h[H.rmsprop.one_minus_alpha] * g) * g
         if variant & RMSPROP_CENTERED:
             b = h[H.rmsprop.alpha] * b + h[H.rmsprop.one_minus_alpha] * g
             avg = sqrt(a - b * b) + h[H.rmsprop.eps]
@@ -220,10 +220,10 @@ def build(dtype):
     def adadelta_math(p, g, a, b, c, h, s, variant):  # a: square_avg, b: acc_delta
         g = g * (h[H.adadelta.grad_scale] * s)
         g = add_scaled(g, h[H.adadelta.weight_decay], p)
-        a = h[H.adadelta.rho] * a + h[H.adadelta.one_minus_rho] * (g * g)
+        a = h[H.adadelta.rho] * a + (h[H.adadelta.one_minus_rho] * g) * g
         std = sqrt(a + h[H.adadelta.eps])
         delta = sqrt(b + h[H.adadelta.eps]) / std * g
-        b = h[H.adadelta.rho] * b + h[H.adadelta.one_minus_rho] * (delta * delta)
+        b = h[H.adadelta.rho] * b + (h[H.adadelta.one_minus_rho] * delta) * delta
         p = p - h[H.adadelta.lr] * delta
         return p, a, b, c
 
@@ -235,17 +235,15 @@ def build(dtype):
             factor = h[H.rprop.etaplus]
         elif x < ZERO:
             factor = h[H.rprop.etaminus]
-        elif x == ZERO:
-            factor = ONE
         else:
-            factor = x  # NaN
+            factor = ONE  # x == 0, and NaN (torch.sign(NaN) is 0)
         t = b * factor
         t = h[H.rprop.step_size_min] if t < h[H.rprop.step_size_min] else t
         t = h[H.rprop.step_size_max] if t > h[H.rprop.step_size_max] else t
         b = t
         if x < ZERO:
             g = ZERO
-        p = p - sign(g) * t
+        p = p - (sign(g) if g == g else ZERO) * t  # a NaN gradient leaves p (torch.sign(NaN) is 0)
         a = g
         return p, a, b, c
 

@@ -1,0 +1,117 @@
+"""Edge values against torch.optim (the oracle): gradients with NaN and inf, hyperparameters at the ends of
+their ranges. Each case steps torch.optim, fastopt.torch and the functional `*_step` on every host backend
+from the same data, and the results must match torch's, NaN and inf positions included.
+
+Found by an audit against torch 2.13: Rprop turned a NaN gradient (torch.sign(NaN) is 0) or an inf one on
+the first step (inf times a zero prev) into NaN params; RMSprop with alpha = 1 and Adadelta with rho = 1
+gave NaN where g * g overflows (torch multiplies (1 - alpha) * g first); Rprop refused step_sizes=(0, inf).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import fastopt
+
+torch = pytest.importorskip("torch")
+ft = pytest.importorskip("fastopt.torch")
+
+INF, NAN = math.inf, math.nan
+
+# (optimizer, options, the gradients of successive steps, rtol for float64): every value of p0 below is
+# stepped with each gradient row in turn
+CASES = [
+    ("Rprop", {}, [[NAN, INF, -INF, 1.0, 0.0, -0.0, 2.0]] * 1 + [[1.0, 1.0, 1.0, NAN, INF, 1.0, -2.0]] * 3),
+    ("Rprop", {"lr": 0.3, "etas": (0.25, 2.0)}, [[INF, NAN, 1.0, -1.0, 3.0, -INF, 0.5],
+                                                [1.0, -1.0, NAN, NAN, -3.0, INF, -0.5],
+                                                [-1.0, 1.0, 2.0, 1.0, NAN, -1.0, 0.5]]),
+    ("Rprop", {"step_sizes": (0.0, INF), "etas": (0.5, 4.0)}, [[1.0, -1.0, 2.0, NAN, 1.0, 1.0, 3.0]] * 12),
+    ("RMSprop", {"alpha": 1.0}, [[1e200, -1e200, 1.0, 1e-200, 3e154, 0.0, 2.0]] * 3),
+    ("RMSprop", {"alpha": 1.0, "centered": True, "momentum": 0.5}, [[1e200, -1e200, 1.0, 1e-200, 3e154, 0.0, 2.0]] * 3),
+    ("Adadelta", {"rho": 1.0}, [[1e200, -1e200, 1.0, 1e-200, 3e154, 0.0, 2.0]] * 3),
+    ("Adadelta", {"rho": 0.5}, [[1e200, -1e200, 1.0, 1e-200, 3e154, 0.0, 2.0]] * 3),
+]
+P0 = [0.5, -0.25, 1.0, 0.0, -0.0, 2.0, -3.0]
+
+
+def _torch_run(name, options, grads, dtype):
+    p = torch.tensor(P0, dtype=dtype, requires_grad=True)
+    opt = getattr(torch.optim, name)([p], **options)
+    for g in grads:
+        p.grad = torch.tensor(g, dtype=dtype)
+        opt.step()
+    return p.detach().numpy(), {k: v.numpy() for k, v in opt.state[p].items() if k != "step"}
+
+
+def _fastopt_torch_run(name, options, grads, dtype):
+    p = torch.tensor(P0, dtype=dtype, requires_grad=True)
+    opt = getattr(ft, name)([p], **options)
+    for g in grads:
+        p.grad = torch.tensor(g, dtype=dtype)
+        opt.step()
+    return p.detach().numpy(), {k: v.numpy() for k, v in opt.state[p].items() if k != "step"}
+
+
+def _functional_run(name, options, grads, dtype, backend):
+    """The functional step with torch's options mapped to the registry's names (fastopt.torch's mapping)."""
+    spec = fastopt.specs.REGISTRY[name.lower()]
+    hp = {}
+    for key, value in options.items():
+        pair = spec.torch_tuples.get(key) if spec.torch_tuples else None
+        hp.update(zip(pair, value) if pair else [(key, value)])
+    hp.setdefault("lr", {"Rprop": 0.01, "RMSprop": 0.01, "Adadelta": 1.0}[name])
+    p = np.array(P0, dtype=dtype)
+    state = fastopt.init_state(spec.name, p, **{k: v for k, v in hp.items() if k in ("centered", "momentum")})
+    if "step_size" in state:
+        state["step_size"][...] = hp["lr"]  # torch fills a new step_size with lr
+    step = getattr(fastopt, f"{spec.name}_step")
+    for t, g in enumerate(grads, 1):
+        kwargs = dict(hp, backend=backend)
+        if spec.uses_step:
+            kwargs["step"] = t
+        with np.errstate(all="ignore"):  # the reference's inf * 0 and float32's 1e200 -> inf, as torch's
+            step(p, np.array(g, dtype=dtype), **state, **kwargs)
+    return p, state
+
+
+def _same(a, b, rtol, what):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.array_equal(np.isnan(a), np.isnan(b)), f"{what}: NaN positions {a} vs torch {b}"
+    assert np.array_equal(np.where(np.isinf(a), a, 0), np.where(np.isinf(b), b, 0)), f"{what}: inf {a} vs torch {b}"
+    ok = np.isfinite(a)
+    np.testing.assert_allclose(a[ok], b[ok], rtol=rtol, atol=0, err_msg=what)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_edge_values_match_torch(case, dtype):
+    name, options, grads = CASES[case]
+    tdtype = getattr(torch, dtype)
+    rtol = 1e-12 if dtype == "float64" else 2e-6
+    expect, expect_state = _torch_run(name, options, grads, tdtype)
+    got, got_state = _fastopt_torch_run(name, options, grads, tdtype)
+    _same(got, expect, rtol, f"fastopt.torch.{name} params")
+    for key, value in expect_state.items():
+        _same(got_state[key], value, rtol, f"fastopt.torch.{name} state {key}")
+    for backend in ("numpy", "cython"):
+        got, _ = _functional_run(name, options, grads, dtype, backend)
+        _same(got, expect, rtol, f"fastopt.{name.lower()}_step ({backend}) params")
+
+
+def test_rprop_accepts_an_unbounded_step_size_and_still_refuses_nan():
+    p = np.zeros(3)
+    opt = fastopt.Rprop([p], step_size_min=0.0, step_size_max=INF, etaplus=4.0)
+    moves = []
+    for _ in range(8):  # the step size 0.01 * 4 ** 7 = 163.84 at the last step: past the default max of 50
+        before = p.copy()
+        opt.step([np.ones(3)])
+        moves.append(float(before[0] - p[0]))
+    assert moves[-1] == pytest.approx(0.01 * 4 ** 7, rel=1e-12)
+    with pytest.raises(ValueError, match="Invalid step_size_max value: nan"):
+        fastopt.Rprop([p], step_size_max=NAN)
+    with pytest.raises(ValueError, match="Invalid step_size_min value: inf"):
+        fastopt.Rprop([p], step_size_min=INF)
+    with pytest.raises(ValueError, match="Invalid step_size_max value: -inf"):
+        fastopt.Rprop([p], step_size_max=-INF)
