@@ -76,8 +76,9 @@ except ImportError:  # Windows
 
 from fastopt.arrays import to_host as _to_host, writable_view as _writable_view
 from fastopt.optim import Optimizer, OptimizerState
-from fastopt.statedict import (CheckpointError, fail, shown, apply_load, from_torch_state_dict,
-                               load_state_dict, plan_load, state_dict, to_torch_state_dict)
+from fastopt.specs import shown
+from fastopt.statedict import (CheckpointError, fail, apply_load, from_torch_state_dict, load_state_dict, plan_load,
+                               state_dict, to_torch_state_dict)
 
 __all__ = ["save", "load", "write_atomic", "read", "CheckpointError", "OptimizerState", "state_dict", "load_state_dict",
            "to_torch_state_dict", "from_torch_state_dict"]

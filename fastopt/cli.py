@@ -11,7 +11,7 @@ import argparse
 import sys
 
 
-from fastopt.cli_args import (UsageError, RunError, real, integer, listing, optimizer_names, fused_optimizer_names, check_output_path, finite_json, dumps, write_json, fmt)  # noqa: F401  (re-exported)
+from fastopt.cli_args import UsageError, RunError, integer, listing, fused_optimizer_names, check_output_path, dumps
 
 
 # ------------------------------------------------------------------------------------------ bench, info

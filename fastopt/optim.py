@@ -776,15 +776,9 @@ class Optimizer:
                     group["params"] = list(new)
             start += n
 
-    def _ensure_states(self, bucket, hp):
-        """Allocate a state slot that a changed hyperparameter now needs (e.g. momentum set later)."""
-        for name, used in zip(self.spec.states, self.spec.active_states(hp)):
-            if used and name not in bucket.states:
-                bucket.states[name] = self._new_states(bucket.params, hp)[name]
-
     def _call_states(self, bucket, hp):
         """(state lists, argument names) of the bucket's kernel call for these hyperparameters; a state
-        not allocated yet is a new zero array here (kept by _ensure_states when the step goes ahead)."""
+        not allocated yet is a new zero array here (kept by _adopt_call when the step goes ahead)."""
         def state_for(name):
             if name in bucket.states:
                 return bucket.states[name]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import cli
+from fastopt import cli_args
 from fastopt.cli import main
 
 
@@ -151,59 +151,59 @@ def test_info_json_is_strict(capsys):
 def test_finite_json_turns_non_finite_numbers_into_null():
     payload = {"a": math.inf, "b": [1.0, math.nan, -math.inf], "c": np.float32(2.5), "d": np.array([1.0, np.nan]),
                "e": (np.int64(3), True, None, "x"), 4: np.float64(np.inf)}
-    text = cli.dumps(payload)
+    text = cli_args.dumps(payload)
     assert strict_loads(text) == {"a": None, "b": [1.0, None, None], "c": 2.5, "d": [1.0, None],
                                   "e": [3, True, None, "x"], "4": None}
     with pytest.raises(TypeError, match="cannot write"):
-        cli.dumps({"x": object()})
+        cli_args.dumps({"x": object()})
 
 
 def test_write_json_is_strict_and_atomic(tmp_path):
     target = tmp_path / "out.json"
-    cli.write_json(str(target), {"loss": math.nan})
+    cli_args.write_json(str(target), {"loss": math.nan})
     assert strict_loads(target.read_text()) == {"loss": None}
     assert os.listdir(tmp_path) == ["out.json"]
 
 
 def test_fmt_uses_sensible_precision():
-    assert cli.fmt(0.123456) == "0.1235"
-    assert cli.fmt(3012.5) == "3012.5000"
-    assert cli.fmt(1.2345e30) == "1.234e+30" or cli.fmt(1.2345e30) == "1.235e+30"
-    assert cli.fmt(-2e-7) == "-2.000e-07"
-    assert cli.fmt(math.inf) == "inf" and cli.fmt(math.nan) == "nan" and cli.fmt(None) == "n/a"
-    assert cli.fmt(0.0) == "0.0000"
-    assert max(len(cli.fmt(v)) for v in (1e300, -1e300, 1e-300, 123456.7)) <= 12
+    assert cli_args.fmt(0.123456) == "0.1235"
+    assert cli_args.fmt(3012.5) == "3012.5000"
+    assert cli_args.fmt(1.2345e30) == "1.234e+30" or cli_args.fmt(1.2345e30) == "1.235e+30"
+    assert cli_args.fmt(-2e-7) == "-2.000e-07"
+    assert cli_args.fmt(math.inf) == "inf" and cli_args.fmt(math.nan) == "nan" and cli_args.fmt(None) == "n/a"
+    assert cli_args.fmt(0.0) == "0.0000"
+    assert max(len(cli_args.fmt(v)) for v in (1e300, -1e300, 1e-300, 123456.7)) <= 12
 
 
 def test_check_output_path(tmp_path):
-    cli.check_output_path("--out", str(tmp_path / "new.json"))  # fine, and nothing is created
+    cli_args.check_output_path("--out", str(tmp_path / "new.json"))  # fine, and nothing is created
     assert os.listdir(tmp_path) == []
     existing = tmp_path / "old.json"
     existing.write_text("keep")
-    cli.check_output_path("--out", str(existing))
+    cli_args.check_output_path("--out", str(existing))
     assert existing.read_text() == "keep"
-    with pytest.raises(cli.UsageError, match="--plot .*does not exist"):
-        cli.check_output_path("--plot", str(tmp_path / "a" / "b" / "x.png"))
+    with pytest.raises(cli_args.UsageError, match="--plot .*does not exist"):
+        cli_args.check_output_path("--plot", str(tmp_path / "a" / "b" / "x.png"))
     assert not (tmp_path / "a").exists()
-    with pytest.raises(cli.UsageError, match="is a directory"):
-        cli.check_output_path("--out", str(tmp_path))
-    with pytest.raises(cli.UsageError, match="is not a directory"):
-        cli.check_output_path("--out", str(existing / "x.json"))
+    with pytest.raises(cli_args.UsageError, match="is a directory"):
+        cli_args.check_output_path("--out", str(tmp_path))
+    with pytest.raises(cli_args.UsageError, match="is not a directory"):
+        cli_args.check_output_path("--out", str(existing / "x.json"))
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        with pytest.raises(cli.UsageError, match="cannot write"):
-            cli.check_output_path("--out", str(locked / "x.json"))
+        with pytest.raises(cli_args.UsageError, match="cannot write"):
+            cli_args.check_output_path("--out", str(locked / "x.json"))
 
 
 @pytest.mark.parametrize("factory, text, message", [
-    (lambda: cli.real("learning rate", low=0.0), "-0.1", "Invalid learning rate: -0.1 (must be >= 0)"),
-    (lambda: cli.real("learning rate", low=0.0), "nan", "Invalid learning rate: nan (must be finite)"),
-    (lambda: cli.real("learning rate", low=0.0), "1e400", "Invalid learning rate: 1e400 (must be finite)"),
-    (lambda: cli.real("dropout", low=0.0, high=1.0, high_open=True), "1", "Invalid dropout: 1 (must be >= 0 and < 1)"),
-    (lambda: cli.integer("number of epochs", low=1), "0", "Invalid number of epochs: 0 (must be >= 1)"),
-    (lambda: cli.integer("number of epochs", low=1), "3.0", "Invalid number of epochs: '3.0' (expected an integer)"),
-    (lambda: cli.listing(cli.real("beta"), "betas", length=2), "0.9", "expected 2 comma-separated values"),
+    (lambda: cli_args.real("learning rate", low=0.0), "-0.1", "Invalid learning rate: -0.1 (must be >= 0)"),
+    (lambda: cli_args.real("learning rate", low=0.0), "nan", "Invalid learning rate: nan (must be finite)"),
+    (lambda: cli_args.real("learning rate", low=0.0), "1e400", "Invalid learning rate: 1e400 (must be finite)"),
+    (lambda: cli_args.real("dropout", low=0.0, high=1.0, high_open=True), "1", "Invalid dropout: 1 (must be >= 0 and < 1)"),
+    (lambda: cli_args.integer("number of epochs", low=1), "0", "Invalid number of epochs: 0 (must be >= 1)"),
+    (lambda: cli_args.integer("number of epochs", low=1), "3.0", "Invalid number of epochs: '3.0' (expected an integer)"),
+    (lambda: cli_args.listing(cli_args.real("beta"), "betas", length=2), "0.9", "expected 2 comma-separated values"),
 ])
 def test_option_types_name_the_value(factory, text, message):
     import argparse
@@ -213,7 +213,7 @@ def test_option_types_name_the_value(factory, text, message):
 
 
 def test_option_types_accept_good_values():
-    assert cli.integer("size", low=1, allow_exponent=True)("1e6") == 10**6
-    assert cli.listing(cli.integer("size", low=1), "sizes")("1, 2,3") == (1, 2, 3)
-    assert cli.real("lr", low=0.0)("0") == 0.0
-    assert cli.optimizer_names("Adam, lion,adam") == ["adam", "lion"]
+    assert cli_args.integer("size", low=1, allow_exponent=True)("1e6") == 10**6
+    assert cli_args.listing(cli_args.integer("size", low=1), "sizes")("1, 2,3") == (1, 2, 3)
+    assert cli_args.real("lr", low=0.0)("0") == 0.0
+    assert cli_args.optimizer_names("Adam, lion,adam") == ["adam", "lion"]

@@ -269,3 +269,48 @@ def test_no_private_optimizer_access_outside_optim():
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "opt":
                 assert not node.attr.startswith("_"), f"{mod}:{node.lineno}: opt.{node.attr}"
+
+
+# docs/design.md "Layers": each module's layer (the first prefix that matches); imports go to the same layer or
+# below. fastopt/__init__.py (the flat public API, above everything) is left out.
+LAYERS = [
+    ("leaves", ("fastopt._version", "fastopt.arrays", "fastopt.array_types", "fastopt.precision", "fastopt.blas",
+                "fastopt.distributed.layout", "fastopt.distributed.comm_base", "fastopt.torch.plan")),
+    ("registry", ("fastopt.specs", "fastopt.reference", "fastopt.capture", "fastopt.schedules")),
+    ("kernels", ("fastopt.kernels",)),
+    ("backends", ("fastopt.backends",)),
+    ("API", ("fastopt.functional", "fastopt.clip", "fastopt.flat", "fastopt.averaging", "fastopt.statedict",
+             "fastopt.lbfgs")),
+    ("classes", ("fastopt.optim", "fastopt.train_eval", "fastopt.adafactor", "fastopt.muon", "fastopt.sparse_adam")),
+    ("checkpoints", ("fastopt.checkpoint",)),
+    ("front ends", ("fastopt.torch", "fastopt.distributed")),
+    ("tools", ("fastopt.cli", "fastopt.train", "fastopt.benchmark", "fastopt.demo", "fastopt.__main__",
+               "fastopt._stubs")),
+]
+
+
+def _layer(name: str) -> int:
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        if any(name == p or name.startswith(p + ".") or (p.endswith(("cli", "benchmark")) and name.startswith(p))
+               for p in prefixes):
+            return rank
+    raise AssertionError(f"{name} is in no layer of docs/design.md's table (tests/test_imports.py LAYERS)")
+
+
+def test_layers_import_downward():
+    """Every module sits in one row of docs/design.md's layer table and imports only its own row and those
+    below it (the kernels may read the leaves and the registry, which sit below them here)."""
+    upward = []
+    for name, deps in GRAPH.items():
+        if name == "fastopt":
+            continue
+        for dep in deps - {"fastopt"}:
+            if _layer(dep) > _layer(name):
+                upward.append(f"{name} ({LAYERS[_layer(name)][0]}) -> {dep} ({LAYERS[_layer(dep)][0]})")
+    assert not upward, "imports that go up a layer: " + "; ".join(sorted(upward))
+
+
+def test_design_doc_lists_every_layer():
+    text = (ROOT / "docs" / "design.md").read_text()
+    for layer, _ in LAYERS:
+        assert f"| {layer} |" in text, layer

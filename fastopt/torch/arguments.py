@@ -22,11 +22,6 @@ EXTRAS = {"clip_grad_norm": None, "skip_nonfinite": False, "state_dtype": None, 
           "stochastic_rounding": False, "seed": 0}
 
 
-def beta_names(spec: OptimizerSpec) -> tuple[str, ...]:
-    """The registry hyperparameters that torch passes together as `betas`, in order."""
-    return spec.torch_groups.get("betas", ())
-
-
 def _tuple_of(spec: OptimizerSpec) -> dict:
     """registry hyperparameter -> the torch tuple key holding it (betas, Rprop's etas and step_sizes)."""
     return {name: key for key, names in spec.torch_groups.items() for name in names}

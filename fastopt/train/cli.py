@@ -26,10 +26,6 @@ from fastopt.train.trainer import SCHEDULES, describe_divergence, option_default
 DEFAULT_COMPARE = "sgd,rmsprop,adam,adamw,lion"
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
-# CLI option -> the registry's hyperparameter name (the rest come through --opt KEY=VALUE)
-OPTION_OF = {"momentum": "--momentum", "weight_decay": "--weight-decay", "beta1": "--betas", "beta2": "--betas"}
-
-
 # ------------------------------------------------------------------------------------------ options
 
 def _opt_item(text):

@@ -73,5 +73,3 @@ def l1_penalty(weights, strength, grad_out=None):
         grad_out += strength * xp.sign(weights)
     return strength * xp.sum(xp.abs(weights))
 
-
-LOSSES = {"mse": mse, "bce": binary_cross_entropy, "cross_entropy": softmax_cross_entropy}
