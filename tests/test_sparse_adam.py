@@ -495,6 +495,33 @@ def test_a_gradients_values_inside_another_groups_param_are_refused():
     assert len(topt.state) == 0 and not a.detach().any() and not b.detach().any()
 
 
+@pytest.mark.parametrize("layout", ["two groups", "one group", "values"])
+def test_torch_strided_params_sharing_memory_are_refused(layout):
+    """A strided param is stepped through a contiguous copy, which shares memory with nothing: the check sees
+    the params' own memory too (an update of one of two overlapping params was lost before, silently)."""
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2 ** 32))
+    base = torch.tensor(rng.standard_normal((5, 4)), dtype=torch.float32)
+    a = base.t().detach().requires_grad_()  # (4, 5), strided: its column 0 is b
+    b = base[:, 0].detach().requires_grad_() if layout != "values" else torch.zeros(5, requires_grad=True)
+    groups = [{"params": [a, b]}] if layout == "one group" else [{"params": [a]}, {"params": [b], "lr": 0.01}]
+    opt = fastopt.torch.SparseAdam(groups, lr=0.1)
+    a.grad = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.ones(2, 5), (4, 5))
+    values = base.t()[0:1, 0:1].reshape(1) if layout == "values" else torch.ones(1)  # a's element (0, 0)
+    b.grad = torch.sparse_coo_tensor(torch.tensor([[3]]), values, (5,), is_coalesced=True)
+    before = base.clone()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] and .* share memory"):
+        opt.step()
+    assert torch.equal(base, before) and len(opt.state) == 0
+    b2 = torch.zeros(5, requires_grad=True)  # the same strided a beside a param of its own: steps as torch's
+    a2 = a.detach().clone().t().contiguous().t().requires_grad_()
+    opt, ref = fastopt.torch.SparseAdam([a, b2], lr=0.1), torch.optim.SparseAdam([a2, b2.detach().clone().requires_grad_()], lr=0.1)
+    a.grad = a2.grad = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.ones(2, 5), (4, 5))
+    b2.grad = ref.param_groups[0]["params"][1].grad = torch.sparse_coo_tensor(torch.tensor([[3]]), torch.ones(1), (5,))
+    opt.step()
+    ref.step()
+    assert torch.equal(a.detach(), a2.detach()) and not a.is_contiguous()
+
+
 # ---------------------------------------------------------------------------------------------------
 # fastopt.torch specifics
 # ---------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastopt.arrays import writable_view
+from fastopt.arrays import check_disjoint, writable_view
 from fastopt.sparse_adam import check_calls_disjoint, prepare_step
 from fastopt.torch.arrays import on_torch_stream
 from fastopt.torch.composite import CPU, CompositeOptimizer
@@ -87,10 +87,13 @@ class SparseAdam(CompositeOptimizer):
         """Phase 1 of a step (every param whose grad, a sparse COO tensor, is not None): check every group and
         coalesce every gradient, writing nothing; the kernels' calls prepared."""
         calls, new_states, counted, copies, updated = [], [], [], [], []
+        # (where, param, exp_avg, exp_avg_sq, grad values) of every param stepped: with a strided tensor among
+        # them, their own memory is checked too (the calls see its contiguous copy, which shares nothing)
+        own = []
         device = CPU  # a CUDA param's device: the CuPy work runs on torch's current stream there
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             params, grads, ms, vs, steps, tensors = [], [], [], [], [], []
-            for p in group["params"]:
+            for j, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if not p.grad.is_sparse:
@@ -110,6 +113,7 @@ class SparseAdam(CompositeOptimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 pd = p.detach()
                 nnz = int(g.indices().shape[1])
+                own.append((f"param_groups[{gi}]['params'][{j}]", pd, m, v, g.values()))
                 if not (pd.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
                     work = (pd.contiguous(), m.contiguous(), v.contiguous())
                     if nnz:  # copied back after the update, through views (no extra version bump)
@@ -132,6 +136,10 @@ class SparseAdam(CompositeOptimizer):
                                           maximize=group.get("maximize", False)))
             updated.extend((p, state) for p, state, nnz in tensors if nnz > 0)
         check_calls_disjoint(calls)
+        if copies:
+            check_disjoint([(f"{name}{where}", kernel_view(t, False)) for where, *tensors, _ in own
+                            for name, t in zip(("", "the exp_avg of ", "the exp_avg_sq of "), tensors)],
+                           [(f"the grad values of {where}", kernel_view(values, False)) for where, *_, values in own])
         return calls, new_states, counted, copies, updated, device
 
     def _plan_device(self, plan) -> torch.device:
