@@ -16,6 +16,7 @@ None and the optimizer plans the step in full, with its checks and messages; not
 from __future__ import annotations
 
 import copy
+import math
 import weakref
 from itertools import compress, repeat
 from operator import attrgetter, is_, is_not
@@ -37,6 +38,8 @@ _to_numpy = torch.Tensor.numpy
 _call = weakref.ref.__call__
 # what viewing a grad or re-validating a changed group can raise: the full plan then runs and reports it
 _FALL_BACK = (TypeError, ValueError, RuntimeError, AttributeError, KeyError)
+# the smallest magnitude that rounds to inf in float32 (halfway from its largest finite to 2**128)
+_F32_ROUNDS_TO_INF = 2.0 ** 128 - 2.0 ** 103
 
 
 def group_key(group: dict):
@@ -312,13 +315,7 @@ class Steady:
     def commit(self, plan: Plan) -> None:
         """After the kernels ran: the step counts and torch-only scalars, autograd's versions, the new
         options of changed groups."""
-        if self.spec.torch_extra_state:
-            # a torch-only value past the state's float32 range is stored as inf (as torch.as_tensor stores it),
-            # without NumPy's overflow warning: the kernels have written the params by now
-            with np.errstate(over="ignore"):
-                self._store_scalars(plan)
-        else:
-            self._store_scalars(plan)
+        self._store_scalars(plan)
         bump_versions(self.written)
         if self.scalars:
             self.scalar_values = np.array(self.scalars)
@@ -342,8 +339,11 @@ class Steady:
                 else:
                     value = extra[name](b.hp, b.step)
                 value = arguments.stored_value(self.spec, name, value)
+                # a value past a float32 state's range is stored as inf (as torch stores it), without NumPy's
+                # overflow warning (an errstate block costs ~3 us a step): the kernels have written the params
+                big = abs(float(value)) >= _F32_ROUNDS_TO_INF  # False for NaN
                 for v in vs:
-                    v[()] = value
+                    v[()] = math.copysign(math.inf, value) if big and v.itemsize == 4 else value
                 if name in carry and vs:
                     carried[name] = vs[0][()]  # as stored: a NumPy scalar of the tensor's dtype (float32, like torch)
             if carry:
