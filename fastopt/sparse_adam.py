@@ -363,10 +363,10 @@ class PreparedStep:
 
 def prepare_step(params, grads, exp_avg, exp_avg_sq, *, step, lr: float = 1e-3, beta1: float = 0.9,
                  beta2: float = 0.999, eps: float = 1e-8, maximize: bool = False,
-                 index_offset: int = 0) -> PreparedStep:
+                 param_numbers=None) -> PreparedStep:
     """Check a sparse_adam_step call (same arguments) and coalesce its gradients, writing nothing; the
-    result's run() applies it. index_offset: the number of the first param in error messages (a class
-    numbers its params across groups)."""
+    result's run() applies it. param_numbers: the params' numbers in error messages (None: 0, 1, ...; a class
+    numbers its params across groups, and fastopt.torch's skips those without a grad)."""
     single = not isinstance(params, (list, tuple))
     params = _as_list(params)
     grads = [grads] if single else _as_list(grads)
@@ -381,7 +381,7 @@ def prepare_step(params, grads, exp_avg, exp_avg_sq, *, step, lr: float = 1e-3, 
         raise ValueError(f"step has {len(steps)} entries but params has {n}")
 
     def name(base, i):
-        return base if single else f"{base}[{index_offset + i}]"
+        return base if single else f"{base}[{i if param_numbers is None else param_numbers[i]}]"
 
     steps = [as_step(s, name("step", i) if per_param else "step") for i, s in enumerate(steps)]
     hyper = (_hyper("lr", lr), _hyper("beta1", beta1), _hyper("beta2", beta2), _hyper("eps", eps),
@@ -576,7 +576,7 @@ class SparseAdam:
                 counted.append((i, steps[-1]))
             calls.append(prepare_step(params, grads[start:start + len(params)], ms, vs, step=steps, lr=hp["lr"],
                                       beta1=hp["betas"][0], beta2=hp["betas"][1], eps=hp["eps"],
-                                      maximize=hp["maximize"], index_offset=start))
+                                      maximize=hp["maximize"], param_numbers=range(start, start + len(params))))
             start += len(params)
         check_calls_disjoint(calls)
         self.state.update(new_states)

@@ -509,7 +509,7 @@ def test_torch_strided_params_sharing_memory_are_refused(layout):
     values = base.t()[0:1, 0:1].reshape(1) if layout == "values" else torch.ones(1)  # a's element (0, 0)
     b.grad = torch.sparse_coo_tensor(torch.tensor([[3]]), values, (5,), is_coalesced=True)
     before = base.clone()
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] and .* share memory"):
+    with pytest.raises(ValueError, match=r"params\[0\] and (params\[1\]|grad values of params\[1\]) share"):
         opt.step()
     assert torch.equal(base, before) and len(opt.state) == 0
     b2 = torch.zeros(5, requires_grad=True)  # the same strided a beside a param of its own: steps as torch's
@@ -537,7 +537,7 @@ def test_torch_front_end_errors_and_nothing_written():
     assert len(opt.state) == 0 and not a.detach().any()  # torch would have updated a already
     # an index out of range in a tensor built without invariant checks: caught before any write
     b.grad = torch.sparse_coo_tensor(torch.tensor([[9]]), torch.ones(1, 2), (4, 2), check_invariants=False)
-    with pytest.raises(ValueError, match=r"grads\[0\] indices out of range: index in dim 0 9"):
+    with pytest.raises(ValueError, match=r"grads\[1\] indices out of range: index in dim 0 9 for params\[1\]"):
         opt.step()
     assert len(opt.state) == 0 and not a.detach().any()
     with pytest.raises(ValueError, match=r"Sparse params at indices \[\[0, 0\]\]"):

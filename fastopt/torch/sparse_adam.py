@@ -90,9 +90,10 @@ class SparseAdam(CompositeOptimizer):
         # (where, param, exp_avg, exp_avg_sq, grad values) of every param stepped: with a strided tensor among
         # them, their own memory is checked too (the calls see its contiguous copy, which shares nothing)
         own = []
+        flat = 0  # the params' numbers across groups in messages (as the state dict numbers them)
         device = CPU  # a CUDA param's device: the CuPy work runs on torch's current stream there
-        for gi, group in enumerate(self.param_groups):
-            params, grads, ms, vs, steps, tensors = [], [], [], [], [], []
+        for group in self.param_groups:
+            params, grads, ms, vs, steps, tensors, numbers = [], [], [], [], [], [], []
             for j, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -113,7 +114,7 @@ class SparseAdam(CompositeOptimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 pd = p.detach()
                 nnz = int(g.indices().shape[1])
-                own.append((f"param_groups[{gi}]['params'][{j}]", pd, m, v, g.values()))
+                own.append((f"params[{flat + j}]", pd, m, v, g.values()))
                 if not (pd.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
                     work = (pd.contiguous(), m.contiguous(), v.contiguous())
                     if nnz:  # copied back after the update, through views (no extra version bump)
@@ -125,6 +126,8 @@ class SparseAdam(CompositeOptimizer):
                 grads.append((kernel_view(g.indices(), False), kernel_view(g.values(), False)))
                 steps.append(count)
                 tensors.append((p, state, nnz))
+                numbers.append(flat + j)
+            flat += len(group["params"])
             if not params:
                 continue
             beta1, beta2 = group["betas"]
@@ -133,13 +136,13 @@ class SparseAdam(CompositeOptimizer):
             with on_torch_stream(device):
                 calls.append(prepare_step(params, grads, ms, vs, step=steps, lr=_lr_value(group["lr"]),
                                           beta1=beta1, beta2=beta2, eps=group["eps"],
-                                          maximize=group.get("maximize", False)))
+                                          maximize=group.get("maximize", False), param_numbers=numbers))
             updated.extend((p, state) for p, state, nnz in tensors if nnz > 0)
         check_calls_disjoint(calls)
         if copies:
             check_disjoint([(f"{name}{where}", kernel_view(t, False)) for where, *tensors, _ in own
-                            for name, t in zip(("", "the exp_avg of ", "the exp_avg_sq of "), tensors)],
-                           [(f"the grad values of {where}", kernel_view(values, False)) for where, *_, values in own])
+                            for name, t in zip(("", "exp_avg of ", "exp_avg_sq of "), tensors)],
+                           [(f"grad values of {where}", kernel_view(values, False)) for where, *_, values in own])
         return calls, new_states, counted, copies, updated, device
 
     def _plan_device(self, plan) -> torch.device:
