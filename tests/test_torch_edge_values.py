@@ -115,3 +115,34 @@ def test_rprop_accepts_an_unbounded_step_size_and_still_refuses_nan():
         fastopt.Rprop([p], step_size_min=INF)
     with pytest.raises(ValueError, match="Invalid step_size_max value: -inf"):
         fastopt.Rprop([p], step_size_max=-INF)
+
+
+SPECIAL = [0.0, -0.0, 1.0, -1.0, 0.5, -2.0, 1e-40, -1e-310, math.inf, -math.inf, math.nan, 3e38]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", ["rprop", "lion", "yogi"])
+def test_signs_of_special_values_bit_for_bit_as_the_reference(name, dtype):
+    """The optimizers that take a sign, on every pair of special values (signed zeros, subnormals, inf, NaN) in
+    the param, the gradient and each state: the compiled backend gives the reference's bits (its sign gave -0
+    for -0, where np.sign and torch.sign give +0: Rprop moved a -0.0 param to +0.0)."""
+    spec = fastopt.specs.REGISTRY[name]
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2 ** 32))
+    n = len(SPECIAL) ** 2
+    p = np.array([a for a in SPECIAL for _ in SPECIAL], dtype)
+    g = np.array([b for _ in SPECIAL for b in SPECIAL], dtype)
+    state = {k: v for k, v in fastopt.init_state(name, p).items()}
+    for k, v in state.items():
+        v[...] = rng.permutation(np.resize(np.array(SPECIAL, dtype), n))
+        if k == "step_size":
+            v[...] = np.abs(v)
+    runs = {}
+    for backend in ("numpy", "cython"):
+        arrays = {"p": p.copy(), **{k: v.copy() for k, v in state.items()}}
+        kwargs = {"lr": 0.01, "backend": backend}
+        if spec.uses_step:
+            kwargs["step"] = 3
+        with np.errstate(all="ignore"):
+            getattr(fastopt, f"{name}_step")(arrays["p"], g, **{k: arrays[k] for k in state}, **kwargs)
+        runs[backend] = {k: a.tobytes() for k, a in arrays.items()}
+    assert runs["cython"] == runs["numpy"]

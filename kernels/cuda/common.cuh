@@ -27,9 +27,10 @@ FASTOPT_HD double fo_sqrt(double x) { return sqrt(x); }
 template <typename M>
 FASTOPT_HD M fo_max_nan(M a, M b) { return (a != a || a > b) ? a : b; }
 
-// sign(x) in {-1, 0, 1}; NaN stays NaN, like torch.sign.
+// sign(x) in {-1, 0, 1}, +0 for -0 too; NaN stays NaN, as np.sign (the reference). torch.sign(NaN) is 0: Rprop,
+// the one torch.optim user of a sign, maps NaN to 0 itself (rprop.cuh).
 template <typename M>
-FASTOPT_HD M fo_sign(M x) { return x > M(0) ? M(1) : (x < M(0) ? M(-1) : x * M(0)); }
+FASTOPT_HD M fo_sign(M x) { return x > M(0) ? M(1) : (x < M(0) ? M(-1) : (x == x ? M(0) : x)); }
 
 // g + c * p, but exactly g when c == 0: a zero weight decay must not turn an inf/NaN parameter into a
 // NaN gradient (torch skips the term entirely when weight_decay == 0).

@@ -97,7 +97,7 @@ def build(dtype):
             return ONE
         if x < ZERO:
             return MINUS_ONE
-        return x * ZERO
+        return ZERO if x == x else x  # +0 for -0 too, NaN stays NaN (np.sign)
 
     # ---- elementwise families ----------------------------------------------------------------------
 
