@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fastopt.muon import Muon  # noqa: E402
+from fastopt.muon import Muon, Workspace  # noqa: E402
 
 
 def _best_times(fns, repeat):
@@ -41,12 +41,12 @@ def _best_times(fns, repeat):
     return best
 
 
-def _matmuls_alone(opt, shape, ns_steps):
+def _matmuls_alone(shape, ns_steps):
     """The step's 3 * ns_steps matmuls alone, as the step calls them (X in the param's orientation; a tall X
-    is multiplied through its transpose), on the step's own work arrays, from a matrix with orthonormal
-    rows (columns when tall): the chain then stays at singular values 1 without the step's normalisation
-    and polynomial (no overflow, no denormals, which would time something else)."""
-    ws = opt._workspace.get(np, shape, np.float32)
+    is multiplied through its transpose), on work arrays laid out as the step's (a Workspace of its own), from
+    a matrix with orthonormal rows (columns when tall): the chain then stays at singular values 1 without the
+    step's normalisation and polynomial (no overflow, no denormals, which would time something else)."""
+    ws = Workspace().get(np, shape, np.float32)
     X, Y, G, V = ws["X"], ws["Y"], ws["G"], ws["V"]
     tall = shape[0] > shape[1]
     q, _ = np.linalg.qr(np.random.default_rng(2).standard_normal(shape if tall else shape[::-1]))
@@ -74,7 +74,7 @@ def bench_shape(shape, repeat, torch):
     g = rng.standard_normal(shape).astype(np.float32)
     opt = Muon([p], lr=0.02)
     opt.step([g])
-    fns = [lambda: opt.step([g]), _matmuls_alone(opt, shape, 5)]
+    fns = [lambda: opt.step([g]), _matmuls_alone(shape, 5)]
     if torch is not None:
         tp = torch.nn.Parameter(torch.from_numpy(p.copy()))
         tp.grad = torch.from_numpy(g.copy())

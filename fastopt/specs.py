@@ -35,10 +35,11 @@ def _is_real(x) -> bool:
 
 
 def shown(value, limit=40) -> str:
-    """A value for an error message, cut short (10**400 has 401 digits)."""
+    """A value for an error message, as repr shows it (np.int64(1), dtype('float32'): the type is part of what
+    is wrong), cut short (10**400 has 401 digits)."""
     try:
-        text = repr(value) if isinstance(value, str) else str(value)
-    except Exception:  # a broken __str__ must not replace the real error
+        text = repr(value)
+    except Exception:  # a broken __repr__ must not replace the real error
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -78,8 +79,8 @@ def saved_count(value, where: str) -> float:
     if hasattr(value, "shape") and hasattr(value, "item"):  # a NumPy/CuPy array or a torch tensor
         kind = str(value.dtype)
         if math.prod(value.shape) != 1 or "bool" in kind or "complex" in kind:
-            raise TypeError(f"{where} must be a count (a number or a 1-element real tensor), got a {kind} "
-                            f"{type(value).__name__.lower()} of shape {tuple(value.shape)}")
+            raise TypeError(f"{where} must be a count (a number or a 1-element real tensor), got "
+                            f"{type(value).__name__} of dtype {kind} and shape {tuple(value.shape)}")
         value = value.item()
     if not _is_real(value):
         raise TypeError(f"{where} must be a count (a number or a 1-element real tensor), got {shown(value)} "

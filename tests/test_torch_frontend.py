@@ -1054,7 +1054,8 @@ def test_momentum_buffers_are_made_when_momentum_comes_later():
 
 @pytest.mark.parametrize("bad,error,words", [
     (None, TypeError, "got None"), ("3", TypeError, "got '3' \\(str\\)"),
-    (10 ** 400, ValueError, "too large for a float"), (torch.ones(3), TypeError, "tensor of shape \\(3,\\)"),
+    (10 ** 400, ValueError, "too large for a float"), (torch.ones(3), TypeError, "shape \\(3,\\)"),
+    (np.array(2.0), TypeError, "got a ndarray"), (np.array([2.0]), TypeError, "got a ndarray"),
     (True, TypeError, "got True"), (float("nan"), ValueError, "whole number >= 0, got nan"),
     (2.5, ValueError, "whole number >= 0, got 2.5"), (torch.tensor(-3.0), ValueError, "whole number >= 0, got -3.0")])
 @pytest.mark.parametrize("name", ["Adam", "Adafactor", "SparseAdam", "Muon"])

@@ -167,7 +167,12 @@ def check_saved_state(state_dict, tensors_only: bool = False) -> None:
         if not isinstance(entry, dict):
             raise ValueError(f"{where} must be a dict of the param's state, got {type(entry).__name__}")
         if "step" in entry:
-            saved_count(entry["step"], f"{where}['step']")
+            step = entry["step"]
+            if hasattr(step, "shape") and not isinstance(step, (torch.Tensor, numbers.Real)):
+                # a NumPy/CuPy array: torch's load iterates over it (TypeError deep inside torch)
+                raise TypeError(f"{where}['step'] must be a count (a number or a 1-element real tensor), got a "
+                                f"{type(step).__name__}")
+            saved_count(step, f"{where}['step']")
         if tensors_only:
             for key, value in entry.items():
                 if key != "step" and not isinstance(value, torch.Tensor):

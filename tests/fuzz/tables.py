@@ -325,7 +325,7 @@ def table_functional_hypers(backend):
         hp = full_hp(spec)  # every state given, so that a value switching a state on is no error
         for h in spec.hypers:
             names = (h.name, h.label) if h.label else (h.name,)
-            values = bad_real_values(h.check) if h.kind == "float" else BAD_BOOL_VALUES
+            values = bad_real_values(h.check, h.inf_ok) if h.kind == "float" else BAD_BOOL_VALUES
             for label, v, expect in values:
                 cases.append(_kw_case(spec, hp, backend, f"{spec.name}/{h.name}={label}", f"{h.name}={label}",
                                       {h.name: v}, None, expect, names))
@@ -850,7 +850,7 @@ def bad_class_values(spec, key):
                 ("None", None, "error"), ("0.9", 0.9, "error"), ("(True, b2)", (True, b2), "error"),
                 ("('0.9', b2)", ("0.9", b2), "error"), ("[b1, b2]", [b1, b2], "any")]
     h = next(x for x in spec.hypers if x.name == key)
-    return bad_real_values(h.check) if h.kind == "float" else BAD_BOOL_VALUES
+    return bad_real_values(h.check, h.inf_ok) if h.kind == "float" else BAD_BOOL_VALUES
 
 
 def ok_class_values(spec, key):

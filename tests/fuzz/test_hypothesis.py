@@ -56,7 +56,7 @@ def expectation(hyper, value):
         f = float(value)
     except OverflowError:
         return "error"
-    if not math.isfinite(f) or (hyper.check is not None and not hyper.check(f)):
+    if not (math.isfinite(f) or (hyper.inf_ok and f == math.inf)) or (hyper.check is not None and not hyper.check(f)):
         return "error"
     return "ok"
 

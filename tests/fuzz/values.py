@@ -97,15 +97,16 @@ ELEMENT_DIMS = [
 HUGE_INT = 10 ** 400  # float(HUGE_INT) raises OverflowError: the contract wants ValueError
 
 
-def bad_real_values(check=None):
+def bad_real_values(check=None, inf_ok=False):
     """(label, value, expectation) for a float hyperparameter / bound. `check` is the registry's valid
     range (None: any finite value); a finite value outside it is an error, inside it anything goes
-    (1e308 may overflow the update, which is not an input error)."""
+    (1e308 may overflow the update, which is not an input error). inf_ok: +inf is allowed (Hyper.inf_ok)."""
     def ranged(v):
         return "error" if check is not None and not check(v) else "any"
+    inf = "any" if inf_ok else "error"
     return [
-        ("nan", math.nan, "error"), ("inf", math.inf, "error"), ("-inf", -math.inf, "error"),
-        ("np.float64(nan)", np.float64("nan"), "error"), ("np.float32(inf)", np.float32("inf"), "error"),
+        ("nan", math.nan, "error"), ("inf", math.inf, inf), ("-inf", -math.inf, "error"),
+        ("np.float64(nan)", np.float64("nan"), "error"), ("np.float32(inf)", np.float32("inf"), inf),
         ("10**400", HUGE_INT, "error"), ("-10**400", -HUGE_INT, "error"),
         ("True", True, "error"), ("np.bool_(False)", np.bool_(False), "error"),
         ("'0.1'", "0.1", "error"), ("None", None, "error"), ("[0.1]", [0.1], "error"), ("1j", 1j, "error"),
