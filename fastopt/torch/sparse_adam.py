@@ -87,8 +87,9 @@ class SparseAdam(CompositeOptimizer):
         """Phase 1 of a step (every param whose grad, a sparse COO tensor, is not None): check every group and
         coalesce every gradient, writing nothing; the kernels' calls prepared."""
         calls, new_states, counted, copies, updated = [], [], [], [], []
-        # (where, param, exp_avg, exp_avg_sq, grad values) of every param stepped: with a strided tensor among
-        # them, their own memory is checked too (the calls see its contiguous copy, which shares nothing)
+        # (number, param, exp_avg, exp_avg_sq, coalesced grad) of every param stepped: with a strided tensor
+        # among them, their own memory is checked too (the calls see its contiguous copy, which shares nothing);
+        # names are made only then, off the usual path
         own = []
         flat = 0  # the params' numbers across groups in messages (as the state dict numbers them)
         device = CPU  # a CUDA param's device: the CuPy work runs on torch's current stream there
@@ -114,7 +115,7 @@ class SparseAdam(CompositeOptimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 pd = p.detach()
                 nnz = int(g.indices().shape[1])
-                own.append((f"params[{flat + j}]", pd, m, v, g.values()))
+                own.append((flat + j, pd, m, v, g))
                 if not (pd.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
                     work = (pd.contiguous(), m.contiguous(), v.contiguous())
                     if nnz:  # copied back after the update, through views (no extra version bump)
@@ -140,9 +141,10 @@ class SparseAdam(CompositeOptimizer):
             updated.extend((p, state) for p, state, nnz in tensors if nnz > 0)
         check_calls_disjoint(calls)
         if copies:
-            check_disjoint([(f"{name}{where}", kernel_view(t, False)) for where, *tensors, _ in own
+            check_disjoint([(f"{name}params[{number}]", kernel_view(t, False)) for number, *tensors, _ in own
                             for name, t in zip(("", "exp_avg of ", "exp_avg_sq of "), tensors)],
-                           [(f"grad values of {where}", kernel_view(values, False)) for where, *_, values in own])
+                           [(f"grad values of params[{number}]", kernel_view(g.values(), False))
+                            for number, *_, g in own])
         return calls, new_states, counted, copies, updated, device
 
     def _plan_device(self, plan) -> torch.device:
