@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastopt.arrays import byte_range
 from fastopt.precision import is_16bit
 
 __all__ = ["flatten", "FlatParams"]
@@ -39,7 +40,8 @@ class FlatParams:
 
     def set_grads(self, grads) -> None:
         """Copy a list of gradient arrays into the flat gradient buffer (when they were not written
-        into grad_views directly)."""
+        into grad_views directly). Every grad is checked before the first copy, and grads that share the
+        buffer's memory are read before it is written (as if every grad were copied at once)."""
         if not isinstance(grads, (list, tuple)):
             raise TypeError(f"grads must be a list of arrays, one per param, got {type(grads).__name__}")
         if len(grads) != len(self.grad_views):
@@ -54,7 +56,17 @@ class FlatParams:
             if g.dtype != dst.dtype and not (is_16bit(g.dtype) and is_16bit(dst.dtype)) and (
                     g.dtype.kind not in "fiu" or not np.can_cast(g.dtype, dst.dtype, "same_kind")):
                 raise TypeError(f"grads[{i}] has dtype {g.dtype}, which does not cast to the buffer's {dst.dtype}")
+        # a grad in the buffer's own memory (grad_views in another order, a slice of grad) is read before
+        # the first copy writes over it; a grad that is its own view needs no copy at all
+        buffer = byte_range(self.grad)
+        sources = []
         for dst, g in zip(self.grad_views, grads):
+            if g is dst:
+                continue
+            span = byte_range(g)  # the same kind of array as the buffer: checked above
+            overlaps = buffer is not None and span is not None and span[0] < buffer[1] and buffer[0] < span[1]
+            sources.append((dst, g.copy() if overlaps else g))
+        for dst, g in sources:
             dst[...] = g
 
 

@@ -214,6 +214,8 @@ class warmup(Schedule):
         return {"schedule": inner()} if inner is not None else {}
 
     def load_state_dict(self, state):
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict (from state_dict()), got {type(state).__name__}")
         if "schedule" in state:
             self.schedule.load_state_dict(state["schedule"])
 
@@ -259,7 +261,10 @@ class ReduceLROnPlateau(Schedule):
 
     def update(self, metric) -> float:
         """Record a metric (e.g. the validation loss); returns the learning rate from now on."""
-        metric = float(metric)
+        try:
+            metric = float(metric)  # a number, a NumPy scalar, a one-element array or tensor, as torch takes
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"metric must be a real number, got {shown(metric)} ({e})") from None
         if self._better(metric):
             self.best = metric
             self.num_bad = 0
@@ -280,7 +285,16 @@ class ReduceLROnPlateau(Schedule):
         return {"lr": self.lr, "best": self.best, "num_bad": self.num_bad, "cooldown_counter": self.cooldown_counter}
 
     def load_state_dict(self, state: dict) -> None:
-        self.lr = float(state["lr"])
-        self.best = float(state["best"])
-        self.num_bad = int(state["num_bad"])
-        self.cooldown_counter = int(state["cooldown_counter"])
+        """Every field checked (named in the message) before the first is set: a bad state changes nothing."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict (from state_dict()), got {type(state).__name__}")
+        missing = [key for key in ("lr", "best", "num_bad", "cooldown_counter") if key not in state]
+        if missing:
+            raise KeyError(f"state has no {missing[0]!r} (keys: lr, best, num_bad, cooldown_counter)")
+        lr = _real("state['lr']", state["lr"], nonneg=True)
+        best = state["best"]
+        if not isinstance(best, numbers.Real) or isinstance(best, (bool, np.bool_)) or math.isnan(best):
+            raise ValueError(f"Invalid state['best']: {shown(best)} (a real number or +-inf)")
+        num_bad = _count("state['num_bad']", state["num_bad"])
+        cooldown_counter = _count("state['cooldown_counter']", state["cooldown_counter"])
+        self.lr, self.best, self.num_bad, self.cooldown_counter = lr, float(best), num_bad, cooldown_counter

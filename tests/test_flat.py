@@ -116,3 +116,17 @@ def test_16bit_params_flatten_and_step_as_the_list(dtype_name, rng):
     fastopt.Adam(arrays, lr=1e-2).step([g.astype(dtype) for g in grads])
     for a, v in zip(arrays, flat.views):
         assert v.tobytes() == a.tobytes()
+
+
+def test_set_grads_reads_grads_in_the_buffer_before_writing_it(rng):
+    """grad_views given in another order (or a slice of the buffer) were copied one by one: the second
+    source had already been overwritten by the first copy ([3 4 5 3 4 5] for a swap)."""
+    flat = fastopt.flatten([np.zeros(3), np.zeros(3), np.zeros(2)])
+    values = rng.standard_normal(8)
+    flat.grad[...] = values
+    g0, g1, g2 = flat.grad_views
+    flat.set_grads([g1, g0, g2])  # g2 is its own view: nothing to copy
+    assert flat.grad.tolist() == values[[3, 4, 5, 0, 1, 2, 6, 7]].tolist()
+    flat.grad[...] = values
+    flat.set_grads([flat.grad[2:5], flat.grad[::-1][:3], flat.grad[:2]])
+    assert flat.grad.tolist() == values[[2, 3, 4, 7, 6, 5, 0, 1]].tolist()

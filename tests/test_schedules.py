@@ -186,3 +186,41 @@ def test_repr_evaluates_back_and_milestones_are_named():
     assert repr(c) == "constant(value=0.25)" and eval(repr(c), vars(S))(7) == 0.25
     with pytest.raises(TypeError, match="milestones must be a list of step counts, got 5"):
         S.multi_step(0.1, 5)
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    ({"lr": 0.5}, KeyError, "state has no 'best'"),
+    ({"lr": 0.5, "best": 2.0, "num_bad": "x", "cooldown_counter": 0}, TypeError,
+     r"state\['num_bad'\] must be an integer, got 'x'"),
+    ({"lr": -1.0, "best": 0.0, "num_bad": 0, "cooldown_counter": 0}, ValueError, r"Invalid state\['lr'\]: -1.0"),
+    ({"lr": 0.5, "best": 0.0, "num_bad": -5, "cooldown_counter": 0}, ValueError, r"Invalid state\['num_bad'\]: -5"),
+    ({"lr": 0.5, "best": float("nan"), "num_bad": 0, "cooldown_counter": 0}, ValueError, r"Invalid state\['best'\]"),
+    ({"lr": 0.5, "best": 1.0, "num_bad": 0, "cooldown_counter": 1.5}, TypeError, r"state\['cooldown_counter'\]"),
+    ([0.5, 1.0, 0, 0], TypeError, "state must be a dict"),
+])
+def test_reduce_on_plateau_load_state_dict_checks_every_field_before_setting_one(bad, error, words):
+    """load_state_dict used to set lr and then fail on a later field (a KeyError for a missing 'best', a bare
+    int() message for num_bad='x'), and took lr=-1 (the schedule then returned -1)."""
+    r = S.ReduceLROnPlateau(0.1, patience=0)
+    r.update(1.0)
+    r.update(2.0)
+    before = r.state_dict()
+    with pytest.raises(error, match=words):
+        r.load_state_dict(bad)
+    assert r.state_dict() == before
+    wrapped = S.warmup(r, 3)
+    with pytest.raises(error, match=words):
+        wrapped.load_state_dict({"schedule": bad})
+    assert r.state_dict() == before
+    r.load_state_dict({"lr": np.float32(0.25), "best": -np.inf, "num_bad": np.int64(2), "cooldown_counter": 1})
+    assert r.state_dict() == {"lr": 0.25, "best": -np.inf, "num_bad": 2, "cooldown_counter": 1}
+
+
+@pytest.mark.parametrize("metric", ["abc", None, [1.0], object()])
+def test_reduce_on_plateau_update_names_a_bad_metric(metric):
+    r = S.ReduceLROnPlateau(0.1, patience=0)
+    before = r.state_dict()
+    with pytest.raises(TypeError, match="metric must be a real number, got"):
+        r.update(metric)
+    assert r.state_dict() == before
+    assert r.update(np.array(3.0)) == 0.1 and r.best == 3.0  # a 0-d array, as torch's float(metrics)

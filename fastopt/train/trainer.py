@@ -168,14 +168,19 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int):
     if name == "cosine":
         return schedules.cosine(lr, total, end_value=opts.get("end_value", 0.0))
     if name == "warmup_cosine":
-        warm = max(1, int(round(opts.get("warmup_epochs", 1) * steps_per_epoch)))
-        return schedules.warmup(schedules.cosine(lr, max(1, total - warm), end_value=opts.get("end_value", 0.0)),
-                                warm)
+        warmup_epochs = opts.get("warmup_epochs", 1)
+        if warmup_epochs > config.epochs:
+            raise ValueError(f"Invalid warmup_epochs: {warmup_epochs} (more than epochs={config.epochs}: the "
+                             "run would end before the peak lr)")
+        warm = int(round(warmup_epochs * steps_per_epoch))
+        decay = schedules.cosine(lr, max(1, total - warm), end_value=opts.get("end_value", 0.0))
+        return schedules.warmup(decay, warm) if warm else decay  # warmup_epochs=0: the first step at lr
     if name == "exponential":  # gamma per epoch
         return schedules.exponential_decay(lr, opts.get("gamma", 0.9), transition_steps=steps_per_epoch)
     if name == "step":
         step_epochs = opts.get("step_epochs", max(1, config.epochs // 3))
-        return schedules.step_decay(lr, int(step_epochs * steps_per_epoch), gamma=opts.get("gamma", 0.1))
+        # a fraction of an epoch is a whole number of steps, at least one
+        return schedules.step_decay(lr, max(1, int(round(step_epochs * steps_per_epoch))), gamma=opts.get("gamma", 0.1))
     if name == "plateau":  # driven by the validation loss, once per epoch
         return schedules.ReduceLROnPlateau(lr, factor=opts.get("gamma", 0.5), patience=int(opts.get("patience", 2)))
     raise ValueError(f"Unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}")

@@ -268,3 +268,24 @@ def test_divergence_on_the_device_path_reports_the_first_bad_step(monkeypatch):
     monkeypatch.setattr(trainer, "array_module", lambda _: _DeviceLikeModule())
     fine, _, _ = run("wine", epochs=3)
     assert not fine.diverged and len(fine.history["train_loss"]) == 3
+
+
+def test_warmup_and_step_epochs_in_fractions_and_zero():
+    """warmup_epochs=0 used to build a one-step warm-up (the first step at lr 0); step_epochs below one
+    passed the option check and then failed in fit's check with 'Invalid step_size: 0'; a warm-up longer
+    than the run was taken silently (the peak lr never reached)."""
+    config = TrainConfig(lr=0.1, epochs=4, schedule="warmup_cosine", schedule_options={"warmup_epochs": 0})
+    config.check()
+    schedule = build_schedule(config, steps_per_epoch=10)
+    assert schedule(0) == 0.1 and schedule(40) == pytest.approx(0.0)
+    config = TrainConfig(lr=0.1, epochs=4, schedule="warmup_cosine", schedule_options={"warmup_epochs": 0.5})
+    schedule = build_schedule(config, steps_per_epoch=10)
+    assert schedule(0) == 0.0 and schedule(5) == 0.1 and schedule(4) < 0.1
+    config = TrainConfig(lr=0.1, epochs=2, schedule="warmup_cosine", schedule_options={"warmup_epochs": 5})
+    with pytest.raises(ValueError, match=r"Invalid warmup_epochs: 5 \(more than epochs=2"):
+        config.check()
+    config = TrainConfig(lr=0.1, epochs=4, schedule="step", schedule_options={"step_epochs": 0.5})
+    config.check()
+    schedule = build_schedule(config, steps_per_epoch=10)
+    assert [schedule(c) for c in (4, 5, 10)] == [0.1, pytest.approx(0.01), pytest.approx(0.001)]
+    assert build_schedule(config, steps_per_epoch=1).step_size == 1  # half an epoch of one step: one step
