@@ -35,8 +35,10 @@ the send buffer) and passing those to step() avoids packing them.
 Construction checks, before any collective: params (one list, floating point, writable, no two
 sharing memory), the optimizer name, every hyperparameter (by building the single-process class on a
 one-element buffer: the same checks and messages as fastopt.Adam(...) and friends), bucket_bytes. Then
-ONE all-reduce compares three 64-bit digests across ranks (shapes and dtypes; the params' bytes; the
-optimizer and its hyperparameters) and every rank raises the same ValueError when any differs.
+ONE all-reduce carries the count of ranks whose checks failed (each raises its own error, the others a
+ValueError saying so: no rank waits for one that gave up) and compares three 64-bit digests across ranks
+(shapes and dtypes; the params' bytes; the optimizer and its hyperparameters): every rank raises the same
+ValueError when any differs.
 
 Precision (DESIGN.md "Precision"; the single-process classes' options, checked by them): state_dtype=
 ("float32", "bfloat16", "float16", the params' dtype, or "int8"), kahan=True and stochastic_rounding=True
@@ -223,9 +225,32 @@ class ShardedOptimizer:
 
     def __init__(self, name_or_class, params, comm, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  copy_params: bool = True, **hyperparameters):
+        comm = as_communicator(comm)  # (without a communicator there is no collective to join)
+        self.comm, self.rank, self.world_size = comm, comm.rank, comm.size
+        # the checks of this rank: a failure still joins the construction's one collective (every rank then
+        # raises, instead of the others waiting in it for a rank that gave up)
+        try:
+            views = self._configure(name_or_class, params, bucket_bytes, copy_params, hyperparameters)
+            error = None
+        except Exception as e:  # noqa: BLE001  (raised after the collective)
+            views, error = None, e
+        self._check_same_on_every_rank(views, error)  # the one collective of the construction
+        self._allocate()
+        for b in self.layout.buckets:
+            flat = self._flat[b.index][1]
+            for i, off, n in zip(b.params, b.offsets, b.sizes):
+                flat[off:off + n] = views[i].reshape(-1)
+        self._init_states()
+        self._own = self._views_of(self._flat)
+        self._grads = self._views_of(self._send)
+        self._grad_address = [_address(self.comm.as_array(g, "grads")) for g in self._grads]
+
+    def _configure(self, name_or_class, params, bucket_bytes, copy_params, hyperparameters) -> list:
+        """This rank's checks of the arguments (no collective) and the optimizer's configuration; returns the
+        params' views in the engine's type."""
+        comm = self.comm
         spec, cls = _resolve_optimizer(name_or_class)
         params = _param_list(params)
-        comm = as_communicator(comm)
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, numbers.Integral) or bucket_bytes < 1:
             raise ValueError(f"Invalid bucket_bytes: {bucket_bytes!r} (a positive number of bytes)")
         if not isinstance(copy_params, (bool, np.bool_)):
@@ -242,13 +267,12 @@ class ShardedOptimizer:
         exported = probe.export_state().hyperparameters[0]
         lr0 = exported["lr"](0) if is_schedule(exported["lr"]) else exported["lr"]
         checked, _ = spec.validate(dict(exported, lr=lr0), 1)  # Python floats and bools, as the class uses
-        self.spec, self.comm = spec, comm
-        # fixed for the optimizer's life: every rank must take the same collectives (checked below)
+        self.spec = spec
+        # fixed for the optimizer's life: every rank must take the same collectives (compared across ranks)
         self._clip, self._skip, self._backend = probe.clip_grad_norm, probe.skip_nonfinite, probe.backend
         self._hp = dict(checked, lr=exported["lr"])  # registry names; lr may be a schedule
         self._options = {name: checked[name] for name in spec.state_options}  # decide the state arrays
         self._step_fn = getattr(functional, spec.function_name)
-        self.rank, self.world_size = comm.rank, comm.size
         self.layout = ShardLayout.build([v.shape for v in views], dtypes, comm.size, int(bucket_bytes),
                                         QUANT_BLOCK if int8 else 1)
         self._int8 = int8
@@ -260,17 +284,7 @@ class ShardedOptimizer:
         self._user = views
         self.steps = 0              # updates applied
         self.skipped_steps = 0      # steps skipped for a NaN/Inf gradient (skip_nonfinite)
-
-        self._check_same_on_every_rank(views)       # the one collective of the construction
-        self._allocate()
-        for b in self.layout.buckets:
-            flat = self._flat[b.index][1]
-            for i, off, n in zip(b.params, b.offsets, b.sizes):
-                flat[off:off + n] = views[i].reshape(-1)
-        self._init_states()
-        self._own = self._views_of(self._flat)
-        self._grads = self._views_of(self._send)
-        self._grad_address = [_address(self.comm.as_array(g, "grads")) for g in self._grads]
+        return views
 
     def _views_of(self, buffers) -> list:
         """Per param (in the user's order), its view of a per-bucket flat buffer, in the engine's type."""
@@ -301,17 +315,27 @@ class ShardedOptimizer:
         return (f"{self.spec.name}({hp}) clip_grad_norm={self.clip_grad_norm!r} skip_nonfinite={self.skip_nonfinite} "
                 f"bucket_bytes={self.layout.bucket_bytes} {precision}")
 
-    def _check_same_on_every_rank(self, views):
-        """One all-reduce of three digests (structure, contents, configuration): every rank raises the
-        same error when any of them differs between ranks."""
-        structure = hashlib.blake2b(digest_size=8)
-        contents = hashlib.blake2b(digest_size=8)
-        for v in views:
-            structure.update(f"{tuple(v.shape)}:{np.dtype(v.dtype).str};".encode())
-            contents.update(np.ascontiguousarray(_to_host(v)).reshape(-1).view(np.uint8))
-        config = hashlib.blake2b(self._config_text().encode(), digest_size=8)
-        d = _digest_values(structure.digest(), contents.digest(), config.digest())
-        total = self.comm.all_reduce_sum(np.concatenate([d, d * d]))
+    def _check_same_on_every_rank(self, views, error):
+        """One all-reduce of the count of ranks whose own checks failed (`error`: raised here after it, the
+        other ranks raise a ValueError pointing at it) and of three digests (structure, contents,
+        configuration): every rank raises the same error when any of them differs between ranks."""
+        if error is None:
+            structure = hashlib.blake2b(digest_size=8)
+            contents = hashlib.blake2b(digest_size=8)
+            for v in views:
+                structure.update(f"{tuple(v.shape)}:{np.dtype(v.dtype).str};".encode())
+                contents.update(np.ascontiguousarray(_to_host(v)).reshape(-1).view(np.uint8))
+            config = hashlib.blake2b(self._config_text().encode(), digest_size=8)
+            d = _digest_values(structure.digest(), contents.digest(), config.digest())
+        else:
+            d = np.zeros(12)  # the same length on every rank; its sums are not read when a rank failed
+        total = self.comm.all_reduce_sum(np.concatenate([[0.0 if error is None else 1.0], d, d * d]))
+        if total[0]:
+            if error is not None:
+                raise error
+            raise ValueError(f"ShardedOptimizer: the arguments failed the checks on {int(total[0])} other rank(s) "
+                             f"(see their error); this is rank {self.rank}")
+        total = total[1:]
         n = d.size
         # all equal <=> world * sum(d^2) == (sum d)^2 for every component (Cauchy-Schwarz); exact integers
         differs = self.world_size * total[n:] != total[:n] * total[:n]

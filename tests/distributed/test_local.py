@@ -20,6 +20,7 @@ from fastopt.distributed import (CheckpointError, ShardedOptimizer, ShardLayout,
 from fastopt.distributed.layout import ALIGN_BYTES
 from fastopt.specs import REGISTRY
 from tests.distributed.local_comm import LocalCommunicator
+from tests.distributed.thread_comm import run_ranks
 
 COMM = LocalCommunicator()
 
@@ -85,6 +86,30 @@ def test_bad_params_memory_and_comm():
     with pytest.raises(TypeError, match="comm must be"):
         ShardedOptimizer("adam", [p], object(), lr=1e-3)
 
+
+
+@pytest.mark.parametrize("bad", [
+    {"lr": -1.0}, {"lr": 1e-3, "foo": 1}, {"lr": 1e-3, "bucket_bytes": 0}, {"lr": 1e-3, "name": "adma"},
+    {"lr": 1e-3, "params": [np.zeros(3, np.int64)]}, {"lr": 1e-3, "params": []},
+])
+def test_bad_arguments_on_one_rank_raise_on_every_rank(bad):
+    """A check failing on one rank only (its own error raised before any collective) left the other ranks
+    waiting in the construction's all-reduce for ever (here: until the test barrier's timeout); now the
+    failure is counted in that all-reduce and every rank raises."""
+    def rank_body(comm):
+        kwargs = dict(bad) if comm.rank == 1 else {"lr": 1e-3}
+        name = kwargs.pop("name", "adam")
+        params = kwargs.pop("params", [np.ones(5, np.float32), np.ones(3, np.float64)])
+        try:
+            ShardedOptimizer(name, params, comm, **kwargs)
+        except Exception as e:  # noqa: BLE001  (each rank's error is the result)
+            return e
+        return None
+
+    errors = run_ranks(3, rank_body)
+    assert all(isinstance(e, ValueError) and "failed the checks on 1 other rank(s)" in str(e)
+               for e in (errors[0], errors[2]))
+    assert errors[1] is not None and "other rank" not in str(errors[1])
 
 def test_bad_grads_leave_everything_unchanged():
     params = _params()
