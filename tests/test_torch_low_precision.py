@@ -5,6 +5,7 @@ float32; torch.optim state dicts of 16-bit params (16-bit state) load, and ours 
 from __future__ import annotations
 
 import builtins
+import io
 import copy
 
 import numpy as np
@@ -284,3 +285,44 @@ def test_state_dict_round_trip_of_16_bit_params_keeps_float32_state(options):
     for p, q in zip(a, b):
         assert to_numpy_16(p).tobytes() == to_numpy_16(q).tobytes()
         assert all(torch.equal(v, again.state[q][k]) for k, v in opt.state[p].items())
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("state_dtype", [None, "int8"])
+def test_sgd_stochastic_rounding_resumes_from_its_state_dict_bit_for_bit(dtype, state_dtype):
+    """torch's SGD keeps no step count, so the rounding of fastopt.torch.SGD is keyed by the optimizer's own
+    count of steps, which state_dict() did not carry: a resumed run started the count again and reused the
+    rounding bits of its first steps (252 of 1000 elements differed after 3 more steps)."""
+    seed = int(np.random.default_rng().integers(1 << 30))
+    g = torch.Generator().manual_seed(seed)
+    start = (torch.randn(1000, generator=g) * 3).to(dtype)
+    grads = [(torch.randn(1000, generator=g) * 1e-3).to(dtype) for _ in range(6)]
+    kw = dict(lr=0.1, momentum=0.9, stochastic_rounding=True, seed=seed, state_dtype=state_dtype)
+    whole = torch.nn.Parameter(start.clone())
+    first = torch.nn.Parameter(start.clone())
+    straight, before = ft.SGD([whole], **kw), ft.SGD([first], **kw)
+    for k, grad in enumerate(grads):
+        whole.grad = grad.clone()
+        straight.step()
+        if k < 3:
+            first.grad = grad.clone()
+            before.step()
+    saved = before.state_dict()
+    assert saved["fastopt_rounding_steps"] == 3
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    resumed = torch.nn.Parameter(first.detach().clone())
+    after = ft.SGD([resumed], **kw)
+    after.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    for grad in grads[3:]:
+        resumed.grad = grad.clone()
+        after.step()
+    assert to_numpy_16(resumed).tobytes() == to_numpy_16(whole).tobytes()
+    # torch.optim.SGD ignores the key; a torch.optim state dict (no key) leaves the count as it is
+    torch.optim.SGD([torch.nn.Parameter(start.float())], lr=0.1, momentum=0.9).load_state_dict(after.torch_state_dict())
+    after.load_state_dict({k: v for k, v in saved.items() if k != "fastopt_rounding_steps"})
+    assert after.rounding_steps == 6
+    with pytest.raises(ValueError, match=r"state_dict\['fastopt_rounding_steps'\] must be a whole number >= 0"):
+        after.load_state_dict(dict(saved, fastopt_rounding_steps=-1))
+    assert after.rounding_steps == 6
+    assert "fastopt_rounding_steps" not in ft.SGD([torch.nn.Parameter(start.clone())], lr=0.1).state_dict()

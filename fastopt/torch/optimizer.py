@@ -36,7 +36,7 @@ from fastopt.backends.dispatch import backend_for
 from fastopt.clip import clip_coefficient
 from fastopt.functional import rounding_options, with_kahan
 from fastopt.precision import INT8_REFUSED, QuantizedState, StochasticRounding, quant_blocks, signed_state
-from fastopt.specs import PARAM, OptimizerSpec, shown
+from fastopt.specs import PARAM, OptimizerSpec, saved_count, shown
 import fastopt.torch.arguments as arguments
 from fastopt.torch.plan import Bucket, Plan
 from fastopt.torch.steady import Steady
@@ -125,6 +125,9 @@ def scalar_dtype():
     dtype, else float32 (torch.optim.optimizer._get_scalar_dtype for a non-fused optimizer)."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
+
+# the state dict's key of the stochastic rounding count of an optimizer without torch's step count (SGD)
+ROUNDING_STEPS = "fastopt_rounding_steps"
 
 def _check_extras(clip_grad_norm, skip_nonfinite):
     if clip_grad_norm is not None:
@@ -298,6 +301,15 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._fastopt_constructed = True
 
     # --- state dicts ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch.optim's state dict; with stochastic rounding on an optimizer torch keeps no step count for
+        (SGD), also ROUNDING_STEPS: the count that keys the rounding, so a resumed run rounds as an
+        uninterrupted one (torch.optim ignores the key)."""
+        sd = super().state_dict()
+        if self.stochastic_rounding and not self.spec.torch_step:
+            sd[ROUNDING_STEPS] = self.rounding_steps
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim's load_state_dict, except that state torch would cast to the param's dtype keeps its
         own where the cast would change it: the uint8 codes and float32 scales of 8-bit state ("<name>" and
@@ -305,6 +317,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         param's dtype). The next step converts what does not fit this optimizer's state dtype: float state
         into 8-bit state is quantized, 8-bit state into float state dequantized."""
         arguments.check_saved_state(state_dict)
+        rounding_steps = None  # absent (a torch.optim state dict): this optimizer keeps its own count
+        if isinstance(state_dict, dict) and ROUNDING_STEPS in state_dict:
+            rounding_steps = int(saved_count(state_dict[ROUNDING_STEPS], f"state_dict[{ROUNDING_STEPS!r}]"))
         saved = state_dict.get("state", {}) if isinstance(state_dict, dict) else {}
         keep = []  # (position of the param among the saved ids, key, tensor as saved)
         ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])] \
@@ -329,6 +344,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         for p, key, v in keep:
             if p in self.state and key in self.state[p]:
                 self.state[p][key] = v.to(device=p.device)
+        if rounding_steps is not None:
+            self.rounding_steps = rounding_steps
 
     def torch_state_dict(self) -> dict:
         """state_dict() as torch.optim's class takes it: 8-bit state ("<name>" codes + "<name>_absmax") as
