@@ -16,7 +16,9 @@ the NumPy classes' state dicts:
                                of the param in memory order (C order for a contiguous param)
     value = precision.dynamic_map(signed)[code] * absmax[block]   (signed map unless the state is never
                                negative: precision.NONNEGATIVE_STATES)
-viewed zero-copy as precision.QuantizedState by the kernels (views.state_view, cached per param). Loading
+viewed zero-copy as precision.QuantizedState by the kernels (views.state_view, cached per param). The
+element index that keys stochastic rounding is likewise the position in the param's memory (a transposed
+param rounds as its contiguous storage does, not as a C-ordered copy of it). Loading
 a state dict keeps codes and scales uint8/float32 (torch.optim's loader would cast them to the param's
 dtype); a float state (a torch.optim state dict) loaded into an 8-bit optimizer is quantized at the next
 step, 8-bit state loaded into a float-state optimizer dequantized; torch_state_dict() gives the state dict
