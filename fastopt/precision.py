@@ -140,9 +140,14 @@ def kahan_store(p_bits, c_bits, p_new, dtype: str = "bfloat16"):
     after the optimizer computed p_new (float32) from p."""
     load, store, _ = FORMATS[dtype]
     p, c = load(p_bits), load(c_bits)
-    total = c + (np.asarray(p_new, dtype=np.float32) - p)
-    p_out = store(p + total)
-    c_out = store(total + (p - load(p_out)))
+    p_new = np.asarray(p_new, dtype=np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf where a param overflowed: not kept
+        total = c + (p_new - p)
+        # p_new inf or NaN is stored as it is, and a param stored non-finite keeps no compensation:
+        # Kahan's differences of infinities would turn an overflowed param (inf to nearest) into NaN
+        p_out = store(np.where(np.isfinite(p_new), p + total, p_new))
+        stored = load(p_out)
+        c_out = store(np.where(np.isfinite(stored), total + (p - stored), np.float32(0.0)))
     return p_out, c_out
 
 

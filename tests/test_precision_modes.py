@@ -370,3 +370,34 @@ def test_state_dict_and_checkpoint_round_trip(mode, tmp_path, rng):
     pytest.importorskip("torch")
     tsd = a.torch_state_dict()
     assert "kahan_comp" not in tsd["state"][0] and str(tsd["state"][0]["exp_avg"].dtype) == "torch.float32"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the reference's p - lr * g
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=name)
+def test_kahan_keeps_an_overflowed_param_as_the_store_to_nearest_does(dtype, rng):
+    """A param that overflows is stored inf (or NaN for a NaN update) with no compensation: Kahan's
+    compensation was inf - inf = NaN there, and the next step made the param NaN where the store to nearest
+    keeps it inf. Compiled kernels and reference alike; the other elements are untouched by the rule."""
+    big = float(np.finfo(np.float16).max) if dtype == F16 else 3.3e38
+    start = rng.standard_normal(1037).astype(dtype)
+    start[:4] = [big, -big, 1.0, 2.0]
+    grads = [rng.standard_normal(1037).astype(dtype) for _ in range(4)]
+    grads[0][:4] = [-big, big, np.nan, 0.5]  # p - g: +inf, -inf, NaN, a finite step
+    results = {}
+    for kahan in (False, True):
+        for backend in ("cython", "numpy"):
+            p = start.copy()
+            comp = np.zeros_like(p) if kahan else None
+            for g in grads:
+                fastopt.sgd_step([p], [g], lr=1.0, **({"kahan_comp": [comp]} if kahan else {}), backend=backend)
+            results[kahan, backend] = p, comp
+    for backend in ("cython", "numpy"):
+        p, comp = results[True, backend]
+        nearest, _ = results[False, backend]
+        assert p[0] == np.inf and p[1] == -np.inf and np.isnan(p[2])
+        np.testing.assert_array_equal(bits(p[:2]), bits(nearest[:2]))
+        assert not bits(comp[:3]).any()  # +0: no compensation kept for a non-finite param
+        assert np.isfinite(p[3:].astype(np.float32)).all() and np.isfinite(comp[3:].astype(np.float32)).all()
+    (kp, kc), (rp, rc) = results[True, "cython"], results[True, "numpy"]
+    np.testing.assert_array_equal(bits(np.delete(kp, 2)), bits(np.delete(rp, 2)))
+    np.testing.assert_array_equal(bits(kc), bits(rc))

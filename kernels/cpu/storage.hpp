@@ -71,11 +71,11 @@ FASTOPT_INLINE void kahan_store_block(typename PS::type* __restrict p, typename 
     PS::widen_block(c, total, n);
     for (int64_t i = 0; i < n; ++i) {
         total[i] = total[i] + (p_new[i] - old[i]);  // this step's update plus what earlier steps lost
-        p_new[i] = old[i] + total[i];
+        p_new[i] = fo_finite(p_new[i]) ? old[i] + total[i] : p_new[i];  // inf and NaN stored as they are
     }
     PS::narrow_block(p_new, p, n);
     PS::widen_block(p, p_new, n);  // the value stored
-    for (int64_t i = 0; i < n; ++i) p_new[i] = total[i] + (old[i] - p_new[i]);
+    for (int64_t i = 0; i < n; ++i) p_new[i] = fo_finite(p_new[i]) ? total[i] + (old[i] - p_new[i]) : 0.0f;
     PS::narrow_block(p_new, c, n);
 }
 

@@ -184,15 +184,20 @@ FASTOPT_HD fo_u32 fo_random_bits(fo_u32 key, fo_u64 index) {
 // Kahan-compensated update of a 16-bit parameter (optimi's scheme): the compensation buffer c holds
 // what rounding the parameter lost so far, and is added back before the next rounding, so updates far
 // below half an ulp still accumulate. `p` and `c` are the stored values (widened), `p_new` the
-// optimizer's float32 result computed from p.
+// optimizer's float32 result computed from p. Where p_new is inf or NaN it is stored as it is, and where
+// the stored param is not finite the compensation is 0: Kahan's differences of infinities would make a
+// NaN of a param that overflowed (which, stored to nearest, stays inf).
 // ------------------------------------------------------------------------------------------------
+
+FASTOPT_HD bool fo_finite(float x) { return fabsf(x) <= 3.40282347e38f; }  // false for inf and NaN
 
 template <typename Format>
 FASTOPT_HD void fo_kahan_store(float p, float c, float p_new, fo_u16& p_out, fo_u16& c_out) {
     Format f;
     const float total = c + (p_new - p);  // this step's update plus what earlier steps lost
-    p_out = f.store(p + total);
-    c_out = f.store(total + (p - f.load(p_out)));
+    p_out = f.store(fo_finite(p_new) ? p + total : p_new);
+    const float stored = f.load(p_out);
+    c_out = f.store(fo_finite(stored) ? total + (p - stored) : 0.0f);
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ Built lazily: nothing compiles before a kernel that calls it.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 from numba import cuda, float32, int32, int64, uint16, uint32  # module level: the simulator swaps `cuda`
@@ -130,6 +131,7 @@ def _kahan_store(load, store):
     @cuda.jit(device=True)
     def kahan_store(p, c, p_new):  # fo_kahan_store: the new param and compensation, as bits
         total = c + (p_new - p)  # this step's update plus what earlier steps lost
-        p_out = store(p + total)
-        return p_out, store(total + (p - load(p_out)))
+        p_out = store(p + total if math.isfinite(p_new) else p_new)  # inf and NaN stored as they are
+        stored = load(p_out)
+        return p_out, store(total + (p - stored) if math.isfinite(stored) else np.float32(0.0))
     return kahan_store

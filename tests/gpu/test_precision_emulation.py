@@ -262,3 +262,25 @@ def _capturable_alike(cp, pdtype, options, monkeypatch):
             assert a.get().tobytes() == b.get().tobytes(), f"params[{i}] differs after step {step + 1}"
             for k, x in cap.state_arrays(i).items():
                 assert _bytes(x) == _bytes(eager.state_arrays(i)[k]), (k, i, step)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the host reference's p - lr * g
+@pytest.mark.parametrize("pdtype", ["float16"] + (["bfloat16"] if BF16 is not None else []))
+def test_kahan_keeps_an_overflowed_param_as_the_cpu(cp, pdtype):
+    """fo_kahan_store (the CUDA kernels' Kahan store): a param whose update overflows is stored inf with no
+    compensation, as on the CPU; its compensation was inf - inf = NaN, and the next step made it NaN."""
+    dtype = _dtype(pdtype)
+    rng = np.random.default_rng([43, dtype.num])
+    big = float(np.finfo(np.float16).max) if pdtype == "float16" else 3.3e38
+    host = rng.standard_normal(300).astype(dtype)
+    host[:3] = [big, -big, 1.0]
+    comp = np.zeros_like(host)
+    device, device_comp = cp.asarray(host), cp.asarray(comp)
+    for step in range(3):
+        g = rng.standard_normal(300).astype(dtype)
+        if step == 0:
+            g[:3] = [-big, big, 0.5]
+        fastopt.sgd_step([device], [cp.asarray(g)], lr=1.0, kahan_comp=[device_comp])
+        fastopt.sgd_step([host], [g], lr=1.0, kahan_comp=[comp])
+    assert np.isinf(host[:2].astype(np.float32)).all() and not comp[:2].view(np.uint16).any()
+    assert device.get().tobytes() == host.tobytes() and device_comp.get().tobytes() == comp.tobytes()
