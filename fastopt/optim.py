@@ -112,7 +112,7 @@ class _Bucket:
     """The arrays of one group with one dtype: one multi-tensor kernel call per step."""
 
     __slots__ = ("params", "indices", "local", "states", "dtype", "is_device", "contiguous_range", "tail", "names",
-                 "backend", "backend_key", "prepares_once", "capturable", "device")
+                 "backend", "backend_key", "prepares_once", "capturable", "device", "first_pending")
 
     def __init__(self, params, indices, local, states, dtype, is_device):
         self.params = params            # list of arrays
@@ -131,6 +131,9 @@ class _Bucket:
         self.prepares_once = False  # the backend checks params and states once (PrepareOnceBackend)
         self.capturable = False     # the backend can run a step captured into a CUDA graph (CapturableBackend)
         self.device = None          # GPU arrays: (the array that decides the call's device, its device ordinal)
+        # a state created mid-run for an optimizer without torch's per-param count (SGD's momentum buffer when
+        # momentum is set on): its first update, to come, is a first step (the buffer is the gradient)
+        self.first_pending = False
 
     def __getstate__(self):
         """Pickling and deepcopy: the arrays and lists; the backend (a module) is resolved again."""
@@ -139,6 +142,7 @@ class _Bucket:
         return state
 
     def __setstate__(self, state):
+        self.first_pending = False  # absent from a pickle of an older fastopt
         for name, value in state.items():
             setattr(self, name, value)
         self.backend_key = _UNSET  # resolved at the next step
@@ -630,6 +634,9 @@ class Optimizer:
         # valid: from here on the step goes ahead (or is skipped as a whole)
         for gi, bucket, params, tail, names in plans:
             if changes[gi] is not None:
+                if not self.spec.torch_step and any(arrays is not None and name not in bucket.states
+                                                    for name, arrays in zip(names[2:], tail)):
+                    bucket.first_pending = True  # see _Bucket
                 self._adopt_call(bucket, tail, names)
             bucket.params = params
         if swaps is not None:
@@ -650,19 +657,23 @@ class Optimizer:
             rows, found_inf = self._capture_rows(hps, found_inf, capture_keys)
         for (gi, bucket, _, _, _), call in zip(plans, prepared):
             hp, t = hps[gi], self._group_steps[gi] + 1
+            run_t = 1 if bucket.first_pending else t  # the step the kernels see (SGD: its first-step variant)
             if rows is not None:  # the kernels read the step's scalars from the device; t picks the variant
-                bucket.backend.run(call, spec, hp, rows.variant_step(gi, t, capturing), grad_scale,
+                bucket.backend.run(call, spec, hp, rows.variant_step(gi, run_t, capturing), grad_scale,
                                    found_inf=found_inf, scalars_at=rows.row(gi))
             elif self._stochastic:  # keyed by (seed, the group's step): element i of a param gets its own bits
                 skip = {} if found_inf is None else {"found_inf": found_inf}  # the GPU's device skip flag
-                bucket.backend.run(call, spec, hp, t, grad_scale, stochastic=StochasticRounding(self._seed, t), **skip)
+                bucket.backend.run(call, spec, hp, run_t, grad_scale, stochastic=StochasticRounding(self._seed, t),
+                                   **skip)
             elif found_inf is None:
-                bucket.backend.run(call, spec, hp, t, grad_scale)
+                bucket.backend.run(call, spec, hp, run_t, grad_scale)
             else:  # the kernels read the device flag and return at once on a skipped step
-                bucket.backend.run(call, spec, hp, t, grad_scale, found_inf=found_inf)
+                bucket.backend.run(call, spec, hp, run_t, grad_scale, found_inf=found_inf)
         for gi in range(ngroups):
             self._group_steps[gi] += 1
             self._last_lr[gi] = hps[gi]["lr"]
+        for _, bucket, _, _, _ in plans:
+            bucket.first_pending = False
         return None if found_inf is not None else True
 
     def _check_capture(self, hps, changes):

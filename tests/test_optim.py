@@ -336,6 +336,35 @@ def test_editing_a_group_between_steps_takes_effect(rng):
     np.testing.assert_array_equal(opt.state_arrays(0)["momentum_buffer"], buf)
 
 
+@pytest.mark.parametrize("skip_first", [False, True])
+def test_sgd_momentum_set_on_mid_run_starts_its_buffer_at_the_gradient_as_torch(skip_first, rng):
+    """torch starts a momentum buffer it does not have yet at the gradient (buf = g, no dampening). fastopt made
+    the buffer as zeros and took the first-step variant from the group's count only: with momentum set on
+    after a step and dampening 0.5, the buffer was [0.95 -1.9 2.85] where torch has [1.4 -2.8 4.2]. A step
+    skipped for a non-finite gradient (skip_nonfinite) right after the edit leaves the first update to come."""
+    torch = pytest.importorskip("torch")
+    p = rng.standard_normal(7)
+    grads = [rng.standard_normal(7) for _ in range(6)]
+    ours = fastopt.SGD([p.copy()], lr=0.1, skip_nonfinite=True)
+    tp = torch.tensor(p, requires_grad=True)
+    theirs = torch.optim.SGD([tp], lr=0.1)
+    for k, g in enumerate(grads):
+        if k == 1:  # momentum on, with dampening
+            for group in (ours.param_groups[0], theirs.param_groups[0]):
+                group.update(momentum=0.9, dampening=0.5)
+            if skip_first:
+                assert ours.step([np.full(7, np.nan)]) is False
+        if k == 3:  # off and on again: the buffer torch kept is used as it is
+            ours.param_groups[0]["momentum"] = theirs.param_groups[0]["momentum"] = 0.0
+        if k == 4:
+            ours.param_groups[0]["momentum"] = theirs.param_groups[0]["momentum"] = 0.8
+        ours.step([g])
+        tp.grad = torch.tensor(g)
+        theirs.step()
+        np.testing.assert_allclose(ours.params[0], tp.detach().numpy(), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(ours.state_arrays(0)["momentum_buffer"], theirs.state[tp]["momentum_buffer"].numpy(),
+                               rtol=1e-13)
+
 def test_add_param_group_starts_its_own_count(rng):
     a = rng.standard_normal(8)
     b = rng.standard_normal(8)
