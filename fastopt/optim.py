@@ -440,17 +440,22 @@ class Optimizer:
             lr = group["lr"]
         except KeyError as e:
             raise ValueError(f"param group {gi} has no {e.args[0]!r}") from None
-        if _is_callable_lr(lr):
-            lr = lr(self._group_steps[gi])
-        cached = self._hp_cache[gi]
-        if cached is not None and _same(cached[0], key):
-            hp = dict(cached[1])
-            hp["lr"] = spec.hypers[0].validate(lr)  # hypers[0] is lr for every optimizer
-            return hp, None
-        self._normalise_group(dict(group), f"param group {gi}")
-        hp = self._resolve_hp(group, self._group_steps[gi])
-        hp["lr"] = lr
-        hp, _ = spec.validate(hp, self._group_steps[gi] + 1)
+        try:
+            if _is_callable_lr(lr):
+                lr = lr(self._group_steps[gi])
+            cached = self._hp_cache[gi]
+            if cached is not None and _same(cached[0], key):
+                hp = dict(cached[1])
+                hp["lr"] = spec.hypers[0].validate(lr)  # hypers[0] is lr for every optimizer
+                return hp, None
+            self._normalise_group(dict(group), f"param group {gi}")
+            hp = self._resolve_hp(group, self._group_steps[gi])
+            hp["lr"] = lr
+            hp, _ = spec.validate(hp, self._group_steps[gi] + 1)
+        except (ValueError, TypeError) as e:
+            if len(self.param_groups) > 1 and type(e) in (ValueError, TypeError) and not str(e).startswith("param group"):
+                raise type(e)(f"param group {gi}: {e}") from None  # which group, with torch's message
+            raise
         return hp, (key, hp)
 
     def _commit_hp(self, gi, changed):
@@ -511,7 +516,9 @@ class Optimizer:
 
     @property
     def params(self) -> list:
-        """Every parameter, in the order `step(grads)` expects the gradients."""
+        """Every parameter, in the order `step(grads)` expects the gradients: the arrays in param_groups now
+        (an array swapped into a group since the last step is checked and adopted here, as a step would)."""
+        self._adopt_swaps()
         return list(self._params)
 
     def _grad_list(self, grads):
@@ -772,6 +779,33 @@ class Optimizer:
             new.append(p)
         return new
 
+    def _adopt_swaps(self) -> None:
+        """Arrays swapped into param_groups since the last step, checked as a step checks params (the shape
+        and dtype of the array each replaces, which its state has; updatable in place; no two sharing
+        memory) and adopted: for what reads or writes the params outside a step (opt.params, and through
+        it fastopt.save / load and state imports; train() / eval()). Nothing adopted when a check fails."""
+        swaps = self._swapped_params()
+        if swaps is None:
+            return
+        checked = []
+        for gi, buckets in enumerate(self._buckets):
+            for bucket in buckets:
+                params = bucket.params if swaps[gi] is None else [swaps[gi][j] for j in bucket.local]
+                for i, new, old in zip(bucket.indices, params, bucket.params):
+                    if new is old:
+                        continue
+                    if tuple(new.shape) != tuple(old.shape):
+                        raise ValueError(f"params[{i}] has shape {tuple(new.shape)}, expected {tuple(old.shape)} "
+                                         f"(an array swapped into a param group replaces one of its shape and dtype)")
+                    if new.dtype != old.dtype:
+                        raise TypeError(f"params[{i}] has dtype {new.dtype}, expected {old.dtype} (an array "
+                                        f"swapped into a param group replaces one of its shape and dtype)")
+                checked.append((bucket, params))
+        self._check_params([(params, bucket.indices) for bucket, params in checked])
+        for bucket, params in checked:
+            bucket.params = params
+        self._adopt_params(swaps)
+
     def _adopt_params(self, swaps):
         """Keep the arrays swapped into the groups (their step went ahead)."""
         start = 0
@@ -877,6 +911,7 @@ class Optimizer:
         Writes nothing; CheckpointError (a ValueError) for arrays that do not fit. Returns the plan that
         apply_state writes."""
         spec = self.spec
+        self._adopt_swaps()  # the arrays in param_groups now are the ones restored and checked
         if state.optimizer != spec.name:
             raise statedict.CheckpointError(f"the state is for {state.optimizer!r}, this optimizer is {spec.name!r}")
         if len(state.hyperparameters) != len(self.param_groups) or len(state.steps) != len(self.param_groups):
@@ -1087,6 +1122,7 @@ class TrainEval(Modes):
 
     def _move(self, state, weights) -> None:
         from fastopt.averaging import lerp_all_
+        self._adopt_swaps()  # the arrays in param_groups now are the ones moved
         # every group's and dtype's call checked before the first param moves (a read-only param of a later
         # group left the earlier groups at x and the mode at train)
         lerp_all_([(bucket.params, zs, weights[gi], bucket.indices)

@@ -365,6 +365,61 @@ def test_sgd_momentum_set_on_mid_run_starts_its_buffer_at_the_gradient_as_torch(
     np.testing.assert_allclose(ours.state_arrays(0)["momentum_buffer"], theirs.state[tp]["momentum_buffer"].numpy(),
                                rtol=1e-13)
 
+def test_an_array_swapped_into_a_group_is_the_param_before_the_next_step(rng, tmp_path):
+    """Only step() used to read a swapped array: eval()/train() moved the replaced array (the model then
+    evaluated at y), fastopt.save wrote its values and fastopt.load wrote into it, opt.params returned it."""
+    old = rng.standard_normal(4)
+    sf = fastopt.ScheduleFreeSGD([old], lr=0.1)
+    for _ in range(3):
+        sf.step([rng.standard_normal(4)])
+    new = old.copy()
+    sf.param_groups[0]["params"][0] = new
+    kept = old.copy()
+    sf.eval()
+    assert not np.array_equal(new, kept) and np.array_equal(old, kept)
+    sf.train()
+    np.testing.assert_allclose(new, kept, rtol=1e-14)
+    a = fastopt.Adam([np.zeros(3), np.zeros(5)], lr=0.1)
+    a.step([np.ones(3), np.ones(5)])
+    swapped = np.full(3, 7.0)
+    a.param_groups[0]["params"][0] = swapped
+    assert a.params[0] is swapped
+    fastopt.save(tmp_path / "a.npz", a)
+    b = fastopt.Adam([np.zeros(3), np.zeros(5)], lr=0.1)
+    target = np.zeros(3)
+    b.param_groups[0]["params"][0] = target
+    fastopt.load(tmp_path / "a.npz", b)
+    assert target.tolist() == [7.0] * 3 and b.params[0] is target
+    # a swap that does not fit is refused there too, with nothing adopted
+    bad = np.zeros(4)
+    a.param_groups[0]["params"][0] = bad
+    with pytest.raises(ValueError, match=r"params\[0\] has shape \(4,\), expected \(3,\)"):
+        a.params
+    a.param_groups[0]["params"][0] = a.param_groups[0]["params"][1][2:]  # the other param's memory
+    with pytest.raises(ValueError, match=r"params\[0\] shares memory with params\[1\]"):
+        fastopt.save(tmp_path / "b.npz", a)
+    assert not (tmp_path / "b.npz").exists()
+    a.param_groups[0]["params"][0] = swapped
+    assert a.params[0] is swapped
+
+
+def test_a_bad_value_in_one_of_several_groups_names_the_group(rng):
+    opt = fastopt.Adam([{"params": [rng.standard_normal(3)]}, {"params": [rng.standard_normal(2)]}], lr=0.1)
+    grads = [np.ones(3), np.ones(2)]
+    opt.step(grads)
+    for key, value, error, words in [("lr", float("nan"), ValueError, "Invalid learning rate: nan"),
+                                     ("weight_decay", -1.0, ValueError, "Invalid weight_decay value: -1.0"),
+                                     ("betas", (0.9,), TypeError, r"betas must be a pair")]:
+        good = opt.param_groups[1][key]
+        opt.param_groups[1][key] = value
+        with pytest.raises(error, match=f"^param group 1: {words}"):
+            opt.step(grads)
+        opt.param_groups[1][key] = good
+    single = fastopt.Adam([rng.standard_normal(3)], lr=0.1)
+    single.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match=r"^Invalid learning rate: -1.0$"):  # one group: torch's message as it is
+        single.step([np.ones(3)])
+
 def test_add_param_group_starts_its_own_count(rng):
     a = rng.standard_normal(8)
     b = rng.standard_normal(8)
