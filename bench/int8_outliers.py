@@ -229,7 +229,6 @@ def proposed_maps(variant: str = "roundup"):
     precision.py) quantizes with the tables of proposed_tables(variant): precision._maps replaced, the
     derived caches cleared before and after. For experiments only ("nearest": fastopt before the fix)."""
     from fastopt import precision
-    from fastopt.backends import cython_backend
     original = precision._maps
     table = {s: proposed_tables(s, variant) for s in (False, True)}
 
@@ -239,9 +238,9 @@ def proposed_maps(variant: str = "roundup"):
         mid.setflags(write=False)
         return values, mid
 
-    def reset():
+    def reset():  # every table derived from the maps (the compiled backend reads quantizer_arrays())
         precision.quantizer_tables.cache_clear()
-        cython_backend._MAPS = None
+        precision.quantizer_arrays.cache_clear()
 
     precision._maps = patched
     reset()

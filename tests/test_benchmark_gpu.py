@@ -186,6 +186,27 @@ def _issue_rows(fast=True):
     ]
 
 
+def test_each_variant_is_counted_in_its_own_layout():
+    """torch.optim's 16-bit Adam keeps 16-bit state (14 bytes per param) and optimi adds a Kahan buffer (18):
+    counted with fastopt's 22 (float32 state), torch fused at 2^24 fp16 read 5105 GB/s, 1.2x the device copy
+    (bench/results/gpu-nvidia-h200.json). Their "of pattern" (a time ratio against fastopt's streams) is
+    left out; LARS has no same-pattern kernel (its norms pass is counted in its bytes)."""
+    spec = REGISTRY["adam"]
+    hp = bg.bench_hyperparameters(spec)
+    assert [bg.variant_bytes(v, spec, hp, "float16") for v in (bg.CUPY_FN, bg.TORCH_FUSED, bg.TORCH_FOREACH,
+                                                              bg.OPTIMI, bg.BNB, bg.PATTERN)] == [22, 14, 14, 18, 22, 22]
+    assert [bg.variant_bytes(v, spec, hp, "float32") for v in (bg.TORCH_FUSED, bg.OPTIMI)] == [28, 28]
+    assert bg.variant_bytes(bg.BNB8, spec, hp, "float32", "int8") == bg.param_bytes(spec, hp, "float32", "int8")
+    label = "1 x 2^24 fp16"
+    rows = [dict(_row(label, v, us, elements=1 << 24), bytes=bg.variant_bytes(v, spec, hp, "float16") * (1 << 24))
+            for v, us in ((bg.CUPY_FN, 120.0), (bg.TORCH_FUSED, 100.0), (bg.PATTERN, 110.0))]
+    fused, ours = (next(r for r in bg.finish_rows(rows, 3000.0) if r["variant"] == v)
+                   for v in (bg.TORCH_FUSED, bg.CUPY_FN))
+    assert fused["GBps"] == pytest.approx(14 * 2 ** 24 / 100e-6 / 1e9) and fused["of_pattern"] is None
+    assert ours["of_pattern"] == pytest.approx(110.0 / 120.0)
+    with pytest.raises(bg.NotRun, match="LARS"):
+        bg.BUILDERS[bg.PATTERN](None, None, REGISTRY["lars"], bg.bench_hyperparameters(REGISTRY["lars"]), 2)
+
 def test_rows_and_targets_arithmetic():
     rows = bg.finish_rows(_issue_rows(), copy_gbps=3000.0)
     big = next(r for r in rows if r["case"] == bg.BIG and r["variant"] == bg.CUPY_FN)

@@ -137,3 +137,19 @@ def test_adamw_int8_tracks_float32_on_normal_grads(rng, backend):
     int8 = _run(fastopt.AdamW, p0, grads, "int8", backend)
     d = np.abs(int8.astype(np.float64) - exact) / LR
     assert d.max() < 1.0 and d.mean() < 0.05, (d.max(), d.mean())
+
+
+def test_the_outlier_repro_scripts_model_is_fastopts_int8_step_with_either_tables():
+    """bench/int8_outliers.py (docs/int8-quality.md) checks its scratch model of the int8 step against fastopt on
+    both host backends, with today's tables and, through proposed_maps("nearest"), those before the fix. Its
+    proposed_maps left the compiled backend's cached tables (precision.quantizer_arrays) in place: whichever
+    set ran second failed the check on cython (the documented command stopped with 'model != fastopt')."""
+    import os
+    import sys
+    pytest.importorskip("fastopt.kernels.cpu._cpu_fast")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    try:
+        import int8_outliers
+    finally:
+        sys.path.pop(0)
+    int8_outliers.measure(n=2 ** 12 + 37, steps=3, kinds=("heavy",))  # asserts model == fastopt, both tables
