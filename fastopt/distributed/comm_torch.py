@@ -80,8 +80,10 @@ class TorchCommunicator(Communicator):
             if x.device.type != self.device.type:
                 raise TypeError(f"{name} is a {x.device.type} tensor but the process group's tensors are on "
                                 f"{self.device.type}")
-            if x.is_sparse or x.layout != torch.strided:
-                raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+            if x.is_nested or x.is_sparse or x.layout != torch.strided:
+                raise TypeError(f"{name} must be a dense (strided) tensor, got {'a nested tensor' if x.is_nested else f'layout {x.layout}'}")
+            if x.is_neg():  # a lazy negation (conj().imag): its memory holds the other sign, NumPy cannot view it
+                raise TypeError(f"{name} has torch's negative bit set (a lazy negation); pass {name}.resolve_neg()")
             if x.is_complex() or not x.is_floating_point():
                 raise TypeError(f"{name} has dtype {x.dtype}; the optimizer updates floating-point tensors")
             return self._view(x.detach())

@@ -477,8 +477,8 @@ class ShardedOptimizer:
         try:
             views = self._grad_views(grads)
             lr = self.lr_for_next_step()
-        except (TypeError, ValueError) as e:
-            error, views = e, None
+        except Exception as e:  # noqa: BLE001  (any error of this rank's checks or its schedule: raised after the
+            error, views = e, None  # collectives, which every rank joins, so that no rank waits for this one)
         comm, buckets = self.comm, self.layout.buckets
         guard = self.clip_grad_norm is not None or self.skip_nonfinite
         sync = guard or self._norms  # the all-reduce carries numbers computed from the reduced gradients

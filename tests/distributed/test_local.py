@@ -111,6 +111,30 @@ def test_bad_arguments_on_one_rank_raise_on_every_rank(bad):
                for e in (errors[0], errors[2]))
     assert errors[1] is not None and "other rank" not in str(errors[1])
 
+
+def test_an_error_of_any_kind_in_one_ranks_step_checks_raises_on_every_rank():
+    """step() caught only TypeError and ValueError from this rank's checks: any other error (here the lr
+    schedule raising RuntimeError on one rank; on torch, a gradient NumPy cannot view) left that rank before
+    the collectives and the others waited in them (here: until the test barrier's timeout)."""
+    def rank_body(comm):
+        def lr(count):
+            if comm.rank == 1 and count == 1:
+                raise RuntimeError("schedule failed")
+            return 0.1
+        p = [np.ones(5, np.float32)]
+        opt = ShardedOptimizer("sgd", p, comm, lr=lr)
+        opt.step([np.ones(5, np.float32)])
+        try:
+            opt.step([np.ones(5, np.float32)])
+        except Exception as e:  # noqa: BLE001  (each rank's error is the result)
+            return e, p[0].copy(), opt.steps
+        return None, p[0].copy(), opt.steps
+
+    results = run_ranks(2, rank_body)
+    assert isinstance(results[1][0], RuntimeError) and "schedule failed" in str(results[1][0])
+    assert isinstance(results[0][0], ValueError) and "failed the checks there" in str(results[0][0])
+    assert all(np.array_equal(p, np.full(5, 0.9, np.float32)) and steps == 1 for _, p, steps in results)
+
 def test_bad_grads_leave_everything_unchanged():
     params = _params()
     opt = ShardedOptimizer("adam", params, COMM, lr=1e-3)

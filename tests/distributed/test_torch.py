@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
-SCENARIOS = ["equal", "precision", "torch_oracle", "module", "fallback", "mismatch", "dead_rank"]
+SCENARIOS = ["equal", "precision", "torch_oracle", "module", "fallback", "mismatch", "bad_grad_one_rank", "dead_rank"]
 
 
 @pytest.fixture(scope="module")

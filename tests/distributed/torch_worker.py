@@ -177,6 +177,25 @@ def mismatch(rank, world):
         raise AssertionError("mismatch not detected")
 
 
+def bad_grad_one_rank(rank, world):
+    """A gradient torch cannot hand to NumPy (a lazy negation, a nested tensor) on the last rank only: its
+    conversion raised a RuntimeError there, which left that rank's step before the collectives, and the
+    others waited for it (or paired with its next call). Every rank raises now, nothing written anywhere,
+    and the next step goes on."""
+    params = [torch.ones(4)]
+    opt = ShardedOptimizer("sgd", params, dist.group.WORLD, lr=0.1)
+    for bad, words in ((torch.randn(4, dtype=torch.complex64).conj().imag, "negative bit"),
+                       (torch.nested.nested_tensor([torch.ones(2), torch.ones(2)]), "nested tensor")):
+        try:
+            opt.step([bad if rank == world - 1 else torch.ones(4)])
+        except (TypeError, ValueError) as e:
+            want = words if rank == world - 1 else "failed the checks there"
+            check(want in str(e), f"{type(e).__name__}: {e}")
+        else:
+            raise AssertionError("a bad gradient on one rank was not refused")
+        check(torch.equal(params[0], torch.ones(4)), "a refused step changed the params")
+    check(opt.step([torch.ones(4)]) is True and torch.allclose(params[0], torch.full((4,), 0.9)), "the next step")
+
 def dead_rank(rank, world):
     """The last rank exits without stepping: the others' step raises once the group's timeout passes
     (here 3 s) instead of waiting forever."""
@@ -194,7 +213,8 @@ def dead_rank(rank, world):
 
 
 SCENARIOS = {"equal": equal, "torch_oracle": torch_oracle, "module": module, "fallback": fallback,
-             "mismatch": mismatch, "dead_rank": dead_rank, "precision": precision}
+             "mismatch": mismatch, "bad_grad_one_rank": bad_grad_one_rank, "dead_rank": dead_rank,
+             "precision": precision}
 
 if __name__ == "__main__":
     # scenarios run one after another in the same pair of processes (importing torch takes seconds);
