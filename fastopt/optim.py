@@ -22,7 +22,10 @@ Param groups. `params` is a list of arrays (one group) or a list of dicts {"para
 with per-group hyperparameters (torch semantics: missing keys take the constructor's values).
 `opt.param_groups` is a list of dicts that may be edited between steps (like torch), including an array
 of a group's "params" swapped for another of the same shape and dtype (it keeps the param's state; the
-number of params of a group is fixed: add_param_group adds params).
+number of params of a group is fixed: add_param_group adds params). SGD's momentum set on in a group starts
+its buffer at the gradient of the first update, as torch does (the buffer is made then; a step skipped by
+skip_nonfinite on the host makes none); on GPU arrays a step skipped on the device, or after a CUDA-graph
+capture of the optimizer, leaves a zero buffer that the next step updates with dampening.
 
 Validation cost. Every step checks everything before the first write, but on the CPU the params and states
 are checked in full only once (and again when a group's arrays or state slots change): each step compares
@@ -81,7 +84,7 @@ from fastopt.clip import check_bound, clip_coefficient
 from fastopt.functional import device_param_dtype, init_state, rounding_options, with_kahan
 from fastopt.precision import QuantizedState, StochasticRounding, quant_blocks, quantize_blockwise
 from fastopt.schedules import is_schedule
-from fastopt.specs import PARAM, REGISTRY, REQUIRED, OptimizerSpec
+from fastopt.specs import PARAM, REGISTRY, REQUIRED, OptimizerSpec, group_error
 from fastopt.statedict import OptimizerState, check_array
 from fastopt.train_eval import Modes
 
@@ -112,7 +115,7 @@ class _Bucket:
     """The arrays of one group with one dtype: one multi-tensor kernel call per step."""
 
     __slots__ = ("params", "indices", "local", "states", "dtype", "is_device", "contiguous_range", "tail", "names",
-                 "backend", "backend_key", "prepares_once", "capturable", "device", "first_pending")
+                 "backend", "backend_key", "prepares_once", "capturable", "device")
 
     def __init__(self, params, indices, local, states, dtype, is_device):
         self.params = params            # list of arrays
@@ -131,9 +134,6 @@ class _Bucket:
         self.prepares_once = False  # the backend checks params and states once (PrepareOnceBackend)
         self.capturable = False     # the backend can run a step captured into a CUDA graph (CapturableBackend)
         self.device = None          # GPU arrays: (the array that decides the call's device, its device ordinal)
-        # a state created mid-run for an optimizer without torch's per-param count (SGD's momentum buffer when
-        # momentum is set on): its first update, to come, is a first step (the buffer is the gradient)
-        self.first_pending = False
 
     def __getstate__(self):
         """Pickling and deepcopy: the arrays and lists; the backend (a module) is resolved again."""
@@ -142,7 +142,6 @@ class _Bucket:
         return state
 
     def __setstate__(self, state):
-        self.first_pending = False  # absent from a pickle of an older fastopt
         for name, value in state.items():
             setattr(self, name, value)
         self.backend_key = _UNSET  # resolved at the next step
@@ -314,6 +313,8 @@ class Optimizer:
         Its state is allocated now, on the params' device; its step counter starts at 0."""
         if not isinstance(group, dict) or "params" not in group:
             raise TypeError("a param group must be a dict with a 'params' key")
+        if self._buckets:
+            self._adopt_swaps()  # the arrays in param_groups now are the ones a new param must not repeat
         group = self._normalise_group(dict(group), f"param group {len(self.param_groups)}")
         params = group["params"]
         if hasattr(params, "shape"):
@@ -453,9 +454,10 @@ class Optimizer:
             hp["lr"] = lr
             hp, _ = spec.validate(hp, self._group_steps[gi] + 1)
         except (ValueError, TypeError) as e:
-            if len(self.param_groups) > 1 and type(e) in (ValueError, TypeError) and not str(e).startswith("param group"):
-                raise type(e)(f"param group {gi}: {e}") from None  # which group, with torch's message
-            raise
+            named = group_error(e, gi, len(self.param_groups))
+            if named is e:
+                raise
+            raise named from None
         return hp, (key, hp)
 
     def _commit_hp(self, gi, changed):
@@ -639,11 +641,15 @@ class Optimizer:
             for gi in {gi for gi, *_ in plans}:
                 self.spec.scalars(hps[gi], self._group_steps[gi] + 1, 1.0)
         # valid: from here on the step goes ahead (or is skipped as a whole)
+        # an optimizer without torch's per-param count (SGD) updates a state it creates mid-run (momentum set on
+        # in a group) as at its first step (the buffer is the gradient), as torch does: {id: (group, bucket, names)}
+        first = {}
         for gi, bucket, params, tail, names in plans:
             if changes[gi] is not None:
-                if not self.spec.torch_step and any(arrays is not None and name not in bucket.states
-                                                    for name, arrays in zip(names[2:], tail)):
-                    bucket.first_pending = True  # see _Bucket
+                created = [name for name, arrays in zip(names[2:], tail)
+                           if arrays is not None and name not in bucket.states]
+                if created and not self.spec.torch_step:
+                    first[id(bucket)] = (gi, bucket, created)
                 self._adopt_call(bucket, tail, names)
             bucket.params = params
         if swaps is not None:
@@ -656,6 +662,10 @@ class Optimizer:
         if self.clip_grad_norm is not None or self.skip_nonfinite:
             grad_scale, found_inf, skip = self._gradient_scale(grads, plans, prepared)
             if skip:
+                for gi, bucket, created in first.values():  # made again (zero) by the step that runs, as torch
+                    for name in created:                     # makes its buffer at the step that updates
+                        del bucket.states[name]
+                    self._hp_cache[gi] = None  # the next step plans the group's call again
                 self._skipped_host += 1
                 return False
         spec = self.spec
@@ -664,7 +674,7 @@ class Optimizer:
             rows, found_inf = self._capture_rows(hps, found_inf, capture_keys)
         for (gi, bucket, _, _, _), call in zip(plans, prepared):
             hp, t = hps[gi], self._group_steps[gi] + 1
-            run_t = 1 if bucket.first_pending else t  # the step the kernels see (SGD: its first-step variant)
+            run_t = 1 if id(bucket) in first else t  # the step the kernels see (SGD: its first-step variant)
             if rows is not None:  # the kernels read the step's scalars from the device; t picks the variant
                 bucket.backend.run(call, spec, hp, rows.variant_step(gi, run_t, capturing), grad_scale,
                                    found_inf=found_inf, scalars_at=rows.row(gi))
@@ -679,8 +689,6 @@ class Optimizer:
         for gi in range(ngroups):
             self._group_steps[gi] += 1
             self._last_lr[gi] = hps[gi]["lr"]
-        for _, bucket, _, _, _ in plans:
-            bucket.first_pending = False
         return None if found_inf is not None else True
 
     def _check_capture(self, hps, changes):
@@ -925,6 +933,13 @@ class Optimizer:
             for bucket in group_buckets:
                 # slots these hyperparameters need that the optimizer has not allocated (momentum set later)
                 needed = [name for name in active if name not in bucket.states]
+                saved = {name for i in bucket.indices for name in state.states.get(i, {})}
+                dropped = []
+                if not spec.torch_step:
+                    # a state no param of the bucket has saved (SGD's momentum buffer set on but not yet
+                    # updated): made by the next step, which updates it as at its first step, as torch does
+                    dropped = [name for name in bucket.states if name in spec.states and name not in saved]
+                    needed = [name for name in needed if name in saved]
                 new_slots = {}
                 if needed:
                     fresh = self._new_states(bucket.params, hp)
@@ -946,7 +961,7 @@ class Optimizer:
                         if target is not None:
                             arrays[name] = a
                     sources.append(arrays)
-                group_plans.append((bucket, new_slots, sources))
+                group_plans.append((bucket, new_slots, sources, dropped))
             buckets.append(group_plans)
         pairs = []
         if params is not None:
@@ -989,7 +1004,9 @@ class Optimizer:
             self._last_lr[gi] = lr
             fills = self.spec.state_init(dict(hp, lr=lr))  # a fill may read lr (Rprop): the value, not a schedule
             fills["kahan_comp"] = 0.0  # a compensation not saved (a state dict without kahan=True) starts at zero
-            for bucket, new_slots, sources in plan.buckets[gi]:
+            for bucket, new_slots, sources, dropped in plan.buckets[gi]:
+                for name in dropped:
+                    del bucket.states[name]
                 bucket.states.update(new_slots)
                 for name, targets in bucket.states.items():
                     for j, arrays in enumerate(sources):

@@ -34,6 +34,14 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
+def group_error(error: Exception, gi: int, groups: int) -> Exception:
+    """A ValueError / TypeError of one param group's values, naming the group when there are several
+    ("param group 1: Invalid learning rate: nan"); with one group torch's message as it is."""
+    if groups > 1 and type(error) in (ValueError, TypeError) and not str(error).startswith("param group"):
+        return type(error)(f"param group {gi}: {error}")
+    return error
+
+
 def shown(value, limit=40) -> str:
     """A value for an error message, as repr shows it (np.int64(1), dtype('float32'): the type is part of what
     is wrong), cut short (10**400 has 401 digits)."""

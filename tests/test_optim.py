@@ -2,6 +2,7 @@
 API (bit for bit) and the NumPy reference; constructor and step errors leave every array unchanged."""
 from __future__ import annotations
 
+import copy
 import inspect
 
 import numpy as np
@@ -365,6 +366,49 @@ def test_sgd_momentum_set_on_mid_run_starts_its_buffer_at_the_gradient_as_torch(
     np.testing.assert_allclose(ours.state_arrays(0)["momentum_buffer"], theirs.state[tp]["momentum_buffer"].numpy(),
                                rtol=1e-13)
 
+@pytest.mark.parametrize("how", ["state_dict", "checkpoint", "torch_state_dict", "deepcopy"])
+@pytest.mark.parametrize("skipped", [False, True])
+def test_sgd_momentum_set_on_then_saved_before_its_first_update_resumes_as_torch(how, skipped, rng, tmp_path):
+    """Between the edit that sets momentum on (and a step skipped there) and the buffer's first update, a saved
+    and restored optimizer must still start the buffer at the gradient: no buffer is kept before that update
+    (torch has none either), a state dict without it loads, and a loaded buffer is never taken for a new one."""
+    torch = pytest.importorskip("torch")
+    p = rng.standard_normal(6)
+    grads = [rng.standard_normal(6) for _ in range(4)]
+    tp = torch.tensor(p, requires_grad=True)
+    theirs = torch.optim.SGD([tp], lr=0.1)
+    for k, g in enumerate(grads):
+        if k == 1:
+            theirs.param_groups[0].update(momentum=0.9, dampening=0.5)
+        tp.grad = torch.tensor(g)
+        theirs.step()
+    ours = fastopt.SGD([p.copy()], lr=0.1, skip_nonfinite=True)
+    for k, g in enumerate(grads):
+        if k == 1:
+            ours.param_groups[0].update(momentum=0.9, dampening=0.5)
+            if skipped:
+                assert ours.step([np.full(6, np.nan)]) is False
+            assert "momentum_buffer" not in ours.state_arrays(0)
+            if how == "deepcopy":
+                ours = copy.deepcopy(ours)
+            else:
+                fresh = fastopt.SGD([ours.params[0].copy()], lr=0.1, skip_nonfinite=True)
+                if how == "checkpoint":
+                    fastopt.save(tmp_path / "sgd.npz", ours)
+                    fastopt.load(tmp_path / "sgd.npz", fresh)
+                else:
+                    fresh.load_state_dict(getattr(ours, how)())
+                ours = fresh
+        ours.step([g])
+        if k == 2:  # a loaded buffer (mid-run) is a buffer to update, not a new one
+            other = fastopt.SGD([ours.params[0].copy()], lr=0.1, momentum=0.9, dampening=0.5, skip_nonfinite=True)
+            assert other.step([np.full(6, np.nan)]) is False
+            other.load_state_dict(ours.state_dict())
+            ours = other
+    np.testing.assert_allclose(ours.params[0], tp.detach().numpy(), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(ours.state_arrays(0)["momentum_buffer"], theirs.state[tp]["momentum_buffer"].numpy(),
+                               rtol=1e-13)
+
 def test_an_array_swapped_into_a_group_is_the_param_before_the_next_step(rng, tmp_path):
     """Only step() used to read a swapped array: eval()/train() moved the replaced array (the model then
     evaluated at y), fastopt.save wrote its values and fastopt.load wrote into it, opt.params returned it."""
@@ -401,6 +445,15 @@ def test_an_array_swapped_into_a_group_is_the_param_before_the_next_step(rng, tm
     assert not (tmp_path / "b.npz").exists()
     a.param_groups[0]["params"][0] = swapped
     assert a.params[0] is swapped
+    # add_param_group sees the arrays in the groups now: the replaced array is free, the swapped one taken
+    replaced = a.param_groups[0]["params"][1]
+    again = np.zeros(5)
+    a.param_groups[0]["params"][1] = again
+    with pytest.raises(ValueError, match="appears in more than one place"):
+        a.add_param_group({"params": [again]})
+    a.add_param_group({"params": [replaced]})
+    assert a.params[1] is again and a.params[2] is replaced
+    a.step([np.ones(3), np.ones(5), np.ones(5)])
 
 
 def test_a_bad_value_in_one_of_several_groups_names_the_group(rng):
@@ -415,6 +468,15 @@ def test_a_bad_value_in_one_of_several_groups_names_the_group(rng):
         with pytest.raises(error, match=f"^param group 1: {words}"):
             opt.step(grads)
         opt.param_groups[1][key] = good
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    front = ft.Adam([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+    front.param_groups[1]["lr"] = float("nan")
+    for q in params:
+        q.grad = torch.ones_like(q)
+    with pytest.raises(ValueError, match="^param group 1: Invalid learning rate: nan"):  # the same in fastopt.torch
+        front.step()
     single = fastopt.Adam([rng.standard_normal(3)], lr=0.1)
     single.param_groups[0]["lr"] = -1.0
     with pytest.raises(ValueError, match=r"^Invalid learning rate: -1.0$"):  # one group: torch's message as it is
