@@ -935,7 +935,7 @@ class Optimizer:
                 needed = [name for name in active if name not in bucket.states]
                 saved = {name for i in bucket.indices for name in state.states.get(i, {})}
                 dropped = []
-                if not spec.torch_step:
+                if not spec.torch_step and self._capture is None:  # (a captured graph keeps its arrays)
                     # a state no param of the bucket has saved (SGD's momentum buffer set on but not yet
                     # updated): made by the next step, which updates it as at its first step, as torch does
                     dropped = [name for name in bucket.states if name in spec.states and name not in saved]
