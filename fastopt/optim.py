@@ -24,8 +24,8 @@ with per-group hyperparameters (torch semantics: missing keys take the construct
 of a group's "params" swapped for another of the same shape and dtype (it keeps the param's state; the
 number of params of a group is fixed: add_param_group adds params). SGD's momentum set on in a group starts
 its buffer at the gradient of the first update, as torch does (the buffer is made then; a step skipped by
-skip_nonfinite on the host makes none); on GPU arrays a step skipped on the device, or after a CUDA-graph
-capture of the optimizer, leaves a zero buffer that the next step updates with dampening.
+skip_nonfinite on the host makes none); on GPU arrays a step skipped on the device, and a capturable=True
+optimizer once it has stepped, leave a zero buffer that the next step updates with dampening.
 
 Validation cost. Every step checks everything before the first write, but on the CPU the params and states
 are checked in full only once (and again when a group's arrays or state slots change): each step compares
