@@ -84,7 +84,7 @@ from fastopt.clip import check_bound, clip_coefficient
 from fastopt.functional import device_param_dtype, init_state, rounding_options, with_kahan
 from fastopt.precision import QuantizedState, StochasticRounding, quant_blocks, quantize_blockwise
 from fastopt.schedules import is_schedule
-from fastopt.specs import PARAM, REGISTRY, REQUIRED, OptimizerSpec, group_error
+from fastopt.specs import PARAM, REGISTRY, REQUIRED, OptimizerSpec, naming_group
 from fastopt.statedict import OptimizerState, check_array
 from fastopt.train_eval import Modes
 
@@ -441,7 +441,7 @@ class Optimizer:
             lr = group["lr"]
         except KeyError as e:
             raise ValueError(f"param group {gi} has no {e.args[0]!r}") from None
-        try:
+        with naming_group(gi, len(self.param_groups)):
             if _is_callable_lr(lr):
                 lr = lr(self._group_steps[gi])
             cached = self._hp_cache[gi]
@@ -453,11 +453,6 @@ class Optimizer:
             hp = self._resolve_hp(group, self._group_steps[gi])
             hp["lr"] = lr
             hp, _ = spec.validate(hp, self._group_steps[gi] + 1)
-        except (ValueError, TypeError) as e:
-            named = group_error(e, gi, len(self.param_groups))
-            if named is e:
-                raise
-            raise named from None
         return hp, (key, hp)
 
     def _commit_hp(self, gi, changed):
@@ -935,11 +930,11 @@ class Optimizer:
                 needed = [name for name in active if name not in bucket.states]
                 saved = {name for i in bucket.indices for name in state.states.get(i, {})}
                 dropped = []
-                if not spec.torch_step and self._capture is None:  # (a captured graph keeps its arrays)
+                if self._capture is None:  # (a captured graph keeps its arrays)
                     # a state no param of the bucket has saved (SGD's momentum buffer set on but not yet
-                    # updated): made by the next step, which updates it as at its first step, as torch does
-                    dropped = [name for name in bucket.states if name in spec.states and name not in saved]
-                    needed = [name for name in needed if name in saved]
+                    # updated) is made by the next step: dropped if allocated, not allocated if needed
+                    dropped = spec.unmade_states([n for n in bucket.states if n in spec.states], saved)
+                    needed = [name for name in needed if name not in spec.unmade_states(needed, saved)]
                 new_slots = {}
                 if needed:
                     fresh = self._new_states(bucket.params, hp)

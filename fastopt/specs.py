@@ -34,12 +34,22 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
-def group_error(error: Exception, gi: int, groups: int) -> Exception:
-    """A ValueError / TypeError of one param group's values, naming the group when there are several
-    ("param group 1: Invalid learning rate: nan"); with one group torch's message as it is."""
-    if groups > 1 and type(error) in (ValueError, TypeError) and not str(error).startswith("param group"):
-        return type(error)(f"param group {gi}: {error}")
-    return error
+class naming_group:
+    """``with naming_group(gi, groups):`` a ValueError / TypeError of one param group's values raised inside
+    names the group when there are several ("param group 1: Invalid learning rate: nan"); with one group
+    torch's message goes out as it is. Other exceptions pass untouched."""
+
+    def __init__(self, gi: int, groups: int):
+        self.gi, self.groups = gi, groups
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if (self.groups > 1 and kind in (ValueError, TypeError)
+                and not str(error).startswith("param group")):
+            raise kind(f"param group {self.gi}: {error}") from None
+        return False
 
 
 def shown(value, limit=40) -> str:
@@ -369,6 +379,16 @@ class OptimizerSpec:
     def active_states(self, hp: Mapping) -> tuple[bool, ...]:
         """For each state slot: does this configuration read and write it?"""
         return tuple(True if pred is None else bool(pred(hp)) for pred in self._state_predicates)
+
+    def unmade_states(self, names, saved) -> list:
+        """The states among names that no param saved and that the next step makes, as torch makes them:
+        SGD's momentum buffer switched on between steps starts at the gradient of the step that first updates
+        it, so a state dict saved in between lacks it for a whole group (checked by statedict) and a load
+        drops a buffer the optimizer had allocated (optim). Optimizers with torch's step count make all
+        their state at the first step: none."""
+        if self.torch_step:
+            return []
+        return [name for name in names if name not in saved]
 
     def bytes_per_element(self, hp: Mapping, itemsize: int = 4) -> int:
         """Bytes an update must move per parameter: each array read once, each written array written

@@ -329,9 +329,10 @@ def _check_state(opt, state, new_hps):
         hp = new_hps[gi]
         active = [name for name, used in zip(known, opt.spec.active_states(hp)) if used]
         group_step = None
-        # the states some param of the group has saved (SGD may have none of a buffer not made yet: all or none)
+        # states no param of the group has saved that the next step makes (SGD's buffer): all or none
         in_group = {k for i in range(index, index + len(live["params"])) if isinstance(state.get(i), Mapping)
                     for k in state[i]}
+        unmade = opt.spec.unmade_states(active, in_group)
         for i in range(index, index + len(live["params"])):
             entry = state.get(i, {})
             if not isinstance(entry, Mapping):
@@ -348,8 +349,8 @@ def _check_state(opt, state, new_hps):
             if unknown:
                 fail(f"state of param {i} has {', '.join(unknown)}, which {opt.spec.class_name} does not keep "
                       f"(it keeps {', '.join(known)})")
-            if step > 0:  # (SGD: a buffer no param has yet is made by the next step, as torch makes it)
-                missing = [k for k in active if k not in entry and (opt.spec.torch_step or k in in_group)]
+            if step > 0:
+                missing = [k for k in active if k not in entry and k not in unmade]
                 if missing:
                     fail(f"state of param {i} is missing {', '.join(missing)} (needed with these "
                           f"hyperparameters)")

@@ -34,6 +34,7 @@ import numpy as np
 
 from fastopt.backends import cuda_source, numpy_backend
 from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_on_device, check_skip_flag,
+                                             check_sums_out,
                                              checked_grads, device_index, first_nonempty, from_interface,
                                              prepare_device, prepare_fixed_device, producer_stream, rounding_of,
                                              validate_device_arrays)
@@ -751,6 +752,8 @@ def sumsq_per_tensor(grads, out=None):
     cp = _cupy()
     lists, device, stream = _grads_call(grads, False)
     dtype = lists[0][0].dtype
+    if out is not None:
+        check_sums_out(_describe(out, "out"), len(lists[0]), device, _device_of)
     with _on(device, stream):
         table = _memo_table(grads, "grads table", lists, device, stream)
         if out is None:

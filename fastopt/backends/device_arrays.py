@@ -180,6 +180,16 @@ def check_on_device(a: DeviceArray, name: str, device, backend_device) -> None:
                          f"runs on one GPU")
 
 
+def check_sums_out(a: DeviceArray, n: int, device, backend_device) -> None:
+    """`out` of a device sumsq_per_tensor: n float64 contiguous writable values on the grads' device (the
+    optimizer passes a slice of its buffer; anything else would be written out of bounds or cast)."""
+    if a.dtype != F64 or a.shape != (n,) or not a.c_contiguous or not a.writeable:
+        raise ValueError(f"out must be a writable contiguous float64 device array of shape ({n},), got "
+                         f"{a.dtype}{list(a.shape)}" + ("" if a.c_contiguous else ", not contiguous")
+                         + ("" if a.writeable else ", read-only"))
+    check_on_device(a, "out", device, backend_device)
+
+
 FLAG_DTYPES = (np.dtype(np.bool_), np.dtype(np.uint8))
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from fastopt.backends.cuda_source import BF16, ROUND_KAHAN, ROUND_NEAREST, ROUND_STOCHASTIC
 from fastopt.backends import numpy_backend
 from fastopt.backends.device_arrays import (F16, F32, F64, DeviceArray, StreamMemo, check_on_device, check_skip_flag,
+                                             check_sums_out,
                                              checked_grads, device_index, first_nonempty, from_interface,
                                              prepare_device, prepare_fixed_device, producer_stream, rounding_of,
                                              validate_device_arrays)
@@ -667,6 +668,8 @@ def sumsq_per_tensor(grads, out=None):
     cuda = _cuda()
     lists, device = _grads_call(grads, False)
     arrays = lists[0]
+    if out is not None:
+        check_sums_out(_describe(out, "out"), len(arrays), device, _device_of)
     block = launch_config()[0]
     with _on(device):
         stream = _stream(first_nonempty(arrays), device)

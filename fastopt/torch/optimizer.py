@@ -38,7 +38,7 @@ from fastopt.backends.dispatch import backend_for
 from fastopt.clip import clip_coefficient
 from fastopt.functional import rounding_options, with_kahan
 from fastopt.precision import INT8_REFUSED, QuantizedState, StochasticRounding, quant_blocks, signed_state
-from fastopt.specs import PARAM, OptimizerSpec, group_error, saved_count, shown
+from fastopt.specs import PARAM, OptimizerSpec, naming_group, saved_count, shown
 import fastopt.torch.arguments as arguments
 from fastopt.torch.plan import Bucket, Plan
 from fastopt.torch.steady import Steady
@@ -424,13 +424,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         new_state, counted, items = [], [], []
         number = -1
         for gi, group in enumerate(self.param_groups):
-            try:
+            with naming_group(gi, len(self.param_groups)):
                 hp = arguments.registry_hp(spec, group)
-            except (ValueError, TypeError) as e:
-                named = group_error(e, gi, len(self.param_groups))
-                if named is e:
-                    raise
-                raise named from None
             used = tuple(name for name, on in zip(spec.states, spec.active_states(hp)) if on)
             if self.kahan:
                 used += (KAHAN,)

@@ -367,6 +367,17 @@ def clip_checks(dtype):
     d = [cuda.to_device(g) for g in grads]
     sq = nb.sumsq_per_tensor(d)
     np.testing.assert_allclose(host(sq), [reference.sumsq(g) for g in grads], rtol=1e-12)
+    out = cuda.to_device(np.zeros(len(grads) + 2))
+    np.testing.assert_allclose(host(nb.sumsq_per_tensor(d, out=out[1:1 + len(grads)]))[:], host(sq), rtol=1e-12)
+    for bad in (out, cuda.to_device(np.zeros(len(grads), np.float32))):  # the wrong length / dtype: refused
+        before = host(bad).copy()
+        try:
+            nb.sumsq_per_tensor(d, out=bad)
+        except ValueError as e:
+            assert "out" in str(e), e
+        else:
+            raise AssertionError("a wrong out= was accepted")
+        assert np.array_equal(host(bad), before)
     norm = nb.global_norm(sq)
     assert np.shape(host(norm)) == (), np.shape(host(norm))
     np.testing.assert_allclose(host(norm), reference.global_norm(grads), rtol=1e-12)

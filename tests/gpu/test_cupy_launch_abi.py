@@ -784,6 +784,20 @@ def test_no_launch_for_empty_arrays(fake):
     assert fake.launches == [] and out.filled == 0
 
 
+@pytest.mark.parametrize("shape, dtype, device", [((3,), np.float64, 0), ((2, 1), np.float64, 0),
+                                                   ((2,), np.float32, 0), ((2,), np.float64, 1)])
+def test_sumsq_out_is_checked(fake, shape, dtype, device):
+    """out= of sumsq_per_tensor (the optimizer's buffer slice) of another length, dtype or device is refused
+    before any launch: the kernel writes n float64 values to out's address."""
+    grads = [fake.alloc(s, np.float32, 0) for s in [(3,), (5,)]]
+    out = fake.alloc(shape, dtype, device)
+    with pytest.raises(ValueError, match="out"):
+        cupy_backend.sumsq_per_tensor(grads, out=out)
+    assert fake.launches == []
+    cupy_backend.sumsq_per_tensor(grads, out=fake.alloc(2, np.float64, 0))
+    assert fake.launches
+
+
 def run_int8_updates(fake, spec, dtype, device):
     """cupy_backend.step with 8-bit states (QuantizedState: uint8 codes, float32 absmax) over every option set,
     step, single array / list and grad_scale form: the family's _q8 kernel of the int8 module (after the norms
