@@ -67,7 +67,11 @@ def _run(averages, params, hp, backend):
 def ema_update(averages: Arrays, params: Arrays, decay: float, *, backend: str | None = None) -> None:
     """averages <- decay * averages + (1 - decay) * params, in place (torch's lerp(averages, params,
     1 - decay), as torch.optim.swa_utils.get_ema_multi_avg_fn). decay in [0, 1]. One fused pass: reads
-    averages and params, writes averages. TypeError / ValueError naming the argument, before any write."""
+    averages and params, writes averages. TypeError / ValueError naming the argument, before any write.
+
+    The averages start as a copy of the params: torch's AveragedModel copies them at its first
+    update_parameters and averages from the second on; here the first call already averages, so copy first
+    (`averages = [p.copy() for p in params]`, or `swa_update(averages, params, 0)`)."""
     weight = 1.0 - _decay(decay)
     _run(averages, params, {"mode": AVERAGE_EMA, "weight": weight, "divisor": 1.0}, backend)
 

@@ -1219,6 +1219,7 @@ def _make_class(spec: OptimizerSpec):
             "    replays every step with its own bias corrections and schedule (fastopt/capture.py)."]
     if spec.torch_class:
         doc.append(f"Matches torch.optim.{spec.torch_class}.")
+    doc += ["", "Update rule (per element):", ""] + ["    " + line for line in spec.rule.strip("\n").splitlines()]
     # spec.train_eval (schedule-free): train()/eval() and a step() that refuses eval mode (fastopt/train_eval.py)
     bases = (TrainEval, Optimizer) if spec.train_eval else (Optimizer,)
     cls = type(spec.class_name, bases, {"spec": spec, "__init__": init, "__doc__": "\n".join(doc),

@@ -134,12 +134,13 @@ class Hyper:
             if t is np.bool_:
                 return bool(value)
             raise TypeError(f"{self.name} must be a bool, got {shown(value)} ({t.__name__})")
+        given = value
         if t is not float:
             value = as_float(self.name, value, self.label)
         # every float hyperparameter must be finite (inf or nan would corrupt every parameter), but a bound
         if not (math.isfinite(value) or (self.inf_ok and value == math.inf)) or (
                 self.check is not None and not self.check(value)):
-            raise ValueError(f"Invalid {self.label or self.name}: {value}")
+            raise ValueError(f"Invalid {self.label or self.name}: {given}")  # as given, as torch echoes it
         return value
 
 
@@ -180,6 +181,9 @@ def eps(default):
 
 def weight_decay(default=0.0, doc="L2 penalty added to the gradient (>= 0)"):
     return Hyper("weight_decay", default, doc, check=_nonneg, label="weight_decay value")
+
+
+_COUPLED_OR_DECOUPLED = "L2 penalty added to the gradient, or decoupled weight decay when decoupled_weight_decay (>= 0)"
 
 
 def flag(name, default, doc):
@@ -655,6 +659,13 @@ def _adam_spec(name, class_name, summary, wd_default, decoupled):
 REGISTRY: dict[str, OptimizerSpec] = {}
 
 
+def class_taking(spec: OptimizerSpec, key: str) -> str | None:
+    """The class of spec's kernel where `key`, one of spec.torch_group_flags, is a hyperparameter (AdamW's
+    decoupled_weight_decay: Adam), for the message refusing another value of the fixed flag."""
+    return next((o.class_name for o in REGISTRY.values() if o.kernel == spec.kernel and o.torch_class
+                 and key in o.defaults), None)
+
+
 def _register(spec: OptimizerSpec) -> OptimizerSpec:
     REGISTRY[spec.name] = spec
     return spec
@@ -743,7 +754,7 @@ m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g^2
 denom = sqrt(v / (1 - beta2^t)) + eps
 p = p - lr * (1 - mu_t) / (1 - P_t) * g / denom - lr * mu_{t+1} / (1 - P_{t+1}) * m / denom
 """,
-    hypers=(lr(2e-3), beta1(), beta2(), eps(1e-8), weight_decay(),
+    hypers=(lr(2e-3), beta1(), beta2(), eps(1e-8), weight_decay(0.0, _COUPLED_OR_DECOUPLED),
             Hyper("momentum_decay", 4e-3, "momentum schedule decay (>= 0)", check=_nonneg,
                   label="momentum_decay value"),
             flag("decoupled_weight_decay", False, "AdamW-style weight decay"), MAXIMIZE),
@@ -768,7 +779,7 @@ if rho_t > 5: r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf
               p = p - lr * m / (1 - beta1^t) * sqrt(1 - beta2^t) / (sqrt(v) + eps) * r_t
 else:         p = p - lr * m / (1 - beta1^t)
 """,
-    hypers=(lr(1e-3), beta1(), beta2(), eps(1e-8), weight_decay(),
+    hypers=(lr(1e-3), beta1(), beta2(), eps(1e-8), weight_decay(0.0, _COUPLED_OR_DECOUPLED),
             flag("decoupled_weight_decay", False, "AdamW-style weight decay"), MAXIMIZE),
     states=("exp_avg", "exp_avg_sq"),
     scalar_names=("grad_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2", "decay",
@@ -787,7 +798,7 @@ m = beta1 * m + (1 - beta1) * g
 s = beta2 * s + (1 - beta2) * (g - m)^2 + eps
 p = p - lr / (1 - beta1^t) * m / (sqrt(s) / sqrt(1 - beta2^t) + eps)
 """,
-    hypers=(lr(1e-3), beta1(), beta2(), eps(1e-16), weight_decay(),
+    hypers=(lr(1e-3), beta1(), beta2(), eps(1e-16), weight_decay(0.0, _COUPLED_OR_DECOUPLED),
             flag("decoupled_weight_decay", True, "AdamW-style weight decay"), MAXIMIZE),
     states=("exp_avg", "exp_avg_var"),
     scalar_names=_ADAM_SCALARS,
@@ -804,7 +815,8 @@ u = (m / bc1) / (sqrt(v / bc2) + eps) + weight_decay * p     (bc = 1 - beta^t; 1
 trust = ||p|| / ||u|| per tensor (1 when either is 0)
 p = p - lr * trust * u
 """,
-    hypers=(lr(1e-3), beta1(), beta2(), eps(1e-6), weight_decay(),
+    hypers=(lr(1e-3), beta1(), beta2(), eps(1e-6),
+            weight_decay(0.0, "weight decay added to the update before the trust ratio: u + weight_decay * p (>= 0)"),
             flag("bias_correction", True, "bias-correct the moments"), MAXIMIZE),
     states=("exp_avg", "exp_avg_sq"),
     scalar_names=("grad_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight_decay",
@@ -900,7 +912,8 @@ g = 0 where s < 0
 p = p - sign(g) * step_size
 prev = g
 """,
-    hypers=(lr(1e-2),
+    hypers=(Hyper("lr", 1e-2, "initial step size (>= 0): fills step_size when the state is made (init_state, a "
+                  "class's first step); a step reads step_size, not lr", check=_nonneg, label="learning rate"),
             Hyper("etaminus", 0.5, "step-size factor after a sign change, in (0, 1) (torch's etas[0])",
                   label="etaminus value"),
             Hyper("etaplus", 1.2, "step-size factor while the sign holds, > 1 (torch's etas[1])",
@@ -1189,7 +1202,8 @@ SCHEDULE_FREE_SGD = _register(OptimizerSpec(
             "interpolation and averaging, no learning-rate schedule, in place.",
     rule=_SF_RULE.format(adaptive="", beta="momentum"),
     hypers=_sf_hypers(1.0, (Hyper("momentum", 0.9, "momentum (interpolation) factor, in (0, 1)",
-                                  check=_open_unit, label="momentum value"), weight_decay())),
+                                  check=_open_unit, label="momentum value"),
+                            weight_decay(0.0, "L2 penalty at y added to the gradient (>= 0)"))),
     states=("z",),
     state_fill={"z": lambda hp: PARAM},
     scalar_names=("grad_scale", "weight_decay", "ckp1", "y_coef", "lr"),
@@ -1207,7 +1221,8 @@ SCHEDULE_FREE_ADAMW = _register(OptimizerSpec(
         beta="beta1"),
     hypers=_sf_hypers(0.0025, (Hyper("beta1", 0.9, "interpolation factor (the momentum), in (0, 1)",
                                      check=_open_unit, label="beta1 value"),
-                               beta2(), eps(1e-8), weight_decay())),
+                               beta2(), eps(1e-8),
+                               weight_decay(0.0, "L2 penalty at y added to the normalised gradient (>= 0)"))),
     states=("z", "exp_avg_sq"),
     state_fill={"z": lambda hp: PARAM},
     scalar_names=("grad_scale", "beta2", "one_minus_beta2", "bias_correction2", "eps", "weight_decay", "ckp1",
@@ -1277,7 +1292,8 @@ p = p - lr * g
 (pytorch_optimizer.LARS exactly, which has no eps: eps=0 is it; optax.lars differs, see
 tests/test_new_optimizers.py)
 """,
-    hypers=(lr(1e-3), _momentum_range("momentum"), _momentum_range("dampening"), weight_decay(),
+    hypers=(lr(1e-3), _momentum_range("momentum"), _momentum_range("dampening"),
+            weight_decay(0.0, "L2 penalty added to the gradient, inside the trust ratio (>= 0)"),
             Hyper("trust_coefficient", 1e-3, "eta, the trust coefficient (>= 0)", check=_nonneg,
                   label="trust_coefficient value"),
             eps(0.0), flag("nesterov", False, "use Nesterov momentum"),

@@ -25,7 +25,7 @@ import numpy as np
 from fastopt.arrays import to_host
 from fastopt.precision import QuantizedState, signed_state
 from fastopt.schedules import is_schedule
-from fastopt.specs import REGISTRY, shown
+from fastopt.specs import REGISTRY, class_taking, shown
 
 __all__ = ["OptimizerState", "CheckpointError", "state_dict", "load_state_dict", "plan_load", "apply_load",
            "to_torch_state_dict", "from_torch_state_dict", "check_array"]
@@ -633,8 +633,7 @@ def from_torch_state_dict(opt, sd: dict, step=None) -> None:
             elif k in spec.torch_group_flags:
                 if _plain(v) != spec.torch_group_flags[k]:
                     # the classes of the same kernel where this key is a hyperparameter take any value
-                    other = next((o.class_name for o in REGISTRY.values() if o.kernel == spec.kernel
-                                  and o.torch_class and k in o.defaults), None)
+                    other = class_taking(spec, k)
                     fail(f"param group {gi}: torch {k}={shown(v)} does not fit fastopt.{spec.class_name}, where it "
                           f"is always {spec.torch_group_flags[k]}"
                           + (f"; load it into fastopt.{other}" if other else ""))

@@ -229,3 +229,5 @@ def test_docstrings_and_signatures_come_from_the_registry():
             assert sig.parameters[h.name].kind is inspect.Parameter.KEYWORD_ONLY
         assert spec.rule.splitlines()[0].strip() in fn.__doc__
         assert f"{spec.function_name}(" in spec.signature_text()
+        # the NumPy class shows the rule too (it said only "Stateful form of ...")
+        assert all(line.strip() in getattr(fastopt, spec.class_name).__doc__ for line in spec.rule.splitlines())

@@ -279,8 +279,8 @@ def test_yogi_matches_pytorch_optimizer(options, dtype, rng):
 
 
 # ---- LARS against pytorch_optimizer (a test extra): the NumPy reference, which the kernels must equal ----
-# LARS is not in the registry yet (fastopt/specs.py: the two-phase loops cannot run it; the needs are in
-# /tmp/prompts/h14-needs.md): what is pinned here is the reference semantics. Documented differences:
+# Here the reference semantics are pinned (the kernels' equality with the reference is in tests/test_lars.py).
+# Documented differences:
 # pytorch_optimizer has no eps (eps=0 is it) and always excludes ndim <= 1 (exclude_1d=True is it; with
 # exclude_1d=False a 1-D param is adapted, which the oracle does for the same values shaped (n, 1)); it adds
 # weight_decay * p even when weight_decay is 0 (0 * inf is NaN there, nothing here). optax.lars (not installed

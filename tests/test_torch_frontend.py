@@ -117,8 +117,45 @@ def test_signature_and_defaults_are_torchs(spec):
     assert [n for n, p in ours.items() if p.kind == p.POSITIONAL_OR_KEYWORD] == positional
     for extra in ("clip_grad_norm", "skip_nonfinite"):
         assert ours[extra].kind == inspect.Parameter.KEYWORD_ONLY
+    # nothing else: a group key torch fixes for the class (AdamW's decoupled_weight_decay) is not an argument
+    own = set(arguments.EXTRAS) | set(arguments.IGNORED_FLAGS) | set(arguments.REJECTED_FLAGS)
+    assert [n for n in ours if n not in theirs and n != "self" and n not in own] == []
     p = torch.zeros(3, requires_grad=True)
     assert klass([p]).defaults == tklass([p]).defaults
+
+
+@pytest.mark.parametrize("spec", [s for s in TORCH_SPECS if "betas" in s.torch_groups], ids=lambda s: s.name)
+def test_list_betas_are_stored_as_torchs_constructor_stores_them(spec):
+    """torch.optim.Adam/AdamW store betas given as a list as a tuple (a 1-element tensor squeezed to 0-d);
+    NAdam, RAdam, Adamax keep the list: param_groups and state dicts are torch's either way."""
+    klass, tklass = getattr(ft, spec.class_name), getattr(torch.optim, spec.torch_class)
+    p = torch.zeros(3, requires_grad=True)
+    ours = klass([p], betas=[torch.tensor([0.8]), torch.tensor([0.9])]).param_groups[0]["betas"]
+    theirs = tklass([p], betas=[torch.tensor([0.8]), torch.tensor([0.9])]).param_groups[0]["betas"]
+    assert type(ours) is type(theirs)
+    assert [type(v) for v in ours] == [type(v) for v in theirs]
+    assert [getattr(v, "shape", None) for v in ours] == [getattr(v, "shape", None) for v in theirs]
+
+
+def test_adamw_refuses_the_flag_torch_fixes_for_it():
+    """torch.optim.AdamW has no decoupled_weight_decay argument (TypeError) and an edit of the group key makes it
+    Adam with L2 decay; fastopt.torch.AdamW took the argument, stored it and ran decoupled decay regardless.
+    Now: TypeError as torch, and the edited key a ValueError naming it at the step, nothing written."""
+    p = torch.ones(3, requires_grad=True)
+    with pytest.raises(TypeError, match="decoupled_weight_decay"):
+        torch.optim.AdamW([p], decoupled_weight_decay=False)
+    with pytest.raises(TypeError, match="decoupled_weight_decay"):
+        ft.AdamW([p], decoupled_weight_decay=False)
+    opt = ft.AdamW([p], lr=0.1, weight_decay=0.5)
+    assert opt.param_groups[0]["decoupled_weight_decay"] is True
+    p.grad = torch.ones(3)
+    opt.param_groups[0]["decoupled_weight_decay"] = False
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False .*fastopt.torch.Adam"):
+        opt.step()
+    assert torch.equal(p, torch.ones(3)) and not opt.state[p]
+    opt.param_groups[0]["decoupled_weight_decay"] = True
+    opt.step()
+    assert not torch.equal(p, torch.ones(3))
 
 
 @pytest.mark.parametrize("spec", TORCH_SPECS, ids=lambda s: s.name)
@@ -174,7 +211,9 @@ def test_positional_arguments_mean_what_they_mean_in_torch(spec):
 
 BAD_VALUES = [("lr", -0.1), ("eps", -1.0), ("weight_decay", -0.5), ("momentum", -0.9), ("alpha", -0.1),
               ("lr_decay", -1.0), ("initial_accumulator_value", -1.0), ("momentum_decay", -0.1),
-              ("betas", (1.0, 0.999)), ("betas", (0.9, -0.1)), ("etas", (1.5, 1.2)), ("etas", (0.5, 0.9))]
+              ("betas", (1.0, 0.999)), ("betas", (0.9, -0.1)), ("etas", (1.5, 1.2)), ("etas", (0.5, 0.9)),
+              # ints, echoed as given ("-1", not "-1.0")
+              ("lr", -1), ("weight_decay", -2), ("eps", -1), ("betas", (1, 0.999))]
 
 
 @pytest.mark.parametrize("spec", TORCH_SPECS, ids=lambda s: s.name)

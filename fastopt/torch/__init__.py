@@ -54,7 +54,9 @@ def make_class(spec: OptimizerSpec) -> type:
         params = values.pop("params")
         options = {name: values.pop(name) for name in extras}
         arguments.check_flags(values)  # capturable/differentiable=True: refused, even where torch lacks them
-        defaults = {key: values[key] for key in group_keys}
+        defaults = {key: values[key] if key in values else spec.torch_group_flags[key] for key in group_keys}
+        for key in arguments.constructor_tuples(spec):
+            defaults[key] = arguments.as_constructor_tuple(defaults[key])
         TorchOptimizer.__init__(self, params, defaults, **options)
 
     P = inspect.Parameter

@@ -12,7 +12,7 @@ import numbers
 
 import torch
 
-from fastopt.specs import REQUIRED, OptimizerSpec, saved_count, shown
+from fastopt.specs import REQUIRED, OptimizerSpec, class_taking, saved_count, shown
 
 # torch flags the fastopt kernels have no use for (accepted, stored, ignored) or cannot honour (rejected)
 IGNORED_FLAGS = {"foreach": None, "fused": None}
@@ -74,10 +74,35 @@ def signature(spec: OptimizerSpec) -> inspect.Signature:
         value = defaults[name]
         params.append(P(name, P.POSITIONAL_OR_KEYWORD, default=P.empty if value is REQUIRED else value))
     for name, value in defaults.items():
-        if name not in positional:
+        if name not in positional and name not in spec.torch_group_flags:  # (fixed: not torch's argument)
             params.append(P(name, P.KEYWORD_ONLY, default=P.empty if value is REQUIRED else value))
     params += [P(name, P.KEYWORD_ONLY, default=value) for name, value in EXTRAS.items()]
     return inspect.Signature(params)
+
+
+_TUPLE_KEYS: dict = {}
+
+
+def constructor_tuples(spec: OptimizerSpec) -> tuple[str, ...]:
+    """The tuple keys (betas, etas, ...) that the constructor stores as tuples when given lists: those torch's
+    own constructor converts (Adam's betas; NAdam keeps a list), read from an instance of torch's class; all of
+    them where torch has no such class, as the NumPy classes do."""
+    known = _TUPLE_KEYS.get(spec.name)
+    if known is None:
+        klass = torch_class(spec)
+        defaults = group_defaults(spec)
+        known = tuple(key for key in spec.torch_groups if klass is None or isinstance(
+            klass([torch.zeros(1, requires_grad=True)], **{key: list(defaults[key])}).defaults[key], tuple))
+        _TUPLE_KEYS[spec.name] = known
+    return known
+
+
+def as_constructor_tuple(value):
+    """A tuple key's value as torch's constructor stores it (Adam: tuple(map(_to_scalar, betas)), a
+    1-element tensor squeezed to 0-d); anything but a list or tuple is left for registry_hp's TypeError."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    return tuple(v.squeeze() if isinstance(v, torch.Tensor) and v.dim() != 0 else v for v in value)
 
 
 def _plain(name, value):
@@ -102,6 +127,11 @@ def registry_hp(spec: OptimizerSpec, group: dict, step: int = 1) -> dict:
     """The group's hyperparameters in registry terms, checked (Python floats and bools); ValueError /
     TypeError with torch's message and nothing changed otherwise."""
     check_flags(group)
+    for key, fixed in spec.torch_group_flags.items():
+        if key in group and _plain(key, group[key]) != fixed:
+            other = class_taking(spec, key)
+            raise ValueError(f"{key}={shown(group[key])} does not fit fastopt.torch.{spec.class_name}, where it "
+                             f"is always {fixed}" + (f"; use fastopt.torch.{other}" if other else ""))
     tuple_of = _tuple_of(spec)
     raw = {}
     for h in spec.hypers:
