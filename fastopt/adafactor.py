@@ -84,6 +84,7 @@ import numpy as np
 
 from fastopt.arrays import array_device, as_numpy, check_disjoint, no_self_overlap
 from fastopt.blas import one_blas_thread
+from fastopt.grad_guard import GuardedSteps, scaled
 from fastopt.optim import as_param_groups
 from fastopt.precision import is_16bit, is_bfloat16, store_rounded
 from fastopt.specs import COMPOSITE, as_float, saved_count, shown
@@ -590,12 +591,12 @@ _NO_CONTEXT = _NoContext()
 _HP_KEYS = ("lr", "beta2_decay", "eps", "d", "weight_decay", "maximize")
 
 
-class Adafactor:
+class Adafactor(GuardedSteps):
     """Adafactor as torch.optim.Adafactor, over NumPy (or CuPy) arrays; the update rule and the cost model
     are in this module's docstring (fastopt.adafactor).
 
     Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *,
-              maximize=False)
+              maximize=False, clip_grad_norm=None, skip_nonfinite=False)
 
     params: a list of arrays (one group) or of dicts {"params": [...], <hyperparameter>: value} (missing
     keys take the constructor's values). float32, float64, float16 or bfloat16 (ml_dtypes) arrays, writable,
@@ -605,7 +606,9 @@ class Adafactor:
 
     step(grads): grads is a list with one array (same kind, dtype and shape) or None per param, in the
     order of the groups' params; None skips the param (its step count does not advance, like a param
-    whose .grad is None in torch). Everything is checked before anything is written.
+    whose .grad is None in torch). Everything is checked before anything is written. clip_grad_norm= (global-
+    norm clipping of the step's gradients, clip_grad_norm_ semantics) and skip_nonfinite= (a NaN/Inf gradient
+    skips the step, counted in skipped_steps): fastopt/grad_guard.py.
 
     state: flat param index -> {"step": int, "row_var", "col_var"} (ndim >= 2) or {"step": int, "variance"}
     (ndim < 2), made at a param's first step; state_dict() / load_state_dict() in torch.optim's layout
@@ -615,7 +618,8 @@ class Adafactor:
     """
 
     def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *,
-                 maximize=False):
+                 maximize=False, clip_grad_norm=None, skip_nonfinite=False):
+        self._init_guard(clip_grad_norm, skip_nonfinite)
         self.defaults = check_hyperparameters(dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
                                                    weight_decay=weight_decay, maximize=maximize))
         self.defaults["eps"] = eps if isinstance(eps, tuple) else tuple(eps)
@@ -713,8 +717,13 @@ class Adafactor:
     def step(self, grads) -> None:
         """One Adafactor step of every param whose grad is not None (see the class docstring)."""
         plan = self._plan(grads)
+        coef = self.guard([entry[2] for entry in plan])
+        if coef is None:
+            return
         with one_blas_thread_on_host(plan[0][1] if plan else None):
             for i, p, g, state, hp, eps1 in plan:
+                if coef != 1.0:
+                    g = scaled(g, coef)
                 if state is None:
                     state = self.state[i] = new_state(p)
                 t = state["step"] + 1

@@ -63,6 +63,7 @@ import numpy as np
 
 from fastopt.arrays import array_device, as_numpy, check_disjoint, no_self_overlap, to_host
 from fastopt.blas import one_blas_thread, steady_blas_count
+from fastopt.grad_guard import GuardedSteps, scaled
 from fastopt.optim import as_param_groups
 from fastopt.precision import is_bfloat16
 from fastopt.specs import COMPOSITE, as_float, shown
@@ -443,11 +444,12 @@ def _check_param(p, what):
                          f"in-place update would write an element twice")
 
 
-class Muon:
+class Muon(GuardedSteps):
     """torch.optim.Muon for NumPy / CuPy 2-D arrays (see the module docstring for the rule, precision, cost).
 
     Muon(params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
-         ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None)
+         ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None, *,
+         clip_grad_norm=None, skip_nonfinite=False)
 
     params: a list of 2-D float32/float64/float16/bfloat16 arrays (all NumPy or all CuPy) or of param-group dicts
     {"params": [...], "lr": ...} (missing keys take the constructor's values). Attributes: param_groups (list
@@ -456,11 +458,15 @@ class Muon:
     step(grads): grads in the order of opt.params, None for a param without a gradient (skipped, as torch
     skips p.grad None). state_dict() / load_state_dict(): torch.optim's layout, NumPy arrays in place of
     tensors; a torch.optim.Muon state dict (tensors) loads too. Every check of a call runs before its first
-    write: a bad call raises and leaves params, buffers and groups as they were.
+    write: a bad call raises and leaves params, buffers and groups as they were. clip_grad_norm= (global-norm
+    clipping of the step's gradients, clip_grad_norm_ semantics) and skip_nonfinite= (a NaN/Inf gradient
+    skips the step, counted in skipped_steps): fastopt/grad_guard.py.
     """
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
-                 ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None):
+                 ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None, *,
+                 clip_grad_norm=None, skip_nonfinite=False):
+        self._init_guard(clip_grad_norm, skip_nonfinite)
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
                     "ns_coefficients": ns_coefficients, "eps": eps, "ns_steps": ns_steps,
                     "adjust_lr_fn": adjust_lr_fn}
@@ -583,7 +589,12 @@ class Muon:
         Checks everything first (hyperparameters of every group, each grad's kind, shape, dtype, overlap);
         a bad call raises before anything is written."""
         plan = self._plan(grads)
+        coef = self.guard([g for _, g, _, _ in plan])
+        if coef is None:
+            return
         for p, g, i, hp in plan:
+            if coef != 1.0:
+                g = scaled(g, coef)
             st = self.state.setdefault(i, {})
             if "momentum_buffer" not in st:
                 st["momentum_buffer"] = _xp(p).zeros(p.shape, p.dtype)

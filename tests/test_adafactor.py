@@ -356,8 +356,11 @@ def test_spec_and_exports():
     assert issubclass(ftorch.Adafactor, torch.optim.Optimizer)
     import inspect
     ours, theirs = (inspect.signature(c.__init__).parameters for c in (ftorch.Adafactor, torch.optim.Adafactor))
+    # torch's, then fastopt's two keyword-only extras (tests/test_composite_guard.py)
     assert [(q.name, q.kind, q.default) for q in ours.values()] == \
-        [(q.name, q.kind, q.default) for q in theirs.values()]
+        [(q.name, q.kind, q.default) for q in theirs.values()] + [
+            ("clip_grad_norm", inspect.Parameter.KEYWORD_ONLY, None),
+            ("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, False)]
     p = torch.ones(3, requires_grad=True)
     topt = ftorch.Adafactor([p])
     calls = []

@@ -280,7 +280,7 @@ LAYERS = [
     ("kernels", ("fastopt.kernels",)),
     ("backends", ("fastopt.backends",)),
     ("API", ("fastopt.functional", "fastopt.clip", "fastopt.flat", "fastopt.averaging", "fastopt.statedict",
-             "fastopt.lbfgs")),
+             "fastopt.lbfgs", "fastopt.grad_guard")),
     ("classes", ("fastopt.optim", "fastopt.train_eval", "fastopt.adafactor", "fastopt.muon", "fastopt.sparse_adam")),
     ("checkpoints", ("fastopt.checkpoint",)),
     ("front ends", ("fastopt.torch", "fastopt.distributed")),

@@ -30,7 +30,8 @@ import torch
 from fastopt import adafactor as core
 from fastopt.arrays import check_disjoint
 from fastopt.torch.arrays import array_view
-from fastopt.torch.composite import CPU, CompositeOptimizer
+from fastopt.grad_guard import scaled
+from fastopt.torch.composite import CPU, GuardedComposite
 
 _NAME = "fastopt.torch.Adafactor"  # for messages
 
@@ -73,12 +74,14 @@ def _checked(group) -> dict:
     return hp
 
 
-class Adafactor(CompositeOptimizer):
+class Adafactor(GuardedComposite):
     __doc__ = __doc__
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-2, beta2_decay: float = -0.8,
                  eps: tuple[float | None, float] = (None, 1e-3), d: float = 1.0, weight_decay: float = 0.0, *,
-                 foreach: bool | None = None, maximize: bool = False) -> None:
+                 foreach: bool | None = None, maximize: bool = False, clip_grad_norm: float | None = None,
+                 skip_nonfinite: bool = False) -> None:
+        self._init_guard(clip_grad_norm, skip_nonfinite)
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         core.check_hyperparameters(_host_hyperparameters(dict(
@@ -173,6 +176,12 @@ class Adafactor(CompositeOptimizer):
 
     def _plan_device(self, plan) -> torch.device:
         return plan[0][0].device if plan else CPU
+
+    def _plan_grads(self, plan) -> list:
+        return [ga for _, _, ga, _, _, _ in plan]
+
+    def _scaled_plan(self, plan, coef: float):
+        return [(p, pa, scaled(ga, coef), arrays, hp, eps1) for p, pa, ga, arrays, hp, eps1 in plan]
 
     def _apply(self, plan) -> list:
         """One Adafactor step of the planned params (torch.optim.Adafactor's rule; see fastopt.adafactor)."""

@@ -10,16 +10,21 @@ returned; then, with autograd off, _plan() checks everything (a bad step raises 
 _apply(plan) runs on torch's current stream of the plan's device (CuPy work ordered with torch's kernels;
 nothing for the CPU), and the autograd version counter of every tensor written is bumped once, as torch's
 in-place ops do. LBFGS is not one of them: its step requires the closure and evaluates it many times.
+
+GuardedComposite adds fastopt's clip_grad_norm= and skip_nonfinite= (fastopt/grad_guard.py) to such a class
+(Muon, Adafactor), which says where its plan's gradients are (_plan_grads) and how to run with scaled ones
+(_scaled_plan): a step to skip writes nothing and bumps no version.
 """
 from __future__ import annotations
 
 import torch
 
+from fastopt.grad_guard import GuardedSteps
 from fastopt.torch.arguments import check_saved_state
 from fastopt.torch.arrays import on_torch_stream
 from fastopt.torch.views import bump_versions
 
-__all__ = ["CompositeOptimizer", "CPU"]
+__all__ = ["CompositeOptimizer", "GuardedComposite", "CPU", "scaled_grad"]
 
 CPU = torch.device("cpu")
 
@@ -35,6 +40,10 @@ class CompositeOptimizer(torch.optim.Optimizer):
 
     def _apply(self, plan) -> list:
         raise NotImplementedError(f"{type(self).__name__} must define _apply(plan)")
+
+    def _guarded(self, plan):
+        """The plan to apply, or None to skip the step (GuardedComposite); as it is here."""
+        return plan
 
     def load_state_dict(self, state_dict) -> None:
         """torch.optim's, after every param's entry is checked (a dict of tensors and a count): torch swaps
@@ -52,6 +61,50 @@ class CompositeOptimizer(torch.optim.Optimizer):
                 loss = closure()
         plan = self._plan()
         with on_torch_stream(self._plan_device(plan)):
+            plan = self._guarded(plan)
+            if plan is None:
+                return loss
             written = self._apply(plan)
         bump_versions(written)
         return loss
+
+
+def scaled_grad(g: torch.Tensor, coef: float) -> torch.Tensor:
+    """g * coef as a new tensor, by grad_guard.scaled's rule: a 16-bit grad's float32 product rounded to its
+    dtype, else the product in g's dtype (coef rounded to it)."""
+    if g.dtype in (torch.float16, torch.bfloat16):
+        return (g.float() * coef).to(g.dtype)
+    return g * torch.tensor(coef, dtype=g.dtype, device=g.device)
+
+
+class GuardedComposite(GuardedSteps, CompositeOptimizer):
+    """A CompositeOptimizer with clip_grad_norm= and skip_nonfinite=; the options and skipped_steps travel
+    with pickling and deepcopy (torch's load_state_dict keeps the optimizer's own)."""
+
+    def _plan_grads(self, plan) -> list:
+        raise NotImplementedError(f"{type(self).__name__} must define _plan_grads(plan)")
+
+    def _scaled_plan(self, plan, coef: float):
+        raise NotImplementedError(f"{type(self).__name__} must define _scaled_plan(plan, coef)")
+
+    def _guarded(self, plan):
+        coef = self.guard(self._plan_grads(plan))
+        if coef is None:
+            return None
+        return plan if coef == 1.0 else self._scaled_plan(plan, coef)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["fastopt"] = {"clip_grad_norm": self.clip_grad_norm, "skip_nonfinite": self.skip_nonfinite,
+                            "skipped_steps": self.skipped_steps}
+        return state
+
+    def __setstate__(self, state):
+        extras = state.pop("fastopt", None)
+        if extras is None:  # torch's load_state_dict: the optimizer keeps its own
+            extras = {"clip_grad_norm": self.__dict__.get("_clip_grad_norm"),
+                      "skip_nonfinite": self.__dict__.get("_skip_nonfinite", False),
+                      "skipped_steps": self.__dict__.get("skipped_steps", 0)}
+        super().__setstate__(state)
+        self._init_guard(extras["clip_grad_norm"], extras["skip_nonfinite"])
+        self.skipped_steps = extras["skipped_steps"]

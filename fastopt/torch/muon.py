@@ -30,7 +30,7 @@ import torch
 from fastopt import muon as core
 from fastopt.arrays import check_disjoint
 from fastopt.torch.arrays import array_view
-from fastopt.torch.composite import CPU, CompositeOptimizer
+from fastopt.torch.composite import CPU, GuardedComposite, scaled_grad
 
 _NAME = "fastopt.torch.Muon"  # for messages
 
@@ -41,13 +41,15 @@ _DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
            "cuda": (torch.float32, torch.float64, torch.float16)}
 
 
-class Muon(CompositeOptimizer):
+class Muon(GuardedComposite):
     __doc__ = __doc__
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, weight_decay: float = 0.1,
                  momentum: float = 0.95, nesterov: bool = True,
                  ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315), eps: float = 1e-7,
-                 ns_steps: int = 5, adjust_lr_fn: str | None = None) -> None:
+                 ns_steps: int = 5, adjust_lr_fn: str | None = None, *, clip_grad_norm: float | None = None,
+                 skip_nonfinite: bool = False) -> None:
+        self._init_guard(clip_grad_norm, skip_nonfinite)
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
                     "ns_coefficients": ns_coefficients, "eps": eps, "ns_steps": ns_steps,
                     "adjust_lr_fn": adjust_lr_fn}
@@ -111,6 +113,12 @@ class Muon(CompositeOptimizer):
 
     def _plan_device(self, plan) -> torch.device:
         return plan[0][0].device if plan else CPU
+
+    def _plan_grads(self, plan) -> list:
+        return [array_view(g, _NAME) for _, g, _, _ in plan]
+
+    def _scaled_plan(self, plan, coef: float):
+        return [(p, scaled_grad(g, coef), hp, buf) for p, g, hp, buf in plan]
 
     def _apply(self, plan) -> list:
         """One Muon update of every planned param (see the class docstring); returns the tensors written."""

@@ -1392,14 +1392,16 @@ def _train_eval_cases(spec, backend):
 # ---------------------------------------------------------------------------------------------------
 
 COMPOSITES = ("Muon", "Adafactor")
+# each also with fastopt's clipping and skipping (fastopt/grad_guard.py), whose norm reads every grad first
+GUARDS = (("", {}), ("+guard", {"clip_grad_norm": 1.0, "skip_nonfinite": True}))
 
 
-def _composite_arrs(cls_name, rng):
+def _composite_arrs(cls_name, rng, opts=None):
     """The four params of the registry classes' cases (two groups, float32 and float64 buckets, the float32
     ones views of one buffer) after one good step, and good grads for the next."""
     buf32, buf64, params = class_params(rng)
     cls = getattr(fastopt, cls_name)
-    opt = cls([{"params": params[:2]}, {"params": params[2:], "lr": 0.01}], lr=0.02)
+    opt = cls([{"params": params[:2]}, {"params": params[2:], "lr": 0.01}], lr=0.02, **(opts or {}))
     opt.step(good_grads(rng, params))
     return {"opt": opt, "params": params, "grads": good_grads(rng, params), "buf32": buf32, "buf64": buf64}
 
@@ -1420,31 +1422,33 @@ def table_composite_step(backend):
     elsewhere)."""
     cases = []
     partner = {0: 2, 3: 1}
-    for cls_name in COMPOSITES:
-        text = (f"o = fastopt.{cls_name}([{{'params': [a, b]}}, {{'params': [c, d], 'lr': 0.01}}], lr=0.02); "
+    for cls_name, (suffix, opts) in [(c, g) for c in COMPOSITES for g in GUARDS]:
+        extra = "".join(f", {k}={v!r}" for k, v in opts.items())
+        text = (f"o = fastopt.{cls_name}([{{'params': [a, b]}}, {{'params': [c, d], 'lr': 0.01}}], lr=0.02{extra}); "
                 "o.step(grads)")
+        label = cls_name + suffix
         for idx in (0, 3):
             for d in ELEMENT_DIMS:
-                def build(rng, plain, d=d, idx=idx, cls_name=cls_name):
-                    arrs = _composite_arrs(cls_name, rng)
+                def build(rng, plain, d=d, idx=idx, cls_name=cls_name, opts=opts):
+                    arrs = _composite_arrs(cls_name, rng, opts)
                     arrs["grads"][idx] = d.make(arrs["grads"][idx], rng)
                     return arrs
-                cases.append(Case(f"{cls_name}/grads[{idx}]/{d.name}", f"{text} with grads[{idx}] = {d.expr}", build,
+                cases.append(Case(f"{label}/grads[{idx}]/{d.name}", f"{text} with grads[{idx}] = {d.expr}", build,
                                   [step_call], expect="any", names=("grads", "param")))
             for name, other in (("is_its_param", idx), ("is_other_groups_param", partner[idx])):
-                def build(rng, plain, idx=idx, other=other, cls_name=cls_name):
-                    arrs = _composite_arrs(cls_name, rng)
+                def build(rng, plain, idx=idx, other=other, cls_name=cls_name, opts=opts):
+                    arrs = _composite_arrs(cls_name, rng, opts)
                     arrs["grads"][idx] = arrs["params"][other]
                     return arrs
-                cases.append(Case(f"{cls_name}/grads[{idx}]/{name}", f"{text} with grads[{idx}] = params[{other}]",
+                cases.append(Case(f"{label}/grads[{idx}]/{name}", f"{text} with grads[{idx}] = params[{other}]",
                                   build, [step_call], names=("grads", "param", "share")))
         for name, expr, fn, expect in _list_dims("grads") + [
                 ("grads_none", "None", lambda arrs: arrs.__setitem__("grads", None), "error")]:
-            def build(rng, plain, fn=fn, cls_name=cls_name):
-                arrs = _composite_arrs(cls_name, rng)
+            def build(rng, plain, fn=fn, cls_name=cls_name, opts=opts):
+                arrs = _composite_arrs(cls_name, rng, opts)
                 fn(arrs)
                 return arrs
-            cases.append(Case(f"{cls_name}/grads/{name}", f"{text} with grads = {expr}", build, [step_call],
+            cases.append(Case(f"{label}/grads/{name}", f"{text} with grads = {expr}", build, [step_call],
                               expect="any" if expect != "error" else "error", names=("grads", "param")))
     text = "o = fastopt.SparseAdam([{'params': [a, b]}, {'params': [c, d], 'lr': 0.01}], lr=0.02); o.step(grads)"
     for idx in (0, 3):

@@ -1,0 +1,108 @@
+"""clip_grad_norm= and skip_nonfinite= for the composite optimizers (Muon, Adafactor, SparseAdam; the NumPy
+classes and fastopt.torch's), whose updates are not registry kernels that take a grad_scale.
+
+One function per concept:
+    check_options(clip_grad_norm, skip_nonfinite)  the options, checked once (the registry classes' messages)
+    coefficient(grads, clip_grad_norm, skip_nonfinite)
+        None: skip this step (skip_nonfinite and a NaN/Inf in the gradients); else the factor of the
+        gradients: torch.nn.utils.clip_grad_norm_'s min(1, max_norm / (norm + 1e-6)) over the global L2 norm
+        (float64 sums, every dtype and layout; NaN for a NaN norm, which then propagates as in torch), or 1.0
+    scaled(g, coef)  g * coef as a new array (16-bit grads: float32 product rounded to nearest even, as torch's
+        clip_grad_norm_ rounds the grads it scales); the caller's gradients are never written
+
+A factor of 1 (no clipping needed) uses the gradients as they are. The registry classes fuse the factor into
+their kernels; here it costs one more read and write of the scaled gradients. The norm is read on the host
+(for CuPy arrays a synchronisation, as the registry classes' host path). LBFGS takes neither option: its step
+evaluates the closure many times and its line search needs the loss's own gradient.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fastopt.backends.host_clip import clip_coefficient
+from fastopt.clip import check_bound, global_norm
+from fastopt.precision import is_16bit
+from fastopt.specs import shown
+
+
+def check_options(clip_grad_norm, skip_nonfinite) -> tuple[float | None, bool]:
+    """(clip_grad_norm as a float > 0 or None, skip_nonfinite as a bool); ValueError / TypeError naming them."""
+    if clip_grad_norm is not None:
+        clip_grad_norm = check_bound("clip_grad_norm", clip_grad_norm)
+        if clip_grad_norm == 0:
+            raise ValueError(f"Invalid clip_grad_norm: {clip_grad_norm} (a finite number > 0, or None)")
+    if not isinstance(skip_nonfinite, (bool, np.bool_)):
+        raise TypeError(f"skip_nonfinite must be a bool, got {shown(skip_nonfinite)}")
+    return clip_grad_norm, bool(skip_nonfinite)
+
+
+def _xp(a):
+    return np if isinstance(a, np.ndarray) else __import__(type(a).__module__.split(".")[0])
+
+
+def sum_of_squares(arrays) -> float:
+    """Sum of the squares of every element of every array (NumPy or CuPy, any float dtype and layout), in
+    float64, in a fixed order: the arrays grouped by dtype, each group one fused reduction."""
+    groups: dict = {}
+    for a in arrays:
+        if a.size:
+            contiguous = a if a.flags.c_contiguous else _xp(a).ascontiguousarray(a)
+            groups.setdefault((_xp(a).__name__, a.dtype.str, a.dtype.name), []).append(contiguous.reshape(-1))
+    total = 0.0
+    for key in sorted(groups):
+        total += float(global_norm(groups[key])) ** 2
+    return total
+
+
+def coefficient(grads, clip_grad_norm, skip_nonfinite) -> float | None:
+    """None to skip the step, else the factor for the gradients (see the module docstring)."""
+    if clip_grad_norm is None and not skip_nonfinite:
+        return 1.0
+    total = math.sqrt(sum_of_squares(grads))
+    if skip_nonfinite and not math.isfinite(total):
+        return None
+    return 1.0 if clip_grad_norm is None else float(clip_coefficient(total, clip_grad_norm))
+
+
+def scaled(g, coef: float):
+    """g * coef, a new array of g's dtype (math in float32 for 16-bit grads, else in g's dtype)."""
+    if is_16bit(g.dtype):
+        return (g.astype(np.float32) * np.float32(coef)).astype(g.dtype)
+    return g * g.dtype.type(coef)
+
+
+class GuardedSteps:
+    """The two options as attributes of an optimizer, checked when assigned, and its skipped_steps count;
+    guard(grads) at each step: the factor, or None (counted) for a step to skip."""
+
+    skipped_steps = 0
+
+    def _init_guard(self, clip_grad_norm, skip_nonfinite) -> None:
+        self._clip_grad_norm, self._skip_nonfinite = check_options(clip_grad_norm, skip_nonfinite)
+        self.skipped_steps = 0
+
+    @property
+    def clip_grad_norm(self) -> float | None:
+        """Max global L2 norm of a step's gradients (clip_grad_norm_ semantics), or None."""
+        return self._clip_grad_norm
+
+    @clip_grad_norm.setter
+    def clip_grad_norm(self, value) -> None:
+        self._clip_grad_norm = check_options(value, False)[0]
+
+    @property
+    def skip_nonfinite(self) -> bool:
+        """Skip a step whose gradients hold a NaN/Inf (nothing written; counted in skipped_steps)."""
+        return self._skip_nonfinite
+
+    @skip_nonfinite.setter
+    def skip_nonfinite(self, value) -> None:
+        self._skip_nonfinite = check_options(None, value)[1]
+
+    def guard(self, grads) -> float | None:
+        coef = coefficient(grads, self._clip_grad_norm, self._skip_nonfinite)
+        if coef is None:
+            self.skipped_steps += 1
+        return coef

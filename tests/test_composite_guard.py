@@ -1,0 +1,169 @@
+"""clip_grad_norm= and skip_nonfinite= of the composite optimizers Muon and Adafactor (fastopt/grad_guard.py),
+NumPy classes and fastopt.torch: against torch.optim with torch.nn.utils.clip_grad_norm_ before each step, the
+two front ends against each other bit for bit, skipped steps writing nothing, and the options' checks."""
+import copy
+import pickle
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import grad_guard
+
+torch = pytest.importorskip("torch")
+import fastopt.torch as ft  # noqa: E402
+
+NAMES = ["Muon", "Adafactor"]
+SHAPES = {"Muon": [(7, 5), (1, 3), (4, 9)], "Adafactor": [(7, 5), (3,), (1, 1), (4, 3, 2)]}
+TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
+                np.dtype(ml_dtypes.bfloat16): torch.bfloat16}
+
+
+def _tensors(arrays):
+    return [torch.tensor(a.astype(np.float64)).to(TORCH_DTYPES[a.dtype]).requires_grad_() for a in arrays]
+
+
+def _grads(rng, shapes, dtype, scale):
+    return [(rng.standard_normal(s) * scale).astype(dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", NAMES)
+def test_clipping_equals_torch_with_clip_grad_norm_(name, dtype):
+    """Each step: torch.nn.utils.clip_grad_norm_(params, max_norm), then torch.optim's step; the scale varies
+    so that some steps clip and some do not."""
+    rng = np.random.default_rng()
+    shapes = SHAPES[name]
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    theirs = _tensors(params)
+    ours = _tensors(params)
+    kw = dict(lr=0.02, weight_decay=0.01)
+    opt_np = getattr(fastopt, name)(params, clip_grad_norm=0.7, **kw)
+    opt_ft = getattr(ft, name)(ours, clip_grad_norm=0.7, **kw)
+    opt_t = getattr(torch.optim, name)(theirs, **kw)
+    for step in range(12):
+        grads = _grads(rng, shapes, dtype, 3.0 if step % 3 else 0.01)
+        kept = [g.copy() for g in grads]
+        opt_np.step(grads)
+        assert all(np.array_equal(g, k) for g, k in zip(grads, kept))  # the caller's grads are not written
+        for t, o, g in zip(theirs, ours, grads):
+            t.grad, o.grad = torch.from_numpy(g.copy()), torch.from_numpy(g.copy())
+        torch.nn.utils.clip_grad_norm_(theirs, 0.7)
+        opt_t.step()
+        opt_ft.step()
+        assert all(torch.equal(o.grad, torch.from_numpy(g)) for o, g in zip(ours, grads))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for a, t, o in zip(params, theirs, ours):
+        np.testing.assert_allclose(a, t.detach().numpy(), rtol=tol, atol=tol)
+        assert np.array_equal(a, o.detach().numpy())  # the two front ends: bit for bit
+    assert opt_np.skipped_steps == opt_ft.skipped_steps == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_front_ends_agree_bit_for_bit(name):
+    rng = np.random.default_rng()
+    shapes = SHAPES[name]
+    params = [rng.standard_normal(s).astype(ml_dtypes.bfloat16) for s in shapes]
+    ours = _tensors(params)
+    opt_np = getattr(fastopt, name)(params, lr=0.01, clip_grad_norm=0.5, skip_nonfinite=True)
+    opt_ft = getattr(ft, name)(ours, lr=0.01, clip_grad_norm=0.5, skip_nonfinite=True)
+    for _ in range(6):
+        grads = _grads(rng, shapes, ml_dtypes.bfloat16, 2.0)
+        opt_np.step(grads)
+        for o, g in zip(ours, grads):
+            o.grad = torch.tensor(g.astype(np.float32)).to(torch.bfloat16)
+        opt_ft.step()
+    for a, o in zip(params, ours):
+        assert np.array_equal(a.astype(np.float32), o.detach().float().numpy())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_nonfinite_gradient_skips_the_step(name, bad):
+    """Nothing written (params, state), the count advances; the run then equals one that never saw the step.
+    Without skip_nonfinite the NaN reaches the params, as with torch's clip_grad_norm_."""
+    rng = np.random.default_rng()
+    shapes = SHAPES[name]
+    params = [rng.standard_normal(s) for s in shapes]
+    clean = [p.copy() for p in params]
+    opt = getattr(fastopt, name)(params, lr=0.01, clip_grad_norm=1.0, skip_nonfinite=True)
+    ref = getattr(fastopt, name)(clean, lr=0.01, clip_grad_norm=1.0)
+    for step in range(5):
+        grads = _grads(rng, shapes, np.float64, 2.0)
+        if step == 2:
+            before = [p.copy() for p in params]
+            state = copy.deepcopy(opt.state_dict())
+            poisoned = [g.copy() for g in grads]
+            poisoned[-1].flat[-1] = bad
+            opt.step(poisoned)
+            assert all(np.array_equal(p, b) for p, b in zip(params, before))
+            after = opt.state_dict()
+            assert after["state"].keys() == state["state"].keys()
+            for i in state["state"]:
+                for k, v in state["state"][i].items():
+                    assert np.array_equal(np.asarray(after["state"][i][k]), np.asarray(v)), (i, k)
+            assert opt.skipped_steps == 1
+        opt.step(grads)
+        ref.step(grads)
+    assert all(np.array_equal(p, c) for p, c in zip(params, clean))
+
+    tensors = _tensors([rng.standard_normal(s) for s in shapes])
+    topt = getattr(ft, name)(tensors, lr=0.01, skip_nonfinite=True)
+    versions = [t._version for t in tensors]
+    before = [t.detach().clone() for t in tensors]
+    for t in tensors:
+        t.grad = torch.ones_like(t)
+    tensors[0].grad.view(-1)[0] = bad
+    topt.step()
+    assert topt.skipped_steps == 1 and not topt.state
+    assert [t._version for t in tensors] == versions
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+
+    unguarded = [rng.standard_normal(s) for s in shapes]
+    getattr(fastopt, name)(unguarded, lr=0.01, clip_grad_norm=1.0).step(
+        [np.full(s, np.nan) for s in shapes])
+    assert all(np.isnan(p).all() for p in unguarded if p.size)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_options_are_checked_and_travel(name):
+    shapes = SHAPES[name]
+    for bad, error in [(0.0, ValueError), (-1.0, ValueError), (np.nan, ValueError), (np.inf, ValueError),
+                       ("1", TypeError), (True, TypeError)]:
+        with pytest.raises(error, match="clip_grad_norm"):
+            getattr(fastopt, name)([np.zeros(s) for s in shapes], clip_grad_norm=bad)
+        with pytest.raises(error, match="clip_grad_norm"):
+            getattr(ft, name)(_tensors([np.zeros(s) for s in shapes]), clip_grad_norm=bad)
+    for bad in (1, "yes", None):
+        with pytest.raises(TypeError, match="skip_nonfinite"):
+            getattr(fastopt, name)([np.zeros(s) for s in shapes], skip_nonfinite=bad)
+    opt = getattr(ft, name)(_tensors([np.zeros(s) for s in shapes]), clip_grad_norm=2, skip_nonfinite=True)
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        opt.clip_grad_norm = -3
+    assert opt.clip_grad_norm == 2.0
+    opt.skipped_steps = 4
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert (other.clip_grad_norm, other.skip_nonfinite, other.skipped_steps) == (2.0, True, 4)
+    opt.load_state_dict(getattr(ft, name)(_tensors([np.zeros(s) for s in shapes])).state_dict())
+    assert (opt.clip_grad_norm, opt.skip_nonfinite, opt.skipped_steps) == (2.0, True, 4)
+
+
+@pytest.mark.parametrize("cls", [fastopt.SparseAdam, fastopt.LBFGS, ft.SparseAdam, ft.LBFGS])
+def test_sparse_adam_and_lbfgs_do_not_take_them(cls):
+    """LBFGS: its step evaluates the closure many times and the line search needs the loss's own gradient.
+    SparseAdam: torch.nn.utils.clip_grad_norm_ has no sparse gradients to follow (NotImplementedError)."""
+    param = torch.zeros(3, 2, requires_grad=True) if cls.__module__.startswith("fastopt.torch") else np.zeros((3, 2))
+    with pytest.raises(TypeError, match="clip_grad_norm"):
+        cls([param], clip_grad_norm=1.0)
+
+
+def test_sum_of_squares_over_dtypes_and_layouts():
+    rng = np.random.default_rng()
+    arrays = [rng.standard_normal((5, 7)).astype(np.float32).T, rng.standard_normal(9),
+              rng.standard_normal((3, 4)).astype(ml_dtypes.bfloat16), np.zeros((0, 3), np.float32)]
+    expected = sum(float((a.astype(np.float64) ** 2).sum()) for a in arrays)
+    assert grad_guard.sum_of_squares(arrays) == pytest.approx(expected, rel=1e-12)
+    assert grad_guard.coefficient(arrays, None, False) == 1.0
+    assert grad_guard.coefficient(arrays, 1e9, False) == 1.0
+    assert grad_guard.coefficient(arrays, 0.5, False) == pytest.approx(0.5 / (np.sqrt(expected) + 1e-6))
