@@ -3,7 +3,7 @@ classes and fastopt.torch's), whose updates are not registry kernels that take a
 
 One function per concept:
     check_options(clip_grad_norm, skip_nonfinite)  the options, checked once (the registry classes' messages)
-    coefficient(grads, clip_grad_norm, skip_nonfinite)
+    coefficient(grads, clip_grad_norm, skip_nonfinite)  (factor(sum of squares, ...): the same from a sum)
         None: skip this step (skip_nonfinite and a NaN/Inf in the gradients); else the factor of the
         gradients: torch.nn.utils.clip_grad_norm_'s min(1, max_norm / (norm + 1e-6)) over the global L2 norm
         (float64 sums, every dtype and layout; NaN for a NaN norm, which then propagates as in torch), or 1.0
@@ -12,8 +12,10 @@ One function per concept:
 
 A factor of 1 (no clipping needed) uses the gradients as they are. The registry classes fuse the factor into
 their kernels; here it costs one more read and write of the scaled gradients. The norm is read on the host
-(for CuPy arrays a synchronisation, as the registry classes' host path). LBFGS takes neither option: its step
-evaluates the closure many times and its line search needs the loss's own gradient.
+(for CuPy arrays a synchronisation, as the registry classes' host path). SparseAdam's norm is the coalesced
+gradient's (repeated rows summed, the dense gradient's norm; torch's clip_grad_norm_ refuses sparse gradients)
+and its scaled copies are the values'. LBFGS takes neither option: its step evaluates the closure many times
+and its line search needs the loss's own gradient.
 """
 from __future__ import annotations
 
@@ -56,14 +58,19 @@ def sum_of_squares(arrays) -> float:
     return total
 
 
+def factor(sum_sq: float, clip_grad_norm, skip_nonfinite) -> float | None:
+    """None to skip the step, else the factor for the gradients whose sum of squares is sum_sq."""
+    total = math.sqrt(sum_sq)
+    if skip_nonfinite and not math.isfinite(total):
+        return None
+    return 1.0 if clip_grad_norm is None else float(clip_coefficient(total, clip_grad_norm))
+
+
 def coefficient(grads, clip_grad_norm, skip_nonfinite) -> float | None:
     """None to skip the step, else the factor for the gradients (see the module docstring)."""
     if clip_grad_norm is None and not skip_nonfinite:
         return 1.0
-    total = math.sqrt(sum_of_squares(grads))
-    if skip_nonfinite and not math.isfinite(total):
-        return None
-    return 1.0 if clip_grad_norm is None else float(clip_coefficient(total, clip_grad_norm))
+    return factor(sum_of_squares(grads), clip_grad_norm, skip_nonfinite)
 
 
 def scaled(g, coef: float):
@@ -102,7 +109,14 @@ class GuardedSteps:
         self._skip_nonfinite = check_options(None, value)[1]
 
     def guard(self, grads) -> float | None:
-        coef = coefficient(grads, self._clip_grad_norm, self._skip_nonfinite)
+        """The factor for this step's gradients (arrays), or None for a step to skip (counted)."""
+        return self.guard_sum(lambda: sum_of_squares(grads))
+
+    def guard_sum(self, sum_sq) -> float | None:
+        """guard() from sum_sq(), the gradients' sum of squares (called only when an option is set)."""
+        if self._clip_grad_norm is None and not self._skip_nonfinite:
+            return 1.0
+        coef = factor(sum_sq(), self._clip_grad_norm, self._skip_nonfinite)
         if coef is None:
             self.skipped_steps += 1
         return coef

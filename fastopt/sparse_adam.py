@@ -46,6 +46,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fastopt.arrays import array_device, as_numpy, check_disjoint, to_host, writable_view
+from fastopt.grad_guard import GuardedSteps, scaled, sum_of_squares
 from fastopt.optim import as_param_groups
 from fastopt.specs import COMPOSITE, as_step, shown
 
@@ -354,6 +355,26 @@ class PreparedStep:
         self.written = written  # (name, array) of the params and states run() writes
         self.read = read        # (name, values) of the gradients' values it reads
 
+    def sum_of_squares(self) -> float:
+        """The sum of squares of the call's gradients as the update sees them: coalesced, repeated rows summed
+        in the values' dtype in the order given (the dense gradient's; clip_grad_norm= / skip_nonfinite=)."""
+        total = 0.0
+        for _, _, _, plan, _ in self.work:
+            if plan.dup_row is None:
+                total += sum_of_squares([plan.vals])
+            else:
+                xp = _xp_of(plan.vals)
+                g = plan.vals[plan.src]  # a copy: the first occurrence of each row
+                xp.add.at(g, plan.dup_row, plan.vals[plan.dup_pos])
+                total += sum_of_squares([g])
+        return total
+
+    def scaled(self, coef: float) -> PreparedStep:
+        """The same call with every gradient value times coef (new arrays; the caller's are not written)."""
+        work = [(p, m, v, _Plan(pl.u, scaled(pl.vals, coef), pl.src, pl.dup_pos, pl.dup_row, pl.nrows, pl.width), t)
+                for p, m, v, pl, t in self.work]
+        return PreparedStep(work, self.hyper, self.written, self.read)
+
     def run(self) -> None:
         """Apply the update (in place). Once: running it twice applies it twice."""
         lr, beta1, beta2, eps, maximize = self.hyper
@@ -458,7 +479,7 @@ def _data_ptr(a) -> int:
 # the class
 # ---------------------------------------------------------------------------------------------------
 
-class SparseAdam:
+class SparseAdam(GuardedSteps):
     """torch.optim.SparseAdam over NumPy / CuPy arrays (the rule: see sparse_adam_step and the module
     docstring).
 
@@ -471,11 +492,13 @@ class SparseAdam:
     created on the param's first gradient, like torch's; each param counts its own steps (+1 on every step
     that gives it a gradient, an empty one included). state_dict() / load_state_dict(): torch.optim's layout,
     NumPy arrays in place of tensors (a torch.optim.SparseAdam state dict, tensors included, loads here).
-    zero_grad(): does nothing (this class keeps no gradients: they are step()'s argument).
+    zero_grad(): does nothing (this class keeps no gradients: they are step()'s argument). clip_grad_norm= and
+    skip_nonfinite= (keyword-only): fastopt/grad_guard.py, over the coalesced gradients.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 maximize: bool = False):
+                 maximize: bool = False, *, clip_grad_norm=None, skip_nonfinite=False):
+        self._init_guard(clip_grad_norm, skip_nonfinite)
         self.defaults = self._checked_group({"lr": lr, "betas": betas, "eps": eps, "maximize": maximize}, "")
         self.param_groups: list[dict] = []
         self.state: dict[int, dict] = {}
@@ -579,6 +602,11 @@ class SparseAdam:
                                       maximize=hp["maximize"], param_numbers=range(start, start + len(params))))
             start += len(params)
         check_calls_disjoint(calls)
+        coef = self.guard_sum(lambda: sum(call.sum_of_squares() for call in calls))
+        if coef is None:
+            return
+        if coef != 1.0:
+            calls = [call.scaled(coef) for call in calls]
         self.state.update(new_states)
         for call in calls:
             call.run()

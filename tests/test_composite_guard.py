@@ -1,4 +1,4 @@
-"""clip_grad_norm= and skip_nonfinite= of the composite optimizers Muon and Adafactor (fastopt/grad_guard.py),
+"""clip_grad_norm= and skip_nonfinite= of the composite optimizers Muon, Adafactor, SparseAdam (fastopt/grad_guard.py),
 NumPy classes and fastopt.torch: against torch.optim with torch.nn.utils.clip_grad_norm_ before each step, the
 two front ends against each other bit for bit, skipped steps writing nothing, and the options' checks."""
 import copy
@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 import fastopt.torch as ft  # noqa: E402
 
 NAMES = ["Muon", "Adafactor"]
-SHAPES = {"Muon": [(7, 5), (1, 3), (4, 9)], "Adafactor": [(7, 5), (3,), (1, 1), (4, 3, 2)]}
+SHAPES = {"Muon": [(7, 5), (1, 3), (4, 9)], "Adafactor": [(7, 5), (3,), (1, 1), (4, 3, 2)], "SparseAdam": [(7, 5), (3,)]}
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
                 np.dtype(ml_dtypes.bfloat16): torch.bfloat16}
 
@@ -126,7 +126,7 @@ def test_a_nonfinite_gradient_skips_the_step(name, bad):
     assert all(np.isnan(p).all() for p in unguarded if p.size)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + ["SparseAdam"])
 def test_options_are_checked_and_travel(name):
     shapes = SHAPES[name]
     for bad, error in [(0.0, ValueError), (-1.0, ValueError), (np.nan, ValueError), (np.inf, ValueError),
@@ -149,10 +149,60 @@ def test_options_are_checked_and_travel(name):
     assert (opt.clip_grad_norm, opt.skip_nonfinite, opt.skipped_steps) == (2.0, True, 4)
 
 
-@pytest.mark.parametrize("cls", [fastopt.SparseAdam, fastopt.LBFGS, ft.SparseAdam, ft.LBFGS])
-def test_sparse_adam_and_lbfgs_do_not_take_them(cls):
-    """LBFGS: its step evaluates the closure many times and the line search needs the loss's own gradient.
-    SparseAdam: torch.nn.utils.clip_grad_norm_ has no sparse gradients to follow (NotImplementedError)."""
+def _sparse_grads(rng, params, scale, nnz=5):
+    """(indices, values) per param, rows drawn with repeats (the NumPy class sums them as torch's coalesce)."""
+    out = []
+    for p in params:
+        idx = rng.integers(0, p.shape[0], nnz)
+        out.append((idx, (rng.standard_normal((nnz,) + p.shape[1:]) * scale).astype(p.dtype)))
+    return out
+
+
+def _sparse_tensor(idx, vals, shape):
+    return torch.sparse_coo_tensor(torch.from_numpy(np.asarray(idx))[None], torch.from_numpy(vals.copy()), shape)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparse_adam_clips_the_coalesced_gradient(dtype):
+    """torch's clip_grad_norm_ refuses sparse gradients: the reference here is the norm of the coalesced
+    gradient (the dense gradient's), its values scaled, then torch.optim.SparseAdam; the two front ends agree
+    (bit for bit in float64; torch coalesces the fastopt.torch grads, the NumPy class sums repeats itself, in
+    another order, so float32 agrees to rounding), and a NaN value skips the step."""
+    rng = np.random.default_rng()
+    params = [rng.standard_normal(s).astype(dtype) for s in [(9, 4), (6,), (3, 2, 2)]]
+    theirs, ours = _tensors(params), _tensors(params)
+    opt_np = fastopt.SparseAdam(params, lr=0.05, clip_grad_norm=0.6, skip_nonfinite=True)
+    opt_ft = ft.SparseAdam(ours, lr=0.05, clip_grad_norm=0.6, skip_nonfinite=True)
+    opt_t = torch.optim.SparseAdam(theirs, lr=0.05)
+    for step in range(10):
+        grads = _sparse_grads(rng, params, 3.0 if step % 2 else 0.01)
+        if step == 4:
+            grads[1][1].flat[0] = np.nan
+        kept = [(i.copy(), v.copy()) for i, v in grads]
+        opt_np.step(grads)
+        assert all(np.array_equal(v, k[1], equal_nan=True) for (_, v), k in zip(grads, kept))
+        for t, o, (i, v) in zip(theirs, ours, grads):
+            t.grad, o.grad = _sparse_tensor(i, v, t.shape), _sparse_tensor(i, v, t.shape)
+        opt_ft.step()
+        if step == 4:
+            continue
+        total = sum(float((t.grad.coalesce().values().double() ** 2).sum()) for t in theirs)
+        coef = min(1.0, 0.6 / (np.sqrt(total) + 1e-6))
+        for t in theirs:
+            t.grad = _sparse_tensor(t.grad.coalesce().indices()[0].numpy(),
+                                    (t.grad.coalesce().values() * torch.tensor(coef, dtype=t.dtype)).numpy(), t.shape)
+        opt_t.step()
+    assert opt_np.skipped_steps == opt_ft.skipped_steps == 1
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for a, t, o in zip(params, theirs, ours):
+        np.testing.assert_allclose(a, t.detach().numpy(), rtol=tol, atol=tol)
+        np.testing.assert_allclose(a, o.detach().numpy(), rtol=tol, atol=tol)
+    assert all(int(opt_ft.state[o]["step"]) == 9 for o in ours)
+
+
+@pytest.mark.parametrize("cls", [fastopt.LBFGS, ft.LBFGS])
+def test_lbfgs_does_not_take_them(cls):
+    """LBFGS: its step evaluates the closure many times and the line search needs the loss's own gradient."""
     param = torch.zeros(3, 2, requires_grad=True) if cls.__module__.startswith("fastopt.torch") else np.zeros((3, 2))
     with pytest.raises(TypeError, match="clip_grad_norm"):
         cls([param], clip_grad_norm=1.0)

@@ -623,8 +623,9 @@ def test_spec_signature_and_exports():
     spec = fastopt.specs.COMPOSITE["sparse_adam"]
     assert spec.class_name == spec.torch_class == "SparseAdam" and spec.module == "sparse_adam"
     torch_sig = inspect.signature(torch.optim.SparseAdam.__init__)
-    assert list(inspect.signature(fastopt.torch.SparseAdam.__init__).parameters) == list(torch_sig.parameters)
-    assert list(inspect.signature(fastopt.SparseAdam.__init__).parameters) == list(torch_sig.parameters)
+    extras = ["clip_grad_norm", "skip_nonfinite"]  # fastopt's, keyword-only (tests/test_composite_guard.py)
+    assert list(inspect.signature(fastopt.torch.SparseAdam.__init__).parameters) == list(torch_sig.parameters) + extras
+    assert list(inspect.signature(fastopt.SparseAdam.__init__).parameters) == list(torch_sig.parameters) + extras
     defaults = {k: p.default for k, p in torch_sig.parameters.items() if p.default is not p.empty}
     assert spec.defaults == {"lr": defaults["lr"], "beta1": defaults["betas"][0], "beta2": defaults["betas"][1],
                                "eps": defaults["eps"], "maximize": defaults["maximize"]}

@@ -12,14 +12,14 @@ nothing for the CPU), and the autograd version counter of every tensor written i
 in-place ops do. LBFGS is not one of them: its step requires the closure and evaluates it many times.
 
 GuardedComposite adds fastopt's clip_grad_norm= and skip_nonfinite= (fastopt/grad_guard.py) to such a class
-(Muon, Adafactor), which says where its plan's gradients are (_plan_grads) and how to run with scaled ones
-(_scaled_plan): a step to skip writes nothing and bumps no version.
+(Muon, Adafactor, SparseAdam), which says where its plan's gradients are (_plan_grads, or their sum of squares:
+_plan_sum_sq) and how to run with scaled ones (_scaled_plan): a step to skip writes nothing and bumps no version.
 """
 from __future__ import annotations
 
 import torch
 
-from fastopt.grad_guard import GuardedSteps
+from fastopt.grad_guard import GuardedSteps, sum_of_squares
 from fastopt.torch.arguments import check_saved_state
 from fastopt.torch.arrays import on_torch_stream
 from fastopt.torch.views import bump_versions
@@ -82,13 +82,17 @@ class GuardedComposite(GuardedSteps, CompositeOptimizer):
     with pickling and deepcopy (torch's load_state_dict keeps the optimizer's own)."""
 
     def _plan_grads(self, plan) -> list:
-        raise NotImplementedError(f"{type(self).__name__} must define _plan_grads(plan)")
+        raise NotImplementedError(f"{type(self).__name__} must define _plan_grads(plan) or _plan_sum_sq(plan)")
+
+    def _plan_sum_sq(self, plan) -> float:
+        """The sum of squares of the plan's gradients (float64)."""
+        return sum_of_squares(self._plan_grads(plan))
 
     def _scaled_plan(self, plan, coef: float):
         raise NotImplementedError(f"{type(self).__name__} must define _scaled_plan(plan, coef)")
 
     def _guarded(self, plan):
-        coef = self.guard(self._plan_grads(plan))
+        coef = self.guard_sum(lambda: self._plan_sum_sq(plan))
         if coef is None:
             return None
         return plan if coef == 1.0 else self._scaled_plan(plan, coef)

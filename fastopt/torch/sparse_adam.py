@@ -34,7 +34,7 @@ import torch
 from fastopt.arrays import check_disjoint, writable_view
 from fastopt.sparse_adam import check_calls_disjoint, prepare_step
 from fastopt.torch.arrays import on_torch_stream
-from fastopt.torch.composite import CPU, CompositeOptimizer
+from fastopt.torch.composite import CPU, GuardedComposite
 from fastopt.torch.views import kernel_view
 
 __all__ = ["SparseAdam"]
@@ -44,7 +44,7 @@ def _lr_value(lr) -> float:
     return float(lr.item()) if isinstance(lr, torch.Tensor) else lr
 
 
-class SparseAdam(CompositeOptimizer):
+class SparseAdam(GuardedComposite):
     """torch.optim.SparseAdam's rule (lazy Adam: only the rows present in the sparse gradient are updated),
     per param with its own step count t:
 
@@ -56,7 +56,9 @@ class SparseAdam(CompositeOptimizer):
     """
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, maximize: bool = False) -> None:
+                 eps: float = 1e-8, maximize: bool = False, *, clip_grad_norm: float | None = None,
+                 skip_nonfinite: bool = False) -> None:
+        self._init_guard(clip_grad_norm, skip_nonfinite)
         # torch's checks, order and messages (torch/optim/sparse_adam.py)
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -149,6 +151,13 @@ class SparseAdam(CompositeOptimizer):
 
     def _plan_device(self, plan) -> torch.device:
         return plan[-1]
+
+    def _plan_sum_sq(self, plan) -> float:
+        return sum(call.sum_of_squares() for call in plan[0])
+
+    def _scaled_plan(self, plan, coef: float):
+        calls, *rest = plan
+        return ([call.scaled(coef) for call in calls], *rest)
 
     def _apply(self, plan) -> list:
         """Phase 2 of a step: the writes; returns the tensors written."""

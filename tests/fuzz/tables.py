@@ -1406,9 +1406,9 @@ def _composite_arrs(cls_name, rng, opts=None):
     return {"opt": opt, "params": params, "grads": good_grads(rng, params), "buf32": buf32, "buf64": buf64}
 
 
-def _sparse_arrs(rng):
+def _sparse_arrs(rng, opts=None):
     buf32, buf64, params = class_params(rng)
-    opt = fastopt.SparseAdam([{"params": params[:2]}, {"params": params[2:], "lr": 0.01}], lr=0.02)
+    opt = fastopt.SparseAdam([{"params": params[:2]}, {"params": params[2:], "lr": 0.01}], lr=0.02, **(opts or {}))
     opt.step([(np.array([0, 1]), _rand(rng, (2,) + p.shape[1:], p.dtype)) for p in params])
     grads = [(np.array([1, 0, 1]), _rand(rng, (3,) + p.shape[1:], p.dtype)) for p in params]
     return {"opt": opt, "params": params, "grads": grads, "buf32": buf32, "buf64": buf64}
@@ -1450,18 +1450,23 @@ def table_composite_step(backend):
                 return arrs
             cases.append(Case(f"{label}/grads/{name}", f"{text} with grads = {expr}", build, [step_call],
                               expect="any" if expect != "error" else "error", names=("grads", "param")))
+    for suffix, opts in GUARDS:
+        extra = "".join(f", {k}={v!r}" for k, v in opts.items())
+        text = (f"o = fastopt.SparseAdam([{{'params': [a, b]}}, {{'params': [c, d], 'lr': 0.01}}], lr=0.02{extra}); "
+                "o.step(grads)")
+        for idx in (0, 3):
+            for part in ("indices", "values"):
+                for d in ELEMENT_DIMS:
+                    def build(rng, plain, d=d, idx=idx, part=part, opts=opts):
+                        arrs = _sparse_arrs(rng, opts)
+                        i, v = arrs["grads"][idx]
+                        arrs["grads"][idx] = (d.make(i, rng), v) if part == "indices" else (i, d.make(v, rng))
+                        return arrs
+                    cases.append(Case(f"SparseAdam{suffix}/grads[{idx}]/{part}/{d.name}",
+                                      f"{text} with grads[{idx}]'s {part} = {d.expr}", build, [step_call],
+                                      expect="any", names=("grads", "param", "indices", "values")))
     text = "o = fastopt.SparseAdam([{'params': [a, b]}, {'params': [c, d], 'lr': 0.01}], lr=0.02); o.step(grads)"
     for idx in (0, 3):
-        for part in ("indices", "values"):
-            for d in ELEMENT_DIMS:
-                def build(rng, plain, d=d, idx=idx, part=part):
-                    arrs = _sparse_arrs(rng)
-                    i, v = arrs["grads"][idx]
-                    arrs["grads"][idx] = (d.make(i, rng), v) if part == "indices" else (i, d.make(v, rng))
-                    return arrs
-                cases.append(Case(f"SparseAdam/grads[{idx}]/{part}/{d.name}",
-                                  f"{text} with grads[{idx}]'s {part} = {d.expr}", build, [step_call], expect="any",
-                                  names=("grads", "param", "indices", "values")))
         for name, other in (("values_in_its_param", idx), ("values_in_other_groups_param", partner[idx])):
             def build(rng, plain, idx=idx, other=other):
                 arrs = _sparse_arrs(rng)
