@@ -213,7 +213,8 @@ BAD_VALUES = [("lr", -0.1), ("eps", -1.0), ("weight_decay", -0.5), ("momentum", 
               ("lr_decay", -1.0), ("initial_accumulator_value", -1.0), ("momentum_decay", -0.1),
               ("betas", (1.0, 0.999)), ("betas", (0.9, -0.1)), ("etas", (1.5, 1.2)), ("etas", (0.5, 0.9)),
               # ints, echoed as given ("-1", not "-1.0")
-              ("lr", -1), ("weight_decay", -2), ("eps", -1), ("betas", (1, 0.999))]
+              ("lr", -1), ("weight_decay", -2), ("eps", -1), ("betas", (1, 0.999)),
+              ("nesterov", True)]  # SGD with momentum 0: torch's words only, no "(momentum=0.0, ...)"
 
 
 @pytest.mark.parametrize("spec", TORCH_SPECS, ids=lambda s: s.name)

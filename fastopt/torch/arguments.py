@@ -161,13 +161,13 @@ def registry_hp(spec: OptimizerSpec, group: dict, step: int = 1) -> dict:
     try:
         hp, _ = spec.validate(raw, step)
     except ValueError as e:
-        # the registry's message for a torch tuple's members is torch's words, then the members' names in
-        # parentheses (Rprop: "Invalid eta values: 1.0, 1.2 (etaminus must be ...)"); torch's class says
-        # torch's words only
+        # the registry's message for a torch tuple's members or a rule between values is torch's words, then
+        # the names or values in parentheses (Rprop: "Invalid eta values: 1.0, 1.2 (etaminus must be ...)";
+        # SGD: "Nesterov momentum requires ... (momentum=0.0, dampening=0.0)"); torch's class says torch's words
         text = str(e)
         head, _, tail = text.partition(" (")
         members = [n for key, names in spec.torch_groups.items() if key != "betas" for n in names]
-        if tail and any(n in tail for n in members):
+        if tail and (any(n in tail for n in members) or any(tail.startswith(f"{h.name}=") for h in spec.hypers)):
             raise ValueError(head) from None
         raise
     return hp
