@@ -2,13 +2,18 @@
 classes and fastopt.torch's), whose updates are not registry kernels that take a grad_scale.
 
 One function per concept:
-    check_options(clip_grad_norm, skip_nonfinite)  the options, checked once (the registry classes' messages)
+    check_options(clip_grad_norm, skip_nonfinite)  the options, checked once (the NumPy registry classes' rule
+        and messages; fastopt.torch's composites take fastopt.torch's: composite.GuardedComposite)
     coefficient(grads, clip_grad_norm, skip_nonfinite)  (factor(sum of squares, ...): the same from a sum)
         None: skip this step (skip_nonfinite and a NaN/Inf in the gradients); else the factor of the
         gradients: torch.nn.utils.clip_grad_norm_'s min(1, max_norm / (norm + 1e-6)) over the global L2 norm
         (float64 sums, every dtype and layout; NaN for a NaN norm, which then propagates as in torch), or 1.0
-    scaled(g, coef)  g * coef as a new array (16-bit grads: float32 product rounded to nearest even, as torch's
-        clip_grad_norm_ rounds the grads it scales); the caller's gradients are never written
+    scaled(g, coef)  g * coef as a new array (16-bit grads: float32 product rounded to nearest even); the
+        caller's gradients are never written
+
+For float32/float64 gradients this equals torch.nn.utils.clip_grad_norm_ followed by the step. For 16-bit
+gradients the norm here is float64 and the factor float32, where torch computes both in the grads' dtype (a
+bfloat16 norm: its factor, and so the scaled grads, differ in the last bits).
 
 A factor of 1 (no clipping needed) uses the gradients as they are. The registry classes fuse the factor into
 their kernels; here it costs one more read and write of the scaled gradients. The norm is read on the host
@@ -30,11 +35,10 @@ from fastopt.specs import shown
 
 
 def check_options(clip_grad_norm, skip_nonfinite) -> tuple[float | None, bool]:
-    """(clip_grad_norm as a float > 0 or None, skip_nonfinite as a bool); ValueError / TypeError naming them."""
+    """(clip_grad_norm as a float >= 0 or None, skip_nonfinite as a bool), the NumPy classes' rule (0 clips every
+    gradient to zero, as torch's clip_grad_norm_(max_norm=0)); ValueError / TypeError naming them."""
     if clip_grad_norm is not None:
         clip_grad_norm = check_bound("clip_grad_norm", clip_grad_norm)
-        if clip_grad_norm == 0:
-            raise ValueError(f"Invalid clip_grad_norm: {clip_grad_norm} (a finite number > 0, or None)")
     if not isinstance(skip_nonfinite, (bool, np.bool_)):
         raise TypeError(f"skip_nonfinite must be a bool, got {shown(skip_nonfinite)}")
     return clip_grad_norm, bool(skip_nonfinite)
@@ -82,12 +86,19 @@ def scaled(g, coef: float):
 
 class GuardedSteps:
     """The two options as attributes of an optimizer, checked when assigned, and its skipped_steps count;
-    guard(grads) at each step: the factor, or None (counted) for a step to skip."""
+    guard(grads) at each step: the factor, or None (counted) for a step to skip. The class values are those of an
+    optimizer pickled before the options existed."""
 
+    _clip_grad_norm: float | None = None
+    _skip_nonfinite = False
     skipped_steps = 0
 
+    @staticmethod
+    def _checked_options(clip_grad_norm, skip_nonfinite) -> tuple[float | None, bool]:
+        return check_options(clip_grad_norm, skip_nonfinite)
+
     def _init_guard(self, clip_grad_norm, skip_nonfinite) -> None:
-        self._clip_grad_norm, self._skip_nonfinite = check_options(clip_grad_norm, skip_nonfinite)
+        self._clip_grad_norm, self._skip_nonfinite = self._checked_options(clip_grad_norm, skip_nonfinite)
         self.skipped_steps = 0
 
     @property
@@ -97,7 +108,7 @@ class GuardedSteps:
 
     @clip_grad_norm.setter
     def clip_grad_norm(self, value) -> None:
-        self._clip_grad_norm = check_options(value, False)[0]
+        self._clip_grad_norm = self._checked_options(value, False)[0]
 
     @property
     def skip_nonfinite(self) -> bool:
@@ -106,7 +117,7 @@ class GuardedSteps:
 
     @skip_nonfinite.setter
     def skip_nonfinite(self, value) -> None:
-        self._skip_nonfinite = check_options(None, value)[1]
+        self._skip_nonfinite = self._checked_options(None, value)[1]
 
     def guard(self, grads) -> float | None:
         """The factor for this step's gradients (arrays), or None for a step to skip (counted)."""

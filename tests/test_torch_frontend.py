@@ -137,6 +137,28 @@ def test_list_betas_are_stored_as_torchs_constructor_stores_them(spec):
     assert [getattr(v, "shape", None) for v in ours] == [getattr(v, "shape", None) for v in theirs]
 
 
+@pytest.mark.parametrize("klass", [torch.optim.AdamW, ft.AdamW])
+def test_adamw_loads_an_adam_state_dict_as_torch_does(klass):
+    """torch.optim.AdamW's __setstate__ sets decoupled_weight_decay=True in every group it loads (an Adam state
+    dict, or one saved with the flag off); fastopt.torch.AdamW kept False and refused the next step."""
+    src = torch.optim.Adam([torch.ones(3, requires_grad=True)], lr=0.1, weight_decay=0.5)
+    p = torch.ones(3, requires_grad=True)
+    opt = klass([p], lr=0.1)
+    opt.load_state_dict(src.state_dict())
+    assert opt.param_groups[0]["decoupled_weight_decay"] is True
+    p.grad = torch.ones(3)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), 0.85), rtol=0, atol=1e-6)  # decay 0.1*0.5, then -0.1
+
+
+@pytest.mark.parametrize("betas", [np.array([0.8, 0.9]), torch.tensor([0.8, 0.9])])
+def test_adam_betas_of_any_sequence_as_torch(betas):
+    p = torch.zeros(3, requires_grad=True)
+    ours, theirs = ft.Adam([p], betas=betas), torch.optim.Adam([p], betas=betas)
+    assert type(ours.param_groups[0]["betas"]) is type(theirs.param_groups[0]["betas"]) is tuple
+    assert [float(b) for b in ours.param_groups[0]["betas"]] == [float(b) for b in theirs.param_groups[0]["betas"]]
+
+
 def test_adamw_refuses_the_flag_torch_fixes_for_it():
     """torch.optim.AdamW has no decoupled_weight_decay argument (TypeError) and an edit of the group key makes it
     Adam with L2 decay; fastopt.torch.AdamW took the argument, stored it and ran decoupled decay regardless.

@@ -8,8 +8,10 @@ state dicts have exactly torch's layout. `betas` stands for the registry's beta1
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 
+import numpy as np
 import torch
 
 from fastopt.specs import REQUIRED, OptimizerSpec, class_taking, saved_count, shown
@@ -98,9 +100,10 @@ def constructor_tuples(spec: OptimizerSpec) -> tuple[str, ...]:
 
 
 def as_constructor_tuple(value):
-    """A tuple key's value as torch's constructor stores it (Adam: tuple(map(_to_scalar, betas)), a
-    1-element tensor squeezed to 0-d); anything but a list or tuple is left for registry_hp's TypeError."""
-    if not isinstance(value, (list, tuple)):
+    """A tuple key's value as torch's constructor stores it (Adam: tuple(map(_to_scalar, betas)) of any sequence,
+    a NumPy array or a 2-element tensor included; a 1-element tensor squeezed to 0-d); a string or a number is
+    left for registry_hp's TypeError."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
         return value
     return tuple(v.squeeze() if isinstance(v, torch.Tensor) and v.dim() != 0 else v for v in value)
 
@@ -171,6 +174,17 @@ def registry_hp(spec: OptimizerSpec, group: dict, step: int = 1) -> dict:
             raise ValueError(head) from None
         raise
     return hp
+
+
+def check_extras(clip_grad_norm, skip_nonfinite):
+    """fastopt.torch's clip_grad_norm (a finite number > 0, or None) and skip_nonfinite (a bool), checked."""
+    if clip_grad_norm is not None:
+        if not is_real(clip_grad_norm) or not math.isfinite(clip_grad_norm) or clip_grad_norm <= 0:
+            raise ValueError(f"Invalid clip_grad_norm: {shown(clip_grad_norm)} (a finite number > 0, or None)")
+        clip_grad_norm = float(clip_grad_norm)
+    if not isinstance(skip_nonfinite, (bool, np.bool_)):
+        raise TypeError(f"skip_nonfinite must be a bool, got {shown(skip_nonfinite)}")
+    return clip_grad_norm, bool(skip_nonfinite)
 
 
 def is_real(value) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from fastopt.grad_guard import GuardedSteps, sum_of_squares
-from fastopt.torch.arguments import check_saved_state
+from fastopt.torch.arguments import check_extras, check_saved_state
 from fastopt.torch.arrays import on_torch_stream
 from fastopt.torch.views import bump_versions
 
@@ -80,6 +80,10 @@ def scaled_grad(g: torch.Tensor, coef: float) -> torch.Tensor:
 class GuardedComposite(GuardedSteps, CompositeOptimizer):
     """A CompositeOptimizer with clip_grad_norm= and skip_nonfinite=; the options and skipped_steps travel
     with pickling and deepcopy (torch's load_state_dict keeps the optimizer's own)."""
+
+    @staticmethod
+    def _checked_options(clip_grad_norm, skip_nonfinite) -> tuple[float | None, bool]:
+        return check_extras(clip_grad_norm, skip_nonfinite)  # fastopt.torch's rule (clip_grad_norm > 0)
 
     def _plan_grads(self, plan) -> list:
         raise NotImplementedError(f"{type(self).__name__} must define _plan_grads(plan) or _plan_sum_sq(plan)")

@@ -131,16 +131,6 @@ def scalar_dtype():
 # the state dict's key of the stochastic rounding count of an optimizer without torch's step count (SGD)
 ROUNDING_STEPS = "fastopt_rounding_steps"
 
-def _check_extras(clip_grad_norm, skip_nonfinite):
-    if clip_grad_norm is not None:
-        if not arguments.is_real(clip_grad_norm) or not math.isfinite(clip_grad_norm) or clip_grad_norm <= 0:
-            raise ValueError(f"Invalid clip_grad_norm: {shown(clip_grad_norm)} (a finite number > 0, or None)")
-        clip_grad_norm = float(clip_grad_norm)
-    if not isinstance(skip_nonfinite, (bool, np.bool_)):
-        raise TypeError(f"skip_nonfinite must be a bool, got {shown(skip_nonfinite)}")
-    return clip_grad_norm, bool(skip_nonfinite)
-
-
 def _can_have_grad(p: torch.Tensor) -> bool:
     """Whether autograd can give p a gradient (a float or complex dtype). Others (an integer counter
     registered as an nn.Parameter with requires_grad=False) are taken into a group as torch.optim takes
@@ -181,7 +171,7 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict, clip_grad_norm=None, skip_nonfinite=False, state_dtype=None,
                  kahan=False, stochastic_rounding=False, seed=0):
-        self.clip_grad_norm, self.skip_nonfinite = _check_extras(clip_grad_norm, skip_nonfinite)
+        self.clip_grad_norm, self.skip_nonfinite = arguments.check_extras(clip_grad_norm, skip_nonfinite)
         # precision (DESIGN.md "Precision"): fixed for the optimizer's life, checked per param as it arrives
         rounding_options(0, stochastic_rounding, seed, 0, kahan)
         if is_int8(state_dtype):
@@ -290,7 +280,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():  # state dict of an older torch): ours and torch's own
                 if value is None or isinstance(value, bool):  # (foreach, fused, capturable, differentiable, ...)
                     group.setdefault(key, value)
-        self.clip_grad_norm, self.skip_nonfinite = _check_extras(extras.get("clip_grad_norm"),
+            group.update(self.spec.torch_group_flags)  # as torch.optim.AdamW's __setstate__ (a loaded Adam dict)
+        self.clip_grad_norm, self.skip_nonfinite = arguments.check_extras(extras.get("clip_grad_norm"),
                                                                  extras.get("skip_nonfinite", False))
         self.skipped_steps = extras.get("skipped_steps", 0)
         self.state_dtype, self.kahan = extras.get("state_dtype"), extras.get("kahan", False)
