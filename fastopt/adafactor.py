@@ -57,7 +57,7 @@ param-sized workspace. CuPy arrays run as one block per param (one launch per op
 Bad input raises before anything is written (hyperparameters of every group, every grad's kind, dtype
 and shape, state arrays, grads sharing memory with a param or a state): params and state are left
 byte-for-byte unchanged. Params: float32 or float64 (torch's algorithm in the param's own precision), or
-16-bit (float16; bfloat16 as ml_dtypes' bfloat16 on the CPU: CuPy has none): DESIGN.md "Precision", float32
+16-bit (float16; bfloat16 as ml_dtypes' bfloat16 on the CPU: CuPy has none): README "Precision", float32
 math and float32 state. A 16-bit param (grad in its dtype or float32) is widened to float32 (exact), the
 float32 update above runs on it with the float32 state ("row_var"/"col_var" or "variance", float32 whatever
 the param's dtype), and the new value is stored back rounded to nearest even (fastopt.precision's
@@ -160,7 +160,7 @@ def group_eps1(hp: dict, dtype) -> float:
 
 
 def state_dtype(dtype) -> np.dtype:
-    """The dtype of a param's state arrays: float32 for 16-bit params (DESIGN.md, "Precision"), else the
+    """The dtype of a param's state arrays: float32 for 16-bit params (README, "Precision"), else the
     param's own."""
     return np.dtype(np.float32) if is_16bit(dtype) else np.dtype(dtype)
 

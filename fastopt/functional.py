@@ -16,7 +16,7 @@ from fastopt.specs import COMP_SLOT, REGISTRY, REQUIRED, OptimizerSpec
 
 __all__ = [spec.function_name for spec in REGISTRY.values()] + ["init_state", "apply_update"]
 
-# The precision options every *_step takes (DESIGN.md "Precision"), appended to the registry's docstring.
+# The precision options every *_step takes (README "Precision"), appended to the registry's docstring.
 PRECISION_DOC = """
 
 Precision (16-bit params: float16, ml_dtypes.bfloat16; float32 math):
@@ -118,7 +118,7 @@ def _annotations(spec: OptimizerSpec) -> dict:
 def _generate(spec: OptimizerSpec):
     """Build `<name>_step` with its real signature (introspection and IDEs see every argument)."""
     array_args = ["params", "grads"] + [s if s not in spec.optional_states else f"{s}=None" for s in spec.states]
-    # required keywords first (docs/design.md, Public API: `*, lr, step=1, ...` but `*, step, lr=1e-2, ...`)
+    # required keywords first (step, when the spec has no default for it), then the hyperparameters in order
     required, optional, defaults = [], [], {}
     if spec.uses_step:
         (required if spec.step_default is None else optional).append(
@@ -253,7 +253,7 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
     (Adagrad's initial_accumulator_value: spec.state_init); defaults otherwise. Every state starts at
     zero except where the spec says otherwise (schedule-free's z: a copy of the params).
 
-    state_dtype: the states' storage (DESIGN.md "Precision"): None (float32 for float16/bfloat16 params,
+    state_dtype: the states' storage (README "Precision"): None (float32 for float16/bfloat16 params,
     the params' own dtype otherwise), "float32", "bfloat16", "float16" (for float32 params), or the params'
     own dtype; a 16-bit state is filled (and later stored) rounded to nearest even. "int8" (float32 and
     16-bit params): each state is a fastopt.precision.QuantizedState (codes uint8 of the param's shape,

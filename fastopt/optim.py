@@ -189,7 +189,7 @@ class Optimizer:
         spec = self.spec
         if spec is None:
             raise TypeError("Optimizer is the base class; use fastopt.SGD, fastopt.Adam, ...")
-        # precision (DESIGN.md "Precision"): the states' storage, and how new 16-bit params are rounded; fixed
+        # precision (README "Precision"): the states' storage, and how new 16-bit params are rounded; fixed
         # for the optimizer's life (checked here, and per param group when its params arrive)
         rounding_options(0, stochastic_rounding, seed, 0, kahan)
         self._state_dtype = state_dtype
@@ -1211,7 +1211,7 @@ def _make_class(spec: OptimizerSpec):
     doc += ["    lr may be a schedule: a callable (number of updates applied so far) -> lr.",
             "Options: clip_grad_norm (max global L2 norm, fused into the update), skip_nonfinite (skip",
             "    steps with a NaN/Inf gradient, counted in skipped_steps), backend (force one).",
-            "Precision (DESIGN.md \"Precision\"; see fastopt.init_state and the *_step docstrings): state_dtype",
+            "Precision (README \"Precision\"; see fastopt.init_state and the *_step docstrings): state_dtype",
             "    (\"float32\", \"bfloat16\", \"float16\" or the params' dtype), kahan=True (16-bit params: a",
             "    Kahan compensation, the state \"kahan_comp\"), stochastic_rounding=True with seed= (16-bit params:",
             "    the bits of (seed, the group's step, the element's index in its param)).",

@@ -271,7 +271,7 @@ def is_bfloat16(dtype) -> bool:
 
 
 def is_16bit(dtype) -> bool:
-    """float16 (native byte order) or bfloat16 storage: float32 math, float32 state (DESIGN.md, "Precision")."""
+    """float16 (native byte order) or bfloat16 storage: float32 math, float32 state (README, "Precision")."""
     dtype = np.dtype(dtype)
     # attributes, not dtype == np.float16, which converts the type to a dtype on every call (about 1 us)
     return dtype.itemsize == 2 and ((dtype.kind == "f" and dtype.isnative) or is_bfloat16(dtype))

@@ -1,14 +1,13 @@
 """Quality of 8-bit optimizer state (state_dtype="int8", issue 13): no outlier updates from a second moment
 that reads as zero. docs/int8-quality.md has the analysis; bench/int8_outliers.py the measurements.
 
-Today the unsigned dynamic map (second moments, accumulators, step sizes) has a zero code: a v below
-~5e-8 of its block's absmax is stored as 0, and the next Adam step divides m (which kept its history in
-the signed map) by sqrt(v_new) + eps with v's history gone. On heavy-tailed gradients hundreds of params
-per 2^16 end up many lr away from the float32-state run. The fix (docs/int8-quality.md §5): the
-unsigned quantizer's first decision boundary moves from 5e-8 to 0, so a positive value takes code 1 (1e-7)
+Before the fix the unsigned dynamic map (second moments, accumulators, step sizes) had a zero code: a v
+below ~5e-8 of its block's absmax was stored as 0, and the next Adam step divided m (which kept its history
+in the signed map) by sqrt(v_new) + eps with v's history gone. On heavy-tailed gradients hundreds of params
+per 2^16 ended up many lr away from the float32-state run. The fix (docs/int8-quality.md §5, landed): the
+unsigned quantizer's first decision boundary moved from 5e-8 to 0, so a positive value takes code 1 (1e-7)
 at least: it never reads as zero and reads at worst 3.25x low; an exact zero still reads 0, and the map
-(dequantization) is unchanged. The tests that need the fix are strict xfails: they fail today, and the port
-flips them (remove the marks).
+(dequantization) is unchanged. Every test here passes (the strict xfails that waited for the fix are gone).
 """
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ class HostArrays:
 
     @staticmethod
     def state_ok(param_dtype, dtype):
-        """A dtype a state array of a `param_dtype` param may have (state_dtype=, DESIGN.md "Precision"):
+        """A dtype a state array of a `param_dtype` param may have (state_dtype=, README "Precision"):
         float64 for float64 params; float32, bfloat16 or float16 for float32 params; float32 or their own
         dtype for 16-bit params. The states of one call share one (check_arrays)."""
         if param_dtype == np.float64:

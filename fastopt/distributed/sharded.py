@@ -40,7 +40,7 @@ ValueError saying so: no rank waits for one that gave up) and compares three 64-
 (shapes and dtypes; the params' bytes; the optimizer and its hyperparameters): every rank raises the same
 ValueError when any differs.
 
-Precision (DESIGN.md "Precision"; the single-process classes' options, checked by them): state_dtype=
+Precision (README "Precision"; the single-process classes' options, checked by them): state_dtype=
 ("float32", "bfloat16", "float16", the params' dtype, or "int8"), kahan=True and stochastic_rounding=True
 with seed= (16-bit params). 16-bit params live in 16-bit flat buffers (the all-gather moves 2 bytes per
 element) while their gradients are packed, reduce-scattered and applied in float32 (summing 16-bit

@@ -15,7 +15,7 @@ channels_last conv weight is updated in place, its rows and columns as torch's) 
 CUDA tensors (on torch's current stream); autograd's version counters of the params and state written are
 bumped as torch's in-place ops do. float32 and float64 params, and 16-bit ones (float16; bfloat16 on the
 CPU: CuPy has no bfloat16) with float32 math and float32 state, the param stored rounded to nearest even
-(DESIGN.md "Precision"; torch.optim.Adafactor keeps 16-bit state and rounds every intermediate, so the two
+(README "Precision"; torch.optim.Adafactor keeps 16-bit state and rounds every intermediate, so the two
 differ by a few 16-bit ulps): "row_var"/"col_var"/"variance" are float32 tensors for a 16-bit param, and a
 torch.optim state dict (16-bit state) loads widened to float32. Every group's hyperparameters,
 grads and state are checked before anything is written. AMP: as torch's Adafactor, this class does not

@@ -5,7 +5,7 @@ the backend's prepare() of every call, overlaps between calls), then runs them, 
 state and the step counts. Params are grouped per (group, dtype, device, step count): torch keeps one
 step count per param, and a param whose grad is None is skipped and keeps its count.
 
-Precision (DESIGN.md "Precision"; CPU tensors, and CUDA tensors through the CuPy backend's precision modules):
+Precision (README "Precision"; CPU tensors, and CUDA tensors through the CuPy backend's precision modules):
 state_dtype= ("float32", "bfloat16", "float16", a torch
 dtype, or "int8"), kahan=True (state "kahan_comp", the param's dtype) and stochastic_rounding=True with
 seed= (16-bit params). 8-bit state (state_dtype="int8", float32/bfloat16/float16 params; not LAMB, ASGD or
@@ -172,7 +172,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict, clip_grad_norm=None, skip_nonfinite=False, state_dtype=None,
                  kahan=False, stochastic_rounding=False, seed=0):
         self.clip_grad_norm, self.skip_nonfinite = arguments.check_extras(clip_grad_norm, skip_nonfinite)
-        # precision (DESIGN.md "Precision"): fixed for the optimizer's life, checked per param as it arrives
+        # precision (README "Precision"): fixed for the optimizer's life, checked per param as it arrives
         rounding_options(0, stochastic_rounding, seed, 0, kahan)
         if is_int8(state_dtype):
             check_int8_optimizer(self.spec)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -77,6 +79,28 @@ def test_example_distributed_mlp_world2():
     assert result["test_accuracy"] > 0.85 and result["history"][1]["train_loss"] < result["history"][0]["train_loss"]
     assert result["state_bytes_single_process"] / 2 <= result["state_bytes_per_rank"] <= \
         1.01 * result["state_bytes_single_process"] / 2
+
+
+@pytest.mark.parametrize("args, words", [(("--epochs", "0"), "--epochs must be at least 1"),
+                                         (("--batch-size", "-4"), "--batch-size must be at least 1"),
+                                         (("--batch-size", "100000"), "no step would be taken")])
+def test_example_refuses_arguments_that_train_nothing(args, words):
+    """--epochs 0 printed a test accuracy of the untrained model and exit 0; a batch larger than the data set
+    took no step and printed a NaN loss (invalid JSON with --json)."""
+    pytest.importorskip("sklearn", reason="the example trains on scikit-learn's digits (pip install .[train])")
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "distributed_mlp.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+
+
+def test_example_reports_the_state_one_process_would_hold():
+    """SGD without momentum keeps no state and LARS one buffer: the example said 2 x the params (Adam's)."""
+    pytest.importorskip("sklearn", reason="the example trains on scikit-learn's digits (pip install .[train])")
+    for optimizer, buffers in (("sgd", 0), ("lars", 1), ("adam", 2)):
+        proc = subprocess.run([sys.executable, str(ROOT / "examples" / "distributed_mlp.py"), "--epochs", "1",
+                               "--json", "--optimizer", optimizer], capture_output=True, text=True, timeout=300)
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["state_bytes_single_process"] == buffers * 4 * (64 * 128 + 128 + 128 * 10 + 10), optimizer
 
 
 def test_benchmark_smoke(tmp_path):
