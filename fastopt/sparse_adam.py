@@ -343,6 +343,17 @@ def _as_list(x):
     return [x]
 
 
+def _coalesced(plan: _Plan):
+    """The plan's gradient rows in the order of plan.u, repeated rows summed in the values' dtype in the order
+    given (as _update sums them): the values themselves when already coalesced."""
+    if plan.src is None:
+        return plan.vals
+    g = plan.vals[plan.src]  # a copy: the first occurrence of each row
+    if plan.dup_row is not None:
+        _xp_of(g).add.at(g, plan.dup_row, plan.vals[plan.dup_pos])
+    return g
+
+
 class PreparedStep:
     """A checked SparseAdam call (prepare_step's result): run() applies it. Everything that can fail on the
     data was checked when it was made, so that a caller with several calls (one per param group) checks
@@ -356,22 +367,14 @@ class PreparedStep:
         self.read = read        # (name, values) of the gradients' values it reads
 
     def sum_of_squares(self) -> float:
-        """The sum of squares of the call's gradients as the update sees them: coalesced, repeated rows summed
-        in the values' dtype in the order given (the dense gradient's; clip_grad_norm= / skip_nonfinite=)."""
-        total = 0.0
-        for _, _, _, plan, _ in self.work:
-            if plan.dup_row is None:
-                total += sum_of_squares([plan.vals])
-            else:
-                xp = _xp_of(plan.vals)
-                g = plan.vals[plan.src]  # a copy: the first occurrence of each row
-                xp.add.at(g, plan.dup_row, plan.vals[plan.dup_pos])
-                total += sum_of_squares([g])
-        return total
+        """The sum of squares of the call's coalesced gradients (the dense gradients'; clip_grad_norm= and
+        skip_nonfinite=), row by row in the order of the rows, as torch's coalesced values."""
+        return sum(sum_of_squares([_coalesced(plan)]) for _, _, _, plan, _ in self.work)
 
     def scaled(self, coef: float) -> PreparedStep:
-        """The same call with every gradient value times coef (new arrays; the caller's are not written)."""
-        work = [(p, m, v, _Plan(pl.u, scaled(pl.vals, coef), pl.src, pl.dup_pos, pl.dup_row, pl.nrows, pl.width), t)
+        """The same call with the coalesced gradients times coef (repeated rows summed first, then scaled, as
+        torch's coalesce then clipping; new arrays, the caller's are not written)."""
+        work = [(p, m, v, _Plan(pl.u, scaled(_coalesced(pl), coef), None, None, None, pl.nrows, pl.width), t)
                 for p, m, v, pl, t in self.work]
         return PreparedStep(work, self.hyper, self.written, self.read)
 

@@ -190,8 +190,9 @@ def _sparse_tensor(idx, vals, shape):
 def test_sparse_adam_clips_the_coalesced_gradient(dtype):
     """torch's clip_grad_norm_ refuses sparse gradients: the reference here is the norm of the coalesced
     gradient (the dense gradient's), its values scaled, then torch.optim.SparseAdam; the two front ends agree
-    (bit for bit in float64; torch coalesces the fastopt.torch grads, the NumPy class sums repeats itself, in
-    another order, so float32 agrees to rounding), and a NaN value skips the step."""
+    (torch coalesces the fastopt.torch grads, the NumPy class sums repeats itself, then each scales the sums:
+    equal but where a row repeats 3+ times and torch's sort adds them in another order), and a NaN value skips
+    the step."""
     rng = np.random.default_rng()
     params = [rng.standard_normal(s).astype(dtype) for s in [(9, 4), (6,), (3, 2, 2)]]
     theirs, ours = _tensors(params), _tensors(params)
@@ -222,6 +223,30 @@ def test_sparse_adam_clips_the_coalesced_gradient(dtype):
         np.testing.assert_allclose(a, t.detach().numpy(), rtol=tol, atol=tol)
         np.testing.assert_allclose(a, o.detach().numpy(), rtol=tol, atol=tol)
     assert all(int(opt_ft.state[o]["step"]) == 9 for o in ours)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparse_adam_front_ends_clip_bit_for_bit(dtype):
+    """Unsorted indices with pairs of repeats (a + b is the same sum in either order): both front ends sum the
+    repeats, then scale the sums by the same factor from the same norm. The NumPy class scaled the raw values
+    (c*a + c*b) and summed its norm in the order given: the last bits differed in 12 of 30 runs."""
+    rng = np.random.default_rng()
+    params = [rng.standard_normal(s).astype(dtype) for s in [(9, 4), (7,)]]
+    ours = _tensors(params)
+    opt_np = fastopt.SparseAdam(params, lr=0.05, clip_grad_norm=0.5)
+    opt_ft = ft.SparseAdam(ours, lr=0.05, clip_grad_norm=0.5)
+    for _ in range(5):
+        grads = []
+        for p in params:
+            rows = rng.permutation(p.shape[0])[:3]
+            idx = np.array([rows[0], rows[1], rows[0], rows[2], rows[1]])
+            grads.append((idx, (rng.standard_normal((5,) + p.shape[1:]) * 3).astype(dtype)))
+        opt_np.step(grads)
+        for o, (i, v) in zip(ours, grads):
+            o.grad = _sparse_tensor(i, v, o.shape)
+        opt_ft.step()
+    for a, o in zip(params, ours):
+        assert np.array_equal(a, o.detach().numpy())
 
 
 @pytest.mark.parametrize("cls", [fastopt.LBFGS, ft.LBFGS])
