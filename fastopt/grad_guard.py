@@ -19,7 +19,7 @@ A factor of 1 (no clipping needed) uses the gradients as they are. The registry 
 their kernels; here it costs one more read and write of the scaled gradients. The norm is read on the host
 (for CuPy arrays a synchronisation, as the registry classes' host path). SparseAdam's norm is the coalesced
 gradient's (repeated rows summed, the dense gradient's norm; torch's clip_grad_norm_ refuses sparse gradients)
-and its scaled copies are the values'. LBFGS takes neither option: its step evaluates the closure many times
+and its scaled copies are the coalesced rows' (sums first, then the factor, as torch's coalesce then clip). LBFGS takes neither option: its step evaluates the closure many times
 and its line search needs the loss's own gradient.
 """
 from __future__ import annotations
