@@ -31,6 +31,8 @@ $(VENV)/.deps-test: pyproject.toml setup.py | $(BIN)/python
 	$(PIP) install -q --no-build-isolation -e ".[test,train,search,gpu,distributed]"
 	# torch (CPU build) only for the comparisons with torch.optim; tests skip them without it
 	$(PIP) install -q torch==2.13.0 || echo "torch not installed: torch comparisons will be skipped"
+	# expecttest: imported by torch.testing._internal, whose optimizer test database tests/test_torch_optim_db.py runs
+	$(PIP) install -q expecttest==0.3.0 || echo "expecttest not installed: the torch optimizer database tests will be skipped"
 	# pytorch_optimizer: the oracle for Yogi (tests/test_new_optimizers.py); --no-deps, as its only needs are numpy
 	# and torch (above): resolving them itself would pull the CUDA build of a newer torch
 	$(PIP) install -q --no-deps pytorch_optimizer==4.1.0 || echo "pytorch_optimizer not installed: the Yogi comparisons will be skipped"

@@ -262,6 +262,14 @@ def _hyper(name: str, value):
     return _HYPER[name].validate(value)
 
 
+def _lr(value):
+    """lr, checked. A NumPy float32 scalar keeps its type, so that the step size lr * sqrt(1 - beta2^t) /
+    (1 - beta1^t) is computed in float32 (NumPy's promotion of a scalar with Python floats), as
+    torch.optim.SparseAdam computes it for a float32 tensor lr."""
+    checked = _hyper("lr", value)
+    return np.float32(checked) if isinstance(value, np.float32) else checked
+
+
 def _check_betas(betas, where=""):
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"{where}betas must be a pair (beta1, beta2), got {shown(betas)} ({type(betas).__name__})")
@@ -408,7 +416,7 @@ def prepare_step(params, grads, exp_avg, exp_avg_sq, *, step, lr: float = 1e-3, 
         return base if single else f"{base}[{i if param_numbers is None else param_numbers[i]}]"
 
     steps = [as_step(s, name("step", i) if per_param else "step") for i, s in enumerate(steps)]
-    hyper = (_hyper("lr", lr), _hyper("beta1", beta1), _hyper("beta2", beta2), _hyper("eps", eps),
+    hyper = (_lr(lr), _hyper("beta1", beta1), _hyper("beta2", beta2), _hyper("eps", eps),
              _hyper("maximize", maximize))
     work = []
     kinds = set()
@@ -456,7 +464,8 @@ def sparse_adam_step(params, grads, exp_avg, exp_avg_sq, *, step, lr: float = 1e
     state array has its param's shape and dtype). grads: for one param, a pair (indices, values) (see the
     module docstring: 1-D row indices or 2-D (k, nnz) COO indices) or None (skipped); for a list of params, a
     list of those. step: the 1-based step number, one int for every param or a list with one per param.
-    lr > 0, beta1 and beta2 in [0, 1), eps > 0 (torch's checks and messages). Everything is checked before
+    lr > 0, beta1 and beta2 in [0, 1), eps > 0 (torch's checks and messages); a NumPy float32 lr computes the
+    step size in float32, as torch does with a float32 tensor lr. Everything is checked before
     the first write; an empty gradient (nnz = 0) writes nothing.
     """
     prepare_step(params, grads, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,

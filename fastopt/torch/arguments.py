@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -110,13 +111,32 @@ def as_constructor_tuple(value):
 
 def _plain(name, value):
     """A hyperparameter value as given, with a one-element tensor read as a number (torch allows a
-    tensor lr and tensor betas)."""
+    tensor lr and tensor betas); torch's words for any other tensor ("Tensor lr must be 1-element")."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"Invalid {name}: a tensor hyperparameter must have one element, got shape "
-                             f"{tuple(value.shape)}")
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
         return value.item()
     return value
+
+
+_TORCH_ARGUMENTS: dict = {}  # spec name -> the names torch's constructor takes
+
+
+def check_as_torch(spec: OptimizerSpec, arguments: dict) -> None:
+    """torch.optim's own constructor, on a stand-in param, with the constructor arguments torch takes, as given:
+    whatever torch refuses is refused here with torch's exception, word for word, its rules between arguments
+    included (Adam: a tensor lr with foreach=True, betas of a float and a tensor). Nothing where torch has no
+    such class; fastopt's own (stricter) checks follow in registry_hp."""
+    klass = torch_class(spec)
+    if klass is None:
+        return
+    taken = _TORCH_ARGUMENTS.get(spec.name)
+    if taken is None:
+        taken = _TORCH_ARGUMENTS[spec.name] = frozenset(inspect.signature(klass).parameters)
+    given = {k: v for k, v in arguments.items() if k in taken and k != "params"}
+    with warnings.catch_warnings():  # warnings about the arguments are torch's (foreach/fused: not used here)
+        warnings.simplefilter("ignore")
+        klass([torch.zeros(1, requires_grad=True)], **given)
 
 
 def check_flags(group: dict) -> None:
@@ -153,7 +173,7 @@ def registry_hp(spec: OptimizerSpec, group: dict, step: int = 1) -> dict:
         if not isinstance(given, (tuple, list)) or len(given) != len(names):
             raise TypeError(f"{key} must be a tuple of {len(names)} floats {tuple(names)}, got {shown(given)}")
         for i, (name, value) in enumerate(zip(names, given)):
-            value = _plain(key, value)
+            value = _plain(f"{key}[{i}]", value)
             if key != "betas":
                 raw[name] = value  # checked below with the spec's own check (torch's words for Rprop's etas)
                 continue

@@ -16,9 +16,9 @@ load_state_dict() are torch.optim.Optimizer's, so a torch.optim.SparseAdam state
 
 Differences from torch.optim.SparseAdam. On bad input: every group is checked (dense gradients,
 hyperparameters, index ranges) before the first write, where torch raises midway with earlier params (and
-their step counts) already updated; a non-finite lr or eps is refused (torch runs with it). A tensor lr is
-read as a Python float, where torch computes the step size in the tensor's dtype (float32 for
-torch.tensor(0.05): results then agree to about 1e-7 relative rather than to rounding).
+their step counts) already updated; a non-finite lr or eps is refused (torch runs with it). A float32 tensor lr
+(torch.tensor(0.05)) gives a float32 step size, as in torch; a float16 or bfloat16 one is read as a Python
+float (torch computes its step size in 16 bits).
 
 Layouts: a contiguous param is updated in its own storage. A param in another dense layout (a transposed
 weight) cannot have its rows gathered through a flat view of its memory, so its param and state are copied
@@ -40,8 +40,12 @@ from fastopt.torch.views import kernel_view
 __all__ = ["SparseAdam"]
 
 
-def _lr_value(lr) -> float:
-    return float(lr.item()) if isinstance(lr, torch.Tensor) else lr
+def _lr_value(lr):
+    """A float32 tensor lr (torch.tensor(0.05)) as a NumPy float32: fastopt.sparse_adam then computes the step
+    size in float32, as torch does; any other tensor lr as a Python float."""
+    if not isinstance(lr, torch.Tensor):
+        return lr
+    return np.float32(lr.item()) if lr.dtype == torch.float32 else float(lr.item())
 
 
 class SparseAdam(GuardedComposite):

@@ -1,0 +1,232 @@
+"""PyTorch's own optimizer test database run against fastopt.torch.
+
+torch.testing._internal.common_optimizers.optim_db describes, for every torch.optim optimizer, the constructor
+configurations torch's tests run (optim_inputs_func), the bad arguments with the exception each must raise
+(optim_error_inputs_func) and the lr schedulers run with it (scheduler_inputs). Here every configuration of
+every optimizer in it (all 15 of torch 2.13) runs on the fastopt.torch class of the same name and on torch's,
+on the same params and gradients, and must agree:
+
+- params, and every state tensor and number of the state dicts, within 1e-9 relative in float64 (1e-5 in
+  float32; torch's own CPU sqrt is not correctly rounded, so last bits differ); param groups identical. Two
+  groups (the second takes the constructor's defaults), 50 steps (LBFGS: 5 closure-driven steps), params of
+  sizes 0 (not for Adafactor: torch's divides by its numel) and 1 and odd shapes, gradients left None at random (that param is skipped, as in torch).
+  Muon is the documented exception: its Newton-Schulz iteration runs in bfloat16 (torch's choice), whose
+  sums differ between torch's bfloat16 matmul and fastopt's float32 BLAS sums at rounding ties (fastopt/muon.py),
+  so params agree to within 2^-9 of the path's length (sum of adjusted lr over the steps); its momentum
+  buffers within 1e-9. LBFGS: its two-loop recursion's scratch ("al") is not compared; in float32 the params
+  only (within 1e-3: rounding decides its stopping tests, an iteration more or less).
+- every error input: the same exception type, with a message matching torch's pattern (warnings: the same
+  warning).
+- every scheduler combination: the same params and the same lr in every group after each step.
+
+The database needs expecttest (torch's test-suite dependency; `make test` installs it with torch).
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("expecttest")  # torch.testing._internal imports it
+common = pytest.importorskip("torch.testing._internal.common_optimizers")
+
+import fastopt.torch as ft  # noqa: E402
+
+from torch_support import one_torch_thread  # noqa: E402,F401  (autouse)
+
+OPTIM_DB = common.optim_db
+DTYPES = [torch.float64, torch.float32]
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+STEPS, LBFGS_STEPS = 50, 5
+MUON_PATH_FRACTION = 2.0 ** -9
+
+
+def _name(info) -> str:
+    return info.optim_cls.__name__
+
+
+def _configs():
+    for info in OPTIM_DB:
+        for dtype in DTYPES:
+            for config in info.optim_inputs_func(device="cpu", dtype=dtype):
+                yield pytest.param(info, config, dtype,
+                                   id=f"{_name(info)}-{config.desc}-{str(dtype).replace('torch.', '')}")
+
+
+def _error_inputs():
+    for info in OPTIM_DB:
+        for k, error in enumerate(info.optim_error_inputs_func(device="cpu", dtype=torch.float64)):
+            yield pytest.param(info, error, id=f"{_name(info)}-{k}-{error.optimizer_error_input.desc}")
+
+
+def _scheduler_inputs():
+    for info in OPTIM_DB:
+        for k, makers in enumerate(info.scheduler_inputs):
+            yield pytest.param(info, makers, id=f"{_name(info)}-{k}")
+
+
+def test_the_database_has_every_torch_optimizer_and_fastopt_has_each():
+    names = {_name(info) for info in OPTIM_DB}
+    assert len(names) >= 15
+    assert {n for n in names if not hasattr(ft, n)} == set()
+
+
+def _shapes(name: str) -> tuple[list, list]:
+    """Shapes of the two groups' params: 2-D for Muon (torch's rule), rows of embeddings for SparseAdam."""
+    if name == "Muon":
+        return [(5, 3), (4, 7), (1, 9)], [(6, 6), (3, 1)]
+    if name == "SparseAdam":
+        return [(9, 3), (1, 5), (6,)], [(7, 4)]
+    if name == "Adafactor":  # torch's divides by a size-0 param's numel()
+        return [(1,), (5, 3), (2, 3, 4)], [(7,), (4, 1), (3, 5)]
+    return [(0,), (1,), (5, 3), (2, 3, 4)], [(7,), (4, 1), (3, 5)]
+
+
+def _kwargs(kwargs: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def _train(cls, name: str, kwargs: dict, dtype, seed: int, steps: int, schedulers=()):
+    """Train with cls on a problem made from seed alone (so both classes see the same params, gradients and
+    metrics); returns (params, optimizer, the groups' lrs after every step)."""
+    gen = torch.Generator().manual_seed(seed)
+    first, second = _shapes(name)
+    params = [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in first + second]
+    opt = cls([{"params": params[:len(first)]}, {"params": params[len(first):]}] if name != "LBFGS"
+              else params, **_kwargs(kwargs))  # torch's LBFGS takes one group
+    scheds = [make(opt) for make in schedulers]
+    lrs = []
+    targets = [torch.randn(p.shape, generator=gen, dtype=dtype) for p in params]
+
+    def closure():
+        opt.zero_grad()
+        loss = sum(((p - t) ** 2).sum() + 0.1 * (p ** 4).sum() + torch.sin(p).sum() for p, t in zip(params, targets))
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        if name == "LBFGS":
+            opt.step(closure)
+        else:
+            for p in params:
+                skipped = torch.rand((), generator=gen).item() < 0.2
+                if name == "SparseAdam":
+                    rows = torch.randint(0, p.shape[0], (4,), generator=gen)  # repeats: coalesced, as in torch
+                    values = torch.randn((4, *p.shape[1:]), generator=gen, dtype=dtype)
+                    grad = torch.sparse_coo_tensor(rows[None], values, p.shape)
+                else:
+                    grad = torch.randn(p.shape, generator=gen, dtype=dtype)
+                p.grad = None if skipped else grad
+            opt.step()
+        metric = torch.rand((), generator=gen).item()
+        for sched in scheds:
+            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                sched.step(metric)
+            else:
+                sched.step()
+        lrs.append([float(g["lr"]) for g in opt.param_groups])
+    return params, opt, lrs
+
+
+def _same(ours, theirs, where: str, tol: dict) -> None:
+    """A state dict value (tensors, numbers, lists, dicts) equal to torch's within tol."""
+    if isinstance(theirs, dict):
+        assert isinstance(ours, dict) and set(ours) == set(theirs), where
+        for key in theirs:
+            _same(ours[key], theirs[key], f"{where}[{key!r}]", tol)
+    elif isinstance(theirs, (list, tuple)):
+        assert isinstance(ours, (list, tuple)) and len(ours) == len(theirs), where
+        for k, (a, b) in enumerate(zip(ours, theirs)):
+            _same(a, b, f"{where}[{k}]", tol)
+    elif isinstance(theirs, torch.Tensor) and theirs.dim() > 0:
+        assert isinstance(ours, torch.Tensor), where
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, where
+        torch.testing.assert_close(ours, theirs, **tol, msg=lambda m: f"{where}: {m}")
+    elif isinstance(theirs, (torch.Tensor, float, int)) and not isinstance(theirs, bool):
+        a, b = float(ours), float(theirs)
+        assert a == b or abs(a - b) <= tol["rtol"] * abs(b) + tol["atol"], f"{where}: {a} != {b}"
+    else:
+        assert ours == theirs, f"{where}: {ours!r} != {theirs!r}"
+
+
+@pytest.mark.parametrize("info,config,dtype", list(_configs()))
+def test_every_configuration_matches_torch(info, config, dtype, rng):
+    name = _name(info)
+    seed = int(rng.integers(2 ** 31))
+    steps = LBFGS_STEPS if name == "LBFGS" else STEPS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's sparse invariant-check notice
+        theirs, topt, _ = _train(info.optim_cls, name, config.kwargs, dtype, seed, steps)
+        ours, opt, _ = _train(getattr(ft, name), name, config.kwargs, dtype, seed, steps)
+    tol = TOL[dtype]
+    ours_sd, theirs_sd = opt.state_dict(), topt.state_dict()
+    _same(ours_sd["param_groups"], theirs_sd["param_groups"], "param_groups", tol)
+    if name == "LBFGS":
+        if dtype == torch.float32:
+            # float32 decides the stopping tests (tolerance_change, tolerance_grad) at rounding level: an
+            # iteration more or less, so no state comparison; the params still agree to float32's precision
+            for p, q in zip(ours, theirs):
+                torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-3)
+            return
+        for saved in (ours_sd, theirs_sd):
+            # "al": scratch of the two-loop recursion, each entry written before it is read at every iteration;
+            # its values are dot products that cancel (1e-8 relative apart while params agree to 1e-13)
+            for entry in saved["state"].values():
+                entry["al"] = len(entry["al"]) if entry.get("al") is not None else None
+    if name == "Muon":
+        for p, q in zip(ours, theirs):
+            lr = float(config.kwargs.get("lr", 1e-3))
+            path = steps * lr * math.sqrt(max(1.0, p.shape[0] / p.shape[1]))
+            assert (p - q).abs().max().item() <= MUON_PATH_FRACTION * path
+        _same(ours_sd["state"], theirs_sd["state"], "state", tol)
+        return
+    _same(ours_sd["state"], theirs_sd["state"], "state", tol)
+    for k, (p, q) in enumerate(zip(ours, theirs)):
+        torch.testing.assert_close(p, q, **tol, msg=lambda m: f"params[{k}]: {m}")
+    assert any(not torch.equal(q, torch.zeros_like(q)) for q in theirs)
+
+
+@pytest.mark.parametrize("info,error", list(_error_inputs()))
+def test_every_error_input_raises_torchs_error(info, error):
+    given = error.optimizer_error_input
+    params = given.params if given.params is not None else [torch.randn(3, 2, dtype=torch.float64,
+                                                                        requires_grad=True)]
+    cls = getattr(ft, _name(info))
+    if error.error_on == common.OptimizerErrorEnum.CONSTRUCTION_ERROR:
+        def call():
+            return cls(params, **given.kwargs)
+    else:  # constructed without a complaint; the step raises
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt = cls(params, **given.kwargs)
+        call = opt.step
+    if issubclass(error.error_type, Warning):
+        with pytest.warns(error.error_type, match=error.error_regex):
+            call()
+        return
+    with pytest.raises(error.error_type) as raised:
+        call()
+    assert re.search(error.error_regex, str(raised.value)), str(raised.value)
+
+
+@pytest.mark.parametrize("info,makers", list(_scheduler_inputs()))
+def test_every_scheduler_combination_matches_torch(info, makers, rng):
+    name = _name(info)
+    seed = int(rng.integers(2 ** 31))
+    steps = LBFGS_STEPS if name == "LBFGS" else 30
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs, _, their_lrs = _train(info.optim_cls, name, {}, torch.float64, seed, steps, makers)
+        ours, _, our_lrs = _train(getattr(ft, name), name, {}, torch.float64, seed, steps, makers)
+    np.testing.assert_allclose(our_lrs, their_lrs, rtol=1e-15, atol=0)
+    assert len({tuple(lrs) for lrs in their_lrs}) > 1 or name == "LBFGS"  # the schedule did change the lr
+    for p, q in zip(ours, theirs):
+        if name == "Muon":
+            assert (p - q).abs().max().item() <= MUON_PATH_FRACTION * steps * 1e-3 * math.sqrt(
+                max(1.0, p.shape[0] / p.shape[1]))
+        else:
+            torch.testing.assert_close(p, q, **TOL[torch.float64])
