@@ -82,7 +82,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fastopt.arrays import array_device, as_numpy, check_disjoint, no_self_overlap
+from fastopt.arrays import array_device, array_module, as_numpy, check_disjoint, no_self_overlap
 from fastopt.blas import one_blas_thread
 from fastopt.grad_guard import GuardedSteps, scaled
 from fastopt.optim import as_param_groups
@@ -172,13 +172,6 @@ def grad_dtype_ok(grad_dtype, param_dtype) -> bool:
 
 # ---- arrays -----------------------------------------------------------------------------------------
 
-def _xp(a):
-    if isinstance(a, np.ndarray):
-        return np
-    import cupy
-    return cupy
-
-
 def _is_cupy(a) -> bool:
     return type(a).__module__.startswith("cupy")
 
@@ -219,7 +212,7 @@ def state_shapes(shape: tuple) -> dict:
 def new_state(p) -> dict:
     """Fresh state of a param: step 0 and zero arrays of torch's shapes, on p's device, in p's dtype
     (float32 for a 16-bit param)."""
-    xp = _xp(p)
+    xp = array_module(p)
     state = {"step": 0}
     for name, shape in state_shapes(p.shape).items():
         state[name] = xp.zeros(shape, dtype=state_dtype(p.dtype))
@@ -268,14 +261,14 @@ def _sumsq(x) -> float:
     """Sum of squares of x as a Python float: a BLAS dot per block in the dtype, the blocks summed in
     float64. A float32 sum that overflows is inf, as torch's float32 norm (|p| ~ 1e20 gives an inf RMS and
     an inf step in both)."""
-    xp = _xp(x)
+    xp = array_module(x)
     v = x.reshape(-1) if xp is not np or x.flags.c_contiguous else np.ascontiguousarray(x).reshape(-1)
     return float(xp.dot(v, v))
 
 
 def _lerp_into(a, end, w, dtype):
     """a = torch.lerp(a, end, w) with torch's two branches; end is scratch (overwritten)."""
-    xp = _xp(a)
+    xp = array_module(a)
     wd = dtype.type(w)
     if abs(wd) < 0.5:
         xp.subtract(end, a, out=end)             # end - a
@@ -329,7 +322,7 @@ def update(p, g, state: Mapping, t: float, hp: Mapping, eps1: float, workspace: 
     16-bit p the state is float32 and g p's dtype or float32 (the module docstring, 16-bit params)."""
     if p.size == 0:
         return  # nothing to update (torch raises ZeroDivisionError here: its RMS divides by numel)
-    xp = _xp(p)
+    xp = array_module(p)
     if is_16bit(p.dtype):
         _update_16bit(p, g, state, t, hp, eps1, workspace, block, xp)
         return
@@ -816,7 +809,7 @@ class Adafactor(GuardedSteps):
         xps = {}
         state = {}
         for i, (p, t, arrays) in new_state.items():
-            xp = xps.setdefault(type(p), _xp(p))
+            xp = xps.setdefault(type(p), array_module(p))
             s = {"step": int(t)}
             for name, a in arrays.items():
                 s[name] = xp.array(a, dtype=state_dtype(p.dtype))  # a copy, in the state's dtype and module

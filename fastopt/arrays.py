@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 
-__all__ = ["array_device", "as_numpy", "to_host", "writable_view", "copy_into", "zero_fill", "no_self_overlap",
-           "byte_range", "check_disjoint"]
+__all__ = ["array_device", "array_module", "as_numpy", "to_host", "writable_view", "copy_into", "zero_fill",
+           "no_self_overlap", "byte_range", "check_disjoint"]
 
 
 def array_device(x, name="array") -> str:
@@ -32,6 +32,15 @@ def array_device(x, name="array") -> str:
         raise TypeError(f"{name} must be an array (NumPy, CuPy, Numba device array or an object exposing its "
                         f"memory), got {t.__name__}") from None
     return "host"
+
+
+def array_module(a):
+    """The module of a NumPy or CuPy array: numpy, else cupy (imported only then; the composite optimizers'
+    arrays are one or the other once array_device / as_numpy have taken them)."""
+    if isinstance(a, np.ndarray):
+        return np
+    import cupy
+    return cupy
 
 
 def as_numpy(obj, name="array"):

@@ -28,6 +28,7 @@ import math
 
 import numpy as np
 
+from fastopt.arrays import array_module
 from fastopt.backends.host_clip import clip_coefficient
 from fastopt.clip import check_bound, global_norm
 from fastopt.precision import is_16bit
@@ -44,18 +45,14 @@ def check_options(clip_grad_norm, skip_nonfinite) -> tuple[float | None, bool]:
     return clip_grad_norm, bool(skip_nonfinite)
 
 
-def _xp(a):
-    return np if isinstance(a, np.ndarray) else __import__(type(a).__module__.split(".")[0])
-
-
 def sum_of_squares(arrays) -> float:
     """Sum of the squares of every element of every array (NumPy or CuPy, any float dtype and layout), in
     float64, in a fixed order: the arrays grouped by dtype, each group one fused reduction."""
     groups: dict = {}
     for a in arrays:
         if a.size:
-            contiguous = a if a.flags.c_contiguous else _xp(a).ascontiguousarray(a)
-            groups.setdefault((_xp(a).__name__, a.dtype.str, a.dtype.name), []).append(contiguous.reshape(-1))
+            contiguous = a if a.flags.c_contiguous else array_module(a).ascontiguousarray(a)
+            groups.setdefault((array_module(a).__name__, a.dtype.str, a.dtype.name), []).append(contiguous.reshape(-1))
     total = 0.0
     for key in sorted(groups):
         total += float(global_norm(groups[key])) ** 2

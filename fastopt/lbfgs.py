@@ -42,7 +42,7 @@ import numbers
 
 import numpy as np
 
-from fastopt.arrays import array_device, as_numpy
+from fastopt.arrays import array_device, array_module, as_numpy
 from fastopt.functional import sgd_step
 from fastopt.specs import COMPOSITE, Hyper, shown
 
@@ -115,13 +115,6 @@ def check_group(group: dict, line_search_error=ValueError) -> dict:
 # The flat vector space of the params
 # ---------------------------------------------------------------------------------------------------
 
-def _xp(arrays):
-    if arrays and type(arrays[0]).__module__.startswith("cupy"):
-        import cupy
-        return cupy
-    return np
-
-
 def _scalar(x):
     """A reduction's result as a NumPy scalar of its dtype (a CuPy 0-d array comes to the host)."""
     if isinstance(x, np.generic):
@@ -142,7 +135,7 @@ class ParamVector:
 
     def __init__(self, params: list):
         self.params = list(params)
-        self.xp = _xp(self.params)
+        self.xp = array_module(self.params[0]) if self.params else np
         dtypes = [np.dtype(p.dtype) for p in self.params]
         if len(set(dtypes)) == 1:
             self.dtype = dtypes[0]

@@ -61,7 +61,7 @@ import numbers
 
 import numpy as np
 
-from fastopt.arrays import array_device, as_numpy, check_disjoint, no_self_overlap, to_host
+from fastopt.arrays import array_device, array_module, as_numpy, check_disjoint, no_self_overlap, to_host
 from fastopt.blas import one_blas_thread, steady_blas_count
 from fastopt.grad_guard import GuardedSteps, scaled
 from fastopt.optim import as_param_groups
@@ -157,14 +157,6 @@ def adjusted_lr(lr: float, adjust_lr_fn, shape) -> float:
 
 # ---- the numerics ------------------------------------------------------------------------------------
 
-def _xp(a):
-    """The array module of a (NumPy or CuPy)."""
-    if isinstance(a, np.ndarray):
-        return np
-    import cupy
-    return cupy
-
-
 class Workspace:
     """Work arrays of the update, one set per (shape, dtype, array module), kept between steps (allocating
     ~10 matrices per param per step would cost page faults and, on the GPU, allocator traffic)."""
@@ -204,7 +196,7 @@ def _round_bf16(x, bits):
     float -> bfloat16 conversion (Inf stays Inf, overflow rounds to Inf). NaN payloads with the low 15 bits
     all set would carry into Inf or -0: muon_update puts the input's NaNs back after its first rounding; inside
     the iteration NaNs are the FPU's canonical ones, which round to NaN."""
-    xp = _xp(x)
+    xp = array_module(x)
     u = x.reshape(-1).view(xp.uint32)
     _round_bits(xp, u, bits[:u.size])
     return x
@@ -261,7 +253,7 @@ def _lerp_into(out, start, end, weight, D, F=None):
     into F for 16-bit data, makes; 16-bit data then rounded once more, into out, as torch's float32 math
     stored to 16 bits); float64: two roundings (NumPy has no FMA). 2-D arrays of one shape; D (float64) and
     F (float32, for 16-bit data) the work blocks (_work_size). out may be float32 for float64 inputs."""
-    xp = _xp(D)
+    xp = array_module(D)
     sixteen = _is16(start.dtype)
     if start.dtype == np.float32 or sixteen:
         w = np.float32(weight)               # torch's scalar weight, in the tensor's math type
@@ -291,7 +283,7 @@ def _apply_update(param, update, decay, alpha, D, F=None):
     multiplication rounded to the param's dtype, then one FMA for float32 and 16-bit params (float64 product
     and sum, exact but for the rounding to float32; 16-bit params then rounded to their dtype, F the float32
     block) or two roundings for float64. decay == 1 skips the multiplication (exact anyway)."""
-    xp = _xp(D)
+    xp = array_module(D)
     m, n = param.shape
     sixteen = _is16(param.dtype)
     if param.dtype == np.float32 or sixteen:
@@ -324,7 +316,7 @@ def _newton_schulz(w, coefficients, ns_steps, eps):
     one; here X stays in the param's orientation and the matmuls take the transposes instead (BLAS reads a
     transposed operand in place), so no matrix is ever copied across: with Z = X^T (torch's iterate),
     Z Z^T = X^T X and V Z = (X V^T)^T, the same products summed."""
-    xp = _xp(w["X"])
+    xp = array_module(w["X"])
     X, Y, G, V, T, bits = w["X"], w["Y"], w["G"], w["V"], w["T"], w["bits"]
     bits_of = w["bits_of"]  # id(matrix) -> (its bits, scratch)
     tall = X.shape[0] > X.shape[1]
@@ -371,7 +363,7 @@ def _newton_schulz_small(w, coefficients, ns_steps, eps, m, n):
     """_newton_schulz, with one BLAS thread for matrices below SINGLE_THREAD_MACS multiply-adds per matmul, and
     BLAS's count held steady for the others (NumPy arrays; CuPy's cuBLAS has no such count)."""
     r, c = min(m, n), max(m, n)
-    if _xp(w["X"]) is not np:
+    if array_module(w["X"]) is not np:
         return _newton_schulz(w, coefficients, ns_steps, eps)
     with one_blas_thread() if r * r * c < SINGLE_THREAD_MACS else steady_blas_count():
         return _newton_schulz(w, coefficients, ns_steps, eps)
@@ -384,7 +376,7 @@ def muon_update(param, grad, buf, hp: dict, workspace: Workspace) -> None:
     validates)."""
     if param.size == 0:
         return
-    xp = _xp(param)
+    xp = array_module(param)
     m, n = param.shape
     w = workspace.get(xp, param.shape, param.dtype)
     D, F = w["D"], w.get("F")
@@ -509,7 +501,7 @@ class Muon(GuardedSteps):
         arrays = [_as_array(p, f"params[{start + i}]") for i, p in enumerate(params)]
         for i, p in enumerate(arrays):
             _check_param(p, f"params[{start + i}]")
-        kinds = {_xp(p).__name__ for p in self.params + arrays}
+        kinds = {array_module(p).__name__ for p in self.params + arrays}
         if len(kinds) > 1:
             raise TypeError(f"params: one optimizer updates arrays of one kind, got {' and '.join(sorted(kinds))}")
         seen = {id(p) for p in self.params}
@@ -555,23 +547,24 @@ class Muon(GuardedSteps):
                 p = _as_array(p, what)   # group["params"] may be edited between steps: checked every step
                 _check_param(p, what)
                 buf = self.state.get(i, {}).get("momentum_buffer")
-                if buf is not None and (_xp(buf) is not _xp(p) or tuple(buf.shape) != tuple(p.shape)
+                xp = array_module(p)
+                if buf is not None and (array_module(buf) is not xp or tuple(buf.shape) != tuple(p.shape)
                                         or buf.dtype != p.dtype):
-                    raise ValueError(f"{what} ({_xp(p).__name__}, {tuple(p.shape)}, {p.dtype}) does not match its "
-                                     f"momentum buffer ({_xp(buf).__name__}, {tuple(buf.shape)}, {buf.dtype}): "
-                                     f"a param swapped for a different one")
+                    raise ValueError(f"{what} ({xp.__name__}, {tuple(p.shape)}, {p.dtype}) does not match its "
+                                     f"momentum buffer ({array_module(buf).__name__}, {tuple(buf.shape)}, "
+                                     f"{buf.dtype}): a param swapped for a different one")
                 if g is not None:
                     gwhat = f"grads[{i}]"
                     g = _as_array(g, gwhat)
-                    if _xp(g) is not _xp(p):
-                        raise TypeError(f"{gwhat} is a {_xp(g).__name__} array but its param is a "
-                                        f"{_xp(p).__name__} array")
+                    if array_module(g) is not xp:
+                        raise TypeError(f"{gwhat} is a {array_module(g).__name__} array but its param is a "
+                                        f"{xp.__name__} array")
                     if tuple(g.shape) != tuple(p.shape):
                         raise ValueError(f"{gwhat} has shape {tuple(g.shape)} but its param has shape "
                                          f"{tuple(p.shape)}")
                     if g.dtype != p.dtype:
                         raise TypeError(f"{gwhat} has dtype {g.dtype} but its param has dtype {p.dtype}")
-                    if _xp(g).may_share_memory(g, p) or (buf is not None and _xp(g).may_share_memory(g, buf)):
+                    if xp.may_share_memory(g, p) or (buf is not None and xp.may_share_memory(g, buf)):
                         raise ValueError(f"{gwhat} shares memory with its param or its momentum buffer")
                     plan.append((p, g, i, hps[gi]))
                     written.append((what, p))
@@ -597,7 +590,7 @@ class Muon(GuardedSteps):
                 g = scaled(g, coef)
             st = self.state.setdefault(i, {})
             if "momentum_buffer" not in st:
-                st["momentum_buffer"] = _xp(p).zeros(p.shape, p.dtype)
+                st["momentum_buffer"] = array_module(p).zeros(p.shape, p.dtype)
             muon_update(p, g, st["momentum_buffer"], hp, self._workspace)
 
     # ---- state dicts ---------------------------------------------------------------------------------
@@ -672,7 +665,7 @@ class Muon(GuardedSteps):
         self.state = {}
         for i, value in sorted(new_state.items()):
             p = self.params[i]
-            buf = _xp(p).array(value, dtype=p.dtype)  # a copy, on the param's device
+            buf = array_module(p).array(value, dtype=p.dtype)  # a copy, on the param's device
             self.state[i] = {"momentum_buffer": buf}
         for group, hp in zip(self.param_groups, new_groups):
             group.update(hp)

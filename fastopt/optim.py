@@ -934,7 +934,8 @@ class Optimizer:
                     # a state no param of the bucket has saved (SGD's momentum buffer set on but not yet
                     # updated) is made by the next step: dropped if allocated, not allocated if needed
                     dropped = spec.unmade_states([n for n in bucket.states if n in spec.states], saved)
-                    needed = [name for name in needed if name not in spec.unmade_states(needed, saved)]
+                    unmade = spec.unmade_states(needed, saved)
+                    needed = [name for name in needed if name not in unmade]
                 new_slots = {}
                 if needed:
                     fresh = self._new_states(bucket.params, hp)

@@ -45,7 +45,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fastopt.arrays import array_device, as_numpy, check_disjoint, to_host, writable_view
+from fastopt.arrays import array_device, array_module, as_numpy, check_disjoint, to_host, writable_view
 from fastopt.grad_guard import GuardedSteps, scaled, sum_of_squares
 from fastopt.optim import as_param_groups
 from fastopt.specs import COMPOSITE, as_step, shown
@@ -65,13 +65,6 @@ _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 # ---------------------------------------------------------------------------------------------------
 # array module helpers (NumPy or CuPy, from the params' type)
 # ---------------------------------------------------------------------------------------------------
-
-def _xp_of(a):
-    if isinstance(a, np.ndarray):
-        return np
-    import cupy  # only reached for device arrays, which writable_view made CuPy arrays
-    return cupy
-
 
 def _kind(a) -> str:
     return "cupy" if type(a).__module__.startswith("cupy") else "numpy"
@@ -131,7 +124,7 @@ def _check_state(s, p, name: str):
         raise TypeError(f"{name} has dtype {s.dtype} but its param has dtype {p.dtype}")
     if s.shape != p.shape:
         raise ValueError(f"{name} has shape {tuple(s.shape)} but its param has shape {tuple(p.shape)}")
-    if _shares_memory(_xp_of(p), s, p):
+    if _shares_memory(array_module(p), s, p):
         raise ValueError(f"{name} shares memory with its param")
     return s
 
@@ -139,7 +132,7 @@ def _check_state(s, p, name: str):
 def _as_index_array(indices, p, where: str):
     """The indices as an integer array of the param's kind: a NumPy view of a host array (a torch CPU tensor
     included), a list of ints, or for CuPy params a CuPy array (a host index array is copied to the GPU)."""
-    xp = _xp_of(p)
+    xp = array_module(p)
     if isinstance(indices, (list, tuple)):
         try:
             arr = np.asarray(indices)
@@ -164,7 +157,7 @@ def _as_index_array(indices, p, where: str):
 def _as_values_array(values, p, where: str):
     """The values as an array of the param's kind: NumPy (any host array, viewed) or CuPy (a GPU array, viewed);
     no copy between host and device."""
-    xp = _xp_of(p)
+    xp = array_module(p)
     if values is None or isinstance(values, (list, tuple, numbers.Number)):
         raise TypeError(f"{where} values must be an array, got {type(values).__name__}")
     device = array_device(values, f"{where} values")
@@ -197,7 +190,7 @@ def _check_grad(grad, p, where: str, pname: str):
         raise TypeError(f"{where} must be an (indices, values) pair or None, got {shown(grad)} "
                         f"({type(grad).__name__})")
     indices, values = grad
-    xp = _xp_of(p)
+    xp = array_module(p)
     indices = _as_index_array(indices, p, where)
     if indices.ndim == 1:
         k, nnz = 1, int(indices.shape[0])
@@ -284,7 +277,7 @@ def _update(p, m, v, plan: _Plan, step: int, lr: float, beta1: float, beta2: flo
             maximize: bool) -> None:
     """Apply one coalesced row-sparse Adam update (plan) to p, m, v in place. The operations, their order and
     their scalars are torch's (_functional.sparse_adam), chunk by chunk of rows."""
-    xp = _xp_of(p)
+    xp = array_module(p)
     scalar = _compute_scalar(p.dtype)
     c1, c2 = scalar(1.0 - beta1), scalar(1.0 - beta2)
     step_size = lr * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
@@ -358,7 +351,7 @@ def _coalesced(plan: _Plan):
         return plan.vals
     g = plan.vals[plan.src]  # a copy: the first occurrence of each row
     if plan.dup_row is not None:
-        _xp_of(g).add.at(g, plan.dup_row, plan.vals[plan.dup_pos])
+        array_module(g).add.at(g, plan.dup_row, plan.vals[plan.dup_pos])
     return g
 
 
@@ -430,7 +423,7 @@ def prepare_step(params, grads, exp_avg, exp_avg_sq, *, step, lr: float = 1e-3, 
             continue
         m = _check_state(ms[i], p, name("exp_avg", i))
         v = _check_state(vs[i], p, name("exp_avg_sq", i))
-        if _shares_memory(_xp_of(p), m, v):
+        if _shares_memory(array_module(p), m, v):
             raise ValueError(f"{name('exp_avg', i)} and {name('exp_avg_sq', i)} share memory")
         plan = _check_grad(grads[i], p, name("grads", i), pn)
         if plan is not None:
@@ -702,7 +695,7 @@ class SparseAdam(GuardedSteps):
         state = {}
         for i, (count, arrays) in sorted(new_state.items()):
             p = params[i]
-            xp = _xp_of(p)
+            xp = array_module(p)
             st = {"step": count}
             for name, host in arrays.items():
                 st[name] = xp.array(np.array(host, dtype=p.dtype, copy=True)) if xp is not np else \

@@ -637,7 +637,7 @@ def _adam_spec(name, class_name, summary, wd_default, decoupled):
     else:
         wd_rule = (" + weight_decay * p, or p = p * (1 - lr * weight_decay) first when\n"
                    "        decoupled_weight_decay (then Adam is AdamW)")
-        wd_doc = "L2 penalty added to the gradient, or decoupled weight decay when decoupled_weight_decay (>= 0)"
+        wd_doc = _COUPLED_OR_DECOUPLED
         flags = (flag("decoupled_weight_decay", False, "AdamW-style weight decay (Adam is then AdamW)"),)
         is_decoupled, group_flags = (lambda hp: hp["decoupled_weight_decay"]), {}
     return OptimizerSpec(

@@ -24,7 +24,7 @@ from fastopt.torch.arguments import check_extras, check_saved_state
 from fastopt.torch.arrays import on_torch_stream
 from fastopt.torch.views import bump_versions
 
-__all__ = ["CompositeOptimizer", "GuardedComposite", "CPU", "scaled_grad"]
+__all__ = ["CompositeOptimizer", "GuardedComposite", "CPU"]
 
 CPU = torch.device("cpu")
 
@@ -67,14 +67,6 @@ class CompositeOptimizer(torch.optim.Optimizer):
             written = self._apply(plan)
         bump_versions(written)
         return loss
-
-
-def scaled_grad(g: torch.Tensor, coef: float) -> torch.Tensor:
-    """g * coef as a new tensor, by grad_guard.scaled's rule: a 16-bit grad's float32 product rounded to its
-    dtype, else the product in g's dtype (coef rounded to it)."""
-    if g.dtype in (torch.float16, torch.bfloat16):
-        return (g.float() * coef).to(g.dtype)
-    return g * torch.tensor(coef, dtype=g.dtype, device=g.device)
 
 
 class GuardedComposite(GuardedSteps, CompositeOptimizer):

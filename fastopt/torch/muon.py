@@ -30,7 +30,8 @@ import torch
 from fastopt import muon as core
 from fastopt.arrays import check_disjoint
 from fastopt.torch.arrays import array_view
-from fastopt.torch.composite import CPU, GuardedComposite, scaled_grad
+from fastopt.grad_guard import scaled
+from fastopt.torch.composite import CPU, GuardedComposite
 
 _NAME = "fastopt.torch.Muon"  # for messages
 
@@ -67,7 +68,7 @@ class Muon(GuardedComposite):
         self._workspace = core.Workspace()
 
     def _plan(self):
-        """Every check of a step, nothing written: [(param, grad, hp, buffer or None)]."""
+        """Every check of a step, nothing written: [(param, grad, the grad's array view, hp, buffer or None)]."""
         plan, written, read = [], [], []
         for gi, group in enumerate(self.param_groups):
             try:
@@ -99,11 +100,12 @@ class Muon(GuardedComposite):
                 if buf is not None and (buf.dtype != p.dtype or buf.shape != p.shape or buf.device != p.device):
                     raise ValueError(f"the momentum_buffer ({buf.dtype}, {tuple(buf.shape)}, {buf.device}) does not "
                                      f"match its param ({p.dtype}, {tuple(p.shape)}, {p.device})")
-                plan.append((p, g, hp, buf))
+                grad_view = array_view(g, _NAME)
+                plan.append((p, g, grad_view, hp, buf))
                 written += [("a param", array_view(p, _NAME))] + ([] if buf is None else [
                     ("a momentum_buffer", array_view(buf, _NAME))])
-                read.append(("a grad", array_view(g, _NAME)))
-        devices = {p.device.type for p, _, _, _ in plan}
+                read.append(("a grad", grad_view))
+        devices = {p.device.type for p, *_ in plan}
         if len(devices) > 1:
             raise TypeError("fastopt.torch.Muon: params on the CPU and on CUDA in one optimizer")
         # a grad that is (a view of) another param, or params that are views of one tensor: each param is
@@ -115,18 +117,18 @@ class Muon(GuardedComposite):
         return plan[0][0].device if plan else CPU
 
     def _plan_grads(self, plan) -> list:
-        return [array_view(g, _NAME) for _, g, _, _ in plan]
+        return [grad_view for _, _, grad_view, _, _ in plan]
 
     def _scaled_plan(self, plan, coef: float):
-        return [(p, scaled_grad(g, coef), hp, buf) for p, g, hp, buf in plan]
+        return [(p, g, scaled(grad_view, coef), hp, buf) for p, g, grad_view, hp, buf in plan]
 
     def _apply(self, plan) -> list:
         """One Muon update of every planned param (see the class docstring); returns the tensors written."""
         written = []
-        for p, g, hp, buf in plan:
+        for p, g, grad_view, hp, buf in plan:
             if buf is None:
                 buf = torch.zeros_like(g, memory_format=torch.preserve_format)
                 self.state[p]["momentum_buffer"] = buf
-            core.muon_update(array_view(p, _NAME), array_view(g, _NAME), array_view(buf, _NAME), hp, self._workspace)
+            core.muon_update(array_view(p, _NAME), grad_view, array_view(buf, _NAME), hp, self._workspace)
             written += (p, buf)
         return written
