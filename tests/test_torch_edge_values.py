@@ -100,6 +100,28 @@ def test_edge_values_match_torch(case, dtype):
         _same(got, expect, rtol, f"fastopt.{name.lower()}_step ({backend}) params")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_value_only_the_params_dtype_can_refuse_is_judged_on_the_params(dtype):
+    """Adagrad's initial_accumulator_value=1e300: torch fills it into float64 params' state and refuses it for
+    float32 ones (its state is made in the constructor). fastopt.torch runs torch's constructor checks first, on
+    a stand-in param: a float32 stand-in refused it for float64 params too."""
+    p = torch.tensor(P0, dtype=dtype, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    if dtype == torch.float32:
+        with pytest.raises(RuntimeError, match="overflow"):
+            torch.optim.Adagrad([q], initial_accumulator_value=1e300)
+        with pytest.raises(RuntimeError, match="overflow"):
+            ft.Adagrad([p], initial_accumulator_value=1e300)
+        return
+    opts = [ft.Adagrad([p], initial_accumulator_value=1e300), torch.optim.Adagrad([q], initial_accumulator_value=1e300)]
+    for t in range(3):
+        p.grad = q.grad = torch.full_like(p, t + 1.0)
+        for opt in opts:
+            opt.step()
+    _same(p.detach().numpy(), q.detach().numpy(), 1e-12, "params")
+    _same(opts[0].state[p]["sum"].numpy(), opts[1].state[q]["sum"].numpy(), 1e-12, "sum")
+
+
 def test_rprop_accepts_an_unbounded_step_size_and_still_refuses_nan():
     p = np.zeros(3)
     opt = fastopt.Rprop([p], step_size_min=0.0, step_size_max=INF, etaplus=4.0)

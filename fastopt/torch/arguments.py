@@ -126,7 +126,9 @@ def check_as_torch(spec: OptimizerSpec, arguments: dict) -> None:
     """torch.optim's own constructor, on a stand-in param, with the constructor arguments torch takes, as given:
     whatever torch refuses is refused here with torch's exception, word for word, its rules between arguments
     included (Adam: a tensor lr with foreach=True, betas of a float and a tensor). Nothing where torch has no
-    such class; fastopt's own (stricter) checks follow in registry_hp."""
+    such class; fastopt's own (stricter) checks follow in registry_hp. The stand-in is float64, so a value that
+    only the params' own dtype could refuse is not refused here (Adagrad's initial_accumulator_value=1e300, which
+    torch fills into float64 params' state and refuses for float32 ones when it makes the state)."""
     klass = torch_class(spec)
     if klass is None:
         return
@@ -136,7 +138,7 @@ def check_as_torch(spec: OptimizerSpec, arguments: dict) -> None:
     given = {k: v for k, v in arguments.items() if k in taken and k != "params"}
     with warnings.catch_warnings():  # warnings about the arguments are torch's (foreach/fused: not used here)
         warnings.simplefilter("ignore")
-        klass([torch.zeros(1, requires_grad=True)], **given)
+        klass([torch.zeros(1, dtype=torch.float64, requires_grad=True)], **given)
 
 
 def check_flags(group: dict) -> None:
