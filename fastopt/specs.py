@@ -265,6 +265,12 @@ class OptimizerSpec:
     #     the constructor's arguments (optimizer.defaults), then and for state made later, not from the group.
     torch_positional: tuple[str, ...] | None = None
     torch_state_at_init: bool = False
+    # torch_sparse: torch.optim takes sparse (COO) gradients for this optimizer (SGD, Adagrad): fastopt.torch
+    #     makes them dense for its kernels (one warning) and refuses them, with torch's RuntimeError, while a
+    #     hyperparameter named here is nonzero (Adagrad's weight_decay). None: refused with torch's RuntimeError,
+    #     torch_sparse_error or "<torch class> does not support sparse gradients".
+    torch_sparse: tuple[str, ...] | None = None
+    torch_sparse_error: str | None = None
     # state_fill: state name -> (hp -> the value a new state array is filled with); 0.0 for the others
     state_fill: Mapping[str, Callable[[Mapping], float]] = field(default_factory=dict)
     extra_check: Callable[[Mapping], None] | None = None
@@ -653,6 +659,7 @@ def _adam_spec(name, class_name, summary, wd_default, decoupled):
         torch_class=class_name,
         torch_group_flags=group_flags,
         torch_positional=("lr", "betas", "eps", "weight_decay", "amsgrad"),
+        torch_sparse_error="Adam does not support sparse gradients, please consider SparseAdam instead",
     )
 
 
@@ -690,6 +697,7 @@ p = p - lr * g
     optional_states={"momentum_buffer": lambda hp: hp["momentum"] != 0.0},
     scalar_names=("grad_scale", "lr", "momentum", "one_minus_dampening", "weight_decay"),
     scalars=_sgd_scalars, variant=_sgd_variant, variants=_SGD_VARIANTS, step_default=1, torch_class="SGD", extra_check=_sgd_check,
+    torch_sparse=("weight_decay",),  # (torch's SGD fails there: grad.add(param) of a sparse grad)
     torch_step=False, torch_positional=("lr", "momentum", "dampening", "weight_decay", "nesterov"),
 ))
 
@@ -712,6 +720,7 @@ p = p - clr * g / (sqrt(state_sum) + eps)
     state_fill={"state_sum": lambda hp: hp["initial_accumulator_value"]},
     scalar_names=("grad_scale", "clr", "eps", "weight_decay"),
     scalars=_adagrad_scalars, torch_class="Adagrad", torch_state_names={"state_sum": "sum"},
+    torch_sparse=("weight_decay",),
     torch_positional=("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps", "foreach"),
     torch_state_at_init=True,
 ))

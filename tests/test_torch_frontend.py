@@ -509,7 +509,8 @@ def _bad_cases():
         ps[2].grad = ps[2].data
 
     return [("dtype", wrong_dtype, TypeError, "dtype"), ("shape", wrong_shape, ValueError, "shape"),
-            ("sparse", sparse, TypeError, "sparse"), ("lr", bad_lr, ValueError, "learning rate"),
+            ("sparse", sparse, RuntimeError, "Adam does not support sparse gradients"),
+            ("lr", bad_lr, ValueError, "learning rate"),
             ("betas", bad_betas, TypeError, "betas"), ("capturable", capturable, ValueError, "capturable"),
             ("aliased", aliased, ValueError, "shares memory")]
 

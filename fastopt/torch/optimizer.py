@@ -337,6 +337,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         for p, key, v in keep:
             if p in self.state and key in self.state[p]:
                 self.state[p][key] = v.to(device=p.device)
+        for entry in self.state.values():  # torch.optim.SGD's momentum buffer made from sparse grads is sparse
+            for key, v in entry.items():
+                if isinstance(v, torch.Tensor) and v.is_sparse:
+                    entry[key] = v.to_dense()
         if rounding_steps is not None:
             self.rounding_steps = rounding_steps
 
@@ -431,15 +435,16 @@ class TorchOptimizer(torch.optim.Optimizer):
                 if entry is not None and entry.valid(p, state, names):
                     gv = entry.cached_grad_view(g)
                     if gv is None:
-                        gv = self._grad_view(number, p, g, entry.flat, entry.layout)
-                        entry.remember_grad(g, gv)
+                        gv = self._grad_view(number, p, g, entry.flat, entry.layout, hp)
+                        if not g.is_sparse:  # (a sparse grad's view is of a dense copy, made each step)
+                            entry.remember_grad(g, gv)
                     count = self._count(entry, state, used, names, counted)
                     items.append([group, p, gv, entry, None, count, number])
                     continue
                 # first step of this param, or its storage or state changed: the full checks
                 self._check_param(p)
                 flat = not p.is_contiguous()
-                gv = self._grad_view(number, p, g, flat, layout(p))
+                gv = self._grad_view(number, p, g, flat, layout(p), hp)
                 fresh, tensors = {}, []
                 for name, tname in zip(used, names):
                     t = state.get(tname) if state else None
@@ -572,10 +577,11 @@ class TorchOptimizer(torch.optim.Optimizer):
             counted.append(step_t)
         return count
 
-    def _grad_view(self, number, p, g, flat, param_layout):
+    def _grad_view(self, number, p, g, flat, param_layout, hp):
         """The kernel view of a grad: fast for the usual contiguous grad of a contiguous param (its shape
         and dtype are checked by the backend's prepare); otherwise every check, and a grad in another
-        layout than its param is copied into the param's layout (with one warning)."""
+        layout than its param is copied into the param's layout (with one warning); a sparse grad made dense
+        (_dense_grad)."""
         # the backend checks a grad against its param's view; a complex param's view is real, so its grad (and a
         # complex grad) takes the checks below
         if not flat and not g.is_complex() and not p.is_complex():
@@ -584,6 +590,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                     return g.numpy()  # raises for CUDA, sparse, conjugated... grads: the checks below
             except (RuntimeError, TypeError, ValueError):
                 pass
+        if g.is_sparse:
+            g = self._dense_grad(number, p, g, hp)
         self._check_grad(number, p, g)
         if g.is_conj():  # a lazily conjugated complex grad: its values, which view_as_real cannot see
             g = g.resolve_conj()
@@ -595,6 +603,26 @@ class TorchOptimizer(torch.optim.Optimizer):
                 f"step (make the gradient's layout match the param's to avoid the copy)"))
             g = torch.empty_like(p, dtype=g.dtype).copy_(g)
         return kernel_view(g, flat)
+
+    def _dense_grad(self, number, p, g, hp):
+        """A sparse COO grad as a dense tensor, for the optimizers torch takes them for (spec.torch_sparse: SGD,
+        Adagrad; the values are torch's: an element without a gradient is updated with a zero one, which leaves
+        it as torch's sparse update does), with torch's RuntimeError otherwise."""
+        spec = self.spec
+        if spec.torch_sparse is None:
+            raise RuntimeError(spec.torch_sparse_error
+                               or f"{spec.torch_class or spec.class_name} does not support sparse gradients")
+        for name in spec.torch_sparse:
+            if hp[name] != 0:
+                raise RuntimeError(f"{name} option is not compatible with sparse gradients")
+        if g.layout != torch.sparse_coo or g.shape != p.shape:
+            raise ValueError(f"grads[{number}] is a {g.layout} tensor of shape {tuple(g.shape)}; its param has shape "
+                             f"{tuple(p.shape)} (sparse gradients: torch.sparse_coo, the param's shape)")
+        self._warn_once(("sparse", number), (
+            f"fastopt.torch.{type(self).__name__}: the sparse gradient of param {number} (shape {tuple(p.shape)}) is "
+            f"made dense for the update, a pass over the whole param and state where torch.optim updates the "
+            f"gradient's rows only (same values: the other elements take a zero gradient)"))
+        return g.to_dense()
 
     @staticmethod
     def _check_grad(number, p, g):

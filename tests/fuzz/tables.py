@@ -30,7 +30,7 @@ import numpy as np
 import fastopt
 from fastopt.specs import REGISTRY, REQUIRED
 
-from .harness import Case, to_plain
+from .harness import ALLOWED, Case, to_plain
 from .values import (BAD_BACKENDS, BAD_BOOL_VALUES, BAD_GRAD_SCALE, BAD_STEP_VALUES, ELEMENT_DIMS, F4, F8,
                      HUGE_INT, OK_GRAD_SCALE, OK_STEP_VALUES, bad_real_values, ok_real_values)
 
@@ -1550,8 +1550,12 @@ def _torch_class_cases(spec):
                 arrs = _torch_opt_arrs(spec, hp, rng)
                 arrs["params"][idx].grad = make(arrs["params"], idx)
                 return arrs
+            sparse = name == "sparse"
+            # sparse grads: torch's RuntimeError where torch refuses them; SGD and Adagrad take them (spec.torch_sparse)
             cases.append(Case(f"{spec.name}/grad[{idx}]/{name}", f"{text} with params[{idx}].grad = {expr}", build,
-                              [step], expect=expect, names=("grad", "param", "share", "sparse")))
+                              [step], expect="any" if sparse and spec.torch_sparse is not None else expect,
+                              exc=(RuntimeError,) if sparse else ALLOWED,
+                              names=("grad", "param", "share", "sparse")))
     for key, default in [("lr", 0.1)] + _torch_group_keys(spec):
         for label, v in _torch_bad_values(default):
             def build(rng, plain):
