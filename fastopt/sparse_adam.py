@@ -256,9 +256,8 @@ def _hyper(name: str, value):
 
 
 def _lr(value):
-    """lr, checked. A NumPy float32 scalar keeps its type, so that the step size lr * sqrt(1 - beta2^t) /
-    (1 - beta1^t) is computed in float32 (NumPy's promotion of a scalar with Python floats), as
-    torch.optim.SparseAdam computes it for a float32 tensor lr."""
+    """lr, checked. A NumPy float32 scalar keeps its type, so that the step size is computed in float32
+    (_step_size), as torch.optim.SparseAdam computes it for a float32 tensor lr."""
     checked = _hyper("lr", value)
     return np.float32(checked) if isinstance(value, np.float32) else checked
 
@@ -273,6 +272,15 @@ def _check_betas(betas, where=""):
 # the update (after every check)
 # ---------------------------------------------------------------------------------------------------
 
+def _step_size(lr, step: int, beta1: float, beta2: float):
+    """lr * sqrt(1 - beta2^t) / (1 - beta1^t): in float64, or each operation in float32 for a NumPy float32 lr
+    (torch's with a float32 tensor lr: the two bias corrections are Python floats rounded to float32)."""
+    bias_correction1, root = 1.0 - beta1 ** step, math.sqrt(1.0 - beta2 ** step)
+    if isinstance(lr, np.float32):
+        return np.float32(lr * np.float32(root)) / np.float32(bias_correction1)
+    return lr * root / bias_correction1
+
+
 def _update(p, m, v, plan: _Plan, step: int, lr: float, beta1: float, beta2: float, eps: float,
             maximize: bool) -> None:
     """Apply one coalesced row-sparse Adam update (plan) to p, m, v in place. The operations, their order and
@@ -280,7 +288,7 @@ def _update(p, m, v, plan: _Plan, step: int, lr: float, beta1: float, beta2: flo
     xp = array_module(p)
     scalar = _compute_scalar(p.dtype)
     c1, c2 = scalar(1.0 - beta1), scalar(1.0 - beta2)
-    step_size = lr * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
+    step_size = _step_size(lr, step, beta1, beta2)
     neg_step, eps_s = scalar(-step_size), scalar(eps)
     width, u, vals = plan.width, plan.u, plan.vals
     p2, m2, v2 = p.reshape(plan.nrows, width), m.reshape(plan.nrows, width), v.reshape(plan.nrows, width)

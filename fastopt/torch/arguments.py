@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-import warnings
 
 import numpy as np
 import torch
@@ -50,10 +49,14 @@ def group_defaults(spec: OptimizerSpec) -> dict:
     klass = torch_class(spec)
     if klass is None:
         return ours
-    probe = klass([torch.zeros(1, requires_grad=True)])  # torch's defaults: its exact group layout
+    probe = klass([torch.zeros(1, device="cpu", requires_grad=True)])  # torch's defaults: its exact group layout
     out = {}
     for key, value in probe.defaults.items():
-        out[key] = ours.pop(key, value)
+        mine = ours.pop(key, value)
+        # torch's own default where it is the same value: torch writes weight_decay=0 (an int), so the groups
+        # equal torch's, types included
+        same = mine is not REQUIRED and isinstance(mine, bool) == isinstance(value, bool) and mine == value
+        out[key] = value if same else mine
     out.update(ours)  # registry options torch lacks (none today)
     return out
 
@@ -94,8 +97,9 @@ def constructor_tuples(spec: OptimizerSpec) -> tuple[str, ...]:
     if known is None:
         klass = torch_class(spec)
         defaults = group_defaults(spec)
+        stand_in = torch.zeros(1, device="cpu", requires_grad=True)
         known = tuple(key for key in spec.torch_groups if klass is None or isinstance(
-            klass([torch.zeros(1, requires_grad=True)], **{key: list(defaults[key])}).defaults[key], tuple))
+            klass([stand_in], **{key: list(defaults[key])}).defaults[key], tuple))
         _TUPLE_KEYS[spec.name] = known
     return known
 
@@ -136,9 +140,9 @@ def check_as_torch(spec: OptimizerSpec, arguments: dict) -> None:
     if taken is None:
         taken = _TORCH_ARGUMENTS[spec.name] = frozenset(inspect.signature(klass).parameters)
     given = {k: v for k, v in arguments.items() if k in taken and k != "params"}
-    with warnings.catch_warnings():  # warnings about the arguments are torch's (foreach/fused: not used here)
-        warnings.simplefilter("ignore")
-        klass([torch.zeros(1, dtype=torch.float64, requires_grad=True)], **given)
+    # (no warnings.catch_warnings: it resets the registry of warnings already shown, and torch's constructors
+    # warn about nothing a single stand-in param could trigger)
+    klass([torch.zeros(1, dtype=torch.float64, device="cpu", requires_grad=True)], **given)
 
 
 def check_flags(group: dict) -> None:
