@@ -266,10 +266,11 @@ class OptimizerSpec:
     torch_positional: tuple[str, ...] | None = None
     torch_state_at_init: bool = False
     # torch_sparse: torch.optim takes sparse (COO) gradients for this optimizer (SGD, Adagrad): fastopt.torch
-    #     makes them dense for its kernels (one warning) and refuses them, with torch's RuntimeError, while a
-    #     hyperparameter named here is nonzero (Adagrad's weight_decay). None: refused with torch's RuntimeError,
-    #     torch_sparse_error or "<torch class> does not support sparse gradients".
-    torch_sparse: tuple[str, ...] | None = None
+    #     makes them dense for its kernels (one warning). The function (hp, complex_param) says why it refuses
+    #     them for these hyperparameters (RuntimeError), None when it takes them: where torch refuses them too
+    #     (Adagrad's weight_decay) and where the dense update would differ from torch's row-sparse one. None:
+    #     refused with torch's RuntimeError, torch_sparse_error or "<torch class> does not support sparse gradients".
+    torch_sparse: Callable[[Mapping, bool], str | None] | None = None
     torch_sparse_error: str | None = None
     # state_fill: state name -> (hp -> the value a new state array is filled with); 0.0 for the others
     state_fill: Mapping[str, Callable[[Mapping], float]] = field(default_factory=dict)
@@ -475,6 +476,30 @@ def _sgd_variant(hp, step):
     if step == 1:
         v |= SGD_FIRST_STEP
     return v
+
+
+_SPARSE_DECAY = "weight_decay option is not compatible with sparse gradients"  # torch's Adagrad's words
+
+
+def _sgd_sparse(hp, complex_param):
+    """SGD with sparse gradients: the dense update with zeros where there is no gradient is torch's row-sparse one
+    (p - lr * 0, buf * momentum + 0); weight_decay refused (torch's SGD fails in grad.add(param))."""
+    return _SPARSE_DECAY if hp["weight_decay"] != 0 else None
+
+
+def _adagrad_sparse(hp, complex_param):
+    """Adagrad with sparse gradients, as torch: weight_decay refused; the dense update equals torch's row-sparse one
+    where the other elements' 0 / (sqrt(sum) + eps) is 0, so not with eps = 0 (0 / 0 at a sum never updated), and
+    not for complex params (torch's sparse branch uses complex arithmetic, its dense one the real views)."""
+    if hp["weight_decay"] != 0:
+        return _SPARSE_DECAY
+    if hp["eps"] == 0:
+        return ("fastopt.torch.Adagrad takes sparse gradients with eps > 0 only: they are made dense, and an element "
+                "without a gradient would take 0 / (sqrt(0) + 0) where torch leaves it alone")
+    if complex_param:
+        return ("fastopt.torch.Adagrad does not take sparse gradients of complex params: torch's sparse update of "
+                "them uses complex arithmetic, unlike its dense one (which fastopt's kernels run)")
+    return None
 
 
 def _sgd_check(hp):
@@ -697,7 +722,7 @@ p = p - lr * g
     optional_states={"momentum_buffer": lambda hp: hp["momentum"] != 0.0},
     scalar_names=("grad_scale", "lr", "momentum", "one_minus_dampening", "weight_decay"),
     scalars=_sgd_scalars, variant=_sgd_variant, variants=_SGD_VARIANTS, step_default=1, torch_class="SGD", extra_check=_sgd_check,
-    torch_sparse=("weight_decay",),  # (torch's SGD fails there: grad.add(param) of a sparse grad)
+    torch_sparse=_sgd_sparse,
     torch_step=False, torch_positional=("lr", "momentum", "dampening", "weight_decay", "nesterov"),
 ))
 
@@ -720,7 +745,7 @@ p = p - clr * g / (sqrt(state_sum) + eps)
     state_fill={"state_sum": lambda hp: hp["initial_accumulator_value"]},
     scalar_names=("grad_scale", "clr", "eps", "weight_decay"),
     scalars=_adagrad_scalars, torch_class="Adagrad", torch_state_names={"state_sum": "sum"},
-    torch_sparse=("weight_decay",),
+    torch_sparse=_adagrad_sparse,
     torch_positional=("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps", "foreach"),
     torch_state_at_init=True,
 ))

@@ -117,3 +117,54 @@ def test_torch_sgds_sparse_momentum_buffer_loads_and_training_continues():
     assert not ours.state[q]["momentum_buffer"].is_sparse
     np.testing.assert_allclose(ours.state[q]["momentum_buffer"].numpy(),
                                theirs.state[p]["momentum_buffer"].to_dense().numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("options,match", [({"eps": 0.0}, "eps > 0"), ({"lr": 0.1}, "complex")],
+                         ids=["eps0", "complex"])
+def test_adagrad_refuses_sparse_gradients_where_the_dense_update_would_differ(options, match):
+    """eps = 0: an element without a gradient would take 0 / (sqrt(0) + 0) = NaN in the dense update (torch leaves
+    it alone); complex params: torch's sparse branch uses complex arithmetic, its dense one the real views."""
+    dtype = torch.complex128 if match == "complex" else torch.float64
+    p = torch.randn(5, 2, dtype=dtype, requires_grad=True)
+    opt = ft.Adagrad([p], **options)
+    p.grad = torch.randn(5, 2, dtype=dtype)
+    opt.step()
+    before, state = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2, dtype=dtype), (5, 2))
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+
+
+def test_sgd_takes_sparse_gradients_of_complex_params_as_torch():
+    torch.manual_seed(8)
+    p = torch.randn(6, 2, dtype=torch.complex128, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    ours, theirs = ft.SGD([p], lr=0.1, momentum=0.9), torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(5):
+            g = torch.sparse_coo_tensor(torch.tensor([[0, 3, 3]]), torch.randn(3, 2, dtype=torch.complex128), (6, 2))
+            p.grad, q.grad = g, g.clone()
+            ours.step()
+            theirs.step()
+    torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_a_sparse_gradient_of_a_transposed_param_warns_once_and_matches_torch():
+    torch.manual_seed(9)
+    p = torch.randn(3, 6, dtype=torch.float64).t().requires_grad_()  # (6, 3), transposed strides
+    q = p.detach().clone().requires_grad_()
+    ours, theirs = ft.Adagrad([p], lr=0.1), torch.optim.Adagrad([q], lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            g = torch.sparse_coo_tensor(torch.tensor([[1, 4]]), torch.randn(2, 3, dtype=torch.float64), (6, 3))
+            p.grad, q.grad = g, g.clone()
+            ours.step()
+            theirs.step()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "made dense" in messages[0]  # not also the layout copy's warning
+    torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert p.stride() == (1, 6)

@@ -592,6 +592,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                 pass
         if g.is_sparse:
             g = self._dense_grad(number, p, g, hp)
+            if layout(g) != param_layout:  # (into the param's layout, without the layout warning below)
+                g = torch.empty_like(p, dtype=g.dtype).copy_(g)
         self._check_grad(number, p, g)
         if g.is_conj():  # a lazily conjugated complex grad: its values, which view_as_real cannot see
             g = g.resolve_conj()
@@ -612,9 +614,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         if spec.torch_sparse is None:
             raise RuntimeError(spec.torch_sparse_error
                                or f"{spec.torch_class or spec.class_name} does not support sparse gradients")
-        for name in spec.torch_sparse:
-            if hp[name] != 0:
-                raise RuntimeError(f"{name} option is not compatible with sparse gradients")
+        refused = spec.torch_sparse(hp, p.is_complex())
+        if refused is not None:
+            raise RuntimeError(refused)
         if g.layout != torch.sparse_coo or g.shape != p.shape:
             raise ValueError(f"grads[{number}] is a {g.layout} tensor of shape {tuple(g.shape)}; its param has shape "
                              f"{tuple(p.shape)} (sparse gradients: torch.sparse_coo, the param's shape)")
