@@ -7,10 +7,11 @@ One torch.optim.Optimizer subclass per registry optimizer (fastopt/specs.py), ge
 torch.optim's constructor arguments, positional order, defaults and errors where torch has the optimizer
 (torch's own constructor checks the arguments first, on a stand-in param, so what it refuses is refused with
 its exception; foreach/fused accepted, checked by torch's rules, ignored; capturable/differentiable=True
-refused); fastopt's extras (clip_grad_norm=, skip_nonfinite=) keyword-only. step(closure=None) reads p.grad; state, state_dict(),
-param groups, hooks, lr schedulers and torch.amp.GradScaler work as with torch.optim. Updates land in
-place in the params' own storage (any dense layout) and bump autograd's version counters. Complex params are
-updated as torch.optim updates them, as pairs of independent reals (not by LAMB and LARS: per-tensor norms).
+refused); fastopt's extras (clip_grad_norm=, skip_nonfinite=) keyword-only. step(closure=None) reads p.grad;
+state, state_dict(), param groups, hooks, lr schedulers and torch.amp.GradScaler work as with torch.optim.
+Updates land in place in the params' own storage (any dense layout) and bump autograd's version counters.
+Complex params are updated as torch.optim updates them, as pairs of independent reals (not by LAMB and LARS:
+per-tensor norms). Sparse gradients as torch takes them (SGD and Adagrad; README, "fastopt.torch").
 
 The composite optimizers (fastopt.specs.COMPOSITE: LBFGS, Muon, Adafactor, SparseAdam) are written by hand in
 their own modules (fastopt/torch/<module>.py), drop-ins for their torch.optim namesakes in the same way.
