@@ -18,7 +18,7 @@ import tempfile
 
 import numpy as np
 from Cython.Build import cythonize
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.errors import CCompilerError
 from setuptools.extension import Extension
@@ -126,6 +126,11 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
+# Found, not listed: a listed set lost fastopt.distributed from the wheel and the sdist. kernels/ ships as
+# fastopt.kernels (package_dir below). tests/test_packaging.py checks the built tree.
+PACKAGES = find_packages(include=["fastopt", "fastopt.*"]) + [
+    "fastopt." + name for name in find_packages(include=["kernels", "kernels.*"])]
+
 extensions = [
     Extension(
         "fastopt.kernels.cpu._cpu_fast",
@@ -139,10 +144,7 @@ extensions = [
 ]
 
 setup(
-    packages=[
-        "fastopt", "fastopt.backends", "fastopt.train", "fastopt.torch",
-        "fastopt.kernels", "fastopt.kernels.cpu", "fastopt.kernels.cuda", "fastopt.kernels.numba",
-    ],
+    packages=PACKAGES,
     package_dir={"fastopt.kernels": "kernels"},
     package_data={
         "fastopt": ["py.typed", "*.pyi"],
