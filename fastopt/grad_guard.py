@@ -51,8 +51,9 @@ def sum_of_squares(arrays) -> float:
     groups: dict = {}
     for a in arrays:
         if a.size:
-            contiguous = a if a.flags.c_contiguous else array_module(a).ascontiguousarray(a)
-            groups.setdefault((array_module(a).__name__, a.dtype.str, a.dtype.name), []).append(contiguous.reshape(-1))
+            xp = array_module(a)
+            contiguous = a if a.flags.c_contiguous else xp.ascontiguousarray(a)
+            groups.setdefault((xp.__name__, a.dtype.str, a.dtype.name), []).append(contiguous.reshape(-1))
     total = 0.0
     for key in sorted(groups):
         total += float(global_norm(groups[key])) ** 2

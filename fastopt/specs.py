@@ -488,11 +488,12 @@ def _sgd_sparse(hp, complex_param):
 
 
 def _adagrad_sparse(hp, complex_param):
-    """Adagrad with sparse gradients, as torch: weight_decay refused; the dense update equals torch's row-sparse one
+    """Adagrad with sparse gradients, as torch: weight_decay refused (as SGD's); the dense update equals torch's row-sparse one
     where the other elements' 0 / (sqrt(sum) + eps) is 0, so not with eps = 0 (0 / 0 at a sum never updated), and
     not for complex params (torch's sparse branch uses complex arithmetic, its dense one the real views)."""
-    if hp["weight_decay"] != 0:
-        return _SPARSE_DECAY
+    refusal = _sgd_sparse(hp, complex_param)  # weight_decay, as SGD
+    if refusal is not None:
+        return refusal
     if hp["eps"] == 0:
         return ("fastopt.torch.Adagrad takes sparse gradients with eps > 0 only: they are made dense, and an element "
                 "without a gradient would take 0 / (sqrt(0) + 0) where torch leaves it alone")

@@ -40,7 +40,7 @@ common = pytest.importorskip("torch.testing._internal.common_optimizers")
 
 import fastopt.torch as ft  # noqa: E402
 
-from torch_support import one_torch_thread  # noqa: E402,F401  (autouse)
+from torch_support import one_torch_thread, sparse_row_grad  # noqa: E402,F401  (autouse)
 
 OPTIM_DB = common.optim_db
 DTYPES = [torch.float64, torch.float32]
@@ -132,9 +132,7 @@ def _train(cls, name: str, kwargs: dict, dtype, seed: int, steps: int, scheduler
                 # starts later than the others' ("expected Tensor as element 1 ... but got NoneType")
                 skipped = torch.rand((), generator=gen).item() < 0.2 and step > 0
                 if name == "SparseAdam":
-                    rows = torch.randint(0, p.shape[0], (4,), generator=gen)  # repeats: coalesced, as in torch
-                    values = torch.randn((4, *p.shape[1:]), generator=gen, dtype=dtype)
-                    grad = torch.sparse_coo_tensor(rows[None], values, p.shape)
+                    grad = sparse_row_grad(gen, p.shape, dtype, nnz=4)
                 else:
                     grad = torch.randn(p.shape, generator=gen, dtype=dtype)
                 p.grad = None if skipped else grad

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 import fastopt.torch as ft  # noqa: E402
 from fastopt.specs import REGISTRY  # noqa: E402
 
-from torch_support import one_torch_thread  # noqa: E402,F401  (autouse)
+from torch_support import one_torch_thread, sparse_row_grad  # noqa: E402,F401  (autouse)
 
 CASES = [("SGD", {"lr": 0.1}), ("SGD", {"lr": 0.1, "momentum": 0.9}),
          ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
@@ -25,9 +25,7 @@ SHAPES = [(9, 4), (6,), (1, 3)]
 
 def _sparse_grad(gen, shape, dtype):
     """Rows with repeats (summed by the update, as torch coalesces), and now and then no row at all."""
-    nnz = int(torch.randint(0, 6, (), generator=gen))
-    rows = torch.randint(0, shape[0], (nnz,), generator=gen)
-    return torch.sparse_coo_tensor(rows[None], torch.randn((nnz, *shape[1:]), generator=gen, dtype=dtype), shape)
+    return sparse_row_grad(gen, shape, dtype, nnz=int(torch.randint(0, 6, (), generator=gen)))
 
 
 def _dense(t):

@@ -15,7 +15,6 @@ except ImportError:  # pragma: no cover - a test dependency
     ml_dtypes = None
 
 import fastopt
-from fastopt.torch import arguments
 
 
 def torch_kwargs(spec, hp: dict) -> dict:
@@ -88,6 +87,12 @@ def random_groups(rng, dtype, spec, hp, lrs=(1.0, 0.5)):
         ghp["lr"] = hp["lr"] * scale
         groups.append((ghp, params))
     return groups
+
+
+def sparse_row_grad(gen, shape, dtype, nnz: int):
+    """A sparse COO gradient of `nnz` random rows of a param of `shape`, repeats included (torch coalesces them)."""
+    rows = torch.randint(0, shape[0], (nnz,), generator=gen)
+    return torch.sparse_coo_tensor(rows[None], torch.randn((nnz, *shape[1:]), generator=gen, dtype=dtype), shape)
 
 
 def snapshot(tensors):

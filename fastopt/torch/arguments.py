@@ -49,7 +49,7 @@ def group_defaults(spec: OptimizerSpec) -> dict:
     klass = torch_class(spec)
     if klass is None:
         return ours
-    probe = klass([torch.zeros(1, device="cpu", requires_grad=True)])  # torch's defaults: its exact group layout
+    probe = _torch_instance(klass)  # torch's defaults: its exact group layout
     out = {}
     for key, value in probe.defaults.items():
         mine = ours.pop(key, value)
@@ -97,9 +97,8 @@ def constructor_tuples(spec: OptimizerSpec) -> tuple[str, ...]:
     if known is None:
         klass = torch_class(spec)
         defaults = group_defaults(spec)
-        stand_in = torch.zeros(1, device="cpu", requires_grad=True)
         known = tuple(key for key in spec.torch_groups if klass is None or isinstance(
-            klass([stand_in], **{key: list(defaults[key])}).defaults[key], tuple))
+            _torch_instance(klass, **{key: list(defaults[key])}).defaults[key], tuple))
         _TUPLE_KEYS[spec.name] = known
     return known
 
@@ -142,7 +141,13 @@ def check_as_torch(spec: OptimizerSpec, arguments: dict) -> None:
     given = {k: v for k, v in arguments.items() if k in taken and k != "params"}
     # (no warnings.catch_warnings: it resets the registry of warnings already shown, and torch's constructors
     # warn about nothing a single stand-in param could trigger)
-    klass([torch.zeros(1, dtype=torch.float64, device="cpu", requires_grad=True)], **given)
+    _torch_instance(klass, **given)
+
+
+def _torch_instance(klass, **arguments):
+    """torch's class on one stand-in param, a CPU float64 tensor (not the default device or dtype): its
+    defaults, the conversions and the checks of its constructor, independent of the user's torch settings."""
+    return klass([torch.zeros(1, dtype=torch.float64, device="cpu", requires_grad=True)], **arguments)
 
 
 def check_flags(group: dict) -> None:
