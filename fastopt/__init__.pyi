@@ -21,6 +21,7 @@ from fastopt.functional import init_state as init_state
 from fastopt.lbfgs import LBFGS as LBFGS
 from fastopt.muon import Muon as Muon
 from fastopt.optim import Optimizer as Optimizer
+from fastopt.optim import TrainEval
 from fastopt.sparse_adam import SparseAdam as SparseAdam
 from fastopt.sparse_adam import sparse_adam_step as sparse_adam_step
 from fastopt.specs import REGISTRY as REGISTRY
@@ -109,11 +110,11 @@ class Yogi(Optimizer):
     def __init__(self, params: Iterable, lr: float | Schedule = 0.01, *, betas: tuple[float, float] = (0.9, 0.999), initial_accumulator: float = 1e-06, weight_decay: float = 0.0, decoupled_weight_decay: bool = True, fixed_decay: bool = False, eps: float = 0.001, maximize: bool = False, clip_grad_norm: float | None = None, skip_nonfinite: bool = False, backend: str | None = None, state_dtype: str | None = None, kahan: bool = False, stochastic_rounding: bool = False, seed: int = 0, capturable: bool = False) -> None: ...
 
 
-class ScheduleFreeSGD(Optimizer):
+class ScheduleFreeSGD(TrainEval, Optimizer):
     def __init__(self, params: Iterable, lr: float | Schedule = 1.0, *, momentum: float = 0.9, weight_decay: float = 0.0, warmup_steps: float = 0, r: float = 0.0, weight_lr_power: float = 2.0, maximize: bool = False, clip_grad_norm: float | None = None, skip_nonfinite: bool = False, backend: str | None = None, state_dtype: str | None = None, kahan: bool = False, stochastic_rounding: bool = False, seed: int = 0, capturable: bool = False) -> None: ...
 
 
-class ScheduleFreeAdamW(Optimizer):
+class ScheduleFreeAdamW(TrainEval, Optimizer):
     def __init__(self, params: Iterable, lr: float | Schedule = 0.0025, *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-08, weight_decay: float = 0.0, warmup_steps: float = 0, r: float = 0.0, weight_lr_power: float = 2.0, maximize: bool = False, clip_grad_norm: float | None = None, skip_nonfinite: bool = False, backend: str | None = None, state_dtype: str | None = None, kahan: bool = False, stochastic_rounding: bool = False, seed: int = 0, capturable: bool = False) -> None: ...
 
 

@@ -64,7 +64,9 @@ def _signature(fn, *, drop_self=False) -> str:
 
 
 def _class_stub(cls) -> str:
-    return (f"class {cls.__name__}(Optimizer):\n"
+    """The class with its runtime bases (schedule-free classes: TrainEval's eval()/train() too)."""
+    bases = ", ".join(base.__name__ for base in cls.__bases__)
+    return (f"class {cls.__name__}({bases}):\n"
             f"    def __init__{_signature(cls.__init__, drop_self=True)}: ...\n")
 
 
@@ -102,6 +104,10 @@ def init_stub() -> str:
             defs.append(f"def {name}{_signature(obj)}: ...\n")
         elif name in classes:
             defs.append("\n" + _class_stub(obj) + "\n")
+            # bases that are not public names themselves (Optimizer is re-exported below)
+            imports.extend(f"from {base.__module__} import {base.__name__}\n" for base in obj.__bases__
+                           if base.__name__ not in fastopt.__all__ and f"from {base.__module__} import "
+                           f"{base.__name__}\n" not in imports)
         elif name == "__version__":
             defs.append("__version__: str\n")
         elif isinstance(obj, types.ModuleType):

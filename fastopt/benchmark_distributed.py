@@ -156,7 +156,7 @@ def _worker(sizes, calls, rounds):
 def _launcher():
     exe = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     if not os.path.exists(exe):
-        raise SystemExit("no mpiexec next to python: pip install .[distributed] (mpi4py and the mpich wheel)")
+        raise SystemExit("no mpiexec next to python: pip install 'fastopt[distributed]' (mpi4py and the mpich wheel)")
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
     return [exe, "-launcher", "fork"] if "HYDRA" in version else [exe, "--oversubscribe"]
 

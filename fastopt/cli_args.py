@@ -131,8 +131,8 @@ def optimizer_names(text, known=None, others=""):
 def fused_optimizer_names(text):
     """optimizer_names among the registry's: the fused elementwise updates `fastopt bench` times."""
     from fastopt.specs import REGISTRY
-    return optimizer_names(text, list(REGISTRY), "not a fused elementwise update; bench/bench_<name>.py "
-                                                 "benchmarks it")
+    return optimizer_names(text, list(REGISTRY), "not a fused elementwise update; its own benchmark is "
+                                                 "bench/bench_<name>.py in fastopt's source repository")
 
 
 # ------------------------------------------------------------------------------------------ output files

@@ -83,7 +83,17 @@ def test_installed_tree_imports_away_from_the_checkout(installed_tree, tmp_path)
         strays = [name for name, module in list(sys.modules.items()) if name.startswith("fastopt")
                   and not (getattr(module, "__file__", None) or lib).startswith(lib)]
         assert not strays, f"imported from outside the installed tree: {strays}"
+        from fastopt import _version
         from fastopt.backends import cuda_source
+        # installed: no source checkout above the package (site-packages may sit in the user's own git repo)
+        assert _version.source_checkout() is None and _version.git_revision() is None
+        assert cuda_source.write_family_header(check_only=True), "the shipped families.cuh is stale"
+        try:
+            cuda_source.write_family_header()
+        except RuntimeError as exc:
+            assert "installed" in str(exc), exc
+        else:
+            raise AssertionError("an installed families.cuh was rewritten")
         source = cuda_source.kernel_source()  # the packaged kernel sources, as NVRTC gets them
         assert "adam_math" in source and '#include "' not in source, "kernel sources missing or not inlined"
         p = np.ones(5); g = np.full(5, 0.5); m = np.zeros(5); v = np.zeros(5)
@@ -96,3 +106,33 @@ def test_installed_tree_imports_away_from_the_checkout(installed_tree, tmp_path)
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok"), proc.stdout
+
+
+def test_git_revision_is_only_that_of_fastopts_own_checkout(tmp_path, monkeypatch):
+    """The GPU benchmark stamps its JSON with git_revision(): never the commit of a repository that merely
+    contains fastopt (a venv inside the user's project, a vendored copy)."""
+    from fastopt import _version
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], check=True, capture_output=True)
+
+    git("init", "-q", str(tmp_path))  # the user's repository
+    site = tmp_path / ".venv" / "site-packages"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(_version, "_ROOT", str(site))
+    assert _version.source_checkout() is None and _version.git_revision() is None
+    tree = tmp_path / "vendored"
+    (tree / "kernels" / "cuda").mkdir(parents=True)
+    (tree / "setup.py").write_text("")
+    monkeypatch.setattr(_version, "_ROOT", str(tree))
+    assert _version.source_checkout() == str(tree)
+    assert _version.git_revision() is None  # a source tree, but the git repository around it is not its own
+    git("init", "-q", str(tree))
+    git("-C", str(tree), "add", "setup.py")
+    git("-C", str(tree), "commit", "-q", "-m", "one")
+    revision = _version.git_revision()
+    assert len(revision) == 40 and int(revision, 16) >= 0
+    (tree / "setup.py").write_text("changed")
+    assert _version.git_revision() == revision + "+dirty"

@@ -45,6 +45,20 @@ def test_stub_is_python_and_lists_the_registry():
     assert ast.literal_eval(all_node.value) == list(fastopt.__all__)
 
 
+def test_stub_classes_have_the_runtime_bases():
+    """A type checker sees each class's methods through its bases: the schedule-free classes' eval() and train()
+    come from TrainEval, which the stub must name and import."""
+    tree = ast.parse(_committed())
+    imported = {a.asname or a.name: node.module for node in tree.body if isinstance(node, ast.ImportFrom)
+                for a in node.names}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            runtime = getattr(fastopt, node.name).__bases__
+            assert [b.id for b in node.bases] == [b.__name__ for b in runtime], node.name
+            assert all(imported.get(b.__name__) == b.__module__ for b in runtime), node.name
+    assert any("TrainEval" in (b.id for b in node.bases) for node in tree.body if isinstance(node, ast.ClassDef))
+
+
 def test_stub_signatures_are_the_runtime_ones():
     tree = ast.parse(_committed())
     functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}

@@ -20,8 +20,8 @@ import re
 
 import numpy as np
 
-KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          "kernels", "cuda")
+from fastopt._version import source_checkout
+
 SOURCES = ("update.cu", "reduce.cu")
 
 BLOCK = 256          # threads per block of every kernel (device.cuh FASTOPT_BLOCK)
@@ -244,8 +244,12 @@ def family_header() -> str:
 
 
 def write_family_header(check_only=False) -> bool:
-    """Write kernels/cuda/families.cuh when it differs from the registry; True when it was current."""
-    path = os.path.join(KERNEL_DIR, FAMILY_HEADER)
+    """Write kernels/cuda/families.cuh when it differs from the registry (in a source checkout: an installed
+    package is not rewritten); True when it was current."""
+    if not check_only and source_checkout() is None:
+        raise RuntimeError(f"{FAMILY_HEADER} is written in a source checkout of fastopt (the build regenerates it); "
+                           "this fastopt is installed")
+    path = os.path.join(_kernel_dir(), FAMILY_HEADER)
     text = family_header()
     try:
         with open(path) as f:
@@ -262,8 +266,9 @@ def write_family_header(check_only=False) -> bool:
 
 def _kernel_dir():
     """kernels/cuda in a source checkout, else the installed package data fastopt/kernels/cuda."""
-    if os.path.isdir(KERNEL_DIR):
-        return KERNEL_DIR
+    root = source_checkout()
+    if root is not None:
+        return os.path.join(root, "kernels", "cuda")
     from fastopt import kernels
     return os.path.join(os.path.dirname(kernels.__file__), "cuda")
 
@@ -350,7 +355,11 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] == ["--write"]:
-        print(f"{FAMILY_HEADER}: {'up to date' if write_family_header() else 'regenerated from the registry'}")
+        try:
+            current = write_family_header()
+        except RuntimeError as exc:
+            sys.exit(str(exc))
+        print(f"{FAMILY_HEADER}: {'up to date' if current else 'regenerated from the registry'}")
     elif sys.argv[1:] == ["--check"]:
         sys.exit(0 if write_family_header(check_only=True) else f"{FAMILY_HEADER} is stale: run "
                  "python -m fastopt.backends.cuda_source --write")

@@ -205,8 +205,10 @@ def _check_inputs(args, *, plot=None):
         from fastopt.train.plots import check_plot_path
         try:
             check_plot_path(plot)
-        except (ValueError, ImportError) as e:
+        except ValueError as e:
             raise UsageError(f"--plot {e}") from None
+        except ImportError as e:  # the plot is on by default: say how to go without it
+            raise UsageError(f"--plot {plot}: {e}, or pass --no-plot") from None
 
 
 def _load(experiment):

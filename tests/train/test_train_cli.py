@@ -85,6 +85,18 @@ def test_gpu_request_fails_clearly_without_a_gpu(capsys):
     assert code == 2 and "--device gpu" in err
 
 
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_the_default_plot_without_matplotlib_says_how_to_go_without_it(capsys, monkeypatch, tmp_path, command):
+    """The plot is on by default: without the [train] extra's matplotlib the error names the way out."""
+    monkeypatch.chdir(tmp_path)
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    code, _, err = run_cli(capsys, command, "-d", "linear", "--epochs", "1")
+    assert code == 2 and "matplotlib" in err and "--no-plot" in err, err
+    assert not os.listdir(tmp_path)
+
+
 def test_user_errors_are_one_line(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "-d", "mnist", "--data-path", str(tmp_path), "--no-plot")
     assert code == 2 and "train-images-idx3-ubyte" in err
