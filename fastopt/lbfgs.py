@@ -65,6 +65,9 @@ _LIST_KEYS = ("old_dirs", "old_stps")
 _SCALAR_LIST_KEYS = ("ro", "al")
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
+# group keys that may be absent (torch.optim.LBFGS < 2.15 has no maximize; its step reads group.get("maximize", False))
+_OPTIONAL_KEYS = ("maximize",)
+
 SINGLE_GROUP_MESSAGE = "LBFGS doesn't support per-parameter options (parameter groups)"  # torch's words
 LINE_SEARCH_MESSAGE = "only 'strong_wolfe' is supported"                                # torch's words
 
@@ -85,10 +88,11 @@ def _check_int(name, value, low=1):
 def check_group(group: dict, line_search_error=ValueError) -> dict:
     """The hyperparameters of LBFGS's param group, checked: lr a real >= 0 (torch: "Invalid learning rate"),
     max_iter and history_size ints >= 1, max_eval an int >= 1 or None (then max_iter * 5 // 4, as torch's
-    constructor), the tolerances finite reals, line_search_fn None or "strong_wolfe". Returns the values as
-    Python floats/ints; raises TypeError / ValueError naming the argument and echoing the value.
+    constructor), the tolerances finite reals, line_search_fn None or "strong_wolfe", maximize a bool (a group
+    without the key minimizes: torch's group.get("maximize", False); torch < 2.15 has no such key). Returns the
+    values as Python floats/ints/bools; raises TypeError / ValueError naming the argument and echoing the value.
     `line_search_error`: the class for a bad line_search_fn (fastopt.torch raises torch's RuntimeError)."""
-    missing = [name for name in _HYPERS if name not in group]
+    missing = [name for name in _HYPERS if name not in group and name not in _OPTIONAL_KEYS]
     if missing:
         raise ValueError(f"LBFGS param group is missing {', '.join(missing)}")
     lr = _HYPERS["lr"].validate(group["lr"])
@@ -108,6 +112,10 @@ def check_group(group: dict, line_search_error=ValueError) -> dict:
             raise ValueError(f"Invalid line_search_fn: {shown(fn)} ({LINE_SEARCH_MESSAGE}, or None)")
         raise line_search_error(LINE_SEARCH_MESSAGE)
     hp["line_search_fn"] = fn
+    maximize = group.get("maximize", False)
+    if not isinstance(maximize, (bool, np.bool_)):
+        raise TypeError(f"maximize must be a bool, got {shown(maximize)} ({type(maximize).__name__})")
+    hp["maximize"] = bool(maximize)
     return hp
 
 
@@ -453,6 +461,16 @@ def _lbfgs_step(vec, evaluate, state, hp, x0):
     new = dict(state)
     func_evals = state.get("func_evals", 0)
     total_iter = state.get("n_iter", 0)
+    if hp.get("maximize", False):
+        # torch 2.15: the loss and the flat gradient negated as they are read (-float(loss), flat_grad.neg_()),
+        # so the algorithm minimizes -f; the state holds -f's values (prev_loss, gradients) and step() returns
+        # the closure's first loss as the closure gave it
+        minimize_evaluate = evaluate
+
+        def evaluate():
+            orig, value, flat = minimize_evaluate()
+            vec.xp.negative(flat, out=flat)   # a fresh buffer of this step: negated in place, exact
+            return orig, -value, flat
 
     orig_loss, loss, flat_grad = evaluate()
     current_evals = 1
@@ -708,7 +726,12 @@ class LBFGS:
     """L-BFGS (torch.optim.LBFGS's algorithm and options) over NumPy or CuPy arrays, closure-driven.
 
     LBFGS(params, lr=1, max_iter=20, max_eval=None, tolerance_grad=1e-7, tolerance_change=1e-9,
-          history_size=100, line_search_fn=None)
+          history_size=100, line_search_fn=None, *, maximize=False)
+
+    maximize: a bool, torch 2.15's option (torch.optim.LBFGS before 2.15 has none): the closure's loss and
+        gradient are negated as they are read, so the step maximizes the objective; the state then holds the
+        negated values (prev_loss, prev_flat_grad, ...: exactly those of maximize=False on -f) and step()
+        still returns the first loss as the closure returned it.
 
     params: a list of arrays, or a list holding ONE param-group dict {"params": [...], ...} (L-BFGS has one
         group: torch's rule and error). Arrays: NumPy or CuPy (or host objects exposing their memory, e.g.
@@ -718,13 +741,15 @@ class LBFGS:
         in the order of the params, each of its param's shape and dtype, or None for "no gradient" (zeros,
         as torch treats a param whose .grad is None). It is called up to max_eval times per step. step
         returns the loss of the first call, as the closure returned it.
-    param_groups: [dict] with "params" and the hyperparameters, editable between steps (checked each step).
+    param_groups: [dict] with "params" and the hyperparameters (maximize included), editable between steps
+        (checked each step).
     state: {0: {...}} once a step ran: torch's state (kept under the first param): func_evals, n_iter, d, t,
         old_dirs, old_stps, ro, H_diag, prev_flat_grad, prev_loss, al; vectors are flat arrays of the
         params' (promoted) dtype, torch's 0-d tensors are NumPy scalars of that dtype.
     state_dict() / load_state_dict(): torch.optim's layout ({"state": {0: {...}}, "param_groups": [{...,
         "params": [0, 1, ...]}]}), arrays in place of tensors, copies both ways; load_state_dict also takes
-        a torch.optim.LBFGS state dict (CPU tensors are read as arrays).
+        a torch.optim.LBFGS state dict (CPU tensors are read as arrays; a group without "maximize", torch's
+        before 2.15, minimizes); a group key this class does not know raises ValueError, nothing changed.
     zero_grad(): does nothing (the closure returns the gradients); there for torch-shaped training loops.
 
     Update rule:
@@ -742,12 +767,12 @@ class LBFGS:
     """
 
     def __init__(self, params, lr=1, max_iter=20, max_eval=None, tolerance_grad=1e-7, tolerance_change=1e-9,
-                 history_size=100, line_search_fn=None):
+                 history_size=100, line_search_fn=None, *, maximize=False):
         if max_eval is None and not isinstance(max_iter, (bool, np.bool_)) and isinstance(max_iter, numbers.Integral):
             max_eval = int(max_iter) * 5 // 4  # torch's default, stored in the group
         defaults = {"lr": lr, "max_iter": max_iter, "max_eval": max_eval, "tolerance_grad": tolerance_grad,
                     "tolerance_change": tolerance_change, "history_size": history_size,
-                    "line_search_fn": line_search_fn}
+                    "line_search_fn": line_search_fn, "maximize": maximize}
         check_group(defaults)
         if isinstance(params, dict) or not hasattr(params, "__iter__") or hasattr(params, "shape"):
             raise TypeError("params must be a list of arrays or a list of one param-group dict, got "
@@ -840,7 +865,8 @@ class LBFGS:
 
     # --- the step ----------------------------------------------------------------------------------
     def step(self, closure):
-        """One L-BFGS step (up to max_iter iterations, max_eval closure calls); returns the first loss."""
+        """One L-BFGS step (up to max_iter iterations, max_eval closure calls); returns the first loss, as the
+        closure returned it (with maximize too)."""
         if not callable(closure):
             raise TypeError(f"closure must be callable (returning (loss, grads)), got {type(closure).__name__}")
         vec = self._check_params()
@@ -894,6 +920,7 @@ class LBFGS:
         unknown = [k for k in saved if k not in self.defaults]
         if unknown:
             raise ValueError(f"loaded param group has unknown options {unknown}")
+        saved.setdefault("maximize", False)  # torch's group.get("maximize", False): torch < 2.15 saves no key
         new_group = dict(group)
         new_group.update(saved)
         check_group(new_group)

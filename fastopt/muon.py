@@ -13,6 +13,7 @@ Update rule, per 2-D param p (m x n) with gradient g and momentum buffer B (torc
     p *= 1 - lr * weight_decay                        (decoupled weight decay, skipped when it is 1)
     p -= lr * s * X (transposed back),  s = sqrt(max(1, m / n))   (adjust_lr_fn None or "original")
                                         s = 0.2 * sqrt(max(m, n)) ("match_rms_adamw")
+                                        s = sqrt(m / n)           ("spectral_unclamped", torch 2.15)
 
 Precision, as torch computes it on the CPU. torch runs the Newton-Schulz iteration in bfloat16 whatever the
 param's dtype (`grad.bfloat16()`), with float32 sums inside each matmul and one rounding to bfloat16 per
@@ -73,7 +74,7 @@ __all__ = ["Muon", "check_hyperparameters", "adjusted_lr", "muon_update", "Works
 SPEC = COMPOSITE["muon"]
 _HYPERS = {h.name: h for h in SPEC.hypers}
 HYPER_KEYS = tuple(h.name for h in SPEC.hypers)
-ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral_unclamped")
 MAX_NS_STEPS = 100  # torch: "Number of steps must be less than 100"
 
 
@@ -117,7 +118,8 @@ def check_hyperparameters(group) -> dict:
     """The group's hyperparameters (torch's names) checked and as plain Python values: lr, weight_decay,
     momentum (finite, >= 0; torch's words for a negative one), nesterov (bool), ns_coefficients (three
     finite numbers), eps (finite), ns_steps (int in [0, 100)), adjust_lr_fn (None, "original",
-    "match_rms_adamw"). TypeError / ValueError naming the argument and its value; checks in torch's order."""
+    "match_rms_adamw", "spectral_unclamped"). TypeError / ValueError naming the argument and its value; checks
+    in torch's order."""
     missing = [k for k in HYPER_KEYS if k not in group]
     if missing:
         raise KeyError(f"param group has no {missing[0]!r}")
@@ -146,12 +148,17 @@ def check_hyperparameters(group) -> dict:
 
 
 def adjusted_lr(lr: float, adjust_lr_fn, shape) -> float:
-    """torch's _adjust_lr: lr * sqrt(max(1, A / B)) (None, "original") or lr * 0.2 * sqrt(max(A, B))."""
+    """torch's _adjust_lr (A, B = shape[:2]: rows, i.e. fan-out, and cols, fan-in): lr * sqrt(max(1, A / B))
+    (None, "original"), lr * 0.2 * sqrt(max(A, B)) ("match_rms_adamw") or lr * sqrt(A / B) ("spectral_unclamped",
+    torch 2.15: Bernstein's scaling, no clamp at 1, so a wide matrix gets a factor below 1). Accepted on every
+    torch version (torch < 2.15 has no "spectral_unclamped")."""
     a, b = shape[:2]
     if adjust_lr_fn is None or adjust_lr_fn == "original":
         return lr * math.sqrt(max(1, a / b))
     if adjust_lr_fn == "match_rms_adamw":
         return lr * (0.2 * math.sqrt(max(a, b)))
+    if adjust_lr_fn == "spectral_unclamped":
+        return lr * math.sqrt(a / b)
     return lr
 
 

@@ -1404,7 +1404,8 @@ def _register_composite(spec: CompositeSpec) -> CompositeSpec:
 # lbfgs: closure-driven, one param group (torch's rule). lr and the tolerances are Hyper floats; max_iter,
 # history_size (kind "int", >= 1), max_eval (kind "int_or_none": None is max_iter * 5 // 4, as torch) and
 # line_search_fn (kind "choice": None or "strong_wolfe") are validated by fastopt/lbfgs.py (Hyper.validate takes
-# floats and bools only). The tolerances may be any finite number (torch checks none).
+# floats and bools only). The tolerances may be any finite number (torch checks none). maximize (torch 2.15's
+# keyword-only option; a group may lack it: torch < 2.15's groups have no such key) is a bool.
 LBFGS = _register_composite(CompositeSpec(
     name="lbfgs", class_name="LBFGS", module="lbfgs", torch_class="LBFGS",
     summary="L-BFGS as torch.optim.LBFGS: closure-driven quasi-Newton steps from a history of curvature pairs, "
@@ -1418,7 +1419,8 @@ per step(closure): evaluate f, g (closure); stop when max|g| <= tolerance_grad; 
     t = lr (first iteration ever: lr * min(1, 1 / sum|g|));  stop when g.d > -tolerance_change
     x += t d (fixed step, f and g re-evaluated) or t from a strong-Wolfe line search (c1 = 1e-4, c2 = 0.9)
     stop after max_iter iterations, max_eval evaluations, max|g| <= tolerance_grad,
-         max|t d| <= tolerance_change or |f - f_prev| < tolerance_change""",
+         max|t d| <= tolerance_change or |f - f_prev| < tolerance_change
+maximize: f and g negated as read (-f minimized; step() returns the closure's first loss as it is)""",
     hypers=(
         Hyper("lr", 1, "learning rate: the step length t of the fixed step and the line search's first trial (>= 0)",
               check=_nonneg, label="learning rate"),
@@ -1431,6 +1433,8 @@ per step(closure): evaluate f, g (closure); stop when max|g| <= tolerance_grad; 
         Hyper("history_size", 100, "curvature pairs (y, s) kept (an int >= 1)", kind="int", label="history_size"),
         Hyper("line_search_fn", None, "None (fixed step t = lr) or 'strong_wolfe'", kind="choice",
               label="line_search_fn"),
+        flag("maximize", False, "maximize the objective: the loss and the gradient negated as they are read "
+             "(torch 2.15's option; keyword-only)"),
     ),
 ))
 
@@ -1449,8 +1453,9 @@ X = bfloat16(U), transposed when rows > cols;  X /= max(||X||_F, eps)
 repeat ns_steps times (bfloat16 values, float32 sums, as torch on the CPU):
     G = X X^T;  X = a X + (b G + c G G) X           ((a, b, c) = ns_coefficients)
 p *= 1 - lr * weight_decay                         (decoupled, before the update)
-p -= lr * s * X (transposed back);  s = sqrt(max(1, rows/cols)) ("original", None) or
-                                        0.2 * sqrt(max(rows, cols)) ("match_rms_adamw")""",
+p -= lr * s * X (transposed back);  s = sqrt(max(1, rows/cols)) ("original", None),
+                                        0.2 * sqrt(max(rows, cols)) ("match_rms_adamw") or
+                                        sqrt(rows/cols) ("spectral_unclamped", torch 2.15's; no clamp)""",
     hypers=(
         Hyper("lr", 1e-3, "learning rate (>= 0)", check=_nonneg, label="Learning rate"),
         Hyper("weight_decay", 0.1, "decoupled weight decay: p *= 1 - lr * weight_decay (>= 0)", check=_nonneg,
@@ -1464,7 +1469,8 @@ p -= lr * s * X (transposed back);  s = sqrt(max(1, rows/cols)) ("original", Non
               check=math.isfinite, label="epsilon"),
         Hyper("ns_steps", 5, "Newton-Schulz iterations (an int in [0, 100))", kind="int", label="ns_steps"),
         Hyper("adjust_lr_fn", None, "lr scaling by shape: None or 'original' (sqrt(max(1, rows/cols))), "
-              "'match_rms_adamw' (0.2 sqrt(max(rows, cols)))", kind="choice", label="adjust_lr_fn"),
+              "'match_rms_adamw' (0.2 sqrt(max(rows, cols))), 'spectral_unclamped' (sqrt(rows/cols))",
+              kind="choice", label="adjust_lr_fn"),
     ),
 ))
 

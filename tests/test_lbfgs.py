@@ -613,10 +613,14 @@ def test_spec_and_exports():
     assert spec.class_name == "LBFGS" and spec.torch_class == "LBFGS"
     import inspect
     torch_sig = inspect.signature(torch.optim.LBFGS.__init__)
-    assert {k: v.default for k, v in torch_sig.parameters.items() if k not in ("self", "params")} == spec.defaults
+    theirs = [(k, v.default, v.kind) for k, v in torch_sig.parameters.items()]
+    if not TORCH_HAS_MAXIMIZE:  # torch < 2.15: fastopt's keyword-only maximize=False is the only addition
+        theirs.append(("maximize", False, inspect.Parameter.KEYWORD_ONLY))
+    assert {k: d for k, d, _ in theirs if k not in ("self", "params")} == spec.defaults
     ours = inspect.signature(ft.LBFGS.__init__).parameters
-    assert [(k, v.default, v.kind) for k, v in ours.items()] == [
-        (k, v.default, v.kind) for k, v in torch_sig.parameters.items()]
+    assert [(k, v.default, v.kind) for k, v in ours.items()] == theirs
+    numpy_sig = inspect.signature(fastopt.LBFGS.__init__).parameters
+    assert [(k, v.default, v.kind) for k, v in numpy_sig.items()] == theirs
     assert issubclass(ft.LBFGS, torch.optim.Optimizer)
     assert "LBFGS" in fastopt.__all__ and "LBFGS" in ft.__all__
 
@@ -714,3 +718,239 @@ def test_16bit_params_follow_torch(tdtype, line_search_fn, rng):
             np.testing.assert_array_equal(torch.isnan(mine).numpy(), torch.isnan(theirs).numpy())
     assert arrays[0].dtype == npdt and fopt.state[fp[0]]["d"].dtype == tdt
     assert not torch.equal(tp[0], torch.zeros(6, dtype=tdt))
+
+
+# ---- maximize (torch 2.15's keyword-only option) -----------------------------------------------------------
+
+TORCH_HAS_MAXIMIZE = "maximize" in __import__("inspect").signature(torch.optim.LBFGS).parameters
+_NEEDS_MAXIMIZE = pytest.mark.skipif(not TORCH_HAS_MAXIMIZE, reason=f"torch {torch.__version__}'s LBFGS has no "
+                                     "maximize (torch >= 2.15 has it): nothing to compare with")
+
+
+def _negated(f):
+    """-f, the objective to maximize: its maximum is f's minimum."""
+    return lambda ps: -f(ps)
+
+
+@_NEEDS_MAXIMIZE
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+@pytest.mark.parametrize("kind", ["rosenbrock", "logreg"])
+@pytest.mark.parametrize("steps,options", CONFIGS[:3])
+def test_maximize_matches_torch_float64(kind, line_search_fn, steps, options, rng):
+    """maximize=True on -f: both classes follow torch 2.15's LBFGS(maximize=True) within the tolerances of the
+    minimizing comparisons above; returned losses are the closure's (-f), state and groups torch's."""
+    f, init = _objective(kind, _seed(kind, rng, 200 + steps), torch.float64)
+    g = _negated(f)
+    options = dict(options, line_search_fn=line_search_fn)
+    tp = [t.clone().requires_grad_() for t in init]
+    fp = [t.clone().requires_grad_() for t in init]
+    arrays = [t.numpy().copy() for t in init]
+    topt = torch.optim.LBFGS(tp, maximize=True, **options)
+    fopt = ft.LBFGS(fp, maximize=True, **options)
+    opt = fastopt.LBFGS(arrays, maximize=True, **options)
+    first = None
+    for _ in range(steps):
+        lt = topt.step(_torch_closure(topt, g, tp))
+        lf = fopt.step(_torch_closure(fopt, g, fp))
+        ln = opt.step(_numpy_closure(g, arrays))
+        first = lt.item() if first is None else first
+        assert isinstance(lf, torch.Tensor) and lf.item() == pytest.approx(lt.item(), rel=1e-9, abs=1e-12)
+        assert ln == pytest.approx(lt.item(), rel=1e-9, abs=1e-12)
+        ref = _flat([p.detach() for p in tp])
+        assert _rel(_flat([p.detach() for p in fp]), ref) < 1e-9
+        assert _rel(_flat(arrays), ref) < 1e-9
+        _same_counters(topt.state[tp[0]], fopt.state[fp[0]])
+        _same_counters(topt.state[tp[0]], opt.state[0])
+    assert lt.item() > first          # it went uphill on -f
+    ts, fs = topt.state_dict(), fopt.state_dict()
+    assert ts["param_groups"] == fs["param_groups"] and ts["param_groups"][0]["maximize"] is True
+    assert opt.param_groups[0]["maximize"] is True
+    tstate, fstate, nstate = ts["state"][0], fs["state"][0], opt.state[0]
+    assert list(tstate) == list(fstate) == list(nstate)
+    assert float(fstate["prev_loss"]) == pytest.approx(float(tstate["prev_loss"]), rel=1e-9, abs=1e-12)
+    assert nstate["prev_loss"] == pytest.approx(float(tstate["prev_loss"]), rel=1e-9, abs=1e-12)
+    ref = tstate["old_dirs"] + tstate["old_stps"] + [tstate["d"], tstate["prev_flat_grad"]]
+    scale = max(float(a.abs().max()) for a in ref)
+    for mine in (fstate, nstate):
+        got = mine["old_dirs"] + mine["old_stps"] + [mine["d"], mine["prev_flat_grad"]]
+        assert len(got) == len(ref)
+        for a, b in zip(ref, got):
+            assert np.max(np.abs(np.asarray(b) - a.numpy())) <= 1e-7 * scale
+
+
+def _negated_grad_closures(f, arrays=None, opt=None, ps=None):
+    """Closures of -f whose gradients are f's negated exactly (so that maximize on -f and minimize on f see
+    values equal to the bit): for the NumPy class (arrays) or a torch class (opt, ps)."""
+    if arrays is not None:
+        inner = _numpy_closure(f, arrays)
+
+        def closure():
+            loss, grads = inner()
+            return -loss, [-gr for gr in grads]
+        return closure
+
+    def closure():
+        opt.zero_grad()
+        loss = f(ps)
+        loss.backward()
+        for p in ps:
+            p.grad.neg_()
+        return -loss
+    return closure
+
+
+def _same_state(a, b):
+    assert list(a) == list(b)
+    for key in a:
+        x, y = a[key], b[key]
+        if key == "al":
+            continue  # the two-loop recursion's scratch
+        if isinstance(x, list):
+            assert len(x) == len(y), key
+            for u, v in zip(x, y):
+                assert np.array_equal(np.asarray(u), np.asarray(v)), key
+        elif x is None or type(x) in (int, float):
+            assert x == y and type(x) is type(y), key
+        else:
+            assert np.array_equal(np.asarray(x), np.asarray(y)), key
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+@pytest.mark.parametrize("cls", ["numpy", "torch"])
+def test_maximize_is_minimizing_the_negation(cls, line_search_fn):
+    """On any torch: maximize=True on -f takes exactly the steps of maximize=False on f (the negation is exact),
+    with the same state (prev_loss is f's, the state holding -(-f)); step() returns the closure's loss, -f."""
+    f, init = _objective("logreg", 41, torch.float64)
+    options = dict(max_iter=4, history_size=3, line_search_fn=line_search_fn)
+    if cls == "numpy":
+        a_max, a_min = [t.numpy().copy() for t in init], [t.numpy().copy() for t in init]
+        o_max = fastopt.LBFGS(a_max, maximize=True, **options)
+        o_min = fastopt.LBFGS(a_min, **options)
+        c_max, c_min = _negated_grad_closures(f, arrays=a_max), _numpy_closure(f, a_min)
+        params = lambda: (a_max, a_min)                                           # noqa: E731
+        state = lambda o: o.state[0]                                              # noqa: E731
+        value = float
+    else:
+        p_max, p_min = [t.clone().requires_grad_() for t in init], [t.clone().requires_grad_() for t in init]
+        o_max = ft.LBFGS(p_max, maximize=True, **options)
+        o_min = ft.LBFGS(p_min, **options)
+        c_max, c_min = _negated_grad_closures(f, opt=o_max, ps=p_max), _torch_closure(o_min, f, p_min)
+        params = lambda: ([p.detach().numpy() for p in p_max], [p.detach().numpy() for p in p_min])  # noqa: E731
+        state = lambda o: o.state[o.param_groups[0]["params"][0]]                 # noqa: E731
+        value = lambda x: x.item()                                                # noqa: E731
+        assert o_max.param_groups[0]["maximize"] is True   # on any torch
+        assert ("maximize" in o_min.param_groups[0]) is TORCH_HAS_MAXIMIZE
+    losses = []
+    for _ in range(4):
+        l_max, l_min = o_max.step(c_max), o_min.step(c_min)
+        losses.append(value(l_min))
+        assert value(l_max) == -value(l_min)     # the closure's own loss: -f where the other run returns f
+        mx, mn = params()
+        assert all(np.array_equal(a, b) for a, b in zip(mx, mn))
+        _same_state(state(o_max), state(o_min))
+    assert losses[-1] < losses[0]   # f went down, -f up (sanity)
+
+
+def test_torch_class_groups_follow_the_installed_torch():
+    """The param group has "maximize" exactly when torch.optim.LBFGS's has (torch >= 2.15), False by default;
+    maximize=True is taken on any torch (then the group carries it); a non-bool maximize is refused."""
+    ps = [torch.zeros(3, requires_grad=True)]
+    for kw in ({}, {"line_search_fn": "strong_wolfe", "lr": 0.5}):
+        assert ft.LBFGS(ps, **kw).state_dict() == torch.optim.LBFGS(ps, **kw).state_dict()
+    if TORCH_HAS_MAXIMIZE:
+        assert ft.LBFGS(ps, maximize=True).state_dict() == torch.optim.LBFGS(ps, maximize=True).state_dict()
+    else:
+        with pytest.raises(TypeError):
+            torch.optim.LBFGS(ps, maximize=True)
+        group = ft.LBFGS(ps, maximize=True).param_groups[0]
+        assert group["maximize"] is True
+        assert {k: v for k, v in group.items() if k != "maximize"} == torch.optim.LBFGS(ps).param_groups[0]
+    assert fastopt.LBFGS([np.zeros(3)]).param_groups[0]["maximize"] is False
+    assert "torch itself has no such option" in ft.LBFGS.__doc__ or "torch < 2.15" in ft.LBFGS.__doc__
+    for cls, p in ((ft.LBFGS, ps), (fastopt.LBFGS, [np.zeros(3)])):
+        with pytest.raises(TypeError, match="maximize must be a bool"):
+            cls(p, maximize="yes")
+
+
+def _maximize_state_dict(f, init, options, steps):
+    """A state dict of an LBFGS run with maximize=True on -f after `steps` steps, and the params: torch's own
+    where torch has maximize (a torch 2.15 state dict), else fastopt.torch's (the same layout)."""
+    ps = [t.clone().requires_grad_() for t in init]
+    cls = torch.optim.LBFGS if TORCH_HAS_MAXIMIZE else ft.LBFGS
+    opt = cls(ps, maximize=True, **options)
+    for _ in range(steps):
+        opt.step(_torch_closure(opt, _negated(f), ps))
+    return copy.deepcopy(opt.state_dict()), ps
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_maximize_state_dict_loads_and_keeps_maximizing(line_search_fn):
+    """A (torch 2.15) state dict whose group has maximize=True loads into fastopt.torch.LBFGS and
+    fastopt.LBFGS built without maximize, and both go on maximizing, as the uninterrupted run."""
+    f, init = _objective("rosenbrock", 23, torch.float64)
+    g = _negated(f)
+    options = dict(max_iter=3, history_size=4, line_search_fn=line_search_fn)
+    ref_sd, ref = _maximize_state_dict(f, init, options, 6)
+    ref = _flat([p.detach() for p in ref])
+    sd, ps = _maximize_state_dict(f, init, options, 3)
+    assert sd["param_groups"][0]["maximize"] is True
+    fopt = ft.LBFGS(ps, **options)
+    fopt.load_state_dict(sd)
+    assert fopt.param_groups[0]["maximize"] is True
+    for _ in range(3):
+        fopt.step(_torch_closure(fopt, g, ps))
+    assert _rel(_flat([p.detach() for p in ps]), ref) < 1e-9
+    sd, ps = _maximize_state_dict(f, init, options, 3)
+    arrays = [p.detach().numpy().copy() for p in ps]
+    opt = fastopt.LBFGS(arrays, **options)
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["maximize"] is True
+    for _ in range(3):
+        opt.step(_numpy_closure(g, arrays))
+    assert _rel(_flat(arrays), ref) < 1e-9
+    # a group without the key (torch < 2.15's) minimizes, whatever the optimizer was built with
+    minimize_sd = copy.deepcopy(sd)
+    del minimize_sd["param_groups"][0]["maximize"]
+    opt = fastopt.LBFGS([a.copy() for a in arrays], maximize=True, **options)
+    opt.load_state_dict(minimize_sd)
+    assert opt.param_groups[0]["maximize"] is False
+    fopt = ft.LBFGS([p.detach().clone().requires_grad_() for p in ps], maximize=True, **options)
+    fopt.load_state_dict(minimize_sd)
+    assert fopt.param_groups[0].get("maximize", False) is False
+
+
+@pytest.mark.parametrize("cls", ["numpy", "torch"])
+def test_load_state_dict_refuses_unknown_group_keys_changing_nothing(cls):
+    """A param group key the class does not know (an option of a newer torch) raises ValueError before
+    anything changes: groups, state and params as they were. Scheduler bookkeeping keys are known."""
+    f, init = _objective("logreg", 63, torch.float64)
+    if cls == "numpy":
+        arrays = [t.numpy().copy() for t in init]
+        opt = fastopt.LBFGS(arrays, max_iter=2)
+        opt.step(_numpy_closure(f, arrays))
+        params = arrays
+        state = lambda: opt.state[0]                                              # noqa: E731
+    else:
+        ps = [t.clone().requires_grad_() for t in init]
+        opt = ft.LBFGS(ps, max_iter=2)
+        opt.step(_torch_closure(opt, f, ps))
+        params = [p.detach().numpy() for p in ps]   # views: they see any write
+        state = lambda: opt.state[ps[0]]                                          # noqa: E731
+    before_groups = [dict(g) for g in opt.param_groups]
+    before_state = dict(state())
+    before_params = [p.copy() for p in params]
+    other = ft.LBFGS([t.clone().requires_grad_() for t in init], max_iter=5, lr=0.25)
+    bad = copy.deepcopy(other.state_dict())
+    bad["param_groups"][0]["future_option"] = True
+    with pytest.raises(ValueError, match=r"unknown options \['future_option'\]"):
+        opt.load_state_dict(bad)
+    assert [dict(g) for g in opt.param_groups] == before_groups
+    assert all(a is b for a, b in zip(opt.param_groups[0]["params"], before_groups[0]["params"]))
+    now = state()
+    assert list(now) == list(before_state) and all(now[k] is before_state[k] for k in now)
+    assert all(np.array_equal(p, b) for p, b in zip(params, before_params))
+    if cls == "torch":  # what torch's lr schedulers put in a group loads
+        good = copy.deepcopy(other.state_dict())
+        good["param_groups"][0]["initial_lr"] = 0.25
+        opt.load_state_dict(good)
+        assert opt.param_groups[0]["initial_lr"] == 0.25 and opt.param_groups[0]["max_iter"] == 5

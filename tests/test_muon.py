@@ -25,6 +25,22 @@ SHAPES = [(7, 13), (13, 7), (1, 1), (1, 9), (9, 1), (0, 5), (17, 17), (33, 5)]
 UPDATE_TOL = 2.0 ** -5   # per step, in units of the adjusted lr: a few bfloat16 ulps of an entry <= ~1
 
 
+def _torch_has_spectral_unclamped() -> bool:
+    """torch.optim.Muon takes adjust_lr_fn="spectral_unclamped" from torch 2.15 on."""
+    try:
+        torch.optim.Muon([torch.zeros(2, 2, requires_grad=True)], adjust_lr_fn="spectral_unclamped")
+    except ValueError:
+        return False
+    return True
+
+
+TORCH_HAS_SPECTRAL = _torch_has_spectral_unclamped()
+_NEEDS_SPECTRAL = pytest.mark.skipif(not TORCH_HAS_SPECTRAL, reason=f"torch {torch.__version__}'s Muon has no "
+                                     "adjust_lr_fn='spectral_unclamped' (torch >= 2.15 has it)")
+# adjust_lr_fn values compared with torch; "spectral_unclamped" only where torch has it
+TORCH_FNS = [None, "original", "match_rms_adamw", pytest.param("spectral_unclamped", marks=_NEEDS_SPECTRAL)]
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     # torch's two OpenMP threads spin against NumPy's on the shared 2-core machine: 50 ms a step instead of 4
@@ -68,7 +84,7 @@ def _check_step(ps, tps, lrs, fn, stats):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("nesterov", [True, False])
-@pytest.mark.parametrize("fn", [None, "original", "match_rms_adamw"])
+@pytest.mark.parametrize("fn", TORCH_FNS)
 def test_numpy_class_matches_torch_over_50_steps(dtype, nesterov, fn):
     rng = np.random.default_rng(zlib.crc32(repr((dtype.__name__, nesterov, fn)).encode()))
     ps, groups, hp = _groups(dtype, nesterov, fn, rng)
@@ -201,15 +217,16 @@ def test_bfloat16_buffer_is_not_normalised():
 
 # ---- fastopt.torch.Muon ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("fn", ["match_rms_adamw", pytest.param("spectral_unclamped", marks=_NEEDS_SPECTRAL)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_torch_class_matches_torch(dtype):
+def test_torch_class_matches_torch(dtype, fn):
     torch.manual_seed(3)
     shapes = [(9, 14), (14, 9), (1, 7), (5, 12)]
     base = [torch.randn(s, dtype=dtype) for s in shapes]
     # a non-contiguous param (a transposed weight): updated in place through its own strides
     mine = [torch.nn.Parameter(b.clone()) for b in base[:3]] + [torch.nn.Parameter(base[3].T.contiguous().T)]
     ref = [torch.nn.Parameter(b.clone()) for b in base]
-    kw = dict(lr=0.03, momentum=0.9, weight_decay=0.05, adjust_lr_fn="match_rms_adamw")
+    kw = dict(lr=0.03, momentum=0.9, weight_decay=0.05, adjust_lr_fn=fn)
     a = ftorch.Muon([{"params": mine[:2]}, {"params": mine[2:], "nesterov": False, "lr": 0.01}], **kw)
     b = torch.optim.Muon([{"params": ref[:2]}, {"params": ref[2:], "nesterov": False, "lr": 0.01}], **kw)
     ptr = mine[3].data_ptr()
@@ -224,7 +241,7 @@ def test_torch_class_matches_torch(dtype):
     assert mine[3].data_ptr() == ptr and not mine[3].is_contiguous()
     for x, y in zip(mine, ref):
         assert x.dtype == dtype
-        alr = adjusted_lr(0.03, "match_rms_adamw", x.shape)
+        alr = adjusted_lr(0.03, fn, x.shape)
         assert (x - y).abs().max().item() <= 30 * UPDATE_TOL * alr
         torch.testing.assert_close(a.state[x]["momentum_buffer"], b.state[y]["momentum_buffer"],
                                    rtol=1e-12 if dtype == torch.float64 else 0, atol=1e-15 if dtype == torch.float64 else 0)
@@ -511,6 +528,44 @@ def test_adjusted_lr_and_class():
     assert issubclass(ftorch.Muon, torch.optim.Optimizer)
     assert math.isclose(adjusted_lr(1.0, None, (8, 2)), 2.0)
     assert math.isclose(adjusted_lr(1.0, "match_rms_adamw", (8, 2)), 0.2 * math.sqrt(8))
+
+
+def test_spectral_unclamped_formula_on_any_torch():
+    """torch 2.15's adjust_lr_fn="spectral_unclamped": lr * sqrt(A / B), A, B = shape[:2] (rows: fan-out,
+    cols: fan-in), without "original"'s clamp max(1, .): a wide matrix gets a factor below 1."""
+    from fastopt.muon import ADJUST_LR_FNS
+    assert "spectral_unclamped" in ADJUST_LR_FNS
+    for shape in [(8, 2), (2, 8), (3, 7), (7, 3), (5, 5), (1, 9), (768, 3072)]:
+        a, b = shape
+        assert adjusted_lr(0.02, "spectral_unclamped", shape) == 0.02 * math.sqrt(a / b)
+        if a >= b:  # tall or square: the clamp does not bite, the two agree
+            assert adjusted_lr(0.02, "spectral_unclamped", shape) == adjusted_lr(0.02, "original", shape)
+    assert adjusted_lr(1.0, "spectral_unclamped", (2, 8)) == 0.5
+    assert adjusted_lr(1.0, "original", (2, 8)) == 1.0
+    # both classes take it on every torch version (torch < 2.15's Muon refuses it) and apply that lr: on a
+    # wide (2 x 8) matrix lr 0.1 unclamped is lr 0.05 "original" exactly (sqrt(2/8) = 0.5), on a tall one the same
+    rng = np.random.default_rng(11)
+    for shape, lr_original in [((2, 8), 0.05), ((8, 2), 0.1)]:
+        grads = [rng.standard_normal(shape) for _ in range(3)]
+        p0 = rng.standard_normal(shape)
+        runs = []
+        for fn, lr in [("spectral_unclamped", 0.1), ("original", lr_original)]:
+            p = p0.copy()
+            opt = Muon([p], lr=lr, weight_decay=0.0, adjust_lr_fn=fn)
+            tp = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+            topt = ftorch.Muon([tp], lr=lr, weight_decay=0.0, adjust_lr_fn=fn)
+            assert opt.param_groups[0]["adjust_lr_fn"] == topt.param_groups[0]["adjust_lr_fn"] == fn
+            for g in grads:
+                opt.step([g.copy()])
+                tp.grad = torch.from_numpy(g.copy())
+                topt.step()
+            runs.append((p, tp.detach().numpy().copy()))
+        (p_s, tp_s), (p_o, tp_o) = runs
+        np.testing.assert_array_equal(p_s, p_o)
+        np.testing.assert_array_equal(tp_s, tp_o)
+        assert not np.array_equal(p_s, p0)
+    with pytest.raises(ValueError, match="Adjust learning rate function spectral is not supported"):
+        Muon([np.zeros((2, 2))], adjust_lr_fn="spectral")
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (150, 90)])

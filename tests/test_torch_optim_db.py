@@ -116,10 +116,13 @@ def _train(cls, name: str, kwargs: dict, dtype, seed: int, steps: int, scheduler
     scheds = [make(opt) for make in schedulers]
     lrs = []
     targets = [torch.randn(p.shape, generator=gen, dtype=dtype) for p in params]
+    # a closure to maximize (torch 2.15's LBFGS maximize=True) is the negated one: bounded above, it converges
+    sign = -1.0 if kwargs.get("maximize") is True else 1.0
 
     def closure():
         opt.zero_grad()
         loss = sum(((p - t) ** 2).sum() + 0.1 * (p ** 4).sum() + torch.sin(p).sum() for p, t in zip(params, targets))
+        loss = sign * loss
         loss.backward()
         return loss
 

@@ -24,6 +24,14 @@ they are not written in place by a later step (torch copies into prev_flat_grad;
 buffers and swaps them in at its end, which is what lets a step that raises restore the params and keep the
 state).
 
+maximize=True (keyword-only; torch 2.15's option): the closure's loss and the flat gradient are negated as they
+are read, as torch 2.15 does, so the step maximizes f; the state holds -f's values and step() returns the loss
+as the closure gave it. Accepted on every torch version; on torch < 2.15, whose LBFGS has no such option, the
+param group carries "maximize" only when it is True, so that the groups equal the installed torch's exactly
+(torch >= 2.15: always, False by default). load_state_dict refuses, with a ValueError and nothing changed, a
+param group with a key this class does not know (an option of a newer torch that it would otherwise ignore);
+the keys torch's lr schedulers and SWALR add (initial_lr, max_lr, min_lr, swa_lr) and param_names are known.
+
 Stricter than torch, before the first closure call of a step and with nothing changed: max_iter, max_eval
 and history_size must be ints >= 1 (torch fails mid-step on history_size=0 and does nothing with
 max_iter=0), the tolerances finite; a line_search_fn other than None/"strong_wolfe" raises torch's
@@ -32,6 +40,7 @@ the closure once).
 """
 from __future__ import annotations
 
+import inspect
 
 import numpy as np
 import torch
@@ -42,6 +51,11 @@ from fastopt.torch.arrays import array_view, on_torch_stream
 from fastopt.torch.views import bump_versions
 
 _NAME = "fastopt.torch.LBFGS"  # for messages
+
+# torch 2.15 added LBFGS(..., *, maximize=False), a group key; earlier torch's groups have no such key
+TORCH_HAS_MAXIMIZE = "maximize" in inspect.signature(torch.optim.LBFGS).parameters
+# group keys that are not options but that torch's lr schedulers / SWALR / named params put in a group
+_BOOKKEEPING_KEYS = ("params", "param_names", "initial_lr", "max_lr", "min_lr", "swa_lr")
 
 __all__ = ["LBFGS"]
 
@@ -62,7 +76,10 @@ class LBFGS(torch.optim.Optimizer):
     """L-BFGS, torch.optim.LBFGS's algorithm and interface, run by fastopt (see fastopt/torch/lbfgs.py).
 
     Args as torch.optim.LBFGS: params, lr=1, max_iter=20, max_eval=None (max_iter * 5 // 4),
-    tolerance_grad=1e-7, tolerance_change=1e-9, history_size=100, line_search_fn=None or "strong_wolfe".
+    tolerance_grad=1e-7, tolerance_change=1e-9, history_size=100, line_search_fn=None or "strong_wolfe",
+    and keyword-only maximize=False (a bool; torch 2.15's option: the loss and the gradient negated, the
+    returned loss the closure's). On torch < 2.15 torch.optim.LBFGS itself has no maximize; this class takes
+    it there too, and its param group then carries the key only when maximize is True.
 
     Update rule:
 
@@ -71,7 +88,7 @@ class LBFGS(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float | Tensor = 1, max_iter: int = 20, max_eval: int | None = None,
                  tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, history_size: int = 100,
-                 line_search_fn: str | None = None) -> None:
+                 line_search_fn: str | None = None, *, maximize: bool = False) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -81,6 +98,10 @@ class LBFGS(torch.optim.Optimizer):
         defaults = {"lr": lr, "max_iter": max_iter, "max_eval": max_eval, "tolerance_grad": tolerance_grad,
                     "tolerance_change": tolerance_change, "history_size": history_size,
                     "line_search_fn": line_search_fn}
+        if not isinstance(maximize, (bool, np.bool_)):
+            raise TypeError(f"maximize must be a bool, got {maximize!r} ({type(maximize).__name__})")
+        if TORCH_HAS_MAXIMIZE or maximize:
+            defaults["maximize"] = bool(maximize)
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError(SINGLE_GROUP_MESSAGE)
@@ -88,6 +109,26 @@ class LBFGS(torch.optim.Optimizer):
         self._vec_key = None
         self._core_of = {}        # id(state tensor) -> (tensor, its array or NumPy scalar)
         self._tensor_of = {}      # id(array or NumPy scalar) -> (it, its tensor)
+
+    # --- state dicts -------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict) -> None:
+        """torch.optim's, after a check that changes nothing: a param group with a key this class does not
+        know raises ValueError (torch would keep it in the group and ignore it: an option of a newer torch,
+        such as torch 2.15's maximize before this class had it, would silently not apply). A torch 2.15
+        group with maximize=True loads and keeps maximizing; a group without the key minimizes."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, (list, tuple)):
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
+        known = set(self.defaults) | {"maximize"} | set(_BOOKKEEPING_KEYS)
+        for i, group in enumerate(groups):
+            if not isinstance(group, dict):
+                raise ValueError(f"loaded param_groups[{i}] is a {type(group).__name__}, not a dict")
+            unknown = [k for k in group if k not in known]
+            if unknown:
+                raise ValueError(f"loaded param group {i} has unknown options {unknown}: {_NAME} knows "
+                                 f"{sorted(k for k in known if k not in _BOOKKEEPING_KEYS)} (a state dict of a newer "
+                                 f"torch.optim.LBFGS?)")
+        super().load_state_dict(state_dict)
 
     # --- views --------------------------------------------------------------------------------------
     def _vector(self, params) -> tuple[ParamVector, list]:

@@ -6,9 +6,11 @@
 Same constructor (params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
 ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None), defaults and error
 messages as torch ("Muon only supports 2D parameters ...", "Learning rate should be >= 0 but is: ...",
-"Adjust learning rate function ... is not supported"). Stricter than torch, and at construction as well
-as at each step: ns_steps must be an int in [0, 100) and ns_coefficients three finite numbers (torch raises
-those from inside step(), after updating the params before), hyperparameters finite. step(closure=None)
+"Adjust learning rate function ... is not supported"). adjust_lr_fn="spectral_unclamped" (lr * sqrt(rows /
+cols), torch 2.15's option) is accepted on every torch version, also where torch.optim.Muon lacks it.
+Stricter than torch, and at construction as well as at each step: ns_steps must be an int in [0, 100) and
+ns_coefficients three finite numbers (torch raises those from inside step(), after updating the params
+before), hyperparameters finite. step(closure=None)
 reads p.grad and skips params whose grad is None; state ("momentum_buffer", made as torch makes it:
 zeros_like(grad)), state_dict(), param groups, hooks and lr schedulers are torch.optim's, so a
 torch.optim.Muon state dict loads here and back.
