@@ -221,7 +221,7 @@ def test_fp16_round_trip_matches_reference_and_numpy(shim, rng):
 
 
 def test_fp16_rounding_near_the_top_and_bottom_of_the_range(shim):
-    x = np.array([65504.0, 65519.996, 65520.0, 2.0 ** -25, np.nextafter(np.float32(2.0 ** -25), 1),
+    x = np.array([65504.0, 65519.996, 65520.0, 2.0 ** -25, np.nextafter(np.float32(2.0 ** -25), np.float32(1)),
                   1.5 * 2.0 ** -24, 2.5 * 2.0 ** -24], np.float32)
     want = [0x7BFF, 0x7BFF, 0x7C00, 0x0000, 0x0001, 0x0002, 0x0002]  # ties to even in the subnormals
     assert shim.to_fp16(x).tolist() == want == ref.to_fp16(x).tolist()

@@ -8,11 +8,12 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
-import fastopt.torch as ft
-from fastopt.torch.optimizer import TorchOptimizer
-from tests.torch_support import default_dtype, one_torch_thread  # noqa: F401  (autouse fixture)
+torch = pytest.importorskip("torch")
+
+import fastopt.torch as ft  # noqa: E402
+from fastopt.torch.optimizer import TorchOptimizer  # noqa: E402
+from tests.torch_support import default_dtype, one_torch_thread  # noqa: E402,F401  (autouse fixture)
 
 SHAPES = [(5,), (3, 4), (2, 3, 2, 2), (1,), (7,)]
 

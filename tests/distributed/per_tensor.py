@@ -30,8 +30,13 @@ def grads_for(seed, t, rank, params, dtype=None):
 
 def mean_grads(seed, t, params, world, dtype=None):
     per_rank = [grads_for(seed, t, r, params, dtype) for r in range(world)]
-    return [np.asarray(sum(g[i] for g in per_rank) * per_rank[0][i].dtype.type(1.0 / world))
-            for i in range(len(params))]
+    means = []
+    for i in range(len(params)):
+        kind = per_rank[0][i].dtype
+        total = np.asarray(sum(g[i] for g in per_rank), dtype=kind)  # exact: multiples of 1/8
+        # in the grads' dtype under NumPy 1's value-based promotion too (0-d arrays went to float64 there)
+        means.append(np.asarray(np.multiply(total, kind.type(1.0 / world), dtype=kind)))
+    return means
 
 
 def sharded(name, world, seed, dtypes, hp, bucket_bytes, steps=STEPS, shapes=SHAPES, cast=None, load=None,
