@@ -27,8 +27,12 @@ def git_revision() -> str | None:
     if root is None:
         return None
 
+    # without the caller's GIT_DIR, GIT_WORK_TREE, ... (a git hook, `git rebase -x`): they would name their
+    # repository whatever directory git is pointed at
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+
     def git(*args):
-        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10)
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10, env=env)
 
     try:
         top = git("rev-parse", "--show-toplevel")
@@ -38,6 +42,6 @@ def git_revision() -> str | None:
         dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
-    if head.returncode:
+    if head.returncode or dirty.returncode:
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -134,5 +134,8 @@ def test_git_revision_is_only_that_of_fastopts_own_checkout(tmp_path, monkeypatc
     git("-C", str(tree), "commit", "-q", "-m", "one")
     revision = _version.git_revision()
     assert len(revision) == 40 and int(revision, 16) >= 0
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / ".git"))  # a caller's git environment (a hook) is not read
+    assert _version.git_revision() == revision
+    monkeypatch.delenv("GIT_DIR")
     (tree / "setup.py").write_text("changed")
     assert _version.git_revision() == revision + "+dirty"

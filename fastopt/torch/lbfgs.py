@@ -28,9 +28,8 @@ maximize=True (keyword-only; torch 2.15's option): the closure's loss and the fl
 are read, as torch 2.15 does, so the step maximizes f; the state holds -f's values and step() returns the loss
 as the closure gave it. Accepted on every torch version; on torch < 2.15, whose LBFGS has no such option, the
 param group carries "maximize" only when it is True, so that the groups equal the installed torch's exactly
-(torch >= 2.15: always, False by default). load_state_dict refuses, with a ValueError and nothing changed, a
-param group with a key this class does not know (an option of a newer torch that it would otherwise ignore);
-the keys torch's lr schedulers and SWALR add (initial_lr, max_lr, min_lr, swa_lr) and param_names are known.
+(torch >= 2.15: always, False by default). load_state_dict checks the loaded groups' hyperparameters as
+step() does, before anything changes.
 
 Stricter than torch, before the first closure call of a step and with nothing changed: max_iter, max_eval
 and history_size must be ints >= 1 (torch fails mid-step on history_size=0 and does nothing with
@@ -54,8 +53,6 @@ _NAME = "fastopt.torch.LBFGS"  # for messages
 
 # torch 2.15 added LBFGS(..., *, maximize=False), a group key; earlier torch's groups have no such key
 TORCH_HAS_MAXIMIZE = "maximize" in inspect.signature(torch.optim.LBFGS).parameters
-# group keys that are not options but that torch's lr schedulers / SWALR / named params put in a group
-_BOOKKEEPING_KEYS = ("params", "param_names", "initial_lr", "max_lr", "min_lr", "swa_lr")
 
 __all__ = ["LBFGS"]
 
@@ -70,6 +67,15 @@ def _tensor(a, device) -> Tensor:
             return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(a)
     return torch.as_tensor(a, device=device)
+
+
+def _checked_hyperparameters(group: dict) -> dict:
+    """check_group of a param group (a tensor lr read as a number, torch's _to_scalar), torch's RuntimeError
+    for a bad line_search_fn."""
+    values = dict(group)
+    if isinstance(values.get("lr"), Tensor):
+        values["lr"] = values["lr"].item()
+    return check_group(values, line_search_error=RuntimeError)
 
 
 class LBFGS(torch.optim.Optimizer):
@@ -112,22 +118,14 @@ class LBFGS(torch.optim.Optimizer):
 
     # --- state dicts -------------------------------------------------------------------------------
     def load_state_dict(self, state_dict) -> None:
-        """torch.optim's, after a check that changes nothing: a param group with a key this class does not
-        know raises ValueError (torch would keep it in the group and ignore it: an option of a newer torch,
-        such as torch 2.15's maximize before this class had it, would silently not apply). A torch 2.15
-        group with maximize=True loads and keeps maximizing; a group without the key minimizes."""
+        """torch.optim's, after the loaded groups' hyperparameters are checked as step() checks them
+        (TypeError / ValueError naming the value, nothing changed), so that a bad value (maximize="yes",
+        max_iter=0) does not wait for the next step to fail. Other keys (a user's "name", what lr schedulers
+        add) load as in torch. The values are checked as given, before torch's load_state_dict pre-hooks."""
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        if not isinstance(groups, (list, tuple)):
-            raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
-        known = set(self.defaults) | {"maximize"} | set(_BOOKKEEPING_KEYS)
-        for i, group in enumerate(groups):
-            if not isinstance(group, dict):
-                raise ValueError(f"loaded param_groups[{i}] is a {type(group).__name__}, not a dict")
-            unknown = [k for k in group if k not in known]
-            if unknown:
-                raise ValueError(f"loaded param group {i} has unknown options {unknown}: {_NAME} knows "
-                                 f"{sorted(k for k in known if k not in _BOOKKEEPING_KEYS)} (a state dict of a newer "
-                                 f"torch.optim.LBFGS?)")
+        for group in groups if isinstance(groups, (list, tuple)) else ():
+            if isinstance(group, dict):
+                _checked_hyperparameters(group)
         super().load_state_dict(state_dict)
 
     # --- views --------------------------------------------------------------------------------------
@@ -216,10 +214,7 @@ class LBFGS(torch.optim.Optimizer):
             raise AssertionError(f"Expected exactly one param_group, but got {len(self.param_groups)}")
         closure = torch.enable_grad()(closure)
         group = self.param_groups[0]
-        values = dict(group)
-        if isinstance(values["lr"], Tensor):
-            values["lr"] = values["lr"].item()  # torch's _to_scalar
-        hp = check_group(values, line_search_error=RuntimeError)
+        hp = _checked_hyperparameters(group)
         params = group["params"]
         vec, tensors = self._vector(params)
         device = tensors[0].device
