@@ -47,7 +47,11 @@ DTYPES = [torch.float64, torch.float32]
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
 STEPS, LBFGS_STEPS = 50, 5
 MUON_PATH_FRACTION = 2.0 ** -9
-LBFGS_HISTORY_TOL = dict(rtol=1e-6, atol=1e-12)
+# LBFGS's state near convergence (d, prev_flat_grad, ro: from differences of close gradients) is ill-conditioned:
+# over 80 seeds of every float64 config its worst difference from torch was 5.3e-7 of the vector's largest
+# element (strong_wolfe), and one seed (2335049957) reached 1.0e-5, while the params agreed to 1e-12. A wrong
+# formula is off by O(1): 1e-3 of the scale keeps that visible without failing on the conditioning's tail.
+LBFGS_HISTORY_TOL = dict(rtol=1e-3, atol=1e-12)
 
 
 def _name(info) -> str:
@@ -215,7 +219,7 @@ def test_every_configuration_matches_torch(info, config, dtype, rng):
                 scale = max((v.abs().max().item() for v in vectors if isinstance(v, torch.Tensor) and v.numel()),
                             default=0.0)
                 # the history near convergence is ill-conditioned (ro = 1 / y.s, y a difference of close
-                # gradients): its values agree to 1e-6 where the params agree to 1e-13
+                # gradients): see LBFGS_HISTORY_TOL
                 _same(ours_sd["state"][pid][key], value, f"state[{pid}][{key!r}]", LBFGS_HISTORY_TOL, scale=scale)
         for k, (p, q) in enumerate(zip(ours, theirs)):
             torch.testing.assert_close(p, q, **tol, msg=lambda m: f"params[{k}]: {m}")
