@@ -146,6 +146,7 @@ def test_the_outlier_repro_scripts_model_is_fastopts_int8_step_with_either_table
     import os
     import sys
     pytest.importorskip("fastopt.kernels.cpu._cpu_fast")
+    pytest.importorskip("torch")  # the script builds bitsandbytes' map with torch, as bitsandbytes does
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     try:
         import int8_outliers

@@ -21,6 +21,8 @@ _ran = set()
 def test_table(table, backend, fuzz_stats):
     seed = fuzz_seed()
     t0 = time.perf_counter()
+    if table == "torch_class":
+        pytest.importorskip("torch")  # the table is empty without it
     res = run_table(table, backend, seed)
     print(f"{table} [{backend}]: {res.ran}/{res.total} cases in {time.perf_counter() - t0:.1f} s, seed {seed}, "
           f"{len(res.failures)} failing")
