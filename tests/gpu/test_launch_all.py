@@ -126,6 +126,7 @@ def test_the_numba_sweep_and_public_calls_run_in_the_cuda_simulator():
     """launch_all's Numba half (device arrays, every backend-interface call, the classes with clip+skip and a
     NaN step, the clip functions) against the Numba backend, on tiny arrays in the CUDA simulator, for float32,
     float16 and bfloat16."""
+    pytest.importorskip("numba", reason="the CUDA simulator is Numba's (the [gpu] extra)")
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1",
                PYTHONPATH=os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
     res = subprocess.run([sys.executable, "-c", SIMULATED], env=env, capture_output=True, text=True, timeout=600)
