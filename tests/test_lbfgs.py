@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -611,7 +612,6 @@ def test_autograd_version_counter():
 def test_spec_and_exports():
     spec = fastopt.specs.COMPOSITE["lbfgs"]
     assert spec.class_name == "LBFGS" and spec.torch_class == "LBFGS"
-    import inspect
     torch_sig = inspect.signature(torch.optim.LBFGS.__init__)
     theirs = [(k, v.default, v.kind) for k, v in torch_sig.parameters.items()]
     if not TORCH_HAS_MAXIMIZE:  # torch < 2.15: fastopt's keyword-only maximize=False is the only addition
@@ -722,7 +722,7 @@ def test_16bit_params_follow_torch(tdtype, line_search_fn, rng):
 
 # ---- maximize (torch 2.15's keyword-only option) -----------------------------------------------------------
 
-TORCH_HAS_MAXIMIZE = "maximize" in __import__("inspect").signature(torch.optim.LBFGS).parameters
+TORCH_HAS_MAXIMIZE = "maximize" in inspect.signature(torch.optim.LBFGS).parameters
 _NEEDS_MAXIMIZE = pytest.mark.skipif(not TORCH_HAS_MAXIMIZE, reason=f"torch {torch.__version__}'s LBFGS has no "
                                      "maximize (torch >= 2.15 has it): nothing to compare with")
 
