@@ -87,7 +87,7 @@ from fastopt.blas import one_blas_thread
 from fastopt.grad_guard import GuardedSteps, scaled
 from fastopt.optim import as_param_groups
 from fastopt.precision import is_16bit, is_bfloat16, store_rounded
-from fastopt.specs import COMPOSITE, as_float, saved_count, shown
+from fastopt.specs import COMPOSITE, as_bool, as_float, saved_count, shown
 
 __all__ = ["Adafactor", "check_hyperparameters", "check_eps", "state_shapes", "group_eps1", "check_state",
            "new_state", "check_param", "as_array", "Workspace", "update", "BLOCK_BYTES",
@@ -140,10 +140,7 @@ def check_hyperparameters(values: Mapping) -> dict:
     "lr_dtype" to the result for a 0-d Tensor lr: update() then follows torch's tensor arithmetic.)"""
     hp = {name: _check_float(name, values[name]) for name in ("lr", "beta2_decay", "d", "weight_decay")}
     hp["eps"] = check_eps(values["eps"])
-    maximize = values["maximize"]
-    if not isinstance(maximize, (bool, np.bool_)):
-        raise TypeError(f"maximize must be a bool, got {shown(maximize)} ({type(maximize).__name__})")
-    hp["maximize"] = bool(maximize)
+    hp["maximize"] = as_bool("maximize", values["maximize"])
     return hp
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from fastopt.array_types import Arrays
 from fastopt.backends.dispatch import backend_for, check_empty_call
-from fastopt.specs import AVERAGE_COPY, AVERAGE_EMA, AVERAGE_SWA, WEIGHT_AVERAGE, shown
+from fastopt.specs import AVERAGE_COPY, AVERAGE_EMA, AVERAGE_SWA, WEIGHT_AVERAGE, as_bool, shown
 
 __all__ = ["ema_update", "swa_update", "ema_decay", "lerp_", "lerp_all_"]
 
@@ -134,8 +134,7 @@ def ema_decay(step: int, decay: float = 0.9999, *, warmup: bool = True) -> float
     num_updates, timm's ModelEmaV3 default), so early averages follow the model instead of its random
     initialization; `decay` itself without."""
     value = _decay(decay)
-    if not isinstance(warmup, (bool, np.bool_)):
-        raise TypeError(f"warmup must be a bool, got {shown(warmup)} ({type(warmup).__name__})")
+    warmup = as_bool("warmup", warmup)
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
         raise TypeError(f"step must be an integer (the 1-based number of this update), got {shown(step)} "
                         f"({type(step).__name__})")

@@ -12,7 +12,7 @@ from fastopt.array_types import Arrays, Scalar
 from fastopt.arrays import array_device, as_numpy
 from fastopt.backends.dispatch import backend_for, check_empty_call
 from fastopt.backends.validate import check_tensor_coefs
-from fastopt.specs import COMP_SLOT, REGISTRY, REQUIRED, OptimizerSpec
+from fastopt.specs import COMP_SLOT, REGISTRY, REQUIRED, OptimizerSpec, as_bool
 
 __all__ = [spec.function_name for spec in REGISTRY.values()] + ["init_state", "apply_update"]
 
@@ -54,9 +54,8 @@ def rounding_options(step, stochastic_rounding=False, seed=0, index_offset=0, ka
     """A precision.StochasticRounding for stochastic_rounding=True (else None), after checking the options:
     bools, int seed and offset, and kahan and stochastic_rounding not both (ValueError naming them)."""
     from fastopt.precision import StochasticRounding
-    for name, value in (("stochastic_rounding", stochastic_rounding), ("kahan", kahan)):
-        if not isinstance(value, (bool, np.bool_)):
-            raise TypeError(f"{name} must be a bool, got {value!r}")
+    stochastic_rounding = as_bool("stochastic_rounding", stochastic_rounding)
+    kahan = as_bool("kahan", kahan)
     if stochastic_rounding and kahan:
         raise ValueError("kahan and stochastic_rounding are mutually exclusive (Kahan summation keeps what rounding "
                          "lost; stochastic rounding loses nothing on average): choose one")
@@ -277,8 +276,7 @@ def init_state(name: str, params: Arrays, *, state_dtype=None, kahan: bool = Fal
     unknown = set(options) - set(spec.defaults)
     if unknown:
         raise TypeError(f"init_state({name!r}): unknown option(s) {', '.join(sorted(unknown))}")
-    if not isinstance(kahan, (bool, np.bool_)):
-        raise TypeError(f"kahan must be a bool, got {kahan!r}")
+    as_bool("kahan", kahan)
     hp = dict(spec.defaults, **options)
     if "lr" in hp and hp["lr"] is REQUIRED:
         hp["lr"] = 0.0

@@ -32,7 +32,7 @@ from fastopt.arrays import array_module
 from fastopt.backends.host_clip import clip_coefficient
 from fastopt.clip import check_bound, global_norm
 from fastopt.precision import is_16bit
-from fastopt.specs import shown
+from fastopt.specs import as_bool
 
 
 def check_options(clip_grad_norm, skip_nonfinite) -> tuple[float | None, bool]:
@@ -40,9 +40,7 @@ def check_options(clip_grad_norm, skip_nonfinite) -> tuple[float | None, bool]:
     gradient to zero, as torch's clip_grad_norm_(max_norm=0)); ValueError / TypeError naming them."""
     if clip_grad_norm is not None:
         clip_grad_norm = check_bound("clip_grad_norm", clip_grad_norm)
-    if not isinstance(skip_nonfinite, (bool, np.bool_)):
-        raise TypeError(f"skip_nonfinite must be a bool, got {shown(skip_nonfinite)}")
-    return clip_grad_norm, bool(skip_nonfinite)
+    return clip_grad_norm, as_bool("skip_nonfinite", skip_nonfinite)
 
 
 def sum_of_squares(arrays) -> float:

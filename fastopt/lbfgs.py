@@ -44,7 +44,7 @@ import numpy as np
 
 from fastopt.arrays import array_device, array_module, as_numpy
 from fastopt.functional import sgd_step
-from fastopt.specs import COMPOSITE, Hyper, shown
+from fastopt.specs import COMPOSITE, Hyper, as_bool, shown
 
 __all__ = ["LBFGS", "ParamVector", "lbfgs_step", "check_group", "SPEC", "AXPY_KERNEL_MIN", "STATE_KEYS"]
 
@@ -65,8 +65,8 @@ _LIST_KEYS = ("old_dirs", "old_stps")
 _SCALAR_LIST_KEYS = ("ro", "al")
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
-# group keys that may be absent (torch.optim.LBFGS < 2.15 has no maximize; its step reads group.get("maximize", False))
-_OPTIONAL_KEYS = ("maximize",)
+# the group key that may be absent (torch.optim.LBFGS < 2.15 has no maximize; its step reads group.get("maximize", False))
+_OPTIONAL_KEY = "maximize"
 
 SINGLE_GROUP_MESSAGE = "LBFGS doesn't support per-parameter options (parameter groups)"  # torch's words
 LINE_SEARCH_MESSAGE = "only 'strong_wolfe' is supported"                                # torch's words
@@ -92,7 +92,7 @@ def check_group(group: dict, line_search_error=ValueError) -> dict:
     without the key minimizes: torch's group.get("maximize", False); torch < 2.15 has no such key). Returns the
     values as Python floats/ints/bools; raises TypeError / ValueError naming the argument and echoing the value.
     `line_search_error`: the class for a bad line_search_fn (fastopt.torch raises torch's RuntimeError)."""
-    missing = [name for name in _HYPERS if name not in group and name not in _OPTIONAL_KEYS]
+    missing = [name for name in _HYPERS if name not in group and name != _OPTIONAL_KEY]
     if missing:
         raise ValueError(f"LBFGS param group is missing {', '.join(missing)}")
     lr = _HYPERS["lr"].validate(group["lr"])
@@ -112,10 +112,7 @@ def check_group(group: dict, line_search_error=ValueError) -> dict:
             raise ValueError(f"Invalid line_search_fn: {shown(fn)} ({LINE_SEARCH_MESSAGE}, or None)")
         raise line_search_error(LINE_SEARCH_MESSAGE)
     hp["line_search_fn"] = fn
-    maximize = group.get("maximize", False)
-    if not isinstance(maximize, (bool, np.bool_)):
-        raise TypeError(f"maximize must be a bool, got {shown(maximize)} ({type(maximize).__name__})")
-    hp["maximize"] = bool(maximize)
+    hp["maximize"] = as_bool("maximize", group.get("maximize", False))
     return hp
 
 
@@ -461,7 +458,7 @@ def _lbfgs_step(vec, evaluate, state, hp, x0):
     new = dict(state)
     func_evals = state.get("func_evals", 0)
     total_iter = state.get("n_iter", 0)
-    if hp.get("maximize", False):
+    if hp["maximize"]:
         # torch 2.15: the loss and the flat gradient negated as they are read (-float(loss), flat_grad.neg_()),
         # so the algorithm minimizes -f; the state holds -f's values (prev_loss, gradients) and step() returns
         # the closure's first loss as the closure gave it

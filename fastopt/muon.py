@@ -67,7 +67,7 @@ from fastopt.blas import one_blas_thread, steady_blas_count
 from fastopt.grad_guard import GuardedSteps, scaled
 from fastopt.optim import as_param_groups
 from fastopt.precision import is_bfloat16
-from fastopt.specs import COMPOSITE, as_float, shown
+from fastopt.specs import COMPOSITE, as_bool, as_float, shown
 
 __all__ = ["Muon", "check_hyperparameters", "adjusted_lr", "muon_update", "Workspace", "ADJUST_LR_FNS"]
 
@@ -134,10 +134,7 @@ def check_hyperparameters(group) -> dict:
     if fn is not None and (not isinstance(fn, str) or fn not in ADJUST_LR_FNS):
         raise ValueError(f"Adjust learning rate function {fn} is not supported")
     out["adjust_lr_fn"] = fn
-    nesterov = group["nesterov"]
-    if not isinstance(nesterov, (bool, np.bool_)):
-        raise TypeError(f"nesterov must be a bool, got {shown(nesterov)} ({type(nesterov).__name__})")
-    out["nesterov"] = bool(nesterov)
+    out["nesterov"] = as_bool("nesterov", group["nesterov"])
     out["ns_coefficients"] = _coefficients(group["ns_coefficients"])
     eps = as_float("eps", group["eps"], "epsilon")
     if not math.isfinite(eps):

@@ -84,7 +84,7 @@ from fastopt.clip import check_bound, clip_coefficient
 from fastopt.functional import device_param_dtype, init_state, rounding_options, with_kahan
 from fastopt.precision import QuantizedState, StochasticRounding, quant_blocks, quantize_blockwise
 from fastopt.schedules import is_schedule
-from fastopt.specs import PARAM, REGISTRY, REQUIRED, OptimizerSpec, naming_group
+from fastopt.specs import PARAM, REGISTRY, REQUIRED, OptimizerSpec, as_bool, naming_group
 from fastopt.statedict import OptimizerState, check_array
 from fastopt.train_eval import Modes
 
@@ -196,8 +196,7 @@ class Optimizer:
         self._kahan = bool(kahan)
         self._stochastic = bool(stochastic_rounding)
         self._seed = int(seed)
-        if not isinstance(capturable, (bool, np.bool_)):
-            raise TypeError(f"capturable must be a bool, got {capturable!r}")
+        capturable = as_bool("capturable", capturable)
         if capturable and spec.tensor_coefs is not None:
             raise ValueError(f"capturable=True: {spec.class_name} computes its per-tensor ratios on the host (one "
                              f"synchronisation per step), which a CUDA graph cannot hold")
@@ -276,9 +275,7 @@ class Optimizer:
 
     @skip_nonfinite.setter
     def skip_nonfinite(self, value):
-        if not isinstance(value, (bool, np.bool_)):
-            raise TypeError(f"skip_nonfinite must be a bool, got {value!r}")
-        self._skip_nonfinite = bool(value)
+        self._skip_nonfinite = as_bool("skip_nonfinite", value)
 
     @classmethod
     def _hyper_keys(cls) -> tuple:

@@ -32,7 +32,7 @@ import numbers
 
 import numpy as np
 
-from fastopt.specs import shown
+from fastopt.specs import as_bool, shown
 
 __all__ = ["Schedule", "constant", "exponential_decay", "step_decay", "multi_step", "linear", "polynomial",
            "cosine", "warmup", "ReduceLROnPlateau"]
@@ -53,12 +53,6 @@ def _real(name, value, *, positive=False, nonneg=False):
     if not math.isfinite(value) or (positive and value <= 0) or (nonneg and value < 0):
         raise ValueError(f"Invalid {name}: {value}")
     return value
-
-
-def _flag(name, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {shown(value)} ({type(value).__name__})")
-    return bool(value)
 
 
 def _count(name, value, *, positive=False):
@@ -110,7 +104,7 @@ class exponential_decay(Schedule):
         self.init_value = _real("init_value", init_value, nonneg=True)
         self.decay_rate = _real("decay_rate", decay_rate, positive=True)
         self.transition_steps = _count("transition_steps", transition_steps, positive=True)
-        self.staircase = _flag("staircase", staircase)
+        self.staircase = as_bool("staircase", staircase)
 
     def value(self, count):
         exponent = count / self.transition_steps

@@ -79,6 +79,17 @@ def as_float(name: str, value, label: str = "") -> float:
         raise ValueError(f"Invalid {label or name}: {shown(value)} (too large for a float)") from None
 
 
+def as_bool(name: str, value) -> bool:
+    """A flag (bool or NumPy bool) as a Python bool; TypeError naming it for anything else, 0/1 and "yes"
+    included (a truthy value passed by mistake must not flip an option silently)."""
+    t = type(value)
+    if t is bool:
+        return value
+    if t is np.bool_:
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {shown(value)} ({t.__name__})")
+
+
 def as_step(step, name="step") -> int:
     """A step number (1-based) as a Python int in [1, MAX_STEP]."""
     if type(step) is not int:
@@ -129,11 +140,7 @@ class Hyper:
         """The value as a Python float (or bool); TypeError / ValueError naming it when invalid."""
         t = type(value)  # exact-type fast paths first: this runs on every step
         if self.kind == "bool":
-            if t is bool:
-                return value
-            if t is np.bool_:
-                return bool(value)
-            raise TypeError(f"{self.name} must be a bool, got {shown(value)} ({t.__name__})")
+            return value if t is bool else as_bool(self.name, value)
         given = value
         if t is not float:
             value = as_float(self.name, value, self.label)

@@ -98,7 +98,7 @@ from fastopt.distributed.checkpoint import load as load_checkpoint, save as save
 from fastopt.distributed.comm import as_communicator
 from fastopt.distributed.layout import DEFAULT_BUCKET_BYTES, ShardLayout
 from fastopt.schedules import Schedule, is_schedule
-from fastopt.specs import REGISTRY, get_spec
+from fastopt.specs import REGISTRY, as_bool, get_spec
 
 __all__ = ["ShardedOptimizer", "DEFAULT_BUCKET_BYTES", "unsupported_reason"]
 
@@ -253,8 +253,7 @@ class ShardedOptimizer:
         params = _param_list(params)
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, numbers.Integral) or bucket_bytes < 1:
             raise ValueError(f"Invalid bucket_bytes: {bucket_bytes!r} (a positive number of bytes)")
-        if not isinstance(copy_params, (bool, np.bool_)):
-            raise TypeError(f"copy_params must be a bool, got {copy_params!r}")
+        copy_params = as_bool("copy_params", copy_params)
         views = [comm.as_array(p, f"params[{i}]") for i, p in enumerate(params)]
         self._check_params(views)
         dtypes = [np.dtype(v.dtype) for v in views]

@@ -11,10 +11,9 @@ import inspect
 import math
 import numbers
 
-import numpy as np
 import torch
 
-from fastopt.specs import REQUIRED, OptimizerSpec, class_taking, saved_count, shown
+from fastopt.specs import REQUIRED, OptimizerSpec, as_bool, class_taking, saved_count, shown
 
 # torch flags the fastopt kernels have no use for (accepted, stored, ignored) or cannot honour (rejected)
 IGNORED_FLAGS = {"foreach": None, "fused": None}
@@ -213,9 +212,7 @@ def check_extras(clip_grad_norm, skip_nonfinite):
         if not is_real(clip_grad_norm) or not math.isfinite(clip_grad_norm) or clip_grad_norm <= 0:
             raise ValueError(f"Invalid clip_grad_norm: {shown(clip_grad_norm)} (a finite number > 0, or None)")
         clip_grad_norm = float(clip_grad_norm)
-    if not isinstance(skip_nonfinite, (bool, np.bool_)):
-        raise TypeError(f"skip_nonfinite must be a bool, got {shown(skip_nonfinite)}")
-    return clip_grad_norm, bool(skip_nonfinite)
+    return clip_grad_norm, as_bool("skip_nonfinite", skip_nonfinite)
 
 
 def is_real(value) -> bool:

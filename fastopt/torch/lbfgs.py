@@ -47,6 +47,7 @@ from torch import Tensor
 
 from fastopt.lbfgs import SINGLE_GROUP_MESSAGE, SPEC, STATE_KEYS, ParamVector, check_group, lbfgs_step
 from fastopt.torch.arrays import array_view, on_torch_stream
+from fastopt.specs import as_bool
 from fastopt.torch.views import bump_versions
 
 _NAME = "fastopt.torch.LBFGS"  # for messages
@@ -104,10 +105,9 @@ class LBFGS(torch.optim.Optimizer):
         defaults = {"lr": lr, "max_iter": max_iter, "max_eval": max_eval, "tolerance_grad": tolerance_grad,
                     "tolerance_change": tolerance_change, "history_size": history_size,
                     "line_search_fn": line_search_fn}
-        if not isinstance(maximize, (bool, np.bool_)):
-            raise TypeError(f"maximize must be a bool, got {maximize!r} ({type(maximize).__name__})")
+        maximize = as_bool("maximize", maximize)
         if TORCH_HAS_MAXIMIZE or maximize:
-            defaults["maximize"] = bool(maximize)
+            defaults["maximize"] = maximize
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError(SINGLE_GROUP_MESSAGE)
