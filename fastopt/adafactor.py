@@ -87,7 +87,7 @@ from fastopt.blas import one_blas_thread
 from fastopt.grad_guard import GuardedSteps, scaled
 from fastopt.optim import as_param_groups
 from fastopt.precision import is_16bit, is_bfloat16, store_rounded
-from fastopt.specs import COMPOSITE, as_bool, as_float, saved_count, shown
+from fastopt.specs import COMPOSITE, as_bool, as_float, groups_repr, saved_count, shown
 
 __all__ = ["Adafactor", "check_hyperparameters", "check_eps", "state_shapes", "group_eps1", "check_state",
            "new_state", "check_param", "as_array", "Workspace", "update", "BLOCK_BYTES",
@@ -817,11 +817,7 @@ class Adafactor(GuardedSteps):
         self.state = state
 
     def __repr__(self):
-        lines = [f"{type(self).__name__} ("]
-        for gi, group in enumerate(self.param_groups):
-            lines.append(f"Parameter Group {gi}")
-            lines += [f"    {k}: {v}" for k, v in group.items() if k != "params"]
-        return "\n".join(lines) + "\n)"
+        return groups_repr(type(self).__name__, self.param_groups)
 
 
 _RULE = "\n".join("        " + line for line in SPEC.rule.splitlines())

@@ -44,7 +44,7 @@ import numpy as np
 
 from fastopt.arrays import array_device, array_module, as_numpy
 from fastopt.functional import sgd_step
-from fastopt.specs import COMPOSITE, Hyper, as_bool, shown
+from fastopt.specs import COMPOSITE, Hyper, as_bool, groups_repr, shown
 
 __all__ = ["LBFGS", "ParamVector", "lbfgs_step", "check_group", "SPEC", "AXPY_KERNEL_MIN", "STATE_KEYS"]
 
@@ -889,6 +889,9 @@ class LBFGS:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Nothing to do: the closure returns the gradients (kept for torch-shaped loops)."""
+
+    def __repr__(self):
+        return groups_repr(type(self).__name__, self.param_groups)
 
     # --- state dicts -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -67,7 +67,7 @@ from fastopt.blas import one_blas_thread, steady_blas_count
 from fastopt.grad_guard import GuardedSteps, scaled
 from fastopt.optim import as_param_groups
 from fastopt.precision import is_bfloat16
-from fastopt.specs import COMPOSITE, as_bool, as_float, shown
+from fastopt.specs import COMPOSITE, as_bool, as_float, groups_repr, shown
 
 __all__ = ["Muon", "check_hyperparameters", "adjusted_lr", "muon_update", "Workspace", "ADJUST_LR_FNS"]
 
@@ -675,10 +675,4 @@ class Muon(GuardedSteps):
             group.update(hp)
 
     def __repr__(self):
-        lines = ["Muon ("]
-        for i, g in enumerate(self.param_groups):
-            lines.append(f"Parameter Group {i}")
-            for k in HYPER_KEYS:
-                lines.append(f"    {k}: {g[k]}")
-        lines.append(")")
-        return "\n".join(lines)
+        return groups_repr("Muon", self.param_groups, HYPER_KEYS)

@@ -84,7 +84,7 @@ from fastopt.clip import check_bound, clip_coefficient
 from fastopt.functional import device_param_dtype, init_state, rounding_options, with_kahan
 from fastopt.precision import QuantizedState, StochasticRounding, quant_blocks, quantize_blockwise
 from fastopt.schedules import is_schedule
-from fastopt.specs import PARAM, REGISTRY, REQUIRED, OptimizerSpec, as_bool, naming_group
+from fastopt.specs import PARAM, REGISTRY, REQUIRED, OptimizerSpec, as_bool, groups_repr, naming_group
 from fastopt.statedict import OptimizerState, check_array
 from fastopt.train_eval import Modes
 
@@ -861,13 +861,7 @@ class Optimizer:
         raise IndexError(f"no param at index {index}")
 
     def __repr__(self):
-        lines = [f"{self.spec.class_name} ("]
-        for i, g in enumerate(self.param_groups):
-            lines.append(f"Parameter Group {i}")
-            for k in self._hyper_keys():
-                lines.append(f"    {k}: {g[k]}")
-        lines.append(")")
-        return "\n".join(lines)
+        return groups_repr(self.spec.class_name, self.param_groups, self._hyper_keys())
 
     # ---- state: the public export / import that state dicts and checkpoints are built on ---------
 

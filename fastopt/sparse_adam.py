@@ -48,7 +48,7 @@ import numpy as np
 from fastopt.arrays import array_device, array_module, as_numpy, check_disjoint, to_host, writable_view
 from fastopt.grad_guard import GuardedSteps, scaled, sum_of_squares
 from fastopt.optim import as_param_groups
-from fastopt.specs import COMPOSITE, as_step, shown
+from fastopt.specs import COMPOSITE, as_step, groups_repr, shown
 
 __all__ = ["SparseAdam", "sparse_adam_step", "prepare_step", "PreparedStep", "check_calls_disjoint", "CHUNK_ELEMENTS"]
 
@@ -713,13 +713,7 @@ class SparseAdam(GuardedSteps):
         self.state = state
 
     def __repr__(self):
-        lines = ["SparseAdam ("]
-        for i, g in enumerate(self.param_groups):
-            lines.append(f"Parameter Group {i}")
-            for k in _GROUP_KEYS:
-                lines.append(f"    {k}: {g[k]}")
-        lines.append(")")
-        return "\n".join(lines)
+        return groups_repr("SparseAdam", self.param_groups, _GROUP_KEYS)
 
 
 def _host_array(x, where: str) -> np.ndarray:

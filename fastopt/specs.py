@@ -62,6 +62,17 @@ def shown(value, limit=40) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def groups_repr(name: str, param_groups, keys=None) -> str:
+    """An optimizer's repr in torch.optim's layout: the class name, then each param group's
+    hyperparameters (`keys`, in that order; default: every key of the group but "params")."""
+    lines = [f"{name} ("]
+    for i, group in enumerate(param_groups):
+        lines.append(f"Parameter Group {i}")
+        lines += [f"    {k}: {group[k]}" for k in (keys or group) if k != "params"]
+    lines.append(")")
+    return "\n".join(lines)
+
+
 def as_float(name: str, value, label: str = "") -> float:
     """A real number (int, float, NumPy scalar; not bool) as a Python float, so host-side arithmetic
     is float64 whatever type the caller passed. TypeError for anything else, ValueError when it does

@@ -440,6 +440,14 @@ def test_numpy_state_dict_is_a_copy_and_round_trips():
     assert opt.zero_grad() is None
 
 
+def test_repr_lists_the_group_as_torch_optim_does():
+    opt = fastopt.LBFGS([np.zeros(3)], lr=0.5, history_size=7, line_search_fn="strong_wolfe")
+    lines = repr(opt).splitlines()
+    assert lines[:2] == ["LBFGS (", "Parameter Group 0"] and lines[-1] == ")"
+    assert set(lines[2:-1]) == {f"    {k}: {v}" for k, v in opt.param_groups[0].items() if k != "params"}
+    assert "    lr: 0.5" in lines and "    history_size: 7" in lines and "    line_search_fn: strong_wolfe" in lines
+
+
 def _bytes(arrays):
     return [np.asarray(a).tobytes() for a in arrays]
 
