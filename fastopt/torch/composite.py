@@ -51,6 +51,7 @@ class CompositeOptimizer(torch.optim.Optimizer):
         check_saved_state(state_dict, tensors_only=True)
         super().load_state_dict(state_dict)
 
+    @torch.compiler.disable  # as TorchOptimizer.step: torch.compile runs it as it is
     @torch.no_grad()
     def step(self, closure=None):
         """One update of every param whose grad is not None (the class's rule); returns the closure's loss.

@@ -203,6 +203,7 @@ class LBFGS(torch.optim.Optimizer):
         self._core_of, self._tensor_of = core_of, tensor_of
 
     # --- the step -------------------------------------------------------------------------------------
+    @torch.compiler.disable  # as TorchOptimizer.step: torch.compile runs it as it is
     @torch.no_grad()
     def step(self, closure):  # type: ignore[override]
         """Perform a single optimization step.

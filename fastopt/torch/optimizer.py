@@ -374,6 +374,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         return torch_name
 
     # --- the step ------------------------------------------------------------------------------------
+    # torch.compile runs the step as it is (a graph break): it is one fused kernel call per group and dtype
+    # already, and dynamo would trace its NumPy views as torch ops (wrong types, a recompile every step)
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """One update of every param that has a grad; `closure` re-evaluates the model and returns the
