@@ -44,6 +44,7 @@ import inspect
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 
 from fastopt.lbfgs import SINGLE_GROUP_MESSAGE, SPEC, STATE_KEYS, ParamVector, check_group, lbfgs_step
 from fastopt.torch.arrays import array_view, on_torch_stream
@@ -217,6 +218,9 @@ class LBFGS(torch.optim.Optimizer):
         group = self.param_groups[0]
         hp = _checked_hyperparameters(group)
         params = group["params"]
+        # a lazy module's params get their storage in the model's first forward: then the closure's first
+        # call (torch's LBFGS makes it before touching the params) runs before the params' views are made
+        first = [closure()] if any(is_lazy(p) for p in params) else []
         vec, tensors = self._vector(params)
         device = tensors[0].device
         torch_dtype = _TORCH_DTYPES[np.dtype(vec.dtype).name]
@@ -237,7 +241,7 @@ class LBFGS(torch.optim.Optimizer):
 
         def evaluate():
             bump()
-            loss = closure()
+            loss = first.pop() if first else closure()
             value = float(loss)
             grads = []
             for i, (p, t) in enumerate(zip(params, tensors)):

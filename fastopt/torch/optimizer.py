@@ -31,6 +31,7 @@ import math
 import warnings
 import numpy as np
 import torch
+from torch.nn.parameter import is_lazy
 
 from fastopt.arrays import to_host
 from fastopt.backends import cython_backend
@@ -209,7 +210,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             group = self.param_groups[-1]
             hp = arguments.registry_hp(self.spec, group)
             for p in group["params"]:
-                if _can_have_grad(p):
+                # a lazy module's param (UninitializedParameter) has no storage before the model's first
+                # forward: torch.optim takes it, and the step checks it as it checks every new param
+                if _can_have_grad(p) and not is_lazy(p):
                     self._check_param(p)
         except Exception:
             del self.param_groups[before:]
