@@ -558,7 +558,8 @@ def _lazy_outcome(klass, name, seed, lazy):
     the params, or the exception."""
     torch.manual_seed(seed)
     model = torch.nn.LazyLinear(3, bias=name != "Muon")
-    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(seed))
+    data = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, 5, generator=data), torch.randn(16, 3, generator=data)  # a unique least-squares minimum
     try:
         if not lazy:
             model(x)
@@ -568,7 +569,7 @@ def _lazy_outcome(klass, name, seed, lazy):
 
         def closure():
             opt.zero_grad()
-            loss = model(x).square().mean()
+            loss = (model(x) - y).square().mean()
             loss.backward()
             return loss
         for _ in range(3):
@@ -596,14 +597,59 @@ def test_a_lazy_modules_params_are_taken_as_torch_takes_them(name):
             assert type(lazy) is type(theirs), (lazy, theirs)
             return
         assert not isinstance(lazy, Exception), lazy
-        # (LBFGS: 60 iterations toward the minimum amplify float32 rounding: the same difference as without a
-        # lazy module)
-        tol = {"rtol": 1e-3, "atol": 1e-4} if name == "LBFGS" else {"rtol": 1e-5, "atol": 1e-6}
+        # (LBFGS: its dot products are BLAS sums, in another order than torch's, and 60 iterations amplify the
+        # difference, as without a lazy module: at most 3.5e-4 over 300 seeds)
+        tol = {"rtol": 1e-3, "atol": 1e-3} if name == "LBFGS" else {"rtol": 1e-5, "atol": 1e-6}
         for a, b in zip(lazy, theirs):
             torch.testing.assert_close(a, b, **tol, msg=f"seed {seed}")
     assert not isinstance(lazy, Exception), lazy
     for a, b in zip(lazy, _lazy_outcome(getattr(ft, name), name, seed, lazy=False)):
         assert torch.equal(a, b), f"seed {seed}"
+
+
+@pytest.mark.parametrize("name", ALL_CLASSES)
+def test_a_tensor_subclass_without_memory_of_its_own_is_refused_and_nothing_changes(name):
+    """A wrapper subclass (DTensor's kind: elements in inner tensors) is refused with a TypeError naming it, at
+    construction or at the step, before anything is written (torch's error was ".numpy() is not supported")."""
+    from torch.testing._internal.two_tensor import TwoTensor
+    rng = np.random.default_rng()
+    plain = torch.nn.Parameter(torch.tensor(rng.standard_normal((3, 4)), dtype=torch.float32))
+    wrapped = torch.nn.Parameter(TwoTensor(torch.ones(3, 4), torch.ones(3, 4)))
+    klass = getattr(ft, name)
+    if name == "SparseAdam":  # (refuses the dense grads first, as torch)
+        pytest.skip("SparseAdam takes only sparse grads")
+    try:
+        opt = klass([plain, wrapped], lr=0.1)
+    except TypeError as e:
+        assert "got a TwoTensor, a tensor subclass" in str(e)
+        return
+    plain.grad = torch.ones(3, 4)
+    wrapped.grad = TwoTensor(torch.ones(3, 4), torch.ones(3, 4))
+    before, state = plain.detach().clone(), copy.deepcopy(opt.state_dict())
+    with pytest.raises(TypeError, match="got a TwoTensor, a tensor subclass"):
+        opt.step((lambda: torch.tensor(1.0)) if name == "LBFGS" else None)
+    assert torch.equal(plain, before) and repr(opt.state_dict()) == repr(state)
+
+
+def test_a_dtensor_param_is_refused_naming_fsdp2(tmp_path):
+    import subprocess
+    import sys
+    code = """if True:
+        import torch, torch.distributed as dist, fastopt.torch as ft
+        from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        mesh = init_device_mesh("cpu", (1,))
+        p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
+        try:
+            ft.AdamW([p])
+        except TypeError as e:
+            print(e)
+        dist.destroy_process_group()
+    """
+    if not torch.distributed.is_available():
+        pytest.skip("torch without torch.distributed")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "got a DTensor (FSDP2's fully_shard, tensor parallelism), a tensor subclass" in out.stdout, out.stderr
 
 
 def test_importing_fastopt_does_not_import_torch():

@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from fastopt.torch.views import kernel_view
+from fastopt.torch.views import check_own_memory, kernel_view
 
 
 def array_view(t: torch.Tensor, owner: str):
@@ -15,6 +15,7 @@ def array_view(t: torch.Tensor, owner: str):
     bfloat16), CuPy for a CUDA one; TypeError naming `owner` (the optimizer) when CuPy is missing."""
     if t.device.type == "cpu":
         return kernel_view(t, False)
+    check_own_memory(t)
     try:
         import cupy
     except ImportError:

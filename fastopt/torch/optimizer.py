@@ -43,8 +43,8 @@ from fastopt.specs import PARAM, OptimizerSpec, naming_group, saved_count, shown
 import fastopt.torch.arguments as arguments
 from fastopt.torch.plan import Bucket, Plan
 from fastopt.torch.steady import Steady
-from fastopt.torch.views import (ABSMAX, ParamEntry, bump_versions, dense_span, flat_tensors, kernel_view, layout,
-                                 numpy_bfloat16, state_view)
+from fastopt.torch.views import (ABSMAX, ParamEntry, bump_versions, check_own_memory, dense_span, flat_tensors,
+                                 kernel_view, layout, numpy_bfloat16, state_view)
 
 # the params the kernels update, per device: float32 and float64; 16-bit params (float32 math and float32
 # state: 16-bit moments would underflow) float16 and bfloat16 (CUDA: where the CuPy backend has bfloat16
@@ -249,6 +249,7 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _check_kernel_param(p):
+        check_own_memory(p)
         if p.device.type not in KERNEL_DEVICES:
             raise ValueError(f"fastopt.torch runs on CPU and CUDA tensors, got a param on {p.device}")
         dtypes = kernel_dtypes(p.device.type)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-__all__ = ["layout", "dense_span", "kernel_view", "state_view", "flat_tensors", "numpy_bfloat16", "ParamEntry",
+__all__ = ["layout", "dense_span", "check_own_memory", "kernel_view", "state_view", "flat_tensors", "numpy_bfloat16", "ParamEntry",
            "bump_versions", "scalar_view", "ABSMAX"]
 
 # 8-bit state (state_dtype="int8") in a torch state dict: "<name>" holds the uint8 codes (the param's shape
@@ -38,12 +39,24 @@ def dense_span(t: torch.Tensor):
     return permuted.view(-1)
 
 
+def check_own_memory(t: torch.Tensor) -> None:
+    """TypeError for a tensor subclass that keeps its elements in inner tensors, not in memory of its own
+    (DTensor, from FSDP2's fully_shard or tensor parallelism; quantized tensor subclasses): the kernels
+    write a tensor's own memory, which such a tensor does not have (its .numpy() and data_ptr() fail)."""
+    if type(t) is not torch.nn.Parameter and type(t) is not torch.Tensor and is_traceable_wrapper_subclass(t):
+        kind = type(t).__name__
+        where = " (FSDP2's fully_shard, tensor parallelism)" if kind == "DTensor" else ""
+        raise TypeError(f"fastopt.torch updates tensors in their own memory; got a {kind}{where}, a tensor subclass "
+                        f"whose elements live in inner tensors: use torch.optim for such params")
+
+
 def kernel_view(t: torch.Tensor, flat: bool):
     """The array a kernel reads and writes for t (same memory). flat: view the dense span as one run of
     elements (for a non-contiguous dense layout) shaped (1, ..., 1, n) with t's number of dims, which the
     optimizers that treat tensors by ndim read (LARS's exclude_1d); the caller checked that t is dense. A
     bfloat16 CPU tensor (NumPy has no bfloat16) is viewed through its bits as ml_dtypes' bfloat16, the dtype
     the CPU kernels take; a complex tensor as its pairs of reals (torch.view_as_real: one more dim, of 2)."""
+    check_own_memory(t)
     t = t.detach()
     if flat:
         t = dense_span(t).reshape((1,) * (t.dim() - 1) + (-1,))
