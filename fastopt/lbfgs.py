@@ -458,7 +458,7 @@ def _lbfgs_step(vec, evaluate, state, hp, x0):
     new = dict(state)
     func_evals = state.get("func_evals", 0)
     total_iter = state.get("n_iter", 0)
-    if hp["maximize"]:
+    if hp.get("maximize", False):  # (an hp built by hand for torch < 2.15's groups may lack it)
         # torch 2.15: the loss and the flat gradient negated as they are read (-float(loss), flat_grad.neg_()),
         # so the algorithm minimizes -f; the state holds -f's values (prev_loss, gradients) and step() returns
         # the closure's first loss as the closure gave it

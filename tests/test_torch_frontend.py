@@ -631,6 +631,27 @@ def test_a_tensor_subclass_without_memory_of_its_own_is_refused_and_nothing_chan
     assert torch.equal(plain, before) and repr(opt.state_dict()) == repr(state)
 
 
+@pytest.mark.parametrize("name", [n for n in ALL_CLASSES if n not in ("LBFGS", "SparseAdam")])
+def test_a_frozen_wrapper_param_is_taken_as_torch_takes_it(name):
+    """A frozen param held in a wrapper subclass (a quantized base weight beside trainable adapters, passed in
+    as model.parameters()) gets no grad: taken as torch.optim takes it and never read; the adapter's update
+    is the one without it, bit for bit. (LBFGS views every param, as torch's flattens every param.)"""
+    from torch.testing._internal.two_tensor import TwoTensor
+    rng = np.random.default_rng()
+    start, grad = (torch.tensor(rng.standard_normal((3, 4)), dtype=torch.float32) for _ in range(2))
+    frozen = torch.nn.Parameter(TwoTensor(torch.ones(3, 4), torch.ones(3, 4)), requires_grad=False)
+    updated = []
+    for params in ([frozen], []):
+        adapter = torch.nn.Parameter(start.clone())
+        opt = getattr(ft, name)(params + [adapter], lr=0.1)
+        for _ in range(3):
+            adapter.grad = grad.clone()
+            opt.step()
+        updated.append(adapter.detach())
+    assert torch.equal(updated[0], updated[1]) and not torch.equal(updated[0], start)
+    assert torch.equal(frozen.a, torch.ones(3, 4)) and torch.equal(frozen.b, torch.ones(3, 4))
+
+
 def test_a_dtensor_param_is_refused_naming_fsdp2(tmp_path):
     import subprocess
     import sys

@@ -51,7 +51,6 @@ class CompositeOptimizer(torch.optim.Optimizer):
         check_saved_state(state_dict, tensors_only=True)
         super().load_state_dict(state_dict)
 
-    @torch.compiler.disable  # as TorchOptimizer.step: torch.compile runs it as it is
     @torch.no_grad()
     def step(self, closure=None):
         """One update of every param whose grad is not None (the class's rule); returns the closure's loss.
@@ -60,14 +59,18 @@ class CompositeOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._fastopt_update()
+        return loss
+
+    @torch.compiler.disable  # as TorchOptimizer._fastopt_update: torch.compile runs it as it is
+    def _fastopt_update(self) -> None:
         plan = self._plan()
         with on_torch_stream(self._plan_device(plan)):
             plan = self._guarded(plan)
             if plan is None:
-                return loss
+                return
             written = self._apply(plan)
         bump_versions(written)
-        return loss
 
 
 class GuardedComposite(GuardedSteps, CompositeOptimizer):

@@ -204,7 +204,9 @@ class LBFGS(torch.optim.Optimizer):
         self._core_of, self._tensor_of = core_of, tensor_of
 
     # --- the step -------------------------------------------------------------------------------------
-    @torch.compiler.disable  # as TorchOptimizer.step: torch.compile runs it as it is
+    # torch.compile runs the whole step as it is, closure calls included (torch's LBFGS is not traced either):
+    # see TorchOptimizer._fastopt_update
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure):  # type: ignore[override]
         """Perform a single optimization step.

@@ -249,7 +249,8 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _check_kernel_param(p):
-        check_own_memory(p)
+        if p.requires_grad:  # a frozen wrapper param (a quantized base weight beside adapters) never gets a grad
+            check_own_memory(p)
         if p.device.type not in KERNEL_DEVICES:
             raise ValueError(f"fastopt.torch runs on CPU and CUDA tensors, got a param on {p.device}")
         dtypes = kernel_dtypes(p.device.type)
@@ -378,9 +379,6 @@ class TorchOptimizer(torch.optim.Optimizer):
         return torch_name
 
     # --- the step ------------------------------------------------------------------------------------
-    # torch.compile runs the step as it is (a graph break): it is one fused kernel call per group and dtype
-    # already, and dynamo would trace its NumPy views as torch ops (wrong types, a recompile every step)
-    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """One update of every param that has a grad; `closure` re-evaluates the model and returns the
@@ -389,6 +387,14 @@ class TorchOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._fastopt_update()
+        return loss
+
+    # torch.compile runs the update as it is (a graph break; a closure passed to step() is traced as usual): it
+    # is one fused kernel call per group and dtype already, and dynamo would trace its NumPy views as torch ops
+    # (wrong types, a recompile every step)
+    @torch.compiler.disable
+    def _fastopt_update(self) -> None:
         steady = self._fastopt_steady
         plan = steady.plan(self) if steady is not None else None  # only the grads changed: the short path
         if plan is None:
@@ -412,7 +418,6 @@ class TorchOptimizer(torch.optim.Optimizer):
                 self._run(plan, grad_scale)
         finally:
             cython_backend.override_threads(previous)
-        return loss
 
     def _warn_once(self, key, message):
         if key not in self._fastopt_warned:

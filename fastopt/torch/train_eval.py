@@ -58,7 +58,10 @@ class TorchTrainEval(Modes):
                     if isinstance(z, torch.Tensor):
                         p.lerp_(z.to(device=p.device, dtype=p.dtype), w)
 
-    @torch.compiler.disable  # as TorchOptimizer.step: torch.compile runs it as it is
     def step(self, closure=None):
         self._check_train_mode()
         return super().step(closure)
+
+    @torch.compiler.disable  # read on the host, as TorchOptimizer._fastopt_update: torch.compile runs it as it is
+    def _check_train_mode(self) -> None:
+        super()._check_train_mode()
