@@ -9,13 +9,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import fastopt.torch as ft  # noqa: E402
+from torch_support import torch_classes  # noqa: E402
 
 if not torch._dynamo.is_dynamo_supported():
     pytest.skip(f"torch {torch.__version__} has no torch.compile on this Python", allow_module_level=True)
 
-CLASSES = sorted(name for name in ft.__all__
-                 if isinstance(getattr(ft, name), type) and issubclass(getattr(ft, name), torch.optim.Optimizer)
-                 and name != "TorchOptimizer")
+CLASSES = torch_classes()
 STEPS = 4
 
 

@@ -21,7 +21,7 @@ from fastopt.torch import arguments  # noqa: E402
 
 from conftest import combo_id, option_combinations  # noqa: E402
 from torch_support import (FunctionalOracle, default_dtype, one_torch_thread, random_groups,  # noqa: E402,F401
-                           snapshot, torch_kwargs)
+                           snapshot, torch_classes, torch_kwargs)
 
 
 SPECS = list(REGISTRY.values())
@@ -549,8 +549,7 @@ def test_unsupported_params_are_refused_at_construction():
         ft.Adam([torch.zeros(4, 4)[:, :2].requires_grad_()])
 
 
-ALL_CLASSES = sorted(name for name in ft.__all__ if isinstance(getattr(ft, name), type)
-                     and issubclass(getattr(ft, name), torch.optim.Optimizer) and name != "TorchOptimizer")
+ALL_CLASSES = torch_classes()
 
 
 def _lazy_outcome(klass, name, seed, lazy):

@@ -17,6 +17,14 @@ except ImportError:  # pragma: no cover - a test dependency
 import fastopt
 
 
+def torch_classes() -> list:
+    """The names of fastopt.torch's optimizer classes: every torch.optim.Optimizer subclass it exports but
+    the base TorchOptimizer (the registry's, the composites and LBFGS)."""
+    import fastopt.torch as ft
+    return sorted(name for name in ft.__all__ if isinstance(getattr(ft, name), type)
+                  and issubclass(getattr(ft, name), torch.optim.Optimizer) and name != "TorchOptimizer")
+
+
 def torch_kwargs(spec, hp: dict) -> dict:
     """Registry hyperparameters as keyword arguments of the torch/fastopt.torch constructor."""
     out = dict(hp)

@@ -47,8 +47,8 @@ from torch import Tensor
 from torch.nn.parameter import is_lazy
 
 from fastopt.lbfgs import SINGLE_GROUP_MESSAGE, SPEC, STATE_KEYS, ParamVector, check_group, lbfgs_step
-from fastopt.torch.arrays import array_view, on_torch_stream
 from fastopt.specs import as_bool
+from fastopt.torch.arrays import array_view, on_torch_stream
 from fastopt.torch.views import bump_versions
 
 _NAME = "fastopt.torch.LBFGS"  # for messages

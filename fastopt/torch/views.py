@@ -13,8 +13,8 @@ import weakref
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-__all__ = ["layout", "dense_span", "check_own_memory", "kernel_view", "state_view", "flat_tensors", "numpy_bfloat16", "ParamEntry",
-           "bump_versions", "scalar_view", "ABSMAX"]
+__all__ = ["layout", "dense_span", "check_own_memory", "kernel_view", "state_view", "flat_tensors",
+           "numpy_bfloat16", "ParamEntry", "bump_versions", "scalar_view", "ABSMAX"]
 
 # 8-bit state (state_dtype="int8") in a torch state dict: "<name>" holds the uint8 codes (the param's shape
 # and layout) and "<name>_absmax" the float32 scales, one per 256 elements in the param's memory order (the
