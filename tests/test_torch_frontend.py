@@ -651,27 +651,6 @@ def test_a_frozen_wrapper_param_is_taken_as_torch_takes_it(name):
     assert torch.equal(frozen.a, torch.ones(3, 4)) and torch.equal(frozen.b, torch.ones(3, 4))
 
 
-def test_a_dtensor_param_is_refused_naming_fsdp2(tmp_path):
-    import subprocess
-    import sys
-    code = """if True:
-        import torch, torch.distributed as dist, fastopt.torch as ft
-        from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        mesh = init_device_mesh("cpu", (1,))
-        p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
-        try:
-            ft.AdamW([p])
-        except TypeError as e:
-            print(e)
-        dist.destroy_process_group()
-    """
-    if not torch.distributed.is_available():
-        pytest.skip("torch without torch.distributed")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert "got a DTensor (FSDP2's fully_shard, tensor parallelism), a tensor subclass" in out.stdout, out.stderr
-
-
 def test_importing_fastopt_does_not_import_torch():
     import subprocess
     import sys

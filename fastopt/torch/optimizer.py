@@ -41,6 +41,7 @@ from fastopt.functional import rounding_options, with_kahan
 from fastopt.precision import INT8_REFUSED, QuantizedState, StochasticRounding, quant_blocks, signed_state
 from fastopt.specs import PARAM, OptimizerSpec, naming_group, saved_count, shown
 import fastopt.torch.arguments as arguments
+import fastopt.torch.dtensor as dtensor
 from fastopt.torch.plan import Bucket, Plan
 from fastopt.torch.steady import Steady
 from fastopt.torch.views import (ABSMAX, ParamEntry, bump_versions, check_own_memory, dense_span, flat_tensors,
@@ -237,6 +238,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         return state
 
     def _check_param(self, p):
+        if dtensor.is_dtensor(p):  # the kernels update its local tensor (fastopt/torch/dtensor.py)
+            why = dtensor.refusal(self.spec, self.state_dtype, self.stochastic_rounding)
+            if why is not None:
+                raise TypeError(f"{type(self).__name__} does not take DTensor params (FSDP2's fully_shard, tensor "
+                                f"parallelism): {why}")
+            p = dtensor.local(p)
         self._check_kernel_param(p)
         if p.dtype in COMPLEX and self.spec.norms_per_tensor:
             raise TypeError(f"{type(self).__name__} does not take complex params (its per-tensor norms have no "
@@ -443,7 +450,15 @@ class TorchOptimizer(torch.optim.Optimizer):
                 if g is None:
                     continue
                 state = self.state.get(p)
-                entry = entries.get(id(p))
+                # a DTensor: the kernels see its local tensors (lp, g and the state's), planned in full each step
+                sharded = dtensor.is_dtensor(p)
+                if sharded:
+                    self._check_param(p)
+                    dtensor.check_laid_out_as(f"grads[{number}]", g, p)
+                    lp, g = dtensor.local(p), dtensor.local(g)
+                else:
+                    lp = p
+                entry = None if sharded else entries.get(id(p))
                 if entry is not None and entry.valid(p, state, names):
                     gv = entry.cached_grad_view(g)
                     if gv is None:
@@ -454,12 +469,15 @@ class TorchOptimizer(torch.optim.Optimizer):
                     items.append([group, p, gv, entry, None, count, number])
                     continue
                 # first step of this param, or its storage or state changed: the full checks
-                self._check_param(p)
-                flat = not p.is_contiguous()
-                gv = self._grad_view(number, p, g, flat, layout(p), hp)
+                if not sharded:
+                    self._check_param(p)
+                flat = not lp.is_contiguous()
+                gv = self._grad_view(number, lp, g, flat, layout(lp), hp)
                 fresh, tensors = {}, []
                 for name, tname in zip(used, names):
                     t = state.get(tname) if state else None
+                    if sharded and isinstance(t, torch.Tensor):  # (8-bit state is refused for DTensors: _check_param)
+                        dtensor.check_laid_out_as(f"state {tname!r} of params[{number}]", t, p)
                     if self._state_dtype_of(name, p) == INT8:  # 8-bit state: (codes, absmax)
                         t = self._int8_state(number, spec, hp, name, tname, p, state, fresh)
                     elif isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and state.get(tname + ABSMAX) is not None:
@@ -480,6 +498,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                         # complex64 param): converted into the param's layout and the state dtype (rounded to
                         # nearest even, torch's cast)
                         t = fresh[tname] = torch.empty_like(p, dtype=self._state_dtype_of(name, p)).copy_(t)
+                    if sharded:
+                        t = dtensor.local(t)
                     tensors.append(t)
                 if spec.torch_step and not (state and "step" in state):
                     fresh["step"] = None  # made at commit time with its new value
@@ -493,8 +513,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                         raise _restart_refused(state, name, number, t)
                     else:
                         fresh[name] = torch.tensor(f(hp, 0), dtype=scalar_dtype())
-                if fresh:
-                    new_state.append((p, fresh))
+                if fresh or sharded:
+                    if fresh:
+                        new_state.append((p, fresh))
                     count = 0 if "step" in fresh or not spec.torch_step else None
                     entry = None
                     if count is None:
@@ -505,7 +526,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                     entry = entries[id(p)] = ParamEntry(p, state, names, used, tuple(tensors),
                                                         tuple(signed_state(n) for n in used))
                     count = self._count(entry, state, used, names, counted)
-                pending = (flat, tuple(tensors), used) if entry is None else None
+                pending = (flat, tuple(tensors), used, lp) if entry is None else None
                 items.append([group, p, gv, entry, pending, count, number])
         if len(entries) > number + 1:  # params left the optimizer (groups edited): let their views go
             keep = {id(p) for group in self.param_groups for p in group["params"]}
@@ -567,8 +588,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                 b.param_views.append(entry.view)
                 views, tensors, used = entry.state_views, entry.tensors, entry.used
             else:
-                flat, tensors, used = pending
-                b.param_views.append(kernel_view(p, flat))
+                flat, tensors, used, lp = pending
+                b.param_views.append(kernel_view(lp, flat))
                 views = [state_view(t, flat, signed_state(n)) for t, n in zip(tensors, used)]
             for name, v in zip(used, views):
                 b.state_views.setdefault(name, []).append(v)
@@ -782,10 +803,18 @@ class TorchOptimizer(torch.optim.Optimizer):
         inv_scale = 1.0 if scale is None else 1.0 / float(scale)
         if self.clip_grad_norm is None and not self.skip_nonfinite:
             return inv_scale
-        total = 0.0
+        total, sharded_grads = 0.0, []
         for b in plan.buckets:
-            sq = b.backend.sumsq_per_tensor(b.grad_views)
-            total += float(np.sum(to_host(sq), dtype=np.float64))
+            views = b.grad_views
+            sharded = [dtensor.is_dtensor(p) for p in b.params]
+            if any(sharded):  # a DTensor's grad: its local piece is only part of the norm
+                sharded_grads += [p.grad for p, s in zip(b.params, sharded) if s]
+                views = [v for v, s in zip(views, sharded) if not s]
+            if views:
+                sq = b.backend.sumsq_per_tensor(views)
+                total += float(np.sum(to_host(sq), dtype=np.float64))
+        if sharded_grads:  # reduced over their meshes by torch (one collective, on every rank alike)
+            total += dtensor.total_norm(sharded_grads) ** 2
         norm = math.sqrt(total) * inv_scale
         if self.skip_nonfinite and not math.isfinite(norm):
             self.skipped_steps += 1

@@ -45,9 +45,13 @@ def check_own_memory(t: torch.Tensor) -> None:
     write a tensor's own memory, which such a tensor does not have (its .numpy() and data_ptr() fail)."""
     if type(t) is not torch.nn.Parameter and type(t) is not torch.Tensor and is_traceable_wrapper_subclass(t):
         kind = type(t).__name__
-        where = " (FSDP2's fully_shard, tensor parallelism)" if kind == "DTensor" else ""
+        where, instead = "", "use torch.optim for such params"
+        if kind == "DTensor":  # fastopt.torch.TorchOptimizer unwraps them (fastopt/torch/dtensor.py); not this caller
+            where = " (FSDP2's fully_shard, tensor parallelism)"
+            instead = ("the elementwise fastopt.torch optimizers (Adam, AdamW, SGD... not LAMB or LARS) update DTensor "
+                       "params, this one needs whole tensors: use torch.optim for such params")
         raise TypeError(f"fastopt.torch updates tensors in their own memory; got a {kind}{where}, a tensor subclass "
-                        f"whose elements live in inner tensors: use torch.optim for such params")
+                        f"whose elements live in inner tensors: {instead}")
 
 
 def kernel_view(t: torch.Tensor, flat: bool):

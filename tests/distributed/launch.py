@@ -6,6 +6,7 @@ variable CI set), where they fail: CI must run them."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -56,3 +57,29 @@ def run_mpi(n: int, *args, timeout=180, script="mpi_worker.py", check=True):
     if r.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited with {r.returncode}:\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
     return r.stdout
+
+
+def run_gloo(tmp: Path, script: str, scenarios: list[str], world: int = 2, timeout: int = 240) -> dict:
+    """Start `world` processes of `python <script> SCENARIO,... RANK WORLD INIT_FILE OUT` (a torch.distributed
+    worker here: gloo, file:// rendezvous in tmp) and return {rank: {scenario: "OK" or its traceback}}, read from
+    the OUT.<rank> each wrote; fail with a rank's output when one hangs or writes nothing."""
+    init, out = tmp / "init", tmp / "result"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, str(HERE / script), ",".join(scenarios), str(r), str(world),
+                               str(init), str(out)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"a rank did not finish in {timeout} s")
+    found = {}
+    for r in range(world):
+        path = tmp / f"result.{r}"
+        assert path.exists(), f"rank {r} wrote no result:\n{logs[r][-3000:]}"
+        found[r] = json.loads(path.read_text())
+        assert "setup" not in found[r], found[r]["setup"]
+    return found

@@ -9,18 +9,11 @@ reduce-scatter (one warning, same results), mismatched params raising on both ra
 turning into a timeout error on the other (group timeout 3 s) instead of a hang."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-pytest.importorskip("torch", reason="torch (CPU) is not installed")
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+from tests.distributed.launch import run_gloo
 
+pytest.importorskip("torch", reason="torch (CPU) is not installed")
 
 SCENARIOS = ["equal", "precision", "torch_oracle", "module", "fallback", "mismatch", "bad_grad_one_rank", "dead_rank"]
 
@@ -28,27 +21,7 @@ SCENARIOS = ["equal", "precision", "torch_oracle", "module", "fallback", "mismat
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Every scenario, in one pair of processes (importing torch takes seconds): {rank: {scenario: result}}."""
-    tmp = tmp_path_factory.mktemp("gloo")
-    init, out, world, timeout = tmp / "init", tmp / "result", 2, 240
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, str(HERE / "torch_worker.py"), ",".join(SCENARIOS), str(r), str(world),
-                               str(init), str(out)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"a rank did not finish in {timeout} s")
-    found = {}
-    for r in range(world):
-        path = tmp / f"result.{r}"
-        assert path.exists(), f"rank {r} wrote no result:\n{logs[r][-3000:]}"
-        found[r] = json.loads(path.read_text())
-        assert "setup" not in found[r], found[r]["setup"]
-    return found
+    return run_gloo(tmp_path_factory.mktemp("gloo"), "torch_worker.py", SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
