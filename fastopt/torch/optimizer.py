@@ -437,6 +437,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         entries = self._fastopt_entries
         new_state, counted, items = [], [], []
         number = -1
+        sharded_plan = False
         for gi, group in enumerate(self.param_groups):
             with naming_group(gi, len(self.param_groups)):
                 hp = arguments.registry_hp(spec, group)
@@ -450,21 +451,29 @@ class TorchOptimizer(torch.optim.Optimizer):
                 if g is None:
                     continue
                 state = self.state.get(p)
-                # a DTensor: the kernels see its local tensors (lp, g and the state's), planned in full each step
+                entry = entries.get(id(p))
+                # a DTensor: the kernels see its local tensors (lp, g and the state's; fastopt/torch/dtensor.py)
                 sharded = dtensor.is_dtensor(p)
                 if sharded:
-                    self._check_param(p)
+                    lp = dtensor.local(p)
+                    valid = isinstance(entry, dtensor.ShardEntry) and entry.valid(p, lp, state, names)
+                    entry = entry.entry if valid else None
+                    if entry is None:
+                        self._check_param(p)
                     dtensor.check_laid_out_as(f"grads[{number}]", g, p)
-                    lp, g = dtensor.local(p), dtensor.local(g)
+                    g = dtensor.local(g)
+                    sharded_plan = True
                 else:
                     lp = p
-                entry = None if sharded else entries.get(id(p))
-                if entry is not None and entry.valid(p, state, names):
+                    if entry is not None and (isinstance(entry, dtensor.ShardEntry)  # (of a DTensor that had this id)
+                                              or not entry.valid(p, state, names)):
+                        entry = None
+                if entry is not None:
                     gv = entry.cached_grad_view(g)
                     if gv is None:
-                        gv = self._grad_view(number, p, g, entry.flat, entry.layout, hp)
-                        if not g.is_sparse:  # (a sparse grad's view is of a dense copy, made each step)
-                            entry.remember_grad(g, gv)
+                        gv = self._grad_view(number, lp, g, entry.flat, entry.layout, hp)
+                        if not g.is_sparse and not sharded:  # (a sparse grad's view is of a dense copy, made each
+                            entry.remember_grad(g, gv)       # step; a DTensor's local grad is a new view each step)
                     count = self._count(entry, state, used, names, counted)
                     items.append([group, p, gv, entry, None, count, number])
                     continue
@@ -513,9 +522,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                         raise _restart_refused(state, name, number, t)
                     else:
                         fresh[name] = torch.tensor(f(hp, 0), dtype=scalar_dtype())
-                if fresh or sharded:
-                    if fresh:
-                        new_state.append((p, fresh))
+                if fresh:
+                    new_state.append((p, fresh))
                     count = 0 if "step" in fresh or not spec.torch_step else None
                     entry = None
                     if count is None:
@@ -523,8 +531,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                     elif not spec.torch_step:
                         count = self._count(None, state, used, names, counted)
                 else:
-                    entry = entries[id(p)] = ParamEntry(p, state, names, used, tuple(tensors),
-                                                        tuple(signed_state(n) for n in used))
+                    entry = ParamEntry(lp, state, names, used, tuple(tensors), tuple(signed_state(n) for n in used))
+                    # (a DTensor's entry is over its local tensors, kept with the DTensors that it stands for)
+                    entries[id(p)] = dtensor.ShardEntry(p, entry, tuple(state[n] for n in names)) if sharded else entry
                     count = self._count(entry, state, used, names, counted)
                 pending = (flat, tuple(tensors), used, lp) if entry is None else None
                 items.append([group, p, gv, entry, pending, count, number])
@@ -551,7 +560,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 stop += 1
             buckets += self._group_buckets(group, items[start:stop])
             start = stop
-        plan = Plan(buckets, new_state)
+        plan = Plan(buckets, new_state, sharded=sharded_plan)
         self._prepare(plan)
         return plan
 
@@ -846,7 +855,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             plan.steady.commit(plan)
         else:
             self._commit(plan)
-            self._fastopt_steady = Steady.build(self, plan)
+            self._fastopt_steady = None if plan.sharded else Steady.build(self, plan)
 
     def _commit(self, plan: Plan) -> None:
         """Store new state, advance the step counts and the accumulated torch state, bump versions."""

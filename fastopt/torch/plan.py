@@ -30,3 +30,4 @@ class Plan:
     buckets: list
     new_state: list        # (param, {torch name: tensor}) to store once the step runs
     steady: object = None  # the steady.Steady this plan came from (None: planned in full)
+    sharded: bool = False  # a DTensor param is in it (the steady path is for plain tensors)

@@ -29,7 +29,8 @@ TORCH_HAS = [spec.class_name for spec in REGISTRY.values()
 # options that change the update, per class (torch's names; every class takes lr and weight_decay or has none)
 OPTIONS = {"Adam": [dict(amsgrad=True, weight_decay=0.1), dict(maximize=True)], "AdamW": [dict(amsgrad=True)],
            "SGD": [dict(momentum=0.9, nesterov=True, weight_decay=0.01), dict(momentum=0.5, dampening=0.3)],
-           "RMSprop": [dict(momentum=0.9, centered=True)], "NAdam": [dict(decoupled_weight_decay=True, weight_decay=0.1)],
+           "RMSprop": [dict(momentum=0.9, centered=True)],
+           "NAdam": [dict(decoupled_weight_decay=True, weight_decay=0.1)],
            "RAdam": [dict(decoupled_weight_decay=True, weight_decay=0.1)], "Adagrad": [dict(lr_decay=0.01)]}
 LR = {"Adadelta": 1.0, "Rprop": 0.01, "ASGD": 0.01}
 
@@ -101,6 +102,39 @@ def equal(rank, world):
                             check(torch.equal(v.full_tensor(), w), f"{name} {options} state {key} of param {i}")
 
 
+def reload(rank, world):
+    """A state dict loaded into the same optimizer mid-run and a state tensor replaced in its dict (new state
+    DTensors: the cached plan of each param must see them), a param group's lr changed and a param without a grad
+    on one step: the plain-tensor run's params
+    and state, bit for bit."""
+    mesh = init_device_mesh("cpu", (world,))
+    placements = [placements_for(s, world)[0] for s in SHAPES]
+    start = draw(9, SHAPES, torch.float32)
+    runs = []
+    for sharded in (True, False):
+        params = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, pl) if sharded else w.clone())
+                  for w, pl in zip(start, placements)]
+        opt = ft.Adam(params, lr=0.01)
+        saved = None
+        for t in range(8):
+            for i, (p, g, pl) in enumerate(zip(params, draw(200 + t, SHAPES, torch.float32), placements)):
+                p.grad = None if (t == 4 and i == 0) else distribute_tensor(g, mesh, pl) if sharded else g
+            if t == 2:
+                saved = copy.deepcopy(opt.state_dict())
+            if t == 5:
+                opt.load_state_dict(saved)
+                opt.param_groups[0]["lr"] = 0.02
+            if t == 6:  # one state tensor replaced in its dict (a "move the state" helper)
+                opt.state[params[1]]["exp_avg_sq"] = opt.state[params[1]]["exp_avg_sq"] * 2
+            opt.step()
+        runs.append(([p.full_tensor() if sharded else p.detach() for p in params],
+                     [opt.state[p]["exp_avg"] for p in params]))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        check(torch.equal(a, b), "reload: the DTensor run's params differ from the plain one's")
+    for a, b in zip(runs[0][1], runs[1][1]):
+        check(torch.equal(a.full_tensor(), b), "reload: the DTensor run's state differs from the plain one's")
+
+
 def low_precision(rank, world):
     """bfloat16 DTensor params with float32 state and Kahan summation, and float32 params with bfloat16 state:
     bit for bit the plain-tensor run."""
@@ -154,6 +188,34 @@ def clip_skip(rank, world):
     check(o_sharded.skipped_steps == 1 == o_plain.skipped_steps, f"skipped {o_sharded.skipped_steps} on rank {rank}")
     for a, b in zip(got, want):
         check(torch.equal(a, b), "skip_nonfinite: the DTensor run differs from the plain one")
+
+
+def grad_scaler(rank, world):
+    """torch.amp.GradScaler (its unscale fused into the update): a step with an inf in one rank's piece is skipped
+    on every rank (DTensor reduces GradScaler's found_inf over the mesh), the others equal the unscaled run."""
+    mesh = init_device_mesh("cpu", (world,))
+    start = draw(5, SHAPES, torch.float32)
+    runs = []
+    for scaled in (True, False):
+        params = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in start]
+        opt = ft.Adam(params, lr=0.01)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+        scaler.scale(torch.ones(()))  # makes the scale tensor, as scaling a loss does
+        for t in range(5):
+            grads = draw(50 + t, SHAPES, torch.float32)
+            for p, g in zip(params, grads):
+                if t == 2 and g.numel() > 1:
+                    g[-1] = math.inf  # the last rank's piece
+                p.grad = distribute_tensor(g * 1024.0 if scaled else g, mesh, [Shard(0)])
+            if scaled:
+                scaler.step(opt)
+                scaler.update(1024.0)
+            elif t != 2:
+                opt.step()
+        runs.append([p.full_tensor() for p in params])
+        check(not scaled or opt.state_dict()["state"][0]["step"].item() == 4, f"steps taken on rank {rank}")
+    for a, b in zip(*runs):
+        check(torch.equal(a, b), "GradScaler: the scaled run differs from the unscaled one that skipped step 2")
 
 
 def refused(rank, world):
@@ -239,7 +301,8 @@ def fsdp2(rank, world):
         check(torch.equal(a.full_tensor(), b.full_tensor()), "resumed through DCP's optimizer state dict: differs")
 
 
-SCENARIOS = {"equal": equal, "low_precision": low_precision, "torch_oracle": torch_oracle, "clip_skip": clip_skip, "refused": refused, "fsdp2": fsdp2}
+SCENARIOS = {"equal": equal, "reload": reload, "low_precision": low_precision, "torch_oracle": torch_oracle,
+             "clip_skip": clip_skip, "grad_scaler": grad_scaler, "refused": refused, "fsdp2": fsdp2}
 
 if __name__ == "__main__":
     names, rank, world, init, out = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
