@@ -1,6 +1,7 @@
-"""One rank of the DTensor tests (gloo, CPU): `python dtensor_worker.py SCENARIO,... RANK WORLD INIT_FILE OUT`.
+"""One rank of the DTensor tests: `python dtensor_worker.py SCENARIO,... RANK WORLD INIT_FILE OUT [DEVICE]`.
 tests/distributed/test_torch_dtensor.py starts WORLD of these; each writes {scenario: "OK" or its traceback}
-(JSON) to OUT.<rank>. Every rank draws the same global tensors (one seed), so each can check the whole result."""
+(JSON) to OUT.<rank>. Every rank draws the same global tensors (one seed), so each can check the whole result.
+DEVICE "cpu" (the default: gloo) or "cuda" (NCCL, rank r on GPU r: the CuPy kernels on CUDA DTensors)."""
 from __future__ import annotations
 
 import copy
@@ -19,6 +20,7 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_d
 import fastopt.torch as ft
 from fastopt.specs import REGISTRY
 
+DEVICE = "cpu"  # the mesh's device type (argv)
 # odd sizes: a dim of 1 leaves one rank's local tensor empty; (0,) is empty everywhere
 SHAPES = [(7, 3), (101,), (1,), (0,), (2, 33)]
 # the registry optimizers whose update is elementwise (fastopt/torch/dtensor.py); torch's name where it has one
@@ -50,7 +52,7 @@ def placements_for(shape, world):
 
 def draw(seed, shapes, dtype):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    return [torch.randn(s, generator=g, dtype=dtype).to(DEVICE) for s in shapes]
 
 
 def run_pair(klass, options, mesh, dtype, placements, steps=6, seed=0, grad_nan_at=None):
@@ -78,7 +80,7 @@ def run_pair(klass, options, mesh, dtype, placements, steps=6, seed=0, grad_nan_
 def equal(rank, world):
     """Every elementwise class, DTensor params bit for bit the plain-tensor run (float32, float64; odd sizes,
     empty local pieces), for each placement; the state as DTensors laid out as their params, the same values."""
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(DEVICE, (world,))
     for name in ELEMENTWISE:
         klass = getattr(ft, name)
         for options in [{}] + OPTIONS.get(name, []):
@@ -107,7 +109,7 @@ def reload(rank, world):
     DTensors: the cached plan of each param must see them), a param group's lr changed and a param without a grad
     on one step: the plain-tensor run's params
     and state, bit for bit."""
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(DEVICE, (world,))
     placements = [placements_for(s, world)[0] for s in SHAPES]
     start = draw(9, SHAPES, torch.float32)
     runs = []
@@ -138,7 +140,7 @@ def reload(rank, world):
 def low_precision(rank, world):
     """bfloat16 DTensor params with float32 state and Kahan summation, and float32 params with bfloat16 state:
     bit for bit the plain-tensor run."""
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(DEVICE, (world,))
     for name in ("AdamW", "SGD", "Lion"):
         for dtype, options in [(torch.bfloat16, dict(kahan=True)), (torch.bfloat16, {}),
                                (torch.float32, dict(state_dtype="bfloat16"))]:
@@ -152,7 +154,7 @@ def low_precision(rank, world):
 def torch_oracle(rank, world):
     """torch.optim's class on the same DTensor params (its foreach path dispatches to the local tensors):
     within float32 rounding (float64: 1e-12)."""
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(DEVICE, (world,))
     for name in TORCH_HAS:
         spec = getattr(ft, name).spec
         theirs = getattr(torch.optim, spec.torch_class)
@@ -178,7 +180,7 @@ def torch_oracle(rank, world):
 def clip_skip(rank, world):
     """clip_grad_norm= reads the global norm (every rank's piece: torch's get_total_norm), so the ranks clip alike
     and match the plain-tensor run; skip_nonfinite= skips on every rank when one rank's piece holds a NaN."""
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(DEVICE, (world,))
     placements = [placements_for(s, world)[0] for s in SHAPES]
     got, want, _, _ = run_pair(ft.AdamW, dict(lr=0.01, clip_grad_norm=0.5), mesh, torch.float64, placements)
     for a, b in zip(got, want):
@@ -193,14 +195,14 @@ def clip_skip(rank, world):
 def grad_scaler(rank, world):
     """torch.amp.GradScaler (its unscale fused into the update): a step with an inf in one rank's piece is skipped
     on every rank (DTensor reduces GradScaler's found_inf over the mesh), the others equal the unscaled run."""
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(DEVICE, (world,))
     start = draw(5, SHAPES, torch.float32)
     runs = []
     for scaled in (True, False):
         params = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in start]
         opt = ft.Adam(params, lr=0.01)
-        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
-        scaler.scale(torch.ones(()))  # makes the scale tensor, as scaling a loss does
+        scaler = torch.amp.GradScaler(DEVICE, init_scale=1024.0, growth_interval=1000)
+        scaler.scale(torch.ones((), device=DEVICE))  # makes the scale tensor, as scaling a loss does
         for t in range(5):
             grads = draw(50 + t, SHAPES, torch.float32)
             for p, g in zip(params, grads):
@@ -220,8 +222,8 @@ def grad_scaler(rank, world):
 
 def refused(rank, world):
     """What fastopt.torch cannot do with DTensors raises a TypeError/ValueError naming it; nothing is written."""
-    mesh = init_device_mesh("cpu", (world,))
-    w = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))  # the same on every rank
+    mesh = init_device_mesh(DEVICE, (world,))
+    w = torch.randn(6, 4, generator=torch.Generator().manual_seed(3)).to(DEVICE)  # the same on every rank
 
     def param():
         return torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)]))
@@ -232,18 +234,19 @@ def refused(rank, world):
         p = param()
         try:  # refused at construction, or at the first step before anything is written
             opt = klass([p], **options)
-            p.grad = distribute_tensor(torch.ones(6, 4), mesh, [Shard(0)])
+            p.grad = distribute_tensor(torch.ones(6, 4, device=DEVICE), mesh, [Shard(0)])
             opt.step()
         except TypeError as e:
             check(words in str(e) and "DTensor" in str(e), str(e))
         else:
             raise AssertionError(f"{klass.__name__} accepted: {words}")
         check(torch.equal(p.full_tensor(), w), f"{klass.__name__}: a refused step wrote")
-    for grad, words in [(lambda: distribute_tensor(torch.ones(6, 4), mesh, [Replicate()]), "placements"),
-                        (lambda: torch.ones(6, 4), "is a Tensor but its param a DTensor")]:
+    ones = torch.ones(6, 4, device=DEVICE)
+    for grad, words in [(lambda: distribute_tensor(ones.clone(), mesh, [Replicate()]), "placements"),
+                        (lambda: ones.clone(), "is a Tensor but its param a DTensor")]:
         p, q = param(), param()
         opt = ft.AdamW([q, p], lr=0.1)
-        q.grad = distribute_tensor(torch.ones(6, 4), mesh, [Shard(0)])
+        q.grad = distribute_tensor(torch.ones(6, 4, device=DEVICE), mesh, [Shard(0)])
         p.grad = grad()
         before = [q.full_tensor(), p.full_tensor()]
         try:
@@ -265,7 +268,7 @@ def fsdp2(rank, world):
 
     def model():
         torch.manual_seed(0)
-        m = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
+        m = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3)).to(DEVICE)
         for layer in (m[0], m[2]):
             fully_shard(layer)
         return fully_shard(m)
@@ -273,7 +276,7 @@ def fsdp2(rank, world):
     def train(m, opt, steps, first=0):
         for t in range(first, first + steps):
             g = torch.Generator().manual_seed(10 * t + rank)
-            x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+            x, y = torch.randn(16, 6, generator=g).to(DEVICE), torch.randn(16, 3, generator=g).to(DEVICE)
             opt.zero_grad()
             torch.nn.functional.mse_loss(m(x), y).backward()
             opt.step()
@@ -306,10 +309,13 @@ SCENARIOS = {"equal": equal, "reload": reload, "low_precision": low_precision, "
 
 if __name__ == "__main__":
     names, rank, world, init, out = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    DEVICE = sys.argv[6] if len(sys.argv) > 6 else "cpu"
     results = {}
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
+        if DEVICE == "cuda":
+            torch.cuda.set_device(rank)
+        dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", init_method=f"file://{init}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=120))
         np.seterr(all="ignore")
         for name in names:
             try:

@@ -59,14 +59,15 @@ def run_mpi(n: int, *args, timeout=180, script="mpi_worker.py", check=True):
     return r.stdout
 
 
-def run_gloo(tmp: Path, script: str, scenarios: list[str], world: int = 2, timeout: int = 240) -> dict:
-    """Start `world` processes of `python <script> SCENARIO,... RANK WORLD INIT_FILE OUT` (a torch.distributed
-    worker here: gloo, file:// rendezvous in tmp) and return {rank: {scenario: "OK" or its traceback}}, read from
-    the OUT.<rank> each wrote; fail with a rank's output when one hangs or writes nothing."""
+def run_torch_ranks(tmp: Path, script: str, scenarios: list[str], world: int = 2, timeout: int = 240,
+                    extra: tuple = ()) -> dict:
+    """Start `world` processes of `python <script> SCENARIO,... RANK WORLD INIT_FILE OUT *extra` (a
+    torch.distributed worker here, file:// rendezvous in tmp) and return {rank: {scenario: "OK" or its
+    traceback}}, read from the OUT.<rank> each wrote; fail with a rank's output when one hangs or writes nothing."""
     init, out = tmp / "init", tmp / "result"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs = [subprocess.Popen([sys.executable, str(HERE / script), ",".join(scenarios), str(r), str(world),
-                               str(init), str(out)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                               str(init), str(out), *extra], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(world)]
     logs = []
     for p in procs:

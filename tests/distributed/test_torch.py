@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.launch import run_gloo
+from tests.distributed.launch import run_torch_ranks
 
 pytest.importorskip("torch", reason="torch (CPU) is not installed")
 
@@ -21,7 +21,7 @@ SCENARIOS = ["equal", "precision", "torch_oracle", "module", "fallback", "mismat
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Every scenario, in one pair of processes (importing torch takes seconds): {rank: {scenario: result}}."""
-    return run_gloo(tmp_path_factory.mktemp("gloo"), "torch_worker.py", SCENARIOS)
+    return run_torch_ranks(tmp_path_factory.mktemp("gloo"), "torch_worker.py", SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

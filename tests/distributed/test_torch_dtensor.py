@@ -8,12 +8,13 @@ DTensors within float32 rounding; clipping and NaN skipping on the global norm; 
 with an inf in one rank's piece on every rank; the refusals (LAMB, LARS,
 8-bit state, Muon, Adafactor, a grad laid out otherwise or not a DTensor) with nothing written; and a model
 under FSDP2's fully_shard against torch.optim.AdamW, resumed through torch.distributed.checkpoint's
-get/set_optimizer_state_dict bit for bit."""
+get/set_optimizer_state_dict bit for bit. The same on CUDA DTensors, one rank over NCCL, where a GPU is (marked gpu:
+`make gpu-check` runs it)."""
 from __future__ import annotations
 
 import pytest
 
-from tests.distributed.launch import run_gloo
+from tests.distributed.launch import run_torch_ranks
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is not installed")
 
@@ -24,13 +25,27 @@ SCENARIOS = ["equal", "reload", "low_precision", "torch_oracle", "clip_skip", "g
 def results(tmp_path_factory):
     if not torch.distributed.is_available():
         pytest.skip("torch without torch.distributed")
-    return run_gloo(tmp_path_factory.mktemp("dtensor"), "dtensor_worker.py", SCENARIOS, timeout=600)
+    return run_torch_ranks(tmp_path_factory.mktemp("dtensor"), "dtensor_worker.py", SCENARIOS, timeout=600)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_dtensor_two_processes(results, scenario):
     for rank, per in results.items():
         assert per.get(scenario) == "OK", f"{scenario} rank {rank}:\n{per.get(scenario, 'not run')}"
+
+
+CUDA_SCENARIOS = [name for name in SCENARIOS if name != "low_precision"]  # (kahan: CPU only in fastopt.torch)
+
+
+@pytest.mark.gpu
+def test_cuda_dtensors_on_one_rank_over_nccl(tmp_path):
+    """The scenarios on CUDA DTensors (one rank, NCCL; the CuPy kernels on the local tensors), where a GPU is."""
+    if not (torch.cuda.is_available() and torch.distributed.is_available() and torch.distributed.is_nccl_available()):
+        pytest.skip("no CUDA GPU with NCCL")
+    pytest.importorskip("cupy")
+    results = run_torch_ranks(tmp_path, "dtensor_worker.py", CUDA_SCENARIOS, world=1, timeout=600, extra=("cuda",))
+    failed = {name: result for name, result in results[0].items() if result != "OK"}
+    assert not failed and len(results[0]) == len(CUDA_SCENARIOS), "\n".join(f"{k}:\n{v}" for k, v in failed.items())
 
 
 def test_the_dtensor_benchmark_runs():
