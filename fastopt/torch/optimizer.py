@@ -817,18 +817,20 @@ class TorchOptimizer(torch.optim.Optimizer):
         inv_scale = 1.0 if scale is None else 1.0 / float(scale)
         if self.clip_grad_norm is None and not self.skip_nonfinite:
             return inv_scale
-        total, sharded_grads = 0.0, []
+        total, local_sums = 0.0, {}
         for b in plan.buckets:
-            views = b.grad_views
-            sharded = [dtensor.is_dtensor(p) for p in b.params]
-            if any(sharded):  # a DTensor's grad: its local piece is only part of the norm
-                sharded_grads += [p.grad for p, s in zip(b.params, sharded) if s]
-                views = [v for v, s in zip(views, sharded) if not s]
-            if views:
-                sq = b.backend.sumsq_per_tensor(views)
-                total += float(np.sum(to_host(sq), dtype=np.float64))
-        if sharded_grads:  # reduced over their meshes by torch (one collective, on every rank alike)
-            total += dtensor.total_norm(sharded_grads) ** 2
+            sq = to_host(b.backend.sumsq_per_tensor(b.grad_views))
+            if not plan.sharded:
+                total += float(np.sum(sq, dtype=np.float64))
+                continue
+            for p, value in zip(b.params, sq):
+                if dtensor.is_dtensor(p):  # its local piece: summed over the ranks below (fastopt/torch/dtensor.py)
+                    key = dtensor.norm_group(p)
+                    local_sums[key] = local_sums.get(key, 0.0) + float(value)
+                else:
+                    total += float(value)
+        if local_sums:
+            total += dtensor.global_sum(local_sums)
         norm = math.sqrt(total) * inv_scale
         if self.skip_nonfinite and not math.isfinite(norm):
             self.skipped_steps += 1

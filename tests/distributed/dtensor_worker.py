@@ -105,8 +105,8 @@ def equal(rank, world):
 
 
 def reload(rank, world):
-    """A state dict loaded into the same optimizer mid-run and a state tensor replaced in its dict (new state
-    DTensors: the cached plan of each param must see them), a param group's lr changed and a param without a grad
+    """A state dict loaded into the same optimizer mid-run, a state tensor replaced in its dict and one's memory
+    swapped under it (torch.utils.swap_tensors: the cached plan of each param must see them all), a param group's lr changed and a param without a grad
     on one step: the plain-tensor run's params
     and state, bit for bit."""
     mesh = init_device_mesh(DEVICE, (world,))
@@ -128,6 +128,9 @@ def reload(rank, world):
                 opt.param_groups[0]["lr"] = 0.02
             if t == 6:  # one state tensor replaced in its dict (a "move the state" helper)
                 opt.state[params[1]]["exp_avg_sq"] = opt.state[params[1]]["exp_avg_sq"] * 2
+            if t == 7:  # another's memory swapped under the same tensor object
+                kept = opt.state[params[4]]["exp_avg"]
+                torch.utils.swap_tensors(kept, kept * 0.5)
             opt.step()
         runs.append(([p.full_tensor() if sharded else p.detach() for p in params],
                      [opt.state[p]["exp_avg"] for p in params]))
@@ -178,13 +181,49 @@ def torch_oracle(rank, world):
 
 
 def clip_skip(rank, world):
-    """clip_grad_norm= reads the global norm (every rank's piece: torch's get_total_norm), so the ranks clip alike
-    and match the plain-tensor run; skip_nonfinite= skips on every rank when one rank's piece holds a NaN."""
+    """clip_grad_norm= reads the global norm (the float64 sums of squares of every rank's pieces, summed over the
+    ranks that shard), so the ranks clip alike and match the plain-tensor run to the rounding of the sum's order,
+    for every dtype: float16 grads whose norm is past float16's range (95,000) are clipped, not zeroed, and are
+    not taken for an overflow; params on several meshes (1-D, and 2-D meshes sharding along either dim) add up
+    their norms; skip_nonfinite= skips on every rank when one rank's piece holds a NaN."""
     mesh = init_device_mesh(DEVICE, (world,))
     placements = [placements_for(s, world)[0] for s in SHAPES]
-    got, want, _, _ = run_pair(ft.AdamW, dict(lr=0.01, clip_grad_norm=0.5), mesh, torch.float64, placements)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for dtype, tol in [(torch.float64, dict(rtol=1e-12, atol=1e-14)), (torch.float32, dict(rtol=1e-6, atol=1e-7)),
+                       (torch.bfloat16, dict(rtol=1e-2, atol=1e-2))]:
+        got, want, _, _ = run_pair(ft.AdamW, dict(lr=0.01, clip_grad_norm=0.5), mesh, dtype, placements)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **tol)
+    big = torch.full((100_000,), 300.0, dtype=torch.float16, device=DEVICE)  # norm 94,868 > 65,504
+    for options in (dict(skip_nonfinite=True), dict(clip_grad_norm=1.0)):
+        runs = []
+        for sharded in (True, False):
+            zero = torch.zeros_like(big)
+            p = torch.nn.Parameter(distribute_tensor(zero, mesh, [Shard(0)]) if sharded else zero)
+            opt = ft.SGD([p], lr=1.0, **options)
+            p.grad = distribute_tensor(big.clone(), mesh, [Shard(0)]) if sharded else big.clone()
+            opt.step()
+            check(opt.skipped_steps == 0, f"float16 {options}: a finite step taken for an overflow")
+            runs.append(p.full_tensor() if sharded else p.detach())
+        check(bool((runs[0] != 0).all()), f"float16 {options}: not every element moved")
+        torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    if world == 2:  # params on three meshes
+        meshes = [mesh, init_device_mesh(DEVICE, (1, 2), mesh_dim_names=("a", "b")),
+                  init_device_mesh(DEVICE, (2, 1), mesh_dim_names=("c", "d"))]
+        per = [(meshes[0], [Shard(0)]), (meshes[1], [Replicate(), Shard(0)]), (meshes[2], [Shard(1), Replicate()]),
+               (meshes[1], [Shard(0), Replicate()])]
+        start = draw(11, [(6, 4)] * 4, torch.float32)
+        runs = []
+        for sharded in (True, False):
+            params = [torch.nn.Parameter(distribute_tensor(w.clone(), m, pl) if sharded else w.clone())
+                      for w, (m, pl) in zip(start, per)]
+            opt = ft.AdamW(params, lr=0.01, clip_grad_norm=0.2)
+            for t in range(4):
+                for p, g, (m, pl) in zip(params, draw(300 + t, [(6, 4)] * 4, torch.float32), per):
+                    p.grad = distribute_tensor(g, m, pl) if sharded else g
+                opt.step()
+            runs.append([p.full_tensor() if sharded else p.detach() for p in params])
+        for a, b in zip(*runs):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     got, want, o_sharded, o_plain = run_pair(ft.Adam, dict(lr=0.01, skip_nonfinite=True), mesh, torch.float32,
                                              placements, grad_nan_at=2)
     check(o_sharded.skipped_steps == 1 == o_plain.skipped_steps, f"skipped {o_sharded.skipped_steps} on rank {rank}")
