@@ -13,7 +13,7 @@ along each mesh dim that shards).
 Plain params beside DTensor ones are taken as replicated, the same on every rank, as FSDP2 leaves the params it
 does not shard: their squares are counted once.
 
-Refused, with the reason: LAMB and LARS; 8-bit state (its float32 scales cover blocks of the local tensor, which
+Refused, with the reason: LAMB and LARS; a Partial placement; 8-bit state (its float32 scales cover blocks of the local tensor, which
 no DTensor layout describes) and stochastic rounding (keyed by the element's index, which would be its index in
 the local tensor, not the global one); Partial or mismatched grads and state.
 """
@@ -23,7 +23,8 @@ import torch
 
 from fastopt.torch.views import layout
 
-__all__ = ["is_dtensor", "local", "check_laid_out_as", "refusal", "norm_group", "global_sum", "ShardEntry"]
+__all__ = ["is_dtensor", "local", "check_laid_out_as", "check_placements", "refusal", "norm_group", "global_sum",
+           "ShardEntry"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _DTENSOR = False  # torch.distributed.tensor.DTensor once looked up (None: torch without torch.distributed)
@@ -87,10 +88,21 @@ def refusal(spec, state_dtype, stochastic_rounding: bool) -> str | None:
     return None
 
 
+def check_placements(p) -> None:
+    """ValueError for a DTensor param with a Partial placement: its local tensors are addends of its elements, not
+    the elements, and an update of each addend is not the update of their sum."""
+    if any(pl.is_partial() for pl in p.placements):
+        raise ValueError(f"a DTensor param with placements {tuple(p.placements)}: a Partial placement holds addends "
+                         f"of the elements (a pending reduction), which an update cannot take one by one; "
+                         f"redistribute it to Shard or Replicate")
+
+
 def norm_group(t) -> tuple:
     """The key under which a DTensor's local sum of squares is added up before the reduction: its mesh and, per
-    mesh dim, whether the ranks along it hold different pieces (a Shard) or the same elements (Replicate)."""
-    return t.device_mesh, tuple(p.is_shard() for p in t.placements)
+    mesh dim, whether the ranks along it hold different pieces (Shard, and _StridedShard, which FSDP2 makes over
+    tensor parallelism and whose is_shard() is False) or the same elements (Replicate; Partial is refused:
+    check_placements)."""
+    return t.device_mesh, tuple(not p.is_replicate() for p in t.placements)
 
 
 def global_sum(local_sums: dict) -> float:

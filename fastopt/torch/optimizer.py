@@ -248,6 +248,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             if why is not None:
                 raise TypeError(f"{type(self).__name__} does not take DTensor params (FSDP2's fully_shard, tensor "
                                 f"parallelism): {why}")
+            dtensor.check_placements(p)
             p = dtensor.local(p)
         self._check_kernel_param(p)
         if p.dtype in COMPLEX and self.spec.norms_per_tensor:
@@ -811,11 +812,13 @@ class TorchOptimizer(torch.optim.Optimizer):
         """The factor the kernels multiply the grads by (GradScaler's unscale times the clip coefficient),
         or False when the step is skipped (an inf found by GradScaler, or skip_nonfinite)."""
         found_inf = getattr(self, "found_inf", None)   # set by torch.amp.GradScaler.step
-        scale = getattr(self, "grad_scale", None)
-        if found_inf is not None and float(found_inf.sum()) != 0.0:
+        found = found_inf is not None and float(found_inf.sum()) != 0.0
+        guarded = self.clip_grad_norm is not None or self.skip_nonfinite
+        if found and not (guarded and plan.sharded):
             return False  # GradScaler counts it and lowers its scale; torch.optim takes no step either
+        scale = getattr(self, "grad_scale", None)
         inv_scale = 1.0 if scale is None else 1.0 / float(scale)
-        if self.clip_grad_norm is None and not self.skip_nonfinite:
+        if not guarded:
             return inv_scale
         total, local_sums = 0.0, {}
         for b in plan.buckets:
@@ -829,8 +832,10 @@ class TorchOptimizer(torch.optim.Optimizer):
                     local_sums[key] = local_sums.get(key, 0.0) + float(value)
                 else:
                     total += float(value)
-        if local_sums:
+        if local_sums:  # a collective: every rank takes part, an inf found by GradScaler or not (then skipped below)
             total += dtensor.global_sum(local_sums)
+        if found:
+            return False
         norm = math.sqrt(total) * inv_scale
         if self.skip_nonfinite and not math.isfinite(norm):
             self.skipped_steps += 1

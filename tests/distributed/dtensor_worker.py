@@ -184,8 +184,8 @@ def clip_skip(rank, world):
     """clip_grad_norm= reads the global norm (the float64 sums of squares of every rank's pieces, summed over the
     ranks that shard), so the ranks clip alike and match the plain-tensor run to the rounding of the sum's order,
     for every dtype: float16 grads whose norm is past float16's range (95,000) are clipped, not zeroed, and are
-    not taken for an overflow; params on several meshes (1-D, and 2-D meshes sharding along either dim) add up
-    their norms; skip_nonfinite= skips on every rank when one rank's piece holds a NaN."""
+    not taken for an overflow; params on several meshes (1-D, and 2-D meshes sharding along either dim or both,
+    with FSDP2's _StridedShard) add up their norms; skip_nonfinite= skips on every rank when one rank's piece holds a NaN."""
     mesh = init_device_mesh(DEVICE, (world,))
     placements = [placements_for(s, world)[0] for s in SHAPES]
     for dtype, tol in [(torch.float64, dict(rtol=1e-12, atol=1e-14)), (torch.float32, dict(rtol=1e-6, atol=1e-7)),
@@ -209,16 +209,18 @@ def clip_skip(rank, world):
     if world == 2:  # params on three meshes
         meshes = [mesh, init_device_mesh(DEVICE, (1, 2), mesh_dim_names=("a", "b")),
                   init_device_mesh(DEVICE, (2, 1), mesh_dim_names=("c", "d"))]
+        # _StridedShard: what FSDP2 makes of a tensor-parallel param (its is_shard() is False, yet it shards)
+        from torch.distributed.tensor.placement_types import _StridedShard
         per = [(meshes[0], [Shard(0)]), (meshes[1], [Replicate(), Shard(0)]), (meshes[2], [Shard(1), Replicate()]),
-               (meshes[1], [Shard(0), Replicate()])]
-        start = draw(11, [(6, 4)] * 4, torch.float32)
+               (meshes[1], [Shard(0), Replicate()]), (meshes[2], [_StridedShard(0, split_factor=1), Shard(0)])]
+        start = draw(11, [(6, 4)] * len(per), torch.float32)
         runs = []
         for sharded in (True, False):
             params = [torch.nn.Parameter(distribute_tensor(w.clone(), m, pl) if sharded else w.clone())
                       for w, (m, pl) in zip(start, per)]
             opt = ft.AdamW(params, lr=0.01, clip_grad_norm=0.2)
             for t in range(4):
-                for p, g, (m, pl) in zip(params, draw(300 + t, [(6, 4)] * 4, torch.float32), per):
+                for p, g, (m, pl) in zip(params, draw(300 + t, [(6, 4)] * len(per), torch.float32), per):
                     p.grad = distribute_tensor(g, m, pl) if sharded else g
                 opt.step()
             runs.append([p.full_tensor() if sharded else p.detach() for p in params])
@@ -257,6 +259,20 @@ def grad_scaler(rank, world):
         check(not scaled or opt.state_dict()["state"][0]["step"].item() == 4, f"steps taken on rank {rank}")
     for a, b in zip(*runs):
         check(torch.equal(a, b), "GradScaler: the scaled run differs from the unscaled one that skipped step 2")
+    # an inf that only one rank's GradScaler sees (a plain param's grad: not reduced over the ranks) with clipping:
+    # that rank skips, the other steps, and both have taken part in the norm's all-reduce (a collective left out
+    # on one rank would meet the next one below, of another size, and fail or hang)
+    mesh_param = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3, device=DEVICE), mesh, [Shard(0)]))
+    plain = torch.nn.Parameter(torch.ones(3, device=DEVICE, dtype=torch.float64))
+    opt = ft.Adam([mesh_param, plain], lr=0.01, clip_grad_norm=1.0)
+    scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0)
+    scaler.scale(torch.ones((), device=DEVICE))
+    mesh_param.grad = distribute_tensor(torch.ones(4, 3, device=DEVICE), mesh, [Shard(0)])
+    plain.grad = torch.full((3,), math.inf if rank == world - 1 else 1.0, device=DEVICE, dtype=torch.float64)
+    scaler.step(opt)
+    probe = torch.ones(5, device=DEVICE)
+    dist.all_reduce(probe)
+    check(torch.equal(probe, torch.full((5,), float(world), device=DEVICE)), "the ranks' collectives went out of step")
 
 
 def refused(rank, world):
@@ -280,6 +296,14 @@ def refused(rank, world):
         else:
             raise AssertionError(f"{klass.__name__} accepted: {words}")
         check(torch.equal(p.full_tensor(), w), f"{klass.__name__}: a refused step wrote")
+    from torch.distributed.tensor import DTensor, Partial
+    partial = torch.nn.Parameter(DTensor.from_local(torch.ones(6, 4, device=DEVICE), mesh, [Partial()], run_check=False))
+    try:
+        ft.AdamW([partial])
+    except ValueError as e:
+        check("Partial placement" in str(e), str(e))
+    else:
+        raise AssertionError("a Partial DTensor param was taken")
     ones = torch.ones(6, 4, device=DEVICE)
     for grad, words in [(lambda: distribute_tensor(ones.clone(), mesh, [Replicate()]), "placements"),
                         (lambda: ones.clone(), "is a Tensor but its param a DTensor")]:
