@@ -1275,21 +1275,3 @@ def test_composite_state_that_is_not_a_tensor_is_refused_at_load(name, key):
         with pytest.raises(ValueError, match="has no 'exp_avg'"):
             opt.step()
         assert torch.equal(p.detach(), before)
-
-
-@pytest.mark.parametrize("name", [spec.class_name for spec in REGISTRY.values()])
-def test_a_param_listed_twice_in_a_group_is_refused_when_the_group_is_added(name):
-    """torch.optim warns of it and updates the param twice a step; the fused kernels would read what they wrote:
-    a ValueError naming both positions, at construction or add_param_group (the group is not added), not at
-    the first step as memory shared by two params."""
-    rng = np.random.default_rng()
-    a, b = (torch.nn.Parameter(torch.tensor(rng.standard_normal(5), dtype=torch.float32)) for _ in range(2))
-    klass = getattr(ft, name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch's own warning of the duplicate
-        with pytest.raises(ValueError, match=r"param group 0: params\[2\] is params\[0\], a param listed twice"):
-            klass([a, b, a], lr=0.1)
-        opt = klass([a], lr=0.1)
-        with pytest.raises(ValueError, match=r"param group 1: params\[1\] is params\[0\]"):
-            opt.add_param_group({"params": [b, b]})
-    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [a]

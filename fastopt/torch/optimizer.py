@@ -210,12 +210,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         try:
             group = self.param_groups[-1]
             hp = arguments.registry_hp(self.spec, group)
-            first = {}
-            for k, p in enumerate(group["params"]):
-                if first.setdefault(id(p), k) != k:  # torch warns and updates it twice a step; the kernels would
-                    raise ValueError(  # read what they wrote (the step refused it as memory shared by two params)
-                        f"param group {len(self.param_groups) - 1}: params[{k}] is params[{first[id(p)]}], a param "
-                        f"listed twice (torch.optim warns of it and updates it twice per step); pass each param once")
+            for p in group["params"]:
                 # a lazy module's param (UninitializedParameter) has no storage before the model's first
                 # forward: torch.optim takes it, and the step checks it as it checks every new param
                 if _can_have_grad(p) and not is_lazy(p):
