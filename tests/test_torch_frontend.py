@@ -651,6 +651,63 @@ def test_a_frozen_wrapper_param_is_taken_as_torch_takes_it(name):
     assert torch.equal(frozen.a, torch.ones(3, 4)) and torch.equal(frozen.b, torch.ones(3, 4))
 
 
+@pytest.mark.parametrize("where", ["one group", "two groups"])
+@pytest.mark.parametrize("name", [n for n in ALL_CLASSES if n != "LBFGS"])
+def test_a_param_listed_twice_is_refused_at_the_step_naming_both_places(name, where):
+    """A param with a grad listed twice (torch.optim warns when the group is added and updates it twice a step;
+    an edit of param_groups can put it in two groups) is refused at the step, before anything is written, in
+    the words of both places; after steps on the steady path too. Without a grad it is skipped, as by torch."""
+    rng = np.random.default_rng()
+    ps = [torch.nn.Parameter(torch.tensor(rng.standard_normal((3, 4)), dtype=torch.float32)) for _ in range(3)]
+    opt = getattr(ft, name)([{"params": ps[:2]}, {"params": ps[2:]}], lr=0.1)
+
+    def set_grads():
+        for p in ps:
+            g = torch.tensor(rng.standard_normal((3, 4)), dtype=torch.float32)
+            p.grad = g.to_sparse() if name == "SparseAdam" else g
+    for _ in range(2):
+        set_grads()
+        opt.step()
+    if where == "one group":
+        opt.param_groups[0]["params"].append(ps[0])
+        seen, again = "param_groups[0]['params'][0]", "param_groups[0]['params'][2]"
+    else:
+        opt.param_groups[1]["params"].append(ps[1])
+        seen, again = "param_groups[0]['params'][1]", "param_groups[1]['params'][1]"
+    set_grads()
+    before, state = snapshot(ps), copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError) as raised:
+        opt.step()
+    assert str(raised.value).startswith(f"{again} is the param already listed as {seen}: list each param once")
+    assert all(torch.equal(p, q) for p, q in zip(ps, before)) and repr(opt.state_dict()) == repr(state)
+    twice = 0 if where == "one group" else 1
+    ps[twice].grad = None
+    opt.step()  # a param without a grad is skipped wherever it is listed
+    assert torch.equal(ps[twice], before[twice])
+    assert not any(torch.equal(ps[i], before[i]) for i in range(3) if i != twice)
+
+
+def test_lbfgs_with_a_param_listed_twice_steps_as_torchs():
+    """torch's LBFGS flattens the listed params, a duplicate included, and so does fastopt's: the same result."""
+    x0 = torch.tensor(np.random.default_rng().standard_normal(5))
+    out = []
+    for klass in (torch.optim.LBFGS, ft.LBFGS):
+        p = torch.nn.Parameter(x0.clone())
+        with pytest.warns(UserWarning, match="duplicate parameters"):
+            opt = klass([p, p], lr=0.5)
+
+        def closure():
+            opt.zero_grad()
+            loss = ((p - 1) ** 4).sum() + p.square().sum()
+            loss.backward()
+            return loss
+        for _ in range(3):
+            opt.step(closure)
+        out.append(p.detach().clone())
+    torch.testing.assert_close(out[1], out[0], rtol=1e-12, atol=1e-12)
+    assert not torch.equal(out[1], x0)
+
+
 def test_importing_fastopt_does_not_import_torch():
     import subprocess
     import sys

@@ -156,6 +156,27 @@ def check_flags(group: dict) -> None:
             raise ValueError(f"{flag}=True is not supported by fastopt.torch ({what}); use torch.optim for it")
 
 
+def check_listed_once(param_groups) -> None:
+    """ValueError for a param with a grad listed twice: in one group (torch.optim warns when the group is added,
+    then updates it twice a step) or in two (torch refuses it there; an edit of param_groups can still do it). A
+    fused step would read it after writing it: refused at the step, before anything is written, naming both
+    places. (Without a grad it is skipped, as by torch.)"""
+    params = [p for group in param_groups for p in group["params"]]
+    if len(set(map(id, params))) == len(params):
+        return
+    first = {}
+    for gi, group in enumerate(param_groups):
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            where = f"param_groups[{gi}]['params'][{i}]"
+            seen = first.setdefault(id(p), where)
+            if seen is not where:
+                raise ValueError(f"{where} is the param already listed as {seen}: list each param once "
+                                 "(torch.optim warns of duplicate parameters and updates such a param twice a step; "
+                                 "a fused step cannot)")
+
+
 def registry_hp(spec: OptimizerSpec, group: dict, step: int = 1) -> dict:
     """The group's hyperparameters in registry terms, checked (Python floats and bools); ValueError /
     TypeError with torch's message and nothing changed otherwise."""

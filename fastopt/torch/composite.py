@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from fastopt.grad_guard import GuardedSteps, sum_of_squares
-from fastopt.torch.arguments import check_extras, check_saved_state
+from fastopt.torch.arguments import check_extras, check_listed_once, check_saved_state
 from fastopt.torch.arrays import on_torch_stream
 from fastopt.torch.views import bump_versions
 
@@ -64,6 +64,7 @@ class CompositeOptimizer(torch.optim.Optimizer):
 
     @torch.compiler.disable  # as TorchOptimizer._fastopt_update: torch.compile runs it as it is
     def _fastopt_update(self) -> None:
+        check_listed_once(self.param_groups)
         plan = self._plan()
         with on_torch_stream(self._plan_device(plan)):
             plan = self._guarded(plan)

@@ -407,6 +407,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         plan = steady.plan(self) if steady is not None else None  # only the grads changed: the short path
         if plan is None:
             self._fastopt_steady = None
+            arguments.check_listed_once(self.param_groups)
             try:
                 plan = self._plan()
             except (TypeError, ValueError):
