@@ -149,16 +149,18 @@ class ParamEntry:
         self.grad_ptr = 0
         self.grad_seen = None       # weak reference to the last grad (kept without keeping it alive)
 
-    def valid(self, p: torch.Tensor, state, names: tuple) -> bool:
+    def holds(self, p: torch.Tensor, state, names: tuple) -> bool:
+        """p's memory and layout, the state dict and the names in use are those the entry was made for (its state
+        tensors are the caller's to check: valid() here, dtensor.ShardEntry for a DTensor's local tensors)."""
         if state is not self.state or names != self.names or p.data_ptr() != self.ptr:
             return False
         # the same memory in another layout (`p.data = p.data.t()`): the views were made for the old one
-        if p.is_contiguous() == self.flat or (self.flat and layout(p) != self.layout):
-            return False
-        for name, s, ptr in zip(self.check_names, self.check_tensors, self.check_ptrs):
-            if state.get(name) is not s or s.data_ptr() != ptr:
-                return False
-        return True
+        return not (p.is_contiguous() == self.flat or (self.flat and layout(p) != self.layout))
+
+    def valid(self, p: torch.Tensor, state, names: tuple) -> bool:
+        return self.holds(p, state, names) and all(
+            state.get(name) is s and s.data_ptr() == ptr
+            for name, s, ptr in zip(self.check_names, self.check_tensors, self.check_ptrs))
 
     def cached_grad_view(self, g: torch.Tensor):
         """The grad's kernel view when g is the grad of the last step, same storage; else None."""
