@@ -8,6 +8,8 @@ Environment:
   FASTOPT_OPENMP  unset: OpenMP if the compiler can build and link an OpenMP program, else a serial build
                   (said on stderr); 1: OpenMP required (error without it); 0: serial build.
   FASTOPT_NATIVE  1 adds -march=native for a local build.
+  FASTOPT_DEBUG   1 keeps the debug info that Python's CFLAGS ask for (-g); by default it is left out (-g0):
+                  it is four fifths of the extension's size (17.8 MB with it, 3.5 MB without).
   CC / CXX        the compiler, as for any setuptools build; every probe below uses the same compiler
                   object and flags as the real build, so its answer holds for the extension.
 """
@@ -101,6 +103,8 @@ class BuildExt(build_ext):
         args = list(MSVC_ARGS if msvc else UNIX_ARGS)
         if os.environ.get("FASTOPT_NATIVE") == "1" and not msvc:
             args.append("-march=native")
+        if os.environ.get("FASTOPT_DEBUG") != "1" and not msvc:
+            args.append("-g0")  # after sysconfig's -g on the command line, so it wins
         omp_flag = "/openmp" if msvc else "-fopenmp"  # clang: works only where libomp is installed
         mode = openmp_mode()
         openmp = mode != "off" and self._builds(OMP_PROBE, args + [omp_flag], [] if msvc else [omp_flag])

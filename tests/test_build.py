@@ -187,7 +187,16 @@ def _check_build(builds, name):
     assert out.returncode == 0, f"{name}: the check failed:\n{out.stdout}\n{out.stderr}\n--- build log ---\n{log[-3000:]}"
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["checked"] == 18
+    if sys.platform.startswith("linux"):
+        assert _debug_sections(site) == [], f"{name}: built with debug info (setup.py adds -g0 unless FASTOPT_DEBUG=1)"
     return info, log
+
+
+def _debug_sections(site):
+    """The DWARF sections of the built extension, read with readelf (binutils, beside every gcc)."""
+    (so,) = (site / "fastopt" / "kernels" / "cpu").glob("_cpu_fast*.so")
+    out = subprocess.run([_require("readelf"), "-S", "-W", str(so)], capture_output=True, text=True, check=True)
+    return [w for w in out.stdout.split() if w.startswith(".debug_")]
 
 
 def test_serial_gcc_build(builds):
