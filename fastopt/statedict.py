@@ -483,6 +483,10 @@ def load_state_dict(opt, sd: dict) -> None:
 # decoupled_weight_decay and Adagrad's initial_accumulator_value are registry hyperparameters (group keys);
 # AdamW's fixed decoupled_weight_decay=True is its spec's torch_group_flags.
 _TORCH_ONLY_KEYS = {"foreach", "fused", "capturable", "differentiable", "param_names"}
+# what torch's lr schedulers write into the groups they drive (every LRScheduler: initial_lr; OneCycleLR and
+# CyclicLR: the cycle's bounds; swa_utils.SWALR: swa_lr): the scheduler's, not the optimizer's (the group's lr
+# is the scheduled value of the step reached), so a state dict of a scheduled run loads without them
+_TORCH_SCHEDULER_KEYS = {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"}
 
 
 def _torch():
@@ -637,7 +641,7 @@ def from_torch_state_dict(opt, sd: dict, step=None) -> None:
                     fail(f"param group {gi}: torch {k}={shown(v)} does not fit fastopt.{spec.class_name}, where it "
                           f"is always {spec.torch_group_flags[k]}"
                           + (f"; load it into fastopt.{other}" if other else ""))
-            elif k in _TORCH_ONLY_KEYS:
+            elif k in _TORCH_ONLY_KEYS or k in _TORCH_SCHEDULER_KEYS:
                 continue
             else:
                 fail(f"param group {gi}: torch key {shown(k)}={shown(v)} has no fastopt.{opt.spec.class_name} "

@@ -159,6 +159,51 @@ def test_adam_torch_dict_with_decoupled_weight_decay_loads_into_adam_and_adamw_s
     assert all(a.tobytes() == b.tobytes() for a, b in zip(w.params, before))
 
 
+SCHEDULED = {  # torch schedulers that write keys of their own into the groups (initial_lr, max_lr, swa_lr...)
+    "StepLR": ("Adam", {}, lambda o: torch.optim.lr_scheduler.StepLR(o, 2, 0.5)),
+    "OneCycleLR-Adam": ("Adam", {}, lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 0.05, total_steps=20)),
+    "OneCycleLR-SGD": ("SGD", {"momentum": 0.9},
+                       lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 0.05, total_steps=20)),
+    "CyclicLR": ("SGD", {"momentum": 0.9}, lambda o: torch.optim.lr_scheduler.CyclicLR(o, 0.001, 0.05, 3)),
+    "SWALR": ("AdamW", {}, lambda o: torch.optim.swa_utils.SWALR(o, 0.02, anneal_epochs=3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCHEDULED))
+def test_torch_state_dict_of_a_scheduled_run_loads_and_continues_as_torch(case, rng):
+    """A torch.optim state dict saved mid-run under a torch lr scheduler (whose keys, such as initial_lr,
+    stay in the groups) loads into the fastopt class with the group's scheduled values, and both continue
+    alike."""
+    name, kw, scheduler = SCHEDULED[case]
+    shapes = [(7,), (3, 4)]
+    tparams = [torch.nn.Parameter(torch.tensor(rng.standard_normal(s))) for s in shapes]
+    topt = getattr(torch.optim, name)(tparams, lr=0.01, **kw)
+    sched = scheduler(topt)
+    for _ in range(int(rng.integers(3, 8))):
+        for tp in tparams:
+            tp.grad = torch.tensor(rng.standard_normal(tp.shape))
+        topt.step()
+        sched.step()
+    sd = topt.state_dict()
+    assert set(sd["param_groups"][0]) - set(torch.optim.Adam([torch.zeros(1)]).state_dict()["param_groups"][0]) - {
+        "momentum", "dampening", "nesterov"}, "the scheduler wrote no key of its own"
+    params = [tp.detach().numpy().copy() for tp in tparams]
+    opt = getattr(fastopt, name)(params, lr=0.01, **kw)
+    opt.load_torch_state_dict(sd)
+    group = topt.param_groups[0]
+    assert opt.param_groups[0]["lr"] == group["lr"]
+    if "momentum" in kw:
+        assert opt.param_groups[0]["momentum"] == group["momentum"]
+    for _ in range(5):  # the scheduler stops; both go on with the values it left in the group
+        grads = [rng.standard_normal(s) for s in shapes]
+        for tp, g in zip(tparams, grads):
+            tp.grad = torch.tensor(g)
+        topt.step()
+        opt.step(grads)
+    for p, tp in zip(opt.params, tparams):
+        np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
 BAD_NEW_OPTIONS = [
     ("Adagrad", {"initial_accumulator_value": -0.1}, ValueError),
     ("Adagrad", {"initial_accumulator_value": float("nan")}, ValueError),
