@@ -396,23 +396,32 @@ def _check_schedules(opt, new_groups, saved_states, steps):
             lrs.append(hp["lr"])
             continue
         hp["lr"] = schedule  # keep the schedule: it is a function of the restored step count
-        trial, load, restore = schedule, None, None
-        if saved is not None and getattr(schedule, "load_state_dict", None) is not None:
-            load = (schedule, saved)
-            trial, restore = _trial_schedule(gi, schedule)
-        try:
-            if load is not None:
-                try:
-                    trial.load_state_dict(copy.deepcopy(saved))
-                except Exception as e:
-                    fail(f"param group {gi}: the saved state of its lr schedule does not fit "
-                         f"{shown(schedule)}: {type(e).__name__}: {e}")
-            lrs.append(next_lr(gi, trial, step, lr_hyper))
-        finally:
-            if restore is not None:
-                schedule.load_state_dict(restore)
+        load, lr = check_schedule_state(gi, schedule, saved, step, lr_hyper)
         loads.append(load)
+        lrs.append(lr)
     return loads, lrs
+
+
+def check_schedule_state(gi, schedule, saved, step, lr_hyper):
+    """(load, lr): the saved state of group gi's lr schedule tried on a copy of `schedule` (CheckpointError if
+    it does not fit, or gives no valid lr at the restored `step`), nothing changed; `load` is (schedule,
+    saved) to apply once every check has passed (`schedule.load_state_dict(saved)`), None when there is no
+    state to load; lr is the lr of the group's next step."""
+    trial, load, restore = schedule, None, None
+    if saved is not None and getattr(schedule, "load_state_dict", None) is not None:
+        load = (schedule, saved)
+        trial, restore = _trial_schedule(gi, schedule)
+    try:
+        if load is not None:
+            try:
+                trial.load_state_dict(copy.deepcopy(saved))
+            except Exception as e:
+                fail(f"param group {gi}: the saved state of its lr schedule does not fit "
+                     f"{shown(schedule)}: {type(e).__name__}: {e}")
+        return load, next_lr(gi, trial, step, lr_hyper)
+    finally:
+        if restore is not None:
+            schedule.load_state_dict(restore)
 
 
 def next_lr(gi, rate, step, lr_hyper):

@@ -11,7 +11,7 @@ names the files of one save (a fresh <id> per save) with their SHA-256, so a cra
 previous checkpoint (its manifest and files) intact; files no manifest names any more are removed after
 the commit. The manifest holds the format, the optimizer, the world size, the bucket size and the
 buckets, each param's shape and dtype, the hyperparameters (the lr as a number, plus the schedule's repr
-when it was one), the step and skip counts and the state names.
+and its own state_dict() when it was one), the step and skip counts and the state names.
 
     ShardedOptimizer.save(path) / save(opt, path)   collective: every rank writes its file; one all-reduce
                                                     collects the checksums and the success of every rank
@@ -36,12 +36,15 @@ every shard at a multiple of 256, so a block never spans two files). A checkpoin
 with the same state_dtype and kahan (else CheckpointError naming both); stochastic_rounding and seed are the
 loading optimizer's.
 
-Loading keeps the loading optimizer's lr schedule when it has one (the step count is restored; like
-fastopt.load), else takes the saved lr. The hyperparameters that decide which state arrays exist
+Loading keeps the loading optimizer's lr schedule when it has one (the step count is restored) and restores
+the schedule's own state into it (ReduceLROnPlateau's reduced lr, best metric and counters), checked on a copy
+first, like fastopt.load; else it takes the saved lr. gather() and scatter() carry the schedule's entry over
+to the ordinary checkpoint and back. The hyperparameters that decide which state arrays exist
 (amsgrad, momentum, centered) must give the same state arrays.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -57,8 +60,9 @@ from fastopt.optim import OptimizerState
 from fastopt.distributed.layout import DEFAULT_BUCKET_BYTES, ShardLayout
 from fastopt.functional import init_state
 from fastopt.precision import QUANT_BLOCK, QuantizedState, is_16bit, quant_blocks
-from fastopt.schedules import is_schedule
-from fastopt.specs import get_spec
+from fastopt.schedules import Schedule, is_schedule
+from fastopt.specs import REGISTRY, get_spec
+from fastopt.statedict import check_schedule_state
 
 __all__ = ["save", "load", "gather", "scatter", "read_manifest", "CheckpointError"]
 
@@ -141,7 +145,7 @@ def _empty_like_template(t, n: int):
 
 
 def _manifest(spec, layout: ShardLayout, hp: dict, lr_schedule, steps, skipped, states, files,
-              precision=None) -> dict:
+              precision=None, lr_schedule_state=None) -> dict:
     extra = {}
     if precision is not None and _precision_for_file(precision) != DEFAULT_PRECISION:
         extra = {"precision": _precision_for_file(precision), "segment": layout.segment}
@@ -149,6 +153,7 @@ def _manifest(spec, layout: ShardLayout, hp: dict, lr_schedule, steps, skipped, 
             "bucket_bytes": layout.bucket_bytes, **extra,
             "params": [{"shape": list(s), "dtype": d.name} for s, d in zip(layout.shapes, layout.dtypes)],
             "buckets": layout.describe(), "hyperparameters": hp, "lr_schedule": lr_schedule,
+            "lr_schedule_state": lr_schedule_state,
             "steps": int(steps), "skipped_steps": int(skipped), "states": list(states), "files": files}
 
 
@@ -211,15 +216,15 @@ def save(opt, path) -> None:
     if failed:
         raise OSError(f"sharded checkpoint {path}: rank(s) {failed} could not write their shard; the previous "
                       f"checkpoint (if any) is intact")
-    hp, schedule = _hp_for_file(opt.hyperparameters, opt.steps)
+    hp, schedule, schedule_state = _hp_for_file(opt.hyperparameters, opt.steps)
     files = [{"name": _shard_name(r, world, token), "sha256": bytes(table[r, 1:].astype(np.uint8)).hex()}
              for r in range(world)]
     ok = 1.0
     if opt.rank == 0:
         try:
             _commit(path, _manifest(opt.spec, layout, hp, schedule, opt.steps, opt.skipped_steps,
-                                    list(opt.shard_states()[0]), files, opt.precision))
-        except OSError as e:
+                                    list(opt.shard_states()[0]), files, opt.precision, schedule_state))
+        except (OSError, TypeError, ValueError) as e:  # (TypeError: a schedule state JSON cannot hold)
             error, ok = e, 0.0
     # the manifest exists before any rank returns (a load right after a save sees it)
     committed = comm.all_reduce_sum(np.array([ok if opt.rank == 0 else 0.0]))[0]
@@ -230,12 +235,32 @@ def save(opt, path) -> None:
                       f"(if any) is intact")
 
 
-def _hp_for_file(hp: dict, steps: int) -> tuple[dict, str | None]:
+def _hp_for_file(hp: dict, steps: int) -> tuple[dict, str | None, object]:
+    """(the hyperparameters with the lr of the next step as a number, the schedule's repr, its state_dict())."""
     lr = hp["lr"]
-    schedule = None
+    schedule = state = None
     if is_schedule(lr):
-        schedule, lr = repr(lr), float(lr(steps))
-    return dict(hp, lr=float(lr)), schedule
+        saver = getattr(lr, "state_dict", None)
+        schedule, state, lr = repr(lr), (saver() if saver is not None else None), float(lr(steps))
+    return dict(hp, lr=float(lr)), schedule, state
+
+
+class RecordedSchedule(Schedule):
+    """An lr schedule as a checkpoint records it: its repr, its lr at the saved step and its own state_dict()
+    (None: a schedule without one). gather() makes the single-process optimizer it writes out with one, so that
+    the ordinary checkpoint holds the schedule's entry as fastopt.save writes it for the schedule itself."""
+
+    def __init__(self, text: str, lr: float, state):
+        self.text, self.lr, self.state = text, lr, state
+
+    def value(self, count: int) -> float:
+        return self.lr
+
+    def state_dict(self):
+        return copy.deepcopy(self.state)
+
+    def __repr__(self):
+        return self.text
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -301,6 +326,10 @@ def read_manifest(path) -> tuple[dict, ShardLayout, object]:
             _fail(f"{path}: the manifest's file list is invalid")
         _count("steps", m["steps"])
         _count("skipped_steps", m["skipped_steps"])
+        if m.get("lr_schedule") is not None and not isinstance(m["lr_schedule"], str):
+            _fail(f"{path}: lr_schedule must be the schedule's repr or null, got {m['lr_schedule']!r}")
+        if m.setdefault("lr_schedule_state", None) is not None and m.get("lr_schedule") is None:
+            _fail(f"{path}: an lr_schedule_state without its lr_schedule")
         hp = m["hyperparameters"]
         if not isinstance(hp, dict) or set(hp) != set(spec.defaults):
             _fail(f"{path}: the hyperparameters do not match {spec.name}'s")
@@ -415,7 +444,11 @@ def _plan_load(opt, path):
     params, states = _fill(opt.layout, opt.rank, old,
                            lambda r: _read_shard(path, m["files"][r], old, names, templates), names,
                            state_templates(spec, opt.layout, m["hyperparameters"], saved))
-    return m, params, states
+    schedule, load_schedule = opt.hyperparameters["lr"], None
+    if is_schedule(schedule):  # kept; its saved state tried on a copy (loaded once every rank has agreed)
+        load_schedule, _ = check_schedule_state(0, schedule, m["lr_schedule_state"], m["steps"],
+                                                REGISTRY[spec.name].hypers[0])
+    return m, params, states, load_schedule
 
 
 def load(opt, path) -> None:
@@ -433,7 +466,10 @@ def load(opt, path) -> None:
         raise error if isinstance(error, CheckpointError) else CheckpointError(f"{path}: {error}")
     if failed:
         _fail(f"{path}: {int(failed)} other rank(s) could not load it (see their error); nothing was changed")
-    m, params, states = plan
+    m, params, states, load_schedule = plan
+    if load_schedule is not None:
+        schedule, saved = load_schedule
+        schedule.load_state_dict(saved)
     opt.restore(m["steps"], m["skipped_steps"], m["hyperparameters"], params, states)
 
 
@@ -477,9 +513,11 @@ def gather(path, file) -> None:
                     a = a[off:off + n].reshape(shape)
                 per_param[i][name] = a
     options = {} if precision == DEFAULT_PRECISION else {k: v for k, v in precision.items() if v not in (None,)}
+    if m["lr_schedule"] is not None:  # the file records the schedule as fastopt.save records one
+        hp = dict(hp, lr=RecordedSchedule(m["lr_schedule"], hp["lr"], m["lr_schedule_state"]))
     opt = getattr(optim, spec.class_name)(arrays, **_torch_style(hp), **options)
     state = OptimizerState(optimizer=spec.name, hyperparameters=[hp], steps=[m["steps"]],
-                                         lrs=[hp["lr"]], states=per_param, skipped_steps=m["skipped_steps"])
+                           lrs=[m["hyperparameters"]["lr"]], states=per_param, skipped_steps=m["skipped_steps"])
     opt.apply_state(opt.check_state(state))
     save_file(file, opt)
 
@@ -540,5 +578,8 @@ def scatter(file, path, world_size: int, *, bucket_bytes: int | None = None, sta
         name = _shard_name(rank, world_size, token)
         _write_bytes(os.path.join(path, name), data)
         files.append({"name": name, "sha256": hashlib.sha256(data).hexdigest()})
-    _commit(path, _manifest(spec, layout, hp, None, exported.steps[0], exported.skipped_steps or 0, names, files,
-                            precision))
+    schedule = (meta.get("lr_schedules") or [None])[0] or {}  # the file's record of its schedule, if any
+    if not isinstance(schedule.get("repr", ""), str):
+        _fail(f"{file}: lr_schedules[0]['repr'] must be a string, got {schedule['repr']!r}")
+    _commit(path, _manifest(spec, layout, hp, schedule.get("repr"), exported.steps[0], exported.skipped_steps or 0,
+                            names, files, precision, schedule.get("state")))

@@ -233,6 +233,84 @@ def test_checkpoint_files_and_round_trips(tmp_path):
     assert all(a.tobytes() == b.tobytes() == c.tobytes() for a, b, c in zip(fresh, params, single.params))
 
 
+def _plateau_run(params, comm, steps=4):
+    """A sharded SGD whose ReduceLROnPlateau has cut its lr twice (the losses rise), and its schedule."""
+    schedule = fastopt.schedules.ReduceLROnPlateau(0.1, patience=0, factor=0.1)
+    opt = ShardedOptimizer("sgd", params, comm, lr=schedule, momentum=0.9)
+    for t in range(steps):
+        opt.step([np.full_like(p, 0.25 * (t + 1)) for p in params])
+        schedule.update(float(t))
+    return opt, schedule
+
+
+def test_a_stateful_schedule_is_restored_by_load_gather_and_scatter(tmp_path):
+    """The sharded checkpoint keeps the lr schedule's own state (ReduceLROnPlateau's reduced lr, best metric,
+    counters), as fastopt.save does: a load restores it into the loading optimizer's schedule; gather() writes
+    it into the ordinary checkpoint and scatter() back; a saved state that does not fit changes nothing."""
+    params = _params(3, np.float64)
+    opt, schedule = _plateau_run(params, COMM)
+    assert schedule.lr < 0.1 / 50
+    path = str(tmp_path / "ck")
+    opt.save(path)
+    g = [np.full_like(p, 0.375) for p in params]
+
+    def fresh_sharded(where):
+        fresh = ShardedOptimizer("sgd", [np.zeros_like(p) for p in params], COMM,
+                                 lr=fastopt.schedules.ReduceLROnPlateau(0.1, patience=0, factor=0.1), momentum=0.9)
+        fresh.load(where)
+        return fresh
+    again = fresh_sharded(path)
+    assert again.hyperparameters["lr"].state_dict() == schedule.state_dict()
+    assert again.lr_for_next_step() == opt.lr_for_next_step() == schedule.lr
+    gathered = str(tmp_path / "one.npz")
+    gather(path, gathered)
+    single_schedule = fastopt.schedules.ReduceLROnPlateau(0.1, patience=0, factor=0.1)
+    single = fastopt.SGD([np.zeros_like(p) for p in params], lr=single_schedule, momentum=0.9)
+    fastopt.load(gathered, single)
+    assert single_schedule.state_dict() == schedule.state_dict()
+    scatter(gathered, str(tmp_path / "two"), 2, bucket_bytes=64)
+    scattered = fresh_sharded(str(tmp_path / "two"))
+    assert scattered.hyperparameters["lr"].state_dict() == schedule.state_dict()
+    for o in (opt, again, scattered):
+        o.step(g)
+    single.step(g)
+    assert all(a.tobytes() == b.tobytes() == c.tobytes() == d.tobytes()
+               for a, b, c, d in zip(opt.params, again.params, scattered.params, single.params))
+
+    manifest = os.path.join(path, "manifest.json")
+    m = json.load(open(manifest))
+    m["lr_schedule_state"]["lr"] = -1.0
+    json.dump(m, open(manifest, "w"))
+    target_schedule = fastopt.schedules.ReduceLROnPlateau(0.1, patience=0, factor=0.1)
+    target = [p + 1 for p in params]
+    opt2 = ShardedOptimizer("sgd", target, COMM, lr=target_schedule, momentum=0.9)
+    before, schedule_before = [p.copy() for p in target], target_schedule.state_dict()
+    with pytest.raises(CheckpointError, match="the saved state of its lr schedule does not fit"):
+        opt2.load(path)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(target, before)) and opt2.steps == 0
+    assert target_schedule.state_dict() == schedule_before
+
+
+def test_a_schedule_state_json_cannot_hold_fails_the_save_on_every_rank(tmp_path):
+    """A schedule whose state_dict() JSON cannot hold: rank 0 reports it, the other ranks say rank 0 could not
+    write the manifest (none waits for it forever), and no manifest is committed."""
+    class Odd(fastopt.schedules.constant):
+        def state_dict(self):
+            return {"when": object()}
+
+    def body(comm):
+        opt = ShardedOptimizer("sgd", _params(), comm, lr=Odd(0.1))
+        opt.step([np.ones_like(p) for p in _params()])
+        try:
+            opt.save(str(tmp_path / "ck"))
+        except Exception as e:  # noqa: BLE001 - compared below
+            return e
+    errors = run_ranks(2, body)
+    assert isinstance(errors[0], TypeError) and "JSON" in str(errors[0])
+    assert isinstance(errors[1], OSError) and "rank 0 could not write the manifest" in str(errors[1])
+    assert not os.path.exists(tmp_path / "ck" / "manifest.json")
+
+
 def _flip(path, name, offset=200):
     data = bytearray(open(name, "rb").read())
     data[offset] ^= 1
