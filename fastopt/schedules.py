@@ -72,9 +72,12 @@ class Schedule:
     def __call__(self, count) -> float:
         count = _count("count", count)
         try:
-            return self.value(count)
+            value = self.value(count)
         except OverflowError:  # a growing schedule (decay_rate > 1) past float range: the usual bad-lr error
-            raise ValueError(f"Invalid learning rate: {self!r} at count {count} is too large for a float") from None
+            value = math.inf
+        if value == math.inf:  # (an overflow in a product, init_value * decay_rate ** n, raises nothing)
+            raise ValueError(f"Invalid learning rate: {self!r} at count {count} is too large for a float")
+        return value
 
     def value(self, count: int) -> float:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
@@ -154,8 +157,7 @@ class polynomial(Schedule):
     def value(self, count):
         if count >= self.transition_steps:
             return self.end_value
-        frac = 1.0 - count / self.transition_steps
-        return self.end_value + (self.init_value - self.end_value) * frac ** self.power
+        return _between(self.init_value, self.end_value, (1.0 - count / self.transition_steps) ** self.power)
 
 
 class linear(polynomial):
@@ -176,8 +178,13 @@ class cosine(Schedule):
     def value(self, count):
         if count >= self.decay_steps:
             return self.end_value
-        return self.end_value + (self.init_value - self.end_value) * 0.5 * (
-            1.0 + math.cos(math.pi * count / self.decay_steps))
+        return _between(self.init_value, self.end_value, 0.5 * (1.0 + math.cos(math.pi * count / self.decay_steps)))
+
+
+def _between(init_value: float, end_value: float, weight: float) -> float:
+    """init_value at weight 1, end_value at weight 0 (both exactly, as torch's schedulers start at the base lr),
+    the weighted mean between."""
+    return init_value * weight + end_value * (1.0 - weight)
 
 
 def _as_schedule(schedule):
@@ -208,9 +215,17 @@ class warmup(Schedule):
         return {"schedule": inner()} if inner is not None else {}
 
     def load_state_dict(self, state):
+        """The wrapped schedule's state (state["schedule"]; {} when it keeps none), checked by it."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict (from state_dict()), got {type(state).__name__}")
-        if "schedule" in state:
+        stateful = getattr(self.schedule, "load_state_dict", None) is not None
+        unknown = sorted(map(repr, set(state) - ({"schedule"} if stateful else set())))
+        if unknown:
+            raise ValueError(f"state has the key(s) {', '.join(unknown)}, expected "
+                             f"{'only schedule' if stateful else 'none'} (the state of {self.schedule!r})")
+        if stateful:
+            if "schedule" not in state:
+                raise KeyError(f"state has no 'schedule' (the state of {self.schedule!r})")
             self.schedule.load_state_dict(state["schedule"])
 
 

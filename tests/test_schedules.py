@@ -224,3 +224,48 @@ def test_reduce_on_plateau_update_names_a_bad_metric(metric):
         r.update(metric)
     assert r.state_dict() == before
     assert r.update(np.array(3.0)) == 0.1 and r.best == 3.0  # a 0-d array, as torch's float(metrics)
+
+
+@pytest.mark.parametrize("schedule, count, named", [(S.exponential_decay(1e300, 10.0), 10, 10),
+                                                    (S.step_decay(1e300, 1, 10.0), 10, 10),
+                                                    (S.multi_step(1e300, [1, 2], 1e10), 2, 2),
+                                                    (S.warmup(S.exponential_decay(1e300, 10.0), 2), 12, 10)])
+def test_a_product_past_float_range_is_a_bad_lr_too(schedule, count, named):
+    """init_value * decay_rate ** n overflowing in the product (no OverflowError: inf) is the same ValueError
+    (a warmup's message names its inner schedule at the inner count)."""
+    with pytest.raises(ValueError, match=f"Invalid learning rate: .* at count {named} is too large for a float"):
+        schedule(count)
+
+
+@pytest.mark.parametrize("make", [lambda a, b: S.cosine(a, 100, b), lambda a, b: S.linear(a, b, 7),
+                                  lambda a, b: S.polynomial(a, b, 9, 2.5), lambda a, b: S.polynomial(a, b, 3, 0.5)])
+def test_decays_start_at_init_value_and_end_at_end_value_exactly(make):
+    """At count 0 the lr is init_value itself, as torch's schedulers start at the base lr (the old
+    end + (init - end) * 1 was 1 ulp off for about 7% of the pairs), and end_value at the end; monotone between."""
+    rng = np.random.default_rng()
+    for _ in range(500):
+        a, b = sorted(10.0 ** rng.uniform(-8, 0, 2), reverse=True)
+        s = make(a, b)
+        values = [s(t) for t in range(120)]
+        assert values[0] == a and values[-1] == b, (a, b)
+        assert all(x >= y for x, y in zip(values, values[1:])), (a, b)
+
+
+def test_warmup_load_state_dict_checks_the_keys():
+    """A warmup around a stateful schedule needs its "schedule" entry; unknown keys are refused; nothing set."""
+    inner = S.ReduceLROnPlateau(0.1, patience=0)
+    w = S.warmup(inner, 3)
+    before = inner.state_dict()
+    with pytest.raises(KeyError, match="state has no 'schedule'"):
+        w.load_state_dict({})
+    with pytest.raises(ValueError, match="state has the key.* 'best'.* expected only schedule"):
+        w.load_state_dict(inner.state_dict())  # the bare inner state, not the warmup's
+    with pytest.raises(ValueError, match="state has the key.* 'bogus'"):
+        w.load_state_dict({"schedule": dict(before, lr=0.5), "bogus": 1})
+    assert inner.state_dict() == before
+    w.load_state_dict({"schedule": dict(before, lr=0.5)})
+    assert inner.lr == 0.5 and w(3) == 0.5
+    plain = S.warmup(S.cosine(0.1, 10), 3)
+    plain.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match="expected none"):
+        plain.load_state_dict({"schedule": {}})
