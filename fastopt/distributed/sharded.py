@@ -174,6 +174,18 @@ def _byte_range(a) -> tuple[int, int]:
     return low, low + span
 
 
+def _overlaps_itself(a) -> bool:
+    """Whether two elements of `a` may share memory: taken as so unless, with the dims of more than one element
+    in order of stride, each stride steps past all the elements of the dims before it (every strided layout
+    NumPy, CuPy or torch make by slicing, transposing or permuting does)."""
+    extent = a.itemsize
+    for n, s in sorted(((n, abs(s)) for n, s in zip(a.shape, a.strides) if n > 1), key=lambda d: d[1]):
+        if s < extent:
+            return True
+        extent = s * (n - 1) + extent
+    return False
+
+
 def _address(a) -> int:
     """The address of an array's first element (NumPy or CuPy)."""
     return a.__array_interface__["data"][0] if _is_numpy(a) else a.data.ptr
@@ -302,6 +314,10 @@ class ShardedOptimizer:
                 raise TypeError(f"params[{i}] has dtype {v.dtype}; the optimizer updates floating-point arrays")
             if _is_numpy(v) and not v.flags.writeable:
                 raise ValueError(f"params[{i}] is read-only")
+            if _overlaps_itself(v):
+                raise ValueError(f"params[{i}] has elements that share memory (shape {tuple(v.shape)}, strides "
+                                 f"{tuple(v.strides)}: a broadcast or overlapping view); each element must have "
+                                 f"memory of its own (pass a copy)")
         ranges = sorted((*_byte_range(v), i) for i, v in enumerate(views) if v.size)
         for (lo1, hi1, i1), (lo2, hi2, i2) in zip(ranges, ranges[1:]):
             if lo2 < hi1:
@@ -459,14 +475,22 @@ class ShardedOptimizer:
         return out
 
     def _pack(self, views):
-        """Copy the gradients into the send buffers (not those that are the optimizer's own views)."""
-        for b in self.layout.buckets:
-            send = self._send[b.index][1]
+        """Copy the gradients into the send buffers (not those that are the optimizer's own views). A gradient
+        in another place of a send buffer (opt.grads passed in another order) is read before any is written."""
+        sends = [self._send[b.index][1] for b in self.layout.buckets]
+        spans = [_byte_range(send) for send in sends if send.size]
+        copies = []
+        for b, send in zip(self.layout.buckets, sends):
             for i, off, n in zip(b.params, b.offsets, b.sizes):
                 g = views[i]
                 # not for the optimizer's own gradient views (opt.grads): same first byte, contiguous
                 if n and not (_address(g) == self._grad_address[i] and g.flags.c_contiguous):
-                    send[off:off + n] = g.reshape(-1)
+                    lo, hi = _byte_range(g)
+                    if any(lo < end and start < hi for start, end in spans):
+                        g = g.copy()
+                    copies.append((send, off, n, g))
+        for send, off, n, g in copies:
+            send[off:off + n] = g.reshape(-1)
 
     def step(self, grads) -> bool:
         """One update with this rank's local gradients (a list in the order of the params); the mean over

@@ -87,6 +87,53 @@ def test_bad_params_memory_and_comm():
         ShardedOptimizer("adam", [p], object(), lr=1e-3)
 
 
+def _strided(n, shape, strides):
+    return np.lib.stride_tricks.as_strided(np.zeros(n, np.float32), shape=shape, strides=strides, writeable=True)
+
+
+@pytest.mark.parametrize("make,overlapping", [
+    (lambda: _strided(4, (3, 4), (0, 4)), True),     # a broadcast row
+    (lambda: _strided(8, (3, 4), (8, 4)), True),     # rows overlapping by half
+    (lambda: _strided(24, (3, 4), (4, 12)), False),  # interleaved, each element its own
+    (lambda: np.zeros((4, 6), np.float32)[::2, 1::2].T, False),  # strided and transposed
+])
+def test_a_param_whose_elements_share_memory_is_refused_on_every_rank(make, overlapping):
+    """A broadcast or overlapping view as a param (its elements would be written over each other when the
+    gathered params are copied back) is refused on every rank at construction, when one rank has it; a strided,
+    interleaved or transposed view is updated as the single-process class updates a copy of it."""
+    param = make()
+    if overlapping:
+        def body(comm):
+            try:
+                ShardedOptimizer("sgd", [param if comm.rank == 1 else np.zeros(param.shape, param.dtype)], comm, lr=1.0)
+            except ValueError as e:
+                return e
+        errors = run_ranks(2, body)
+        assert "params[0] has elements that share memory" in str(errors[1])
+        assert "failed the checks on 1 other rank" in str(errors[0])
+        return
+    param[...] = np.arange(param.size, dtype=param.dtype).reshape(param.shape)
+    before = param.copy()
+    opt = ShardedOptimizer("sgd", [param], COMM, lr=1.0)
+    grad = np.full(param.shape, 0.5, param.dtype)
+    opt.step([grad])
+    assert np.array_equal(param, before - grad)
+
+
+def test_grads_given_as_the_optimizers_own_views_in_another_order():
+    """opt.grads passed in another order (each a view of another param's place in the send buffer): every
+    gradient is read before any is packed, so each param gets the gradient at its position in the list."""
+    shapes = [(4,), (4,), (2, 2)]
+    params = [np.zeros(s, np.float32) for s in shapes]
+    opt = ShardedOptimizer("sgd", params, COMM, lr=1.0)
+    for view, value in zip(opt.grads, (1.0, 2.0, 3.0)):
+        view[...] = value
+    order = [1, 2, 0]
+    opt.step([opt.grads[j].reshape(shapes[i]) for i, j in enumerate(order)])
+    for p, j in zip(params, order):
+        assert (p == -(j + 1.0)).all()
+
+
 
 @pytest.mark.parametrize("bad", [
     {"lr": -1.0}, {"lr": 1e-3, "foo": 1}, {"lr": 1e-3, "bucket_bytes": 0}, {"lr": 1e-3, "name": "adma"},
