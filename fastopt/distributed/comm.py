@@ -26,6 +26,10 @@ def as_communicator(comm) -> Communicator:
             and isinstance(comm, sys.modules["torch.distributed"].ProcessGroup)):
         from fastopt.distributed.comm_torch import TorchCommunicator
         return TorchCommunicator(None if getattr(comm, "__name__", None) == "torch.distributed" else comm)
+    dist = sys.modules.get("torch.distributed")
+    if type(comm) is int and comm == getattr(getattr(dist, "GroupMember", None), "NON_GROUP_MEMBER", None):
+        raise ValueError("comm: this process is not a member of the process group (torch.distributed.new_group "
+                         "gives GroupMember.NON_GROUP_MEMBER on the ranks it leaves out)")
     if "nccl" in module and type(comm).__name__ == "NcclCommunicator":
         from fastopt.distributed.comm_nccl import NcclCommunicator
         return NcclCommunicator(comm)

@@ -134,6 +134,11 @@ def _resolve_optimizer(name_or_class):
     elif isinstance(name_or_class, type) and (name_or_class.__module__ or "").startswith("fastopt.torch") and \
             name_or_class.__name__ in _BY_CLASS_NAME:  # fastopt.torch's classes carry the registry's class names
         spec = _BY_CLASS_NAME[name_or_class.__name__]
+    elif isinstance(name_or_class, type) and (name_or_class.__module__ or "").startswith("fastopt"):
+        # the composite classes (Adafactor, Muon, SparseAdam, LBFGS): not in the registry
+        raise ValueError(f"ShardedOptimizer does not support {name_or_class.__module__}.{name_or_class.__name__}: it "
+                         f"shards the registry's optimizers ({', '.join(REGISTRY)}), whose update a rank can apply "
+                         f"to its pieces of the tensors; this one reads whole tensors")
     else:
         raise TypeError(f"name_or_class must be a registry name ({', '.join(REGISTRY)}) or a fastopt optimizer "
                         f"class, got {name_or_class!r}")
@@ -141,6 +146,24 @@ def _resolve_optimizer(name_or_class):
     if reason is not None:
         raise ValueError(f"ShardedOptimizer does not support {spec.name!r}: {reason}")
     return spec, getattr(optim, spec.class_name)
+
+
+def _numpy_keywords(spec, name_or_class, hyperparameters: dict) -> dict:
+    """A fastopt.torch class's keywords as the NumPy class takes them: torch's tuples (spec.torch_groups: Rprop's
+    etas and step_sizes, Adan's three betas) spread into the registry's names, then beta1 and beta2 as betas."""
+    if not (isinstance(name_or_class, type) and (name_or_class.__module__ or "").startswith("fastopt.torch")):
+        return hyperparameters
+    out = dict(hyperparameters)
+    for key, names in spec.torch_groups.items():
+        if key not in out:
+            continue
+        value = out.pop(key)
+        if not isinstance(value, (tuple, list)) or len(value) != len(names):
+            raise ValueError(f"{key} must be a tuple of {len(names)} numbers {names}, got {value!r}")
+        out.update(zip(names, value))
+    if "beta1" in out and "beta2" in out:
+        out["betas"] = (out.pop("beta1"), out.pop("beta2"))
+    return out
 
 
 def _param_list(params) -> list:
@@ -262,6 +285,7 @@ class ShardedOptimizer:
         params' views in the engine's type."""
         comm = self.comm
         spec, cls = _resolve_optimizer(name_or_class)
+        hyperparameters = _numpy_keywords(spec, name_or_class, hyperparameters)
         params = _param_list(params)
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, numbers.Integral) or bucket_bytes < 1:
             raise ValueError(f"Invalid bucket_bytes: {bucket_bytes!r} (a positive number of bytes)")

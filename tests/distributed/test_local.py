@@ -120,6 +120,35 @@ def test_a_param_whose_elements_share_memory_is_refused_on_every_rank(make, over
     assert np.array_equal(param, before - grad)
 
 
+def test_fastopt_torch_classes_take_their_own_keywords():
+    """A fastopt.torch class is configured with its own (torch's) keywords: Rprop's etas and step_sizes, Adan's
+    three betas; the same hyperparameters as the NumPy class's keywords give."""
+    ft = pytest.importorskip("fastopt.torch")
+    for cls, torch_kw, numpy_kw in [
+            (ft.Rprop, {"etas": (0.4, 1.1), "step_sizes": (1e-5, 10.0)},
+             {"etaminus": 0.4, "etaplus": 1.1, "step_size_min": 1e-5, "step_size_max": 10.0}),
+            (ft.Adan, {"betas": (0.9, 0.8, 0.95)}, {"betas": (0.9, 0.8), "beta3": 0.95}),
+            (ft.Adam, {"betas": (0.8, 0.99)}, {"betas": (0.8, 0.99)})]:
+        theirs = ShardedOptimizer(cls, _params(), COMM, lr=0.1, **torch_kw)
+        ours = ShardedOptimizer(cls.__name__.lower(), _params(), COMM, lr=0.1, **numpy_kw)
+        assert theirs.hyperparameters == ours.hyperparameters
+    with pytest.raises(ValueError, match=r"betas must be a tuple of 3 numbers \('beta1', 'beta2', 'beta3'\)"):
+        ShardedOptimizer(ft.Adan, _params(), COMM, lr=0.1, betas=(0.9, 0.9))
+
+
+@pytest.mark.parametrize("name", ["Adafactor", "Muon", "SparseAdam", "LBFGS"])
+def test_a_composite_class_is_refused_with_the_reason(name):
+    with pytest.raises(ValueError, match=f"does not support fastopt.*{name}: it shards the registry's optimizers"):
+        ShardedOptimizer(getattr(fastopt, name), _params(), COMM, lr=0.1)
+
+
+def test_a_rank_outside_a_torch_subgroup_is_told_so():
+    """torch.distributed.new_group gives its non-members an int sentinel, not a group: named as such."""
+    dist = pytest.importorskip("torch.distributed")
+    with pytest.raises(ValueError, match="this process is not a member of the process group"):
+        ShardedOptimizer("adam", _params(), dist.GroupMember.NON_GROUP_MEMBER, lr=0.1)
+
+
 def test_grads_given_as_the_optimizers_own_views_in_another_order():
     """opt.grads passed in another order (each a view of another param's place in the send buffer): every
     gradient is read before any is packed, so each param gets the gradient at its position in the list."""
