@@ -11,7 +11,7 @@ the multiply-add, so its results can differ by one ulp), SWA is `average + (para
 update). `averages` is written, `params` only read; both are one array or equal-length lists (one launch),
 on any backend, with the functional API's contract: every check (hyperparameter, kinds, dtypes, shapes,
 layout, writability, memory overlap) runs before the first write. `ema_decay` is the warm-up schedule of
-EMA models (timm's ModelEmaV3, TensorFlow's ExponentialMovingAverage num_updates).
+EMA models (TensorFlow's ExponentialMovingAverage with num_updates).
 """
 from __future__ import annotations
 
@@ -43,11 +43,13 @@ def _decay(decay) -> float:
 
 def _count(n_averaged) -> int:
     """A count of averaged models: an int, or a 0-d integer array/tensor (AveragedModel.n_averaged)."""
+    given = n_averaged
     if hasattr(n_averaged, "shape") and getattr(n_averaged, "shape", None) == () and hasattr(n_averaged, "item"):
         n_averaged = n_averaged.item()  # a 0-d NumPy/CuPy array or torch tensor
     if isinstance(n_averaged, (bool, np.bool_)) or not isinstance(n_averaged, numbers.Integral):
+        kind = type(given).__name__ + (f" of dtype {given.dtype}" if given is not n_averaged else "")
         raise TypeError(f"n_averaged must be an integer (the number of models averaged so far), got "
-                        f"{shown(n_averaged)} ({type(n_averaged).__name__})")
+                        f"{shown(n_averaged)} ({kind})")
     n = int(n_averaged)
     if not 0 <= n < 2 ** 53:  # n + 1 exact in float64
         raise ValueError(f"Invalid n_averaged: {shown(n)} (a count in [0, 2**53))")
@@ -131,8 +133,8 @@ def swa_update(averages: Arrays, params: Arrays, n_averaged: int, *, backend: st
 def ema_decay(step: int, decay: float = 0.9999, *, warmup: bool = True) -> float:
     """The decay to pass to ema_update at update number `step` (1-based) of an EMA model with target
     `decay`: min(decay, (1 + step) / (10 + step)) with warm-up (TensorFlow's ExponentialMovingAverage with
-    num_updates, timm's ModelEmaV3 default), so early averages follow the model instead of its random
-    initialization; `decay` itself without."""
+    num_updates), so early averages follow the model instead of its random initialization; `decay` itself
+    without."""
     value = _decay(decay)
     warmup = as_bool("warmup", warmup)
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):

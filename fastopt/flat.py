@@ -10,10 +10,15 @@ With many small arrays this removes the per-array work of a multi-tensor call (v
 table, chunking). The arrays are copied into the buffer once; the views then share its memory, so
 updating flat.params updates every view. NumPy or CuPy, chosen from the arrays' type.
 
-One difference to the list path: LAMB and LARS compute their trust ratios per array, so on a flat buffer
-they use one ratio for the whole buffer (that is "LAMB with a single layer"; LARS's exclude_1d, which reads
-each param's ndim, sees one 1-D buffer: pass exclude_1d=False there, or use the list path); the other
-optimizers are element-wise and give the same result either way.
+The registry's element-wise optimizers, in float32, float64 or 16-bit params (Kahan and 16-bit state
+included), give the same result either way, bit for bit. Where the step reads more than one element, or an
+element's place in its array, a flat buffer is one array and the result differs from the list path:
+- LAMB and LARS compute their trust ratios per array: one ratio for the whole buffer ("LAMB with a single
+  layer"; LARS's exclude_1d, which reads each param's ndim, sees one 1-D buffer: pass exclude_1d=False there,
+  or use the list path);
+- state_dtype="int8" keeps one scale per block of 256 elements, and on the buffer a block spans arrays;
+- stochastic_rounding=True draws by each element's index in its array, which the buffer renumbers;
+- Adafactor factors only params of two or more dims (the buffer is 1-D: unfactored); Muon refuses it.
 """
 from __future__ import annotations
 
@@ -53,7 +58,8 @@ class FlatParams:
                                 f"{type(g).__module__}.{type(g).__name__}")
             if tuple(g.shape) != tuple(dst.shape):
                 raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}, expected {tuple(dst.shape)}")
-            if g.dtype != dst.dtype and not (is_16bit(g.dtype) and is_16bit(dst.dtype)) and (
+            # (bfloat16, ml_dtypes' kind "V", casts to float32 and float64 exactly: taken like float16)
+            if g.dtype != dst.dtype and not (is_16bit(g.dtype) and (is_16bit(dst.dtype) or dst.dtype.kind == "f")) and (
                     g.dtype.kind not in "fiu" or not np.can_cast(g.dtype, dst.dtype, "same_kind")):
                 raise TypeError(f"grads[{i}] has dtype {g.dtype}, which does not cast to the buffer's {dst.dtype}")
         # a grad in the buffer's own memory (grad_views in another order, a slice of grad) is read before

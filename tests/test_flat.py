@@ -99,6 +99,17 @@ def test_set_grads_checks_every_grad_before_the_first_copy(rng, bad, error, word
     assert flat.grad.tolist() == [1.0] * 6 + [0.0, 1.0, 2.0]
 
 
+@pytest.mark.parametrize("buffer", [np.float32, np.float64])
+def test_bfloat16_grads_copy_into_a_wider_buffer_exactly(buffer, rng):
+    """A bfloat16 model's grads into a float32 (or float64) master buffer: the cast is exact, taken as float16's
+    (bfloat16 is ml_dtypes' kind 'V': it was refused as "does not cast")."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    flat = fastopt.flatten([np.zeros((2, 3), buffer), np.zeros(5, buffer)])
+    grads = [rng.standard_normal(s).astype(ml_dtypes.bfloat16) for s in ((2, 3), (5,))]
+    flat.set_grads(grads)
+    assert flat.grad.tobytes() == np.concatenate([g.astype(buffer).ravel() for g in grads]).tobytes()
+
+
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
 def test_16bit_params_flatten_and_step_as_the_list(dtype_name, rng):
     """bfloat16 (ml_dtypes) and float16 params are params everywhere else, so flatten packs them too; float32

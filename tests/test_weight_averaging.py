@@ -160,6 +160,8 @@ def _bad_calls(rng):
     yield "n bool", lambda: fastopt.swa_update(a64, p64, False), TypeError, "n_averaged"
     yield "n huge", lambda: fastopt.swa_update(a64, p64, 2 ** 53), ValueError, "n_averaged"
     yield "n array", lambda: fastopt.swa_update(a64, p64, np.array([1, 2])), TypeError, "n_averaged"
+    yield "n 0-d float", lambda: fastopt.swa_update(a64, p64, np.array(3.0)), TypeError, \
+        "so far), got 3.0 (ndarray of dtype float64)"
     yield "dtypes", lambda: fastopt.ema_update(a64, p32, 0.9), TypeError, "params"
     yield "shapes", lambda: fastopt.ema_update(a64, big, 0.9), ValueError, "params"
     yield "read-only averages", lambda: fastopt.ema_update(ro, p64, 0.9), ValueError, "averages"
