@@ -8,6 +8,7 @@ memory); 130 interrupted (Ctrl-C). Every JSON file or --json output is strict JS
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -177,6 +178,18 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`| head`): stop quietly, as a piped tool does
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, the code of a tool the signal ended
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is still buffered at exit raises nothing more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # (a stdout without a file descriptor: nothing to flush there)
+        pass
 
 
 if __name__ == "__main__":

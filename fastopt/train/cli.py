@@ -11,6 +11,7 @@ naming the option and the value); a run whose loss becomes NaN/Inf stops there a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fastopt.cli_args import (RunError, UsageError, check_output_path, dumps, fmt, integer, listing, optimizer_names,
@@ -202,6 +203,9 @@ def _check_inputs(args, *, plot=None):
         check_output_path("--out", args.out)
     if plot is not None:
         check_output_path("--plot", plot)
+        if args.out and _same_file(args.out, plot):  # the JSON would be written over the plot
+            raise UsageError(f"--out {args.out} is the plot's file too (--plot {plot}); give the JSON another "
+                             f"name, or pass --no-plot")
         from fastopt.train.plots import check_plot_path
         try:
             check_plot_path(plot)
@@ -209,6 +213,10 @@ def _check_inputs(args, *, plot=None):
             raise UsageError(f"--plot {e}") from None
         except ImportError as e:  # the plot is on by default: say how to go without it
             raise UsageError(f"--plot {plot}: {e}, or pass --no-plot") from None
+
+
+def _same_file(a, b) -> bool:
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
 
 def _load(experiment):

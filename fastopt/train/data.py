@@ -110,18 +110,28 @@ def _sklearn(loader_name):
 
 
 def read_idx(path):
-    """One IDX file (optionally .gz) as a NumPy array: magic (0, 0, dtype code, ndim), big-endian dims."""
+    """One IDX file (optionally .gz) as a NumPy array: magic (0, 0, dtype code, ndim), big-endian dims.
+    A file that cannot be read or is not a whole IDX file is a ValueError naming it and what is wrong."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # a directory, no permission, a cut or non-gzip .gz (BadGzipFile is an OSError)
+        raise ValueError(f"{path} cannot be read: {type(e).__name__}: {e}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path} is not an IDX file (bad magic number)")
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if raw[2] not in dtypes:
         raise ValueError(f"{path}: unknown IDX element type 0x{raw[2]:02x}")
     ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=dtypes[raw[2]], offset=4 + 4 * ndim)
+    start = 4 + 4 * ndim
+    if len(raw) < start:
+        raise ValueError(f"{path}: the header is cut short ({len(raw)} bytes, {ndim} dims need {start})")
+    dims = struct.unpack(f">{ndim}I", raw[4:start])
+    itemsize = np.dtype(dtypes[raw[2]]).itemsize
+    if (len(raw) - start) % itemsize:
+        raise ValueError(f"{path}: {len(raw) - start} bytes of data are not a whole number of {itemsize}-byte elements")
+    data = np.frombuffer(raw, dtype=dtypes[raw[2]], offset=start)
     if data.size != int(np.prod(dims)):
         raise ValueError(f"{path}: header says {dims} but holds {data.size} elements")
     return data.reshape(dims)
@@ -135,8 +145,23 @@ def _find_idx(directory, stem):
     return None
 
 
-def _flatten_images(images):
-    return images.reshape(images.shape[0], -1).astype(np.float64) / 255.0
+def _images(path):
+    """An IDX file of images (n, rows, cols) as n rows of pixels scaled to [0, 1]."""
+    images = read_idx(path)
+    if images.ndim != 3:
+        raise ValueError(f"{path}: holds an array of shape {images.shape}, expected images (count, rows, cols)")
+    return images.reshape(images.shape[0], images.shape[1] * images.shape[2]).astype(np.float64) / 255.0
+
+
+def _labels(path):
+    """An IDX file of digit labels (n,), each in 0..9."""
+    labels = read_idx(path)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(f"{path}: holds an array of shape {labels.shape} and dtype {labels.dtype}, expected "
+                         f"integer labels (count,)")
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) > 9):
+        raise ValueError(f"{path}: the labels go from {int(labels.min())} to {int(labels.max())} (digits are 0-9)")
+    return labels.astype(np.int64)
 
 
 def mnist_files(path):
@@ -160,14 +185,16 @@ def _mnist(path=None, **_):
     """MNIST from its four IDX files in `path` (plain or .gz), pixels scaled to [0, 1]. Returns the
     official test set separately: it stays the test split."""
     files = mnist_files(path)
-    X_train, y_train = _flatten_images(read_idx(files["train_images"])), read_idx(files["train_labels"])
-    X_test, y_test = _flatten_images(read_idx(files["test_images"])), read_idx(files["test_labels"])
+    X_train, y_train = _images(files["train_images"]), _labels(files["train_labels"])
+    X_test, y_test = _images(files["test_images"]), _labels(files["test_labels"])
     if len(X_train) != len(y_train) or len(X_test) != len(y_test):
         raise ValueError(f"mnist: image and label counts differ in {path!r}")
-    for name, y in (("train", y_train), ("test", y_test)):
-        if y.size and int(y.max()) > 9:  # uint8: never below 0
-            raise ValueError(f"mnist: the {name} labels in {path!r} go up to {int(y.max())} (digits are 0-9)")
-    return (X_train, y_train.astype(np.int64)), (X_test, y_test.astype(np.int64)), 10
+    if not len(X_train) or not len(X_test):
+        raise ValueError(f"mnist: the {'train' if not len(X_train) else 'test'} files in {path!r} hold no images")
+    if X_train.shape[1] != X_test.shape[1]:
+        raise ValueError(f"mnist: the train images have {X_train.shape[1]} pixels, the test images "
+                         f"{X_test.shape[1]} ({path!r})")
+    return (X_train, y_train), (X_test, y_test), 10
 
 
 SOURCES = {

@@ -347,3 +347,27 @@ def test_train_prints_numbers_with_sensible_precision(capsys):
     code, out, _ = run_cli(capsys, "train", "-d", "diabetes", "--epochs", "3", "--no-progress", "--no-plot")
     assert code == 0 and "mse" in out
     assert not re.search(r"\d{12,}", out)
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_out_on_the_plots_file_is_refused_up_front(capsys, tmp_path, monkeypatch, command):
+    """--out naming the plot's file (the default plot name, or the same --plot) wrote the JSON over the plot
+    after both had been reported written; now a usage error before anything runs."""
+    monkeypatch.chdir(tmp_path)
+    default = f"fastopt-{command}.png"
+    for extra in ([], ["--plot", str(tmp_path / default)]):
+        code, out, err = run_cli(capsys, command, "-d", "wine", "--epochs", "1", "--no-progress", "--out", default,
+                                 *extra)
+        assert_usage_error(code, out, err, f"--out {default} is the plot's file too")
+        assert not (tmp_path / default).exists()
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    """`fastopt info | head -1`: the pipe closes under our output; exit 141 (as a tool SIGPIPE ends), no
+    BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "fastopt", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

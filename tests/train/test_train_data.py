@@ -87,9 +87,54 @@ def test_mnist_labels_outside_0_to_9_are_refused(tmp_path, which):
         if name == which:
             labels[n // 2] = 200
         _write_idx(tmp_path / f"{name}-labels-idx1-ubyte", labels)
-    split = "train" if which == "train" else "test"
-    with pytest.raises(ValueError, match=f"mnist: the {split} labels in .* go up to 200 \\(digits are 0-9\\)"):
+    with pytest.raises(ValueError, match=f"{which}-labels-idx1-ubyte: the labels go from 0 to 200 \\(digits are 0-9\\)"):
         load_dataset("mnist", path=str(tmp_path))
+
+
+def _damage(tmp_path, what):
+    """The four MNIST files, one of them damaged as `what` says; returns the damaged file's name."""
+    rng = np.random.default_rng(2)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (30, 28, 28)), gz=True)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(30) % 10)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (10, 28, 28)))
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(10) % 10)
+    gz, labels, images = (tmp_path / n for n in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte",
+                                                   "t10k-images-idx3-ubyte"))
+    if what == "cut gzip":
+        gz.write_bytes(gz.read_bytes()[:100])
+    elif what == "not gzip":
+        gz.write_bytes(b"no gzip here")
+    elif what == "cut header":
+        labels.write_bytes(labels.read_bytes()[:6])
+    elif what == "a directory":
+        labels.unlink()
+        labels.mkdir()
+    elif what == "no dims":
+        labels.write_bytes(bytes([0, 0, 8, 0, 7]))
+    elif what == "negative labels":
+        labels.write_bytes(struct.pack(">BBBBI", 0, 0, 0x09, 1, 10) + np.full(10, -1, np.int8).tobytes())
+    elif what == "ragged int32":
+        labels.write_bytes(struct.pack(">BBBBI", 0, 0, 0x0C, 1, 10) + bytes(41))
+    elif what == "other image size":
+        _write_idx(images, rng.integers(0, 256, (10, 20, 20)))
+        return "the test images 400"
+    elif what == "no test images":
+        _write_idx(images, np.zeros((0, 28, 28)))
+        _write_idx(labels, np.zeros(0))
+        return "the test files in"
+    return gz.name if "gzip" in what else labels.name
+
+
+@pytest.mark.parametrize("what", ["cut gzip", "not gzip", "cut header", "a directory", "no dims", "negative labels",
+                                  "ragged int32", "other image size", "no test images"])
+def test_a_damaged_mnist_file_is_a_value_error_naming_it(tmp_path, what):
+    """Each used to end in a traceback of another kind (EOFError, BadGzipFile, struct.error, IsADirectoryError,
+    IndexError; negative labels trained and crashed in the metrics); now a ValueError that names the file, which
+    the CLI reports as a usage error (exit 2)."""
+    named = _damage(tmp_path, what)
+    with pytest.raises(ValueError) as info:
+        load_dataset("mnist", path=str(tmp_path))
+    assert named in str(info.value), str(info.value)
 
 
 def test_mnist_missing_files_error_names_them(tmp_path):
