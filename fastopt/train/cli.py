@@ -40,7 +40,10 @@ def _opt_item(text):
     return key, value
 
 
-def _add_common(p, *, optimizer=True):
+def _add_common(p, *, optimizer=True, search=False):
+    """The options train, compare and search share (search: --lr, --batch-size and --weight-decay are parsed only to
+    point at the ranges it samples them from, so its help leaves them out)."""
+    sampled = {"help": argparse.SUPPRESS} if search else {}
     data = p.add_argument_group("data and model")
     data.add_argument("--dataset", "-d", choices=DATASETS, default="digits")
     data.add_argument("--data-path", default=None, help="mnist: directory with the four IDX files (or .gz)")
@@ -60,15 +63,15 @@ def _add_common(p, *, optimizer=True):
     if optimizer:
         t.add_argument("--optimizer", "-o", choices=list(all_optimizer_names()), default=None)
     t.add_argument("--lr", type=real("learning rate", low=0.0), default=None,
-                   help="learning rate (default: the data set's tuned rate, scaled per optimizer)")
+                   **(sampled or {"help": "learning rate (default: the data set's tuned rate, scaled per optimizer)"}))
     t.add_argument("--momentum", type=real("momentum", low=0.0), default=None)
-    t.add_argument("--weight-decay", type=real("weight decay", low=0.0), default=None)
+    t.add_argument("--weight-decay", type=real("weight decay", low=0.0), default=None, **sampled)
     t.add_argument("--betas", type=listing(real("beta", low=0.0, high=1.0, high_open=True), "betas", length=2),
                    default=None, help="beta1,beta2, each in [0, 1)")
     t.add_argument("--opt", type=_opt_item, action="append", default=[], metavar="KEY=VALUE",
                    help="any other optimizer hyperparameter (repeatable), e.g. --opt nesterov=true")
     t.add_argument("--epochs", type=integer("number of epochs", low=1), default=None)
-    t.add_argument("--batch-size", type=integer("batch size", low=1), default=None)
+    t.add_argument("--batch-size", type=integer("batch size", low=1), default=None, **sampled)
     t.add_argument("--schedule", choices=SCHEDULES, default=None)
     t.add_argument("--clip-grad-norm", type=real("clip_grad_norm", low=0.0, low_open=True), default=None,
                    help="clip the gradient's global norm to this (> 0)")
@@ -79,7 +82,9 @@ def _add_common(p, *, optimizer=True):
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print JSON instead of tables")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
-    out.add_argument("--out", default=None, help="also write the JSON result to this file (its directory must exist)")
+    out.add_argument("--out", default=None, help=(
+        "write the JSON result to this file (default fastopt-search.json; its directory must exist)" if search else
+        "also write the JSON result to this file (its directory must exist)"))
 
 
 def _hyper(name, key):
@@ -426,7 +431,7 @@ def add_commands(sub) -> None:
     compare.set_defaults(func=_cmd_compare, _parser=compare)
 
     search = sub.add_parser("search", help="hyperparameter search (grid, random, Optuna TPE)")
-    _add_common(search)
+    _add_common(search, search=True)
     search.add_argument("--method", choices=["grid", "random", "tpe"], default="random",
                         help="tpe needs Optuna")
     search.add_argument("--trials", type=integer("number of trials", low=1), default=20,

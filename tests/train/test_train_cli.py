@@ -371,3 +371,14 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_search_help_offers_what_search_takes(capsys):
+    """search refuses --lr, --batch-size and --weight-decay (it samples them from its ranges): its help no longer
+    offers them, and says where the result goes without --out."""
+    code, out, err = run_cli(capsys, "search", "--help")
+    assert code == 0
+    for refused in ("--lr ", "--batch-size ", "--weight-decay "):
+        assert refused not in out, refused
+    assert "--lr-range" in out and "--batch-sizes" in out and "--weight-decays" in out
+    assert "default fastopt-search.json" in " ".join(out.split()).replace("- ", "-")  # (argparse wraps at a hyphen)
