@@ -131,6 +131,11 @@ def _requested_options(args):
         items.append(("weight_decay", args.weight_decay, "--weight-decay"))
     if args.betas is not None:
         items += [("beta1", args.betas[0], "--betas"), ("beta2", args.betas[1], "--betas")]
+    given = {}
+    for key, _, source in items:  # one value per hyperparameter: two options for one key is a usage error
+        if key in given and given[key] != source:
+            raise UsageError(f"{source} and {given[key]} both set {key}; give it once")
+        given.setdefault(key, source)
     return items
 
 

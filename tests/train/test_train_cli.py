@@ -382,3 +382,15 @@ def test_search_help_offers_what_search_takes(capsys):
         assert refused not in out, refused
     assert "--lr-range" in out and "--batch-sizes" in out and "--weight-decays" in out
     assert "default fastopt-search.json" in " ".join(out.split()).replace("- ", "-")  # (argparse wraps at a hyphen)
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+@pytest.mark.parametrize("argv, words", [
+    (["--opt", "weight_decay=0.1", "--weight-decay", "0.2"], "--weight-decay and --opt weight_decay=0.1 both set"),
+    (["--betas", "0.9,0.99", "--opt", "beta1=0.5"], "--betas and --opt beta1=0.5 both set beta1"),
+    (["--opt", "eps=1e-6", "--opt", "eps=1e-7"], "--opt eps=1e-7 and --opt eps=1e-6 both set eps"),
+])
+def test_one_hyperparameter_set_twice_is_a_usage_error(capsys, command, argv, words):
+    """Two options for one hyperparameter were resolved silently (the dedicated option won, whatever the order)."""
+    code, out, err = run_cli(capsys, command, "-d", "wine", "--epochs", "1", "--no-progress", "--no-plot", *argv)
+    assert_usage_error(code, out, err, words)
