@@ -175,20 +175,22 @@ def _experiment(args, optimizer=None, options=None):
                             hidden_sizes=args.hidden, activation=args.activation, dropout=args.dropout,
                             init=args.init, l1=args.l1, l2=args.l2, dtype=args.dtype, device=args.device,
                             train=config)
+    named = f"-o {optimizer}" if getattr(args, "optimizer", None) else optimizer  # (compare has no -o)
     _check_experiment(experiment, [source for key, _, source in _requested_options(args)
-                                   if key in config.optimizer_options])
+                                   if key in config.optimizer_options], named)
     return experiment
 
 
-def _check_experiment(experiment, sources=()):
+def _check_experiment(experiment, sources=(), named=None):
     """Everything the run would reject, as a usage error, before data is loaded. `sources`: the options
-    that set optimizer hyperparameters (named when their combination is invalid)."""
+    that set optimizer hyperparameters (named when their combination is invalid); `named`: how the message
+    names the optimizer (train: its -o option)."""
     c = experiment.train
     try:
         c.check()
     except (TypeError, ValueError) as e:
         given = f" with {', '.join(dict.fromkeys(sources))}" if sources else ""
-        raise UsageError(f"-o {c.optimizer}{given}: {e}") from None
+        raise UsageError(f"{named or c.optimizer}{given}: {e}") from None
     try:
         experiment.check()
     except (TypeError, ValueError) as e:
@@ -244,6 +246,12 @@ def _divergence_message(name, lr, divergence):
             f"lower --lr (e.g. --lr {lr / 10:g}) or {remedy}")
 
 
+def _batch_text(optimizer, batch_size, n_train):
+    """The batch an optimizer trains with, as the tables show it: "full" for the whole training set (L-BFGS
+    always; another optimizer whose batch size reaches the set's size)."""
+    return "full" if optimizer == "lbfgs" or batch_size >= n_train else batch_size
+
+
 def _write_out(path, payload):
     if path:
         write_json(path, payload)
@@ -283,7 +291,7 @@ def _cmd_train(args):
         print(data.summary())
         print(f"model: {model.describe()}   device: {experiment.device}   dtype: {experiment.dtype}")
         print(f"optimizer: {c.optimizer} lr={c.resolved_lr():g} {c.optimizer_options or ''}  schedule: {c.schedule}  "
-              f"batch: {c.batch_size}  clip: {c.clip_grad_norm}")
+              f"batch: {_batch_text(c.optimizer, c.batch_size, len(data.y_train))}  clip: {c.clip_grad_norm}")
     if failure:
         raise RunError(failure)
     if args.json:
@@ -354,7 +362,7 @@ def _cmd_compare(args):
             h = r["history"]
             ms = r["train_seconds"] / max(r["epochs_run"], 1) * 1e3
             # the batch each optimizer trained with (Rprop on digits: the full set; L-BFGS: always)
-            batch = "full" if name == "lbfgs" or run["batch_size"] >= len(data.y_train) else run["batch_size"]
+            batch = _batch_text(name, run["batch_size"], len(data.y_train))
             if r["diverged"]:
                 print(f"{name:>{w}} {run['lr']:>9.3g} {batch:>6}   diverged: {describe_divergence(r['divergence'])}")
                 continue

@@ -212,7 +212,7 @@ def test_search_bad_options_are_usage_errors(capsys, tmp_path, monkeypatch, argv
     (["--optimizers", "sgd,foo"], ["--optimizers", "'foo'"]),
     (["--optimizers", ""], ["--optimizers"]),
     (["--optimizers", "adam,lion", "--opt", "nesterov=true"], ["--opt nesterov=true", "none of adam, lion"]),
-    (["--optimizers", "adam,sgd", "--opt", "nesterov=true"], ["-o sgd with --opt nesterov=true"]),
+    (["--optimizers", "adam,sgd", "--opt", "nesterov=true"], [": error: sgd with --opt nesterov=true"]),
 ])
 def test_compare_bad_options_are_usage_errors(capsys, tmp_path, monkeypatch, argv, fragments):
     monkeypatch.chdir(tmp_path)
@@ -394,3 +394,11 @@ def test_one_hyperparameter_set_twice_is_a_usage_error(capsys, command, argv, wo
     """Two options for one hyperparameter were resolved silently (the dedicated option won, whatever the order)."""
     code, out, err = run_cli(capsys, command, "-d", "wine", "--epochs", "1", "--no-progress", "--no-plot", *argv)
     assert_usage_error(code, out, err, words)
+
+
+def test_train_reports_lbfgs_batch_as_full(capsys):
+    """L-BFGS trains on the whole training set: train's header says "batch: full", as compare's table does."""
+    code, out, err = run_cli(capsys, "train", "-d", "wine", "-o", "lbfgs", "--epochs", "1", "--no-progress",
+                             "--no-plot")
+    assert code == 0, err
+    assert "batch: full" in out
