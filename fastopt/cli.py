@@ -163,7 +163,9 @@ def main(argv=None) -> int:
         return _exit_code(e)
     command = f"fastopt {args.command}"
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at interpreter exit
+        return code
     except UsageError as e:
         try:
             args._parser.error(str(e))  # usage line, "fastopt train: error: ...", exit code 2

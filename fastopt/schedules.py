@@ -184,6 +184,8 @@ class cosine(Schedule):
 def _between(init_value: float, end_value: float, weight: float) -> float:
     """init_value at weight 1, end_value at weight 0 (both exactly, as torch's schedulers start at the base lr),
     the weighted mean between."""
+    if init_value == end_value:  # (the weighted sum of two equal values can round off them)
+        return init_value
     return init_value * weight + end_value * (1.0 - weight)
 
 
@@ -218,12 +220,13 @@ class warmup(Schedule):
         """The wrapped schedule's state (state["schedule"]; {} when it keeps none), checked by it."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict (from state_dict()), got {type(state).__name__}")
-        stateful = getattr(self.schedule, "load_state_dict", None) is not None
-        unknown = sorted(map(repr, set(state) - ({"schedule"} if stateful else set())))
+        saves = getattr(self.schedule, "state_dict", None) is not None  # what state_dict() above writes
+        loads = getattr(self.schedule, "load_state_dict", None) is not None
+        unknown = sorted(map(repr, set(state) - ({"schedule"} if saves else set())))
         if unknown:
             raise ValueError(f"state has the key(s) {', '.join(unknown)}, expected "
-                             f"{'only schedule' if stateful else 'none'} (the state of {self.schedule!r})")
-        if stateful:
+                             f"{'only schedule' if saves else 'none'} (the state of {self.schedule!r})")
+        if saves and loads:
             if "schedule" not in state:
                 raise KeyError(f"state has no 'schedule' (the state of {self.schedule!r})")
             self.schedule.load_state_dict(state["schedule"])

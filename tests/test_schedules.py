@@ -251,6 +251,27 @@ def test_decays_start_at_init_value_and_end_at_end_value_exactly(make):
         assert all(x >= y for x, y in zip(values, values[1:])), (a, b)
 
 
+def test_a_decay_between_equal_values_is_constant():
+    for s in (S.cosine(0.1, 100, 0.1), S.linear(0.3, 0.3, 7), S.polynomial(1e-3, 1e-3, 9, 2.5)):
+        assert len({s(t) for t in range(120)}) == 1, s
+
+
+def test_warmup_round_trips_a_wrapped_schedule_that_loads_but_saves_nothing():
+    """A wrapped schedule with load_state_dict but no state_dict: warmup saves {} for it and takes {} back (the
+    key check must ask what state_dict() writes)."""
+    class Cut(S.constant):
+        def load_state_dict(self, state):
+            raise AssertionError("nothing was saved, nothing to load")
+    w = S.warmup(Cut(0.1), 2)
+    assert w.state_dict() == {}
+    w.load_state_dict(w.state_dict())
+    opt = fastopt.SGD([np.ones(3)], lr=w)
+    opt.step([np.ones(3)])
+    again = fastopt.SGD([np.ones(3)], lr=S.warmup(Cut(0.1), 2))
+    again.load_state_dict(opt.state_dict())
+    assert again.steps() == 1
+
+
 def test_warmup_load_state_dict_checks_the_keys():
     """A warmup around a stateful schedule needs its "schedule" entry; unknown keys are refused; nothing set."""
     inner = S.ReduceLROnPlateau(0.1, patience=0)

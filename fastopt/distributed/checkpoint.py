@@ -216,15 +216,15 @@ def save(opt, path) -> None:
     if failed:
         raise OSError(f"sharded checkpoint {path}: rank(s) {failed} could not write their shard; the previous "
                       f"checkpoint (if any) is intact")
-    hp, schedule, schedule_state = _hp_for_file(opt.hyperparameters, opt.steps)
     files = [{"name": _shard_name(r, world, token), "sha256": bytes(table[r, 1:].astype(np.uint8)).hex()}
              for r in range(world)]
     ok = 1.0
-    if opt.rank == 0:
+    if opt.rank == 0:  # (the schedule's state is read here only: anything it raises fails the save on every rank)
         try:
+            hp, schedule, schedule_state = _hp_for_file(opt.hyperparameters, opt.steps)
             _commit(path, _manifest(opt.spec, layout, hp, schedule, opt.steps, opt.skipped_steps,
                                     list(opt.shard_states()[0]), files, opt.precision, schedule_state))
-        except (OSError, TypeError, ValueError) as e:  # (TypeError: a schedule state JSON cannot hold)
+        except Exception as e:  # noqa: BLE001 (a schedule's state_dict() or a state JSON cannot hold, an OSError)
             error, ok = e, 0.0
     # the manifest exists before any rank returns (a load right after a save sees it)
     committed = comm.all_reduce_sum(np.array([ok if opt.rank == 0 else 0.0]))[0]
@@ -537,6 +537,11 @@ def scatter(file, path, world_size: int, *, bucket_bytes: int | None = None, sta
     meta = sd["fastopt"]
     if len(sd["param_groups"]) != 1:
         _fail(f"{file} has {len(sd['param_groups'])} param groups; a sharded checkpoint has one")
+    schedule = (meta.get("lr_schedules") or [None])[0] or {}  # the file's record of its schedule, if any
+    if not isinstance(schedule, dict) or not isinstance(schedule.get("repr", ""), str) or (
+            schedule.get("state") is not None and schedule.get("repr") is None):
+        _fail(f"{file}: lr_schedules[0] must be null or hold the schedule's repr (a string) and its state, got "
+              f"{schedule!r}")
     spec = get_spec(meta["optimizer"])
     shapes = [tuple(s) for s in meta["param_shapes"]]
     dtypes = [_param_dtype(d) for d in meta["param_dtypes"]]
@@ -578,8 +583,5 @@ def scatter(file, path, world_size: int, *, bucket_bytes: int | None = None, sta
         name = _shard_name(rank, world_size, token)
         _write_bytes(os.path.join(path, name), data)
         files.append({"name": name, "sha256": hashlib.sha256(data).hexdigest()})
-    schedule = (meta.get("lr_schedules") or [None])[0] or {}  # the file's record of its schedule, if any
-    if not isinstance(schedule.get("repr", ""), str):
-        _fail(f"{file}: lr_schedules[0]['repr'] must be a string, got {schedule['repr']!r}")
     _commit(path, _manifest(spec, layout, hp, schedule.get("repr"), exported.steps[0], exported.skipped_steps or 0,
                             names, files, precision, schedule.get("state")))

@@ -98,13 +98,14 @@ from fastopt.distributed.checkpoint import load as load_checkpoint, save as save
 from fastopt.distributed.comm import as_communicator
 from fastopt.distributed.layout import DEFAULT_BUCKET_BYTES, ShardLayout
 from fastopt.schedules import Schedule, is_schedule
-from fastopt.specs import REGISTRY, as_bool, get_spec
+from fastopt.specs import COMPOSITE, REGISTRY, as_bool, get_spec
 
 __all__ = ["ShardedOptimizer", "DEFAULT_BUCKET_BYTES", "unsupported_reason"]
 
 
 
 _BY_CLASS_NAME = {spec.class_name: spec for spec in REGISTRY.values()}
+_COMPOSITE_CLASS_NAMES = {spec.class_name for spec in COMPOSITE.values()}
 
 
 def unsupported_reason(spec) -> str | None:
@@ -134,8 +135,8 @@ def _resolve_optimizer(name_or_class):
     elif isinstance(name_or_class, type) and (name_or_class.__module__ or "").startswith("fastopt.torch") and \
             name_or_class.__name__ in _BY_CLASS_NAME:  # fastopt.torch's classes carry the registry's class names
         spec = _BY_CLASS_NAME[name_or_class.__name__]
-    elif isinstance(name_or_class, type) and (name_or_class.__module__ or "").startswith("fastopt"):
-        # the composite classes (Adafactor, Muon, SparseAdam, LBFGS): not in the registry
+    elif isinstance(name_or_class, type) and (name_or_class.__module__ or "").startswith("fastopt") and \
+            name_or_class.__name__ in _COMPOSITE_CLASS_NAMES:  # Adafactor, Muon, SparseAdam, LBFGS: not in the registry
         raise ValueError(f"ShardedOptimizer does not support {name_or_class.__module__}.{name_or_class.__name__}: it "
                          f"shards the registry's optimizers ({', '.join(REGISTRY)}), whose update a rank can apply "
                          f"to its pieces of the tensors; this one reads whole tensors")
@@ -201,6 +202,8 @@ def _overlaps_itself(a) -> bool:
     """Whether two elements of `a` may share memory: taken as so unless, with the dims of more than one element
     in order of stride, each stride steps past all the elements of the dims before it (every strided layout
     NumPy, CuPy or torch make by slicing, transposing or permuting does)."""
+    if a.size == 0:  # (NumPy gives an empty array zero strides: nothing to share)
+        return False
     extent = a.itemsize
     for n, s in sorted(((n, abs(s)) for n, s in zip(a.shape, a.strides) if n > 1), key=lambda d: d[1]):
         if s < extent:

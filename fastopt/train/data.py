@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -116,7 +117,7 @@ def read_idx(path):
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:  # a directory, no permission, a cut or non-gzip .gz (BadGzipFile is an OSError)
+    except (OSError, EOFError, zlib.error) as e:  # a directory, no permission, a cut, non-gzip or corrupt .gz
         raise ValueError(f"{path} cannot be read: {type(e).__name__}: {e}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path} is not an IDX file (bad magic number)")

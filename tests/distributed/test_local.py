@@ -96,6 +96,8 @@ def _strided(n, shape, strides):
     (lambda: _strided(8, (3, 4), (8, 4)), True),     # rows overlapping by half
     (lambda: _strided(24, (3, 4), (4, 12)), False),  # interleaved, each element its own
     (lambda: np.zeros((4, 6), np.float32)[::2, 1::2].T, False),  # strided and transposed
+    (lambda: np.zeros((2, 0), np.float32), False),  # empty (NumPy gives it zero strides)
+    (lambda: np.zeros(6, np.float32)[::-2], False),  # a negative stride
 ])
 def test_a_param_whose_elements_share_memory_is_refused_on_every_rank(make, overlapping):
     """A broadcast or overlapping view as a param (its elements would be written over each other when the
@@ -140,6 +142,8 @@ def test_fastopt_torch_classes_take_their_own_keywords():
 def test_a_composite_class_is_refused_with_the_reason(name):
     with pytest.raises(ValueError, match=f"does not support fastopt.*{name}: it shards the registry's optimizers"):
         ShardedOptimizer(getattr(fastopt, name), _params(), COMM, lr=0.1)
+    with pytest.raises(TypeError, match="or a fastopt optimizer class, got <class 'fastopt.schedules.cosine'>"):
+        ShardedOptimizer(fastopt.schedules.cosine, _params(), COMM, lr=0.1)  # a fastopt class, not an optimizer
 
 
 def test_a_rank_outside_a_torch_subgroup_is_told_so():
@@ -367,24 +371,56 @@ def test_a_stateful_schedule_is_restored_by_load_gather_and_scatter(tmp_path):
     assert target_schedule.state_dict() == schedule_before
 
 
-def test_a_schedule_state_json_cannot_hold_fails_the_save_on_every_rank(tmp_path):
-    """A schedule whose state_dict() JSON cannot hold: rank 0 reports it, the other ranks say rank 0 could not
-    write the manifest (none waits for it forever), and no manifest is committed."""
+@pytest.mark.parametrize("odd", ["not JSON", "raises on rank 0", "raises on rank 1"])
+def test_a_schedule_state_that_cannot_be_saved_fails_the_save_on_every_rank(tmp_path, odd):
+    """A schedule whose state_dict() JSON cannot hold, or which raises: rank 0 (the one that reads it and writes
+    the manifest) reports it, the other ranks say rank 0 could not write the manifest (none waits for it
+    forever), and no manifest is committed; the other ranks' schedules are not read at all."""
     class Odd(fastopt.schedules.constant):
+        rank = None
+
         def state_dict(self):
-            return {"when": object()}
+            if odd == "not JSON":
+                return {"when": object()}
+            if odd == f"raises on rank {self.rank}":
+                raise RuntimeError("no state here")
+            return {}
 
     def body(comm):
-        opt = ShardedOptimizer("sgd", _params(), comm, lr=Odd(0.1))
+        schedule = Odd(0.1)
+        schedule.rank = comm.rank
+        opt = ShardedOptimizer("sgd", _params(), comm, lr=schedule)
         opt.step([np.ones_like(p) for p in _params()])
         try:
             opt.save(str(tmp_path / "ck"))
         except Exception as e:  # noqa: BLE001 - compared below
             return e
     errors = run_ranks(2, body)
-    assert isinstance(errors[0], TypeError) and "JSON" in str(errors[0])
+    if odd == "raises on rank 1":
+        assert errors == [None, None] and os.path.exists(tmp_path / "ck" / "manifest.json")
+        return
+    assert isinstance(errors[0], TypeError if odd == "not JSON" else RuntimeError), errors[0]
     assert isinstance(errors[1], OSError) and "rank 0 could not write the manifest" in str(errors[1])
     assert not os.path.exists(tmp_path / "ck" / "manifest.json")
+
+
+@pytest.mark.parametrize("entry", [{"repr": 5, "state": None}, {"state": {"lr": 0.1}}, ["cosine"]])
+def test_scatter_refuses_a_bad_schedule_entry_before_writing_anything(tmp_path, monkeypatch, entry):
+    """The file's record of its lr schedule is checked before the first shard file is written: a repr that is
+    not a string, a state without its repr (which read_manifest would refuse), an entry that is no dict."""
+    opt = fastopt.SGD(_params(), lr=fastopt.schedules.ReduceLROnPlateau(0.1))
+    opt.step([np.ones_like(p) for p in _params()])
+    saved = opt.state_dict
+
+    def patched():
+        sd = saved()
+        sd["fastopt"]["lr_schedules"] = [entry]
+        return sd
+    monkeypatch.setattr(opt, "state_dict", patched)
+    fastopt.save(str(tmp_path / "one.npz"), opt)
+    with pytest.raises(CheckpointError, match=r"lr_schedules\[0\]"):
+        scatter(str(tmp_path / "one.npz"), str(tmp_path / "two"), 2)
+    assert not (tmp_path / "two").exists() or not os.listdir(tmp_path / "two")
 
 
 def _flip(path, name, offset=200):

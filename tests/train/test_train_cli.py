@@ -362,11 +362,15 @@ def test_out_on_the_plots_file_is_refused_up_front(capsys, tmp_path, monkeypatch
         assert not (tmp_path / default).exists()
 
 
-def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+@pytest.mark.parametrize("unbuffered", [False, True])
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path, unbuffered):
     """`fastopt info | head -1`: the pipe closes under our output; exit 141 (as a tool SIGPIPE ends), no
-    BrokenPipeError traceback."""
+    BrokenPipeError traceback, also when the output is still in stdout's buffer when the command is done."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen([sys.executable, "-m", "fastopt", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            env=env)
     proc.stdout.close()  # the reader is gone before the first line
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err

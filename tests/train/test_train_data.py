@@ -102,6 +102,10 @@ def _damage(tmp_path, what):
                                                    "t10k-images-idx3-ubyte"))
     if what == "cut gzip":
         gz.write_bytes(gz.read_bytes()[:100])
+    elif what == "corrupt gzip":  # the gzip header intact, the deflate data not (zlib.error)
+        data = bytearray(gz.read_bytes())
+        data[20:60] = bytes(40)
+        gz.write_bytes(bytes(data))
     elif what == "not gzip":
         gz.write_bytes(b"no gzip here")
     elif what == "cut header":
@@ -125,7 +129,7 @@ def _damage(tmp_path, what):
     return gz.name if "gzip" in what else labels.name
 
 
-@pytest.mark.parametrize("what", ["cut gzip", "not gzip", "cut header", "a directory", "no dims", "negative labels",
+@pytest.mark.parametrize("what", ["cut gzip", "corrupt gzip", "not gzip", "cut header", "a directory", "no dims", "negative labels",
                                   "ragged int32", "other image size", "no test images"])
 def test_a_damaged_mnist_file_is_a_value_error_naming_it(tmp_path, what):
     """Each used to end in a traceback of another kind (EOFError, BadGzipFile, struct.error, IsADirectoryError,
