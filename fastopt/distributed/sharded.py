@@ -91,6 +91,7 @@ import numbers
 import numpy as np
 
 from fastopt import functional, optim, reference
+from fastopt.arrays import no_self_overlap
 from fastopt.backends.dispatch import backend_for
 from fastopt.precision import QUANT_BLOCK, QuantizedState, is_16bit
 from fastopt.clip import clip_coefficient, global_norm
@@ -196,20 +197,6 @@ def _byte_range(a) -> tuple[int, int]:
     span = sum((n - 1) * abs(s) for n, s in zip(a.shape, a.strides)) + a.itemsize if a.size else 0
     low = start + sum((n - 1) * s for n, s in zip(a.shape, a.strides) if s < 0) if a.size else start
     return low, low + span
-
-
-def _overlaps_itself(a) -> bool:
-    """Whether two elements of `a` may share memory: taken as so unless, with the dims of more than one element
-    in order of stride, each stride steps past all the elements of the dims before it (every strided layout
-    NumPy, CuPy or torch make by slicing, transposing or permuting does)."""
-    if a.size == 0:  # (NumPy gives an empty array zero strides: nothing to share)
-        return False
-    extent = a.itemsize
-    for n, s in sorted(((n, abs(s)) for n, s in zip(a.shape, a.strides) if n > 1), key=lambda d: d[1]):
-        if s < extent:
-            return True
-        extent = s * (n - 1) + extent
-    return False
 
 
 def _address(a) -> int:
@@ -341,7 +328,7 @@ class ShardedOptimizer:
                 raise TypeError(f"params[{i}] has dtype {v.dtype}; the optimizer updates floating-point arrays")
             if _is_numpy(v) and not v.flags.writeable:
                 raise ValueError(f"params[{i}] is read-only")
-            if _overlaps_itself(v):
+            if not no_self_overlap(v):
                 raise ValueError(f"params[{i}] has elements that share memory (shape {tuple(v.shape)}, strides "
                                  f"{tuple(v.strides)}: a broadcast or overlapping view); each element must have "
                                  f"memory of its own (pass a copy)")
