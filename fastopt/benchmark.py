@@ -164,11 +164,7 @@ class Case:
 
     def _add_torch(self, spec, n, rng):
         import torch
-        kw = dict(self.hp)
-        # torch's tuple-valued keys (betas; Rprop's etas and step_sizes) from the registry's names
-        groups = getattr(spec, "torch_groups", None) or ({"betas": ("beta1", "beta2")} if "beta1" in kw else {})
-        for key, names in groups.items():
-            kw[key] = tuple(kw.pop(name) for name in names)
+        kw = spec.torch_keywords(self.hp)
         cls = getattr(torch.optim, spec.torch_class)
         modes = [("torch-foreach", {"foreach": True})]
         if spec.torch_class in TORCH_FUSED_CPU:

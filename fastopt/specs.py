@@ -363,6 +363,23 @@ class OptimizerSpec:
         betas = tuple(n for n in names if n.startswith("beta") and n[4:].isdigit())
         return {**({"betas": betas} if betas else {}), **self.torch_tuples}
 
+    def class_keywords(self, values: Mapping) -> dict:
+        """Registry-named values as the NumPy class's keywords: beta1 and beta2 as betas=(beta1, beta2)
+        when both are given (the classes take torch's pair; Adan's beta3 stays its own keyword)."""
+        out = dict(values)
+        if "beta1" in out and "beta2" in out:
+            out["betas"] = (out.pop("beta1"), out.pop("beta2"))
+        return out
+
+    def torch_keywords(self, values: Mapping) -> dict:
+        """Registry-named values as torch's keywords: each of torch_groups' tuples (betas, with Adan's three;
+        Rprop's etas and step_sizes) made from its names, when all of them are given."""
+        out = dict(values)
+        for key, names in self.torch_groups.items():
+            if all(n in out for n in names):
+                out[key] = tuple(out.pop(n) for n in names)
+        return out
+
     @cached_property
     def _state_predicates(self):
         return tuple(self.optional_states.get(s) for s in self.states)

@@ -477,13 +477,6 @@ def load(opt, path) -> None:
 # Converting to and from an ordinary fastopt checkpoint (one process, no communicator)
 # ---------------------------------------------------------------------------------------------------
 
-def _torch_style(hp: dict) -> dict:
-    out = {k: v for k, v in hp.items() if k not in ("beta1", "beta2")}
-    if "beta1" in hp:
-        out["betas"] = (hp["beta1"], hp["beta2"])
-    return out
-
-
 def gather(path, file) -> None:
     """Write the sharded checkpoint in directory `path` as one ordinary fastopt checkpoint `file`
     (fastopt.save's format, params included): `fastopt.load(file, fastopt.<Class>(params, ...))` resumes
@@ -515,7 +508,7 @@ def gather(path, file) -> None:
     options = {} if precision == DEFAULT_PRECISION else {k: v for k, v in precision.items() if v not in (None,)}
     if m["lr_schedule"] is not None:  # the file records the schedule as fastopt.save records one
         hp = dict(hp, lr=RecordedSchedule(m["lr_schedule"], hp["lr"], m["lr_schedule_state"]))
-    opt = getattr(optim, spec.class_name)(arrays, **_torch_style(hp), **options)
+    opt = getattr(optim, spec.class_name)(arrays, **spec.class_keywords(hp), **options)
     state = OptimizerState(optimizer=spec.name, hyperparameters=[hp], steps=[m["steps"]],
                            lrs=[m["hyperparameters"]["lr"]], states=per_param, skipped_steps=m["skipped_steps"])
     opt.apply_state(opt.check_state(state))

@@ -163,9 +163,7 @@ def _numpy_keywords(spec, name_or_class, hyperparameters: dict) -> dict:
         if not isinstance(value, (tuple, list)) or len(value) != len(names):
             raise ValueError(f"{key} must be a tuple of {len(names)} numbers {names}, got {value!r}")
         out.update(zip(names, value))
-    if "beta1" in out and "beta2" in out:
-        out["betas"] = (out.pop("beta1"), out.pop("beta2"))
-    return out
+    return spec.class_keywords(out)
 
 
 def _param_list(params) -> list:
@@ -269,6 +267,8 @@ class ShardedOptimizer:
         self._own = self._views_of(self._flat)
         self._grads = self._views_of(self._send)
         self._grad_address = [_address(self.comm.as_array(g, "grads")) for g in self._grads]
+        # the send buffers' bytes, fixed for the optimizer's life: a gradient inside them is read before packing
+        self._send_spans = [_byte_range(send) for _, send in self._send if send.size]
 
     def _configure(self, name_or_class, params, bucket_bytes, copy_params, hyperparameters) -> list:
         """This rank's checks of the arguments (no collective) and the optimizer's configuration; returns the
@@ -492,7 +492,7 @@ class ShardedOptimizer:
         """Copy the gradients into the send buffers (not those that are the optimizer's own views). A gradient
         in another place of a send buffer (opt.grads passed in another order) is read before any is written."""
         sends = [self._send[b.index][1] for b in self.layout.buckets]
-        spans = [_byte_range(send) for send in sends if send.size]
+        spans = self._send_spans
         copies = []
         for b, send in zip(self.layout.buckets, sends):
             for i, off, n in zip(b.params, b.offsets, b.sizes):

@@ -149,8 +149,7 @@ def build_optimizer(params, config: TrainConfig, steps_per_epoch: int, model=Non
                                             base_lr=config.resolved_lr()), lr
     spec = get_spec(config.optimizer)
     if "beta1" in options or "beta2" in options:  # the classes take torch's betas=(beta1, beta2)
-        options["betas"] = (options.pop("beta1", spec.defaults["beta1"]),
-                            options.pop("beta2", spec.defaults["beta2"]))
+        options = spec.class_keywords({"beta1": spec.defaults["beta1"], "beta2": spec.defaults["beta2"], **options})
     lr = build_schedule(config, steps_per_epoch)
     cls = getattr(fastopt, spec.class_name)
     return cls(params, lr=lr, clip_grad_norm=config.clip_grad_norm, **options), lr
