@@ -35,6 +35,7 @@ import math
 import platform
 import re
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -245,18 +246,28 @@ def plan(quick=False, sizes=None, optimizers=None, n_tensors=None) -> list:
     return cases
 
 
-def describe_plan(cases, l2_bytes=ASSUMED_L2) -> list:
-    """One line per case for --dry-run: elements, tensors, bytes per step, buffer sets, memory per set."""
-    lines = []
+def plan_records(cases, l2_bytes=ASSUMED_L2) -> list:
+    """One dict per case for --dry-run (its --json and --out): elements, tensors, bytes per step, buffer sets
+    and memory per set, variants."""
+    records = []
     for c in cases:
         spec = REGISTRY[c.optimizer]
         hp = bench_hyperparameters(spec)
         per_set = footprint(spec, hp, c.dtype, c.elements, c.state)
-        sets = buffer_sets(per_set, l2_bytes)
-        lines.append(f"{c.optimizer:>9} {c.label:<24} {c.elements:>11,} elements {c.tensors:>3} tensors "
-                     f"{param_bytes(spec, hp, c.dtype, c.state) * c.elements / 1e6:>9.1f} MB/step  {sets:>3} sets x "
-                     f"{per_set / 2 ** 20:,.0f} MiB  variants: {', '.join(c.variants)}")
-    return lines
+        records.append({"optimizer": c.optimizer, "case": c.label, "dtype": c.dtype, "state": c.state or None,
+                        "elements": c.elements, "tensors": c.tensors,
+                        "bytes_per_step": param_bytes(spec, hp, c.dtype, c.state) * c.elements,
+                        "buffer_sets": buffer_sets(per_set, l2_bytes), "bytes_per_set": per_set,
+                        "variants": list(c.variants)})
+    return records
+
+
+def describe_plan(cases, l2_bytes=ASSUMED_L2) -> list:
+    """One line per case for --dry-run: elements, tensors, bytes per step, buffer sets, memory per set."""
+    return [f"{r['optimizer']:>9} {r['case']:<24} {r['elements']:>11,} elements {r['tensors']:>3} tensors "
+            f"{r['bytes_per_step'] / 1e6:>9.1f} MB/step  {r['buffer_sets']:>3} sets x "
+            f"{r['bytes_per_set'] / 2 ** 20:,.0f} MiB  variants: {', '.join(r['variants'])}"
+            for r in plan_records(cases, l2_bytes)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -893,6 +904,12 @@ def main(args):
     quick = bool(args.quick)
     cases = plan(quick, args.sizes, args.optimizers)
     if getattr(args, "dry_run", False):
+        doc = {"dry_run": True, "quick": quick, "assumed_l2_bytes": ASSUMED_L2, "cases": plan_records(cases)}
+        if args.out:
+            write_json(args.out, doc)
+        if args.json:
+            print(dumps(doc))
+            return 0
         print(f"{len(cases)} cases ({'quick' if quick else 'full'}; buffer sets for an L2 of "
               f"{ASSUMED_L2 / 2 ** 20:.0f} MiB, the run reads the device's):")
         for line in describe_plan(cases):
@@ -913,15 +930,16 @@ def main(args):
                     "warmup_rounds": settings.warmup, "flush_factor": FLUSH_FACTOR, "lr": LR,
                     "class_capturable": class_supports_capturable(), "note": note}
     t0 = time.perf_counter()
-    print(f"{bench.name}: {len(cases)} cases; {note}")
+    progress = sys.stderr if args.json else sys.stdout  # with --json, stdout is the JSON document alone
+    print(f"{bench.name}: {len(cases)} cases; {note}", file=progress)
     try:
         copy = bench.copy_ceiling()
     except Exception as e:
         copy = {"status": f"error: {type(e).__name__}: {e}"}
-    print(f"  device copy: {copy.get('GBps') or 0:.0f} GB/s (read + write)")
+    print(f"  device copy: {copy.get('GBps') or 0:.0f} GB/s (read + write)", file=progress)
     rows: list = []
     for case in cases:
-        rows += measure_case(bench, case)
+        rows += measure_case(bench, case, log=lambda line: print(line, file=progress))
         if args.out:  # after every case: a run cut short still leaves its rows and targets
             write_json(args.out, result_document(info, run_settings, copy, rows, cases, False))
     doc = result_document(info, run_settings, copy, rows, cases, True)

@@ -388,7 +388,9 @@ def _fake_cupy():
     return FakeCupy()
 
 
-def test_a_whole_run_on_a_stand_in_gpu(monkeypatch, tmp_path, capsys):
+def _stand_in_gpu(monkeypatch):
+    """The fake CuPy in cupy's place, small sizes, and the fastopt variants' builders on the CPU backend (host
+    arrays); torch has no CUDA here."""
     try:  # imported before the stand-in takes cupy's name: torch's own import looks for cupy
         import torch  # noqa: F401
     except ImportError:
@@ -398,12 +400,16 @@ def test_a_whole_run_on_a_stand_in_gpu(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bg, "COPY_BYTES", 1 << 16)
     monkeypatch.setattr(bg, "N_TENSORS", 20)
     monkeypatch.setattr(bg, "LIST_TOTALS", (16,))
-    # the fastopt variants run the same builders on the CPU backend (host arrays); torch has no CUDA here
     for variant, build in ((bg.CUPY_FN, bg._functional("cython")), (bg.CUPY_CLASS, bg._class("cython")),
-                           (bg.CUPY_CLIP, bg._class("cython", clip_skip=True)),
-                           (bg.CUPY_GRAPH, bg._graph("cython")), (bg.CUPY_CLIP_GRAPH, bg._graph("cython", clip_skip=True)), (bg.NUMBA_FN, bg._functional("numpy")),
-                           (bg.NUMBA_CLASS, bg._class("numpy"))):
+                           (bg.CUPY_CLIP, bg._class("cython", clip_skip=True)), (bg.CUPY_GRAPH, bg._graph("cython")),
+                           (bg.CUPY_CLIP_GRAPH, bg._graph("cython", clip_skip=True)),
+                           (bg.NUMBA_FN, bg._functional("numpy")), (bg.NUMBA_CLASS, bg._class("numpy"))):
         monkeypatch.setitem(bg.BUILDERS, variant, build)
+    return cp
+
+
+def test_a_whole_run_on_a_stand_in_gpu(monkeypatch, tmp_path, capsys):
+    cp = _stand_in_gpu(monkeypatch)
     out = tmp_path / "gpu.json"
     args = SimpleNamespace(quick=True, sizes=(4099,), optimizers=["adam", "sgd"], repeats=2, out=str(out),
                            json=False, dry_run=False)
@@ -474,6 +480,35 @@ def test_capture_failure_says_why_and_ends_the_capture():
 # ---------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------
+
+def test_json_prints_the_document_alone(monkeypatch, capsys):
+    """--json: stdout is one JSON document (the header, the copy ceiling and each row's progress go to stderr)."""
+    _stand_in_gpu(monkeypatch)
+    args = SimpleNamespace(quick=True, sizes=(1031,), optimizers=["sgd"], repeats=2, out=None, json=True,
+                           dry_run=False)
+    assert bg.main(args) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["complete"] is True and {r["optimizer"] for r in doc["rows"]} == {"sgd"}
+    assert "Fake GPU" in captured.err and "device copy" in captured.err and "sgd | 1 x 1,031 fp32" in captured.err
+
+
+def test_dry_run_json_and_out_hold_the_plan(tmp_path, capsys):
+    from fastopt.cli import main
+    out = tmp_path / "plan.json"
+    assert main(["bench", "--device", "gpu", "--dry-run", "--quick", "--json", "--out", str(out)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == json.loads(out.read_text())
+    cases = bg.plan(True)
+    assert doc["dry_run"] is True and doc["quick"] is True and len(doc["cases"]) == len(cases)
+    for record, case, line in zip(doc["cases"], cases, bg.describe_plan(cases)):
+        assert (record["optimizer"], record["case"], record["elements"]) == (case.optimizer, case.label, case.elements)
+        assert record["variants"] == list(case.variants) and record["buffer_sets"] >= 2
+        assert f"{record['elements']:,} elements" in line and f"{record['bytes_per_step'] / 1e6:.1f} MB/step" in line
+    assert main(["bench", "--device", "gpu", "--dry-run", "--sizes", "4099", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"{len(bg.plan(False, (4099,)))} cases (full")
+    assert [r["elements"] for r in json.loads(out.read_text())["cases"]][0] == 4099
+
 
 def test_cli_dry_run_needs_no_gpu(capsys):
     from fastopt.cli import main
