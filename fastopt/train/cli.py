@@ -335,7 +335,8 @@ def _cmd_compare(args):
         result, model, _ = experiment.run(data=data, description=name)
         lr = experiment.train.resolved_lr()
         runs[name] = {"status": "diverged" if result.diverged else "ok", "lr": lr,
-                      "batch_size": experiment.train.batch_size, "options": options[name], "result": result.to_dict()}
+                      "batch_size": experiment.train.batch_size, "options": dict(experiment.train.optimizer_options),
+                      "result": result.to_dict()}
         histories[name] = result.history
         if result.diverged:
             failures.append(f"{name}: {describe_divergence(result.divergence)} (lr={lr:g})")

@@ -6,6 +6,19 @@ from __future__ import annotations
 import os
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def run_styles(n: int) -> list:
+    """(colour, marker) for each of n runs, no two alike: matplotlib's tab10 colours for up to 10 runs, tab20's
+    past that, and each further round of 20 with the next marker (`fastopt compare` runs every optimizer)."""
+    if n <= 10:
+        return [(f"C{i}", _MARKERS[0]) for i in range(n)]
+    import matplotlib
+    colors = matplotlib.colormaps["tab20"].colors
+    return [(colors[i % 20], _MARKERS[(i // 20) % len(_MARKERS)]) for i in range(n)]
+
+
 def plot_histories(histories: dict, path: str, *, metric: str = "accuracy", title: str = "") -> str:
     """histories: label -> TrainResult.history (runs without a finished epoch are left out). Writes `path`
     and returns it; the directory must exist (it is not created: a mistyped path is an error)."""
@@ -20,12 +33,12 @@ def plot_histories(histories: dict, path: str, *, metric: str = "accuracy", titl
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for i, (label, history) in enumerate(histories.items()):
-        color = f"C{i % 10}"
+    for (label, history), (color, marker) in zip(histories.items(), run_styles(len(histories))):
         epochs = history["epoch"]
-        ax_loss.plot(epochs, history["train_loss"], color=color, label=f"{label} train")
-        ax_loss.plot(epochs, history["val_loss"], color=color, linestyle="--", label=f"{label} val")
-        ax_metric.plot(epochs, history[f"val_{metric}"], color=color, marker="o", markersize=3, label=label)
+        line = {"color": color, "marker": marker if len(histories) > 20 else None, "markersize": 3}  # colours suffice
+        ax_loss.plot(epochs, history["train_loss"], label=f"{label} train", **line)
+        ax_loss.plot(epochs, history["val_loss"], linestyle="--", label=f"{label} val", **line)
+        ax_metric.plot(epochs, history[f"val_{metric}"], color=color, marker=marker, markersize=3, label=label)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (solid: train, dashed: validation)")
     if all(min(h["train_loss"] + h["val_loss"]) > 0 for h in histories.values()):
         ax_loss.set_yscale("log")  # losses fall over orders of magnitude; log shows the late epochs

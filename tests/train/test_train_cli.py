@@ -1,6 +1,7 @@
 """CLI smoke runs with tiny epochs: train, compare, search; --json; clear errors."""
 import json
 
+import numpy as np
 import pytest
 
 from fastopt.cli import main
@@ -406,3 +407,27 @@ def test_train_reports_lbfgs_batch_as_full(capsys):
                              "--no-plot")
     assert code == 0, err
     assert "batch: full" in out
+
+
+@pytest.mark.parametrize("n", [3, 12, 27])
+def test_every_run_of_a_plot_has_its_own_look(tmp_path, monkeypatch, n):
+    """fastopt compare runs every optimizer: no two curves of the plot share colour and marker."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+    from fastopt.train.plots import plot_histories
+    figures = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (figures.append(fig), real_savefig(fig, *a, **k))[1])
+    rng = np.random.default_rng()
+    history = {"epoch": [1, 2], "train_loss": [1.0, 0.5], "val_loss": [1.1, 0.6], "val_accuracy": [0.5, 0.7]}
+    histories = {f"run{i}": {k: list(rng.permutation(v)) if k != "epoch" else v for k, v in history.items()}
+                 for i in range(n)}
+    path = str(tmp_path / "runs.png")
+    assert plot_histories(histories, path) == path and (tmp_path / "runs.png").stat().st_size > 0
+    ax_loss, ax_metric = figures[0].axes
+    for ax, per_run in ((ax_metric, 1), (ax_loss, 2)):
+        lines = ax.get_lines()
+        assert len(lines) == per_run * n
+        looks = [(matplotlib.colors.to_hex(line.get_color()), line.get_marker()) for line in lines[::per_run]]
+        assert len(set(looks)) == n, looks

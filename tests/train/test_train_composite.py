@@ -190,7 +190,8 @@ def test_compare_runs_every_composite(capsys):
     for name, run in runs.items():
         assert run["status"] == "ok" and run["result"]["metrics"]["test"]["accuracy"] > 0.6, name
         assert run["lr"] == recommended_lr("digits", name)
-    assert runs["muon"]["result"]["config"]["optimizer_options"]["adamw_lr"] == recommended_lr("digits", "adam")
+        assert run["options"] == run["result"]["config"]["optimizer_options"], name  # the options it ran with
+    assert runs["muon"]["options"]["adamw_lr"] == recommended_lr("digits", "adam")
 
 
 def test_optimizer_choices_are_every_name(capsys):
