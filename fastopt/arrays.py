@@ -57,6 +57,7 @@ def as_numpy(obj, name="array"):
             raise TypeError(f"{name}: converting {type(obj).__name__} to NumPy made a copy")
         return arr
     if hasattr(obj, "__dlpack__") and not hasattr(obj, "__cuda_array_interface__"):
+        refuse_lazy_negation(obj, name)
         if type(obj).__module__.startswith("torch") and obj.dtype is getattr(sys.modules.get("torch"), "bfloat16", 0):
             return _torch_bfloat16(obj, name)
         try:
@@ -70,6 +71,15 @@ def as_numpy(obj, name="array"):
     except TypeError:
         raise TypeError(f"{name} must be an array (NumPy, CuPy, or an object exposing its memory), "
                         f"got {type(obj).__name__}") from None
+
+
+def refuse_lazy_negation(obj, name) -> None:
+    """TypeError for a torch tensor with the negative bit set (a lazy negation: `z.conj().imag`,
+    `torch._neg_view`): its memory holds the values' negatives, and DLPack and __cuda_array_interface__ export
+    that memory without the bit, so an update through them would read and write the wrong sign."""
+    if type(obj).__module__.startswith("torch") and callable(getattr(obj, "is_neg", None)) and obj.is_neg():
+        raise TypeError(f"{name} has torch's negative bit set (a lazy negation, such as z.conj().imag): its "
+                        f"memory holds the other sign; pass {name}.resolve_neg()")
 
 
 def _torch_bfloat16(t, name):

@@ -623,7 +623,7 @@ def _mu_product_tail(beta1, momentum_decay, k, t):
     r = 0.96 ** momentum_decay
     if r == 1.0:
         log_sum += n * math.log1p(-0.5)
-    else:
+    elif r > 0.0:  # r == 0.0 (momentum_decay past ~1.8e4 underflows): every factor 1 - 0.5 r^i is 1
         for j in range(1, 61):
             rj = r ** j
             # sum_{i=k+1..t} (0.5 r^i)^j = 0.5^j r^(j(k+1)) (1 - r^(j n)) / (1 - r^j)

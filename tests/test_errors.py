@@ -135,6 +135,28 @@ class TestArrayErrors:
                          grad_scale=np.ones(2), backend=backend)
         expect_unchanged(TypeError, "grad_scale must be a real number", fastopt.adam_step, p, g, m, v, step=1,
                          grad_scale="2", backend=backend)
+        expect_unchanged(TypeError, "grad_scale must be a real number", fastopt.adam_step, p, g, m, v, step=1,
+                         grad_scale=np.array(2, np.int32), backend=backend)
+
+    def test_grad_scale_of_any_host_float_dtype(self, backend):
+        """A 0-d grad_scale in any dtype a param may have (bfloat16 too) or as a torch CPU tensor (the
+        functional API takes torch CPU params) is read as the float it holds."""
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        scale = float(np.random.default_rng().choice([0.5, 0.25, 2.0, 8.0]))  # exact in every float dtype
+        scales = [np.array(scale, d) for d in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64)]
+        try:
+            import torch
+            scales += [torch.tensor(scale, dtype=torch.bfloat16), torch.tensor(scale, dtype=torch.float64)]
+        except ImportError:
+            pass
+        p, g, m, v = adam_args(11)
+        expected = [a.copy() for a in (p, m, v)]
+        fastopt.adam_step(*expected[:1], g, *expected[1:], step=3, grad_scale=scale, backend=backend)
+        for s in scales:
+            got = [a.copy() for a in (p, m, v)]
+            fastopt.adam_step(got[0], g, got[1], got[2], step=3, grad_scale=s, backend=backend)
+            for a, b in zip(got, expected):
+                assert np.array_equal(a, b), s
 
 
 # ---- hyperparameters (validated in the registry, before dispatch) ----

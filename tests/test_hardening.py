@@ -207,6 +207,22 @@ def test_8_mu_product_tail_matches_running_product():
         assert specs.nadam_mu_product(beta1, decay, 12000) == pytest.approx(product, rel=1e-12)
 
 
+@pytest.mark.parametrize("decay", [1.8e4, 2e4, 1e300])
+def test_8_mu_product_tail_where_the_decay_term_underflows(decay):
+    """0.96 ** momentum_decay is 0.0 past ~1.83e4 (a valid value torch takes): past the exact steps the tail
+    was log(0.0), a bare "math domain error" at step 4097 of nadam_step and of fastopt.NAdam."""
+    beta1 = float(np.random.default_rng().uniform(0.9, 0.9999))
+    t = specs._MU_EXACT_STEPS + 1 + int(np.random.default_rng().integers(0, 50))
+    product = 1.0
+    for i in range(1, t + 1):
+        product *= specs._nadam_mu(beta1, decay, i)
+    assert specs.nadam_mu_product(beta1, decay, t) == pytest.approx(product, rel=1e-12)
+    p, g = np.ones(5), np.full(5, 0.1)
+    m, v = np.full(5, 0.2), np.full(5, 0.01)
+    fastopt.nadam_step(p, g, m, v, step=t, momentum_decay=decay, lr=0.1)
+    assert np.all(np.isfinite(p)) and np.all(p < 1)
+
+
 def test_9_clip_by_norm_checks_every_grad_first(backend):
     g0 = np.full(4, 10, f)
     g1 = np.ones(4, f)
@@ -266,3 +282,29 @@ def test_memmaps_work(backend, tmp_path):
     fastopt.sgd_step(p, np.ones(5, f), lr=0.25)
     fastopt.sgd_step(expected, np.ones(5, f), lr=0.25)
     assert p.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("slot", ["param", "grad", "state"])
+def test_a_torch_tensor_with_the_negative_bit_is_refused(slot):
+    """z.conj().imag and torch._neg_view are lazy negations: DLPack exports their memory, which holds the other
+    sign, without the bit (a grad of -3 was applied as +3). Refused naming the slot, nothing written."""
+    torch = pytest.importorskip("torch")
+    from fastopt.backends.device_arrays import from_interface
+    rng = np.random.default_rng()
+    z = torch.complex(torch.from_numpy(rng.standard_normal(1)), torch.from_numpy(rng.standard_normal(1)))
+    lazy = {"param": torch._neg_view(torch.from_numpy(rng.standard_normal(1))), "grad": z.conj().imag,
+            "state": torch._neg_view(torch.zeros(1, dtype=torch.float64))}[slot]
+    assert lazy.is_neg() and lazy.is_contiguous()
+    arrays = {"param": rng.standard_normal(1), "grad": rng.standard_normal(1), "state": np.zeros(1)}
+    first = [rng.standard_normal(3), rng.standard_normal(3), rng.standard_normal(3)]
+    before = [a.copy() for a in first] + [lazy.resolve_neg().numpy().copy()]
+    args = [[first[0], arrays["param"]], [first[1], arrays["grad"]], [first[2], arrays["state"]]]
+    index = ["param", "grad", "state"].index(slot)
+    args[index][1] = lazy
+    name = {"param": r"params\[1\]", "grad": r"grads\[1\]", "state": r"momentum_buffer\[1\]"}[slot]
+    with pytest.raises(TypeError, match=name + ".*negative bit.*resolve_neg"):
+        fastopt.sgd_step(args[0], args[1], args[2], lr=0.1, momentum=0.9, step=2)
+    for a, b in zip(first + [lazy.resolve_neg().numpy().copy()], before):
+        assert np.array_equal(a, b)
+    with pytest.raises(TypeError, match="p has torch's negative bit"):
+        from_interface(lazy, "p")  # the GPU path: __cuda_array_interface__ drops the bit as DLPack does

@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from fastopt.arrays import refuse_lazy_negation
 from fastopt.backends import numpy_backend, validate
 from fastopt.backends.cuda_source import ROUND_KAHAN, ROUND_NEAREST, ROUND_STOCHASTIC
 from fastopt.backends.validate import Checked, prepare, validate_arrays
@@ -75,6 +76,7 @@ def _c_contiguous(shape, strides, itemsize):
 
 def from_interface(obj, name):
     """DeviceArray of any object exposing __cuda_array_interface__; TypeError otherwise."""
+    refuse_lazy_negation(obj, name)
     try:
         cai = obj.__cuda_array_interface__
     except (AttributeError, RuntimeError) as e:  # torch: "... requires grad ..." is a RuntimeError

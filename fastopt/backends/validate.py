@@ -569,17 +569,15 @@ def host_scale(grad_scale) -> float:
     if isinstance(grad_scale, numbers.Real) and not isinstance(grad_scale, (bool, np.bool_)):
         value = as_float("grad_scale", grad_scale)
     else:
-        shape = getattr(grad_scale, "shape", None)
-        dtype = getattr(grad_scale, "dtype", None)
-        try:
-            kind = np.dtype(dtype).kind if dtype is not None else None
-        except TypeError:
-            kind = None
-        if shape is None or kind != "f":
+        if getattr(grad_scale, "shape", None) is None:
             raise TypeError(f"grad_scale must be a real number or a 0-d float array, got {grad_scale!r}")
-        if tuple(shape) != ():
-            raise ValueError(f"grad_scale must be a scalar or a 0-d array, got shape {tuple(shape)}")
-        value = float(as_numpy(grad_scale, "grad_scale"))
+        # any host array the params could be (a torch CPU tensor, a bfloat16 array), read through its memory
+        scale = as_numpy(grad_scale, "grad_scale")
+        if not (scale.dtype.kind == "f" or is_16bit(scale.dtype)):
+            raise TypeError(f"grad_scale must be a real number or a 0-d float array, got {grad_scale!r}")
+        if scale.shape != ():
+            raise ValueError(f"grad_scale must be a scalar or a 0-d array, got shape {scale.shape}")
+        value = float(scale)
     return value
 
 

@@ -18,6 +18,7 @@ import warnings
 
 import numpy as np
 
+from fastopt.arrays import refuse_lazy_negation
 from fastopt.distributed.comm_base import DONE, Communicator
 
 
@@ -82,8 +83,7 @@ class TorchCommunicator(Communicator):
                                 f"{self.device.type}")
             if x.is_nested or x.is_sparse or x.layout != torch.strided:
                 raise TypeError(f"{name} must be a dense (strided) tensor, got {'a nested tensor' if x.is_nested else f'layout {x.layout}'}")
-            if x.is_neg():  # a lazy negation (conj().imag): its memory holds the other sign, NumPy cannot view it
-                raise TypeError(f"{name} has torch's negative bit set (a lazy negation); pass {name}.resolve_neg()")
+            refuse_lazy_negation(x, name)
             if x.is_complex() or not x.is_floating_point():
                 raise TypeError(f"{name} has dtype {x.dtype}; the optimizer updates floating-point tensors")
             return self._view(x.detach())
