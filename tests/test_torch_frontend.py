@@ -1332,3 +1332,37 @@ def test_composite_state_that_is_not_a_tensor_is_refused_at_load(name, key):
         with pytest.raises(ValueError, match="has no 'exp_avg'"):
             opt.step()
         assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("spec", list(REGISTRY.values()), ids=lambda s: s.name)
+def test_share_memory_where_torch_has_it(spec):
+    """torch.optim.Adagrad.share_memory() (Hogwild training) puts the state in shared memory; the steps after it
+    update the shared tensors and go on as torch's. The other classes lack it, as torch's do."""
+    torch_class = getattr(torch.optim, spec.torch_class or "", None)
+    klass = getattr(ft, spec.class_name)
+    if not hasattr(torch_class, "share_memory"):
+        assert not hasattr(klass, "share_memory")
+        return
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(2 ** 31)))
+    ours = [torch.randn(n, generator=gen, dtype=torch.float64, requires_grad=True) for n in (1, 17)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    a, b = klass(ours, lr=0.1), torch_class(theirs, lr=0.1)
+    for i in range(5):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+        if i == 1:
+            a.share_memory()
+            b.share_memory()
+            shared = [a.state[p][name] for p in ours for name in a.state[p] if name != "step"]
+            assert shared and all(t.is_shared() for t in shared)
+            before = [t.clone() for t in shared]
+    assert all(not torch.equal(t, old) and t.is_shared() for t, old in zip(shared, before))
+    now = [a.state[p][name] for p in ours for name in a.state[p] if name != "step"]
+    assert len(now) == len(shared) and all(x is y for x, y in zip(now, shared))  # the same tensors, updated
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
+        for name in a.state[p]:
+            torch.testing.assert_close(a.state[p][name], b.state[q][name], rtol=1e-12, atol=0)

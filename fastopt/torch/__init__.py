@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 from fastopt.specs import COMPOSITE, REGISTRY, OptimizerSpec
 from fastopt.torch import arguments
 from fastopt.torch.optimizer import TorchOptimizer
@@ -67,9 +69,11 @@ def make_class(spec: OptimizerSpec) -> type:
     __init__.__qualname__ = f"{spec.class_name}.__init__"
     # spec.train_eval (schedule-free): train()/eval() and a step() that refuses eval mode (fastopt/train_eval.py)
     bases = (TorchTrainEval, TorchOptimizer) if spec.train_eval else (TorchOptimizer,)
-    return type(spec.class_name, bases, {
-        "__init__": __init__, "spec": spec, "__module__": __name__, "__qualname__": spec.class_name,
-        "__doc__": _docstring(spec, sig)})
+    namespace = {"__init__": __init__, "spec": spec, "__module__": __name__, "__qualname__": spec.class_name,
+                 "__doc__": _docstring(spec, sig)}
+    if hasattr(getattr(torch.optim, spec.torch_class or "", None), "share_memory"):  # torch's Adagrad: Hogwild
+        namespace["share_memory"] = TorchOptimizer.share_state_memory
+    return type(spec.class_name, bases, namespace)
 
 
 for _spec in REGISTRY.values():

@@ -32,6 +32,7 @@ from fastopt.arrays import check_disjoint
 from fastopt.torch.arrays import array_view
 from fastopt.grad_guard import scaled
 from fastopt.torch.composite import CPU, GuardedComposite
+from fastopt.torch.loading import load_between_hooks
 
 _NAME = "fastopt.torch.Adafactor"  # for messages
 
@@ -104,8 +105,12 @@ class Adafactor(GuardedComposite):
     def load_state_dict(self, state_dict) -> None:
         """torch.optim's load, except that the state of a 16-bit param stays float32 (torch casts floating
         state to the param's dtype, which would round this class's float32 state): the saved tensors are
-        copied in float32 (a torch.optim state dict's 16-bit state, widened, exactly)."""
-        super().load_state_dict(state_dict)
+        copied in float32 (a torch.optim state dict's 16-bit state, widened, exactly), from the dict torch
+        loads (after the load_state_dict pre-hooks) and before the post-hooks (fastopt.torch.loading)."""
+        load_between_hooks(self, lambda: super(Adafactor, self).load_state_dict(state_dict), lambda loaded: loaded,
+                           self._widen_loaded)
+
+    def _widen_loaded(self, state_dict) -> None:
         ids = {saved: p for saved_group, group in zip(state_dict["param_groups"], self.param_groups)
                for saved, p in zip(saved_group["params"], group["params"])}
         for saved, entry in state_dict["state"].items():

@@ -22,6 +22,7 @@ import torch
 from fastopt.grad_guard import GuardedSteps, sum_of_squares
 from fastopt.torch.arguments import check_extras, check_listed_once, check_saved_state
 from fastopt.torch.arrays import on_torch_stream
+from fastopt.torch.loading import load_between_hooks
 from fastopt.torch.views import bump_versions
 
 __all__ = ["CompositeOptimizer", "GuardedComposite", "CPU"]
@@ -47,9 +48,10 @@ class CompositeOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict) -> None:
         """torch.optim's, after every param's entry is checked (a dict of tensors and a count): torch swaps
-        the state in before it converts the counts, and a damaged entry failed there or at the next step."""
-        check_saved_state(state_dict, tensors_only=True)
-        super().load_state_dict(state_dict)
+        the state in before it converts the counts, and a damaged entry failed there or at the next step.
+        The check is of the dict torch loads, after the load_state_dict pre-hooks (fastopt.torch.loading)."""
+        load_between_hooks(self, lambda: super(CompositeOptimizer, self).load_state_dict(state_dict),
+                           lambda loaded: check_saved_state(loaded, tensors_only=True))
 
     @torch.no_grad()
     def step(self, closure=None):

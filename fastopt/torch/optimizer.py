@@ -42,6 +42,7 @@ from fastopt.precision import INT8_REFUSED, QuantizedState, StochasticRounding, 
 from fastopt.specs import PARAM, OptimizerSpec, naming_group, saved_count, shown
 import fastopt.torch.arguments as arguments
 import fastopt.torch.dtensor as dtensor
+import fastopt.torch.loading as loading
 from fastopt.torch.plan import Bucket, Plan
 from fastopt.torch.steady import Steady
 from fastopt.torch.views import (ABSMAX, ParamEntry, bump_versions, check_own_memory, dense_span, flat_tensors,
@@ -321,13 +322,22 @@ class TorchOptimizer(torch.optim.Optimizer):
         own where the cast would change it: the uint8 codes and float32 scales of 8-bit state ("<name>" and
         "<name>_absmax", state_dtype="int8") and the float32 state of 16-bit params (torch rounds it to the
         param's dtype). The next step converts what does not fit this optimizer's state dtype: float state
-        into 8-bit state is quantized, 8-bit state into float state dequantized."""
+        into 8-bit state is quantized, 8-bit state into float state dequantized. The checks and the kept
+        tensors are of the dict torch loads (after the load_state_dict pre-hooks), put back before the
+        post-hooks (fastopt.torch.loading)."""
+        loading.load_between_hooks(self, lambda: super(TorchOptimizer, self).load_state_dict(state_dict),
+                                   self._kept_on_load, self._restore_on_load)
+
+    def _kept_on_load(self, state_dict) -> tuple[list, int | None]:
+        """The saved tensors torch's load would cast and this optimizer keeps as saved: (param, key, tensor)
+        each; and the saved rounding step count (None in a torch.optim state dict: this optimizer keeps its
+        own). Checks the per-param entries first (arguments.check_saved_state)."""
         arguments.check_saved_state(state_dict)
-        rounding_steps = None  # absent (a torch.optim state dict): this optimizer keeps its own count
+        rounding_steps = None
         if isinstance(state_dict, dict) and ROUNDING_STEPS in state_dict:
             rounding_steps = int(saved_count(state_dict[ROUNDING_STEPS], f"state_dict[{ROUNDING_STEPS!r}]"))
         saved = state_dict.get("state", {}) if isinstance(state_dict, dict) else {}
-        keep = []  # (position of the param among the saved ids, key, tensor as saved)
+        keep = []
         ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])] \
             if isinstance(state_dict, dict) else []
         params = [p for g in self.param_groups for p in g["params"]]
@@ -346,7 +356,10 @@ class TorchOptimizer(torch.optim.Optimizer):
                     # uint8: 8-bit codes, even without their scales (the step then names what is missing)
                     if quantized or v.dtype == torch.uint8 or (p.dtype in SIXTEEN_BIT and v.dtype == torch.float32):
                         keep.append((p, key, v))
-        super().load_state_dict(state_dict)
+        return keep, rounding_steps
+
+    def _restore_on_load(self, kept) -> None:
+        keep, rounding_steps = kept
         for p, key, v in keep:
             if p in self.state and key in self.state[p]:
                 self.state[p][key] = v.to(device=p.device)
@@ -356,6 +369,16 @@ class TorchOptimizer(torch.optim.Optimizer):
                     entry[key] = v.to_dense()
         if rounding_steps is not None:
             self.rounding_steps = rounding_steps
+
+    def share_state_memory(self) -> None:
+        """Every param's state tensors (not its step count) moved to shared memory, for training from several
+        processes at once (torch.optim.Adagrad's share_memory(), whose state exists from the constructor on;
+        the classes whose torch counterpart has share_memory() take it under that name)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                for key, value in self.state.get(p, {}).items():
+                    if key != "step" and isinstance(value, torch.Tensor):
+                        value.share_memory_()
 
     def torch_state_dict(self) -> dict:
         """state_dict() as torch.optim's class takes it: 8-bit state ("<name>" codes + "<name>_absmax") as
