@@ -117,9 +117,15 @@ def test_signature_and_defaults_are_torchs(spec):
     assert [n for n, p in ours.items() if p.kind == p.POSITIONAL_OR_KEYWORD] == positional
     for extra in ("clip_grad_norm", "skip_nonfinite"):
         assert ours[extra].kind == inspect.Parameter.KEYWORD_ONLY
-    # nothing else: a group key torch fixes for the class (AdamW's decoupled_weight_decay) is not an argument
-    own = set(arguments.EXTRAS) | set(arguments.IGNORED_FLAGS) | set(arguments.REJECTED_FLAGS)
-    assert [n for n in ours if n not in theirs and n != "self" and n not in own] == []
+    # nothing else: a group key torch fixes for the class (AdamW's decoupled_weight_decay) is not an argument,
+    # nor a torch flag torch's class lacks (RMSprop's fused=: a TypeError in torch)
+    assert [n for n in ours if n not in theirs and n != "self" and n not in arguments.EXTRAS] == []
+    for flag in set(arguments.IGNORED_FLAGS) | set(arguments.REJECTED_FLAGS):
+        if flag not in theirs:
+            with pytest.raises(TypeError, match=flag):
+                tklass([torch.zeros(1, requires_grad=True)], **{flag: True})
+            with pytest.raises(TypeError, match=flag):
+                klass([torch.zeros(1, requires_grad=True)], **{flag: True})
     p = torch.zeros(3, requires_grad=True)
     assert klass([p]).defaults == tklass([p]).defaults
 
@@ -266,11 +272,17 @@ def test_invalid_values_raise_torchs_errors(spec):
 def test_flags(spec):
     klass = getattr(ft, spec.class_name)
     p = torch.zeros(4, requires_grad=True)
-    klass([p], foreach=True)
-    klass([p], foreach=False, fused=True)
-    for flag in ("capturable", "differentiable"):
-        with pytest.raises(ValueError, match=flag):
-            klass([p], **{flag: True})
+    # torch's flags where torch's class takes them, every one where torch has no such class
+    takes = inspect.signature(getattr(torch.optim, spec.torch_class)).parameters if spec.torch_class else None
+    for flag, value in (("foreach", True), ("fused", True), ("capturable", True), ("differentiable", True)):
+        if takes is not None and flag not in takes:
+            with pytest.raises(TypeError, match=flag):
+                klass([p], **{flag: value})
+        elif flag in ("capturable", "differentiable"):
+            with pytest.raises(ValueError, match=flag):
+                klass([p], **{flag: value})
+        else:
+            klass([p], **{flag: value, **({"foreach": False} if flag == "fused" else {})})
     for bad in (0.0, -1.0, float("nan"), float("inf"), "1"):
         with pytest.raises(ValueError, match="clip_grad_norm"):
             klass([p], clip_grad_norm=bad)

@@ -6,8 +6,8 @@
 One torch.optim.Optimizer subclass per registry optimizer (fastopt/specs.py), generated from its spec:
 torch.optim's constructor arguments, positional order, defaults and errors where torch has the optimizer
 (torch's own constructor checks the arguments first, on a stand-in param, so what it refuses is refused with
-its exception; foreach/fused accepted, checked by torch's rules, ignored; capturable/differentiable=True
-refused); fastopt's extras (clip_grad_norm=, skip_nonfinite=) keyword-only. step(closure=None) reads p.grad;
+its exception; foreach/fused accepted where torch's class takes them, checked by torch's rules, ignored;
+capturable/differentiable=True refused); fastopt's extras (clip_grad_norm=, skip_nonfinite=) keyword-only. step(closure=None) reads p.grad;
 state, state_dict(), param groups, hooks, lr schedulers and torch.amp.GradScaler work as with torch.optim.
 Updates land in place in the params' own storage (any dense layout) and bump autograd's version counters.
 Complex params are updated as torch.optim updates them, as pairs of independent reals (not by LAMB and LARS:
@@ -57,7 +57,7 @@ def make_class(spec: OptimizerSpec) -> type:
         values = dict(bound.arguments)
         params = values.pop("params")
         options = {name: values.pop(name) for name in extras}
-        arguments.check_flags(values)  # capturable/differentiable=True: refused, even where torch lacks them
+        arguments.check_flags(values)  # capturable/differentiable=True: refused (where torch's class takes them)
         arguments.check_as_torch(spec, values)  # torch's errors, where torch has the optimizer
         defaults = {key: values[key] if key in values else spec.torch_group_flags[key] for key in group_keys}
         for key in arguments.constructor_tuples(spec):

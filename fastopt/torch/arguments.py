@@ -70,8 +70,13 @@ def signature(spec: OptimizerSpec) -> inspect.Signature:
     """The constructor's signature: params, torch's positional arguments in torch's order, then every
     other group key, torch's flags and fastopt's extras, keyword-only."""
     defaults = group_defaults(spec)
+    klass = torch_class(spec)
+    # torch's flags where torch's class takes them (torch.optim.RMSprop has no fused=: a TypeError there and
+    # here); every one where torch has no such class
+    takes = inspect.signature(klass).parameters if klass is not None else None
     for flag, value in {**IGNORED_FLAGS, **{k: False for k in REJECTED_FLAGS}}.items():
-        defaults.setdefault(flag, value)
+        if takes is None or flag in takes:
+            defaults.setdefault(flag, value)
     P = inspect.Parameter
     params = [P("params", P.POSITIONAL_OR_KEYWORD)]
     positional = positional_names(spec)
