@@ -86,14 +86,23 @@ def bench(shape, repeat, dtype=np.float32):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--threads", default=None,
                     help="torch thread counts to run, comma-separated (default: torch's own)")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
+    # checked before the run: each would end in a traceback (min() of no times, int() or torch's thread count)
+    if args.repeat < 1:
+        ap.error(f"argument --repeat: invalid number of repeats {args.repeat} (>= 1)")
+    try:
+        counts = [int(x) for x in args.threads.split(",")] if args.threads else None
+        if counts is not None and (not counts or min(counts) < 1):
+            raise ValueError
+    except ValueError:
+        ap.error(f"argument --threads: invalid thread counts {args.threads!r} (comma-separated integers >= 1)")
     import torch
-    counts = [int(x) for x in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    counts = counts or [torch.get_num_threads()]
     runs = []
     for threads in counts:
         torch.set_num_threads(threads)

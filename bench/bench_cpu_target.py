@@ -9,6 +9,8 @@ are kept in the row under "attempts".
 
 Usage: python bench/bench_cpu_target.py OUT.json DEADLINE_S [optimizer ...]
 """
+import argparse
+import math
 import os
 import sys
 import time
@@ -16,7 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastopt import benchmark  # noqa: E402
-from fastopt.cli_args import write_json  # noqa: E402
+from fastopt.cli_args import UsageError, check_output_path, write_json  # noqa: E402
 from fastopt.specs import REGISTRY  # noqa: E402
 
 ATTEMPTS = 3
@@ -48,7 +50,7 @@ def attempt_summary(row):
             "spread": row["spread"]}
 
 
-def main(out_path, deadline_s, names):
+def run(out_path, deadline_s, names):
     deadline = time.time() + deadline_s
     report = None
     for name in names:
@@ -76,5 +78,28 @@ def main(out_path, deadline_s, names):
     print(benchmark.markdown_table(report))
 
 
+def main(argv=None):
+    intro, _, method = __doc__.split("Usage:")[0].strip().partition("\n\n")
+    ap = argparse.ArgumentParser(description=intro, epilog=method)
+    ap.add_argument("out", metavar="OUT", help="the JSON report (its directory must exist)")
+    ap.add_argument("deadline_s", metavar="DEADLINE_S", type=float,
+                    help="seconds after which an attempt no longer waits for idle cores (inf: always waits)")
+    ap.add_argument("names", metavar="OPTIMIZER", nargs="*", default=[],
+                    help="registry optimizers to run (default: all)")
+    args = ap.parse_args(argv)
+    if math.isnan(args.deadline_s) or args.deadline_s < 0:  # inf: always wait for idle cores
+        ap.error(f"argument DEADLINE_S: invalid number of seconds {args.deadline_s} (>= 0)")
+    unknown = [n for n in args.names if n not in REGISTRY]
+    if unknown:
+        ap.error(f"argument OPTIMIZER: unknown optimizer(s) {', '.join(map(repr, unknown))}; known: "
+                 f"{', '.join(REGISTRY)}")
+    try:  # before hours of measurement, not after
+        check_output_path("OUT", args.out)
+    except UsageError as e:
+        ap.error(str(e))
+    run(args.out, args.deadline_s, args.names or list(REGISTRY))
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]), sys.argv[3:] or list(REGISTRY))
+    sys.exit(main())

@@ -121,7 +121,7 @@ def worker(rank: int, world: int, init: str, out: str, threads: int, rounds: int
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch and OpenMP threads per rank")
     ap.add_argument("--rounds", type=int, default=9)

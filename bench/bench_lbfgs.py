@@ -27,7 +27,7 @@ import fastopt  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     ap.add_argument("--history", type=int, default=10)

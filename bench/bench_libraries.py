@@ -525,7 +525,7 @@ def _git_commit():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=float, default=1e7)
     ap.add_argument("--tensors", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)

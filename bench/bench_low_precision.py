@@ -165,12 +165,19 @@ def measure_step_overhead(threads, reps=7, steps=200):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=float, default=1e7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    # checked before the long run: each would end in a traceback (min() of no times, a division by n)
+    if not 1 <= args.n < float("inf"):
+        ap.error(f"argument --n: invalid number of params {args.n:g} (finite, >= 1)")
+    if args.threads < 1:
+        ap.error(f"argument --threads: invalid number of threads {args.threads} (>= 1)")
+    if args.reps < 1:
+        ap.error(f"argument --reps: invalid number of repetitions {args.reps} (>= 1)")
     from fastopt.benchmark import machine_info
     load_before = os.getloadavg()
     rows = measure(int(args.n), args.threads, args.reps)

@@ -91,13 +91,25 @@ def bench_shape(shape, repeat, torch):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="768x768,768x3072,3072x768")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--json", default=None, help="write the rows and the machine here")
     args = ap.parse_args(argv)
+    # checked before the run: each would end in a traceback (Muon's 2-D check, int(), torch's thread count)
+    try:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+            raise ValueError
+    except ValueError:
+        ap.error(f"argument --shapes: invalid shapes {args.shapes!r} (comma-separated ROWSxCOLS, Muon's params "
+                 "are 2-D, each size >= 1)")
+    if args.repeat < 1:
+        ap.error(f"argument --repeat: invalid number of repeats {args.repeat} (>= 1)")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"argument --threads: invalid number of threads {args.threads} (>= 1)")
     torch = None
     if not args.no_torch:
         try:
@@ -114,7 +126,6 @@ def main(argv=None):
         limiter = threadpool_limits(threads) if threads else None
     except ImportError:
         limiter = None
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows = []
     print(f"{'shape':>10} {'GFLOP':>6} {'step ms':>9} {'matmul ms':>10} {'ratio':>6} {'torch ms':>9}")
     for shape in shapes:

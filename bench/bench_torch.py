@@ -3,14 +3,13 @@
     .venv/bin/python bench/bench_torch.py [--quick] [--threads 1,2] [--out FILE]
 
 An entry point: the benchmark is fastopt/benchmark_torch.py (what it measures and the targets are
-described there); `fastopt bench --torch` runs the same."""
+described there); `fastopt bench --torch` runs the same. --quick is a smoke run, not for the record: its
+JSON is written to an explicit --out only."""
 import os
 import sys
 
 from fastopt.benchmark_torch import main
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if "--out" not in argv:
-        argv += ["--out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "torch-cpu.json")]
-    sys.exit(main(argv))
+    sys.exit(main(sys.argv[1:], default_out=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                         "torch-cpu.json")))

@@ -3,7 +3,8 @@ bench/results/train-cpu.json.
 
     .venv/bin/python bench/bench_train.py [--repeats 3] [--quick] [--threads N|default] [--out FILE]
 
-An entry point: the benchmark is fastopt/benchmark_train.py (cases and method described there)."""
+An entry point: the benchmark is fastopt/benchmark_train.py (cases and method described there). --quick is
+a smoke run, not for the record: its JSON is written to an explicit --out only."""
 import os
 import sys
 
@@ -15,7 +16,5 @@ if "--threads" in sys.argv[:-1] and sys.argv[sys.argv.index("--threads") + 1] !=
 from fastopt.benchmark_train import main  # noqa: E402
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if "--out" not in argv:
-        argv += ["--out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train-cpu.json")]
-    sys.exit(main(argv))
+    sys.exit(main(sys.argv[1:], default_out=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                         "train-cpu.json")))

@@ -33,6 +33,7 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
+    """Threads of the CPU kernels (set_num_threads; 1 without the compiled extension)."""
     from fastopt.backends import cython_backend
     return cython_backend.get_num_threads()
 

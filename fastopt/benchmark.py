@@ -303,7 +303,8 @@ def markdown_table(report):
     lines.append("")
     load = (f"; load average {report['load_average_at_start'][0]:.1f} at the start, "
             f"{report['load_average_at_end'][0]:.1f} at the end" if "load_average_at_start" in report else "")
-    lines.append(f"{m['cpu']}, {m['threads']} threads, numpy {m['numpy']}, torch {m.get('torch')}; float32{load}; "
+    threads = f"{m['threads']} thread{'s' if m['threads'] != 1 else ''}"
+    lines.append(f"{m['cpu']}, {threads}, numpy {m['numpy']}, torch {m.get('torch')}; float32{load}; "
                  f"median of interleaved runs (each variant runs after the others, so it starts mostly out of cache). "
                  f"Ratios > 1: fastopt is faster. GB/s: bytes the update must move / time; of ceiling: "
                  f"time of a loop with the same reads and writes and trivial math / time (paired: median over "

@@ -1,6 +1,6 @@
 """Sharded-optimizer benchmark (MPI, CPU), recorded in bench/results/distributed-cpu.json with machine info.
 
-    .venv/bin/python bench/bench_distributed.py [--worlds 1,2,3,4] [--sizes 1e6,1e7]   (writes the JSON)
+    .venv/bin/python bench/bench_distributed.py [--worlds 1,2,3,4] [--sizes 1e6,1e7]   (writes the JSON unless --quick)
     .venv/bin/python -m fastopt.benchmark_distributed [--quick] [--out FILE]         (prints; FILE when given)
 
 For each world size the benchmark starts `mpiexec -n W python -m mpi4py -m fastopt.benchmark_distributed
@@ -203,16 +203,21 @@ def markdown_table(rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, default_out=None):
+    """The command line (bench/bench_distributed.py's too). default_out: where a full run writes its report when
+    --out is not given (the wrapper's record); --quick is a smoke run, not for the record: written to an
+    explicit --out only."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worlds", default="1,2,3,4")
     ap.add_argument("--sizes", default="1000000,10000000")
     ap.add_argument("--calls", type=int, default=None, help="calls per timed block (default: by size)")
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per rank (default 1: on a small shared "
                     "machine an OpenMP team whose threads get descheduled waits at every barrier)")
-    ap.add_argument("--quick", action="store_true", help="one small size, 2 rounds of 5 calls (a smoke run)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="one small size, 2 rounds of 5 calls (a smoke run, not "
+                    "for the record: no JSON written unless --out is given)")
+    ap.add_argument("--out", default=None, help="write the JSON report here (bench/bench_distributed.py: "
+                    "bench/results/distributed-cpu.json, except with --quick)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     sizes = [int(float(s)) for s in args.sizes.split(",") if s]
@@ -230,8 +235,9 @@ def main(argv=None):
                         "all-gather)",
               "threads_per_rank": args.threads, "rows": run(worlds, sizes, calls, args.rounds, args.threads)}
     print(markdown_table(report["rows"]))
-    if args.out:
-        write_json(args.out, report)
+    out = args.out if args.out is not None else (None if args.quick else default_out)
+    if out:
+        write_json(out, report)
     return 0
 
 

@@ -221,7 +221,7 @@ CASES = ("overhead", "small_arrays", "clip_skip", "host_cost")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few repeats (a smoke run, not for the record)")
     ap.add_argument("--out", default=None, help="write the JSON report here (bench/bench_optim.py: "
                     "bench/results/optim-cpu.json)")

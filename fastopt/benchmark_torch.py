@@ -1,7 +1,7 @@
 """fastopt.torch against torch.optim: optimizer step time on real models' parameter lists.
 
     fastopt bench --torch [--threads N] [--repeats R] [--quick] [--out FILE] [--json]
-    .venv/bin/python bench/bench_torch.py            (writes bench/results/torch-cpu.json)
+    .venv/bin/python bench/bench_torch.py            (writes bench/results/torch-cpu.json; not with --quick)
 
 Parameter lists are made from the shapes of real models (nothing is downloaded): GPT-2 small (148
 tensors, 124,439,808 params, the tied LM head counted once), ResNet-50 (161 tensors, 25,557,032 params)
@@ -251,13 +251,16 @@ def markdown_table(report) -> str:
     return "\n".join([head] + [format_row(r) for r in report["runs"]])
 
 
-def main(argv=None) -> int:
-    """bench/bench_torch.py's command line."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, default_out=None) -> int:
+    """bench/bench_torch.py's command line. default_out: where a full run writes its report when --out is not
+    given (the wrapper's record); --quick is a smoke run, not for the record: written to an explicit --out only."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", default="2", help="comma-separated CPU thread counts (default 2)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per case")
-    ap.add_argument("--quick", action="store_true", help="ResNet-50 and 100 x 10,000 only, few rounds")
-    ap.add_argument("--out", default=None, help="write the JSON report here")
+    ap.add_argument("--quick", action="store_true", help="ResNet-50 and 100 x 10,000 only, few rounds (a smoke "
+                    "run, not for the record: no JSON written unless --out is given)")
+    ap.add_argument("--out", default=None, help="write the JSON report here (bench/bench_torch.py: "
+                    "bench/results/torch-cpu.json, except with --quick)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = ap.parse_args(argv)
     try:
@@ -268,7 +271,8 @@ def main(argv=None) -> int:
         ap.error(f"argument --threads: invalid thread counts {args.threads!r} (comma-separated integers >= 1)")
     if args.repeats is not None and args.repeats < 1:
         ap.error(f"argument --repeats: invalid number of repeats {args.repeats} (>= 1)")
-    return report_and_write(run(threads, args.repeats, args.quick, progress=not args.json), args.out, args.json)
+    out = args.out if args.out is not None else (None if args.quick else default_out)
+    return report_and_write(run(threads, args.repeats, args.quick, progress=not args.json), out, args.json)
 
 
 def cli(args) -> int:

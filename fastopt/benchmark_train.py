@@ -1,8 +1,11 @@
 """Per-epoch training time: fastopt's trainer against scikit-learn's MLPClassifier, same architecture,
 batch size, epochs, optimizer (Adam, same learning rate and betas), dtype (float32) and data.
 
-    .venv/bin/python bench/bench_train.py [--repeats 3] [--out bench/results/train-cpu.json]
-    .venv/bin/python -m fastopt.benchmark_train --out FILE [--repeats 3] [--threads N|default]
+    .venv/bin/python bench/bench_train.py [--repeats 3] [--quick] [--out FILE]
+    .venv/bin/python -m fastopt.benchmark_train [--out FILE] [--repeats 3] [--threads N|default]
+
+bench/bench_train.py writes bench/results/train-cpu.json unless --out or --quick (a smoke run, not for the
+record) is given; this module writes FILE when given.
 
 Thread counts (--threads) are environment variables that BLAS and OpenMP read once, when NumPy and
 fastopt load: bench/bench_train.py sets them before importing anything, and the runs this module starts
@@ -22,6 +25,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -86,16 +90,22 @@ def machine():
     return {**machine_info(), "scikit-learn": sklearn.__version__, "fastopt_threads": fastopt.get_num_threads()}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, default_out=None):
+    """The command line (bench/bench_train.py's too). default_out: where a full run writes its report when --out
+    is not given (the wrapper's record); --quick is a smoke run, not for the record: written to an explicit
+    --out only."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", required=True, help="the JSON report (bench/bench_train.py: "
-                        "bench/results/train-cpu.json)")
-    parser.add_argument("--quick", action="store_true", help="digits only, 1 repeat")
+    parser.add_argument("--out", default=None, help="write the JSON report here (bench/bench_train.py: "
+                        "bench/results/train-cpu.json, except with --quick)")
+    parser.add_argument("--quick", action="store_true", help="digits only, 1 repeat (a smoke run, not for the "
+                        "record: no JSON written unless --out is given)")
     parser.add_argument("--threads", default=None,
                         help="BLAS and OpenMP threads for both libraries, or 'default' (unset: run once "
                              "with the machine's defaults and once with 1 thread, each in its own process)")
     args = parser.parse_args(argv)
+    if args.out is None and not args.quick:
+        args.out = default_out
     if args.threads is None:
         return _both_thread_settings(args)
     cases = [("digits", lambda: load_dataset("digits", seed=0), 128, 20, 32, 5e-3)]
@@ -122,39 +132,43 @@ def main(argv=None):
               f"test acc {np.mean(row['fastopt_test_accuracy']):.4f} vs {np.mean(row['sklearn_test_accuracy']):.4f}")
     payload = {"benchmark": "per-epoch training time, fastopt trainer vs sklearn MLPClassifier",
                "threads": args.threads, "machine": machine(), "results": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(payload, f, indent=2)
-    print(f"wrote {args.out}")
+    _write(args.out, payload)
     return 0
+
+
+def _write(out, payload):
+    if out is None:  # printed only: a smoke run (--quick) or no --out
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"wrote {out}")
 
 
 def _both_thread_settings(args):
     """Small matrices and a shared machine make thread counts decisive (idle spinning threads of one
     library slow the other): record the default and the single-threaded setting side by side."""
     runs = {}
-    for threads in ("default", "1"):
-        out = args.out + f".{threads}.tmp"
-        cmd = [sys.executable, "-m", __spec__.name if __spec__ else "fastopt.benchmark_train",
-               "--repeats", str(args.repeats), "--out", out]
-        cmd += ["--quick"] if args.quick else []
-        cmd += ["--threads", threads]  # given, so the child measures instead of recursing
-        env = dict(os.environ)
-        for k in THREAD_VARIABLES:  # in the child's environment before it loads NumPy and fastopt
-            if threads == "default":
-                env.pop(k, None)
-            else:
-                env[k] = threads
-        print(f"-- threads: {threads}")
-        subprocess.run(cmd, check=True, env=env)
-        with open(out) as f:
-            runs[threads] = json.load(f)
-        os.remove(out)
+    with tempfile.TemporaryDirectory() as tmp:  # the children's reports, whether or not this run writes one
+        for threads in ("default", "1"):
+            out = os.path.join(tmp, f"{threads}.json")
+            cmd = [sys.executable, "-m", __spec__.name if __spec__ else "fastopt.benchmark_train",
+                   "--repeats", str(args.repeats), "--out", out]
+            cmd += ["--quick"] if args.quick else []
+            cmd += ["--threads", threads]  # given, so the child measures instead of recursing
+            env = dict(os.environ)
+            for k in THREAD_VARIABLES:  # in the child's environment before it loads NumPy and fastopt
+                if threads == "default":
+                    env.pop(k, None)
+                else:
+                    env[k] = threads
+            print(f"-- threads: {threads}")
+            subprocess.run(cmd, check=True, env=env)
+            with open(out) as f:
+                runs[threads] = json.load(f)
     payload = {"benchmark": runs["1"]["benchmark"], "machine": runs["1"]["machine"],
                "by_threads": {k: v["results"] for k, v in runs.items()}}
-    with open(args.out, "w") as f:
-        json.dump(payload, f, indent=2)
-    print(f"wrote {args.out}")
+    _write(args.out, payload)
     return 0
 
 

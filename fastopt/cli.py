@@ -113,7 +113,10 @@ def build_parser():
     parser = Parser(prog="fastopt", description="Fused optimizer-update kernels.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="benchmark the update kernels")
+    bench = sub.add_parser("bench", help="benchmark the update kernels",
+                           description="Benchmark the update kernels: every optimizer's step against the NumPy "
+                                       "reference, torch.optim and a same-pattern bandwidth ceiling (--device gpu: "
+                                       "the GPU benchmark; --torch: fastopt.torch against torch.optim).")
     bench.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     # >= 100: the list variant splits N elements into 100 arrays
     bench.add_argument("--sizes", type=listing(integer("size", low=100, allow_exponent=True), "sizes"), default=None,
@@ -123,7 +126,7 @@ def build_parser():
     bench.add_argument("--repeats", type=integer("number of repeats", low=1), default=None,
                        help="timed repetitions per variant")
     bench.add_argument("--threads", type=integer("number of threads", low=1), default=None,
-                       help="CPU threads (default: all)")
+                       help="CPU threads (default: OMP_NUM_THREADS, else all cores)")
     bench.add_argument("--out", default=None, help="write the JSON results here (the directory must exist)")
     bench.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -133,7 +136,8 @@ def build_parser():
     bench.add_argument("--dry-run", action="store_true",
                        help="with --device gpu: print the cases, variants and memory per case, run nothing")
     bench.set_defaults(func=_cmd_bench, _parser=bench)
-    info = sub.add_parser("info", help="versions, backends, GPU")
+    info = sub.add_parser("info", help="versions, backends, GPU",
+                          description="Print the versions, the CPU backend and threads, the optimizers and the GPU.")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_cmd_info, _parser=info)
     return parser, sub
@@ -158,7 +162,9 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the command's parser ("fastopt compare: error: ..."), not the top level's
+            args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # usage errors (2), --help and --version (0)
         return _exit_code(e)
     command = f"fastopt {args.command}"

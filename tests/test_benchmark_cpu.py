@@ -3,6 +3,11 @@ the byte count of its own states and a ceiling kernel of the same access pattern
 sizes: this checks the harness, not the speed (bench/results holds recorded runs)."""
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+import runpy
+import sys
+
 import numpy as np
 import pytest
 
@@ -98,3 +103,54 @@ def test_machine_info_names_the_extensions_the_kernels_dispatch_on(report, tmp_p
     info = benchmark.machine_info()
     assert info["cpu"] == "Test CPU"
     assert info["cpu_features"] == ["avx2", "fma", "avx512f", "avx512_bf16"]
+
+
+# ------------------------------------------------------------------------ bench/bench_cpu.py, bench_cpu_target.py
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run_script(path, argv, monkeypatch):
+    """Run a script as `python path *argv` would, in this process; its exit code (0 when it returns)."""
+    monkeypatch.setattr(sys, "argv", [str(path), *argv])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # bench_cpu_target.py puts the repository first
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as e:
+        return e.code or 0
+    return 0
+
+
+def _load_cpu_target(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    path = BENCH / "bench_cpu_target.py"
+    spec = importlib.util.spec_from_file_location("bench_cpu_target", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return path, module
+
+
+def test_bench_cpu_target_parses_its_arguments(tmp_path, monkeypatch, capsys):
+    """bench/bench_cpu_target.py read sys.argv[1] and float(sys.argv[2]): --help ended in an IndexError, and
+    `--help 60` started the hours-long run, to write a file named --help."""
+    path, module = _load_cpu_target(monkeypatch)
+    runs = []
+    monkeypatch.setattr(module, "run", lambda *args: runs.append(args))
+    out = str(tmp_path / "out.json")
+    assert module.main([out, "60", "adam", "lion"]) == 0
+    assert module.main([out, "0"]) == 0
+    assert runs == [(out, 60.0, ["adam", "lion"]), (out, 0.0, list(REGISTRY))]
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the benchmark ran")
+    monkeypatch.setattr(benchmark, "run", ran)
+    monkeypatch.chdir(tmp_path)
+    assert _run_script(path, ["--help", "60"], monkeypatch) == 0
+    assert "OUT DEADLINE_S [OPTIMIZER ...]" in capsys.readouterr().out and not (tmp_path / "--help").exists()
+    for argv, words in (([], "required: OUT, DEADLINE_S"), ([out, "soon"], "DEADLINE_S: invalid float value: 'soon'"),
+                        ([out, "-1"], "DEADLINE_S: invalid number of seconds -1.0"),
+                        ([out, "60", "adam", "foo"], "unknown optimizer(s) 'foo'"),
+                        ([str(tmp_path / "missing" / "out.json"), "60"], "does not exist")):
+        assert _run_script(path, argv, monkeypatch) == 2, argv
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("bench_cpu_target.py: error: ") and words in last, last

@@ -63,6 +63,22 @@ def test_main_returns_exit_codes_instead_of_raising(capsys):
     assert_usage_error(code, err, "frobnicate")
 
 
+@pytest.mark.parametrize("command", ["bench", "info", "train", "compare", "search"])
+def test_an_unknown_option_is_named_by_its_command(capsys, command):
+    """`fastopt compare -o adam` said "fastopt: error: unrecognized arguments: -o adam (see fastopt --help)"."""
+    argv = ["-o", "adam"] if command in ("bench", "info", "compare") else ["--optimizers", "adam"]  # train's -o
+    code, out, err = run_cli(capsys, command, *argv)
+    assert code == 2 and not out
+    assert err == f"fastopt {command}: error: unrecognized arguments: {' '.join(argv)} (see fastopt {command} --help)\n"
+
+
+@pytest.mark.parametrize("command", ["bench", "info"])
+def test_each_command_describes_itself(capsys, command):
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0 and out.split("\n\n")[1].rstrip().endswith(".")
+    assert "\noptions:" not in "\n" + out.split("\n\n")[1]  # a description before the options
+
+
 def test_python_m_fastopt():
     version = python_m("--version")
     assert version.returncode == 0 and version.stdout.strip() == f"fastopt {fastopt.__version__}"
