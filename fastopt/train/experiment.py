@@ -73,7 +73,7 @@ TUNED_FOR = "adam"
 #   adafactor  lr is its relative step cap (rho = min(lr, 1/sqrt(t)), scaled by the param's RMS); 3x: digits
 #            0.969/0.994, diabetes 0.482/0.532; 1x: 0.961/0.986, 0.483/0.533; 0.3x: 0.944/0.958, 0.320/0.339.
 #            The registry ratio (10x, torch's 1e-2) is not used: 3x is the measured one
-#   muon     Muon's own lr (its AdamW part takes the data set's Adam rate, adamw_lr); 1x: digits 0.972/0.992;
+#   muon     Muon's own lr (its AdamW part takes the data set's Adam rate, adamw_lr); 1x: digits 0.975/0.992;
 #            2x: 0.975/0.994; 5x: 0.978/0.989. Diabetes needs a hidden layer (MLP 10-16-1, 30 epochs, cosine
 #            from 0.01; Adam 0.491/0.525): 1x 0.493/0.534, 2x 0.449/0.508, 3x 0.414/0.482: 1x fits both
 #   sparse_adam  every row present in each gradient, so it is Adam (lazy and dense agree): 1x gives Adam's
