@@ -100,9 +100,12 @@ def _torch_bfloat16(t, name):
 
 
 def to_host(a):
-    """A NumPy copy of an array (CuPy and Numba device arrays come back from the device)."""
+    """A NumPy copy of an array (CuPy and Numba device arrays come back from the device; a torch tensor from
+    any device, its lazy conjugation and negation resolved, bfloat16 as ml_dtypes' bfloat16)."""
     if type(a).__module__.startswith("cupy"):
         return a.get()
+    if type(a).__module__.startswith("torch") and hasattr(a, "resolve_neg"):
+        a = a.detach().cpu().resolve_conj().resolve_neg()
     if hasattr(a, "copy_to_host"):  # Numba device array
         return a.copy_to_host()
     return np.array(as_numpy(a, "state"), copy=True)

@@ -722,12 +722,7 @@ def _host_array(x, where: str) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
     if type(x).__module__.startswith("torch"):
-        t = x.detach().cpu()
-        if str(t.dtype) == "torch.bfloat16":
-            import ml_dtypes
-            import torch
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
+        return to_host(x)
     try:
         return to_host(x)
     except TypeError:

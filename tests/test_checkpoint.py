@@ -259,6 +259,52 @@ def test_bad_state_dicts_name_the_problem_and_change_nothing(edit, match, rng):
     assert_same(target, before)
 
 
+@pytest.mark.parametrize("name, change", [("adam", {"amsgrad": True}), ("adamw", {"amsgrad": True}),
+                                          ("rmsprop", {"centered": True}), ("rmsprop", {"momentum": 0.5}),
+                                          ("sgd", {"momentum": 0.9}), ("lion", {"weight_decay": 0.1})])
+@pytest.mark.parametrize("via", ["file", "state_dict"])
+def test_a_state_switched_on_between_steps_is_saved_and_loaded(name, change, via, tmp_path, rng):
+    """amsgrad (or RMSprop's centered/momentum) set in param_groups between steps: the next step makes the new
+    state. A checkpoint saved before that step lacks it for the whole group; it loaded as "missing
+    max_exp_avg_sq", even into the optimizer that saved it. It now loads, and the run goes on bit for bit."""
+    spec = REGISTRY[name]
+    params = make_params(rng)
+    grads = grad_stream(rng, params, 7)
+    whole, part = (make_opt(spec, [p.copy() for p in params]) for _ in range(2))
+    for g in grads[:3]:
+        whole.step(g)
+        part.step(g)
+    for opt in (whole, part):
+        opt.param_groups[1].update(change)  # (group 0 starts with OPTIONS)
+    # a state dict has no params (torch's layout): the fresh optimizer's are the saved run's; a file has them
+    fresh = make_opt(spec, [np.zeros_like(p) if via == "file" else p.copy() for p in part.params])
+    if via == "file":
+        fastopt.save(tmp_path / "c.npz", part)
+        fastopt.load(tmp_path / "c.npz", fresh)
+    else:
+        fresh.load_state_dict(part.state_dict())
+    part.load_state_dict(part.state_dict())  # into the optimizer that saved it, too
+    for g in grads[3:]:
+        for opt in (whole, part, fresh):
+            opt.step([a.copy() for a in g])
+    for a, b, c in zip(all_arrays(whole), all_arrays(part), all_arrays(fresh)):
+        assert a.tobytes() == b.tobytes() == c.tobytes()
+
+
+def test_an_optional_state_saved_for_part_of_a_group_is_refused(rng):
+    params = make_params(rng)
+    opt = make_opt(REGISTRY["adam"], [p.copy() for p in params])  # group 0: amsgrad (OPTIONS)
+    opt.step([np.ones_like(p) for p in params])
+    sd = opt.state_dict()
+    del sd["state"][1]["max_exp_avg_sq"]  # param 0 of the group has it, param 1 not: a damaged state dict
+    target = make_opt(REGISTRY["adam"], [p.copy() for p in params])
+    target.step([np.full(p.shape, 0.5, p.dtype) for p in params])
+    before = snapshot(target)
+    with pytest.raises(CheckpointError, match="state of param 1 is missing max_exp_avg_sq"):
+        target.load_state_dict(sd)
+    assert_same(target, before)
+
+
 def test_schedule_state_is_checkpointed(tmp_path, rng):
     p = rng.standard_normal(5)
     plateau = schedules.ReduceLROnPlateau(0.1, patience=0)
@@ -280,6 +326,32 @@ def torch_kwargs(spec):
     kw = dict(OPTIONS.get(spec.name, {}))
     kw["lr"] = LR.get(spec.name, 1e-2)
     return kw
+
+
+@pytest.mark.parametrize("spec", TORCH_SPECS, ids=[s.name for s in TORCH_SPECS])
+def test_a_torch_state_dict_of_bfloat16_params_loads(spec, rng):
+    """torch.optim keeps bfloat16 state for bfloat16 params; load_torch_state_dict failed on every one ("Got
+    unsupported ScalarType BFloat16"). The loaded state holds torch's values (exact in fastopt's float32)."""
+    torch = pytest.importorskip("torch")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    shapes = [(13,), (4, 6), (1,)]
+    tparams = [torch.from_numpy(rng.standard_normal(s)).to(torch.bfloat16) for s in shapes]
+    theirs = getattr(torch.optim, spec.torch_class)(tparams, **torch_kwargs(spec))
+    for _ in range(3):
+        for p in tparams:
+            p.grad = torch.from_numpy(rng.standard_normal(p.shape)).to(torch.bfloat16)
+        theirs.step()
+    params = [p.float().numpy().astype(ml_dtypes.bfloat16) for p in tparams]
+    ours = getattr(fastopt, spec.class_name)(params, **torch_kwargs(spec))
+    ours.load_torch_state_dict(theirs.state_dict(), **({"step": 3} if spec.name == "sgd" else {}))
+    assert ours.steps(0) == 3
+    for i, p in enumerate(tparams):
+        saved = {k: v for k, v in theirs.state[p].items() if torch.is_tensor(v) and v.dtype == torch.bfloat16}
+        assert saved
+        mine = ours.state_arrays(i)
+        for name, value in saved.items():
+            name = {theirs_: ours_ for ours_, theirs_ in spec.torch_state_names.items()}.get(name, name)
+            assert np.array_equal(np.asarray(mine[name], np.float32), value.float().numpy()), name
 
 
 @pytest.mark.parametrize("spec", TORCH_SPECS, ids=[s.name for s in TORCH_SPECS])
