@@ -697,6 +697,22 @@ def check_state(state: dict, n: int, dtype, xp) -> dict:
     return out
 
 
+def check_resumable(state: dict, history_size: int) -> None:
+    """ValueError unless a checked state past its first iteration (n_iter > 0) holds what the next step reads, as
+    torch's LBFGS saves it: the last direction d and step t, the history (old_dirs, old_stps, ro: at most
+    history_size pairs), H_diag and prev_flat_grad. (`al` is scratch, written before it is read: load pads it.)"""
+    n_iter = state.get("n_iter", 0)
+    if not n_iter:
+        return
+    missing = [k for k in ("d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad") if state.get(k) is None]
+    if missing:
+        raise ValueError(f"LBFGS state after {n_iter} iteration(s) lacks {', '.join(repr(k) for k in missing)}, "
+                         f"which the next step reads")
+    pairs = len(state["old_dirs"])
+    if pairs > history_size:
+        raise ValueError(f"LBFGS state holds {pairs} history pairs, more than history_size={history_size}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The NumPy / CuPy class
 # ---------------------------------------------------------------------------------------------------
@@ -926,6 +942,8 @@ class LBFGS:
         check_group(new_group)
         vec = self._check_params()
         states = state_dict["state"]
+        if not isinstance(states, dict):
+            raise TypeError(f"state_dict['state'] must be a dict, got {type(states).__name__}")
         if len(states) > 1:
             raise ValueError(f"LBFGS keeps its state under the first param; the state dict has {len(states)} entries")
         new_state = {}
@@ -933,7 +951,13 @@ class LBFGS:
             (key, entry), = states.items()
             if key != ids[0]:
                 raise ValueError(f"LBFGS keeps its state under the first param ({ids[0]}), got {key!r}")
+            if not isinstance(entry, dict):
+                raise TypeError(f"state_dict['state'][{key!r}] must be a dict, got {type(entry).__name__}")
             new_state[0] = check_state(dict(entry), vec.n, vec.dtype, vec.xp)
+            check_resumable(new_state[0], new_group["history_size"])
+            al = new_state[0].get("al")
+            if al is not None and len(al) < new_group["history_size"]:  # saved with a smaller history_size
+                new_state[0]["al"] = al + [None] * (new_group["history_size"] - len(al))
         group.update(saved)
         self.state = new_state
 

@@ -600,6 +600,56 @@ def test_load_state_dict_checks_before_changing():
     assert np.array_equal(now["state"][0]["prev_flat_grad"], good["state"][0]["prev_flat_grad"])
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda st: st.pop("d"), "lacks 'd'"), (lambda st: st.__setitem__("d", None), "lacks 'd'"),
+    (lambda st: st.pop("t"), "lacks 't'"), (lambda st: st.pop("prev_flat_grad"), "lacks 'prev_flat_grad'"),
+    (lambda st: st.pop("H_diag"), "lacks 'H_diag'"),
+    (lambda st: [st.pop(k) for k in ("old_dirs", "old_stps", "ro")], "lacks 'old_dirs', 'old_stps', 'ro'"),
+])
+def test_load_state_dict_refuses_a_state_the_next_step_cannot_read(edit, match):
+    """A state past its first iteration without what the next step reads was loaded, and every later step
+    failed with an unrelated error (UFuncTypeError, TypeError on None): refused at load, nothing changed."""
+    f, init = _objective("logreg", 61, torch.float64)
+    arrays = [t.numpy().copy() for t in init]
+    opt = fastopt.LBFGS(arrays, max_iter=3, history_size=4)
+    closure = _numpy_closure(f, arrays)
+    for _ in range(2):
+        opt.step(closure)
+    bad = copy.deepcopy(opt.state_dict())
+    edit(bad["state"][0])
+    before = opt.state_dict()
+    params = [a.copy() for a in arrays]
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(bad)
+    with pytest.raises(TypeError, match=r"state_dict\['state'\] must be a dict"):
+        opt.load_state_dict({"state": [bad["state"][0]], "param_groups": bad["param_groups"]})
+    now = opt.state_dict()
+    assert now["state"][0]["n_iter"] == before["state"][0]["n_iter"]
+    assert np.array_equal(now["state"][0]["d"], before["state"][0]["d"])
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, params))
+    opt.step(closure)  # still usable
+
+
+def test_a_state_saved_with_a_smaller_history_loads_into_a_larger_one():
+    """`al` is scratch sized by history_size; a state saved with history_size=3 loaded into one with 6 failed
+    at the step (IndexError). It is padded; too many history pairs for the new size are refused."""
+    f, init = _objective("logreg", 61, torch.float64)
+    arrays = [t.numpy().copy() for t in init]
+    small = fastopt.LBFGS(arrays, max_iter=4, history_size=3)
+    closure = _numpy_closure(f, arrays)
+    small.step(closure)
+    sd = small.state_dict()
+    assert len(sd["state"][0]["old_dirs"]) == 3
+    sd["param_groups"][0]["history_size"] = 6
+    larger = fastopt.LBFGS([a.copy() for a in arrays], max_iter=4, history_size=6)
+    larger.load_state_dict(sd)
+    for _ in range(3):
+        larger.step(_numpy_closure(f, larger.param_groups[0]["params"]))
+    sd["param_groups"][0]["history_size"] = 2
+    with pytest.raises(ValueError, match="3 history pairs, more than history_size=2"):
+        larger.load_state_dict(sd)
+
+
 def test_autograd_version_counter():
     """A graph that saved a param before the step raises instead of giving a wrong gradient, as with torch."""
     f, init = _objective("logreg", 71, torch.float64)
