@@ -99,7 +99,12 @@ _TEMP_NAME = re.compile(r"\.fastopt-([0-9a-f]{16})-([0-9]{1,10})-[0-9a-f]{8}\.np
 
 def _require_optimizer(opt):
     if not isinstance(opt, Optimizer):
-        raise TypeError(f"expected a fastopt optimizer (fastopt.Adam, ...), got {type(opt).__name__}")
+        name = type(opt).__name__
+        # the composite classes (Adafactor, Muon, SparseAdam, LBFGS) keep torch's state dict layout instead
+        hint = (f"; {name} keeps its state in state_dict(): save that (pickle, torch.save) and restore it with "
+                f"load_state_dict()" if callable(getattr(opt, "state_dict", None)) else "")
+        raise TypeError(f"fastopt.save and fastopt.load take the registry optimizer classes (fastopt.Adam, ...), "
+                        f"got {name}{hint}")
 
 
 def _temp_stem(target_name: str) -> str:
@@ -243,7 +248,7 @@ def write_atomic(path, write: Callable[[BinaryIO], None]) -> None:
     target's permission bits kept, fsync, rename over the target, fsync of the directory. A crash at any
     point leaves the old file (or none), never a partial one. Used by save() and by the sharded
     checkpoints of fastopt.distributed."""
-    path = os.fspath(path)
+    path = os.fsdecode(os.fspath(path))  # a bytes path too: the temporaries are named and matched as str
     directory = os.path.dirname(os.path.abspath(path))
     stem = _temp_stem(os.path.basename(path))
     _remove_stale_temps(directory, stem)

@@ -546,6 +546,9 @@ def to_torch_state_dict(opt) -> dict:
     names = spec.torch_state_names  # the spec's hooks say where torch keeps its state differently
     sd = state_dict(opt)
     steps = opt.export_state().steps
+    # torch's scalar state (step counts, NAdam's mu_product, ASGD's eta and mu) is in its _get_scalar_dtype():
+    # float64 under a float64 default dtype, else float32
+    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
     state = {}
     for gi, group in enumerate(sd["param_groups"]):
         t = steps[gi]
@@ -556,7 +559,7 @@ def to_torch_state_dict(opt) -> dict:
                 continue  # torch has no state for a param before its first step (Adagrad: it has)
             out = {}
             if spec.torch_step:
-                out["step"] = torch.tensor(float(t), dtype=torch.float32)
+                out["step"] = torch.tensor(float(t), dtype=scalar)
             for name, a in entry.items():
                 if name == KAHAN or name.endswith(ABSMAX):  # no compensation in torch; scales: used below
                     continue
@@ -571,7 +574,7 @@ def to_torch_state_dict(opt) -> dict:
                     hp = {h.name: (group["betas"][h.name == "beta2"] if h.name in ("beta1", "beta2")
                                    else group[h.name]) for h in spec.hypers}
                 for name, value in spec.torch_extra_state.items():
-                    out[name] = torch.tensor(value(hp, t), dtype=torch.float32)
+                    out[name] = torch.tensor(value(hp, t), dtype=scalar)
             state[i] = out
     groups = [_torch_tuples(spec, dict(group, **spec.torch_group_flags)) for group in sd["param_groups"]]
     return {"state": state, "param_groups": groups}

@@ -197,6 +197,33 @@ def test_corrupted_checkpoints_raise_and_change_nothing(corrupt, match, tmp_path
     assert_same(target, before)
 
 
+@pytest.mark.parametrize("kind", ["str", "bytes", "pathlib"])
+def test_save_and_load_take_any_path_form(kind, tmp_path, rng):
+    """fastopt.load took a bytes path, fastopt.save failed on one (TypeError matching its temporaries)."""
+    path = {"str": str, "bytes": os.fsencode, "pathlib": lambda p: p}[kind](tmp_path / "c.npz")
+    params = make_params(rng)
+    opt = make_opt(REGISTRY["adam"], [p.copy() for p in params])
+    opt.step([np.ones_like(p) for p in params])
+    fastopt.save(path, opt)
+    fastopt.save(path, opt)  # over the file it wrote
+    fresh = make_opt(REGISTRY["adam"], [np.zeros_like(p) for p in params])
+    fastopt.load(path, fresh)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(all_arrays(fresh), all_arrays(opt)))
+    assert sorted(os.listdir(tmp_path)) == ["c.npz"]
+
+
+@pytest.mark.parametrize("name", ["Adafactor", "Muon", "SparseAdam", "LBFGS"])
+def test_a_composite_optimizer_is_pointed_to_its_state_dict(name, tmp_path):
+    """fastopt.save(path, fastopt.Adafactor(...)) said "expected a fastopt optimizer (fastopt.Adam, ...)"."""
+    import pickle
+    opt = getattr(fastopt, name)([np.ones((3, 4))])
+    for call in (lambda: fastopt.save(tmp_path / "c.npz", opt), lambda: fastopt.load(tmp_path / "c.npz", opt)):
+        with pytest.raises(TypeError, match=f"got {name}; {name} keeps its state in state_dict"):
+            call()
+    assert not list(tmp_path.iterdir())
+    opt.load_state_dict(pickle.loads(pickle.dumps(opt.state_dict())))  # the way the message names
+
+
 def test_missing_file_is_file_not_found(tmp_path, rng):
     opt = make_opt(REGISTRY["adam"], make_params(rng))
     with pytest.raises(FileNotFoundError):
@@ -352,6 +379,44 @@ def test_a_torch_state_dict_of_bfloat16_params_loads(spec, rng):
         for name, value in saved.items():
             name = {theirs_: ours_ for ours_, theirs_ in spec.torch_state_names.items()}.get(name, name)
             assert np.array_equal(np.asarray(mine[name], np.float32), value.float().numpy()), name
+
+
+@pytest.mark.parametrize("default", ["float32", "float64"])
+@pytest.mark.parametrize("spec", TORCH_SPECS, ids=[s.name for s in TORCH_SPECS])
+def test_torch_state_dict_scalars_are_in_torchs_scalar_dtype(spec, default, rng):
+    """torch keeps its scalar state (step, NAdam's mu_product, ASGD's eta and mu) in float64 under a float64
+    default dtype; torch_state_dict wrote float32 always, and torch's run continued from it drifted (NAdam 5.6e-12,
+    ASGD 7.6e-11 in float64). The dtypes are now torch's own, and the continuation is torch's uninterrupted run."""
+    torch = pytest.importorskip("torch")
+    import contextlib
+    from torch_support import default_dtype
+    params = [rng.standard_normal(s) for s in [(13,), (4, 6)]]
+    stream = grad_stream(rng, params, 10)
+    with default_dtype(getattr(torch, default)) if default == "float64" else contextlib.nullcontext():
+        tparams = [torch.from_numpy(p.copy()) for p in params]
+        uninterrupted = getattr(torch.optim, spec.torch_class)(tparams, **torch_kwargs(spec))
+        for g in stream:
+            for p, a in zip(tparams, g):
+                p.grad = torch.from_numpy(a.copy())
+            uninterrupted.step()
+        ours = getattr(fastopt, spec.class_name)([p.copy() for p in params], **torch_kwargs(spec))
+        for g in stream[:4]:
+            ours.step([a.copy() for a in g])
+        sd = ours.torch_state_dict()
+        mine = {k: v.dtype for k, v in sd["state"][0].items() if v.ndim == 0}
+        theirs = {k: v.dtype for k, v in uninterrupted.state_dict()["state"][0].items() if v.ndim == 0}
+        assert mine == theirs
+        resumed = [torch.from_numpy(p.copy()) for p in ours.params]
+        again = getattr(torch.optim, spec.torch_class)(resumed, **torch_kwargs(spec))
+        again.load_state_dict(sd)
+        for g in stream[4:]:
+            for p, a in zip(resumed, g):
+                p.grad = torch.from_numpy(a.copy())
+            again.step()
+    # under a float32 default, torch's running product and fastopt's closed form round apart in float32
+    tol = {"rtol": 1e-13, "atol": 1e-15} if default == "float64" else {"rtol": 1e-6, "atol": 1e-9}
+    for p, q in zip(resumed, tparams):
+        torch.testing.assert_close(p, q, **tol)
 
 
 @pytest.mark.parametrize("spec", TORCH_SPECS, ids=[s.name for s in TORCH_SPECS])
