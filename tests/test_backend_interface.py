@@ -181,3 +181,32 @@ def test_optimizer_asks_prepares_once_not_hasattr():
     """optim.py decides through interface.prepares_once (once per backend resolution), never hasattr."""
     src = open(os.path.join(ROOT, "fastopt", "optim.py")).read()
     assert "prepares_once(" in src and "hasattr(bucket.backend" not in src and 'hasattr(be, "bind' not in src
+
+
+SR_OFFSET_SCRIPT = textwrap.dedent("""
+    import ml_dtypes
+    import numpy as np
+    from numba import cuda
+    import fastopt
+    rng = np.random.default_rng()
+    p = rng.standard_normal(300).astype(ml_dtypes.bfloat16)
+    g = (rng.standard_normal(300) * 1e-3).astype(ml_dtypes.bfloat16)
+    for offset in (2 ** 63 - 5, 2 ** 63 + 5, 2 ** 64 - 3):
+        host = p.copy()
+        fastopt.sgd_step(host, g, lr=0.1, stochastic_rounding=True, seed=7, index_offset=offset)
+        d = cuda.to_device(p)
+        fastopt.sgd_step(d, cuda.to_device(g), lr=0.1, stochastic_rounding=True, seed=7, index_offset=offset)
+        assert d.copy_to_host().view(np.uint16).tolist() == host.view(np.uint16).tolist(), offset
+    print("SR OFFSET SIM OK")
+""")
+
+
+def test_numba_stochastic_rounding_takes_every_64_bit_index_offset():
+    """index_offset is any count in [0, 2^64): the Numba kernels were given np.int64(offset), an OverflowError from
+    2^63 on (the CPU and CuPy take it). The same bits as the CPU's, on the simulator."""
+    pytest.importorskip("numba")
+    pytest.importorskip("ml_dtypes")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", SR_OFFSET_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0 and "SR OFFSET SIM OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -506,7 +506,7 @@ def run(prepared, spec, hp, step, grad_scale, found_inf=None, stochastic=None, t
         elif rounding != ROUND_NEAREST:  # one kernel signature for every family (kernels.make_update_rounded)
             k[f"update_{_SUFFIX[rounding]}"][spec.kernel][grid](
                 P, G, S0, S1, S2, S3, C, table.tensors, table.chunks, h, gs, used, variant, skip,
-                _ones(device, dtype) if coefs is None else coefs, np.int64(key), np.int64(index0))
+                _ones(device, dtype) if coefs is None else coefs, np.int64(key), _bits64(index0))
         elif len(spec.states) > 3:  # a four-state family (Adan): S3 too
             k["update"][spec.kernel][grid](P, G, S0, S1, S2, S3, table.tensors, table.chunks, h, gs, used, variant,
                                            skip)
@@ -532,6 +532,12 @@ def _quantizer_tables(device):
     return tuple(_cuda().to_device(a) for a in quantizer_arrays())
 
 
+def _bits64(value: int) -> np.int64:
+    """An unsigned 64-bit count (a stochastic-rounding index offset, up to 2^64 - 1) as the int64 of the same bits:
+    the kernels read its two 32-bit halves (np.int64 of a value >= 2^63 is an OverflowError)."""
+    return np.int64(value - (1 << 64) if value >= 1 << 63 else value)
+
+
 def _run_int8(spec, lists, kinds, h, gs, used, variant, skip, coefs, rounding, key, index0, device, stream):
     """An update with 8-bit states: one launch of the family's update_q8 kernel (update_q8_kahan / _sr for the
     rounded 16-bit params) over a table of whole quantization blocks, the codes in the states' columns and the
@@ -550,7 +556,7 @@ def _run_int8(spec, lists, kinds, h, gs, used, variant, skip, coefs, rounding, k
     kernel = _kernels(F32, kinds, chunk)[name][spec.kernel]
     kernel[table.nchunks, launch_config()[0], stream](
         P, G, S0, S1, S2, S3, A0, A1, A2, A3, C, table.tensors, table.chunks, h, gs, used, variant, skip,
-        _ones(device, F32) if coefs is None else coefs, np.int64(key), np.int64(index0), maps, mids, buckets,
+        _ones(device, F32) if coefs is None else coefs, np.int64(key), _bits64(index0), maps, mids, buckets,
         np.int64(signed))
 
 
@@ -567,7 +573,7 @@ def _apply(k, spec, grid, table, h, scaled_lr, used, variant, skip, rounding, ke
         k["apply"][spec.kernel][grid](P, S0, S1, S2, table.tensors, table.chunks, h, scaled_lr, used, variant, skip)
     else:
         k[f"apply_{_SUFFIX[rounding]}"][spec.kernel][grid](P, S0, S1, S2, C, table.tensors, table.chunks, h, scaled_lr,
-                                                           used, variant, skip, np.int64(key), np.int64(index0))
+                                                           used, variant, skip, np.int64(key), _bits64(index0))
 
 
 def _trust(k, spec, hp, table, h, gs, used, variant, skip, device, stream, dtype):
