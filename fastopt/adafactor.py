@@ -82,7 +82,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fastopt.arrays import array_device, array_module, as_numpy, check_disjoint, no_self_overlap
+from fastopt.arrays import array_device, array_module, as_numpy, check_disjoint, no_self_overlap, refuse_masked
 from fastopt.blas import one_blas_thread
 from fastopt.grad_guard import GuardedSteps, scaled
 from fastopt.optim import as_param_groups
@@ -176,6 +176,7 @@ def _is_cupy(a) -> bool:
 def as_array(x, name):
     """A NumPy or CuPy array over x's own memory (CuPy for device objects); TypeError otherwise."""
     if isinstance(x, np.ndarray) or _is_cupy(x):
+        refuse_masked(x, name)
         return x
     if array_device(x, name) == "device":
         try:

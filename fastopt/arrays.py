@@ -15,9 +15,17 @@ __all__ = ["array_device", "array_module", "as_numpy", "to_host", "writable_view
            "no_self_overlap", "byte_range", "check_disjoint"]
 
 
+def refuse_masked(x, name="array") -> None:
+    """TypeError for a NumPy masked array: the kernels would read and write the data under the mask."""
+    if type(x) is not np.ndarray and isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array; pass its data (np.ma.getdata) or fill it")
+
+
 def array_device(x, name="array") -> str:
-    """'host' or 'device' for one array-like; TypeError naming it (`name`) for anything else."""
+    """'host' or 'device' for one array-like; TypeError naming it (`name`) for anything else (a masked array
+    too)."""
     if isinstance(x, np.ndarray):
+        refuse_masked(x, name)
         return "host"
     t = type(x)
     mod = t.__module__
@@ -45,8 +53,9 @@ def array_module(a):
 
 def as_numpy(obj, name="array"):
     """A NumPy view of `obj` sharing its memory (so in-place updates land in the caller's memory);
-    TypeError when the object does not expose its memory."""
+    TypeError when the object does not expose its memory (or is a masked array)."""
     if isinstance(obj, np.ndarray):
+        refuse_masked(obj, name)
         return obj
     if type(obj).__module__.startswith(("cupy", "numba")) or hasattr(obj, "__cuda_array_interface__"):
         raise TypeError(f"{name} is a GPU array ({type(obj).__module__}.{type(obj).__name__}) but the arrays "

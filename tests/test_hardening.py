@@ -308,3 +308,43 @@ def test_a_torch_tensor_with_the_negative_bit_is_refused(slot):
         assert np.array_equal(a, b)
     with pytest.raises(TypeError, match="p has torch's negative bit"):
         from_interface(lazy, "p")  # the GPU path: __cuda_array_interface__ drops the bit as DLPack does
+
+
+def _masked(a):
+    return np.ma.masked_array(a, mask=np.zeros(a.shape, bool) | (np.arange(a.size).reshape(a.shape) == 0))
+
+
+@pytest.mark.parametrize("which", ["param", "grad"])
+@pytest.mark.parametrize("name", ["Adafactor", "Muon", "SparseAdam", "sparse_adam_step", "LBFGS"])
+def test_the_composite_optimizers_refuse_masked_arrays(name, which):
+    """The kernels read the data under a mask: the registry classes refused masked arrays, the composite ones
+    took them (SparseAdam's masked index array passed the range check on the unmasked entries, then wrote 8192
+    rows before an IndexError). Refused naming the argument, nothing written."""
+    rng = np.random.default_rng()
+    p = rng.standard_normal((6, 5))
+    g = rng.standard_normal((6, 5))
+    p_arg = _masked(p.copy()) if which == "param" else p.copy()
+    g_arg = _masked(g.copy()) if which == "grad" else g.copy()
+    before = np.ma.getdata(p_arg).copy()
+    label = r"params(\[0\])?" if which == "param" else r"grads(\[0\])?( values)?"
+    with pytest.raises(TypeError, match=label + " is a masked array"):
+        if name == "sparse_adam_step":
+            rows = np.array([0, 3])
+            fastopt.sparse_adam_step(p_arg, (rows, g_arg[:2]), np.zeros((6, 5)), np.zeros((6, 5)), step=1, lr=0.1)
+        elif name == "SparseAdam":
+            fastopt.SparseAdam([p_arg], lr=0.1).step([(np.array([0, 3]), g_arg[:2])])
+        elif name == "LBFGS":
+            fastopt.LBFGS([p_arg], lr=0.1).step(lambda: (1.0, [g_arg]))
+        else:
+            getattr(fastopt, name)([p_arg], lr=0.1).step([g_arg])
+    assert np.array_equal(np.ma.getdata(p_arg), before)
+
+
+def test_a_masked_index_array_is_refused_before_any_row_is_written():
+    p = np.random.default_rng().standard_normal((20000, 4))
+    before = p.copy()
+    indices = np.ma.masked_array(np.append(np.arange(10000), 50000), mask=[False] * 10000 + [True])
+    opt = fastopt.SparseAdam([p], lr=0.1)
+    with pytest.raises(TypeError, match=r"grads\[0\] indices is a masked array"):
+        opt.step([(indices, np.ones((10001, 4)))])
+    assert np.array_equal(p, before) and not opt.state

@@ -41,9 +41,7 @@ class HostArrays:
 
     @staticmethod
     def convert(obj, name):
-        if isinstance(obj, np.ma.MaskedArray):  # the kernels would ignore the mask
-            raise TypeError(f"{name} is a masked array; pass its data (np.ma.getdata) or fill it")
-        return as_numpy(obj, name)
+        return as_numpy(obj, name)  # (a masked array refused there: the kernels would ignore the mask)
 
     @staticmethod
     def pointer(a):
