@@ -149,14 +149,19 @@ def adjusted_lr(lr: float, adjust_lr_fn, shape) -> float:
     (None, "original"), lr * 0.2 * sqrt(max(A, B)) ("match_rms_adamw") or lr * sqrt(A / B) ("spectral_unclamped",
     torch 2.15: Bernstein's scaling, no clamp at 1, so a wide matrix gets a factor below 1). Accepted on every
     torch version (torch < 2.15 has no "spectral_unclamped")."""
+    return lr * lr_ratio(adjust_lr_fn, shape)
+
+
+def lr_ratio(adjust_lr_fn, shape) -> float:
+    """The factor adjusted_lr multiplies the lr by (torch's adjusted_ratio)."""
     a, b = shape[:2]
     if adjust_lr_fn is None or adjust_lr_fn == "original":
-        return lr * math.sqrt(max(1, a / b))
+        return math.sqrt(max(1, a / b))
     if adjust_lr_fn == "match_rms_adamw":
-        return lr * (0.2 * math.sqrt(max(a, b)))
+        return 0.2 * math.sqrt(max(a, b))
     if adjust_lr_fn == "spectral_unclamped":
-        return lr * math.sqrt(a / b)
-    return lr
+        return math.sqrt(a / b)
+    return 1.0
 
 
 # ---- the numerics ------------------------------------------------------------------------------------
@@ -402,9 +407,13 @@ def muon_update(param, grad, buf, hp: dict, workspace: Workspace) -> None:
     if xp is not np or nan.any():  # on the GPU unconditionally: asking any() would wait for the device
         xp.copyto(X, np.float32("nan"), where=nan)
     out = _newton_schulz_small(w, hp["ns_coefficients"], hp["ns_steps"], hp["eps"], m, n)
-    lr = hp["lr"]
-    _apply_update(param, out, 1.0 - lr * hp["weight_decay"], -adjusted_lr(lr, hp["adjust_lr_fn"], param.shape),
-                  D, F)
+    lr, ratio = hp["lr"], lr_ratio(hp["adjust_lr_fn"], param.shape)
+    if hp.get("lr_dtype") is None:
+        decay, alpha = 1.0 - lr * hp["weight_decay"], lr * ratio
+    else:  # torch with a 0-d Tensor lr (fastopt.torch): both are tensor arithmetic in the lr's dtype
+        T = hp["lr_dtype"].type
+        decay, alpha = float(T(1) - T(T(lr) * T(hp["weight_decay"]))), float(T(T(lr) * T(ratio)))
+    _apply_update(param, out, decay, -alpha, D, F)
 
 
 # ---- the NumPy / CuPy class ----------------------------------------------------------------------------

@@ -248,6 +248,34 @@ def test_torch_class_matches_torch(dtype, fn):
     assert a.state_dict()["param_groups"] == b.state_dict()["param_groups"]
 
 
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_tensor_lr_is_torchs_tensor_arithmetic(dtype, lr_dtype):
+    """torch with a 0-d Tensor lr forms 1 - lr * weight_decay and lr * ratio in the lr's dtype (float32 by
+    default): fastopt.torch.Muon read lr.item() and computed them in float64, 6.5e-6 of the movement off torch's
+    float64 run after 30 steps. With zero gradients the update is the decay alone: equal to torch's, bit for bit;
+    with gradients within the class's tolerance (Newton-Schulz's bfloat16 ties round apart now and then)."""
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(2 ** 31)))
+    shapes = [(6, 9), (5, 5), (9, 4)]
+    base = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    lr = float(np.random.default_rng().uniform(0.005, 0.05))
+    for zero in (True, False):
+        mine, ref = ([torch.nn.Parameter(b.clone()) for b in base] for _ in range(2))
+        kw = dict(lr=torch.tensor(lr, dtype=lr_dtype), weight_decay=0.1)
+        a, b = ftorch.Muon(mine, **kw), torch.optim.Muon(ref, **kw)
+        for _ in range(30):
+            for x, y in zip(mine, ref):
+                x.grad = torch.zeros_like(x) if zero else torch.randn(x.shape, generator=gen, dtype=dtype)
+                y.grad = x.grad.clone()
+            a.step()
+            b.step()
+        for x, y in zip(mine, ref):
+            if zero:
+                assert torch.equal(x, y)
+            else:
+                assert (x - y).abs().max().item() <= 30 * UPDATE_TOL * adjusted_lr(lr, None, x.shape)
+
+
 def test_torch_class_training_closure_scheduler_and_versions():
     torch.manual_seed(0)
     x, y = torch.randn(64, 10), torch.randn(64, 3)

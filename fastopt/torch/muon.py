@@ -27,6 +27,7 @@ is written.
 from __future__ import annotations
 
 
+import numpy as np
 import torch
 
 from fastopt import muon as core
@@ -42,6 +43,9 @@ __all__ = ["Muon"]
 # CuPy has no bfloat16: bfloat16 params on the CPU only
 _DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
            "cuda": (torch.float32, torch.float64, torch.float16)}
+
+
+_LR_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
 class Muon(GuardedComposite):
@@ -77,6 +81,9 @@ class Muon(GuardedComposite):
                 hp = core.check_hyperparameters(group)
             except KeyError as e:
                 raise ValueError(f"param group {gi}: {e.args[0]}") from None
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor) and lr.dim() == 0 and lr.dtype in _LR_DTYPES:
+                hp["lr_dtype"] = _LR_DTYPES[lr.dtype]  # torch then computes the decay and step size in it
             for p in group["params"]:
                 g = p.grad
                 if g is None:
