@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 
-__all__ = ["array_device", "array_module", "as_numpy", "to_host", "writable_view", "copy_into", "zero_fill",
-           "no_self_overlap", "byte_range", "check_disjoint"]
+__all__ = ["array_device", "array_module", "as_numpy", "refuse_masked", "refuse_lazy_negation", "to_host",
+           "writable_view", "copy_into", "zero_fill", "no_self_overlap", "byte_range", "check_disjoint"]
 
 
 def refuse_masked(x, name="array") -> None:
@@ -31,6 +31,7 @@ def array_device(x, name="array") -> str:
     mod = t.__module__
     if mod.startswith(("cupy", "numba.cuda")) or hasattr(x, "__cuda_array_interface__"):
         # numba.cuda: also the CUDA simulator's arrays, which live in host memory but stand for the GPU
+        refuse_lazy_negation(x, name)  # (a torch CUDA tensor: cupy.asarray of it drops the bit too)
         return "device"
     if hasattr(x, "__array_interface__") or hasattr(x, "__dlpack__"):
         return "host"

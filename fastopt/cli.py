@@ -163,8 +163,11 @@ def main(argv=None) -> int:
         pass
     try:
         args, extra = parser.parse_known_args(argv)
-        if extra:  # named by the command's parser ("fastopt compare: error: ..."), not the top level's
-            args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if extra:  # named by the parser they were given to ("fastopt compare: error: ..." after the command)
+            given = list(sys.argv[1:] if argv is None else argv)
+            command_at = given.index(args.command) if args.command in given else len(given)
+            owner = parser if any(a in given[:command_at] for a in extra) else args._parser
+            owner.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # usage errors (2), --help and --version (0)
         return _exit_code(e)
     command = f"fastopt {args.command}"

@@ -520,8 +520,8 @@ def _lbfgs_step(vec, evaluate, state, hp, x0):
                 vec.give(y)
                 vec.give(s)
             num_old = len(old_dirs)
-            if al is None:
-                al = [None] * history_size
+            if al is None or len(al) < history_size:  # scratch, one slot per pair (history_size raised: more)
+                al = (al or []) + [None] * (history_size - len(al or []))
             q = vec.neg(flat_grad)
             for i in range(num_old - 1, -1, -1):
                 al[i] = vec.dot(old_stps[i], q) * ro[i]
@@ -700,7 +700,7 @@ def check_state(state: dict, n: int, dtype, xp) -> dict:
 def check_resumable(state: dict, history_size: int) -> None:
     """ValueError unless a checked state past its first iteration (n_iter > 0) holds what the next step reads, as
     torch's LBFGS saves it: the last direction d and step t, the history (old_dirs, old_stps, ro: at most
-    history_size pairs), H_diag and prev_flat_grad. (`al` is scratch, written before it is read: load pads it.)"""
+    history_size pairs), H_diag and prev_flat_grad. (`al` is scratch, written before it is read: the step pads it.)"""
     n_iter = state.get("n_iter", 0)
     if not n_iter:
         return
@@ -955,9 +955,6 @@ class LBFGS:
                 raise TypeError(f"state_dict['state'][{key!r}] must be a dict, got {type(entry).__name__}")
             new_state[0] = check_state(dict(entry), vec.n, vec.dtype, vec.xp)
             check_resumable(new_state[0], new_group["history_size"])
-            al = new_state[0].get("al")
-            if al is not None and len(al) < new_group["history_size"]:  # saved with a smaller history_size
-                new_state[0]["al"] = al + [None] * (new_group["history_size"] - len(al))
         group.update(saved)
         self.state = new_state
 

@@ -894,9 +894,31 @@ class Optimizer:
                 for j, i in enumerate(bucket.indices):
                     states[i] = {name: bucket.states[name][j] for name in (*spec.states, "kahan_comp")
                                  if name in bucket.states}
+        self._export_unmade(hps, states)
         self._sync_capture()
         return OptimizerState(optimizer=spec.name, hyperparameters=hps, steps=list(self._group_steps), lrs=lrs,
                               states=dict(sorted(states.items())), skipped_steps=self.skipped_steps)
+
+    def _export_unmade(self, hps, states) -> None:
+        """A state switched on between steps (amsgrad=True, RMSprop's centered or momentum set in param_groups)
+        that the next step makes at its initial value, exported at that value (new arrays): the load refuses a
+        group whose params lack a state its hyperparameters use, and the run resumes bit for bit. SGD's
+        buffer, made from the next gradient (spec.unmade_states), stays absent."""
+        spec = self.spec
+        for gi, group_buckets in enumerate(self._buckets):
+            if not self._group_steps[gi]:
+                continue
+            try:
+                used = spec.active_states(hps[gi])
+            except (TypeError, ValueError, KeyError):  # a bad value in the group: the next step names it
+                continue
+            for bucket in group_buckets:
+                needed = [n for n, u in zip(spec.states, used) if u and n not in bucket.states]
+                needed = [n for n in needed if n not in spec.unmade_states(needed, ())]
+                if needed:
+                    fresh = self._new_states(bucket.params, hps[gi])
+                    for j, i in enumerate(bucket.indices):
+                        states[i].update({n: fresh[n][j] for n in needed})
 
     def check_state(self, state: OptimizerState, params=None) -> "StatePlan":
         """Phase 1 of an import: check `state` (hyperparameters already validated by the spec, one step

@@ -146,6 +146,7 @@ def _as_index_array(indices, p, where: str):
                             f"array")
         arr = as_numpy(indices, f"{where} indices")
     elif isinstance(indices, np.ndarray) or hasattr(indices, "__cuda_array_interface__"):
+        array_device(indices, f"{where} indices")  # (a masked array or a lazily negated tensor: refused)
         arr = xp.asarray(indices)  # CuPy params: a CuPy view of a GPU array (a torch CUDA tensor), or a copy
     else:
         raise TypeError(f"{where} indices must be an integer array, got {type(indices).__name__}")
@@ -721,8 +722,6 @@ def _host_array(x, where: str) -> np.ndarray:
     NumPy array (not a copy when already one: the caller copies)."""
     if isinstance(x, np.ndarray):
         return x
-    if type(x).__module__.startswith("torch"):
-        return to_host(x)
     try:
         return to_host(x)
     except TypeError:

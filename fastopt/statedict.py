@@ -329,13 +329,10 @@ def _check_state(opt, state, new_hps):
         hp = new_hps[gi]
         active = [name for name, used in zip(known, opt.spec.active_states(hp)) if used]
         group_step = None
-        # states no param of the group has saved that the next step makes, all or none: SGD's buffer (made from
-        # the gradient), and an optional state switched on between steps and saved before the next one
-        # (amsgrad's max_exp_avg_sq, RMSprop's grad_avg: made at their initial value, as the optimizer does)
+        # states no param of the group has saved that the next step makes (SGD's buffer): all or none
         in_group = {k for i in range(index, index + len(live["params"])) if isinstance(state.get(i), Mapping)
                     for k in state[i]}
-        unmade = set(opt.spec.unmade_states(active, in_group))
-        unmade |= {name for name in active if name in opt.spec.optional_states and name not in in_group}
+        unmade = opt.spec.unmade_states(active, in_group)
         for i in range(index, index + len(live["params"])):
             entry = state.get(i, {})
             if not isinstance(entry, Mapping):

@@ -292,8 +292,9 @@ def test_bad_state_dicts_name_the_problem_and_change_nothing(edit, match, rng):
 @pytest.mark.parametrize("via", ["file", "state_dict"])
 def test_a_state_switched_on_between_steps_is_saved_and_loaded(name, change, via, tmp_path, rng):
     """amsgrad (or RMSprop's centered/momentum) set in param_groups between steps: the next step makes the new
-    state. A checkpoint saved before that step lacks it for the whole group; it loaded as "missing
-    max_exp_avg_sq", even into the optimizer that saved it. It now loads, and the run goes on bit for bit."""
+    state. A checkpoint saved before that step lacked it for the whole group and did not load ("missing
+    max_exp_avg_sq"), even into the optimizer that saved it. It is saved at the value the next step starts
+    from, loads, and the run goes on bit for bit (SGD's buffer, made from the gradient, stays absent)."""
     spec = REGISTRY[name]
     params = make_params(rng)
     grads = grad_stream(rng, params, 7)
@@ -318,16 +319,21 @@ def test_a_state_switched_on_between_steps_is_saved_and_loaded(name, change, via
         assert a.tobytes() == b.tobytes() == c.tobytes()
 
 
-def test_an_optional_state_saved_for_part_of_a_group_is_refused(rng):
+@pytest.mark.parametrize("lost", [[1], [0, 1]])
+def test_an_optional_state_a_checkpoint_lost_is_refused(lost, rng):
+    """A state the group's hyperparameters use that params of it lack (one param, or all of them: a conversion
+    that dropped the key) is a damaged checkpoint: refused, not made at its initial value."""
     params = make_params(rng)
     opt = make_opt(REGISTRY["adam"], [p.copy() for p in params])  # group 0: amsgrad (OPTIONS)
-    opt.step([np.ones_like(p) for p in params])
+    for _ in range(3):
+        opt.step([rng.standard_normal(p.shape).astype(p.dtype) for p in params])
     sd = opt.state_dict()
-    del sd["state"][1]["max_exp_avg_sq"]  # param 0 of the group has it, param 1 not: a damaged state dict
+    for i in lost:
+        del sd["state"][i]["max_exp_avg_sq"]
     target = make_opt(REGISTRY["adam"], [p.copy() for p in params])
     target.step([np.full(p.shape, 0.5, p.dtype) for p in params])
     before = snapshot(target)
-    with pytest.raises(CheckpointError, match="state of param 1 is missing max_exp_avg_sq"):
+    with pytest.raises(CheckpointError, match=f"state of param {lost[0]} is missing max_exp_avg_sq"):
         target.load_state_dict(sd)
     assert_same(target, before)
 

@@ -72,6 +72,11 @@ def test_an_unknown_option_is_named_by_its_command(capsys, command):
     assert err == f"fastopt {command}: error: unrecognized arguments: {' '.join(argv)} (see fastopt {command} --help)\n"
 
 
+def test_an_unknown_option_before_the_command_is_the_top_levels(capsys):
+    code, _, err = run_cli(capsys, "--bogus", "info")
+    assert code == 2 and err == "fastopt: error: unrecognized arguments: --bogus (see fastopt --help)\n"
+
+
 @pytest.mark.parametrize("command", ["bench", "info"])
 def test_each_command_describes_itself(capsys, command):
     code, out, _ = run_cli(capsys, command, "--help")

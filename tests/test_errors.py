@@ -144,6 +144,7 @@ class TestArrayErrors:
         ml_dtypes = pytest.importorskip("ml_dtypes")
         scale = float(np.random.default_rng().choice([0.5, 0.25, 2.0, 8.0]))  # exact in every float dtype
         scales = [np.array(scale, d) for d in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64)]
+        scales += [ml_dtypes.bfloat16(scale), np.float16(scale)]  # NumPy scalars of the 16-bit dtypes too
         try:
             import torch
             scales += [torch.tensor(scale, dtype=torch.bfloat16), torch.tensor(scale, dtype=torch.float64)]

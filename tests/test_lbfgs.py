@@ -648,6 +648,10 @@ def test_a_state_saved_with_a_smaller_history_loads_into_a_larger_one():
     sd["param_groups"][0]["history_size"] = 2
     with pytest.raises(ValueError, match="3 history pairs, more than history_size=2"):
         larger.load_state_dict(sd)
+    small.param_groups[0]["history_size"] = 5  # raised between steps: the step makes room too
+    for _ in range(2):
+        small.step(closure)
+    assert len(small.state_dict()["state"][0]["old_dirs"]) == 5
 
 
 def test_autograd_version_counter():

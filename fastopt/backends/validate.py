@@ -570,7 +570,7 @@ def host_scale(grad_scale) -> float:
         if getattr(grad_scale, "shape", None) is None:
             raise TypeError(f"grad_scale must be a real number or a 0-d float array, got {grad_scale!r}")
         # any host array the params could be (a torch CPU tensor, a bfloat16 array), read through its memory
-        scale = as_numpy(grad_scale, "grad_scale")
+        scale = np.asarray(grad_scale) if isinstance(grad_scale, np.generic) else as_numpy(grad_scale, "grad_scale")
         if not (scale.dtype.kind == "f" or is_16bit(scale.dtype)):
             raise TypeError(f"grad_scale must be a real number or a 0-d float array, got {grad_scale!r}")
         if scale.shape != ():

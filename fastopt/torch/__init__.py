@@ -7,7 +7,8 @@ One torch.optim.Optimizer subclass per registry optimizer (fastopt/specs.py), ge
 torch.optim's constructor arguments, positional order, defaults and errors where torch has the optimizer
 (torch's own constructor checks the arguments first, on a stand-in param, so what it refuses is refused with
 its exception; foreach/fused accepted where torch's class takes them, checked by torch's rules, ignored;
-capturable/differentiable=True refused); fastopt's extras (clip_grad_norm=, skip_nonfinite=) keyword-only. step(closure=None) reads p.grad;
+capturable/differentiable=True refused); fastopt's extras (clip_grad_norm=, skip_nonfinite=) keyword-only.
+step(closure=None) reads p.grad;
 state, state_dict(), param groups, hooks, lr schedulers and torch.amp.GradScaler work as with torch.optim.
 Updates land in place in the params' own storage (any dense layout) and bump autograd's version counters.
 Complex params are updated as torch.optim updates them, as pairs of independent reals (not by LAMB and LARS:
@@ -26,7 +27,7 @@ import torch
 
 from fastopt.specs import COMPOSITE, REGISTRY, OptimizerSpec
 from fastopt.torch import arguments
-from fastopt.torch.optimizer import TorchOptimizer
+from fastopt.torch.optimizer import SharesStateMemory, TorchOptimizer
 # the composite optimizers (specs.COMPOSITE), one module each
 from fastopt.torch.lbfgs import LBFGS
 from fastopt.torch.muon import Muon
@@ -69,11 +70,11 @@ def make_class(spec: OptimizerSpec) -> type:
     __init__.__qualname__ = f"{spec.class_name}.__init__"
     # spec.train_eval (schedule-free): train()/eval() and a step() that refuses eval mode (fastopt/train_eval.py)
     bases = (TorchTrainEval, TorchOptimizer) if spec.train_eval else (TorchOptimizer,)
-    namespace = {"__init__": __init__, "spec": spec, "__module__": __name__, "__qualname__": spec.class_name,
-                 "__doc__": _docstring(spec, sig)}
     if hasattr(getattr(torch.optim, spec.torch_class or "", None), "share_memory"):  # torch's Adagrad: Hogwild
-        namespace["share_memory"] = TorchOptimizer.share_state_memory
-    return type(spec.class_name, bases, namespace)
+        bases = (SharesStateMemory,) + bases
+    return type(spec.class_name, bases, {
+        "__init__": __init__, "spec": spec, "__module__": __name__, "__qualname__": spec.class_name,
+        "__doc__": _docstring(spec, sig)})
 
 
 for _spec in REGISTRY.values():

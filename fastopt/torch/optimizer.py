@@ -370,16 +370,6 @@ class TorchOptimizer(torch.optim.Optimizer):
         if rounding_steps is not None:
             self.rounding_steps = rounding_steps
 
-    def share_state_memory(self) -> None:
-        """Every param's state tensors (not its step count) moved to shared memory, for training from several
-        processes at once (torch.optim.Adagrad's share_memory(), whose state exists from the constructor on;
-        the classes whose torch counterpart has share_memory() take it under that name)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                for key, value in self.state.get(p, {}).items():
-                    if key != "step" and isinstance(value, torch.Tensor):
-                        value.share_memory_()
-
     def torch_state_dict(self) -> dict:
         """state_dict() as torch.optim's class takes it: 8-bit state ("<name>" codes + "<name>_absmax") as
         float32 tensors of the dequantized values (in the param's shape and layout), and no Kahan
@@ -988,3 +978,17 @@ class TorchOptimizer(torch.optim.Optimizer):
             return [np.float64(v.item() if isinstance(v, torch.Tensor) else float(v)) for v in values]
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"{what} in the optimizer state is not a number or a one-element tensor") from None
+
+
+class SharesStateMemory:
+    """share_memory() for the classes whose torch class has it (torch.optim.Adagrad, whose state exists from
+    the constructor on): every param's state tensors (not its step count) moved to shared memory, for training
+    from several processes at once."""
+
+    def share_memory(self) -> None:
+        """torch.optim.Adagrad's share_memory(): the state tensors in shared memory (Hogwild training)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                for key, value in self.state.get(p, {}).items():
+                    if key != "step" and isinstance(value, torch.Tensor):
+                        value.share_memory_()
