@@ -10,6 +10,7 @@ import pytest
 
 import fastopt
 from fastopt import grad_guard
+from fastopt.muon import adjusted_lr
 
 torch = pytest.importorskip("torch")
 import fastopt.torch as ft  # noqa: E402
@@ -64,9 +65,12 @@ def test_clipping_equals_torch_with_clip_grad_norm_(name, dtype):
         assert all(torch.equal(o.grad, torch.from_numpy(g)) for o, g in zip(ours, grads))
     tol = 1e-5 if dtype == np.float32 else 1e-12
     if name == "Muon":
-        # a float32 sum near a bfloat16 tie rounds apart from torch's now and then (test_muon.py), by about
-        # lr / 256 per tie; the momentum buffers hold the scaled grads themselves, which no tie touches
-        tol = 1e-2 * kw["lr"]
+        # a float32 sum near a bfloat16 tie rounds apart from torch's now and then (test_muon.py), and the
+        # Newton-Schulz iterations after it carry the difference to other entries: test_muon.py's UPDATE_TOL (a
+        # few bfloat16 ulps, 2^-5 of the adjusted lr) per step; the update does not read the params, so the 12
+        # steps' differences add up (CI runs saw 6.9e-4 where 2e-4 was allowed before). The momentum buffers
+        # hold the scaled grads themselves, which no tie touches: exact
+        tol = 12 * max(adjusted_lr(kw["lr"], None, s) for s in shapes) * 2.0 ** -5
         for i, t in enumerate(theirs):
             np.testing.assert_allclose(opt_np.state[i]["momentum_buffer"], opt_t.state[t]["momentum_buffer"].numpy(),
                                        rtol=1e-12 if dtype == np.float64 else 0, atol=0)

@@ -1375,6 +1375,6 @@ def test_share_memory_where_torch_has_it(spec):
     now = [a.state[p][name] for p in ours for name in a.state[p] if name != "step"]
     assert len(now) == len(shared) and all(x is y for x, y in zip(now, shared))  # the same tensors, updated
     for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
         for name in a.state[p]:
-            torch.testing.assert_close(a.state[p][name], b.state[q][name], rtol=1e-12, atol=0)
+            torch.testing.assert_close(a.state[p][name], b.state[q][name], rtol=1e-12, atol=1e-15)
