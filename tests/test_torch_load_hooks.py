@@ -75,3 +75,30 @@ def test_the_checks_see_the_dict_the_pre_hooks_leave(cls):
     assert not other.state and other.param_groups[0]["lr"] == 0.01
     # the hooks fastopt adds for one load are gone after it, raised or not
     assert len(other._optimizer_load_state_dict_pre_hooks) == 1 and not other._optimizer_load_state_dict_post_hooks
+
+
+@pytest.mark.parametrize("cls, key, bad, good", [(ft.ScheduleFreeAdamW, "train_mode", "yes", False),
+                                                 (ft.LBFGS, "max_iter", 0, 7)], ids=["ScheduleFreeAdamW", "LBFGS"])
+def test_the_group_checks_see_the_dict_the_pre_hooks_leave(cls, key, bad, good):
+    """schedule-free's "train_mode" and LBFGS's hyperparameters are checked on the dict torch loads: a bad value
+    a pre-hook repairs loads, a good one a pre-hook spoils is refused with nothing changed (both were checked on
+    the dict given, before torch's pre-hooks)."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, ())))
+    p = torch.randn(4, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    opt = cls([p], lr=0.01)
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0][key] = good
+    damaged = copy.deepcopy(saved)
+    damaged["param_groups"][0][key] = bad
+    fresh = cls([p], lr=0.5)
+    fresh.register_load_state_dict_pre_hook(lambda _, sd: saved)
+    fresh.load_state_dict(damaged)
+    assert fresh.param_groups[0][key] == good and fresh.param_groups[0]["lr"] == 0.01
+    other = cls([p], lr=0.5)
+    before = copy.deepcopy(other.param_groups[0])
+    other.register_load_state_dict_pre_hook(lambda _, sd: damaged)
+    with pytest.raises(ValueError, match=key):
+        other.load_state_dict(saved)
+    assert {k: v for k, v in other.param_groups[0].items() if k != "params"} == \
+        {k: v for k, v in before.items() if k != "params"}
+    assert len(other._optimizer_load_state_dict_pre_hooks) == 1 and not other._optimizer_load_state_dict_post_hooks

@@ -49,6 +49,7 @@ from torch.nn.parameter import is_lazy
 from fastopt.lbfgs import SINGLE_GROUP_MESSAGE, SPEC, STATE_KEYS, ParamVector, check_group, lbfgs_step
 from fastopt.specs import as_bool
 from fastopt.torch.arrays import array_view, on_torch_stream
+from fastopt.torch.loading import load_between_hooks
 from fastopt.torch.views import bump_versions
 
 _NAME = "fastopt.torch.LBFGS"  # for messages
@@ -122,12 +123,15 @@ class LBFGS(torch.optim.Optimizer):
         """torch.optim's, after the loaded groups' hyperparameters are checked as step() checks them
         (TypeError / ValueError naming the value, nothing changed), so that a bad value (maximize="yes",
         max_iter=0) does not wait for the next step to fail. Other keys (a user's "name", what lr schedulers
-        add) load as in torch. The values are checked as given, before torch's load_state_dict pre-hooks."""
-        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        for group in groups if isinstance(groups, (list, tuple)) else ():
-            if isinstance(group, dict):
-                _checked_hyperparameters(group)
-        super().load_state_dict(state_dict)
+        add) load as in torch. The values checked are those torch loads: after the load_state_dict pre-hooks
+        (fastopt.torch.loading)."""
+        def check(loaded):
+            groups = loaded.get("param_groups") if isinstance(loaded, dict) else None
+            for group in groups if isinstance(groups, (list, tuple)) else ():
+                if isinstance(group, dict):
+                    _checked_hyperparameters(group)
+
+        load_between_hooks(self, lambda: super(LBFGS, self).load_state_dict(state_dict), check)
 
     # --- views --------------------------------------------------------------------------------------
     def _vector(self, params) -> tuple[ParamVector, list]:

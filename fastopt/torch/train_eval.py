@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import fastopt.torch.arguments as arguments
+from fastopt.torch.loading import load_between_hooks
 from fastopt.train_eval import Modes
 
 __all__ = ["TorchTrainEval"]
@@ -34,17 +35,22 @@ class TorchTrainEval(Modes):
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict) -> None:
-        """torch's, with each saved group's "train_mode" checked first (a bool); a group saved without one
-        (a state dict of an older fastopt) keeps the mode of the group it replaces."""
-        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        for gi, group in enumerate(groups if isinstance(groups, (list, tuple)) else []):
-            mode = group.get("train_mode", True) if isinstance(group, dict) else True
-            if not isinstance(mode, bool):
-                raise ValueError(f"param group {gi}: 'train_mode' must be a bool, got {mode!r}")
-        before = [group.get("train_mode", True) for group in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, mode in zip(self.param_groups, before):
-            group.setdefault("train_mode", mode)
+        """torch's, with each loaded group's "train_mode" checked first (a bool; on the dict torch loads, after
+        the user's load pre-hooks); a group saved without one (a state dict of an older fastopt) keeps the mode
+        of the group it replaces."""
+        def check(loaded):
+            groups = loaded.get("param_groups") if isinstance(loaded, dict) else None
+            for gi, group in enumerate(groups if isinstance(groups, (list, tuple)) else []):
+                mode = group.get("train_mode", True) if isinstance(group, dict) else True
+                if not isinstance(mode, bool):
+                    raise ValueError(f"param group {gi}: 'train_mode' must be a bool, got {mode!r}")
+            return [group.get("train_mode", True) for group in self.param_groups]
+
+        def keep_modes(before):
+            for group, mode in zip(self.param_groups, before):
+                group.setdefault("train_mode", mode)
+
+        load_between_hooks(self, lambda: super(TorchTrainEval, self).load_state_dict(state_dict), check, keep_modes)
 
     def _group_weights(self, weight) -> list:
         # torch's group forms (betas)
