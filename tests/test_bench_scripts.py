@@ -5,30 +5,17 @@ scripts run in-process with --help or bad values, or with their measurement func
 from __future__ import annotations
 
 import importlib
-import json
 import pathlib
-import runpy
-import shutil
-import sys
 import types
 
 import pytest
+
+from tests.script_support import check_quick_is_not_for_the_record, copy_script, run_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in (ROOT / "bench").glob("*.py"))
 # the fastopt.benchmark_* modules with a command line of their own (benchmark and benchmark_gpu are `fastopt bench`)
 MODULES = sorted(p.stem for p in (ROOT / "fastopt").glob("benchmark_*.py") if "__main__" in p.read_text())
-
-
-def run_script(path, argv, monkeypatch):
-    """Run a script as `python path *argv` would, in this process; its exit code (0 when it returns)."""
-    monkeypatch.setattr(sys, "argv", [str(path), *argv])
-    monkeypatch.setattr(sys, "path", list(sys.path))  # some scripts put the repository first
-    try:
-        runpy.run_path(str(path), run_name="__main__")
-    except SystemExit as e:
-        return e.code or 0
-    return 0
 
 
 def description(help_text):
@@ -85,9 +72,7 @@ def test_bench_train_quick_is_not_for_the_record(tmp_path, monkeypatch, capsys):
     an explicit --out only (the wrapper added --out bench/results/train-cpu.json to every run, --quick too, and
     its --help showed --out as required). Run from a copy of the script, so that its record is in tmp_path."""
     from fastopt import benchmark_train
-    script = tmp_path / "bench" / "bench_train.py"
-    script.parent.mkdir()
-    shutil.copy(ROOT / "bench" / "bench_train.py", script)
+    script = copy_script("bench_train.py", tmp_path)
     record = tmp_path / "bench" / "results" / "train-cpu.json"
     data = types.SimpleNamespace(n_features=4, n_classes=3, y_train=[0, 1, 2])
     monkeypatch.setattr(benchmark_train, "load_dataset", lambda *a, **k: data)
@@ -96,13 +81,7 @@ def test_bench_train_quick_is_not_for_the_record(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(benchmark_train, "time_sklearn", lambda *a, **k: (0.02, 0.9))
     monkeypatch.setattr(benchmark_train, "machine", lambda: {"stub": True})
 
-    assert run_script(script, ["--help"], monkeypatch) == 0
-    assert "[--out OUT]" in capsys.readouterr().out
     # --threads default: measured in this process (no child processes)
-    assert run_script(script, ["--quick", "--threads", "default"], monkeypatch) == 0
-    assert not record.exists()
-    smoke = tmp_path / "smoke.json"
-    assert run_script(script, ["--quick", "--threads", "default", "--out", str(smoke)], monkeypatch) == 0
-    assert [r["case"] for r in json.loads(smoke.read_text())["results"]] == ["digits"]
-    assert run_script(script, ["--threads", "default"], monkeypatch) == 0
-    assert len(json.loads(record.read_text())["results"]) == 2
+    smoke, full = check_quick_is_not_for_the_record(script, record, monkeypatch, capsys, ["--threads", "default"])
+    assert [r["case"] for r in smoke["results"]] == ["digits"]
+    assert len(full["results"]) == 2

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
-import runpy
 import sys
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 import fastopt
 from fastopt import benchmark
 from fastopt.specs import REGISTRY
+from tests.script_support import run_script
 
 pytest.importorskip("fastopt.kernels.cpu._cpu_fast")
 
@@ -110,17 +110,6 @@ def test_machine_info_names_the_extensions_the_kernels_dispatch_on(report, tmp_p
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
 
 
-def _run_script(path, argv, monkeypatch):
-    """Run a script as `python path *argv` would, in this process; its exit code (0 when it returns)."""
-    monkeypatch.setattr(sys, "argv", [str(path), *argv])
-    monkeypatch.setattr(sys, "path", list(sys.path))  # bench_cpu_target.py puts the repository first
-    try:
-        runpy.run_path(str(path), run_name="__main__")
-    except SystemExit as e:
-        return e.code or 0
-    return 0
-
-
 def _load_cpu_target(monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
     path = BENCH / "bench_cpu_target.py"
@@ -145,12 +134,12 @@ def test_bench_cpu_target_parses_its_arguments(tmp_path, monkeypatch, capsys):
         raise AssertionError("the benchmark ran")
     monkeypatch.setattr(benchmark, "run", ran)
     monkeypatch.chdir(tmp_path)
-    assert _run_script(path, ["--help", "60"], monkeypatch) == 0
+    assert run_script(path, ["--help", "60"], monkeypatch) == 0
     assert "OUT DEADLINE_S [OPTIMIZER ...]" in capsys.readouterr().out and not (tmp_path / "--help").exists()
     for argv, words in (([], "required: OUT, DEADLINE_S"), ([out, "soon"], "DEADLINE_S: invalid float value: 'soon'"),
                         ([out, "-1"], "DEADLINE_S: invalid number of seconds -1.0"),
                         ([out, "60", "adam", "foo"], "unknown optimizer(s) 'foo'"),
                         ([str(tmp_path / "missing" / "out.json"), "60"], "does not exist")):
-        assert _run_script(path, argv, monkeypatch) == 2, argv
+        assert run_script(path, argv, monkeypatch) == 2, argv
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("bench_cpu_target.py: error: ") and words in last, last

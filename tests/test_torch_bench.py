@@ -3,17 +3,12 @@ published sizes, a run on a tiny list gives every variant's time, and the comman
 cannot do before running anything."""
 from __future__ import annotations
 
-import json
-import pathlib
-import runpy
-import shutil
-import sys
-
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from fastopt import benchmark_torch, cli  # noqa: E402
+from tests.script_support import check_quick_is_not_for_the_record, copy_script  # noqa: E402
 
 
 def test_param_lists_have_the_models_sizes():
@@ -55,25 +50,10 @@ def test_bench_torch_quick_is_not_for_the_record(tmp_path, monkeypatch, capsys):
     """bench/bench_torch.py writes bench/results/torch-cpu.json on a full run; --quick (what the README tells users
     to try) is a smoke run and writes an explicit --out only (the wrapper added --out bench/results/torch-cpu.json
     to every run, and the report was written). Run from a copy of the script, so that its record is in tmp_path."""
-    script = tmp_path / "bench" / "bench_torch.py"
-    (tmp_path / "bench" / "results").mkdir(parents=True)
-    shutil.copy(pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_torch.py", script)
+    script = copy_script("bench_torch.py", tmp_path)
     record = tmp_path / "bench" / "results" / "torch-cpu.json"
     runs = []
     monkeypatch.setattr(benchmark_torch, "run",
                         lambda *args, **kwargs: runs.append(args) or {"runs": [], "quick": args[2]})
-
-    def bench(*argv):
-        monkeypatch.setattr(sys, "argv", [str(script), *argv])
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(str(script), run_name="__main__")
-        assert e.value.code == 0
-
-    bench("--help")
-    assert "not for the record" in " ".join(capsys.readouterr().out.split())  # (wrapped by argparse)
-    bench("--quick")
-    assert not record.exists()
-    bench("--quick", "--out", str(tmp_path / "smoke.json"))
-    assert json.loads((tmp_path / "smoke.json").read_text())["quick"] is True
-    bench()
-    assert json.loads(record.read_text())["quick"] is False and len(runs) == 3
+    smoke, full = check_quick_is_not_for_the_record(script, record, monkeypatch, capsys)
+    assert smoke["quick"] is True and full["quick"] is False and len(runs) == 3

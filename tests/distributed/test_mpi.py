@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 from tests.distributed.launch import ROOT, run_mpi
+from tests.script_support import check_quick_is_not_for_the_record, copy_script
 
 
 @pytest.mark.parametrize("world,bucket_bytes", [(1, 32 << 20), (2, 32 << 20), (3, 256), (4, 256)])
@@ -110,27 +109,12 @@ def test_benchmark_quick_is_not_for_the_record(tmp_path, monkeypatch, capsys):
     and writes an explicit --out only (the wrapper added --out bench/results/distributed-cpu.json to every run).
     Run from a copy of the script, so that its record is in tmp_path; nothing is launched (run() replaced)."""
     from fastopt import benchmark_distributed
-    script = tmp_path / "bench" / "bench_distributed.py"
-    (tmp_path / "bench" / "results").mkdir(parents=True)
-    shutil.copy(ROOT / "bench" / "bench_distributed.py", script)
+    script = copy_script("bench_distributed.py", tmp_path)
     record = tmp_path / "bench" / "results" / "distributed-cpu.json"
     monkeypatch.setattr(benchmark_distributed, "run", lambda worlds, sizes, *args: [{"sizes": sizes}])
     monkeypatch.setattr(benchmark_distributed, "markdown_table", lambda rows: "")
-
-    def bench(*argv):
-        monkeypatch.setattr(sys, "argv", [str(script), *argv])
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(str(script), run_name="__main__")
-        assert e.value.code == 0
-
-    bench("--help")
-    assert "not for the record" in " ".join(capsys.readouterr().out.split())  # (wrapped by argparse)
-    bench("--quick")
-    assert not record.exists()
-    bench("--quick", "--out", str(tmp_path / "smoke.json"))
-    assert json.loads((tmp_path / "smoke.json").read_text())["rows"] == [{"sizes": [100_000]}]
-    bench()
-    assert json.loads(record.read_text())["rows"] == [{"sizes": [1_000_000, 10_000_000]}]
+    smoke, full = check_quick_is_not_for_the_record(script, record, monkeypatch, capsys)
+    assert smoke["rows"] == [{"sizes": [100_000]}] and full["rows"] == [{"sizes": [1_000_000, 10_000_000]}]
 
 
 def test_benchmark_smoke(tmp_path):
