@@ -14,10 +14,13 @@ One step:
   1. every check (count, kind, dtype and shape of each gradient, the learning rate) on this rank;
   2. the gradients are packed into the bucket's send buffer (one copy; none for gradients that are the
      optimizer's own views, `opt.grads`), then reduce-scatter (sum) per bucket, non-blocking where the
-     engine has it (a rank whose checks failed joins it without packing);
+     engine has it (a rank whose checks failed joins it without packing). The sum is formed in the
+     gradients' dtype (float32 for 16-bit params) and divided by the world size in the update, so float32
+     gradients whose sum passes 3.4e38 give inf (a skipped step with skip_nonfinite) where the mean would not;
   3. ONE all-reduce of a few numbers: the count of ranks whose checks failed (then every rank raises
-     here, nothing updated anywhere, instead of waiting in a collective for a rank that gave up) and,
-     with clip_grad_norm / skip_nonfinite, this shard's sum of squares and a non-finite flag, which give
+     here, nothing updated anywhere, instead of waiting in a collective for a rank that gave up), the
+     step's lr as exact integers (a schedule that gives the ranks different lrs, e.g. ReduceLROnPlateau fed
+     each rank's own loss, is refused on every rank, nothing updated) and, with clip_grad_norm / skip_nonfinite, this shard's sum of squares and a non-finite flag, which give
      the global norm of the mean gradient, and with LARS per param the sums of squares of the pieces of it
      and of its summed gradient this rank holds (see below; the all-reduce then waits for the reduce-scatter);
   4. per bucket, as soon as its gradients are in: the fused update of the shard with grad_scale =
@@ -87,6 +90,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import re
 
 import numpy as np
 
@@ -221,13 +225,36 @@ def _digest_values(*digests: bytes) -> np.ndarray:
 
 
 def _hp_text(value) -> str:
-    """A hyperparameter as text that is equal on every rank when the values are equal (a lambda's repr
-    holds its address, so only a schedule's own repr is used)."""
+    """A hyperparameter as text that is equal on every rank when the values are equal: numbers as Python
+    floats (0.01 and np.float64(0.01) alike), a schedule's own repr without the addresses of the functions it
+    may wrap, any other callable by its type (a lambda's repr holds its address)."""
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_hp_text(v) for v in value) + ")"
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        return repr(float(value))
     if isinstance(value, Schedule):
-        return repr(value)
-    if callable(value) and not isinstance(value, numbers.Real):
+        return _ADDRESS.sub("", repr(value))
+    if callable(value):
         return f"<callable {type(value).__qualname__}>"
     return repr(value)
+
+
+_LR_SLOTS = 8  # _same_everywhere_digest's length
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # "<function f at 0x7f...>": differs between processes
+
+
+def _same_everywhere_digest(value: float) -> np.ndarray:
+    """A float's 64 bits as four 16-bit integers and their squares: all-reduced (summed) over the ranks, every
+    rank can tell whether all ranks gave the same value (see _differs)."""
+    d = _digest_values(np.float64(value).tobytes())
+    return np.concatenate([d, d * d])
+
+
+def _differs(total: np.ndarray, world: int) -> bool:
+    """From the sums over `world` ranks of _same_everywhere_digest: whether any rank's value differs. All n
+    equal <=> n * sum(d^2) == (sum d)^2 (Cauchy-Schwarz); exact integers, the same answer on every rank."""
+    n = total.size // 2
+    return bool((world * total[n:] != total[:n] * total[:n]).any())
 
 
 class ShardedOptimizer:
@@ -519,10 +546,12 @@ class ShardedOptimizer:
         comm, buckets = self.comm, self.layout.buckets
         guard = self.clip_grad_norm is not None or self.skip_nonfinite
         sync = guard or self._norms  # the all-reduce carries numbers computed from the reduced gradients
-        failed = np.array([0.0 if error is None else 1.0])
-        # without clip/skip/norms the failed-checks count travels alone, started before the reduce-scatter so
-        # that both are in flight together (one synchronisation, not two)
-        early = None if sync else comm.start_all_reduce_sum(failed)
+        # [ranks whose checks failed, this step's lr as exact integers (_same_everywhere_digest)]
+        head = np.concatenate([[0.0 if error is None else 1.0],
+                               _same_everywhere_digest(lr) if error is None else np.zeros(_LR_SLOTS)])
+        # without clip/skip/norms the head travels alone, started before the reduce-scatter so that both are in
+        # flight together (one synchronisation, not two)
+        early = None if sync else comm.start_all_reduce_sum(head)
         if error is None:
             self._pack(views)
         # a rank whose checks failed still joins the reduce-scatter (the sums it feeds are discarded by every
@@ -540,25 +569,31 @@ class ShardedOptimizer:
                     sq += norm * norm
             if error is None and self._norms:
                 norms = self._piece_sumsq()
-        # ONE all-reduce: [ranks whose checks failed, sum of squares, ranks with a non-finite gradient] and, for
-        # LARS, per param the sums of squares of the params and of the summed gradients over the pieces
-        total = comm.all_reduce_sum(np.concatenate([[failed[0], sq, 0.0 if math.isfinite(sq) else 1.0], norms])) \
+        # ONE all-reduce: the head, [sum of squares, ranks with a non-finite gradient] and, for LARS, per param
+        # the sums of squares of the params and of the summed gradients over the pieces
+        total = comm.all_reduce_sum(np.concatenate([head, [sq, 0.0 if math.isfinite(sq) else 1.0], norms])) \
             if sync else early.wait()
-        if total[0]:
+        head, total = total[:head.size], total[head.size:]
+        if head[0]:
             for r in pending:
                 if r is not None:
                     r.wait()
             if error is not None:
                 raise error
-            raise ValueError(f"step: the gradients of {int(total[0])} other rank(s) failed the checks there (see "
+            raise ValueError(f"step: the gradients of {int(head[0])} other rank(s) failed the checks there (see "
                              f"their error); nothing was updated on any rank")
+        if _differs(head[1:], self.world_size):
+            raise ValueError(f"step: the learning rate differs between the ranks (this is rank {self.rank}, lr "
+                             f"{lr!r}): each rank would update its shard with its own; a schedule must give the "
+                             f"same lr on every rank (e.g. ReduceLROnPlateau fed the all-reduced validation loss, "
+                             f"not each rank's own); nothing was updated on any rank")
         scale = 1.0 / self.world_size
         if guard:
-            if self.skip_nonfinite and (total[2] > 0 or not math.isfinite(total[1])):
+            if self.skip_nonfinite and (total[1] > 0 or not math.isfinite(total[0])):
                 self.skipped_steps += 1
                 return False
             if self.clip_grad_norm is not None:
-                norm = math.sqrt(total[1]) / self.world_size  # the norm of the mean gradient
+                norm = math.sqrt(total[0]) / self.world_size  # the norm of the mean gradient
                 scale = float(clip_coefficient(norm, self.clip_grad_norm)) * scale
         hp = dict(self._hp, lr=lr)
         if self.spec.two_phase:
@@ -567,7 +602,7 @@ class ShardedOptimizer:
         coefs = None
         if self._norms:  # the ratios of the whole params, from the scaled (mean, clipped) gradient as the class
             n = len(self._ndims)
-            coefs = self.spec.tensor_coefs(hp, scale, total[3:3 + n], total[3 + n:], self._ndims)
+            coefs = self.spec.tensor_coefs(hp, scale, total[2:2 + n], total[2 + n:], self._ndims)
         gathers = []
         for b in buckets:
             if pending[b.index] is not None:

@@ -215,6 +215,51 @@ def test_an_error_of_any_kind_in_one_ranks_step_checks_raises_on_every_rank():
     assert isinstance(results[0][0], ValueError) and "failed the checks there" in str(results[0][0])
     assert all(np.array_equal(p, np.full(5, 0.9, np.float32)) and steps == 1 for _, p, steps in results)
 
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["no-clip", "clip"])
+def test_an_lr_that_differs_between_ranks_is_refused_on_every_rank(clip):
+    """A schedule that gives the ranks different lrs (ReduceLROnPlateau fed each rank's own loss) made each
+    rank update its shard with its own lr, silently: half a param moved by 1.0, half by 0.5. Now every rank
+    raises, nothing updated; with the same lr again the step runs (the lr travels in the step's all-reduce)."""
+    def rank_body(comm):
+        schedule = fastopt.schedules.ReduceLROnPlateau(1.0, patience=0, factor=0.5)
+        p = [np.zeros(64, np.float32)]
+        opt = ShardedOptimizer("sgd", p, comm, lr=schedule, clip_grad_norm=clip)
+        schedule.update(1.0)
+        schedule.update(0.5 if comm.rank == 0 else 2.0)  # only rank 1's own loss got worse: its lr halves
+        try:
+            opt.step([np.full(64, 1 / 64, np.float32)])
+        except ValueError as e:
+            error = e
+        before = p[0].copy(), opt.steps
+        schedule.load_state_dict(dict(schedule.state_dict(), lr=0.5))
+        opt.step([np.full(64, 1 / 64, np.float32)])
+        return error, before, p[0].copy()
+
+    results = run_ranks(3, rank_body)
+    for rank, (error, (p, steps), after) in enumerate(results):
+        assert "the learning rate differs between the ranks" in str(error) and f"rank {rank}," in str(error)
+        assert not p.any() and steps == 0
+        np.testing.assert_array_equal(after, np.full(64, -0.5 / 64, np.float32))
+
+
+def test_equal_arguments_of_other_types_or_processes_are_the_same_configuration():
+    """The configuration digest compared across ranks held reprs: np.float64(0.01) on one rank and 0.01 on
+    another, or a schedule wrapping a function (its repr holds the function's address, different in each
+    process), were refused as "hyperparameters differ" though equal."""
+    def rank_body(comm):
+        def decay(count):  # a new function object on each rank: another address, as in another process
+            return 0.01 * 0.99 ** count
+
+        p = [np.ones(10, np.float32)]
+        first = ShardedOptimizer("adam", p, comm, lr=np.float64(0.01) if comm.rank else 0.01,
+                                 betas=(np.float64(0.9), np.float64(0.999)) if comm.rank else (0.9, 0.999))
+        second = ShardedOptimizer("adam", [np.ones(10, np.float32)], comm, lr=fastopt.schedules.warmup(decay, 5))
+        return repr(decay), first.steps, second.steps
+
+    results = run_ranks(2, rank_body)
+    assert results[0][0] != results[1][0] and [r[1:] for r in results] == [(0, 0), (0, 0)]
+
+
 def test_bad_grads_leave_everything_unchanged():
     params = _params()
     opt = ShardedOptimizer("adam", params, COMM, lr=1e-3)
