@@ -168,3 +168,23 @@ def test_signs_of_special_values_bit_for_bit_as_the_reference(name, dtype):
             getattr(fastopt, f"{name}_step")(arrays["p"], g, **{k: arrays[k] for k in state}, **kwargs)
         runs[backend] = {k: a.tobytes() for k, a in arrays.items()}
     assert runs["cython"] == runs["numpy"]
+
+
+@pytest.mark.parametrize("name", [s.torch_class for s in fastopt.specs.REGISTRY.values() if s.torch_class])
+def test_lazily_negated_grads_step_as_in_torch(name):
+    """A grad with torch's negative bit (z.conj().imag, torch._neg_view; its memory holds the other sign) made
+    step() fail with a bare RuntimeError from Tensor.numpy(), where torch.optim steps; now its values are used,
+    on the first step and on the cached path of later ones."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, ())))
+    p0 = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(3, 5, generator=gen, dtype=torch.float64) for _ in range(4)]
+    results = []
+    for cls in (getattr(torch.optim, name), getattr(ft, name)):
+        p = p0.clone().requires_grad_()
+        opt = cls([p], lr=0.01)
+        for g in grads:
+            p.grad = torch._neg_view(-g)
+            assert p.grad.is_neg()
+            opt.step()
+        results.append(p.detach())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-15)

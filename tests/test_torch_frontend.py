@@ -1240,6 +1240,37 @@ def test_a_stepped_params_missing_state_is_refused_not_restarted(name, key, dama
     assert repr(opt.state_dict()) == repr(state)
 
 
+@pytest.mark.parametrize("name", ["Adam", "NAdam", "ASGD", "Adagrad", "RAdam"])
+def test_a_stepped_params_state_without_its_step_is_refused(name):
+    """A state dict whose 'step' of a param was lost (its moments still there) loaded and stepped from count 1:
+    the bias correction restarted over moments of 3 steps, silently (torch.optim raises KeyError)."""
+    import copy
+    p, opt = _stepped(getattr(ft, name))
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["state"][0]["step"]
+    opt.load_state_dict(sd)
+    before, state = p.detach().clone(), copy.deepcopy(opt.state_dict())
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"state 'step' of params\[0\] is missing but the param has taken steps"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and repr(opt.state_dict()) == repr(state)
+
+
+def test_sgd_momentum_buffer_that_is_no_tensor_is_refused():
+    """SGD's momentum_buffer set to a list was dropped and the momentum restarted from the gradient (None
+    restarts it, as in torch; torch fails on a list)."""
+    p, opt = _stepped(ft.SGD, momentum=0.9)
+    opt.state[p]["momentum_buffer"] = [5.0, 5.0, 5.0]
+    before = p.detach().clone()
+    p.grad = torch.ones(3)
+    with pytest.raises(TypeError, match=r"state 'momentum_buffer' of params\[0\] is a list, not a tensor"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and opt.state[p]["momentum_buffer"] == [5.0, 5.0, 5.0]
+    opt.state[p]["momentum_buffer"] = None
+    opt.step()
+    assert torch.equal(opt.state[p]["momentum_buffer"], torch.ones(3))
+
+
 @pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
 def test_a_stepped_params_missing_8bit_state_is_refused(key):
     import copy

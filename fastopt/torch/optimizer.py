@@ -511,6 +511,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                     elif not isinstance(t, torch.Tensor):
                         if _must_exist(state, name):
                             raise _restart_refused(state, tname, number, t)
+                        if t is not None:  # (SGD's momentum_buffer: None restarts it, as in torch; a list is no buffer)
+                            raise TypeError(f"state {tname!r} of params[{number}] is a {type(t).__name__}, not a "
+                                            f"tensor (torch.optim fails on it too)")
                         t = fresh[tname] = self._new_state(spec, hp, name, p)
                     elif t.dtype.is_complex != p.dtype.is_complex:  # the kernels would see unlike views
                         raise TypeError(f"state {tname!r} of params[{number}] has dtype {t.dtype}; the state of a "
@@ -526,6 +529,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                         t = dtensor.local(t)
                     tensors.append(t)
                 if spec.torch_step and not (state and "step" in state):
+                    if state and any(isinstance(state.get(tname), torch.Tensor) for tname in names):
+                        raise _restart_refused(state, "step", number, None)  # moments without their count
                     fresh["step"] = None  # made at commit time with its new value
                 for name, f in spec.torch_extra_state.items():
                     t = state.get(name) if state else None
@@ -654,6 +659,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._check_grad(number, p, g)
         if g.is_conj():  # a lazily conjugated complex grad: its values, which view_as_real cannot see
             g = g.resolve_conj()
+        if g.is_neg():  # a lazily negated grad (z.conj().imag): its memory holds the other sign
+            g = g.resolve_neg()
         if dense_span(g) is None or layout(g) != param_layout:
             # another layout, or not dense at all (an expanded or sliced grad set by hand or by a hook)
             self._warn_once(("layout", number), (
