@@ -48,7 +48,7 @@ import time
 import numpy as np
 
 from fastopt.benchmark import machine_info
-from fastopt.cli_args import write_json
+from fastopt.cli_args import integer, listing, thread_count, write_json
 
 MODEL_TARGET = 1.2
 
@@ -208,11 +208,13 @@ def main(argv=None, default_out=None):
     --out is not given (the wrapper's record); --quick is a smoke run, not for the record: written to an
     explicit --out only."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--worlds", default="1,2,3,4")
-    ap.add_argument("--sizes", default="1000000,10000000")
-    ap.add_argument("--calls", type=int, default=None, help="calls per timed block (default: by size)")
-    ap.add_argument("--rounds", type=int, default=11)
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads per rank (default 1: on a small shared "
+    ap.add_argument("--worlds", default="1,2,3,4", type=listing(integer("world size", low=1), "world sizes"))
+    ap.add_argument("--sizes", default="1000000,10000000",
+                    type=listing(integer("size", low=1, allow_exponent=True), "sizes"))
+    ap.add_argument("--calls", type=integer("calls", low=1), default=None,
+                    help="calls per timed block (default: by size)")
+    ap.add_argument("--rounds", type=integer("rounds", low=1), default=11)
+    ap.add_argument("--threads", type=thread_count("threads per rank"), default=1, help="CPU threads per rank (default 1: on a small shared "
                     "machine an OpenMP team whose threads get descheduled waits at every barrier)")
     ap.add_argument("--quick", action="store_true", help="one small size, 2 rounds of 5 calls (a smoke run, not "
                     "for the record: no JSON written unless --out is given)")
@@ -220,14 +222,14 @@ def main(argv=None, default_out=None):
                     "bench/results/distributed-cpu.json, except with --quick)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    sizes = [int(float(s)) for s in args.sizes.split(",") if s]
+    sizes = list(args.sizes)
     if args.quick:
         sizes, args.rounds, args.calls = [100_000], 2, args.calls or 5
     calls = args.calls or max(2, int(2e7 // max(sizes)))
     if args.worker:
         _worker(sizes, calls, args.rounds)
         return 0
-    worlds = [int(w) for w in args.worlds.split(",") if w]
+    worlds = list(args.worlds)
     report = {"machine": machine_info(), "load_average_at_start": os.getloadavg(),
               "optimizer": "adam", "dtype": "float32", "engine": "mpi4py + mpich wheel (shared memory)",
               "timing": "median over interleaved rounds of the slowest rank's time per call",

@@ -33,6 +33,7 @@ import numpy as np
 
 import fastopt
 from fastopt.benchmark import machine_info  # one description of the machine for every benchmark
+from fastopt.cli_args import listing, thread_count
 
 
 def interleaved(variants: dict, calls: int, rounds: int, with_min=False):
@@ -225,7 +226,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="few repeats (a smoke run, not for the record)")
     ap.add_argument("--out", default=None, help="write the JSON report here (bench/bench_optim.py: "
                     "bench/results/optim-cpu.json)")
-    ap.add_argument("--threads", default="1,2",
+    ap.add_argument("--threads", default="1,2", type=listing(thread_count(), "thread counts"),
                     help="comma-separated thread counts (fastopt and torch alike), one run each")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     args = ap.parse_args(argv)
@@ -236,7 +237,7 @@ def main(argv=None):
     # the machine may be shared: the load average says how much the numbers can be trusted
     report = {"machine": machine_info(), "timing": "median of interleaved rounds (and minimum where noted)",
               "runs": {}}
-    for threads in [int(t) for t in args.threads.split(",")]:
+    for threads in args.threads:
         fastopt.set_num_threads(threads)
         try:
             import torch

@@ -23,6 +23,7 @@ import sys
 import time
 
 from fastopt.benchmark import machine_info
+from fastopt.cli_args import listing, thread_count
 
 OPTIMIZERS = {"Adam": {"lr": 1e-3}, "AdamW": {"lr": 1e-3, "weight_decay": 0.01},
               "SGD": {"lr": 1e-3, "momentum": 0.9}}
@@ -255,7 +256,8 @@ def main(argv=None, default_out=None) -> int:
     """bench/bench_torch.py's command line. default_out: where a full run writes its report when --out is not
     given (the wrapper's record); --quick is a smoke run, not for the record: written to an explicit --out only."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", default="2", help="comma-separated CPU thread counts (default 2)")
+    ap.add_argument("--threads", default="2", type=listing(thread_count(), "thread counts"),
+                    help="comma-separated CPU thread counts (default 2)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per case")
     ap.add_argument("--quick", action="store_true", help="ResNet-50 and 100 x 10,000 only, few rounds (a smoke "
                     "run, not for the record: no JSON written unless --out is given)")
@@ -263,12 +265,7 @@ def main(argv=None, default_out=None) -> int:
                     "bench/results/torch-cpu.json, except with --quick)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = ap.parse_args(argv)
-    try:
-        threads = tuple(int(t) for t in args.threads.split(",") if t)
-        if not threads or min(threads) < 1:
-            raise ValueError
-    except ValueError:
-        ap.error(f"argument --threads: invalid thread counts {args.threads!r} (comma-separated integers >= 1)")
+    threads = args.threads
     if args.repeats is not None and args.repeats < 1:
         ap.error(f"argument --repeats: invalid number of repeats {args.repeats} (>= 1)")
     out = args.out if args.out is not None else (None if args.quick else default_out)

@@ -32,6 +32,7 @@ import warnings
 import numpy as np
 
 import fastopt
+from fastopt.cli_args import thread_count
 from fastopt.train.data import Dataset, load_dataset
 from fastopt.train.models import MLP
 from fastopt.train.trainer import TrainConfig, fit
@@ -100,7 +101,7 @@ def main(argv=None, default_out=None):
                         "bench/results/train-cpu.json, except with --quick)")
     parser.add_argument("--quick", action="store_true", help="digits only, 1 repeat (a smoke run, not for the "
                         "record: no JSON written unless --out is given)")
-    parser.add_argument("--threads", default=None,
+    parser.add_argument("--threads", default=None, type=_threads_or_default,
                         help="BLAS and OpenMP threads for both libraries, or 'default' (unset: run once "
                              "with the machine's defaults and once with 1 thread, each in its own process)")
     args = parser.parse_args(argv)
@@ -143,6 +144,11 @@ def _write(out, payload):
     with open(out, "w") as f:
         json.dump(payload, f, indent=2)
     print(f"wrote {out}")
+
+
+def _threads_or_default(text):
+    """--threads: a thread count, as text (it becomes environment variables), or 'default'."""
+    return "default" if text.strip() == "default" else str(thread_count("threads (or 'default')")(text))
 
 
 def _both_thread_settings(args):

@@ -12,7 +12,8 @@ import os
 import sys
 
 
-from fastopt.cli_args import UsageError, RunError, integer, listing, fused_optimizer_names, check_output_path, dumps
+from fastopt.cli_args import (UsageError, RunError, integer, listing, fused_optimizer_names, check_output_path, dumps,
+                              thread_count)
 
 
 # ------------------------------------------------------------------------------------------ bench, info
@@ -125,7 +126,7 @@ def build_parser():
                        help="comma-separated names of the fused (registry) optimizers (default: all)")
     bench.add_argument("--repeats", type=integer("number of repeats", low=1), default=None,
                        help="timed repetitions per variant")
-    bench.add_argument("--threads", type=integer("number of threads", low=1), default=None,
+    bench.add_argument("--threads", type=thread_count(), default=None,
                        help="CPU threads (default: OMP_NUM_THREADS, else all cores)")
     bench.add_argument("--out", default=None, help="write the JSON results here (the directory must exist)")
     bench.add_argument("--quick", action="store_true", help="small sizes, few repeats")

@@ -91,6 +91,13 @@ def integer(label, *, low=None, high=None, allow_exponent=False):
     return parse
 
 
+def thread_count(label="number of threads"):
+    """An option type: a thread count fastopt.set_num_threads takes (an integer in [1, MAX_THREADS]: a count
+    past it was a traceback from set_num_threads after parsing)."""
+    from fastopt.backends.cython_backend import MAX_THREADS
+    return integer(label, low=1, high=MAX_THREADS)
+
+
 def listing(item, label, *, length=None, min_length=1):
     """An option type: comma-separated values, each parsed by the option type `item`."""
     def parse(text):

@@ -67,6 +67,19 @@ def test_study_scripts_refuse_bad_values_on_one_line(script, argv, words, monkey
     assert all(w in last for w in words), last
 
 
+@pytest.mark.parametrize("module", ["benchmark_optim", "benchmark_torch", "benchmark_distributed", "benchmark_train"])
+@pytest.mark.parametrize("value", ["abc", "0", "100000"])
+def test_thread_counts_are_checked_when_parsed(module, value, monkeypatch, capsys):
+    """--threads of every benchmark takes what fastopt.set_num_threads takes: benchmark_optim ended in a
+    traceback (int('abc'), or set_num_threads(0)), benchmark_train ran with OMP_NUM_THREADS=abc, and counts
+    past 1024 reached set_num_threads (or the children's environment) unchecked."""
+    code = run_script(ROOT / "fastopt" / f"{module}.py", ["--quick", "--threads", value], monkeypatch)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err and "argument --threads" in last, err
+    assert repr(value) in last or f" {value} (must be >= 1 and <= 1024)" in last, last
+
+
 def test_bench_train_quick_is_not_for_the_record(tmp_path, monkeypatch, capsys):
     """bench/bench_train.py writes bench/results/train-cpu.json on a full run; --quick is a smoke run and writes
     an explicit --out only (the wrapper added --out bench/results/train-cpu.json to every run, --quick too, and

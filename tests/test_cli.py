@@ -119,6 +119,7 @@ def test_python_m_bad_input_is_one_line_without_traceback():
     (["--repeats", "-3"], ["--repeats", "-3"]),
     (["--threads", "0"], ["--threads", "Invalid number of threads: 0"]),
     (["--threads", "two"], ["--threads", "'two'"]),
+    (["--threads", "100000"], ["--threads", "100000 (must be >= 1 and <= 1024)"]),  # was a traceback after parsing
     (["--device", "tpu"], ["--device", "'tpu'"]),
 ])
 def test_bench_bad_options(capsys, argv, fragments):
