@@ -232,6 +232,14 @@ class warmup(Schedule):
             self.schedule.load_state_dict(state["schedule"])
 
 
+def _fits_float(x) -> bool:
+    try:
+        float(x)
+    except OverflowError:  # an int past float's range
+        return False
+    return True
+
+
 class ReduceLROnPlateau(Schedule):
     """lr = init_value until `update(metric)` has seen `patience` + 1 updates without improvement, then
     lr *= factor (not below min_lr), then `cooldown` updates of rest: torch's ReduceLROnPlateau rule.
@@ -243,9 +251,9 @@ class ReduceLROnPlateau(Schedule):
     def __init__(self, init_value, mode="min", factor=0.1, patience=10, threshold=1e-4, threshold_mode="rel",
                  cooldown=0, min_lr=0.0, eps=1e-8):
         self.init_value = _real("init_value", init_value, nonneg=True)
-        if mode not in ("min", "max"):
+        if not isinstance(mode, str) or mode not in ("min", "max"):  # (an array's `in` asks its truth value)
             raise ValueError(f"Invalid mode: {mode!r} (choose 'min' or 'max')")
-        if threshold_mode not in ("rel", "abs"):
+        if not isinstance(threshold_mode, str) or threshold_mode not in ("rel", "abs"):
             raise ValueError(f"Invalid threshold_mode: {threshold_mode!r} (choose 'rel' or 'abs')")
         self.mode, self.threshold_mode = mode, threshold_mode
         self.factor = _real("factor", factor, nonneg=True)
@@ -277,6 +285,8 @@ class ReduceLROnPlateau(Schedule):
             metric = float(metric)  # a number, a NumPy scalar, a one-element array or tensor, as torch takes
         except (TypeError, ValueError) as e:
             raise TypeError(f"metric must be a real number, got {shown(metric)} ({e})") from None
+        except OverflowError:  # an int past float's range
+            raise ValueError(f"Invalid metric: {shown(metric)} (beyond the range of a float)") from None
         if self._better(metric):
             self.best = metric
             self.num_bad = 0
@@ -305,7 +315,8 @@ class ReduceLROnPlateau(Schedule):
             raise KeyError(f"state has no {missing[0]!r} (keys: lr, best, num_bad, cooldown_counter)")
         lr = _real("state['lr']", state["lr"], nonneg=True)
         best = state["best"]
-        if not isinstance(best, numbers.Real) or isinstance(best, (bool, np.bool_)) or math.isnan(best):
+        if not isinstance(best, numbers.Real) or isinstance(best, (bool, np.bool_)) or not _fits_float(best) \
+                or math.isnan(best):
             raise ValueError(f"Invalid state['best']: {shown(best)} (a real number or +-inf)")
         num_bad = _count("state['num_bad']", state["num_bad"])
         cooldown_counter = _count("state['cooldown_counter']", state["cooldown_counter"])

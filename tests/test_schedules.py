@@ -197,6 +197,7 @@ def test_repr_evaluates_back_and_milestones_are_named():
     ({"lr": 0.5, "best": float("nan"), "num_bad": 0, "cooldown_counter": 0}, ValueError, r"Invalid state\['best'\]"),
     ({"lr": 0.5, "best": 1.0, "num_bad": 0, "cooldown_counter": 1.5}, TypeError, r"state\['cooldown_counter'\]"),
     ([0.5, 1.0, 0, 0], TypeError, "state must be a dict"),
+    ({"lr": 0.5, "best": 10 ** 400, "num_bad": 0, "cooldown_counter": 0}, ValueError, r"Invalid state\['best'\]"),
 ])
 def test_reduce_on_plateau_load_state_dict_checks_every_field_before_setting_one(bad, error, words):
     """load_state_dict used to set lr and then fail on a later field (a KeyError for a missing 'best', a bare
@@ -224,6 +225,19 @@ def test_reduce_on_plateau_update_names_a_bad_metric(metric):
         r.update(metric)
     assert r.state_dict() == before
     assert r.update(np.array(3.0)) == 0.1 and r.best == 3.0  # a 0-d array, as torch's float(metrics)
+
+
+def test_reduce_on_plateau_refuses_an_int_past_float_range_and_array_modes():
+    """update(10**400) was a bare OverflowError, and an array mode NumPy's "truth value ... is ambiguous"."""
+    r = S.ReduceLROnPlateau(0.1, patience=0)
+    before = r.state_dict()
+    with pytest.raises(ValueError, match="Invalid metric: 1000"):
+        r.update(10 ** 400)
+    assert r.state_dict() == before
+    with pytest.raises(ValueError, match="Invalid threshold_mode"):
+        S.ReduceLROnPlateau(0.1, threshold_mode=np.array(["rel", "abs"]))
+    with pytest.raises(ValueError, match="Invalid mode"):
+        S.ReduceLROnPlateau(0.1, mode=np.array(["min"]))
 
 
 @pytest.mark.parametrize("schedule, count, named", [(S.exponential_decay(1e300, 10.0), 10, 10),

@@ -48,6 +48,7 @@ import copy
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import secrets
@@ -307,8 +308,9 @@ def read_manifest(path) -> tuple[dict, ShardLayout, object]:
             _fail(f"{path}: invalid world_size {world!r}")
         shapes = [tuple(p["shape"]) for p in m["params"]]
         dtypes = [_param_dtype(p["dtype"]) for p in m["params"]]
-        if any(d.kind != "f" and not is_16bit(d) for d in dtypes) or any(type(n) is not int or n < 0 for s in shapes for n in s):
-            _fail(f"{path}: invalid param shapes or dtypes")
+        if any(d.kind != "f" and not is_16bit(d) for d in dtypes) or any(
+                type(n) is not int or n < 0 for s in shapes for n in s) or any(math.prod(s) >= 2 ** 62 for s in shapes):
+            _fail(f"{path}: invalid param shapes or dtypes")  # (sizes past int64's range: no such arrays)
         precision = m.get("precision", DEFAULT_PRECISION)
         if not isinstance(precision, dict) or set(precision) != set(DEFAULT_PRECISION):
             _fail(f"{path}: invalid precision options {precision!r}")
@@ -342,7 +344,7 @@ def read_manifest(path) -> tuple[dict, ShardLayout, object]:
             _fail(f"{path}: the state names {m['states']} do not match {spec.name} with these hyperparameters")
     except CheckpointError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         _fail(f"{path}: invalid manifest ({type(e).__name__}: {e})")
     return m, layout, spec
 

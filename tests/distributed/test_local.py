@@ -483,6 +483,7 @@ def _flip(path, name, offset=200):
     ("hyper", "Invalid learning rate"),
     ("states", "state names"),
     ("files", "file list"),
+    ("huge shape", "invalid param shapes"),  # was a bare OverflowError from the layout
 ])
 def test_damaged_checkpoints_change_nothing(tmp_path, damage, text):
     opt, params, path = _trained(tmp_path)
@@ -508,6 +509,8 @@ def test_damaged_checkpoints_change_nothing(tmp_path, damage, text):
             m["states"] = ["exp_avg"]
         elif damage == "files":
             m["files"] = m["files"] * 2
+        elif damage == "huge shape":
+            m["params"][0]["shape"][0] = 10 ** 20
         json.dump(m, open(manifest, "w"))
     target = [p + 1 for p in params]
     opt2 = ShardedOptimizer("adam", target, COMM, lr=1e-2, amsgrad=True)
