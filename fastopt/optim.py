@@ -82,7 +82,7 @@ from fastopt.backends.interface import prepares_once
 from fastopt.capture import OUTSIDE_CAPTURE, CapturedScalars
 from fastopt.clip import check_bound, clip_coefficient
 from fastopt.functional import device_param_dtype, init_state, rounding_options, with_kahan
-from fastopt.precision import QuantizedState, StochasticRounding, quant_blocks, quantize_blockwise
+from fastopt.precision import QuantizedState, StochasticRounding, is_16bit, quant_blocks, quantize_blockwise
 from fastopt.schedules import is_schedule
 from fastopt.specs import PARAM, REGISTRY, REQUIRED, OptimizerSpec, as_bool, groups_repr, naming_group
 from fastopt.statedict import OptimizerState, check_array
@@ -966,6 +966,9 @@ class Optimizer:
                             _check_int8_load(f"state of param {i}: {name}", a, p.shape)
                         else:
                             dtype = np.dtype(live.dtype) if live is not None else None
+                            if dtype is not None and _converts(getattr(a, "dtype", None), dtype, state.state_dtype,
+                                                               p.dtype):
+                                dtype = np.dtype(a.dtype)  # another state_dtype's state: converted by _load_into
                             check_array(f"state of param {i}: {name}", a, p.shape, dtype)
                         if target is not None:
                             arrays[name] = a
@@ -1090,8 +1093,25 @@ def _load_into(dst, src) -> None:
     elif isinstance(src, QuantizedState):
         host = QuantizedState(to_host(src.codes), to_host(src.absmax), src.signed)
         copy_into(dst, host.dequantize().astype(np.dtype(dst.dtype)))
+    elif np.dtype(src.dtype) != np.dtype(dst.dtype):  # float32 / bfloat16 / float16 state of another state_dtype
+        copy_into(dst, np.asarray(to_host(src)).astype(np.dtype(dst.dtype)))  # rounded to nearest even, as torch
     else:
         copy_into(dst, src)
+
+
+def _converts(saved, live, declared, param_dtype) -> bool:
+    """Whether a saved float state of dtype `saved` loads converted into a live one of dtype `live`: the state
+    dtype its state dict declares (`declared`, the state_dtype it was saved with: None for the default, float32
+    for 16-bit params) and both among state_dtype='s float dtypes (float32, bfloat16, float16), as fastopt.torch
+    and torch state dicts load. Any other dtype is refused: a damaged state dict, or another optimizer's."""
+    try:
+        saved = np.dtype(saved)
+    except TypeError:
+        return False
+    if declared is None:
+        declared = "float32" if is_16bit(param_dtype) else np.dtype(param_dtype).name
+    return saved != live and saved.name == declared and \
+        {saved.name, np.dtype(live).name} <= {"float32", "bfloat16", "float16"}
 
 
 def _store_quantized(dst: QuantizedState, values) -> None:

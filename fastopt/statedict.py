@@ -53,6 +53,9 @@ class OptimizerState:
     train_mode: schedule-free's mode (spec.train_eval), which says whether the params hold y (train) or the
         averaged x (eval); None for the other optimizers, and when loading a state that did not record it
         (keep the current mode).
+    state_dtype: when loading, the state_dtype= the state dict was saved with ("float32", "bfloat16",
+        "float16", "int8", or None: the default, or not recorded): a float state of the dtype it declares
+        loads converted into another state_dtype's (Optimizer.check_state); other dtypes are refused.
     """
     optimizer: str
     hyperparameters: list[dict]
@@ -61,6 +64,7 @@ class OptimizerState:
     states: dict[int, dict[str, Any]] = field(default_factory=dict)
     skipped_steps: int | None = None
     train_mode: bool | None = None
+    state_dtype: str | None = None
 
 
 class CheckpointError(ValueError):
@@ -157,6 +161,7 @@ def state_dict(opt) -> dict:
             "format": FORMAT,
             "skipped_steps": st.skipped_steps,
             **({} if st.train_mode is None else {"train_mode": st.train_mode}),
+            "state_dtype": state_dtype_name(opt.state_dtype),
             "param_shapes": [list(map(int, p.shape)) for p in params],
             "param_dtypes": [_dtype_name(p.dtype) for p in params],
             "lr_schedules": schedules,
@@ -180,6 +185,21 @@ def _hyper_value(where, hyper, value):
         return float(value)
     except (OverflowError, ValueError, TypeError):
         fail(f"{where}: Invalid {hyper.label or hyper.name}: {shown(value)} (not a float)")
+
+
+def state_dtype_name(state_dtype) -> str | None:
+    """An optimizer's state_dtype= as saved: None (the default), "int8", or the dtype's name."""
+    if state_dtype is None or isinstance(state_dtype, str) and state_dtype == "int8":
+        return state_dtype
+    return np.dtype(state_dtype).name
+
+
+def _saved_state_dtype(meta):
+    """The state_dtype a state dict declares (None: the default, or a state dict that does not say)."""
+    value = meta.get("state_dtype") if isinstance(meta, Mapping) else None
+    if value is not None and value not in ("float32", "float64", "bfloat16", "float16", "int8"):
+        fail(f"state dict: 'state_dtype' must be None or a state dtype's name, got {shown(value)}")
+    return value
 
 
 def _check_meta(opt, meta):
@@ -457,13 +477,14 @@ def plan_load(opt, sd, params=None):
     if not isinstance(sd, Mapping) or "state" not in sd or "param_groups" not in sd:
         fail("not an optimizer state dict (expected a dict with the keys 'state' and 'param_groups')")
     skipped, train_mode, saved_schedules = _check_meta(opt, sd.get("fastopt"))
+    state_dtype = _saved_state_dtype(sd.get("fastopt"))
     new_hps = _check_groups(opt, sd["param_groups"])
     if isinstance(saved_schedules, int):
         fail(f"state dict: 'lr_schedules' has {saved_schedules} entries for {len(new_hps)} param groups")
     arrays, steps = _check_state(opt, sd["state"], new_hps)
     loads, lrs = _check_schedules(opt, new_hps, saved_schedules, steps)
     new = OptimizerState(optimizer=opt.spec.name, hyperparameters=new_hps, steps=steps, lrs=lrs, states=arrays,
-                         skipped_steps=skipped, train_mode=train_mode)
+                         skipped_steps=skipped, train_mode=train_mode, state_dtype=state_dtype)
     return opt, loads, opt.check_state(new, params)
 
 

@@ -372,6 +372,52 @@ def test_state_dict_and_checkpoint_round_trip(mode, tmp_path, rng):
     assert "kahan_comp" not in tsd["state"][0] and str(tsd["state"][0]["exp_avg"].dtype) == "torch.float32"
 
 
+@pytest.mark.parametrize("param_dtype, saved, loaded", [(BF16, "float32", "bfloat16"), (BF16, "bfloat16", "float32"),
+                                                        (F16, "float32", "float16"), (F16, "float16", "float32")])
+def test_state_of_another_state_dtype_loads_converted(param_dtype, saved, loaded, tmp_path, rng):
+    """A state dict or checkpoint saved with float32 state loads into an optimizer with 16-bit state and the
+    other way round, rounded to nearest even as torch's cast (fastopt.torch and torch state dicts did; the NumPy
+    classes refused it while converting to and from 8-bit state). float64 state stays refused."""
+    shapes = [(4, 3), (301,)]
+    start = [rng.standard_normal(s).astype(param_dtype) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(param_dtype) for s in shapes] for _ in range(4)]
+    source = fastopt.Adam([p.copy() for p in start], lr=0.01, state_dtype=saved, weight_decay=0.1)
+    for g in grads[:2]:
+        source.step(g)
+    sd = source.state_dict()
+    fastopt.save(tmp_path / "ck.npz", source)
+    results = []
+    for load in (lambda opt: opt.load_state_dict(sd), lambda opt: fastopt.load(tmp_path / "ck.npz", opt)):
+        params = [p.copy() for p in source.params]
+        opt = fastopt.Adam(params, lr=0.5, state_dtype=loaded)
+        load(opt)
+        for i in range(2):
+            for k, v in opt.state_arrays(i).items():
+                assert v.dtype == np.dtype(loaded)
+                np.testing.assert_array_equal(bits(v), bits(sd["state"][i][k].astype(loaded)), err_msg=k)
+        for g in grads[2:]:
+            opt.step(g)
+        results.append([bits(p) for p in params])
+    # the same as the converted state given by hand
+    by_hand = fastopt.Adam([p.copy() for p in source.params], lr=0.5, state_dtype=loaded)
+    by_hand.load_state_dict(dict(sd, state={i: {k: v.astype(loaded) if k != "step" else v for k, v in st.items()}
+                                            for i, st in sd["state"].items()}))
+    for g in grads[2:]:
+        by_hand.step(g)
+    for result in results:
+        for x, y in zip(result, by_hand.params):
+            np.testing.assert_array_equal(x, bits(y))
+    wide = dict(sd, state={i: {k: v.astype(np.float64) if k != "step" else v for k, v in st.items()}
+                           for i, st in sd["state"].items()})
+    with pytest.raises(fastopt.CheckpointError, match="has dtype float64, expected"):
+        fastopt.Adam([p.copy() for p in start], lr=0.01, state_dtype=loaded).load_state_dict(wide)
+    # arrays that are not of the dtype the state dict declares are damaged, not another state_dtype's
+    assert sd["fastopt"]["state_dtype"] == saved
+    with pytest.raises(fastopt.CheckpointError, match=f"has dtype {saved}, expected {loaded}"):
+        fastopt.Adam([p.copy() for p in start], lr=0.01, state_dtype=loaded).load_state_dict(
+            dict(sd, fastopt=dict(sd["fastopt"], state_dtype=loaded)))
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the reference's p - lr * g
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=name)
 def test_kahan_keeps_an_overflowed_param_as_the_store_to_nearest_does(dtype, rng):
