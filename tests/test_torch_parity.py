@@ -257,3 +257,66 @@ def test_torch_positional_matches_torch_signatures():
                 assert (spec.defaults["beta1"], spec.defaults["beta2"]) == param.default
             elif name in spec.defaults:
                 assert spec.defaults[name] == param.default, (spec.name, name)
+
+
+@pytest.mark.parametrize("lr_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reload", [False, True])
+def test_asgd_tensor_lr_eta_as_torch_computes_it(lr_dtype, reload, rng):
+    """torch stores ASGD's eta as torch.as_tensor(lr / (1 + lambd * lr * t) ** alpha): with a Tensor lr that is
+    computed in the lr's dtype. After a state dict load of float64 params (eta a float64 tensor) fastopt stored
+    the value rounded through float32 as for a Python lr: eta 3.7e-8 relative off, the params 5e-10 after 8 more
+    steps; under an ExponentialLR driving the tensor lr."""
+    import copy
+    import fastopt.torch as ft
+    start = rng.standard_normal(10)
+    grads = [rng.standard_normal(10) for _ in range(12)]
+    results = []
+    for cls in (torch.optim.ASGD, ft.ASGD):
+        p = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+
+        def make():
+            opt = cls([p], lr=torch.tensor(0.01, dtype=lr_dtype), lambd=0.01, t0=3)
+            return opt, torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)
+
+        opt, sched = make()
+        for k, g in enumerate(grads):
+            p.grad = torch.tensor(g)
+            opt.step()
+            sched.step()
+            if reload and k == 3:
+                saved = copy.deepcopy((opt.state_dict(), sched.state_dict()))
+                opt, sched = make()
+                opt.load_state_dict(saved[0])
+                sched.load_state_dict(saved[1])
+        results.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+    (p_torch, s_torch), (p_ours, s_ours) = results
+    assert s_ours["eta"].dtype == s_torch["eta"].dtype and s_ours["eta"].item() == s_torch["eta"].item()
+    torch.testing.assert_close(p_ours, p_torch, rtol=1e-15, atol=1e-16)
+    torch.testing.assert_close(s_ours["ax"], s_torch["ax"], rtol=1e-15, atol=1e-16)
+
+
+def test_nadam_mu_products_of_two_dtypes_advance_each_in_its_own(rng):
+    """After a torch.optim state dict of float64 params loads (torch casts mu_product to float64), a param that
+    had no state gets a float32 mu_product; stepping both in one step read them all as float64, and the new
+    param's product was advanced in float64 (1 float32 ulp off torch's, the param 4e-11 relative)."""
+    import fastopt.torch as ft
+    starts = [rng.standard_normal(n) for n in (3, 4, 2)]
+    grads = [[torch.tensor(rng.standard_normal(n)) for n in (3, 4)] for _ in range(8)]
+    results = []
+    for cls in (torch.optim.NAdam, ft.NAdam):
+        ps = [torch.tensor(x, requires_grad=True) for x in starts]
+        source = torch.optim.NAdam(ps, lr=0.01)
+        ps[0].grad = torch.ones(3, dtype=torch.float64)
+        for _ in range(5):
+            source.step()
+        opt = cls(ps, lr=0.01)
+        opt.load_state_dict(source.state_dict())  # ps[1] and ps[2] never stepped
+        for k in range(8):
+            ps[0].grad, ps[1].grad = (g.clone() for g in grads[k])
+            ps[2].grad = torch.ones(2, dtype=torch.float64) if k % 2 else None  # a new plan every step
+            opt.step()
+        results.append((opt.state[ps[1]]["mu_product"].clone(), [p.detach().clone() for p in ps]))
+    (mu_torch, p_torch), (mu_ours, p_ours) = results
+    assert mu_ours.dtype == mu_torch.dtype == torch.float32 and mu_ours.item() == mu_torch.item()
+    for a, b in zip(p_ours, p_torch):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-16)

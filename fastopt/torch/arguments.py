@@ -245,9 +245,25 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def extra_state_value(spec: OptimizerSpec, name: str, bucket) -> float:
+    """The value torch stores for torch_extra_state `name` after a bucket's step (fastopt.torch.plan.Bucket:
+    its group, hp, step and carried values): spec.torch_carry's or torch_extra_state's, stored as torch does
+    (stored_value); for the names in spec.torch_as_tensor with a Tensor lr, computed from the tensor (in its
+    dtype, as torch's expression of it)."""
+    hp, lr = bucket.hp, bucket.group.get("lr")
+    if name in spec.torch_as_tensor and isinstance(lr, torch.Tensor):
+        hp = dict(hp, lr=lr.detach())
+    carry = spec.torch_carry.get(name)
+    value = carry(hp, bucket.step, bucket.carried[name]) if carry else spec.torch_extra_state[name](hp, bucket.step)
+    return stored_value(spec, name, value)
+
+
 def stored_value(spec: OptimizerSpec, name: str, value):
-    """A torch_extra_state value as torch stores it: through torch.as_tensor (the default dtype) for the
-    names in spec.torch_as_tensor, else as it is (the state tensor's dtype rounds it)."""
+    """A torch_extra_state value as torch stores it: through torch.as_tensor for the names in
+    spec.torch_as_tensor (a Python float in the default dtype; a tensor, computed from a Tensor lr, in its own),
+    else as it is (the state tensor's dtype rounds it)."""
+    if isinstance(value, torch.Tensor):
+        return value.item()
     return torch.tensor(float(value)).item() if name in spec.torch_as_tensor else value
 
 

@@ -933,14 +933,12 @@ class TorchOptimizer(torch.optim.Optimizer):
     def _advance_extra_state(self, plan: Plan) -> None:
         """Torch-only state (NAdam's mu_product, ASGD's eta and mu) after this step, as torch advances it
         (spec.torch_carry: from this step's hyperparameters and the value before the step)."""
-        carry = self.spec.torch_carry
         for b in plan.buckets:
-            for name, f in self.spec.torch_extra_state.items():
-                value = carry[name](b.hp, b.step, b.carried[name]) if name in carry else f(b.hp, b.step)
+            for name in self.spec.torch_extra_state:
                 # through a float64 tensor: a value past the state's float32 range is stored as inf, as
                 # torch.as_tensor stores it (and the steady path's NumPy store); fill_ of the Python float
                 # raised instead, after the kernels had written the params
-                value = torch.tensor(arguments.stored_value(self.spec, name, value), dtype=torch.float64)
+                value = torch.tensor(arguments.extra_state_value(self.spec, name, b), dtype=torch.float64)
                 for p in b.params:
                     self.state[p][name].fill_(value)
 
@@ -973,16 +971,17 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _read_scalars(values, what: str) -> list:
-        """One-element tensors (or numbers) as NumPy scalars of their dtype (float64 for numbers and for
-        tensors not read in one go), one call for the usual 0-d float CPU tensors of one dtype: torch
+        """One-element tensors (or numbers) as NumPy scalars of their dtype (float32 tensors as float32, other
+        tensors and numbers as float64), one call for the usual 0-d float CPU tensors of one dtype: torch
         advances its carried state in the tensor's dtype (NAdam's mu_product *= mu in float32), and so do
         the spec's torch_carry functions given these. TypeError naming `what` for anything else."""
         if values and all(
                 isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype == values[0].dtype and v.dim() == 0
                 for v in values) and values[0].is_floating_point():
             return list(torch.stack(values).numpy())
-        try:
-            return [np.float64(v.item() if isinstance(v, torch.Tensor) else float(v)) for v in values]
+        try:  # (float32 and float64 state side by side: a torch state dict's float64 one beside a new float32 one)
+            return [(np.float32 if isinstance(v, torch.Tensor) and v.dtype == torch.float32 else np.float64)(
+                v.item() if isinstance(v, torch.Tensor) else float(v)) for v in values]
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"{what} in the optimizer state is not a number or a one-element tensor") from None
 

@@ -327,18 +327,12 @@ class Steady:
 
     def _store_scalars(self, plan: Plan) -> None:
         """The step counts and torch-only scalars after this step, through the kept NumPy views."""
-        extra, carry = self.spec.torch_extra_state, self.spec.torch_carry
+        carry = self.spec.torch_carry
         for t, b, views in zip(self.templates, plan.buckets, self.scalar_views):
             t.step, t.hp = b.step, b.hp
             carried = {}
             for name, vs in views.items():
-                if name == "step":
-                    value = b.step
-                elif name in carry:
-                    value = carry[name](b.hp, b.step, b.carried[name])
-                else:
-                    value = extra[name](b.hp, b.step)
-                value = arguments.stored_value(self.spec, name, value)
+                value = b.step if name == "step" else arguments.extra_state_value(self.spec, name, b)
                 # a value past a float32 state's range is stored as inf (as torch stores it), without NumPy's
                 # overflow warning (an errstate block costs ~3 us a step): the kernels have written the params
                 big = abs(float(value)) >= _F32_ROUNDS_TO_INF  # False for NaN
