@@ -486,9 +486,12 @@ class TorchOptimizer(torch.optim.Optimizer):
                 if entry is not None:
                     gv = entry.cached_grad_view(g)
                     if gv is None:
-                        gv = self._grad_view(number, lp, g, entry.flat, entry.layout, hp)
-                        if not g.is_sparse and not sharded:  # (a sparse grad's view is of a dense copy, made each
-                            entry.remember_grad(g, gv)       # step; a DTensor's local grad is a new view each step)
+                        gv, copied = self._grad_view(number, lp, g, entry.flat, entry.layout, hp)
+                        # only a view of g's own memory is kept: a copy (sparse made dense, another layout, a
+                        # resolved conj/neg bit) is made again each step, or new values in g would not be seen;
+                        # a DTensor's local grad is a new view each step
+                        if not copied and not sharded:
+                            entry.remember_grad(g, gv)
                     count = self._count(entry, state, used, names, counted)
                     items.append([group, p, gv, entry, None, count, number])
                     continue
@@ -496,7 +499,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 if not sharded:
                     self._check_param(p)
                 flat = not lp.is_contiguous()
-                gv = self._grad_view(number, lp, g, flat, layout(lp), hp)
+                gv, _ = self._grad_view(number, lp, g, flat, layout(lp), hp)
                 fresh, tensors = {}, []
                 for name, tname in zip(used, names):
                     t = state.get(tname) if state else None
@@ -643,13 +646,14 @@ class TorchOptimizer(torch.optim.Optimizer):
         """The kernel view of a grad: fast for the usual contiguous grad of a contiguous param (its shape
         and dtype are checked by the backend's prepare); otherwise every check, and a grad in another
         layout than its param is copied into the param's layout (with one warning); a sparse grad made dense
-        (_dense_grad)."""
+        (_dense_grad). Returns (the view, whether it is of a copy of g rather than of g's memory)."""
+        source = g  # every copy below replaces g
         # the backend checks a grad against its param's view; a complex param's view is real, so its grad (and a
         # complex grad) takes the checks below
         if not flat and not g.is_complex() and not p.is_complex():
             try:
                 if g.is_contiguous() and not g.requires_grad:
-                    return g.numpy()  # raises for CUDA, sparse, conjugated... grads: the checks below
+                    return g.numpy(), False  # raises for CUDA, sparse, conjugated... grads: the checks below
             except (RuntimeError, TypeError, ValueError):
                 pass
         if g.is_sparse:
@@ -668,7 +672,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 f"{g.stride()}, the param {p.stride()}: it is copied into the param's layout on each "
                 f"step (make the gradient's layout match the param's to avoid the copy)"))
             g = torch.empty_like(p, dtype=g.dtype).copy_(g)
-        return kernel_view(g, flat)
+        return kernel_view(g, flat), g is not source
 
     def _dense_grad(self, number, p, g, hp):
         """A sparse COO grad as a dense tensor, for the optimizers torch takes them for (spec.torch_sparse: SGD,
