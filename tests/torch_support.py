@@ -126,8 +126,10 @@ def moving_hp(spec) -> dict:
 
 def carried_start(spec, hp) -> dict:
     """torch's state carried from step to step (spec.torch_carry: NAdam's mu_product, schedule-free's lr_max
-    and weight_sum) before the first step, in float32 as fastopt.torch keeps it."""
-    return {n: np.float32(f(hp, 0)) for n, f in spec.torch_extra_state.items() if n in spec.torch_carry}
+    and weight_sum) before the first step, as fastopt.torch keeps it: in float32 for torch's optimizers (torch's
+    scalar dtype), in float64 for the others (schedule-free: Python floats in the schedulefree package)."""
+    dtype = np.float32 if spec.torch_class else np.float64
+    return {n: dtype(f(hp, 0)) for n, f in spec.torch_extra_state.items() if n in spec.torch_carry}
 
 
 def functional_step(spec, p, g, state: dict, hp: dict, count, carried: dict, options: dict, key_step):
@@ -135,7 +137,8 @@ def functional_step(spec, p, g, state: dict, hp: dict, count, carried: dict, opt
     precision-mode tests): `state` maps the spec's states (and "kahan_comp") to arrays; `options` holds
     stochastic_rounding / seed. apply_update recomputes carried scalars from the step count (NAdam's
     mu_product, schedule-free's weight_sum in closed form); fastopt.torch, like torch and the schedulefree
-    package, advances them step by step in float32, which can differ in the last bit. So with `carried`
+    package, advances them step by step (float32 for NAdam, float64 for schedule-free), which can differ in the
+    last bit. So with `carried`
     non-empty the update runs on the carried values, which are then advanced as fastopt.torch advances them."""
     from fastopt.backends.dispatch import backend_for
     from fastopt.functional import apply_update, with_kahan
