@@ -947,6 +947,9 @@ class Optimizer:
                     # a state no param of the bucket has saved (SGD's momentum buffer set on but not yet
                     # updated) is made by the next step: dropped if allocated, not allocated if needed
                     dropped = spec.unmade_states([n for n in bucket.states if n in spec.states], saved)
+                    # and a state the loaded hyperparameters do not use (amsgrad=False loaded into an optimizer
+                    # built with amsgrad=True): not kept, exported or loaded, as torch's state has none
+                    dropped += [n for n in bucket.states if n in spec.states and n not in active and n not in dropped]
                     unmade = spec.unmade_states(needed, saved)
                     needed = [name for name in needed if name not in unmade]
                 new_slots = {}

@@ -320,3 +320,29 @@ def test_nadam_mu_products_of_two_dtypes_advance_each_in_its_own(rng):
     assert mu_ours.dtype == mu_torch.dtype == torch.float32 and mu_ours.item() == mu_torch.item()
     for a, b in zip(p_ours, p_torch):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-16)
+
+
+@pytest.mark.parametrize("name, built, loaded, extra", [("adam", {"amsgrad": True}, {"amsgrad": False}, "max_exp_avg_sq"),
+                                                       ("rmsprop", {"centered": True}, {"centered": False}, "grad_avg")])
+def test_a_state_the_loaded_options_do_not_use_is_dropped(name, built, loaded, extra, rng):
+    """A NumPy class built with amsgrad=True (RMSprop: centered=True) that loads a state dict without it kept its
+    max_exp_avg_sq (grad_avg) and exported it in state_dict() and torch_state_dict(), which torch's has not;
+    now it is dropped, and the continued run is torch's."""
+    spec = REGISTRY[name]
+    cls = getattr(torch.optim, spec.torch_class)
+    start, grads = rng.standard_normal(5), [rng.standard_normal(5) for _ in range(5)]
+    p = torch.tensor(start, requires_grad=True)
+    ref = cls([p], lr=0.01, **loaded)
+    for g in grads[:2]:
+        p.grad = torch.tensor(g)
+        ref.step()
+    ours = [p.detach().numpy().copy()]
+    opt = getattr(fastopt, spec.class_name)(ours, lr=0.01, **built)
+    opt.load_torch_state_dict(ref.state_dict())
+    assert extra not in opt.state_dict()["state"][0] and extra not in opt.torch_state_dict()["state"][0]
+    assert extra not in opt.state_arrays(0)
+    for g in grads[2:]:
+        p.grad = torch.tensor(g)
+        ref.step()
+        opt.step([g.copy()])
+    np.testing.assert_allclose(ours[0], p.detach().numpy(), rtol=1e-12, atol=1e-15)
