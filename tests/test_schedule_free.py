@@ -498,3 +498,29 @@ def test_torch_mode_per_group_and_bad_saved_modes():
     with pytest.raises(ValueError, match="param group 1: 'train_mode' must be a bool"):
         opt.load_state_dict(sd)
     assert torch.equal(p, before) and opt.train_mode
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_class_resumes_with_its_float64_carried_weights(name, dtype):
+    """torch's load_state_dict casts state to the param's dtype: the float64 lr_max / weight_sum became float32
+    (float16) after a resume, and bfloat16 ones made the next step fail (NumPy has no bfloat16). They are kept
+    as saved: a resumed run equals the uninterrupted one bit for bit."""
+    import copy
+    runs = []
+    for resume in (False, True):
+        gen = torch.Generator().manual_seed(11)
+        p = torch.randn(6, generator=gen).to(dtype).requires_grad_()
+        cls = getattr(ft, REGISTRY[name].class_name)
+        opt = cls([p], lr=0.01)
+        for k in range(8):
+            p.grad = torch.randn(6, generator=gen).to(dtype)
+            opt.param_groups[0]["lr"] = 0.01 / (1 + 0.37 * k)
+            opt.step()
+            if resume and k == 3:
+                saved = copy.deepcopy(opt.state_dict())
+                opt = cls([p], lr=0.01)
+                opt.load_state_dict(saved)
+                assert all(opt.state[p][k].dtype == torch.float64 for k in ("lr_max", "weight_sum"))
+        runs.append((p.detach().clone(), {k: opt.state[p][k].item() for k in ("lr_max", "weight_sum")}))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]

@@ -345,7 +345,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         if isinstance(state_dict, dict) and ROUNDING_STEPS in state_dict:
             rounding_steps = int(saved_count(state_dict[ROUNDING_STEPS], f"state_dict[{ROUNDING_STEPS!r}]"))
         saved = state_dict.get("state", {}) if isinstance(state_dict, dict) else {}
-        keep = []
+        keep, extra = [], self.spec.torch_extra_state
         ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])] \
             if isinstance(state_dict, dict) else []
         params = [p for g in self.param_groups for p in g["params"]]
@@ -361,8 +361,11 @@ class TorchOptimizer(torch.optim.Optimizer):
                         continue
                     quantized = isinstance(key, str) and (key.endswith(ABSMAX) and key[:-len(ABSMAX)] in entry or
                                                           key + ABSMAX in entry)
-                    # uint8: 8-bit codes, even without their scales (the step then names what is missing)
-                    if quantized or v.dtype == torch.uint8 or (p.dtype in SIXTEEN_BIT and v.dtype == torch.float32):
+                    # uint8: 8-bit codes, even without their scales (the step then names what is missing); the
+                    # carried running values of an optimizer torch has not (schedule-free's float64 lr_max and
+                    # weight_sum: torch would round them to the param's dtype, bfloat16 ones the step cannot read)
+                    if quantized or v.dtype == torch.uint8 or (p.dtype in SIXTEEN_BIT and v.dtype == torch.float32) \
+                            or (key in extra and not self.spec.torch_class):
                         keep.append((p, key, v))
         return keep, rounding_steps
 
