@@ -29,7 +29,7 @@ import torch
 
 from fastopt import adafactor as core
 from fastopt.arrays import check_disjoint
-from fastopt.torch.arrays import array_view
+from fastopt.torch.arrays import array_view, resolved_grad
 from fastopt.grad_guard import scaled
 from fastopt.torch.composite import CPU, GuardedComposite
 from fastopt.torch.loading import load_between_hooks
@@ -155,7 +155,7 @@ class Adafactor(GuardedComposite):
                 if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
                     raise ValueError(f"a grad ({g.dtype}, {tuple(g.shape)}, {g.device}) does not match its "
                                      f"param ({p.dtype}, {tuple(p.shape)}, {p.device})")
-                pa, ga = self._view(p, views), array_view(g, _NAME)
+                pa, ga = self._view(p, views), array_view(resolved_grad(g), _NAME)
                 core.check_param(pa, "a param")
                 state = self.state.get(p)
                 arrays = None

@@ -23,6 +23,14 @@ def array_view(t: torch.Tensor, owner: str):
     return cupy.asarray(t.detach())
 
 
+def resolved_grad(g: torch.Tensor) -> torch.Tensor:
+    """A grad with its lazy negation or conjugation applied (a copy then; the update only reads grads): the
+    memory of z.conj().imag or torch._neg_view(x) holds the other sign, which a view of it would read."""
+    if g.is_conj():
+        g = g.resolve_conj()
+    return g.resolve_neg() if g.is_neg() else g
+
+
 def on_torch_stream(device: torch.device):
     """Context for CuPy work on tensors of `device`: that device current, and torch's current stream there
     as CuPy's (so the work is ordered with torch's own kernels); nothing for the CPU."""

@@ -48,7 +48,7 @@ from torch.nn.parameter import is_lazy
 
 from fastopt.lbfgs import SINGLE_GROUP_MESSAGE, SPEC, STATE_KEYS, ParamVector, check_group, lbfgs_step
 from fastopt.specs import as_bool
-from fastopt.torch.arrays import array_view, on_torch_stream
+from fastopt.torch.arrays import array_view, on_torch_stream, resolved_grad
 from fastopt.torch.loading import load_between_hooks
 from fastopt.torch.views import bump_versions
 
@@ -257,6 +257,7 @@ class LBFGS(torch.optim.Optimizer):
                     continue
                 if g.is_sparse:
                     g = g.to_dense()
+                g = resolved_grad(g)
                 if g.is_complex():
                     g = torch.view_as_real(g)
                 if g.shape != t.shape or g.dtype != t.dtype or g.device != device:

@@ -32,7 +32,7 @@ import torch
 
 from fastopt import muon as core
 from fastopt.arrays import check_disjoint
-from fastopt.torch.arrays import array_view
+from fastopt.torch.arrays import array_view, resolved_grad
 from fastopt.grad_guard import scaled
 from fastopt.torch.composite import CPU, GuardedComposite
 
@@ -109,7 +109,7 @@ class Muon(GuardedComposite):
                 if buf is not None and (buf.dtype != p.dtype or buf.shape != p.shape or buf.device != p.device):
                     raise ValueError(f"the momentum_buffer ({buf.dtype}, {tuple(buf.shape)}, {buf.device}) does not "
                                      f"match its param ({p.dtype}, {tuple(p.shape)}, {p.device})")
-                grad_view = array_view(g, _NAME)
+                grad_view = array_view(resolved_grad(g), _NAME)
                 plan.append((p, g, grad_view, hp, buf))
                 written += [("a param", array_view(p, _NAME))] + ([] if buf is None else [
                     ("a momentum_buffer", array_view(buf, _NAME))])

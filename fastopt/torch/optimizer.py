@@ -43,6 +43,7 @@ from fastopt.specs import PARAM, OptimizerSpec, naming_group, saved_count, shown
 import fastopt.torch.arguments as arguments
 import fastopt.torch.dtensor as dtensor
 import fastopt.torch.loading as loading
+from fastopt.torch.arrays import resolved_grad
 from fastopt.torch.plan import Bucket, Plan
 from fastopt.torch.steady import Steady
 from fastopt.torch.views import (ABSMAX, ParamEntry, bump_versions, check_own_memory, dense_span, flat_tensors,
@@ -672,10 +673,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             if layout(g) != param_layout:  # (into the param's layout, without the layout warning below)
                 g = torch.empty_like(p, dtype=g.dtype).copy_(g)
         self._check_grad(number, p, g)
-        if g.is_conj():  # a lazily conjugated complex grad: its values, which view_as_real cannot see
-            g = g.resolve_conj()
-        if g.is_neg():  # a lazily negated grad (z.conj().imag): its memory holds the other sign
-            g = g.resolve_neg()
+        g = resolved_grad(g)  # a lazily conjugated or negated grad: its values, not its memory's
         if dense_span(g) is None or layout(g) != param_layout:
             # another layout, or not dense at all (an expanded or sliced grad set by hand or by a hook)
             self._warn_once(("layout", number), (
