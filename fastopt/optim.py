@@ -934,6 +934,7 @@ class Optimizer:
             raise statedict.CheckpointError(f"the state has {len(state.hyperparameters)} param groups but the "
                                             f"optimizer has {len(self.param_groups)}")
         buckets = []
+        saved_dtypes = _saved_state_dtypes(state, self.params)
         for gi, group_buckets in enumerate(self._buckets):
             hp = state.hyperparameters[gi]
             active = [name for name, used in zip(spec.states, spec.active_states(hp)) if used]
@@ -969,8 +970,8 @@ class Optimizer:
                             _check_int8_load(f"state of param {i}: {name}", a, p.shape)
                         else:
                             dtype = np.dtype(live.dtype) if live is not None else None
-                            if dtype is not None and _converts(getattr(a, "dtype", None), dtype, state.state_dtype,
-                                                               p.dtype):
+                            if dtype is not None and saved_dtypes is not None and _converts(
+                                    getattr(a, "dtype", None), dtype, saved_dtypes.get(i)):
                                 dtype = np.dtype(a.dtype)  # another state_dtype's state: converted by _load_into
                             check_array(f"state of param {i}: {name}", a, p.shape, dtype)
                         if target is not None:
@@ -1102,19 +1103,47 @@ def _load_into(dst, src) -> None:
         copy_into(dst, src)
 
 
-def _converts(saved, live, declared, param_dtype) -> bool:
-    """Whether a saved float state of dtype `saved` loads converted into a live one of dtype `live`: the state
-    dtype its state dict declares (`declared`, the state_dtype it was saved with: None for the default, float32
-    for 16-bit params) and both among state_dtype='s float dtypes (float32, bfloat16, float16), as fastopt.torch
-    and torch state dicts load. Any other dtype is refused: a damaged state dict, or another optimizer's."""
+_CONVERTIBLE = ("float32", "bfloat16", "float16")  # state_dtype='s float dtypes
+
+
+def _saved_state_dtypes(state: OptimizerState, params) -> dict | None:
+    """Per param number, the dtype its float state was saved in, when the state dict is consistent: every float
+    state array (not 8-bit state, not kahan_comp, which is the param's dtype) of the dtype its state_dtype gives
+    (the dict's declared state_dtype, None: float32 for 16-bit params, else theirs; a state dict of an older
+    fastopt, which does not declare one: the one dtype all its float state arrays share). None otherwise: a
+    damaged state dict (exp_avg in bfloat16 beside exp_avg_sq in float32), whose arrays load only as they are."""
+    names = {}
+    for i, arrays in state.states.items():
+        for name, a in arrays.items():
+            if name != "kahan_comp" and not isinstance(a, QuantizedState):
+                try:
+                    names.setdefault(i, set()).add(np.dtype(a.dtype).name)
+                except (AttributeError, TypeError):
+                    return None  # (not an array: check_array names it)
+    if state.state_dtype_declared:
+        def want(i):
+            if state.state_dtype is not None:
+                return state.state_dtype
+            dtype = params[i].dtype if 0 <= i < len(params) else None
+            return "float32" if dtype is not None and is_16bit(dtype) else getattr(np.dtype(dtype), "name", None)
+        out = {i: want(i) for i in names}
+    else:
+        shared = set().union(*names.values()) if names else set()
+        if len(shared) != 1:
+            return None
+        out = dict.fromkeys(names, shared.pop())
+    return out if all(found == {out[i]} for i, found in names.items()) else None
+
+
+def _converts(saved, live, declared) -> bool:
+    """Whether a saved float state of dtype `saved` loads converted into a live one of dtype `live`: it is of
+    the dtype its consistent state dict saved it in (`declared`, _saved_state_dtypes), and both are among
+    state_dtype='s float dtypes (float32, bfloat16, float16), as fastopt.torch and torch state dicts load."""
     try:
         saved = np.dtype(saved)
     except TypeError:
         return False
-    if declared is None:
-        declared = "float32" if is_16bit(param_dtype) else np.dtype(param_dtype).name
-    return saved != live and saved.name == declared and \
-        {saved.name, np.dtype(live).name} <= {"float32", "bfloat16", "float16"}
+    return saved != live and saved.name == declared and {saved.name, np.dtype(live).name} <= set(_CONVERTIBLE)
 
 
 def _store_quantized(dst: QuantizedState, values) -> None:

@@ -53,9 +53,10 @@ class OptimizerState:
     train_mode: schedule-free's mode (spec.train_eval), which says whether the params hold y (train) or the
         averaged x (eval); None for the other optimizers, and when loading a state that did not record it
         (keep the current mode).
-    state_dtype: when loading, the state_dtype= the state dict was saved with ("float32", "bfloat16",
-        "float16", "int8", or None: the default, or not recorded): a float state of the dtype it declares
-        loads converted into another state_dtype's (Optimizer.check_state); other dtypes are refused.
+    state_dtype, state_dtype_declared: when loading, the state_dtype= the state dict was saved with
+        ("float32", "bfloat16", "float16", "int8", or None: the default) and whether it says so (a state dict
+        of an older fastopt does not): the float state of a consistent state dict loads converted into
+        another state_dtype's (Optimizer.check_state); other dtypes are refused.
     """
     optimizer: str
     hyperparameters: list[dict]
@@ -65,6 +66,7 @@ class OptimizerState:
     skipped_steps: int | None = None
     train_mode: bool | None = None
     state_dtype: str | None = None
+    state_dtype_declared: bool = False
 
 
 class CheckpointError(ValueError):
@@ -194,12 +196,14 @@ def state_dtype_name(state_dtype) -> str | None:
     return np.dtype(state_dtype).name
 
 
-def _saved_state_dtype(meta):
-    """The state_dtype a state dict declares (None: the default, or a state dict that does not say)."""
-    value = meta.get("state_dtype") if isinstance(meta, Mapping) else None
+def _saved_state_dtype(meta) -> tuple[str | None, bool]:
+    """(the state_dtype a state dict declares, None for the default; whether it declares one at all)."""
+    if not isinstance(meta, Mapping) or "state_dtype" not in meta:
+        return None, False
+    value = meta["state_dtype"]
     if value is not None and value not in ("float32", "float64", "bfloat16", "float16", "int8"):
         fail(f"state dict: 'state_dtype' must be None or a state dtype's name, got {shown(value)}")
-    return value
+    return value, True
 
 
 def _check_meta(opt, meta):
@@ -477,14 +481,15 @@ def plan_load(opt, sd, params=None):
     if not isinstance(sd, Mapping) or "state" not in sd or "param_groups" not in sd:
         fail("not an optimizer state dict (expected a dict with the keys 'state' and 'param_groups')")
     skipped, train_mode, saved_schedules = _check_meta(opt, sd.get("fastopt"))
-    state_dtype = _saved_state_dtype(sd.get("fastopt"))
+    state_dtype, declared = _saved_state_dtype(sd.get("fastopt"))
     new_hps = _check_groups(opt, sd["param_groups"])
     if isinstance(saved_schedules, int):
         fail(f"state dict: 'lr_schedules' has {saved_schedules} entries for {len(new_hps)} param groups")
     arrays, steps = _check_state(opt, sd["state"], new_hps)
     loads, lrs = _check_schedules(opt, new_hps, saved_schedules, steps)
     new = OptimizerState(optimizer=opt.spec.name, hyperparameters=new_hps, steps=steps, lrs=lrs, states=arrays,
-                         skipped_steps=skipped, train_mode=train_mode, state_dtype=state_dtype)
+                         skipped_steps=skipped, train_mode=train_mode, state_dtype=state_dtype,
+                         state_dtype_declared=declared)
     return opt, loads, opt.check_state(new, params)
 
 

@@ -387,7 +387,9 @@ def test_state_of_another_state_dtype_loads_converted(param_dtype, saved, loaded
     sd = source.state_dict()
     fastopt.save(tmp_path / "ck.npz", source)
     results = []
-    for load in (lambda opt: opt.load_state_dict(sd), lambda opt: fastopt.load(tmp_path / "ck.npz", opt)):
+    older = dict(sd, fastopt={k: v for k, v in sd["fastopt"].items() if k != "state_dtype"})  # no declaration
+    for load in (lambda opt: opt.load_state_dict(sd), lambda opt: fastopt.load(tmp_path / "ck.npz", opt),
+                 lambda opt: opt.load_state_dict(older)):
         params = [p.copy() for p in source.params]
         opt = fastopt.Adam(params, lr=0.5, state_dtype=loaded)
         load(opt)
@@ -411,7 +413,13 @@ def test_state_of_another_state_dtype_loads_converted(param_dtype, saved, loaded
                            for i, st in sd["state"].items()})
     with pytest.raises(fastopt.CheckpointError, match="has dtype float64, expected"):
         fastopt.Adam([p.copy() for p in start], lr=0.01, state_dtype=loaded).load_state_dict(wide)
-    # arrays that are not of the dtype the state dict declares are damaged, not another state_dtype's
+    # arrays that are not of the dtype the state dict declares are damaged, not another state_dtype's; so are
+    # arrays of two dtypes in one state dict, declared or not
+    mixed = dict(sd, state={i: dict(st, exp_avg=st["exp_avg"].astype(loaded)) for i, st in sd["state"].items()})
+    for meta in (sd["fastopt"], older["fastopt"]):
+        with pytest.raises(fastopt.CheckpointError, match=f"exp_avg_sq has dtype {saved}, expected {loaded}"):
+            fastopt.Adam([p.copy() for p in start], lr=0.01, state_dtype=loaded).load_state_dict(
+                dict(mixed, fastopt=meta))
     assert sd["fastopt"]["state_dtype"] == saved
     with pytest.raises(fastopt.CheckpointError, match=f"has dtype {saved}, expected {loaded}"):
         fastopt.Adam([p.copy() for p in start], lr=0.01, state_dtype=loaded).load_state_dict(
