@@ -245,16 +245,17 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # "<function f at 0x7f...>": diffe
 
 def _same_everywhere_digest(value: float) -> np.ndarray:
     """A float's 64 bits as four 16-bit integers and their squares: all-reduced (summed) over the ranks, every
-    rank can tell whether all ranks gave the same value (see _differs)."""
+    rank can tell whether all ranks gave the same value (_differing)."""
     d = _digest_values(np.float64(value).tobytes())
     return np.concatenate([d, d * d])
 
 
-def _differs(total: np.ndarray, world: int) -> bool:
-    """From the sums over `world` ranks of _same_everywhere_digest: whether any rank's value differs. All n
-    equal <=> n * sum(d^2) == (sum d)^2 (Cauchy-Schwarz); exact integers, the same answer on every rank."""
+def _differing(total: np.ndarray, world: int) -> np.ndarray:
+    """From the sums over `world` ranks of digest components d and of their squares ([sum d..., sum d^2...]):
+    per component, whether any rank's differs. All n equal <=> n * sum(d^2) == (sum d)^2 (Cauchy-Schwarz);
+    exact integers, the same answer on every rank."""
     n = total.size // 2
-    return bool((world * total[n:] != total[:n] * total[:n]).any())
+    return world * total[n:] != total[:n] * total[:n]
 
 
 class ShardedOptimizer:
@@ -391,10 +392,7 @@ class ShardedOptimizer:
                 raise error
             raise ValueError(f"ShardedOptimizer: the arguments failed the checks on {int(total[0])} other rank(s) "
                              f"(see their error); this is rank {self.rank}")
-        total = total[1:]
-        n = d.size
-        # all equal <=> world * sum(d^2) == (sum d)^2 for every component (Cauchy-Schwarz); exact integers
-        differs = self.world_size * total[n:] != total[:n] * total[:n]
+        differs = _differing(total[1:], self.world_size)
         what = [name for name, bad in zip(("the shapes or dtypes of the params", "the values of the params",
                                            "the optimizer, its hyperparameters or bucket_bytes"),
                                           differs.reshape(3, 4).any(axis=1)) if bad]
@@ -582,7 +580,7 @@ class ShardedOptimizer:
                 raise error
             raise ValueError(f"step: the gradients of {int(head[0])} other rank(s) failed the checks there (see "
                              f"their error); nothing was updated on any rank")
-        if _differs(head[1:], self.world_size):
+        if _differing(head[1:], self.world_size).any():
             raise ValueError(f"step: the learning rate differs between the ranks (this is rank {self.rank}, lr "
                              f"{lr!r}): each rank would update its shard with its own; a schedule must give the "
                              f"same lr on every rank (e.g. ReduceLROnPlateau fed the all-reduced validation loss, "
