@@ -346,3 +346,28 @@ def test_a_state_the_loaded_options_do_not_use_is_dropped(name, built, loaded, e
         ref.step()
         opt.step([g.copy()])
     np.testing.assert_allclose(ours[0], p.detach().numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_nadam_equal_mu_products_of_two_dtypes_are_not_one_call(rng):
+    """Params are grouped into one kernel call by their carried values: a float64 and a float32 mu_product of
+    equal value (0.5 here) shared a call and advanced in the first one's dtype; torch advances each in its own."""
+    import fastopt.torch as ft
+    starts = [rng.standard_normal(3) for _ in range(2)]
+    grads = [[torch.tensor(rng.standard_normal(3)) for _ in range(2)] for _ in range(3)]
+    results = []
+    for cls in (torch.optim.NAdam, ft.NAdam):
+        ps = [torch.tensor(x, requires_grad=True) for x in starts]
+        opt = cls(ps, lr=0.01)
+        for p, g in zip(ps, grads[0]):
+            p.grad = g.clone()
+        opt.step()
+        for p, dtype in zip(ps, (torch.float32, torch.float64)):
+            opt.state[p]["mu_product"] = torch.tensor(0.5, dtype=dtype)
+        for step_grads in grads[1:]:
+            for p, g in zip(ps, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        results.append([(p.detach().clone(), opt.state[p]["mu_product"].clone()) for p in ps])
+    for (p_torch, mu_torch), (p_ours, mu_ours) in zip(*results):
+        assert mu_ours.dtype == mu_torch.dtype and mu_ours.item() == mu_torch.item()
+        torch.testing.assert_close(p_ours, p_torch, rtol=1e-14, atol=1e-16)

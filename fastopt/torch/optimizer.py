@@ -614,9 +614,11 @@ class TorchOptimizer(torch.optim.Optimizer):
             return out
         buckets, positions = {}, {}
         for i, (group_, p, gv, entry, pending, count, number, carried) in enumerate(items):
-            # one call per param dtype, device, count, carried state and grad dtype (a 16-bit param's grad
-            # may be float32: the grads of one call share one dtype)
-            key = (*(entry.kind if entry is not None else (p.dtype, p.device)), count, carried, gv.dtype)
+            # one call per param dtype, device, count, carried state (its values and their dtypes: an equal
+            # float32 and float64 mu_product advance each in its own) and grad dtype (a 16-bit param's grad may
+            # be float32: the grads of one call share one dtype)
+            key = (*(entry.kind if entry is not None else (p.dtype, p.device)), count, carried,
+                   tuple(map(type, carried)), gv.dtype)
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = Bucket(group=group, step=count + 1,
