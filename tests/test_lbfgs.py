@@ -1036,3 +1036,26 @@ def test_torch_class_keeps_extra_group_keys_as_torch():
     opt.load_state_dict(sd)
     assert opt.param_groups[0]["name"] == "x" and opt.param_groups[0]["initial_lr"] == 0.25
     assert opt.param_groups[0]["max_iter"] == 5
+
+
+def test_torch_class_has_torch_params_attribute_for_its_state():
+    """Scripts log torch's LBFGS through opt.state[opt._params[0]] ("n_iter", "func_evals"); fastopt.torch.LBFGS
+    had no _params (AttributeError)."""
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+    logged = []
+    for cls in (torch.optim.LBFGS, ft.LBFGS):
+        ps = [torch.linspace(-1, 2, 3, dtype=torch.float64).requires_grad_(), torch.ones(2, dtype=torch.float64,
+                                                                                       requires_grad=True)]
+        opt = cls(ps, max_iter=4)
+
+        def closure():
+            opt.zero_grad()
+            loss = sum(((p - 3) ** 4).sum() for p in ps)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        assert opt._params[0] is ps[0]
+        logged.append((opt.state[opt._params[0]]["n_iter"], opt.state[opt._params[0]]["func_evals"]))
+    assert logged[0] == logged[1] and logged[0][0] == 4

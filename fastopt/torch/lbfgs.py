@@ -118,6 +118,12 @@ class LBFGS(torch.optim.Optimizer):
         self._core_of = {}        # id(state tensor) -> (tensor, its array or NumPy scalar)
         self._tensor_of = {}      # id(array or NumPy scalar) -> (it, its tensor)
 
+    @property
+    def _params(self) -> list:
+        """The params, as torch.optim.LBFGS names them (its state is under the first one: scripts log
+        opt.state[opt._params[0]]["n_iter"])."""
+        return self.param_groups[0]["params"]
+
     # --- state dicts -------------------------------------------------------------------------------
     def load_state_dict(self, state_dict) -> None:
         """torch.optim's, after the loaded groups' hyperparameters are checked as step() checks them
