@@ -201,7 +201,8 @@ def _saved_state_dtype(meta) -> tuple[str | None, bool]:
     if not isinstance(meta, Mapping) or "state_dtype" not in meta:
         return None, False
     value = meta["state_dtype"]
-    if value is not None and value not in ("float32", "float64", "bfloat16", "float16", "int8"):
+    if value is not None and (not isinstance(value, str) or value not in ("float32", "float64", "bfloat16",
+                                                                           "float16", "int8")):
         fail(f"state dict: 'state_dtype' must be None or a state dtype's name, got {shown(value)}")
     return value, True
 

@@ -421,6 +421,10 @@ def test_state_of_another_state_dtype_loads_converted(param_dtype, saved, loaded
             fastopt.Adam([p.copy() for p in start], lr=0.01, state_dtype=loaded).load_state_dict(
                 dict(mixed, fastopt=meta))
     assert sd["fastopt"]["state_dtype"] == saved
+    for bad in ("float8", np.array(["float32", "bfloat16"]), 3):  # (an array was NumPy's ambiguous truth value)
+        with pytest.raises(fastopt.CheckpointError, match="'state_dtype' must be None or a state dtype's name"):
+            fastopt.Adam([p.copy() for p in start], lr=0.01, state_dtype=loaded).load_state_dict(
+                dict(sd, fastopt=dict(sd["fastopt"], state_dtype=bad)))
     with pytest.raises(fastopt.CheckpointError, match=f"has dtype {saved}, expected {loaded}"):
         fastopt.Adam([p.copy() for p in start], lr=0.01, state_dtype=loaded).load_state_dict(
             dict(sd, fastopt=dict(sd["fastopt"], state_dtype=loaded)))
