@@ -20,7 +20,8 @@ One step:
   3. ONE all-reduce of a few numbers: the count of ranks whose checks failed (then every rank raises
      here, nothing updated anywhere, instead of waiting in a collective for a rank that gave up), the
      step's lr as exact integers (a schedule that gives the ranks different lrs, e.g. ReduceLROnPlateau fed
-     each rank's own loss, is refused on every rank, nothing updated) and, with clip_grad_norm / skip_nonfinite, this shard's sum of squares and a non-finite flag, which give
+     each rank's own loss, is refused on every rank, nothing updated) and, with clip_grad_norm /
+     skip_nonfinite, this shard's sum of squares and a non-finite flag, which give
      the global norm of the mean gradient, and with LARS per param the sums of squares of the pieces of it
      and of its summed gradient this rank holds (see below; the all-reduce then waits for the reduce-scatter);
   4. per bucket, as soon as its gradients are in: the fused update of the shard with grad_scale =
@@ -239,14 +240,14 @@ def _hp_text(value) -> str:
     return repr(value)
 
 
-_LR_SLOTS = 8  # _same_everywhere_digest's length
+_LR_SLOTS = 8  # the length of _comparable(a float's bytes)
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # "<function f at 0x7f...>": differs between processes
 
 
-def _same_everywhere_digest(value: float) -> np.ndarray:
-    """A float's 64 bits as four 16-bit integers and their squares: all-reduced (summed) over the ranks, every
-    rank can tell whether all ranks gave the same value (_differing)."""
-    d = _digest_values(np.float64(value).tobytes())
+def _comparable(*digests: bytes) -> np.ndarray:
+    """8-byte digests (or a float's 8 bytes) as 16-bit integers and their squares ([d..., d^2...]): summed over
+    the ranks by an all-reduce, they tell every rank alike whether all ranks gave the same (_differing)."""
+    d = _digest_values(*digests)
     return np.concatenate([d, d * d])
 
 
@@ -383,10 +384,10 @@ class ShardedOptimizer:
                 structure.update(f"{tuple(v.shape)}:{np.dtype(v.dtype).str};".encode())
                 contents.update(np.ascontiguousarray(_to_host(v)).reshape(-1).view(np.uint8))
             config = hashlib.blake2b(self._config_text().encode(), digest_size=8)
-            d = _digest_values(structure.digest(), contents.digest(), config.digest())
+            compared = _comparable(structure.digest(), contents.digest(), config.digest())
         else:
-            d = np.zeros(12)  # the same length on every rank; its sums are not read when a rank failed
-        total = self.comm.all_reduce_sum(np.concatenate([[0.0 if error is None else 1.0], d, d * d]))
+            compared = np.zeros(24)  # the same length on every rank; its sums are not read when a rank failed
+        total = self.comm.all_reduce_sum(np.concatenate([[0.0 if error is None else 1.0], compared]))
         if total[0]:
             if error is not None:
                 raise error
@@ -544,9 +545,9 @@ class ShardedOptimizer:
         comm, buckets = self.comm, self.layout.buckets
         guard = self.clip_grad_norm is not None or self.skip_nonfinite
         sync = guard or self._norms  # the all-reduce carries numbers computed from the reduced gradients
-        # [ranks whose checks failed, this step's lr as exact integers (_same_everywhere_digest)]
+        # [ranks whose checks failed, this step's lr as exact integers (_comparable)]
         head = np.concatenate([[0.0 if error is None else 1.0],
-                               _same_everywhere_digest(lr) if error is None else np.zeros(_LR_SLOTS)])
+                               _comparable(np.float64(lr).tobytes()) if error is None else np.zeros(_LR_SLOTS)])
         # without clip/skip/norms the head travels alone, started before the reduce-scatter so that both are in
         # flight together (one synchronisation, not two)
         early = None if sync else comm.start_all_reduce_sum(head)
